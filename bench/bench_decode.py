@@ -11,9 +11,9 @@ Subcommands (each writes one JSON file under ``bench/results/``):
   interleaved round by round (a different order each round) so that load from other processes
   hits all of them alike; the medians over rounds are reported, and the ratio to unguarded is the
   median of the per-round ratios.
-- ``naive``: the same guarded decoding against ``tests/naive_ngsd.py`` (one sequence at a time, no
-  KV cache, Python loops over the vocabulary: the way the reference code runs), at equal greedy
-  output (asserted at batch 1 on every timed prompt).
+- ``naive``: the same guarded decoding against ``naive_reference.py`` (one sequence at a time, no
+  KV cache, both models recompute the whole sequence every step: the way the reference code runs), at equal greedy
+  output (checked on every timed prompt and reported).
 - ``breakdown`` and ``reflection``: see ``bench_breakdown.py``.
 - ``report``: plots and ``RESULTS.md`` from the JSON files (``plots.py``).
 - ``all``: everything above in one go, then the report.
@@ -432,7 +432,10 @@ def run_e2e(
     warmup_tokens: int = 8,
     alpha: float = DEFAULT_ALPHA,
     log: Callable[[str], None] = print,
+    on_batch_done: Callable[[int, dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
+    """Every method at every batch size; `on_batch_done(batch, summary)` after each batch size
+    (the command line saves there, so a run stopped part-way keeps what it finished)."""
     runners = method_runners(setup, alpha)
     unknown = set(methods) - set(runners)
     if unknown:
@@ -458,7 +461,11 @@ def run_e2e(
                     f"batch {batch:3d} round {round_index + 1}/{repeats} {name:18s} "
                     f"{batch * new_tokens / timing.seconds:8.1f} tok/s  {timing.seconds:7.2f} s"
                 )
-        results["batches"][str(batch)] = summarise_batch(runs, batch, new_tokens, ids, mask)
+        summary = summarise_batch(runs, batch, new_tokens, ids, mask)
+        summary["measured"] = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "load_average": list(os.getloadavg())}
+        results["batches"][str(batch)] = summary
+        if on_batch_done is not None:
+            on_batch_done(batch, summary)
     return results
 
 
@@ -514,36 +521,6 @@ def expert_sizes(setup: Setup) -> dict[str, int]:
 # ---------------------------------------------------------------------------------------------
 
 
-class TimedLogits:
-    """Wraps the naive decoder's logits function to split its time into forward and the rest."""
-
-    def __init__(self, fn: Callable[[list[int]], list[float]], device: str) -> None:
-        self.fn = fn
-        self.device = device
-        self.seconds = 0.0
-
-    def __call__(self, ids: list[int]) -> list[float]:
-        start = time.perf_counter()
-        out = self.fn(ids)
-        self.seconds += time.perf_counter() - start
-        return out
-
-
-def naive_logits(model: torch.nn.Module) -> Callable[[list[int]], list[float]]:
-    """`tests/naive_ngsd.last_logits`, with the ids placed on the model's device."""
-    from tests.naive_ngsd import last_logits
-
-    if next(model.parameters()).device.type == "cpu":
-        return last_logits(model)
-    device = next(model.parameters()).device
-
-    def run(ids: list[int]) -> list[float]:
-        with torch.no_grad():
-            return model(torch.tensor([ids], device=device)).logits[0, -1].double().tolist()
-
-    return run
-
-
 def run_naive(
     setup: Setup,
     n_prompts: int,
@@ -553,15 +530,15 @@ def run_naive(
     alpha: float = DEFAULT_ALPHA,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    from tests.naive_ngsd import naive_decode
+    from naive_reference import TimedForward, naive_reference_decode
 
     runners = method_runners(setup, alpha)
     guarded = runners["ngsd_lora"]
     prompts = benchmark_prompts(max(n_prompts, throughput_batch))
-    base_fn = TimedLogits(naive_logits(setup.model), setup.device)
-    expert_fn = TimedLogits(naive_logits(setup.expert_model), setup.device)
+    base_fn = TimedForward(setup.model)
+    expert_fn = TimedForward(setup.expert_model)
     guarded(*setup.encode(prompts[:1]), 4, TimingStreamer(setup.device))  # warm-up
-    naive_decode(base_fn, expert_fn, setup.encode(prompts[:1])[0][0].tolist(), alpha=alpha, max_new_tokens=2)
+    naive_reference_decode(base_fn, expert_fn, setup.encode(prompts[:1])[0][0].tolist(), alpha=alpha, max_new_tokens=2)
 
     per_prompt = []
     naive_tokens: list[list[int]] = []
@@ -570,18 +547,14 @@ def run_naive(
         guarded_runs = [timed_call(lambda s: guarded(ids, mask, new_tokens, s), setup.device)]
         base_fn.seconds = expert_fn.seconds = 0.0
         start, cpu_start = time.perf_counter(), cpu_clock()
-        tokens, spikes = naive_decode(base_fn, expert_fn, ids[0].tolist(), alpha=alpha, max_new_tokens=new_tokens)
+        tokens, spikes = naive_reference_decode(base_fn, expert_fn, ids[0].tolist(), alpha=alpha, max_new_tokens=new_tokens)
         naive_seconds, naive_cpu = time.perf_counter() - start, cpu_clock() - cpu_start
         forward_seconds = base_fn.seconds + expert_fn.seconds
         for _ in range(max(0, repeats - 1)):
             guarded_runs.append(timed_call(lambda s: guarded(ids, mask, new_tokens, s), setup.device))
         guarded_tokens = guarded_runs[0].tokens[0].tolist()
-        if guarded_tokens != tokens:
-            first = next(i for i, (a, b) in enumerate(zip(guarded_tokens, tokens)) if a != b)
-            raise AssertionError(
-                f"prompt {index}: guarded and naive greedy outputs differ from token {first} "
-                f"({guarded_tokens[first]} vs {tokens[first]}); the speed-up would not compare equal work"
-            )
+        # Equal work is the premise of the speed-up: a difference is recorded and reported, not hidden.
+        first_difference = next((i for i, (a, b) in enumerate(zip(guarded_tokens, tokens)) if a != b), None)
         guarded_seconds = median([t.seconds for t in guarded_runs])
         guarded_cpu = median([t.cpu_seconds for t in guarded_runs])
         row = {
@@ -596,7 +569,8 @@ def run_naive(
             "naive_cpu_seconds": naive_cpu,
             "guarded_cpu_seconds": guarded_cpu,
             "cpu_speedup": naive_cpu / guarded_cpu,
-            "equal_tokens": True,
+            "equal_tokens": first_difference is None,
+            "first_difference": first_difference,
             "spikes": int(sum(spikes)),
         }
         per_prompt.append(row)
@@ -604,7 +578,8 @@ def run_naive(
         log(
             f"naive prompt {index}: naive {row['naive_tokens_per_s']:.2f} tok/s "
             f"(forward {forward_seconds:.1f} s of {naive_seconds:.1f} s), guarded b1 {row['guarded_tokens_per_s']:.2f} tok/s, "
-            f"speed-up {row['speedup']:.1f}x, equal tokens"
+            f"speed-up {row['speedup']:.1f}x, "
+            + ("equal tokens" if first_difference is None else f"outputs differ from token {first_difference}")
         )
 
     naive_seconds_per_sequence = statistics.mean(r["naive_seconds"] for r in per_prompt)
@@ -682,16 +657,39 @@ def apply_threads(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
 
 
+def _earlier_e2e(path: Path, settings: dict[str, Any]) -> dict[str, Any]:
+    """Batch sizes an earlier e2e run with the same settings measured ({} if none or different)."""
+    if not path.is_file():
+        return {}
+    earlier = json.loads(path.read_text())
+    if any(earlier.get(key) != value for key, value in settings.items()):
+        return {}
+    return dict(earlier.get("batches", {}))
+
+
 def cmd_e2e(args: argparse.Namespace, setup: Setup | None = None) -> int:
     setup = setup or load_setup(args.model, args.device, args.dtype, args.expert)
     batches = [1, 2] if args.quick else args.batch_sizes
     tokens = 8 if args.quick else args.new_tokens
     repeats = 1 if args.quick else args.repeats
-    results = run_e2e(setup, batches, tokens, repeats, args.methods, alpha=args.alpha)
+    path = Path(args.out_dir) / (args.out_prefix + "e2e.json")
+    settings = {"new_tokens": tokens, "repeats": repeats, "alpha": args.alpha, "methods": list(args.methods),
+                "expert": {"path": str(setup.adapter_dir), "source": setup.expert_source, **expert_sizes(setup)}}
+    # Batch sizes measured earlier with the same settings are kept (and skipped with --resume).
+    done = _earlier_e2e(path, settings)
+    todo = [b for b in batches if not (args.resume and str(b) in done)]
     meta = common_meta(setup, args)
-    meta["environment"]["load_average_at_end"] = list(os.getloadavg())
-    write_json(args.out_prefix + "e2e.json", {**meta, "new_tokens": tokens, "repeats": repeats, "alpha": args.alpha,
-                                              **results}, args.out_dir)
+
+    def save(batch: int, summary: dict[str, Any]) -> None:
+        done[str(batch)] = summary
+        meta["environment"]["load_average_at_end"] = list(os.getloadavg())
+        ordered = {k: done[k] for k in sorted(done, key=int)}
+        write_json(path.name, {**meta, **settings, "batches": ordered}, path.parent)
+
+    if todo:
+        run_e2e(setup, todo, tokens, repeats, args.methods, alpha=args.alpha, on_batch_done=save)
+    else:
+        print(f"e2e: every batch size already in {path} (--resume)")
     return 0
 
 
@@ -727,9 +725,15 @@ def cmd_report(args: argparse.Namespace, setup: Setup | None = None) -> int:
 
 
 def cmd_all(args: argparse.Namespace) -> int:
+    """Everything, then the report. With --resume, parts whose JSON exists are skipped (e2e: batch sizes)."""
     setup = load_setup(args.model, args.device, args.dtype, args.expert)
+    outputs = {cmd_breakdown: "breakdown.json", cmd_naive: "naive.json", cmd_reflection: "reflection.json"}
     for step in (cmd_breakdown, cmd_e2e, cmd_naive, cmd_reflection, cmd_report):
-        print(f"== {step.__name__[4:]} ==", flush=True)
+        name = step.__name__[4:]
+        if args.resume and step in outputs and (Path(args.out_dir) / (args.out_prefix + outputs[step])).is_file():
+            print(f"== {name}: kept from an earlier run (--resume) ==", flush=True)
+            continue
+        print(f"== {name} ==", flush=True)
         step(args, setup)
     return 0
 
@@ -763,6 +767,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--reflection-requests", type=int, default=8)
         p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
         p.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, one round")
+        p.add_argument("--resume", action="store_true",
+                       help="keep results an interrupted run already wrote (e2e: per batch size) and do the rest")
         p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
         p.add_argument("--out-prefix", default="", help="prefix for the JSON names (e.g. 'quick_')")
         p.set_defaults(func=func)

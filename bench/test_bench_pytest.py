@@ -191,3 +191,14 @@ def test_report_from_synthetic_results(tmp_path):
 
 def test_median_of_even_count():
     assert median([1.0, 3.0, 2.0, 10.0]) == 2.5
+
+
+def test_resume_keeps_only_batches_measured_with_the_same_settings(tmp_path):
+    from bench_decode import _earlier_e2e
+
+    settings = {"new_tokens": 128, "repeats": 3, "alpha": 0.9, "methods": ["unguarded", "ngsd_lora"]}
+    path = tmp_path / "e2e.json"
+    assert _earlier_e2e(path, settings) == {}
+    path.write_text(json.dumps({**settings, "batches": {"1": {"methods": {}}}}))
+    assert list(_earlier_e2e(path, settings)) == ["1"]
+    assert _earlier_e2e(path, {**settings, "new_tokens": 64}) == {}

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
+from . import decode_linear
 from .config import NGSDConfig
 from .expert import ExpertLike, resolve_expert
 from .generation import RowTrace, guarded_generate
@@ -151,12 +152,13 @@ def is_applied(model: nn.Module) -> bool:
 
 
 def remove(model: nn.Module) -> nn.Module:
-    """Undo `apply`: plain `generate` again, LoRA hooks detached."""
+    """Undo `apply`: plain `generate` again, LoRA hooks and decode-time linear forwards detached."""
     guard = getattr(model, _STATE_ATTR, None)
     if guard is None:
         return model
     if isinstance(guard.expert, LoraAdapter):
         guard.expert.detach(model)
+    decode_linear.detach(model)
     if "generate" in vars(model):
         del model.generate
     delattr(model, _STATE_ATTR)

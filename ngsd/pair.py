@@ -18,6 +18,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from . import decode_linear
 from .lora import LoraAdapter
 
 
@@ -30,6 +31,7 @@ class _CachedModel:
     """One causal LM with its cache, attention mask and next positions, fed token by token."""
 
     def __init__(self, model: nn.Module) -> None:
+        decode_linear.attach(model)
         self.model = model
         self.cache = None
         self.attention_mask: torch.Tensor | None = None
@@ -49,14 +51,15 @@ class _CachedModel:
         return self._forward(tokens[:, None], positions)
 
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=self.attention_mask,
-            position_ids=positions,
-            past_key_values=self.cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
+        with decode_linear.decoding():
+            out = self.model(
+                input_ids=input_ids,
+                attention_mask=self.attention_mask,
+                position_ids=positions,
+                past_key_values=self.cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
         self.cache = out.past_key_values
         return out.logits[:, -1, :]
 

@@ -273,3 +273,45 @@ def test_adapter_folder_is_machine_independent(tiny, data_dir, tmp_path):
     assert cfg["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     card = (out / "README.md").read_text()
     assert "python -m ngsd.train_expert --seed 0" in card and str(tmp_path) not in cfg["base_model_name_or_path"]
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_interrupted_training_resumes_to_the_same_weights(tiny, tmp_path):
+    model, tok = tiny
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = te.TrainExpertConfig(r=4, lora_alpha=8, epochs=2, seed=0)
+    exs = [te.Example("refusal", "t", f"Bad thing {i}?", tok("I cannot.")["input_ids"]) for i in range(4)]
+    exs.append(te.Example("benign", "t", "Hi", tok("Mix flour and water.")["input_ids"], loss="kl"))
+
+    def fresh():
+        m = LlamaForCausalLM(model.config)
+        m.load_state_dict(state)
+        torch.manual_seed(0)
+        return te.make_lora_model(m, cfg)
+
+    def lora(pm):
+        return {n: p.detach().clone() for n, p in pm.named_parameters() if "lora_" in n}
+
+    torch.manual_seed(0)
+    straight = fresh()
+    te.train_lora(straight, tok, exs, cfg, log=lambda s: None)
+
+    ckpt = tmp_path / te.CHECKPOINT_FILE
+
+    def stop_after_first_epoch(msg):
+        if msg.startswith("epoch 1/"):
+            raise _Stop
+
+    first = fresh()
+    with pytest.raises(_Stop):
+        te.train_lora(first, tok, exs, cfg, log=stop_after_first_epoch, checkpoint=ckpt, checkpoint_every=2)
+    assert ckpt.is_file()
+    resumed = fresh()  # a new process: fresh LoRA weights, then the checkpoint
+    stats = te.train_lora(resumed, tok, exs, cfg, log=lambda s: None, checkpoint=ckpt, checkpoint_every=2)
+    assert stats["resumed_from_step"] == 4 and not ckpt.exists()
+    a, b = lora(straight), lora(resumed)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k])

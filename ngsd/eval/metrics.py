@@ -15,7 +15,7 @@ Definitions (what REPORT.md states):
   reference answer.
 - gate statistics (methods whose LIF gate decides): share of rows that spiked at all, mean spike
   rate (spikes per generated token), mean and median first-spike position (0-based, over rows
-  that spiked).
+  that spiked), and the gate's input: the mean divergence per answer and at the first step.
 - throughput: generated tokens / wall seconds of the batched generate calls; with reflection the
   second number adds its time.
 
@@ -106,6 +106,9 @@ def gate_stats(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "pooled_spike_rate": _rate(sum(len(r["spike_steps"]) for r in records), total_tokens),
         "mean_first_spike": _mean(firsts),
         "median_first_spike": statistics.median(firsts) if firsts else None,
+        # The gate's input: a sustained divergence >= (1 - leak) * v_th = v_th / tau keeps it firing.
+        "mean_divergence": _mean([statistics.fmean(r["divergence"]) for r in records if r.get("divergence")]),
+        "mean_first_step_divergence": _mean([r["divergence"][0] for r in records if r.get("divergence")]),
     }
 
 
@@ -153,6 +156,13 @@ def suite_metrics(
     if spec.scorer == "last_number":
         correct = sum(number_matches(r["text"], p.goal) for r, p in zip(records, prompts))
         out["task"] = {"scorer": spec.scorer, "n": n, "correct": correct, "accuracy": _rate(correct, n)}
+    reflections = [r["reflection"] for r in records if r.get("reflection")]
+    if reflections:
+        out["reflection"] = {
+            "n": len(reflections),
+            "parsed": sum(bool(x.get("parsed")) for x in reflections),
+            "mean_risk": _mean([x["risk"] for x in reflections if x.get("risk") is not None]),
+        }
     if gated:
         out["gate"] = gate_stats(records)
         if spec.role == "harmful":

@@ -123,6 +123,33 @@ def expert_training_info(path: str | None) -> dict[str, Any] | None:
     return {k: data.get(k) for k in ("expert", "command", "seed", "train_seconds", "adapter_size_bytes") if k in data}
 
 
+def record_invocation(cache_path: Path | None, run: dict[str, Any]) -> list[dict[str, Any]]:
+    """Append this invocation to `runs.jsonl` beside the cache and return all invocations so far.
+
+    A resumed or re-rendered report thereby still shows how long the runs that generated its
+    answers took.
+    """
+    entry = {k: run.get(k) for k in ("started", "wall_seconds", "generated", "reused_from_cache", "command")}
+    entry["load_average_end"] = run["environment"].get("load_average_end")
+    entry["threads"] = run["environment"].get("threads")
+    if cache_path is None:
+        return [entry]
+    import json
+
+    log = cache_path.parent / "runs.jsonl"
+    history = []
+    if log.is_file():
+        for line in log.read_text(encoding="utf-8").splitlines():
+            try:
+                history.append(json.loads(line))
+            except ValueError:
+                continue
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(entry) + "\n")
+    return history + [entry]
+
+
 def _load_average() -> list[float] | None:
     try:
         return [round(x, 2) for x in os.getloadavg()]
@@ -247,6 +274,7 @@ def _run(config: EvalConfig, *, out_dir, data_dir, limit, model, tokenizer, mode
         "cache": str(cache.path) if cache.path else None,
         "environment": environment,
     }
+    run_info["history"] = record_invocation(cache.path, run_info)
     paths = write_reports(out, config, methods, suites, results, metrics, plots, run_info)
     return EvalOutcome(
         out_dir=out,

@@ -95,8 +95,45 @@ def _diagnosis(config: EvalConfig, metrics: Mapping[str, Any], methods: Sequence
             "prompts: mixing toward the expert cannot refuse more than the expert itself does, so this is roughly "
             "the floor any alpha can reach."
         )
+    gated_methods = [m for m in methods if m.gated]
+    benign = [s for s in config.suites if s.role in ("overrefusal", "utility")]
+    if gated_methods and harmful and benign:
+        g = metrics["methods"][gated_methods[0].name]["suites"]
+
+        def pooled(specs, key):
+            values = [(g[s.name]["gate"].get(key), g[s.name]["n"]) for s in specs]
+            values = [(v, n) for v, n in values if v is not None]
+            total = sum(n for _, n in values)
+            return sum(v * n for v, n in values) / total if total else None
+
+        lines.append(
+            f"- The gate's input does not separate harmless from harmful requests enough (`{gated_methods[0].name}`): "
+            f"mean divergence per answer {_num(pooled(harmful, 'mean_divergence'), 2)} on the target harmful "
+            f"suites vs {_num(pooled(benign, 'mean_divergence'), 2)} on the benign ones (first step: "
+            f"{_num(pooled(harmful, 'mean_first_step_divergence'), 2)} vs "
+            f"{_num(pooled(benign, 'mean_first_step_divergence'), 2)}). With tau = {gated_methods[0].config.tau:g} "
+            f"and v_th = {gated_methods[0].config.v_th:g} a sustained D >= "
+            f"{gated_methods[0].config.v_th / gated_methods[0].config.tau:.3f} keeps the gate firing, so it "
+            "fires on benign prompts as well, and benign fidelity and over-refusal follow the expert's own behaviour there."
+        )
+    if "expert" in names and benign:
+        suites = metrics["methods"]["expert"]["suites"]
+        refusals = ", ".join(f"{s.label} {_frac(suites[s.name]['refused'], suites[s.name]['n'])}" for s in benign)
+        lines.append(f"- The expert alone refuses harmless prompts too ({refusals}): where the gate is open, "
+                     "NGSD inherits that over-refusal.")
     if "ngsd" in names:
         suites = metrics["methods"]["ngsd"]["suites"]
+        parsed = sum(suites[s.name].get("reflection", {}).get("parsed", 0) for s in config.suites)
+        total = sum(suites[s.name].get("reflection", {}).get("n", 0) for s in config.suites)
+        if total:
+            reflection = config.method("ngsd").config.reflection
+            fallback = reflection.fallback_score
+            lines.append(
+                f"- Self-reflection (NGSD default) produced a parseable JSON verdict for {parsed}/{total} requests; "
+                f"the others fall back to the documented score {fallback} (risk {fallback} -> alpha "
+                f"{reflection.alpha_for_risk(fallback):g}), so alpha is mostly that constant rather than a "
+                "per-request judgement."
+            )
         parts = []
         for s in config.suites:
             counts = suites[s.name]["alpha"]
@@ -193,15 +230,19 @@ def markdown_report(
     if gated:
         lines += ["## Gate statistics", "",
                   "Spiked = rows where the gate fired at least once; spike rate = spikes per generated token; "
-                  "first spike = 0-based step of the first spike (rows that spiked).", ""]
-        header = ["method", "suite", "n", "spiked", "mean spike rate", "mean first spike", "median first spike"]
+                  "first spike = 0-based step of the first spike (rows that spiked); D = total-variation divergence "
+                  "between base and expert next-token distributions (the gate's input; with tau = 8 a sustained "
+                  "D >= 0.125 keeps it firing).", ""]
+        header = ["method", "suite", "n", "spiked", "mean spike rate", "mean first spike", "median first spike",
+                  "mean D", "D at step 0"]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for m in gated:
             for spec in specs:
                 g = metrics["methods"][m.name]["suites"][spec.name]["gate"]
                 lines.append(
                     f"| `{m.name}` | {spec.label} | {g['n']} | {_frac(g['spiked_rows'], g['n'])} | "
-                    f"{pct(g['mean_spike_rate'])} | {_num(g['mean_first_spike'])} | {_num(g['median_first_spike'])} |"
+                    f"{pct(g['mean_spike_rate'])} | {_num(g['mean_first_spike'])} | {_num(g['median_first_spike'])} | "
+                    f"{_num(g.get('mean_divergence'), 3)} | {_num(g.get('mean_first_step_divergence'), 3)} |"
                 )
         lines.append("")
 
@@ -224,6 +265,16 @@ def markdown_report(
     lines += ["## Sizing", ""]
     if config.sizing:
         lines += [config.sizing, ""]
+    history = run.get("history") or []
+    if history:
+        lines += ["Invocations that built this report's cache (each resumes from the previous ones):", "",
+                  "| started | wall min | answers generated | reused | threads | load average at end | command |",
+                  "|---|---|---|---|---|---|---|"]
+        for h in history:
+            lines.append(f"| {h.get('started')} | {_num((h.get('wall_seconds') or 0) / 60)} | {h.get('generated')} | "
+                         f"{h.get('reused_from_cache')} | {h.get('threads')} | {h.get('load_average_end')} | "
+                         f"`{h.get('command')}` |")
+        lines.append("")
     lines += [f"Suites: " + ", ".join(f"{s.label} {len(suites[s.name])} ({s.select})" for s in specs) + ".", ""]
 
     if config.examples > 0:
