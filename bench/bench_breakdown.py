@@ -45,7 +45,7 @@ from bench_decode import (
     synchronize,
     write_json,
 )
-from ngsd import NGSDConfig
+from ngsd import NGSDConfig, decode_linear
 from ngsd.pair import positions_from_mask
 from ngsd_kernels import guarded_select
 
@@ -155,7 +155,8 @@ def summarise_loop(rounds: list[dict[str, float]]) -> dict[str, Any]:
 
 
 def forward_variants(setup: Setup, ids: torch.Tensor, mask: torch.Tensor, context: int, calls: int) -> dict[str, Any]:
-    """One-token forwards at a fixed context: B base rows; 2B rows without LoRA; 2B rows with LoRA."""
+    """One-token forwards at a fixed context: B base rows; 2B rows without LoRA; 2B rows with LoRA (with the
+    loop's skinny linear layers, and with plain F.linear)."""
     model, adapter = setup.model, setup.adapter
     adapter.attach(model)
     batch = ids.shape[0]
@@ -175,7 +176,7 @@ def forward_variants(setup: Setup, ids: torch.Tensor, mask: torch.Tensor, contex
         step_mask = torch.cat([attention, attention.new_ones(rows, 1)], dim=1)
         return cache, step_mask, positions[:, -1:] + 1, input_ids[:, -1:]
 
-    def one(state, lora: bool) -> tuple[float, float]:
+    def one(state, lora: bool, skinny: bool) -> tuple[float, float]:
         cache, step_mask, position, token = state
         if lora:
             adapter.attach(model)
@@ -184,7 +185,9 @@ def forward_variants(setup: Setup, ids: torch.Tensor, mask: torch.Tensor, contex
         first_expert_row = batch if lora else None
         synchronize(setup.device)
         start, cpu_start = time.perf_counter(), cpu_clock()
-        with torch.no_grad(), adapter.rows_from(first_expert_row) if lora else contextlib.nullcontext():
+        # `skinny`: the linear layers as the guarded loop runs them (ngsd.decode_linear); else F.linear.
+        with (torch.no_grad(), adapter.rows_from(first_expert_row) if lora else contextlib.nullcontext(),
+              decode_linear.decoding() if skinny else contextlib.nullcontext()):
             model(input_ids=token, attention_mask=step_mask, position_ids=position, past_key_values=cache,
                   use_cache=True, logits_to_keep=1)
         synchronize(setup.device)
@@ -193,14 +196,17 @@ def forward_variants(setup: Setup, ids: torch.Tensor, mask: torch.Tensor, contex
         return elapsed, cpu_elapsed
 
     single, double = prepared(batch), prepared(2 * batch)
-    variants = {"base_rows": (single, False), "base_and_expert_rows_no_lora": (double, False),
-                "base_and_expert_rows_lora": (double, True)}
+    decode_linear.attach(model)
+    # base_rows is the plain forward `generate` runs; the 2B-row variants run as the guarded loop does.
+    variants = {"base_rows": (single, False, False), "base_and_expert_rows_no_lora": (double, False, True),
+                "base_and_expert_rows_lora": (double, True, True),
+                "base_and_expert_rows_lora_f_linear": (double, True, False)}
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
-    for name, (state, lora) in variants.items():  # warm-up
-        one(state, lora)
+    for name, (state, lora, skinny) in variants.items():  # warm-up
+        one(state, lora, skinny)
     for _ in range(calls):  # interleaved
-        for name, (state, lora) in variants.items():
-            times[name].append(one(state, lora))
+        for name, (state, lora, skinny) in variants.items():
+            times[name].append(one(state, lora, skinny))
     out: dict[str, Any] = {"context_tokens": int(ids.shape[1]), "calls": calls}
     for prefix, index in (("", 0), ("cpu_", 1)):
         for name, values in times.items():
