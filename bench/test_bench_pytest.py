@@ -202,3 +202,17 @@ def test_resume_keeps_only_batches_measured_with_the_same_settings(tmp_path):
     path.write_text(json.dumps({**settings, "batches": {"1": {"methods": {}}}}))
     assert list(_earlier_e2e(path, settings)) == ["1"]
     assert _earlier_e2e(path, {**settings, "new_tokens": 64}) == {}
+
+
+def test_naive_reference_baseline_decodes_like_the_spec_oracle():
+    """The benchmark's no-cache baseline does the same work as the float64 spec decoder."""
+    from naive_reference import TimedForward, naive_reference_decode
+    from tests.naive_ngsd import last_logits, naive_decode
+
+    base, expert = tiny_model("llama", seed=0), tiny_model("llama", seed=3)
+    prompt = [5, 9, 14, 22]
+    want, want_spikes = naive_decode(last_logits(base), last_logits(expert), prompt, alpha=0.9, max_new_tokens=10)
+    base_fn, expert_fn = TimedForward(base), TimedForward(expert)
+    got, spikes = naive_reference_decode(base_fn, expert_fn, prompt, alpha=0.9, max_new_tokens=10)
+    assert got == want and spikes == want_spikes and any(spikes)
+    assert base_fn.seconds > 0 and expert_fn.seconds > 0
