@@ -510,8 +510,10 @@ def summarise_batch(
 
 
 def expert_sizes(setup: Setup) -> dict[str, int]:
-    adapter_bytes = sum(p.down.numel() * p.down.element_size() + p.up.numel() * p.up.element_size()
-                        for p in setup.adapter.pairs.values())
+    """Bytes the expert occupies beside the base, in the model's dtype (the LoRA weights are cast to it
+    when attached; counting the file's dtype would change the figure once another part has attached it)."""
+    model_element = next(setup.model.parameters()).element_size()
+    adapter_bytes = sum((p.down.numel() + p.up.numel()) * model_element for p in setup.adapter.pairs.values())
     model_bytes = sum(p.numel() * p.element_size() for p in setup.model.parameters())
     return {"lora_adapter_bytes": adapter_bytes, "expert_model_parameter_bytes": model_bytes}
 
