@@ -450,6 +450,55 @@ def _per_row(t: torch.Tensor, batch: int) -> tuple[torch.Tensor, int]:
     return flat, (0 if flat.numel() == 1 and batch != 1 else 1)
 
 
+@dataclass
+class _Scratch:
+    """The scratch buffers of the pass-1 / reduce / intersection / pass-2 kernels; unused ones are 1-element."""
+
+    stats: torch.Tensor
+    counts: torch.Tensor
+    keys_b: torch.Tensor
+    keys_e: torch.Tensor
+    rowinfo: torch.Tensor
+    top_b: torch.Tensor
+    top_e: torch.Tensor
+    choice: torch.Tensor
+    iover: torch.Tensor
+    div: torch.Tensor
+    best: torch.Tensor
+    besti: torch.Tensor
+    keys2: torch.Tensor
+    mass: torch.Tensor
+    intersect: bool
+
+
+def _scratch(plan: "SelectPlan", batch: int, n_chunks: int, device: torch.device) -> _Scratch:
+    """Scratch for `batch` rows split into `n_chunks` vocabulary chunks (shared by the logits and hidden-state ops)."""
+    nc, k = n_chunks, plan.buffer
+    f32, i32, i64 = torch.float32, torch.int32, torch.int64
+    keys_shape = (batch, nc, k) if plan.need_keys else (1,)
+    key_dtype = i32 if plan.key_kind == 1 else i64
+    intersect = plan.mode == CandidateMode.INTERSECTION and plan.need_keys
+    top_shape = (batch, k) if intersect else (1,)
+    plain = plan.sample != 2
+    return _Scratch(
+        stats=torch.empty((batch, nc, 4), dtype=f32, device=device),
+        counts=torch.empty((batch, nc, 4), dtype=i32, device=device),
+        keys_b=torch.empty(keys_shape, dtype=key_dtype, device=device),
+        keys_e=torch.empty(keys_shape, dtype=key_dtype, device=device),
+        rowinfo=torch.empty((batch, 8), dtype=f32, device=device),
+        top_b=torch.empty(top_shape, dtype=i64, device=device),
+        top_e=torch.empty(top_shape, dtype=i64, device=device),
+        choice=torch.zeros(batch if intersect else 1, dtype=i32, device=device),
+        iover=torch.zeros(batch if intersect else 1, dtype=i32, device=device),
+        div=torch.empty((batch, nc, 2), dtype=f32, device=device),
+        best=torch.empty((batch, 2, nc) if plain else (1,), dtype=f32, device=device),
+        besti=torch.empty((batch, 2, nc) if plain else (1,), dtype=i32, device=device),
+        keys2=torch.empty((batch, 2, nc, k) if not plain else (1,), dtype=i64, device=device),
+        mass=torch.empty((batch, 2, nc) if not plain else (1,), dtype=f32, device=device),
+        intersect=intersect,
+    )
+
+
 _STEP_DEFAULTS = dict(
     tau=8.0,
     v_th=1.0,
@@ -583,26 +632,11 @@ def fused_guarded_select_with_overflow(
     offset_v, offset_stride = _per_row(offset, batch)
 
     nc, k = plan.n_chunks, plan.buffer
-    f32, i32, i64 = torch.float32, torch.int32, torch.int64
-    stats = torch.empty((batch, nc, 4), dtype=f32, device=device)
-    counts = torch.empty((batch, nc, 4), dtype=i32, device=device)
-    keys_shape = (batch, nc, k) if plan.need_keys else (1,)
-    key_dtype = i32 if plan.key_kind == 1 else i64
-    keys_b = torch.empty(keys_shape, dtype=key_dtype, device=device)
-    keys_e = torch.empty(keys_shape, dtype=key_dtype, device=device)
-    rowinfo = torch.empty((batch, 8), dtype=f32, device=device)
-    intersect = plan.mode == CandidateMode.INTERSECTION and plan.need_keys
-    top_shape = (batch, k) if intersect else (1,)
-    top_b = torch.empty(top_shape, dtype=i64, device=device)
-    top_e = torch.empty(top_shape, dtype=i64, device=device)
-    choice = torch.empty(batch if intersect else 1, dtype=i32, device=device)
-    iover = torch.empty(batch if intersect else 1, dtype=i32, device=device)
-    div = torch.empty((batch, nc, 2), dtype=f32, device=device)
-    plain = plan.sample != 2
-    best = torch.empty((batch, 2, nc) if plain else (1,), dtype=f32, device=device)
-    besti = torch.empty((batch, 2, nc) if plain else (1,), dtype=i32, device=device)
-    keys2 = torch.empty((batch, 2, nc, k) if not plain else (1,), dtype=i64, device=device)
-    mass = torch.empty((batch, 2, nc) if not plain else (1,), dtype=f32, device=device)
+    f32, i64 = torch.float32, torch.int64
+    scratch = _scratch(plan, batch, nc, device)
+    stats, counts, keys_b, keys_e, rowinfo = scratch.stats, scratch.counts, scratch.keys_b, scratch.keys_e, scratch.rowinfo
+    top_b, top_e, choice, iover, div = scratch.top_b, scratch.top_e, scratch.choice, scratch.iover, scratch.div
+    best, besti, keys2, mass, intersect = scratch.best, scratch.besti, scratch.keys2, scratch.mass, scratch.intersect
     # outputs: every row is written by the finalize kernel (no fill launches)
     tokens = torch.empty(batch, dtype=i64, device=device)
     new_potential = torch.empty(batch, dtype=f32, device=device)

@@ -685,7 +685,7 @@ def fused_select_from_hidden(
     capture), leaving overflowing rows with the buffer's answer.
     """
     # _LAUNCH: the logits path's launch options (FP contraction off), so both paths round alike
-    from .fused_select import _LAUNCH, _finalize_kernel, _intersection_kernel, _per_row, _reduce_kernel
+    from .fused_select import _LAUNCH, _finalize_kernel, _intersection_kernel, _per_row, _reduce_kernel, _scratch
 
     batch, hidden = base_hidden.shape
     vocab = lm_head_weight.shape[0]
@@ -706,26 +706,11 @@ def fused_select_from_hidden(
         num_splits=num_splits, sm_count=sms,
     )
     nc, k = grid_plan["num_splits"], plan.buffer
-    f32, i32, i64 = torch.float32, torch.int32, torch.int64
-    stats = torch.empty((batch, nc, 4), dtype=f32, device=device)
-    counts = torch.empty((batch, nc, 4), dtype=i32, device=device)
-    keys_shape = (batch, nc, k) if plan.need_keys else (1,)
-    key_dtype = i32 if plan.key_kind == 1 else i64
-    keys_b = torch.empty(keys_shape, dtype=key_dtype, device=device)
-    keys_e = torch.empty(keys_shape, dtype=key_dtype, device=device)
-    rowinfo = torch.empty((batch, 8), dtype=f32, device=device)
-    intersect = plan.mode == CandidateMode.INTERSECTION and plan.need_keys
-    top_shape = (batch, k) if intersect else (1,)
-    top_b = torch.empty(top_shape, dtype=i64, device=device)
-    top_e = torch.empty(top_shape, dtype=i64, device=device)
-    choice = torch.zeros(batch if intersect else 1, dtype=i32, device=device)
-    iover = torch.zeros(batch if intersect else 1, dtype=i32, device=device)
-    div = torch.empty((batch, nc, 2), dtype=f32, device=device)
-    plain = plan.sample != 2
-    best = torch.empty((batch, 2, nc) if plain else (1,), dtype=f32, device=device)
-    besti = torch.empty((batch, 2, nc) if plain else (1,), dtype=i32, device=device)
-    keys2 = torch.empty((batch, 2, nc, k) if not plain else (1,), dtype=i64, device=device)
-    mass = torch.empty((batch, 2, nc) if not plain else (1,), dtype=f32, device=device)
+    i32 = torch.int32
+    scratch = _scratch(plan, batch, nc, device)
+    stats, counts, keys_b, keys_e, rowinfo = scratch.stats, scratch.counts, scratch.keys_b, scratch.keys_e, scratch.rowinfo
+    top_b, top_e, choice, iover, div = scratch.top_b, scratch.top_e, scratch.choice, scratch.iover, scratch.div
+    best, besti, keys2, mass, intersect = scratch.best, scratch.besti, scratch.keys2, scratch.mass, scratch.intersect
     over = torch.empty(batch, dtype=i32, device=device)
     spike_i8 = torch.empty(batch, dtype=torch.int8, device=device)
     pot = potential.contiguous()
