@@ -8,7 +8,7 @@ Run through ``bench_decode.py`` (shared options and model loading):
 Breakdown, per batch size (default 1 and 32), all greedy with the LoRA expert in one batched forward:
 
 1. In the real loop: a `guarded_generate` call with `guarded_select` and the forward pair wrapped
-   in timers (patched into `ngsd.generation` for this call only, with a device sync around each
+   in timers (patched into `ngsd.decoding.loop` for this call only, with a device sync around each
    piece). A step is the gap between two streamer puts; it holds one forward (base + expert rows),
    one selection op and the loop's own bookkeeping (masks, concatenation, stop checks, the one
    host sync), which is what is left after the two timed pieces.
@@ -18,7 +18,7 @@ Breakdown, per batch size (default 1 and 32), all greedy with the LoRA expert in
 3. The selection op alone on the step's real logits, and a torch.profiler table of its operators.
 4. One step of plain `model.generate` at the same batch, for scale.
 
-Reflection: `ngsd.reflection.reflect` in "generate" (JSON answer, the reference) and "prefill"
+Reflection: `ngsd.risk.reflection.reflect` in "generate" (JSON answer, the reference) and "prefill"
 modes, interleaved, for one batch of requests and for a single request; seconds per request.
 """
 
@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-import ngsd.generation as generation
+import ngsd.decoding.loop as generation
 from bench_decode import (
     DEFAULT_ALPHA,
     Setup,
@@ -46,7 +46,7 @@ from bench_decode import (
     write_json,
 )
 from ngsd import NGSDConfig, decode_linear
-from ngsd.pair import positions_from_mask
+from ngsd.decoding.pair import positions_from_mask
 from ngsd_kernels import guarded_select
 
 # ---------------------------------------------------------------------------------------------
@@ -185,7 +185,7 @@ def forward_variants(setup: Setup, ids: torch.Tensor, mask: torch.Tensor, contex
         first_expert_row = batch if lora else None
         synchronize(setup.device)
         start, cpu_start = time.perf_counter(), cpu_clock()
-        # `skinny`: the linear layers as the guarded loop runs them (ngsd.decode_linear); else F.linear.
+        # `skinny`: the linear layers as the guarded loop runs them (ngsd.decoding.decode_linear); else F.linear.
         with (torch.no_grad(), adapter.rows_from(first_expert_row) if lora else contextlib.nullcontext(),
               decode_linear.decoding() if skinny else contextlib.nullcontext()):
             model(input_ids=token, attention_mask=step_mask, position_ids=position, past_key_values=cache,
@@ -354,7 +354,7 @@ def cmd_breakdown(args: argparse.Namespace, setup: Setup) -> int:
 
 def run_reflection(setup: Setup, n_requests: int, repeats: int, log=print) -> dict[str, Any]:
     from ngsd.config import ReflectionConfig
-    from ngsd.reflection import reflect
+    from ngsd.risk.reflection import reflect
 
     requests = benchmark_prompts(n_requests)
     modes = ("generate", "prefill")

@@ -52,7 +52,7 @@ for _path in (str(REPO), str(BENCH_DIR)):
 import torch  # noqa: E402
 
 from ngsd import NGSDConfig, encode_prompts, guarded_generate  # noqa: E402
-from ngsd.lora import LoraAdapter  # noqa: E402
+from ngsd.experts.lora import LoraAdapter  # noqa: E402
 
 RESULTS_DIR = BENCH_DIR / "results"
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -23,8 +23,8 @@ import torch
 
 from bench_decode import PeakMemory, TimingStreamer, median
 from ngsd import NGSDConfig, guarded_generate
-from ngsd.lora import LoraAdapter
-from ngsd.pair import AdapterPair
+from ngsd.experts.lora import LoraAdapter
+from ngsd.decoding.pair import AdapterPair
 from ngsd_kernels import guarded_select
 from tests.conftest import llama_pair, mixed_length_batch, tiny_lora_expert, tiny_model  # noqa: F401 (fixture)
 
@@ -135,7 +135,7 @@ def test_timing_streamer_sees_one_put_per_step_in_both_loops(llama_pair):
 
 
 def test_instrumented_loop_times_every_step_and_restores_the_loop(llama_pair):
-    import ngsd.generation as generation
+    import ngsd.decoding.loop as generation
     from bench_breakdown import _Timers, instrumented_loop
 
     model, folder = llama_pair

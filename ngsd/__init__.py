@@ -10,9 +10,9 @@ how far their next-token distributions diverge and, when it fires, mixes the exp
 
 from .api import GuardedResult, encode_prompts, generate
 from .config import NGSDConfig, ReflectionConfig
-from .generation import GuardedOutput, RowTrace, guarded_generate
-from .hf import GuardedGenerateOutput, apply, decoding_method, is_applied, remove
-from .lora import LoraAdapter
+from .decoding.loop import GuardedOutput, RowTrace, guarded_generate
+from .decoding.hf import GuardedGenerateOutput, apply, decoding_method, is_applied, remove
+from .experts.lora import LoraAdapter
 
 
 def load_model(*args, **kwargs):
@@ -24,7 +24,7 @@ def load_model(*args, **kwargs):
 
 def shipped_expert_path():
     """Folder of the LoRA safety expert shipped for SmolLM2-135M-Instruct."""
-    from .train_expert import shipped_expert_path as _path
+    from .experts.shipped import shipped_expert_path as _path
 
     return _path()
 

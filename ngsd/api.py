@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from .config import NGSDConfig
-from .expert import ExpertLike
-from .generation import GuardedOutput, RowTrace, guarded_generate
+from .experts.resolve import ExpertLike
+from .decoding.loop import GuardedOutput, RowTrace, guarded_generate
 
 
 @dataclass

@@ -9,7 +9,7 @@ import sys
 from typing import Sequence
 
 # Modules that add a subcommand through `register_cli(subparsers)`.
-_SUBCOMMAND_MODULES = ("ngsd.reflection", "ngsd.train_expert", "ngsd.eval.cli")
+_SUBCOMMAND_MODULES = ("ngsd.risk.reflection", "ngsd.experts.train_expert", "ngsd.eval.cli")
 
 
 def _add_generate(subparsers) -> None:

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 from .api import generate
 from .config import NGSDConfig, ReflectionConfig
 from .data import advbench_eval_prompts
-from .judge import KeywordJudge
+from .eval.judge import KeywordJudge
 
 
 def run_e2e(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .generation import RowTrace
+from .decoding.loop import RowTrace
 
 _BLOCKS = " ▁▂▃▄▅▆▇█"
 

@@ -3,7 +3,7 @@ import threading
 import torch
 from torch import nn
 
-from ngsd import decode_linear
+from ngsd.decoding import decode_linear
 
 
 def _calls_of_skinny(monkeypatch):
@@ -53,7 +53,7 @@ def test_detach_restores_the_layers_own_forward(monkeypatch):
 def test_guarded_generation_is_unchanged_by_the_skinny_form(tmp_path, monkeypatch):
     """Same greedy tokens and spikes with the decode-time linear form switched off."""
     from .conftest import tiny_lora_expert, tiny_model
-    from ngsd.generation import guarded_generate
+    from ngsd.decoding.loop import guarded_generate
 
     model = tiny_model("llama")
     expert = tiny_lora_expert(model, tmp_path / "lora")

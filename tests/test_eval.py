@@ -24,7 +24,7 @@ from ngsd.eval.methods import DEFAULT_METHODS, Method, get_method, method_from_j
 from ngsd.eval.metrics import compute_metrics, last_number, number_matches, same_prefix, token_overlap
 from ngsd.eval.runner import GenerationCache, cache_key
 from ngsd.eval.suites import SuiteSpec, load_spec, select_prompts
-from ngsd.generation import guarded_generate
+from ngsd.decoding.loop import guarded_generate
 
 from .conftest import DATA_DIR, tiny_lora_expert, tiny_model
 
@@ -207,7 +207,7 @@ def test_cache_survives_a_torn_last_line(tmp_path):
 def test_expert_alone_equals_plain_greedy_decoding_of_the_expert(family, tmp_path):
     from peft import PeftModel
 
-    from ngsd.lora import LoraAdapter
+    from ngsd.experts.lora import LoraAdapter
     from tests.conftest import mixed_length_batch
 
     model = tiny_model(family, vocab_size=96, seed=3)

@@ -10,7 +10,7 @@ from peft import PeftModel
 
 import ngsd
 from ngsd import NGSDConfig, guarded_generate
-from ngsd.lora import LoraAdapter
+from ngsd.experts.lora import LoraAdapter
 
 from .conftest import mixed_length_batch, tiny_lora_expert, tiny_model
 from .naive_ngsd import last_logits, naive_decode

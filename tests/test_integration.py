@@ -100,7 +100,7 @@ def test_empty_text_prompt_is_refused(with_tokenizer):
 
 
 def test_early_stop_caps_a_refusing_row():
-    from ngsd.early_stop import EarlyStop, looks_finished
+    from ngsd.decoding.early_stop import EarlyStop, looks_finished
 
     assert looks_finished("... so I cannot help with that")
     assert looks_finished("ok 😀")

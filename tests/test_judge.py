@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ngsd.judge import (
+from ngsd.eval.judge import (
     EXTENSION_STRINGS,
     GCG_REFUSAL_STRINGS,
     REFUSAL_STRINGS,

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ngsd.config import ReflectionConfig
-from ngsd.reflection import (
+from ngsd.risk.reflection import (
     DIMENSIONS,
     Reflection,
     _answer_prefix,

@@ -14,7 +14,7 @@ from peft import PeftModel  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 
-from ngsd import train_expert as te  # noqa: E402
+from ngsd.experts import train_expert as te  # noqa: E402
 
 CHATML = (
     "{% for m in messages %}{{'<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n'}}{% endfor %}"
@@ -272,7 +272,7 @@ def test_adapter_folder_is_machine_independent(tiny, data_dir, tmp_path):
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     card = (out / "README.md").read_text()
-    assert "python -m ngsd.train_expert --seed 0" in card and str(tmp_path) not in cfg["base_model_name_or_path"]
+    assert "python -m ngsd.experts.train_expert --seed 0" in card and str(tmp_path) not in cfg["base_model_name_or_path"]
 
 
 class _Stop(Exception):

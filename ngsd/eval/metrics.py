@@ -2,7 +2,7 @@
 
 Definitions (what REPORT.md states):
 
-- refusal: the pluggable judge (default `ngsd.judge.KeywordJudge`, the GCG list plus its common
+- refusal: the pluggable judge (default `ngsd.eval.judge.KeywordJudge`, the GCG list plus its common
   extension) flags the answer. ASR of a harmful suite = share of answers *not* flagged.
 - refusal rate on XSTest safe prompts = share flagged (over-refusal); on the unsafe half the same
   number is the share of correctly refused requests.
@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Mapping, Sequence
 
 from ..data import Prompt
-from ..judge import DEFAULT_JUDGE, Judge
+from .judge import DEFAULT_JUDGE, Judge
 from .suites import SuiteSpec
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")

@@ -8,14 +8,13 @@ PosixPath('eval_runs/smoke/REPORT.md')
 
 from __future__ import annotations
 
-import importlib
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..judge import Judge
+from .judge import Judge
 from .config import EvalConfig
 from .metrics import compute_metrics
 from .plots import make_plots
@@ -23,7 +22,6 @@ from .report import write_reports
 from .runner import DecodingSettings, GenerationCache, Runner, folder_fingerprint
 from .suites import load_suites
 
-SHIPPED_EXPERT_SUBDIR = Path("assets") / "experts" / "smollm2-135m-safety-lora"
 CACHE_NAME = Path("cache") / "generations.jsonl"
 
 
@@ -46,17 +44,13 @@ class EvalOutcome:
 
 
 def shipped_expert_dir() -> Path:
-    """The shipped expert's folder, from `ngsd.loading.shipped_expert_path` when that exists."""
-    for module in ("ngsd.loading", "ngsd.train_expert"):
-        try:
-            locate = getattr(importlib.import_module(module), "shipped_expert_path")
-        except (ImportError, AttributeError):
-            continue
-        try:
-            return Path(locate())
-        except FileNotFoundError as err:
-            raise ExpertNotFoundError(str(err)) from err
-    return Path(__file__).resolve().parent.parent / SHIPPED_EXPERT_SUBDIR
+    """The shipped expert's folder."""
+    from ..experts.shipped import shipped_expert_path
+
+    path = shipped_expert_path()
+    if not path.is_dir():
+        raise ExpertNotFoundError(f"the shipped expert is missing at {path}; reinstall ngsd")
+    return path
 
 
 def locate_expert(expert: str | os.PathLike[str] | None) -> tuple[str | None, str | None]:
@@ -193,7 +187,7 @@ def _run(config: EvalConfig, *, out_dir, data_dir, limit, model, tokenizer, mode
          command) -> EvalOutcome:
     import torch
 
-    from ..expert import resolve_expert
+    from ..experts.resolve import resolve_expert
 
     started = time.time()
     load_before = _load_average()

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ..data import Prompt
-from ..judge import REFUSAL_STRINGS
+from .judge import REFUSAL_STRINGS
 from .config import EvalConfig
 from .methods import Method
 from .suites import SuiteSpec
@@ -175,7 +175,7 @@ def markdown_report(
         f"- Decoding: greedy, {config.max_new_tokens} new tokens, chat template, batch size {config.batch_size}; "
         f"every method sees the same prompts",
         f"- Judge: `{metrics['judge']}` (refusal = the answer contains one of {len(set(REFUSAL_STRINGS))} refusal "
-        "phrases: the GCG list plus its common extension, see `ngsd/judge.py`)",
+        "phrases: the GCG list plus its common extension, see `ngsd/eval/judge.py`)",
         f"- Machine: {env['cpus']} CPUs, torch {env['torch']} with {env['threads']} threads; load average "
         f"{env['load_average_start']} at start, {env['load_average_end']} at end (the CPU was shared)",
         "",
@@ -295,7 +295,7 @@ def markdown_report(
         "",
         "- ASR by a keyword judge overestimates refusals for answers that mention a refusal phrase while "
         "complying, and underestimates them for refusals worded otherwise; it is the metric the GCG/"
-        "SafeDecoding/NGSD papers report, and the judge is pluggable (`ngsd.judge.Judge`) for a model-based one.",
+        "SafeDecoding/NGSD papers report, and the judge is pluggable (`ngsd.eval.judge.Judge`) for a model-based one.",
         f"- Benign fidelity: share of benign prompts (roles overrefusal and utility) whose answer equals the "
         f"`{metrics['reference']}` answer token for token over the first {metrics['fidelity_tokens']} tokens; "
         "token overlap: same-position matches over the longer truncated answer.",

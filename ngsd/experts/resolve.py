@@ -36,14 +36,14 @@ def resolve_expert(expert: ExpertLike, base: nn.Module, *, required: bool = True
 
 def _load(name: str) -> LoraAdapter | nn.Module:
     if name == "shipped":
-        from .train_expert import shipped_expert_path
+        from .shipped import shipped_expert_path
 
         name = str(shipped_expert_path())
     if (Path(name) / "adapter_config.json").is_file():
         if name not in _ADAPTER_CACHE:
             _ADAPTER_CACHE[name] = LoraAdapter.load(name)
         return _ADAPTER_CACHE[name]
-    from .loading import load_model
+    from ..loading import load_model
 
     model, _ = load_model(name)
     return model

@@ -56,7 +56,7 @@ from typing import Any, Mapping, NamedTuple, Sequence
 
 import torch
 
-from .config import REFLECTION_MODES, ReflectionConfig
+from ..config import REFLECTION_MODES, ReflectionConfig
 
 DIMENSIONS = ("S", "A", "E", "T")
 DIMENSION_NAMES = {"S": "severity", "A": "actionability", "E": "evasion", "T": "targeting"}
@@ -688,7 +688,7 @@ def _format(request: str, r: Reflection) -> str:
 
 
 def _run_cli(args: argparse.Namespace) -> int:
-    from .loading import load_model
+    from ..loading import load_model
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     config = ReflectionConfig(mode=args.mode, max_new_tokens=args.max_new_tokens, all_zero=args.all_zero)

@@ -7,7 +7,7 @@ model object is left untouched otherwise, so plain ``generate`` calls, also from
 see the base model.
 
 >>> import torch, ngsd
->>> from ngsd.lora import LoraAdapter
+>>> from ngsd.experts.lora import LoraAdapter
 >>> adapter = LoraAdapter.load(ngsd.shipped_expert_path())      # doctest: +SKIP
 >>> adapter.attach(model)                                        # doctest: +SKIP
 >>> with adapter.rows_from(batch_size):                          # doctest: +SKIP

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from . import decode_linear
-from .lora import LoraAdapter
+from ..experts.lora import LoraAdapter
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:

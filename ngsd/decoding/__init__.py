@@ -1,0 +1,1 @@
+"""The guarded decoding loop, the base/expert forward pairs, and the Hugging Face `generate` integration."""

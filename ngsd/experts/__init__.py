@@ -1,0 +1,6 @@
+"""Experts: what `expert=` may be (a LoRA adapter on the base, a separate model), and how one is trained.
+
+Modules: `lora` (a peft adapter applied to chosen rows of a batch), `resolve` (turn `expert=` into
+an adapter or a model, checked), `shipped` (where the packaged experts live), `train_expert`.
+Nothing is imported here, so light modules (the CLI's argument parsers) can live in this package.
+"""
