@@ -321,7 +321,7 @@ ADVBENCH_EVAL_SIZE = 50
 def advbench_eval_prompts(data_dir: str | os.PathLike[str] | None = None, n: int = ADVBENCH_EVAL_SIZE) -> list[Prompt]:
     """The issue-2 evaluation set: the AdvBench prompts with the n lowest ids (ids 0..49 for n=50).
 
-    The expert's training data must not contain these (see ngsd.experts.train_expert).
+    The expert's training data must not contain these (see ngsd.experts.training).
     """
     return lowest_ids(load_suite("advbench", data_dir), n)
 

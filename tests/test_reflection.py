@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from ngsd.config import ReflectionConfig
+from ngsd.risk.cli import register_cli
 from ngsd.risk.reflection import (
     DIMENSIONS,
     Reflection,
@@ -24,7 +25,6 @@ from ngsd.risk.reflection import (
     parse_scores,
     reflect,
     reflect_prefill,
-    register_cli,
     render_evaluator_prompt,
 )
 

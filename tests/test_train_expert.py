@@ -14,7 +14,8 @@ from peft import PeftModel  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 
-from ngsd.experts import train_expert as te  # noqa: E402
+from ngsd.experts import shipped  # noqa: E402
+from ngsd.experts.training import cli, config, examples, prompts, selfcheck, trainer  # noqa: E402
 
 CHATML = (
     "{% for m in messages %}{{'<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n'}}{% endfor %}"
@@ -67,38 +68,38 @@ def data_dir(tmp_path: Path) -> Path:
     return d
 
 
-def small_config(data_dir: Path, out: Path, **changes) -> te.TrainExpertConfig:
+def small_config(data_dir: Path, out: Path, **changes) -> config.TrainExpertConfig:
     base = dict(
         data_dir=str(data_dir), out=str(out), seed=0, epochs=1, advbench_prompts=4, max_trials=1,
         refusal_max_new_tokens=6, benign_max_new_tokens=6, r=4, lora_alpha=8, evaluate=False,
         save_dtype="float32", threads=1,  # one thread: far faster than two on a busy shared CPU
     )
     base.update(changes)
-    return te.TrainExpertConfig(**base)
+    return config.TrainExpertConfig(**base)
 
 
 def test_train_writes_a_peft_adapter_that_loads_back(tiny, data_dir, tmp_path):
     model, tok = tiny
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    out = te.train_expert(small_config(data_dir, tmp_path / "expert"), model=model, tokenizer=tok, log=lambda s: None)
+    out = trainer.train_expert(small_config(data_dir, tmp_path / "expert"), model=model, tokenizer=tok, log=lambda s: None)
     assert (out / "adapter_config.json").is_file()
     weights = load_file(str(out / "adapter_model.safetensors"))
     assert weights and all("lora_" in k for k in weights)
     # The B matrices start at zero; training must have moved them.
     assert any(v.abs().sum() > 0 for k, v in weights.items() if "lora_B" in k)
     adapter_cfg = json.loads((out / "adapter_config.json").read_text())
-    assert adapter_cfg["r"] == 4 and set(adapter_cfg["target_modules"]) == set(te.TARGET_PRESETS["attention+mlp"])
+    assert adapter_cfg["r"] == 4 and set(adapter_cfg["target_modules"]) == set(config.TARGET_PRESETS["attention+mlp"])
 
-    report = json.loads((out / te.REPORT_FILE).read_text())
+    report = json.loads((out / trainer.REPORT_FILE).read_text())
     assert report["seed"] == 0
     assert report["adapter_size_bytes"] == (out / "adapter_model.safetensors").stat().st_size
     kinds = report["data"]["examples_by_kind"]
-    assert kinds["benign"] == len(te.benign_train_prompts())
+    assert kinds["benign"] == len(prompts.benign_train_prompts())
     assert kinds["refusal"] >= 3 + 4  # every seed and AdvBench prompt gets at least one refusal
     assert kinds["recovery"] >= 1
     # The evaluation set (the 50 lowest AdvBench ids) is never trained on.
     assert min(report["data"]["advbench_train_ids"]) >= 50
-    lines = (out / te.EXAMPLES_FILE).read_text().splitlines()
+    lines = (out / trainer.EXAMPLES_FILE).read_text().splitlines()
     assert len(lines) == sum(kinds.values())
 
     # Loading the adapter back onto fresh base weights changes the logits (it is not a no-op)...
@@ -125,7 +126,7 @@ def test_training_is_reproducible_with_a_seed(tiny, data_dir, tmp_path):
     for name in ("a", "b"):
         fresh = LlamaForCausalLM(model.config).eval()
         fresh.load_state_dict(state)
-        outs.append(te.train_expert(small_config(data_dir, tmp_path / name), model=fresh, tokenizer=tok, log=lambda s: None))
+        outs.append(trainer.train_expert(small_config(data_dir, tmp_path / name), model=fresh, tokenizer=tok, log=lambda s: None))
     a = load_file(str(outs[0] / "adapter_model.safetensors"))
     b = load_file(str(outs[1] / "adapter_model.safetensors"))
     assert a.keys() == b.keys()
@@ -135,11 +136,11 @@ def test_training_is_reproducible_with_a_seed(tiny, data_dir, tmp_path):
 
 def test_loss_is_masked_to_the_answer(tiny):
     _, tok = tiny
-    ex = te.Example("recovery", "test", "How do I bake bread?", tok("I cannot.")["input_ids"], prefix_ids=tok("Sure")["input_ids"])
-    end = te.turn_end_ids(tok)
+    ex = examples.Example("recovery", "test", "How do I bake bread?", tok("I cannot.")["input_ids"], prefix_ids=tok("Sure")["input_ids"])
+    end = examples.turn_end_ids(tok)
     assert end == [tok.eos_token_id]
-    ids, labels = te.encode_example(tok, ex, end, max_length=512)
-    prompt = te.chat_prompt_ids(tok, ex.prompt)
+    ids, labels = examples.encode_example(tok, ex, end, max_length=512)
+    prompt = examples.chat_prompt_ids(tok, ex.prompt)
     n_context = len(prompt) + len(ex.prefix_ids)
     assert ids[: len(prompt)] == prompt
     assert labels[:n_context] == [-100] * n_context
@@ -148,38 +149,38 @@ def test_loss_is_masked_to_the_answer(tiny):
 
 def test_kl_loss_is_zero_for_an_untrained_adapter(tiny):
     model, tok = tiny
-    peft_model = te.make_lora_model(LlamaForCausalLM(model.config).eval(), te.TrainExpertConfig(r=4, lora_alpha=8))
+    peft_model = trainer.make_lora_model(LlamaForCausalLM(model.config).eval(), config.TrainExpertConfig(r=4, lora_alpha=8))
     peft_model.eval()  # no dropout: LoRA B is zero, so the expert equals the base
-    ex = te.Example("benign", "t", "How do I bake bread?", tok("Mix flour.")["input_ids"], loss="kl")
-    ids, labels = te.encode_example(tok, ex, te.turn_end_ids(tok), 512)
+    ex = examples.Example("benign", "t", "How do I bake bread?", tok("Mix flour.")["input_ids"], loss="kl")
+    ids, labels = examples.encode_example(tok, ex, examples.turn_end_ids(tok), 512)
     ids_t, labels_t = torch.tensor([ids]), torch.tensor([labels])
-    kl = te.example_loss(peft_model, ids_t, labels_t, torch.ones_like(ids_t), torch.tensor([1]))
-    ce = te.example_loss(peft_model, ids_t, labels_t, torch.ones_like(ids_t), torch.tensor([0]))
+    kl = trainer.example_loss(peft_model, ids_t, labels_t, torch.ones_like(ids_t), torch.tensor([1]))
+    ce = trainer.example_loss(peft_model, ids_t, labels_t, torch.ones_like(ids_t), torch.tensor([0]))
     assert kl.item() == pytest.approx(0.0, abs=1e-6)
     assert ce.item() > 1.0  # a random model is far from the labels
 
 
 def test_first_sentences_and_turn_detection():
-    assert te.first_sentences("I cannot. It is harmful. Ok.", 2) == "I cannot. It is harmful."
-    assert te.first_sentences("No full stop here", 2) == "No full stop here"
-    assert te.first_sentences("One. Two", 2) == "One."
-    assert te._turns("However, here are some tips:")
-    assert not te._turns("I'm sorry, but I cannot help with that.")
+    assert examples.first_sentences("I cannot. It is harmful. Ok.", 2) == "I cannot. It is harmful."
+    assert examples.first_sentences("No full stop here", 2) == "No full stop here"
+    assert examples.first_sentences("One. Two", 2) == "One."
+    assert examples.turns_helpful("However, here are some tips:")
+    assert not examples.turns_helpful("I'm sorry, but I cannot help with that.")
 
 
 def test_config_validation_and_targets():
-    assert te.target_modules("qv") == ["q_proj", "v_proj"]
-    assert te.target_modules("q_proj, o_proj") == ["q_proj", "o_proj"]
+    assert config.target_modules("qv") == ["q_proj", "v_proj"]
+    assert config.target_modules("q_proj, o_proj") == ["q_proj", "o_proj"]
     with pytest.raises(ValueError, match="benign_loss"):
-        te.TrainExpertConfig(benign_loss="mse")
+        config.TrainExpertConfig(benign_loss="mse")
     with pytest.raises(ValueError, match="lr"):
-        te.TrainExpertConfig(lr=0)
+        config.TrainExpertConfig(lr=0)
     with pytest.raises(ValueError, match="targets"):
-        te.TrainExpertConfig(targets=" , ")
+        config.TrainExpertConfig(targets=" , ")
 
 
 def test_lr_schedule_warms_up_then_decays_to_zero():
-    factors = [te._lr_factor(s, 100, 3) for s in range(100)]
+    factors = [trainer.lr_factor(s, 100, 3) for s in range(100)]
     assert factors[0] == pytest.approx(1 / 3) and factors[2] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(factors[3:], factors[4:]))
     assert factors[-1] == pytest.approx(1 / 97)
@@ -188,48 +189,48 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
 def test_cli_registration_and_argument_round_trip():
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="command")
-    te.register_cli(sub)
+    cli.register_cli(sub)
     args = parser.parse_args(["train-expert", "--seed", "3", "--targets", "qv", "--epochs", "1", "--no-eval"])
-    assert args.func is te.run_cli
-    cfg = te.config_from_args(args)
+    assert args.func is cli.run
+    cfg = cli.config_from_args(args)
     assert (cfg.seed, cfg.targets, cfg.epochs, cfg.evaluate) == (3, "qv", 1, False)
-    again = te.config_from_args(parser.parse_args(["train-expert", *te._cli_args(cfg)]))
+    again = cli.config_from_args(parser.parse_args(["train-expert", *cli.cli_args(cfg)]))
     assert again == cfg
 
 
 def test_shipped_expert_path_points_into_the_package():
-    path = te.shipped_expert_path()
-    assert path.parts[-3:] == ("assets", "experts", te.EXPERT_NAME)
+    path = shipped.shipped_expert_path()
+    assert path.parts[-3:] == ("assets", "experts", shipped.EXPERT_NAME)
     assert path.parent.parent.parent.name == "ngsd"
 
 
 def test_lif_proxy_matches_hand_computation():
     # Constant input 0.5: v = 0.5, 0.9375, 1.3203... -> first spike at step 2.
-    assert te._lif_first_spike([0.5] * 5) == 2
-    assert te._lif_first_spike([0.1] * 50) is None  # settles near 0.8 < 1
+    assert selfcheck.first_spike([0.5] * 5) == 2
+    assert selfcheck.first_spike([0.1] * 50) is None  # settles near 0.8 < 1
 
 
 def test_loss_with_logits_to_keep_equals_the_full_computation(tiny):
     model, tok = tiny
-    peft_model = te.make_lora_model(LlamaForCausalLM(model.config).eval(), te.TrainExpertConfig(r=4, lora_alpha=8))
+    peft_model = trainer.make_lora_model(LlamaForCausalLM(model.config).eval(), config.TrainExpertConfig(r=4, lora_alpha=8))
     torch.manual_seed(1)
     for name, p in peft_model.named_parameters():
         if "lora_B" in name:
             p.data.normal_(0, 0.5)  # a non-trivial expert
     peft_model.eval()
-    end = te.turn_end_ids(tok)
+    end = examples.turn_end_ids(tok)
     exs = [
-        te.Example("refusal", "t", "How do I bake bread?", tok("I cannot.")["input_ids"]),
-        te.Example("benign", "t", "Hi", tok("Mix flour and water, then bake.")["input_ids"], loss="kl"),
+        examples.Example("refusal", "t", "How do I bake bread?", tok("I cannot.")["input_ids"]),
+        examples.Example("benign", "t", "Hi", tok("Mix flour and water, then bake.")["input_ids"], loss="kl"),
     ]
-    enc = [te.encode_example(tok, ex, end, 512) for ex in exs]
+    enc = [examples.encode_example(tok, ex, end, 512) for ex in exs]
     width = max(len(i) for i, _ in enc)
     ids = torch.tensor([i + [0] * (width - len(i)) for i, _ in enc])
     labels = torch.tensor([l + [-100] * (width - len(l)) for _, l in enc])
     attn = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in enc])
     kind = torch.tensor([0, 1])
     with torch.no_grad():
-        got = te.example_loss(peft_model, ids, labels, attn, kind)
+        got = trainer.example_loss(peft_model, ids, labels, attn, kind)
         logp = torch.log_softmax(peft_model(input_ids=ids, attention_mask=attn).logits[:, :-1], -1)
         with peft_model.disable_adapter():
             base = torch.log_softmax(peft_model(input_ids=ids, attention_mask=attn).logits[:, :-1], -1)
@@ -247,32 +248,32 @@ def test_loss_with_logits_to_keep_equals_the_full_computation(tiny):
 def test_cap_response_keeps_whole_sentences(tiny):
     _, tok = tiny
     text = "I cannot help. It is harmful. Please ask something else instead of this."
-    ids, complete = te.cap_response(tok, text, 1000)
+    ids, complete = examples.cap_response(tok, text, 1000)
     assert complete and tok.decode(ids) == text
     one = len(tok("I cannot help.")["input_ids"])
-    ids, complete = te.cap_response(tok, text, one)
+    ids, complete = examples.cap_response(tok, text, one)
     assert complete and tok.decode(ids) == "I cannot help."
-    ids, complete = te.cap_response(tok, text, 2)
+    ids, complete = examples.cap_response(tok, text, 2)
     assert not complete and len(ids) == 2
-    ids, _ = te.cap_response(tok, "I cannot.", 100, prefix_ids=tok("Sure")["input_ids"])
+    ids, _ = examples.cap_response(tok, "I cannot.", 100, prefix_ids=tok("Sure")["input_ids"])
     assert tok.decode(ids) == " I cannot."
 
 
 def test_cap_response_drops_an_unfinished_tail(tiny):
     _, tok = tiny
-    ids, complete = te.cap_response(tok, "I cannot. And then", 1000)
+    ids, complete = examples.cap_response(tok, "I cannot. And then", 1000)
     assert complete and tok.decode(ids) == "I cannot."
-    ids, complete = te.cap_response(tok, "no sentence end at all", 1000)
+    ids, complete = examples.cap_response(tok, "no sentence end at all", 1000)
     assert complete and tok.decode(ids) == "no sentence end at all"
 
 
 def test_adapter_folder_is_machine_independent(tiny, data_dir, tmp_path):
     model, tok = tiny
-    out = te.train_expert(small_config(data_dir, tmp_path / "e", epochs=1), model=model, tokenizer=tok, log=lambda s: None)
+    out = trainer.train_expert(small_config(data_dir, tmp_path / "e", epochs=1), model=model, tokenizer=tok, log=lambda s: None)
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     card = (out / "README.md").read_text()
-    assert "python -m ngsd.experts.train_expert --seed 0" in card and str(tmp_path) not in cfg["base_model_name_or_path"]
+    assert "python -m ngsd.experts.training --seed 0" in card and str(tmp_path) not in cfg["base_model_name_or_path"]
 
 
 class _Stop(Exception):
@@ -282,24 +283,24 @@ class _Stop(Exception):
 def test_interrupted_training_resumes_to_the_same_weights(tiny, tmp_path):
     model, tok = tiny
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    cfg = te.TrainExpertConfig(r=4, lora_alpha=8, epochs=2, seed=0)
-    exs = [te.Example("refusal", "t", f"Bad thing {i}?", tok("I cannot.")["input_ids"]) for i in range(4)]
-    exs.append(te.Example("benign", "t", "Hi", tok("Mix flour and water.")["input_ids"], loss="kl"))
+    cfg = config.TrainExpertConfig(r=4, lora_alpha=8, epochs=2, seed=0)
+    exs = [examples.Example("refusal", "t", f"Bad thing {i}?", tok("I cannot.")["input_ids"]) for i in range(4)]
+    exs.append(examples.Example("benign", "t", "Hi", tok("Mix flour and water.")["input_ids"], loss="kl"))
 
     def fresh():
         m = LlamaForCausalLM(model.config)
         m.load_state_dict(state)
         torch.manual_seed(0)
-        return te.make_lora_model(m, cfg)
+        return trainer.make_lora_model(m, cfg)
 
     def lora(pm):
         return {n: p.detach().clone() for n, p in pm.named_parameters() if "lora_" in n}
 
     torch.manual_seed(0)
     straight = fresh()
-    te.train_lora(straight, tok, exs, cfg, log=lambda s: None)
+    trainer.train_lora(straight, tok, exs, cfg, log=lambda s: None)
 
-    ckpt = tmp_path / te.CHECKPOINT_FILE
+    ckpt = tmp_path / trainer.CHECKPOINT_FILE
 
     def stop_after_first_epoch(msg):
         if msg.startswith("epoch 1/"):
@@ -307,11 +308,41 @@ def test_interrupted_training_resumes_to_the_same_weights(tiny, tmp_path):
 
     first = fresh()
     with pytest.raises(_Stop):
-        te.train_lora(first, tok, exs, cfg, log=stop_after_first_epoch, checkpoint=ckpt, checkpoint_every=2)
+        trainer.train_lora(first, tok, exs, cfg, log=stop_after_first_epoch, checkpoint=ckpt, checkpoint_every=2)
     assert ckpt.is_file()
     resumed = fresh()  # a new process: fresh LoRA weights, then the checkpoint
-    stats = te.train_lora(resumed, tok, exs, cfg, log=lambda s: None, checkpoint=ckpt, checkpoint_every=2)
+    stats = trainer.train_lora(resumed, tok, exs, cfg, log=lambda s: None, checkpoint=ckpt, checkpoint_every=2)
     assert stats["resumed_from_step"] == 4 and not ckpt.exists()
     a, b = lora(straight), lora(resumed)
     for k in a:
         torch.testing.assert_close(a[k], b[k])
+
+
+def test_training_prompts_are_disjoint_from_the_held_out_ones():
+    train = prompts.benign_train_prompts()
+    assert len(train) == len(set(train)) == 235
+    assert not set(train) & set(prompts.BENIGN_EVAL_PROMPTS)
+    assert prompts.PROMPTS_FILE.is_relative_to(Path(shipped.__file__).resolve().parent.parent / "assets")
+
+
+def test_cli_module_imports_no_torch():
+    import subprocess
+    import sys
+
+    def imports_torch(module: str) -> bool:
+        code = f"import sys, {module}; print('torch' in sys.modules)"
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        return out.stdout.strip() == "True"
+
+    if imports_torch("ngsd"):
+        pytest.skip("the ngsd package itself imports torch at import time")
+    assert not imports_torch("ngsd.experts.training.cli")
+
+
+def test_module_entry_point_shows_the_arguments():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "ngsd.experts.training", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "--seed" in out.stdout and "--targets" in out.stdout

@@ -44,12 +44,10 @@ ParsedScores(scores={'S': 9, 'A': 10, 'E': 0, 'T': 7}, parsed=True, missing=('T'
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import json
 import math
 import re
-import sys
 import weakref
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, NamedTuple, Sequence
@@ -661,67 +659,3 @@ def reflect(model, tokenizer, requests: Sequence[str], config: ReflectionConfig 
         return reflect_prefill(model, tokenizer, requests, config)
     raise ValueError(f"reflection mode must be one of {REFLECTION_MODES}, got {config.mode!r}")
 
-
-# ---------------------------------------------------------------------------------------------
-# CLI: ngsd reflect "prompt" ...
-# ---------------------------------------------------------------------------------------------
-
-
-def _format(request: str, r: Reflection) -> str:
-    head = request if len(request) <= 70 else request[:67] + "..."
-    if r.mode == "none":
-        return f"{head}\n  reflection off: alpha {r.alpha:g}"
-    if r.mode == "prefill":  # expected values
-        scores = "  ".join(f"{DIMENSION_NAMES[d]} {r.scores[d]:.1f}" for d in DIMENSIONS)
-    else:
-        scores = "  ".join(f"{DIMENSION_NAMES[d]} {r.scores[d]}" for d in DIMENSIONS)
-    if not r.parsed:
-        note = "  (answer not parsed: fallback scores)"
-    elif r.missing:
-        note = f"  (fallback for {', '.join(r.missing)})"
-    else:
-        note = ""
-    lines = [head, f"  {scores}", f"  risk {r.risk}  alpha {r.alpha:g}{note}"]
-    if r.mode == "generate":
-        lines.append(f"  answer: {r.raw.strip()!r}")
-    return "\n".join(lines)
-
-
-def _run_cli(args: argparse.Namespace) -> int:
-    from ..loading import load_model
-
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-    config = ReflectionConfig(mode=args.mode, max_new_tokens=args.max_new_tokens, all_zero=args.all_zero)
-    model, tokenizer = load_model(args.model, dtype=dtype, device=args.device)
-    reflections = reflect(model, tokenizer, args.prompt, config)
-    if args.json:
-        json.dump(
-            [dict(request=p, **r.to_dict()) for p, r in zip(args.prompt, reflections)], sys.stdout, indent=2
-        )
-        sys.stdout.write("\n")
-    else:
-        print("\n".join(_format(p, r) for p, r in zip(args.prompt, reflections)))
-    return 0
-
-
-def register_cli(subparsers) -> None:
-    """Add `ngsd reflect "prompt" [...]`: the four scores, the risk and alpha of each prompt."""
-    parser = subparsers.add_parser(
-        "reflect",
-        help="show the self-reflection risk scores and alpha of prompts",
-        description="Ask the model to rate each prompt (severity, actionability, evasion, targeting 0..10) "
-        "and show the combined risk and the alpha it maps to. Several prompts run as one batch.",
-    )
-    parser.add_argument("prompt", nargs="+", help="the request(s) to judge")
-    parser.add_argument("--model", default=None, help="model path or hub id (default: SmolLM2-135M-Instruct)")
-    parser.add_argument("--mode", choices=("generate", "prefill"), default="generate",
-                        help="generate: greedy JSON answer (the reference); prefill: expected value of the "
-                        "next-token distribution over the digits, no generation")
-    parser.add_argument("--max-new-tokens", type=int, default=ReflectionConfig.max_new_tokens,
-                        help="token limit of the generated answer (generate mode)")
-    parser.add_argument("--all-zero", choices=("fail", "bump"), default=ReflectionConfig.all_zero,
-                        help="what four zero scores mean: fail (risk 10) or bump (severity + 1)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
-    parser.set_defaults(func=_run_cli)

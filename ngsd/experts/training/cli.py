@@ -1,0 +1,97 @@
+"""`ngsd train-expert` / `python -m ngsd.experts.training`: the arguments and `run(args)`.
+
+Light at import (no torch, no transformers): the training modules are imported by `run` only, so
+building the `ngsd` parser and `--help` stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+from typing import Any, Sequence
+
+from ..shipped import EXPERT_NAME
+from .config import BENIGN_LOSSES, REFUSAL_SOURCES, SAVE_DTYPES, TrainExpertConfig
+
+DESCRIPTION = "Train the LoRA safety expert of the default model (SafeDecoding recipe + deep alignment, spec section 6)."
+
+# Config field -> command-line flag, for the options `cli_args` writes back.
+_FLAGS = {"model": "--model", "data_dir": "--data-dir", "out": "--out", "epochs": "--epochs", "lr": "--lr",
+          "batch_size": "--batch-size", "targets": "--targets", "r": "--rank", "lora_alpha": "--lora-alpha",
+          "dropout": "--dropout", "refusal_source": "--refusal-source", "refusals_per_prompt": "--refusals-per-prompt",
+          "advbench_prompts": "--advbench-prompts", "recovery_per_prompt": "--recovery-per-prompt",
+          "benign_loss": "--benign-loss", "save_dtype": "--save-dtype", "threads": "--threads",
+          "examples": "--examples"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = TrainExpertConfig()
+    parser.add_argument("--model", default=None, help="base model: 'smollm2' (default), a local folder or a hub id")
+    parser.add_argument("--data-dir", default=None, help="benchmark data folder (default: $NGSD_DATA_DIR or <repo>/../shared/data)")
+    parser.add_argument("--out", default=None, help=f"adapter folder (default: the shipped {EXPERT_NAME})")
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--epochs", type=int, default=d.epochs)
+    parser.add_argument("--lr", type=float, default=d.lr)
+    parser.add_argument("--batch-size", type=int, default=d.batch_size)
+    parser.add_argument("--targets", default=d.targets, help="'attention+mlp' (NGSD), 'qv' (SafeDecoding) or a comma-separated module list")
+    parser.add_argument("--rank", type=int, default=d.r, help="LoRA rank r")
+    parser.add_argument("--lora-alpha", type=int, default=d.lora_alpha)
+    parser.add_argument("--dropout", type=float, default=d.dropout)
+    parser.add_argument("--refusal-source", default=d.refusal_source, choices=REFUSAL_SOURCES)
+    parser.add_argument("--refusals-per-prompt", type=int, default=d.refusals_per_prompt)
+    parser.add_argument("--advbench-prompts", type=int, default=d.advbench_prompts,
+                        help="extra harmful prompts drawn from AdvBench ids >= 50 for refusal/recovery examples")
+    parser.add_argument("--recovery-per-prompt", type=int, default=d.recovery_per_prompt)
+    parser.add_argument("--benign-loss", default=d.benign_loss, choices=BENIGN_LOSSES)
+    parser.add_argument("--save-dtype", default=d.save_dtype, choices=SAVE_DTYPES)
+    parser.add_argument("--no-eval", action="store_true", help="skip the evaluation written into the report")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy machine)")
+    parser.add_argument("--examples", default=None, help="retrain on a saved training_examples.jsonl instead of building the data")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainExpertConfig:
+    return TrainExpertConfig(
+        model=args.model, data_dir=args.data_dir, out=args.out, seed=args.seed, epochs=args.epochs, lr=args.lr,
+        batch_size=args.batch_size, targets=args.targets, r=args.rank, lora_alpha=args.lora_alpha,
+        dropout=args.dropout, refusal_source=args.refusal_source, refusals_per_prompt=args.refusals_per_prompt,
+        advbench_prompts=args.advbench_prompts, recovery_per_prompt=args.recovery_per_prompt,
+        benign_loss=args.benign_loss, save_dtype=args.save_dtype, evaluate=not args.no_eval, threads=args.threads,
+        examples=args.examples,
+    )
+
+
+def cli_args(cfg: TrainExpertConfig) -> list[str]:
+    """The command-line options that reproduce `cfg` (only those that differ from the defaults)."""
+    d = TrainExpertConfig()
+    args = ["--seed", str(cfg.seed)]
+    for name, flag in _FLAGS.items():
+        if getattr(cfg, name) != getattr(d, name):
+            args += [flag, str(getattr(cfg, name))]
+    if not cfg.evaluate:
+        args.append("--no-eval")
+    return args
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train with the parsed arguments; the report records the command that reproduces the run."""
+    from .trainer import train_expert
+
+    cfg = config_from_args(args)
+    train_expert(cfg, command="ngsd train-expert " + " ".join(shlex.quote(a) for a in cli_args(cfg)))
+    return 0
+
+
+def register_cli(subparsers: Any) -> None:
+    """Add the `train-expert` subcommand to the `ngsd` command line."""
+    parser = subparsers.add_parser(
+        "train-expert", help="train the LoRA safety expert (SafeDecoding recipe + deep alignment)",
+        description=DESCRIPTION,
+    )
+    add_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ngsd.experts.training", description=DESCRIPTION)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))

@@ -1,0 +1,82 @@
+"""`TrainExpertConfig`: everything that shapes one `train-expert` run. Imports no torch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+TARGET_PRESETS = {
+    "attention+mlp": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "qv": ("q_proj", "v_proj"),
+}
+REFUSAL_SOURCES = ("self+vicuna", "self", "vicuna")
+BENIGN_LOSSES = ("kl", "ce")
+SAVE_DTYPES = ("float16", "bfloat16", "float32")
+
+
+@dataclass(frozen=True)
+class TrainExpertConfig:
+    """Everything that shapes one `train-expert` run (recorded in training_report.json)."""
+
+    model: str | None = None
+    data_dir: str | None = None
+    out: str | None = None
+    seed: int = 0
+    epochs: int = 2
+    lr: float = 2e-3
+    batch_size: int = 1
+    targets: str = "attention+mlp"
+    r: int = 16
+    lora_alpha: int = 64
+    dropout: float = 0.1
+    warmup_ratio: float = 0.03
+    max_grad_norm: float = 0.3
+    refusals_per_prompt: int = 2
+    max_trials: int = 2
+    refusal_source: str = "self+vicuna"  # "self+vicuna" (self first, Vicuna fills gaps), "self", "vicuna"
+    refusal_max_new_tokens: int = 48
+    temperature: float = 0.8
+    top_p: float = 0.9
+    advbench_prompts: int = 48
+    prefix_lengths: tuple[int, ...] = (1, 2, 3, 4, 6, 8)
+    recovery_per_prompt: int = 1
+    benign_max_new_tokens: int = 48
+    max_response_tokens: int = 64
+    benign_loss: str = "kl"
+    max_length: int = 384
+    save_dtype: str = "float16"
+    evaluate: bool = True
+    eval_max_new_tokens: int = 64
+    eval_batch_size: int = 25
+    threads: int | None = None
+    examples: str | None = None  # reuse a training_examples.jsonl instead of building the data
+
+    def __post_init__(self) -> None:
+        if self.refusal_source not in REFUSAL_SOURCES:
+            raise ValueError(f"refusal_source must be one of {REFUSAL_SOURCES}, got {self.refusal_source!r}")
+        if self.benign_loss not in BENIGN_LOSSES:
+            raise ValueError(f"benign_loss must be one of {BENIGN_LOSSES}, got {self.benign_loss!r}")
+        if self.save_dtype not in SAVE_DTYPES:
+            raise ValueError(f"save_dtype must be one of {SAVE_DTYPES}, got {self.save_dtype!r}")
+        target_modules(self.targets)  # validates
+        for name in ("epochs", "batch_size", "r", "max_trials", "max_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("refusals_per_prompt", "advbench_prompts", "recovery_per_prompt"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if any(k < 1 for k in self.prefix_lengths):
+            raise ValueError(f"prefix_lengths must be >= 1, got {self.prefix_lengths}")
+
+
+def target_modules(targets: str) -> list[str]:
+    """Module names for a preset ("attention+mlp", "qv") or a comma-separated list of names."""
+    if targets in TARGET_PRESETS:
+        return list(TARGET_PRESETS[targets])
+    names = [t.strip() for t in targets.split(",") if t.strip()]
+    if not names:
+        raise ValueError(f"targets must be one of {sorted(TARGET_PRESETS)} or a comma-separated list, got {targets!r}")
+    return names

