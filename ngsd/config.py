@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -12,6 +13,18 @@ REFLECTION_MODES = ("generate", "prefill", "none")
 ALL_ZERO_POLICIES = ("fail", "bump")
 
 
+def _check_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+
+
+def _check_finite(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+
+
 @dataclass(frozen=True)
 class ReflectionConfig:
     """How the base model's own risk judgement becomes a mixing strength alpha (spec section 2).
@@ -20,6 +33,9 @@ class ReflectionConfig:
     dimension, the expected digit under the next-token distribution) or "none" (use
     `default_alpha`, or the alpha given per request).
     all_zero: what four zero scores mean, "fail" (risk 10, a failed evaluation) or "bump" (S += 1).
+    injection_risk: the lowest risk of a request that tries to dictate its own verdict (types the
+    evaluator's delimiters or chat control tokens, writes scores, tells the evaluator to ignore its
+    instructions; `ngsd.risk.reflection.injection_signals`); None trusts the model's scores.
     """
 
     mode: str = "generate"
@@ -36,8 +52,18 @@ class ReflectionConfig:
     alpha_mid: float = 0.5
     alpha_low: float = 0.1
     default_alpha: float = 0.5
+    injection_risk: int | None = 10
 
     def __post_init__(self) -> None:
+        for name in ("max_new_tokens", "long_request_chars", "long_request_bonus", "fallback_score",
+                     "strong_dimension", "strong_dimension_min_severity"):
+            _check_int(name, getattr(self, name))
+        if self.injection_risk is not None:
+            _check_int("injection_risk", self.injection_risk)
+            if not 0 <= self.injection_risk <= 10:
+                raise ValueError(f"injection_risk must be in 0..10 or None, got {self.injection_risk}")
+        for name in ("high_risk_above", "low_risk_below", "alpha_high", "alpha_mid", "alpha_low", "default_alpha"):
+            _check_finite(name, getattr(self, name))
         if self.mode not in REFLECTION_MODES:
             raise ValueError(f"reflection mode must be one of {REFLECTION_MODES}, got {self.mode!r}")
         if self.all_zero not in ALL_ZERO_POLICIES:
@@ -101,6 +127,19 @@ class NGSDConfig:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.divergence not in ("tv", "kl", "js"):
             raise ValueError(f"divergence must be 'tv', 'kl' or 'js', got {self.divergence!r}")
+        for name in ("tau", "v_th", "v_reset", "rho", "safedecoding_alpha", "score_floor"):
+            _check_finite(name, getattr(self, name))
+        for name in ("candidate_k", "safedecoding_steps", "safedecoding_k", "safedecoding_min_candidates"):
+            _check_int(name, getattr(self, name))
+        if not isinstance(self.early_stop, bool):
+            raise TypeError(f"early_stop must be True or False, got {self.early_stop!r}")
+        if not self.v_reset < self.v_th:
+            raise ValueError(
+                f"v_reset ({self.v_reset}) must be below v_th ({self.v_th}): a potential reset to the threshold "
+                "would fire on every step"
+            )
+        if self.score_floor < 0:
+            raise ValueError(f"score_floor must be >= 0 (a probability floor), got {self.score_floor}")
         if not self.tau >= 1.0:
             raise ValueError(f"tau must be >= 1 (the leak factor is 1 - 1/tau), got {self.tau}")
         if not self.v_th > 0.0:
@@ -116,6 +155,8 @@ class NGSDConfig:
             raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {self.backend!r}")
         if isinstance(self.reflection, dict):
             object.__setattr__(self, "reflection", ReflectionConfig(**self.reflection))
+        if not isinstance(self.reflection, ReflectionConfig):
+            raise TypeError(f"reflection must be a ReflectionConfig or a dict of its fields, got {self.reflection!r}")
 
     @property
     def divergence_code(self) -> int:
