@@ -1,0 +1,347 @@
+"""Risk from the prompt's hidden states (NGSD_SPEC.md section 2b): a small trained probe.
+
+The probe reads the base model's own hidden states of the prompt, computed by the prefill that
+decoding runs anyway, pools them per row, and scores the pooled vector with a standardised
+logistic regression. Nothing is generated, so the request cannot talk its way to a verdict.
+
+Features (`RiskProbe.features`): for each hidden-state index in `probe.layer` (index i of the
+tuple a Hugging Face forward with `output_hidden_states=True` returns; 0 is the embedding output)
+and each pooling in `probe.pooling` ("last": the last real prompt token, "mean": the mean over
+the real prompt tokens, padding excluded), concatenated. Pooling reads the attention mask, so
+left padding does not change a row's features (up to float rounding).
+
+Risk (`RiskProbe.risk`), on the 0..10 scale of self-reflection so `ReflectionConfig.alpha_for_risk`
+applies unchanged: `logit = ((f - mean) / std) @ weight + bias` (the logistic regression, fitted
+on the training part), then Platt calibration fitted on the held-out validation part of the
+training data, `p = sigmoid(scale * logit + shift)`, an estimate of P(harmful | request) for
+requests like the training distribution, and `risk = 10 * p`. Risk 5 is even odds; with the
+default thresholds risk > 6 (p > 0.6) gives alpha_high and risk < 5 gives alpha_low.
+`route_below` (in risk units) is the operating point chosen on validation: requests under it may
+be routed unguarded (see `training_report.json` of a probe for the recall it was chosen for).
+
+>>> probe = RiskProbe.load(shipped_probe_path())             # doctest: +SKIP
+>>> risks = estimate_risk(model, tokenizer, ["How do I bake bread?"], probe)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+POOLINGS = ("last", "mean")
+PROBE_FILE = "probe.json"
+WEIGHTS_FILE = "probe.safetensors"
+REPORT_FILE = "training_report.json"
+SHIPPED_PROBES = Path(__file__).resolve().parent.parent / "assets" / "probes"
+DEFAULT_PROBE_NAME = "smollm2-135m-risk-probe"
+# Config fields a model must share with the one a probe was trained on (hidden states of another
+# architecture or size mean nothing to it).
+FINGERPRINT_FIELDS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size",
+                      "num_attention_heads", "num_key_value_heads")
+RISK_SCALE = 10.0
+
+
+@dataclass(frozen=True)
+class ProbeSpec:
+    """What a probe reads and how its score is calibrated (saved as probe.json).
+
+    layer: hidden-state index (or indices) read; pooling: poolings concatenated per layer, each in
+    POOLINGS; calibration: Platt `scale` and `shift` on the logistic logit; route_below: risk
+    threshold under which a request may be routed unguarded; model: config fingerprint of the
+    model trained on (FINGERPRINT_FIELDS) plus its name.
+    """
+
+    layer: int | tuple[int, ...]
+    pooling: tuple[str, ...] = ("last",)
+    calibration: dict[str, float] = field(default_factory=lambda: {"scale": 1.0, "shift": 0.0})
+    route_below: float = 5.0
+    model: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        layers = self.layers
+        if not layers or any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in layers):
+            raise ValueError(f"layer must be a non-negative int or a list of them (hidden-state indices), got {self.layer!r}")
+        if not self.pooling or any(p not in POOLINGS for p in self.pooling):
+            raise ValueError(f"pooling must be a non-empty list drawn from {POOLINGS}, got {self.pooling!r}")
+        if not 0.0 <= self.route_below <= RISK_SCALE:
+            raise ValueError(f"route_below is a risk in [0, {RISK_SCALE}], got {self.route_below}")
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return (self.layer,) if isinstance(self.layer, int) else tuple(self.layer)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["layer"] = self.layer if isinstance(self.layer, int) else list(self.layer)
+        data["pooling"] = list(self.pooling)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ProbeSpec":
+        layer = data["layer"]
+        return cls(
+            layer=layer if isinstance(layer, int) else tuple(layer),
+            pooling=tuple(data.get("pooling", ("last",))),
+            calibration=dict(data.get("calibration", {"scale": 1.0, "shift": 0.0})),
+            route_below=float(data.get("route_below", 5.0)),
+            model=dict(data.get("model", {})),
+        )
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """One layer's hidden states [B, T, H] pooled over each row's real tokens -> [B, H] (float32)."""
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    if hidden.dim() != 3 or attention_mask.shape != hidden.shape[:2]:
+        raise ValueError(
+            f"hidden states must be [B, T, H] with attention_mask [B, T]; got {tuple(hidden.shape)} and "
+            f"{tuple(attention_mask.shape)}"
+        )
+    mask = attention_mask.to(hidden.device, torch.float32)
+    if bool((mask.sum(-1) == 0).any()):
+        raise ValueError("attention_mask has a row with no real token; every prompt needs at least one token")
+    hidden = hidden.float()
+    if pooling == "mean":
+        return (hidden * mask[..., None]).sum(1) / mask.sum(-1, keepdim=True)
+    positions = torch.arange(mask.shape[1], device=mask.device, dtype=torch.float32)
+    last = (mask * (positions + 1)).argmax(-1)  # the last real token, whatever side is padded
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
+def model_fingerprint(model_or_config: Any) -> dict[str, Any]:
+    """The FINGERPRINT_FIELDS of a model (or its config) that exist on it."""
+    config = getattr(model_or_config, "config", model_or_config)
+    return {name: getattr(config, name) for name in FINGERPRINT_FIELDS if getattr(config, name, None) is not None}
+
+
+class RiskProbe:
+    """A trained hidden-state risk probe: pooled features -> standardised logistic -> calibrated risk 0..10."""
+
+    def __init__(self, spec: ProbeSpec, mean: torch.Tensor, std: torch.Tensor, weight: torch.Tensor,
+                 bias: torch.Tensor | float) -> None:
+        shapes = {tuple(mean.shape), tuple(std.shape), tuple(weight.shape)}
+        if len(shapes) != 1 or mean.dim() != 1:
+            raise ValueError(f"mean, std and weight must be equal-length vectors, got shapes {sorted(shapes)}")
+        if bool((std <= 0).any()):
+            raise ValueError("std must be positive everywhere (standardisation divides by it)")
+        self.spec = spec
+        self.mean = mean.float()
+        self.std = std.float()
+        self.weight = weight.float()
+        self.bias = torch.as_tensor(bias, dtype=torch.float32).reshape(())
+
+    @property
+    def layer(self) -> int | tuple[int, ...]:
+        """The hidden-state index (or indices) read: `hidden_states[probe.layer]`."""
+        return self.spec.layer
+
+    @property
+    def route_below(self) -> float:
+        return self.spec.route_below
+
+    @property
+    def num_features(self) -> int:
+        return self.weight.shape[0]
+
+    def features(self, hidden_states: Sequence[torch.Tensor], attention_mask: torch.Tensor) -> torch.Tensor:
+        """[B, F] features from a prefill's hidden-state tuple (HF `output_hidden_states=True`)."""
+        if not isinstance(hidden_states, (tuple, list)):
+            raise TypeError("hidden_states must be the tuple a forward with output_hidden_states=True returns")
+        need = max(self.spec.layers)
+        if len(hidden_states) <= need:
+            raise ValueError(f"the probe reads hidden_states[{need}] but only {len(hidden_states)} were given")
+        parts = [pool(hidden_states[i], attention_mask, p) for i in self.spec.layers for p in self.spec.pooling]
+        return torch.cat(parts, dim=-1)
+
+    def logit(self, features: torch.Tensor) -> torch.Tensor:
+        """The uncalibrated logistic-regression logit per row."""
+        if features.dim() != 2 or features.shape[1] != self.num_features:
+            raise ValueError(f"features must be [B, {self.num_features}], got {tuple(features.shape)}")
+        x = (features.float().to(self.mean.device) - self.mean) / self.std
+        return x @ self.weight + self.bias
+
+    def probability(self, features: torch.Tensor) -> torch.Tensor:
+        """Calibrated P(harmful) per row."""
+        cal = self.spec.calibration
+        return torch.sigmoid(cal["scale"] * self.logit(features) + cal["shift"])
+
+    def risk(self, features: torch.Tensor) -> torch.Tensor:
+        """Calibrated risk per row on 0..10 (10 * P(harmful)); `ReflectionConfig.alpha_for_risk` maps it."""
+        return RISK_SCALE * self.probability(features)
+
+    def to(self, device: str | torch.device) -> "RiskProbe":
+        self.mean, self.std, self.weight, self.bias = (t.to(device) for t in (self.mean, self.std, self.weight, self.bias))
+        return self
+
+    def save(self, path: str | Path, report: dict[str, Any] | None = None) -> Path:
+        """Write probe.json + probe.safetensors (and training_report.json when given) into folder `path`."""
+        from safetensors.torch import save_file
+
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {"mean": self.mean, "std": self.std, "weight": self.weight, "bias": self.bias.reshape(1)}
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(folder / WEIGHTS_FILE))
+        (folder / PROBE_FILE).write_text(json.dumps(self.spec.to_dict(), indent=2) + "\n")
+        if report is not None:
+            (folder / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+        return folder
+
+    @classmethod
+    def load(cls, path: str | Path) -> "RiskProbe":
+        """Read a probe folder written by `save` (or `ngsd train-probe`)."""
+        from safetensors.torch import load_file
+
+        folder = Path(path)
+        if not (folder / PROBE_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
+            raise FileNotFoundError(
+                f"{folder} is not a risk-probe folder (needs {PROBE_FILE} and {WEIGHTS_FILE}); train one with "
+                f"`ngsd train-probe --out {folder}`"
+            )
+        spec = ProbeSpec.from_dict(json.loads((folder / PROBE_FILE).read_text()))
+        tensors = load_file(str(folder / WEIGHTS_FILE))
+        return cls(spec, tensors["mean"], tensors["std"], tensors["weight"], tensors["bias"][0])
+
+    def matches(self, model: Any) -> bool:
+        """True when `model` has the architecture and size this probe was trained on."""
+        trained = {k: v for k, v in self.spec.model.items() if k in FINGERPRINT_FIELDS}
+        return bool(trained) and all(model_fingerprint(model).get(k) == v for k, v in trained.items())
+
+
+def shipped_probe_path(model_name_or_config: Any = None) -> Path | None:
+    """The probe folder shipped for the default model, or None for any other model.
+
+    Accepts a name ("smollm2", the hub id, None = the default), a model, or a model config.
+    """
+    if model_name_or_config is None or isinstance(model_name_or_config, (str, Path)):
+        from ..loading import DEFAULT_HUB_ID, is_default_model
+
+        name = model_name_or_config
+        default = is_default_model(name) or str(name).strip().lower() == DEFAULT_HUB_ID.lower()
+    else:
+        default = _is_default_model_object(model_name_or_config)
+    folder = SHIPPED_PROBES / DEFAULT_PROBE_NAME
+    return folder if default and (folder / PROBE_FILE).is_file() else None
+
+
+def _is_default_model_object(model_or_config: Any) -> bool:
+    """Same config as the default model and named like it (its hub id, or the converted cache folder)."""
+    from ..loading import _MARKER, DEFAULT_HUB_ID, is_default_model
+
+    config = getattr(model_or_config, "config", model_or_config)
+    folder = SHIPPED_PROBES / DEFAULT_PROBE_NAME
+    if not (folder / PROBE_FILE).is_file():
+        return False
+    trained = ProbeSpec.from_dict(json.loads((folder / PROBE_FILE).read_text())).model
+    fingerprint = model_fingerprint(config)
+    if any(fingerprint.get(k) != trained.get(k) for k in FINGERPRINT_FIELDS if k in trained):
+        return False
+    name = str(getattr(config, "_name_or_path", "") or "")
+    if not name:
+        return False
+    return (is_default_model(name) or name.strip().lower() == DEFAULT_HUB_ID.lower()
+            or (Path(name) / _MARKER).is_file())
+
+
+def probe_for(model: Any) -> RiskProbe | None:
+    """The shipped probe when `model` is the default SmolLM2-135M-Instruct, else None."""
+    path = shipped_probe_path(model)
+    return RiskProbe.load(path) if path is not None else None
+
+
+def decoder_layers(model: Any) -> Sequence[torch.nn.Module] | None:
+    """The list of decoder blocks of a HF causal LM (Llama, Qwen2, Gemma, ...), or None when not found."""
+    base = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
+    layers = getattr(base, "layers", None)
+    return layers if isinstance(layers, torch.nn.ModuleList) else None
+
+
+class _StopForward(Exception):
+    pass
+
+
+@torch.inference_mode()
+def prompt_hidden_states(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                         upto: int | None = None) -> tuple[torch.Tensor, ...]:
+    """hidden_states[0..upto] of a left-padded prompt batch, as `output_hidden_states=True` gives them.
+
+    With `upto` below the number of layers the forward stops after decoder block `upto` (the deeper
+    blocks and the LM head are never run); otherwise one full forward. Positions come from the
+    mask, as in the decoding loop's prefill.
+    """
+    from ..decoding.pair import positions_from_mask
+
+    positions = positions_from_mask(attention_mask)
+    layers = decoder_layers(model)
+    n_layers = getattr(model.config, "num_hidden_layers", None)
+    if upto is None or layers is None or n_layers is None or upto >= n_layers:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                    output_hidden_states=True, use_cache=False, logits_to_keep=1)
+        return tuple(out.hidden_states)
+    states: list[torch.Tensor] = []
+
+    def before_first(_module, args, kwargs):
+        states.append(args[0] if args else kwargs["hidden_states"])
+        if upto == 0:
+            raise _StopForward
+
+    def after(index):
+        def hook(_module, _args, output):
+            states.append(output[0] if isinstance(output, (tuple, list)) else output)
+            if index + 1 == upto:
+                raise _StopForward
+
+        return hook
+
+    handles = [layers[0].register_forward_pre_hook(before_first, with_kwargs=True)]
+    handles += [layers[i].register_forward_hook(after(i)) for i in range(upto)]
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return tuple(states[: upto + 1])
+
+
+def estimate_risk(model: Any, tokenizer: Any, requests: Sequence[str], probe: RiskProbe, *,
+                  batch_size: int = 16, chat: bool = True) -> list[float]:
+    """Calibrated risk 0..10 per request: one (truncated) prefill of the chat-templated requests.
+
+    Requests are batched by length (less padding); the result is in the order given.
+    """
+    from ..api import encode_prompts
+
+    if isinstance(requests, str):
+        raise TypeError("requests must be a list of strings, not one string; wrap it: [request]")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    order = sorted(range(len(requests)), key=lambda i: len(requests[i]))
+    risks: list[float] = [0.0] * len(requests)
+    device = next(model.parameters()).device
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        input_ids, mask = encode_prompts(tokenizer, [requests[i] for i in rows], chat=chat, device=device)
+        states = prompt_hidden_states(model, input_ids, mask, upto=max(probe.spec.layers))
+        values = probe.risk(probe.features(states, mask)).tolist()
+        for i, value in zip(rows, values):
+            risks[i] = float(value)
+    return risks
+
+
+__all__ = [
+    "DEFAULT_PROBE_NAME",
+    "POOLINGS",
+    "ProbeSpec",
+    "RiskProbe",
+    "estimate_risk",
+    "model_fingerprint",
+    "pool",
+    "probe_for",
+    "prompt_hidden_states",
+    "shipped_probe_path",
+]

@@ -1,0 +1,95 @@
+"""`ngsd train-probe`: train a hidden-state risk probe for a model (light at import: no torch here).
+
+>>> import argparse
+>>> parser = argparse.ArgumentParser(); subparsers = parser.add_subparsers()
+>>> register_cli(subparsers)
+>>> parser.parse_args(["train-probe", "--out", "probe_dir", "--layers", "6,12"]).layers
+'6,12'
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from typing import Any, Sequence
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None,
+                        help="model folder or hub id (default: the offline SmolLM2-135M-Instruct)")
+    parser.add_argument("--out", required=True, help="folder to write the probe into (probe.json, probe.safetensors, "
+                                                     "training_report.json)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the wrappers, the validation split and torch")
+    parser.add_argument("--layers", default=None,
+                        help="comma-separated hidden-state indices to try (0 = embeddings); default: five spread over "
+                             "the first 60%% of the depth")
+    parser.add_argument("--poolings", default="last;mean;last+mean",
+                        help="pooling combinations to try, ';'-separated, each '+'-joined from last/mean")
+    parser.add_argument("--l2", default="0.001,0.01,0.1", help="comma-separated L2 strengths to try")
+    parser.add_argument("--val-fraction", type=float, default=0.2, help="share of training requests held out")
+    parser.add_argument("--wrap-rate", type=float, default=0.6,
+                        help="probability that a request (either class) also appears in a hand-written wrapper")
+    parser.add_argument("--route-recall", type=float, default=0.98,
+                        help="operating point: keep at least this share of harmful validation requests at or above "
+                             "route_below")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (the CPU may be shared)")
+    parser.add_argument("--data-dir", default=None, help="data folder (default: $NGSD_DATA_DIR or ../shared/data)")
+    parser.add_argument("--cache-dir", default=None,
+                        help="feature cache (default: $NGSD_PROBE_CACHE or <tmp>/ngsd-probe-cache); never the repo")
+
+
+def _ints(text: str | None, name: str) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError as err:
+        raise ValueError(f"--{name} must be comma-separated integers, got {text!r}") from err
+
+
+def config_from_args(args: argparse.Namespace) -> Any:
+    from .probe_training import TrainProbeConfig
+
+    try:
+        l2 = tuple(float(v) for v in args.l2.split(",") if v.strip())
+    except ValueError as err:
+        raise ValueError(f"--l2 must be comma-separated numbers, got {args.l2!r}") from err
+    poolings = tuple(tuple(p.strip() for p in combo.split("+")) for combo in args.poolings.split(";") if combo.strip())
+    return TrainProbeConfig(
+        model=args.model, out=args.out, seed=args.seed, layers=_ints(args.layers, "layers"), poolings=poolings,
+        l2=l2, val_fraction=args.val_fraction, wrap_rate=args.wrap_rate, route_recall=args.route_recall,
+        batch_size=args.batch_size, threads=args.threads, data_dir=args.data_dir, cache_dir=args.cache_dir,
+    )
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    from .probe_training import train_probe
+
+    cfg = config_from_args(args)
+    command = "ngsd " + " ".join(shlex.quote(a) for a in getattr(args, "argv", None) or sys.argv[1:])
+    train_probe(cfg, command=command)
+    return 0
+
+
+def register_cli(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "train-probe", help="train a hidden-state risk probe for a model",
+        description="Train a risk probe on the base model's prompt hidden states, from the training splits of the "
+                    "shared data only; select layer/pooling/L2 on a held-out validation split, calibrate, save.",
+    )
+    add_arguments(parser)
+    parser.set_defaults(func=run_cli)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ngsd train-probe", description="Train a hidden-state risk probe.")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    args.argv = ["train-probe", *(argv if argv is not None else sys.argv[1:])]
+    return run_cli(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,231 @@
+"""The hidden-state risk probe: features, padding invariance, persistence, training, data hygiene, lookup."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ngsd.config import ReflectionConfig
+from ngsd.risk.probe import (
+    DEFAULT_PROBE_NAME,
+    ProbeSpec,
+    RiskProbe,
+    estimate_risk,
+    pool,
+    probe_for,
+    prompt_hidden_states,
+    shipped_probe_path,
+)
+from ngsd.risk.probe_training import (
+    TrainProbeConfig,
+    auroc,
+    build_dataset,
+    extract_features,
+    route_threshold,
+    select_and_fit,
+    split_groups,
+)
+
+from .conftest import DATA_DIR, mixed_length_batch, tiny_model
+
+needs_data = pytest.mark.skipif(not (DATA_DIR / "SOURCES.md").is_file(),
+                                reason=f"shared data folder absent at {DATA_DIR}")
+
+
+def random_probe(hidden: int, layer=1, pooling=("last", "mean"), seed: int = 0) -> RiskProbe:
+    g = torch.Generator().manual_seed(seed)
+    layers = (layer,) if isinstance(layer, int) else layer
+    width = hidden * len(pooling) * len(layers)
+    spec = ProbeSpec(layer=layer, pooling=pooling, calibration={"scale": 0.7, "shift": -0.2}, route_below=2.5,
+                     model={"hidden_size": hidden})
+    return RiskProbe(spec, torch.randn(width, generator=g), torch.rand(width, generator=g) + 0.5,
+                     torch.randn(width, generator=g), 0.3)
+
+
+def test_features_shape_and_left_padding_does_not_change_a_row():
+    model = tiny_model("llama")
+    probe = random_probe(model.config.hidden_size, layer=(1, 2), pooling=("last", "mean"))
+    ids, mask, prompts = mixed_length_batch([3, 11, 7], model.config.vocab_size, seed=3)
+    states = prompt_hidden_states(model, ids, mask)
+    batched = probe.features(states, mask)
+    assert batched.shape == (3, 4 * model.config.hidden_size)
+    for row, tokens in enumerate(prompts):
+        alone_ids = torch.tensor([tokens])
+        alone_mask = torch.ones_like(alone_ids)
+        alone = probe.features(prompt_hidden_states(model, alone_ids, alone_mask), alone_mask)
+        torch.testing.assert_close(batched[row], alone[0], atol=1e-5, rtol=1e-4)
+    risks = probe.risk(batched)
+    assert risks.shape == (3,) and bool(((risks >= 0) & (risks <= 10)).all())
+
+
+def test_truncated_prefill_gives_the_full_forwards_hidden_states():
+    model = tiny_model("qwen2")
+    ids, mask, _ = mixed_length_batch([4, 9], model.config.vocab_size)
+    full = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0),
+                 output_hidden_states=True).hidden_states
+    for upto in (0, 1):
+        truncated = prompt_hidden_states(model, ids, mask, upto=upto)
+        assert len(truncated) == upto + 1
+        for a, b in zip(truncated, full):
+            torch.testing.assert_close(a, b)
+
+
+def test_pool_rejects_mismatched_mask_and_empty_rows():
+    hidden = torch.zeros(2, 4, 8)
+    with pytest.raises(ValueError, match="attention_mask"):
+        pool(hidden, torch.ones(2, 5), "mean")
+    with pytest.raises(ValueError, match="no real token"):
+        pool(hidden, torch.tensor([[1, 1, 1, 1], [0, 0, 0, 0]]), "last")
+    with pytest.raises(ValueError, match="pooling"):
+        pool(hidden, torch.ones(2, 4), "max")
+
+
+def test_save_load_round_trip(tmp_path):
+    probe = random_probe(16, layer=2)
+    features = torch.randn(5, probe.num_features)
+    probe.save(tmp_path / "p", report={"seed": 0})
+    loaded = RiskProbe.load(tmp_path / "p")
+    assert loaded.layer == 2 and loaded.spec == probe.spec and loaded.route_below == 2.5
+    torch.testing.assert_close(loaded.risk(features), probe.risk(features))
+    assert json.loads((tmp_path / "p" / "training_report.json").read_text()) == {"seed": 0}
+    with pytest.raises(FileNotFoundError, match="train-probe"):
+        RiskProbe.load(tmp_path / "missing")
+
+
+def test_spec_rejects_bad_layers_and_poolings():
+    with pytest.raises(ValueError, match="layer"):
+        ProbeSpec(layer=-1)
+    with pytest.raises(ValueError, match="pooling"):
+        ProbeSpec(layer=1, pooling=("max",))
+
+
+def test_auroc_and_threshold():
+    assert auroc([0.9, 0.8, 0.1, 0.2], [1, 1, 0, 0]) == 1.0
+    assert auroc([0.5, 0.5], [1, 0]) == 0.5
+    risks = torch.arange(100, dtype=torch.float32)
+    assert route_threshold(risks, 0.98) == 2.0  # rows 0 and 1 fall under it: 98% stay at or above
+    benign = torch.arange(100, dtype=torch.float32) - 150  # a gap between the classes: take its middle
+    assert route_threshold(risks, 0.98, benign) == pytest.approx((2.0 + -53.0) / 2)  # 98% of benign <= -53
+    assert route_threshold(risks, 0.98, benign + 100) == 2.0  # overlap: recall decides
+    with pytest.raises(ValueError, match="positive"):
+        auroc([0.1], [0])
+
+
+def test_training_learns_a_planted_signal():
+    n, hidden = 400, 12
+    g = torch.Generator().manual_seed(0)
+    y = (torch.rand(n, generator=g) < 0.4).float()
+    signal = torch.randn(n, hidden, generator=g)
+    signal[:, 3] += 3.0 * y  # the label lives in one coordinate of layer 2's mean pooling
+    noise = {(layer, p): torch.randn(n, hidden, generator=g) for layer in (1, 2) for p in ("last", "mean")}
+    noise[(2, "mean")] = signal
+    train, val = list(range(300)), list(range(300, 400))
+    cfg = TrainProbeConfig(poolings=(("last",), ("mean",)), l2=(1e-2,), route_recall=0.95)
+    probe, report = select_and_fit(noise, y, train, val, [1, 2], cfg, {"hidden_size": hidden})
+    assert probe.layer == 2 and probe.spec.pooling == ("mean",)
+    assert report["validation"]["val_auroc"] > 0.97
+    risks = probe.risk(signal[val])
+    assert risks[y[val] == 1].mean() > 7 and risks[y[val] == 0].mean() < 3
+    assert report["validation"]["val_harmful_routed"] <= 0.05
+    config = ReflectionConfig()
+    assert config.alpha_for_risk(float(risks[y[val] == 1].median())) == config.alpha_high
+
+
+@needs_data
+def test_no_evaluation_prompt_is_in_the_training_set():
+    from ngsd.data import load_suite, read_rows
+
+    evaluation: set[str] = set()
+    for suite in ("advbench", "harmbench", "gcg", "autodan", "deepinception", "xstest_safe", "xstest_unsafe",
+                  "mt_bench", "gsm8k"):
+        for p in load_suite(suite, DATA_DIR):
+            if suite == "advbench" and int(p.id) >= 130:
+                continue  # AdvBench ids >= 130 are the training split
+            evaluation.add(p.text.strip().lower())
+            if p.goal:
+                evaluation.add(p.goal.strip().lower())
+    evaluation |= {r["instruction"].strip().lower() for r in read_rows(DATA_DIR / "alpaca_eval_805.json")
+                   if int(r["id"]) % 2 == 1}
+    examples = build_dataset(str(DATA_DIR), seed=0)
+    assert len(examples) > 1000 and {e.label for e in examples} == {0, 1}
+    leaked = [e.text for e in examples if e.text.strip().lower() in evaluation]
+    assert leaked == []
+
+
+@needs_data
+def test_wrapped_copies_share_the_split_of_their_request():
+    examples = build_dataset(str(DATA_DIR), seed=1)
+    train, val = split_groups(examples, 0.2, seed=1)
+    train_groups = {examples[i].group for i in train}
+    assert not train_groups & {examples[i].group for i in val}
+    wrappers = {label: {e.wrapper for e in examples if e.wrapper and e.label == label} for label in (0, 1)}
+    assert wrappers[0] == wrappers[1]  # both classes see every wrapper
+
+
+def _default_like_config(name: str, hidden: int = 576):
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(vocab_size=49152, hidden_size=hidden, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3)
+    config._name_or_path = name
+    return config
+
+
+def test_probe_for_finds_the_shipped_probe_only_for_the_default_model(tmp_path):
+    from ngsd.loading import DEFAULT_HUB_ID
+
+    shipped = shipped_probe_path()
+    if shipped is None:
+        pytest.skip("no shipped probe in ngsd/assets/probes yet")
+    assert shipped.name == DEFAULT_PROBE_NAME and shipped_probe_path("smollm2") == shipped
+    assert shipped_probe_path("some/other-model") is None
+    assert shipped_probe_path(_default_like_config(DEFAULT_HUB_ID)) == shipped
+    converted = tmp_path / "converted"
+    converted.mkdir()
+    (converted / "ngsd_conversion.json").write_text("{}")
+    assert shipped_probe_path(_default_like_config(str(converted))) == shipped
+    assert shipped_probe_path(_default_like_config(str(tmp_path))) is None  # same shapes, unknown weights
+    assert shipped_probe_path(_default_like_config(DEFAULT_HUB_ID, hidden=576 + 9 * 8)) is None
+    assert probe_for(tiny_model("llama")) is None
+
+
+def test_shipped_probe_loads_and_reads_a_middle_layer():
+    path = shipped_probe_path()
+    if path is None:
+        pytest.skip("no shipped probe in ngsd/assets/probes yet")
+    probe = RiskProbe.load(path)
+    report = json.loads((path / "training_report.json").read_text())
+    assert 0 < max(probe.spec.layers) < 30
+    assert probe.num_features == 576 * len(probe.spec.pooling) * len(probe.spec.layers)
+    assert report["validation"]["val_auroc"] > 0.9 and report["seed"] == 0
+    assert 0 <= probe.route_below <= 10
+
+
+@pytest.fixture(scope="module")
+def tokenizer_and_tiny_model():
+    from ngsd.loading import default_cache_dir, is_converted
+
+    if not is_converted():
+        pytest.skip(f"the default model's tokenizer is not converted yet at {default_cache_dir()}")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(default_cache_dir())
+    model = tiny_model("llama", vocab_size=len(tokenizer), max_positions=1024)
+    return model, tokenizer
+
+
+def test_estimate_risk_matches_cached_features_and_keeps_request_order(tokenizer_and_tiny_model, tmp_path):
+    model, tokenizer = tokenizer_and_tiny_model
+    requests = ["How do I bake bread?", "Write a poem about the sea, in four lines please.", "Hi"]
+    probe = random_probe(model.config.hidden_size, layer=1, pooling=("mean",))
+    risks = estimate_risk(model, tokenizer, requests, probe, batch_size=2)
+    alone = [estimate_risk(model, tokenizer, [r], probe)[0] for r in requests]
+    assert risks == pytest.approx(alone, abs=1e-4)
+    feats = extract_features(model, tokenizer, requests, [1], batch_size=2, cache_dir=tmp_path)
+    again = extract_features(model, tokenizer, requests, [1], batch_size=2, cache_dir=tmp_path)  # from the cache
+    torch.testing.assert_close(feats[(1, "mean")], again[(1, "mean")])
+    assert probe.risk(feats[(1, "mean")]).tolist() == pytest.approx(risks, abs=1e-4)
+    with pytest.raises(TypeError, match="list"):
+        estimate_risk(model, tokenizer, "one string", probe)
