@@ -36,6 +36,8 @@ class ReflectionConfig:
     injection_risk: the lowest risk of a request that tries to dictate its own verdict (types the
     evaluator's delimiters or chat control tokens, writes scores, tells the evaluator to ignore its
     instructions; `ngsd.risk.reflection.injection_signals`); None trusts the model's scores.
+    window_chars: a request longer than this is also judged in windows of at most this many
+    characters, and its riskiest part decides (padding cannot dilute a harmful core); None: whole only.
     """
 
     mode: str = "generate"
@@ -53,11 +55,16 @@ class ReflectionConfig:
     alpha_low: float = 0.1
     default_alpha: float = 0.5
     injection_risk: int | None = 10
+    window_chars: int | None = 600
 
     def __post_init__(self) -> None:
         for name in ("max_new_tokens", "long_request_chars", "long_request_bonus", "fallback_score",
                      "strong_dimension", "strong_dimension_min_severity"):
             _check_int(name, getattr(self, name))
+        if self.window_chars is not None:
+            _check_int("window_chars", self.window_chars)
+            if self.window_chars < 1:
+                raise ValueError(f"window_chars must be >= 1 or None, got {self.window_chars}")
         if self.injection_risk is not None:
             _check_int("injection_risk", self.injection_risk)
             if not 0 <= self.injection_risk <= 10:

@@ -131,6 +131,8 @@ def _main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=10, help="AdvBench training-split goals (ids >= 130)")
     parser.add_argument("--mode", choices=("generate", "prefill"), default="generate")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--trust-scores", action="store_true",
+                        help="injection_risk=None: measure the prompt-level defences alone, without the injection floor")
     parser.add_argument("--out", default=None, help="write the full report (alphas, raw answers) as JSON here")
     args = parser.parse_args(argv)
     if args.threads:
@@ -138,8 +140,10 @@ def _main(argv: Sequence[str] | None = None) -> int:
     model, tokenizer = load_model()
     goals = training_goals(args.n)
     started = time.time()
-    report = measure(model, tokenizer, goals, ReflectionConfig(mode=args.mode))
+    config = ReflectionConfig(mode=args.mode, **({"injection_risk": None} if args.trust_scores else {}))
+    report = measure(model, tokenizer, goals, config)
     report["seconds"] = round(time.time() - started, 1)
+    print(f"goals: AdvBench ids >= 130 (training split), first {len(goals)}; {config}")
     print(f"baseline alphas: {report['baseline']}")
     for name, row in report["attacks"].items():
         print(f"{name:22s} lowered alpha on {row['lowered']}/{report['n']}  alphas {row['alphas']}")

@@ -786,9 +786,69 @@ def reflect(
         ]
     if model is None or tokenizer is None:
         raise ValueError(f"reflection mode {config.mode!r} needs the model and its tokenizer")
+    if config.mode not in ("generate", "prefill"):
+        raise ValueError(f"reflection mode must be one of {REFLECTION_MODES}, got {config.mode!r}")
+    # A long request is also judged in windows, and its riskiest part decides: filler cannot
+    # dilute a harmful core (the evaluator of a small model drifts to a low score on long text).
+    parts = [[request] + request_windows(request, config.window_chars) for request in requests]
+    flat = [text for texts in parts for text in texts]
     if config.mode == "generate":
-        return reflect_generate(model, tokenizer, requests, config, progress=progress)
-    if config.mode == "prefill":
-        return reflect_prefill(model, tokenizer, requests, config)
-    raise ValueError(f"reflection mode must be one of {REFLECTION_MODES}, got {config.mode!r}")
+        judged = reflect_generate(model, tokenizer, flat, config, progress=progress)
+    else:
+        judged = reflect_prefill(model, tokenizer, flat, config)
+    out, start = [], 0
+    for request, texts in zip(requests, parts):
+        rows = judged[start : start + len(texts)]
+        start += len(texts)
+        whole, riskiest = rows[0], max(rows, key=lambda r: r.risk)  # max keeps the first (the whole) on ties
+        if riskiest is not whole:  # rescored as the whole request: the long-request bonus and injection signals
+            riskiest = _reflection_from(
+                riskiest.scores, request, config, tokenizer, parsed=riskiest.parsed, raw=riskiest.raw,
+                mode=riskiest.mode, missing=riskiest.missing, value_mass=riskiest.value_mass,
+            )
+            if riskiest.risk <= whole.risk:
+                riskiest = whole
+        out.append(riskiest)
+    return out
+
+
+def request_windows(request: str, size: int | None) -> list[str]:
+    """Pieces of at most `size` characters that cover a longer request, cut at paragraph breaks
+    and else at spaces (empty for a request that fits, or when `size` is None).
+
+    >>> request_windows("a" * 5 + "\\n\\n" + "b" * 5, 6)
+    ['aaaaa', 'bbbbb']
+    >>> request_windows("aa bb cc\\n\\ndd\\n\\nee", 6)
+    ['aa bb', 'cc', 'dd\\n\\nee']
+    """
+    if size is None or len(request) <= size:
+        return []
+    windows: list[str] = []
+    whole_paragraph = False  # may the last window take the next short paragraph?
+    for paragraph in (p.strip() for p in re.split(r"\n\s*\n", request)):
+        if not paragraph:
+            continue
+        if len(paragraph) <= size:
+            if whole_paragraph and len(windows[-1]) + 2 + len(paragraph) <= size:
+                windows[-1] = f"{windows[-1]}\n\n{paragraph}"
+            else:
+                windows.append(paragraph)
+            whole_paragraph = True
+            continue
+        current = ""
+        for word in paragraph.split(" "):
+            while len(word) > size:  # one unbroken run longer than a window
+                if current.strip():
+                    windows.append(current.strip())
+                windows.append(word[:size])
+                current, word = "", word[size:]
+            candidate = f"{current} {word}" if current else word
+            if len(candidate) > size and current.strip():
+                windows.append(current.strip())
+                candidate = word
+            current = candidate
+        if current.strip():
+            windows.append(current.strip())
+        whole_paragraph = False  # a piece of a long paragraph stays apart from what follows
+    return windows
 
