@@ -91,19 +91,20 @@ class _TimedPair:
 @contextlib.contextmanager
 def instrumented_loop(timers: _Timers) -> Iterator[None]:
     """Time the forward pair and the selection op inside `guarded_generate` (restored afterwards)."""
-    original_select, original_pair_for = generation.guarded_select, generation.pair_for
+    original_selector, original_pair_for = generation.GuardedSelector, generation.pair_for
 
-    def timed_select(*args: Any, **kwargs: Any):
-        return timers.time(timers.select, original_select, *args, **kwargs)
+    class TimedSelector(original_selector):
+        def run(self, *args: Any, **kwargs: Any):
+            return timers.time(timers.select, super().run, *args, **kwargs)
 
     def timed_pair_for(*args: Any, **kwargs: Any):
         return _TimedPair(original_pair_for(*args, **kwargs), timers)
 
-    generation.guarded_select, generation.pair_for = timed_select, timed_pair_for
+    generation.GuardedSelector, generation.pair_for = TimedSelector, timed_pair_for
     try:
         yield
     finally:
-        generation.guarded_select, generation.pair_for = original_select, original_pair_for
+        generation.GuardedSelector, generation.pair_for = original_selector, original_pair_for
 
 
 def loop_breakdown(setup: Setup, ids: torch.Tensor, mask: torch.Tensor, steps: int, repeats: int) -> dict[str, Any]:
@@ -231,18 +232,18 @@ def select_alone(base: torch.Tensor, expert: torch.Tensor, calls: int, device: s
     offset = torch.zeros(1, dtype=torch.int64, device=device)
     config = NGSDConfig()
 
-    def call(**extra: Any):
-        return guarded_select(base, expert, potential, alpha, seeds, offset, **{**config.step_kwargs(5), **extra})
+    def call():
+        return guarded_select(base, expert, potential, alpha, seeds, offset, config.step_params(5))
 
     timings: dict[str, list[float]] = {"ngsd_greedy": [], "safedecoding_greedy": []}
     cpu_timings: dict[str, list[float]] = {"ngsd_greedy": [], "safedecoding_greedy": []}
-    sd_kwargs = NGSDConfig(mode="safedecoding").step_kwargs(0)
+    sd_params = NGSDConfig(mode="safedecoding").step_params(0)
     for _ in range(2):
         call()
     for _ in range(calls):
         for name, fn in (("ngsd_greedy", call),
                          ("safedecoding_greedy", lambda: guarded_select(base, expert, potential, alpha, seeds,
-                                                                        offset, **sd_kwargs))):
+                                                                        offset, sd_params))):
             synchronize(device)
             start, cpu_start = time.perf_counter(), cpu_clock()
             fn()

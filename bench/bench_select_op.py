@@ -41,8 +41,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from naive_select import naive_guarded_select  # noqa: E402
 
-from ngsd_kernels import CandidateMode  # noqa: E402
-from ngsd_kernels.custom_ops import op_args  # noqa: E402
+from ngsd_kernels import CandidateMode, StepParams  # noqa: E402
 
 PARAMS = dict(
     tau=8.0, v_th=1.0, v_reset=0.0, rho=0.6, candidate_k=64, candidate_mode=int(CandidateMode.UNION),
@@ -94,7 +93,7 @@ def run(batches: list[int], vocab: int, min_repeats: int, min_seconds: float) ->
     rows = []
     for batch in batches:
         base, expert, potential, alpha, seed, offset = make_inputs(batch, vocab)
-        args = op_args(base, expert, potential, alpha, seed, offset, **PARAMS)
+        args = (base, expert, potential, alpha, seed, offset, *StepParams(**PARAMS).flat())
         naive_kwargs = {k: PARAMS[k] for k in ("tau", "v_th", "v_reset", "rho", "candidate_k")}
 
         def op():
@@ -190,11 +189,7 @@ def fused_traffic(batch: int, vocab: int, elem: int, **params) -> dict:
     """Bytes each fused launch reads and writes (logits and scratch), from the launch plan."""
     from ngsd_kernels.ops.fused_select import plan_select
 
-    p = plan_select(
-        batch, vocab, candidate_k=params["candidate_k"], candidate_mode=params["candidate_mode"],
-        min_candidates=params["min_candidates"], gate=params["gate"], temperature=params["temperature"],
-        top_k=params["top_k"], top_p=params["top_p"],
-    )
+    p = plan_select(batch, vocab, StepParams(**params))
     B, NC, K = batch, p.n_chunks, p.buffer
     logits = 2 * B * vocab * elem
     stats = 2 * B * NC * 16  # stats fp32 x4 + counts int32 x4
@@ -241,7 +236,7 @@ def traffic_table(batches: list[int], vocabs: list[int], dtype: torch.dtype) -> 
                 base, expert = base.to(dtype), expert.to(dtype)
                 # the batched reference is data-independent: count it on meta tensors (no memory)
                 meta = [t.to("meta") for t in (base, expert, potential, alpha, seed, offset)]
-                ref = unfused_traffic(guarded_select_reference, *meta, **params)
+                ref = unfused_traffic(guarded_select_reference, *meta, StepParams(**params))
                 naive = {"ops": "", "read": None, "syncs": ""}
                 if params["temperature"] == 0.0:
                     naive = unfused_traffic(

@@ -31,9 +31,9 @@ from tests.conftest import llama_pair, mixed_length_batch, tiny_lora_expert, tin
 VOCAB = 49152  # SmolLM2's vocabulary: the selection op's cost scales with it
 
 SELECT_CASES = {
-    "ngsd_greedy": dict(NGSDConfig().step_kwargs(5)),
-    "safedecoding_greedy": dict(NGSDConfig(mode="safedecoding").step_kwargs(0)),
-    "ngsd_sampling_top_p": dict(NGSDConfig().step_kwargs(5), temperature=0.7, top_p=0.9),
+    "ngsd_greedy": NGSDConfig().step_params(5),
+    "safedecoding_greedy": NGSDConfig(mode="safedecoding").step_params(0),
+    "ngsd_sampling_top_p": NGSDConfig().step_params(5, temperature=0.7, top_p=0.9),
 }
 
 
@@ -53,7 +53,7 @@ def step_inputs(batch: int, vocab: int = VOCAB, seed: int = 0):
 def test_selection_op(benchmark, case, batch):
     inputs = step_inputs(batch)
     benchmark.group = f"selection op, batch {batch}, vocab {VOCAB}"
-    tokens, potential, spike, divergence = benchmark(guarded_select, *inputs, **SELECT_CASES[case])
+    tokens, potential, spike, divergence = benchmark(guarded_select, *inputs, SELECT_CASES[case])
     assert tokens.shape == (batch,) and ((tokens >= 0) & (tokens < VOCAB)).all()
     assert ((divergence >= 0) & (divergence <= 1)).all()
     assert potential.shape == spike.shape == (batch,)
@@ -76,7 +76,7 @@ def _decode_step_bench(benchmark, model, adapter: LoraAdapter, input_ids, mask, 
     def step(pair, tokens, potential):
         with torch.no_grad():
             base, expert = pair.step(tokens)
-            return guarded_select(base, expert, potential, alpha, seeds, offset, **config.step_kwargs(1))
+            return guarded_select(base, expert, potential, alpha, seeds, offset, config.step_params(1))
 
     benchmark.group = group
     tokens, _, _, _ = benchmark.pedantic(step, setup=fresh_state, rounds=rounds, iterations=1)
@@ -140,11 +140,11 @@ def test_instrumented_loop_times_every_step_and_restores_the_loop(llama_pair):
 
     model, folder = llama_pair
     input_ids, mask, _ = mixed_length_batch([3, 6, 5], model.config.vocab_size, seed=4)
-    before = (generation.guarded_select, generation.pair_for)
+    before = (generation.GuardedSelector, generation.pair_for)
     timers = _Timers("cpu")
     with instrumented_loop(timers):
         timed = guarded_generate(model, input_ids, mask, expert=folder, alpha=0.5, max_new_tokens=5)
-    assert (generation.guarded_select, generation.pair_for) == before
+    assert (generation.GuardedSelector, generation.pair_for) == before
     assert len(timers.select) == 5 and len(timers.forward) == 4  # no forward after the last token
     plain = guarded_generate(model, input_ids, mask, expert=folder, alpha=0.5, max_new_tokens=5)
     assert torch.equal(timed.sequences, plain.sequences)  # the timers do not change what is decoded

@@ -166,7 +166,7 @@ def _reduce_spec() -> KernelSpec:
         rowinfo_ptr="*fp32:16", top_b_ptr="*i64:16", top_e_ptr="*i64:16", n_rows="i32", n_chunks="i32",
         kth="i32", RB=str(RB), NCP=str(NCP), K=str(K), CG=str(CG), NEED_KEYS="1", STORE_TOP="0", VALUE_KEYS="1",
     )
-    return KernelSpec("ngsd_kernels.ops.fused_select", "_reduce_kernel", args, f"(n_rows + {RB - 1}) / {RB}, 1, 1")
+    return KernelSpec("ngsd_kernels.ops.launcher", "_reduce_kernel", args, f"(n_rows + {RB - 1}) / {RB}, 1, 1")
 
 
 def _finalize_spec(gate: int) -> KernelSpec:
@@ -180,7 +180,7 @@ def _finalize_spec(gate: int) -> KernelSpec:
         RB=str(RB), NCP=str(NCP), K=str(K), CG=str(CG), DIVERGENCE="0", GATE=str(gate), MODE="0", SAMPLE="0",
         USE_TOPK="0", USE_TOPP="0", NEED_V0="1",
     )
-    return KernelSpec("ngsd_kernels.ops.fused_select", "_finalize_kernel", args, f"(n_rows + {RB - 1}) / {RB}, 1, 1")
+    return KernelSpec("ngsd_kernels.ops.launcher", "_finalize_kernel", args, f"(n_rows + {RB - 1}) / {RB}, 1, 1")
 
 
 def hidden_greedy(dtype: str) -> Variant:
@@ -198,23 +198,9 @@ def hidden_greedy(dtype: str) -> Variant:
         BLOCK_H=str(block_h), UPCAST="1" if dtype == "fp32" else "0", K=str(K),
     )
     grid = f"(B + {block_b - 1}) / {block_b}, n_chunks, 1"
-    pass1 = KernelSpec(
-        "ngsd_kernels.ops.hidden_select", "_hs_pass1_kernel",
-        dict(tile, stats_ptr="*fp32:16", counts_ptr="*i32:16", keys_b_ptr="*i32:16", keys_e_ptr="*i32:16",
-             KEYS="1"),
-        grid,
-    )
-    pass2 = KernelSpec(
-        "ngsd_kernels.ops.hidden_select", "_hs_pass2_kernel",
-        dict(tile, rowinfo_ptr="*fp32:16", alpha_ptr="*fp32", seed_ptr="*i64", seed_stride="i32",
-             offset_ptr="*i64", offset_stride="i32", temperature="fp32", div_ptr="*fp32:16", best_ptr="*fp32:16",
-             besti_ptr="*i32:16", keys2_ptr="*i64:16", mass_ptr="*fp32:16", DIVERGENCE="0", SAMPLE="0",
-             NEED_V0="1", NEED_V1="1"),
-        grid,
-    )
-    return Variant(
-        f"hidden_greedy_{dtype}", "hidden_select", dtype, [pass1, _reduce_spec(), pass2],
-        {g: _finalize_spec(g) for g in GATES},
+    return _greedy_variant(
+        f"hidden_greedy_{dtype}", "hidden_select", dtype, "ngsd_kernels.ops.hidden_select",
+        ("_hs_pass1_kernel", "_hs_pass2_kernel"), tile, grid,
         dict(BLOCK_B=block_b, BLOCK_V=block_v, BLOCK_H=block_h, K=K, NCP=NCP, RB=RB),
     )
 
@@ -229,25 +215,31 @@ def logits_greedy(dtype: str) -> Variant:
     common = dict(lb_ptr=f"*{dtype}", le_ptr=f"*{dtype}", stride_b="i32", stride_e="i32", n_rows="i32",
                   n_vocab="i32", n_chunks="i32", BB=str(bb), BV=str(bv), K=str(K))
     grid = f"(n_rows + {bb - 1}) / {bb}, n_chunks, 1"
+    return _greedy_variant(
+        f"logits_greedy_{dtype}", "logits_select", dtype, "ngsd_kernels.ops.fused_select",
+        ("_pass1_kernel", "_pass2_kernel"), common, grid, dict(BB=bb, BV=bv, K=K, NCP=NCP, RB=RB),
+    )
+
+
+def _greedy_variant(name: str, op: str, dtype: str, module: str, passes: tuple[str, str], tile: dict[str, str],
+                    grid: str, constants: dict[str, int]) -> Variant:
+    """A greedy / TV / union variant: the source's two passes (with its tile arguments `tile`) around the
+    launcher's reduce and finalize kernels."""
     pass1 = KernelSpec(
-        "ngsd_kernels.ops.fused_select", "_pass1_kernel",
-        dict(common, stats_ptr="*fp32:16", counts_ptr="*i32:16", keys_b_ptr="*i32:16", keys_e_ptr="*i32:16",
+        module, passes[0],
+        dict(tile, stats_ptr="*fp32:16", counts_ptr="*i32:16", keys_b_ptr="*i32:16", keys_e_ptr="*i32:16",
              KEYS="1"),
         grid,
     )
     pass2 = KernelSpec(
-        "ngsd_kernels.ops.fused_select", "_pass2_kernel",
-        dict(common, rowinfo_ptr="*fp32:16", alpha_ptr="*fp32", seed_ptr="*i64", seed_stride="i32",
+        module, passes[1],
+        dict(tile, rowinfo_ptr="*fp32:16", alpha_ptr="*fp32", seed_ptr="*i64", seed_stride="i32",
              offset_ptr="*i64", offset_stride="i32", temperature="fp32", div_ptr="*fp32:16", best_ptr="*fp32:16",
              besti_ptr="*i32:16", keys2_ptr="*i64:16", mass_ptr="*fp32:16", DIVERGENCE="0", SAMPLE="0",
              NEED_V0="1", NEED_V1="1"),
         grid,
     )
-    return Variant(
-        f"logits_greedy_{dtype}", "logits_select", dtype, [pass1, _reduce_spec(), pass2],
-        {g: _finalize_spec(g) for g in GATES},
-        dict(BB=bb, BV=bv, K=K, NCP=NCP, RB=RB),
-    )
+    return Variant(name, op, dtype, [pass1, _reduce_spec(), pass2], {g: _finalize_spec(g) for g in GATES}, constants)
 
 
 def all_variants() -> dict[str, Variant]:

@@ -123,6 +123,16 @@ void check_params(double tau, double rho, int64_t candidate_k, int64_t gate) {
   TORCH_CHECK(gate >= 0 && gate <= 2, "ngsd_aot: gate must be 0 (LIF), 1 (open) or 2 (closed), got ", gate);
 }
 
+// The checks both ops share, then the device's launch info (call with a DeviceGuard on `device`).
+DeviceInfo prepare_step(const at::Tensor& potential, const at::Tensor& alpha, int64_t batch, const at::Device& device,
+                        double tau, double rho, int64_t candidate_k, int64_t gate) {
+  check_step_vectors(potential, alpha, batch, device);
+  check_params(tau, rho, candidate_k, gate);
+  return device_info(device);
+}
+
+at::Tensor unit_inner_stride(const at::Tensor& t) { return t.stride(1) == 1 ? t : t.contiguous(); }
+
 CUstream current_stream(const at::Device& device) {
   c10::impl::VirtualGuardImpl impl(device.type());
   return static_cast<CUstream>(impl.getStream(device).native_handle());
@@ -203,6 +213,21 @@ void fill_common(ngsd_aot_ctx& c, const Buffers& b, const at::Tensor& potential,
   c.score_floor = 1e-8f;
 }
 
+// Launches every kernel of one compiled variant on the filled context (the only place that names them).
+void run_variant(const std::string& variant, ngsd_aot_ctx& c, int arch, int64_t gate) {
+  const int g = static_cast<int>(gate);
+  CUresult r = CUDA_ERROR_NOT_FOUND;
+  if (variant == "hidden_greedy_bf16") r = NGSD_AOT_CALL(hidden_greedy_bf16, &c, arch, g);
+  else if (variant == "hidden_greedy_fp16") r = NGSD_AOT_CALL(hidden_greedy_fp16, &c, arch, g);
+  else if (variant == "hidden_greedy_fp32") r = NGSD_AOT_CALL(hidden_greedy_fp32, &c, arch, g);
+  else if (variant == "logits_greedy_bf16") r = NGSD_AOT_CALL(logits_greedy_bf16, &c, arch, g);
+  else if (variant == "logits_greedy_fp16") r = NGSD_AOT_CALL(logits_greedy_fp16, &c, arch, g);
+  else if (variant == "logits_greedy_fp32") r = NGSD_AOT_CALL(logits_greedy_fp32, &c, arch, g);
+  TORCH_CHECK(r != CUDA_ERROR_NOT_FOUND, "ngsd_aot: variant ", variant, " was not compiled into this build; run "
+              "`python csrc_triton/build_aot.py --variants ", variant, "` and rebuild the extension");
+  launch_or_throw(r, variant.c_str());
+}
+
 using Step = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 Step outputs(const Buffers& b) { return {b.tokens, b.new_potential, b.spike.to(at::kBool), b.divergence}; }
@@ -229,16 +254,11 @@ Step hidden_select_greedy_cuda(const at::Tensor& base_hidden, const at::Tensor& 
   TORCH_CHECK(vocab <= i32_max && base_hidden.stride(0) <= i32_max && expert_hidden.stride(0) <= i32_max &&
                   lm_head_weight.stride(0) <= i32_max,
               "ngsd_aot: sizes or strides exceed the 32-bit arguments of the compiled kernels");
-  check_step_vectors(potential, alpha, batch, device);
-  check_params(tau, rho, candidate_k, gate);
-  const std::string variant = "hidden_greedy_" + dtype_tag(lm_head_weight.scalar_type());
-
   c10::DeviceGuard guard(device);
-  const DeviceInfo info = device_info(device);
+  const DeviceInfo info = prepare_step(potential, alpha, batch, device, tau, rho, candidate_k, gate);
   // hidden rows need unit inner stride too; a [B, T, H][:, -1] view is copied (B x H elements)
-  const at::Tensor hb = base_hidden.stride(1) == 1 ? base_hidden : base_hidden.contiguous();
-  const at::Tensor he = expert_hidden.stride(1) == 1 ? expert_hidden : expert_hidden.contiguous();
-  const at::Tensor pot = potential.contiguous(), alp = alpha.contiguous();
+  const at::Tensor hb = unit_inner_stride(base_hidden), he = unit_inner_stride(expert_hidden);
+  const at::Tensor pot = potential.contiguous(), alp = alpha.contiguous();  // alive until the launch
 
   // launch plan: hidden_select.plan_hidden_select with the compiled block sizes
   const int64_t tiles = cdiv(vocab, kHiddenBlockV);
@@ -269,14 +289,7 @@ Step hidden_select_greedy_cuda(const at::Tensor& base_hidden, const at::Tensor& 
   c.s_we1 = 1;
   c.tiles_per_split = static_cast<int32_t>(tiles_per_split);
   fill_common(c, b, pot, alp, b.unused_i64, batch, vocab, splits, tau, v_th, v_reset, rho, candidate_k);
-
-  CUresult r = CUDA_ERROR_NOT_FOUND;
-  if (variant == "hidden_greedy_bf16") r = NGSD_AOT_CALL(hidden_greedy_bf16, &c, info.arch, gate);
-  else if (variant == "hidden_greedy_fp16") r = NGSD_AOT_CALL(hidden_greedy_fp16, &c, info.arch, gate);
-  else if (variant == "hidden_greedy_fp32") r = NGSD_AOT_CALL(hidden_greedy_fp32, &c, info.arch, gate);
-  TORCH_CHECK(r != CUDA_ERROR_NOT_FOUND, "ngsd_aot: variant ", variant, " was not compiled into this build; run "
-              "`python csrc_triton/build_aot.py --variants ", variant, "` and rebuild the extension");
-  launch_or_throw(r, variant.c_str());
+  run_variant("hidden_greedy_" + dtype_tag(lm_head_weight.scalar_type()), c, info.arch, gate);
   return outputs(b);
 }
 
@@ -293,17 +306,12 @@ Step logits_select_greedy_cuda(const at::Tensor& base_logits, const at::Tensor& 
   const int64_t chunks = cdiv(vocab, kLogitsBlockV);
   TORCH_CHECK(chunks <= kMaxChunks, "ngsd_aot: vocabularies above ", kMaxChunks * kLogitsBlockV,
               " tokens are not compiled into this build (got ", vocab, ")");
-  check_step_vectors(potential, alpha, batch, device);
-  check_params(tau, rho, candidate_k, gate);
-  const std::string variant = "logits_greedy_" + dtype_tag(base_logits.scalar_type());
-
   c10::DeviceGuard guard(device);
-  const DeviceInfo info = device_info(device);
-  const at::Tensor lb = base_logits.stride(1) == 1 ? base_logits : base_logits.contiguous();
-  const at::Tensor le = expert_logits.stride(1) == 1 ? expert_logits : expert_logits.contiguous();
+  const DeviceInfo info = prepare_step(potential, alpha, batch, device, tau, rho, candidate_k, gate);
+  const at::Tensor lb = unit_inner_stride(base_logits), le = unit_inner_stride(expert_logits);
   TORCH_CHECK(lb.stride(0) < (int64_t(1) << 31) && le.stride(0) < (int64_t(1) << 31),
               "ngsd_aot: logits row stride exceeds the 32-bit kernel argument");
-  const at::Tensor pot = potential.contiguous(), alp = alpha.contiguous();
+  const at::Tensor pot = potential.contiguous(), alp = alpha.contiguous();  // alive until the launch
 
   Buffers b = allocate(batch, chunks, base_logits.options());
   ngsd_aot_ctx c{};
@@ -313,14 +321,7 @@ Step logits_select_greedy_cuda(const at::Tensor& base_logits, const at::Tensor& 
   c.stride_b = static_cast<int32_t>(lb.stride(0));
   c.stride_e = static_cast<int32_t>(le.stride(0));
   fill_common(c, b, pot, alp, b.unused_i64, batch, vocab, chunks, tau, v_th, v_reset, rho, candidate_k);
-
-  CUresult r = CUDA_ERROR_NOT_FOUND;
-  if (variant == "logits_greedy_bf16") r = NGSD_AOT_CALL(logits_greedy_bf16, &c, info.arch, gate);
-  else if (variant == "logits_greedy_fp16") r = NGSD_AOT_CALL(logits_greedy_fp16, &c, info.arch, gate);
-  else if (variant == "logits_greedy_fp32") r = NGSD_AOT_CALL(logits_greedy_fp32, &c, info.arch, gate);
-  TORCH_CHECK(r != CUDA_ERROR_NOT_FOUND, "ngsd_aot: variant ", variant, " was not compiled into this build; run "
-              "`python csrc_triton/build_aot.py --variants ", variant, "` and rebuild the extension");
-  launch_or_throw(r, variant.c_str());
+  run_variant("logits_greedy_" + dtype_tag(base_logits.scalar_type()), c, info.arch, gate);
   return outputs(b);
 }
 

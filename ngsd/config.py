@@ -6,7 +6,7 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from ngsd_kernels import CandidateMode, Divergence, GateMode
+from ngsd_kernels import CandidateMode, Divergence, GateMode, StepParams
 
 MODES = ("ngsd", "safedecoding", "open", "off")
 REFLECTION_MODES = ("generate", "prefill", "none")
@@ -169,30 +169,31 @@ class NGSDConfig:
     def divergence_code(self) -> int:
         return int({"tv": Divergence.TV, "kl": Divergence.KL, "js": Divergence.JS}[self.divergence])
 
-    def step_kwargs(self, step: int) -> dict[str, Any]:
-        """Keyword arguments of `ngsd_kernels.guarded_select` for decode step `step` (0-based)."""
-        kwargs: dict[str, Any] = dict(
+    def step_params(self, step: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0) -> StepParams:
+        """The step parameters of decode step `step` (0-based) with these sampling settings.
+
+        They change with the step only in SafeDecoding mode (mixing for the first `safedecoding_steps`).
+        """
+        gate = {"open": GateMode.OPEN, "off": GateMode.CLOSED}.get(self.mode, GateMode.LIF)
+        candidate_mode, candidate_k = CandidateMode.UNION, self.candidate_k
+        if self.mode == "safedecoding":
+            candidate_mode, candidate_k = CandidateMode.INTERSECTION, self.safedecoding_k
+            gate = GateMode.OPEN if step < self.safedecoding_steps else GateMode.CLOSED
+        return StepParams(
             tau=self.tau,
             v_th=self.v_th,
             v_reset=self.v_reset,
             rho=self.rho,
-            candidate_k=self.candidate_k,
-            candidate_mode=int(CandidateMode.UNION),
+            candidate_k=candidate_k,
+            candidate_mode=candidate_mode,
             min_candidates=self.safedecoding_min_candidates,
             divergence=self.divergence_code,
-            gate=int(GateMode.LIF),
+            gate=gate,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
             score_floor=self.score_floor,
-            backend=self.backend,
         )
-        if self.mode == "open":
-            kwargs["gate"] = int(GateMode.OPEN)
-        elif self.mode == "off":
-            kwargs["gate"] = int(GateMode.CLOSED)
-        elif self.mode == "safedecoding":
-            kwargs["candidate_mode"] = int(CandidateMode.INTERSECTION)
-            kwargs["candidate_k"] = self.safedecoding_k
-            kwargs["gate"] = int(GateMode.OPEN if step < self.safedecoding_steps else GateMode.CLOSED)
-        return kwargs
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

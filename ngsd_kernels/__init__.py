@@ -3,16 +3,20 @@
 Standalone: depends on torch (and Triton for the fused kernels), never on ``ngsd``.
 """
 
-from .params import CandidateMode, Divergence, GateMode
+from .params import CandidateMode, Divergence, GateMode, StepParams
 from .philox import philox_uniform
 from .reference import guarded_select_reference
-from .select import guarded_select
+from .select import guarded_select, guarded_select_from_hidden
+from .selector import GuardedSelector
 
 __all__ = [
     "CandidateMode",
     "Divergence",
     "GateMode",
+    "GuardedSelector",
+    "StepParams",
     "guarded_select",
+    "guarded_select_from_hidden",
     "guarded_select_reference",
     "philox_uniform",
 ]

@@ -1,24 +1,32 @@
 """The guarded decode step as ``torch.library`` custom ops (namespace ``ngsd``).
 
-Two functional ops (no input is mutated; the new potential is a new tensor):
+Four functional ops (no input is mutated; the new potential is a new tensor), two per input kind:
 
-- ``torch.ops.ngsd.guarded_select``: dispatch by device. CUDA runs the fused Triton kernels
-  (``ops/fused_select.py``); every other device runs PyTorch: the few-pass greedy path of
-  ``ops/cpu_select.py``, which hands every other setting to the reference (``reference.py``).
-- ``torch.ops.ngsd.guarded_select_triton``: always the Triton kernels -- on CUDA, or on CPU under
-  ``TRITON_INTERPRET=1`` (the interpreter; how the tests check the kernels without a GPU). On CPU
-  without the interpreter it raises a ValueError saying so.
+- ``torch.ops.ngsd.guarded_select(base_logits, expert_logits, potential, alpha, seed, offset, *step)``:
+  dispatch by device. CUDA runs the fused Triton kernels (``ops/fused_select.py``); every other
+  device runs PyTorch: the few-pass greedy path of ``ops/cpu_select.py``, which hands every other
+  setting to the reference (``reference.py``).
+- ``torch.ops.ngsd.guarded_select_from_hidden(base_hidden, expert_hidden, base_head_weight,
+  expert_head_weight?, base_head_bias?, expert_head_bias?, potential, alpha, seed, offset, *step)``:
+  the same step with the LM head inside. CUDA runs the hidden-state Triton kernels
+  (``ops/hidden_select.py``; settings they cannot run go to the logits kernels), every other device
+  one LM-head matmul and the CPU step (``ops/hidden_torch.py``). ``expert_head_weight=None``: the
+  expert shares the base head; the biases are taken as given (None: no bias).
+- ``..._triton`` twins of both: always the Triton kernels -- on CUDA, or on CPU under
+  ``TRITON_INTERPRET=1`` (how the tests check the kernels without a GPU). On CPU without the
+  interpreter they raise a ValueError saying so.
 
-Both take the step parameters as plain floats and ints (the IntEnums of ``params.py`` are ints)
-and return ``(tokens int64 [B], new_potential fp32 [B], spike bool [B], divergence fp32 [B])``.
-Fake implementations give ``torch.compile`` and ``torch.library.opcheck`` the output metadata.
+``*step`` are the fields of ``StepParams`` as plain floats and ints, in field order
+(``StepParams.flat()``); the schemas are built from that one list. Every op returns
+``(tokens int64 [B], new_potential fp32 [B], spike bool [B], divergence fp32 [B])``; one fake gives
+``torch.compile`` and ``torch.library.opcheck`` that metadata for all four.
 
->>> import torch, ngsd_kernels.custom_ops  # registers the ops
+>>> import torch
+>>> from ngsd_kernels import StepParams
 >>> base, expert = torch.randn(2, 16), torch.randn(2, 16)
 >>> zero = torch.zeros(1, dtype=torch.int64)
 >>> tokens, v, spike, d = torch.ops.ngsd.guarded_select(
-...     base, expert, torch.zeros(2), torch.full((2,), 0.9), zero, zero,
-...     8.0, 1.0, 0.0, 0.6, 4, 0, 5, 0, 0, 0.0, 0, 1.0, 1e-8)
+...     base, expert, torch.zeros(2), torch.full((2,), 0.9), zero, zero, *StepParams(candidate_k=4).flat())
 >>> tokens.dtype, spike.dtype, tuple(d.shape)
 (torch.int64, torch.bool, (2,))
 """
@@ -28,125 +36,80 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .params import StepParams, step_schema
 from .ops.cpu_select import cpu_guarded_select
-
-Outputs = tuple[Tensor, Tensor, Tensor, Tensor]
-
-
-def _params(
-    tau: float, v_th: float, v_reset: float, rho: float, candidate_k: int, candidate_mode: int,
-    min_candidates: int, divergence: int, gate: int, temperature: float, top_k: int, top_p: float,
-    score_floor: float,
-) -> dict:
-    return dict(
-        tau=tau, v_th=v_th, v_reset=v_reset, rho=rho, candidate_k=candidate_k, candidate_mode=candidate_mode,
-        min_candidates=min_candidates, divergence=divergence, gate=gate, temperature=temperature, top_k=top_k,
-        top_p=top_p, score_floor=score_floor,
-    )
+from .ops.hidden_torch import torch_select_from_hidden
+from .reference import Outputs
 
 
-def _triton(
-    base_logits: Tensor, expert_logits: Tensor, potential: Tensor, alpha: Tensor, seed: Tensor, offset: Tensor,
-    tau: float, v_th: float, v_reset: float, rho: float, candidate_k: int, candidate_mode: int, min_candidates: int,
-    divergence: int, gate: int, temperature: float, top_k: int, top_p: float, score_floor: float,
-) -> Outputs:
+_OUT = "-> (Tensor, Tensor, Tensor, Tensor)"
+_ROWS = "Tensor potential, Tensor alpha, Tensor seed, Tensor offset"
+LOGITS_SCHEMA = f"(Tensor base_logits, Tensor expert_logits, {_ROWS}, {step_schema()}) {_OUT}"
+HIDDEN_SCHEMA = (
+    "(Tensor base_hidden, Tensor expert_hidden, Tensor base_head_weight, Tensor? expert_head_weight, "
+    f"Tensor? base_head_bias, Tensor? expert_head_bias, {_ROWS}, {step_schema()}) {_OUT}"
+)
+_LOGITS_TENSORS = 6  # positional tensors before the step scalars
+_HIDDEN_TENSORS = 10
+
+
+def _logits_torch(*args) -> Outputs:
+    return cpu_guarded_select(*args[:_LOGITS_TENSORS], StepParams.from_flat(args[_LOGITS_TENSORS:]))
+
+
+def _logits_triton(*args) -> Outputs:
     from .ops.fused_select import fused_guarded_select  # lazy: Triton is optional on CPU
 
-    return fused_guarded_select(
-        base_logits, expert_logits, potential, alpha, seed, offset,
-        **_params(tau, v_th, v_reset, rho, candidate_k, candidate_mode, min_candidates, divergence, gate,
-                  temperature, top_k, top_p, score_floor),
-    )
+    return fused_guarded_select(*args[:_LOGITS_TENSORS], StepParams.from_flat(args[_LOGITS_TENSORS:]))
 
 
-def _fake(
-    base_logits: Tensor, expert_logits: Tensor, potential: Tensor, alpha: Tensor, seed: Tensor, offset: Tensor,
-    tau: float, v_th: float, v_reset: float, rho: float, candidate_k: int, candidate_mode: int, min_candidates: int,
-    divergence: int, gate: int, temperature: float, top_k: int, top_p: float, score_floor: float,
-) -> Outputs:
-    batch = base_logits.shape[0]
+def _hidden_torch(*args) -> Outputs:
+    potential, alpha, seed, offset = args[6:_HIDDEN_TENSORS]
+    return torch_select_from_hidden(*args[:6], potential=potential, alpha=alpha, seed=seed, offset=offset,
+                                    params=StepParams.from_flat(args[_HIDDEN_TENSORS:]))
+
+
+def _hidden_triton(*args) -> Outputs:
+    from .ops.hidden_select import fused_select_from_hidden  # lazy: Triton is optional on CPU
+    from .ops.launcher import check_triton_device, unsupported_reason
+
+    params = StepParams.from_flat(args[_HIDDEN_TENSORS:])
+    check_triton_device(*args[:_HIDDEN_TENSORS])
+    reason = unsupported_reason(args[0].shape[0], args[2].shape[0], params)
+    if reason is not None:
+        raise ValueError(f"the fused hidden-state kernels do not support these settings: {reason}")
+    return fused_select_from_hidden(*args[:_HIDDEN_TENSORS], params)
+
+
+def _hidden_cuda(*args) -> Outputs:
+    """CUDA: the hidden-state kernels, or -- for settings they cannot run -- logits and the logits op."""
+    from .ops.launcher import unsupported_reason
+
+    params = StepParams.from_flat(args[_HIDDEN_TENSORS:])
+    if unsupported_reason(args[0].shape[0], args[2].shape[0], params) is None:
+        return _hidden_triton(*args)
+    return _hidden_torch(*args)
+
+
+def _fake(rows_like: Tensor, *rest) -> Outputs:
+    """Output metadata of every step op: four [B] vectors, B the first tensor's leading dimension."""
+    batch = rows_like.shape[0]
     return (
-        base_logits.new_empty((batch,), dtype=torch.int64),
-        base_logits.new_empty((batch,), dtype=torch.float32),
-        base_logits.new_empty((batch,), dtype=torch.bool),
-        base_logits.new_empty((batch,), dtype=torch.float32),
+        rows_like.new_empty((batch,), dtype=torch.int64),
+        rows_like.new_empty((batch,), dtype=torch.float32),
+        rows_like.new_empty((batch,), dtype=torch.bool),
+        rows_like.new_empty((batch,), dtype=torch.float32),
     )
 
 
-@torch.library.custom_op("ngsd::guarded_select", mutates_args=())
-def guarded_select_op(
-    base_logits: Tensor,
-    expert_logits: Tensor,
-    potential: Tensor,
-    alpha: Tensor,
-    seed: Tensor,
-    offset: Tensor,
-    tau: float,
-    v_th: float,
-    v_reset: float,
-    rho: float,
-    candidate_k: int,
-    candidate_mode: int,
-    min_candidates: int,
-    divergence: int,
-    gate: int,
-    temperature: float,
-    top_k: int,
-    top_p: float,
-    score_floor: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Guarded decode step; this body (PyTorch: the few-pass greedy path, else the reference) serves every
-    device but CUDA."""
-    return cpu_guarded_select(
-        base_logits, expert_logits, potential, alpha, seed, offset,
-        **_params(tau, v_th, v_reset, rho, candidate_k, candidate_mode, min_candidates, divergence, gate,
-                  temperature, top_k, top_p, score_floor),
-    )
+def _define(name: str, schema: str, default, cuda) -> None:
+    op = torch.library.custom_op(f"ngsd::{name}", default, mutates_args=(), schema=schema)
+    if cuda is not None:
+        op.register_kernel("cuda")(cuda)
+    op.register_fake(_fake)
 
 
-@torch.library.custom_op("ngsd::guarded_select_triton", mutates_args=())
-def guarded_select_triton_op(
-    base_logits: Tensor,
-    expert_logits: Tensor,
-    potential: Tensor,
-    alpha: Tensor,
-    seed: Tensor,
-    offset: Tensor,
-    tau: float,
-    v_th: float,
-    v_reset: float,
-    rho: float,
-    candidate_k: int,
-    candidate_mode: int,
-    min_candidates: int,
-    divergence: int,
-    gate: int,
-    temperature: float,
-    top_k: int,
-    top_p: float,
-    score_floor: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Guarded decode step on the Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1)."""
-    return _triton(
-        base_logits, expert_logits, potential, alpha, seed, offset, tau, v_th, v_reset, rho, candidate_k,
-        candidate_mode, min_candidates, divergence, gate, temperature, top_k, top_p, score_floor,
-    )
-
-
-guarded_select_op.register_kernel("cuda")(_triton)
-guarded_select_op.register_fake(_fake)
-guarded_select_triton_op.register_fake(_fake)
-
-
-def op_args(
-    base_logits: Tensor, expert_logits: Tensor, potential: Tensor, alpha: Tensor, seed: Tensor, offset: Tensor,
-    **params,
-) -> tuple:
-    """Positional argument tuple of the ops from keyword step parameters (plain floats and ints)."""
-    return (
-        base_logits, expert_logits, potential, alpha, seed, offset,
-        float(params["tau"]), float(params["v_th"]), float(params["v_reset"]), float(params["rho"]),
-        int(params["candidate_k"]), int(params["candidate_mode"]), int(params["min_candidates"]),
-        int(params["divergence"]), int(params["gate"]), float(params["temperature"]), int(params["top_k"]),
-        float(params["top_p"]), float(params["score_floor"]),
-    )
+_define("guarded_select", LOGITS_SCHEMA, _logits_torch, _logits_triton)
+_define("guarded_select_triton", LOGITS_SCHEMA, _logits_triton, None)
+_define("guarded_select_from_hidden", HIDDEN_SCHEMA, _hidden_torch, _hidden_cuda)
+_define("guarded_select_from_hidden_triton", HIDDEN_SCHEMA, _hidden_triton, None)

@@ -1,10 +1,12 @@
-"""Integer codes for the step op's modes (custom ops take plain ints) and argument checks."""
+"""The step's parameters: integer codes for its modes and `StepParams`, validated once at construction."""
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, fields, replace
 from enum import IntEnum
-
-import torch
+from functools import lru_cache
+from numbers import Integral, Real
 
 
 class Divergence(IntEnum):
@@ -24,78 +26,116 @@ class GateMode(IntEnum):
     CLOSED = 2  # never mix (base decoding; D and v still reported)
 
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_ENUMS = {"candidate_mode": CandidateMode, "divergence": Divergence, "gate": GateMode}
 
 
-def check_step_inputs(
-    base_logits: torch.Tensor,
-    expert_logits: torch.Tensor,
-    potential: torch.Tensor,
-    alpha: torch.Tensor,
-    seed: torch.Tensor,
-    offset: torch.Tensor,
-) -> None:
-    """Raise a ValueError naming the problem and the fix for malformed step inputs."""
-    if base_logits.dim() != 2:
-        raise ValueError(f"base_logits must be [batch, vocab], got shape {tuple(base_logits.shape)}")
-    if expert_logits.shape != base_logits.shape:
-        raise ValueError(
-            f"base and expert logits differ in shape: {tuple(base_logits.shape)} vs {tuple(expert_logits.shape)}; "
-            "the expert must share the base model's vocabulary (same tokenizer, same LM-head size)"
+def _real(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def _integer(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    return int(value)
+
+
+def _code(name: str, value: object) -> IntEnum:
+    enum = _ENUMS[name]
+    if isinstance(value, bool) or not isinstance(value, Integral) or int(value) not in {m.value for m in enum}:
+        raise ValueError(f"{name} must be one of {[f'{enum.__name__}.{m.name}' for m in enum]}, got {value!r}")
+    return enum(int(value))
+
+
+@dataclass(frozen=True)
+class StepParams:
+    """Everything about one guarded decode step that is not a tensor (NGSD_SPEC.md sections 3 and 7).
+
+    Checked once, here; every backend then trusts it. The custom ops take the same values as
+    plain positional scalars (``flat()``), in field order.
+
+    >>> StepParams(tau=4.0).tau
+    4.0
+    >>> StepParams(candidate_k=8.0)
+    Traceback (most recent call last):
+    ...
+    TypeError: candidate_k must be an int, got float 8.0
+    """
+
+    tau: float = 8.0  # leak time constant: v <- (1 - 1/tau) v + D
+    v_th: float = 1.0  # firing threshold
+    v_reset: float = 0.0  # soft-reset target
+    rho: float = 0.6  # soft-reset factor: v <- v_reset + rho (v - v_reset) on a spike
+    candidate_k: int = 64
+    candidate_mode: CandidateMode = CandidateMode.UNION
+    min_candidates: int = 5  # intersection mode: grow k until the set holds this many tokens
+    divergence: Divergence = Divergence.TV
+    gate: GateMode = GateMode.LIF
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0
+    score_floor: float = 1e-8  # intersection mode: scores on the set are floored here
+
+    def __post_init__(self) -> None:
+        coerced = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in _ENUMS:
+                coerced[f.name] = _code(f.name, value)
+            elif f.type in ("int", int):
+                coerced[f.name] = _integer(f.name, value)
+            else:
+                coerced[f.name] = _real(f.name, value)
+        for name, value in coerced.items():
+            object.__setattr__(self, name, value)
+        checks = (
+            (self.tau >= 1.0, f"tau must be >= 1 (the leak factor is 1 - 1/tau), got {self.tau}"),
+            (self.v_th > 0.0, f"v_th must be > 0, got {self.v_th}"),
+            (self.v_reset < self.v_th, f"v_reset must be below v_th ({self.v_th}), got {self.v_reset}"),
+            (0.0 <= self.rho < 1.0, f"rho (soft-reset factor) must be in [0, 1), got {self.rho}"),
+            (self.candidate_k >= 1, f"candidate_k must be >= 1, got {self.candidate_k}"),
+            (self.min_candidates >= 1, f"min_candidates must be >= 1, got {self.min_candidates}"),
+            (self.temperature >= 0.0, f"temperature must be >= 0 (0 means greedy), got {self.temperature}"),
+            (self.top_k >= 0, f"top_k must be >= 0 (0 disables it), got {self.top_k}"),
+            (0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}"),
+            (self.score_floor >= 0.0, f"score_floor must be >= 0, got {self.score_floor}"),
         )
-    if base_logits.dtype not in _FLOAT_DTYPES or expert_logits.dtype != base_logits.dtype:
-        raise ValueError(
-            f"logits must both be float32, float16 or bfloat16, got {base_logits.dtype} and {expert_logits.dtype}"
-        )
-    batch = base_logits.shape[0]
-    for name, tensor, dtypes in (
-        ("potential", potential, (torch.float32,)),
-        ("alpha", alpha, (torch.float32,)),
-        ("seed", seed, (torch.int64,)),
-        ("offset", offset, (torch.int64,)),
-    ):
-        if tensor.dtype not in dtypes:
-            raise ValueError(f"{name} must be {dtypes[0]}, got {tensor.dtype}")
-    if potential.shape != (batch,) or alpha.shape != (batch,):
-        raise ValueError(
-            f"potential and alpha must have shape [{batch}], got {tuple(potential.shape)} and {tuple(alpha.shape)}"
-        )
-    if seed.numel() not in (1, batch) or offset.numel() not in (1, batch):
-        raise ValueError(f"seed and offset must hold 1 or {batch} values")
-    devices = {t.device for t in (base_logits, expert_logits, potential, alpha, seed, offset)}
-    if len(devices) != 1:
-        raise ValueError(f"all step inputs must be on one device, got {sorted(map(str, devices))}")
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    def flat(self) -> tuple[float | int, ...]:
+        """The positional scalars of the ``torch.ops.ngsd`` step ops (floats and plain ints), in field order."""
+        return tuple(int(v) if isinstance(v, IntEnum) else v for v in (getattr(self, f.name) for f in fields(self)))
+
+    @staticmethod
+    def from_flat(scalars: tuple[float | int, ...]) -> "StepParams":
+        """Inverse of ``flat()``; validated (cached: a decode loop passes the same scalars every step)."""
+        return _from_flat(tuple(scalars))
+
+    def with_(self, **changes: object) -> "StepParams":
+        return replace(self, **changes)
+
+    @property
+    def spike_possible(self) -> bool:
+        return self.gate != GateMode.CLOSED
 
 
-def check_step_params(
-    tau: float,
-    v_th: float,
-    rho: float,
-    candidate_k: int,
-    candidate_mode: int,
-    min_candidates: int,
-    divergence: int,
-    gate: int,
-    temperature: float,
-    top_k: int,
-    top_p: float,
-) -> None:
-    if not tau >= 1.0:
-        raise ValueError(f"tau must be >= 1 (the leak factor is 1 - 1/tau), got {tau}")
-    if not v_th > 0.0:
-        raise ValueError(f"v_th must be > 0, got {v_th}")
-    if not 0.0 <= rho < 1.0:
-        raise ValueError(f"rho (soft-reset factor) must be in [0, 1), got {rho}")
-    if candidate_k < 1:
-        raise ValueError(f"candidate_k must be >= 1, got {candidate_k}")
-    if min_candidates < 1:
-        raise ValueError(f"min_candidates must be >= 1, got {min_candidates}")
-    CandidateMode(candidate_mode)
-    Divergence(divergence)
-    GateMode(gate)
-    if not temperature >= 0.0:
-        raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
-    if top_k < 0:
-        raise ValueError(f"top_k must be >= 0 (0 disables it), got {top_k}")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+@lru_cache(maxsize=256)
+def _from_flat(scalars: tuple[float | int, ...]) -> StepParams:
+    names = [f.name for f in fields(StepParams)]
+    if len(scalars) != len(names):
+        raise TypeError(f"expected {len(names)} step scalars ({', '.join(names)}), got {len(scalars)}")
+    return StepParams(**dict(zip(names, scalars)))
+
+
+def step_schema() -> str:
+    """The step scalars as a ``torch.library`` schema fragment: ``float tau, float v_th, ..., float score_floor``."""
+    defaults = StepParams()
+    return ", ".join(
+        f"{'float' if isinstance(getattr(defaults, f.name), float) else 'int'} {f.name}" for f in fields(StepParams)
+    )

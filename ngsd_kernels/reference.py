@@ -29,11 +29,13 @@ divergence NaN, no spike and their potential unchanged. Callers raise on them.
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from .philox import philox_uniform
-from .params import CandidateMode, Divergence, GateMode
+from .params import CandidateMode, Divergence, GateMode, StepParams
 
 _TINY = 1e-30
+Outputs = tuple[Tensor, Tensor, Tensor, Tensor]  # (tokens int64, new potential fp32, spike bool, divergence fp32)
 
 
 def row_is_valid(logits: torch.Tensor) -> torch.Tensor:
@@ -59,13 +61,11 @@ def divergence_between(
     raise ValueError(f"unknown divergence kind {kind}; use one of {list(Divergence)}")
 
 
-def lif_step(
-    potential: torch.Tensor, current: torch.Tensor, tau: float, v_th: float, v_reset: float, rho: float
-) -> tuple[torch.Tensor, torch.Tensor]:
+def lif_step(potential: torch.Tensor, current: torch.Tensor, params: StepParams) -> tuple[torch.Tensor, torch.Tensor]:
     """One leaky integrate-and-fire update; returns (new potential, fired)."""
-    v = (1.0 - 1.0 / tau) * potential + current
-    fired = v >= v_th
-    return torch.where(fired, v_reset + rho * (v - v_reset), v), fired
+    v = (1.0 - 1.0 / params.tau) * potential + current
+    fired = v >= params.v_th
+    return torch.where(fired, params.v_reset + params.rho * (v - params.v_reset), v), fired
 
 
 def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
@@ -132,27 +132,8 @@ def choose_tokens(
     return torch.argmax(perturbed, dim=-1)
 
 
-def guarded_select_reference(
-    base_logits: torch.Tensor,
-    expert_logits: torch.Tensor,
-    potential: torch.Tensor,
-    alpha: torch.Tensor,
-    seed: torch.Tensor,
-    offset: torch.Tensor,
-    tau: float = 8.0,
-    v_th: float = 1.0,
-    v_reset: float = 0.0,
-    rho: float = 0.6,
-    candidate_k: int = 64,
-    candidate_mode: int = CandidateMode.UNION,
-    min_candidates: int = 5,
-    divergence: int = Divergence.TV,
-    gate: int = GateMode.LIF,
-    temperature: float = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    score_floor: float = 1e-8,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def guarded_select_reference(base_logits: Tensor, expert_logits: Tensor, potential: Tensor, alpha: Tensor, seed: Tensor,
+                             offset: Tensor, params: StepParams = StepParams()) -> Outputs:
     """Returns (tokens int64 [B], new potential fp32 [B], spike bool [B], divergence fp32 [B])."""
     lb = base_logits.float()
     le = expert_logits.float()
@@ -164,29 +145,29 @@ def guarded_select_reference(
     log_pb = torch.log_softmax(lb, dim=-1)
     log_pe = torch.log_softmax(le, dim=-1)
     pb, pe = log_pb.exp(), log_pe.exp()
-    current = divergence_between(log_pb, log_pe, pb, pe, int(divergence))
+    current = divergence_between(log_pb, log_pe, pb, pe, params.divergence)
 
     potential = potential.float()
-    new_potential, fired = lif_step(potential, current, tau, v_th, v_reset, rho)
-    if gate == GateMode.LIF:
+    new_potential, fired = lif_step(potential, current, params)
+    if params.gate == GateMode.LIF:
         spike = fired
-    elif gate == GateMode.OPEN:
+    elif params.gate == GateMode.OPEN:
         spike = torch.ones_like(fired)
     else:
         spike = torch.zeros_like(fired)
 
     mixed = pb + alpha.float()[:, None] * (pe - pb)
-    if candidate_mode == CandidateMode.UNION:
-        in_set = union_candidates(lb, le, candidate_k)
+    if params.candidate_mode == CandidateMode.UNION:
+        in_set = union_candidates(lb, le, params.candidate_k)
         guarded = torch.where(in_set, mixed, pb)
     else:
-        in_set = intersection_candidates(lb, le, candidate_k, min_candidates)
-        guarded = torch.where(in_set, mixed.clamp_min(score_floor), torch.zeros_like(mixed))
+        in_set = intersection_candidates(lb, le, params.candidate_k, params.min_candidates)
+        guarded = torch.where(in_set, mixed.clamp_min(params.score_floor), torch.zeros_like(mixed))
         guarded = guarded / guarded.sum(-1, keepdim=True)
     scores = torch.where(spike[:, None], guarded, pb)
 
     seed = seed.to(torch.int64).expand(scores.shape[0]) if seed.numel() == 1 else seed
-    tokens = choose_tokens(scores, seed, offset, temperature, top_k, top_p)
+    tokens = choose_tokens(scores, seed, offset, params.temperature, params.top_k, params.top_p)
 
     tokens = torch.where(valid, tokens, torch.full_like(tokens, -1))
     new_potential = torch.where(valid, new_potential, potential)

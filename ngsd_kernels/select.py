@@ -1,54 +1,53 @@
-"""`guarded_select`: the one entry point for the guarded decode step, whatever the backend."""
+"""The public entry points of the guarded decode step, whatever the backend: from logits or from hidden states."""
 
 from __future__ import annotations
 
-import os
-
 import torch
+from torch import Tensor
 
 from . import custom_ops  # registers torch.ops.ngsd.*
-from .params import CandidateMode, Divergence, GateMode, check_step_inputs, check_step_params
-from .reference import guarded_select_reference
+from .checks import check_hidden_inputs, check_step_inputs
+from .ops.hidden_torch import pair_logits
+from .params import StepParams
+from .reference import Outputs, guarded_select_reference
 
 BACKENDS = ("auto", "torch", "triton")
 
 
+def _check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def _check_params(params: StepParams) -> None:
+    if not isinstance(params, StepParams):
+        raise TypeError(f"params must be an ngsd_kernels.StepParams, got {type(params).__name__}")
+
+
+def default_seed_offset(seed: Tensor | None, offset: Tensor | None, device: torch.device) -> tuple[Tensor, Tensor]:
+    zero = None if seed is not None and offset is not None else torch.zeros(1, dtype=torch.int64, device=device)
+    return (zero if seed is None else seed), (zero if offset is None else offset)
+
+
 def guarded_select(
-    base_logits: torch.Tensor,
-    expert_logits: torch.Tensor,
-    potential: torch.Tensor,
-    alpha: torch.Tensor,
-    seed: torch.Tensor | None = None,
-    offset: torch.Tensor | None = None,
-    *,
-    tau: float = 8.0,
-    v_th: float = 1.0,
-    v_reset: float = 0.0,
-    rho: float = 0.6,
-    candidate_k: int = 64,
-    candidate_mode: int = CandidateMode.UNION,
-    min_candidates: int = 5,
-    divergence: int = Divergence.TV,
-    gate: int = GateMode.LIF,
-    temperature: float = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    score_floor: float = 1e-8,
-    backend: str = "auto",
-    validate: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    base_logits: Tensor, expert_logits: Tensor, potential: Tensor, alpha: Tensor, seed: Tensor | None = None,
+    offset: Tensor | None = None, params: StepParams = StepParams(), backend: str = "auto",
+) -> Outputs:
     """Choose the next token of every row from base and expert logits.
 
     Returns ``(tokens, new_potential, spike, divergence)``; see ``reference.py`` for the exact
-    definition. Dispatch:
+    definition. ``seed`` and ``offset`` (int64, 1 or B values) name the sampling stream: row ``i``
+    draws from Philox keyed by its seed with ``i`` in the counter, so one seed serves a whole batch.
+    Dispatch:
 
     - ``backend="auto"``: the custom op ``torch.ops.ngsd.guarded_select`` -- the fused Triton
-      kernels on CUDA tensors, the PyTorch reference on any other device;
+      kernels on CUDA tensors, PyTorch on any other device;
     - ``"triton"``: the custom op ``torch.ops.ngsd.guarded_select_triton`` -- always the kernels
       (on CPU only under ``TRITON_INTERPRET=1``, set before Triton is imported);
     - ``"torch"``: the PyTorch reference called directly (plain tensor ops, any device).
 
     All three are functional (inputs untouched) and usable inside ``torch.compile(fullgraph=True)``.
+    A decode loop that runs many steps with one setting should plan once with ``GuardedSelector``.
 
     >>> import torch
     >>> from ngsd_kernels import guarded_select
@@ -57,40 +56,59 @@ def guarded_select(
     >>> tokens.shape, bool((d >= 0).all() and (d <= 1).all())
     (torch.Size([2]), True)
     """
-    device = base_logits.device
-    if seed is None:
-        seed = torch.zeros(1, dtype=torch.int64, device=device)
-    if offset is None:
-        offset = torch.zeros(1, dtype=torch.int64, device=device)
-    if validate:
-        check_step_inputs(base_logits, expert_logits, potential, alpha, seed, offset)
-        check_step_params(
-            tau, v_th, rho, candidate_k, candidate_mode, min_candidates, divergence, gate, temperature, top_k, top_p
-        )
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    params = dict(
-        tau=float(tau),
-        v_th=float(v_th),
-        v_reset=float(v_reset),
-        rho=float(rho),
-        candidate_k=int(candidate_k),
-        candidate_mode=int(candidate_mode),
-        min_candidates=int(min_candidates),
-        divergence=int(divergence),
-        gate=int(gate),
-        temperature=float(temperature),
-        top_k=int(top_k),
-        top_p=float(top_p),
-        score_floor=float(score_floor),
-    )
+    _check_params(params)
+    _check_backend(backend)
+    seed, offset = default_seed_offset(seed, offset, base_logits.device)
+    check_step_inputs(base_logits, expert_logits, potential, alpha, seed, offset)
     if backend == "torch":
-        return guarded_select_reference(base_logits, expert_logits, potential, alpha, seed, offset, **params)
-    args = custom_ops.op_args(base_logits, expert_logits, potential, alpha, seed, offset, **params)
-    if backend == "triton":
-        return torch.ops.ngsd.guarded_select_triton(*args)
-    return torch.ops.ngsd.guarded_select(*args)
+        return guarded_select_reference(base_logits, expert_logits, potential, alpha, seed, offset, params)
+    op = torch.ops.ngsd.guarded_select_triton if backend == "triton" else torch.ops.ngsd.guarded_select
+    return op(base_logits, expert_logits, potential, alpha, seed, offset, *params.flat())
 
 
-def interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+def guarded_select_from_hidden(
+    base_hidden: Tensor, expert_hidden: Tensor, base_head_weight: Tensor, expert_head_weight: Tensor | None,
+    potential: Tensor, alpha: Tensor, seed: Tensor | None = None, offset: Tensor | None = None,
+    params: StepParams = StepParams(), base_head_bias: Tensor | None = None, expert_head_bias: Tensor | None = None,
+    backend: str = "auto",
+) -> Outputs:
+    """The guarded step from final hidden states, the LM head inside the op.
+
+    Same result as ``guarded_select(h_b @ W_b.T + b_b, h_e @ W_e.T + b_e, ...)`` with fp32 logits.
+
+    - ``base_hidden`` [B, H], ``expert_hidden`` [B, H']: the last position's final hidden state
+      (after the model's final norm), e.g. ``outputs.hidden_states[-1][:, -1]``;
+    - ``base_head_weight`` [V, H] (``lm_head.weight``, nn.Linear layout); ``expert_head_weight``
+      [V, H'], or None when the expert shares the base head (LoRA / NeST experts: then H' = H, the
+      weight is read once for both rows, and the expert also shares ``base_head_bias`` unless
+      ``expert_head_bias`` is given); an expert with its own head has no bias unless given one;
+    - hidden states and weights share one dtype (fp32, fp16 or bf16); math in fp32.
+
+    Backends: ``"auto"``: the custom op ``torch.ops.ngsd.guarded_select_from_hidden`` (the fused
+    hidden-state Triton kernels on CUDA, one LM-head matmul + the CPU step elsewhere); ``"triton"``:
+    ``torch.ops.ngsd.guarded_select_from_hidden_triton`` (the kernels; CPU only under
+    ``TRITON_INTERPRET=1``; settings they cannot run raise); ``"torch"``: logits, then the PyTorch
+    reference.
+
+    >>> import torch
+    >>> from ngsd_kernels import guarded_select_from_hidden
+    >>> weight = torch.randn(50, 16)
+    >>> hb, he = torch.randn(2, 16), torch.randn(2, 16)
+    >>> tokens, v, spike, d = guarded_select_from_hidden(hb, he, weight, None, torch.zeros(2), torch.full((2,), 0.9))
+    >>> tokens.shape, bool(((d >= 0) & (d <= 1)).all())
+    (torch.Size([2]), True)
+    """
+    _check_params(params)
+    _check_backend(backend)
+    seed, offset = default_seed_offset(seed, offset, base_hidden.device)
+    check_hidden_inputs(base_hidden, expert_hidden, base_head_weight, expert_head_weight, base_head_bias,
+                        expert_head_bias, potential, alpha, seed, offset)
+    if expert_head_weight is None and expert_head_bias is None:
+        expert_head_bias = base_head_bias
+    heads = (base_head_weight, expert_head_weight, base_head_bias, expert_head_bias)
+    if backend == "torch":
+        base_logits, expert_logits = pair_logits(base_hidden, expert_hidden, *heads)
+        return guarded_select_reference(base_logits, expert_logits, potential, alpha, seed, offset, params)
+    op = (torch.ops.ngsd.guarded_select_from_hidden_triton if backend == "triton"
+          else torch.ops.ngsd.guarded_select_from_hidden)
+    return op(base_hidden, expert_hidden, *heads, potential, alpha, seed, offset, *params.flat())

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ngsd_kernels import GateMode, guarded_select_reference
+from ngsd_kernels import GateMode, StepParams, guarded_select_reference
 from ngsd_kernels.ops.cpu_select import cpu_guarded_select
 
 PARAMS = dict(tau=8.0, v_th=1.0, v_reset=0.0, rho=0.6, candidate_mode=0, min_candidates=5, divergence=0,
@@ -15,10 +15,10 @@ PARAMS = dict(tau=8.0, v_th=1.0, v_reset=0.0, rho=0.6, candidate_mode=0, min_can
 
 
 def both(lb, le, v, alpha, **changes):
-    params = {**PARAMS, **changes}
+    params = StepParams(**{**PARAMS, **changes})
     seed, offset = torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64)
-    return (cpu_guarded_select(lb, le, v, alpha, seed, offset, **params),
-            guarded_select_reference(lb, le, v, alpha, seed, offset, **params))
+    return (cpu_guarded_select(lb, le, v, alpha, seed, offset, params),
+            guarded_select_reference(lb, le, v, alpha, seed, offset, params))
 
 
 @settings(max_examples=60, deadline=None)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from ngsd_kernels import CandidateMode, Divergence, GateMode, guarded_select
+from ngsd_kernels import CandidateMode, Divergence, GateMode, StepParams, guarded_select
 
 
 def logits_of(probs: list[float]) -> torch.Tensor:
@@ -16,7 +16,7 @@ def logits_of(probs: list[float]) -> torch.Tensor:
 
 def step(base, expert, v, alpha, **kwargs):
     tokens, new_v, spike, d = guarded_select(
-        base[None], expert[None], torch.tensor([v]), torch.tensor([alpha]), backend="torch", **kwargs
+        base[None], expert[None], torch.tensor([v]), torch.tensor([alpha]), params=StepParams(**kwargs), backend="torch"
     )
     return int(tokens[0]), float(new_v[0]), bool(spike[0]), float(d[0])
 
@@ -140,7 +140,7 @@ def test_invalid_rows_are_flagged_not_decoded():
 def test_op_rejects_invalid_parameters(kwargs, message):
     x = torch.zeros(1, 4)
     with pytest.raises(ValueError, match=message):
-        guarded_select(x, x, torch.zeros(1), torch.zeros(1), **kwargs)
+        guarded_select(x, x, torch.zeros(1), torch.zeros(1), params=StepParams(**kwargs))
 
 
 def test_op_rejects_mismatched_vocabularies_and_dtypes():

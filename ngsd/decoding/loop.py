@@ -12,7 +12,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ngsd_kernels import guarded_select
+from ngsd_kernels import GuardedSelector
 
 from ..config import NGSDConfig
 from .early_stop import EarlyStop
@@ -194,7 +194,8 @@ def guarded_generate(
     alpha_t = torch.tensor(alphas, dtype=torch.float32, device=device)
     if seed is None:
         seed = int(torch.randint(0, 2**62, ()).item())
-    row_seeds = torch.arange(batch, dtype=torch.int64, device=device) + seed
+    # one seed for the batch: row i samples from Philox keyed by the seed with i in the counter
+    seed_t = torch.tensor([seed], dtype=torch.int64, device=device)
     max_new_t = torch.tensor(max_new, device=device)
     potential = torch.zeros(batch, dtype=torch.float32, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -202,6 +203,14 @@ def guarded_generate(
 
     pair = pair_for(model, resolved, config.mode)
     base_logits, expert_logits = pair.prefill(input_ids, attention_mask)
+    # planned once per call; the parameters change with the step only in SafeDecoding (mixing, then base)
+    mixing_steps = config.safedecoding_steps if config.mode == "safedecoding" else 0
+    selectors = [
+        GuardedSelector(config.step_params(step, **sampling), config.backend).plan(
+            batch, base_logits.shape[-1], base_logits.dtype, device
+        )
+        for step in sorted({0, mixing_steps})
+    ]
     sequences = input_ids
     history: list[tuple[torch.Tensor, ...]] = []
     stop_reasons = ["length"] * batch
@@ -216,8 +225,9 @@ def guarded_generate(
     for step in steps:
         active = ~finished
         offset = torch.full((1,), step, dtype=torch.int64, device=device)
-        tokens, new_potential, spike, divergence = guarded_select(
-            base_logits, expert_logits, potential, alpha_t, row_seeds, offset, **config.step_kwargs(step), **sampling
+        selector = selectors[0] if step < mixing_steps else selectors[-1]
+        tokens, new_potential, spike, divergence = selector.run(
+            base_logits, expert_logits, potential, alpha_t, seed_t, offset
         )
         tokens = torch.where(active, tokens, torch.full_like(tokens, pad))
         potential = torch.where(active, new_potential, potential)

@@ -15,13 +15,16 @@ or the settings are not greedy/TV/union, the reference runs instead.
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
-from ..params import CandidateMode, Divergence, GateMode
-from ..reference import guarded_select_reference, lif_step
+from ..params import CandidateMode, Divergence, GateMode, StepParams
+from ..reference import Outputs, guarded_select_reference, lif_step
 
 
-def fast_path_applies(candidate_mode: int, divergence: int, temperature: float) -> bool:
-    return temperature <= 0.0 and candidate_mode == CandidateMode.UNION and divergence == Divergence.TV
+def fast_path_applies(params: StepParams) -> bool:
+    return (
+        params.temperature <= 0.0 and params.candidate_mode == CandidateMode.UNION and params.divergence == Divergence.TV
+    )
 
 
 def _lowest_id_argmax(scores: torch.Tensor, ids: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -29,22 +32,15 @@ def _lowest_id_argmax(scores: torch.Tensor, ids: torch.Tensor, vocab: int) -> to
     return torch.where(scores == best, ids, torch.full_like(ids, vocab)).min(dim=-1).values
 
 
-def cpu_guarded_select(
-    base_logits: torch.Tensor,
-    expert_logits: torch.Tensor,
-    potential: torch.Tensor,
-    alpha: torch.Tensor,
-    seed: torch.Tensor,
-    offset: torch.Tensor,
-    **params,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def cpu_guarded_select(base_logits: Tensor, expert_logits: Tensor, potential: Tensor, alpha: Tensor, seed: Tensor,
+                       offset: Tensor, params: StepParams) -> Outputs:
     """Same signature and results as `guarded_select_reference`."""
-    if not fast_path_applies(params["candidate_mode"], params["divergence"], params["temperature"]):
-        return guarded_select_reference(base_logits, expert_logits, potential, alpha, seed, offset, **params)
+    if not fast_path_applies(params):
+        return guarded_select_reference(base_logits, expert_logits, potential, alpha, seed, offset, params)
     lb = base_logits.float()
     le = expert_logits.float()
     batch, vocab = lb.shape
-    k = max(1, min(int(params["candidate_k"]), vocab))
+    k = max(1, min(params.candidate_k, vocab))
     base_list = min(2 * k + 1, vocab)
     expert_list = min(k + 1, vocab)
 
@@ -58,7 +54,7 @@ def cpu_guarded_select(
     if expert_list > k:
         tied = tied | (top_e.values[:, k : k + 1] >= threshold_e)
     if bool(tied.any()):
-        return guarded_select_reference(base_logits, expert_logits, potential, alpha, seed, offset, **params)
+        return guarded_select_reference(base_logits, expert_logits, potential, alpha, seed, offset, params)
 
     pb = torch.softmax(lb, dim=-1)
     pe = torch.softmax(le, dim=-1)
@@ -68,10 +64,8 @@ def cpu_guarded_select(
     valid = ~torch.isnan(divergence)
 
     potential = potential.float()
-    new_potential, fired = lif_step(
-        potential, divergence, params["tau"], params["v_th"], params["v_reset"], params["rho"]
-    )
-    gate = params["gate"]
+    new_potential, fired = lif_step(potential, divergence, params)
+    gate = params.gate
     spike = fired if gate == GateMode.LIF else torch.full_like(fired, gate == GateMode.OPEN)
 
     ids = torch.cat([top_b.indices, top_e.indices[:, :k]], dim=-1)

@@ -396,6 +396,23 @@ def pass1_store_tile(
     le = tl.where(mask, le, float("-inf"))
     m_b, s_b, bad_b, fin_b = tile_stats(lb, mask)
     m_e, s_e, bad_e, fin_e = tile_stats(le, mask)
+    if KEYS != 0:
+        top_b = tile_topk_keys(lb, cols, mask, K, KEYS)
+        top_e = tile_topk_keys(le, cols, mask, K, KEYS)
+    else:
+        top_b = 0
+        top_e = 0
+    store_pass1_partials(rows, row_mask, chunk, n_chunks, stats_ptr, counts_ptr, keys_b_ptr, keys_e_ptr,
+                         m_b, s_b, bad_b, fin_b, m_e, s_e, bad_e, fin_e, top_b, top_e, K, KEYS)
+
+
+@triton.jit
+def store_pass1_partials(
+    rows, row_mask, chunk, n_chunks, stats_ptr, counts_ptr, keys_b_ptr, keys_e_ptr,
+    m_b, s_b, bad_b, fin_b, m_e, s_e, bad_e, fin_e, top_b, top_e,
+    K: tl.constexpr, KEYS: tl.constexpr,
+):
+    """Write one chunk's pass-1 partials of both rows (max, sum-exp, bad and finite counts, top-K keys)."""
     slot = (rows.to(tl.int64) * n_chunks + chunk) * 4
     tl.store(stats_ptr + slot, m_b, mask=row_mask)
     tl.store(stats_ptr + slot + 1, s_b, mask=row_mask)
@@ -408,9 +425,8 @@ def pass1_store_tile(
     if KEYS != 0:
         kslot = tl.arange(0, K)
         base = (rows.to(tl.int64) * n_chunks + chunk) * K
-        kmask = row_mask[:, None]
-        tl.store(keys_b_ptr + base[:, None] + kslot[None, :], tile_topk_keys(lb, cols, mask, K, KEYS), mask=kmask)
-        tl.store(keys_e_ptr + base[:, None] + kslot[None, :], tile_topk_keys(le, cols, mask, K, KEYS), mask=kmask)
+        tl.store(keys_b_ptr + base[:, None] + kslot[None, :], top_b, mask=row_mask[:, None])
+        tl.store(keys_e_ptr + base[:, None] + kslot[None, :], top_e, mask=row_mask[:, None])
 
 
 @triton.jit

@@ -12,15 +12,15 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from ngsd_kernels import CandidateMode, GateMode, guarded_select, guarded_select_reference  # noqa: E402
-from ngsd_kernels.custom_ops import op_args  # noqa: E402
+from ngsd_kernels import CandidateMode, GateMode, StepParams, guarded_select, guarded_select_reference  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
-PARAMS = dict(
-    tau=8.0, v_th=1.0, v_reset=0.0, rho=0.6, candidate_k=4, candidate_mode=0, min_candidates=3, divergence=0,
-    gate=0, temperature=0.0, top_k=0, top_p=1.0, score_floor=1e-8,
-)
+PARAMS = StepParams(candidate_k=4, min_candidates=3)
+
+
+def op_args(*tensors, params: StepParams = PARAMS) -> tuple:
+    return (*tensors, *params.flat())
 
 
 def inputs(batch: int = 3, vocab: int = 40, dtype=torch.float32, seed: int = 0):
@@ -46,7 +46,8 @@ needs_triton = pytest.mark.skipif(not triton_available(), reason="needs triton (
 
 
 def test_ops_are_registered_and_functional():
-    for name in ("guarded_select", "guarded_select_triton"):
+    for name in ("guarded_select", "guarded_select_triton", "guarded_select_from_hidden",
+                 "guarded_select_from_hidden_triton"):
         schema = getattr(torch.ops.ngsd, name).default._schema
         assert not any(arg.alias_info and arg.alias_info.is_write for arg in schema.arguments), schema
         assert len(schema.returns) == 4
@@ -61,7 +62,7 @@ def test_ops_are_registered_and_functional():
     ids=["greedy-union", "sampled-intersection"],
 )
 def test_auto_op_passes_opcheck(overrides):
-    args = op_args(*inputs(), **{**PARAMS, **overrides})
+    args = op_args(*inputs(), params=PARAMS.with_(**overrides))
     torch.library.opcheck(torch.ops.ngsd.guarded_select.default, args)
 
 
@@ -72,17 +73,17 @@ def test_auto_op_passes_opcheck(overrides):
     ids=["greedy-open", "sampled-topk-js"],
 )
 def test_triton_op_passes_opcheck(overrides):
-    args = op_args(*inputs(dtype=torch.bfloat16), **{**PARAMS, **overrides})
+    args = op_args(*inputs(dtype=torch.bfloat16), params=PARAMS.with_(**overrides))
     torch.library.opcheck(torch.ops.ngsd.guarded_select_triton.default, args)
 
 
 @needs_triton
 def test_dispatch_rules_on_cpu():
     base, expert, potential, alpha, seeds, offset = inputs(seed=1)
-    params = {**PARAMS, "gate": GateMode.OPEN}
-    want = guarded_select_reference(base, expert, potential, alpha, seeds, offset, **params)
+    params = PARAMS.with_(gate=GateMode.OPEN)
+    want = guarded_select_reference(base, expert, potential, alpha, seeds, offset, params)
     for backend in ("auto", "torch", "triton"):
-        got = guarded_select(base, expert, potential, alpha, seeds, offset, backend=backend, **params)
+        got = guarded_select(base, expert, potential, alpha, seeds, offset, params, backend=backend)
         assert torch.equal(got[0], want[0]) and torch.equal(got[2], want[2]), backend
         torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(got[3], want[3], rtol=1e-5, atol=1e-6)
@@ -92,9 +93,9 @@ def test_dispatch_rules_on_cpu():
 
 def test_auto_on_cpu_is_the_reference_bit_for_bit():
     base, expert, potential, alpha, seeds, offset = inputs(seed=2)
-    params = {**PARAMS, "temperature": 0.9, "top_k": 7}
-    want = guarded_select_reference(base, expert, potential, alpha, seeds, offset, **params)
-    got = torch.ops.ngsd.guarded_select(*op_args(base, expert, potential, alpha, seeds, offset, **params))
+    params = PARAMS.with_(temperature=0.9, top_k=7)
+    want = guarded_select_reference(base, expert, potential, alpha, seeds, offset, params)
+    got = torch.ops.ngsd.guarded_select(*op_args(base, expert, potential, alpha, seeds, offset, params=params))
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=0, atol=0, equal_nan=True)
 
@@ -103,14 +104,13 @@ def test_auto_on_cpu_is_the_reference_bit_for_bit():
 def test_torch_compile_fullgraph_runs_both_ops_on_cpu():
     base, expert, potential, alpha, seeds, offset = inputs(batch=2, vocab=33, seed=3)
     torch._dynamo.reset()
+    greedy = StepParams(v_th=0.5, candidate_k=4)
+    sampled = greedy.with_(temperature=0.8)
 
     def step(base, expert, potential, alpha, seeds, offset):
         # a two-step decode: the potential carries from the first call into the second
-        t1, v1, s1, d1 = guarded_select(base, expert, potential, alpha, seeds, offset, v_th=0.5, candidate_k=4)
-        t2, v2, s2, d2 = guarded_select(
-            base, expert, v1, alpha, seeds, offset + 1, v_th=0.5, candidate_k=4, backend="triton",
-            temperature=0.8,
-        )
+        t1, v1, s1, d1 = guarded_select(base, expert, potential, alpha, seeds, offset, greedy)
+        t2, v2, s2, d2 = guarded_select(base, expert, v1, alpha, seeds, offset + 1, sampled, backend="triton")
         return torch.stack([t1, t2]), v2, s1 | s2, d1 + d2
 
     compiled = torch.compile(step, fullgraph=True)
@@ -123,9 +123,9 @@ def test_torch_compile_fullgraph_runs_both_ops_on_cpu():
 
 def test_triton_op_without_interpreter_or_cuda_says_how_to_fix(monkeypatch):
     pytest.importorskip("triton")
-    from ngsd_kernels.ops import fused_select
+    from ngsd_kernels.ops import launcher
 
-    monkeypatch.setattr(fused_select, "INTERPRETED", False)
+    monkeypatch.setattr(launcher, "INTERPRETED", False)
     base, expert, potential, alpha, seeds, offset = inputs()
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         guarded_select(base, expert, potential, alpha, seeds, offset, backend="triton")

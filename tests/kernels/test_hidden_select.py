@@ -1,4 +1,5 @@
-"""The hidden-state step op (ngsd_kernels/ops/hidden_select.py) against the PyTorch reference.
+"""The hidden-state step (ngsd_kernels/ops/hidden_select.py kernels, the custom op, the public wrapper)
+against the PyTorch reference.
 
 The Triton kernels run under TRITON_INTERPRET=1 on CPU (set before triton is imported). Every
 kernel result is compared with ``guarded_select_reference`` applied to logits computed in float64
@@ -17,9 +18,12 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
-from ngsd_kernels import CandidateMode, Divergence, GateMode, guarded_select_reference  # noqa: E402
-from ngsd_kernels.ops import hidden_select  # noqa: E402
-from ngsd_kernels.ops.hidden_select import guarded_select_from_hidden, hidden_logits  # noqa: E402
+from ngsd_kernels import (  # noqa: E402
+    CandidateMode, Divergence, GateMode, StepParams, guarded_select_from_hidden, guarded_select_reference,
+)
+from ngsd_kernels.ops import hidden_select, hidden_torch  # noqa: E402
+from ngsd_kernels.ops.hidden_select import fused_select_from_hidden  # noqa: E402
+from ngsd_kernels.ops.hidden_torch import hidden_logits  # noqa: E402
 
 if os.environ.get("TRITON_INTERPRET") != "1":  # pragma: no cover - set above unless the caller overrode it
     pytest.skip("these tests run the kernels interpreted (TRITON_INTERPRET=1)", allow_module_level=True)
@@ -38,7 +42,8 @@ def exact_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 
 def reference(hb, he, wb, we, bias_b, bias_e, potential, alpha, seed, offset, **params):
     return guarded_select_reference(
-        exact_logits(hb, wb, bias_b), exact_logits(he, we, bias_e), potential, alpha, seed, offset, **params
+        exact_logits(hb, wb, bias_b), exact_logits(he, we, bias_e), potential, alpha, seed, offset,
+        StepParams(**params),
     )
 
 
@@ -77,13 +82,14 @@ def make_case(batch, hidden, vocab, *, dtype=torch.float32, shared=True, bias=Fa
 
 
 def run_both(case, potential, alpha, seed, offset, num_splits=None, **params):
-    got = guarded_select_from_hidden(
-        case["hb"], case["he"], case["wb"], potential, alpha, seed, offset,
-        expert_lm_head_weight=case["we"], lm_head_bias=case["bias_b"], expert_lm_head_bias=case["bias_e"],
-        backend="triton", num_splits=num_splits, **params,
+    """(the Triton kernels with `num_splits` vocabulary splits, the reference on exact logits)."""
+    # the public convention: an expert sharing the base head shares its bias too
+    bias_e = case["bias_b"] if case["bias_e"] is None and case["we"] is None else case["bias_e"]
+    got = fused_select_from_hidden(
+        case["hb"], case["he"], case["wb"], case["we"], case["bias_b"], bias_e, potential, alpha, seed, offset,
+        StepParams(**params), num_splits=num_splits,
     )
     we = case["wb"] if case["we"] is None else case["we"]
-    bias_e = case["bias_b"] if case["bias_e"] is None else case["bias_e"]
     want = reference(case["hb"], case["he"], case["wb"], we, case["bias_b"], bias_e, potential, alpha, seed, offset,
                      **params)
     return got, want
@@ -140,10 +146,10 @@ def test_sampling_bit_identical_for_same_seed_and_offset(name):
     got, want = run_both(case, POTENTIAL, ALPHA, SEED, OFFSET, num_splits=2, **params)
     assert_same_step(got, want, POTENTIAL, params)
     # the draw really depends on the counter: another offset moves at least one of a few rows
-    other = guarded_select_from_hidden(case["hb"], case["he"], case["wb"], POTENTIAL, ALPHA, SEED, OFFSET + 101,
-                                       backend="torch", **params)
-    more = guarded_select_from_hidden(case["hb"], case["he"], case["wb"], POTENTIAL, ALPHA, SEED + 5, OFFSET,
-                                      backend="torch", **params)
+    other = guarded_select_from_hidden(case["hb"], case["he"], case["wb"], None, POTENTIAL, ALPHA, SEED,
+                                       OFFSET + 101, StepParams(**params), backend="torch")
+    more = guarded_select_from_hidden(case["hb"], case["he"], case["wb"], None, POTENTIAL, ALPHA, SEED + 5, OFFSET,
+                                      StepParams(**params), backend="torch")
     assert not (torch.equal(other[0], want[0]) and torch.equal(more[0], want[0]))
 
 
@@ -238,13 +244,13 @@ def test_torch_backend_and_cpu_auto_dispatch(monkeypatch):
 
     monkeypatch.setattr(hidden_select, "fused_select_from_hidden", no_kernels)
     for backend in ("torch", "auto"):
-        got = guarded_select_from_hidden(case["hb"], case["he"], case["wb"], POTENTIAL, ALPHA, SEED, OFFSET,
-                                         lm_head_bias=case["bias_b"], backend=backend)
+        got = guarded_select_from_hidden(case["hb"], case["he"], case["wb"], None, POTENTIAL, ALPHA, SEED, OFFSET,
+                                         base_head_bias=case["bias_b"], backend=backend)
         assert_same_step(got, want, POTENTIAL, {})
 
 
 def test_fallback_logits_are_chunked_fp32(monkeypatch):
-    monkeypatch.setattr(hidden_select, "_FALLBACK_CHUNK", 7)
+    monkeypatch.setattr(hidden_torch, "_CHUNK", 7)
     generator = torch.Generator().manual_seed(11)
     hidden = torch.randn(2, 9, generator=generator).bfloat16()
     weight = torch.randn(30, 9, generator=generator).bfloat16()
@@ -258,25 +264,26 @@ def test_bad_inputs_raise_clear_errors():
     hb, wb = torch.randn(2, 8), torch.randn(20, 8)
     pot, alpha = torch.zeros(2), torch.full((2,), 0.5)
     call = lambda **kw: guarded_select_from_hidden(  # noqa: E731
-        kw.pop("hb", hb), kw.pop("he", hb), kw.pop("wb", wb), kw.pop("pot", pot), kw.pop("alpha", alpha), **kw
+        kw.pop("hb", hb), kw.pop("he", hb), kw.pop("wb", wb), kw.pop("we", None), kw.pop("pot", pot),
+        kw.pop("alpha", alpha), **kw
     )
     with pytest.raises(ValueError, match="hidden size"):
         call(he=torch.randn(2, 6))
     with pytest.raises(ValueError, match="vocabulary"):
-        call(expert_lm_head_weight=torch.randn(21, 8))
+        call(we=torch.randn(21, 8))
     with pytest.raises(ValueError, match=r"\[vocab, 8\]"):
         call(wb=torch.randn(20, 9))
     with pytest.raises(ValueError, match="dtype"):
         call(he=hb.half())
-    with pytest.raises(ValueError, match="lm_head_bias"):
-        call(lm_head_bias=torch.zeros(19))
+    with pytest.raises(ValueError, match="base_head_bias"):
+        call(base_head_bias=torch.zeros(19))
     with pytest.raises(ValueError, match="potential"):
         call(pot=torch.zeros(3))
     with pytest.raises(ValueError, match="backend"):
         call(backend="cuda")
     big = torch.randn(1500, 8)
     with pytest.raises(ValueError, match="buffer cap"):
-        call(wb=big, backend="triton", candidate_k=1100)
+        call(wb=big, backend="triton", params=StepParams(candidate_k=1100))
     # the same settings are fine on the PyTorch path, which "auto" picks on CPU anyway
-    tokens, *_ = call(wb=big, candidate_k=1100)
+    tokens, *_ = call(wb=big, params=StepParams(candidate_k=1100))
     assert tokens.shape == (2,)

@@ -1,0 +1,100 @@
+"""Checks of the step's tensor inputs: a ValueError that names the argument and the fix."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_row_vectors(batch: int, potential: torch.Tensor, alpha: torch.Tensor, seed: torch.Tensor,
+                      offset: torch.Tensor, *others: torch.Tensor | None) -> None:
+    """The per-row state of a step (and that every tensor, `others` included, is on one device)."""
+    for name, tensor, want in (
+        ("potential", potential, torch.float32),
+        ("alpha", alpha, torch.float32),
+        ("seed", seed, torch.int64),
+        ("offset", offset, torch.int64),
+    ):
+        if tensor.dtype != want:
+            raise ValueError(f"{name} must be {want}, got {tensor.dtype}")
+    if potential.shape != (batch,) or alpha.shape != (batch,):
+        raise ValueError(
+            f"potential and alpha must have shape [{batch}], got {tuple(potential.shape)} and {tuple(alpha.shape)}"
+        )
+    if seed.numel() not in (1, batch) or offset.numel() not in (1, batch):
+        raise ValueError(f"seed and offset must hold 1 or {batch} values")
+    devices = {t.device for t in (potential, alpha, seed, offset, *others) if t is not None}
+    if len(devices) != 1:
+        raise ValueError(f"all step inputs must be on one device, got {sorted(map(str, devices))}")
+
+
+def check_step_inputs(base_logits: torch.Tensor, expert_logits: torch.Tensor, potential: torch.Tensor,
+                      alpha: torch.Tensor, seed: torch.Tensor, offset: torch.Tensor) -> None:
+    """Inputs of the logits step: base and expert logits [B, V] of one float dtype, and the row vectors."""
+    if base_logits.dim() != 2:
+        raise ValueError(f"base_logits must be [batch, vocab], got shape {tuple(base_logits.shape)}")
+    if expert_logits.shape != base_logits.shape:
+        raise ValueError(
+            f"base and expert logits differ in shape: {tuple(base_logits.shape)} vs {tuple(expert_logits.shape)}; "
+            "the expert must share the base model's vocabulary (same tokenizer, same LM-head size)"
+        )
+    if base_logits.dtype not in FLOAT_DTYPES or expert_logits.dtype != base_logits.dtype:
+        raise ValueError(
+            f"logits must both be float32, float16 or bfloat16, got {base_logits.dtype} and {expert_logits.dtype}"
+        )
+    check_row_vectors(base_logits.shape[0], potential, alpha, seed, offset, base_logits, expert_logits)
+
+
+def check_hidden_inputs(
+    base_hidden: Tensor, expert_hidden: Tensor, base_head_weight: Tensor, expert_head_weight: Tensor | None,
+    base_head_bias: Tensor | None, expert_head_bias: Tensor | None, potential: Tensor, alpha: Tensor, seed: Tensor,
+    offset: Tensor,
+) -> None:
+    """Inputs of the hidden-state step: final hidden states, LM head(s) in nn.Linear layout, the row vectors."""
+    if base_hidden.dim() != 2:
+        raise ValueError(
+            f"base_hidden must be [batch, hidden], got shape {tuple(base_hidden.shape)}; "
+            "pass the last position's hidden state, e.g. outputs.hidden_states[-1][:, -1]"
+        )
+    if expert_hidden.dim() != 2 or expert_hidden.shape[0] != base_hidden.shape[0]:
+        raise ValueError(
+            f"expert_hidden must be [batch, hidden] with the base's batch size, got {tuple(expert_hidden.shape)} "
+            f"for base_hidden {tuple(base_hidden.shape)}"
+        )
+    batch, hidden = base_hidden.shape
+    expert_size = expert_hidden.shape[1]
+    if expert_head_weight is None and expert_size != hidden:
+        raise ValueError(
+            f"the expert's hidden size {expert_size} differs from the base's {hidden}, so it cannot share the "
+            "base LM head; pass the expert's own head as expert_head_weight"
+        )
+    weights = [("base_head_weight", base_head_weight, hidden)]
+    if expert_head_weight is not None:
+        weights.append(("expert_head_weight", expert_head_weight, expert_size))
+    for name, weight, size in weights:
+        if weight.dim() != 2 or weight.shape[1] != size:
+            raise ValueError(f"{name} must be [vocab, {size}] (nn.Linear layout), got {tuple(weight.shape)}")
+    vocab = base_head_weight.shape[0]
+    if expert_head_weight is not None and expert_head_weight.shape[0] != vocab:
+        raise ValueError(
+            f"base and expert LM heads differ in vocabulary size: {vocab} vs {expert_head_weight.shape[0]}; "
+            "the expert must share the base model's vocabulary"
+        )
+    if vocab < 1 or hidden < 1 or expert_size < 1:
+        raise ValueError(f"empty LM head: vocab {vocab}, hidden sizes {hidden} and {expert_size}")
+    if vocab >= 2**31 - 1:
+        raise ValueError(f"vocabularies of 2**31 - 1 tokens or more are not supported, got {vocab}")
+    dtype = base_hidden.dtype
+    for name, tensor in [("expert_hidden", expert_hidden)] + [(n, w) for n, w, _ in weights]:
+        if tensor.dtype != dtype or dtype not in FLOAT_DTYPES:
+            raise ValueError(
+                f"hidden states and LM-head weights must share one dtype among float32/float16/bfloat16; "
+                f"base_hidden is {dtype}, {name} is {tensor.dtype} (cast one of them)"
+            )
+    for name, bias in (("base_head_bias", base_head_bias), ("expert_head_bias", expert_head_bias)):
+        if bias is not None and (bias.shape != (vocab,) or bias.dtype not in FLOAT_DTYPES):
+            raise ValueError(f"{name} must be a float tensor of shape [{vocab}], got {bias.dtype} {tuple(bias.shape)}")
+    check_row_vectors(batch, potential, alpha, seed, offset, base_hidden, expert_hidden, base_head_weight,
+                      expert_head_weight, base_head_bias, expert_head_bias)

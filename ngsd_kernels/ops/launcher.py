@@ -1,0 +1,590 @@
+"""One launcher for the guarded step's Triton kernels, whatever produces the logits tiles.
+
+A step is five launches (``select_tiles.py`` describes the passes and the scratch layout):
+
+    pass 1 (source)  ->  reduce  ->  [intersection]  ->  pass 2 (source)  ->  finalize
+
+The two passes over the vocabulary are the *source*'s: the logits path (``fused_select.py``)
+loads logits tiles, the hidden-state path (``hidden_select.py``) computes them from final hidden
+states and the LM head. Both write the same per-chunk partials, so the per-row kernels below, the
+plan, the scratch, the launch order and the exact fallback for rows a bounded top-K buffer could
+not decide are written once, here. A source is any object with ``pass1(plan, scratch)``,
+``pass2(plan, scratch, rows, temperature)`` and ``row_logits(row_ids)`` (``PassKernels``).
+
+On CPU the kernels run only under ``TRITON_INTERPRET=1`` (set before Triton is imported).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import triton
+import triton.language as tl
+
+from ..params import CandidateMode, GateMode, StepParams
+from ..reference import Outputs, guarded_select_reference
+from .select_tiles import (
+    INDEX_NONE,
+    KEY_NONE,
+    VALUE_NONE,
+    bitonic_topk,
+    buffer_sample,
+    key_index,
+    key_value,
+    merge_chunk_keys,
+    order_key,
+    pick,
+    value_of,
+)
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# No FMA contraction: keeps each product and sum rounded like PyTorch's separate ops, so that
+# the kernels' scores stay within an ulp or two of the reference's (ties decide tokens).
+LAUNCH_OPTIONS = dict(enable_fp_fusion=False)
+
+MAX_BUFFER = 1024  # largest top-K buffer: caps candidate_k, min_candidates and top_k (each clipped to V)
+# elements per register tile ([BB, BV] logits tiles, [RB, CG * K] merge tiles). Untuned guess for
+# GPUs; the interpreter pays per operation, not per element, so it gets bigger tiles.
+TILE_ELEMENTS = 16384 if INTERPRETED else 4096
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+# ----------------------------------------------------------------------------------------------
+# per-row kernels (shared by every source)
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _reduce_kernel(
+    stats_ptr, counts_ptr, keys_b_ptr, keys_e_ptr, rowinfo_ptr, top_b_ptr, top_e_ptr, n_rows, n_chunks, kth,
+    RB: tl.constexpr, NCP: tl.constexpr, K: tl.constexpr, CG: tl.constexpr,
+    NEED_KEYS: tl.constexpr, STORE_TOP: tl.constexpr, VALUE_KEYS: tl.constexpr = False,
+):
+    """Per row: log-sum-exp and validity of both rows, merged top-K keys, union thresholds.
+
+    Keys: int64 order keys, or int32 value keys with VALUE_KEYS (union mode of fused_select).
+    """
+    rows = (tl.program_id(0) * RB + tl.arange(0, RB)).to(tl.int64)
+    rmask = rows < n_rows
+    c = tl.arange(0, NCP)
+    cm = rmask[:, None] & (c < n_chunks)[None, :]
+    slot = (rows[:, None] * n_chunks + c[None, :]) * 4
+    m_b = tl.load(stats_ptr + slot, mask=cm, other=float("-inf"))
+    s_b = tl.load(stats_ptr + slot + 1, mask=cm, other=0.0)
+    m_e = tl.load(stats_ptr + slot + 2, mask=cm, other=float("-inf"))
+    s_e = tl.load(stats_ptr + slot + 3, mask=cm, other=0.0)
+    bad = tl.sum(tl.load(counts_ptr + slot, mask=cm, other=0) + tl.load(counts_ptr + slot + 2, mask=cm, other=0), 1)
+    fin_b = tl.sum(tl.load(counts_ptr + slot + 1, mask=cm, other=0), axis=1)
+    fin_e = tl.sum(tl.load(counts_ptr + slot + 3, mask=cm, other=0), axis=1)
+    valid = (bad == 0) & (fin_b > 0) & (fin_e > 0)
+
+    max_b = tl.max(m_b, axis=1)
+    max_e = tl.max(m_e, axis=1)
+    # chunks without a finite entry have max -inf and contribute nothing
+    sum_b = tl.sum(tl.where(m_b > float("-inf"), s_b * tl.exp(m_b - max_b[:, None]), 0.0), axis=1)
+    sum_e = tl.sum(tl.where(m_e > float("-inf"), s_e * tl.exp(m_e - max_e[:, None]), 0.0), axis=1)
+
+    info = rowinfo_ptr + rows * 8
+    tl.store(info, max_b, mask=rmask)
+    tl.store(info + 1, tl.log(sum_b), mask=rmask)
+    tl.store(info + 2, max_e, mask=rmask)
+    tl.store(info + 3, tl.log(sum_e), mask=rmask)
+    tl.store(info + 6, valid.to(tl.float32), mask=rmask)
+    if NEED_KEYS:
+        NONE: tl.constexpr = VALUE_NONE if VALUE_KEYS else KEY_NONE
+        top_b = merge_chunk_keys(keys_b_ptr, rows * n_chunks * K, rmask, n_chunks, K, CG, NCP, NONE)
+        top_e = merge_chunk_keys(keys_e_ptr, rows * n_chunks * K, rmask, n_chunks, K, CG, NCP, NONE)
+        # union candidates: every token whose logit is >= the k-th largest logit of its row
+        if VALUE_KEYS:
+            tl.store(info + 4, value_of(pick(top_b, kth - 1)), mask=rmask)
+            tl.store(info + 5, value_of(pick(top_e, kth - 1)), mask=rmask)
+        else:
+            tl.store(info + 4, key_value(pick(top_b, kth - 1)), mask=rmask)
+            tl.store(info + 5, key_value(pick(top_e, kth - 1)), mask=rmask)
+        if STORE_TOP:
+            pos = tl.arange(0, K)
+            tl.store(top_b_ptr + rows[:, None] * K + pos[None, :], top_b, mask=rmask[:, None])
+            tl.store(top_e_ptr + rows[:, None] * K + pos[None, :], top_e, mask=rmask[:, None])
+    else:
+        tl.store(info + 4, tl.zeros_like(max_b), mask=rmask)
+        tl.store(info + 5, tl.zeros_like(max_b), mask=rmask)
+
+
+@triton.jit
+def _intersection_kernel(
+    top_b_ptr, top_e_ptr, rowinfo_ptr, alpha_ptr, seed_ptr, seed_stride, offset_ptr, offset_stride,
+    choice_ptr, over_ptr, n_rows, n_vocab, k_min, need, score_floor, temperature, top_k, top_p,
+    RB: tl.constexpr, K: tl.constexpr, EB: tl.constexpr, SAMPLE: tl.constexpr,
+    USE_TOPK: tl.constexpr, USE_TOPP: tl.constexpr,
+):
+    """Per row: SafeDecoding's grown intersection and the token of the row *if it spikes*.
+
+    With rank = position in the row's descending (logit, then lower id) order, C holds the tokens
+    whose worse rank is < k' (k' the smallest value >= k giving >= `need` tokens). Tokens outside
+    either top-K list have worse rank >= K, so C is exact whenever at least `need` tokens are in
+    both lists; otherwise the row is flagged (overflow) and recomputed by the caller.
+    """
+    rows = (tl.program_id(0) * RB + tl.arange(0, RB)).to(tl.int64)
+    rmask = rows < n_rows
+    pos = tl.arange(0, K)
+    kb = tl.load(top_b_ptr + rows[:, None] * K + pos[None, :], mask=rmask[:, None], other=KEY_NONE)
+    present_b = kb != KEY_NONE
+    ids_b = key_index(kb)
+    lb = key_value(kb)
+    # rank of each base-list token in the expert list (matched block by block), and its expert logit
+    rank_e = tl.full([RB, K], INDEX_NONE, tl.int32)
+    le = tl.full([RB, K], float("-inf"), tl.float32)
+    epos = tl.arange(0, EB)
+    for start in range(0, K, EB):
+        ke = tl.load(top_e_ptr + rows[:, None] * K + start + epos[None, :], mask=rmask[:, None], other=KEY_NONE)
+        hit = (ids_b[:, :, None] == key_index(ke)[:, None, :]) & present_b[:, :, None] & (ke != KEY_NONE)[:, None, :]
+        rank_e = tl.minimum(rank_e, tl.min(tl.where(hit, start + epos[None, None, :], INDEX_NONE), axis=2))
+        le = tl.maximum(le, tl.max(tl.where(hit, key_value(ke)[:, None, :], float("-inf")), axis=2))
+    worst = tl.where(rank_e < INDEX_NONE, tl.maximum(pos[None, :], rank_e), INDEX_NONE)
+    need_th = pick(bitonic_topk(worst, K, False), need - 1)
+    overflow = need_th == INDEX_NONE
+    k_eff = tl.maximum(tl.where(overflow, 0, need_th) + 1, k_min)
+    in_set = worst < k_eff[:, None]
+
+    info = rowinfo_ptr + rows * 8
+    alpha = tl.load(alpha_ptr + rows, mask=rmask, other=0.0)
+    m_b = tl.load(info, mask=rmask, other=0.0)
+    ls_b = tl.load(info + 1, mask=rmask, other=0.0)
+    m_e = tl.load(info + 2, mask=rmask, other=0.0)
+    ls_e = tl.load(info + 3, mask=rmask, other=0.0)
+    pb = tl.exp((lb - m_b[:, None]) - ls_b[:, None])
+    pe = tl.exp((le - m_e[:, None]) - ls_e[:, None])
+    mixed = pb + alpha[:, None] * (pe - pb)
+    guarded = tl.where(in_set, tl.maximum(mixed, score_floor), 0.0)
+    scores = guarded / tl.sum(guarded, axis=1)[:, None]
+    if SAMPLE == 0:
+        best = tl.max(tl.where(in_set, scores, float("-inf")), axis=1)
+        token = tl.min(tl.where(in_set & (scores == best[:, None]), ids_b, INDEX_NONE), axis=1)
+    else:
+        keys = bitonic_topk(tl.where(in_set, order_key(scores, ids_b), KEY_NONE), K, True)
+        seed = tl.load(seed_ptr + rows * seed_stride, mask=rmask, other=0)
+        offset = tl.load(offset_ptr + rows * offset_stride, mask=rmask, other=0)
+        total = tl.sum(tl.where(in_set, scores, 0.0), axis=1)
+        token, _ = buffer_sample(
+            keys, seed, offset, total, n_vocab, temperature, top_k, top_p, USE_TOPK, USE_TOPP, False
+        )
+    tl.store(choice_ptr + rows, token, mask=rmask)
+    tl.store(over_ptr + rows, overflow.to(tl.int32), mask=rmask)
+
+
+@triton.jit
+def _finalize_kernel(
+    rowinfo_ptr, div_ptr, best_ptr, besti_ptr, keys2_ptr, mass_ptr, choice_ptr, iover_ptr,
+    potential_ptr, seed_ptr, seed_stride, offset_ptr, offset_stride,
+    tokens_ptr, new_potential_ptr, spike_ptr, divergence_ptr, over_ptr,
+    n_rows, n_chunks, n_vocab, decay, v_th, v_reset, rho, temperature, top_k, top_p,
+    RB: tl.constexpr, NCP: tl.constexpr, K: tl.constexpr, CG: tl.constexpr, DIVERGENCE: tl.constexpr,
+    GATE: tl.constexpr, MODE: tl.constexpr, SAMPLE: tl.constexpr, USE_TOPK: tl.constexpr,
+    USE_TOPP: tl.constexpr, NEED_V0: tl.constexpr,
+):
+    """Per row: divergence, LIF update, spike, and the token of the gate outcome that happened."""
+    rows = (tl.program_id(0) * RB + tl.arange(0, RB)).to(tl.int64)
+    rmask = rows < n_rows
+    c = tl.arange(0, NCP)
+    cm = rmask[:, None] & (c < n_chunks)[None, :]
+    dslot = (rows[:, None] * n_chunks + c[None, :]) * 2
+    first = tl.sum(tl.load(div_ptr + dslot, mask=cm, other=0.0), axis=1)
+    second = tl.sum(tl.load(div_ptr + dslot + 1, mask=cm, other=0.0), axis=1)
+    if DIVERGENCE == 0:
+        current = 0.5 * first
+    elif DIVERGENCE == 1:
+        current = first
+    else:
+        current = 0.5 * (first + second)
+    valid = tl.load(rowinfo_ptr + rows * 8 + 6, mask=rmask, other=0.0) > 0.5
+    potential = tl.load(potential_ptr + rows, mask=rmask, other=0.0)
+    v = decay * potential + current
+    fired = v >= v_th
+    new_v = tl.where(fired, v_reset + rho * (v - v_reset), v)
+    if GATE == 0:
+        spike = fired
+    elif GATE == 1:
+        spike = rows >= 0  # gate forced open
+    else:
+        spike = rows < 0  # gate forced shut
+
+    token = tl.zeros([RB], tl.int32)
+    overflow = rows < 0
+    if MODE == 0 or NEED_V0:
+        if MODE == 0:
+            outcome = spike.to(tl.int64)  # slot 1 holds the spiked union outcome
+        else:
+            outcome = tl.zeros_like(rows)
+        oslot = (rows * 2 + outcome) * n_chunks
+        if SAMPLE == 2:
+            top = merge_chunk_keys(keys2_ptr, oslot * K, rmask, n_chunks, K, CG, NCP, KEY_NONE)
+            total = tl.sum(tl.load(mass_ptr + oslot[:, None] + c[None, :], mask=cm, other=0.0), axis=1)
+            seed = tl.load(seed_ptr + rows * seed_stride, mask=rmask, other=0)
+            offset = tl.load(offset_ptr + rows * offset_stride, mask=rmask, other=0)
+            token, overflow = buffer_sample(
+                top, seed, offset, total, n_vocab, temperature, top_k, top_p, USE_TOPK, USE_TOPP, True
+            )
+        else:
+            vals = tl.load(best_ptr + oslot[:, None] + c[None, :], mask=cm, other=float("-inf"))
+            ids = tl.load(besti_ptr + oslot[:, None] + c[None, :], mask=cm, other=INDEX_NONE)
+            best = tl.max(vals, axis=1)
+            token = tl.min(tl.where(cm & (vals == best[:, None]), ids, INDEX_NONE), axis=1)
+    if MODE == 1 and GATE != 2:  # the intersection kernel ran (it does not when the gate is shut)
+        token = tl.where(spike, tl.load(choice_ptr + rows, mask=rmask, other=0), token)
+        overflow = tl.where(spike, tl.load(iover_ptr + rows, mask=rmask, other=0) != 0, overflow)
+
+    tl.store(tokens_ptr + rows, tl.where(valid, token.to(tl.int64), -1), mask=rmask)
+    tl.store(new_potential_ptr + rows, tl.where(valid, new_v, potential), mask=rmask)
+    tl.store(spike_ptr + rows, spike & valid, mask=rmask)
+    tl.store(divergence_ptr + rows, tl.where(valid, current, float("nan")), mask=rmask)
+    tl.store(over_ptr + rows, overflow & valid, mask=rmask)
+
+
+
+
+# ----------------------------------------------------------------------------------------------
+# plan, scratch, row vectors
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SelectPlan:
+    """Block sizes, buffer size and mode switches of one step; every field is a launch constant.
+
+    >>> plan = plan_select(4, 1000, StepParams())
+    >>> plan.buffer, plan.n_chunks >= 1, plan.sample
+    (64, True, 0)
+    """
+
+    batch: int
+    vocab: int
+    block_b: int
+    block_v: int
+    n_chunks: int
+    ncp: int  # n_chunks rounded up to a power of two
+    buffer: int  # K, entries per top-K buffer
+    chunk_group: int  # chunks merged per step of merge_chunk_keys
+    row_block: int  # rows per program of the per-row kernels (reduce, intersection, finalize)
+    inter_block: int  # expert-list block of the intersection matching
+    mode: int
+    gate: int
+    divergence: int
+    sample: int  # 0 greedy, 1 plain temperature sampling, 2 top-k / top-p sampling
+    use_topk: bool
+    use_topp: bool
+    need_keys: bool  # pass 1 writes top-K keys of the logits (a spike is possible)
+    need_v0: bool  # the no-spike outcome can happen
+    need_v1: bool  # the spiked union outcome can happen
+    kth: int  # union: k clipped to V
+    need: int  # intersection: min_candidates clipped to V
+    may_overflow: bool  # some row may need the exact fallback
+
+    @property
+    def key_kind(self) -> int:
+        """Pass-1 keys: 0 none, 1 int32 values (union thresholds), 2 int64 (value, id) (intersection)."""
+        if not self.need_keys:
+            return 0
+        return 2 if self.mode == CandidateMode.INTERSECTION else 1
+
+    @property
+    def launches(self) -> int:
+        return 4 + int(self.mode == CandidateMode.INTERSECTION and self.need_keys)
+
+
+
+
+def plan_select(
+    batch: int,
+    vocab: int,
+    params: StepParams,
+    *,
+    buffer_size: int | None = None,
+    block_v: int | None = None,
+    block_b: int | None = None,
+) -> SelectPlan:
+    """Choose launch constants; raise ValueError when a k exceeds the Triton backend's buffer cap."""
+    candidate_k, candidate_mode, min_candidates = params.candidate_k, params.candidate_mode, params.min_candidates
+    gate, temperature, top_k, top_p = params.gate, params.temperature, params.top_k, params.top_p
+    spike_possible = gate != GateMode.CLOSED
+    intersection = candidate_mode == CandidateMode.INTERSECTION
+    sample = 0 if temperature <= 0.0 else 1
+    kth = max(1, min(candidate_k, vocab))
+    need = max(1, min(min_candidates, vocab))
+    # top-k with k >= V keeps every q > 0, i.e. it is off
+    use_topk = sample == 1 and 0 < top_k < vocab
+    use_topp = sample == 1 and top_p < 1.0
+    if use_topk or use_topp:
+        sample = 2
+    required = {"candidate_k": kth if spike_possible else 1}
+    if intersection and spike_possible:
+        required["min_candidates"] = need
+    if use_topk:
+        required["top_k"] = min(top_k, vocab)
+    for name, value in required.items():
+        if value > MAX_BUFFER:
+            raise ValueError(
+                f"{name}={value} exceeds the Triton backend's top-K buffer cap of {MAX_BUFFER} entries; "
+                f"use a smaller {name} or backend='torch'"
+            )
+    floor = 16
+    if sample == 2 and use_topp and not use_topk:
+        floor = 256  # the nucleus must fit in the buffer to avoid the exact fallback
+    elif intersection and spike_possible:
+        floor = 64  # room for the intersection to grow
+    floor = min(floor, next_pow2(vocab))  # a buffer holding the whole row never overflows
+    buffer = min(next_pow2(max(max(required.values()), floor)), MAX_BUFFER)
+    if buffer_size is not None:
+        if buffer_size < max(required.values()) or buffer_size & (buffer_size - 1) or buffer_size > MAX_BUFFER:
+            raise ValueError(
+                f"buffer_size={buffer_size} must be a power of two in [{max(required.values())}, {MAX_BUFFER}]"
+            )
+        buffer = buffer_size
+    # a chunk must hold at least K entries for its top-K; a smaller block_v request is raised to K
+    bv = max(buffer, block_v or min(next_pow2(vocab), TILE_ELEMENTS if INTERPRETED else 2048))
+    if bv & (bv - 1):
+        raise ValueError(f"block_v={bv} must be a power of two")
+    bb = block_b or max(1, min(next_pow2(batch), TILE_ELEMENTS // bv))
+    if bb & (bb - 1):
+        raise ValueError(f"block_b={bb} must be a power of two")
+    n_chunks = triton.cdiv(vocab, bv)
+    ncp = next_pow2(n_chunks)
+    chunk_group = max(1, min(ncp, TILE_ELEMENTS // buffer))
+    row_block = max(1, min(next_pow2(batch), TILE_ELEMENTS // (chunk_group * buffer)))
+    need_keys = spike_possible  # top-K logit keys serve the candidate sets only
+    # a buffer that holds the whole row decides exactly: no flags, no host read
+    may_overflow = vocab > buffer and (sample == 2 or (intersection and spike_possible))
+    return SelectPlan(
+        batch=batch,
+        vocab=vocab,
+        block_b=bb,
+        block_v=bv,
+        n_chunks=n_chunks,
+        ncp=ncp,
+        buffer=buffer,
+        chunk_group=chunk_group,
+        row_block=row_block,
+        inter_block=max(1, min(buffer, TILE_ELEMENTS // (row_block * buffer))),
+        mode=int(candidate_mode),
+        gate=int(gate),
+        divergence=int(params.divergence),
+        sample=sample,
+        use_topk=use_topk,
+        use_topp=use_topp,
+        need_keys=need_keys,
+        need_v0=gate != GateMode.OPEN,
+        need_v1=spike_possible and not intersection,
+        kth=kth,
+        need=need,
+        may_overflow=may_overflow,
+    )
+
+
+
+def unsupported_reason(batch: int, vocab: int, params: StepParams) -> str | None:
+    """Why the Triton kernels cannot run these settings (then use the PyTorch path), or None."""
+    if not params.score_floor > 0.0:
+        return f"score_floor must be > 0 for the Triton kernels, got {params.score_floor}; use backend='torch'"
+    try:
+        plan_select(max(batch, 1), max(vocab, 1), params)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def check_triton_device(*tensors: torch.Tensor | None) -> None:
+    for t in tensors:
+        if t is None or t.device.type == "cuda" or (t.device.type == "cpu" and INTERPRETED):
+            continue
+        raise ValueError(
+            f"the Triton backend needs CUDA tensors (got {t.device}); on CPU set TRITON_INTERPRET=1 before "
+            "triton is first imported, or use backend='torch'"
+        )
+
+
+@dataclass
+class Scratch:
+    """The buffers the passes hand each other (layouts: ``select_tiles.py``); unused ones are 1-element.
+
+    Every kernel writes all of its rows before the next one reads them, so one Scratch serves step after
+    step of the same plan (``GuardedSelector`` keeps it).
+    """
+
+    stats: torch.Tensor
+    counts: torch.Tensor
+    keys_b: torch.Tensor
+    keys_e: torch.Tensor
+    rowinfo: torch.Tensor
+    top_b: torch.Tensor
+    top_e: torch.Tensor
+    choice: torch.Tensor
+    iover: torch.Tensor
+    div: torch.Tensor
+    best: torch.Tensor
+    besti: torch.Tensor
+    keys2: torch.Tensor
+    mass: torch.Tensor
+    intersect: bool
+
+    @classmethod
+    def allocate(cls, plan: SelectPlan, device: torch.device) -> "Scratch":
+        batch, nc, k = plan.batch, plan.n_chunks, plan.buffer
+        f32, i32, i64 = torch.float32, torch.int32, torch.int64
+        keys_shape = (batch, nc, k) if plan.need_keys else (1,)
+        key_dtype = i32 if plan.key_kind == 1 else i64
+        intersect = plan.mode == CandidateMode.INTERSECTION and plan.need_keys
+        top_shape = (batch, k) if intersect else (1,)
+        plain = plan.sample != 2
+        return cls(
+            stats=torch.empty((batch, nc, 4), dtype=f32, device=device),
+            counts=torch.empty((batch, nc, 4), dtype=i32, device=device),
+            keys_b=torch.empty(keys_shape, dtype=key_dtype, device=device),
+            keys_e=torch.empty(keys_shape, dtype=key_dtype, device=device),
+            rowinfo=torch.empty((batch, 8), dtype=f32, device=device),
+            top_b=torch.empty(top_shape, dtype=i64, device=device),
+            top_e=torch.empty(top_shape, dtype=i64, device=device),
+            choice=torch.zeros(batch if intersect else 1, dtype=i32, device=device),
+            iover=torch.zeros(batch if intersect else 1, dtype=i32, device=device),
+            div=torch.empty((batch, nc, 2), dtype=f32, device=device),
+            best=torch.empty((batch, 2, nc) if plain else (1,), dtype=f32, device=device),
+            besti=torch.empty((batch, 2, nc) if plain else (1,), dtype=i32, device=device),
+            keys2=torch.empty((batch, 2, nc, k) if not plain else (1,), dtype=i64, device=device),
+            mass=torch.empty((batch, 2, nc) if not plain else (1,), dtype=f32, device=device),
+            intersect=intersect,
+        )
+
+
+@dataclass(frozen=True)
+class RowVectors:
+    """The per-row step state as the kernels read it: contiguous vectors, seed/offset with a 0 or 1 stride."""
+
+    potential: torch.Tensor
+    alpha: torch.Tensor
+    seed: torch.Tensor
+    seed_stride: int
+    offset: torch.Tensor
+    offset_stride: int
+
+    @classmethod
+    def of(cls, potential: torch.Tensor, alpha: torch.Tensor, seed: torch.Tensor, offset: torch.Tensor) -> "RowVectors":
+        batch = potential.shape[0]
+        seed_v, seed_stride = _per_row(seed, batch)
+        offset_v, offset_stride = _per_row(offset, batch)
+        return cls(potential.contiguous(), alpha.contiguous(), seed_v, seed_stride, offset_v, offset_stride)
+
+
+def _per_row(t: torch.Tensor, batch: int) -> tuple[torch.Tensor, int]:
+    """A contiguous int64 vector and its stride (0 when one value serves every row)."""
+    flat = t.reshape(-1).to(torch.int64).contiguous()
+    return flat, (0 if flat.numel() == 1 and batch != 1 else 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# the launch sequence
+# ----------------------------------------------------------------------------------------------
+
+
+class PassKernels(Protocol):
+    """What a logits source provides: its two passes over the vocabulary, and logits of some rows."""
+
+    def pass1(self, plan: SelectPlan, scratch: Scratch) -> None: ...
+
+    def pass2(self, plan: SelectPlan, scratch: Scratch, rows: RowVectors, temperature: float) -> None: ...
+
+    def row_logits(self, row_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def launch_select(
+    source: PassKernels, plan: SelectPlan, scratch: Scratch, rows: RowVectors, params: StepParams
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Pass 1, reduce, [intersection], pass 2, finalize; no host synchronisation.
+
+    Returns (tokens, new potential, spike, divergence, overflow): ``overflow`` (bool [B], or None
+    when the plan cannot overflow) marks rows whose buffer could not decide; their token is the
+    buffer's answer and may differ from the reference (``select_exact`` recomputes them).
+    """
+    batch, vocab, nc, k = plan.batch, plan.vocab, plan.n_chunks, plan.buffer
+    device = rows.potential.device
+    # outputs: every row is written by the finalize kernel (no fill launches)
+    tokens = torch.empty(batch, dtype=torch.int64, device=device)
+    new_potential = torch.empty(batch, dtype=torch.float32, device=device)
+    spike = torch.empty(batch, dtype=torch.bool, device=device)
+    current = torch.empty(batch, dtype=torch.float32, device=device)
+    over = torch.empty(batch, dtype=torch.bool, device=device)
+    s = scratch
+    temperature = params.temperature if params.temperature > 0 else 1.0
+
+    source.pass1(plan, s)
+    grid_rows = (triton.cdiv(batch, plan.row_block),)
+    _reduce_kernel[grid_rows](
+        s.stats, s.counts, s.keys_b, s.keys_e, s.rowinfo, s.top_b, s.top_e, batch, nc, plan.kth,
+        RB=plan.row_block, NCP=plan.ncp, K=k, CG=plan.chunk_group, NEED_KEYS=plan.need_keys, STORE_TOP=s.intersect,
+        VALUE_KEYS=plan.key_kind == 1, **LAUNCH_OPTIONS,
+    )
+    if s.intersect:
+        _intersection_kernel[grid_rows](
+            s.top_b, s.top_e, s.rowinfo, rows.alpha, rows.seed, rows.seed_stride, rows.offset, rows.offset_stride,
+            s.choice, s.iover, batch, vocab, plan.kth, plan.need, params.score_floor, temperature, params.top_k,
+            params.top_p,
+            RB=plan.row_block, K=k, EB=plan.inter_block, SAMPLE=plan.sample, USE_TOPK=plan.use_topk,
+            USE_TOPP=plan.use_topp, **LAUNCH_OPTIONS,
+        )
+    source.pass2(plan, s, rows, temperature)
+    _finalize_kernel[grid_rows](
+        s.rowinfo, s.div, s.best, s.besti, s.keys2, s.mass, s.choice, s.iover,
+        rows.potential, rows.seed, rows.seed_stride, rows.offset, rows.offset_stride,
+        tokens, new_potential, spike, current, over,
+        batch, nc, vocab, 1.0 - 1.0 / params.tau, params.v_th, params.v_reset, params.rho, temperature,
+        params.top_k, params.top_p,
+        RB=plan.row_block, NCP=plan.ncp, K=k, CG=plan.chunk_group, DIVERGENCE=plan.divergence,
+        GATE=int(params.gate), MODE=plan.mode, SAMPLE=plan.sample, USE_TOPK=plan.use_topk, USE_TOPP=plan.use_topp,
+        NEED_V0=plan.need_v0, **LAUNCH_OPTIONS,
+    )
+    return tokens, new_potential, spike, current, (over if plan.may_overflow else None)
+
+
+def select_exact(
+    source: PassKernels,
+    plan: SelectPlan,
+    scratch: Scratch,
+    potential: torch.Tensor,
+    alpha: torch.Tensor,
+    seed: torch.Tensor,
+    offset: torch.Tensor,
+    params: StepParams,
+    exact_fallback: bool = True,
+) -> Outputs:
+    """``launch_select``, then rows the buffers could not decide recomputed with the PyTorch reference.
+
+    The fallback costs one host read of the overflow flags, and only in the buffer modes (top-k /
+    top-p sampling, intersection candidates); ``exact_fallback=False`` skips it (CUDA-graph capture),
+    leaving such rows with the buffer's answer.
+    """
+    *outputs, overflow = launch_select(source, plan, scratch, RowVectors.of(potential, alpha, seed, offset), params)
+    if overflow is not None and exact_fallback:
+        row_ids = torch.nonzero(overflow).flatten()  # the one host synchronisation, buffer modes only
+        if row_ids.numel() > 0:
+            _recompute_rows(source, row_ids, outputs, potential, alpha, seed, offset, params)
+    return tuple(outputs)
+
+
+def _recompute_rows(source: PassKernels, row_ids: torch.Tensor, outputs: list[torch.Tensor], potential: torch.Tensor,
+                    alpha: torch.Tensor, seed: torch.Tensor, offset: torch.Tensor, params: StepParams) -> None:
+    """Overwrite `row_ids` of the outputs with the reference (rows are independent of each other)."""
+    seed_rows, offset_rows = seed.reshape(-1), offset.reshape(-1)
+    if seed_rows.numel() != 1:
+        seed_rows = seed_rows[row_ids]
+    if offset_rows.numel() != 1:
+        offset_rows = offset_rows[row_ids]
+    base_rows, expert_rows = source.row_logits(row_ids)
+    exact = guarded_select_reference(
+        base_rows, expert_rows, potential[row_ids], alpha[row_ids], seed_rows, offset_rows, params
+    )
+    for out, value in zip(outputs, exact):
+        out[row_ids] = value
