@@ -11,6 +11,7 @@ from typing import Any, Sequence
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from ngsd_kernels import GuardedSelector
 
@@ -65,9 +66,6 @@ class GuardedOutput:
     sequences: torch.Tensor
     traces: list[RowTrace]
     prompt_width: int
-
-    def new_tokens(self, row: int) -> list[int]:
-        return self.traces[row].tokens
 
 
 def pair_for(model: nn.Module, expert: LoraAdapter | nn.Module | None, mode: str) -> ForwardPair:
@@ -202,64 +200,70 @@ def guarded_generate(
     sampling = dict(temperature=float(temperature) if do_sample else 0.0, top_k=int(top_k or 0), top_p=float(top_p))
 
     pair = pair_for(model, resolved, config.mode)
-    base_logits, expert_logits = pair.prefill(input_ids, attention_mask)
-    # planned once per call; the parameters change with the step only in SafeDecoding (mixing, then base)
-    mixing_steps = config.safedecoding_steps if config.mode == "safedecoding" else 0
-    selectors = [
-        GuardedSelector(config.step_params(step, **sampling), config.backend).plan(
-            batch, base_logits.shape[-1], base_logits.dtype, device
-        )
-        for step in sorted({0, mixing_steps})
-    ]
-    sequences = input_ids
-    history: list[tuple[torch.Tensor, ...]] = []
-    stop_reasons = ["length"] * batch
-    if streamer is not None:
-        streamer.put(input_ids.cpu())
-
-    steps = range(max(max_new))
-    if progress:
-        from tqdm.auto import tqdm
-
-        steps = tqdm(steps, desc="guarded decoding", unit="tok")
-    for step in steps:
-        active = ~finished
-        offset = torch.full((1,), step, dtype=torch.int64, device=device)
-        selector = selectors[0] if step < mixing_steps else selectors[-1]
-        tokens, new_potential, spike, divergence = selector.run(
-            base_logits, expert_logits, potential, alpha_t, seed_t, offset
-        )
-        tokens = torch.where(active, tokens, torch.full_like(tokens, pad))
-        potential = torch.where(active, new_potential, potential)
-        history.append((active, tokens, divergence, potential, spike & active))
-        sequences = torch.cat([sequences, tokens[:, None]], dim=-1)
-
-        hit_eos = torch.isin(tokens, eos_ids) & active
-        done = hit_eos | (max_new_t <= step + 1)
-        if stopping_criteria is not None:
-            done |= stopping_criteria(sequences, None).to(device)
-        if stop_criterion is not None:
-            done |= stop_criterion(sequences, None).to(device)
-        new_done = done & active
-        finished |= done
-        # one host round-trip per step: invalid logits, newly finished rows, all done
-        invalid_rows, done_rows, eos_rows, finished_rows = _sync(tokens < 0, active, new_done, hit_eos, finished)
-        if invalid_rows:
-            _raise_invalid(invalid_rows, step, base_logits, expert_logits)
-        for row in done_rows:
-            stop_reasons[row] = "eos" if row in eos_rows else ("length" if step + 1 >= max_new[row] else "stop_string")
-        if early_stop is not None:
-            generated = sequences[:, input_ids.shape[1] :].tolist()
-            for row in set(range(batch)) - finished_rows:
-                if early_stop.should_stop(row, generated[row]):
-                    finished[row] = True
-                    finished_rows.add(row)
-                    stop_reasons[row] = "early_stop"
+    try:
+        with record_function("ngsd.prefill"):
+            base_logits, expert_logits = pair.prefill(input_ids, attention_mask)
+        # planned once per call; the parameters change with the step only in SafeDecoding (mixing, then base)
+        mixing_steps = config.safedecoding_steps if config.mode == "safedecoding" else 0
+        selectors = [
+            GuardedSelector(config.step_params(step, **sampling), config.backend).plan(
+                batch, base_logits.shape[-1], base_logits.dtype, device
+            )
+            for step in sorted({0, mixing_steps})
+        ]
+        sequences = input_ids
+        history: list[tuple[torch.Tensor, ...]] = []
+        stop_reasons = ["length"] * batch
         if streamer is not None:
-            streamer.put(tokens.cpu())
-        if len(finished_rows) == batch:
-            break
-        base_logits, expert_logits = pair.step(tokens)
+            streamer.put(input_ids.cpu())
+
+        steps = range(max(max_new))
+        if progress:
+            from tqdm.auto import tqdm
+
+            steps = tqdm(steps, desc="guarded decoding", unit="tok")
+        for step in steps:
+            active = ~finished
+            offset = torch.full((1,), step, dtype=torch.int64, device=device)
+            selector = selectors[0] if step < mixing_steps else selectors[-1]
+            with record_function("ngsd.select"):
+                tokens, new_potential, spike, divergence = selector.run(
+                    base_logits, expert_logits, potential, alpha_t, seed_t, offset
+                )
+            tokens = torch.where(active, tokens, torch.full_like(tokens, pad))
+            potential = torch.where(active, new_potential, potential)
+            history.append((active, tokens, divergence, potential, spike & active))
+            sequences = torch.cat([sequences, tokens[:, None]], dim=-1)
+
+            hit_eos = torch.isin(tokens, eos_ids) & active
+            done = hit_eos | (max_new_t <= step + 1)
+            if stopping_criteria is not None:
+                done |= stopping_criteria(sequences, None).to(device)
+            if stop_criterion is not None:
+                done |= stop_criterion(sequences, None).to(device)
+            new_done = done & active
+            finished |= done
+            # one host round-trip per step: invalid logits, newly finished rows, all done
+            invalid_rows, done_rows, eos_rows, finished_rows = _sync(tokens < 0, active, new_done, hit_eos, finished)
+            if invalid_rows:
+                _raise_invalid(invalid_rows, step, base_logits, expert_logits)
+            for row in done_rows:
+                stop_reasons[row] = "eos" if row in eos_rows else ("length" if step + 1 >= max_new[row] else "stop_string")
+            if early_stop is not None:
+                generated = sequences[:, input_ids.shape[1] :].tolist()
+                for row in set(range(batch)) - finished_rows:
+                    if early_stop.should_stop(row, generated[row]):
+                        finished[row] = True
+                        finished_rows.add(row)
+                        stop_reasons[row] = "early_stop"
+            if streamer is not None:
+                streamer.put(tokens.cpu())
+            if len(finished_rows) == batch:
+                break
+            with record_function("ngsd.forward"):
+                base_logits, expert_logits = pair.step(tokens)
+    finally:
+        pair.close()
 
     if streamer is not None:
         streamer.end()

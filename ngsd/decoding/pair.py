@@ -8,11 +8,14 @@ returning the last-position logits of base and expert):
 - `ModelPair`: the expert is a separate model with the same vocabulary; two forwards.
 - `BaseOnly`: no expert (gate off); the "expert" logits are the base logits.
 
-A pair object belongs to one call: nothing here is stored on the model.
+A pair object belongs to one call. What it adds to the models for the call (the LoRA hooks, the
+decode-time linear forwards of `decode_linear`) it takes off again in `close()`, which the loop
+calls when the call ends, also on an error: the models are left as they were found.
 """
 
 from __future__ import annotations
 
+import threading
 from typing import Protocol
 
 import torch
@@ -20,6 +23,33 @@ from torch import nn
 
 from . import decode_linear
 from ..experts.lora import LoraAdapter
+
+# LoRA hooks attached by guarded calls, counted per (adapter, model): calls running at the same
+# time share them, and the last one to finish takes them off.
+_hooks_lock = threading.Lock()
+_hook_users: dict[tuple[int, int], int] = {}
+
+
+def _hold_lora_hooks(adapter: LoraAdapter, model: nn.Module) -> bool:
+    """Attach the adapter's hooks for one call; False when someone else (`ngsd.apply`) keeps them on."""
+    key = (id(adapter), id(model))
+    with _hooks_lock:
+        if key not in _hook_users:
+            if adapter.is_attached(model):
+                return False
+            adapter.attach(model)
+            _hook_users[key] = 0
+        _hook_users[key] += 1
+    return True
+
+
+def _release_lora_hooks(adapter: LoraAdapter, model: nn.Module) -> None:
+    key = (id(adapter), id(model))
+    with _hooks_lock:
+        _hook_users[key] -= 1
+        if _hook_users[key] == 0:
+            del _hook_users[key]
+            adapter.detach(model)
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -31,13 +61,15 @@ class _CachedModel:
     """One causal LM with its cache, attention mask and next positions, fed token by token."""
 
     def __init__(self, model: nn.Module) -> None:
-        decode_linear.attach(model)
         self.model = model
         self.cache = None
         self.attention_mask: torch.Tensor | None = None
         self.next_position: torch.Tensor | None = None
+        self._linear_layers: list[nn.Linear] = []
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        # Every decode step has as many rows as the prompt batch: attach only if those can go skinny.
+        self._linear_layers = decode_linear.attach(self.model, rows=input_ids.shape[0])
         positions = positions_from_mask(attention_mask)
         self.attention_mask = attention_mask
         self.next_position = positions[:, -1:] + 1
@@ -63,11 +95,18 @@ class _CachedModel:
         self.cache = out.past_key_values
         return out.logits[:, -1, :]
 
+    def close(self) -> None:
+        decode_linear.detach(self._linear_layers)
+        self._linear_layers = []
+        self.cache = None
+
 
 class ForwardPair(Protocol):
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     def step(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def close(self) -> None: ...
 
 
 class BaseOnly:
@@ -81,6 +120,9 @@ class BaseOnly:
     def step(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self._base.step(tokens)
         return logits, logits
+
+    def close(self) -> None:
+        self._base.close()
 
 
 class ModelPair:
@@ -98,10 +140,14 @@ class ModelPair:
         base = self._base.step(tokens)
         return base, self._expert.step(tokens.to(self._expert.model.device)).to(base.device)
 
+    def close(self) -> None:
+        self._base.close()
+        self._expert.close()
+
 
 class AdapterPair:
     def __init__(self, model: nn.Module, adapter: LoraAdapter) -> None:
-        adapter.attach(model)
+        self._holds_hooks = _hold_lora_hooks(adapter, model)
         self._adapter = adapter
         self._both = _CachedModel(model)
         self._batch = 0
@@ -116,3 +162,9 @@ class AdapterPair:
         with self._adapter.rows_from(self._batch):
             logits = self._both.step(torch.cat([tokens, tokens]))
         return logits[: self._batch], logits[self._batch :]
+
+    def close(self) -> None:
+        self._both.close()
+        if self._holds_hooks:
+            _release_lora_hooks(self._adapter, self._both.model)
+            self._holds_hooks = False
