@@ -173,7 +173,8 @@ def _finalize_spec(gate: int) -> KernelSpec:
     args = dict(
         rowinfo_ptr="*fp32:16", div_ptr="*fp32:16", best_ptr="*fp32:16", besti_ptr="*i32:16",
         keys2_ptr="*i64:16", mass_ptr="*fp32:16", choice_ptr="*i32:16", iover_ptr="*i32:16",
-        potential_ptr="*fp32", seed_ptr="*i64", seed_stride="i32", offset_ptr="*i64", offset_stride="i32",
+        potential_ptr="*fp32", alpha_ptr="*fp32", seed_ptr="*i64", seed_stride="i32", offset_ptr="*i64",
+        offset_stride="i32",
         tokens_ptr="*i64:16", new_potential_ptr="*fp32:16", spike_ptr="*i8:16", divergence_ptr="*fp32:16",
         over_ptr="*i32:16", n_rows="i32", n_chunks="i32", n_vocab="i32", decay="fp32", v_th="fp32",
         v_reset="fp32", rho="fp32", temperature="fp32", top_k="i32", top_p="fp32",

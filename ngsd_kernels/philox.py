@@ -1,12 +1,14 @@
 """Counter-based random numbers (Philox4x32-10) in plain PyTorch.
 
 The Triton kernels draw with the same generator, keyed and counted the same way, so a
-(seed, offset) pair names one set of uniforms on every backend:
+(seed, row, offset) triple names one set of uniforms on every backend:
 
-    key     = (seed & 0xFFFFFFFF, seed >> 32)          one 64-bit seed per row
-    counter = (token_id, offset & 0xFFFFFFFF, offset >> 32, 0)
+    key     = (seed & 0xFFFFFFFF, seed >> 32)          the 64-bit seed (one for the batch, or one per row)
+    counter = (token_id, offset & 0xFFFFFFFF, offset >> 32, row)
     u       = ((x0 >> 9) + 0.5) * 2**-23               x0 = first Philox output word
 
+The row index sits in the counter, the seed in the key: distinct (seed, row) pairs never share a
+stream (with `seed + row` as the key, seed 5 row 1 and seed 6 row 0 drew the same numbers).
 `u` lies strictly inside (0, 1) and is exact in fp32 (at most 24 significant bits), so both
 backends produce bit-identical uniforms.
 """
@@ -44,13 +46,21 @@ def philox4x32(
     return c0, c1, c2, c3
 
 
-def philox_uniform(seed: torch.Tensor, offset: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Uniforms in (0, 1), shape [B, vocab_size], for per-row `seed` [B] and `offset` [] or [B] (int64)."""
+def philox_uniform(
+    seed: torch.Tensor, offset: torch.Tensor, vocab_size: int, rows: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Uniforms in (0, 1), shape [R, vocab_size] (int64 inputs, 1 or R values each).
+
+    `rows` are the rows' indices in their batch (the counter's last word; default 0..R-1 with R the
+    largest of the inputs' lengths).
+    """
     seed = seed.to(torch.int64).reshape(-1, 1)
     offset = offset.to(torch.int64).reshape(-1, 1)
+    if rows is None:
+        rows = torch.arange(max(seed.shape[0], offset.shape[0]), dtype=torch.int64, device=seed.device)
+    rows = rows.to(torch.int64).reshape(-1, 1)
     tokens = torch.arange(vocab_size, dtype=torch.int64, device=seed.device).reshape(1, -1)
-    zero = torch.zeros((), dtype=torch.int64, device=seed.device)
     x0, _, _, _ = philox4x32(
-        seed & _MASK32, (seed >> 32) & _MASK32, tokens, offset & _MASK32, (offset >> 32) & _MASK32, zero
+        seed & _MASK32, (seed >> 32) & _MASK32, tokens, offset & _MASK32, (offset >> 32) & _MASK32, rows & _MASK32
     )
     return ((x0 >> 9).to(torch.float32) + 0.5) * (2.0**-23)

@@ -23,7 +23,8 @@ Set definitions that make every backend agree exactly (ties included):
 - sampling top-p: tokens whose probability mass strictly above their own ``q`` is < p.
 
 Rows whose logits hold NaN or +inf, or that are all -inf, are invalid: they get token -1,
-divergence NaN, no spike and their potential unchanged. Callers raise on them.
+divergence NaN, no spike and their potential unchanged. So are rows whose alpha is not finite,
+or, in union mode, outside [0, 1] (``alpha_is_valid``). Callers raise on them.
 """
 
 from __future__ import annotations
@@ -41,6 +42,15 @@ Outputs = tuple[Tensor, Tensor, Tensor, Tensor]  # (tokens int64, new potential 
 def row_is_valid(logits: torch.Tensor) -> torch.Tensor:
     """[B] bool: no NaN, no +inf, and at least one finite entry."""
     return ~(torch.isnan(logits) | (logits == float("inf"))).any(-1) & torch.isfinite(logits).any(-1)
+
+
+def alpha_is_valid(alpha: torch.Tensor, candidate_mode: int) -> torch.Tensor:
+    """[B] bool: a finite alpha, in [0, 1] in union mode (NGSD mixes p_b and p_e convexly there);
+    SafeDecoding's intersection mode amplifies the expert (alpha 3 by default) and renormalises."""
+    ok = torch.isfinite(alpha)
+    if candidate_mode == CandidateMode.UNION:
+        ok &= (alpha >= 0.0) & (alpha <= 1.0)
+    return ok
 
 
 def divergence_between(
@@ -119,6 +129,7 @@ def choose_tokens(
     temperature: float,
     top_k: int,
     top_p: float,
+    row_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Greedy (temperature <= 0) or Gumbel-max sampling from q ∝ max(s, 0)^(1/T)."""
     if temperature <= 0.0:
@@ -126,21 +137,29 @@ def choose_tokens(
     positive = scores.clamp_min(0.0)
     keep = sampling_mask(positive, top_k, top_p)
     log_q = torch.log(positive) / temperature
-    u = philox_uniform(seed, offset, scores.shape[-1])
+    rows = torch.arange(scores.shape[0], device=scores.device) if row_ids is None else row_ids
+    u = philox_uniform(seed, offset, scores.shape[-1], rows)
     gumbel = -torch.log(-torch.log(u))
     perturbed = torch.where(keep, log_q + gumbel, torch.full_like(log_q, -float("inf")))
     return torch.argmax(perturbed, dim=-1)
 
 
 def guarded_select_reference(base_logits: Tensor, expert_logits: Tensor, potential: Tensor, alpha: Tensor, seed: Tensor,
-                             offset: Tensor, params: StepParams = StepParams()) -> Outputs:
-    """Returns (tokens int64 [B], new potential fp32 [B], spike bool [B], divergence fp32 [B])."""
+                             offset: Tensor, params: StepParams = StepParams(), *,
+                             row_ids: Tensor | None = None) -> Outputs:
+    """Returns (tokens int64 [B], new potential fp32 [B], spike bool [B], divergence fp32 [B]).
+
+    Row ``i`` samples from the Philox stream (seed of row i, row i, offset of row i); ``row_ids``
+    gives the rows' indices when they are a subset of a larger batch (default 0..B-1).
+    """
     lb = base_logits.float()
     le = expert_logits.float()
-    valid = row_is_valid(lb) & row_is_valid(le)
+    alpha = alpha.float()
+    valid = row_is_valid(lb) & row_is_valid(le) & alpha_is_valid(alpha, params.candidate_mode)
     # Invalid rows are computed on zeros so that nothing non-finite leaks into valid rows' math.
     lb = torch.where(valid[:, None], lb, torch.zeros_like(lb))
     le = torch.where(valid[:, None], le, torch.zeros_like(le))
+    alpha = torch.where(valid, alpha, torch.zeros_like(alpha))
 
     log_pb = torch.log_softmax(lb, dim=-1)
     log_pe = torch.log_softmax(le, dim=-1)
@@ -166,8 +185,7 @@ def guarded_select_reference(base_logits: Tensor, expert_logits: Tensor, potenti
         guarded = guarded / guarded.sum(-1, keepdim=True)
     scores = torch.where(spike[:, None], guarded, pb)
 
-    seed = seed.to(torch.int64).expand(scores.shape[0]) if seed.numel() == 1 else seed
-    tokens = choose_tokens(scores, seed, offset, params.temperature, params.top_k, params.top_p)
+    tokens = choose_tokens(scores, seed, offset, params.temperature, params.top_k, params.top_p, row_ids)
 
     tokens = torch.where(valid, tokens, torch.full_like(tokens, -1))
     new_potential = torch.where(valid, new_potential, potential)

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ..params import CandidateMode, Divergence, GateMode, StepParams
-from ..reference import Outputs, guarded_select_reference, lif_step
+from ..reference import Outputs, alpha_is_valid, guarded_select_reference, lif_step
 
 
 def fast_path_applies(params: StepParams) -> bool:
@@ -61,7 +61,10 @@ def cpu_guarded_select(base_logits: Tensor, expert_logits: Tensor, potential: Te
     gap = pb - pe
     divergence = 0.5 * gap.abs_().sum(-1)
     # NaN or +inf anywhere, or a row of only -inf, makes its softmax (hence D) NaN.
-    valid = ~torch.isnan(divergence)
+    alpha = alpha.float()
+    valid = ~torch.isnan(divergence) & alpha_is_valid(alpha, params.candidate_mode)
+    divergence = torch.where(valid, divergence, torch.full_like(divergence, float("nan")))
+    alpha = torch.where(valid, alpha, torch.zeros_like(alpha))
 
     potential = potential.float()
     new_potential, fired = lif_step(potential, divergence, params)
@@ -72,7 +75,7 @@ def cpu_guarded_select(base_logits: Tensor, expert_logits: Tensor, potential: Te
     pb_listed = pb.gather(1, ids)
     pe_listed = pe.gather(1, ids)
     in_set = (lb.gather(1, ids) >= threshold_b) | (le.gather(1, ids) >= threshold_e)
-    mixed = pb_listed + alpha.float()[:, None] * (pe_listed - pb_listed)
+    mixed = pb_listed + alpha[:, None] * (pe_listed - pb_listed)
     guarded = torch.where(in_set, mixed, pb_listed)
     scores = torch.where(spike[:, None], guarded, pb_listed)
     tokens = _lowest_id_argmax(scores, ids, vocab)

@@ -387,7 +387,8 @@ def _hs_pass2_kernel(
         first += t_first
         second += t_second
         if SAMPLE == 1:
-            gumbel = philox_gumbel(cols[None, :] + tl.zeros_like(rows)[:, None], seed[:, None], offset[:, None])
+            gumbel = philox_gumbel(cols[None, :] + tl.zeros_like(rows)[:, None], seed[:, None], offset[:, None],
+                                   rows[:, None])
         else:
             gumbel = 0.0
         if NEED_V0:

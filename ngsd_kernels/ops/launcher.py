@@ -173,7 +173,7 @@ def _intersection_kernel(
         offset = tl.load(offset_ptr + rows * offset_stride, mask=rmask, other=0)
         total = tl.sum(tl.where(in_set, scores, 0.0), axis=1)
         token, _ = buffer_sample(
-            keys, seed, offset, total, n_vocab, temperature, top_k, top_p, USE_TOPK, USE_TOPP, False
+            keys, seed, offset, rows, total, n_vocab, temperature, top_k, top_p, USE_TOPK, USE_TOPP, False
         )
     tl.store(choice_ptr + rows, token, mask=rmask)
     tl.store(over_ptr + rows, overflow.to(tl.int32), mask=rmask)
@@ -182,7 +182,7 @@ def _intersection_kernel(
 @triton.jit
 def _finalize_kernel(
     rowinfo_ptr, div_ptr, best_ptr, besti_ptr, keys2_ptr, mass_ptr, choice_ptr, iover_ptr,
-    potential_ptr, seed_ptr, seed_stride, offset_ptr, offset_stride,
+    potential_ptr, alpha_ptr, seed_ptr, seed_stride, offset_ptr, offset_stride,
     tokens_ptr, new_potential_ptr, spike_ptr, divergence_ptr, over_ptr,
     n_rows, n_chunks, n_vocab, decay, v_th, v_reset, rho, temperature, top_k, top_p,
     RB: tl.constexpr, NCP: tl.constexpr, K: tl.constexpr, CG: tl.constexpr, DIVERGENCE: tl.constexpr,
@@ -204,6 +204,11 @@ def _finalize_kernel(
     else:
         current = 0.5 * (first + second)
     valid = tl.load(rowinfo_ptr + rows * 8 + 6, mask=rmask, other=0.0) > 0.5
+    # alpha as reference.alpha_is_valid: finite, and in [0, 1] in union mode (MODE 0)
+    alpha = tl.load(alpha_ptr + rows, mask=rmask, other=0.0)
+    valid = valid & (tl.abs(alpha) < float("inf"))
+    if MODE == 0:
+        valid = valid & (alpha >= 0.0) & (alpha <= 1.0)
     potential = tl.load(potential_ptr + rows, mask=rmask, other=0.0)
     v = decay * potential + current
     fired = v >= v_th
@@ -229,7 +234,7 @@ def _finalize_kernel(
             seed = tl.load(seed_ptr + rows * seed_stride, mask=rmask, other=0)
             offset = tl.load(offset_ptr + rows * offset_stride, mask=rmask, other=0)
             token, overflow = buffer_sample(
-                top, seed, offset, total, n_vocab, temperature, top_k, top_p, USE_TOPK, USE_TOPP, True
+                top, seed, offset, rows, total, n_vocab, temperature, top_k, top_p, USE_TOPK, USE_TOPP, True
             )
         else:
             vals = tl.load(best_ptr + oslot[:, None] + c[None, :], mask=cm, other=float("-inf"))
@@ -538,7 +543,7 @@ def launch_select(
     source.pass2(plan, s, rows, temperature)
     _finalize_kernel[grid_rows](
         s.rowinfo, s.div, s.best, s.besti, s.keys2, s.mass, s.choice, s.iover,
-        rows.potential, rows.seed, rows.seed_stride, rows.offset, rows.offset_stride,
+        rows.potential, rows.alpha, rows.seed, rows.seed_stride, rows.offset, rows.offset_stride,
         tokens, new_potential, spike, current, over,
         batch, nc, vocab, 1.0 - 1.0 / params.tau, params.v_th, params.v_reset, params.rho, temperature,
         params.top_k, params.top_p,
@@ -584,7 +589,7 @@ def _recompute_rows(source: PassKernels, row_ids: torch.Tensor, outputs: list[to
         offset_rows = offset_rows[row_ids]
     base_rows, expert_rows = source.row_logits(row_ids)
     exact = guarded_select_reference(
-        base_rows, expert_rows, potential[row_ids], alpha[row_ids], seed_rows, offset_rows, params
+        base_rows, expert_rows, potential[row_ids], alpha[row_ids], seed_rows, offset_rows, params, row_ids=row_ids
     )
     for out, value in zip(outputs, exact):
         out[row_ids] = value

@@ -289,26 +289,28 @@ def tile_union_scores(lb, le, pb, pe, alpha, thr_b, thr_e):
 
 
 @triton.jit
-def philox_uniform(ids, seed, offset):
+def philox_uniform(ids, seed, offset, row):
     """The uniforms of ngsd_kernels/philox.py, bit for bit: u in (0, 1), exact in fp32.
 
-    ids: int32 token ids (any shape); seed, offset: int64 with a shape that broadcasts to ids.
-    key = (seed lo, seed hi), counter = (token, offset lo, offset hi, 0), u = ((x0 >> 9) + 0.5) 2^-23.
+    ids: int32 token ids (any shape); seed, offset: int64, row: the row's index in its batch, each
+    with a shape that broadcasts to ids. key = (seed lo, seed hi), counter = (token, offset lo,
+    offset hi, row), u = ((x0 >> 9) + 0.5) 2^-23.
     """
     zero = tl.zeros(ids.shape, tl.uint32)
     c0 = ids.to(tl.uint32) + zero
     c1 = (offset & 0xFFFFFFFF).to(tl.uint32) + zero
     c2 = ((offset >> 32) & 0xFFFFFFFF).to(tl.uint32) + zero
+    c3 = row.to(tl.uint32) + zero
     k0 = (seed & 0xFFFFFFFF).to(tl.uint32) + zero
     k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32) + zero
-    x0, _, _, _ = tl.philox_impl(c0, c1, c2, zero, k0, k1, 10)
+    x0, _, _, _ = tl.philox_impl(c0, c1, c2, c3, k0, k1, 10)
     return ((x0 >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07
 
 
 @triton.jit
-def philox_gumbel(ids, seed, offset):
+def philox_gumbel(ids, seed, offset, row):
     """Gumbel noise -log(-log(u)) from ``philox_uniform`` (same formula as the reference)."""
-    return -tl.log(-tl.log(philox_uniform(ids, seed, offset)))
+    return -tl.log(-tl.log(philox_uniform(ids, seed, offset, row)))
 
 
 @triton.jit
@@ -332,13 +334,14 @@ def tile_choice_values(scores, gumbel, temperature, SAMPLE: tl.constexpr):
 
 @triton.jit
 def buffer_sample(
-    keys, seed, offset, total_mass, n_vocab, temperature, top_k, top_p,
+    keys, seed, offset, rows, total_mass, n_vocab, temperature, top_k, top_p,
     USE_TOPK: tl.constexpr, USE_TOPP: tl.constexpr, CAN_OVERFLOW: tl.constexpr,
 ):
     """Top-k / top-p filtering and a Gumbel-max draw over sorted top-K buffers of q = max(s, 0).
 
     keys: [R, K] order keys of q, each row sorted descending (absent slots KEY_NONE count as q = 0);
-    seed, offset: [R] int64; total_mass: [R] sum of q over the whole row (top-p without top-k).
+    seed, offset: [R] int64; rows: [R] the rows' indices in the batch (their sampling streams);
+    total_mass: [R] sum of q over the whole row (top-p without top-k).
     Returns (token [R] int32, overflow [R] bool). ``overflow`` is set when the kept set reaches the
     end of the buffer while tokens outside it (V > K, q > 0) could also be kept: the buffer cannot
     decide exactly and the caller recomputes the row another way. Rules of reference.sampling_mask.
@@ -367,7 +370,7 @@ def buffer_sample(
         overflow = (tl.sum((last & keep & (q > 0.0)).to(tl.int32), axis=1) > 0) & (n_vocab > K)
     else:
         overflow = tl.zeros_like(seed) != 0
-    gumbel = philox_gumbel(ids, seed[:, None], offset[:, None])
+    gumbel = philox_gumbel(ids, seed[:, None], offset[:, None], rows[:, None])
     perturbed = tl.where(keep, tl.log(q) / temperature + gumbel, float("-inf"))
     best = tl.max(perturbed, axis=1)
     token = tl.min(tl.where(keep & (perturbed == best[:, None]), ids, INDEX_NONE), axis=1)
@@ -460,7 +463,8 @@ def pass2_store_tile(
     if SAMPLE == 1:
         seed = tl.load(seed_ptr + rows * seed_stride, mask=row_mask, other=0)
         offset = tl.load(offset_ptr + rows * offset_stride, mask=row_mask, other=0)
-        gumbel = philox_gumbel(cols[None, :] + tl.zeros_like(rows)[:, None], seed[:, None], offset[:, None])
+        gumbel = philox_gumbel(cols[None, :] + tl.zeros_like(rows)[:, None], seed[:, None], offset[:, None],
+                                  rows[:, None])
     else:
         gumbel = 0.0
     # outcome slots: [row, outcome, chunk]

@@ -154,7 +154,7 @@ def _uniform_kernel(seed_ptr, offset_ptr, out_ptr, V: tl.constexpr):
     ids = tl.arange(0, V)
     seed = tl.load(seed_ptr + row)
     offset = tl.load(offset_ptr + row)
-    tl.store(out_ptr + row * V + ids, philox_uniform_tile(ids, seed, offset))
+    tl.store(out_ptr + row * V + ids, philox_uniform_tile(ids, seed, offset, row))
 
 
 def test_kernel_uniforms_are_bit_identical_to_philox_py():
@@ -162,7 +162,7 @@ def test_kernel_uniforms_are_bit_identical_to_philox_py():
     offsets = torch.tensor([0, 5, 2**33 + 1, 123456789, 2**40], dtype=torch.int64)
     out = torch.empty(5, 64)
     _uniform_kernel[(5,)](seeds, offsets, out, V=64)
-    want = torch.cat([philox_uniform(seeds[i : i + 1], offsets[i : i + 1], 64) for i in range(5)])
+    want = philox_uniform(seeds, offsets, 64)  # row i: key seeds[i], counter (token, offsets[i], i)
     assert torch.equal(out, want)
     assert bool((out > 0).all() and (out < 1).all())
 
@@ -241,19 +241,27 @@ def test_greedy_large_vocab_small_batch():
         assert (want[0][1] == 40_001) == (mode == CandidateMode.UNION)
 
 
-def test_rows_do_not_depend_on_the_batch():
+def test_rows_do_not_depend_on_the_other_rows():
     base, expert, potential, seeds, offsets = make_batch(["peaked", "normal", "neg_inf", "nan", "grid"], 200,
                                                          torch.float32, 11)
     alpha = torch.full((5,), 0.9)
+    other_base, other_expert, other_potential, _, _ = make_batch(["normal"] * 5, 200, torch.float32, 12)
     for params in (dict(DEFAULTS, gate=GateMode.OPEN), dict(DEFAULTS, temperature=0.8, top_k=20, top_p=0.9)):
         together = fused_guarded_select(base, expert, potential, alpha, seeds, offsets, params=step_params(params))
         for row in range(5):
-            alone = fused_guarded_select(
-                base[row : row + 1], expert[row : row + 1], potential[row : row + 1], alpha[row : row + 1],
-                seeds[row : row + 1], offsets[row : row + 1], params=step_params(params),
-            )
+            # the same row at the same position (its index names its sampling stream) among other rows
+            keep = torch.arange(5) == row
+            mixed = [torch.where(keep[:, None], a, b) for a, b in ((base, other_base), (expert, other_expert))]
+            pot = torch.where(keep, potential, other_potential)
+            alone = fused_guarded_select(*mixed, pot, alpha, seeds, offsets, params=step_params(params))
+            if params["temperature"] == 0.0:  # greedy rows do not even depend on their position
+                alone = fused_guarded_select(
+                    base[row : row + 1], expert[row : row + 1], potential[row : row + 1], alpha[row : row + 1],
+                    seeds[row : row + 1], offsets[row : row + 1], params=step_params(params),
+                )
+                alone = [out.expand(5) for out in alone]
             for batch_out, row_out in zip(together, alone):
-                torch.testing.assert_close(batch_out[row : row + 1], row_out, rtol=0, atol=0, equal_nan=True)
+                torch.testing.assert_close(batch_out[row], row_out[row], rtol=0, atol=0, equal_nan=True)
 
 
 # ----------------------------------------------------------------------------------------------
