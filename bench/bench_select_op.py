@@ -13,6 +13,11 @@ Prints a Markdown table and writes JSON (``--out``, default ``bench/results/sele
 The Triton kernels are not timed here: on CPU they only run in the (numpy) interpreter, whose
 speed means nothing; see ``bench/ROOFLINE.md`` for their GPU cost model.
 
+``--hidden H`` times instead the hidden-state step on CPU against the logits path it replaces: the
+loop's LM head on the 2B stacked base/expert rows (``skinny_linear``, as ngsd's decode steps run it)
+then ``torch.ops.ngsd.guarded_select``, vs ``torch.ops.ngsd.guarded_select_from_hidden`` (and the
+public wrapper) on the same hidden states and a shared [V, H] head; tokens are compared first.
+
 ``--traffic`` prints instead the memory traffic model behind ROOFLINE.md: for the unfused PyTorch
 paths, every aten op they dispatch (counted with a TorchDispatchMode on CPU: bytes of tensor
 inputs read and outputs written, view ops free, host synchronisations); for the fused kernels,
@@ -20,6 +25,7 @@ the bytes of logits and scratch each launch reads and writes, from the launch pl
 
     python3 bench/bench_select_op.py --out bench/results/select_op.json
     python3 bench/bench_select_op.py --traffic
+    python3 bench/bench_select_op.py --hidden 576 --batches 1 32 --out bench/results/hidden_op_cpu.json
 """
 
 from __future__ import annotations
@@ -255,6 +261,40 @@ def traffic_table(batches: list[int], vocabs: list[int], dtype: torch.dtype) -> 
     return "\n".join(lines)
 
 
+def run_hidden(batches: list[int], vocab: int, hidden: int, min_repeats: int, min_seconds: float) -> list[dict]:
+    from ngsd_kernels import guarded_select_from_hidden
+    from ngsd_kernels.ops.skinny_linear import skinny_applies, skinny_linear
+
+    params = StepParams(**PARAMS)
+    rows = []
+    for batch in batches:
+        gen = torch.Generator().manual_seed(batch)
+        weight = torch.randn(vocab, hidden, generator=gen) * 0.05
+        stacked = torch.randn(2 * batch, hidden, generator=gen)  # base rows, then expert rows (one forward)
+        hb, he = stacked[:batch], stacked[batch:]
+        _, _, potential, alpha, seed, offset = make_inputs(batch, 8)
+
+        def logits_path():
+            linear = skinny_linear if skinny_applies(stacked, weight) else torch.nn.functional.linear
+            logits = linear(stacked, weight)
+            return torch.ops.ngsd.guarded_select(logits[:batch], logits[batch:], potential, alpha, seed, offset,
+                                                 *params.flat())
+
+        def hidden_op():
+            return torch.ops.ngsd.guarded_select_from_hidden(hb, he, weight, None, None, None, potential, alpha,
+                                                             seed, offset, *params.flat())
+
+        def hidden_wrapper():
+            return guarded_select_from_hidden(hb, he, weight, None, potential, alpha, seed, offset, params)
+
+        fns = {"logits_path": logits_path, "hidden_op": hidden_op, "hidden_wrapper": hidden_wrapper}
+        outs = {name: fn() for name, fn in fns.items()}
+        agree = all(torch.equal(o[0], outs["logits_path"][0]) for o in outs.values())
+        timings = time_interleaved(fns, min_repeats, min_seconds)
+        rows.append({"batch": batch, "vocab": vocab, "hidden": hidden, "tokens_agree": agree, **timings})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 128])
@@ -266,11 +306,26 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "select_op.json")
     parser.add_argument("--traffic", action="store_true", help="print the memory traffic model instead of timing")
+    parser.add_argument("--hidden", type=int, default=0,
+                        help="time the hidden-state op against the logits path, with this hidden size")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.traffic:
         print(traffic_table([1, 32, 128], [49152, 262144], torch.bfloat16))
+        return 0
+    if args.hidden:
+        rows = run_hidden(args.batches, args.vocab, args.hidden, args.min_repeats, args.min_seconds)
+        for row in rows:
+            print(f"B={row['batch']} V={row['vocab']} H={row['hidden']} tokens agree: {row['tokens_agree']}")
+            for name in ("logits_path", "hidden_op", "hidden_wrapper"):
+                t = row[name]
+                print(f"  {name:15s} cpu median {t['cpu_median_ms']:8.2f} ms  min {t['cpu_min_ms']:8.2f} ms  "
+                      f"wall median {t['wall_median_ms']:8.2f} ms  ({t['repeats']} calls)")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"torch": torch.__version__, "threads": torch.get_num_threads(),
+                "load_average_at_end": list(os.getloadavg()), "cpus": os.cpu_count()}
+        args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
         return 0
     rows = run(args.batches, args.vocab, args.min_repeats, args.min_seconds)
     table = markdown(rows)
