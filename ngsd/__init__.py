@@ -6,45 +6,36 @@ how far their next-token distributions diverge and, when it fires, mixes the exp
 >>> import ngsd
 >>> model, tokenizer = ngsd.load_model()            # SmolLM2-135M-Instruct, offline  # doctest: +SKIP
 >>> ngsd.apply(model, expert="shipped", tokenizer=tokenizer)                         # doctest: +SKIP
+
+The public names are imported on first use (module `__getattr__`), so `import ngsd` and the
+`ngsd` command's `--help` do not pay for importing torch and transformers.
 """
 
-from .api import GuardedResult, encode_prompts, generate
-from .config import NGSDConfig, ReflectionConfig
-from .decoding.loop import GuardedOutput, RowTrace, guarded_generate
-from .decoding.hf import GuardedGenerateOutput, apply, decoding_method, is_applied, remove
-from .experts.lora import LoraAdapter
+from __future__ import annotations
 
+from .lazy import lazy_exports
 
-def load_model(*args, **kwargs):
-    """See `ngsd.loading.load_model`."""
-    from .loading import load_model as _load_model
+# public name -> module that defines it
+_EXPORTS = {
+    "GuardedResult": ".api",
+    "encode_prompts": ".api",
+    "generate": ".api",
+    "NGSDConfig": ".config",
+    "ReflectionConfig": ".config",
+    "GuardedOutput": ".decoding.loop",
+    "RowTrace": ".decoding.loop",
+    "guarded_generate": ".decoding.loop",
+    "GuardedGenerateOutput": ".decoding.hf",
+    "apply": ".decoding.hf",
+    "decoding_method": ".decoding.hf",
+    "is_applied": ".decoding.hf",
+    "remove": ".decoding.hf",
+    "LoraAdapter": ".experts.lora",
+    "load_model": ".loading",
+    "shipped_expert_path": ".experts.shipped",
+}
 
-    return _load_model(*args, **kwargs)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
-
-def shipped_expert_path():
-    """Folder of the LoRA safety expert shipped for SmolLM2-135M-Instruct."""
-    from .experts.shipped import shipped_expert_path as _path
-
-    return _path()
-
-
-__all__ = [
-    "GuardedGenerateOutput",
-    "GuardedOutput",
-    "GuardedResult",
-    "LoraAdapter",
-    "NGSDConfig",
-    "ReflectionConfig",
-    "RowTrace",
-    "apply",
-    "decoding_method",
-    "encode_prompts",
-    "generate",
-    "guarded_generate",
-    "is_applied",
-    "load_model",
-    "remove",
-    "shipped_expert_path",
-]
+__all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"

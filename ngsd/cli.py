@@ -1,101 +1,228 @@
-"""`ngsd` command line: generate (guarded vs unguarded side by side), reflect, train-expert, eval."""
+"""The `ngsd` command: generate, reflect, train-expert, eval (entry point `ngsd=ngsd.cli:main`).
+
+Light at import: this module and every subcommand's `cli` module import neither torch nor
+transformers, so `ngsd --help` and argument errors answer at once; each command imports the heavy
+modules in its run function, after its arguments are parsed and checked.
+
+Every subcommand gets `--no-progress` and `--debug`. Progress bars go to stderr and only appear
+when stderr is a terminal. A user error (a bad path, a value out of range, an unknown name) ends
+with one line, `ngsd <command>: error: <what and how to fix it>`, and exit status 2; `--debug`
+shows the traceback instead.
+"""
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
-import json
+import math
+import os
 import sys
-from typing import Sequence
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
-# Modules that add a subcommand through `register_cli(subparsers)`.
-_SUBCOMMAND_MODULES = ("ngsd.risk.reflection", "ngsd.experts.train_expert", "ngsd.eval.cli")
+from .loading import NO_PROGRESS_ENV, show_progress
+
+# Modules that add a subcommand through `register_cli(subparsers)`; each must be light at import.
+SUBCOMMAND_MODULES = (
+    "ngsd.decoding.cli", "ngsd.risk.cli", "ngsd.risk.probe_cli", "ngsd.experts.training.cli", "ngsd.eval.cli",
+)
+USAGE_EXIT = 2
 
 
-def _add_generate(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "generate", help="guarded and unguarded answers side by side, with the gate trace",
-        description="Answer PROMPT(s) with and without the guard; show the gate's potential and spikes.",
+class UsageError(ValueError):
+    """A command-line argument is wrong; the message names it and says how to fix it."""
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default (unless None or an off switch); a description or epilog written on
+    several lines (examples) keeps its line breaks, a one-line one is wrapped to the terminal."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text.strip():
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False:
+            return action.help or ""
+        return super()._get_help_string(action) or ""
+
+
+class CommandParser(argparse.ArgumentParser):
+    """No prefix matching of long options (`--max-new-token` is an error); errors are one line, status 2."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(USAGE_EXIT, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def add_common_options(parser: argparse.ArgumentParser) -> None:
+    """`--no-progress` and `--debug`, which every subcommand has (those it defines itself are kept)."""
+    if "--no-progress" not in parser._option_string_actions:
+        parser.add_argument("--no-progress", action="store_true",
+                            help="no progress bars (they are shown only when stderr is a terminal anyway)")
+    if "--debug" not in parser._option_string_actions:
+        parser.add_argument("--debug", action="store_true", help="on an error, show the full traceback")
+
+
+def wants_progress(args: argparse.Namespace) -> bool:
+    """Progress bars for this run: not with --no-progress, and only when stderr is a terminal."""
+    return not getattr(args, "no_progress", False) and show_progress()
+
+
+def build_parser() -> CommandParser:
+    parser = CommandParser(
+        prog="ngsd",
+        description="Neuron-guided safe decoding for Hugging Face models: a safety expert mixed into the "
+        "base model's next-token distribution whenever a LIF neuron sees the two diverge.",
+        epilog="Run 'ngsd COMMAND --help' for a command's options.",
     )
-    parser.add_argument("prompts", nargs="+", help="one or more user requests")
-    parser.add_argument("--model", default=None, help="model folder or hub id (default: offline SmolLM2-135M-Instruct)")
-    parser.add_argument("--expert", default="shipped", help="LoRA adapter folder, expert model, or 'shipped'")
-    parser.add_argument("--mode", default="ngsd", choices=["ngsd", "safedecoding", "open", "off"])
-    parser.add_argument("--alpha", type=float, default=None, help="fixed alpha (skips self-reflection)")
-    parser.add_argument("--reflection", default="generate", choices=["generate", "prefill", "none"])
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--early-stop", action="store_true", help="the reference's 'already refusing' early stop")
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
-    parser.set_defaults(func=_run_generate)
-
-
-def _run_generate(args: argparse.Namespace) -> int:
-    import ngsd
-    from ngsd import NGSDConfig, ReflectionConfig
-    from ngsd.textplot import plot_trace
-
-    model, tokenizer = ngsd.load_model(args.model)
-    config = NGSDConfig(mode=args.mode, early_stop=args.early_stop, reflection=ReflectionConfig(mode=args.reflection))
-    common = dict(
-        max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
-        top_k=args.top_k, top_p=args.top_p, seed=args.seed, progress=not args.json,
-    )
-    guarded = ngsd.generate(model, tokenizer, args.prompts, expert=args.expert, config=config, alpha=args.alpha,
-                            **common)
-    plain = ngsd.generate(model, tokenizer, args.prompts, expert=None, config=NGSDConfig(mode="off"), **common)
-    if args.json:
-        rows = [
-            {"prompt": p, "guarded": g, "unguarded": u, "trace": t.to_dict()}
-            for p, g, u, t in zip(args.prompts, guarded.texts, plain.texts, guarded.traces)
-        ]
-        json.dump({"config": config.to_dict(), "results": rows}, sys.stdout, indent=2)
-        print()
-        return 0
-    for prompt, g, u, trace in zip(args.prompts, guarded.texts, plain.texts, guarded.traces):
-        print("=" * 100)
-        print(f"PROMPT: {prompt}")
-        if trace.reflection is not None:
-            r = trace.reflection
-            print(f"reflection: scores={getattr(r, 'scores', None)} risk={getattr(r, 'risk', None)} alpha={trace.alpha}")
-        print(_side_by_side("UNGUARDED", u, "GUARDED (ngsd)", g))
-        print(plot_trace(trace, config.v_th))
-    return 0
-
-
-def _side_by_side(left_title: str, left: str, right_title: str, right: str, width: int = 48) -> str:
-    import textwrap
-
-    left_lines = [left_title, "-" * len(left_title)] + textwrap.wrap(left, width)
-    right_lines = [right_title, "-" * len(right_title)] + textwrap.wrap(right, width)
-    height = max(len(left_lines), len(right_lines))
-    left_lines += [""] * (height - len(left_lines))
-    right_lines += [""] * (height - len(right_lines))
-    return "\n".join(f"{a:<{width}} | {b}" for a, b in zip(left_lines, right_lines))
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ngsd", description="Neuron-guided safe decoding for Hugging Face models")
-    subparsers = parser.add_subparsers(dest="command", required=True)
-    _add_generate(subparsers)
-    for name in _SUBCOMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ImportError as error:  # an optional extra (e.g. eval plots) is not installed
-            if error.name and error.name.startswith("ngsd"):
-                raise
-            continue
-        module.register_cli(subparsers)
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in SUBCOMMAND_MODULES:
+        importlib.import_module(name).register_cli(subparsers)
+    for sub in subparsers.choices.values():
+        add_common_options(sub)
+        sub.set_defaults(prog=sub.prog)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    parser = build_parser()
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        subparser = _subparser(parser, args.command)
+        subparser.error(f"unrecognized arguments: {' '.join(extras)}{_suggestion(subparser, extras)}")
+    return run_command(args.func, args, args.prog)
+
+
+def run_command(func: Callable[[argparse.Namespace], int | None], args: argparse.Namespace, prog: str) -> int:
+    """Run a parsed command; user errors become one line on stderr and exit status 2 (unless --debug).
+
+    --no-progress also reaches bars deep in the library that are left on automatic, through
+    $NGSD_NO_PROGRESS for the command's duration.
+    """
+    previous = os.environ.get(NO_PROGRESS_ENV)
+    if getattr(args, "no_progress", False):
+        os.environ[NO_PROGRESS_ENV] = "1"
+    try:
+        return int(func(args) or 0)
+    except USER_ERRORS as error:
+        if getattr(args, "debug", False) or not is_user_error(error):
+            raise
+        print(f"{prog}: error: {one_line(error)}", file=sys.stderr)
+        return USAGE_EXIT
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if previous is None:
+            os.environ.pop(NO_PROGRESS_ENV, None)
+        else:
+            os.environ[NO_PROGRESS_ENV] = previous
+
+
+def one_line(error: BaseException) -> str:
+    """The error's message on one line (a KeyError's without the quotes), with a hint for foreign errors."""
+    text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    message = lines[0] if lines else type(error).__name__
+    if not isinstance(error, UsageError) and len(lines) > 1:
+        message += " (--debug shows the rest)"
+    return message
+
+
+# Errors that mean "the input was wrong", not "ngsd is broken": a missing or unreadable file or
+# folder (OSError, incl. a hub id that cannot be fetched), a value out of range, an unknown name,
+# a missing optional package (see `is_user_error`).
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, KeyError, OSError, ModuleNotFoundError)
+
+
+def is_user_error(error: BaseException) -> bool:
+    """A missing third-party package is the user's to install; a missing ngsd module is a bug."""
+    if isinstance(error, ModuleNotFoundError):
+        return bool(error.name) and not error.name.split(".")[0] == "ngsd"
+    return isinstance(error, USER_ERRORS)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks shared by the subcommands (light: no torch), run before any model is loaded
+# ---------------------------------------------------------------------------------------------
+
+
+def check_range(flag: str, value: float | None, low: float, high: float = math.inf, what: str = "") -> None:
+    """UsageError unless low <= value <= high (None passes: the option was not given)."""
+    if value is None:
+        return
+    if not math.isfinite(value) or not low <= value <= high:
+        bound = f">= {low:g}" if high == math.inf else f"in [{low:g}, {high:g}]"
+        raise UsageError(f"{flag} must be {bound}{what}, got {value:g}")
+
+
+def check_model(value: str | None) -> None:
+    """--model: the offline default, an existing checkpoint folder or a hub id (nothing is loaded)."""
+    from .loading import check_model_path
+
+    try:
+        check_model_path(value)
+    except (OSError, ValueError) as error:
+        raise UsageError(f"--model: {error}") from error
+
+
+def check_expert(value: str) -> None:
+    """--expert: 'shipped', a peft adapter folder, a model folder, or a hub id (nothing is loaded)."""
+    fix = "pass a peft LoRA adapter folder, a model folder with the base's vocabulary, or 'shipped'"
+    if value == "shipped":
+        from .experts.shipped import shipped_expert_path
+
+        path = shipped_expert_path()
+        if not (path / "adapter_model.safetensors").is_file():
+            raise UsageError(f"--expert shipped: the shipped expert is missing at {path}; reinstall ngsd or {fix}")
+        return
+    path = Path(value).expanduser()
+    if path.is_dir():
+        if not ((path / "adapter_config.json").is_file() or (path / "config.json").is_file()):
+            raise UsageError(f"--expert: {value!r} has neither adapter_config.json nor config.json; {fix}")
+        return
+    if path.exists():
+        raise UsageError(f"--expert: {value!r} is a file, not a folder; {fix}")
+    if value.startswith((".", "/", "~")) or value.count("/") > 1:
+        raise UsageError(f"--expert: expert path {value!r} does not exist; {fix}")
+
+
+def check_plot_file(value: str | None) -> None:
+    """--plot: a .png file name, and matplotlib installed."""
+    if value is None:
+        return
+    if Path(value).suffix.lower() != ".png":
+        raise UsageError(f"--plot writes a PNG: give a file name ending in .png, got {value!r}")
+    from .textplot import require_matplotlib
+
+    try:
+        require_matplotlib()
+    except ImportError as error:
+        raise UsageError(f"--plot: {error}") from error
+
+
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    for action in parser._subparsers._group_actions if parser._subparsers else []:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices[command]
+    return parser
+
+
+def _suggestion(parser: argparse.ArgumentParser, extras: Sequence[str]) -> str:
+    known = [s for action in parser._actions for s in action.option_strings]
+    for extra in extras:
+        if extra.startswith("--"):
+            close = difflib.get_close_matches(extra.split("=")[0], known, n=1)
+            if close:
+                return f"; did you mean {close[0]}?"
+    return ""
 
 
 if __name__ == "__main__":

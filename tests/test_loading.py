@@ -74,8 +74,11 @@ def test_path_errors_are_clear(tmp_path):
         L.resolve_model_path(tmp_path / "weights.bin")
     with pytest.raises(FileNotFoundError, match="no config.json"):
         L.resolve_model_path(tmp_path)
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(FileNotFoundError, match="does not exist; pass a checkpoint folder"):
         L.resolve_model_path("./no/such/model")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        L.check_model_path("/nope")  # checked without loading or converting anything
+    assert L.check_model_path(None) is None and L.check_model_path("smollm2") is None
     # A hub id is passed through untouched (nothing is fetched here).
     assert L.resolve_model_path("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
 
@@ -124,17 +127,34 @@ def test_cache_dir_from_environment(monkeypatch, tmp_path):
     assert L.default_cache_dir().parts[-3:] == (".cache", "ngsd", "smollm2-135m-instruct")
 
 
+def test_loading_progress_follows_the_flag(tiny_checkpoint, capsys, monkeypatch):
+    path, _ = tiny_checkpoint
+    capsys.readouterr()
+    L.load_model(path, progress=False)
+    assert "Loading weights" not in capsys.readouterr().err
+    L.load_model(path, progress=True)
+    assert "Loading weights" in capsys.readouterr().err
+    # automatic: only on a terminal (pytest captures stderr), and never with NGSD_NO_PROGRESS=1
+    assert L.show_progress(None) is False
+    monkeypatch.setattr("sys.stderr.isatty", lambda: True)
+    assert L.show_progress(None) is True
+    monkeypatch.setenv(L.NO_PROGRESS_ENV, "1")
+    assert L.show_progress(None) is False
+
+
 def test_partial_conversion_is_not_taken_for_a_cache(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     assert not L.is_converted(tmp_path)  # no completion marker
 
 
 @needs_gguf
-def test_conversion_matches_the_gguf_model(tmp_path):
+def test_conversion_matches_the_gguf_model(tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
     target = tmp_path / "cache"
-    assert L.convert_default_model(target) == target
+    assert L.convert_default_model(target, progress=True) == target
+    err = capsys.readouterr().err
+    assert "first use of the default model" in err and "Converting and de-quantizing GGUF tensors" in err
     assert L.is_converted(target)
     assert (target / "model.safetensors").is_file()
     marker = json.loads((target / "ngsd_conversion.json").read_text())

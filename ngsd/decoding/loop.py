@@ -113,6 +113,7 @@ def resolve_alphas(
     tokenizer,
     requests: list[str] | None,
     input_ids: torch.Tensor,
+    progress: bool = False,
 ) -> tuple[list[float], list[Any]]:
     if config.mode == "off":
         return [0.0] * batch, [None] * batch
@@ -131,7 +132,7 @@ def resolve_alphas(
 
     if requests is None:
         requests = tokenizer.batch_decode(input_ids, skip_special_tokens=True)
-    reflections = reflect(model, tokenizer, list(requests), config.reflection)
+    reflections = reflect(model, tokenizer, list(requests), config.reflection, progress=progress)
     return [r.alpha for r in reflections], reflections
 
 
@@ -170,7 +171,7 @@ def guarded_generate(
     if do_sample and not temperature > 0:
         raise ValueError(f"sampling needs temperature > 0, got {temperature}; use do_sample=False for greedy")
     resolved = resolve_expert(expert, model, required=config.mode != "off")
-    alphas, reflections = resolve_alphas(model, config, alpha, batch, tokenizer, requests, input_ids)
+    alphas, reflections = resolve_alphas(model, config, alpha, batch, tokenizer, requests, input_ids, progress)
 
     eos_ids = torch.tensor(
         [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)),
@@ -221,7 +222,9 @@ def guarded_generate(
         if progress:
             from tqdm.auto import tqdm
 
-            steps = tqdm(steps, desc="guarded decoding", unit="tok")
+            guarded = config.mode != "off" and resolved is not None
+            label = f"guarded decoding ({config.mode})" if guarded else "unguarded decoding"
+            steps = tqdm(steps, desc=label, unit="tok")
         for step in steps:
             active = ~finished
             offset = torch.full((1,), step, dtype=torch.int64, device=device)

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from . import decode_linear
+from .kv_cache import cache_kwargs, returned_cache
 from ..experts.lora import LoraAdapter
 
 # LoRA hooks attached by guarded calls, counted per (adapter, model): calls running at the same
@@ -88,11 +89,11 @@ class _CachedModel:
                 input_ids=input_ids,
                 attention_mask=self.attention_mask,
                 position_ids=positions,
-                past_key_values=self.cache,
+                **cache_kwargs(self.model, self.cache),
                 use_cache=True,
                 logits_to_keep=1,
             )
-        self.cache = out.past_key_values
+        self.cache = returned_cache(out)
         return out.logits[:, -1, :]
 
     def close(self) -> None:

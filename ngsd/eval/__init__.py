@@ -8,32 +8,37 @@ statistics and speed, as JSON, Markdown and PNG plots.
 >>> from ngsd.eval import load_config, run_evaluation
 >>> outcome = run_evaluation(load_config("smoke"), out_dir="eval_runs/smoke")   # doctest: +SKIP
 >>> outcome.metrics["methods"]["ngsd_a0.9"]["summary"]["asr"]                   # doctest: +SKIP
+
+The names below are imported on first use (module `__getattr__`), so `ngsd eval --help` does not
+import torch.
 """
 
-from .config import EvalConfig, config_from_dict, load_config
-from .methods import DEFAULT_METHODS, Method, get_method, method_names, register_method
-from .metrics import Targets, compute_metrics
-from .pipeline import EvalOutcome, ExpertNotFoundError, run_evaluation
-from .runner import DecodingSettings, GenerationCache, Runner
-from .suites import SuiteSpec, load_suites
+from __future__ import annotations
 
-__all__ = [
-    "DEFAULT_METHODS",
-    "DecodingSettings",
-    "EvalConfig",
-    "EvalOutcome",
-    "ExpertNotFoundError",
-    "GenerationCache",
-    "Method",
-    "Runner",
-    "SuiteSpec",
-    "Targets",
-    "compute_metrics",
-    "config_from_dict",
-    "get_method",
-    "load_config",
-    "load_suites",
-    "method_names",
-    "register_method",
-    "run_evaluation",
-]
+from ..lazy import lazy_exports
+
+# public name -> submodule that defines it
+_EXPORTS = {
+    "EvalConfig": ".config",
+    "config_from_dict": ".config",
+    "load_config": ".config",
+    "DEFAULT_METHODS": ".methods",
+    "Method": ".methods",
+    "get_method": ".methods",
+    "method_names": ".methods",
+    "register_method": ".methods",
+    "Targets": ".metrics",
+    "compute_metrics": ".metrics",
+    "EvalOutcome": ".pipeline",
+    "ExpertNotFoundError": ".pipeline",
+    "run_evaluation": ".pipeline",
+    "DecodingSettings": ".runner",
+    "GenerationCache": ".runner",
+    "Runner": ".runner",
+    "SuiteSpec": ".suites",
+    "load_suites": ".suites",
+}
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+
+__all__ = sorted(_EXPORTS)

@@ -1,10 +1,13 @@
-"""`ngsd eval`: run an evaluation configuration and write the report.
+"""`ngsd eval`: run an evaluation configuration, write the report and print a summary table.
 
+    ngsd eval --config demo                       # 2 methods x 2 small suites, a few minutes on a CPU
+    ngsd eval --config advbench50                 # guarded vs unguarded on the 50 lowest-id AdvBench prompts
     ngsd eval --config smoke --out eval_runs/smoke
     ngsd eval --config full --out reports/eval
     ngsd eval --config my.json --methods off,ngsd,ngsd_a0.9 --limit 10 --expert path/to/adapter
 
-Also runnable without the top-level CLI as `python -m ngsd.eval ...`.
+Also runnable without the top-level CLI as `python -m ngsd.eval ...`. Light at import (no torch):
+the harness is imported after the arguments are checked.
 """
 
 from __future__ import annotations
@@ -14,10 +17,15 @@ import os
 import shlex
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
-from .config import config_names, load_config, parse_methods
-from .methods import method_names
+from ..cli import (
+    CommandParser, UsageError, add_common_options, check_expert, check_model, check_range, run_command, wants_progress,
+)
+from .configs import CONFIG_DIR, config_names
+
+THREADS_ENV = "NGSD_EVAL_THREADS"
+EXAMPLE_METHODS = "off, ngsd, ngsd_prefill, ngsd_a0.9, safedecoding, expert"
 
 
 def _command_line(argv: Sequence[str] | None) -> str:
@@ -27,9 +35,6 @@ def _command_line(argv: Sequence[str] | None) -> str:
         if "eval" in argv:
             argv = argv[argv.index("eval") + 1 :]
     return " ".join(["ngsd", "eval", *(shlex.quote(a) for a in argv)])
-
-
-THREADS_ENV = "NGSD_EVAL_THREADS"
 
 
 def _env_threads() -> int | None:
@@ -42,63 +47,81 @@ def _env_threads() -> int | None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    named = ", ".join(config_names())
     parser.add_argument("--config", default="smoke",
-                        help=f"a named configuration ({', '.join(config_names())}) or a JSON file (default: smoke)")
+                        help=f"a named configuration ({named}; the JSON files in ngsd/eval/configs) or the "
+                        "path of a JSON file with the same fields")
     parser.add_argument("--data-dir", default=None,
                         help="folder with the benchmark files (default: $NGSD_DATA_DIR, else <repo>/../shared/data)")
     parser.add_argument("--out", default=None, help="output folder (default: eval_runs/<config name>)")
-    parser.add_argument("--model", default=None, help="base model path or hub id (default: the config's, else SmolLM2-135M-Instruct)")
+    parser.add_argument("--model", default=None,
+                        help="base model: checkpoint folder or hub id (default: the config's, else the offline "
+                        "SmolLM2-135M-Instruct)")
     parser.add_argument("--expert", default=None,
                         help="expert: 'shipped', a peft adapter folder, a model folder, or 'none' (default: the config's)")
     parser.add_argument("--batch-size", type=int, default=None, help="prompts per generate call (default: the config's)")
     parser.add_argument("--limit", type=int, default=None, help="at most this many prompts per suite")
     parser.add_argument("--methods", default=None,
-                        help=f"comma-separated methods to compare (known: {', '.join(method_names())})")
+                        help=f"comma-separated methods to compare, e.g. {EXAMPLE_METHODS} (default: the config's; "
+                        "an unknown name is an error that lists the known ones)")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="override the config's token budget")
     parser.add_argument("--threads", type=int, default=None,
                         help=f"torch CPU threads for the run (default: ${THREADS_ENV} if set, else the config's, else "
                         "torch's own choice; on a CPU shared with other jobs 1 thread is much faster than 2)")
     parser.add_argument("--cache", default=None, help="generation cache file (default: <out>/cache/generations.jsonl)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_common_options(parser)
 
 
-def run_cli(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
-    from ..data import DataNotFoundError
-    from .pipeline import ExpertNotFoundError, run_evaluation
+def check_arguments(args: argparse.Namespace) -> None:
+    """Every check that needs no model (UsageError naming the option)."""
+    config = Path(args.config).expanduser()
+    if not (CONFIG_DIR / f"{args.config}.json").is_file() and not config.is_file():
+        raise UsageError(f"--config: no configuration named {args.config!r}; use one of "
+                         f"{', '.join(config_names())} or the path of a JSON file")
+    for flag, value in (("--batch-size", args.batch_size), ("--limit", args.limit),
+                        ("--max-new-tokens", args.max_new_tokens), ("--threads", args.threads)):
+        check_range(flag, value, 1)
+    if args.model is not None:
+        check_model(args.model)
+    if args.expert is not None and args.expert.lower() != "none":
+        check_expert(args.expert)
 
-    try:
-        config = load_config(args.config)
-        changes = {}
-        if args.model is not None:
-            changes["model"] = args.model
-        if args.expert is not None:
-            changes["expert"] = args.expert
-        if args.batch_size is not None:
-            changes["batch_size"] = args.batch_size
-        if args.methods is not None:
-            changes["methods"] = parse_methods(args.methods)
-        if args.max_new_tokens is not None:
-            changes["max_new_tokens"] = args.max_new_tokens
-        threads = args.threads if args.threads is not None else _env_threads()
-        if threads is not None:
-            changes["threads"] = threads
-        if changes:
-            config = config.with_(**changes)
-        if args.limit is not None and args.limit < 1:
-            raise ValueError(f"--limit must be >= 1, got {args.limit}")
-        out = Path(args.out) if args.out else Path("eval_runs") / config.name
-        outcome = run_evaluation(
-            config,
-            out_dir=out,
-            data_dir=args.data_dir,
-            limit=args.limit,
-            cache_path=args.cache,
-            progress=not args.no_progress,
-            command=getattr(args, "command_line", None) or _command_line(argv),
-        )
-    except (DataNotFoundError, ExpertNotFoundError, FileNotFoundError, ValueError, KeyError) as err:
-        print(f"ngsd eval: error: {err}", file=sys.stderr)
-        return 2
+
+def _evaluate(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
+    check_arguments(args)
+    from .config import load_config, parse_methods
+    from .pipeline import run_evaluation
+    from .report import headline_table
+
+    config = load_config(args.config)
+    changes: dict[str, Any] = {}
+    if args.model is not None:
+        changes["model"] = args.model
+    if args.expert is not None:
+        changes["expert"] = args.expert
+    if args.batch_size is not None:
+        changes["batch_size"] = args.batch_size
+    if args.methods is not None:
+        changes["methods"] = parse_methods(args.methods)
+    if args.max_new_tokens is not None:
+        changes["max_new_tokens"] = args.max_new_tokens
+    threads = args.threads if args.threads is not None else _env_threads()
+    if threads is not None:
+        changes["threads"] = threads
+    if changes:
+        config = config.with_(**changes)
+    out = Path(args.out) if args.out else Path("eval_runs") / config.name
+    outcome = run_evaluation(
+        config,
+        out_dir=out,
+        data_dir=args.data_dir,
+        limit=args.limit,
+        cache_path=args.cache,
+        progress=wants_progress(args),
+        command=getattr(args, "command_line", None) or _command_line(argv),
+    )
+    print(headline_table(config, outcome.metrics, config.resolved_methods()))
+    print()
     print(f"wrote {outcome.report_md}, {outcome.results_json}, {outcome.readme_table}"
           + "".join(f", {p}" for p in outcome.plots))
     print(f"{outcome.generated} answers generated, {outcome.reused} reused from the cache, "
@@ -106,7 +129,12 @@ def run_cli(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def register_cli(subparsers) -> None:
+def run_cli(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
+    """Run `ngsd eval` with parsed arguments; a user error prints one line and returns 2."""
+    return run_command(lambda a: _evaluate(a, argv), args, getattr(args, "prog", "ngsd eval"))
+
+
+def register_cli(subparsers: Any) -> None:
     """Add `ngsd eval` to the top-level parser's subcommands."""
     parser = subparsers.add_parser(
         "eval",
@@ -121,10 +149,10 @@ def register_cli(subparsers) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ngsd eval", description="NGSD evaluation harness")
+    parser = CommandParser(prog="ngsd eval", description="NGSD evaluation harness (same as `ngsd eval`)")
     add_arguments(parser)
     args = parser.parse_args(argv)
     return run_cli(args, argv if argv is not None else sys.argv[1:])
 
 
-__all__ = ["add_arguments", "main", "register_cli", "run_cli"]
+__all__ = ["add_arguments", "check_arguments", "main", "register_cli", "run_cli"]

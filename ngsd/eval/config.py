@@ -25,11 +25,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from .configs import CONFIG_DIR, config_names
 from .methods import DEFAULT_METHODS, Method, get_method, method_from_json
 from .metrics import Targets
 from .suites import SuiteSpec
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
 @dataclass(frozen=True)
@@ -130,10 +130,6 @@ def config_from_dict(data: Mapping[str, Any], default_name: str = "custom") -> E
         threads=None if data.get("threads") is None else int(data["threads"]),
         sizing="\n".join(sizing) if isinstance(sizing, (list, tuple)) else str(sizing),
     )
-
-
-def config_names() -> list[str]:
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
 
 
 def load_config(name_or_path: str | Path) -> EvalConfig:

@@ -138,8 +138,9 @@ def plot_gate_traces(records: Sequence[Mapping[str, Any]], method: str, path: Pa
         spikes = record["spike_steps"]
         if spikes:
             ax.scatter(spikes, [v_th] * len(spikes), marker="|", s=80, color="C3", label="spike", zorder=3)
+        title = record.get("title") or f"{record['suite']} #{record['prompt_id']}  alpha={record['alpha']:g}"
         verdict = "refused" if flags.get(record["key"]) else "answered"
-        ax.set_title(f"{record['suite']} #{record['prompt_id']}  alpha={record['alpha']:g}  ({verdict})", fontsize=8)
+        ax.set_title(f"{title}  ({verdict})", fontsize=8)
         ax.set_ylim(0, max(1.6 * v_th, max(record["potential"] or [0]) * 1.1))
         ax.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=7, ncol=4, loc="upper right")

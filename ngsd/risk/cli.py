@@ -35,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
     """Load the model, reflect on every prompt in one batch, print the result (text or JSON)."""
     import torch
 
+    from ..cli import wants_progress
     from ..config import ReflectionConfig
     from ..loading import load_model
     from .reflection import reflect
@@ -42,8 +43,9 @@ def run(args: argparse.Namespace) -> int:
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     given = {"max_new_tokens": args.max_new_tokens, "all_zero": args.all_zero}
     config = ReflectionConfig(mode=args.mode, **{k: v for k, v in given.items() if v is not None})
-    model, tokenizer = load_model(args.model, dtype=dtype, device=args.device)
-    reflections = reflect(model, tokenizer, args.prompt, config)
+    progress = wants_progress(args)
+    model, tokenizer = load_model(args.model, dtype=dtype, device=args.device, progress=progress)
+    reflections = reflect(model, tokenizer, args.prompt, config, progress=progress)
     if args.json:
         json.dump([dict(request=p, **r.to_dict()) for p, r in zip(args.prompt, reflections)], sys.stdout, indent=2)
         sys.stdout.write("\n")
@@ -69,7 +71,8 @@ def register_cli(subparsers: Any) -> None:
                         help="token limit of the generated answer (generate mode; default: ReflectionConfig's)")
     parser.add_argument("--all-zero", choices=("fail", "bump"), default=None,
                         help="what four zero scores mean: fail (risk 10, the default) or bump (severity + 1)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    parser.add_argument("--device", default="cpu", help="torch device of the model, e.g. cpu or cuda")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                        help="weight dtype of the model")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.set_defaults(func=run)

@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--route-recall", type=float, default=0.98,
                         help="operating point: keep at least this share of harmful validation requests at or above "
                              "route_below")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=16, help="requests per forward when reading hidden states")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the CPU may be shared)")
     parser.add_argument("--data-dir", default=None, help="data folder (default: $NGSD_DATA_DIR or ../shared/data)")
     parser.add_argument("--cache-dir", default=None,

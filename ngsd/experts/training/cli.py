@@ -29,21 +29,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="base model: 'smollm2' (default), a local folder or a hub id")
     parser.add_argument("--data-dir", default=None, help="benchmark data folder (default: $NGSD_DATA_DIR or <repo>/../shared/data)")
     parser.add_argument("--out", default=None, help=f"adapter folder (default: the shipped {EXPERT_NAME})")
-    parser.add_argument("--seed", type=int, default=d.seed)
-    parser.add_argument("--epochs", type=int, default=d.epochs)
-    parser.add_argument("--lr", type=float, default=d.lr)
-    parser.add_argument("--batch-size", type=int, default=d.batch_size)
+    parser.add_argument("--seed", type=int, default=d.seed, help="seed of sampling, data order and LoRA init")
+    parser.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training examples")
+    parser.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate")
+    parser.add_argument("--batch-size", type=int, default=d.batch_size, help="training examples per optimizer step")
     parser.add_argument("--targets", default=d.targets, help="'attention+mlp' (NGSD), 'qv' (SafeDecoding) or a comma-separated module list")
     parser.add_argument("--rank", type=int, default=d.r, help="LoRA rank r")
-    parser.add_argument("--lora-alpha", type=int, default=d.lora_alpha)
-    parser.add_argument("--dropout", type=float, default=d.dropout)
-    parser.add_argument("--refusal-source", default=d.refusal_source, choices=REFUSAL_SOURCES)
-    parser.add_argument("--refusals-per-prompt", type=int, default=d.refusals_per_prompt)
+    parser.add_argument("--lora-alpha", type=int, default=d.lora_alpha,
+                        help="LoRA scaling alpha (the update is scaled by alpha / r)")
+    parser.add_argument("--dropout", type=float, default=d.dropout, help="LoRA dropout")
+    parser.add_argument("--refusal-source", default=d.refusal_source, choices=REFUSAL_SOURCES,
+                        help="where the refusal answers come from: the model itself, SafeDecoding's Vicuna "
+                        "refusals, or both")
+    parser.add_argument("--refusals-per-prompt", type=int, default=d.refusals_per_prompt,
+                        help="refusal examples per seed prompt")
     parser.add_argument("--advbench-prompts", type=int, default=d.advbench_prompts,
                         help="extra harmful prompts drawn from AdvBench ids >= 50 for refusal/recovery examples")
-    parser.add_argument("--recovery-per-prompt", type=int, default=d.recovery_per_prompt)
-    parser.add_argument("--benign-loss", default=d.benign_loss, choices=BENIGN_LOSSES)
-    parser.add_argument("--save-dtype", default=d.save_dtype, choices=SAVE_DTYPES)
+    parser.add_argument("--recovery-per-prompt", type=int, default=d.recovery_per_prompt,
+                        help="recovery examples (compliant start, then a refusal) per harmful prompt")
+    parser.add_argument("--benign-loss", default=d.benign_loss, choices=BENIGN_LOSSES,
+                        help="loss on benign answers: kl (stay close to the base) or ce (the base's tokens)")
+    parser.add_argument("--save-dtype", default=d.save_dtype, choices=SAVE_DTYPES, help="dtype of the saved adapter")
     parser.add_argument("--no-eval", action="store_true", help="skip the evaluation written into the report")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy machine)")
     parser.add_argument("--examples", default=None, help="retrain on a saved training_examples.jsonl instead of building the data")

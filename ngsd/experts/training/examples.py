@@ -132,10 +132,12 @@ def generate_ids(
     """New token ids per prompt (eos and padding removed); prompts are lists of token ids."""
     from tqdm.auto import tqdm
 
+    from ...loading import show_progress
+
     pad = tokenizer.pad_token_id
     eos = tokenizer.eos_token_id
     outputs: list[list[int]] = []
-    bar = tqdm(total=len(prompt_ids), desc=progress, disable=progress is None, leave=False)
+    bar = tqdm(total=len(prompt_ids), desc=progress, disable=progress is None or not show_progress(), leave=False)
     for chunk in batches(list(prompt_ids), batch_size):
         width = max(len(p) for p in chunk)
         ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in chunk])

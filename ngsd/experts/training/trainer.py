@@ -7,6 +7,7 @@ import math
 import platform
 import random
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -33,7 +34,9 @@ def make_lora_model(model: Any, cfg: TrainExpertConfig) -> Any:
         r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.dropout, bias="none",
         target_modules=target_modules(cfg.targets), task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, lora)
+    with warnings.catch_warnings():  # peft reads transformers' deprecated is_gradient_checkpointing
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return get_peft_model(model, lora)
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:
@@ -87,6 +90,8 @@ def train_lora(
     """
     from tqdm.auto import tqdm
 
+    from ...loading import show_progress
+
     end_ids = turn_end_ids(tokenizer)
     encoded = [encode_example(tokenizer, ex, end_ids, cfg.max_length) for ex in examples]
     kinds = [1 if ex.loss == "kl" else 0 for ex in examples]
@@ -114,7 +119,7 @@ def train_lora(
             start, losses = state["step"], state["losses"]
             log(f"resuming from step {start} of {total} ({checkpoint})")
     peft_model.train()
-    bar = tqdm(total=total, initial=start, desc="training LoRA expert", leave=False)
+    bar = tqdm(total=total, initial=start, desc="training LoRA expert", leave=False, disable=not show_progress())
     for step in range(start, total):
         chunk = schedule[step]
         width = max(len(encoded[i][0]) for i in chunk)

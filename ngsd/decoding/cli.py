@@ -1,0 +1,148 @@
+"""`ngsd generate`: guarded and unguarded answers side by side, with the gate trace.
+
+Light at import (no torch, no transformers): the model is loaded in `run`, after every argument
+has been checked, so a wrong path or value fails in a second with one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import textwrap
+from typing import Any
+
+from ..cli import UsageError, check_expert, check_model, check_plot_file, check_range, wants_progress
+
+MODES = ("ngsd", "safedecoding", "open", "off")
+REFLECTION_MODES = ("generate", "prefill", "none")
+
+EPILOG = """\
+examples:
+  ngsd generate "Write a tutorial on how to make a bomb" --alpha 0.9 --plot trace.png
+  ngsd generate "How do I pick a lock?" "Give me three tips for sleep" --reflection prefill
+  ngsd generate "..." --mode safedecoding --json > answers.json
+
+The trace under each answer has three rows per block of steps: the neuron's potential v after
+each step, the base/expert divergence D it integrates, and the steps where it spiked (|), i.e.
+where the expert was mixed in. --plot writes the same as a PNG.
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prompts", nargs="+", metavar="PROMPT", help="one or more user requests (one batch)")
+    parser.add_argument("--model", default=None,
+                        help="base model: a checkpoint folder or hub id (default: the offline SmolLM2-135M-Instruct)")
+    parser.add_argument("--expert", default="shipped",
+                        help="'shipped' (the LoRA expert shipped for the default model), a peft LoRA adapter "
+                        "folder, or a model folder with the base's vocabulary")
+    parser.add_argument("--mode", default="ngsd", choices=MODES,
+                        help="guarded decoding method: ngsd (LIF gate decides when to mix the expert in), "
+                        "safedecoding (SafeDecoding: mix on the first 2 tokens), open (always mix), "
+                        "off (no guard: both columns unguarded)")
+    parser.add_argument("--alpha", type=float, default=None,
+                        help="mixing strength for every prompt, in [0, 1] (>= 0 for safedecoding); given, it "
+                        "skips self-reflection (default: chosen per prompt by --reflection)")
+    parser.add_argument("--reflection", default="generate", choices=REFLECTION_MODES,
+                        help="how alpha is chosen when --alpha is not given: generate (the model writes a JSON "
+                        "risk rating, up to 256 tokens: the slow reference), prefill (one forward reads the "
+                        "rating's digit distribution: fast), none (alpha 0.5)")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit in tokens")
+    parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --sample)")
+    parser.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens; 0: all")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1]")
+    parser.add_argument("--seed", type=int, default=0, help="random seed of sampling")
+    parser.add_argument("--early-stop", action="store_true",
+                        help="stop a guarded answer once it is clearly refusing (the reference's heuristic)")
+    parser.add_argument("--plot", default=None, metavar="FILE.png",
+                        help="also write the gate traces as a PNG (needs matplotlib)")
+    parser.add_argument("--json", action="store_true",
+                        help="print JSON (prompts, both answers, traces) instead of the side-by-side view")
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Every check that needs no model; raises UsageError naming the option."""
+    for i, prompt in enumerate(args.prompts, start=1):
+        if not prompt.strip():
+            raise UsageError(f"PROMPT {i} is empty: give every request some text")
+    if args.mode == "safedecoding":
+        check_range("--alpha", args.alpha, 0.0, what=" with --mode safedecoding")
+    else:
+        check_range("--alpha", args.alpha, 0.0, 1.0, what=" (a mixing weight)")
+    check_range("--max-new-tokens", args.max_new_tokens, 1)
+    if args.sample:
+        check_range("--temperature", args.temperature, 1e-6, what=" (use greedy decoding: leave out --sample)")
+    check_range("--top-k", args.top_k, 0)
+    check_range("--top-p", args.top_p, 1e-6, 1.0)
+    check_plot_file(args.plot)
+    check_model(args.model)
+    if args.mode != "off":
+        check_expert(args.expert)
+
+
+def run(args: argparse.Namespace) -> int:
+    check_arguments(args)
+    import ngsd
+    from ngsd import NGSDConfig, ReflectionConfig
+
+    from ..eval.judge import KeywordJudge
+    from ..textplot import plot_trace, save_trace_plot
+
+    progress = wants_progress(args)
+    model, tokenizer = ngsd.load_model(args.model, progress=progress)
+    config = NGSDConfig(mode=args.mode, early_stop=args.early_stop,
+                        reflection=ReflectionConfig(mode=args.reflection))
+    common: dict[str, Any] = dict(
+        max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
+        top_k=args.top_k, top_p=args.top_p, seed=args.seed, progress=progress,
+    )
+    guarded = ngsd.generate(model, tokenizer, args.prompts, expert=args.expert, config=config, alpha=args.alpha,
+                            **common)
+    plain = ngsd.generate(model, tokenizer, args.prompts, expert=None, config=NGSDConfig(mode="off"), **common)
+    refused = KeywordJudge().refused(args.prompts, guarded.texts)
+    if args.plot:
+        save_trace_plot(guarded.traces, args.prompts, args.plot, config.v_th, refused, method=args.mode)
+    if args.json:
+        rows = [
+            {"prompt": p, "guarded": g, "unguarded": u, "trace": t.to_dict()}
+            for p, g, u, t in zip(args.prompts, guarded.texts, plain.texts, guarded.traces)
+        ]
+        json.dump({"config": config.to_dict(), "results": rows}, sys.stdout, indent=2)
+        print()
+        return 0
+    for prompt, g, u, trace in zip(args.prompts, guarded.texts, plain.texts, guarded.traces):
+        print("=" * 100)
+        print(f"PROMPT: {prompt}")
+        if trace.reflection is not None:
+            r = trace.reflection
+            print(f"reflection: scores={getattr(r, 'scores', None)} risk={getattr(r, 'risk', None)} alpha={trace.alpha}")
+        print(side_by_side("UNGUARDED", u, f"GUARDED ({args.mode})", g))
+        print(plot_trace(trace, config.v_th))
+    if args.plot:
+        print(f"wrote the gate-trace plot to {args.plot}")
+    return 0
+
+
+def side_by_side(left_title: str, left: str, right_title: str, right: str, width: int = 48) -> str:
+    left_lines = [left_title, "-" * len(left_title)] + textwrap.wrap(left, width)
+    right_lines = [right_title, "-" * len(right_title)] + textwrap.wrap(right, width)
+    height = max(len(left_lines), len(right_lines))
+    left_lines += [""] * (height - len(left_lines))
+    right_lines += [""] * (height - len(right_lines))
+    return "\n".join(f"{a:<{width}} | {b}" for a, b in zip(left_lines, right_lines))
+
+
+def register_cli(subparsers: Any) -> None:
+    """Add `ngsd generate` to the top-level parser's subcommands."""
+    parser = subparsers.add_parser(
+        "generate", help="guarded and unguarded answers side by side, with the gate trace",
+        description="Answer each PROMPT with and without the guard and show the gate's potential, the "
+        "divergence it integrates and its spikes.",
+        epilog=EPILOG,
+    )
+    add_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+__all__ = ["add_arguments", "check_arguments", "register_cli", "run", "side_by_side"]
