@@ -7,11 +7,12 @@ Run through ``bench_decode.py`` (shared options and model loading):
 
 Breakdown, per batch size (default 1 and 32), all greedy with the LoRA expert in one batched forward:
 
-1. In the real loop: a `guarded_generate` call with `guarded_select` and the forward pair wrapped
-   in timers (patched into `ngsd.decoding.loop` for this call only, with a device sync around each
-   piece). A step is the gap between two streamer puts; it holds one forward (base + expert rows),
-   one selection op and the loop's own bookkeeping (masks, concatenation, stop checks, the one
-   host sync), which is what is left after the two timed pieces.
+1. In the real loop: `guarded_generate` under `torch.profiler`, read through the loop's own
+   `record_function` ranges ("ngsd.forward": the forward pair of one step, base and expert rows;
+   "ngsd.select": the selection op). A step is the gap between two streamer puts; what the two
+   ranges leave of it is the loop's own bookkeeping (masks, concatenation, stop checks, the one
+   host sync). The profiler adds its own cost to every operator it records, so the step time is
+   also taken from an unprofiled run of the same call, and the shares are applied to that.
 2. The forward alone at the same context length, with the cache cropped back after each call:
    base rows only, base + expert rows without the adapter, and with it; so the cost of running
    the expert rows and of the LoRA hooks is visible, and the best ratio this expert design allows.
@@ -28,12 +29,10 @@ import argparse
 import contextlib
 import os
 import time
-from typing import Any, Callable, Iterator
+from typing import Any
 
-import torch
-
-import ngsd.decoding.loop as generation
-from bench_decode import (
+# harness first: it sets the OpenMP wait policy and the import paths before torch is imported
+from harness import (
     DEFAULT_ALPHA,
     Setup,
     TimingStreamer,
@@ -45,109 +44,99 @@ from bench_decode import (
     synchronize,
     write_json,
 )
-from ngsd import NGSDConfig, decode_linear
-from ngsd.decoding.pair import positions_from_mask
-from ngsd_kernels import guarded_select
+
+import torch  # noqa: E402  (after harness)
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
+from ngsd import NGSDConfig, guarded_generate  # noqa: E402
+from ngsd.decoding import decode_linear  # noqa: E402
+from ngsd.decoding.kv_cache import cache_kwargs, returned_cache  # noqa: E402
+from ngsd.decoding.pair import AdapterPair, positions_from_mask  # noqa: E402
+from ngsd_kernels import guarded_select  # noqa: E402
+
+LOOP_RANGES = ("ngsd.forward", "ngsd.select")  # record_function names in ngsd/decoding/loop.py
 
 # ---------------------------------------------------------------------------------------------
-# 1. Instrumented loop
+# 1. The real loop, through its profiler ranges
 # ---------------------------------------------------------------------------------------------
 
 
-class _Timers:
-    """Wall-clock seconds per call in `forward`/`select`, process CPU seconds in `cpu[name]`."""
-
-    def __init__(self, device: str) -> None:
-        self.device = device
-        self.forward: list[float] = []
-        self.select: list[float] = []
-        self.cpu: dict[str, list[float]] = {"forward": [], "select": []}
-        self.last_logits: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def time(self, bucket: list[float], fn: Callable, *args: Any, **kwargs: Any) -> Any:
-        synchronize(self.device)
-        start, cpu_start = time.perf_counter(), cpu_clock()
-        out = fn(*args, **kwargs)
-        synchronize(self.device)
-        bucket.append(time.perf_counter() - start)
-        self.cpu["forward" if bucket is self.forward else "select"].append(cpu_clock() - cpu_start)
-        return out
+def _activities(device: str) -> list[ProfilerActivity]:
+    return [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.device(device).type == "cuda" else [])
 
 
-class _TimedPair:
-    def __init__(self, pair: Any, timers: _Timers) -> None:
-        self._pair = pair
-        self._timers = timers
+def range_times(prof: Any, names: tuple[str, ...] = LOOP_RANGES) -> dict[str, dict[str, float]]:
+    """Calls and mean seconds per call of each named `record_function` range in a finished profile.
 
-    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        return self._pair.prefill(input_ids, attention_mask)
+    Host time is the range's wall time on the calling thread; on CUDA the device time of the work
+    launched inside it is given too (`device_s`).
+    """
+    out = {}
+    for event in prof.key_averages():
+        if event.key in names and event.count:
+            entry = {"calls": event.count, "host_s": event.cpu_time_total / event.count / 1e6}
+            device_total = getattr(event, "device_time_total", 0) or 0
+            if device_total:
+                entry["device_s"] = device_total / event.count / 1e6
+            out[event.key] = entry
+    missing = set(names) - set(out)
+    if missing:
+        raise RuntimeError(f"the profile holds no range {sorted(missing)}: were they renamed in ngsd/decoding/loop.py?")
+    return out
 
-    def step(self, tokens: torch.Tensor):
-        out = self._timers.time(self._timers.forward, self._pair.step, tokens)
-        self._timers.last_logits = out
-        return out
+
+def _step_gaps(streamer: TimingStreamer) -> tuple[list[float], list[float]]:
+    """(wall, CPU) seconds between consecutive token puts (the first put is the prompt)."""
+    wall = [b - a for a, b in zip(streamer.times[1:], streamer.times[2:])]
+    cpu = [b - a for a, b in zip(streamer.cpu_times[1:], streamer.cpu_times[2:])]
+    return wall, cpu
 
 
-@contextlib.contextmanager
-def instrumented_loop(timers: _Timers) -> Iterator[None]:
-    """Time the forward pair and the selection op inside `guarded_generate` (restored afterwards)."""
-    original_selector, original_pair_for = generation.GuardedSelector, generation.pair_for
-
-    class TimedSelector(original_selector):
-        def run(self, *args: Any, **kwargs: Any):
-            return timers.time(timers.select, super().run, *args, **kwargs)
-
-    def timed_pair_for(*args: Any, **kwargs: Any):
-        return _TimedPair(original_pair_for(*args, **kwargs), timers)
-
-    generation.GuardedSelector, generation.pair_for = TimedSelector, timed_pair_for
-    try:
-        yield
-    finally:
-        generation.GuardedSelector, generation.pair_for = original_selector, original_pair_for
+def _guarded(setup: Setup, ids: torch.Tensor, mask: torch.Tensor, steps: int, streamer: TimingStreamer):
+    return guarded_generate(
+        setup.model, ids, mask, expert=setup.adapter, config=NGSDConfig(), alpha=DEFAULT_ALPHA,
+        max_new_tokens=steps + 1, eos_token_id=None, pad_token_id=setup.pad_id, streamer=streamer,
+    )
 
 
 def loop_breakdown(setup: Setup, ids: torch.Tensor, mask: torch.Tensor, steps: int, repeats: int) -> dict[str, Any]:
+    """Per round: the step time of an unprofiled call, and the forward/select shares of a profiled one."""
     per_round = []
-    logits = None
     for _ in range(repeats):
-        timers = _Timers(setup.device)
-        streamer = TimingStreamer(setup.device)
-        with instrumented_loop(timers):
-            generation.guarded_generate(
-                setup.model, ids, mask, expert=setup.adapter, config=NGSDConfig(), alpha=DEFAULT_ALPHA,
-                max_new_tokens=steps + 1, eos_token_id=None, pad_token_id=setup.pad_id, streamer=streamer,
-            )
-        step_totals = [b - a for a, b in zip(streamer.times[1:], streamer.times[2:])]
-        cpu_totals = [b - a for a, b in zip(streamer.cpu_times[1:], streamer.cpu_times[2:])]
-        n = len(step_totals)
-        # put i -> put i+1 holds forward i and selection i+1 (the first selection follows the prefill)
-        forward, select = timers.forward[:n], timers.select[1 : n + 1]
-        cpu_forward, cpu_select = timers.cpu["forward"][:n], timers.cpu["select"][1 : n + 1]
+        plain = TimingStreamer(setup.device)
+        _guarded(setup, ids, mask, steps, plain)
+        wall, cpu = _step_gaps(plain)
+        profiled = TimingStreamer(setup.device)
+        with profile(activities=_activities(setup.device)) as prof:
+            _guarded(setup, ids, mask, steps, profiled)
+        synchronize(setup.device)
+        profiled_wall, _ = _step_gaps(profiled)
+        ranges = range_times(prof)
+        profiled_step = sum(profiled_wall) / len(profiled_wall)
         per_round.append({
-            "step_s": sum(step_totals) / n,
-            "forward_s": sum(forward) / n,
-            "select_s": sum(select) / n,
-            "cpu_step_s": sum(cpu_totals) / n,
-            "cpu_forward_s": sum(cpu_forward) / n,
-            "cpu_select_s": sum(cpu_select) / n,
+            "step_s": sum(wall) / len(wall),
+            "cpu_step_s": sum(cpu) / len(cpu),
+            "profiled_step_s": profiled_step,
+            "forward_share": ranges["ngsd.forward"]["host_s"] / profiled_step,
+            "select_share": ranges["ngsd.select"]["host_s"] / profiled_step,
+            "ranges": ranges,
         })
-        logits = timers.last_logits
-    return {"rounds": per_round, "_logits": logits}
+    return {"rounds": per_round}
 
 
-def summarise_loop(rounds: list[dict[str, float]]) -> dict[str, Any]:
-    """Medians over rounds; the loop's own overhead is what the two timed pieces leave of a step."""
-    out: dict[str, Any] = {"rounds": rounds}
-    for prefix in ("", "cpu_"):
-        step, forward, select = (median([r[prefix + k] for r in rounds]) for k in ("step_s", "forward_s", "select_s"))
-        overhead = max(0.0, step - forward - select)
-        out.update({
-            f"{prefix}step_s": step, f"{prefix}forward_s": forward, f"{prefix}select_s": select,
-            f"{prefix}overhead_s": overhead, f"{prefix}forward_share": forward / step,
-            f"{prefix}select_share": select / step, f"{prefix}overhead_share": overhead / step,
-        })
-    return out
+def summarise_loop(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians over rounds. Forward and select times are their shares of the profiled step applied
+    to the unprofiled step; the loop's own overhead is what they leave of it."""
+    step = median([r["step_s"] for r in rounds])
+    forward_share = median([r["forward_share"] for r in rounds])
+    select_share = median([r["select_share"] for r in rounds])
+    overhead_share = max(0.0, 1.0 - forward_share - select_share)
+    return {
+        "rounds": rounds, "step_s": step, "cpu_step_s": median([r["cpu_step_s"] for r in rounds]),
+        "profiled_step_s": median([r["profiled_step_s"] for r in rounds]),
+        "forward_s": forward_share * step, "select_s": select_share * step, "overhead_s": overhead_share * step,
+        "forward_share": forward_share, "select_share": select_share, "overhead_share": overhead_share,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,7 +148,6 @@ def forward_variants(setup: Setup, ids: torch.Tensor, mask: torch.Tensor, contex
     """One-token forwards at a fixed context: B base rows; 2B rows without LoRA; 2B rows with LoRA (with the
     loop's skinny linear layers, and with plain F.linear)."""
     model, adapter = setup.model, setup.adapter
-    adapter.attach(model)
     batch = ids.shape[0]
     extra = max(0, context - ids.shape[1])
     # Grow the prompt to the requested context with repeats of its own last token (timing only).
@@ -172,8 +160,8 @@ def forward_variants(setup: Setup, ids: torch.Tensor, mask: torch.Tensor, contex
         attention = mask if rows == batch else torch.cat([mask, mask])
         positions = positions_from_mask(attention)
         with torch.no_grad(), adapter.rows_from(batch if rows > batch else rows):
-            cache = model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
-                          use_cache=True, logits_to_keep=1).past_key_values
+            cache = returned_cache(model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
+                                         use_cache=True, logits_to_keep=1))
         step_mask = torch.cat([attention, attention.new_ones(rows, 1)], dim=1)
         return cache, step_mask, positions[:, -1:] + 1, input_ids[:, -1:]
 
@@ -189,15 +177,16 @@ def forward_variants(setup: Setup, ids: torch.Tensor, mask: torch.Tensor, contex
         # `skinny`: the linear layers as the guarded loop runs them (ngsd.decoding.decode_linear); else F.linear.
         with (torch.no_grad(), adapter.rows_from(first_expert_row) if lora else contextlib.nullcontext(),
               decode_linear.decoding() if skinny else contextlib.nullcontext()):
-            model(input_ids=token, attention_mask=step_mask, position_ids=position, past_key_values=cache,
+            model(input_ids=token, attention_mask=step_mask, position_ids=position, **cache_kwargs(model, cache),
                   use_cache=True, logits_to_keep=1)
         synchronize(setup.device)
         elapsed, cpu_elapsed = time.perf_counter() - start, cpu_clock() - cpu_start
         cache.crop(-1)  # drop the token just added: every call runs at the same context length
         return elapsed, cpu_elapsed
 
+    adapter.attach(model)
     single, double = prepared(batch), prepared(2 * batch)
-    decode_linear.attach(model)
+    skinny_layers = decode_linear.attach(model)
     # base_rows is the plain forward `generate` runs; the 2B-row variants run as the guarded loop does.
     variants = {"base_rows": (single, False, False), "base_and_expert_rows_no_lora": (double, False, True),
                 "base_and_expert_rows_lora": (double, True, True),
@@ -208,6 +197,8 @@ def forward_variants(setup: Setup, ids: torch.Tensor, mask: torch.Tensor, contex
     for _ in range(calls):  # interleaved
         for name, (state, lora, skinny) in variants.items():
             times[name].append(one(state, lora, skinny))
+    adapter.detach(model)  # the model as it was given
+    decode_linear.detach(skinny_layers)
     out: dict[str, Any] = {"context_tokens": int(ids.shape[1]), "calls": calls}
     for prefix, index in (("", 0), ("cpu_", 1)):
         for name, values in times.items():
@@ -222,6 +213,17 @@ def forward_variants(setup: Setup, ids: torch.Tensor, mask: torch.Tensor, contex
 # ---------------------------------------------------------------------------------------------
 # 3. The selection op alone
 # ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def step_logits(setup: Setup, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Base and expert logits of the first decode step after the prompt, as the loop computes them."""
+    pair = AdapterPair(setup.model, setup.adapter)
+    try:
+        base, _ = pair.prefill(ids, mask)
+        return pair.step(base.argmax(-1))
+    finally:
+        pair.close()
 
 
 def select_alone(base: torch.Tensor, expert: torch.Tensor, calls: int, device: str) -> dict[str, Any]:
@@ -253,10 +255,7 @@ def select_alone(base: torch.Tensor, expert: torch.Tensor, calls: int, device: s
     out: dict[str, Any] = {name: median(values) for name, values in timings.items()}
     out.update({"cpu_" + name: median(values) for name, values in cpu_timings.items()})
 
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.device(device).type == "cuda" else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=_activities(device)) as prof:
         for _ in range(5):
             call()
         synchronize(device)
@@ -285,8 +284,7 @@ def plain_step(setup: Setup, ids: torch.Tensor, mask: torch.Tensor, steps: int, 
     for _ in range(repeats):
         streamer = TimingStreamer(setup.device)
         unguarded(ids, mask, steps + 1, streamer)
-        gaps = [b - a for a, b in zip(streamer.times[1:], streamer.times[2:])]
-        cpu_gaps = [b - a for a, b in zip(streamer.cpu_times[1:], streamer.cpu_times[2:])]
+        gaps, cpu_gaps = _step_gaps(streamer)
         values.append(sum(gaps) / len(gaps))
         cpu_values.append(sum(cpu_gaps) / len(cpu_gaps))
     return median(values), median(cpu_values)
@@ -302,9 +300,7 @@ def run_breakdown(setup: Setup, batch_sizes: list[int], steps: int, repeats: int
         rounds = []
         plain_values, plain_cpu_values = [], []
         for _ in range(repeats):  # interleave the guarded loop with plain generate
-            loop_round = loop_breakdown(setup, ids, mask, steps, 1)
-            rounds.extend(loop_round["rounds"])
-            logits = loop_round["_logits"]
+            rounds.extend(loop_breakdown(setup, ids, mask, steps, 1)["rounds"])
             wall, cpu = plain_step(setup, ids, mask, steps, 1)
             plain_values.append(wall)
             plain_cpu_values.append(cpu)
@@ -313,7 +309,7 @@ def run_breakdown(setup: Setup, batch_sizes: list[int], steps: int, repeats: int
         plain, plain_cpu = median(plain_values), median(plain_cpu_values)
         context = int(ids.shape[1]) + steps // 2
         forward_alone = forward_variants(setup, ids, mask, context, calls=max(5, repeats * 3))
-        base_logits, expert_logits = logits
+        base_logits, expert_logits = step_logits(setup, ids, mask)
         selection = select_alone(base_logits, expert_logits, calls=max(5, repeats * 3), device=setup.device)
         out["batches"][str(batch)] = {
             "loop": loop,
@@ -328,8 +324,8 @@ def run_breakdown(setup: Setup, batch_sizes: list[int], steps: int, repeats: int
         log(
             f"breakdown batch {batch}: step {loop['step_s'] * 1e3:.1f} ms = forward {forward * 1e3:.1f} "
             f"({loop['forward_share']:.1%}) + select {select * 1e3:.2f} ({loop['select_share']:.1%}) + overhead "
-            f"{overhead * 1e3:.2f} ({loop['overhead_share']:.1%}); by CPU time select {loop['cpu_select_share']:.1%}, "
-            f"overhead {loop['cpu_overhead_share']:.1%}; plain generate step {plain * 1e3:.1f} ms; "
+            f"{overhead * 1e3:.2f} ({loop['overhead_share']:.1%}); profiled step {loop['profiled_step_s'] * 1e3:.1f} ms; "
+            f"plain generate step {plain * 1e3:.1f} ms; "
             f"forward alone: base {forward_alone['base_rows'] * 1e3:.1f} / 2B no-LoRA "
             f"{forward_alone['base_and_expert_rows_no_lora'] * 1e3:.1f} / 2B LoRA "
             f"{forward_alone['base_and_expert_rows_lora'] * 1e3:.1f} ms"

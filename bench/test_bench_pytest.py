@@ -21,7 +21,7 @@ import json
 import pytest
 import torch
 
-from bench_decode import PeakMemory, TimingStreamer, median
+from harness import PeakMemory, TimingStreamer, median
 from ngsd import NGSDConfig, guarded_generate
 from ngsd.experts.lora import LoraAdapter
 from ngsd.decoding.pair import AdapterPair
@@ -101,7 +101,7 @@ def default_model():
 
 
 def test_decode_step_default_model_batch32(benchmark, default_model, tmp_path):
-    from bench_decode import benchmark_prompts, make_random_lora
+    from harness import benchmark_prompts, make_random_lora
     from ngsd.api import encode_prompts
     from ngsd.data import data_available
 
@@ -134,20 +134,21 @@ def test_timing_streamer_sees_one_put_per_step_in_both_loops(llama_pair):
     assert guarded.times == sorted(guarded.times)
 
 
-def test_instrumented_loop_times_every_step_and_restores_the_loop(llama_pair):
-    import ngsd.decoding.loop as generation
-    from bench_breakdown import _Timers, instrumented_loop
+def test_loop_profiler_ranges_count_every_step(llama_pair):
+    """The breakdown reads the loop's record_function ranges: one select per token, one forward between tokens."""
+    from bench_breakdown import range_times, summarise_loop
+    from torch.profiler import ProfilerActivity, profile
 
     model, folder = llama_pair
     input_ids, mask, _ = mixed_length_batch([3, 6, 5], model.config.vocab_size, seed=4)
-    before = (generation.GuardedSelector, generation.pair_for)
-    timers = _Timers("cpu")
-    with instrumented_loop(timers):
-        timed = guarded_generate(model, input_ids, mask, expert=folder, alpha=0.5, max_new_tokens=5)
-    assert (generation.GuardedSelector, generation.pair_for) == before
-    assert len(timers.select) == 5 and len(timers.forward) == 4  # no forward after the last token
-    plain = guarded_generate(model, input_ids, mask, expert=folder, alpha=0.5, max_new_tokens=5)
-    assert torch.equal(timed.sequences, plain.sequences)  # the timers do not change what is decoded
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        guarded_generate(model, input_ids, mask, expert=folder, alpha=0.5, max_new_tokens=5)
+    ranges = range_times(prof)
+    assert ranges["ngsd.select"]["calls"] == 5 and ranges["ngsd.forward"]["calls"] == 4  # no forward after the last
+    assert all(r["host_s"] > 0 for r in ranges.values())
+    rounds = [{"step_s": 0.1, "cpu_step_s": 0.2, "profiled_step_s": 0.12, "forward_share": 0.8, "select_share": 0.05}]
+    loop = summarise_loop(rounds)
+    assert loop["forward_s"] == pytest.approx(0.08) and loop["overhead_share"] == pytest.approx(0.15)
 
 
 def test_peak_memory_sees_an_allocation():

@@ -11,6 +11,7 @@ from torch import nn
 from .config import NGSDConfig
 from .experts.resolve import ExpertLike
 from .decoding.loop import GuardedOutput, RowTrace, guarded_generate
+from .loading import eos_token_ids
 
 
 @dataclass
@@ -67,7 +68,7 @@ def generate(
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     input_ids, attention_mask = encode_prompts(tokenizer, prompts, chat=chat, device=model.device)
-    kwargs.setdefault("eos_token_id", _eos_ids(model, tokenizer))
+    kwargs.setdefault("eos_token_id", eos_token_ids(model, tokenizer))
     kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
     output = guarded_generate(
         model,
@@ -82,12 +83,3 @@ def generate(
     )
     texts = [tokenizer.decode(trace.tokens, skip_special_tokens=True) for trace in output.traces]
     return GuardedResult(prompts=prompts, texts=texts, traces=output.traces, output=output)
-
-
-def _eos_ids(model: nn.Module, tokenizer) -> list[int]:
-    ids = set()
-    for source in (getattr(model, "generation_config", None), tokenizer):
-        eos = getattr(source, "eos_token_id", None)
-        if eos is not None:
-            ids.update([eos] if isinstance(eos, int) else eos)
-    return sorted(ids)

@@ -16,13 +16,16 @@ from __future__ import annotations
 import csv
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 DATA_ENV = "NGSD_DATA_DIR"
 FORMATS = ("json", "jsonl", "csv", "text")
-KINDS = ("harmful", "overrefusal", "utility", "training", "other")
+ROLES = ("harmful", "overrefusal", "utility", "training", "other")
+EVAL_ROLES = ("harmful", "overrefusal", "utility")  # the roles an evaluation scores
+SELECTIONS = ("lowest_ids", "first", "spread")
+SCORERS = (None, "last_number")
 _SUFFIX_FORMATS = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".txt": "text"}
 
 
@@ -52,16 +55,24 @@ class Prompt:
 
 @dataclass(frozen=True)
 class SuiteSpec:
-    """How to read one suite: its file, format and field mapping.
+    """One prompt suite: how to read it (file, format, field mapping), what it is for, and how an
+    evaluation picks and scores it.
 
-    Field names may be dotted paths into nested records, with integer steps for lists
-    ("turns.0" is the first turn). `records_key` names the list inside a JSON object root
-    (seed_reject.json keeps its rows under "prompts"). `where` keeps only records whose fields
-    equal the given values (XSTest's "label").
+    Reading: `file` is taken inside the data folder unless absolute. Field names may be dotted
+    paths into nested records, with integer steps for lists ("turns.0" is the first turn).
+    `records_key` names the list inside a JSON object root (seed_reject.json keeps its rows under
+    "prompts"). `where` keeps only records whose fields equal the given values (XSTest's "label").
 
-    >>> spec = SuiteSpec("mine", "mine.jsonl", text_field="question", kind="utility")
-    >>> spec.resolved_format()
-    'jsonl'
+    Role: "harmful" (scored by attack success rate), "overrefusal" (safe prompts that look unsafe:
+    refusal rate), "utility" (harmless tasks), "training" (expert training data only) or "other".
+
+    Evaluation (`ngsd.eval.suites`): `n` prompts (None: all) chosen by `select` ("lowest_ids",
+    "first" or "spread"), `target` marks the suites the headline targets apply to, `scorer` a task
+    scorer ("last_number" for GSM8K), `label` the name shown in reports.
+
+    >>> spec = SuiteSpec("mine", "mine.jsonl", text_field="question", role="utility")
+    >>> spec.resolved_format(), spec.label
+    ('jsonl', 'mine')
     """
 
     name: str
@@ -72,17 +83,65 @@ class SuiteSpec:
     format: str | None = None
     records_key: str | None = None
     where: Mapping[str, Any] = field(default_factory=dict, hash=False)
-    kind: str = "other"
+    role: str = "other"
     description: str = ""
+    n: int | None = None
+    select: str = "lowest_ids"
+    target: bool = False
+    scorer: str | None = None
+    label: str = ""
 
     def __post_init__(self) -> None:
         if self.format is not None and self.format not in FORMATS:
-            raise ValueError(f"format must be one of {FORMATS} or None (from the file suffix), got {self.format!r}")
-        if self.kind not in KINDS:
-            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+            raise ValueError(f"suite {self.name!r}: format must be one of {FORMATS} or None (from the file suffix), "
+                             f"got {self.format!r}")
+        if self.role not in ROLES:
+            raise ValueError(f"suite {self.name!r}: role must be one of {ROLES}, got {self.role!r}")
+        if self.select not in SELECTIONS:
+            raise ValueError(f"suite {self.name!r}: select must be one of {SELECTIONS}, got {self.select!r}")
+        if self.scorer not in SCORERS:
+            raise ValueError(f"suite {self.name!r}: scorer must be one of {SCORERS}, got {self.scorer!r}")
+        if self.n is not None and self.n < 1:
+            raise ValueError(f"suite {self.name!r}: n must be >= 1 (or null for all prompts), got {self.n}")
+        if not self.label:
+            object.__setattr__(self, "label", self.name)
+
+    @classmethod
+    def from_json(cls, name: str, value: Any) -> "SuiteSpec":
+        """A suite of an evaluation config: `value` is a prompt count, null (all prompts), or an object
+        of `SuiteSpec` fields.
+
+        A registered suite keeps its file, role, target, selection and scorer unless `value` changes
+        them; any other name needs a `file` (read as text field "text" unless told).
+        """
+        if value is None or isinstance(value, int):
+            value = {"n": value}
+        if not isinstance(value, Mapping):
+            raise ValueError(f"suite {name!r}: expected a prompt count, null or an object, got {value!r}")
+        unknown = set(value) - set(cls.__dataclass_fields__) - {"name"}
+        if unknown:
+            raise ValueError(f"suite {name!r}: unknown fields {sorted(unknown)}")
+        changes = {k: v for k, v in value.items() if k != "name"}
+        if "file" in changes:
+            spec = cls(name=name, **{"text_field": "text", "role": "harmful", **changes})
+        elif name in SUITES:
+            spec = replace(SUITES[name], **changes)
+        else:
+            raise ValueError(
+                f"unknown suite {name!r}: use one of {', '.join(suite_names())}, a suite registered with "
+                "ngsd.data.register_suite, or give a 'file' (with 'text_field' and 'role') for your own prompts"
+            )
+        if spec.role not in EVAL_ROLES:
+            raise ValueError(f"suite {name!r}: an evaluation scores roles {EVAL_ROLES}, got {spec.role!r}")
+        return spec
 
     def resolved_format(self) -> str:
         return self.format or infer_format(self.file)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["where"] = dict(self.where)
+        return out
 
 
 SUITES: dict[str, SuiteSpec] = {}
@@ -97,27 +156,28 @@ def register_suite(spec: SuiteSpec, *, overwrite: bool = False) -> SuiteSpec:
 
 
 for _spec in (
-    SuiteSpec("advbench", "advbench_harmful_behaviors.json", text_field="goal", goal_field="goal", kind="harmful",
+    SuiteSpec("advbench", "advbench_harmful_behaviors.json", text_field="goal", goal_field="goal", role="harmful",
+              target=True, label="AdvBench",
               description="AdvBench harmful behaviours (520); meta['target'] is the 'Sure, here is ...' target"),
-    SuiteSpec("harmbench", "harmbench_prompts.txt", kind="harmful",
+    SuiteSpec("harmbench", "harmbench_prompts.txt", role="harmful", target=True, select="spread", label="HarmBench",
               description="HarmBench standard behaviours, one per line (199)"),
-    SuiteSpec("gcg", "attack_gcg.json", goal_field="goal", kind="harmful",
+    SuiteSpec("gcg", "attack_gcg.json", goal_field="goal", role="harmful", target=True, label="GCG",
               description="GCG adversarial-suffix prompts (50)"),
-    SuiteSpec("autodan", "attack_autodan.json", goal_field="goal", kind="harmful",
+    SuiteSpec("autodan", "attack_autodan.json", goal_field="goal", role="harmful", target=True, label="AutoDAN",
               description="AutoDAN jailbreak prompts (50)"),
-    SuiteSpec("deepinception", "attack_deepinception.json", goal_field="goal", kind="harmful",
-              description="DeepInception nested-fiction prompts (50)"),
-    SuiteSpec("xstest_safe", "xstest.json", where={"label": "safe"}, kind="overrefusal",
-              description="XSTest safe prompts that look unsafe (250): refusing them is over-refusal"),
-    SuiteSpec("xstest_unsafe", "xstest.json", where={"label": "unsafe"}, kind="harmful",
-              description="XSTest unsafe contrast prompts (200)"),
-    SuiteSpec("mt_bench", "mt_bench_questions.jsonl", text_field="turns.0", id_field="question_id", kind="utility",
-              description="MT-Bench first turns (80)"),
-    SuiteSpec("gsm8k", "gsm8k_200.json", goal_field="goal", kind="utility",
+    SuiteSpec("deepinception", "attack_deepinception.json", goal_field="goal", role="harmful", target=True,
+              label="DeepInception", description="DeepInception nested-fiction prompts (50)"),
+    SuiteSpec("xstest_safe", "xstest.json", where={"label": "safe"}, role="overrefusal", target=True, select="spread",
+              label="XSTest safe", description="XSTest safe prompts that look unsafe (250): refusing them is over-refusal"),
+    SuiteSpec("xstest_unsafe", "xstest.json", where={"label": "unsafe"}, role="harmful", select="spread",
+              label="XSTest unsafe", description="XSTest unsafe contrast prompts (200)"),
+    SuiteSpec("mt_bench", "mt_bench_questions.jsonl", text_field="turns.0", id_field="question_id", role="utility",
+              select="spread", label="MT-Bench", description="MT-Bench first turns (80)"),
+    SuiteSpec("gsm8k", "gsm8k_200.json", goal_field="goal", role="utility", scorer="last_number", label="GSM8K",
               description="GSM8K test problems (200); goal is the numeric answer"),
-    SuiteSpec("seed_reject", "seed_reject.json", records_key="prompts", kind="training",
+    SuiteSpec("seed_reject", "seed_reject.json", records_key="prompts", role="training",
               description="SafeDecoding's 36 plain harmful prompts for building the expert's training set"),
-    SuiteSpec("expert_sft", "expert_sft_vicuna.json", text_field="text", id_field=None, kind="training",
+    SuiteSpec("expert_sft", "expert_sft_vicuna.json", text_field="text", id_field=None, role="training",
               description="SafeDecoding's 71 'USER: ... ASSISTANT: <refusal>' texts by Vicuna-7B"),
 ):
     register_suite(_spec)
@@ -288,9 +348,15 @@ def load_suite(name: str, data_dir: str | os.PathLike[str] | None = None, *, lim
     """The prompts of a named suite (see `suite_names()`), in file order; `limit` keeps the first n."""
     if name not in SUITES:
         raise KeyError(f"unknown suite {name!r}; known: {', '.join(suite_names())} (or register_suite your own)")
-    spec = SUITES[name]
+    return read_suite(SUITES[name], data_dir, limit=limit)
+
+
+def read_suite(spec: SuiteSpec, data_dir: str | os.PathLike[str] | None = None, *, limit: int | None = None) -> list[Prompt]:
+    """The prompts of any suite description, registered or not, in file order; `limit` keeps the first n."""
     fmt = spec.resolved_format()
-    path = resolve_data_dir(data_dir) / spec.file
+    path = Path(spec.file).expanduser()
+    if not path.is_absolute():
+        path = resolve_data_dir(data_dir) / path
     rows = read_rows(path, format=fmt, records_key=spec.records_key)
     text_field = "text" if fmt == "text" else spec.text_field
     prompts = records_to_prompts(
@@ -300,9 +366,9 @@ def load_suite(name: str, data_dir: str | os.PathLike[str] | None = None, *, lim
     return prompts[:limit] if limit is not None else prompts
 
 
-def suite_names(kind: str | None = None) -> list[str]:
-    """Registered suite names, optionally only those of one kind ("harmful", "overrefusal", "utility", "training")."""
-    return [n for n, s in SUITES.items() if kind is None or s.kind == kind]
+def suite_names(role: str | None = None) -> list[str]:
+    """Registered suite names, optionally only those of one role ("harmful", "overrefusal", "utility", "training")."""
+    return [n for n, s in SUITES.items() if role is None or s.role == role]
 
 
 def id_sort_key(prompt: Prompt) -> tuple[int, int, str]:
@@ -354,6 +420,7 @@ __all__ = [
     "get_field",
     "load_records",
     "load_suite",
+    "read_suite",
     "lowest_ids",
     "read_rows",
     "records_to_prompts",

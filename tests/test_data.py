@@ -76,7 +76,7 @@ def test_bad_field_and_bad_json_are_clear(tmp_path):
 
 def test_register_own_suite(tmp_path):
     (tmp_path / "mine.csv").write_text("text,id\nHello?,a\n")
-    spec = D.SuiteSpec("test_mine_suite", "mine.csv", text_field="text", kind="utility")
+    spec = D.SuiteSpec("test_mine_suite", "mine.csv", text_field="text", role="utility")
     D.register_suite(spec)
     try:
         assert [p.text for p in D.load_suite("test_mine_suite", tmp_path)] == ["Hello?"]
@@ -87,8 +87,8 @@ def test_register_own_suite(tmp_path):
         D.SUITES.pop("test_mine_suite")
     with pytest.raises(KeyError, match="unknown suite"):
         D.load_suite("test_mine_suite", tmp_path)
-    with pytest.raises(ValueError, match="kind"):
-        D.SuiteSpec("x", "x.json", kind="evil")
+    with pytest.raises(ValueError, match="role"):
+        D.SuiteSpec("x", "x.json", role="evil")
 
 
 def test_lowest_ids_sorts_numerically():
@@ -130,3 +130,16 @@ def test_suite_field_mappings_on_shared_data():
     mt = D.load_suite("mt_bench", limit=1)[0]
     assert mt.id == "81" and mt.text.startswith("Compose an engaging travel blog")
     assert D.load_suite("expert_sft", limit=1)[0].text.startswith("USER: ")
+
+
+def test_one_suite_description_serves_loading_and_evaluation(tmp_path):
+    from ngsd.eval.suites import SuiteSpec as EvalSuiteSpec
+
+    assert EvalSuiteSpec is D.SuiteSpec
+    spec = D.SuiteSpec.from_json("gsm8k", 2)
+    assert (spec.file, spec.role, spec.n, spec.scorer, spec.label) == ("gsm8k_200.json", "utility", 2, "last_number", "GSM8K")
+    with pytest.raises(ValueError, match="evaluation scores roles"):
+        D.SuiteSpec.from_json("seed_reject", 3)
+    (tmp_path / "m.txt").write_text("Hello?\n\nBye?\n")
+    own = D.SuiteSpec.from_json("mine", {"file": str(tmp_path / "m.txt"), "role": "utility"})
+    assert [p.text for p in D.read_suite(own)] == ["Hello?", "Bye?"]

@@ -39,7 +39,8 @@ class GuardedGenerateOutput(GenerateDecoderOnlyOutput):
     ngsd_traces: list[RowTrace] | None = None
 
 
-def _eos_ids(generation_config) -> list[int] | None:
+def _generation_eos_ids(generation_config) -> list[int] | None:
+    """The eos ids of the generation config `generate` prepared for this call (None: no eos stop)."""
     eos = getattr(generation_config, "_eos_token_tensor", None)
     if eos is not None:
         return eos.flatten().tolist()
@@ -91,7 +92,7 @@ def decoding_method(expert: ExpertLike, config: NGSDConfig | None = None, tokeni
             top_k=gc.top_k or 0,
             top_p=gc.top_p if gc.top_p is not None else 1.0,
             seed=ngsd_seed,
-            eos_token_id=_eos_ids(gc),
+            eos_token_id=_generation_eos_ids(gc),
             pad_token_id=int(pad) if pad is not None else gc.pad_token_id,
             stop_strings=ngsd_stop_strings,
             tokenizer=ngsd_tokenizer or tokenizer,

@@ -24,13 +24,11 @@ Two ways to get the scores, both batched over all requests:
   `share_prefix=False` all requests x 4 dimensions run as full prompts in ONE batched forward.
   Both give the same scores up to float rounding (tested).
 
-Measured on the default SmolLM2-135M-Instruct (fp32, CPU; 16 AdvBench + 16 XSTest-safe prompts,
-one batch of 16 each; the shared 2-core machine ran at load ~10, so absolute times are inflated
-several-fold, the ratio is what carries): prefill ~4.5 s/request, generate ~95 s/request (the batch
-runs until its slowest row closes its JSON or hits 256 tokens; most rows never wrote JSON). The
-135M model is no judge: generate failed to give JSON for 30/32 prompts (all scores fall back to 7,
-risk 7, alpha 0.9 for harmful and harmless alike); prefill gave ~3.4 on every dimension for both
-sets (risk 3, alpha 0.1 for all). Larger models are needed for reflection to mean anything.
+Cost: a "generate" batch runs until its slowest row closes its JSON or reaches `max_new_tokens`,
+so it costs far more per request than "prefill" (measured: `bench/bench_decode.py reflection`,
+results in `bench/results/RESULTS.md`). The 135M default model is no judge: most generated answers
+hold no JSON (fallback scores), and prefill scores barely differ between harmful and harmless
+requests (`reports/eval/REPORT.md`); larger models are needed for reflection to mean anything.
 
 >>> from ngsd.config import ReflectionConfig
 >>> cfg = ReflectionConfig()
@@ -57,6 +55,7 @@ import torch
 from ..config import REFLECTION_MODES, ReflectionConfig
 from ..decoding.kv_cache import cache_kwargs, returned_cache
 from ..decoding.pair import positions_from_mask
+from ..loading import eos_token_ids
 from .untrusted import SLOT, encode_plain
 
 DIMENSIONS = ("S", "A", "E", "T")
@@ -491,18 +490,6 @@ def _stopping_criteria(closes: torch.Tensor, prompt_width: int, bar=None):
     return StoppingCriteriaList([JsonClosed()])
 
 
-def _eos_ids(model, tokenizer) -> list[int]:
-    ids: list[int] = []
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for source in (tokenizer.eos_token_id, gen_eos):
-        if source is None:
-            continue
-        for value in source if isinstance(source, (list, tuple)) else [source]:
-            if int(value) not in ids:
-                ids.append(int(value))
-    return ids
-
-
 # ---------------------------------------------------------------------------------------------
 # Generative mode
 # ---------------------------------------------------------------------------------------------
@@ -527,7 +514,7 @@ def reflect_generate(
     rows = [evaluator_prompt_ids(tokenizer, r) for r in requests]
     _check_length(model, [len(r) for r in rows], config.max_new_tokens, "new tokens")
     input_ids, attention_mask = left_pad(rows, _pad_id(tokenizer), _model_device(model))
-    eos = _eos_ids(model, tokenizer)
+    eos = eos_token_ids(model, tokenizer)
     generation_config = GenerationConfig(
         max_new_tokens=config.max_new_tokens,
         do_sample=False,
