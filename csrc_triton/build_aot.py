@@ -319,8 +319,9 @@ def _shim_module(out_dir: Path, source_root: Path) -> Path:
         "import sys\n"
         f"sys.path.insert(0, {str(source_root)!r})\n"
         "from ngsd_kernels.ops.hidden_select import _hs_pass1_kernel, _hs_pass2_kernel  # noqa: F401\n"
-        "from ngsd_kernels.ops.fused_select import (  # noqa: F401\n"
-        "    _finalize_kernel, _intersection_kernel, _pass1_kernel, _pass2_kernel, _reduce_kernel)\n"
+        "from ngsd_kernels.ops.fused_select import _pass1_kernel, _pass2_kernel  # noqa: F401\n"
+        "from ngsd_kernels.ops.launcher import (  # noqa: F401\n"
+        "    _finalize_kernel, _intersection_kernel, _reduce_kernel)\n"
     )
     return path
 
@@ -463,11 +464,11 @@ def build(archs: list[int], variant_names: list[str], out_dir: Path, source_root
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise SystemExit("unset TRITON_INTERPRET: the AOT build compiles real GPU code")
     sys.path.insert(0, str(source_root))
-    # the JIT launches pass fused_select._LAUNCH (FP contraction off); the AOT compiler takes the
+    # the JIT launches pass launcher.LAUNCH_OPTIONS (FP contraction off); the AOT compiler takes the
     # option from the environment only, so mirror it there
-    from ngsd_kernels.ops.fused_select import _LAUNCH
+    from ngsd_kernels.ops.launcher import LAUNCH_OPTIONS
 
-    os.environ["TRITON_DEFAULT_FP_FUSION"] = "1" if _LAUNCH.get("enable_fp_fusion", True) else "0"
+    os.environ["TRITON_DEFAULT_FP_FUSION"] = "1" if LAUNCH_OPTIONS.get("enable_fp_fusion", True) else "0"
     variants_by_name = all_variants()
     unknown = [v for v in variant_names if v not in variants_by_name]
     if unknown:

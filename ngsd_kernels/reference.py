@@ -71,11 +71,13 @@ def divergence_between(
     raise ValueError(f"unknown divergence kind {kind}; use one of {list(Divergence)}")
 
 
-def lif_step(potential: torch.Tensor, current: torch.Tensor, params: StepParams) -> tuple[torch.Tensor, torch.Tensor]:
+def lif_step(
+    potential: torch.Tensor, current: torch.Tensor, tau: float, v_th: float, v_reset: float, rho: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One leaky integrate-and-fire update; returns (new potential, fired)."""
-    v = (1.0 - 1.0 / params.tau) * potential + current
-    fired = v >= params.v_th
-    return torch.where(fired, params.v_reset + params.rho * (v - params.v_reset), v), fired
+    v = (1.0 - 1.0 / tau) * potential + current
+    fired = v >= v_th
+    return torch.where(fired, v_reset + rho * (v - v_reset), v), fired
 
 
 def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
@@ -167,7 +169,7 @@ def guarded_select_reference(base_logits: Tensor, expert_logits: Tensor, potenti
     current = divergence_between(log_pb, log_pe, pb, pe, params.divergence)
 
     potential = potential.float()
-    new_potential, fired = lif_step(potential, current, params)
+    new_potential, fired = lif_step(potential, current, params.tau, params.v_th, params.v_reset, params.rho)
     if params.gate == GateMode.LIF:
         spike = fired
     elif params.gate == GateMode.OPEN:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .checks import FLOAT_DTYPES
+from .checks import FLOAT_DTYPES, check_row_vectors
 from .ops.cpu_select import cpu_guarded_select
 from .params import StepParams
 from .reference import guarded_select_reference
@@ -82,6 +82,7 @@ class GuardedSelector:
                 f"{base_logits.device}; plan() again for a new shape"
             )
         seed, offset = default_seed_offset(seed, offset, device)
+        check_row_vectors(batch, potential, alpha, seed, offset, base_logits, expert_logits)
         if self._launch is not None:
             from .ops.fused_select import LogitsPasses
             from .ops.launcher import select_exact

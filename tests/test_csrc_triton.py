@@ -201,7 +201,7 @@ GPU_PROBE = r"""
 import json, sys, torch
 sys.path.insert(0, sys.argv[3])
 from csrc_triton.setup_ext import build_extension
-from ngsd_kernels import GateMode, guarded_select_reference
+from ngsd_kernels import GateMode, StepParams, guarded_select_reference
 build_extension(sys.argv[1], sys.argv[2])
 torch.manual_seed(0)
 dev = "cuda"
@@ -216,7 +216,7 @@ for gate in (0, 1, 2):
     got = torch.ops.ngsd_aot.hidden_select_greedy(hb, he, w, pot, alpha, candidate_k=32, gate=gate)
     lb, le = hb.float() @ w.float().T, he.float() @ w.float().T
     ref = guarded_select_reference(lb, le, pot, alpha, torch.zeros(1, dtype=torch.long, device=dev),
-                                   torch.zeros(1, dtype=torch.long, device=dev), candidate_k=32, gate=gate)
+                                   torch.zeros(1, dtype=torch.long, device=dev), StepParams(candidate_k=32, gate=gate))
     got2 = torch.ops.ngsd_aot.logits_select_greedy(lb, le, pot, alpha, candidate_k=32, gate=gate)
     for name, out in (("hidden", got), ("logits", got2)):
         report[f"{name}-{gate}"] = dict(

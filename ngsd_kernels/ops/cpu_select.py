@@ -67,7 +67,7 @@ def cpu_guarded_select(base_logits: Tensor, expert_logits: Tensor, potential: Te
     alpha = torch.where(valid, alpha, torch.zeros_like(alpha))
 
     potential = potential.float()
-    new_potential, fired = lif_step(potential, divergence, params)
+    new_potential, fired = lif_step(potential, divergence, params.tau, params.v_th, params.v_reset, params.rho)
     gate = params.gate
     spike = fired if gate == GateMode.LIF else torch.full_like(fired, gate == GateMode.OPEN)
 

@@ -98,8 +98,6 @@ def _pass2_kernel(
     )
 
 
-
-
 @dataclass(frozen=True)
 class LogitsPasses:
     """The launcher's source for materialised logits [B, V] (unit stride along the vocabulary)."""

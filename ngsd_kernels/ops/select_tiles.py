@@ -8,10 +8,10 @@ RB rows per program in the per-row kernels):
           and -- when the gate can open -- the chunk's top-K keys of both rows.
           -> ``pass1_store_tile``
   reduce  grid (cdiv(B, RB),)  per row: log-sum-exp of both rows, validity, the merged global
-          top-K keys, the union thresholds (value of the k-th key).  [fused_select._reduce_kernel]
+          top-K keys, the union thresholds (value of the k-th key).  [launcher._reduce_kernel]
   inter.  grid (cdiv(B, RB),)  intersection mode only: SafeDecoding's grown intersection from the
           two top-K key lists and the token the row gets *if* it spikes.
-          [fused_select._intersection_kernel]
+          [launcher._intersection_kernel]
   pass 2  grid (cdiv(B, BB), NC)  reads both logits tiles a second time: partial divergence sums
           and, for BOTH possible gate outcomes (unmixed ``p_b`` and the union mixture), either the
           partial arg-max (greedy / plain temperature sampling, Gumbel-max) or the chunk's top-K keys
@@ -19,7 +19,7 @@ RB rows per program in the per-row kernels):
           -> ``pass2_store_tile``
   final.  grid (cdiv(B, RB),)  per row: divergence, LIF update, spike, then the token of the gate
           outcome that happened (arg-max reduce, or top-k / top-p + Gumbel-max on the merged
-          top-K buffer, ``buffer_sample``).  [fused_select._finalize_kernel]
+          top-K buffer, ``buffer_sample``).  [launcher._finalize_kernel]
 
 Scratch buffers (all contiguous, written by one pass and read by the next, never read back on the host):
 
