@@ -14,4 +14,4 @@ fi
 bash scripts/install.sh
 export TRITON_INTERPRET=1
 export NGSD_DATA_DIR="${NGSD_DATA_DIR:-$(cd .. && pwd)/shared/data}"
-python3 -m pytest -q --durations=15 "${marker[@]}" "$@"
+${PYTHON:-python3} -m pytest -q --durations=15 "${marker[@]}" "$@"

@@ -55,6 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="random seed of sampling")
     parser.add_argument("--early-stop", action="store_true",
                         help="stop a guarded answer once it is clearly refusing (the reference's heuristic)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice; on a CPU shared with other jobs 1 thread "
+                        "is much faster)")
     parser.add_argument("--plot", default=None, metavar="FILE.png",
                         help="also write the gate traces as a PNG (needs matplotlib)")
     parser.add_argument("--json", action="store_true",
@@ -75,6 +78,7 @@ def check_arguments(args: argparse.Namespace) -> None:
         check_range("--temperature", args.temperature, 1e-6, what=" (use greedy decoding: leave out --sample)")
     check_range("--top-k", args.top_k, 0)
     check_range("--top-p", args.top_p, 1e-6, 1.0)
+    check_range("--threads", args.threads, 1)
     check_plot_file(args.plot)
     check_model(args.model)
     if args.mode != "off":
@@ -89,6 +93,10 @@ def run(args: argparse.Namespace) -> int:
     from ..eval.judge import KeywordJudge
     from ..textplot import plot_trace, save_trace_plot
 
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     progress = wants_progress(args)
     model, tokenizer = ngsd.load_model(args.model, progress=progress)
     config = NGSDConfig(mode=args.mode, early_stop=args.early_stop,
