@@ -41,6 +41,7 @@ from ngsd_kernels.ops.fused_select import (  # noqa: E402
 )
 from ngsd_kernels.ops.select_tiles import philox_uniform as philox_uniform_tile  # noqa: E402
 from ngsd_kernels.philox import philox_uniform  # noqa: E402
+from tests.kernels.steps import assert_same_step  # noqa: E402
 from ngsd_kernels.reference import (  # noqa: E402
     intersection_candidates, row_is_valid, sampling_mask, union_candidates,
 )
@@ -130,17 +131,6 @@ def pre_spike_potential(base, expert, potential, params):
         torch.zeros(1, dtype=torch.int64), params=step_params({**params, "gate": GateMode.CLOSED, "temperature": 0.0}),
     )
     return (1.0 - 1.0 / params["tau"]) * potential + current
-
-
-def assert_same_step(got, want):
-    tokens, new_v, spike, div = got
-    r_tokens, r_new_v, r_spike, r_div = want
-    assert tokens.dtype == torch.int64 and spike.dtype == torch.bool
-    assert new_v.dtype == torch.float32 and div.dtype == torch.float32
-    assert torch.equal(spike, r_spike), (spike, r_spike)
-    assert torch.equal(tokens, r_tokens), (tokens, r_tokens)
-    torch.testing.assert_close(div, r_div, rtol=1e-5, atol=1e-6, equal_nan=True)
-    torch.testing.assert_close(new_v, r_new_v, rtol=1e-5, atol=1e-6, equal_nan=True)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from ngsd_kernels import (  # noqa: E402
 from ngsd_kernels.ops import hidden_select, hidden_torch  # noqa: E402
 from ngsd_kernels.ops.hidden_select import fused_select_from_hidden  # noqa: E402
 from ngsd_kernels.ops.hidden_torch import hidden_logits  # noqa: E402
+from tests.kernels.steps import assert_same_step as assert_same_outputs  # noqa: E402
 
 if os.environ.get("TRITON_INTERPRET") != "1":  # pragma: no cover - set above unless the caller overrode it
     pytest.skip("these tests run the kernels interpreted (TRITON_INTERPRET=1)", allow_module_level=True)
@@ -48,14 +49,8 @@ def reference(hb, he, wb, we, bias_b, bias_e, potential, alpha, seed, offset, **
 
 
 def assert_same_step(got, want, potential, params):
-    tokens, new_v, spike, div = got
-    r_tokens, r_new_v, r_spike, r_div = want
-    assert tokens.dtype == torch.int64 and spike.dtype == torch.bool
-    assert new_v.dtype == torch.float32 and div.dtype == torch.float32
-    assert torch.equal(tokens, r_tokens), (tokens, r_tokens)
-    assert torch.equal(spike, r_spike), (spike, r_spike)
-    torch.testing.assert_close(div, r_div, rtol=1e-5, atol=1e-7, equal_nan=True)
-    torch.testing.assert_close(new_v, r_new_v, rtol=1e-5, atol=1e-7)
+    assert_same_outputs(got, want, atol=1e-7)
+    r_div = want[3]
     if params.get("gate", GateMode.LIF) == GateMode.LIF:
         # the data must not sit on the firing threshold, or the spike comparison would be luck
         pre = (1.0 - 1.0 / TAU) * potential + r_div
