@@ -77,6 +77,50 @@ def test_triton_op_passes_opcheck(overrides):
     torch.library.opcheck(torch.ops.ngsd.guarded_select_triton.default, args)
 
 
+def hidden_inputs(batch: int = 3, hidden: int = 16, vocab: int = 40, dtype=torch.float32, bias: bool = False):
+    gen = torch.Generator().manual_seed(batch)
+    weight = (torch.randn(vocab, hidden, generator=gen) * 0.3).to(dtype)
+    base = torch.randn(batch, hidden, generator=gen).to(dtype)
+    expert = (base.float() + 0.7 * torch.randn(batch, hidden, generator=gen)).to(dtype)
+    head_bias = torch.randn(vocab, generator=gen) if bias else None
+    *_, potential, alpha, seeds, offset = inputs(batch, vocab)
+    return base, expert, weight, None, head_bias, head_bias, potential, alpha, seeds, offset
+
+
+@pytest.mark.parametrize(
+    "overrides, bias",
+    [(dict(), False), (dict(gate=GateMode.OPEN, temperature=0.8, top_p=0.9), True)],
+    ids=["greedy-shared-head", "sampled-biased-head"],
+)
+def test_hidden_op_passes_opcheck(overrides, bias):
+    args = op_args(*hidden_inputs(bias=bias), params=PARAMS.with_(**overrides))
+    torch.library.opcheck(torch.ops.ngsd.guarded_select_from_hidden.default, args)
+
+
+@needs_triton
+def test_hidden_triton_op_passes_opcheck():
+    args = op_args(*hidden_inputs(dtype=torch.bfloat16), params=PARAMS.with_(gate=GateMode.OPEN))
+    torch.library.opcheck(torch.ops.ngsd.guarded_select_from_hidden_triton.default, args)
+
+
+@needs_triton
+def test_hidden_ops_agree_and_compile_fullgraph():
+    args = hidden_inputs(batch=2, vocab=33)
+    torch._dynamo.reset()
+    params = PARAMS.with_(gate=GateMode.OPEN, temperature=0.7)
+
+    def step(*tensors):
+        auto = torch.ops.ngsd.guarded_select_from_hidden(*tensors, *params.flat())
+        kernels = torch.ops.ngsd.guarded_select_from_hidden_triton(*tensors, *params.flat())
+        return auto, kernels
+
+    eager = step(*args)
+    compiled = torch.compile(step, fullgraph=True)(*args)
+    for got in (*compiled, eager[1]):
+        assert torch.equal(got[0], eager[0][0]) and torch.equal(got[2], eager[0][2])
+        torch.testing.assert_close(got[3], eager[0][3], rtol=1e-5, atol=1e-6)
+
+
 @needs_triton
 def test_dispatch_rules_on_cpu():
     base, expert, potential, alpha, seeds, offset = inputs(seed=1)
