@@ -29,6 +29,14 @@ def default_seed_offset(seed: Tensor | None, offset: Tensor | None, device: torc
     return (zero if seed is None else seed), (zero if offset is None else offset)
 
 
+def expert_bias(expert_head_weight: Tensor | None, base_head_bias: Tensor | None,
+                expert_head_bias: Tensor | None) -> Tensor | None:
+    """The expert's LM-head bias: its own, or -- when it shares the base head and has none -- the base's."""
+    if expert_head_weight is None and expert_head_bias is None:
+        return base_head_bias
+    return expert_head_bias
+
+
 def guarded_select(
     base_logits: Tensor, expert_logits: Tensor, potential: Tensor, alpha: Tensor, seed: Tensor | None = None,
     offset: Tensor | None = None, params: StepParams = StepParams(), backend: str = "auto",
@@ -103,9 +111,8 @@ def guarded_select_from_hidden(
     seed, offset = default_seed_offset(seed, offset, base_hidden.device)
     check_hidden_inputs(base_hidden, expert_hidden, base_head_weight, expert_head_weight, base_head_bias,
                         expert_head_bias, potential, alpha, seed, offset)
-    if expert_head_weight is None and expert_head_bias is None:
-        expert_head_bias = base_head_bias
-    heads = (base_head_weight, expert_head_weight, base_head_bias, expert_head_bias)
+    heads = (base_head_weight, expert_head_weight, base_head_bias,
+             expert_bias(expert_head_weight, base_head_bias, expert_head_bias))
     if backend == "torch":
         base_logits, expert_logits = pair_logits(base_hidden, expert_hidden, *heads)
         return guarded_select_reference(base_logits, expert_logits, potential, alpha, seed, offset, params)

@@ -25,11 +25,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .checks import FLOAT_DTYPES, check_row_vectors
+from .checks import FLOAT_DTYPES, check_hidden_inputs, check_row_vectors
 from .ops.cpu_select import cpu_guarded_select
+from .ops.hidden_torch import pair_logits
 from .params import StepParams
 from .reference import guarded_select_reference
-from .select import BACKENDS, Outputs, default_seed_offset
+from .select import BACKENDS, Outputs, default_seed_offset, expert_bias
 
 
 class GuardedSelector:
@@ -44,6 +45,7 @@ class GuardedSelector:
         self.backend = backend
         self._shape: tuple | None = None
         self._launch = None  # (SelectPlan, Scratch) on the Triton path
+        self._hidden_launches: dict[bool, object] = {}  # shared head? -> HiddenLaunch (Triton path)
 
     def plan(self, batch: int, vocab: int, dtype: torch.dtype, device: torch.device | str) -> "GuardedSelector":
         """Fix the batch size, vocabulary, logits dtype and device; choose launch constants and allocate scratch."""
@@ -54,6 +56,7 @@ class GuardedSelector:
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
         self._shape = (batch, vocab, dtype, device)
         self._launch = None
+        self._hidden_launches = {}
         if self.backend == "triton" or (self.backend == "auto" and device.type == "cuda"):
             from .ops.launcher import Scratch, check_triton_device, plan_select
 
@@ -93,3 +96,41 @@ class GuardedSelector:
         if self.backend == "torch":
             return guarded_select_reference(base_logits, expert_logits, potential, alpha, seed, offset, self.params)
         return cpu_guarded_select(base_logits, expert_logits, potential, alpha, seed, offset, self.params)
+
+    def run_from_hidden(
+        self, base_hidden: Tensor, expert_hidden: Tensor, base_head_weight: Tensor, expert_head_weight: Tensor | None,
+        potential: Tensor, alpha: Tensor, seed: Tensor | None = None, offset: Tensor | None = None,
+        base_head_bias: Tensor | None = None, expert_head_bias: Tensor | None = None,
+    ) -> Outputs:
+        """``guarded_select_from_hidden`` on the planned shapes (``dtype``: that of the hidden states and heads).
+
+        The Triton path plans its hidden-state launch and scratch at the first call and reuses them;
+        elsewhere one LM-head matmul and the CPU step (``backend="torch"``: the reference).
+        """
+        if self._shape is None:
+            raise RuntimeError("call plan(batch, vocab, dtype, device) before run_from_hidden()")
+        batch, vocab, dtype, device = self._shape
+        if base_hidden.shape[0] != batch or base_head_weight.shape[0] != vocab or base_hidden.dtype != dtype or (
+            base_hidden.device != device
+        ):
+            raise ValueError(
+                f"this selector was planned for {dtype} hidden states of {batch} rows, vocabulary {vocab}, on "
+                f"{device}; got {base_hidden.dtype} {tuple(base_hidden.shape)}, head {tuple(base_head_weight.shape)} "
+                f"on {base_hidden.device}; plan() again for a new shape"
+            )
+        seed, offset = default_seed_offset(seed, offset, device)
+        check_hidden_inputs(base_hidden, expert_hidden, base_head_weight, expert_head_weight, base_head_bias,
+                            expert_head_bias, potential, alpha, seed, offset)
+        heads = (base_head_weight, expert_head_weight, base_head_bias,
+                 expert_bias(expert_head_weight, base_head_bias, expert_head_bias))
+        if self._launch is not None:
+            from .ops.hidden_select import HiddenLaunch
+
+            shared = expert_head_weight is None
+            if shared not in self._hidden_launches:
+                self._hidden_launches[shared] = HiddenLaunch.build(batch, vocab, self.params, device, shared=shared)
+            return self._hidden_launches[shared].run(base_hidden, expert_hidden, *heads, potential, alpha, seed,
+                                                     offset, self.params)
+        base_logits, expert_logits = pair_logits(base_hidden, expert_hidden, *heads)
+        step = guarded_select_reference if self.backend == "torch" else cpu_guarded_select
+        return step(base_logits, expert_logits, potential, alpha, seed, offset, self.params)

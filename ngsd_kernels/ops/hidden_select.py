@@ -479,13 +479,35 @@ def fused_select_from_hidden(
     if batch == 0:
         return (torch.empty(0, dtype=torch.int64, device=device), potential.float().clone(),
                 torch.empty(0, dtype=torch.bool, device=device), torch.empty(0, dtype=torch.float32, device=device))
-    on_gpu = device.type == "cuda"
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if on_gpu else 0
-    plan, grid_plan = plan_hidden_select(
-        batch, base_head_weight.shape[0], params, shared=expert_head_weight is None, on_gpu=on_gpu,
-        num_splits=num_splits, sm_count=sms,
-    )
-    source = HiddenPasses(base_hidden, expert_hidden, base_head_weight, expert_head_weight, base_head_bias,
-                          expert_head_bias, grid_plan)
-    return select_exact(source, plan, Scratch.allocate(plan, device), potential, alpha, seed, offset, params,
-                        exact_fallback=exact_fallback)
+    launch = HiddenLaunch.build(batch, base_head_weight.shape[0], params, device,
+                                shared=expert_head_weight is None, num_splits=num_splits)
+    return launch.run(base_hidden, expert_hidden, base_head_weight, expert_head_weight, base_head_bias,
+                      expert_head_bias, potential, alpha, seed, offset, params, exact_fallback=exact_fallback)
+
+
+@dataclasses.dataclass(frozen=True)
+class HiddenLaunch:
+    """The planned hidden-state step for one batch size, vocabulary, setting and head sharing: launch
+    constants and scratch, reused by every ``run`` (``GuardedSelector.run_from_hidden`` keeps one)."""
+
+    plan: SelectPlan
+    grid_plan: dict[str, int]
+    scratch: Scratch
+
+    @classmethod
+    def build(cls, batch: int, vocab: int, params: StepParams, device: torch.device, *, shared: bool,
+              num_splits: int | None = None) -> "HiddenLaunch":
+        on_gpu = device.type == "cuda"
+        sms = torch.cuda.get_device_properties(device).multi_processor_count if on_gpu else 0
+        plan, grid_plan = plan_hidden_select(batch, vocab, params, shared=shared, on_gpu=on_gpu,
+                                             num_splits=num_splits, sm_count=sms)
+        return cls(plan, grid_plan, Scratch.allocate(plan, device))
+
+    def run(self, base_hidden: Tensor, expert_hidden: Tensor, base_head_weight: Tensor,
+            expert_head_weight: Tensor | None, base_head_bias: Tensor | None, expert_head_bias: Tensor | None,
+            potential: Tensor, alpha: Tensor, seed: Tensor, offset: Tensor, params: StepParams,
+            exact_fallback: bool = True) -> Outputs:
+        source = HiddenPasses(base_hidden, expert_hidden, base_head_weight, expert_head_weight, base_head_bias,
+                              expert_head_bias, self.grid_plan)
+        return select_exact(source, self.plan, self.scratch, potential, alpha, seed, offset, params,
+                            exact_fallback=exact_fallback)

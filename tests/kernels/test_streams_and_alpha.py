@@ -65,6 +65,14 @@ def run_selector(backend: str):
     return run
 
 
+def run_hidden_selector(backend: str):
+    def run(base, expert, weight, potential, alpha, seed, offset, params):
+        selector = GuardedSelector(params, backend).plan(base.shape[0], weight.shape[0], base.dtype, base.device)
+        return selector.run_from_hidden(base, expert, weight, None, potential, alpha, seed, offset)
+
+    return run
+
+
 BACKENDS = {
     "reference": run_logits("torch"),
     "cpu-op": run_logits("auto"),
@@ -73,6 +81,8 @@ BACKENDS = {
     "hidden-triton": run_hidden("triton"),
     "selector-cpu": run_selector("auto"),
     "selector-triton": run_selector("triton"),
+    "hidden-selector-cpu": run_hidden_selector("auto"),
+    "hidden-selector-triton": run_hidden_selector("triton"),
 }
 
 
@@ -179,3 +189,24 @@ def test_intersection_mode_takes_any_finite_alpha_but_not_nan(backend):
     assert tokens.tolist()[1] == -1 and tokens.tolist()[3] == -1
     assert tokens[0] >= 0 and tokens[2] >= 0 and spike[0] and spike[2]
     assert torch.isnan(div[[1, 3]]).all() and torch.isfinite(div[[0, 2]]).all()
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_a_planned_selector_runs_step_after_step_like_the_one_shot_ops(backend):
+    base, expert, weight = hidden_case(3, seed=8)
+    lb, le = logits_of(base, expert, weight)
+    params = StepParams(temperature=0.9, top_k=12, candidate_k=8, gate=GateMode.OPEN)
+    selector = GuardedSelector(params, backend).plan(3, VOCAB, torch.float32, "cpu")
+    potential, alpha, seed = torch.zeros(3), torch.tensor([0.2, 0.6, 1.0]), torch.tensor([21])
+    for step in range(3):  # the scratch of step 1 is reused by steps 2 and 3
+        offset = torch.tensor([step])
+        want = guarded_select(lb, le, potential, alpha, seed, offset, params, backend=backend)
+        for got in (selector.run(lb, le, potential, alpha, seed, offset),
+                    selector.run_from_hidden(base, expert, weight, None, potential, alpha, seed, offset)):
+            assert torch.equal(got[0], want[0]) and torch.equal(got[2], want[2])
+            torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-6)
+        potential = want[1]
+        base, expert = base.flip(0), expert.flip(0)  # new hidden states, as the next step brings
+        lb, le = logits_of(base, expert, weight)
+    with pytest.raises(ValueError, match="planned for"):
+        selector.run(lb[:2], le[:2], potential[:2], alpha[:2])
