@@ -10,8 +10,11 @@ from torch import nn
 
 from .config import NGSDConfig
 from .experts.resolve import ExpertLike
+from .decoding.arguments import check_prompt_texts
 from .decoding.loop import GuardedOutput, RowTrace, guarded_generate
 from .loading import eos_token_ids
+from .risk.reflection import left_pad
+from .risk.untrusted import SLOT, encode_plain, template_ids
 
 
 @dataclass
@@ -27,25 +30,21 @@ class GuardedResult:
         ]
 
 
-def encode_prompts(tokenizer, prompts: Sequence[str], *, chat: bool = True, device: str | torch.device = "cpu"):
-    """Left-padded input_ids and attention_mask, each prompt wrapped in the chat template if asked."""
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    for i, prompt in enumerate(prompts):
-        if not prompt or not prompt.strip():
-            raise ValueError(f"empty prompt at position {i}: give every request some text")
+def encode_prompts(tokenizer, prompts: str | Sequence[str], *, chat: bool = True, device: str | torch.device = "cpu"):
+    """Left-padded input_ids and attention_mask, each prompt wrapped in the chat template if asked.
+
+    A prompt is encoded as plain text: a chat control token typed in it (`<|im_end|>`) stays
+    characters and cannot end the user turn or open an assistant turn.
+    """
+    prompts = check_prompt_texts(prompts)
     if chat and getattr(tokenizer, "chat_template", None):
-        texts = [
-            tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-            for p in prompts
-        ]
+        turn = tokenizer.apply_chat_template([{"role": "user", "content": SLOT}], tokenize=False, add_generation_prompt=True)
+        rows = [template_ids(tokenizer, turn, [p]) for p in prompts]
     else:
-        texts = list(prompts)
-    tokenizer.padding_side = "left"
+        rows = [encode_plain(tokenizer, p, add_special_tokens=not chat) for p in prompts]
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not chat)
-    return batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    return left_pad(rows, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0, device)
 
 
 def generate(
@@ -66,7 +65,7 @@ def generate(
     >>> result = ngsd.generate(model, tokenizer, ["Write a poem about tea"])  # doctest: +SKIP
     >>> result.texts[0], result.traces[0].spikes[:8]                          # doctest: +SKIP
     """
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    prompts = check_prompt_texts(prompts)
     input_ids, attention_mask = encode_prompts(tokenizer, prompts, chat=chat, device=model.device)
     kwargs.setdefault("eos_token_id", eos_token_ids(model, tokenizer))
     kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)

@@ -95,7 +95,7 @@ def test_text_api_with_reflection_prefill_mode(with_tokenizer):
 
 def test_empty_text_prompt_is_refused(with_tokenizer):
     model, tokenizer, folder = with_tokenizer
-    with pytest.raises(ValueError, match="empty prompt at position 1"):
+    with pytest.raises(ValueError, match=r"prompts\[1\] is empty"):
         ngsd.generate(model, tokenizer, ["fine", "   "], expert=folder, alpha=0.5)
 
 

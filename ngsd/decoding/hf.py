@@ -50,6 +50,58 @@ def _generation_eos_ids(generation_config) -> list[int] | None:
     return [eos] if isinstance(eos, int) else list(eos)
 
 
+# Settings guarded decoding cannot honour: refused by name rather than dropped.
+_UNSUPPORTED = (
+    ("num_beams", lambda v: v is not None and v > 1, "beam search; use num_beams=1"),
+    ("num_return_sequences", lambda v: v is not None and v > 1, "repeat the prompt in the batch instead"),
+    ("num_beam_groups", lambda v: v is not None and v > 1, "group beam search"),
+    ("diversity_penalty", lambda v: bool(v), "group beam search"),
+    ("penalty_alpha", lambda v: v is not None and v > 0, "contrastive search"),
+    ("constraints", lambda v: bool(v), "constrained beam search"),
+    ("force_words_ids", lambda v: bool(v), "constrained beam search"),
+    ("guidance_scale", lambda v: v is not None and v != 1, "classifier-free guidance needs its own forward"),
+    ("min_p", lambda v: v is not None, "use top_k / top_p"),
+    ("typical_p", lambda v: v is not None and v < 1.0, "use top_k / top_p"),
+    ("epsilon_cutoff", lambda v: v is not None and v > 0.0, "use top_k / top_p"),
+    ("eta_cutoff", lambda v: v is not None and v > 0.0, "use top_k / top_p"),
+    ("top_h", lambda v: v is not None, "use top_k / top_p"),
+    ("watermarking_config", lambda v: v is not None, "watermarking"),
+    ("output_scores", lambda v: bool(v), "the trace in ngsd_traces has the gate's per-step values"),
+    ("output_logits", lambda v: bool(v), "the trace in ngsd_traces has the gate's per-step values"),
+    ("output_attentions", lambda v: bool(v), "not collected by guarded decoding"),
+    ("output_hidden_states", lambda v: bool(v), "not collected by guarded decoding"),
+)
+
+
+def check_generation_config(generation_config) -> None:
+    """Refuse, by name, each setting of `generation_config` that guarded decoding cannot honour."""
+    for name, unsupported, hint in _UNSUPPORTED:
+        value = getattr(generation_config, name, None)
+        if unsupported(value):
+            raise ValueError(f"guarded decoding does not support {name}={value!r} ({hint}); call ngsd.remove(model) "
+                             "for plain generate")
+
+
+def step_processors(logits_processor, generation_config):
+    """The processors HF built for this call minus the sampling warpers the step op applies itself
+    (temperature, top-k, top-p from the same generation config); None when nothing is left."""
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    gc = generation_config
+
+    def native(processor) -> bool:
+        if not gc.do_sample:
+            return False
+        return (
+            isinstance(processor, TemperatureLogitsWarper) and processor.temperature == gc.temperature
+            or isinstance(processor, TopKLogitsWarper) and processor.top_k == max(gc.top_k or 0, 1)
+            or isinstance(processor, TopPLogitsWarper) and processor.top_p == gc.top_p
+        )
+
+    kept = [processor for processor in (logits_processor or []) if not native(processor)]
+    return LogitsProcessorList(kept) if kept else None
+
+
 def decoding_method(expert: ExpertLike, config: NGSDConfig | None = None, tokenizer=None) -> Callable[..., Any]:
     """A `custom_generate` callable running guarded decoding with this expert and config.
 
@@ -75,8 +127,9 @@ def decoding_method(expert: ExpertLike, config: NGSDConfig | None = None, tokeni
         **model_kwargs: Any,
     ):
         call_config = ngsd_config or config
-        resolved = resolve_expert(expert, model, required=call_config.mode != "off")
         gc = generation_config
+        check_generation_config(gc)
+        resolved = resolve_expert(expert, model, required=call_config.mode != "off")
         max_new = gc.max_length - input_ids.shape[1] if gc.max_length is not None else 20
         pad = getattr(gc, "_pad_token_tensor", None)
         output = guarded_generate(
@@ -90,6 +143,7 @@ def decoding_method(expert: ExpertLike, config: NGSDConfig | None = None, tokeni
             do_sample=bool(gc.do_sample),
             temperature=gc.temperature if gc.temperature is not None else 1.0,
             top_k=gc.top_k or 0,
+            logits_processor=step_processors(logits_processor, gc),
             top_p=gc.top_p if gc.top_p is not None else 1.0,
             seed=ngsd_seed,
             eos_token_id=_generation_eos_ids(gc),
@@ -132,11 +186,9 @@ def apply(
     def generate(*args: Any, **kwargs: Any):
         if kwargs.get("custom_generate") is not None:
             raise ValueError("this model's generate is guarded by ngsd; call ngsd.remove(model) to use custom_generate")
-        if kwargs.get("logits_processor"):
-            raise ValueError(
-                "custom logits processors are not applied by guarded decoding (the gate reads raw logits); "
-                "call ngsd.remove(model) first or drop logits_processor"
-            )
+        for name in ("assistant_model", "negative_prompt_ids"):
+            if kwargs.get(name) is not None:
+                raise ValueError(f"guarded decoding does not support {name}; call ngsd.remove(model) for plain generate")
         for name in ("streamer", "tokenizer", "stop_strings"):
             if kwargs.get(name) is not None:
                 kwargs[f"ngsd_{name}"] = kwargs.pop(name)

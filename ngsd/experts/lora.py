@@ -28,6 +28,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 _PEFT_PREFIX = "base_model.model."
+# Attachment state lives on the model object (never keyed by id(model), which a later model can reuse):
+# model.__dict__[_ATTACHED] = {adapter: [hook handles]}, removed with the last adapter.
+_ATTACHED = "_ngsd_lora_hooks"
 
 
 @dataclass
@@ -44,7 +47,6 @@ class LoraAdapter:
     scale: float
     source: str = ""
     _local: threading.local = field(default_factory=threading.local, repr=False)
-    _handles: dict[int, list] = field(default_factory=dict, repr=False)
 
     @classmethod
     def load(cls, path: str | Path) -> "LoraAdapter":
@@ -87,8 +89,9 @@ class LoraAdapter:
 
     def attach(self, model: nn.Module) -> None:
         """Add the hooks to `model` (idempotent). Raises if the adapter does not fit the model."""
-        if id(model) in self._handles:
+        if self.is_attached(model):
             return
+        self.detach(model)  # hooks someone removed behind our back: start clean
         modules = dict(model.named_modules())
         handles = []
         for name, pair in self.pairs.items():
@@ -106,14 +109,27 @@ class LoraAdapter:
             pair.down = pair.down.to(module.weight.device, module.weight.dtype)
             pair.up = pair.up.to(module.weight.device, module.weight.dtype)
             handles.append(module.register_forward_hook(self._hook(pair)))
-        self._handles[id(model)] = handles
+        model.__dict__.setdefault(_ATTACHED, {})[self] = handles
 
     def detach(self, model: nn.Module) -> None:
-        for handle in self._handles.pop(id(model), []):
+        attached = model.__dict__.get(_ATTACHED, {})
+        for handle in attached.pop(self, []):
             handle.remove()
+        if not attached:
+            model.__dict__.pop(_ATTACHED, None)  # leave no trace on the model
 
     def is_attached(self, model: nn.Module) -> bool:
-        return id(model) in self._handles
+        """True when this adapter's hooks are registered on `model` (checked on the layers themselves)."""
+        handles = model.__dict__.get(_ATTACHED, {}).get(self)
+        return bool(handles) and all(_hook_alive(handle) for handle in handles)
+
+    def targets_lm_head(self, model: nn.Module | None = None) -> bool:
+        """True when the adapter changes the model's output embedding (then base and expert heads differ)."""
+        names = ("lm_head",)
+        if model is not None and hasattr(model, "get_output_embeddings"):
+            head = model.get_output_embeddings()
+            names += tuple(n for n, m in model.named_modules() if m is head and n)
+        return any(name.split(".")[-1] in names or name in names for name in self.pairs)
 
     @contextmanager
     def rows_from(self, first_expert_row: int) -> Iterator[None]:
@@ -138,6 +154,13 @@ class LoraAdapter:
             return output
 
         return add_lora
+
+
+def _hook_alive(handle) -> bool:
+    """Is the hook behind this RemovableHandle still registered on its (still living) layer?"""
+    ref = handle.hooks_dict_ref[0] if isinstance(handle.hooks_dict_ref, tuple) else handle.hooks_dict_ref
+    hooks = ref()
+    return hooks is not None and handle.id in hooks
 
 
 def _find_module(modules: dict[str, nn.Module], name: str) -> nn.Module | None:
