@@ -69,6 +69,17 @@ def test_help_and_argument_errors_import_no_torch():
         assert code == 0 and length > 200, name
 
 
+def test_every_lazy_public_name_resolves():
+    import ngsd
+    import ngsd.eval
+
+    for module in (ngsd, ngsd.eval):
+        for name in module.__all__:
+            assert getattr(module, name) is not None, f"{module.__name__}.{name}"
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        ngsd.nope
+
+
 def test_every_option_is_documented_and_defaults_are_shown():
     parser = cli.build_parser()
     for name, sub in _subcommands(parser).items():
@@ -77,7 +88,7 @@ def test_every_option_is_documented_and_defaults_are_shown():
                 assert action.help, f"ngsd {name} {action.option_strings[0]} has no help text"
         assert not sub.allow_abbrev, name
     text = _subcommands(parser)["generate"].format_help()
-    for shown in ("(default: 64)", "(default: ngsd)", "(default: generate)", "--mode", "--reflection", "--plot"):
+    for shown in ("(default: 64)", "(default: ngsd)", "--mode", "--reflection", "--plot"):
         assert shown in text, shown
 
 
@@ -180,7 +191,7 @@ def test_progress_labels_say_what_runs(llama_pair, capsys):
     guarded_generate(model, ids, expert=expert, config=NGSDConfig(mode="safedecoding"), max_new_tokens=2,
                      progress=True)
     err = capsys.readouterr().err
-    for label in ("guarded decoding (ngsd)", "unguarded decoding", "guarded decoding (safedecoding)"):
+    for label in ("guarded decoding (ngsd", "unguarded decoding", "guarded decoding (safedecoding"):
         assert label in err, label
     guarded_generate(model, ids, expert=expert, alpha=0.5, max_new_tokens=2)
     assert capsys.readouterr().err == ""

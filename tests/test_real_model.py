@@ -68,7 +68,10 @@ def test_greedy_matches_naive_decoder_on_real_model(real):
     assert same >= needed, f"only {same}/{len(prompts)} prompts matched the naive decoder"
 
 
+@pytest.mark.slow
 def test_row_alone_equals_row_in_batch_on_real_model(real):
+    """Opt-in (minutes): batch invariance is also checked on tiny models (test_generation) and on the
+    real model by the eval smoke run's resume from the cache in smaller batches (test_eval)."""
     model, tokenizer, expert = real
     prompts = _mixed_prompts(16)
     input_ids, mask = encode_prompts(tokenizer, prompts)

@@ -15,7 +15,7 @@ from typing import Any
 from ..cli import UsageError, check_expert, check_model, check_plot_file, check_range, wants_progress
 
 MODES = ("ngsd", "safedecoding", "open", "off")
-REFLECTION_MODES = ("generate", "prefill", "none")
+REFLECTION_MODES = ("auto", "probe", "generate", "prefill", "none")
 
 EPILOG = """\
 examples:
@@ -43,10 +43,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--alpha", type=float, default=None,
                         help="mixing strength for every prompt, in [0, 1] (>= 0 for safedecoding); given, it "
                         "skips self-reflection (default: chosen per prompt by --reflection)")
-    parser.add_argument("--reflection", default="generate", choices=REFLECTION_MODES,
-                        help="how alpha is chosen when --alpha is not given: generate (the model writes a JSON "
-                        "risk rating, up to 256 tokens: the slow reference), prefill (one forward reads the "
-                        "rating's digit distribution: fast), none (alpha 0.5)")
+    parser.add_argument("--reflection", default=None, choices=REFLECTION_MODES,
+                        help="how the risk of each prompt, and so alpha, is estimated when --alpha is not given: "
+                        "auto (probe when one exists for the model, else generate), probe (a classifier on the "
+                        "prompt's hidden states: fast), generate (the model writes a JSON risk rating, up to 256 "
+                        "tokens: slow), prefill (one forward reads the rating's digits), none (alpha 0.5) "
+                        "(default: ReflectionConfig's mode)")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit in tokens")
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --sample)")
@@ -99,8 +101,8 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     progress = wants_progress(args)
     model, tokenizer = ngsd.load_model(args.model, progress=progress)
-    config = NGSDConfig(mode=args.mode, early_stop=args.early_stop,
-                        reflection=ReflectionConfig(mode=args.reflection))
+    reflection = ReflectionConfig() if args.reflection is None else ReflectionConfig(mode=args.reflection)
+    config = NGSDConfig(mode=args.mode, early_stop=args.early_stop, reflection=reflection)
     common: dict[str, Any] = dict(
         max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
         top_k=args.top_k, top_p=args.top_p, seed=args.seed, progress=progress,
