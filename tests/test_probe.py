@@ -23,9 +23,11 @@ from ngsd.risk.probe_training import (
     auroc,
     build_dataset,
     extract_features,
+    pooled_candidates,
     route_threshold,
     select_and_fit,
     split_groups,
+    token_max_candidates,
 )
 
 from .conftest import DATA_DIR, mixed_length_batch, tiny_model
@@ -79,7 +81,7 @@ def test_pool_rejects_mismatched_mask_and_empty_rows():
     with pytest.raises(ValueError, match="no real token"):
         pool(hidden, torch.tensor([[1, 1, 1, 1], [0, 0, 0, 0]]), "last")
     with pytest.raises(ValueError, match="pooling"):
-        pool(hidden, torch.ones(2, 4), "max")
+        pool(hidden, torch.ones(2, 4), "median")
 
 
 def test_save_load_round_trip(tmp_path):
@@ -98,7 +100,9 @@ def test_spec_rejects_bad_layers_and_poolings():
     with pytest.raises(ValueError, match="layer"):
         ProbeSpec(layer=-1)
     with pytest.raises(ValueError, match="pooling"):
-        ProbeSpec(layer=1, pooling=("max",))
+        ProbeSpec(layer=1, pooling=("median",))
+    with pytest.raises(ValueError, match="aggregate"):
+        ProbeSpec(layer=1, aggregate="sum")
 
 
 def test_auroc_and_threshold():
@@ -123,14 +127,62 @@ def test_training_learns_a_planted_signal():
     noise[(2, "mean")] = signal
     train, val = list(range(300)), list(range(300, 400))
     cfg = TrainProbeConfig(poolings=(("last",), ("mean",)), l2=(1e-2,), route_recall=0.95)
-    probe, report = select_and_fit(noise, y, train, val, [1, 2], cfg, {"hidden_size": hidden})
-    assert probe.layer == 2 and probe.spec.pooling == ("mean",)
+    probe, report = select_and_fit(pooled_candidates(noise, y, [1, 2], cfg), y, train, val, cfg, {"hidden_size": hidden})
+    assert probe.layer == 2 and probe.spec.pooling == ("mean",) and probe.spec.aggregate == "pooled"
     assert report["validation"]["val_auroc"] > 0.97
     risks = probe.risk(signal[val])
     assert risks[y[val] == 1].mean() > 7 and risks[y[val] == 0].mean() < 3
     assert report["validation"]["val_harmful_routed"] <= 0.05
     config = ReflectionConfig()
     assert config.alpha_for_risk(float(risks[y[val] == 1].median())) == config.alpha_high
+
+
+def test_token_max_training_finds_the_one_harmful_token():
+    n, hidden = 300, 10
+    g = torch.Generator().manual_seed(1)
+    y = (torch.rand(n, generator=g) < 0.5).float()
+    tokens = []
+    for label in y.tolist():
+        states = torch.randn(int(torch.randint(3, 12, (1,), generator=g)), hidden, generator=g)
+        if label:  # one token somewhere carries the signal; the rest look benign
+            states[int(torch.randint(0, len(states), (1,), generator=g)), 5] += 4.0
+        tokens.append(states.half())
+    feats = {(3, "tokens"): tokens}
+    cfg = TrainProbeConfig(l2=(1e-3,), route_recall=0.95)
+    probe, report = select_and_fit(token_max_candidates(feats, y, [3], cfg), y, list(range(220)),
+                                   list(range(220, n)), cfg, {"hidden_size": hidden})
+    assert probe.spec.aggregate == "token_max" and probe.num_features == 1
+    assert report["validation"]["val_auroc"] > 0.95
+    # The probe's own features path (padded batch) gives the same maxima as training's flat path.
+    rows = list(range(220, 230))
+    width = max(len(tokens[i]) for i in rows)
+    hidden_states = torch.zeros(len(rows), width, hidden)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for k, i in enumerate(rows):
+        hidden_states[k, width - len(tokens[i]):] = tokens[i].float()
+        mask[k, width - len(tokens[i]):] = 1
+    feats_rows = probe.features((hidden_states,) * 4, mask)
+    from ngsd.risk.probe_training import token_max_logits
+
+    expected = token_max_logits([tokens[i] for i in rows], (probe.mean, probe.std, probe.weight, probe.bias))
+    torch.testing.assert_close(feats_rows[:, 0], expected, atol=1e-4, rtol=1e-4)
+
+
+def test_token_max_risk_cannot_drop_when_text_is_appended():
+    model = tiny_model("llama")
+    spec = ProbeSpec(layer=2, pooling=("max",), aggregate="token_max", model={"hidden_size": 32})
+    g = torch.Generator().manual_seed(4)
+    probe = RiskProbe(spec, torch.randn(32, generator=g), torch.rand(32, generator=g) + 0.5,
+                      torch.randn(32, generator=g), -1.0)
+    ids, mask, prompts = mixed_length_batch([6, 6, 6], model.config.vocab_size, seed=5)
+    plain = probe.risk(probe.features(prompt_hidden_states(model, ids, mask), mask))
+    suffix = torch.randint(3, model.config.vocab_size, (3, 9), generator=g)
+    longer_ids = torch.cat([ids, suffix], dim=1)
+    longer_mask = torch.ones_like(longer_ids)
+    longer = probe.risk(probe.features(prompt_hidden_states(model, longer_ids, longer_mask), longer_mask))
+    assert bool((longer >= plain - 1e-5).all())
+    with pytest.raises(ValueError, match="exactly one layer"):
+        ProbeSpec(layer=(1, 2), aggregate="token_max")
 
 
 @needs_data
@@ -198,7 +250,10 @@ def test_shipped_probe_loads_and_reads_a_middle_layer():
     probe = RiskProbe.load(path)
     report = json.loads((path / "training_report.json").read_text())
     assert 0 < max(probe.spec.layers) < 30
-    assert probe.num_features == 576 * len(probe.spec.pooling) * len(probe.spec.layers)
+    if probe.spec.aggregate == "token_max":
+        assert probe.num_features == 1 and probe.weight.shape == (576,)
+    else:
+        assert probe.num_features == 576 * len(probe.spec.pooling) * len(probe.spec.layers)
     assert report["validation"]["val_auroc"] > 0.9 and report["seed"] == 0
     assert 0 <= probe.route_below <= 10
 
@@ -229,3 +284,14 @@ def test_estimate_risk_matches_cached_features_and_keeps_request_order(tokenizer
     assert probe.risk(feats[(1, "mean")]).tolist() == pytest.approx(risks, abs=1e-4)
     with pytest.raises(TypeError, match="list"):
         estimate_risk(model, tokenizer, "one string", probe)
+
+
+def test_cli_module_is_light_and_parses_its_options():
+    import subprocess
+    import sys
+
+    code = ("import sys, argparse, ngsd.risk.probe_cli as c; assert 'torch' not in sys.modules, 'torch imported'; "
+            "p = argparse.ArgumentParser(); c.register_cli(p.add_subparsers()); "
+            "a = p.parse_args(['train-probe', '--out', 'x', '--layers', '3,5', '--poolings', 'mean;last+max']); "
+            "cfg = c.config_from_args(a); assert cfg.layers == (3, 5) and cfg.poolings == (('mean',), ('last', 'max'))")
+    subprocess.run([sys.executable, "-c", code], check=True)

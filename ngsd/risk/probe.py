@@ -7,8 +7,16 @@ logistic regression. Nothing is generated, so the request cannot talk its way to
 Features (`RiskProbe.features`): for each hidden-state index in `probe.layer` (index i of the
 tuple a Hugging Face forward with `output_hidden_states=True` returns; 0 is the embedding output)
 and each pooling in `probe.pooling` ("last": the last real prompt token, "mean": the mean over
-the real prompt tokens, padding excluded), concatenated. Pooling reads the attention mask, so
+the real prompt tokens, "max": the element-wise maximum over them; padding excluded), concatenated.
+A mean is diluted by long surrounding text (a harmful goal inside a long story); a maximum is not. Pooling reads the attention mask, so
 left padding does not change a row's features (up to float rounding).
+
+With `aggregate="token_max"` the logistic regression scores every real prompt token's hidden
+state (standardised per dimension) and the row's logit is the maximum over its tokens; features
+are then that maximum, [B, 1]. Because the model is causal, text appended after a harmful request
+does not change the request's own tokens, so it cannot lower their scores or the maximum: only
+the few chat-template tokens after the request change. A pooled mean has no such floor (a long
+benign-looking wrapper dilutes it).
 
 Risk (`RiskProbe.risk`), on the 0..10 scale of self-reflection so `ReflectionConfig.alpha_for_risk`
 applies unchanged: `logit = ((f - mean) / std) @ weight + bias` (the logistic regression, fitted
@@ -32,7 +40,10 @@ from typing import Any, Sequence
 
 import torch
 
-POOLINGS = ("last", "mean")
+POOLINGS = ("last", "mean", "max")
+# "pooled": logistic regression on pooled features; "token_max": the logistic score of every prompt
+# token, maximised over the prompt (see the module docstring).
+AGGREGATES = ("pooled", "token_max")
 PROBE_FILE = "probe.json"
 WEIGHTS_FILE = "probe.safetensors"
 REPORT_FILE = "training_report.json"
@@ -60,9 +71,14 @@ class ProbeSpec:
     calibration: dict[str, float] = field(default_factory=lambda: {"scale": 1.0, "shift": 0.0})
     route_below: float = 5.0
     model: dict[str, Any] = field(default_factory=dict)
+    aggregate: str = "pooled"
 
     def __post_init__(self) -> None:
         layers = self.layers
+        if self.aggregate not in AGGREGATES:
+            raise ValueError(f"aggregate must be one of {AGGREGATES}, got {self.aggregate!r}")
+        if self.aggregate == "token_max" and len(layers) != 1:
+            raise ValueError(f"aggregate 'token_max' reads exactly one layer, got {self.layer!r}")
         if not layers or any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in layers):
             raise ValueError(f"layer must be a non-negative int or a list of them (hidden-state indices), got {self.layer!r}")
         if not self.pooling or any(p not in POOLINGS for p in self.pooling):
@@ -89,6 +105,7 @@ class ProbeSpec:
             calibration=dict(data.get("calibration", {"scale": 1.0, "shift": 0.0})),
             route_below=float(data.get("route_below", 5.0)),
             model=dict(data.get("model", {})),
+            aggregate=str(data.get("aggregate", "pooled")),
         )
 
 
@@ -107,6 +124,8 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> to
     hidden = hidden.float()
     if pooling == "mean":
         return (hidden * mask[..., None]).sum(1) / mask.sum(-1, keepdim=True)
+    if pooling == "max":
+        return hidden.masked_fill(mask[..., None] == 0, float("-inf")).amax(1)
     positions = torch.arange(mask.shape[1], device=mask.device, dtype=torch.float32)
     last = (mask * (positions + 1)).argmax(-1)  # the last real token, whatever side is padded
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
@@ -145,7 +164,16 @@ class RiskProbe:
 
     @property
     def num_features(self) -> int:
-        return self.weight.shape[0]
+        return 1 if self.spec.aggregate == "token_max" else self.weight.shape[0]
+
+    def token_logits(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """token_max: the logistic logit of every token of [B, T, H] -> [B, T], -inf at padding."""
+        if hidden.dim() != 3 or attention_mask.shape != hidden.shape[:2]:
+            raise ValueError(f"hidden states must be [B, T, H] with attention_mask [B, T]; got {tuple(hidden.shape)} "
+                             f"and {tuple(attention_mask.shape)}")
+        z = (hidden.float().to(self.mean.device) - self.mean) / self.std
+        scores = z @ self.weight + self.bias
+        return scores.masked_fill(attention_mask.to(scores.device) == 0, float("-inf"))
 
     def features(self, hidden_states: Sequence[torch.Tensor], attention_mask: torch.Tensor) -> torch.Tensor:
         """[B, F] features from a prefill's hidden-state tuple (HF `output_hidden_states=True`)."""
@@ -154,6 +182,10 @@ class RiskProbe:
         need = max(self.spec.layers)
         if len(hidden_states) <= need:
             raise ValueError(f"the probe reads hidden_states[{need}] but only {len(hidden_states)} were given")
+        if self.spec.aggregate == "token_max":
+            if bool((attention_mask.sum(-1) == 0).any()):
+                raise ValueError("attention_mask has a row with no real token; every prompt needs at least one token")
+            return self.token_logits(hidden_states[need], attention_mask).amax(-1, keepdim=True)
         parts = [pool(hidden_states[i], attention_mask, p) for i in self.spec.layers for p in self.spec.pooling]
         return torch.cat(parts, dim=-1)
 
@@ -161,6 +193,8 @@ class RiskProbe:
         """The uncalibrated logistic-regression logit per row."""
         if features.dim() != 2 or features.shape[1] != self.num_features:
             raise ValueError(f"features must be [B, {self.num_features}], got {tuple(features.shape)}")
+        if self.spec.aggregate == "token_max":
+            return features[:, 0].float()  # already the maximum token logit
         x = (features.float().to(self.mean.device) - self.mean) / self.std
         return x @ self.weight + self.bias
 
@@ -334,6 +368,7 @@ def estimate_risk(model: Any, tokenizer: Any, requests: Sequence[str], probe: Ri
 
 
 __all__ = [
+    "AGGREGATES",
     "DEFAULT_PROBE_NAME",
     "POOLINGS",
     "ProbeSpec",

@@ -24,8 +24,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", default=None,
                         help="comma-separated hidden-state indices to try (0 = embeddings); default: five spread over "
                              "the first 60%% of the depth")
-    parser.add_argument("--poolings", default="last;mean;last+mean",
-                        help="pooling combinations to try, ';'-separated, each '+'-joined from last/mean")
+    parser.add_argument("--aggregate", default="token_max", choices=["token_max", "pooled"],
+                        help="token_max: score every prompt token, take the maximum (appended text cannot lower it); "
+                             "pooled: score pooled features (--poolings)")
+    parser.add_argument("--poolings", default="last;mean;max;last+mean;mean+max",
+                        help="pooling combinations to try, ';'-separated, each '+'-joined from last/mean/max")
+    parser.add_argument("--held-out-wrappers", default=None,
+                        help="comma-separated wrapper names kept out of the selection fits (default: one per family, "
+                             "see ngsd.risk.probe_training.HELD_OUT_WRAPPERS)")
     parser.add_argument("--l2", default="0.001,0.01,0.1", help="comma-separated L2 strengths to try")
     parser.add_argument("--val-fraction", type=float, default=0.2, help="share of training requests held out")
     parser.add_argument("--wrap-rate", type=float, default=0.6,
@@ -56,11 +62,15 @@ def config_from_args(args: argparse.Namespace) -> Any:
         l2 = tuple(float(v) for v in args.l2.split(",") if v.strip())
     except ValueError as err:
         raise ValueError(f"--l2 must be comma-separated numbers, got {args.l2!r}") from err
+    extra = {}
+    if args.held_out_wrappers is not None:
+        extra["held_out_wrappers"] = tuple(w.strip() for w in args.held_out_wrappers.split(",") if w.strip())
     poolings = tuple(tuple(p.strip() for p in combo.split("+")) for combo in args.poolings.split(";") if combo.strip())
     return TrainProbeConfig(
         model=args.model, out=args.out, seed=args.seed, layers=_ints(args.layers, "layers"), poolings=poolings,
         l2=l2, val_fraction=args.val_fraction, wrap_rate=args.wrap_rate, route_recall=args.route_recall,
         batch_size=args.batch_size, threads=args.threads, data_dir=args.data_dir, cache_dir=args.cache_dir,
+        aggregate=args.aggregate, **extra,
     )
 
 
