@@ -220,7 +220,7 @@ def step_logits(setup: Setup, ids: torch.Tensor, mask: torch.Tensor) -> tuple[to
     """Base and expert logits of the first decode step after the prompt, as the loop computes them."""
     pair = AdapterPair(setup.model, setup.adapter)
     try:
-        base, _ = pair.prefill(ids, mask)
+        base = pair.prefill(ids, mask, guard_rows=range(ids.shape[0])).base
         return pair.step(base.argmax(-1))
     finally:
         pair.close()

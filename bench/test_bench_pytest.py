@@ -70,7 +70,7 @@ def _decode_step_bench(benchmark, model, adapter: LoraAdapter, input_ids, mask, 
     def fresh_state():  # untimed: a new pair after its prefill, so every round steps from the same point
         pair = AdapterPair(model, adapter)
         with torch.no_grad():
-            base, _ = pair.prefill(input_ids, mask)
+            base = pair.prefill(input_ids, mask, guard_rows=range(batch)).base
         return (pair, base.argmax(-1), torch.zeros(batch)), {}
 
     def step(pair, tokens, potential):

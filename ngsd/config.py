@@ -9,7 +9,7 @@ from typing import Any
 from ngsd_kernels import CandidateMode, Divergence, GateMode, StepParams
 
 MODES = ("ngsd", "safedecoding", "open", "off")
-REFLECTION_MODES = ("generate", "prefill", "none")
+REFLECTION_MODES = ("auto", "probe", "generate", "prefill", "none")
 ALL_ZERO_POLICIES = ("fail", "bump")
 
 
@@ -29,9 +29,15 @@ def _check_finite(name: str, value: Any) -> None:
 class ReflectionConfig:
     """How the base model's own risk judgement becomes a mixing strength alpha (spec section 2).
 
-    mode: "generate" (the reference: a JSON answer at temperature 0), "prefill" (one prefill per
-    dimension, the expected digit under the next-token distribution) or "none" (use
-    `default_alpha`, or the alpha given per request).
+    mode: "auto" (default: "probe" when a risk probe exists for the model, else "generate"),
+    "probe" (a trained classifier on the base model's own hidden states of the prompt, read from
+    the prefill decoding runs anyway: spec section 2b), "generate" (the paper's self-reflection: a
+    JSON answer at temperature 0), "prefill" (one prefill per dimension, the expected digit under
+    the next-token distribution) or "none" (use `default_alpha`, or the alpha given per request).
+    probe: folder of a trained probe (`ngsd train-probe`); None: the probe shipped for the model.
+    route: with the probe, rows whose risk is below `route_below` decode unguarded: gate closed,
+    no expert rows in the forward at all, so they cost what unguarded decoding costs.
+    route_below: the routing threshold in risk units (0..10); None: the probe's own operating point.
     all_zero: what four zero scores mean, "fail" (risk 10, a failed evaluation) or "bump" (S += 1).
     injection_risk: the lowest risk of a request that tries to dictate its own verdict (types the
     evaluator's delimiters or chat control tokens, writes scores, tells the evaluator to ignore its
@@ -40,7 +46,10 @@ class ReflectionConfig:
     characters, and its riskiest part decides (padding cannot dilute a harmful core); None: whole only.
     """
 
-    mode: str = "generate"
+    mode: str = "auto"
+    probe: str | None = None
+    route: bool = True
+    route_below: float | None = None
     max_new_tokens: int = 256
     long_request_chars: int = 2000
     long_request_bonus: int = 2
@@ -79,6 +88,14 @@ class ReflectionConfig:
             raise ValueError(f"reflection max_new_tokens must be >= 8 to hold a JSON answer, got {self.max_new_tokens}")
         if not 0 <= self.fallback_score <= 10:
             raise ValueError(f"fallback_score must be in 0..10, got {self.fallback_score}")
+        if self.route_below is not None:
+            _check_finite("route_below", self.route_below)
+            if not 0.0 <= self.route_below <= 10.0:
+                raise ValueError(f"route_below must be a risk in [0, 10] or None, got {self.route_below}")
+        if not isinstance(self.route, bool):
+            raise TypeError(f"route must be True or False, got {self.route!r}")
+        if self.probe is not None and not isinstance(self.probe, str):
+            object.__setattr__(self, "probe", str(self.probe))
         if not self.low_risk_below <= self.high_risk_above:
             raise ValueError(
                 f"low_risk_below ({self.low_risk_below}) must not exceed high_risk_above ({self.high_risk_above})"

@@ -11,6 +11,7 @@ import functools
 import inspect
 from typing import Any
 
+import torch
 from torch import nn
 
 
@@ -32,3 +33,24 @@ def returned_cache(output: Any) -> Any:
     """The KV cache in a model output (`output.cache`, or `output.past_key_values` before the rename)."""
     name = "cache" if "cache" in getattr(type(output), "__dataclass_fields__", {}) else "past_key_values"
     return getattr(output, name, None)
+
+
+def append_cache_rows(cache: Any, other: Any) -> Any:
+    """`cache` with the batch rows of `other` appended (two prefills of one model over equally wide prompts).
+
+    Lets the guarded rows' expert copies join the base rows' cache after the base prefill, once
+    the risk of each row is known. Supports transformers' dynamic caches (full and sliding-window
+    layers), the caches the loop's forwards create.
+    """
+    layers, other_layers = getattr(cache, "layers", None), getattr(other, "layers", None)
+    if layers is None or other_layers is None or len(layers) != len(other_layers):
+        raise TypeError(f"cannot append the rows of a {type(other).__name__} to a {type(cache).__name__}")
+    for layer, extra in zip(layers, other_layers):
+        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if not isinstance(keys, torch.Tensor) or not isinstance(getattr(extra, "keys", None), torch.Tensor):
+            raise TypeError(f"cannot append the rows of a {type(extra).__name__} cache layer")
+        if keys.shape[1:] != extra.keys.shape[1:]:
+            raise ValueError(f"cache layers differ beyond the batch: {tuple(keys.shape)} vs {tuple(extra.keys.shape)}")
+        layer.keys = torch.cat([keys, extra.keys])
+        layer.values = torch.cat([values, extra.values])
+    return cache

@@ -1,11 +1,15 @@
 """The guarded generation loop: prefill base and expert once, then one selection op per token.
 
+Per call: risk per row (an alpha given, self-reflection, or the risk probe reading the base
+prefill), the guarded rows (the probe routes low-risk rows unguarded: no expert rows at all),
+then per token one forward of base + guarded expert rows and one selection op (`step.py`).
 Everything a call needs (caches, potential, alpha, stop state) lives in this function's locals,
 so concurrent calls on one model never share gate state.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -13,13 +17,15 @@ import torch
 from torch import nn
 from torch.profiler import record_function
 
-from ngsd_kernels import GuardedSelector
-
 from ..config import NGSDConfig
-from .early_stop import EarlyStop
-from ..experts.resolve import ExpertLike, resolve_expert
 from ..experts.lora import LoraAdapter
+from ..experts.resolve import ExpertLike, resolve_expert
+from ..risk.estimate import plan_risk
+from .arguments import check_sampling, per_row_ints
+from .early_stop import EarlyStop
+from .heads import HeadSplit, split_head
 from .pair import AdapterPair, BaseOnly, ForwardPair, ModelPair
+from .step import GuardedStep
 
 
 @dataclass
@@ -33,6 +39,8 @@ class RowTrace:
     tokens: list[int] = field(default_factory=list)
     stop_reason: str = "length"
     reflection: Any = None
+    guarded: bool = True  # False: routed unguarded (no expert rows, gate closed) or mode "off"
+    step_path: str = ""  # how the step ran: "hidden states" (LM head in the op) or "logits (<why>)"
 
     @property
     def spike_rate(self) -> float:
@@ -56,6 +64,8 @@ class RowTrace:
             "spike_rate": self.spike_rate,
             "first_spike": self.first_spike,
             "reflection": reflection,
+            "guarded": self.guarded,
+            "step_path": self.step_path,
         }
 
 
@@ -68,28 +78,62 @@ class GuardedOutput:
     prompt_width: int
 
 
-def pair_for(model: nn.Module, expert: LoraAdapter | nn.Module | None, mode: str) -> ForwardPair:
+def pair_for(model: nn.Module, expert: LoraAdapter | nn.Module | None, mode: str, *, on_logits: str | None = None
+             ) -> tuple[ForwardPair, GuardedStepHeads]:
+    """The forward pair of a call, returning final hidden states wherever the LM head can move into the step op.
+
+    `on_logits`: a reason to stay on logits regardless (e.g. logits processors need them).
+    """
+    base_head = split_head(model) if on_logits is None else on_logits
     if mode == "off" or expert is None:
-        return BaseOnly(model)
+        heads = GuardedStepHeads.of(base_head, base_head, shared=True)
+        return BaseOnly(model, heads.base), heads
     if isinstance(expert, LoraAdapter):
-        return AdapterPair(model, expert)
-    return ModelPair(model, expert)
+        if isinstance(base_head, HeadSplit) and expert.targets_lm_head():
+            base_head = "the LoRA adapter changes the LM head"
+        heads = GuardedStepHeads.of(base_head, base_head, shared=True)
+        return AdapterPair(model, expert, heads.base), heads
+    expert_head = split_head(expert) if on_logits is None else on_logits
+    heads = GuardedStepHeads.of(base_head, expert_head, shared=False)
+    return ModelPair(model, expert, heads.base, heads.expert), heads
 
 
-def _per_row(value: float | Sequence[float] | torch.Tensor, batch: int, name: str) -> list[float]:
-    if isinstance(value, torch.Tensor):
-        value = value.flatten().tolist()
-    if isinstance(value, (int, float)):
-        return [float(value)] * batch
-    values = [float(v) for v in value]
-    if len(values) != batch:
-        raise ValueError(f"{name} has {len(values)} values for a batch of {batch}")
-    return values
+@dataclass(frozen=True)
+class GuardedStepHeads:
+    """The LM heads the step op runs (both, or neither: then the pair returns logits), and why not."""
+
+    base: HeadSplit | None
+    expert: HeadSplit | None
+    shared: bool
+    why_logits: str | None
+
+    @classmethod
+    def of(cls, base: HeadSplit | str, expert: HeadSplit | str, shared: bool) -> "GuardedStepHeads":
+        for split in (base, expert):
+            if isinstance(split, str):
+                return cls(None, None, shared, split)
+        return cls(base, expert, shared, None)
+
+    @property
+    def path(self) -> str:
+        return "hidden states" if self.why_logits is None else f"logits ({self.why_logits})"
 
 
 def check_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new: list[int], model: nn.Module) -> None:
-    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-        raise ValueError("empty prompt: input_ids must be [batch, length] with length >= 1")
+    if not isinstance(input_ids, torch.Tensor) or input_ids.is_floating_point() or input_ids.is_complex():
+        raise TypeError(f"input_ids must be an integer tensor [batch, length], got {type(input_ids).__name__}")
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0 or input_ids.shape[0] == 0:
+        raise ValueError("empty prompt: input_ids must be [batch, length] with batch >= 1 and length >= 1")
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+        shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
+        raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, got {shape}")
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(embeddings, "num_embeddings", None)
+    if vocab is not None and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
+        raise ValueError(
+            f"input_ids holds token ids outside the model's vocabulary 0..{vocab - 1} "
+            f"(min {int(input_ids.min())}, max {int(input_ids.max())}); was it encoded with another tokenizer?"
+        )
     lengths = attention_mask.sum(-1)
     empty = (lengths == 0).nonzero().flatten().tolist()
     if empty:
@@ -103,37 +147,6 @@ def check_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
             f"prompt too long: {longest} prompt tokens + {max(max_new)} new tokens exceed the model's context "
             f"window of {window}; shorten the prompt or lower max_new_tokens"
         )
-
-
-def resolve_alphas(
-    model: nn.Module,
-    config: NGSDConfig,
-    alpha: float | Sequence[float] | torch.Tensor | None,
-    batch: int,
-    tokenizer,
-    requests: list[str] | None,
-    input_ids: torch.Tensor,
-    progress: bool = False,
-) -> tuple[list[float], list[Any]]:
-    if config.mode == "off":
-        return [0.0] * batch, [None] * batch
-    if config.mode == "safedecoding":
-        return _per_row(config.safedecoding_alpha if alpha is None else alpha, batch, "alpha"), [None] * batch
-    if alpha is not None:
-        return _per_row(alpha, batch, "alpha"), [None] * batch
-    if config.reflection.mode == "none":
-        return [config.reflection.default_alpha] * batch, [None] * batch
-    if tokenizer is None:
-        raise ValueError(
-            "self-reflection needs the tokenizer (pass tokenizer=...), or pass alpha=... per request, "
-            "or set ReflectionConfig(mode='none')"
-        )
-    from ..risk.reflection import reflect
-
-    if requests is None:
-        requests = tokenizer.batch_decode(input_ids, skip_special_tokens=True)
-    reflections = reflect(model, tokenizer, list(requests), config.reflection, progress=progress)
-    return [r.alpha for r in reflections], reflections
 
 
 @torch.no_grad()
@@ -159,19 +172,29 @@ def guarded_generate(
     stopping_criteria=None,
     requests: list[str] | None = None,
     progress: bool = False,
+    logits_processor=None,
 ) -> GuardedOutput:
-    """Guarded decoding of a left-padded batch. See `ngsd.generate` for a text-in, text-out API."""
+    """Guarded decoding of a left-padded batch. See `ngsd.generate` for a text-in, text-out API.
+
+    logits_processor: Hugging Face logits processors (repetition penalty, bad words, min new
+    tokens...; what `generate` builds from a GenerationConfig), applied each step to the base and
+    the expert logits alike before the gate and the mixture, so their constraints hold for the
+    guarded output too.
+    """
     config = config or NGSDConfig()
+    if not isinstance(config, NGSDConfig):
+        raise TypeError(f"config must be an NGSDConfig, got {type(config).__name__}")
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"input_ids must be an integer tensor [batch, length], got {type(input_ids).__name__}")
     device = input_ids.device
     batch = input_ids.shape[0]
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    max_new = [int(m) for m in _per_row(max_new_tokens, batch, "max_new_tokens")]
+    max_new = per_row_ints(max_new_tokens, batch, "max_new_tokens")
     check_prompts(input_ids, attention_mask, max_new, model)
-    if do_sample and not temperature > 0:
-        raise ValueError(f"sampling needs temperature > 0, got {temperature}; use do_sample=False for greedy")
+    sampling = check_sampling(do_sample, temperature, top_k, top_p)
     resolved = resolve_expert(expert, model, required=config.mode != "off")
-    alphas, reflections = resolve_alphas(model, config, alpha, batch, tokenizer, requests, input_ids, progress)
+    risk = plan_risk(model, config, alpha, batch, tokenizer, requests, input_ids, progress)
 
     eos_ids = torch.tensor(
         [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)),
@@ -188,30 +211,32 @@ def guarded_generate(
         stop_criterion = StopStringCriteria(tokenizer, stop_strings)
     else:
         stop_criterion = None
-    early_stop = EarlyStop(tokenizer, alphas) if config.early_stop and config.mode != "off" else None
-
-    alpha_t = torch.tensor(alphas, dtype=torch.float32, device=device)
     if seed is None:
         seed = int(torch.randint(0, 2**62, ()).item())
     # one seed for the batch: row i samples from Philox keyed by the seed with i in the counter
     seed_t = torch.tensor([seed], dtype=torch.int64, device=device)
     max_new_t = torch.tensor(max_new, device=device)
-    potential = torch.zeros(batch, dtype=torch.float32, device=device)
+    potential = torch.full((batch,), float(config.v_reset), dtype=torch.float32, device=device)  # spec: starts at v_reset
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    sampling = dict(temperature=float(temperature) if do_sample else 0.0, top_k=int(top_k or 0), top_p=float(top_p))
 
-    pair = pair_for(model, resolved, config.mode)
+    pair, heads = pair_for(model, resolved, config.mode,
+                           on_logits="logits processors need the logits" if logits_processor is not None else None)
+    # the parameters change with the step only in SafeDecoding (mixing, then base decoding)
+    mixing_steps = config.safedecoding_steps if config.mode == "safedecoding" else 0
+    selection = GuardedStep(lambda step: config.step_params(step, **sampling), mixing_steps, config.backend,
+                            heads.base, heads.expert, heads.shared, logits_processor)
+    identical = _IdenticalOutputsWatch(enabled=not isinstance(pair, BaseOnly), device=device)
     try:
         with record_function("ngsd.prefill"):
-            base_logits, expert_logits = pair.prefill(input_ids, attention_mask)
-        # planned once per call; the parameters change with the step only in SafeDecoding (mixing, then base)
-        mixing_steps = config.safedecoding_steps if config.mode == "safedecoding" else 0
-        selectors = [
-            GuardedSelector(config.step_params(step, **sampling), config.backend).plan(
-                batch, base_logits.shape[-1], base_logits.dtype, device
-            )
-            for step in sorted({0, mixing_steps})
-        ]
+            guard_now = [] if isinstance(pair, BaseOnly) else None if risk.probe else list(range(batch))
+            prefill = pair.prefill(input_ids, attention_mask, guard_rows=guard_now, capture=risk.layers)
+            if risk.probe is not None:  # the probe reads this prefill; low-risk rows get no expert rows at all
+                prefill.expert = pair.guard(risk.decide(prefill.hidden_states, attention_mask))
+        selection.set_rows(pair.rows, batch)
+        base_out, expert_out = prefill.base, prefill.expert
+        alphas, verdicts = risk.alphas, risk.verdicts
+        alpha_t = torch.tensor(alphas, dtype=torch.float32, device=device)
+        early_stop = EarlyStop(tokenizer, alphas) if config.early_stop and config.mode != "off" else None
         sequences = input_ids
         history: list[tuple[torch.Tensor, ...]] = []
         stop_reasons = ["length"] * batch
@@ -222,16 +247,16 @@ def guarded_generate(
         if progress:
             from tqdm.auto import tqdm
 
-            guarded = config.mode != "off" and resolved is not None
-            label = f"guarded decoding ({config.mode})" if guarded else "unguarded decoding"
+            guarded = pair.rows.numel()
+            label = f"guarded decoding ({config.mode}, {guarded}/{batch} rows)" if guarded else "unguarded decoding"
             steps = tqdm(steps, desc=label, unit="tok")
         for step in steps:
             active = ~finished
             offset = torch.full((1,), step, dtype=torch.int64, device=device)
-            selector = selectors[0] if step < mixing_steps else selectors[-1]
+            identical.observe(base_out, expert_out, pair.rows, active)
             with record_function("ngsd.select"):
-                tokens, new_potential, spike, divergence = selector.run(
-                    base_logits, expert_logits, potential, alpha_t, seed_t, offset
+                tokens, new_potential, spike, divergence = selection.run(
+                    step, base_out, expert_out, potential, alpha_t, seed_t, offset, sequences
                 )
             tokens = torch.where(active, tokens, torch.full_like(tokens, pad))
             potential = torch.where(active, new_potential, potential)
@@ -249,7 +274,7 @@ def guarded_generate(
             # one host round-trip per step: invalid logits, newly finished rows, all done
             invalid_rows, done_rows, eos_rows, finished_rows = _sync(tokens < 0, active, new_done, hit_eos, finished)
             if invalid_rows:
-                _raise_invalid(invalid_rows, step, base_logits, expert_logits)
+                _raise_invalid(invalid_rows, step, *selection.logits(base_out, expert_out))
             for row in done_rows:
                 stop_reasons[row] = "eos" if row in eos_rows else ("length" if step + 1 >= max_new[row] else "stop_string")
             if early_stop is not None:
@@ -264,14 +289,53 @@ def guarded_generate(
             if len(finished_rows) == batch:
                 break
             with record_function("ngsd.forward"):
-                base_logits, expert_logits = pair.step(tokens)
+                base_out, expert_out = pair.step(tokens)
     finally:
         pair.close()
 
     if streamer is not None:
         streamer.end()
-    traces = _collect_traces(history, alphas, reflections, stop_reasons)
+    identical.warn_if_stuck()
+    guarded_rows = set(pair.rows.tolist())
+    traces = _collect_traces(history, alphas, verdicts, stop_reasons, guarded_rows, heads.path)
     return GuardedOutput(sequences=sequences, traces=traces, prompt_width=input_ids.shape[1])
+
+
+IDENTICAL_LOGITS_STEPS = 8
+
+
+class _IdenticalOutputsWatch:
+    """Counts consecutive steps in which every guarded row's expert output equals its base output (to 1e-4 relative).
+
+    A real expert differs from the base somewhere; equal logits (or final hidden states) step after
+    step mean the expert is not applied at all (e.g. LoRA hooks missing), so the gate can never
+    fire. Counted on the device and read once, at the end of the call.
+    """
+
+    def __init__(self, enabled: bool, device: torch.device) -> None:
+        self.enabled = enabled
+        self.run = torch.zeros((), dtype=torch.long, device=device)
+        self.longest = torch.zeros((), dtype=torch.long, device=device)
+
+    def observe(self, base: torch.Tensor, expert: torch.Tensor | None, rows: torch.Tensor, active: torch.Tensor) -> None:
+        if not self.enabled or expert is None:
+            return
+        base = base[rows].float()
+        # Equal up to float noise: base and expert rows of one batched forward can differ in the last bits.
+        gap = (base - expert.float()).abs().amax(dim=-1)
+        same = ((gap <= 1e-4 * base.abs().amax(dim=-1).clamp_min(1.0)) | ~active[rows]).all()
+        self.run = (self.run + 1) * same
+        self.longest = torch.maximum(self.longest, self.run)
+
+    def warn_if_stuck(self) -> None:
+        if self.enabled and int(self.longest) >= IDENTICAL_LOGITS_STEPS:
+            warnings.warn(
+                f"the expert's outputs equalled the base model's on every guarded row for {int(self.longest)} "
+                "consecutive steps: the expert is most likely not applied (LoRA hooks missing or detached, or the "
+                "expert is the base model itself), so guarded decoding cannot differ from plain decoding",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
 
 def _sync(invalid, active, new_done, hit_eos, finished) -> tuple[list[int], list[int], set[int], set[int]]:
@@ -293,22 +357,17 @@ def _raise_invalid(rows: list[int], step: int, base_logits: torch.Tensor, expert
     )
 
 
-def _collect_traces(history, alphas, reflections, stop_reasons) -> list[RowTrace]:
+def _collect_traces(history, alphas, verdicts, stop_reasons, guarded_rows: set[int], step_path: str) -> list[RowTrace]:
+    def trace(row: int, **per_step) -> RowTrace:
+        guarded = row in guarded_rows
+        return RowTrace(alpha=alphas[row], reflection=verdicts[row], stop_reason=stop_reasons[row], guarded=guarded,
+                        step_path=step_path if guarded else "", **per_step)
+
     if not history:
-        return [RowTrace(alpha=a, reflection=r) for a, r in zip(alphas, reflections)]
+        return [trace(row) for row in range(len(alphas))]
     active, tokens, divergence, potential, spikes = (torch.stack(parts, dim=1).cpu() for parts in zip(*history))
-    traces = []
-    for row, (row_alpha, reflection) in enumerate(zip(alphas, reflections)):
-        keep = active[row]
-        traces.append(
-            RowTrace(
-                alpha=row_alpha,
-                divergence=divergence[row][keep].tolist(),
-                potential=potential[row][keep].tolist(),
-                spikes=spikes[row][keep].tolist(),
-                tokens=tokens[row][keep].tolist(),
-                stop_reason=stop_reasons[row],
-                reflection=reflection,
-            )
-        )
-    return traces
+    return [
+        trace(row, divergence=divergence[row][keep].tolist(), potential=potential[row][keep].tolist(),
+              spikes=spikes[row][keep].tolist(), tokens=tokens[row][keep].tolist())
+        for row, keep in enumerate(active)
+    ]

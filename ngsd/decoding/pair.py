@@ -1,12 +1,20 @@
 """Base and expert forward passes for one generate call, each with its own KV cache.
 
-Three shapes of expert, one interface (`prefill` once, then `step` one token at a time, both
-returning the last-position logits of base and expert):
+Three shapes of expert, one interface:
 
 - `AdapterPair`: the expert is a LoRA adapter on the base; base rows and expert rows run as
-  one batch of 2B rows through one forward and one cache.
+  one batch through one forward and one cache.
 - `ModelPair`: the expert is a separate model with the same vocabulary; two forwards.
-- `BaseOnly`: no expert (gate off); the "expert" logits are the base logits.
+- `BaseOnly`: no expert (gate off).
+
+A call runs `prefill` (the base rows, and the expert rows when the guarded rows are known
+already), then, when they were not, `guard(rows)` once the risk of each row is known (the risk
+probe reads the base prefill), then `step(tokens)` per token. Only the guarded rows have expert
+rows: a row routed unguarded costs no expert compute and no expert KV cache.
+
+Each call returns the last position's outputs of the base rows [B, ...] and of the guarded
+expert rows [R, ...] (None without expert rows): the model's logits, or, with `output="hidden"`,
+the final hidden states for the step op to run the LM head itself (`heads.split_head`).
 
 A pair object belongs to one call. What it adds to the models for the call (the LoRA hooks, the
 decode-time linear forwards of `decode_linear`) it takes off again in `close()`, which the loop
@@ -16,13 +24,16 @@ calls when the call ends, also on an error: the models are left as they were fou
 from __future__ import annotations
 
 import threading
-from typing import Protocol
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator, Protocol, Sequence
 
 import torch
 from torch import nn
 
 from . import decode_linear
-from .kv_cache import cache_kwargs, returned_cache
+from .heads import HeadSplit
+from .kv_cache import append_cache_rows, cache_kwargs, returned_cache
 from ..experts.lora import LoraAdapter
 
 # LoRA hooks attached by guarded calls, counted per (adapter, model): calls running at the same
@@ -58,25 +69,76 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
-class _CachedModel:
-    """One causal LM with its cache, attention mask and next positions, fed token by token."""
+@contextmanager
+def capture_hidden_states(model: nn.Module, indices: Sequence[int]) -> Iterator[dict[int, torch.Tensor]]:
+    """Record `hidden_states[i]` (as `output_hidden_states=True` numbers them) for `i` in `indices`
+    during the forwards inside the block: index 0 is the input of decoder block 0, index i the
+    output of block i - 1. Hooks, not `output_hidden_states`, so only the asked layers are kept."""
+    from ..risk.probe import decoder_layers
 
-    def __init__(self, model: nn.Module) -> None:
+    captured: dict[int, torch.Tensor] = {}
+    layers = decoder_layers(model)
+    if layers is None:
+        raise ValueError(f"{type(model).__name__} exposes no list of decoder blocks; the risk probe cannot read it")
+
+    def keep(index: int, value) -> None:
+        captured[index] = value[0] if isinstance(value, (tuple, list)) else value
+
+    handles = []
+    for index in sorted(set(indices)):
+        if not 0 <= index <= len(layers):
+            raise ValueError(f"hidden-state index {index} is outside 0..{len(layers)} for this model")
+        if index == 0:
+            handles.append(layers[0].register_forward_pre_hook(
+                lambda _m, args, kwargs: keep(0, args[0] if args else kwargs["hidden_states"]), with_kwargs=True))
+        else:
+            handles.append(layers[index - 1].register_forward_hook(
+                lambda _m, _a, out, i=index: keep(i, out)))
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@dataclass
+class Prefill:
+    """What `prefill` hands back: last-position outputs, and the asked hidden states of the prompt."""
+
+    base: torch.Tensor
+    expert: torch.Tensor | None
+    hidden_states: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+class _CachedModel:
+    """One causal LM with its cache, attention mask and next positions, fed token by token.
+
+    With a `HeadSplit` it runs the trunk only and returns the final hidden states; else logits.
+    """
+
+    def __init__(self, model: nn.Module, head: HeadSplit | None = None) -> None:
         self.model = model
+        self._forward_module = head.trunk if head is not None else model
         self.cache = None
         self.attention_mask: torch.Tensor | None = None
         self.next_position: torch.Tensor | None = None
-        self._linear_layers: list[nn.Linear] = []
+        self._linear_layers: list[nn.Linear] | None = None
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        # Every decode step has as many rows as the prompt batch: attach only if those can go skinny.
-        self._linear_layers = decode_linear.attach(self.model, rows=input_ids.shape[0])
         positions = positions_from_mask(attention_mask)
         self.attention_mask = attention_mask
         self.next_position = positions[:, -1:] + 1
         return self._forward(input_ids, positions)
 
+    def append_rows(self, other: "_CachedModel") -> None:
+        """Append the rows of another prefilled run of the same model (same prompt width) to this one."""
+        self.cache = append_cache_rows(self.cache, other.cache)
+        self.attention_mask = torch.cat([self.attention_mask, other.attention_mask])
+        self.next_position = torch.cat([self.next_position, other.next_position])
+
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self._linear_layers is None:  # every decode step has this many rows: attach if they can go skinny
+            self._linear_layers = decode_linear.attach(self.model, rows=tokens.shape[0])
         ones = self.attention_mask.new_ones((self.attention_mask.shape[0], 1))
         self.attention_mask = torch.cat([self.attention_mask, ones], dim=-1)
         positions = self.next_position
@@ -84,88 +146,171 @@ class _CachedModel:
         return self._forward(tokens[:, None], positions)
 
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        module = self._forward_module
+        extra = {} if module is not self.model else {"logits_to_keep": 1}
         with decode_linear.decoding():
-            out = self.model(
+            out = module(
                 input_ids=input_ids,
                 attention_mask=self.attention_mask,
                 position_ids=positions,
-                **cache_kwargs(self.model, self.cache),
+                **cache_kwargs(module, self.cache),
                 use_cache=True,
-                logits_to_keep=1,
+                **extra,
             )
         self.cache = returned_cache(out)
-        return out.logits[:, -1, :]
+        last = out.logits if module is self.model else out.last_hidden_state
+        return last[:, -1, :]
 
     def close(self) -> None:
-        decode_linear.detach(self._linear_layers)
-        self._linear_layers = []
+        decode_linear.detach(self._linear_layers or [])
+        self._linear_layers = None
         self.cache = None
 
 
 class ForwardPair(Protocol):
-    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, guard_rows: Sequence[int] | None,
+                capture: Sequence[int] = ()) -> Prefill: ...
 
-    def step(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def guard(self, rows: Sequence[int]) -> torch.Tensor | None: ...
+
+    def step(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]: ...
 
     def close(self) -> None: ...
 
 
-class BaseOnly:
-    def __init__(self, model: nn.Module) -> None:
-        self._base = _CachedModel(model)
+class _PairBase:
+    """The bookkeeping every pair shares: the prompt (for a later `guard`) and the guarded rows."""
 
-    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self._base.prefill(input_ids, attention_mask)
-        return logits, logits
+    def __init__(self) -> None:
+        self._prompt: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.rows: torch.Tensor | None = None  # guarded rows, set once by prefill(guard_rows=...) or guard()
 
-    def step(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self._base.step(tokens)
-        return logits, logits
+    def _remember(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        self._prompt = (input_ids, attention_mask)
+
+    def _set_rows(self, rows: Sequence[int]) -> torch.Tensor:
+        if self.rows is not None:
+            raise RuntimeError("the guarded rows of a call are decided once")
+        batch = self._prompt[0].shape[0]
+        rows = sorted({int(r) for r in rows})
+        if rows and not (0 <= rows[0] and rows[-1] < batch):
+            raise ValueError(f"guarded rows {rows} are outside the batch of {batch}")
+        self.rows = torch.tensor(rows, dtype=torch.long, device=self._prompt[0].device)
+        return self.rows
+
+
+class BaseOnly(_PairBase):
+    def __init__(self, model: nn.Module, head: HeadSplit | None = None) -> None:
+        super().__init__()
+        self._base = _CachedModel(model, head)
+
+    def prefill(self, input_ids, attention_mask, *, guard_rows=None, capture=()) -> Prefill:
+        self._remember(input_ids, attention_mask)
+        with capture_hidden_states(self._base.model, capture) if capture else _nothing() as states:
+            base = self._base.prefill(input_ids, attention_mask)
+        if guard_rows is not None:
+            self.guard(guard_rows)
+        return Prefill(base, None, dict(states or {}))
+
+    def guard(self, rows):
+        if list(rows):
+            raise ValueError("this call has no expert (mode 'off' or no expert given): no row can be guarded")
+        self._set_rows([])
+        return None
+
+    def step(self, tokens):
+        return self._base.step(tokens), None
 
     def close(self) -> None:
         self._base.close()
 
 
-class ModelPair:
-    def __init__(self, model: nn.Module, expert: nn.Module) -> None:
-        self._base = _CachedModel(model)
-        self._expert = _CachedModel(expert)
+class ModelPair(_PairBase):
+    def __init__(self, model: nn.Module, expert: nn.Module, base_head: HeadSplit | None = None,
+                 expert_head: HeadSplit | None = None) -> None:
+        super().__init__()
+        self._base = _CachedModel(model, base_head)
+        self._expert = _CachedModel(expert, expert_head)
+        self._expert_device = next(expert.parameters()).device
 
-    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        expert_ids = input_ids.to(self._expert.model.device)
-        expert_mask = attention_mask.to(self._expert.model.device)
-        base = self._base.prefill(input_ids, attention_mask)
-        return base, self._expert.prefill(expert_ids, expert_mask).to(base.device)
+    def prefill(self, input_ids, attention_mask, *, guard_rows=None, capture=()) -> Prefill:
+        self._remember(input_ids, attention_mask)
+        with capture_hidden_states(self._base.model, capture) if capture else _nothing() as states:
+            base = self._base.prefill(input_ids, attention_mask)
+        expert = self.guard(guard_rows) if guard_rows is not None else None
+        return Prefill(base, expert, dict(states or {}))
 
-    def step(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def guard(self, rows):
+        rows = self._set_rows(rows)
+        if rows.numel() == 0:
+            return None
+        input_ids, attention_mask = self._prompt
+        ids, mask = input_ids[rows].to(self._expert_device), attention_mask[rows].to(self._expert_device)
+        return self._expert.prefill(ids, mask).to(input_ids.device)
+
+    def step(self, tokens):
         base = self._base.step(tokens)
-        return base, self._expert.step(tokens.to(self._expert.model.device)).to(base.device)
+        if self.rows.numel() == 0:
+            return base, None
+        return base, self._expert.step(tokens[self.rows].to(self._expert_device)).to(base.device)
 
     def close(self) -> None:
         self._base.close()
         self._expert.close()
 
 
-class AdapterPair:
-    def __init__(self, model: nn.Module, adapter: LoraAdapter) -> None:
+class AdapterPair(_PairBase):
+    """Base rows first, then the guarded rows' expert copies, in one forward and one KV cache."""
+
+    def __init__(self, model: nn.Module, adapter: LoraAdapter, head: HeadSplit | None = None) -> None:
+        super().__init__()
         self._holds_hooks = _hold_lora_hooks(adapter, model)
         self._adapter = adapter
-        self._both = _CachedModel(model)
+        self._head = head
+        self._both = _CachedModel(model, head)
         self._batch = 0
 
-    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self._batch = input_ids.shape[0]
-        with self._adapter.rows_from(self._batch):
-            logits = self._both.prefill(torch.cat([input_ids, input_ids]), torch.cat([attention_mask, attention_mask]))
-        return logits[: self._batch], logits[self._batch :]
+    def prefill(self, input_ids, attention_mask, *, guard_rows=None, capture=()) -> Prefill:
+        self._remember(input_ids, attention_mask)
+        self._batch = batch = input_ids.shape[0]
+        if guard_rows is None:  # the guarded rows are decided after this prefill: base rows alone for now
+            with capture_hidden_states(self._both.model, capture) if capture else _nothing() as states:
+                base = self._both.prefill(input_ids, attention_mask)
+            return Prefill(base, None, dict(states or {}))
+        rows = self._set_rows(guard_rows)
+        with capture_hidden_states(self._both.model, capture) if capture else _nothing() as states:
+            with self._adapter.rows_from(batch):
+                out = self._both.prefill(torch.cat([input_ids, input_ids[rows]]),
+                                         torch.cat([attention_mask, attention_mask[rows]]))
+        base_states = {i: h[:batch] for i, h in (states or {}).items()}
+        return Prefill(out[:batch], out[batch:] if rows.numel() else None, base_states)
 
-    def step(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with self._adapter.rows_from(self._batch):
-            logits = self._both.step(torch.cat([tokens, tokens]))
-        return logits[: self._batch], logits[self._batch :]
+    def guard(self, rows):
+        rows = self._set_rows(rows)
+        if rows.numel() == 0:
+            return None
+        input_ids, attention_mask = self._prompt
+        expert = _CachedModel(self._both.model, self._head)
+        with self._adapter.rows_from(0):
+            out = expert.prefill(input_ids[rows], attention_mask[rows])
+        self._both.append_rows(expert)
+        return out
+
+    def step(self, tokens):
+        batch = self._batch
+        if self.rows.numel() == 0:
+            return self._both.step(tokens), None
+        with self._adapter.rows_from(batch):
+            out = self._both.step(torch.cat([tokens, tokens[self.rows]]))
+        return out[:batch], out[batch:]
 
     def close(self) -> None:
         self._both.close()
         if self._holds_hooks:
             _release_lora_hooks(self._adapter, self._both.model)
             self._holds_hooks = False
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield None

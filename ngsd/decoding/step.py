@@ -1,0 +1,111 @@
+"""One guarded step of the loop: from what the forward pair returned to `ngsd_kernels`' selection op.
+
+The pair returns the base rows' outputs [B, ...] and the guarded rows' expert outputs [R, ...],
+as logits or as final hidden states (`heads.split_head`). When every row is guarded and the pair
+returns hidden states, the step is `GuardedSelector.run_from_hidden`, i.e.
+`ngsd_kernels.guarded_select_from_hidden` planned once (the LM head inside the op: on CUDA the
+fused kernels never write the logits). Otherwise the logits of both models
+go to a `GuardedSelector` planned once per call; an unguarded row's expert distribution is its
+base distribution, so its divergence is 0 and its gate never opens (alpha is 0 there as well).
+Hugging Face logits processors need logits, so a call with processors runs on logits.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from ngsd_kernels import GuardedSelector, StepParams
+from ngsd_kernels.ops.hidden_torch import pair_logits
+
+from .heads import HeadSplit
+
+Outputs = tuple[Tensor, Tensor, Tensor, Tensor]
+
+
+class GuardedStep:
+    """The selection of one call: the step parameters (one setting, or SafeDecoding's two) planned once.
+
+    params_for(step) gives the `StepParams` of a decode step; `base_head` / `expert_head` are the
+    heads when the pair returns hidden states (None: it returns logits; an `AdapterPair` shares the
+    base head, so `expert_head` is `base_head` there).
+    """
+
+    def __init__(self, params_for: Callable[[int], StepParams], switch_step: int, backend: str,
+                 base_head: HeadSplit | None, expert_head: HeadSplit | None, shared_head: bool,
+                 logits_processor: Any = None) -> None:
+        self._params_for = params_for
+        self._switch_step = switch_step
+        self._backend = backend
+        self._base_head = base_head
+        self._expert_head = expert_head
+        self._shared_head = shared_head
+        self._processors = logits_processor
+        self._selectors: dict[tuple[bool, torch.dtype], GuardedSelector] = {}
+        self.rows: Tensor | None = None  # guarded rows
+        self._all_rows = False
+
+    @property
+    def on_hidden_states(self) -> bool:
+        return self._base_head is not None
+
+    def set_rows(self, rows: Tensor, batch: int) -> None:
+        self.rows = rows
+        self._all_rows = rows.numel() == batch
+
+    def logits(self, base: Tensor, expert: Tensor | None) -> tuple[Tensor, Tensor]:
+        """[B, V] base and expert logits; an unguarded row's expert logits are its base logits."""
+        if self._base_head is not None:
+            if expert is None:
+                base = _head_logits(base, self._base_head)
+            else:
+                weight_e, bias_e = self._expert_weight_and_bias()
+                base, expert = pair_logits(base, expert, self._base_head.weight, weight_e, self._base_head.bias, bias_e)
+        if expert is None:
+            return base, base
+        if self._all_rows:
+            return base, expert
+        full = base.clone()
+        full[self.rows] = expert.to(full.dtype)
+        return base, full
+
+    def run(self, step: int, base: Tensor, expert: Tensor | None, potential: Tensor, alpha: Tensor, seed: Tensor,
+            offset: Tensor, sequences: Tensor) -> Outputs:
+        params = self._params_for(step)
+        if self._base_head is not None and self._all_rows and expert is not None and self._processors is None:
+            weight_e, bias_e = self._expert_weight_and_bias()
+            selector = self._selector(step, params, base.shape[0], self._base_head.weight.shape[0], base.dtype,
+                                      base.device)
+            return selector.run_from_hidden(base, expert, self._base_head.weight, weight_e, potential, alpha, seed,
+                                            offset, self._base_head.bias, bias_e)
+        base_logits, expert_logits = self.logits(base, expert)
+        if self._processors is not None:
+            processed = self._processors(sequences, base_logits)
+            expert_logits = processed if expert_logits is base_logits else self._processors(sequences, expert_logits)
+            base_logits = processed
+        selector = self._selector(step, params, *base_logits.shape, base_logits.dtype, base_logits.device)
+        return selector.run(base_logits, expert_logits, potential, alpha, seed, offset)
+
+    def _expert_weight_and_bias(self) -> tuple[Tensor | None, Tensor | None]:
+        """The expert head as the op takes it: (None, base bias) for a shared head, read once for both."""
+        if self._shared_head:
+            return None, self._base_head.bias
+        return self._expert_head.weight, self._expert_head.bias
+
+    def _selector(self, step: int, params: StepParams, batch: int, vocab: int, dtype: torch.dtype,
+                  device: torch.device) -> GuardedSelector:
+        """Planned at first use, once per setting (SafeDecoding has two) and input kind; a call's shapes never change."""
+        key = (step >= self._switch_step, dtype)
+        selector = self._selectors.get(key)
+        if selector is None:
+            selector = GuardedSelector(params, self._backend).plan(batch, vocab, dtype, device)
+            self._selectors[key] = selector
+        return selector
+
+
+def _head_logits(hidden: Tensor, head: HeadSplit) -> Tensor:
+    from ngsd_kernels.ops.hidden_torch import hidden_logits
+
+    return hidden_logits(hidden, head.weight, head.bias)

@@ -1,0 +1,158 @@
+"""The step from final hidden states (LM head inside the op) and per-row risk routing in the loop."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ngsd import NGSDConfig, ReflectionConfig, guarded_generate
+from ngsd.decoding.heads import HeadSplit, split_head
+from ngsd.experts.lora import LoraAdapter
+from ngsd.risk.probe import ProbeSpec, RiskProbe, model_fingerprint
+from tests.conftest import mixed_length_batch, tiny_lora_expert, tiny_model
+
+FAMILIES = ["llama", "qwen2", "gemma"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_trunk_then_head_equals_the_models_own_logits(family):
+    model = tiny_model(family)
+    split = split_head(model)
+    assert isinstance(split, HeadSplit), split
+    ids, mask, _ = mixed_length_batch([5, 3], model.config.vocab_size)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, -1]
+        hidden = split.trunk(input_ids=ids, attention_mask=mask).last_hidden_state[:, -1]
+    torch.testing.assert_close(hidden @ split.weight.T, logits, rtol=1e-5, atol=1e-5)
+
+
+def test_families_that_change_logits_after_the_head_stay_on_logits():
+    model = tiny_model("llama")
+    model.config.logit_scale = 0.5
+    assert "logit_scale" in split_head(model)
+    model.config.logit_scale = None
+    model.config.model_type = "gemma2"
+    assert "not one whose logits" in split_head(model)
+
+
+def _run(model, expert, ids, mask, **kwargs):
+    return guarded_generate(model, ids, mask, expert=expert, max_new_tokens=10, **kwargs)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hidden_state_step_gives_the_logits_steps_tokens(family, tmp_path):
+    model = tiny_model(family)
+    adapter = LoraAdapter.load(tiny_lora_expert(model, tmp_path / "lora"))
+    ids, mask, _ = mixed_length_batch([6, 4, 7], model.config.vocab_size, seed=3)
+    config = NGSDConfig(tau=2.0, v_th=0.3)
+    hidden = _run(model, adapter, ids, mask, config=config, alpha=0.9)
+    # a logits processor that changes nothing forces the logits path
+    logits = _run(model, adapter, ids, mask, config=config, alpha=0.9, logits_processor=lambda seq, scores: scores)
+    assert hidden.traces[0].step_path == "hidden states"
+    assert logits.traces[0].step_path.startswith("logits")
+    assert torch.equal(hidden.sequences, logits.sequences)
+    assert [t.spikes for t in hidden.traces] == [t.spikes for t in logits.traces]
+    assert any(any(t.spikes) for t in hidden.traces), "the gate must fire for this comparison to mean something"
+
+
+def test_separate_expert_model_runs_on_hidden_states_with_its_own_head():
+    model, expert = tiny_model("llama", seed=0), tiny_model("llama", seed=5)
+    ids, mask, _ = mixed_length_batch([5, 8], model.config.vocab_size, seed=1)
+    config = NGSDConfig(tau=2.0, v_th=0.3)
+    hidden = _run(model, expert, ids, mask, config=config, alpha=0.7)
+    logits = _run(model, expert, ids, mask, config=config, alpha=0.7, logits_processor=lambda seq, scores: scores)
+    assert hidden.traces[0].step_path == "hidden states"
+    assert torch.equal(hidden.sequences, logits.sequences)
+
+
+def _probe_splitting(model, ids, mask, folder):
+    """A probe with random weights whose routing threshold sits between the batch's risks."""
+    torch.manual_seed(0)
+    hidden_size = model.config.hidden_size
+    spec = ProbeSpec(layer=1, pooling=("mean",), model=model_fingerprint(model))
+    probe = RiskProbe(spec, torch.zeros(hidden_size), torch.ones(hidden_size), torch.randn(hidden_size) * 0.05,
+                      torch.tensor(0.0))
+    from ngsd.decoding.pair import capture_hidden_states
+
+    with torch.no_grad(), capture_hidden_states(model, [1]) as states:
+        model(input_ids=ids, attention_mask=mask)
+    risks = probe.risk(probe.features([None, states[1]], mask))
+    assert len(set(risks.tolist())) == len(risks), f"risks must differ per row for the test: {risks}"
+    ordered = risks.sort().values
+    threshold = float((ordered[len(ordered) // 2 - 1] + ordered[len(ordered) // 2]) / 2)
+    probe.save(folder)
+    return risks, threshold
+
+
+def test_routed_rows_decode_like_unguarded_and_guarded_rows_like_a_fixed_alpha(tmp_path):
+    model = tiny_model("llama")
+    adapter = LoraAdapter.load(tiny_lora_expert(model, tmp_path / "lora"))
+    ids, mask, _ = mixed_length_batch([6, 4, 7, 5], model.config.vocab_size, seed=2)
+    risks, threshold = _probe_splitting(model, ids, mask, tmp_path / "probe")
+    reflection = ReflectionConfig(mode="probe", probe=str(tmp_path / "probe"), route_below=threshold)
+    config = NGSDConfig(tau=2.0, v_th=0.3, reflection=reflection)
+
+    rows_seen = []
+    handle = model.get_input_embeddings().register_forward_hook(lambda m, a, out: rows_seen.append(out.shape[0]))
+    try:
+        routed_run = _run(model, adapter, ids, mask, config=config)
+    finally:
+        handle.remove()
+    routed = [row for row, risk in enumerate(risks.tolist()) if risk < threshold]
+    guarded = [row for row in range(4) if row not in routed]
+    assert len(routed) == 2
+    # the prefill of the base rows, the expert prefill of the guarded rows, then B + R rows per step
+    assert rows_seen[:2] == [4, 2] and set(rows_seen[2:]) == {6}
+    for row in routed:
+        trace = routed_run.traces[row]
+        assert not trace.guarded and trace.alpha == 0.0 and not any(trace.spikes)
+        assert trace.reflection.routed and trace.reflection.risk < threshold
+
+    plain = _run(model, None, ids, mask, config=NGSDConfig(mode="off"))
+    alphas = [routed_run.traces[row].alpha for row in range(4)]
+    fixed = _run(model, adapter, ids, mask, config=config, alpha=[a if a else 0.5 for a in alphas])
+    for row in routed:
+        assert routed_run.traces[row].tokens == plain.traces[row].tokens
+    for row in guarded:
+        assert routed_run.traces[row].guarded
+        assert routed_run.traces[row].tokens == fixed.traces[row].tokens
+        assert routed_run.traces[row].spikes == fixed.traces[row].spikes
+
+
+def test_probe_without_routing_guards_every_row(tmp_path):
+    model = tiny_model("qwen2")
+    adapter = LoraAdapter.load(tiny_lora_expert(model, tmp_path / "lora"))
+    ids, mask, _ = mixed_length_batch([6, 4, 7, 5], model.config.vocab_size, seed=2)
+    _probe_splitting(model, ids, mask, tmp_path / "probe")
+    reflection = ReflectionConfig(mode="probe", probe=str(tmp_path / "probe"), route=False)
+    out = _run(model, adapter, ids, mask, config=NGSDConfig(reflection=reflection))
+    assert all(t.guarded for t in out.traces)
+    assert all(t.reflection.route_below is None and t.alpha in (0.1, 0.5, 0.9) for t in out.traces)
+
+
+def test_a_batch_where_every_row_is_routed_has_no_expert_rows(tmp_path):
+    model = tiny_model("gemma")
+    adapter = LoraAdapter.load(tiny_lora_expert(model, tmp_path / "lora"))
+    ids, mask, _ = mixed_length_batch([6, 4], model.config.vocab_size, seed=2)
+    _probe_splitting(model, ids, mask, tmp_path / "probe")
+    reflection = ReflectionConfig(mode="probe", probe=str(tmp_path / "probe"), route_below=10.0)
+    out = _run(model, adapter, ids, mask, config=NGSDConfig(reflection=reflection))
+    plain = _run(model, None, ids, mask, config=NGSDConfig(mode="off"))
+    assert not any(t.guarded for t in out.traces)
+    assert torch.equal(out.sequences, plain.sequences)
+
+
+def test_probe_mode_without_a_probe_for_the_model_is_a_clear_error():
+    model = tiny_model("llama")
+    ids, mask, _ = mixed_length_batch([3], model.config.vocab_size)
+    with pytest.raises(ValueError, match="train-probe"):
+        guarded_generate(model, ids, mask, expert=model, config=NGSDConfig(reflection=ReflectionConfig(mode="probe")))
+
+
+def test_a_probe_trained_on_another_model_is_refused(tmp_path):
+    model, other = tiny_model("llama"), tiny_model("qwen2")
+    ids, mask, _ = mixed_length_batch([3], model.config.vocab_size)
+    _probe_splitting(other, ids, mask, tmp_path / "probe")
+    config = NGSDConfig(reflection=ReflectionConfig(mode="probe", probe=str(tmp_path / "probe")))
+    with pytest.raises(ValueError, match="another model"):
+        guarded_generate(model, ids, mask, expert=model, config=config)
