@@ -1,0 +1,157 @@
+"""The default configuration end to end, risk estimation included, side by side with unguarded `generate`.
+
+Two questions, one run (methods interleaved round by round, a different order each round; medians
+over rounds, ratios as the median of per-round ratios):
+
+1. What the default costs (issue: risk in the prefill): the shipped risk probe reads the base
+   prefill and routes low-risk rows unguarded (no expert rows), the rest run NGSD with the
+   probe's alpha. Workloads: all benign (AlpacaEval odd ids: evaluation split) and half harmful
+   (AdvBench ids < 130 alternating with AlpacaEval odd ids), at one batch size; and the time to
+   first token at batch 1. Compared with every row guarded at alpha 0.9 (no risk estimation).
+2. What the hidden-state step costs against the logits step (issue: the step op from the final
+   hidden state): NGSD at alpha 0.9 with the LM head inside the op vs the model's own logits
+   (forced by an identity logits processor, which the loop must apply to logits).
+
+    python bench/bench_default.py --batch 32 --new-tokens 64 --rounds 3   # writes bench/results/default.json
+
+The default model and the shipped expert; greedy; exactly `--new-tokens` tokens per row (no EOS stop).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from typing import Callable
+
+from harness import RESULTS_DIR, Setup, common_meta, load_setup, median, timed_call, write_json
+
+import torch  # noqa: E402  (after harness)
+
+from ngsd import NGSDConfig, guarded_generate  # noqa: E402
+
+
+def workload_prompts(kind: str, n: int) -> list[str]:
+    import json
+
+    from ngsd.data import load_suite, resolve_data_dir
+
+    rows = json.loads((resolve_data_dir() / "alpaca_eval_805.json").read_text())
+    benign = [row["instruction"] for row in rows if int(row["id"]) % 2 == 1][:n]  # odd ids: evaluation split
+    if kind == "benign":
+        return benign
+    harmful = [p.text for p in load_suite("advbench", limit=130)][:n]
+    mixed = [text for pair in zip(harmful, benign) for text in pair]
+    return mixed[:n]
+
+
+def runners(setup: Setup) -> dict[str, Callable]:
+    model, pad = setup.model, setup.pad_id
+
+    def unguarded(ids, mask, new_tokens, streamer):
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
+                             eos_token_id=None, pad_token_id=pad, streamer=streamer)
+        return out[:, ids.shape[1]:]
+
+    def guarded(alpha=None, **extra):
+        def run(ids, mask, new_tokens, streamer):
+            out = guarded_generate(model, ids, mask, expert=setup.adapter, config=NGSDConfig(), alpha=alpha,
+                                   max_new_tokens=new_tokens, eos_token_id=None, pad_token_id=pad,
+                                   streamer=streamer, **extra)
+            run.traces = out.traces
+            return out.sequences[:, ids.shape[1]:]
+
+        return run
+
+    return {
+        "unguarded": unguarded,
+        "default": guarded(),  # probe + routing: risk estimation inside the timing
+        "alpha_0.9": guarded(0.9),  # every row guarded, hidden-state step
+        "alpha_0.9_logits": guarded(0.9, logits_processor=lambda seq, scores: scores),
+    }
+
+
+def measure(setup: Setup, prompts: list[str], methods: list[str], new_tokens: int, rounds: int, seed: int) -> dict:
+    ids, mask = setup.encode(prompts)
+    run = runners(setup)
+    timings: dict[str, list] = {m: [] for m in methods}
+    order = list(methods)
+    rng = random.Random(seed)
+    with torch.no_grad():  # untimed warm-up: first-call costs (probe load, planning, allocator) stay out
+        for method in methods:
+            run[method](ids, mask, 2, None)
+    for _ in range(rounds):
+        rng.shuffle(order)
+        for method in order:
+            with torch.no_grad():
+                timings[method].append(timed_call(lambda s: run[method](ids, mask, new_tokens, s), setup.device))
+    batch = ids.shape[0]
+    result = {}
+    for method in methods:
+        runs = timings[method]
+        result[method] = {
+            "tok_s": median([batch * new_tokens / r.seconds for r in runs]),
+            "ttft_s": median([r.ttft_s for r in runs]),
+            "cpu_tok_s": median([batch * new_tokens / r.cpu_seconds for r in runs]),
+            "seconds": [r.seconds for r in runs],
+        }
+        if method != "unguarded":
+            per_round = [u.seconds / r.seconds for u, r in zip(timings["unguarded"], runs)]
+            result[method]["ratio_vs_unguarded"] = median(per_round)
+            result[method]["ttft_ratio_vs_unguarded"] = median(
+                [r.ttft_s / u.ttft_s for u, r in zip(timings["unguarded"], runs)])
+            result[method]["tokens_equal_unguarded"] = bool(torch.equal(runs[0].tokens, timings["unguarded"][0].tokens))
+        traces = getattr(run[method], "traces", None)
+        if traces is not None:
+            result[method]["guarded_rows"] = sum(t.guarded for t in traces)
+            result[method]["step_path"] = next((t.step_path for t in traces if t.guarded), "")
+    if "alpha_0.9" in methods and "alpha_0.9_logits" in methods:
+        result["hidden_vs_logits_tokens_equal"] = bool(
+            torch.equal(timings["alpha_0.9"][0].tokens, timings["alpha_0.9_logits"][0].tokens))
+        result["hidden_over_logits_speed"] = median(
+            [b.seconds / a.seconds for a, b in zip(timings["alpha_0.9"], timings["alpha_0.9_logits"])])
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--expert", default=None, help="LoRA adapter folder (default: the shipped expert)")
+    parser.add_argument("--out", default="default.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    setup = load_setup(args.model, args.device, expert=args.expert)
+    start = time.time()
+    report = {"meta": common_meta(setup, args), "workloads": {}}
+    report["meta"]["command"] = "python bench/bench_default.py " + " ".join(sys.argv[1:])
+    all_methods = ["unguarded", "default", "alpha_0.9", "alpha_0.9_logits"]
+    report["workloads"]["benign"] = measure(setup, workload_prompts("benign", args.batch), all_methods,
+                                            args.new_tokens, args.rounds, args.seed)
+    report["workloads"]["half_harmful"] = measure(setup, workload_prompts("mixed", args.batch),
+                                                  ["unguarded", "default", "alpha_0.9"], args.new_tokens,
+                                                  args.rounds, args.seed)
+    report["workloads"]["ttft_batch1_benign"] = measure(setup, workload_prompts("benign", 1),
+                                                        ["unguarded", "default", "alpha_0.9", "alpha_0.9_logits"],
+                                                        args.new_tokens, args.rounds, args.seed)
+    report["wall_seconds"] = time.time() - start
+    path = write_json(args.out, report, RESULTS_DIR)
+    for name, workload in report["workloads"].items():
+        print(f"== {name}")
+        for method, row in workload.items():
+            if isinstance(row, dict):
+                print(f"  {method:18s} {row['tok_s']:7.1f} tok/s  ratio {row.get('ratio_vs_unguarded', 1):.2f}  "
+                      f"ttft {row['ttft_s']*1000:7.0f} ms (x{row.get('ttft_ratio_vs_unguarded', 1):.2f})  "
+                      f"guarded rows {row.get('guarded_rows', '-')}  {row.get('step_path', '')}")
+            else:
+                print(f"  {method}: {row}")
+
+
+if __name__ == "__main__":
+    main()
