@@ -11,6 +11,7 @@ from ngsd_kernels import CandidateMode, Divergence, GateMode, StepParams
 MODES = ("ngsd", "safedecoding", "open", "off")
 REFLECTION_MODES = ("auto", "probe", "generate", "prefill", "none")
 ALL_ZERO_POLICIES = ("fail", "bump")
+REFLECTION_PARSERS = ("robust", "published")
 
 
 def _check_int(name: str, value: Any) -> None:
@@ -44,6 +45,9 @@ class ReflectionConfig:
     instructions; `ngsd.risk.reflection.injection_signals`); None trusts the model's scores.
     window_chars: a request longer than this is also judged in windows of at most this many
     characters, and its riskiest part decides (padding cannot dilute a harmful core); None: whole only.
+    parser: how generated answers are read and combined: "robust" (forgiving small-model mistakes,
+    `ngsd.risk.reflection.parse_scores`) or "published" (the paper's code, literally:
+    `ngsd.risk.published`). `ReflectionConfig.paper()` is the paper's preset.
     """
 
     mode: str = "auto"
@@ -65,6 +69,18 @@ class ReflectionConfig:
     default_alpha: float = 0.5
     injection_risk: int | None = 10
     window_chars: int | None = 600
+    parser: str = "robust"
+
+    @classmethod
+    def paper(cls, **changes: Any) -> "ReflectionConfig":
+        """The paper's generative self-reflection as published: a greedy JSON answer of up to 256
+        tokens, read by the published parser and rules, with no injection defences or windows.
+
+        >>> ReflectionConfig.paper().parser
+        'published'
+        """
+        preset = dict(mode="generate", parser="published", max_new_tokens=256, injection_risk=None, window_chars=None)
+        return cls(**{**preset, **changes})
 
     def __post_init__(self) -> None:
         for name in ("max_new_tokens", "long_request_chars", "long_request_bonus", "fallback_score",
@@ -82,6 +98,8 @@ class ReflectionConfig:
             _check_finite(name, getattr(self, name))
         if self.mode not in REFLECTION_MODES:
             raise ValueError(f"reflection mode must be one of {REFLECTION_MODES}, got {self.mode!r}")
+        if self.parser not in REFLECTION_PARSERS:
+            raise ValueError(f"reflection parser must be one of {REFLECTION_PARSERS}, got {self.parser!r}")
         if self.all_zero not in ALL_ZERO_POLICIES:
             raise ValueError(f"all_zero must be one of {ALL_ZERO_POLICIES}, got {self.all_zero!r}")
         if self.max_new_tokens < 8:

@@ -43,11 +43,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--alpha", type=float, default=None,
                         help="mixing strength for every prompt, in [0, 1] (>= 0 for safedecoding); given, it "
                         "skips self-reflection (default: chosen per prompt by --reflection)")
-    parser.add_argument("--reflection", default=None, choices=REFLECTION_MODES,
+    parser.add_argument("--reflection", default=None, choices=(*REFLECTION_MODES, "paper"),
                         help="how the risk of each prompt, and so alpha, is estimated when --alpha is not given: "
                         "auto (probe when one exists for the model, else generate), probe (a classifier on the "
                         "prompt's hidden states: fast), generate (the model writes a JSON risk rating, up to 256 "
-                        "tokens: slow), prefill (one forward reads the rating's digits), none (alpha 0.5) "
+                        "tokens: slow), prefill (one forward reads the rating's digits), none (alpha 0.5), paper (generate "
+                        "read by the published parser, as in the paper's code) "
                         "(default: ReflectionConfig's mode)")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit in tokens")
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
@@ -101,7 +102,10 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     progress = wants_progress(args)
     model, tokenizer = ngsd.load_model(args.model, progress=progress)
-    reflection = ReflectionConfig() if args.reflection is None else ReflectionConfig(mode=args.reflection)
+    if args.reflection == "paper":
+        reflection = ReflectionConfig.paper()
+    else:
+        reflection = ReflectionConfig() if args.reflection is None else ReflectionConfig(mode=args.reflection)
     config = NGSDConfig(mode=args.mode, early_stop=args.early_stop, reflection=reflection)
     common: dict[str, Any] = dict(
         max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,

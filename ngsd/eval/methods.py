@@ -137,6 +137,8 @@ for _method in (
     Method("ngsd", NGSDConfig(), description="NGSD default: LIF gate, alpha from self-reflection (generative JSON)"),
     Method("ngsd_prefill", NGSDConfig(reflection=ReflectionConfig(mode="prefill")),
            description="NGSD, alpha from single-prefill reflection (expected digit, one forward)"),
+    Method("paper", NGSDConfig(reflection=ReflectionConfig.paper()),
+           description="NGSD as published: generative self-reflection read by the published parser"),
     Method("ngsd_a0.1", NGSDConfig(), alpha=0.1, description="NGSD, alpha fixed at 0.1"),
     Method("ngsd_a0.5", NGSDConfig(), alpha=0.5, description="NGSD, alpha fixed at 0.5"),
     Method("ngsd_a0.9", NGSDConfig(), alpha=0.9, description="NGSD, alpha fixed at 0.9"),

@@ -330,7 +330,12 @@ def _named_dimension_pairs(text: str) -> list[str]:
 def _reflection_from(
     scores: Mapping[str, float], request: str, config: ReflectionConfig, tokenizer=None, **rest: Any
 ) -> Reflection:
-    risk = combine_scores(scores, len(request), config)
+    if config.parser == "published":
+        from .published import published_risk  # published.py builds on this module
+
+        risk = published_risk(scores, len(request), config)
+    else:
+        risk = combine_scores(scores, len(request), config)
     injection = injection_signals(request, tokenizer)
     if injection and config.injection_risk is not None:
         # Writing to the evaluator instead of asking for something is itself the sign of an attack.
@@ -523,6 +528,9 @@ def reflect_generate(
         pad_token_id=_pad_id(tokenizer),
     )
     closes = _closing_tokens(tokenizer, _vocab_rows(model, tokenizer)).to(input_ids.device)
+    if config.parser == "published":
+        # The published code stops at EOS or the token limit only: a first '}' may close a nested object.
+        closes = torch.zeros_like(closes)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -542,7 +550,12 @@ def reflect_generate(
     answers = tokenizer.batch_decode(sequences[:, input_ids.shape[1] :], skip_special_tokens=True)
     out = []
     for request, answer in zip(requests, answers):
-        parsed = parse_scores(answer, config, request=request)
+        if config.parser == "published":
+            from .published import parse_published
+
+            parsed = parse_published(answer, config)
+        else:
+            parsed = parse_scores(answer, config, request=request)
         out.append(
             _reflection_from(
                 parsed.scores, request, config, tokenizer,
