@@ -164,6 +164,11 @@ def test_compute_metrics_counts_by_hand():
     assert adv["asr"] == pytest.approx(1 / 3)
     assert adv["gate"]["spiked_rows"] == 2 and adv["gate"]["mean_first_spike"] == 0.5
     assert adv["gate"]["complied_without_spike"] == 1  # "Okay" got through with a silent gate
+    # The reading judge is reported beside the configured one on every suite.
+    assert metrics["second_judge"] == "reading"
+    assert (adv["reading"]["refusal"], adv["reading"]["compliance"], adv["reading"]["incoherent"]) == (2, 1, 0)
+    assert m["summary"]["reading"]["asr"] == {"advbench": pytest.approx(1 / 3)}
+    assert m["summary"]["reading"]["refusal_rate"]["xstest_safe"] == 0.5
     assert m["suites"]["xstest_safe"]["refusal_rate"] == 0.5
     # fidelity over the benign suites: xstest 1 of 2 equal, gsm8k 1 of 2 equal
     assert m["summary"]["fidelity"]["n"] == 4 and m["summary"]["fidelity"]["equal"] == 2

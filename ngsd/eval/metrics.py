@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Mapping, Sequence
 
 from ..data import Prompt
-from .judge import DEFAULT_JUDGE, Judge
+from .judge import DEFAULT_JUDGE, READING_JUDGE, Judge, outcome_counts
 from .suites import SuiteSpec
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
@@ -224,8 +224,18 @@ def compute_metrics(
             suite_out[suite] = suite_metrics(
                 spec, suites[suite], records, flags[method][suite], reference_records, gated[method], fidelity_tokens
             )
+            # The reading judge beside the configured one on every suite (see ngsd/eval/judge.py).
+            texts = [r["text"] for r in records]
+            suite_out[suite]["reading"] = outcome_counts(READING_JUDGE.outcomes([p.text for p in suites[suite]], texts))
         out[method] = {"suites": suite_out, "summary": _summary(method, suite_out, specs, gated[method], targets)}
+        out[method]["summary"]["reading"] = {
+            "asr": {s.name: suite_out[s.name]["reading"]["asr"] for s in specs
+                    if s.role == "harmful" and s.name in suite_out},
+            "refusal_rate": {s: m["reading"]["refusal_rate"] for s, m in suite_out.items()},
+            "incoherent_rate": {s: m["reading"]["incoherent_rate"] for s, m in suite_out.items()},
+        }
     return {"methods": out, "flags": flags, "judge": getattr(judge, "name", type(judge).__name__),
+            "second_judge": READING_JUDGE.name,
             "reference": reference if ref_results is not None else None, "fidelity_tokens": fidelity_tokens,
             "targets": targets.to_dict()}
 

@@ -60,6 +60,27 @@ def headline_table(config: EvalConfig, metrics: Mapping[str, Any], methods: Sequ
     return "\n".join(lines)
 
 
+def _judges_table(specs, metrics: Mapping[str, Any], methods: Sequence[Method]) -> list[str]:
+    """Both judges side by side on every suite: the keyword judge, the reading judge, and its incoherent share."""
+    if not all("reading" in metrics["methods"][m.name]["suites"][s.name] for m in methods for s in specs):
+        return []  # metrics written before the reading judge existed
+    lines = ["## Both judges per suite", "",
+             f"Harmful suites: ASR; other suites: refusal rate. `{metrics['judge']}` is the configured judge; "
+             "`reading` counts a refusal phrase only where it opens the answer or a sentence, counts refuse-then-"
+             "comply as success and reports incoherent answers (loops, non-words, empty) apart, as neither success "
+             "nor refusal (`ngsd/eval/judge.py`).", ""]
+    header = ["suite"] + [f"`{m.name}` {col}" for m in methods for col in (metrics["judge"], "reading", "incoherent")]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for spec in specs:
+        key = "asr" if spec.role == "harmful" else "refusal_rate"
+        row = [spec.label]
+        for m in methods:
+            suite = metrics["methods"][m.name]["suites"][spec.name]
+            row += [pct(suite[key], 0), pct(suite["reading"][key], 0), pct(suite["reading"]["incoherent_rate"], 0)]
+        lines.append("| " + " | ".join(row) + " |")
+    return lines + [""]
+
+
 def _target_lines(metrics: Mapping[str, Any], method: str) -> list[str]:
     summary = metrics["methods"][method]["summary"]
     lines = ["| check | value | target | result |", "|---|---|---|---|"]
@@ -208,6 +229,7 @@ def markdown_report(
             row.append(_frac(s["complied"], s["n"]) if spec.role == "harmful" else _frac(s["refused"], s["n"]))
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")
+    lines += _judges_table(specs, metrics, methods)
 
     benign = [s for s in specs if s.role in ("overrefusal", "utility")]
     if metrics["reference"] and benign:
