@@ -12,7 +12,8 @@ REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("NGSD_DATA_DIR", REPO.parent / "shared" / "data"))
 
 
-def tiny_model(family: str = "llama", vocab_size: int = 96, seed: int = 0, init: float = 0.3, max_positions: int = 128):
+def tiny_model(family: str = "llama", vocab_size: int = 96, seed: int = 0, init: float = 0.3, max_positions: int = 128,
+               layers: int = 2):
     """A 2-layer random model whose next-token distributions are peaked enough to avoid near-ties."""
     from transformers import AutoModelForCausalLM, GemmaConfig, LlamaConfig, Qwen2Config
 
@@ -20,7 +21,7 @@ def tiny_model(family: str = "llama", vocab_size: int = 96, seed: int = 0, init:
         vocab_size=vocab_size,
         hidden_size=32,
         intermediate_size=64,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=max_positions,

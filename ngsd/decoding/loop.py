@@ -25,6 +25,7 @@ from .arguments import check_sampling, per_row_ints
 from .early_stop import EarlyStop
 from .heads import HeadSplit, split_head
 from .pair import AdapterPair, BaseOnly, ForwardPair, ModelPair
+from .shared_trunk import SharedTrunkPair, shared_trunk_unsupported
 from .step import GuardedStep
 
 
@@ -92,6 +93,8 @@ def pair_for(model: nn.Module, expert: LoraAdapter | nn.Module | None, mode: str
         if isinstance(base_head, HeadSplit) and expert.targets_lm_head():
             base_head = "the LoRA adapter changes the LM head"
         heads = GuardedStepHeads.of(base_head, base_head, shared=True)
+        if shared_trunk_unsupported(model, expert) is None:  # a top-layers adapter: run the layers below it once
+            return SharedTrunkPair(model, expert, heads.base), heads
         return AdapterPair(model, expert, heads.base), heads
     expert_head = split_head(expert) if on_logits is None else on_logits
     heads = GuardedStepHeads.of(base_head, expert_head, shared=False)
@@ -297,7 +300,8 @@ def guarded_generate(
         streamer.end()
     identical.warn_if_stuck()
     guarded_rows = set(pair.rows.tolist())
-    traces = _collect_traces(history, alphas, verdicts, stop_reasons, guarded_rows, heads.path)
+    traces = _collect_traces(history, alphas, verdicts, stop_reasons, guarded_rows,
+                             heads.path + getattr(pair, "note", ""))
     return GuardedOutput(sequences=sequences, traces=traces, prompt_width=input_ids.shape[1])
 
 
