@@ -99,6 +99,8 @@ def measure(setup: Setup, prompts: list[str], methods: list[str], new_tokens: in
         if method != "unguarded":
             per_round = [u.seconds / r.seconds for u, r in zip(timings["unguarded"], runs)]
             result[method]["ratio_vs_unguarded"] = median(per_round)
+            result[method]["cpu_ratio_vs_unguarded"] = median(
+                [u.cpu_seconds / r.cpu_seconds for u, r in zip(timings["unguarded"], runs)])
             result[method]["ttft_ratio_vs_unguarded"] = median(
                 [r.ttft_s / u.ttft_s for u, r in zip(timings["unguarded"], runs)])
             result[method]["tokens_equal_unguarded"] = bool(torch.equal(runs[0].tokens, timings["unguarded"][0].tokens))
@@ -146,7 +148,8 @@ def main() -> None:
         print(f"== {name}")
         for method, row in workload.items():
             if isinstance(row, dict):
-                print(f"  {method:18s} {row['tok_s']:7.1f} tok/s  ratio {row.get('ratio_vs_unguarded', 1):.2f}  "
+                print(f"  {method:18s} {row['tok_s']:7.1f} tok/s  ratio {row.get('ratio_vs_unguarded', 1):.2f} "
+                      f"(cpu {row.get('cpu_ratio_vs_unguarded', 1):.2f})  "
                       f"ttft {row['ttft_s']*1000:7.0f} ms (x{row.get('ttft_ratio_vs_unguarded', 1):.2f})  "
                       f"guarded rows {row.get('guarded_rows', '-')}  {row.get('step_path', '')}")
             else:
