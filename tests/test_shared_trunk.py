@@ -139,3 +139,24 @@ def test_an_unsupported_family_is_refused_and_the_loop_keeps_the_full_depth_pair
         assert isinstance(pair, AdapterPair)
     finally:
         pair.close()
+
+
+def test_train_expert_top_layers_adapts_only_the_top_decoder_layers(tmp_path):
+    import argparse
+
+    from ngsd.experts.training import cli, config, trainer
+
+    parser = argparse.ArgumentParser()
+    cli.register_cli(parser.add_subparsers(dest="command"))
+    cfg = cli.config_from_args(parser.parse_args(["train-expert", "--top-layers", "2", "--rank", "4"]))
+    assert cfg.top_layers == 2
+    assert cli.config_from_args(parser.parse_args(["train-expert", *cli.cli_args(cfg)])) == cfg
+
+    model = tiny_model("llama", layers=LAYERS)
+    peft_model = trainer.make_lora_model(copy.deepcopy(model), cfg)
+    peft_model.save_pretrained(str(tmp_path / "top"))
+    assert lowest_adapted_layer(LoraAdapter.load(tmp_path / "top")) == LAYERS - 2
+    with pytest.raises(ValueError, match="exceeds the model's 4 decoder layers"):
+        trainer.make_lora_model(copy.deepcopy(model), config.TrainExpertConfig(top_layers=5))
+    with pytest.raises(ValueError, match="top_layers must be >= 1"):
+        config.TrainExpertConfig(top_layers=0)

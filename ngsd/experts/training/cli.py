@@ -21,7 +21,7 @@ _FLAGS = {"model": "--model", "data_dir": "--data-dir", "out": "--out", "epochs"
           "dropout": "--dropout", "refusal_source": "--refusal-source", "refusals_per_prompt": "--refusals-per-prompt",
           "advbench_prompts": "--advbench-prompts", "recovery_per_prompt": "--recovery-per-prompt",
           "benign_loss": "--benign-loss", "save_dtype": "--save-dtype", "threads": "--threads",
-          "examples": "--examples"}
+          "examples": "--examples", "top_layers": "--top-layers"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,6 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=d.batch_size, help="training examples per optimizer step")
     parser.add_argument("--targets", default=d.targets, help="'attention+mlp' (NGSD), 'qv' (SafeDecoding) or a comma-separated module list")
     parser.add_argument("--rank", type=int, default=d.r, help="LoRA rank r")
+    parser.add_argument("--top-layers", type=int, default=d.top_layers,
+                        help="adapt only the top n decoder layers: guarded decoding then runs the layers below once")
     parser.add_argument("--lora-alpha", type=int, default=d.lora_alpha,
                         help="LoRA scaling alpha (the update is scaled by alpha / r)")
     parser.add_argument("--dropout", type=float, default=d.dropout, help="LoRA dropout")
@@ -62,7 +64,7 @@ def config_from_args(args: argparse.Namespace) -> TrainExpertConfig:
         dropout=args.dropout, refusal_source=args.refusal_source, refusals_per_prompt=args.refusals_per_prompt,
         advbench_prompts=args.advbench_prompts, recovery_per_prompt=args.recovery_per_prompt,
         benign_loss=args.benign_loss, save_dtype=args.save_dtype, evaluate=not args.no_eval, threads=args.threads,
-        examples=args.examples,
+        examples=args.examples, top_layers=args.top_layers,
     )
 
 

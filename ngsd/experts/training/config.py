@@ -49,6 +49,7 @@ class TrainExpertConfig:
     eval_batch_size: int = 25
     threads: int | None = None
     examples: str | None = None  # reuse a training_examples.jsonl instead of building the data
+    top_layers: int | None = None  # LoRA on the top n decoder layers only (a shared-trunk expert); None: all
 
     def __post_init__(self) -> None:
         if self.refusal_source not in REFUSAL_SOURCES:
@@ -58,6 +59,8 @@ class TrainExpertConfig:
         if self.save_dtype not in SAVE_DTYPES:
             raise ValueError(f"save_dtype must be one of {SAVE_DTYPES}, got {self.save_dtype!r}")
         target_modules(self.targets)  # validates
+        if self.top_layers is not None and self.top_layers < 1:
+            raise ValueError(f"top_layers must be >= 1 (or None for every layer), got {self.top_layers}")
         for name in ("epochs", "batch_size", "r", "max_trials", "max_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -33,10 +33,21 @@ def make_lora_model(model: Any, cfg: TrainExpertConfig) -> Any:
     lora = LoraConfig(
         r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.dropout, bias="none",
         target_modules=target_modules(cfg.targets), task_type="CAUSAL_LM",
+        layers_to_transform=top_layers(model, cfg),
     )
     with warnings.catch_warnings():  # peft reads transformers' deprecated is_gradient_checkpointing
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
         return get_peft_model(model, lora)
+
+
+def top_layers(model: Any, cfg: TrainExpertConfig) -> list[int] | None:
+    """The decoder layers `--top-layers n` adapts (peft's layers_to_transform); None: every layer."""
+    if cfg.top_layers is None:
+        return None
+    layers = model.config.num_hidden_layers
+    if cfg.top_layers > layers:
+        raise ValueError(f"--top-layers {cfg.top_layers} exceeds the model's {layers} decoder layers")
+    return list(range(layers - cfg.top_layers, layers))
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:
