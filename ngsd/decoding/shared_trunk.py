@@ -15,6 +15,7 @@ as the model's forward plus one `index_select` + `cat` at the split; nothing rea
 from __future__ import annotations
 
 import re
+from types import SimpleNamespace
 from typing import Sequence
 
 import torch
@@ -61,17 +62,20 @@ class _SplitDecoder:
     """The decoder's forward with the batch growing from B to B + R rows at layer `split`, and its cache."""
 
     def __init__(self, model: nn.Module, split: int, logits: bool) -> None:
-        from transformers import DynamicCache
-
         self.model = model
         self.decoder = model.get_decoder()
         self.config = self.decoder.config
         self.split = split
         self.head = model.get_output_embeddings() if logits else None
-        self.cache = DynamicCache(config=self.config)
-        self._new_cache = lambda: DynamicCache(config=self.config)
-        self.layer_types = getattr(self.config, "layer_types", None) or (
-            ["full_attention"] * self.config.num_hidden_layers)
+        self.cache = self.new_cache()
+        layers = self.config.num_hidden_layers
+        self.layer_types = getattr(self.config, "layer_types", None) or ["full_attention"] * layers
+        self.lower, self.upper = range(0, split), range(split, layers)
+
+    def new_cache(self):
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.config)
 
     def masks(self, hidden: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor, cache) -> dict:
         from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
@@ -124,18 +128,6 @@ class SharedTrunkPair(_PairBase):
         self._trunk_prompt: torch.Tensor | None = None  # layer-`split` input of the prompt, for a later guard()
         self._linear_layers: list[nn.Linear] | None = None
 
-    @property
-    def _lower(self) -> range:
-        return range(0, self.split)
-
-    @property
-    def _upper(self) -> range:
-        return range(self.split, self.config_layers)
-
-    @property
-    def config_layers(self) -> int:
-        return self._net.config.num_hidden_layers
-
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, keep_trunk: bool = False) -> torch.Tensor:
         """Layers 0..s-1 on the B rows, then s..L-1 on B + R rows (the guarded rows' copies last)."""
         net, rows, batch = self._net, self.rows, self._batch
@@ -146,15 +138,15 @@ class SharedTrunkPair(_PairBase):
         if forked:
             upper_positions = torch.cat([positions, positions[rows]])
             upper = net.inputs(hidden, batch + rows.numel(), torch.cat([mask, mask[rows]]), upper_positions, net.cache)
-        hidden = net.run_layers(hidden, self._lower, lower, positions, net.cache)
+        hidden = net.run_layers(hidden, net.lower, lower, positions, net.cache)
         if keep_trunk:
             self._trunk_prompt = hidden
         if forked:
             with self._adapter.rows_from(batch):
-                hidden = net.run_layers(torch.cat([hidden, hidden[rows]]), self._upper, upper, upper_positions,
+                hidden = net.run_layers(torch.cat([hidden, hidden[rows]]), net.upper, upper, upper_positions,
                                         net.cache)
         else:
-            hidden = net.run_layers(hidden, self._upper, lower, positions, net.cache)
+            hidden = net.run_layers(hidden, net.upper, lower, positions, net.cache)
         return net.output(hidden)
 
     def prefill(self, input_ids, attention_mask, *, guard_rows=None, capture=()) -> Prefill:
@@ -179,12 +171,12 @@ class SharedTrunkPair(_PairBase):
         # the expert copies share the base rows' lower layers: run only the upper ones, from the kept trunk output
         net = self._net
         mask, positions = self._mask[rows], positions_from_mask(self._mask)[rows]
-        cache = net._new_cache()
+        cache = net.new_cache()
         hidden = trunk[rows]
         inputs = net.inputs(hidden, rows.numel(), mask, positions, cache)
         with self._adapter.rows_from(0), decode_linear.decoding():
-            hidden = net.run_layers(hidden, self._upper, inputs, positions, cache)
-        _append_upper_rows(net.cache, cache, self._upper)
+            hidden = net.run_layers(hidden, net.upper, inputs, positions, cache)
+        _append_upper_rows(net.cache, cache, net.upper)
         return net.output(hidden)
 
     def step(self, tokens):
@@ -203,8 +195,8 @@ class SharedTrunkPair(_PairBase):
     def _attach_decode_linear(self) -> list[nn.Linear]:
         layers, batch, extra = self._net.decoder.layers, self._batch, self.rows.numel()
         held = []
-        for index in range(self.config_layers):
-            held += decode_linear.attach(layers[index], rows=batch if index < self.split else batch + extra)
+        for index, layer in enumerate(layers):
+            held += decode_linear.attach(layer, rows=batch if index < self.split else batch + extra)
         if self._net.head is not None:
             held += decode_linear.attach(self._net.head, rows=batch + extra)
         return held
@@ -219,11 +211,9 @@ class SharedTrunkPair(_PairBase):
             self._holds_hooks = False
 
 
-def _append_upper_rows(cache, other, layers: Sequence[int] | range) -> None:
+def _append_upper_rows(cache, other, layers: Sequence[int]) -> None:
     """Append `other`'s rows to `cache` in the given layers only (the lower layers keep the base rows alone)."""
+    def restricted(source) -> SimpleNamespace:  # what `append_cache_rows` reads of a cache
+        return SimpleNamespace(layers=[source.layers[i] for i in layers])
 
-    class _Layers:  # the two caches restricted to `layers`, in the shape `append_cache_rows` reads
-        def __init__(self, source) -> None:
-            self.layers = [source.layers[i] for i in layers]
-
-    append_cache_rows(_Layers(cache), _Layers(other))
+    append_cache_rows(restricted(cache), restricted(other))
