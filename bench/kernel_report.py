@@ -1,0 +1,579 @@
+#!/usr/bin/env python3
+"""Static report of every Triton kernel variant the decode step can launch (issue 17, acceptance 1).
+
+No GPU needed: each variant is compiled with Triton's real compiler for an explicit target
+(``GPUTarget("cuda", 90, 32)``, optionally 80), down to a cubin with the ptxas that ships in the
+Triton wheel, and the cubin is read with the wheel's ``cuobjdump``:
+
+- registers, stack (= spill space) and static shared memory: ``cuobjdump -res-usage``;
+- spill bytes: ``ptxas -v`` (the ptxas Triton uses for the arch, default options) on the kernel's PTX,
+  run only when the stack is non-zero (its stack frame can differ by a few bytes from the cubin's);
+- dynamic shared memory: Triton's ``metadata.shared``; "fits" = static + dynamic <= 227 KB (sm_90,
+  232448 bytes) or 163 KB (sm_80, 166912 bytes);
+- SASS instructions (``cuobjdump -sass``), total and by class (SHFL, BAR, MUFU, HMMA, HGMMA, LDG,
+  STG, LDS, STS, LDL/STL = spill traffic), and loops (backward branches).
+
+Instructions per logit (an estimate from static counts, stated so a rewrite is judged the same way):
+every thread of a program executes the kernel's instruction stream once (predication, not
+divergence, handles masks in Triton code), so per tile
+
+    executed per thread = static instructions outside loops + sum over loops of body * trips
+    instr per logit     = executed per thread * (32 * num_warps) / logits per tile
+
+where "logits per tile" counts base and expert logits (2 * BB * BV for the logits passes,
+2 * BLOCK_B * BLOCK_V per vocabulary tile for the hidden-state passes). The logits passes and the
+per-row kernels are loop-free (everything is unrolled), so for them the count is exact up to
+predicated-off instructions. The hidden-state passes loop over the tiles of their split (one trip
+per tile: the per-tile cost is that loop's body) and, inside, over the hidden size in BLOCK_H steps
+(trips = H / BLOCK_H, H = --hidden, default 576 = SmolLM2-135M; 4096 for a 7B model).
+The per-row kernels (reduce, intersection, finalize) run once per row, not per logit: their row
+is reported with instructions per row instead.
+
+Which variants: the mode switches and launch constants come from ``launcher.plan_select`` (logits
+path, at B = 256, V = 131072 on a GPU plan: BV = 2048) and ``hidden_select.plan_hidden_select``
+(hidden-state path, shared LM head, B = 1 and B = 256), over divergence TV/KL/JS, union/intersection
+candidates, greedy / temperature / top-k / top-p sampling, K in {64, 256, 1024}, gate LIF or shut,
+and logits dtypes bf16/fp16/fp32. Identical kernel specialisations are compiled once. ``--full``
+compiles all of them (hours on a 2-core machine); the default compiles a cover that changes one
+axis at a time from greedy/TV/union/bf16/K=64 (every K, dtype, divergence, candidate mode, sampling
+mode and the shut gate appear at least once); the rest are listed as ``not compiled (--full)``.
+Compile failures (OutOfResources, ptxas errors, timeouts) are reported as rows, not hidden.
+
+Usage (repository root; TRITON_INTERPRET must be unset):
+
+    python3 bench/kernel_report.py                    # cover, sm_90 -> bench/results/{kernel_report.json,KERNELS.md}
+    python3 bench/kernel_report.py --arch 90 80 --jobs 2 --budget 900
+    python3 bench/kernel_report.py --full --arch 90 80
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import multiprocessing as mp
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+SHARED_LIMIT = {90: 232448, 80: 166912}  # bytes of shared memory one block may use (opt-in maximum)
+NUM_WARPS = 4  # Triton's default; the launches do not override it
+NUM_STAGES = 3  # Triton's default on CUDA
+SASS_CLASSES = ("SHFL", "BAR", "MUFU", "HMMA", "HGMMA", "LDG", "STG", "LDS", "STS", "LDL", "STL", "LDGSTS",
+                "BRA")
+
+# pointer element types of the scratch / row buffers (launcher.Scratch, RowVectors, launch_select outputs);
+# the logits / hidden / weight pointers take the variant's dtype
+_POINTER_TYPES = {
+    "stats_ptr": "fp32", "counts_ptr": "i32", "rowinfo_ptr": "fp32", "top_b_ptr": "i64", "top_e_ptr": "i64",
+    "choice_ptr": "i32", "iover_ptr": "i32", "div_ptr": "fp32", "best_ptr": "fp32", "besti_ptr": "i32",
+    "keys2_ptr": "i64", "mass_ptr": "fp32", "potential_ptr": "fp32", "alpha_ptr": "fp32", "seed_ptr": "i64",
+    "offset_ptr": "i64", "tokens_ptr": "i64", "new_potential_ptr": "fp32", "spike_ptr": "i1",
+    "divergence_ptr": "fp32", "over_ptr": "i1", "biasb_ptr": "fp32", "biase_ptr": "fp32",
+}
+_FLOAT_SCALARS = {"temperature", "decay", "v_th", "v_reset", "rho", "top_p", "score_floor"}
+_UNIT_STRIDES = {"s_hb1", "s_he1", "s_wb1", "s_we1"}  # contiguous rows: the JIT specialises them to 1
+
+
+@dataclass
+class KernelJob:
+    """One kernel specialisation to compile: where the kernel lives, its constants, what a tile holds."""
+
+    module: str
+    name: str
+    dtype: str
+    constants: dict[str, int]
+    role: str  # pass1 / pass2 / reduce / intersection / finalize
+    path: str  # logits / hidden
+    logits_per_tile: int  # base + expert logits one program handles per tile (0: per-row kernel)
+    inner_trips: int = 1  # trips of a nested loop inside the per-tile loop (hidden: H / BLOCK_H)
+    modes: list[str] = field(default_factory=list)
+
+    def key(self) -> str:
+        consts = ",".join(f"{k}={v}" for k, v in sorted(self.constants.items()))
+        return f"{self.name}[{self.dtype}|{consts}]"
+
+
+# ---------------------------------------------------------------------------------------------
+# enumeration from the launch planners
+# ---------------------------------------------------------------------------------------------
+
+
+def _modes() -> list[tuple[str, dict]]:
+    """(label, StepParams fields) of every mode the loop can run, K in {64, 256, 1024}."""
+    from ngsd_kernels.params import CandidateMode, Divergence, GateMode
+
+    samplings = {"greedy": {}, "temp": dict(temperature=0.7), "topk": dict(temperature=0.7),
+                 "topp": dict(temperature=0.7, top_p=0.9)}
+    out = []
+    for k in (64, 256, 1024):
+        for div in Divergence:
+            for cand in CandidateMode:
+                for samp, extra in samplings.items():
+                    fields = dict(divergence=div, candidate_mode=cand, candidate_k=k, **extra)
+                    if samp == "topk":
+                        fields["top_k"] = k
+                    if cand == CandidateMode.INTERSECTION:
+                        fields["min_candidates"] = k
+                    out.append((f"{div.name}/{cand.name.lower()}/{samp}/K={k}", fields))
+        out.append((f"TV/union/greedy/K={k}/gate-shut", dict(candidate_k=k, gate=GateMode.CLOSED)))
+    return out
+
+
+def _row_kernel_jobs(plan, path: str, label: str) -> list[KernelJob]:
+    from ngsd_kernels.params import CandidateMode
+
+    mod = "ngsd_kernels.ops.launcher"
+    k = plan.buffer
+    jobs = [KernelJob(mod, "_reduce_kernel", "-", dict(
+        RB=plan.row_block, NCP=plan.ncp, K=k, CG=plan.chunk_group, NEED_KEYS=int(plan.need_keys),
+        STORE_TOP=int(plan.mode == CandidateMode.INTERSECTION and plan.need_keys),
+        VALUE_KEYS=int(plan.key_kind == 1)), "reduce", path, 0)]
+    if plan.mode == CandidateMode.INTERSECTION and plan.need_keys:
+        jobs.append(KernelJob(mod, "_intersection_kernel", "-", dict(
+            RB=plan.row_block, K=k, EB=plan.inter_block, SAMPLE=plan.sample, USE_TOPK=int(plan.use_topk),
+            USE_TOPP=int(plan.use_topp)), "intersection", path, 0))
+    jobs.append(KernelJob(mod, "_finalize_kernel", "-", dict(
+        RB=plan.row_block, NCP=plan.ncp, K=k, CG=plan.chunk_group, DIVERGENCE=plan.divergence, GATE=plan.gate,
+        MODE=plan.mode, SAMPLE=plan.sample, USE_TOPK=int(plan.use_topk), USE_TOPP=int(plan.use_topp),
+        NEED_V0=int(plan.need_v0)), "finalize", path, 0))
+    for job in jobs:
+        job.modes.append(label)
+    return jobs
+
+
+def logits_jobs(label: str, fields: dict, dtype: str, batch: int = 256, vocab: int = 131072) -> list[KernelJob]:
+    from ngsd_kernels.ops.launcher import plan_select
+    from ngsd_kernels.params import StepParams
+
+    plan = plan_select(batch, vocab, StepParams(**fields))
+    mod = "ngsd_kernels.ops.fused_select"
+    tile = dict(BB=plan.block_b, BV=plan.block_v, K=plan.buffer)
+    per_tile = 2 * plan.block_b * plan.block_v
+    jobs = [
+        KernelJob(mod, "_pass1_kernel", dtype, dict(tile, KEYS=plan.key_kind), "pass1", "logits", per_tile),
+        KernelJob(mod, "_pass2_kernel", dtype, dict(tile, DIVERGENCE=plan.divergence, SAMPLE=plan.sample,
+                                                    NEED_V0=int(plan.need_v0), NEED_V1=int(plan.need_v1)),
+                  "pass2", "logits", per_tile),
+    ]
+    for job in jobs:
+        job.modes.append(f"logits {dtype} {label}")
+    return jobs + _row_kernel_jobs(plan, "logits", f"logits {label}")
+
+
+def hidden_jobs(label: str, fields: dict, dtype: str, batch: int, hidden: int, vocab: int = 131072) -> list[KernelJob]:
+    from ngsd_kernels.ops.hidden_select import plan_hidden_select
+    from ngsd_kernels.params import StepParams
+
+    plan, grid = plan_hidden_select(batch, vocab, StepParams(**fields), shared=True, on_gpu=True)
+    mod = "ngsd_kernels.ops.hidden_select"
+    tile = dict(SHARED=1, HAS_BIAS_B=0, HAS_BIAS_E=0, BLOCK_B=grid["block_b"], BLOCK_V=grid["block_v"],
+                BLOCK_H=grid["block_h"], UPCAST=int(dtype == "fp32"), K=plan.buffer)
+    per_tile = 2 * grid["block_b"] * grid["block_v"]
+    trips = -(-hidden // grid["block_h"])
+    jobs = [
+        KernelJob(mod, "_hs_pass1_kernel", dtype, dict(tile, KEYS=plan.key_kind), "pass1", "hidden", per_tile,
+                  trips),
+        KernelJob(mod, "_hs_pass2_kernel", dtype, dict(tile, DIVERGENCE=plan.divergence, SAMPLE=plan.sample,
+                                                       NEED_V0=int(plan.need_v0), NEED_V1=int(plan.need_v1)),
+                  "pass2", "hidden", per_tile, trips),
+    ]
+    for job in jobs:
+        job.modes.append(f"hidden {dtype} B={batch} {label}")
+    return jobs + _row_kernel_jobs(plan, "hidden", f"hidden B={batch} {label}")
+
+
+def enumerate_jobs(hidden: int) -> tuple[list[KernelJob], set[str]]:
+    """(every distinct kernel specialisation, keys of the default one-axis-at-a-time cover)."""
+    from ngsd_kernels.ops import launcher
+
+    if launcher.INTERPRETED:
+        raise RuntimeError("TRITON_INTERPRET=1 was set when Triton was imported: the planners then pick "
+                           "interpreter block sizes; enumerate in a process without it")
+    modes = _modes()
+    base = "TV/union/greedy/K=64"
+    everything: dict[str, KernelJob] = {}
+    cover: set[str] = set()
+
+    def add(jobs: list[KernelJob], in_cover: bool) -> None:
+        for job in jobs:
+            prior = everything.setdefault(job.key(), job)
+            if prior is not job:
+                prior.modes.extend(job.modes)
+            if in_cover:
+                cover.add(job.key())
+
+    for label, fields in modes:
+        div, cand, samp, k = label.split("/")[:4]
+        one_axis = sum([div != "TV", cand != "union", samp != "greedy", k != "K=64", "gate" in label]) <= 1
+        for dtype in ("bf16", "fp16", "fp32"):
+            add(logits_jobs(label, fields, dtype), one_axis and (dtype == "bf16" or label == base))
+        if samp == "greedy" and div == "TV" and cand == "union" and "gate" not in label:
+            for batch in (1, 256):
+                add(hidden_jobs(label, fields, "bf16", batch, hidden), True)
+    return list(everything.values()), cover
+
+
+# ---------------------------------------------------------------------------------------------
+# compile and inspect one kernel (runs in a worker process)
+# ---------------------------------------------------------------------------------------------
+
+
+def _tool(name: str) -> str:
+    import triton
+
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+    if not path.exists():
+        raise FileNotFoundError(f"{path} missing: this Triton wheel does not ship {name}")
+    return str(path)
+
+
+def _offline_driver(arch: int):
+    """build_aot's stand-in CUDA driver (names the target instead of asking a GPU)."""
+    spec = importlib.util.spec_from_file_location("ngsd_build_aot", REPO / "csrc_triton" / "build_aot.py")
+    module = sys.modules.get("ngsd_build_aot")
+    if module is None:
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["ngsd_build_aot"] = module  # its dataclasses look their module up there
+        spec.loader.exec_module(module)
+    return module._offline_driver(arch)
+
+
+def _pointer_type(job: KernelJob, arg: str) -> str:
+    if arg in ("keys_b_ptr", "keys_e_ptr"):  # launcher.Scratch: int32 value keys only for key kind 1
+        kind = job.constants.get("KEYS", 1 if job.constants.get("VALUE_KEYS") else 2)
+        return "i32" if kind == 1 else "i64"
+    if arg in _POINTER_TYPES:
+        return _POINTER_TYPES[arg]
+    if job.dtype == "-":
+        raise ValueError(f"no element type known for {arg} of {job.name}; add it to _POINTER_TYPES")
+    return job.dtype
+
+
+def _signature(job: KernelJob, arg_names: list[str]) -> tuple[dict, dict, dict]:
+    signature, constants, attrs = {}, {}, {}
+    for i, arg in enumerate(arg_names):
+        if arg in job.constants:
+            signature[arg], constants[arg] = "constexpr", job.constants[arg]
+        elif arg in _UNIT_STRIDES:
+            signature[arg], constants[arg] = "constexpr", 1
+        elif arg.endswith("_ptr"):
+            signature[arg] = "*" + _pointer_type(job, arg)
+            attrs[(i,)] = [["tt.divisibility", 16]]  # torch allocations are 16-byte aligned
+        elif arg in _FLOAT_SCALARS:
+            signature[arg] = "fp32"
+        else:
+            signature[arg] = "i32"
+    return signature, constants, attrs
+
+
+def parse_sass(text: str) -> dict:
+    """Instruction counts (total, by class) and loops (backward branches) of one kernel's SASS."""
+    inst = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)(\.[A-Z0-9_.]*)?\s*([^;]*);")
+    addrs, ops, loops = [], [], []
+    for m in inst.finditer(text):
+        addr, op, operands = int(m.group(1), 16), m.group(2), m.group(4)
+        if op == "NOP":
+            continue
+        addrs.append(addr)
+        ops.append(op)
+        if op == "BRA":
+            target = re.search(r"0x([0-9a-f]+)", operands)
+            # strictly backward: the BRA-to-itself after EXIT is padding, not a loop
+            if target and int(target.group(1), 16) < addr:
+                loops.append((int(target.group(1), 16), addr))
+    counts = {c: sum(1 for op in ops if op == c) for c in SASS_CLASSES}
+    # loop bodies in instructions; a loop nested in another is counted inside it as well
+    loop_sizes = [sum(1 for a in addrs if lo <= a <= hi) for lo, hi in loops]
+    nested = [any(lo2 <= lo and hi <= hi2 and (lo, hi) != (lo2, hi2) for lo2, hi2 in loops) for lo, hi in loops]
+    return dict(total=len(ops), classes=counts, loops=[dict(start=hex(lo), end=hex(hi), size=s, nested=n)
+                                                      for (lo, hi), s, n in zip(loops, loop_sizes, nested)])
+
+
+def per_tile_instructions(sass: dict, inner_trips: int) -> tuple[int, str]:
+    """Instructions one thread executes per tile, and how that number was obtained."""
+    loops = sass["loops"]
+    if not loops:
+        return sass["total"], "loop-free: whole kernel = one tile"
+    outer = [lp for lp in loops if not lp["nested"]]
+    inner = [lp for lp in loops if lp["nested"]]
+    tile_loop = max(outer, key=lambda lp: lp["size"])
+    executed = tile_loop["size"] + sum(lp["size"] * (inner_trips - 1) for lp in inner)
+    how = (f"tile loop body {tile_loop['size']} + inner loops {[lp['size'] for lp in inner]} x "
+           f"({inner_trips} - 1) further trips")
+    return executed, how
+
+
+def _spill_bytes(ptx: str, arch: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "k.ptx"
+        src.write_text(ptx)
+        suffix = "a" if arch == 90 else ""
+        from triton.backends.nvidia.compiler import get_ptxas  # the ptxas Triton itself uses for this arch
+
+        run = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name=sm_{arch}{suffix}", str(src), "-o",
+                              str(Path(tmp) / "k.cubin")], capture_output=True, text=True)
+    text = run.stdout + run.stderr
+    stores = re.search(r"(\d+) bytes spill stores", text)
+    loads = re.search(r"(\d+) bytes spill loads", text)
+    return dict(spill_store_bytes=int(stores.group(1)) if stores else None,
+                spill_load_bytes=int(loads.group(1)) if loads else None)
+
+
+def compile_job(job: KernelJob, arch: int) -> dict:
+    """Compile one kernel for sm_<arch> and read its resources and SASS; errors become a status."""
+    os.environ.pop("TRITON_INTERPRET", None)
+    sys.path.insert(0, str(REPO))
+    row = dict(kernel=job.name, path=job.path, role=job.role, dtype=job.dtype, arch=arch, constants=job.constants,
+               modes=job.modes, logits_per_tile=job.logits_per_tile)
+    start = time.time()
+    try:
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+
+        from ngsd_kernels.ops.launcher import LAUNCH_OPTIONS
+
+        triton.runtime.driver.set_active(_offline_driver(arch))
+        kernel = getattr(__import__(job.module, fromlist=[job.name]), job.name)
+        signature, constants, attrs = _signature(job, list(kernel.arg_names))
+        target = GPUTarget("cuda", arch, 32)
+        options = dict(num_warps=NUM_WARPS, num_stages=NUM_STAGES, **LAUNCH_OPTIONS)
+        compiled = triton.compile(ASTSource(kernel, signature, constants, attrs), target=target, options=options)
+        cubin = compiled.asm["cubin"]
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "k.cubin"
+            path.write_bytes(cubin)
+            res = subprocess.run([_tool("cuobjdump"), "-res-usage", str(path)], capture_output=True, text=True,
+                                 check=True).stdout
+            sass_text = subprocess.run([_tool("cuobjdump"), "-sass", str(path)], capture_output=True, text=True,
+                                       check=True).stdout
+    except Exception as exc:  # a failing variant is a result: report it
+        row.update(status=f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}",
+                   compile_s=round(time.time() - start, 1))
+        return row
+    usage = {k: int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", res)}
+    sass = parse_sass(sass_text)
+    dynamic_shared = int(compiled.metadata.shared)
+    total_shared = dynamic_shared + usage.get("SHARED", 0)
+    threads = 32 * NUM_WARPS
+    executed, how = per_tile_instructions(sass, job.inner_trips)
+    row.update(
+        status="ok", compile_s=round(time.time() - start, 1), registers=usage.get("REG"), stack_bytes=usage.get("STACK"),
+        local_bytes=usage.get("LOCAL"), shared_bytes=total_shared, shared_limit=SHARED_LIMIT[arch],
+        shared_fits=total_shared <= SHARED_LIMIT[arch], cubin_bytes=len(cubin), num_warps=NUM_WARPS,
+        sass_total=sass["total"], sass_classes=sass["classes"], loops=sass["loops"],
+        executed_per_thread_per_tile=executed, estimate=how,
+        instr_per_logit=round(executed * threads / job.logits_per_tile, 2) if job.logits_per_tile else None,
+        instr_per_row=executed * threads // job.constants["RB"] if not job.logits_per_tile else None,
+    )
+    row.update(_spill_bytes(compiled.asm["ptx"], arch) if usage.get("STACK", 0) else
+               dict(spill_store_bytes=0, spill_load_bytes=0))
+    return row
+
+
+def _compile_star(args):
+    return compile_job(*args)
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+# ---------------------------------------------------------------------------------------------
+
+
+def _short(constants: dict) -> str:
+    keep = ("BB", "BV", "BLOCK_B", "BLOCK_V", "K", "KEYS", "DIVERGENCE", "SAMPLE", "NEED_V1", "RB", "NCP", "CG",
+            "MODE", "GATE", "STORE_TOP", "VALUE_KEYS", "USE_TOPK", "USE_TOPP")
+    return " ".join(f"{k}={constants[k]}" for k in keep if k in constants)
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    lines = [
+        "# Kernel report (static: compiled, not run)",
+        "",
+        f"Generated by `{meta['command']}` ({meta['date']}, Triton {meta['triton']}, {meta['seconds']:.0f} s "
+        f"on a shared 2-core CPU). No GPU: cubins from Triton's compiler + ptxas, read with cuobjdump. "
+        "How every number is obtained: the docstring of `bench/kernel_report.py`.",
+        "",
+        f"{meta['n_variants']} distinct kernel specialisations can be launched by the planned modes; "
+        f"{meta['n_compiled']} compiled in this run per architecture ({meta['selection']}), the others are "
+        "listed in `kernel_report.json` as `not compiled`.",
+        "",
+        "Columns: regs = registers per thread; stack = per-thread stack (spill space), spill = ptxas spill "
+        "store/load bytes; smem = static + dynamic shared bytes (fits: within the per-block limit, sm_90 "
+        "232448 B, sm_80 166912 B); instr = SASS instructions executed per thread per tile; /logit = instr x 128 "
+        "threads / (base + expert logits per tile); per-row kernels show instructions per row instead.",
+        "",
+        "| arch | path | kernel | dtype | constants | status | regs | stack | spill st/ld | smem | fits | SASS | "
+        "instr/tile | /logit | /row | SHFL | BAR | MUFU | HMMA | HGMMA | LDG | STG | LDS | STS | LDL | STL |",
+        "|---|---|---|---|---|---|---:|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "---:|---:|---:|",
+    ]
+    for r in sorted(rows, key=lambda r: (r["arch"], r["path"], r["role"], r["dtype"], _short(r["constants"]))):
+        if r["status"] != "ok":
+            lines.append(f"| sm_{r['arch']} | {r['path']} | {r['kernel']} | {r['dtype']} | {_short(r['constants'])} | "
+                         f"{r['status']} |" + " |" * 20)
+            continue
+        c = r["sass_classes"]
+        lines.append(
+            f"| sm_{r['arch']} | {r['path']} | {r['kernel']} | {r['dtype']} | {_short(r['constants'])} | ok | "
+            f"{r['registers']} | {r['stack_bytes']} | {r['spill_store_bytes']}/{r['spill_load_bytes']} | "
+            f"{r['shared_bytes']} | {'yes' if r['shared_fits'] else '**NO**'} | {r['sass_total']} | "
+            f"{r['executed_per_thread_per_tile']} | {r['instr_per_logit'] if r['instr_per_logit'] is not None else ''} | "
+            f"{r['instr_per_row'] if r['instr_per_row'] is not None else ''} | "
+            + " | ".join(str(c[k]) for k in ("SHFL", "BAR", "MUFU", "HMMA", "HGMMA", "LDG", "STG", "LDS", "STS", "LDL",
+                                              "STL"))
+            + " |"
+        )
+    lines += ["", "Per-tile estimate of the looped (hidden-state) kernels: " + meta["hidden_note"], ""]
+    return "\n".join(lines)
+
+
+# H200 SXM (assumptions of the roofline table; see bench/ROOFLINE.md)
+HBM_BYTES_PER_S = 4.8e12
+SMS = 132
+CLOCK_HZ = 1.98e9  # boost clock; every SM sub-partition issues at most one warp instruction per clock
+SHFL_SLOTS = 4  # a SHFL occupies ~4 issue slots (32 lanes/clk/SM on Hopper): the upper estimate
+
+
+def _pass_time_s(row: dict, programs: int, shfl_slots: int) -> float:
+    """Issue-bound time of one launch: each SM runs ceil(programs / SMS) programs; a program's
+    4 warps issue in parallel on the 4 sub-partitions, one instruction per clock at best."""
+    per_thread = row["executed_per_thread_per_tile"]
+    if row["sass_total"]:
+        per_thread += (shfl_slots - 1) * row["sass_classes"]["SHFL"] * per_thread / row["sass_total"]
+    return -(-programs // SMS) * per_thread * (NUM_WARPS / 4) / CLOCK_HZ
+
+
+def roofline(report: dict, dtype: str = "bf16") -> str:
+    """Markdown: per-step estimate of the logits path (greedy / TV / union / K = 64) from the compiled
+    counts, against the bytes floor, for B in {1, 32, 256} and V in {32k, 128k, 152k}."""
+    from ngsd_kernels.ops.launcher import plan_select
+    from ngsd_kernels.params import StepParams
+
+    ok = [r for r in report["rows"] if r["status"] == "ok" and r["arch"] == 90 and r["path"] == "logits"]
+
+    def find(role: str, **consts) -> dict:
+        for r in ok:
+            if r["role"] == role and r["dtype"] in (dtype, "-") and all(r["constants"].get(k) == v
+                                                                         for k, v in consts.items()):
+                return r
+        raise LookupError(f"no compiled {role} row with {consts}; run kernel_report.py first")
+
+    lines = ["| B | V | chunks | pass-1 programs | MB moved (fused) | floor us | pass 1 us | pass 2 us | "
+             "reduce+finalize us | step us (issue-bound .. SHFL x4) | step / floor |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for vocab in (32768, 131072, 151936):
+        for batch in (1, 32, 256):
+            plan = plan_select(batch, vocab, StepParams())
+            p1 = find("pass1", K=plan.buffer, KEYS=plan.key_kind, BB=plan.block_b, BV=plan.block_v)
+            p2 = find("pass2", K=plan.buffer, SAMPLE=0, DIVERGENCE=0, NEED_V1=1, BB=plan.block_b, BV=plan.block_v)
+            red = find("reduce", K=plan.buffer, STORE_TOP=0)
+            fin = find("finalize", K=plan.buffer, SAMPLE=0, MODE=0, DIVERGENCE=0)
+            programs = -(-batch // plan.block_b) * plan.n_chunks
+            rows_programs = -(-batch // plan.row_block)
+            elem = 2
+            logits_bytes = 2 * 2 * batch * vocab * elem  # two passes over base + expert
+            keys_bytes = 2 * 2 * batch * plan.n_chunks * plan.buffer * 4  # int32 keys: pass-1 write + reduce read
+            bytes_moved = logits_bytes + keys_bytes
+            floor = bytes_moved / HBM_BYTES_PER_S
+            times = []
+            for slots in (1, SHFL_SLOTS):
+                t1 = _pass_time_s(p1, programs, slots)
+                t2 = _pass_time_s(p2, programs, slots)
+                tr = _pass_time_s(red, rows_programs, slots) + _pass_time_s(fin, rows_programs, slots)
+                # a pass cannot beat its share of the bytes either
+                t1 = max(t1, (logits_bytes / 2 + keys_bytes / 2) / HBM_BYTES_PER_S)
+                t2 = max(t2, logits_bytes / 2 / HBM_BYTES_PER_S)
+                times.append((t1, t2, tr, t1 + t2 + tr))
+            lo, hi = times
+            lines.append(
+                f"| {batch} | {vocab} | {plan.n_chunks} | {programs} | {bytes_moved / 1e6:.1f} | {floor * 1e6:.1f} | "
+                f"{lo[0] * 1e6:.1f}..{hi[0] * 1e6:.1f} | {lo[1] * 1e6:.1f}..{hi[1] * 1e6:.1f} | "
+                f"{lo[2] * 1e6:.1f}..{hi[2] * 1e6:.1f} | {lo[3] * 1e6:.1f}..{hi[3] * 1e6:.1f} | "
+                f"{lo[3] / floor:.1f}..{hi[3] / floor:.1f}x |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", type=int, nargs="+", default=[90], choices=(80, 90))
+    parser.add_argument("--full", action="store_true", help="compile every specialisation, not the cover")
+    parser.add_argument("--only", default="", help="compile only kernels whose key contains this text")
+    parser.add_argument("--jobs", type=int, default=2, help="compile processes")
+    parser.add_argument("--budget", type=float, default=600.0, help="seconds; unfinished compiles become 'timeout'")
+    parser.add_argument("--hidden", type=int, default=576, help="hidden size H for the hidden-state loop trips")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--list", action="store_true", help="list the specialisations and exit")
+    parser.add_argument("--roofline", action="store_true",
+                        help="print the ROOFLINE.md table from an existing --out/kernel_report.json and exit")
+    args = parser.parse_args(argv)
+    if args.roofline:
+        sys.path.insert(0, str(REPO))
+        print(roofline(json.loads((args.out / "kernel_report.json").read_text())))
+        return 0
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise SystemExit("unset TRITON_INTERPRET: this report compiles real GPU code")
+    sys.path.insert(0, str(REPO))
+    jobs, cover = enumerate_jobs(args.hidden)
+    chosen = [j for j in jobs if (args.full or j.key() in cover) and args.only in j.key()]
+    if args.list:
+        for j in jobs:
+            print(("*" if j in chosen else " "), j.key(), f"({len(j.modes)} modes)")
+        print(f"{len(jobs)} specialisations, {len(chosen)} selected")
+        return 0
+    import triton
+
+    start = time.time()
+    work = [(j, arch) for arch in args.arch for j in chosen]
+    # small buffers first: compile time grows steeply with K (the bitonic networks are unrolled), so a
+    # budget cut leaves the K = 1024 tail as "timeout" rows instead of starving everything else
+    work.sort(key=lambda w: (w[0].constants.get("K", 0), w[0].path == "hidden", w[0].role))
+    rows: list[dict] = []
+    with mp.get_context("spawn").Pool(args.jobs) as pool:
+        pending = [(w, pool.apply_async(_compile_star, (w,))) for w in work]
+        for (job, arch), res in pending:
+            left = args.budget - (time.time() - start)
+            try:
+                row = res.get(timeout=max(left, 0.01))
+            except mp.TimeoutError:
+                row = dict(kernel=job.name, path=job.path, role=job.role, dtype=job.dtype, arch=arch,
+                           constants=job.constants, modes=job.modes, status=f"timeout: not finished within the "
+                           f"{args.budget:.0f} s budget (--budget)")
+            rows.append(row)
+            print(f"sm_{arch} {job.key():<110} {row['status'][:60]} {row.get('compile_s', '')}", flush=True)
+        pool.terminate()
+    done = {(r["kernel"], r["dtype"], json.dumps(r["constants"], sort_keys=True)) for r in rows}
+    for j in jobs:
+        if (j.name, j.dtype, json.dumps(j.constants, sort_keys=True)) not in done:
+            for arch in args.arch:
+                rows.append(dict(kernel=j.name, path=j.path, role=j.role, dtype=j.dtype, arch=arch,
+                                 constants=j.constants, modes=j.modes, status="not compiled (--full)"))
+    meta = dict(
+        command="python3 bench/kernel_report.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), triton=triton.__version__,
+        seconds=time.time() - start, n_variants=len(jobs), n_compiled=len(chosen),
+        selection="every specialisation" if args.full else "one-axis-at-a-time cover",
+        hidden_note=(f"H = {args.hidden}, so the inner loop over the hidden size runs ceil(H / BLOCK_H) trips per "
+                     "vocabulary tile; the tile loop's body (with the inner loop once) plus the inner body for "
+                     "the remaining trips."),
+        assumptions=dict(num_warps=NUM_WARPS, num_stages=NUM_STAGES, pointers="16-byte aligned",
+                         logits_plan="B=256, V=131072", hidden_plan="shared head, B=1 and B=256, V=131072"),
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    compiled_rows = [r for r in rows if r["status"] != "not compiled (--full)"]
+    (args.out / "kernel_report.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    (args.out / "KERNELS.md").write_text(markdown(compiled_rows, meta))
+    print(f"{len(compiled_rows)} rows in {time.time() - start:.0f}s -> {args.out}/kernel_report.json, KERNELS.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""bench/kernel_report.py: the static kernel report (issue 17) compiles a real variant and reads its cubin."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "bench" / "kernel_report.py"
+# the smallest kernel of the default mode (greedy, TV, union, K = 64, logits path): compiles in seconds
+SMALL_KEY = "_finalize_kernel[-|CG=64,DIVERGENCE=0,GATE=0,K=64,MODE=0,NCP=64,NEED_V0=1,RB=1,SAMPLE=0,USE_TOPK=0,USE_TOPP=0]"
+
+
+def _report_module():
+    spec = importlib.util.spec_from_file_location("ngsd_kernel_report", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["ngsd_kernel_report"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _missing_tools() -> list[str]:
+    try:
+        import triton
+    except ImportError:
+        return ["triton"]
+    bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    return [t for t in ("ptxas", "cuobjdump") if not (bin_dir / t).exists()]
+
+
+SASS = """
+        /*0000*/                   LDC R1, c[0x0][0x28] ;
+        /*0010*/                   SHFL.BFLY PT, R3, R2, 0x1, 0x1f ;
+        /*0020*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+        /*0030*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*0040*/               @P0 BRA 0x10 ;
+        /*0050*/                   MUFU.EX2 R5, R5 ;
+        /*0060*/                   EXIT ;
+        /*0070*/                   BRA 0x70;
+        /*0080*/                   NOP;
+"""
+
+
+def test_parse_sass_counts_classes_and_finds_the_backward_branch_only():
+    report = _report_module()
+    sass = report.parse_sass(SASS)
+    assert sass["total"] == 8  # NOP padding excluded
+    assert sass["classes"]["SHFL"] == 1 and sass["classes"]["BAR"] == 1 and sass["classes"]["MUFU"] == 1
+    assert sass["classes"]["LDG"] == 1 and sass["classes"]["BRA"] == 2
+    # 0x40 -> 0x10 is a loop of 4 instructions; the BRA-to-itself after EXIT is not
+    assert [(lp["start"], lp["end"], lp["size"]) for lp in sass["loops"]] == [("0x10", "0x40", 4)]
+    executed, how = report.per_tile_instructions(sass, inner_trips=9)
+    assert executed == 4 and "tile loop" in how
+    assert report.per_tile_instructions(dict(total=7, loops=[]), 9)[0] == 7
+
+
+def _without_interpreter() -> dict:
+    # GPU plans and real compilation: the planners pick interpreter block sizes under TRITON_INTERPRET=1
+    return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+
+def test_enumeration_covers_every_k_dtype_and_mode():
+    run = subprocess.run([sys.executable, str(SCRIPT), "--list"], capture_output=True, text=True,
+                         env=_without_interpreter(), cwd=REPO, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    listed = [line[2:].split(" (")[0] for line in run.stdout.splitlines() if line[:2] in ("* ", "  ")]
+    chosen = [line[2:].split(" (")[0] for line in run.stdout.splitlines() if line.startswith("* ")]
+    assert SMALL_KEY in chosen and len(listed) > len(chosen) > 20
+    pass1 = [key for key in listed if key.startswith("_pass1_kernel[")]
+    for part in ("K=64,", "K=256,", "K=1024,", "bf16|", "fp16|", "fp32|", "KEYS=0]", "KEYS=1]", "KEYS=2]"):
+        assert any(part in key for key in pass1), part  # every buffer size, dtype, key kind (shut/union/inter.)
+    for k in (64, 256, 1024):
+        assert any(key.startswith("_hs_pass1_kernel[") and f"K={k}," in key for key in listed), k
+    for sample in (0, 1, 2):
+        assert any(key.startswith("_pass2_kernel[") and f"SAMPLE={sample}]" in key for key in listed), sample
+
+
+@pytest.mark.skipif(bool(_missing_tools()), reason=f"Triton's ptxas/cuobjdump not shipped here: {_missing_tools()}")
+def test_one_small_variant_compiles_for_sm90_and_reports_its_resources(tmp_path):
+    env = _without_interpreter()
+    run = subprocess.run(
+        [sys.executable, str(SCRIPT), "--arch", "90", "--jobs", "1", "--budget", "240", "--only", SMALL_KEY,
+         "--out", str(tmp_path)],
+        capture_output=True, text=True, env=env, cwd=REPO, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = json.loads((tmp_path / "kernel_report.json").read_text())["rows"]
+    compiled = [r for r in rows if r["status"] != "not compiled (--full)"]
+    assert len(compiled) == 1, [r["status"] for r in compiled]
+    row = compiled[0]
+    assert row["status"] == "ok", row["status"]
+    assert 0 < row["registers"] <= 255
+    assert row["stack_bytes"] >= 0 and row["spill_store_bytes"] >= 0 and row["spill_load_bytes"] >= 0
+    assert row["shared_bytes"] > 0 and row["shared_fits"] is True
+    assert row["sass_total"] > 0 and row["instr_per_row"] > 0 and row["instr_per_logit"] is None
+    assert (tmp_path / "KERNELS.md").read_text().count("| sm_90 |") == 1
