@@ -443,10 +443,14 @@ CLOCK_HZ = 1.98e9  # boost clock; every SM sub-partition issues at most one warp
 SHFL_SLOTS = 4  # a SHFL occupies ~4 issue slots (32 lanes/clk/SM on Hopper): the upper estimate
 
 
-def _pass_time_s(row: dict, programs: int, shfl_slots: int) -> float:
+def _pass_time_s(row: dict, programs: int, shfl_slots: int, logits_per_tile: int = 0) -> float:
     """Issue-bound time of one launch: each SM runs ceil(programs / SMS) programs; a program's
-    4 warps issue in parallel on the 4 sub-partitions, one instruction per clock at best."""
+    4 warps issue in parallel on the 4 sub-partitions, one instruction per clock at best.
+    ``logits_per_tile``: the plan's tile when it differs from the compiled one (B = 1 plans BB = 1):
+    the compiled instructions per logit times that tile."""
     per_thread = row["executed_per_thread_per_tile"]
+    if logits_per_tile and row.get("instr_per_logit"):
+        per_thread = row["instr_per_logit"] * logits_per_tile / (32 * NUM_WARPS)
     if row["sass_total"]:
         per_thread += (shfl_slots - 1) * row["sass_classes"]["SHFL"] * per_thread / row["sass_total"]
     return -(-programs // SMS) * per_thread * (NUM_WARPS / 4) / CLOCK_HZ
@@ -473,10 +477,13 @@ def roofline(report: dict, dtype: str = "bf16") -> str:
     for vocab in (32768, 131072, 151936):
         for batch in (1, 32, 256):
             plan = plan_select(batch, vocab, StepParams())
-            p1 = find("pass1", K=plan.buffer, KEYS=plan.key_kind, BB=plan.block_b, BV=plan.block_v)
-            p2 = find("pass2", K=plan.buffer, SAMPLE=0, DIVERGENCE=0, NEED_V1=1, BB=plan.block_b, BV=plan.block_v)
-            red = find("reduce", K=plan.buffer, STORE_TOP=0)
-            fin = find("finalize", K=plan.buffer, SAMPLE=0, MODE=0, DIVERGENCE=0)
+            # the report compiles the B = 256 plan (BB = 2); smaller BB reuses its instructions per logit
+            p1 = find("pass1", K=plan.buffer, KEYS=plan.key_kind, BV=plan.block_v)
+            p2 = find("pass2", K=plan.buffer, SAMPLE=0, DIVERGENCE=0, NEED_V1=1, BV=plan.block_v)
+            tile = 2 * plan.block_b * plan.block_v
+            # per-row kernels: the compiled V = 131072 plan's (NCP = 64) stand in for every V
+            red = find("reduce", K=plan.buffer, STORE_TOP=0, NCP=64, RB=1)
+            fin = find("finalize", K=plan.buffer, SAMPLE=0, MODE=0, DIVERGENCE=0, NCP=64, RB=1)
             programs = -(-batch // plan.block_b) * plan.n_chunks
             rows_programs = -(-batch // plan.row_block)
             elem = 2
@@ -486,8 +493,8 @@ def roofline(report: dict, dtype: str = "bf16") -> str:
             floor = bytes_moved / HBM_BYTES_PER_S
             times = []
             for slots in (1, SHFL_SLOTS):
-                t1 = _pass_time_s(p1, programs, slots)
-                t2 = _pass_time_s(p2, programs, slots)
+                t1 = _pass_time_s(p1, programs, slots, tile)
+                t2 = _pass_time_s(p2, programs, slots, tile)
                 tr = _pass_time_s(red, rows_programs, slots) + _pass_time_s(fin, rows_programs, slots)
                 # a pass cannot beat its share of the bytes either
                 t1 = max(t1, (logits_bytes / 2 + keys_bytes / 2) / HBM_BYTES_PER_S)
