@@ -39,6 +39,9 @@ class ReflectionConfig:
     route: with the probe, rows whose risk is below `route_below` decode unguarded: gate closed,
     no expert rows in the forward at all, so they cost what unguarded decoding costs.
     route_below: the routing threshold in risk units (0..10); None: the probe's own operating point.
+    guarded_alpha: with routing, the alpha of every row the probe does not route (a row it cannot
+    call harmless is guarded fully; the LIF gate still decides when to mix); None: the alpha its
+    risk maps to through the thresholds below.
     all_zero: what four zero scores mean, "fail" (risk 10, a failed evaluation) or "bump" (S += 1).
     injection_risk: the lowest risk of a request that tries to dictate its own verdict (types the
     evaluator's delimiters or chat control tokens, writes scores, tells the evaluator to ignore its
@@ -54,6 +57,7 @@ class ReflectionConfig:
     probe: str | None = None
     route: bool = True
     route_below: float | None = None
+    guarded_alpha: float | None = 0.9
     max_new_tokens: int = 256
     long_request_chars: int = 2000
     long_request_bonus: int = 2
@@ -110,6 +114,10 @@ class ReflectionConfig:
             _check_finite("route_below", self.route_below)
             if not 0.0 <= self.route_below <= 10.0:
                 raise ValueError(f"route_below must be a risk in [0, 10] or None, got {self.route_below}")
+        if self.guarded_alpha is not None:
+            _check_finite("guarded_alpha", self.guarded_alpha)
+            if not 0.0 <= self.guarded_alpha <= 1.0:
+                raise ValueError(f"guarded_alpha must be in [0, 1] (a mixing weight) or None, got {self.guarded_alpha}")
         if not isinstance(self.route, bool):
             raise TypeError(f"route must be True or False, got {self.route!r}")
         if self.probe is not None and not isinstance(self.probe, str):

@@ -156,3 +156,31 @@ def test_a_probe_trained_on_another_model_is_refused(tmp_path):
     config = NGSDConfig(reflection=ReflectionConfig(mode="probe", probe=str(tmp_path / "probe")))
     with pytest.raises(ValueError, match="another model"):
         guarded_generate(model, ids, mask, expert=model, config=config)
+
+
+def test_the_equal_outputs_warning_ignores_steps_where_every_guarded_row_has_finished():
+    import warnings
+
+    from ngsd.decoding.loop import IDENTICAL_LOGITS_STEPS, _IdenticalOutputsWatch
+
+    base = torch.randn(3, 16) * 40
+    rows = torch.tensor([0])
+    finished_guarded_row = torch.tensor([False, True, True])  # routed rows 1 and 2 go on
+    watch = _IdenticalOutputsWatch(enabled=True, device=torch.device("cpu"))
+    for _ in range(2 * IDENTICAL_LOGITS_STEPS):
+        watch.observe(base, base[rows].clone(), rows, finished_guarded_row)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        watch.warn_if_stuck()
+
+    still_running = torch.tensor([True, True, True])
+    shifted = base[rows] + 0.5  # a small shift in every dimension next to a few large outliers: a real expert
+    for _ in range(2 * IDENTICAL_LOGITS_STEPS):
+        watch.observe(base, shifted, rows, still_running)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        watch.warn_if_stuck()
+    for _ in range(IDENTICAL_LOGITS_STEPS):
+        watch.observe(base, base[rows].clone(), rows, still_running)
+    with pytest.warns(RuntimeWarning, match="not applied"):
+        watch.warn_if_stuck()

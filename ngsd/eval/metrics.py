@@ -161,6 +161,7 @@ def suite_metrics(
         out["reflection"] = {
             "n": len(reflections),
             "parsed": sum(bool(x.get("parsed")) for x in reflections),
+            "routed": sum(bool(x.get("routed")) for x in reflections),  # risk probe: decoded unguarded
             "mean_risk": _mean([x["risk"] for x in reflections if x.get("risk") is not None]),
         }
     if gated:

@@ -162,7 +162,8 @@ def _reflection_summary(reflection: Any) -> dict[str, Any] | None:
     if reflection is None:
         return None
     data = reflection.to_dict() if hasattr(reflection, "to_dict") else dict(reflection)
-    return {k: data.get(k) for k in ("risk", "alpha", "scores", "parsed", "missing")}
+    keys = ("risk", "alpha", "scores", "parsed", "missing", "source", "routed", "route_below")
+    return {k: data[k] for k in keys if k in data}
 
 
 class Runner:
@@ -280,9 +281,10 @@ class Runner:
         alpha: Any = method.alpha
         reflections: list[Any] = [None] * len(batch)
         reflect_seconds = 0.0
-        if method.uses_reflection:
-            # Reflection is run here rather than inside generate (which would do exactly the same:
-            # reflect(model, tokenizer, prompts, config.reflection)) to time it separately.
+        if method.uses_reflection and config.reflection.mode in ("generate", "prefill"):
+            # Self-reflection is run here rather than inside generate (which would do exactly the same:
+            # reflect(model, tokenizer, prompts, config.reflection)) to time it separately. The risk
+            # probe ("auto"/"probe") reads generate's own prefill: nothing to run or time apart.
             from ..risk.reflection import reflect
 
             start = time.perf_counter()
@@ -302,6 +304,7 @@ class Runner:
         )
         gen_seconds = time.perf_counter() - start
         records = []
+        reflections = [r if r is not None else trace.reflection for r, trace in zip(reflections, result.traces)]
         for prompt, text, trace, reflection in zip(batch, result.texts, result.traces, reflections):
             records.append(
                 {

@@ -55,7 +55,12 @@ class RiskPlan:
         alphas, verdicts, guarded = [], [], []
         for row, risk in enumerate(risks):
             routed = self.route_below is not None and risk < self.route_below
-            alpha = 0.0 if routed else self.reflection.alpha_for_risk(risk)
+            if routed:
+                alpha = 0.0
+            elif self.route_below is not None and self.reflection.guarded_alpha is not None:
+                alpha = self.reflection.guarded_alpha
+            else:
+                alpha = self.reflection.alpha_for_risk(risk)
             alphas.append(alpha)
             verdicts.append(ProbeVerdict(risk=float(risk), alpha=alpha, routed=routed, route_below=self.route_below))
             if not routed:
