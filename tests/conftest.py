@@ -41,8 +41,11 @@ def tiny_model(family: str = "llama", vocab_size: int = 96, seed: int = 0, init:
     return AutoModelForCausalLM.from_config(config).eval()
 
 
-def tiny_lora_expert(model, folder: Path, seed: int = 1, strength: float = 0.5) -> Path:
-    """A real peft LoRA adapter for `model` with random (non-zero) weights, saved to `folder`."""
+def tiny_lora_expert(model, folder: Path, seed: int = 1, strength: float = 0.5, layers: list[int] | None = None) -> Path:
+    """A real peft LoRA adapter for `model` with random (non-zero) weights, saved to `folder`.
+
+    `layers`: the decoder layers it adapts (peft's layers_to_transform); None: all of them.
+    """
     import copy
 
     from peft import LoraConfig, get_peft_model
@@ -51,6 +54,7 @@ def tiny_lora_expert(model, folder: Path, seed: int = 1, strength: float = 0.5) 
         r=4,
         lora_alpha=8,
         lora_dropout=0.0,
+        layers_to_transform=layers,
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     )
     peft_model = get_peft_model(copy.deepcopy(model), config)

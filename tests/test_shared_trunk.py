@@ -22,18 +22,8 @@ SPLIT = 2
 
 def top_layers_expert(model, folder, top: int, seed: int = 1, strength: float = 0.5) -> LoraAdapter:
     """A real peft LoRA on the top `top` decoder layers only (peft's layers_to_transform), random weights."""
-    from peft import LoraConfig, get_peft_model
-
     layers = model.config.num_hidden_layers
-    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, layers_to_transform=list(range(layers - top, layers)),
-                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    peft_model = get_peft_model(copy.deepcopy(model), config)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * strength)
-    peft_model.save_pretrained(str(folder))
+    tiny_lora_expert(model, folder, seed=seed, strength=strength, layers=list(range(layers - top, layers)))
     return LoraAdapter.load(folder)
 
 

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ngsd_kernels import GuardedSelector, StepParams
-from ngsd_kernels.ops.hidden_torch import pair_logits
+from ngsd_kernels.ops.hidden_torch import hidden_logits, pair_logits
 
 from .heads import HeadSplit
 
@@ -59,7 +59,7 @@ class GuardedStep:
         """[B, V] base and expert logits; an unguarded row's expert logits are its base logits."""
         if self._base_head is not None:
             if expert is None:
-                base = _head_logits(base, self._base_head)
+                base = hidden_logits(base, self._base_head.weight, self._base_head.bias)
             else:
                 weight_e, bias_e = self._expert_weight_and_bias()
                 base, expert = pair_logits(base, expert, self._base_head.weight, weight_e, self._base_head.bias, bias_e)
@@ -104,8 +104,3 @@ class GuardedStep:
             self._selectors[key] = selector
         return selector
 
-
-def _head_logits(hidden: Tensor, head: HeadSplit) -> Tensor:
-    from ngsd_kernels.ops.hidden_torch import hidden_logits
-
-    return hidden_logits(hidden, head.weight, head.bias)
