@@ -1,4 +1,4 @@
-"""The `ngsd` command: generate, reflect, train-expert, eval (entry point `ngsd=ngsd.cli:main`).
+"""The `ngsd` command: generate, reflect, train-expert, train-nest, eval (entry point `ngsd=ngsd.cli:main`).
 
 Light at import: this module and every subcommand's `cli` module import neither torch nor
 transformers, so `ngsd --help` and argument errors answer at once; each command imports the heavy
@@ -25,7 +25,8 @@ from .loading import NO_PROGRESS_ENV, show_progress
 
 # Modules that add a subcommand through `register_cli(subparsers)`; each must be light at import.
 SUBCOMMAND_MODULES = (
-    "ngsd.decoding.cli", "ngsd.risk.cli", "ngsd.risk.probe_cli", "ngsd.experts.training.cli", "ngsd.eval.cli",
+    "ngsd.decoding.cli", "ngsd.risk.cli", "ngsd.risk.probe_cli", "ngsd.experts.training.cli", "ngsd.nest.cli",
+    "ngsd.eval.cli",
 )
 USAGE_EXIT = 2
 
@@ -175,7 +176,14 @@ def check_model(value: str | None) -> None:
 
 def check_expert(value: str) -> None:
     """--expert: 'shipped', a peft adapter folder, a model folder, or a hub id (nothing is loaded)."""
-    fix = "pass a peft LoRA adapter folder, a model folder with the base's vocabulary, or 'shipped'"
+    fix = "pass a peft LoRA adapter folder, a model folder with the base's vocabulary, 'shipped' or 'nest'"
+    if value == "nest":
+        from .nest.shipped import is_nest_delta, shipped_nest_path
+
+        if not is_nest_delta(shipped_nest_path()):
+            raise UsageError(f"--expert nest: the shipped NeST delta is missing at {shipped_nest_path()}; "
+                             f"train it with `ngsd train-nest` or {fix}")
+        return
     if value == "shipped":
         from .experts.shipped import shipped_expert_path
 
@@ -185,8 +193,8 @@ def check_expert(value: str) -> None:
         return
     path = Path(value).expanduser()
     if path.is_dir():
-        if not ((path / "adapter_config.json").is_file() or (path / "config.json").is_file()):
-            raise UsageError(f"--expert: {value!r} has neither adapter_config.json nor config.json; {fix}")
+        if not any((path / name).is_file() for name in ("adapter_config.json", "config.json", "nest_delta.safetensors")):
+            raise UsageError(f"--expert: {value!r} has no adapter_config.json, config.json or nest_delta.safetensors; {fix}")
         return
     if path.exists():
         raise UsageError(f"--expert: {value!r} is a file, not a folder; {fix}")

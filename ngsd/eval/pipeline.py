@@ -61,6 +61,10 @@ def locate_expert(expert: str | os.PathLike[str] | None) -> tuple[str | None, st
     if expert is None or str(expert).lower() in ("", "none"):
         return None, None
     text = str(expert)
+    if text == "nest":  # the NeST delta shipped for the default model
+        from ..nest.shipped import shipped_nest_path
+
+        text = str(shipped_nest_path())
     path = shipped_expert_dir() if text == "shipped" else Path(text).expanduser()
     if text == "shipped" and not (path / "adapter_model.safetensors").is_file():
         raise ExpertNotFoundError(
@@ -68,8 +72,8 @@ def locate_expert(expert: str | os.PathLike[str] | None) -> tuple[str | None, st
             "`ngsd train-expert`, pass --expert PATH to an adapter or model folder, or run only --methods off"
         )
     if path.is_dir():
-        if not ((path / "adapter_config.json").is_file() or (path / "config.json").is_file()):
-            raise ExpertNotFoundError(f"{path} is neither a peft adapter folder nor a model checkpoint folder")
+        if not any((path / name).is_file() for name in ("adapter_config.json", "config.json", "nest_delta.safetensors")):
+            raise ExpertNotFoundError(f"{path} is neither a peft adapter folder, a model checkpoint folder nor a NeST delta")
         return str(path), f"{path.name}:{folder_fingerprint(path)}"
     if text.startswith((".", "/", "~")):
         raise ExpertNotFoundError(f"expert path {text!r} does not exist")

@@ -16,7 +16,8 @@ _ADAPTER_CACHE: dict[str, LoraAdapter] = {}
 def resolve_expert(expert: ExpertLike, base: nn.Module, *, required: bool = True) -> LoraAdapter | nn.Module | None:
     """A peft adapter folder or LoraAdapter -> LoraAdapter; a model, model folder or hub id -> model.
 
-    "shipped" names the LoRA expert shipped for the default model.
+    "shipped" names the LoRA expert shipped for the default model; "nest" the NeST delta shipped for
+    it, and a folder holding only a NeST delta (nest_delta.safetensors) is folded into a copy of `base`.
     """
     if expert is None:
         if required:
@@ -28,13 +29,19 @@ def resolve_expert(expert: ExpertLike, base: nn.Module, *, required: bool = True
     if isinstance(expert, (LoraAdapter, nn.Module)):
         resolved = expert
     else:
-        resolved = _load(str(expert))
+        resolved = _load(str(expert), base)
     if isinstance(resolved, nn.Module):
         check_same_vocabulary(base, resolved)
     return resolved
 
 
-def _load(name: str) -> LoraAdapter | nn.Module:
+def _load(name: str, base: nn.Module) -> LoraAdapter | nn.Module:
+    from ..nest.shipped import is_nest_delta, nest_expert_for, shipped_nest_path
+
+    if name == "nest":
+        name = str(shipped_nest_path())
+    if is_nest_delta(name):
+        return nest_expert_for(base, name)
     if name == "shipped":
         from .shipped import shipped_expert_path
 

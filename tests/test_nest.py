@@ -1,0 +1,264 @@
+"""NeST (ngsd/nest): neuron selection, clustering, the cluster update on the fly vs folded, saving and
+re-applying it, and clear errors. Tiny random-weight Llama models built from a config; fast."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from ngsd.nest.architecture import ffn_layers, model_shape
+from ngsd.nest.clustering import cluster_by_silhouette, cluster_within_groups, kmeans, silhouette
+from ngsd.nest.config import NestConfig
+from ngsd.nest.selection import (
+    activation_profiles, max_pooled_activations_of_ids, neuron_z_scores, select_neurons,
+)
+from ngsd.nest.update import DELTA_FILE, NestUpdate, apply_delta
+
+from .conftest import tiny_model
+
+TRIGGER = 50
+PLANTED = {(0, 5), (0, 17), (1, 40), (1, 9)}
+
+
+def planted_model():
+    """A tiny Llama in which only the PLANTED neurons see the TRIGGER token: its embedding is a large
+    vector along one direction v, the planted gate/up rows point along v, v is projected out of every other
+    gate/up row, and no attention or MLP output writes along v (so only the embedding carries it)."""
+    model = tiny_model("llama", seed=3)
+    hidden = model.config.hidden_size
+    v = torch.nn.functional.normalize(torch.randn(hidden, generator=torch.Generator().manual_seed(0)), dim=0)
+    project_out = torch.eye(hidden) - torch.outer(v, v)
+    with torch.no_grad():
+        emb = model.get_input_embeddings().weight
+        emb.copy_(emb @ project_out)
+        emb[TRIGGER] = 4.0 * v
+        for layer, block in enumerate(model.model.layers):
+            for writer in (block.self_attn.o_proj, block.mlp.down_proj):
+                writer.weight.copy_(project_out @ writer.weight)
+            for proj in (block.mlp.gate_proj, block.mlp.up_proj):
+                proj.weight.copy_(proj.weight @ project_out)
+                for (l, j) in PLANTED:
+                    if l == layer:
+                        proj.weight[j] = 3.0 * v
+    return model
+
+
+def random_prompts(n: int, with_trigger: bool, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    prompts = []
+    for _ in range(n):
+        length = int(torch.randint(6, 14, (1,), generator=g))
+        ids = torch.randint(3, 90, (length,), generator=g)
+        ids[ids == TRIGGER] = TRIGGER + 1
+        if with_trigger:
+            ids[int(torch.randint(length, (1,), generator=g))] = TRIGGER
+        prompts.append(ids.tolist())
+    return prompts
+
+
+def test_selection_finds_planted_separating_neurons():
+    model = planted_model()
+    harmful = max_pooled_activations_of_ids(model, random_prompts(40, True, 1))
+    benign = max_pooled_activations_of_ids(model, random_prompts(40, False, 2))
+    assert harmful.shape == (40, 2, 64)
+    z = neuron_z_scores(harmful, benign)
+    selection = select_neurons(z, threshold=3.0)
+    found = set(zip(selection.layer.tolist(), selection.neuron.tolist()))
+    assert found == PLANTED
+    top = select_neurons(z, threshold=3.0, max_neurons=2)
+    assert len(top) == 2 and set(zip(top.layer.tolist(), top.neuron.tolist())) <= PLANTED
+
+
+def test_padding_does_not_change_pooled_activations():
+    model = planted_model()
+    prompts = random_prompts(5, True, 4)
+    together = max_pooled_activations_of_ids(model, prompts, batch_size=5)
+    alone = torch.cat([max_pooled_activations_of_ids(model, [p]) for p in prompts])
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
+
+
+def blobs(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.tensor([[0.0] * 8, [6.0] * 8, [0.0] * 4 + [6.0] * 4])
+    truth = torch.arange(3).repeat_interleave(20)
+    return centers[truth] + 0.5 * torch.randn(60, 8, generator=g), truth
+
+
+def test_clustering_picks_planted_k_by_silhouette_and_is_deterministic():
+    x, truth = blobs()
+    first = cluster_by_silhouette(x, k_min=2, k_max=6, seed=7)
+    again = cluster_by_silhouette(x, k_min=2, k_max=6, seed=7)
+    assert first.k == 3 and max(first.silhouettes, key=first.silhouettes.get) == 3
+    assert torch.equal(first.labels, again.labels) and torch.equal(first.centers, again.centers)
+    # the clusters are the blobs, up to renaming
+    pairs = set(zip(truth.tolist(), first.labels.tolist()))
+    assert len(pairs) == 3
+
+
+def test_silhouette_matches_a_hand_computed_case():
+    x = torch.tensor([[0.0], [1.0], [10.0], [12.0]])
+    labels = torch.tensor([0, 0, 1, 1])
+    # a(0)=1, b(0)=11 -> 10/11; a(1)=1, b(1)=10 -> 0.9; a(2)=2, b(2)=9.5 -> 7.5/9.5; a(3)=2, b(3)=11.5 -> 9.5/11.5
+    expected = (10 / 11 + 0.9 + 7.5 / 9.5 + 9.5 / 11.5) / 4
+    assert silhouette(x, labels) == pytest.approx(expected)
+
+
+def test_clustering_within_layers_numbers_clusters_across_layers():
+    x, _ = blobs(1)
+    groups = torch.tensor([0] * 30 + [1] * 27 + [2] * 3)
+    labels, by_group = cluster_within_groups(x, groups, k_max=4, seed=0)
+    assert by_group[2] is None and len(set(labels[57:].tolist())) == 1
+    for g in (0, 1):
+        assert set(labels[groups == g].tolist()).isdisjoint(labels[groups != g].tolist())
+
+
+def random_update(model, seed: int = 0, strength: float = 0.3) -> NestUpdate:
+    g = torch.Generator().manual_seed(seed)
+    shape = model_shape(model)
+    layer = torch.tensor([0, 0, 0, 1, 1])
+    neuron = torch.tensor([3, 7, 60, 7, 30])
+    update = NestUpdate(layer, neuron, torch.tensor([4, 1, 4, 9, 1]), shape)
+    with torch.no_grad():
+        for p in update.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * strength)
+    return update
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_folded_model_equals_update_on_the_fly_and_only_touches_selected_neurons():
+    model = tiny_model("llama")
+    update = random_update(model)
+    assert update.num_clusters == 3 and update.num_trainable() == 3 * 3 * 32
+    ids = torch.randint(3, 90, (2, 9), generator=torch.Generator().manual_seed(1))
+    before = logits(model, ids)
+    with update.attached(model):
+        on_the_fly = logits(model, ids)
+        update.enabled = False
+        paused = logits(model, ids)
+        update.enabled = True
+    assert torch.equal(paused, before) and torch.equal(logits(model, ids), before)  # hooks gone
+    assert not torch.allclose(on_the_fly, before, atol=1e-3)
+    folded = update.fold_into(copy.deepcopy(model))
+    torch.testing.assert_close(logits(folded, ids), on_the_fly, atol=1e-5, rtol=1e-5)
+    changed = {name for (name, a), (_, b) in zip(model.named_parameters(), folded.named_parameters()) if not torch.equal(a, b)}
+    assert changed == {f"model.layers.{l}.mlp.{p}.weight" for l in (0, 1) for p in ("gate_proj", "up_proj", "down_proj")}
+    gate = folded.model.layers[0].mlp.gate_proj.weight - model.model.layers[0].mlp.gate_proj.weight
+    assert set(gate.abs().sum(1).nonzero().flatten().tolist()) == {3, 7, 60}
+    torch.testing.assert_close(gate[3], update.gate[update.cluster[0]].detach())
+    down = folded.model.layers[1].mlp.down_proj.weight - model.model.layers[1].mlp.down_proj.weight
+    assert set(down.abs().sum(0).nonzero().flatten().tolist()) == {7, 30}
+
+
+def test_saved_checkpoint_reloads_and_delta_reapplies(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from ngsd.nest.training import save_folded
+
+    model = tiny_model("llama")
+    update = random_update(model, seed=2)
+    ids = torch.randint(3, 90, (2, 7), generator=torch.Generator().manual_seed(3))
+    with update.attached(model):
+        expected = logits(model, ids)
+    save_folded(model, None, update, tmp_path / "ckpt")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt").eval()
+    torch.testing.assert_close(logits(reloaded, ids), expected, atol=1e-5, rtol=1e-5)
+    assert (tmp_path / "ckpt" / DELTA_FILE).is_file()
+    update.save(tmp_path / "delta")
+    loaded = NestUpdate.load(tmp_path / "delta")
+    assert torch.equal(loaded.cluster, update.cluster) and torch.equal(loaded.down, update.down.detach())
+    reapplied = apply_delta(copy.deepcopy(model), tmp_path / "delta")
+    for a, b in zip(reapplied.parameters(), reloaded.parameters()):
+        assert torch.equal(a, b)
+    assert (tmp_path / "delta" / DELTA_FILE).stat().st_size < 10_000
+
+
+def test_a_delta_folder_is_an_expert(tmp_path):
+    from ngsd.experts.resolve import resolve_expert
+
+    model = tiny_model("llama")
+    random_update(model, seed=4).save(tmp_path)
+    expert = resolve_expert(str(tmp_path), model)
+    assert expert is not model and resolve_expert(str(tmp_path), model) is expert  # built once per base
+    ids = torch.randint(3, 90, (1, 6), generator=torch.Generator().manual_seed(5))
+    expected = apply_delta(copy.deepcopy(model), tmp_path)
+    torch.testing.assert_close(logits(expert, ids), logits(expected, ids))
+
+
+def test_training_moves_only_the_cluster_vectors():
+    model = tiny_model("llama")
+    update = random_update(model, strength=0.0)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    optimizer = torch.optim.AdamW(update.parameters(), lr=0.05)
+    ids = torch.randint(3, 90, (2, 8), generator=torch.Generator().manual_seed(6))
+    losses = []
+    with update.attached(model):
+        for _ in range(20):
+            out = model(input_ids=ids, labels=ids)
+            optimizer.zero_grad()
+            out.loss.backward()
+            optimizer.step()
+            losses.append(out.loss.item())
+    assert losses[-1] < losses[0]
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters())
+    assert all(float(p.detach().abs().sum()) > 0 for p in update.parameters())
+
+
+def test_bad_inputs_give_clear_errors(tmp_path):
+    model = tiny_model("llama")
+    shape = model_shape(model)
+    with pytest.raises(ValueError, match="model_type"):
+        ffn_layers(tiny_model("gemma"))
+    with pytest.raises(ValueError, match="neuron indices"):
+        NestUpdate(torch.tensor([0]), torch.tensor([64]), torch.tensor([0]), shape)
+    with pytest.raises(ValueError, match="layer indices"):
+        NestUpdate(torch.tensor([2]), torch.tensor([0]), torch.tensor([0]), shape)
+    with pytest.raises(ValueError, match="listed twice"):
+        NestUpdate(torch.tensor([0, 0]), torch.tensor([1, 1]), torch.tensor([0, 1]), shape)
+    with pytest.raises(ValueError, match="equally long"):
+        NestUpdate(torch.tensor([0, 1]), torch.tensor([1]), torch.tensor([0]), shape)
+    other = NestUpdate(torch.tensor([0]), torch.tensor([1]), torch.tensor([0]), {**shape, "intermediate_size": 128})
+    with pytest.raises(ValueError, match="another model"):
+        other.fold_into(model)
+    with pytest.raises(FileNotFoundError, match="train-nest"):
+        NestUpdate.load(tmp_path)
+    with pytest.raises(ValueError, match="lower the threshold"):
+        select_neurons(torch.zeros(2, 8), threshold=1.0)
+    with pytest.raises(ValueError, match="k must be"):
+        kmeans(torch.zeros(3, 2), 4)
+    with pytest.raises(ValueError, match="same layers"):
+        neuron_z_scores(torch.zeros(4, 2, 8), torch.zeros(4, 3, 8))
+    with pytest.raises(ValueError, match="k_min"):
+        NestConfig(k_min=1)
+    with pytest.raises(ValueError, match="cluster_scope"):
+        NestConfig(cluster_scope="all")
+
+
+def test_cli_rejects_bad_arguments_before_loading(capsys):
+    from ngsd.cli import main
+
+    assert main(["train-nest", "--k-min", "1"]) == 2
+    assert "k_min" in capsys.readouterr().err
+    assert main(["train-nest", "--model", "/no/such/folder"]) == 2
+    assert "--model" in capsys.readouterr().err
+
+
+def test_eval_and_cli_accept_a_delta_folder_as_expert(tmp_path):
+    from ngsd.cli import UsageError, check_expert
+    from ngsd.eval.pipeline import locate_expert
+
+    model = tiny_model("llama")
+    random_update(model).save(tmp_path / "delta")
+    check_expert(str(tmp_path / "delta"))  # no error
+    source, fingerprint = locate_expert(str(tmp_path / "delta"))
+    assert source == str(tmp_path / "delta") and fingerprint.startswith("delta:")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UsageError, match="nest_delta.safetensors"):
+        check_expert(str(tmp_path / "empty"))
