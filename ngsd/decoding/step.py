@@ -7,7 +7,8 @@ returns hidden states, the step is `GuardedSelector.run_from_hidden`, i.e.
 fused kernels never write the logits). Otherwise the logits of both models
 go to a `GuardedSelector` planned once per call; an unguarded row's expert distribution is its
 base distribution, so its divergence is 0 and its gate never opens (alpha is 0 there as well).
-Hugging Face logits processors need logits, so a call with processors runs on logits.
+Greedy decoding with unguarded rows runs the op on the guarded rows only and takes the base
+argmax for the rest (what the op would pick for them, without its softmaxes). Hugging Face logits processors need logits, so a call with processors runs on logits.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ngsd_kernels import GuardedSelector, StepParams
+from ngsd_kernels.reference import lif_step
 from ngsd_kernels.ops.hidden_torch import hidden_logits, pair_logits
 
 from .heads import HeadSplit
@@ -80,6 +82,8 @@ class GuardedStep:
                                       base.device)
             return selector.run_from_hidden(base, expert, self._base_head.weight, weight_e, potential, alpha, seed,
                                             offset, self._base_head.bias, bias_e)
+        if params.temperature == 0.0 and not self._all_rows:
+            return self._run_greedy_partly_guarded(step, params, base, expert, potential, alpha, seed, offset, sequences)
         base_logits, expert_logits = self.logits(base, expert)
         if self._processors is not None:
             processed = self._processors(sequences, base_logits)
@@ -87,6 +91,40 @@ class GuardedStep:
             base_logits = processed
         selector = self._selector(step, params, *base_logits.shape, base_logits.dtype, base_logits.device)
         return selector.run(base_logits, expert_logits, potential, alpha, seed, offset)
+
+    def _run_greedy_partly_guarded(self, step: int, params: StepParams, base: Tensor, expert: Tensor | None,
+                                   potential: Tensor, alpha: Tensor, seed: Tensor, offset: Tensor,
+                                   sequences: Tensor) -> Outputs:
+        """Greedy with some rows unguarded (routed, or no expert at all): the op runs on the guarded rows only.
+
+        An unguarded row's gate stays closed and its expert distribution is its base distribution,
+        so the op would only return its base argmax; taking that argmax of the logits directly
+        (the lowest id on ties, like `generate`) saves the op's softmaxes and top-k on rows that
+        cannot mix, which is most of a step's selection cost on a benign batch.
+        """
+        rows = self.rows
+        if self._base_head is not None:
+            if expert is None:
+                base = hidden_logits(base, self._base_head.weight, self._base_head.bias)
+            else:
+                weight_e, bias_e = self._expert_weight_and_bias()
+                base, expert = pair_logits(base, expert, self._base_head.weight, weight_e, self._base_head.bias, bias_e)
+        if self._processors is not None:
+            base = self._processors(sequences, base)
+            if expert is not None:
+                expert = self._processors(sequences[rows], expert)
+        best = base.max(dim=-1)  # NaN and +inf propagate into the max, as does a row of only -inf
+        tokens = torch.where(torch.isfinite(best.values), best.indices, torch.full_like(best.indices, -1))
+        new_potential, _ = lif_step(potential.float(), torch.zeros_like(potential, dtype=torch.float32),
+                                    params.tau, params.v_th, params.v_reset, params.rho)
+        spike = torch.zeros(tokens.shape, dtype=torch.bool, device=tokens.device)
+        divergence = torch.zeros(tokens.shape, dtype=torch.float32, device=tokens.device)
+        if expert is not None and rows.numel():
+            selector = self._selector(step, params, rows.numel(), base.shape[-1], base.dtype, base.device)
+            picked = selector.run(base[rows], expert.to(base.dtype), potential[rows], alpha[rows], seed, offset)
+            for whole, part in zip((tokens, new_potential, spike, divergence), picked):
+                whole[rows] = part.to(whole.dtype)
+        return tokens, new_potential, spike, divergence
 
     def _expert_weight_and_bias(self) -> tuple[Tensor | None, Tensor | None]:
         """The expert head as the op takes it: (None, base bias) for a shared head, read once for both."""
@@ -96,8 +134,9 @@ class GuardedStep:
 
     def _selector(self, step: int, params: StepParams, batch: int, vocab: int, dtype: torch.dtype,
                   device: torch.device) -> GuardedSelector:
-        """Planned at first use, once per setting (SafeDecoding has two) and input kind; a call's shapes never change."""
-        key = (step >= self._switch_step, dtype)
+        """Planned at first use, once per setting (SafeDecoding has two), input kind and row count (all rows, or
+        only the guarded ones); a call's shapes never change."""
+        key = (step >= self._switch_step, dtype, batch)
         selector = self._selectors.get(key)
         if selector is None:
             selector = GuardedSelector(params, self._backend).plan(batch, vocab, dtype, device)
