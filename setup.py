@@ -35,6 +35,11 @@ setup(
         "eval": ["matplotlib"],
         "test": ["pytest", "pytest-benchmark", "hypothesis", "triton>=3.2", "peft>=0.17", "matplotlib"],
         "gpu": ["triton>=3.2", "flash-attn"],
+        "vllm": ["vllm>=0.32", "peft>=0.17"],
     },
-    entry_points={"console_scripts": ["ngsd=ngsd.cli:main"]},
+    entry_points={
+        "console_scripts": ["ngsd=ngsd.cli:main"],
+        # registers the guarded architecture in every vLLM process (ngsd/vllm/plugin.py)
+        "vllm.general_plugins": ["ngsd_guarded = ngsd.vllm.plugin:register"],
+    },
 )

@@ -1,0 +1,120 @@
+"""Per-request gate state inside vLLM's persistent batch: potential, alpha and step, row by row.
+
+vLLM tells a logits processor how its batch changed (``BatchUpdate``: rows removed, added, moved,
+in that order) but never names the request. Two facts make the state safe anyway:
+
+- The state lives on the request's own ``SamplingParams`` object (one per request inside the
+  engine; vLLM keeps it for the request's whole life). A request removed from the batch
+  (preempted, or simply not scheduled this step) and added back later brings the same object, so
+  its potential continues where it was; when the request finishes vLLM drops the object and the
+  state goes with it. Nothing here holds a request beyond its life.
+- A selection is committed only once the token is really in the request's output. vLLM computes
+  logits for a partly prefilled request too and throws that sample away; the chosen token is
+  kept pending and committed when the request's (live) output list has grown by it, dropped
+  when it has not.
+
+Plain Python, no vLLM import: the main test suite checks it on simulated batch updates.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+from .settings import GuardSettings, RequestPolicy
+
+logger = logging.getLogger(__name__)
+STATE_ATTRIBUTE = "_ngsd_gate"  # set on the request's SamplingParams (a msgspec Struct with a __dict__)
+
+
+@dataclass
+class GateState:
+    """One request's gate: the neuron's potential after `step` committed selections."""
+
+    policy: RequestPolicy
+    potential: float
+    step: int = 0
+    output: Sequence[int] | None = None  # the request's live output token list (vLLM's own)
+    pending: tuple[int, int, float] | None = None  # (output length when chosen, token, new potential)
+    seed: int | None = None  # sampled requests: the Philox key of this request
+    sampling: tuple[float, int, float] = (0.0, 0, 1.0)  # temperature (0: greedy), top_k (0: off), top_p
+
+    def settle(self) -> None:
+        """Commit the pending selection if its token reached the output, else drop it (sample discarded)."""
+        if self.pending is None or self.output is None:
+            return
+        length, token, potential = self.pending
+        if len(self.output) > length:
+            if self.output[length] != token:
+                # vLLM replaced the token we forced (e.g. a stop rule); the gate followed the token we chose
+                logger.warning("ngsd: output token %d differs from the guarded choice %d at step %d",
+                               self.output[length], token, self.step)
+            self.potential, self.step = potential, self.step + 1
+        self.pending = None
+
+
+class GateBook:
+    """Batch index -> `GateState` for the requests the processor currently sees."""
+
+    def __init__(self, settings: GuardSettings) -> None:
+        self.settings = settings
+        self.rows: dict[int, GateState] = {}
+
+    def update(self, removed: Iterable[int], added: Iterable[tuple[int, Any, Any, Sequence[int]]],
+               moved: Iterable[tuple[int, int, Any]]) -> None:
+        """Apply one batch update: removed, then added, then moved (vLLM's documented order).
+
+        `added` rows are (index, params, prompt ids, live output ids); `moved` rows are
+        (i, j, directionality) where a directionality named SWAP exchanges i and j and any other
+        moves i to j.
+        """
+        for index in removed:
+            state = self.rows.pop(index, None)
+            if state is not None:
+                state.settle()  # its last token is in the output by now, or never will be
+        for index, params, _prompt, output in added:
+            self.rows[index] = self._state_of(params, output)
+        for first, second, direction in moved:
+            a, b = self.rows.pop(first, None), self.rows.pop(second, None)
+            if getattr(direction, "name", str(direction)) == "SWAP":
+                if a is not None:
+                    self.rows[second] = a
+                if b is not None:
+                    self.rows[first] = b
+            elif a is not None:
+                self.rows[second] = a
+
+    def _state_of(self, params: Any, output: Sequence[int]) -> GateState:
+        state = getattr(params, STATE_ATTRIBUTE, None)
+        if state is None:  # a new request (the policy was validated at admission)
+            policy = self.settings.policy_or_guarded(getattr(params, "extra_args", None))
+            state = GateState(policy=policy, potential=float(self.settings.config().v_reset),
+                              seed=getattr(params, "seed", None), sampling=sampling_of(params))
+            setattr(params, STATE_ATTRIBUTE, state)
+        else:  # back after a preemption or an unscheduled step: same potential, same step
+            state.settle()
+        state.output = output  # vLLM may hand over a new list on resumption
+        return state
+
+    def guarded(self, batch_size: int) -> list[tuple[int, GateState]]:
+        """The guarded rows among the first `batch_size`, each settled, in index order."""
+        rows = []
+        for index in sorted(self.rows):
+            state = self.rows[index]
+            if index < batch_size and state.policy.guarded:
+                state.settle()
+                rows.append((index, state))
+        return rows
+
+
+GREEDY_BELOW = 1e-5  # vLLM treats a smaller temperature as greedy
+
+
+def sampling_of(params: Any) -> tuple[float, int, float]:
+    """(temperature, top_k, top_p) of a request as the step op takes them (greedy: temperature 0)."""
+    temperature = float(getattr(params, "temperature", 0.0) or 0.0)
+    if temperature < GREEDY_BELOW:
+        return 0.0, 0, 1.0
+    top_k = int(getattr(params, "top_k", 0) or 0)
+    return temperature, max(top_k, 0), float(getattr(params, "top_p", 1.0) or 1.0)

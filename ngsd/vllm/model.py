@@ -1,0 +1,112 @@
+"""`NGSDGuardedLlamaForCausalLM`: the base and its expert as one vLLM model, one request per prompt.
+
+Both are full-depth copies of vLLM's own Llama stack, built under the prefixes ``base`` and
+``expert``; the expert's weights are the base checkpoint's with the LoRA delta ``scale * B @ A``
+added as they load. Each stack has its own attention layers, so vLLM allocates a paged KV cache
+for both and schedules them as one request: chunked prefill, preemption and recompute, prefix
+caching and batch reordering treat base and expert alike, and the two always see the same
+context. `forward` returns both final hidden states side by side ([tokens, 2 * hidden]);
+`compute_logits` returns the base logits (what vLLM's sampler, its built-in processors and
+opted-out requests see) and leaves the expert's hidden states of the same rows for
+`NGSDLogitsProcessor` (`channel.py`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from torch import nn
+from vllm.config import VllmConfig
+from vllm.model_executor.models.llama import LlamaForCausalLM
+from vllm.model_executor.models.utils import AutoWeightsLoader
+from vllm.sequence import IntermediateTensors
+
+from ..experts.lora import LoraAdapter
+from ..experts.shipped import shipped_expert_path
+from .channel import CHANNEL, ExpertRows
+from .engine import ARCHITECTURE, PROCESSOR
+from .settings import CONFIG_KEY, GuardSettings
+
+
+class NGSDGuardedLlamaForCausalLM(nn.Module):
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__()
+        config = vllm_config.model_config.hf_config
+        self.settings = GuardSettings.from_mapping(getattr(config, CONFIG_KEY, None))
+        _check_engine(vllm_config)
+        self.hidden_size = config.hidden_size
+        self.base = LlamaForCausalLM(vllm_config=vllm_config, prefix=_join(prefix, "base"))
+        self.expert = LlamaForCausalLM(vllm_config=vllm_config, prefix=_join(prefix, "expert"))
+        self.adapter = LoraAdapter.load(_expert_path(self.settings.expert))
+        if self.adapter.targets_lm_head():
+            raise ValueError(f"ngsd: the expert {self.adapter.source} changes the LM head; only decoder-layer "
+                             "LoRA adapters are supported in vLLM")
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.base.embed_input_ids(input_ids)
+
+    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
+                intermediate_tensors: IntermediateTensors | None = None,
+                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        base = self.base.model(input_ids, positions, intermediate_tensors, inputs_embeds)
+        expert = self.expert.model(input_ids, positions, intermediate_tensors, inputs_embeds)
+        return torch.cat([base, expert], dim=-1)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        base, expert = hidden_states.split(self.hidden_size, dim=-1)
+        CHANNEL.put(ExpertRows(expert, self.expert.compute_logits))
+        return self.base.compute_logits(base)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Every checkpoint tensor to the base as is, and to the expert with its LoRA delta merged in."""
+        unused = set(self.adapter.pairs)
+
+        def both() -> Iterable[tuple[str, torch.Tensor]]:
+            for name, tensor in weights:
+                yield f"base.{name}", tensor
+                module = name[: -len(".weight")] if name.endswith(".weight") else None
+                pair = self.adapter.pairs.get(module) if module is not None else None
+                if pair is not None:
+                    tensor = _merged(name, tensor, pair.up, pair.down, self.adapter.scale)
+                    unused.discard(module)
+                yield f"expert.{name}", tensor
+
+        loaded = AutoWeightsLoader(self).load_weights(both())
+        if unused:
+            raise ValueError(f"ngsd: the expert {self.adapter.source} adapts modules the checkpoint does not have: "
+                             f"{sorted(unused)[:4]}...; it was trained for another model")
+        return loaded
+
+
+def _merged(name: str, weight: torch.Tensor, up: torch.Tensor, down: torch.Tensor, scale: float) -> torch.Tensor:
+    if (up.shape[0], down.shape[1]) != tuple(weight.shape):
+        raise ValueError(f"ngsd: the expert's LoRA for {name} is {tuple(up.shape)}x{tuple(down.shape)}, the weight "
+                         f"{tuple(weight.shape)}; it was trained for another model")
+    delta = scale * (up.to(torch.float32) @ down.to(torch.float32))
+    return (weight.to(torch.float32) + delta).to(weight.dtype)
+
+
+def _expert_path(expert: str) -> Path:
+    path = shipped_expert_path() if expert == "shipped" else Path(expert).expanduser()
+    if not (path / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"ngsd expert {expert!r}: {path} is not a peft LoRA adapter folder")
+    return path
+
+
+def _check_engine(vllm_config: VllmConfig) -> None:
+    """Refuse engines that would run this model without the guard doing its job."""
+    from .processor import NGSDLogitsProcessor
+
+    processors = vllm_config.model_config.logits_processors or []
+    if not any(p is NGSDLogitsProcessor or p == PROCESSOR for p in processors):
+        raise ValueError(f"ngsd: {ARCHITECTURE} needs its logits processor: logits_processors=['{PROCESSOR}'] "
+                         "(ngsd.vllm.engine_kwargs and serve_args add it)")
+    if vllm_config.use_v2_model_runner:
+        raise ValueError("ngsd: the guarded model runs on vLLM's V1 model runner (its logits-processor interface); "
+                         "set VLLM_USE_V2_MODEL_RUNNER=0")
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name

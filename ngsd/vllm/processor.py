@@ -1,0 +1,115 @@
+"""`NGSDLogitsProcessor`: the gate of every guarded request, run with ngsd's step op inside vLLM's sampler.
+
+Per step: the base logits come in (after vLLM's own masks: allowed tokens, bad words, min
+tokens, logit bias), the expert's rows come from the wrapper model (`channel.py`), and for the
+guarded rows `torch.ops.ngsd.guarded_select` computes divergence, the LIF update, the mixture
+where the neuron fires and the choice -- the CPU step on a CPU, the Triton kernels on CUDA.
+The chosen token is forced (every other logit -inf), so vLLM's greedy or sampling step takes it.
+Opted-out rows are left untouched: they decode exactly as plain vLLM. A token vLLM masked in the
+base logits (-inf) is masked in the expert's too, so constraints hold for the guarded choice.
+
+Greedy requests of one step go to the op together; a sampled request (temperature > 0) runs on
+its own, keyed by its seed (or a drawn one) and its step, so its draws do not depend on its
+batch neighbours. Logprobs a request asks for are the base model's (vLLM computes them before
+any processor).
+"""
+
+from __future__ import annotations
+
+import random
+from typing import TYPE_CHECKING
+
+import torch
+from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
+
+import ngsd_kernels  # noqa: F401  (registers torch.ops.ngsd)
+
+from .channel import CHANNEL
+from .gate_book import GateBook, GateState
+from .settings import CONFIG_KEY, GuardSettings, parse_request
+
+if TYPE_CHECKING:
+    from vllm import SamplingParams
+    from vllm.config import VllmConfig
+
+
+class NGSDLogitsProcessor(LogitsProcessor):
+    @classmethod
+    def validate_params(cls, sampling_params: "SamplingParams") -> None:
+        """At admission: malformed ``ngsd_alpha`` / ``ngsd_guard`` fail the request (HTTP 400)."""
+        parse_request(sampling_params.extra_args)
+
+    def __init__(self, vllm_config: "VllmConfig", device: torch.device, is_pin_memory: bool) -> None:
+        raw = getattr(vllm_config.model_config.hf_config, CONFIG_KEY, None)
+        if raw is None:
+            raise ValueError(f"ngsd: {type(self).__name__} guards the NGSDGuardedLlamaForCausalLM architecture only; "
+                             "build the engine with ngsd.vllm.engine_kwargs (or serve_args)")
+        self.settings = GuardSettings.from_mapping(raw)
+        self.config = self.settings.config()
+        self.book = GateBook(self.settings)
+        self.device = device
+
+    def is_argmax_invariant(self) -> bool:
+        return False  # it decides the token
+
+    def update_state(self, batch_update: BatchUpdate | None) -> None:
+        if batch_update is not None:
+            self.book.update(batch_update.removed, batch_update.added, batch_update.moved)
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        expert = CHANNEL.take(logits.shape[0])
+        rows = self.book.guarded(logits.shape[0])
+        if not rows:
+            return logits
+        index = torch.tensor([i for i, _ in rows], dtype=torch.long, device=logits.device)
+        base = logits[index]
+        expert_logits = expert.logits(index).to(base.dtype).masked_fill(torch.isneginf(base), float("-inf"))
+        greedy = [k for k, (_, state) in enumerate(rows) if _temperature(state) == 0.0]
+        sampled = [k for k, (_, state) in enumerate(rows) if _temperature(state) > 0.0]
+        tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)
+        potentials = [0.0] * len(rows)
+        for group in _by_params(greedy, rows, self.config):
+            self._select(group, rows, base, expert_logits, tokens, potentials, seed=0, offset=0)
+        for k in sampled:
+            state = rows[k][1]
+            if state.seed is None:
+                state.seed = random.getrandbits(62)
+            self._select([k], rows, base, expert_logits, tokens, potentials, seed=state.seed, offset=state.step)
+        logits[index] = float("-inf")
+        logits[index, tokens] = 0.0
+        for (_, state), token, potential in zip(rows, tokens.tolist(), potentials):
+            state.pending = (len(state.output), token, potential)
+        return logits
+
+    def _select(self, group: list[int], rows: list[tuple[int, GateState]], base: torch.Tensor, expert: torch.Tensor,
+                tokens: torch.Tensor, potentials: list[float], seed: int, offset: int) -> None:
+        states = [rows[k][1] for k in group]
+        first = states[0]
+        params = self.config.step_params(first.step, **_sampling(first))
+        at = torch.tensor(group, dtype=torch.long, device=base.device)
+        potential = torch.tensor([s.potential for s in states], dtype=torch.float32, device=base.device)
+        alpha = torch.tensor([s.policy.alpha for s in states], dtype=torch.float32, device=base.device)
+        seed_t = torch.tensor([seed], dtype=torch.int64, device=base.device)
+        offset_t = torch.tensor([offset], dtype=torch.int64, device=base.device)
+        chosen, new_potential, _spike, _divergence = torch.ops.ngsd.guarded_select(
+            base[at].contiguous(), expert[at].contiguous(), potential, alpha, seed_t, offset_t, *params.flat())
+        tokens[at] = chosen
+        for k, value in zip(group, new_potential.tolist()):
+            potentials[k] = value
+
+
+def _temperature(state: GateState) -> float:
+    return state.sampling[0]
+
+
+def _sampling(state: GateState) -> dict[str, float | int]:
+    temperature, top_k, top_p = state.sampling
+    return {"temperature": temperature, "top_k": top_k, "top_p": top_p}
+
+
+def _by_params(members: list[int], rows: list[tuple[int, GateState]], config) -> list[list[int]]:
+    """Greedy rows grouped by their step parameters (they differ only where the step matters: SafeDecoding)."""
+    groups: dict[object, list[int]] = {}
+    for k in members:
+        groups.setdefault(config.step_params(rows[k][1].step, **_sampling(rows[k][1])), []).append(k)
+    return list(groups.values())

@@ -1,0 +1,164 @@
+"""What the operator sets when building a guarded engine, and what one request may ask for.
+
+The operator's settings travel inside the model config (``hf_overrides={"ngsd": {...}}``), so the
+wrapper model (which loads the expert) and the logits processor (which runs the gate) read one
+source in the worker process, and ``vllm serve --hf-overrides`` sets them without code.
+
+A request asks through ``SamplingParams.extra_args``:
+
+- ``"ngsd_alpha"``: its mixing strength, a number in [0, 1]. Without it the engine's ``alpha``.
+- ``"ngsd_guard": False``: decode unguarded, exactly as plain vLLM would.
+
+Nothing a request says may weaken its own guard unless the operator allowed it: with
+``allow_opt_out=False`` (the default) an alpha below the engine's ``alpha`` and ``ngsd_guard=False``
+are refused with a ValueError (the server answers 400), never silently ignored, so a client
+learns at once that its request would not be served as asked.
+
+>>> settings = GuardSettings.from_mapping({"alpha": 0.9})
+>>> settings.request_policy({"ngsd_alpha": 1.0})
+RequestPolicy(guarded=True, alpha=1.0)
+>>> settings.request_policy({"ngsd_guard": False})
+Traceback (most recent call last):
+...
+ValueError: extra_args['ngsd_guard']=False: this engine does not allow opting out of the guard (start it with allow_opt_out=True)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass, field, fields
+from numbers import Real
+from typing import Any, Mapping
+
+from ..config import NGSDConfig
+
+logger = logging.getLogger(__name__)
+CONFIG_KEY = "ngsd"  # the model-config attribute (hf_overrides key) that holds the settings
+ALPHA_ARG = "ngsd_alpha"
+GUARD_ARG = "ngsd_guard"
+REQUEST_ARGS = (ALPHA_ARG, GUARD_ARG)
+GATE_FIELDS = ("mode", "tau", "v_th", "v_reset", "rho", "candidate_k", "divergence", "safedecoding_alpha",
+               "safedecoding_steps", "safedecoding_k", "safedecoding_min_candidates", "score_floor")
+
+
+@dataclass(frozen=True)
+class RequestPolicy:
+    """How one request is decoded: guarded at `alpha`, or (opt-out) not guarded at all."""
+
+    guarded: bool
+    alpha: float
+
+
+@dataclass(frozen=True)
+class GuardSettings:
+    """The operator's settings of a guarded engine.
+
+    expert: a peft LoRA adapter folder for the base model, or "shipped" (the default model's
+    expert); it is merged into a full copy of the base when the engine loads.
+    alpha: the mixing strength of every request that does not set its own.
+    allow_opt_out: let requests decode unguarded (``ngsd_guard=False``) or below `alpha`.
+    gate: NGSDConfig gate fields (mode, tau, v_th, v_reset, rho, candidate_k, divergence, ...).
+    """
+
+    expert: str = "shipped"
+    alpha: float = 0.9
+    allow_opt_out: bool = False
+    gate: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.expert, str) or not self.expert:
+            raise TypeError(f"ngsd expert must be a LoRA adapter folder or 'shipped', got {self.expert!r}")
+        object.__setattr__(self, "alpha", _alpha("ngsd alpha", self.alpha))
+        if not isinstance(self.allow_opt_out, bool):
+            raise TypeError(f"ngsd allow_opt_out must be True or False, got {self.allow_opt_out!r}")
+        if not isinstance(self.gate, Mapping):
+            raise TypeError(f"ngsd gate must be a dict of NGSDConfig fields, got {type(self.gate).__name__}")
+        unknown = sorted(set(self.gate) - set(GATE_FIELDS))
+        if unknown:
+            raise ValueError(f"ngsd gate has unknown fields {unknown}; known: {list(GATE_FIELDS)}")
+        self.config()  # validates the gate fields now, at engine start, not at the first request
+
+    @classmethod
+    def from_mapping(cls, raw: Mapping[str, Any] | None) -> "GuardSettings":
+        """Settings from the model config's ``ngsd`` entry (a dict, or an object with the same attributes)."""
+        if raw is None:
+            return cls()
+        if not isinstance(raw, Mapping):
+            raw = dict(vars(raw))
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"hf_overrides['{CONFIG_KEY}'] has unknown keys {unknown}; known: {sorted(known)}")
+        return cls(**dict(raw))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def config(self) -> NGSDConfig:
+        """The gate as the project's own loop runs it (`NGSDConfig`), so both read the same parameters."""
+        return NGSDConfig(**dict(self.gate))
+
+    def request_policy(self, extra_args: Mapping[str, Any] | None) -> RequestPolicy:
+        """The policy of one request from its ``extra_args``; ValueError/TypeError names the bad argument."""
+        guard, alpha = parse_request(extra_args)
+        if not guard:
+            if not self.allow_opt_out:
+                raise ValueError(
+                    f"extra_args['{GUARD_ARG}']=False: this engine does not allow opting out of the guard "
+                    "(start it with allow_opt_out=True)"
+                )
+            return RequestPolicy(guarded=False, alpha=0.0)
+        if alpha is None:
+            return RequestPolicy(guarded=True, alpha=self.alpha)
+        if alpha < self.alpha and not self.allow_opt_out:
+            raise ValueError(
+                f"extra_args['{ALPHA_ARG}']={alpha} is below this engine's alpha {self.alpha}: a request may not weaken "
+                "its own guard (start the engine with allow_opt_out=True, or a lower alpha)"
+            )
+        return RequestPolicy(guarded=True, alpha=alpha)
+
+    def policy_or_guarded(self, extra_args: Mapping[str, Any] | None) -> RequestPolicy:
+        """`request_policy`, but a refused request is guarded at the engine's alpha (logged), never unguarded.
+
+        Inside the engine an exception would fail the whole batch; requests are checked at
+        admission (`parse_request` via the processor's validate_params), so this is the fallback
+        for what admission could not know (the engine's own settings).
+        """
+        try:
+            return self.request_policy(extra_args)
+        except (TypeError, ValueError) as refusal:
+            logger.warning("ngsd: %s; the request is guarded at alpha %s instead", refusal, self.alpha)
+            return RequestPolicy(guarded=True, alpha=self.alpha)
+
+
+def parse_request(extra_args: Mapping[str, Any] | None) -> tuple[bool, float | None]:
+    """(guard, alpha or None) from a request's ``extra_args``, checked for type and range only.
+
+    >>> parse_request({"ngsd_alpha": 0.5})
+    (True, 0.5)
+    >>> parse_request({"ngsd_alpha": float("nan")})
+    Traceback (most recent call last):
+    ...
+    ValueError: extra_args['ngsd_alpha'] must be a finite number in [0, 1] (a mixing weight), got nan
+    """
+    extra_args = extra_args or {}
+    if not isinstance(extra_args, Mapping):
+        raise TypeError(f"extra_args must be a dict, got {type(extra_args).__name__}")
+    guard = extra_args.get(GUARD_ARG, True)
+    if not isinstance(guard, bool):
+        raise TypeError(f"extra_args['{GUARD_ARG}'] must be true or false, got {guard!r} ({type(guard).__name__})")
+    if ALPHA_ARG not in extra_args:
+        return guard, None
+    if not guard:
+        raise ValueError(f"extra_args sets both '{GUARD_ARG}'=False and '{ALPHA_ARG}'; an unguarded request has no alpha")
+    return guard, _alpha(f"extra_args['{ALPHA_ARG}']", extra_args[ALPHA_ARG])
+
+
+def _alpha(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a number in [0, 1], got {value!r} ({type(value).__name__})")
+    value = float(value)
+    if not math.isfinite(value) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be a finite number in [0, 1] (a mixing weight), got {value}")
+    return value

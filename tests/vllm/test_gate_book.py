@@ -1,0 +1,97 @@
+"""The per-request gate state under vLLM's batch updates, on simulated updates (no engine, no model)."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+
+pytest.importorskip("vllm", reason="vLLM is not installed here; run with .venv-vllm/bin/python (scripts/vllm_env.sh)")
+
+from vllm import SamplingParams  # noqa: E402
+from vllm.v1.sample.logits_processor import MoveDirectionality  # noqa: E402
+
+from ngsd.vllm.gate_book import STATE_ATTRIBUTE, GateBook  # noqa: E402
+from ngsd.vllm.settings import GuardSettings  # noqa: E402
+
+
+def _request(**extra_args):
+    return SamplingParams(temperature=0.0, extra_args=extra_args or None), []
+
+
+def _select(book: GateBook, index: int, token: int, potential: float) -> None:
+    """What the processor does for a guarded row: remember the choice until the token shows up."""
+    state = book.rows[index]
+    state.pending = (len(state.output), token, potential)
+
+
+def test_a_request_removed_and_added_back_continues_its_potential():
+    book = GateBook(GuardSettings())
+    params, output = _request()
+    book.update([], [(0, params, [1, 2], output)], [])
+    _select(book, 0, token=7, potential=0.8)
+    output.append(7)  # vLLM kept the token
+    book.update([0], [], [])  # preempted (or not scheduled this step)
+    assert book.rows == {}
+    book.update([], [(3, params, [1, 2], output)], [])  # resumed at another index
+    state = book.rows[3]
+    assert (state.potential, state.step) == (0.8, 1)
+
+
+def test_a_discarded_sample_is_not_committed():
+    """vLLM samples a partly prefilled request and throws the token away: the gate must not move."""
+    book = GateBook(GuardSettings())
+    params, output = _request()
+    book.update([], [(0, params, [1, 2], output)], [])
+    _select(book, 0, token=7, potential=0.8)
+    (index, state), = book.guarded(batch_size=1)  # next step: the output did not grow
+    assert (index, state.potential, state.step, state.pending) == (0, 0.0, 0, None)
+
+
+def test_moves_and_swaps_keep_each_state_with_its_request():
+    book = GateBook(GuardSettings())
+    (a, out_a), (b, out_b), (c, out_c) = _request(), _request(ngsd_alpha=1.0), _request()
+    book.update([], [(0, a, [], out_a), (1, b, [], out_b), (2, c, [], out_c)], [])
+    book.update([], [], [(0, 1, MoveDirectionality.SWAP)])
+    assert book.rows[0].policy.alpha == 1.0 and book.rows[1] is getattr(a, STATE_ATTRIBUTE)
+    book.update([1], [], [(2, 1, MoveDirectionality.UNIDIRECTIONAL)])  # a finishes, c moves into its row
+    assert book.rows[1] is getattr(c, STATE_ATTRIBUTE) and 2 not in book.rows
+
+
+def test_a_finished_request_leaves_nothing_behind():
+    book = GateBook(GuardSettings())
+    params, output = _request()
+    book.update([], [(0, params, [], output)], [])
+    state = weakref.ref(book.rows[0])
+    book.update([0], [], [])
+    del params
+    gc.collect()
+    assert state() is None
+
+
+def test_opt_out_needs_the_operators_permission():
+    strict, lenient = GuardSettings(allow_opt_out=False), GuardSettings(allow_opt_out=True)
+    with pytest.raises(ValueError, match="does not allow opting out"):
+        strict.request_policy({"ngsd_guard": False})
+    with pytest.raises(ValueError, match="below this engine's alpha"):
+        strict.request_policy({"ngsd_alpha": 0.1})
+    assert not lenient.request_policy({"ngsd_guard": False}).guarded
+    # inside the engine a refused request is never dropped to unguarded: it is guarded at the engine's alpha
+    book = GateBook(strict)
+    params, output = _request(ngsd_guard=False)
+    book.update([], [(0, params, [], output)], [])
+    assert book.rows[0].policy.guarded and book.rows[0].policy.alpha == strict.alpha
+
+
+@pytest.mark.parametrize("raw, error", [
+    ({"alpha": 2.0}, ValueError),
+    ({"alpha": "high"}, TypeError),
+    ({"allow_opt_out": "yes"}, TypeError),
+    ({"gate": {"tau": 0.5}}, ValueError),
+    ({"gate": {"colour": 1}}, ValueError),
+    ({"expertise": "x"}, ValueError),
+])
+def test_bad_engine_settings_are_refused(raw, error):
+    with pytest.raises(error):
+        GuardSettings.from_mapping(raw)

@@ -1,0 +1,81 @@
+"""Guarded vLLM against the project's own loop, on the default model with the shipped expert.
+
+Greedy, alpha 0.9 fixed (the reference skips risk estimation), 48 new tokens, 16 prompts (8
+AdvBench ids < 130, 8 AlpacaEval odd ids). Skipped where vLLM is not installed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+pytest.importorskip("vllm", reason="vLLM is not installed here; run with .venv-vllm/bin/python (scripts/vllm_env.sh)")
+
+from .conftest import greedy  # noqa: E402
+
+
+def _tokens(output) -> list[int]:
+    return list(output.outputs[0].token_ids)
+
+
+def _mismatches(got: list[list[int]], want: list[list[int]]) -> list[str]:
+    return [f"prompt {i}: first difference at token {next((k for k, (a, b) in enumerate(zip(g, w)) if a != b), min(len(g), len(w)))}"
+            for i, (g, w) in enumerate(zip(got, want)) if g != w]
+
+
+def test_batch_with_preemption_equals_project_loop(guarded_llm, prompt_ids, reference):
+    """All 16 at once into a KV cache that holds a few: vLLM preempts and recomputes, the gates carry on."""
+    outputs = guarded_llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], greedy(), use_tqdm=False)
+    preempted = sum(o.metrics.num_preemptions for o in outputs)
+    assert preempted > 0, "the KV cache was meant to force preemption; the test lost its point"
+    got = [_tokens(o) for o in outputs]
+    assert not _mismatches(got, reference), _mismatches(got, reference)
+
+
+def test_requests_arriving_at_different_times_equal_project_loop(guarded_llm, prompt_ids, reference):
+    """Requests join a running batch across steps (rows added, removed and moved under the gates)."""
+    engine = guarded_llm.llm_engine
+    order = [3, 0, 9, 14, 5, 1, 12, 7]
+    arrivals = {0: order[:2], 2: order[2:3], 5: order[3:6], 11: order[6:]}  # engine step -> prompts added then
+    done: dict[int, list[int]] = {}
+    step = 0
+    while len(done) < len(order):
+        for i in arrivals.get(step, []):
+            engine.add_request(f"late-{i}", {"prompt_token_ids": prompt_ids[i]}, greedy())
+        for output in engine.step():
+            if output.finished:
+                done[int(output.request_id.split("-")[1])] = _tokens(output)
+        step += 1
+        assert step < 2000, "the engine stopped making progress"
+    got = [done[i] for i in order]
+    want = [reference[i] for i in order]
+    assert not _mismatches(got, want), _mismatches(got, want)
+
+
+def test_opt_out_in_a_guarded_batch_decodes_like_plain_vllm(guarded_llm, plain_llm, prompt_ids, reference):
+    """Opted-out and guarded requests share a batch: the first equal plain vLLM, the second the project's loop."""
+    opted_out = [0, 2, 5, 6]  # harmful and benign
+    params = [greedy(ngsd_guard=False) if i in opted_out else greedy() for i in range(8)]
+    mixed = guarded_llm.generate([{"prompt_token_ids": prompt_ids[i]} for i in range(8)], params, use_tqdm=False)
+    plain = plain_llm.generate([{"prompt_token_ids": prompt_ids[i]} for i in opted_out], greedy(), use_tqdm=False)
+    assert [_tokens(mixed[i]) for i in opted_out] == [_tokens(o) for o in plain]
+    guarded = [i for i in range(8) if i not in opted_out]
+    got, want = [_tokens(mixed[i]) for i in guarded], [reference[i] for i in guarded]
+    assert not _mismatches(got, want), _mismatches(got, want)
+    # the guard changed something: on the harmful prompts opting out gives another answer
+    assert _tokens(mixed[0]) != reference[0]
+
+
+@pytest.mark.parametrize("extra_args, message", [
+    ({"ngsd_alpha": 1.5}, "ngsd_alpha"),
+    ({"ngsd_alpha": math.nan}, "ngsd_alpha"),
+    ({"ngsd_alpha": "0.9"}, "ngsd_alpha"),
+    ({"ngsd_guard": "no"}, "ngsd_guard"),
+    ({"ngsd_guard": False, "ngsd_alpha": 0.5}, "unguarded request has no alpha"),
+])
+def test_bad_extra_args_are_refused_at_admission(guarded_llm, prompt_ids, extra_args, message):
+    from vllm.exceptions import VLLMValidationError
+
+    with pytest.raises((VLLMValidationError, ValueError, TypeError), match=message):
+        guarded_llm.llm_engine.add_request("bad", {"prompt_token_ids": prompt_ids[0]}, greedy(**extra_args))
