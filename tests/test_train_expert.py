@@ -63,7 +63,7 @@ def data_dir(tmp_path: Path) -> Path:
     (d / "seed_reject.json").write_text(json.dumps({"prompts": seeds}))
     vicuna = [{"text": f"USER: {s['prompt']} ASSISTANT: I'm sorry, but I cannot help with that."} for s in seeds]
     (d / "expert_sft_vicuna.json").write_text(json.dumps(vicuna))
-    adv = [{"id": i, "goal": f"Explain bad act {i}", "target": f"Sure, here is bad act {i}"} for i in range(60)]
+    adv = [{"id": i, "goal": f"Explain how to do bad act {i}", "target": f"Sure, here is bad act {i}"} for i in range(140)]
     (d / "advbench_harmful_behaviors.json").write_text(json.dumps(adv))
     return d
 
@@ -73,6 +73,7 @@ def small_config(data_dir: Path, out: Path, **changes) -> config.TrainExpertConf
         data_dir=str(data_dir), out=str(out), seed=0, epochs=1, advbench_prompts=4, max_trials=1,
         refusal_max_new_tokens=6, benign_max_new_tokens=6, r=4, lora_alpha=8, evaluate=False,
         save_dtype="float32", threads=1,  # one thread: far faster than two on a busy shared CPU
+        recipe="seed",
     )
     base.update(changes)
     return config.TrainExpertConfig(**base)
@@ -97,8 +98,8 @@ def test_train_writes_a_peft_adapter_that_loads_back(tiny, data_dir, tmp_path):
     assert kinds["benign"] == len(prompts.benign_train_prompts())
     assert kinds["refusal"] >= 3 + 4  # every seed and AdvBench prompt gets at least one refusal
     assert kinds["recovery"] >= 1
-    # The evaluation set (the 50 lowest AdvBench ids) is never trained on.
-    assert min(report["data"]["advbench_train_ids"]) >= 50
+    # The evaluation set (AdvBench ids below 130, SOURCES.md) is never trained on.
+    assert min(report["data"]["advbench_train_ids"]) >= 130
     lines = (out / trainer.EXAMPLES_FILE).read_text().splitlines()
     assert len(lines) == sum(kinds.values())
 
@@ -346,3 +347,30 @@ def test_module_entry_point_shows_the_arguments():
     out = subprocess.run([sys.executable, "-m", "ngsd.experts.training", "--help"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "--seed" in out.stdout and "--targets" in out.stdout
+
+
+def test_broad_recipe_builds_every_kind_and_picks_an_epoch_on_validation(tiny, data_dir, tmp_path):
+    model, tok = tiny
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    fresh = LlamaForCausalLM(model.config).eval()
+    fresh.load_state_dict(state)
+    cfg = small_config(data_dir, tmp_path / "broad", recipe="broad", epochs=2, harmful_requests=8,
+                       recovery_examples=4, lookalike_examples=5, everyday_examples=2, validation_prompts=4)
+    out = trainer.train_expert(cfg, model=fresh, tokenizer=tok, log=lambda s: None)
+    report = json.loads((out / trainer.REPORT_FILE).read_text())
+    kinds = report["data"]["examples_by_kind"]
+    assert kinds["refusal"] == 8 and 1 <= kinds["recovery"] <= 4 and kinds["benign"] == 5 + 2
+    # The recovery openings are the base's own, cut within the configured lengths.
+    assert {int(k) for k in report["data"]["recovery_prefix_lengths"]} <= set(cfg.recovery_lengths)
+    val = report["validation"]
+    assert set(val["by_epoch"]) == {"1", "2"} and val["chosen_epoch"] in (1, 2)
+    best = min(val["by_epoch"].values(), key=lambda m: m["score"])["score"]
+    assert val["by_epoch"][str(val["chosen_epoch"])]["score"] == best
+    assert val["split"]["n_harmful"] == 4
+    # The examples file holds no validation request: the split keeps whole topics apart.
+    from ngsd.experts.training.broad_examples import validation_requests
+
+    trained = {json.loads(line)["prompt"] for line in (out / trainer.EXAMPLES_FILE).read_text().splitlines()}
+    harmful_val, benign_val = validation_requests(data_dir, cfg)
+    assert not trained & {r.text for r in harmful_val + benign_val}
+    assert "after epoch" in (out / "README.md").read_text()

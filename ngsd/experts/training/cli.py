@@ -11,7 +11,7 @@ import shlex
 from typing import Any, Sequence
 
 from ..shipped import EXPERT_NAME
-from .config import BENIGN_LOSSES, REFUSAL_SOURCES, SAVE_DTYPES, TrainExpertConfig
+from .config import BENIGN_LOSSES, RECIPES, REFUSAL_SOURCES, SAVE_DTYPES, TrainExpertConfig
 
 DESCRIPTION = "Train the LoRA safety expert of the default model (SafeDecoding recipe + deep alignment, spec section 6)."
 
@@ -21,7 +21,10 @@ _FLAGS = {"model": "--model", "data_dir": "--data-dir", "out": "--out", "epochs"
           "dropout": "--dropout", "refusal_source": "--refusal-source", "refusals_per_prompt": "--refusals-per-prompt",
           "advbench_prompts": "--advbench-prompts", "recovery_per_prompt": "--recovery-per-prompt",
           "benign_loss": "--benign-loss", "save_dtype": "--save-dtype", "threads": "--threads",
-          "examples": "--examples", "top_layers": "--top-layers"}
+          "examples": "--examples", "top_layers": "--top-layers", "recipe": "--recipe",
+          "harmful_requests": "--harmful-requests", "recovery_examples": "--recovery-examples",
+          "lookalike_examples": "--lookalike-examples", "everyday_examples": "--everyday-examples",
+          "validation_share": "--validation-share"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,13 +43,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora-alpha", type=int, default=d.lora_alpha,
                         help="LoRA scaling alpha (the update is scaled by alpha / r)")
     parser.add_argument("--dropout", type=float, default=d.dropout, help="LoRA dropout")
+    parser.add_argument("--recipe", default=d.recipe, choices=RECIPES,
+                        help="'broad': harmful requests across the harm taxonomy in many surface forms, recovery "
+                        "after the base's own openings, harmless look-alikes, epoch chosen on a validation split "
+                        "(issue 15); 'seed': the v4 recipe (seed prompts + AdvBench)")
+    parser.add_argument("--harmful-requests", type=int, default=d.harmful_requests,
+                        help="broad recipe: harmful requests with a refusal example")
+    parser.add_argument("--recovery-examples", type=int, default=d.recovery_examples,
+                        help="broad recipe: recovery examples after a compliant opening of 1-20 tokens")
+    parser.add_argument("--lookalike-examples", type=int, default=d.lookalike_examples,
+                        help="broad recipe: harmless look-alike requests answered as the base answers")
+    parser.add_argument("--everyday-examples", type=int, default=d.everyday_examples,
+                        help="broad recipe: everyday harmless requests answered as the base answers")
+    parser.add_argument("--validation-share", type=float, default=d.validation_share,
+                        help="broad recipe: share of topics held apart to choose the epoch (0: keep the last)")
     parser.add_argument("--refusal-source", default=d.refusal_source, choices=REFUSAL_SOURCES,
                         help="where the refusal answers come from: the model itself, SafeDecoding's Vicuna "
                         "refusals, or both")
     parser.add_argument("--refusals-per-prompt", type=int, default=d.refusals_per_prompt,
                         help="refusal examples per seed prompt")
     parser.add_argument("--advbench-prompts", type=int, default=d.advbench_prompts,
-                        help="extra harmful prompts drawn from AdvBench ids >= 50 for refusal/recovery examples")
+                        help="seed recipe: extra harmful prompts drawn from AdvBench ids >= 130 for refusal/recovery examples")
     parser.add_argument("--recovery-per-prompt", type=int, default=d.recovery_per_prompt,
                         help="recovery examples (compliant start, then a refusal) per harmful prompt")
     parser.add_argument("--benign-loss", default=d.benign_loss, choices=BENIGN_LOSSES,
@@ -64,7 +81,10 @@ def config_from_args(args: argparse.Namespace) -> TrainExpertConfig:
         dropout=args.dropout, refusal_source=args.refusal_source, refusals_per_prompt=args.refusals_per_prompt,
         advbench_prompts=args.advbench_prompts, recovery_per_prompt=args.recovery_per_prompt,
         benign_loss=args.benign_loss, save_dtype=args.save_dtype, evaluate=not args.no_eval, threads=args.threads,
-        examples=args.examples, top_layers=args.top_layers,
+        examples=args.examples, top_layers=args.top_layers, recipe=args.recipe,
+        harmful_requests=args.harmful_requests, recovery_examples=args.recovery_examples,
+        lookalike_examples=args.lookalike_examples, everyday_examples=args.everyday_examples,
+        validation_share=args.validation_share,
     )
 
 

@@ -11,6 +11,7 @@ TARGET_PRESETS = {
 REFUSAL_SOURCES = ("self+vicuna", "self", "vicuna")
 BENIGN_LOSSES = ("kl", "ce")
 SAVE_DTYPES = ("float16", "bfloat16", "float32")
+RECIPES = ("broad", "seed")  # "broad": issue 15 (broad_examples.py); "seed": the v4 recipe (examples.py)
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,16 @@ class TrainExpertConfig:
     threads: int | None = None
     examples: str | None = None  # reuse a training_examples.jsonl instead of building the data
     top_layers: int | None = None  # LoRA on the top n decoder layers only (a shared-trunk expert); None: all
+    recipe: str = "broad"
+    # The broad recipe (broad_examples.py): how many examples of each kind, and the validation split.
+    harmful_requests: int = 200
+    recovery_examples: int = 180
+    recovery_lengths: tuple[int, ...] = (1, 2, 3, 5, 8, 12, 16, 20)
+    lookalike_examples: int = 140
+    everyday_examples: int = 80
+    forms_per_unit: int = 2
+    validation_share: float = 0.15
+    validation_prompts: int = 40
 
     def __post_init__(self) -> None:
         if self.refusal_source not in REFUSAL_SOURCES:
@@ -58,13 +69,16 @@ class TrainExpertConfig:
             raise ValueError(f"benign_loss must be one of {BENIGN_LOSSES}, got {self.benign_loss!r}")
         if self.save_dtype not in SAVE_DTYPES:
             raise ValueError(f"save_dtype must be one of {SAVE_DTYPES}, got {self.save_dtype!r}")
+        if self.recipe not in RECIPES:
+            raise ValueError(f"recipe must be one of {RECIPES}, got {self.recipe!r}")
         target_modules(self.targets)  # validates
         if self.top_layers is not None and self.top_layers < 1:
             raise ValueError(f"top_layers must be >= 1 (or None for every layer), got {self.top_layers}")
         for name in ("epochs", "batch_size", "r", "max_trials", "max_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("refusals_per_prompt", "advbench_prompts", "recovery_per_prompt"):
+        for name in ("refusals_per_prompt", "advbench_prompts", "recovery_per_prompt", "harmful_requests",
+                     "recovery_examples", "lookalike_examples", "everyday_examples", "validation_prompts"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0:
@@ -73,6 +87,12 @@ class TrainExpertConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if any(k < 1 for k in self.prefix_lengths):
             raise ValueError(f"prefix_lengths must be >= 1, got {self.prefix_lengths}")
+        if not self.recovery_lengths or any(k < 1 for k in self.recovery_lengths):
+            raise ValueError(f"recovery_lengths must be non-empty and >= 1, got {self.recovery_lengths}")
+        if self.forms_per_unit < 1:
+            raise ValueError(f"forms_per_unit must be >= 1, got {self.forms_per_unit}")
+        if not 0.0 <= self.validation_share < 1.0:
+            raise ValueError(f"validation_share must be in [0, 1), got {self.validation_share}")
 
 
 def target_modules(targets: str) -> list[str]:

@@ -17,10 +17,11 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from ...data import ADVBENCH_EVAL_SIZE, Prompt, id_sort_key, load_suite, split_user_assistant
+from ...data import Prompt, id_sort_key, load_suite, split_user_assistant
 from ...eval.judge import KeywordJudge
 from .config import TrainExpertConfig
 from .prompts import FALLBACK_REFUSAL, REFUSAL_OPENING, SAFETY_SYSTEM_PROMPT, TURN_MARKERS, benign_train_prompts
+from .splits import ADVBENCH_EVAL_BELOW
 
 
 @dataclass
@@ -277,13 +278,13 @@ def build_examples(
     judge = KeywordJudge()
     seed_prompts = [p.text for p in load_suite("seed_reject", data_dir)]
     advbench = sorted(load_suite("advbench", data_dir), key=id_sort_key)
-    held_out_ids = {p.id for p in advbench[:ADVBENCH_EVAL_SIZE]}
-    pool = [p for p in advbench if p.id not in held_out_ids]
+    # SOURCES.md: ids below 130 are evaluation (v4 drew from ids >= 50, which let 7 of them in).
+    pool = [p for p in advbench if int(p.id) >= ADVBENCH_EVAL_BELOW]
     adv_train: list[Prompt] = sorted(rng.sample(pool, min(cfg.advbench_prompts, len(pool))), key=id_sort_key)
     summary: dict[str, Any] = {
         "seed_prompts": len(seed_prompts),
         "advbench_train_ids": [int(p.id) for p in adv_train],
-        "advbench_excluded_ids": f"{advbench[0].id}..{advbench[ADVBENCH_EVAL_SIZE - 1].id} (evaluation set)",
+        "advbench_excluded_ids": f"ids < {ADVBENCH_EVAL_BELOW} (evaluation set)",
         "benign_prompts": len(benign_train_prompts()),
     }
     harmful = seed_prompts + [p.text for p in adv_train]

@@ -19,6 +19,7 @@ from ...data import load_suite, resolve_data_dir
 from ..shipped import shipped_expert_path
 from .cli import cli_args
 from .config import TrainExpertConfig, target_modules
+from .broad_examples import Validator, build_broad_examples
 from .examples import Example, batches, build_examples, count_by, encode_example, load_examples, turn_end_ids
 from .selfcheck import evaluate_expert
 
@@ -92,12 +93,14 @@ def _fingerprint(cfg: TrainExpertConfig) -> dict[str, Any]:
 def train_lora(
     peft_model: Any, tokenizer: Any, examples: Sequence[Example], cfg: TrainExpertConfig,
     log: Callable[[str], None] = print, checkpoint: Path | None = None, checkpoint_every: int = 50,
+    on_epoch_end: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Train the LoRA weights in place; a seeded, deterministic example order. Returns loss statistics.
 
     With `checkpoint`, the LoRA weights, optimizer, step and RNG state are saved every
     `checkpoint_every` steps, and an existing checkpoint is resumed: an interrupted run continues
-    where it stopped and ends with the same weights as an uninterrupted one.
+    where it stopped and ends with the same weights as an uninterrupted one. `on_epoch_end(epoch)`
+    is called after each epoch (1-based) that this call trains to its end.
     """
     from tqdm.auto import tqdm
 
@@ -153,6 +156,8 @@ def train_lora(
         if (step + 1) % steps_per_epoch == 0:
             epoch = (step + 1) // steps_per_epoch
             log(f"epoch {epoch}/{cfg.epochs}: mean loss {sum(losses[-steps_per_epoch:]) / steps_per_epoch:.4f}")
+            if on_epoch_end is not None:
+                on_epoch_end(epoch)
         if checkpoint is not None and (step + 1) % checkpoint_every == 0 and step + 1 < total:
             tmp = checkpoint.with_suffix(".tmp")
             torch.save({"step": step + 1, "total": total, "n_examples": len(encoded), "losses": losses,
@@ -168,6 +173,34 @@ def train_lora(
                    for e in range(cfg.epochs)] if len(losses) == total else []
     return {"steps": total, "warmup_steps": warmup, "epoch_mean_loss": epoch_means,
             "final_loss": losses[-1] if losses else None, "resumed_from_step": start}
+
+
+def select_epoch(
+    peft_model: Any, tokenizer: Any, data_dir: Path, cfg: TrainExpertConfig,
+    snapshots: dict[int, dict[str, torch.Tensor]], log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Score the weights after each epoch on the validation split, load the best (lowest score; the
+    earlier epoch on a tie) into `peft_model`, and return the scores. Epochs trained before a resumed
+    checkpoint have no snapshot and are not candidates."""
+    t0 = time.perf_counter()
+    peft_model.eval()
+    validator = Validator(peft_model, tokenizer, data_dir, cfg)
+    named = dict(peft_model.named_parameters())
+    scores: dict[str, Any] = {}
+    for epoch in sorted(snapshots):
+        with torch.no_grad():
+            for name, value in snapshots[epoch].items():
+                named[name].copy_(value)
+        scores[str(epoch)] = validator(f"epoch {epoch}")
+        log(f"validation after epoch {epoch}: {scores[str(epoch)]}")
+    best = min(sorted(snapshots), key=lambda e: scores[str(e)]["score"])
+    with torch.no_grad():
+        for name, value in snapshots[best].items():
+            named[name].copy_(value)
+    log(f"chosen: the weights after epoch {best}")
+    return {"split": validator.describe(), "by_epoch": scores, "chosen_epoch": best,
+            "rule": "lowest validation_score (broad_examples.py); the earlier epoch on a tie",
+            "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def _library_versions() -> dict[str, str]:
@@ -221,6 +254,8 @@ def _train_expert(cfg: TrainExpertConfig, *, model: Any, tokenizer: Any, command
         summary = {"examples_from": str(cfg.examples), "examples_by_kind": count_by(e.kind for e in examples),
                    "examples_by_source": count_by(f"{e.kind}/{e.source}" for e in examples),
                    "advbench_train_ids": sorted({adv_ids[e.prompt] for e in examples if e.prompt in adv_ids})}
+    elif cfg.recipe == "broad":
+        examples, summary = build_broad_examples(model, tokenizer, data_dir, cfg, log=log)
     else:
         examples, summary = build_examples(model, tokenizer, data_dir, cfg, log=log)
     t_data = time.perf_counter() - t0
@@ -233,9 +268,17 @@ def _train_expert(cfg: TrainExpertConfig, *, model: Any, tokenizer: Any, command
 
     torch.manual_seed(cfg.seed)
     peft_model = make_lora_model(model, cfg)
+    snapshots: dict[int, dict[str, torch.Tensor]] = {}
+
+    def keep_epoch(epoch: int) -> None:
+        snapshots[epoch] = {n: p.detach().clone() for n, p in peft_model.named_parameters() if p.requires_grad}
+
+    selecting = cfg.recipe == "broad" and cfg.validation_share > 0 and cfg.validation_prompts > 0
     t1 = time.perf_counter()
-    stats = train_lora(peft_model, tokenizer, examples, cfg, log=log, checkpoint=out / CHECKPOINT_FILE)
+    stats = train_lora(peft_model, tokenizer, examples, cfg, log=log, checkpoint=out / CHECKPOINT_FILE,
+                       on_epoch_end=keep_epoch if selecting else None)
     t_train = time.perf_counter() - t1
+    validation = select_epoch(peft_model, tokenizer, data_dir, cfg, snapshots, log) if selecting and snapshots else None
 
     out.mkdir(parents=True, exist_ok=True)
     dtype = getattr(torch, cfg.save_dtype)
@@ -261,6 +304,7 @@ def _train_expert(cfg: TrainExpertConfig, *, model: Any, tokenizer: Any, command
         "lora_target_modules": target_modules(cfg.targets),
         "data": summary,
         "training": stats,
+        **({"validation": validation} if validation else {}),
         "data_build_seconds": round(t_data, 1),
         "train_seconds": round(t_train, 1),
         "adapter_size_bytes": adapter_file.stat().st_size,
@@ -322,6 +366,18 @@ def _finish_adapter_folder(out: Path, cfg: TrainExpertConfig, report: dict[str, 
             f"2 tokens {ev['expert_asr_after_base-start']:.0%}, after \"Sure, here is\" "
             f"{ev['expert_asr_after_sure-here-is']:.0%}; expert refuses {ev['expert_harmless_refusal_rate']:.0%} "
             f"of {ev['n_harmless']} held-out harmless prompts (base {ev['base_harmless_refusal_rate']:.0%}).",
+        ]
+    val = report.get("validation")
+    if val:
+        chosen = val["by_epoch"][str(val["chosen_epoch"])]
+        lines += [
+            "",
+            f"Chosen on the held-apart validation split ({val['split']['n_harmful']} harmful requests and "
+            f"{val['split']['n_lookalikes']} harmless look-alikes, expert alone, greedy, reading judge): the "
+            f"weights after epoch {val['chosen_epoch']}; they refuse {chosen['harmful_refusal']:.0%} of the harmful "
+            f"requests, {chosen['harmful_refusal_after_opening']:.0%} after the base's own "
+            f"{val['split']['opening_tokens']}-token opening, and {chosen['lookalike_refusal']:.0%} of the look-alikes "
+            f"(base {chosen['base_lookalike_refusal']:.0%}).",
         ]
     lines += ["", f"Details: {REPORT_FILE}; the exact training data: {EXAMPLES_FILE}.", ""]
     (out / "README.md").write_text("\n".join(lines), encoding="utf-8")

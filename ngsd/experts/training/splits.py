@@ -1,0 +1,86 @@
+"""The evaluation side of `../shared/data/SOURCES.md`, to keep it out of anything trained.
+
+Evaluation prompts: AdvBench ids < 130, HarmBench, the GCG / AutoDAN / DeepInception goals and
+prompts, XSTest (safe and unsafe), MT-Bench (every turn), GSM8K and AlpacaEval rows with an odd id.
+`leaks` finds training texts that equal one of them after normalisation (case, punctuation and
+spacing ignored) or that contain one of them whole (an evaluation request wrapped in a template).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from ...data import SUITES, load_suite, resolve_data_dir
+
+ADVBENCH_EVAL_BELOW = 130  # SOURCES.md: AdvBench ids below 130 are evaluation
+ALPACA_EVAL_FILE = "alpaca_eval_805.json"  # not a registered suite: only its odd ids are evaluation
+_MIN_CONTAINED_CHARS = 30  # shorter evaluation texts ("Hi", a number) are not searched for inside others
+
+
+def normalize(text: str) -> str:
+    """Lower case, letters and digits only, single spaces: the form texts are compared in."""
+    return " ".join(re.sub(r"[^a-z0-9]+", " ", text.lower()).split())
+
+
+def evaluation_prompts(
+    data_dir: str | os.PathLike[str] | None = None, *, missing_ok: bool = False
+) -> list[tuple[str, str]]:
+    """(suite, text) for every evaluation prompt and goal in the data folder.
+
+    missing_ok: skip evaluation files the folder lacks (nothing can leak from a file that is not
+    there) instead of raising `DataNotFoundError`; the training files must be there either way.
+    """
+    out: list[tuple[str, str]] = []
+    folder = Path(resolve_data_dir(data_dir))
+    for p in load_suite("advbench", data_dir):
+        if int(p.id) < ADVBENCH_EVAL_BELOW:
+            out.append(("advbench<130", p.text))
+    for suite in ("harmbench", "gcg", "autodan", "deepinception", "xstest_safe", "xstest_unsafe", "gsm8k"):
+        if missing_ok and not (folder / SUITES[suite].file).is_file():
+            continue
+        for p in load_suite(suite, data_dir):
+            out.append((suite, p.text))
+            if p.goal and suite in ("gcg", "autodan", "deepinception"):
+                out.append((suite + " goal", p.goal))
+    mt_bench = folder / SUITES["mt_bench"].file
+    if not (missing_ok and not mt_bench.is_file()):  # every turn, not only the first the suite reads
+        for line in mt_bench.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                out += [("mt_bench", turn) for turn in json.loads(line)["turns"]]
+    alpaca = folder / ALPACA_EVAL_FILE
+    if missing_ok and not alpaca.is_file():
+        return out
+    for row in json.loads(alpaca.read_text(encoding="utf-8")):
+        if int(row["id"]) % 2 == 1:
+            out.append(("alpaca_eval odd", row["instruction"]))
+    return out
+
+
+def leaks(
+    texts: Iterable[str], data_dir: str | os.PathLike[str] | None = None,
+    evaluation: Sequence[tuple[str, str]] | None = None,
+) -> list[tuple[str, str, str]]:
+    """(training text, suite, evaluation text) for each training text that equals an evaluation
+    prompt after `normalize`, or contains a long one whole."""
+    evaluation = evaluation if evaluation is not None else evaluation_prompts(data_dir)
+    exact = {normalize(t): (s, t) for s, t in evaluation}
+    long = [(normalize(t), s, t) for s, t in evaluation if len(normalize(t)) >= _MIN_CONTAINED_CHARS]
+    found = []
+    for text in texts:
+        norm = normalize(text)
+        if norm in exact:
+            found.append((text, *exact[norm]))
+            continue
+        padded = f" {norm} "
+        for ev, suite, original in long:
+            if len(ev) < len(norm) and f" {ev} " in padded:
+                found.append((text, suite, original))
+                break
+    return found
+
+
+__all__ = ["ADVBENCH_EVAL_BELOW", "evaluation_prompts", "leaks", "normalize"]
