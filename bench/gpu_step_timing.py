@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""CUDA timing of the step op: fused Triton kernels vs the PyTorch path vs FlashInfer's sampler.
+"""CUDA timing of the step op: fused Triton kernels (per call, planned selector, selector captured in a
+CUDA graph where the mode has no host read) vs the PyTorch path vs FlashInfer's sampler.
 
 Run by ``bench/gpu_check.sh`` on a CUDA machine (exits with a message when none is visible).
 Per (B, V, mode): median of CUDA-event timings after a warm-up that also JIT-compiles the kernels.
@@ -58,8 +59,22 @@ def _flashinfer_fns(base: torch.Tensor, mode: dict) -> dict:
     return fns
 
 
+def _graph_fn(selector, args):
+    """The planned step captured in a CUDA graph (modes without a host read); replay() per call."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            selector.run(*args)  # warm-up outside the capture (JIT compilation)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        selector.run(*args)
+    return graph.replay
+
+
 def run(batches: list[int], vocabs: list[int], repeats: int) -> list[dict]:
-    from ngsd_kernels import StepParams, guarded_select
+    from ngsd_kernels import GuardedSelector, StepParams, guarded_select
 
     rows = []
     for vocab in vocabs:
@@ -75,6 +90,16 @@ def run(batches: list[int], vocabs: list[int], repeats: int) -> list[dict]:
                 fns = {backend: (lambda b=backend: guarded_select(base, expert, potential, alpha, zero, zero,
                                                                   params, backend=b))
                        for backend in ("triton", "torch")}
+                args = (base, expert, potential, alpha, zero, zero)
+                selector = GuardedSelector(params).plan(batch, vocab, base.dtype, base.device)
+                fns["selector"] = lambda s=selector: s.run(*args)
+                if not (params.top_k or params.top_p < 1.0 or params.candidate_mode == 1):
+                    # greedy / plain sampling, union: no host read, so the step can live in a CUDA graph
+                    try:
+                        fns["selector_cuda_graph"] = _graph_fn(GuardedSelector(params).plan(
+                            batch, vocab, base.dtype, base.device), args)
+                    except Exception as exc:
+                        print(f"CUDA graph capture failed for {name}: {type(exc).__name__}: {exc}", flush=True)
                 fns.update(_flashinfer_fns(base, fields))
                 row = dict(batch=batch, vocab=vocab, mode=name, dtype="bf16",
                            bytes_one_pass=2 * batch * vocab * 2)

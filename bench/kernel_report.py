@@ -80,6 +80,10 @@ _POINTER_TYPES = {
 }
 _FLOAT_SCALARS = {"temperature", "decay", "v_th", "v_reset", "rho", "top_p", "score_floor"}
 _UNIT_STRIDES = {"s_hb1", "s_he1", "s_wb1", "s_we1"}  # contiguous rows: the JIT specialises them to 1
+# integers the JIT sees as multiples of 16 in the planned shapes (V = 32768, 131072, 151936 and their
+# row strides are all multiples of 16): Triton specialises such arguments, which lets it vectorise
+# the row loads; a vocabulary that is not a multiple of 16 gets scalar loads instead
+_DIVISIBLE_16 = {"stride_b", "stride_e", "n_vocab"}
 
 
 @dataclass
@@ -127,29 +131,32 @@ def _modes() -> list[tuple[str, dict]]:
     return out
 
 
-def _row_kernel_jobs(plan, path: str, label: str) -> list[KernelJob]:
+def _row_kernel_jobs(plan, path: str, label: str, dense: int = 0) -> list[KernelJob]:
     from ngsd_kernels.params import CandidateMode
 
     mod = "ngsd_kernels.ops.launcher"
     k = plan.buffer
+    # trips of the runtime loops over chunk groups (one trip per group: the report multiplies them out)
+    groups = -(-plan.n_chunks // plan.chunk_group)
     jobs = [KernelJob(mod, "_reduce_kernel", "-", dict(
         RB=plan.row_block, NCP=plan.ncp, K=k, CG=plan.chunk_group, NEED_KEYS=int(plan.need_keys),
         STORE_TOP=int(plan.mode == CandidateMode.INTERSECTION and plan.need_keys),
-        VALUE_KEYS=int(plan.key_kind == 1)), "reduce", path, 0)]
+        VALUE_KEYS=int(plan.key_kind == 1), DENSE=dense), "reduce", path, 0, inner_trips=groups)]
     if plan.mode == CandidateMode.INTERSECTION and plan.need_keys:
         jobs.append(KernelJob(mod, "_intersection_kernel", "-", dict(
             RB=plan.row_block, K=k, EB=plan.inter_block, SAMPLE=plan.sample, USE_TOPK=int(plan.use_topk),
-            USE_TOPP=int(plan.use_topp)), "intersection", path, 0))
+            USE_TOPP=int(plan.use_topp)), "intersection", path, 0, inner_trips=k // plan.inter_block))
     jobs.append(KernelJob(mod, "_finalize_kernel", "-", dict(
         RB=plan.row_block, NCP=plan.ncp, K=k, CG=plan.chunk_group, DIVERGENCE=plan.divergence, GATE=plan.gate,
         MODE=plan.mode, SAMPLE=plan.sample, USE_TOPK=int(plan.use_topk), USE_TOPP=int(plan.use_topp),
-        NEED_V0=int(plan.need_v0)), "finalize", path, 0))
+        NEED_V0=int(plan.need_v0)), "finalize", path, 0, inner_trips=max(1, groups - 1)))
     for job in jobs:
         job.modes.append(label)
     return jobs
 
 
 def logits_jobs(label: str, fields: dict, dtype: str, batch: int = 256, vocab: int = 131072) -> list[KernelJob]:
+    """The logits path's launches (pass 1, reduce, [intersection], pass 2, finalize) for one mode."""
     from ngsd_kernels.ops.launcher import plan_select
     from ngsd_kernels.params import StepParams
 
@@ -165,13 +172,17 @@ def logits_jobs(label: str, fields: dict, dtype: str, batch: int = 256, vocab: i
     ]
     for job in jobs:
         job.modes.append(f"logits {dtype} {label}")
-    return jobs + _row_kernel_jobs(plan, "logits", f"logits {label}")
+    dense = {"bf16": 1, "fp16": 2}.get(dtype, 0) if plan.key_kind == 1 else 0
+    return jobs + _row_kernel_jobs(plan, "logits", f"logits {label}", dense)
 
 
 def hidden_jobs(label: str, fields: dict, dtype: str, batch: int, hidden: int, vocab: int = 131072) -> list[KernelJob]:
-    from ngsd_kernels.ops.hidden_select import plan_hidden_select
+    from ngsd_kernels.ops.hidden_select import fused_hidden_fits, plan_hidden_select
     from ngsd_kernels.params import StepParams
 
+    if not fused_hidden_fits(batch, vocab, StepParams(**fields)):
+        # HiddenLaunch materialises fp32 logits (one GEMM on the stacked rows) and runs the logits kernels
+        return logits_jobs(f"{label} (hidden B={batch}: GEMM + logits kernels)", fields, "fp32", batch, vocab)
     plan, grid = plan_hidden_select(batch, vocab, StepParams(**fields), shared=True, on_gpu=True)
     mod = "ngsd_kernels.ops.hidden_select"
     tile = dict(SHARED=1, HAS_BIAS_B=0, HAS_BIAS_E=0, BLOCK_B=grid["block_b"], BLOCK_V=grid["block_v"],
@@ -218,6 +229,11 @@ def enumerate_jobs(hidden: int) -> tuple[list[KernelJob], set[str]]:
         if samp == "greedy" and div == "TV" and cand == "union" and "gate" not in label:
             for batch in (1, 256):
                 add(hidden_jobs(label, fields, "bf16", batch, hidden), True)
+    # the roofline's smaller batches plan other tiles (B = 1: [1, 2048] at every V in the table; B = 32:
+    # [1, 4096] from V = 32768 on): their greedy / TV / union / K = 64 passes, bf16
+    base_fields = dict(modes)[base]
+    for batch, vocab in ((1, 131072), (32, 131072)):
+        add(logits_jobs(f"{base} (B={batch})", base_fields, "bf16", batch, vocab), True)
     return list(everything.values()), cover
 
 
@@ -271,6 +287,8 @@ def _signature(job: KernelJob, arg_names: list[str]) -> tuple[dict, dict, dict]:
             signature[arg] = "fp32"
         else:
             signature[arg] = "i32"
+            if arg in _DIVISIBLE_16:
+                attrs[(i,)] = [["tt.divisibility", 16]]
     return signature, constants, attrs
 
 
@@ -297,11 +315,18 @@ def parse_sass(text: str) -> dict:
                                                       for (lo, hi), s, n in zip(loops, loop_sizes, nested)])
 
 
-def per_tile_instructions(sass: dict, inner_trips: int) -> tuple[int, str]:
-    """Instructions one thread executes per tile, and how that number was obtained."""
+def per_tile_instructions(sass: dict, inner_trips: int, per_row: bool = False) -> tuple[int, str]:
+    """Instructions one thread executes per tile (per row block for the per-row kernels), and how that
+    number was obtained."""
     loops = sass["loops"]
     if not loops:
         return sass["total"], "loop-free: whole kernel = one tile"
+    if per_row:
+        # per-row kernels: their runtime loops run over chunk groups (or expert-list blocks), each
+        # `inner_trips` times; nested loops only occur inside those, counted with the same trips
+        executed = sass["total"] + sum(lp["size"] * (inner_trips - 1) for lp in loops if not lp["nested"])
+        return executed, (f"static {sass['total']} + loops {[lp['size'] for lp in loops if not lp['nested']]} x "
+                          f"({inner_trips} - 1) further trips")
     outer = [lp for lp in loops if not lp["nested"]]
     inner = [lp for lp in loops if lp["nested"]]
     tile_loop = max(outer, key=lambda lp: lp["size"])
@@ -364,7 +389,7 @@ def compile_job(job: KernelJob, arch: int) -> dict:
     dynamic_shared = int(compiled.metadata.shared)
     total_shared = dynamic_shared + usage.get("SHARED", 0)
     threads = 32 * NUM_WARPS
-    executed, how = per_tile_instructions(sass, job.inner_trips)
+    executed, how = per_tile_instructions(sass, job.inner_trips, per_row=not job.logits_per_tile)
     row.update(
         status="ok", compile_s=round(time.time() - start, 1), registers=usage.get("REG"), stack_bytes=usage.get("STACK"),
         local_bytes=usage.get("LOCAL"), shared_bytes=total_shared, shared_limit=SHARED_LIMIT[arch],
@@ -379,8 +404,69 @@ def compile_job(job: KernelJob, arch: int) -> dict:
     return row
 
 
-def _compile_star(args):
-    return compile_job(*args)
+def _serve(conn) -> None:
+    """A compile worker: receives (job, arch) pairs, answers with report rows, until it gets None."""
+    while True:
+        work = conn.recv()
+        if work is None:
+            return
+        conn.send(compile_job(*work))
+
+
+def _failed_row(job: KernelJob, arch: int, status: str) -> dict:
+    return dict(kernel=job.name, path=job.path, role=job.role, dtype=job.dtype, arch=arch, constants=job.constants,
+                modes=job.modes, status=status)
+
+
+def compile_all(work: list[tuple[KernelJob, int]], jobs: int, per_variant: float, budget: float) -> list[dict]:
+    """Compile every (job, arch) on `jobs` worker processes. A compile running longer than `per_variant`
+    seconds is killed (its worker replaced) and reported as a timeout row; once `budget` seconds have
+    passed nothing new starts and the rest is reported as not compiled."""
+    ctx = mp.get_context("spawn")
+    start = time.time()
+    pending = list(work)
+    workers: list[dict] = []  # {proc, conn, item, since}
+    rows: list[dict] = []
+
+    def spawn() -> dict:
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_serve, args=(child,), daemon=True)
+        proc.start()
+        return dict(proc=proc, conn=parent, item=None, since=0.0)
+
+    def report(row: dict, item) -> None:
+        rows.append(row)
+        job, arch = item
+        print(f"sm_{arch} {job.key():<110} {row['status'][:60]} {row.get('compile_s', '')}", flush=True)
+
+    for _ in range(max(1, jobs)):
+        workers.append(spawn())
+    while pending or any(w["item"] for w in workers):
+        for i, w in enumerate(workers):
+            if w["item"] is None and pending and time.time() - start < budget:
+                w["item"], w["since"] = pending.pop(0), time.time()
+                w["conn"].send(w["item"])
+            elif w["item"] is not None:
+                if w["conn"].poll():
+                    report(w["conn"].recv(), w["item"])
+                    w["item"] = None
+                elif time.time() - w["since"] > per_variant or not w["proc"].is_alive():
+                    why = (f"timeout: compile killed after {per_variant:.0f} s (--per-variant)"
+                           if w["proc"].is_alive() else "failed: the compile process died")
+                    w["proc"].kill()
+                    w["proc"].join()
+                    report(_failed_row(w["item"][0], w["item"][1], why), w["item"])
+                    workers[i] = spawn()
+        if pending and time.time() - start >= budget and not any(w["item"] for w in workers):
+            break
+        time.sleep(0.2)
+    for w in workers:
+        if w["proc"].is_alive():
+            w["conn"].send(None)
+            w["proc"].join(timeout=5)
+    for job, arch in pending:
+        rows.append(_failed_row(job, arch, f"not compiled: the {budget:.0f} s budget ran out (--budget)"))
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -471,30 +557,30 @@ def roofline(report: dict, dtype: str = "bf16") -> str:
                 return r
         raise LookupError(f"no compiled {role} row with {consts}; run kernel_report.py first")
 
-    lines = ["| B | V | chunks | pass-1 programs | MB moved (fused) | floor us | pass 1 us | pass 2 us | "
+    lines = ["| B | V | tile BB x BV | chunks | pass-1 programs | MB moved (fused) | floor us | pass 1 us | pass 2 us | "
              "reduce+finalize us | step us (issue-bound .. SHFL x4) | step / floor |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for vocab in (32768, 131072, 151936):
         for batch in (1, 32, 256):
             plan = plan_select(batch, vocab, StepParams())
-            # the report compiles the B = 256 plan (BB = 2); smaller BB reuses its instructions per logit
-            p1 = find("pass1", K=plan.buffer, KEYS=plan.key_kind, BV=plan.block_v)
-            p2 = find("pass2", K=plan.buffer, SAMPLE=0, DIVERGENCE=0, NEED_V1=1, BV=plan.block_v)
-            tile = 2 * plan.block_b * plan.block_v
-            # per-row kernels: the compiled V = 131072 plan's (NCP = 64) stand in for every V
-            red = find("reduce", K=plan.buffer, STORE_TOP=0, NCP=64, RB=1)
-            fin = find("finalize", K=plan.buffer, SAMPLE=0, MODE=0, DIVERGENCE=0, NCP=64, RB=1)
+            tile = dict(K=plan.buffer, BB=plan.block_b, BV=plan.block_v)
+            p1 = find("pass1", KEYS=plan.key_kind, **tile)
+            p2 = find("pass2", SAMPLE=0, DIVERGENCE=0, NEED_V1=1, **tile)
+            # per-row kernels: the compiled V = 131072 plan's stand in for every V (its NCP, RB = 1)
+            v_plan = plan_select(256, 131072, StepParams())
+            red = find("reduce", K=plan.buffer, STORE_TOP=0, NCP=v_plan.ncp, RB=1, DENSE=1)
+            fin = find("finalize", K=plan.buffer, SAMPLE=0, MODE=0, DIVERGENCE=0, NCP=v_plan.ncp, RB=1)
             programs = -(-batch // plan.block_b) * plan.n_chunks
             rows_programs = -(-batch // plan.row_block)
             elem = 2
             logits_bytes = 2 * 2 * batch * vocab * elem  # two passes over base + expert
-            keys_bytes = 2 * 2 * batch * plan.n_chunks * plan.buffer * 4  # int32 keys: pass-1 write + reduce read
+            keys_bytes = 2 * 2 * batch * plan.n_chunks * plan.buffer * 4  # fp32 slots: pass-1 write + reduce read
             bytes_moved = logits_bytes + keys_bytes
             floor = bytes_moved / HBM_BYTES_PER_S
             times = []
             for slots in (1, SHFL_SLOTS):
-                t1 = _pass_time_s(p1, programs, slots, tile)
-                t2 = _pass_time_s(p2, programs, slots, tile)
+                t1 = _pass_time_s(p1, programs, slots)
+                t2 = _pass_time_s(p2, programs, slots)
                 tr = _pass_time_s(red, rows_programs, slots) + _pass_time_s(fin, rows_programs, slots)
                 # a pass cannot beat its share of the bytes either
                 t1 = max(t1, (logits_bytes / 2 + keys_bytes / 2) / HBM_BYTES_PER_S)
@@ -502,7 +588,8 @@ def roofline(report: dict, dtype: str = "bf16") -> str:
                 times.append((t1, t2, tr, t1 + t2 + tr))
             lo, hi = times
             lines.append(
-                f"| {batch} | {vocab} | {plan.n_chunks} | {programs} | {bytes_moved / 1e6:.1f} | {floor * 1e6:.1f} | "
+                f"| {batch} | {vocab} | {plan.block_b} x {plan.block_v} | {plan.n_chunks} | {programs} | "
+                f"{bytes_moved / 1e6:.1f} | {floor * 1e6:.1f} | "
                 f"{lo[0] * 1e6:.1f}..{hi[0] * 1e6:.1f} | {lo[1] * 1e6:.1f}..{hi[1] * 1e6:.1f} | "
                 f"{lo[2] * 1e6:.1f}..{hi[2] * 1e6:.1f} | {lo[3] * 1e6:.1f}..{hi[3] * 1e6:.1f} | "
                 f"{lo[3] / floor:.1f}..{hi[3] / floor:.1f}x |")
@@ -515,7 +602,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--full", action="store_true", help="compile every specialisation, not the cover")
     parser.add_argument("--only", default="", help="compile only kernels whose key contains this text")
     parser.add_argument("--jobs", type=int, default=2, help="compile processes")
-    parser.add_argument("--budget", type=float, default=600.0, help="seconds; unfinished compiles become 'timeout'")
+    parser.add_argument("--budget", type=float, default=600.0,
+                        help="seconds; variants not started by then are reported as not compiled")
+    parser.add_argument("--per-variant", type=float, default=240.0,
+                        help="seconds one compile may take before it is killed and reported as a timeout")
     parser.add_argument("--hidden", type=int, default=576, help="hidden size H for the hidden-state loop trips")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--list", action="store_true", help="list the specialisations and exit")
@@ -539,24 +629,13 @@ def main(argv: list[str] | None = None) -> int:
     import triton
 
     start = time.time()
+    # the first architecture given (sm_90 by default) for every variant before the next one; small
+    # buffers first (compile time grows steeply with K where bitonic networks remain), so a budget cut
+    # leaves the K = 1024 tail of the last architecture
     work = [(j, arch) for arch in args.arch for j in chosen]
-    # small buffers first: compile time grows steeply with K (the bitonic networks are unrolled), so a
-    # budget cut leaves the K = 1024 tail as "timeout" rows instead of starving everything else
-    work.sort(key=lambda w: (w[0].constants.get("K", 0), w[0].path == "hidden", w[0].role))
-    rows: list[dict] = []
-    with mp.get_context("spawn").Pool(args.jobs) as pool:
-        pending = [(w, pool.apply_async(_compile_star, (w,))) for w in work]
-        for (job, arch), res in pending:
-            left = args.budget - (time.time() - start)
-            try:
-                row = res.get(timeout=max(left, 0.01))
-            except mp.TimeoutError:
-                row = dict(kernel=job.name, path=job.path, role=job.role, dtype=job.dtype, arch=arch,
-                           constants=job.constants, modes=job.modes, status=f"timeout: not finished within the "
-                           f"{args.budget:.0f} s budget (--budget)")
-            rows.append(row)
-            print(f"sm_{arch} {job.key():<110} {row['status'][:60]} {row.get('compile_s', '')}", flush=True)
-        pool.terminate()
+    work.sort(key=lambda w: (args.arch.index(w[1]), w[0].constants.get("K", 0), w[0].path == "hidden",
+                             w[0].role))
+    rows = compile_all(work, args.jobs, args.per_variant, args.budget)
     done = {(r["kernel"], r["dtype"], json.dumps(r["constants"], sort_keys=True)) for r in rows}
     for j in jobs:
         if (j.name, j.dtype, json.dumps(j.constants, sort_keys=True)) not in done:

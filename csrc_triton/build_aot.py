@@ -160,11 +160,14 @@ class Variant:
     constants: dict[str, int] = field(default_factory=dict)  # what the C++ side must use
 
 
-def _reduce_spec() -> KernelSpec:
+def _reduce_spec(dense: int = 0) -> KernelSpec:
+    """The launcher's reduce; ``dense``: how pass 1 keyed the union candidates (select_tiles.dense_key:
+    1 bf16 / 2 fp16 logits, 0 fp32 logits and the hidden-state passes)."""
     args = dict(
         stats_ptr="*fp32:16", counts_ptr="*i32:16", keys_b_ptr="*i32:16", keys_e_ptr="*i32:16",
         rowinfo_ptr="*fp32:16", top_b_ptr="*i64:16", top_e_ptr="*i64:16", n_rows="i32", n_chunks="i32",
         kth="i32", RB=str(RB), NCP=str(NCP), K=str(K), CG=str(CG), NEED_KEYS="1", STORE_TOP="0", VALUE_KEYS="1",
+        DENSE=str(dense),
     )
     return KernelSpec("ngsd_kernels.ops.launcher", "_reduce_kernel", args, f"(n_rows + {RB - 1}) / {RB}, 1, 1")
 
@@ -187,10 +190,10 @@ def _finalize_spec(gate: int) -> KernelSpec:
 def hidden_greedy(dtype: str) -> Variant:
     """Hidden states -> token, greedy, shared LM head without bias, total variation, union candidates.
 
-    Block sizes are those hidden_select.plan_hidden_select picks on a GPU for batches of 9..16; one
-    fixed choice for every batch size here (the JIT plan grows the row block up to 64 rows).
+    Block sizes are those hidden_select.plan_hidden_select picks on a GPU for batches of 9..16 (the
+    largest tile that compiles without spilling); one fixed choice for every batch size here.
     """
-    block_b, block_v, block_h = 16, 128, 64
+    block_b, block_v, block_h = 16, 64, 64
     tile = dict(
         hb_ptr=f"*{dtype}", he_ptr=f"*{dtype}", wb_ptr=f"*{dtype}", we_ptr=f"*{dtype}", biasb_ptr="*fp32",
         biase_ptr="*fp32", B="i32", V="i32", H="i32", HE="i32", s_hb0="i32", s_hb1="i32:1", s_he0="i32",
@@ -226,10 +229,12 @@ def _greedy_variant(name: str, op: str, dtype: str, module: str, passes: tuple[s
                     grid: str, constants: dict[str, int]) -> Variant:
     """A greedy / TV / union variant: the source's two passes (with its tile arguments `tile`) around the
     launcher's reduce and finalize kernels."""
+    # the logits pass 1 selects the union candidates itself and needs k (the hidden one keeps top-K)
+    pass1_extra = dict(kth="i32") if op == "logits_select" else {}
     pass1 = KernelSpec(
         module, passes[0],
-        dict(tile, stats_ptr="*fp32:16", counts_ptr="*i32:16", keys_b_ptr="*i32:16", keys_e_ptr="*i32:16",
-             KEYS="1"),
+        dict(tile, **pass1_extra, stats_ptr="*fp32:16", counts_ptr="*i32:16", keys_b_ptr="*i32:16",
+             keys_e_ptr="*i32:16", KEYS="1"),
         grid,
     )
     pass2 = KernelSpec(
@@ -240,7 +245,9 @@ def _greedy_variant(name: str, op: str, dtype: str, module: str, passes: tuple[s
              NEED_V0="1", NEED_V1="1"),
         grid,
     )
-    return Variant(name, op, dtype, [pass1, _reduce_spec(), pass2], {g: _finalize_spec(g) for g in GATES}, constants)
+    dense = {"bf16": 1, "fp16": 2}.get(dtype, 0) if op == "logits_select" else 0
+    return Variant(name, op, dtype, [pass1, _reduce_spec(dense), pass2], {g: _finalize_spec(g) for g in GATES},
+                   constants)
 
 
 def all_variants() -> dict[str, Variant]:

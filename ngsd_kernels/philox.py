@@ -4,11 +4,13 @@ The Triton kernels draw with the same generator, keyed and counted the same way,
 (seed, row, offset) triple names one set of uniforms on every backend:
 
     key     = (seed & 0xFFFFFFFF, seed >> 32)          the 64-bit seed (one for the batch, or one per row)
-    counter = (token_id, offset & 0xFFFFFFFF, offset >> 32, row)
-    u       = ((x0 >> 9) + 0.5) * 2**-23               x0 = first Philox output word
+    counter = (token_id >> 2, offset & 0xFFFFFFFF, offset >> 32, row)
+    u       = ((x >> 9) + 0.5) * 2**-23                x = output word (token_id & 3) of that call
 
-The row index sits in the counter, the seed in the key: distinct (seed, row) pairs never share a
-stream (with `seed + row` as the key, seed 5 row 1 and seed 6 row 0 drew the same numbers).
+One Philox call serves four neighbouring tokens (all four output words are used: a quarter of the
+rounds of one call per token; the streams changed with this, 2026-12). The row index sits in the
+counter, the seed in the key: distinct (seed, row) pairs never share a stream (with `seed + row`
+as the key, seed 5 row 1 and seed 6 row 0 drew the same numbers).
 `u` lies strictly inside (0, 1) and is exact in fp32 (at most 24 significant bits), so both
 backends produce bit-identical uniforms.
 """
@@ -59,8 +61,10 @@ def philox_uniform(
     if rows is None:
         rows = torch.arange(max(seed.shape[0], offset.shape[0]), dtype=torch.int64, device=seed.device)
     rows = rows.to(torch.int64).reshape(-1, 1)
-    tokens = torch.arange(vocab_size, dtype=torch.int64, device=seed.device).reshape(1, -1)
-    x0, _, _, _ = philox4x32(
-        seed & _MASK32, (seed >> 32) & _MASK32, tokens, offset & _MASK32, (offset >> 32) & _MASK32, rows & _MASK32
+    groups = torch.arange((vocab_size + 3) // 4, dtype=torch.int64, device=seed.device).reshape(1, -1)
+    words = philox4x32(
+        seed & _MASK32, (seed >> 32) & _MASK32, groups, offset & _MASK32, (offset >> 32) & _MASK32, rows & _MASK32
     )
-    return ((x0 >> 9).to(torch.float32) + 0.5) * (2.0**-23)
+    x = torch.stack(torch.broadcast_tensors(*words), dim=-1)  # [R, groups, 4]: token 4g + w is word w
+    x = x.reshape(x.shape[0], -1)[:, :vocab_size]
+    return ((x >> 9).to(torch.float32) + 0.5) * (2.0**-23)

@@ -29,6 +29,8 @@ or, in union mode, outside [0, 1] (``alpha_is_valid``). Callers raise on them.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
@@ -146,13 +148,24 @@ def choose_tokens(
     return torch.argmax(perturbed, dim=-1)
 
 
-def guarded_select_reference(base_logits: Tensor, expert_logits: Tensor, potential: Tensor, alpha: Tensor, seed: Tensor,
-                             offset: Tensor, params: StepParams = StepParams(), *,
-                             row_ids: Tensor | None = None) -> Outputs:
-    """Returns (tokens int64 [B], new potential fp32 [B], spike bool [B], divergence fp32 [B]).
+class StepScores(NamedTuple):
+    """The reference step up to the token choice (``step_scores``)."""
 
-    Row ``i`` samples from the Philox stream (seed of row i, row i, offset of row i); ``row_ids``
-    gives the rows' indices when they are a subset of a larger batch (default 0..B-1).
+    scores: Tensor  # [B, V] fp32: p_b, or the guarded scores where the gate opened
+    spike: Tensor  # [B] bool, before invalid rows are masked
+    valid: Tensor  # [B] bool
+    pre_reset: Tensor  # [B] fp32 (1 - 1/tau) v + D, what the gate compares with v_th
+    new_potential: Tensor  # [B] fp32 after the reset
+    current: Tensor  # [B] fp32 divergence D
+
+
+def step_scores(base_logits: Tensor, expert_logits: Tensor, potential: Tensor, alpha: Tensor,
+                params: StepParams = StepParams(), *, exp_error: tuple[Tensor, Tensor] | None = None) -> StepScores:
+    """Steps 1-4 of the reference (probabilities, divergence, neuron, scores), before the choice.
+
+    ``exp_error`` (tests only): relative errors ``(e_b, e_e)`` [B, V] applied to the two
+    probability vectors, ``p * (1 + e)``, to model a GPU's approximate ``exp`` (``MUFU.EX2``, about
+    2 ulp); ``tests/kernels/steps.near_tie_rows`` says which rows such errors may change.
     """
     lb = base_logits.float()
     le = expert_logits.float()
@@ -166,9 +179,12 @@ def guarded_select_reference(base_logits: Tensor, expert_logits: Tensor, potenti
     log_pb = torch.log_softmax(lb, dim=-1)
     log_pe = torch.log_softmax(le, dim=-1)
     pb, pe = log_pb.exp(), log_pe.exp()
+    if exp_error is not None:
+        pb, pe = pb * (1.0 + exp_error[0]), pe * (1.0 + exp_error[1])
     current = divergence_between(log_pb, log_pe, pb, pe, params.divergence)
 
     potential = potential.float()
+    pre_reset = (1.0 - 1.0 / params.tau) * potential + current
     new_potential, fired = lif_step(potential, current, params.tau, params.v_th, params.v_reset, params.rho)
     if params.gate == GateMode.LIF:
         spike = fired
@@ -186,11 +202,24 @@ def guarded_select_reference(base_logits: Tensor, expert_logits: Tensor, potenti
         guarded = torch.where(in_set, mixed.clamp_min(params.score_floor), torch.zeros_like(mixed))
         guarded = guarded / guarded.sum(-1, keepdim=True)
     scores = torch.where(spike[:, None], guarded, pb)
+    return StepScores(scores, spike, valid, pre_reset, new_potential, current)
 
-    tokens = choose_tokens(scores, seed, offset, params.temperature, params.top_k, params.top_p, row_ids)
+
+def guarded_select_reference(base_logits: Tensor, expert_logits: Tensor, potential: Tensor, alpha: Tensor, seed: Tensor,
+                             offset: Tensor, params: StepParams = StepParams(), *,
+                             row_ids: Tensor | None = None, exp_error: tuple[Tensor, Tensor] | None = None) -> Outputs:
+    """Returns (tokens int64 [B], new potential fp32 [B], spike bool [B], divergence fp32 [B]).
+
+    Row ``i`` samples from the Philox stream (seed of row i, row i, offset of row i); ``row_ids``
+    gives the rows' indices when they are a subset of a larger batch (default 0..B-1).
+    ``exp_error``: see ``step_scores`` (tests only).
+    """
+    step = step_scores(base_logits, expert_logits, potential, alpha, params, exp_error=exp_error)
+    valid = step.valid
+    tokens = choose_tokens(step.scores, seed, offset, params.temperature, params.top_k, params.top_p, row_ids)
 
     tokens = torch.where(valid, tokens, torch.full_like(tokens, -1))
-    new_potential = torch.where(valid, new_potential, potential)
-    spike = spike & valid
-    current = torch.where(valid, current, torch.full_like(current, float("nan")))
+    new_potential = torch.where(valid, step.new_potential, potential.float())
+    spike = step.spike & valid
+    current = torch.where(valid, step.current, torch.full_like(step.current, float("nan")))
     return tokens, new_potential, spike, current

@@ -30,7 +30,7 @@ from .ops.cpu_select import cpu_guarded_select
 from .ops.hidden_torch import pair_logits
 from .params import StepParams
 from .reference import guarded_select_reference
-from .select import BACKENDS, Outputs, default_seed_offset, expert_bias
+from .select import BACKENDS, Outputs, expert_bias
 
 
 class GuardedSelector:
@@ -55,6 +55,8 @@ class GuardedSelector:
         if dtype not in FLOAT_DTYPES:
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
         self._shape = (batch, vocab, dtype, device)
+        # the default seed / offset, made once here: no fill kernel per token
+        self._zero = torch.zeros(1, dtype=torch.int64, device=device)
         self._launch = None
         self._hidden_launches = {}
         if self.backend == "triton" or (self.backend == "auto" and device.type == "cuda"):
@@ -70,6 +72,9 @@ class GuardedSelector:
             self._launch = (plan, Scratch.allocate(plan, device))
         return self
 
+    def _seed_offset(self, seed: Tensor | None, offset: Tensor | None) -> tuple[Tensor, Tensor]:
+        return (self._zero if seed is None else seed), (self._zero if offset is None else offset)
+
     def run(self, base_logits: Tensor, expert_logits: Tensor, potential: Tensor, alpha: Tensor,
             seed: Tensor | None = None, offset: Tensor | None = None) -> Outputs:
         """One step on the planned shapes; returns ``(tokens, new_potential, spike, divergence)``."""
@@ -84,7 +89,7 @@ class GuardedSelector:
                 f"{base_logits.dtype} {tuple(base_logits.shape)} / {tuple(expert_logits.shape)} on "
                 f"{base_logits.device}; plan() again for a new shape"
             )
-        seed, offset = default_seed_offset(seed, offset, device)
+        seed, offset = self._seed_offset(seed, offset)
         check_row_vectors(batch, potential, alpha, seed, offset, base_logits, expert_logits)
         if self._launch is not None:
             from .ops.fused_select import LogitsPasses
@@ -118,7 +123,7 @@ class GuardedSelector:
                 f"{device}; got {base_hidden.dtype} {tuple(base_hidden.shape)}, head {tuple(base_head_weight.shape)} "
                 f"on {base_hidden.device}; plan() again for a new shape"
             )
-        seed, offset = default_seed_offset(seed, offset, device)
+        seed, offset = self._seed_offset(seed, offset)
         check_hidden_inputs(base_hidden, expert_hidden, base_head_weight, expert_head_weight, base_head_bias,
                             expert_head_bias, potential, alpha, seed, offset)
         heads = (base_head_weight, expert_head_weight, base_head_bias,

@@ -66,17 +66,24 @@ def _load_tile(lb_ptr, le_ptr, stride_b, stride_e, n_rows, n_vocab, BB: tl.const
     return lb, le, rows, row_mask, cols, col_mask, chunk
 
 
+@triton.constexpr_function
+def _dense_kind(dtype):
+    """select_tiles.dense_key's DENSE code of a logits dtype: 1 bf16, 2 fp16, 0 fp32."""
+    return 1 if dtype == tl.bfloat16 else (2 if dtype == tl.float16 else 0)
+
+
 @triton.jit
 def _pass1_kernel(
-    lb_ptr, le_ptr, stride_b, stride_e, n_rows, n_vocab, n_chunks,
+    lb_ptr, le_ptr, stride_b, stride_e, n_rows, n_vocab, n_chunks, kth,
     stats_ptr, counts_ptr, keys_b_ptr, keys_e_ptr,
     BB: tl.constexpr, BV: tl.constexpr, K: tl.constexpr, KEYS: tl.constexpr,
 ):
     lb, le, rows, row_mask, cols, col_mask, chunk = _load_tile(lb_ptr, le_ptr, stride_b, stride_e, n_rows, n_vocab,
                                                                BB, BV)
+    n_present = tl.minimum(n_vocab - chunk * BV, BV)
     pass1_store_tile(
         lb, le, rows, row_mask, cols, col_mask, chunk, n_chunks, stats_ptr, counts_ptr, keys_b_ptr, keys_e_ptr,
-        K, KEYS,
+        K, KEYS, kth, n_present, _dense_kind(lb_ptr.dtype.element_ty),
     )
 
 
@@ -112,14 +119,19 @@ class LogitsPasses:
         le = expert_logits if expert_logits.stride(-1) == 1 else expert_logits.contiguous()
         return cls(lb, le)
 
+    @property
+    def dense_kind(self) -> int:
+        """How pass 1 keys the union candidates (select_tiles.dense_key): 1 bf16, 2 fp16, 0 fp32."""
+        return {torch.bfloat16: 1, torch.float16: 2}.get(self.base_logits.dtype, 0)
+
     def _grid(self, plan: SelectPlan) -> tuple[int, int]:
         return (triton.cdiv(plan.batch, plan.block_b), plan.n_chunks)
 
     def pass1(self, plan: SelectPlan, s: Scratch) -> None:
         lb, le = self.base_logits, self.expert_logits
         _pass1_kernel[self._grid(plan)](
-            lb, le, lb.stride(0), le.stride(0), plan.batch, plan.vocab, plan.n_chunks, s.stats, s.counts, s.keys_b,
-            s.keys_e, BB=plan.block_b, BV=plan.block_v, K=plan.buffer, KEYS=plan.key_kind, **LAUNCH_OPTIONS,
+            lb, le, lb.stride(0), le.stride(0), plan.batch, plan.vocab, plan.n_chunks, plan.kth, s.stats, s.counts,
+            s.keys_b, s.keys_e, BB=plan.block_b, BV=plan.block_v, K=plan.buffer, KEYS=plan.key_kind, **LAUNCH_OPTIONS,
         )
 
     def pass2(self, plan: SelectPlan, s: Scratch, rows: RowVectors, temperature: float) -> None:

@@ -41,6 +41,14 @@ FLOP / byte trade-off of computing the logits twice (w = bytes per weight elemen
   logits path is the faster choice at decode batch sizes; this one still avoids the [B, V] buffers
   (1 GiB of fp32 logits per model at B = 512, V = 262144).
 
+Where the fused kernels are used (``HiddenLaunch``): on a GPU only for top-K buffers of at most
+``HIDDEN_MAX_BUFFER`` = 64 entries, with 8 or 16 rows per block and 64 columns per tile, the tiles
+that compile without spilling on sm_90 (bench/results/KERNELS.md: a split's running top-K lives
+in registers next to the logits tile; at K = 256 or 1024 every such tile spills, and BLOCK_V grew
+with K past the shared-memory limit). Other settings materialise the fp32 logits with one GEMM on
+the stacked rows (``pair_logits``: a shared head is read once) and run the logits kernels, the
+cheaper choice on bytes anyway while B < H / 12 (bench/ROOFLINE.md, "hidden-state path").
+
 Exactness: both passes call ``_logit_tiles`` with the same constants, so they compute
 bit-identical logits and pass-1 thresholds classify pass-2 tokens consistently. The modes that
 keep a bounded top-K buffer (top-k / top-p sampling, intersection candidates) flag rows the buffer
@@ -59,15 +67,15 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..params import StepParams
-from .hidden_torch import hidden_logits
+from ..params import CandidateMode, StepParams
+from .hidden_torch import hidden_logits, pair_logits
 from .launcher import LAUNCH_OPTIONS, Outputs, RowVectors, Scratch, SelectPlan, next_pow2, plan_select, select_exact
 from .select_tiles import (
     INDEX_NONE,
     KEY_NONE,
     VALUE_NONE,
     merge_topk_keys,
-    philox_gumbel,
+    philox_gumbel_span,
     store_pass1_partials,
     tile_argmax,
     tile_choice_values,
@@ -82,6 +90,19 @@ from .select_tiles import (
 # ---------------------------------------------------------------------------------------------
 # Launch plan (csrc_triton/ngsd_ext.cpp repeats it with the constants it was compiled with)
 # ---------------------------------------------------------------------------------------------
+
+
+# Largest top-K buffer the fused hidden-state kernels are planned with on a GPU: their per-split
+# running top-K lives in registers next to the logits tile, and beyond 64 entries every tile that
+# holds it spills (bench/results/KERNELS.md). Larger buffers (candidate_k, top_k or a top-p floor
+# above 64, the intersection mode's growth room) run as one GEMM on the stacked rows + the logits
+# kernels (``HiddenLaunch``; the reasoning: bench/ROOFLINE.md, "hidden-state path").
+HIDDEN_MAX_BUFFER = 64
+
+
+def fused_hidden_fits(batch: int, vocab: int, params: StepParams) -> bool:
+    """Whether the fused hidden-state kernels run these settings on a GPU (else: GEMM + logits kernels)."""
+    return plan_select(batch, vocab, params).buffer <= HIDDEN_MAX_BUFFER
 
 
 def plan_hidden_select(
@@ -106,10 +127,14 @@ def plan_hidden_select(
     # tl.dot needs >= 16 rows: a shared head stacks base and expert rows, 2 * block_b of them.
     # Every row block reads the whole weight once per pass, so large batches get large blocks
     # (up to 64 rows, 128 stacked) and smaller vocabulary tiles to bound the registers.
+    # On sm_90 the largest tiles that compile without spilling (bench/results/KERNELS.md): 16 rows
+    # (32 stacked) x 64 columns for greedy union steps, 8 rows (16 stacked, tl.dot's minimum) when
+    # pass 2 also draws Gumbel noise or keeps top-K keys; larger buffers than K = 64 are not planned
+    # here (``fused_hidden_fits``).
     block_b = 8 if shared else 16
-    if on_gpu:
-        block_b = max(block_b, min(next_pow2(batch), 64))
-    block_v = (128 if block_b <= 16 else 64) if on_gpu else 64
+    if on_gpu and select.sample == 0 and params.candidate_mode == CandidateMode.UNION:
+        block_b = max(block_b, min(next_pow2(batch), 16))
+    block_v = 64
     block_v = max(block_v, select.buffer)  # tile_topk_keys needs K <= BLOCK_V
     block_h = 64 if on_gpu else 32
     n_tiles = triton.cdiv(vocab, block_v)
@@ -387,8 +412,7 @@ def _hs_pass2_kernel(
         first += t_first
         second += t_second
         if SAMPLE == 1:
-            gumbel = philox_gumbel(cols[None, :] + tl.zeros_like(rows)[:, None], seed[:, None], offset[:, None],
-                                   rows[:, None])
+            gumbel = philox_gumbel_span((split * tiles_per_split + t) * BLOCK_V, seed, offset, rows, BLOCK_V)
         else:
             gumbel = 0.0
         if NEED_V0:
@@ -488,16 +512,24 @@ def fused_select_from_hidden(
 @dataclasses.dataclass(frozen=True)
 class HiddenLaunch:
     """The planned hidden-state step for one batch size, vocabulary, setting and head sharing: launch
-    constants and scratch, reused by every ``run`` (``GuardedSelector.run_from_hidden`` keeps one)."""
+    constants and scratch, reused by every ``run`` (``GuardedSelector.run_from_hidden`` keeps one).
+
+    ``materialise``: the settings need a top-K buffer the fused kernels cannot hold on a GPU
+    (``HIDDEN_MAX_BUFFER``): the logits come from one GEMM on the stacked rows (``pair_logits``: a
+    shared head is read once) and the logits kernels run on them with ``plan``."""
 
     plan: SelectPlan
     grid_plan: dict[str, int]
     scratch: Scratch
+    materialise: bool = False
 
     @classmethod
     def build(cls, batch: int, vocab: int, params: StepParams, device: torch.device, *, shared: bool,
               num_splits: int | None = None) -> "HiddenLaunch":
         on_gpu = device.type == "cuda"
+        if on_gpu and not fused_hidden_fits(batch, vocab, params):
+            plan = plan_select(batch, vocab, params)
+            return cls(plan, {}, Scratch.allocate(plan, device), materialise=True)
         sms = torch.cuda.get_device_properties(device).multi_processor_count if on_gpu else 0
         plan, grid_plan = plan_hidden_select(batch, vocab, params, shared=shared, on_gpu=on_gpu,
                                              num_splits=num_splits, sm_count=sms)
@@ -507,7 +539,12 @@ class HiddenLaunch:
             expert_head_weight: Tensor | None, base_head_bias: Tensor | None, expert_head_bias: Tensor | None,
             potential: Tensor, alpha: Tensor, seed: Tensor, offset: Tensor, params: StepParams,
             exact_fallback: bool = True) -> Outputs:
-        source = HiddenPasses(base_hidden, expert_hidden, base_head_weight, expert_head_weight, base_head_bias,
-                              expert_head_bias, self.grid_plan)
+        heads = (base_head_weight, expert_head_weight, base_head_bias, expert_head_bias)
+        if self.materialise:
+            from .fused_select import LogitsPasses
+
+            source = LogitsPasses.of(*pair_logits(base_hidden, expert_hidden, *heads))
+        else:
+            source = HiddenPasses(base_hidden, expert_hidden, *heads, self.grid_plan)
         return select_exact(source, self.plan, self.scratch, potential, alpha, seed, offset, params,
                             exact_fallback=exact_fallback)

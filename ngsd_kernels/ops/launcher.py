@@ -37,6 +37,7 @@ from .select_tiles import (
     merge_chunk_keys,
     order_key,
     pick,
+    slots_kth_largest,
     value_of,
 )
 
@@ -65,11 +66,12 @@ def next_pow2(n: int) -> int:
 def _reduce_kernel(
     stats_ptr, counts_ptr, keys_b_ptr, keys_e_ptr, rowinfo_ptr, top_b_ptr, top_e_ptr, n_rows, n_chunks, kth,
     RB: tl.constexpr, NCP: tl.constexpr, K: tl.constexpr, CG: tl.constexpr,
-    NEED_KEYS: tl.constexpr, STORE_TOP: tl.constexpr, VALUE_KEYS: tl.constexpr = False,
+    NEED_KEYS: tl.constexpr, STORE_TOP: tl.constexpr, VALUE_KEYS: tl.constexpr = False, DENSE: tl.constexpr = 0,
 ):
     """Per row: log-sum-exp and validity of both rows, merged top-K keys, union thresholds.
 
-    Keys: int64 order keys, or int32 value keys with VALUE_KEYS (union mode of fused_select).
+    Keys: int64 order keys, or with VALUE_KEYS fp32 value multisets (union mode; their k-th
+    largest by bisection on the keys of the logits' storage dtype, DENSE as ``select_tiles.dense_key``).
     """
     rows = (tl.program_id(0) * RB + tl.arange(0, RB)).to(tl.int64)
     rmask = rows < n_rows
@@ -98,14 +100,18 @@ def _reduce_kernel(
     tl.store(info + 3, tl.log(sum_e), mask=rmask)
     tl.store(info + 6, valid.to(tl.float32), mask=rmask)
     if NEED_KEYS:
-        NONE: tl.constexpr = VALUE_NONE if VALUE_KEYS else KEY_NONE
-        top_b = merge_chunk_keys(keys_b_ptr, rows * n_chunks * K, rmask, n_chunks, K, CG, NCP, NONE)
-        top_e = merge_chunk_keys(keys_e_ptr, rows * n_chunks * K, rmask, n_chunks, K, CG, NCP, NONE)
         # union candidates: every token whose logit is >= the k-th largest logit of its row
         if VALUE_KEYS:
-            tl.store(info + 4, value_of(pick(top_b, kth - 1)), mask=rmask)
-            tl.store(info + 5, value_of(pick(top_e, kth - 1)), mask=rmask)
+            # unsorted per-chunk multisets: the k-th largest by bisection, nothing sorted or merged
+            n_slots = n_chunks * K
+            LOOP: tl.constexpr = NCP > CG
+            tl.store(info + 4, slots_kth_largest(keys_b_ptr, rows * n_slots, rmask, n_slots, kth, CG * K, LOOP, DENSE),
+                     mask=rmask)
+            tl.store(info + 5, slots_kth_largest(keys_e_ptr, rows * n_slots, rmask, n_slots, kth, CG * K, LOOP, DENSE),
+                     mask=rmask)
         else:
+            top_b = merge_chunk_keys(keys_b_ptr, rows * n_chunks * K, rmask, n_chunks, K, CG, NCP, KEY_NONE)
+            top_e = merge_chunk_keys(keys_e_ptr, rows * n_chunks * K, rmask, n_chunks, K, CG, NCP, KEY_NONE)
             tl.store(info + 4, key_value(pick(top_b, kth - 1)), mask=rmask)
             tl.store(info + 5, key_value(pick(top_e, kth - 1)), mask=rmask)
         if STORE_TOP:
@@ -351,8 +357,13 @@ def plan_select(
                 f"buffer_size={buffer_size} must be a power of two in [{max(required.values())}, {MAX_BUFFER}]"
             )
         buffer = buffer_size
-    # a chunk must hold at least K entries for its top-K; a smaller block_v request is raised to K
-    bv = max(buffer, block_v or min(next_pow2(vocab), TILE_ELEMENTS if INTERPRETED else 2048))
+    # a chunk must hold at least K entries for its top-K; a smaller block_v request is raised to K.
+    # GPU: one row of 4096 per program when there are enough programs to fill the machine (each
+    # per-row reduction then serves twice the entries: bench/results/KERNELS.md), else [2, 2048]
+    # (intersection mode: 2048, its pass 1 still sorts a chunk's top-K order keys with a bitonic network)
+    wide = batch * triton.cdiv(vocab, 4096) >= 256 and not (intersection and spike_possible)
+    gpu_bv = 4096 if wide else 2048
+    bv = max(buffer, block_v or min(next_pow2(vocab), TILE_ELEMENTS if INTERPRETED else gpu_bv))
     if bv & (bv - 1):
         raise ValueError(f"block_v={bv} must be a power of two")
     bb = block_b or max(1, min(next_pow2(batch), TILE_ELEMENTS // bv))
@@ -454,8 +465,9 @@ class Scratch:
             rowinfo=torch.empty((batch, 8), dtype=f32, device=device),
             top_b=torch.empty(top_shape, dtype=i64, device=device),
             top_e=torch.empty(top_shape, dtype=i64, device=device),
-            choice=torch.zeros(batch if intersect else 1, dtype=i32, device=device),
-            iover=torch.zeros(batch if intersect else 1, dtype=i32, device=device),
+            # written for every row by the intersection kernel before the finalize kernel reads them
+            choice=torch.empty(batch if intersect else 1, dtype=i32, device=device),
+            iover=torch.empty(batch if intersect else 1, dtype=i32, device=device),
             div=torch.empty((batch, nc, 2), dtype=f32, device=device),
             best=torch.empty((batch, 2, nc) if plain else (1,), dtype=f32, device=device),
             besti=torch.empty((batch, 2, nc) if plain else (1,), dtype=i32, device=device),
@@ -530,7 +542,7 @@ def launch_select(
     _reduce_kernel[grid_rows](
         s.stats, s.counts, s.keys_b, s.keys_e, s.rowinfo, s.top_b, s.top_e, batch, nc, plan.kth,
         RB=plan.row_block, NCP=plan.ncp, K=k, CG=plan.chunk_group, NEED_KEYS=plan.need_keys, STORE_TOP=s.intersect,
-        VALUE_KEYS=plan.key_kind == 1, **LAUNCH_OPTIONS,
+        VALUE_KEYS=plan.key_kind == 1, DENSE=getattr(source, "dense_kind", 0), **LAUNCH_OPTIONS,
     )
     if s.intersect:
         _intersection_kernel[grid_rows](

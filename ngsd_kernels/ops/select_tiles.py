@@ -4,11 +4,15 @@ Pass structure (one decode step; B rows, V vocabulary, chunks of BLOCK_V columns
 RB rows per program in the per-row kernels):
 
   pass 1  grid (cdiv(B, BB), NC)  per (row block, vocab chunk), reads both logits tiles once:
-          chunk max and sum-exp of base and expert, counts of bad (NaN/+inf) and finite entries,
-          and -- when the gate can open -- the chunk's top-K keys of both rows.
+          chunk max and sum-exp of base and expert, "any NaN/+inf" and "any finite" flags, and --
+          when the gate can open -- the chunk's candidates: in union mode the multiset of its kth
+          largest values (k-th largest found by bisection on the values' bits, no sorting:
+          ``pair_kth_largest`` + ``store_topk_multiset``), in intersection mode its sorted top-K
+          (value, id) order keys (``bitonic_topk``).
           -> ``pass1_store_tile``
-  reduce  grid (cdiv(B, RB),)  per row: log-sum-exp of both rows, validity, the merged global
-          top-K keys, the union thresholds (value of the k-th key).  [launcher._reduce_kernel]
+  reduce  grid (cdiv(B, RB),)  per row: log-sum-exp of both rows, validity, the union thresholds
+          (the k-th largest of the chunks' multisets, again by bisection: ``slots_kth_largest``),
+          the merged top-K keys (intersection mode).  [launcher._reduce_kernel]
   inter.  grid (cdiv(B, RB),)  intersection mode only: SafeDecoding's grown intersection from the
           two top-K key lists and the token the row gets *if* it spikes.
           [launcher._intersection_kernel]
@@ -24,9 +28,10 @@ RB rows per program in the per-row kernels):
 Scratch buffers (all contiguous, written by one pass and read by the next, never read back on the host):
 
   stats   fp32  [B, NC, 4]     chunk max_b, sumexp_b, max_e, sumexp_e
-  counts  int32 [B, NC, 4]     chunk #bad_b, #finite_b, #bad_e, #finite_e
-  keys_b  int32 or int64 [B, NC, K]  chunk top-K keys of base logits (keys_e: expert): int32
-                               value keys in union mode, int64 order keys in intersection mode
+  counts  int32 [B, NC, 4]     chunk flags (0/1): any bad_b, any finite_b, any bad_e, any finite_e
+  keys_b  int32 or int64 [B, NC, K]  chunk candidates of base logits (keys_e: expert): union mode
+                               fp32 bit patterns (unsorted multiset of the chunk's kth largest,
+                               absent slots SLOT_NONE); intersection mode int64 order keys
   rowinfo fp32  [B, 8]         max_b, log(sumexp_b), max_e, log(sumexp_e), thr_b, thr_e, valid, -
   div     fp32  [B, NC, 2]     partial divergence sums (the second one only for Jensen-Shannon)
   best    fp32  [B, 2, NC]     partial arg-max value of outcome 0 (no spike) / 1 (spike, union)
@@ -38,7 +43,9 @@ A *value key* is the int32 whose signed order is the float order (``value_key``)
 packs a value key and the token id into one int64 whose signed order is "larger float first, then
 lower token id", exactly the order ``torch.sort(..., descending=True, stable=True)`` gives. -0.0 is
 folded into +0.0 (they compare equal in torch). Absent entries (columns past V) get VALUE_NONE /
-KEY_NONE, smaller than any real key (including -inf). Top-K selection is ``bitonic_topk``.
+KEY_NONE, smaller than any real key (including -inf). Union thresholds need no sorting (bisection
+on "dense" keys: the 16 significant bits of bf16 / fp16 logits, all 32 of fp32); the intersection
+mode and the top-k / top-p sampling buffers still sort with ``bitonic_topk``.
 
 All helpers take fp32 tiles ``[BB, BV]`` (cast bf16/fp16 to fp32 *before* calling: bf16 arithmetic
 is wrong under TRITON_INTERPRET) together with the int32 token ids of the tile's columns ``[BV]``
@@ -227,24 +234,172 @@ def pick(values, at):
 
 
 # ----------------------------------------------------------------------------------------------
+# threshold selection (no sorting): the k-th largest key of a row by bisection on its bits
+#
+# Union candidates need each row's k-th largest logit, not a sorted list. Keys are "dense": the
+# 16 significant bits of a bf16 / fp16 logit (16 rounds) or the fp32 value key (32 rounds), so a
+# round is one compare and one add per entry plus one reduction; base and expert counts share
+# that reduction (packed in the two halves of an int32).
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def dense_key(x, DENSE: tl.constexpr):
+    """int32 key of a fp32 tile whose signed order is the float order, using only the bits the
+    storage dtype has: DENSE 0 fp32 (32 bits), 1 bf16 (16 bits), 2 fp16 (16 bits).
+
+    Unlike ``value_key``, -0.0 keeps its own key just below +0.0: thresholds are used as values
+    (``x >= thr``), where the two zeros compare equal, so the fold would only cost an add per entry.
+    """
+    bits = x.to(tl.int32, bitcast=True)
+    if DENSE == 1:
+        bits = bits >> 16  # the bf16 pattern, sign-extended
+    elif DENSE == 2:
+        bits = x.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32)  # exact round trip
+    return bits ^ ((bits >> 31) & (0x7FFFFFFF if DENSE == 0 else 0x7FFF))
+
+
+@triton.jit
+def dense_to_value_key(key, DENSE: tl.constexpr):
+    """The fp32 value key (``value_key``) of the value a dense key stands for (exact inverse)."""
+    if DENSE == 1:
+        out = (key << 16) | ((key >> 31) & 0xFFFF)
+    elif DENSE == 2:
+        bits = key ^ ((key >> 31) & 0x7FFF)
+        out = value_key(bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32))
+    else:
+        out = key
+    return out
+
+
+KEY_NEG_INF = tl.constexpr(-2139095041)  # value_key(-inf)
+KEY_POS_INF = tl.constexpr(2139095040)  # value_key(+inf)
+
+
+@triton.jit
+def _pivot(cand, DENSE: tl.constexpr):
+    """The float a candidate dense key stands for, with NaN keys clamped to -inf / +inf so that
+    counting ``x >= pivot`` stays monotone in the key."""
+    vkey = tl.minimum(tl.maximum(dense_to_value_key(cand, DENSE), KEY_NEG_INF), KEY_POS_INF)
+    return value_of(vkey)
+
+
+@triton.jit
+def pair_kth_largest(xb, xe, kth, DENSE: tl.constexpr):
+    """Per-row k-th largest of two [R, N] fp32 tiles as dense keys (``dense_key``), by MSB-first
+    bisection on the key bits: 16 rounds for bf16 / fp16, 32 for fp32.
+
+    Each round compares every value with the candidate key's float and counts in fp32 (exact below
+    2^24; on a GPU one FSET and one FADD per entry, then the row reduction). Masked entries must
+    hold -inf; they can only be counted by a candidate <= -inf, where the answer is unchanged
+    whenever at least kth entries are present. Returns the largest key t with
+    #{x >= value(t)} >= kth; a row with fewer than kth present entries gets a meaningless key
+    (callers check the count themselves).
+    """
+    BITS: tl.constexpr = 32 if DENSE == 0 else 16
+    lo: tl.constexpr = -(2 ** (BITS - 1))
+    zero = tl.zeros([xb.shape[0]], tl.float32)
+    tb = tl.where(tl.sum((xb >= zero[:, None]).to(tl.float32), axis=1) >= kth, 0, lo)
+    te = tl.where(tl.sum((xe >= zero[:, None]).to(tl.float32), axis=1) >= kth, 0, lo)
+    for i in tl.static_range(BITS - 1):
+        cb = tb | (2 ** (BITS - 2 - i))  # (a constexpr cannot be reassigned inside a loop)
+        ce = te | (2 ** (BITS - 2 - i))
+        cnt_b = tl.sum((xb >= _pivot(cb, DENSE)[:, None]).to(tl.float32), axis=1)
+        cnt_e = tl.sum((xe >= _pivot(ce, DENSE)[:, None]).to(tl.float32), axis=1)
+        tb = tl.where(cnt_b >= kth, cb, tb)
+        te = tl.where(cnt_e >= kth, ce, te)
+    return tb, te
+
+
+SLOT_NONE = tl.constexpr(-1)  # absent slot of a value-multiset buffer: the bits of a negative NaN
+
+
+@triton.jit
+def store_topk_multiset(ptr, base, row_mask, x, t, few, kth, DENSE: tl.constexpr, K: tl.constexpr):
+    """Write the multiset of a tile's kth largest values to K fp32 slots per row, unsorted, without
+    sorting: slots [0, n_gt) get the values above the k-th largest (compacted by a prefix sum),
+    [n_gt, kth) copies of it, the rest SLOT_NONE (n_gt < kth <= K by the choice of t).
+
+    x: [R, N] fp32 (masked entries -inf); t: [R] dense key of the k-th largest
+    (``pair_kth_largest``); few: [R] rows with fewer than kth entries, which write every entry
+    instead (as many as fit; masked columns then add -infs, which cannot change a k-th largest).
+    The comparison is on values, like the bisection's counts: x > value(t) is x >= value(t + 1)
+    for values of the storage dtype.
+    """
+    p_ge = tl.where(few, float("-inf"), _pivot(t + 1, DENSE))
+    p_ge = tl.where(row_mask, p_ge, float("nan"))  # rows past the batch write nothing
+    gt = x >= p_ge[:, None]
+    gt_i = gt.to(tl.int32)
+    # the bound only matters for a short chunk's masked columns (and for rows holding NaN / +inf)
+    pos = tl.minimum(tl.cumsum(gt_i, axis=1) - 1, K - 1)
+    row_ptr = ptr + base
+    tl.store(row_ptr[:, None] + pos, x.to(tl.int32, bitcast=True), mask=gt)
+    n_gt = tl.sum(gt_i, axis=1)
+    slot = tl.arange(0, K)[None, :]
+    t_bits = _pivot(t, DENSE).to(tl.int32, bitcast=True)
+    fill = tl.where(slot < kth, t_bits[:, None], SLOT_NONE)
+    tl.store(row_ptr[:, None] + slot, fill, mask=row_mask[:, None] & (slot >= n_gt[:, None]))
+
+
+@triton.jit
+def _slot_keys(bits, DENSE: tl.constexpr):
+    """Dense keys of fp32 slot bit patterns; SLOT_NONE becomes VALUE_NONE (below every key)."""
+    return tl.where(bits == SLOT_NONE, VALUE_NONE, dense_key(bits.to(tl.float32, bitcast=True), DENSE))
+
+
+@triton.jit
+def slots_kth_largest(ptr, row_base, row_mask, n_slots, kth, N: tl.constexpr, LOOP: tl.constexpr,
+                      DENSE: tl.constexpr):
+    """[R] k-th largest value of each row's ``n_slots`` consecutive fp32 slots (absent: SLOT_NONE),
+    by bisection on their dense keys (16 or 32 rounds, ``dense_key``). N slots are read per step;
+    LOOP re-reads them in steps of N every round (rows with more than N slots), else one load
+    serves every round."""
+    BITS: tl.constexpr = 32 if DENSE == 0 else 16
+    R: tl.constexpr = row_base.shape[0]
+    idx = tl.arange(0, N)
+    t = tl.full([R], -(2 ** (BITS - 1)), tl.int32)
+    if not LOOP:
+        keys = _slot_keys(tl.load(ptr + row_base[:, None] + idx[None, :],
+                                  mask=row_mask[:, None] & (idx < n_slots)[None, :], other=SLOT_NONE), DENSE)
+    for i in tl.static_range(BITS):
+        if i == 0:
+            cand = tl.zeros_like(t)
+        else:
+            cand = t | (2 ** (BITS - 1 - i))
+        if LOOP:
+            cnt = tl.zeros_like(t)
+            for start in range(0, n_slots, N):
+                keys = _slot_keys(tl.load(ptr + row_base[:, None] + start + idx[None, :],
+                                          mask=row_mask[:, None] & ((start + idx) < n_slots)[None, :],
+                                          other=SLOT_NONE), DENSE)
+                cnt += tl.sum(tl.where(keys >= cand[:, None], 1, 0), axis=1)
+        else:
+            cnt = tl.sum(tl.where(keys >= cand[:, None], 1, 0), axis=1)
+        t = tl.where(cnt >= kth, cand, t)
+    return value_of(dense_to_value_key(t, DENSE))
+
+
+# ----------------------------------------------------------------------------------------------
 # statistics and probabilities
 # ----------------------------------------------------------------------------------------------
 
 
 @triton.jit
 def tile_stats(x, mask):
-    """Per-row (max, sum exp(x - max), #NaN-or-+inf, #finite) of a [BB, BV] tile.
+    """Per-row (max, sum exp(x - max), any NaN-or-+inf (0/1), any finite (0/1)) of a [BB, BV] tile.
 
     Bad entries are left out of max and sum so that the arithmetic of a row stays finite; the row
-    is declared invalid from the counts later. Masked entries count as -inf (weight 0).
+    is declared invalid from the flags later. Masked entries must hold -inf (weight 0). One
+    comparison per entry finds the bad ones (``x < inf`` is false exactly for NaN and +inf), and
+    "any finite" is "max > -inf": two reductions per tile, not four.
     """
-    bad = mask & ((x != x) | (x == float("inf")))
-    finite = mask & (x == x) & (tl.abs(x) < float("inf"))
-    xs = tl.where(finite, x, float("-inf"))
+    ok = x < float("inf")
+    xs = tl.where(ok, x, float("-inf"))
     m = tl.max(xs, axis=1)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
-    s = tl.sum(tl.where(finite, tl.exp(xs - m_safe[:, None]), 0.0), axis=1)
-    return m, s, tl.sum(bad.to(tl.int32), axis=1), tl.sum(finite.to(tl.int32), axis=1)
+    s = tl.sum(tl.exp(xs - m_safe[:, None]), axis=1)  # exp(-inf) = 0: no select needed
+    bad = tl.max(tl.where(mask & ~ok, 1, 0), axis=1)
+    return m, s, bad, (m > float("-inf")).to(tl.int32)
 
 
 @triton.jit
@@ -289,28 +444,60 @@ def tile_union_scores(lb, le, pb, pe, alpha, thr_b, thr_e):
 
 
 @triton.jit
-def philox_uniform(ids, seed, offset, row):
-    """The uniforms of ngsd_kernels/philox.py, bit for bit: u in (0, 1), exact in fp32.
-
-    ids: int32 token ids (any shape); seed, offset: int64, row: the row's index in its batch, each
-    with a shape that broadcasts to ids. key = (seed lo, seed hi), counter = (token, offset lo,
-    offset hi, row), u = ((x0 >> 9) + 0.5) 2^-23.
-    """
-    zero = tl.zeros(ids.shape, tl.uint32)
-    c0 = ids.to(tl.uint32) + zero
+def _philox_words(groups, seed, offset, row):
+    """The four Philox4x32-10 output words for counter (groups, offset lo, offset hi, row) and
+    key (seed lo, seed hi); every argument broadcasts to groups' shape."""
+    zero = tl.zeros(groups.shape, tl.uint32)
+    c0 = groups.to(tl.uint32) + zero
     c1 = (offset & 0xFFFFFFFF).to(tl.uint32) + zero
     c2 = ((offset >> 32) & 0xFFFFFFFF).to(tl.uint32) + zero
     c3 = row.to(tl.uint32) + zero
     k0 = (seed & 0xFFFFFFFF).to(tl.uint32) + zero
     k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32) + zero
-    x0, _, _, _ = tl.philox_impl(c0, c1, c2, c3, k0, k1, 10)
-    return ((x0 >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07
+    return tl.philox_impl(c0, c1, c2, c3, k0, k1, 10)
+
+
+@triton.jit
+def _uniform_of(word):
+    return ((word >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07
+
+
+@triton.jit
+def philox_uniform(ids, seed, offset, row):
+    """The uniforms of ngsd_kernels/philox.py, bit for bit: u in (0, 1), exact in fp32.
+
+    ids: int32 token ids >= 0 (any shape); seed, offset: int64, row: the row's index in its batch,
+    each with a shape that broadcasts to ids. Token i reads word i & 3 of the call with counter
+    (i >> 2, offset lo, offset hi, row), key (seed lo, seed hi); u = ((word >> 9) + 0.5) 2^-23.
+    For a whole span of consecutive tokens ``philox_gumbel_span`` makes a quarter of the calls.
+    """
+    x0, x1, x2, x3 = _philox_words(ids >> 2, seed, offset, row)
+    w = ids & 3
+    return _uniform_of(tl.where(w == 0, x0, tl.where(w == 1, x1, tl.where(w == 2, x2, x3))))
 
 
 @triton.jit
 def philox_gumbel(ids, seed, offset, row):
     """Gumbel noise -log(-log(u)) from ``philox_uniform`` (same formula as the reference)."""
     return -tl.log(-tl.log(philox_uniform(ids, seed, offset, row)))
+
+
+@triton.jit
+def philox_gumbel_span(first, seed, offset, rows, N: tl.constexpr):
+    """[R, N] Gumbel noise of tokens first .. first + N - 1 for rows [R] (seed, offset: [R] int64):
+    the same numbers as ``philox_gumbel``, from one Philox call per four tokens (first and N
+    multiples of 4; other spans fall back to one call per token)."""
+    R: tl.constexpr = rows.shape[0]
+    if N % 4 == 0:
+        groups = first // 4 + tl.arange(0, N // 4)
+        x0, x1, x2, x3 = _philox_words(groups[None, :], seed[:, None], offset[:, None], rows[:, None])
+        # join(join(x0, x2), join(x1, x3)) is [R, N/4, 2, 2] holding x0, x1, x2, x3 in row-major order
+        words = tl.reshape(tl.join(tl.join(x0, x2), tl.join(x1, x3)), [R, N])
+        out = -tl.log(-tl.log(_uniform_of(words)))
+    else:
+        ids = first + tl.arange(0, N)
+        out = philox_gumbel(ids[None, :] + tl.zeros([R, 1], tl.int32), seed[:, None], offset[:, None], rows[:, None])
+    return out
 
 
 @triton.jit
@@ -388,25 +575,34 @@ def buffer_sample(
 def pass1_store_tile(
     lb, le, rows, row_mask, cols, col_mask, chunk, n_chunks,
     stats_ptr, counts_ptr, keys_b_ptr, keys_e_ptr,
-    K: tl.constexpr, KEYS: tl.constexpr,
+    K: tl.constexpr, KEYS: tl.constexpr, kth=1, n_present=0, DENSE: tl.constexpr = 0,
 ):
-    """Pass 1 on a [BB, BV] tile pair: chunk statistics and the chunk top-K keys -> scratch.
+    """Pass 1 on a [BB, BV] tile pair: chunk statistics and the chunk's candidates -> scratch.
 
-    KEYS: 0 no keys (gate shut), 1 int32 value keys (union thresholds), 2 int64 order keys (ranks).
+    KEYS: 0 no keys (gate shut); 1 the multiset of the chunk's kth largest values of each row as
+    int32 value keys, unsorted (union thresholds: ``pair_kth_largest`` + ``store_topk_multiset``,
+    no sorting; n_present = columns of this chunk inside the vocabulary, DENSE the logits' storage
+    dtype as in ``dense_key``); 2 the sorted top-K int64 order keys (intersection ranks).
     """
     mask = row_mask[:, None] & col_mask[None, :]
     lb = tl.where(mask, lb, float("-inf"))
     le = tl.where(mask, le, float("-inf"))
     m_b, s_b, bad_b, fin_b = tile_stats(lb, mask)
     m_e, s_e, bad_e, fin_e = tile_stats(le, mask)
-    if KEYS != 0:
+    if KEYS == 2:
         top_b = tile_topk_keys(lb, cols, mask, K, KEYS)
         top_e = tile_topk_keys(le, cols, mask, K, KEYS)
     else:
         top_b = 0
         top_e = 0
     store_pass1_partials(rows, row_mask, chunk, n_chunks, stats_ptr, counts_ptr, keys_b_ptr, keys_e_ptr,
-                         m_b, s_b, bad_b, fin_b, m_e, s_e, bad_e, fin_e, top_b, top_e, K, KEYS)
+                         m_b, s_b, bad_b, fin_b, m_e, s_e, bad_e, fin_e, top_b, top_e, K, KEYS & 2)
+    if KEYS == 1:
+        tb, te = pair_kth_largest(lb, le, kth, DENSE)
+        few = (n_present < kth) | (rows < 0)  # a short last chunk: all of it is a candidate
+        base = (rows.to(tl.int64) * n_chunks + chunk) * K
+        store_topk_multiset(keys_b_ptr, base, row_mask, lb, tb, few, kth, DENSE, K)
+        store_topk_multiset(keys_e_ptr, base, row_mask, le, te, few, kth, DENSE, K)
 
 
 @triton.jit
@@ -428,6 +624,10 @@ def store_pass1_partials(
     if KEYS != 0:
         kslot = tl.arange(0, K)
         base = (rows.to(tl.int64) * n_chunks + chunk) * K
+        if KEYS == 1:
+            # value keys -> the fp32 bit patterns the reduce reads (VALUE_NONE maps to SLOT_NONE)
+            top_b = value_of(top_b).to(tl.int32, bitcast=True)
+            top_e = value_of(top_e).to(tl.int32, bitcast=True)
         tl.store(keys_b_ptr + base[:, None] + kslot[None, :], top_b, mask=row_mask[:, None])
         tl.store(keys_e_ptr + base[:, None] + kslot[None, :], top_e, mask=row_mask[:, None])
 
@@ -463,8 +663,8 @@ def pass2_store_tile(
     if SAMPLE == 1:
         seed = tl.load(seed_ptr + rows * seed_stride, mask=row_mask, other=0)
         offset = tl.load(offset_ptr + rows * offset_stride, mask=row_mask, other=0)
-        gumbel = philox_gumbel(cols[None, :] + tl.zeros_like(rows)[:, None], seed[:, None], offset[:, None],
-                                  rows[:, None])
+        BV: tl.constexpr = cols.shape[0]
+        gumbel = philox_gumbel_span(chunk * BV, seed, offset, rows, BV)
     else:
         gumbel = 0.0
     # outcome slots: [row, outcome, chunk]

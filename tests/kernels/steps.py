@@ -1,16 +1,87 @@
-"""What the kernel tests ask of two step results: the same tokens and spikes, D and v within fp32 rounding."""
+"""What the kernel tests ask of two step results: the same tokens and spikes, D and v within fp32 rounding.
+
+On a GPU the kernels' ``tl.exp`` / ``tl.log`` compile to the approximate ``MUFU.EX2`` / ``MUFU.LG2``
+(about 2 ulp), while the interpreter and PyTorch round correctly. A token or a spike can then
+differ from the reference only where the reference itself is within that error of a tie:
+``near_tie_rows`` names those rows, with the tolerance ``NEAR_TIE_RTOL`` (2^-16 relative, about
+32x the 2-ulp error of one exp, to cover the few roundings a score goes through), and
+``assert_same_step(..., near_tie=...)`` exempts exactly them (test_near_ties.py checks both: a
+perturbed exp changes only such rows, and such rows exist).
+"""
 
 from __future__ import annotations
 
 import torch
 
+from ngsd_kernels.params import GateMode, StepParams
+from ngsd_kernels.philox import philox_uniform
+from ngsd_kernels.reference import sampling_mask, step_scores
 
-def assert_same_step(got, want, atol: float = 1e-6) -> None:
+NEAR_TIE_RTOL = 2.0**-16
+
+
+def _top2_gap(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(largest, largest - second largest) per row; a one-column row has no runner-up (gap inf)."""
+    if values.shape[-1] < 2:
+        return values[:, 0], torch.full_like(values[:, 0], float("inf"))
+    top = values.topk(2, dim=-1).values
+    return top[:, 0], top[:, 0] - top[:, 1]
+
+
+def near_tie_rows(base: torch.Tensor, expert: torch.Tensor, potential: torch.Tensor, alpha: torch.Tensor,
+                  seed: torch.Tensor, offset: torch.Tensor, params: StepParams,
+                  rtol: float = NEAR_TIE_RTOL) -> torch.Tensor:
+    """[B] bool: valid rows whose token or spike a relative error of ``rtol`` in exp / log may change.
+
+    - the gate: ``(1 - 1/tau) v + D`` within rtol of v_th (LIF gate only);
+    - greedy: the two best scores within rtol of the best;
+    - sampling: the two best ``log(q) / T + gumbel`` within rtol (1/T + |best| + 1) (errors of
+      log q, of the Gumbel noise's two logs, and of the score);
+    - top-k: the k-th and (k+1)-th largest q within rtol; top-p: some token's probability mass
+      before it within rtol of top_p (the nucleus boundary moves).
+    """
+    step = step_scores(base, expert, potential, alpha, params)
+    near = torch.zeros_like(step.valid)
+    if params.gate == GateMode.LIF:
+        near |= (step.pre_reset - params.v_th).abs() <= rtol * max(1.0, abs(params.v_th))
+    scores = step.scores
+    if params.temperature <= 0.0:
+        best, gap = _top2_gap(scores)
+        near |= gap <= rtol * best.abs()
+        return near & step.valid
+    positive = scores.clamp_min(0.0)
+    keep = sampling_mask(positive, params.top_k, params.top_p)
+    rows = torch.arange(scores.shape[0], device=scores.device)
+    u = philox_uniform(seed.to(scores.device), offset.to(scores.device), scores.shape[-1], rows)
+    values = torch.where(keep, torch.log(positive) / params.temperature - torch.log(-torch.log(u)),
+                         torch.full_like(positive, float("-inf")))
+    best, gap = _top2_gap(values)
+    near |= gap <= rtol * (1.0 / params.temperature + best.abs() + 1.0)
+    vocab = scores.shape[-1]
+    if 0 < params.top_k < vocab:
+        kth = positive.topk(params.top_k + 1, dim=-1).values
+        near |= (kth[:, -2] - kth[:, -1]) <= rtol * kth[:, -2]
+    if params.top_p < 1.0:
+        kept = torch.where(keep, positive, torch.zeros_like(positive))
+        probs = torch.sort(kept / kept.sum(-1, keepdim=True).clamp_min(1e-30), dim=-1, descending=True).values
+        before = torch.cumsum(probs, dim=-1) - probs
+        near |= ((before - params.top_p).abs() <= rtol).any(-1)
+    return near & step.valid
+
+
+def assert_same_step(got, want, atol: float = 1e-6, near_tie: torch.Tensor | None = None) -> None:
+    """Same tokens and spikes (except on ``near_tie`` rows, when given), D and v within fp32 rounding."""
     tokens, new_v, spike, div = got
     r_tokens, r_new_v, r_spike, r_div = want
     assert tokens.dtype == torch.int64 and spike.dtype == torch.bool
     assert new_v.dtype == torch.float32 and div.dtype == torch.float32
-    assert torch.equal(spike, r_spike), (spike, r_spike)
-    assert torch.equal(tokens, r_tokens), (tokens, r_tokens)
+    exact = torch.ones_like(spike) if near_tie is None else ~near_tie.to(spike.device)
+    assert torch.equal(spike[exact], r_spike[exact]), (spike, r_spike)
+    assert torch.equal(tokens[exact], r_tokens[exact]), (tokens, r_tokens)
     torch.testing.assert_close(div, r_div, rtol=1e-5, atol=atol, equal_nan=True)
-    torch.testing.assert_close(new_v, r_new_v, rtol=1e-5, atol=atol, equal_nan=True)
+    torch.testing.assert_close(new_v[exact], r_new_v[exact], rtol=1e-5, atol=atol, equal_nan=True)
+
+
+def approximate_exp(t: torch.Tensor) -> bool:
+    """True where the kernels run compiled (CUDA): their exp and log are the GPU's approximate ones."""
+    return t.device.type == "cuda"

@@ -41,7 +41,7 @@ from ngsd_kernels.ops.fused_select import (  # noqa: E402
 )
 from ngsd_kernels.ops.select_tiles import philox_uniform as philox_uniform_tile  # noqa: E402
 from ngsd_kernels.philox import philox_uniform  # noqa: E402
-from tests.kernels.steps import assert_same_step  # noqa: E402
+from tests.kernels.steps import approximate_exp, assert_same_step, near_tie_rows  # noqa: E402
 from ngsd_kernels.reference import (  # noqa: E402
     intersection_candidates, row_is_valid, sampling_mask, union_candidates,
 )
@@ -122,6 +122,12 @@ def make_batch(kinds, vocab, dtype, seed):
     seeds = torch.randint(-(2**62), 2**62, (len(kinds),), generator=gen)
     offsets = torch.randint(0, 2**40, (len(kinds),), generator=gen)
     return base, expert, potential, seeds, offsets
+
+
+def gpu_near_ties(got, args, params):
+    """Rows exempt from exact token / spike equality: none in the interpreter (exact exp); on a GPU the
+    reference's near-ties (steps.near_tie_rows: MUFU.EX2 / LG2 are ~2 ulp)."""
+    return near_tie_rows(*args, step_params(params)) if approximate_exp(got[0]) else None
 
 
 def pre_spike_potential(base, expert, potential, params):
@@ -205,7 +211,7 @@ def test_greedy_matches_reference(case):
     want = guarded_select_reference(*args, params=step_params(params))
     assume(not decided_by_rounding(base, expert, case["alpha"], want[2], params))
     got = fused_guarded_select(*args, block_v=case["block_v"], params=step_params(params))
-    assert_same_step(got, want)
+    assert_same_step(got, want, near_tie=gpu_near_ties(got, args, params))
     # inputs are never written
     assert torch.equal(potential, make_batch(case["kinds"], case["vocab"], case["dtype"], case["seed"])[2])
 
@@ -298,7 +304,7 @@ def test_sampling_matches_reference_for_same_seed_and_offset(case):
     args = (base, expert, potential, case["alpha"], seeds, offsets)
     want = guarded_select_reference(*args, params=step_params(params))
     got = fused_guarded_select(*args, block_v=case["block_v"], params=step_params(params))
-    assert_same_step(got, want)
+    assert_same_step(got, want, near_tie=gpu_near_ties(got, args, params))
     again = fused_guarded_select(*args, block_v=case["block_v"], params=step_params(params))
     assert torch.equal(got[0], again[0])
 
