@@ -295,3 +295,23 @@ def test_cli_module_is_light_and_parses_its_options():
             "a = p.parse_args(['train-probe', '--out', 'x', '--layers', '3,5', '--poolings', 'mean;last+max']); "
             "cfg = c.config_from_args(a); assert cfg.layers == (3, 5) and cfg.poolings == (('mean',), ('last', 'max'))")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@needs_data
+def test_broad_requests_join_the_probe_data_with_every_form_of_an_act_in_one_split():
+    from ngsd.experts.training.splits import evaluation_prompts
+
+    examples = build_dataset(str(DATA_DIR), seed=0, broad=True)
+    broad = [e for e in examples if e.source.startswith("broad:") and not e.wrapper]
+    assert {e.label for e in broad} == {0, 1}
+    assert len({e.source.split(":")[1] for e in broad if e.label == 1}) >= 8  # harm categories
+    plain = build_dataset(str(DATA_DIR), seed=0)
+    assert len(examples) > len(plain)
+    by_group: dict[int, set[str]] = {}
+    for e in broad:
+        by_group.setdefault(e.group, set()).add(e.source.split(":")[2])
+    assert any(len(forms) > 1 for forms in by_group.values()), "an act's surface forms must share a group"
+    train, val = split_groups(examples, 0.2, seed=0)
+    assert not {examples[i].group for i in train} & {examples[i].group for i in val}
+    evaluation = {t.strip().lower() for _, t in evaluation_prompts(str(DATA_DIR))}
+    assert [e.text for e in examples if e.text.strip().lower() in evaluation] == []

@@ -39,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--route-recall", type=float, default=0.98,
                         help="operating point: keep at least this share of harmful validation requests at or above "
                              "route_below")
+    parser.add_argument("--no-broad", dest="broad", action="store_false",
+                        help="leave out the expert recipe's broad requests (ten harm categories x seven surface forms, "
+                             "and harmless look-alikes; ngsd.experts.training.broad)")
     parser.add_argument("--batch-size", type=int, default=16, help="requests per forward when reading hidden states")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the CPU may be shared)")
     parser.add_argument("--data-dir", default=None, help="data folder (default: $NGSD_DATA_DIR or ../shared/data)")
@@ -70,7 +73,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         model=args.model, out=args.out, seed=args.seed, layers=_ints(args.layers, "layers"), poolings=poolings,
         l2=l2, val_fraction=args.val_fraction, wrap_rate=args.wrap_rate, route_recall=args.route_recall,
         batch_size=args.batch_size, threads=args.threads, data_dir=args.data_dir, cache_dir=args.cache_dir,
-        aggregate=args.aggregate, **extra,
+        aggregate=args.aggregate, broad=args.broad, **extra,
     )
 
 

@@ -3,7 +3,10 @@
 Data (../shared/data/SOURCES.md): harmful = seed_reject.json prompts, the user turns of
 expert_sft_vicuna.json and AdvBench ids >= 130; benign = AlpacaEval rows with an even id, the
 expert recipe's hand-written harmless and look-alike requests (`ngsd.experts.training.prompts`)
-and the look-alikes below. Evaluation suites are never read here.
+and the look-alikes below; with `broad` (the default), also the expert recipe's broad requests
+(`ngsd.experts.training.broad`: hand-written acts across ten harm categories plus the seed and
+AdvBench training goals, each in several surface forms, and harmless look-alikes in the same
+forms). Evaluation suites are never read here.
 
 Jailbreaks hide a harmful goal inside text (role play, fiction, hypotheticals, noise suffixes).
 So that the probe learns the content and not the wrapper, every request of BOTH classes is also
@@ -198,6 +201,7 @@ class TrainProbeConfig:
     l2: tuple[float, ...] = (1e-3, 1e-2, 1e-1)
     val_fraction: float = 0.2
     wrap_rate: float = 0.6
+    broad: bool = True  # add the expert recipe's broad requests (categories x surface forms)
     route_recall: float = 0.98
     batch_size: int = 16
     threads: int | None = 1
@@ -270,19 +274,47 @@ def _dedupe_tagged(tagged: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
     return out
 
 
-def build_dataset(data_dir: str | None = None, seed: int = 0, wrap_rate: float = 0.6) -> list[Example]:
+def broad_training_requests(data_dir: str | None = None, seed: int = 0) -> dict[int, list[tuple[str, str, str]]]:
+    """(text, source, unit) per label (1 harmful, 0 benign) from the expert recipe's broad requests
+    (`ngsd.experts.training.broad`: ten harm categories in seven surface forms, and harmless
+    look-alikes in the same forms), every split of that recipe, since the probe holds out its own.
+    `unit` is the act or request the prompt was made from: all its forms share one probe group."""
+    from ..experts.training.broad import training_requests
+
+    requests = training_requests(split="all", seed=seed, data_dir=data_dir)
+    return {label: [(r.text, f"broad:{r.category}:{r.form}", f"{label}:{r.unit}") for r in rows]
+            for label, rows in ((1, requests.harmful), (0, requests.benign))}
+
+
+def build_dataset(data_dir: str | None = None, seed: int = 0, wrap_rate: float = 0.6,
+                  broad: bool = False) -> list[Example]:
     """Plain requests of both classes, plus a wrapped copy of each with probability `wrap_rate`.
 
     Wrappers are dealt round-robin over a seeded shuffle per class, so both classes get the same mix.
+    `broad`: add the expert recipe's broad requests (`broad_training_requests`); the surface forms
+    of one act share a group, so the validation split never holds a form of a training act.
     """
     rng = random.Random(seed)
+    extra = broad_training_requests(data_dir, seed) if broad else {1: [], 0: []}
     examples: list[Example] = []
     group = 0
     for label, requests in ((1, harmful_training_requests(data_dir)), (0, benign_training_requests(data_dir))):
         names = list(WRAPPERS)
+        seen = {text.strip().lower() for text, _ in requests}
+        units: dict[str, int] = {}
         for text, source in requests:
             examples.append(Example(text, label, group, source))
+            units[text.strip().lower()] = group
             group += 1
+        for text, source, unit in extra[label]:
+            key = text.strip().lower()
+            if key in seen:
+                continue
+            seen.add(key)
+            if unit not in units:
+                units[unit] = group
+                group += 1
+            examples.append(Example(text.strip(), label, units[unit], source))
         wrapped = [e for e in examples if e.label == label and rng.random() < wrap_rate]
         rng.shuffle(wrapped)
         for k, base in enumerate(wrapped):
@@ -679,7 +711,7 @@ def train_probe(cfg: TrainProbeConfig, *, model: Any = None, tokenizer: Any = No
         raise ValueError("pass tokenizer= together with model=")
     model.eval()
     torch.manual_seed(cfg.seed)
-    examples = build_dataset(cfg.data_dir, cfg.seed, cfg.wrap_rate)
+    examples = build_dataset(cfg.data_dir, cfg.seed, cfg.wrap_rate, cfg.broad)
     train, val = split_groups(examples, cfg.val_fraction, cfg.seed)
     layers = list(cfg.layers) if cfg.layers else default_layers(model.config.num_hidden_layers)
     if max(layers) > model.config.num_hidden_layers:
@@ -748,6 +780,7 @@ __all__ = [
     "TrainProbeConfig",
     "auroc",
     "benign_training_requests",
+    "broad_training_requests",
     "build_dataset",
     "extract_features",
     "fit_logistic",
