@@ -1,0 +1,86 @@
+"""Union thresholds by bisection (select_tiles.pair_kth_largest, store_topk_multiset, slots_kth_largest).
+
+Pass 1 + the reduce must store each row's k-th largest logit exactly (``reference.kth_largest``),
+whatever the values: ties across chunk borders, -inf, both zeros, subnormals, a short last chunk,
+k larger than a chunk, every storage dtype (16-bit keys for bf16 / fp16, 32-bit for fp32).
+The kernels run under TRITON_INTERPRET=1 on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from ngsd_kernels.ops.fused_select import LogitsPasses  # noqa: E402
+from ngsd_kernels.ops.launcher import INTERPRETED, RowVectors, Scratch, launch_select, plan_select  # noqa: E402
+from ngsd_kernels.params import GateMode, StepParams  # noqa: E402
+from ngsd_kernels.reference import kth_largest  # noqa: E402
+
+SPECIALS = (float("-inf"), 0.0, -0.0, 1e-40, -1e-40, 3.0, -3.0, 65504.0, -65504.0)
+
+
+def stored_thresholds(base: torch.Tensor, expert: torch.Tensor, k: int, block_v: int | None) -> torch.Tensor:
+    """[B, 2] (base, expert) union thresholds as the reduce kernel stores them."""
+    batch, vocab = base.shape
+    params = StepParams(candidate_k=k, gate=GateMode.OPEN)
+    plan = plan_select(batch, vocab, params, block_v=block_v)
+    scratch = Scratch.allocate(plan, base.device)
+    zero = torch.zeros(1, dtype=torch.int64)
+    launch_select(LogitsPasses.of(base, expert), plan, scratch,
+                  RowVectors.of(torch.zeros(batch), torch.full((batch,), 0.5), zero, zero), params)
+    return scratch.rowinfo[:, 4:6]
+
+
+@st.composite
+def cases(draw):
+    batch = draw(st.integers(1, 3))
+    vocab = draw(st.integers(1, 400))
+    dtype = draw(st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    gen = torch.Generator().manual_seed(seed)
+    scale = draw(st.sampled_from([1e-3, 1.0, 30.0]))
+    levels = draw(st.sampled_from([0, 3, 50]))  # 0: continuous values; else many ties
+    x = torch.randn(2, batch, vocab, generator=gen) * scale
+    if levels:
+        x = torch.round(x * levels / scale) / levels
+    n_special = draw(st.integers(0, vocab))
+    idx = torch.randint(0, vocab, (n_special,), generator=gen)
+    picks = torch.tensor(SPECIALS)[torch.randint(0, len(SPECIALS), (n_special,), generator=gen)]
+    x[:, :, idx] = picks
+    if dtype == torch.bfloat16 and INTERPRETED:
+        # the interpreter's bf16 -> fp32 conversion flushes subnormals to 0 (a GPU converts exactly)
+        x = torch.where(x.abs() < 2.0**-126, torch.zeros_like(x), x)
+    k = draw(st.integers(1, 70))
+    block_v = draw(st.sampled_from([None, 16, 64]))
+    return x[0].to(dtype), x[1].to(dtype), k, block_v
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=cases())
+def test_stored_thresholds_are_the_kth_largest_logits(case):
+    base, expert, k, block_v = case
+    got = stored_thresholds(base, expert, k, block_v)
+    for col, logits in enumerate((base, expert)):
+        want = kth_largest(logits.float(), k)[:, 0]
+        # values, not bits: -0.0 and +0.0 are the same threshold (x >= thr is the same set)
+        assert torch.equal(got[:, col] == want, torch.ones_like(want, dtype=torch.bool)), (col, got[:, col], want)
+
+
+def test_ties_straddling_chunks_and_a_short_last_chunk():
+    # 3 chunks of 16: the value 2.0 fills most of the first two chunks, the k-th largest sits in the ties
+    vocab = 40
+    base = torch.zeros(1, vocab)
+    base[0, 3:30] = 2.0
+    base[0, 35] = 5.0
+    expert = torch.full((1, vocab), float("-inf"))
+    expert[0, 39] = 1.0  # one finite entry, in the short last chunk: the 20th largest is -inf
+    got = stored_thresholds(base.bfloat16(), expert.bfloat16(), 20, 16)
+    assert got[0, 0] == 2.0 and got[0, 1] == float("-inf")
