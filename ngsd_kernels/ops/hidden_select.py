@@ -525,9 +525,12 @@ class HiddenLaunch:
 
     @classmethod
     def build(cls, batch: int, vocab: int, params: StepParams, device: torch.device, *, shared: bool,
-              num_splits: int | None = None) -> "HiddenLaunch":
+              num_splits: int | None = None, materialise: bool | None = None) -> "HiddenLaunch":
+        """``materialise``: None chooses (GPU and a buffer above HIDDEN_MAX_BUFFER); True / False force it."""
         on_gpu = device.type == "cuda"
-        if on_gpu and not fused_hidden_fits(batch, vocab, params):
+        if materialise is None:
+            materialise = on_gpu and not fused_hidden_fits(batch, vocab, params)
+        if materialise:
             plan = plan_select(batch, vocab, params)
             return cls(plan, {}, Scratch.allocate(plan, device), materialise=True)
         sms = torch.cuda.get_device_properties(device).multi_processor_count if on_gpu else 0

@@ -285,3 +285,19 @@ def test_bad_inputs_raise_clear_errors():
     # the same settings are fine on the PyTorch path, which "auto" picks on CPU anyway
     tokens, *_ = call(wb=big, params=StepParams(candidate_k=1100))
     assert tokens.shape == (2,)
+
+
+@pytest.mark.parametrize("params", [dict(candidate_k=200, gate=GateMode.OPEN),
+                                    dict(temperature=0.9, top_k=150, gate=GateMode.OPEN, candidate_k=8)])
+def test_buffers_above_the_fused_cap_run_gemm_and_the_logits_kernels(params):
+    """A GPU plan whose top-K buffer exceeds HIDDEN_MAX_BUFFER materialises the logits (one GEMM on the
+    stacked rows) and runs the logits kernels: the reference on those fp32 logits, exactly."""
+    step = StepParams(**params)
+    case = make_case(3, hidden=24, vocab=300, seed=4)
+    assert not hidden_select.fused_hidden_fits(3, 300, step)
+    launch = hidden_select.HiddenLaunch.build(3, 300, step, torch.device("cpu"), shared=True, materialise=True)
+    assert launch.materialise and launch.plan.buffer == 256
+    got = launch.run(case["hb"], case["he"], case["wb"], None, None, None, POTENTIAL, ALPHA, SEED, OFFSET, step)
+    logits = hidden_torch.pair_logits(case["hb"], case["he"], case["wb"], None, None, None)
+    want = guarded_select_reference(*logits, POTENTIAL, ALPHA, SEED, OFFSET, step)
+    assert_same_step(got, want, POTENTIAL, params)
