@@ -15,3 +15,8 @@ bash scripts/install.sh
 export TRITON_INTERPRET=1
 export NGSD_DATA_DIR="${NGSD_DATA_DIR:-$(cd .. && pwd)/shared/data}"
 ${PYTHON:-python3} -m pytest -q --durations=15 "${marker[@]}" "$@"
+# the vLLM integration's tests run in their own environment (scripts/vllm_env.sh; .ci/run builds it)
+VLLM_PY="${NGSD_VLLM_ENV:-.venv-vllm}/bin/python"
+if [[ $# -eq 0 && -x "$VLLM_PY" ]]; then
+    "$VLLM_PY" -m pytest -q --durations=5 "${marker[@]}" tests/vllm
+fi

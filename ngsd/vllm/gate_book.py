@@ -39,6 +39,7 @@ class GateState:
     pending: tuple[int, int, float] | None = None  # (output length when chosen, token, new potential)
     seed: int | None = None  # sampled requests: the Philox key of this request
     sampling: tuple[float, int, float] = (0.0, 0, 1.0)  # temperature (0: greedy), top_k (0: off), top_p
+    constrained: bool = False  # vLLM may mask tokens of this request (allowed ids, bad words, min tokens, grammar)
 
     def settle(self) -> None:
         """Commit the pending selection if its token reached the output, else drop it (sample discarded)."""
@@ -90,7 +91,8 @@ class GateBook:
         if state is None:  # a new request (the policy was validated at admission)
             policy = self.settings.policy_or_guarded(getattr(params, "extra_args", None))
             state = GateState(policy=policy, potential=float(self.settings.config().v_reset),
-                              seed=getattr(params, "seed", None), sampling=sampling_of(params))
+                              seed=getattr(params, "seed", None), sampling=sampling_of(params),
+                              constrained=is_constrained(params))
             setattr(params, STATE_ATTRIBUTE, state)
         else:  # back after a preemption or an unscheduled step: same potential, same step
             state.settle()
@@ -118,3 +120,9 @@ def sampling_of(params: Any) -> tuple[float, int, float]:
         return 0.0, 0, 1.0
     top_k = int(getattr(params, "top_k", 0) or 0)
     return temperature, max(top_k, 0), float(getattr(params, "top_p", 1.0) or 1.0)
+
+
+def is_constrained(params: Any) -> bool:
+    """Whether vLLM may set some of this request's logits to -inf before the processor runs."""
+    return bool(getattr(params, "allowed_token_ids", None) or getattr(params, "bad_words", None)
+                or getattr(params, "min_tokens", 0) or getattr(params, "structured_outputs", None))

@@ -61,9 +61,14 @@ class NGSDLogitsProcessor(LogitsProcessor):
         rows = self.book.guarded(logits.shape[0])
         if not rows:
             return logits
+        every_row = len(rows) == logits.shape[0]  # rows are sorted by index, so they are 0..n-1
         index = torch.tensor([i for i, _ in rows], dtype=torch.long, device=logits.device)
-        base = logits[index]
-        expert_logits = expert.logits(index).to(base.dtype).masked_fill(torch.isneginf(base), float("-inf"))
+        base = logits if every_row else logits[index]  # the op does not write its inputs
+        expert_logits = expert.logits(index).to(base.dtype)
+        constrained = [k for k, (_, state) in enumerate(rows) if state.constrained]
+        if constrained:  # tokens vLLM masked for a request (-inf) are masked in its expert row too
+            at = torch.tensor(constrained, dtype=torch.long, device=logits.device)
+            expert_logits[at] = expert_logits[at].masked_fill(torch.isneginf(base[at]), float("-inf"))
         greedy = [k for k, (_, state) in enumerate(rows) if _temperature(state) == 0.0]
         sampled = [k for k, (_, state) in enumerate(rows) if _temperature(state) > 0.0]
         tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)
@@ -75,7 +80,10 @@ class NGSDLogitsProcessor(LogitsProcessor):
             if state.seed is None:
                 state.seed = random.getrandbits(62)
             self._select([k], rows, base, expert_logits, tokens, potentials, seed=state.seed, offset=state.step)
-        logits[index] = float("-inf")
+        if every_row:
+            logits.fill_(float("-inf"))
+        else:
+            logits[index] = float("-inf")
         logits[index, tokens] = 0.0
         for (_, state), token, potential in zip(rows, tokens.tolist(), potentials):
             state.pending = (len(state.output), token, potential)
@@ -86,13 +94,14 @@ class NGSDLogitsProcessor(LogitsProcessor):
         states = [rows[k][1] for k in group]
         first = states[0]
         params = self.config.step_params(first.step, **_sampling(first))
+        whole = len(group) == base.shape[0]
         at = torch.tensor(group, dtype=torch.long, device=base.device)
         potential = torch.tensor([s.potential for s in states], dtype=torch.float32, device=base.device)
         alpha = torch.tensor([s.policy.alpha for s in states], dtype=torch.float32, device=base.device)
         seed_t = torch.tensor([seed], dtype=torch.int64, device=base.device)
         offset_t = torch.tensor([offset], dtype=torch.int64, device=base.device)
         chosen, new_potential, _spike, _divergence = torch.ops.ngsd.guarded_select(
-            base[at].contiguous(), expert[at].contiguous(), potential, alpha, seed_t, offset_t, *params.flat())
+            base if whole else base[at], expert if whole else expert[at], potential, alpha, seed_t, offset_t, *params.flat())
         tokens[at] = chosen
         for k, value in zip(group, new_potential.tolist()):
             potentials[k] = value

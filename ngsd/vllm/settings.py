@@ -146,8 +146,10 @@ def parse_request(extra_args: Mapping[str, Any] | None) -> tuple[bool, float | N
     if not isinstance(extra_args, Mapping):
         raise TypeError(f"extra_args must be a dict, got {type(extra_args).__name__}")
     guard = extra_args.get(GUARD_ARG, True)
-    if not isinstance(guard, bool):
+    # the OpenAI server's vllm_xargs turns JSON false into 0, so 0 and 1 count as false and true
+    if not isinstance(guard, int) or guard not in (0, 1):
         raise TypeError(f"extra_args['{GUARD_ARG}'] must be true or false, got {guard!r} ({type(guard).__name__})")
+    guard = bool(guard)
     if ALPHA_ARG not in extra_args:
         return guard, None
     if not guard:

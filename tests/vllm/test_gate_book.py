@@ -77,6 +77,7 @@ def test_opt_out_needs_the_operators_permission():
     with pytest.raises(ValueError, match="below this engine's alpha"):
         strict.request_policy({"ngsd_alpha": 0.1})
     assert not lenient.request_policy({"ngsd_guard": False}).guarded
+    assert not lenient.request_policy({"ngsd_guard": 0}).guarded  # JSON false as the server's vllm_xargs passes it
     # inside the engine a refused request is never dropped to unguarded: it is guarded at the engine's alpha
     book = GateBook(strict)
     params, output = _request(ngsd_guard=False)
@@ -95,3 +96,12 @@ def test_opt_out_needs_the_operators_permission():
 def test_bad_engine_settings_are_refused(raw, error):
     with pytest.raises(error):
         GuardSettings.from_mapping(raw)
+
+
+def test_requests_whose_logits_vllm_masks_are_marked():
+    """Their expert rows get the same -inf tokens, so bad words or a grammar hold for the guarded choice too."""
+    book = GateBook(GuardSettings())
+    free, _ = _request()
+    banned = SamplingParams(temperature=0.0, bad_words=["bomb"])
+    book.update([], [(0, free, [], []), (1, banned, [], [])], [])
+    assert [book.rows[0].constrained, book.rows[1].constrained] == [False, True]
