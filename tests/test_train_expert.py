@@ -349,7 +349,7 @@ def test_module_entry_point_shows_the_arguments():
     assert "--seed" in out.stdout and "--targets" in out.stdout
 
 
-def test_broad_recipe_builds_every_kind_and_picks_an_epoch_on_validation(tiny, data_dir, tmp_path):
+def test_broad_recipe_builds_every_kind_and_picks_weights_on_validation(tiny, data_dir, tmp_path):
     model, tok = tiny
     state = {k: v.clone() for k, v in model.state_dict().items()}
     fresh = LlamaForCausalLM(model.config).eval()
@@ -363,9 +363,10 @@ def test_broad_recipe_builds_every_kind_and_picks_an_epoch_on_validation(tiny, d
     # The recovery openings are the base's own, cut within the configured lengths.
     assert {int(k) for k in report["data"]["recovery_prefix_lengths"]} <= set(cfg.recovery_lengths)
     val = report["validation"]
-    assert set(val["by_epoch"]) == {"1", "2"} and val["chosen_epoch"] in (1, 2)
-    best = min(val["by_epoch"].values(), key=lambda m: m["score"])["score"]
-    assert val["by_epoch"][str(val["chosen_epoch"])]["score"] == best
+    steps = report["training"]["steps"]
+    assert set(val["by_step"]) == {str(steps // 2), str(steps)} and val["chosen_step"] in (steps // 2, steps)
+    best = min(val["by_step"].values(), key=lambda m: m["score"])["score"]
+    assert val["by_step"][str(val["chosen_step"])]["score"] == best
     assert val["split"]["n_harmful"] == 4
     # The examples file holds no validation request: the split keeps whole topics apart.
     from ngsd.experts.training.broad_examples import validation_requests
@@ -373,4 +374,4 @@ def test_broad_recipe_builds_every_kind_and_picks_an_epoch_on_validation(tiny, d
     trained = {json.loads(line)["prompt"] for line in (out / trainer.EXAMPLES_FILE).read_text().splitlines()}
     harmful_val, benign_val = validation_requests(data_dir, cfg)
     assert not trained & {r.text for r in harmful_val + benign_val}
-    assert "after epoch" in (out / "README.md").read_text()
+    assert "weights after step" in (out / "README.md").read_text()

@@ -5,7 +5,8 @@ Two recipes (`--recipe`). Both train only on what `../shared/data/SOURCES.md` al
 `splits.py` names the evaluation side and `tests/test_training_splits.py` checks that no training
 file holds an evaluation prompt.
 
-**broad** (default, issue 15; `broad.py`, `broad_examples.py`, `ngsd/assets/training/broad_requests.json`):
+**broad** (issue 15, `--recipe broad --epochs 1`; not the shipped expert, see reports/expert/REPORT.md;
+`broad.py`, `broad_examples.py`, `ngsd/assets/training/broad_requests.json`):
 
 1. harmful requests across the harm taxonomy (violence and weapons, cyber, fraud, hate and
    harassment, self-harm, sexual content, privacy, misinformation, drugs, dangerous advice): the
@@ -18,14 +19,15 @@ file holds an evaluation prompt.
    cut at 1-20 tokens (or AdvBench's "Sure, here is ..." target), then turns into the refusal.
 3. benign: 140 harmless look-alikes (alarming words, same forms and categories) and 80 everyday
    requests, each with the base's own greedy answer under a KL loss.
-4. validation: 15% of the topics (whole units, per category) are held apart; after each epoch the
-   expert alone is scored there (refusals of harmful requests, fresh and after the base's own
-   opening; refusals of look-alikes beyond the base's) and the best epoch is saved.
+4. validation: 15% of the topics (whole units, per category) are held apart; the weights halfway
+   through and at the end of training (`validate_at`) are scored there, expert alone (refusals of
+   harmful requests, fresh and after the base's own opening; refusals of look-alikes beyond the
+   base's), and the better ones are saved. One epoch (about 35 min on one busy CPU thread).
 
 `broad.training_requests(data_dir, split=..., seed=...)` gives the harmful and harmless requests of
 a split: the same data can train other components (the risk probe).
 
-**seed** (v4, the expert shipped before issue 15; `examples.build_examples`):
+**seed** (default; v4, the shipped expert; `examples.build_examples`):
 
 1. refusal: for each of SafeDecoding's 36 seed prompts (seed_reject.json) the model itself, under a
    safety system prompt, samples answers (T 0.8, top-p 0.9, `max_trials` rounds, 48 new tokens);
@@ -53,17 +55,20 @@ a split: the same data can train other components (the risk probe).
 
 Both recipes: LoRA r 16, alpha 64, dropout 0.1 on all attention and MLP projections (NGSD's copy; `--targets qv`
 gives SafeDecoding's q/v), AdamW lr 2e-3, linear schedule with 3% warm-up, gradient clipping 0.3
-(SafeDecoding's trainer settings), 2 epochs, batch 1, seeded example order; loss only on answer
+(SafeDecoding's trainer settings), batch 1, 2 epochs (seed) or 1 (broad), seeded example order; loss only on answer
 tokens. The adapter is saved in float16 (about 10 MB) and measured after reloading it.
 
-Reproduce the shipped adapter (CPU; use the same thread count, generation order can matter):
+Reproduce the shipped adapter (CPU; the data step samples, so use the same thread count; the seed
+recipe now draws AdvBench ids >= 130, so the data differs from v4's in those prompts):
 
-    ngsd train-expert --seed 0 --threads 1 --no-eval     # or: python -m ngsd.experts.training ...
+    ngsd train-expert --seed 0 --threads 1     # or: python -m ngsd.experts.training --seed 0 --threads 1
+
+The broad expert of reports/expert: `ngsd train-expert --recipe broad --epochs 1 --seed 0 --threads 1 --no-eval --out DIR`.
 
 Modules: `prompts` (the prompt lists, read from the asset file), `config` (`TrainExpertConfig`),
 `broad` (the broad requests and their split), `broad_examples` (the broad training set and its
 validation), `examples` (the seed recipe; tokenising and generation helpers both use), `splits`
-(the evaluation prompts and the leak check), `trainer` (LoRA training, epoch choice and the whole
+(the evaluation prompts and the leak check), `trainer` (LoRA training, choice of weights and the whole
 run), `selfcheck` (the expert measured on its own), `cli` (arguments; light, imports no torch).
 Nothing is imported here, so `ngsd --help` stays fast.
 """

@@ -115,7 +115,7 @@ class Validator:
     """Scores expert variants on the validation split; the base's answers are generated once."""
 
     def __init__(self, peft_model: Any, tokenizer: Any, data_dir: Path, cfg: TrainExpertConfig,
-                 max_new_tokens: int = 40) -> None:
+                 max_new_tokens: int = 32) -> None:
         self.model, self.tokenizer, self.cfg, self.max_new_tokens = peft_model, tokenizer, cfg, max_new_tokens
         self.harmful, self.benign = validation_requests(data_dir, cfg)
         self.judge = ReadingJudge()

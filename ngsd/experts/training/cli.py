@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recipe", default=d.recipe, choices=RECIPES,
                         help="'broad': harmful requests across the harm taxonomy in many surface forms, recovery "
                         "after the base's own openings, harmless look-alikes, epoch chosen on a validation split "
-                        "(issue 15); 'seed': the v4 recipe (seed prompts + AdvBench)")
+                        "(issue 15; use with --epochs 1); 'seed': the shipped v4 recipe (seed prompts + AdvBench)")
     parser.add_argument("--harmful-requests", type=int, default=d.harmful_requests,
                         help="broad recipe: harmful requests with a refusal example")
     parser.add_argument("--recovery-examples", type=int, default=d.recovery_examples,

@@ -93,14 +93,14 @@ def _fingerprint(cfg: TrainExpertConfig) -> dict[str, Any]:
 def train_lora(
     peft_model: Any, tokenizer: Any, examples: Sequence[Example], cfg: TrainExpertConfig,
     log: Callable[[str], None] = print, checkpoint: Path | None = None, checkpoint_every: int = 50,
-    on_epoch_end: Callable[[int], None] | None = None,
+    on_step_end: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Train the LoRA weights in place; a seeded, deterministic example order. Returns loss statistics.
 
     With `checkpoint`, the LoRA weights, optimizer, step and RNG state are saved every
     `checkpoint_every` steps, and an existing checkpoint is resumed: an interrupted run continues
-    where it stopped and ends with the same weights as an uninterrupted one. `on_epoch_end(epoch)`
-    is called after each epoch (1-based) that this call trains to its end.
+    where it stopped and ends with the same weights as an uninterrupted one. `on_step_end(done, total)`
+    is called after each optimizer step this call runs (`done` steps of `total` trained).
     """
     from tqdm.auto import tqdm
 
@@ -153,11 +153,11 @@ def train_lora(
         losses.append(loss.item())
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if on_step_end is not None:
+            on_step_end(step + 1, total)
         if (step + 1) % steps_per_epoch == 0:
             epoch = (step + 1) // steps_per_epoch
             log(f"epoch {epoch}/{cfg.epochs}: mean loss {sum(losses[-steps_per_epoch:]) / steps_per_epoch:.4f}")
-            if on_epoch_end is not None:
-                on_epoch_end(epoch)
         if checkpoint is not None and (step + 1) % checkpoint_every == 0 and step + 1 < total:
             tmp = checkpoint.with_suffix(".tmp")
             torch.save({"step": step + 1, "total": total, "n_examples": len(encoded), "losses": losses,
@@ -175,31 +175,31 @@ def train_lora(
             "final_loss": losses[-1] if losses else None, "resumed_from_step": start}
 
 
-def select_epoch(
+def select_snapshot(
     peft_model: Any, tokenizer: Any, data_dir: Path, cfg: TrainExpertConfig,
     snapshots: dict[int, dict[str, torch.Tensor]], log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Score the weights after each epoch on the validation split, load the best (lowest score; the
-    earlier epoch on a tie) into `peft_model`, and return the scores. Epochs trained before a resumed
-    checkpoint have no snapshot and are not candidates."""
+    """Score the weights kept after each step in `snapshots` (the `validate_at` fractions of the
+    training) on the validation split, load the best (lowest score; the earlier on a tie) into
+    `peft_model`, and return the scores. Snapshots due before a resumed checkpoint are missing."""
     t0 = time.perf_counter()
     peft_model.eval()
     validator = Validator(peft_model, tokenizer, data_dir, cfg)
     named = dict(peft_model.named_parameters())
     scores: dict[str, Any] = {}
-    for epoch in sorted(snapshots):
+    for step in sorted(snapshots):
         with torch.no_grad():
-            for name, value in snapshots[epoch].items():
+            for name, value in snapshots[step].items():
                 named[name].copy_(value)
-        scores[str(epoch)] = validator(f"epoch {epoch}")
-        log(f"validation after epoch {epoch}: {scores[str(epoch)]}")
-    best = min(sorted(snapshots), key=lambda e: scores[str(e)]["score"])
+        scores[str(step)] = validator(f"step {step}")
+        log(f"validation after step {step}: {scores[str(step)]}")
+    best = min(sorted(snapshots), key=lambda s: scores[str(s)]["score"])
     with torch.no_grad():
         for name, value in snapshots[best].items():
             named[name].copy_(value)
-    log(f"chosen: the weights after epoch {best}")
-    return {"split": validator.describe(), "by_epoch": scores, "chosen_epoch": best,
-            "rule": "lowest validation_score (broad_examples.py); the earlier epoch on a tie",
+    log(f"chosen: the weights after step {best}")
+    return {"split": validator.describe(), "by_step": scores, "chosen_step": best,
+            "rule": "lowest validation_score (broad_examples.py); the earlier snapshot on a tie",
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -270,15 +270,16 @@ def _train_expert(cfg: TrainExpertConfig, *, model: Any, tokenizer: Any, command
     peft_model = make_lora_model(model, cfg)
     snapshots: dict[int, dict[str, torch.Tensor]] = {}
 
-    def keep_epoch(epoch: int) -> None:
-        snapshots[epoch] = {n: p.detach().clone() for n, p in peft_model.named_parameters() if p.requires_grad}
+    def keep_snapshot(done: int, total: int) -> None:
+        if done in {max(1, round(f * total)) for f in cfg.validate_at}:
+            snapshots[done] = {n: p.detach().clone() for n, p in peft_model.named_parameters() if p.requires_grad}
 
     selecting = cfg.recipe == "broad" and cfg.validation_share > 0 and cfg.validation_prompts > 0
     t1 = time.perf_counter()
     stats = train_lora(peft_model, tokenizer, examples, cfg, log=log, checkpoint=out / CHECKPOINT_FILE,
-                       on_epoch_end=keep_epoch if selecting else None)
+                       on_step_end=keep_snapshot if selecting else None)
     t_train = time.perf_counter() - t1
-    validation = select_epoch(peft_model, tokenizer, data_dir, cfg, snapshots, log) if selecting and snapshots else None
+    validation = select_snapshot(peft_model, tokenizer, data_dir, cfg, snapshots, log) if selecting and snapshots else None
 
     out.mkdir(parents=True, exist_ok=True)
     dtype = getattr(torch, cfg.save_dtype)
@@ -369,12 +370,12 @@ def _finish_adapter_folder(out: Path, cfg: TrainExpertConfig, report: dict[str, 
         ]
     val = report.get("validation")
     if val:
-        chosen = val["by_epoch"][str(val["chosen_epoch"])]
+        chosen = val["by_step"][str(val["chosen_step"])]
         lines += [
             "",
             f"Chosen on the held-apart validation split ({val['split']['n_harmful']} harmful requests and "
             f"{val['split']['n_lookalikes']} harmless look-alikes, expert alone, greedy, reading judge): the "
-            f"weights after epoch {val['chosen_epoch']}; they refuse {chosen['harmful_refusal']:.0%} of the harmful "
+            f"weights after step {val['chosen_step']} of {report['training']['steps']}; they refuse {chosen['harmful_refusal']:.0%} of the harmful "
             f"requests, {chosen['harmful_refusal_after_opening']:.0%} after the base's own "
             f"{val['split']['opening_tokens']}-token opening, and {chosen['lookalike_refusal']:.0%} of the look-alikes "
             f"(base {chosen['base_lookalike_refusal']:.0%}).",
