@@ -39,9 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--route-recall", type=float, default=0.98,
                         help="operating point: keep at least this share of harmful validation requests at or above "
                              "route_below")
-    parser.add_argument("--no-broad", dest="broad", action="store_false",
-                        help="leave out the expert recipe's broad requests (ten harm categories x seven surface forms, "
-                             "and harmless look-alikes; ngsd.experts.training.broad)")
+    parser.add_argument("--broad", action="store_true",
+                        help="add the expert recipe's broad requests (ten harm categories x seven surface forms, and "
+                             "harmless look-alikes; ngsd.experts.training.broad); see reports/probe/broad_probe.md")
     parser.add_argument("--batch-size", type=int, default=16, help="requests per forward when reading hidden states")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the CPU may be shared)")
     parser.add_argument("--data-dir", default=None, help="data folder (default: $NGSD_DATA_DIR or ../shared/data)")

@@ -3,7 +3,7 @@
 Data (../shared/data/SOURCES.md): harmful = seed_reject.json prompts, the user turns of
 expert_sft_vicuna.json and AdvBench ids >= 130; benign = AlpacaEval rows with an even id, the
 expert recipe's hand-written harmless and look-alike requests (`ngsd.experts.training.prompts`)
-and the look-alikes below; with `broad` (the default), also the expert recipe's broad requests
+and the look-alikes below; with `broad` (opt-in), also the expert recipe's broad requests
 (`ngsd.experts.training.broad`: hand-written acts across ten harm categories plus the seed and
 AdvBench training goals, each in several surface forms, and harmless look-alikes in the same
 forms). Evaluation suites are never read here.
@@ -201,7 +201,9 @@ class TrainProbeConfig:
     l2: tuple[float, ...] = (1e-3, 1e-2, 1e-1)
     val_fraction: float = 0.2
     wrap_rate: float = 0.6
-    broad: bool = True  # add the expert recipe's broad requests (categories x surface forms)
+    # add the expert recipe's broad requests (categories x surface forms); measured on the evaluation splits it
+    # moved the operating point more than it improved separation (reports/probe/broad_probe.md), so it is opt-in
+    broad: bool = False
     route_recall: float = 0.98
     batch_size: int = 16
     threads: int | None = 1
