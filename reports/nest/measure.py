@@ -69,7 +69,15 @@ def curve(args):
 
     model, tok = load_model()
     data_dir = resolve_data_dir()
-    pooled = torch.load(args.pooled)
+    if Path(args.pooled).is_file():
+        pooled = torch.load(args.pooled)
+    else:  # the selection step's activations (train-nest's prompts for the seed), saved for the next run
+        from ngsd.nest.selection import max_pooled_activations
+        from ngsd.nest.training import probe_prompts
+
+        harmful, benign = probe_prompts(NestConfig(), data_dir)
+        pooled = max_pooled_activations(model, tok, harmful + benign)
+        torch.save(pooled, args.pooled)
     half = len(pooled) // 2
     z = neuron_z_scores(pooled[:half], pooled[half:])
     judge = KeywordJudge()
@@ -106,7 +114,7 @@ def main():
     t.add_argument("--rounds", type=int, default=4)
     t.add_argument("--out", required=True)
     c = sub.add_parser("curve")
-    c.add_argument("--pooled", required=True, help="max-pooled activations saved from the selection step (harmful first)")
+    c.add_argument("--pooled", required=True, help="file of the selection step's max-pooled activations (harmful first); computed and saved there if missing")
     c.add_argument("--neurons", type=int, nargs="+", default=[32, 128, 686])
     c.add_argument("--max-examples", type=int, default=120)
     c.add_argument("--out", required=True)
