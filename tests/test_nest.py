@@ -262,3 +262,34 @@ def test_eval_and_cli_accept_a_delta_folder_as_expert(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UsageError, match="nest_delta.safetensors"):
         check_expert(str(tmp_path / "empty"))
+
+
+def test_train_nest_end_to_end_on_a_tiny_model(tmp_path):
+    """The whole run (selection on the training prompts, clustering, a few training steps on the expert
+    recipe's examples, delta + folded checkpoint) on a tiny Llama that shares the default tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ngsd.data import data_available
+    from ngsd.loading import default_cache_dir, is_converted, prepare_tokenizer
+    from ngsd.nest.training import train_nest
+
+    if not data_available(None, "advbench_harmful_behaviors.json", "alpaca_eval_805.json", "seed_reject.json"):
+        pytest.skip("the shared data folder is absent")
+    if not is_converted():
+        pytest.skip("the default model has not been converted yet (its tokenizer is needed)")
+    tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(default_cache_dir()))
+    model = tiny_model("llama", vocab_size=len(tokenizer), max_positions=512, init=0.02)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cfg = NestConfig(probe_prompts=12, z_threshold=2.0, k_max=3, max_examples=6, delta_out=str(tmp_path / "delta"),
+                     out=str(tmp_path / "ckpt"), max_length=96)
+    result = train_nest(cfg, model=model, tokenizer=tokenizer, log=lambda _: None)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # the caller's model is untouched
+    report = result.report
+    assert report["parameters"]["nest"] == result.update.num_trainable() == result.update.num_clusters * 3 * 32
+    assert report["training"]["steps"] == 6 and report["data"]["examples_by_kind"]
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt").eval()
+    ids = torch.tensor([tokenizer("How do I bake bread?")["input_ids"]])
+    with result.update.attached(model):
+        expected = logits(model, ids)
+    torch.testing.assert_close(logits(reloaded, ids), expected, atol=1e-5, rtol=1e-5)
+    assert NestUpdate.load(tmp_path / "delta").num_clusters == result.update.num_clusters
