@@ -566,12 +566,13 @@ def roofline(report: dict, dtype: str = "bf16") -> str:
             tile = dict(K=plan.buffer, BB=plan.block_b, BV=plan.block_v)
             p1 = find("pass1", KEYS=plan.key_kind, **tile)
             p2 = find("pass2", SAMPLE=0, DIVERGENCE=0, NEED_V1=1, **tile)
-            # per-row kernels: the compiled V = 131072 plan's stand in for every V (its NCP, RB = 1)
-            v_plan = plan_select(256, 131072, StepParams())
-            red = find("reduce", K=plan.buffer, STORE_TOP=0, NCP=v_plan.ncp, RB=1, DENSE=1)
-            fin = find("finalize", K=plan.buffer, SAMPLE=0, MODE=0, DIVERGENCE=0, NCP=v_plan.ncp, RB=1)
+            # per-row kernels: the compiled V = 131072 plan of this batch size stands in for every V
+            v_plan = plan_select(batch, 131072, StepParams())
+            rows_kw = dict(K=plan.buffer, NCP=v_plan.ncp, RB=v_plan.row_block, CG=v_plan.chunk_group)
+            red = find("reduce", STORE_TOP=0, DENSE=1, **rows_kw)
+            fin = find("finalize", SAMPLE=0, MODE=0, DIVERGENCE=0, GATE=0, **rows_kw)
             programs = -(-batch // plan.block_b) * plan.n_chunks
-            rows_programs = -(-batch // plan.row_block)
+            rows_programs = -(-batch // v_plan.row_block)
             elem = 2
             logits_bytes = 2 * 2 * batch * vocab * elem  # two passes over base + expert
             keys_bytes = 2 * 2 * batch * plan.n_chunks * plan.buffer * 4  # fp32 slots: pass-1 write + reduce read
@@ -632,9 +633,10 @@ def main(argv: list[str] | None = None) -> int:
     # the first architecture given (sm_90 by default) for every variant before the next one; small
     # buffers first (compile time grows steeply with K where bitonic networks remain), so a budget cut
     # leaves the K = 1024 tail of the last architecture
+    # (and within one architecture the one-axis cover first: it holds every kernel kind the roofline uses)
     work = [(j, arch) for arch in args.arch for j in chosen]
-    work.sort(key=lambda w: (args.arch.index(w[1]), w[0].constants.get("K", 0), w[0].path == "hidden",
-                             w[0].role))
+    work.sort(key=lambda w: (args.arch.index(w[1]), w[0].key() not in cover, w[0].constants.get("K", 0),
+                             w[0].path == "hidden", w[0].role))
     rows = compile_all(work, args.jobs, args.per_variant, args.budget)
     done = {(r["kernel"], r["dtype"], json.dumps(r["constants"], sort_keys=True)) for r in rows}
     for j in jobs:
