@@ -13,6 +13,7 @@ over rounds, ratios as the median of per-round ratios):
    (forced by an identity logits processor, which the loop must apply to logits).
 
     python bench/bench_default.py --batch 32 --new-tokens 64 --rounds 3   # writes bench/results/default.json
+    python bench/bench_default.py --quick-ratio --out default_quick.json    # unguarded vs default only
 
 The default model and the shipped expert; greedy; exactly `--new-tokens` tokens per row (no EOS stop).
 """
@@ -127,21 +128,25 @@ def main() -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--expert", default=None, help="LoRA adapter folder (default: the shipped expert)")
     parser.add_argument("--out", default="default.json")
+    parser.add_argument("--quick-ratio", action="store_true",
+                        help="only unguarded vs default on the two batch workloads (no fixed-alpha rows, no TTFT)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     setup = load_setup(args.model, args.device, expert=args.expert)
     start = time.time()
     report = {"meta": common_meta(setup, args), "workloads": {}}
     report["meta"]["command"] = "python bench/bench_default.py " + " ".join(sys.argv[1:])
-    all_methods = ["unguarded", "default", "alpha_0.9", "alpha_0.9_logits"]
+    quick = ["unguarded", "default"]
+    all_methods = quick if args.quick_ratio else ["unguarded", "default", "alpha_0.9", "alpha_0.9_logits"]
     report["workloads"]["benign"] = measure(setup, workload_prompts("benign", args.batch), all_methods,
                                             args.new_tokens, args.rounds, args.seed)
     report["workloads"]["half_harmful"] = measure(setup, workload_prompts("mixed", args.batch),
-                                                  ["unguarded", "default", "alpha_0.9"], args.new_tokens,
-                                                  args.rounds, args.seed)
-    report["workloads"]["ttft_batch1_benign"] = measure(setup, workload_prompts("benign", 1),
-                                                        ["unguarded", "default", "alpha_0.9", "alpha_0.9_logits"],
-                                                        args.new_tokens, args.rounds, args.seed)
+                                                  quick if args.quick_ratio else ["unguarded", "default", "alpha_0.9"],
+                                                  args.new_tokens, args.rounds, args.seed)
+    if not args.quick_ratio:
+        report["workloads"]["ttft_batch1_benign"] = measure(setup, workload_prompts("benign", 1),
+                                                            ["unguarded", "default", "alpha_0.9", "alpha_0.9_logits"],
+                                                            args.new_tokens, args.rounds, args.seed)
     report["wall_seconds"] = time.time() - start
     path = write_json(args.out, report, RESULTS_DIR)
     for name, workload in report["workloads"].items():
