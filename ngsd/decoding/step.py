@@ -57,14 +57,19 @@ class GuardedStep:
         self.rows = rows
         self._all_rows = rows.numel() == batch
 
+    def guarded_row_logits(self, base: Tensor, expert: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """[B, V] base logits and [R, V] logits of the guarded rows' expert (None without expert rows),
+        through the LM heads when the pair returned final hidden states."""
+        if self._base_head is None:
+            return base, expert
+        if expert is None:
+            return hidden_logits(base, self._base_head.weight, self._base_head.bias), None
+        weight_e, bias_e = self._expert_weight_and_bias()
+        return pair_logits(base, expert, self._base_head.weight, weight_e, self._base_head.bias, bias_e)
+
     def logits(self, base: Tensor, expert: Tensor | None) -> tuple[Tensor, Tensor]:
         """[B, V] base and expert logits; an unguarded row's expert logits are its base logits."""
-        if self._base_head is not None:
-            if expert is None:
-                base = hidden_logits(base, self._base_head.weight, self._base_head.bias)
-            else:
-                weight_e, bias_e = self._expert_weight_and_bias()
-                base, expert = pair_logits(base, expert, self._base_head.weight, weight_e, self._base_head.bias, bias_e)
+        base, expert = self.guarded_row_logits(base, expert)
         if expert is None:
             return base, base
         if self._all_rows:
@@ -103,12 +108,7 @@ class GuardedStep:
         cannot mix, which is most of a step's selection cost on a benign batch.
         """
         rows = self.rows
-        if self._base_head is not None:
-            if expert is None:
-                base = hidden_logits(base, self._base_head.weight, self._base_head.bias)
-            else:
-                weight_e, bias_e = self._expert_weight_and_bias()
-                base, expert = pair_logits(base, expert, self._base_head.weight, weight_e, self._base_head.bias, bias_e)
+        base, expert = self.guarded_row_logits(base, expert)
         if self._processors is not None:
             base = self._processors(sequences, base)
             if expert is not None:
