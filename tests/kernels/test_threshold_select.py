@@ -63,6 +63,10 @@ def cases(draw):
     return x[0].to(dtype), x[1].to(dtype), k, block_v
 
 
+# Rows of -inf make the tile statistics compute inf - inf and log(0): the GPU yields NaN / -inf there
+# silently (and the kernel discards them), the interpreter's numpy says so with a RuntimeWarning.
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning")
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=cases())
 def test_stored_thresholds_are_the_kth_largest_logits(case):
