@@ -196,13 +196,10 @@ def train_nest(cfg: NestConfig, *, model: Any = None, tokenizer: Any = None, com
 
     `model`/`tokenizer` may be passed in (tests use a tiny model); they are left unchanged.
     """
-    previous_threads = torch.get_num_threads()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    try:
+    from ..experts.training.trainer import torch_threads
+
+    with torch_threads(cfg.threads):
         return _train_nest(cfg, model=model, tokenizer=tokenizer, command=command, log=log)
-    finally:
-        torch.set_num_threads(previous_threads)
 
 
 def _train_nest(cfg: NestConfig, *, model: Any, tokenizer: Any, command: str | None, log: Callable[[str], None]) -> NestResult:

@@ -8,9 +8,10 @@ import platform
 import random
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +50,18 @@ def top_layers(model: Any, cfg: TrainExpertConfig) -> list[int] | None:
     if cfg.top_layers > layers:
         raise ValueError(f"--top-layers {cfg.top_layers} exceeds the model's {layers} decoder layers")
     return list(range(layers - cfg.top_layers, layers))
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Within the block torch uses `threads` CPU threads (None or 0: unchanged); the previous count after it."""
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:
@@ -223,13 +236,8 @@ def train_expert(
 
     `model`/`tokenizer` may be passed in (tests use a tiny model); otherwise `cfg.model` is loaded.
     """
-    previous_threads = torch.get_num_threads()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    try:
+    with torch_threads(cfg.threads):
         return _train_expert(cfg, model=model, tokenizer=tokenizer, command=command, log=log)
-    finally:
-        torch.set_num_threads(previous_threads)
 
 
 def _train_expert(cfg: TrainExpertConfig, *, model: Any, tokenizer: Any, command: str | None,
