@@ -52,11 +52,20 @@ __all__ = ["INTERPRETED", "MAX_BUFFER", "LogitsPasses", "fused_guarded_select", 
 
 
 @triton.jit
-def _load_tile(lb_ptr, le_ptr, stride_b, stride_e, n_rows, n_vocab, BB: tl.constexpr, BV: tl.constexpr):
-    """This program's (row block, vocabulary chunk) of both logits as fp32, with its coordinates and masks."""
+def _load_tile(lb_ptr, le_ptr, stride_b, stride_e, n_rows, n_vocab, BB: tl.constexpr, BV: tl.constexpr,
+               SCALAR: tl.constexpr = False):
+    """This program's (row block, vocabulary chunk) of both logits as fp32, with its coordinates and masks.
+
+    SCALAR: one element per load instruction, so that the tile's layout gives each thread the columns
+    t, t + 128, ... instead of runs of 16 bytes; union pass 1 wants that layout for its scattered
+    candidate stores and strided group maxima (``select_tiles.compaction_slots``), which would
+    otherwise move the whole tile through shared memory. The loads stay coalesced (a warp reads 32
+    consecutive elements)."""
     rows = tl.program_id(0) * BB + tl.arange(0, BB)
     chunk = tl.program_id(1)
     cols = chunk * BV + tl.arange(0, BV)
+    if SCALAR:
+        cols = tl.max_contiguous(cols, 1)
     row_mask = rows < n_rows
     col_mask = cols < n_vocab
     mask = row_mask[:, None] & col_mask[None, :]
@@ -76,14 +85,17 @@ def _dense_kind(dtype):
 def _pass1_kernel(
     lb_ptr, le_ptr, stride_b, stride_e, n_rows, n_vocab, n_chunks, kth,
     stats_ptr, counts_ptr, keys_b_ptr, keys_e_ptr,
-    BB: tl.constexpr, BV: tl.constexpr, K: tl.constexpr, KEYS: tl.constexpr,
+    BB: tl.constexpr, BV: tl.constexpr, K: tl.constexpr, KEYS: tl.constexpr, SLOTS: tl.constexpr = 0,
+    FALLBACK: tl.constexpr = True,
 ):
+    """FALLBACK=False (kernel report only) leaves out the exact rewrite of rows whose union bound
+    let too many entries through (``select_tiles.pass1_store_tile``): their slots are then wrong."""
     lb, le, rows, row_mask, cols, col_mask, chunk = _load_tile(lb_ptr, le_ptr, stride_b, stride_e, n_rows, n_vocab,
-                                                               BB, BV)
+                                                               BB, BV, KEYS == 1)
     n_present = tl.minimum(n_vocab - chunk * BV, BV)
     pass1_store_tile(
         lb, le, rows, row_mask, cols, col_mask, chunk, n_chunks, stats_ptr, counts_ptr, keys_b_ptr, keys_e_ptr,
-        K, KEYS, kth, n_present, _dense_kind(lb_ptr.dtype.element_ty),
+        K, KEYS, kth, n_present, _dense_kind(lb_ptr.dtype.element_ty), SLOTS, FALLBACK,
     )
 
 
@@ -111,6 +123,9 @@ class LogitsPasses:
 
     base_logits: torch.Tensor
     expert_logits: torch.Tensor
+    # False (tests and the kernel report only): pass 1 skips the exact rewrite of rows whose union
+    # bound let more than plan.slots entries through, whose slots are then wrong
+    fallback: bool = True
 
     @classmethod
     def of(cls, base_logits: torch.Tensor, expert_logits: torch.Tensor) -> "LogitsPasses":
@@ -131,7 +146,8 @@ class LogitsPasses:
         lb, le = self.base_logits, self.expert_logits
         _pass1_kernel[self._grid(plan)](
             lb, le, lb.stride(0), le.stride(0), plan.batch, plan.vocab, plan.n_chunks, plan.kth, s.stats, s.counts,
-            s.keys_b, s.keys_e, BB=plan.block_b, BV=plan.block_v, K=plan.buffer, KEYS=plan.key_kind, **LAUNCH_OPTIONS,
+            s.keys_b, s.keys_e, BB=plan.block_b, BV=plan.block_v, K=plan.buffer, KEYS=plan.key_kind,
+            SLOTS=plan.slots, FALLBACK=self.fallback, **LAUNCH_OPTIONS,
         )
 
     def pass2(self, plan: SelectPlan, s: Scratch, rows: RowVectors, temperature: float) -> None:

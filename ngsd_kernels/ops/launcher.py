@@ -67,11 +67,13 @@ def _reduce_kernel(
     stats_ptr, counts_ptr, keys_b_ptr, keys_e_ptr, rowinfo_ptr, top_b_ptr, top_e_ptr, n_rows, n_chunks, kth,
     RB: tl.constexpr, NCP: tl.constexpr, K: tl.constexpr, CG: tl.constexpr,
     NEED_KEYS: tl.constexpr, STORE_TOP: tl.constexpr, VALUE_KEYS: tl.constexpr = False, DENSE: tl.constexpr = 0,
+    SLOTS: tl.constexpr = 0,
 ):
     """Per row: log-sum-exp and validity of both rows, merged top-K keys, union thresholds.
 
-    Keys: int64 order keys, or with VALUE_KEYS fp32 value multisets (union mode; their k-th
-    largest by bisection on the keys of the logits' storage dtype, DENSE as ``select_tiles.dense_key``).
+    Keys: int64 order keys (K per chunk), or with VALUE_KEYS fp32 value multisets of SLOTS slots per
+    chunk (union mode; their k-th largest by bisection on the keys of the logits' storage dtype,
+    DENSE as ``select_tiles.dense_key``), read CG * K slots at a time.
     """
     rows = (tl.program_id(0) * RB + tl.arange(0, RB)).to(tl.int64)
     rmask = rows < n_rows
@@ -103,8 +105,9 @@ def _reduce_kernel(
         # union candidates: every token whose logit is >= the k-th largest logit of its row
         if VALUE_KEYS:
             # unsorted per-chunk multisets: the k-th largest by bisection, nothing sorted or merged
-            n_slots = n_chunks * K
-            LOOP: tl.constexpr = NCP > CG
+            PER_CHUNK: tl.constexpr = K if SLOTS == 0 else SLOTS  # 0: K (csrc_triton's AOT build)
+            n_slots = n_chunks * PER_CHUNK
+            LOOP: tl.constexpr = NCP * PER_CHUNK > CG * K
             tl.store(info + 4, slots_kth_largest(keys_b_ptr, rows * n_slots, rmask, n_slots, kth, CG * K, LOOP, DENSE),
                      mask=rmask)
             tl.store(info + 5, slots_kth_largest(keys_e_ptr, rows * n_slots, rmask, n_slots, kth, CG * K, LOOP, DENSE),
@@ -296,6 +299,7 @@ class SelectPlan:
     kth: int  # union: k clipped to V
     need: int  # intersection: min_candidates clipped to V
     may_overflow: bool  # some row may need the exact fallback
+    slots: int = 0  # union (key kind 1): fp32 candidate slots per chunk and row (select_tiles.pass1_store_tile)
 
     @property
     def key_kind(self) -> int:
@@ -399,6 +403,8 @@ def plan_select(
         kth=kth,
         need=need,
         may_overflow=may_overflow,
+        # union candidates above a group-maxima bound: room for ~1.4 k of them (select_tiles.pair_group_bound)
+        slots=min(2 * buffer, bv) if need_keys and not intersection else buffer,
     )
 
 
@@ -452,7 +458,7 @@ class Scratch:
     def allocate(cls, plan: SelectPlan, device: torch.device) -> "Scratch":
         batch, nc, k = plan.batch, plan.n_chunks, plan.buffer
         f32, i32, i64 = torch.float32, torch.int32, torch.int64
-        keys_shape = (batch, nc, k) if plan.need_keys else (1,)
+        keys_shape = (batch, nc, plan.slots if plan.key_kind == 1 else k) if plan.need_keys else (1,)
         key_dtype = i32 if plan.key_kind == 1 else i64
         intersect = plan.mode == CandidateMode.INTERSECTION and plan.need_keys
         top_shape = (batch, k) if intersect else (1,)
@@ -542,7 +548,7 @@ def launch_select(
     _reduce_kernel[grid_rows](
         s.stats, s.counts, s.keys_b, s.keys_e, s.rowinfo, s.top_b, s.top_e, batch, nc, plan.kth,
         RB=plan.row_block, NCP=plan.ncp, K=k, CG=plan.chunk_group, NEED_KEYS=plan.need_keys, STORE_TOP=s.intersect,
-        VALUE_KEYS=plan.key_kind == 1, DENSE=getattr(source, "dense_kind", 0), **LAUNCH_OPTIONS,
+        VALUE_KEYS=plan.key_kind == 1, DENSE=getattr(source, "dense_kind", 0), SLOTS=plan.slots, **LAUNCH_OPTIONS,
     )
     if s.intersect:
         _intersection_kernel[grid_rows](

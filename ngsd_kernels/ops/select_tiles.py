@@ -55,6 +55,8 @@ from hidden states and an LM-head weight) can call them directly.
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
 import triton.language.standard as _tl_standard
@@ -62,6 +64,8 @@ import triton.language.standard as _tl_standard
 KEY_NONE = tl.constexpr(-(2**63))  # absent slot of an int64 order key buffer
 VALUE_NONE = tl.constexpr(-(2**31))  # absent slot of an int32 value key buffer
 INDEX_NONE = tl.constexpr(2**31 - 1)
+# compiled for a GPU (not TRITON_INTERPRET): selects the GPU-only forms of ``exp_shifted``
+COMPILED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -314,8 +318,107 @@ def pair_kth_largest(xb, xe, kth, DENSE: tl.constexpr):
 SLOT_NONE = tl.constexpr(-1)  # absent slot of a value-multiset buffer: the bits of a negative NaN
 
 
+@triton.constexpr_function
+def bound_groups(n, k):
+    """Groups of a row of n columns whose maxima bound its k-th largest: 2k, at least 256, at most n
+    (more groups: a tighter bound but more work per bisection round)."""
+    return min(n, max(256, 2 * k))
+
+
 @triton.jit
-def store_topk_multiset(ptr, base, row_mask, x, t, few, kth, DENSE: tl.constexpr, K: tl.constexpr):
+def pair_group_bound(gb, ge, kth, ROUNDS: tl.constexpr, DENSE: tl.constexpr):
+    """Per-row lower bounds (fp32 values) of the k-th largest entries of two tiles, from the [R, G]
+    maxima of G groups of each (``tile_group_max``): the k-th largest group maximum, by MSB-first
+    bisection on the top ROUNDS bits of its dense key (``dense_key``; 16 = exact for bf16 / fp16).
+
+    The k groups whose maximum is >= the bound each hold an entry >= it, so at least kth entries
+    are >= the bound and it is <= the tile's k-th largest; the entries above it are few (about
+    1.1 k for values in random order with G >= 4 k, 1.4 k with G = 2 k). A round is one compare
+    and add per group maximum and one reduction, shared by base and expert (16-bit halves).
+    Rows with fewer than kth groups holding an entry > -inf get -inf or below (a NaN key clamps to
+    -inf / +inf, ``_pivot``).
+    """
+    R: tl.constexpr = gb.shape[0]
+    BITS: tl.constexpr = 32 if DENSE == 0 else 16
+    kb = dense_key(gb, DENSE)
+    ke = dense_key(ge, DENSE)
+    tb = tl.full([R], -(2 ** (BITS - 1)), tl.int32)
+    te = tl.full([R], -(2 ** (BITS - 1)), tl.int32)
+    for i in tl.static_range(ROUNDS):
+        if i == 0:
+            cb = tl.zeros_like(tb)
+            ce = tl.zeros_like(te)
+        else:
+            cb = tb | (2 ** (BITS - 1 - i))  # (a constexpr cannot be reassigned inside a loop)
+            ce = te | (2 ** (BITS - 1 - i))
+        cnt = tl.sum(tl.where(kb >= cb[:, None], 1, 0) + tl.where(ke >= ce[:, None], 65536, 0), axis=1)
+        tb = tl.where((cnt & 0xFFFF) >= kth, cb, tb)
+        te = tl.where((cnt >> 16) >= kth, ce, te)
+    return _pivot(tb, DENSE), _pivot(te, DENSE)
+
+
+@triton.constexpr_function
+def _thread_split(n, threads):
+    """(A, T) with A * T = n: the [A, T] view of a row in which GPU thread t owns columns t, t + T,
+    ... (the layout of a row loaded one element per thread by `threads` threads, ``_load_tile``'s
+    SCALAR). Correctness never depends on it, only the instruction count does."""
+    t = min(threads, n)
+    return (n // t, t)
+
+
+@triton.jit
+def tile_group_max(x, G: tl.constexpr):
+    """[R, G] maxima of the G strided groups of a [R, N] tile: group j holds columns j, j + G, ...
+    (thread-local in the one-element-per-thread layout when G is a multiple of the thread count;
+    strided groups keep sorted runs of columns apart)."""
+    R: tl.constexpr = x.shape[0]
+    N: tl.constexpr = x.shape[1]
+    return tl.max(tl.reshape(x, [R, N // G, G]), axis=1)
+
+
+@triton.jit
+def compaction_slots(flags, THREADS: tl.constexpr):
+    """(position [R, N], count [R]) of the set entries of a [R, N] 0/1 int32 tile: the set entries
+    of a row get distinct positions 0 .. count - 1 (the others meaningless ones), in thread-major
+    order of the [A, T] view (``_thread_split``): a sequential sum inside each thread, then one scan
+    over the T thread totals, instead of a scan over the whole row."""
+    R: tl.constexpr = flags.shape[0]
+    N: tl.constexpr = flags.shape[1]
+    SPLIT: tl.constexpr = _thread_split(N, THREADS)
+    f = tl.reshape(flags, [R, SPLIT[0], SPLIT[1]])
+    in_thread = tl.cumsum(f, axis=1)
+    thread_total = tl.sum(f, axis=1)
+    before_thread = tl.cumsum(thread_total, axis=1) - thread_total
+    pos = before_thread[:, None, :] + in_thread - 1
+    return tl.reshape(pos, [R, N]), tl.sum(thread_total, axis=1)
+
+
+@triton.jit
+def store_union_candidates(ptr, base, row_mask, x, bound, kth, SLOTS: tl.constexpr, THREADS: tl.constexpr = 128):
+    """Write a sub-multiset of a tile's values that holds its kth largest values to SLOTS fp32
+    slots per row, unsorted: the entries > bound (compacted, ``compaction_slots``), then copies of
+    bound up to kth slots, the rest SLOT_NONE. Returns [R] "written": false for rows past the batch
+    and for rows with more than SLOTS entries > bound (they write nothing; the caller decides them).
+
+    bound: [R] with at least kth entries >= it (``pair_group_bound``). If kth or more entries
+    exceed it, the kth largest are among them; if fewer do, bound is the kth largest value itself
+    and the copies complete the multiset. The reduce's k-th largest over all chunks' slots is then
+    the row's k-th largest: extra values below a chunk's own kth largest never reach the row's.
+    """
+    gt = x > bound[:, None]
+    pos, n_gt = compaction_slots(gt.to(tl.int32), THREADS)
+    written = row_mask & (n_gt <= SLOTS)
+    row_ptr = ptr + base
+    tl.store(row_ptr[:, None] + pos, x.to(tl.int32, bitcast=True), mask=gt & written[:, None])
+    slot = tl.arange(0, SLOTS)[None, :]
+    fill = tl.where(slot < kth, bound.to(tl.int32, bitcast=True)[:, None], SLOT_NONE)
+    tl.store(row_ptr[:, None] + slot, fill, mask=written[:, None] & (slot >= n_gt[:, None]))
+    return written
+
+
+@triton.jit
+def store_topk_multiset(ptr, base, row_mask, x, t, few, kth, DENSE: tl.constexpr, K: tl.constexpr,
+                        THREADS: tl.constexpr = 128):
     """Write the multiset of a tile's kth largest values to K fp32 slots per row, unsorted, without
     sorting: slots [0, n_gt) get the values above the k-th largest (compacted by a prefix sum),
     [n_gt, kth) copies of it, the rest SLOT_NONE (n_gt < kth <= K by the choice of t).
@@ -329,12 +432,11 @@ def store_topk_multiset(ptr, base, row_mask, x, t, few, kth, DENSE: tl.constexpr
     p_ge = tl.where(few, float("-inf"), _pivot(t + 1, DENSE))
     p_ge = tl.where(row_mask, p_ge, float("nan"))  # rows past the batch write nothing
     gt = x >= p_ge[:, None]
-    gt_i = gt.to(tl.int32)
+    pos, n_gt = compaction_slots(gt.to(tl.int32), THREADS)
     # the bound only matters for a short chunk's masked columns (and for rows holding NaN / +inf)
-    pos = tl.minimum(tl.cumsum(gt_i, axis=1) - 1, K - 1)
+    pos = tl.minimum(pos, K - 1)
     row_ptr = ptr + base
     tl.store(row_ptr[:, None] + pos, x.to(tl.int32, bitcast=True), mask=gt)
-    n_gt = tl.sum(gt_i, axis=1)
     slot = tl.arange(0, K)[None, :]
     t_bits = _pivot(t, DENSE).to(tl.int32, bitcast=True)
     fill = tl.where(slot < kth, t_bits[:, None], SLOT_NONE)
@@ -400,6 +502,33 @@ def tile_stats(x, mask):
     s = tl.sum(tl.exp(xs - m_safe[:, None]), axis=1)  # exp(-inf) = 0: no select needed
     bad = tl.max(tl.where(mask & ~ok, 1, 0), axis=1)
     return m, s, bad, (m > float("-inf")).to(tl.int32)
+
+
+@triton.jit
+def exp_shifted(x, m):
+    """exp(x - m) for x <= m. Compiled: exp2((x - m) log2(e)), which is what ``tl.exp`` compiles to
+    (FMUL + MUFU.EX2) minus its fix-up for results below 2^-126 (flushed to 0 here: nothing in a sum
+    of terms up to 1); interpreted: ``tl.exp``, exact like the reference."""
+    if COMPILED:
+        out = tl.exp2((x - m) * 1.4426950408889634)
+    else:
+        out = tl.exp(x - m)
+    return out
+
+
+@triton.jit
+def tile_stats_of_max(x, group_max):
+    """``tile_stats`` from the tile's [R, G] group maxima (any grouping, G = 1 included), with
+    fewer operations per entry: (max, sum exp(x - max), any NaN-or-+inf (0/1), any finite (0/1)).
+
+    Bad entries are not filtered out: each makes the sum NaN (NaN - m, or +inf - +inf with the max
+    +inf), so one test of the sum per row finds them, and such a chunk's max / sum are then
+    meaningless (its row is invalid whatever they are). Masked entries must hold -inf.
+    """
+    m = tl.max(group_max, axis=1)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    s = tl.sum(exp_shifted(x, m_safe[:, None]), axis=1)  # exp(-inf) = 0: no select needed
+    return m, s, (s != s).to(tl.int32), (m > float("-inf")).to(tl.int32)
 
 
 @triton.jit
@@ -576,19 +705,33 @@ def pass1_store_tile(
     lb, le, rows, row_mask, cols, col_mask, chunk, n_chunks,
     stats_ptr, counts_ptr, keys_b_ptr, keys_e_ptr,
     K: tl.constexpr, KEYS: tl.constexpr, kth=1, n_present=0, DENSE: tl.constexpr = 0,
+    SLOTS: tl.constexpr = 0, FALLBACK: tl.constexpr = True, THREADS: tl.constexpr = 128,
 ):
     """Pass 1 on a [BB, BV] tile pair: chunk statistics and the chunk's candidates -> scratch.
 
-    KEYS: 0 no keys (gate shut); 1 the multiset of the chunk's kth largest values of each row as
-    int32 value keys, unsorted (union thresholds: ``pair_kth_largest`` + ``store_topk_multiset``,
-    no sorting; n_present = columns of this chunk inside the vocabulary, DENSE the logits' storage
-    dtype as in ``dense_key``); 2 the sorted top-K int64 order keys (intersection ranks).
+    KEYS: 0 no keys (gate shut); 2 the sorted top-K int64 order keys (intersection ranks); 1 union
+    thresholds: SLOTS (>= K; 0 means K and the exact path below) fp32 slots per row holding a
+    sub-multiset of the chunk's values that
+    contains its kth largest (``store_union_candidates`` above the group-maxima bound
+    ``pair_group_bound``; no sorting). A row with more than SLOTS entries above its bound is
+    rewritten exactly by bisection over all its entries (``pair_kth_largest`` +
+    ``store_topk_multiset``: 16 / 32 rounds over every entry) when FALLBACK (always, except in
+    the kernel report's fast-path count). n_present = columns of this chunk inside the
+    vocabulary; DENSE the logits' storage dtype as in ``dense_key``. THREADS: the program's thread
+    count, a layout hint for ``compaction_slots`` (correct whatever it is).
     """
     mask = row_mask[:, None] & col_mask[None, :]
     lb = tl.where(mask, lb, float("-inf"))
     le = tl.where(mask, le, float("-inf"))
-    m_b, s_b, bad_b, fin_b = tile_stats(lb, mask)
-    m_e, s_e, bad_e, fin_e = tile_stats(le, mask)
+    if KEYS == 1 and SLOTS != 0:
+        G: tl.constexpr = bound_groups(lb.shape[1], K)
+        gb = tile_group_max(lb, G)
+        ge = tile_group_max(le, G)
+    else:
+        gb = tl.max(lb, axis=1, keep_dims=True)
+        ge = tl.max(le, axis=1, keep_dims=True)
+    m_b, s_b, bad_b, fin_b = tile_stats_of_max(lb, gb)
+    m_e, s_e, bad_e, fin_e = tile_stats_of_max(le, ge)
     if KEYS == 2:
         top_b = tile_topk_keys(lb, cols, mask, K, KEYS)
         top_e = tile_topk_keys(le, cols, mask, K, KEYS)
@@ -597,12 +740,24 @@ def pass1_store_tile(
         top_e = 0
     store_pass1_partials(rows, row_mask, chunk, n_chunks, stats_ptr, counts_ptr, keys_b_ptr, keys_e_ptr,
                          m_b, s_b, bad_b, fin_b, m_e, s_e, bad_e, fin_e, top_b, top_e, K, KEYS & 2)
-    if KEYS == 1:
+    if KEYS == 1 and SLOTS == 0:
+        # K slots per chunk (csrc_triton's AOT build): the exact k-th largest by bisection over every entry
         tb, te = pair_kth_largest(lb, le, kth, DENSE)
         few = (n_present < kth) | (rows < 0)  # a short last chunk: all of it is a candidate
         base = (rows.to(tl.int64) * n_chunks + chunk) * K
-        store_topk_multiset(keys_b_ptr, base, row_mask, lb, tb, few, kth, DENSE, K)
-        store_topk_multiset(keys_e_ptr, base, row_mask, le, te, few, kth, DENSE, K)
+        store_topk_multiset(keys_b_ptr, base, row_mask, lb, tb, few, kth, DENSE, K, THREADS)
+        store_topk_multiset(keys_e_ptr, base, row_mask, le, te, few, kth, DENSE, K, THREADS)
+    elif KEYS == 1:
+        bound_b, bound_e = pair_group_bound(gb, ge, kth, 16, DENSE)
+        base = (rows.to(tl.int64) * n_chunks + chunk) * SLOTS
+        done_b = store_union_candidates(keys_b_ptr, base, row_mask, lb, bound_b, kth, SLOTS, THREADS)
+        done_e = store_union_candidates(keys_e_ptr, base, row_mask, le, bound_e, kth, SLOTS, THREADS)
+        if FALLBACK:
+            if tl.sum((row_mask & ~(done_b & done_e)).to(tl.int32), axis=0) > 0:  # rare: see pair_group_bound
+                tb, te = pair_kth_largest(lb, le, kth, DENSE)
+                few = (n_present < kth) | (rows < 0)  # a short last chunk: all of it is a candidate
+                store_topk_multiset(keys_b_ptr, base, row_mask & ~done_b, lb, tb, few, kth, DENSE, SLOTS, THREADS)
+                store_topk_multiset(keys_e_ptr, base, row_mask & ~done_e, le, te, few, kth, DENSE, SLOTS, THREADS)
 
 
 @triton.jit

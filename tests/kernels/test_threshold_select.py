@@ -8,6 +8,7 @@ The kernels run under TRITON_INTERPRET=1 on CPU.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -27,16 +28,31 @@ from ngsd_kernels.reference import kth_largest  # noqa: E402
 SPECIALS = (float("-inf"), 0.0, -0.0, 1e-40, -1e-40, 3.0, -3.0, 65504.0, -65504.0)
 
 
-def stored_thresholds(base: torch.Tensor, expert: torch.Tensor, k: int, block_v: int | None) -> torch.Tensor:
-    """[B, 2] (base, expert) union thresholds as the reduce kernel stores them."""
+def stored_thresholds(base: torch.Tensor, expert: torch.Tensor, k: int, block_v: int | None,
+                      fallback: bool = True) -> torch.Tensor:
+    """[B, 2] (base, expert) union thresholds as the reduce kernel stores them. ``fallback=False``:
+    pass 1 without its exact rewrite of rows whose group-maxima bound let too many entries through."""
     batch, vocab = base.shape
     params = StepParams(candidate_k=k, gate=GateMode.OPEN)
     plan = plan_select(batch, vocab, params, block_v=block_v)
     scratch = Scratch.allocate(plan, base.device)
+    scratch.keys_b.fill_(-1)  # SLOT_NONE: slots pass 1 leaves unwritten hold no value (deterministic)
+    scratch.keys_e.fill_(-1)
     zero = torch.zeros(1, dtype=torch.int64)
-    launch_select(LogitsPasses.of(base, expert), plan, scratch,
-                  RowVectors.of(torch.zeros(batch), torch.full((batch,), 0.5), zero, zero), params)
+    source = dataclasses.replace(LogitsPasses.of(base, expert), fallback=fallback)
+    launch_select(source, plan, scratch, RowVectors.of(torch.zeros(batch), torch.full((batch,), 0.5), zero, zero),
+                  params)
     return scratch.rowinfo[:, 4:6]
+
+
+def entries_above_group_bound(logits: torch.Tensor, k: int, block_v: int, groups: int) -> torch.Tensor:
+    """[B, chunks] entries of each chunk above its group-maxima bound (select_tiles.pair_group_bound,
+    exact for 16-bit logits): the k-th largest maximum of the strided groups j, j + groups, ..."""
+    batch, vocab = logits.shape
+    chunks = logits.float().reshape(batch, vocab // block_v, block_v)
+    group_max = chunks.reshape(batch, vocab // block_v, block_v // groups, groups).amax(dim=2)
+    bound = group_max.topk(k, dim=-1).values[..., -1:]
+    return (chunks > bound).sum(-1)
 
 
 @st.composite
@@ -88,3 +104,34 @@ def test_ties_straddling_chunks_and_a_short_last_chunk():
     expert[0, 39] = 1.0  # one finite entry, in the short last chunk: the 20th largest is -inf
     got = stored_thresholds(base.bfloat16(), expert.bfloat16(), 20, 16)
     assert got[0, 0] == 2.0 and got[0, 1] == float("-inf")
+
+
+# A chunk of 4096 columns, k = 64: plan buffer 64, 128 slots per chunk, 256 strided groups of 16.
+CHUNK, K_UNION, SLOTS, GROUPS = 4096, 64, 128, 256
+
+
+def test_group_bound_alone_decides_random_rows():
+    gen = torch.Generator().manual_seed(7)
+    base = (torch.randn(2, 2 * CHUNK, generator=gen) * 3.0).bfloat16()
+    expert = (torch.randn(2, 2 * CHUNK, generator=gen) * 3.0).bfloat16()
+    for logits in (base, expert):  # the fast path applies to every chunk: no fallback needed
+        assert int(entries_above_group_bound(logits, K_UNION, CHUNK, GROUPS).max()) <= SLOTS
+    got = stored_thresholds(base, expert, K_UNION, CHUNK, fallback=False)
+    for col, logits in enumerate((base, expert)):
+        assert torch.equal(got[:, col], kth_largest(logits.float(), K_UNION)[:, 0])
+
+
+def test_rows_the_group_bound_cannot_decide_take_the_exact_fallback():
+    # the largest 256 values sit in 16 of the 256 groups (columns = 0..15 mod 256): the 64th largest group
+    # maximum is a small value and 256 > SLOTS entries lie above it in the first chunk
+    gen = torch.Generator().manual_seed(3)
+    base = torch.randn(1, 2 * CHUNK, generator=gen)
+    cols = torch.arange(CHUNK)
+    base[0, :CHUNK][(cols % GROUPS) < 16] += 20.0
+    base = base.bfloat16()
+    expert = (torch.randn(1, 2 * CHUNK, generator=gen) * 3.0).bfloat16()
+    assert int(entries_above_group_bound(base, K_UNION, CHUNK, GROUPS)[0, 0]) > SLOTS
+    want = kth_largest(base.float(), K_UNION)[:, 0]
+    assert torch.equal(stored_thresholds(base, expert, K_UNION, CHUNK)[:, 0], want)
+    # without the fallback the chunk writes nothing: the test above would notice a broken fallback
+    assert not torch.equal(stored_thresholds(base, expert, K_UNION, CHUNK, fallback=False)[:, 0], want)
