@@ -6,9 +6,9 @@ added as they load. Each stack has its own attention layers, so vLLM allocates a
 for both and schedules them as one request: chunked prefill, preemption and recompute, prefix
 caching and batch reordering treat base and expert alike, and the two always see the same
 context. `forward` returns both final hidden states side by side ([tokens, 2 * hidden]);
-`compute_logits` returns the base logits (what vLLM's sampler, its built-in processors and
-opted-out requests see) and leaves the expert's hidden states of the same rows for
-`NGSDLogitsProcessor` (`channel.py`).
+`compute_logits` runs the (shared) LM head once on both stacks' rows, returns the base logits
+(what vLLM's sampler, its built-in processors and opted-out requests see) and leaves the
+expert's logits of the same rows for `NGSDLogitsProcessor` (`channel.py`).
 """
 
 from __future__ import annotations
@@ -40,9 +40,9 @@ class NGSDGuardedLlamaForCausalLM(nn.Module):
         self.base = LlamaForCausalLM(vllm_config=vllm_config, prefix=_join(prefix, "base"))
         self.expert = LlamaForCausalLM(vllm_config=vllm_config, prefix=_join(prefix, "expert"))
         self.adapter = LoraAdapter.load(_expert_path(self.settings.expert))
-        if self.adapter.targets_lm_head():
-            raise ValueError(f"ngsd: the expert {self.adapter.source} changes the LM head; only decoder-layer "
-                             "LoRA adapters are supported in vLLM")
+        if self.adapter.targets_lm_head() or any(name.split(".")[-1] == "embed_tokens" for name in self.adapter.pairs):
+            raise ValueError(f"ngsd: the expert {self.adapter.source} changes the LM head or the embeddings (tied to the "
+                             "head); only decoder-layer LoRA adapters are supported in vLLM")
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.base.embed_input_ids(input_ids)
@@ -56,8 +56,14 @@ class NGSDGuardedLlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         base, expert = hidden_states.split(self.hidden_size, dim=-1)
-        CHANNEL.put(ExpertRows(expert, self.expert.compute_logits))
-        return self.base.compute_logits(base)
+        rows = base.shape[0]
+        # The expert's LM head is the base's (the adapter may not touch it: checked at load), so one
+        # GEMM on the stacked rows reads the head's weight once for both.
+        logits = self.base.compute_logits(torch.cat([base, expert], dim=0))
+        if logits is None:  # a tensor-parallel rank the head gathers away from: it does not sample
+            return None
+        CHANNEL.put(ExpertRows(logits[rows:]))
+        return logits[:rows]
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Every checkpoint tensor to the base as is, and to the expert with its LoRA delta merged in."""

@@ -2,23 +2,53 @@
 
 The reference materialises a dozen [B, V] temporaries (log-softmax, masks, the full mixture);
 on a CPU that is most of the op's time. For greedy decoding with total variation and union
-candidates (the NGSD default) the choice only ever involves a handful of tokens per row: the
-mixture changes scores on the candidate set C = top-k(base) ∪ top-k(expert), and outside C the
-best token is the best base token not in C, which sits among the base's top 2k+1 tokens. So
-after two softmaxes and the divergence, this path works on [B, 3k+1] gathered scores.
+candidates (the NGSD default) the choice only ever involves a handful of tokens per row:
 
-Passes over [B, V]: softmax x2, |p_b - p_e| and its sum, top-(2k+1) of the base, top-(k+1) of
-the expert. Results equal the reference's; where a row has tokens tied across a top-k boundary,
-or the settings are not greedy/TV/union, the reference runs instead.
+- a row whose neuron did not fire takes the base's argmax (its scores are the base's
+  probabilities), one pass over [B, V];
+- a row whose neuron fired changes scores only on the candidate set C = top-k(base) ∪
+  top-k(expert), and outside C the best token is the best base token not in C, which sits among
+  the base's top 2k+1 tokens. So after the divergence, fired rows work on [F, 3k+1] gathered
+  scores; the two top-k searches (the op's most expensive passes after the softmaxes) run only
+  on those F rows.
+
+Passes over [B, V]: softmax x2, one fused |p_b - p_e| sum (`vector_norm`), the base argmax;
+over [F, V]: top-(2k+1) of the base, top-(k+1) of the expert. No [B, V] buffer is written in
+place or kept beyond the op. Results equal the reference's; where a fired row has tokens tied
+across a top-k boundary, or the settings are not greedy/TV/union, the reference runs instead.
 """
 
 from __future__ import annotations
+
+import threading
 
 import torch
 from torch import Tensor
 
 from ..params import CandidateMode, Divergence, GateMode, StepParams
 from ..reference import Outputs, alpha_is_valid, guarded_select_reference, lif_step
+
+
+class _Scratch(threading.local):
+    """[B, V] fp32 work buffers kept between calls, one set per thread and device.
+
+    A fresh 25 MB tensor (B = 128, V = 49,152) is fresh pages from the OS, zeroed on first touch;
+    at B = 128 that was about a third of the op's time. The buffers grow to the largest batch seen
+    and are views for smaller ones; nothing the op returns aliases them.
+    """
+
+    def __init__(self) -> None:
+        self.buffers: dict[torch.device, Tensor] = {}
+
+    def take(self, count: int, shape: torch.Size, device: torch.device) -> list[Tensor]:
+        size = shape.numel()
+        buffer = self.buffers.get(device)
+        if buffer is None or buffer.numel() < count * size:
+            buffer = self.buffers[device] = torch.empty(count * size, dtype=torch.float32, device=device)
+        return [buffer[i * size : (i + 1) * size].view(shape) for i in range(count)]
+
+
+_SCRATCH = _Scratch()
 
 
 def fast_path_applies(params: StepParams) -> bool:
@@ -39,11 +69,47 @@ def cpu_guarded_select(base_logits: Tensor, expert_logits: Tensor, potential: Te
         return guarded_select_reference(base_logits, expert_logits, potential, alpha, seed, offset, params)
     lb = base_logits.float()
     le = expert_logits.float()
-    batch, vocab = lb.shape
-    k = max(1, min(params.candidate_k, vocab))
+    k = max(1, min(params.candidate_k, lb.shape[1]))
+
+    pb, pe, gap, fired_lb, fired_le = _SCRATCH.take(5, lb.shape, lb.device)
+    torch.ops.aten._softmax.out(lb, -1, False, out=pb)
+    torch.ops.aten._softmax.out(le, -1, False, out=pe)
+    # One pass for |p_b - p_e| and its sum: abs().sum() would write and reread another [B, V] buffer.
+    divergence = 0.5 * torch.linalg.vector_norm(torch.sub(pb, pe, out=gap), ord=1, dim=-1)
+    # NaN or +inf anywhere, or a row of only -inf, makes its softmax (hence D) NaN.
+    valid = ~torch.isnan(divergence) & alpha_is_valid(alpha.float(), params.candidate_mode)
+    divergence = torch.where(valid, divergence, torch.full_like(divergence, float("nan")))
+    mix_alpha = torch.where(valid, alpha.float(), torch.zeros_like(divergence))
+
+    old_potential = potential.float()
+    new_potential, fired = lif_step(old_potential, divergence, params.tau, params.v_th, params.v_reset, params.rho)
+    gate = params.gate
+    spike = fired if gate == GateMode.LIF else torch.full_like(fired, gate == GateMode.OPEN)
+
+    tokens = pb.argmax(dim=-1)  # first (lowest) id among equal maxima, as the reference's greedy choice
+    mixing = (spike & valid).nonzero().squeeze(1)
+    if mixing.numel():
+        if mixing.numel() == lb.shape[0]:
+            fired_lb, fired_le = lb, le
+        else:  # the fired rows' logits into work buffers (fresh [F, V] tensors would cost page faults)
+            fired_lb = torch.index_select(lb, 0, mixing, out=fired_lb[: mixing.numel()])
+            fired_le = torch.index_select(le, 0, mixing, out=fired_le[: mixing.numel()])
+        chosen = _mixed_choice(fired_lb, fired_le, pb, pe, mixing, mix_alpha[mixing], k)
+        if chosen is None:
+            return guarded_select_reference(base_logits, expert_logits, potential, alpha, seed, offset, params)
+        tokens[mixing] = chosen
+
+    tokens = torch.where(valid, tokens, torch.full_like(tokens, -1))
+    new_potential = torch.where(valid, new_potential, old_potential)
+    return tokens, new_potential, spike & valid, divergence
+
+
+def _mixed_choice(lb: Tensor, le: Tensor, pb: Tensor, pe: Tensor, rows: Tensor, alpha: Tensor, k: int) -> Tensor | None:
+    """Greedy tokens of the fired rows (their logits `lb`, `le`; `rows` of the batch's `pb`, `pe`), or None
+    when a top-k boundary is tied in one of them."""
+    vocab = lb.shape[1]
     base_list = min(2 * k + 1, vocab)
     expert_list = min(k + 1, vocab)
-
     top_b = torch.topk(lb, base_list, dim=-1)
     top_e = torch.topk(le, expert_list, dim=-1)
     threshold_b = top_b.values[:, k - 1 : k]
@@ -54,32 +120,11 @@ def cpu_guarded_select(base_logits: Tensor, expert_logits: Tensor, potential: Te
     if expert_list > k:
         tied = tied | (top_e.values[:, k : k + 1] >= threshold_e)
     if bool(tied.any()):
-        return guarded_select_reference(base_logits, expert_logits, potential, alpha, seed, offset, params)
-
-    pb = torch.softmax(lb, dim=-1)
-    pe = torch.softmax(le, dim=-1)
-    gap = pb - pe
-    divergence = 0.5 * gap.abs_().sum(-1)
-    # NaN or +inf anywhere, or a row of only -inf, makes its softmax (hence D) NaN.
-    alpha = alpha.float()
-    valid = ~torch.isnan(divergence) & alpha_is_valid(alpha, params.candidate_mode)
-    divergence = torch.where(valid, divergence, torch.full_like(divergence, float("nan")))
-    alpha = torch.where(valid, alpha, torch.zeros_like(alpha))
-
-    potential = potential.float()
-    new_potential, fired = lif_step(potential, divergence, params.tau, params.v_th, params.v_reset, params.rho)
-    gate = params.gate
-    spike = fired if gate == GateMode.LIF else torch.full_like(fired, gate == GateMode.OPEN)
-
+        return None
     ids = torch.cat([top_b.indices, top_e.indices[:, :k]], dim=-1)
-    pb_listed = pb.gather(1, ids)
-    pe_listed = pe.gather(1, ids)
+    pb_listed = pb[rows[:, None], ids]
+    pe_listed = pe[rows[:, None], ids]
     in_set = (lb.gather(1, ids) >= threshold_b) | (le.gather(1, ids) >= threshold_e)
     mixed = pb_listed + alpha[:, None] * (pe_listed - pb_listed)
-    guarded = torch.where(in_set, mixed, pb_listed)
-    scores = torch.where(spike[:, None], guarded, pb_listed)
-    tokens = _lowest_id_argmax(scores, ids, vocab)
-
-    tokens = torch.where(valid, tokens, torch.full_like(tokens, -1))
-    new_potential = torch.where(valid, new_potential, potential)
-    return tokens, new_potential, spike & valid, divergence
+    scores = torch.where(in_set, mixed, pb_listed)
+    return _lowest_id_argmax(scores, ids, vocab)
