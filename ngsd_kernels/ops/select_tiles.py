@@ -708,6 +708,7 @@ def pass1_store_tile(
     SLOTS: tl.constexpr = 0, FALLBACK: tl.constexpr = True, THREADS: tl.constexpr = 128,
 ):
     """Pass 1 on a [BB, BV] tile pair: chunk statistics and the chunk's candidates -> scratch.
+    Masked entries (``row_mask``, ``col_mask``) must hold -inf.
 
     KEYS: 0 no keys (gate shut); 2 the sorted top-K int64 order keys (intersection ranks); 1 union
     thresholds: SLOTS (>= K; 0 means K and the exact path below) fp32 slots per row holding a
@@ -720,9 +721,7 @@ def pass1_store_tile(
     vocabulary; DENSE the logits' storage dtype as in ``dense_key``. THREADS: the program's thread
     count, a layout hint for ``compaction_slots`` (correct whatever it is).
     """
-    mask = row_mask[:, None] & col_mask[None, :]
-    lb = tl.where(mask, lb, float("-inf"))
-    le = tl.where(mask, le, float("-inf"))
+    mask = row_mask[:, None] & col_mask[None, :]  # masked entries hold -inf already (the loads' `other`)
     if KEYS == 1 and SLOTS != 0:
         G: tl.constexpr = bound_groups(lb.shape[1], K)
         gb = tile_group_max(lb, G)
