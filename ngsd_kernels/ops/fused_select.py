@@ -7,11 +7,12 @@ and the exact fallback are ``launcher.py``'s, shared with the hidden-state path.
 and scratch layout are described at the top of ``select_tiles.py`` and, with byte counts, in
 ``bench/ROOFLINE.md``.
 
-Launches per step: pass 1, reduce, [intersection], pass 2, finalize -- 4 or 5, no host
-synchronisation, except in the modes that use a bounded top-K buffer (top-k / top-p sampling,
-intersection candidates): there one flag tensor is read on the host after the finalize kernel, and
-rows whose kept set did not fit in the buffer (see ``buffer_sample``) are recomputed with the
-PyTorch reference, so results stay exact.
+Launches per step: pass 1, reduce, [intersection], pass 2, finalize -- 4 or 5, plus, in top-k /
+top-p sampling, ``_sample_fallback_kernel``, which decides on the GPU the rows whose kept set did not
+fit in the top-K buffer (see ``buffer_sample``; its programs return at once for the other rows). No
+host synchronisation, except with intersection candidates: there one flag tensor is read on the host
+after the finalize kernel, and rows whose grown intersection did not fit in the buffer are recomputed
+with the PyTorch reference, so results stay exact.
 
 On CPU the kernels run only under ``TRITON_INTERPRET=1`` (set before Triton is imported).
 """
@@ -31,6 +32,8 @@ from .launcher import (
     INTERPRETED,
     LAUNCH_OPTIONS,
     MAX_BUFFER,
+    TILE_ELEMENTS,
+    next_pow2,
     Outputs,
     RowVectors,
     Scratch,
@@ -40,7 +43,16 @@ from .launcher import (
     plan_select,
     select_exact,
 )
-from .select_tiles import pass1_store_tile, pass2_store_tile
+from .select_tiles import (
+    INDEX_NONE,
+    pass1_store_tile,
+    pass2_store_tile,
+    philox_gumbel,
+    tile_log_probs,
+    tile_union_scores,
+    value_key,
+    value_of,
+)
 
 __all__ = ["INTERPRETED", "MAX_BUFFER", "LogitsPasses", "fused_guarded_select", "fused_guarded_select_with_overflow",
            "plan_select"]
@@ -122,6 +134,121 @@ def _pass2_kernel(
     )
 
 
+@triton.jit
+def _row_q_tile(lb_ptr, le_ptr, row, stride_b, stride_e, start, n_vocab, m_b, ls_b, m_e, ls_e, alpha, thr_b, thr_e,
+                mixed, BT: tl.constexpr):
+    """q = max(s, 0) of the columns start .. start + BT - 1 of one row, the scores s exactly as pass 2
+    computes them (``tile_log_probs`` / ``tile_union_scores``; the union mixture where ``mixed``);
+    columns past the vocabulary get q = 0 (never kept). Returns [1, BT] q and [BT] column ids."""
+    cols = start + tl.arange(0, BT)
+    cm = (cols < n_vocab)[None, :]
+    lb = tl.load(lb_ptr + row * stride_b + cols[None, :], mask=cm, other=float("-inf")).to(tl.float32)
+    le = tl.load(le_ptr + row * stride_e + cols[None, :], mask=cm, other=float("-inf")).to(tl.float32)
+    _, pb = tile_log_probs(lb, m_b, ls_b)
+    _, pe = tile_log_probs(le, m_e, ls_e)
+    s = tl.where(mixed[:, None], tile_union_scores(lb, le, pb, pe, alpha, thr_b, thr_e), pb)
+    return tl.where(cm, tl.maximum(s, 0.0), 0.0), cols
+
+
+@triton.jit
+def _sample_fallback_kernel(
+    lb_ptr, le_ptr, stride_b, stride_e, n_vocab, rowinfo_ptr, alpha_ptr, spike_ptr, over_ptr, tokens_ptr,
+    seed_ptr, seed_stride, offset_ptr, offset_stride, temperature, top_k, top_p,
+    BT: tl.constexpr, MODE: tl.constexpr, USE_TOPK: tl.constexpr, USE_TOPP: tl.constexpr,
+):
+    """The exact token of one row whose top-K sampling buffer could not decide (the finalize's
+    overflow flag), on the GPU: no host read. Programs of rows without the flag return at once.
+
+    The row's q = max(s, 0) is recomputed tile by tile from the logits (union mixture if the row
+    spiked in union mode; intersection rows that spiked are left flagged for the caller). Then the
+    rules of reference.sampling_mask by bisection over value keys, one pass over the row per round
+    (a rare path: ~64 passes): the top-k threshold (the k-th largest q, 31 rounds), the top-p one
+    (the smallest probability whose mass strictly above it is < top_p, 31 rounds over
+    probabilities q / sum of the kept q), and the Gumbel-max draw with the reference's Philox noise.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    one = tl.zeros([1], tl.int32)
+    flagged = tl.load(over_ptr + row + one) != 0
+    spiked = tl.load(spike_ptr + row + one) != 0
+    if MODE == 1:
+        flagged = flagged & ~spiked  # the grown intersection decides those rows: the caller's fallback
+    if tl.sum(flagged.to(tl.int32), axis=0) > 0:
+        info = rowinfo_ptr + row * 8 + one
+        m_b = tl.load(info)
+        ls_b = tl.load(info + 1)
+        m_e = tl.load(info + 2)
+        ls_e = tl.load(info + 3)
+        thr_b = tl.load(info + 4)
+        thr_e = tl.load(info + 5)
+        alpha = tl.load(alpha_ptr + row + one)
+        mixed = spiked & (MODE == 0)
+        # top-k: the k-th largest q (value keys of q >= 0 are its bit patterns), else 0
+        kth_q = tl.zeros([1], tl.float32)
+        if USE_TOPK:
+            k = tl.minimum(top_k, n_vocab)
+            t = tl.zeros([1], tl.int32)
+            for bit in range(31):
+                cand = t | (1 << (30 - bit))
+                cnt = tl.zeros([1], tl.int32)
+                for start in range(0, n_vocab, BT):
+                    q, _ = _row_q_tile(lb_ptr, le_ptr, row, stride_b, stride_e, start, n_vocab, m_b, ls_b, m_e, ls_e, alpha,
+                                    thr_b, thr_e, mixed, BT)
+                    cnt += tl.sum((value_key(q) >= cand[:, None]).to(tl.int32), axis=1)
+                t = tl.where(cnt >= k, cand, t)
+            kth_q = value_of(t)
+        # top-p: probabilities of the kept q; kept iff their mass strictly above is < top_p (or the max)
+        floor_p = tl.zeros([1], tl.float32)
+        norm = tl.full([1], 1.0, tl.float32)
+        if USE_TOPP:
+            total = tl.zeros([1], tl.float32)
+            for start in range(0, n_vocab, BT):
+                q, _ = _row_q_tile(lb_ptr, le_ptr, row, stride_b, stride_e, start, n_vocab, m_b, ls_b, m_e, ls_e, alpha,
+                                    thr_b, thr_e, mixed, BT)
+                total += tl.sum(tl.where((q > 0.0) & (q >= kth_q[:, None]), q, 0.0), axis=1)
+            norm = tl.maximum(total, 1e-30)
+            t = tl.zeros([1], tl.int32)
+            p_max = tl.zeros([1], tl.float32)
+            for bit in range(31):  # the largest key whose mass strictly above is still >= top_p
+                cand = t | (1 << (30 - bit))
+                mass = tl.zeros([1], tl.float32)
+                for start in range(0, n_vocab, BT):
+                    q, _ = _row_q_tile(lb_ptr, le_ptr, row, stride_b, stride_e, start, n_vocab, m_b, ls_b, m_e, ls_e, alpha,
+                                    thr_b, thr_e, mixed, BT)
+                    prob = tl.where((q > 0.0) & (q >= kth_q[:, None]), q, 0.0) / norm[:, None]
+                    mass += tl.sum(tl.where(prob > value_of(cand)[:, None], prob, 0.0), axis=1)
+                    p_max = tl.maximum(p_max, tl.max(prob, axis=1))
+                t = tl.where(mass >= top_p, cand, t)
+            mass0 = tl.zeros([1], tl.float32)  # the mass strictly above 0 (t = 0 is never tested above)
+            for start in range(0, n_vocab, BT):
+                q, _ = _row_q_tile(lb_ptr, le_ptr, row, stride_b, stride_e, start, n_vocab, m_b, ls_b, m_e, ls_e, alpha,
+                                    thr_b, thr_e, mixed, BT)
+                prob = tl.where((q > 0.0) & (q >= kth_q[:, None]), q, 0.0) / norm[:, None]
+                mass0 += tl.sum(tl.where(prob > 0.0, prob, 0.0), axis=1)
+            # first key past the largest one with mass >= top_p: its value is the smallest kept probability
+            floor_p = tl.where(mass0 >= top_p, tl.minimum(value_of(t + 1), p_max), 0.0)
+        # Gumbel-max over the kept tokens, the reference's noise (lowest id among equal maxima)
+        seed = tl.load(seed_ptr + row * seed_stride + one)
+        offset = tl.load(offset_ptr + row * offset_stride + one)
+        best = tl.full([1], float("-inf"), tl.float32)
+        best_id = tl.full([1], INDEX_NONE, tl.int32)
+        for start in range(0, n_vocab, BT):
+            q, cols = _row_q_tile(lb_ptr, le_ptr, row, stride_b, stride_e, start, n_vocab, m_b, ls_b, m_e, ls_e, alpha,
+                                    thr_b, thr_e, mixed, BT)
+            keep = (q > 0.0) & (q >= kth_q[:, None])
+            if USE_TOPP:
+                keep = keep & (q / norm[:, None] >= floor_p[:, None])
+            gumbel = philox_gumbel(cols[None, :], seed[:, None], offset[:, None], (row + one)[:, None])
+            perturbed = tl.where(keep, tl.log(q) / temperature + gumbel, float("-inf"))
+            tile_best = tl.max(perturbed, axis=1)
+            tile_id = tl.min(tl.where(keep & (perturbed == tile_best[:, None]), cols[None, :], INDEX_NONE), axis=1)
+            better = tile_best > best
+            best_id = tl.where(better, tile_id, best_id)
+            best = tl.where(better, tile_best, best)
+        token = tl.where(best == float("-inf"), 0, best_id)  # nothing kept: torch.argmax of all -inf is 0
+        tl.store(tokens_ptr + row + one, token.to(tl.int64), mask=flagged)
+        tl.store(over_ptr + row + one, tl.zeros_like(flagged), mask=flagged)
+
+
 @dataclass(frozen=True)
 class LogitsPasses:
     """The launcher's source for materialised logits [B, V] (unit stride along the vocabulary)."""
@@ -163,6 +290,18 @@ class LogitsPasses:
             s.div, s.best, s.besti, s.keys2, s.mass,
             BB=plan.block_b, BV=plan.block_v, K=plan.buffer, DIVERGENCE=plan.divergence, SAMPLE=plan.sample,
             NEED_V0=plan.need_v0, NEED_V1=plan.need_v1, **LAUNCH_OPTIONS,
+        )
+
+    def sample_fallback(self, plan: SelectPlan, s: Scratch, rows: RowVectors, params: StepParams,
+                        temperature: float, tokens: torch.Tensor, spike: torch.Tensor, over: torch.Tensor) -> None:
+        """Decide the rows whose top-K sampling buffer overflowed on the GPU (``_sample_fallback_kernel``):
+        one program per row, which returns at once unless the row is flagged; clears their flags."""
+        lb, le = self.base_logits, self.expert_logits
+        bt = min(next_pow2(plan.vocab), TILE_ELEMENTS if INTERPRETED else 2048)
+        _sample_fallback_kernel[(plan.batch,)](
+            lb, le, lb.stride(0), le.stride(0), plan.vocab, s.rowinfo, rows.alpha, spike, over, tokens,
+            rows.seed, rows.seed_stride, rows.offset, rows.offset_stride, temperature, params.top_k, params.top_p,
+            BT=bt, MODE=plan.mode, USE_TOPK=plan.use_topk, USE_TOPP=plan.use_topp, **LAUNCH_OPTIONS,
         )
 
     def row_logits(self, row_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -210,9 +349,10 @@ def fused_guarded_select(
     must be > 0; candidate_k, min_candidates and top_k (each clipped to V) at most MAX_BUFFER.
     Invalid rows follow the reference: token -1, NaN divergence, potential unchanged, no spike.
 
-    Rows whose top-k / top-p kept set or intersection did not fit in the top-K buffer are
-    recomputed with the PyTorch reference (one host read of a flag tensor, buffer modes only);
-    ``fused_guarded_select_with_overflow`` skips that and returns the flags instead.
+    Rows whose top-k / top-p kept set did not fit in the top-K buffer are decided exactly on the GPU
+    (``_sample_fallback_kernel``); rows whose grown intersection did not fit are recomputed with the
+    PyTorch reference (one host read of a flag tensor, intersection mode only).
+    ``fused_guarded_select_with_overflow`` skips both and returns the flags instead.
     ``buffer_size``, ``block_v``, ``block_b`` override the launch constants.
 
     Example (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)::
@@ -234,14 +374,15 @@ def fused_guarded_select_with_overflow(
     params: StepParams = StepParams(), *, buffer_size: int | None = None, block_v: int | None = None,
     block_b: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
-    """The kernels alone, no host synchronisation: (tokens, potential, spike, divergence, overflow).
+    """The step kernels without any fallback: (tokens, potential, spike, divergence, overflow).
 
     ``overflow`` (bool [B], or None in modes where it cannot happen) marks rows whose buffer could
-    not decide; their token is the buffer's answer and may differ from the reference.
+    not decide; their token is the buffer's answer and may differ from the reference
+    (``fused_guarded_select`` decides them: top-k / top-p rows on the GPU, intersection rows on the host).
     """
     plan, scratch = _prepare(base_logits, expert_logits, potential, alpha, seed, offset, params,
                              buffer_size=buffer_size, block_v=block_v, block_b=block_b)
     if plan is None:
         return (*_empty_batch_outputs(base_logits.shape[0], potential), None)
     source = LogitsPasses.of(base_logits, expert_logits)
-    return launch_select(source, plan, scratch, RowVectors.of(potential, alpha, seed, offset), params)
+    return launch_select(source, plan, scratch, RowVectors.of(potential, alpha, seed, offset), params, fallback=False)

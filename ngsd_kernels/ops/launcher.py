@@ -514,7 +514,8 @@ def _per_row(t: torch.Tensor, batch: int) -> tuple[torch.Tensor, int]:
 
 
 class PassKernels(Protocol):
-    """What a logits source provides: its two passes over the vocabulary, and logits of some rows."""
+    """What a logits source provides: its two passes over the vocabulary, and logits of some rows
+    (optionally also ``sample_fallback``, see ``launch_select``)."""
 
     def pass1(self, plan: SelectPlan, scratch: Scratch) -> None: ...
 
@@ -524,13 +525,16 @@ class PassKernels(Protocol):
 
 
 def launch_select(
-    source: PassKernels, plan: SelectPlan, scratch: Scratch, rows: RowVectors, params: StepParams
+    source: PassKernels, plan: SelectPlan, scratch: Scratch, rows: RowVectors, params: StepParams,
+    fallback: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Pass 1, reduce, [intersection], pass 2, finalize; no host synchronisation.
 
     Returns (tokens, new potential, spike, divergence, overflow): ``overflow`` (bool [B], or None
-    when the plan cannot overflow) marks rows whose buffer could not decide; their token is the
-    buffer's answer and may differ from the reference (``select_exact`` recomputes them).
+    when no row can be left undecided) marks rows whose buffer could not decide; their token is the
+    buffer's answer and may differ from the reference (``select_exact`` recomputes them). With
+    ``fallback``, a source with ``sample_fallback`` (the logits path) decides the top-k / top-p rows
+    among them on the GPU, so only intersection rows can remain flagged.
     """
     batch, vocab, nc, k = plan.batch, plan.vocab, plan.n_chunks, plan.buffer
     device = rows.potential.device
@@ -569,7 +573,11 @@ def launch_select(
         GATE=int(params.gate), MODE=plan.mode, SAMPLE=plan.sample, USE_TOPK=plan.use_topk, USE_TOPP=plan.use_topp,
         NEED_V0=plan.need_v0, **LAUNCH_OPTIONS,
     )
-    return tokens, new_potential, spike, current, (over if plan.may_overflow else None)
+    flags_left = plan.may_overflow
+    if fallback and plan.may_overflow and plan.sample == 2 and hasattr(source, "sample_fallback"):
+        source.sample_fallback(plan, s, rows, params, temperature, tokens, spike, over)
+        flags_left = s.intersect  # spiked intersection rows stay with the caller
+    return tokens, new_potential, spike, current, (over if flags_left else None)
 
 
 def select_exact(

@@ -671,6 +671,10 @@ def buffer_sample(
         n_present = tl.sum(present.to(tl.int32), axis=1)
         kth = pick(q, (tl.minimum(n_present, top_k) - 1)[:, None])
         keep = keep & (q >= kth[:, None])
+    # with top-k, the top-p normaliser is the mass of the whole top-k set: that set must fit in the
+    # buffer, not only the final kept one (ties at the k-th value running past the last slot went
+    # unflagged before); without top-k the normaliser is total_mass and only the kept set must fit
+    reach = keep & USE_TOPK
     if USE_TOPP:
         kept_q = tl.where(keep, q, 0.0)
         if USE_TOPK:
@@ -683,7 +687,7 @@ def buffer_sample(
         keep = keep & (probs >= pick(probs, (kept_count - 1)[:, None])[:, None])
     if CAN_OVERFLOW:
         last = (tl.arange(0, K) == K - 1)[None, :]
-        overflow = (tl.sum((last & keep & (q > 0.0)).to(tl.int32), axis=1) > 0) & (n_vocab > K)
+        overflow = (tl.sum((last & (reach | keep) & (q > 0.0)).to(tl.int32), axis=1) > 0) & (n_vocab > K)
     else:
         overflow = tl.zeros_like(seed) != 0
     gumbel = philox_gumbel(ids, seed[:, None], offset[:, None], rows[:, None])

@@ -396,11 +396,23 @@ def test_sampling_distribution_chi_square(overrides):
 
 
 # ----------------------------------------------------------------------------------------------
-# bounded buffers: overflow detection and the exact fallback
+# bounded buffers: overflow detection and the exact fallback (top-k / top-p rows on the GPU,
+# without a host read; intersection rows on the host)
 # ----------------------------------------------------------------------------------------------
 
 
-def test_top_p_nucleus_larger_than_buffer_falls_back_exactly():
+@pytest.fixture
+def no_host_read(monkeypatch):
+    """Fails the test if the launcher reads overflow flags on the host (its fallback's torch.nonzero)."""
+    from ngsd_kernels.ops import launcher
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("host read of the overflow flags")
+
+    monkeypatch.setattr(launcher.torch, "nonzero", forbidden)
+
+
+def test_top_p_nucleus_larger_than_buffer_falls_back_exactly(no_host_read):
     gen = torch.Generator().manual_seed(8)
     base = torch.randn(6, 1000, generator=gen) * 0.3  # flat: the 0.9-nucleus holds hundreds of tokens
     base[3] *= 40.0  # ... except in this row
@@ -415,7 +427,7 @@ def test_top_p_nucleus_larger_than_buffer_falls_back_exactly():
     assert_same_step(fused_guarded_select(*args, buffer_size=16, block_v=64, params=step_params(params)), want)
 
 
-def test_top_k_ties_past_the_buffer_fall_back_exactly():
+def test_top_k_ties_past_the_buffer_fall_back_exactly(no_host_read):
     base = torch.zeros(2, 300)  # every token ties: the top-5 set is the whole row
     base[1, :10] = torch.arange(10.0)  # distinct leaders: the top-5 set fits
     expert = base.clone()
@@ -424,6 +436,25 @@ def test_top_k_ties_past_the_buffer_fall_back_exactly():
     step = step_params(params)
     assert fused_guarded_select_with_overflow(*args, step, buffer_size=16)[4].tolist() == [True, False]
     assert_same_step(fused_guarded_select(*args, step, buffer_size=16), guarded_select_reference(*args, step))
+
+
+def test_top_p_after_top_k_ties_past_the_buffer_is_flagged_and_exact(no_host_read):
+    # top-k = 12 keeps 3 leaders and 60 tokens tied at the 12th value: 63 > 16 slots. Top-p then keeps
+    # only leaders, but its normaliser is the mass of all 63; the buffer sees 16 of them, so the row must
+    # be flagged even though its final kept set ends before the last slot (it was not, before 2026-12-02)
+    base = torch.full((2, 300), -5.0)
+    base[:, :3] = torch.tensor([2.0, 1.9, 1.8])
+    base[:, 3:63] = 1.0
+    base[1, 3:63] = -5.0
+    base[1, 3:12] = torch.linspace(1.0, 0.5, 9)  # row 1: a top-12 set of distinct values, which fits
+    expert = base.clone()
+    params = dict(DEFAULTS, candidate_k=4, gate=GateMode.CLOSED, temperature=1.0, top_k=12, top_p=0.3)
+    args = (base, expert, torch.zeros(2), torch.full((2,), 0.5), torch.tensor([5]), torch.tensor([6]))
+    step = step_params(params)
+    assert fused_guarded_select_with_overflow(*args, step, buffer_size=16)[4].tolist() == [True, False]
+    for seed in range(8):
+        args = args[:4] + (torch.tensor([seed]), args[5])
+        assert_same_step(fused_guarded_select(*args, step, buffer_size=16), guarded_select_reference(*args, step))
 
 
 def test_intersection_growing_past_the_buffer_falls_back_exactly():
