@@ -141,7 +141,7 @@ def _row_kernel_jobs(plan, path: str, label: str, dense: int = 0) -> list[Kernel
     jobs = [KernelJob(mod, "_reduce_kernel", "-", dict(
         RB=plan.row_block, NCP=plan.ncp, K=k, CG=plan.chunk_group, NEED_KEYS=int(plan.need_keys),
         STORE_TOP=int(plan.mode == CandidateMode.INTERSECTION and plan.need_keys),
-        VALUE_KEYS=int(plan.key_kind == 1), DENSE=dense), "reduce", path, 0, inner_trips=groups)]
+        VALUE_KEYS=int(plan.key_kind == 1), DENSE=dense, SLOTS=plan.slots), "reduce", path, 0, inner_trips=groups)]
     if plan.mode == CandidateMode.INTERSECTION and plan.need_keys:
         jobs.append(KernelJob(mod, "_intersection_kernel", "-", dict(
             RB=plan.row_block, K=k, EB=plan.inter_block, SAMPLE=plan.sample, USE_TOPK=int(plan.use_topk),
@@ -165,11 +165,17 @@ def logits_jobs(label: str, fields: dict, dtype: str, batch: int = 256, vocab: i
     tile = dict(BB=plan.block_b, BV=plan.block_v, K=plan.buffer)
     per_tile = 2 * plan.block_b * plan.block_v
     jobs = [
-        KernelJob(mod, "_pass1_kernel", dtype, dict(tile, KEYS=plan.key_kind), "pass1", "logits", per_tile),
+        KernelJob(mod, "_pass1_kernel", dtype, dict(tile, KEYS=plan.key_kind, SLOTS=plan.slots, FALLBACK=1), "pass1",
+                  "logits", per_tile),
         KernelJob(mod, "_pass2_kernel", dtype, dict(tile, DIVERGENCE=plan.divergence, SAMPLE=plan.sample,
                                                     NEED_V0=int(plan.need_v0), NEED_V1=int(plan.need_v1)),
                   "pass2", "logits", per_tile),
     ]
+    if plan.sample == 2 and plan.may_overflow:
+        # top-k / top-p rows the buffer could not decide: one program per row, ~64 passes over it (cold path)
+        jobs.append(KernelJob(mod, "_sample_fallback_kernel", dtype, dict(
+            BT=2048, MODE=plan.mode, USE_TOPK=int(plan.use_topk), USE_TOPP=int(plan.use_topp)), "fallback", "logits",
+            0, inner_trips=1))
     for job in jobs:
         job.modes.append(f"logits {dtype} {label}")
     dense = {"bf16": 1, "fp16": 2}.get(dtype, 0) if plan.key_kind == 1 else 0
@@ -397,11 +403,35 @@ def compile_job(job: KernelJob, arch: int) -> dict:
         sass_total=sass["total"], sass_classes=sass["classes"], loops=sass["loops"],
         executed_per_thread_per_tile=executed, estimate=how,
         instr_per_logit=round(executed * threads / job.logits_per_tile, 2) if job.logits_per_tile else None,
-        instr_per_row=executed * threads // job.constants["RB"] if not job.logits_per_tile else None,
+        instr_per_row=executed * threads // job.constants.get("RB", 1) if not job.logits_per_tile else None,
     )
     row.update(_spill_bytes(compiled.asm["ptx"], arch) if usage.get("STACK", 0) else
                dict(spill_store_bytes=0, spill_load_bytes=0))
+    if job.name == "_pass1_kernel" and job.constants.get("KEYS") == 1 and job.constants.get("SLOTS"):
+        # union pass 1 holds a cold exact fallback (rows with more than SLOTS entries above their
+        # group-maxima bound: select_tiles.pass1_store_tile), which the static count above includes:
+        # the same kernel without it gives what a tile executes when no row needs it
+        fast = _fast_path_sass(job, arch, signature, constants, attrs, target, options)
+        row.update(fast_path_sass_total=fast["total"],
+                   fast_path_instr_per_logit=round(fast["total"] * threads / job.logits_per_tile, 2),
+                   fallback_instr_per_logit=round((sass["total"] - fast["total"]) * threads / job.logits_per_tile, 2))
     return row
+
+
+def _fast_path_sass(job: KernelJob, arch: int, signature: dict, constants: dict, attrs: dict, target, options) -> dict:
+    """parse_sass of the kernel compiled with FALLBACK=0 (its loop-free fast path)."""
+    import triton
+    from triton.compiler import ASTSource
+
+    kernel = getattr(__import__(job.module, fromlist=[job.name]), job.name)
+    compiled = triton.compile(ASTSource(kernel, signature, dict(constants, FALLBACK=0), attrs), target=target,
+                              options=options)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "k.cubin"
+        path.write_bytes(compiled.asm["cubin"])
+        sass_text = subprocess.run([_tool("cuobjdump"), "-sass", str(path)], capture_output=True, text=True,
+                                   check=True).stdout
+    return parse_sass(sass_text)
 
 
 def _serve(conn) -> None:
@@ -475,7 +505,7 @@ def compile_all(work: list[tuple[KernelJob, int]], jobs: int, per_variant: float
 
 
 def _short(constants: dict) -> str:
-    keep = ("BB", "BV", "BLOCK_B", "BLOCK_V", "K", "KEYS", "DIVERGENCE", "SAMPLE", "NEED_V1", "RB", "NCP", "CG",
+    keep = ("BB", "BV", "BT", "BLOCK_B", "BLOCK_V", "K", "KEYS", "SLOTS", "DIVERGENCE", "SAMPLE", "NEED_V1", "RB", "NCP", "CG",
             "MODE", "GATE", "STORE_TOP", "VALUE_KEYS", "USE_TOPK", "USE_TOPP")
     return " ".join(f"{k}={constants[k]}" for k in keep if k in constants)
 
@@ -497,15 +527,20 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "232448 B, sm_80 166912 B); instr = SASS instructions executed per thread per tile; /logit = instr x 128 "
         "threads / (base + expert logits per tile); per-row kernels show instructions per row instead.",
         "",
+        "/logit fast: union pass 1 without its cold exact fallback (the instructions a tile executes when no row "
+        "has more than SLOTS entries above its group-maxima bound; ``select_tiles.pass1_store_tile``); /logit counts "
+        "the whole kernel, fallback included.",
+        "",
         "| arch | path | kernel | dtype | constants | status | regs | stack | spill st/ld | smem | fits | SASS | "
-        "instr/tile | /logit | /row | SHFL | BAR | MUFU | HMMA | HGMMA | LDG | STG | LDS | STS | LDL | STL |",
+        "instr/tile | /logit | /logit fast | /row | SHFL | BAR | MUFU | HMMA | HGMMA | LDG | STG | LDS | STS | LDL | "
+        "STL |",
         "|---|---|---|---|---|---|---:|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
-        "---:|---:|---:|",
+        "---:|---:|---:|---:|",
     ]
     for r in sorted(rows, key=lambda r: (r["arch"], r["path"], r["role"], r["dtype"], _short(r["constants"]))):
         if r["status"] != "ok":
             lines.append(f"| sm_{r['arch']} | {r['path']} | {r['kernel']} | {r['dtype']} | {_short(r['constants'])} | "
-                         f"{r['status']} |" + " |" * 20)
+                         f"{r['status']} |" + " |" * 21)
             continue
         c = r["sass_classes"]
         lines.append(
@@ -513,6 +548,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
             f"{r['registers']} | {r['stack_bytes']} | {r['spill_store_bytes']}/{r['spill_load_bytes']} | "
             f"{r['shared_bytes']} | {'yes' if r['shared_fits'] else '**NO**'} | {r['sass_total']} | "
             f"{r['executed_per_thread_per_tile']} | {r['instr_per_logit'] if r['instr_per_logit'] is not None else ''} | "
+            f"{r.get('fast_path_instr_per_logit', '')} | "
             f"{r['instr_per_row'] if r['instr_per_row'] is not None else ''} | "
             + " | ".join(str(c[k]) for k in ("SHFL", "BAR", "MUFU", "HMMA", "HGMMA", "LDG", "STG", "LDS", "STS", "LDL",
                                               "STL"))
@@ -565,6 +601,9 @@ def roofline(report: dict, dtype: str = "bf16") -> str:
             plan = plan_select(batch, vocab, StepParams())
             tile = dict(K=plan.buffer, BB=plan.block_b, BV=plan.block_v)
             p1 = find("pass1", KEYS=plan.key_kind, **tile)
+            if p1.get("fast_path_sass_total"):  # union pass 1: the tile's path when no row needs the fallback
+                p1 = dict(p1, executed_per_thread_per_tile=p1["fast_path_sass_total"],
+                          instr_per_logit=p1["fast_path_instr_per_logit"])
             p2 = find("pass2", SAMPLE=0, DIVERGENCE=0, NEED_V1=1, **tile)
             # per-row kernels: the compiled V = 131072 plan of this batch size stands in for every V
             v_plan = plan_select(batch, 131072, StepParams())
@@ -575,7 +614,7 @@ def roofline(report: dict, dtype: str = "bf16") -> str:
             rows_programs = -(-batch // v_plan.row_block)
             elem = 2
             logits_bytes = 2 * 2 * batch * vocab * elem  # two passes over base + expert
-            keys_bytes = 2 * 2 * batch * plan.n_chunks * plan.buffer * 4  # fp32 slots: pass-1 write + reduce read
+            keys_bytes = 2 * 2 * batch * plan.n_chunks * plan.slots * 4  # fp32 slots: pass-1 write + reduce read
             bytes_moved = logits_bytes + keys_bytes
             floor = bytes_moved / HBM_BYTES_PER_S
             times = []
@@ -597,11 +636,34 @@ def roofline(report: dict, dtype: str = "bf16") -> str:
     return "\n".join(lines)
 
 
+def _merge(old: dict, rows: list[dict], jobs: list[KernelJob], meta: dict) -> tuple[list[dict], dict]:
+    """Rows of an earlier report updated with this run's: a row compiled now (any status but "not
+    compiled") replaces the row of the same kernel, dtype, constants and arch; earlier rows of variants
+    the planners no longer launch are dropped."""
+    def variant(r: dict) -> tuple:
+        return r["kernel"], r["dtype"], json.dumps(r["constants"], sort_keys=True)
+
+    valid = {(j.name, j.dtype, json.dumps(j.constants, sort_keys=True)) for j in jobs}
+    merged = {variant(r) + (r["arch"],): r for r in old["rows"] if variant(r) in valid}
+    for r in rows:
+        key = variant(r) + (r["arch"],)
+        if not r["status"].startswith("not compiled") or key not in merged:
+            merged[key] = r
+    meta = dict(meta, command=f"{old['meta']['command']}; then {meta['command']} (--merge)",
+                date=f"{old['meta']['date']}; merged {meta['date']}",
+                seconds=old["meta"].get("seconds", 0) + meta["seconds"],
+                n_compiled=sum(1 for r in merged.values() if r["arch"] == 90 and r["status"] == "ok"),
+                selection="sm_90 rows with status ok, all runs merged")
+    return list(merged.values()), meta
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", type=int, nargs="+", default=[90], choices=(80, 90))
     parser.add_argument("--full", action="store_true", help="compile every specialisation, not the cover")
-    parser.add_argument("--only", default="", help="compile only kernels whose key contains this text")
+    parser.add_argument("--only", default="",
+                        help="compile only kernels whose key contains this text (starts with it, after a leading ^)")
+    parser.add_argument("--exclude", default=None, help="and not those whose key contains this text")
     parser.add_argument("--jobs", type=int, default=2, help="compile processes")
     parser.add_argument("--budget", type=float, default=600.0,
                         help="seconds; variants not started by then are reported as not compiled")
@@ -610,6 +672,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hidden", type=int, default=576, help="hidden size H for the hidden-state loop trips")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--list", action="store_true", help="list the specialisations and exit")
+    parser.add_argument("--merge", action="store_true",
+                        help="merge into an existing --out/kernel_report.json: rows compiled now replace theirs, "
+                             "rows of variants that no longer exist are dropped, the others are kept")
     parser.add_argument("--roofline", action="store_true",
                         help="print the ROOFLINE.md table from an existing --out/kernel_report.json and exit")
     args = parser.parse_args(argv)
@@ -621,7 +686,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("unset TRITON_INTERPRET: this report compiles real GPU code")
     sys.path.insert(0, str(REPO))
     jobs, cover = enumerate_jobs(args.hidden)
-    chosen = [j for j in jobs if (args.full or j.key() in cover) and args.only in j.key()]
+    only = (lambda key: key.startswith(args.only[1:])) if args.only.startswith("^") else (lambda key: args.only in key)
+    chosen = [j for j in jobs if (args.full or j.key() in cover) and only(j.key())
+              and not (args.exclude and args.exclude in j.key())]
     if args.list:
         for j in jobs:
             print(("*" if j in chosen else " "), j.key(), f"({len(j.modes)} modes)")
@@ -656,6 +723,8 @@ def main(argv: list[str] | None = None) -> int:
                          logits_plan="B=256, V=131072", hidden_plan="shared head, B=1 and B=256, V=131072"),
     )
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.merge and (args.out / "kernel_report.json").exists():
+        rows, meta = _merge(json.loads((args.out / "kernel_report.json").read_text()), rows, jobs, meta)
     compiled_rows = [r for r in rows if r["status"] != "not compiled (--full)"]
     (args.out / "kernel_report.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     (args.out / "KERNELS.md").write_text(markdown(compiled_rows, meta))

@@ -73,7 +73,7 @@ def _reduce_kernel(
 
     Keys: int64 order keys (K per chunk), or with VALUE_KEYS fp32 value multisets of SLOTS slots per
     chunk (union mode; their k-th largest by bisection on the keys of the logits' storage dtype,
-    DENSE as ``select_tiles.dense_key``), read CG * K slots at a time.
+    DENSE as ``select_tiles.dense_key``), read CG chunks' slots at a time.
     """
     rows = (tl.program_id(0) * RB + tl.arange(0, RB)).to(tl.int64)
     rmask = rows < n_rows
@@ -107,11 +107,12 @@ def _reduce_kernel(
             # unsorted per-chunk multisets: the k-th largest by bisection, nothing sorted or merged
             PER_CHUNK: tl.constexpr = K if SLOTS == 0 else SLOTS  # 0: K (csrc_triton's AOT build)
             n_slots = n_chunks * PER_CHUNK
-            LOOP: tl.constexpr = NCP * PER_CHUNK > CG * K
-            tl.store(info + 4, slots_kth_largest(keys_b_ptr, rows * n_slots, rmask, n_slots, kth, CG * K, LOOP, DENSE),
-                     mask=rmask)
-            tl.store(info + 5, slots_kth_largest(keys_e_ptr, rows * n_slots, rmask, n_slots, kth, CG * K, LOOP, DENSE),
-                     mask=rmask)
+            # CG chunks' slots per load: one load serves every round when they cover the row
+            LOOP: tl.constexpr = NCP > CG
+            tl.store(info + 4, slots_kth_largest(keys_b_ptr, rows * n_slots, rmask, n_slots, kth, CG * PER_CHUNK, LOOP,
+                                                 DENSE), mask=rmask)
+            tl.store(info + 5, slots_kth_largest(keys_e_ptr, rows * n_slots, rmask, n_slots, kth, CG * PER_CHUNK, LOOP,
+                                                 DENSE), mask=rmask)
         else:
             top_b = merge_chunk_keys(keys_b_ptr, rows * n_chunks * K, rmask, n_chunks, K, CG, NCP, KEY_NONE)
             top_e = merge_chunk_keys(keys_e_ptr, rows * n_chunks * K, rmask, n_chunks, K, CG, NCP, KEY_NONE)
