@@ -167,7 +167,7 @@ def _reduce_spec(dense: int = 0) -> KernelSpec:
         stats_ptr="*fp32:16", counts_ptr="*i32:16", keys_b_ptr="*i32:16", keys_e_ptr="*i32:16",
         rowinfo_ptr="*fp32:16", top_b_ptr="*i64:16", top_e_ptr="*i64:16", n_rows="i32", n_chunks="i32",
         kth="i32", RB=str(RB), NCP=str(NCP), K=str(K), CG=str(CG), NEED_KEYS="1", STORE_TOP="0", VALUE_KEYS="1",
-        DENSE=str(dense),
+        DENSE=str(dense), SLOTS="0",  # 0: K slots per chunk (the exact pass-1 multiset this build's buffers hold)
     )
     return KernelSpec("ngsd_kernels.ops.launcher", "_reduce_kernel", args, f"(n_rows + {RB - 1}) / {RB}, 1, 1")
 
@@ -230,7 +230,8 @@ def _greedy_variant(name: str, op: str, dtype: str, module: str, passes: tuple[s
     """A greedy / TV / union variant: the source's two passes (with its tile arguments `tile`) around the
     launcher's reduce and finalize kernels."""
     # the logits pass 1 selects the union candidates itself and needs k (the hidden one keeps top-K)
-    pass1_extra = dict(kth="i32") if op == "logits_select" else {}
+    # (SLOTS 0: K exact slots per chunk, select_tiles.pass1_store_tile; ngsd_ext.cpp allocates [B, chunks, K])
+    pass1_extra = dict(kth="i32", SLOTS="0", FALLBACK="1") if op == "logits_select" else {}
     pass1 = KernelSpec(
         module, passes[0],
         dict(tile, **pass1_extra, stats_ptr="*fp32:16", counts_ptr="*i32:16", keys_b_ptr="*i32:16",
