@@ -13,8 +13,8 @@ candidates (the NGSD default) the choice only ever involves a handful of tokens 
   on those F rows.
 
 Passes over [B, V]: softmax x2, one fused |p_b - p_e| sum (`vector_norm`), the base argmax;
-over [F, V]: top-(2k+1) of the base, top-(k+1) of the expert. No [B, V] buffer is written in
-place or kept beyond the op. Results equal the reference's; where a fired row has tokens tied
+over [F, V]: top-(2k+1) of the base, top-(k+1) of the expert. The [B, V] work buffers are kept
+between calls (`_Scratch`); the inputs are never written. Results equal the reference's; where a fired row has tokens tied
 across a top-k boundary, or the settings are not greedy/TV/union, the reference runs instead.
 """
 
@@ -71,7 +71,7 @@ def cpu_guarded_select(base_logits: Tensor, expert_logits: Tensor, potential: Te
     le = expert_logits.float()
     k = max(1, min(params.candidate_k, lb.shape[1]))
 
-    pb, pe, gap, fired_lb, fired_le = _SCRATCH.take(5, lb.shape, lb.device)
+    pb, pe, gap, fired_le = _SCRATCH.take(4, lb.shape, lb.device)
     torch.ops.aten._softmax.out(lb, -1, False, out=pb)
     torch.ops.aten._softmax.out(le, -1, False, out=pe)
     # One pass for |p_b - p_e| and its sum: abs().sum() would write and reread another [B, V] buffer.
@@ -91,8 +91,9 @@ def cpu_guarded_select(base_logits: Tensor, expert_logits: Tensor, potential: Te
     if mixing.numel():
         if mixing.numel() == lb.shape[0]:
             fired_lb, fired_le = lb, le
-        else:  # the fired rows' logits into work buffers (fresh [F, V] tensors would cost page faults)
-            fired_lb = torch.index_select(lb, 0, mixing, out=fired_lb[: mixing.numel()])
+        else:  # the fired rows' logits into work buffers (fresh [F, V] tensors would cost page faults);
+            # `gap` is free once the divergence is summed
+            fired_lb = torch.index_select(lb, 0, mixing, out=gap[: mixing.numel()])
             fired_le = torch.index_select(le, 0, mixing, out=fired_le[: mixing.numel()])
         chosen = _mixed_choice(fired_lb, fired_le, pb, pe, mixing, mix_alpha[mixing], k)
         if chosen is None:
