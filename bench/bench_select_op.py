@@ -199,11 +199,13 @@ def fused_traffic(batch: int, vocab: int, elem: int, **params) -> dict:
     B, NC, K = batch, p.n_chunks, p.buffer
     logits = 2 * B * vocab * elem
     stats = 2 * B * NC * 16  # stats fp32 x4 + counts int32 x4
-    keys1 = 2 * B * NC * K * (4 if p.key_kind == 1 else 8)  # int32 value keys or int64 order keys
+    # union: p.slots fp32 candidate values per chunk; intersection: K int64 order keys
+    keys1 = 2 * B * NC * (p.slots * 4 if p.key_kind == 1 else K * 8) if p.need_keys else 0
     outcomes = int(p.need_v0) + int(p.need_v1)
     if p.sample == 2:
-        part_w = outcomes * B * NC * (K * 8 + 4)  # keys2 + mass per outcome
-        part_r = B * NC * (K * 8 + 4)  # finalize reads the outcome that happened
+        # per outcome: sample_slots int64 candidate keys + (mass, certainty floor) fp32
+        part_w = outcomes * B * NC * (p.sample_slots * 8 + 8)
+        part_r = B * NC * (p.sample_slots * 8 + 8)  # finalize reads the outcome that happened (once from DRAM)
     else:
         part_w = outcomes * B * NC * 8  # best fp32 + besti int32 per outcome
         part_r = B * NC * 8
@@ -219,7 +221,7 @@ def fused_traffic(batch: int, vocab: int, elem: int, **params) -> dict:
     written = sum(w for _, w in launches.values())
     return {
         "launches": p.launches, "passes_over_logits": 2, "read": read, "written": written, "logits_bytes": logits,
-        "block_v": p.block_v, "n_chunks": NC, "buffer": K, "host_syncs": 1 if p.may_overflow else 0,
+        "block_v": p.block_v, "n_chunks": NC, "buffer": K, "host_syncs": 1 if p.may_overflow and inter else 0,
     }
 
 

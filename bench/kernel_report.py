@@ -149,7 +149,10 @@ def _row_kernel_jobs(plan, path: str, label: str, dense: int = 0) -> list[Kernel
     jobs.append(KernelJob(mod, "_finalize_kernel", "-", dict(
         RB=plan.row_block, NCP=plan.ncp, K=k, CG=plan.chunk_group, DIVERGENCE=plan.divergence, GATE=plan.gate,
         MODE=plan.mode, SAMPLE=plan.sample, USE_TOPK=int(plan.use_topk), USE_TOPP=int(plan.use_topp),
-        NEED_V0=int(plan.need_v0)), "finalize", path, 0, inner_trips=max(1, groups - 1)))
+        NEED_V0=int(plan.need_v0), SLOTS=plan.sample_slots, SB=plan.sample_block), "finalize", path, 0,
+        # top-k / top-p: every bisection round reads the row's candidate keys in blocks of SB
+        inner_trips=(-(-plan.ncp * plan.sample_slots // plan.sample_block) if plan.sample == 2
+                     else max(1, groups - 1))))
     for job in jobs:
         job.modes.append(label)
     return jobs
@@ -505,7 +508,7 @@ def compile_all(work: list[tuple[KernelJob, int]], jobs: int, per_variant: float
 
 
 def _short(constants: dict) -> str:
-    keep = ("BB", "BV", "BT", "BLOCK_B", "BLOCK_V", "K", "KEYS", "SLOTS", "DIVERGENCE", "SAMPLE", "NEED_V1", "RB", "NCP", "CG",
+    keep = ("BB", "BV", "BT", "BLOCK_B", "BLOCK_V", "K", "KEYS", "SLOTS", "SB", "DIVERGENCE", "SAMPLE", "NEED_V1", "RB", "NCP", "CG",
             "MODE", "GATE", "STORE_TOP", "VALUE_KEYS", "USE_TOPK", "USE_TOPP")
     return " ".join(f"{k}={constants[k]}" for k in keep if k in constants)
 

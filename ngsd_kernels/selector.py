@@ -72,6 +72,29 @@ class GuardedSelector:
             self._launch = (plan, Scratch.allocate(plan, device))
         return self
 
+    def warm_up(self, hidden_size: int | None = None, shared_head: bool = True) -> "GuardedSelector":
+        """Run the planned step once on placeholder inputs, so that every kernel specialisation the
+        loop will launch is compiled (and, for ``hidden_size``, the hidden-state launch planned) now
+        rather than inside the first generated token: Triton compiles a variant at its first launch.
+
+        All-equal logits make every top-k / top-p row take the device-side fallback too, so its
+        kernel is compiled with the rest. Returns ``self``; a no-op off the Triton path.
+        """
+        if self._shape is None:
+            raise RuntimeError("call plan(batch, vocab, dtype, device) before warm_up()")
+        if self._launch is None:
+            return self
+        batch, vocab, dtype, device = self._shape
+        potential = torch.zeros(batch, dtype=torch.float32, device=device)
+        alpha = torch.zeros(batch, dtype=torch.float32, device=device)
+        logits = torch.zeros(batch, vocab, dtype=dtype, device=device)
+        self.run(logits, logits, potential, alpha)
+        if hidden_size is not None:
+            states = torch.zeros(batch, hidden_size, dtype=dtype, device=device)
+            head = torch.zeros(vocab, hidden_size, dtype=dtype, device=device)
+            self.run_from_hidden(states, states, head, None if shared_head else head, potential, alpha)
+        return self
+
     def _seed_offset(self, seed: Tensor | None, offset: Tensor | None) -> tuple[Tensor, Tensor]:
         return (self._zero if seed is None else seed), (self._zero if offset is None else offset)
 

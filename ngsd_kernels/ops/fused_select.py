@@ -124,8 +124,9 @@ def _pass2_kernel(
     BB: tl.constexpr, BV: tl.constexpr, K: tl.constexpr, DIVERGENCE: tl.constexpr, SAMPLE: tl.constexpr,
     NEED_V0: tl.constexpr, NEED_V1: tl.constexpr,
 ):
+    # top-k / top-p: one element per thread, for the candidates' compaction (as union pass 1)
     lb, le, rows, row_mask, cols, col_mask, chunk = _load_tile(lb_ptr, le_ptr, stride_b, stride_e, n_rows, n_vocab,
-                                                               BB, BV)
+                                                               BB, BV, SAMPLE == 2)
     pass2_store_tile(
         lb, le, rows, row_mask, cols, col_mask, chunk, n_chunks,
         rowinfo_ptr, alpha_ptr, seed_ptr, seed_stride, offset_ptr, offset_stride, temperature,
@@ -238,7 +239,7 @@ def _sample_fallback_kernel(
             if USE_TOPP:
                 keep = keep & (q / norm[:, None] >= floor_p[:, None])
             gumbel = philox_gumbel(cols[None, :], seed[:, None], offset[:, None], (row + one)[:, None])
-            perturbed = tl.where(keep, tl.log(q) / temperature + gumbel, float("-inf"))
+            perturbed = tl.where(keep, tl.log(tl.where(keep, q, 1.0)) / temperature + gumbel, float("-inf"))
             tile_best = tl.max(perturbed, axis=1)
             tile_id = tl.min(tl.where(keep & (perturbed == tile_best[:, None]), cols[None, :], INDEX_NONE), axis=1)
             better = tile_best > best

@@ -49,11 +49,15 @@ with K past the shared-memory limit). Other settings materialise the fp32 logits
 the stacked rows (``pair_logits``: a shared head is read once) and run the logits kernels, the
 cheaper choice on bytes anyway while B < H / 12 (bench/ROOFLINE.md, "hidden-state path").
 
+Top-k / top-p sampling always takes the materialised path (on CPU too): its candidates are taken
+per chunk above a bound found from the whole chunk (``select_tiles.store_sample_candidates``), and
+that chunk's decisions then run on the GPU without a host read (``fused_select``'s fallback).
+
 Exactness: both passes call ``_logit_tiles`` with the same constants, so they compute
-bit-identical logits and pass-1 thresholds classify pass-2 tokens consistently. The modes that
-keep a bounded top-K buffer (top-k / top-p sampling, intersection candidates) flag rows the buffer
-cannot decide; those rows are recomputed with the PyTorch reference on their materialised logits
-(one host read of the flags; ``exact_fallback=False`` skips it). Settings the kernels
+bit-identical logits and pass-1 thresholds classify pass-2 tokens consistently. Intersection
+candidates keep a bounded top-K buffer and flag rows it cannot decide; those rows are recomputed
+with the PyTorch reference on their materialised logits (one host read of the flags;
+``exact_fallback=False`` skips it). Settings the kernels
 reject (a k above their buffer cap, ``score_floor <= 0``) make ``backend="auto"`` use the
 PyTorch path and ``backend="triton"`` raise (``launcher.unsupported_reason``).
 """
@@ -102,7 +106,15 @@ HIDDEN_MAX_BUFFER = 64
 
 def fused_hidden_fits(batch: int, vocab: int, params: StepParams) -> bool:
     """Whether the fused hidden-state kernels run these settings on a GPU (else: GEMM + logits kernels)."""
-    return plan_select(batch, vocab, params).buffer <= HIDDEN_MAX_BUFFER
+    plan = plan_select(batch, vocab, params)
+    return plan.buffer <= HIDDEN_MAX_BUFFER and plan.sample != 2
+
+
+def fused_hidden_supports(vocab: int, params: StepParams) -> bool:
+    """Whether the fused hidden-state passes implement these settings at all (on any device): not
+    top-k / top-p sampling, whose candidates need the whole chunk of logits at once
+    (``select_tiles.store_sample_candidates``); those steps materialise the logits."""
+    return plan_select(1, vocab, params).sample != 2
 
 
 def plan_hidden_select(
@@ -279,30 +291,10 @@ def _fold_best(best, besti, tile_best, tile_besti):
 
 
 @triton.jit
-def _fold_outcome(scores, gumbel, temperature, cols, mask, best, besti, top, mass,
-                  SAMPLE: tl.constexpr, K: tl.constexpr):
-    """Fold one tile's scores of one gate outcome into the split's running choice (arg-max, or top-K + mass)."""
-    if SAMPLE == 2:
-        q = tl.maximum(scores, 0.0)
-        mass += tl.sum(tl.where(mask, q, 0.0), axis=1)
-        top = merge_topk_keys(top, tile_topk_keys(q, cols, mask, K), K)
-    else:
-        tile_best, tile_besti = tile_argmax(tile_choice_values(scores, gumbel, temperature, SAMPLE), cols, mask)
-        best, besti = _fold_best(best, besti, tile_best, tile_besti)
-    return best, besti, top, mass
-
-
-@triton.jit
-def _store_outcome_partials(slot, row_mask, best, besti, top, mass, best_ptr, besti_ptr, keys2_ptr, mass_ptr,
-                            SAMPLE: tl.constexpr, K: tl.constexpr):
-    """Write one gate outcome's split partials at `slot` ([row, outcome, chunk] index) in the logits path's layout."""
-    if SAMPLE == 2:
-        tl.store(mass_ptr + slot, mass, mask=row_mask)
-        kslot = tl.arange(0, K)
-        tl.store(keys2_ptr + (slot * K)[:, None] + kslot[None, :], top, mask=row_mask[:, None])
-    else:
-        tl.store(best_ptr + slot, best, mask=row_mask)
-        tl.store(besti_ptr + slot, besti, mask=row_mask)
+def _fold_outcome(scores, gumbel, temperature, cols, mask, best, besti, SAMPLE: tl.constexpr):
+    """Fold one tile's scores of one gate outcome into the split's running arg-max."""
+    tile_best, tile_besti = tile_argmax(tile_choice_values(scores, gumbel, temperature, SAMPLE), cols, mask)
+    return _fold_best(best, besti, tile_best, tile_besti)
 
 
 @triton.jit
@@ -374,8 +366,9 @@ def _hs_pass2_kernel(
     NEED_V0: tl.constexpr, NEED_V1: tl.constexpr,
 ):
     """Pass 2 over one (vocabulary split, row block): the same logits again -> what fused_select's
-    pass 2 stores per chunk (div [B, n_chunks, 2]; best / besti [B, 2, n_chunks] or keys2
-    [B, 2, n_chunks, K] and mass [B, 2, n_chunks] per gate outcome), for the split."""
+    pass 2 stores per chunk (div [B, n_chunks, 2]; best / besti [B, 2, n_chunks] per gate outcome),
+    for the split. Greedy and plain temperature sampling only (keys2_ptr / mass_ptr are never
+    touched): top-k / top-p steps run on materialised logits (``HiddenLaunch``)."""
     # row blocks of one split are neighbours in launch order: they share its weight tiles in L2
     row0 = tl.program_id(0) * BLOCK_B
     split = tl.program_id(1)
@@ -397,10 +390,7 @@ def _hs_pass2_kernel(
     best1 = tl.full((BLOCK_B,), float("-inf"), tl.float32)
     besti0 = tl.full((BLOCK_B,), INDEX_NONE, tl.int32)
     besti1 = tl.full((BLOCK_B,), INDEX_NONE, tl.int32)
-    top0 = tl.full((BLOCK_B, K), KEY_NONE, tl.int64)
-    top1 = tl.full((BLOCK_B, K), KEY_NONE, tl.int64)
-    mass0 = tl.zeros((BLOCK_B,), tl.float32)
-    mass1 = tl.zeros((BLOCK_B,), tl.float32)
+    tl.static_assert(SAMPLE != 2, "top-k / top-p sampling runs on materialised logits (HiddenLaunch)")
     for t in range(0, tiles_per_split):
         lb, le, cols, mask = _masked_logit_tiles(
             hb_ptr, he_ptr, wb_ptr, we_ptr, biasb_ptr, biase_ptr, row0, row_mask, B, V, split * tiles_per_split + t,
@@ -416,22 +406,20 @@ def _hs_pass2_kernel(
         else:
             gumbel = 0.0
         if NEED_V0:
-            best0, besti0, top0, mass0 = _fold_outcome(pb, gumbel, temperature, cols, mask, best0, besti0, top0,
-                                                       mass0, SAMPLE, K)
+            best0, besti0 = _fold_outcome(pb, gumbel, temperature, cols, mask, best0, besti0, SAMPLE)
         if NEED_V1:
             mixed = tile_union_scores(lb, le, pb, pe, alpha, thr_b, thr_e)
-            best1, besti1, top1, mass1 = _fold_outcome(mixed, gumbel, temperature, cols, mask, best1, besti1, top1,
-                                                       mass1, SAMPLE, K)
+            best1, besti1 = _fold_outcome(mixed, gumbel, temperature, cols, mask, best1, besti1, SAMPLE)
     dslot = (rows.to(tl.int64) * n_chunks + split) * 2
     tl.store(div_ptr + dslot, first, mask=row_mask)
     tl.store(div_ptr + dslot + 1, second, mask=row_mask)
-    oslot = rows.to(tl.int64) * 2 * n_chunks + split  # [row, outcome, chunk]
+    oslot = rows.to(tl.int64) * 2 * n_chunks + split  # [row, outcome, chunk], the logits path's layout
     if NEED_V0:
-        _store_outcome_partials(oslot, row_mask, best0, besti0, top0, mass0, best_ptr, besti_ptr, keys2_ptr, mass_ptr,
-                                SAMPLE, K)
+        tl.store(best_ptr + oslot, best0, mask=row_mask)
+        tl.store(besti_ptr + oslot, besti0, mask=row_mask)
     if NEED_V1:
-        _store_outcome_partials(oslot + n_chunks, row_mask, best1, besti1, top1, mass1, best_ptr, besti_ptr,
-                                keys2_ptr, mass_ptr, SAMPLE, K)
+        tl.store(best_ptr + oslot + n_chunks, best1, mask=row_mask)
+        tl.store(besti_ptr + oslot + n_chunks, besti1, mask=row_mask)
 
 
 
@@ -529,7 +517,10 @@ class HiddenLaunch:
         """``materialise``: None chooses (GPU and a buffer above HIDDEN_MAX_BUFFER); True / False force it."""
         on_gpu = device.type == "cuda"
         if materialise is None:
-            materialise = on_gpu and not fused_hidden_fits(batch, vocab, params)
+            materialise = not fused_hidden_supports(vocab, params) or (on_gpu and not fused_hidden_fits(batch, vocab, params))
+        elif not materialise and not fused_hidden_supports(vocab, params):
+            raise ValueError("materialise=False: the fused hidden-state passes do not run top-k / top-p sampling; "
+                             "leave materialise=None")
         if materialise:
             plan = plan_select(batch, vocab, params)
             return cls(plan, {}, Scratch.allocate(plan, device), materialise=True)

@@ -38,6 +38,7 @@ from .select_tiles import (
     order_key,
     pick,
     slots_kth_largest,
+    slots_sample,
     value_of,
 )
 
@@ -197,9 +198,12 @@ def _finalize_kernel(
     n_rows, n_chunks, n_vocab, decay, v_th, v_reset, rho, temperature, top_k, top_p,
     RB: tl.constexpr, NCP: tl.constexpr, K: tl.constexpr, CG: tl.constexpr, DIVERGENCE: tl.constexpr,
     GATE: tl.constexpr, MODE: tl.constexpr, SAMPLE: tl.constexpr, USE_TOPK: tl.constexpr,
-    USE_TOPP: tl.constexpr, NEED_V0: tl.constexpr,
+    USE_TOPP: tl.constexpr, NEED_V0: tl.constexpr, SLOTS: tl.constexpr = 1, SB: tl.constexpr = 1,
 ):
-    """Per row: divergence, LIF update, spike, and the token of the gate outcome that happened."""
+    """Per row: divergence, LIF update, spike, and the token of the gate outcome that happened.
+
+    Top-k / top-p (SAMPLE 2): ``slots_sample`` over the chunks' SLOTS candidate keys each, SB keys per
+    load; a row whose thresholds fell below its certainty floor is flagged (``over``)."""
     rows = (tl.program_id(0) * RB + tl.arange(0, RB)).to(tl.int64)
     rmask = rows < n_rows
     c = tl.arange(0, NCP)
@@ -239,12 +243,15 @@ def _finalize_kernel(
             outcome = tl.zeros_like(rows)
         oslot = (rows * 2 + outcome) * n_chunks
         if SAMPLE == 2:
-            top = merge_chunk_keys(keys2_ptr, oslot * K, rmask, n_chunks, K, CG, NCP, KEY_NONE)
-            total = tl.sum(tl.load(mass_ptr + oslot[:, None] + c[None, :], mask=cm, other=0.0), axis=1)
+            # per chunk: (sum of q, certainty floor) -> the row's mass and the largest floor
+            mslot = (oslot[:, None] + c[None, :]) * 2
+            total = tl.sum(tl.load(mass_ptr + mslot, mask=cm, other=0.0), axis=1)
+            floor = tl.max(tl.load(mass_ptr + mslot + 1, mask=cm, other=0.0), axis=1)
             seed = tl.load(seed_ptr + rows * seed_stride, mask=rmask, other=0)
             offset = tl.load(offset_ptr + rows * offset_stride, mask=rmask, other=0)
-            token, overflow = buffer_sample(
-                top, seed, offset, rows, total, n_vocab, temperature, top_k, top_p, USE_TOPK, USE_TOPP, True
+            token, overflow = slots_sample(
+                keys2_ptr, oslot * SLOTS, rmask, n_chunks * SLOTS, total, floor, seed, offset, rows, temperature,
+                top_k, top_p, USE_TOPK, USE_TOPP, SB, NCP * SLOTS > SB,
             )
         else:
             vals = tl.load(best_ptr + oslot[:, None] + c[None, :], mask=cm, other=float("-inf"))
@@ -301,6 +308,8 @@ class SelectPlan:
     need: int  # intersection: min_candidates clipped to V
     may_overflow: bool  # some row may need the exact fallback
     slots: int = 0  # union (key kind 1): fp32 candidate slots per chunk and row (select_tiles.pass1_store_tile)
+    sample_slots: int = 1  # top-k / top-p: candidate keys per chunk and gate outcome (select_tiles.sample_slots)
+    sample_block: int = 1  # top-k / top-p: candidate keys the finalize kernel reads per load and row
 
     @property
     def key_kind(self) -> int:
@@ -381,6 +390,7 @@ def plan_select(
     need_keys = spike_possible  # top-K logit keys serve the candidate sets only
     # a buffer that holds the whole row decides exactly: no flags, no host read
     may_overflow = vocab > buffer and (sample == 2 or (intersection and spike_possible))
+    sample_slots = min(2 * buffer, bv) if sample == 2 else 1  # the same formula as select_tiles.sample_slots
     return SelectPlan(
         batch=batch,
         vocab=vocab,
@@ -406,6 +416,8 @@ def plan_select(
         may_overflow=may_overflow,
         # union candidates above a group-maxima bound: room for ~1.4 k of them (select_tiles.pair_group_bound)
         slots=min(2 * buffer, bv) if need_keys and not intersection else buffer,
+        sample_slots=sample_slots,
+        sample_block=max(1, min(next_pow2(ncp * sample_slots), (TILE_ELEMENTS // 2) // row_block)) if sample == 2 else 1,
     )
 
 
@@ -478,8 +490,8 @@ class Scratch:
             div=torch.empty((batch, nc, 2), dtype=f32, device=device),
             best=torch.empty((batch, 2, nc) if plain else (1,), dtype=f32, device=device),
             besti=torch.empty((batch, 2, nc) if plain else (1,), dtype=i32, device=device),
-            keys2=torch.empty((batch, 2, nc, k) if not plain else (1,), dtype=i64, device=device),
-            mass=torch.empty((batch, 2, nc) if not plain else (1,), dtype=f32, device=device),
+            keys2=torch.empty((batch, 2, nc, plan.sample_slots) if not plain else (1,), dtype=i64, device=device),
+            mass=torch.empty((batch, 2, nc, 2) if not plain else (1,), dtype=f32, device=device),
             intersect=intersect,
         )
 
@@ -572,7 +584,7 @@ def launch_select(
         params.top_k, params.top_p,
         RB=plan.row_block, NCP=plan.ncp, K=k, CG=plan.chunk_group, DIVERGENCE=plan.divergence,
         GATE=int(params.gate), MODE=plan.mode, SAMPLE=plan.sample, USE_TOPK=plan.use_topk, USE_TOPP=plan.use_topp,
-        NEED_V0=plan.need_v0, **LAUNCH_OPTIONS,
+        NEED_V0=plan.need_v0, SLOTS=plan.sample_slots, SB=plan.sample_block, **LAUNCH_OPTIONS,
     )
     flags_left = plan.may_overflow
     if fallback and plan.may_overflow and plan.sample == 2 and hasattr(source, "sample_fallback"):

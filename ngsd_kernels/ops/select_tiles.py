@@ -18,12 +18,13 @@ RB rows per program in the per-row kernels):
           [launcher._intersection_kernel]
   pass 2  grid (cdiv(B, BB), NC)  reads both logits tiles a second time: partial divergence sums
           and, for BOTH possible gate outcomes (unmixed ``p_b`` and the union mixture), either the
-          partial arg-max (greedy / plain temperature sampling, Gumbel-max) or the chunk's top-K keys
-          of ``q = max(s, 0)`` plus the partial mass of ``q`` (top-k / top-p sampling).
+          partial arg-max (greedy / plain temperature sampling, Gumbel-max) or the chunk's candidates
+          of ``q = max(s, 0)`` above a group-maxima bound (unsorted) plus the partial mass of ``q``
+          (top-k / top-p sampling).
           -> ``pass2_store_tile``
   final.  grid (cdiv(B, RB),)  per row: divergence, LIF update, spike, then the token of the gate
-          outcome that happened (arg-max reduce, or top-k / top-p + Gumbel-max on the merged
-          top-K buffer, ``buffer_sample``).  [launcher._finalize_kernel]
+          outcome that happened (arg-max reduce, or top-k / top-p thresholds by bisection and
+          Gumbel-max over the chunks' candidates, ``slots_sample``).  [launcher._finalize_kernel]
 
 Scratch buffers (all contiguous, written by one pass and read by the next, never read back on the host):
 
@@ -36,16 +37,18 @@ Scratch buffers (all contiguous, written by one pass and read by the next, never
   div     fp32  [B, NC, 2]     partial divergence sums (the second one only for Jensen-Shannon)
   best    fp32  [B, 2, NC]     partial arg-max value of outcome 0 (no spike) / 1 (spike, union)
   besti   int32 [B, 2, NC]     its token id
-  keys2   int64 [B, 2, NC, K]  chunk top-K keys of q per outcome (top-k / top-p sampling only)
-  mass    fp32  [B, 2, NC]     partial sum of q per outcome (top-p sampling only)
+  keys2   int64 [B, 2, NC, S]  chunk candidates of q per outcome, unsorted order keys (top-k / top-p
+                               sampling only; S = min(2K, BV), ``store_sample_candidates``)
+  mass    fp32  [B, 2, NC, 2]  per outcome: partial sum of q, certainty floor of the candidates
 
 A *value key* is the int32 whose signed order is the float order (``value_key``); an *order key*
 packs a value key and the token id into one int64 whose signed order is "larger float first, then
 lower token id", exactly the order ``torch.sort(..., descending=True, stable=True)`` gives. -0.0 is
 folded into +0.0 (they compare equal in torch). Absent entries (columns past V) get VALUE_NONE /
 KEY_NONE, smaller than any real key (including -inf). Union thresholds need no sorting (bisection
-on "dense" keys: the 16 significant bits of bf16 / fp16 logits, all 32 of fp32); the intersection
-mode and the top-k / top-p sampling buffers still sort with ``bitonic_topk``.
+on "dense" keys: the 16 significant bits of bf16 / fp16 logits, all 32 of fp32), nor do the top-k /
+top-p thresholds (bisection on value keys of q); only the intersection mode still sorts, with
+``bitonic_topk``.
 
 All helpers take fp32 tiles ``[BB, BV]`` (cast bf16/fp16 to fp32 *before* calling: bf16 arithmetic
 is wrong under TRITON_INTERPRET) together with the int32 token ids of the tile's columns ``[BV]``
@@ -699,6 +702,123 @@ def buffer_sample(
     return token, overflow
 
 
+@triton.jit
+def _load_slot_keys(ptr, row_base, row_mask, n_slots, start, N: tl.constexpr):
+    idx = start + tl.arange(0, N)
+    return tl.load(ptr + row_base[:, None] + idx[None, :], mask=row_mask[:, None] & (idx < n_slots)[None, :],
+                   other=KEY_NONE)
+
+
+@triton.jit
+def _slot_stat(keys, kth_q, norm, at, WHAT: tl.constexpr):
+    """Per-row statistic of a [R, N] block of candidate order keys; w = q where q > 0 and q >= kth_q,
+    else 0. WHAT 0: #{w >= at}; 1: sum w; 2: sum of p = w / norm over p > at; 3: max p."""
+    q = tl.where(keys != KEY_NONE, key_value(keys), 0.0)
+    w = tl.where((q > 0.0) & (q >= kth_q[:, None]), q, 0.0)
+    if WHAT == 0:
+        out = tl.sum((w >= at[:, None]).to(tl.float32), axis=1)
+    elif WHAT == 1:
+        out = tl.sum(w, axis=1)
+    elif WHAT == 2:
+        p = w / norm[:, None]
+        out = tl.sum(tl.where(p > at[:, None], p, 0.0), axis=1)
+    else:
+        out = tl.max(w / norm[:, None], axis=1)
+    return out
+
+
+@triton.jit
+def _slots_stat(ptr, row_base, row_mask, n_slots, keys, kth_q, norm, at, WHAT: tl.constexpr, N: tl.constexpr,
+                LOOP: tl.constexpr):
+    """``_slot_stat`` over all of a row's slots: the preloaded ``keys`` block, or (LOOP) N at a time."""
+    if LOOP:
+        out = tl.zeros_like(norm)
+        for start in range(0, n_slots, N):
+            part = _slot_stat(_load_slot_keys(ptr, row_base, row_mask, n_slots, start, N), kth_q, norm, at, WHAT)
+            if WHAT == 3:
+                out = tl.maximum(out, part)
+            else:
+                out += part
+    else:
+        out = _slot_stat(keys, kth_q, norm, at, WHAT)
+    return out
+
+
+@triton.jit
+def slots_sample(
+    ptr, row_base, row_mask, n_slots, total_mass, floor, seed, offset, rows, temperature, top_k, top_p,
+    USE_TOPK: tl.constexpr, USE_TOPP: tl.constexpr, N: tl.constexpr, LOOP: tl.constexpr,
+):
+    """Top-k / top-p filtering and the Gumbel-max draw over a row's unsorted candidate order keys
+    (``store_sample_candidates``), with no sorting: the rules of reference.sampling_mask by MSB-first
+    bisection on value keys, as ``fused_select._sample_fallback_kernel`` does over a whole row.
+
+    ptr + row_base: each row's ``n_slots`` keys (KEY_NONE: absent), read N at a time (LOOP) or at once;
+    total_mass: [R] sum of q over the whole row (the top-p normaliser without top-k); floor: [R] the
+    largest certainty floor of the row's chunks (every token with q >= floor is a candidate).
+    Returns (token [R] int32, overflow [R] bool): overflow when a threshold fell below the floor, where
+    tokens that are not candidates could change the answer (the caller decides such rows another way).
+    """
+    if LOOP:
+        keys = 0
+    else:
+        keys = _load_slot_keys(ptr, row_base, row_mask, n_slots, 0, N)
+    zero = tl.zeros_like(total_mass)
+    one = zero + 1.0
+    # top-k: the k-th largest q (the largest value key t with #{q >= value(t)} >= k; q >= 0), else 0
+    kth_q = zero
+    if USE_TOPK:
+        t = tl.zeros(total_mass.shape, tl.int32)
+        for i in tl.static_range(31):
+            cand = t | (1 << (30 - i))
+            cnt = _slots_stat(ptr, row_base, row_mask, n_slots, keys, zero, one, value_of(cand), 0, N, LOOP)
+            t = tl.where(cnt >= top_k, cand, t)
+        kth_q = value_of(t)
+        overflow = kth_q < floor  # tokens outside the candidates could reach the k-th largest
+    else:
+        overflow = zero != zero
+    floor_p = zero
+    norm = one
+    if USE_TOPP:
+        if USE_TOPK:
+            norm = _slots_stat(ptr, row_base, row_mask, n_slots, keys, kth_q, one, zero, 1, N, LOOP)
+        else:
+            norm = total_mass
+        norm = tl.maximum(norm, 1e-30)
+        # the largest key whose probability mass strictly above it is still >= top_p
+        t = tl.zeros(total_mass.shape, tl.int32)
+        for i in tl.static_range(31):
+            cand = t | (1 << (30 - i))
+            mass = _slots_stat(ptr, row_base, row_mask, n_slots, keys, kth_q, norm, value_of(cand), 2, N, LOOP)
+            t = tl.where(mass >= top_p, cand, t)
+        mass0 = _slots_stat(ptr, row_base, row_mask, n_slots, keys, kth_q, norm, zero, 2, N, LOOP)
+        p_max = _slots_stat(ptr, row_base, row_mask, n_slots, keys, kth_q, norm, zero, 3, N, LOOP)
+        # first key past it: its value is the smallest kept probability
+        floor_p = tl.where(mass0 >= top_p, tl.minimum(value_of(t + 1), p_max), 0.0)
+        if not USE_TOPK:  # with top-k every kept token is >= kth_q >= floor already
+            overflow = value_of(t) < floor / norm
+    # Gumbel-max over the kept candidates, the reference's noise; equal maxima: the lowest id
+    best = tl.full(total_mass.shape, float("-inf"), tl.float32)
+    best_id = tl.full(total_mass.shape, INDEX_NONE, tl.int32)
+    for start in range(0, n_slots, N):
+        if LOOP:
+            block = _load_slot_keys(ptr, row_base, row_mask, n_slots, start, N)
+        else:
+            block = keys
+        q = tl.where(block != KEY_NONE, key_value(block), 0.0)
+        ids = key_index(block)
+        keep = (q > 0.0) & (q >= kth_q[:, None]) & (q / norm[:, None] >= floor_p[:, None])
+        gumbel = philox_gumbel(ids, seed[:, None], offset[:, None], rows[:, None])
+        perturbed = tl.where(keep, tl.log(tl.where(keep, q, 1.0)) / temperature + gumbel, float("-inf"))
+        block_best = tl.max(perturbed, axis=1)
+        block_id = tl.min(tl.where(keep & (perturbed == block_best[:, None]), ids, INDEX_NONE), axis=1)
+        best_id = tl.where(block_best > best, block_id,
+                           tl.where(block_best == best, tl.minimum(best_id, block_id), best_id))
+        best = tl.maximum(best, block_best)
+    token = tl.where(best == float("-inf"), 0, best_id)  # nothing kept: torch.argmax of all -inf is 0
+    return token, overflow
+
+
 # ----------------------------------------------------------------------------------------------
 # whole-pass tile bodies (load logits however you like, then call these)
 # ----------------------------------------------------------------------------------------------
@@ -800,8 +920,10 @@ def pass2_store_tile(
 ):
     """Pass 2 on a [BB, BV] tile pair: partial divergence and partial choices of both gate outcomes.
 
-    SAMPLE: 0 greedy, 1 plain temperature sampling, 2 top-k/top-p sampling (keys2 + mass).
-    NEED_V0 / NEED_V1: compute the no-spike outcome (s = p_b) / the spiked union outcome.
+    SAMPLE: 0 greedy, 1 plain temperature sampling, 2 top-k/top-p sampling (keys2 + mass: the
+    chunk's candidates above the K-th largest of its group maxima, ``store_sample_candidates``;
+    nothing is sorted). NEED_V0 / NEED_V1: compute the no-spike outcome (s = p_b) / the spiked
+    union outcome.
     """
     mask = row_mask[:, None] & col_mask[None, :]
     lb = tl.where(mask, lb, float("-inf"))
@@ -827,28 +949,73 @@ def pass2_store_tile(
         gumbel = 0.0
     # outcome slots: [row, outcome, chunk]
     oslot = rows.to(tl.int64) * 2 * n_chunks + chunk
-    if NEED_V0:
-        _store_outcome(pb, gumbel, temperature, cols, mask, row_mask, oslot, best_ptr, besti_ptr, keys2_ptr, mass_ptr,
-                       SAMPLE, K)
     if NEED_V1:
         alpha = tl.load(alpha_ptr + rows, mask=row_mask, other=0.0)
         thr_b = tl.load(rowinfo_ptr + info + 4, mask=row_mask, other=0.0)
         thr_e = tl.load(rowinfo_ptr + info + 5, mask=row_mask, other=0.0)
         mixed = tile_union_scores(lb, le, pb, pe, alpha, thr_b, thr_e)
-        _store_outcome(mixed, gumbel, temperature, cols, mask, row_mask, oslot + n_chunks, best_ptr, besti_ptr,
-                       keys2_ptr, mass_ptr, SAMPLE, K)
+    else:
+        mixed = pb
+    if SAMPLE == 2:
+        # q = max(s, 0) of both outcomes; one bisection finds both bounds (the K-th largest group maxima)
+        q0 = tl.where(mask, pb, 0.0)  # p_b >= 0 already
+        q1 = tl.where(mask, tl.maximum(mixed, 0.0), 0.0)
+        G: tl.constexpr = bound_groups(lb.shape[1], K)
+        # all 32 rounds: an exact group maximum, so ties at it are recognised (store_sample_candidates)
+        bound0, bound1 = pair_group_bound(tile_group_max(q0, G), tile_group_max(q1, G), K, 32, 0)
+        S: tl.constexpr = sample_slots(lb.shape[1], K)
+        if NEED_V0:
+            store_sample_candidates(keys2_ptr, mass_ptr, oslot, row_mask, q0, cols, tl.maximum(bound0, 0.0), S)
+        if NEED_V1:
+            store_sample_candidates(keys2_ptr, mass_ptr, oslot + n_chunks, row_mask, q1, cols,
+                                    tl.maximum(bound1, 0.0), S)
+    else:
+        if NEED_V0:
+            _store_outcome(pb, gumbel, temperature, cols, mask, row_mask, oslot, best_ptr, besti_ptr, SAMPLE)
+        if NEED_V1:
+            _store_outcome(mixed, gumbel, temperature, cols, mask, row_mask, oslot + n_chunks, best_ptr, besti_ptr,
+                           SAMPLE)
 
 
 @triton.jit
-def _store_outcome(scores, gumbel, temperature, cols, mask, row_mask, slot, best_ptr, besti_ptr, keys2_ptr, mass_ptr,
-                   SAMPLE: tl.constexpr, K: tl.constexpr):
-    if SAMPLE == 2:
-        q = tl.maximum(scores, 0.0)
-        tl.store(mass_ptr + slot, tl.sum(tl.where(mask, q, 0.0), axis=1), mask=row_mask)
-        kslot = tl.arange(0, K)
-        tl.store(keys2_ptr + (slot * K)[:, None] + kslot[None, :], tile_topk_keys(q, cols, mask, K, 2),
-                 mask=row_mask[:, None])
-    else:
-        best, besti = tile_argmax(tile_choice_values(scores, gumbel, temperature, SAMPLE), cols, mask)
-        tl.store(best_ptr + slot, best, mask=row_mask)
-        tl.store(besti_ptr + slot, besti, mask=row_mask)
+def _store_outcome(scores, gumbel, temperature, cols, mask, row_mask, slot, best_ptr, besti_ptr,
+                   SAMPLE: tl.constexpr):
+    best, besti = tile_argmax(tile_choice_values(scores, gumbel, temperature, SAMPLE), cols, mask)
+    tl.store(best_ptr + slot, best, mask=row_mask)
+    tl.store(besti_ptr + slot, besti, mask=row_mask)
+
+
+@triton.constexpr_function
+def sample_slots(block_v, k):
+    """Candidate slots per chunk and gate outcome of top-k / top-p sampling: room for the ~1.1-1.4 k
+    entries above a group-maxima bound (``pair_group_bound``), at most the chunk."""
+    return min(2 * k, block_v)
+
+
+@triton.jit
+def store_sample_candidates(keys2_ptr, mass_ptr, slot, row_mask, q, cols, bound, SLOTS: tl.constexpr,
+                            THREADS: tl.constexpr = 128):
+    """One chunk's sampling candidates of one gate outcome, unsorted: the (q, id) order keys of the
+    entries >= bound (or, when those do not fit in SLOTS slots or bound <= 0, of the entries > bound),
+    compacted (``compaction_slots``), the rest KEY_NONE; plus mass_ptr[2 slot] = the chunk's sum of q
+    and mass_ptr[2 slot + 1] = its *certainty floor*: every entry with q >= it is among the stored
+    ones (bound, the next float above bound, or +inf when even the entries > bound do not fit: then
+    the first SLOTS of them are stored). ``slots_sample`` is exact wherever its thresholds stay at or
+    above the largest floor of the row, and flags the row otherwise.
+
+    q: [R, N] fp32 >= 0, masked entries 0; slot: [R] int64 index of (row, outcome, chunk).
+    """
+    n_gt = tl.sum((q > bound[:, None]).to(tl.int32), axis=1)
+    n_eq = tl.sum((q == bound[:, None]).to(tl.int32), axis=1)
+    with_ties = (bound > 0.0) & (n_gt + n_eq <= SLOTS)
+    take = (q > bound[:, None]) | ((q == bound[:, None]) & with_ties[:, None])
+    pos, n_taken = compaction_slots(take.to(tl.int32), THREADS)
+    base = keys2_ptr + slot * SLOTS
+    tl.store(base[:, None] + pos, order_key(q, cols[None, :]), mask=take & (pos < SLOTS) & row_mask[:, None])
+    free = tl.arange(0, SLOTS)[None, :]
+    tl.store(base[:, None] + free, tl.full([q.shape[0], SLOTS], KEY_NONE, tl.int64),
+             mask=row_mask[:, None] & (free >= n_taken[:, None]))
+    above = value_of(value_key(bound) + 1)  # q > bound is q >= the next float (bound >= 0)
+    floor = tl.where(with_ties, bound, tl.where(n_gt <= SLOTS, above, float("inf")))
+    tl.store(mass_ptr + 2 * slot, tl.sum(q, axis=1), mask=row_mask)
+    tl.store(mass_ptr + 2 * slot + 1, floor, mask=row_mask)

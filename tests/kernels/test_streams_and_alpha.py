@@ -210,3 +210,30 @@ def test_a_planned_selector_runs_step_after_step_like_the_one_shot_ops(backend):
         lb, le = logits_of(base, expert, weight)
     with pytest.raises(ValueError, match="planned for"):
         selector.run(lb[:2], le[:2], potential[:2], alpha[:2])
+
+
+@pytest.mark.parametrize("params", [StepParams(candidate_k=8), StepParams(temperature=0.9, top_k=12, candidate_k=8)],
+                         ids=["greedy", "top-k"])
+def test_warm_up_runs_every_planned_launch_and_leaves_the_selector_usable(params):
+    from ngsd_kernels.ops import launcher
+
+    launched = []
+    real = launcher.launch_select
+
+    def counting(*args, **kwargs):
+        launched.append(args[1])
+        return real(*args, **kwargs)
+
+    base, expert, weight = hidden_case(3, seed=9)
+    lb, le = logits_of(base, expert, weight)
+    selector = GuardedSelector(params, "triton").plan(3, VOCAB, torch.float32, "cpu")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(launcher, "launch_select", counting)
+        assert selector.warm_up(hidden_size=base.shape[1]) is selector
+    assert len(launched) == 2  # the logits launch and the hidden-state one
+    potential, alpha = torch.zeros(3), torch.full((3,), 0.5)
+    got = selector.run(lb, le, potential, alpha, torch.tensor([4]), torch.tensor([0]))
+    want = guarded_select(lb, le, potential, alpha, torch.tensor([4]), torch.tensor([0]), params, backend="torch")
+    assert torch.equal(got[0], want[0])
+    with pytest.raises(RuntimeError, match="plan"):
+        GuardedSelector(params).warm_up()

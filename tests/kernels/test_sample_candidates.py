@@ -1,0 +1,95 @@
+"""Sort-free top-k / top-p sampling (select_tiles.store_sample_candidates + slots_sample).
+
+Pass 2 keeps, per chunk and gate outcome, the (q, id) keys above the K-th largest of the chunk's
+group maxima, unsorted, and a certainty floor; the finalize kernel finds the top-k / top-p
+thresholds over them by bisection and flags a row only where a threshold fell below the floor.
+Every row the kernels do not flag must equal the reference; flagged rows are decided on the GPU
+side (``_sample_fallback_kernel``), so the whole step needs no host read. Interpreter only.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+from ngsd_kernels.ops import launcher  # noqa: E402
+from ngsd_kernels.ops.fused_select import fused_guarded_select, fused_guarded_select_with_overflow  # noqa: E402
+from ngsd_kernels.ops.launcher import plan_select  # noqa: E402
+from ngsd_kernels.params import GateMode, StepParams  # noqa: E402
+from ngsd_kernels.reference import guarded_select_reference  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not launcher.INTERPRETED, reason="set TRITON_INTERPRET=1 before Triton is imported")
+
+
+@pytest.fixture
+def no_host_read(monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("host read of the overflow flags")
+
+    monkeypatch.setattr(launcher.torch, "nonzero", forbidden)
+
+
+def _case(trial: int, gen: torch.Generator):
+    batch, vocab = 4, int(torch.randint(150, 1300, (1,), generator=gen))
+    scale = (0.3, 1.0, 3.0, 8.0)[trial % 4]
+    base = torch.randn(batch, vocab, generator=gen) * scale
+    expert = torch.randn(batch, vocab, generator=gen) * scale
+    if trial % 5 == 0:
+        base[:, ::7] = base[:, 3:4]  # one value repeated across every chunk
+        expert[:, ::5] = float("-inf")
+    if trial % 6 == 1:
+        base = base.round()  # many ties everywhere
+    top_k = (0, 1, 5, 16, 40)[trial % 5]
+    top_p = (1.0, 0.9, 0.5, 0.95)[trial % 4]
+    if top_k == 0 and top_p == 1.0:
+        top_p = 0.8
+    params = StepParams(candidate_k=8, gate=(GateMode.CLOSED, GateMode.OPEN, GateMode.LIF)[trial % 3],
+                        temperature=(0.7, 1.0, 1.5)[trial % 3], top_k=top_k, top_p=top_p, v_th=0.3)
+    args = (base, expert, torch.zeros(batch), torch.full((batch,), 0.7), torch.arange(batch) + trial,
+            torch.tensor([trial]))
+    return args, params, (64, 128, None)[trial % 3]
+
+
+def test_unflagged_rows_equal_the_reference_and_flagged_rows_are_decided_on_device(no_host_read):
+    gen = torch.Generator().manual_seed(0)
+    flagged = rows = 0
+    for trial in range(24):
+        args, params, block_v = _case(trial, gen)
+        want = guarded_select_reference(*args, params=params)
+        tokens, _, _, _, overflow = fused_guarded_select_with_overflow(*args, params=params, block_v=block_v)
+        assert overflow is not None
+        assert torch.equal(tokens[~overflow], want[0][~overflow]), trial
+        flagged += int(overflow.sum())
+        rows += overflow.numel()
+        assert torch.equal(fused_guarded_select(*args, params=params, block_v=block_v)[0], want[0]), trial
+    assert flagged < rows / 4, (flagged, rows)  # the candidates decide most rows themselves
+
+
+def test_ties_at_a_chunk_bound_keep_the_entries_above_it():
+    """Every chunk ends in a long run of one value: the run does not fit in the slots, the entries
+    above it do, and the row stays decidable (its floor is the next float above the tied value)."""
+    base = torch.zeros(2, 1024)
+    base[:, :40:3] = torch.linspace(5.0, 1.0, 14)
+    base[1, 512:520] = torch.linspace(4.5, 2.5, 8)
+    params = StepParams(gate=GateMode.CLOSED, temperature=1.0, top_k=12)
+    args = (base, base.clone(), torch.zeros(2), torch.full((2,), 0.5), torch.tensor([1, 2]), torch.tensor([3]))
+    tokens, _, _, _, overflow = fused_guarded_select_with_overflow(*args, params=params, block_v=128)
+    assert overflow.tolist() == [False, False]
+    assert torch.equal(tokens, guarded_select_reference(*args, params=params)[0])
+
+
+def test_plan_sizes_the_candidate_slots_and_the_finalize_blocks():
+    params = StepParams(temperature=1.0, top_k=50)
+    plan = plan_select(8, 5000, params, block_v=256)
+    assert plan.sample == 2 and plan.buffer == 64
+    assert plan.sample_slots == 128  # 2K, at most the chunk
+    assert plan.sample_block >= 1 and plan.sample_block & (plan.sample_block - 1) == 0
+    assert plan_select(8, 5000, params, block_v=64, buffer_size=64).sample_slots == 64
+    greedy = plan_select(8, 5000, StepParams())
+    assert (greedy.sample_slots, greedy.sample_block) == (1, 1)
