@@ -9,10 +9,9 @@ and scratch layout are described at the top of ``select_tiles.py`` and, with byt
 
 Launches per step: pass 1, reduce, [intersection], pass 2, finalize -- 4 or 5, plus, in top-k /
 top-p sampling, ``_sample_fallback_kernel``, which decides on the GPU the rows whose kept set did not
-fit in the top-K buffer (see ``buffer_sample``; its programs return at once for the other rows). No
-host synchronisation, except with intersection candidates: there one flag tensor is read on the host
-after the finalize kernel, and rows whose grown intersection did not fit in the buffer are recomputed
-with the PyTorch reference, so results stay exact.
+fit in the top-K buffer (see ``buffer_sample``; its programs return at once for the other rows), and,
+in intersection mode, ``intersection_fallback._intersection_fallback_kernel``, which decides on the GPU
+the spiked rows whose grown intersection did not fit in the buffers. No host synchronisation.
 
 On CPU the kernels run only under ``TRITON_INTERPRET=1`` (set before Triton is imported).
 """
@@ -305,6 +304,15 @@ class LogitsPasses:
             BT=bt, MODE=plan.mode, USE_TOPK=plan.use_topk, USE_TOPP=plan.use_topp, **LAUNCH_OPTIONS,
         )
 
+    def intersection_fallback(self, plan: SelectPlan, s: Scratch, rows: RowVectors, params: StepParams,
+                              temperature: float, tokens: torch.Tensor, spike: torch.Tensor, over: torch.Tensor) -> None:
+        """Decide the spiked rows whose grown intersection overflowed the top-K buffers on the GPU
+        (``intersection_fallback.decide_intersection_overflow``): no host read; clears their flags."""
+        from .intersection_fallback import decide_intersection_overflow
+
+        decide_intersection_overflow(self.base_logits, self.expert_logits, plan, s, rows, params, temperature,
+                                     tokens, spike, over)
+
     def row_logits(self, row_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.base_logits[row_ids], self.expert_logits[row_ids]
 
@@ -351,8 +359,8 @@ def fused_guarded_select(
     Invalid rows follow the reference: token -1, NaN divergence, potential unchanged, no spike.
 
     Rows whose top-k / top-p kept set did not fit in the top-K buffer are decided exactly on the GPU
-    (``_sample_fallback_kernel``); rows whose grown intersection did not fit are recomputed with the
-    PyTorch reference (one host read of a flag tensor, intersection mode only).
+    (``_sample_fallback_kernel``), and so are rows whose grown intersection did not fit
+    (``intersection_fallback.py``): no host read.
     ``fused_guarded_select_with_overflow`` skips both and returns the flags instead.
     ``buffer_size``, ``block_v``, ``block_b`` override the launch constants.
 
@@ -379,7 +387,7 @@ def fused_guarded_select_with_overflow(
 
     ``overflow`` (bool [B], or None in modes where it cannot happen) marks rows whose buffer could
     not decide; their token is the buffer's answer and may differ from the reference
-    (``fused_guarded_select`` decides them: top-k / top-p rows on the GPU, intersection rows on the host).
+    (``fused_guarded_select`` decides them on the GPU).
     """
     plan, scratch = _prepare(base_logits, expert_logits, potential, alpha, seed, offset, params,
                              buffer_size=buffer_size, block_v=block_v, block_b=block_b)

@@ -547,7 +547,8 @@ def launch_select(
     when no row can be left undecided) marks rows whose buffer could not decide; their token is the
     buffer's answer and may differ from the reference (``select_exact`` recomputes them). With
     ``fallback``, a source with ``sample_fallback`` (the logits path) decides the top-k / top-p rows
-    among them on the GPU, so only intersection rows can remain flagged.
+    among them on the GPU, and a source with ``intersection_fallback`` the spiked intersection rows
+    (``intersection_fallback.py``); the logits path then returns ``overflow=None``.
     """
     batch, vocab, nc, k = plan.batch, plan.vocab, plan.n_chunks, plan.buffer
     device = rows.potential.device
@@ -590,6 +591,10 @@ def launch_select(
     if fallback and plan.may_overflow and plan.sample == 2 and hasattr(source, "sample_fallback"):
         source.sample_fallback(plan, s, rows, params, temperature, tokens, spike, over)
         flags_left = s.intersect  # spiked intersection rows stay with the caller
+    if fallback and flags_left and s.intersect and hasattr(source, "intersection_fallback"):
+        # spiked rows whose grown intersection overflowed the buffers: decided on the GPU as well
+        source.intersection_fallback(plan, s, rows, params, temperature, tokens, spike, over)
+        flags_left = plan.sample == 2 and not hasattr(source, "sample_fallback")
     return tokens, new_potential, spike, current, (over if flags_left else None)
 
 
