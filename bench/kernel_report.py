@@ -179,6 +179,13 @@ def logits_jobs(label: str, fields: dict, dtype: str, batch: int = 256, vocab: i
         jobs.append(KernelJob(mod, "_sample_fallback_kernel", dtype, dict(
             BT=2048, MODE=plan.mode, USE_TOPK=int(plan.use_topk), USE_TOPP=int(plan.use_topp)), "fallback", "logits",
             0, inner_trips=1))
+    if plan.mode == 1 and plan.need_keys and plan.may_overflow:
+        # spiked intersection rows whose grown intersection outgrew the top-K lists (cold path)
+        from ngsd_kernels.ops.intersection_fallback import RADIX_BITS
+
+        jobs.append(KernelJob("ngsd_kernels.ops.intersection_fallback", "_intersection_fallback_kernel", dtype, dict(
+            BT=max(256, 4096 >> RADIX_BITS), R=RADIX_BITS, SAMPLE=plan.sample, USE_TOPK=int(plan.use_topk),
+            USE_TOPP=int(plan.use_topp)), "fallback", "logits", 0, inner_trips=1))
     for job in jobs:
         job.modes.append(f"logits {dtype} {label}")
     dense = {"bf16": 1, "fp16": 2}.get(dtype, 0) if plan.key_kind == 1 else 0

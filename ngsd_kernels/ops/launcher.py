@@ -611,13 +611,14 @@ def select_exact(
 ) -> Outputs:
     """``launch_select``, then rows the buffers could not decide recomputed with the PyTorch reference.
 
-    The fallback costs one host read of the overflow flags, and only in the buffer modes (top-k /
-    top-p sampling, intersection candidates); ``exact_fallback=False`` skips it (CUDA-graph capture),
-    leaving such rows with the buffer's answer.
+    The fallback costs one host read of the overflow flags, and only for rows ``launch_select`` left
+    flagged: intersection rows of a source without ``intersection_fallback`` (the hidden-state
+    path); the logits path decides every flagged row on the GPU and returns no flags.
+    ``exact_fallback=False`` skips it (CUDA-graph capture), leaving such rows with the buffer's answer.
     """
     *outputs, overflow = launch_select(source, plan, scratch, RowVectors.of(potential, alpha, seed, offset), params)
     if overflow is not None and exact_fallback:
-        row_ids = torch.nonzero(overflow).flatten()  # the one host synchronisation, buffer modes only
+        row_ids = torch.nonzero(overflow).flatten()  # the one host synchronisation (hidden path, intersection)
         if row_ids.numel() > 0:
             _recompute_rows(source, row_ids, outputs, potential, alpha, seed, offset, params)
     return tuple(outputs)

@@ -396,8 +396,8 @@ def test_sampling_distribution_chi_square(overrides):
 
 
 # ----------------------------------------------------------------------------------------------
-# bounded buffers: overflow detection and the exact fallback (top-k / top-p rows on the GPU,
-# without a host read; intersection rows on the host)
+# bounded buffers: overflow detection and the exact fallback (top-k / top-p and intersection rows
+# on the GPU, without a host read)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -457,7 +457,7 @@ def test_top_p_after_top_k_ties_past_the_buffer_is_flagged_and_exact(no_host_rea
         assert_same_step(fused_guarded_select(*args, step, buffer_size=16), guarded_select_reference(*args, step))
 
 
-def test_intersection_growing_past_the_buffer_falls_back_exactly():
+def test_intersection_growing_past_the_buffer_falls_back_exactly(no_host_read):
     gen = torch.Generator().manual_seed(9)
     base = torch.randn(3, 400, generator=gen)
     expert = -base  # opposite orders: the intersection only fills up around rank V/2
