@@ -64,7 +64,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 SHARED_LIMIT = {90: 232448, 80: 166912}  # bytes of shared memory one block may use (opt-in maximum)
-NUM_WARPS = 4  # Triton's default; the launches do not override it
+NUM_WARPS = 4  # Triton's default; only JS pass 2 on [1, 4096] tiles launches 8 (SelectPlan.pass2_warps)
 NUM_STAGES = 3  # Triton's default on CUDA
 SASS_CLASSES = ("SHFL", "BAR", "MUFU", "HMMA", "HGMMA", "LDG", "STG", "LDS", "STS", "LDL", "STL", "LDGSTS",
                 "BRA")
@@ -99,10 +99,14 @@ class KernelJob:
     logits_per_tile: int  # base + expert logits one program handles per tile (0: per-row kernel)
     inner_trips: int = 1  # trips of a nested loop inside the per-tile loop (hidden: H / BLOCK_H)
     modes: list[str] = field(default_factory=list)
+    # per-row kernels: trips of a runtime loop that holds other loops (bisection rounds; see per_tile_instructions)
+    outer_trips: int = 1
+    num_warps: int = NUM_WARPS
 
     def key(self) -> str:
         consts = ",".join(f"{k}={v}" for k, v in sorted(self.constants.items()))
-        return f"{self.name}[{self.dtype}|{consts}]"
+        warps = "" if self.num_warps == NUM_WARPS else f"|warps={self.num_warps}"
+        return f"{self.name}[{self.dtype}|{consts}{warps}]"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,9 +154,9 @@ def _row_kernel_jobs(plan, path: str, label: str, dense: int = 0) -> list[Kernel
         RB=plan.row_block, NCP=plan.ncp, K=k, CG=plan.chunk_group, DIVERGENCE=plan.divergence, GATE=plan.gate,
         MODE=plan.mode, SAMPLE=plan.sample, USE_TOPK=int(plan.use_topk), USE_TOPP=int(plan.use_topp),
         NEED_V0=int(plan.need_v0), SLOTS=plan.sample_slots, SB=plan.sample_block), "finalize", path, 0,
-        # top-k / top-p: every bisection round reads the row's candidate keys in blocks of SB
+        # top-k / top-p: every bisection round (a runtime loop of 31) reads the row's candidate keys in blocks of SB
         inner_trips=(-(-plan.ncp * plan.sample_slots // plan.sample_block) if plan.sample == 2
-                     else max(1, groups - 1))))
+                     else max(1, groups - 1)), outer_trips=31 if plan.sample == 2 else 1))
     for job in jobs:
         job.modes.append(label)
     return jobs
@@ -172,7 +176,7 @@ def logits_jobs(label: str, fields: dict, dtype: str, batch: int = 256, vocab: i
                   "logits", per_tile),
         KernelJob(mod, "_pass2_kernel", dtype, dict(tile, DIVERGENCE=plan.divergence, SAMPLE=plan.sample,
                                                     NEED_V0=int(plan.need_v0), NEED_V1=int(plan.need_v1)),
-                  "pass2", "logits", per_tile),
+                  "pass2", "logits", per_tile, num_warps=plan.pass2_warps),
     ]
     if plan.sample == 2 and plan.may_overflow:
         # top-k / top-p rows the buffer could not decide: one program per row, ~64 passes over it (cold path)
@@ -331,18 +335,33 @@ def parse_sass(text: str) -> dict:
                                                       for (lo, hi), s, n in zip(loops, loop_sizes, nested)])
 
 
-def per_tile_instructions(sass: dict, inner_trips: int, per_row: bool = False) -> tuple[int, str]:
+def per_tile_instructions(sass: dict, inner_trips: int, per_row: bool = False,
+                          outer_trips: int = 1) -> tuple[int, str]:
     """Instructions one thread executes per tile (per row block for the per-row kernels), and how that
     number was obtained."""
     loops = sass["loops"]
     if not loops:
         return sass["total"], "loop-free: whole kernel = one tile"
     if per_row:
-        # per-row kernels: their runtime loops run over chunk groups (or expert-list blocks), each
-        # `inner_trips` times; nested loops only occur inside those, counted with the same trips
-        executed = sass["total"] + sum(lp["size"] * (inner_trips - 1) for lp in loops if not lp["nested"])
-        return executed, (f"static {sass['total']} + loops {[lp['size'] for lp in loops if not lp['nested']]} x "
-                          f"({inner_trips} - 1) further trips")
+        # per-row kernels: their runtime loops run over chunk groups, expert-list blocks or candidate
+        # blocks, each `inner_trips` times. A loop that holds such loops (a runtime loop of bisection
+        # rounds) runs `outer_trips` times, and the loops inside it outer_trips * inner_trips times.
+        def inside(a: dict, b: dict) -> bool:  # a strictly inside b
+            return int(b["start"], 16) <= int(a["start"], 16) and int(a["end"], 16) <= int(b["end"], 16) and a != b
+
+        executed = sass["total"]
+        for lp in loops:
+            holds = [q for q in loops if inside(q, lp)]
+            if lp["nested"]:
+                executed += lp["size"] * (outer_trips * inner_trips - 1)
+            elif holds:
+                executed += (lp["size"] - sum(q["size"] for q in holds if not any(inside(q, r) for r in holds))) * (
+                    outer_trips - 1)
+            else:
+                executed += lp["size"] * (inner_trips - 1)
+        return executed, (f"static {sass['total']} + loops {[lp['size'] for lp in loops]} (nested: "
+                          f"{[lp['nested'] for lp in loops]}) at {inner_trips} trips, {outer_trips} for loops "
+                          f"holding loops")
     outer = [lp for lp in loops if not lp["nested"]]
     inner = [lp for lp in loops if lp["nested"]]
     tile_loop = max(outer, key=lambda lp: lp["size"])
@@ -386,7 +405,7 @@ def compile_job(job: KernelJob, arch: int) -> dict:
         kernel = getattr(__import__(job.module, fromlist=[job.name]), job.name)
         signature, constants, attrs = _signature(job, list(kernel.arg_names))
         target = GPUTarget("cuda", arch, 32)
-        options = dict(num_warps=NUM_WARPS, num_stages=NUM_STAGES, **LAUNCH_OPTIONS)
+        options = dict(num_warps=job.num_warps, num_stages=NUM_STAGES, **LAUNCH_OPTIONS)
         compiled = triton.compile(ASTSource(kernel, signature, constants, attrs), target=target, options=options)
         cubin = compiled.asm["cubin"]
         with tempfile.TemporaryDirectory() as tmp:
@@ -404,12 +423,13 @@ def compile_job(job: KernelJob, arch: int) -> dict:
     sass = parse_sass(sass_text)
     dynamic_shared = int(compiled.metadata.shared)
     total_shared = dynamic_shared + usage.get("SHARED", 0)
-    threads = 32 * NUM_WARPS
-    executed, how = per_tile_instructions(sass, job.inner_trips, per_row=not job.logits_per_tile)
+    threads = 32 * job.num_warps
+    executed, how = per_tile_instructions(sass, job.inner_trips, per_row=not job.logits_per_tile,
+                                          outer_trips=job.outer_trips)
     row.update(
         status="ok", compile_s=round(time.time() - start, 1), registers=usage.get("REG"), stack_bytes=usage.get("STACK"),
         local_bytes=usage.get("LOCAL"), shared_bytes=total_shared, shared_limit=SHARED_LIMIT[arch],
-        shared_fits=total_shared <= SHARED_LIMIT[arch], cubin_bytes=len(cubin), num_warps=NUM_WARPS,
+        shared_fits=total_shared <= SHARED_LIMIT[arch], cubin_bytes=len(cubin), num_warps=job.num_warps,
         sass_total=sass["total"], sass_classes=sass["classes"], loops=sass["loops"],
         executed_per_thread_per_tile=executed, estimate=how,
         instr_per_logit=round(executed * threads / job.logits_per_tile, 2) if job.logits_per_tile else None,
@@ -582,10 +602,10 @@ def _pass_time_s(row: dict, programs: int, shfl_slots: int, logits_per_tile: int
     the compiled instructions per logit times that tile."""
     per_thread = row["executed_per_thread_per_tile"]
     if logits_per_tile and row.get("instr_per_logit"):
-        per_thread = row["instr_per_logit"] * logits_per_tile / (32 * NUM_WARPS)
+        per_thread = row["instr_per_logit"] * logits_per_tile / (32 * row.get("num_warps", NUM_WARPS))
     if row["sass_total"]:
         per_thread += (shfl_slots - 1) * row["sass_classes"]["SHFL"] * per_thread / row["sass_total"]
-    return -(-programs // SMS) * per_thread * (NUM_WARPS / 4) / CLOCK_HZ
+    return -(-programs // SMS) * per_thread * (row.get("num_warps", NUM_WARPS) / 4) / CLOCK_HZ
 
 
 def roofline(report: dict, dtype: str = "bf16") -> str:

@@ -44,9 +44,9 @@ from .launcher import (
 )
 from .select_tiles import (
     INDEX_NONE,
+    fold_gumbel_max,
     pass1_store_tile,
     pass2_store_tile,
-    philox_gumbel,
     tile_log_probs,
     tile_union_scores,
     value_key,
@@ -237,13 +237,8 @@ def _sample_fallback_kernel(
             keep = (q > 0.0) & (q >= kth_q[:, None])
             if USE_TOPP:
                 keep = keep & (q / norm[:, None] >= floor_p[:, None])
-            gumbel = philox_gumbel(cols[None, :], seed[:, None], offset[:, None], (row + one)[:, None])
-            perturbed = tl.where(keep, tl.log(tl.where(keep, q, 1.0)) / temperature + gumbel, float("-inf"))
-            tile_best = tl.max(perturbed, axis=1)
-            tile_id = tl.min(tl.where(keep & (perturbed == tile_best[:, None]), cols[None, :], INDEX_NONE), axis=1)
-            better = tile_best > best
-            best_id = tl.where(better, tile_id, best_id)
-            best = tl.where(better, tile_best, best)
+            best, best_id = fold_gumbel_max(q, keep, cols[None, :], seed, offset, row + one, temperature, best,
+                                            best_id)
         token = tl.where(best == float("-inf"), 0, best_id)  # nothing kept: torch.argmax of all -inf is 0
         tl.store(tokens_ptr + row + one, token.to(tl.int64), mask=flagged)
         tl.store(over_ptr + row + one, tl.zeros_like(flagged), mask=flagged)
@@ -289,7 +284,7 @@ class LogitsPasses:
             s.rowinfo, rows.alpha, rows.seed, rows.seed_stride, rows.offset, rows.offset_stride, temperature,
             s.div, s.best, s.besti, s.keys2, s.mass,
             BB=plan.block_b, BV=plan.block_v, K=plan.buffer, DIVERGENCE=plan.divergence, SAMPLE=plan.sample,
-            NEED_V0=plan.need_v0, NEED_V1=plan.need_v1, **LAUNCH_OPTIONS,
+            NEED_V0=plan.need_v0, NEED_V1=plan.need_v1, num_warps=plan.pass2_warps, **LAUNCH_OPTIONS,
         )
 
     def sample_fallback(self, plan: SelectPlan, s: Scratch, rows: RowVectors, params: StepParams,

@@ -39,7 +39,7 @@ import triton.language as tl
 
 from ..params import StepParams
 from .launcher import INTERPRETED, LAUNCH_OPTIONS, TILE_ELEMENTS, RowVectors, Scratch, SelectPlan, next_pow2
-from .select_tiles import INDEX_NONE, KEY_NONE, order_key, philox_gumbel, tile_log_probs, value_key, value_of
+from .select_tiles import INDEX_NONE, KEY_NONE, fold_gumbel_max, order_key, tile_log_probs, value_key, value_of
 
 __all__ = ["RADIX_BITS", "decide_intersection_overflow"]
 
@@ -246,13 +246,8 @@ def _intersection_fallback_kernel(
                     keep = keep & (q >= kth_q[:, None])
                 if USE_TOPP:
                     keep = keep & (q / norm[:, None] >= floor_p[:, None])
-                gumbel = philox_gumbel(cols[None, :], seed[:, None], offset[:, None], (row + one)[:, None])
-                perturbed = tl.where(keep, tl.log(q) / temperature + gumbel, float("-inf"))
-                tile_best = tl.max(perturbed, axis=1)
-                tile_id = tl.min(tl.where(keep & (perturbed == tile_best[:, None]), cols[None, :], INDEX_NONE), axis=1)
-                better = tile_best > best
-                best_id = tl.where(better, tile_id, best_id)
-                best = tl.where(better, tile_best, best)
+                best, best_id = fold_gumbel_max(q, keep, cols[None, :], seed, offset, row + one, temperature, best,
+                                                best_id)
             token = tl.where(best == float("-inf"), 0, best_id)  # nothing kept: torch.argmax of all -inf is 0
         tl.store(tokens_ptr + row + one, token.to(tl.int64), mask=flagged)
         tl.store(over_ptr + row + one, tl.zeros_like(flagged), mask=flagged)

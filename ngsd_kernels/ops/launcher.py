@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..params import CandidateMode, GateMode, StepParams
+from ..params import CandidateMode, Divergence, GateMode, StepParams
 from ..reference import Outputs, guarded_select_reference
 from .select_tiles import (
     INDEX_NONE,
@@ -234,6 +234,11 @@ def _finalize_kernel(
     else:
         spike = rows < 0  # gate forced shut
 
+    # the gate's outputs first: nothing of them stays live through the token choice below
+    tl.store(new_potential_ptr + rows, tl.where(valid, new_v, potential), mask=rmask)
+    tl.store(spike_ptr + rows, spike & valid, mask=rmask)
+    tl.store(divergence_ptr + rows, tl.where(valid, current, float("nan")), mask=rmask)
+
     token = tl.zeros([RB], tl.int32)
     overflow = rows < 0
     if MODE == 0 or NEED_V0:
@@ -263,9 +268,6 @@ def _finalize_kernel(
         overflow = tl.where(spike, tl.load(iover_ptr + rows, mask=rmask, other=0) != 0, overflow)
 
     tl.store(tokens_ptr + rows, tl.where(valid, token.to(tl.int64), -1), mask=rmask)
-    tl.store(new_potential_ptr + rows, tl.where(valid, new_v, potential), mask=rmask)
-    tl.store(spike_ptr + rows, spike & valid, mask=rmask)
-    tl.store(divergence_ptr + rows, tl.where(valid, current, float("nan")), mask=rmask)
     tl.store(over_ptr + rows, overflow & valid, mask=rmask)
 
 
@@ -310,6 +312,7 @@ class SelectPlan:
     slots: int = 0  # union (key kind 1): fp32 candidate slots per chunk and row (select_tiles.pass1_store_tile)
     sample_slots: int = 1  # top-k / top-p: candidate keys per chunk and gate outcome (select_tiles.sample_slots)
     sample_block: int = 1  # top-k / top-p: candidate keys the finalize kernel reads per load and row
+    pass2_warps: int = 4  # warps per pass-2 program (8 where 4 would spill: kernel report)
 
     @property
     def key_kind(self) -> int:
@@ -417,7 +420,11 @@ def plan_select(
         # union candidates above a group-maxima bound: room for ~1.4 k of them (select_tiles.pair_group_bound)
         slots=min(2 * buffer, bv) if need_keys and not intersection else buffer,
         sample_slots=sample_slots,
-        sample_block=max(1, min(next_pow2(ncp * sample_slots), (TILE_ELEMENTS // 2) // row_block)) if sample == 2 else 1,
+        # Jensen-Shannon's extra log tile at one [1, 4096] row per program needs more than 255 registers
+        # a thread with 4 warps (sm_90 spills 8-44 B): 8 warps halve the columns per thread
+        pass2_warps=8 if bb == 1 and bv >= 4096 and params.divergence == Divergence.JS else 4,
+        # 1024 int64 keys per load on a GPU (8 a thread): 2048 made ptxas spill in some finalize variants
+        sample_block=max(1, min(next_pow2(ncp * sample_slots), (TILE_ELEMENTS // 4) // row_block)) if sample == 2 else 1,
     )
 
 

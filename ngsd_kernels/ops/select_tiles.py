@@ -745,6 +745,21 @@ def _slots_stat(ptr, row_base, row_mask, n_slots, keys, kth_q, norm, at, WHAT: t
 
 
 @triton.jit
+def fold_gumbel_max(q, keep, ids, seed, offset, rows, temperature, best, best_id):
+    """One block of a Gumbel-max draw folded into the running (best [R], best_id [R]): the kept
+    entries' log(q) / T + the reference's Gumbel noise of their token ids (``philox_gumbel``);
+    equal maxima keep the lowest id, whatever order the blocks come in. q, keep: [R, N]; ids:
+    [R, N] or [1, N]; seed, offset, rows: [R]."""
+    gumbel = philox_gumbel(ids, seed[:, None], offset[:, None], rows[:, None])
+    perturbed = tl.where(keep, tl.log(tl.where(keep, q, 1.0)) / temperature + gumbel, float("-inf"))
+    block_best = tl.max(perturbed, axis=1)
+    block_id = tl.min(tl.where(keep & (perturbed == block_best[:, None]), ids, INDEX_NONE), axis=1)
+    best_id = tl.where(block_best > best, block_id,
+                       tl.where(block_best == best, tl.minimum(best_id, block_id), best_id))
+    return tl.maximum(best, block_best), best_id
+
+
+@triton.jit
 def slots_sample(
     ptr, row_base, row_mask, n_slots, total_mass, floor, seed, offset, rows, temperature, top_k, top_p,
     USE_TOPK: tl.constexpr, USE_TOPP: tl.constexpr, N: tl.constexpr, LOOP: tl.constexpr,
@@ -769,7 +784,7 @@ def slots_sample(
     kth_q = zero
     if USE_TOPK:
         t = tl.zeros(total_mass.shape, tl.int32)
-        for i in tl.static_range(31):
+        for i in range(31):  # a runtime loop: one copy of the round's code
             cand = t | (1 << (30 - i))
             cnt = _slots_stat(ptr, row_base, row_mask, n_slots, keys, zero, one, value_of(cand), 0, N, LOOP)
             t = tl.where(cnt >= top_k, cand, t)
@@ -787,7 +802,7 @@ def slots_sample(
         norm = tl.maximum(norm, 1e-30)
         # the largest key whose probability mass strictly above it is still >= top_p
         t = tl.zeros(total_mass.shape, tl.int32)
-        for i in tl.static_range(31):
+        for i in range(31):  # a runtime loop: one copy of the round's code
             cand = t | (1 << (30 - i))
             mass = _slots_stat(ptr, row_base, row_mask, n_slots, keys, kth_q, norm, value_of(cand), 2, N, LOOP)
             t = tl.where(mass >= top_p, cand, t)
@@ -806,15 +821,8 @@ def slots_sample(
         else:
             block = keys
         q = tl.where(block != KEY_NONE, key_value(block), 0.0)
-        ids = key_index(block)
         keep = (q > 0.0) & (q >= kth_q[:, None]) & (q / norm[:, None] >= floor_p[:, None])
-        gumbel = philox_gumbel(ids, seed[:, None], offset[:, None], rows[:, None])
-        perturbed = tl.where(keep, tl.log(tl.where(keep, q, 1.0)) / temperature + gumbel, float("-inf"))
-        block_best = tl.max(perturbed, axis=1)
-        block_id = tl.min(tl.where(keep & (perturbed == block_best[:, None]), ids, INDEX_NONE), axis=1)
-        best_id = tl.where(block_best > best, block_id,
-                           tl.where(block_best == best, tl.minimum(best_id, block_id), best_id))
-        best = tl.maximum(best, block_best)
+        best, best_id = fold_gumbel_max(q, keep, key_index(block), seed, offset, rows, temperature, best, best_id)
     token = tl.where(best == float("-inf"), 0, best_id)  # nothing kept: torch.argmax of all -inf is 0
     return token, overflow
 
@@ -949,14 +957,11 @@ def pass2_store_tile(
         gumbel = 0.0
     # outcome slots: [row, outcome, chunk]
     oslot = rows.to(tl.int64) * 2 * n_chunks + chunk
-    if NEED_V1:
-        alpha = tl.load(alpha_ptr + rows, mask=row_mask, other=0.0)
-        thr_b = tl.load(rowinfo_ptr + info + 4, mask=row_mask, other=0.0)
-        thr_e = tl.load(rowinfo_ptr + info + 5, mask=row_mask, other=0.0)
-        mixed = tile_union_scores(lb, le, pb, pe, alpha, thr_b, thr_e)
-    else:
-        mixed = pb
     if SAMPLE == 2:
+        if NEED_V1:
+            mixed = _union_scores_of_rows(lb, le, pb, pe, rows, row_mask, info, alpha_ptr, rowinfo_ptr)
+        else:
+            mixed = pb
         # q = max(s, 0) of both outcomes; one bisection finds both bounds (the K-th largest group maxima)
         q0 = tl.where(mask, pb, 0.0)  # p_b >= 0 already
         q1 = tl.where(mask, tl.maximum(mixed, 0.0), 0.0)
@@ -970,11 +975,22 @@ def pass2_store_tile(
             store_sample_candidates(keys2_ptr, mass_ptr, oslot + n_chunks, row_mask, q1, cols,
                                     tl.maximum(bound1, 0.0), S)
     else:
+        # the no-spike outcome first: the mixture's tile is computed after pb's arg-max (fewer live registers)
         if NEED_V0:
             _store_outcome(pb, gumbel, temperature, cols, mask, row_mask, oslot, best_ptr, besti_ptr, SAMPLE)
         if NEED_V1:
+            mixed = _union_scores_of_rows(lb, le, pb, pe, rows, row_mask, info, alpha_ptr, rowinfo_ptr)
             _store_outcome(mixed, gumbel, temperature, cols, mask, row_mask, oslot + n_chunks, best_ptr, besti_ptr,
                            SAMPLE)
+
+
+@triton.jit
+def _union_scores_of_rows(lb, le, pb, pe, rows, row_mask, info, alpha_ptr, rowinfo_ptr):
+    """``tile_union_scores`` with the rows' alpha and union thresholds loaded (rowinfo slots 4, 5)."""
+    alpha = tl.load(alpha_ptr + rows, mask=row_mask, other=0.0)
+    thr_b = tl.load(rowinfo_ptr + info + 4, mask=row_mask, other=0.0)
+    thr_e = tl.load(rowinfo_ptr + info + 5, mask=row_mask, other=0.0)
+    return tile_union_scores(lb, le, pb, pe, alpha, thr_b, thr_e)
 
 
 @triton.jit
