@@ -23,8 +23,10 @@ from ngsd_kernels.ops.fused_select import fused_guarded_select, fused_guarded_se
 from ngsd_kernels.ops.launcher import plan_select  # noqa: E402
 from ngsd_kernels.params import GateMode, StepParams  # noqa: E402
 from ngsd_kernels.reference import guarded_select_reference  # noqa: E402
+from tests.kernels.steps import approximate_exp, near_tie_rows  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not launcher.INTERPRETED, reason="set TRITON_INTERPRET=1 before Triton is imported")
+pytestmark = pytest.mark.skipif(not launcher.INTERPRETED and not torch.cuda.is_available(),
+                                reason="needs TRITON_INTERPRET=1 (CPU) or a CUDA device (bench/gpu_check.sh)")
 
 
 @pytest.fixture
@@ -62,12 +64,15 @@ def test_unflagged_rows_equal_the_reference_and_flagged_rows_are_decided_on_devi
     for trial in range(24):
         args, params, block_v = _case(trial, gen)
         want = guarded_select_reference(*args, params=params)
+        # compiled (CUDA): exp / log are the GPU's approximate ones; rows within rounding of a tie may differ
+        sure = ~near_tie_rows(*args, params) if approximate_exp(args[0]) else torch.ones_like(want[2])
         tokens, _, _, _, overflow = fused_guarded_select_with_overflow(*args, params=params, block_v=block_v)
         assert overflow is not None
-        assert torch.equal(tokens[~overflow], want[0][~overflow]), trial
+        assert torch.equal(tokens[~overflow & sure], want[0][~overflow & sure]), trial
         flagged += int(overflow.sum())
         rows += overflow.numel()
-        assert torch.equal(fused_guarded_select(*args, params=params, block_v=block_v)[0], want[0]), trial
+        decided = fused_guarded_select(*args, params=params, block_v=block_v)[0]
+        assert torch.equal(decided[sure], want[0][sure]), trial
     assert flagged < rows / 4, (flagged, rows)  # the candidates decide most rows themselves
 
 
