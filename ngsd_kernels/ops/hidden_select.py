@@ -517,7 +517,8 @@ class HiddenLaunch:
         """``materialise``: None chooses (GPU and a buffer above HIDDEN_MAX_BUFFER); True / False force it."""
         on_gpu = device.type == "cuda"
         if materialise is None:
-            materialise = not fused_hidden_supports(vocab, params) or (on_gpu and not fused_hidden_fits(batch, vocab, params))
+            materialise = not fused_hidden_supports(vocab, params) or (
+                on_gpu and not fused_hidden_fits(batch, vocab, params))
         elif not materialise and not fused_hidden_supports(vocab, params):
             raise ValueError("materialise=False: the fused hidden-state passes do not run top-k / top-p sampling; "
                              "leave materialise=None")

@@ -423,8 +423,9 @@ def plan_select(
         # Jensen-Shannon's extra log tile at one [1, 4096] row per program needs more than 255 registers
         # a thread with 4 warps (sm_90 spills 8-44 B): 8 warps halve the columns per thread
         pass2_warps=8 if bb == 1 and bv >= 4096 and params.divergence == Divergence.JS else 4,
-        # 1024 int64 keys per load on a GPU (8 a thread): 2048 made ptxas spill in some finalize variants
-        sample_block=max(1, min(next_pow2(ncp * sample_slots), (TILE_ELEMENTS // 4) // row_block)) if sample == 2 else 1,
+        # at most 1024 int64 keys per load and program on a GPU (8 a thread; 2048 spilled more finalize variants)
+        sample_block=(max(1, min(next_pow2(ncp * sample_slots), (TILE_ELEMENTS // 4) // row_block))
+                      if sample == 2 else 1),
     )
 
 

@@ -287,6 +287,17 @@ def test_bad_inputs_raise_clear_errors():
     assert tokens.shape == (2,)
 
 
+def test_top_k_top_p_sampling_always_runs_on_materialised_logits():
+    """The fused hidden-state passes keep no sampling candidates: top-k / top-p steps take the GEMM +
+    logits kernels on any device, and forcing the fused passes is a clear error."""
+    step = StepParams(temperature=0.9, top_k=5, gate=GateMode.OPEN, candidate_k=8)
+    assert not hidden_select.fused_hidden_supports(300, step) and hidden_select.fused_hidden_supports(
+        300, StepParams(temperature=0.9, gate=GateMode.OPEN, candidate_k=8))
+    assert hidden_select.HiddenLaunch.build(3, 300, step, torch.device("cpu"), shared=True).materialise
+    with pytest.raises(ValueError, match="materialise=False"):
+        hidden_select.HiddenLaunch.build(3, 300, step, torch.device("cpu"), shared=True, materialise=False)
+
+
 @pytest.mark.parametrize("params", [dict(candidate_k=200, gate=GateMode.OPEN),
                                     dict(temperature=0.9, top_k=150, gate=GateMode.OPEN, candidate_k=8)])
 def test_buffers_above_the_fused_cap_run_gemm_and_the_logits_kernels(params):
