@@ -191,6 +191,18 @@ def _intersection_kernel(
 
 
 @triton.jit
+def _row_valid(rowinfo_ptr, alpha_ptr, rows, rmask, MODE: tl.constexpr):
+    """Rows the step decides: valid logits (the reduce's flag) and alpha as reference.alpha_is_valid
+    (finite, and in [0, 1] in union mode, MODE 0)."""
+    valid = tl.load(rowinfo_ptr + rows * 8 + 6, mask=rmask, other=0.0) > 0.5
+    alpha = tl.load(alpha_ptr + rows, mask=rmask, other=0.0)
+    valid = valid & (tl.abs(alpha) < float("inf"))
+    if MODE == 0:
+        valid = valid & (alpha >= 0.0) & (alpha <= 1.0)
+    return valid
+
+
+@triton.jit
 def _finalize_kernel(
     rowinfo_ptr, div_ptr, best_ptr, besti_ptr, keys2_ptr, mass_ptr, choice_ptr, iover_ptr,
     potential_ptr, alpha_ptr, seed_ptr, seed_stride, offset_ptr, offset_stride,
@@ -217,12 +229,7 @@ def _finalize_kernel(
         current = first
     else:
         current = 0.5 * (first + second)
-    valid = tl.load(rowinfo_ptr + rows * 8 + 6, mask=rmask, other=0.0) > 0.5
-    # alpha as reference.alpha_is_valid: finite, and in [0, 1] in union mode (MODE 0)
-    alpha = tl.load(alpha_ptr + rows, mask=rmask, other=0.0)
-    valid = valid & (tl.abs(alpha) < float("inf"))
-    if MODE == 0:
-        valid = valid & (alpha >= 0.0) & (alpha <= 1.0)
+    valid = _row_valid(rowinfo_ptr, alpha_ptr, rows, rmask, MODE)
     potential = tl.load(potential_ptr + rows, mask=rmask, other=0.0)
     v = decay * potential + current
     fired = v >= v_th
@@ -267,6 +274,9 @@ def _finalize_kernel(
         token = tl.where(spike, tl.load(choice_ptr + rows, mask=rmask, other=0), token)
         overflow = tl.where(spike, tl.load(iover_ptr + rows, mask=rmask, other=0) != 0, overflow)
 
+    if SAMPLE == 2:
+        # read again rather than kept through the sampling loops (where ptxas spilled it to the stack)
+        valid = _row_valid(rowinfo_ptr, alpha_ptr, rows, rmask, MODE)
     tl.store(tokens_ptr + rows, tl.where(valid, token.to(tl.int64), -1), mask=rmask)
     tl.store(over_ptr + rows, overflow & valid, mask=rmask)
 
