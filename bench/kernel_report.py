@@ -151,7 +151,7 @@ def _row_kernel_jobs(plan, path: str, label: str, dense: int = 0) -> list[Kernel
             RB=plan.row_block, K=k, EB=plan.inter_block, SAMPLE=plan.sample, USE_TOPK=int(plan.use_topk),
             USE_TOPP=int(plan.use_topp)), "intersection", path, 0, inner_trips=k // plan.inter_block))
     jobs.append(KernelJob(mod, "_finalize_kernel", "-", dict(
-        RB=plan.row_block, NCP=plan.ncp, K=k, CG=plan.chunk_group, DIVERGENCE=plan.divergence, GATE=plan.gate,
+        RB=plan.row_block, NCP=plan.ncp, DIVERGENCE=plan.divergence, GATE=plan.gate,
         MODE=plan.mode, SAMPLE=plan.sample, USE_TOPK=int(plan.use_topk), USE_TOPP=int(plan.use_topp),
         NEED_V0=int(plan.need_v0), SLOTS=plan.sample_slots, SB=plan.sample_block), "finalize", path, 0,
         # top-k / top-p: every bisection round (a runtime loop of 31) reads the row's candidate keys in blocks of SB

@@ -181,7 +181,7 @@ def _finalize_spec(gate: int) -> KernelSpec:
         tokens_ptr="*i64:16", new_potential_ptr="*fp32:16", spike_ptr="*i8:16", divergence_ptr="*fp32:16",
         over_ptr="*i32:16", n_rows="i32", n_chunks="i32", n_vocab="i32", decay="fp32", v_th="fp32",
         v_reset="fp32", rho="fp32", temperature="fp32", top_k="i32", top_p="fp32",
-        RB=str(RB), NCP=str(NCP), K=str(K), CG=str(CG), DIVERGENCE="0", GATE=str(gate), MODE="0", SAMPLE="0",
+        RB=str(RB), NCP=str(NCP), DIVERGENCE="0", GATE=str(gate), MODE="0", SAMPLE="0",
         USE_TOPK="0", USE_TOPP="0", NEED_V0="1", SLOTS="1", SB="1",  # SLOTS / SB: top-k / top-p only
     )
     return KernelSpec("ngsd_kernels.ops.launcher", "_finalize_kernel", args, f"(n_rows + {RB - 1}) / {RB}, 1, 1")

@@ -14,7 +14,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "bench" / "kernel_report.py"
 # the smallest kernel of the default mode (greedy, TV, union, K = 64, logits path): compiles in seconds
-SMALL_KEY = "_finalize_kernel[-|CG=32,DIVERGENCE=0,GATE=0,K=64,MODE=0,NCP=32,NEED_V0=1,RB=2,SAMPLE=0,SB=1,SLOTS=1,USE_TOPK=0,USE_TOPP=0]"
+SMALL_KEY = "_finalize_kernel[-|DIVERGENCE=0,GATE=0,MODE=0,NCP=32,NEED_V0=1,RB=2,SAMPLE=0,SB=1,SLOTS=1,USE_TOPK=0,USE_TOPP=0]"
 
 
 def _report_module():

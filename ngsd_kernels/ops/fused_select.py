@@ -8,8 +8,9 @@ and scratch layout are described at the top of ``select_tiles.py`` and, with byt
 ``bench/ROOFLINE.md``.
 
 Launches per step: pass 1, reduce, [intersection], pass 2, finalize -- 4 or 5, plus, in top-k /
-top-p sampling, ``_sample_fallback_kernel``, which decides on the GPU the rows whose kept set did not
-fit in the top-K buffer (see ``buffer_sample``; its programs return at once for the other rows), and,
+top-p sampling, ``_sample_fallback_kernel``, which decides on the GPU the rows whose thresholds fell
+below their candidates' certainty floor (see ``select_tiles.slots_sample``; its programs return at
+once for the other rows), and,
 in intersection mode, ``intersection_fallback._intersection_fallback_kernel``, which decides on the GPU
 the spiked rows whose grown intersection did not fit in the buffers. No host synchronisation.
 
@@ -353,7 +354,7 @@ def fused_guarded_select(
     must be > 0; candidate_k, min_candidates and top_k (each clipped to V) at most MAX_BUFFER.
     Invalid rows follow the reference: token -1, NaN divergence, potential unchanged, no spike.
 
-    Rows whose top-k / top-p kept set did not fit in the top-K buffer are decided exactly on the GPU
+    Rows whose top-k / top-p thresholds fell below their candidates' floor are decided exactly on the GPU
     (``_sample_fallback_kernel``), and so are rows whose grown intersection did not fit
     (``intersection_fallback.py``): no host read.
     ``fused_guarded_select_with_overflow`` skips both and returns the flags instead.

@@ -106,8 +106,7 @@ HIDDEN_MAX_BUFFER = 64
 
 def fused_hidden_fits(batch: int, vocab: int, params: StepParams) -> bool:
     """Whether the fused hidden-state kernels run these settings on a GPU (else: GEMM + logits kernels)."""
-    plan = plan_select(batch, vocab, params)
-    return plan.buffer <= HIDDEN_MAX_BUFFER and plan.sample != 2
+    return fused_hidden_supports(vocab, params) and plan_select(batch, vocab, params).buffer <= HIDDEN_MAX_BUFFER
 
 
 def fused_hidden_supports(vocab: int, params: StepParams) -> bool:
@@ -517,8 +516,8 @@ class HiddenLaunch:
         """``materialise``: None chooses (GPU and a buffer above HIDDEN_MAX_BUFFER); True / False force it."""
         on_gpu = device.type == "cuda"
         if materialise is None:
-            materialise = not fused_hidden_supports(vocab, params) or (
-                on_gpu and not fused_hidden_fits(batch, vocab, params))
+            supported = fused_hidden_supports(vocab, params)
+            materialise = not supported or (on_gpu and not fused_hidden_fits(batch, vocab, params))
         elif not materialise and not fused_hidden_supports(vocab, params):
             raise ValueError("materialise=False: the fused hidden-state passes do not run top-k / top-p sampling; "
                              "leave materialise=None")

@@ -208,7 +208,7 @@ def _finalize_kernel(
     potential_ptr, alpha_ptr, seed_ptr, seed_stride, offset_ptr, offset_stride,
     tokens_ptr, new_potential_ptr, spike_ptr, divergence_ptr, over_ptr,
     n_rows, n_chunks, n_vocab, decay, v_th, v_reset, rho, temperature, top_k, top_p,
-    RB: tl.constexpr, NCP: tl.constexpr, K: tl.constexpr, CG: tl.constexpr, DIVERGENCE: tl.constexpr,
+    RB: tl.constexpr, NCP: tl.constexpr, DIVERGENCE: tl.constexpr,
     GATE: tl.constexpr, MODE: tl.constexpr, SAMPLE: tl.constexpr, USE_TOPK: tl.constexpr,
     USE_TOPP: tl.constexpr, NEED_V0: tl.constexpr, SLOTS: tl.constexpr = 1, SB: tl.constexpr = 1,
 ):
@@ -601,7 +601,7 @@ def launch_select(
         tokens, new_potential, spike, current, over,
         batch, nc, vocab, 1.0 - 1.0 / params.tau, params.v_th, params.v_reset, params.rho, temperature,
         params.top_k, params.top_p,
-        RB=plan.row_block, NCP=plan.ncp, K=k, CG=plan.chunk_group, DIVERGENCE=plan.divergence,
+        RB=plan.row_block, NCP=plan.ncp, DIVERGENCE=plan.divergence,
         GATE=int(params.gate), MODE=plan.mode, SAMPLE=plan.sample, USE_TOPK=plan.use_topk, USE_TOPP=plan.use_topp,
         NEED_V0=plan.need_v0, SLOTS=plan.sample_slots, SB=plan.sample_block, **LAUNCH_OPTIONS,
     )

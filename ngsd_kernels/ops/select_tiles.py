@@ -958,13 +958,13 @@ def pass2_store_tile(
     # outcome slots: [row, outcome, chunk]
     oslot = rows.to(tl.int64) * 2 * n_chunks + chunk
     if SAMPLE == 2:
-        if NEED_V1:
-            mixed = _union_scores_of_rows(lb, le, pb, pe, rows, row_mask, info, alpha_ptr, rowinfo_ptr)
-        else:
-            mixed = pb
         # q = max(s, 0) of both outcomes; one bisection finds both bounds (the K-th largest group maxima)
         q0 = tl.where(mask, pb, 0.0)  # p_b >= 0 already
-        q1 = tl.where(mask, tl.maximum(mixed, 0.0), 0.0)
+        if NEED_V1:
+            mixed = _union_scores_of_rows(lb, le, pb, pe, rows, row_mask, info, alpha_ptr, rowinfo_ptr)
+            q1 = tl.where(mask, tl.maximum(mixed, 0.0), 0.0)
+        else:
+            q1 = q0  # its bound is computed alongside but never used
         G: tl.constexpr = bound_groups(lb.shape[1], K)
         # all 32 rounds: an exact group maximum, so ties at it are recognised (store_sample_candidates)
         bound0, bound1 = pair_group_bound(tile_group_max(q0, G), tile_group_max(q1, G), K, 32, 0)
@@ -1021,17 +1021,17 @@ def store_sample_candidates(keys2_ptr, mass_ptr, slot, row_mask, q, cols, bound,
 
     q: [R, N] fp32 >= 0, masked entries 0; slot: [R] int64 index of (row, outcome, chunk).
     """
-    n_gt = tl.sum((q > bound[:, None]).to(tl.int32), axis=1)
-    n_eq = tl.sum((q == bound[:, None]).to(tl.int32), axis=1)
-    with_ties = (bound > 0.0) & (n_gt + n_eq <= SLOTS)
-    take = (q > bound[:, None]) | ((q == bound[:, None]) & with_ties[:, None])
+    above = q > bound[:, None]
+    n_gt = tl.sum(above.to(tl.int32), axis=1)
+    with_ties = (bound > 0.0) & (tl.sum((q >= bound[:, None]).to(tl.int32), axis=1) <= SLOTS)
+    take = above | ((q == bound[:, None]) & with_ties[:, None])
     pos, n_taken = compaction_slots(take.to(tl.int32), THREADS)
     base = keys2_ptr + slot * SLOTS
     tl.store(base[:, None] + pos, order_key(q, cols[None, :]), mask=take & (pos < SLOTS) & row_mask[:, None])
     free = tl.arange(0, SLOTS)[None, :]
     tl.store(base[:, None] + free, tl.full([q.shape[0], SLOTS], KEY_NONE, tl.int64),
              mask=row_mask[:, None] & (free >= n_taken[:, None]))
-    above = value_of(value_key(bound) + 1)  # q > bound is q >= the next float (bound >= 0)
-    floor = tl.where(with_ties, bound, tl.where(n_gt <= SLOTS, above, float("inf")))
+    next_up = value_of(value_key(bound) + 1)  # q > bound is q >= the next float (bound >= 0)
+    floor = tl.where(with_ties, bound, tl.where(n_gt <= SLOTS, next_up, float("inf")))
     tl.store(mass_ptr + 2 * slot, tl.sum(q, axis=1), mask=row_mask)
     tl.store(mass_ptr + 2 * slot + 1, floor, mask=row_mask)
