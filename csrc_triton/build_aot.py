@@ -21,7 +21,8 @@ answers Triton's queries for "the current device". ptxas comes with the triton w
 Usage (from the repository root):
 
     python csrc_triton/build_aot.py                       # all variants, sm_80 and sm_90
-    python csrc_triton/build_aot.py --arch 90 --variants hidden_greedy_bf16
+    python csrc_triton/build_aot.py --arch 90 --variants hidden_greedy_tv_bf16
+    python csrc_triton/build_aot.py --variants "*_tv_*" --jobs 2      # fnmatch patterns, 2 processes
     python csrc_triton/build_aot.py --list
 """
 
@@ -125,9 +126,22 @@ RB = 1
 GATES = {0: "lif", 1: "open", 2: "closed"}
 
 
+DIVERGENCES = {0: "tv", 1: "kl", 2: "js"}  # params.Divergence codes
+CHOICES = {0: "greedy", 1: "sample"}  # plan.sample: 0 greedy, 1 plain temperature sampling (Gumbel-max)
+DTYPES = ("bf16", "fp16", "fp32")
+
+
 @dataclass(frozen=True)
 class KernelSpec:
-    """One kernel specialisation: every argument is either a Triton type or a constant."""
+    """One kernel specialisation: every argument is either a Triton type or a constant.
+
+    ``aligned``: arguments (pointers to user tensors, their strides and the sizes that bound their
+    contiguous loads) that an *aligned twin* of the kernel is compiled with a ``:16`` divisibility
+    hint for: pointers 16-byte aligned, integers multiples of 16. Both specialisations share one
+    launcher name; the dispatcher ``triton.tools.link`` writes checks the hints at run time
+    (``(uintptr_t)arg % 16 == 0`` for every one) and launches the aligned cubin when they hold, else
+    the generic one, so an unaligned input is never given to code that assumes alignment.
+    """
 
     module: str
     name: str
@@ -135,17 +149,31 @@ class KernelSpec:
     grid: str  # three C expressions over the runtime arguments
     num_warps: int = 4
     num_stages: int = 2
+    aligned: tuple[str, ...] = ()
 
     @property
     def constants(self) -> dict[str, int]:
         return {k: int(v) for k, v in self.args.items() if re.fullmatch(r"-?\d+", v)}
 
     def digest(self) -> str:
-        text = json.dumps([self.module, self.name, self.args, self.grid, self.num_warps, self.num_stages])
+        fields = [self.module, self.name, self.args, self.grid, self.num_warps, self.num_stages]
+        if self.aligned:
+            fields.append(list(self.aligned))
+        text = json.dumps(fields)
         return hashlib.sha256(text.encode()).hexdigest()[:8]
 
     def out_name(self, arch: int) -> str:
         return f"ngsd{self.name}_{self.digest()}_sm{arch}"
+
+    def aligned_args(self) -> dict[str, str]:
+        """The aligned twin's argument types: the ``aligned`` arguments with a ``:16`` hint."""
+        out = dict(self.args)
+        for arg in self.aligned:
+            base = out[arg].split(":")[0]
+            if base not in ("i32",) and not base.startswith("*"):
+                raise SystemExit(f"{self.name}: cannot give {arg} ({out[arg]}) a :16 hint")
+            out[arg] = f"{base}:16"
+        return out
 
 
 @dataclass
@@ -172,7 +200,9 @@ def _reduce_spec(dense: int = 0) -> KernelSpec:
     return KernelSpec("ngsd_kernels.ops.launcher", "_reduce_kernel", args, f"(n_rows + {RB - 1}) / {RB}, 1, 1")
 
 
-def _finalize_spec(gate: int) -> KernelSpec:
+def _finalize_spec(gate: int, divergence: int = 0, sample: int = 0) -> KernelSpec:
+    """The launcher's finalize for one gate, divergence and token choice (union mode; plain sampling
+    reads the same per-chunk arg-max partials as greedy: SLOTS / SB are top-k / top-p constants)."""
     args = dict(
         rowinfo_ptr="*fp32:16", div_ptr="*fp32:16", best_ptr="*fp32:16", besti_ptr="*i32:16",
         keys2_ptr="*i64:16", mass_ptr="*fp32:16", choice_ptr="*i32:16", iover_ptr="*i32:16",
@@ -181,19 +211,25 @@ def _finalize_spec(gate: int) -> KernelSpec:
         tokens_ptr="*i64:16", new_potential_ptr="*fp32:16", spike_ptr="*i8:16", divergence_ptr="*fp32:16",
         over_ptr="*i32:16", n_rows="i32", n_chunks="i32", n_vocab="i32", decay="fp32", v_th="fp32",
         v_reset="fp32", rho="fp32", temperature="fp32", top_k="i32", top_p="fp32",
-        RB=str(RB), NCP=str(NCP), DIVERGENCE="0", GATE=str(gate), MODE="0", SAMPLE="0",
-        USE_TOPK="0", USE_TOPP="0", NEED_V0="1", SLOTS="1", SB="1",  # SLOTS / SB: top-k / top-p only
+        RB=str(RB), NCP=str(NCP), DIVERGENCE=str(divergence), GATE=str(gate), MODE="0", SAMPLE=str(sample),
+        USE_TOPK="0", USE_TOPP="0", NEED_V0="1" if gate != 1 else "0", SLOTS="1", SB="1",
     )
     return KernelSpec("ngsd_kernels.ops.launcher", "_finalize_kernel", args, f"(n_rows + {RB - 1}) / {RB}, 1, 1")
 
 
-def hidden_greedy(dtype: str) -> Variant:
-    """Hidden states -> token, greedy, shared LM head without bias, total variation, union candidates.
+def variant_name(op: str, sample: int, divergence: int, dtype: str) -> str:
+    return f"{op.split('_')[0]}_{CHOICES[sample]}_{DIVERGENCES[divergence]}_{dtype}"
 
-    Block sizes are those hidden_select.plan_hidden_select picks on a GPU for batches of 9..16 (the
-    largest tile that compiles without spilling); one fixed choice for every batch size here.
+
+def hidden_variant(dtype: str, sample: int = 0, divergence: int = 0) -> Variant:
+    """Hidden states -> token, shared LM head without bias, union candidates.
+
+    Block sizes as hidden_select.plan_hidden_select picks them on a GPU for a shared head: greedy
+    union steps 16 rows (32 stacked base + expert rows) x 64 columns (its choice for batches of
+    9..16; one fixed choice for every batch size here), plain sampling 8 rows (pass 2 also draws the
+    Gumbel noise: the largest tile that compiles without spilling).
     """
-    block_b, block_v, block_h = 16, 64, 64
+    block_b, block_v, block_h = (8 if sample else 16), 64, 64
     tile = dict(
         hb_ptr=f"*{dtype}", he_ptr=f"*{dtype}", wb_ptr=f"*{dtype}", we_ptr=f"*{dtype}", biasb_ptr="*fp32",
         biase_ptr="*fp32", B="i32", V="i32", H="i32", HE="i32", s_hb0="i32", s_hb1="i32:1", s_he0="i32",
@@ -201,34 +237,42 @@ def hidden_greedy(dtype: str) -> Variant:
         n_chunks="i32", SHARED="1", HAS_BIAS_B="0", HAS_BIAS_E="0", BLOCK_B=str(block_b), BLOCK_V=str(block_v),
         BLOCK_H=str(block_h), UPCAST="1" if dtype == "fp32" else "0", K=str(K),
     )
+    # the weight and hidden-state loads: [BLOCK_H] contiguous runs starting at multiples of the row strides
+    aligned = ("hb_ptr", "he_ptr", "wb_ptr", "we_ptr", "H", "HE", "s_hb0", "s_he0", "s_wb0", "s_we0")
     grid = f"(B + {block_b - 1}) / {block_b}, n_chunks, 1"
-    return _greedy_variant(
-        f"hidden_greedy_{dtype}", "hidden_select", dtype, "ngsd_kernels.ops.hidden_select",
-        ("_hs_pass1_kernel", "_hs_pass2_kernel"), tile, grid,
-        dict(BLOCK_B=block_b, BLOCK_V=block_v, BLOCK_H=block_h, K=K, NCP=NCP, RB=RB),
+    return _variant(
+        variant_name("hidden_select", sample, divergence, dtype), "hidden_select", dtype,
+        "ngsd_kernels.ops.hidden_select", ("_hs_pass1_kernel", "_hs_pass2_kernel"), tile, grid,
+        dict(BLOCK_B=block_b, BLOCK_V=block_v, BLOCK_H=block_h, K=K, NCP=NCP, RB=RB), sample, divergence,
+        pass1_aligned=aligned, pass2_aligned=aligned,
     )
 
 
-def logits_greedy(dtype: str) -> Variant:
-    """Logits -> token (fused_select's kernels), greedy, total variation, union candidates.
+def logits_variant(dtype: str, sample: int = 0, divergence: int = 0) -> Variant:
+    """Logits -> token (fused_select's kernels), union candidates.
 
     One chunk of BV columns per pass-1/pass-2 program, as fused_select.plan_select picks for large
     vocabularies (BV = 2048, BB = 4096 // BV); at most NCP chunks, i.e. V <= NCP * BV = 262144.
+    Pass 1 of the union step loads one element per instruction by design (``_load_tile``'s SCALAR
+    layout for its scattered candidate stores), so only pass 2 gets an aligned twin.
     """
     bb, bv = 2, 2048
     common = dict(lb_ptr=f"*{dtype}", le_ptr=f"*{dtype}", stride_b="i32", stride_e="i32", n_rows="i32",
                   n_vocab="i32", n_chunks="i32", BB=str(bb), BV=str(bv), K=str(K))
     grid = f"(n_rows + {bb - 1}) / {bb}, n_chunks, 1"
-    return _greedy_variant(
-        f"logits_greedy_{dtype}", "logits_select", dtype, "ngsd_kernels.ops.fused_select",
-        ("_pass1_kernel", "_pass2_kernel"), common, grid, dict(BB=bb, BV=bv, K=K, NCP=NCP, RB=RB),
+    return _variant(
+        variant_name("logits_select", sample, divergence, dtype), "logits_select", dtype,
+        "ngsd_kernels.ops.fused_select", ("_pass1_kernel", "_pass2_kernel"), common, grid,
+        dict(BB=bb, BV=bv, K=K, NCP=NCP, RB=RB), sample, divergence,
+        pass2_aligned=("lb_ptr", "le_ptr", "stride_b", "stride_e", "n_vocab"),
     )
 
 
-def _greedy_variant(name: str, op: str, dtype: str, module: str, passes: tuple[str, str], tile: dict[str, str],
-                    grid: str, constants: dict[str, int]) -> Variant:
-    """A greedy / TV / union variant: the source's two passes (with its tile arguments `tile`) around the
-    launcher's reduce and finalize kernels."""
+def _variant(name: str, op: str, dtype: str, module: str, passes: tuple[str, str], tile: dict[str, str],
+             grid: str, constants: dict[str, int], sample: int, divergence: int,
+             pass1_aligned: tuple[str, ...] = (), pass2_aligned: tuple[str, ...] = ()) -> Variant:
+    """A union variant: the source's two passes (with its tile arguments `tile`) around the launcher's
+    reduce and finalize kernels; `sample` 0 greedy / 1 Gumbel-max, `divergence` a params.Divergence code."""
     # the logits pass 1 selects the union candidates itself and needs k (the hidden one keeps top-K)
     # (SLOTS 0: K exact slots per chunk, select_tiles.pass1_store_tile; ngsd_ext.cpp allocates [B, chunks, K])
     pass1_extra = dict(kth="i32", SLOTS="0", FALLBACK="1") if op == "logits_select" else {}
@@ -236,25 +280,53 @@ def _greedy_variant(name: str, op: str, dtype: str, module: str, passes: tuple[s
         module, passes[0],
         dict(tile, **pass1_extra, stats_ptr="*fp32:16", counts_ptr="*i32:16", keys_b_ptr="*i32:16",
              keys_e_ptr="*i32:16", KEYS="1"),
-        grid,
+        grid, aligned=pass1_aligned,
     )
+    # both gate outcomes' arg-max (NEED_V0 / NEED_V1): one pass 2 serves every gate
     pass2 = KernelSpec(
         module, passes[1],
         dict(tile, rowinfo_ptr="*fp32:16", alpha_ptr="*fp32", seed_ptr="*i64", seed_stride="i32",
              offset_ptr="*i64", offset_stride="i32", temperature="fp32", div_ptr="*fp32:16", best_ptr="*fp32:16",
-             besti_ptr="*i32:16", keys2_ptr="*i64:16", mass_ptr="*fp32:16", DIVERGENCE="0", SAMPLE="0",
-             NEED_V0="1", NEED_V1="1"),
-        grid,
+             besti_ptr="*i32:16", keys2_ptr="*i64:16", mass_ptr="*fp32:16", DIVERGENCE=str(divergence),
+             SAMPLE=str(sample), NEED_V0="1", NEED_V1="1"),
+        grid, aligned=pass2_aligned,
     )
     dense = {"bf16": 1, "fp16": 2}.get(dtype, 0) if op == "logits_select" else 0
-    return Variant(name, op, dtype, [pass1, _reduce_spec(dense), pass2], {g: _finalize_spec(g) for g in GATES},
-                   constants)
+    return Variant(name, op, dtype, [pass1, _reduce_spec(dense), pass2],
+                   {g: _finalize_spec(g, divergence, sample) for g in GATES},
+                   dict(constants, DIVERGENCE=divergence, SAMPLE=sample))
+
+
+def hidden_greedy(dtype: str) -> Variant:
+    return hidden_variant(dtype)
+
+
+def logits_greedy(dtype: str) -> Variant:
+    return logits_variant(dtype)
 
 
 def all_variants() -> dict[str, Variant]:
-    dtypes = ("bf16", "fp16", "fp32")
-    variants = [hidden_greedy(d) for d in dtypes] + [logits_greedy(d) for d in dtypes]
+    variants = [make(d, sample, div) for make in (hidden_variant, logits_variant) for sample in CHOICES
+                for div in DIVERGENCES for d in DTYPES]
     return {v.name: v for v in variants}
+
+
+def select_variants(patterns: str) -> list[str]:
+    """Variant names from a comma-separated list of names or fnmatch patterns ('all', 'hidden_*_tv_bf16')."""
+    import fnmatch
+
+    names = list(all_variants())
+    if patterns == "all":
+        return names
+    out: list[str] = []
+    for pat in (p.strip() for p in patterns.split(",")):
+        if not pat:
+            continue
+        hits = [n for n in names if fnmatch.fnmatchcase(n, pat)] if any(ch in pat for ch in "*?[") else [pat]
+        if not hits:
+            raise SystemExit(f"no variant matches {pat!r}; see --list")
+        out += [h for h in hits if h not in out]
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,16 +360,17 @@ def _offline_driver(arch: int):
     return OfflineCudaDriver()
 
 
-def _signature(spec: KernelSpec, arg_names: list[str]) -> str:
-    missing = [a for a in arg_names if a not in spec.args]
-    extra = [a for a in spec.args if a not in arg_names]
+def _signature(spec: KernelSpec, arg_names: list[str], args: dict[str, str] | None = None) -> str:
+    args = spec.args if args is None else args
+    missing = [a for a in arg_names if a not in args]
+    extra = [a for a in args if a not in arg_names]
     if missing or extra:
         raise SystemExit(
             f"{spec.module}.{spec.name} takes {arg_names}; build_aot.py has no entry for {missing} and "
             f"unknown entries {extra}. Update its KernelSpec (and CTX_FIELDS / ngsd_ext.cpp if a new runtime "
             "argument appeared)."
         )
-    return ", ".join(spec.args[a] for a in arg_names)
+    return ", ".join(args[a] for a in arg_names)
 
 
 def _runtime_args(spec: KernelSpec, arg_names: list[str]) -> list[tuple[str, str]]:
@@ -358,19 +431,11 @@ def _fix_fp32_scalars(spec: KernelSpec, files) -> None:
         path.write_text(text)
 
 
-def compile_spec(spec: KernelSpec, arch: int, out_dir: Path, shim: Path, log) -> dict:
-    """triton.tools.compile + triton.tools.link for one kernel and one architecture."""
+def _compile_one(spec: KernelSpec, arch: int, signature: str, arch_dir: Path, out_name: str, shim: Path):
+    """One triton.tools.compile run: (func_name, .c file, .h file, cubin bytes, seconds)."""
     import triton
     from triton.tools.compile import CompileArgs, compile_kernel
 
-    module = __import__(spec.module, fromlist=[spec.name])
-    kernel = getattr(module, spec.name)
-    arg_names = list(kernel.arg_names)
-    signature = _signature(spec, arg_names)
-    runtime = _runtime_args(spec, arg_names)
-    arch_dir = out_dir / f"sm{arch}"
-    arch_dir.mkdir(parents=True, exist_ok=True)
-    out_name = spec.out_name(arch)
     triton.runtime.driver.set_active(_offline_driver(arch))
     start = time.time()
     func_name, files = compile_kernel(CompileArgs(
@@ -381,19 +446,58 @@ def compile_spec(spec: KernelSpec, arch: int, out_dir: Path, shim: Path, log) ->
     header = next(f for f in files if f.suffix == ".h")
     source = next(f for f in files if f.suffix == ".c")
     _fix_fp32_scalars(spec, (source, header))
-    cubin = _extract_cubin(source)
+    return func_name, source, header, _extract_cubin(source), seconds
+
+
+def compile_spec(spec: KernelSpec, arch: int, out_dir: Path, shim: Path, log=print) -> dict:
+    """triton.tools.compile (the generic kernel and, with ``spec.aligned``, its aligned twin under the
+    same launcher name) + triton.tools.link for one kernel and one architecture."""
+    module = __import__(spec.module, fromlist=[spec.name])
+    kernel = getattr(module, spec.name)
+    arg_names = list(kernel.arg_names)
+    signature = _signature(spec, arg_names)
+    runtime = _runtime_args(spec, arg_names)
+    arch_dir = out_dir / f"sm{arch}"
+    arch_dir.mkdir(parents=True, exist_ok=True)
+    out_name = spec.out_name(arch)
+    func_name, source, header, cubin, seconds = _compile_one(spec, arch, signature, arch_dir, out_name, shim)
     (arch_dir / f"{out_name}.cubin").write_bytes(cubin)
-    link_base = arch_dir / f"{out_name}_link"
-    subprocess.run([sys.executable, "-m", "triton.tools.link", str(header), "-o", str(link_base)], check=True)
-    log(f"  sm_{arch} {spec.name:<20} {seconds:6.1f}s  cubin {len(cubin):>8} bytes  -> {out_name}")
-    return dict(
+    sources, headers = [source], [header]
+    entry = dict(
         kernel=spec.name, module=spec.module, arch=arch, out_name=out_name, func_name=func_name,
         signature=signature, grid=spec.grid, num_warps=spec.num_warps, num_stages=spec.num_stages,
         constants=spec.constants, runtime_args=runtime, cubin_bytes=len(cubin),
-        files=[str(p.relative_to(out_dir)) for p in (source, header, link_base.with_suffix(".c"),
-                                                     link_base.with_suffix(".h"))],
         cubin=str((arch_dir / f"{out_name}.cubin").relative_to(out_dir)), compile_seconds=round(seconds, 1),
     )
+    note = ""
+    if spec.aligned:
+        a_signature = _signature(spec, arg_names, spec.aligned_args())
+        a_func, a_source, a_header, a_cubin, a_seconds = _compile_one(spec, arch, a_signature, arch_dir, out_name,
+                                                                      shim)
+        (arch_dir / f"{out_name}.aligned.cubin").write_bytes(a_cubin)
+        sources.append(a_source)
+        headers.append(a_header)
+        entry["aligned"] = dict(
+            args=list(spec.aligned), func_name=a_func, signature=a_signature, cubin_bytes=len(a_cubin),
+            cubin=str((arch_dir / f"{out_name}.aligned.cubin").relative_to(out_dir)),
+            compile_seconds=round(a_seconds, 1),
+        )
+        note = f" + aligned {a_seconds:5.1f}s"
+    link_base = arch_dir / f"{out_name}_link"
+    # one launcher name, two hint sets: the linker's dispatcher tries the aligned one first
+    subprocess.run([sys.executable, "-m", "triton.tools.link", *map(str, headers), "-o", str(link_base)],
+                   check=True)
+    entry["files"] = [str(p.relative_to(out_dir)) for p in (source, header, link_base.with_suffix(".c"),
+                                                            link_base.with_suffix(".h"), *sources[1:], *headers[1:])]
+    log(f"  sm_{arch} {spec.name:<20} {seconds:6.1f}s{note}  cubin {len(cubin):>8} bytes  -> {out_name}")
+    return entry
+
+
+def _compile_job(job) -> tuple[tuple[str, int], dict]:
+    spec, arch, out_dir, shim, source_root = job
+    if str(source_root) not in sys.path:
+        sys.path.insert(0, str(source_root))
+    return (spec.digest(), arch), compile_spec(spec, arch, out_dir, shim, lambda msg: print(msg, flush=True))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -418,12 +522,20 @@ def _call(entry: dict) -> str:
     return f"{entry['out_name']}_default(c->stream, {args})"
 
 
+# the variant constants the C++ op reads from the table (ngsd_aot_variant in ngsd_aot_glue.h)
+TABLE_FIELDS = ("block_b", "block_v", "K", "NCP", "DIVERGENCE", "SAMPLE")
+
+
+def _table_values(variant: Variant) -> list[int]:
+    c = variant.constants
+    return [c.get("BLOCK_B", c.get("BB")), c.get("BLOCK_V", c.get("BV")), c["K"], c["NCP"], c["DIVERGENCE"],
+            c["SAMPLE"]]
+
+
 def write_glue(out_dir: Path, variants: list[Variant], built: dict[tuple[str, int], dict], archs: list[int]) -> None:
-    decls = []
     body = []
     for variant in variants:
-        decls.append(f"CUresult ngsd_aot_run_{variant.name}(const ngsd_aot_ctx *c, int arch, int gate);")
-        fn = [f"CUresult ngsd_aot_run_{variant.name}(const ngsd_aot_ctx *c, int arch, int gate) {{",
+        fn = [f"static CUresult ngsd_aot_run_{variant.name}(const ngsd_aot_ctx *c, int arch, int gate) {{",
               "  CUresult r;"]
         for arch in archs:
             fn.append(f"  if (arch == {arch}) {{")
@@ -441,34 +553,63 @@ def write_glue(out_dir: Path, variants: list[Variant], built: dict[tuple[str, in
     for entry in sorted(built.values(), key=lambda e: e["out_name"]):
         params = ", ".join(f"{CTX_FIELDS[f][0]} {a}" for a, f in entry["runtime_args"])
         protos.append(f"CUresult {entry['out_name']}_default(CUstream stream, {params});")
-    # NGSD_AOT_CALL(variant, ctx, arch, gate): the variant's run function, or CUDA_ERROR_NOT_FOUND when
-    # this build did not compile it (so ngsd_ext.cpp links whatever subset was built)
-    compiled = {v.name for v in variants}
-    calls = ["#define NGSD_AOT_CALL(variant, ...) NGSD_AOT_CALL_##variant(__VA_ARGS__)"]
-    for name in all_variants():
-        target = f"ngsd_aot_run_{name}(__VA_ARGS__)" if name in compiled else "CUDA_ERROR_NOT_FOUND"
-        calls.append(f"#define NGSD_AOT_CALL_{name}(...) {target}")
+    # every compiled variant with the constants the host code plans with; lookup by name
+    table = ["static const ngsd_aot_variant ngsd_aot_variants[] = {"]
+    for variant in variants:
+        values = ", ".join(str(v) for v in _table_values(variant))
+        table.append(f'  {{"{variant.name}", ngsd_aot_run_{variant.name}, {values}}},')
+    table += ["  {0, 0, 0, 0, 0, 0, 0, 0},", "};", ""]
+    lookup = [
+        "const ngsd_aot_variant *ngsd_aot_find(const char *name) {",
+        "  for (const ngsd_aot_variant *v = ngsd_aot_variants; v->name; ++v)",
+        "    if (strcmp(v->name, name) == 0) return v;",
+        "  return 0;",
+        "}",
+        "",
+        "const ngsd_aot_variant *ngsd_aot_variant_at(int i) {",
+        f"  return (i >= 0 && i < {len(variants)}) ? &ngsd_aot_variants[i] : 0;",
+        "}",
+        "",
+    ]
     header = "\n".join([
         "/* Generated by csrc_triton/build_aot.py: one function per op variant, launching its kernels. */",
         "#ifndef NGSD_AOT_GLUE_H", "#define NGSD_AOT_GLUE_H", "", '#include "ngsd_aot_ctx.h"', "",
         "#ifdef __cplusplus", 'extern "C" {', "#endif", "",
         f"#define NGSD_AOT_ARCHS \"{','.join(str(a) for a in archs)}\"",
         "/* the manifest.json of this build, for introspection */",
-        "const char *ngsd_aot_manifest(void);", "", *decls, "", *calls, "",
+        "const char *ngsd_aot_manifest(void);", "",
+        "/* all launches of one decode step, in order (gate: the finalize's GATE) */",
+        "typedef CUresult (*ngsd_aot_run_fn)(const ngsd_aot_ctx *c, int arch, int gate);",
+        "/* a compiled op variant and the launch constants it was compiled with */",
+        "typedef struct ngsd_aot_variant {",
+        "  const char *name;",
+        "  ngsd_aot_run_fn run;",
+        "  int block_b;     /* rows per pass-1 / pass-2 program */",
+        "  int block_v;     /* vocabulary columns per tile */",
+        "  int buffer;      /* K: top-K slots per chunk (candidate_k <= K) */",
+        "  int max_chunks;  /* NCP: chunks / splits the per-row kernels read */",
+        "  int divergence;  /* params.Divergence: 0 TV, 1 KL, 2 JS */",
+        "  int sample;      /* 0 greedy, 1 temperature sampling (Gumbel-max) */",
+        "} ngsd_aot_variant;",
+        "/* the variant of that name, or NULL when this build did not compile it */",
+        "const ngsd_aot_variant *ngsd_aot_find(const char *name);",
+        "/* the i-th compiled variant, or NULL past the end */",
+        "const ngsd_aot_variant *ngsd_aot_variant_at(int i);", "",
         "#ifdef __cplusplus", "}", "#endif", "#endif", "",
     ])
     manifest = (out_dir / "manifest.json").read_text()
     escaped = json.dumps(manifest)  # a valid C string literal for ASCII text
     source = "\n".join([
-        "/* Generated by csrc_triton/build_aot.py. */", '#include "ngsd_aot_glue.h"', "", *protos, "",
-        f"const char *ngsd_aot_manifest(void) {{ return {escaped}; }}", "", *body,
+        "/* Generated by csrc_triton/build_aot.py. */", "#include <string.h>", '#include "ngsd_aot_glue.h"', "",
+        *protos, "", f"const char *ngsd_aot_manifest(void) {{ return {escaped}; }}", "", *body, *table, *lookup,
     ])
     (out_dir / "ngsd_aot_glue.h").write_text(header)
     (out_dir / "ngsd_aot_glue.c").write_text(source)
     (out_dir / "ngsd_aot_ctx.h").write_text(_ctx_header())
 
 
-def build(archs: list[int], variant_names: list[str], out_dir: Path, source_root: Path, log=print) -> dict:
+def build(archs: list[int], variant_names: list[str], out_dir: Path, source_root: Path, log=print,
+          jobs: int = 1) -> dict:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise SystemExit("unset TRITON_INTERPRET: the AOT build compiles real GPU code")
     sys.path.insert(0, str(source_root))
@@ -486,14 +627,26 @@ def build(archs: list[int], variant_names: list[str], out_dir: Path, source_root
     for stale in list(out_dir.glob("sm*/*")) + list(out_dir.glob("ngsd_aot_*")):
         stale.unlink()
     shim = _shim_module(out_dir, source_root)
-    built: dict[tuple[str, int], dict] = {}
+    todo: dict[tuple[str, int], KernelSpec] = {}
     for arch in archs:
         for variant in variants:
-            log(f"{variant.name} for sm_{arch}")
             for spec in [*variant.kernels, *variant.finalize.values()]:
-                key = (spec.digest(), arch)
-                if key not in built:
-                    built[key] = compile_spec(spec, arch, out_dir, shim, log)
+                todo.setdefault((spec.digest(), arch), spec)
+    log(f"{len(todo)} kernels ({sum(bool(s.aligned) for s in todo.values())} with an aligned twin) for "
+        f"{len(variants)} variants, sm_{', sm_'.join(map(str, archs))}, {jobs} job(s)")
+    built: dict[tuple[str, int], dict] = {}
+    # the slowest first (hidden pass 1: the bitonic top-K network) so that parallel jobs end together
+    order = sorted(todo, key=lambda k: (todo[k].name != "_hs_pass1_kernel", not todo[k].aligned))
+    if jobs <= 1:
+        for key in order:
+            built[key] = compile_spec(todo[key], key[1], out_dir, shim, log)
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            for key, entry in pool.map(_compile_job, [(todo[k], k[1], out_dir, shim, source_root) for k in order]):
+                built[key] = entry
     import triton
 
     manifest = dict(
@@ -512,7 +665,9 @@ def build(archs: list[int], variant_names: list[str], out_dir: Path, source_root
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", type=int, nargs="+", default=list(DEFAULT_ARCHS), help="SM versions, e.g. 80 90")
-    parser.add_argument("--variants", default="all", help="comma-separated variant names, or 'all'")
+    parser.add_argument("--variants", default="all",
+                        help="comma-separated variant names or fnmatch patterns (e.g. 'hidden_*_tv_bf16'), or 'all'")
+    parser.add_argument("--jobs", "-j", type=int, default=1, help="kernels compiled in parallel (processes)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (git-ignored)")
     parser.add_argument("--source-root", type=Path, default=REPO,
                         help="folder holding the ngsd_kernels package to compile (default: this checkout)")
@@ -522,9 +677,9 @@ def main(argv: list[str] | None = None) -> int:
         for name, variant in all_variants().items():
             print(f"{name:<22} {variant.op:<14} {variant.dtype:<5} {variant.constants}")
         return 0
-    names = list(all_variants()) if args.variants == "all" else [v.strip() for v in args.variants.split(",") if v]
+    names = select_variants(args.variants)
     start = time.time()
-    manifest = build(args.arch, names, args.out.resolve(), args.source_root.resolve())
+    manifest = build(args.arch, names, args.out.resolve(), args.source_root.resolve(), jobs=args.jobs)
     print(f"built {len(manifest['kernels'])} kernels for sm_{', sm_'.join(map(str, args.arch))} "
           f"in {time.time() - start:.0f}s -> {args.out}")
     return 0

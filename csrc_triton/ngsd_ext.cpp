@@ -1,19 +1,24 @@
 // torch ops over the ahead-of-time compiled ngsd step kernels (no Triton needed at run time).
 //
-//   torch.ops.ngsd_aot.hidden_select_greedy(base_hidden, expert_hidden, lm_head_weight, potential, alpha,
-//                                           tau=8., v_th=1., v_reset=0., rho=0.6, candidate_k=64, gate=0,
-//                                           num_splits=-1) -> (tokens, new_potential, spike, divergence)
-//   torch.ops.ngsd_aot.logits_select_greedy(base_logits, expert_logits, potential, alpha,
-//                                           tau=8., v_th=1., v_reset=0., rho=0.6, candidate_k=64, gate=0)
+//   torch.ops.ngsd_aot.hidden_select(base_hidden, expert_hidden, lm_head_weight, potential, alpha,
+//                                    seed=None, offset=None, *, tau=8., v_th=1., v_reset=0., rho=0.6,
+//                                    candidate_k=64, gate=0, divergence=0, temperature=0., top_k=0, top_p=1.,
+//                                    candidate_mode=0, num_splits=-1) -> (tokens, new_potential, spike, divergence)
+//   torch.ops.ngsd_aot.logits_select(base_logits, expert_logits, potential, alpha, seed=None, offset=None, *,
+//                                    the same keywords without num_splits)
+//   torch.ops.ngsd_aot.hidden_select_greedy / logits_select_greedy: the same with temperature 0 (no seed)
 //   torch.ops.ngsd_aot.info() -> str   (build manifest and driver status, as JSON)
 //
-// Semantics: those of ngsd_kernels.guarded_select_reference with divergence = total variation,
-// candidate_mode = union and greedy choice (temperature 0); gate 0 = LIF, 1 = open, 2 = closed.
+// Semantics: those of ngsd_kernels.guarded_select_reference in union candidate mode with greedy choice
+// (temperature 0) or plain temperature sampling (Gumbel-max with the reference's Philox noise, seed and
+// offset int64 with 1 or B values); divergence 0 TV, 1 KL, 2 JS; gate 0 = LIF, 1 = open, 2 = closed.
+// Top-k / top-p sampling and the intersection mode are not compiled: they raise, naming the JIT path.
 // The hidden-state op uses a shared LM head without bias (LoRA / NeST experts).
 //
 // The launch sequence and scratch layout mirror ngsd_kernels/ops/hidden_select.py and
-// fused_select.py; the kernel constants (block sizes, K, NCP) come from the generated glue, which
-// build_aot.py writes from the same specs it compiled. Only this file's host logic is hand-written.
+// fused_select.py; the kernel constants (block sizes, K, NCP) come from the generated glue's variant
+// table, which build_aot.py writes from the same specs it compiled. Only this file's host logic is
+// hand-written.
 //
 // Builds against CPU-only torch (it needs no CUDA library at link time: the driver is dlopen'ed,
 // the current stream comes through c10's device-generic Stream API).
@@ -23,9 +28,12 @@
 #include <c10/core/impl/VirtualGuardImpl.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <mutex>
 #include <sstream>
 #include <string>
+#include <tuple>
+#include <utility>
 
 #include "ngsd_cuda_shim.h"
 extern "C" {
@@ -34,12 +42,7 @@ extern "C" {
 
 namespace {
 
-constexpr int64_t kHiddenBlockB = 16;   // hidden_greedy_* variants (build_aot.hidden_greedy)
-constexpr int64_t kHiddenBlockV = 128;
-constexpr int64_t kLogitsBlockB = 2;    // logits_greedy_* variants (build_aot.logits_greedy)
-constexpr int64_t kLogitsBlockV = 2048;
-constexpr int64_t kBuffer = 64;         // K: top-K buffer, so candidate_k <= 64
-constexpr int64_t kMaxChunks = 128;     // NCP: chunks / splits the per-row kernels read
+constexpr const char* kJitPath = "ngsd_kernels.guarded_select (logits) or ngsd_kernels.guarded_select_from_hidden";
 
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -50,6 +53,54 @@ std::string dtype_tag(at::ScalarType t) {
     case at::kFloat: return "fp32";
     default: TORCH_CHECK(false, "ngsd_aot: inputs must be bfloat16, float16 or float32, got ", t);
   }
+}
+
+// Everything about one step that is not a tensor (ngsd_kernels.StepParams, the compiled subset).
+struct Params {
+  double tau, v_th, v_reset, rho;
+  int64_t candidate_k, gate, divergence;
+  double temperature;
+  int64_t top_k;
+  double top_p;
+  int64_t candidate_mode;
+};
+
+const char* divergence_tag(int64_t d) { return d == 0 ? "tv" : (d == 1 ? "kl" : "js"); }
+
+// Checks every keyword, then the compiled variant they select (raises when this build lacks it).
+// `source` "hidden" or "logits"; `vocab` (-1 when unknown) decides whether top_k is "off" as in
+// launcher.plan_select (top_k >= V keeps every token).
+const ngsd_aot_variant* select_variant(const char* source, at::ScalarType dtype, const Params& p, int64_t vocab) {
+  TORCH_CHECK(p.tau >= 1.0, "ngsd_aot: tau must be >= 1, got ", p.tau);
+  TORCH_CHECK(p.rho >= 0.0 && p.rho < 1.0, "ngsd_aot: rho must be in [0, 1), got ", p.rho);
+  TORCH_CHECK(p.gate >= 0 && p.gate <= 2, "ngsd_aot: gate must be 0 (LIF), 1 (open) or 2 (closed), got ", p.gate);
+  TORCH_CHECK(p.divergence >= 0 && p.divergence <= 2,
+              "ngsd_aot: divergence must be 0 (total variation), 1 (KL) or 2 (Jensen-Shannon), got ", p.divergence);
+  TORCH_CHECK(std::isfinite(p.temperature) && p.temperature >= 0.0,
+              "ngsd_aot: temperature must be finite and >= 0 (0: greedy), got ", p.temperature);
+  TORCH_CHECK(p.top_k >= 0, "ngsd_aot: top_k must be >= 0 (0: off), got ", p.top_k);
+  TORCH_CHECK(p.top_p > 0.0 && p.top_p <= 1.0, "ngsd_aot: top_p must be in (0, 1], got ", p.top_p);
+  TORCH_CHECK(p.candidate_mode == 0 || p.candidate_mode == 1,
+              "ngsd_aot: candidate_mode must be 0 (union) or 1 (intersection), got ", p.candidate_mode);
+  TORCH_CHECK(p.candidate_mode == 0, "ngsd_aot: the intersection candidate mode is not compiled into the AOT "
+              "build (it needs the intersection kernel and its fallback); use the Triton JIT path, ", kJitPath);
+  const bool sample = p.temperature > 0.0;
+  const bool use_topk = sample && p.top_k > 0 && (vocab < 0 || p.top_k < vocab);
+  const bool use_topp = sample && p.top_p < 1.0;
+  TORCH_CHECK(!use_topk && !use_topp, "ngsd_aot: top-k / top-p sampling is not compiled into the AOT build (it "
+              "needs the candidate buffers and the exact sampling fallback); use the Triton JIT path, ", kJitPath,
+              ", or plain temperature sampling (top_k=0, top_p=1)");
+  const std::string name = std::string(source) + (sample ? "_sample_" : "_greedy_") + divergence_tag(p.divergence) +
+                           "_" + dtype_tag(dtype);
+  const ngsd_aot_variant* v = ngsd_aot_find(name.c_str());
+  TORCH_CHECK(v != nullptr, "ngsd_aot: variant ", name, " was not compiled into this build; run "
+              "`python csrc_triton/build_aot.py --variants ", name, "` (with the variants you need) and rebuild "
+              "the extension, or use the Triton JIT path, ", kJitPath);
+  // candidate_k matters only when the gate can open (launcher.plan_select)
+  TORCH_CHECK(p.candidate_k >= 1 && (p.candidate_k <= v->buffer || p.gate == 2), "ngsd_aot: candidate_k must be in "
+              "[1, ", v->buffer, "] (the compiled top-K buffer), got ", p.candidate_k,
+              "; larger k: the Triton JIT path, ", kJitPath);
+  return v;
 }
 
 struct DeviceInfo {
@@ -115,20 +166,23 @@ void check_step_vectors(const at::Tensor& potential, const at::Tensor& alpha, in
               "ngsd_aot: all inputs must be on ", device);
 }
 
-void check_params(double tau, double rho, int64_t candidate_k, int64_t gate) {
-  TORCH_CHECK(tau >= 1.0, "ngsd_aot: tau must be >= 1, got ", tau);
-  TORCH_CHECK(rho >= 0.0 && rho < 1.0, "ngsd_aot: rho must be in [0, 1), got ", rho);
-  TORCH_CHECK(candidate_k >= 1 && candidate_k <= kBuffer, "ngsd_aot: candidate_k must be in [1, ", kBuffer,
-              "] (the compiled top-K buffer), got ", candidate_k);
-  TORCH_CHECK(gate >= 0 && gate <= 2, "ngsd_aot: gate must be 0 (LIF), 1 (open) or 2 (closed), got ", gate);
+// Sampling's Philox seed / offset: int64 with 1 or B values (launcher.RowVectors); required when sampling.
+void check_seed(const c10::optional<at::Tensor>& t, const char* what, int64_t batch, bool sample,
+                const at::Device& device) {
+  if (!t.has_value()) {
+    TORCH_CHECK(!sample, "ngsd_aot: temperature sampling needs `", what, "` (int64, 1 or ", batch, " values)");
+    return;
+  }
+  TORCH_CHECK(t->scalar_type() == at::kLong, "ngsd_aot: ", what, " must be int64, got ", t->scalar_type());
+  TORCH_CHECK(t->numel() == 1 || t->numel() == batch, "ngsd_aot: ", what, " must hold 1 or ", batch,
+              " values, got ", t->numel());
+  TORCH_CHECK(t->device() == device, "ngsd_aot: all inputs must be on ", device);
 }
 
-// The checks both ops share, then the device's launch info (call with a DeviceGuard on `device`).
-DeviceInfo prepare_step(const at::Tensor& potential, const at::Tensor& alpha, int64_t batch, const at::Device& device,
-                        double tau, double rho, int64_t candidate_k, int64_t gate) {
-  check_step_vectors(potential, alpha, batch, device);
-  check_params(tau, rho, candidate_k, gate);
-  return device_info(device);
+// launcher._per_row: a contiguous int64 vector and its stride (0 when one value serves every row)
+std::pair<at::Tensor, int32_t> per_row(const at::Tensor& t, int64_t batch) {
+  at::Tensor flat = t.reshape({-1}).contiguous();
+  return {flat, (flat.numel() == 1 && batch != 1) ? 0 : 1};
 }
 
 at::Tensor unit_inner_stride(const at::Tensor& t) { return t.stride(1) == 1 ? t : t.contiguous(); }
@@ -144,17 +198,17 @@ struct Buffers {
   at::Tensor tokens, new_potential, spike, divergence, over;
 };
 
-Buffers allocate(int64_t batch, int64_t chunks, const at::TensorOptions& on_device) {
+Buffers allocate(int64_t batch, int64_t chunks, int64_t buffer, const at::TensorOptions& on_device) {
   auto f32 = on_device.dtype(at::kFloat);
   auto i32 = on_device.dtype(at::kInt);
   auto i64 = on_device.dtype(at::kLong);
   Buffers b;
   b.stats = at::empty({batch, chunks, 4}, f32);
   b.counts = at::empty({batch, chunks, 4}, i32);
-  b.keys_b = at::empty({batch, chunks, kBuffer}, i32);  // int32 value keys (union thresholds)
-  b.keys_e = at::empty({batch, chunks, kBuffer}, i32);
+  b.keys_b = at::empty({batch, chunks, buffer}, i32);  // int32 value keys (union thresholds)
+  b.keys_e = at::empty({batch, chunks, buffer}, i32);
   b.rowinfo = at::empty({batch, 8}, f32);
-  b.unused_i64 = at::zeros({2}, i64);  // intersection / sampling buffers: never read in these variants
+  b.unused_i64 = at::zeros({2}, i64);  // intersection / top-k sampling buffers: never read in these variants
   b.unused_i32 = at::zeros({batch}, i32);
   b.unused_f32 = at::zeros({2}, f32);
   b.div = at::empty({batch, chunks, 2}, f32);
@@ -170,15 +224,28 @@ Buffers allocate(int64_t batch, int64_t chunks, const at::TensorOptions& on_devi
 
 CUdeviceptr ptr(const at::Tensor& t) { return reinterpret_cast<CUdeviceptr>(t.data_ptr()); }
 
+// seed / offset vectors kept alive until the launches are queued
+struct Seeds {
+  at::Tensor seed, offset;
+  int32_t seed_stride = 0, offset_stride = 0;
+};
+
+Seeds seeds(const c10::optional<at::Tensor>& seed, const c10::optional<at::Tensor>& offset, int64_t batch,
+            const at::Tensor& unused) {
+  Seeds s{unused, unused, 0, 0};
+  if (seed.has_value()) std::tie(s.seed, s.seed_stride) = per_row(*seed, batch);
+  if (offset.has_value()) std::tie(s.offset, s.offset_stride) = per_row(*offset, batch);
+  return s;
+}
+
 void fill_common(ngsd_aot_ctx& c, const Buffers& b, const at::Tensor& potential, const at::Tensor& alpha,
-                 const at::Tensor& seed, int64_t batch, int64_t vocab, int64_t chunks, double tau, double v_th,
-                 double v_reset, double rho, int64_t candidate_k) {
+                 const Seeds& seed, int64_t batch, int64_t vocab, int64_t chunks, const Params& p) {
   c.potential_ptr = ptr(potential);
   c.alpha_ptr = ptr(alpha);
-  c.seed_ptr = ptr(seed);
-  c.offset_ptr = ptr(seed);
-  c.seed_stride = 0;
-  c.offset_stride = 0;
+  c.seed_ptr = ptr(seed.seed);
+  c.offset_ptr = ptr(seed.offset);
+  c.seed_stride = seed.seed_stride;
+  c.offset_stride = seed.offset_stride;
   c.stats_ptr = ptr(b.stats);
   c.counts_ptr = ptr(b.counts);
   c.keys_b_ptr = ptr(b.keys_b);
@@ -201,41 +268,29 @@ void fill_common(ngsd_aot_ctx& c, const Buffers& b, const at::Tensor& potential,
   c.B = static_cast<int32_t>(batch);
   c.V = static_cast<int32_t>(vocab);
   c.n_chunks = static_cast<int32_t>(chunks);
-  c.kth = static_cast<int32_t>(std::min<int64_t>(candidate_k, vocab));
+  c.kth = static_cast<int32_t>(std::max<int64_t>(1, std::min<int64_t>(p.candidate_k, vocab)));
   c.need = 1;
   c.top_k = 0;
-  c.decay = static_cast<float>(1.0 - 1.0 / tau);
-  c.v_th = static_cast<float>(v_th);
-  c.v_reset = static_cast<float>(v_reset);
-  c.rho = static_cast<float>(rho);
-  c.temperature = 1.0f;
+  c.decay = static_cast<float>(1.0 - 1.0 / p.tau);
+  c.v_th = static_cast<float>(p.v_th);
+  c.v_reset = static_cast<float>(p.v_reset);
+  c.rho = static_cast<float>(p.rho);
+  c.temperature = p.temperature > 0.0 ? static_cast<float>(p.temperature) : 1.0f;  // as launch_select
   c.top_p = 1.0f;
   c.score_floor = 1e-8f;
-}
-
-// Launches every kernel of one compiled variant on the filled context (the only place that names them).
-void run_variant(const std::string& variant, ngsd_aot_ctx& c, int arch, int64_t gate) {
-  const int g = static_cast<int>(gate);
-  CUresult r = CUDA_ERROR_NOT_FOUND;
-  if (variant == "hidden_greedy_bf16") r = NGSD_AOT_CALL(hidden_greedy_bf16, &c, arch, g);
-  else if (variant == "hidden_greedy_fp16") r = NGSD_AOT_CALL(hidden_greedy_fp16, &c, arch, g);
-  else if (variant == "hidden_greedy_fp32") r = NGSD_AOT_CALL(hidden_greedy_fp32, &c, arch, g);
-  else if (variant == "logits_greedy_bf16") r = NGSD_AOT_CALL(logits_greedy_bf16, &c, arch, g);
-  else if (variant == "logits_greedy_fp16") r = NGSD_AOT_CALL(logits_greedy_fp16, &c, arch, g);
-  else if (variant == "logits_greedy_fp32") r = NGSD_AOT_CALL(logits_greedy_fp32, &c, arch, g);
-  TORCH_CHECK(r != CUDA_ERROR_NOT_FOUND, "ngsd_aot: variant ", variant, " was not compiled into this build; run "
-              "`python csrc_triton/build_aot.py --variants ", variant, "` and rebuild the extension");
-  launch_or_throw(r, variant.c_str());
 }
 
 using Step = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 Step outputs(const Buffers& b) { return {b.tokens, b.new_potential, b.spike.to(at::kBool), b.divergence}; }
 
-Step hidden_select_greedy_cuda(const at::Tensor& base_hidden, const at::Tensor& expert_hidden,
-                               const at::Tensor& lm_head_weight, const at::Tensor& potential,
-                               const at::Tensor& alpha, double tau, double v_th, double v_reset, double rho,
-                               int64_t candidate_k, int64_t gate, int64_t num_splits) {
+using OptTensor = c10::optional<at::Tensor>;
+
+Step hidden_select_cuda(const at::Tensor& base_hidden, const at::Tensor& expert_hidden,
+                        const at::Tensor& lm_head_weight, const at::Tensor& potential, const at::Tensor& alpha,
+                        const OptTensor& seed, const OptTensor& offset, double tau, double v_th, double v_reset,
+                        double rho, int64_t candidate_k, int64_t gate, int64_t divergence, double temperature,
+                        int64_t top_k, double top_p, int64_t candidate_mode, int64_t num_splits) {
   TORCH_CHECK(base_hidden.dim() == 2 && expert_hidden.sizes() == base_hidden.sizes(),
               "ngsd_aot: base_hidden and expert_hidden must both be [batch, hidden]");
   TORCH_CHECK(lm_head_weight.dim() == 2 && lm_head_weight.size(1) == base_hidden.size(1),
@@ -254,21 +309,27 @@ Step hidden_select_greedy_cuda(const at::Tensor& base_hidden, const at::Tensor& 
   TORCH_CHECK(vocab <= i32_max && base_hidden.stride(0) <= i32_max && expert_hidden.stride(0) <= i32_max &&
                   lm_head_weight.stride(0) <= i32_max,
               "ngsd_aot: sizes or strides exceed the 32-bit arguments of the compiled kernels");
+  const Params p{tau, v_th, v_reset, rho, candidate_k, gate, divergence, temperature, top_k, top_p, candidate_mode};
+  const ngsd_aot_variant* variant = select_variant("hidden", lm_head_weight.scalar_type(), p, vocab);
+  check_step_vectors(potential, alpha, batch, device);
+  check_seed(seed, "seed", batch, temperature > 0.0, device);
+  check_seed(offset, "offset", batch, temperature > 0.0, device);
   c10::DeviceGuard guard(device);
-  const DeviceInfo info = prepare_step(potential, alpha, batch, device, tau, rho, candidate_k, gate);
+  const DeviceInfo info = device_info(device);
   // hidden rows need unit inner stride too; a [B, T, H][:, -1] view is copied (B x H elements)
   const at::Tensor hb = unit_inner_stride(base_hidden), he = unit_inner_stride(expert_hidden);
   const at::Tensor pot = potential.contiguous(), alp = alpha.contiguous();  // alive until the launch
 
   // launch plan: hidden_select.plan_hidden_select with the compiled block sizes
-  const int64_t tiles = cdiv(vocab, kHiddenBlockV);
-  const int64_t row_blocks = cdiv(batch, kHiddenBlockB);
+  const int64_t tiles = cdiv(vocab, variant->block_v);
+  const int64_t row_blocks = cdiv(batch, variant->block_b);
   int64_t splits = num_splits > 0 ? num_splits : cdiv(2 * info.sm_count, row_blocks);
-  splits = std::max<int64_t>(1, std::min({splits, tiles, kMaxChunks}));
+  splits = std::max<int64_t>(1, std::min<int64_t>({splits, tiles, variant->max_chunks}));
   const int64_t tiles_per_split = cdiv(tiles, splits);
   splits = cdiv(tiles, tiles_per_split);
 
-  Buffers b = allocate(batch, splits, base_hidden.options());
+  Buffers b = allocate(batch, splits, variant->buffer, base_hidden.options());
+  const Seeds s = seeds(seed, offset, batch, b.unused_i64);
   ngsd_aot_ctx c{};
   c.stream = current_stream(device);
   c.hb_ptr = ptr(hb);
@@ -288,14 +349,18 @@ Step hidden_select_greedy_cuda(const at::Tensor& base_hidden, const at::Tensor& 
   c.s_we0 = c.s_wb0;
   c.s_we1 = 1;
   c.tiles_per_split = static_cast<int32_t>(tiles_per_split);
-  fill_common(c, b, pot, alp, b.unused_i64, batch, vocab, splits, tau, v_th, v_reset, rho, candidate_k);
-  run_variant("hidden_greedy_" + dtype_tag(lm_head_weight.scalar_type()), c, info.arch, gate);
+  fill_common(c, b, pot, alp, s, batch, vocab, splits, p);
+  // the linked launchers pick the aligned cubins when the hidden states and weight are 16-byte
+  // aligned and H and the row strides are multiples of 16 (build_aot.KernelSpec.aligned)
+  launch_or_throw(variant->run(&c, info.arch, static_cast<int>(gate)), variant->name);
   return outputs(b);
 }
 
-Step logits_select_greedy_cuda(const at::Tensor& base_logits, const at::Tensor& expert_logits,
-                               const at::Tensor& potential, const at::Tensor& alpha, double tau, double v_th,
-                               double v_reset, double rho, int64_t candidate_k, int64_t gate) {
+Step logits_select_cuda(const at::Tensor& base_logits, const at::Tensor& expert_logits, const at::Tensor& potential,
+                        const at::Tensor& alpha, const OptTensor& seed, const OptTensor& offset, double tau,
+                        double v_th, double v_reset, double rho, int64_t candidate_k, int64_t gate,
+                        int64_t divergence, double temperature, int64_t top_k, double top_p,
+                        int64_t candidate_mode) {
   TORCH_CHECK(base_logits.dim() == 2 && expert_logits.sizes() == base_logits.sizes(),
               "ngsd_aot: base and expert logits must both be [batch, vocab] of the same shape (same vocabulary)");
   TORCH_CHECK(base_logits.scalar_type() == expert_logits.scalar_type(), "ngsd_aot: logits dtypes differ");
@@ -303,26 +368,49 @@ Step logits_select_greedy_cuda(const at::Tensor& base_logits, const at::Tensor& 
   TORCH_CHECK(expert_logits.device() == device, "ngsd_aot: all inputs must be on ", device);
   const int64_t batch = base_logits.size(0), vocab = base_logits.size(1);
   TORCH_CHECK(batch >= 1 && vocab >= 1, "ngsd_aot: empty input");
-  const int64_t chunks = cdiv(vocab, kLogitsBlockV);
-  TORCH_CHECK(chunks <= kMaxChunks, "ngsd_aot: vocabularies above ", kMaxChunks * kLogitsBlockV,
-              " tokens are not compiled into this build (got ", vocab, ")");
+  const Params p{tau, v_th, v_reset, rho, candidate_k, gate, divergence, temperature, top_k, top_p, candidate_mode};
+  const ngsd_aot_variant* variant = select_variant("logits", base_logits.scalar_type(), p, vocab);
+  const int64_t chunks = cdiv(vocab, variant->block_v);
+  TORCH_CHECK(chunks <= variant->max_chunks, "ngsd_aot: vocabularies above ", variant->max_chunks * variant->block_v,
+              " tokens are not compiled into this build (got ", vocab, "); use the Triton JIT path, ", kJitPath);
+  check_step_vectors(potential, alpha, batch, device);
+  check_seed(seed, "seed", batch, temperature > 0.0, device);
+  check_seed(offset, "offset", batch, temperature > 0.0, device);
   c10::DeviceGuard guard(device);
-  const DeviceInfo info = prepare_step(potential, alpha, batch, device, tau, rho, candidate_k, gate);
+  const DeviceInfo info = device_info(device);
   const at::Tensor lb = unit_inner_stride(base_logits), le = unit_inner_stride(expert_logits);
   TORCH_CHECK(lb.stride(0) < (int64_t(1) << 31) && le.stride(0) < (int64_t(1) << 31),
               "ngsd_aot: logits row stride exceeds the 32-bit kernel argument");
   const at::Tensor pot = potential.contiguous(), alp = alpha.contiguous();  // alive until the launch
 
-  Buffers b = allocate(batch, chunks, base_logits.options());
+  Buffers b = allocate(batch, chunks, variant->buffer, base_logits.options());
+  const Seeds s = seeds(seed, offset, batch, b.unused_i64);
   ngsd_aot_ctx c{};
   c.stream = current_stream(device);
   c.lb_ptr = ptr(lb);
   c.le_ptr = ptr(le);
   c.stride_b = static_cast<int32_t>(lb.stride(0));
   c.stride_e = static_cast<int32_t>(le.stride(0));
-  fill_common(c, b, pot, alp, b.unused_i64, batch, vocab, chunks, tau, v_th, v_reset, rho, candidate_k);
-  run_variant("logits_greedy_" + dtype_tag(base_logits.scalar_type()), c, info.arch, gate);
+  fill_common(c, b, pot, alp, s, batch, vocab, chunks, p);
+  // pass 2's linked launcher picks its aligned cubin for 16-byte aligned logits whose row strides
+  // and vocabulary are multiples of 16
+  launch_or_throw(variant->run(&c, info.arch, static_cast<int>(gate)), variant->name);
   return outputs(b);
+}
+
+Step hidden_select_greedy_cuda(const at::Tensor& base_hidden, const at::Tensor& expert_hidden,
+                               const at::Tensor& lm_head_weight, const at::Tensor& potential,
+                               const at::Tensor& alpha, double tau, double v_th, double v_reset, double rho,
+                               int64_t candidate_k, int64_t gate, int64_t divergence, int64_t num_splits) {
+  return hidden_select_cuda(base_hidden, expert_hidden, lm_head_weight, potential, alpha, c10::nullopt, c10::nullopt,
+                            tau, v_th, v_reset, rho, candidate_k, gate, divergence, 0.0, 0, 1.0, 0, num_splits);
+}
+
+Step logits_select_greedy_cuda(const at::Tensor& base_logits, const at::Tensor& expert_logits,
+                               const at::Tensor& potential, const at::Tensor& alpha, double tau, double v_th,
+                               double v_reset, double rho, int64_t candidate_k, int64_t gate, int64_t divergence) {
+  return logits_select_cuda(base_logits, expert_logits, potential, alpha, c10::nullopt, c10::nullopt, tau, v_th,
+                            v_reset, rho, candidate_k, gate, divergence, 0.0, 0, 1.0, 0);
 }
 
 Step meta_outputs(const at::Tensor& rows_like, const at::Tensor& potential) {
@@ -332,24 +420,55 @@ Step meta_outputs(const at::Tensor& rows_like, const at::Tensor& potential) {
           at::empty({batch}, opts.dtype(at::kBool)), at::empty({batch}, opts.dtype(at::kFloat))};
 }
 
-Step hidden_select_greedy_meta(const at::Tensor& base_hidden, const at::Tensor& expert_hidden,
-                               const at::Tensor& lm_head_weight, const at::Tensor& potential,
-                               const at::Tensor& alpha, double, double, double, double, int64_t candidate_k,
-                               int64_t gate, int64_t) {
+// Meta (shape) functions: the same keyword checks and variant lookup as the CUDA ops, so that tracing
+// (torch.compile, fake tensors) fails early on a setting this build cannot run.
+Step hidden_select_meta(const at::Tensor& base_hidden, const at::Tensor& expert_hidden,
+                        const at::Tensor& lm_head_weight, const at::Tensor& potential, const at::Tensor& alpha,
+                        const OptTensor& seed, const OptTensor& offset, double tau, double v_th, double v_reset,
+                        double rho, int64_t candidate_k, int64_t gate, int64_t divergence, double temperature,
+                        int64_t top_k, double top_p, int64_t candidate_mode, int64_t) {
   TORCH_CHECK(base_hidden.dim() == 2 && expert_hidden.sizes() == base_hidden.sizes() &&
                   lm_head_weight.dim() == 2 && lm_head_weight.size(1) == base_hidden.size(1),
               "ngsd_aot: hidden [B, H], expert hidden [B, H], weight [V, H] expected");
-  check_params(8.0, 0.5, candidate_k, gate);
+  const Params p{tau, v_th, v_reset, rho, candidate_k, gate, divergence, temperature, top_k, top_p, candidate_mode};
+  select_variant("hidden", lm_head_weight.scalar_type(), p, lm_head_weight.size(0));
+  check_seed(seed, "seed", base_hidden.size(0), temperature > 0.0, seed.has_value() ? seed->device() : potential.device());
+  check_seed(offset, "offset", base_hidden.size(0), temperature > 0.0,
+             offset.has_value() ? offset->device() : potential.device());
   return meta_outputs(base_hidden, potential);
 }
 
-Step logits_select_greedy_meta(const at::Tensor& base_logits, const at::Tensor& expert_logits,
-                               const at::Tensor& potential, const at::Tensor& alpha, double, double, double,
-                               double, int64_t candidate_k, int64_t gate) {
+Step logits_select_meta(const at::Tensor& base_logits, const at::Tensor& expert_logits, const at::Tensor& potential,
+                        const at::Tensor& alpha, const OptTensor& seed, const OptTensor& offset, double tau,
+                        double v_th, double v_reset, double rho, int64_t candidate_k, int64_t gate,
+                        int64_t divergence, double temperature, int64_t top_k, double top_p,
+                        int64_t candidate_mode) {
   TORCH_CHECK(base_logits.dim() == 2 && expert_logits.sizes() == base_logits.sizes(),
               "ngsd_aot: base and expert logits must both be [batch, vocab] of the same shape");
-  check_params(8.0, 0.5, candidate_k, gate);
+  const Params p{tau, v_th, v_reset, rho, candidate_k, gate, divergence, temperature, top_k, top_p, candidate_mode};
+  const ngsd_aot_variant* v = select_variant("logits", base_logits.scalar_type(), p, base_logits.size(1));
+  TORCH_CHECK(cdiv(base_logits.size(1), v->block_v) <= v->max_chunks, "ngsd_aot: vocabularies above ",
+              v->max_chunks * v->block_v, " tokens are not compiled into this build (got ", base_logits.size(1),
+              "); use the Triton JIT path, ", kJitPath);
+  check_seed(seed, "seed", base_logits.size(0), temperature > 0.0, seed.has_value() ? seed->device() : potential.device());
+  check_seed(offset, "offset", base_logits.size(0), temperature > 0.0,
+             offset.has_value() ? offset->device() : potential.device());
   return meta_outputs(base_logits, potential);
+}
+
+Step hidden_select_greedy_meta(const at::Tensor& base_hidden, const at::Tensor& expert_hidden,
+                               const at::Tensor& lm_head_weight, const at::Tensor& potential,
+                               const at::Tensor& alpha, double tau, double v_th, double v_reset, double rho,
+                               int64_t candidate_k, int64_t gate, int64_t divergence, int64_t num_splits) {
+  return hidden_select_meta(base_hidden, expert_hidden, lm_head_weight, potential, alpha, c10::nullopt, c10::nullopt,
+                            tau, v_th, v_reset, rho, candidate_k, gate, divergence, 0.0, 0, 1.0, 0, num_splits);
+}
+
+Step logits_select_greedy_meta(const at::Tensor& base_logits, const at::Tensor& expert_logits,
+                               const at::Tensor& potential, const at::Tensor& alpha, double tau, double v_th,
+                               double v_reset, double rho, int64_t candidate_k, int64_t gate, int64_t divergence) {
+  return logits_select_meta(base_logits, expert_logits, potential, alpha, c10::nullopt, c10::nullopt, tau, v_th,
+                            v_reset, rho, candidate_k, gate, divergence, 0.0, 0, 1.0, 0);
 }
 
 [[noreturn]] void cpu_error() {
@@ -357,13 +476,25 @@ Step logits_select_greedy_meta(const at::Tensor& base_logits, const at::Tensor& 
               "ngsd_kernels.guarded_select or ngsd_kernels.ops.hidden_select.guarded_select_from_hidden");
 }
 
+Step hidden_select_cpu(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                       const OptTensor&, const OptTensor&, double, double, double, double, int64_t, int64_t, int64_t,
+                       double, int64_t, double, int64_t, int64_t) {
+  cpu_error();
+}
+
+Step logits_select_cpu(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&,
+                       const OptTensor&, double, double, double, double, int64_t, int64_t, int64_t, double, int64_t,
+                       double, int64_t) {
+  cpu_error();
+}
+
 Step hidden_select_greedy_cpu(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                              const at::Tensor&, double, double, double, double, int64_t, int64_t, int64_t) {
+                              const at::Tensor&, double, double, double, double, int64_t, int64_t, int64_t, int64_t) {
   cpu_error();
 }
 
 Step logits_select_greedy_cpu(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
-                              double, double, double, int64_t, int64_t) {
+                              double, double, double, int64_t, int64_t, int64_t) {
   cpu_error();
 }
 
@@ -383,27 +514,43 @@ std::string info() {
 
 TORCH_LIBRARY(ngsd_aot, m) {
   m.def(
+      "hidden_select(Tensor base_hidden, Tensor expert_hidden, Tensor lm_head_weight, Tensor potential, "
+      "Tensor alpha, Tensor? seed=None, Tensor? offset=None, *, float tau=8.0, float v_th=1.0, float v_reset=0.0, "
+      "float rho=0.6, int candidate_k=64, int gate=0, int divergence=0, float temperature=0.0, int top_k=0, "
+      "float top_p=1.0, int candidate_mode=0, int num_splits=-1) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "logits_select(Tensor base_logits, Tensor expert_logits, Tensor potential, Tensor alpha, Tensor? seed=None, "
+      "Tensor? offset=None, *, float tau=8.0, float v_th=1.0, float v_reset=0.0, float rho=0.6, int candidate_k=64, "
+      "int gate=0, int divergence=0, float temperature=0.0, int top_k=0, float top_p=1.0, int candidate_mode=0) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
       "hidden_select_greedy(Tensor base_hidden, Tensor expert_hidden, Tensor lm_head_weight, Tensor potential, "
       "Tensor alpha, *, float tau=8.0, float v_th=1.0, float v_reset=0.0, float rho=0.6, int candidate_k=64, "
-      "int gate=0, int num_splits=-1) -> (Tensor, Tensor, Tensor, Tensor)");
+      "int gate=0, int divergence=0, int num_splits=-1) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "logits_select_greedy(Tensor base_logits, Tensor expert_logits, Tensor potential, Tensor alpha, *, "
-      "float tau=8.0, float v_th=1.0, float v_reset=0.0, float rho=0.6, int candidate_k=64, int gate=0) "
-      "-> (Tensor, Tensor, Tensor, Tensor)");
+      "float tau=8.0, float v_th=1.0, float v_reset=0.0, float rho=0.6, int candidate_k=64, int gate=0, "
+      "int divergence=0) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("info() -> str", &info);
 }
 
 TORCH_LIBRARY_IMPL(ngsd_aot, CUDA, m) {
+  m.impl("hidden_select", &hidden_select_cuda);
+  m.impl("logits_select", &logits_select_cuda);
   m.impl("hidden_select_greedy", &hidden_select_greedy_cuda);
   m.impl("logits_select_greedy", &logits_select_greedy_cuda);
 }
 
 TORCH_LIBRARY_IMPL(ngsd_aot, Meta, m) {
+  m.impl("hidden_select", &hidden_select_meta);
+  m.impl("logits_select", &logits_select_meta);
   m.impl("hidden_select_greedy", &hidden_select_greedy_meta);
   m.impl("logits_select_greedy", &logits_select_greedy_meta);
 }
 
 TORCH_LIBRARY_IMPL(ngsd_aot, CPU, m) {
+  m.impl("hidden_select", &hidden_select_cpu);
+  m.impl("logits_select", &logits_select_cpu);
   m.impl("hidden_select_greedy", &hidden_select_greedy_cpu);
   m.impl("logits_select_greedy", &logits_select_greedy_cpu);
 }

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -24,7 +25,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 CSRC = REPO / "csrc_triton"
 ARCHS = (80, 90)
-VARIANTS = ("hidden_greedy_bf16", "logits_greedy_fp32")
+# a subset that covers every kernel kind: the hidden-state and logits passes (with their aligned twins),
+# greedy and sampling finalize kernels, the three divergences (the full set: build_aot.py --list)
+VARIANTS = ("hidden_greedy_tv_bf16", "logits_greedy_kl_fp32", "logits_sample_js_bf16")
 
 triton = pytest.importorskip("triton", reason="the AOT compiler is part of the triton package")
 TRITON_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
@@ -101,12 +104,65 @@ def test_float_scalars_are_passed_as_float(generated):
             assert "float decay" in text and "float v_th" in text
 
 
+def _sass_loads(cubin: Path) -> dict[str, int]:
+    """Global-memory load instructions of a cubin by kind (cuobjdump -sass), e.g. {'LDG.E.U16': 48}."""
+    listing = subprocess.run([str(TRITON_BIN / "cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True,
+                             check=True).stdout
+    counts: dict[str, int] = {}
+    for op in re.findall(r"\b(LDG(?:STS)?\.E[.A-Z0-9]*)", listing):
+        counts[op] = counts.get(op, 0) + 1
+    return counts
+
+
+def _wide(counts: dict[str, int]) -> int:
+    return sum(n for op, n in counts.items() if op.endswith((".64", ".128")))
+
+
+def test_aligned_twins_share_a_launcher_that_checks_alignment(generated):
+    manifest = json.loads((generated / "manifest.json").read_text())
+    twins = [k for k in manifest["kernels"] if "aligned" in k]
+    # hidden pass 1 and 2 (weights, hidden states), logits pass 2 (logits), on every arch
+    assert {(k["kernel"], k["arch"]) for k in twins} == {
+        (name, arch) for name in ("_hs_pass1_kernel", "_hs_pass2_kernel", "_pass2_kernel") for arch in ARCHS}
+    assert not [k for k in manifest["kernels"] if k["kernel"] in ("_pass1_kernel", "_reduce_kernel",
+                                                                    "_finalize_kernel") and "aligned" in k]
+    for entry in twins:
+        aligned = entry["aligned"]
+        cubin = (generated / aligned["cubin"]).read_bytes()
+        assert cubin[:4] == b"\x7fELF" and len(cubin) == aligned["cubin_bytes"]
+        link = (generated / entry["files"][2]).read_text()
+        # the dispatcher tries the aligned specialisation first, under a run-time check of every hint
+        first, second = link.index(f"return {aligned['func_name']}("), link.index(f"return {entry['func_name']}(")
+        assert first < second
+        condition = link[:first].rsplit("if (", 1)[1]
+        for arg in aligned["args"]:
+            assert f"((uintptr_t){arg} % 16 == 0)" in condition, (entry["out_name"], arg)
+        generic_condition = link[first:second].rsplit("if (", 1)[1]
+        for arg in aligned["args"]:
+            assert f"{arg} % 16" not in generic_condition
+
+
+@pytest.mark.skipif(not (TRITON_BIN / "cuobjdump").exists(), reason="cuobjdump not shipped with this triton wheel")
+def test_aligned_cubins_load_16_bytes_at_a_time(generated):
+    manifest = json.loads((generated / "manifest.json").read_text())
+    for entry in manifest["kernels"]:
+        if "aligned" not in entry:
+            continue
+        generic = _sass_loads(generated / entry["cubin"])
+        aligned = _sass_loads(generated / entry["aligned"]["cubin"])
+        where = (entry["kernel"], entry["arch"], generic, aligned)
+        # the generic cubin loads the user tensors with scalar 2-byte (bf16) or 4-byte (fp32) loads;
+        # the aligned one with 16-byte ones (LDG.E.128, or cp.async LDGSTS.E.BYPASS.128 into shared memory)
+        assert _wide(aligned) > _wide(generic), where
+        assert sum(generic.values()) > sum(aligned.values()), where
+
+
 def test_build_refuses_a_kernel_argument_it_cannot_wire(tmp_path):
     script = (
         "import sys; sys.argv = ['x']\n"
         "sys.path.insert(0, 'csrc_triton')\n"
         "import build_aot\n"
-        "spec = build_aot.hidden_greedy('bf16').kernels[0]\n"
+        "spec = build_aot.hidden_variant('bf16').kernels[0]\n"
         "del spec.args['tiles_per_split']\n"
         "from ngsd_kernels.ops.hidden_select import _hs_pass1_kernel\n"
         "build_aot._signature(spec, list(_hs_pass1_kernel.arg_names))\n"
@@ -126,18 +182,37 @@ meta = dict(device="meta")
 hb = torch.empty(5, 64, dtype=torch.bfloat16, **meta)
 w = torch.empty(1000, 64, dtype=torch.bfloat16, **meta)
 pot, alpha = torch.empty(5, **meta), torch.empty(5, **meta)
-res = torch.ops.ngsd_aot.hidden_select_greedy(hb, hb, w, pot, alpha, candidate_k=32, gate=1)
-out["hidden_meta"] = [[list(t.shape), str(t.dtype)] for t in res]
+seed, offset = torch.empty(1, dtype=torch.long, **meta), torch.empty(5, dtype=torch.long, **meta)
 lb = torch.empty(5, 300000, **meta)
-res = torch.ops.ngsd_aot.logits_select_greedy(lb, lb, pot, alpha)
-out["logits_meta"] = [[list(t.shape), str(t.dtype)] for t in res]
-errors = {}
-for name, call in {
+lb16 = torch.empty(5, 50000, dtype=torch.bfloat16, **meta)
+shapes = lambda res: [[list(t.shape), str(t.dtype)] for t in res]
+out["hidden_meta"] = shapes(torch.ops.ngsd_aot.hidden_select_greedy(hb, hb, w, pot, alpha, candidate_k=32, gate=1))
+out["logits_meta"] = shapes(torch.ops.ngsd_aot.logits_select_greedy(lb[:, :1000], lb[:, :1000], pot, alpha,
+                                                                     divergence=1))
+out["hidden_select_meta"] = shapes(torch.ops.ngsd_aot.hidden_select(hb, hb, w, pot, alpha, gate=2))
+out["sample_meta"] = shapes(torch.ops.ngsd_aot.logits_select(lb16, lb16, pot, alpha, seed, offset, divergence=2,
+                                                             temperature=0.7, top_k=50000))
+calls = {
     "cpu": lambda: torch.ops.ngsd_aot.hidden_select_greedy(torch.zeros(2, 8), torch.zeros(2, 8), torch.zeros(5, 8),
                                                            torch.zeros(2), torch.zeros(2)),
     "candidate_k": lambda: torch.ops.ngsd_aot.hidden_select_greedy(hb, hb, w, pot, alpha, candidate_k=65),
     "gate": lambda: torch.ops.ngsd_aot.logits_select_greedy(lb, lb, pot, alpha, gate=3),
-}.items():
+    "vocab": lambda: torch.ops.ngsd_aot.logits_select_greedy(lb, lb, pot, alpha, divergence=1),
+    "divergence": lambda: torch.ops.ngsd_aot.hidden_select(hb, hb, w, pot, alpha, divergence=3),
+    "not_compiled": lambda: torch.ops.ngsd_aot.hidden_select(hb, hb, w, pot, alpha, divergence=2),
+    "top_p": lambda: torch.ops.ngsd_aot.logits_select(lb16, lb16, pot, alpha, seed, offset, divergence=2,
+                                                      temperature=0.7, top_p=0.9),
+    "top_k": lambda: torch.ops.ngsd_aot.logits_select(lb16, lb16, pot, alpha, seed, offset, divergence=2,
+                                                      temperature=0.7, top_k=40),
+    "intersection": lambda: torch.ops.ngsd_aot.hidden_select(hb, hb, w, pot, alpha, candidate_mode=1),
+    "no_seed": lambda: torch.ops.ngsd_aot.logits_select(lb16, lb16, pot, alpha, divergence=2, temperature=0.7),
+    "seed_rows": lambda: torch.ops.ngsd_aot.logits_select(lb16, lb16, pot, alpha, seed, seed.expand(3),
+                                                          divergence=2, temperature=0.7),
+    "temperature": lambda: torch.ops.ngsd_aot.logits_select(lb16, lb16, pot, alpha, seed, offset, divergence=2,
+                                                            temperature=-1.0),
+}
+errors = {}
+for name, call in calls.items():
     try:
         call()
         errors[name] = None
@@ -189,19 +264,53 @@ def test_extension_compiles_links_and_loads(extension):
 
 def test_extension_meta_shapes_and_argument_checks(extension):
     expected = [[[5], "torch.int64"], [[5], "torch.float32"], [[5], "torch.bool"], [[5], "torch.float32"]]
-    assert extension["hidden_meta"] == expected
-    assert extension["logits_meta"] == expected
+    for op in ("hidden_meta", "logits_meta", "hidden_select_meta", "sample_meta"):
+        assert extension[op] == expected, op
     errors = extension["errors"]
     assert "CUDA tensors only" in errors["cpu"]
     assert "candidate_k must be in [1, 64]" in errors["candidate_k"]
     assert "gate must be 0 (LIF), 1 (open) or 2 (closed)" in errors["gate"]
+    assert "vocabularies above 262144 tokens are not compiled" in errors["vocab"]
+    assert "divergence must be 0 (total variation), 1 (KL) or 2 (Jensen-Shannon)" in errors["divergence"]
+    # a setting whose variant this build did not compile: the build command and the JIT path
+    assert "variant hidden_greedy_js_bf16 was not compiled" in errors["not_compiled"]
+    assert "--variants hidden_greedy_js_bf16" in errors["not_compiled"]
+    for case in ("top_p", "top_k", "intersection"):
+        assert "not compiled into the AOT build" in errors[case] and "Triton JIT path" in errors[case], case
+    assert "top-k / top-p sampling" in errors["top_p"] and "top-k / top-p sampling" in errors["top_k"]
+    assert "intersection candidate mode" in errors["intersection"]
+    assert "temperature sampling needs `seed`" in errors["no_seed"]
+    assert "offset must hold 1 or 5 values" in errors["seed_rows"]
+    assert "temperature must be finite and >= 0" in errors["temperature"]
+
+
+def test_variant_table_lists_exactly_the_compiled_variants(generated):
+    glue = (generated / "ngsd_aot_glue.c").read_text()
+    names = re.findall(r'\{"(\w+)", ngsd_aot_run_\w+, ([\d, ]+)\}', glue)
+    assert [n for n, _ in names] == list(VARIANTS)
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ngsd_build_aot", CSRC / "build_aot.py")
+    build_aot = sys.modules.get("ngsd_build_aot")
+    if build_aot is None:
+        build_aot = importlib.util.module_from_spec(spec)
+        sys.modules["ngsd_build_aot"] = build_aot  # its dataclasses look their module up there
+        spec.loader.exec_module(build_aot)
+    variants = build_aot.all_variants()
+    for name, values in names:
+        # block_b, block_v, K, NCP, DIVERGENCE, SAMPLE as the kernels were compiled
+        assert [int(v) for v in values.split(",")] == build_aot._table_values(variants[name]), name
+        v = variants[name]
+        assert v.kernels[2].constants["DIVERGENCE"] == v.constants["DIVERGENCE"]
+        assert all(f.constants["DIVERGENCE"] == v.constants["DIVERGENCE"] and f.constants["SAMPLE"] ==
+                   v.constants["SAMPLE"] for f in v.finalize.values())
 
 
 GPU_PROBE = r"""
 import json, sys, torch
 sys.path.insert(0, sys.argv[3])
 from csrc_triton.setup_ext import build_extension
-from ngsd_kernels import GateMode, StepParams, guarded_select_reference
+from ngsd_kernels import Divergence, StepParams, guarded_select_reference
 build_extension(sys.argv[1], sys.argv[2])
 torch.manual_seed(0)
 dev = "cuda"
@@ -211,17 +320,31 @@ hb = torch.randn(B, H, device=dev).bfloat16()
 he = (hb.float() + 0.5 * torch.randn(B, H, device=dev)).bfloat16()
 pot = torch.tensor([0.0, 0.95, 0.5, 0.9, 0.2], device=dev)
 alpha = torch.full((B,), 0.9, device=dev)
+seed = torch.tensor([1234], dtype=torch.long, device=dev)
+offset = torch.arange(B, dtype=torch.long, device=dev) * 7
+zero = torch.zeros(1, dtype=torch.long, device=dev)
+lb, le = hb.float() @ w.float().T, he.float() @ w.float().T
 report = {}
+def compare(name, out, ref):
+    report[name] = dict(tokens=bool(torch.equal(out[0], ref[0])), spike=bool(torch.equal(out[2], ref[2])),
+                        div=float((out[3] - ref[3]).abs().max()), pot=float((out[1] - ref[1]).abs().max()))
 for gate in (0, 1, 2):
-    got = torch.ops.ngsd_aot.hidden_select_greedy(hb, he, w, pot, alpha, candidate_k=32, gate=gate)
-    lb, le = hb.float() @ w.float().T, he.float() @ w.float().T
-    ref = guarded_select_reference(lb, le, pot, alpha, torch.zeros(1, dtype=torch.long, device=dev),
-                                   torch.zeros(1, dtype=torch.long, device=dev), StepParams(candidate_k=32, gate=gate))
-    got2 = torch.ops.ngsd_aot.logits_select_greedy(lb, le, pot, alpha, candidate_k=32, gate=gate)
-    for name, out in (("hidden", got), ("logits", got2)):
-        report[f"{name}-{gate}"] = dict(
-            tokens=bool(torch.equal(out[0], ref[0])), spike=bool(torch.equal(out[2], ref[2])),
-            div=float((out[3] - ref[3]).abs().max()), pot=float((out[1] - ref[1]).abs().max()))
+    ref = guarded_select_reference(lb, le, pot, alpha, zero, zero, StepParams(candidate_k=32, gate=gate))
+    compare(f"hidden-tv-{gate}", torch.ops.ngsd_aot.hidden_select_greedy(hb, he, w, pot, alpha, candidate_k=32,
+                                                                        gate=gate), ref)
+    # the same hidden states in unaligned storage: the generic cubins (one element offset)
+    hb2 = torch.empty(B * H + 1, dtype=hb.dtype, device=dev)[1:].view(B, H).copy_(hb)
+    compare(f"hidden-tv-unaligned-{gate}", torch.ops.ngsd_aot.hidden_select_greedy(hb2, he, w, pot, alpha,
+                                                                                  candidate_k=32, gate=gate), ref)
+    ref = guarded_select_reference(lb, le, pot, alpha, zero, zero,
+                                   StepParams(candidate_k=32, gate=gate, divergence=Divergence.KL))
+    compare(f"logits-kl-{gate}", torch.ops.ngsd_aot.logits_select_greedy(lb, le, pot, alpha, candidate_k=32,
+                                                                        gate=gate, divergence=1), ref)
+    lb16, le16 = lb.bfloat16(), le.bfloat16()
+    params = StepParams(candidate_k=32, gate=gate, divergence=Divergence.JS, temperature=0.7)
+    ref = guarded_select_reference(lb16, le16, pot, alpha, seed, offset, params)
+    compare(f"logits-js-sample-{gate}", torch.ops.ngsd_aot.logits_select(
+        lb16, le16, pot, alpha, seed, offset, candidate_k=32, gate=gate, divergence=2, temperature=0.7), ref)
 print("RESULT" + json.dumps(report))
 """
 
