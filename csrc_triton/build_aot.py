@@ -118,12 +118,16 @@ _C_TYPES = {"i32": "int32_t", "i64": "int64_t", "fp32": "float"}
 
 # The per-row kernels (reduce, finalize) see at most NCP chunks; K is the top-K buffer size.
 NCP = 128
-K = 64
-# chunks merged per bitonic step of the per-row kernels: 8 x 64 keys. fused_select.plan_select's
-# 4096-key groups compile to a 2.7 MB sm_80 cubin in ~6 minutes; 512 keys keep it small and fast.
+K = 64  # the hidden-state variants' buffer (plan_hidden_select's largest, HIDDEN_MAX_BUFFER)
+# hidden-state variants: chunks read per step of the reduce, rows per program of the per-row kernels
 CG = 8
 RB = 1
 GATES = {0: "lif", 1: "open", 2: "closed"}
+# logits variants: one per top-K buffer launcher.plan_select can pick (next power of two of candidate_k,
+# at least 16, at most MAX_BUFFER); the plan's other constants for the compiled tile come from _logits_plan
+BUFFERS = (16, 32, 64, 128, 256, 512, 1024)
+LOGITS_BB, LOGITS_BV = 2, 2048
+TILE_ELEMENTS = 4096  # launcher.TILE_ELEMENTS on a GPU
 
 
 DIVERGENCES = {0: "tv", 1: "kl", 2: "js"}  # params.Divergence codes
@@ -178,29 +182,39 @@ class KernelSpec:
 
 @dataclass
 class Variant:
-    """One op configuration: the kernels of one decode step, in launch order (finalize per gate)."""
+    """One op configuration: per gate, the kernels of one decode step in launch order (the last one
+    is the finalize)."""
 
     name: str
     op: str  # "hidden_select" or "logits_select"
     dtype: str
-    kernels: list[KernelSpec]
-    finalize: dict[int, KernelSpec]  # gate -> finalize kernel
+    steps: dict[int, list[KernelSpec]]  # gate -> launches
     constants: dict[str, int] = field(default_factory=dict)  # what the C++ side must use
 
+    @property
+    def specs(self) -> list[KernelSpec]:
+        """Every distinct kernel of the variant."""
+        out: dict[str, KernelSpec] = {}
+        for seq in self.steps.values():
+            for spec in seq:
+                out.setdefault(spec.digest(), spec)
+        return list(out.values())
 
-def _reduce_spec(dense: int = 0) -> KernelSpec:
+
+def _reduce_spec(dense: int = 0, rb: int = RB, k: int = K, cg: int = CG, slots: int = 0, keys: int = 1) -> KernelSpec:
     """The launcher's reduce; ``dense``: how pass 1 keyed the union candidates (select_tiles.dense_key:
-    1 bf16 / 2 fp16 logits, 0 fp32 logits and the hidden-state passes)."""
+    1 bf16 / 2 fp16 logits, 0 fp32 logits and the hidden-state passes); ``slots`` value slots per chunk
+    (0: K, the hidden-state passes' sorted top-K); ``keys`` 0 when the gate is shut (no candidates)."""
     args = dict(
         stats_ptr="*fp32:16", counts_ptr="*i32:16", keys_b_ptr="*i32:16", keys_e_ptr="*i32:16",
         rowinfo_ptr="*fp32:16", top_b_ptr="*i64:16", top_e_ptr="*i64:16", n_rows="i32", n_chunks="i32",
-        kth="i32", RB=str(RB), NCP=str(NCP), K=str(K), CG=str(CG), NEED_KEYS="1", STORE_TOP="0", VALUE_KEYS="1",
-        DENSE=str(dense), SLOTS="0",  # 0: K slots per chunk (the exact pass-1 multiset this build's buffers hold)
+        kth="i32", RB=str(rb), NCP=str(NCP), K=str(k), CG=str(cg), NEED_KEYS=str(keys), STORE_TOP="0",
+        VALUE_KEYS=str(keys), DENSE=str(dense), SLOTS=str(slots),
     )
-    return KernelSpec("ngsd_kernels.ops.launcher", "_reduce_kernel", args, f"(n_rows + {RB - 1}) / {RB}, 1, 1")
+    return KernelSpec("ngsd_kernels.ops.launcher", "_reduce_kernel", args, f"(n_rows + {rb - 1}) / {rb}, 1, 1")
 
 
-def _finalize_spec(gate: int, divergence: int = 0, sample: int = 0) -> KernelSpec:
+def _finalize_spec(gate: int, divergence: int = 0, sample: int = 0, rb: int = RB) -> KernelSpec:
     """The launcher's finalize for one gate, divergence and token choice (union mode; plain sampling
     reads the same per-chunk arg-max partials as greedy: SLOTS / SB are top-k / top-p constants)."""
     args = dict(
@@ -211,18 +225,34 @@ def _finalize_spec(gate: int, divergence: int = 0, sample: int = 0) -> KernelSpe
         tokens_ptr="*i64:16", new_potential_ptr="*fp32:16", spike_ptr="*i8:16", divergence_ptr="*fp32:16",
         over_ptr="*i32:16", n_rows="i32", n_chunks="i32", n_vocab="i32", decay="fp32", v_th="fp32",
         v_reset="fp32", rho="fp32", temperature="fp32", top_k="i32", top_p="fp32",
-        RB=str(RB), NCP=str(NCP), DIVERGENCE=str(divergence), GATE=str(gate), MODE="0", SAMPLE=str(sample),
+        RB=str(rb), NCP=str(NCP), DIVERGENCE=str(divergence), GATE=str(gate), MODE="0", SAMPLE=str(sample),
         USE_TOPK="0", USE_TOPP="0", NEED_V0="1" if gate != 1 else "0", SLOTS="1", SB="1",
     )
-    return KernelSpec("ngsd_kernels.ops.launcher", "_finalize_kernel", args, f"(n_rows + {RB - 1}) / {RB}, 1, 1")
+    return KernelSpec("ngsd_kernels.ops.launcher", "_finalize_kernel", args, f"(n_rows + {rb - 1}) / {rb}, 1, 1")
 
 
-def variant_name(op: str, sample: int, divergence: int, dtype: str) -> str:
-    return f"{op.split('_')[0]}_{CHOICES[sample]}_{DIVERGENCES[divergence]}_{dtype}"
+def variant_name(op: str, sample: int, divergence: int, dtype: str, buffer: int | None = None) -> str:
+    name = f"{op.split('_')[0]}_{CHOICES[sample]}_{DIVERGENCES[divergence]}_{dtype}"
+    return name if buffer is None else f"{name}_k{buffer}"
+
+
+def _pass2_spec(module: str, name: str, tile: dict[str, str], grid: str, sample: int, divergence: int,
+                aligned: tuple[str, ...]) -> KernelSpec:
+    # both gate outcomes' arg-max (NEED_V0 / NEED_V1): one pass 2 serves every gate (the JIT drops the
+    # outcome a gate cannot have; the other one's partials are the same)
+    return KernelSpec(
+        module, name,
+        dict(tile, rowinfo_ptr="*fp32:16", alpha_ptr="*fp32", seed_ptr="*i64", seed_stride="i32",
+             offset_ptr="*i64", offset_stride="i32", temperature="fp32", div_ptr="*fp32:16", best_ptr="*fp32:16",
+             besti_ptr="*i32:16", keys2_ptr="*i64:16", mass_ptr="*fp32:16", DIVERGENCE=str(divergence),
+             SAMPLE=str(sample), NEED_V0="1", NEED_V1="1"),
+        grid, aligned=aligned,
+    )
 
 
 def hidden_variant(dtype: str, sample: int = 0, divergence: int = 0) -> Variant:
-    """Hidden states -> token, shared LM head without bias, union candidates.
+    """Hidden states -> token, shared LM head without bias, union candidates, K = 64 (candidate_k <= 64;
+    larger k: the C++ op computes the logits with one GEMM and runs a logits variant, as HiddenLaunch).
 
     Block sizes as hidden_select.plan_hidden_select picks them on a GPU for a shared head: greedy
     union steps 16 rows (32 stacked base + expert rows) x 64 columns (its choice for batches of
@@ -240,61 +270,103 @@ def hidden_variant(dtype: str, sample: int = 0, divergence: int = 0) -> Variant:
     # the weight and hidden-state loads: [BLOCK_H] contiguous runs starting at multiples of the row strides
     aligned = ("hb_ptr", "he_ptr", "wb_ptr", "we_ptr", "H", "HE", "s_hb0", "s_he0", "s_wb0", "s_we0")
     grid = f"(B + {block_b - 1}) / {block_b}, n_chunks, 1"
-    return _variant(
-        variant_name("hidden_select", sample, divergence, dtype), "hidden_select", dtype,
-        "ngsd_kernels.ops.hidden_select", ("_hs_pass1_kernel", "_hs_pass2_kernel"), tile, grid,
-        dict(BLOCK_B=block_b, BLOCK_V=block_v, BLOCK_H=block_h, K=K, NCP=NCP, RB=RB), sample, divergence,
-        pass1_aligned=aligned, pass2_aligned=aligned,
-    )
+    module = "ngsd_kernels.ops.hidden_select"
+    # the hidden pass 1 keeps each split's sorted top-K: K slots per chunk (SLOTS 0 in the reduce)
+    pass1 = KernelSpec(module, "_hs_pass1_kernel", dict(tile, stats_ptr="*fp32:16", counts_ptr="*i32:16",
+                                                         keys_b_ptr="*i32:16", keys_e_ptr="*i32:16", KEYS="1"),
+                       grid, aligned=aligned)
+    pass2 = _pass2_spec(module, "_hs_pass2_kernel", tile, grid, sample, divergence, aligned)
+    steps = {g: [pass1, _reduce_spec(0), pass2, _finalize_spec(g, divergence, sample)] for g in GATES}
+    return Variant(variant_name("hidden_select", sample, divergence, dtype), "hidden_select", dtype, steps,
+                   dict(BLOCK_B=block_b, BLOCK_V=block_v, BLOCK_H=block_h, K=K, SLOTS=K, NCP=NCP, RB=RB,
+                        DIVERGENCE=divergence, SAMPLE=sample))
 
 
-def logits_variant(dtype: str, sample: int = 0, divergence: int = 0) -> Variant:
-    """Logits -> token (fused_select's kernels), union candidates.
+def next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
 
-    One chunk of BV columns per pass-1/pass-2 program, as fused_select.plan_select picks for large
-    vocabularies (BV = 2048, BB = 4096 // BV); at most NCP chunks, i.e. V <= NCP * BV = 262144.
+
+def _logits_plan(buffer: int, gate: int) -> dict[str, int]:
+    """launcher.plan_select's constants for the compiled logits tile ([2, 2048], NCP = 128 chunks:
+    plan_select(2, 262144, StepParams(candidate_k=buffer, gate=gate, ...)) on a GPU); build()
+    checks them against plan_select itself.
+
+    A shut gate needs no candidates: buffer 16 (the plan's floor), no keys."""
+    keys = gate != 2
+    k = buffer if keys else 16
+    cg = max(1, min(NCP, TILE_ELEMENTS // k))
+    rb = max(1, min(next_pow2(LOGITS_BB), TILE_ELEMENTS // (cg * k)))
+    slots = min(2 * k, LOGITS_BV) if keys else k
+    return dict(K=k, CG=cg, RB=rb, SLOTS=slots, KEYS=int(keys))
+
+
+def logits_variant(dtype: str, sample: int = 0, divergence: int = 0, buffer: int = 64) -> Variant:
+    """Logits -> token (fused_select's kernels), union candidates, top-K buffer ``buffer``.
+
+    One chunk of BV = 2048 columns per pass-1/pass-2 program and BB = 2 rows, as
+    launcher.plan_select picks for batches from 2 and vocabularies where batch x V / 4096 < 256;
+    at most NCP chunks, i.e. V <= NCP * BV = 262144. The reduce / finalize constants (K, chunk group,
+    rows per program, value slots per chunk) are the plan's for that tile (``_logits_plan``); with the
+    gate shut pass 1 and the reduce skip the candidates, as in the plan.
     Pass 1 of the union step loads one element per instruction by design (``_load_tile``'s SCALAR
     layout for its scattered candidate stores), so only pass 2 gets an aligned twin.
     """
-    bb, bv = 2, 2048
+    bb, bv = LOGITS_BB, LOGITS_BV
     common = dict(lb_ptr=f"*{dtype}", le_ptr=f"*{dtype}", stride_b="i32", stride_e="i32", n_rows="i32",
-                  n_vocab="i32", n_chunks="i32", BB=str(bb), BV=str(bv), K=str(K))
+                  n_vocab="i32", n_chunks="i32", BB=str(bb), BV=str(bv))
     grid = f"(n_rows + {bb - 1}) / {bb}, n_chunks, 1"
-    return _variant(
-        variant_name("logits_select", sample, divergence, dtype), "logits_select", dtype,
-        "ngsd_kernels.ops.fused_select", ("_pass1_kernel", "_pass2_kernel"), common, grid,
-        dict(BB=bb, BV=bv, K=K, NCP=NCP, RB=RB), sample, divergence,
-        pass2_aligned=("lb_ptr", "le_ptr", "stride_b", "stride_e", "n_vocab"),
-    )
+    module = "ngsd_kernels.ops.fused_select"
+    dense = {"bf16": 1, "fp16": 2}.get(dtype, 0)
+    # pass 2 reads K only in top-k / top-p sampling: one specialisation (K = 64) serves every buffer
+    pass2 = _pass2_spec(module, "_pass2_kernel", dict(common, K=str(K)), grid, sample, divergence,
+                        ("lb_ptr", "le_ptr", "stride_b", "stride_e", "n_vocab"))
+    steps = {}
+    for gate in GATES:
+        plan = _logits_plan(buffer, gate)
+        pass1 = KernelSpec(module, "_pass1_kernel", dict(
+            common, K=str(plan["K"]), kth="i32", SLOTS=str(plan["SLOTS"]), FALLBACK="1", stats_ptr="*fp32:16",
+            counts_ptr="*i32:16", keys_b_ptr="*i32:16", keys_e_ptr="*i32:16", KEYS=str(plan["KEYS"])), grid)
+        reduce = _reduce_spec(dense, plan["RB"], plan["K"], plan["CG"], plan["SLOTS"], plan["KEYS"])
+        steps[gate] = [pass1, reduce, pass2, _finalize_spec(gate, divergence, sample, plan["RB"])]
+    plan = _logits_plan(buffer, 0)
+    return Variant(variant_name("logits_select", sample, divergence, dtype, buffer), "logits_select", dtype, steps,
+                   dict(BB=bb, BV=bv, K=buffer, SLOTS=plan["SLOTS"], NCP=NCP, RB=plan["RB"], CG=plan["CG"],
+                        DIVERGENCE=divergence, SAMPLE=sample))
 
 
-def _variant(name: str, op: str, dtype: str, module: str, passes: tuple[str, str], tile: dict[str, str],
-             grid: str, constants: dict[str, int], sample: int, divergence: int,
-             pass1_aligned: tuple[str, ...] = (), pass2_aligned: tuple[str, ...] = ()) -> Variant:
-    """A union variant: the source's two passes (with its tile arguments `tile`) around the launcher's
-    reduce and finalize kernels; `sample` 0 greedy / 1 Gumbel-max, `divergence` a params.Divergence code."""
-    # the logits pass 1 selects the union candidates itself and needs k (the hidden one keeps top-K)
-    # (SLOTS 0: K exact slots per chunk, select_tiles.pass1_store_tile; ngsd_ext.cpp allocates [B, chunks, K])
-    pass1_extra = dict(kth="i32", SLOTS="0", FALLBACK="1") if op == "logits_select" else {}
-    pass1 = KernelSpec(
-        module, passes[0],
-        dict(tile, **pass1_extra, stats_ptr="*fp32:16", counts_ptr="*i32:16", keys_b_ptr="*i32:16",
-             keys_e_ptr="*i32:16", KEYS="1"),
-        grid, aligned=pass1_aligned,
-    )
-    # both gate outcomes' arg-max (NEED_V0 / NEED_V1): one pass 2 serves every gate
-    pass2 = KernelSpec(
-        module, passes[1],
-        dict(tile, rowinfo_ptr="*fp32:16", alpha_ptr="*fp32", seed_ptr="*i64", seed_stride="i32",
-             offset_ptr="*i64", offset_stride="i32", temperature="fp32", div_ptr="*fp32:16", best_ptr="*fp32:16",
-             besti_ptr="*i32:16", keys2_ptr="*i64:16", mass_ptr="*fp32:16", DIVERGENCE=str(divergence),
-             SAMPLE=str(sample), NEED_V0="1", NEED_V1="1"),
-        grid, aligned=pass2_aligned,
-    )
-    dense = {"bf16": 1, "fp16": 2}.get(dtype, 0) if op == "logits_select" else 0
-    return Variant(name, op, dtype, [pass1, _reduce_spec(dense), pass2],
-                   {g: _finalize_spec(g, divergence, sample) for g in GATES},
-                   dict(constants, DIVERGENCE=divergence, SAMPLE=sample))
+def check_against_jit_plan(variant: Variant) -> None:
+    """Stop the build when a logits variant's constants differ from launcher.plan_select's for the
+    compiled tile (the JIT launch of the same shapes must run the same specialisations)."""
+    if variant.op != "logits_select":
+        return
+    from ngsd_kernels.ops.launcher import plan_select
+    from ngsd_kernels.params import StepParams
+
+    c = variant.constants
+    for gate, (pass1, reduce, pass2, final) in variant.steps.items():
+        params = StepParams(candidate_k=c["K"], gate=gate, divergence=c["DIVERGENCE"],
+                            temperature=1.0 if c["SAMPLE"] else 0.0)
+        plan = plan_select(LOGITS_BB, NCP * LOGITS_BV, params)
+        want = {
+            "pass1": dict(BB=plan.block_b, BV=plan.block_v, K=plan.buffer, KEYS=plan.key_kind, SLOTS=plan.slots,
+                          FALLBACK=1),
+            "reduce": dict(RB=plan.row_block, NCP=plan.ncp, K=plan.buffer, CG=plan.chunk_group,
+                           NEED_KEYS=int(plan.need_keys), STORE_TOP=0, VALUE_KEYS=int(plan.key_kind == 1),
+                           SLOTS=plan.slots),
+            "pass2": dict(BB=plan.block_b, BV=plan.block_v, DIVERGENCE=plan.divergence, SAMPLE=plan.sample),
+            "finalize": dict(RB=plan.row_block, NCP=plan.ncp, DIVERGENCE=plan.divergence, GATE=plan.gate,
+                             MODE=plan.mode, SAMPLE=plan.sample, USE_TOPK=int(plan.use_topk),
+                             USE_TOPP=int(plan.use_topp), NEED_V0=int(plan.need_v0)),
+        }
+        got = {"pass1": pass1, "reduce": reduce, "pass2": pass2, "finalize": final}
+        for role, fields in want.items():
+            have = got[role].constants
+            diff = {f: (have.get(f), v) for f, v in fields.items() if have.get(f) != v}
+            if diff:
+                raise SystemExit(f"{variant.name} gate {gate}: {role} constants differ from launcher.plan_select's "
+                                 f"(compiled, plan): {diff}; update build_aot._logits_plan")
+        if pass2.num_warps != plan.pass2_warps:
+            raise SystemExit(f"{variant.name}: pass 2 warps {pass2.num_warps} != plan {plan.pass2_warps}")
 
 
 def hidden_greedy(dtype: str) -> Variant:
@@ -306,8 +378,9 @@ def logits_greedy(dtype: str) -> Variant:
 
 
 def all_variants() -> dict[str, Variant]:
-    variants = [make(d, sample, div) for make in (hidden_variant, logits_variant) for sample in CHOICES
-                for div in DIVERGENCES for d in DTYPES]
+    variants = [hidden_variant(d, sample, div) for sample in CHOICES for div in DIVERGENCES for d in DTYPES]
+    variants += [logits_variant(d, sample, div, k) for sample in CHOICES for div in DIVERGENCES for d in DTYPES
+                 for k in BUFFERS]
     return {v.name: v for v in variants}
 
 
@@ -523,13 +596,13 @@ def _call(entry: dict) -> str:
 
 
 # the variant constants the C++ op reads from the table (ngsd_aot_variant in ngsd_aot_glue.h)
-TABLE_FIELDS = ("block_b", "block_v", "K", "NCP", "DIVERGENCE", "SAMPLE")
+TABLE_FIELDS = ("block_b", "block_v", "K", "SLOTS", "NCP", "DIVERGENCE", "SAMPLE")
 
 
 def _table_values(variant: Variant) -> list[int]:
     c = variant.constants
-    return [c.get("BLOCK_B", c.get("BB")), c.get("BLOCK_V", c.get("BV")), c["K"], c["NCP"], c["DIVERGENCE"],
-            c["SAMPLE"]]
+    return [c.get("BLOCK_B", c.get("BB")), c.get("BLOCK_V", c.get("BV")), c["K"], c["SLOTS"], c["NCP"],
+            c["DIVERGENCE"], c["SAMPLE"]]
 
 
 def write_glue(out_dir: Path, variants: list[Variant], built: dict[tuple[str, int], dict], archs: list[int]) -> None:
@@ -539,11 +612,13 @@ def write_glue(out_dir: Path, variants: list[Variant], built: dict[tuple[str, in
               "  CUresult r;"]
         for arch in archs:
             fn.append(f"  if (arch == {arch}) {{")
-            for spec in variant.kernels:
-                fn.append(f"    r = {_call(built[(spec.digest(), arch)])};")
-                fn.append("    if (r != CUDA_SUCCESS) return r;")
-            for gate, spec in variant.finalize.items():
-                fn.append(f"    if (gate == {gate}) return {_call(built[(spec.digest(), arch)])};")
+            for gate, seq in variant.steps.items():
+                fn.append(f"    if (gate == {gate}) {{")
+                for spec in seq[:-1]:
+                    fn.append(f"      r = {_call(built[(spec.digest(), arch)])};")
+                    fn.append("      if (r != CUDA_SUCCESS) return r;")
+                fn.append(f"      return {_call(built[(seq[-1].digest(), arch)])};")
+                fn.append("    }")
             fn.append("    return CUDA_ERROR_INVALID_VALUE;")
             fn.append("  }")
         fn += ["  return CUDA_ERROR_NO_BINARY_FOR_GPU;", "}", ""]
@@ -558,7 +633,7 @@ def write_glue(out_dir: Path, variants: list[Variant], built: dict[tuple[str, in
     for variant in variants:
         values = ", ".join(str(v) for v in _table_values(variant))
         table.append(f'  {{"{variant.name}", ngsd_aot_run_{variant.name}, {values}}},')
-    table += ["  {0, 0, 0, 0, 0, 0, 0, 0},", "};", ""]
+    table += ["  {0, 0, 0, 0, 0, 0, 0, 0, 0},", "};", ""]
     lookup = [
         "const ngsd_aot_variant *ngsd_aot_find(const char *name) {",
         "  for (const ngsd_aot_variant *v = ngsd_aot_variants; v->name; ++v)",
@@ -586,7 +661,8 @@ def write_glue(out_dir: Path, variants: list[Variant], built: dict[tuple[str, in
         "  ngsd_aot_run_fn run;",
         "  int block_b;     /* rows per pass-1 / pass-2 program */",
         "  int block_v;     /* vocabulary columns per tile */",
-        "  int buffer;      /* K: top-K slots per chunk (candidate_k <= K) */",
+        "  int buffer;      /* K: the top-K buffer (candidate_k <= K) */",
+        "  int slots;       /* union candidate slots per chunk and row (keys scratch [B, chunks, slots]) */",
         "  int max_chunks;  /* NCP: chunks / splits the per-row kernels read */",
         "  int divergence;  /* params.Divergence: 0 TV, 1 KL, 2 JS */",
         "  int sample;      /* 0 greedy, 1 temperature sampling (Gumbel-max) */",
@@ -623,6 +699,8 @@ def build(archs: list[int], variant_names: list[str], out_dir: Path, source_root
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; choose from {sorted(variants_by_name)}")
     variants = [variants_by_name[v] for v in variant_names]
+    for variant in variants:
+        check_against_jit_plan(variant)
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in list(out_dir.glob("sm*/*")) + list(out_dir.glob("ngsd_aot_*")):
         stale.unlink()
@@ -630,7 +708,7 @@ def build(archs: list[int], variant_names: list[str], out_dir: Path, source_root
     todo: dict[tuple[str, int], KernelSpec] = {}
     for arch in archs:
         for variant in variants:
-            for spec in [*variant.kernels, *variant.finalize.values()]:
+            for spec in variant.specs:
                 todo.setdefault((spec.digest(), arch), spec)
     log(f"{len(todo)} kernels ({sum(bool(s.aligned) for s in todo.values())} with an aligned twin) for "
         f"{len(variants)} variants, sm_{', sm_'.join(map(str, archs))}, {jobs} job(s)")
@@ -653,8 +731,8 @@ def build(archs: list[int], variant_names: list[str], out_dir: Path, source_root
         triton_version=triton.__version__, archs=archs,
         enable_fp_fusion=os.environ["TRITON_DEFAULT_FP_FUSION"] == "1",
         variants={v.name: dict(op=v.op, dtype=v.dtype, constants=v.constants,
-                               kernels=[s.digest() for s in v.kernels],
-                               finalize={GATES[g]: s.digest() for g, s in v.finalize.items()}) for v in variants},
+                               steps={GATES[g]: [s.digest() for s in seq] for g, seq in v.steps.items()})
+                  for v in variants},
         kernels=[built[k] for k in sorted(built)],
     )
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=1))

@@ -67,10 +67,34 @@ struct Params {
 
 const char* divergence_tag(int64_t d) { return d == 0 ? "tv" : (d == 1 ? "kl" : "js"); }
 
-// Checks every keyword, then the compiled variant they select (raises when this build lacks it).
-// `source` "hidden" or "logits"; `vocab` (-1 when unknown) decides whether top_k is "off" as in
-// launcher.plan_select (top_k >= V keeps every token).
-const ngsd_aot_variant* select_variant(const char* source, at::ScalarType dtype, const Params& p, int64_t vocab) {
+constexpr int64_t kMaxBuffer = 1024;      // launcher.MAX_BUFFER
+constexpr int64_t kHiddenMaxBuffer = 64;  // hidden_select.HIDDEN_MAX_BUFFER: larger buffers materialise the logits
+
+int64_t next_pow2(int64_t n) {
+  int64_t p = 1;
+  while (p < n) p <<= 1;
+  return p;
+}
+
+// The compiled variant a step runs. `materialise`: the hidden-state op computes fp32 logits with one
+// GEMM on the stacked rows and runs this logits variant (hidden_select.HiddenLaunch for buffers > 64).
+struct Choice {
+  const ngsd_aot_variant* variant;
+  bool materialise;
+};
+
+const ngsd_aot_variant* find_or_throw(const std::string& name) {
+  const ngsd_aot_variant* v = ngsd_aot_find(name.c_str());
+  TORCH_CHECK(v != nullptr, "ngsd_aot: variant ", name, " was not compiled into this build; run "
+              "`python csrc_triton/build_aot.py --variants ", name, "` (with the variants you need) and rebuild "
+              "the extension, or use the Triton JIT path, ", kJitPath);
+  return v;
+}
+
+// Checks every keyword, then picks the compiled variant they select (raises when this build lacks it).
+// `source` "hidden" or "logits"; `vocab` (-1 when unknown) as launcher.plan_select uses it: k and top_k
+// are clipped to it (top_k >= V keeps every token: off).
+Choice select_variant(const char* source, at::ScalarType dtype, const Params& p, int64_t vocab) {
   TORCH_CHECK(p.tau >= 1.0, "ngsd_aot: tau must be >= 1, got ", p.tau);
   TORCH_CHECK(p.rho >= 0.0 && p.rho < 1.0, "ngsd_aot: rho must be in [0, 1), got ", p.rho);
   TORCH_CHECK(p.gate >= 0 && p.gate <= 2, "ngsd_aot: gate must be 0 (LIF), 1 (open) or 2 (closed), got ", p.gate);
@@ -90,17 +114,29 @@ const ngsd_aot_variant* select_variant(const char* source, at::ScalarType dtype,
   TORCH_CHECK(!use_topk && !use_topp, "ngsd_aot: top-k / top-p sampling is not compiled into the AOT build (it "
               "needs the candidate buffers and the exact sampling fallback); use the Triton JIT path, ", kJitPath,
               ", or plain temperature sampling (top_k=0, top_p=1)");
-  const std::string name = std::string(source) + (sample ? "_sample_" : "_greedy_") + divergence_tag(p.divergence) +
-                           "_" + dtype_tag(dtype);
+  TORCH_CHECK(p.candidate_k >= 1, "ngsd_aot: candidate_k must be >= 1, got ", p.candidate_k);
+  // launcher.plan_select's buffer: candidate_k clipped to V (1 when the gate is shut), then the next
+  // power of two of at least 16 (a vocabulary under 16 tokens still gets the 16-entry buffer here)
+  const int64_t kth = vocab > 0 ? std::min(p.candidate_k, vocab) : p.candidate_k;
+  const int64_t required = p.gate == 2 ? 1 : kth;
+  TORCH_CHECK(required <= kMaxBuffer, "ngsd_aot: candidate_k must be in [1, ", kMaxBuffer, "] (the largest "
+              "top-K buffer, launcher.MAX_BUFFER), got ", p.candidate_k, "; use backend='torch'");
+  const int64_t buffer = next_pow2(std::max<int64_t>(required, 16));
+  const std::string tail = std::string(sample ? "_sample_" : "_greedy_") + divergence_tag(p.divergence) + "_";
+  if (std::string(source) == "hidden" && buffer <= kHiddenMaxBuffer) {
+    const ngsd_aot_variant* v = find_or_throw(std::string("hidden") + tail + dtype_tag(dtype));
+    return {v, false};
+  }
+  // logits variants, one per buffer; the hidden op materialises fp32 logits for larger buffers
+  const bool materialise = std::string(source) == "hidden";
+  const std::string stem = std::string("logits") + tail + (materialise ? "fp32" : dtype_tag(dtype)) + "_k";
+  const std::string name = stem + std::to_string(buffer);
   const ngsd_aot_variant* v = ngsd_aot_find(name.c_str());
-  TORCH_CHECK(v != nullptr, "ngsd_aot: variant ", name, " was not compiled into this build; run "
-              "`python csrc_triton/build_aot.py --variants ", name, "` (with the variants you need) and rebuild "
-              "the extension, or use the Triton JIT path, ", kJitPath);
-  // candidate_k matters only when the gate can open (launcher.plan_select)
-  TORCH_CHECK(p.candidate_k >= 1 && (p.candidate_k <= v->buffer || p.gate == 2), "ngsd_aot: candidate_k must be in "
-              "[1, ", v->buffer, "] (the compiled top-K buffer), got ", p.candidate_k,
-              "; larger k: the Triton JIT path, ", kJitPath);
-  return v;
+  // a shut gate reads no candidates: every buffer's variant runs the same kernels then
+  for (int64_t k = 16; v == nullptr && p.gate == 2 && k <= kMaxBuffer; k *= 2)
+    v = ngsd_aot_find((stem + std::to_string(k)).c_str());
+  if (v == nullptr) v = find_or_throw(name);
+  return {v, materialise};
 }
 
 struct DeviceInfo {
@@ -198,15 +234,17 @@ struct Buffers {
   at::Tensor tokens, new_potential, spike, divergence, over;
 };
 
-Buffers allocate(int64_t batch, int64_t chunks, int64_t buffer, const at::TensorOptions& on_device) {
+// `slots`: union candidate slots per chunk and row (0: none, the gate is shut)
+Buffers allocate(int64_t batch, int64_t chunks, int64_t slots, const at::TensorOptions& on_device) {
   auto f32 = on_device.dtype(at::kFloat);
   auto i32 = on_device.dtype(at::kInt);
   auto i64 = on_device.dtype(at::kLong);
   Buffers b;
   b.stats = at::empty({batch, chunks, 4}, f32);
   b.counts = at::empty({batch, chunks, 4}, i32);
-  b.keys_b = at::empty({batch, chunks, buffer}, i32);  // int32 value keys (union thresholds)
-  b.keys_e = at::empty({batch, chunks, buffer}, i32);
+  // int32 value keys (union thresholds), as launcher.Scratch: [1] when no candidates are kept
+  b.keys_b = slots > 0 ? at::empty({batch, chunks, slots}, i32) : at::empty({1}, i32);
+  b.keys_e = slots > 0 ? at::empty({batch, chunks, slots}, i32) : at::empty({1}, i32);
   b.rowinfo = at::empty({batch, 8}, f32);
   b.unused_i64 = at::zeros({2}, i64);  // intersection / top-k sampling buffers: never read in these variants
   b.unused_i32 = at::zeros({batch}, i32);
@@ -286,6 +324,52 @@ Step outputs(const Buffers& b) { return {b.tokens, b.new_potential, b.spike.to(a
 
 using OptTensor = c10::optional<at::Tensor>;
 
+constexpr int64_t kUpcastChunk = 8192;  // hidden_torch._CHUNK: vocabulary rows upcast per matmul
+
+// hidden_torch.pair_logits for a shared head without bias: fp32 logits [2B, V] of cat([h_b, h_e])
+// (hidden_logits: fp32 heads through one linear, fp16 / bf16 heads upcast a chunk of rows at a time).
+at::Tensor stacked_logits(const at::Tensor& hb, const at::Tensor& he, const at::Tensor& weight) {
+  const at::Tensor stacked = at::cat({hb, he}, 0).to(at::kFloat);
+  if (weight.scalar_type() == at::kFloat) return at::linear(stacked, weight);
+  const int64_t vocab = weight.size(0);
+  at::Tensor out = at::empty({stacked.size(0), vocab}, stacked.options());
+  for (int64_t start = 0; start < vocab; start += kUpcastChunk) {
+    const int64_t n = std::min(kUpcastChunk, vocab - start);
+    at::Tensor slice = out.narrow(1, start, n);
+    at::matmul_out(slice, stacked, weight.narrow(0, start, n).to(at::kFloat).t());
+  }
+  return out;
+}
+
+// The logits op's launches (inputs checked; a DeviceGuard on `device` is held by the caller).
+Step run_logits(const at::Tensor& base_logits, const at::Tensor& expert_logits, const at::Tensor& potential,
+                const at::Tensor& alpha, const OptTensor& seed, const OptTensor& offset, const Params& p,
+                const ngsd_aot_variant* variant, const DeviceInfo& info, const at::Device& device) {
+  const int64_t batch = base_logits.size(0), vocab = base_logits.size(1);
+  const int64_t chunks = cdiv(vocab, variant->block_v);
+  TORCH_CHECK(chunks <= variant->max_chunks, "ngsd_aot: vocabularies above ", variant->max_chunks * variant->block_v,
+              " tokens are not compiled into this build (got ", vocab, "); use the Triton JIT path, ", kJitPath);
+  const at::Tensor lb = unit_inner_stride(base_logits), le = unit_inner_stride(expert_logits);
+  TORCH_CHECK(lb.stride(0) < (int64_t(1) << 31) && le.stride(0) < (int64_t(1) << 31),
+              "ngsd_aot: logits row stride exceeds the 32-bit kernel argument");
+  const at::Tensor pot = potential.contiguous(), alp = alpha.contiguous();  // alive until the launch
+
+  // a shut gate runs pass 1 / reduce without candidates (KEYS 0): no key scratch, as launcher.Scratch
+  Buffers b = allocate(batch, chunks, p.gate == 2 ? 0 : variant->slots, base_logits.options());
+  const Seeds s = seeds(seed, offset, batch, b.unused_i64);
+  ngsd_aot_ctx c{};
+  c.stream = current_stream(device);
+  c.lb_ptr = ptr(lb);
+  c.le_ptr = ptr(le);
+  c.stride_b = static_cast<int32_t>(lb.stride(0));
+  c.stride_e = static_cast<int32_t>(le.stride(0));
+  fill_common(c, b, pot, alp, s, batch, vocab, chunks, p);
+  // pass 2's linked launcher picks its aligned cubin for 16-byte aligned logits whose row strides
+  // and vocabulary are multiples of 16
+  launch_or_throw(variant->run(&c, info.arch, static_cast<int>(p.gate)), variant->name);
+  return outputs(b);
+}
+
 Step hidden_select_cuda(const at::Tensor& base_hidden, const at::Tensor& expert_hidden,
                         const at::Tensor& lm_head_weight, const at::Tensor& potential, const at::Tensor& alpha,
                         const OptTensor& seed, const OptTensor& offset, double tau, double v_th, double v_reset,
@@ -310,7 +394,8 @@ Step hidden_select_cuda(const at::Tensor& base_hidden, const at::Tensor& expert_
                   lm_head_weight.stride(0) <= i32_max,
               "ngsd_aot: sizes or strides exceed the 32-bit arguments of the compiled kernels");
   const Params p{tau, v_th, v_reset, rho, candidate_k, gate, divergence, temperature, top_k, top_p, candidate_mode};
-  const ngsd_aot_variant* variant = select_variant("hidden", lm_head_weight.scalar_type(), p, vocab);
+  const Choice choice = select_variant("hidden", lm_head_weight.scalar_type(), p, vocab);
+  const ngsd_aot_variant* variant = choice.variant;
   check_step_vectors(potential, alpha, batch, device);
   check_seed(seed, "seed", batch, temperature > 0.0, device);
   check_seed(offset, "offset", batch, temperature > 0.0, device);
@@ -318,6 +403,13 @@ Step hidden_select_cuda(const at::Tensor& base_hidden, const at::Tensor& expert_
   const DeviceInfo info = device_info(device);
   // hidden rows need unit inner stride too; a [B, T, H][:, -1] view is copied (B x H elements)
   const at::Tensor hb = unit_inner_stride(base_hidden), he = unit_inner_stride(expert_hidden);
+  if (choice.materialise) {
+    // a buffer above the fused kernels' 64 entries: fp32 logits of the stacked rows, one pass over the
+    // head (hidden_torch.pair_logits / hidden_logits, the same ATen calls), then the logits kernels
+    const at::Tensor logits = stacked_logits(hb, he, lm_head_weight);
+    return run_logits(logits.narrow(0, 0, batch), logits.narrow(0, batch, batch), potential, alpha, seed, offset,
+                      p, variant, info, device);
+  }
   const at::Tensor pot = potential.contiguous(), alp = alpha.contiguous();  // alive until the launch
 
   // launch plan: hidden_select.plan_hidden_select with the compiled block sizes
@@ -328,7 +420,8 @@ Step hidden_select_cuda(const at::Tensor& base_hidden, const at::Tensor& expert_
   const int64_t tiles_per_split = cdiv(tiles, splits);
   splits = cdiv(tiles, tiles_per_split);
 
-  Buffers b = allocate(batch, splits, variant->buffer, base_hidden.options());
+  // the hidden variants' pass 1 keeps its split's top-K whatever the gate: keys are always written
+  Buffers b = allocate(batch, splits, variant->slots, base_hidden.options());
   const Seeds s = seeds(seed, offset, batch, b.unused_i64);
   ngsd_aot_ctx c{};
   c.stream = current_stream(device);
@@ -369,33 +462,16 @@ Step logits_select_cuda(const at::Tensor& base_logits, const at::Tensor& expert_
   const int64_t batch = base_logits.size(0), vocab = base_logits.size(1);
   TORCH_CHECK(batch >= 1 && vocab >= 1, "ngsd_aot: empty input");
   const Params p{tau, v_th, v_reset, rho, candidate_k, gate, divergence, temperature, top_k, top_p, candidate_mode};
-  const ngsd_aot_variant* variant = select_variant("logits", base_logits.scalar_type(), p, vocab);
-  const int64_t chunks = cdiv(vocab, variant->block_v);
-  TORCH_CHECK(chunks <= variant->max_chunks, "ngsd_aot: vocabularies above ", variant->max_chunks * variant->block_v,
-              " tokens are not compiled into this build (got ", vocab, "); use the Triton JIT path, ", kJitPath);
+  const ngsd_aot_variant* variant = select_variant("logits", base_logits.scalar_type(), p, vocab).variant;
+  TORCH_CHECK(cdiv(vocab, variant->block_v) <= variant->max_chunks, "ngsd_aot: vocabularies above ",
+              variant->max_chunks * variant->block_v, " tokens are not compiled into this build (got ", vocab,
+              "); use the Triton JIT path, ", kJitPath);
   check_step_vectors(potential, alpha, batch, device);
   check_seed(seed, "seed", batch, temperature > 0.0, device);
   check_seed(offset, "offset", batch, temperature > 0.0, device);
   c10::DeviceGuard guard(device);
-  const DeviceInfo info = device_info(device);
-  const at::Tensor lb = unit_inner_stride(base_logits), le = unit_inner_stride(expert_logits);
-  TORCH_CHECK(lb.stride(0) < (int64_t(1) << 31) && le.stride(0) < (int64_t(1) << 31),
-              "ngsd_aot: logits row stride exceeds the 32-bit kernel argument");
-  const at::Tensor pot = potential.contiguous(), alp = alpha.contiguous();  // alive until the launch
-
-  Buffers b = allocate(batch, chunks, variant->buffer, base_logits.options());
-  const Seeds s = seeds(seed, offset, batch, b.unused_i64);
-  ngsd_aot_ctx c{};
-  c.stream = current_stream(device);
-  c.lb_ptr = ptr(lb);
-  c.le_ptr = ptr(le);
-  c.stride_b = static_cast<int32_t>(lb.stride(0));
-  c.stride_e = static_cast<int32_t>(le.stride(0));
-  fill_common(c, b, pot, alp, s, batch, vocab, chunks, p);
-  // pass 2's linked launcher picks its aligned cubin for 16-byte aligned logits whose row strides
-  // and vocabulary are multiples of 16
-  launch_or_throw(variant->run(&c, info.arch, static_cast<int>(gate)), variant->name);
-  return outputs(b);
+  return run_logits(base_logits, expert_logits, potential, alpha, seed, offset, p, variant, device_info(device),
+                    device);
 }
 
 Step hidden_select_greedy_cuda(const at::Tensor& base_hidden, const at::Tensor& expert_hidden,
@@ -431,7 +507,11 @@ Step hidden_select_meta(const at::Tensor& base_hidden, const at::Tensor& expert_
                   lm_head_weight.dim() == 2 && lm_head_weight.size(1) == base_hidden.size(1),
               "ngsd_aot: hidden [B, H], expert hidden [B, H], weight [V, H] expected");
   const Params p{tau, v_th, v_reset, rho, candidate_k, gate, divergence, temperature, top_k, top_p, candidate_mode};
-  select_variant("hidden", lm_head_weight.scalar_type(), p, lm_head_weight.size(0));
+  const Choice choice = select_variant("hidden", lm_head_weight.scalar_type(), p, lm_head_weight.size(0));
+  TORCH_CHECK(!choice.materialise || cdiv(lm_head_weight.size(0), choice.variant->block_v) <= choice.variant->max_chunks,
+              "ngsd_aot: vocabularies above ", choice.variant->max_chunks * choice.variant->block_v,
+              " tokens are not compiled into this build (got ", lm_head_weight.size(0), "); use the Triton JIT path, ",
+              kJitPath);
   check_seed(seed, "seed", base_hidden.size(0), temperature > 0.0, seed.has_value() ? seed->device() : potential.device());
   check_seed(offset, "offset", base_hidden.size(0), temperature > 0.0,
              offset.has_value() ? offset->device() : potential.device());
@@ -446,7 +526,7 @@ Step logits_select_meta(const at::Tensor& base_logits, const at::Tensor& expert_
   TORCH_CHECK(base_logits.dim() == 2 && expert_logits.sizes() == base_logits.sizes(),
               "ngsd_aot: base and expert logits must both be [batch, vocab] of the same shape");
   const Params p{tau, v_th, v_reset, rho, candidate_k, gate, divergence, temperature, top_k, top_p, candidate_mode};
-  const ngsd_aot_variant* v = select_variant("logits", base_logits.scalar_type(), p, base_logits.size(1));
+  const ngsd_aot_variant* v = select_variant("logits", base_logits.scalar_type(), p, base_logits.size(1)).variant;
   TORCH_CHECK(cdiv(base_logits.size(1), v->block_v) <= v->max_chunks, "ngsd_aot: vocabularies above ",
               v->max_chunks * v->block_v, " tokens are not compiled into this build (got ", base_logits.size(1),
               "); use the Triton JIT path, ", kJitPath);

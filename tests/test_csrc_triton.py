@@ -27,7 +27,7 @@ CSRC = REPO / "csrc_triton"
 ARCHS = (80, 90)
 # a subset that covers every kernel kind: the hidden-state and logits passes (with their aligned twins),
 # greedy and sampling finalize kernels, the three divergences (the full set: build_aot.py --list)
-VARIANTS = ("hidden_greedy_tv_bf16", "logits_greedy_kl_fp32", "logits_sample_js_bf16")
+VARIANTS = ("hidden_greedy_tv_bf16", "logits_greedy_kl_fp32_k1024", "logits_sample_js_bf16_k16")
 
 triton = pytest.importorskip("triton", reason="the AOT compiler is part of the triton package")
 TRITON_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
@@ -162,7 +162,7 @@ def test_build_refuses_a_kernel_argument_it_cannot_wire(tmp_path):
         "import sys; sys.argv = ['x']\n"
         "sys.path.insert(0, 'csrc_triton')\n"
         "import build_aot\n"
-        "spec = build_aot.hidden_variant('bf16').kernels[0]\n"
+        "spec = build_aot.hidden_variant('bf16').steps[0][0]\n"
         "del spec.args['tiles_per_split']\n"
         "from ngsd_kernels.ops.hidden_select import _hs_pass1_kernel\n"
         "build_aot._signature(spec, list(_hs_pass1_kernel.arg_names))\n"
@@ -188,27 +188,34 @@ lb16 = torch.empty(5, 50000, dtype=torch.bfloat16, **meta)
 shapes = lambda res: [[list(t.shape), str(t.dtype)] for t in res]
 out["hidden_meta"] = shapes(torch.ops.ngsd_aot.hidden_select_greedy(hb, hb, w, pot, alpha, candidate_k=32, gate=1))
 out["logits_meta"] = shapes(torch.ops.ngsd_aot.logits_select_greedy(lb[:, :1000], lb[:, :1000], pot, alpha,
-                                                                     divergence=1))
+                                                                     divergence=1, candidate_k=1000))
+# candidate_k > 64: the hidden op materialises fp32 logits and runs logits_greedy_kl_fp32_k1024
+out["materialise_meta"] = shapes(torch.ops.ngsd_aot.hidden_select(hb, hb, w, pot, alpha, candidate_k=600,
+                                                                  divergence=1))
+# a shut gate needs no candidates: any compiled buffer serves (k16 is not compiled here)
+out["closed_meta"] = shapes(torch.ops.ngsd_aot.logits_select_greedy(lb[:, :1000], lb[:, :1000], pot, alpha,
+                                                                    divergence=1, gate=2, candidate_k=5000))
 out["hidden_select_meta"] = shapes(torch.ops.ngsd_aot.hidden_select(hb, hb, w, pot, alpha, gate=2))
-out["sample_meta"] = shapes(torch.ops.ngsd_aot.logits_select(lb16, lb16, pot, alpha, seed, offset, divergence=2,
+out["sample_meta"] = shapes(torch.ops.ngsd_aot.logits_select(lb16, lb16, pot, alpha, seed, offset, divergence=2, candidate_k=10,
                                                              temperature=0.7, top_k=50000))
 calls = {
     "cpu": lambda: torch.ops.ngsd_aot.hidden_select_greedy(torch.zeros(2, 8), torch.zeros(2, 8), torch.zeros(5, 8),
                                                            torch.zeros(2), torch.zeros(2)),
     "candidate_k": lambda: torch.ops.ngsd_aot.hidden_select_greedy(hb, hb, w, pot, alpha, candidate_k=65),
+    "candidate_k_cap": lambda: torch.ops.ngsd_aot.logits_select(lb16, lb16, pot, alpha, candidate_k=1025),
     "gate": lambda: torch.ops.ngsd_aot.logits_select_greedy(lb, lb, pot, alpha, gate=3),
-    "vocab": lambda: torch.ops.ngsd_aot.logits_select_greedy(lb, lb, pot, alpha, divergence=1),
+    "vocab": lambda: torch.ops.ngsd_aot.logits_select_greedy(lb, lb, pot, alpha, divergence=1, candidate_k=600),
     "divergence": lambda: torch.ops.ngsd_aot.hidden_select(hb, hb, w, pot, alpha, divergence=3),
     "not_compiled": lambda: torch.ops.ngsd_aot.hidden_select(hb, hb, w, pot, alpha, divergence=2),
-    "top_p": lambda: torch.ops.ngsd_aot.logits_select(lb16, lb16, pot, alpha, seed, offset, divergence=2,
+    "top_p": lambda: torch.ops.ngsd_aot.logits_select(lb16, lb16, pot, alpha, seed, offset, divergence=2, candidate_k=10,
                                                       temperature=0.7, top_p=0.9),
-    "top_k": lambda: torch.ops.ngsd_aot.logits_select(lb16, lb16, pot, alpha, seed, offset, divergence=2,
+    "top_k": lambda: torch.ops.ngsd_aot.logits_select(lb16, lb16, pot, alpha, seed, offset, divergence=2, candidate_k=10,
                                                       temperature=0.7, top_k=40),
     "intersection": lambda: torch.ops.ngsd_aot.hidden_select(hb, hb, w, pot, alpha, candidate_mode=1),
-    "no_seed": lambda: torch.ops.ngsd_aot.logits_select(lb16, lb16, pot, alpha, divergence=2, temperature=0.7),
+    "no_seed": lambda: torch.ops.ngsd_aot.logits_select(lb16, lb16, pot, alpha, divergence=2, candidate_k=10, temperature=0.7),
     "seed_rows": lambda: torch.ops.ngsd_aot.logits_select(lb16, lb16, pot, alpha, seed, seed.expand(3),
-                                                          divergence=2, temperature=0.7),
-    "temperature": lambda: torch.ops.ngsd_aot.logits_select(lb16, lb16, pot, alpha, seed, offset, divergence=2,
+                                                          divergence=2, candidate_k=10, temperature=0.7),
+    "temperature": lambda: torch.ops.ngsd_aot.logits_select(lb16, lb16, pot, alpha, seed, offset, divergence=2, candidate_k=10,
                                                             temperature=-1.0),
 }
 errors = {}
@@ -264,11 +271,14 @@ def test_extension_compiles_links_and_loads(extension):
 
 def test_extension_meta_shapes_and_argument_checks(extension):
     expected = [[[5], "torch.int64"], [[5], "torch.float32"], [[5], "torch.bool"], [[5], "torch.float32"]]
-    for op in ("hidden_meta", "logits_meta", "hidden_select_meta", "sample_meta"):
+    for op in ("hidden_meta", "logits_meta", "hidden_select_meta", "sample_meta", "materialise_meta",
+               "closed_meta"):
         assert extension[op] == expected, op
     errors = extension["errors"]
     assert "CUDA tensors only" in errors["cpu"]
-    assert "candidate_k must be in [1, 64]" in errors["candidate_k"]
+    # k = 65: a 128-entry buffer, above the fused hidden kernels' 64: the materialised fp32 logits variant
+    assert "variant logits_greedy_tv_fp32_k128 was not compiled" in errors["candidate_k"]
+    assert "candidate_k must be in [1, 1024]" in errors["candidate_k_cap"]
     assert "gate must be 0 (LIF), 1 (open) or 2 (closed)" in errors["gate"]
     assert "vocabularies above 262144 tokens are not compiled" in errors["vocab"]
     assert "divergence must be 0 (total variation), 1 (KL) or 2 (Jensen-Shannon)" in errors["divergence"]
@@ -298,12 +308,38 @@ def test_variant_table_lists_exactly_the_compiled_variants(generated):
         spec.loader.exec_module(build_aot)
     variants = build_aot.all_variants()
     for name, values in names:
-        # block_b, block_v, K, NCP, DIVERGENCE, SAMPLE as the kernels were compiled
+        # block_b, block_v, K, SLOTS, NCP, DIVERGENCE, SAMPLE as the kernels were compiled
         assert [int(v) for v in values.split(",")] == build_aot._table_values(variants[name]), name
         v = variants[name]
-        assert v.kernels[2].constants["DIVERGENCE"] == v.constants["DIVERGENCE"]
-        assert all(f.constants["DIVERGENCE"] == v.constants["DIVERGENCE"] and f.constants["SAMPLE"] ==
-                   v.constants["SAMPLE"] for f in v.finalize.values())
+        for gate, (pass1, reduce, pass2, final) in v.steps.items():
+            assert pass2.constants["DIVERGENCE"] == final.constants["DIVERGENCE"] == v.constants["DIVERGENCE"]
+            assert pass2.constants["SAMPLE"] == final.constants["SAMPLE"] == v.constants["SAMPLE"]
+            assert final.constants["GATE"] == gate and reduce.constants["RB"] == final.constants["RB"]
+            if v.op == "logits_select":
+                # a shut gate: no candidates (KEYS 0, the plan's 16-entry buffer), else the variant's buffer
+                assert pass1.constants["KEYS"] == reduce.constants["NEED_KEYS"] == int(gate != 2)
+                assert pass1.constants["K"] == reduce.constants["K"] == (v.constants["K"] if gate != 2 else 16)
+                assert pass1.constants["SLOTS"] == reduce.constants["SLOTS"]
+
+
+def test_logits_variants_use_the_jit_plan_constants():
+    # build_aot.check_against_jit_plan against launcher.plan_select, in a process without TRITON_INTERPRET
+    # (the interpreter's plan picks other tiles)
+    script = (
+        "import sys; sys.path.insert(0, 'csrc_triton')\n"
+        "import build_aot\n"
+        "variants = build_aot.all_variants()\n"
+        "for v in variants.values(): build_aot.check_against_jit_plan(v)\n"
+        "ks = sorted({v.constants['K'] for v in variants.values() if v.op == 'logits_select'})\n"
+        "print('OK', len(variants), ks)\n"
+        "v = variants['logits_greedy_tv_bf16_k64']\n"
+        "v.steps[0][1].args['CG'] = '8'\n"
+        "build_aot.check_against_jit_plan(v)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert "OK 144 [16, 32, 64, 128, 256, 512, 1024]" in done.stdout, done.stdout + done.stderr
+    assert done.returncode != 0 and "reduce constants differ from launcher.plan_select" in done.stderr
 
 
 GPU_PROBE = r"""
@@ -336,15 +372,20 @@ for gate in (0, 1, 2):
     hb2 = torch.empty(B * H + 1, dtype=hb.dtype, device=dev)[1:].view(B, H).copy_(hb)
     compare(f"hidden-tv-unaligned-{gate}", torch.ops.ngsd_aot.hidden_select_greedy(hb2, he, w, pot, alpha,
                                                                                   candidate_k=32, gate=gate), ref)
-    ref = guarded_select_reference(lb, le, pot, alpha, zero, zero,
-                                   StepParams(candidate_k=32, gate=gate, divergence=Divergence.KL))
-    compare(f"logits-kl-{gate}", torch.ops.ngsd_aot.logits_select_greedy(lb, le, pot, alpha, candidate_k=32,
-                                                                        gate=gate, divergence=1), ref)
+    params = StepParams(candidate_k=600, gate=gate, divergence=Divergence.KL)
+    ref = guarded_select_reference(lb, le, pot, alpha, zero, zero, params)
+    compare(f"logits-kl-k1024-{gate}", torch.ops.ngsd_aot.logits_select_greedy(lb, le, pot, alpha, candidate_k=600,
+                                                                              gate=gate, divergence=1), ref)
+    if gate != 2:  # (a shut gate needs no buffer: it would run hidden_greedy_kl_bf16, not built here)
+        # candidate_k > 64 from hidden states: fp32 logits by one GEMM, then logits_greedy_kl_fp32_k1024
+        compare(f"hidden-kl-materialised-{gate}", torch.ops.ngsd_aot.hidden_select(hb, he, w, pot, alpha,
+                                                                                  candidate_k=600, gate=gate,
+                                                                                  divergence=1), ref)
     lb16, le16 = lb.bfloat16(), le.bfloat16()
-    params = StepParams(candidate_k=32, gate=gate, divergence=Divergence.JS, temperature=0.7)
+    params = StepParams(candidate_k=10, gate=gate, divergence=Divergence.JS, temperature=0.7)
     ref = guarded_select_reference(lb16, le16, pot, alpha, seed, offset, params)
-    compare(f"logits-js-sample-{gate}", torch.ops.ngsd_aot.logits_select(
-        lb16, le16, pot, alpha, seed, offset, candidate_k=32, gate=gate, divergence=2, temperature=0.7), ref)
+    compare(f"logits-js-sample-k16-{gate}", torch.ops.ngsd_aot.logits_select(
+        lb16, le16, pot, alpha, seed, offset, candidate_k=10, gate=gate, divergence=2, temperature=0.7), ref)
 print("RESULT" + json.dumps(report))
 """
 
