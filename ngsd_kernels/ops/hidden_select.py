@@ -166,6 +166,7 @@ def plan_hidden_select(
     select = dataclasses.replace(
         select, n_chunks=num_splits, ncp=ncp, chunk_group=chunk_group, row_block=row_block,
         inter_block=max(1, min(select.buffer, 4096 // (row_block * select.buffer))),
+        key_block=max(1, min(ncp * select.buffer, 1024 // row_block)) if select.key_kind == 2 else 1,
         block_b=block_b, block_v=block_v, slots=select.buffer,  # the split's sorted top-K: K slots per chunk
     )
     grid = dict(block_b=block_b, block_v=block_v, block_h=block_h, num_splits=num_splits,
