@@ -151,8 +151,8 @@ def _row_kernel_jobs(plan, path: str, label: str, dense: int = 0) -> list[Kernel
     jobs = [KernelJob(mod, "_reduce_kernel", "-", dict(
         RB=plan.row_block, NCP=plan.ncp, K=k, CG=plan.chunk_group, NEED_KEYS=int(plan.need_keys),
         STORE_TOP=int(plan.mode == CandidateMode.INTERSECTION and plan.need_keys),
-        VALUE_KEYS=int(plan.key_kind == 1), DENSE=dense, SLOTS=plan.slots, KB=plan.key_block), "reduce", path, 0,
-        **trips)]
+        VALUE_KEYS=int(plan.key_kind == 1), DENSE=dense, SLOTS=plan.slots,
+        **({"KB": plan.key_block} if plan.key_kind == 2 else {})), "reduce", path, 0, **trips)]
     if plan.mode == CandidateMode.INTERSECTION and plan.need_keys:
         jobs.append(KernelJob(mod, "_intersection_kernel", "-", dict(
             RB=plan.row_block, K=k, EB=plan.inter_block, SAMPLE=plan.sample, USE_TOPK=int(plan.use_topk),

@@ -322,7 +322,7 @@ class SelectPlan:
     n_chunks: int
     ncp: int  # n_chunks rounded up to a power of two
     buffer: int  # K, entries per top-K buffer
-    chunk_group: int  # chunks merged per step of merge_chunk_keys
+    chunk_group: int  # chunks whose union slots the reduce reads per load
     row_block: int  # rows per program of the per-row kernels (reduce, intersection, finalize)
     inter_block: int  # expert-list block of the intersection matching
     mode: int

@@ -7,14 +7,16 @@ RB rows per program in the per-row kernels):
           chunk max and sum-exp of base and expert, "any NaN/+inf" and "any finite" flags, and --
           when the gate can open -- the chunk's candidates: in union mode the multiset of its kth
           largest values (k-th largest found by bisection on the values' bits, no sorting:
-          ``pair_kth_largest`` + ``store_topk_multiset``), in intersection mode its sorted top-K
-          (value, id) order keys (``bitonic_topk``).
+          ``pair_kth_largest`` + ``store_topk_multiset``), in intersection mode the raw (value, id)
+          keys of the entries above a group-maxima bound, which hold its top-K list by order key
+          (``store_order_candidates``; exact bisection only for rows it cannot decide).
           -> ``pass1_store_tile``
   reduce  grid (cdiv(B, RB),)  per row: log-sum-exp of both rows, validity, the union thresholds
           (the k-th largest of the chunks' multisets, again by bisection: ``slots_kth_largest``),
-          the merged top-K keys (intersection mode).  [launcher._reduce_kernel]
+          the top-K lists (intersection mode: the K-th largest order key by bisection,
+          ``slots_kth_key``, then the keys >= it compacted, unsorted).  [launcher._reduce_kernel]
   inter.  grid (cdiv(B, RB),)  intersection mode only: SafeDecoding's grown intersection from the
-          two top-K key lists and the token the row gets *if* it spikes.
+          two top-K lists (ranks by counting) and the token the row gets *if* it spikes.
           [launcher._intersection_kernel]
   pass 2  grid (cdiv(B, BB), NC)  reads both logits tiles a second time: partial divergence sums
           and, for BOTH possible gate outcomes (unmixed ``p_b`` and the union mixture), either the
@@ -30,9 +32,11 @@ Scratch buffers (all contiguous, written by one pass and read by the next, never
 
   stats   fp32  [B, NC, 4]     chunk max_b, sumexp_b, max_e, sumexp_e
   counts  int32 [B, NC, 4]     chunk flags (0/1): any bad_b, any finite_b, any bad_e, any finite_e
-  keys_b  int32 or int64 [B, NC, K]  chunk candidates of base logits (keys_e: expert): union mode
-                               fp32 bit patterns (unsorted multiset of the chunk's kth largest,
-                               absent slots SLOT_NONE); intersection mode int64 order keys
+  keys_b  int32 or int64 [B, NC, SLOTS]  chunk candidates of base logits (keys_e: expert): union
+                               mode fp32 bit patterns (unsorted multiset of the chunk's kth largest,
+                               absent slots SLOT_NONE); intersection mode int64 raw (value bits, id)
+                               keys (absent RAW_NONE), made order keys in place by the reduce
+  top_b   int64 [B, K]         intersection mode: each row's top-K order keys, unsorted (top_e: expert)
   rowinfo fp32  [B, 8]         max_b, log(sumexp_b), max_e, log(sumexp_e), thr_b, thr_e, valid, -
   div     fp32  [B, NC, 2]     partial divergence sums (the second one only for Jensen-Shannon)
   best    fp32  [B, 2, NC]     partial arg-max value of outcome 0 (no spike) / 1 (spike, union)
@@ -47,8 +51,9 @@ lower token id", exactly the order ``torch.sort(..., descending=True, stable=Tru
 folded into +0.0 (they compare equal in torch). Absent entries (columns past V) get VALUE_NONE /
 KEY_NONE, smaller than any real key (including -inf). Union thresholds need no sorting (bisection
 on "dense" keys: the 16 significant bits of bf16 / fp16 logits, all 32 of fp32), nor do the top-k /
-top-p thresholds (bisection on value keys of q); only the intersection mode still sorts, with
-``bitonic_topk``.
+top-p thresholds (bisection on value keys of q), nor the intersection's top-K lists (bisection on
+order keys, ranks by counting). Only the hidden-state path's pass 1 still keeps a running top-K with
+``bitonic_topk`` (its tiles are 64 columns).
 
 All helpers take fp32 tiles ``[BB, BV]`` (cast bf16/fp16 to fp32 *before* calling: bf16 arithmetic
 is wrong under TRITON_INTERPRET) together with the int32 token ids of the tile's columns ``[BV]``
@@ -923,8 +928,10 @@ def pass1_store_tile(
     """Pass 1 on a [BB, BV] tile pair: chunk statistics and the chunk's candidates -> scratch.
     Masked entries (``row_mask``, ``col_mask``) must hold -inf.
 
-    KEYS: 0 no keys (gate shut); 2 the sorted top-K int64 order keys (intersection ranks); 1 union
-    thresholds: SLOTS (>= K; 0 means K and the exact path below) fp32 slots per row holding a
+    KEYS: 0 no keys (gate shut); 2 (intersection ranks) SLOTS int64 slots per row holding the raw
+    keys of the chunk's entries >= its group-maxima bound for K, a superset of its top-K list by
+    order key (``store_order_candidates``; rows with more than SLOTS such entries are rewritten by
+    ``store_topk_order_keys`` when FALLBACK); 1 union thresholds: SLOTS (>= K; 0 means K and the exact path below) fp32 slots per row holding a
     sub-multiset of the chunk's values that
     contains its kth largest (``store_union_candidates`` above the group-maxima bound
     ``pair_group_bound``; no sorting). A row with more than SLOTS entries above its bound is
