@@ -142,10 +142,17 @@ def _row_kernel_jobs(plan, path: str, label: str, dense: int = 0) -> list[Kernel
     k = plan.buffer
     # trips of the runtime loops over chunk groups (one trip per group: the report multiplies them out)
     groups = -(-plan.n_chunks // plan.chunk_group)
+    trips = dict(inner_trips=groups)
+    if plan.key_kind == 2:
+        # intersection: 64 bisection rounds over the row's keys, KB a load (select_tiles.slots_kth_key);
+        # with one load for every round the round loop is the only loop, and it runs 64 times
+        blocks = -(-plan.ncp * plan.slots // plan.key_block)
+        trips = dict(inner_trips=blocks, outer_trips=64) if blocks > 1 else dict(inner_trips=64)
     jobs = [KernelJob(mod, "_reduce_kernel", "-", dict(
         RB=plan.row_block, NCP=plan.ncp, K=k, CG=plan.chunk_group, NEED_KEYS=int(plan.need_keys),
         STORE_TOP=int(plan.mode == CandidateMode.INTERSECTION and plan.need_keys),
-        VALUE_KEYS=int(plan.key_kind == 1), DENSE=dense, SLOTS=plan.slots), "reduce", path, 0, inner_trips=groups)]
+        VALUE_KEYS=int(plan.key_kind == 1), DENSE=dense, SLOTS=plan.slots,
+        **({"KB": plan.key_block} if plan.key_kind == 2 else {})), "reduce", path, 0, **trips)]
     if plan.mode == CandidateMode.INTERSECTION and plan.need_keys:
         jobs.append(KernelJob(mod, "_intersection_kernel", "-", dict(
             RB=plan.row_block, K=k, EB=plan.inter_block, SAMPLE=plan.sample, USE_TOPK=int(plan.use_topk),
@@ -437,7 +444,7 @@ def compile_job(job: KernelJob, arch: int) -> dict:
     )
     row.update(_spill_bytes(compiled.asm["ptx"], arch) if usage.get("STACK", 0) else
                dict(spill_store_bytes=0, spill_load_bytes=0))
-    if job.name == "_pass1_kernel" and job.constants.get("KEYS") == 1 and job.constants.get("SLOTS"):
+    if job.name == "_pass1_kernel" and job.constants.get("KEYS") in (1, 2) and job.constants.get("SLOTS"):
         # union pass 1 holds a cold exact fallback (rows with more than SLOTS entries above their
         # group-maxima bound: select_tiles.pass1_store_tile), which the static count above includes:
         # the same kernel without it gives what a tile executes when no row needs it
@@ -692,7 +699,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", type=int, nargs="+", default=[90], choices=(80, 90))
     parser.add_argument("--full", action="store_true", help="compile every specialisation, not the cover")
     parser.add_argument("--only", default="",
-                        help="compile only kernels whose key contains this text (starts with it, after a leading ^)")
+                        help="compile only kernels whose key contains this text (starts with it, after a leading ^); "
+                             "alternatives separated by ;")
     parser.add_argument("--exclude", default=None, help="and not those whose key contains this text")
     parser.add_argument("--jobs", type=int, default=2, help="compile processes")
     parser.add_argument("--budget", type=float, default=600.0,
@@ -716,7 +724,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("unset TRITON_INTERPRET: this report compiles real GPU code")
     sys.path.insert(0, str(REPO))
     jobs, cover = enumerate_jobs(args.hidden)
-    only = (lambda key: key.startswith(args.only[1:])) if args.only.startswith("^") else (lambda key: args.only in key)
+    def only(key: str) -> bool:
+        return any(key.startswith(part[1:]) if part.startswith("^") else part in key for part in args.only.split(";"))
+
     chosen = [j for j in jobs if (args.full or j.key() in cover) and only(j.key())
               and not (args.exclude and args.exclude in j.key())]
     if args.list:

@@ -105,10 +105,10 @@ def _pass1_kernel(
     BB: tl.constexpr, BV: tl.constexpr, K: tl.constexpr, KEYS: tl.constexpr, SLOTS: tl.constexpr = 0,
     FALLBACK: tl.constexpr = True,
 ):
-    """FALLBACK=False (kernel report only) leaves out the exact rewrite of rows whose union bound
-    let too many entries through (``select_tiles.pass1_store_tile``): their slots are then wrong."""
+    """FALLBACK=False (kernel report only) leaves out the exact rewrite of rows whose group-maxima
+    bound let too many entries through (``select_tiles.pass1_store_tile``): their slots are then wrong."""
     lb, le, rows, row_mask, cols, col_mask, chunk = _load_tile(lb_ptr, le_ptr, stride_b, stride_e, n_rows, n_vocab,
-                                                               BB, BV, KEYS == 1)
+                                                               BB, BV, KEYS != 0)
     n_present = tl.minimum(n_vocab - chunk * BV, BV)
     pass1_store_tile(
         lb, le, rows, row_mask, cols, col_mask, chunk, n_chunks, stats_ptr, counts_ptr, keys_b_ptr, keys_e_ptr,

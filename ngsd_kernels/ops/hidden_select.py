@@ -158,15 +158,15 @@ def plan_hidden_select(
     tiles_per_split = triton.cdiv(n_tiles, num_splits)
     num_splits = triton.cdiv(n_tiles, tiles_per_split)  # no empty splits
     # the per-row kernels see one "chunk" per split: redo the plan fields that depend on the chunk count.
-    # Merge groups of ~512 keys (plan_select allows 4096): the bitonic merge of a [rows, group * K]
-    # tile is unrolled, and 4096 keys compile to a multi-megabyte cubin (csrc_triton/README.md).
+    # The reduce reads ~512 keys per load here (plan_select allows 4096 on a GPU).
     ncp = next_pow2(num_splits)
     chunk_group = max(1, min(ncp, 512 // select.buffer))
     row_block = max(1, min(next_pow2(batch), 1024 // (chunk_group * select.buffer)))
     select = dataclasses.replace(
         select, n_chunks=num_splits, ncp=ncp, chunk_group=chunk_group, row_block=row_block,
         inter_block=max(1, min(select.buffer, 4096 // (row_block * select.buffer))),
-        block_b=block_b, block_v=block_v, slots=select.buffer,  # the split's sorted top-K: K slots per chunk
+        key_block=max(1, min(ncp * select.buffer, 1024 // row_block)) if select.key_kind == 2 else 1,
+        block_b=block_b, block_v=block_v, slots=select.buffer,  # the split's running top-K (bitonic, sorted): K slots per chunk
     )
     grid = dict(block_b=block_b, block_v=block_v, block_h=block_h, num_splits=num_splits,
                 tiles_per_split=tiles_per_split, row_blocks=row_blocks)

@@ -29,17 +29,16 @@ from ..reference import Outputs, guarded_select_reference
 from .select_tiles import (
     INDEX_NONE,
     KEY_NONE,
-    VALUE_NONE,
-    bitonic_topk,
-    buffer_sample,
+    _log2,
+    compact_top_keys,
     key_index,
     key_value,
-    merge_chunk_keys,
+    keys_sample,
     order_key,
-    pick,
+    raw_to_order_keys,
+    slots_kth_key,
     slots_kth_largest,
     slots_sample,
-    value_of,
 )
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -68,9 +67,9 @@ def _reduce_kernel(
     stats_ptr, counts_ptr, keys_b_ptr, keys_e_ptr, rowinfo_ptr, top_b_ptr, top_e_ptr, n_rows, n_chunks, kth,
     RB: tl.constexpr, NCP: tl.constexpr, K: tl.constexpr, CG: tl.constexpr,
     NEED_KEYS: tl.constexpr, STORE_TOP: tl.constexpr, VALUE_KEYS: tl.constexpr = False, DENSE: tl.constexpr = 0,
-    SLOTS: tl.constexpr = 0,
+    SLOTS: tl.constexpr = 0, KB: tl.constexpr = 1,
 ):
-    """Per row: log-sum-exp and validity of both rows, merged top-K keys, union thresholds.
+    """Per row: log-sum-exp and validity of both rows, top-K lists (intersection), union thresholds.
 
     Keys: int64 order keys (K per chunk), or with VALUE_KEYS fp32 value multisets of SLOTS slots per
     chunk (union mode; their k-th largest by bisection on the keys of the logits' storage dtype,
@@ -115,14 +114,23 @@ def _reduce_kernel(
             tl.store(info + 5, slots_kth_largest(keys_e_ptr, rows * n_slots, rmask, n_slots, kth, CG * PER_CHUNK, LOOP,
                                                  DENSE), mask=rmask)
         else:
-            top_b = merge_chunk_keys(keys_b_ptr, rows * n_chunks * K, rmask, n_chunks, K, CG, NCP, KEY_NONE)
-            top_e = merge_chunk_keys(keys_e_ptr, rows * n_chunks * K, rmask, n_chunks, K, CG, NCP, KEY_NONE)
-            tl.store(info + 4, key_value(pick(top_b, kth - 1)), mask=rmask)
-            tl.store(info + 5, key_value(pick(top_e, kth - 1)), mask=rmask)
-        if STORE_TOP:
-            pos = tl.arange(0, K)
-            tl.store(top_b_ptr + rows[:, None] * K + pos[None, :], top_b, mask=rmask[:, None])
-            tl.store(top_e_ptr + rows[:, None] * K + pos[None, :], top_e, mask=rmask[:, None])
+            # intersection: each row's top-K list by order key = the keys >= its K-th largest, unsorted
+            # (raw keys from pass 1, made order keys here once per slot), KB keys per load
+            PER_KEYS: tl.constexpr = K if SLOTS == 0 else SLOTS
+            n_keys = n_chunks * PER_KEYS
+            LOOP_KEYS: tl.constexpr = NCP * PER_KEYS > KB
+            raw_to_order_keys(keys_b_ptr, rows * n_keys, rmask, n_keys, KB, LOOP_KEYS)
+            raw_to_order_keys(keys_e_ptr, rows * n_keys, rmask, n_keys, KB, LOOP_KEYS)
+            tl.debug_barrier()  # the rewritten slots are read by other threads below
+            thr_b = slots_kth_key(keys_b_ptr, rows * n_keys, rmask, n_keys, K, KB, LOOP_KEYS)
+            thr_e = slots_kth_key(keys_e_ptr, rows * n_keys, rmask, n_keys, K, KB, LOOP_KEYS)
+            tl.store(info + 4, key_value(thr_b), mask=rmask)  # informative only: no kernel reads them here
+            tl.store(info + 5, key_value(thr_e), mask=rmask)
+            if STORE_TOP:
+                compact_top_keys(keys_b_ptr, rows * n_keys, rmask, n_keys, thr_b, top_b_ptr, rows * K, K, KB,
+                                 LOOP_KEYS)
+                compact_top_keys(keys_e_ptr, rows * n_keys, rmask, n_keys, thr_e, top_e_ptr, rows * K, K, KB,
+                                 LOOP_KEYS)
     else:
         tl.store(info + 4, tl.zeros_like(max_b), mask=rmask)
         tl.store(info + 5, tl.zeros_like(max_b), mask=rmask)
@@ -138,9 +146,11 @@ def _intersection_kernel(
     """Per row: SafeDecoding's grown intersection and the token of the row *if it spikes*.
 
     With rank = position in the row's descending (logit, then lower id) order, C holds the tokens
-    whose worse rank is < k' (k' the smallest value >= k giving >= `need` tokens). Tokens outside
-    either top-K list have worse rank >= K, so C is exact whenever at least `need` tokens are in
-    both lists; otherwise the row is flagged (overflow) and recomputed by the caller.
+    whose worse rank is < k' (k' the smallest value >= k giving >= `need` tokens). The two top-K
+    lists (unsorted, from the reduce) give each listed token's rank by counting the larger keys of
+    its list; tokens outside either list have worse rank >= K, so C is exact whenever at least
+    `need` tokens are in both lists; otherwise the row is flagged (overflow) and decided by the
+    caller. Nothing is sorted: ranks by counting, k' by bisection, the draw by ``keys_sample``.
     """
     rows = (tl.program_id(0) * RB + tl.arange(0, RB)).to(tl.int64)
     rmask = rows < n_rows
@@ -148,19 +158,28 @@ def _intersection_kernel(
     kb = tl.load(top_b_ptr + rows[:, None] * K + pos[None, :], mask=rmask[:, None], other=KEY_NONE)
     present_b = kb != KEY_NONE
     ids_b = key_index(kb)
-    lb = key_value(kb)
-    # rank of each base-list token in the expert list (matched block by block), and its expert logit
-    rank_e = tl.full([RB, K], INDEX_NONE, tl.int32)
-    le = tl.full([RB, K], float("-inf"), tl.float32)
+    # per base-list token: its rank in the base list, and its expert key where the expert list has it
+    rank_b = tl.zeros([RB, K], tl.int32)
+    key_e = tl.full([RB, K], KEY_NONE, tl.int64)
     epos = tl.arange(0, EB)
     for start in range(0, K, EB):
+        block_b = tl.load(top_b_ptr + rows[:, None] * K + start + epos[None, :], mask=rmask[:, None], other=KEY_NONE)
+        rank_b += tl.sum((block_b[:, None, :] > kb[:, :, None]).to(tl.int32), axis=2)
         ke = tl.load(top_e_ptr + rows[:, None] * K + start + epos[None, :], mask=rmask[:, None], other=KEY_NONE)
         hit = (ids_b[:, :, None] == key_index(ke)[:, None, :]) & present_b[:, :, None] & (ke != KEY_NONE)[:, None, :]
-        rank_e = tl.minimum(rank_e, tl.min(tl.where(hit, start + epos[None, None, :], INDEX_NONE), axis=2))
-        le = tl.maximum(le, tl.max(tl.where(hit, key_value(ke)[:, None, :], float("-inf")), axis=2))
-    worst = tl.where(rank_e < INDEX_NONE, tl.maximum(pos[None, :], rank_e), INDEX_NONE)
-    need_th = pick(bitonic_topk(worst, K, False), need - 1)
-    overflow = need_th == INDEX_NONE
+        key_e = tl.maximum(key_e, tl.max(tl.where(hit, ke[:, None, :], KEY_NONE), axis=2))
+    matched = key_e != KEY_NONE
+    rank_e = tl.zeros([RB, K], tl.int32)
+    for start in range(0, K, EB):
+        ke = tl.load(top_e_ptr + rows[:, None] * K + start + epos[None, :], mask=rmask[:, None], other=KEY_NONE)
+        rank_e += tl.sum((ke[:, None, :] > key_e[:, :, None]).to(tl.int32), axis=2)
+    worst = tl.where(matched, tl.maximum(rank_b, rank_e), INDEX_NONE)
+    # the need-th smallest worse rank: the largest w in [0, K) with #{worst < w} < need (log2 K rounds)
+    overflow = tl.sum(matched.to(tl.int32), axis=1) < need
+    need_th = tl.zeros([RB], tl.int32)
+    for i in tl.static_range(_log2(K)):
+        cand = need_th | (K >> (i + 1))
+        need_th = tl.where(tl.sum((worst < cand[:, None]).to(tl.int32), axis=1) < need, cand, need_th)
     k_eff = tl.maximum(tl.where(overflow, 0, need_th) + 1, k_min)
     in_set = worst < k_eff[:, None]
 
@@ -170,8 +189,8 @@ def _intersection_kernel(
     ls_b = tl.load(info + 1, mask=rmask, other=0.0)
     m_e = tl.load(info + 2, mask=rmask, other=0.0)
     ls_e = tl.load(info + 3, mask=rmask, other=0.0)
-    pb = tl.exp((lb - m_b[:, None]) - ls_b[:, None])
-    pe = tl.exp((le - m_e[:, None]) - ls_e[:, None])
+    pb = tl.exp((key_value(kb) - m_b[:, None]) - ls_b[:, None])
+    pe = tl.exp((tl.where(matched, key_value(key_e), float("-inf")) - m_e[:, None]) - ls_e[:, None])
     mixed = pb + alpha[:, None] * (pe - pb)
     guarded = tl.where(in_set, tl.maximum(mixed, score_floor), 0.0)
     scores = guarded / tl.sum(guarded, axis=1)[:, None]
@@ -179,13 +198,12 @@ def _intersection_kernel(
         best = tl.max(tl.where(in_set, scores, float("-inf")), axis=1)
         token = tl.min(tl.where(in_set & (scores == best[:, None]), ids_b, INDEX_NONE), axis=1)
     else:
-        keys = bitonic_topk(tl.where(in_set, order_key(scores, ids_b), KEY_NONE), K, True)
         seed = tl.load(seed_ptr + rows * seed_stride, mask=rmask, other=0)
         offset = tl.load(offset_ptr + rows * offset_stride, mask=rmask, other=0)
         total = tl.sum(tl.where(in_set, scores, 0.0), axis=1)
-        token, _ = buffer_sample(
-            keys, seed, offset, rows, total, n_vocab, temperature, top_k, top_p, USE_TOPK, USE_TOPP, False
-        )
+        # every token outside C has q = 0 and is never kept: the candidates are certain (no floor)
+        token = keys_sample(tl.where(in_set, order_key(scores, ids_b), KEY_NONE), total, seed, offset, rows,
+                            temperature, top_k, top_p, USE_TOPK, USE_TOPP)
     tl.store(choice_ptr + rows, token, mask=rmask)
     tl.store(over_ptr + rows, overflow.to(tl.int32), mask=rmask)
 
@@ -304,7 +322,7 @@ class SelectPlan:
     n_chunks: int
     ncp: int  # n_chunks rounded up to a power of two
     buffer: int  # K, entries per top-K buffer
-    chunk_group: int  # chunks merged per step of merge_chunk_keys
+    chunk_group: int  # chunks whose union slots the reduce reads per load
     row_block: int  # rows per program of the per-row kernels (reduce, intersection, finalize)
     inter_block: int  # expert-list block of the intersection matching
     mode: int
@@ -323,6 +341,7 @@ class SelectPlan:
     sample_slots: int = 1  # top-k / top-p: candidate keys per chunk and gate outcome (select_tiles.sample_slots)
     sample_block: int = 1  # top-k / top-p: candidate keys the finalize kernel reads per load and row
     pass2_warps: int = 4  # warps per pass-2 program (8 where 4 would spill: kernel report)
+    key_block: int = 1  # intersection: int64 candidate keys the reduce reads per load and program
 
     @property
     def key_kind(self) -> int:
@@ -387,8 +406,7 @@ def plan_select(
     # a chunk must hold at least K entries for its top-K; a smaller block_v request is raised to K.
     # GPU: one row of 4096 per program when there are enough programs to fill the machine (each
     # per-row reduction then serves twice the entries: bench/results/KERNELS.md), else [2, 2048]
-    # (intersection mode: 2048, its pass 1 still sorts a chunk's top-K order keys with a bitonic network)
-    wide = batch * triton.cdiv(vocab, 4096) >= 256 and not (intersection and spike_possible)
+    wide = batch * triton.cdiv(vocab, 4096) >= 256
     gpu_bv = 4096 if wide else 2048
     bv = max(buffer, block_v or min(next_pow2(vocab), TILE_ELEMENTS if INTERPRETED else gpu_bv))
     if bv & (bv - 1):
@@ -401,6 +419,11 @@ def plan_select(
     chunk_group = max(1, min(ncp, TILE_ELEMENTS // buffer))
     row_block = max(1, min(next_pow2(batch), TILE_ELEMENTS // (chunk_group * buffer)))
     need_keys = spike_possible  # top-K logit keys serve the candidate sets only
+    slots = min(2 * buffer, bv) if need_keys else buffer
+    if intersection and need_keys:
+        # the reduce keeps a row's int64 candidate keys in registers for all 64 bisection rounds when
+        # they fit a tile (4096 on a GPU: 32 a thread), else re-reads them every round
+        row_block = max(1, min(next_pow2(batch), TILE_ELEMENTS // (ncp * slots)))
     # a buffer that holds the whole row decides exactly: no flags, no host read
     may_overflow = vocab > buffer and (sample == 2 or (intersection and spike_possible))
     sample_slots = min(2 * buffer, bv) if sample == 2 else 1  # the same formula as select_tiles.sample_slots
@@ -428,7 +451,7 @@ def plan_select(
         need=need,
         may_overflow=may_overflow,
         # union candidates above a group-maxima bound: room for ~1.4 k of them (select_tiles.pair_group_bound)
-        slots=min(2 * buffer, bv) if need_keys and not intersection else buffer,
+        slots=slots,
         sample_slots=sample_slots,
         # Jensen-Shannon's extra log tile at one [1, 4096] row per program needs more than 255 registers
         # a thread with 4 warps (sm_90 spills 8-44 B): 8 warps halve the columns per thread
@@ -436,6 +459,7 @@ def plan_select(
         # at most 1024 int64 keys per load and program on a GPU (8 a thread; 2048 spilled more finalize variants)
         sample_block=(max(1, min(next_pow2(ncp * sample_slots), (TILE_ELEMENTS // 4) // row_block))
                       if sample == 2 else 1),
+        key_block=max(1, min(ncp * slots, TILE_ELEMENTS // row_block)) if intersection and need_keys else 1,
     )
 
 
@@ -489,7 +513,7 @@ class Scratch:
     def allocate(cls, plan: SelectPlan, device: torch.device) -> "Scratch":
         batch, nc, k = plan.batch, plan.n_chunks, plan.buffer
         f32, i32, i64 = torch.float32, torch.int32, torch.int64
-        keys_shape = (batch, nc, plan.slots if plan.key_kind == 1 else k) if plan.need_keys else (1,)
+        keys_shape = (batch, nc, plan.slots) if plan.need_keys else (1,)
         key_dtype = i32 if plan.key_kind == 1 else i64
         intersect = plan.mode == CandidateMode.INTERSECTION and plan.need_keys
         top_shape = (batch, k) if intersect else (1,)
@@ -584,7 +608,8 @@ def launch_select(
     _reduce_kernel[grid_rows](
         s.stats, s.counts, s.keys_b, s.keys_e, s.rowinfo, s.top_b, s.top_e, batch, nc, plan.kth,
         RB=plan.row_block, NCP=plan.ncp, K=k, CG=plan.chunk_group, NEED_KEYS=plan.need_keys, STORE_TOP=s.intersect,
-        VALUE_KEYS=plan.key_kind == 1, DENSE=getattr(source, "dense_kind", 0), SLOTS=plan.slots, **LAUNCH_OPTIONS,
+        VALUE_KEYS=plan.key_kind == 1, DENSE=getattr(source, "dense_kind", 0), SLOTS=plan.slots, KB=plan.key_block,
+        **LAUNCH_OPTIONS,
     )
     if s.intersect:
         _intersection_kernel[grid_rows](

@@ -7,14 +7,16 @@ RB rows per program in the per-row kernels):
           chunk max and sum-exp of base and expert, "any NaN/+inf" and "any finite" flags, and --
           when the gate can open -- the chunk's candidates: in union mode the multiset of its kth
           largest values (k-th largest found by bisection on the values' bits, no sorting:
-          ``pair_kth_largest`` + ``store_topk_multiset``), in intersection mode its sorted top-K
-          (value, id) order keys (``bitonic_topk``).
+          ``pair_kth_largest`` + ``store_topk_multiset``), in intersection mode the raw (value, id)
+          keys of the entries above a group-maxima bound, which hold its top-K list by order key
+          (``store_order_candidates``; exact bisection only for rows it cannot decide).
           -> ``pass1_store_tile``
   reduce  grid (cdiv(B, RB),)  per row: log-sum-exp of both rows, validity, the union thresholds
           (the k-th largest of the chunks' multisets, again by bisection: ``slots_kth_largest``),
-          the merged top-K keys (intersection mode).  [launcher._reduce_kernel]
+          the top-K lists (intersection mode: the K-th largest order key by bisection,
+          ``slots_kth_key``, then the keys >= it compacted, unsorted).  [launcher._reduce_kernel]
   inter.  grid (cdiv(B, RB),)  intersection mode only: SafeDecoding's grown intersection from the
-          two top-K key lists and the token the row gets *if* it spikes.
+          two top-K lists (ranks by counting) and the token the row gets *if* it spikes.
           [launcher._intersection_kernel]
   pass 2  grid (cdiv(B, BB), NC)  reads both logits tiles a second time: partial divergence sums
           and, for BOTH possible gate outcomes (unmixed ``p_b`` and the union mixture), either the
@@ -30,9 +32,11 @@ Scratch buffers (all contiguous, written by one pass and read by the next, never
 
   stats   fp32  [B, NC, 4]     chunk max_b, sumexp_b, max_e, sumexp_e
   counts  int32 [B, NC, 4]     chunk flags (0/1): any bad_b, any finite_b, any bad_e, any finite_e
-  keys_b  int32 or int64 [B, NC, K]  chunk candidates of base logits (keys_e: expert): union mode
-                               fp32 bit patterns (unsorted multiset of the chunk's kth largest,
-                               absent slots SLOT_NONE); intersection mode int64 order keys
+  keys_b  int32 or int64 [B, NC, SLOTS]  chunk candidates of base logits (keys_e: expert): union
+                               mode fp32 bit patterns (unsorted multiset of the chunk's kth largest,
+                               absent slots SLOT_NONE); intersection mode int64 raw (value bits, id)
+                               keys (absent RAW_NONE), made order keys in place by the reduce
+  top_b   int64 [B, K]         intersection mode: each row's top-K order keys, unsorted (top_e: expert)
   rowinfo fp32  [B, 8]         max_b, log(sumexp_b), max_e, log(sumexp_e), thr_b, thr_e, valid, -
   div     fp32  [B, NC, 2]     partial divergence sums (the second one only for Jensen-Shannon)
   best    fp32  [B, 2, NC]     partial arg-max value of outcome 0 (no spike) / 1 (spike, union)
@@ -47,8 +51,9 @@ lower token id", exactly the order ``torch.sort(..., descending=True, stable=Tru
 folded into +0.0 (they compare equal in torch). Absent entries (columns past V) get VALUE_NONE /
 KEY_NONE, smaller than any real key (including -inf). Union thresholds need no sorting (bisection
 on "dense" keys: the 16 significant bits of bf16 / fp16 logits, all 32 of fp32), nor do the top-k /
-top-p thresholds (bisection on value keys of q); only the intersection mode still sorts, with
-``bitonic_topk``.
+top-p thresholds (bisection on value keys of q), nor the intersection's top-K lists (bisection on
+order keys, ranks by counting). Only the hidden-state path's pass 1 still keeps a running top-K with
+``bitonic_topk`` (its tiles are 64 columns).
 
 All helpers take fp32 tiles ``[BB, BV]`` (cast bf16/fp16 to fp32 *before* calling: bf16 arithmetic
 is wrong under TRITON_INTERPRET) together with the int32 token ids of the tile's columns ``[BV]``
@@ -205,39 +210,6 @@ def merge_topk_keys(a, b, K: tl.constexpr):
     """Top-K of the union of two [BB, K] key sets (both may be unsorted)."""
     both = tl.reshape(tl.join(a, b), [a.shape[0], 2 * K])
     return bitonic_topk(both, K, True)
-
-
-@triton.jit
-def merge_chunk_keys(
-    ptr, row_base, row_mask, n_chunks, K: tl.constexpr, CG: tl.constexpr, NCP: tl.constexpr, NONE: tl.constexpr
-):
-    """[R, K] top-K keys of each row over its ``n_chunks`` consecutive K-key chunk buffers.
-
-    row_base: [R] int64 element offset of each row's first chunk buffer. CG chunks are merged per
-    step; NCP (>= n_chunks) lets the compiler drop the loop when one step covers every chunk
-    (bitonic networks are expensive to compile). NONE: the absent-slot key of the buffer's type.
-    """
-    R: tl.constexpr = row_base.shape[0]
-    slot = tl.arange(0, K)
-    group = tl.arange(0, CG)
-    offsets = row_base[:, None, None] + group[None, :, None].to(tl.int64) * K + slot[None, None, :]
-    mask = row_mask[:, None, None] & (group < n_chunks)[None, :, None]
-    keys = tl.load(ptr + offsets, mask=mask, other=NONE)
-    top = bitonic_topk(tl.reshape(keys, [R, CG * K]), K, True)
-    if NCP > CG:
-        for start in range(CG, n_chunks, CG):
-            mask = row_mask[:, None, None] & ((start + group) < n_chunks)[None, :, None]
-            keys = tl.load(ptr + offsets + start * K, mask=mask, other=NONE)
-            top = merge_topk_keys(top, bitonic_topk(tl.reshape(keys, [R, CG * K]), K, True), K)
-    return top
-
-
-@triton.jit
-def pick(values, at):
-    """values[r, at[r]] of a [R, K] tensor (at: [R, 1] or scalar), as a masked sum of one term."""
-    K: tl.constexpr = values.shape[1]
-    hit = tl.arange(0, K)[None, :] == at
-    return tl.sum(tl.where(hit, values, tl.zeros_like(values)), axis=1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -485,6 +457,150 @@ def slots_kth_largest(ptr, row_base, row_mask, n_slots, kth, N: tl.constexpr, LO
 
 
 # ----------------------------------------------------------------------------------------------
+# threshold selection on int64 order keys (intersection mode: ranks need the token id as well)
+#
+# Order keys are unique (they hold the token id), so "every key >= the k-th largest" is exactly the
+# top-k list of a row, ties broken as torch's stable sort does. The k-th largest comes from a
+# 64-round MSB-first bisection (a runtime loop: one copy of the round's code); a row's list is then
+# built by comparison and compaction, never by sorting.
+# ----------------------------------------------------------------------------------------------
+
+
+RAW_NONE = tl.constexpr(-1)  # absent slot of a raw (value bits, id) buffer: a NaN with an impossible id
+
+
+@triton.jit
+def raw_key(x, ids):
+    """int64 (fp32 bits of x, token id) as pass 1 stores candidates: no arithmetic on the values,
+    which the reduce turns into order keys once per stored slot (``raw_to_order_keys``)."""
+    return (x.to(tl.int32, bitcast=True).to(tl.int64) << 32) | ids.to(tl.uint32).to(tl.int64)
+
+
+@triton.jit
+def _raw_block_to_order_keys(ptr, row_base, row_mask, n_slots, start, N: tl.constexpr):
+    idx = tl.arange(0, N)
+    at = ptr + row_base[:, None] + start + idx[None, :]
+    mask = row_mask[:, None] & ((start + idx) < n_slots)[None, :]
+    raw = tl.load(at, mask=mask, other=RAW_NONE)
+    x = (raw >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+    keys = order_key(x, (raw & 0x7FFFFFFF).to(tl.int32))
+    tl.store(at, tl.where(raw == RAW_NONE, KEY_NONE, keys), mask=mask)
+
+
+@triton.jit
+def raw_to_order_keys(ptr, row_base, row_mask, n_slots, N: tl.constexpr, LOOP: tl.constexpr):
+    """Rewrite each row's ``n_slots`` raw keys (``raw_key``; absent RAW_NONE) in place as order keys
+    (``order_key``; absent KEY_NONE), N per step (LOOP; else one step covers them). Other threads of
+    the program read them next: callers put a barrier after it."""
+    if LOOP:
+        for start in range(0, n_slots, N):
+            _raw_block_to_order_keys(ptr, row_base, row_mask, n_slots, start, N)
+    else:
+        _raw_block_to_order_keys(ptr, row_base, row_mask, n_slots, 0, N)
+
+
+@triton.jit
+def _key_candidate(t, i):
+    """Round i of an MSB-first bisection on signed int64 keys: 0 first, then t with bit 62 - (i - 1) set."""
+    bit = tl.full(t.shape, 1, tl.int64) << (63 - i)
+    return tl.where(i == 0, tl.zeros_like(t), t | bit)
+
+
+@triton.jit
+def tile_kth_key(keys, kth):
+    """[R] k-th largest of the int64 order keys of a [R, N] tile (absent entries KEY_NONE); a row with
+    fewer than kth present keys gets KEY_NONE, so that ``keys >= it`` then keeps every present key."""
+    t = tl.full([keys.shape[0]], KEY_NONE, tl.int64)
+    for i in range(64):
+        cand = _key_candidate(t, i)
+        t = tl.where(tl.sum((keys >= cand[:, None]).to(tl.int32), axis=1) >= kth, cand, t)
+    return t
+
+
+@triton.jit
+def slots_kth_key(ptr, row_base, row_mask, n_slots, kth, N: tl.constexpr, LOOP: tl.constexpr):
+    """``tile_kth_key`` over each row's ``n_slots`` consecutive int64 slots (absent: KEY_NONE), N slots
+    per load; LOOP re-reads them every round (rows with more than N slots), else one load serves all."""
+    R: tl.constexpr = row_base.shape[0]
+    if LOOP:
+        t = tl.full([R], KEY_NONE, tl.int64)
+        for i in range(64):
+            cand = _key_candidate(t, i)
+            cnt = tl.zeros([R], tl.int32)
+            for start in range(0, n_slots, N):
+                keys = _load_slot_keys(ptr, row_base, row_mask, n_slots, start, N)
+                cnt += tl.sum((keys >= cand[:, None]).to(tl.int32), axis=1)
+            t = tl.where(cnt >= kth, cand, t)
+    else:
+        t = tile_kth_key(_load_slot_keys(ptr, row_base, row_mask, n_slots, 0, N), kth)
+    return t
+
+
+@triton.jit
+def _compact_block(ptr, row_base, row_mask, n_slots, start, thr, out_ptr, out_base, count, K: tl.constexpr,
+                   N: tl.constexpr, THREADS: tl.constexpr):
+    keys = _load_slot_keys(ptr, row_base, row_mask, n_slots, start, N)
+    take = (keys >= thr[:, None]) & (keys != KEY_NONE)
+    pos, n_taken = compaction_slots(take.to(tl.int32), THREADS)
+    pos = count[:, None] + pos
+    tl.store(out_ptr + out_base[:, None] + pos, keys, mask=take & (pos < K) & row_mask[:, None])
+    return count + n_taken
+
+
+@triton.jit
+def compact_top_keys(ptr, row_base, row_mask, n_slots, thr, out_ptr, out_base, K: tl.constexpr, N: tl.constexpr,
+                     LOOP: tl.constexpr, THREADS: tl.constexpr = 128):
+    """Copy each row's slots holding a key >= thr (its top-K list: at most K unique keys) to K
+    consecutive entries at out_ptr + out_base, unsorted, the rest KEY_NONE; N slots per step (LOOP;
+    else one step covers them)."""
+    R: tl.constexpr = row_base.shape[0]
+    count = tl.zeros([R], tl.int32)
+    if LOOP:
+        for start in range(0, n_slots, N):
+            count = _compact_block(ptr, row_base, row_mask, n_slots, start, thr, out_ptr, out_base, count, K, N,
+                                   THREADS)
+    else:
+        count = _compact_block(ptr, row_base, row_mask, n_slots, 0, thr, out_ptr, out_base, count, K, N, THREADS)
+    slot = tl.arange(0, K)[None, :]
+    tl.store(out_ptr + out_base[:, None] + slot, tl.full([R, K], KEY_NONE, tl.int64),
+             mask=row_mask[:, None] & (slot >= count[:, None]))
+
+
+@triton.jit
+def store_order_candidates(ptr, base, row_mask, x, ids, mask, bound, SLOTS: tl.constexpr,
+                           THREADS: tl.constexpr = 128):
+    """Write the raw (value, id) keys (``raw_key``) of a tile's entries >= bound to SLOTS int64 slots
+    per row, unsorted (compacted, ``compaction_slots``), the rest RAW_NONE. Returns [R] "written":
+    false for rows past the batch and rows with more than SLOTS such entries (they write nothing).
+
+    bound: [R] at most the tile's k-th largest value (``pair_group_bound``), so the entries >= it
+    hold the tile's top-k list by order key, ties at the k-th value included."""
+    take = mask & (x >= bound[:, None])
+    pos, n_taken = compaction_slots(take.to(tl.int32), THREADS)
+    written = row_mask & (n_taken <= SLOTS)
+    row_ptr = ptr + base
+    tl.store(row_ptr[:, None] + pos, raw_key(x, ids[None, :]), mask=take & written[:, None])
+    slot = tl.arange(0, SLOTS)[None, :]
+    tl.store(row_ptr[:, None] + slot, tl.full([x.shape[0], SLOTS], RAW_NONE, tl.int64),
+             mask=written[:, None] & (slot >= n_taken[:, None]))
+    return written
+
+
+@triton.jit
+def store_topk_order_keys(ptr, base, write, x, ids, mask, kth, SLOTS: tl.constexpr, THREADS: tl.constexpr = 128):
+    """The exact form of ``store_order_candidates`` for the rows in ``write``: the tile's top-kth
+    order keys (kth <= SLOTS), found by bisection (``tile_kth_key``) over every entry."""
+    keys = tl.where(mask, order_key(x, ids[None, :]), KEY_NONE)
+    take = (keys >= tile_kth_key(keys, kth)[:, None]) & (keys != KEY_NONE)
+    pos, n_taken = compaction_slots(take.to(tl.int32), THREADS)
+    row_ptr = ptr + base
+    tl.store(row_ptr[:, None] + pos, raw_key(x, ids[None, :]), mask=take & write[:, None] & (pos < SLOTS))
+    slot = tl.arange(0, SLOTS)[None, :]
+    tl.store(row_ptr[:, None] + slot, tl.full([x.shape[0], SLOTS], RAW_NONE, tl.int64),
+             mask=write[:, None] & (slot >= n_taken[:, None]))
+
+
+# ----------------------------------------------------------------------------------------------
 # statistics and probabilities
 # ----------------------------------------------------------------------------------------------
 
@@ -652,57 +768,6 @@ def tile_choice_values(scores, gumbel, temperature, SAMPLE: tl.constexpr):
 
 
 @triton.jit
-def buffer_sample(
-    keys, seed, offset, rows, total_mass, n_vocab, temperature, top_k, top_p,
-    USE_TOPK: tl.constexpr, USE_TOPP: tl.constexpr, CAN_OVERFLOW: tl.constexpr,
-):
-    """Top-k / top-p filtering and a Gumbel-max draw over sorted top-K buffers of q = max(s, 0).
-
-    keys: [R, K] order keys of q, each row sorted descending (absent slots KEY_NONE count as q = 0);
-    seed, offset: [R] int64; rows: [R] the rows' indices in the batch (their sampling streams);
-    total_mass: [R] sum of q over the whole row (top-p without top-k).
-    Returns (token [R] int32, overflow [R] bool). ``overflow`` is set when the kept set reaches the
-    end of the buffer while tokens outside it (V > K, q > 0) could also be kept: the buffer cannot
-    decide exactly and the caller recomputes the row another way. Rules of reference.sampling_mask.
-    """
-    K: tl.constexpr = keys.shape[1]
-    present = keys != KEY_NONE
-    q = tl.where(present, key_value(keys), 0.0)
-    ids = key_index(keys)
-    keep = q > 0.0
-    if USE_TOPK:
-        n_present = tl.sum(present.to(tl.int32), axis=1)
-        kth = pick(q, (tl.minimum(n_present, top_k) - 1)[:, None])
-        keep = keep & (q >= kth[:, None])
-    # with top-k, the top-p normaliser is the mass of the whole top-k set: that set must fit in the
-    # buffer, not only the final kept one (ties at the k-th value running past the last slot went
-    # unflagged before); without top-k the normaliser is total_mass and only the kept set must fit
-    reach = keep & USE_TOPK
-    if USE_TOPP:
-        kept_q = tl.where(keep, q, 0.0)
-        if USE_TOPK:
-            norm = tl.sum(kept_q, axis=1)
-        else:
-            norm = total_mass
-        probs = kept_q / tl.maximum(norm, 1e-30)[:, None]
-        mass_before = tl.cumsum(probs, 1) - probs
-        kept_count = tl.maximum(tl.sum((mass_before < top_p).to(tl.int32), axis=1), 1)
-        keep = keep & (probs >= pick(probs, (kept_count - 1)[:, None])[:, None])
-    if CAN_OVERFLOW:
-        last = (tl.arange(0, K) == K - 1)[None, :]
-        overflow = (tl.sum((last & (reach | keep) & (q > 0.0)).to(tl.int32), axis=1) > 0) & (n_vocab > K)
-    else:
-        overflow = tl.zeros_like(seed) != 0
-    gumbel = philox_gumbel(ids, seed[:, None], offset[:, None], rows[:, None])
-    perturbed = tl.where(keep, tl.log(q) / temperature + gumbel, float("-inf"))
-    best = tl.max(perturbed, axis=1)
-    token = tl.min(tl.where(keep & (perturbed == best[:, None]), ids, INDEX_NONE), axis=1)
-    # nothing kept (every score <= 0): torch.argmax over an all -inf row answers token 0
-    token = tl.where(best == float("-inf"), 0, token)
-    return token, overflow
-
-
-@triton.jit
 def _load_slot_keys(ptr, row_base, row_mask, n_slots, start, N: tl.constexpr):
     idx = start + tl.arange(0, N)
     return tl.load(ptr + row_base[:, None] + idx[None, :], mask=row_mask[:, None] & (idx < n_slots)[None, :],
@@ -778,6 +843,27 @@ def slots_sample(
         keys = 0
     else:
         keys = _load_slot_keys(ptr, row_base, row_mask, n_slots, 0, N)
+    return _candidates_sample(ptr, row_base, row_mask, n_slots, keys, total_mass, floor, seed, offset, rows,
+                              temperature, top_k, top_p, USE_TOPK, USE_TOPP, N, LOOP)
+
+
+@triton.jit
+def keys_sample(keys, total_mass, seed, offset, rows, temperature, top_k, top_p,
+                USE_TOPK: tl.constexpr, USE_TOPP: tl.constexpr):
+    """``slots_sample`` over a [R, N] register tile of candidate order keys of q that holds every
+    token with q > 0 (so nothing can overflow). Returns token [R] int32."""
+    N: tl.constexpr = keys.shape[1]
+    token, _ = _candidates_sample(0, 0, rows >= 0, N, keys, total_mass, tl.zeros_like(total_mass), seed, offset,
+                                  rows, temperature, top_k, top_p, USE_TOPK, USE_TOPP, N, False)
+    return token
+
+
+@triton.jit
+def _candidates_sample(
+    ptr, row_base, row_mask, n_slots, keys, total_mass, floor, seed, offset, rows, temperature, top_k, top_p,
+    USE_TOPK: tl.constexpr, USE_TOPP: tl.constexpr, N: tl.constexpr, LOOP: tl.constexpr,
+):
+    """``slots_sample`` with the keys already loaded when not LOOP (``keys_sample`` passes a register tile)."""
     zero = tl.zeros_like(total_mass)
     one = zero + 1.0
     # top-k: the k-th largest q (the largest value key t with #{q >= value(t)} >= k; q >= 0), else 0
@@ -842,8 +928,10 @@ def pass1_store_tile(
     """Pass 1 on a [BB, BV] tile pair: chunk statistics and the chunk's candidates -> scratch.
     Masked entries (``row_mask``, ``col_mask``) must hold -inf.
 
-    KEYS: 0 no keys (gate shut); 2 the sorted top-K int64 order keys (intersection ranks); 1 union
-    thresholds: SLOTS (>= K; 0 means K and the exact path below) fp32 slots per row holding a
+    KEYS: 0 no keys (gate shut); 2 (intersection ranks) SLOTS int64 slots per row holding the raw
+    keys of the chunk's entries >= its group-maxima bound for K, a superset of its top-K list by
+    order key (``store_order_candidates``; rows with more than SLOTS such entries are rewritten by
+    ``store_topk_order_keys`` when FALLBACK); 1 union thresholds: SLOTS (>= K; 0 means K and the exact path below) fp32 slots per row holding a
     sub-multiset of the chunk's values that
     contains its kth largest (``store_union_candidates`` above the group-maxima bound
     ``pair_group_bound``; no sorting). A row with more than SLOTS entries above its bound is
@@ -854,7 +942,7 @@ def pass1_store_tile(
     count, a layout hint for ``compaction_slots`` (correct whatever it is).
     """
     mask = row_mask[:, None] & col_mask[None, :]  # masked entries hold -inf already (the loads' `other`)
-    if KEYS == 1 and SLOTS != 0:
+    if KEYS != 0 and SLOTS != 0:
         G: tl.constexpr = bound_groups(lb.shape[1], K)
         gb = tile_group_max(lb, G)
         ge = tile_group_max(le, G)
@@ -863,14 +951,8 @@ def pass1_store_tile(
         ge = tl.max(le, axis=1, keep_dims=True)
     m_b, s_b, bad_b, fin_b = tile_stats_of_max(lb, gb)
     m_e, s_e, bad_e, fin_e = tile_stats_of_max(le, ge)
-    if KEYS == 2:
-        top_b = tile_topk_keys(lb, cols, mask, K, KEYS)
-        top_e = tile_topk_keys(le, cols, mask, K, KEYS)
-    else:
-        top_b = 0
-        top_e = 0
     store_pass1_partials(rows, row_mask, chunk, n_chunks, stats_ptr, counts_ptr, keys_b_ptr, keys_e_ptr,
-                         m_b, s_b, bad_b, fin_b, m_e, s_e, bad_e, fin_e, top_b, top_e, K, KEYS & 2)
+                         m_b, s_b, bad_b, fin_b, m_e, s_e, bad_e, fin_e, 0, 0, K, 0)
     if KEYS == 1 and SLOTS == 0:
         # K slots per chunk (csrc_triton's AOT build): the exact k-th largest by bisection over every entry
         tb, te = pair_kth_largest(lb, le, kth, DENSE)
@@ -889,6 +971,16 @@ def pass1_store_tile(
                 few = (n_present < kth) | (rows < 0)  # a short last chunk: all of it is a candidate
                 store_topk_multiset(keys_b_ptr, base, row_mask & ~done_b, lb, tb, few, kth, DENSE, SLOTS, THREADS)
                 store_topk_multiset(keys_e_ptr, base, row_mask & ~done_e, le, te, few, kth, DENSE, SLOTS, THREADS)
+    elif KEYS == 2:
+        # intersection: each chunk's top-K list by (value, id) order key, K = the buffer (ranks < K)
+        bound_b, bound_e = pair_group_bound(gb, ge, K, 16, DENSE)
+        base = (rows.to(tl.int64) * n_chunks + chunk) * SLOTS
+        done_b = store_order_candidates(keys_b_ptr, base, row_mask, lb, cols, mask, bound_b, SLOTS, THREADS)
+        done_e = store_order_candidates(keys_e_ptr, base, row_mask, le, cols, mask, bound_e, SLOTS, THREADS)
+        if FALLBACK:
+            if tl.sum((row_mask & ~(done_b & done_e)).to(tl.int32), axis=0) > 0:  # rare: see pair_group_bound
+                store_topk_order_keys(keys_b_ptr, base, row_mask & ~done_b, lb, cols, mask, K, SLOTS, THREADS)
+                store_topk_order_keys(keys_e_ptr, base, row_mask & ~done_e, le, cols, mask, K, SLOTS, THREADS)
 
 
 @triton.jit
@@ -914,6 +1006,10 @@ def store_pass1_partials(
             # value keys -> the fp32 bit patterns the reduce reads (VALUE_NONE maps to SLOT_NONE)
             top_b = value_of(top_b).to(tl.int32, bitcast=True)
             top_e = value_of(top_e).to(tl.int32, bitcast=True)
+        else:
+            # order keys -> the raw keys the reduce reads (``raw_to_order_keys``)
+            top_b = tl.where(top_b == KEY_NONE, RAW_NONE, raw_key(key_value(top_b), key_index(top_b)))
+            top_e = tl.where(top_e == KEY_NONE, RAW_NONE, raw_key(key_value(top_e), key_index(top_e)))
         tl.store(keys_b_ptr + base[:, None] + kslot[None, :], top_b, mask=row_mask[:, None])
         tl.store(keys_e_ptr + base[:, None] + kslot[None, :], top_e, mask=row_mask[:, None])
 

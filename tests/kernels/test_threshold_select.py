@@ -1,8 +1,11 @@
-"""Union thresholds by bisection (select_tiles.pair_kth_largest, store_topk_multiset, slots_kth_largest).
+"""Thresholds by bisection instead of sorting.
 
-Pass 1 + the reduce must store each row's k-th largest logit exactly (``reference.kth_largest``),
-whatever the values: ties across chunk borders, -inf, both zeros, subnormals, a short last chunk,
-k larger than a chunk, every storage dtype (16-bit keys for bf16 / fp16, 32-bit for fp32).
+Union mode (select_tiles.pair_kth_largest, store_topk_multiset, slots_kth_largest): pass 1 + the
+reduce must store each row's k-th largest logit exactly (``reference.kth_largest``). Intersection
+mode (store_order_candidates, store_topk_order_keys, slots_kth_key, compact_top_keys): they must
+store each row's top-K list by (value, then lower id), exactly the first K of a stable descending
+sort. Whatever the values: ties across chunk borders, -inf, both zeros, subnormals, a short last
+chunk, k larger than a chunk, every storage dtype (16-bit keys for bf16 / fp16, 32-bit for fp32).
 The kernels run under TRITON_INTERPRET=1 on CPU.
 """
 
@@ -22,7 +25,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 from ngsd_kernels.ops.fused_select import LogitsPasses  # noqa: E402
 from ngsd_kernels.ops.launcher import INTERPRETED, RowVectors, Scratch, launch_select, plan_select  # noqa: E402
-from ngsd_kernels.params import GateMode, StepParams  # noqa: E402
+from ngsd_kernels.params import CandidateMode, GateMode, StepParams  # noqa: E402
 from ngsd_kernels.reference import kth_largest  # noqa: E402
 
 SPECIALS = (float("-inf"), 0.0, -0.0, 1e-40, -1e-40, 3.0, -3.0, 65504.0, -65504.0)
@@ -43,6 +46,34 @@ def stored_thresholds(base: torch.Tensor, expert: torch.Tensor, k: int, block_v:
     launch_select(source, plan, scratch, RowVectors.of(torch.zeros(batch), torch.full((batch,), 0.5), zero, zero),
                   params)
     return scratch.rowinfo[:, 4:6]
+
+
+def stored_top_lists(base: torch.Tensor, expert: torch.Tensor, k: int, block_v: int | None,
+                     fallback: bool = True) -> tuple[list[set[int]], list[set[int]], int]:
+    """(base, expert) top-K token-id sets per row as the reduce kernel hands them to the intersection
+    kernel (intersection mode, K = the plan's buffer), and K."""
+    batch, vocab = base.shape
+    params = StepParams(candidate_k=k, min_candidates=1, candidate_mode=CandidateMode.INTERSECTION, gate=GateMode.OPEN)
+    plan = plan_select(batch, vocab, params, block_v=block_v)
+    scratch = Scratch.allocate(plan, base.device)
+    scratch.keys_b.fill_(-1)  # RAW_NONE: slots pass 1 leaves unwritten hold no key (deterministic)
+    scratch.keys_e.fill_(-1)
+    zero = torch.zeros(1, dtype=torch.int64)
+    source = dataclasses.replace(LogitsPasses.of(base, expert), fallback=fallback)
+    launch_select(source, plan, scratch, RowVectors.of(torch.zeros(batch), torch.full((batch,), 0.5), zero, zero),
+                  params)
+    lists = []
+    for top in (scratch.top_b, scratch.top_e):
+        present = top != -(2**63)
+        ids = 0x7FFFFFFF - (top & 0x7FFFFFFF)
+        lists.append([set(ids[r][present[r]].tolist()) for r in range(batch)])
+    return lists[0], lists[1], plan.buffer
+
+
+def top_list_reference(logits: torch.Tensor, k: int) -> list[set[int]]:
+    """The first k ids of each row's stable descending sort (the reference's ranks < k)."""
+    order = torch.sort(logits.float(), dim=-1, descending=True, stable=True).indices[:, :k]
+    return [set(row.tolist()) for row in order]
 
 
 def entries_above_group_bound(logits: torch.Tensor, k: int, block_v: int, groups: int) -> torch.Tensor:
@@ -135,3 +166,30 @@ def test_rows_the_group_bound_cannot_decide_take_the_exact_fallback():
     assert torch.equal(stored_thresholds(base, expert, K_UNION, CHUNK)[:, 0], want)
     # without the fallback the chunk writes nothing: the test above would notice a broken fallback
     assert not torch.equal(stored_thresholds(base, expert, K_UNION, CHUNK, fallback=False)[:, 0], want)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning")
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=cases())
+def test_stored_top_lists_are_the_first_k_of_a_stable_sort(case):
+    base, expert, k, block_v = case
+    got_b, got_e, buffer = stored_top_lists(base, expert, k, block_v)
+    assert got_b == top_list_reference(base, buffer)
+    assert got_e == top_list_reference(expert, buffer)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_top_lists_of_rows_the_group_bound_cannot_decide():
+    # all-equal rows (every id ties: the lowest ids win) and the clustered row of the union test above
+    gen = torch.Generator().manual_seed(5)
+    tied = torch.zeros(1, 2 * CHUNK)
+    clustered = torch.randn(1, 2 * CHUNK, generator=gen)
+    cols = torch.arange(CHUNK)
+    clustered[0, :CHUNK][(cols % GROUPS) < 16] += 20.0
+    base = torch.cat([tied, clustered]).bfloat16()
+    expert = torch.cat([clustered, tied]).bfloat16()
+    got_b, got_e, buffer = stored_top_lists(base, expert, 10, CHUNK)
+    assert buffer == 64 and got_b == top_list_reference(base, buffer) and got_e == top_list_reference(expert, buffer)
+    # without the exact rewrite those chunks write nothing: the check above would notice a broken one
+    assert stored_top_lists(base, expert, 10, CHUNK, fallback=False)[0] != top_list_reference(base, buffer)
