@@ -209,7 +209,7 @@ def _reduce_spec(dense: int = 0, rb: int = RB, k: int = K, cg: int = CG, slots: 
         stats_ptr="*fp32:16", counts_ptr="*i32:16", keys_b_ptr="*i32:16", keys_e_ptr="*i32:16",
         rowinfo_ptr="*fp32:16", top_b_ptr="*i64:16", top_e_ptr="*i64:16", n_rows="i32", n_chunks="i32",
         kth="i32", RB=str(rb), NCP=str(NCP), K=str(k), CG=str(cg), NEED_KEYS=str(keys), STORE_TOP="0",
-        VALUE_KEYS=str(keys), DENSE=str(dense), SLOTS=str(slots),
+        VALUE_KEYS=str(keys), DENSE=str(dense), SLOTS=str(slots), KB="1",  # KB: intersection keys per load
     )
     return KernelSpec("ngsd_kernels.ops.launcher", "_reduce_kernel", args, f"(n_rows + {rb - 1}) / {rb}, 1, 1")
 
@@ -352,7 +352,7 @@ def check_against_jit_plan(variant: Variant) -> None:
                           FALLBACK=1),
             "reduce": dict(RB=plan.row_block, NCP=plan.ncp, K=plan.buffer, CG=plan.chunk_group,
                            NEED_KEYS=int(plan.need_keys), STORE_TOP=0, VALUE_KEYS=int(plan.key_kind == 1),
-                           SLOTS=plan.slots),
+                           SLOTS=plan.slots, KB=plan.key_block),
             "pass2": dict(BB=plan.block_b, BV=plan.block_v, DIVERGENCE=plan.divergence, SAMPLE=plan.sample),
             "finalize": dict(RB=plan.row_block, NCP=plan.ncp, DIVERGENCE=plan.divergence, GATE=plan.gate,
                              MODE=plan.mode, SAMPLE=plan.sample, USE_TOPK=int(plan.use_topk),
