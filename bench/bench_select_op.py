@@ -14,7 +14,7 @@ The Triton kernels are not timed here: on CPU they only run in the (numpy) inter
 speed means nothing; see ``bench/ROOFLINE.md`` for their GPU cost model.
 
 ``--hidden H`` times instead the hidden-state step on CPU against the logits path it replaces: the
-loop's LM head on the 2B stacked base/expert rows (``skinny_linear``, as ngsd's decode steps run it)
+loop's LM head on the 2B stacked base/expert rows (``F.linear``, as ngsd's decode steps run it)
 then ``torch.ops.ngsd.guarded_select``, vs ``torch.ops.ngsd.guarded_select_from_hidden`` (and the
 public wrapper) on the same hidden states and a shared [V, H] head; tokens are compared first.
 
@@ -265,7 +265,6 @@ def traffic_table(batches: list[int], vocabs: list[int], dtype: torch.dtype) -> 
 
 def run_hidden(batches: list[int], vocab: int, hidden: int, min_repeats: int, min_seconds: float) -> list[dict]:
     from ngsd_kernels import guarded_select_from_hidden
-    from ngsd_kernels.ops.skinny_linear import skinny_applies, skinny_linear
 
     params = StepParams(**PARAMS)
     rows = []
@@ -277,8 +276,7 @@ def run_hidden(batches: list[int], vocab: int, hidden: int, min_repeats: int, mi
         _, _, potential, alpha, seed, offset = make_inputs(batch, 8)
 
         def logits_path():
-            linear = skinny_linear if skinny_applies(stacked, weight) else torch.nn.functional.linear
-            logits = linear(stacked, weight)
+            logits = torch.nn.functional.linear(stacked, weight)
             return torch.ops.ngsd.guarded_select(logits[:batch], logits[batch:], potential, alpha, seed, offset,
                                                  *params.flat())
 
