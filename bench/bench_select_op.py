@@ -199,8 +199,8 @@ def fused_traffic(batch: int, vocab: int, elem: int, **params) -> dict:
     B, NC, K = batch, p.n_chunks, p.buffer
     logits = 2 * B * vocab * elem
     stats = 2 * B * NC * 16  # stats fp32 x4 + counts int32 x4
-    # union: p.slots fp32 candidate values per chunk; intersection: K int64 order keys
-    keys1 = 2 * B * NC * (p.slots * 4 if p.key_kind == 1 else K * 8) if p.need_keys else 0
+    # union: p.slots fp32 candidate values per chunk; intersection: p.slots int64 raw keys
+    keys1 = 2 * B * NC * p.slots * (4 if p.key_kind == 1 else 8) if p.need_keys else 0
     outcomes = int(p.need_v0) + int(p.need_v1)
     if p.sample == 2:
         # per outcome: sample_slots int64 candidate keys + (mass, certainty floor) fp32
@@ -212,7 +212,9 @@ def fused_traffic(batch: int, vocab: int, elem: int, **params) -> dict:
     inter = p.mode == 1 and p.need_keys
     launches = {
         "pass1": (logits, stats + keys1),
-        "reduce": (stats + keys1, B * 32 + (2 * B * K * 8 if inter else 0)),
+        # intersection: the raw keys are rewritten as order keys in place, then read again (bisection
+        # rounds after the first come from L2 / registers, counted once) and compacted into the top-K lists
+        "reduce": (stats + keys1 * (2 if inter else 1), B * 32 + (keys1 + 2 * B * K * 8 if inter else 0)),
         "intersection": ((2 * B * K * 8 + B * 48, B * 8) if inter else (0, 0)),
         "pass2": (logits + B * 48, B * NC * 8 + part_w),
         "finalize": (B * NC * 8 + part_r + B * 48, B * 21),
