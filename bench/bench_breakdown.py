@@ -49,7 +49,6 @@ import torch  # noqa: E402  (after harness)
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from ngsd import NGSDConfig, guarded_generate  # noqa: E402
-from ngsd.decoding import decode_linear  # noqa: E402
 from ngsd.decoding.kv_cache import cache_kwargs, returned_cache  # noqa: E402
 from ngsd.decoding.pair import AdapterPair, positions_from_mask  # noqa: E402
 from ngsd_kernels import guarded_select  # noqa: E402
@@ -145,8 +144,7 @@ def summarise_loop(rounds: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def forward_variants(setup: Setup, ids: torch.Tensor, mask: torch.Tensor, context: int, calls: int) -> dict[str, Any]:
-    """One-token forwards at a fixed context: B base rows; 2B rows without LoRA; 2B rows with LoRA (with the
-    loop's skinny linear layers, and with plain F.linear)."""
+    """One-token forwards at a fixed context: B base rows; 2B rows without LoRA; 2B rows with LoRA."""
     model, adapter = setup.model, setup.adapter
     batch = ids.shape[0]
     extra = max(0, context - ids.shape[1])
@@ -165,7 +163,7 @@ def forward_variants(setup: Setup, ids: torch.Tensor, mask: torch.Tensor, contex
         step_mask = torch.cat([attention, attention.new_ones(rows, 1)], dim=1)
         return cache, step_mask, positions[:, -1:] + 1, input_ids[:, -1:]
 
-    def one(state, lora: bool, skinny: bool) -> tuple[float, float]:
+    def one(state, lora: bool) -> tuple[float, float]:
         cache, step_mask, position, token = state
         if lora:
             adapter.attach(model)
@@ -174,9 +172,7 @@ def forward_variants(setup: Setup, ids: torch.Tensor, mask: torch.Tensor, contex
         first_expert_row = batch if lora else None
         synchronize(setup.device)
         start, cpu_start = time.perf_counter(), cpu_clock()
-        # `skinny`: the linear layers as the guarded loop runs them (ngsd.decoding.decode_linear); else F.linear.
-        with (torch.no_grad(), adapter.rows_from(first_expert_row) if lora else contextlib.nullcontext(),
-              decode_linear.decoding() if skinny else contextlib.nullcontext()):
+        with torch.no_grad(), adapter.rows_from(first_expert_row) if lora else contextlib.nullcontext():
             model(input_ids=token, attention_mask=step_mask, position_ids=position, **cache_kwargs(model, cache),
                   use_cache=True, logits_to_keep=1)
         synchronize(setup.device)
@@ -186,19 +182,16 @@ def forward_variants(setup: Setup, ids: torch.Tensor, mask: torch.Tensor, contex
 
     adapter.attach(model)
     single, double = prepared(batch), prepared(2 * batch)
-    skinny_layers = decode_linear.attach(model)
     # base_rows is the plain forward `generate` runs; the 2B-row variants run as the guarded loop does.
-    variants = {"base_rows": (single, False, False), "base_and_expert_rows_no_lora": (double, False, True),
-                "base_and_expert_rows_lora": (double, True, True),
-                "base_and_expert_rows_lora_f_linear": (double, True, False)}
+    variants = {"base_rows": (single, False), "base_and_expert_rows_no_lora": (double, False),
+                "base_and_expert_rows_lora": (double, True)}
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
-    for name, (state, lora, skinny) in variants.items():  # warm-up
-        one(state, lora, skinny)
+    for name, (state, lora) in variants.items():  # warm-up
+        one(state, lora)
     for _ in range(calls):  # interleaved
-        for name, (state, lora, skinny) in variants.items():
-            times[name].append(one(state, lora, skinny))
+        for name, (state, lora) in variants.items():
+            times[name].append(one(state, lora))
     adapter.detach(model)  # the model as it was given
-    decode_linear.detach(skinny_layers)
     out: dict[str, Any] = {"context_tokens": int(ids.shape[1]), "calls": calls}
     for prefix, index in (("", 0), ("cpu_", 1)):
         for name, values in times.items():

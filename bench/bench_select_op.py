@@ -14,7 +14,7 @@ The Triton kernels are not timed here: on CPU they only run in the (numpy) inter
 speed means nothing; see ``bench/ROOFLINE.md`` for their GPU cost model.
 
 ``--hidden H`` times instead the hidden-state step on CPU against the logits path it replaces: the
-loop's LM head on the 2B stacked base/expert rows (``skinny_linear``, as ngsd's decode steps run it)
+loop's LM head on the 2B stacked base/expert rows (``F.linear``, as ngsd's decode steps run it)
 then ``torch.ops.ngsd.guarded_select``, vs ``torch.ops.ngsd.guarded_select_from_hidden`` (and the
 public wrapper) on the same hidden states and a shared [V, H] head; tokens are compared first.
 
@@ -199,8 +199,8 @@ def fused_traffic(batch: int, vocab: int, elem: int, **params) -> dict:
     B, NC, K = batch, p.n_chunks, p.buffer
     logits = 2 * B * vocab * elem
     stats = 2 * B * NC * 16  # stats fp32 x4 + counts int32 x4
-    # union: p.slots fp32 candidate values per chunk; intersection: K int64 order keys
-    keys1 = 2 * B * NC * (p.slots * 4 if p.key_kind == 1 else K * 8) if p.need_keys else 0
+    # union: p.slots fp32 candidate values per chunk; intersection: p.slots int64 raw keys
+    keys1 = 2 * B * NC * p.slots * (4 if p.key_kind == 1 else 8) if p.need_keys else 0
     outcomes = int(p.need_v0) + int(p.need_v1)
     if p.sample == 2:
         # per outcome: sample_slots int64 candidate keys + (mass, certainty floor) fp32
@@ -212,7 +212,9 @@ def fused_traffic(batch: int, vocab: int, elem: int, **params) -> dict:
     inter = p.mode == 1 and p.need_keys
     launches = {
         "pass1": (logits, stats + keys1),
-        "reduce": (stats + keys1, B * 32 + (2 * B * K * 8 if inter else 0)),
+        # intersection: the raw keys are rewritten as order keys in place, then read again (bisection
+        # rounds after the first come from L2 / registers, counted once) and compacted into the top-K lists
+        "reduce": (stats + keys1 * (2 if inter else 1), B * 32 + (keys1 + 2 * B * K * 8 if inter else 0)),
         "intersection": ((2 * B * K * 8 + B * 48, B * 8) if inter else (0, 0)),
         "pass2": (logits + B * 48, B * NC * 8 + part_w),
         "finalize": (B * NC * 8 + part_r + B * 48, B * 21),
@@ -265,7 +267,6 @@ def traffic_table(batches: list[int], vocabs: list[int], dtype: torch.dtype) -> 
 
 def run_hidden(batches: list[int], vocab: int, hidden: int, min_repeats: int, min_seconds: float) -> list[dict]:
     from ngsd_kernels import guarded_select_from_hidden
-    from ngsd_kernels.ops.skinny_linear import skinny_applies, skinny_linear
 
     params = StepParams(**PARAMS)
     rows = []
@@ -277,8 +278,7 @@ def run_hidden(batches: list[int], vocab: int, hidden: int, min_repeats: int, mi
         _, _, potential, alpha, seed, offset = make_inputs(batch, 8)
 
         def logits_path():
-            linear = skinny_linear if skinny_applies(stacked, weight) else torch.nn.functional.linear
-            logits = linear(stacked, weight)
+            logits = torch.nn.functional.linear(stacked, weight)
             return torch.ops.ngsd.guarded_select(logits[:batch], logits[batch:], potential, alpha, seed, offset,
                                                  *params.flat())
 

@@ -20,7 +20,6 @@ import argparse
 import os
 import sys
 import time
-from pathlib import Path
 
 from harness import environment, median, write_json  # noqa: E402  (sets OMP_WAIT_POLICY before torch)
 

@@ -58,7 +58,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -179,8 +179,9 @@ def logits_jobs(label: str, fields: dict, dtype: str, batch: int = 256, vocab: i
     tile = dict(BB=plan.block_b, BV=plan.block_v, K=plan.buffer)
     per_tile = 2 * plan.block_b * plan.block_v
     jobs = [
+        # (intersection: the cold exact path's bisections are 64-round runtime loops, select_tiles.tile_kth_key)
         KernelJob(mod, "_pass1_kernel", dtype, dict(tile, KEYS=plan.key_kind, SLOTS=plan.slots, FALLBACK=1), "pass1",
-                  "logits", per_tile),
+                  "logits", per_tile, inner_trips=64 if plan.key_kind == 2 else 1),
         KernelJob(mod, "_pass2_kernel", dtype, dict(tile, DIVERGENCE=plan.divergence, SAMPLE=plan.sample,
                                                     NEED_V0=int(plan.need_v0), NEED_V1=int(plan.need_v1)),
                   "pass2", "logits", per_tile, num_warps=plan.pass2_warps),
@@ -431,7 +432,9 @@ def compile_job(job: KernelJob, arch: int) -> dict:
     dynamic_shared = int(compiled.metadata.shared)
     total_shared = dynamic_shared + usage.get("SHARED", 0)
     threads = 32 * job.num_warps
-    executed, how = per_tile_instructions(sass, job.inner_trips, per_row=not job.logits_per_tile,
+    # the logits pass 1 has no tile loop: its only loops are the cold path's bisection rounds
+    logits_pass1 = job.name == "_pass1_kernel"
+    executed, how = per_tile_instructions(sass, job.inner_trips, per_row=not job.logits_per_tile or logits_pass1,
                                           outer_trips=job.outer_trips)
     row.update(
         status="ok", compile_s=round(time.time() - start, 1), registers=usage.get("REG"), stack_bytes=usage.get("STACK"),

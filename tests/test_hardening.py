@@ -3,7 +3,6 @@ that guarded `generate` would otherwise drop."""
 
 from __future__ import annotations
 
-import gc
 
 import pytest
 import torch

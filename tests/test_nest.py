@@ -12,7 +12,7 @@ from ngsd.nest.architecture import ffn_layers, model_shape
 from ngsd.nest.clustering import cluster_by_silhouette, cluster_within_groups, kmeans, silhouette
 from ngsd.nest.config import NestConfig
 from ngsd.nest.selection import (
-    activation_profiles, max_pooled_activations_of_ids, neuron_z_scores, select_neurons,
+    max_pooled_activations_of_ids, neuron_z_scores, select_neurons,
 )
 from ngsd.nest.update import DELTA_FILE, NestUpdate, apply_delta
 

@@ -7,10 +7,9 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 
 import ngsd
-from ngsd import NGSDConfig, guarded_generate
+from ngsd import guarded_generate
 from ngsd.api import encode_prompts
 
 from .conftest import DATA_DIR

@@ -23,7 +23,6 @@ import torch
 from torch import nn
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from . import decode_linear
 from ..config import NGSDConfig
 from ..experts.resolve import ExpertLike, resolve_expert
 from .loop import RowTrace, guarded_generate
@@ -205,13 +204,12 @@ def is_applied(model: nn.Module) -> bool:
 
 
 def remove(model: nn.Module) -> nn.Module:
-    """Undo `apply`: plain `generate` again, LoRA hooks and decode-time linear forwards detached."""
+    """Undo `apply`: plain `generate` again, LoRA hooks detached."""
     guard = getattr(model, _STATE_ATTR, None)
     if guard is None:
         return model
     if isinstance(guard.expert, LoraAdapter):
         guard.expert.detach(model)
-    decode_linear.detach(model)
     if "generate" in vars(model):
         del model.generate
     delattr(model, _STATE_ATTR)

@@ -16,9 +16,9 @@ Each call returns the last position's outputs of the base rows [B, ...] and of t
 expert rows [R, ...] (None without expert rows): the model's logits, or, with `output="hidden"`,
 the final hidden states for the step op to run the LM head itself (`heads.split_head`).
 
-A pair object belongs to one call. What it adds to the models for the call (the LoRA hooks, the
-decode-time linear forwards of `decode_linear`) it takes off again in `close()`, which the loop
-calls when the call ends, also on an error: the models are left as they were found.
+A pair object belongs to one call. What it adds to the models for the call (the LoRA hooks) it
+takes off again in `close()`, which the loop calls when the call ends, also on an error: the
+models are left as they were found.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ from typing import Iterator, Protocol, Sequence
 import torch
 from torch import nn
 
-from . import decode_linear
 from .heads import HeadSplit
 from .kv_cache import append_cache_rows, cache_kwargs, returned_cache
 from ..experts.lora import LoraAdapter
@@ -122,7 +121,6 @@ class _CachedModel:
         self.cache = None
         self.attention_mask: torch.Tensor | None = None
         self.next_position: torch.Tensor | None = None
-        self._linear_layers: list[nn.Linear] | None = None
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         positions = positions_from_mask(attention_mask)
@@ -137,8 +135,6 @@ class _CachedModel:
         self.next_position = torch.cat([self.next_position, other.next_position])
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        if self._linear_layers is None:  # every decode step has this many rows: attach if they can go skinny
-            self._linear_layers = decode_linear.attach(self.model, rows=tokens.shape[0])
         ones = self.attention_mask.new_ones((self.attention_mask.shape[0], 1))
         self.attention_mask = torch.cat([self.attention_mask, ones], dim=-1)
         positions = self.next_position
@@ -148,22 +144,19 @@ class _CachedModel:
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         module = self._forward_module
         extra = {} if module is not self.model else {"logits_to_keep": 1}
-        with decode_linear.decoding():
-            out = module(
-                input_ids=input_ids,
-                attention_mask=self.attention_mask,
-                position_ids=positions,
-                **cache_kwargs(module, self.cache),
-                use_cache=True,
-                **extra,
-            )
+        out = module(
+            input_ids=input_ids,
+            attention_mask=self.attention_mask,
+            position_ids=positions,
+            **cache_kwargs(module, self.cache),
+            use_cache=True,
+            **extra,
+        )
         self.cache = returned_cache(out)
         last = out.logits if module is self.model else out.last_hidden_state
         return last[:, -1, :]
 
     def close(self) -> None:
-        decode_linear.detach(self._linear_layers or [])
-        self._linear_layers = None
         self.cache = None
 
 

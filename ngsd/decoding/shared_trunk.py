@@ -21,7 +21,6 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from . import decode_linear
 from .heads import HeadSplit
 from .kv_cache import append_cache_rows
 from .pair import Prefill, _hold_lora_hooks, _nothing, _PairBase, _release_lora_hooks, capture_hidden_states
@@ -126,7 +125,6 @@ class SharedTrunkPair(_PairBase):
         self._mask: torch.Tensor | None = None  # base rows' attention mask so far [B, seen]
         self._next_position: torch.Tensor | None = None  # [B, 1]
         self._trunk_prompt: torch.Tensor | None = None  # layer-`split` input of the prompt, for a later guard()
-        self._linear_layers: list[nn.Linear] | None = None
 
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, keep_trunk: bool = False) -> torch.Tensor:
         """Layers 0..s-1 on the B rows, then s..L-1 on B + R rows (the guarded rows' copies last)."""
@@ -157,8 +155,7 @@ class SharedTrunkPair(_PairBase):
         positions = positions_from_mask(attention_mask)
         self._mask, self._next_position = attention_mask, positions[:, -1:] + 1
         with capture_hidden_states(self._net.model, capture) if capture else _nothing() as states:
-            with decode_linear.decoding():
-                out = self._forward(input_ids, positions, keep_trunk=guard_rows is None)
+            out = self._forward(input_ids, positions, keep_trunk=guard_rows is None)
         base_states = {i: h[:batch] for i, h in (states or {}).items()}
         expert = out[batch:] if self.rows is not None and self.rows.numel() else None
         return Prefill(out[:batch], expert, base_states)
@@ -174,36 +171,22 @@ class SharedTrunkPair(_PairBase):
         cache = net.new_cache()
         hidden = trunk[rows]
         inputs = net.inputs(hidden, rows.numel(), mask, positions, cache)
-        with self._adapter.rows_from(0), decode_linear.decoding():
+        with self._adapter.rows_from(0):
             hidden = net.run_layers(hidden, net.upper, inputs, positions, cache)
         _append_upper_rows(net.cache, cache, net.upper)
         return net.output(hidden)
 
     def step(self, tokens):
         batch = self._batch
-        if self._linear_layers is None:  # each layer group sees a fixed number of rows per step
-            self._linear_layers = self._attach_decode_linear()
         self._mask = torch.cat([self._mask, self._mask.new_ones((batch, 1))], dim=-1)
         positions = self._next_position
         self._next_position = positions + 1
-        with decode_linear.decoding():
-            out = self._forward(tokens[:, None], positions)
+        out = self._forward(tokens[:, None], positions)
         if self.rows.numel() == 0:
             return out, None
         return out[:batch], out[batch:]
 
-    def _attach_decode_linear(self) -> list[nn.Linear]:
-        layers, batch, extra = self._net.decoder.layers, self._batch, self.rows.numel()
-        held = []
-        for index, layer in enumerate(layers):
-            held += decode_linear.attach(layer, rows=batch if index < self.split else batch + extra)
-        if self._net.head is not None:
-            held += decode_linear.attach(self._net.head, rows=batch + extra)
-        return held
-
     def close(self) -> None:
-        decode_linear.detach(self._linear_layers or [])
-        self._linear_layers = None
         self._net.cache = None
         self._trunk_prompt = None
         if self._holds_hooks:

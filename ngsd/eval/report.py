@@ -14,7 +14,6 @@ from ..data import Prompt
 from .judge import REFUSAL_STRINGS
 from .config import EvalConfig
 from .methods import Method
-from .suites import SuiteSpec
 
 
 def pct(value: float | None, digits: int = 1) -> str:
@@ -297,7 +296,7 @@ def markdown_report(
                          f"{h.get('reused_from_cache')} | {h.get('threads')} | {h.get('load_average_end')} | "
                          f"`{h.get('command')}` |")
         lines.append("")
-    lines += [f"Suites: " + ", ".join(f"{s.label} {len(suites[s.name])} ({s.select})" for s in specs) + ".", ""]
+    lines += ["Suites: " + ", ".join(f"{s.label} {len(suites[s.name])} ({s.select})" for s in specs) + ".", ""]
 
     if config.examples > 0:
         lines += ["## Example answers", ""]

@@ -25,7 +25,7 @@ from .architecture import model_shape
 from .clustering import cluster_by_silhouette, cluster_within_groups
 from .config import NestConfig
 from .selection import NeuronSelection, activation_profiles, max_pooled_activations, neuron_z_scores, select_neurons
-from .update import DELTA_FILE, NestUpdate
+from .update import NestUpdate
 
 REPORT_FILE = "training_report.json"
 ADVBENCH_TRAIN_MIN_ID = 130  # SOURCES.md: train only on AdvBench ids >= 130

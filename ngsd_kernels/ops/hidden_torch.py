@@ -2,9 +2,8 @@
 
 With a shared head (LoRA / NeST experts) the base and expert rows are stacked and multiplied
 by the weight once, ``cat([h_b, h_e]) @ W.T``: one pass over W for both models, the same work a
-model does when it runs its LM head on the 2B rows of a guarded batch (and, for 2..128 fp32 rows
-on a CPU, in the same skinny form ngsd's decode steps use). The logits then go to the CPU step
-(``cpu_select.py``), exactly as if the model had returned them.
+model does when it runs its LM head on the 2B rows of a guarded batch. The logits then go to the
+CPU step (``cpu_select.py``), exactly as if the model had returned them.
 """
 
 from __future__ import annotations
@@ -16,7 +15,6 @@ from torch import Tensor
 from ..params import StepParams
 from ..reference import Outputs
 from .cpu_select import cpu_guarded_select
-from .skinny_linear import skinny_applies, skinny_linear
 
 _CHUNK = 8192  # vocabulary rows upcast per matmul for fp16/bf16 heads (bounds the fp32 weight copy)
 
@@ -30,9 +28,7 @@ def hidden_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     hidden32 = hidden.float()
     bias32 = None if bias is None else bias.float()
     if weight.dtype == torch.float32:
-        # decode-sized row counts on a CPU: `weight @ h.T` streams the head once (skinny_linear.py)
-        linear = skinny_linear if skinny_applies(hidden32, weight) else F.linear
-        return linear(hidden32, weight, bias32)
+        return F.linear(hidden32, weight, bias32)
     vocab = weight.shape[0]
     out = torch.empty((hidden.shape[0], vocab), dtype=torch.float32, device=hidden.device)
     for start in range(0, vocab, _CHUNK):

@@ -193,3 +193,17 @@ def test_top_lists_of_rows_the_group_bound_cannot_decide():
     assert buffer == 64 and got_b == top_list_reference(base, buffer) and got_e == top_list_reference(expert, buffer)
     # without the exact rewrite those chunks write nothing: the check above would notice a broken one
     assert stored_top_lists(base, expert, 10, CHUNK, fallback=False)[0] != top_list_reference(base, buffer)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_top_lists_of_rows_with_more_keys_than_one_load():
+    # 258 chunks of 64 columns, 64 slots each: more keys per row than the reduce reads at once, so
+    # the conversion, every bisection round and the compaction loop over the row's key blocks
+    gen = torch.Generator().manual_seed(11)
+    base = (torch.randn(1, 16500, generator=gen) * 3.0).bfloat16()
+    expert = torch.round(torch.randn(1, 16500, generator=gen) * 4.0) / 4.0  # ties across blocks
+    plan = plan_select(1, 16500, StepParams(candidate_k=10, min_candidates=1, candidate_mode=CandidateMode.INTERSECTION,
+                                            gate=GateMode.OPEN), block_v=64)
+    assert plan.ncp * plan.slots > plan.key_block  # the looping form of the reduce
+    got_b, got_e, buffer = stored_top_lists(base, expert.bfloat16(), 10, 64)
+    assert got_b == top_list_reference(base, buffer) and got_e == top_list_reference(expert.bfloat16(), buffer)
