@@ -10,9 +10,11 @@ writes the glue the C++ extension calls:
       sm80/<kernel>_<digest>_sm80.<hash>_<hints>.{c,h}   triton.tools.compile output (cubin inside)
       sm80/<kernel>_<digest>_sm80_link.{c,h}             triton.tools.link output
       sm80/<kernel>_<digest>_sm80.cubin                  the same cubin, extracted (for inspection)
+      sm80/<kernel>_<digest>_sm80.aligned.cubin          its aligned twin (KernelSpec.aligned), if any
       sm90/...                                           same for sm_90
       ngsd_aot_ctx.h        the argument struct every launch reads (generated from CTX_FIELDS)
-      ngsd_aot_glue.{c,h}   ngsd_aot_run_<variant>(ctx, arch): all launches of one step, in order
+      ngsd_aot_glue.{c,h}   ngsd_aot_run_<variant>(ctx, arch, gate): all launches of one step, in order;
+                            ngsd_aot_find(name): the compiled variants and their launch constants
       manifest.json         variants, kernels, constants, cubin sizes
 
 No GPU is needed: the target is given explicitly (``cuda:<arch>:32``) and a stand-in driver
@@ -22,7 +24,7 @@ Usage (from the repository root):
 
     python csrc_triton/build_aot.py                       # all variants, sm_80 and sm_90
     python csrc_triton/build_aot.py --arch 90 --variants hidden_greedy_tv_bf16
-    python csrc_triton/build_aot.py --variants "*_tv_*" --jobs 2      # fnmatch patterns, 2 processes
+    python csrc_triton/build_aot.py --variants "logits_*_bf16_k64" --jobs 2   # fnmatch patterns, 2 processes
     python csrc_triton/build_aot.py --list
 """
 
