@@ -97,11 +97,13 @@ def _reduce_kernel(
     sum_e = tl.sum(tl.where(m_e > float("-inf"), s_e * tl.exp(m_e - max_e[:, None]), 0.0), axis=1)
 
     info = rowinfo_ptr + rows * 8
-    tl.store(info, max_b, mask=rmask)
-    tl.store(info + 1, tl.log(sum_b), mask=rmask)
-    tl.store(info + 2, max_e, mask=rmask)
-    tl.store(info + 3, tl.log(sum_e), mask=rmask)
-    tl.store(info + 6, valid.to(tl.float32), mask=rmask)
+    # fields 0-3 and 6 in one [RB, 8] store: [RB] stores here would share their predicate (rmask and the
+    # storing thread) with the threshold stores after the union bisection loops below, and ptxas kept
+    # it live through them (sm_80 spilled it to the stack: kernel report)
+    f = tl.arange(0, 8)[None, :]
+    fields = tl.where(f == 0, max_b[:, None], tl.where(f == 1, tl.log(sum_b)[:, None], tl.where(
+        f == 2, max_e[:, None], tl.where(f == 3, tl.log(sum_e)[:, None], valid.to(tl.float32)[:, None]))))
+    tl.store(info[:, None] + f, fields, mask=rmask[:, None] & (f != 4) & (f != 5) & (f != 7))
     if NEED_KEYS:
         # union candidates: every token whose logit is >= the k-th largest logit of its row
         if VALUE_KEYS:
