@@ -96,11 +96,13 @@ def _reduce_kernel(
     sum_e = tl.sum(tl.where(m_e > float("-inf"), s_e * tl.exp(m_e - max_e[:, None]), 0.0), axis=1)
 
     info = rowinfo_ptr + rows * 8
-    tl.store(info, max_b, mask=rmask)
-    tl.store(info + 1, tl.log(sum_b), mask=rmask)
-    tl.store(info + 2, max_e, mask=rmask)
-    tl.store(info + 3, tl.log(sum_e), mask=rmask)
-    tl.store(info + 6, valid.to(tl.float32), mask=rmask)
+    # fields 0-3 and 6 in one [RB, 8] store: [RB] stores here would share their predicate (rmask and the
+    # storing thread) with the threshold stores after the union bisection loops below, and ptxas kept
+    # it live through them (sm_80 spilled it to the stack: kernel report)
+    f = tl.arange(0, 8)[None, :]
+    fields = tl.where(f == 0, max_b[:, None], tl.where(f == 1, tl.log(sum_b)[:, None], tl.where(
+        f == 2, max_e[:, None], tl.where(f == 3, tl.log(sum_e)[:, None], valid.to(tl.float32)[:, None]))))
+    tl.store(info[:, None] + f, fields, mask=rmask[:, None] & (f != 4) & (f != 5) & (f != 7))
     if NEED_KEYS:
         # union candidates: every token whose logit is >= the k-th largest logit of its row
         if VALUE_KEYS:
@@ -221,23 +223,9 @@ def _row_valid(rowinfo_ptr, alpha_ptr, rows, rmask, MODE: tl.constexpr):
 
 
 @triton.jit
-def _finalize_kernel(
-    rowinfo_ptr, div_ptr, best_ptr, besti_ptr, keys2_ptr, mass_ptr, choice_ptr, iover_ptr,
-    potential_ptr, alpha_ptr, seed_ptr, seed_stride, offset_ptr, offset_stride,
-    tokens_ptr, new_potential_ptr, spike_ptr, divergence_ptr, over_ptr,
-    n_rows, n_chunks, n_vocab, decay, v_th, v_reset, rho, temperature, top_k, top_p,
-    RB: tl.constexpr, NCP: tl.constexpr, DIVERGENCE: tl.constexpr,
-    GATE: tl.constexpr, MODE: tl.constexpr, SAMPLE: tl.constexpr, USE_TOPK: tl.constexpr,
-    USE_TOPP: tl.constexpr, NEED_V0: tl.constexpr, SLOTS: tl.constexpr = 1, SB: tl.constexpr = 1,
-):
-    """Per row: divergence, LIF update, spike, and the token of the gate outcome that happened.
-
-    Top-k / top-p (SAMPLE 2): ``slots_sample`` over the chunks' SLOTS candidate keys each, SB keys per
-    load; a row whose thresholds fell below its certainty floor is flagged (``over``)."""
-    rows = (tl.program_id(0) * RB + tl.arange(0, RB)).to(tl.int64)
-    rmask = rows < n_rows
-    c = tl.arange(0, NCP)
-    cm = rmask[:, None] & (c < n_chunks)[None, :]
+def _gate_step(rowinfo_ptr, div_ptr, potential_ptr, alpha_ptr, rows, rmask, cm, c, n_chunks, decay, v_th, v_reset,
+               rho, DIVERGENCE: tl.constexpr, GATE: tl.constexpr, MODE: tl.constexpr):
+    """Per row: (valid, divergence, potential, LIF-updated potential, spike) from the chunks' partials."""
     dslot = (rows[:, None] * n_chunks + c[None, :]) * 2
     first = tl.sum(tl.load(div_ptr + dslot, mask=cm, other=0.0), axis=1)
     second = tl.sum(tl.load(div_ptr + dslot + 1, mask=cm, other=0.0), axis=1)
@@ -258,11 +246,42 @@ def _finalize_kernel(
         spike = rows >= 0  # gate forced open
     else:
         spike = rows < 0  # gate forced shut
+    return valid, current, potential, new_v, spike
 
-    # the gate's outputs first: nothing of them stays live through the token choice below
+
+@triton.jit
+def _store_gate(new_potential_ptr, spike_ptr, divergence_ptr, rows, rmask, valid, current, potential, new_v, spike):
     tl.store(new_potential_ptr + rows, tl.where(valid, new_v, potential), mask=rmask)
     tl.store(spike_ptr + rows, spike & valid, mask=rmask)
     tl.store(divergence_ptr + rows, tl.where(valid, current, float("nan")), mask=rmask)
+
+
+@triton.jit
+def _finalize_kernel(
+    rowinfo_ptr, div_ptr, best_ptr, besti_ptr, keys2_ptr, mass_ptr, choice_ptr, iover_ptr,
+    potential_ptr, alpha_ptr, seed_ptr, seed_stride, offset_ptr, offset_stride,
+    tokens_ptr, new_potential_ptr, spike_ptr, divergence_ptr, over_ptr,
+    n_rows, n_chunks, n_vocab, decay, v_th, v_reset, rho, temperature, top_k, top_p,
+    RB: tl.constexpr, NCP: tl.constexpr, DIVERGENCE: tl.constexpr,
+    GATE: tl.constexpr, MODE: tl.constexpr, SAMPLE: tl.constexpr, USE_TOPK: tl.constexpr,
+    USE_TOPP: tl.constexpr, NEED_V0: tl.constexpr, SLOTS: tl.constexpr = 1, SB: tl.constexpr = 1,
+):
+    """Per row: divergence, LIF update, spike, and the token of the gate outcome that happened.
+
+    Top-k / top-p (SAMPLE 2): ``slots_sample`` over the chunks' SLOTS candidate keys each, SB keys per
+    load; a row whose thresholds fell below its certainty floor is flagged (``over``)."""
+    rows = (tl.program_id(0) * RB + tl.arange(0, RB)).to(tl.int64)
+    rmask = rows < n_rows
+    c = tl.arange(0, NCP)
+    cm = rmask[:, None] & (c < n_chunks)[None, :]
+    valid, current, potential, new_v, spike = _gate_step(
+        rowinfo_ptr, div_ptr, potential_ptr, alpha_ptr, rows, rmask, cm, c, n_chunks, decay, v_th, v_reset, rho,
+        DIVERGENCE, GATE, MODE)
+    # union top-k / top-p: the gate is evaluated again after the sampling loops (LATE_GATE, below)
+    LATE_GATE: tl.constexpr = SAMPLE == 2 and MODE == 0
+    if not LATE_GATE:
+        # the gate's outputs first: nothing of them stays live through the token choice below
+        _store_gate(new_potential_ptr, spike_ptr, divergence_ptr, rows, rmask, valid, current, potential, new_v, spike)
 
     token = tl.zeros([RB], tl.int32)
     overflow = rows < 0
@@ -292,7 +311,16 @@ def _finalize_kernel(
         token = tl.where(spike, tl.load(choice_ptr + rows, mask=rmask, other=0), token)
         overflow = tl.where(spike, tl.load(iover_ptr + rows, mask=rmask, other=0) != 0, overflow)
 
-    if SAMPLE == 2:
+    if LATE_GATE:
+        # the gate's inputs read again after the sampling loops and all its outputs stored here, with the
+        # token: nothing of it, not even the stores' predicate (rmask and the storing thread), stays live
+        # through the loops, where sm_90's ptxas spilled that predicate to the stack (kernel report).
+        # Same loads, same arithmetic: the same values as before the loops.
+        valid, current, potential, new_v, spike = _gate_step(
+            rowinfo_ptr, div_ptr, potential_ptr, alpha_ptr, rows, rmask, cm, c, n_chunks, decay, v_th, v_reset, rho,
+            DIVERGENCE, GATE, MODE)
+        _store_gate(new_potential_ptr, spike_ptr, divergence_ptr, rows, rmask, valid, current, potential, new_v, spike)
+    elif SAMPLE == 2:
         # read again rather than kept through the sampling loops (where ptxas spilled it to the stack)
         valid = _row_valid(rowinfo_ptr, alpha_ptr, rows, rmask, MODE)
     tl.store(tokens_ptr + rows, tl.where(valid, token.to(tl.int64), -1), mask=rmask)
