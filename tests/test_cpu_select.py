@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from ngsd_kernels import GateMode, StepParams, guarded_select_reference
@@ -31,6 +31,8 @@ def both(lb, le, v, alpha, **changes):
     quantise=st.booleans(),
     seed=st.integers(0, 2**16),
 )
+# a 1-ulp near-tie of three mixed scores: softmax instead of exp(log_softmax) picked another token
+@example(batch=5, vocab=5, k=3, gate=GateMode.LIF, scale=7.5, quantise=True, seed=373)
 def test_matches_reference(batch, vocab, k, gate, scale, quantise, seed):
     generator = torch.Generator().manual_seed(seed)
     lb = torch.randn(batch, vocab, generator=generator) * scale

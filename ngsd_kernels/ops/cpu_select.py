@@ -12,7 +12,7 @@ candidates (the NGSD default) the choice only ever involves a handful of tokens 
   scores; the two top-k searches (the op's most expensive passes after the softmaxes) run only
   on those F rows.
 
-Passes over [B, V]: softmax x2, one fused |p_b - p_e| sum (`vector_norm`), the base argmax;
+Passes over [B, V]: log-softmax and exp x2 (the reference's rounding), one fused |p_b - p_e| sum (`vector_norm`), the base argmax;
 over [F, V]: top-(2k+1) of the base, top-(k+1) of the expert. The [B, V] work buffers are kept
 between calls (`_Scratch`); the inputs are never written. Results equal the reference's; where a fired row has tokens tied
 across a top-k boundary, or the settings are not greedy/TV/union, the reference runs instead.
@@ -72,8 +72,10 @@ def cpu_guarded_select(base_logits: Tensor, expert_logits: Tensor, potential: Te
     k = max(1, min(params.candidate_k, lb.shape[1]))
 
     pb, pe, gap, fired_le = _SCRATCH.take(4, lb.shape, lb.device)
-    torch.ops.aten._softmax.out(lb, -1, False, out=pb)
-    torch.ops.aten._softmax.out(le, -1, False, out=pe)
+    # exp(log_softmax), as the reference computes them: softmax rounds differently, and one ulp
+    # decides near-tied tokens (the greedy choice must equal the reference's bit for bit)
+    torch.ops.aten._log_softmax.out(lb, -1, False, out=pb).exp_()
+    torch.ops.aten._log_softmax.out(le, -1, False, out=pe).exp_()
     # One pass for |p_b - p_e| and its sum: abs().sum() would write and reread another [B, V] buffer.
     divergence = 0.5 * torch.linalg.vector_norm(torch.sub(pb, pe, out=gap), ord=1, dim=-1)
     # NaN or +inf anywhere, or a row of only -inf, makes its softmax (hence D) NaN.
