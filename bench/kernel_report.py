@@ -649,7 +649,7 @@ def roofline(report: dict, dtype: str = "bf16") -> str:
             v_plan = plan_select(batch, 131072, StepParams())
             rows_kw = dict(K=plan.buffer, NCP=v_plan.ncp, RB=v_plan.row_block, CG=v_plan.chunk_group)
             red = find("reduce", STORE_TOP=0, DENSE=1, **rows_kw)
-            fin = find("finalize", SAMPLE=0, MODE=0, DIVERGENCE=0, GATE=0, **rows_kw)
+            fin = find("finalize", SAMPLE=0, MODE=0, DIVERGENCE=0, GATE=0, NCP=v_plan.ncp, RB=v_plan.row_block)
             programs = -(-batch // plan.block_b) * plan.n_chunks
             rows_programs = -(-batch // v_plan.row_block)
             elem = 2
