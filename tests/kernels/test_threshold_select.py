@@ -31,20 +31,27 @@ from ngsd_kernels.reference import kth_largest  # noqa: E402
 SPECIALS = (float("-inf"), 0.0, -0.0, 1e-40, -1e-40, 3.0, -3.0, 65504.0, -65504.0)
 
 
-def stored_thresholds(base: torch.Tensor, expert: torch.Tensor, k: int, block_v: int | None,
-                      fallback: bool = True) -> torch.Tensor:
-    """[B, 2] (base, expert) union thresholds as the reduce kernel stores them. ``fallback=False``:
+def launched_scratch(base: torch.Tensor, expert: torch.Tensor, params: StepParams, block_v: int | None,
+                     fallback: bool) -> tuple[Scratch, int]:
+    """One step's scratch after the launch sequence, and the plan's buffer. Pass 1's slots start as -1
+    (SLOT_NONE / RAW_NONE: slots it leaves unwritten hold nothing, deterministically). ``fallback=False``:
     pass 1 without its exact rewrite of rows whose group-maxima bound let too many entries through."""
     batch, vocab = base.shape
-    params = StepParams(candidate_k=k, gate=GateMode.OPEN)
     plan = plan_select(batch, vocab, params, block_v=block_v)
     scratch = Scratch.allocate(plan, base.device)
-    scratch.keys_b.fill_(-1)  # SLOT_NONE: slots pass 1 leaves unwritten hold no value (deterministic)
+    scratch.keys_b.fill_(-1)
     scratch.keys_e.fill_(-1)
     zero = torch.zeros(1, dtype=torch.int64)
     source = dataclasses.replace(LogitsPasses.of(base, expert), fallback=fallback)
     launch_select(source, plan, scratch, RowVectors.of(torch.zeros(batch), torch.full((batch,), 0.5), zero, zero),
                   params)
+    return scratch, plan.buffer
+
+
+def stored_thresholds(base: torch.Tensor, expert: torch.Tensor, k: int, block_v: int | None,
+                      fallback: bool = True) -> torch.Tensor:
+    """[B, 2] (base, expert) union thresholds as the reduce kernel stores them."""
+    scratch, _ = launched_scratch(base, expert, StepParams(candidate_k=k, gate=GateMode.OPEN), block_v, fallback)
     return scratch.rowinfo[:, 4:6]
 
 
@@ -52,22 +59,14 @@ def stored_top_lists(base: torch.Tensor, expert: torch.Tensor, k: int, block_v: 
                      fallback: bool = True) -> tuple[list[set[int]], list[set[int]], int]:
     """(base, expert) top-K token-id sets per row as the reduce kernel hands them to the intersection
     kernel (intersection mode, K = the plan's buffer), and K."""
-    batch, vocab = base.shape
     params = StepParams(candidate_k=k, min_candidates=1, candidate_mode=CandidateMode.INTERSECTION, gate=GateMode.OPEN)
-    plan = plan_select(batch, vocab, params, block_v=block_v)
-    scratch = Scratch.allocate(plan, base.device)
-    scratch.keys_b.fill_(-1)  # RAW_NONE: slots pass 1 leaves unwritten hold no key (deterministic)
-    scratch.keys_e.fill_(-1)
-    zero = torch.zeros(1, dtype=torch.int64)
-    source = dataclasses.replace(LogitsPasses.of(base, expert), fallback=fallback)
-    launch_select(source, plan, scratch, RowVectors.of(torch.zeros(batch), torch.full((batch,), 0.5), zero, zero),
-                  params)
+    scratch, buffer = launched_scratch(base, expert, params, block_v, fallback)
     lists = []
     for top in (scratch.top_b, scratch.top_e):
         present = top != -(2**63)
         ids = 0x7FFFFFFF - (top & 0x7FFFFFFF)
-        lists.append([set(ids[r][present[r]].tolist()) for r in range(batch)])
-    return lists[0], lists[1], plan.buffer
+        lists.append([set(ids[r][present[r]].tolist()) for r in range(base.shape[0])])
+    return lists[0], lists[1], buffer
 
 
 def top_list_reference(logits: torch.Tensor, k: int) -> list[set[int]]:
