@@ -29,8 +29,8 @@ from ..reference import Outputs, guarded_select_reference
 from .select_tiles import (
     INDEX_NONE,
     KEY_NONE,
-    _log2,
     compact_top_keys,
+    ilog2,
     key_index,
     key_value,
     keys_sample,
@@ -179,7 +179,7 @@ def _intersection_kernel(
     # the need-th smallest worse rank: the largest w in [0, K) with #{worst < w} < need (log2 K rounds)
     overflow = tl.sum(matched.to(tl.int32), axis=1) < need
     need_th = tl.zeros([RB], tl.int32)
-    for i in tl.static_range(_log2(K)):
+    for i in tl.static_range(ilog2(K)):
         cand = need_th | (K >> (i + 1))
         need_th = tl.where(tl.sum((worst < cand[:, None]).to(tl.int32), axis=1) < need, cand, need_th)
     k_eff = tl.maximum(tl.where(overflow, 0, need_th) + 1, k_min)

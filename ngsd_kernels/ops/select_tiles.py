@@ -96,7 +96,8 @@ _MIN = _tl_standard._elementwise_min
 
 
 @triton.constexpr_function
-def _log2(i):
+def ilog2(i):
+    """floor(log2(i)) of a positive constexpr (the exponent of a power of two)."""
     n, log = i, 0
     while n > 1:
         n >>= 1
@@ -111,15 +112,15 @@ def bitonic_topk(x, K: tl.constexpr, DESCENDING: tl.constexpr):
     Sizes must be powers of two; K == x.shape[-1] sorts. Written as one flat function because
     the interpreter pays milliseconds per nested jit call.
     """
-    log_n: tl.constexpr = _log2(x.shape[len(x.shape) - 1])
-    log_k: tl.constexpr = _log2(K)
+    log_n: tl.constexpr = ilog2(x.shape[len(x.shape) - 1])
+    log_k: tl.constexpr = ilog2(K)
     if log_k == 0:
         if DESCENDING:
             x = tl.reduce(x, len(x.shape) - 1, _MAX, keep_dims=True)
         else:
             x = tl.reduce(x, len(x.shape) - 1, _MIN, keep_dims=True)
     else:
-        n_dims: tl.constexpr = _log2(x.numel)
+        n_dims: tl.constexpr = ilog2(x.numel)
         h = tl.reshape(x, [2] * n_dims)
         pair = tl.arange(0, 2)
         # bitonic sort of every block of K (alternating directions, the last one final)
@@ -137,15 +138,15 @@ def bitonic_topk(x, K: tl.constexpr, DESCENDING: tl.constexpr):
         # bitonic top-k: keep the better half of each pair of K-blocks, re-merge the halves
         for level in tl.static_range(log_k + 1, log_n + 1):
             if DESCENDING:
-                h = tl.reduce(h, _log2(h.numel) - 1 - log_k, _MAX)
+                h = tl.reduce(h, ilog2(h.numel) - 1 - log_k, _MAX)
             else:
-                h = tl.reduce(h, _log2(h.numel) - 1 - log_k, _MIN)
+                h = tl.reduce(h, ilog2(h.numel) - 1 - log_k, _MIN)
             for step in tl.static_range(log_k):
                 # j = log_k - 1 - step; the hypercube now has log2(numel) axes
-                partner = tl.reduce(h, _log2(h.numel) - log_k + step, _SUM, keep_dims=True) - h
-                is_right = tl.reshape(pair, [1] * (_log2(h.numel) - log_k + step) + [2] + [1] * (log_k - 1 - step))
+                partner = tl.reduce(h, ilog2(h.numel) - log_k + step, _SUM, keep_dims=True) - h
+                is_right = tl.reshape(pair, [1] * (ilog2(h.numel) - log_k + step) + [2] + [1] * (log_k - 1 - step))
                 if level < log_n:
-                    flip = tl.reshape(pair, [1] * (_log2(h.numel) - log_k - 1) + [2] + [1] * log_k)
+                    flip = tl.reshape(pair, [1] * (ilog2(h.numel) - log_k - 1) + [2] + [1] * log_k)
                 else:
                     flip = DESCENDING
                 h = tl.where((h > partner) != (flip ^ is_right).to(tl.int1), partner, h)
