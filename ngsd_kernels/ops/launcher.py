@@ -71,9 +71,11 @@ def _reduce_kernel(
 ):
     """Per row: log-sum-exp and validity of both rows, top-K lists (intersection), union thresholds.
 
-    Keys: int64 order keys (K per chunk), or with VALUE_KEYS fp32 value multisets of SLOTS slots per
-    chunk (union mode; their k-th largest by bisection on the keys of the logits' storage dtype,
-    DENSE as ``select_tiles.dense_key``), read CG chunks' slots at a time.
+    Keys: SLOTS slots per chunk (0: K, csrc_triton's AOT build). With VALUE_KEYS fp32 value
+    multisets (union mode; their k-th largest by bisection on the keys of the logits' storage
+    dtype, DENSE as ``select_tiles.dense_key``), read CG chunks' slots at a time; else int64 raw
+    (value, id) keys (intersection mode; made order keys in place, each row's K-th largest order key
+    by bisection, the keys at or above it compacted into top_b / top_e), read KB keys at a time.
     """
     rows = (tl.program_id(0) * RB + tl.arange(0, RB)).to(tl.int64)
     rmask = rows < n_rows
@@ -104,35 +106,32 @@ def _reduce_kernel(
         f == 2, max_e[:, None], tl.where(f == 3, tl.log(sum_e)[:, None], valid.to(tl.float32)[:, None]))))
     tl.store(info[:, None] + f, fields, mask=rmask[:, None] & (f != 4) & (f != 5) & (f != 7))
     if NEED_KEYS:
+        PER_CHUNK: tl.constexpr = K if SLOTS == 0 else SLOTS  # 0: K (csrc_triton's AOT build)
+        n_slots = n_chunks * PER_CHUNK
+        row_base = rows * n_slots
         # union candidates: every token whose logit is >= the k-th largest logit of its row
         if VALUE_KEYS:
             # unsorted per-chunk multisets: the k-th largest by bisection, nothing sorted or merged
-            PER_CHUNK: tl.constexpr = K if SLOTS == 0 else SLOTS  # 0: K (csrc_triton's AOT build)
-            n_slots = n_chunks * PER_CHUNK
             # CG chunks' slots per load: one load serves every round when they cover the row
             LOOP: tl.constexpr = NCP > CG
-            tl.store(info + 4, slots_kth_largest(keys_b_ptr, rows * n_slots, rmask, n_slots, kth, CG * PER_CHUNK, LOOP,
+            tl.store(info + 4, slots_kth_largest(keys_b_ptr, row_base, rmask, n_slots, kth, CG * PER_CHUNK, LOOP,
                                                  DENSE), mask=rmask)
-            tl.store(info + 5, slots_kth_largest(keys_e_ptr, rows * n_slots, rmask, n_slots, kth, CG * PER_CHUNK, LOOP,
+            tl.store(info + 5, slots_kth_largest(keys_e_ptr, row_base, rmask, n_slots, kth, CG * PER_CHUNK, LOOP,
                                                  DENSE), mask=rmask)
         else:
             # intersection: each row's top-K list by order key = the keys >= its K-th largest, unsorted
             # (raw keys from pass 1, made order keys here once per slot), KB keys per load
-            PER_KEYS: tl.constexpr = K if SLOTS == 0 else SLOTS
-            n_keys = n_chunks * PER_KEYS
-            LOOP_KEYS: tl.constexpr = NCP * PER_KEYS > KB
-            raw_to_order_keys(keys_b_ptr, rows * n_keys, rmask, n_keys, KB, LOOP_KEYS)
-            raw_to_order_keys(keys_e_ptr, rows * n_keys, rmask, n_keys, KB, LOOP_KEYS)
+            LOOP_KEYS: tl.constexpr = NCP * PER_CHUNK > KB
+            raw_to_order_keys(keys_b_ptr, row_base, rmask, n_slots, KB, LOOP_KEYS)
+            raw_to_order_keys(keys_e_ptr, row_base, rmask, n_slots, KB, LOOP_KEYS)
             tl.debug_barrier()  # the rewritten slots are read by other threads below
-            thr_b = slots_kth_key(keys_b_ptr, rows * n_keys, rmask, n_keys, K, KB, LOOP_KEYS)
-            thr_e = slots_kth_key(keys_e_ptr, rows * n_keys, rmask, n_keys, K, KB, LOOP_KEYS)
+            thr_b = slots_kth_key(keys_b_ptr, row_base, rmask, n_slots, K, KB, LOOP_KEYS)
+            thr_e = slots_kth_key(keys_e_ptr, row_base, rmask, n_slots, K, KB, LOOP_KEYS)
             tl.store(info + 4, key_value(thr_b), mask=rmask)  # informative only: no kernel reads them here
             tl.store(info + 5, key_value(thr_e), mask=rmask)
             if STORE_TOP:
-                compact_top_keys(keys_b_ptr, rows * n_keys, rmask, n_keys, thr_b, top_b_ptr, rows * K, K, KB,
-                                 LOOP_KEYS)
-                compact_top_keys(keys_e_ptr, rows * n_keys, rmask, n_keys, thr_e, top_e_ptr, rows * K, K, KB,
-                                 LOOP_KEYS)
+                compact_top_keys(keys_b_ptr, row_base, rmask, n_slots, thr_b, top_b_ptr, rows * K, K, KB, LOOP_KEYS)
+                compact_top_keys(keys_e_ptr, row_base, rmask, n_slots, thr_e, top_e_ptr, rows * K, K, KB, LOOP_KEYS)
     else:
         tl.store(info + 4, tl.zeros_like(max_b), mask=rmask)
         tl.store(info + 5, tl.zeros_like(max_b), mask=rmask)

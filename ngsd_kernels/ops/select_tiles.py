@@ -568,17 +568,12 @@ def compact_top_keys(ptr, row_base, row_mask, n_slots, thr, out_ptr, out_base, K
 
 
 @triton.jit
-def store_order_candidates(ptr, base, row_mask, x, ids, mask, bound, SLOTS: tl.constexpr,
-                           THREADS: tl.constexpr = 128):
-    """Write the raw (value, id) keys (``raw_key``) of a tile's entries >= bound to SLOTS int64 slots
-    per row, unsorted (compacted, ``compaction_slots``), the rest RAW_NONE. Returns [R] "written":
-    false for rows past the batch and rows with more than SLOTS such entries (they write nothing).
-
-    bound: [R] at most the tile's k-th largest value (``pair_group_bound``), so the entries >= it
-    hold the tile's top-k list by order key, ties at the k-th value included."""
-    take = mask & (x >= bound[:, None])
+def store_raw_candidates(ptr, base, write, x, ids, take, SLOTS: tl.constexpr, THREADS: tl.constexpr = 128):
+    """Write the raw (value, id) keys (``raw_key``) of the ``take`` entries of a tile to SLOTS int64
+    slots per row, unsorted (compacted, ``compaction_slots``), the rest RAW_NONE. Returns [R]
+    "written": the rows of ``write`` with at most SLOTS such entries (the others write nothing)."""
     pos, n_taken = compaction_slots(take.to(tl.int32), THREADS)
-    written = row_mask & (n_taken <= SLOTS)
+    written = write & (n_taken <= SLOTS)
     row_ptr = ptr + base
     tl.store(row_ptr[:, None] + pos, raw_key(x, ids[None, :]), mask=take & written[:, None])
     slot = tl.arange(0, SLOTS)[None, :]
@@ -588,17 +583,24 @@ def store_order_candidates(ptr, base, row_mask, x, ids, mask, bound, SLOTS: tl.c
 
 
 @triton.jit
+def store_order_candidates(ptr, base, row_mask, x, ids, mask, bound, SLOTS: tl.constexpr,
+                           THREADS: tl.constexpr = 128):
+    """``store_raw_candidates`` of a tile's entries >= bound; false for rows past the batch and rows
+    with more than SLOTS such entries.
+
+    bound: [R] at most the tile's k-th largest value (``pair_group_bound``), so the entries >= it
+    hold the tile's top-k list by order key, ties at the k-th value included."""
+    return store_raw_candidates(ptr, base, row_mask, x, ids, mask & (x >= bound[:, None]), SLOTS, THREADS)
+
+
+@triton.jit
 def store_topk_order_keys(ptr, base, write, x, ids, mask, kth, SLOTS: tl.constexpr, THREADS: tl.constexpr = 128):
     """The exact form of ``store_order_candidates`` for the rows in ``write``: the tile's top-kth
-    order keys (kth <= SLOTS), found by bisection (``tile_kth_key``) over every entry."""
+    order keys (kth <= SLOTS, so every such row is written), found by bisection (``tile_kth_key``)
+    over every entry."""
     keys = tl.where(mask, order_key(x, ids[None, :]), KEY_NONE)
     take = (keys >= tile_kth_key(keys, kth)[:, None]) & (keys != KEY_NONE)
-    pos, n_taken = compaction_slots(take.to(tl.int32), THREADS)
-    row_ptr = ptr + base
-    tl.store(row_ptr[:, None] + pos, raw_key(x, ids[None, :]), mask=take & write[:, None] & (pos < SLOTS))
-    slot = tl.arange(0, SLOTS)[None, :]
-    tl.store(row_ptr[:, None] + slot, tl.full([x.shape[0], SLOTS], RAW_NONE, tl.int64),
-             mask=write[:, None] & (slot >= n_taken[:, None]))
+    store_raw_candidates(ptr, base, write, x, ids, take, SLOTS, THREADS)
 
 
 # ----------------------------------------------------------------------------------------------
