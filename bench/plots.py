@@ -220,9 +220,9 @@ def naive_table(naive: dict[str, Any]) -> list[str]:
 def breakdown_table(breakdown: dict[str, Any]) -> list[str]:
     lines = [
         "| batch | guarded step (ms) | forward | selection op | loop overhead | plain generate step (ms) | "
-        "forward alone: B rows / 2B rows / 2B + LoRA (ms) | 2B + LoRA with plain F.linear (ms) | selection op alone (ms) | "
+        "forward alone: B rows / 2B rows / 2B + LoRA (ms) | selection op alone (ms) | "
         "shares by CPU time: forward / selection / overhead |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for batch in sorted(int(b) for b in breakdown["batches"]):
         e = breakdown["batches"][str(batch)]
@@ -232,7 +232,6 @@ def breakdown_table(breakdown: dict[str, Any]) -> list[str]:
             f"{_ms(loop['select_s'])} ({loop['select_share']:.1%}) | {_ms(loop['overhead_s'])} "
             f"({loop['overhead_share']:.1%}) | {_ms(e['plain_generate_step_s'])} | {_ms(alone['base_rows'])} / "
             f"{_ms(alone['base_and_expert_rows_no_lora'])} / {_ms(alone['base_and_expert_rows_lora'])} | "
-            f"{_ms(alone['base_and_expert_rows_lora_f_linear']) if 'base_and_expert_rows_lora_f_linear' in alone else '-'} | "
             f"{_ms(sel['ngsd_greedy'])} | "
             + (f"{loop['cpu_forward_share']:.0%} / {loop['cpu_select_share']:.1%} / {loop['cpu_overhead_share']:.1%} |"
                if "cpu_select_share" in loop else "- |")
