@@ -215,6 +215,15 @@ void check_seed(const c10::optional<at::Tensor>& t, const char* what, int64_t ba
   TORCH_CHECK(t->device() == device, "ngsd_aot: all inputs must be on ", device);
 }
 
+// Both of the sampling stream's tensors (check_seed); without `device` (the meta functions) each tensor's
+// own device passes.
+void check_seeds(const c10::optional<at::Tensor>& seed, const c10::optional<at::Tensor>& offset, int64_t batch,
+                 double temperature, const c10::optional<at::Device>& device) {
+  for (const auto& [t, what] : {std::pair{&seed, "seed"}, std::pair{&offset, "offset"}}) {
+    check_seed(*t, what, batch, temperature > 0.0, device ? *device : (t->has_value() ? (*t)->device() : at::kCPU));
+  }
+}
+
 // launcher._per_row: a contiguous int64 vector and its stride (0 when one value serves every row)
 std::pair<at::Tensor, int32_t> per_row(const at::Tensor& t, int64_t batch) {
   at::Tensor flat = t.reshape({-1}).contiguous();
@@ -341,14 +350,20 @@ at::Tensor stacked_logits(const at::Tensor& hb, const at::Tensor& he, const at::
   return out;
 }
 
+// The logits kernels of a variant were compiled for at most max_chunks chunks of block_v tokens.
+void check_vocab_compiled(const ngsd_aot_variant* variant, int64_t vocab) {
+  TORCH_CHECK(cdiv(vocab, variant->block_v) <= variant->max_chunks, "ngsd_aot: vocabularies above ",
+              variant->max_chunks * variant->block_v, " tokens are not compiled into this build (got ", vocab,
+              "); use the Triton JIT path, ", kJitPath);
+}
+
 // The logits op's launches (inputs checked; a DeviceGuard on `device` is held by the caller).
 Step run_logits(const at::Tensor& base_logits, const at::Tensor& expert_logits, const at::Tensor& potential,
                 const at::Tensor& alpha, const OptTensor& seed, const OptTensor& offset, const Params& p,
                 const ngsd_aot_variant* variant, const DeviceInfo& info, const at::Device& device) {
   const int64_t batch = base_logits.size(0), vocab = base_logits.size(1);
+  check_vocab_compiled(variant, vocab);
   const int64_t chunks = cdiv(vocab, variant->block_v);
-  TORCH_CHECK(chunks <= variant->max_chunks, "ngsd_aot: vocabularies above ", variant->max_chunks * variant->block_v,
-              " tokens are not compiled into this build (got ", vocab, "); use the Triton JIT path, ", kJitPath);
   const at::Tensor lb = unit_inner_stride(base_logits), le = unit_inner_stride(expert_logits);
   TORCH_CHECK(lb.stride(0) < (int64_t(1) << 31) && le.stride(0) < (int64_t(1) << 31),
               "ngsd_aot: logits row stride exceeds the 32-bit kernel argument");
@@ -397,8 +412,7 @@ Step hidden_select_cuda(const at::Tensor& base_hidden, const at::Tensor& expert_
   const Choice choice = select_variant("hidden", lm_head_weight.scalar_type(), p, vocab);
   const ngsd_aot_variant* variant = choice.variant;
   check_step_vectors(potential, alpha, batch, device);
-  check_seed(seed, "seed", batch, temperature > 0.0, device);
-  check_seed(offset, "offset", batch, temperature > 0.0, device);
+  check_seeds(seed, offset, batch, temperature, device);
   c10::DeviceGuard guard(device);
   const DeviceInfo info = device_info(device);
   // hidden rows need unit inner stride too; a [B, T, H][:, -1] view is copied (B x H elements)
@@ -463,12 +477,9 @@ Step logits_select_cuda(const at::Tensor& base_logits, const at::Tensor& expert_
   TORCH_CHECK(batch >= 1 && vocab >= 1, "ngsd_aot: empty input");
   const Params p{tau, v_th, v_reset, rho, candidate_k, gate, divergence, temperature, top_k, top_p, candidate_mode};
   const ngsd_aot_variant* variant = select_variant("logits", base_logits.scalar_type(), p, vocab).variant;
-  TORCH_CHECK(cdiv(vocab, variant->block_v) <= variant->max_chunks, "ngsd_aot: vocabularies above ",
-              variant->max_chunks * variant->block_v, " tokens are not compiled into this build (got ", vocab,
-              "); use the Triton JIT path, ", kJitPath);
+  check_vocab_compiled(variant, vocab);
   check_step_vectors(potential, alpha, batch, device);
-  check_seed(seed, "seed", batch, temperature > 0.0, device);
-  check_seed(offset, "offset", batch, temperature > 0.0, device);
+  check_seeds(seed, offset, batch, temperature, device);
   c10::DeviceGuard guard(device);
   return run_logits(base_logits, expert_logits, potential, alpha, seed, offset, p, variant, device_info(device),
                     device);
@@ -508,13 +519,8 @@ Step hidden_select_meta(const at::Tensor& base_hidden, const at::Tensor& expert_
               "ngsd_aot: hidden [B, H], expert hidden [B, H], weight [V, H] expected");
   const Params p{tau, v_th, v_reset, rho, candidate_k, gate, divergence, temperature, top_k, top_p, candidate_mode};
   const Choice choice = select_variant("hidden", lm_head_weight.scalar_type(), p, lm_head_weight.size(0));
-  TORCH_CHECK(!choice.materialise || cdiv(lm_head_weight.size(0), choice.variant->block_v) <= choice.variant->max_chunks,
-              "ngsd_aot: vocabularies above ", choice.variant->max_chunks * choice.variant->block_v,
-              " tokens are not compiled into this build (got ", lm_head_weight.size(0), "); use the Triton JIT path, ",
-              kJitPath);
-  check_seed(seed, "seed", base_hidden.size(0), temperature > 0.0, seed.has_value() ? seed->device() : potential.device());
-  check_seed(offset, "offset", base_hidden.size(0), temperature > 0.0,
-             offset.has_value() ? offset->device() : potential.device());
+  if (choice.materialise) check_vocab_compiled(choice.variant, lm_head_weight.size(0));
+  check_seeds(seed, offset, base_hidden.size(0), temperature, c10::nullopt);
   return meta_outputs(base_hidden, potential);
 }
 
@@ -527,12 +533,8 @@ Step logits_select_meta(const at::Tensor& base_logits, const at::Tensor& expert_
               "ngsd_aot: base and expert logits must both be [batch, vocab] of the same shape");
   const Params p{tau, v_th, v_reset, rho, candidate_k, gate, divergence, temperature, top_k, top_p, candidate_mode};
   const ngsd_aot_variant* v = select_variant("logits", base_logits.scalar_type(), p, base_logits.size(1)).variant;
-  TORCH_CHECK(cdiv(base_logits.size(1), v->block_v) <= v->max_chunks, "ngsd_aot: vocabularies above ",
-              v->max_chunks * v->block_v, " tokens are not compiled into this build (got ", base_logits.size(1),
-              "); use the Triton JIT path, ", kJitPath);
-  check_seed(seed, "seed", base_logits.size(0), temperature > 0.0, seed.has_value() ? seed->device() : potential.device());
-  check_seed(offset, "offset", base_logits.size(0), temperature > 0.0,
-             offset.has_value() ? offset->device() : potential.device());
+  check_vocab_compiled(v, base_logits.size(1));
+  check_seeds(seed, offset, base_logits.size(0), temperature, c10::nullopt);
   return meta_outputs(base_logits, potential);
 }
 
