@@ -40,10 +40,11 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _run(args: list[str], timeout: int) -> subprocess.CompletedProcess:
+def _run(args: list[str], timeout: int, check: bool = True) -> subprocess.CompletedProcess:
+    """python ``args`` in the repository without the interpreter; ``check``: it must succeed."""
     done = subprocess.run([sys.executable, *args], cwd=REPO, env=_env(), capture_output=True, text=True,
                           timeout=timeout)
-    assert done.returncode == 0, f"{' '.join(args)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    assert not check or done.returncode == 0, f"{' '.join(args)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
     return done
 
 
@@ -168,8 +169,7 @@ def test_build_refuses_a_kernel_argument_it_cannot_wire(tmp_path):
         "from ngsd_kernels.ops.hidden_select import _hs_pass1_kernel\n"
         "build_aot._signature(spec, list(_hs_pass1_kernel.arg_names))\n"
     )
-    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=_env(), capture_output=True, text=True,
-                          timeout=300)
+    done = _run(["-c", script], 300, check=False)
     assert done.returncode != 0 and "tiles_per_split" in (done.stdout + done.stderr)
 
 
@@ -333,8 +333,7 @@ def test_logits_variants_use_the_jit_plan_constants():
         "v.steps[0][1].args['CG'] = '8'\n"
         "build_aot.check_against_jit_plan(v)\n"
     )
-    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=_env(), capture_output=True, text=True,
-                          timeout=300)
+    done = _run(["-c", script], 300, check=False)
     assert "OK 144 [16, 32, 64, 128, 256, 512, 1024]" in done.stdout, done.stdout + done.stderr
     assert done.returncode != 0 and "reduce constants differ from launcher.plan_select" in done.stderr
 
