@@ -485,21 +485,6 @@ Step logits_select_cuda(const at::Tensor& base_logits, const at::Tensor& expert_
                     device);
 }
 
-Step hidden_select_greedy_cuda(const at::Tensor& base_hidden, const at::Tensor& expert_hidden,
-                               const at::Tensor& lm_head_weight, const at::Tensor& potential,
-                               const at::Tensor& alpha, double tau, double v_th, double v_reset, double rho,
-                               int64_t candidate_k, int64_t gate, int64_t divergence, int64_t num_splits) {
-  return hidden_select_cuda(base_hidden, expert_hidden, lm_head_weight, potential, alpha, c10::nullopt, c10::nullopt,
-                            tau, v_th, v_reset, rho, candidate_k, gate, divergence, 0.0, 0, 1.0, 0, num_splits);
-}
-
-Step logits_select_greedy_cuda(const at::Tensor& base_logits, const at::Tensor& expert_logits,
-                               const at::Tensor& potential, const at::Tensor& alpha, double tau, double v_th,
-                               double v_reset, double rho, int64_t candidate_k, int64_t gate, int64_t divergence) {
-  return logits_select_cuda(base_logits, expert_logits, potential, alpha, c10::nullopt, c10::nullopt, tau, v_th,
-                            v_reset, rho, candidate_k, gate, divergence, 0.0, 0, 1.0, 0);
-}
-
 Step meta_outputs(const at::Tensor& rows_like, const at::Tensor& potential) {
   const int64_t batch = rows_like.size(0);
   auto opts = potential.options();
@@ -538,19 +523,22 @@ Step logits_select_meta(const at::Tensor& base_logits, const at::Tensor& expert_
   return meta_outputs(base_logits, potential);
 }
 
-Step hidden_select_greedy_meta(const at::Tensor& base_hidden, const at::Tensor& expert_hidden,
-                               const at::Tensor& lm_head_weight, const at::Tensor& potential,
-                               const at::Tensor& alpha, double tau, double v_th, double v_reset, double rho,
-                               int64_t candidate_k, int64_t gate, int64_t divergence, int64_t num_splits) {
-  return hidden_select_meta(base_hidden, expert_hidden, lm_head_weight, potential, alpha, c10::nullopt, c10::nullopt,
-                            tau, v_th, v_reset, rho, candidate_k, gate, divergence, 0.0, 0, 1.0, 0, num_splits);
+// The greedy ops: the general op (CUDA or meta, `Op`) with sampling off and union candidates.
+template <auto Op>
+Step hidden_select_greedy(const at::Tensor& base_hidden, const at::Tensor& expert_hidden,
+                          const at::Tensor& lm_head_weight, const at::Tensor& potential, const at::Tensor& alpha,
+                          double tau, double v_th, double v_reset, double rho, int64_t candidate_k, int64_t gate,
+                          int64_t divergence, int64_t num_splits) {
+  return Op(base_hidden, expert_hidden, lm_head_weight, potential, alpha, c10::nullopt, c10::nullopt, tau, v_th,
+            v_reset, rho, candidate_k, gate, divergence, 0.0, 0, 1.0, 0, num_splits);
 }
 
-Step logits_select_greedy_meta(const at::Tensor& base_logits, const at::Tensor& expert_logits,
-                               const at::Tensor& potential, const at::Tensor& alpha, double tau, double v_th,
-                               double v_reset, double rho, int64_t candidate_k, int64_t gate, int64_t divergence) {
-  return logits_select_meta(base_logits, expert_logits, potential, alpha, c10::nullopt, c10::nullopt, tau, v_th,
-                            v_reset, rho, candidate_k, gate, divergence, 0.0, 0, 1.0, 0);
+template <auto Op>
+Step logits_select_greedy(const at::Tensor& base_logits, const at::Tensor& expert_logits,
+                          const at::Tensor& potential, const at::Tensor& alpha, double tau, double v_th,
+                          double v_reset, double rho, int64_t candidate_k, int64_t gate, int64_t divergence) {
+  return Op(base_logits, expert_logits, potential, alpha, c10::nullopt, c10::nullopt, tau, v_th, v_reset, rho,
+            candidate_k, gate, divergence, 0.0, 0, 1.0, 0);
 }
 
 [[noreturn]] void cpu_error() {
@@ -619,15 +607,15 @@ TORCH_LIBRARY(ngsd_aot, m) {
 TORCH_LIBRARY_IMPL(ngsd_aot, CUDA, m) {
   m.impl("hidden_select", &hidden_select_cuda);
   m.impl("logits_select", &logits_select_cuda);
-  m.impl("hidden_select_greedy", &hidden_select_greedy_cuda);
-  m.impl("logits_select_greedy", &logits_select_greedy_cuda);
+  m.impl("hidden_select_greedy", &hidden_select_greedy<hidden_select_cuda>);
+  m.impl("logits_select_greedy", &logits_select_greedy<logits_select_cuda>);
 }
 
 TORCH_LIBRARY_IMPL(ngsd_aot, Meta, m) {
   m.impl("hidden_select", &hidden_select_meta);
   m.impl("logits_select", &logits_select_meta);
-  m.impl("hidden_select_greedy", &hidden_select_greedy_meta);
-  m.impl("logits_select_greedy", &logits_select_greedy_meta);
+  m.impl("hidden_select_greedy", &hidden_select_greedy<hidden_select_meta>);
+  m.impl("logits_select_greedy", &logits_select_greedy<logits_select_meta>);
 }
 
 TORCH_LIBRARY_IMPL(ngsd_aot, CPU, m) {
