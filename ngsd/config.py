@@ -42,6 +42,12 @@ class ReflectionConfig:
     guarded_alpha: with routing, the alpha of every row the probe does not route (a row it cannot
     call harmless is guarded fully; the LIF gate still decides when to mix); None: the alpha its
     risk maps to through the thresholds below.
+    check: with routing, check the requests the probe is least sure of before routing them: a
+    request with `check_above` <= risk < `route_below` gets its expert prefill, and is guarded
+    (at `guarded_alpha`, else `alpha_high`) when the expert's first-step next-token distribution
+    is at least `check_divergence` (total variation) from the base's, routed otherwise. It only
+    ever guards more rows. check_above / check_divergence: None takes the probe's own operating
+    point (`ngsd train-probe` fits it for the expert it names); a probe without one checks nothing.
     all_zero: what four zero scores mean, "fail" (risk 10, a failed evaluation) or "bump" (S += 1).
     injection_risk: the lowest risk of a request that tries to dictate its own verdict (types the
     evaluator's delimiters or chat control tokens, writes scores, tells the evaluator to ignore its
@@ -58,6 +64,9 @@ class ReflectionConfig:
     route: bool = True
     route_below: float | None = None
     guarded_alpha: float | None = 0.9
+    check: bool = True
+    check_above: float | None = None
+    check_divergence: float | None = None
     max_new_tokens: int = 256
     long_request_chars: int = 2000
     long_request_bonus: int = 2
@@ -120,6 +129,14 @@ class ReflectionConfig:
                 raise ValueError(f"guarded_alpha must be in [0, 1] (a mixing weight) or None, got {self.guarded_alpha}")
         if not isinstance(self.route, bool):
             raise TypeError(f"route must be True or False, got {self.route!r}")
+        if not isinstance(self.check, bool):
+            raise TypeError(f"check must be True or False, got {self.check!r}")
+        for name, top in (("check_above", 10.0), ("check_divergence", 1.0)):
+            value = getattr(self, name)
+            if value is not None:
+                _check_finite(name, value)
+                if not 0.0 <= value <= top:
+                    raise ValueError(f"{name} must be in [0, {top:g}] or None, got {value}")
         if self.probe is not None and not isinstance(self.probe, str):
             object.__setattr__(self, "probe", str(self.probe))
         if not self.low_risk_below <= self.high_risk_above:

@@ -315,3 +315,46 @@ def test_broad_requests_join_the_probe_data_with_every_form_of_an_act_in_one_spl
     assert not {examples[i].group for i in train} & {examples[i].group for i in val}
     evaluation = {t.strip().lower() for _, t in evaluation_prompts(str(DATA_DIR))}
     assert [e.text for e in examples if e.text.strip().lower() in evaluation] == []
+
+
+def test_first_step_divergence_is_the_guarded_loops_first_divergence(tokenizer_and_tiny_model, tmp_path):
+    from ngsd import NGSDConfig, guarded_generate
+    from ngsd.api import encode_prompts
+    from ngsd.experts.lora import LoraAdapter
+    from ngsd.risk.divergence_check import first_step_divergence
+    from tests.conftest import tiny_lora_expert
+
+    model, tokenizer = tokenizer_and_tiny_model
+    adapter = LoraAdapter.load(tiny_lora_expert(model, tmp_path / "lora"))
+    requests = ["How do I bake bread?", "Write a poem about the sea, in four lines please.", "Hi"]
+    values = first_step_divergence(model, tokenizer, requests, adapter, batch_size=2)
+    ids, mask = encode_prompts(tokenizer, requests)
+    out = guarded_generate(model, ids, mask, expert=adapter, alpha=0.5, max_new_tokens=1)
+    assert values == pytest.approx([t.divergence[0] for t in out.traces], abs=1e-5)
+    assert not adapter.is_attached(model), "the adapter it attached is detached again"
+    separate = first_step_divergence(model, tokenizer, requests, model, batch_size=2)
+    assert separate == pytest.approx([0.0] * 3, abs=1e-6)  # the base against itself
+
+
+@needs_data
+def test_fit_probe_check_writes_the_operating_point_from_the_validation_split(tokenizer_and_tiny_model, tmp_path):
+    from ngsd.experts.lora import LoraAdapter
+    from ngsd.risk.divergence_check import fit_probe_check
+    from tests.conftest import tiny_lora_expert
+
+    model, tokenizer = tokenizer_and_tiny_model
+    probe = random_probe(model.config.hidden_size, layer=1, pooling=("mean",))
+    probe.spec = ProbeSpec(layer=1, pooling=("mean",), route_below=10.0)  # (nearly) everything routed
+    probe.save(tmp_path / "probe", {"config": {"seed": 0, "wrap_rate": 0.6, "val_fraction": 0.2}})
+    adapter = LoraAdapter.load(tiny_lora_expert(model, tmp_path / "lora"))
+    fitted = fit_probe_check(tmp_path / "probe", model=model, tokenizer=tokenizer, expert=adapter, expert_name="tiny",
+                             data_dir=str(DATA_DIR), band_share=0.5, batch_size=32, log=lambda _: None)
+    spec = RiskProbe.load(tmp_path / "probe").spec
+    assert (spec.check_above, spec.check_divergence, spec.check_expert) == \
+        (fitted["check_above"], fitted["check_divergence"], "tiny")
+    val = fitted["validation"]
+    assert val["benign_routed_by_probe"] > val["benign"] // 2
+    assert val["benign_in_band"] == val["benign_routed_by_probe"] // 2  # band_share of the routed benign requests
+    assert val["harmful_divergence_share_at_or_above"] >= 0.98
+    report = json.loads((tmp_path / "probe" / "training_report.json").read_text())
+    assert report["divergence_check"]["expert"] == "tiny" and report["config"]["seed"] == 0

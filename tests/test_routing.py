@@ -149,6 +149,108 @@ def test_probe_mode_without_a_probe_for_the_model_is_a_clear_error():
         guarded_generate(model, ids, mask, expert=model, config=NGSDConfig(reflection=ReflectionConfig(mode="probe")))
 
 
+def _checked_run(model, expert, ids, mask, folder, check_divergence: float, **kwargs):
+    """Every row under route_below (10) and over check_above (0): each one is decided by the check."""
+    if not folder.exists():
+        _probe_splitting(model, ids, mask, folder)
+    reflection = ReflectionConfig(mode="probe", probe=str(folder), route_below=10.0, check_above=0.0,
+                                  check_divergence=check_divergence)
+    return _run(model, expert, ids, mask, config=NGSDConfig(tau=2.0, v_th=0.3, reflection=reflection), **kwargs)
+
+
+def _rows_per_embedding_call(model, run) -> list[int]:
+    seen: list[int] = []
+    handle = model.get_input_embeddings().register_forward_hook(lambda m, a, out: seen.append(out.shape[0]))
+    try:
+        run()
+    finally:
+        handle.remove()
+    return seen
+
+
+@pytest.mark.parametrize("kind", ["adapter hidden", "adapter logits", "separate model"])
+def test_the_divergence_check_keeps_exactly_the_rows_whose_expert_diverges_and_drops_the_others(kind, tmp_path):
+    model = tiny_model("qwen2" if kind == "adapter logits" else "llama")
+    expert = tiny_model("llama", seed=5) if kind == "separate model" else \
+        LoraAdapter.load(tiny_lora_expert(model, tmp_path / "lora"))
+    extra = {"logits_processor": lambda seq, scores: scores} if kind == "adapter logits" else {}
+    ids, mask, _ = mixed_length_batch([6, 4, 7, 5], model.config.vocab_size, seed=2)
+
+    every = _checked_run(model, expert, ids, mask, tmp_path / "probe", 0.0, **extra)  # TV >= 0: all kept
+    divergences = [t.reflection.divergence for t in every.traces]
+    assert all(t.guarded and t.alpha == 0.9 for t in every.traces)
+    assert len(set(divergences)) == 4 and all(0.0 < d < 1.0 for d in divergences), divergences
+    threshold = sorted(divergences)[2]  # the two rows that diverge most stay guarded
+    kept = [row for row, d in enumerate(divergences) if d >= threshold]
+
+    seen = _rows_per_embedding_call(model, lambda: _checked_run(model, expert, ids, mask, tmp_path / "probe",
+                                                                threshold, **extra))
+    out = _checked_run(model, expert, ids, mask, tmp_path / "probe", threshold, **extra)
+    assert [t.guarded for t in out.traces] == [row in kept for row in range(4)]
+    assert [t.reflection.divergence for t in out.traces] == pytest.approx(divergences, abs=1e-6)
+    for row, trace in enumerate(out.traces):
+        relation = ">=" if row in kept else "<"
+        assert f"divergence {trace.reflection.divergence:.3f} {relation} check_divergence" in trace.reflection.reason
+        assert trace.alpha == (0.9 if row in kept else 0.0)
+    if kind != "separate model":  # base prefill, the checked rows' expert prefill, then B + kept rows per step
+        assert seen[:2] == [4, 4] and set(seen[2:]) == {4 + len(kept)}
+
+    plain = _run(model, None, ids, mask, config=NGSDConfig(mode="off"), **extra)
+    fixed = _run(model, expert, ids, mask, config=NGSDConfig(tau=2.0, v_th=0.3), alpha=0.9, **extra)
+    for row in range(4):
+        reference = fixed if row in kept else plain
+        assert out.traces[row].tokens == reference.traces[row].tokens
+        assert out.traces[row].spikes == (reference.traces[row].spikes if row in kept else [False] * len(out.traces[row].spikes))
+    assert any(any(out.traces[row].spikes) for row in kept), "the gate must fire for this comparison to mean something"
+
+
+def test_the_check_only_adds_guarded_rows_and_can_be_switched_off(tmp_path):
+    model = tiny_model("llama")
+    adapter = LoraAdapter.load(tiny_lora_expert(model, tmp_path / "lora"))
+    ids, mask, _ = mixed_length_batch([6, 4, 7, 5], model.config.vocab_size, seed=2)
+    risks, threshold = _probe_splitting(model, ids, mask, tmp_path / "probe")
+    base = dict(mode="probe", probe=str(tmp_path / "probe"), route_below=threshold)
+    unchecked = _run(model, adapter, ids, mask, config=NGSDConfig(reflection=ReflectionConfig(**base)))
+    # a threshold no divergence reaches routes every checked row: the same run as no check at all
+    never = _run(model, adapter, ids, mask, config=NGSDConfig(reflection=ReflectionConfig(
+        **base, check_above=0.0, check_divergence=1.0)))
+    switched_off = _run(model, adapter, ids, mask, config=NGSDConfig(reflection=ReflectionConfig(
+        **base, check=False, check_above=0.0, check_divergence=0.0)))
+    for run in (never, switched_off):
+        assert torch.equal(run.sequences, unchecked.sequences)
+        assert [t.guarded for t in run.traces] == [t.guarded for t in unchecked.traces]
+    assert [t.reflection.divergence is not None for t in never.traces] == [r < threshold for r in risks.tolist()]
+    assert all(t.reflection.divergence is None for t in switched_off.traces)
+    always = _run(model, adapter, ids, mask, config=NGSDConfig(reflection=ReflectionConfig(
+        **base, check_above=0.0, check_divergence=0.0)))
+    assert all(t.guarded for t in always.traces)
+
+
+def test_a_probes_own_check_is_saved_read_and_validated(tmp_path):
+    model = tiny_model("llama")
+    spec = ProbeSpec(layer=1, pooling=("mean",), model=model_fingerprint(model), route_below=4.0, check_above=1.5,
+                     check_divergence=0.6, check_expert="some-expert")
+    size = model.config.hidden_size
+    RiskProbe(spec, torch.zeros(size), torch.ones(size), torch.zeros(size), 0.0).save(tmp_path / "probe")
+    assert RiskProbe.load(tmp_path / "probe").spec == spec
+    from ngsd.risk.estimate import divergence_check
+
+    probe = RiskProbe.load(tmp_path / "probe")
+    assert divergence_check(probe, ReflectionConfig(), 4.0) == (1.5, 0.6)
+    assert divergence_check(probe, ReflectionConfig(check_divergence=0.3), 4.0) == (1.5, 0.3)
+    assert divergence_check(probe, ReflectionConfig(check=False), 4.0) == (None, None)
+    assert divergence_check(probe, ReflectionConfig(), None) == (None, None)  # no routing, nothing to check
+    assert divergence_check(probe, ReflectionConfig(), 1.0) == (None, None)  # an empty band
+    with pytest.raises(ValueError, match="go together"):
+        ProbeSpec(layer=1, check_above=1.0)
+    with pytest.raises(ValueError, match="check_divergence"):
+        ProbeSpec(layer=1, check_above=1.0, check_divergence=1.5)
+    with pytest.raises(ValueError, match="check_above"):
+        ReflectionConfig(check_above=11.0)
+    with pytest.raises(TypeError, match="check must be True or False"):
+        ReflectionConfig(check="yes")
+
+
 def test_a_probe_trained_on_another_model_is_refused(tmp_path):
     model, other = tiny_model("llama"), tiny_model("qwen2")
     ids, mask, _ = mixed_length_batch([3], model.config.vocab_size)

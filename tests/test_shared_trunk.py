@@ -82,6 +82,27 @@ def test_shared_trunk_with_risk_routing_equals_the_full_depth_expert(family, tmp
     assert any(any(t.spikes) for t in shared.traces if t.guarded)
 
 
+def test_shared_trunk_drops_the_rows_the_divergence_check_routes_like_the_full_depth_expert(tmp_path, monkeypatch):
+    model = tiny_model("llama", layers=LAYERS)
+    adapter = top_layers_expert(model, tmp_path / "lora", top=LAYERS - SPLIT)
+    ids, mask, _ = mixed_length_batch([6, 4, 7, 5], model.config.vocab_size, seed=2)
+    _probe_splitting(model, ids, mask, tmp_path / "probe")
+
+    def run(check_divergence):
+        reflection = ReflectionConfig(mode="probe", probe=str(tmp_path / "probe"), route_below=10.0, check_above=0.0,
+                                      check_divergence=check_divergence)
+        return guarded_generate(model, ids, mask, expert=adapter, max_new_tokens=10,
+                                config=NGSDConfig(tau=2.0, v_th=0.3, reflection=reflection))
+
+    divergences = [t.reflection.divergence for t in run(0.0).traces]
+    threshold = sorted(divergences)[2]
+    shared = run(threshold)
+    assert shared.traces[0].step_path.endswith(f"shared trunk below layer {SPLIT}")
+    assert [t.guarded for t in shared.traces] == [d >= threshold for d in divergences]
+    _full_depth(monkeypatch)
+    _assert_same_runs(shared, run(threshold))
+
+
 def _rows_per_layer(model, run) -> list[list[int]]:
     seen: list[list[int]] = [[] for _ in model.model.layers]
     handles = [layer.register_forward_pre_hook(lambda m, args, kwargs, i=i: seen[i].append(args[0].shape[0]),

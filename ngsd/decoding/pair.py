@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from .heads import HeadSplit
-from .kv_cache import append_cache_rows, cache_kwargs, returned_cache
+from .kv_cache import append_cache_rows, cache_kwargs, returned_cache, select_cache_rows
 from ..experts.lora import LoraAdapter
 
 # LoRA hooks attached by guarded calls, counted per (adapter, model): calls running at the same
@@ -134,6 +134,12 @@ class _CachedModel:
         self.attention_mask = torch.cat([self.attention_mask, other.attention_mask])
         self.next_position = torch.cat([self.next_position, other.next_position])
 
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Keep only the batch rows `rows` of the cache, mask and positions."""
+        self.cache = select_cache_rows(self.cache, rows)
+        self.attention_mask = self.attention_mask[rows]
+        self.next_position = self.next_position[rows]
+
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         ones = self.attention_mask.new_ones((self.attention_mask.shape[0], 1))
         self.attention_mask = torch.cat([self.attention_mask, ones], dim=-1)
@@ -166,6 +172,8 @@ class ForwardPair(Protocol):
 
     def guard(self, rows: Sequence[int]) -> torch.Tensor | None: ...
 
+    def keep(self, rows: Sequence[int]) -> torch.Tensor: ...
+
     def step(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]: ...
 
     def close(self) -> None: ...
@@ -190,6 +198,26 @@ class _PairBase:
             raise ValueError(f"guarded rows {rows} are outside the batch of {batch}")
         self.rows = torch.tensor(rows, dtype=torch.long, device=self._prompt[0].device)
         return self.rows
+
+    def keep(self, rows: Sequence[int]) -> torch.Tensor:
+        """Narrow the guarded rows after `guard` to `rows`, dropping the other rows' expert copies
+        (cache included) without a second prefill. Returns the kept rows' positions among the
+        previous guarded rows, to index the expert outputs `guard` returned."""
+        if self.rows is None:
+            raise RuntimeError("keep() narrows the guarded rows that prefill() or guard() decided")
+        previous = self.rows.tolist()
+        wanted = {int(r) for r in rows}
+        if not wanted <= set(previous):
+            raise ValueError(f"rows {sorted(wanted - set(previous))} are not guarded: keep() only narrows")
+        index = torch.tensor([j for j, row in enumerate(previous) if row in wanted], dtype=torch.long,
+                             device=self.rows.device)
+        if index.numel() < len(previous):
+            self._drop_expert_rows(index)
+            self.rows = self.rows[index]
+        return index
+
+    def _drop_expert_rows(self, index: torch.Tensor) -> None:
+        raise NotImplementedError(f"{type(self).__name__} cannot drop guarded rows")
 
 
 class BaseOnly(_PairBase):
@@ -241,6 +269,9 @@ class ModelPair(_PairBase):
         ids, mask = input_ids[rows].to(self._expert_device), attention_mask[rows].to(self._expert_device)
         return self._expert.prefill(ids, mask).to(input_ids.device)
 
+    def _drop_expert_rows(self, index):
+        self._expert.keep_rows(index.to(self._expert_device))
+
     def step(self, tokens):
         base = self._base.step(tokens)
         if self.rows.numel() == 0:
@@ -288,6 +319,10 @@ class AdapterPair(_PairBase):
             out = expert.prefill(input_ids[rows], attention_mask[rows])
         self._both.append_rows(expert)
         return out
+
+    def _drop_expert_rows(self, index):
+        batch = torch.arange(self._batch, device=index.device)
+        self._both.keep_rows(torch.cat([batch, self._batch + index]))
 
     def step(self, tokens):
         batch = self._batch

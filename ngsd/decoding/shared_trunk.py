@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .heads import HeadSplit
-from .kv_cache import append_cache_rows
+from .kv_cache import append_cache_rows, select_cache_rows
 from .pair import Prefill, _hold_lora_hooks, _nothing, _PairBase, _release_lora_hooks, capture_hidden_states
 from .pair import positions_from_mask
 from ..experts.lora import LoraAdapter
@@ -175,6 +175,10 @@ class SharedTrunkPair(_PairBase):
             hidden = net.run_layers(hidden, net.upper, inputs, positions, cache)
         _append_upper_rows(net.cache, cache, net.upper)
         return net.output(hidden)
+
+    def _drop_expert_rows(self, index):
+        batch = torch.arange(self._batch, device=index.device)
+        select_cache_rows(self._net.cache, torch.cat([batch, self._batch + index]), self._net.upper)
 
     def step(self, tokens):
         batch = self._batch

@@ -162,6 +162,9 @@ def suite_metrics(
             "n": len(reflections),
             "parsed": sum(bool(x.get("parsed")) for x in reflections),
             "routed": sum(bool(x.get("routed")) for x in reflections),  # risk probe: decoded unguarded
+            # risk probe's divergence check: rows it looked at, and those it kept guarded
+            "checked": sum(x.get("divergence") is not None for x in reflections),
+            "checked_guarded": sum(x.get("divergence") is not None and not x.get("routed") for x in reflections),
             "mean_risk": _mean([x["risk"] for x in reflections if x.get("risk") is not None]),
         }
     if gated:

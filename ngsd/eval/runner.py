@@ -162,7 +162,8 @@ def _reflection_summary(reflection: Any) -> dict[str, Any] | None:
     if reflection is None:
         return None
     data = reflection.to_dict() if hasattr(reflection, "to_dict") else dict(reflection)
-    keys = ("risk", "alpha", "scores", "parsed", "missing", "source", "routed", "route_below")
+    keys = ("risk", "alpha", "scores", "parsed", "missing", "source", "routed", "route_below", "divergence",
+            "check_divergence", "reason")
     return {k: data[k] for k in keys if k in data}
 
 

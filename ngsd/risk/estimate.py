@@ -4,12 +4,17 @@ Before the prefill (`plan_risk`): an alpha given per call, `ReflectionConfig(mod
 default, or self-reflection (the base model judges each request in extra forwards). With the
 risk probe (`mode="probe"`, or `"auto"` when the model has one) the verdict comes after the
 prefill instead (`RiskPlan.decide`): the probe reads the base rows' own hidden states of the
-prompt, and rows under the routing threshold are decoded unguarded, without expert rows.
+prompt, and rows under the routing threshold are decoded unguarded, without expert rows. Rows
+the probe is least sure of (risk in [check_above, route_below)) are checked first
+(`RiskPlan.confirm`): their expert rows are prefilled with the guarded ones, and a row stays
+guarded when the expert's first-step distribution diverges from the base's, else its expert
+rows are dropped. The check only adds guarded rows; nothing in it can unguard a row the probe
+guards.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 import torch
@@ -27,10 +32,28 @@ class ProbeVerdict:
     alpha: float
     routed: bool
     route_below: float | None
+    check_above: float | None = None
+    divergence: float | None = None  # first-step total variation, for the rows the check looked at
+    check_divergence: float | None = None
+
+    @property
+    def reason(self) -> str:
+        """Why the row took its route, in words."""
+        if self.route_below is None:
+            return "no routing: every row guarded"
+        if not self.routed and self.divergence is None:
+            return f"risk {self.risk:.2f} >= route_below {self.route_below:.2f}"
+        if self.divergence is None:
+            return f"risk {self.risk:.2f} < " + (f"check_above {self.check_above:.2f}" if self.check_above is not None
+                                                  else f"route_below {self.route_below:.2f}")
+        relation = ">=" if not self.routed else "<"
+        return (f"risk {self.risk:.2f} in [check_above, route_below): first-step divergence "
+                f"{self.divergence:.3f} {relation} check_divergence {self.check_divergence:.3f}")
 
     def to_dict(self) -> dict[str, Any]:
         return {"source": "probe", "risk": self.risk, "alpha": self.alpha, "routed": self.routed,
-                "route_below": self.route_below}
+                "route_below": self.route_below, "check_above": self.check_above, "divergence": self.divergence,
+                "check_divergence": self.check_divergence, "reason": self.reason}
 
 
 @dataclass
@@ -42,6 +65,9 @@ class RiskPlan:
     probe: Any = None  # ngsd.risk.probe.RiskProbe
     route_below: float | None = None
     reflection: ReflectionConfig | None = None
+    check_above: float | None = None  # with check_divergence: the divergence check (None: no check)
+    check_divergence: float | None = None
+    to_check: list[int] = field(default_factory=list)
 
     @property
     def layers(self) -> tuple[int, ...]:
@@ -49,24 +75,53 @@ class RiskPlan:
         return tuple(self.probe.spec.layers) if self.probe is not None else ()
 
     def decide(self, hidden_states: dict[int, torch.Tensor], attention_mask: torch.Tensor) -> list[int]:
-        """Set alphas and verdicts from the probe; returns the rows to guard (all of them without routing)."""
+        """Set alphas and verdicts from the probe; returns the rows to prefill expert rows for: the
+        guarded ones (all of them without routing) and the ones to check (`to_check`, see `confirm`)."""
         states = [hidden_states.get(i) for i in range(max(self.layers) + 1)]
         risks = self.probe.risk(self.probe.features(states, attention_mask)).tolist()
-        alphas, verdicts, guarded = [], [], []
+        alphas, verdicts, guarded, self.to_check = [], [], [], []
         for row, risk in enumerate(risks):
             routed = self.route_below is not None and risk < self.route_below
             if routed:
                 alpha = 0.0
-            elif self.route_below is not None and self.reflection.guarded_alpha is not None:
-                alpha = self.reflection.guarded_alpha
+                if self.check_above is not None and risk >= self.check_above:
+                    self.to_check.append(row)
             else:
-                alpha = self.reflection.alpha_for_risk(risk)
+                alpha = self.guarded_alpha(risk)
             alphas.append(alpha)
-            verdicts.append(ProbeVerdict(risk=float(risk), alpha=alpha, routed=routed, route_below=self.route_below))
+            verdicts.append(ProbeVerdict(risk=float(risk), alpha=alpha, routed=routed, route_below=self.route_below,
+                                         check_above=self.check_above))
             if not routed:
                 guarded.append(row)
         self.alphas, self.verdicts = alphas, verdicts
-        return guarded
+        return sorted(guarded + self.to_check)
+
+    def guarded_alpha(self, risk: float) -> float:
+        if self.route_below is not None and self.reflection.guarded_alpha is not None:
+            return self.reflection.guarded_alpha
+        return self.reflection.alpha_for_risk(risk)
+
+    def confirm(self, rows: torch.Tensor, base_logits: torch.Tensor, expert_logits: torch.Tensor) -> list[int]:
+        """After the expert prefill of `rows` (= `decide`'s rows; `expert_logits` their first-step logits,
+        `base_logits` the whole batch's): the rows to keep guarded. A checked row joins them, at the
+        guarded alpha of a risky row, when its first-step total variation reaches check_divergence."""
+        if not self.to_check:
+            return rows.tolist()
+        position = {row: j for j, row in enumerate(rows.tolist())}
+        checked = torch.tensor([position[row] for row in self.to_check], dtype=torch.long, device=expert_logits.device)
+        base = base_logits[torch.tensor(self.to_check, device=base_logits.device)].float()
+        expert = expert_logits[checked].float()
+        divergence = (0.5 * (base.softmax(-1) - expert.softmax(-1).to(base.device)).abs().sum(-1)).tolist()
+        keep = set(rows.tolist()) - set(self.to_check)
+        high = self.reflection.guarded_alpha if self.reflection.guarded_alpha is not None else self.reflection.alpha_high
+        for row, value in zip(self.to_check, divergence):
+            guard = value >= self.check_divergence
+            if guard:
+                keep.add(row)
+                self.alphas[row] = high
+            self.verdicts[row] = replace(self.verdicts[row], alpha=self.alphas[row], routed=not guard,
+                                         divergence=float(value), check_divergence=self.check_divergence)
+        return sorted(keep)
 
 
 def plan_risk(
@@ -96,7 +151,9 @@ def plan_risk(
         if probe is not None:
             route_below = (probe.route_below if reflection.route_below is None else reflection.route_below) \
                 if reflection.route else None
-            return RiskPlan(None, [None] * batch, probe=probe, route_below=route_below, reflection=reflection)
+            check_above, check_divergence = divergence_check(probe, reflection, route_below)
+            return RiskPlan(None, [None] * batch, probe=probe, route_below=route_below, reflection=reflection,
+                            check_above=check_above, check_divergence=check_divergence)
     if tokenizer is None:
         raise ValueError(
             "self-reflection needs the tokenizer (pass tokenizer=...), or pass alpha=... per request, "
@@ -109,6 +166,19 @@ def plan_risk(
     generative = reflection if reflection.mode != "auto" else _as_generate(reflection)
     reflections = reflect(model, tokenizer, list(requests), generative, progress=progress)
     return RiskPlan([r.alpha for r in reflections], reflections)
+
+
+def divergence_check(probe, reflection: ReflectionConfig, route_below: float | None
+                     ) -> tuple[float | None, float | None]:
+    """(check_above, check_divergence) of the call: the configuration's, else the probe's; (None, None)
+    without routing, with `check=False`, when either is unknown, or when the band is empty."""
+    if route_below is None or not reflection.check:
+        return None, None
+    above = reflection.check_above if reflection.check_above is not None else probe.spec.check_above
+    divergence = reflection.check_divergence if reflection.check_divergence is not None else probe.spec.check_divergence
+    if above is None or divergence is None or above >= route_below:
+        return None, None
+    return float(above), float(divergence)
 
 
 def load_probe(model: nn.Module, reflection: ReflectionConfig):

@@ -64,6 +64,11 @@ class ProbeSpec:
     POOLINGS; calibration: Platt `scale` and `shift` on the logistic logit; route_below: risk
     threshold under which a request may be routed unguarded; model: config fingerprint of the
     model trained on (FINGERPRINT_FIELDS) plus its name.
+    check_above / check_divergence: the divergence check's operating point (`RiskPlan.confirm`):
+    a request with check_above <= risk < route_below is routed only if the expert's first-step
+    next-token distribution stays within total variation check_divergence of the base's; else it
+    is guarded. None: no check. Fitted for one expert, named in check_expert (another expert that
+    diverges more from the base guards more rows, one that diverges less fewer).
     """
 
     layer: int | tuple[int, ...]
@@ -72,6 +77,9 @@ class ProbeSpec:
     route_below: float = 5.0
     model: dict[str, Any] = field(default_factory=dict)
     aggregate: str = "pooled"
+    check_above: float | None = None
+    check_divergence: float | None = None
+    check_expert: str = ""
 
     def __post_init__(self) -> None:
         layers = self.layers
@@ -85,6 +93,7 @@ class ProbeSpec:
             raise ValueError(f"pooling must be a non-empty list drawn from {POOLINGS}, got {self.pooling!r}")
         if not 0.0 <= self.route_below <= RISK_SCALE:
             raise ValueError(f"route_below is a risk in [0, {RISK_SCALE}], got {self.route_below}")
+        check_divergence_operating_point(self.check_above, self.check_divergence, "the probe's ")
 
     @property
     def layers(self) -> tuple[int, ...]:
@@ -106,7 +115,27 @@ class ProbeSpec:
             route_below=float(data.get("route_below", 5.0)),
             model=dict(data.get("model", {})),
             aggregate=str(data.get("aggregate", "pooled")),
+            check_above=_optional_float(data.get("check_above")),
+            check_divergence=_optional_float(data.get("check_divergence")),
+            check_expert=str(data.get("check_expert", "")),
         )
+
+
+def _optional_float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def check_divergence_operating_point(check_above: float | None, check_divergence: float | None,
+                                     owner: str = "") -> None:
+    """Both or neither set; a risk in [0, 10] and a total variation in [0, 1]."""
+    if (check_above is None) != (check_divergence is None):
+        raise ValueError(f"{owner}check_above and check_divergence go together: set both or neither, got "
+                         f"{check_above!r} and {check_divergence!r}")
+    if check_above is None:
+        return
+    for name, value, top in (("check_above", check_above, RISK_SCALE), ("check_divergence", check_divergence, 1.0)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= top:
+            raise ValueError(f"{owner}{name} must be a number in [0, {top:g}], got {value!r}")
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:

@@ -47,6 +47,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", default=None, help="data folder (default: $NGSD_DATA_DIR or ../shared/data)")
     parser.add_argument("--cache-dir", default=None,
                         help="feature cache (default: $NGSD_PROBE_CACHE or <tmp>/ngsd-probe-cache); never the repo")
+    parser.add_argument("--expert", default=None,
+                        help="expert to fit the divergence check for (ngsd.risk.divergence_check): an adapter folder, "
+                             "a model, or 'shipped' (default: the shipped expert of the model, if there is one)")
+    parser.add_argument("--no-check", action="store_true", help="fit no divergence check")
+    parser.add_argument("--check-only", action="store_true",
+                        help="fit only the divergence check of the probe already in --out (keeps the probe itself)")
+    parser.add_argument("--check-recall", type=float, default=0.98,
+                        help="divergence check: share of harmful validation requests at or above check_divergence")
+    parser.add_argument("--check-band-share", type=float, default=0.5,
+                        help="divergence check: share of the routed benign validation requests whose risk falls in "
+                             "[check_above, route_below) and who pay an expert prefill")
 
 
 def _ints(text: str | None, name: str) -> tuple[int, ...] | None:
@@ -80,10 +91,47 @@ def config_from_args(args: argparse.Namespace) -> Any:
 def run_cli(args: argparse.Namespace) -> int:
     from .probe_training import train_probe
 
+    if args.check_only and args.no_check:
+        raise SystemExit("--check-only and --no-check contradict each other")
     cfg = config_from_args(args)
     command = "ngsd " + " ".join(shlex.quote(a) for a in getattr(args, "argv", None) or sys.argv[1:])
-    train_probe(cfg, command=command)
+    model = tokenizer = None
+    if not args.check_only:
+        from ..loading import load_model
+
+        model, tokenizer = load_model(cfg.model)
+        train_probe(cfg, model=model, tokenizer=tokenizer, command=command)
+    if not args.no_check:
+        _fit_check(args, cfg, model, tokenizer)
     return 0
+
+
+def _fit_check(args: argparse.Namespace, cfg: Any, model: Any, tokenizer: Any) -> None:
+    import torch
+
+    from ..experts.resolve import resolve_expert
+    from ..experts.shipped import shipped_expert_path
+    from ..loading import is_default_model, load_model
+    from .divergence_check import fit_probe_check
+
+    if model is None:
+        torch.set_num_threads(cfg.threads)
+        model, tokenizer = load_model(cfg.model)
+    name = args.expert
+    if name is None or name == "shipped":
+        path = shipped_expert_path() if is_default_model(cfg.model) else None
+        if path is None:
+            if name == "shipped":
+                raise SystemExit("no expert ships for this model: pass --expert <adapter folder or model>")
+            print("no expert ships for this model and none was given (--expert): no divergence check fitted")
+            return
+        name = path.name
+        expert = resolve_expert(str(path), model)
+    else:
+        expert = resolve_expert(name, model)
+    fit_probe_check(cfg.out, model=model, tokenizer=tokenizer, expert=expert, expert_name=str(name),
+                    data_dir=cfg.data_dir, recall=args.check_recall, band_share=args.check_band_share,
+                    batch_size=cfg.batch_size)
 
 
 def register_cli(subparsers: Any) -> None:

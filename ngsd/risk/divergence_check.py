@@ -1,0 +1,151 @@
+"""The risk probe's divergence check: fit its operating point on the probe's validation split.
+
+A request the probe scores in [check_above, route_below) is not routed on the probe's word alone:
+its expert rows are prefilled, and it stays guarded when the expert's first next-token
+distribution is at least `check_divergence` (total variation) away from the base's
+(`ngsd.risk.estimate.RiskPlan.confirm`). The expert was trained to refuse harmful requests and to
+follow the base elsewhere, so a large first-step divergence is the expert recognising a request
+the probe missed.
+
+Both numbers come from the probe's own validation split (training data only, the same split
+`ngsd train-probe` used), never from an evaluation suite:
+
+- check_divergence: the largest threshold that keeps `recall` (default 0.98, the probe's route
+  recall) of the harmful validation requests in the band at or above it;
+- check_above: the lowest risk such that the band holds at most `band_share` (default 0.5) of
+  the benign validation requests the probe routes; a wider band guards more harmful requests
+  and pays an expert prefill for more benign ones.
+
+>>> fit_divergence_check([0.2, 1.0, 2.0, 0.1, 0.5, 3.0], [0.9, 0.95, 0.8, 0.1, 0.3, 0.2], [1, 1, 1, 0, 0, 0],
+...                      route_below=2.5, recall=1.0, band_share=0.5)["check_divergence"]
+0.8
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+CHECK_REPORT_KEY = "divergence_check"
+
+
+def fit_divergence_check(risks: Sequence[float], divergences: Sequence[float], labels: Sequence[int], *,
+                         route_below: float, recall: float = 0.98, band_share: float = 0.5) -> dict[str, Any]:
+    """check_above and check_divergence from validation risks, first-step divergences and labels (1 harmful)."""
+    if not len(risks) == len(divergences) == len(labels):
+        raise ValueError("risks, divergences and labels must have one entry per validation request")
+    if not 0.0 < recall <= 1.0 or not 0.0 < band_share <= 1.0:
+        raise ValueError(f"recall and band_share must be in (0, 1], got {recall} and {band_share}")
+    routed_benign = sorted(r for r, y in zip(risks, labels) if not y and r < route_below)
+    if not routed_benign:
+        raise ValueError("no benign validation request is routed: nothing to check")
+    # the band [check_above, route_below) holds the riskiest band_share of the routed benign requests
+    n, k = len(routed_benign), math.floor(band_share * len(routed_benign))
+    check_above = route_below if k == 0 else 0.0 if k == n else (routed_benign[n - k - 1] + routed_benign[n - k]) / 2
+    in_band = [(d, y) for r, d, y in zip(risks, divergences, labels) if check_above <= r < route_below]
+    harmful = sorted(d for d, y in in_band if y)
+    harmful_all = sorted(d for d, y in zip(divergences, labels) if y)
+    # the threshold is set on every harmful validation request (the band holds too few to set it alone)
+    index = max(0, math.ceil(len(harmful_all) * (1 - recall)) - 1) if recall < 1.0 else 0
+    check_divergence = harmful_all[index] if harmful_all else 1.0
+    benign_in_band = [d for d, y in in_band if not y]
+    harmful_routed = [r for r, y in zip(risks, labels) if y and r < route_below]
+    return {
+        "check_above": round(float(check_above), 4),
+        "check_divergence": round(float(check_divergence), 4),
+        "recall": recall,
+        "band_share": band_share,
+        "validation": {
+            "harmful": sum(labels), "benign": len(labels) - sum(labels),
+            "harmful_routed_by_probe": len(harmful_routed),
+            "harmful_in_band": len(harmful),
+            "harmful_in_band_kept_guarded": sum(d >= check_divergence for d in harmful),
+            "harmful_routed_after_check": len(harmful_routed) - sum(d >= check_divergence for d in harmful),
+            "benign_routed_by_probe": len(routed_benign),
+            "benign_in_band": len(benign_in_band),
+            "benign_in_band_guarded": sum(d >= check_divergence for d in benign_in_band),
+            "harmful_divergence_share_at_or_above": round(sum(d >= check_divergence for d in harmful_all)
+                                                          / max(1, len(harmful_all)), 4),
+        },
+    }
+
+
+@torch.no_grad()
+def first_step_divergence(model: Any, tokenizer: Any, texts: Sequence[str], expert: Any, *,
+                          batch_size: int = 16) -> list[float]:
+    """Total variation between the base's and the expert's first next-token distributions per request,
+    each request in the chat template as `ngsd.generate` sends it. expert: a LoraAdapter or a model."""
+    from ..api import encode_prompts
+    from ..decoding.pair import positions_from_mask
+    from ..experts.lora import LoraAdapter
+
+    adapter = expert if isinstance(expert, LoraAdapter) else None
+    attached = adapter is not None and not adapter.is_attached(model)
+    if attached:
+        adapter.attach(model)
+    out: list[float] = []
+    try:
+        for start in range(0, len(texts), batch_size):
+            ids, mask = encode_prompts(tokenizer, list(texts[start:start + batch_size]),
+                                       device=next(model.parameters()).device)
+            rows = ids.shape[0]
+            if adapter is not None:
+                with adapter.rows_from(rows):
+                    both = torch.cat([ids, ids]), torch.cat([mask, mask])
+                    logits = model(input_ids=both[0], attention_mask=both[1],
+                                   position_ids=positions_from_mask(both[1])).logits[:, -1].float()
+                base, other = logits[:rows], logits[rows:]
+            else:
+                positions = positions_from_mask(mask)
+                base = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1].float()
+                device = next(expert.parameters()).device
+                other = expert(input_ids=ids.to(device), attention_mask=mask.to(device),
+                               position_ids=positions.to(device)).logits[:, -1].float().to(base.device)
+            out += (0.5 * (base.softmax(-1) - other.softmax(-1)).abs().sum(-1)).tolist()
+    finally:
+        if attached:
+            adapter.detach(model)
+    return out
+
+
+def fit_probe_check(probe_dir: str | Path, *, model: Any, tokenizer: Any, expert: Any, expert_name: str,
+                    data_dir: str | None = None, recall: float = 0.98, band_share: float = 0.5,
+                    batch_size: int = 16, log=print) -> dict[str, Any]:
+    """Fit the divergence check of the probe in `probe_dir` for `expert` and write it into its probe.json
+    (check_above, check_divergence, check_expert) and training_report.json (section "divergence_check")."""
+    from dataclasses import replace
+
+    from .probe import PROBE_FILE, REPORT_FILE, RiskProbe, estimate_risk
+    from .probe_training import build_dataset, split_groups
+
+    probe_dir = Path(probe_dir)
+    probe = RiskProbe.load(probe_dir)
+    report_file = probe_dir / REPORT_FILE
+    report = json.loads(report_file.read_text()) if report_file.is_file() else {}
+    trained = report.get("config", {})
+    seed, wrap_rate = int(trained.get("seed", 0)), float(trained.get("wrap_rate", 0.6))
+    val_fraction, broad = float(trained.get("val_fraction", 0.2)), bool(trained.get("broad", False))
+    examples = build_dataset(data_dir, seed, wrap_rate, broad)
+    _, val = split_groups(examples, val_fraction, seed)
+    texts = [examples[i].text for i in val]
+    labels = [examples[i].label for i in val]
+    log(f"validation split: {len(val)} requests ({sum(labels)} harmful); probe risks ...")
+    risks = estimate_risk(model, tokenizer, texts, probe, batch_size=batch_size)
+    log("first-step divergences ...")
+    divergences = first_step_divergence(model, tokenizer, texts, expert, batch_size=batch_size)
+    fitted = fit_divergence_check(risks, divergences, labels, route_below=probe.route_below, recall=recall,
+                                  band_share=band_share)
+    fitted["expert"] = expert_name
+    spec = replace(probe.spec, check_above=fitted["check_above"], check_divergence=fitted["check_divergence"],
+                   check_expert=expert_name)
+    data = json.loads((probe_dir / PROBE_FILE).read_text())
+    data.update(check_above=spec.check_above, check_divergence=spec.check_divergence, check_expert=expert_name)
+    (probe_dir / PROBE_FILE).write_text(json.dumps(data, indent=2) + "\n")
+    report[CHECK_REPORT_KEY] = fitted
+    report_file.write_text(json.dumps(report, indent=2) + "\n")
+    log(f"check_above {fitted['check_above']}, check_divergence {fitted['check_divergence']}: {fitted['validation']}")
+    return fitted
