@@ -5,7 +5,9 @@ over rounds, ratios as the median of per-round ratios):
 
 1. What the default costs (issue: risk in the prefill): the shipped risk probe reads the base
    prefill and routes low-risk rows unguarded (no expert rows), the rest run NGSD with the
-   probe's alpha. Workloads: all benign (AlpacaEval odd ids: evaluation split) and half harmful
+   probe's alpha; rows the probe is least sure of get the divergence check (their expert prefill,
+   dropped again unless the expert diverges at once): "default", against "default_nocheck" (the
+   probe alone). Workloads: all benign (AlpacaEval odd ids: evaluation split) and half harmful
    (AdvBench ids < 130 alternating with AlpacaEval odd ids), at one batch size; and the time to
    first token at batch 1. Compared with every row guarded at alpha 0.9 (no risk estimation).
 2. What the hidden-state step costs against the logits step (issue: the step op from the final
@@ -30,7 +32,7 @@ from harness import RESULTS_DIR, Setup, common_meta, load_setup, median, timed_c
 
 import torch  # noqa: E402  (after harness)
 
-from ngsd import NGSDConfig, guarded_generate  # noqa: E402
+from ngsd import NGSDConfig, ReflectionConfig, guarded_generate  # noqa: E402
 
 
 def workload_prompts(kind: str, n: int) -> list[str]:
@@ -55,9 +57,9 @@ def runners(setup: Setup) -> dict[str, Callable]:
                              eos_token_id=None, pad_token_id=pad, streamer=streamer)
         return out[:, ids.shape[1]:]
 
-    def guarded(alpha=None, **extra):
+    def guarded(alpha=None, config=None, **extra):
         def run(ids, mask, new_tokens, streamer):
-            out = guarded_generate(model, ids, mask, expert=setup.adapter, config=NGSDConfig(), alpha=alpha,
+            out = guarded_generate(model, ids, mask, expert=setup.adapter, config=config or NGSDConfig(), alpha=alpha,
                                    max_new_tokens=new_tokens, eos_token_id=None, pad_token_id=pad,
                                    streamer=streamer, **extra)
             run.traces = out.traces
@@ -67,7 +69,8 @@ def runners(setup: Setup) -> dict[str, Callable]:
 
     return {
         "unguarded": unguarded,
-        "default": guarded(),  # probe + routing: risk estimation inside the timing
+        "default": guarded(),  # probe + routing (+ its divergence check): risk estimation inside the timing
+        "default_nocheck": guarded(config=NGSDConfig(reflection=ReflectionConfig(check=False))),
         "alpha_0.9": guarded(0.9),  # every row guarded, hidden-state step
         "alpha_0.9_logits": guarded(0.9, logits_processor=lambda seq, scores: scores),
     }
@@ -129,23 +132,24 @@ def main() -> None:
     parser.add_argument("--expert", default=None, help="LoRA adapter folder (default: the shipped expert)")
     parser.add_argument("--out", default="default.json")
     parser.add_argument("--quick-ratio", action="store_true",
-                        help="only unguarded vs default on the two batch workloads (no fixed-alpha rows, no TTFT)")
+                        help="only unguarded vs the default (with and without the probe's divergence check) on the two "
+                             "batch workloads (no fixed-alpha rows, no TTFT)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     setup = load_setup(args.model, args.device, expert=args.expert)
     start = time.time()
     report = {"meta": common_meta(setup, args), "workloads": {}}
     report["meta"]["command"] = "python bench/bench_default.py " + " ".join(sys.argv[1:])
-    quick = ["unguarded", "default"]
-    all_methods = quick if args.quick_ratio else ["unguarded", "default", "alpha_0.9", "alpha_0.9_logits"]
+    quick = ["unguarded", "default", "default_nocheck"]
+    all_methods = quick if args.quick_ratio else [*quick, "alpha_0.9", "alpha_0.9_logits"]
     report["workloads"]["benign"] = measure(setup, workload_prompts("benign", args.batch), all_methods,
                                             args.new_tokens, args.rounds, args.seed)
     report["workloads"]["half_harmful"] = measure(setup, workload_prompts("mixed", args.batch),
-                                                  quick if args.quick_ratio else ["unguarded", "default", "alpha_0.9"],
+                                                  quick if args.quick_ratio else [*quick, "alpha_0.9"],
                                                   args.new_tokens, args.rounds, args.seed)
     if not args.quick_ratio:
         report["workloads"]["ttft_batch1_benign"] = measure(setup, workload_prompts("benign", 1),
-                                                            ["unguarded", "default", "alpha_0.9", "alpha_0.9_logits"],
+                                                            all_methods,
                                                             args.new_tokens, args.rounds, args.seed)
     report["wall_seconds"] = time.time() - start
     path = write_json(args.out, report, RESULTS_DIR)

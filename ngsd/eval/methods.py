@@ -6,7 +6,8 @@ A method is an `NGSDConfig` plus how alpha is chosen: fixed (`alpha=0.9`) or lef
 | name          | what it is                                                                  |
 |---------------|-----------------------------------------------------------------------------|
 | off           | no defence: plain greedy decoding of the base model (gate closed)           |
-| ngsd          | NGSD default: LIF gate, union top-64 mixture, alpha from self-reflection    |
+| ngsd          | NGSD default: LIF gate, union top-64 mixture, risk probe + routing where the model has a probe (its divergence check included), else self-reflection |
+| ngsd_nocheck  | as ngsd, without the probe's divergence check                                |
 | ngsd_prefill  | as ngsd, reflection read from one prefill (digit distribution), not generated |
 | ngsd_a0.1/0.5/0.9 | NGSD with alpha fixed for every request (reflection skipped)            |
 | safedecoding  | SafeDecoding: intersection candidates, alpha 3, first 2 tokens only          |
@@ -134,7 +135,10 @@ def method_from_json(name: str, value: Mapping[str, Any]) -> Method:
 
 for _method in (
     Method("off", NGSDConfig(mode="off"), description="no defence: greedy decoding of the base model"),
-    Method("ngsd", NGSDConfig(), description="NGSD default: LIF gate, alpha from self-reflection (generative JSON)"),
+    Method("ngsd", NGSDConfig(), description="NGSD default: LIF gate; risk probe + routing where the model has a "
+                                             "probe, else alpha from self-reflection (generative JSON)"),
+    Method("ngsd_nocheck", NGSDConfig(reflection=ReflectionConfig(check=False)),
+           description="NGSD default without the risk probe's divergence check (the probe alone routes)"),
     Method("ngsd_prefill", NGSDConfig(reflection=ReflectionConfig(mode="prefill")),
            description="NGSD, alpha from single-prefill reflection (expected digit, one forward)"),
     Method("paper", NGSDConfig(reflection=ReflectionConfig.paper()),

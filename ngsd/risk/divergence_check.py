@@ -11,8 +11,9 @@ Both numbers come from the probe's own validation split (training data only, the
 `ngsd train-probe` used), never from an evaluation suite:
 
 - check_divergence: the largest threshold that keeps `recall` (default 0.98, the probe's route
-  recall) of the harmful validation requests in the band at or above it;
-- check_above: the lowest risk such that the band holds at most `band_share` (default 0.5) of
+  recall) of the harmful validation requests at or above it (all of them: the probe routes too
+  few for the band alone to set it);
+- check_above: the lowest risk such that the band holds at most `band_share` (default 0.25) of
   the benign validation requests the probe routes; a wider band guards more harmful requests
   and pays an expert prefill for more benign ones.
 
@@ -34,7 +35,7 @@ CHECK_REPORT_KEY = "divergence_check"
 
 
 def fit_divergence_check(risks: Sequence[float], divergences: Sequence[float], labels: Sequence[int], *,
-                         route_below: float, recall: float = 0.98, band_share: float = 0.5) -> dict[str, Any]:
+                         route_below: float, recall: float = 0.98, band_share: float = 0.25) -> dict[str, Any]:
     """check_above and check_divergence from validation risks, first-step divergences and labels (1 harmful)."""
     if not len(risks) == len(divergences) == len(labels):
         raise ValueError("risks, divergences and labels must have one entry per validation request")
@@ -113,7 +114,7 @@ def first_step_divergence(model: Any, tokenizer: Any, texts: Sequence[str], expe
 
 
 def fit_probe_check(probe_dir: str | Path, *, model: Any, tokenizer: Any, expert: Any, expert_name: str,
-                    data_dir: str | None = None, recall: float = 0.98, band_share: float = 0.5,
+                    data_dir: str | None = None, recall: float = 0.98, band_share: float = 0.25,
                     batch_size: int = 16, log=print) -> dict[str, Any]:
     """Fit the divergence check of the probe in `probe_dir` for `expert` and write it into its probe.json
     (check_above, check_divergence, check_expert) and training_report.json (section "divergence_check")."""

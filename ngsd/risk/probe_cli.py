@@ -55,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fit only the divergence check of the probe already in --out (keeps the probe itself)")
     parser.add_argument("--check-recall", type=float, default=0.98,
                         help="divergence check: share of harmful validation requests at or above check_divergence")
-    parser.add_argument("--check-band-share", type=float, default=0.5,
+    parser.add_argument("--check-band-share", type=float, default=0.25,
                         help="divergence check: share of the routed benign validation requests whose risk falls in "
                              "[check_above, route_below) and who pay an expert prefill")
 
