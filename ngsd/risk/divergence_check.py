@@ -115,7 +115,7 @@ def first_step_divergence(model: Any, tokenizer: Any, texts: Sequence[str], expe
 
 def fit_probe_check(probe_dir: str | Path, *, model: Any, tokenizer: Any, expert: Any, expert_name: str,
                     data_dir: str | None = None, recall: float = 0.98, band_share: float = 0.25,
-                    batch_size: int = 16, log=print) -> dict[str, Any]:
+                    batch_size: int = 16, command: str | None = None, log=print) -> dict[str, Any]:
     """Fit the divergence check of the probe in `probe_dir` for `expert` and write it into its probe.json
     (check_above, check_divergence, check_expert) and training_report.json (section "divergence_check")."""
     from dataclasses import replace
@@ -141,6 +141,7 @@ def fit_probe_check(probe_dir: str | Path, *, model: Any, tokenizer: Any, expert
     fitted = fit_divergence_check(risks, divergences, labels, route_below=probe.route_below, recall=recall,
                                   band_share=band_share)
     fitted["expert"] = expert_name
+    fitted["command"] = command
     spec = replace(probe.spec, check_above=fitted["check_above"], check_divergence=fitted["check_divergence"],
                    check_expert=expert_name)
     data = json.loads((probe_dir / PROBE_FILE).read_text())

@@ -102,11 +102,11 @@ def run_cli(args: argparse.Namespace) -> int:
         model, tokenizer = load_model(cfg.model)
         train_probe(cfg, model=model, tokenizer=tokenizer, command=command)
     if not args.no_check:
-        _fit_check(args, cfg, model, tokenizer)
+        _fit_check(args, cfg, model, tokenizer, command)
     return 0
 
 
-def _fit_check(args: argparse.Namespace, cfg: Any, model: Any, tokenizer: Any) -> None:
+def _fit_check(args: argparse.Namespace, cfg: Any, model: Any, tokenizer: Any, command: str) -> None:
     import torch
 
     from ..experts.resolve import resolve_expert
@@ -131,7 +131,7 @@ def _fit_check(args: argparse.Namespace, cfg: Any, model: Any, tokenizer: Any) -
         expert = resolve_expert(name, model)
     fit_probe_check(cfg.out, model=model, tokenizer=tokenizer, expert=expert, expert_name=str(name),
                     data_dir=cfg.data_dir, recall=args.check_recall, band_share=args.check_band_share,
-                    batch_size=cfg.batch_size)
+                    batch_size=cfg.batch_size, command=command)
 
 
 def register_cli(subparsers: Any) -> None:
