@@ -1030,11 +1030,9 @@ def pass2_store_tile(
     SAMPLE: 0 greedy, 1 plain temperature sampling, 2 top-k/top-p sampling (keys2 + mass: the
     chunk's candidates above the K-th largest of its group maxima, ``store_sample_candidates``;
     nothing is sorted). NEED_V0 / NEED_V1: compute the no-spike outcome (s = p_b) / the spiked
-    union outcome.
+    union outcome. Masked entries (``row_mask``, ``col_mask``) must hold -inf.
     """
-    mask = row_mask[:, None] & col_mask[None, :]
-    lb = tl.where(mask, lb, float("-inf"))
-    le = tl.where(mask, le, float("-inf"))
+    mask = row_mask[:, None] & col_mask[None, :]  # masked entries hold -inf already (the loads' `other`)
     info = rows.to(tl.int64) * 8
     m_b = tl.load(rowinfo_ptr + info, mask=row_mask, other=0.0)
     ls_b = tl.load(rowinfo_ptr + info + 1, mask=row_mask, other=0.0)
