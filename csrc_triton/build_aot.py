@@ -350,6 +350,10 @@ def check_against_jit_plan(variant: Variant) -> None:
         params = StepParams(candidate_k=c["K"], gate=gate, divergence=c["DIVERGENCE"],
                             temperature=1.0 if c["SAMPLE"] else 0.0)
         plan = plan_select(LOGITS_BB, NCP * LOGITS_BV, params)
+        if (plan.block_b, plan.block_v) != (LOGITS_BB, LOGITS_BV):
+            # the JIT picks [1, 4096] tiles for a buffer of 1024 (4 K > 2048); this build keeps its one
+            # tile for every buffer: the plan's other constants for that tile
+            plan = plan_select(LOGITS_BB, NCP * LOGITS_BV, params, block_v=LOGITS_BV, block_b=LOGITS_BB)
         want = {
             "pass1": dict(BB=plan.block_b, BV=plan.block_v, K=plan.buffer, KEYS=plan.key_kind, SLOTS=plan.slots,
                           FALLBACK=1),

@@ -444,9 +444,12 @@ def plan_select(
         buffer = buffer_size
     # a chunk must hold at least K entries for its top-K; a smaller block_v request is raised to K.
     # GPU: one row of 4096 per program when there are enough programs to fill the machine (each
-    # per-row reduction then serves twice the entries: bench/results/KERNELS.md), else [2, 2048]
+    # per-row reduction then serves twice the entries: bench/results/KERNELS.md), else [2, 2048] --
+    # except for a buffer of 1024: its 2K slots would be the whole 2048-column chunk and pass 1's
+    # group-maxima bound a bisection over every entry (as many instructions a thread as [1, 4096], for
+    # half the logits)
     wide = batch * triton.cdiv(vocab, 4096) >= 256
-    gpu_bv = 4096 if wide else 2048
+    gpu_bv = 4096 if wide or 4 * buffer > 2048 else 2048
     bv = max(buffer, block_v or min(next_pow2(vocab), TILE_ELEMENTS if INTERPRETED else gpu_bv))
     if bv & (bv - 1):
         raise ValueError(f"block_v={bv} must be a power of two")
@@ -489,7 +492,7 @@ def plan_select(
         kth=kth,
         need=need,
         may_overflow=may_overflow,
-        # union candidates above a group-maxima bound: room for ~1.4 k of them (select_tiles.pair_group_bound)
+        # union candidates above a group-maxima bound: room for ~1.4 k of them (select_tiles.pair_value_bound)
         slots=slots,
         sample_slots=sample_slots,
         # Jensen-Shannon's extra log tile at one [1, 4096] row per program needs more than 255 registers
