@@ -367,14 +367,19 @@ def pair_value_bound(gb, ge, top_b, top_e, kth, ROUNDS: tl.constexpr, THREADS: t
     cnt = tl.sum(tl.where(gb >= lo_b[:, None], 1, 0) + tl.where(ge >= lo_e[:, None], 65536, 0), axis=1)
     lo_b = tl.where((cnt & 0xFFFF) >= kth, lo_b, float("-inf"))
     lo_e = tl.where((cnt >> 16) >= kth, lo_e, float("-inf"))
-    hi_b = top_b
-    hi_e = top_e
+    # the step halves every round; a row left at -inf steps by 0 (lo + step stays -inf); (no overflow at
+    # +-3e38, and no -inf - -inf for numpy to warn about)
+    live_b = lo_b > float("-inf")
+    live_e = lo_e > float("-inf")
+    step_b = 0.5 * tl.where(live_b, top_b, 0.0) - 0.5 * tl.where(live_b, lo_b, 0.0)
+    step_e = 0.5 * tl.where(live_e, top_e, 0.0) - 0.5 * tl.where(live_e, lo_e, 0.0)
     R: tl.constexpr = gb.shape[0]
     G: tl.constexpr = gb.shape[1]
     SPLIT: tl.constexpr = _thread_split(G, THREADS)
+    most_below = G - kth  # a candidate keeps kth maxima at or above it iff at most G - kth lie below
     for _ in tl.static_range(ROUNDS):
-        mid_b = 0.5 * lo_b + 0.5 * hi_b  # (no overflow at +-3e38)
-        mid_e = 0.5 * lo_e + 0.5 * hi_e
+        mid_b = lo_b + step_b
+        mid_e = lo_e + step_e
         if not COMPILED:
             # g - mid is inf - inf only at mid = -inf (a row left at -inf: it stays there whatever the
             # count) or +inf (a bad row); numpy warns about it, so the interpreter clamps mid finite
@@ -383,16 +388,14 @@ def pair_value_bound(gb, ge, top_b, top_e, kth, ROUNDS: tl.constexpr, THREADS: t
         # #{g < mid} as the sign bits of g - mid (a subtraction and an add an entry; no compare and
         # select): never more than the true count (-0.0 - +0.0 and (-inf) - (-inf) may set it), so
         # G - it never overstates #{g >= mid} and every accepted mid stays a valid bound
-        # (summed inside each thread first, base and expert apart, then packed for one reduction over threads)
+        # (summed inside each thread first, base and expert apart, then packed for one reduction)
         in_b = tl.sum(tl.reshape(_sign_bit(gb - mid_b[:, None]), [R, SPLIT[0], SPLIT[1]]), axis=1)
         in_e = tl.sum(tl.reshape(_sign_bit(ge - mid_e[:, None]), [R, SPLIT[0], SPLIT[1]]), axis=1)
         below = tl.sum(in_b + (in_e << 16), axis=1)
-        ok_b = G - (below & 0xFFFF) >= kth
-        ok_e = G - (below >> 16) >= kth
-        lo_b = tl.where(ok_b, mid_b, lo_b)
-        hi_b = tl.where(ok_b, hi_b, mid_b)
-        lo_e = tl.where(ok_e, mid_e, lo_e)
-        hi_e = tl.where(ok_e, hi_e, mid_e)
+        lo_b = tl.where((below & 0xFFFF) <= most_below, mid_b, lo_b)
+        lo_e = tl.where((below >> 16) <= most_below, mid_e, lo_e)
+        step_b = step_b * 0.5
+        step_e = step_e * 0.5
     return lo_b, lo_e
 
 
