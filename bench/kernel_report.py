@@ -143,6 +143,12 @@ def _row_kernel_jobs(plan, path: str, label: str, dense: int = 0) -> list[Kernel
     # trips of the runtime loops over chunk groups (one trip per group: the report multiplies them out)
     groups = -(-plan.n_chunks // plan.chunk_group)
     trips = dict(inner_trips=groups)
+    if plan.key_kind == 1:
+        # union: the reduce re-reads a row's slots in steps of launcher.value_key_step (CG chunks' slots, capped)
+        from ngsd_kernels.ops.launcher import value_key_step
+
+        step = value_key_step(plan.row_block, plan.chunk_group, plan.slots, plan.ncp)
+        trips = dict(inner_trips=-(-plan.n_chunks * plan.slots // step))
     if plan.key_kind == 2:
         # intersection: 64 bisection rounds over the row's keys, KB a load (select_tiles.slots_kth_key);
         # with one load for every round the round loop is the only loop, and it runs 64 times
@@ -219,7 +225,7 @@ def hidden_jobs(label: str, fields: dict, dtype: str, batch: int, hidden: int, v
     trips = -(-hidden // grid["block_h"])
     jobs = [
         KernelJob(mod, "_hs_pass1_kernel", dtype, dict(tile, KEYS=plan.key_kind), "pass1", "hidden", per_tile,
-                  trips),
+                  trips, num_warps=grid["pass1_warps"]),
         KernelJob(mod, "_hs_pass2_kernel", dtype, dict(tile, DIVERGENCE=plan.divergence, SAMPLE=plan.sample,
                                                        NEED_V0=int(plan.need_v0), NEED_V1=int(plan.need_v1)),
                   "pass2", "hidden", per_tile, trips),

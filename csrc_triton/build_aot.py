@@ -273,10 +273,11 @@ def hidden_variant(dtype: str, sample: int = 0, divergence: int = 0) -> Variant:
     aligned = ("hb_ptr", "he_ptr", "wb_ptr", "we_ptr", "H", "HE", "s_hb0", "s_he0", "s_wb0", "s_we0")
     grid = f"(B + {block_b - 1}) / {block_b}, n_chunks, 1"
     module = "ngsd_kernels.ops.hidden_select"
-    # the hidden pass 1 keeps each split's sorted top-K: K slots per chunk (SLOTS 0 in the reduce)
+    # the hidden pass 1 keeps each split's sorted top-K: K slots per chunk (SLOTS 0 in the reduce); 8 warps
+    # on 16-row tiles, as plan_hidden_select's pass1_warps
     pass1 = KernelSpec(module, "_hs_pass1_kernel", dict(tile, stats_ptr="*fp32:16", counts_ptr="*i32:16",
                                                          keys_b_ptr="*i32:16", keys_e_ptr="*i32:16", KEYS="1"),
-                       grid, aligned=aligned)
+                       grid, num_warps=8 if block_b >= 16 else 4, aligned=aligned)
     pass2 = _pass2_spec(module, "_hs_pass2_kernel", tile, grid, sample, divergence, aligned)
     steps = {g: [pass1, _reduce_spec(0), pass2, _finalize_spec(g, divergence, sample)] for g in GATES}
     return Variant(variant_name("hidden_select", sample, divergence, dtype), "hidden_select", dtype, steps,
@@ -349,6 +350,10 @@ def check_against_jit_plan(variant: Variant) -> None:
         params = StepParams(candidate_k=c["K"], gate=gate, divergence=c["DIVERGENCE"],
                             temperature=1.0 if c["SAMPLE"] else 0.0)
         plan = plan_select(LOGITS_BB, NCP * LOGITS_BV, params)
+        if (plan.block_b, plan.block_v) != (LOGITS_BB, LOGITS_BV):
+            # the JIT picks [1, 4096] tiles for a buffer of 1024 (4 K > 2048); this build keeps its one
+            # tile for every buffer: the plan's other constants for that tile
+            plan = plan_select(LOGITS_BB, NCP * LOGITS_BV, params, block_v=LOGITS_BV, block_b=LOGITS_BB)
         want = {
             "pass1": dict(BB=plan.block_b, BV=plan.block_v, K=plan.buffer, KEYS=plan.key_kind, SLOTS=plan.slots,
                           FALLBACK=1),

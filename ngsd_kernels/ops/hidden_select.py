@@ -168,8 +168,11 @@ def plan_hidden_select(
         key_block=max(1, min(ncp * select.buffer, 1024 // row_block)) if select.key_kind == 2 else 1,
         block_b=block_b, block_v=block_v, slots=select.buffer,  # the split's running top-K (bitonic, sorted): K slots per chunk
     )
+    # pass 1 on 16-row tiles: 8 warps (4 need 224 registers a thread on sm_90 and spill on sm_80; 8 also
+    # execute fewer instructions per logit: bench/results/KERNELS.md); 8-row tiles stay cheaper with 4
     grid = dict(block_b=block_b, block_v=block_v, block_h=block_h, num_splits=num_splits,
-                tiles_per_split=tiles_per_split, row_blocks=row_blocks)
+                tiles_per_split=tiles_per_split, row_blocks=row_blocks,
+                pass1_warps=8 if on_gpu and block_b >= 16 else 4)
     return select, grid
 
 
@@ -455,7 +458,8 @@ class HiddenPasses:
         )
 
     def pass1(self, plan: SelectPlan, s: Scratch) -> None:
-        self._launch(_hs_pass1_kernel, plan, s.stats, s.counts, s.keys_b, s.keys_e, KEYS=plan.key_kind)
+        self._launch(_hs_pass1_kernel, plan, s.stats, s.counts, s.keys_b, s.keys_e, KEYS=plan.key_kind,
+                     num_warps=self.grid_plan.get("pass1_warps", 4))
 
     def pass2(self, plan: SelectPlan, s: Scratch, rows: RowVectors, temperature: float) -> None:
         self._launch(

@@ -141,13 +141,15 @@ def _intersection_fallback_kernel(
         NJ: tl.constexpr = 2**R
         j = tl.arange(0, NJ).to(tl.int64)
         # k' in (lo, hi]: |C_hi| >= need, |C_lo| < need (or lo = k_min - 1); C_V is the whole row
+        # (carried as lo and gap = hi - lo: a loop-carried hi is never read after the loop, and carrying
+        # both lo and hi had ptxas spill one to the stack for sm_80)
         lo = k_min - 1 + one
-        hi = n_vocab + one
+        gap = n_vocab - lo
         tb = tl.full([1], KEY_NONE, tl.int64)  # the thresholds of C_hi (KEY_NONE: every token)
         te = tl.full([1], KEY_NONE, tl.int64)
         for _round in range(outer_rounds):
-            if tl.max(hi - lo, axis=0) > 1:
-                mid = (lo + hi) // 2
+            if tl.max(gap, axis=0) > 1:
+                mid = lo + gap // 2  # (lo + hi) // 2, lo >= 0
                 cb, ce = _kth_order_keys(lb_ptr, le_ptr, row, stride_b, stride_e, n_vocab, mid, id_rounds, R, BT)
                 size = tl.zeros([1], tl.int32)
                 for start in range(0, n_vocab, BT):
@@ -155,7 +157,7 @@ def _intersection_fallback_kernel(
                     both = cm & (order_key(lb, cols[None, :]) >= cb[:, None]) & (order_key(le, cols[None, :]) >= ce[:, None])
                     size += tl.sum(both.to(tl.int32), axis=1)
                 grown = size >= need
-                hi = tl.where(grown, mid, hi)
+                gap = tl.where(grown, gap // 2, gap - gap // 2)  # (lo, mid] or (mid, hi]
                 lo = tl.where(grown, lo, mid)
                 tb = tl.where(grown, cb, tb)
                 te = tl.where(grown, ce, te)

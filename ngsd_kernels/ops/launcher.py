@@ -53,6 +53,16 @@ MAX_BUFFER = 1024  # largest top-K buffer: caps candidate_k, min_candidates and 
 TILE_ELEMENTS = 16384 if INTERPRETED else 4096
 
 
+@triton.constexpr_function
+def value_key_step(rb, cg, per_chunk, ncp):
+    """Slots of a row the union reduce reads per load (``_reduce_kernel``): CG chunks' slots, and when
+    those do not cover the row (the keys are re-read every bisection round) at most TILE_ELEMENTS
+    per program: CG counts the chunks' K, not their 2K slots, and [1, 8192] loads made ptxas spill
+    the row pointer on sm_80 (bench/results/KERNELS.md)."""
+    n = cg * per_chunk
+    return n if ncp <= cg else max(1, min(n, TILE_ELEMENTS // rb))
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
@@ -73,9 +83,10 @@ def _reduce_kernel(
 
     Keys: SLOTS slots per chunk (0: K, csrc_triton's AOT build). With VALUE_KEYS fp32 value
     multisets (union mode; their k-th largest by bisection on the keys of the logits' storage
-    dtype, DENSE as ``select_tiles.dense_key``), read CG chunks' slots at a time; else int64 raw
-    (value, id) keys (intersection mode; made order keys in place, each row's K-th largest order key
-    by bisection, the keys at or above it compacted into top_b / top_e), read KB keys at a time.
+    dtype, DENSE as ``select_tiles.dense_key``), read CG chunks' slots at a time (at most TILE_ELEMENTS
+    when they are not the whole row: ``value_key_step``); else int64 raw (value, id) keys
+    (intersection mode; made order keys in place, each row's K-th largest order key by bisection,
+    the keys at or above it compacted into top_b / top_e), read KB keys at a time.
     """
     rows = (tl.program_id(0) * RB + tl.arange(0, RB)).to(tl.int64)
     rmask = rows < n_rows
@@ -114,10 +125,11 @@ def _reduce_kernel(
             # unsorted per-chunk multisets: the k-th largest by bisection, nothing sorted or merged
             # CG chunks' slots per load: one load serves every round when they cover the row
             LOOP: tl.constexpr = NCP > CG
-            tl.store(info + 4, slots_kth_largest(keys_b_ptr, row_base, rmask, n_slots, kth, CG * PER_CHUNK, LOOP,
-                                                 DENSE), mask=rmask)
-            tl.store(info + 5, slots_kth_largest(keys_e_ptr, row_base, rmask, n_slots, kth, CG * PER_CHUNK, LOOP,
-                                                 DENSE), mask=rmask)
+            STEP: tl.constexpr = value_key_step(RB, CG, PER_CHUNK, NCP)
+            tl.store(info + 4, slots_kth_largest(keys_b_ptr, row_base, rmask, n_slots, kth, STEP, LOOP, DENSE),
+                     mask=rmask)
+            tl.store(info + 5, slots_kth_largest(keys_e_ptr, row_base, rmask, n_slots, kth, STEP, LOOP, DENSE),
+                     mask=rmask)
         else:
             # intersection: each row's top-K list by order key = the keys >= its K-th largest, unsorted
             # (raw keys from pass 1, made order keys here once per slot), KB keys per load
@@ -432,9 +444,12 @@ def plan_select(
         buffer = buffer_size
     # a chunk must hold at least K entries for its top-K; a smaller block_v request is raised to K.
     # GPU: one row of 4096 per program when there are enough programs to fill the machine (each
-    # per-row reduction then serves twice the entries: bench/results/KERNELS.md), else [2, 2048]
+    # per-row reduction then serves twice the entries: bench/results/KERNELS.md), else [2, 2048] --
+    # except for a buffer of 1024: its 2K slots would be the whole 2048-column chunk and pass 1's
+    # group-maxima bound a bisection over every entry (as many instructions a thread as [1, 4096], for
+    # half the logits)
     wide = batch * triton.cdiv(vocab, 4096) >= 256
-    gpu_bv = 4096 if wide else 2048
+    gpu_bv = 4096 if wide or 4 * buffer > 2048 else 2048
     bv = max(buffer, block_v or min(next_pow2(vocab), TILE_ELEMENTS if INTERPRETED else gpu_bv))
     if bv & (bv - 1):
         raise ValueError(f"block_v={bv} must be a power of two")
@@ -477,7 +492,7 @@ def plan_select(
         kth=kth,
         need=need,
         may_overflow=may_overflow,
-        # union candidates above a group-maxima bound: room for ~1.4 k of them (select_tiles.pair_group_bound)
+        # union candidates above a group-maxima bound: room for ~1.4 k of them (select_tiles.pair_value_bound)
         slots=slots,
         sample_slots=sample_slots,
         # Jensen-Shannon's extra log tile at one [1, 4096] row per program needs more than 255 registers

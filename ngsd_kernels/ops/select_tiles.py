@@ -312,7 +312,8 @@ def pair_group_bound(gb, ge, kth, ROUNDS: tl.constexpr, DENSE: tl.constexpr):
     1.1 k for values in random order with G >= 4 k, 1.4 k with G = 2 k). A round is one compare
     and add per group maximum and one reduction, shared by base and expert (16-bit halves).
     Rows with fewer than kth groups holding an entry > -inf get -inf or below (a NaN key clamps to
-    -inf / +inf, ``_pivot``).
+    -inf / +inf, ``_pivot``). Pass 2's sampling bound (all 32 rounds: exact); pass 1 bisects on
+    values instead (``pair_value_bound``: fewer rounds for a bound as tight).
     """
     R: tl.constexpr = gb.shape[0]
     BITS: tl.constexpr = 32 if DENSE == 0 else 16
@@ -331,6 +332,71 @@ def pair_group_bound(gb, ge, kth, ROUNDS: tl.constexpr, DENSE: tl.constexpr):
         tb = tl.where((cnt & 0xFFFF) >= kth, cb, tb)
         te = tl.where((cnt >> 16) >= kth, ce, te)
     return _pivot(tb, DENSE), _pivot(te, DENSE)
+
+
+@triton.jit
+def _sign_bit(x):
+    """0 / 1: the sign bit of fp32 x."""
+    return (x.to(tl.uint32, bitcast=True) >> 31).to(tl.int32)
+
+
+# rounds of pass 1's bisection on values (``pair_value_bound``): within 1/1024 of the group maxima's
+# spread of the exact k-th largest group maximum (8 let heavy-tailed rows overflow 2k slots now and then)
+BOUND_ROUNDS = tl.constexpr(10)
+FLT_MAX = tl.constexpr(3.4028234663852886e38)
+
+
+@triton.jit
+def pair_value_bound(gb, ge, top_b, top_e, kth, ROUNDS: tl.constexpr, THREADS: tl.constexpr = 128):
+    """Per-row lower bounds (fp32 values) of the k-th largest entries of two tiles from the [R, G] maxima
+    of G groups of each (``tile_group_max``) and the tiles' maxima ``top_b`` / ``top_e`` [R]: the
+    largest value t found by ROUNDS rounds of bisection *on values* between the smallest finite group
+    maximum and the largest with #{group maxima >= t} >= kth.
+
+    Like ``pair_group_bound`` every bound has kth groups, so kth entries, at or above it, so it is <=
+    the tile's k-th largest; it is within (max - min of the group maxima) / 2^ROUNDS of that function's
+    exact k-th largest group maximum, whatever the scale and sign of the values (the bisection on
+    key bits needs all 16 rounds for that; a round here costs about the same: a subtraction and an
+    add per group maximum, one reduction shared by base and expert). Rows with fewer than kth finite
+    group maxima get -inf (rows holding NaN / +inf get something meaningless: their chunk is flagged
+    bad). A union chunk's fill stays exact: with kth entries >= any bound b, fewer than kth entries
+    > b means b is the k-th largest (``store_union_candidates``).
+    """
+    lo_b = tl.min(tl.where(gb > float("-inf"), gb, float("inf")), axis=1)
+    lo_e = tl.min(tl.where(ge > float("-inf"), ge, float("inf")), axis=1)
+    cnt = tl.sum(tl.where(gb >= lo_b[:, None], 1, 0) + tl.where(ge >= lo_e[:, None], 65536, 0), axis=1)
+    lo_b = tl.where((cnt & 0xFFFF) >= kth, lo_b, float("-inf"))
+    lo_e = tl.where((cnt >> 16) >= kth, lo_e, float("-inf"))
+    # the step halves every round; a row left at -inf steps by 0 (lo + step stays -inf); (no overflow at
+    # +-3e38, and no -inf - -inf for numpy to warn about)
+    live_b = lo_b > float("-inf")
+    live_e = lo_e > float("-inf")
+    step_b = 0.5 * tl.where(live_b, top_b, 0.0) - 0.5 * tl.where(live_b, lo_b, 0.0)
+    step_e = 0.5 * tl.where(live_e, top_e, 0.0) - 0.5 * tl.where(live_e, lo_e, 0.0)
+    R: tl.constexpr = gb.shape[0]
+    G: tl.constexpr = gb.shape[1]
+    SPLIT: tl.constexpr = _thread_split(G, THREADS)
+    most_below = G - kth  # a candidate keeps kth maxima at or above it iff at most G - kth lie below
+    for _ in tl.static_range(ROUNDS):
+        mid_b = lo_b + step_b
+        mid_e = lo_e + step_e
+        if not COMPILED:
+            # g - mid is inf - inf only at mid = -inf (a row left at -inf: it stays there whatever the
+            # count) or +inf (a bad row); numpy warns about it, so the interpreter clamps mid finite
+            mid_b = tl.minimum(tl.maximum(mid_b, -FLT_MAX), FLT_MAX)
+            mid_e = tl.minimum(tl.maximum(mid_e, -FLT_MAX), FLT_MAX)
+        # #{g < mid} as the sign bits of g - mid (a subtraction and an add an entry; no compare and
+        # select): never more than the true count (-0.0 - +0.0 and (-inf) - (-inf) may set it), so
+        # G - it never overstates #{g >= mid} and every accepted mid stays a valid bound
+        # (summed inside each thread first, base and expert apart, then packed for one reduction)
+        in_b = tl.sum(tl.reshape(_sign_bit(gb - mid_b[:, None]), [R, SPLIT[0], SPLIT[1]]), axis=1)
+        in_e = tl.sum(tl.reshape(_sign_bit(ge - mid_e[:, None]), [R, SPLIT[0], SPLIT[1]]), axis=1)
+        below = tl.sum(in_b + (in_e << 16), axis=1)
+        lo_b = tl.where((below & 0xFFFF) <= most_below, mid_b, lo_b)
+        lo_e = tl.where((below >> 16) <= most_below, mid_e, lo_e)
+        step_b = step_b * 0.5
+        step_e = step_e * 0.5
+    return lo_b, lo_e
 
 
 @triton.constexpr_function
@@ -376,7 +442,7 @@ def store_union_candidates(ptr, base, row_mask, x, bound, kth, SLOTS: tl.constex
     bound up to kth slots, the rest SLOT_NONE. Returns [R] "written": false for rows past the batch
     and for rows with more than SLOTS entries > bound (they write nothing; the caller decides them).
 
-    bound: [R] with at least kth entries >= it (``pair_group_bound``). If kth or more entries
+    bound: [R] with at least kth entries >= it (``pair_value_bound``). If kth or more entries
     exceed it, the kth largest are among them; if fewer do, bound is the kth largest value itself
     and the copies complete the multiset. The reduce's k-th largest over all chunks' slots is then
     the row's k-th largest: extra values below a chunk's own kth largest never reach the row's.
@@ -588,7 +654,7 @@ def store_order_candidates(ptr, base, row_mask, x, ids, mask, bound, SLOTS: tl.c
     """``store_raw_candidates`` of a tile's entries >= bound; false for rows past the batch and rows
     with more than SLOTS such entries.
 
-    bound: [R] at most the tile's k-th largest value (``pair_group_bound``), so the entries >= it
+    bound: [R] at most the tile's k-th largest value (``pair_value_bound``), so the entries >= it
     hold the tile's top-k list by order key, ties at the k-th value included."""
     return store_raw_candidates(ptr, base, row_mask, x, ids, mask & (x >= bound[:, None]), SLOTS, THREADS)
 
@@ -937,7 +1003,7 @@ def pass1_store_tile(
     ``store_topk_order_keys`` when FALLBACK); 1 union thresholds: SLOTS (>= K; 0 means K and the exact path below) fp32 slots per row holding a
     sub-multiset of the chunk's values that
     contains its kth largest (``store_union_candidates`` above the group-maxima bound
-    ``pair_group_bound``; no sorting). A row with more than SLOTS entries above its bound is
+    ``pair_value_bound``; no sorting). A row with more than SLOTS entries above its bound is
     rewritten exactly by bisection over all its entries (``pair_kth_largest`` +
     ``store_topk_multiset``: 16 / 32 rounds over every entry) when FALLBACK (always, except in
     the kernel report's fast-path count). n_present = columns of this chunk inside the
@@ -964,24 +1030,24 @@ def pass1_store_tile(
         store_topk_multiset(keys_b_ptr, base, row_mask, lb, tb, few, kth, DENSE, K, THREADS)
         store_topk_multiset(keys_e_ptr, base, row_mask, le, te, few, kth, DENSE, K, THREADS)
     elif KEYS == 1:
-        bound_b, bound_e = pair_group_bound(gb, ge, kth, 16, DENSE)
+        bound_b, bound_e = pair_value_bound(gb, ge, m_b, m_e, kth, BOUND_ROUNDS, THREADS)
         base = (rows.to(tl.int64) * n_chunks + chunk) * SLOTS
         done_b = store_union_candidates(keys_b_ptr, base, row_mask, lb, bound_b, kth, SLOTS, THREADS)
         done_e = store_union_candidates(keys_e_ptr, base, row_mask, le, bound_e, kth, SLOTS, THREADS)
         if FALLBACK:
-            if tl.sum((row_mask & ~(done_b & done_e)).to(tl.int32), axis=0) > 0:  # rare: see pair_group_bound
+            if tl.sum((row_mask & ~(done_b & done_e)).to(tl.int32), axis=0) > 0:  # rare: see pair_value_bound
                 tb, te = pair_kth_largest(lb, le, kth, DENSE)
                 few = (n_present < kth) | (rows < 0)  # a short last chunk: all of it is a candidate
                 store_topk_multiset(keys_b_ptr, base, row_mask & ~done_b, lb, tb, few, kth, DENSE, SLOTS, THREADS)
                 store_topk_multiset(keys_e_ptr, base, row_mask & ~done_e, le, te, few, kth, DENSE, SLOTS, THREADS)
     elif KEYS == 2:
         # intersection: each chunk's top-K list by (value, id) order key, K = the buffer (ranks < K)
-        bound_b, bound_e = pair_group_bound(gb, ge, K, 16, DENSE)
+        bound_b, bound_e = pair_value_bound(gb, ge, m_b, m_e, K, BOUND_ROUNDS, THREADS)
         base = (rows.to(tl.int64) * n_chunks + chunk) * SLOTS
         done_b = store_order_candidates(keys_b_ptr, base, row_mask, lb, cols, mask, bound_b, SLOTS, THREADS)
         done_e = store_order_candidates(keys_e_ptr, base, row_mask, le, cols, mask, bound_e, SLOTS, THREADS)
         if FALLBACK:
-            if tl.sum((row_mask & ~(done_b & done_e)).to(tl.int32), axis=0) > 0:  # rare: see pair_group_bound
+            if tl.sum((row_mask & ~(done_b & done_e)).to(tl.int32), axis=0) > 0:  # rare: see pair_value_bound
                 store_topk_order_keys(keys_b_ptr, base, row_mask & ~done_b, lb, cols, mask, K, SLOTS, THREADS)
                 store_topk_order_keys(keys_e_ptr, base, row_mask & ~done_e, le, cols, mask, K, SLOTS, THREADS)
 
@@ -1030,11 +1096,14 @@ def pass2_store_tile(
     SAMPLE: 0 greedy, 1 plain temperature sampling, 2 top-k/top-p sampling (keys2 + mass: the
     chunk's candidates above the K-th largest of its group maxima, ``store_sample_candidates``;
     nothing is sorted). NEED_V0 / NEED_V1: compute the no-spike outcome (s = p_b) / the spiked
-    union outcome.
+    union outcome. Masked entries (``row_mask``, ``col_mask``) must hold -inf.
     """
-    mask = row_mask[:, None] & col_mask[None, :]
-    lb = tl.where(mask, lb, float("-inf"))
-    le = tl.where(mask, le, float("-inf"))
+    mask = row_mask[:, None] & col_mask[None, :]  # masked entries hold -inf already (the loads' `other`)
+    if SAMPLE == 2:
+        # redundant, but without these selects ptxas spills a few bytes in some sm_80 top-k / top-p
+        # variants (and with them in fp32 temperature sampling): kernel report
+        lb = tl.where(mask, lb, float("-inf"))
+        le = tl.where(mask, le, float("-inf"))
     info = rows.to(tl.int64) * 8
     m_b = tl.load(rowinfo_ptr + info, mask=row_mask, other=0.0)
     ls_b = tl.load(rowinfo_ptr + info + 1, mask=row_mask, other=0.0)

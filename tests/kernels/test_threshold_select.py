@@ -76,8 +76,9 @@ def top_list_reference(logits: torch.Tensor, k: int) -> list[set[int]]:
 
 
 def entries_above_group_bound(logits: torch.Tensor, k: int, block_v: int, groups: int) -> torch.Tensor:
-    """[B, chunks] entries of each chunk above its group-maxima bound (select_tiles.pair_group_bound,
-    exact for 16-bit logits): the k-th largest maximum of the strided groups j, j + groups, ..."""
+    """[B, chunks] entries of each chunk above its exact group-maxima bound: the k-th largest maximum of
+    the strided groups j, j + groups, ... (select_tiles.pair_value_bound finds it to within 1/1024 of
+    the maxima's spread, from below)."""
     batch, vocab = logits.shape
     chunks = logits.float().reshape(batch, vocab // block_v, block_v)
     group_max = chunks.reshape(batch, vocab // block_v, block_v // groups, groups).amax(dim=2)
