@@ -161,6 +161,7 @@ def suite_metrics(
         out["reflection"] = {
             "n": len(reflections),
             "parsed": sum(bool(x.get("parsed")) for x in reflections),
+            "probe": sum(x.get("source") == "probe" for x in reflections),
             "routed": sum(bool(x.get("routed")) for x in reflections),  # risk probe: decoded unguarded
             # risk probe's divergence check: rows it looked at, and those it kept guarded
             "checked": sum(x.get("divergence") is not None for x in reflections),

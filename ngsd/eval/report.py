@@ -145,7 +145,16 @@ def _diagnosis(config: EvalConfig, metrics: Mapping[str, Any], methods: Sequence
         suites = metrics["methods"]["ngsd"]["suites"]
         parsed = sum(suites[s.name].get("reflection", {}).get("parsed", 0) for s in config.suites)
         total = sum(suites[s.name].get("reflection", {}).get("n", 0) for s in config.suites)
-        if total:
+        verdicts = {key: sum(suites[s.name].get("reflection", {}).get(key, 0) for s in config.suites)
+                    for key in ("probe", "routed", "checked", "checked_guarded")}
+        by_probe = total and verdicts["probe"] == total
+        if by_probe:
+            lines.append(
+                f"- The risk probe (NGSD default for this model) routed {verdicts['routed']}/{total} requests unguarded. "
+                f"Its divergence check looked at {verdicts['checked']} requests (risk in [check_above, route_below)) "
+                f"and kept {verdicts['checked_guarded']} of them guarded."
+            )
+        elif total:
             reflection = config.method("ngsd").config.reflection
             fallback = reflection.fallback_score
             lines.append(
@@ -158,7 +167,8 @@ def _diagnosis(config: EvalConfig, metrics: Mapping[str, Any], methods: Sequence
         for s in config.suites:
             counts = suites[s.name]["alpha"]
             parts.append(f"{s.label}: " + ", ".join(f"α={a}×{c}" for a, c in counts.items()))
-        lines.append("- Alpha chosen by self-reflection per suite (NGSD default): " + "; ".join(parts) + ".")
+        source = "the risk probe" if by_probe else "self-reflection"
+        lines.append(f"- Alpha chosen by {source} per suite (NGSD default): " + "; ".join(parts) + ".")
     lines.append(
         "- The gate cannot act on the first token: the potential starts at 0 and one step adds D <= 1, so with "
         "v_th = 1 it fires at step 0 only if the two distributions are disjoint. The first answer token is "
