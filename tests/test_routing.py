@@ -286,3 +286,16 @@ def test_the_equal_outputs_warning_ignores_steps_where_every_guarded_row_has_fin
         watch.observe(base, base[rows].clone(), rows, still_running)
     with pytest.warns(RuntimeWarning, match="not applied"):
         watch.warn_if_stuck()
+
+
+def test_a_checked_row_whose_divergence_is_nan_stays_guarded():
+    from ngsd.risk.estimate import ProbeVerdict, RiskPlan
+
+    plan = RiskPlan([0.0, 0.0, 0.0], [ProbeVerdict(risk=1.0, alpha=0.0, routed=True, route_below=3.0)] * 3,
+                    route_below=3.0, reflection=ReflectionConfig(), check_above=0.5, check_divergence=0.5,
+                    to_check=[0, 2])
+    base = torch.zeros(3, 8)
+    expert = torch.zeros(2, 8)
+    expert[1, 0] = float("nan")  # row 2's expert: the step would report it; the check must not route it unguarded
+    assert plan.confirm(torch.tensor([0, 2]), base, expert) == [2]
+    assert plan.alphas == [0.0, 0.0, 0.9] and plan.verdicts[2].routed is False and plan.verdicts[0].divergence == 0.0

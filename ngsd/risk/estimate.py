@@ -115,7 +115,7 @@ class RiskPlan:
         keep = set(rows.tolist()) - set(self.to_check)
         high = self.reflection.guarded_alpha if self.reflection.guarded_alpha is not None else self.reflection.alpha_high
         for row, value in zip(self.to_check, divergence):
-            guard = value >= self.check_divergence
+            guard = not value < self.check_divergence  # NaN fails closed: guarded, and the step then reports it
             if guard:
                 keep.add(row)
                 self.alphas[row] = high
