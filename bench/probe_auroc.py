@@ -61,14 +61,19 @@ def injection_check(risk_of, config, goals: list[str]) -> dict:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options this script shares with probe_check.py."""
     parser.add_argument("--probe", default=None, help="probe folder (default: the shipped probe of the default model)")
-    parser.add_argument("--model", default=None, help="model the probe belongs to (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--out", default="reports/probe")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--data-dir", default=None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_common_arguments(parser)
+    parser.add_argument("--model", default=None, help="model the probe belongs to (default: SmolLM2-135M-Instruct)")
     args = parser.parse_args(argv)
 
     from ngsd.config import ReflectionConfig

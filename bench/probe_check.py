@@ -21,18 +21,14 @@ from pathlib import Path
 
 import torch
 
-from probe_auroc import BENIGN, HARMFUL, evaluation_suites
+from probe_auroc import BENIGN, HARMFUL, add_common_arguments, evaluation_suites
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_common_arguments(parser)
     parser.add_argument("--risks", default="reports/probe/probe_eval.json", help="probe_auroc.py's output")
-    parser.add_argument("--probe", default=None, help="probe folder (default: the shipped probe of the default model)")
     parser.add_argument("--expert", default="shipped", help="the expert the check was fitted for (default: shipped)")
-    parser.add_argument("--out", default="reports/probe")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--data-dir", default=None)
     args = parser.parse_args(argv)
 
     from ngsd.experts.resolve import resolve_expert

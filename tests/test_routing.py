@@ -84,11 +84,17 @@ def _probe_splitting(model, ids, mask, folder):
     return risks, threshold
 
 
-def test_routed_rows_decode_like_unguarded_and_guarded_rows_like_a_fixed_alpha(tmp_path):
+def _split_batch(tmp_path):
+    """The llama test model, a LoRA expert, a batch of 4 and a probe that routes half of it."""
     model = tiny_model("llama")
     adapter = LoraAdapter.load(tiny_lora_expert(model, tmp_path / "lora"))
     ids, mask, _ = mixed_length_batch([6, 4, 7, 5], model.config.vocab_size, seed=2)
     risks, threshold = _probe_splitting(model, ids, mask, tmp_path / "probe")
+    return model, adapter, ids, mask, risks, threshold
+
+
+def test_routed_rows_decode_like_unguarded_and_guarded_rows_like_a_fixed_alpha(tmp_path):
+    model, adapter, ids, mask, risks, threshold = _split_batch(tmp_path)
     reflection = ReflectionConfig(mode="probe", probe=str(tmp_path / "probe"), route_below=threshold)
     config = NGSDConfig(tau=2.0, v_th=0.3, reflection=reflection)
 
@@ -205,10 +211,7 @@ def test_the_divergence_check_keeps_exactly_the_rows_whose_expert_diverges_and_d
 
 
 def test_the_check_only_adds_guarded_rows_and_can_be_switched_off(tmp_path):
-    model = tiny_model("llama")
-    adapter = LoraAdapter.load(tiny_lora_expert(model, tmp_path / "lora"))
-    ids, mask, _ = mixed_length_batch([6, 4, 7, 5], model.config.vocab_size, seed=2)
-    risks, threshold = _probe_splitting(model, ids, mask, tmp_path / "probe")
+    model, adapter, ids, mask, risks, threshold = _split_batch(tmp_path)
     base = dict(mode="probe", probe=str(tmp_path / "probe"), route_below=threshold)
     unchecked = _run(model, adapter, ids, mask, config=NGSDConfig(reflection=ReflectionConfig(**base)))
     # a threshold no divergence reaches routes every checked row: the same run as no check at all
