@@ -26,6 +26,16 @@ def _check_finite(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be finite, got {value}")
 
 
+def check_operating_point_bounds(check_above: float | None, check_divergence: float | None, owner: str = "") -> None:
+    """The divergence check's operating point, each part None or in range: check_above a risk in
+    [0, 10], check_divergence a total variation in [0, 1]."""
+    for name, value, top in (("check_above", check_above, 10.0), ("check_divergence", check_divergence, 1.0)):
+        if value is not None:
+            _check_finite(owner + name, value)
+            if not 0.0 <= value <= top:
+                raise ValueError(f"{owner}{name} must be in [0, {top:g}] or None, got {value}")
+
+
 @dataclass(frozen=True)
 class ReflectionConfig:
     """How the base model's own risk judgement becomes a mixing strength alpha (spec section 2).
@@ -131,12 +141,7 @@ class ReflectionConfig:
             raise TypeError(f"route must be True or False, got {self.route!r}")
         if not isinstance(self.check, bool):
             raise TypeError(f"check must be True or False, got {self.check!r}")
-        for name, top in (("check_above", 10.0), ("check_divergence", 1.0)):
-            value = getattr(self, name)
-            if value is not None:
-                _check_finite(name, value)
-                if not 0.0 <= value <= top:
-                    raise ValueError(f"{name} must be in [0, {top:g}] or None, got {value}")
+        check_operating_point_bounds(self.check_above, self.check_divergence)
         if self.probe is not None and not isinstance(self.probe, str):
             object.__setattr__(self, "probe", str(self.probe))
         if not self.low_risk_below <= self.high_risk_above:

@@ -236,7 +236,6 @@ def guarded_generate(
             if risk.probe is not None:  # the probe reads this prefill; low-risk rows get no expert rows at all
                 prefill.expert = pair.guard(risk.decide(prefill.hidden_states, attention_mask))
                 if risk.to_check:  # rows the probe is unsure of stay guarded if the expert diverges at once
-                    selection.set_rows(pair.rows, batch)
                     kept = pair.keep(risk.confirm(pair.rows, *selection.guarded_row_logits(prefill.base, prefill.expert)))
                     prefill.expert = prefill.expert[kept] if kept.numel() else None
         selection.set_rows(pair.rows, batch)

@@ -31,7 +31,18 @@ from typing import Any, Sequence
 
 import torch
 
+from ngsd_kernels import Divergence
+from ngsd_kernels.reference import divergence_between
+
 CHECK_REPORT_KEY = "divergence_check"
+
+
+def total_variation(base_logits: torch.Tensor, expert_logits: torch.Tensor) -> torch.Tensor:
+    """[R] total variation between the rows' next-token distributions: the gate's TV divergence
+    (`ngsd_kernels.reference.divergence_between`), at temperature 1."""
+    log_pb = base_logits.float().log_softmax(-1)
+    log_pe = expert_logits.float().log_softmax(-1).to(log_pb.device)
+    return divergence_between(log_pb, log_pe, log_pb.exp(), log_pe.exp(), Divergence.TV)
 
 
 def fit_divergence_check(risks: Sequence[float], divergences: Sequence[float], labels: Sequence[int], *,
@@ -48,13 +59,13 @@ def fit_divergence_check(risks: Sequence[float], divergences: Sequence[float], l
     n, k = len(routed_benign), math.floor(band_share * len(routed_benign))
     check_above = route_below if k == 0 else 0.0 if k == n else (routed_benign[n - k - 1] + routed_benign[n - k]) / 2
     in_band = [(d, y) for r, d, y in zip(risks, divergences, labels) if check_above <= r < route_below]
-    harmful = sorted(d for d, y in in_band if y)
     harmful_all = sorted(d for d, y in zip(divergences, labels) if y)
     # the threshold is set on every harmful validation request (the band holds too few to set it alone)
-    index = max(0, math.ceil(len(harmful_all) * (1 - recall)) - 1) if recall < 1.0 else 0
-    check_divergence = harmful_all[index] if harmful_all else 1.0
+    check_divergence = harmful_all[max(0, math.ceil(len(harmful_all) * (1 - recall)) - 1)] if harmful_all else 1.0
+    harmful_in_band = [d for d, y in in_band if y]
+    harmful_kept = sum(d >= check_divergence for d in harmful_in_band)
     benign_in_band = [d for d, y in in_band if not y]
-    harmful_routed = [r for r, y in zip(risks, labels) if y and r < route_below]
+    harmful_routed = sum(bool(y) and r < route_below for r, y in zip(risks, labels))
     return {
         "check_above": round(float(check_above), 4),
         "check_divergence": round(float(check_divergence), 4),
@@ -62,10 +73,10 @@ def fit_divergence_check(risks: Sequence[float], divergences: Sequence[float], l
         "band_share": band_share,
         "validation": {
             "harmful": sum(labels), "benign": len(labels) - sum(labels),
-            "harmful_routed_by_probe": len(harmful_routed),
-            "harmful_in_band": len(harmful),
-            "harmful_in_band_kept_guarded": sum(d >= check_divergence for d in harmful),
-            "harmful_routed_after_check": len(harmful_routed) - sum(d >= check_divergence for d in harmful),
+            "harmful_routed_by_probe": harmful_routed,
+            "harmful_in_band": len(harmful_in_band),
+            "harmful_in_band_kept_guarded": harmful_kept,
+            "harmful_routed_after_check": harmful_routed - harmful_kept,
             "benign_routed_by_probe": len(routed_benign),
             "benign_in_band": len(benign_in_band),
             "benign_in_band_guarded": sum(d >= check_divergence for d in benign_in_band),
@@ -98,15 +109,15 @@ def first_step_divergence(model: Any, tokenizer: Any, texts: Sequence[str], expe
                 with adapter.rows_from(rows):
                     both = torch.cat([ids, ids]), torch.cat([mask, mask])
                     logits = model(input_ids=both[0], attention_mask=both[1],
-                                   position_ids=positions_from_mask(both[1])).logits[:, -1].float()
+                                   position_ids=positions_from_mask(both[1])).logits[:, -1]
                 base, other = logits[:rows], logits[rows:]
             else:
                 positions = positions_from_mask(mask)
-                base = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1].float()
+                base = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1]
                 device = next(expert.parameters()).device
                 other = expert(input_ids=ids.to(device), attention_mask=mask.to(device),
-                               position_ids=positions.to(device)).logits[:, -1].float().to(base.device)
-            out += (0.5 * (base.softmax(-1) - other.softmax(-1)).abs().sum(-1)).tolist()
+                               position_ids=positions.to(device)).logits[:, -1]
+            out += total_variation(base, other).tolist()
     finally:
         if attached:
             adapter.detach(model)
@@ -144,9 +155,7 @@ def fit_probe_check(probe_dir: str | Path, *, model: Any, tokenizer: Any, expert
     fitted["command"] = command
     spec = replace(probe.spec, check_above=fitted["check_above"], check_divergence=fitted["check_divergence"],
                    check_expert=expert_name)
-    data = json.loads((probe_dir / PROBE_FILE).read_text())
-    data.update(check_above=spec.check_above, check_divergence=spec.check_divergence, check_expert=expert_name)
-    (probe_dir / PROBE_FILE).write_text(json.dumps(data, indent=2) + "\n")
+    (probe_dir / PROBE_FILE).write_text(json.dumps(spec.to_dict(), indent=2) + "\n")  # what RiskProbe.save writes
     report[CHECK_REPORT_KEY] = fitted
     report_file.write_text(json.dumps(report, indent=2) + "\n")
     log(f"check_above {fitted['check_above']}, check_divergence {fitted['check_divergence']}: {fitted['validation']}")

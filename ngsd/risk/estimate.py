@@ -22,6 +22,7 @@ from torch import nn
 
 from ..config import NGSDConfig, ReflectionConfig
 from ..decoding.arguments import per_row_alphas
+from .divergence_check import total_variation
 
 
 @dataclass(frozen=True)
@@ -109,9 +110,8 @@ class RiskPlan:
             return rows.tolist()
         position = {row: j for j, row in enumerate(rows.tolist())}
         checked = torch.tensor([position[row] for row in self.to_check], dtype=torch.long, device=expert_logits.device)
-        base = base_logits[torch.tensor(self.to_check, device=base_logits.device)].float()
-        expert = expert_logits[checked].float()
-        divergence = (0.5 * (base.softmax(-1) - expert.softmax(-1).to(base.device)).abs().sum(-1)).tolist()
+        base = base_logits[torch.tensor(self.to_check, device=base_logits.device)]
+        divergence = total_variation(base, expert_logits[checked]).tolist()
         keep = set(rows.tolist()) - set(self.to_check)
         high = self.reflection.guarded_alpha if self.reflection.guarded_alpha is not None else self.reflection.alpha_high
         for row, value in zip(self.to_check, divergence):

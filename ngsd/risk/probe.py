@@ -40,6 +40,8 @@ from typing import Any, Sequence
 
 import torch
 
+from ..config import check_operating_point_bounds
+
 POOLINGS = ("last", "mean", "max")
 # "pooled": logistic regression on pooled features; "token_max": the logistic score of every prompt
 # token, maximised over the prompt (see the module docstring).
@@ -127,15 +129,11 @@ def _optional_float(value: Any) -> float | None:
 
 def check_divergence_operating_point(check_above: float | None, check_divergence: float | None,
                                      owner: str = "") -> None:
-    """Both or neither set; a risk in [0, 10] and a total variation in [0, 1]."""
+    """Both or neither set, each within `ngsd.config.check_operating_point_bounds`."""
     if (check_above is None) != (check_divergence is None):
         raise ValueError(f"{owner}check_above and check_divergence go together: set both or neither, got "
                          f"{check_above!r} and {check_divergence!r}")
-    if check_above is None:
-        return
-    for name, value, top in (("check_above", check_above, RISK_SCALE), ("check_divergence", check_divergence, 1.0)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= top:
-            raise ValueError(f"{owner}{name} must be a number in [0, {top:g}], got {value!r}")
+    check_operating_point_bounds(check_above, check_divergence, owner)
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:

@@ -114,21 +114,19 @@ def _fit_check(args: argparse.Namespace, cfg: Any, model: Any, tokenizer: Any, c
     from ..loading import is_default_model, load_model
     from .divergence_check import fit_probe_check
 
+    default = is_default_model(cfg.model)
+    name = args.expert or ("shipped" if default else None)
+    if name is None:
+        print("no expert ships for this model and none was given (--expert): no divergence check fitted")
+        return
+    if name == "shipped" and not default:
+        raise SystemExit("no expert ships for this model: pass --expert <adapter folder or model>")
     if model is None:
         torch.set_num_threads(cfg.threads)
         model, tokenizer = load_model(cfg.model)
-    name = args.expert
-    if name is None or name == "shipped":
-        path = shipped_expert_path() if is_default_model(cfg.model) else None
-        if path is None:
-            if name == "shipped":
-                raise SystemExit("no expert ships for this model: pass --expert <adapter folder or model>")
-            print("no expert ships for this model and none was given (--expert): no divergence check fitted")
-            return
-        name = path.name
-        expert = resolve_expert(str(path), model)
-    else:
-        expert = resolve_expert(name, model)
+    expert = resolve_expert(name, model)
+    if name == "shipped":
+        name = shipped_expert_path().name
     fit_probe_check(cfg.out, model=model, tokenizer=tokenizer, expert=expert, expert_name=str(name),
                     data_dir=cfg.data_dir, recall=args.check_recall, band_share=args.check_band_share,
                     batch_size=cfg.batch_size, command=command)
