@@ -375,3 +375,22 @@ def test_broad_recipe_builds_every_kind_and_picks_weights_on_validation(tiny, da
     harmful_val, benign_val = validation_requests(data_dir, cfg)
     assert not trained & {r.text for r in harmful_val + benign_val}
     assert "weights after step" in (out / "README.md").read_text()
+
+
+def test_seed_plus_broad_recipe_holds_both_sets_and_alpaca_even_ids(tiny, data_dir, tmp_path):
+    model, tok = tiny
+    rows = [{"id": i, "instruction": f"Write a short note about topic {i}.", "source": "x"} for i in range(8)]
+    (data_dir / "alpaca_eval_805.json").write_text(json.dumps(rows))
+    cfg = small_config(data_dir, tmp_path / "mixed", recipe="seed+broad", alpaca_benign_prompts=2, harmful_requests=4,
+                       recovery_examples=2, lookalike_examples=3, validation_prompts=2)
+    out = trainer.train_expert(cfg, model=model, tokenizer=tok, log=lambda s: None)
+    report = json.loads((out / trainer.REPORT_FILE).read_text())
+    data = report["data"]
+    # The broad set adds its harmful requests and look-alikes but not its everyday requests (the seed set has them).
+    assert data["broad"]["examples_by_kind"]["refusal"] == 4 and data["broad"]["examples_by_kind"]["benign"] == 3
+    assert data["seed"]["alpaca_benign_prompts"] == 2
+    assert data["examples_by_kind"]["benign"] == len(prompts.benign_train_prompts()) + 2 + 3
+    trained = [json.loads(line)["prompt"] for line in (out / trainer.EXAMPLES_FILE).read_text().splitlines()]
+    assert trained.count("Write a short note about topic 0.") == 1 and trained.count("Write a short note about topic 2.") == 1
+    assert not {f"Write a short note about topic {i}." for i in (1, 3, 4, 5, 6, 7)} & set(trained)  # odd ids; even ids past 2
+    assert "validation" in report

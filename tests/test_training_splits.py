@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from ngsd.data import data_available, load_suite
+from ngsd.data import data_available, load_suite, resolve_data_dir
 from ngsd.experts.shipped import shipped_expert_path
 from ngsd.experts.training import prompts
 from ngsd.experts.training.broad import (
     ADVBENCH_TRAIN_MIN_ID, FORMS, act_of, balanced_sample, categories, categorise, is_imperative, render_act,
     render_request, third_person, training_requests,
 )
-from ngsd.experts.training.splits import evaluation_prompts, leaks, normalize
+from ngsd.experts.training.splits import alpaca_training_prompts, evaluation_prompts, leaks, normalize
 
 needs_data = pytest.mark.skipif(not data_available(), reason="shared data folder (../shared/data or $NGSD_DATA_DIR) absent")
 
@@ -79,6 +79,15 @@ def test_recipe_requests_and_prompt_lists_hold_no_evaluation_prompt(evaluation):
     texts += prompts.benign_train_prompts() + list(prompts.BENIGN_EVAL_PROMPTS)
     texts += [p.text for p in load_suite("seed_reject")]
     assert leaks(texts, evaluation=evaluation) == []
+
+
+@needs_data
+def test_alpaca_training_prompts_are_the_even_ids_in_order(evaluation):
+    rows = json.loads((Path(resolve_data_dir()) / "alpaca_eval_805.json").read_text(encoding="utf-8"))
+    even = [r["instruction"] for r in sorted(rows, key=lambda r: int(r["id"])) if int(r["id"]) % 2 == 0]
+    picked = alpaca_training_prompts()
+    assert picked == [t for t in even if t in set(picked)] and len(picked) >= 400
+    assert leaks(picked, evaluation=evaluation) == []
 
 
 @needs_data

@@ -24,7 +24,8 @@ _FLAGS = {"model": "--model", "data_dir": "--data-dir", "out": "--out", "epochs"
           "examples": "--examples", "top_layers": "--top-layers", "recipe": "--recipe",
           "harmful_requests": "--harmful-requests", "recovery_examples": "--recovery-examples",
           "lookalike_examples": "--lookalike-examples", "everyday_examples": "--everyday-examples",
-          "validation_share": "--validation-share"}
+          "validation_share": "--validation-share",
+          "alpaca_benign_prompts": "--alpaca-benign-prompts"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,7 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recipe", default=d.recipe, choices=RECIPES,
                         help="'broad': harmful requests across the harm taxonomy in many surface forms, recovery "
                         "after the base's own openings, harmless look-alikes, epoch chosen on a validation split "
-                        "(issue 15; use with --epochs 1); 'seed': the shipped v4 recipe (seed prompts + AdvBench)")
+                        "(issue 15; use with --epochs 1); 'seed': the v4 recipe (seed prompts + AdvBench); "
+                        "'seed+broad': both sets together (the broad set without its everyday requests)")
     parser.add_argument("--harmful-requests", type=int, default=d.harmful_requests,
                         help="broad recipe: harmful requests with a refusal example")
     parser.add_argument("--recovery-examples", type=int, default=d.recovery_examples,
@@ -64,6 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="refusal examples per seed prompt")
     parser.add_argument("--advbench-prompts", type=int, default=d.advbench_prompts,
                         help="seed recipe: extra harmful prompts drawn from AdvBench ids >= 130 for refusal/recovery examples")
+    parser.add_argument("--alpaca-benign-prompts", type=int, default=d.alpaca_benign_prompts,
+                        help="seed recipe: the first N AlpacaEval even-id instructions (a training split) answered "
+                        "as the base answers, under the benign loss; the remaining even ids stay held apart")
     parser.add_argument("--recovery-per-prompt", type=int, default=d.recovery_per_prompt,
                         help="recovery examples (compliant start, then a refusal) per harmful prompt")
     parser.add_argument("--benign-loss", default=d.benign_loss, choices=BENIGN_LOSSES,
@@ -84,7 +89,7 @@ def config_from_args(args: argparse.Namespace) -> TrainExpertConfig:
         examples=args.examples, top_layers=args.top_layers, recipe=args.recipe,
         harmful_requests=args.harmful_requests, recovery_examples=args.recovery_examples,
         lookalike_examples=args.lookalike_examples, everyday_examples=args.everyday_examples,
-        validation_share=args.validation_share,
+        validation_share=args.validation_share, alpaca_benign_prompts=args.alpaca_benign_prompts,
     )
 
 

@@ -11,7 +11,9 @@ TARGET_PRESETS = {
 REFUSAL_SOURCES = ("self+vicuna", "self", "vicuna")
 BENIGN_LOSSES = ("kl", "ce")
 SAVE_DTYPES = ("float16", "bfloat16", "float32")
-RECIPES = ("broad", "seed")  # "broad": issue 15 (broad_examples.py); "seed": the v4 recipe (examples.py)
+# "broad": issue 15 (broad_examples.py); "seed": the v4 recipe (examples.py); "seed+broad": both sets
+# together (the broad set without its everyday requests, which the seed set holds already).
+RECIPES = ("broad", "seed", "seed+broad")
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,9 @@ class TrainExpertConfig:
     prefix_lengths: tuple[int, ...] = (1, 2, 3, 4, 6, 8)
     recovery_per_prompt: int = 1
     benign_max_new_tokens: int = 48
+    # AlpacaEval rows with an even id (a training split) in id order, answered as the base answers;
+    # the rest of the even ids stay apart for checking that the expert starts where the base starts.
+    alpaca_benign_prompts: int = 0
     max_response_tokens: int = 64
     benign_loss: str = "kl"
     max_length: int = 384
@@ -79,7 +84,8 @@ class TrainExpertConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("refusals_per_prompt", "advbench_prompts", "recovery_per_prompt", "harmful_requests",
-                     "recovery_examples", "lookalike_examples", "everyday_examples", "validation_prompts"):
+                     "recovery_examples", "lookalike_examples", "everyday_examples", "validation_prompts",
+                     "alpaca_benign_prompts"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0:

@@ -21,7 +21,7 @@ from ...data import Prompt, id_sort_key, load_suite, split_user_assistant
 from ...eval.judge import KeywordJudge
 from .config import TrainExpertConfig
 from .prompts import FALLBACK_REFUSAL, REFUSAL_OPENING, SAFETY_SYSTEM_PROMPT, TURN_MARKERS, benign_train_prompts
-from .splits import ADVBENCH_EVAL_BELOW
+from .splits import ADVBENCH_EVAL_BELOW, alpaca_training_prompts
 
 
 @dataclass
@@ -346,8 +346,11 @@ def build_examples(
             ids, complete = cap_response(tokenizer, text, cfg.max_response_tokens, prefix)
             examples.append(Example("recovery", source, p, ids, prefix_ids=prefix, complete=complete))
 
-    # 3. benign: the base's own greedy answers to everyday requests.
-    benign = benign_train_prompts()
+    # 3. benign: the base's own greedy answers to everyday requests, and to AlpacaEval's even ids,
+    # so that the expert opens a generic instruction's answer where the base opens it.
+    alpaca = alpaca_training_prompts(data_dir)[: cfg.alpaca_benign_prompts] if cfg.alpaca_benign_prompts else []
+    summary["alpaca_benign_prompts"] = len(alpaca)
+    benign = benign_train_prompts() + alpaca
     log(f"greedy base answers for {len(benign)} benign prompts")
     answers = generate_ids(
         model, tokenizer, [chat_prompt_ids(tokenizer, p) for p in benign],

@@ -83,4 +83,13 @@ def leaks(
     return found
 
 
-__all__ = ["ADVBENCH_EVAL_BELOW", "evaluation_prompts", "leaks", "normalize"]
+def alpaca_training_prompts(data_dir: str | os.PathLike[str] | None = None) -> list[str]:
+    """AlpacaEval instructions with an even id (a training split), in id order, without those that
+    repeat an evaluation prompt (AlpacaEval holds near-twins across its odd and even rows)."""
+    rows = json.loads((Path(resolve_data_dir(data_dir)) / ALPACA_EVAL_FILE).read_text(encoding="utf-8"))
+    even = [r["instruction"] for r in sorted(rows, key=lambda r: int(r["id"])) if int(r["id"]) % 2 == 0]
+    leaked = {text for text, _, _ in leaks(even, evaluation=evaluation_prompts(data_dir, missing_ok=True))}
+    return [t for t in even if t not in leaked]
+
+
+__all__ = ["ADVBENCH_EVAL_BELOW", "alpaca_training_prompts", "evaluation_prompts", "leaks", "normalize"]

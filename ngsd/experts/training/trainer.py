@@ -9,7 +9,7 @@ import random
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -264,6 +264,13 @@ def _train_expert(cfg: TrainExpertConfig, *, model: Any, tokenizer: Any, command
                    "advbench_train_ids": sorted({adv_ids[e.prompt] for e in examples if e.prompt in adv_ids})}
     elif cfg.recipe == "broad":
         examples, summary = build_broad_examples(model, tokenizer, data_dir, cfg, log=log)
+    elif cfg.recipe == "seed+broad":
+        examples, seed_summary = build_examples(model, tokenizer, data_dir, cfg, log=log)
+        broad, broad_summary = build_broad_examples(model, tokenizer, data_dir, replace(cfg, everyday_examples=0), log=log)
+        examples += broad
+        summary = {"recipe": "seed+broad", "seed": seed_summary, "broad": broad_summary,
+                   "examples_by_kind": count_by(e.kind for e in examples),
+                   "examples_by_source": count_by(f"{e.kind}/{e.source.split('/')[0]}" for e in examples)}
     else:
         examples, summary = build_examples(model, tokenizer, data_dir, cfg, log=log)
     t_data = time.perf_counter() - t0
@@ -282,7 +289,7 @@ def _train_expert(cfg: TrainExpertConfig, *, model: Any, tokenizer: Any, command
         if done in {max(1, round(f * total)) for f in cfg.validate_at}:
             snapshots[done] = {n: p.detach().clone() for n, p in peft_model.named_parameters() if p.requires_grad}
 
-    selecting = cfg.recipe == "broad" and cfg.validation_share > 0 and cfg.validation_prompts > 0
+    selecting = cfg.recipe in ("broad", "seed+broad") and cfg.validation_share > 0 and cfg.validation_prompts > 0
     t1 = time.perf_counter()
     stats = train_lora(peft_model, tokenizer, examples, cfg, log=log, checkpoint=out / CHECKPOINT_FILE,
                        on_step_end=keep_snapshot if selecting else None)
