@@ -37,10 +37,6 @@ _ATTACHED = "_ngsd_lora_hooks"
 class _LoraPair:
     down: torch.Tensor  # lora_A.weight [r, in]
     up: torch.Tensor  # lora_B.weight [out, r]
-    # The hook's operands, made once at attach: transposed and contiguous, the scale folded into
-    # `up_t`. A decode step runs the hook on every adapted layer, and its cost is dispatch, not FLOPs.
-    down_t: torch.Tensor | None = None  # [in, r]
-    up_t: torch.Tensor | None = None  # [r, out], times the adapter's scale
 
 
 @dataclass(eq=False)
@@ -112,8 +108,6 @@ class LoraAdapter:
                 )
             pair.down = pair.down.to(module.weight.device, module.weight.dtype)
             pair.up = pair.up.to(module.weight.device, module.weight.dtype)
-            pair.down_t = pair.down.T.contiguous()
-            pair.up_t = (pair.up.T * self.scale).contiguous()
             handles.append(module.register_forward_hook(self._hook(pair)))
         model.__dict__.setdefault(_ATTACHED, {})[self] = handles
 
@@ -152,10 +146,11 @@ class LoraAdapter:
             first = getattr(self._local, "first_row", None)
             if first is None:
                 return None
-            delta = inputs[0][first:] @ pair.down_t @ pair.up_t
+            x = inputs[0][first:]
+            delta = (x @ pair.down.T) @ pair.up.T
             if torch.is_grad_enabled():
-                return torch.cat([output[:first], output[first:] + delta], dim=0)
-            output[first:].add_(delta)
+                return torch.cat([output[:first], output[first:] + self.scale * delta], dim=0)
+            output[first:].add_(delta, alpha=self.scale)
             return output
 
         return add_lora

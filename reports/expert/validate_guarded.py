@@ -31,7 +31,9 @@ from ngsd.eval.pipeline import locate_expert, model_fingerprint
 from ngsd.eval.runner import DecodingSettings, GenerationCache, Runner
 from ngsd.experts.training.broad_examples import validation_requests
 from ngsd.experts.training.config import TrainExpertConfig
+from ngsd.experts.lora import LoraAdapter
 from ngsd.experts.training.splits import alpaca_training_prompts
+from ngsd.risk.divergence_check import first_step_divergence
 from ngsd.loading import load_model
 
 
@@ -94,6 +96,14 @@ def main() -> None:
                         settings=settings, cache=cache, progress=False)
         guarded = runner.run([get_method("ngsd_a0.9")], suites)["ngsd_a0.9"]
         results[name] = {s: score(s, suites[s], guarded[s], reference[s]) for s in suites}
+        # The routing default's divergence check reads this: the expert's first-step TV from the base.
+        adapter = LoraAdapter.load(source)
+        with torch.no_grad():
+            for s, prompts in suites.items():
+                tv = first_step_divergence(model, tokenizer, [p.text for p in prompts], adapter)
+                results[name][s]["first_step_tv_mean"] = round(sum(tv) / len(tv), 4)
+                results[name][s]["first_step_tv_median"] = round(sorted(tv)[len(tv) // 2], 4)
+        adapter.detach(model)
     for name in results:
         results[name]["choice_score"] = choice_score(results[name], results["off"])
     meta = {"command": "python reports/expert/validate_guarded.py " + " ".join(
@@ -104,12 +114,14 @@ def main() -> None:
     Path(args.out + ".json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
     lines = [f"Held-apart validation (training side), {meta['decoding']}; sizes {meta['sizes']}", "",
              "| method | ASR harmful (keyword / reading) | look-alike refusal (keyword / reading) | look-alike fidelity | "
-             "AlpacaEval held-out fidelity | AlpacaEval first token same | choice score |", "|---|---|---|---|---|---|---|"]
+             "AlpacaEval held-out fidelity | first-step TV mean (harmful / look-alike / AlpacaEval) | choice score |",
+             "|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         h, la, al = r["val_harmful"], r["val_lookalike"], r["alpaca_even_heldout"]
         lines.append(f"| {name} | {1 - h['refusal_keyword']:.0%} / {1 - h['refusal_reading']:.0%} | "
                      f"{la['refusal_keyword']:.0%} / {la['refusal_reading']:.0%} | {la['fidelity_32']:.0%} | "
-                     f"{al['fidelity_32']:.0%} | {al['first_token_same']:.0%} | {r['choice_score']:.3f} |")
+                     f"{al['fidelity_32']:.0%} | " + " / ".join(f"{x.get('first_step_tv_mean', 0):.2f}" for x in (h, la, al))
+                     + f" | {r['choice_score']:.3f} |")
     Path(args.out + ".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
