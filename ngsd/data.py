@@ -90,6 +90,7 @@ class SuiteSpec:
     target: bool = False
     scorer: str | None = None
     label: str = ""
+    id_parity: str | None = None  # "odd" / "even": keep records whose integer id has it (AlpacaEval's split)
 
     def __post_init__(self) -> None:
         if self.format is not None and self.format not in FORMATS:
@@ -101,6 +102,8 @@ class SuiteSpec:
             raise ValueError(f"suite {self.name!r}: select must be one of {SELECTIONS}, got {self.select!r}")
         if self.scorer not in SCORERS:
             raise ValueError(f"suite {self.name!r}: scorer must be one of {SCORERS}, got {self.scorer!r}")
+        if self.id_parity not in (None, "odd", "even"):
+            raise ValueError(f"suite {self.name!r}: id_parity must be 'odd', 'even' or None, got {self.id_parity!r}")
         if self.n is not None and self.n < 1:
             raise ValueError(f"suite {self.name!r}: n must be >= 1 (or null for all prompts), got {self.n}")
         if not self.label:
@@ -173,6 +176,9 @@ for _spec in (
               label="XSTest unsafe", description="XSTest unsafe contrast prompts (200)"),
     SuiteSpec("mt_bench", "mt_bench_questions.jsonl", text_field="turns.0", id_field="question_id", role="utility",
               select="spread", label="MT-Bench", description="MT-Bench first turns (80)"),
+    SuiteSpec("alpaca_eval", "alpaca_eval_805.json", text_field="instruction", role="utility", id_parity="odd",
+              label="AlpacaEval", description="AlpacaEval instructions with an odd id (402), the evaluation split; "
+              "even ids are a training split (SOURCES.md) and never read by this suite"),
     SuiteSpec("gsm8k", "gsm8k_200.json", goal_field="goal", role="utility", scorer="last_number", label="GSM8K",
               description="GSM8K test problems (200); goal is the numeric answer"),
     SuiteSpec("seed_reject", "seed_reject.json", records_key="prompts", role="training",
@@ -363,6 +369,8 @@ def read_suite(spec: SuiteSpec, data_dir: str | os.PathLike[str] | None = None, 
         rows, text_field=text_field, id_field=spec.id_field, goal_field=spec.goal_field,
         where=spec.where, suite=spec.name, source=str(path),
     )
+    if spec.id_parity is not None:
+        prompts = [p for p in prompts if int(p.id) % 2 == (spec.id_parity == "odd")]
     return prompts[:limit] if limit is not None else prompts
 
 

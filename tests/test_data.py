@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -90,6 +91,15 @@ def test_register_own_suite(tmp_path):
         D.SuiteSpec("x", "x.json", role="evil")
 
 
+def test_id_parity_keeps_one_split(tmp_path):
+    (tmp_path / "rows.json").write_text(json.dumps([{"id": i, "instruction": f"task {i}"} for i in range(5)]))
+    odd = D.SuiteSpec("p", "rows.json", text_field="instruction", role="utility", id_parity="odd")
+    assert [p.text for p in D.read_suite(odd, tmp_path)] == ["task 1", "task 3"]
+    assert [p.id for p in D.read_suite(dataclasses.replace(odd, id_parity="even"), tmp_path)] == ["0", "2", "4"]
+    with pytest.raises(ValueError, match="id_parity"):
+        D.SuiteSpec("p", "rows.json", id_parity="prime")
+
+
 def test_lowest_ids_sorts_numerically():
     prompts = [D.Prompt(id=i, text=i) for i in ("10", "9", "b", "100", "a")]
     assert [p.id for p in D.lowest_ids(prompts, 4)] == ["9", "10", "100", "a"]
@@ -103,7 +113,7 @@ def test_split_user_assistant():
 
 EXPECTED_COUNTS = {
     "advbench": 520, "harmbench": 200, "gcg": 50, "autodan": 50, "deepinception": 50, "xstest_safe": 250,
-    "xstest_unsafe": 200, "mt_bench": 80, "gsm8k": 200, "seed_reject": 36, "expert_sft": 71,
+    "xstest_unsafe": 200, "mt_bench": 80, "gsm8k": 200, "seed_reject": 36, "expert_sft": 71, "alpaca_eval": 402,
 }
 
 
