@@ -381,7 +381,8 @@ def test_seed_plus_broad_recipe_holds_both_sets_and_alpaca_even_ids(tiny, data_d
     model, tok = tiny
     rows = [{"id": i, "instruction": f"Write a short note about topic {i}.", "source": "x"} for i in range(8)]
     (data_dir / "alpaca_eval_805.json").write_text(json.dumps(rows))
-    cfg = small_config(data_dir, tmp_path / "mixed", recipe="seed+broad", alpaca_benign_prompts=2, harmful_requests=4,
+    cfg = small_config(data_dir, tmp_path / "mixed", recipe="seed+broad", alpaca_benign_prompts=2, alpaca_benign_tokens=1,
+                       benign_max_new_tokens=4, harmful_requests=4,
                        recovery_examples=2, lookalike_examples=3, validation_prompts=2)
     out = trainer.train_expert(cfg, model=model, tokenizer=tok, log=lambda s: None)
     report = json.loads((out / trainer.REPORT_FILE).read_text())
@@ -393,4 +394,8 @@ def test_seed_plus_broad_recipe_holds_both_sets_and_alpaca_even_ids(tiny, data_d
     trained = [json.loads(line)["prompt"] for line in (out / trainer.EXAMPLES_FILE).read_text().splitlines()]
     assert trained.count("Write a short note about topic 0.") == 1 and trained.count("Write a short note about topic 2.") == 1
     assert not {f"Write a short note about topic {i}." for i in (1, 3, 4, 5, 6, 7)} & set(trained)  # odd ids; even ids past 2
+    rows = [json.loads(line) for line in (out / trainer.EXAMPLES_FILE).read_text().splitlines()]
+    alpaca_rows = [r for r in rows if r["prompt"].startswith("Write a short note about topic")]
+    assert all(len(r["response_ids"]) <= 1 for r in alpaca_rows)  # --alpaca-benign-tokens 1: the first token only
+    assert any(len(r["response_ids"]) > 1 for r in rows if r["kind"] == "benign" and r not in alpaca_rows)
     assert "validation" in report

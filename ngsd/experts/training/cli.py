@@ -25,7 +25,7 @@ _FLAGS = {"model": "--model", "data_dir": "--data-dir", "out": "--out", "epochs"
           "harmful_requests": "--harmful-requests", "recovery_examples": "--recovery-examples",
           "lookalike_examples": "--lookalike-examples", "everyday_examples": "--everyday-examples",
           "validation_share": "--validation-share",
-          "alpaca_benign_prompts": "--alpaca-benign-prompts"}
+          "alpaca_benign_prompts": "--alpaca-benign-prompts", "alpaca_benign_tokens": "--alpaca-benign-tokens"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -69,6 +69,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--alpaca-benign-prompts", type=int, default=d.alpaca_benign_prompts,
                         help="seed recipe: the first N AlpacaEval even-id instructions (a training split) answered "
                         "as the base answers, under the benign loss; the remaining even ids stay held apart")
+    parser.add_argument("--alpaca-benign-tokens", type=int, default=d.alpaca_benign_tokens,
+                        help="keep only the first N tokens of those answers (1: the KL falls on the first token only)")
     parser.add_argument("--recovery-per-prompt", type=int, default=d.recovery_per_prompt,
                         help="recovery examples (compliant start, then a refusal) per harmful prompt")
     parser.add_argument("--benign-loss", default=d.benign_loss, choices=BENIGN_LOSSES,
@@ -90,6 +92,7 @@ def config_from_args(args: argparse.Namespace) -> TrainExpertConfig:
         harmful_requests=args.harmful_requests, recovery_examples=args.recovery_examples,
         lookalike_examples=args.lookalike_examples, everyday_examples=args.everyday_examples,
         validation_share=args.validation_share, alpaca_benign_prompts=args.alpaca_benign_prompts,
+        alpaca_benign_tokens=args.alpaca_benign_tokens,
     )
 
 

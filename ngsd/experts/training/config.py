@@ -46,6 +46,9 @@ class TrainExpertConfig:
     # AlpacaEval rows with an even id (a training split) in id order, answered as the base answers;
     # the rest of the even ids stay apart for checking that the expert starts where the base starts.
     alpaca_benign_prompts: int = 0
+    # Keep only the first n tokens of those answers (None: all `benign_max_new_tokens`). 1 puts the whole
+    # KL weight of such an example on the answer's first token, which the routing check reads.
+    alpaca_benign_tokens: int | None = None
     max_response_tokens: int = 64
     benign_loss: str = "kl"
     max_length: int = 384
@@ -78,6 +81,8 @@ class TrainExpertConfig:
         if self.recipe not in RECIPES:
             raise ValueError(f"recipe must be one of {RECIPES}, got {self.recipe!r}")
         target_modules(self.targets)  # validates
+        if self.alpaca_benign_tokens is not None and self.alpaca_benign_tokens < 1:
+            raise ValueError(f"alpaca_benign_tokens must be >= 1 (or None for whole answers), got {self.alpaca_benign_tokens}")
         if self.top_layers is not None and self.top_layers < 1:
             raise ValueError(f"top_layers must be >= 1 (or None for every layer), got {self.top_layers}")
         for name in ("epochs", "batch_size", "r", "max_trials", "max_length"):

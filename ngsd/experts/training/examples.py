@@ -356,10 +356,12 @@ def build_examples(
         model, tokenizer, [chat_prompt_ids(tokenizer, p) for p in benign],
         max_new_tokens=cfg.benign_max_new_tokens, batch_size=cfg.eval_batch_size * 2, progress="benign answers",
     )
-    for p, ids in zip(benign, answers):
-        examples.append(
-            Example("benign", "base-greedy", p, ids, loss=cfg.benign_loss, complete=len(ids) < cfg.benign_max_new_tokens)
-        )
+    first_alpaca = len(benign) - len(alpaca)
+    for i, (p, ids) in enumerate(zip(benign, answers)):
+        complete = len(ids) < cfg.benign_max_new_tokens
+        if i >= first_alpaca and cfg.alpaca_benign_tokens is not None and len(ids) > cfg.alpaca_benign_tokens:
+            ids, complete = ids[: cfg.alpaca_benign_tokens], False
+        examples.append(Example("benign", "base-greedy", p, ids, loss=cfg.benign_loss, complete=complete))
     summary["examples_by_kind"] = count_by(e.kind for e in examples)
     summary["examples_by_source"] = count_by(f"{e.kind}/{e.source}" for e in examples)
     return examples, summary
