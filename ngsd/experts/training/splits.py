@@ -11,13 +11,13 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from ...data import SUITES, load_suite, resolve_data_dir
+from ...data import SUITES, id_sort_key, load_suite, read_suite, resolve_data_dir
 
 ADVBENCH_EVAL_BELOW = 130  # SOURCES.md: AdvBench ids below 130 are evaluation
-ALPACA_EVAL_FILE = "alpaca_eval_805.json"  # not a registered suite: only its odd ids are evaluation
 _MIN_CONTAINED_CHARS = 30  # shorter evaluation texts ("Hi", a number) are not searched for inside others
 
 
@@ -51,12 +51,9 @@ def evaluation_prompts(
         for line in mt_bench.read_text(encoding="utf-8").splitlines():
             if line.strip():
                 out += [("mt_bench", turn) for turn in json.loads(line)["turns"]]
-    alpaca = folder / ALPACA_EVAL_FILE
-    if missing_ok and not alpaca.is_file():
+    if missing_ok and not (folder / SUITES["alpaca_eval"].file).is_file():
         return out
-    for row in json.loads(alpaca.read_text(encoding="utf-8")):
-        if int(row["id"]) % 2 == 1:
-            out.append(("alpaca_eval odd", row["instruction"]))
+    out += [("alpaca_eval odd", p.text) for p in load_suite("alpaca_eval", data_dir)]  # odd ids only
     return out
 
 
@@ -86,8 +83,8 @@ def leaks(
 def alpaca_training_prompts(data_dir: str | os.PathLike[str] | None = None) -> list[str]:
     """AlpacaEval instructions with an even id (a training split), in id order, without those that
     repeat an evaluation prompt (AlpacaEval holds near-twins across its odd and even rows)."""
-    rows = json.loads((Path(resolve_data_dir(data_dir)) / ALPACA_EVAL_FILE).read_text(encoding="utf-8"))
-    even = [r["instruction"] for r in sorted(rows, key=lambda r: int(r["id"])) if int(r["id"]) % 2 == 0]
+    even_split = replace(SUITES["alpaca_eval"], id_parity="even")
+    even = [p.text for p in sorted(read_suite(even_split, data_dir), key=id_sort_key)]
     leaked = {text for text, _, _ in leaks(even, evaluation=evaluation_prompts(data_dir, missing_ok=True))}
     return [t for t in even if t not in leaked]
 
