@@ -36,12 +36,9 @@ from ngsd import NGSDConfig, ReflectionConfig, guarded_generate  # noqa: E402
 
 
 def workload_prompts(kind: str, n: int) -> list[str]:
-    import json
+    from ngsd.data import load_suite
 
-    from ngsd.data import load_suite, resolve_data_dir
-
-    rows = json.loads((resolve_data_dir() / "alpaca_eval_805.json").read_text())
-    benign = [row["instruction"] for row in rows if int(row["id"]) % 2 == 1][:n]  # odd ids: evaluation split
+    benign = [p.text for p in load_suite("alpaca_eval", limit=n)]  # odd ids: the evaluation split
     if kind == "benign":
         return benign
     harmful = [p.text for p in load_suite("advbench", limit=130)][:n]

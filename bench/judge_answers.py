@@ -42,8 +42,7 @@ def selected_prompts(data_dir: Path) -> list[tuple[str, str, str]]:
         ("xstest_safe", load_suite("xstest_safe", data_dir), 35),
     ):
         chosen += [(suite, p.id, p.text) for p in spread(pool, n)]
-    alpaca = [r for r in json.loads((data_dir / "alpaca_eval_805.json").read_text()) if r["id"] % 2 == 1]
-    chosen += [("alpaca_eval", str(r["id"]), r["instruction"]) for r in spread(alpaca, 20)]
+    chosen += [("alpaca_eval", p.id, p.text) for p in spread(load_suite("alpaca_eval", data_dir), 20)]
     return chosen
 
 

@@ -33,13 +33,12 @@ REFERENCE = {"advbench_eval": "alpaca_odd", "harmbench": "alpaca_odd", "gcg": "a
 
 
 def evaluation_suites(data_dir: str | None) -> dict[str, list[str]]:
-    from ngsd.data import load_suite, read_rows, resolve_data_dir
+    from ngsd.data import load_suite
 
     suites = {name: [p.text for p in load_suite(name, data_dir)]
               for name in ("harmbench", "gcg", "autodan", "deepinception", "xstest_unsafe", "xstest_safe", "mt_bench")}
     suites["advbench_eval"] = [p.text for p in load_suite("advbench", data_dir) if int(p.id) < 130]
-    rows = read_rows(resolve_data_dir(data_dir) / "alpaca_eval_805.json")
-    suites["alpaca_odd"] = [r["instruction"] for r in rows if int(r["id"]) % 2 == 1]
+    suites["alpaca_odd"] = [p.text for p in load_suite("alpaca_eval", data_dir)]
     return suites
 
 

@@ -14,7 +14,6 @@ Not part of CI (the real model, minutes of CPU).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
@@ -48,10 +47,9 @@ def random_top_layers_adapter(model, top: int, strength: float, rank: int = 8, s
 
 
 def prompts(n: int) -> list[str]:
-    from ngsd.data import resolve_data_dir
+    from ngsd.data import load_suite
 
-    rows = json.loads((resolve_data_dir() / "alpaca_eval_805.json").read_text())
-    return [row["instruction"] for row in rows if int(row["id"]) % 2 == 1][:n]
+    return [p.text for p in load_suite("alpaca_eval", limit=n)]  # odd ids: the evaluation split
 
 
 def encode(tokenizer, texts: list[str]):

@@ -32,14 +32,13 @@ def _greedy(model, tokenizer, prompts, max_new_tokens):
 
 
 def throughput(args):
-    from ngsd.data import read_rows, resolve_data_dir
+    from ngsd.data import load_suite
     from ngsd.loading import load_model
     from ngsd.nest.shipped import nest_expert
 
     base, tok = load_model()
     nest = nest_expert(base, args.delta)
-    rows = read_rows(resolve_data_dir() / "alpaca_eval_805.json")
-    prompts = [r["instruction"] for r in rows if int(r["id"]) % 2 == 1][: args.batch]
+    prompts = [p.text for p in load_suite("alpaca_eval", limit=args.batch)]
     rounds = []
     for r in range(args.rounds):
         row = {}
