@@ -85,6 +85,7 @@ def test_methods_registry_and_expert_alone_trick():
     assert (config.mode, config.candidate_k, expert.alpha) == ("open", 123, 1.0)
     assert get_method("ngsd").uses_reflection and not get_method("ngsd_a0.5").uses_reflection
     assert get_method("ngsd_prefill").config.reflection.mode == "prefill"
+    assert get_method("ngsd_noroute").uses_reflection and not get_method("ngsd_noroute").config.reflection.route
     assert not get_method("off").uses_expert and get_method("safedecoding").uses_expert
     custom = method_from_json("ngsd_tau4", {"config": {"tau": 4.0}, "alpha": 0.9})
     assert custom.config.tau == 4.0 and custom.gated

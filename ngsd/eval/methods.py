@@ -139,6 +139,9 @@ for _method in (
                                              "probe, else alpha from self-reflection (generative JSON)"),
     Method("ngsd_nocheck", NGSDConfig(reflection=ReflectionConfig(check=False)),
            description="NGSD default without the risk probe's divergence check (the probe alone routes)"),
+    Method("ngsd_noroute", NGSDConfig(reflection=ReflectionConfig(route=False)),
+           description="NGSD with the risk probe but no routing: every row guarded, alpha from the probe's risk "
+                       "through the thresholds (the expert runs on every row)"),
     Method("ngsd_prefill", NGSDConfig(reflection=ReflectionConfig(mode="prefill")),
            description="NGSD, alpha from single-prefill reflection (expected digit, one forward)"),
     Method("paper", NGSDConfig(reflection=ReflectionConfig.paper()),
