@@ -197,6 +197,9 @@ def test_cli_registration_and_argument_round_trip():
     assert (cfg.seed, cfg.targets, cfg.epochs, cfg.evaluate) == (3, "qv", 1, False)
     again = cli.config_from_args(parser.parse_args(["train-expert", *cli.cli_args(cfg)]))
     assert again == cfg
+    broad = cli.config_from_args(parser.parse_args(["train-expert", "--recipe", "seed+broad", "--forms-per-unit", "4"]))
+    assert broad.forms_per_unit == 4 and "--forms-per-unit" in cli.cli_args(broad)
+    assert cli.config_from_args(parser.parse_args(["train-expert", *cli.cli_args(broad)])) == broad
 
 
 def test_shipped_expert_path_points_into_the_package():

@@ -24,7 +24,7 @@ _FLAGS = {"model": "--model", "data_dir": "--data-dir", "out": "--out", "epochs"
           "examples": "--examples", "top_layers": "--top-layers", "recipe": "--recipe",
           "harmful_requests": "--harmful-requests", "recovery_examples": "--recovery-examples",
           "lookalike_examples": "--lookalike-examples", "everyday_examples": "--everyday-examples",
-          "validation_share": "--validation-share",
+          "validation_share": "--validation-share", "forms_per_unit": "--forms-per-unit",
           "alpaca_benign_prompts": "--alpaca-benign-prompts", "alpaca_benign_tokens": "--alpaca-benign-tokens"}
 
 
@@ -57,6 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="broad recipe: harmless look-alike requests answered as the base answers")
     parser.add_argument("--everyday-examples", type=int, default=d.everyday_examples,
                         help="broad recipe: everyday harmless requests answered as the base answers")
+    parser.add_argument("--forms-per-unit", type=int, default=d.forms_per_unit,
+                        help="broad recipe: surface forms each harmful or harmless topic appears in (more forms: a "
+                        "larger pool of requests and look-alikes to draw from; the held-apart topics stay the same)")
     parser.add_argument("--validation-share", type=float, default=d.validation_share,
                         help="broad recipe: share of topics held apart to choose the epoch (0: keep the last)")
     parser.add_argument("--refusal-source", default=d.refusal_source, choices=REFUSAL_SOURCES,
@@ -91,7 +94,8 @@ def config_from_args(args: argparse.Namespace) -> TrainExpertConfig:
         examples=args.examples, top_layers=args.top_layers, recipe=args.recipe,
         harmful_requests=args.harmful_requests, recovery_examples=args.recovery_examples,
         lookalike_examples=args.lookalike_examples, everyday_examples=args.everyday_examples,
-        validation_share=args.validation_share, alpaca_benign_prompts=args.alpaca_benign_prompts,
+        validation_share=args.validation_share, forms_per_unit=args.forms_per_unit,
+        alpaca_benign_prompts=args.alpaca_benign_prompts,
         alpaca_benign_tokens=args.alpaca_benign_tokens,
     )
 
