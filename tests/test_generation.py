@@ -272,3 +272,15 @@ def test_kernel_backend_gives_the_same_greedy_outputs_as_pytorch(llama_pair):
     }
     assert torch.equal(outs["torch"].sequences, outs["triton"].sequences)
     assert [t.spikes for t in outs["torch"].traces] == [t.spikes for t in outs["triton"].traces]
+
+
+def test_lora_up_projection_of_one_row_equals_the_plain_product():
+    from ngsd.experts.lora import _up_project
+
+    torch.manual_seed(0)
+    up = torch.randn(96, 8)
+    for shape in [(1, 1, 8), (1, 8), (3, 1, 8), (1, 5, 8)]:  # one decode row, one row, several rows, a prefill
+        low_rank = torch.randn(*shape)
+        out = _up_project(low_rank, up)
+        assert out.shape == (*shape[:-1], 96)
+        torch.testing.assert_close(out, low_rank @ up.T)
