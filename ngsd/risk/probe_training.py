@@ -256,10 +256,9 @@ def expert_recipe_benign_prompts() -> list[str]:
 
 def benign_training_requests(data_dir: str | None = None) -> list[tuple[str, str]]:
     """(text, source) of the benign training requests, deduplicated, in a fixed order."""
-    from ..data import read_rows, resolve_data_dir
+    from ..experts.training.splits import alpaca_even_prompts
 
-    rows = read_rows(resolve_data_dir(data_dir) / "alpaca_eval_805.json")
-    alpaca = [r["instruction"] for r in rows if int(r["id"]) % 2 == 0]
+    alpaca = alpaca_even_prompts(data_dir)  # all of them: the shipped probe was trained on these
     tagged = ([(t, "alpaca_even") for t in alpaca] + [(t, "expert_recipe") for t in expert_recipe_benign_prompts()]
               + [(t, "lookalike") for t in LOOKALIKE_BENIGN])
     return _dedupe_tagged(tagged)

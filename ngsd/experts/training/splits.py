@@ -80,13 +80,18 @@ def leaks(
     return found
 
 
-def alpaca_training_prompts(data_dir: str | os.PathLike[str] | None = None) -> list[str]:
-    """AlpacaEval instructions with an even id (a training split), in id order, without those that
-    repeat an evaluation prompt (AlpacaEval holds near-twins across its odd and even rows)."""
+def alpaca_even_prompts(data_dir: str | os.PathLike[str] | None = None) -> list[str]:
+    """Every AlpacaEval instruction with an even id (the training split), in id order."""
     even_split = replace(SUITES["alpaca_eval"], id_parity="even")
-    even = [p.text for p in sorted(read_suite(even_split, data_dir), key=id_sort_key)]
+    return [p.text for p in sorted(read_suite(even_split, data_dir), key=id_sort_key)]
+
+
+def alpaca_training_prompts(data_dir: str | os.PathLike[str] | None = None) -> list[str]:
+    """`alpaca_even_prompts` without those that repeat an evaluation prompt (AlpacaEval holds
+    near-twins across its odd and even rows)."""
+    even = alpaca_even_prompts(data_dir)
     leaked = {text for text, _, _ in leaks(even, evaluation=evaluation_prompts(data_dir, missing_ok=True))}
     return [t for t in even if t not in leaked]
 
 
-__all__ = ["ADVBENCH_EVAL_BELOW", "alpaca_training_prompts", "evaluation_prompts", "leaks", "normalize"]
+__all__ = ["ADVBENCH_EVAL_BELOW", "alpaca_even_prompts", "alpaca_training_prompts", "evaluation_prompts", "leaks", "normalize"]
