@@ -10,6 +10,10 @@ over rounds, ratios as the median of per-round ratios):
    probe alone). Workloads: all benign (AlpacaEval odd ids: evaluation split) and half harmful
    (AdvBench ids < 130 alternating with AlpacaEval odd ids), at one batch size; and the time to
    first token at batch 1. Compared with every row guarded at alpha 0.9 (no risk estimation).
+   Two unguarded baselines: `generate` as users call it (its dynamic cache concatenates the whole
+   KV cache every step) and `generate(cache_implementation="static")` (preallocated, like the
+   guarded loop's growable cache): the ratio against the first is what a user sees, against the
+   second the guard's own cost.
 2. What the hidden-state step costs against the logits step (issue: the step op from the final
    hidden state): NGSD at alpha 0.9 with the LM head inside the op vs the model's own logits
    (forced by an identity logits processor, which the loop must apply to logits).
@@ -49,10 +53,15 @@ def workload_prompts(kind: str, n: int) -> list[str]:
 def runners(setup: Setup) -> dict[str, Callable]:
     model, pad = setup.model, setup.pad_id
 
-    def unguarded(ids, mask, new_tokens, streamer):
+    def unguarded(ids, mask, new_tokens, streamer, **cache):
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
-                             eos_token_id=None, pad_token_id=pad, streamer=streamer)
+                             eos_token_id=None, pad_token_id=pad, streamer=streamer, **cache)
         return out[:, ids.shape[1]:]
+
+    def unguarded_static(ids, mask, new_tokens, streamer):
+        # generate with a preallocated cache: no per-step concatenation of the KV cache, like the guarded loop's
+        # growable cache, so the ratio against it is the guard's own cost
+        return unguarded(ids, mask, new_tokens, streamer, cache_implementation="static")
 
     def guarded(alpha=None, config=None, **extra):
         def run(ids, mask, new_tokens, streamer):
@@ -66,6 +75,7 @@ def runners(setup: Setup) -> dict[str, Callable]:
 
     return {
         "unguarded": unguarded,
+        "unguarded_static": unguarded_static,
         "default": guarded(),  # probe + routing (+ its divergence check): risk estimation inside the timing
         "default_nocheck": guarded(config=NGSDConfig(reflection=ReflectionConfig(check=False))),
         "alpha_0.9": guarded(0.9),  # every row guarded, hidden-state step
@@ -104,6 +114,9 @@ def measure(setup: Setup, prompts: list[str], methods: list[str], new_tokens: in
                 [u.cpu_seconds / r.cpu_seconds for u, r in zip(timings["unguarded"], runs)])
             result[method]["ttft_ratio_vs_unguarded"] = median(
                 [r.ttft_s / u.ttft_s for u, r in zip(timings["unguarded"], runs)])
+            if "unguarded_static" in timings and method != "unguarded_static":
+                result[method]["ratio_vs_unguarded_static"] = median(
+                    [u.seconds / r.seconds for u, r in zip(timings["unguarded_static"], runs)])
             result[method]["tokens_equal_unguarded"] = bool(torch.equal(runs[0].tokens, timings["unguarded"][0].tokens))
         traces = getattr(run[method], "traces", None)
         if traces is not None:
@@ -137,7 +150,7 @@ def main() -> None:
     start = time.time()
     report = {"meta": common_meta(setup, args), "workloads": {}}
     report["meta"]["command"] = "python bench/bench_default.py " + " ".join(sys.argv[1:])
-    quick = ["unguarded", "default", "default_nocheck"]
+    quick = ["unguarded", "unguarded_static", "default", "default_nocheck"]
     all_methods = quick if args.quick_ratio else [*quick, "alpha_0.9", "alpha_0.9_logits"]
     report["workloads"]["benign"] = measure(setup, workload_prompts("benign", args.batch), all_methods,
                                             args.new_tokens, args.rounds, args.seed)
@@ -156,6 +169,7 @@ def main() -> None:
             if isinstance(row, dict):
                 print(f"  {method:18s} {row['tok_s']:7.1f} tok/s  ratio {row.get('ratio_vs_unguarded', 1):.2f} "
                       f"(cpu {row.get('cpu_ratio_vs_unguarded', 1):.2f})  "
+                      f"vs static-cache generate {row.get('ratio_vs_unguarded_static', float('nan')):.2f}  "
                       f"ttft {row['ttft_s']*1000:7.0f} ms (x{row.get('ttft_ratio_vs_unguarded', 1):.2f})  "
                       f"guarded rows {row.get('guarded_rows', '-')}  {row.get('step_path', '')}")
             else:

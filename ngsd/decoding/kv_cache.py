@@ -1,4 +1,5 @@
-"""Pass a KV cache to a Hugging Face model and read it back, under the name its transformers uses.
+"""Pass a KV cache to a Hugging Face model and read it back, under the name its transformers uses;
+grow its full-attention layers in place instead of by concatenation.
 
 transformers 5.2x renamed the forward argument and output field `past_key_values` to `cache` and
 warns on the old name (a FutureWarning plus a logged warning on every call); older releases only
@@ -56,6 +57,24 @@ def append_cache_rows(cache: Any, other: Any) -> Any:
     return cache
 
 
+def has_sliding_layers(cache: Any) -> bool:
+    """True when some layer of `cache` keeps only a window of positions (its width is not the prompt's)."""
+    return any(getattr(layer, "is_sliding", False) for layer in getattr(cache, "layers", ()))
+
+
+def left_pad_cache(cache: Any, columns: int) -> Any:
+    """`cache` with `columns` zero positions before the first in every layer: rows prefilled without their
+    common left padding, made as wide as the batch whose cache they join (the attention mask is 0
+    there, so the zeros are never attended to). Full-attention layers only."""
+    if has_sliding_layers(cache):
+        raise TypeError("cannot left-pad a cache with sliding-window layers: their width is not the prompt's")
+    for layer in getattr(cache, "layers", ()):
+        if isinstance(getattr(layer, "keys", None), torch.Tensor) and layer.keys.dim() == 4:
+            layer.keys = torch.nn.functional.pad(layer.keys, (0, 0, columns, 0))
+            layer.values = torch.nn.functional.pad(layer.values, (0, 0, columns, 0))
+    return cache
+
+
 def select_cache_rows(cache: Any, rows: torch.Tensor, layers: Sequence[int] | None = None) -> Any:
     """`cache` keeping only the batch rows `rows` (in that order), in every layer or in `layers` only.
 
@@ -73,3 +92,91 @@ def select_cache_rows(cache: Any, rows: torch.Tensor, layers: Sequence[int] | No
         layer.keys = keys.index_select(0, rows.to(keys.device))
         layer.values = values.index_select(0, rows.to(values.device))
     return cache
+
+
+GROW_MIN_TOKENS = 64  # a full buffer grows by at least this many positions (or half its length)
+
+
+def _dynamic_layer_class() -> type | None:
+    try:
+        from transformers.cache_utils import DynamicLayer
+    except ImportError:  # transformers before the layered caches: leave the cache as it is
+        return None
+    return DynamicLayer
+
+
+def make_growable(cache: Any, reserve: int = 0) -> Any:
+    """`cache` with each plain full-attention layer (`DynamicLayer`) replaced by a `GrowableLayer` holding its
+    keys and values, with room for `reserve` more positions (at least `GROW_MIN_TOKENS`).
+
+    transformers' dynamic layer concatenates its whole cache with every new token: at batch 32 and ~100
+    positions that copy costs ~14 ms of a ~140 ms decode step on this CPU (SmolLM2-135M). A growable
+    layer writes the new positions into spare room and hands attention a view of the filled part:
+    the same values, so the same logits bit for bit. Sliding-window and other layer kinds stay as they
+    are. Idempotent; returns the cache.
+    """
+    dynamic = _dynamic_layer_class()
+    layers = getattr(cache, "layers", None)
+    if dynamic is None or layers is None:
+        return cache
+    for index, layer in enumerate(layers):
+        if type(layer) is dynamic and layer.is_initialized and isinstance(layer.keys, torch.Tensor) \
+                and layer.keys.dim() == 4:
+            layers[index] = growable_layer_class().holding(layer.keys, layer.values, reserve)
+    return cache
+
+
+@functools.lru_cache(maxsize=None)
+def growable_layer_class() -> type:
+    """The `GrowableLayer` class (built on first use: transformers is imported lazily)."""
+    dynamic = _dynamic_layer_class()
+
+    class GrowableLayer(dynamic):  # type: ignore[misc, valid-type]
+        """A `DynamicLayer` whose keys and values are views into buffers with spare positions.
+
+        Anything that replaces `keys` / `values` from outside (row selection, appending rows,
+        cropping, reordering) is picked up at the next `update`, which copies them into fresh buffers.
+        """
+
+        @classmethod
+        def holding(cls, keys: torch.Tensor, values: torch.Tensor, reserve: int = 0) -> "GrowableLayer":
+            layer = cls()
+            layer.device = keys.device
+            layer.is_initialized = True
+            layer._rebuffer(keys, values, keys.shape[-2] + max(reserve, GROW_MIN_TOKENS))
+            return layer
+
+        def _rebuffer(self, keys: torch.Tensor, values: torch.Tensor, capacity: int) -> None:
+            filled = keys.shape[-2]
+            self._key_buffer = keys.new_empty((*keys.shape[:-2], capacity, keys.shape[-1]))
+            self._value_buffer = values.new_empty((*values.shape[:-2], capacity, values.shape[-1]))
+            self._key_buffer[..., :filled, :].copy_(keys)
+            self._value_buffer[..., :filled, :].copy_(values)
+            self._expose(filled)
+
+        def _expose(self, filled: int) -> None:
+            self._filled = filled
+            self.keys = self._key_buffer[..., :filled, :]
+            self.values = self._value_buffer[..., :filled, :]
+            self._exposed = (self.keys, self.values)
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+            if not self.is_initialized or self.keys is None:  # reset: start over from these states
+                self.device, self.is_initialized = key_states.device, True
+                self._rebuffer(key_states, value_states, key_states.shape[-2] + GROW_MIN_TOKENS)
+                return self.keys, self.values
+            new = key_states.shape[-2]
+            if self.keys is not self._exposed[0] or self.values is not self._exposed[1] \
+                    or self.keys.shape[:-2] != key_states.shape[:-2]:
+                self._rebuffer(self.keys, self.values, self.keys.shape[-2] + new + GROW_MIN_TOKENS)
+            filled = self._filled
+            if filled + new > self._key_buffer.shape[-2]:
+                self._rebuffer(self.keys, self.values, filled + new + max(GROW_MIN_TOKENS, filled // 2))
+            self._key_buffer[..., filled:filled + new, :].copy_(key_states)
+            self._value_buffer[..., filled:filled + new, :].copy_(value_states)
+            self._expose(filled + new)
+            return self.keys, self.values
+
+    return GrowableLayer
+

@@ -32,7 +32,8 @@ import torch
 from torch import nn
 
 from .heads import HeadSplit
-from .kv_cache import append_cache_rows, cache_kwargs, returned_cache, select_cache_rows
+from .kv_cache import (append_cache_rows, cache_kwargs, has_sliding_layers, left_pad_cache, make_growable,
+                       returned_cache, select_cache_rows)
 from ..experts.lora import LoraAdapter
 
 # LoRA hooks attached by guarded calls, counted per (adapter, model): calls running at the same
@@ -61,6 +62,12 @@ def _release_lora_hooks(adapter: LoraAdapter, model: nn.Module) -> None:
         if _hook_users[key] == 0:
             del _hook_users[key]
             adapter.detach(model)
+
+
+def common_left_padding(attention_mask: torch.Tensor) -> int:
+    """How many columns on the left are padding in every row of a left-padded batch."""
+    real = attention_mask.bool().any(0)
+    return int(real.long().argmax()) if bool(real.any()) else 0
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -126,7 +133,24 @@ class _CachedModel:
         positions = positions_from_mask(attention_mask)
         self.attention_mask = attention_mask
         self.next_position = positions[:, -1:] + 1
-        return self._forward(input_ids, positions)
+        last = self._forward(input_ids, positions)
+        self.cache = make_growable(self.cache)  # decode steps then write into spare room, no concatenation
+        return last
+
+    def prefill_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, full_width: bool) -> torch.Tensor:
+        """`prefill` of a few rows of a batch without the padding columns they all share.
+
+        The rows a call guards are often much shorter than its widest prompt (a short harmful request
+        beside long benign ones); their expert prefill then skips those columns. Positions come from
+        the mask, so they are unchanged. full_width: pad the cache back on the left (zeros under a 0
+        mask) so the rows can join the batch's cache.
+        """
+        start = common_left_padding(attention_mask)
+        last = self.prefill(input_ids[:, start:], attention_mask[:, start:])
+        if start and full_width:
+            self.cache = left_pad_cache(self.cache, start)
+            self.attention_mask = attention_mask
+        return last
 
     def append_rows(self, other: "_CachedModel") -> None:
         """Append the rows of another prefilled run of the same model (same prompt width) to this one."""
@@ -267,7 +291,7 @@ class ModelPair(_PairBase):
             return None
         input_ids, attention_mask = self._prompt
         ids, mask = input_ids[rows].to(self._expert_device), attention_mask[rows].to(self._expert_device)
-        return self._expert.prefill(ids, mask).to(input_ids.device)
+        return self._expert.prefill_rows(ids, mask, full_width=False).to(input_ids.device)
 
     def _drop_expert_rows(self, index):
         self._expert.keep_rows(index.to(self._expert_device))
@@ -315,8 +339,12 @@ class AdapterPair(_PairBase):
             return None
         input_ids, attention_mask = self._prompt
         expert = _CachedModel(self._both.model, self._head)
+        ids, mask = input_ids[rows], attention_mask[rows]
         with self._adapter.rows_from(0):
-            out = expert.prefill(input_ids[rows], attention_mask[rows])
+            if has_sliding_layers(self._both.cache):  # a window's width is not the prompt's: no trimming
+                out = expert.prefill(ids, mask)
+            else:
+                out = expert.prefill_rows(ids, mask, full_width=True)
         self._both.append_rows(expert)
         return out
 

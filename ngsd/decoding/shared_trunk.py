@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .heads import HeadSplit
-from .kv_cache import append_cache_rows, select_cache_rows
+from .kv_cache import append_cache_rows, make_growable, select_cache_rows
 from .pair import Prefill, _hold_lora_hooks, _nothing, _PairBase, _release_lora_hooks, capture_hidden_states
 from .pair import positions_from_mask
 from ..experts.lora import LoraAdapter
@@ -156,6 +156,7 @@ class SharedTrunkPair(_PairBase):
         self._mask, self._next_position = attention_mask, positions[:, -1:] + 1
         with capture_hidden_states(self._net.model, capture) if capture else _nothing() as states:
             out = self._forward(input_ids, positions, keep_trunk=guard_rows is None)
+        make_growable(self._net.cache)
         base_states = {i: h[:batch] for i, h in (states or {}).items()}
         expert = out[batch:] if self.rows is not None and self.rows.numel() else None
         return Prefill(out[:batch], expert, base_states)

@@ -1,0 +1,146 @@
+"""The growable KV cache layer: the decode loop's caches grow in place, with the logits of concatenation."""
+
+from __future__ import annotations
+
+import torch
+
+from ngsd.decoding.kv_cache import (GROW_MIN_TOKENS, append_cache_rows, cache_kwargs, growable_layer_class,
+                                    make_growable, returned_cache, select_cache_rows)
+from ngsd.decoding.pair import positions_from_mask
+
+from .conftest import mixed_length_batch, tiny_model
+
+
+class _Decoder:
+    """A tiny model fed token by token with its own cache (growable or transformers' own)."""
+
+    def __init__(self, model, input_ids, mask, growable: bool) -> None:
+        self.model, self.mask, self.growable = model, mask, growable
+        positions = positions_from_mask(mask)
+        self.next_position = positions[:, -1:] + 1
+        out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        self.cache = returned_cache(out)
+        if growable:
+            make_growable(self.cache)
+        self.logits = out.logits[:, -1]
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.mask = torch.cat([self.mask, self.mask.new_ones((self.mask.shape[0], 1))], dim=-1)
+        positions, self.next_position = self.next_position, self.next_position + 1
+        out = self.model(input_ids=tokens[:, None], attention_mask=self.mask, position_ids=positions,
+                         **cache_kwargs(self.model, self.cache), use_cache=True)
+        self.cache = returned_cache(out)
+        self.logits = out.logits[:, -1]
+        return self.logits
+
+    def keep(self, rows: torch.Tensor) -> None:
+        select_cache_rows(self.cache, rows)
+        self.mask, self.next_position, self.logits = self.mask[rows], self.next_position[rows], self.logits[rows]
+
+    def append(self, other: "_Decoder") -> None:
+        append_cache_rows(self.cache, other.cache)
+        self.mask = torch.cat([self.mask, other.mask])
+        self.next_position = torch.cat([self.next_position, other.next_position])
+        self.logits = torch.cat([self.logits, other.logits])
+
+
+def _decode_both(plain: _Decoder, grown: _Decoder, steps: int) -> None:
+    for _ in range(steps):
+        assert torch.equal(plain.logits, grown.logits)
+        tokens = plain.logits.argmax(-1)
+        plain.step(tokens)
+        grown.step(tokens)
+    assert torch.equal(plain.logits, grown.logits)
+
+
+def test_growable_cache_decodes_the_logits_of_concatenation_and_writes_in_place():
+    model = tiny_model("llama", max_positions=256)
+    input_ids, mask, _ = mixed_length_batch([5, 9, 3], model.config.vocab_size)
+    with torch.no_grad():
+        plain = _Decoder(model, input_ids, mask, growable=False)
+        grown = _Decoder(model, input_ids, mask, growable=True)
+        layer = grown.cache.layers[0]
+        assert type(layer) is growable_layer_class() and type(plain.cache.layers[0]) is not growable_layer_class()
+        buffer = layer.keys.data_ptr()
+        _decode_both(plain, grown, GROW_MIN_TOKENS)
+        assert grown.cache.layers[0].keys.data_ptr() == buffer, "a step inside the spare room must not reallocate"
+        _decode_both(plain, grown, 40)  # past the first spare room: the buffer grows once, values unchanged
+        assert grown.cache.layers[0].keys.shape == plain.cache.layers[0].keys.shape
+        assert grown.cache.get_seq_length() == plain.cache.get_seq_length() == input_ids.shape[1] + GROW_MIN_TOKENS + 40
+
+
+def test_growable_cache_follows_rows_selected_and_appended_from_outside():
+    """The loop drops checked expert rows and appends guarded ones between steps (`select_cache_rows`,
+    `append_cache_rows` replace a layer's keys): the next step must see exactly those rows."""
+    model = tiny_model("qwen2")
+    input_ids, mask, _ = mixed_length_batch([6, 4, 7], model.config.vocab_size, seed=3)
+    with torch.no_grad():
+        plain = _Decoder(model, input_ids, mask, growable=False)
+        grown = _Decoder(model, input_ids, mask, growable=True)
+        _decode_both(plain, grown, 3)
+        rows = torch.tensor([2, 0])
+        plain.keep(rows)
+        grown.keep(rows)
+        _decode_both(plain, grown, 3)
+        width = plain.mask.shape[1]  # appended rows are prefilled as wide as the cache
+        extra_ids, extra_mask, _ = mixed_length_batch([width, width - 2], model.config.vocab_size, seed=5)
+        plain.append(_Decoder(model, extra_ids, extra_mask, growable=False))
+        grown.append(_Decoder(model, extra_ids, extra_mask, growable=True))
+        assert grown.logits.shape[0] == 4
+        _decode_both(plain, grown, 3)
+
+
+def test_make_growable_is_idempotent_and_leaves_an_empty_cache_alone():
+    from transformers import DynamicCache
+
+    model = tiny_model("llama")
+    input_ids, mask, _ = mixed_length_batch([4, 4], model.config.vocab_size)
+    with torch.no_grad():
+        cache = returned_cache(model(input_ids=input_ids, attention_mask=mask, use_cache=True))
+    layers = list(make_growable(cache).layers)
+    assert list(make_growable(cache).layers) == layers  # the same layer objects: nothing rebuilt
+    empty = DynamicCache()
+    assert make_growable(empty) is empty and not any(type(l) is growable_layer_class() for l in empty.layers)
+
+
+def test_rows_guarded_after_the_prefill_skip_their_common_left_padding_with_the_same_outputs(llama_pair):
+    """`guard` prefills short guarded rows of a wide batch without the padding columns they share, pads
+    their cache back on the left, and then decodes as if they had been prefilled at full width."""
+    from ngsd.decoding.pair import AdapterPair, ModelPair
+    from ngsd.experts.lora import LoraAdapter
+
+    model, folder = llama_pair
+    adapter = LoraAdapter.load(folder)
+    input_ids, mask, _ = mixed_length_batch([9, 3, 4, 8], model.config.vocab_size, seed=7)
+    rows = [1, 2]
+    widths = []
+    embeddings = model.get_input_embeddings()
+    with torch.no_grad():
+        whole = AdapterPair(model, adapter)
+        at_once = whole.prefill(input_ids, mask, guard_rows=rows)
+        later = AdapterPair(model, adapter)
+        later.prefill(input_ids, mask)
+        handle = embeddings.register_forward_hook(lambda module, args, out: widths.append(tuple(out.shape[:2])))
+        try:
+            expert = later.guard(rows)
+        finally:
+            handle.remove()
+        assert widths == [(2, 4)], "the two guarded rows share 5 padding columns: prefilled 4 wide"
+        torch.testing.assert_close(expert, at_once.expert, rtol=1e-5, atol=1e-5)
+        for step in range(4):
+            tokens = torch.full((4,), 3 + step)
+            base_a, expert_a = whole.step(tokens)
+            base_b, expert_b = later.step(tokens)
+            torch.testing.assert_close(base_b, base_a, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(expert_b, expert_a, rtol=1e-5, atol=1e-5)
+        whole.close()
+        later.close()
+
+        separate = ModelPair(model, model)  # a separate expert model keeps its own, narrower cache
+        separate.prefill(input_ids, mask)
+        first = separate.guard(rows)
+        torch.testing.assert_close(first, model(input_ids=input_ids[rows], attention_mask=mask[rows]).logits[:, -1],
+                                   rtol=1e-5, atol=1e-5)
+        base, expert = separate.step(torch.full((4,), 5))
+        torch.testing.assert_close(expert, base[rows], rtol=1e-5, atol=1e-5)
+        separate.close()
