@@ -144,3 +144,40 @@ def test_rows_guarded_after_the_prefill_skip_their_common_left_padding_with_the_
         base, expert = separate.step(torch.full((4,), 5))
         torch.testing.assert_close(expert, base[rows], rtol=1e-5, atol=1e-5)
         separate.close()
+
+
+def test_sliding_window_layers_keep_their_own_cache_and_guarded_rows_are_not_trimmed(tmp_path):
+    """A model mixing full and sliding-window layers: only the full ones grow in place; rows guarded
+    after the prefill are prefilled at full width (a window's width is not the prompt's)."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from ngsd import NGSDConfig, guarded_generate
+    from ngsd.decoding.pair import AdapterPair
+    from ngsd.experts.lora import LoraAdapter
+
+    from .conftest import tiny_lora_expert
+
+    config = Qwen2Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0,
+                         bos_token_id=1, eos_token_id=2, tie_word_embeddings=False, use_sliding_window=True,
+                         sliding_window=5, layer_types=["full_attention", "sliding_attention"])
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    input_ids, mask, _ = mixed_length_batch([9, 3, 12], 96, seed=1)
+    plain = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=20, do_sample=False,
+                           pad_token_id=0, eos_token_id=None)
+    assert torch.equal(guarded_generate(model, input_ids, mask, config=NGSDConfig(mode="off"), max_new_tokens=20,
+                                        pad_token_id=0).sequences, plain)
+    adapter = LoraAdapter.load(tiny_lora_expert(model, tmp_path / "lora"))
+    with torch.no_grad():
+        at_once, later = AdapterPair(model, adapter), AdapterPair(model, adapter)
+        expected = at_once.prefill(input_ids, mask, guard_rows=[1]).expert
+        later.prefill(input_ids, mask)
+        torch.testing.assert_close(later.guard([1]), expected, rtol=1e-5, atol=1e-5)
+        kinds = [type(layer).__name__ for layer in later._both.cache.layers]
+        assert kinds == ["GrowableLayer", "DynamicSlidingWindowLayer"]
+        for step in range(8):  # past the window
+            tokens = torch.full((3,), 4 + step)
+            for got, want in zip(later.step(tokens), at_once.step(tokens)):
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
