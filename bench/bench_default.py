@@ -19,7 +19,7 @@ over rounds, ratios as the median of per-round ratios):
    (forced by an identity logits processor, which the loop must apply to logits).
 
     python bench/bench_default.py --batch 32 --new-tokens 64 --rounds 3   # writes bench/results/default.json
-    python bench/bench_default.py --quick-ratio --out default_quick.json    # unguarded vs default only
+    python bench/bench_default.py --quick-ratio --out default_quick.json    # the unguarded baselines vs the default only
 
 The default model and the shipped expert; greedy; exactly `--new-tokens` tokens per row (no EOS stop).
 """
@@ -142,7 +142,8 @@ def main() -> None:
     parser.add_argument("--expert", default=None, help="LoRA adapter folder (default: the shipped expert)")
     parser.add_argument("--out", default="default.json")
     parser.add_argument("--quick-ratio", action="store_true",
-                        help="only unguarded vs the default (with and without the probe's divergence check) on the two "
+                        help="only the two unguarded baselines vs the default (with and without the probe's divergence "
+                             "check) on the two "
                              "batch workloads (no fixed-alpha rows, no TTFT)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
