@@ -163,7 +163,7 @@ def main() -> None:
                                                             all_methods,
                                                             args.new_tokens, args.rounds, args.seed)
     report["wall_seconds"] = time.time() - start
-    path = write_json(args.out, report, RESULTS_DIR)
+    write_json(args.out, report, RESULTS_DIR)
     for name, workload in report["workloads"].items():
         print(f"== {name}")
         for method, row in workload.items():

@@ -4,43 +4,35 @@ from __future__ import annotations
 
 import torch
 
-from ngsd.decoding.kv_cache import (GROW_MIN_TOKENS, append_cache_rows, cache_kwargs, growable_layer_class,
-                                    make_growable, returned_cache, select_cache_rows)
-from ngsd.decoding.pair import positions_from_mask
+from ngsd.decoding import pair as pair_module
+from ngsd.decoding.kv_cache import GROW_MIN_TOKENS, growable_layer_class, make_growable, returned_cache
 
 from .conftest import mixed_length_batch, tiny_model
 
 
 class _Decoder:
-    """A tiny model fed token by token with its own cache (growable or transformers' own)."""
+    """The loop's `_CachedModel` and its last logits; growable=False keeps transformers' own cache."""
 
-    def __init__(self, model, input_ids, mask, growable: bool) -> None:
-        self.model, self.mask, self.growable = model, mask, growable
-        positions = positions_from_mask(mask)
-        self.next_position = positions[:, -1:] + 1
-        out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
-        self.cache = returned_cache(out)
-        if growable:
-            make_growable(self.cache)
-        self.logits = out.logits[:, -1]
+    def __init__(self, model, input_ids, mask, growable: bool, monkeypatch) -> None:
+        self.cached = pair_module._CachedModel(model)
+        with monkeypatch.context() as patch:
+            if not growable:
+                patch.setattr(pair_module, "make_growable", lambda cache: cache)
+            self.logits = self.cached.prefill(input_ids, mask)
 
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        self.mask = torch.cat([self.mask, self.mask.new_ones((self.mask.shape[0], 1))], dim=-1)
-        positions, self.next_position = self.next_position, self.next_position + 1
-        out = self.model(input_ids=tokens[:, None], attention_mask=self.mask, position_ids=positions,
-                         **cache_kwargs(self.model, self.cache), use_cache=True)
-        self.cache = returned_cache(out)
-        self.logits = out.logits[:, -1]
-        return self.logits
+    @property
+    def cache(self):
+        return self.cached.cache
+
+    def step(self, tokens: torch.Tensor) -> None:
+        self.logits = self.cached.step(tokens)
 
     def keep(self, rows: torch.Tensor) -> None:
-        select_cache_rows(self.cache, rows)
-        self.mask, self.next_position, self.logits = self.mask[rows], self.next_position[rows], self.logits[rows]
+        self.cached.keep_rows(rows)
+        self.logits = self.logits[rows]
 
     def append(self, other: "_Decoder") -> None:
-        append_cache_rows(self.cache, other.cache)
-        self.mask = torch.cat([self.mask, other.mask])
-        self.next_position = torch.cat([self.next_position, other.next_position])
+        self.cached.append_rows(other.cached)
         self.logits = torch.cat([self.logits, other.logits])
 
 
@@ -53,12 +45,12 @@ def _decode_both(plain: _Decoder, grown: _Decoder, steps: int) -> None:
     assert torch.equal(plain.logits, grown.logits)
 
 
-def test_growable_cache_decodes_the_logits_of_concatenation_and_writes_in_place():
+def test_growable_cache_decodes_the_logits_of_concatenation_and_writes_in_place(monkeypatch):
     model = tiny_model("llama", max_positions=256)
     input_ids, mask, _ = mixed_length_batch([5, 9, 3], model.config.vocab_size)
     with torch.no_grad():
-        plain = _Decoder(model, input_ids, mask, growable=False)
-        grown = _Decoder(model, input_ids, mask, growable=True)
+        plain = _Decoder(model, input_ids, mask, growable=False, monkeypatch=monkeypatch)
+        grown = _Decoder(model, input_ids, mask, growable=True, monkeypatch=monkeypatch)
         layer = grown.cache.layers[0]
         assert type(layer) is growable_layer_class() and type(plain.cache.layers[0]) is not growable_layer_class()
         buffer = layer.keys.data_ptr()
@@ -69,23 +61,23 @@ def test_growable_cache_decodes_the_logits_of_concatenation_and_writes_in_place(
         assert grown.cache.get_seq_length() == plain.cache.get_seq_length() == input_ids.shape[1] + GROW_MIN_TOKENS + 40
 
 
-def test_growable_cache_follows_rows_selected_and_appended_from_outside():
+def test_growable_cache_follows_rows_selected_and_appended_from_outside(monkeypatch):
     """The loop drops checked expert rows and appends guarded ones between steps (`select_cache_rows`,
     `append_cache_rows` replace a layer's keys): the next step must see exactly those rows."""
     model = tiny_model("qwen2")
     input_ids, mask, _ = mixed_length_batch([6, 4, 7], model.config.vocab_size, seed=3)
     with torch.no_grad():
-        plain = _Decoder(model, input_ids, mask, growable=False)
-        grown = _Decoder(model, input_ids, mask, growable=True)
+        plain = _Decoder(model, input_ids, mask, growable=False, monkeypatch=monkeypatch)
+        grown = _Decoder(model, input_ids, mask, growable=True, monkeypatch=monkeypatch)
         _decode_both(plain, grown, 3)
         rows = torch.tensor([2, 0])
         plain.keep(rows)
         grown.keep(rows)
         _decode_both(plain, grown, 3)
-        width = plain.mask.shape[1]  # appended rows are prefilled as wide as the cache
+        width = plain.cached.attention_mask.shape[1]  # appended rows are prefilled as wide as the cache
         extra_ids, extra_mask, _ = mixed_length_batch([width, width - 2], model.config.vocab_size, seed=5)
-        plain.append(_Decoder(model, extra_ids, extra_mask, growable=False))
-        grown.append(_Decoder(model, extra_ids, extra_mask, growable=True))
+        plain.append(_Decoder(model, extra_ids, extra_mask, growable=False, monkeypatch=monkeypatch))
+        grown.append(_Decoder(model, extra_ids, extra_mask, growable=True, monkeypatch=monkeypatch))
         assert grown.logits.shape[0] == 4
         _decode_both(plain, grown, 3)
 

@@ -105,9 +105,9 @@ def _dynamic_layer_class() -> type | None:
     return DynamicLayer
 
 
-def make_growable(cache: Any, reserve: int = 0) -> Any:
+def make_growable(cache: Any) -> Any:
     """`cache` with each plain full-attention layer (`DynamicLayer`) replaced by a `GrowableLayer` holding its
-    keys and values, with room for `reserve` more positions (at least `GROW_MIN_TOKENS`).
+    keys and values, with room for `GROW_MIN_TOKENS` more positions.
 
     transformers' dynamic layer concatenates its whole cache with every new token: at batch 32 and ~100
     positions that copy costs ~14 ms of a ~140 ms decode step on this CPU (SmolLM2-135M). A growable
@@ -122,7 +122,7 @@ def make_growable(cache: Any, reserve: int = 0) -> Any:
     for index, layer in enumerate(layers):
         if type(layer) is dynamic and layer.is_initialized and isinstance(layer.keys, torch.Tensor) \
                 and layer.keys.dim() == 4:
-            layers[index] = growable_layer_class().holding(layer.keys, layer.values, reserve)
+            layers[index] = growable_layer_class().holding(layer.keys, layer.values)
     return cache
 
 
@@ -139,11 +139,11 @@ def growable_layer_class() -> type:
         """
 
         @classmethod
-        def holding(cls, keys: torch.Tensor, values: torch.Tensor, reserve: int = 0) -> "GrowableLayer":
+        def holding(cls, keys: torch.Tensor, values: torch.Tensor) -> "GrowableLayer":
             layer = cls()
             layer.device = keys.device
             layer.is_initialized = True
-            layer._rebuffer(keys, values, keys.shape[-2] + max(reserve, GROW_MIN_TOKENS))
+            layer._rebuffer(keys, values, keys.shape[-2] + GROW_MIN_TOKENS)
             return layer
 
         def _rebuffer(self, keys: torch.Tensor, values: torch.Tensor, capacity: int) -> None:
