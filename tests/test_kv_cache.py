@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ngsd.decoding import pair as pair_module
@@ -15,17 +17,24 @@ class _Decoder:
 
     def __init__(self, model, input_ids, mask, growable: bool, monkeypatch) -> None:
         self.cached = pair_module._CachedModel(model)
-        with monkeypatch.context() as patch:
-            if not growable:
-                patch.setattr(pair_module, "make_growable", lambda cache: cache)
+        self.growable, self.monkeypatch = growable, monkeypatch
+        with self._cache_kind():
             self.logits = self.cached.prefill(input_ids, mask)
+
+    @contextlib.contextmanager
+    def _cache_kind(self):
+        with self.monkeypatch.context() as patch:
+            if not self.growable:
+                patch.setattr(pair_module, "make_growable", lambda cache: cache)
+            yield
 
     @property
     def cache(self):
         return self.cached.cache
 
     def step(self, tokens: torch.Tensor) -> None:
-        self.logits = self.cached.step(tokens)
+        with self._cache_kind():
+            self.logits = self.cached.step(tokens)
 
     def keep(self, rows: torch.Tensor) -> None:
         self.cached.keep_rows(rows)
@@ -51,10 +60,14 @@ def test_growable_cache_decodes_the_logits_of_concatenation_and_writes_in_place(
     with torch.no_grad():
         plain = _Decoder(model, input_ids, mask, growable=False, monkeypatch=monkeypatch)
         grown = _Decoder(model, input_ids, mask, growable=True, monkeypatch=monkeypatch)
+        # the prefill leaves transformers' cache (its rows may still be padded or appended elsewhere); the
+        # first decode step makes it growable
+        assert type(grown.cache.layers[0]) is not growable_layer_class()
+        _decode_both(plain, grown, 1)
         layer = grown.cache.layers[0]
         assert type(layer) is growable_layer_class() and type(plain.cache.layers[0]) is not growable_layer_class()
         buffer = layer.keys.data_ptr()
-        _decode_both(plain, grown, GROW_MIN_TOKENS)
+        _decode_both(plain, grown, GROW_MIN_TOKENS - 1)
         assert grown.cache.layers[0].keys.data_ptr() == buffer, "a step inside the spare room must not reallocate"
         _decode_both(plain, grown, 40)  # past the first spare room: the buffer grows once, values unchanged
         assert grown.cache.layers[0].keys.shape == plain.cache.layers[0].keys.shape
@@ -167,9 +180,9 @@ def test_sliding_window_layers_keep_their_own_cache_and_guarded_rows_are_not_tri
         expected = at_once.prefill(input_ids, mask, guard_rows=[1]).expert
         later.prefill(input_ids, mask)
         torch.testing.assert_close(later.guard([1]), expected, rtol=1e-5, atol=1e-5)
-        kinds = [type(layer).__name__ for layer in later._both.cache.layers]
-        assert kinds == ["GrowableLayer", "DynamicSlidingWindowLayer"]
         for step in range(8):  # past the window
             tokens = torch.full((3,), 4 + step)
             for got, want in zip(later.step(tokens), at_once.step(tokens)):
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        kinds = [type(layer).__name__ for layer in later._both.cache.layers]  # growable from the first step on
+        assert kinds == ["GrowableLayer", "DynamicSlidingWindowLayer"]

@@ -133,9 +133,7 @@ class _CachedModel:
         positions = positions_from_mask(attention_mask)
         self.attention_mask = attention_mask
         self.next_position = positions[:, -1:] + 1
-        last = self._forward(input_ids, positions)
-        self.cache = make_growable(self.cache)  # decode steps then write into spare room, no concatenation
-        return last
+        return self._forward(input_ids, positions)
 
     def prefill_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, full_width: bool) -> torch.Tensor:
         """`prefill` of a few rows of a batch without the padding columns they all share.
@@ -169,6 +167,9 @@ class _CachedModel:
         self.attention_mask = torch.cat([self.attention_mask, ones], dim=-1)
         positions = self.next_position
         self.next_position = positions + 1
+        # decode steps write into spare room instead of concatenating; converted here, not after the prefill,
+        # so a prefill whose rows are then padded or appended into another cache is not copied for nothing
+        self.cache = make_growable(self.cache)
         return self._forward(tokens[:, None], positions)
 
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -156,7 +156,6 @@ class SharedTrunkPair(_PairBase):
         self._mask, self._next_position = attention_mask, positions[:, -1:] + 1
         with capture_hidden_states(self._net.model, capture) if capture else _nothing() as states:
             out = self._forward(input_ids, positions, keep_trunk=guard_rows is None)
-        make_growable(self._net.cache)
         base_states = {i: h[:batch] for i, h in (states or {}).items()}
         expert = out[batch:] if self.rows is not None and self.rows.numel() else None
         return Prefill(out[:batch], expert, base_states)
@@ -186,6 +185,7 @@ class SharedTrunkPair(_PairBase):
         self._mask = torch.cat([self._mask, self._mask.new_ones((batch, 1))], dim=-1)
         positions = self._next_position
         self._next_position = positions + 1
+        make_growable(self._net.cache)  # at the first step, after any rows guarded late joined the cache
         out = self._forward(tokens[:, None], positions)
         if self.rows.numel() == 0:
             return out, None
