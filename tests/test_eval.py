@@ -405,3 +405,27 @@ def test_expert_method_on_the_real_model_equals_greedy_expert(smoke_run):
         expected = greedy[0, ids.shape[1]:].tolist()
         got = records[prompt.id]["tokens"]
         assert got == expected[: len(got)], prompt.id
+
+
+def test_cache_key_names_the_risk_probe_a_method_reads(tmp_path):
+    """A retrained probe must not reuse answers cached under another: keys of probe-reading methods
+    carry a hash of the probe's files; methods that read no probe keep their keys."""
+    from ngsd.config import NGSDConfig, ReflectionConfig
+    from ngsd.eval.runner import Runner
+    from ngsd.risk.probe import RiskProbe, shipped_probe_path
+
+    shipped = RiskProbe.load(shipped_probe_path(None))
+    folders = [tmp_path / "a", tmp_path / "b"]
+    shipped.save(folders[0])
+    shifted = RiskProbe(shipped.spec, shipped.mean, shipped.std, shipped.weight * 1.01, shipped.bias)
+    shifted.save(folders[1])
+    runner = Runner(tiny_model("llama"), None, model_id="m", expert_id="e")
+    prompt = Prompt(id="0", text="hello", suite="s")
+    keys = [runner.key(Method("p", NGSDConfig(reflection=ReflectionConfig(mode="probe", probe=str(f)))), prompt)
+            for f in folders]
+    assert keys[0] != keys[1]
+    assert keys[0] == runner.key(Method("p", NGSDConfig(reflection=ReflectionConfig(mode="probe",
+                                                                                  probe=str(folders[0])))), prompt)
+    fixed = Method("a", NGSDConfig(), alpha=0.9)
+    assert runner.key(fixed, prompt) == cache_key("m", "e", fixed.signature(runner.vocab_size), "hello",
+                                                  runner.settings.to_dict())
