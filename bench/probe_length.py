@@ -38,16 +38,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--training-prompts", type=int, default=300, help="AlpacaEval even ids read (first N)")
+    parser.add_argument("--probe", default=None, help="probe folder (default: the shipped probe of the default model)")
     parser.add_argument("--out", default="probe_length.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     from ngsd.data import load_suite
     from ngsd.experts.training.splits import alpaca_even_prompts
-    from ngsd.risk.probe import estimate_risk, probe_for
+    from ngsd.risk.probe import RiskProbe, estimate_risk, probe_for
 
     setup = load_setup()
-    probe = probe_for(setup.model)
+    probe = RiskProbe.load(args.probe) if args.probe else probe_for(setup.model)
     if probe is None:
         raise SystemExit("no risk probe ships for this model")
     sets = {
@@ -55,7 +56,7 @@ def main() -> None:
         "alpaca_odd (evaluation)": [p.text for p in load_suite("alpaca_eval", limit=100)],
         "mt_bench (evaluation)": [p.text for p in load_suite("mt_bench")],
     }
-    report = {"route_below": probe.route_below, "check_above": probe.spec.check_above, "sets": []}
+    report = {"probe": args.probe or "shipped", "route_below": probe.route_below, "check_above": probe.spec.check_above, "sets": []}
     for name, texts in sets.items():
         risks = estimate_risk(setup.model, setup.tokenizer, texts, probe)
         for row in terciles(name, texts, risks, setup.tokenizer, probe.route_below, probe.spec.check_above):

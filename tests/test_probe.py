@@ -216,6 +216,33 @@ def test_wrapped_copies_share_the_split_of_their_request():
     assert wrappers[0] == wrappers[1]  # both classes see every wrapper
 
 
+@needs_data
+def test_composites_are_made_within_one_split_from_plain_requests_of_that_split():
+    from ngsd.experts.training.splits import leaks
+    from ngsd.risk.probe_training import COMPOSED, training_split
+
+    examples, train, val = training_split(str(DATA_DIR), seed=0, compose_rate=0.5)
+    composed = [i for i, e in enumerate(examples) if e.wrapper == COMPOSED]
+    assert sorted(train + val) == list(range(len(examples))) and not set(train) & set(val)
+    plain = {i for i, e in enumerate(examples) if not e.wrapper}
+    for rows in (train, val):
+        benign = {examples[i].text.lower() for i in rows if i in plain and examples[i].label == 0}
+        harmful = {examples[i].text.lower() for i in rows if i in plain and examples[i].label == 1}
+        mine = [examples[i] for i in rows if i in set(composed)]
+        assert {e.label for e in mine} == {0, 1}
+        for e in mine:
+            text = e.text.lower()  # parts may start lower-cased ("Also, ...")
+            found_benign = sum(t in text for t in benign)
+            found_harmful = sum(t in text for t in harmful)
+            # a harmful request among benign ones, or only benign ones (short requests can hide in longer ones)
+            assert (found_harmful >= 1 and found_benign >= 1) if e.label else (found_harmful == 0 and found_benign >= 2)
+        others = {examples[i].text.lower() for i in (val if rows is train else train) if i in plain}
+        assert not any(t in e.text.lower() for e in mine for t in others if len(t) > 40)
+    # about rate x plain requests of each class, and no evaluation prompt inside any composite
+    assert 0.4 < len(composed) / len(plain) < 0.6
+    assert leaks([examples[i].text for i in composed], DATA_DIR) == []
+
+
 def _default_like_config(name: str, hidden: int = 576):
     from transformers import LlamaConfig
 
@@ -358,3 +385,20 @@ def test_fit_probe_check_writes_the_operating_point_from_the_validation_split(to
     assert val["harmful_divergence_share_at_or_above"] >= 0.98
     report = json.loads((tmp_path / "probe" / "training_report.json").read_text())
     assert report["divergence_check"]["expert"] == "tiny" and report["config"]["seed"] == 0
+
+
+def test_divergence_threshold_is_set_on_the_requests_named_and_keeps_their_recall():
+    from ngsd.risk.divergence_check import fit_divergence_check
+
+    risks = [9.0, 9.0, 9.0, 9.0, 0.5, 0.1, 2.0, 1.5]
+    divergences = [0.9, 0.8, 0.3, 0.2, 0.6, 0.1, 0.5, 0.7]
+    labels = [1, 1, 1, 1, 0, 0, 0, 0]
+    every = fit_divergence_check(risks, divergences, labels, route_below=3.0, recall=1.0, band_share=0.5)
+    single = fit_divergence_check(risks, divergences, labels, route_below=3.0, recall=1.0, band_share=0.5,
+                                  sets_threshold=[True, True, False, False, True, True, True, True])
+    assert every["check_divergence"] == 0.2 and single["check_divergence"] == 0.8
+    assert single["validation"]["harmful_setting_the_threshold"] == 2
+    assert single["check_above"] == every["check_above"]  # the band is the benign requests' business
+    assert single["validation"]["benign_in_band_guarded"] < every["validation"]["benign_in_band_guarded"]
+    with pytest.raises(ValueError, match="one entry per validation request"):
+        fit_divergence_check(risks, divergences, labels, route_below=3.0, sets_threshold=[True])

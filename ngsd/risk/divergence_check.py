@@ -11,8 +11,10 @@ Both numbers come from the probe's own validation split (training data only, the
 `ngsd train-probe` used), never from an evaluation suite:
 
 - check_divergence: the largest threshold that keeps `recall` (default 0.98, the probe's route
-  recall) of the harmful validation requests at or above it (all of them: the probe routes too
-  few for the band alone to set it);
+  recall) of the harmful validation requests at or above it (all single requests, plain or
+  wrapped: the probe routes too few for the band alone to set it; not the composites, whose
+  harmful request sits among benign ones that dilute the first step, and which the probe itself
+  scores far above the band);
 - check_above: the lowest risk such that the band holds at most `band_share` (default 0.25) of
   the benign validation requests the probe routes; a wider band guards more harmful requests
   and pays an expert prefill for more benign ones.
@@ -46,10 +48,17 @@ def total_variation(base_logits: torch.Tensor, expert_logits: torch.Tensor) -> t
 
 
 def fit_divergence_check(risks: Sequence[float], divergences: Sequence[float], labels: Sequence[int], *,
-                         route_below: float, recall: float = 0.98, band_share: float = 0.25) -> dict[str, Any]:
-    """check_above and check_divergence from validation risks, first-step divergences and labels (1 harmful)."""
+                         route_below: float, recall: float = 0.98, band_share: float = 0.25,
+                         sets_threshold: Sequence[bool] | None = None) -> dict[str, Any]:
+    """check_above and check_divergence from validation risks, first-step divergences and labels (1 harmful).
+
+    sets_threshold: which requests' divergences check_divergence is set on (default: every one).
+    """
     if not len(risks) == len(divergences) == len(labels):
         raise ValueError("risks, divergences and labels must have one entry per validation request")
+    sets_threshold = [True] * len(labels) if sets_threshold is None else list(sets_threshold)
+    if len(sets_threshold) != len(labels):
+        raise ValueError("sets_threshold must have one entry per validation request")
     if not 0.0 < recall <= 1.0 or not 0.0 < band_share <= 1.0:
         raise ValueError(f"recall and band_share must be in (0, 1], got {recall} and {band_share}")
     routed_benign = sorted(r for r, y in zip(risks, labels) if not y and r < route_below)
@@ -59,7 +68,7 @@ def fit_divergence_check(risks: Sequence[float], divergences: Sequence[float], l
     n, k = len(routed_benign), math.floor(band_share * len(routed_benign))
     check_above = route_below if k == 0 else 0.0 if k == n else (routed_benign[n - k - 1] + routed_benign[n - k]) / 2
     in_band = [(d, y) for r, d, y in zip(risks, divergences, labels) if check_above <= r < route_below]
-    harmful_all = sorted(d for d, y in zip(divergences, labels) if y)
+    harmful_all = sorted(d for d, y, use in zip(divergences, labels, sets_threshold) if y and use)
     # the threshold is set on every harmful validation request (the band holds too few to set it alone)
     check_divergence = harmful_all[max(0, math.ceil(len(harmful_all) * (1 - recall)) - 1)] if harmful_all else 1.0
     harmful_in_band = [d for d, y in in_band if y]
@@ -80,6 +89,7 @@ def fit_divergence_check(risks: Sequence[float], divergences: Sequence[float], l
             "benign_routed_by_probe": len(routed_benign),
             "benign_in_band": len(benign_in_band),
             "benign_in_band_guarded": sum(d >= check_divergence for d in benign_in_band),
+            "harmful_setting_the_threshold": len(harmful_all),
             "harmful_divergence_share_at_or_above": round(sum(d >= check_divergence for d in harmful_all)
                                                           / max(1, len(harmful_all)), 4),
         },
@@ -132,7 +142,7 @@ def fit_probe_check(probe_dir: str | Path, *, model: Any, tokenizer: Any, expert
     from dataclasses import replace
 
     from .probe import PROBE_FILE, REPORT_FILE, RiskProbe, estimate_risk
-    from .probe_training import build_dataset, split_groups
+    from .probe_training import COMPOSED, training_split
 
     probe_dir = Path(probe_dir)
     probe = RiskProbe.load(probe_dir)
@@ -141,16 +151,17 @@ def fit_probe_check(probe_dir: str | Path, *, model: Any, tokenizer: Any, expert
     trained = report.get("config", {})
     seed, wrap_rate = int(trained.get("seed", 0)), float(trained.get("wrap_rate", 0.6))
     val_fraction, broad = float(trained.get("val_fraction", 0.2)), bool(trained.get("broad", False))
-    examples = build_dataset(data_dir, seed, wrap_rate, broad)
-    _, val = split_groups(examples, val_fraction, seed)
+    compose_rate = float(trained.get("compose_rate", 0.0))  # probes trained before composites had none
+    examples, _, val = training_split(data_dir, seed, wrap_rate, broad, val_fraction, compose_rate)
     texts = [examples[i].text for i in val]
     labels = [examples[i].label for i in val]
     log(f"validation split: {len(val)} requests ({sum(labels)} harmful); probe risks ...")
     risks = estimate_risk(model, tokenizer, texts, probe, batch_size=batch_size)
     log("first-step divergences ...")
     divergences = first_step_divergence(model, tokenizer, texts, expert, batch_size=batch_size)
+    single = [examples[i].wrapper != COMPOSED for i in val]
     fitted = fit_divergence_check(risks, divergences, labels, route_below=probe.route_below, recall=recall,
-                                  band_share=band_share)
+                                  band_share=band_share, sets_threshold=single)
     fitted["expert"] = expert_name
     fitted["command"] = command
     spec = replace(probe.spec, check_above=fitted["check_above"], check_divergence=fitted["check_divergence"],

@@ -36,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val-fraction", type=float, default=0.2, help="share of training requests held out")
     parser.add_argument("--wrap-rate", type=float, default=0.6,
                         help="probability that a request (either class) also appears in a hand-written wrapper")
+    parser.add_argument("--compose-rate", type=float, default=0.5,
+                        help="composites per plain request of each class: 2-4 benign requests in one prompt, or one "
+                             "harmful request among 1-3 benign ones (teaches the probe long prompts)")
     parser.add_argument("--route-recall", type=float, default=0.98,
                         help="operating point: keep at least this share of harmful validation requests at or above "
                              "route_below")
@@ -82,7 +85,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
     poolings = tuple(tuple(p.strip() for p in combo.split("+")) for combo in args.poolings.split(";") if combo.strip())
     return TrainProbeConfig(
         model=args.model, out=args.out, seed=args.seed, layers=_ints(args.layers, "layers"), poolings=poolings,
-        l2=l2, val_fraction=args.val_fraction, wrap_rate=args.wrap_rate, route_recall=args.route_recall,
+        l2=l2, val_fraction=args.val_fraction, wrap_rate=args.wrap_rate, compose_rate=args.compose_rate, route_recall=args.route_recall,
         batch_size=args.batch_size, threads=args.threads, data_dir=args.data_dir, cache_dir=args.cache_dir,
         aggregate=args.aggregate, broad=args.broad, **extra,
     )

@@ -13,6 +13,11 @@ So that the probe learns the content and not the wrapper, every request of BOTH 
 wrapped, with the same probability, in one of the hand-written WRAPPERS below; a request and its
 wrapped copy always fall into the same split.
 
+Prompts at serving time are often longer than any training request (multi-part tasks, pasted
+context), and a maximum over tokens has more chances of one high token in a longer prompt. So
+after the split, `compose_requests` adds composites within each split: 2-4 benign requests in one
+prompt (benign), or one harmful request among 1-3 benign ones (harmful).
+
 Model (`aggregate`): "token_max" (default) scores every prompt token's hidden state with one
 standardised logistic regression and takes the maximum over the prompt, trained as a
 multiple-instance problem (a harmful request needs one high token, a benign one needs all tokens
@@ -177,6 +182,20 @@ WRAPPERS: dict[str, Callable[[str, random.Random], str]] = {
 # selection fits, so the validation score measures how well a candidate handles an unseen wrapper.
 HELD_OUT_WRAPPERS: tuple[str, ...] = ("village_story", "two_assistants", "noise_long", "research")
 
+# Several requests in one prompt (`compose_requests`). A maximum over tokens has more chances of one
+# high token in a longer prompt, and ordinary benign prompts at serving time run longer than most
+# training requests (multi-part tasks, pasted context): the shipped v3 probe's risk grew with length
+# (bench/probe_length.py). Benign composites teach it that long benign text stays low; a harmful
+# request among benign ones stays harmful (what benign padding before a goal looks like).
+COMPOSED = "multi_request"
+_COMPOSE_FORMS: tuple[Callable[[Sequence[str]], str], ...] = (
+    lambda parts: "\n\n".join(parts),
+    lambda parts: " ".join(parts),
+    lambda parts: "I have a few things to ask.\n" + "\n".join(f"{k + 1}. {p}" for k, p in enumerate(parts)),
+    lambda parts: parts[0] + "".join(f" Also, {p[0].lower()}{p[1:]}" for p in parts[1:]),
+    lambda parts: "Please help me with these:\n" + "\n".join(f"- {p}" for p in parts),
+)
+
 
 @dataclass(frozen=True)
 class Example:
@@ -201,6 +220,8 @@ class TrainProbeConfig:
     l2: tuple[float, ...] = (1e-3, 1e-2, 1e-1)
     val_fraction: float = 0.2
     wrap_rate: float = 0.6
+    # composites (`compose_requests`) per plain request of each class and split
+    compose_rate: float = 0.5
     # add the expert recipe's broad requests (categories x surface forms); measured on the evaluation splits it
     # moved the operating point more than it improved separation (reports/probe/broad_probe.md), so it is opt-in
     broad: bool = False
@@ -215,6 +236,8 @@ class TrainProbeConfig:
             raise ValueError(f"val_fraction must be in [0.05, 0.5], got {self.val_fraction}")
         if not 0.0 <= self.wrap_rate <= 1.0:
             raise ValueError(f"wrap_rate must be in [0, 1], got {self.wrap_rate}")
+        if not 0.0 <= self.compose_rate <= 2.0:
+            raise ValueError(f"compose_rate must be in [0, 2], got {self.compose_rate}")
         if not 0.5 <= self.route_recall <= 1.0:
             raise ValueError(f"route_recall must be in [0.5, 1], got {self.route_recall}")
         if self.batch_size < 1:
@@ -256,9 +279,9 @@ def expert_recipe_benign_prompts() -> list[str]:
 
 def benign_training_requests(data_dir: str | None = None) -> list[tuple[str, str]]:
     """(text, source) of the benign training requests, deduplicated, in a fixed order."""
-    from ..experts.training.splits import alpaca_even_prompts
+    from ..experts.training.splits import alpaca_training_prompts
 
-    alpaca = alpaca_even_prompts(data_dir)  # all of them: the shipped probe was trained on these
+    alpaca = alpaca_training_prompts(data_dir)  # even ids, without near-twins of odd (evaluation) ones
     tagged = ([(t, "alpaca_even") for t in alpaca] + [(t, "expert_recipe") for t in expert_recipe_benign_prompts()]
               + [(t, "lookalike") for t in LOOKALIKE_BENIGN])
     return _dedupe_tagged(tagged)
@@ -322,6 +345,53 @@ def build_dataset(data_dir: str | None = None, seed: int = 0, wrap_rate: float =
             name = names[k % len(names)]
             examples.append(Example(WRAPPERS[name](base.text, rng), label, base.group, base.source, name))
     return examples
+
+
+def compose_requests(examples: Sequence[Example], rows: Sequence[int], rate: float, seed: int,
+                     first_group: int) -> list[Example]:
+    """Composites of the plain requests in `rows` (one split): per class, `rate` x their number.
+
+    A benign composite joins 2-4 benign requests; a harmful one puts one harmful request at a random
+    place among 1-3 benign ones. Built within one split, so no request crosses into the other; each
+    composite is a group of its own (numbered from `first_group`), wrapper `COMPOSED`.
+    """
+    rng = random.Random(seed)
+    plain = {label: [examples[i] for i in rows if examples[i].label == label and not examples[i].wrapper]
+             for label in (0, 1)}
+    benign = plain[0]
+    if len(benign) < 4:
+        return []
+    out: list[Example] = []
+    for label in (0, 1):
+        for _ in range(round(rate * len(plain[label]))):
+            if label:
+                parts = [e.text for e in rng.sample(benign, rng.randint(1, 3))]
+                harmful = rng.choice(plain[1])
+                parts.insert(rng.randint(0, len(parts)), harmful.text)
+                source = harmful.source
+            else:
+                parts = [e.text for e in rng.sample(benign, rng.randint(2, 4))]
+                source = "composite"
+            text = rng.choice(_COMPOSE_FORMS)(parts)
+            out.append(Example(text, label, first_group + len(out), source, COMPOSED))
+    return out
+
+
+def training_split(data_dir: str | None = None, seed: int = 0, wrap_rate: float = 0.6, broad: bool = False,
+                   val_fraction: float = 0.2, compose_rate: float = 0.0
+                   ) -> tuple[list[Example], list[int], list[int]]:
+    """The probe's examples and their training / validation indices: `build_dataset`, `split_groups`,
+    then `compose_requests` within each split (so composites never mix the two)."""
+    examples = build_dataset(data_dir, seed, wrap_rate, broad)
+    train, val = split_groups(examples, val_fraction, seed)
+    if compose_rate > 0:
+        next_group = max(e.group for e in examples) + 1
+        for k, rows in enumerate((train, val)):
+            extra = compose_requests(examples, rows, compose_rate, seed + 2 + k, next_group)
+            next_group += len(extra)
+            rows.extend(range(len(examples), len(examples) + len(extra)))
+            examples.extend(extra)
+    return examples, train, val
 
 
 def split_groups(examples: Sequence[Example], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -633,23 +703,26 @@ def token_max_candidates(feats: dict[tuple[int, str], Any], y: torch.Tensor, lay
 
 def select_and_fit(candidates: Sequence[Candidate], y: torch.Tensor, train: list[int], val: list[int],
                    cfg: TrainProbeConfig, model_info: dict[str, Any],
-                   wrappers: Sequence[str] | None = None) -> tuple[RiskProbe, dict[str, Any]]:
+                   wrappers: Sequence[str] | None = None, lengths: Sequence[int] | None = None
+                   ) -> tuple[RiskProbe, dict[str, Any]]:
     """Fit every candidate, pick one on validation; returns the calibrated winner and the table.
 
     `wrappers` names each example's wrapper ("" for a plain request). Selection fits leave out the
     training examples wrapped in `cfg.held_out_wrappers` and are scored on the validation requests
-    that are plain or wrapped in those unseen wrappers: validation AUROC + share of benign
+    that are plain, composed or wrapped in those unseen wrappers: validation AUROC + share of benign
     requests routed at the operating point, ties broken by the margin between the classes. The
     winner is refitted on every training example, Platt-calibrated and thresholded on validation.
+    `lengths` (characters per example), when given, adds the benign validation risks by length tercile.
     """
     if not candidates:
         raise ValueError("select_and_fit needs at least one candidate")
     wrappers = list(wrappers) if wrappers is not None else [""] * len(y)
     held_out = set(cfg.held_out_wrappers)
     fit_rows = [i for i in train if wrappers[i] not in held_out]
-    score_rows = [i for i in val if wrappers[i] == "" or wrappers[i] in held_out]
+    scored = held_out | {"", COMPOSED}  # composites are scored too: they are what length robustness is judged on
+    score_rows = [i for i in val if wrappers[i] in scored]
     y_score = y[score_rows]
-    unseen = [k for k, i in enumerate(score_rows) if wrappers[i]]
+    unseen = [k for k, i in enumerate(score_rows) if wrappers[i] in held_out]
     table = []
     best = None
     for candidate in candidates:
@@ -694,8 +767,33 @@ def select_and_fit(candidates: Sequence[Candidate], y: torch.Tensor, train: list
     if bool(plain.any()) and bool((~plain).any()):
         metrics["val_auroc_plain"] = auroc(risks[plain], y_va[plain])
         metrics["val_auroc_wrapped"] = auroc(risks[~plain], y_va[~plain])
+    composed = torch.tensor([wrappers[i] == COMPOSED for i in val])
+    if len(set(y_va[composed].tolist())) == 2:
+        metrics["val_auroc_composed"] = auroc(risks[composed], y_va[composed])
+    if lengths is not None:
+        metrics["val_benign_by_length"] = benign_risk_by_length(
+            [lengths[i] for i in val], risks, y_va, spec.route_below)
     return probe, {"selected": chosen.params, "validation": metrics, "held_out_wrappers": sorted(held_out),
                    "grid": table}
+
+
+def benign_risk_by_length(lengths: Sequence[int], risks: torch.Tensor, y: torch.Tensor, route_below: float,
+                          check_above: float | None = None) -> list[dict[str, Any]]:
+    """Benign rows split into length terciles: characters, count, mean risk, share at or above route_below
+    (and with `check_above`, the share guarded or checked: risk >= check_above)."""
+    rows = sorted((n, float(r)) for n, r, label in zip(lengths, risks.tolist(), y.tolist()) if label == 0)
+    k = len(rows)
+    out = []
+    for part in (rows[: k // 3], rows[k // 3: 2 * k // 3], rows[2 * k // 3:]):
+        if part:
+            part_risks = [r for _, r in part]
+            entry = {"chars": [part[0][0], part[-1][0]], "n": len(part),
+                     "mean_risk": round(sum(part_risks) / len(part), 3),
+                     "guarded_share": round(sum(r >= route_below for r in part_risks) / len(part), 4)}
+            if check_above is not None:
+                entry["guarded_or_checked_share"] = round(sum(r >= check_above for r in part_risks) / len(part), 4)
+            out.append(entry)
+    return out
 
 
 def train_probe(cfg: TrainProbeConfig, *, model: Any = None, tokenizer: Any = None, command: str | None = None,
@@ -712,8 +810,8 @@ def train_probe(cfg: TrainProbeConfig, *, model: Any = None, tokenizer: Any = No
         raise ValueError("pass tokenizer= together with model=")
     model.eval()
     torch.manual_seed(cfg.seed)
-    examples = build_dataset(cfg.data_dir, cfg.seed, cfg.wrap_rate, cfg.broad)
-    train, val = split_groups(examples, cfg.val_fraction, cfg.seed)
+    examples, train, val = training_split(cfg.data_dir, cfg.seed, cfg.wrap_rate, cfg.broad, cfg.val_fraction,
+                                          cfg.compose_rate)
     layers = list(cfg.layers) if cfg.layers else default_layers(model.config.num_hidden_layers)
     if max(layers) > model.config.num_hidden_layers:
         raise ValueError(f"layers must be hidden-state indices <= {model.config.num_hidden_layers}, got {layers}")
@@ -738,11 +836,13 @@ def train_probe(cfg: TrainProbeConfig, *, model: Any = None, tokenizer: Any = No
         model_info["hub_id"] = DEFAULT_HUB_ID
     build = token_max_candidates if cfg.aggregate == "token_max" else pooled_candidates
     t_fit = time.time()
-    probe, selection = select_and_fit(build(feats, y, layers, cfg), y, train, val, cfg, model_info, wrappers)
+    probe, selection = select_and_fit(build(feats, y, layers, cfg), y, train, val, cfg, model_info, wrappers,
+                                      [len(e.text) for e in examples])
     fit_seconds = time.time() - t_fit
     counts: dict[str, int] = {}
     for e in examples:
-        key = f"{'harmful' if e.label else 'benign'}:{e.source}{':wrapped' if e.wrapper else ''}"
+        form = f":{e.wrapper}" if e.wrapper == COMPOSED else ":wrapped" if e.wrapper else ""
+        key = f"{'harmful' if e.label else 'benign'}:{e.source}{form}"
         counts[key] = counts.get(key, 0) + 1
     report = {
         "command": command,
@@ -752,8 +852,10 @@ def train_probe(cfg: TrainProbeConfig, *, model: Any = None, tokenizer: Any = No
             "requests": len(examples), "harmful": int(y.sum()), "benign": int((1 - y).sum()),
             "train": len(train), "validation": len(val), "wrapped": sum(bool(w) for w in wrappers),
             "by_source": dict(sorted(counts.items())), "wrappers": list(WRAPPERS),
+            "composed": sum(w == COMPOSED for w in wrappers),
             "splits": "harmful: seed_reject, expert_sft_vicuna user turns, AdvBench ids >= 130; benign: AlpacaEval "
-                      "even ids, expert recipe prompts, LOOKALIKE_BENIGN (ngsd/risk/probe_training.py)",
+                      "even ids (without near-twins of odd ids), expert recipe prompts, LOOKALIKE_BENIGN "
+                      "(ngsd/risk/probe_training.py); composites of these within each split",
         },
         **selection,
         "calibration": probe.spec.calibration,
@@ -782,7 +884,9 @@ __all__ = [
     "auroc",
     "benign_training_requests",
     "broad_training_requests",
+    "benign_risk_by_length",
     "build_dataset",
+    "compose_requests",
     "extract_features",
     "fit_logistic",
     "fit_token_max",
@@ -793,4 +897,5 @@ __all__ = [
     "select_and_fit",
     "split_groups",
     "train_probe",
+    "training_split",
 ]
