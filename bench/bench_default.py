@@ -9,7 +9,8 @@ over rounds, ratios as the median of per-round ratios):
    dropped again unless the expert diverges at once): "default", against "default_nocheck" (the
    probe alone). Workloads: all benign (AlpacaEval odd ids: evaluation split) and half harmful
    (AdvBench ids < 130 alternating with AlpacaEval odd ids), at one batch size; and the time to
-   first token at batch 1. Compared with every row guarded at alpha 0.9 (no risk estimation).
+   first token at batch 1, on one prompt (full runs) and over `--ttft-prompts` prompts one by one
+   (a prompt in the check's band pays an expert prefill, so one prompt cannot tell). Compared with every row guarded at alpha 0.9 (no risk estimation).
    Two unguarded baselines: `generate` as users call it (its dynamic cache concatenates the whole
    KV cache every step) and `generate(cache_implementation="static")` (preallocated, like the
    guarded loop's growable cache): the ratio against the first is what a user sees, against the
@@ -130,6 +131,21 @@ def measure(setup: Setup, prompts: list[str], methods: list[str], new_tokens: in
     return result
 
 
+def ttft_sweep(setup: Setup, prompts: list[str], rounds: int, seed: int) -> dict:
+    """Time to first token at batch 1 over several benign prompts, default against `generate`: one prompt
+    cannot tell, because the check adds an expert prefill to the prompts whose risk falls in its band."""
+    rows = []
+    for prompt in prompts:
+        result = measure(setup, [prompt], ["unguarded", "default"], 2, rounds, seed)
+        rows.append({"ttft_ms_unguarded": round(1000 * result["unguarded"]["ttft_s"], 1),
+                     "ttft_ms_default": round(1000 * result["default"]["ttft_s"], 1),
+                     "ratio": round(result["default"]["ttft_ratio_vs_unguarded"], 3),
+                     "guarded": result["default"].get("guarded_rows")})
+    ratios = [r["ratio"] for r in rows]
+    return {"prompts": len(rows), "median_ratio": median(ratios), "mean_ratio": sum(ratios) / len(ratios),
+            "max_ratio": max(ratios), "per_prompt": rows}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=32)
@@ -140,6 +156,8 @@ def main() -> None:
     parser.add_argument("--model", default=None)
     parser.add_argument("--device", default=None)
     parser.add_argument("--expert", default=None, help="LoRA adapter folder (default: the shipped expert)")
+    parser.add_argument("--ttft-prompts", type=int, default=20,
+                        help="benign prompts (AlpacaEval odd ids) timed one by one at batch 1 for the time to first token")
     parser.add_argument("--out", default="default.json")
     parser.add_argument("--quick-ratio", action="store_true",
                         help="only the two unguarded baselines vs the default (with and without the probe's divergence "
@@ -162,6 +180,9 @@ def main() -> None:
         report["workloads"]["ttft_batch1_benign"] = measure(setup, workload_prompts("benign", 1),
                                                             all_methods,
                                                             args.new_tokens, args.rounds, args.seed)
+        if args.ttft_prompts:
+            report["workloads"]["ttft_batch1_sweep"] = ttft_sweep(setup, workload_prompts("benign", args.ttft_prompts),
+                                                                  args.rounds, args.seed)
     report["wall_seconds"] = time.time() - start
     write_json(args.out, report, RESULTS_DIR)
     for name, workload in report["workloads"].items():
@@ -173,7 +194,7 @@ def main() -> None:
                       f"vs static-cache generate {row.get('ratio_vs_unguarded_static', float('nan')):.2f}  "
                       f"ttft {row['ttft_s']*1000:7.0f} ms (x{row.get('ttft_ratio_vs_unguarded', 1):.2f})  "
                       f"guarded rows {row.get('guarded_rows', '-')}  {row.get('step_path', '')}")
-            else:
+            elif method != "per_prompt":
                 print(f"  {method}: {row}")
 
 
