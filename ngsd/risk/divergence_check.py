@@ -68,9 +68,10 @@ def fit_divergence_check(risks: Sequence[float], divergences: Sequence[float], l
     n, k = len(routed_benign), math.floor(band_share * len(routed_benign))
     check_above = route_below if k == 0 else 0.0 if k == n else (routed_benign[n - k - 1] + routed_benign[n - k]) / 2
     in_band = [(d, y) for r, d, y in zip(risks, divergences, labels) if check_above <= r < route_below]
-    harmful_all = sorted(d for d, y, use in zip(divergences, labels, sets_threshold) if y and use)
-    # the threshold is set on every harmful validation request (the band holds too few to set it alone)
-    check_divergence = harmful_all[max(0, math.ceil(len(harmful_all) * (1 - recall)) - 1)] if harmful_all else 1.0
+    # the threshold is set on the harmful validation requests named (the band holds too few to set it alone)
+    harmful_setting = sorted(d for d, y, use in zip(divergences, labels, sets_threshold) if y and use)
+    check_divergence = (harmful_setting[max(0, math.ceil(len(harmful_setting) * (1 - recall)) - 1)]
+                        if harmful_setting else 1.0)
     harmful_in_band = [d for d, y in in_band if y]
     harmful_kept = sum(d >= check_divergence for d in harmful_in_band)
     benign_in_band = [d for d, y in in_band if not y]
@@ -89,9 +90,9 @@ def fit_divergence_check(risks: Sequence[float], divergences: Sequence[float], l
             "benign_routed_by_probe": len(routed_benign),
             "benign_in_band": len(benign_in_band),
             "benign_in_band_guarded": sum(d >= check_divergence for d in benign_in_band),
-            "harmful_setting_the_threshold": len(harmful_all),
-            "harmful_divergence_share_at_or_above": round(sum(d >= check_divergence for d in harmful_all)
-                                                          / max(1, len(harmful_all)), 4),
+            "harmful_setting_the_threshold": len(harmful_setting),
+            "harmful_divergence_share_at_or_above": round(sum(d >= check_divergence for d in harmful_setting)
+                                                          / max(1, len(harmful_setting)), 4),
         },
     }
 
