@@ -10,7 +10,8 @@ over rounds, ratios as the median of per-round ratios):
    probe alone). Workloads: all benign (AlpacaEval odd ids: evaluation split) and half harmful
    (AdvBench ids < 130 alternating with AlpacaEval odd ids), at one batch size; and the time to
    first token at batch 1, on one prompt (full runs) and over `--ttft-prompts` prompts one by one
-   (a prompt in the check's band pays an expert prefill, so one prompt cannot tell). Compared with every row guarded at alpha 0.9 (no risk estimation).
+   (a prompt in the check's band pays an expert prefill, so one prompt cannot tell). Compared with
+   every row guarded at alpha 0.9 (no risk estimation).
    Two unguarded baselines: `generate` as users call it (its dynamic cache concatenates the whole
    KV cache every step) and `generate(cache_implementation="static")` (preallocated, like the
    guarded loop's growable cache): the ratio against the first is what a user sees, against the
@@ -157,12 +158,12 @@ def main() -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--expert", default=None, help="LoRA adapter folder (default: the shipped expert)")
     parser.add_argument("--ttft-prompts", type=int, default=20,
-                        help="benign prompts (AlpacaEval odd ids) timed one by one at batch 1 for the time to first token")
+                        help="benign prompts (AlpacaEval odd ids) timed one by one at batch 1 for the time to first "
+                             "token")
     parser.add_argument("--out", default="default.json")
     parser.add_argument("--quick-ratio", action="store_true",
                         help="only the two unguarded baselines vs the default (with and without the probe's divergence "
-                             "check) on the two "
-                             "batch workloads (no fixed-alpha rows, no TTFT)")
+                             "check) on the two batch workloads (no fixed-alpha rows, no TTFT)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     setup = load_setup(args.model, args.device, expert=args.expert)

@@ -1,8 +1,8 @@
 """Does the risk probe's risk grow with prompt length on benign prompts? (report only)
 
 The shipped probe takes the maximum of per-token risks over the prompt, so a longer prompt has more
-chances of one high token. Per benign set, split into length terciles (the request's own tokens, without the chat template): the
-mean risk and the share of rows the default would guard (risk >= route_below) or check (risk in
+chances of one high token. Per benign set, split into length terciles (the request's own tokens,
+without the chat template): the mean risk and the share of rows the default would guard (risk >= route_below) or check (risk in
 [check_above, route_below)). AlpacaEval even ids are the probe's own training prompts; AlpacaEval odd
 ids and MT-Bench are evaluation sets, read here for the diagnosis only.
 
@@ -20,18 +20,11 @@ import torch  # noqa: E402  (after harness)
 
 def terciles(name: str, texts: list[str], risks: list[float], tokenizer, route_below: float,
              check_above: float | None) -> list[dict]:
+    from ngsd.risk.probe_training import benign_risk_by_length
+
     lengths = [len(tokenizer(text).input_ids) for text in texts]
-    rows = sorted(zip(lengths, risks))
-    n = len(rows)
-    out = []
-    for part in (rows[: n // 3], rows[n // 3: 2 * n // 3], rows[2 * n // 3:]):
-        part_risks = [risk for _, risk in part]
-        guarded = sum(risk >= route_below for risk in part_risks)
-        checked = sum(check_above is not None and check_above <= risk < route_below for risk in part_risks)
-        out.append({"set": name, "tokens": [part[0][0], part[-1][0]], "n": len(part),
-                    "mean_risk": round(sum(part_risks) / len(part), 3), "guarded": guarded, "checked": checked,
-                    "guarded_or_checked_share": round((guarded + checked) / len(part), 3)})
-    return out
+    return [{"set": name, **row} for row in benign_risk_by_length(
+        lengths, torch.tensor(risks), torch.zeros(len(risks)), route_below, check_above, unit="tokens")]
 
 
 def main() -> None:
@@ -56,13 +49,14 @@ def main() -> None:
         "alpaca_odd (evaluation)": [p.text for p in load_suite("alpaca_eval", limit=100)],
         "mt_bench (evaluation)": [p.text for p in load_suite("mt_bench")],
     }
-    report = {"probe": args.probe or "shipped", "route_below": probe.route_below, "check_above": probe.spec.check_above, "sets": []}
+    report = {"probe": args.probe or "shipped", "route_below": probe.route_below,
+              "check_above": probe.spec.check_above, "sets": []}
     for name, texts in sets.items():
         risks = estimate_risk(setup.model, setup.tokenizer, texts, probe)
         for row in terciles(name, texts, risks, setup.tokenizer, probe.route_below, probe.spec.check_above):
             report["sets"].append(row)
             print(f"{row['set']:26s} tokens {row['tokens'][0]:3d}-{row['tokens'][1]:3d}  n {row['n']:3d}  "
-                  f"mean risk {row['mean_risk']:.2f}  guarded {row['guarded']:2d}  checked {row['checked']:2d}")
+                  f"mean risk {row['mean_risk']:.2f}  guarded {row['guarded']:2d}  checked {row.get('checked', 0):2d}")
     write_json(args.out, report, RESULTS_DIR)
 
 

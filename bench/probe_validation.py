@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     examples, _, val = training_split(args.data_dir, seed=0, compose_rate=args.compose_rate)
     rows = [examples[i] for i in val]
     texts, labels = [e.text for e in rows], torch.tensor([e.label for e in rows])
-    kinds = {"plain": [not e.wrapper for e in rows], "wrapped": [bool(e.wrapper) and e.wrapper != COMPOSED for e in rows],
+    kinds = {"plain": [not e.wrapper for e in rows],
+             "wrapped": [bool(e.wrapper) and e.wrapper != COMPOSED for e in rows],
              "composed": [e.wrapper == COMPOSED for e in rows]}
     model, tokenizer = load_model(None)
     report = {"split": {"requests": len(rows), "harmful": int(labels.sum()), "compose_rate": args.compose_rate},

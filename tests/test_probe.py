@@ -222,13 +222,13 @@ def test_composites_are_made_within_one_split_from_plain_requests_of_that_split(
     from ngsd.risk.probe_training import COMPOSED, training_split
 
     examples, train, val = training_split(str(DATA_DIR), seed=0, compose_rate=0.5)
-    composed = [i for i, e in enumerate(examples) if e.wrapper == COMPOSED]
+    composed = {i for i, e in enumerate(examples) if e.wrapper == COMPOSED}
     assert sorted(train + val) == list(range(len(examples))) and not set(train) & set(val)
     plain = {i for i, e in enumerate(examples) if not e.wrapper}
     for rows in (train, val):
         benign = {examples[i].text.lower() for i in rows if i in plain and examples[i].label == 0}
         harmful = {examples[i].text.lower() for i in rows if i in plain and examples[i].label == 1}
-        mine = [examples[i] for i in rows if i in set(composed)]
+        mine = [examples[i] for i in rows if i in composed]
         assert {e.label for e in mine} == {0, 1}
         for e in mine:
             text = e.text.lower()  # parts may start lower-cased ("Also, ...")

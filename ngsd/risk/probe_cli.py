@@ -85,7 +85,8 @@ def config_from_args(args: argparse.Namespace) -> Any:
     poolings = tuple(tuple(p.strip() for p in combo.split("+")) for combo in args.poolings.split(";") if combo.strip())
     return TrainProbeConfig(
         model=args.model, out=args.out, seed=args.seed, layers=_ints(args.layers, "layers"), poolings=poolings,
-        l2=l2, val_fraction=args.val_fraction, wrap_rate=args.wrap_rate, compose_rate=args.compose_rate, route_recall=args.route_recall,
+        l2=l2, val_fraction=args.val_fraction, wrap_rate=args.wrap_rate, compose_rate=args.compose_rate,
+        route_recall=args.route_recall,
         batch_size=args.batch_size, threads=args.threads, data_dir=args.data_dir, cache_dir=args.cache_dir,
         aggregate=args.aggregate, broad=args.broad, **extra,
     )

@@ -763,13 +763,11 @@ def select_and_fit(candidates: Sequence[Candidate], y: torch.Tensor, train: list
         "val_benign_mean_risk": float(risks[y_va == 0].mean()),
         "val_brier": float(((risks / RISK_SCALE - y_va.float()) ** 2).mean()),
     }
-    plain = torch.tensor([wrappers[i] == "" for i in val])
-    if bool(plain.any()) and bool((~plain).any()):
-        metrics["val_auroc_plain"] = auroc(risks[plain], y_va[plain])
-        metrics["val_auroc_wrapped"] = auroc(risks[~plain], y_va[~plain])
-    composed = torch.tensor([wrappers[i] == COMPOSED for i in val])
-    if len(set(y_va[composed].tolist())) == 2:
-        metrics["val_auroc_composed"] = auroc(risks[composed], y_va[composed])
+    forms = {"plain": lambda w: w == "", "wrapped": lambda w: w not in ("", COMPOSED), "composed": lambda w: w == COMPOSED}
+    for form, belongs in forms.items():
+        rows = torch.tensor([belongs(wrappers[i]) for i in val])
+        if len(set(y_va[rows].tolist())) == 2:
+            metrics[f"val_auroc_{form}"] = auroc(risks[rows], y_va[rows])
     if lengths is not None:
         metrics["val_benign_by_length"] = benign_risk_by_length(
             [lengths[i] for i in val], risks, y_va, spec.route_below)
@@ -778,20 +776,23 @@ def select_and_fit(candidates: Sequence[Candidate], y: torch.Tensor, train: list
 
 
 def benign_risk_by_length(lengths: Sequence[int], risks: torch.Tensor, y: torch.Tensor, route_below: float,
-                          check_above: float | None = None) -> list[dict[str, Any]]:
-    """Benign rows split into length terciles: characters, count, mean risk, share at or above route_below
-    (and with `check_above`, the share guarded or checked: risk >= check_above)."""
+                          check_above: float | None = None, unit: str = "chars") -> list[dict[str, Any]]:
+    """Benign rows split into length terciles: the length range (keyed `unit`), count, mean risk, how many
+    and what share are at or above route_below (guarded), and with `check_above` how many fall in
+    [check_above, route_below) (checked) and the share guarded or checked."""
     rows = sorted((n, float(r)) for n, r, label in zip(lengths, risks.tolist(), y.tolist()) if label == 0)
     k = len(rows)
     out = []
     for part in (rows[: k // 3], rows[k // 3: 2 * k // 3], rows[2 * k // 3:]):
         if part:
             part_risks = [r for _, r in part]
-            entry = {"chars": [part[0][0], part[-1][0]], "n": len(part),
+            guarded = sum(r >= route_below for r in part_risks)
+            entry = {unit: [part[0][0], part[-1][0]], "n": len(part),
                      "mean_risk": round(sum(part_risks) / len(part), 3),
-                     "guarded_share": round(sum(r >= route_below for r in part_risks) / len(part), 4)}
+                     "guarded": guarded, "guarded_share": round(guarded / len(part), 4)}
             if check_above is not None:
-                entry["guarded_or_checked_share"] = round(sum(r >= check_above for r in part_risks) / len(part), 4)
+                entry["checked"] = sum(check_above <= r < route_below for r in part_risks)
+                entry["guarded_or_checked_share"] = round((guarded + entry["checked"]) / len(part), 4)
             out.append(entry)
     return out
 
@@ -850,7 +851,7 @@ def train_probe(cfg: TrainProbeConfig, *, model: Any = None, tokenizer: Any = No
         "seed": cfg.seed,
         "data": {
             "requests": len(examples), "harmful": int(y.sum()), "benign": int((1 - y).sum()),
-            "train": len(train), "validation": len(val), "wrapped": sum(bool(w) for w in wrappers),
+            "train": len(train), "validation": len(val), "wrapped": sum(w not in ("", COMPOSED) for w in wrappers),
             "by_source": dict(sorted(counts.items())), "wrappers": list(WRAPPERS),
             "composed": sum(w == COMPOSED for w in wrappers),
             "splits": "harmful: seed_reject, expert_sft_vicuna user turns, AdvBench ids >= 130; benign: AlpacaEval "
