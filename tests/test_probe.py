@@ -342,10 +342,16 @@ def test_broad_requests_join_the_probe_data_with_every_form_of_an_act_in_one_spl
     assert not {examples[i].group for i in train} & {examples[i].group for i in val}
     evaluation = {t.strip().lower() for _, t in evaluation_prompts(str(DATA_DIR))}
     assert [e.text for e in examples if e.text.strip().lower() in evaluation] == []
+    # the expert recipe's held-apart topics validate probes too (bench/probe_heldapart.py): never trained on
+    from ngsd.experts.training.broad import training_requests
+
+    held = training_requests(str(DATA_DIR), split="validation", seed=0)
+    held_texts = {r.text.strip().lower() for r in held.harmful + held.benign}
+    assert held_texts and not held_texts & {e.text.strip().lower() for e in broad}
 
 
 def test_first_step_divergence_is_the_guarded_loops_first_divergence(tokenizer_and_tiny_model, tmp_path):
-    from ngsd import NGSDConfig, guarded_generate
+    from ngsd import guarded_generate
     from ngsd.api import encode_prompts
     from ngsd.experts.lora import LoraAdapter
     from ngsd.risk.divergence_check import first_step_divergence

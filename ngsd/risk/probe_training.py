@@ -301,11 +301,13 @@ def _dedupe_tagged(tagged: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
 def broad_training_requests(data_dir: str | None = None, seed: int = 0) -> dict[int, list[tuple[str, str, str]]]:
     """(text, source, unit) per label (1 harmful, 0 benign) from the expert recipe's broad requests
     (`ngsd.experts.training.broad`: ten harm categories in seven surface forms, and harmless
-    look-alikes in the same forms), every split of that recipe, since the probe holds out its own.
-    `unit` is the act or request the prompt was made from: all its forms share one probe group."""
+    look-alikes in the same forms), the recipe's training split only: its held-apart topics
+    (`ngsd.experts.training.broad_examples.validation_requests`) stay unseen by expert and probe alike,
+    so they can validate both. `unit` is the act or request the prompt was made from: all its forms
+    share one probe group."""
     from ..experts.training.broad import training_requests
 
-    requests = training_requests(split="all", seed=seed, data_dir=data_dir)
+    requests = training_requests(split="train", seed=seed, data_dir=data_dir)
     return {label: [(r.text, f"broad:{r.category}:{r.form}", f"{label}:{r.unit}") for r in rows]
             for label, rows in ((1, requests.harmful), (0, requests.benign))}
 
