@@ -1,0 +1,130 @@
+"""Could the divergence check read a better signal than the first-step total variation? (training side only)
+
+On the shipped probe's validation split (`training_split`, seed 0, composites; no evaluation set),
+decode K tokens with the base alone (greedy), then run base and shipped expert over the prompt plus
+those tokens and record, per request: the TV at each of steps 1..K along the base's path, KL both
+ways and the drop in the expert's log-probability of the base's first choice at step 1. Each signal's
+threshold is set the way `fit_divergence_check` sets it (the value that keeps `recall` of the single
+harmful requests at or above it); the summary counts the benign requests in the check's band that
+it would still guard, and the harmful ones in the band it keeps.
+
+    python bench/probe_check_signals.py --threads 2       # ~17 min on 2 threads; writes bench/results/probe_check_signals.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+
+SIGNALS = {
+    "tv_step1 (shipped)": lambda o: o["tv"][0],
+    "tv_step2": lambda o: o["tv"][1],
+    "tv_step3": lambda o: o["tv"][2],
+    "tv_step4": lambda o: o["tv"][3],
+    "tv_mean_steps1-2": lambda o: sum(o["tv"][:2]) / 2,
+    "tv_max_steps1-4": lambda o: max(o["tv"]),
+    "tv_mean_steps1-4": lambda o: sum(o["tv"]) / 4,
+    "kl_expert_base": lambda o: o["kl_eb"],
+    "kl_base_expert": lambda o: o["kl_be"],
+}
+
+
+def summarise(rows: list[dict], route_below: float, check_above: float, recalls=(0.98, 0.95)) -> dict:
+    single_harmful = [o for o in rows if o["label"] == 1 and o["wrapper"] != "multi_request"]
+    band = [o for o in rows if check_above <= o["risk"] < route_below]
+    band_benign, band_harmful = [o for o in band if not o["label"]], [o for o in band if o["label"]]
+    out = {"single_harmful": len(single_harmful), "band_benign": len(band_benign), "band_harmful": len(band_harmful),
+           "signals": {}}
+    for name, signal in SIGNALS.items():
+        values = sorted(signal(o) for o in single_harmful)
+        for recall in recalls:
+            threshold = values[max(0, math.ceil(len(values) * (1 - recall)) - 1)]
+            out["signals"][f"{name} @ recall {recall}"] = {
+                "threshold": round(threshold, 4),
+                "band_benign_guarded": sum(signal(o) >= threshold for o in band_benign),
+                "band_harmful_kept": sum(signal(o) >= threshold for o in band_harmful)}
+    return out
+
+
+@torch.no_grad()
+def signals(model, tokenizer, adapter, texts: list[str], steps: int, batch_size: int = 16) -> list[dict]:
+    from ngsd.api import encode_prompts
+    from ngsd.decoding.pair import positions_from_mask
+    from ngsd.risk.divergence_check import total_variation
+
+    out = []
+    for start in range(0, len(texts), batch_size):
+        ids, mask = encode_prompts(tokenizer, texts[start:start + batch_size])
+        rows = ids.shape[0]
+        for _ in range(steps - 1):  # the base's own greedy path (no cache: a short, one-off analysis)
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask)).logits[:, -1]
+            token = logits.argmax(-1, keepdim=True)
+            ids, mask = torch.cat([ids, token], 1), torch.cat([mask, torch.ones_like(token)], 1)
+        adapter.attach(model)
+        try:
+            with adapter.rows_from(rows):
+                both, both_mask = torch.cat([ids, ids]), torch.cat([mask, mask])
+                logits = model(input_ids=both, attention_mask=both_mask,
+                               position_ids=positions_from_mask(both_mask)).logits[:, -steps:]
+        finally:
+            adapter.detach(model)
+        base, expert = logits[:rows].float(), logits[rows:].float()
+        for r in range(rows):
+            log_b, log_e = base[r, 0].log_softmax(-1), expert[r, 0].log_softmax(-1)
+            out.append({"tv": [float(total_variation(base[r, k:k + 1], expert[r, k:k + 1])[0]) for k in range(steps)],
+                        "kl_eb": float((log_e.exp() * (log_e - log_b)).sum()),
+                        "kl_be": float((log_b.exp() * (log_b - log_e)).sum())})
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--raw", default=None, help="per-request signals: read them from here if it exists, else write")
+    parser.add_argument("--out", default="bench/results/probe_check_signals.json")
+    args = parser.parse_args(argv)
+
+    from ngsd.risk.probe import RiskProbe, shipped_probe_path
+
+    probe = RiskProbe.load(shipped_probe_path(None))
+    started, load_before = time.time(), os.getloadavg()
+    if args.raw and Path(args.raw).is_file():
+        rows = json.loads(Path(args.raw).read_text())
+    else:
+        from ngsd.experts.lora import LoraAdapter
+        from ngsd.experts.shipped import shipped_expert_path
+        from ngsd.loading import load_model
+        from ngsd.risk.probe import estimate_risk
+        from ngsd.risk.probe_training import training_split
+
+        torch.set_num_threads(args.threads)
+        examples, _, val = training_split(None, seed=0, compose_rate=0.5)
+        held = [examples[i] for i in val]
+        texts = [e.text for e in held]
+        model, tokenizer = load_model(None)
+        risks = estimate_risk(model, tokenizer, texts, probe)
+        rows = signals(model, tokenizer, LoraAdapter.load(shipped_expert_path()), texts, args.steps)
+        for row, example, risk in zip(rows, held, risks):
+            row.update(label=example.label, wrapper=example.wrapper, chars=len(example.text), risk=risk)
+        if args.raw:
+            Path(args.raw).write_text(json.dumps(rows))
+    report = summarise(rows, probe.route_below, probe.spec.check_above)
+    report.update(requests=len(rows), seconds=round(time.time() - started, 1),
+                  loadavg={"start": list(load_before), "end": list(os.getloadavg())},
+                  command=f"python bench/probe_check_signals.py --threads {args.threads}"
+                  + (f" --raw {args.raw}" if args.raw else ""))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
