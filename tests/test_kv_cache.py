@@ -151,6 +151,38 @@ def test_rows_guarded_after_the_prefill_skip_their_common_left_padding_with_the_
         separate.close()
 
 
+def test_an_adapter_pair_attaches_the_lora_hooks_only_once_a_row_is_guarded(llama_pair):
+    """A call whose rows are all routed runs the base alone: no hooks attached, none run on its projections."""
+    from ngsd.decoding.pair import AdapterPair
+    from ngsd.experts.lora import LoraAdapter
+
+    model, folder = llama_pair
+    adapter = LoraAdapter.load(folder)
+    input_ids, mask, _ = mixed_length_batch([5, 3], model.config.vocab_size, seed=3)
+    with torch.no_grad():
+        routed = AdapterPair(model, adapter)
+        plain = routed.prefill(input_ids, mask).base
+        assert routed.guard([]) is None and not adapter.is_attached(model)
+        base, expert = routed.step(torch.full((2,), 4))
+        assert expert is None and not adapter.is_attached(model)
+        routed.close()
+        torch.testing.assert_close(plain, model(input_ids=input_ids, attention_mask=mask,
+                                                 position_ids=(mask.cumsum(-1) - 1).clamp_min(0)).logits[:, -1],
+                                   rtol=1e-5, atol=1e-5)
+        guarded = AdapterPair(model, adapter)
+        guarded.prefill(input_ids, mask)
+        assert not adapter.is_attached(model)
+        guarded.guard([1])
+        assert adapter.is_attached(model)
+        guarded.close()
+        assert not adapter.is_attached(model), "the call that attached the hooks takes them off"
+        at_once = AdapterPair(model, adapter)
+        at_once.prefill(input_ids, mask, guard_rows=[0])
+        assert adapter.is_attached(model)
+        at_once.close()
+        assert not adapter.is_attached(model)
+
+
 def test_sliding_window_layers_keep_their_own_cache_and_guarded_rows_are_not_trimmed(tmp_path):
     """A model mixing full and sliding-window layers: only the full ones grow in place; rows guarded
     after the prefill are prefilled at full width (a window's width is not the prompt's)."""

@@ -313,7 +313,9 @@ class AdapterPair(_PairBase):
 
     def __init__(self, model: nn.Module, adapter: LoraAdapter, head: HeadSplit | None = None) -> None:
         super().__init__()
-        self._holds_hooks = _hold_lora_hooks(adapter, model)
+        # the hooks go on at the first expert row: a call whose rows are all routed never pays for
+        # attaching them (a few ms a call) nor for running them on every projection
+        self._holds_hooks = False
         self._adapter = adapter
         self._head = head
         self._both = _CachedModel(model, head)
@@ -327,6 +329,8 @@ class AdapterPair(_PairBase):
                 base = self._both.prefill(input_ids, attention_mask)
             return Prefill(base, None, dict(states or {}))
         rows = self._set_rows(guard_rows)
+        if rows.numel():
+            self._hold_hooks()
         with capture_hidden_states(self._both.model, capture) if capture else _nothing() as states:
             with self._adapter.rows_from(batch):
                 out = self._both.prefill(torch.cat([input_ids, input_ids[rows]]),
@@ -338,6 +342,7 @@ class AdapterPair(_PairBase):
         rows = self._set_rows(rows)
         if rows.numel() == 0:
             return None
+        self._hold_hooks()
         input_ids, attention_mask = self._prompt
         expert = _CachedModel(self._both.model, self._head)
         ids, mask = input_ids[rows], attention_mask[rows]
@@ -348,6 +353,10 @@ class AdapterPair(_PairBase):
                 out = expert.prefill_rows(ids, mask, full_width=True)
         self._both.append_rows(expert)
         return out
+
+    def _hold_hooks(self) -> None:
+        if not self._holds_hooks:
+            self._holds_hooks = _hold_lora_hooks(self._adapter, self._both.model)
 
     def _drop_expert_rows(self, index):
         batch = torch.arange(self._batch, device=index.device)
