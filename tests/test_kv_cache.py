@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 
+import pytest
 import torch
 
 from ngsd.decoding import pair as pair_module
@@ -151,32 +152,37 @@ def test_rows_guarded_after_the_prefill_skip_their_common_left_padding_with_the_
         separate.close()
 
 
-def test_an_adapter_pair_attaches_the_lora_hooks_only_once_a_row_is_guarded(llama_pair):
+@pytest.mark.parametrize("pair_kind", ["adapter", "shared_trunk"])
+def test_a_pair_attaches_the_lora_hooks_only_once_a_row_is_guarded(pair_kind, tmp_path):
     """A call whose rows are all routed runs the base alone: no hooks attached, none run on its projections."""
-    from ngsd.decoding.pair import AdapterPair
+    from ngsd.decoding.pair import AdapterPair, positions_from_mask
+    from ngsd.decoding.shared_trunk import SharedTrunkPair
     from ngsd.experts.lora import LoraAdapter
 
-    model, folder = llama_pair
-    adapter = LoraAdapter.load(folder)
+    from .conftest import tiny_lora_expert
+
+    model = tiny_model("llama", layers=4)
+    adapter = LoraAdapter.load(tiny_lora_expert(model, tmp_path / "lora", layers=[2, 3]))
+    pair_class = AdapterPair if pair_kind == "adapter" else SharedTrunkPair
     input_ids, mask, _ = mixed_length_batch([5, 3], model.config.vocab_size, seed=3)
     with torch.no_grad():
-        routed = AdapterPair(model, adapter)
+        routed = pair_class(model, adapter)
         plain = routed.prefill(input_ids, mask).base
         assert routed.guard([]) is None and not adapter.is_attached(model)
         base, expert = routed.step(torch.full((2,), 4))
         assert expert is None and not adapter.is_attached(model)
         routed.close()
         torch.testing.assert_close(plain, model(input_ids=input_ids, attention_mask=mask,
-                                                 position_ids=(mask.cumsum(-1) - 1).clamp_min(0)).logits[:, -1],
+                                                 position_ids=positions_from_mask(mask)).logits[:, -1],
                                    rtol=1e-5, atol=1e-5)
-        guarded = AdapterPair(model, adapter)
-        guarded.prefill(input_ids, mask)
+        later = pair_class(model, adapter)
+        later.prefill(input_ids, mask)
         assert not adapter.is_attached(model)
-        guarded.guard([1])
+        later.guard([1])
         assert adapter.is_attached(model)
-        guarded.close()
+        later.close()
         assert not adapter.is_attached(model), "the call that attached the hooks takes them off"
-        at_once = AdapterPair(model, adapter)
+        at_once = pair_class(model, adapter)
         at_once.prefill(input_ids, mask, guard_rows=[0])
         assert adapter.is_attached(model)
         at_once.close()

@@ -64,6 +64,24 @@ def _release_lora_hooks(adapter: LoraAdapter, model: nn.Module) -> None:
             adapter.detach(model)
 
 
+class LazyLoraHooks:
+    """One call's hold on an adapter's hooks, taken at its first expert row: a call whose rows are all
+    routed never pays for attaching them (a few ms on the default model) nor for running them on
+    every projection."""
+
+    def __init__(self, adapter: LoraAdapter, model: nn.Module) -> None:
+        self._adapter, self._model, self._held = adapter, model, False
+
+    def hold(self) -> None:
+        if not self._held:
+            self._held = _hold_lora_hooks(self._adapter, self._model)
+
+    def release(self) -> None:
+        if self._held:
+            _release_lora_hooks(self._adapter, self._model)
+            self._held = False
+
+
 def common_left_padding(attention_mask: torch.Tensor) -> int:
     """How many columns on the left are padding in every row of a left-padded batch."""
     real = attention_mask.bool().any(0)
@@ -313,9 +331,7 @@ class AdapterPair(_PairBase):
 
     def __init__(self, model: nn.Module, adapter: LoraAdapter, head: HeadSplit | None = None) -> None:
         super().__init__()
-        # the hooks go on at the first expert row: a call whose rows are all routed never pays for
-        # attaching them (a few ms a call) nor for running them on every projection
-        self._holds_hooks = False
+        self._hooks = LazyLoraHooks(adapter, model)
         self._adapter = adapter
         self._head = head
         self._both = _CachedModel(model, head)
@@ -330,7 +346,7 @@ class AdapterPair(_PairBase):
             return Prefill(base, None, dict(states or {}))
         rows = self._set_rows(guard_rows)
         if rows.numel():
-            self._hold_hooks()
+            self._hooks.hold()
         with capture_hidden_states(self._both.model, capture) if capture else _nothing() as states:
             with self._adapter.rows_from(batch):
                 out = self._both.prefill(torch.cat([input_ids, input_ids[rows]]),
@@ -342,7 +358,7 @@ class AdapterPair(_PairBase):
         rows = self._set_rows(rows)
         if rows.numel() == 0:
             return None
-        self._hold_hooks()
+        self._hooks.hold()
         input_ids, attention_mask = self._prompt
         expert = _CachedModel(self._both.model, self._head)
         ids, mask = input_ids[rows], attention_mask[rows]
@@ -353,10 +369,6 @@ class AdapterPair(_PairBase):
                 out = expert.prefill_rows(ids, mask, full_width=True)
         self._both.append_rows(expert)
         return out
-
-    def _hold_hooks(self) -> None:
-        if not self._holds_hooks:
-            self._holds_hooks = _hold_lora_hooks(self._adapter, self._both.model)
 
     def _drop_expert_rows(self, index):
         batch = torch.arange(self._batch, device=index.device)
@@ -372,9 +384,7 @@ class AdapterPair(_PairBase):
 
     def close(self) -> None:
         self._both.close()
-        if self._holds_hooks:
-            _release_lora_hooks(self._adapter, self._both.model)
-            self._holds_hooks = False
+        self._hooks.release()
 
 
 @contextmanager

@@ -23,7 +23,7 @@ from torch import nn
 
 from .heads import HeadSplit
 from .kv_cache import append_cache_rows, make_growable, select_cache_rows
-from .pair import Prefill, _hold_lora_hooks, _nothing, _PairBase, _release_lora_hooks, capture_hidden_states
+from .pair import LazyLoraHooks, Prefill, _nothing, _PairBase, capture_hidden_states
 from .pair import positions_from_mask
 from ..experts.lora import LoraAdapter
 
@@ -119,7 +119,7 @@ class SharedTrunkPair(_PairBase):
         self.split = lowest_adapted_layer(adapter)
         self.note = f", shared trunk below layer {self.split}"
         self._adapter = adapter
-        self._holds_hooks = _hold_lora_hooks(adapter, model)
+        self._hooks = LazyLoraHooks(adapter, model)
         self._net = _SplitDecoder(model, self.split, logits=head is None)
         self._batch = 0
         self._mask: torch.Tensor | None = None  # base rows' attention mask so far [B, seen]
@@ -150,8 +150,8 @@ class SharedTrunkPair(_PairBase):
     def prefill(self, input_ids, attention_mask, *, guard_rows=None, capture=()) -> Prefill:
         self._remember(input_ids, attention_mask)
         self._batch = batch = input_ids.shape[0]
-        if guard_rows is not None:
-            self._set_rows(guard_rows)
+        if guard_rows is not None and self._set_rows(guard_rows).numel():
+            self._hooks.hold()
         positions = positions_from_mask(attention_mask)
         self._mask, self._next_position = attention_mask, positions[:, -1:] + 1
         with capture_hidden_states(self._net.model, capture) if capture else _nothing() as states:
@@ -165,6 +165,7 @@ class SharedTrunkPair(_PairBase):
         trunk, self._trunk_prompt = self._trunk_prompt, None
         if rows.numel() == 0:
             return None
+        self._hooks.hold()
         # the expert copies share the base rows' lower layers: run only the upper ones, from the kept trunk output
         net = self._net
         mask, positions = self._mask[rows], positions_from_mask(self._mask)[rows]
@@ -194,9 +195,7 @@ class SharedTrunkPair(_PairBase):
     def close(self) -> None:
         self._net.cache = None
         self._trunk_prompt = None
-        if self._holds_hooks:
-            _release_lora_hooks(self._adapter, self._net.model)
-            self._holds_hooks = False
+        self._hooks.release()
 
 
 def _append_upper_rows(cache, other, layers: Sequence[int]) -> None:
