@@ -36,7 +36,7 @@ def _split_texts(report: dict, data_dir: str | None) -> dict[str, int]:
 
     cfg = report.get("config", {})
     examples, _, val = training_split(data_dir, int(cfg.get("seed", 0)), float(cfg.get("wrap_rate", 0.6)),
-                                      bool(cfg.get("broad", False)), float(cfg.get("val_fraction", 0.2)),
+                                      cfg.get("broad", False), float(cfg.get("val_fraction", 0.2)),
                                       float(cfg.get("compose_rate", 0.0)))
     return {examples[i].text: examples[i].label for i in val}
 

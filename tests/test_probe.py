@@ -348,6 +348,11 @@ def test_broad_requests_join_the_probe_data_with_every_form_of_an_act_in_one_spl
     held = training_requests(str(DATA_DIR), split="validation", seed=0)
     held_texts = {r.text.strip().lower() for r in held.harmful + held.benign}
     assert held_texts and not held_texts & {e.text.strip().lower() for e in broad}
+    # "harmful": the same broad harmful requests, none of the look-alikes
+    harmful_only = [e for e in build_dataset(str(DATA_DIR), seed=0, broad="harmful")
+                    if e.source.startswith("broad:") and not e.wrapper]
+    assert {e.label for e in harmful_only} == {1}
+    assert sorted(e.text for e in harmful_only) == sorted(e.text for e in broad if e.label == 1)
 
 
 def test_first_step_divergence_is_the_guarded_loops_first_divergence(tokenizer_and_tiny_model, tmp_path):

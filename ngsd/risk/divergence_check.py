@@ -151,7 +151,7 @@ def fit_probe_check(probe_dir: str | Path, *, model: Any, tokenizer: Any, expert
     report = json.loads(report_file.read_text()) if report_file.is_file() else {}
     trained = report.get("config", {})
     seed, wrap_rate = int(trained.get("seed", 0)), float(trained.get("wrap_rate", 0.6))
-    val_fraction, broad = float(trained.get("val_fraction", 0.2)), bool(trained.get("broad", False))
+    val_fraction, broad = float(trained.get("val_fraction", 0.2)), trained.get("broad", False)
     compose_rate = float(trained.get("compose_rate", 0.0))  # probes trained before composites had none
     examples, _, val = training_split(data_dir, seed, wrap_rate, broad, val_fraction, compose_rate)
     texts = [examples[i].text for i in val]

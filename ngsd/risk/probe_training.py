@@ -206,6 +206,9 @@ class Example:
     wrapper: str = ""
 
 
+BROAD_CHOICES = (False, True, "harmful")
+
+
 @dataclass(frozen=True)
 class TrainProbeConfig:
     """Settings of `train_probe` (all part of the training report)."""
@@ -223,8 +226,9 @@ class TrainProbeConfig:
     # composites (`compose_requests`) per plain request of each class and split
     compose_rate: float = 0.5
     # add the expert recipe's broad requests (categories x surface forms); measured on the evaluation splits it
-    # moved the operating point more than it improved separation (reports/probe/broad_probe.md), so it is opt-in
-    broad: bool = False
+    # moved the operating point more than it improved separation (reports/probe/broad_probe.md), so it is opt-in.
+    # True: its harmful requests and look-alikes; "harmful": its harmful requests only
+    broad: bool | str = False
     route_recall: float = 0.98
     batch_size: int = 16
     threads: int | None = 1
@@ -244,6 +248,8 @@ class TrainProbeConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if not self.l2 or any(v < 0 for v in self.l2):
             raise ValueError(f"l2 must be a non-empty list of non-negative strengths, got {self.l2}")
+        if self.broad not in BROAD_CHOICES:
+            raise ValueError(f"broad must be one of {BROAD_CHOICES}, got {self.broad!r}")
         if self.aggregate not in AGGREGATES:
             raise ValueError(f"aggregate must be one of {AGGREGATES}, got {self.aggregate!r}")
         unknown = [w for w in self.held_out_wrappers if w not in WRAPPERS]
@@ -313,15 +319,18 @@ def broad_training_requests(data_dir: str | None = None, seed: int = 0) -> dict[
 
 
 def build_dataset(data_dir: str | None = None, seed: int = 0, wrap_rate: float = 0.6,
-                  broad: bool = False) -> list[Example]:
+                  broad: bool | str = False) -> list[Example]:
     """Plain requests of both classes, plus a wrapped copy of each with probability `wrap_rate`.
 
     Wrappers are dealt round-robin over a seeded shuffle per class, so both classes get the same mix.
-    `broad`: add the expert recipe's broad requests (`broad_training_requests`); the surface forms
-    of one act share a group, so the validation split never holds a form of a training act.
+    `broad`: add the expert recipe's broad requests (`broad_training_requests`; "harmful": its
+    harmful ones only); the surface forms of one act share a group, so the validation split never
+    holds a form of a training act.
     """
     rng = random.Random(seed)
     extra = broad_training_requests(data_dir, seed) if broad else {1: [], 0: []}
+    if broad == "harmful":
+        extra[0] = []
     examples: list[Example] = []
     group = 0
     for label, requests in ((1, harmful_training_requests(data_dir)), (0, benign_training_requests(data_dir))):
@@ -379,7 +388,7 @@ def compose_requests(examples: Sequence[Example], rows: Sequence[int], rate: flo
     return out
 
 
-def training_split(data_dir: str | None = None, seed: int = 0, wrap_rate: float = 0.6, broad: bool = False,
+def training_split(data_dir: str | None = None, seed: int = 0, wrap_rate: float = 0.6, broad: bool | str = False,
                    val_fraction: float = 0.2, compose_rate: float = 0.0
                    ) -> tuple[list[Example], list[int], list[int]]:
     """The probe's examples and their training / validation indices: `build_dataset`, `split_groups`,
