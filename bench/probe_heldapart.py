@@ -32,12 +32,9 @@ import torch
 
 
 def _split_texts(report: dict, data_dir: str | None) -> dict[str, int]:
-    from ngsd.risk.probe_training import training_split
+    from ngsd.risk.probe_training import training_split_of
 
-    cfg = report.get("config", {})
-    examples, _, val = training_split(data_dir, int(cfg.get("seed", 0)), float(cfg.get("wrap_rate", 0.6)),
-                                      cfg.get("broad", False), float(cfg.get("val_fraction", 0.2)),
-                                      float(cfg.get("compose_rate", 0.0)))
+    examples, _, val = training_split_of(report.get("config", {}), data_dir)
     return {examples[i].text: examples[i].label for i in val}
 
 

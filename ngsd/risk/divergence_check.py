@@ -143,17 +143,13 @@ def fit_probe_check(probe_dir: str | Path, *, model: Any, tokenizer: Any, expert
     from dataclasses import replace
 
     from .probe import PROBE_FILE, REPORT_FILE, RiskProbe, estimate_risk
-    from .probe_training import COMPOSED, training_split
+    from .probe_training import COMPOSED, training_split_of
 
     probe_dir = Path(probe_dir)
     probe = RiskProbe.load(probe_dir)
     report_file = probe_dir / REPORT_FILE
     report = json.loads(report_file.read_text()) if report_file.is_file() else {}
-    trained = report.get("config", {})
-    seed, wrap_rate = int(trained.get("seed", 0)), float(trained.get("wrap_rate", 0.6))
-    val_fraction, broad = float(trained.get("val_fraction", 0.2)), trained.get("broad", False)
-    compose_rate = float(trained.get("compose_rate", 0.0))  # probes trained before composites had none
-    examples, _, val = training_split(data_dir, seed, wrap_rate, broad, val_fraction, compose_rate)
+    examples, _, val = training_split_of(report.get("config", {}), data_dir)
     texts = [examples[i].text for i in val]
     labels = [examples[i].label for i in val]
     log(f"validation split: {len(val)} requests ({sum(labels)} harmful); probe risks ...")

@@ -405,6 +405,15 @@ def training_split(data_dir: str | None = None, seed: int = 0, wrap_rate: float 
     return examples, train, val
 
 
+def training_split_of(trained: dict[str, Any], data_dir: str | None = None
+                      ) -> tuple[list[Example], list[int], list[int]]:
+    """`training_split` as a probe was trained with it, from the "config" section of its training report
+    (probes trained before composites had none; {} gives the defaults of the first probes)."""
+    return training_split(data_dir, int(trained.get("seed", 0)), float(trained.get("wrap_rate", 0.6)),
+                          trained.get("broad", False), float(trained.get("val_fraction", 0.2)),
+                          float(trained.get("compose_rate", 0.0)))
+
+
 def split_groups(examples: Sequence[Example], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """Indices of the training and validation examples: a seeded, per-class share of the groups."""
     rng = random.Random(seed + 1)
@@ -910,4 +919,5 @@ __all__ = [
     "split_groups",
     "train_probe",
     "training_split",
+    "training_split_of",
 ]
