@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +78,13 @@ def main() -> None:
     parser.add_argument("--cache", required=True)
     parser.add_argument("--out", required=True, help="writes OUT.json and OUT.md")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--method", default="ngsd_a0.9",
+                        help="registered method to decode with (default ngsd_a0.9; 'ngsd' is the routing default)")
+    parser.add_argument("--probe", action="append", default=[],
+                        help="NAME=FOLDER: the risk probe (with its divergence check fitted for that expert) the "
+                             "expert NAME runs with; repeatable (default: the shipped probe)")
     args = parser.parse_args()
+    probes = dict(spec.split("=", 1) for spec in args.probe)
     if args.threads:
         torch.set_num_threads(args.threads)
     data_dir = Path(resolve_data_dir(args.data_dir))
@@ -94,7 +101,11 @@ def main() -> None:
         source, expert_id = locate_expert(folder)
         runner = Runner(model, tokenizer, model_id=model_fingerprint(None), expert=source, expert_id=expert_id,
                         settings=settings, cache=cache, progress=False)
-        guarded = runner.run([get_method("ngsd_a0.9")], suites)["ngsd_a0.9"]
+        method = get_method(args.method)
+        if name in probes:
+            reflection = replace(method.config.reflection, probe=probes[name])
+            method = replace(method, config=replace(method.config, reflection=reflection))
+        guarded = runner.run([method], suites)[method.name]
         results[name] = {s: score(s, suites[s], guarded[s], reference[s]) for s in suites}
         # The routing default's divergence check reads this: the expert's first-step TV from the base.
         adapter = LoraAdapter.load(source)
@@ -107,8 +118,11 @@ def main() -> None:
     for name in results:
         results[name]["choice_score"] = choice_score(results[name], results["off"])
     meta = {"command": "python reports/expert/validate_guarded.py " + " ".join(
-                f"--expert {e}" for e in args.expert) + f" --requests {args.requests} --alpaca-train {args.alpaca_train}",
-            "sizes": {s: len(p) for s, p in suites.items()}, "decoding": "greedy, 64 new tokens; NGSD alpha 0.9, every row guarded",
+                f"--expert {e}" for e in args.expert) + "".join(f" --probe {p}" for p in args.probe)
+                + f" --method {args.method} --requests {args.requests} --alpaca-train {args.alpaca_train}",
+            "sizes": {s: len(p) for s, p in suites.items()},
+            "decoding": f"greedy, 64 new tokens; method {args.method} ({get_method(args.method).description})",
+            "probes": probes,
             "minutes": round((time.time() - started) / 60, 1), "load_at_start": [round(x, 2) for x in load],
             "load_at_end": [round(x, 2) for x in os.getloadavg()]}
     Path(args.out + ".json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
