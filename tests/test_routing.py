@@ -302,3 +302,31 @@ def test_a_checked_row_whose_divergence_is_nan_stays_guarded():
     expert[1, 0] = float("nan")  # row 2's expert: the step would report it; the check must not route it unguarded
     assert plan.confirm(torch.tensor([0, 2]), base, expert) == [2]
     assert plan.alphas == [0.0, 0.0, 0.9] and plan.verdicts[2].routed is False and plan.verdicts[0].divergence == 0.0
+
+
+def test_a_check_fitted_for_another_expert_warns_and_names_the_fix(tmp_path):
+    import warnings
+
+    from ngsd.risk.estimate import CheckFittedForAnotherExpert
+
+    model = tiny_model("llama")
+    adapter = LoraAdapter.load(tiny_lora_expert(model, tmp_path / "lora"))
+    ids, mask, _ = mixed_length_batch([6, 4], model.config.vocab_size, seed=2)
+    size = model.config.hidden_size
+
+    def run(check_expert: str, **reflection):
+        spec = ProbeSpec(layer=1, pooling=("mean",), model=model_fingerprint(model), route_below=10.0, check_above=0.0,
+                         check_divergence=0.5, check_expert=check_expert)
+        RiskProbe(spec, torch.zeros(size), torch.ones(size), torch.zeros(size), 0.0).save(tmp_path / check_expert)
+        config = NGSDConfig(reflection=ReflectionConfig(mode="probe", probe=str(tmp_path / check_expert), **reflection))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            guarded_generate(model, ids, mask, expert=adapter, max_new_tokens=2, config=config)
+        return [w for w in caught if issubclass(w.category, CheckFittedForAnotherExpert)]
+
+    (other,) = run("some-expert")
+    assert "'some-expert'" in str(other.message) and "'lora'" in str(other.message)
+    assert "ngsd train-probe --check-only --expert" in str(other.message)
+    assert run("lora") == []  # fitted for this expert
+    assert run("some-expert", check_divergence=0.3) == []  # the call sets its own threshold
+    assert run("some-expert", check=False) == []  # no check, nothing to warn about

@@ -20,7 +20,7 @@ from torch.profiler import record_function
 from ..config import NGSDConfig
 from ..experts.lora import LoraAdapter
 from ..experts.resolve import ExpertLike, resolve_expert
-from ..risk.estimate import plan_risk
+from ..risk.estimate import plan_risk, warn_if_check_fitted_for_another_expert
 from .arguments import check_sampling, per_row_ints
 from .early_stop import EarlyStop
 from .heads import HeadSplit, split_head
@@ -198,6 +198,7 @@ def guarded_generate(
     sampling = check_sampling(do_sample, temperature, top_k, top_p)
     resolved = resolve_expert(expert, model, required=config.mode != "off")
     risk = plan_risk(model, config, alpha, batch, tokenizer, requests, input_ids, progress)
+    warn_if_check_fitted_for_another_expert(risk, resolved)
 
     eos_ids = torch.tensor(
         [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)),

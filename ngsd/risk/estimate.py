@@ -14,7 +14,9 @@ guards.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -179,6 +181,37 @@ def divergence_check(probe, reflection: ReflectionConfig, route_below: float | N
     if above is None or divergence is None or above >= route_below:
         return None, None
     return float(above), float(divergence)
+
+
+class CheckFittedForAnotherExpert(UserWarning):
+    """The probe's divergence check was fitted for another expert than the one decoding now."""
+
+
+def expert_name(expert: Any) -> str:
+    """The folder name an expert was loaded from ("" when unknown): what `ngsd train-probe` records as check_expert."""
+    source = getattr(expert, "source", "") or getattr(getattr(expert, "config", None), "name_or_path", "") or ""
+    return Path(str(source)).name if source else ""
+
+
+def warn_if_check_fitted_for_another_expert(plan: "RiskPlan", expert: Any) -> None:
+    """Warn when the probe's own check_divergence was fitted for an expert other than `expert`.
+
+    The threshold is a total variation of one expert's first step: another expert diverges more or
+    less, so the check guards more or fewer rows than it was fitted to (measured: 0.47 for the
+    shipped expert, 0.71 for a broader one, reports/expert/REPORT_v10_default.md). Silent only when the
+    names match, when either is unknown, or when the call sets check_divergence itself.
+    """
+    if plan.probe is None or plan.check_divergence is None or plan.reflection is None:
+        return
+    fitted_for, running = plan.probe.spec.check_expert, expert_name(expert)
+    if plan.reflection.check_divergence is not None or not fitted_for or not running or fitted_for == running:
+        return
+    warnings.warn(
+        f"the risk probe's divergence check (check_divergence {plan.check_divergence:.4f}) was fitted for the expert "
+        f"{fitted_for!r}, but this call decodes with {running!r}: it may guard more or fewer rows than intended. Fit "
+        f"one for this expert with `ngsd train-probe --check-only --expert <its folder> --out <a copy of the probe>` "
+        f"and pass ReflectionConfig(probe=<that copy>), or set ReflectionConfig(check_divergence=...)",
+        CheckFittedForAnotherExpert, stacklevel=3)
 
 
 def load_probe(model: nn.Module, reflection: ReflectionConfig):
