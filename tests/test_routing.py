@@ -317,8 +317,9 @@ def test_a_check_fitted_for_another_expert_warns_and_names_the_fix(tmp_path):
     def run(check_expert: str, **reflection):
         spec = ProbeSpec(layer=1, pooling=("mean",), model=model_fingerprint(model), route_below=10.0, check_above=0.0,
                          check_divergence=0.5, check_expert=check_expert)
-        RiskProbe(spec, torch.zeros(size), torch.ones(size), torch.zeros(size), 0.0).save(tmp_path / check_expert)
-        config = NGSDConfig(reflection=ReflectionConfig(mode="probe", probe=str(tmp_path / check_expert), **reflection))
+        folder = tmp_path / f"probe{len(list(tmp_path.glob('probe*')))}"
+        RiskProbe(spec, torch.zeros(size), torch.ones(size), torch.zeros(size), 0.0).save(folder)
+        config = NGSDConfig(reflection=ReflectionConfig(mode="probe", probe=str(folder), **reflection))
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             guarded_generate(model, ids, mask, expert=adapter, max_new_tokens=2, config=config)
@@ -328,5 +329,6 @@ def test_a_check_fitted_for_another_expert_warns_and_names_the_fix(tmp_path):
     assert "'some-expert'" in str(other.message) and "'lora'" in str(other.message)
     assert "ngsd train-probe --check-only --expert" in str(other.message)
     assert run("lora") == []  # fitted for this expert
+    assert run(str(tmp_path / "lora")) == []  # `ngsd train-probe --expert PATH` records the path as given
     assert run("some-expert", check_divergence=0.3) == []  # the call sets its own threshold
     assert run("some-expert", check=False) == []  # no check, nothing to warn about

@@ -203,7 +203,8 @@ def warn_if_check_fitted_for_another_expert(plan: "RiskPlan", expert: Any) -> No
     """
     if plan.probe is None or plan.check_divergence is None or plan.reflection is None:
         return
-    fitted_for, running = plan.probe.spec.check_expert, expert_name(expert)
+    # `ngsd train-probe --expert PATH` records the path as given; the folder's name is what identifies it
+    fitted_for, running = Path(plan.probe.spec.check_expert).name, expert_name(expert)
     if plan.reflection.check_divergence is not None or not fitted_for or not running or fitted_for == running:
         return
     warnings.warn(
