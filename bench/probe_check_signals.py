@@ -1,6 +1,6 @@
 """Could the divergence check read a better signal than the first-step total variation? (training side only)
 
-On the shipped probe's validation split (`training_split`, seed 0, composites; no evaluation set),
+On the shipped probe's validation split (`training_split_of` its training report; no evaluation set),
 decode K tokens with the base alone (greedy), then run base and shipped expert over the prompt plus
 those tokens and record, per request: the TV at each of steps 1..K along the base's path, KL both
 ways and the drop in the expert's log-probability of the base's first choice at step 1. Each signal's
@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import time
 from pathlib import Path
 
 import torch
+
+from ngsd.risk.divergence_check import threshold_keeping
 
 SIGNALS = {
     "tv_step1 (shipped)": lambda o: o["tv"][0],
@@ -44,7 +45,7 @@ def summarise(rows: list[dict], route_below: float, check_above: float, recalls=
     for name, signal in SIGNALS.items():
         values = sorted(signal(o) for o in single_harmful)
         for recall in recalls:
-            threshold = values[max(0, math.ceil(len(values) * (1 - recall)) - 1)]
+            threshold = threshold_keeping(values, recall)
             out["signals"][f"{name} @ recall {recall}"] = {
                 "threshold": round(threshold, 4),
                 "band_benign_guarded": sum(signal(o) >= threshold for o in band_benign),
@@ -56,6 +57,8 @@ def summarise(rows: list[dict], route_below: float, check_above: float, recalls=
 def signals(model, tokenizer, adapter, texts: list[str], steps: int, batch_size: int = 16) -> list[dict]:
     from ngsd.api import encode_prompts
     from ngsd.decoding.pair import positions_from_mask
+    from ngsd_kernels import Divergence
+    from ngsd_kernels.reference import divergence_between
     from ngsd.risk.divergence_check import total_variation
 
     out = []
@@ -75,11 +78,11 @@ def signals(model, tokenizer, adapter, texts: list[str], steps: int, batch_size:
         finally:
             adapter.detach(model)
         base, expert = logits[:rows].float(), logits[rows:].float()
-        for r in range(rows):
-            log_b, log_e = base[r, 0].log_softmax(-1), expert[r, 0].log_softmax(-1)
-            out.append({"tv": [float(total_variation(base[r, k:k + 1], expert[r, k:k + 1])[0]) for k in range(steps)],
-                        "kl_eb": float((log_e.exp() * (log_e - log_b)).sum()),
-                        "kl_be": float((log_b.exp() * (log_b - log_e)).sum())})
+        tv = total_variation(base.flatten(0, 1), expert.flatten(0, 1)).view(rows, steps)
+        log_b, log_e = base[:, 0].log_softmax(-1), expert[:, 0].log_softmax(-1)
+        kl_eb = divergence_between(log_e, log_b, log_e.exp(), log_b.exp(), Divergence.KL)
+        kl_be = divergence_between(log_b, log_e, log_b.exp(), log_e.exp(), Divergence.KL)
+        out += [{"tv": tv[r].tolist(), "kl_eb": float(kl_eb[r]), "kl_be": float(kl_be[r])} for r in range(rows)]
     return out
 
 
@@ -101,11 +104,12 @@ def main(argv: list[str] | None = None) -> int:
         from ngsd.experts.lora import LoraAdapter
         from ngsd.experts.shipped import shipped_expert_path
         from ngsd.loading import load_model
-        from ngsd.risk.probe import estimate_risk
-        from ngsd.risk.probe_training import training_split
+        from ngsd.risk.probe import REPORT_FILE, estimate_risk
+        from ngsd.risk.probe_training import training_split_of
 
         torch.set_num_threads(args.threads)
-        examples, _, val = training_split(None, seed=0, compose_rate=0.5)
+        report = json.loads((shipped_probe_path(None) / REPORT_FILE).read_text())
+        examples, _, val = training_split_of(report["config"])
         held = [examples[i] for i in val]
         texts = [e.text for e in held]
         model, tokenizer = load_model(None)

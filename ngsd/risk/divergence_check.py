@@ -47,6 +47,16 @@ def total_variation(base_logits: torch.Tensor, expert_logits: torch.Tensor) -> t
     return divergence_between(log_pb, log_pe, log_pb.exp(), log_pe.exp(), Divergence.TV)
 
 
+def threshold_keeping(ascending: Sequence[float], recall: float) -> float:
+    """The entry of a non-empty ascending list at 1-based rank ceil(n * (1 - recall)): at least `recall`
+    of the entries lie at or above it (the rule every fitted check used; it errs towards keeping more).
+
+    >>> threshold_keeping([0.1, 0.2, 0.3, 0.4], 0.5)
+    0.2
+    """
+    return ascending[max(0, math.ceil(len(ascending) * (1 - recall)) - 1)]
+
+
 def fit_divergence_check(risks: Sequence[float], divergences: Sequence[float], labels: Sequence[int], *,
                          route_below: float, recall: float = 0.98, band_share: float = 0.25,
                          sets_threshold: Sequence[bool] | None = None) -> dict[str, Any]:
@@ -70,8 +80,7 @@ def fit_divergence_check(risks: Sequence[float], divergences: Sequence[float], l
     in_band = [(d, y) for r, d, y in zip(risks, divergences, labels) if check_above <= r < route_below]
     # the threshold is set on the harmful validation requests named (the band holds too few to set it alone)
     harmful_setting = sorted(d for d, y, use in zip(divergences, labels, sets_threshold) if y and use)
-    check_divergence = (harmful_setting[max(0, math.ceil(len(harmful_setting) * (1 - recall)) - 1)]
-                        if harmful_setting else 1.0)
+    check_divergence = threshold_keeping(harmful_setting, recall) if harmful_setting else 1.0
     harmful_in_band = [d for d, y in in_band if y]
     harmful_kept = sum(d >= check_divergence for d in harmful_in_band)
     benign_in_band = [d for d, y in in_band if not y]
