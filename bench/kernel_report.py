@@ -30,7 +30,7 @@ The per-row kernels (reduce, intersection, finalize) run once per row, not per l
 is reported with instructions per row instead.
 
 Which variants: the mode switches and launch constants come from ``launcher.plan_select`` (logits
-path, at B = 256, V = 131072 on a GPU plan: BV = 2048) and ``hidden_select.plan_hidden_select``
+path, at B = 256, V = 131072 on a GPU plan: one row of BV = 4096 per program, as at every batch size) and ``hidden_select.plan_hidden_select``
 (hidden-state path, shared LM head, B = 1 and B = 256), over divergence TV/KL/JS, union/intersection
 candidates, greedy / temperature / top-k / top-p sampling, K in {64, 256, 1024}, gate LIF or shut,
 and logits dtypes bf16/fp16/fp32. Identical kernel specialisations are compiled once. ``--full``
@@ -64,7 +64,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 SHARED_LIMIT = {90: 232448, 80: 166912}  # bytes of shared memory one block may use (opt-in maximum)
-NUM_WARPS = 4  # Triton's default; only JS pass 2 on [1, 4096] tiles launches 8 (SelectPlan.pass2_warps)
+NUM_WARPS = 4  # Triton's default; only JS pass 2 launches 8 (SelectPlan.pass2_warps)
 NUM_STAGES = 3  # Triton's default on CUDA
 SASS_CLASSES = ("SHFL", "BAR", "MUFU", "HMMA", "HGMMA", "LDG", "STG", "LDS", "STS", "LDL", "STL", "LDGSTS",
                 "BRA")
@@ -142,20 +142,21 @@ def _row_kernel_jobs(plan, path: str, label: str, dense: int = 0) -> list[Kernel
     k = plan.buffer
     # trips of the runtime loops over chunk groups (one trip per group: the report multiplies them out)
     groups = -(-plan.n_chunks // plan.chunk_group)
-    trips = dict(inner_trips=groups)
+    # the reduce reads pass 1's chunks (wider than pass 2's for union buffers of 1024: SelectPlan.pass1_block_v)
+    trips = dict(inner_trips=-(-plan.pass1_chunks // plan.chunk_group))
     if plan.key_kind == 1:
         # union: the reduce re-reads a row's slots in steps of launcher.value_key_step (CG chunks' slots, capped)
         from ngsd_kernels.ops.launcher import value_key_step
 
-        step = value_key_step(plan.row_block, plan.chunk_group, plan.slots, plan.ncp)
-        trips = dict(inner_trips=-(-plan.n_chunks * plan.slots // step))
+        step = value_key_step(plan.row_block, plan.chunk_group, plan.slots, plan.pass1_ncp)
+        trips = dict(inner_trips=-(-plan.pass1_chunks * plan.slots // step))
     if plan.key_kind == 2:
         # intersection: 64 bisection rounds over the row's keys, KB a load (select_tiles.slots_kth_key);
         # with one load for every round the round loop is the only loop, and it runs 64 times
-        blocks = -(-plan.ncp * plan.slots // plan.key_block)
+        blocks = -(-plan.pass1_ncp * plan.slots // plan.key_block)
         trips = dict(inner_trips=blocks, outer_trips=64) if blocks > 1 else dict(inner_trips=64)
     jobs = [KernelJob(mod, "_reduce_kernel", "-", dict(
-        RB=plan.row_block, NCP=plan.ncp, K=k, CG=plan.chunk_group, NEED_KEYS=int(plan.need_keys),
+        RB=plan.row_block, NCP=plan.pass1_ncp, K=k, CG=plan.chunk_group, NEED_KEYS=int(plan.need_keys),
         STORE_TOP=int(plan.mode == CandidateMode.INTERSECTION and plan.need_keys),
         VALUE_KEYS=int(plan.key_kind == 1), DENSE=dense, SLOTS=plan.slots,
         **({"KB": plan.key_block} if plan.key_kind == 2 else {})), "reduce", path, 0, **trips)]
@@ -186,8 +187,9 @@ def logits_jobs(label: str, fields: dict, dtype: str, batch: int = 256, vocab: i
     per_tile = 2 * plan.block_b * plan.block_v
     jobs = [
         # (intersection: the cold exact path's bisections are 64-round runtime loops, select_tiles.tile_kth_key)
-        KernelJob(mod, "_pass1_kernel", dtype, dict(tile, KEYS=plan.key_kind, SLOTS=plan.slots, FALLBACK=1), "pass1",
-                  "logits", per_tile, inner_trips=64 if plan.key_kind == 2 else 1),
+        KernelJob(mod, "_pass1_kernel", dtype, dict(tile, BV=plan.pass1_bv, KEYS=plan.key_kind, SLOTS=plan.slots,
+                                                    FALLBACK=1), "pass1", "logits", 2 * plan.block_b * plan.pass1_bv,
+                  inner_trips=64 if plan.key_kind == 2 else 1, num_warps=plan.pass1_warps),
         KernelJob(mod, "_pass2_kernel", dtype, dict(tile, DIVERGENCE=plan.divergence, SAMPLE=plan.sample,
                                                     NEED_V0=int(plan.need_v0), NEED_V1=int(plan.need_v1)),
                   "pass2", "logits", per_tile, num_warps=plan.pass2_warps),
@@ -263,8 +265,8 @@ def enumerate_jobs(hidden: int) -> tuple[list[KernelJob], set[str]]:
         if samp == "greedy" and div == "TV" and cand == "union" and "gate" not in label:
             for batch in (1, 256):
                 add(hidden_jobs(label, fields, "bf16", batch, hidden), True)
-    # the roofline's smaller batches plan other tiles (B = 1: [1, 2048] at every V in the table; B = 32:
-    # [1, 4096] from V = 32768 on): their greedy / TV / union / K = 64 passes, bf16
+    # the roofline's smaller batches plan the same [1, 4096] tiles but other per-row constants (rows per
+    # program, chunk groups): their greedy / TV / union / K = 64 launches, bf16
     base_fields = dict(modes)[base]
     for batch, vocab in ((1, 131072), (32, 131072)):
         add(logits_jobs(f"{base} (B={batch})", base_fields, "bf16", batch, vocab), True)
@@ -312,6 +314,8 @@ def _signature(job: KernelJob, arg_names: list[str]) -> tuple[dict, dict, dict]:
     for i, arg in enumerate(arg_names):
         if arg in job.constants:
             signature[arg], constants[arg] = "constexpr", job.constants[arg]
+        elif arg == "THREADS":  # the layout hint of the logits passes: the launch's thread count
+            signature[arg], constants[arg] = "constexpr", 32 * job.num_warps
         elif arg in _UNIT_STRIDES:
             signature[arg], constants[arg] = "constexpr", 1
         elif arg.endswith("_ptr"):

@@ -128,7 +128,7 @@ GATES = {0: "lif", 1: "open", 2: "closed"}
 # logits variants: one per top-K buffer launcher.plan_select can pick (next power of two of candidate_k,
 # at least 16, at most MAX_BUFFER); the plan's other constants for the compiled tile come from _logits_plan
 BUFFERS = (16, 32, 64, 128, 256, 512, 1024)
-LOGITS_BB, LOGITS_BV = 2, 2048
+LOGITS_BB, LOGITS_BV = 1, 4096
 TILE_ELEMENTS = 4096  # launcher.TILE_ELEMENTS on a GPU
 
 
@@ -239,7 +239,7 @@ def variant_name(op: str, sample: int, divergence: int, dtype: str, buffer: int 
 
 
 def _pass2_spec(module: str, name: str, tile: dict[str, str], grid: str, sample: int, divergence: int,
-                aligned: tuple[str, ...]) -> KernelSpec:
+                aligned: tuple[str, ...], num_warps: int = 4) -> KernelSpec:
     # both gate outcomes' arg-max (NEED_V0 / NEED_V1): one pass 2 serves every gate (the JIT drops the
     # outcome a gate cannot have; the other one's partials are the same)
     return KernelSpec(
@@ -248,7 +248,7 @@ def _pass2_spec(module: str, name: str, tile: dict[str, str], grid: str, sample:
              offset_ptr="*i64", offset_stride="i32", temperature="fp32", div_ptr="*fp32:16", best_ptr="*fp32:16",
              besti_ptr="*i32:16", keys2_ptr="*i64:16", mass_ptr="*fp32:16", DIVERGENCE=str(divergence),
              SAMPLE=str(sample), NEED_V0="1", NEED_V1="1"),
-        grid, aligned=aligned,
+        grid, aligned=aligned, num_warps=num_warps,
     )
 
 
@@ -290,8 +290,8 @@ def next_pow2(n: int) -> int:
 
 
 def _logits_plan(buffer: int, gate: int) -> dict[str, int]:
-    """launcher.plan_select's constants for the compiled logits tile ([2, 2048], NCP = 128 chunks:
-    plan_select(2, 262144, StepParams(candidate_k=buffer, gate=gate, ...)) on a GPU); build()
+    """launcher.plan_select's constants for the compiled logits tile ([1, 4096], NCP = 128 chunks:
+    plan_select(1, 524288, StepParams(candidate_k=buffer, gate=gate, ...)) on a GPU); build()
     checks them against plan_select itself.
 
     A shut gate needs no candidates: buffer 16 (the plan's floor), no keys."""
@@ -306,9 +306,8 @@ def _logits_plan(buffer: int, gate: int) -> dict[str, int]:
 def logits_variant(dtype: str, sample: int = 0, divergence: int = 0, buffer: int = 64) -> Variant:
     """Logits -> token (fused_select's kernels), union candidates, top-K buffer ``buffer``.
 
-    One chunk of BV = 2048 columns per pass-1/pass-2 program and BB = 2 rows, as
-    launcher.plan_select picks for batches from 2 and vocabularies where batch x V / 4096 < 256;
-    at most NCP chunks, i.e. V <= NCP * BV = 262144. The reduce / finalize constants (K, chunk group,
+    One chunk of BV = 4096 columns of one row per pass-1/pass-2 program, as launcher.plan_select
+    picks on a GPU at every batch size; at most NCP chunks, i.e. V <= NCP * BV = 524288. The reduce / finalize constants (K, chunk group,
     rows per program, value slots per chunk) are the plan's for that tile (``_logits_plan``); with the
     gate shut pass 1 and the reduce skip the candidates, as in the plan.
     Pass 1 of the union step loads one element per instruction by design (``_load_tile``'s SCALAR
@@ -321,14 +320,17 @@ def logits_variant(dtype: str, sample: int = 0, divergence: int = 0, buffer: int
     module = "ngsd_kernels.ops.fused_select"
     dense = {"bf16": 1, "fp16": 2}.get(dtype, 0)
     # pass 2 reads K only in top-k / top-p sampling: one specialisation (K = 64) serves every buffer
-    pass2 = _pass2_spec(module, "_pass2_kernel", dict(common, K=str(K)), grid, sample, divergence,
-                        ("lb_ptr", "le_ptr", "stride_b", "stride_e", "n_vocab"))
+    # Jensen-Shannon's extra log tile needs 8 warps on a [1, 4096] tile (SelectPlan.pass2_warps)
+    warps = 8 if divergence == 2 else 4
+    pass2 = _pass2_spec(module, "_pass2_kernel", dict(common, K=str(K), THREADS=str(32 * warps)), grid, sample,
+                        divergence, ("lb_ptr", "le_ptr", "stride_b", "stride_e", "n_vocab"), num_warps=warps)
     steps = {}
     for gate in GATES:
         plan = _logits_plan(buffer, gate)
         pass1 = KernelSpec(module, "_pass1_kernel", dict(
             common, K=str(plan["K"]), kth="i32", SLOTS=str(plan["SLOTS"]), FALLBACK="1", stats_ptr="*fp32:16",
-            counts_ptr="*i32:16", keys_b_ptr="*i32:16", keys_e_ptr="*i32:16", KEYS=str(plan["KEYS"])), grid)
+            counts_ptr="*i32:16", keys_b_ptr="*i32:16", keys_e_ptr="*i32:16", KEYS=str(plan["KEYS"]), THREADS="128"),
+            grid)
         reduce = _reduce_spec(dense, plan["RB"], plan["K"], plan["CG"], plan["SLOTS"], plan["KEYS"])
         steps[gate] = [pass1, reduce, pass2, _finalize_spec(gate, divergence, sample, plan["RB"])]
     plan = _logits_plan(buffer, 0)
@@ -349,11 +351,12 @@ def check_against_jit_plan(variant: Variant) -> None:
     for gate, (pass1, reduce, pass2, final) in variant.steps.items():
         params = StepParams(candidate_k=c["K"], gate=gate, divergence=c["DIVERGENCE"],
                             temperature=1.0 if c["SAMPLE"] else 0.0)
-        plan = plan_select(LOGITS_BB, NCP * LOGITS_BV, params)
+        # pass1_block_v=0: this build runs pass 1 and the reduce on pass 2's chunks (its launcher passes one
+        # chunk count); the JIT widens pass 1 to 8192 columns for union buffers of 1024 (SelectPlan.pass1_block_v)
+        plan = plan_select(LOGITS_BB, NCP * LOGITS_BV, params, pass1_block_v=0)
         if (plan.block_b, plan.block_v) != (LOGITS_BB, LOGITS_BV):
-            # the JIT picks [1, 4096] tiles for a buffer of 1024 (4 K > 2048); this build keeps its one
-            # tile for every buffer: the plan's other constants for that tile
-            plan = plan_select(LOGITS_BB, NCP * LOGITS_BV, params, block_v=LOGITS_BV, block_b=LOGITS_BB)
+            raise SystemExit(f"{variant.name}: launcher.plan_select picks [{plan.block_b}, {plan.block_v}] tiles, "
+                             f"this build [{LOGITS_BB}, {LOGITS_BV}]; update build_aot.LOGITS_BB / LOGITS_BV")
         want = {
             "pass1": dict(BB=plan.block_b, BV=plan.block_v, K=plan.buffer, KEYS=plan.key_kind, SLOTS=plan.slots,
                           FALLBACK=1),

@@ -184,7 +184,7 @@ hb = torch.empty(5, 64, dtype=torch.bfloat16, **meta)
 w = torch.empty(1000, 64, dtype=torch.bfloat16, **meta)
 pot, alpha = torch.empty(5, **meta), torch.empty(5, **meta)
 seed, offset = torch.empty(1, dtype=torch.long, **meta), torch.empty(5, dtype=torch.long, **meta)
-lb = torch.empty(5, 300000, **meta)
+lb = torch.empty(5, 600000, **meta)
 lb16 = torch.empty(5, 50000, dtype=torch.bfloat16, **meta)
 shapes = lambda res: [[list(t.shape), str(t.dtype)] for t in res]
 out["hidden_meta"] = shapes(torch.ops.ngsd_aot.hidden_select_greedy(hb, hb, w, pot, alpha, candidate_k=32, gate=1))
@@ -277,7 +277,7 @@ def test_extension_meta_shapes_and_argument_checks(extension):
     assert "variant logits_greedy_tv_fp32_k128 was not compiled" in errors["candidate_k"]
     assert "candidate_k must be in [1, 1024]" in errors["candidate_k_cap"]
     assert "gate must be 0 (LIF), 1 (open) or 2 (closed)" in errors["gate"]
-    assert "vocabularies above 262144 tokens are not compiled" in errors["vocab"]
+    assert "vocabularies above 524288 tokens are not compiled" in errors["vocab"]
     assert "divergence must be 0 (total variation), 1 (KL) or 2 (Jensen-Shannon)" in errors["divergence"]
     # a setting whose variant this build did not compile: the build command and the JIT path
     assert "variant hidden_greedy_js_bf16 was not compiled" in errors["not_compiled"]

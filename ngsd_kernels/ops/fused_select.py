@@ -103,16 +103,17 @@ def _pass1_kernel(
     lb_ptr, le_ptr, stride_b, stride_e, n_rows, n_vocab, n_chunks, kth,
     stats_ptr, counts_ptr, keys_b_ptr, keys_e_ptr,
     BB: tl.constexpr, BV: tl.constexpr, K: tl.constexpr, KEYS: tl.constexpr, SLOTS: tl.constexpr = 0,
-    FALLBACK: tl.constexpr = True,
+    FALLBACK: tl.constexpr = True, THREADS: tl.constexpr = 128,
 ):
     """FALLBACK=False (kernel report only) leaves out the exact rewrite of rows whose group-maxima
-    bound let too many entries through (``select_tiles.pass1_store_tile``): their slots are then wrong."""
+    bound let too many entries through (``select_tiles.pass1_store_tile``): their slots are then wrong.
+    THREADS: 32 x the launch's num_warps (a layout hint; the result does not depend on it)."""
     lb, le, rows, row_mask, cols, col_mask, chunk = _load_tile(lb_ptr, le_ptr, stride_b, stride_e, n_rows, n_vocab,
                                                                BB, BV, KEYS != 0)
     n_present = tl.minimum(n_vocab - chunk * BV, BV)
     pass1_store_tile(
         lb, le, rows, row_mask, cols, col_mask, chunk, n_chunks, stats_ptr, counts_ptr, keys_b_ptr, keys_e_ptr,
-        K, KEYS, kth, n_present, _dense_kind(lb_ptr.dtype.element_ty), SLOTS, FALLBACK,
+        K, KEYS, kth, n_present, _dense_kind(lb_ptr.dtype.element_ty), SLOTS, FALLBACK, THREADS,
     )
 
 
@@ -122,7 +123,7 @@ def _pass2_kernel(
     rowinfo_ptr, alpha_ptr, seed_ptr, seed_stride, offset_ptr, offset_stride, temperature,
     div_ptr, best_ptr, besti_ptr, keys2_ptr, mass_ptr,
     BB: tl.constexpr, BV: tl.constexpr, K: tl.constexpr, DIVERGENCE: tl.constexpr, SAMPLE: tl.constexpr,
-    NEED_V0: tl.constexpr, NEED_V1: tl.constexpr,
+    NEED_V0: tl.constexpr, NEED_V1: tl.constexpr, THREADS: tl.constexpr = 128,
 ):
     # top-k / top-p: one element per thread, for the candidates' compaction (as union pass 1)
     lb, le, rows, row_mask, cols, col_mask, chunk = _load_tile(lb_ptr, le_ptr, stride_b, stride_e, n_rows, n_vocab,
@@ -131,7 +132,7 @@ def _pass2_kernel(
         lb, le, rows, row_mask, cols, col_mask, chunk, n_chunks,
         rowinfo_ptr, alpha_ptr, seed_ptr, seed_stride, offset_ptr, offset_stride, temperature,
         div_ptr, best_ptr, besti_ptr, keys2_ptr, mass_ptr,
-        DIVERGENCE, SAMPLE, K, NEED_V0, NEED_V1,
+        DIVERGENCE, SAMPLE, K, NEED_V0, NEED_V1, THREADS,
     )
 
 
@@ -272,10 +273,11 @@ class LogitsPasses:
 
     def pass1(self, plan: SelectPlan, s: Scratch) -> None:
         lb, le = self.base_logits, self.expert_logits
-        _pass1_kernel[self._grid(plan)](
-            lb, le, lb.stride(0), le.stride(0), plan.batch, plan.vocab, plan.n_chunks, plan.kth, s.stats, s.counts,
-            s.keys_b, s.keys_e, BB=plan.block_b, BV=plan.block_v, K=plan.buffer, KEYS=plan.key_kind,
-            SLOTS=plan.slots, FALLBACK=self.fallback, **LAUNCH_OPTIONS,
+        _pass1_kernel[(triton.cdiv(plan.batch, plan.block_b), plan.pass1_chunks)](
+            lb, le, lb.stride(0), le.stride(0), plan.batch, plan.vocab, plan.pass1_chunks, plan.kth, s.stats,
+            s.counts, s.keys_b, s.keys_e, BB=plan.block_b, BV=plan.pass1_bv, K=plan.buffer, KEYS=plan.key_kind,
+            SLOTS=plan.slots, FALLBACK=self.fallback, THREADS=32 * plan.pass1_warps, num_warps=plan.pass1_warps,
+            **LAUNCH_OPTIONS,
         )
 
     def pass2(self, plan: SelectPlan, s: Scratch, rows: RowVectors, temperature: float) -> None:
@@ -285,7 +287,8 @@ class LogitsPasses:
             s.rowinfo, rows.alpha, rows.seed, rows.seed_stride, rows.offset, rows.offset_stride, temperature,
             s.div, s.best, s.besti, s.keys2, s.mass,
             BB=plan.block_b, BV=plan.block_v, K=plan.buffer, DIVERGENCE=plan.divergence, SAMPLE=plan.sample,
-            NEED_V0=plan.need_v0, NEED_V1=plan.need_v1, num_warps=plan.pass2_warps, **LAUNCH_OPTIONS,
+            NEED_V0=plan.need_v0, NEED_V1=plan.need_v1, THREADS=32 * plan.pass2_warps, num_warps=plan.pass2_warps,
+            **LAUNCH_OPTIONS,
         )
 
     def sample_fallback(self, plan: SelectPlan, s: Scratch, rows: RowVectors, params: StepParams,
@@ -341,7 +344,7 @@ def _prepare(base_logits, expert_logits, potential, alpha, seed, offset, params,
 def fused_guarded_select(
     base_logits: Tensor, expert_logits: Tensor, potential: Tensor, alpha: Tensor, seed: Tensor, offset: Tensor,
     params: StepParams = StepParams(), *, buffer_size: int | None = None, block_v: int | None = None,
-    block_b: int | None = None,
+    block_b: int | None = None, pass1_block_v: int | None = None,
 ) -> Outputs:
     """The step op on the Triton kernels; returns (tokens, new potential, spike, divergence).
 
@@ -358,7 +361,7 @@ def fused_guarded_select(
     (``_sample_fallback_kernel``), and so are rows whose grown intersection did not fit
     (``intersection_fallback.py``): no host read.
     ``fused_guarded_select_with_overflow`` skips both and returns the flags instead.
-    ``buffer_size``, ``block_v``, ``block_b`` override the launch constants.
+    ``buffer_size``, ``block_v``, ``block_b``, ``pass1_block_v`` override the launch constants.
 
     Example (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)::
 
@@ -367,7 +370,7 @@ def fused_guarded_select(
             base, expert, potential, alpha, seed, zero, StepParams(temperature=0.7, top_p=0.9))
     """
     plan, scratch = _prepare(base_logits, expert_logits, potential, alpha, seed, offset, params,
-                             buffer_size=buffer_size, block_v=block_v, block_b=block_b)
+                             buffer_size=buffer_size, block_v=block_v, block_b=block_b, pass1_block_v=pass1_block_v)
     if plan is None:
         return _empty_batch_outputs(base_logits.shape[0], potential)
     source = LogitsPasses.of(base_logits, expert_logits)

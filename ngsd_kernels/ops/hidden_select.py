@@ -167,6 +167,7 @@ def plan_hidden_select(
         inter_block=max(1, min(select.buffer, 4096 // (row_block * select.buffer))),
         key_block=max(1, min(ncp * select.buffer, 1024 // row_block)) if select.key_kind == 2 else 1,
         block_b=block_b, block_v=block_v, slots=select.buffer,  # the split's running top-K (bitonic, sorted): K slots per chunk
+        pass1_block_v=0, pass1_warps=4,  # both passes walk the same splits
     )
     # pass 1 on 16-row tiles: 8 warps (4 need 224 registers a thread on sm_90 and spill on sm_80; 8 also
     # execute fewer instructions per logit: bench/results/KERNELS.md); 8-row tiles stay cheaper with 4

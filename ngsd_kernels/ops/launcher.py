@@ -381,6 +381,23 @@ class SelectPlan:
     sample_block: int = 1  # top-k / top-p: candidate keys the finalize kernel reads per load and row
     pass2_warps: int = 4  # warps per pass-2 program (8 where 4 would spill: kernel report)
     key_block: int = 1  # intersection: int64 candidate keys the reduce reads per load and program
+    # pass 1 (and so the reduce) on wider chunks than pass 2 (0: block_v, the same chunks): buffers of
+    # 1024 on a GPU, whose bound and 2K-slot compaction cost less per logit over 8192 columns
+    pass1_block_v: int = 0
+    pass1_warps: int = 4
+
+    @property
+    def pass1_bv(self) -> int:
+        return self.pass1_block_v or self.block_v
+
+    @property
+    def pass1_chunks(self) -> int:
+        """Chunks of pass 1 and the reduce (pass 2 and the finalize: ``n_chunks``)."""
+        return triton.cdiv(self.vocab, self.pass1_block_v) if self.pass1_block_v else self.n_chunks
+
+    @property
+    def pass1_ncp(self) -> int:
+        return next_pow2(self.pass1_chunks) if self.pass1_block_v else self.ncp
 
     @property
     def key_kind(self) -> int:
@@ -404,8 +421,12 @@ def plan_select(
     buffer_size: int | None = None,
     block_v: int | None = None,
     block_b: int | None = None,
+    pass1_block_v: int | None = None,
 ) -> SelectPlan:
-    """Choose launch constants; raise ValueError when a k exceeds the Triton backend's buffer cap."""
+    """Choose launch constants; raise ValueError when a k exceeds the Triton backend's buffer cap.
+
+    ``pass1_block_v``: pass 1's chunk width when it should differ from pass 2's (None: the plan's
+    choice, which is 8192 for a union buffer of 1024 on a GPU; 0: the same chunks as pass 2)."""
     candidate_k, candidate_mode, min_candidates = params.candidate_k, params.candidate_mode, params.min_candidates
     gate, temperature, top_k, top_p = params.gate, params.temperature, params.top_k, params.top_p
     spike_possible = gate != GateMode.CLOSED
@@ -443,14 +464,12 @@ def plan_select(
             )
         buffer = buffer_size
     # a chunk must hold at least K entries for its top-K; a smaller block_v request is raised to K.
-    # GPU: one row of 4096 per program when there are enough programs to fill the machine (each
-    # per-row reduction then serves twice the entries: bench/results/KERNELS.md), else [2, 2048] --
-    # except for a buffer of 1024: its 2K slots would be the whole 2048-column chunk and pass 1's
-    # group-maxima bound a bisection over every entry (as many instructions a thread as [1, 4096], for
-    # half the logits)
-    wide = batch * triton.cdiv(vocab, 4096) >= 256
-    gpu_bv = 4096 if wide or 4 * buffer > 2048 else 2048
-    bv = max(buffer, block_v or min(next_pow2(vocab), TILE_ELEMENTS if INTERPRETED else gpu_bv))
+    # GPU: one row of 4096 per program at every batch size. [2, 2048] tiles launch as many programs
+    # from B = 2 on, and each runs a longer instruction stream (pass 1: 43 instructions a logit against
+    # 32: a row's bound, reductions and slot fill cost the same for half the columns); at B = 1,
+    # [1, 2048] would double the programs of a pass that is far from filling the GPU anyway, for 42
+    # instructions a logit (bench/ROOFLINE.md, "Tiles at small batches")
+    bv = max(buffer, block_v or min(next_pow2(vocab), TILE_ELEMENTS))
     if bv & (bv - 1):
         raise ValueError(f"block_v={bv} must be a power of two")
     bb = block_b or max(1, min(next_pow2(batch), TILE_ELEMENTS // bv))
@@ -458,14 +477,28 @@ def plan_select(
         raise ValueError(f"block_b={bb} must be a power of two")
     n_chunks = triton.cdiv(vocab, bv)
     ncp = next_pow2(n_chunks)
-    chunk_group = max(1, min(ncp, TILE_ELEMENTS // buffer))
-    row_block = max(1, min(next_pow2(batch), TILE_ELEMENTS // (chunk_group * buffer)))
     need_keys = spike_possible  # top-K logit keys serve the candidate sets only
-    slots = min(2 * buffer, bv) if need_keys else buffer
+    if pass1_block_v is None:
+        # a buffer of 1024: pass 1 on [1, 8192] tiles with 8 warps (the same 32 columns a thread) costs 38-39
+        # instructions a logit instead of 46-47 on [1, 4096] (intersection: 42-43 instead of 50-51): its bound
+        # needs 2048 group maxima and its 2K = 2048 slots a chunk whatever the chunk's width, and the reduce
+        # reads half as many slots. Pass 2 gains nothing per logit from wider tiles (21.6 against 21.5) and
+        # keeps [1, 4096]. Not under the interpreter (its tiles are wider already).
+        wide = not INTERPRETED and block_v is None and need_keys and buffer >= 1024
+        pass1_block_v = min(2 * bv, next_pow2(vocab)) if wide else 0
+    if pass1_block_v:
+        if pass1_block_v & (pass1_block_v - 1) or pass1_block_v < buffer:
+            raise ValueError(f"pass1_block_v={pass1_block_v} must be a power of two >= the buffer ({buffer})")
+        if pass1_block_v == bv:
+            pass1_block_v = 0
+    reduce_ncp = next_pow2(triton.cdiv(vocab, pass1_block_v)) if pass1_block_v else ncp
+    chunk_group = max(1, min(reduce_ncp, TILE_ELEMENTS // buffer))
+    row_block = max(1, min(next_pow2(batch), TILE_ELEMENTS // (chunk_group * buffer)))
+    slots = min(2 * buffer, pass1_block_v or bv) if need_keys else buffer
     if intersection and need_keys:
         # the reduce keeps a row's int64 candidate keys in registers for all 64 bisection rounds when
         # they fit a tile (4096 on a GPU: 32 a thread), else re-reads them every round
-        row_block = max(1, min(next_pow2(batch), TILE_ELEMENTS // (ncp * slots)))
+        row_block = max(1, min(next_pow2(batch), TILE_ELEMENTS // (reduce_ncp * slots)))
     # a buffer that holds the whole row decides exactly: no flags, no host read
     may_overflow = vocab > buffer and (sample == 2 or (intersection and spike_possible))
     sample_slots = min(2 * buffer, bv) if sample == 2 else 1  # the same formula as select_tiles.sample_slots
@@ -501,7 +534,10 @@ def plan_select(
         # at most 1024 int64 keys per load and program on a GPU (8 a thread; 2048 spilled more finalize variants)
         sample_block=(max(1, min(next_pow2(ncp * sample_slots), (TILE_ELEMENTS // 4) // row_block))
                       if sample == 2 else 1),
-        key_block=max(1, min(ncp * slots, TILE_ELEMENTS // row_block)) if intersection and need_keys else 1,
+        key_block=max(1, min(reduce_ncp * slots, TILE_ELEMENTS // row_block)) if intersection and need_keys else 1,
+        pass1_block_v=pass1_block_v,
+        # 32 columns a thread and row, as [1, 4096] with 4 warps
+        pass1_warps=4 * max(1, pass1_block_v * bb // 4096) if pass1_block_v and not INTERPRETED else 4,
     )
 
 
@@ -554,15 +590,16 @@ class Scratch:
     @classmethod
     def allocate(cls, plan: SelectPlan, device: torch.device) -> "Scratch":
         batch, nc, k = plan.batch, plan.n_chunks, plan.buffer
+        nc1 = plan.pass1_chunks  # pass 1's partials (stats, counts, keys) are per pass-1 chunk
         f32, i32, i64 = torch.float32, torch.int32, torch.int64
-        keys_shape = (batch, nc, plan.slots) if plan.need_keys else (1,)
+        keys_shape = (batch, nc1, plan.slots) if plan.need_keys else (1,)
         key_dtype = i32 if plan.key_kind == 1 else i64
         intersect = plan.mode == CandidateMode.INTERSECTION and plan.need_keys
         top_shape = (batch, k) if intersect else (1,)
         plain = plan.sample != 2
         return cls(
-            stats=torch.empty((batch, nc, 4), dtype=f32, device=device),
-            counts=torch.empty((batch, nc, 4), dtype=i32, device=device),
+            stats=torch.empty((batch, nc1, 4), dtype=f32, device=device),
+            counts=torch.empty((batch, nc1, 4), dtype=i32, device=device),
             keys_b=torch.empty(keys_shape, dtype=key_dtype, device=device),
             keys_e=torch.empty(keys_shape, dtype=key_dtype, device=device),
             rowinfo=torch.empty((batch, 8), dtype=f32, device=device),
@@ -648,9 +685,9 @@ def launch_select(
     source.pass1(plan, s)
     grid_rows = (triton.cdiv(batch, plan.row_block),)
     _reduce_kernel[grid_rows](
-        s.stats, s.counts, s.keys_b, s.keys_e, s.rowinfo, s.top_b, s.top_e, batch, nc, plan.kth,
-        RB=plan.row_block, NCP=plan.ncp, K=k, CG=plan.chunk_group, NEED_KEYS=plan.need_keys, STORE_TOP=s.intersect,
-        VALUE_KEYS=plan.key_kind == 1, DENSE=getattr(source, "dense_kind", 0), SLOTS=plan.slots, KB=plan.key_block,
+        s.stats, s.counts, s.keys_b, s.keys_e, s.rowinfo, s.top_b, s.top_e, batch, plan.pass1_chunks, plan.kth,
+        RB=plan.row_block, NCP=plan.pass1_ncp, K=k, CG=plan.chunk_group, NEED_KEYS=plan.need_keys,
+        STORE_TOP=s.intersect, VALUE_KEYS=plan.key_kind == 1, DENSE=getattr(source, "dense_kind", 0), SLOTS=plan.slots, KB=plan.key_block,
         **LAUNCH_OPTIONS,
     )
     if s.intersect:

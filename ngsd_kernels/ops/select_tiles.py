@@ -1089,7 +1089,7 @@ def pass2_store_tile(
     rowinfo_ptr, alpha_ptr, seed_ptr, seed_stride, offset_ptr, offset_stride, temperature,
     div_ptr, best_ptr, besti_ptr, keys2_ptr, mass_ptr,
     DIVERGENCE: tl.constexpr, SAMPLE: tl.constexpr, K: tl.constexpr,
-    NEED_V0: tl.constexpr, NEED_V1: tl.constexpr,
+    NEED_V0: tl.constexpr, NEED_V1: tl.constexpr, THREADS: tl.constexpr = 128,
 ):
     """Pass 2 on a [BB, BV] tile pair: partial divergence and partial choices of both gate outcomes.
 
@@ -1138,10 +1138,11 @@ def pass2_store_tile(
         bound0, bound1 = pair_group_bound(tile_group_max(q0, G), tile_group_max(q1, G), K, 32, 0)
         S: tl.constexpr = sample_slots(lb.shape[1], K)
         if NEED_V0:
-            store_sample_candidates(keys2_ptr, mass_ptr, oslot, row_mask, q0, cols, tl.maximum(bound0, 0.0), S)
+            store_sample_candidates(keys2_ptr, mass_ptr, oslot, row_mask, q0, cols, tl.maximum(bound0, 0.0), S,
+                                    THREADS)
         if NEED_V1:
             store_sample_candidates(keys2_ptr, mass_ptr, oslot + n_chunks, row_mask, q1, cols,
-                                    tl.maximum(bound1, 0.0), S)
+                                    tl.maximum(bound1, 0.0), S, THREADS)
     else:
         # the no-spike outcome first: the mixture's tile is computed after pb's arg-max (fewer live registers)
         if NEED_V0:

@@ -238,6 +238,28 @@ def test_greedy_large_vocab_small_batch():
         assert (want[0][1] == 40_001) == (mode == CandidateMode.UNION)
 
 
+def test_pass1_on_wider_chunks_than_pass2():
+    """SelectPlan.pass1_block_v (a GPU's plan for buffers of 1024, where pass 1 and the reduce run on
+    [1, 8192] tiles and pass 2 on [1, 4096]), at a small scale: pass 1 on chunks 4x pass 2's, a short
+    last pass-1 chunk, union and intersection, greedy and top-k sampling, against the reference."""
+    gen = torch.Generator().manual_seed(11)
+    vocab = 3000
+    base = torch.randn(3, vocab, generator=gen) * 2.0
+    expert = base + torch.randn(3, vocab, generator=gen)
+    potential = torch.tensor([0.0, 2.0, 2.0])  # rows 1 and 2 fire
+    alpha = torch.tensor([0.9, 0.9, 0.5])
+    seed, offset = torch.tensor([5]), torch.tensor([9])
+    for mode, sampling in ((0, {}), (1, {}), (0, dict(temperature=0.8, top_k=100))):
+        params = step_params(dict(DEFAULTS, candidate_mode=mode, candidate_k=100, min_candidates=100, **sampling))
+        plan = plan_select(3, vocab, params, block_v=256, pass1_block_v=1024)
+        assert (plan.n_chunks, plan.pass1_chunks, plan.pass1_bv) == (12, 3, 1024)
+        want = guarded_select_reference(base, expert, potential, alpha, seed, offset, params=params)
+        got = fused_guarded_select(base, expert, potential, alpha, seed, offset, params, block_v=256,
+                                   pass1_block_v=1024)
+        assert_same_step(got, want)
+        assert want[2].tolist() == [False, True, True]
+
+
 def test_rows_do_not_depend_on_the_other_rows():
     base, expert, potential, seeds, offsets = make_batch(["peaked", "normal", "neg_inf", "nan", "grid"], 200,
                                                          torch.float32, 11)

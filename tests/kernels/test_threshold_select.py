@@ -32,12 +32,17 @@ SPECIALS = (float("-inf"), 0.0, -0.0, 1e-40, -1e-40, 3.0, -3.0, 65504.0, -65504.
 
 
 def launched_scratch(base: torch.Tensor, expert: torch.Tensor, params: StepParams, block_v: int | None,
-                     fallback: bool) -> tuple[Scratch, int]:
+                     fallback: bool, pass1_widening: int = 1) -> tuple[Scratch, int]:
     """One step's scratch after the launch sequence, and the plan's buffer. Pass 1's slots start as -1
     (SLOT_NONE / RAW_NONE: slots it leaves unwritten hold nothing, deterministically). ``fallback=False``:
-    pass 1 without its exact rewrite of rows whose group-maxima bound let too many entries through."""
+    pass 1 without its exact rewrite of rows whose group-maxima bound let too many entries through.
+    ``pass1_widening`` > 1: pass 1 and the reduce on chunks that many times pass 2's width (the plan a GPU
+    picks for buffers of 1024, ``SelectPlan.pass1_block_v``)."""
     batch, vocab = base.shape
     plan = plan_select(batch, vocab, params, block_v=block_v)
+    if pass1_widening > 1:
+        plan = plan_select(batch, vocab, params, block_v=block_v, pass1_block_v=pass1_widening * plan.block_v)
+        assert plan.pass1_chunks == -(-vocab // (pass1_widening * plan.block_v)) and plan.pass1_bv > plan.block_v
     scratch = Scratch.allocate(plan, base.device)
     scratch.keys_b.fill_(-1)
     scratch.keys_e.fill_(-1)
@@ -49,18 +54,19 @@ def launched_scratch(base: torch.Tensor, expert: torch.Tensor, params: StepParam
 
 
 def stored_thresholds(base: torch.Tensor, expert: torch.Tensor, k: int, block_v: int | None,
-                      fallback: bool = True) -> torch.Tensor:
+                      fallback: bool = True, pass1_widening: int = 1) -> torch.Tensor:
     """[B, 2] (base, expert) union thresholds as the reduce kernel stores them."""
-    scratch, _ = launched_scratch(base, expert, StepParams(candidate_k=k, gate=GateMode.OPEN), block_v, fallback)
+    scratch, _ = launched_scratch(base, expert, StepParams(candidate_k=k, gate=GateMode.OPEN), block_v, fallback,
+                                  pass1_widening)
     return scratch.rowinfo[:, 4:6]
 
 
 def stored_top_lists(base: torch.Tensor, expert: torch.Tensor, k: int, block_v: int | None,
-                     fallback: bool = True) -> tuple[list[set[int]], list[set[int]], int]:
+                     fallback: bool = True, pass1_widening: int = 1) -> tuple[list[set[int]], list[set[int]], int]:
     """(base, expert) top-K token-id sets per row as the reduce kernel hands them to the intersection
     kernel (intersection mode, K = the plan's buffer), and K."""
     params = StepParams(candidate_k=k, min_candidates=1, candidate_mode=CandidateMode.INTERSECTION, gate=GateMode.OPEN)
-    scratch, buffer = launched_scratch(base, expert, params, block_v, fallback)
+    scratch, buffer = launched_scratch(base, expert, params, block_v, fallback, pass1_widening)
     lists = []
     for top in (scratch.top_b, scratch.top_e):
         present = top != -(2**63)
@@ -107,7 +113,8 @@ def cases(draw):
         x = torch.where(x.abs() < 2.0**-126, torch.zeros_like(x), x)
     k = draw(st.integers(1, 70))
     block_v = draw(st.sampled_from([None, 16, 64]))
-    return x[0].to(dtype), x[1].to(dtype), k, block_v
+    pass1_widening = draw(st.sampled_from([1, 2, 4]))
+    return x[0].to(dtype), x[1].to(dtype), k, block_v, pass1_widening
 
 
 # Rows of -inf make the tile statistics compute inf - inf and log(0): the GPU yields NaN / -inf there
@@ -117,8 +124,8 @@ def cases(draw):
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=cases())
 def test_stored_thresholds_are_the_kth_largest_logits(case):
-    base, expert, k, block_v = case
-    got = stored_thresholds(base, expert, k, block_v)
+    base, expert, k, block_v, pass1_widening = case
+    got = stored_thresholds(base, expert, k, block_v, pass1_widening=pass1_widening)
     for col, logits in enumerate((base, expert)):
         want = kth_largest(logits.float(), k)[:, 0]
         # values, not bits: -0.0 and +0.0 are the same threshold (x >= thr is the same set)
@@ -173,8 +180,8 @@ def test_rows_the_group_bound_cannot_decide_take_the_exact_fallback():
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=cases())
 def test_stored_top_lists_are_the_first_k_of_a_stable_sort(case):
-    base, expert, k, block_v = case
-    got_b, got_e, buffer = stored_top_lists(base, expert, k, block_v)
+    base, expert, k, block_v, pass1_widening = case
+    got_b, got_e, buffer = stored_top_lists(base, expert, k, block_v, pass1_widening=pass1_widening)
     assert got_b == top_list_reference(base, buffer)
     assert got_e == top_list_reference(expert, buffer)
 
