@@ -265,10 +265,11 @@ def enumerate_jobs(hidden: int) -> tuple[list[KernelJob], set[str]]:
         if samp == "greedy" and div == "TV" and cand == "union" and "gate" not in label:
             for batch in (1, 256):
                 add(hidden_jobs(label, fields, "bf16", batch, hidden), True)
-    # the roofline's smaller batches plan the same [1, 4096] tiles but other per-row constants (rows per
-    # program, chunk groups): their greedy / TV / union / K = 64 launches, bf16
+    # the roofline's smaller batches and the default model's vocabulary (SmolLM2, V = 49152: 12 chunks) plan
+    # the same [1, 4096] tiles but other per-row constants (rows per program, chunks, chunk groups): their
+    # greedy / TV / union / K = 64 launches, bf16
     base_fields = dict(modes)[base]
-    for batch, vocab in ((1, 131072), (32, 131072)):
+    for batch, vocab in ((1, 131072), (32, 131072), (1, 49152), (32, 49152)):
         add(logits_jobs(f"{base} (B={batch})", base_fields, "bf16", batch, vocab), True)
     return list(everything.values()), cover
 
