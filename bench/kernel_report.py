@@ -30,7 +30,8 @@ The per-row kernels (reduce, intersection, finalize) run once per row, not per l
 is reported with instructions per row instead.
 
 Which variants: the mode switches and launch constants come from ``launcher.plan_select`` (logits
-path, at B = 256, V = 131072 on a GPU plan: one row of BV = 4096 per program, as at every batch size) and ``hidden_select.plan_hidden_select``
+path, at B = 256, V = 131072 on a GPU plan: one row of BV = 4096 per program, as at every batch size;
+pass 1 on [1, 8192] for buffers of 1024) and ``hidden_select.plan_hidden_select``
 (hidden-state path, shared LM head, B = 1 and B = 256), over divergence TV/KL/JS, union/intersection
 candidates, greedy / temperature / top-k / top-p sampling, K in {64, 256, 1024}, gate LIF or shut,
 and logits dtypes bf16/fp16/fp32. Identical kernel specialisations are compiled once. ``--full``
@@ -142,7 +143,7 @@ def _row_kernel_jobs(plan, path: str, label: str, dense: int = 0) -> list[Kernel
     k = plan.buffer
     # trips of the runtime loops over chunk groups (one trip per group: the report multiplies them out)
     groups = -(-plan.n_chunks // plan.chunk_group)
-    # the reduce reads pass 1's chunks (wider than pass 2's for union buffers of 1024: SelectPlan.pass1_block_v)
+    # the reduce reads pass 1's chunks (wider than pass 2's for buffers of 1024: SelectPlan.pass1_block_v)
     trips = dict(inner_trips=-(-plan.pass1_chunks // plan.chunk_group))
     if plan.key_kind == 1:
         # union: the reduce re-reads a row's slots in steps of launcher.value_key_step (CG chunks' slots, capped)

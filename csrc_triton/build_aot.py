@@ -307,8 +307,9 @@ def logits_variant(dtype: str, sample: int = 0, divergence: int = 0, buffer: int
     """Logits -> token (fused_select's kernels), union candidates, top-K buffer ``buffer``.
 
     One chunk of BV = 4096 columns of one row per pass-1/pass-2 program, as launcher.plan_select
-    picks on a GPU at every batch size; at most NCP chunks, i.e. V <= NCP * BV = 524288. The reduce / finalize constants (K, chunk group,
-    rows per program, value slots per chunk) are the plan's for that tile (``_logits_plan``); with the
+    picks on a GPU at every batch size; at most NCP chunks, i.e. V <= NCP * BV = 524288. The reduce /
+    finalize constants (K, chunk group, rows per program, value slots per chunk) are the plan's for
+    that tile (``_logits_plan``); with the
     gate shut pass 1 and the reduce skip the candidates, as in the plan.
     Pass 1 of the union step loads one element per instruction by design (``_load_tile``'s SCALAR
     layout for its scattered candidate stores), so only pass 2 gets an aligned twin.
@@ -352,7 +353,7 @@ def check_against_jit_plan(variant: Variant) -> None:
         params = StepParams(candidate_k=c["K"], gate=gate, divergence=c["DIVERGENCE"],
                             temperature=1.0 if c["SAMPLE"] else 0.0)
         # pass1_block_v=0: this build runs pass 1 and the reduce on pass 2's chunks (its launcher passes one
-        # chunk count); the JIT widens pass 1 to 8192 columns for union buffers of 1024 (SelectPlan.pass1_block_v)
+        # chunk count); the JIT widens pass 1 to 8192 columns for buffers of 1024 (SelectPlan.pass1_block_v)
         plan = plan_select(LOGITS_BB, NCP * LOGITS_BV, params, pass1_block_v=0)
         if (plan.block_b, plan.block_v) != (LOGITS_BB, LOGITS_BV):
             raise SystemExit(f"{variant.name}: launcher.plan_select picks [{plan.block_b}, {plan.block_v}] tiles, "
