@@ -38,6 +38,7 @@ class GateState:
     output: Sequence[int] | None = None  # the request's live output token list (vLLM's own)
     pending: tuple[int, int, float] | None = None  # (output length when chosen, token, new potential)
     seed: int | None = None  # sampled requests: the Philox key of this request
+    seeded: bool = False  # the request gave its seed (its draws must not depend on its batch neighbours)
     sampling: tuple[float, int, float] = (0.0, 0, 1.0)  # temperature (0: greedy), top_k (0: off), top_p
     constrained: bool = False  # vLLM may mask tokens of this request (allowed ids, bad words, min tokens, grammar)
 
@@ -91,7 +92,8 @@ class GateBook:
         if state is None:  # a new request (the policy was validated at admission)
             policy = self.settings.policy_or_guarded(getattr(params, "extra_args", None))
             state = GateState(policy=policy, potential=float(self.settings.config().v_reset),
-                              seed=getattr(params, "seed", None), sampling=sampling_of(params),
+                              seed=getattr(params, "seed", None), seeded=getattr(params, "seed", None) is not None,
+                              sampling=sampling_of(params),
                               constrained=is_constrained(params))
             setattr(params, STATE_ATTRIBUTE, state)
         else:  # back after a preemption or an unscheduled step: same potential, same step
@@ -111,6 +113,31 @@ class GateBook:
 
 
 GREEDY_BELOW = 1e-5  # vLLM treats a smaller temperature as greedy
+
+
+def sampled_launches(members: Sequence[int], rows: Sequence[tuple[int, GateState]], step_params: Any,
+                     draw_seed: Any) -> list[list[int]]:
+    """The op launches of one step's sampled rows (``members``: positions in ``rows``), as lists of positions.
+
+    A request that gave its seed runs alone, so its Philox stream (its seed, row 0, its step) and its
+    tokens do not depend on the batch it shares. The others share a launch per step setting
+    (``step_params(state)``: temperature, top-k, top-p, and SafeDecoding's step switch): each row keeps
+    its own drawn seed and step as the op's per-row seed and offset, and only its row index in the
+    launch changes from step to step, which an unseeded request cannot tell. One launch for all of
+    them instead of one each (on a GPU, 4-6 kernel launches a request a step).
+    ``draw_seed()`` gives a request without a seed its key, once.
+    """
+    launches: list[list[int]] = []
+    shared: dict[Any, list[int]] = {}
+    for k in members:
+        state = rows[k][1]
+        if state.seed is None:
+            state.seed = draw_seed()
+        if state.seeded:
+            launches.append([k])
+        else:
+            shared.setdefault(step_params(state), []).append(k)
+    return launches + list(shared.values())
 
 
 def sampling_of(params: Any) -> tuple[float, int, float]:

@@ -8,10 +8,11 @@ The chosen token is forced (every other logit -inf), so vLLM's greedy or samplin
 Opted-out rows are left untouched: they decode exactly as plain vLLM. A token vLLM masked in the
 base logits (-inf) is masked in the expert's too, so constraints hold for the guarded choice.
 
-Greedy requests of one step go to the op together; a sampled request (temperature > 0) runs on
-its own, keyed by its seed (or a drawn one) and its step, so its draws do not depend on its
-batch neighbours. Logprobs a request asks for are the base model's (vLLM computes them before
-any processor).
+Greedy requests of one step go to the op together. A sampled request (temperature > 0) that gave a
+seed runs on its own, keyed by its seed and its step, so its draws do not depend on its batch
+neighbours; sampled requests without a seed share one launch per setting, each with its own drawn
+seed and step (``gate_book.sampled_launches``). Logprobs a request asks for are the base model's
+(vLLM computes them before any processor).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 import ngsd_kernels  # noqa: F401  (registers torch.ops.ngsd)
 
 from .channel import CHANNEL
-from .gate_book import GateBook, GateState
+from .gate_book import GateBook, GateState, sampled_launches
 from .settings import CONFIG_KEY, GuardSettings, parse_request
 
 if TYPE_CHECKING:
@@ -74,12 +75,12 @@ class NGSDLogitsProcessor(LogitsProcessor):
         tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)
         potentials = [0.0] * len(rows)
         for group in _by_params(greedy, rows, self.config):
-            self._select(group, rows, base, expert_logits, tokens, potentials, seed=0, offset=0)
-        for k in sampled:
-            state = rows[k][1]
-            if state.seed is None:
-                state.seed = random.getrandbits(62)
-            self._select([k], rows, base, expert_logits, tokens, potentials, seed=state.seed, offset=state.step)
+            self._select(group, rows, base, expert_logits, tokens, potentials, seeds=[0], offsets=[0])
+        step_params = lambda state: self.config.step_params(state.step, **_sampling(state))  # noqa: E731
+        for group in sampled_launches(sampled, rows, step_params, lambda: random.getrandbits(62)):
+            states = [rows[k][1] for k in group]
+            self._select(group, rows, base, expert_logits, tokens, potentials, seeds=[s.seed for s in states],
+                         offsets=[s.step for s in states])
         if every_row:
             logits.fill_(float("-inf"))
         else:
@@ -90,7 +91,9 @@ class NGSDLogitsProcessor(LogitsProcessor):
         return logits
 
     def _select(self, group: list[int], rows: list[tuple[int, GateState]], base: torch.Tensor, expert: torch.Tensor,
-                tokens: torch.Tensor, potentials: list[float], seed: int, offset: int) -> None:
+                tokens: torch.Tensor, potentials: list[float], seeds: list[int], offsets: list[int]) -> None:
+        """One op launch for the rows ``group`` (positions in ``rows``), which share their step parameters;
+        ``seeds`` / ``offsets``: one value for all of them, or one each."""
         states = [rows[k][1] for k in group]
         first = states[0]
         params = self.config.step_params(first.step, **_sampling(first))
@@ -98,8 +101,8 @@ class NGSDLogitsProcessor(LogitsProcessor):
         at = torch.tensor(group, dtype=torch.long, device=base.device)
         potential = torch.tensor([s.potential for s in states], dtype=torch.float32, device=base.device)
         alpha = torch.tensor([s.policy.alpha for s in states], dtype=torch.float32, device=base.device)
-        seed_t = torch.tensor([seed], dtype=torch.int64, device=base.device)
-        offset_t = torch.tensor([offset], dtype=torch.int64, device=base.device)
+        seed_t = torch.tensor(seeds, dtype=torch.int64, device=base.device)
+        offset_t = torch.tensor(offsets, dtype=torch.int64, device=base.device)
         chosen, new_potential, _spike, _divergence = torch.ops.ngsd.guarded_select(
             base if whole else base[at], expert if whole else expert[at], potential, alpha, seed_t, offset_t, *params.flat())
         tokens[at] = chosen

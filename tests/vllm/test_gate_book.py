@@ -12,7 +12,7 @@ pytest.importorskip("vllm", reason="vLLM is not installed here; run with .venv-v
 from vllm import SamplingParams  # noqa: E402
 from vllm.v1.sample.logits_processor import MoveDirectionality  # noqa: E402
 
-from ngsd.vllm.gate_book import STATE_ATTRIBUTE, GateBook  # noqa: E402
+from ngsd.vllm.gate_book import STATE_ATTRIBUTE, GateBook, sampled_launches  # noqa: E402
 from ngsd.vllm.settings import GuardSettings  # noqa: E402
 
 
@@ -105,3 +105,26 @@ def test_requests_whose_logits_vllm_masks_are_marked():
     banned = SamplingParams(temperature=0.0, bad_words=["bomb"])
     book.update([], [(0, free, [], []), (1, banned, [], [])], [])
     assert [book.rows[0].constrained, book.rows[1].constrained] == [False, True]
+
+
+def test_sampled_requests_without_a_seed_share_a_launch_and_seeded_ones_run_alone():
+    book = GateBook(GuardSettings())
+    config = GuardSettings().config()
+    params = [
+        SamplingParams(temperature=0.8, top_p=0.9, seed=7),  # seeded: alone
+        SamplingParams(temperature=0.8, top_p=0.9),
+        SamplingParams(temperature=0.8, top_p=0.9),
+        SamplingParams(temperature=0.5),  # another setting: its own launch
+        SamplingParams(temperature=0.8, top_p=0.9, seed=7),  # the same seed as row 0, still alone
+    ]
+    book.update([], [(i, p, [1, 2], []) for i, p in enumerate(params)], [])
+    rows = book.guarded(len(params))
+    drawn = iter(range(100, 200))
+    step_params = lambda state: config.step_params(state.step, *state.sampling)  # noqa: E731
+    launches = sampled_launches(range(len(rows)), rows, step_params, lambda: next(drawn))
+    assert sorted(map(sorted, launches)) == [[0], [1, 2], [3], [4]]
+    assert [state.seed for _, state in rows] == [7, 100, 101, 102, 7]
+    # a drawn seed is kept: the next step draws nothing new
+    assert sorted(map(sorted, sampled_launches(range(len(rows)), rows, step_params, lambda: next(drawn)))) == \
+        [[0], [1, 2], [3], [4]]
+    assert [state.seed for _, state in rows] == [7, 100, 101, 102, 7]

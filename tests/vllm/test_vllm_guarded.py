@@ -80,3 +80,26 @@ def test_bad_extra_args_are_refused_at_admission(guarded_llm, prompt_ids, extra_
 
     with pytest.raises((VLLMValidationError, ValueError, TypeError), match=message):
         guarded_llm.llm_engine.add_request("bad", {"prompt_token_ids": prompt_ids[0]}, greedy(**extra_args))
+
+
+def test_a_seeded_sampled_request_does_not_depend_on_its_sampled_neighbours(guarded_llm, prompt_ids):
+    """Top-p sampling: a request with a seed decodes the same alone and among sampled requests without one,
+    which share one op launch a step (``gate_book.sampled_launches``); theirs are full answers as well."""
+    from vllm import SamplingParams
+
+    from .conftest import NEW_TOKENS
+
+    def sampled(**seed):
+        return SamplingParams(max_tokens=NEW_TOKENS, temperature=0.8, top_p=0.9, ignore_eos=True, **seed)
+
+    alone = guarded_llm.generate([{"prompt_token_ids": prompt_ids[1]}], sampled(seed=1234), use_tqdm=False)
+    params = [sampled(), sampled(seed=1234), sampled(), sampled(), sampled()]
+    batch = guarded_llm.generate([{"prompt_token_ids": prompt_ids[i]} for i in (0, 1, 2, 1, 3)], params,
+                                 use_tqdm=False)
+    assert _tokens(batch[1]) == _tokens(alone[0])
+    vocab = guarded_llm.llm_engine.model_config.get_vocab_size()
+    for output in (batch[0], *batch[2:]):
+        tokens = _tokens(output)
+        assert len(tokens) == NEW_TOKENS and all(0 <= t < vocab for t in tokens)
+    # the same prompt without a seed draws its own noise: not the seeded answer
+    assert _tokens(batch[3]) != _tokens(batch[1])
