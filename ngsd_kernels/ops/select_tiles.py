@@ -649,14 +649,18 @@ def store_raw_candidates(ptr, base, write, x, ids, take, SLOTS: tl.constexpr, TH
 
 
 @triton.jit
-def store_order_candidates(ptr, base, row_mask, x, ids, mask, bound, SLOTS: tl.constexpr,
-                           THREADS: tl.constexpr = 128):
-    """``store_raw_candidates`` of a tile's entries >= bound; false for rows past the batch and rows
-    with more than SLOTS such entries.
+def store_order_candidates(ptr, base, row_mask, x, ids, bound, SLOTS: tl.constexpr, THREADS: tl.constexpr = 128):
+    """``store_raw_candidates`` of a tile's entries >= bound; false for rows past the batch, rows
+    whose bound is -inf and rows with more than SLOTS such entries.
 
     bound: [R] at most the tile's k-th largest value (``pair_value_bound``), so the entries >= it
-    hold the tile's top-k list by order key, ties at the k-th value included."""
-    return store_raw_candidates(ptr, base, row_mask, x, ids, mask & (x >= bound[:, None]), SLOTS, THREADS)
+    hold the tile's top-k list by order key, ties at the k-th value included. The columns past the
+    vocabulary hold -inf, below any bound > -inf, so no column mask is needed (it cost 4 instructions
+    a logit on sm_90: its predicates crowd the compaction's). A row whose bound is -inf (a chunk
+    with fewer than k finite group maxima: a last chunk of fewer than k columns, a row masked to
+    -inf almost everywhere) is left to the caller's exact path, which masks the columns."""
+    return store_raw_candidates(ptr, base, row_mask & (bound > float("-inf")), x, ids, x >= bound[:, None], SLOTS,
+                                THREADS)
 
 
 @triton.jit
@@ -1044,10 +1048,11 @@ def pass1_store_tile(
         # intersection: each chunk's top-K list by (value, id) order key, K = the buffer (ranks < K)
         bound_b, bound_e = pair_value_bound(gb, ge, m_b, m_e, K, BOUND_ROUNDS, THREADS)
         base = (rows.to(tl.int64) * n_chunks + chunk) * SLOTS
-        done_b = store_order_candidates(keys_b_ptr, base, row_mask, lb, cols, mask, bound_b, SLOTS, THREADS)
-        done_e = store_order_candidates(keys_e_ptr, base, row_mask, le, cols, mask, bound_e, SLOTS, THREADS)
+        done_b = store_order_candidates(keys_b_ptr, base, row_mask, lb, cols, bound_b, SLOTS, THREADS)
+        done_e = store_order_candidates(keys_e_ptr, base, row_mask, le, cols, bound_e, SLOTS, THREADS)
         if FALLBACK:
-            if tl.sum((row_mask & ~(done_b & done_e)).to(tl.int32), axis=0) > 0:  # rare: see pair_value_bound
+            # rare: see pair_value_bound; and chunks whose bound is -inf (``store_order_candidates``)
+            if tl.sum((row_mask & ~(done_b & done_e)).to(tl.int32), axis=0) > 0:
                 store_topk_order_keys(keys_b_ptr, base, row_mask & ~done_b, lb, cols, mask, K, SLOTS, THREADS)
                 store_topk_order_keys(keys_e_ptr, base, row_mask & ~done_e, le, cols, mask, K, SLOTS, THREADS)
 

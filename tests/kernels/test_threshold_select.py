@@ -214,3 +214,25 @@ def test_top_lists_of_rows_with_more_keys_than_one_load():
     assert plan.ncp * plan.slots > plan.key_block  # the looping form of the reduce
     got_b, got_e, buffer = stored_top_lists(base, expert.bfloat16(), 10, 64)
     assert got_b == top_list_reference(base, buffer) and got_e == top_list_reference(expert.bfloat16(), buffer)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning")
+@pytest.mark.parametrize("chunk", [64, CHUNK])
+def test_top_lists_of_chunks_with_fewer_than_k_finite_group_maxima(chunk):
+    # The fast path takes the entries >= the bound without a column mask, which needs a bound above
+    # -inf. Here it is -inf: a short last chunk of 5 columns (fewer than k = 64) in every row, and a
+    # row with 3 finite entries. Those chunks are retaken with the mask (columns past the vocabulary
+    # must not enter the lists, present -inf entries must, lowest ids first). With 64-column chunks
+    # every entry of such a chunk fits its 128 slots: taken unmasked, the padding would be listed.
+    gen = torch.Generator().manual_seed(13)
+    vocab = 2 * chunk + 5
+    base = (torch.randn(2, vocab, generator=gen) * 3.0)
+    expert = torch.full((2, vocab), float("-inf"))
+    expert[0] = torch.randn(vocab, generator=gen)
+    expert[1, [7, chunk + 1, 2 * chunk + 2]] = torch.tensor([1.0, 2.0, 3.0])
+    base, expert = base.bfloat16(), expert.bfloat16()
+    got_b, got_e, buffer = stored_top_lists(base, expert, 10, chunk)
+    assert buffer == 64 and got_b == top_list_reference(base, buffer) and got_e == top_list_reference(expert, buffer)
+    # without the rewrite those chunks write nothing: the check above would notice a broken one
+    assert stored_top_lists(base, expert, 10, chunk, fallback=False)[1] != top_list_reference(expert, buffer)
