@@ -78,6 +78,7 @@ _POINTER_TYPES = {
     "keys2_ptr": "i64", "mass_ptr": "fp32", "potential_ptr": "fp32", "alpha_ptr": "fp32", "seed_ptr": "i64",
     "offset_ptr": "i64", "tokens_ptr": "i64", "new_potential_ptr": "fp32", "spike_ptr": "i1",
     "divergence_ptr": "fp32", "over_ptr": "i1", "biasb_ptr": "fp32", "biase_ptr": "fp32",
+    "row_temperature_ptr": "fp32",
 }
 _FLOAT_SCALARS = {"temperature", "decay", "v_th", "v_reset", "rho", "top_p", "score_floor"}
 _UNIT_STRIDES = {"s_hb1", "s_he1", "s_wb1", "s_we1"}  # contiguous rows: the JIT specialises them to 1
@@ -272,7 +273,25 @@ def enumerate_jobs(hidden: int) -> tuple[list[KernelJob], set[str]]:
     base_fields = dict(modes)[base]
     for batch, vocab in ((1, 131072), (32, 131072), (1, 49152), (32, 49152)):
         add(logits_jobs(f"{base} (B={batch})", base_fields, "bf16", batch, vocab), True)
+    # per-row temperatures (``row_temperature``: vLLM's shared launches of sampled requests): the kernels
+    # that read a temperature, compiled with ROW_T = 1, for the sampled TV / K = 64 modes, bf16
+    for label, fields in modes:
+        div, cand, samp, k = label.split("/")[:4]
+        if samp != "greedy" and div == "TV" and k == "K=64":
+            add(with_row_temperatures(logits_jobs(f"{label}/row-T", fields, "bf16")), True)
     return list(everything.values()), cover
+
+
+ROW_T_KERNELS = ("_pass2_kernel", "_intersection_kernel", "_finalize_kernel", "_sample_fallback_kernel",
+                 "_intersection_fallback_kernel")
+
+
+def with_row_temperatures(jobs: list[KernelJob]) -> list[KernelJob]:
+    """The jobs of a sampled mode as a launch with per-row temperatures runs them: ROW_T = 1 where the
+    kernel takes it (the passes over the logits otherwise unchanged: pass 1 and the reduce read none)."""
+    return [KernelJob(j.module, j.name, j.dtype, dict(j.constants, ROW_T=1), j.role, j.path, j.logits_per_tile,
+                      j.inner_trips, list(j.modes), j.outer_trips, j.num_warps) if j.name in ROW_T_KERNELS else j
+            for j in jobs]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,6 +337,8 @@ def _signature(job: KernelJob, arg_names: list[str]) -> tuple[dict, dict, dict]:
             signature[arg], constants[arg] = "constexpr", job.constants[arg]
         elif arg == "THREADS":  # the layout hint of the logits passes: the launch's thread count
             signature[arg], constants[arg] = "constexpr", 32 * job.num_warps
+        elif arg == "ROW_T":  # per-row temperatures off (jobs with them carry ROW_T = 1 in their constants)
+            signature[arg], constants[arg] = "constexpr", 0
         elif arg in _UNIT_STRIDES:
             signature[arg], constants[arg] = "constexpr", 1
         elif arg.endswith("_ptr"):

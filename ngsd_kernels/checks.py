@@ -30,6 +30,32 @@ def check_row_vectors(batch: int, potential: torch.Tensor, alpha: torch.Tensor, 
         raise ValueError(f"all step inputs must be on one device, got {sorted(map(str, devices))}")
 
 
+def check_row_temperature(row_temperature: Tensor | None, batch: int, device: torch.device,
+                          temperature: float) -> None:
+    """Per-row temperatures (``row_temperature``, fp32 [B]) of a step: a sampled launch (the step's
+    ``temperature`` > 0: the rows' own values replace it), one value per row, finite and >= 0 (0: that
+    row decodes greedily). Values are read only from a CPU tensor: a device tensor is not synchronised
+    on (its rows below 0 or NaN decode greedily)."""
+    if row_temperature is None:
+        return
+    if not temperature > 0.0:
+        raise ValueError(
+            "row_temperature needs a sampled step: set StepParams(temperature=...) above 0 (the rows' own "
+            "temperatures replace it; a row at 0 decodes greedily)"
+        )
+    if not row_temperature.is_floating_point() or row_temperature.shape != (batch,):
+        raise ValueError(
+            f"row_temperature must be a float tensor of shape [{batch}], got {row_temperature.dtype} "
+            f"{tuple(row_temperature.shape)}"
+        )
+    if row_temperature.device != device:
+        raise ValueError(
+            f"row_temperature must be on {device} like the other step inputs, got {row_temperature.device}"
+        )
+    if row_temperature.device.type == "cpu" and not bool(((row_temperature >= 0) & row_temperature.isfinite()).all()):
+        raise ValueError(f"row_temperature must be finite and >= 0 (0 means greedy), got {row_temperature.tolist()}")
+
+
 def check_step_inputs(base_logits: torch.Tensor, expert_logits: torch.Tensor, potential: torch.Tensor,
                       alpha: torch.Tensor, seed: torch.Tensor, offset: torch.Tensor) -> None:
     """Inputs of the logits step: base and expert logits [B, V] of one float dtype, and the row vectors."""

@@ -17,7 +17,10 @@ Four functional ops (no input is mutated; the new potential is a new tensor), tw
   interpreter they raise a ValueError saying so.
 
 ``*step`` are the fields of ``StepParams`` as plain floats and ints, in field order
-(``StepParams.flat()``); the schemas are built from that one list. Every op returns
+(``StepParams.flat()``); the schemas are built from that one list. A last, optional
+``row_temperature`` (fp32 [B]) gives each row its own temperature in a sampled step
+(``StepParams.temperature`` > 0; a row at 0 decodes greedily), so that rows sampling at different
+temperatures share one launch. Every op returns
 ``(tokens int64 [B], new_potential fp32 [B], spike bool [B], divergence fp32 [B])``; one fake gives
 ``torch.compile`` and ``torch.library.opcheck`` that metadata for all four.
 
@@ -36,6 +39,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .checks import check_row_temperature
 from .params import StepParams, step_schema
 from .ops.cpu_select import cpu_guarded_select
 from .ops.hidden_torch import torch_select_from_hidden
@@ -44,48 +48,63 @@ from .reference import Outputs
 
 _OUT = "-> (Tensor, Tensor, Tensor, Tensor)"
 _ROWS = "Tensor potential, Tensor alpha, Tensor seed, Tensor offset"
-LOGITS_SCHEMA = f"(Tensor base_logits, Tensor expert_logits, {_ROWS}, {step_schema()}) {_OUT}"
+_PER_ROW = "Tensor? row_temperature=None"
+LOGITS_SCHEMA = f"(Tensor base_logits, Tensor expert_logits, {_ROWS}, {step_schema()}, {_PER_ROW}) {_OUT}"
 HIDDEN_SCHEMA = (
     "(Tensor base_hidden, Tensor expert_hidden, Tensor base_head_weight, Tensor? expert_head_weight, "
-    f"Tensor? base_head_bias, Tensor? expert_head_bias, {_ROWS}, {step_schema()}) {_OUT}"
+    f"Tensor? base_head_bias, Tensor? expert_head_bias, {_ROWS}, {step_schema()}, {_PER_ROW}) {_OUT}"
 )
 _LOGITS_TENSORS = 6  # positional tensors before the step scalars
 _HIDDEN_TENSORS = 10
+_STEP_SCALARS = len(StepParams().flat())
+
+
+def _split(args: tuple, n_tensors: int) -> tuple[tuple, StepParams, Tensor | None]:
+    """(the leading tensors, the step's parameters, row_temperature, checked) of a step op's arguments."""
+    end = n_tensors + _STEP_SCALARS
+    row_temperature = args[end] if len(args) > end else None
+    params = StepParams.from_flat(args[n_tensors:end])
+    potential = args[n_tensors - 4]
+    check_row_temperature(row_temperature, potential.shape[0], potential.device, params.temperature)
+    return args[:n_tensors], params, row_temperature
 
 
 def _logits_torch(*args) -> Outputs:
-    return cpu_guarded_select(*args[:_LOGITS_TENSORS], StepParams.from_flat(args[_LOGITS_TENSORS:]))
+    tensors, params, row_temperature = _split(args, _LOGITS_TENSORS)
+    return cpu_guarded_select(*tensors, params, row_temperature)
 
 
 def _logits_triton(*args) -> Outputs:
     from .ops.fused_select import fused_guarded_select  # lazy: Triton is optional on CPU
 
-    return fused_guarded_select(*args[:_LOGITS_TENSORS], StepParams.from_flat(args[_LOGITS_TENSORS:]))
+    tensors, params, row_temperature = _split(args, _LOGITS_TENSORS)
+    return fused_guarded_select(*tensors, params, row_temperature=row_temperature)
 
 
 def _hidden_torch(*args) -> Outputs:
-    potential, alpha, seed, offset = args[6:_HIDDEN_TENSORS]
-    return torch_select_from_hidden(*args[:6], potential=potential, alpha=alpha, seed=seed, offset=offset,
-                                    params=StepParams.from_flat(args[_HIDDEN_TENSORS:]))
+    tensors, params, row_temperature = _split(args, _HIDDEN_TENSORS)
+    potential, alpha, seed, offset = tensors[6:]
+    return torch_select_from_hidden(*tensors[:6], potential=potential, alpha=alpha, seed=seed, offset=offset,
+                                    params=params, row_temperature=row_temperature)
 
 
 def _hidden_triton(*args) -> Outputs:
     from .ops.hidden_select import fused_select_from_hidden  # lazy: Triton is optional on CPU
     from .ops.launcher import check_triton_device, unsupported_reason
 
-    params = StepParams.from_flat(args[_HIDDEN_TENSORS:])
-    check_triton_device(*args[:_HIDDEN_TENSORS])
+    tensors, params, row_temperature = _split(args, _HIDDEN_TENSORS)
+    check_triton_device(*tensors)
     reason = unsupported_reason(args[0].shape[0], args[2].shape[0], params)
     if reason is not None:
         raise ValueError(f"the fused hidden-state kernels do not support these settings: {reason}")
-    return fused_select_from_hidden(*args[:_HIDDEN_TENSORS], params)
+    return fused_select_from_hidden(*tensors, params, row_temperature=row_temperature)
 
 
 def _hidden_cuda(*args) -> Outputs:
     """CUDA: the hidden-state kernels, or -- for settings they cannot run -- logits and the logits op."""
     from .ops.launcher import unsupported_reason
 
-    params = StepParams.from_flat(args[_HIDDEN_TENSORS:])
+    _, params, _ = _split(args, _HIDDEN_TENSORS)
     if unsupported_reason(args[0].shape[0], args[2].shape[0], params) is None:
         return _hidden_triton(*args)
     return _hidden_torch(*args)

@@ -134,18 +134,30 @@ def choose_tokens(
     top_k: int,
     top_p: float,
     row_ids: torch.Tensor | None = None,
+    row_temperature: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Greedy (temperature <= 0) or Gumbel-max sampling from q ∝ max(s, 0)^(1/T)."""
-    if temperature <= 0.0:
+    """Greedy (temperature <= 0) or Gumbel-max sampling from q ∝ max(s, 0)^(1/T).
+
+    ``row_temperature`` [B]: each row's own T instead of ``temperature`` (a row at T <= 0 takes the
+    greedy arg-max of its scores, the others sample; top-k / top-p apply to every sampled row)."""
+    if row_temperature is None and temperature <= 0.0:
         return torch.argmax(scores, dim=-1)
     positive = scores.clamp_min(0.0)
     keep = sampling_mask(positive, top_k, top_p)
-    log_q = torch.log(positive) / temperature
+    if row_temperature is None:
+        t: float | torch.Tensor = temperature
+    else:
+        sampled_rows = row_temperature.float() > 0.0
+        t = torch.where(sampled_rows, row_temperature.float(), torch.ones_like(row_temperature.float()))[:, None]
+    log_q = torch.log(positive) / t
     rows = torch.arange(scores.shape[0], device=scores.device) if row_ids is None else row_ids
     u = philox_uniform(seed, offset, scores.shape[-1], rows)
     gumbel = -torch.log(-torch.log(u))
     perturbed = torch.where(keep, log_q + gumbel, torch.full_like(log_q, -float("inf")))
-    return torch.argmax(perturbed, dim=-1)
+    sampled = torch.argmax(perturbed, dim=-1)
+    if row_temperature is None:
+        return sampled
+    return torch.where(sampled_rows, sampled, torch.argmax(scores, dim=-1))
 
 
 class StepScores(NamedTuple):
@@ -207,16 +219,19 @@ def step_scores(base_logits: Tensor, expert_logits: Tensor, potential: Tensor, a
 
 def guarded_select_reference(base_logits: Tensor, expert_logits: Tensor, potential: Tensor, alpha: Tensor, seed: Tensor,
                              offset: Tensor, params: StepParams = StepParams(), *,
-                             row_ids: Tensor | None = None, exp_error: tuple[Tensor, Tensor] | None = None) -> Outputs:
+                             row_ids: Tensor | None = None, exp_error: tuple[Tensor, Tensor] | None = None,
+                             row_temperature: Tensor | None = None) -> Outputs:
     """Returns (tokens int64 [B], new potential fp32 [B], spike bool [B], divergence fp32 [B]).
 
     Row ``i`` samples from the Philox stream (seed of row i, row i, offset of row i); ``row_ids``
     gives the rows' indices when they are a subset of a larger batch (default 0..B-1).
-    ``exp_error``: see ``step_scores`` (tests only).
+    ``row_temperature`` [B]: each row's own temperature (``choose_tokens``), instead of
+    ``params.temperature``. ``exp_error``: see ``step_scores`` (tests only).
     """
     step = step_scores(base_logits, expert_logits, potential, alpha, params, exp_error=exp_error)
     valid = step.valid
-    tokens = choose_tokens(step.scores, seed, offset, params.temperature, params.top_k, params.top_p, row_ids)
+    tokens = choose_tokens(step.scores, seed, offset, params.temperature, params.top_k, params.top_p, row_ids,
+                           row_temperature)
 
     tokens = torch.where(valid, tokens, torch.full_like(tokens, -1))
     new_potential = torch.where(valid, step.new_potential, potential.float())

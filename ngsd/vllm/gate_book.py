@@ -121,8 +121,9 @@ def sampled_launches(members: Sequence[int], rows: Sequence[tuple[int, GateState
 
     A request that gave its seed runs alone, so its Philox stream (its seed, row 0, its step) and its
     tokens do not depend on the batch it shares. The others share a launch per step setting
-    (``step_params(state)``: temperature, top-k, top-p, and SafeDecoding's step switch): each row keeps
-    its own drawn seed and step as the op's per-row seed and offset, and only its row index in the
+    (``step_params(state)``: the processor's leaves the temperature out, which the op takes per row; top-k,
+    top-p, and SafeDecoding's step switch): each row keeps its own drawn seed and step as the op's per-row
+    seed and offset, and only its row index in the
     launch changes from step to step, which an unseeded request cannot tell. One launch for all of
     them instead of one each (on a GPU, 4-6 kernel launches a request a step).
     ``draw_seed()`` gives a request without a seed its key, once.

@@ -10,8 +10,9 @@ base logits (-inf) is masked in the expert's too, so constraints hold for the gu
 
 Greedy requests of one step go to the op together. A sampled request (temperature > 0) that gave a
 seed runs on its own, keyed by its seed and its step, so its draws do not depend on its batch
-neighbours; sampled requests without a seed share one launch per setting, each with its own drawn
-seed and step (``gate_book.sampled_launches``). Logprobs a request asks for are the base model's
+neighbours; sampled requests without a seed share one launch per top-k / top-p setting, each with its
+own drawn seed, step and temperature (``gate_book.sampled_launches``; the op's ``row_temperature``).
+Logprobs a request asks for are the base model's
 (vLLM computes them before any processor).
 """
 
@@ -76,11 +77,11 @@ class NGSDLogitsProcessor(LogitsProcessor):
         potentials = [0.0] * len(rows)
         for group in _by_params(greedy, rows, self.config):
             self._select(group, rows, base, expert_logits, tokens, potentials, seeds=[0], offsets=[0])
-        step_params = lambda state: self.config.step_params(state.step, **_sampling(state))  # noqa: E731
+        step_params = lambda state: launch_setting(self.config, state)  # noqa: E731
         for group in sampled_launches(sampled, rows, step_params, lambda: random.getrandbits(62)):
             states = [rows[k][1] for k in group]
             self._select(group, rows, base, expert_logits, tokens, potentials, seeds=[s.seed for s in states],
-                         offsets=[s.step for s in states])
+                         offsets=[s.step for s in states], temperatures=[_temperature(s) for s in states])
         if every_row:
             logits.fill_(float("-inf"))
         else:
@@ -91,20 +92,25 @@ class NGSDLogitsProcessor(LogitsProcessor):
         return logits
 
     def _select(self, group: list[int], rows: list[tuple[int, GateState]], base: torch.Tensor, expert: torch.Tensor,
-                tokens: torch.Tensor, potentials: list[float], seeds: list[int], offsets: list[int]) -> None:
+                tokens: torch.Tensor, potentials: list[float], seeds: list[int], offsets: list[int],
+                temperatures: list[float] | None = None) -> None:
         """One op launch for the rows ``group`` (positions in ``rows``), which share their step parameters;
-        ``seeds`` / ``offsets``: one value for all of them, or one each."""
+        ``seeds`` / ``offsets``: one value for all of them, or one each; ``temperatures``: sampled rows',
+        one each (the op's ``row_temperature``)."""
         states = [rows[k][1] for k in group]
         first = states[0]
-        params = self.config.step_params(first.step, **_sampling(first))
+        params = self.config.step_params(first.step, **_sampling(first, per_row=temperatures is not None))
         whole = len(group) == base.shape[0]
         at = torch.tensor(group, dtype=torch.long, device=base.device)
         potential = torch.tensor([s.potential for s in states], dtype=torch.float32, device=base.device)
         alpha = torch.tensor([s.policy.alpha for s in states], dtype=torch.float32, device=base.device)
         seed_t = torch.tensor(seeds, dtype=torch.int64, device=base.device)
         offset_t = torch.tensor(offsets, dtype=torch.int64, device=base.device)
+        row_temperature = (None if temperatures is None
+                           else torch.tensor(temperatures, dtype=torch.float32, device=base.device))
         chosen, new_potential, _spike, _divergence = torch.ops.ngsd.guarded_select(
-            base if whole else base[at], expert if whole else expert[at], potential, alpha, seed_t, offset_t, *params.flat())
+            base if whole else base[at], expert if whole else expert[at], potential, alpha, seed_t, offset_t,
+            *params.flat(), row_temperature=row_temperature)
         tokens[at] = chosen
         for k, value in zip(group, new_potential.tolist()):
             potentials[k] = value
@@ -114,9 +120,17 @@ def _temperature(state: GateState) -> float:
     return state.sampling[0]
 
 
-def _sampling(state: GateState) -> dict[str, float | int]:
+def launch_setting(config, state: GateState):
+    """The step parameters a sampled request's launch shares: all but its temperature, which the op
+    takes per row (``row_temperature``), so requests that differ only there share a launch."""
+    return config.step_params(state.step, **_sampling(state, per_row=True))
+
+
+def _sampling(state: GateState, per_row: bool = False) -> dict[str, float | int]:
+    """The request's step settings; ``per_row``: a sampled request's launch setting, its own temperature
+    left to the op's ``row_temperature`` (so requests differing only in temperature share a launch)."""
     temperature, top_k, top_p = state.sampling
-    return {"temperature": temperature, "top_k": top_k, "top_p": top_p}
+    return {"temperature": 1.0 if per_row else temperature, "top_k": top_k, "top_p": top_p}
 
 
 def _by_params(members: list[int], rows: list[tuple[int, GateState]], config) -> list[list[int]]:

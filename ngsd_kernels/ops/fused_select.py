@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..checks import check_step_inputs
+from ..checks import check_row_temperature, check_step_inputs
 from ..params import StepParams
 from .launcher import (
     INTERPRETED,
@@ -48,6 +48,7 @@ from .select_tiles import (
     fold_gumbel_max,
     pass1_store_tile,
     pass2_store_tile,
+    rows_temperature,
     tile_log_probs,
     tile_union_scores,
     value_key,
@@ -120,10 +121,10 @@ def _pass1_kernel(
 @triton.jit
 def _pass2_kernel(
     lb_ptr, le_ptr, stride_b, stride_e, n_rows, n_vocab, n_chunks,
-    rowinfo_ptr, alpha_ptr, seed_ptr, seed_stride, offset_ptr, offset_stride, temperature,
+    rowinfo_ptr, alpha_ptr, seed_ptr, seed_stride, offset_ptr, offset_stride, temperature, row_temperature_ptr,
     div_ptr, best_ptr, besti_ptr, keys2_ptr, mass_ptr,
     BB: tl.constexpr, BV: tl.constexpr, K: tl.constexpr, DIVERGENCE: tl.constexpr, SAMPLE: tl.constexpr,
-    NEED_V0: tl.constexpr, NEED_V1: tl.constexpr, THREADS: tl.constexpr = 128,
+    NEED_V0: tl.constexpr, NEED_V1: tl.constexpr, THREADS: tl.constexpr = 128, ROW_T: tl.constexpr = 0,
 ):
     # top-k / top-p: one element per thread, for the candidates' compaction (as union pass 1)
     lb, le, rows, row_mask, cols, col_mask, chunk = _load_tile(lb_ptr, le_ptr, stride_b, stride_e, n_rows, n_vocab,
@@ -132,7 +133,7 @@ def _pass2_kernel(
         lb, le, rows, row_mask, cols, col_mask, chunk, n_chunks,
         rowinfo_ptr, alpha_ptr, seed_ptr, seed_stride, offset_ptr, offset_stride, temperature,
         div_ptr, best_ptr, besti_ptr, keys2_ptr, mass_ptr,
-        DIVERGENCE, SAMPLE, K, NEED_V0, NEED_V1, THREADS,
+        DIVERGENCE, SAMPLE, K, NEED_V0, NEED_V1, THREADS, row_temperature_ptr, ROW_T,
     )
 
 
@@ -155,8 +156,8 @@ def _row_q_tile(lb_ptr, le_ptr, row, stride_b, stride_e, start, n_vocab, m_b, ls
 @triton.jit
 def _sample_fallback_kernel(
     lb_ptr, le_ptr, stride_b, stride_e, n_vocab, rowinfo_ptr, alpha_ptr, spike_ptr, over_ptr, tokens_ptr,
-    seed_ptr, seed_stride, offset_ptr, offset_stride, temperature, top_k, top_p,
-    BT: tl.constexpr, MODE: tl.constexpr, USE_TOPK: tl.constexpr, USE_TOPP: tl.constexpr,
+    seed_ptr, seed_stride, offset_ptr, offset_stride, temperature, row_temperature_ptr, top_k, top_p,
+    BT: tl.constexpr, MODE: tl.constexpr, USE_TOPK: tl.constexpr, USE_TOPP: tl.constexpr, ROW_T: tl.constexpr = 0,
 ):
     """The exact token of one row whose top-K sampling buffer could not decide (the finalize's
     overflow flag), on the GPU: no host read. Programs of rows without the flag return at once.
@@ -233,14 +234,16 @@ def _sample_fallback_kernel(
         offset = tl.load(offset_ptr + row * offset_stride + one)
         best = tl.full([1], float("-inf"), tl.float32)
         best_id = tl.full([1], INDEX_NONE, tl.int32)
+        # a new name: a runtime branch cannot turn the scalar argument into a tensor
+        row_t = rows_temperature(temperature, row_temperature_ptr, row + one, flagged, ROW_T)
         for start in range(0, n_vocab, BT):
             q, cols = _row_q_tile(lb_ptr, le_ptr, row, stride_b, stride_e, start, n_vocab, m_b, ls_b, m_e, ls_e, alpha,
                                     thr_b, thr_e, mixed, BT)
             keep = (q > 0.0) & (q >= kth_q[:, None])
             if USE_TOPP:
                 keep = keep & (q / norm[:, None] >= floor_p[:, None])
-            best, best_id = fold_gumbel_max(q, keep, cols[None, :], seed, offset, row + one, temperature, best,
-                                            best_id)
+            best, best_id = fold_gumbel_max(q, keep, cols[None, :], seed, offset, row + one, row_t, best, best_id,
+                                            ROW_T)
         token = tl.where(best == float("-inf"), 0, best_id)  # nothing kept: torch.argmax of all -inf is 0
         tl.store(tokens_ptr + row + one, token.to(tl.int64), mask=flagged)
         tl.store(over_ptr + row + one, tl.zeros_like(flagged), mask=flagged)
@@ -284,8 +287,9 @@ class LogitsPasses:
         lb, le = self.base_logits, self.expert_logits
         _pass2_kernel[self._grid(plan)](
             lb, le, lb.stride(0), le.stride(0), plan.batch, plan.vocab, plan.n_chunks,
-            s.rowinfo, rows.alpha, rows.seed, rows.seed_stride, rows.offset, rows.offset_stride, temperature,
-            s.div, s.best, s.besti, s.keys2, s.mass,
+            s.rowinfo, rows.alpha, rows.seed, rows.seed_stride, rows.offset, rows.offset_stride,
+            temperature=temperature, div_ptr=s.div, best_ptr=s.best, besti_ptr=s.besti, keys2_ptr=s.keys2,
+            mass_ptr=s.mass, **rows.temperature_arg,
             BB=plan.block_b, BV=plan.block_v, K=plan.buffer, DIVERGENCE=plan.divergence, SAMPLE=plan.sample,
             NEED_V0=plan.need_v0, NEED_V1=plan.need_v1, THREADS=32 * plan.pass2_warps, num_warps=plan.pass2_warps,
             **LAUNCH_OPTIONS,
@@ -299,7 +303,8 @@ class LogitsPasses:
         bt = min(next_pow2(plan.vocab), TILE_ELEMENTS if INTERPRETED else 2048)
         _sample_fallback_kernel[(plan.batch,)](
             lb, le, lb.stride(0), le.stride(0), plan.vocab, s.rowinfo, rows.alpha, spike, over, tokens,
-            rows.seed, rows.seed_stride, rows.offset, rows.offset_stride, temperature, params.top_k, params.top_p,
+            rows.seed, rows.seed_stride, rows.offset, rows.offset_stride, temperature=temperature, top_k=params.top_k,
+            top_p=params.top_p, **rows.temperature_arg,
             BT=bt, MODE=plan.mode, USE_TOPK=plan.use_topk, USE_TOPP=plan.use_topp, **LAUNCH_OPTIONS,
         )
 
@@ -344,7 +349,7 @@ def _prepare(base_logits, expert_logits, potential, alpha, seed, offset, params,
 def fused_guarded_select(
     base_logits: Tensor, expert_logits: Tensor, potential: Tensor, alpha: Tensor, seed: Tensor, offset: Tensor,
     params: StepParams = StepParams(), *, buffer_size: int | None = None, block_v: int | None = None,
-    block_b: int | None = None, pass1_block_v: int | None = None,
+    block_b: int | None = None, pass1_block_v: int | None = None, row_temperature: Tensor | None = None,
 ) -> Outputs:
     """The step op on the Triton kernels; returns (tokens, new potential, spike, divergence).
 
@@ -362,6 +367,8 @@ def fused_guarded_select(
     (``intersection_fallback.py``): no host read.
     ``fused_guarded_select_with_overflow`` skips both and returns the flags instead.
     ``buffer_size``, ``block_v``, ``block_b``, ``pass1_block_v`` override the launch constants.
+    ``row_temperature`` (fp32 [B]): each row's own temperature, in a sampled step (``params.temperature``
+    > 0; a row at 0 decodes greedily): rows with different temperatures share one launch.
 
     Example (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)::
 
@@ -369,12 +376,13 @@ def fused_guarded_select(
         tokens, v, spike, d = fused_guarded_select(
             base, expert, potential, alpha, seed, zero, StepParams(temperature=0.7, top_p=0.9))
     """
+    check_row_temperature(row_temperature, base_logits.shape[0], potential.device, params.temperature)
     plan, scratch = _prepare(base_logits, expert_logits, potential, alpha, seed, offset, params,
                              buffer_size=buffer_size, block_v=block_v, block_b=block_b, pass1_block_v=pass1_block_v)
     if plan is None:
         return _empty_batch_outputs(base_logits.shape[0], potential)
     source = LogitsPasses.of(base_logits, expert_logits)
-    return select_exact(source, plan, scratch, potential, alpha, seed, offset, params)
+    return select_exact(source, plan, scratch, potential, alpha, seed, offset, params, row_temperature=row_temperature)
 
 
 def fused_guarded_select_with_overflow(

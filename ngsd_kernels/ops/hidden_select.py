@@ -80,6 +80,7 @@ from .select_tiles import (
     VALUE_NONE,
     merge_topk_keys,
     philox_gumbel_span,
+    rows_temperature,
     store_pass1_partials,
     tile_argmax,
     tile_choice_values,
@@ -294,9 +295,10 @@ def _fold_best(best, besti, tile_best, tile_besti):
 
 
 @triton.jit
-def _fold_outcome(scores, gumbel, temperature, cols, mask, best, besti, SAMPLE: tl.constexpr):
+def _fold_outcome(scores, gumbel, temperature, cols, mask, best, besti, SAMPLE: tl.constexpr,
+                  PER_ROW: tl.constexpr = False):
     """Fold one tile's scores of one gate outcome into the split's running arg-max."""
-    tile_best, tile_besti = tile_argmax(tile_choice_values(scores, gumbel, temperature, SAMPLE), cols, mask)
+    tile_best, tile_besti = tile_argmax(tile_choice_values(scores, gumbel, temperature, SAMPLE, PER_ROW), cols, mask)
     return _fold_best(best, besti, tile_best, tile_besti)
 
 
@@ -358,7 +360,7 @@ def _hs_pass1_kernel(
 @triton.jit
 def _hs_pass2_kernel(
     hb_ptr, he_ptr, wb_ptr, we_ptr, biasb_ptr, biase_ptr,
-    rowinfo_ptr, alpha_ptr, seed_ptr, seed_stride, offset_ptr, offset_stride, temperature,
+    rowinfo_ptr, alpha_ptr, seed_ptr, seed_stride, offset_ptr, offset_stride, temperature, row_temperature_ptr,
     div_ptr, best_ptr, besti_ptr, keys2_ptr, mass_ptr,
     B, V, H, HE,
     s_hb0, s_hb1, s_he0, s_he1, s_wb0, s_wb1, s_we0, s_we1,
@@ -366,7 +368,7 @@ def _hs_pass2_kernel(
     SHARED: tl.constexpr, HAS_BIAS_B: tl.constexpr, HAS_BIAS_E: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, UPCAST: tl.constexpr,
     K: tl.constexpr, DIVERGENCE: tl.constexpr, SAMPLE: tl.constexpr,
-    NEED_V0: tl.constexpr, NEED_V1: tl.constexpr,
+    NEED_V0: tl.constexpr, NEED_V1: tl.constexpr, ROW_T: tl.constexpr = 0,
 ):
     """Pass 2 over one (vocabulary split, row block): the same logits again -> what fused_select's
     pass 2 stores per chunk (div [B, n_chunks, 2]; best / besti [B, 2, n_chunks] per gate outcome),
@@ -387,6 +389,7 @@ def _hs_pass2_kernel(
     alpha = tl.load(alpha_ptr + rows, mask=row_mask, other=0.0)
     seed = tl.load(seed_ptr + rows * seed_stride, mask=row_mask, other=0)
     offset = tl.load(offset_ptr + rows * offset_stride, mask=row_mask, other=0)
+    row_t = rows_temperature(temperature, row_temperature_ptr, rows, row_mask, ROW_T)
     first = tl.zeros((BLOCK_B,), tl.float32)
     second = tl.zeros((BLOCK_B,), tl.float32)
     best0 = tl.full((BLOCK_B,), float("-inf"), tl.float32)
@@ -409,10 +412,12 @@ def _hs_pass2_kernel(
         else:
             gumbel = 0.0
         if NEED_V0:
-            best0, besti0 = _fold_outcome(pb, gumbel, temperature, cols, mask, best0, besti0, SAMPLE)
+            best0, besti0 = _fold_outcome(pb, gumbel, row_t, cols, mask, best0, besti0, SAMPLE,
+                                          ROW_T)
         if NEED_V1:
             mixed = tile_union_scores(lb, le, pb, pe, alpha, thr_b, thr_e)
-            best1, besti1 = _fold_outcome(mixed, gumbel, temperature, cols, mask, best1, besti1, SAMPLE)
+            best1, besti1 = _fold_outcome(mixed, gumbel, row_t, cols, mask, best1, besti1, SAMPLE,
+                                          ROW_T)
     dslot = (rows.to(tl.int64) * n_chunks + split) * 2
     tl.store(div_ptr + dslot, first, mask=row_mask)
     tl.store(div_ptr + dslot + 1, second, mask=row_mask)
@@ -466,7 +471,8 @@ class HiddenPasses:
         self._launch(
             _hs_pass2_kernel, plan,
             s.rowinfo, rows.alpha, rows.seed, rows.seed_stride, rows.offset, rows.offset_stride, temperature,
-            s.div, s.best, s.besti, s.keys2, s.mass,
+            rows.temperature_arg["row_temperature_ptr"], s.div, s.best, s.besti, s.keys2, s.mass,
+            ROW_T=rows.temperature_arg["ROW_T"],
             DIVERGENCE=plan.divergence, SAMPLE=plan.sample, NEED_V0=plan.need_v0, NEED_V1=plan.need_v1,
         )
 
@@ -482,13 +488,14 @@ def fused_select_from_hidden(
     base_hidden: Tensor, expert_hidden: Tensor, base_head_weight: Tensor, expert_head_weight: Tensor | None,
     base_head_bias: Tensor | None, expert_head_bias: Tensor | None, potential: Tensor, alpha: Tensor, seed: Tensor,
     offset: Tensor, params: StepParams, *, num_splits: int | None = None, exact_fallback: bool = True,
+    row_temperature: Tensor | None = None,
 ) -> Outputs:
     """The hidden-state step on the Triton kernels (inputs already checked; ``expert_head_weight=None``:
     shared head; ``expert_head_bias=None``: the expert has no bias -- resolve sharing before calling).
 
     ``num_splits`` overrides how many programs share one row's vocabulary; ``exact_fallback=False``
     skips the one host read of the overflow flags (CUDA-graph capture), leaving overflowing rows with
-    the buffer's answer.
+    the buffer's answer. ``row_temperature``: each row's own temperature (``fused_guarded_select``).
     """
     batch = base_hidden.shape[0]
     device = base_hidden.device
@@ -498,7 +505,8 @@ def fused_select_from_hidden(
     launch = HiddenLaunch.build(batch, base_head_weight.shape[0], params, device,
                                 shared=expert_head_weight is None, num_splits=num_splits)
     return launch.run(base_hidden, expert_hidden, base_head_weight, expert_head_weight, base_head_bias,
-                      expert_head_bias, potential, alpha, seed, offset, params, exact_fallback=exact_fallback)
+                      expert_head_bias, potential, alpha, seed, offset, params, exact_fallback=exact_fallback,
+                      row_temperature=row_temperature)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -537,7 +545,7 @@ class HiddenLaunch:
     def run(self, base_hidden: Tensor, expert_hidden: Tensor, base_head_weight: Tensor,
             expert_head_weight: Tensor | None, base_head_bias: Tensor | None, expert_head_bias: Tensor | None,
             potential: Tensor, alpha: Tensor, seed: Tensor, offset: Tensor, params: StepParams,
-            exact_fallback: bool = True) -> Outputs:
+            exact_fallback: bool = True, row_temperature: Tensor | None = None) -> Outputs:
         heads = (base_head_weight, expert_head_weight, base_head_bias, expert_head_bias)
         if self.materialise:
             from .fused_select import LogitsPasses
@@ -546,4 +554,4 @@ class HiddenLaunch:
         else:
             source = HiddenPasses(base_hidden, expert_hidden, *heads, self.grid_plan)
         return select_exact(source, self.plan, self.scratch, potential, alpha, seed, offset, params,
-                            exact_fallback=exact_fallback)
+                            exact_fallback=exact_fallback, row_temperature=row_temperature)

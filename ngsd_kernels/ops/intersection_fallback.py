@@ -39,7 +39,8 @@ import triton.language as tl
 
 from ..params import StepParams
 from .launcher import INTERPRETED, LAUNCH_OPTIONS, TILE_ELEMENTS, RowVectors, Scratch, SelectPlan, next_pow2
-from .select_tiles import INDEX_NONE, KEY_NONE, fold_gumbel_max, order_key, tile_log_probs, value_key, value_of
+from .select_tiles import (INDEX_NONE, KEY_NONE, fold_gumbel_max, order_key, rows_temperature, tile_log_probs,
+                           value_key, value_of)
 
 __all__ = ["RADIX_BITS", "decide_intersection_overflow"]
 
@@ -128,9 +129,10 @@ def _guarded_tile(lb_ptr, le_ptr, row, stride_b, stride_e, start, n_vocab, m_b, 
 @triton.jit
 def _intersection_fallback_kernel(
     lb_ptr, le_ptr, stride_b, stride_e, n_vocab, rowinfo_ptr, alpha_ptr, spike_ptr, over_ptr, tokens_ptr,
-    seed_ptr, seed_stride, offset_ptr, offset_stride, k_min, need, score_floor, temperature, top_k, top_p,
-    outer_rounds, id_rounds,
+    seed_ptr, seed_stride, offset_ptr, offset_stride, k_min, need, score_floor, temperature, row_temperature_ptr,
+    top_k, top_p, outer_rounds, id_rounds,
     BT: tl.constexpr, R: tl.constexpr, SAMPLE: tl.constexpr, USE_TOPK: tl.constexpr, USE_TOPP: tl.constexpr,
+    ROW_T: tl.constexpr = 0,
 ):
     """The exact token of one spiked, flagged intersection row (see the module docstring); other
     programs return at once. SAMPLE: 0 greedy, else Gumbel-max sampling (with USE_TOPK / USE_TOPP)."""
@@ -239,6 +241,8 @@ def _intersection_fallback_kernel(
             # Gumbel-max over the kept tokens with the reference's noise (lowest id among equal maxima)
             seed = tl.load(seed_ptr + row * seed_stride + one)
             offset = tl.load(offset_ptr + row * offset_stride + one)
+            # a new name: a runtime branch cannot turn the scalar argument into a tensor
+            row_t = rows_temperature(temperature, row_temperature_ptr, row + one, flagged, ROW_T)
             for start in range(0, n_vocab, BT):
                 s, cols, cm = _guarded_tile(lb_ptr, le_ptr, row, stride_b, stride_e, start, n_vocab, m_b, ls_b, m_e,
                                             ls_e, alpha, tb, te, score_floor, total, BT)
@@ -248,8 +252,8 @@ def _intersection_fallback_kernel(
                     keep = keep & (q >= kth_q[:, None])
                 if USE_TOPP:
                     keep = keep & (q / norm[:, None] >= floor_p[:, None])
-                best, best_id = fold_gumbel_max(q, keep, cols[None, :], seed, offset, row + one, temperature, best,
-                                                best_id)
+                best, best_id = fold_gumbel_max(q, keep, cols[None, :], seed, offset, row + one, row_t, best,
+                                                best_id, ROW_T)
             token = tl.where(best == float("-inf"), 0, best_id)  # nothing kept: torch.argmax of all -inf is 0
         tl.store(tokens_ptr + row + one, token.to(tl.int64), mask=flagged)
         tl.store(over_ptr + row + one, tl.zeros_like(flagged), mask=flagged)
@@ -279,6 +283,7 @@ def decide_intersection_overflow(
     _intersection_fallback_kernel[(plan.batch,)](
         base_logits, expert_logits, base_logits.stride(0), expert_logits.stride(0), vocab, scratch.rowinfo, rows.alpha,
         spike, over, tokens, rows.seed, rows.seed_stride, rows.offset, rows.offset_stride,
-        plan.kth, plan.need, params.score_floor, temperature, params.top_k, params.top_p, outer_rounds, id_rounds,
+        plan.kth, plan.need, params.score_floor, temperature=temperature, top_k=params.top_k, top_p=params.top_p,
+        outer_rounds=outer_rounds, id_rounds=id_rounds, **rows.temperature_arg,
         BT=bt, R=r, SAMPLE=plan.sample, USE_TOPK=plan.use_topk, USE_TOPP=plan.use_topp, **LAUNCH_OPTIONS,
     )

@@ -36,6 +36,7 @@ from .select_tiles import (
     keys_sample,
     order_key,
     raw_to_order_keys,
+    rows_temperature,
     slots_kth_key,
     slots_kth_largest,
     slots_sample,
@@ -152,9 +153,9 @@ def _reduce_kernel(
 @triton.jit
 def _intersection_kernel(
     top_b_ptr, top_e_ptr, rowinfo_ptr, alpha_ptr, seed_ptr, seed_stride, offset_ptr, offset_stride,
-    choice_ptr, over_ptr, n_rows, n_vocab, k_min, need, score_floor, temperature, top_k, top_p,
+    choice_ptr, over_ptr, n_rows, n_vocab, k_min, need, score_floor, temperature, row_temperature_ptr, top_k, top_p,
     RB: tl.constexpr, K: tl.constexpr, EB: tl.constexpr, SAMPLE: tl.constexpr,
-    USE_TOPK: tl.constexpr, USE_TOPP: tl.constexpr,
+    USE_TOPK: tl.constexpr, USE_TOPP: tl.constexpr, ROW_T: tl.constexpr = 0,
 ):
     """Per row: SafeDecoding's grown intersection and the token of the row *if it spikes*.
 
@@ -216,7 +217,8 @@ def _intersection_kernel(
         total = tl.sum(tl.where(in_set, scores, 0.0), axis=1)
         # every token outside C has q = 0 and is never kept: the candidates are certain (no floor)
         token = keys_sample(tl.where(in_set, order_key(scores, ids_b), KEY_NONE), total, seed, offset, rows,
-                            temperature, top_k, top_p, USE_TOPK, USE_TOPP)
+                            rows_temperature(temperature, row_temperature_ptr, rows, rmask, ROW_T), top_k, top_p,
+                            USE_TOPK, USE_TOPP, ROW_T)
     tl.store(choice_ptr + rows, token, mask=rmask)
     tl.store(over_ptr + rows, overflow.to(tl.int32), mask=rmask)
 
@@ -272,10 +274,11 @@ def _finalize_kernel(
     rowinfo_ptr, div_ptr, best_ptr, besti_ptr, keys2_ptr, mass_ptr, choice_ptr, iover_ptr,
     potential_ptr, alpha_ptr, seed_ptr, seed_stride, offset_ptr, offset_stride,
     tokens_ptr, new_potential_ptr, spike_ptr, divergence_ptr, over_ptr,
-    n_rows, n_chunks, n_vocab, decay, v_th, v_reset, rho, temperature, top_k, top_p,
+    n_rows, n_chunks, n_vocab, decay, v_th, v_reset, rho, temperature, row_temperature_ptr, top_k, top_p,
     RB: tl.constexpr, NCP: tl.constexpr, DIVERGENCE: tl.constexpr,
     GATE: tl.constexpr, MODE: tl.constexpr, SAMPLE: tl.constexpr, USE_TOPK: tl.constexpr,
     USE_TOPP: tl.constexpr, NEED_V0: tl.constexpr, SLOTS: tl.constexpr = 1, SB: tl.constexpr = 1,
+    ROW_T: tl.constexpr = 0,
 ):
     """Per row: divergence, LIF update, spike, and the token of the gate outcome that happened.
 
@@ -310,8 +313,9 @@ def _finalize_kernel(
             seed = tl.load(seed_ptr + rows * seed_stride, mask=rmask, other=0)
             offset = tl.load(offset_ptr + rows * offset_stride, mask=rmask, other=0)
             token, overflow = slots_sample(
-                keys2_ptr, oslot * SLOTS, rmask, n_chunks * SLOTS, total, floor, seed, offset, rows, temperature,
-                top_k, top_p, USE_TOPK, USE_TOPP, SB, NCP * SLOTS > SB,
+                keys2_ptr, oslot * SLOTS, rmask, n_chunks * SLOTS, total, floor, seed, offset, rows,
+                rows_temperature(temperature, row_temperature_ptr, rows, rmask, ROW_T), top_k, top_p, USE_TOPK,
+                USE_TOPP, SB, NCP * SLOTS > SB, ROW_T,
             )
         else:
             vals = tl.load(best_ptr + oslot[:, None] + c[None, :], mask=cm, other=float("-inf"))
@@ -619,7 +623,8 @@ class Scratch:
 
 @dataclass(frozen=True)
 class RowVectors:
-    """The per-row step state as the kernels read it: contiguous vectors, seed/offset with a 0 or 1 stride."""
+    """The per-row step state as the kernels read it: contiguous vectors, seed/offset with a 0 or 1 stride;
+    ``temperature``: None (every row samples at the launch's temperature) or fp32 [B], each row's own."""
 
     potential: torch.Tensor
     alpha: torch.Tensor
@@ -627,13 +632,24 @@ class RowVectors:
     seed_stride: int
     offset: torch.Tensor
     offset_stride: int
+    temperature: torch.Tensor | None = None
 
     @classmethod
-    def of(cls, potential: torch.Tensor, alpha: torch.Tensor, seed: torch.Tensor, offset: torch.Tensor) -> "RowVectors":
+    def of(cls, potential: torch.Tensor, alpha: torch.Tensor, seed: torch.Tensor, offset: torch.Tensor,
+           row_temperature: torch.Tensor | None = None) -> "RowVectors":
         batch = potential.shape[0]
         seed_v, seed_stride = _per_row(seed, batch)
         offset_v, offset_stride = _per_row(offset, batch)
-        return cls(potential.contiguous(), alpha.contiguous(), seed_v, seed_stride, offset_v, offset_stride)
+        temperature = None if row_temperature is None else row_temperature.to(torch.float32).contiguous()
+        return cls(potential.contiguous(), alpha.contiguous(), seed_v, seed_stride, offset_v, offset_stride,
+                   temperature)
+
+    @property
+    def temperature_arg(self) -> dict:
+        """The kernels' (row_temperature_ptr, ROW_T) pair: without per-row temperatures a placeholder
+        pointer that ROW_T = 0 never reads."""
+        per_row = self.temperature is not None
+        return dict(row_temperature_ptr=self.temperature if per_row else self.alpha, ROW_T=int(per_row))
 
 
 def _per_row(t: torch.Tensor, batch: int) -> tuple[torch.Tensor, int]:
@@ -693,8 +709,8 @@ def launch_select(
     if s.intersect:
         _intersection_kernel[grid_rows](
             s.top_b, s.top_e, s.rowinfo, rows.alpha, rows.seed, rows.seed_stride, rows.offset, rows.offset_stride,
-            s.choice, s.iover, batch, vocab, plan.kth, plan.need, params.score_floor, temperature, params.top_k,
-            params.top_p,
+            s.choice, s.iover, batch, vocab, plan.kth, plan.need, params.score_floor, temperature=temperature,
+            top_k=params.top_k, top_p=params.top_p, **rows.temperature_arg,
             RB=plan.row_block, K=k, EB=plan.inter_block, SAMPLE=plan.sample, USE_TOPK=plan.use_topk,
             USE_TOPP=plan.use_topp, **LAUNCH_OPTIONS,
         )
@@ -703,8 +719,8 @@ def launch_select(
         s.rowinfo, s.div, s.best, s.besti, s.keys2, s.mass, s.choice, s.iover,
         rows.potential, rows.alpha, rows.seed, rows.seed_stride, rows.offset, rows.offset_stride,
         tokens, new_potential, spike, current, over,
-        batch, nc, vocab, 1.0 - 1.0 / params.tau, params.v_th, params.v_reset, params.rho, temperature,
-        params.top_k, params.top_p,
+        batch, nc, vocab, 1.0 - 1.0 / params.tau, params.v_th, params.v_reset, params.rho, temperature=temperature,
+        top_k=params.top_k, top_p=params.top_p, **rows.temperature_arg,
         RB=plan.row_block, NCP=plan.ncp, DIVERGENCE=plan.divergence,
         GATE=int(params.gate), MODE=plan.mode, SAMPLE=plan.sample, USE_TOPK=plan.use_topk, USE_TOPP=plan.use_topp,
         NEED_V0=plan.need_v0, SLOTS=plan.sample_slots, SB=plan.sample_block, **LAUNCH_OPTIONS,
@@ -730,6 +746,7 @@ def select_exact(
     offset: torch.Tensor,
     params: StepParams,
     exact_fallback: bool = True,
+    row_temperature: torch.Tensor | None = None,
 ) -> Outputs:
     """``launch_select``, then rows the buffers could not decide recomputed with the PyTorch reference.
 
@@ -737,17 +754,20 @@ def select_exact(
     flagged: intersection rows of a source without ``intersection_fallback`` (the hidden-state
     path); the logits path decides every flagged row on the GPU and returns no flags.
     ``exact_fallback=False`` skips it (CUDA-graph capture), leaving such rows with the buffer's answer.
+    ``row_temperature``: fp32 [B], each row's own temperature (``RowVectors``; the launch must sample).
     """
-    *outputs, overflow = launch_select(source, plan, scratch, RowVectors.of(potential, alpha, seed, offset), params)
+    rows = RowVectors.of(potential, alpha, seed, offset, row_temperature)
+    *outputs, overflow = launch_select(source, plan, scratch, rows, params)
     if overflow is not None and exact_fallback:
         row_ids = torch.nonzero(overflow).flatten()  # the one host synchronisation (hidden path, intersection)
         if row_ids.numel() > 0:
-            _recompute_rows(source, row_ids, outputs, potential, alpha, seed, offset, params)
+            _recompute_rows(source, row_ids, outputs, potential, alpha, seed, offset, params, row_temperature)
     return tuple(outputs)
 
 
 def _recompute_rows(source: PassKernels, row_ids: torch.Tensor, outputs: list[torch.Tensor], potential: torch.Tensor,
-                    alpha: torch.Tensor, seed: torch.Tensor, offset: torch.Tensor, params: StepParams) -> None:
+                    alpha: torch.Tensor, seed: torch.Tensor, offset: torch.Tensor, params: StepParams,
+                    row_temperature: torch.Tensor | None = None) -> None:
     """Overwrite `row_ids` of the outputs with the reference (rows are independent of each other)."""
     seed_rows, offset_rows = seed.reshape(-1), offset.reshape(-1)
     if seed_rows.numel() != 1:
@@ -756,7 +776,8 @@ def _recompute_rows(source: PassKernels, row_ids: torch.Tensor, outputs: list[to
         offset_rows = offset_rows[row_ids]
     base_rows, expert_rows = source.row_logits(row_ids)
     exact = guarded_select_reference(
-        base_rows, expert_rows, potential[row_ids], alpha[row_ids], seed_rows, offset_rows, params, row_ids=row_ids
+        base_rows, expert_rows, potential[row_ids], alpha[row_ids], seed_rows, offset_rows, params, row_ids=row_ids,
+        row_temperature=None if row_temperature is None else row_temperature[row_ids],
     )
     for out, value in zip(outputs, exact):
         out[row_ids] = value

@@ -831,12 +831,37 @@ def tile_argmax(values, ids, mask):
 
 
 @triton.jit
-def tile_choice_values(scores, gumbel, temperature, SAMPLE: tl.constexpr):
-    """What the arg-max runs over: the scores (greedy) or log(max(s, 0)) / T + Gumbel noise."""
+def rows_temperature(temperature, row_temperature_ptr, rows, row_mask, ROW_T: tl.constexpr):
+    """The temperature a launch's rows sample at: the launch's scalar, or -- ROW_T: ``row_temperature_ptr``
+    holds fp32 [B] -- each row's own, as [R, 1] (a row at T <= 0 decodes greedily: ``by_temperature``).
+    Without ROW_T the pointer is never read (the launcher passes any tensor; the AOT build alpha's)."""
+    if not ROW_T:
+        out = temperature
+    else:
+        out = tl.load(row_temperature_ptr + rows, mask=row_mask, other=1.0)[:, None]
+    return out
+
+
+@triton.jit
+def by_temperature(scores, log_q, gumbel, temperature, PER_ROW: tl.constexpr):
+    """log_q / T + gumbel, the Gumbel-max values; with PER_ROW temperatures ([R, 1]) a row at T <= 0 gets
+    its greedy ``scores`` instead (same arg-max rule: the largest, then the lowest id)."""
+    if PER_ROW:
+        sampled = temperature > 0.0
+        out = tl.where(sampled, log_q / tl.where(sampled, temperature, 1.0) + gumbel, scores)
+    else:
+        out = log_q / temperature + gumbel
+    return out
+
+
+@triton.jit
+def tile_choice_values(scores, gumbel, temperature, SAMPLE: tl.constexpr, PER_ROW: tl.constexpr = False):
+    """What the arg-max runs over: the scores (greedy) or log(max(s, 0)) / T + Gumbel noise
+    (``by_temperature``: T a scalar, or [R, 1] PER_ROW)."""
     if SAMPLE == 0:
         out = scores
     else:
-        out = tl.log(tl.maximum(scores, 0.0)) / temperature + gumbel
+        out = by_temperature(scores, tl.log(tl.maximum(scores, 0.0)), gumbel, temperature, PER_ROW)
     return out
 
 
@@ -883,13 +908,15 @@ def _slots_stat(ptr, row_base, row_mask, n_slots, keys, kth_q, norm, at, WHAT: t
 
 
 @triton.jit
-def fold_gumbel_max(q, keep, ids, seed, offset, rows, temperature, best, best_id):
+def fold_gumbel_max(q, keep, ids, seed, offset, rows, temperature, best, best_id, PER_ROW: tl.constexpr = False):
     """One block of a Gumbel-max draw folded into the running (best [R], best_id [R]): the kept
     entries' log(q) / T + the reference's Gumbel noise of their token ids (``philox_gumbel``);
     equal maxima keep the lowest id, whatever order the blocks come in. q, keep: [R, N]; ids:
-    [R, N] or [1, N]; seed, offset, rows: [R]."""
+    [R, N] or [1, N]; seed, offset, rows: [R]; temperature: a scalar, or [R, 1] PER_ROW (a row at
+    T <= 0 takes the largest q: ``by_temperature``)."""
     gumbel = philox_gumbel(ids, seed[:, None], offset[:, None], rows[:, None])
-    perturbed = tl.where(keep, tl.log(tl.where(keep, q, 1.0)) / temperature + gumbel, float("-inf"))
+    values = by_temperature(q, tl.log(tl.where(keep, q, 1.0)), gumbel, temperature, PER_ROW)
+    perturbed = tl.where(keep, values, float("-inf"))
     block_best = tl.max(perturbed, axis=1)
     block_id = tl.min(tl.where(keep & (perturbed == block_best[:, None]), ids, INDEX_NONE), axis=1)
     best_id = tl.where(block_best > best, block_id,
@@ -900,7 +927,7 @@ def fold_gumbel_max(q, keep, ids, seed, offset, rows, temperature, best, best_id
 @triton.jit
 def slots_sample(
     ptr, row_base, row_mask, n_slots, total_mass, floor, seed, offset, rows, temperature, top_k, top_p,
-    USE_TOPK: tl.constexpr, USE_TOPP: tl.constexpr, N: tl.constexpr, LOOP: tl.constexpr,
+    USE_TOPK: tl.constexpr, USE_TOPP: tl.constexpr, N: tl.constexpr, LOOP: tl.constexpr, PER_ROW: tl.constexpr = False,
 ):
     """Top-k / top-p filtering and the Gumbel-max draw over a row's unsorted candidate order keys
     (``store_sample_candidates``), with no sorting: the rules of reference.sampling_mask by MSB-first
@@ -917,24 +944,24 @@ def slots_sample(
     else:
         keys = _load_slot_keys(ptr, row_base, row_mask, n_slots, 0, N)
     return _candidates_sample(ptr, row_base, row_mask, n_slots, keys, total_mass, floor, seed, offset, rows,
-                              temperature, top_k, top_p, USE_TOPK, USE_TOPP, N, LOOP)
+                              temperature, top_k, top_p, USE_TOPK, USE_TOPP, N, LOOP, PER_ROW)
 
 
 @triton.jit
 def keys_sample(keys, total_mass, seed, offset, rows, temperature, top_k, top_p,
-                USE_TOPK: tl.constexpr, USE_TOPP: tl.constexpr):
+                USE_TOPK: tl.constexpr, USE_TOPP: tl.constexpr, PER_ROW: tl.constexpr = False):
     """``slots_sample`` over a [R, N] register tile of candidate order keys of q that holds every
     token with q > 0 (so nothing can overflow). Returns token [R] int32."""
     N: tl.constexpr = keys.shape[1]
     token, _ = _candidates_sample(0, 0, rows >= 0, N, keys, total_mass, tl.zeros_like(total_mass), seed, offset,
-                                  rows, temperature, top_k, top_p, USE_TOPK, USE_TOPP, N, False)
+                                  rows, temperature, top_k, top_p, USE_TOPK, USE_TOPP, N, False, PER_ROW)
     return token
 
 
 @triton.jit
 def _candidates_sample(
     ptr, row_base, row_mask, n_slots, keys, total_mass, floor, seed, offset, rows, temperature, top_k, top_p,
-    USE_TOPK: tl.constexpr, USE_TOPP: tl.constexpr, N: tl.constexpr, LOOP: tl.constexpr,
+    USE_TOPK: tl.constexpr, USE_TOPP: tl.constexpr, N: tl.constexpr, LOOP: tl.constexpr, PER_ROW: tl.constexpr = False,
 ):
     """``slots_sample`` with the keys already loaded when not LOOP (``keys_sample`` passes a register tile)."""
     zero = tl.zeros_like(total_mass)
@@ -981,7 +1008,8 @@ def _candidates_sample(
             block = keys
         q = tl.where(block != KEY_NONE, key_value(block), 0.0)
         keep = (q > 0.0) & (q >= kth_q[:, None]) & (q / norm[:, None] >= floor_p[:, None])
-        best, best_id = fold_gumbel_max(q, keep, key_index(block), seed, offset, rows, temperature, best, best_id)
+        best, best_id = fold_gumbel_max(q, keep, key_index(block), seed, offset, rows, temperature, best, best_id,
+                                        PER_ROW)
     token = tl.where(best == float("-inf"), 0, best_id)  # nothing kept: torch.argmax of all -inf is 0
     return token, overflow
 
@@ -1094,7 +1122,8 @@ def pass2_store_tile(
     rowinfo_ptr, alpha_ptr, seed_ptr, seed_stride, offset_ptr, offset_stride, temperature,
     div_ptr, best_ptr, besti_ptr, keys2_ptr, mass_ptr,
     DIVERGENCE: tl.constexpr, SAMPLE: tl.constexpr, K: tl.constexpr,
-    NEED_V0: tl.constexpr, NEED_V1: tl.constexpr, THREADS: tl.constexpr = 128,
+    NEED_V0: tl.constexpr, NEED_V1: tl.constexpr, THREADS: tl.constexpr = 128, row_temperature_ptr=0,
+    ROW_T: tl.constexpr = 0,
 ):
     """Pass 2 on a [BB, BV] tile pair: partial divergence and partial choices of both gate outcomes.
 
@@ -1102,6 +1131,7 @@ def pass2_store_tile(
     chunk's candidates above the K-th largest of its group maxima, ``store_sample_candidates``;
     nothing is sorted). NEED_V0 / NEED_V1: compute the no-spike outcome (s = p_b) / the spiked
     union outcome. Masked entries (``row_mask``, ``col_mask``) must hold -inf.
+    ROW_T: the rows' own temperatures at ``row_temperature_ptr`` instead of ``temperature``.
     """
     mask = row_mask[:, None] & col_mask[None, :]  # masked entries hold -inf already (the loads' `other`)
     if SAMPLE == 2:
@@ -1126,8 +1156,10 @@ def pass2_store_tile(
         offset = tl.load(offset_ptr + rows * offset_stride, mask=row_mask, other=0)
         BV: tl.constexpr = cols.shape[0]
         gumbel = philox_gumbel_span(chunk * BV, seed, offset, rows, BV)
+        row_t = rows_temperature(temperature, row_temperature_ptr, rows, row_mask, ROW_T)
     else:
         gumbel = 0.0
+        row_t = temperature
     # outcome slots: [row, outcome, chunk]
     oslot = rows.to(tl.int64) * 2 * n_chunks + chunk
     if SAMPLE == 2:
@@ -1151,11 +1183,12 @@ def pass2_store_tile(
     else:
         # the no-spike outcome first: the mixture's tile is computed after pb's arg-max (fewer live registers)
         if NEED_V0:
-            _store_outcome(pb, gumbel, temperature, cols, mask, row_mask, oslot, best_ptr, besti_ptr, SAMPLE)
+            _store_outcome(pb, gumbel, row_t, cols, mask, row_mask, oslot, best_ptr, besti_ptr, SAMPLE,
+                           ROW_T)
         if NEED_V1:
             mixed = _union_scores_of_rows(lb, le, pb, pe, rows, row_mask, info, alpha_ptr, rowinfo_ptr)
-            _store_outcome(mixed, gumbel, temperature, cols, mask, row_mask, oslot + n_chunks, best_ptr, besti_ptr,
-                           SAMPLE)
+            _store_outcome(mixed, gumbel, row_t, cols, mask, row_mask, oslot + n_chunks, best_ptr, besti_ptr,
+                           SAMPLE, ROW_T)
 
 
 @triton.jit
@@ -1169,8 +1202,8 @@ def _union_scores_of_rows(lb, le, pb, pe, rows, row_mask, info, alpha_ptr, rowin
 
 @triton.jit
 def _store_outcome(scores, gumbel, temperature, cols, mask, row_mask, slot, best_ptr, besti_ptr,
-                   SAMPLE: tl.constexpr):
-    best, besti = tile_argmax(tile_choice_values(scores, gumbel, temperature, SAMPLE), cols, mask)
+                   SAMPLE: tl.constexpr, PER_ROW: tl.constexpr = False):
+    best, besti = tile_argmax(tile_choice_values(scores, gumbel, temperature, SAMPLE, PER_ROW), cols, mask)
     tl.store(best_ptr + slot, best, mask=row_mask)
     tl.store(besti_ptr + slot, besti, mask=row_mask)
 
