@@ -579,7 +579,7 @@ def compile_all(work: list[tuple[KernelJob, int]], jobs: int, per_variant: float
 
 def _short(constants: dict) -> str:
     keep = ("BB", "BV", "BT", "BLOCK_B", "BLOCK_V", "K", "KEYS", "SLOTS", "SB", "DIVERGENCE", "SAMPLE", "NEED_V1", "RB", "NCP", "CG",
-            "MODE", "GATE", "STORE_TOP", "VALUE_KEYS", "USE_TOPK", "USE_TOPP")
+            "MODE", "GATE", "STORE_TOP", "VALUE_KEYS", "USE_TOPK", "USE_TOPP", "ROW_T")
     return " ".join(f"{k}={constants[k]}" for k in keep if k in constants)
 
 

@@ -52,8 +52,12 @@ def check_row_temperature(row_temperature: Tensor | None, batch: int, device: to
         raise ValueError(
             f"row_temperature must be on {device} like the other step inputs, got {row_temperature.device}"
         )
-    if row_temperature.device.type == "cpu" and not bool(((row_temperature >= 0) & row_temperature.isfinite()).all()):
-        raise ValueError(f"row_temperature must be finite and >= 0 (0 means greedy), got {row_temperature.tolist()}")
+    if row_temperature.device.type == "cpu":
+        bad = ~((row_temperature >= 0) & row_temperature.isfinite())
+        if bool(bad.any()):
+            row = int(bad.nonzero()[0, 0])
+            raise ValueError(f"row_temperature must be finite and >= 0 (0 means greedy), got "
+                             f"{row_temperature[row].item()} at row {row} ({int(bad.sum())} such rows)")
 
 
 def check_step_inputs(base_logits: torch.Tensor, expert_logits: torch.Tensor, potential: torch.Tensor,
