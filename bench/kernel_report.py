@@ -78,7 +78,7 @@ _POINTER_TYPES = {
     "keys2_ptr": "i64", "mass_ptr": "fp32", "potential_ptr": "fp32", "alpha_ptr": "fp32", "seed_ptr": "i64",
     "offset_ptr": "i64", "tokens_ptr": "i64", "new_potential_ptr": "fp32", "spike_ptr": "i1",
     "divergence_ptr": "fp32", "over_ptr": "i1", "biasb_ptr": "fp32", "biase_ptr": "fp32",
-    "row_temperature_ptr": "fp32",
+    "row_temperature_ptr": "fp32", "row_top_k_ptr": "i32", "row_top_p_ptr": "fp32",
 }
 _FLOAT_SCALARS = {"temperature", "decay", "v_th", "v_reset", "rho", "top_p", "score_floor"}
 _UNIT_STRIDES = {"s_hb1", "s_he1", "s_wb1", "s_we1"}  # contiguous rows: the JIT specialises them to 1
@@ -273,12 +273,13 @@ def enumerate_jobs(hidden: int) -> tuple[list[KernelJob], set[str]]:
     base_fields = dict(modes)[base]
     for batch, vocab in ((1, 131072), (32, 131072), (1, 49152), (32, 49152)):
         add(logits_jobs(f"{base} (B={batch})", base_fields, "bf16", batch, vocab), True)
-    # per-row temperatures (``row_temperature``: vLLM's shared launches of sampled requests): the kernels
-    # that read a temperature, compiled with ROW_T = 1, for the sampled TV / K = 64 modes, bf16
+    # per-row sampling settings (``row_temperature`` / ``row_top_k`` / ``row_top_p``: vLLM's shared launches of
+    # sampled requests): the kernels that read them, compiled with ROW_T / ROW_K / ROW_P = 1, for the
+    # sampled TV / K = 64 modes, bf16
     for label, fields in modes:
         div, cand, samp, k = label.split("/")[:4]
         if samp != "greedy" and div == "TV" and k == "K=64":
-            add(with_row_temperatures(logits_jobs(f"{label}/row-T", fields, "bf16")), True)
+            add(with_row_sampling(logits_jobs(f"{label}/per-row", fields, "bf16")), True)
     return list(everything.values()), cover
 
 
@@ -286,12 +287,20 @@ ROW_T_KERNELS = ("_pass2_kernel", "_intersection_kernel", "_finalize_kernel", "_
                  "_intersection_fallback_kernel")
 
 
-def with_row_temperatures(jobs: list[KernelJob]) -> list[KernelJob]:
-    """The jobs of a sampled mode as a launch with per-row temperatures runs them: ROW_T = 1 where the
-    kernel takes it (the passes over the logits otherwise unchanged: pass 1 and the reduce read none)."""
-    return [KernelJob(j.module, j.name, j.dtype, dict(j.constants, ROW_T=1), j.role, j.path, j.logits_per_tile,
-                      j.inner_trips, list(j.modes), j.outer_trips, j.num_warps) if j.name in ROW_T_KERNELS else j
-            for j in jobs]
+def with_row_sampling(jobs: list[KernelJob]) -> list[KernelJob]:
+    """The jobs of a sampled mode as a launch with per-row settings runs them (the launcher passes each
+    setting the step uses per row): ROW_T = 1 where the kernel takes a temperature, ROW_K / ROW_P = 1
+    where it applies top-k / top-p (pass 1 and the reduce read none)."""
+    out = []
+    for j in jobs:
+        if j.name in ROW_T_KERNELS:
+            extra = dict(ROW_T=1)
+            if j.name != "_pass2_kernel":
+                extra.update(ROW_K=int(j.constants.get("USE_TOPK", 0)), ROW_P=int(j.constants.get("USE_TOPP", 0)))
+            j = KernelJob(j.module, j.name, j.dtype, dict(j.constants, **extra), j.role, j.path, j.logits_per_tile,
+                          j.inner_trips, list(j.modes), j.outer_trips, j.num_warps)
+        out.append(j)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,7 +346,7 @@ def _signature(job: KernelJob, arg_names: list[str]) -> tuple[dict, dict, dict]:
             signature[arg], constants[arg] = "constexpr", job.constants[arg]
         elif arg == "THREADS":  # the layout hint of the logits passes: the launch's thread count
             signature[arg], constants[arg] = "constexpr", 32 * job.num_warps
-        elif arg == "ROW_T":  # per-row temperatures off (jobs with them carry ROW_T = 1 in their constants)
+        elif arg in ("ROW_T", "ROW_K", "ROW_P"):  # per-row sampling settings off (jobs with them carry 1)
             signature[arg], constants[arg] = "constexpr", 0
         elif arg in _UNIT_STRIDES:
             signature[arg], constants[arg] = "constexpr", 1
@@ -579,7 +588,7 @@ def compile_all(work: list[tuple[KernelJob, int]], jobs: int, per_variant: float
 
 def _short(constants: dict) -> str:
     keep = ("BB", "BV", "BT", "BLOCK_B", "BLOCK_V", "K", "KEYS", "SLOTS", "SB", "DIVERGENCE", "SAMPLE", "NEED_V1", "RB", "NCP", "CG",
-            "MODE", "GATE", "STORE_TOP", "VALUE_KEYS", "USE_TOPK", "USE_TOPP", "ROW_T")
+            "MODE", "GATE", "STORE_TOP", "VALUE_KEYS", "USE_TOPK", "USE_TOPP", "ROW_T", "ROW_K", "ROW_P")
     return " ".join(f"{k}={constants[k]}" for k in keep if k in constants)
 
 

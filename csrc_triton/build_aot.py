@@ -115,8 +115,9 @@ CTX_FIELDS: dict[str, tuple[str, str]] = {
     "top_p": ("float", "sampling top-p"),
     "score_floor": ("float", "intersection-mode score floor"),
 }
-# row_temperature_ptr: compiled with ROW_T = 0 (one temperature for the launch), so never read
-ALIASES = {"n_rows": "B", "n_vocab": "V", "row_temperature_ptr": "alpha_ptr"}
+# per-row sampling pointers: compiled with ROW_T / ROW_K / ROW_P = 0 (one setting for the launch), so never read
+ALIASES = {"n_rows": "B", "n_vocab": "V", "row_temperature_ptr": "alpha_ptr", "row_top_k_ptr": "alpha_ptr",
+           "row_top_p_ptr": "alpha_ptr"}
 _C_TYPES = {"i32": "int32_t", "i64": "int64_t", "fp32": "float"}
 
 # The per-row kernels (reduce, finalize) see at most NCP chunks; K is the top-K buffer size.
@@ -228,8 +229,10 @@ def _finalize_spec(gate: int, divergence: int = 0, sample: int = 0, rb: int = RB
         tokens_ptr="*i64:16", new_potential_ptr="*fp32:16", spike_ptr="*i8:16", divergence_ptr="*fp32:16",
         over_ptr="*i32:16", n_rows="i32", n_chunks="i32", n_vocab="i32", decay="fp32", v_th="fp32",
         v_reset="fp32", rho="fp32", temperature="fp32", row_temperature_ptr="*fp32", top_k="i32", top_p="fp32",
+        row_top_k_ptr="*i32", row_top_p_ptr="*fp32",
         RB=str(rb), NCP=str(NCP), DIVERGENCE=str(divergence), GATE=str(gate), MODE="0", SAMPLE=str(sample),
-        USE_TOPK="0", USE_TOPP="0", NEED_V0="1" if gate != 1 else "0", SLOTS="1", SB="1", ROW_T="0",
+        USE_TOPK="0", USE_TOPP="0", NEED_V0="1" if gate != 1 else "0", SLOTS="1", SB="1", ROW_T="0", ROW_K="0",
+        ROW_P="0",
     )
     return KernelSpec("ngsd_kernels.ops.launcher", "_finalize_kernel", args, f"(n_rows + {rb - 1}) / {rb}, 1, 1")
 

@@ -30,34 +30,48 @@ def check_row_vectors(batch: int, potential: torch.Tensor, alpha: torch.Tensor, 
         raise ValueError(f"all step inputs must be on one device, got {sorted(map(str, devices))}")
 
 
-def check_row_temperature(row_temperature: Tensor | None, batch: int, device: torch.device,
-                          temperature: float) -> None:
-    """Per-row temperatures (``row_temperature``, fp32 [B]) of a step: a sampled launch (the step's
-    ``temperature`` > 0: the rows' own values replace it), one value per row, finite and >= 0 (0: that
-    row decodes greedily). Values are read only from a CPU tensor: a device tensor is not synchronised
-    on (its rows below 0 or NaN decode greedily)."""
-    if row_temperature is None:
-        return
-    if not temperature > 0.0:
-        raise ValueError(
-            "row_temperature needs a sampled step: set StepParams(temperature=...) above 0 (the rows' own "
-            "temperatures replace it; a row at 0 decodes greedily)"
-        )
-    if not row_temperature.is_floating_point() or row_temperature.shape != (batch,):
-        raise ValueError(
-            f"row_temperature must be a float tensor of shape [{batch}], got {row_temperature.dtype} "
-            f"{tuple(row_temperature.shape)}"
-        )
-    if row_temperature.device != device:
-        raise ValueError(
-            f"row_temperature must be on {device} like the other step inputs, got {row_temperature.device}"
-        )
-    if row_temperature.device.type == "cpu":
-        bad = ~((row_temperature >= 0) & row_temperature.isfinite())
+def check_row_sampling(row_temperature: Tensor | None, row_top_k: Tensor | None, row_top_p: Tensor | None,
+                       batch: int, vocab: int, device: torch.device, temperature: float, top_k: int,
+                       top_p: float) -> None:
+    """Per-row sampling settings of a sampled step (``temperature`` > 0), each [B] and replacing the
+    step's own value: temperatures (float, finite and >= 0, 0: that row decodes greedily); top-k
+    (integers in [1, top_k]) in a top-k step (0 < ``top_k`` < vocab: the launch's buffer holds the
+    largest); top-p (float, in (0, 1)) in a top-p step (``top_p`` < 1). Values are read only from CPU
+    tensors: device tensors are not synchronised on."""
+    sampled = temperature > 0.0
+    for name, tensor, on, floating, step_needs in (
+        ("row_temperature", row_temperature, sampled, True, "StepParams(temperature=...) above 0"),
+        ("row_top_k", row_top_k, sampled and 0 < top_k < vocab, False,
+         f"StepParams(temperature=...) above 0 and top_k in [1, {vocab - 1}], the largest k of the rows"),
+        ("row_top_p", row_top_p, sampled and top_p < 1.0, True,
+         "StepParams(temperature=...) above 0 and top_p below 1"),
+    ):
+        if tensor is None:
+            continue
+        if not on:
+            raise ValueError(f"{name} needs a step that uses it: set {step_needs} (the rows' own values replace it)")
+        if tensor.is_floating_point() != floating or tensor.is_complex() or tensor.dtype == torch.bool or (
+            tensor.shape != (batch,)
+        ):
+            kind = "a float" if floating else "an integer"
+            raise ValueError(
+                f"{name} must be {kind} tensor of shape [{batch}], got {tensor.dtype} {tuple(tensor.shape)}"
+            )
+        if tensor.device != device:
+            raise ValueError(f"{name} must be on {device} like the other step inputs, got {tensor.device}")
+        if tensor.device.type != "cpu":
+            continue
+        if name == "row_temperature":
+            bad, rule = ~((tensor >= 0) & tensor.isfinite()), "finite and >= 0 (0 means greedy)"
+        elif name == "row_top_k":
+            bad, rule = (tensor < 1) | (tensor > top_k), f"in [1, {top_k}] (the step's top_k)"
+        else:
+            bad, rule = ~((tensor > 0) & (tensor < 1)), "in (0, 1)"
         if bool(bad.any()):
             row = int(bad.nonzero()[0, 0])
-            raise ValueError(f"row_temperature must be finite and >= 0 (0 means greedy), got "
-                             f"{row_temperature[row].item()} at row {row} ({int(bad.sum())} such rows)")
+            raise ValueError(
+                f"{name} must be {rule}, got {tensor[row].item()} at row {row} ({int(bad.sum())} such rows)"
+            )
 
 
 def check_step_inputs(base_logits: torch.Tensor, expert_logits: torch.Tensor, potential: torch.Tensor,

@@ -17,10 +17,11 @@ Four functional ops (no input is mutated; the new potential is a new tensor), tw
   interpreter they raise a ValueError saying so.
 
 ``*step`` are the fields of ``StepParams`` as plain floats and ints, in field order
-(``StepParams.flat()``); the schemas are built from that one list. A last, optional
-``row_temperature`` (fp32 [B]) gives each row its own temperature in a sampled step
-(``StepParams.temperature`` > 0; a row at 0 decodes greedily), so that rows sampling at different
-temperatures share one launch. Every op returns
+(``StepParams.flat()``); the schemas are built from that one list. The last, optional
+``row_temperature`` (fp32 [B]), ``row_top_k`` (int [B]) and ``row_top_p`` (fp32 [B]) give each row its
+own temperature (a row at 0 decodes greedily), top-k and top-p in a sampled step that uses them
+(``checks.check_row_sampling``), so that rows sampling with different settings share one launch.
+Every op returns
 ``(tokens int64 [B], new_potential fp32 [B], spike bool [B], divergence fp32 [B])``; one fake gives
 ``torch.compile`` and ``torch.library.opcheck`` that metadata for all four.
 
@@ -39,7 +40,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .checks import check_row_temperature
+from .checks import check_row_sampling
 from .params import StepParams, step_schema
 from .ops.cpu_select import cpu_guarded_select
 from .ops.hidden_torch import torch_select_from_hidden
@@ -48,7 +49,7 @@ from .reference import Outputs
 
 _OUT = "-> (Tensor, Tensor, Tensor, Tensor)"
 _ROWS = "Tensor potential, Tensor alpha, Tensor seed, Tensor offset"
-_PER_ROW = "Tensor? row_temperature=None"
+_PER_ROW = "Tensor? row_temperature=None, Tensor? row_top_k=None, Tensor? row_top_p=None"
 LOGITS_SCHEMA = f"(Tensor base_logits, Tensor expert_logits, {_ROWS}, {step_schema()}, {_PER_ROW}) {_OUT}"
 HIDDEN_SCHEMA = (
     "(Tensor base_hidden, Tensor expert_hidden, Tensor base_head_weight, Tensor? expert_head_weight, "
@@ -57,47 +58,52 @@ HIDDEN_SCHEMA = (
 _LOGITS_TENSORS = 6  # positional tensors before the step scalars
 _HIDDEN_TENSORS = 10
 _STEP_SCALARS = len(StepParams().flat())
+_PER_ROW_NAMES = ("row_temperature", "row_top_k", "row_top_p")
 
 
-def _split(args: tuple, n_tensors: int) -> tuple[tuple, StepParams, Tensor | None]:
-    """(the leading tensors, the step's parameters, row_temperature, checked) of a step op's arguments."""
+def _split(args: tuple, n_tensors: int) -> tuple[tuple, StepParams, dict]:
+    """(the leading tensors, the step's parameters, the per-row sampling settings as keyword arguments,
+    checked) of a step op's arguments."""
     end = n_tensors + _STEP_SCALARS
-    row_temperature = args[end] if len(args) > end else None
+    per_row = dict(zip(_PER_ROW_NAMES, tuple(args[end:]) + (None,) * 3))
     params = StepParams.from_flat(args[n_tensors:end])
-    potential = args[n_tensors - 4]
-    check_row_temperature(row_temperature, potential.shape[0], potential.device, params.temperature)
-    return args[:n_tensors], params, row_temperature
+    if any(t is not None for t in per_row.values()):
+        potential = args[n_tensors - 4]
+        vocab = args[0].shape[-1] if n_tensors == _LOGITS_TENSORS else args[2].shape[0]
+        check_row_sampling(*per_row.values(), potential.shape[0], vocab, potential.device, params.temperature,
+                           params.top_k, params.top_p)
+    return args[:n_tensors], params, per_row
 
 
 def _logits_torch(*args) -> Outputs:
-    tensors, params, row_temperature = _split(args, _LOGITS_TENSORS)
-    return cpu_guarded_select(*tensors, params, row_temperature)
+    tensors, params, per_row = _split(args, _LOGITS_TENSORS)
+    return cpu_guarded_select(*tensors, params, **per_row)
 
 
 def _logits_triton(*args) -> Outputs:
     from .ops.fused_select import fused_guarded_select  # lazy: Triton is optional on CPU
 
-    tensors, params, row_temperature = _split(args, _LOGITS_TENSORS)
-    return fused_guarded_select(*tensors, params, row_temperature=row_temperature)
+    tensors, params, per_row = _split(args, _LOGITS_TENSORS)
+    return fused_guarded_select(*tensors, params, **per_row)
 
 
 def _hidden_torch(*args) -> Outputs:
-    tensors, params, row_temperature = _split(args, _HIDDEN_TENSORS)
+    tensors, params, per_row = _split(args, _HIDDEN_TENSORS)
     potential, alpha, seed, offset = tensors[6:]
     return torch_select_from_hidden(*tensors[:6], potential=potential, alpha=alpha, seed=seed, offset=offset,
-                                    params=params, row_temperature=row_temperature)
+                                    params=params, **per_row)
 
 
 def _hidden_triton(*args) -> Outputs:
     from .ops.hidden_select import fused_select_from_hidden  # lazy: Triton is optional on CPU
     from .ops.launcher import check_triton_device, unsupported_reason
 
-    tensors, params, row_temperature = _split(args, _HIDDEN_TENSORS)
+    tensors, params, per_row = _split(args, _HIDDEN_TENSORS)
     check_triton_device(*tensors)
     reason = unsupported_reason(args[0].shape[0], args[2].shape[0], params)
     if reason is not None:
         raise ValueError(f"the fused hidden-state kernels do not support these settings: {reason}")
-    return fused_select_from_hidden(*tensors, params, row_temperature=row_temperature)
+    return fused_select_from_hidden(*tensors, params, **per_row)
 
 
 def _hidden_cuda(*args) -> Outputs:

@@ -110,17 +110,23 @@ def intersection_candidates(lb: torch.Tensor, le: torch.Tensor, k: int, min_cand
     return worst_rank < k_eff
 
 
-def sampling_mask(q: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Tokens kept by top-k then top-p over unnormalised non-negative weights `q` [B, V]."""
+def sampling_mask(q: torch.Tensor, top_k: int | torch.Tensor, top_p: float | torch.Tensor) -> torch.Tensor:
+    """Tokens kept by top-k then top-p over unnormalised non-negative weights `q` [B, V]; ``top_k`` /
+    ``top_p`` one value, or [B] tensors (each row's own: k >= 1, p in (0, 1))."""
     keep = q > 0
-    if top_k > 0:
+    if isinstance(top_k, torch.Tensor):
+        k = top_k.to(torch.int64).clamp(1, q.shape[-1])[:, None]
+        keep &= q >= torch.gather(torch.sort(q, dim=-1, descending=True).values, -1, k - 1)
+    elif top_k > 0:
         keep &= q >= kth_largest(q, top_k)
-    if top_p < 1.0:
+    per_row_p = isinstance(top_p, torch.Tensor)
+    if per_row_p or top_p < 1.0:
+        p = top_p.float()[:, None] if per_row_p else top_p
         kept_q = torch.where(keep, q, torch.zeros_like(q))
         probs = kept_q / kept_q.sum(-1, keepdim=True).clamp_min(_TINY)
         sorted_probs = torch.sort(probs, dim=-1, descending=True).values
         mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
-        kept_count = (mass_before < top_p).sum(-1, keepdim=True).clamp_min(1)
+        kept_count = (mass_before < p).sum(-1, keepdim=True).clamp_min(1)
         threshold = torch.gather(sorted_probs, -1, kept_count - 1)
         keep &= probs >= threshold
     return keep
@@ -135,15 +141,19 @@ def choose_tokens(
     top_p: float,
     row_ids: torch.Tensor | None = None,
     row_temperature: torch.Tensor | None = None,
+    row_top_k: torch.Tensor | None = None,
+    row_top_p: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Greedy (temperature <= 0) or Gumbel-max sampling from q ∝ max(s, 0)^(1/T).
 
     ``row_temperature`` [B]: each row's own T instead of ``temperature`` (a row at T <= 0 takes the
-    greedy arg-max of its scores, the others sample; top-k / top-p apply to every sampled row)."""
+    greedy arg-max of its scores, the others sample; top-k / top-p apply to every sampled row).
+    ``row_top_k`` / ``row_top_p`` [B]: each row's own k / p instead of ``top_k`` / ``top_p``."""
     if row_temperature is None and temperature <= 0.0:
         return torch.argmax(scores, dim=-1)
     positive = scores.clamp_min(0.0)
-    keep = sampling_mask(positive, top_k, top_p)
+    keep = sampling_mask(positive, top_k if row_top_k is None else row_top_k,
+                         top_p if row_top_p is None else row_top_p)
     if row_temperature is None:
         t: float | torch.Tensor = temperature
     else:
@@ -220,18 +230,19 @@ def step_scores(base_logits: Tensor, expert_logits: Tensor, potential: Tensor, a
 def guarded_select_reference(base_logits: Tensor, expert_logits: Tensor, potential: Tensor, alpha: Tensor, seed: Tensor,
                              offset: Tensor, params: StepParams = StepParams(), *,
                              row_ids: Tensor | None = None, exp_error: tuple[Tensor, Tensor] | None = None,
-                             row_temperature: Tensor | None = None) -> Outputs:
+                             row_temperature: Tensor | None = None, row_top_k: Tensor | None = None,
+                             row_top_p: Tensor | None = None) -> Outputs:
     """Returns (tokens int64 [B], new potential fp32 [B], spike bool [B], divergence fp32 [B]).
 
     Row ``i`` samples from the Philox stream (seed of row i, row i, offset of row i); ``row_ids``
     gives the rows' indices when they are a subset of a larger batch (default 0..B-1).
-    ``row_temperature`` [B]: each row's own temperature (``choose_tokens``), instead of
-    ``params.temperature``. ``exp_error``: see ``step_scores`` (tests only).
+    ``row_temperature`` / ``row_top_k`` / ``row_top_p`` [B]: each row's own temperature, top-k and top-p
+    (``choose_tokens``), instead of the ``params`` ones. ``exp_error``: see ``step_scores`` (tests only).
     """
     step = step_scores(base_logits, expert_logits, potential, alpha, params, exp_error=exp_error)
     valid = step.valid
     tokens = choose_tokens(step.scores, seed, offset, params.temperature, params.top_k, params.top_p, row_ids,
-                           row_temperature)
+                           row_temperature, row_top_k, row_top_p)
 
     tokens = torch.where(valid, tokens, torch.full_like(tokens, -1))
     new_potential = torch.where(valid, step.new_potential, potential.float())

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from . import custom_ops  # registers torch.ops.ngsd.*
-from .checks import check_hidden_inputs, check_row_temperature, check_step_inputs
+from .checks import check_hidden_inputs, check_row_sampling, check_step_inputs
 from .ops.hidden_torch import pair_logits
 from .params import StepParams
 from .reference import Outputs, guarded_select_reference
@@ -40,7 +40,7 @@ def expert_bias(expert_head_weight: Tensor | None, base_head_bias: Tensor | None
 def guarded_select(
     base_logits: Tensor, expert_logits: Tensor, potential: Tensor, alpha: Tensor, seed: Tensor | None = None,
     offset: Tensor | None = None, params: StepParams = StepParams(), backend: str = "auto",
-    row_temperature: Tensor | None = None,
+    row_temperature: Tensor | None = None, row_top_k: Tensor | None = None, row_top_p: Tensor | None = None,
 ) -> Outputs:
     """Choose the next token of every row from base and expert logits.
 
@@ -49,7 +49,8 @@ def guarded_select(
     draws from Philox keyed by its seed with ``i`` in the counter, so one seed serves a whole batch.
     ``row_temperature`` (float [B]): each row's own temperature in a sampled step (``params.temperature``
     above 0, the value it replaces; a row at 0 decodes greedily), so requests sampling at different
-    temperatures share one launch. Dispatch:
+    temperatures share one launch; ``row_top_k`` (int [B], each in [1, params.top_k]) and ``row_top_p``
+    (float [B], in (0, 1), with params.top_p < 1) do the same for top-k and top-p. Dispatch:
 
     - ``backend="auto"``: the custom op ``torch.ops.ngsd.guarded_select`` -- the fused Triton
       kernels on CUDA tensors, PyTorch on any other device;
@@ -71,20 +72,23 @@ def guarded_select(
     _check_backend(backend)
     seed, offset = default_seed_offset(seed, offset, base_logits.device)
     check_step_inputs(base_logits, expert_logits, potential, alpha, seed, offset)
-    check_row_temperature(row_temperature, base_logits.shape[0], potential.device, params.temperature)
+    check_row_sampling(row_temperature, row_top_k, row_top_p, *base_logits.shape, potential.device,
+                       params.temperature, params.top_k, params.top_p)
     if backend == "torch":
         return guarded_select_reference(base_logits, expert_logits, potential, alpha, seed, offset, params,
-                                        row_temperature=row_temperature)
+                                        row_temperature=row_temperature, row_top_k=row_top_k,
+                                        row_top_p=row_top_p)
     op = torch.ops.ngsd.guarded_select_triton if backend == "triton" else torch.ops.ngsd.guarded_select
     return op(base_logits, expert_logits, potential, alpha, seed, offset, *params.flat(),
-              row_temperature=row_temperature)
+              row_temperature=row_temperature, row_top_k=row_top_k, row_top_p=row_top_p)
 
 
 def guarded_select_from_hidden(
     base_hidden: Tensor, expert_hidden: Tensor, base_head_weight: Tensor, expert_head_weight: Tensor | None,
     potential: Tensor, alpha: Tensor, seed: Tensor | None = None, offset: Tensor | None = None,
     params: StepParams = StepParams(), base_head_bias: Tensor | None = None, expert_head_bias: Tensor | None = None,
-    backend: str = "auto", row_temperature: Tensor | None = None,
+    backend: str = "auto", row_temperature: Tensor | None = None, row_top_k: Tensor | None = None,
+    row_top_p: Tensor | None = None,
 ) -> Outputs:
     """The guarded step from final hidden states, the LM head inside the op.
 
@@ -97,7 +101,7 @@ def guarded_select_from_hidden(
       weight is read once for both rows, and the expert also shares ``base_head_bias`` unless
       ``expert_head_bias`` is given); an expert with its own head has no bias unless given one;
     - hidden states and weights share one dtype (fp32, fp16 or bf16); math in fp32;
-    - ``row_temperature``: each row's own temperature, as in ``guarded_select``.
+    - ``row_temperature``, ``row_top_k``, ``row_top_p``: each row's own, as in ``guarded_select``.
 
     Backends: ``"auto"``: the custom op ``torch.ops.ngsd.guarded_select_from_hidden`` (the fused
     hidden-state Triton kernels on CUDA, one LM-head matmul + the CPU step elsewhere); ``"triton"``:
@@ -118,14 +122,16 @@ def guarded_select_from_hidden(
     seed, offset = default_seed_offset(seed, offset, base_hidden.device)
     check_hidden_inputs(base_hidden, expert_hidden, base_head_weight, expert_head_weight, base_head_bias,
                         expert_head_bias, potential, alpha, seed, offset)
-    check_row_temperature(row_temperature, base_hidden.shape[0], potential.device, params.temperature)
+    check_row_sampling(row_temperature, row_top_k, row_top_p, base_hidden.shape[0], base_head_weight.shape[0],
+                       potential.device, params.temperature, params.top_k, params.top_p)
     heads = (base_head_weight, expert_head_weight, base_head_bias,
              expert_bias(expert_head_weight, base_head_bias, expert_head_bias))
     if backend == "torch":
         base_logits, expert_logits = pair_logits(base_hidden, expert_hidden, *heads)
         return guarded_select_reference(base_logits, expert_logits, potential, alpha, seed, offset, params,
-                                        row_temperature=row_temperature)
+                                        row_temperature=row_temperature, row_top_k=row_top_k,
+                                        row_top_p=row_top_p)
     op = (torch.ops.ngsd.guarded_select_from_hidden_triton if backend == "triton"
           else torch.ops.ngsd.guarded_select_from_hidden)
     return op(base_hidden, expert_hidden, *heads, potential, alpha, seed, offset, *params.flat(),
-              row_temperature=row_temperature)
+              row_temperature=row_temperature, row_top_k=row_top_k, row_top_p=row_top_p)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .checks import FLOAT_DTYPES, check_hidden_inputs, check_row_temperature, check_row_vectors
+from .checks import FLOAT_DTYPES, check_hidden_inputs, check_row_sampling, check_row_vectors
 from .ops.cpu_select import cpu_guarded_select
 from .ops.hidden_torch import pair_logits
 from .params import StepParams
@@ -100,9 +100,10 @@ class GuardedSelector:
 
     def run(self, base_logits: Tensor, expert_logits: Tensor, potential: Tensor, alpha: Tensor,
             seed: Tensor | None = None, offset: Tensor | None = None,
-            row_temperature: Tensor | None = None) -> Outputs:
+            row_temperature: Tensor | None = None, row_top_k: Tensor | None = None,
+            row_top_p: Tensor | None = None) -> Outputs:
         """One step on the planned shapes; returns ``(tokens, new_potential, spike, divergence)``.
-        ``row_temperature``: each row's own temperature (``guarded_select``)."""
+        ``row_temperature`` / ``row_top_k`` / ``row_top_p``: each row's own (``guarded_select``)."""
         if self._shape is None:
             raise RuntimeError("call plan(batch, vocab, dtype, device) before run()")
         batch, vocab, dtype, device = self._shape
@@ -116,7 +117,9 @@ class GuardedSelector:
             )
         seed, offset = self._seed_offset(seed, offset)
         check_row_vectors(batch, potential, alpha, seed, offset, base_logits, expert_logits)
-        check_row_temperature(row_temperature, batch, device, self.params.temperature)
+        check_row_sampling(row_temperature, row_top_k, row_top_p, batch, vocab, device,
+                           self.params.temperature, self.params.top_k, self.params.top_p)
+        per_row = dict(row_temperature=row_temperature, row_top_k=row_top_k, row_top_p=row_top_p)
         if self._launch is not None:
             from .ops.fused_select import LogitsPasses
             from .ops.launcher import select_exact
@@ -124,18 +127,18 @@ class GuardedSelector:
             plan, scratch = self._launch
             source = LogitsPasses.of(base_logits, expert_logits)
             return select_exact(source, plan, scratch, potential, alpha, seed, offset, self.params,
-                                row_temperature=row_temperature)
+                                **per_row)
         if self.backend == "torch":
             return guarded_select_reference(base_logits, expert_logits, potential, alpha, seed, offset, self.params,
-                                            row_temperature=row_temperature)
+                                            **per_row)
         return cpu_guarded_select(base_logits, expert_logits, potential, alpha, seed, offset, self.params,
-                                  row_temperature)
+                                  **per_row)
 
     def run_from_hidden(
         self, base_hidden: Tensor, expert_hidden: Tensor, base_head_weight: Tensor, expert_head_weight: Tensor | None,
         potential: Tensor, alpha: Tensor, seed: Tensor | None = None, offset: Tensor | None = None,
         base_head_bias: Tensor | None = None, expert_head_bias: Tensor | None = None,
-        row_temperature: Tensor | None = None,
+        row_temperature: Tensor | None = None, row_top_k: Tensor | None = None, row_top_p: Tensor | None = None,
     ) -> Outputs:
         """``guarded_select_from_hidden`` on the planned shapes (``dtype``: that of the hidden states and heads).
 
@@ -156,7 +159,9 @@ class GuardedSelector:
         seed, offset = self._seed_offset(seed, offset)
         check_hidden_inputs(base_hidden, expert_hidden, base_head_weight, expert_head_weight, base_head_bias,
                             expert_head_bias, potential, alpha, seed, offset)
-        check_row_temperature(row_temperature, batch, device, self.params.temperature)
+        check_row_sampling(row_temperature, row_top_k, row_top_p, batch, vocab, device,
+                           self.params.temperature, self.params.top_k, self.params.top_p)
+        per_row = dict(row_temperature=row_temperature, row_top_k=row_top_k, row_top_p=row_top_p)
         heads = (base_head_weight, expert_head_weight, base_head_bias,
                  expert_bias(expert_head_weight, base_head_bias, expert_head_bias))
         if self._launch is not None:
@@ -166,10 +171,10 @@ class GuardedSelector:
             if shared not in self._hidden_launches:
                 self._hidden_launches[shared] = HiddenLaunch.build(batch, vocab, self.params, device, shared=shared)
             return self._hidden_launches[shared].run(base_hidden, expert_hidden, *heads, potential, alpha, seed,
-                                                     offset, self.params, row_temperature=row_temperature)
+                                                     offset, self.params, **per_row)
         base_logits, expert_logits = pair_logits(base_hidden, expert_hidden, *heads)
         if self.backend == "torch":
             return guarded_select_reference(base_logits, expert_logits, potential, alpha, seed, offset, self.params,
-                                            row_temperature=row_temperature)
+                                            **per_row)
         return cpu_guarded_select(base_logits, expert_logits, potential, alpha, seed, offset, self.params,
-                                  row_temperature)
+                                  **per_row)

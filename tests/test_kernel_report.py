@@ -82,7 +82,7 @@ def test_enumeration_covers_every_k_dtype_and_mode():
     assert any("K=64," in key for key in hidden) and not any(f"K={k}," in key for k in (256, 1024) for key in hidden)
     for sample in (0, 1, 2):
         assert any(key.startswith("_pass2_kernel[") and f"SAMPLE={sample}]" in key for key in listed), sample
-    # per-row temperatures (vLLM's shared launches): the kernels that read a temperature, with ROW_T = 1
+    # per-row sampling settings (vLLM's shared launches): the kernels that read them, with ROW_T = 1
     assert {key.split("[")[0] for key in listed if "ROW_T=1" in key} == {
         "_pass2_kernel", "_intersection_kernel", "_finalize_kernel", "_sample_fallback_kernel",
         "_intersection_fallback_kernel"}
@@ -109,14 +109,14 @@ def test_one_small_variant_compiles_for_sm90_and_reports_its_resources(tmp_path)
     assert (tmp_path / "KERNELS.md").read_text().count("| sm_90 |") == 1
 
 
-ROW_T_KEYS = ("_sample_fallback_kernel[bf16|BT=2048,MODE=0,ROW_T=1,USE_TOPK=1,USE_TOPP=0]",
-              "_intersection_fallback_kernel[bf16|BT=1024,R=2,ROW_T=1,SAMPLE=2,USE_TOPK=1,USE_TOPP=0]")
+ROW_T_KEYS = ("_sample_fallback_kernel[bf16|BT=2048,MODE=0,ROW_K=1,ROW_P=0,ROW_T=1,USE_TOPK=1,USE_TOPP=0]",
+              "_intersection_fallback_kernel[bf16|BT=1024,R=2,ROW_K=1,ROW_P=0,ROW_T=1,SAMPLE=2,USE_TOPK=1,USE_TOPP=0]")
 
 
 @pytest.mark.skipif(bool(_missing_tools()), reason=f"Triton's ptxas/cuobjdump not shipped here: {_missing_tools()}")
-def test_per_row_temperature_fallbacks_compile_for_sm90(tmp_path):
-    # the interpreter runs what the compiler refuses: a runtime branch that turns the scalar temperature
-    # argument into a per-row tensor ran on the CPU and failed to compile (a new name is needed)
+def test_per_row_sampling_fallbacks_compile_for_sm90(tmp_path):
+    # the interpreter runs what the compiler refuses: a runtime branch that turns a scalar argument
+    # (the temperature, top-k) into a per-row tensor ran on the CPU and failed to compile (a new name is needed)
     run = subprocess.run(
         [sys.executable, str(SCRIPT), "--full", "--arch", "90", "--jobs", "1", "--budget", "240", "--only",
          ";".join(ROW_T_KEYS), "--out", str(tmp_path)],

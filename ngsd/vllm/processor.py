@@ -10,8 +10,9 @@ base logits (-inf) is masked in the expert's too, so constraints hold for the gu
 
 Greedy requests of one step go to the op together. A sampled request (temperature > 0) that gave a
 seed runs on its own, keyed by its seed and its step, so its draws do not depend on its batch
-neighbours; sampled requests without a seed share one launch per top-k / top-p setting, each with its
-own drawn seed, step and temperature (``gate_book.sampled_launches``; the op's ``row_temperature``).
+neighbours; sampled requests without a seed share one launch per kind of sampling (top-k or not, top-p
+or not), each with its own drawn seed, step, temperature, top-k and top-p (``gate_book.sampled_launches``;
+the op's ``row_temperature`` / ``row_top_k`` / ``row_top_p``).
 Logprobs a request asks for are the base model's
 (vLLM computes them before any processor).
 """
@@ -77,11 +78,12 @@ class NGSDLogitsProcessor(LogitsProcessor):
         potentials = [0.0] * len(rows)
         for group in _by_params(greedy, rows, self.config):
             self._select(group, rows, base, expert_logits, tokens, potentials, seeds=[0], offsets=[0])
-        step_params = lambda state: launch_setting(self.config, state)  # noqa: E731
+        vocab = base.shape[1]
+        step_params = lambda state: launch_setting(self.config, state, vocab)  # noqa: E731
         for group in sampled_launches(sampled, rows, step_params, lambda: random.getrandbits(62)):
             states = [rows[k][1] for k in group]
             self._select(group, rows, base, expert_logits, tokens, potentials, seeds=[s.seed for s in states],
-                         offsets=[s.step for s in states], temperatures=[_temperature(s) for s in states])
+                         offsets=[s.step for s in states], per_row=[_own_sampling(s, vocab) for s in states])
         if every_row:
             logits.fill_(float("-inf"))
         else:
@@ -93,24 +95,36 @@ class NGSDLogitsProcessor(LogitsProcessor):
 
     def _select(self, group: list[int], rows: list[tuple[int, GateState]], base: torch.Tensor, expert: torch.Tensor,
                 tokens: torch.Tensor, potentials: list[float], seeds: list[int], offsets: list[int],
-                temperatures: list[float] | None = None) -> None:
+                per_row: list[tuple[float, int, float]] | None = None) -> None:
         """One op launch for the rows ``group`` (positions in ``rows``), which share their step parameters;
-        ``seeds`` / ``offsets``: one value for all of them, or one each; ``temperatures``: sampled rows',
-        one each (the op's ``row_temperature``)."""
+        ``seeds`` / ``offsets``: one value for all of them, or one each; ``per_row``: sampled rows' own
+        (temperature, top_k, top_p), one each, of one kind (``launch_setting``): the op's per-row settings."""
         states = [rows[k][1] for k in group]
         first = states[0]
-        params = self.config.step_params(first.step, **_sampling(first, per_row=temperatures is not None))
+        if per_row is None:
+            params = self.config.step_params(first.step, **_sampling(first))
+            row_settings: dict[str, torch.Tensor] = {}
+        else:
+            # the launch's top_k: the largest of the rows' (its buffer); its top_p: any value below 1
+            params = launch_setting(self.config, first, base.shape[1]).with_(
+                top_k=max(k for _, k, _ in per_row))
+            row_settings = {"row_temperature": torch.tensor([t for t, _, _ in per_row], dtype=torch.float32,
+                                                            device=base.device)}
+            if params.top_k > 0:
+                row_settings["row_top_k"] = torch.tensor([k for _, k, _ in per_row], dtype=torch.int32,
+                                                         device=base.device)
+            if params.top_p < 1.0:
+                row_settings["row_top_p"] = torch.tensor([p for _, _, p in per_row], dtype=torch.float32,
+                                                         device=base.device)
         whole = len(group) == base.shape[0]
         at = torch.tensor(group, dtype=torch.long, device=base.device)
         potential = torch.tensor([s.potential for s in states], dtype=torch.float32, device=base.device)
         alpha = torch.tensor([s.policy.alpha for s in states], dtype=torch.float32, device=base.device)
         seed_t = torch.tensor(seeds, dtype=torch.int64, device=base.device)
         offset_t = torch.tensor(offsets, dtype=torch.int64, device=base.device)
-        row_temperature = (None if temperatures is None
-                           else torch.tensor(temperatures, dtype=torch.float32, device=base.device))
         chosen, new_potential, _spike, _divergence = torch.ops.ngsd.guarded_select(
             base if whole else base[at], expert if whole else expert[at], potential, alpha, seed_t, offset_t,
-            *params.flat(), row_temperature=row_temperature)
+            *params.flat(), **row_settings)
         tokens[at] = chosen
         for k, value in zip(group, new_potential.tolist()):
             potentials[k] = value
@@ -120,17 +134,23 @@ def _temperature(state: GateState) -> float:
     return state.sampling[0]
 
 
-def launch_setting(config, state: GateState):
-    """The step parameters a sampled request's launch shares: all but its temperature, which the op
-    takes per row (``row_temperature``), so requests that differ only there share a launch."""
-    return config.step_params(state.step, **_sampling(state, per_row=True))
+def launch_setting(config, state: GateState, vocab: int):
+    """The step parameters a sampled request's launch shares: its kind of sampling only (top-k or not,
+    top-p or not; SafeDecoding's step switch). Its temperature, k and p go to the op per row
+    (``row_temperature`` / ``row_top_k`` / ``row_top_p``), so requests of one kind share a launch."""
+    _, top_k, top_p = _own_sampling(state, vocab)
+    return config.step_params(state.step, temperature=1.0, top_k=1 if top_k else 0, top_p=0.5 if top_p < 1.0 else 1.0)
 
 
-def _sampling(state: GateState, per_row: bool = False) -> dict[str, float | int]:
-    """The request's step settings; ``per_row``: a sampled request's launch setting, its own temperature
-    left to the op's ``row_temperature`` (so requests differing only in temperature share a launch)."""
+def _own_sampling(state: GateState, vocab: int) -> tuple[float, int, float]:
+    """A sampled request's (temperature, top_k, top_p); a top-k of the whole vocabulary or more is off (0)."""
     temperature, top_k, top_p = state.sampling
-    return {"temperature": 1.0 if per_row else temperature, "top_k": top_k, "top_p": top_p}
+    return temperature, (top_k if 0 < top_k < vocab else 0), top_p
+
+
+def _sampling(state: GateState) -> dict[str, float | int]:
+    temperature, top_k, top_p = state.sampling
+    return {"temperature": temperature, "top_k": top_k, "top_p": top_p}
 
 
 def _by_params(members: list[int], rows: list[tuple[int, GateState]], config) -> list[list[int]]:

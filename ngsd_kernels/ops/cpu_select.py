@@ -63,11 +63,12 @@ def _lowest_id_argmax(scores: torch.Tensor, ids: torch.Tensor, vocab: int) -> to
 
 
 def cpu_guarded_select(base_logits: Tensor, expert_logits: Tensor, potential: Tensor, alpha: Tensor, seed: Tensor,
-                       offset: Tensor, params: StepParams, row_temperature: Tensor | None = None) -> Outputs:
-    """Same signature and results as `guarded_select_reference` (``row_temperature``: its sampling path)."""
-    if row_temperature is not None or not fast_path_applies(params):
+                       offset: Tensor, params: StepParams, row_temperature: Tensor | None = None,
+                       row_top_k: Tensor | None = None, row_top_p: Tensor | None = None) -> Outputs:
+    """Same signature and results as `guarded_select_reference` (per-row sampling settings: its sampling path)."""
+    if row_temperature is not None or not fast_path_applies(params):  # (per-row top-k / top-p need a sampled step)
         return guarded_select_reference(base_logits, expert_logits, potential, alpha, seed, offset, params,
-                                        row_temperature=row_temperature)
+                                        row_temperature=row_temperature, row_top_k=row_top_k, row_top_p=row_top_p)
     lb = base_logits.float()
     le = expert_logits.float()
     k = max(1, min(params.candidate_k, lb.shape[1]))

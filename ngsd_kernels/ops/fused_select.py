@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..checks import check_row_temperature, check_step_inputs
+from ..checks import check_row_sampling, check_step_inputs
 from ..params import StepParams
 from .launcher import (
     INTERPRETED,
@@ -49,6 +49,7 @@ from .select_tiles import (
     pass1_store_tile,
     pass2_store_tile,
     rows_temperature,
+    rows_value,
     tile_log_probs,
     tile_union_scores,
     value_key,
@@ -157,7 +158,9 @@ def _row_q_tile(lb_ptr, le_ptr, row, stride_b, stride_e, start, n_vocab, m_b, ls
 def _sample_fallback_kernel(
     lb_ptr, le_ptr, stride_b, stride_e, n_vocab, rowinfo_ptr, alpha_ptr, spike_ptr, over_ptr, tokens_ptr,
     seed_ptr, seed_stride, offset_ptr, offset_stride, temperature, row_temperature_ptr, top_k, top_p,
+    row_top_k_ptr, row_top_p_ptr,
     BT: tl.constexpr, MODE: tl.constexpr, USE_TOPK: tl.constexpr, USE_TOPP: tl.constexpr, ROW_T: tl.constexpr = 0,
+    ROW_K: tl.constexpr = 0, ROW_P: tl.constexpr = 0,
 ):
     """The exact token of one row whose top-K sampling buffer could not decide (the finalize's
     overflow flag), on the GPU: no host read. Programs of rows without the flag return at once.
@@ -185,10 +188,13 @@ def _sample_fallback_kernel(
         thr_e = tl.load(info + 5)
         alpha = tl.load(alpha_ptr + row + one)
         mixed = spiked & (MODE == 0)
+        # the row's own top-k / top-p where given (new names: a runtime branch keeps the arguments' types)
+        row_k = rows_value(top_k, row_top_k_ptr, row + one, flagged, ROW_K)
+        row_p = rows_value(top_p, row_top_p_ptr, row + one, flagged, ROW_P)
         # top-k: the k-th largest q (value keys of q >= 0 are its bit patterns), else 0
         kth_q = tl.zeros([1], tl.float32)
         if USE_TOPK:
-            k = tl.minimum(top_k, n_vocab)
+            k = tl.minimum(row_k, n_vocab)
             t = tl.zeros([1], tl.int32)
             for bit in range(31):
                 cand = t | (1 << (30 - bit))
@@ -220,7 +226,7 @@ def _sample_fallback_kernel(
                     prob = tl.where((q > 0.0) & (q >= kth_q[:, None]), q, 0.0) / norm[:, None]
                     mass += tl.sum(tl.where(prob > value_of(cand)[:, None], prob, 0.0), axis=1)
                     p_max = tl.maximum(p_max, tl.max(prob, axis=1))
-                t = tl.where(mass >= top_p, cand, t)
+                t = tl.where(mass >= row_p, cand, t)
             mass0 = tl.zeros([1], tl.float32)  # the mass strictly above 0 (t = 0 is never tested above)
             for start in range(0, n_vocab, BT):
                 q, _ = _row_q_tile(lb_ptr, le_ptr, row, stride_b, stride_e, start, n_vocab, m_b, ls_b, m_e, ls_e, alpha,
@@ -228,7 +234,7 @@ def _sample_fallback_kernel(
                 prob = tl.where((q > 0.0) & (q >= kth_q[:, None]), q, 0.0) / norm[:, None]
                 mass0 += tl.sum(tl.where(prob > 0.0, prob, 0.0), axis=1)
             # first key past the largest one with mass >= top_p: its value is the smallest kept probability
-            floor_p = tl.where(mass0 >= top_p, tl.minimum(value_of(t + 1), p_max), 0.0)
+            floor_p = tl.where(mass0 >= row_p, tl.minimum(value_of(t + 1), p_max), 0.0)
         # Gumbel-max over the kept tokens, the reference's noise (lowest id among equal maxima)
         seed = tl.load(seed_ptr + row * seed_stride + one)
         offset = tl.load(offset_ptr + row * offset_stride + one)
@@ -304,7 +310,7 @@ class LogitsPasses:
         _sample_fallback_kernel[(plan.batch,)](
             lb, le, lb.stride(0), le.stride(0), plan.vocab, s.rowinfo, rows.alpha, spike, over, tokens,
             rows.seed, rows.seed_stride, rows.offset, rows.offset_stride, temperature=temperature, top_k=params.top_k,
-            top_p=params.top_p, **rows.temperature_arg,
+            top_p=params.top_p, **rows.temperature_arg, **rows.top_k_p_arg,
             BT=bt, MODE=plan.mode, USE_TOPK=plan.use_topk, USE_TOPP=plan.use_topp, **LAUNCH_OPTIONS,
         )
 
@@ -350,6 +356,7 @@ def fused_guarded_select(
     base_logits: Tensor, expert_logits: Tensor, potential: Tensor, alpha: Tensor, seed: Tensor, offset: Tensor,
     params: StepParams = StepParams(), *, buffer_size: int | None = None, block_v: int | None = None,
     block_b: int | None = None, pass1_block_v: int | None = None, row_temperature: Tensor | None = None,
+    row_top_k: Tensor | None = None, row_top_p: Tensor | None = None,
 ) -> Outputs:
     """The step op on the Triton kernels; returns (tokens, new potential, spike, divergence).
 
@@ -368,7 +375,9 @@ def fused_guarded_select(
     ``fused_guarded_select_with_overflow`` skips both and returns the flags instead.
     ``buffer_size``, ``block_v``, ``block_b``, ``pass1_block_v`` override the launch constants.
     ``row_temperature`` (fp32 [B]): each row's own temperature, in a sampled step (``params.temperature``
-    > 0; a row at 0 decodes greedily): rows with different temperatures share one launch.
+    > 0; a row at 0 decodes greedily): rows with different temperatures share one launch. ``row_top_k``
+    (int [B], each in [1, params.top_k]) / ``row_top_p`` (fp32 [B], in (0, 1), with params.top_p < 1):
+    the same for top-k / top-p.
 
     Example (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)::
 
@@ -376,13 +385,15 @@ def fused_guarded_select(
         tokens, v, spike, d = fused_guarded_select(
             base, expert, potential, alpha, seed, zero, StepParams(temperature=0.7, top_p=0.9))
     """
-    check_row_temperature(row_temperature, base_logits.shape[0], potential.device, params.temperature)
     plan, scratch = _prepare(base_logits, expert_logits, potential, alpha, seed, offset, params,
                              buffer_size=buffer_size, block_v=block_v, block_b=block_b, pass1_block_v=pass1_block_v)
+    check_row_sampling(row_temperature, row_top_k, row_top_p, *base_logits.shape, potential.device,
+                       params.temperature, params.top_k, params.top_p)
     if plan is None:
         return _empty_batch_outputs(base_logits.shape[0], potential)
     source = LogitsPasses.of(base_logits, expert_logits)
-    return select_exact(source, plan, scratch, potential, alpha, seed, offset, params, row_temperature=row_temperature)
+    return select_exact(source, plan, scratch, potential, alpha, seed, offset, params, row_temperature=row_temperature,
+                        row_top_k=row_top_k, row_top_p=row_top_p)
 
 
 def fused_guarded_select_with_overflow(

@@ -488,7 +488,7 @@ def fused_select_from_hidden(
     base_hidden: Tensor, expert_hidden: Tensor, base_head_weight: Tensor, expert_head_weight: Tensor | None,
     base_head_bias: Tensor | None, expert_head_bias: Tensor | None, potential: Tensor, alpha: Tensor, seed: Tensor,
     offset: Tensor, params: StepParams, *, num_splits: int | None = None, exact_fallback: bool = True,
-    row_temperature: Tensor | None = None,
+    row_temperature: Tensor | None = None, row_top_k: Tensor | None = None, row_top_p: Tensor | None = None,
 ) -> Outputs:
     """The hidden-state step on the Triton kernels (inputs already checked; ``expert_head_weight=None``:
     shared head; ``expert_head_bias=None``: the expert has no bias -- resolve sharing before calling).
@@ -506,7 +506,7 @@ def fused_select_from_hidden(
                                 shared=expert_head_weight is None, num_splits=num_splits)
     return launch.run(base_hidden, expert_hidden, base_head_weight, expert_head_weight, base_head_bias,
                       expert_head_bias, potential, alpha, seed, offset, params, exact_fallback=exact_fallback,
-                      row_temperature=row_temperature)
+                      row_temperature=row_temperature, row_top_k=row_top_k, row_top_p=row_top_p)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -545,7 +545,8 @@ class HiddenLaunch:
     def run(self, base_hidden: Tensor, expert_hidden: Tensor, base_head_weight: Tensor,
             expert_head_weight: Tensor | None, base_head_bias: Tensor | None, expert_head_bias: Tensor | None,
             potential: Tensor, alpha: Tensor, seed: Tensor, offset: Tensor, params: StepParams,
-            exact_fallback: bool = True, row_temperature: Tensor | None = None) -> Outputs:
+            exact_fallback: bool = True, row_temperature: Tensor | None = None, row_top_k: Tensor | None = None,
+            row_top_p: Tensor | None = None) -> Outputs:
         heads = (base_head_weight, expert_head_weight, base_head_bias, expert_head_bias)
         if self.materialise:
             from .fused_select import LogitsPasses
@@ -554,4 +555,5 @@ class HiddenLaunch:
         else:
             source = HiddenPasses(base_hidden, expert_hidden, *heads, self.grid_plan)
         return select_exact(source, self.plan, self.scratch, potential, alpha, seed, offset, params,
-                            exact_fallback=exact_fallback, row_temperature=row_temperature)
+                            exact_fallback=exact_fallback, row_temperature=row_temperature, row_top_k=row_top_k,
+                            row_top_p=row_top_p)

@@ -54,8 +54,10 @@ def pair_logits(base_hidden: Tensor, expert_hidden: Tensor, base_head_weight: Te
 
 
 def torch_select_from_hidden(*hidden_and_heads: Tensor | None, potential: Tensor, alpha: Tensor, seed: Tensor,
-                             offset: Tensor, params: StepParams, row_temperature: Tensor | None = None) -> Outputs:
+                             offset: Tensor, params: StepParams, row_temperature: Tensor | None = None,
+                             row_top_k: Tensor | None = None, row_top_p: Tensor | None = None) -> Outputs:
     """The hidden-state step's PyTorch body: ``pair_logits(*hidden_and_heads)`` (its six arguments; biases
     already resolved, None meaning no bias), then the CPU step."""
     base_logits, expert_logits = pair_logits(*hidden_and_heads)
-    return cpu_guarded_select(base_logits, expert_logits, potential, alpha, seed, offset, params, row_temperature)
+    return cpu_guarded_select(base_logits, expert_logits, potential, alpha, seed, offset, params, row_temperature,
+                              row_top_k, row_top_p)

@@ -39,8 +39,8 @@ import triton.language as tl
 
 from ..params import StepParams
 from .launcher import INTERPRETED, LAUNCH_OPTIONS, TILE_ELEMENTS, RowVectors, Scratch, SelectPlan, next_pow2
-from .select_tiles import (INDEX_NONE, KEY_NONE, fold_gumbel_max, order_key, rows_temperature, tile_log_probs,
-                           value_key, value_of)
+from .select_tiles import (INDEX_NONE, KEY_NONE, fold_gumbel_max, order_key, rows_temperature, rows_value,
+                           tile_log_probs, value_key, value_of)
 
 __all__ = ["RADIX_BITS", "decide_intersection_overflow"]
 
@@ -130,9 +130,9 @@ def _guarded_tile(lb_ptr, le_ptr, row, stride_b, stride_e, start, n_vocab, m_b, 
 def _intersection_fallback_kernel(
     lb_ptr, le_ptr, stride_b, stride_e, n_vocab, rowinfo_ptr, alpha_ptr, spike_ptr, over_ptr, tokens_ptr,
     seed_ptr, seed_stride, offset_ptr, offset_stride, k_min, need, score_floor, temperature, row_temperature_ptr,
-    top_k, top_p, outer_rounds, id_rounds,
+    top_k, top_p, outer_rounds, id_rounds, row_top_k_ptr, row_top_p_ptr,
     BT: tl.constexpr, R: tl.constexpr, SAMPLE: tl.constexpr, USE_TOPK: tl.constexpr, USE_TOPP: tl.constexpr,
-    ROW_T: tl.constexpr = 0,
+    ROW_T: tl.constexpr = 0, ROW_K: tl.constexpr = 0, ROW_P: tl.constexpr = 0,
 ):
     """The exact token of one spiked, flagged intersection row (see the module docstring); other
     programs return at once. SAMPLE: 0 greedy, else Gumbel-max sampling (with USE_TOPK / USE_TOPP)."""
@@ -193,8 +193,11 @@ def _intersection_fallback_kernel(
         else:
             # top-k: the k-th largest q = max(s, 0) (its value key; q >= 0: keys in [0, 2^31)), else 0
             kth_key = tl.zeros([1], tl.int64)
+            # the row's own top-k / top-p where given (new names: a runtime branch keeps the arguments' types)
+            row_k = rows_value(top_k, row_top_k_ptr, row + one, flagged, ROW_K)
+            row_p = rows_value(top_p, row_top_p_ptr, row + one, flagged, ROW_P)
             if USE_TOPK:
-                k = tl.minimum(top_k, n_vocab)
+                k = tl.minimum(row_k, n_vocab)
                 for i in range(32 // R):
                     shift = 32 - R * (i + 1)
                     cand = kth_key + (j << shift)
@@ -235,9 +238,9 @@ def _intersection_fallback_kernel(
                         p_max = tl.maximum(p_max, tl.max(prob, axis=1))
                     if i == 0:
                         mass0 = tl.sum(tl.where(j == 0, mass, 0.0), axis=0) + mass0
-                    t += tl.maximum(tl.sum((mass >= top_p).to(tl.int64), axis=0) - 1, 0) << shift
+                    t += tl.maximum(tl.sum((mass >= row_p).to(tl.int64), axis=0) - 1, 0) << shift
                 # the first key past t is the smallest kept probability
-                floor_p = tl.where(mass0 >= top_p, tl.minimum(value_of((t + 1).to(tl.int32)), p_max), 0.0)
+                floor_p = tl.where(mass0 >= row_p, tl.minimum(value_of((t + 1).to(tl.int32)), p_max), 0.0)
             # Gumbel-max over the kept tokens with the reference's noise (lowest id among equal maxima)
             seed = tl.load(seed_ptr + row * seed_stride + one)
             offset = tl.load(offset_ptr + row * offset_stride + one)
@@ -284,6 +287,6 @@ def decide_intersection_overflow(
         base_logits, expert_logits, base_logits.stride(0), expert_logits.stride(0), vocab, scratch.rowinfo, rows.alpha,
         spike, over, tokens, rows.seed, rows.seed_stride, rows.offset, rows.offset_stride,
         plan.kth, plan.need, params.score_floor, temperature=temperature, top_k=params.top_k, top_p=params.top_p,
-        outer_rounds=outer_rounds, id_rounds=id_rounds, **rows.temperature_arg,
+        outer_rounds=outer_rounds, id_rounds=id_rounds, **rows.temperature_arg, **rows.top_k_p_arg,
         BT=bt, R=r, SAMPLE=plan.sample, USE_TOPK=plan.use_topk, USE_TOPP=plan.use_topp, **LAUNCH_OPTIONS,
     )

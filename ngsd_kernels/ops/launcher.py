@@ -37,6 +37,7 @@ from .select_tiles import (
     order_key,
     raw_to_order_keys,
     rows_temperature,
+    rows_value,
     slots_kth_key,
     slots_kth_largest,
     slots_sample,
@@ -154,8 +155,10 @@ def _reduce_kernel(
 def _intersection_kernel(
     top_b_ptr, top_e_ptr, rowinfo_ptr, alpha_ptr, seed_ptr, seed_stride, offset_ptr, offset_stride,
     choice_ptr, over_ptr, n_rows, n_vocab, k_min, need, score_floor, temperature, row_temperature_ptr, top_k, top_p,
+    row_top_k_ptr, row_top_p_ptr,
     RB: tl.constexpr, K: tl.constexpr, EB: tl.constexpr, SAMPLE: tl.constexpr,
-    USE_TOPK: tl.constexpr, USE_TOPP: tl.constexpr, ROW_T: tl.constexpr = 0,
+    USE_TOPK: tl.constexpr, USE_TOPP: tl.constexpr, ROW_T: tl.constexpr = 0, ROW_K: tl.constexpr = 0,
+    ROW_P: tl.constexpr = 0,
 ):
     """Per row: SafeDecoding's grown intersection and the token of the row *if it spikes*.
 
@@ -217,8 +220,9 @@ def _intersection_kernel(
         total = tl.sum(tl.where(in_set, scores, 0.0), axis=1)
         # every token outside C has q = 0 and is never kept: the candidates are certain (no floor)
         token = keys_sample(tl.where(in_set, order_key(scores, ids_b), KEY_NONE), total, seed, offset, rows,
-                            rows_temperature(temperature, row_temperature_ptr, rows, rmask, ROW_T), top_k, top_p,
-                            USE_TOPK, USE_TOPP, ROW_T)
+                            rows_temperature(temperature, row_temperature_ptr, rows, rmask, ROW_T),
+                            rows_value(top_k, row_top_k_ptr, rows, rmask, ROW_K),
+                            rows_value(top_p, row_top_p_ptr, rows, rmask, ROW_P), USE_TOPK, USE_TOPP, ROW_T)
     tl.store(choice_ptr + rows, token, mask=rmask)
     tl.store(over_ptr + rows, overflow.to(tl.int32), mask=rmask)
 
@@ -275,10 +279,11 @@ def _finalize_kernel(
     potential_ptr, alpha_ptr, seed_ptr, seed_stride, offset_ptr, offset_stride,
     tokens_ptr, new_potential_ptr, spike_ptr, divergence_ptr, over_ptr,
     n_rows, n_chunks, n_vocab, decay, v_th, v_reset, rho, temperature, row_temperature_ptr, top_k, top_p,
+    row_top_k_ptr, row_top_p_ptr,
     RB: tl.constexpr, NCP: tl.constexpr, DIVERGENCE: tl.constexpr,
     GATE: tl.constexpr, MODE: tl.constexpr, SAMPLE: tl.constexpr, USE_TOPK: tl.constexpr,
     USE_TOPP: tl.constexpr, NEED_V0: tl.constexpr, SLOTS: tl.constexpr = 1, SB: tl.constexpr = 1,
-    ROW_T: tl.constexpr = 0,
+    ROW_T: tl.constexpr = 0, ROW_K: tl.constexpr = 0, ROW_P: tl.constexpr = 0,
 ):
     """Per row: divergence, LIF update, spike, and the token of the gate outcome that happened.
 
@@ -314,8 +319,9 @@ def _finalize_kernel(
             offset = tl.load(offset_ptr + rows * offset_stride, mask=rmask, other=0)
             token, overflow = slots_sample(
                 keys2_ptr, oslot * SLOTS, rmask, n_chunks * SLOTS, total, floor, seed, offset, rows,
-                rows_temperature(temperature, row_temperature_ptr, rows, rmask, ROW_T), top_k, top_p, USE_TOPK,
-                USE_TOPP, SB, NCP * SLOTS > SB, ROW_T,
+                rows_temperature(temperature, row_temperature_ptr, rows, rmask, ROW_T),
+                rows_value(top_k, row_top_k_ptr, rows, rmask, ROW_K),
+                rows_value(top_p, row_top_p_ptr, rows, rmask, ROW_P), USE_TOPK, USE_TOPP, SB, NCP * SLOTS > SB, ROW_T,
             )
         else:
             vals = tl.load(best_ptr + oslot[:, None] + c[None, :], mask=cm, other=float("-inf"))
@@ -633,16 +639,29 @@ class RowVectors:
     offset: torch.Tensor
     offset_stride: int
     temperature: torch.Tensor | None = None
+    top_k: torch.Tensor | None = None  # int32 [B]
+    top_p: torch.Tensor | None = None  # fp32 [B]
 
     @classmethod
     def of(cls, potential: torch.Tensor, alpha: torch.Tensor, seed: torch.Tensor, offset: torch.Tensor,
-           row_temperature: torch.Tensor | None = None) -> "RowVectors":
+           row_temperature: torch.Tensor | None = None, row_top_k: torch.Tensor | None = None,
+           row_top_p: torch.Tensor | None = None) -> "RowVectors":
         batch = potential.shape[0]
         seed_v, seed_stride = _per_row(seed, batch)
         offset_v, offset_stride = _per_row(offset, batch)
-        temperature = None if row_temperature is None else row_temperature.to(torch.float32).contiguous()
+
+        def vector(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+            return None if t is None else t.to(dtype).contiguous()
+
         return cls(potential.contiguous(), alpha.contiguous(), seed_v, seed_stride, offset_v, offset_stride,
-                   temperature)
+                   vector(row_temperature, torch.float32), vector(row_top_k, torch.int32),
+                   vector(row_top_p, torch.float32))
+
+    @property
+    def top_k_p_arg(self) -> dict:
+        """The kernels' per-row top-k / top-p pointers and switches (placeholders the switches never read)."""
+        return dict(row_top_k_ptr=self.alpha if self.top_k is None else self.top_k, ROW_K=int(self.top_k is not None),
+                    row_top_p_ptr=self.alpha if self.top_p is None else self.top_p, ROW_P=int(self.top_p is not None))
 
     @property
     def temperature_arg(self) -> dict:
@@ -710,7 +729,7 @@ def launch_select(
         _intersection_kernel[grid_rows](
             s.top_b, s.top_e, s.rowinfo, rows.alpha, rows.seed, rows.seed_stride, rows.offset, rows.offset_stride,
             s.choice, s.iover, batch, vocab, plan.kth, plan.need, params.score_floor, temperature=temperature,
-            top_k=params.top_k, top_p=params.top_p, **rows.temperature_arg,
+            top_k=params.top_k, top_p=params.top_p, **rows.temperature_arg, **rows.top_k_p_arg,
             RB=plan.row_block, K=k, EB=plan.inter_block, SAMPLE=plan.sample, USE_TOPK=plan.use_topk,
             USE_TOPP=plan.use_topp, **LAUNCH_OPTIONS,
         )
@@ -720,7 +739,7 @@ def launch_select(
         rows.potential, rows.alpha, rows.seed, rows.seed_stride, rows.offset, rows.offset_stride,
         tokens, new_potential, spike, current, over,
         batch, nc, vocab, 1.0 - 1.0 / params.tau, params.v_th, params.v_reset, params.rho, temperature=temperature,
-        top_k=params.top_k, top_p=params.top_p, **rows.temperature_arg,
+        top_k=params.top_k, top_p=params.top_p, **rows.temperature_arg, **rows.top_k_p_arg,
         RB=plan.row_block, NCP=plan.ncp, DIVERGENCE=plan.divergence,
         GATE=int(params.gate), MODE=plan.mode, SAMPLE=plan.sample, USE_TOPK=plan.use_topk, USE_TOPP=plan.use_topp,
         NEED_V0=plan.need_v0, SLOTS=plan.sample_slots, SB=plan.sample_block, **LAUNCH_OPTIONS,
@@ -747,6 +766,8 @@ def select_exact(
     params: StepParams,
     exact_fallback: bool = True,
     row_temperature: torch.Tensor | None = None,
+    row_top_k: torch.Tensor | None = None,
+    row_top_p: torch.Tensor | None = None,
 ) -> Outputs:
     """``launch_select``, then rows the buffers could not decide recomputed with the PyTorch reference.
 
@@ -754,21 +775,24 @@ def select_exact(
     flagged: intersection rows of a source without ``intersection_fallback`` (the hidden-state
     path); the logits path decides every flagged row on the GPU and returns no flags.
     ``exact_fallback=False`` skips it (CUDA-graph capture), leaving such rows with the buffer's answer.
-    ``row_temperature``: fp32 [B], each row's own temperature (``RowVectors``; the launch must sample).
+    ``row_temperature`` / ``row_top_k`` / ``row_top_p``: [B], each row's own (``RowVectors``; the launch
+    must use what they replace).
     """
-    rows = RowVectors.of(potential, alpha, seed, offset, row_temperature)
+    rows = RowVectors.of(potential, alpha, seed, offset, row_temperature, row_top_k, row_top_p)
     *outputs, overflow = launch_select(source, plan, scratch, rows, params)
     if overflow is not None and exact_fallback:
         row_ids = torch.nonzero(overflow).flatten()  # the one host synchronisation (hidden path, intersection)
         if row_ids.numel() > 0:
-            _recompute_rows(source, row_ids, outputs, potential, alpha, seed, offset, params, row_temperature)
+            _recompute_rows(source, row_ids, outputs, potential, alpha, seed, offset, params,
+                            (row_temperature, row_top_k, row_top_p))
     return tuple(outputs)
 
 
 def _recompute_rows(source: PassKernels, row_ids: torch.Tensor, outputs: list[torch.Tensor], potential: torch.Tensor,
                     alpha: torch.Tensor, seed: torch.Tensor, offset: torch.Tensor, params: StepParams,
-                    row_temperature: torch.Tensor | None = None) -> None:
-    """Overwrite `row_ids` of the outputs with the reference (rows are independent of each other)."""
+                    per_row: tuple[torch.Tensor | None, ...] = (None, None, None)) -> None:
+    """Overwrite `row_ids` of the outputs with the reference (rows are independent of each other);
+    ``per_row``: (row_temperature, row_top_k, row_top_p) of the whole batch."""
     seed_rows, offset_rows = seed.reshape(-1), offset.reshape(-1)
     if seed_rows.numel() != 1:
         seed_rows = seed_rows[row_ids]
@@ -777,7 +801,8 @@ def _recompute_rows(source: PassKernels, row_ids: torch.Tensor, outputs: list[to
     base_rows, expert_rows = source.row_logits(row_ids)
     exact = guarded_select_reference(
         base_rows, expert_rows, potential[row_ids], alpha[row_ids], seed_rows, offset_rows, params, row_ids=row_ids,
-        row_temperature=None if row_temperature is None else row_temperature[row_ids],
+        **{name: None if t is None else t[row_ids]
+           for name, t in zip(("row_temperature", "row_top_k", "row_top_p"), per_row)},
     )
     for out, value in zip(outputs, exact):
         out[row_ids] = value

@@ -843,6 +843,17 @@ def rows_temperature(temperature, row_temperature_ptr, rows, row_mask, ROW_T: tl
 
 
 @triton.jit
+def rows_value(value, ptr, rows, row_mask, PER_ROW: tl.constexpr):
+    """The launch's scalar ``value`` (top-k, top-p), or -- PER_ROW -- each row's own from ``ptr`` ([R]);
+    without PER_ROW the pointer is never read."""
+    if not PER_ROW:
+        out = value
+    else:
+        out = tl.load(ptr + rows, mask=row_mask, other=value)
+    return out
+
+
+@triton.jit
 def by_temperature(scores, log_q, gumbel, temperature, PER_ROW: tl.constexpr):
     """log_q / T + gumbel, the Gumbel-max values; with PER_ROW temperatures ([R, 1]) a row at T <= 0 gets
     its greedy ``scores`` instead (same arg-max rule: the largest, then the lowest id)."""

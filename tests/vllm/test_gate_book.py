@@ -115,22 +115,24 @@ def test_sampled_requests_without_a_seed_share_a_launch_and_seeded_ones_run_alon
         SamplingParams(temperature=0.8, top_p=0.9, seed=7),  # seeded: alone
         SamplingParams(temperature=0.8, top_p=0.9),
         SamplingParams(temperature=0.8, top_p=0.9),
-        SamplingParams(temperature=0.5),  # another setting: its own launch
+        SamplingParams(temperature=0.5),  # another kind (no top-p): its own launch
         SamplingParams(temperature=0.8, top_p=0.9, seed=7),  # the same seed as row 0, still alone
-        SamplingParams(temperature=1.3, top_p=0.9),  # another temperature only: the launch of rows 1 and 2
+        SamplingParams(temperature=1.3, top_p=0.5),  # another temperature and p only: the launch of rows 1 and 2
+        SamplingParams(temperature=0.8, top_k=20, top_p=0.9),  # top-k too: another kind
+        SamplingParams(temperature=0.8, top_k=5000, top_p=0.9),  # a top-k of the whole vocabulary is off
     ]
     book.update([], [(i, p, [1, 2], []) for i, p in enumerate(params)], [])
     rows = book.guarded(len(params))
     drawn = iter(range(100, 200))
-    step_params = lambda state: launch_setting(config, state)  # noqa: E731
+    step_params = lambda state: launch_setting(config, state, 1000)  # noqa: E731
     launches = sampled_launches(range(len(rows)), rows, step_params, lambda: next(drawn))
-    assert sorted(map(sorted, launches)) == [[0], [1, 2, 5], [3], [4]]
-    assert [state.seed for _, state in rows] == [7, 100, 101, 102, 7, 103]
+    assert sorted(map(sorted, launches)) == [[0], [1, 2, 5, 7], [3], [4], [6]]
+    assert [state.seed for _, state in rows] == [7, 100, 101, 102, 7, 103, 104, 105]
     # a drawn seed is kept: the next step draws nothing new
     assert sorted(map(sorted, sampled_launches(range(len(rows)), rows, step_params, lambda: next(drawn)))) == \
-        [[0], [1, 2, 5], [3], [4]]
-    assert [state.seed for _, state in rows] == [7, 100, 101, 102, 7, 103]
-    # grouped by every setting, temperature included (as before per-row temperatures), 5 runs alone
+        [[0], [1, 2, 5, 7], [3], [4], [6]]
+    assert [state.seed for _, state in rows] == [7, 100, 101, 102, 7, 103, 104, 105]
+    # grouped by every setting (as before per-row settings): one launch per distinct setting
     by_all = lambda state: config.step_params(state.step, *state.sampling)  # noqa: E731
     assert sorted(map(sorted, sampled_launches(range(len(rows)), rows, by_all, lambda: next(drawn)))) == \
-        [[0], [1, 2], [3], [4], [5]]
+        [[0], [1, 2], [3], [4], [5], [6], [7]]

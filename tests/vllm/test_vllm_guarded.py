@@ -84,17 +84,17 @@ def test_bad_extra_args_are_refused_at_admission(guarded_llm, prompt_ids, extra_
 
 def test_a_seeded_sampled_request_does_not_depend_on_its_sampled_neighbours(guarded_llm, prompt_ids):
     """Top-p sampling: a request with a seed decodes the same alone and among sampled requests without one,
-    which share one op launch a step (``gate_book.sampled_launches``), each at its own temperature (the
-    op's ``row_temperature``); theirs are full answers as well."""
+    which share one op launch a step (``gate_book.sampled_launches``), each at its own temperature and
+    top-p (the op's ``row_temperature`` / ``row_top_p``); theirs are full answers as well."""
     from vllm import SamplingParams
 
     from .conftest import NEW_TOKENS
 
-    def sampled(temperature: float = 0.8, **seed):
-        return SamplingParams(max_tokens=NEW_TOKENS, temperature=temperature, top_p=0.9, ignore_eos=True, **seed)
+    def sampled(temperature: float = 0.8, top_p: float = 0.9, **seed):
+        return SamplingParams(max_tokens=NEW_TOKENS, temperature=temperature, top_p=top_p, ignore_eos=True, **seed)
 
     alone = guarded_llm.generate([{"prompt_token_ids": prompt_ids[1]}], sampled(seed=1234), use_tqdm=False)
-    params = [sampled(1.3), sampled(seed=1234), sampled(0.4), sampled(), sampled(2.0)]
+    params = [sampled(1.3), sampled(seed=1234), sampled(0.4, 0.5), sampled(), sampled(2.0, 0.7)]
     batch = guarded_llm.generate([{"prompt_token_ids": prompt_ids[i]} for i in (0, 1, 2, 1, 3)], params,
                                  use_tqdm=False)
     assert _tokens(batch[1]) == _tokens(alone[0])

@@ -1,9 +1,10 @@
-"""Per-row temperatures: rows sampling at different temperatures (and greedy rows, T = 0) in one launch.
+"""Per-row sampling settings: rows sampling at different temperatures (and greedy rows, T = 0), top-k and
+top-p in one launch.
 
 Every backend must give each row the token the reference gives it (``guarded_select_reference(...,
-row_temperature=...)``), which is the token a launch of the whole batch at that row's temperature
-gives it: a row's draw depends on its own seed, offset, row index and temperature only. The kernels
-run under TRITON_INTERPRET=1 on CPU.
+row_temperature=..., row_top_k=..., row_top_p=...)``), which is the token a launch of the whole batch
+with that row's settings gives it: a row's draw depends on its own seed, offset, row index and settings
+only. The kernels run under TRITON_INTERPRET=1 on CPU.
 """
 
 from __future__ import annotations
@@ -117,11 +118,11 @@ def test_custom_op_takes_row_temperature_and_passes_opcheck():
 @pytest.mark.parametrize(
     "params, rows, message",
     [
-        (StepParams(), torch.tensor([0.5, 1.0]), "needs a sampled step"),
+        (StepParams(), torch.tensor([0.5, 1.0]), r"temperature=...\) above 0"),
         (StepParams(temperature=1.0), torch.tensor([0.5, -1.0]), "finite and >= 0"),
         (StepParams(temperature=1.0), torch.tensor([0.5, float("nan")]), "finite and >= 0"),
         (StepParams(temperature=1.0), torch.tensor([0.5, 1.0, 2.0]), "shape \\[2\\]"),
-        (StepParams(temperature=1.0), torch.tensor([1, 2]), "float tensor"),
+        (StepParams(temperature=1.0), torch.tensor([1, 2]), "a float tensor"),
     ],
     ids=["greedy-step", "negative", "nan", "wrong-shape", "integer"],
 )
@@ -130,3 +131,82 @@ def test_bad_row_temperatures_raise_clear_errors(params, rows, message):
     for backend in ("torch", "auto", "triton"):
         with pytest.raises(ValueError, match=message):
             guarded_select(*args, params=params, backend=backend, row_temperature=rows)
+
+
+# per-row top-k (within the launch's top_k, the buffer's size) and top-p (each in (0, 1))
+TOP_K = torch.tensor([1, 3, 12, 5, 12, 7, 2, 10], dtype=torch.int32)
+TOP_P = torch.tensor([0.3, 0.95, 0.6, 0.8, 0.5, 0.99, 0.7, 0.9])
+
+
+def per_row_launches(args, params: StepParams, temperatures: torch.Tensor, top_k: torch.Tensor | None,
+                     top_p: torch.Tensor | None) -> torch.Tensor:
+    """Each row's token from a reference launch of the whole batch with that row's settings."""
+    tokens = torch.empty(len(temperatures), dtype=torch.int64)
+    for row, t in enumerate(temperatures.tolist()):
+        own = params.with_(temperature=t)
+        if top_k is not None:
+            own = own.with_(top_k=int(top_k[row]))
+        if top_p is not None:
+            own = own.with_(top_p=float(top_p[row]))
+        tokens[row] = guarded_select_reference(*args, own)[0][row]
+    return tokens
+
+
+# SafeDecoding's candidate set holds a few tokens: only k of 1 or 2 cuts into it
+FEW_K = torch.tensor([1, 2, 1, 1, 2, 1, 2, 1], dtype=torch.int32)
+
+ROW_SETTINGS = {
+    "union-top-k": (StepParams(candidate_k=8, gate=GateMode.OPEN, temperature=1.0, top_k=12), TOP_K, None),
+    "union-lif-top-p": (StepParams(candidate_k=8, temperature=1.0, top_p=0.9), None, TOP_P),
+    "union-top-k-top-p": (StepParams(candidate_k=8, gate=GateMode.OPEN, temperature=1.0, top_k=12, top_p=0.9),
+                          TOP_K, TOP_P),
+    "intersection-top-k": (StepParams(candidate_k=8, min_candidates=3, gate=GateMode.OPEN, temperature=1.0,
+                                      candidate_mode=CandidateMode.INTERSECTION, top_k=12), FEW_K, None),
+}
+
+
+@pytest.mark.parametrize("name", list(ROW_SETTINGS))
+def test_kernels_give_every_row_the_token_of_its_own_top_k_and_top_p(name):
+    params, top_k, top_p = ROW_SETTINGS[name]
+    args = step_inputs()
+    want = guarded_select_reference(*args, params, row_temperature=TEMPERATURES, row_top_k=top_k, row_top_p=top_p)
+    assert torch.equal(want[0], per_row_launches(args, params, TEMPERATURES, top_k, top_p))
+    # the launch's own top-k / top-p for every row gets other tokens: the check below can tell
+    assert not torch.equal(guarded_select_reference(*args, params, row_temperature=TEMPERATURES)[0], want[0])
+    for backend in ("triton", "auto"):
+        got = guarded_select(*args, params=params, backend=backend, row_temperature=TEMPERATURES, row_top_k=top_k,
+                             row_top_p=top_p)
+        assert torch.equal(got[0], want[0]), (backend, got[0], want[0])
+
+
+def test_rows_whose_buffer_overflows_keep_their_own_top_p():
+    # flat rows: every row overflows its candidates and takes the device-side fallback with its own p
+    params = StepParams(candidate_k=8, gate=GateMode.OPEN, temperature=1.0, top_p=0.9)
+    base, expert, potential, alpha, seeds, offset = step_inputs()
+    args = (base * 0.01, expert * 0.01, potential, alpha, seeds, offset)
+    top_p = torch.tensor([0.05, 0.95, 0.02, 0.5, 0.05, 0.99, 0.1, 0.03])  # small nuclei of flat rows bind
+    want = guarded_select_reference(*args, params, row_temperature=TEMPERATURES, row_top_p=top_p)
+    assert not torch.equal(guarded_select_reference(*args, params, row_temperature=TEMPERATURES)[0], want[0])
+    got = guarded_select(*args, params=params, backend="triton", row_temperature=TEMPERATURES, row_top_p=top_p)
+    assert torch.equal(got[0], want[0])
+
+
+@pytest.mark.parametrize(
+    "params, kwargs, message",
+    [
+        (StepParams(temperature=1.0), dict(row_top_k=torch.tensor([1, 2])), "top_k in \\[1, 19\\]"),
+        (StepParams(top_k=5), dict(row_top_k=torch.tensor([1, 2])), "temperature"),
+        (StepParams(temperature=1.0, top_k=5), dict(row_top_k=torch.tensor([1, 6])), "in \\[1, 5\\]"),
+        (StepParams(temperature=1.0, top_k=5), dict(row_top_k=torch.tensor([0, 2])), "in \\[1, 5\\]"),
+        (StepParams(temperature=1.0, top_k=5), dict(row_top_k=torch.tensor([1.0, 2.0])), "an integer tensor"),
+        (StepParams(temperature=1.0), dict(row_top_p=torch.tensor([0.5, 0.9])), "top_p below 1"),
+        (StepParams(temperature=1.0, top_p=0.9), dict(row_top_p=torch.tensor([0.5, 1.0])), "in \\(0, 1\\)"),
+        (StepParams(temperature=1.0, top_p=0.9), dict(row_top_p=torch.tensor([0.0, 0.5])), "in \\(0, 1\\)"),
+    ],
+    ids=["top-k-off", "greedy-step", "above-the-step", "zero", "float-k", "top-p-off", "p-one", "p-zero"],
+)
+def test_bad_row_top_k_and_top_p_raise_clear_errors(params, kwargs, message):
+    args = step_inputs(batch=2, vocab=20)
+    for backend in ("torch", "auto", "triton"):
+        with pytest.raises(ValueError, match=message):
+            guarded_select(*args, params=params, backend=backend, **kwargs)
