@@ -264,9 +264,10 @@ def enumerate_jobs(hidden: int) -> tuple[list[KernelJob], set[str]]:
         one_axis = sum([div != "TV", cand != "union", samp != "greedy", k != "K=64", "gate" in label]) <= 1
         for dtype in ("bf16", "fp16", "fp32"):
             add(logits_jobs(label, fields, dtype), one_axis and (dtype == "bf16" or label == base))
-        if samp == "greedy" and div == "TV" and cand == "union" and "gate" not in label:
-            for batch in (1, 256):
-                add(hidden_jobs(label, fields, "bf16", batch, hidden), True)
+        # the hidden-state path (bf16) for every mode: the fused kernels where they run it (greedy and
+        # temperature sampling, buffers up to 64), else the GEMM + logits kernels at that batch
+        for batch in (1, 256):
+            add(hidden_jobs(label, fields, "bf16", batch, hidden), one_axis)
     # the roofline's smaller batches and the default model's vocabulary (SmolLM2, V = 49152: 12 chunks) plan
     # the same [1, 4096] tiles but other per-row constants (rows per program, chunks, chunk groups): their
     # greedy / TV / union / K = 64 launches, bf16
