@@ -276,16 +276,18 @@ def enumerate_jobs(hidden: int) -> tuple[list[KernelJob], set[str]]:
         add(logits_jobs(f"{base} (B={batch})", base_fields, "bf16", batch, vocab), True)
     # per-row sampling settings (``row_temperature`` / ``row_top_k`` / ``row_top_p``: vLLM's shared launches of
     # sampled requests): the kernels that read them, compiled with ROW_T / ROW_K / ROW_P = 1, for the
-    # sampled TV / K = 64 modes, bf16
+    # sampled TV / K = 64 modes, bf16, on the logits path and the hidden-state path
     for label, fields in modes:
         div, cand, samp, k = label.split("/")[:4]
         if samp != "greedy" and div == "TV" and k == "K=64":
             add(with_row_sampling(logits_jobs(f"{label}/per-row", fields, "bf16")), True)
+            for batch in (1, 256):
+                add(with_row_sampling(hidden_jobs(f"{label}/per-row", fields, "bf16", batch, hidden)), True)
     return list(everything.values()), cover
 
 
-ROW_T_KERNELS = ("_pass2_kernel", "_intersection_kernel", "_finalize_kernel", "_sample_fallback_kernel",
-                 "_intersection_fallback_kernel")
+ROW_T_KERNELS = ("_pass2_kernel", "_hs_pass2_kernel", "_intersection_kernel", "_finalize_kernel",
+                 "_sample_fallback_kernel", "_intersection_fallback_kernel")
 
 
 def with_row_sampling(jobs: list[KernelJob]) -> list[KernelJob]:
@@ -296,7 +298,7 @@ def with_row_sampling(jobs: list[KernelJob]) -> list[KernelJob]:
     for j in jobs:
         if j.name in ROW_T_KERNELS:
             extra = dict(ROW_T=1)
-            if j.name != "_pass2_kernel":
+            if j.name not in ("_pass2_kernel", "_hs_pass2_kernel"):
                 extra.update(ROW_K=int(j.constants.get("USE_TOPK", 0)), ROW_P=int(j.constants.get("USE_TOPP", 0)))
             j = KernelJob(j.module, j.name, j.dtype, dict(j.constants, **extra), j.role, j.path, j.logits_per_tile,
                           j.inner_trips, list(j.modes), j.outer_trips, j.num_warps)

@@ -84,7 +84,7 @@ def test_enumeration_covers_every_k_dtype_and_mode():
         assert any(key.startswith("_pass2_kernel[") and f"SAMPLE={sample}]" in key for key in listed), sample
     # per-row sampling settings (vLLM's shared launches): the kernels that read them, with ROW_T = 1
     assert {key.split("[")[0] for key in listed if "ROW_T=1" in key} == {
-        "_pass2_kernel", "_intersection_kernel", "_finalize_kernel", "_sample_fallback_kernel",
+        "_pass2_kernel", "_hs_pass2_kernel", "_intersection_kernel", "_finalize_kernel", "_sample_fallback_kernel",
         "_intersection_fallback_kernel"}
 
 
