@@ -72,9 +72,9 @@ def guarded_select(
     _check_backend(backend)
     seed, offset = default_seed_offset(seed, offset, base_logits.device)
     check_step_inputs(base_logits, expert_logits, potential, alpha, seed, offset)
-    check_row_sampling(row_temperature, row_top_k, row_top_p, *base_logits.shape, potential.device,
-                       params.temperature, params.top_k, params.top_p)
-    if backend == "torch":
+    if backend == "torch":  # (the ops check the per-row settings themselves)
+        check_row_sampling(row_temperature, row_top_k, row_top_p, *base_logits.shape, potential.device,
+                           params.temperature, params.top_k, params.top_p)
         return guarded_select_reference(base_logits, expert_logits, potential, alpha, seed, offset, params,
                                         row_temperature=row_temperature, row_top_k=row_top_k,
                                         row_top_p=row_top_p)
@@ -122,11 +122,11 @@ def guarded_select_from_hidden(
     seed, offset = default_seed_offset(seed, offset, base_hidden.device)
     check_hidden_inputs(base_hidden, expert_hidden, base_head_weight, expert_head_weight, base_head_bias,
                         expert_head_bias, potential, alpha, seed, offset)
-    check_row_sampling(row_temperature, row_top_k, row_top_p, base_hidden.shape[0], base_head_weight.shape[0],
-                       potential.device, params.temperature, params.top_k, params.top_p)
     heads = (base_head_weight, expert_head_weight, base_head_bias,
              expert_bias(expert_head_weight, base_head_bias, expert_head_bias))
-    if backend == "torch":
+    if backend == "torch":  # (the ops check the per-row settings themselves)
+        check_row_sampling(row_temperature, row_top_k, row_top_p, base_hidden.shape[0], base_head_weight.shape[0],
+                           potential.device, params.temperature, params.top_k, params.top_p)
         base_logits, expert_logits = pair_logits(base_hidden, expert_hidden, *heads)
         return guarded_select_reference(base_logits, expert_logits, potential, alpha, seed, offset, params,
                                         row_temperature=row_temperature, row_top_k=row_top_k,

@@ -173,8 +173,5 @@ class GuardedSelector:
             return self._hidden_launches[shared].run(base_hidden, expert_hidden, *heads, potential, alpha, seed,
                                                      offset, self.params, **per_row)
         base_logits, expert_logits = pair_logits(base_hidden, expert_hidden, *heads)
-        if self.backend == "torch":
-            return guarded_select_reference(base_logits, expert_logits, potential, alpha, seed, offset, self.params,
-                                            **per_row)
-        return cpu_guarded_select(base_logits, expert_logits, potential, alpha, seed, offset, self.params,
-                                  **per_row)
+        step = guarded_select_reference if self.backend == "torch" else cpu_guarded_select
+        return step(base_logits, expert_logits, potential, alpha, seed, offset, self.params, **per_row)

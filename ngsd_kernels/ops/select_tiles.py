@@ -835,10 +835,9 @@ def rows_temperature(temperature, row_temperature_ptr, rows, row_mask, ROW_T: tl
     """The temperature a launch's rows sample at: the launch's scalar, or -- ROW_T: ``row_temperature_ptr``
     holds fp32 [B] -- each row's own, as [R, 1] (a row at T <= 0 decodes greedily: ``by_temperature``).
     Without ROW_T the pointer is never read (the launcher passes any tensor; the AOT build alpha's)."""
-    if not ROW_T:
-        out = temperature
-    else:
-        out = tl.load(row_temperature_ptr + rows, mask=row_mask, other=1.0)[:, None]
+    out = rows_value(temperature, row_temperature_ptr, rows, row_mask, ROW_T)
+    if ROW_T:
+        out = out[:, None]
     return out
 
 
