@@ -78,7 +78,7 @@ _POINTER_TYPES = {
     "keys2_ptr": "i64", "mass_ptr": "fp32", "potential_ptr": "fp32", "alpha_ptr": "fp32", "seed_ptr": "i64",
     "offset_ptr": "i64", "tokens_ptr": "i64", "new_potential_ptr": "fp32", "spike_ptr": "i1",
     "divergence_ptr": "fp32", "over_ptr": "i1", "biasb_ptr": "fp32", "biase_ptr": "fp32",
-    "row_temperature_ptr": "fp32", "row_top_k_ptr": "i32", "row_top_p_ptr": "fp32",
+    "row_temperature_ptr": "fp32", "row_top_k_ptr": "i32", "row_top_p_ptr": "fp32", "tickets_ptr": "i32",
 }
 _FLOAT_SCALARS = {"temperature", "decay", "v_th", "v_reset", "rho", "top_p", "score_floor"}
 _UNIT_STRIDES = {"s_hb1", "s_he1", "s_wb1", "s_we1"}  # contiguous rows: the JIT specialises them to 1
@@ -104,11 +104,13 @@ class KernelJob:
     # per-row kernels: trips of a runtime loop that holds other loops (bisection rounds; see per_tile_instructions)
     outer_trips: int = 1
     num_warps: int = NUM_WARPS
+    maxnreg: int = 0  # the launch's register cap (0: ptxas's choice)
 
     def key(self) -> str:
         consts = ",".join(f"{k}={v}" for k, v in sorted(self.constants.items()))
         warps = "" if self.num_warps == NUM_WARPS else f"|warps={self.num_warps}"
-        return f"{self.name}[{self.dtype}|{consts}{warps}]"
+        cap = f"|maxnreg={self.maxnreg}" if self.maxnreg else ""
+        return f"{self.name}[{self.dtype}|{consts}{warps}{cap}]"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,20 +139,25 @@ def _modes() -> list[tuple[str, dict]]:
     return out
 
 
-def _row_kernel_jobs(plan, path: str, label: str, dense: int = 0) -> list[KernelJob]:
+def _row_kernel_jobs(plan, path: str, label: str, dense: int = 0, folded: bool = False) -> list[KernelJob]:
+    """``folded``: the reduce runs inside pass 1 (``_pass1_reduce_kernel``), on the pass-1 program's BB rows;
+    its job (``_reduce_kernel`` with RB = BB) stands for that tail's instructions per row."""
     from ngsd_kernels.params import CandidateMode
 
     mod = "ngsd_kernels.ops.launcher"
     k = plan.buffer
+    # folded: the logits pass 1 reduces its BB rows at once, the hidden-state pass 1 one row at a time
+    reduce_rb = (1 if path == "hidden" else plan.block_b) if folded else plan.row_block
+    group = plan.chunk_group
     # trips of the runtime loops over chunk groups (one trip per group: the report multiplies them out)
     groups = -(-plan.n_chunks // plan.chunk_group)
     # the reduce reads pass 1's chunks (wider than pass 2's for buffers of 1024: SelectPlan.pass1_block_v)
-    trips = dict(inner_trips=-(-plan.pass1_chunks // plan.chunk_group))
+    trips = dict(inner_trips=-(-plan.pass1_chunks // group))
     if plan.key_kind == 1:
         # union: the reduce re-reads a row's slots in steps of launcher.value_key_step (CG chunks' slots, capped)
         from ngsd_kernels.ops.launcher import value_key_step
 
-        step = value_key_step(plan.row_block, plan.chunk_group, plan.slots, plan.pass1_ncp)
+        step = value_key_step(reduce_rb, group, plan.slots, plan.pass1_ncp)
         trips = dict(inner_trips=-(-plan.pass1_chunks * plan.slots // step))
     if plan.key_kind == 2:
         # intersection: 64 bisection rounds over the row's keys, KB a load (select_tiles.slots_kth_key);
@@ -158,7 +165,7 @@ def _row_kernel_jobs(plan, path: str, label: str, dense: int = 0) -> list[Kernel
         blocks = -(-plan.pass1_ncp * plan.slots // plan.key_block)
         trips = dict(inner_trips=blocks, outer_trips=64) if blocks > 1 else dict(inner_trips=64)
     jobs = [KernelJob(mod, "_reduce_kernel", "-", dict(
-        RB=plan.row_block, NCP=plan.pass1_ncp, K=k, CG=plan.chunk_group, NEED_KEYS=int(plan.need_keys),
+        RB=reduce_rb, NCP=plan.pass1_ncp, K=k, CG=group, NEED_KEYS=int(plan.need_keys),
         STORE_TOP=int(plan.mode == CandidateMode.INTERSECTION and plan.need_keys),
         VALUE_KEYS=int(plan.key_kind == 1), DENSE=dense, SLOTS=plan.slots,
         **({"KB": plan.key_block} if plan.key_kind == 2 else {})), "reduce", path, 0, **trips)]
@@ -174,7 +181,7 @@ def _row_kernel_jobs(plan, path: str, label: str, dense: int = 0) -> list[Kernel
         inner_trips=(-(-plan.ncp * plan.sample_slots // plan.sample_block) if plan.sample == 2
                      else max(1, groups - 1)), outer_trips=31 if plan.sample == 2 else 1))
     for job in jobs:
-        job.modes.append(label)
+        job.modes.append(f"{label} (inside pass 1)" if folded and job.role == "reduce" else label)
     return jobs
 
 
@@ -187,11 +194,15 @@ def logits_jobs(label: str, fields: dict, dtype: str, batch: int = 256, vocab: i
     mod = "ngsd_kernels.ops.fused_select"
     tile = dict(BB=plan.block_b, BV=plan.block_v, K=plan.buffer)
     per_tile = 2 * plan.block_b * plan.block_v
+    # pass 1 with the reduce folded in (SelectPlan.fold_reduce): the kernel the step launches
+    pass1_name, fold = ("_pass1_reduce_kernel", dict(NCP=plan.pass1_ncp, CG=plan.chunk_group, REDUCE=1)) \
+        if plan.fold_reduce else ("_pass1_kernel", {})
     jobs = [
         # (intersection: the cold exact path's bisections are 64-round runtime loops, select_tiles.tile_kth_key)
-        KernelJob(mod, "_pass1_kernel", dtype, dict(tile, BV=plan.pass1_bv, KEYS=plan.key_kind, SLOTS=plan.slots,
-                                                    FALLBACK=1), "pass1", "logits", 2 * plan.block_b * plan.pass1_bv,
-                  inner_trips=64 if plan.key_kind == 2 else 1, num_warps=plan.pass1_warps),
+        KernelJob(mod, pass1_name, dtype, dict(tile, BV=plan.pass1_bv, KEYS=plan.key_kind, SLOTS=plan.slots,
+                                               FALLBACK=1, **fold), "pass1", "logits", 2 * plan.block_b * plan.pass1_bv,
+                  inner_trips=64 if plan.key_kind == 2 else 1, num_warps=plan.pass1_warps,
+                  maxnreg=plan.pass1_maxnreg if plan.fold_reduce else 0),
         KernelJob(mod, "_pass2_kernel", dtype, dict(tile, DIVERGENCE=plan.divergence, SAMPLE=plan.sample,
                                                     NEED_V0=int(plan.need_v0), NEED_V1=int(plan.need_v1)),
                   "pass2", "logits", per_tile, num_warps=plan.pass2_warps),
@@ -211,7 +222,7 @@ def logits_jobs(label: str, fields: dict, dtype: str, batch: int = 256, vocab: i
     for job in jobs:
         job.modes.append(f"logits {dtype} {label}")
     dense = {"bf16": 1, "fp16": 2}.get(dtype, 0) if plan.key_kind == 1 else 0
-    return jobs + _row_kernel_jobs(plan, "logits", f"logits {label}", dense)
+    return jobs + _row_kernel_jobs(plan, "logits", f"logits {label}", dense, folded=plan.fold_reduce)
 
 
 def hidden_jobs(label: str, fields: dict, dtype: str, batch: int, hidden: int, vocab: int = 131072) -> list[KernelJob]:
@@ -227,8 +238,11 @@ def hidden_jobs(label: str, fields: dict, dtype: str, batch: int, hidden: int, v
                 BLOCK_H=grid["block_h"], UPCAST=int(dtype == "fp32"), K=plan.buffer)
     per_tile = 2 * grid["block_b"] * grid["block_v"]
     trips = -(-hidden // grid["block_h"])
+    # B <= 2: the reduce inside pass 1 (SelectPlan.fold_reduce), one row at a time
+    pass1_name, fold = ("_hs_pass1_reduce_kernel", dict(NCP=plan.ncp, CG=plan.chunk_group, REDUCE=1)) \
+        if plan.fold_reduce else ("_hs_pass1_kernel", {})
     jobs = [
-        KernelJob(mod, "_hs_pass1_kernel", dtype, dict(tile, KEYS=plan.key_kind), "pass1", "hidden", per_tile,
+        KernelJob(mod, pass1_name, dtype, dict(tile, KEYS=plan.key_kind, **fold), "pass1", "hidden", per_tile,
                   trips, num_warps=grid["pass1_warps"]),
         KernelJob(mod, "_hs_pass2_kernel", dtype, dict(tile, DIVERGENCE=plan.divergence, SAMPLE=plan.sample,
                                                        NEED_V0=int(plan.need_v0), NEED_V1=int(plan.need_v1)),
@@ -236,7 +250,7 @@ def hidden_jobs(label: str, fields: dict, dtype: str, batch: int, hidden: int, v
     ]
     for job in jobs:
         job.modes.append(f"hidden {dtype} B={batch} {label}")
-    return jobs + _row_kernel_jobs(plan, "hidden", f"hidden B={batch} {label}")
+    return jobs + _row_kernel_jobs(plan, "hidden", f"hidden B={batch} {label}", folded=plan.fold_reduce)
 
 
 def enumerate_jobs(hidden: int) -> tuple[list[KernelJob], set[str]]:
@@ -301,7 +315,7 @@ def with_row_sampling(jobs: list[KernelJob]) -> list[KernelJob]:
             if j.name not in ("_pass2_kernel", "_hs_pass2_kernel"):
                 extra.update(ROW_K=int(j.constants.get("USE_TOPK", 0)), ROW_P=int(j.constants.get("USE_TOPP", 0)))
             j = KernelJob(j.module, j.name, j.dtype, dict(j.constants, **extra), j.role, j.path, j.logits_per_tile,
-                          j.inner_trips, list(j.modes), j.outer_trips, j.num_warps)
+                          j.inner_trips, list(j.modes), j.outer_trips, j.num_warps, j.maxnreg)
         out.append(j)
     return out
 
@@ -445,7 +459,7 @@ def compile_job(job: KernelJob, arch: int) -> dict:
     os.environ.pop("TRITON_INTERPRET", None)
     sys.path.insert(0, str(REPO))
     row = dict(kernel=job.name, path=job.path, role=job.role, dtype=job.dtype, arch=arch, constants=job.constants,
-               modes=job.modes, logits_per_tile=job.logits_per_tile)
+               modes=job.modes, logits_per_tile=job.logits_per_tile, **({"maxnreg": job.maxnreg} if job.maxnreg else {}))
     start = time.time()
     try:
         import triton
@@ -458,7 +472,8 @@ def compile_job(job: KernelJob, arch: int) -> dict:
         kernel = getattr(__import__(job.module, fromlist=[job.name]), job.name)
         signature, constants, attrs = _signature(job, list(kernel.arg_names))
         target = GPUTarget("cuda", arch, 32)
-        options = dict(num_warps=job.num_warps, num_stages=NUM_STAGES, **LAUNCH_OPTIONS)
+        options = dict(num_warps=job.num_warps, num_stages=NUM_STAGES, **LAUNCH_OPTIONS,
+                       **({"maxnreg": job.maxnreg} if job.maxnreg else {}))
         compiled = triton.compile(ASTSource(kernel, signature, constants, attrs), target=target, options=options)
         cubin = compiled.asm["cubin"]
         with tempfile.TemporaryDirectory() as tmp:
@@ -478,8 +493,13 @@ def compile_job(job: KernelJob, arch: int) -> dict:
     total_shared = dynamic_shared + usage.get("SHARED", 0)
     threads = 32 * job.num_warps
     # the logits pass 1 has no tile loop: its only loops are the cold path's bisection rounds
-    logits_pass1 = job.name == "_pass1_kernel"
-    executed, how = per_tile_instructions(sass, job.inner_trips, per_row=not job.logits_per_tile or logits_pass1,
+    logits_pass1 = job.name in ("_pass1_kernel", "_pass1_reduce_kernel")
+    counted = sass
+    if job.name == "_hs_pass1_reduce_kernel":
+        # the tile loop is counted without the folded reduce (its row loop would pass for the tile loop);
+        # the reduce's own job (_reduce_kernel, RB = 1) gives its instructions per row
+        counted = _fast_path_sass(job, arch, signature, constants, attrs, target, options, dict(REDUCE=0))
+    executed, how = per_tile_instructions(counted, job.inner_trips, per_row=not job.logits_per_tile or logits_pass1,
                                           outer_trips=job.outer_trips)
     row.update(
         status="ok", compile_s=round(time.time() - start, 1), registers=usage.get("REG"), stack_bytes=usage.get("STACK"),
@@ -492,10 +512,11 @@ def compile_job(job: KernelJob, arch: int) -> dict:
     )
     row.update(_spill_bytes(compiled.asm["ptx"], arch) if usage.get("STACK", 0) else
                dict(spill_store_bytes=0, spill_load_bytes=0))
-    if job.name == "_pass1_kernel" and job.constants.get("KEYS") in (1, 2) and job.constants.get("SLOTS"):
+    if logits_pass1 and (job.constants.get("KEYS") in (1, 2) and job.constants.get("SLOTS") or "REDUCE" in job.constants):
         # union pass 1 holds a cold exact fallback (rows with more than SLOTS entries above their
-        # group-maxima bound: select_tiles.pass1_store_tile), which the static count above includes:
-        # the same kernel without it gives what a tile executes when no row needs it
+        # group-maxima bound: select_tiles.pass1_store_tile), and the folded pass 1 the reduce of its row
+        # block (run by one program of the block's chunks), which the static count above includes:
+        # the same kernel without them gives what a tile executes when no row needs the fallback
         fast = _fast_path_sass(job, arch, signature, constants, attrs, target, options)
         row.update(fast_path_sass_total=fast["total"],
                    fast_path_instr_per_logit=round(fast["total"] * threads / job.logits_per_tile, 2),
@@ -503,13 +524,18 @@ def compile_job(job: KernelJob, arch: int) -> dict:
     return row
 
 
-def _fast_path_sass(job: KernelJob, arch: int, signature: dict, constants: dict, attrs: dict, target, options) -> dict:
-    """parse_sass of the kernel compiled with FALLBACK=0 (its loop-free fast path)."""
+def _fast_path_sass(job: KernelJob, arch: int, signature: dict, constants: dict, attrs: dict, target, options,
+                    overrides: dict | None = None) -> dict:
+    """parse_sass of the kernel compiled with FALLBACK=0 (and REDUCE=0 where folded): its loop-free fast path;
+    ``overrides``: other constants instead."""
     import triton
     from triton.compiler import ASTSource
 
     kernel = getattr(__import__(job.module, fromlist=[job.name]), job.name)
-    compiled = triton.compile(ASTSource(kernel, signature, dict(constants, FALLBACK=0), attrs), target=target,
+    if overrides is None:
+        overrides = dict(FALLBACK=0, **({"REDUCE": 0} if "REDUCE" in constants else {}))
+    fast = dict(constants, **overrides)
+    compiled = triton.compile(ASTSource(kernel, signature, fast, attrs), target=target,
                               options=options)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "k.cubin"
@@ -692,7 +718,9 @@ def roofline(report: dict, dtype: str = "bf16") -> str:
             p2 = find("pass2", SAMPLE=0, DIVERGENCE=0, NEED_V1=1, **tile)
             # per-row kernels: the compiled V = 131072 plan of this batch size stands in for every V
             v_plan = plan_select(batch, 131072, StepParams())
-            rows_kw = dict(K=plan.buffer, NCP=v_plan.ncp, RB=v_plan.row_block, CG=v_plan.chunk_group)
+            # the reduce folded into pass 1 runs on the last program of each pass-1 row block (BB rows)
+            reduce_rb = v_plan.block_b if v_plan.fold_reduce else v_plan.row_block
+            rows_kw = dict(K=plan.buffer, NCP=v_plan.ncp, RB=reduce_rb, CG=v_plan.chunk_group)
             red = find("reduce", STORE_TOP=0, DENSE=1, **rows_kw)
             fin = find("finalize", SAMPLE=0, MODE=0, DIVERGENCE=0, GATE=0, NCP=v_plan.ncp, RB=v_plan.row_block)
             programs = -(-batch // plan.block_b) * plan.n_chunks
@@ -706,7 +734,7 @@ def roofline(report: dict, dtype: str = "bf16") -> str:
             for slots in (1, SHFL_SLOTS):
                 t1 = _pass_time_s(p1, programs, slots)
                 t2 = _pass_time_s(p2, programs, slots)
-                tr = _pass_time_s(red, rows_programs, slots) + _pass_time_s(fin, rows_programs, slots)
+                tr = _pass_time_s(red, -(-batch // reduce_rb), slots) + _pass_time_s(fin, rows_programs, slots)
                 # a pass cannot beat its share of the bytes either
                 t1 = max(t1, (logits_bytes / 2 + keys_bytes / 2) / HBM_BYTES_PER_S)
                 t2 = max(t2, logits_bytes / 2 / HBM_BYTES_PER_S)

@@ -72,14 +72,17 @@ def test_enumeration_covers_every_k_dtype_and_mode():
     listed = [line[2:].split(" (")[0] for line in run.stdout.splitlines() if line[:2] in ("* ", "  ")]
     chosen = [line[2:].split(" (")[0] for line in run.stdout.splitlines() if line.startswith("* ")]
     assert SMALL_KEY in chosen and len(listed) > len(chosen) > 20
-    pass1 = [key for key in listed if key.startswith("_pass1_kernel[")]
+    pass1 = [key for key in listed if key.startswith(("_pass1_kernel[", "_pass1_reduce_kernel["))]
     constants = [set(key[key.index("[") + 1 : -1].replace("|", ",").split(",")) for key in pass1]
     for part in ("K=64", "K=256", "K=1024", "bf16", "fp16", "fp32", "KEYS=0", "KEYS=1", "KEYS=2"):
         assert any(part in c for c in constants), part  # every buffer size, dtype, key kind (shut/union/inter.)
+    # the reduce runs inside pass 1 except in intersection mode (SelectPlan.fold_reduce)
+    assert all(("KEYS=2" in key) == key.startswith("_pass1_kernel[") for key in pass1)
     # the fused hidden-state kernels are planned up to K = 64 (hidden_select.HIDDEN_MAX_BUFFER); larger
-    # buffers run the logits kernels on materialised fp32 logits
-    hidden = [key for key in listed if key.startswith("_hs_pass1_kernel[")]
+    # buffers run the logits kernels on materialised fp32 logits; at B = 1 their pass 1 holds the reduce
+    hidden = [key for key in listed if key.startswith(("_hs_pass1_kernel[", "_hs_pass1_reduce_kernel["))]
     assert any("K=64," in key for key in hidden) and not any(f"K={k}," in key for k in (256, 1024) for key in hidden)
+    assert any(key.startswith("_hs_pass1_reduce_kernel[") for key in hidden)
     for sample in (0, 1, 2):
         assert any(key.startswith("_pass2_kernel[") and f"SAMPLE={sample}]" in key for key in listed), sample
     # per-row sampling settings (vLLM's shared launches): the kernels that read them, with ROW_T = 1
@@ -128,3 +131,29 @@ def test_per_row_sampling_fallbacks_compile_for_sm90(tmp_path):
                 r for r in rows if r["status"] != "not compiled (--full)"}
     assert sorted(compiled) == sorted(ROW_T_KEYS)
     assert all(r["status"] == "ok" and r["spill_store_bytes"] == 0 for r in compiled.values()), compiled
+
+
+FOLDED_KEYS = (
+    "_pass1_reduce_kernel[bf16|BB=1,BV=4096,CG=32,FALLBACK=1,K=16,KEYS=0,NCP=32,REDUCE=1,SLOTS=16]",
+    "_pass1_reduce_kernel[bf16|BB=1,BV=4096,CG=32,FALLBACK=1,K=64,KEYS=1,NCP=32,REDUCE=1,SLOTS=128]",
+    "_hs_pass1_reduce_kernel[bf16|BLOCK_B=8,BLOCK_H=64,BLOCK_V=64,CG=32,HAS_BIAS_B=0,HAS_BIAS_E=0,K=16,KEYS=0,"
+    "NCP=256,REDUCE=1,SHARED=1,UPCAST=0]",
+)
+
+
+@pytest.mark.skipif(bool(_missing_tools()), reason=f"Triton's ptxas/cuobjdump not shipped here: {_missing_tools()}")
+def test_pass_1_with_the_reduce_folded_in_compiles_for_sm90_without_spills(tmp_path):
+    # the interpreter runs the ticket (an atomic returning a scalar, a runtime branch, a noinline call)
+    # whatever the compiler would make of it: the default step's pass 1 and the hidden path's, compiled
+    run = subprocess.run(
+        [sys.executable, str(SCRIPT), "--full", "--arch", "90", "--jobs", "1", "--budget", "240", "--only",
+         ";".join(FOLDED_KEYS), "--out", str(tmp_path)],
+        capture_output=True, text=True, env=_without_interpreter(), cwd=REPO, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = [r for r in json.loads((tmp_path / "kernel_report.json").read_text())["rows"]
+            if r["status"] != "not compiled (--full)"]
+    assert sorted(r["kernel"] for r in rows) == sorted(key.split("[")[0] for key in FOLDED_KEYS)
+    assert all(r["status"] == "ok" and r["spill_store_bytes"] == 0 for r in rows), rows
+    union = next(r for r in rows if r["constants"].get("KEYS") == 1)
+    assert union["fast_path_instr_per_logit"] <= 40  # the tile's instructions, without the block's reduce

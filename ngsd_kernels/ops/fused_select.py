@@ -7,7 +7,8 @@ and the exact fallback are ``launcher.py``'s, shared with the hidden-state path.
 and scratch layout are described at the top of ``select_tiles.py`` and, with byte counts, in
 ``bench/ROOFLINE.md``.
 
-Launches per step: pass 1, reduce, [intersection], pass 2, finalize -- 4 or 5, plus, in top-k /
+Launches per step: pass 1 (with the reduce folded in: ``_pass1_reduce_kernel``), pass 2, finalize;
+in intersection mode pass 1, reduce, intersection, pass 2, finalize -- 3 or 5, plus, in top-k /
 top-p sampling, ``_sample_fallback_kernel``, which decides on the GPU the rows whose thresholds fell
 below their candidates' certainty floor (see ``select_tiles.slots_sample``; its programs return at
 once for the other rows), and,
@@ -30,6 +31,7 @@ from ..checks import check_row_sampling, check_step_inputs
 from ..params import StepParams
 from .launcher import (
     INTERPRETED,
+    reduce_block,
     LAUNCH_OPTIONS,
     MAX_BUFFER,
     TILE_ELEMENTS,
@@ -117,6 +119,36 @@ def _pass1_kernel(
         lb, le, rows, row_mask, cols, col_mask, chunk, n_chunks, stats_ptr, counts_ptr, keys_b_ptr, keys_e_ptr,
         K, KEYS, kth, n_present, _dense_kind(lb_ptr.dtype.element_ty), SLOTS, FALLBACK, THREADS,
     )
+
+
+@triton.jit
+def _pass1_reduce_kernel(
+    lb_ptr, le_ptr, stride_b, stride_e, n_rows, n_vocab, n_chunks, kth,
+    stats_ptr, counts_ptr, keys_b_ptr, keys_e_ptr, rowinfo_ptr, tickets_ptr,
+    BB: tl.constexpr, BV: tl.constexpr, K: tl.constexpr, KEYS: tl.constexpr, NCP: tl.constexpr, CG: tl.constexpr,
+    SLOTS: tl.constexpr = 0, FALLBACK: tl.constexpr = True, THREADS: tl.constexpr = 128, REDUCE: tl.constexpr = True,
+):
+    """``_pass1_kernel``, then the launcher's reduce of this row block by the last of its programs to finish.
+
+    Each program counts itself in ``tickets_ptr[row block]`` once its partials are stored; the one that
+    draws the last ticket has every chunk's partials and reduces the block's BB rows (``reduce_block``,
+    union or no candidate keys: intersection mode keeps ``_reduce_kernel``), then sets the ticket back
+    to 0 for the next step. One launch fewer a step; the reduce itself runs as it would on its own.
+    REDUCE=False (kernel report only): the tile's instructions without the block's reduce.
+    """
+    _pass1_kernel(lb_ptr, le_ptr, stride_b, stride_e, n_rows, n_vocab, n_chunks, kth, stats_ptr, counts_ptr,
+                  keys_b_ptr, keys_e_ptr, BB, BV, K, KEYS, SLOTS, FALLBACK, THREADS)
+    if REDUCE:
+        block = tl.program_id(0)
+        # every thread's partial stores before the ticket: the barrier orders them within the program, the
+        # atomic's release publishes them to the program that draws the last ticket (and its acquire
+        # makes the others' partials visible to it)
+        tl.debug_barrier()
+        ticket = tl.atomic_add(tickets_ptr + block, 1, sem="acq_rel", scope="gpu")
+        if ticket == n_chunks - 1:
+            reduce_block(block * BB, n_rows, stats_ptr, counts_ptr, keys_b_ptr, keys_e_ptr, rowinfo_ptr, n_chunks,
+                         kth, BB, NCP, K, CG, KEYS, _dense_kind(lb_ptr.dtype.element_ty), SLOTS)
+            tl.store(tickets_ptr + block, 0)
 
 
 @triton.jit
@@ -280,14 +312,22 @@ class LogitsPasses:
     def _grid(self, plan: SelectPlan) -> tuple[int, int]:
         return (triton.cdiv(plan.batch, plan.block_b), plan.n_chunks)
 
-    def pass1(self, plan: SelectPlan, s: Scratch) -> None:
+    def pass1(self, plan: SelectPlan, s: Scratch) -> bool:
+        """Pass 1, with the reduce folded in where the plan says so; returns whether it was."""
         lb, le = self.base_logits, self.expert_logits
-        _pass1_kernel[(triton.cdiv(plan.batch, plan.block_b), plan.pass1_chunks)](
-            lb, le, lb.stride(0), le.stride(0), plan.batch, plan.vocab, plan.pass1_chunks, plan.kth, s.stats,
-            s.counts, s.keys_b, s.keys_e, BB=plan.block_b, BV=plan.pass1_bv, K=plan.buffer, KEYS=plan.key_kind,
-            SLOTS=plan.slots, FALLBACK=self.fallback, THREADS=32 * plan.pass1_warps, num_warps=plan.pass1_warps,
-            **LAUNCH_OPTIONS,
-        )
+        grid = (triton.cdiv(plan.batch, plan.block_b), plan.pass1_chunks)
+        args = (lb, le, lb.stride(0), le.stride(0), plan.batch, plan.vocab, plan.pass1_chunks, plan.kth, s.stats,
+                s.counts, s.keys_b, s.keys_e)
+        constants = dict(BB=plan.block_b, BV=plan.pass1_bv, K=plan.buffer, KEYS=plan.key_kind, SLOTS=plan.slots,
+                         FALLBACK=self.fallback, THREADS=32 * plan.pass1_warps, num_warps=plan.pass1_warps,
+                         **LAUNCH_OPTIONS)
+        if not plan.fold_reduce:
+            _pass1_kernel[grid](*args, **constants)
+            return False
+        registers = {"maxnreg": plan.pass1_maxnreg} if plan.pass1_maxnreg else {}
+        _pass1_reduce_kernel[grid](*args, s.rowinfo, s.tickets, NCP=plan.pass1_ncp, CG=plan.chunk_group, **registers,
+                                   **constants)
+        return True
 
     def pass2(self, plan: SelectPlan, s: Scratch, rows: RowVectors, temperature: float) -> None:
         lb, le = self.base_logits, self.expert_logits

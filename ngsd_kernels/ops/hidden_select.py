@@ -7,7 +7,8 @@ fp32 accumulation) and runs the same selection as
 ``guarded_select_reference(h_b @ W_b.T + b_b, h_e @ W_e.T + b_e, ...)``; the two ``[B, V]``
 logits tensors are never written to memory.
 
-Launches (4, or 5 in intersection mode), none of which waits on the host:
+Launches (4, or 5 in intersection mode; 3 for B <= 2 outside it, the reduce inside pass 1:
+``_hs_pass1_reduce_kernel``), none of which waits on the host:
 
 1. ``_hs_pass1_kernel`` (grid: row blocks x vocabulary splits) computes each logits tile and
    folds it into the split's statistics (max, sum-exp, NaN/+inf and finite counts) and, when the
@@ -73,7 +74,9 @@ from torch import Tensor
 
 from ..params import CandidateMode, StepParams
 from .hidden_torch import hidden_logits, pair_logits
-from .launcher import LAUNCH_OPTIONS, Outputs, RowVectors, Scratch, SelectPlan, next_pow2, plan_select, select_exact
+from .launcher import (
+    LAUNCH_OPTIONS, Outputs, RowVectors, Scratch, SelectPlan, next_pow2, plan_select, reduce_block, select_exact,
+)
 from .select_tiles import (
     INDEX_NONE,
     KEY_NONE,
@@ -115,6 +118,9 @@ def fused_hidden_supports(vocab: int, params: StepParams) -> bool:
     top-k / top-p sampling, whose candidates need the whole chunk of logits at once
     (``select_tiles.store_sample_candidates``); those steps materialise the logits."""
     return plan_select(1, vocab, params).sample != 2
+
+
+HIDDEN_FOLD_ROWS = 2  # largest batch whose reduce runs inside the hidden-state pass 1
 
 
 def plan_hidden_select(
@@ -169,6 +175,10 @@ def plan_hidden_select(
         key_block=max(1, min(ncp * select.buffer, 1024 // row_block)) if select.key_kind == 2 else 1,
         block_b=block_b, block_v=block_v, slots=select.buffer,  # the split's running top-K (bitonic, sorted): K slots per chunk
         pass1_block_v=0, pass1_warps=4,  # both passes walk the same splits
+        # the reduce inside pass 1 (``_hs_pass1_reduce_kernel``) only for B <= 2: the last split of a row block
+        # reduces the block's rows one after another (~1-2 us each on a GPU for K = 64, an estimate from the
+        # kernel report), while the reduce's own launch takes them all at once for the price of a launch
+        fold_reduce=batch <= HIDDEN_FOLD_ROWS and select.key_kind != 2,
     )
     # pass 1 on 16-row tiles: 8 warps (4 need 224 registers a thread on sm_90 and spill on sm_80; 8 also
     # execute fewer instructions per logit: bench/results/KERNELS.md); 8-row tiles stay cheaper with 4
@@ -358,6 +368,36 @@ def _hs_pass1_kernel(
 
 
 @triton.jit
+def _hs_pass1_reduce_kernel(
+    hb_ptr, he_ptr, wb_ptr, we_ptr, biasb_ptr, biase_ptr,
+    stats_ptr, counts_ptr, keys_b_ptr, keys_e_ptr, rowinfo_ptr, tickets_ptr,
+    B, V, H, HE,
+    s_hb0, s_hb1, s_he0, s_he1, s_wb0, s_wb1, s_we0, s_we1,
+    tiles_per_split, n_chunks, kth,
+    SHARED: tl.constexpr, HAS_BIAS_B: tl.constexpr, HAS_BIAS_E: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, UPCAST: tl.constexpr,
+    K: tl.constexpr, KEYS: tl.constexpr, NCP: tl.constexpr, CG: tl.constexpr, REDUCE: tl.constexpr = True,
+):
+    """``_hs_pass1_kernel``, then the reduce of the row block by the last of its splits to finish
+    (``fused_select._pass1_reduce_kernel``'s ticket), one row at a time: only the block's rows below B
+    (plans with B <= HIDDEN_FOLD_ROWS). Union or no candidate keys. REDUCE=False: kernel report only."""
+    _hs_pass1_kernel(hb_ptr, he_ptr, wb_ptr, we_ptr, biasb_ptr, biase_ptr, stats_ptr, counts_ptr, keys_b_ptr,
+                     keys_e_ptr, B, V, H, HE, s_hb0, s_hb1, s_he0, s_he1, s_wb0, s_wb1, s_we0, s_we1,
+                     tiles_per_split, n_chunks, SHARED, HAS_BIAS_B, HAS_BIAS_E, BLOCK_B, BLOCK_V, BLOCK_H, UPCAST,
+                     K, KEYS)
+    if REDUCE:
+        block = tl.program_id(0)
+        tl.debug_barrier()  # as in fused_select._pass1_reduce_kernel: partials stored, then the ticket
+        ticket = tl.atomic_add(tickets_ptr + block, 1, sem="acq_rel", scope="gpu")
+        if ticket == n_chunks - 1:
+            row0 = block * BLOCK_B
+            for r in range(row0, tl.minimum(row0 + BLOCK_B, B)):
+                reduce_block(r, B, stats_ptr, counts_ptr, keys_b_ptr, keys_e_ptr, rowinfo_ptr, n_chunks, kth,
+                             1, NCP, K, CG, KEYS, 0, K)
+            tl.store(tickets_ptr + block, 0)
+
+
+@triton.jit
 def _hs_pass2_kernel(
     hb_ptr, he_ptr, wb_ptr, we_ptr, biasb_ptr, biase_ptr,
     rowinfo_ptr, alpha_ptr, seed_ptr, seed_stride, offset_ptr, offset_stride, temperature, row_temperature_ptr,
@@ -463,9 +503,16 @@ class HiddenPasses:
             **constants, **LAUNCH_OPTIONS,
         )
 
-    def pass1(self, plan: SelectPlan, s: Scratch) -> None:
-        self._launch(_hs_pass1_kernel, plan, s.stats, s.counts, s.keys_b, s.keys_e, KEYS=plan.key_kind,
-                     num_warps=self.grid_plan.get("pass1_warps", 4))
+    def pass1(self, plan: SelectPlan, s: Scratch) -> bool:
+        """Pass 1, with the reduce folded in where the plan says so; returns whether it was."""
+        warps = self.grid_plan.get("pass1_warps", 4)
+        if not plan.fold_reduce:
+            self._launch(_hs_pass1_kernel, plan, s.stats, s.counts, s.keys_b, s.keys_e, KEYS=plan.key_kind,
+                         num_warps=warps)
+            return False
+        self._launch(_hs_pass1_reduce_kernel, plan, s.stats, s.counts, s.keys_b, s.keys_e, s.rowinfo, s.tickets,
+                     kth=plan.kth, KEYS=plan.key_kind, NCP=plan.ncp, CG=plan.chunk_group, num_warps=warps)
+        return True
 
     def pass2(self, plan: SelectPlan, s: Scratch, rows: RowVectors, temperature: float) -> None:
         self._launch(

@@ -1,14 +1,17 @@
 """One launcher for the guarded step's Triton kernels, whatever produces the logits tiles.
 
-A step is five launches (``select_tiles.py`` describes the passes and the scratch layout):
+A step is three to five launches (``select_tiles.py`` describes the passes and the scratch layout):
 
     pass 1 (source)  ->  reduce  ->  [intersection]  ->  pass 2 (source)  ->  finalize
+
+The logits path folds the reduce into pass 1 outside intersection mode (``SelectPlan.fold_reduce``):
+the last program of a row block to finish its chunk takes a ticket that says so, and reduces the block.
 
 The two passes over the vocabulary are the *source*'s: the logits path (``fused_select.py``)
 loads logits tiles, the hidden-state path (``hidden_select.py``) computes them from final hidden
 states and the LM head. Both write the same per-chunk partials, so the per-row kernels below, the
 plan, the scratch, the launch order and the exact fallback for rows a bounded top-K buffer could
-not decide are written once, here. A source is any object with ``pass1(plan, scratch)``,
+not decide are written once, here. A source is any object with ``pass1(plan, scratch) -> bool``,
 ``pass2(plan, scratch, rows, temperature)`` and ``row_logits(row_ids)`` (``PassKernels``).
 
 On CPU the kernels run only under ``TRITON_INTERPRET=1`` (set before Triton is imported).
@@ -81,7 +84,34 @@ def _reduce_kernel(
     NEED_KEYS: tl.constexpr, STORE_TOP: tl.constexpr, VALUE_KEYS: tl.constexpr = False, DENSE: tl.constexpr = 0,
     SLOTS: tl.constexpr = 0, KB: tl.constexpr = 1,
 ):
-    """Per row: log-sum-exp and validity of both rows, top-K lists (intersection), union thresholds.
+    """``reduce_rows`` of RB rows a program (a launch of its own: intersection mode, the hidden-state path)."""
+    rows = (tl.program_id(0) * RB + tl.arange(0, RB)).to(tl.int64)
+    reduce_rows(rows, rows < n_rows, stats_ptr, counts_ptr, keys_b_ptr, keys_e_ptr, rowinfo_ptr, top_b_ptr, top_e_ptr,
+                n_chunks, kth, RB, NCP, K, CG, NEED_KEYS, STORE_TOP, VALUE_KEYS, DENSE, SLOTS, KB)
+
+
+@triton.jit(noinline=True)
+def reduce_block(row0, n_rows, stats_ptr, counts_ptr, keys_b_ptr, keys_e_ptr, rowinfo_ptr, n_chunks, kth,
+                 RB: tl.constexpr, NCP: tl.constexpr, K: tl.constexpr, CG: tl.constexpr, KEYS: tl.constexpr,
+                 DENSE: tl.constexpr, SLOTS: tl.constexpr):
+    """``reduce_rows`` of rows row0 .. row0 + RB - 1 below n_rows, union (KEYS 1) or no candidate keys (0): the
+    reduce a pass-1 kernel runs in the last program of a row block (``SelectPlan.fold_reduce``). A function
+    of its own (noinline): inlined, ptxas allocated the tile and the reduce together and spilled (8 B in the
+    fp32 logits pass 1 on sm_90: kernel report)."""
+    rows = (row0 + tl.arange(0, RB)).to(tl.int64)
+    reduce_rows(rows, rows < n_rows, stats_ptr, counts_ptr, keys_b_ptr, keys_e_ptr, rowinfo_ptr, keys_b_ptr,
+                keys_e_ptr, n_chunks, kth, RB, NCP, K, CG, KEYS != 0, False, KEYS == 1, DENSE, SLOTS, 1)
+
+
+@triton.jit
+def reduce_rows(
+    rows, rmask, stats_ptr, counts_ptr, keys_b_ptr, keys_e_ptr, rowinfo_ptr, top_b_ptr, top_e_ptr, n_chunks, kth,
+    RB: tl.constexpr, NCP: tl.constexpr, K: tl.constexpr, CG: tl.constexpr,
+    NEED_KEYS: tl.constexpr, STORE_TOP: tl.constexpr, VALUE_KEYS: tl.constexpr, DENSE: tl.constexpr,
+    SLOTS: tl.constexpr, KB: tl.constexpr,
+):
+    """Per row (int64 ``rows`` [RB], ``rmask``): log-sum-exp and validity of both rows, top-K lists
+    (intersection), union thresholds; from pass 1's per-chunk partials, into ``rowinfo``.
 
     Keys: SLOTS slots per chunk (0: K, csrc_triton's AOT build). With VALUE_KEYS fp32 value
     multisets (union mode; their k-th largest by bisection on the keys of the logits' storage
@@ -90,8 +120,6 @@ def _reduce_kernel(
     (intersection mode; made order keys in place, each row's K-th largest order key by bisection,
     the keys at or above it compacted into top_b / top_e), read KB keys at a time.
     """
-    rows = (tl.program_id(0) * RB + tl.arange(0, RB)).to(tl.int64)
-    rmask = rows < n_rows
     c = tl.arange(0, NCP)
     cm = rmask[:, None] & (c < n_chunks)[None, :]
     slot = (rows[:, None] * n_chunks + c[None, :]) * 4
@@ -395,6 +423,14 @@ class SelectPlan:
     # 1024 on a GPU, whose bound and 2K-slot compaction cost less per logit over 8192 columns
     pass1_block_v: int = 0
     pass1_warps: int = 4
+    # a source that can (the logits path) folds the reduce into pass 1: the last program of a row block to
+    # finish reduces the block (``fused_select._pass1_reduce_kernel``); not in intersection mode, whose
+    # reduce (a bisection over every chunk's int64 keys, up to 218 registers) would set pass 1's register budget
+    fold_reduce: bool = False
+    # ptxas register cap of the folded pass 1 (0: its default). 255 for the 8-warp pass 1 of buffers of 1024:
+    # there ptxas's default cap of 128 spilled ~100 B on sm_80, while the unfolded kernel already needed
+    # 138-200 registers, i.e. one program per SM either way (kernel report)
+    pass1_maxnreg: int = 0
 
     @property
     def pass1_bv(self) -> int:
@@ -418,7 +454,8 @@ class SelectPlan:
 
     @property
     def launches(self) -> int:
-        return 4 + int(self.mode == CandidateMode.INTERSECTION and self.need_keys)
+        """Launches of the logits path's step (the hidden-state path runs the reduce apart: one more where folded)."""
+        return 3 + int(not self.fold_reduce) + int(self.mode == CandidateMode.INTERSECTION and self.need_keys)
 
 
 
@@ -509,6 +546,8 @@ def plan_select(
         # the reduce keeps a row's int64 candidate keys in registers for all 64 bisection rounds when
         # they fit a tile (4096 on a GPU: 32 a thread), else re-reads them every round
         row_block = max(1, min(next_pow2(batch), TILE_ELEMENTS // (reduce_ncp * slots)))
+    # pass 1's warps: 32 columns a thread and row, as [1, 4096] with 4 warps
+    pass1_warps = 4 * max(1, pass1_block_v * bb // 4096) if pass1_block_v and not INTERPRETED else 4
     # a buffer that holds the whole row decides exactly: no flags, no host read
     may_overflow = vocab > buffer and (sample == 2 or (intersection and spike_possible))
     sample_slots = min(2 * buffer, bv) if sample == 2 else 1  # the same formula as select_tiles.sample_slots
@@ -546,8 +585,9 @@ def plan_select(
                       if sample == 2 else 1),
         key_block=max(1, min(reduce_ncp * slots, TILE_ELEMENTS // row_block)) if intersection and need_keys else 1,
         pass1_block_v=pass1_block_v,
-        # 32 columns a thread and row, as [1, 4096] with 4 warps
-        pass1_warps=4 * max(1, pass1_block_v * bb // 4096) if pass1_block_v and not INTERPRETED else 4,
+        pass1_warps=pass1_warps,
+        fold_reduce=not (intersection and need_keys),
+        pass1_maxnreg=255 if pass1_warps == 8 else 0,
     )
 
 
@@ -596,6 +636,9 @@ class Scratch:
     keys2: torch.Tensor
     mass: torch.Tensor
     intersect: bool
+    # int32 [row blocks], zero between launches: pass 1's programs of a row block count themselves here when the
+    # plan folds the reduce into it; the last one resets it (so a reused scratch needs no fill kernel)
+    tickets: torch.Tensor | None = None
 
     @classmethod
     def allocate(cls, plan: SelectPlan, device: torch.device) -> "Scratch":
@@ -624,6 +667,8 @@ class Scratch:
             keys2=torch.empty((batch, 2, nc, plan.sample_slots) if not plain else (1,), dtype=i64, device=device),
             mass=torch.empty((batch, 2, nc, 2) if not plain else (1,), dtype=f32, device=device),
             intersect=intersect,
+            tickets=(torch.zeros(triton.cdiv(batch, plan.block_b), dtype=i32, device=device)
+                     if plan.fold_reduce else None),
         )
 
 
@@ -684,9 +729,10 @@ def _per_row(t: torch.Tensor, batch: int) -> tuple[torch.Tensor, int]:
 
 class PassKernels(Protocol):
     """What a logits source provides: its two passes over the vocabulary, and logits of some rows
-    (optionally also ``sample_fallback``, see ``launch_select``)."""
+    (optionally also ``sample_fallback``, see ``launch_select``). ``pass1`` returns whether it also
+    ran the reduce (``SelectPlan.fold_reduce``, for a source that can)."""
 
-    def pass1(self, plan: SelectPlan, scratch: Scratch) -> None: ...
+    def pass1(self, plan: SelectPlan, scratch: Scratch) -> bool: ...
 
     def pass2(self, plan: SelectPlan, scratch: Scratch, rows: RowVectors, temperature: float) -> None: ...
 
@@ -697,7 +743,8 @@ def launch_select(
     source: PassKernels, plan: SelectPlan, scratch: Scratch, rows: RowVectors, params: StepParams,
     fallback: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Pass 1, reduce, [intersection], pass 2, finalize; no host synchronisation.
+    """Pass 1, reduce (inside pass 1 where the plan and the source fold it), [intersection], pass 2,
+    finalize; no host synchronisation.
 
     Returns (tokens, new potential, spike, divergence, overflow): ``overflow`` (bool [B], or None
     when no row can be left undecided) marks rows whose buffer could not decide; their token is the
@@ -717,14 +764,14 @@ def launch_select(
     s = scratch
     temperature = params.temperature if params.temperature > 0 else 1.0
 
-    source.pass1(plan, s)
     grid_rows = (triton.cdiv(batch, plan.row_block),)
-    _reduce_kernel[grid_rows](
-        s.stats, s.counts, s.keys_b, s.keys_e, s.rowinfo, s.top_b, s.top_e, batch, plan.pass1_chunks, plan.kth,
-        RB=plan.row_block, NCP=plan.pass1_ncp, K=k, CG=plan.chunk_group, NEED_KEYS=plan.need_keys,
-        STORE_TOP=s.intersect, VALUE_KEYS=plan.key_kind == 1, DENSE=getattr(source, "dense_kind", 0), SLOTS=plan.slots, KB=plan.key_block,
-        **LAUNCH_OPTIONS,
-    )
+    if not source.pass1(plan, s):
+        _reduce_kernel[grid_rows](
+            s.stats, s.counts, s.keys_b, s.keys_e, s.rowinfo, s.top_b, s.top_e, batch, plan.pass1_chunks, plan.kth,
+            RB=plan.row_block, NCP=plan.pass1_ncp, K=k, CG=plan.chunk_group, NEED_KEYS=plan.need_keys,
+            STORE_TOP=s.intersect, VALUE_KEYS=plan.key_kind == 1, DENSE=getattr(source, "dense_kind", 0),
+            SLOTS=plan.slots, KB=plan.key_block, **LAUNCH_OPTIONS,
+        )
     if s.intersect:
         _intersection_kernel[grid_rows](
             s.top_b, s.top_e, s.rowinfo, rows.alpha, rows.seed, rows.seed_stride, rows.offset, rows.offset_stride,

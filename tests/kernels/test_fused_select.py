@@ -260,6 +260,34 @@ def test_pass1_on_wider_chunks_than_pass2():
         assert want[2].tolist() == [False, True, True]
 
 
+@pytest.mark.parametrize("candidate_k, block_v, vocab", [(12, 512, 2100), (40, 64, 2560)])
+def test_folded_reduce_resets_its_tickets_for_the_next_step(candidate_k, block_v, vocab):
+    """Pass 1 with the reduce folded in (SelectPlan.fold_reduce): the last program of each row block to
+    take its ticket reduces the block and sets the ticket back to 0, so one scratch serves step after
+    step. Three row blocks (the last one short), three steps of one plan and scratch, each against the
+    reference; the tickets read 0 after every step (5 and 40 chunks a row block)."""
+    from ngsd_kernels.ops.fused_select import LogitsPasses
+    from ngsd_kernels.ops.launcher import Scratch, select_exact
+
+    gen = torch.Generator().manual_seed(3)
+    batch = 5
+    params = step_params(dict(DEFAULTS, candidate_k=candidate_k))
+    plan = plan_select(batch, vocab, params, block_v=block_v, block_b=2)
+    assert plan.fold_reduce and plan.launches == 3 and plan.block_b == 2
+    scratch = Scratch.allocate(plan, torch.device("cpu"))
+    potential = torch.tensor([0.0, 2.0, 2.0, 0.5, 2.0])  # rows 1, 2 and 4 fire
+    alpha = torch.full((batch,), 0.9)
+    seed, offset = torch.tensor([1]), torch.tensor([0])
+    for _ in range(3):
+        base = torch.randn(batch, vocab, generator=gen) * 2.0
+        expert = base + torch.randn(batch, vocab, generator=gen)
+        got = select_exact(LogitsPasses.of(base, expert), plan, scratch, potential, alpha, seed, offset, params)
+        want = guarded_select_reference(base, expert, potential, alpha, seed, offset, params=params)
+        assert_same_step(got, want)
+        assert want[2].tolist() == [False, True, True, False, True]
+        assert scratch.tickets.tolist() == [0, 0, 0]
+
+
 def test_rows_do_not_depend_on_the_other_rows():
     base, expert, potential, seeds, offsets = make_batch(["peaked", "normal", "neg_inf", "nan", "grid"], 200,
                                                          torch.float32, 11)
@@ -596,11 +624,14 @@ def test_buffer_caps_and_floor_raise_clear_errors():
 
 def test_plan_counts_launches_and_buffers():
     greedy = plan_select(8, 49152, StepParams())
-    assert greedy.launches == 4 and greedy.buffer == 64 and not greedy.may_overflow and greedy.sample == 0
+    assert greedy.launches == 3 and greedy.fold_reduce and greedy.buffer == 64 and not greedy.may_overflow
+    assert greedy.sample == 0
     inter = plan_select(8, 49152, StepParams(candidate_k=10, candidate_mode=1, gate=1))
-    assert inter.launches == 5 and inter.may_overflow and not inter.need_v0
+    assert inter.launches == 5 and not inter.fold_reduce and inter.may_overflow and not inter.need_v0
     closed = plan_select(8, 49152, StepParams(gate=2, temperature=0.7))
-    assert not closed.need_keys and closed.sample == 1 and not closed.need_v1
+    assert not closed.need_keys and closed.sample == 1 and not closed.need_v1 and closed.fold_reduce
+    # a shut gate needs no intersection: its reduce folds in intersection mode too
+    assert plan_select(8, 49152, StepParams(candidate_mode=1, gate=2)).launches == 3
 
 
 def test_public_entry_triton_backend_matches_torch_backend():

@@ -312,3 +312,28 @@ def test_buffers_above_the_fused_cap_run_gemm_and_the_logits_kernels(params):
     logits = hidden_torch.pair_logits(case["hb"], case["he"], case["wb"], None, None, None)
     want = guarded_select_reference(*logits, POTENTIAL, ALPHA, SEED, OFFSET, step)
     assert_same_step(got, want, POTENTIAL, params)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_small_batches_reduce_inside_pass_1_step_after_step(batch):
+    """B <= HIDDEN_FOLD_ROWS: the hidden-state pass 1 reduces its row block in the last split to finish
+    (``_hs_pass1_reduce_kernel``) and resets the block's ticket, so one planned launch serves every
+    step: three steps of one HiddenLaunch, three splits, against the reference; tickets 0 after each."""
+    from ngsd_kernels.ops.hidden_select import HIDDEN_FOLD_ROWS, HiddenLaunch
+
+    assert batch <= HIDDEN_FOLD_ROWS
+    params = dict(gate=GateMode.OPEN, candidate_k=8)
+    launch = HiddenLaunch.build(batch, 300, StepParams(**params), torch.device("cpu"), shared=True, num_splits=3)
+    assert launch.plan.fold_reduce and launch.plan.n_chunks == 3
+    potential, alpha = POTENTIAL[:batch], ALPHA[:batch]
+    seed, offset = SEED[:batch], OFFSET[:batch]
+    for step in range(3):
+        case = make_case(batch, hidden=40, vocab=300, seed=20 + step)
+        got = launch.run(case["hb"], case["he"], case["wb"], None, None, None, potential, alpha, seed, offset,
+                         StepParams(**params))
+        want = reference(case["hb"], case["he"], case["wb"], case["wb"], None, None, potential, alpha, seed, offset,
+                         **params)
+        assert_same_step(got, want, potential, params)
+        assert launch.scratch.tickets.tolist() == [0]
+    unfolded = HiddenLaunch.build(HIDDEN_FOLD_ROWS + 1, 300, StepParams(**params), torch.device("cpu"), shared=True)
+    assert not unfolded.plan.fold_reduce and unfolded.scratch.tickets is None
