@@ -274,8 +274,8 @@ def test_folded_reduce_resets_its_tickets_for_the_next_step(candidate_k, block_v
     params = step_params(dict(DEFAULTS, candidate_k=candidate_k))
     plan = plan_select(batch, vocab, params, block_v=block_v, block_b=2)
     assert plan.fold_reduce and plan.launches == 3 and plan.block_b == 2
-    scratch = Scratch.allocate(plan, torch.device("cpu"))
     potential = torch.tensor([0.0, 2.0, 2.0, 0.5, 2.0])  # rows 1, 2 and 4 fire
+    scratch = Scratch.allocate(plan, potential.device)  # CUDA under bench/gpu_check.sh
     alpha = torch.full((batch,), 0.9)
     seed, offset = torch.tensor([1]), torch.tensor([0])
     for _ in range(3):
@@ -286,6 +286,34 @@ def test_folded_reduce_resets_its_tickets_for_the_next_step(candidate_k, block_v
         assert_same_step(got, want)
         assert want[2].tolist() == [False, True, True, False, True]
         assert scratch.tickets.tolist() == [0, 0, 0]
+
+
+@pytest.mark.skipif(fused_select.INTERPRETED, reason="a GPU check (bench/gpu_check.sh): the interpreter runs programs "
+                    "one after another, so it cannot race; 20 steps of [64, 131072] would take it hours")
+def test_folded_reduce_under_a_full_gpu_grid():
+    """The ticket's memory ordering on a GPU: thousands of pass-1 programs at once, each row's reduce run
+    by whichever of its 32 programs finishes last, 20 steps on one scratch; every step against the
+    reference (a reduce that read a chunk's partials before they landed gives wrong thresholds or
+    log-sum-exps, so wrong spikes, divergences or tokens)."""
+    from ngsd_kernels.ops.fused_select import LogitsPasses
+    from ngsd_kernels.ops.launcher import Scratch, select_exact
+
+    gen = torch.Generator().manual_seed(5)
+    batch, vocab = 64, 131072
+    params = step_params(dict(DEFAULTS, candidate_k=64))
+    plan = plan_select(batch, vocab, params)
+    assert plan.fold_reduce and plan.pass1_chunks == 32
+    potential = torch.rand(batch, generator=gen) * 1.6
+    alpha = torch.full((batch,), 0.9)
+    seed, offset = torch.tensor([1]), torch.tensor([0])
+    scratch = Scratch.allocate(plan, potential.device)
+    for _ in range(20):
+        base = (torch.randn(batch, vocab, generator=gen) * 3.0).to(torch.bfloat16)
+        expert = (base.float() + torch.randn(batch, vocab, generator=gen)).to(torch.bfloat16)
+        got = select_exact(LogitsPasses.of(base, expert), plan, scratch, potential, alpha, seed, offset, params)
+        want = guarded_select_reference(base, expert, potential, alpha, seed, offset, params=params)
+        assert_same_step(got, want)
+        assert int(scratch.tickets.abs().sum()) == 0
 
 
 def test_rows_do_not_depend_on_the_other_rows():

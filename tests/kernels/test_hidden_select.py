@@ -323,7 +323,8 @@ def test_small_batches_reduce_inside_pass_1_step_after_step(batch):
 
     assert batch <= HIDDEN_FOLD_ROWS
     params = dict(gate=GateMode.OPEN, candidate_k=8)
-    launch = HiddenLaunch.build(batch, 300, StepParams(**params), torch.device("cpu"), shared=True, num_splits=3)
+    device = POTENTIAL.device  # CUDA under bench/gpu_check.sh
+    launch = HiddenLaunch.build(batch, 300, StepParams(**params), device, shared=True, num_splits=3)
     assert launch.plan.fold_reduce and launch.plan.n_chunks == 3
     potential, alpha = POTENTIAL[:batch], ALPHA[:batch]
     seed, offset = SEED[:batch], OFFSET[:batch]
@@ -335,5 +336,5 @@ def test_small_batches_reduce_inside_pass_1_step_after_step(batch):
                          **params)
         assert_same_step(got, want, potential, params)
         assert launch.scratch.tickets.tolist() == [0]
-    unfolded = HiddenLaunch.build(HIDDEN_FOLD_ROWS + 1, 300, StepParams(**params), torch.device("cpu"), shared=True)
+    unfolded = HiddenLaunch.build(HIDDEN_FOLD_ROWS + 1, 300, StepParams(**params), device, shared=True)
     assert not unfolded.plan.fold_reduce and unfolded.scratch.tickets is None
