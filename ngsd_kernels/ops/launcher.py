@@ -4,8 +4,9 @@ A step is three to five launches (``select_tiles.py`` describes the passes and t
 
     pass 1 (source)  ->  reduce  ->  [intersection]  ->  pass 2 (source)  ->  finalize
 
-The logits path folds the reduce into pass 1 outside intersection mode (``SelectPlan.fold_reduce``):
-the last program of a row block to finish its chunk takes a ticket that says so, and reduces the block.
+Outside intersection mode the reduce runs inside pass 1 (``SelectPlan.fold_reduce``; on the
+hidden-state path for B <= 2 only): the last program of a row block to finish its chunk takes a
+ticket that says so, and reduces the block.
 
 The two passes over the vocabulary are the *source*'s: the logits path (``fused_select.py``)
 loads logits tiles, the hidden-state path (``hidden_select.py``) computes them from final hidden
@@ -423,13 +424,14 @@ class SelectPlan:
     # 1024 on a GPU, whose bound and 2K-slot compaction cost less per logit over 8192 columns
     pass1_block_v: int = 0
     pass1_warps: int = 4
-    # a source that can (the logits path) folds the reduce into pass 1: the last program of a row block to
-    # finish reduces the block (``fused_select._pass1_reduce_kernel``); not in intersection mode, whose
-    # reduce (a bisection over every chunk's int64 keys, up to 218 registers) would set pass 1's register budget
+    # the reduce runs inside pass 1: the last program of a row block to finish reduces the block
+    # (``fused_select._pass1_reduce_kernel``; the hidden-state plan sets it for B <= 2 only); not in intersection
+    # mode, whose reduce (a bisection over every chunk's int64 keys, up to 218 registers) would set pass 1's
+    # register budget
     fold_reduce: bool = False
-    # ptxas register cap of the folded pass 1 (0: its default). 255 for the 8-warp pass 1 of buffers of 1024:
-    # there ptxas's default cap of 128 spilled ~100 B on sm_80, while the unfolded kernel already needed
-    # 138-200 registers, i.e. one program per SM either way (kernel report)
+    # register cap (maxnreg) of the folded pass 1 (0: ptxas chooses). 255 for the 8-warp pass 1 of buffers of
+    # 1024: left to itself ptxas gave it 128 registers and spilled ~100 B on sm_80, while the unfolded kernel
+    # already used 138-200, i.e. one program per SM either way (kernel report)
     pass1_maxnreg: int = 0
 
     @property
@@ -454,7 +456,8 @@ class SelectPlan:
 
     @property
     def launches(self) -> int:
-        """Launches of the logits path's step (the hidden-state path runs the reduce apart: one more where folded)."""
+        """Launches of a step: pass 1 (with the reduce where folded), [reduce, intersection], pass 2, finalize;
+        the device-side fallbacks not counted."""
         return 3 + int(not self.fold_reduce) + int(self.mode == CandidateMode.INTERSECTION and self.need_keys)
 
 
