@@ -112,6 +112,22 @@ def test_one_small_variant_compiles_for_sm90_and_reports_its_resources(tmp_path)
     assert (tmp_path / "KERNELS.md").read_text().count("| sm_90 |") == 1
 
 
+def _compile_for_sm90(tmp_path: Path, keys: tuple[str, ...]) -> dict[str, dict]:
+    """The report's rows of exactly these specialisations, compiled for sm_90 (key -> row)."""
+    run = subprocess.run(
+        [sys.executable, str(SCRIPT), "--full", "--arch", "90", "--jobs", "1", "--budget", "240", "--only",
+         ";".join(keys), "--out", str(tmp_path)],
+        capture_output=True, text=True, env=_without_interpreter(), cwd=REPO, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = json.loads((tmp_path / "kernel_report.json").read_text())["rows"]
+    compiled = {f"{r['kernel']}[{r['dtype']}|" + ",".join(f"{k}={v}" for k, v in sorted(r["constants"].items())) + "]":
+                r for r in rows if r["status"] != "not compiled (--full)"}
+    assert sorted(compiled) == sorted(keys)
+    assert all(r["status"] == "ok" and r["spill_store_bytes"] == 0 for r in compiled.values()), compiled
+    return compiled
+
+
 ROW_T_KEYS = ("_sample_fallback_kernel[bf16|BT=2048,MODE=0,ROW_K=1,ROW_P=0,ROW_T=1,USE_TOPK=1,USE_TOPP=0]",
               "_intersection_fallback_kernel[bf16|BT=1024,R=2,ROW_K=1,ROW_P=0,ROW_T=1,SAMPLE=2,USE_TOPK=1,USE_TOPP=0]")
 
@@ -120,17 +136,7 @@ ROW_T_KEYS = ("_sample_fallback_kernel[bf16|BT=2048,MODE=0,ROW_K=1,ROW_P=0,ROW_T
 def test_per_row_sampling_fallbacks_compile_for_sm90(tmp_path):
     # the interpreter runs what the compiler refuses: a runtime branch that turns a scalar argument
     # (the temperature, top-k) into a per-row tensor ran on the CPU and failed to compile (a new name is needed)
-    run = subprocess.run(
-        [sys.executable, str(SCRIPT), "--full", "--arch", "90", "--jobs", "1", "--budget", "240", "--only",
-         ";".join(ROW_T_KEYS), "--out", str(tmp_path)],
-        capture_output=True, text=True, env=_without_interpreter(), cwd=REPO, timeout=300,
-    )
-    assert run.returncode == 0, run.stderr[-2000:]
-    rows = json.loads((tmp_path / "kernel_report.json").read_text())["rows"]
-    compiled = {f"{r['kernel']}[{r['dtype']}|" + ",".join(f"{k}={v}" for k, v in sorted(r["constants"].items())) + "]":
-                r for r in rows if r["status"] != "not compiled (--full)"}
-    assert sorted(compiled) == sorted(ROW_T_KEYS)
-    assert all(r["status"] == "ok" and r["spill_store_bytes"] == 0 for r in compiled.values()), compiled
+    _compile_for_sm90(tmp_path, ROW_T_KEYS)
 
 
 FOLDED_KEYS = (
@@ -145,15 +151,6 @@ FOLDED_KEYS = (
 def test_pass_1_with_the_reduce_folded_in_compiles_for_sm90_without_spills(tmp_path):
     # the interpreter runs the ticket (an atomic returning a scalar, a runtime branch, a noinline call)
     # whatever the compiler would make of it: the default step's pass 1 and the hidden path's, compiled
-    run = subprocess.run(
-        [sys.executable, str(SCRIPT), "--full", "--arch", "90", "--jobs", "1", "--budget", "240", "--only",
-         ";".join(FOLDED_KEYS), "--out", str(tmp_path)],
-        capture_output=True, text=True, env=_without_interpreter(), cwd=REPO, timeout=300,
-    )
-    assert run.returncode == 0, run.stderr[-2000:]
-    rows = [r for r in json.loads((tmp_path / "kernel_report.json").read_text())["rows"]
-            if r["status"] != "not compiled (--full)"]
-    assert sorted(r["kernel"] for r in rows) == sorted(key.split("[")[0] for key in FOLDED_KEYS)
-    assert all(r["status"] == "ok" and r["spill_store_bytes"] == 0 for r in rows), rows
-    union = next(r for r in rows if r["constants"].get("KEYS") == 1)
-    assert union["fast_path_instr_per_logit"] <= 40  # the tile's instructions, without the block's reduce
+    compiled = _compile_for_sm90(tmp_path, FOLDED_KEYS)
+    # the tile's instructions, without the block's reduce
+    assert compiled[FOLDED_KEYS[1]]["fast_path_instr_per_logit"] <= 40
