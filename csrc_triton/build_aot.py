@@ -25,6 +25,7 @@ Usage (from the repository root):
     python csrc_triton/build_aot.py                       # all variants, sm_80 and sm_90
     python csrc_triton/build_aot.py --arch 90 --variants hidden_greedy_tv_bf16
     python csrc_triton/build_aot.py --variants "logits_*_bf16_k64" --jobs 2   # fnmatch patterns, 2 processes
+    python csrc_triton/build_aot.py --variants "logits_topk_tv_bf16_k64,logits_topp_tv_bf16_k256"  # top-k, top-p
     python csrc_triton/build_aot.py --list
 """
 
@@ -135,7 +136,11 @@ TILE_ELEMENTS = 4096  # launcher.TILE_ELEMENTS on a GPU
 
 
 DIVERGENCES = {0: "tv", 1: "kl", 2: "js"}  # params.Divergence codes
-CHOICES = {0: "greedy", 1: "sample"}  # plan.sample: 0 greedy, 1 plain temperature sampling (Gumbel-max)
+# token choices: greedy, plain temperature sampling (Gumbel-max), and top-k / top-p sampling (plan.sample 2: the
+# candidate keys of pass 2, the finalize's bisections and the exact fallback kernel); logits variants only
+CHOICES = {0: "greedy", 1: "sample", 2: "topk", 3: "topp", 4: "topkp"}
+SAMPLINGS = {0: (0, 0, 0), 1: (1, 0, 0), 2: (2, 1, 0), 3: (2, 0, 1), 4: (2, 1, 1)}  # choice -> (SAMPLE, top-k, top-p)
+TOPP_MIN_BUFFER = 256  # launcher.plan_select's floor for top-p without top-k
 DTYPES = ("bf16", "fp16", "fp32")
 
 
@@ -218,9 +223,11 @@ def _reduce_spec(dense: int = 0, rb: int = RB, k: int = K, cg: int = CG, slots: 
     return KernelSpec("ngsd_kernels.ops.launcher", "_reduce_kernel", args, f"(n_rows + {rb - 1}) / {rb}, 1, 1")
 
 
-def _finalize_spec(gate: int, divergence: int = 0, sample: int = 0, rb: int = RB) -> KernelSpec:
+def _finalize_spec(gate: int, divergence: int = 0, sample: int = 0, rb: int = RB, use_topk: int = 0,
+                   use_topp: int = 0, slots: int = 1, sb: int = 1) -> KernelSpec:
     """The launcher's finalize for one gate, divergence and token choice (union mode; plain sampling
-    reads the same per-chunk arg-max partials as greedy: SLOTS / SB are top-k / top-p constants)."""
+    reads the same per-chunk arg-max partials as greedy; top-k / top-p sampling (``sample`` 2) reads
+    ``slots`` candidate keys per chunk and outcome, ``sb`` per load)."""
     args = dict(
         rowinfo_ptr="*fp32:16", div_ptr="*fp32:16", best_ptr="*fp32:16", besti_ptr="*i32:16",
         keys2_ptr="*i64:16", mass_ptr="*fp32:16", choice_ptr="*i32:16", iover_ptr="*i32:16",
@@ -231,14 +238,14 @@ def _finalize_spec(gate: int, divergence: int = 0, sample: int = 0, rb: int = RB
         v_reset="fp32", rho="fp32", temperature="fp32", row_temperature_ptr="*fp32", top_k="i32", top_p="fp32",
         row_top_k_ptr="*i32", row_top_p_ptr="*fp32",
         RB=str(rb), NCP=str(NCP), DIVERGENCE=str(divergence), GATE=str(gate), MODE="0", SAMPLE=str(sample),
-        USE_TOPK="0", USE_TOPP="0", NEED_V0="1" if gate != 1 else "0", SLOTS="1", SB="1", ROW_T="0", ROW_K="0",
-        ROW_P="0",
+        USE_TOPK=str(use_topk), USE_TOPP=str(use_topp), NEED_V0="1" if gate != 1 else "0", SLOTS=str(slots),
+        SB=str(sb), ROW_T="0", ROW_K="0", ROW_P="0",
     )
     return KernelSpec("ngsd_kernels.ops.launcher", "_finalize_kernel", args, f"(n_rows + {rb - 1}) / {rb}, 1, 1")
 
 
-def variant_name(op: str, sample: int, divergence: int, dtype: str, buffer: int | None = None) -> str:
-    name = f"{op.split('_')[0]}_{CHOICES[sample]}_{DIVERGENCES[divergence]}_{dtype}"
+def variant_name(op: str, choice: int, divergence: int, dtype: str, buffer: int | None = None) -> str:
+    name = f"{op.split('_')[0]}_{CHOICES[choice]}_{DIVERGENCES[divergence]}_{dtype}"
     return name if buffer is None else f"{name}_k{buffer}"
 
 
@@ -293,22 +300,30 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-def _logits_plan(buffer: int, gate: int) -> dict[str, int]:
+def _logits_plan(buffer: int, gate: int, choice: int = 0) -> dict[str, int]:
     """launcher.plan_select's constants for the compiled logits tile ([1, 4096], NCP = 128 chunks:
-    plan_select(1, 524288, StepParams(candidate_k=buffer, gate=gate, ...)) on a GPU); build()
-    checks them against plan_select itself.
+    plan_select(1, 524288, StepParams(candidate_k=buffer, gate=gate, ...)) on a GPU, top_k = buffer
+    for the top-k choices); build() checks them against plan_select itself.
 
-    A shut gate needs no candidates: buffer 16 (the plan's floor), no keys."""
+    A shut gate needs no candidates: the buffer then comes from top-k (its k), top-p alone (its floor,
+    TOPP_MIN_BUFFER) or the plan's floor of 16; no keys. Top-k / top-p sampling: SAMPLE_SLOTS candidate
+    keys per chunk and outcome, SB of them per load in the finalize."""
+    sample, use_topk, use_topp = SAMPLINGS[choice]
     keys = gate != 2
-    k = buffer if keys else 16
+    floor = TOPP_MIN_BUFFER if use_topp and not use_topk else 16
+    k = max(buffer if keys or use_topk else 1, floor)
     cg = max(1, min(NCP, TILE_ELEMENTS // k))
     rb = max(1, min(next_pow2(LOGITS_BB), TILE_ELEMENTS // (cg * k)))
     slots = min(2 * k, LOGITS_BV) if keys else k
-    return dict(K=k, CG=cg, RB=rb, SLOTS=slots, KEYS=int(keys))
+    sample_slots = min(2 * k, LOGITS_BV) if sample == 2 else 1
+    sb = max(1, min(next_pow2(NCP * sample_slots), (TILE_ELEMENTS // 4) // rb)) if sample == 2 else 1
+    return dict(K=k, CG=cg, RB=rb, SLOTS=slots, KEYS=int(keys), SAMPLE_SLOTS=sample_slots, SB=sb)
 
 
-def logits_variant(dtype: str, sample: int = 0, divergence: int = 0, buffer: int = 64) -> Variant:
-    """Logits -> token (fused_select's kernels), union candidates, top-K buffer ``buffer``.
+def logits_variant(dtype: str, choice: int = 0, divergence: int = 0, buffer: int = 64) -> Variant:
+    """Logits -> token (fused_select's kernels), union candidates, top-K buffer ``buffer``, token choice
+    ``choice`` (CHOICES: top-k / top-p sampling adds ``_sample_fallback_kernel`` after the finalize, which
+    decides on the GPU the rows whose candidates could not; its programs return at once for the others).
 
     One chunk of BV = 4096 columns of one row per pass-1/pass-2 program, as launcher.plan_select
     picks on a GPU at every batch size; at most NCP chunks, i.e. V <= NCP * BV = 524288. The reduce /
@@ -316,7 +331,8 @@ def logits_variant(dtype: str, sample: int = 0, divergence: int = 0, buffer: int
     that tile (``_logits_plan``); with the
     gate shut pass 1 and the reduce skip the candidates, as in the plan.
     Pass 1 of the union step loads one element per instruction by design (``_load_tile``'s SCALAR
-    layout for its scattered candidate stores), so only pass 2 gets an aligned twin.
+    layout for its scattered candidate stores), so only pass 2 gets an aligned twin (not in top-k /
+    top-p sampling, whose pass 2 loads the same way).
     """
     bb, bv = LOGITS_BB, LOGITS_BV
     common = dict(lb_ptr=f"*{dtype}", le_ptr=f"*{dtype}", stride_b="i32", stride_e="i32", n_rows="i32",
@@ -324,24 +340,47 @@ def logits_variant(dtype: str, sample: int = 0, divergence: int = 0, buffer: int
     grid = f"(n_rows + {bb - 1}) / {bb}, n_chunks, 1"
     module = "ngsd_kernels.ops.fused_select"
     dense = {"bf16": 1, "fp16": 2}.get(dtype, 0)
-    # pass 2 reads K only in top-k / top-p sampling: one specialisation (K = 64) serves every buffer
+    sample, use_topk, use_topp = SAMPLINGS[choice]
+    # pass 2 reads K only in top-k / top-p sampling: one specialisation (K = 64) serves every buffer otherwise
     # Jensen-Shannon's extra log tile needs 8 warps on a [1, 4096] tile (SelectPlan.pass2_warps)
     warps = 8 if divergence == 2 else 4
-    pass2 = _pass2_spec(module, "_pass2_kernel", dict(common, K=str(K), THREADS=str(32 * warps)), grid, sample,
-                        divergence, ("lb_ptr", "le_ptr", "stride_b", "stride_e", "n_vocab"), num_warps=warps)
     steps = {}
     for gate in GATES:
-        plan = _logits_plan(buffer, gate)
+        plan = _logits_plan(buffer, gate, choice)
         pass1 = KernelSpec(module, "_pass1_kernel", dict(
             common, K=str(plan["K"]), kth="i32", SLOTS=str(plan["SLOTS"]), FALLBACK="1", stats_ptr="*fp32:16",
             counts_ptr="*i32:16", keys_b_ptr="*i32:16", keys_e_ptr="*i32:16", KEYS=str(plan["KEYS"]), THREADS="128"),
             grid)
         reduce = _reduce_spec(dense, plan["RB"], plan["K"], plan["CG"], plan["SLOTS"], plan["KEYS"])
-        steps[gate] = [pass1, reduce, pass2, _finalize_spec(gate, divergence, sample, plan["RB"])]
-    plan = _logits_plan(buffer, 0)
-    return Variant(variant_name("logits_select", sample, divergence, dtype, buffer), "logits_select", dtype, steps,
+        # top-k / top-p pass 2 loads one element per instruction, like pass 1 (_load_tile's SCALAR layout for
+        # its candidates' compaction): no aligned twin
+        pass2 = _pass2_spec(module, "_pass2_kernel",
+                            dict(common, K=str(plan["K"] if sample == 2 else K), THREADS=str(32 * warps)), grid,
+                            sample, divergence,
+                            () if sample == 2 else ("lb_ptr", "le_ptr", "stride_b", "stride_e", "n_vocab"),
+                            num_warps=warps)
+        final = _finalize_spec(gate, divergence, sample, plan["RB"], use_topk, use_topp, plan["SAMPLE_SLOTS"],
+                               plan["SB"])
+        steps[gate] = [pass1, reduce, pass2, final] + ([_sample_fallback_spec(dtype, use_topk, use_topp)]
+                                                       if sample == 2 else [])
+    plan = _logits_plan(buffer, 0, choice)
+    return Variant(variant_name("logits_select", choice, divergence, dtype, buffer), "logits_select", dtype, steps,
                    dict(BB=bb, BV=bv, K=buffer, SLOTS=plan["SLOTS"], NCP=NCP, RB=plan["RB"], CG=plan["CG"],
-                        DIVERGENCE=divergence, SAMPLE=sample))
+                        DIVERGENCE=divergence, SAMPLE=sample, USE_TOPK=use_topk, USE_TOPP=use_topp,
+                        SAMPLE_SLOTS=plan["SAMPLE_SLOTS"]))
+
+
+def _sample_fallback_spec(dtype: str, use_topk: int, use_topp: int) -> KernelSpec:
+    """fused_select._sample_fallback_kernel: one program per row; a row the finalize flagged gets its exact
+    token from its logits (BT = 2048 columns a tile, the JIT's choice for vocabularies of 2048 and more)."""
+    args = dict(
+        lb_ptr=f"*{dtype}", le_ptr=f"*{dtype}", stride_b="i32", stride_e="i32", n_rows="i32", n_vocab="i32",
+        rowinfo_ptr="*fp32:16", alpha_ptr="*fp32", spike_ptr="*i8:16", over_ptr="*i32:16", tokens_ptr="*i64:16",
+        seed_ptr="*i64", seed_stride="i32", offset_ptr="*i64", offset_stride="i32", temperature="fp32",
+        row_temperature_ptr="*fp32", top_k="i32", top_p="fp32", row_top_k_ptr="*i32", row_top_p_ptr="*fp32",
+        BT="2048", MODE="0", USE_TOPK=str(use_topk), USE_TOPP=str(use_topp), ROW_T="0", ROW_K="0", ROW_P="0",
+    )
+    return KernelSpec("ngsd_kernels.ops.fused_select", "_sample_fallback_kernel", args, "n_rows, 1, 1")
 
 
 def check_against_jit_plan(variant: Variant) -> None:
@@ -353,9 +392,12 @@ def check_against_jit_plan(variant: Variant) -> None:
     from ngsd_kernels.params import StepParams
 
     c = variant.constants
-    for gate, (pass1, reduce, pass2, final) in variant.steps.items():
+    for gate, seq in variant.steps.items():
+        pass1, reduce, pass2, final = seq[:4]
+        topk, topp = c.get("USE_TOPK", 0), c.get("USE_TOPP", 0)
         params = StepParams(candidate_k=c["K"], gate=gate, divergence=c["DIVERGENCE"],
-                            temperature=1.0 if c["SAMPLE"] else 0.0)
+                            temperature=1.0 if c["SAMPLE"] else 0.0, top_k=c["K"] if topk else 0,
+                            top_p=0.9 if topp else 1.0)
         # pass1_block_v=0: this build runs pass 1 and the reduce on pass 2's chunks (its launcher passes one
         # chunk count); the JIT widens pass 1 to 8192 columns for buffers of 1024 (SelectPlan.pass1_block_v)
         plan = plan_select(LOGITS_BB, NCP * LOGITS_BV, params, pass1_block_v=0)
@@ -368,12 +410,19 @@ def check_against_jit_plan(variant: Variant) -> None:
             "reduce": dict(RB=plan.row_block, NCP=plan.ncp, K=plan.buffer, CG=plan.chunk_group,
                            NEED_KEYS=int(plan.need_keys), STORE_TOP=0, VALUE_KEYS=int(plan.key_kind == 1),
                            SLOTS=plan.slots, KB=plan.key_block),
-            "pass2": dict(BB=plan.block_b, BV=plan.block_v, DIVERGENCE=plan.divergence, SAMPLE=plan.sample),
+            "pass2": dict(BB=plan.block_b, BV=plan.block_v, DIVERGENCE=plan.divergence, SAMPLE=plan.sample,
+                          **({"K": plan.buffer} if plan.sample == 2 else {})),
             "finalize": dict(RB=plan.row_block, NCP=plan.ncp, DIVERGENCE=plan.divergence, GATE=plan.gate,
                              MODE=plan.mode, SAMPLE=plan.sample, USE_TOPK=int(plan.use_topk),
-                             USE_TOPP=int(plan.use_topp), NEED_V0=int(plan.need_v0)),
+                             USE_TOPP=int(plan.use_topp), NEED_V0=int(plan.need_v0),
+                             **({"SLOTS": plan.sample_slots, "SB": plan.sample_block} if plan.sample == 2 else {})),
         }
         got = {"pass1": pass1, "reduce": reduce, "pass2": pass2, "finalize": final}
+        if plan.sample == 2:  # the exact fallback of flagged rows, after the finalize (LogitsPasses.sample_fallback)
+            want["fallback"] = dict(MODE=plan.mode, USE_TOPK=int(plan.use_topk), USE_TOPP=int(plan.use_topp))
+            got["fallback"] = seq[4]
+        elif len(seq) != 4:
+            raise SystemExit(f"{variant.name}: {len(seq)} launches for a step without top-k / top-p sampling")
         for role, fields in want.items():
             have = got[role].constants
             diff = {f: (have.get(f), v) for f, v in fields.items() if have.get(f) != v}
@@ -393,9 +442,12 @@ def logits_greedy(dtype: str) -> Variant:
 
 
 def all_variants() -> dict[str, Variant]:
-    variants = [hidden_variant(d, sample, div) for sample in CHOICES for div in DIVERGENCES for d in DTYPES]
-    variants += [logits_variant(d, sample, div, k) for sample in CHOICES for div in DIVERGENCES for d in DTYPES
-                 for k in BUFFERS]
+    """Hidden-state variants for greedy and plain sampling (top-k / top-p sampling from hidden states
+    materialises the logits, as the JIT's HiddenLaunch); logits variants for every choice and buffer
+    (top-p alone: buffers from TOPP_MIN_BUFFER on, the plan's floor)."""
+    variants = [hidden_variant(d, sample, div) for sample in (0, 1) for div in DIVERGENCES for d in DTYPES]
+    variants += [logits_variant(d, choice, div, k) for choice in CHOICES for div in DIVERGENCES for d in DTYPES
+                 for k in BUFFERS if not (CHOICES[choice] == "topp" and k < TOPP_MIN_BUFFER)]
     return {v.name: v for v in variants}
 
 
@@ -488,7 +540,7 @@ def _shim_module(out_dir: Path, source_root: Path) -> Path:
         "import sys\n"
         f"sys.path.insert(0, {str(source_root)!r})\n"
         "from ngsd_kernels.ops.hidden_select import _hs_pass1_kernel, _hs_pass2_kernel  # noqa: F401\n"
-        "from ngsd_kernels.ops.fused_select import _pass1_kernel, _pass2_kernel  # noqa: F401\n"
+        "from ngsd_kernels.ops.fused_select import _pass1_kernel, _pass2_kernel, _sample_fallback_kernel  # noqa: F401\n"
         "from ngsd_kernels.ops.launcher import (  # noqa: F401\n"
         "    _finalize_kernel, _intersection_kernel, _reduce_kernel)\n"
     )
@@ -680,7 +732,7 @@ def write_glue(out_dir: Path, variants: list[Variant], built: dict[tuple[str, in
         "  int slots;       /* union candidate slots per chunk and row (keys scratch [B, chunks, slots]) */",
         "  int max_chunks;  /* NCP: chunks / splits the per-row kernels read */",
         "  int divergence;  /* params.Divergence: 0 TV, 1 KL, 2 JS */",
-        "  int sample;      /* 0 greedy, 1 temperature sampling (Gumbel-max) */",
+        "  int sample;      /* 0 greedy, 1 temperature sampling (Gumbel-max), 2 top-k / top-p sampling */",
         "} ngsd_aot_variant;",
         "/* the variant of that name, or NULL when this build did not compile it */",
         "const ngsd_aot_variant *ngsd_aot_find(const char *name);",

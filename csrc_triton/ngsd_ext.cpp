@@ -10,9 +10,11 @@
 //   torch.ops.ngsd_aot.info() -> str   (build manifest and driver status, as JSON)
 //
 // Semantics: those of ngsd_kernels.guarded_select_reference in union candidate mode with greedy choice
-// (temperature 0) or plain temperature sampling (Gumbel-max with the reference's Philox noise, seed and
-// offset int64 with 1 or B values); divergence 0 TV, 1 KL, 2 JS; gate 0 = LIF, 1 = open, 2 = closed.
-// Top-k / top-p sampling and the intersection mode are not compiled: they raise, naming the JIT path.
+// (temperature 0), plain temperature sampling (Gumbel-max with the reference's Philox noise, seed and
+// offset int64 with 1 or B values) or top-k / top-p sampling (the candidate buffers, the finalize's
+// bisections and the exact fallback kernel for the rows they cannot decide; the hidden-state op
+// materialises the logits for it, as the JIT does); divergence 0 TV, 1 KL, 2 JS; gate 0 = LIF, 1 = open,
+// 2 = closed. The intersection mode is not compiled: it raises, naming the JIT path.
 // The hidden-state op uses a shared LM head without bias (LoRA / NeST experts).
 //
 // The launch sequence and scratch layout mirror ngsd_kernels/ops/hidden_select.py and
@@ -29,6 +31,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <limits>
 #include <mutex>
 #include <sstream>
 #include <string>
@@ -69,6 +72,7 @@ const char* divergence_tag(int64_t d) { return d == 0 ? "tv" : (d == 1 ? "kl" : 
 
 constexpr int64_t kMaxBuffer = 1024;      // launcher.MAX_BUFFER
 constexpr int64_t kHiddenMaxBuffer = 64;  // hidden_select.HIDDEN_MAX_BUFFER: larger buffers materialise the logits
+constexpr int64_t kTopPMinBuffer = 256;   // launcher.plan_select's floor for top-p without top-k
 
 int64_t next_pow2(int64_t n) {
   int64_t p = 1;
@@ -111,29 +115,34 @@ Choice select_variant(const char* source, at::ScalarType dtype, const Params& p,
   const bool sample = p.temperature > 0.0;
   const bool use_topk = sample && p.top_k > 0 && (vocab < 0 || p.top_k < vocab);
   const bool use_topp = sample && p.top_p < 1.0;
-  TORCH_CHECK(!use_topk && !use_topp, "ngsd_aot: top-k / top-p sampling is not compiled into the AOT build (it "
-              "needs the candidate buffers and the exact sampling fallback); use the Triton JIT path, ", kJitPath,
-              ", or plain temperature sampling (top_k=0, top_p=1)");
   TORCH_CHECK(p.candidate_k >= 1, "ngsd_aot: candidate_k must be >= 1, got ", p.candidate_k);
-  // launcher.plan_select's buffer: candidate_k clipped to V (1 when the gate is shut), then the next
-  // power of two of at least 16 (a vocabulary under 16 tokens still gets the 16-entry buffer here)
+  // launcher.plan_select's buffer: candidate_k clipped to V (1 when the gate is shut) and top_k clipped to V,
+  // then the next power of two of at least 16, or 256 for top-p without top-k (a vocabulary under 16 tokens
+  // still gets the 16-entry buffer here)
   const int64_t kth = vocab > 0 ? std::min(p.candidate_k, vocab) : p.candidate_k;
   const int64_t required = p.gate == 2 ? 1 : kth;
   TORCH_CHECK(required <= kMaxBuffer, "ngsd_aot: candidate_k must be in [1, ", kMaxBuffer, "] (the largest "
               "top-K buffer, launcher.MAX_BUFFER), got ", p.candidate_k, "; use backend='torch'");
-  const int64_t buffer = next_pow2(std::max<int64_t>(required, 16));
-  const std::string tail = std::string(sample ? "_sample_" : "_greedy_") + divergence_tag(p.divergence) + "_";
-  if (std::string(source) == "hidden" && buffer <= kHiddenMaxBuffer) {
+  const int64_t top_k = use_topk ? p.top_k : 0;
+  TORCH_CHECK(top_k <= kMaxBuffer, "ngsd_aot: top_k must be at most ", kMaxBuffer, " (the largest top-K buffer, "
+              "launcher.MAX_BUFFER) or at least the vocabulary, got ", p.top_k, "; use backend='torch'");
+  const int64_t floor = use_topp && !use_topk ? kTopPMinBuffer : 16;
+  const int64_t buffer = next_pow2(std::max<int64_t>({required, top_k, floor}));
+  const char* choice = use_topk ? (use_topp ? "topkp" : "topk") : (use_topp ? "topp" : (sample ? "sample" : "greedy"));
+  const std::string tail = std::string("_") + choice + "_" + divergence_tag(p.divergence) + "_";
+  if (std::string(source) == "hidden" && buffer <= kHiddenMaxBuffer && !use_topk && !use_topp) {
     const ngsd_aot_variant* v = find_or_throw(std::string("hidden") + tail + dtype_tag(dtype));
     return {v, false};
   }
-  // logits variants, one per buffer; the hidden op materialises fp32 logits for larger buffers
+  // logits variants, one per buffer; the hidden op materialises fp32 logits for larger buffers and for
+  // top-k / top-p sampling (hidden_select.HiddenLaunch)
   const bool materialise = std::string(source) == "hidden";
   const std::string stem = std::string("logits") + tail + (materialise ? "fp32" : dtype_tag(dtype)) + "_k";
   const std::string name = stem + std::to_string(buffer);
   const ngsd_aot_variant* v = ngsd_aot_find(name.c_str());
-  // a shut gate reads no candidates: every buffer's variant runs the same kernels then
-  for (int64_t k = 16; v == nullptr && p.gate == 2 && k <= kMaxBuffer; k *= 2)
+  // a shut gate reads no candidates: every buffer's variant runs the same kernels then (not in top-k / top-p
+  // sampling, whose candidate keys of pass 2 are sized by the buffer)
+  for (int64_t k = 16; v == nullptr && p.gate == 2 && !use_topk && !use_topp && k <= kMaxBuffer; k *= 2)
     v = ngsd_aot_find((stem + std::to_string(k)).c_str());
   if (v == nullptr) v = find_or_throw(name);
   return {v, materialise};
@@ -240,11 +249,14 @@ CUstream current_stream(const at::Device& device) {
 // Scratch and outputs shared by both ops (layouts: ngsd_kernels/ops/select_tiles.py).
 struct Buffers {
   at::Tensor stats, counts, keys_b, keys_e, rowinfo, unused_i64, unused_i32, div, best, besti, unused_f32;
+  at::Tensor keys2, mass;  // top-k / top-p sampling's candidates of pass 2 (unused_i64 / unused_f32 otherwise)
   at::Tensor tokens, new_potential, spike, divergence, over;
 };
 
-// `slots`: union candidate slots per chunk and row (0: none, the gate is shut)
-Buffers allocate(int64_t batch, int64_t chunks, int64_t slots, const at::TensorOptions& on_device) {
+// `slots`: union candidate slots per chunk and row (0: none, the gate is shut); `sample_slots`: top-k / top-p
+// candidate keys per chunk and gate outcome (0: not that kind of sampling)
+Buffers allocate(int64_t batch, int64_t chunks, int64_t slots, const at::TensorOptions& on_device,
+                 int64_t sample_slots = 0) {
   auto f32 = on_device.dtype(at::kFloat);
   auto i32 = on_device.dtype(at::kInt);
   auto i64 = on_device.dtype(at::kLong);
@@ -258,6 +270,8 @@ Buffers allocate(int64_t batch, int64_t chunks, int64_t slots, const at::TensorO
   b.unused_i64 = at::zeros({2}, i64);  // intersection / top-k sampling buffers: never read in these variants
   b.unused_i32 = at::zeros({batch}, i32);
   b.unused_f32 = at::zeros({2}, f32);
+  b.keys2 = sample_slots > 0 ? at::empty({batch, 2, chunks, sample_slots}, i64) : b.unused_i64;
+  b.mass = sample_slots > 0 ? at::empty({batch, 2, chunks, 2}, f32) : b.unused_f32;
   b.div = at::empty({batch, chunks, 2}, f32);
   b.best = at::empty({batch, 2, chunks}, f32);
   b.besti = at::empty({batch, 2, chunks}, i32);
@@ -305,8 +319,8 @@ void fill_common(ngsd_aot_ctx& c, const Buffers& b, const at::Tensor& potential,
   c.div_ptr = ptr(b.div);
   c.best_ptr = ptr(b.best);
   c.besti_ptr = ptr(b.besti);
-  c.keys2_ptr = ptr(b.unused_i64);
-  c.mass_ptr = ptr(b.unused_f32);
+  c.keys2_ptr = ptr(b.keys2);
+  c.mass_ptr = ptr(b.mass);
   c.tokens_ptr = ptr(b.tokens);
   c.new_potential_ptr = ptr(b.new_potential);
   c.spike_ptr = ptr(b.spike);
@@ -317,13 +331,13 @@ void fill_common(ngsd_aot_ctx& c, const Buffers& b, const at::Tensor& potential,
   c.n_chunks = static_cast<int32_t>(chunks);
   c.kth = static_cast<int32_t>(std::max<int64_t>(1, std::min<int64_t>(p.candidate_k, vocab)));
   c.need = 1;
-  c.top_k = 0;
+  c.top_k = static_cast<int32_t>(std::min<int64_t>(p.top_k, std::numeric_limits<int32_t>::max()));
   c.decay = static_cast<float>(1.0 - 1.0 / p.tau);
   c.v_th = static_cast<float>(p.v_th);
   c.v_reset = static_cast<float>(p.v_reset);
   c.rho = static_cast<float>(p.rho);
   c.temperature = p.temperature > 0.0 ? static_cast<float>(p.temperature) : 1.0f;  // as launch_select
-  c.top_p = 1.0f;
+  c.top_p = static_cast<float>(p.top_p);
   c.score_floor = 1e-8f;
 }
 
@@ -369,8 +383,10 @@ Step run_logits(const at::Tensor& base_logits, const at::Tensor& expert_logits, 
               "ngsd_aot: logits row stride exceeds the 32-bit kernel argument");
   const at::Tensor pot = potential.contiguous(), alp = alpha.contiguous();  // alive until the launch
 
-  // a shut gate runs pass 1 / reduce without candidates (KEYS 0): no key scratch, as launcher.Scratch
-  Buffers b = allocate(batch, chunks, p.gate == 2 ? 0 : variant->slots, base_logits.options());
+  // a shut gate runs pass 1 / reduce without candidates (KEYS 0): no key scratch, as launcher.Scratch;
+  // top-k / top-p sampling: 2K candidate keys per chunk and outcome (select_tiles.sample_slots)
+  const int64_t sample_slots = variant->sample == 2 ? std::min<int64_t>(2 * variant->buffer, variant->block_v) : 0;
+  Buffers b = allocate(batch, chunks, p.gate == 2 ? 0 : variant->slots, base_logits.options(), sample_slots);
   const Seeds s = seeds(seed, offset, batch, b.unused_i64);
   ngsd_aot_ctx c{};
   c.stream = current_stream(device);

@@ -26,9 +26,11 @@ REPO = Path(__file__).resolve().parents[1]
 CSRC = REPO / "csrc_triton"
 ARCHS = (80, 90)
 # a subset that covers every kernel kind: the hidden-state and logits passes (with their aligned twins),
-# greedy and sampling finalize kernels, the three divergences (the full set: build_aot.py --list)
-# (the largest buffer, k1024, and the hidden op's materialised path: test_largest_buffer_..., marked slow)
-VARIANTS = ("hidden_greedy_tv_bf16", "logits_greedy_kl_fp32_k64", "logits_sample_js_bf16_k16")
+# greedy, sampling and top-k finalize kernels, the top-k / top-p fallback, the three divergences (the full
+# set: build_aot.py --list) (the largest buffer, k1024, and the hidden op's materialised path:
+# test_largest_buffer_..., marked slow)
+VARIANTS = ("hidden_greedy_tv_bf16", "logits_greedy_kl_fp32_k64", "logits_sample_js_bf16_k16",
+            "logits_topk_tv_bf16_k64")
 
 triton = pytest.importorskip("triton", reason="the AOT compiler is part of the triton package")
 TRITON_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
@@ -69,7 +71,7 @@ def test_every_kernel_has_launchers_and_a_cubin_for_each_arch(generated):
     kernels = manifest["kernels"]
     names = {k["kernel"] for k in kernels}
     assert {"_hs_pass1_kernel", "_hs_pass2_kernel", "_pass1_kernel", "_pass2_kernel", "_reduce_kernel",
-            "_finalize_kernel"} <= names
+            "_finalize_kernel", "_sample_fallback_kernel"} <= names
     for arch in ARCHS:
         per_arch = [k for k in kernels if k["arch"] == arch]
         assert {k["kernel"] for k in per_arch} == names, f"sm_{arch} misses kernels"
@@ -196,6 +198,11 @@ out["closed_meta"] = shapes(torch.ops.ngsd_aot.logits_select_greedy(lb[:, :1000]
 out["hidden_select_meta"] = shapes(torch.ops.ngsd_aot.hidden_select(hb, hb, w, pot, alpha, gate=2))
 out["sample_meta"] = shapes(torch.ops.ngsd_aot.logits_select(lb16, lb16, pot, alpha, seed, offset, divergence=2, candidate_k=10,
                                                              temperature=0.7, top_k=50000))
+# top-k sampling (k = 40 -> the 64-entry buffer), gate shut too: logits_topk_tv_bf16_k64
+out["topk_meta"] = shapes(torch.ops.ngsd_aot.logits_select(lb16, lb16, pot, alpha, seed, offset, candidate_k=10,
+                                                           temperature=0.7, top_k=40))
+out["topk_closed_meta"] = shapes(torch.ops.ngsd_aot.logits_select(lb16, lb16, pot, alpha, seed, offset, gate=2,
+                                                                  temperature=0.7, top_k=40))
 calls = {
     "cpu": lambda: torch.ops.ngsd_aot.hidden_select_greedy(torch.zeros(2, 8), torch.zeros(2, 8), torch.zeros(5, 8),
                                                            torch.zeros(2), torch.zeros(2)),
@@ -210,6 +217,10 @@ calls = {
     "top_k": lambda: torch.ops.ngsd_aot.logits_select(lb16, lb16, pot, alpha, seed, offset, divergence=2, candidate_k=10,
                                                       temperature=0.7, top_k=40),
     "intersection": lambda: torch.ops.ngsd_aot.hidden_select(hb, hb, w, pot, alpha, candidate_mode=1),
+    "top_k_cap": lambda: torch.ops.ngsd_aot.logits_select(lb16, lb16, pot, alpha, seed, offset, temperature=0.7,
+                                                          top_k=2000),
+    "hidden_top_k": lambda: torch.ops.ngsd_aot.hidden_select(hb, hb, w, pot, alpha, seed, offset, temperature=0.7,
+                                                             top_k=40),
     "no_seed": lambda: torch.ops.ngsd_aot.logits_select(lb16, lb16, pot, alpha, divergence=2, candidate_k=10, temperature=0.7),
     "seed_rows": lambda: torch.ops.ngsd_aot.logits_select(lb16, lb16, pot, alpha, seed, seed.expand(3),
                                                           divergence=2, candidate_k=10, temperature=0.7),
@@ -269,7 +280,8 @@ def test_extension_compiles_links_and_loads(extension):
 
 def test_extension_meta_shapes_and_argument_checks(extension):
     expected = [[[5], "torch.int64"], [[5], "torch.float32"], [[5], "torch.bool"], [[5], "torch.float32"]]
-    for op in ("hidden_meta", "logits_meta", "hidden_select_meta", "sample_meta", "closed_meta"):
+    for op in ("hidden_meta", "logits_meta", "hidden_select_meta", "sample_meta", "closed_meta", "topk_meta",
+               "topk_closed_meta"):
         assert extension[op] == expected, op
     errors = extension["errors"]
     assert "CUDA tensors only" in errors["cpu"]
@@ -282,10 +294,15 @@ def test_extension_meta_shapes_and_argument_checks(extension):
     # a setting whose variant this build did not compile: the build command and the JIT path
     assert "variant hidden_greedy_js_bf16 was not compiled" in errors["not_compiled"]
     assert "--variants hidden_greedy_js_bf16" in errors["not_compiled"]
-    for case in ("top_p", "top_k", "intersection"):
-        assert "not compiled into the AOT build" in errors[case] and "Triton JIT path" in errors[case], case
-    assert "top-k / top-p sampling" in errors["top_p"] and "top-k / top-p sampling" in errors["top_k"]
+    assert "not compiled into the AOT build" in errors["intersection"] and "Triton JIT path" in errors["intersection"]
     assert "intersection candidate mode" in errors["intersection"]
+    # top-k / top-p sampling is compiled (build_aot.py --variants "logits_topk*"): variants this build lacks name
+    # themselves; top-p alone takes a buffer of at least 256 entries (the plan's floor), top-k its k's
+    assert "variant logits_topp_js_bf16_k256 was not compiled" in errors["top_p"]
+    assert "variant logits_topk_js_bf16_k64 was not compiled" in errors["top_k"]
+    assert "top_k must be at most 1024" in errors["top_k_cap"]
+    # from hidden states, top-k sampling runs the logits kernels on fp32 logits (as the JIT's HiddenLaunch)
+    assert "variant logits_topk_tv_fp32_k64 was not compiled" in errors["hidden_top_k"]
     assert "temperature sampling needs `seed`" in errors["no_seed"]
     assert "offset must hold 1 or 5 values" in errors["seed_rows"]
     assert "temperature must be finite and >= 0" in errors["temperature"]
@@ -308,14 +325,21 @@ def test_variant_table_lists_exactly_the_compiled_variants(generated):
         # block_b, block_v, K, SLOTS, NCP, DIVERGENCE, SAMPLE as the kernels were compiled
         assert [int(v) for v in values.split(",")] == build_aot._table_values(variants[name]), name
         v = variants[name]
-        for gate, (pass1, reduce, pass2, final) in v.steps.items():
+        for gate, seq in v.steps.items():
+            pass1, reduce, pass2, final = seq[:4]
+            # top-k / top-p sampling: the exact fallback after the finalize, with the finalize's switches
+            assert len(seq) == (5 if v.constants["SAMPLE"] == 2 else 4)
+            if v.constants["SAMPLE"] == 2:
+                assert seq[4].name == "_sample_fallback_kernel"
+                assert all(seq[4].constants[f] == final.constants[f] for f in ("USE_TOPK", "USE_TOPP"))
             assert pass2.constants["DIVERGENCE"] == final.constants["DIVERGENCE"] == v.constants["DIVERGENCE"]
             assert pass2.constants["SAMPLE"] == final.constants["SAMPLE"] == v.constants["SAMPLE"]
             assert final.constants["GATE"] == gate and reduce.constants["RB"] == final.constants["RB"]
             if v.op == "logits_select":
-                # a shut gate: no candidates (KEYS 0, the plan's 16-entry buffer), else the variant's buffer
+                # a shut gate: no candidates (KEYS 0, the plan's 16-entry buffer, or top-k's), else the variant's buffer
                 assert pass1.constants["KEYS"] == reduce.constants["NEED_KEYS"] == int(gate != 2)
-                assert pass1.constants["K"] == reduce.constants["K"] == (v.constants["K"] if gate != 2 else 16)
+                shut = v.constants["K"] if v.constants.get("USE_TOPK") else (256 if v.constants.get("USE_TOPP") else 16)
+                assert pass1.constants["K"] == reduce.constants["K"] == (v.constants["K"] if gate != 2 else shut)
                 assert pass1.constants["SLOTS"] == reduce.constants["SLOTS"]
 
 
@@ -334,7 +358,8 @@ def test_logits_variants_use_the_jit_plan_constants():
         "build_aot.check_against_jit_plan(v)\n"
     )
     done = _run(["-c", script], 300, check=False)
-    assert "OK 144 [16, 32, 64, 128, 256, 512, 1024]" in done.stdout, done.stdout + done.stderr
+    # 144 greedy / sampling variants and 153 top-k / top-p ones (top-p alone from buffers of 256)
+    assert "OK 297 [16, 32, 64, 128, 256, 512, 1024]" in done.stdout, done.stdout + done.stderr
     assert done.returncode != 0 and "reduce constants differ from launcher.plan_select" in done.stderr
 
 

@@ -188,7 +188,7 @@ def _row_q_tile(lb_ptr, le_ptr, row, stride_b, stride_e, start, n_vocab, m_b, ls
 
 @triton.jit
 def _sample_fallback_kernel(
-    lb_ptr, le_ptr, stride_b, stride_e, n_vocab, rowinfo_ptr, alpha_ptr, spike_ptr, over_ptr, tokens_ptr,
+    lb_ptr, le_ptr, stride_b, stride_e, n_rows, n_vocab, rowinfo_ptr, alpha_ptr, spike_ptr, over_ptr, tokens_ptr,
     seed_ptr, seed_stride, offset_ptr, offset_stride, temperature, row_temperature_ptr, top_k, top_p,
     row_top_k_ptr, row_top_p_ptr,
     BT: tl.constexpr, MODE: tl.constexpr, USE_TOPK: tl.constexpr, USE_TOPP: tl.constexpr, ROW_T: tl.constexpr = 0,
@@ -203,11 +203,14 @@ def _sample_fallback_kernel(
     (a rare path: ~64 passes): the top-k threshold (the k-th largest q, 31 rounds), the top-p one
     (the smallest probability whose mass strictly above it is < top_p, 31 rounds over
     probabilities q / sum of the kept q), and the Gumbel-max draw with the reference's Philox noise.
+    One program per row (``n_rows``: the grid of csrc_triton's AOT launcher, whose grid is computed from
+    the kernel's arguments).
     """
     row = tl.program_id(0).to(tl.int64)
     one = tl.zeros([1], tl.int32)
-    flagged = tl.load(over_ptr + row + one) != 0
-    spiked = tl.load(spike_ptr + row + one) != 0
+    present = (row + one) < n_rows
+    flagged = (tl.load(over_ptr + row + one, mask=present, other=0) != 0) & present
+    spiked = tl.load(spike_ptr + row + one, mask=present, other=0) != 0
     if MODE == 1:
         flagged = flagged & ~spiked  # the grown intersection decides those rows: the caller's fallback
     if tl.sum(flagged.to(tl.int32), axis=0) > 0:
@@ -348,7 +351,7 @@ class LogitsPasses:
         lb, le = self.base_logits, self.expert_logits
         bt = min(next_pow2(plan.vocab), TILE_ELEMENTS if INTERPRETED else 2048)
         _sample_fallback_kernel[(plan.batch,)](
-            lb, le, lb.stride(0), le.stride(0), plan.vocab, s.rowinfo, rows.alpha, spike, over, tokens,
+            lb, le, lb.stride(0), le.stride(0), plan.batch, plan.vocab, s.rowinfo, rows.alpha, spike, over, tokens,
             rows.seed, rows.seed_stride, rows.offset, rows.offset_stride, temperature=temperature, top_k=params.top_k,
             top_p=params.top_p, **rows.temperature_arg, **rows.top_k_p_arg,
             BT=bt, MODE=plan.mode, USE_TOPK=plan.use_topk, USE_TOPP=plan.use_topp, **LAUNCH_OPTIONS,
