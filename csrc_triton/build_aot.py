@@ -107,6 +107,8 @@ CTX_FIELDS: dict[str, tuple[str, str]] = {
     "kth": ("int32_t", "candidate_k clipped to [1, V]"),
     "need": ("int32_t", "min_candidates clipped to [1, V]"),
     "top_k": ("int32_t", "sampling top-k (0: off)"),
+    "outer_rounds": ("int32_t", "intersection fallback: halvings of (kth - 1, V] (intersection_fallback.py)"),
+    "id_rounds": ("int32_t", "intersection fallback: radix rounds over the token ids (R = 2 bits each)"),
     # step parameters
     "decay": ("float", "1 - 1/tau"),
     "v_th": ("float", "firing threshold"),
@@ -118,7 +120,7 @@ CTX_FIELDS: dict[str, tuple[str, str]] = {
 }
 # per-row sampling pointers: compiled with ROW_T / ROW_K / ROW_P = 0 (one setting for the launch), so never read
 ALIASES = {"n_rows": "B", "n_vocab": "V", "row_temperature_ptr": "alpha_ptr", "row_top_k_ptr": "alpha_ptr",
-           "row_top_p_ptr": "alpha_ptr"}
+           "row_top_p_ptr": "alpha_ptr", "k_min": "kth"}
 _C_TYPES = {"i32": "int32_t", "i64": "int64_t", "fp32": "float"}
 
 # The per-row kernels (reduce, finalize) see at most NCP chunks; K is the top-K buffer size.
@@ -141,6 +143,9 @@ DIVERGENCES = {0: "tv", 1: "kl", 2: "js"}  # params.Divergence codes
 CHOICES = {0: "greedy", 1: "sample", 2: "topk", 3: "topp", 4: "topkp"}
 SAMPLINGS = {0: (0, 0, 0), 1: (1, 0, 0), 2: (2, 1, 0), 3: (2, 0, 1), 4: (2, 1, 1)}  # choice -> (SAMPLE, top-k, top-p)
 TOPP_MIN_BUFFER = 256  # launcher.plan_select's floor for top-p without top-k
+INTERSECTION_MIN_BUFFER = 64  # launcher.plan_select's floor for the intersection mode (room to grow)
+MODES = {0: "", 1: "_inter"}  # candidate mode -> variant name suffix (union, SafeDecoding's intersection)
+RADIX_BITS = 2  # intersection_fallback.RADIX_BITS on a GPU (its BT = max(256, 4096 >> R))
 DTYPES = ("bf16", "fp16", "fp32")
 
 
@@ -210,21 +215,26 @@ class Variant:
         return list(out.values())
 
 
-def _reduce_spec(dense: int = 0, rb: int = RB, k: int = K, cg: int = CG, slots: int = 0, keys: int = 1) -> KernelSpec:
+def _reduce_spec(dense: int = 0, rb: int = RB, k: int = K, cg: int = CG, slots: int = 0, keys: int = 1,
+                 kb: int = 1) -> KernelSpec:
     """The launcher's reduce; ``dense``: how pass 1 keyed the union candidates (select_tiles.dense_key:
     1 bf16 / 2 fp16 logits, 0 fp32 logits and the hidden-state passes); ``slots`` value slots per chunk
-    (0: K, the hidden-state passes' sorted top-K); ``keys`` 0 when the gate is shut (no candidates)."""
+    (0: K, the hidden-state passes' sorted top-K); ``keys`` pass 1's key kind: 0 when the gate is shut (no
+    candidates), 1 union value keys, 2 intersection (value, id) keys (the row's top-K lists stored, ``kb``
+    keys a load)."""
     args = dict(
-        stats_ptr="*fp32:16", counts_ptr="*i32:16", keys_b_ptr="*i32:16", keys_e_ptr="*i32:16",
+        stats_ptr="*fp32:16", counts_ptr="*i32:16", keys_b_ptr="*i64:16" if keys == 2 else "*i32:16",
+        keys_e_ptr="*i64:16" if keys == 2 else "*i32:16",
         rowinfo_ptr="*fp32:16", top_b_ptr="*i64:16", top_e_ptr="*i64:16", n_rows="i32", n_chunks="i32",
-        kth="i32", RB=str(rb), NCP=str(NCP), K=str(k), CG=str(cg), NEED_KEYS=str(keys), STORE_TOP="0",
-        VALUE_KEYS=str(keys), DENSE=str(dense), SLOTS=str(slots), KB="1",  # KB: intersection keys per load
+        kth="i32", RB=str(rb), NCP=str(NCP), K=str(k), CG=str(cg), NEED_KEYS=str(int(keys != 0)),
+        STORE_TOP=str(int(keys == 2)), VALUE_KEYS=str(int(keys == 1)), DENSE=str(dense), SLOTS=str(slots),
+        KB=str(kb),
     )
     return KernelSpec("ngsd_kernels.ops.launcher", "_reduce_kernel", args, f"(n_rows + {rb - 1}) / {rb}, 1, 1")
 
 
 def _finalize_spec(gate: int, divergence: int = 0, sample: int = 0, rb: int = RB, use_topk: int = 0,
-                   use_topp: int = 0, slots: int = 1, sb: int = 1) -> KernelSpec:
+                   use_topp: int = 0, slots: int = 1, sb: int = 1, mode: int = 0) -> KernelSpec:
     """The launcher's finalize for one gate, divergence and token choice (union mode; plain sampling
     reads the same per-chunk arg-max partials as greedy; top-k / top-p sampling (``sample`` 2) reads
     ``slots`` candidate keys per chunk and outcome, ``sb`` per load)."""
@@ -237,7 +247,7 @@ def _finalize_spec(gate: int, divergence: int = 0, sample: int = 0, rb: int = RB
         over_ptr="*i32:16", n_rows="i32", n_chunks="i32", n_vocab="i32", decay="fp32", v_th="fp32",
         v_reset="fp32", rho="fp32", temperature="fp32", row_temperature_ptr="*fp32", top_k="i32", top_p="fp32",
         row_top_k_ptr="*i32", row_top_p_ptr="*fp32",
-        RB=str(rb), NCP=str(NCP), DIVERGENCE=str(divergence), GATE=str(gate), MODE="0", SAMPLE=str(sample),
+        RB=str(rb), NCP=str(NCP), DIVERGENCE=str(divergence), GATE=str(gate), MODE=str(mode), SAMPLE=str(sample),
         USE_TOPK=str(use_topk), USE_TOPP=str(use_topp), NEED_V0="1" if gate != 1 else "0", SLOTS=str(slots),
         SB=str(sb), ROW_T="0", ROW_K="0", ROW_P="0",
     )
@@ -300,30 +310,41 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-def _logits_plan(buffer: int, gate: int, choice: int = 0) -> dict[str, int]:
+def _logits_plan(buffer: int, gate: int, choice: int = 0, mode: int = 0) -> dict[str, int]:
     """launcher.plan_select's constants for the compiled logits tile ([1, 4096], NCP = 128 chunks:
     plan_select(1, 524288, StepParams(candidate_k=buffer, gate=gate, ...)) on a GPU, top_k = buffer
     for the top-k choices); build() checks them against plan_select itself.
 
     A shut gate needs no candidates: the buffer then comes from top-k (its k), top-p alone (its floor,
     TOPP_MIN_BUFFER) or the plan's floor of 16; no keys. Top-k / top-p sampling: SAMPLE_SLOTS candidate
-    keys per chunk and outcome, SB of them per load in the finalize."""
+    keys per chunk and outcome, SB of them per load in the finalize. Intersection mode (``mode`` 1) with the
+    gate able to open: (value, id) keys (KEYS 2), at least INTERSECTION_MIN_BUFFER entries, KB keys per
+    reduce load, EB expert-list entries per step of the intersection kernel."""
     sample, use_topk, use_topp = SAMPLINGS[choice]
     keys = gate != 2
-    floor = TOPP_MIN_BUFFER if use_topp and not use_topk else 16
+    inter = mode == 1 and keys
+    floor = TOPP_MIN_BUFFER if use_topp and not use_topk else (INTERSECTION_MIN_BUFFER if inter else 16)
     k = max(buffer if keys or use_topk else 1, floor)
     cg = max(1, min(NCP, TILE_ELEMENTS // k))
-    rb = max(1, min(next_pow2(LOGITS_BB), TILE_ELEMENTS // (cg * k)))
     slots = min(2 * k, LOGITS_BV) if keys else k
+    if inter:  # the reduce holds a row's int64 keys when they fit a tile (launcher.plan_select)
+        rb = max(1, min(next_pow2(LOGITS_BB), TILE_ELEMENTS // (NCP * slots)))
+    else:
+        rb = max(1, min(next_pow2(LOGITS_BB), TILE_ELEMENTS // (cg * k)))
     sample_slots = min(2 * k, LOGITS_BV) if sample == 2 else 1
     sb = max(1, min(next_pow2(NCP * sample_slots), (TILE_ELEMENTS // 4) // rb)) if sample == 2 else 1
-    return dict(K=k, CG=cg, RB=rb, SLOTS=slots, KEYS=int(keys), SAMPLE_SLOTS=sample_slots, SB=sb)
+    return dict(K=k, CG=cg, RB=rb, SLOTS=slots, KEYS=2 if inter else int(keys), SAMPLE_SLOTS=sample_slots, SB=sb,
+                KB=max(1, min(NCP * slots, TILE_ELEMENTS // rb)) if inter else 1,
+                EB=max(1, min(k, TILE_ELEMENTS // (rb * k))))
 
 
-def logits_variant(dtype: str, choice: int = 0, divergence: int = 0, buffer: int = 64) -> Variant:
+def logits_variant(dtype: str, choice: int = 0, divergence: int = 0, buffer: int = 64, mode: int = 0) -> Variant:
     """Logits -> token (fused_select's kernels), union candidates, top-K buffer ``buffer``, token choice
     ``choice`` (CHOICES: top-k / top-p sampling adds ``_sample_fallback_kernel`` after the finalize, which
     decides on the GPU the rows whose candidates could not; its programs return at once for the others).
+    ``mode`` 1: SafeDecoding's intersection candidates (pass 1's (value, id) keys, the reduce's top-K lists,
+    the intersection kernel before pass 2, and after the finalize the intersection fallback kernel for
+    spiked rows whose intersection outgrew the lists), as launcher.launch_select runs them.
 
     One chunk of BV = 4096 columns of one row per pass-1/pass-2 program, as launcher.plan_select
     picks on a GPU at every batch size; at most NCP chunks, i.e. V <= NCP * BV = 524288. The reduce /
@@ -346,12 +367,13 @@ def logits_variant(dtype: str, choice: int = 0, divergence: int = 0, buffer: int
     warps = 8 if divergence == 2 else 4
     steps = {}
     for gate in GATES:
-        plan = _logits_plan(buffer, gate, choice)
+        plan = _logits_plan(buffer, gate, choice, mode)
+        key_type = "*i64:16" if plan["KEYS"] == 2 else "*i32:16"
         pass1 = KernelSpec(module, "_pass1_kernel", dict(
             common, K=str(plan["K"]), kth="i32", SLOTS=str(plan["SLOTS"]), FALLBACK="1", stats_ptr="*fp32:16",
-            counts_ptr="*i32:16", keys_b_ptr="*i32:16", keys_e_ptr="*i32:16", KEYS=str(plan["KEYS"]), THREADS="128"),
+            counts_ptr="*i32:16", keys_b_ptr=key_type, keys_e_ptr=key_type, KEYS=str(plan["KEYS"]), THREADS="128"),
             grid)
-        reduce = _reduce_spec(dense, plan["RB"], plan["K"], plan["CG"], plan["SLOTS"], plan["KEYS"])
+        reduce = _reduce_spec(dense, plan["RB"], plan["K"], plan["CG"], plan["SLOTS"], plan["KEYS"], plan["KB"])
         # top-k / top-p pass 2 loads one element per instruction, like pass 1 (_load_tile's SCALAR layout for
         # its candidates' compaction): no aligned twin
         pass2 = _pass2_spec(module, "_pass2_kernel",
@@ -360,17 +382,53 @@ def logits_variant(dtype: str, choice: int = 0, divergence: int = 0, buffer: int
                             () if sample == 2 else ("lb_ptr", "le_ptr", "stride_b", "stride_e", "n_vocab"),
                             num_warps=warps)
         final = _finalize_spec(gate, divergence, sample, plan["RB"], use_topk, use_topp, plan["SAMPLE_SLOTS"],
-                               plan["SB"])
-        steps[gate] = [pass1, reduce, pass2, final] + ([_sample_fallback_spec(dtype, use_topk, use_topp)]
-                                                       if sample == 2 else [])
-    plan = _logits_plan(buffer, 0, choice)
-    return Variant(variant_name("logits_select", choice, divergence, dtype, buffer), "logits_select", dtype, steps,
+                               plan["SB"], mode)
+        inter = plan["KEYS"] == 2
+        intersection = [_intersection_spec(plan["RB"], plan["K"], plan["EB"], sample, use_topk, use_topp)] if inter else []
+        steps[gate] = [pass1, reduce, *intersection, pass2, final]
+        if sample == 2:
+            steps[gate].append(_sample_fallback_spec(dtype, use_topk, use_topp, mode))
+        if inter:
+            steps[gate].append(_intersection_fallback_spec(dtype, sample, use_topk, use_topp))
+    plan = _logits_plan(buffer, 0, choice, mode)
+    return Variant(variant_name("logits_select", choice, divergence, dtype, buffer) + MODES[mode], "logits_select",
+                   dtype, steps,
                    dict(BB=bb, BV=bv, K=buffer, SLOTS=plan["SLOTS"], NCP=NCP, RB=plan["RB"], CG=plan["CG"],
                         DIVERGENCE=divergence, SAMPLE=sample, USE_TOPK=use_topk, USE_TOPP=use_topp,
-                        SAMPLE_SLOTS=plan["SAMPLE_SLOTS"]))
+                        SAMPLE_SLOTS=plan["SAMPLE_SLOTS"], MODE=mode))
 
 
-def _sample_fallback_spec(dtype: str, use_topk: int, use_topp: int) -> KernelSpec:
+def _intersection_spec(rb: int, k: int, eb: int, sample: int, use_topk: int, use_topp: int) -> KernelSpec:
+    """launcher._intersection_kernel: per row the grown intersection of the two top-K lists and the token a
+    spiking row gets; writes choice and iover (the rows whose intersection outgrew the lists)."""
+    args = dict(
+        top_b_ptr="*i64:16", top_e_ptr="*i64:16", rowinfo_ptr="*fp32:16", alpha_ptr="*fp32", seed_ptr="*i64",
+        seed_stride="i32", offset_ptr="*i64", offset_stride="i32", choice_ptr="*i32:16", iover_ptr="*i32:16",
+        n_rows="i32", n_vocab="i32", k_min="i32", need="i32", score_floor="fp32", temperature="fp32",
+        row_temperature_ptr="*fp32", top_k="i32", top_p="fp32", row_top_k_ptr="*i32", row_top_p_ptr="*fp32",
+        RB=str(rb), K=str(k), EB=str(eb), SAMPLE=str(sample), USE_TOPK=str(use_topk), USE_TOPP=str(use_topp),
+        ROW_T="0", ROW_K="0", ROW_P="0",
+    )
+    return KernelSpec("ngsd_kernels.ops.launcher", "_intersection_kernel", args, f"(n_rows + {rb - 1}) / {rb}, 1, 1")
+
+
+def _intersection_fallback_spec(dtype: str, sample: int, use_topk: int, use_topp: int) -> KernelSpec:
+    """intersection_fallback._intersection_fallback_kernel: one program per row; a spiked row whose grown
+    intersection outgrew the top-K lists gets its exact token from its logits (BT and R as on a GPU)."""
+    args = dict(
+        lb_ptr=f"*{dtype}", le_ptr=f"*{dtype}", stride_b="i32", stride_e="i32", n_rows="i32", n_vocab="i32",
+        rowinfo_ptr="*fp32:16", alpha_ptr="*fp32", spike_ptr="*i8:16", over_ptr="*i32:16", tokens_ptr="*i64:16",
+        seed_ptr="*i64", seed_stride="i32", offset_ptr="*i64", offset_stride="i32", k_min="i32", need="i32",
+        score_floor="fp32", temperature="fp32", row_temperature_ptr="*fp32", top_k="i32", top_p="fp32",
+        outer_rounds="i32", id_rounds="i32", row_top_k_ptr="*i32", row_top_p_ptr="*fp32",
+        BT=str(max(256, 4096 >> RADIX_BITS)), R=str(RADIX_BITS), SAMPLE=str(sample), USE_TOPK=str(use_topk),
+        USE_TOPP=str(use_topp), ROW_T="0", ROW_K="0", ROW_P="0",
+    )
+    return KernelSpec("ngsd_kernels.ops.intersection_fallback", "_intersection_fallback_kernel", args,
+                      "n_rows, 1, 1")
+
+
+def _sample_fallback_spec(dtype: str, use_topk: int, use_topp: int, mode: int = 0) -> KernelSpec:
     """fused_select._sample_fallback_kernel: one program per row; a row the finalize flagged gets its exact
     token from its logits (BT = 2048 columns a tile, the JIT's choice for vocabularies of 2048 and more)."""
     args = dict(
@@ -378,7 +436,7 @@ def _sample_fallback_spec(dtype: str, use_topk: int, use_topp: int) -> KernelSpe
         rowinfo_ptr="*fp32:16", alpha_ptr="*fp32", spike_ptr="*i8:16", over_ptr="*i32:16", tokens_ptr="*i64:16",
         seed_ptr="*i64", seed_stride="i32", offset_ptr="*i64", offset_stride="i32", temperature="fp32",
         row_temperature_ptr="*fp32", top_k="i32", top_p="fp32", row_top_k_ptr="*i32", row_top_p_ptr="*fp32",
-        BT="2048", MODE="0", USE_TOPK=str(use_topk), USE_TOPP=str(use_topp), ROW_T="0", ROW_K="0", ROW_P="0",
+        BT="2048", MODE=str(mode), USE_TOPK=str(use_topk), USE_TOPP=str(use_topp), ROW_T="0", ROW_K="0", ROW_P="0",
     )
     return KernelSpec("ngsd_kernels.ops.fused_select", "_sample_fallback_kernel", args, "n_rows, 1, 1")
 
@@ -391,46 +449,51 @@ def check_against_jit_plan(variant: Variant) -> None:
     from ngsd_kernels.ops.launcher import plan_select
     from ngsd_kernels.params import StepParams
 
+    from ngsd_kernels.ops.intersection_fallback import RADIX_BITS as JIT_RADIX_BITS
+
     c = variant.constants
     for gate, seq in variant.steps.items():
-        pass1, reduce, pass2, final = seq[:4]
         topk, topp = c.get("USE_TOPK", 0), c.get("USE_TOPP", 0)
         params = StepParams(candidate_k=c["K"], gate=gate, divergence=c["DIVERGENCE"],
                             temperature=1.0 if c["SAMPLE"] else 0.0, top_k=c["K"] if topk else 0,
-                            top_p=0.9 if topp else 1.0)
+                            top_p=0.9 if topp else 1.0, candidate_mode=c.get("MODE", 0))
         # pass1_block_v=0: this build runs pass 1 and the reduce on pass 2's chunks (its launcher passes one
         # chunk count); the JIT widens pass 1 to 8192 columns for buffers of 1024 (SelectPlan.pass1_block_v)
         plan = plan_select(LOGITS_BB, NCP * LOGITS_BV, params, pass1_block_v=0)
         if (plan.block_b, plan.block_v) != (LOGITS_BB, LOGITS_BV):
             raise SystemExit(f"{variant.name}: launcher.plan_select picks [{plan.block_b}, {plan.block_v}] tiles, "
                              f"this build [{LOGITS_BB}, {LOGITS_BV}]; update build_aot.LOGITS_BB / LOGITS_BV")
+        intersect = plan.key_kind == 2
+        # launcher.launch_select's order (the fallbacks run: V > K at the compiled vocabulary)
+        order = ["_pass1_kernel", "_reduce_kernel", *(["_intersection_kernel"] if intersect else []), "_pass2_kernel",
+                 "_finalize_kernel", *(["_sample_fallback_kernel"] if plan.sample == 2 else []),
+                 *(["_intersection_fallback_kernel"] if intersect else [])]
+        if [spec.name for spec in seq] != order:
+            raise SystemExit(f"{variant.name} gate {gate}: launches {[spec.name for spec in seq]}, the JIT's {order}")
+        sampling = dict(SAMPLE=plan.sample, USE_TOPK=int(plan.use_topk), USE_TOPP=int(plan.use_topp))
         want = {
-            "pass1": dict(BB=plan.block_b, BV=plan.block_v, K=plan.buffer, KEYS=plan.key_kind, SLOTS=plan.slots,
-                          FALLBACK=1),
-            "reduce": dict(RB=plan.row_block, NCP=plan.ncp, K=plan.buffer, CG=plan.chunk_group,
-                           NEED_KEYS=int(plan.need_keys), STORE_TOP=0, VALUE_KEYS=int(plan.key_kind == 1),
-                           SLOTS=plan.slots, KB=plan.key_block),
-            "pass2": dict(BB=plan.block_b, BV=plan.block_v, DIVERGENCE=plan.divergence, SAMPLE=plan.sample,
-                          **({"K": plan.buffer} if plan.sample == 2 else {})),
-            "finalize": dict(RB=plan.row_block, NCP=plan.ncp, DIVERGENCE=plan.divergence, GATE=plan.gate,
-                             MODE=plan.mode, SAMPLE=plan.sample, USE_TOPK=int(plan.use_topk),
-                             USE_TOPP=int(plan.use_topp), NEED_V0=int(plan.need_v0),
-                             **({"SLOTS": plan.sample_slots, "SB": plan.sample_block} if plan.sample == 2 else {})),
+            "_pass1_kernel": dict(BB=plan.block_b, BV=plan.block_v, K=plan.buffer, KEYS=plan.key_kind,
+                                  SLOTS=plan.slots, FALLBACK=1),
+            "_reduce_kernel": dict(RB=plan.row_block, NCP=plan.ncp, K=plan.buffer, CG=plan.chunk_group,
+                                   NEED_KEYS=int(plan.need_keys), STORE_TOP=int(intersect),
+                                   VALUE_KEYS=int(plan.key_kind == 1), SLOTS=plan.slots, KB=plan.key_block),
+            "_intersection_kernel": dict(RB=plan.row_block, K=plan.buffer, EB=plan.inter_block, **sampling),
+            "_pass2_kernel": dict(BB=plan.block_b, BV=plan.block_v, DIVERGENCE=plan.divergence, SAMPLE=plan.sample,
+                                  **({"K": plan.buffer} if plan.sample == 2 else {})),
+            "_finalize_kernel": dict(RB=plan.row_block, NCP=plan.ncp, DIVERGENCE=plan.divergence, GATE=plan.gate,
+                                     MODE=plan.mode, NEED_V0=int(plan.need_v0), **sampling,
+                                     **({"SLOTS": plan.sample_slots, "SB": plan.sample_block}
+                                        if plan.sample == 2 else {})),
+            "_sample_fallback_kernel": dict(MODE=plan.mode, USE_TOPK=int(plan.use_topk), USE_TOPP=int(plan.use_topp)),
+            "_intersection_fallback_kernel": dict(R=JIT_RADIX_BITS, BT=max(256, 4096 >> JIT_RADIX_BITS), **sampling),
         }
-        got = {"pass1": pass1, "reduce": reduce, "pass2": pass2, "finalize": final}
-        if plan.sample == 2:  # the exact fallback of flagged rows, after the finalize (LogitsPasses.sample_fallback)
-            want["fallback"] = dict(MODE=plan.mode, USE_TOPK=int(plan.use_topk), USE_TOPP=int(plan.use_topp))
-            got["fallback"] = seq[4]
-        elif len(seq) != 4:
-            raise SystemExit(f"{variant.name}: {len(seq)} launches for a step without top-k / top-p sampling")
-        for role, fields in want.items():
-            have = got[role].constants
-            diff = {f: (have.get(f), v) for f, v in fields.items() if have.get(f) != v}
+        for spec in seq:
+            diff = {f: (spec.constants.get(f), v) for f, v in want[spec.name].items() if spec.constants.get(f) != v}
             if diff:
-                raise SystemExit(f"{variant.name} gate {gate}: {role} constants differ from launcher.plan_select's "
+                raise SystemExit(f"{variant.name} gate {gate}: {spec.name} constants differ from launcher.plan_select's "
                                  f"(compiled, plan): {diff}; update build_aot._logits_plan")
-        if pass2.num_warps != plan.pass2_warps:
-            raise SystemExit(f"{variant.name}: pass 2 warps {pass2.num_warps} != plan {plan.pass2_warps}")
+            if spec.name == "_pass2_kernel" and spec.num_warps != plan.pass2_warps:
+                raise SystemExit(f"{variant.name}: pass 2 warps {spec.num_warps} != plan {plan.pass2_warps}")
 
 
 def hidden_greedy(dtype: str) -> Variant:
@@ -446,8 +509,10 @@ def all_variants() -> dict[str, Variant]:
     materialises the logits, as the JIT's HiddenLaunch); logits variants for every choice and buffer
     (top-p alone: buffers from TOPP_MIN_BUFFER on, the plan's floor)."""
     variants = [hidden_variant(d, sample, div) for sample in (0, 1) for div in DIVERGENCES for d in DTYPES]
-    variants += [logits_variant(d, choice, div, k) for choice in CHOICES for div in DIVERGENCES for d in DTYPES
-                 for k in BUFFERS if not (CHOICES[choice] == "topp" and k < TOPP_MIN_BUFFER)]
+    variants += [logits_variant(d, choice, div, k, mode) for mode in MODES for choice in CHOICES
+                 for div in DIVERGENCES for d in DTYPES for k in BUFFERS
+                 if not (CHOICES[choice] == "topp" and k < TOPP_MIN_BUFFER)
+                 and not (mode == 1 and k < INTERSECTION_MIN_BUFFER)]
     return {v.name: v for v in variants}
 
 
@@ -541,6 +606,7 @@ def _shim_module(out_dir: Path, source_root: Path) -> Path:
         f"sys.path.insert(0, {str(source_root)!r})\n"
         "from ngsd_kernels.ops.hidden_select import _hs_pass1_kernel, _hs_pass2_kernel  # noqa: F401\n"
         "from ngsd_kernels.ops.fused_select import _pass1_kernel, _pass2_kernel, _sample_fallback_kernel  # noqa: F401\n"
+        "from ngsd_kernels.ops.intersection_fallback import _intersection_fallback_kernel  # noqa: F401\n"
         "from ngsd_kernels.ops.launcher import (  # noqa: F401\n"
         "    _finalize_kernel, _intersection_kernel, _reduce_kernel)\n"
     )

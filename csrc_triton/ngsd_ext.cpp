@@ -3,7 +3,8 @@
 //   torch.ops.ngsd_aot.hidden_select(base_hidden, expert_hidden, lm_head_weight, potential, alpha,
 //                                    seed=None, offset=None, *, tau=8., v_th=1., v_reset=0., rho=0.6,
 //                                    candidate_k=64, gate=0, divergence=0, temperature=0., top_k=0, top_p=1.,
-//                                    candidate_mode=0, num_splits=-1) -> (tokens, new_potential, spike, divergence)
+//                                    candidate_mode=0, num_splits=-1, min_candidates=5, score_floor=1e-8)
+//                                    -> (tokens, new_potential, spike, divergence)
 //   torch.ops.ngsd_aot.logits_select(base_logits, expert_logits, potential, alpha, seed=None, offset=None, *,
 //                                    the same keywords without num_splits)
 //   torch.ops.ngsd_aot.hidden_select_greedy / logits_select_greedy: the same with temperature 0 (no seed)
@@ -14,8 +15,10 @@
 // offset int64 with 1 or B values) or top-k / top-p sampling (the candidate buffers, the finalize's
 // bisections and the exact fallback kernel for the rows they cannot decide; the hidden-state op
 // materialises the logits for it, as the JIT does); divergence 0 TV, 1 KL, 2 JS; gate 0 = LIF, 1 = open,
-// 2 = closed. The intersection mode is not compiled: it raises, naming the JIT path.
-// The hidden-state op uses a shared LM head without bias (LoRA / NeST experts).
+// 2 = closed; candidate_mode 0 union, 1 SafeDecoding's intersection (min_candidates, score_floor; the
+// intersection kernel and the fallback for spiked rows whose intersection outgrew the top-K lists; the
+// hidden-state op materialises the logits for it). The hidden-state op uses a shared LM head without bias
+// (LoRA / NeST experts).
 //
 // The launch sequence and scratch layout mirror ngsd_kernels/ops/hidden_select.py and
 // fused_select.py; the kernel constants (block sizes, K, NCP) come from the generated glue's variant
@@ -66,6 +69,8 @@ struct Params {
   int64_t top_k;
   double top_p;
   int64_t candidate_mode;
+  int64_t min_candidates;  // intersection mode: grow k until the set holds this many tokens
+  double score_floor;      // intersection mode: scores on the set are floored here
 };
 
 const char* divergence_tag(int64_t d) { return d == 0 ? "tv" : (d == 1 ? "kl" : "js"); }
@@ -73,6 +78,18 @@ const char* divergence_tag(int64_t d) { return d == 0 ? "tv" : (d == 1 ? "kl" : 
 constexpr int64_t kMaxBuffer = 1024;      // launcher.MAX_BUFFER
 constexpr int64_t kHiddenMaxBuffer = 64;  // hidden_select.HIDDEN_MAX_BUFFER: larger buffers materialise the logits
 constexpr int64_t kTopPMinBuffer = 256;   // launcher.plan_select's floor for top-p without top-k
+constexpr int64_t kIntersectionMinBuffer = 64;  // its floor for the intersection mode (room to grow)
+constexpr int kRadixBits = 2;             // intersection_fallback.RADIX_BITS on a GPU (compiled into its fallback)
+
+// Python's int.bit_length for n >= 0
+int bit_length(int64_t n) {
+  int bits = 0;
+  while (n > 0) {
+    ++bits;
+    n >>= 1;
+  }
+  return bits;
+}
 
 int64_t next_pow2(int64_t n) {
   int64_t p = 1;
@@ -110,8 +127,13 @@ Choice select_variant(const char* source, at::ScalarType dtype, const Params& p,
   TORCH_CHECK(p.top_p > 0.0 && p.top_p <= 1.0, "ngsd_aot: top_p must be in (0, 1], got ", p.top_p);
   TORCH_CHECK(p.candidate_mode == 0 || p.candidate_mode == 1,
               "ngsd_aot: candidate_mode must be 0 (union) or 1 (intersection), got ", p.candidate_mode);
-  TORCH_CHECK(p.candidate_mode == 0, "ngsd_aot: the intersection candidate mode is not compiled into the AOT "
-              "build (it needs the intersection kernel and its fallback); use the Triton JIT path, ", kJitPath);
+  TORCH_CHECK(p.min_candidates >= 1, "ngsd_aot: min_candidates must be >= 1, got ", p.min_candidates);
+  TORCH_CHECK(std::isfinite(p.score_floor) && p.score_floor > 0.0, "ngsd_aot: score_floor must be > 0 for the "
+              "compiled kernels, got ", p.score_floor, "; use backend='torch'");
+  // SafeDecoding's intersection: its own kernels only where the gate can open (a shut gate runs the union
+  // passes, with the intersection mode's alpha rule in the finalize)
+  const bool intersection = p.candidate_mode == 1;
+  const bool grows = intersection && p.gate != 2;
   const bool sample = p.temperature > 0.0;
   const bool use_topk = sample && p.top_k > 0 && (vocab < 0 || p.top_k < vocab);
   const bool use_topp = sample && p.top_p < 1.0;
@@ -126,24 +148,28 @@ Choice select_variant(const char* source, at::ScalarType dtype, const Params& p,
   const int64_t top_k = use_topk ? p.top_k : 0;
   TORCH_CHECK(top_k <= kMaxBuffer, "ngsd_aot: top_k must be at most ", kMaxBuffer, " (the largest top-K buffer, "
               "launcher.MAX_BUFFER) or at least the vocabulary, got ", p.top_k, "; use backend='torch'");
-  const int64_t floor = use_topp && !use_topk ? kTopPMinBuffer : 16;
-  const int64_t buffer = next_pow2(std::max<int64_t>({required, top_k, floor}));
+  const int64_t need = grows ? (vocab > 0 ? std::min(p.min_candidates, vocab) : p.min_candidates) : 0;
+  TORCH_CHECK(need <= kMaxBuffer, "ngsd_aot: min_candidates must be at most ", kMaxBuffer, " (the largest top-K "
+              "buffer, launcher.MAX_BUFFER), got ", p.min_candidates, "; use backend='torch'");
+  const int64_t floor = use_topp && !use_topk ? kTopPMinBuffer : (grows ? kIntersectionMinBuffer : 16);
+  const int64_t buffer = next_pow2(std::max<int64_t>({required, top_k, need, floor}));
   const char* choice = use_topk ? (use_topp ? "topkp" : "topk") : (use_topp ? "topp" : (sample ? "sample" : "greedy"));
   const std::string tail = std::string("_") + choice + "_" + divergence_tag(p.divergence) + "_";
-  if (std::string(source) == "hidden" && buffer <= kHiddenMaxBuffer && !use_topk && !use_topp) {
+  const std::string suffix = intersection ? "_inter" : "";
+  if (std::string(source) == "hidden" && buffer <= kHiddenMaxBuffer && !use_topk && !use_topp && !intersection) {
     const ngsd_aot_variant* v = find_or_throw(std::string("hidden") + tail + dtype_tag(dtype));
     return {v, false};
   }
-  // logits variants, one per buffer; the hidden op materialises fp32 logits for larger buffers and for
-  // top-k / top-p sampling (hidden_select.HiddenLaunch)
+  // logits variants, one per buffer; the hidden op materialises fp32 logits for larger buffers, for
+  // top-k / top-p sampling and for the intersection mode (the fused hidden kernels compiled here are union only)
   const bool materialise = std::string(source) == "hidden";
   const std::string stem = std::string("logits") + tail + (materialise ? "fp32" : dtype_tag(dtype)) + "_k";
-  const std::string name = stem + std::to_string(buffer);
+  const std::string name = stem + std::to_string(buffer) + suffix;
   const ngsd_aot_variant* v = ngsd_aot_find(name.c_str());
   // a shut gate reads no candidates: every buffer's variant runs the same kernels then (not in top-k / top-p
   // sampling, whose candidate keys of pass 2 are sized by the buffer)
   for (int64_t k = 16; v == nullptr && p.gate == 2 && !use_topk && !use_topp && k <= kMaxBuffer; k *= 2)
-    v = ngsd_aot_find((stem + std::to_string(k)).c_str());
+    v = ngsd_aot_find((stem + std::to_string(k) + suffix).c_str());
   if (v == nullptr) v = find_or_throw(name);
   return {v, materialise};
 }
@@ -250,27 +276,36 @@ CUstream current_stream(const at::Device& device) {
 struct Buffers {
   at::Tensor stats, counts, keys_b, keys_e, rowinfo, unused_i64, unused_i32, div, best, besti, unused_f32;
   at::Tensor keys2, mass;  // top-k / top-p sampling's candidates of pass 2 (unused_i64 / unused_f32 otherwise)
+  at::Tensor top_b, top_e, choice, iover;  // intersection mode's top-K lists and per-row results (unused otherwise)
   at::Tensor tokens, new_potential, spike, divergence, over;
 };
 
-// `slots`: union candidate slots per chunk and row (0: none, the gate is shut); `sample_slots`: top-k / top-p
-// candidate keys per chunk and gate outcome (0: not that kind of sampling)
+// `slots`: candidate slots per chunk and row (0: none, the gate is shut); `sample_slots`: top-k / top-p
+// candidate keys per chunk and gate outcome (0: not that kind of sampling); `lists`: the intersection mode's
+// top-K list length (0: union mode; else pass 1 keeps int64 (value, id) keys, as launcher.Scratch)
 Buffers allocate(int64_t batch, int64_t chunks, int64_t slots, const at::TensorOptions& on_device,
-                 int64_t sample_slots = 0) {
+                 int64_t sample_slots = 0, int64_t lists = 0) {
   auto f32 = on_device.dtype(at::kFloat);
   auto i32 = on_device.dtype(at::kInt);
   auto i64 = on_device.dtype(at::kLong);
   Buffers b;
   b.stats = at::empty({batch, chunks, 4}, f32);
   b.counts = at::empty({batch, chunks, 4}, i32);
-  // int32 value keys (union thresholds), as launcher.Scratch: [1] when no candidates are kept
-  b.keys_b = slots > 0 ? at::empty({batch, chunks, slots}, i32) : at::empty({1}, i32);
-  b.keys_e = slots > 0 ? at::empty({batch, chunks, slots}, i32) : at::empty({1}, i32);
+  // int32 value keys (union thresholds) or int64 (value, id) keys (intersection), as launcher.Scratch: [1]
+  // when no candidates are kept
+  const auto key_type = lists > 0 ? i64 : i32;
+  b.keys_b = slots > 0 ? at::empty({batch, chunks, slots}, key_type) : at::empty({1}, key_type);
+  b.keys_e = slots > 0 ? at::empty({batch, chunks, slots}, key_type) : at::empty({1}, key_type);
   b.rowinfo = at::empty({batch, 8}, f32);
   b.unused_i64 = at::zeros({2}, i64);  // intersection / top-k sampling buffers: never read in these variants
   b.unused_i32 = at::zeros({batch}, i32);
   b.unused_f32 = at::zeros({2}, f32);
   b.keys2 = sample_slots > 0 ? at::empty({batch, 2, chunks, sample_slots}, i64) : b.unused_i64;
+  // written for every row by the intersection kernel before the finalize reads them
+  b.top_b = lists > 0 ? at::empty({batch, lists}, i64) : b.unused_i64;
+  b.top_e = lists > 0 ? at::empty({batch, lists}, i64) : b.unused_i64;
+  b.choice = lists > 0 ? at::empty({batch}, i32) : b.unused_i32;
+  b.iover = lists > 0 ? at::empty({batch}, i32) : b.unused_i32;
   b.mass = sample_slots > 0 ? at::empty({batch, 2, chunks, 2}, f32) : b.unused_f32;
   b.div = at::empty({batch, chunks, 2}, f32);
   b.best = at::empty({batch, 2, chunks}, f32);
@@ -312,10 +347,10 @@ void fill_common(ngsd_aot_ctx& c, const Buffers& b, const at::Tensor& potential,
   c.keys_b_ptr = ptr(b.keys_b);
   c.keys_e_ptr = ptr(b.keys_e);
   c.rowinfo_ptr = ptr(b.rowinfo);
-  c.top_b_ptr = ptr(b.unused_i64);
-  c.top_e_ptr = ptr(b.unused_i64);
-  c.choice_ptr = ptr(b.unused_i32);
-  c.iover_ptr = ptr(b.unused_i32);
+  c.top_b_ptr = ptr(b.top_b);
+  c.top_e_ptr = ptr(b.top_e);
+  c.choice_ptr = ptr(b.choice);
+  c.iover_ptr = ptr(b.iover);
   c.div_ptr = ptr(b.div);
   c.best_ptr = ptr(b.best);
   c.besti_ptr = ptr(b.besti);
@@ -330,7 +365,10 @@ void fill_common(ngsd_aot_ctx& c, const Buffers& b, const at::Tensor& potential,
   c.V = static_cast<int32_t>(vocab);
   c.n_chunks = static_cast<int32_t>(chunks);
   c.kth = static_cast<int32_t>(std::max<int64_t>(1, std::min<int64_t>(p.candidate_k, vocab)));
-  c.need = 1;
+  // the intersection mode (intersection_fallback.decide_intersection_overflow's round counts for R bits a round)
+  c.need = static_cast<int32_t>(std::max<int64_t>(1, std::min<int64_t>(p.min_candidates, vocab)));
+  c.outer_rounds = std::max(1, bit_length(vocab - c.kth + 1));
+  c.id_rounds = (std::max(1, bit_length(vocab - 1)) + kRadixBits - 1) / kRadixBits;
   c.top_k = static_cast<int32_t>(std::min<int64_t>(p.top_k, std::numeric_limits<int32_t>::max()));
   c.decay = static_cast<float>(1.0 - 1.0 / p.tau);
   c.v_th = static_cast<float>(p.v_th);
@@ -338,7 +376,7 @@ void fill_common(ngsd_aot_ctx& c, const Buffers& b, const at::Tensor& potential,
   c.rho = static_cast<float>(p.rho);
   c.temperature = p.temperature > 0.0 ? static_cast<float>(p.temperature) : 1.0f;  // as launch_select
   c.top_p = static_cast<float>(p.top_p);
-  c.score_floor = 1e-8f;
+  c.score_floor = static_cast<float>(p.score_floor);
 }
 
 using Step = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
@@ -385,8 +423,10 @@ Step run_logits(const at::Tensor& base_logits, const at::Tensor& expert_logits, 
 
   // a shut gate runs pass 1 / reduce without candidates (KEYS 0): no key scratch, as launcher.Scratch;
   // top-k / top-p sampling: 2K candidate keys per chunk and outcome (select_tiles.sample_slots)
+  // intersection mode with the gate able to open: int64 keys and the rows' top-K lists
   const int64_t sample_slots = variant->sample == 2 ? std::min<int64_t>(2 * variant->buffer, variant->block_v) : 0;
-  Buffers b = allocate(batch, chunks, p.gate == 2 ? 0 : variant->slots, base_logits.options(), sample_slots);
+  const int64_t lists = p.candidate_mode == 1 && p.gate != 2 ? variant->buffer : 0;
+  Buffers b = allocate(batch, chunks, p.gate == 2 ? 0 : variant->slots, base_logits.options(), sample_slots, lists);
   const Seeds s = seeds(seed, offset, batch, b.unused_i64);
   ngsd_aot_ctx c{};
   c.stream = current_stream(device);
@@ -405,7 +445,8 @@ Step hidden_select_cuda(const at::Tensor& base_hidden, const at::Tensor& expert_
                         const at::Tensor& lm_head_weight, const at::Tensor& potential, const at::Tensor& alpha,
                         const OptTensor& seed, const OptTensor& offset, double tau, double v_th, double v_reset,
                         double rho, int64_t candidate_k, int64_t gate, int64_t divergence, double temperature,
-                        int64_t top_k, double top_p, int64_t candidate_mode, int64_t num_splits) {
+                        int64_t top_k, double top_p, int64_t candidate_mode, int64_t num_splits,
+                        int64_t min_candidates, double score_floor) {
   TORCH_CHECK(base_hidden.dim() == 2 && expert_hidden.sizes() == base_hidden.sizes(),
               "ngsd_aot: base_hidden and expert_hidden must both be [batch, hidden]");
   TORCH_CHECK(lm_head_weight.dim() == 2 && lm_head_weight.size(1) == base_hidden.size(1),
@@ -424,7 +465,8 @@ Step hidden_select_cuda(const at::Tensor& base_hidden, const at::Tensor& expert_
   TORCH_CHECK(vocab <= i32_max && base_hidden.stride(0) <= i32_max && expert_hidden.stride(0) <= i32_max &&
                   lm_head_weight.stride(0) <= i32_max,
               "ngsd_aot: sizes or strides exceed the 32-bit arguments of the compiled kernels");
-  const Params p{tau, v_th, v_reset, rho, candidate_k, gate, divergence, temperature, top_k, top_p, candidate_mode};
+  const Params p{tau, v_th, v_reset, rho, candidate_k, gate, divergence, temperature, top_k, top_p, candidate_mode,
+                 min_candidates, score_floor};
   const Choice choice = select_variant("hidden", lm_head_weight.scalar_type(), p, vocab);
   const ngsd_aot_variant* variant = choice.variant;
   check_step_vectors(potential, alpha, batch, device);
@@ -483,7 +525,7 @@ Step logits_select_cuda(const at::Tensor& base_logits, const at::Tensor& expert_
                         const at::Tensor& alpha, const OptTensor& seed, const OptTensor& offset, double tau,
                         double v_th, double v_reset, double rho, int64_t candidate_k, int64_t gate,
                         int64_t divergence, double temperature, int64_t top_k, double top_p,
-                        int64_t candidate_mode) {
+                        int64_t candidate_mode, int64_t min_candidates, double score_floor) {
   TORCH_CHECK(base_logits.dim() == 2 && expert_logits.sizes() == base_logits.sizes(),
               "ngsd_aot: base and expert logits must both be [batch, vocab] of the same shape (same vocabulary)");
   TORCH_CHECK(base_logits.scalar_type() == expert_logits.scalar_type(), "ngsd_aot: logits dtypes differ");
@@ -491,7 +533,8 @@ Step logits_select_cuda(const at::Tensor& base_logits, const at::Tensor& expert_
   TORCH_CHECK(expert_logits.device() == device, "ngsd_aot: all inputs must be on ", device);
   const int64_t batch = base_logits.size(0), vocab = base_logits.size(1);
   TORCH_CHECK(batch >= 1 && vocab >= 1, "ngsd_aot: empty input");
-  const Params p{tau, v_th, v_reset, rho, candidate_k, gate, divergence, temperature, top_k, top_p, candidate_mode};
+  const Params p{tau, v_th, v_reset, rho, candidate_k, gate, divergence, temperature, top_k, top_p, candidate_mode,
+                 min_candidates, score_floor};
   const ngsd_aot_variant* variant = select_variant("logits", base_logits.scalar_type(), p, vocab).variant;
   check_vocab_compiled(variant, vocab);
   check_step_vectors(potential, alpha, batch, device);
@@ -514,11 +557,13 @@ Step hidden_select_meta(const at::Tensor& base_hidden, const at::Tensor& expert_
                         const at::Tensor& lm_head_weight, const at::Tensor& potential, const at::Tensor& alpha,
                         const OptTensor& seed, const OptTensor& offset, double tau, double v_th, double v_reset,
                         double rho, int64_t candidate_k, int64_t gate, int64_t divergence, double temperature,
-                        int64_t top_k, double top_p, int64_t candidate_mode, int64_t) {
+                        int64_t top_k, double top_p, int64_t candidate_mode, int64_t, int64_t min_candidates,
+                        double score_floor) {
   TORCH_CHECK(base_hidden.dim() == 2 && expert_hidden.sizes() == base_hidden.sizes() &&
                   lm_head_weight.dim() == 2 && lm_head_weight.size(1) == base_hidden.size(1),
               "ngsd_aot: hidden [B, H], expert hidden [B, H], weight [V, H] expected");
-  const Params p{tau, v_th, v_reset, rho, candidate_k, gate, divergence, temperature, top_k, top_p, candidate_mode};
+  const Params p{tau, v_th, v_reset, rho, candidate_k, gate, divergence, temperature, top_k, top_p, candidate_mode,
+                 min_candidates, score_floor};
   const Choice choice = select_variant("hidden", lm_head_weight.scalar_type(), p, lm_head_weight.size(0));
   if (choice.materialise) check_vocab_compiled(choice.variant, lm_head_weight.size(0));
   check_seeds(seed, offset, base_hidden.size(0), temperature, c10::nullopt);
@@ -529,10 +574,11 @@ Step logits_select_meta(const at::Tensor& base_logits, const at::Tensor& expert_
                         const at::Tensor& alpha, const OptTensor& seed, const OptTensor& offset, double tau,
                         double v_th, double v_reset, double rho, int64_t candidate_k, int64_t gate,
                         int64_t divergence, double temperature, int64_t top_k, double top_p,
-                        int64_t candidate_mode) {
+                        int64_t candidate_mode, int64_t min_candidates, double score_floor) {
   TORCH_CHECK(base_logits.dim() == 2 && expert_logits.sizes() == base_logits.sizes(),
               "ngsd_aot: base and expert logits must both be [batch, vocab] of the same shape");
-  const Params p{tau, v_th, v_reset, rho, candidate_k, gate, divergence, temperature, top_k, top_p, candidate_mode};
+  const Params p{tau, v_th, v_reset, rho, candidate_k, gate, divergence, temperature, top_k, top_p, candidate_mode,
+                 min_candidates, score_floor};
   const ngsd_aot_variant* v = select_variant("logits", base_logits.scalar_type(), p, base_logits.size(1)).variant;
   check_vocab_compiled(v, base_logits.size(1));
   check_seeds(seed, offset, base_logits.size(0), temperature, c10::nullopt);
@@ -546,7 +592,7 @@ Step hidden_select_greedy(const at::Tensor& base_hidden, const at::Tensor& exper
                           double tau, double v_th, double v_reset, double rho, int64_t candidate_k, int64_t gate,
                           int64_t divergence, int64_t num_splits) {
   return Op(base_hidden, expert_hidden, lm_head_weight, potential, alpha, c10::nullopt, c10::nullopt, tau, v_th,
-            v_reset, rho, candidate_k, gate, divergence, 0.0, 0, 1.0, 0, num_splits);
+            v_reset, rho, candidate_k, gate, divergence, 0.0, 0, 1.0, 0, num_splits, 5, 1e-8);
 }
 
 template <auto Op>
@@ -554,7 +600,7 @@ Step logits_select_greedy(const at::Tensor& base_logits, const at::Tensor& exper
                           const at::Tensor& potential, const at::Tensor& alpha, double tau, double v_th,
                           double v_reset, double rho, int64_t candidate_k, int64_t gate, int64_t divergence) {
   return Op(base_logits, expert_logits, potential, alpha, c10::nullopt, c10::nullopt, tau, v_th, v_reset, rho,
-            candidate_k, gate, divergence, 0.0, 0, 1.0, 0);
+            candidate_k, gate, divergence, 0.0, 0, 1.0, 0, 5, 1e-8);
 }
 
 [[noreturn]] void cpu_error() {
@@ -564,13 +610,13 @@ Step logits_select_greedy(const at::Tensor& base_logits, const at::Tensor& exper
 
 Step hidden_select_cpu(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                        const OptTensor&, const OptTensor&, double, double, double, double, int64_t, int64_t, int64_t,
-                       double, int64_t, double, int64_t, int64_t) {
+                       double, int64_t, double, int64_t, int64_t, int64_t, double) {
   cpu_error();
 }
 
 Step logits_select_cpu(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&,
                        const OptTensor&, double, double, double, double, int64_t, int64_t, int64_t, double, int64_t,
-                       double, int64_t) {
+                       double, int64_t, int64_t, double) {
   cpu_error();
 }
 
@@ -603,12 +649,13 @@ TORCH_LIBRARY(ngsd_aot, m) {
       "hidden_select(Tensor base_hidden, Tensor expert_hidden, Tensor lm_head_weight, Tensor potential, "
       "Tensor alpha, Tensor? seed=None, Tensor? offset=None, *, float tau=8.0, float v_th=1.0, float v_reset=0.0, "
       "float rho=0.6, int candidate_k=64, int gate=0, int divergence=0, float temperature=0.0, int top_k=0, "
-      "float top_p=1.0, int candidate_mode=0, int num_splits=-1) -> (Tensor, Tensor, Tensor, Tensor)");
+      "float top_p=1.0, int candidate_mode=0, int num_splits=-1, int min_candidates=5, float score_floor=1e-08) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "logits_select(Tensor base_logits, Tensor expert_logits, Tensor potential, Tensor alpha, Tensor? seed=None, "
       "Tensor? offset=None, *, float tau=8.0, float v_th=1.0, float v_reset=0.0, float rho=0.6, int candidate_k=64, "
-      "int gate=0, int divergence=0, float temperature=0.0, int top_k=0, float top_p=1.0, int candidate_mode=0) "
-      "-> (Tensor, Tensor, Tensor, Tensor)");
+      "int gate=0, int divergence=0, float temperature=0.0, int top_k=0, float top_p=1.0, int candidate_mode=0, "
+      "int min_candidates=5, float score_floor=1e-08) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "hidden_select_greedy(Tensor base_hidden, Tensor expert_hidden, Tensor lm_head_weight, Tensor potential, "
       "Tensor alpha, *, float tau=8.0, float v_th=1.0, float v_reset=0.0, float rho=0.6, int candidate_k=64, "

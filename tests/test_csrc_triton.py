@@ -26,11 +26,12 @@ REPO = Path(__file__).resolve().parents[1]
 CSRC = REPO / "csrc_triton"
 ARCHS = (80, 90)
 # a subset that covers every kernel kind: the hidden-state and logits passes (with their aligned twins),
-# greedy, sampling and top-k finalize kernels, the top-k / top-p fallback, the three divergences (the full
+# greedy, sampling and top-k finalize kernels, the top-k / top-p fallback, the intersection kernels and their
+# fallback, the three divergences (the full
 # set: build_aot.py --list) (the largest buffer, k1024, and the hidden op's materialised path:
 # test_largest_buffer_..., marked slow)
 VARIANTS = ("hidden_greedy_tv_bf16", "logits_greedy_kl_fp32_k64", "logits_sample_js_bf16_k16",
-            "logits_topk_tv_bf16_k64")
+            "logits_topk_tv_bf16_k64", "logits_greedy_tv_bf16_k64_inter")
 
 triton = pytest.importorskip("triton", reason="the AOT compiler is part of the triton package")
 TRITON_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
@@ -71,7 +72,8 @@ def test_every_kernel_has_launchers_and_a_cubin_for_each_arch(generated):
     kernels = manifest["kernels"]
     names = {k["kernel"] for k in kernels}
     assert {"_hs_pass1_kernel", "_hs_pass2_kernel", "_pass1_kernel", "_pass2_kernel", "_reduce_kernel",
-            "_finalize_kernel", "_sample_fallback_kernel"} <= names
+            "_finalize_kernel", "_sample_fallback_kernel", "_intersection_kernel",
+            "_intersection_fallback_kernel"} <= names
     for arch in ARCHS:
         per_arch = [k for k in kernels if k["arch"] == arch]
         assert {k["kernel"] for k in per_arch} == names, f"sm_{arch} misses kernels"
@@ -203,6 +205,11 @@ out["topk_meta"] = shapes(torch.ops.ngsd_aot.logits_select(lb16, lb16, pot, alph
                                                            temperature=0.7, top_k=40))
 out["topk_closed_meta"] = shapes(torch.ops.ngsd_aot.logits_select(lb16, lb16, pot, alpha, seed, offset, gate=2,
                                                                   temperature=0.7, top_k=40))
+# SafeDecoding's intersection (k = 10, 5 candidates -> the 64-entry floor): logits_greedy_tv_bf16_k64_inter,
+# with the gate shut too (no intersection kernels then: any buffer's variant)
+out["inter_meta"] = shapes(torch.ops.ngsd_aot.logits_select(lb16, lb16, pot, alpha, candidate_mode=1, candidate_k=10,
+                                                            min_candidates=5, score_floor=1e-4))
+out["inter_closed_meta"] = shapes(torch.ops.ngsd_aot.logits_select(lb16, lb16, pot, alpha, candidate_mode=1, gate=2))
 calls = {
     "cpu": lambda: torch.ops.ngsd_aot.hidden_select_greedy(torch.zeros(2, 8), torch.zeros(2, 8), torch.zeros(5, 8),
                                                            torch.zeros(2), torch.zeros(2)),
@@ -217,6 +224,9 @@ calls = {
     "top_k": lambda: torch.ops.ngsd_aot.logits_select(lb16, lb16, pot, alpha, seed, offset, divergence=2, candidate_k=10,
                                                       temperature=0.7, top_k=40),
     "intersection": lambda: torch.ops.ngsd_aot.hidden_select(hb, hb, w, pot, alpha, candidate_mode=1),
+    "min_candidates_cap": lambda: torch.ops.ngsd_aot.logits_select(lb16, lb16, pot, alpha, candidate_mode=1,
+                                                                   min_candidates=2000),
+    "score_floor": lambda: torch.ops.ngsd_aot.logits_select(lb16, lb16, pot, alpha, candidate_mode=1, score_floor=0.0),
     "top_k_cap": lambda: torch.ops.ngsd_aot.logits_select(lb16, lb16, pot, alpha, seed, offset, temperature=0.7,
                                                           top_k=2000),
     "hidden_top_k": lambda: torch.ops.ngsd_aot.hidden_select(hb, hb, w, pot, alpha, seed, offset, temperature=0.7,
@@ -281,7 +291,7 @@ def test_extension_compiles_links_and_loads(extension):
 def test_extension_meta_shapes_and_argument_checks(extension):
     expected = [[[5], "torch.int64"], [[5], "torch.float32"], [[5], "torch.bool"], [[5], "torch.float32"]]
     for op in ("hidden_meta", "logits_meta", "hidden_select_meta", "sample_meta", "closed_meta", "topk_meta",
-               "topk_closed_meta"):
+               "topk_closed_meta", "inter_meta", "inter_closed_meta"):
         assert extension[op] == expected, op
     errors = extension["errors"]
     assert "CUDA tensors only" in errors["cpu"]
@@ -294,8 +304,10 @@ def test_extension_meta_shapes_and_argument_checks(extension):
     # a setting whose variant this build did not compile: the build command and the JIT path
     assert "variant hidden_greedy_js_bf16 was not compiled" in errors["not_compiled"]
     assert "--variants hidden_greedy_js_bf16" in errors["not_compiled"]
-    assert "not compiled into the AOT build" in errors["intersection"] and "Triton JIT path" in errors["intersection"]
-    assert "intersection candidate mode" in errors["intersection"]
+    # the intersection mode from hidden states: fp32 logits, then the logits kernels (not compiled here)
+    assert "variant logits_greedy_tv_fp32_k64_inter was not compiled" in errors["intersection"]
+    assert "min_candidates must be at most 1024" in errors["min_candidates_cap"]
+    assert "score_floor must be > 0" in errors["score_floor"]
     # top-k / top-p sampling is compiled (build_aot.py --variants "logits_topk*"): variants this build lacks name
     # themselves; top-p alone takes a buffer of at least 256 entries (the plan's floor), top-k its k's
     assert "variant logits_topp_js_bf16_k256 was not compiled" in errors["top_p"]
@@ -326,18 +338,28 @@ def test_variant_table_lists_exactly_the_compiled_variants(generated):
         assert [int(v) for v in values.split(",")] == build_aot._table_values(variants[name]), name
         v = variants[name]
         for gate, seq in v.steps.items():
-            pass1, reduce, pass2, final = seq[:4]
-            # top-k / top-p sampling: the exact fallback after the finalize, with the finalize's switches
-            assert len(seq) == (5 if v.constants["SAMPLE"] == 2 else 4)
-            if v.constants["SAMPLE"] == 2:
-                assert seq[4].name == "_sample_fallback_kernel"
-                assert all(seq[4].constants[f] == final.constants[f] for f in ("USE_TOPK", "USE_TOPP"))
+            kernels = {spec.name.replace("_hs_", "_"): spec for spec in seq}  # the hidden passes as the logits ones
+            pass1, reduce, pass2, final = (kernels[n] for n in ("_pass1_kernel", "_reduce_kernel", "_pass2_kernel",
+                                                                "_finalize_kernel"))
+            inter = v.constants.get("MODE") == 1 and gate != 2
+            # the order of launcher.launch_select: the intersection kernel before pass 2; after the finalize the
+            # top-k / top-p fallback, then the intersection fallback
+            order = ["_pass1_kernel", "_reduce_kernel", *(["_intersection_kernel"] if inter else []), "_pass2_kernel",
+                     "_finalize_kernel", *(["_sample_fallback_kernel"] if v.constants["SAMPLE"] == 2 else []),
+                     *(["_intersection_fallback_kernel"] if inter else [])]
+            assert [spec.name.replace("_hs_", "_") for spec in seq] == order, (name, gate)
+            for name_ in ("_sample_fallback_kernel", "_intersection_kernel", "_intersection_fallback_kernel"):
+                if name_ in kernels:
+                    assert all(kernels[name_].constants[f] == final.constants[f] for f in ("USE_TOPK", "USE_TOPP"))
+            assert final.constants["MODE"] == v.constants.get("MODE", 0)
             assert pass2.constants["DIVERGENCE"] == final.constants["DIVERGENCE"] == v.constants["DIVERGENCE"]
             assert pass2.constants["SAMPLE"] == final.constants["SAMPLE"] == v.constants["SAMPLE"]
             assert final.constants["GATE"] == gate and reduce.constants["RB"] == final.constants["RB"]
             if v.op == "logits_select":
-                # a shut gate: no candidates (KEYS 0, the plan's 16-entry buffer, or top-k's), else the variant's buffer
-                assert pass1.constants["KEYS"] == reduce.constants["NEED_KEYS"] == int(gate != 2)
+                # a shut gate: no candidates (KEYS 0, the plan's 16-entry buffer, or top-k's), else the variant's
+                # buffer with value keys (union) or (value, id) keys (intersection)
+                assert pass1.constants["KEYS"] == (0 if gate == 2 else (2 if inter else 1))
+                assert reduce.constants["NEED_KEYS"] == int(gate != 2) and reduce.constants["STORE_TOP"] == int(inter)
                 shut = v.constants["K"] if v.constants.get("USE_TOPK") else (256 if v.constants.get("USE_TOPP") else 16)
                 assert pass1.constants["K"] == reduce.constants["K"] == (v.constants["K"] if gate != 2 else shut)
                 assert pass1.constants["SLOTS"] == reduce.constants["SLOTS"]
@@ -358,9 +380,10 @@ def test_logits_variants_use_the_jit_plan_constants():
         "build_aot.check_against_jit_plan(v)\n"
     )
     done = _run(["-c", script], 300, check=False)
-    # 144 greedy / sampling variants and 153 top-k / top-p ones (top-p alone from buffers of 256)
-    assert "OK 297 [16, 32, 64, 128, 256, 512, 1024]" in done.stdout, done.stdout + done.stderr
-    assert done.returncode != 0 and "reduce constants differ from launcher.plan_select" in done.stderr
+    # union: 144 greedy / sampling variants and 153 top-k / top-p ones (top-p alone from buffers of 256);
+    # intersection: 207 (buffers from 64)
+    assert "OK 504 [16, 32, 64, 128, 256, 512, 1024]" in done.stdout, done.stdout + done.stderr
+    assert done.returncode != 0 and "_reduce_kernel constants differ from launcher.plan_select" in done.stderr
 
 
 LARGE_PROBE = r"""

@@ -121,7 +121,8 @@ def _compile_for_sm90(tmp_path: Path, keys: tuple[str, ...]) -> dict[str, dict]:
     )
     assert run.returncode == 0, run.stderr[-2000:]
     rows = json.loads((tmp_path / "kernel_report.json").read_text())["rows"]
-    compiled = {f"{r['kernel']}[{r['dtype']}|" + ",".join(f"{k}={v}" for k, v in sorted(r["constants"].items())) + "]":
+    compiled = {f"{r['kernel']}[{r['dtype']}|" + ",".join(f"{k}={v}" for k, v in sorted(r["constants"].items()))
+                + (f"|maxnreg={r['maxnreg']}" if r.get("maxnreg") else "") + "]":
                 r for r in rows if r["status"] != "not compiled (--full)"}
     assert sorted(compiled) == sorted(keys)
     assert all(r["status"] == "ok" and r["spill_store_bytes"] == 0 for r in compiled.values()), compiled
@@ -140,8 +141,8 @@ def test_per_row_sampling_fallbacks_compile_for_sm90(tmp_path):
 
 
 FOLDED_KEYS = (
-    "_pass1_reduce_kernel[bf16|BB=1,BV=4096,CG=32,FALLBACK=1,K=16,KEYS=0,NCP=32,REDUCE=1,SLOTS=16]",
-    "_pass1_reduce_kernel[bf16|BB=1,BV=4096,CG=32,FALLBACK=1,K=64,KEYS=1,NCP=32,REDUCE=1,SLOTS=128]",
+    "_pass1_reduce_kernel[bf16|BB=1,BV=4096,CG=32,FALLBACK=1,K=16,KEYS=0,NCP=32,REDUCE=1,SLOTS=16|maxnreg=255]",
+    "_pass1_reduce_kernel[bf16|BB=1,BV=4096,CG=32,FALLBACK=1,K=64,KEYS=1,NCP=32,REDUCE=1,SLOTS=128|maxnreg=255]",
     "_hs_pass1_reduce_kernel[bf16|BLOCK_B=8,BLOCK_H=64,BLOCK_V=64,CG=32,HAS_BIAS_B=0,HAS_BIAS_E=0,K=16,KEYS=0,"
     "NCP=256,REDUCE=1,SHARED=1,UPCAST=0]",
 )

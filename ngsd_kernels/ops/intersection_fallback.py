@@ -128,17 +128,20 @@ def _guarded_tile(lb_ptr, le_ptr, row, stride_b, stride_e, start, n_vocab, m_b, 
 
 @triton.jit
 def _intersection_fallback_kernel(
-    lb_ptr, le_ptr, stride_b, stride_e, n_vocab, rowinfo_ptr, alpha_ptr, spike_ptr, over_ptr, tokens_ptr,
+    lb_ptr, le_ptr, stride_b, stride_e, n_rows, n_vocab, rowinfo_ptr, alpha_ptr, spike_ptr, over_ptr, tokens_ptr,
     seed_ptr, seed_stride, offset_ptr, offset_stride, k_min, need, score_floor, temperature, row_temperature_ptr,
     top_k, top_p, outer_rounds, id_rounds, row_top_k_ptr, row_top_p_ptr,
     BT: tl.constexpr, R: tl.constexpr, SAMPLE: tl.constexpr, USE_TOPK: tl.constexpr, USE_TOPP: tl.constexpr,
     ROW_T: tl.constexpr = 0, ROW_K: tl.constexpr = 0, ROW_P: tl.constexpr = 0,
 ):
     """The exact token of one spiked, flagged intersection row (see the module docstring); other
-    programs return at once. SAMPLE: 0 greedy, else Gumbel-max sampling (with USE_TOPK / USE_TOPP)."""
+    programs return at once. SAMPLE: 0 greedy, else Gumbel-max sampling (with USE_TOPK / USE_TOPP).
+    One program per row (``n_rows``: the grid of csrc_triton's AOT launcher comes from the arguments)."""
     row = tl.program_id(0).to(tl.int64)
     one = tl.zeros([1], tl.int32)
-    flagged = (tl.load(over_ptr + row + one) != 0) & (tl.load(spike_ptr + row + one) != 0)
+    present = (row + one) < n_rows
+    flagged = (tl.load(over_ptr + row + one, mask=present, other=0) != 0) & (
+        tl.load(spike_ptr + row + one, mask=present, other=0) != 0) & present
     if tl.sum(flagged.to(tl.int32), axis=0) > 0:
         NJ: tl.constexpr = 2**R
         j = tl.arange(0, NJ).to(tl.int64)
@@ -284,7 +287,8 @@ def decide_intersection_overflow(
     id_rounds = -(-id_bits // r)
     outer_rounds = max(1, (vocab - plan.kth + 1).bit_length())  # enough halvings of (k_min - 1, V]
     _intersection_fallback_kernel[(plan.batch,)](
-        base_logits, expert_logits, base_logits.stride(0), expert_logits.stride(0), vocab, scratch.rowinfo, rows.alpha,
+        base_logits, expert_logits, base_logits.stride(0), expert_logits.stride(0), plan.batch, vocab, scratch.rowinfo,
+        rows.alpha,
         spike, over, tokens, rows.seed, rows.seed_stride, rows.offset, rows.offset_stride,
         plan.kth, plan.need, params.score_floor, temperature=temperature, top_k=params.top_k, top_p=params.top_p,
         outer_rounds=outer_rounds, id_rounds=id_rounds, **rows.temperature_arg, **rows.top_k_p_arg,

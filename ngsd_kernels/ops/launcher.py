@@ -183,7 +183,7 @@ def reduce_rows(
 @triton.jit
 def _intersection_kernel(
     top_b_ptr, top_e_ptr, rowinfo_ptr, alpha_ptr, seed_ptr, seed_stride, offset_ptr, offset_stride,
-    choice_ptr, over_ptr, n_rows, n_vocab, k_min, need, score_floor, temperature, row_temperature_ptr, top_k, top_p,
+    choice_ptr, iover_ptr, n_rows, n_vocab, k_min, need, score_floor, temperature, row_temperature_ptr, top_k, top_p,
     row_top_k_ptr, row_top_p_ptr,
     RB: tl.constexpr, K: tl.constexpr, EB: tl.constexpr, SAMPLE: tl.constexpr,
     USE_TOPK: tl.constexpr, USE_TOPP: tl.constexpr, ROW_T: tl.constexpr = 0, ROW_K: tl.constexpr = 0,
@@ -253,7 +253,7 @@ def _intersection_kernel(
                             rows_value(top_k, row_top_k_ptr, rows, rmask, ROW_K),
                             rows_value(top_p, row_top_p_ptr, rows, rmask, ROW_P), USE_TOPK, USE_TOPP, ROW_T)
     tl.store(choice_ptr + rows, token, mask=rmask)
-    tl.store(over_ptr + rows, overflow.to(tl.int32), mask=rmask)
+    tl.store(iover_ptr + rows, overflow.to(tl.int32), mask=rmask)
 
 
 @triton.jit
@@ -429,9 +429,9 @@ class SelectPlan:
     # mode, whose reduce (a bisection over every chunk's int64 keys, up to 218 registers) would set pass 1's
     # register budget
     fold_reduce: bool = False
-    # register cap (maxnreg) of the folded pass 1 (0: ptxas chooses). 255 for the 8-warp pass 1 of buffers of
-    # 1024: left to itself ptxas gave it 128 registers and spilled ~100 B on sm_80, while the unfolded kernel
-    # already used 138-200, i.e. one program per SM either way (kernel report)
+    # register cap (maxnreg) of the folded pass 1 (0: ptxas chooses). 255 on a GPU: with the reduce's noinline
+    # call in the kernel, ptxas left to itself capped some variants at 128 or 168 registers and spilled
+    # (100-108 B on sm_80); with the cap at 255 they take what the unfolded pass 1 took (kernel report)
     pass1_maxnreg: int = 0
 
     @property
@@ -590,7 +590,7 @@ def plan_select(
         pass1_block_v=pass1_block_v,
         pass1_warps=pass1_warps,
         fold_reduce=not (intersection and need_keys),
-        pass1_maxnreg=255 if pass1_warps == 8 else 0,
+        pass1_maxnreg=0 if INTERPRETED else 255,
     )
 
 
