@@ -60,17 +60,12 @@ def _flashinfer_fns(base: torch.Tensor, mode: dict) -> dict:
 
 
 def _graph_fn(selector, args):
-    """The planned step captured in a CUDA graph (modes without a host read); replay() per call."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            selector.run(*args)  # warm-up outside the capture (JIT compilation)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        selector.run(*args)
-    return graph.replay
+    """The planned step captured in a CUDA graph (``ngsd_kernels.StepGraph``, as the loop's ``cuda_graph``
+    runs it): each call copies the inputs into the graph's buffers and replays."""
+    from ngsd_kernels import StepGraph
+
+    graph = StepGraph.from_logits(selector, *args)
+    return lambda: graph.run(*args)
 
 
 def run(batches: list[int], vocabs: list[int], repeats: int) -> list[dict]:
@@ -93,13 +88,12 @@ def run(batches: list[int], vocabs: list[int], repeats: int) -> list[dict]:
                 args = (base, expert, potential, alpha, zero, zero)
                 selector = GuardedSelector(params).plan(batch, vocab, base.dtype, base.device)
                 fns["selector"] = lambda s=selector: s.run(*args)
-                if not (params.top_k or params.top_p < 1.0 or params.candidate_mode == 1):
-                    # greedy / plain sampling, union: no host read, so the step can live in a CUDA graph
-                    try:
-                        fns["selector_cuda_graph"] = _graph_fn(GuardedSelector(params).plan(
-                            batch, vocab, base.dtype, base.device), args)
-                    except Exception as exc:
-                        print(f"CUDA graph capture failed for {name}: {type(exc).__name__}: {exc}", flush=True)
+                # the logits path has no host read in any mode: every step can live in a CUDA graph
+                try:
+                    fns["selector_cuda_graph"] = _graph_fn(GuardedSelector(params).plan(
+                        batch, vocab, base.dtype, base.device), args)
+                except Exception as exc:
+                    print(f"CUDA graph capture failed for {name}: {type(exc).__name__}: {exc}", flush=True)
                 fns.update(_flashinfer_fns(base, fields))
                 row = dict(batch=batch, vocab=vocab, mode=name, dtype="bf16",
                            bytes_one_pass=2 * batch * vocab * 2)

@@ -8,12 +8,14 @@ from .philox import philox_uniform
 from .reference import guarded_select_reference
 from .select import guarded_select, guarded_select_from_hidden
 from .selector import GuardedSelector
+from .step_graph import StepGraph
 
 __all__ = [
     "CandidateMode",
     "Divergence",
     "GateMode",
     "GuardedSelector",
+    "StepGraph",
     "StepParams",
     "guarded_select",
     "guarded_select_from_hidden",

@@ -28,7 +28,7 @@ from torch import Tensor
 from .checks import FLOAT_DTYPES, check_hidden_inputs, check_row_sampling, check_row_vectors
 from .ops.cpu_select import cpu_guarded_select
 from .ops.hidden_torch import pair_logits
-from .params import StepParams
+from .params import CandidateMode, StepParams
 from .reference import guarded_select_reference
 from .select import BACKENDS, Outputs, expert_bias
 
@@ -71,6 +71,26 @@ class GuardedSelector:
             plan = plan_select(batch, vocab, self.params)
             self._launch = (plan, Scratch.allocate(plan, device))
         return self
+
+    @property
+    def planned_for_triton(self) -> bool:
+        """``plan()`` chose the Triton kernels (a CUDA device, or ``backend="triton"``)."""
+        return self._launch is not None
+
+    @property
+    def hidden_step_reads_host(self) -> bool:
+        """``run_from_hidden`` reads the rows its kernels could not decide back to the host and recomputes
+        them (the fused hidden-state kernels in intersection mode): a step a CUDA graph cannot hold."""
+        if self._launch is None:
+            return False
+        plan = self._launch[0]
+        if not (plan.mode == CandidateMode.INTERSECTION and plan.need_keys):
+            return False
+        from .ops.hidden_select import fused_hidden_fits, fused_hidden_supports
+
+        batch, vocab, _, device = self._shape
+        return fused_hidden_supports(vocab, self.params) and (
+            device.type != "cuda" or fused_hidden_fits(batch, vocab, self.params))
 
     def warm_up(self, hidden_size: int | None = None, shared_head: bool = True) -> "GuardedSelector":
         """Run the planned step once on placeholder inputs, so that every kernel specialisation the

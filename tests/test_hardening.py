@@ -212,6 +212,17 @@ def test_max_new_tokens_must_be_whole(lora_folder, max_new_tokens, error):
                          max_new_tokens=max_new_tokens)
 
 
+def test_cuda_graph_off_a_cuda_device_or_on_the_torch_backend_is_a_value_error(lora_folder):
+    # the step's CUDA graph (ngsd_kernels.StepGraph) holds Triton launches on a CUDA device only
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="cuda_graph=True .* CUDA device"):
+        guarded_generate(model, torch.tensor([[5, 6, 7]]), expert=lora_folder, alpha=0.5, max_new_tokens=2,
+                         cuda_graph=True)
+    with pytest.raises(ValueError, match="backend 'auto' or 'triton'"):
+        guarded_generate(model, torch.tensor([[5, 6, 7]]), expert=lora_folder, alpha=0.5, max_new_tokens=2,
+                         cuda_graph=True, config=NGSDConfig(backend="torch"))
+
+
 def test_token_ids_outside_the_vocabulary_are_a_value_error(lora_folder):
     model = tiny_model("llama")
     with pytest.raises(ValueError, match="vocabulary"):

@@ -176,6 +176,7 @@ def guarded_generate(
     requests: list[str] | None = None,
     progress: bool = False,
     logits_processor=None,
+    cuda_graph: bool = False,
 ) -> GuardedOutput:
     """Guarded decoding of a left-padded batch. See `ngsd.generate` for a text-in, text-out API.
 
@@ -183,6 +184,10 @@ def guarded_generate(
     tokens...; what `generate` builds from a GenerationConfig), applied each step to the base and
     the expert logits alike before the gate and the mixture, so their constraints hold for the
     guarded output too.
+    cuda_graph: run the selection step (every row guarded) as a CUDA graph of the planned Triton op,
+    captured at the first token (``ngsd_kernels.StepGraph``): one replay a token instead of the op's
+    launches and checks. Needs the model on a CUDA device and the Triton backend; the model's forward
+    passes stay eager. Never run on a GPU so far (this project's machines have none).
     """
     config = config or NGSDConfig()
     if not isinstance(config, NGSDConfig):
@@ -196,6 +201,10 @@ def guarded_generate(
     max_new = per_row_ints(max_new_tokens, batch, "max_new_tokens")
     check_prompts(input_ids, attention_mask, max_new, model)
     sampling = check_sampling(do_sample, temperature, top_k, top_p)
+    if cuda_graph and (device.type != "cuda" or config.backend == "torch"):
+        raise ValueError(f"cuda_graph=True captures the Triton step op in a CUDA graph: it needs the model and inputs "
+                         f"on a CUDA device (got {device}) and backend 'auto' or 'triton' (got {config.backend!r}); "
+                         "drop cuda_graph elsewhere")
     resolved = resolve_expert(expert, model, required=config.mode != "off")
     risk = plan_risk(model, config, alpha, batch, tokenizer, requests, input_ids, progress)
     warn_if_check_fitted_for_another_expert(risk, resolved)
@@ -228,7 +237,7 @@ def guarded_generate(
     # the parameters change with the step only in SafeDecoding (mixing, then base decoding)
     mixing_steps = config.safedecoding_steps if config.mode == "safedecoding" else 0
     selection = GuardedStep(lambda step: config.step_params(step, **sampling), mixing_steps, config.backend,
-                            heads.base, heads.expert, heads.shared, logits_processor)
+                            heads.base, heads.expert, heads.shared, logits_processor, cuda_graph=cuda_graph)
     identical = _IdenticalOutputsWatch(enabled=not isinstance(pair, BaseOnly), device=device)
     try:
         with record_function("ngsd.prefill"):

@@ -9,6 +9,8 @@ go to a `GuardedSelector` planned once per call; an unguarded row's expert distr
 base distribution, so its divergence is 0 and its gate never opens (alpha is 0 there as well).
 Greedy decoding with unguarded rows runs the op on the guarded rows only and takes the base
 argmax for the rest (what the op would pick for them, without its softmaxes). Hugging Face logits processors need logits, so a call with processors runs on logits.
+With ``cuda_graph``, a step with every row guarded runs as a CUDA graph of the planned op
+(``ngsd_kernels.StepGraph``: captured at its first step, then one replay a token).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from ngsd_kernels import GuardedSelector, StepParams
+from ngsd_kernels import GuardedSelector, StepGraph, StepParams
 from ngsd_kernels.reference import lif_step
 from ngsd_kernels.ops.hidden_torch import hidden_logits, pair_logits
 
@@ -37,7 +39,7 @@ class GuardedStep:
 
     def __init__(self, params_for: Callable[[int], StepParams], switch_step: int, backend: str,
                  base_head: HeadSplit | None, expert_head: HeadSplit | None, shared_head: bool,
-                 logits_processor: Any = None) -> None:
+                 logits_processor: Any = None, cuda_graph: bool = False) -> None:
         self._params_for = params_for
         self._switch_step = switch_step
         self._backend = backend
@@ -46,6 +48,8 @@ class GuardedStep:
         self._shared_head = shared_head
         self._processors = logits_processor
         self._selectors: dict[tuple[bool, torch.dtype], GuardedSelector] = {}
+        self._cuda_graph = cuda_graph
+        self._graphs: dict[int, StepGraph] = {}  # id of the selector -> its captured step
         self.rows: Tensor | None = None  # guarded rows
         self._all_rows = False
 
@@ -85,6 +89,11 @@ class GuardedStep:
             weight_e, bias_e = self._expert_weight_and_bias()
             selector = self._selector(step, params, base.shape[0], self._base_head.weight.shape[0], base.dtype,
                                       base.device)
+            if self._cuda_graph:
+                inputs = (base, expert, potential, alpha, seed, offset)
+                return self._replay(selector, inputs, lambda: StepGraph.from_hidden(
+                    selector, base, expert, self._base_head.weight, weight_e, potential, alpha, seed, offset,
+                    self._base_head.bias, bias_e))
             return selector.run_from_hidden(base, expert, self._base_head.weight, weight_e, potential, alpha, seed,
                                             offset, self._base_head.bias, bias_e)
         if params.temperature == 0.0 and not self._all_rows:
@@ -95,7 +104,19 @@ class GuardedStep:
             expert_logits = processed if expert_logits is base_logits else self._processors(sequences, expert_logits)
             base_logits = processed
         selector = self._selector(step, params, *base_logits.shape, base_logits.dtype, base_logits.device)
+        if self._cuda_graph:
+            inputs = (base_logits, expert_logits, potential, alpha, seed, offset)
+            return self._replay(selector, inputs, lambda: StepGraph.from_logits(selector, *inputs))
         return selector.run(base_logits, expert_logits, potential, alpha, seed, offset)
+
+    def _replay(self, selector: GuardedSelector, inputs: tuple[Tensor, ...], capture: Callable[[], StepGraph]
+                ) -> Outputs:
+        """The selector's step as a CUDA graph (captured at its first use); the outputs are copied out of the
+        graph's buffers, which the next replay overwrites (the loop keeps each step's divergence and spikes)."""
+        graph = self._graphs.get(id(selector))
+        if graph is None:
+            graph = self._graphs[id(selector)] = capture()
+        return tuple(t.clone() for t in graph.run(*inputs))
 
     def _run_greedy_partly_guarded(self, step: int, params: StepParams, base: Tensor, expert: Tensor | None,
                                    potential: Tensor, alpha: Tensor, seed: Tensor, offset: Tensor,
