@@ -15,6 +15,7 @@ With ``cuda_graph``, a step with every row guarded runs as a CUDA graph of the p
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -49,7 +50,7 @@ class GuardedStep:
         self._processors = logits_processor
         self._selectors: dict[tuple[bool, torch.dtype], GuardedSelector] = {}
         self._cuda_graph = cuda_graph
-        self._graphs: dict[int, StepGraph] = {}  # id of the selector -> its captured step
+        self._graphs: dict[int, StepGraph | None] = {}  # id of the selector -> its captured step (None: stays eager)
         self.rows: Tensor | None = None  # guarded rows
         self._all_rows = False
 
@@ -89,7 +90,7 @@ class GuardedStep:
             weight_e, bias_e = self._expert_weight_and_bias()
             selector = self._selector(step, params, base.shape[0], self._base_head.weight.shape[0], base.dtype,
                                       base.device)
-            if self._cuda_graph:
+            if self._cuda_graph and not self._reads_host(selector):
                 inputs = (base, expert, potential, alpha, seed, offset)
                 return self._replay(selector, inputs, lambda: StepGraph.from_hidden(
                     selector, base, expert, self._base_head.weight, weight_e, potential, alpha, seed, offset,
@@ -108,6 +109,18 @@ class GuardedStep:
             inputs = (base_logits, expert_logits, potential, alpha, seed, offset)
             return self._replay(selector, inputs, lambda: StepGraph.from_logits(selector, *inputs))
         return selector.run(base_logits, expert_logits, potential, alpha, seed, offset)
+
+    def _reads_host(self, selector: GuardedSelector) -> bool:
+        """The hidden-state intersection step (SafeDecoding) reads undecided rows back to the host: it stays
+        eager under ``cuda_graph``, with a warning once a call."""
+        if not selector.hidden_step_reads_host:
+            return False
+        if id(selector) not in self._graphs:
+            warnings.warn("cuda_graph: the hidden-state step of the intersection mode reads undecided rows back to "
+                          "the host, which a CUDA graph cannot hold; this setting's steps run without the graph",
+                          RuntimeWarning, stacklevel=4)
+            self._graphs[id(selector)] = None
+        return True
 
     def _replay(self, selector: GuardedSelector, inputs: tuple[Tensor, ...], capture: Callable[[], StepGraph]
                 ) -> Outputs:
