@@ -15,7 +15,17 @@ if torch.cuda.is_available():
     torch.set_default_device("cuda")
     _cpu_generator = torch.Generator
 
-    def _generator(device=None):
-        return _cpu_generator(device="cuda" if device is None else device)
+    class _GeneratorType(type):
+        """Calls make a CUDA generator by default; isinstance and ``Generator | None`` annotations still work
+        (a plain function in its place broke torch.distributed's and transformers' imports: first GPU run)."""
 
-    torch.Generator = _generator
+        def __call__(cls, device=None, *args, **kwargs):
+            return _cpu_generator("cuda" if device is None else device, *args, **kwargs)
+
+        def __instancecheck__(cls, obj):
+            return isinstance(obj, _cpu_generator)
+
+    class Generator(metaclass=_GeneratorType):
+        pass
+
+    torch.Generator = Generator

@@ -50,6 +50,9 @@ class GuardedSelector:
     def plan(self, batch: int, vocab: int, dtype: torch.dtype, device: torch.device | str) -> "GuardedSelector":
         """Fix the batch size, vocabulary, logits dtype and device; choose launch constants and allocate scratch."""
         device = torch.device(device)
+        if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+            # "cuda" means the current device, which tensors report with its index (first GPU run: cuda != cuda:0)
+            device = torch.device("cuda", torch.cuda.current_device())
         if batch < 1 or vocab < 1:
             raise ValueError(f"batch and vocab must be >= 1, got {batch} and {vocab}")
         if dtype not in FLOAT_DTYPES:

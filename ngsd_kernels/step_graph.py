@@ -38,16 +38,20 @@ class StepGraph:
         if not all(isinstance(t, Tensor) and t.is_cuda for t in example_inputs):
             raise ValueError("StepGraph needs CUDA tensors: a CUDA graph replays GPU work only; on other devices "
                              "call GuardedSelector.run / run_from_hidden directly")
+        # the step (and through it the selector, its scratch and the LM heads) lives as long as the graph: the
+        # graph writes to their memory at every replay, and freed, that memory went to the caller's next tensors
+        # (the first GPU run: a replay overwrote the potential the next eager step read)
+        self._step = step
         self._inputs = tuple(t.clone() for t in example_inputs)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):  # Triton compiles at a variant's first launch, which a capture cannot hold
-                step(*self._inputs)
+                self._step(*self._inputs)
         torch.cuda.current_stream().wait_stream(side)
         self._graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self._graph):
-            self._outputs = step(*self._inputs)
+            self._outputs = self._step(*self._inputs)
 
     @classmethod
     def from_logits(cls, selector: GuardedSelector, base_logits: Tensor, expert_logits: Tensor, potential: Tensor,

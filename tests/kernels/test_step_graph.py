@@ -40,6 +40,10 @@ def test_refuses_selectors_off_the_triton_path_and_cpu_tensors():
     assert not cpu_step.planned_for_triton
     with pytest.raises(ValueError, match="planned for the Triton path on a CUDA device"):
         StepGraph.from_logits(cpu_step, *inputs)
+    if os.environ.get("TRITON_INTERPRET") != "1":  # compiled Triton refuses a CPU plan itself
+        with pytest.raises(ValueError, match="needs CUDA tensors"):
+            GuardedSelector(StepParams(), backend="triton").plan(2, 300, torch.float32, "cpu")
+        return
     interpreted = GuardedSelector(StepParams(), backend="triton").plan(2, 300, torch.float32, "cpu")
     assert interpreted.planned_for_triton
     with pytest.raises(ValueError, match="needs CUDA tensors"):
@@ -47,13 +51,14 @@ def test_refuses_selectors_off_the_triton_path_and_cpu_tensors():
 
 
 def test_the_hidden_state_intersection_step_is_refused_for_its_host_read():
+    device = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
     params = StepParams(candidate_mode=CandidateMode.INTERSECTION, gate=GateMode.OPEN, candidate_k=4)
-    selector = GuardedSelector(params, backend="triton").plan(2, 300, torch.float32, "cpu")
+    selector = GuardedSelector(params, backend="triton").plan(2, 300, torch.float32, device)
     assert selector.hidden_step_reads_host  # select_exact's read of the rows the buffers left undecided
-    assert not GuardedSelector(StepParams(), backend="triton").plan(2, 300, torch.float32, "cpu").hidden_step_reads_host
-    hidden, head = torch.randn(2, 16), torch.randn(300, 16)
+    assert not GuardedSelector(StepParams(), backend="triton").plan(2, 300, torch.float32, device).hidden_step_reads_host
+    hidden, head = torch.randn(2, 16, device=device), torch.randn(300, 16, device=device)
     with pytest.raises(ValueError, match="intersection mode .* host read"):
-        StepGraph.from_hidden(selector, hidden, hidden, head, None, *_inputs(2, 300, "cpu")[2:])
+        StepGraph.from_hidden(selector, hidden, hidden, head, None, *_inputs(2, 300, device)[2:])
 
 
 @needs_cuda
