@@ -17,7 +17,9 @@ intersection mode, whose undecided rows are recomputed on the host (`launcher.se
 Capture runs the step twice on a side stream first (Triton compiles every variant then; capture
 cannot compile). The returned tensors are the graph's own: the next `run` overwrites them.
 
-Never run on a GPU: this machine has none (`bench/gpu_check.sh` runs its test on the first one).
+Run on a GPU once (an H200, 2026-12-04): the hidden-state replays and the loop with ``cuda_graph`` matched
+the eager step; the logits replays failed through a bug fixed since (the graph did not keep its selector
+alive) and were not run again (``bench/ROOFLINE.md``, "First GPU run").
 """
 
 from __future__ import annotations

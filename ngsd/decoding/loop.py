@@ -187,7 +187,8 @@ def guarded_generate(
     cuda_graph: run the selection step (every row guarded) as a CUDA graph of the planned Triton op,
     captured at the first token (``ngsd_kernels.StepGraph``): one replay a token instead of the op's
     launches and checks. Needs the model on a CUDA device and the Triton backend; the model's forward
-    passes stay eager. Never run on a GPU so far (this project's machines have none).
+    passes stay eager. Run on a GPU once: a tiny Llama with a LoRA expert decoded the same tokens with and
+    without it (``bench/ROOFLINE.md``, "First GPU run").
     """
     config = config or NGSDConfig()
     if not isinstance(config, NGSDConfig):
