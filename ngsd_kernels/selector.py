@@ -89,11 +89,10 @@ class GuardedSelector:
         plan = self._launch[0]
         if not (plan.mode == CandidateMode.INTERSECTION and plan.need_keys):
             return False
-        from .ops.hidden_select import fused_hidden_fits, fused_hidden_supports
+        from .ops.hidden_select import hidden_materialises
 
         batch, vocab, _, device = self._shape
-        return fused_hidden_supports(vocab, self.params) and (
-            device.type != "cuda" or fused_hidden_fits(batch, vocab, self.params))
+        return not hidden_materialises(batch, vocab, self.params, on_gpu=device.type == "cuda")
 
     def warm_up(self, hidden_size: int | None = None, shared_head: bool = True) -> "GuardedSelector":
         """Run the planned step once on placeholder inputs, so that every kernel specialisation the

@@ -50,7 +50,8 @@ class GuardedStep:
         self._processors = logits_processor
         self._selectors: dict[tuple[bool, torch.dtype], GuardedSelector] = {}
         self._cuda_graph = cuda_graph
-        self._graphs: dict[int, StepGraph | None] = {}  # id of the selector -> its captured step (None: stays eager)
+        self._graphs: dict[int, StepGraph] = {}  # id of the selector -> its captured step
+        self._warned_eager: set[int] = set()  # selectors whose step cannot be captured (warned once)
         self.rows: Tensor | None = None  # guarded rows
         self._all_rows = False
 
@@ -115,11 +116,11 @@ class GuardedStep:
         eager under ``cuda_graph``, with a warning once a call."""
         if not selector.hidden_step_reads_host:
             return False
-        if id(selector) not in self._graphs:
+        if id(selector) not in self._warned_eager:
+            self._warned_eager.add(id(selector))
             warnings.warn("cuda_graph: the hidden-state step of the intersection mode reads undecided rows back to "
                           "the host, which a CUDA graph cannot hold; this setting's steps run without the graph",
                           RuntimeWarning, stacklevel=4)
-            self._graphs[id(selector)] = None
         return True
 
     def _replay(self, selector: GuardedSelector, inputs: tuple[Tensor, ...], capture: Callable[[], StepGraph]

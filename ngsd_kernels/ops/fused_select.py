@@ -31,6 +31,7 @@ from ..checks import check_row_sampling, check_step_inputs
 from ..params import StepParams
 from .launcher import (
     INTERPRETED,
+    last_of_row_block,
     reduce_block,
     LAUNCH_OPTIONS,
     MAX_BUFFER,
@@ -140,12 +141,7 @@ def _pass1_reduce_kernel(
                   keys_b_ptr, keys_e_ptr, BB, BV, K, KEYS, SLOTS, FALLBACK, THREADS)
     if REDUCE:
         block = tl.program_id(0)
-        # every thread's partial stores before the ticket: the barrier orders them within the program, the
-        # atomic's release publishes them to the program that draws the last ticket (and its acquire
-        # makes the others' partials visible to it)
-        tl.debug_barrier()
-        ticket = tl.atomic_add(tickets_ptr + block, 1, sem="acq_rel", scope="gpu")
-        if ticket == n_chunks - 1:
+        if last_of_row_block(tickets_ptr, block, n_chunks):
             reduce_block(block * BB, n_rows, stats_ptr, counts_ptr, keys_b_ptr, keys_e_ptr, rowinfo_ptr, n_chunks,
                          kth, BB, NCP, K, CG, KEYS, _dense_kind(lb_ptr.dtype.element_ty), SLOTS)
             tl.store(tickets_ptr + block, 0)

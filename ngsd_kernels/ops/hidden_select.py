@@ -75,7 +75,8 @@ from torch import Tensor
 from ..params import CandidateMode, StepParams
 from .hidden_torch import hidden_logits, pair_logits
 from .launcher import (
-    LAUNCH_OPTIONS, Outputs, RowVectors, Scratch, SelectPlan, next_pow2, plan_select, reduce_block, select_exact,
+    LAUNCH_OPTIONS, Outputs, RowVectors, Scratch, SelectPlan, last_of_row_block, next_pow2, plan_select, reduce_block,
+    select_exact,
 )
 from .select_tiles import (
     INDEX_NONE,
@@ -111,6 +112,12 @@ HIDDEN_MAX_BUFFER = 64
 def fused_hidden_fits(batch: int, vocab: int, params: StepParams) -> bool:
     """Whether the fused hidden-state kernels run these settings on a GPU (else: GEMM + logits kernels)."""
     return fused_hidden_supports(vocab, params) and plan_select(batch, vocab, params).buffer <= HIDDEN_MAX_BUFFER
+
+
+def hidden_materialises(batch: int, vocab: int, params: StepParams, on_gpu: bool) -> bool:
+    """Whether ``HiddenLaunch`` computes the logits with one GEMM and runs the logits kernels: settings the
+    fused passes do not implement, and on a GPU those they do not fit."""
+    return not fused_hidden_supports(vocab, params) or (on_gpu and not fused_hidden_fits(batch, vocab, params))
 
 
 def fused_hidden_supports(vocab: int, params: StepParams) -> bool:
@@ -387,9 +394,7 @@ def _hs_pass1_reduce_kernel(
                      K, KEYS)
     if REDUCE:
         block = tl.program_id(0)
-        tl.debug_barrier()  # as in fused_select._pass1_reduce_kernel: partials stored, then the ticket
-        ticket = tl.atomic_add(tickets_ptr + block, 1, sem="acq_rel", scope="gpu")
-        if ticket == n_chunks - 1:
+        if last_of_row_block(tickets_ptr, block, n_chunks):
             row0 = block * BLOCK_B
             for r in range(row0, tl.minimum(row0 + BLOCK_B, B)):
                 reduce_block(r, B, stats_ptr, counts_ptr, keys_b_ptr, keys_e_ptr, rowinfo_ptr, n_chunks, kth,
@@ -576,8 +581,7 @@ class HiddenLaunch:
         """``materialise``: None chooses (GPU and a buffer above HIDDEN_MAX_BUFFER); True / False force it."""
         on_gpu = device.type == "cuda"
         if materialise is None:
-            supported = fused_hidden_supports(vocab, params)
-            materialise = not supported or (on_gpu and not fused_hidden_fits(batch, vocab, params))
+            materialise = hidden_materialises(batch, vocab, params, on_gpu)
         elif not materialise and not fused_hidden_supports(vocab, params):
             raise ValueError("materialise=False: the fused hidden-state passes do not run top-k / top-p sampling; "
                              "leave materialise=None")

@@ -91,6 +91,16 @@ def _reduce_kernel(
                 n_chunks, kth, RB, NCP, K, CG, NEED_KEYS, STORE_TOP, VALUE_KEYS, DENSE, SLOTS, KB)
 
 
+@triton.jit
+def last_of_row_block(tickets_ptr, block, n_chunks):
+    """Count this pass-1 program into its row block's ticket once its partials are stored; true for the one
+    that draws the last ticket, which then has every chunk's partials (and sets the ticket back to 0 after
+    its reduce). The barrier orders every thread's partial stores before the ticket within the program; the
+    atomic's release publishes them, its acquire makes the other programs' partials visible."""
+    tl.debug_barrier()
+    return tl.atomic_add(tickets_ptr + block, 1, sem="acq_rel", scope="gpu") == n_chunks - 1
+
+
 @triton.jit(noinline=True)
 def reduce_block(row0, n_rows, stats_ptr, counts_ptr, keys_b_ptr, keys_e_ptr, rowinfo_ptr, n_chunks, kth,
                  RB: tl.constexpr, NCP: tl.constexpr, K: tl.constexpr, CG: tl.constexpr, KEYS: tl.constexpr,
