@@ -148,16 +148,15 @@ def _row_kernel_jobs(plan, path: str, label: str, dense: int = 0, folded: bool =
     k = plan.buffer
     # folded: the logits pass 1 reduces its BB rows at once, the hidden-state pass 1 one row at a time
     reduce_rb = (1 if path == "hidden" else plan.block_b) if folded else plan.row_block
-    group = plan.chunk_group
     # trips of the runtime loops over chunk groups (one trip per group: the report multiplies them out)
     groups = -(-plan.n_chunks // plan.chunk_group)
     # the reduce reads pass 1's chunks (wider than pass 2's for buffers of 1024: SelectPlan.pass1_block_v)
-    trips = dict(inner_trips=-(-plan.pass1_chunks // group))
+    trips = dict(inner_trips=-(-plan.pass1_chunks // plan.chunk_group))
     if plan.key_kind == 1:
         # union: the reduce re-reads a row's slots in steps of launcher.value_key_step (CG chunks' slots, capped)
         from ngsd_kernels.ops.launcher import value_key_step
 
-        step = value_key_step(reduce_rb, group, plan.slots, plan.pass1_ncp)
+        step = value_key_step(reduce_rb, plan.chunk_group, plan.slots, plan.pass1_ncp)
         trips = dict(inner_trips=-(-plan.pass1_chunks * plan.slots // step))
     if plan.key_kind == 2:
         # intersection: 64 bisection rounds over the row's keys, KB a load (select_tiles.slots_kth_key);
@@ -165,7 +164,7 @@ def _row_kernel_jobs(plan, path: str, label: str, dense: int = 0, folded: bool =
         blocks = -(-plan.pass1_ncp * plan.slots // plan.key_block)
         trips = dict(inner_trips=blocks, outer_trips=64) if blocks > 1 else dict(inner_trips=64)
     jobs = [KernelJob(mod, "_reduce_kernel", "-", dict(
-        RB=reduce_rb, NCP=plan.pass1_ncp, K=k, CG=group, NEED_KEYS=int(plan.need_keys),
+        RB=reduce_rb, NCP=plan.pass1_ncp, K=k, CG=plan.chunk_group, NEED_KEYS=int(plan.need_keys),
         STORE_TOP=int(plan.mode == CandidateMode.INTERSECTION and plan.need_keys),
         VALUE_KEYS=int(plan.key_kind == 1), DENSE=dense, SLOTS=plan.slots,
         **({"KB": plan.key_block} if plan.key_kind == 2 else {})), "reduce", path, 0, **trips)]
