@@ -297,7 +297,7 @@ Buffers allocate(int64_t batch, int64_t chunks, int64_t slots, const at::TensorO
   b.keys_b = slots > 0 ? at::empty({batch, chunks, slots}, key_type) : at::empty({1}, key_type);
   b.keys_e = slots > 0 ? at::empty({batch, chunks, slots}, key_type) : at::empty({1}, key_type);
   b.rowinfo = at::empty({batch, 8}, f32);
-  b.unused_i64 = at::zeros({2}, i64);  // intersection / top-k sampling buffers: never read in these variants
+  b.unused_i64 = at::zeros({2}, i64);  // stands in for the buffers a variant does not read (keys2, top-K lists)
   b.unused_i32 = at::zeros({batch}, i32);
   b.unused_f32 = at::zeros({2}, f32);
   b.keys2 = sample_slots > 0 ? at::empty({batch, 2, chunks, sample_slots}, i64) : b.unused_i64;
