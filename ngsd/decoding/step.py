@@ -113,14 +113,18 @@ class GuardedStep:
 
     def _reads_host(self, selector: GuardedSelector) -> bool:
         """The hidden-state intersection step (SafeDecoding) reads undecided rows back to the host: it stays
-        eager under ``cuda_graph``, with a warning once a call."""
+        eager under ``cuda_graph``, with a warning once a call. Asked once a selector (the property plans
+        again): a captured selector is known to be fine, a warned one not."""
+        if id(selector) in self._graphs:
+            return False
+        if id(selector) in self._warned_eager:
+            return True
         if not selector.hidden_step_reads_host:
             return False
-        if id(selector) not in self._warned_eager:
-            self._warned_eager.add(id(selector))
-            warnings.warn("cuda_graph: the hidden-state step of the intersection mode reads undecided rows back to "
-                          "the host, which a CUDA graph cannot hold; this setting's steps run without the graph",
-                          RuntimeWarning, stacklevel=4)
+        self._warned_eager.add(id(selector))
+        warnings.warn("cuda_graph: the hidden-state step of the intersection mode reads undecided rows back to "
+                      "the host, which a CUDA graph cannot hold; this setting's steps run without the graph",
+                      RuntimeWarning, stacklevel=4)
         return True
 
     def _replay(self, selector: GuardedSelector, inputs: tuple[Tensor, ...], capture: Callable[[], StepGraph]
