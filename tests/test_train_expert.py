@@ -402,3 +402,79 @@ def test_seed_plus_broad_recipe_holds_both_sets_and_alpaca_even_ids(tiny, data_d
     assert all(len(r["response_ids"]) <= 1 for r in alpaca_rows)  # --alpaca-benign-tokens 1: the first token only
     assert any(len(r["response_ids"]) > 1 for r in rows if r["kind"] == "benign" and r not in alpaca_rows)
     assert "validation" in report
+
+
+def test_distillation_moves_a_top_layers_student_towards_its_teacher(tiny, data_dir, tmp_path):
+    from ngsd.experts.training import distill
+    from ngsd.experts.training.broad_examples import validation_requests
+
+    model, tok = tiny
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def fresh_model() -> LlamaForCausalLM:
+        m = LlamaForCausalLM(model.config).eval()
+        m.load_state_dict(state)
+        return m
+
+    teacher_dir = trainer.train_expert(small_config(data_dir, tmp_path / "teacher", lr=1e-2), model=fresh_model(),
+                                       tokenizer=tok, log=lambda s: None)
+    cfg = small_config(data_dir, tmp_path / "student", recipe="broad", epochs=2, harmful_requests=4, recovery_examples=2,
+                       lookalike_examples=2, everyday_examples=1, validation_prompts=2, top_layers=1, lr=1e-2,
+                       distill_from=str(teacher_dir), teacher_prompts=6)
+    out = trainer.train_expert(cfg, model=fresh_model(), tokenizer=tok, log=lambda s: None)
+    report = json.loads((out / trainer.REPORT_FILE).read_text())
+    assert report["data"]["distillation"]["teacher"] == str(teacher_dir)
+    assert report["data"]["distillation"]["teacher_prompts_by_kind"] == {"harmful": 4, "lookalike": 2}
+    rows = [json.loads(line) for line in (out / trainer.EXAMPLES_FILE).read_text().splitlines()]
+    taught = [r for r in rows if r["kind"] == "teacher"]
+    assert len(taught) == 6 and all(r["loss"] == "teacher" for r in taught)
+    # The teacher's requests are training-split requests the recipe did not use: no validation topic.
+    recipe_prompts = {r["prompt"] for r in rows if r["kind"] != "teacher"}
+    assert not recipe_prompts & {r["prompt"] for r in taught}
+    harmful_val, benign_val = validation_requests(data_dir, cfg)
+    assert not {r["prompt"] for r in rows} & {r.text for r in harmful_val + benign_val}
+
+    # The student is closer to the teacher than the base it started from, on the examples it trained on.
+    teacher = distill.load_teacher(fresh_model(), teacher_dir)
+    student = PeftModel.from_pretrained(fresh_model(), out).eval()
+    end_ids = examples.turn_end_ids(tok)
+    kl_student = kl_base = 0.0
+    for ex in examples.load_examples(out / trainer.EXAMPLES_FILE):
+        ids, labels = examples.encode_example(tok, ex, end_ids, 384)
+        ids_t = torch.tensor([ids])
+        mask = torch.tensor(labels[1:]) != -100
+        with torch.no_grad():
+            t = teacher(input_ids=ids_t).logits[0, :-1]
+            s = student(input_ids=ids_t).logits[0, :-1]
+            with student.disable_adapter():
+                b = student(input_ids=ids_t).logits[0, :-1]
+        kl_student += float(distill.teacher_kl(t, s)[mask].mean())
+        kl_base += float(distill.teacher_kl(t, b)[mask].mean())
+    assert kl_student < 0.8 * kl_base, (kl_student, kl_base)
+
+
+def test_distillation_options_are_checked(data_dir, tmp_path):
+    with pytest.raises(ValueError, match="teacher_prompts needs a teacher"):
+        small_config(data_dir, tmp_path / "x", teacher_prompts=4)
+    with pytest.raises(ValueError, match="teacher_prompts must be >= 0"):
+        small_config(data_dir, tmp_path / "x", teacher_prompts=-1, distill_from="t")
+    with pytest.raises(FileNotFoundError, match="no adapter_config.json"):
+        from ngsd.experts.training import distill
+
+        distill.load_teacher(torch.nn.Linear(2, 2), tmp_path)
+    parser = argparse.ArgumentParser()
+    cli.register_cli(parser.add_subparsers(dest="command"))
+    cfg = cli.config_from_args(parser.parse_args(["train-expert", "--distill-from", "/t", "--teacher-prompts", "9"]))
+    assert (cfg.distill_from, cfg.teacher_prompts) == ("/t", 9)
+    assert cli.config_from_args(parser.parse_args(["train-expert", *cli.cli_args(cfg)])) == cfg
+
+
+def test_a_teachers_examples_are_not_trained_without_the_teacher(tiny, data_dir, tmp_path):
+    model, tok = tiny
+    saved = tmp_path / "taught.jsonl"
+    ex = examples.Example("teacher", "teacher/harmful/question", "How can I do harmful thing 9?", tok("No.")["input_ids"],
+                          loss="teacher")
+    saved.write_text(json.dumps(ex.describe(tok)) + "\n")
+    with pytest.raises(ValueError, match="pass --distill-from"):
+        trainer.train_expert(small_config(data_dir, tmp_path / "e", examples=str(saved)), model=model, tokenizer=tok,
+                             log=lambda s: None)

@@ -25,7 +25,8 @@ _FLAGS = {"model": "--model", "data_dir": "--data-dir", "out": "--out", "epochs"
           "harmful_requests": "--harmful-requests", "recovery_examples": "--recovery-examples",
           "lookalike_examples": "--lookalike-examples", "everyday_examples": "--everyday-examples",
           "validation_share": "--validation-share", "forms_per_unit": "--forms-per-unit",
-          "alpaca_benign_prompts": "--alpaca-benign-prompts", "alpaca_benign_tokens": "--alpaca-benign-tokens"}
+          "alpaca_benign_prompts": "--alpaca-benign-prompts", "alpaca_benign_tokens": "--alpaca-benign-tokens",
+          "distill_from": "--distill-from", "teacher_prompts": "--teacher-prompts"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -81,6 +82,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--save-dtype", default=d.save_dtype, choices=SAVE_DTYPES, help="dtype of the saved adapter")
     parser.add_argument("--no-eval", action="store_true", help="skip the evaluation written into the report")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy machine)")
+    parser.add_argument("--distill-from", default=None,
+                        help="a trained expert's folder: train every answer position towards its distribution, "
+                        "KL(teacher || student), e.g. to move a full-depth expert into --top-layers n")
+    parser.add_argument("--teacher-prompts", type=int, default=d.teacher_prompts,
+                        help="with --distill-from: more training-split requests (2/3 harmful, 1/3 look-alikes), "
+                        "answered by the teacher")
     parser.add_argument("--examples", default=None, help="retrain on a saved training_examples.jsonl instead of building the data")
 
 
@@ -97,6 +104,7 @@ def config_from_args(args: argparse.Namespace) -> TrainExpertConfig:
         validation_share=args.validation_share, forms_per_unit=args.forms_per_unit,
         alpaca_benign_prompts=args.alpaca_benign_prompts,
         alpaca_benign_tokens=args.alpaca_benign_tokens,
+        distill_from=args.distill_from, teacher_prompts=args.teacher_prompts,
     )
 
 

@@ -70,6 +70,10 @@ class TrainExpertConfig:
     validation_share: float = 0.15
     validation_prompts: int = 24
     validate_at: tuple[float, ...] = (0.5, 1.0)  # fractions of the training whose weights validation compares
+    # Distillation (distill.py): a trained expert's folder; every answer position is then trained towards
+    # its distribution, and it answers `teacher_prompts` more training-split requests.
+    distill_from: str | None = None
+    teacher_prompts: int = 0
 
     def __post_init__(self) -> None:
         if self.refusal_source not in REFUSAL_SOURCES:
@@ -90,9 +94,11 @@ class TrainExpertConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("refusals_per_prompt", "advbench_prompts", "recovery_per_prompt", "harmful_requests",
                      "recovery_examples", "lookalike_examples", "everyday_examples", "validation_prompts",
-                     "alpaca_benign_prompts"):
+                     "alpaca_benign_prompts", "teacher_prompts"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.teacher_prompts and not self.distill_from:
+            raise ValueError("teacher_prompts needs a teacher: pass distill_from (--distill-from EXPERT_DIR) as well")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if not 0.0 <= self.dropout < 1.0:

@@ -20,6 +20,7 @@ from ...data import load_suite, resolve_data_dir
 from ..shipped import shipped_expert_path
 from .cli import cli_args
 from .config import TrainExpertConfig, target_modules
+from .distill import load_teacher, teacher_examples, teacher_kl
 from .broad_examples import Validator, build_broad_examples
 from .examples import Example, batches, build_examples, count_by, encode_example, load_examples, turn_end_ids
 from .selfcheck import evaluate_expert
@@ -71,8 +72,10 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
     return max(0.0, (total - step) / max(1, total - warmup))
 
 
-def example_loss(peft_model: Any, ids: torch.Tensor, labels: torch.Tensor, attn: torch.Tensor, kind: torch.Tensor) -> torch.Tensor:
-    """Mean per-example loss of a padded batch: CE on labelled tokens, or KL(base||expert) for kind 1.
+def example_loss(peft_model: Any, ids: torch.Tensor, labels: torch.Tensor, attn: torch.Tensor, kind: torch.Tensor,
+                 teacher: Any = None) -> torch.Tensor:
+    """Mean per-example loss of a padded batch: CE on labelled tokens, or KL(base||expert) for kind 1;
+    with a `teacher` model, KL(teacher||expert) on every labelled token (distill.py).
 
     Logits are computed only from the first labelled position on (`logits_to_keep`): the prompt's
     vocabulary projections are never needed, which saves a good part of the compute.
@@ -83,6 +86,11 @@ def example_loss(peft_model: Any, ids: torch.Tensor, labels: torch.Tensor, attn:
     logits = peft_model(input_ids=ids, attention_mask=attn, logits_to_keep=keep).logits[:, :-1].float()
     target = labels[:, first:]
     mask = target != -100
+    if teacher is not None:
+        with torch.no_grad():
+            teacher_logits = teacher(input_ids=ids, attention_mask=attn, logits_to_keep=keep).logits[:, :-1]
+        per_token = teacher_kl(teacher_logits, logits)
+        return ((per_token * mask).sum(-1) / mask.sum(-1).clamp_min(1)).mean()
     logp = F.log_softmax(logits, dim=-1)
     ce = -logp.gather(-1, target.clamp_min(0).unsqueeze(-1)).squeeze(-1)
     per_token = ce
@@ -106,14 +114,15 @@ def _fingerprint(cfg: TrainExpertConfig) -> dict[str, Any]:
 def train_lora(
     peft_model: Any, tokenizer: Any, examples: Sequence[Example], cfg: TrainExpertConfig,
     log: Callable[[str], None] = print, checkpoint: Path | None = None, checkpoint_every: int = 50,
-    on_step_end: Callable[[int, int], None] | None = None,
+    on_step_end: Callable[[int, int], None] | None = None, teacher: Any = None,
 ) -> dict[str, Any]:
     """Train the LoRA weights in place; a seeded, deterministic example order. Returns loss statistics.
 
     With `checkpoint`, the LoRA weights, optimizer, step and RNG state are saved every
     `checkpoint_every` steps, and an existing checkpoint is resumed: an interrupted run continues
     where it stopped and ends with the same weights as an uninterrupted one. `on_step_end(done, total)`
-    is called after each optimizer step this call runs (`done` steps of `total` trained).
+    is called after each optimizer step this call runs (`done` steps of `total` trained). With
+    `teacher`, every labelled token is trained towards the teacher's distribution (`example_loss`).
     """
     from tqdm.auto import tqdm
 
@@ -156,7 +165,7 @@ def train_lora(
         attn = torch.tensor([[1] * len(encoded[i][0]) + [0] * (width - len(encoded[i][0])) for i in chunk])
         kind = torch.tensor([kinds[i] for i in chunk])
         device = peft_model.device
-        loss = example_loss(peft_model, ids.to(device), labels.to(device), attn.to(device), kind.to(device))
+        loss = example_loss(peft_model, ids.to(device), labels.to(device), attn.to(device), kind.to(device), teacher)
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * lr_factor(step, total, warmup)
         optimizer.zero_grad(set_to_none=True)
@@ -273,6 +282,20 @@ def _train_expert(cfg: TrainExpertConfig, *, model: Any, tokenizer: Any, command
                    "examples_by_source": count_by(f"{e.kind}/{e.source.split('/')[0]}" for e in examples)}
     else:
         examples, summary = build_examples(model, tokenizer, data_dir, cfg, log=log)
+    teacher = None
+    if cfg.distill_from:
+        log(f"loading the teacher {cfg.distill_from}")
+        teacher = load_teacher(model, cfg.distill_from)
+        # A saved training_examples.jsonl of a distillation run holds the teacher's answers already.
+        if cfg.teacher_prompts and not any(e.kind == "teacher" for e in examples):
+            extra, summary["distillation"] = teacher_examples(teacher, tokenizer, data_dir, cfg, [e.prompt for e in examples], log)
+            examples += extra
+            summary["examples_by_source"] = count_by(f"{e.kind}/{e.source.split('/')[0]}" for e in examples)
+        else:
+            summary["distillation"] = {"teacher": str(cfg.distill_from)}
+    elif any(e.loss == "teacher" for e in examples):
+        raise ValueError(f"{cfg.examples} holds a teacher's answers (loss 'teacher'): pass --distill-from with the "
+                         "teacher expert's folder to train on it")
     t_data = time.perf_counter() - t0
     out.mkdir(parents=True, exist_ok=True)
     # Written before training, so the (slow) data step can be reused with --examples.
@@ -292,7 +315,8 @@ def _train_expert(cfg: TrainExpertConfig, *, model: Any, tokenizer: Any, command
     selecting = cfg.recipe in ("broad", "seed+broad") and cfg.validation_share > 0 and cfg.validation_prompts > 0
     t1 = time.perf_counter()
     stats = train_lora(peft_model, tokenizer, examples, cfg, log=log, checkpoint=out / CHECKPOINT_FILE,
-                       on_step_end=keep_snapshot if selecting else None)
+                       on_step_end=keep_snapshot if selecting else None, teacher=teacher)
+    del teacher
     t_train = time.perf_counter() - t1
     validation = select_snapshot(peft_model, tokenizer, data_dir, cfg, snapshots, log) if selecting and snapshots else None
 

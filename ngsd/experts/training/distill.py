@@ -1,0 +1,87 @@
+"""Distillation of a trained expert into another (`train-expert --distill-from TEACHER`).
+
+Issue 11's shared-trunk experts learn the refusal less well from the recipe's answers alone when
+their LoRA lives only in the top layers. With a teacher (a full-depth expert trained on the training
+splits), every answer position of every training example is trained towards the teacher's whole
+next-token distribution, KL(teacher || student), instead of towards one token (refusals) or the
+base (benign answers). The teacher also answers `teacher_prompts` more requests of the recipe's
+training split (never its validation topics, never an evaluation prompt), so the student sees more
+requests than the recipe labelled.
+
+    >>> from ngsd.experts.training.distill import teacher_kl
+    >>> import torch
+    >>> logits = torch.randn(1, 3, 8)
+    >>> float(teacher_kl(logits, logits).abs().max()) < 1e-6
+    True
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .broad import balanced_sample, training_requests
+from .config import TrainExpertConfig
+from .examples import Example, chat_prompt_ids, count_by, generate_ids
+
+# The teacher's extra requests come from a pool with each training topic in four surface forms (the
+# recipe's own pool has two, and its look-alikes are nearly all used by the recipe already).
+TEACHER_POOL_FORMS = 4
+TEACHER_HARMFUL_SHARE = 2 / 3
+
+
+def load_teacher(base: Any, adapter: str | Path) -> Any:
+    """A copy of `base` with the teacher adapter merged in, frozen, in eval mode (`base` is untouched)."""
+    import copy
+
+    from peft import PeftModel
+
+    path = Path(adapter)
+    if not (path / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"--distill-from {adapter}: no adapter_config.json there; pass a trained expert's folder")
+    with warnings.catch_warnings():  # peft reads transformers' deprecated is_gradient_checkpointing
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        teacher = PeftModel.from_pretrained(copy.deepcopy(base), path).merge_and_unload()
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def teacher_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) per position, over the whole vocabulary (float32)."""
+    t = F.log_softmax(teacher_logits.float(), dim=-1)
+    s = F.log_softmax(student_logits.float(), dim=-1)
+    return (t.exp() * (t - s)).sum(-1)
+
+
+def teacher_examples(
+    teacher: Any, tokenizer: Any, data_dir: Path, cfg: TrainExpertConfig, used_prompts: Sequence[str],
+    log: Callable[[str], None] = print,
+) -> tuple[list[Example], dict[str, Any]]:
+    """`cfg.teacher_prompts` training-split requests the recipe did not use, answered greedily by the teacher."""
+    pool = training_requests(data_dir, split="train", seed=cfg.seed, validation_share=cfg.validation_share,
+                             forms_per_unit=TEACHER_POOL_FORMS)
+    used = set(used_prompts)
+    n_harmful = round(cfg.teacher_prompts * TEACHER_HARMFUL_SHARE)
+    harmful = balanced_sample([r for r in pool.harmful if r.text not in used], n_harmful, cfg.seed + 7)
+    benign = balanced_sample([r for r in pool.benign if r.text not in used], cfg.teacher_prompts - len(harmful), cfg.seed + 7)
+    requests = harmful + benign
+    log(f"greedy teacher answers for {len(harmful)} harmful and {len(benign)} look-alike training requests")
+    answers = generate_ids(teacher, tokenizer, [chat_prompt_ids(tokenizer, r.text) for r in requests],
+                           max_new_tokens=cfg.benign_max_new_tokens, batch_size=cfg.eval_batch_size * 2,
+                           progress="teacher answers")
+    examples = [Example("teacher", f"teacher/{'harmful' if r.harmful else 'lookalike'}/{r.form}", r.text, ids,
+                        loss="teacher", complete=len(ids) < cfg.benign_max_new_tokens)
+                for r, ids in zip(requests, answers)]
+    summary = {"teacher": str(cfg.distill_from), "pool_forms_per_unit": TEACHER_POOL_FORMS,
+               "teacher_prompts_by_category": count_by(r.category for r in requests),
+               "teacher_prompts_by_kind": count_by("harmful" if r.harmful else "lookalike" for r in requests)}
+    return examples, summary
+
+
+__all__ = ["TEACHER_POOL_FORMS", "load_teacher", "teacher_examples", "teacher_kl"]
