@@ -425,6 +425,8 @@ def test_distillation_moves_a_top_layers_student_towards_its_teacher(tiny, data_
     report = json.loads((out / trainer.REPORT_FILE).read_text())
     assert report["data"]["distillation"]["teacher"] == str(teacher_dir)
     assert report["data"]["distillation"]["teacher_prompts_by_kind"] == {"harmful": 4, "lookalike": 2}
+    assert report["data"]["examples_by_kind"]["teacher"] == 6
+    assert sum(n for source, n in report["data"]["examples_by_source"].items() if source.startswith("teacher/")) == 6
     rows = [json.loads(line) for line in (out / trainer.EXAMPLES_FILE).read_text().splitlines()]
     taught = [r for r in rows if r["kind"] == "teacher"]
     assert len(taught) == 6 and all(r["loss"] == "teacher" for r in taught)

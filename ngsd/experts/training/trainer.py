@@ -290,7 +290,8 @@ def _train_expert(cfg: TrainExpertConfig, *, model: Any, tokenizer: Any, command
         if cfg.teacher_prompts and not any(e.kind == "teacher" for e in examples):
             extra, summary["distillation"] = teacher_examples(teacher, tokenizer, data_dir, cfg, [e.prompt for e in examples], log)
             examples += extra
-            summary["examples_by_source"] = count_by(f"{e.kind}/{e.source.split('/')[0]}" for e in examples)
+            summary["examples_by_kind"] = count_by(e.kind for e in examples)
+            summary["examples_by_source"] = {**summary["examples_by_source"], **count_by(e.source for e in extra)}
         else:
             summary["distillation"] = {"teacher": str(cfg.distill_from)}
     elif any(e.loss == "teacher" for e in examples):
