@@ -8,10 +8,10 @@ base (benign answers). The teacher also answers `teacher_prompts` more requests 
 training split (never its validation topics, never an evaluation prompt), so the student sees more
 requests than the recipe labelled.
 
-    >>> from ngsd.experts.training.distill import teacher_kl
+    >>> from ngsd.experts.training.distill import kl_from
     >>> import torch
     >>> logits = torch.randn(1, 3, 8)
-    >>> float(teacher_kl(logits, logits).abs().max()) < 1e-6
+    >>> float(kl_from(logits, logits).abs().max()) < 1e-6
     True
 """
 
@@ -52,11 +52,12 @@ def load_teacher(base: Any, adapter: str | Path) -> Any:
     return teacher
 
 
-def teacher_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
-    """KL(teacher || student) per position, over the whole vocabulary (float32)."""
-    t = F.log_softmax(teacher_logits.float(), dim=-1)
-    s = F.log_softmax(student_logits.float(), dim=-1)
-    return (t.exp() * (t - s)).sum(-1)
+def kl_from(reference_logits: torch.Tensor, trained_logits: torch.Tensor) -> torch.Tensor:
+    """KL(reference || trained) per position, over the whole vocabulary (float32): the teacher's or,
+    for benign examples without a teacher, the base's distribution as the reference."""
+    ref = F.log_softmax(reference_logits.float(), dim=-1)
+    trained = F.log_softmax(trained_logits.float(), dim=-1)
+    return (ref.exp() * (ref - trained)).sum(-1)
 
 
 def teacher_examples(
@@ -84,4 +85,4 @@ def teacher_examples(
     return examples, summary
 
 
-__all__ = ["TEACHER_POOL_FORMS", "load_teacher", "teacher_examples", "teacher_kl"]
+__all__ = ["TEACHER_POOL_FORMS", "kl_from", "load_teacher", "teacher_examples"]

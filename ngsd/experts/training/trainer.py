@@ -20,7 +20,7 @@ from ...data import load_suite, resolve_data_dir
 from ..shipped import shipped_expert_path
 from .cli import cli_args
 from .config import TrainExpertConfig, target_modules
-from .distill import load_teacher, teacher_examples, teacher_kl
+from .distill import kl_from, load_teacher, teacher_examples
 from .broad_examples import Validator, build_broad_examples
 from .examples import Example, batches, build_examples, count_by, encode_example, load_examples, turn_end_ids
 from .selfcheck import evaluate_expert
@@ -89,7 +89,7 @@ def example_loss(peft_model: Any, ids: torch.Tensor, labels: torch.Tensor, attn:
     if teacher is not None:
         with torch.no_grad():
             teacher_logits = teacher(input_ids=ids, attention_mask=attn, logits_to_keep=keep).logits[:, :-1]
-        per_token = teacher_kl(teacher_logits, logits)
+        per_token = kl_from(teacher_logits, logits)
         return ((per_token * mask).sum(-1) / mask.sum(-1).clamp_min(1)).mean()
     logp = F.log_softmax(logits, dim=-1)
     ce = -logp.gather(-1, target.clamp_min(0).unsqueeze(-1)).squeeze(-1)
@@ -97,8 +97,7 @@ def example_loss(peft_model: Any, ids: torch.Tensor, labels: torch.Tensor, attn:
     if bool(kind.any()):
         with torch.no_grad(), peft_model.disable_adapter():
             base_logits = peft_model(input_ids=ids, attention_mask=attn, logits_to_keep=keep).logits[:, :-1]
-            base_logp = F.log_softmax(base_logits.float(), dim=-1)
-        kl = (base_logp.exp() * (base_logp - logp)).sum(-1)
+        kl = kl_from(base_logits, logits)
         per_token = torch.where(kind.bool().unsqueeze(-1), kl, ce)
     per_example = (per_token * mask).sum(-1) / mask.sum(-1).clamp_min(1)
     return per_example.mean()
