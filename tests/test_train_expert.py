@@ -454,16 +454,24 @@ def test_distillation_moves_a_top_layers_student_towards_its_teacher(tiny, data_
         kl_base += float(distill.kl_from(t, b)[mask].mean())
     assert kl_student < 0.8 * kl_base, (kl_student, kl_base)
 
+    # A teacher can also be a model folder (what `expert=` takes), e.g. the adapter merged and saved.
+    teacher.save_pretrained(tmp_path / "teacher_model")
+    tok.save_pretrained(tmp_path / "teacher_model")
+    from_folder = distill.load_teacher(fresh_model(), tmp_path / "teacher_model")
+    probe_ids = torch.tensor([tok("How do I bake bread?")["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(from_folder(input_ids=probe_ids).logits, teacher(input_ids=probe_ids).logits)
+
 
 def test_distillation_options_are_checked(data_dir, tmp_path):
     with pytest.raises(ValueError, match="teacher_prompts needs a teacher"):
         small_config(data_dir, tmp_path / "x", teacher_prompts=4)
     with pytest.raises(ValueError, match="teacher_prompts must be >= 0"):
         small_config(data_dir, tmp_path / "x", teacher_prompts=-1, distill_from="t")
-    with pytest.raises(FileNotFoundError, match="no adapter_config.json"):
-        from ngsd.experts.training import distill
+    from ngsd.experts.training import distill
 
-        distill.load_teacher(torch.nn.Linear(2, 2), tmp_path)
+    with pytest.raises(ValueError, match="--distill-from .*not a usable expert"):
+        distill.load_teacher(torch.nn.Linear(2, 2), tmp_path / "missing")
     parser = argparse.ArgumentParser()
     cli.register_cli(parser.add_subparsers(dest="command"))
     cfg = cli.config_from_args(parser.parse_args(["train-expert", "--distill-from", "/t", "--teacher-prompts", "9"]))

@@ -83,7 +83,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-eval", action="store_true", help="skip the evaluation written into the report")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy machine)")
     parser.add_argument("--distill-from", default=None,
-                        help="a trained expert's folder: train every answer position towards its distribution, "
+                        help="a teacher expert, as guarded decoding's --expert takes it (an adapter folder, 'shipped', "
+                        "'nest', a model folder): train every answer position towards its distribution, "
                         "KL(teacher || student), e.g. to move a full-depth expert into --top-layers n")
     parser.add_argument("--teacher-prompts", type=int, default=d.teacher_prompts,
                         help="with --distill-from: more training-split requests (2/3 harmful, 1/3 look-alikes), "

@@ -70,7 +70,7 @@ class TrainExpertConfig:
     validation_share: float = 0.15
     validation_prompts: int = 24
     validate_at: tuple[float, ...] = (0.5, 1.0)  # fractions of the training whose weights validation compares
-    # Distillation (distill.py): a trained expert's folder; every answer position is then trained towards
+    # Distillation (distill.py): a teacher expert (what `expert=` takes); every answer position is then trained towards
     # its distribution, and it answers `teacher_prompts` more training-split requests.
     distill_from: str | None = None
     teacher_prompts: int = 0

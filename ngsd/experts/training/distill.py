@@ -34,22 +34,36 @@ TEACHER_POOL_FORMS = 4
 TEACHER_HARMFUL_SHARE = 2 / 3
 
 
-def load_teacher(base: Any, adapter: str | Path) -> Any:
-    """A copy of `base` with the teacher adapter merged in, frozen, in eval mode (`base` is untouched)."""
+def load_teacher(base: Any, teacher: str | Path) -> Any:
+    """The teacher as a frozen model in eval mode; `base` is untouched.
+
+    `teacher` is what guarded decoding's `expert=` takes (`ngsd.experts.resolve`): a peft adapter folder
+    or "shipped" (merged into a copy of `base`), "nest" or a NeST delta folder, or a model folder / hub id
+    with the base's vocabulary.
+    """
     import copy
 
-    from peft import PeftModel
+    from torch import nn
 
-    path = Path(adapter)
-    if not (path / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"--distill-from {adapter}: no adapter_config.json there; pass a trained expert's folder")
-    with warnings.catch_warnings():  # peft reads transformers' deprecated is_gradient_checkpointing
-        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-        teacher = PeftModel.from_pretrained(copy.deepcopy(base), path).merge_and_unload()
-    teacher.eval()
-    for p in teacher.parameters():
+    from ..lora import LoraAdapter
+    from ..resolve import resolve_expert
+
+    try:
+        resolved = resolve_expert(str(teacher), base)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"--distill-from {teacher}: not a usable expert ({err}); pass a trained expert's "
+                         "adapter folder, 'shipped', 'nest' or a model folder") from err
+    if isinstance(resolved, LoraAdapter):
+        from peft import PeftModel
+
+        with warnings.catch_warnings():  # peft reads transformers' deprecated is_gradient_checkpointing
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+            resolved = PeftModel.from_pretrained(copy.deepcopy(base), resolved.source).merge_and_unload()
+    assert isinstance(resolved, nn.Module)
+    resolved.eval()
+    for p in resolved.parameters():
         p.requires_grad_(False)
-    return teacher
+    return resolved
 
 
 def kl_from(reference_logits: torch.Tensor, trained_logits: torch.Tensor) -> torch.Tensor:
