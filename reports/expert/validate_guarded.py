@@ -24,16 +24,17 @@ from typing import Any
 
 import torch
 
-from ngsd.data import Prompt, resolve_data_dir
+from ngsd.data import Prompt, id_sort_key, load_suite, resolve_data_dir
 from ngsd.eval.judge import KeywordJudge, ReadingJudge
 from ngsd.eval.methods import get_method
 from ngsd.eval.metrics import same_prefix
 from ngsd.eval.pipeline import locate_expert, model_fingerprint
 from ngsd.eval.runner import DecodingSettings, GenerationCache, Runner
+from ngsd.experts.training.broad import ADVBENCH_TRAIN_MIN_ID, act_of
 from ngsd.experts.training.broad_examples import validation_requests
 from ngsd.experts.training.config import TrainExpertConfig
 from ngsd.experts.lora import LoraAdapter
-from ngsd.experts.training.splits import alpaca_training_prompts
+from ngsd.experts.training.splits import alpaca_training_prompts, leaks
 from ngsd.risk.divergence_check import first_step_divergence
 from ngsd.loading import load_model
 
@@ -48,6 +49,22 @@ def validation_suites(data_dir: Path, n_requests: int, alpaca_train: int) -> dic
     }
 
 
+def unused_advbench_goals(data_dir: Path, expert_folders: list[str], n: int) -> list[Prompt]:
+    """A harmful set held apart by *source* rather than topic: the first `n` AdvBench training goals (ids >=
+    130, SOURCES.md) that no given expert's training_examples.jsonl holds, whole or as the act of its
+    "how to ..." clause. The held-apart topics share the training requests' templates; these do not."""
+    trained: list[str] = []
+    for folder in expert_folders:
+        path = Path(folder) / "training_examples.jsonl"
+        if not path.is_file():
+            raise FileNotFoundError(f"--advbench-unused needs {path} to know which goals an expert trained on")
+        trained += [json.loads(line)["prompt"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    goals = sorted((p for p in load_suite("advbench", data_dir) if int(p.id) >= ADVBENCH_TRAIN_MIN_ID), key=id_sort_key)
+    markers = [(p.id, p.text) for p in goals] + [(p.id, act) for p in goals if (act := act_of(p.text))]
+    used = {goal_id for _, goal_id, _ in leaks(trained, evaluation=markers)}
+    return [Prompt(id=p.id, text=p.text, suite="advbench_unused") for p in goals if p.id not in used][:n]
+
+
 def score(suite: str, prompts: list[Prompt], records: list[dict[str, Any]], reference: list[dict[str, Any]]) -> dict[str, Any]:
     texts, asks = [r["text"] for r in records], [p.text for p in prompts]
     reading = ReadingJudge().refused(asks, texts)
@@ -56,7 +73,7 @@ def score(suite: str, prompts: list[Prompt], records: list[dict[str, Any]], refe
     out = {"n": n, "refusal_keyword": round(sum(keyword) / n, 4), "refusal_reading": round(sum(reading) / n, 4),
            "fidelity_32": round(sum(same_prefix(r["tokens"], f["tokens"], 32) for r, f in zip(records, reference)) / n, 4),
            "first_token_same": round(sum(r["tokens"][:1] == f["tokens"][:1] for r, f in zip(records, reference)) / n, 4)}
-    if suite == "val_harmful":
+    if suite in ("val_harmful", "advbench_unused"):
         out["asr_keyword"], out["asr_reading"] = round(1 - out["refusal_keyword"], 4), round(1 - out["refusal_reading"], 4)
     return out
 
@@ -83,12 +100,17 @@ def main() -> None:
     parser.add_argument("--probe", action="append", default=[],
                         help="NAME=FOLDER: the risk probe (with its divergence check fitted for that expert) the "
                              "expert NAME runs with; repeatable (default: the shipped probe)")
+    parser.add_argument("--advbench-unused", type=int, default=0,
+                        help="also score N AdvBench training goals no given expert trained on (held apart by source)")
     args = parser.parse_args()
     probes = dict(spec.split("=", 1) for spec in args.probe)
     if args.threads:
         torch.set_num_threads(args.threads)
     data_dir = Path(resolve_data_dir(args.data_dir))
     suites = validation_suites(data_dir, args.requests, args.alpaca_train)
+    if args.advbench_unused:
+        suites["advbench_unused"] = unused_advbench_goals(
+            data_dir, [locate_expert(spec.split("=", 1)[1])[0] for spec in args.expert], args.advbench_unused)
     model, tokenizer = load_model(None)
     cache = GenerationCache(args.cache)
     settings = DecodingSettings(max_new_tokens=64)
@@ -119,7 +141,8 @@ def main() -> None:
         results[name]["choice_score"] = choice_score(results[name], results["off"])
     meta = {"command": "python reports/expert/validate_guarded.py " + " ".join(
                 f"--expert {e}" for e in args.expert) + "".join(f" --probe {p}" for p in args.probe)
-                + f" --method {args.method} --requests {args.requests} --alpaca-train {args.alpaca_train}",
+                + f" --method {args.method} --requests {args.requests} --alpaca-train {args.alpaca_train}"
+                + (f" --advbench-unused {args.advbench_unused}" if args.advbench_unused else ""),
             "sizes": {s: len(p) for s, p in suites.items()},
             "decoding": f"greedy, 64 new tokens; method {args.method} ({get_method(args.method).description})",
             "probes": probes,
@@ -136,6 +159,11 @@ def main() -> None:
                      f"{la['refusal_keyword']:.0%} / {la['refusal_reading']:.0%} | {la['fidelity_32']:.0%} | "
                      f"{al['fidelity_32']:.0%} | " + " / ".join(f"{x.get('first_step_tv_mean', 0):.2f}" for x in (h, la, al))
                      + f" | {r['choice_score']:.3f} |")
+    if args.advbench_unused:
+        lines += ["", f"AdvBench training goals no given expert trained on (held apart by source; "
+                  f"{len(suites['advbench_unused'])}): ASR keyword / reading", ""]
+        lines += [f"- {name}: {r['advbench_unused']['asr_keyword']:.0%} / {r['advbench_unused']['asr_reading']:.0%}"
+                  for name, r in results.items()]
     Path(args.out + ".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
