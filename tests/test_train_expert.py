@@ -68,6 +68,13 @@ def data_dir(tmp_path: Path) -> Path:
     return d
 
 
+def fresh_copy(model: LlamaForCausalLM) -> LlamaForCausalLM:
+    """A separate model with `model`'s weights, to train without touching the module-wide fixture."""
+    copy = LlamaForCausalLM(model.config).eval()
+    copy.load_state_dict(model.state_dict())
+    return copy
+
+
 def small_config(data_dir: Path, out: Path, **changes) -> config.TrainExpertConfig:
     base = dict(
         data_dir=str(data_dir), out=str(out), seed=0, epochs=1, advbench_prompts=4, max_trials=1,
@@ -122,12 +129,10 @@ def test_train_writes_a_peft_adapter_that_loads_back(tiny, data_dir, tmp_path):
 
 def test_training_is_reproducible_with_a_seed(tiny, data_dir, tmp_path):
     model, tok = tiny
-    state = {k: v.clone() for k, v in model.state_dict().items()}
     outs = []
     for name in ("a", "b"):
-        fresh = LlamaForCausalLM(model.config).eval()
-        fresh.load_state_dict(state)
-        outs.append(trainer.train_expert(small_config(data_dir, tmp_path / name), model=fresh, tokenizer=tok, log=lambda s: None))
+        outs.append(trainer.train_expert(small_config(data_dir, tmp_path / name), model=fresh_copy(model), tokenizer=tok,
+                                         log=lambda s: None))
     a = load_file(str(outs[0] / "adapter_model.safetensors"))
     b = load_file(str(outs[1] / "adapter_model.safetensors"))
     assert a.keys() == b.keys()
@@ -354,9 +359,7 @@ def test_module_entry_point_shows_the_arguments():
 
 def test_broad_recipe_builds_every_kind_and_picks_weights_on_validation(tiny, data_dir, tmp_path):
     model, tok = tiny
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    fresh = LlamaForCausalLM(model.config).eval()
-    fresh.load_state_dict(state)
+    fresh = fresh_copy(model)
     cfg = small_config(data_dir, tmp_path / "broad", recipe="broad", epochs=2, harmful_requests=8,
                        recovery_examples=4, lookalike_examples=5, everyday_examples=2, validation_prompts=4)
     out = trainer.train_expert(cfg, model=fresh, tokenizer=tok, log=lambda s: None)
@@ -409,19 +412,12 @@ def test_distillation_moves_a_top_layers_student_towards_its_teacher(tiny, data_
     from ngsd.experts.training.broad_examples import validation_requests
 
     model, tok = tiny
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-
-    def fresh_model() -> LlamaForCausalLM:
-        m = LlamaForCausalLM(model.config).eval()
-        m.load_state_dict(state)
-        return m
-
-    teacher_dir = trainer.train_expert(small_config(data_dir, tmp_path / "teacher", lr=1e-2), model=fresh_model(),
+    teacher_dir = trainer.train_expert(small_config(data_dir, tmp_path / "teacher", lr=1e-2), model=fresh_copy(model),
                                        tokenizer=tok, log=lambda s: None)
     cfg = small_config(data_dir, tmp_path / "student", recipe="broad", epochs=2, harmful_requests=4, recovery_examples=2,
                        lookalike_examples=2, everyday_examples=1, validation_prompts=2, top_layers=1, lr=1e-2,
                        distill_from=str(teacher_dir), teacher_prompts=6)
-    out = trainer.train_expert(cfg, model=fresh_model(), tokenizer=tok, log=lambda s: None)
+    out = trainer.train_expert(cfg, model=fresh_copy(model), tokenizer=tok, log=lambda s: None)
     report = json.loads((out / trainer.REPORT_FILE).read_text())
     assert report["data"]["distillation"]["teacher"] == str(teacher_dir)
     assert report["data"]["distillation"]["teacher_prompts_by_kind"] == {"harmful": 4, "lookalike": 2}
@@ -437,8 +433,8 @@ def test_distillation_moves_a_top_layers_student_towards_its_teacher(tiny, data_
     assert not {r["prompt"] for r in rows} & {r.text for r in harmful_val + benign_val}
 
     # The student is closer to the teacher than the base it started from, on the examples it trained on.
-    teacher = distill.load_teacher(fresh_model(), teacher_dir)
-    student = PeftModel.from_pretrained(fresh_model(), out).eval()
+    teacher = distill.load_teacher(fresh_copy(model), teacher_dir)
+    student = PeftModel.from_pretrained(fresh_copy(model), out).eval()
     end_ids = examples.turn_end_ids(tok)
     kl_student = kl_base = 0.0
     for ex in examples.load_examples(out / trainer.EXAMPLES_FILE):
@@ -457,7 +453,7 @@ def test_distillation_moves_a_top_layers_student_towards_its_teacher(tiny, data_
     # A teacher can also be a model folder (what `expert=` takes), e.g. the adapter merged and saved.
     teacher.save_pretrained(tmp_path / "teacher_model")
     tok.save_pretrained(tmp_path / "teacher_model")
-    from_folder = distill.load_teacher(fresh_model(), tmp_path / "teacher_model")
+    from_folder = distill.load_teacher(fresh_copy(model), tmp_path / "teacher_model")
     probe_ids = torch.tensor([tok("How do I bake bread?")["input_ids"]])
     with torch.no_grad():
         torch.testing.assert_close(from_folder(input_ids=probe_ids).logits, teacher(input_ids=probe_ids).logits)
