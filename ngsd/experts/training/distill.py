@@ -83,6 +83,7 @@ def teacher_examples(
                              forms_per_unit=TEACHER_POOL_FORMS)
     used = set(used_prompts)
     n_harmful = round(cfg.teacher_prompts * TEACHER_HARMFUL_SHARE)
+    # A seed of its own (the recipe's draws use cfg.seed), so the teacher's draw is not the recipe's order again.
     harmful = balanced_sample([r for r in pool.harmful if r.text not in used], n_harmful, cfg.seed + 7)
     benign = balanced_sample([r for r in pool.benign if r.text not in used], cfg.teacher_prompts - len(harmful), cfg.seed + 7)
     requests = harmful + benign
