@@ -168,6 +168,10 @@ class NGSDConfig:
     mode: "ngsd" (LIF gate, union candidates), "safedecoding" (intersection candidates, mixing for
     the first `safedecoding_steps` tokens with `safedecoding_alpha`), "open" (always mix),
     "off" (plain base decoding through the same loop, for A/B runs).
+    initial_potential: the potential a guarded row starts from; None (the spec) starts at `v_reset`.
+    At `v_th` the neuron is *primed*: it fires at the first token whenever the two distributions
+    differ by at least 1/tau (the divergence that keeps it firing when sustained), instead of only
+    from the second or third token on, so a compliant first word of the base no longer passes unmixed.
 
     >>> from ngsd import NGSDConfig
     >>> NGSDConfig(tau=4.0).tau
@@ -183,6 +187,7 @@ class NGSDConfig:
     v_th: float = 1.0
     v_reset: float = 0.0
     rho: float = 0.6
+    initial_potential: float | None = None
     candidate_k: int = 64
     divergence: str = "tv"
     safedecoding_alpha: float = 3.0
@@ -210,6 +215,13 @@ class NGSDConfig:
                 f"v_reset ({self.v_reset}) must be below v_th ({self.v_th}): a potential reset to the threshold "
                 "would fire on every step"
             )
+        if self.initial_potential is not None:
+            _check_finite("initial_potential", self.initial_potential)
+            if not self.v_reset <= self.initial_potential <= self.v_th:
+                raise ValueError(
+                    f"initial_potential must be in [v_reset, v_th] = [{self.v_reset}, {self.v_th}] (v_th primes the "
+                    f"neuron to fire at the first divergent token), got {self.initial_potential}; None starts at v_reset"
+                )
         if self.score_floor < 0:
             raise ValueError(f"score_floor must be >= 0 (a probability floor), got {self.score_floor}")
         if not self.tau >= 1.0:
@@ -229,6 +241,11 @@ class NGSDConfig:
             object.__setattr__(self, "reflection", ReflectionConfig(**self.reflection))
         if not isinstance(self.reflection, ReflectionConfig):
             raise TypeError(f"reflection must be a ReflectionConfig or a dict of its fields, got {self.reflection!r}")
+
+    @property
+    def start_potential(self) -> float:
+        """The potential every row starts from: `initial_potential`, else `v_reset` (the spec)."""
+        return float(self.v_reset if self.initial_potential is None else self.initial_potential)
 
     @property
     def divergence_code(self) -> int:

@@ -168,6 +168,10 @@ def test_valid_alphas_still_work(lora_folder):
     [
         (dict(v_reset=float("nan")), ValueError, "v_reset"),
         (dict(v_reset=5.0), ValueError, "v_reset"),
+        (dict(initial_potential=float("inf")), ValueError, "initial_potential"),
+        (dict(initial_potential="1"), TypeError, "initial_potential"),
+        (dict(initial_potential=-0.5), ValueError, "initial_potential"),
+        (dict(initial_potential=1.5), ValueError, "initial_potential"),
         (dict(score_floor=-1e-3), ValueError, "score_floor"),
         (dict(tau=float("inf")), ValueError, "tau"),
         (dict(v_th=float("inf")), ValueError, "v_th"),
@@ -194,6 +198,20 @@ def test_the_potential_starts_at_v_reset(lora_folder):
     trace = guarded_generate(model, torch.tensor([[5, 6, 7]]), expert=lora_folder, config=config, alpha=0.5,
                              max_new_tokens=2).traces[0]
     assert trace.potential[0] == pytest.approx((1 - 1 / 4.0) * 0.5 + trace.divergence[0], abs=1e-6)
+
+
+def test_a_primed_neuron_starts_at_initial_potential_and_can_fire_at_the_first_token(lora_folder):
+    model = tiny_model("llama")
+    prompt = torch.tensor([[5, 6, 7], [9, 4, 2]])
+    plain = guarded_generate(model, prompt, expert=lora_folder, config=NGSDConfig(), alpha=0.5, max_new_tokens=3)
+    primed = guarded_generate(model, prompt, expert=lora_folder, config=NGSDConfig(initial_potential=1.0), alpha=0.5,
+                              max_new_tokens=3)
+    assert any(trace.spikes[0] for trace in primed.traces)  # the tiny expert diverges enough to fire at once
+    for before, trace in zip(plain.traces, primed.traces):
+        assert trace.divergence[0] == pytest.approx(before.divergence[0])  # same first step, only v differs
+        v = (1 - 1 / 8.0) * 1.0 + trace.divergence[0]
+        assert bool(trace.spikes[0]) == (v >= 1.0) and not before.spikes[0]
+        assert trace.potential[0] == pytest.approx(0.6 * v if v >= 1.0 else v, abs=1e-6)
 
 
 @pytest.mark.parametrize("prompts", [123, [b"hi"], b"hi", ["ok", None], {"a": 1}])

@@ -10,6 +10,7 @@ A method is an `NGSDConfig` plus how alpha is chosen: fixed (`alpha=0.9`) or lef
 | ngsd_nocheck  | as ngsd, without the probe's divergence check                                |
 | ngsd_prefill  | as ngsd, reflection read from one prefill (digit distribution), not generated |
 | ngsd_a0.1/0.5/0.9 | NGSD with alpha fixed for every request (reflection skipped)            |
+| ngsd_primed, ngsd_a0.9_primed | as ngsd / ngsd_a0.9, guarded rows start primed (potential v_th) |
 | safedecoding  | SafeDecoding: intersection candidates, alpha 3, first 2 tokens only          |
 | expert        | the expert alone (see below)                                                 |
 
@@ -149,6 +150,11 @@ for _method in (
     Method("ngsd_a0.1", NGSDConfig(), alpha=0.1, description="NGSD, alpha fixed at 0.1"),
     Method("ngsd_a0.5", NGSDConfig(), alpha=0.5, description="NGSD, alpha fixed at 0.5"),
     Method("ngsd_a0.9", NGSDConfig(), alpha=0.9, description="NGSD, alpha fixed at 0.9"),
+    Method("ngsd_primed", NGSDConfig(initial_potential=1.0),
+           description="NGSD default with a primed neuron: guarded rows start at potential v_th, so the gate can "
+                       "mix at the first token"),
+    Method("ngsd_a0.9_primed", NGSDConfig(initial_potential=1.0), alpha=0.9,
+           description="NGSD, alpha fixed at 0.9, guarded rows start at potential v_th"),
     Method("safedecoding", NGSDConfig(mode="safedecoding"),
            description="SafeDecoding: intersection top-10, alpha 3, first 2 tokens"),
     Method("expert", NGSDConfig(mode="open"), alpha=1.0, full_vocab_candidates=True,

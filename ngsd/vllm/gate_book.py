@@ -91,7 +91,7 @@ class GateBook:
         state = getattr(params, STATE_ATTRIBUTE, None)
         if state is None:  # a new request (the policy was validated at admission)
             policy = self.settings.policy_or_guarded(getattr(params, "extra_args", None))
-            state = GateState(policy=policy, potential=float(self.settings.config().v_reset),
+            state = GateState(policy=policy, potential=self.settings.config().start_potential,
                               seed=getattr(params, "seed", None), seeded=getattr(params, "seed", None) is not None,
                               sampling=sampling_of(params),
                               constrained=is_constrained(params))

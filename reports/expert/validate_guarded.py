@@ -95,8 +95,9 @@ def main() -> None:
     parser.add_argument("--cache", required=True)
     parser.add_argument("--out", required=True, help="writes OUT.json and OUT.md")
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--method", default="ngsd_a0.9",
-                        help="registered method to decode with (default ngsd_a0.9; 'ngsd' is the routing default)")
+    parser.add_argument("--method", action="append", default=None,
+                        help="registered method to decode with, repeatable: each expert is scored under each, side by "
+                             "side as NAME:METHOD (default ngsd_a0.9; 'ngsd' is the routing default)")
     parser.add_argument("--probe", action="append", default=[],
                         help="NAME=FOLDER: the risk probe (with its divergence check fitted for that expert) the "
                              "expert NAME runs with; repeatable (default: the shipped probe)")
@@ -104,6 +105,7 @@ def main() -> None:
                         help="also score N AdvBench training goals no given expert trained on (held apart by source)")
     args = parser.parse_args()
     probes = dict(spec.split("=", 1) for spec in args.probe)
+    methods = args.method or ["ngsd_a0.9"]
     if args.threads:
         torch.set_num_threads(args.threads)
     data_dir = Path(resolve_data_dir(args.data_dir))
@@ -123,28 +125,32 @@ def main() -> None:
         source, expert_id = locate_expert(folder)
         runner = Runner(model, tokenizer, model_id=model_fingerprint(None), expert=source, expert_id=expert_id,
                         settings=settings, cache=cache, progress=False)
-        method = get_method(args.method)
-        if name in probes:
-            reflection = replace(method.config.reflection, probe=probes[name])
-            method = replace(method, config=replace(method.config, reflection=reflection))
-        guarded = runner.run([method], suites)[method.name]
-        results[name] = {s: score(s, suites[s], guarded[s], reference[s]) for s in suites}
+        keys = []
+        for method_name in methods:
+            method = get_method(method_name)
+            if name in probes:
+                reflection = replace(method.config.reflection, probe=probes[name])
+                method = replace(method, config=replace(method.config, reflection=reflection))
+            guarded = runner.run([method], suites)[method.name]
+            keys.append(name if len(methods) == 1 else f"{name}:{method_name}")
+            results[keys[-1]] = {s: score(s, suites[s], guarded[s], reference[s]) for s in suites}
         # The routing default's divergence check reads this: the expert's first-step TV from the base.
         adapter = LoraAdapter.load(source)
         with torch.no_grad():
             for s, prompts in suites.items():
                 tv = first_step_divergence(model, tokenizer, [p.text for p in prompts], adapter)
-                results[name][s]["first_step_tv_mean"] = round(sum(tv) / len(tv), 4)
-                results[name][s]["first_step_tv_median"] = round(sorted(tv)[len(tv) // 2], 4)
+                for key in keys:
+                    results[key][s]["first_step_tv_mean"] = round(sum(tv) / len(tv), 4)
+                    results[key][s]["first_step_tv_median"] = round(sorted(tv)[len(tv) // 2], 4)
         adapter.detach(model)
     for name in results:
         results[name]["choice_score"] = choice_score(results[name], results["off"])
     meta = {"command": "python reports/expert/validate_guarded.py " + " ".join(
                 f"--expert {e}" for e in args.expert) + "".join(f" --probe {p}" for p in args.probe)
-                + f" --method {args.method} --requests {args.requests} --alpaca-train {args.alpaca_train}"
+                + "".join(f" --method {m}" for m in methods) + f" --requests {args.requests} --alpaca-train {args.alpaca_train}"
                 + (f" --advbench-unused {args.advbench_unused}" if args.advbench_unused else ""),
             "sizes": {s: len(p) for s, p in suites.items()},
-            "decoding": f"greedy, 64 new tokens; method {args.method} ({get_method(args.method).description})",
+            "decoding": "greedy, 64 new tokens; " + "; ".join(f"method {m} ({get_method(m).description})" for m in methods),
             "probes": probes,
             "minutes": round((time.time() - started) / 60, 1), "load_at_start": [round(x, 2) for x in load],
             "load_at_end": [round(x, 2) for x in os.getloadavg()]}

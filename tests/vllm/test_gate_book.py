@@ -40,6 +40,14 @@ def test_a_request_removed_and_added_back_continues_its_potential():
     assert (state.potential, state.step) == (0.8, 1)
 
 
+def test_a_new_request_starts_at_the_configured_potential():
+    for gate, start in (({}, 0.0), ({"v_reset": -0.25}, -0.25), ({"initial_potential": 1.0}, 1.0)):
+        book = GateBook(GuardSettings(gate=gate))
+        params, output = _request()
+        book.update([], [(0, params, [1, 2], output)], [])
+        assert book.rows[0].potential == start, gate
+
+
 def test_a_discarded_sample_is_not_committed():
     """vLLM samples a partly prefilled request and throws the token away: the gate must not move."""
     book = GateBook(GuardSettings())
