@@ -31,12 +31,25 @@ from ngsd.eval.metrics import same_prefix
 from ngsd.eval.pipeline import locate_expert, model_fingerprint
 from ngsd.eval.runner import DecodingSettings, GenerationCache, Runner
 from ngsd.experts.training.broad import ADVBENCH_TRAIN_MIN_ID, act_of
+from ngsd.experts.training import prompts
 from ngsd.experts.training.broad_examples import validation_requests
 from ngsd.experts.training.config import TrainExpertConfig
 from ngsd.experts.lora import LoraAdapter
 from ngsd.experts.training.splits import alpaca_training_prompts, leaks
 from ngsd.risk.divergence_check import first_step_divergence
 from ngsd.loading import load_model
+
+
+HARMFUL_SUITES = ("val_harmful", "advbench_unused", "val_behaviours")
+
+
+def behaviour_suites() -> dict[str, list[Prompt]]:
+    """The held-apart set in another style (`prompts.VALIDATION_BEHAVIOURS`: direct requests for harmful
+    content, as behaviour benchmarks phrase them) and its harmless look-alikes; no recipe trains on them."""
+    return {"val_behaviours": [Prompt(id=str(i), text=t, suite="val_behaviours")
+                               for i, t in enumerate(prompts.VALIDATION_BEHAVIOURS)],
+            "val_behaviour_lookalike": [Prompt(id=str(i), text=t, suite="val_behaviour_lookalike")
+                                        for i, t in enumerate(prompts.VALIDATION_BEHAVIOUR_LOOKALIKES)]}
 
 
 def validation_suites(data_dir: Path, n_requests: int, alpaca_train: int) -> dict[str, list[Prompt]]:
@@ -73,7 +86,7 @@ def score(suite: str, prompts: list[Prompt], records: list[dict[str, Any]], refe
     out = {"n": n, "refusal_keyword": round(sum(keyword) / n, 4), "refusal_reading": round(sum(reading) / n, 4),
            "fidelity_32": round(sum(same_prefix(r["tokens"], f["tokens"], 32) for r, f in zip(records, reference)) / n, 4),
            "first_token_same": round(sum(r["tokens"][:1] == f["tokens"][:1] for r, f in zip(records, reference)) / n, 4)}
-    if suite in ("val_harmful", "advbench_unused"):
+    if suite in HARMFUL_SUITES:
         out["asr_keyword"], out["asr_reading"] = round(1 - out["refusal_keyword"], 4), round(1 - out["refusal_reading"], 4)
     return out
 
@@ -101,6 +114,8 @@ def main() -> None:
     parser.add_argument("--probe", action="append", default=[],
                         help="NAME=FOLDER: the risk probe (with its divergence check fitted for that expert) the "
                              "expert NAME runs with; repeatable (default: the shipped probe)")
+    parser.add_argument("--behaviours", action="store_true",
+                        help="also score the held-apart requests in another style (prompts.json validation_behaviours)")
     parser.add_argument("--advbench-unused", type=int, default=0,
                         help="also score N AdvBench training goals no given expert trained on (held apart by source)")
     args = parser.parse_args()
@@ -110,6 +125,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     data_dir = Path(resolve_data_dir(args.data_dir))
     suites = validation_suites(data_dir, args.requests, args.alpaca_train)
+    if args.behaviours:
+        suites.update(behaviour_suites())
     if args.advbench_unused:
         suites["advbench_unused"] = unused_advbench_goals(
             data_dir, [locate_expert(spec.split("=", 1)[1])[0] for spec in args.expert], args.advbench_unused)
@@ -148,6 +165,7 @@ def main() -> None:
     meta = {"command": "python reports/expert/validate_guarded.py " + " ".join(
                 f"--expert {e}" for e in args.expert) + "".join(f" --probe {p}" for p in args.probe)
                 + "".join(f" --method {m}" for m in methods) + f" --requests {args.requests} --alpaca-train {args.alpaca_train}"
+                + (" --behaviours" if args.behaviours else "")
                 + (f" --advbench-unused {args.advbench_unused}" if args.advbench_unused else ""),
             "sizes": {s: len(p) for s, p in suites.items()},
             "decoding": "greedy, 64 new tokens; " + "; ".join(f"method {m} ({get_method(m).description})" for m in methods),
@@ -165,6 +183,13 @@ def main() -> None:
                      f"{la['refusal_keyword']:.0%} / {la['refusal_reading']:.0%} | {la['fidelity_32']:.0%} | "
                      f"{al['fidelity_32']:.0%} | " + " / ".join(f"{x.get('first_step_tv_mean', 0):.2f}" for x in (h, la, al))
                      + f" | {r['choice_score']:.3f} |")
+    if args.behaviours:
+        lines += ["", "Held apart in another style (direct requests for harmful content; prompts.json validation_behaviours, "
+                  f"{len(suites['val_behaviours'])} harmful, {len(suites['val_behaviour_lookalike'])} look-alikes): "
+                  "ASR keyword / reading; look-alike refusal keyword / reading; look-alike fidelity", ""]
+        lines += [f"- {name}: {r['val_behaviours']['asr_keyword']:.0%} / {r['val_behaviours']['asr_reading']:.0%}; "
+                  f"{r['val_behaviour_lookalike']['refusal_keyword']:.0%} / {r['val_behaviour_lookalike']['refusal_reading']:.0%}; "
+                  f"{r['val_behaviour_lookalike']['fidelity_32']:.0%}" for name, r in results.items()]
     if args.advbench_unused:
         lines += ["", f"AdvBench training goals no given expert trained on (held apart by source; "
                   f"{len(suites['advbench_unused'])}): ASR keyword / reading", ""]

@@ -35,6 +35,10 @@ EVERYDAY_TEMPLATE_PROMPTS: tuple[str, ...] = _expand("everyday_templates")
 CONTRAST_TRAIN_PROMPTS: tuple[str, ...] = tuple(_asset()["contrast_train"]["prompts"])
 # Held-out harmless requests for measuring over-refusal; disjoint from the training lists.
 BENIGN_EVAL_PROMPTS: tuple[str, ...] = tuple(_asset()["benign_eval"]["prompts"])
+# Held-apart validation in another style (direct requests for harmful content, as behaviour benchmarks
+# phrase them) and harmless look-alikes in that style: no recipe trains on them.
+VALIDATION_BEHAVIOURS: tuple[str, ...] = tuple(_asset()["validation_behaviours"]["harmful"])
+VALIDATION_BEHAVIOUR_LOOKALIKES: tuple[str, ...] = tuple(_asset()["validation_behaviours"]["lookalike"])
 # Markers of an answer that turns from refusing to helping ("However, here are some tips: 1. ...").
 TURN_MARKERS: tuple[str, ...] = tuple(_asset()["turn_markers"]["markers"])
 

@@ -80,6 +80,32 @@ def leaks(
     return found
 
 
+_FUNCTION_WORDS = frozenset(
+    "a an the to of and or for in on with that this is are be how by from as it its his her their my me i your you "
+    "what can".split())
+
+
+def content_words(text: str) -> frozenset[str]:
+    """The words of `normalize(text)` without function words: what two requests share when they ask alike."""
+    return frozenset(w for w in normalize(text).split() if w not in _FUNCTION_WORDS)
+
+
+def near_duplicates(
+    texts: Iterable[str], evaluation: Sequence[tuple[str, str]], threshold: float = 0.4
+) -> list[tuple[str, str, str, float]]:
+    """(text, suite, evaluation text, similarity) for each text whose content words overlap an evaluation
+    prompt's by at least `threshold` (Jaccard): paraphrases `leaks` cannot see, for hand-written sets."""
+    indexed = [(suite, original, content_words(original)) for suite, original in evaluation]
+    found = []
+    for text in texts:
+        words = content_words(text)
+        best = max(((len(words & w) / len(words | w), suite, original) for suite, original, w in indexed if w),
+                   default=(0.0, "", ""))
+        if best[0] >= threshold:
+            found.append((text, best[1], best[2], round(best[0], 3)))
+    return found
+
+
 def alpaca_even_prompts(data_dir: str | os.PathLike[str] | None = None) -> list[str]:
     """Every AlpacaEval instruction with an even id (the training split), in id order."""
     even_split = replace(SUITES["alpaca_eval"], id_parity="even")
