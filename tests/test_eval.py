@@ -95,6 +95,15 @@ def test_methods_registry_and_expert_alone_trick():
         Method("bad", alpha=1.5)
 
 
+def test_the_report_says_which_gates_can_fire_at_the_first_token():
+    from ngsd.eval.report import first_token_lines
+
+    plain, primed = first_token_lines([get_method("ngsd"), get_method("ngsd_a0.9"), get_method("ngsd_a0.9_primed")])
+    assert "cannot act on the first token (`ngsd`, `ngsd_a0.9`)" in plain
+    assert primed.startswith("- `ngsd_a0.9_primed` starts primed (potential 1)") and "at least 0.125" in primed
+    assert get_method("ngsd_primed").config.reflection == get_method("ngsd").config.reflection
+
+
 def test_select_prompts_modes():
     prompts = [Prompt(id=str(i), text=f"p{i}") for i in (5, 3, 10, 1, 7, 2)]
     assert [p.id for p in select_prompts(prompts, 3, "lowest_ids")] == ["1", "2", "3"]

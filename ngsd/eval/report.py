@@ -169,11 +169,28 @@ def _diagnosis(config: EvalConfig, metrics: Mapping[str, Any], methods: Sequence
             parts.append(f"{s.label}: " + ", ".join(f"α={a}×{c}" for a, c in counts.items()))
         source = "the risk probe" if by_probe else "self-reflection"
         lines.append(f"- Alpha chosen by {source} per suite (NGSD default): " + "; ".join(parts) + ".")
-    lines.append(
-        "- The gate cannot act on the first token: the potential starts at 0 and one step adds D <= 1, so with "
-        "v_th = 1 it fires at step 0 only if the two distributions are disjoint. The first answer token is "
-        "always the base model's, and an answer that starts compliantly must be pulled back later by the mixture."
-    )
+    lines += first_token_lines([m for m in methods if m.gated and m.config.mode == "ngsd"])
+    return lines
+
+
+def first_token_lines(methods: Sequence[Method]) -> list[str]:
+    """Whether each LIF-gated method's neuron can fire at the first answer token, from where it starts."""
+    unprimed, primed = [], []
+    for method in methods:
+        c = method.config
+        needed = c.v_th - (1 - 1 / c.tau) * c.start_potential  # the first step's D that makes it spike
+        (unprimed if needed >= 1.0 else primed).append((method.name, c.start_potential, needed))
+    lines = []
+    if unprimed:
+        lines.append(
+            f"- The gate cannot act on the first token ({', '.join(f'`{n}`' for n, _, _ in unprimed)}): the potential "
+            "starts at v_reset and one step adds D <= 1, so it fires at step 0 only if the two distributions are "
+            "disjoint. The first answer token is always the base model's, and an answer that starts compliantly "
+            "must be pulled back later by the mixture."
+        )
+    for name, start, needed in primed:
+        lines.append(f"- `{name}` starts primed (potential {start:g}): its gate fires at the first token whenever "
+                     f"that token's divergence is at least {needed:.3f}.")
     return lines
 
 
