@@ -24,8 +24,8 @@ VOCAB = 96
 # Every argument and config field a refusal may name.
 NAMES = (
     "alpha", "prompts", "max_new_tokens", "temperature", "top_k", "top_p", "do_sample", "tau", "v_th", "v_reset",
-    "rho", "candidate_k", "mode", "divergence", "score_floor", "safedecoding", "input_ids", "attention_mask",
-    "early_stop", "backend", "seed",
+    "initial_potential", "rho", "candidate_k", "mode", "divergence", "score_floor", "safedecoding", "input_ids",
+    "attention_mask", "early_stop", "backend", "seed",
 )
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 
@@ -45,6 +45,7 @@ config_fields = st.fixed_dictionaries(
         "tau": numbers,
         "v_th": numbers,
         "v_reset": numbers,
+        "initial_potential": st.one_of(st.none(), numbers),
         "rho": numbers,
         "candidate_k": st.one_of(st.integers(-1, 200), st.floats(0, 10), st.booleans()),
         "divergence": st.sampled_from(["tv", "kl", "js", "l2"]),

@@ -38,8 +38,8 @@ CONFIG_KEY = "ngsd"  # the model-config attribute (hf_overrides key) that holds 
 ALPHA_ARG = "ngsd_alpha"
 GUARD_ARG = "ngsd_guard"
 REQUEST_ARGS = (ALPHA_ARG, GUARD_ARG)
-GATE_FIELDS = ("mode", "tau", "v_th", "v_reset", "rho", "initial_potential", "candidate_k", "divergence", "safedecoding_alpha",
-               "safedecoding_steps", "safedecoding_k", "safedecoding_min_candidates", "score_floor")
+GATE_FIELDS = ("mode", "tau", "v_th", "v_reset", "rho", "initial_potential", "candidate_k", "divergence",
+               "safedecoding_alpha", "safedecoding_steps", "safedecoding_k", "safedecoding_min_candidates", "score_floor")
 
 
 @dataclass(frozen=True)
