@@ -180,6 +180,20 @@ def test_generate_writes_the_trace_plot_and_stays_quiet_off_a_terminal(tiny_mode
         assert label in out, label
 
 
+def test_generate_primed_starts_the_neuron_at_v_th(tiny_model_and_expert, capsys):
+    model, expert = tiny_model_and_expert
+    argv = ["generate", "hello world", "--model", str(model), "--expert", str(expert), "--alpha", "0.9",
+            "--max-new-tokens", "2", "--json", "--no-progress"]
+    for extra, start in (([], 0.0), (["--primed"], 1.0)):
+        assert cli.main(argv + extra) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["config"]["initial_potential"] == (start or None)
+        trace = out["results"][0]["trace"]
+        v = (1 - 1 / 8.0) * start + trace["divergence"][0]
+        assert trace["spikes"][0] == (v >= 1.0) == (start == 1.0)  # this expert diverges enough to fire primed
+        assert trace["potential"][0] == pytest.approx(0.6 * v if v >= 1.0 else v, abs=1e-5)
+
+
 def test_progress_labels_say_what_runs(llama_pair, capsys):
     from ngsd import NGSDConfig, guarded_generate
 

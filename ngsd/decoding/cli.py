@@ -56,6 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens; 0: all")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1]")
     parser.add_argument("--seed", type=int, default=0, help="random seed of sampling")
+    parser.add_argument("--primed", action="store_true",
+                        help="guarded rows start at potential v_th, so the gate can mix at the first token "
+                             "(NGSDConfig(initial_potential=1.0); not the default, see reports/priming)")
     parser.add_argument("--early-stop", action="store_true",
                         help="stop a guarded answer once it is clearly refusing (the reference's heuristic)")
     parser.add_argument("--threads", type=int, default=None,
@@ -106,7 +109,8 @@ def run(args: argparse.Namespace) -> int:
         reflection = ReflectionConfig.paper()
     else:
         reflection = ReflectionConfig() if args.reflection is None else ReflectionConfig(mode=args.reflection)
-    config = NGSDConfig(mode=args.mode, early_stop=args.early_stop, reflection=reflection)
+    config = NGSDConfig(mode=args.mode, early_stop=args.early_stop, reflection=reflection,
+                        initial_potential=1.0 if args.primed else None)
     common: dict[str, Any] = dict(
         max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
         top_k=args.top_k, top_p=args.top_p, seed=args.seed, progress=progress,
