@@ -31,7 +31,7 @@ from ngsd.eval.metrics import same_prefix
 from ngsd.eval.pipeline import locate_expert, model_fingerprint
 from ngsd.eval.runner import DecodingSettings, GenerationCache, Runner
 from ngsd.experts.training.broad import ADVBENCH_TRAIN_MIN_ID, act_of
-from ngsd.experts.training import prompts
+from ngsd.experts.training.prompts import VALIDATION_BEHAVIOUR_LOOKALIKES, VALIDATION_BEHAVIOURS
 from ngsd.experts.training.broad_examples import validation_requests
 from ngsd.experts.training.config import TrainExpertConfig
 from ngsd.experts.lora import LoraAdapter
@@ -44,12 +44,12 @@ HARMFUL_SUITES = ("val_harmful", "advbench_unused", "val_behaviours")
 
 
 def behaviour_suites() -> dict[str, list[Prompt]]:
-    """The held-apart set in another style (`prompts.VALIDATION_BEHAVIOURS`: direct requests for harmful
+    """The held-apart set in another style (`VALIDATION_BEHAVIOURS`: direct requests for harmful
     content, as behaviour benchmarks phrase them) and its harmless look-alikes; no recipe trains on them."""
     return {"val_behaviours": [Prompt(id=str(i), text=t, suite="val_behaviours")
-                               for i, t in enumerate(prompts.VALIDATION_BEHAVIOURS)],
+                               for i, t in enumerate(VALIDATION_BEHAVIOURS)],
             "val_behaviour_lookalike": [Prompt(id=str(i), text=t, suite="val_behaviour_lookalike")
-                                        for i, t in enumerate(prompts.VALIDATION_BEHAVIOUR_LOOKALIKES)]}
+                                        for i, t in enumerate(VALIDATION_BEHAVIOUR_LOOKALIKES)]}
 
 
 def validation_suites(data_dir: Path, n_requests: int, alpaca_train: int) -> dict[str, list[Prompt]]:
