@@ -28,6 +28,7 @@ from ngsd.risk.probe_training import (
     select_and_fit,
     split_groups,
     token_max_candidates,
+    training_split_of,
 )
 
 from .conftest import DATA_DIR, mixed_length_batch, tiny_model
@@ -320,7 +321,9 @@ def test_cli_module_is_light_and_parses_its_options():
     code = ("import sys, argparse, ngsd.risk.probe_cli as c; assert 'torch' not in sys.modules, 'torch imported'; "
             "p = argparse.ArgumentParser(); c.register_cli(p.add_subparsers()); "
             "a = p.parse_args(['train-probe', '--out', 'x', '--layers', '3,5', '--poolings', 'mean;last+max']); "
-            "cfg = c.config_from_args(a); assert cfg.layers == (3, 5) and cfg.poolings == (('mean',), ('last', 'max'))")
+            "cfg = c.config_from_args(a); assert cfg.layers == (3, 5) and cfg.poolings == (('mean',), ('last', 'max')); "
+            "assert not cfg.direct_lookalikes; "
+            "assert c.config_from_args(p.parse_args(['train-probe', '--out', 'x', '--direct-lookalikes'])).direct_lookalikes")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -353,6 +356,25 @@ def test_broad_requests_join_the_probe_data_with_every_form_of_an_act_in_one_spl
                     if e.source.startswith("broad:") and not e.wrapper]
     assert {e.label for e in harmful_only} == {1}
     assert sorted(e.text for e in harmful_only) == sorted(e.text for e in broad if e.label == 1)
+
+
+@needs_data
+def test_direct_lookalikes_join_only_the_benign_class_and_leave_the_earlier_split_alone():
+    from ngsd.experts.training.prompts import DIRECT_LOOKALIKE_TRAIN_PROMPTS, VALIDATION_BEHAVIOUR_LOOKALIKES
+
+    plain = build_dataset(str(DATA_DIR), seed=0)
+    examples = build_dataset(str(DATA_DIR), seed=0, direct_lookalikes=True)
+    direct = [e for e in examples if e.source == "direct_lookalike"]
+    assert {e.label for e in direct} == {0}
+    assert {e.text for e in direct if not e.wrapper} == set(DIRECT_LOOKALIKE_TRAIN_PROMPTS)
+    assert not {e.text for e in examples} & set(VALIDATION_BEHAVIOUR_LOOKALIKES)
+    # appended after the earlier benign requests: the first probes' requests keep their groups
+    earlier = [(e.text, e.group) for e in plain if not e.wrapper]
+    assert [(e.text, e.group) for e in examples if not e.wrapper][:len(earlier)] == earlier
+    # a probe's training report names the flag, and its split is rebuilt with it
+    _, _, val = training_split_of({"direct_lookalikes": True, "compose_rate": 0.5}, str(DATA_DIR))
+    _, _, val_plain = training_split_of({"compose_rate": 0.5}, str(DATA_DIR))
+    assert len(val) > len(val_plain)
 
 
 def test_first_step_divergence_is_the_guarded_loops_first_divergence(tokenizer_and_tiny_model, tmp_path):

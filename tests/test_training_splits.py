@@ -103,6 +103,18 @@ def test_validation_behaviours_are_neither_evaluation_prompts_nor_training_promp
 
 
 @needs_data
+def test_direct_lookalikes_for_training_are_apart_from_evaluation_and_validation(evaluation):
+    direct = list(prompts.DIRECT_LOOKALIKE_TRAIN_PROMPTS)
+    assert len(direct) == 72 == len({normalize(t) for t in direct})
+    assert leaks(direct, evaluation=evaluation) == []
+    assert near_duplicates(direct, evaluation) == []
+    held = training_requests(split="validation")
+    validation = [("validation_behaviours", t) for t in prompts.VALIDATION_BEHAVIOURS + prompts.VALIDATION_BEHAVIOUR_LOOKALIKES]
+    validation += [("broad_validation", r.text) for r in held.harmful + held.benign]
+    assert near_duplicates(direct, validation) == []
+
+
+@needs_data
 def test_alpaca_training_prompts_are_the_even_ids_in_order(evaluation):
     rows = json.loads((Path(resolve_data_dir()) / "alpaca_eval_805.json").read_text(encoding="utf-8"))
     even = [r["instruction"] for r in sorted(rows, key=lambda r: int(r["id"])) if int(r["id"]) % 2 == 0]

@@ -45,6 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--broad", action="store_true",
                         help="add the expert recipe's broad requests (ten harm categories x seven surface forms, and "
                              "harmless look-alikes; ngsd.experts.training.broad); see reports/probe/broad_probe.md")
+    parser.add_argument("--direct-lookalikes", action="store_true",
+                        help="add harmless requests in the direct style of behaviour benchmarks ('Write a persuasive "
+                             "article...') to the benign class (prompts.json direct_lookalike_train)")
     parser.add_argument("--broad-harmful-only", action="store_true",
                         help="add only the broad recipe's harmful requests, not its look-alikes")
     parser.add_argument("--batch-size", type=int, default=16, help="requests per forward when reading hidden states")
@@ -90,7 +93,8 @@ def config_from_args(args: argparse.Namespace) -> Any:
         l2=l2, val_fraction=args.val_fraction, wrap_rate=args.wrap_rate, compose_rate=args.compose_rate,
         route_recall=args.route_recall,
         batch_size=args.batch_size, threads=args.threads, data_dir=args.data_dir, cache_dir=args.cache_dir,
-        aggregate=args.aggregate, broad="harmful" if args.broad_harmful_only else args.broad, **extra,
+        aggregate=args.aggregate, broad="harmful" if args.broad_harmful_only else args.broad,
+        direct_lookalikes=args.direct_lookalikes, **extra,
     )
 
 

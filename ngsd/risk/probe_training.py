@@ -3,7 +3,10 @@
 Data (../shared/data/SOURCES.md): harmful = seed_reject.json prompts, the user turns of
 expert_sft_vicuna.json and AdvBench ids >= 130; benign = AlpacaEval rows with an even id, the
 expert recipe's hand-written harmless and look-alike requests (`ngsd.experts.training.prompts`)
-and the look-alikes below; with `broad` (opt-in), also the expert recipe's broad requests
+and the look-alikes below; with `direct_lookalikes` (opt-in), also the hand-written harmless requests in
+the direct style of behaviour benchmarks (`ngsd.experts.training.prompts.DIRECT_LOOKALIKE_TRAIN_PROMPTS`:
+"Write a persuasive article...", "Write a Python script that..."); with `broad` (opt-in), also the expert
+recipe's broad requests
 (`ngsd.experts.training.broad`: hand-written acts across ten harm categories plus the seed and
 AdvBench training goals, each in several surface forms, and harmless look-alikes in the same
 forms). Evaluation suites are never read here.
@@ -229,6 +232,9 @@ class TrainProbeConfig:
     # moved the operating point more than it improved separation (reports/probe/broad_probe.md), so it is opt-in.
     # True: its harmful requests and look-alikes; "harmful": its harmful requests only
     broad: bool | str = False
+    # add the direct-style look-alikes (`benign_training_requests`): the shipped probe guards "Write a persuasive
+    # post..."-style harmless requests on their framing (reports/probe/direct_lookalikes/PLAN.md)
+    direct_lookalikes: bool = False
     route_recall: float = 0.98
     batch_size: int = 16
     threads: int | None = 1
@@ -283,13 +289,18 @@ def expert_recipe_benign_prompts() -> list[str]:
     raise ImportError("cannot find benign_train_prompts in ngsd.experts.training.prompts or ngsd.experts.train_expert")
 
 
-def benign_training_requests(data_dir: str | None = None) -> list[tuple[str, str]]:
-    """(text, source) of the benign training requests, deduplicated, in a fixed order."""
+def benign_training_requests(data_dir: str | None = None, direct_lookalikes: bool = False) -> list[tuple[str, str]]:
+    """(text, source) of the benign training requests, deduplicated, in a fixed order; `direct_lookalikes`
+    appends the direct-style look-alikes (`DIRECT_LOOKALIKE_TRAIN_PROMPTS`), so the earlier requests keep
+    their order and groups."""
+    from ..experts.training.prompts import DIRECT_LOOKALIKE_TRAIN_PROMPTS
     from ..experts.training.splits import alpaca_training_prompts
 
     alpaca = alpaca_training_prompts(data_dir)  # even ids, without near-twins of odd (evaluation) ones
     tagged = ([(t, "alpaca_even") for t in alpaca] + [(t, "expert_recipe") for t in expert_recipe_benign_prompts()]
               + [(t, "lookalike") for t in LOOKALIKE_BENIGN])
+    if direct_lookalikes:
+        tagged += [(t, "direct_lookalike") for t in DIRECT_LOOKALIKE_TRAIN_PROMPTS]
     return _dedupe_tagged(tagged)
 
 
@@ -319,13 +330,13 @@ def broad_training_requests(data_dir: str | None = None, seed: int = 0) -> dict[
 
 
 def build_dataset(data_dir: str | None = None, seed: int = 0, wrap_rate: float = 0.6,
-                  broad: bool | str = False) -> list[Example]:
+                  broad: bool | str = False, direct_lookalikes: bool = False) -> list[Example]:
     """Plain requests of both classes, plus a wrapped copy of each with probability `wrap_rate`.
 
     Wrappers are dealt round-robin over a seeded shuffle per class, so both classes get the same mix.
     `broad`: add the expert recipe's broad requests (`broad_training_requests`; "harmful": its
     harmful ones only); the surface forms of one act share a group, so the validation split never
-    holds a form of a training act.
+    holds a form of a training act. `direct_lookalikes`: see `benign_training_requests`.
     """
     rng = random.Random(seed)
     extra = broad_training_requests(data_dir, seed) if broad else {1: [], 0: []}
@@ -333,7 +344,8 @@ def build_dataset(data_dir: str | None = None, seed: int = 0, wrap_rate: float =
         extra[0] = []
     examples: list[Example] = []
     group = 0
-    for label, requests in ((1, harmful_training_requests(data_dir)), (0, benign_training_requests(data_dir))):
+    for label, requests in ((1, harmful_training_requests(data_dir)),
+                            (0, benign_training_requests(data_dir, direct_lookalikes))):
         names = list(WRAPPERS)
         seen = {text.strip().lower() for text, _ in requests}
         units: dict[str, int] = {}
@@ -389,11 +401,11 @@ def compose_requests(examples: Sequence[Example], rows: Sequence[int], rate: flo
 
 
 def training_split(data_dir: str | None = None, seed: int = 0, wrap_rate: float = 0.6, broad: bool | str = False,
-                   val_fraction: float = 0.2, compose_rate: float = 0.0
+                   val_fraction: float = 0.2, compose_rate: float = 0.0, direct_lookalikes: bool = False
                    ) -> tuple[list[Example], list[int], list[int]]:
     """The probe's examples and their training / validation indices: `build_dataset`, `split_groups`,
     then `compose_requests` within each split (so composites never mix the two)."""
-    examples = build_dataset(data_dir, seed, wrap_rate, broad)
+    examples = build_dataset(data_dir, seed, wrap_rate, broad, direct_lookalikes)
     train, val = split_groups(examples, val_fraction, seed)
     if compose_rate > 0:
         next_group = max(e.group for e in examples) + 1
@@ -411,7 +423,7 @@ def training_split_of(trained: dict[str, Any], data_dir: str | None = None
     (probes trained before composites had none; {} gives the defaults of the first probes)."""
     return training_split(data_dir, int(trained.get("seed", 0)), float(trained.get("wrap_rate", 0.6)),
                           trained.get("broad", False), float(trained.get("val_fraction", 0.2)),
-                          float(trained.get("compose_rate", 0.0)))
+                          float(trained.get("compose_rate", 0.0)), bool(trained.get("direct_lookalikes", False)))
 
 
 def split_groups(examples: Sequence[Example], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -832,7 +844,7 @@ def train_probe(cfg: TrainProbeConfig, *, model: Any = None, tokenizer: Any = No
     model.eval()
     torch.manual_seed(cfg.seed)
     examples, train, val = training_split(cfg.data_dir, cfg.seed, cfg.wrap_rate, cfg.broad, cfg.val_fraction,
-                                          cfg.compose_rate)
+                                          cfg.compose_rate, cfg.direct_lookalikes)
     layers = list(cfg.layers) if cfg.layers else default_layers(model.config.num_hidden_layers)
     if max(layers) > model.config.num_hidden_layers:
         raise ValueError(f"layers must be hidden-state indices <= {model.config.num_hidden_layers}, got {layers}")
@@ -876,7 +888,9 @@ def train_probe(cfg: TrainProbeConfig, *, model: Any = None, tokenizer: Any = No
             "composed": sum(w == COMPOSED for w in wrappers),
             "splits": "harmful: seed_reject, expert_sft_vicuna user turns, AdvBench ids >= 130; benign: AlpacaEval "
                       "even ids (without near-twins of odd ids), expert recipe prompts, LOOKALIKE_BENIGN "
-                      "(ngsd/risk/probe_training.py); composites of these within each split",
+                      "(ngsd/risk/probe_training.py)"
+                      + (", direct_lookalike_train (ngsd/assets/training/prompts.json)" if cfg.direct_lookalikes else "")
+                      + "; composites of these within each split",
         },
         **selection,
         "calibration": probe.spec.calibration,

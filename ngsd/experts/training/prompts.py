@@ -33,6 +33,9 @@ BENIGN_TRAIN_PROMPTS: tuple[str, ...] = tuple(_asset()["benign_train"]["prompts"
 BENIGN_TEMPLATE_PROMPTS: tuple[str, ...] = _expand("benign_templates")
 EVERYDAY_TEMPLATE_PROMPTS: tuple[str, ...] = _expand("everyday_templates")
 CONTRAST_TRAIN_PROMPTS: tuple[str, ...] = tuple(_asset()["contrast_train"]["prompts"])
+# Harmless requests in the direct style of behaviour benchmarks ("Write a persuasive article...", "Write a
+# Python script that..."), training side; the probe's benign class with --direct-lookalikes.
+DIRECT_LOOKALIKE_TRAIN_PROMPTS: tuple[str, ...] = tuple(_asset()["direct_lookalike_train"]["prompts"])
 # Held-out harmless requests for measuring over-refusal; disjoint from the training lists.
 BENIGN_EVAL_PROMPTS: tuple[str, ...] = tuple(_asset()["benign_eval"]["prompts"])
 # Held-apart validation in another style (direct requests for harmful content, as behaviour benchmarks
