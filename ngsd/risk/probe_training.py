@@ -232,8 +232,8 @@ class TrainProbeConfig:
     # moved the operating point more than it improved separation (reports/probe/broad_probe.md), so it is opt-in.
     # True: its harmful requests and look-alikes; "harmful": its harmful requests only
     broad: bool | str = False
-    # add the direct-style look-alikes (`benign_training_requests`): the shipped probe guards "Write a persuasive
-    # post..."-style harmless requests on their framing (reports/probe/direct_lookalikes/PLAN.md)
+    # add the direct-style look-alikes (`benign_training_requests`); opt-in: the probe trained with them (v6)
+    # moved its operating point and guarded more benign requests, not fewer (reports/probe/direct_lookalikes/)
     direct_lookalikes: bool = False
     route_recall: float = 0.98
     batch_size: int = 16
