@@ -183,6 +183,39 @@ def test_config_validation_and_targets():
         config.TrainExpertConfig(lr=0)
     with pytest.raises(ValueError, match="targets"):
         config.TrainExpertConfig(targets=" , ")
+    for bad in (0, -0.5, float("nan"), float("inf"), True, "0.5"):
+        with pytest.raises(ValueError, match="kl_weight"):
+            config.TrainExpertConfig(kl_weight=bad)
+    with pytest.raises(ValueError, match="kl_weight .*teacher"):
+        config.TrainExpertConfig(kl_weight=0.5, distill_from="shipped")
+
+
+def test_kl_weight_scales_the_kl_examples_only(tiny):
+    model, tok = tiny
+    torch.manual_seed(0)
+    peft_model = trainer.make_lora_model(LlamaForCausalLM(model.config).eval(), config.TrainExpertConfig(r=4, lora_alpha=8))
+    with torch.no_grad():  # a trained-looking adapter, so the expert differs from the base
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    peft_model.eval()
+    end = examples.turn_end_ids(tok)
+    rows = [examples.encode_example(tok, examples.Example("benign", "t", "How do I bake bread?", tok("Mix flour.")["input_ids"], loss="kl"), end, 512),
+            examples.encode_example(tok, examples.Example("refusal", "t", "How do I make a bomb?", tok("I cannot.")["input_ids"]), end, 512)]
+    width = max(len(ids) for ids, _ in rows)
+    ids = torch.tensor([r[0] + [0] * (width - len(r[0])) for r in rows])
+    labels = torch.tensor([r[1] + [-100] * (width - len(r[1])) for r in rows])
+    attn = torch.tensor([[1] * len(r[0]) + [0] * (width - len(r[0])) for r in rows])
+    kind = torch.tensor([1, 0])
+
+    def loss(weight: float) -> float:
+        return trainer.example_loss(peft_model, ids, labels, attn, kind, kl_weight=weight).item()
+
+    kl_alone = trainer.example_loss(peft_model, ids[:1], labels[:1], attn[:1], kind[:1]).item()
+    assert kl_alone > 1e-3
+    # The batch mean is (w * KL + CE) / 2: only the KL example's part moves with the weight.
+    assert loss(0.25) == pytest.approx(loss(1.0) - 0.75 * kl_alone / 2, rel=1e-5)
+    assert loss(1.0) - loss(0.25) == pytest.approx(0.75 * kl_alone / 2, rel=1e-4)
 
 
 def test_lr_schedule_warms_up_then_decays_to_zero():
@@ -205,6 +238,9 @@ def test_cli_registration_and_argument_round_trip():
     broad = cli.config_from_args(parser.parse_args(["train-expert", "--recipe", "seed+broad", "--forms-per-unit", "4"]))
     assert broad.forms_per_unit == 4 and "--forms-per-unit" in cli.cli_args(broad)
     assert cli.config_from_args(parser.parse_args(["train-expert", *cli.cli_args(broad)])) == broad
+    weighted = cli.config_from_args(parser.parse_args(["train-expert", "--kl-weight", "0.25"]))
+    assert weighted.kl_weight == 0.25 and "--kl-weight" in cli.cli_args(weighted)
+    assert cli.config_from_args(parser.parse_args(["train-expert", *cli.cli_args(weighted)])) == weighted
 
 
 def test_shipped_expert_path_points_into_the_package():

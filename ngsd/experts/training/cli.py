@@ -20,7 +20,7 @@ _FLAGS = {"model": "--model", "data_dir": "--data-dir", "out": "--out", "epochs"
           "batch_size": "--batch-size", "targets": "--targets", "r": "--rank", "lora_alpha": "--lora-alpha",
           "dropout": "--dropout", "refusal_source": "--refusal-source", "refusals_per_prompt": "--refusals-per-prompt",
           "advbench_prompts": "--advbench-prompts", "recovery_per_prompt": "--recovery-per-prompt",
-          "benign_loss": "--benign-loss", "save_dtype": "--save-dtype", "threads": "--threads",
+          "benign_loss": "--benign-loss", "kl_weight": "--kl-weight", "save_dtype": "--save-dtype", "threads": "--threads",
           "examples": "--examples", "top_layers": "--top-layers", "recipe": "--recipe",
           "harmful_requests": "--harmful-requests", "recovery_examples": "--recovery-examples",
           "lookalike_examples": "--lookalike-examples", "everyday_examples": "--everyday-examples",
@@ -79,6 +79,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="recovery examples (compliant start, then a refusal) per harmful prompt")
     parser.add_argument("--benign-loss", default=d.benign_loss, choices=BENIGN_LOSSES,
                         help="loss on benign answers: kl (stay close to the base) or ce (the base's tokens)")
+    parser.add_argument("--kl-weight", type=float, default=d.kl_weight,
+                        help="weight of the KL (benign) examples' loss against the refusals' CE (1: the shipped recipe)")
     parser.add_argument("--save-dtype", default=d.save_dtype, choices=SAVE_DTYPES, help="dtype of the saved adapter")
     parser.add_argument("--no-eval", action="store_true", help="skip the evaluation written into the report")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy machine)")
@@ -98,7 +100,7 @@ def config_from_args(args: argparse.Namespace) -> TrainExpertConfig:
         batch_size=args.batch_size, targets=args.targets, r=args.rank, lora_alpha=args.lora_alpha,
         dropout=args.dropout, refusal_source=args.refusal_source, refusals_per_prompt=args.refusals_per_prompt,
         advbench_prompts=args.advbench_prompts, recovery_per_prompt=args.recovery_per_prompt,
-        benign_loss=args.benign_loss, save_dtype=args.save_dtype, evaluate=not args.no_eval, threads=args.threads,
+        benign_loss=args.benign_loss, kl_weight=args.kl_weight, save_dtype=args.save_dtype, evaluate=not args.no_eval, threads=args.threads,
         examples=args.examples, top_layers=args.top_layers, recipe=args.recipe,
         harmful_requests=args.harmful_requests, recovery_examples=args.recovery_examples,
         lookalike_examples=args.lookalike_examples, everyday_examples=args.everyday_examples,

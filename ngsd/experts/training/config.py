@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 TARGET_PRESETS = {
@@ -51,6 +52,9 @@ class TrainExpertConfig:
     alpaca_benign_tokens: int | None = None
     max_response_tokens: int = 64
     benign_loss: str = "kl"
+    # Weight of the KL examples' loss against the CE examples' (1: the shipped recipe). Below 1 the
+    # look-alikes pull the expert towards the base less hard than the refusals pull it away.
+    kl_weight: float = 1.0
     max_length: int = 384
     save_dtype: str = "float16"
     evaluate: bool = True
@@ -101,6 +105,12 @@ class TrainExpertConfig:
             raise ValueError("teacher_prompts needs a teacher: pass distill_from (--distill-from EXPERT_DIR) as well")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if (isinstance(self.kl_weight, bool) or not isinstance(self.kl_weight, (int, float))
+                or not math.isfinite(self.kl_weight) or self.kl_weight <= 0):
+            raise ValueError(f"kl_weight must be a finite number > 0, got {self.kl_weight!r}")
+        if self.kl_weight != 1.0 and self.distill_from:
+            raise ValueError("kl_weight weighs KL examples against the base; with distill_from every answer position "
+                             "is trained towards the teacher instead: leave kl_weight at 1")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if any(k < 1 for k in self.prefix_lengths):

@@ -73,9 +73,9 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
 
 
 def example_loss(peft_model: Any, ids: torch.Tensor, labels: torch.Tensor, attn: torch.Tensor, kind: torch.Tensor,
-                 teacher: Any = None) -> torch.Tensor:
-    """Mean per-example loss of a padded batch: CE on labelled tokens, or KL(base||expert) for kind 1;
-    with a `teacher` model, KL(teacher||expert) on every labelled token (distill.py).
+                 teacher: Any = None, kl_weight: float = 1.0) -> torch.Tensor:
+    """Mean per-example loss of a padded batch: CE on labelled tokens, or `kl_weight` * KL(base||expert)
+    for kind 1; with a `teacher` model, KL(teacher||expert) on every labelled token (distill.py).
 
     Logits are computed only from the first labelled position on (`logits_to_keep`): the prompt's
     vocabulary projections are never needed, which saves a good part of the compute.
@@ -98,7 +98,7 @@ def example_loss(peft_model: Any, ids: torch.Tensor, labels: torch.Tensor, attn:
         with torch.no_grad(), peft_model.disable_adapter():
             base_logits = peft_model(input_ids=ids, attention_mask=attn, logits_to_keep=keep).logits[:, :-1]
         kl = kl_from(base_logits, logits)
-        per_token = torch.where(kind.bool().unsqueeze(-1), kl, ce)
+        per_token = torch.where(kind.bool().unsqueeze(-1), kl_weight * kl, ce)
     per_example = (per_token * mask).sum(-1) / mask.sum(-1).clamp_min(1)
     return per_example.mean()
 
@@ -164,7 +164,8 @@ def train_lora(
         attn = torch.tensor([[1] * len(encoded[i][0]) + [0] * (width - len(encoded[i][0])) for i in chunk])
         kind = torch.tensor([kinds[i] for i in chunk])
         device = peft_model.device
-        loss = example_loss(peft_model, ids.to(device), labels.to(device), attn.to(device), kind.to(device), teacher)
+        loss = example_loss(peft_model, ids.to(device), labels.to(device), attn.to(device), kind.to(device), teacher,
+                            kl_weight=cfg.kl_weight)
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * lr_factor(step, total, warmup)
         optimizer.zero_grad(set_to_none=True)
