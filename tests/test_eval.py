@@ -16,6 +16,7 @@ import json
 import pytest
 import torch
 
+from ngsd.config import NGSDConfig
 from ngsd.data import Prompt, data_available
 from ngsd.eval import cli as eval_cli
 from ngsd.eval.config import config_from_dict, load_config, parse_methods
@@ -102,6 +103,15 @@ def test_the_report_says_which_gates_can_fire_at_the_first_token():
     assert "cannot act on the first token (`ngsd`, `ngsd_a0.9`)" in plain
     assert primed.startswith("- `ngsd_a0.9_primed` starts primed (potential 1)") and "at least 0.125" in primed
     assert get_method("ngsd_primed").config.reflection == get_method("ngsd").config.reflection
+    # KL is unbounded, so even an unprimed neuron can fire at step 0; Jensen-Shannon (at most ln 2) never can.
+    kl = Method("ngsd_kl", NGSDConfig(divergence="kl"), alpha=0.9)
+    js = Method("ngsd_js", NGSDConfig(divergence="js"), alpha=0.9)
+    js_primed = Method("ngsd_js_primed", NGSDConfig(divergence="js", initial_potential=1.0), alpha=0.9)
+    late, kl_line, js_line = first_token_lines([js, kl, js_primed])
+    assert "cannot act on the first token (`ngsd_js`)" in late and "never with Jensen-Shannon" in late
+    assert kl_line.startswith("- `ngsd_kl` starts at potential 0, and its KL divergence is unbounded")
+    assert "KL divergence is at least 1.000" in kl_line
+    assert js_line.startswith("- `ngsd_js_primed` starts primed") and "JS divergence is at least 0.125" in js_line
 
 
 def test_select_prompts_modes():

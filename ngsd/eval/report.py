@@ -7,6 +7,7 @@ report and the data never disagree.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -173,24 +174,30 @@ def _diagnosis(config: EvalConfig, metrics: Mapping[str, Any], methods: Sequence
     return lines
 
 
+# The most one step can add to the potential: TV is at most 1, Jensen-Shannon (in nats) at most ln 2, KL is unbounded.
+_MAX_STEP_DIVERGENCE = {"tv": 1.0, "js": math.log(2.0), "kl": math.inf}
+
+
 def first_token_lines(methods: Sequence[Method]) -> list[str]:
     """Whether each LIF-gated method's neuron can fire at the first answer token, from where it starts."""
-    unprimed, primed = [], []
+    late, early = [], []
     for method in methods:
         c = method.config
         needed = c.v_th - (1 - 1 / c.tau) * c.start_potential  # the first step's D that makes it spike
-        (unprimed if needed >= 1.0 else primed).append((method.name, c.start_potential, needed))
+        (late if needed >= _MAX_STEP_DIVERGENCE[c.divergence] else early).append((method.name, c, needed))
     lines = []
-    if unprimed:
+    if late:
         lines.append(
-            f"- The gate cannot act on the first token ({', '.join(f'`{n}`' for n, _, _ in unprimed)}): the potential "
-            "starts at v_reset and one step adds D <= 1, so it fires at step 0 only if the two distributions are "
-            "disjoint. The first answer token is always the base model's, and an answer that starts compliantly "
-            "must be pulled back later by the mixture."
+            f"- The gate cannot act on the first token ({', '.join(f'`{n}`' for n, _, _ in late)}): the potential "
+            "starts at v_reset and one step adds at most 1 (TV; Jensen-Shannon at most ln 2), so it fires at step 0 "
+            "only if the two distributions are disjoint, and never with Jensen-Shannon. The first answer token is "
+            "always the base model's, and an answer that starts compliantly must be pulled back later by the mixture."
         )
-    for name, start, needed in primed:
-        lines.append(f"- `{name}` starts primed (potential {start:g}): its gate fires at the first token whenever "
-                     f"that token's divergence is at least {needed:.3f}.")
+    for name, c, needed in early:
+        start = f"starts primed (potential {c.start_potential:g})" if c.start_potential > c.v_reset else \
+            f"starts at potential {c.start_potential:g}, and its {c.divergence.upper()} divergence is unbounded"
+        lines.append(f"- `{name}` {start}: its gate fires at the first token whenever that token's "
+                     f"{c.divergence.upper()} divergence is at least {needed:.3f}.")
     return lines
 
 
