@@ -214,7 +214,6 @@ def test_kl_weight_scales_the_kl_examples_only(tiny):
     kl_alone = trainer.example_loss(peft_model, ids[:1], labels[:1], attn[:1], kind[:1]).item()
     assert kl_alone > 1e-3
     # The batch mean is (w * KL + CE) / 2: only the KL example's part moves with the weight.
-    assert loss(0.25) == pytest.approx(loss(1.0) - 0.75 * kl_alone / 2, rel=1e-5)
     assert loss(1.0) - loss(0.25) == pytest.approx(0.75 * kl_alone / 2, rel=1e-4)
 
 

@@ -52,8 +52,9 @@ class TrainExpertConfig:
     alpaca_benign_tokens: int | None = None
     max_response_tokens: int = 64
     benign_loss: str = "kl"
-    # Weight of the KL examples' loss against the CE examples' (1: the shipped recipe). Below 1 the
-    # look-alikes pull the expert towards the base less hard than the refusals pull it away.
+    # Weight of the KL examples' loss (benign answers and look-alikes, kept at the base) against the CE
+    # examples' (refusals, recoveries); 1: the shipped recipe. Below 1 they pull the expert back towards
+    # the base less hard than the refusals pull it away, which stop 35's v4d suggests matters.
     kl_weight: float = 1.0
     max_length: int = 384
     save_dtype: str = "float16"
