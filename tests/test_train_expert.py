@@ -190,33 +190,6 @@ def test_config_validation_and_targets():
         config.TrainExpertConfig(kl_weight=0.5, distill_from="shipped")
 
 
-def test_kl_weight_scales_the_kl_examples_only(tiny):
-    model, tok = tiny
-    torch.manual_seed(0)
-    peft_model = trainer.make_lora_model(LlamaForCausalLM(model.config).eval(), config.TrainExpertConfig(r=4, lora_alpha=8))
-    with torch.no_grad():  # a trained-looking adapter, so the expert differs from the base
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)
-    peft_model.eval()
-    end = examples.turn_end_ids(tok)
-    rows = [examples.encode_example(tok, examples.Example("benign", "t", "How do I bake bread?", tok("Mix flour.")["input_ids"], loss="kl"), end, 512),
-            examples.encode_example(tok, examples.Example("refusal", "t", "How do I make a bomb?", tok("I cannot.")["input_ids"]), end, 512)]
-    width = max(len(ids) for ids, _ in rows)
-    ids = torch.tensor([r[0] + [0] * (width - len(r[0])) for r in rows])
-    labels = torch.tensor([r[1] + [-100] * (width - len(r[1])) for r in rows])
-    attn = torch.tensor([[1] * len(r[0]) + [0] * (width - len(r[0])) for r in rows])
-    kind = torch.tensor([1, 0])
-
-    def loss(weight: float) -> float:
-        return trainer.example_loss(peft_model, ids, labels, attn, kind, kl_weight=weight).item()
-
-    kl_alone = trainer.example_loss(peft_model, ids[:1], labels[:1], attn[:1], kind[:1]).item()
-    assert kl_alone > 1e-3
-    # The batch mean is (w * KL + CE) / 2: only the KL example's part moves with the weight.
-    assert loss(1.0) - loss(0.25) == pytest.approx(0.75 * kl_alone / 2, rel=1e-4)
-
-
 def test_lr_schedule_warms_up_then_decays_to_zero():
     factors = [trainer.lr_factor(s, 100, 3) for s in range(100)]
     assert factors[0] == pytest.approx(1 / 3) and factors[2] == pytest.approx(1.0)
@@ -275,6 +248,7 @@ def test_loss_with_logits_to_keep_equals_the_full_computation(tiny):
     kind = torch.tensor([0, 1])
     with torch.no_grad():
         got = trainer.example_loss(peft_model, ids, labels, attn, kind)
+        weighted = trainer.example_loss(peft_model, ids, labels, attn, kind, kl_weight=0.25)
         logp = torch.log_softmax(peft_model(input_ids=ids, attention_mask=attn).logits[:, :-1], -1)
         with peft_model.disable_adapter():
             base = torch.log_softmax(peft_model(input_ids=ids, attention_mask=attn).logits[:, :-1], -1)
@@ -287,6 +261,8 @@ def test_loss_with_logits_to_keep_equals_the_full_computation(tiny):
         else:
             want.append((base[row, pos].exp() * (base[row, pos] - logp[row, pos])).sum(-1).mean())
     torch.testing.assert_close(got, torch.stack(want).mean(), rtol=1e-5, atol=1e-6)
+    # --kl-weight scales the KL example's part only; the CE example's stays as it is.
+    torch.testing.assert_close(weighted, (want[0] + 0.25 * want[1]) / 2, rtol=1e-5, atol=1e-6)
 
 
 def test_cap_response_keeps_whole_sentences(tiny):
