@@ -1,7 +1,7 @@
 """Build expert v4d's training examples (step 2 of PLAN.md) from the shipped expert's own examples.
 
 v4's `training_examples.jsonl` without the rows whose prompt is an evaluation prompt (`splits.leaks`), plus the
-base model's greedy answers (48 new tokens, KL loss) to the direct-style look-alikes
+base model's greedy answers (v4's `benign_max_new_tokens`, 48 new tokens; KL loss) to the direct-style look-alikes
 (`DIRECT_LOOKALIKE_TRAIN_PROMPTS`), built with the recipe's own `chat_prompt_ids` / `generate_ids`, as the recipe
 builds its benign examples. Then: `ngsd train-expert --examples OUT --seed 0 --threads 1 --no-eval --out DIR`.
 
@@ -21,8 +21,6 @@ from ngsd.experts.training.prompts import DIRECT_LOOKALIKE_TRAIN_PROMPTS
 from ngsd.experts.training.splits import leaks
 from ngsd.loading import load_model
 
-BENIGN_MAX_NEW_TOKENS = 48  # v4's benign_max_new_tokens
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -31,16 +29,18 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    shipped = shipped_expert_path() / "training_examples.jsonl"
-    lines = [line for line in shipped.read_text(encoding="utf-8").splitlines() if line.strip()]
-    leaked = {text for text, _, _ in leaks([json.loads(line)["prompt"] for line in lines], args.data_dir)}
-    clean = [line for line in lines if json.loads(line)["prompt"] not in leaked]
+    shipped = shipped_expert_path()
+    max_new_tokens = json.loads((shipped / "training_report.json").read_text(encoding="utf-8"))["config"]["benign_max_new_tokens"]
+    lines = [line for line in (shipped / "training_examples.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
+    prompts_of_lines = [json.loads(line)["prompt"] for line in lines]
+    leaked = {text for text, _, _ in leaks(prompts_of_lines, args.data_dir)}
+    clean = [line for line, prompt in zip(lines, prompts_of_lines) if prompt not in leaked]
     model, tokenizer = load_model(None)
     prompts = list(DIRECT_LOOKALIKE_TRAIN_PROMPTS)
     answers = generate_ids(model, tokenizer, [chat_prompt_ids(tokenizer, p) for p in prompts],
-                           max_new_tokens=BENIGN_MAX_NEW_TOKENS, batch_size=16)
+                           max_new_tokens=max_new_tokens, batch_size=16)
     added = [json.dumps(Example("benign", "base-greedy-direct", p, list(ids), loss="kl",
-                                complete=len(ids) < BENIGN_MAX_NEW_TOKENS).describe(tokenizer))
+                                complete=len(ids) < max_new_tokens).describe(tokenizer))
              for p, ids in zip(prompts, answers)]
     with open(args.out, "w", encoding="utf-8") as f:
         f.write("\n".join(clean + added) + "\n")
