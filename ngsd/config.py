@@ -172,6 +172,11 @@ class NGSDConfig:
     At `v_th` the neuron is *primed*: it fires at the first token whenever the two distributions
     differ by at least 1/tau (the divergence that keeps it firing when sustained), instead of only
     from the second or third token on, so a compliant first word of the base no longer passes unmixed.
+    prime_divergence: instead of a potential, the first-step divergence at or above which a guarded
+    row's gate fires at once: rows start at `(v_th - d) / (1 - 1/tau)`, kept within [v_reset, v_th]
+    (so a value below `v_th / tau` primes fully, one above `v_th` not at all). "check" takes the risk
+    probe's divergence check (`check_divergence`, fitted on training data for its expert): a row then
+    mixes from its first token exactly when its expert disagrees as much as the check calls risky.
 
     >>> from ngsd import NGSDConfig
     >>> NGSDConfig(tau=4.0).tau
@@ -188,6 +193,7 @@ class NGSDConfig:
     v_reset: float = 0.0
     rho: float = 0.6
     initial_potential: float | None = None
+    prime_divergence: float | str | None = None
     candidate_k: int = 64
     divergence: str = "tv"
     safedecoding_alpha: float = 3.0
@@ -222,6 +228,21 @@ class NGSDConfig:
                     f"initial_potential must be in [v_reset, v_th] = [{self.v_reset}, {self.v_th}] (v_th primes the "
                     f"neuron to fire at the first divergent token), got {self.initial_potential}; None starts at v_reset"
                 )
+        if self.prime_divergence is not None:
+            if self.initial_potential is not None:
+                raise ValueError("give initial_potential or prime_divergence, not both: each sets where guarded rows start")
+            if self.prime_divergence == "check" and self.divergence != "tv":
+                raise ValueError(f"prime_divergence='check' compares against the probe's check_divergence, a total "
+                                 f"variation: it needs divergence='tv', got {self.divergence!r}; give a number instead")
+            if self.prime_divergence != "check":
+                if isinstance(self.prime_divergence, str):
+                    raise ValueError(f"prime_divergence must be a number, 'check' or None, got {self.prime_divergence!r}")
+                _check_finite("prime_divergence", self.prime_divergence)
+                if not self.prime_divergence > 0.0:
+                    raise ValueError(f"prime_divergence must be > 0 (a divergence that fires the gate), got {self.prime_divergence}")
+            if not self.tau > 1.0:
+                raise ValueError(f"prime_divergence needs tau > 1: with tau = {self.tau} the potential does not carry over "
+                                 "a step, so where it starts cannot matter")
         if self.score_floor < 0:
             raise ValueError(f"score_floor must be >= 0 (a probability floor), got {self.score_floor}")
         if not self.tau >= 1.0:
@@ -244,8 +265,27 @@ class NGSDConfig:
 
     @property
     def start_potential(self) -> float:
-        """The potential every row starts from: `initial_potential`, else `v_reset` (the spec)."""
-        return float(self.v_reset if self.initial_potential is None else self.initial_potential)
+        """The potential every row starts from: `initial_potential`, the one `prime_divergence` gives, else
+        `v_reset` (the spec). With prime_divergence="check" use `start_potential_for` with the probe's check."""
+        if self.prime_divergence == "check":
+            raise ValueError("prime_divergence='check' starts where the risk probe's check_divergence says: "
+                             "call start_potential_for(check_divergence)")
+        return self.start_potential_for(None)
+
+    def start_potential_for(self, check_divergence: float | None) -> float:
+        """The start potential of guarded rows when the call's divergence check is `check_divergence`."""
+        if self.prime_divergence is None:
+            return float(self.v_reset if self.initial_potential is None else self.initial_potential)
+        divergence = self.prime_divergence
+        if divergence == "check":
+            if check_divergence is None:
+                raise ValueError(
+                    "prime_divergence='check' needs the risk probe's divergence check, and this call has none (an "
+                    "alpha given, no probe for the model, routing or the check switched off, or a probe without a "
+                    "fitted check_divergence); give prime_divergence a number instead")
+            divergence = check_divergence
+        start = (self.v_th - float(divergence)) / (1.0 - 1.0 / self.tau)
+        return float(min(self.v_th, max(self.v_reset, start)))
 
     @property
     def divergence_code(self) -> int:

@@ -448,3 +448,10 @@ def test_cache_key_names_the_risk_probe_a_method_reads(tmp_path):
     fixed = Method("a", NGSDConfig(), alpha=0.9)
     assert runner.key(fixed, prompt) == cache_key("m", "e", fixed.signature(runner.vocab_size), "hello",
                                                   runner.settings.to_dict())
+
+
+def test_a_config_field_added_later_leaves_cache_keys_unchanged_at_its_default():
+    # answers cached before NGSDConfig.prime_divergence existed must still be found: None is left out of the key
+    plain = get_method("ngsd").signature(None)
+    assert "prime_divergence" not in plain["config"] and "initial_potential" in plain["config"]
+    assert get_method("ngsd_primed_check").signature(None)["config"]["prime_divergence"] == "check"

@@ -172,6 +172,12 @@ def test_valid_alphas_still_work(lora_folder):
         (dict(initial_potential="1"), TypeError, "initial_potential"),
         (dict(initial_potential=-0.5), ValueError, "initial_potential"),
         (dict(initial_potential=1.5), ValueError, "initial_potential"),
+        (dict(prime_divergence=float("nan")), ValueError, "prime_divergence"),
+        (dict(prime_divergence=0.0), ValueError, "prime_divergence"),
+        (dict(prime_divergence="high"), ValueError, "prime_divergence"),
+        (dict(prime_divergence=0.5, initial_potential=1.0), ValueError, "prime_divergence"),
+        (dict(prime_divergence="check", divergence="js"), ValueError, "prime_divergence"),
+        (dict(prime_divergence=0.5, tau=1.0), ValueError, "prime_divergence"),
         (dict(score_floor=-1e-3), ValueError, "score_floor"),
         (dict(tau=float("inf")), ValueError, "tau"),
         (dict(v_th=float("inf")), ValueError, "v_th"),
@@ -212,6 +218,33 @@ def test_a_primed_neuron_starts_at_initial_potential_and_can_fire_at_the_first_t
         v = (1 - 1 / 8.0) * 1.0 + trace.divergence[0]
         assert bool(trace.spikes[0]) == (v >= 1.0) and not before.spikes[0]
         assert trace.potential[0] == pytest.approx(0.6 * v if v >= 1.0 else v, abs=1e-6)
+
+
+def test_prime_divergence_starts_rows_where_that_first_step_divergence_fires_the_gate(lora_folder):
+    model = tiny_model("llama")
+    prompt = torch.tensor([[5, 6, 7], [9, 4, 2]])
+    plain = guarded_generate(model, prompt, expert=lora_folder, config=NGSDConfig(), alpha=0.5, max_new_tokens=2)
+    first = sorted(trace.divergence[0] for trace in plain.traces)
+    prime_at = (first[0] + first[1]) / 2  # between the two rows' first-step divergences: one fires at once, one not
+    assert first[0] < prime_at < first[1] and prime_at > 1 / 8.0
+    config = NGSDConfig(prime_divergence=prime_at)
+    assert config.start_potential == pytest.approx((1.0 - prime_at) / (1 - 1 / 8.0))
+    primed = guarded_generate(model, prompt, expert=lora_folder, config=config, alpha=0.5, max_new_tokens=2)
+    for before, trace in zip(plain.traces, primed.traces):
+        assert trace.divergence[0] == pytest.approx(before.divergence[0])
+        assert bool(trace.spikes[0]) == (trace.divergence[0] >= prime_at)
+    # the ends: below v_th / tau it primes fully, above what one step can add not at all
+    assert NGSDConfig(prime_divergence=0.01).start_potential == 1.0
+    assert NGSDConfig(prime_divergence=3.0).start_potential == 0.0
+
+
+def test_priming_at_the_check_without_a_probe_check_is_a_clear_error(lora_folder):
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="prime_divergence='check' needs the risk probe's divergence check"):
+        guarded_generate(model, torch.tensor([[5, 6, 7]]), expert=lora_folder,
+                         config=NGSDConfig(prime_divergence="check"), alpha=0.5, max_new_tokens=2)
+    with pytest.raises(ValueError, match="start_potential_for"):
+        NGSDConfig(prime_divergence="check").start_potential
 
 
 @pytest.mark.parametrize("prompts", [123, [b"hi"], b"hi", ["ok", None], {"a": 1}])

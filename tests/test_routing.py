@@ -210,6 +210,31 @@ def test_the_divergence_check_keeps_exactly_the_rows_whose_expert_diverges_and_d
     assert any(any(out.traces[row].spikes) for row in kept), "the gate must fire for this comparison to mean something"
 
 
+def test_priming_at_the_check_fires_every_kept_row_at_its_first_token(tmp_path):
+    model = tiny_model("llama")
+    adapter = LoraAdapter.load(tiny_lora_expert(model, tmp_path / "lora"))
+    ids, mask, _ = mixed_length_batch([6, 4, 7, 5], model.config.vocab_size, seed=2)
+    _probe_splitting(model, ids, mask, tmp_path / "probe")
+    every = _checked_run(model, adapter, ids, mask, tmp_path / "probe", 0.0)
+    threshold = sorted(t.reflection.divergence for t in every.traces)[2]
+    reflection = ReflectionConfig(mode="probe", probe=str(tmp_path / "probe"), route_below=10.0, check_above=0.0,
+                                  check_divergence=threshold)
+    plain = _run(model, adapter, ids, mask, config=NGSDConfig(reflection=reflection))
+    primed = _run(model, adapter, ids, mask, config=NGSDConfig(prime_divergence="check", reflection=reflection))
+    start = NGSDConfig(prime_divergence=threshold).start_potential
+    assert 0.0 < start < 1.0
+    assert [t.guarded for t in primed.traces] == [t.guarded for t in plain.traces]
+    assert sum(t.guarded for t in primed.traces) == 2  # priming changes where rows start, never which are guarded
+    for before, trace in zip(plain.traces, primed.traces):
+        if not trace.guarded:  # routed rows are untouched
+            assert trace.tokens == before.tokens and not any(trace.spikes)
+            continue
+        # the gate's first step sees the same two distributions the check measured
+        assert trace.divergence[0] == pytest.approx(trace.reflection.divergence, abs=1e-5)
+        assert trace.spikes[0] and not before.spikes[0]
+        assert trace.potential[0] == pytest.approx(0.6 * ((1 - 1 / 8.0) * start + trace.divergence[0]), abs=1e-5)
+
+
 def test_the_check_only_adds_guarded_rows_and_can_be_switched_off(tmp_path):
     model, adapter, ids, mask, risks, threshold = _split_batch(tmp_path)
     base = dict(mode="probe", probe=str(tmp_path / "probe"), route_below=threshold)

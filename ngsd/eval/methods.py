@@ -84,7 +84,11 @@ class Method:
 
     def signature(self, vocab_size: int | None) -> dict[str, Any]:
         """Everything that determines this method's output, for cache keys."""
-        return {"name": self.name, "alpha": self.alpha, "config": self.resolved_config(vocab_size).to_dict()}
+        config = self.resolved_config(vocab_size).to_dict()
+        for name in _FIELDS_ADDED_LATER:  # at their default they change no output: keys cached before them stay valid
+            if config.get(name) is None:
+                config.pop(name, None)
+        return {"name": self.name, "alpha": self.alpha, "config": config}
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -95,6 +99,9 @@ class Method:
             "config": self.config.to_dict(),
         }
 
+
+# NGSDConfig fields added after answers were first cached; None (their default) leaves a cache key as it was.
+_FIELDS_ADDED_LATER = ("prime_divergence",)
 
 METHODS: dict[str, Method] = {}
 
@@ -153,6 +160,9 @@ for _method in (
     Method("ngsd_primed", NGSDConfig(initial_potential=1.0),
            description="NGSD default with a primed neuron: guarded rows start at potential v_th, so the gate can "
                        "mix at the first token"),
+    Method("ngsd_primed_check", NGSDConfig(prime_divergence="check"),
+           description="NGSD default, guarded rows primed at the risk probe's divergence check: the gate can mix at "
+                       "the first token when that token's TV divergence reaches the probe's check_divergence"),
     Method("ngsd_a0.9_primed", NGSDConfig(initial_potential=1.0), alpha=0.9,
            description="NGSD, alpha fixed at 0.9, guarded rows start at potential v_th"),
     Method("safedecoding", NGSDConfig(mode="safedecoding"),

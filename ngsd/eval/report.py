@@ -180,9 +180,14 @@ _MAX_STEP_DIVERGENCE = {"tv": 1.0, "js": math.log(2.0), "kl": math.inf}
 
 def first_token_lines(methods: Sequence[Method]) -> list[str]:
     """Whether each LIF-gated method's neuron can fire at the first answer token, from where it starts."""
-    late, early = [], []
+    late, early, lines_check = [], [], []
     for method in methods:
         c = method.config
+        if c.prime_divergence == "check":
+            lines_check.append(f"- `{method.name}` starts primed at the risk probe's divergence check: its gate fires at the "
+                               f"first token whenever that token's {c.divergence.upper()} divergence is at least the "
+                               "probe's check_divergence.")
+            continue
         needed = c.v_th - (1 - 1 / c.tau) * c.start_potential  # the first step's D that makes it spike
         (late if needed >= _MAX_STEP_DIVERGENCE[c.divergence] else early).append((method.name, c, needed))
     lines = []
@@ -198,7 +203,7 @@ def first_token_lines(methods: Sequence[Method]) -> list[str]:
             f"starts at potential {c.start_potential:g}, and its {c.divergence.upper()} divergence is unbounded"
         lines.append(f"- `{name}` {start}: its gate fires at the first token whenever that token's "
                      f"{c.divergence.upper()} divergence is at least {needed:.3f}.")
-    return lines
+    return lines + lines_check
 
 
 def markdown_report(
