@@ -112,6 +112,11 @@ def test_the_report_says_which_gates_can_fire_at_the_first_token():
     assert kl_line.startswith("- `ngsd_kl` starts at potential 0, and its KL divergence is unbounded")
     assert "KL divergence is at least 1.000" in kl_line
     assert js_line.startswith("- `ngsd_js_primed` starts primed") and "JS divergence is at least 0.125" in js_line
+    # a fixed prime_divergence is where its first step fires; "check" defers to the probe's check_divergence
+    fixed = Method("ngsd_primed_at_half", NGSDConfig(prime_divergence=0.5), alpha=0.9)
+    fixed_line, check_line = first_token_lines([get_method("ngsd_primed_check"), fixed])
+    assert fixed_line.startswith("- `ngsd_primed_at_half` starts primed") and "TV divergence is at least 0.500" in fixed_line
+    assert check_line.startswith("- `ngsd_primed_check` starts primed at the risk probe's divergence check")
 
 
 def test_select_prompts_modes():
