@@ -38,8 +38,9 @@ CONFIG_KEY = "ngsd"  # the model-config attribute (hf_overrides key) that holds 
 ALPHA_ARG = "ngsd_alpha"
 GUARD_ARG = "ngsd_guard"
 REQUEST_ARGS = (ALPHA_ARG, GUARD_ARG)
-GATE_FIELDS = ("mode", "tau", "v_th", "v_reset", "rho", "initial_potential", "candidate_k", "divergence",
-               "safedecoding_alpha", "safedecoding_steps", "safedecoding_k", "safedecoding_min_candidates", "score_floor")
+GATE_FIELDS = ("mode", "tau", "v_th", "v_reset", "rho", "initial_potential", "prime_divergence", "candidate_k",
+               "divergence", "safedecoding_alpha", "safedecoding_steps", "safedecoding_k", "safedecoding_min_candidates",
+               "score_floor")
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,10 @@ class GuardSettings:
         unknown = sorted(set(self.gate) - set(GATE_FIELDS))
         if unknown:
             raise ValueError(f"ngsd gate has unknown fields {unknown}; known: {list(GATE_FIELDS)}")
+        if self.gate.get("prime_divergence") == "check":
+            raise ValueError("ngsd gate prime_divergence='check' needs a risk probe's divergence check, which the vLLM "
+                             "engine does not run; give prime_divergence a number (the first-step divergence that fires "
+                             "the gate at once)")
         self.config()  # validates the gate fields now, at engine start, not at the first request
 
     @classmethod

@@ -41,11 +41,14 @@ def test_a_request_removed_and_added_back_continues_its_potential():
 
 
 def test_a_new_request_starts_at_the_configured_potential():
-    for gate, start in (({}, 0.0), ({"v_reset": -0.25}, -0.25), ({"initial_potential": 1.0}, 1.0)):
+    for gate, start in (({}, 0.0), ({"v_reset": -0.25}, -0.25), ({"initial_potential": 1.0}, 1.0),
+                        ({"prime_divergence": 0.5}, 0.5 / 0.875)):
         book = GateBook(GuardSettings(gate=gate))
         params, output = _request()
         book.update([], [(0, params, [1, 2], output)], [])
-        assert book.rows[0].potential == start, gate
+        assert book.rows[0].potential == pytest.approx(start), gate
+    with pytest.raises(ValueError, match="prime_divergence='check' needs a risk probe"):
+        GuardSettings(gate={"prime_divergence": "check"})
 
 
 def test_a_discarded_sample_is_not_committed():
