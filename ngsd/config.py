@@ -230,19 +230,22 @@ class NGSDConfig:
                 )
         if self.prime_divergence is not None:
             if self.initial_potential is not None:
-                raise ValueError("give initial_potential or prime_divergence, not both: each sets where guarded rows start")
+                raise ValueError("give initial_potential or prime_divergence, not both: each sets where guarded "
+                                 "rows start")
             if self.prime_divergence == "check" and self.divergence != "tv":
                 raise ValueError(f"prime_divergence='check' compares against the probe's check_divergence, a total "
                                  f"variation: it needs divergence='tv', got {self.divergence!r}; give a number instead")
             if self.prime_divergence != "check":
                 if isinstance(self.prime_divergence, str):
-                    raise ValueError(f"prime_divergence must be a number, 'check' or None, got {self.prime_divergence!r}")
+                    raise ValueError(f"prime_divergence must be a number, 'check' or None, "
+                                     f"got {self.prime_divergence!r}")
                 _check_finite("prime_divergence", self.prime_divergence)
                 if not self.prime_divergence > 0.0:
-                    raise ValueError(f"prime_divergence must be > 0 (a divergence that fires the gate), got {self.prime_divergence}")
+                    raise ValueError(f"prime_divergence must be > 0 (a divergence that fires the gate), "
+                                     f"got {self.prime_divergence}")
             if not self.tau > 1.0:
-                raise ValueError(f"prime_divergence needs tau > 1: with tau = {self.tau} the potential does not carry over "
-                                 "a step, so where it starts cannot matter")
+                raise ValueError(f"prime_divergence needs tau > 1: with tau = {self.tau} the potential does not "
+                                 "carry over a step, so where it starts cannot matter")
         if self.score_floor < 0:
             raise ValueError(f"score_floor must be >= 0 (a probability floor), got {self.score_floor}")
         if not self.tau >= 1.0:

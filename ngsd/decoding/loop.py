@@ -230,7 +230,8 @@ def guarded_generate(
     # one seed for the batch: row i samples from Philox keyed by the seed with i in the counter
     seed_t = torch.tensor([seed], dtype=torch.int64, device=device)
     max_new_t = torch.tensor(max_new, device=device)
-    potential = torch.full((batch,), config.start_potential_for(risk.check_divergence), dtype=torch.float32, device=device)
+    start_potential = config.start_potential_for(risk.check_divergence)
+    potential = torch.full((batch,), start_potential, dtype=torch.float32, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
 
     pair, heads = pair_for(model, resolved, config.mode,

@@ -184,9 +184,9 @@ def first_token_lines(methods: Sequence[Method]) -> list[str]:
     for method in methods:
         c = method.config
         if c.prime_divergence == "check":
-            lines_check.append(f"- `{method.name}` starts primed at the risk probe's divergence check: its gate fires at the "
-                               f"first token whenever that token's {c.divergence.upper()} divergence is at least the "
-                               "probe's check_divergence.")
+            lines_check.append(f"- `{method.name}` starts primed at the risk probe's divergence check: its gate fires "
+                               f"at the first token whenever that token's {c.divergence.upper()} divergence is at "
+                               "least the probe's check_divergence.")
             continue
         needed = c.v_th - (1 - 1 / c.tau) * c.start_potential  # the first step's D that makes it spike
         (late if needed >= _MAX_STEP_DIVERGENCE[c.divergence] else early).append((method.name, c, needed))
