@@ -181,13 +181,22 @@ def test_saved_checkpoint_reloads_and_delta_reapplies(tmp_path):
 def test_a_delta_folder_is_an_expert(tmp_path):
     from ngsd.experts.resolve import resolve_expert
 
+    from ngsd.experts.lora import LoraAdapter
+
     model = tiny_model("llama")
     random_update(model, seed=4).save(tmp_path)
     expert = resolve_expert(str(tmp_path), model)
-    assert expert is not model and resolve_expert(str(tmp_path), model) is expert  # built once per base
+    assert isinstance(expert, LoraAdapter) and resolve_expert(str(tmp_path), model) is expert  # converted once
     ids = torch.randint(3, 90, (1, 6), generator=torch.Generator().manual_seed(5))
     expected = apply_delta(copy.deepcopy(model), tmp_path)
-    torch.testing.assert_close(logits(expert, ids), logits(expected, ids))
+    expert.attach(model)
+    try:
+        with torch.no_grad(), expert.rows_from(0):
+            torch.testing.assert_close(model(input_ids=ids).logits, logits(expected, ids), atol=1e-5, rtol=1e-5)
+    finally:
+        expert.detach(model)
+    with pytest.raises(ValueError, match="another model"):  # 3 layers, the delta's model had 2
+        resolve_expert(str(tmp_path), tiny_model("llama", layers=3))
 
 
 def test_training_moves_only_the_cluster_vectors():
@@ -293,3 +302,64 @@ def test_train_nest_end_to_end_on_a_tiny_model(tmp_path):
         expected = logits(model, ids)
     torch.testing.assert_close(logits(reloaded, ids), expected, atol=1e-5, rtol=1e-5)
     assert NestUpdate.load(tmp_path / "delta").num_clusters == result.update.num_clusters
+
+
+def top_layer_update(model, seed: int = 6) -> NestUpdate:
+    """Selected neurons in the last layer only, in two clusters, so a shared trunk can run below it."""
+    g = torch.Generator().manual_seed(seed)
+    last = model.config.num_hidden_layers - 1
+    update = NestUpdate(torch.tensor([last] * 3), torch.tensor([2, 11, 40]), torch.tensor([0, 5, 0]), model_shape(model))
+    with torch.no_grad():
+        for p in update.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return update
+
+
+@pytest.mark.parametrize("which", ["two layers", "top layer"])
+def test_a_nest_delta_as_lora_equals_the_folded_model(which, tmp_path):
+    from peft import PeftModel
+
+    from ngsd.experts.lora import LoraAdapter
+    from ngsd.nest.as_lora import nest_lora_adapter, save_peft_folder
+
+    model = tiny_model("llama")
+    update = random_update(model, seed=7) if which == "two layers" else top_layer_update(model)
+    folded = update.fold_into(copy.deepcopy(model))
+    ids = torch.randint(3, 90, (2, 8), generator=torch.Generator().manual_seed(8))
+    expected, base = logits(folded, ids), logits(model, ids)
+    saved = LoraAdapter.load(save_peft_folder(update, tmp_path / "lora"))
+    for adapter in (nest_lora_adapter(update), saved):
+        assert adapter.scale == 1.0
+        adapter.attach(model)
+        try:
+            with torch.no_grad(), adapter.rows_from(2):
+                both = model(input_ids=torch.cat([ids, ids])).logits
+        finally:
+            adapter.detach(model)
+        torch.testing.assert_close(both[:2], base)  # base rows untouched
+        torch.testing.assert_close(both[2:], expected, atol=1e-5, rtol=1e-5)
+    with_peft = PeftModel.from_pretrained(copy.deepcopy(model), str(tmp_path / "lora")).eval()
+    torch.testing.assert_close(logits(with_peft, ids), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_guarded_decoding_with_the_nest_lora_matches_the_folded_expert_model(tmp_path):
+    from ngsd.config import NGSDConfig
+    from ngsd.decoding.loop import guarded_generate
+    from ngsd.decoding.shared_trunk import shared_trunk_unsupported
+    from ngsd.nest.as_lora import nest_lora_adapter
+
+    model = tiny_model("llama")
+    ids = torch.randint(3, 90, (3, 6), generator=torch.Generator().manual_seed(9))
+    for update in (random_update(model, seed=10, strength=1.0), top_layer_update(model, seed=11)):
+        adapter = nest_lora_adapter(update)
+        top_only = update.layer.min().item() > 0
+        assert (shared_trunk_unsupported(model, adapter) is None) == top_only  # top layers: the shared trunk runs
+        folded = update.fold_into(copy.deepcopy(model))
+        config = NGSDConfig(tau=2.0, v_th=0.3)
+        as_model = guarded_generate(model, ids, expert=folded, config=config, alpha=0.9, max_new_tokens=6)
+        as_lora = guarded_generate(model, ids, expert=adapter, config=config, alpha=0.9, max_new_tokens=6)
+        assert torch.equal(as_lora.sequences, as_model.sequences)
+        for a, b in zip(as_lora.traces, as_model.traces):
+            assert a.spikes == b.spikes
+            assert a.divergence == pytest.approx(b.divergence, abs=1e-5)
+        assert any(any(t.spikes) for t in as_model.traces), "the gate must fire for the comparison to mean something"

@@ -17,7 +17,8 @@ def resolve_expert(expert: ExpertLike, base: nn.Module, *, required: bool = True
     """A peft adapter folder or LoraAdapter -> LoraAdapter; a model, model folder or hub id -> model.
 
     "shipped" names the LoRA expert shipped for the default model; "nest" the NeST delta shipped for
-    it, and a folder holding only a NeST delta (nest_delta.safetensors) is folded into a copy of `base`.
+    it, and a folder holding only a NeST delta (nest_delta.safetensors) becomes its exact LoRA form
+    (`ngsd.nest.as_lora`): expert rows in the base's own forward, no folded copy of the base.
     """
     if expert is None:
         if required:
@@ -36,12 +37,12 @@ def resolve_expert(expert: ExpertLike, base: nn.Module, *, required: bool = True
 
 
 def _load(name: str, base: nn.Module) -> LoraAdapter | nn.Module:
-    from ..nest.shipped import is_nest_delta, nest_expert_for, shipped_nest_path
+    from ..nest.shipped import is_nest_delta, shipped_nest_path
 
     if name == "nest":
         name = str(shipped_nest_path())
     if is_nest_delta(name):
-        return nest_expert_for(base, name)
+        return _nest_adapter(name, base)
     if name == "shipped":
         from .shipped import shipped_expert_path
 
@@ -54,6 +55,25 @@ def _load(name: str, base: nn.Module) -> LoraAdapter | nn.Module:
 
     model, _ = load_model(name)
     return model
+
+
+_NEST_CACHE: dict[str, tuple[object, LoraAdapter]] = {}
+
+
+def _nest_adapter(folder: str, base: nn.Module) -> LoraAdapter:
+    """A NeST delta folder as its LoRA adapter, converted once per folder and checked against `base` each time."""
+    from ..nest.as_lora import nest_lora_adapter
+    from ..nest.update import NestUpdate
+
+    key = str(Path(folder).resolve())
+    if key not in _NEST_CACHE:
+        update = NestUpdate.load(folder)
+        adapter = nest_lora_adapter(update)
+        adapter.source = folder
+        _NEST_CACHE[key] = (update, adapter)
+    update, adapter = _NEST_CACHE[key]
+    update.check_model(base)  # a delta made for another model: a clear error before any hook is attached
+    return adapter
 
 
 def vocabulary_size(model: nn.Module) -> int:

@@ -11,7 +11,8 @@
     ngsd train-nest --threads 1                       # delta into the shipped folder
     ngsd train-nest --out nest-ckpt                   # also a folded checkpoint (from_pretrained)
 
-`expert="nest"` in ngsd (and `load_nest_model()`) applies the shipped delta to the default model.
+`expert="nest"` in ngsd runs the shipped delta as its exact LoRA form (`as_lora`: no copy of the base);
+`load_nest_model()` folds it into the default model (NeST alone); `ngsd nest-to-lora` writes a peft adapter.
 """
 
 from ..lazy import lazy_exports
@@ -25,4 +26,6 @@ __getattr__, __dir__ = lazy_exports(__name__, {
     "shipped_nest_path": ".shipped",
     "load_nest_model": ".shipped",
     "nest_expert": ".shipped",
+    "nest_lora_adapter": ".as_lora",
+    "save_peft_folder": ".as_lora",
 })

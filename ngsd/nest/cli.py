@@ -79,9 +79,31 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_to_lora(args: argparse.Namespace) -> int:
+    from ..cli import UsageError
+    from .as_lora import save_peft_folder
+    from .shipped import is_nest_delta, shipped_nest_path
+
+    delta = shipped_nest_path() if args.delta == "nest" else args.delta
+    if not is_nest_delta(delta):
+        raise UsageError(f"{args.delta!r} is not a NeST delta folder (nest_delta.safetensors, no config.json); "
+                         "pass one written by `ngsd train-nest --delta-out`, or 'nest' for the shipped delta")
+    folder = save_peft_folder(delta, args.out, base_model_name_or_path=args.base)
+    print(f"wrote a peft LoRA adapter (exact, scale 1) to {folder}: use it as --expert {folder}, in peft or in vLLM")
+    return 0
+
+
 def register_cli(subparsers: Any) -> None:
-    """Add the `train-nest` subcommand to the `ngsd` command line."""
+    """Add the `train-nest` and `nest-to-lora` subcommands to the `ngsd` command line."""
     parser = subparsers.add_parser("train-nest", help="train a NeST safety update (neuron-selective, folded into the weights)",
                                    description=DESCRIPTION)
     add_arguments(parser)
     parser.set_defaults(func=run)
+    to_lora = subparsers.add_parser(
+        "nest-to-lora", help="write a NeST delta as an exact peft LoRA adapter (one forward beside the base, vLLM)",
+        description="A NeST delta is a LoRA of rank = clusters per layer with scale 1 (ngsd/nest/as_lora.py). "
+                    "The adapter runs beside the base in one batched forward instead of a folded copy of the base.")
+    to_lora.add_argument("delta", help="a NeST delta folder, or 'nest' for the shipped one")
+    to_lora.add_argument("--out", required=True, help="the adapter folder to write")
+    to_lora.add_argument("--base", default=None, help="base_model_name_or_path to record in adapter_config.json")
+    to_lora.set_defaults(func=run_to_lora)

@@ -39,22 +39,3 @@ def load_nest_model(delta: str | os.PathLike[str] | None = None, base: str | Non
 
     model, tokenizer = load_model(base, **load_kwargs)
     return apply_delta(model, Path(delta) if delta is not None else SHIPPED_NEST), tokenizer
-
-
-_EXPERTS: dict[tuple[str, int], tuple[Any, Any]] = {}
-
-
-def nest_expert_for(base: Any, delta: str | os.PathLike[str] | None = None) -> Any:
-    """`nest_expert`, built once per (delta, live base model): guarded decoding resolves the expert on
-    every call, and a copy of the base per call would cost its whole size each time."""
-    import weakref
-
-    key = (str(Path(delta).resolve()) if delta is not None else str(SHIPPED_NEST), id(base))
-    cached = _EXPERTS.get(key)
-    if cached is not None and cached[0]() is base:
-        return cached[1]
-    for stale in [k for k, (ref, _) in _EXPERTS.items() if ref() is None]:
-        del _EXPERTS[stale]
-    expert = nest_expert(base, delta)
-    _EXPERTS[key] = (weakref.ref(base), expert)
-    return expert
