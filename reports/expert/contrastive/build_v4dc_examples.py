@@ -23,8 +23,7 @@ from ngsd.data import id_sort_key, load_suite
 from ngsd.experts.shipped import shipped_expert_path
 from ngsd.experts.training.broad import ADVBENCH_TRAIN_MIN_ID, training_requests
 from ngsd.experts.training.config import TrainExpertConfig
-from ngsd.experts.training.examples import (Example, cap_response, chat_prompt_ids, generate_ids, load_examples,
-                                            opening_refusals)
+from ngsd.experts.training.examples import Example, cap_response, chat_prompt_ids, generate_ids, opening_refusals
 from ngsd.experts.training.prompts import DIRECT_LOOKALIKE_TRAIN_PROMPTS
 from ngsd.experts.training.splits import leaks
 from ngsd.eval.judge import KeywordJudge
