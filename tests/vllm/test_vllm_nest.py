@@ -7,7 +7,7 @@ import pytest
 
 pytest.importorskip("vllm", reason="vLLM is not installed here; run with .venv-vllm/bin/python (scripts/vllm_env.sh)")
 
-from .conftest import ALPHA, ENGINE, NEW_TOKENS, greedy  # noqa: E402
+from .conftest import ALPHA, ENGINE, GUARDED_KV_BYTES, NEW_TOKENS, greedy  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,10 @@ def test_a_guarded_engine_with_the_nest_lora_equals_the_project_loop_with_expert
     reference = ngsd.generate(model, tokenizer, prompt_texts, expert="nest", alpha=ALPHA, max_new_tokens=NEW_TOKENS)
     want = [trace.tokens for trace in reference.traces]
     assert any(any(trace.spikes) for trace in reference.traces), "the gate must fire for the comparison to mean something"
-    llm = LLM(**engine_kwargs(model_path, expert=nest_lora_folder, alpha=ALPHA, **ENGINE))
+    # a KV cache of its own size: left unset, vLLM's CPU backend reserves 92% of the machine's memory at start,
+    # which fails while the other tests' engines are alive
+    llm = LLM(**engine_kwargs(model_path, expert=nest_lora_folder, alpha=ALPHA,
+                              kv_cache_memory_bytes=4 * GUARDED_KV_BYTES, **ENGINE))
     try:
         outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], greedy(), use_tqdm=False)
     finally:
