@@ -114,12 +114,10 @@ def test_clustering_within_layers_numbers_clusters_across_layers():
         assert set(labels[groups == g].tolist()).isdisjoint(labels[groups != g].tolist())
 
 
-def random_update(model, seed: int = 0, strength: float = 0.3) -> NestUpdate:
+def random_update(model, seed: int = 0, strength: float = 0.3, layer=(0, 0, 0, 1, 1), neuron=(3, 7, 60, 7, 30),
+                  cluster=(4, 1, 4, 9, 1)) -> NestUpdate:
     g = torch.Generator().manual_seed(seed)
-    shape = model_shape(model)
-    layer = torch.tensor([0, 0, 0, 1, 1])
-    neuron = torch.tensor([3, 7, 60, 7, 30])
-    update = NestUpdate(layer, neuron, torch.tensor([4, 1, 4, 9, 1]), shape)
+    update = NestUpdate(torch.tensor(layer), torch.tensor(neuron), torch.tensor(cluster), model_shape(model))
     with torch.no_grad():
         for p in update.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * strength)
@@ -306,13 +304,8 @@ def test_train_nest_end_to_end_on_a_tiny_model(tmp_path):
 
 def top_layer_update(model, seed: int = 6) -> NestUpdate:
     """Selected neurons in the last layer only, in two clusters, so a shared trunk can run below it."""
-    g = torch.Generator().manual_seed(seed)
     last = model.config.num_hidden_layers - 1
-    update = NestUpdate(torch.tensor([last] * 3), torch.tensor([2, 11, 40]), torch.tensor([0, 5, 0]), model_shape(model))
-    with torch.no_grad():
-        for p in update.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    return update
+    return random_update(model, seed, layer=(last,) * 3, neuron=(2, 11, 40), cluster=(0, 5, 0))
 
 
 @pytest.mark.parametrize("which", ["two layers", "top layer"])

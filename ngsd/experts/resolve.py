@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Union
+from typing import TYPE_CHECKING, Union
 
 from torch import nn
 
 from .lora import LoraAdapter
+
+if TYPE_CHECKING:
+    from ..nest.update import NestUpdate
 
 ExpertLike = Union[str, Path, LoraAdapter, nn.Module, None]
 _ADAPTER_CACHE: dict[str, LoraAdapter] = {}
@@ -57,7 +60,7 @@ def _load(name: str, base: nn.Module) -> LoraAdapter | nn.Module:
     return model
 
 
-_NEST_CACHE: dict[str, tuple[object, LoraAdapter]] = {}
+_NEST_CACHE: dict[str, tuple["NestUpdate", LoraAdapter]] = {}  # resolved folder -> (its delta, its adapter)
 
 
 def _nest_adapter(folder: str, base: nn.Module) -> LoraAdapter:
@@ -68,9 +71,7 @@ def _nest_adapter(folder: str, base: nn.Module) -> LoraAdapter:
     key = str(Path(folder).resolve())
     if key not in _NEST_CACHE:
         update = NestUpdate.load(folder)
-        adapter = nest_lora_adapter(update)
-        adapter.source = folder
-        _NEST_CACHE[key] = (update, adapter)
+        _NEST_CACHE[key] = (update, nest_lora_adapter(update, source=folder))
     update, adapter = _NEST_CACHE[key]
     update.check_model(base)  # a delta made for another model: a clear error before any hook is attached
     return adapter

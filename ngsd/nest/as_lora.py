@@ -31,14 +31,15 @@ _MODULE = "model.layers.{layer}.mlp.{proj}_proj"
 
 def nest_lora_pairs(update: NestUpdate) -> tuple[dict[str, _LoraPair], int]:
     """The LoRA pairs (module name -> A [r, in], B [out, r]) of every layer with selected neurons, and r."""
-    layers = sorted(set(update.layer.tolist()))
-    rank = max(len(set(update._rows(layer)[1].tolist())) for layer in layers)
+    rows = {}  # layer -> (its neurons, its clusters, each neuron's cluster renumbered 0..k-1 within the layer)
+    for layer in sorted(set(update.layer.tolist())):
+        neurons, clusters = update._rows(layer)
+        rows[layer] = (neurons, *clusters.unique(return_inverse=True))
+    rank = max(len(local) for _, local, _ in rows.values())
     intermediate = update.shape["intermediate_size"]
     pairs: dict[str, _LoraPair] = {}
     with torch.no_grad():
-        for layer in layers:
-            neurons, clusters = update._rows(layer)
-            local, slot = clusters.unique(return_inverse=True)  # this layer's clusters, renumbered 0..k-1
+        for layer, (neurons, local, slot) in rows.items():
             selector = torch.zeros(intermediate, rank)
             selector[neurons, slot] = 1.0
             for proj in ("gate", "up"):
@@ -51,9 +52,11 @@ def nest_lora_pairs(update: NestUpdate) -> tuple[dict[str, _LoraPair], int]:
     return pairs, rank
 
 
-def nest_lora_adapter(update: NestUpdate | str | os.PathLike[str]) -> LoraAdapter:
-    """The NeST delta (an update, its file or folder) as an in-memory LoRA adapter of scale 1."""
-    source = "nest-as-lora" if isinstance(update, NestUpdate) else str(update)
+def nest_lora_adapter(update: NestUpdate | str | os.PathLike[str], source: str | None = None) -> LoraAdapter:
+    """The NeST delta (an update, its file or folder) as an in-memory LoRA adapter of scale 1; `source` names
+    it (default: the path given, else "nest-as-lora")."""
+    if source is None:
+        source = "nest-as-lora" if isinstance(update, NestUpdate) else str(update)
     update = update if isinstance(update, NestUpdate) else NestUpdate.load(update)
     pairs, _ = nest_lora_pairs(update)
     return LoraAdapter(pairs=pairs, scale=1.0, source=source)
