@@ -246,6 +246,12 @@ def test_bad_inputs_give_clear_errors(tmp_path):
         NestConfig(k_min=1)
     with pytest.raises(ValueError, match="cluster_scope"):
         NestConfig(cluster_scope="all")
+    with pytest.raises(ValueError, match="top_layers must be >= 1"):
+        NestConfig(top_layers=0)
+    with pytest.raises(ValueError, match="from_layer"):
+        select_neurons(torch.ones(2, 8), threshold=1.0, from_layer=2)
+    with pytest.raises(ValueError, match="in layers 1.. has a z-score"):
+        select_neurons(torch.tensor([[5.0] * 8, [0.0] * 8]), threshold=1.0, from_layer=1)
 
 
 def test_cli_rejects_bad_arguments_before_loading(capsys):
@@ -255,6 +261,17 @@ def test_cli_rejects_bad_arguments_before_loading(capsys):
     assert "k_min" in capsys.readouterr().err
     assert main(["train-nest", "--model", "/no/such/folder"]) == 2
     assert "--model" in capsys.readouterr().err
+    assert main(["train-nest", "--top-layers", "0"]) == 2
+    assert "top_layers" in capsys.readouterr().err
+
+
+def test_selection_from_a_layer_keeps_only_that_layer_and_above():
+    z = torch.tensor([[4.0, 0.0, 3.5], [0.0, 3.2, 0.0], [3.1, 0.0, 5.0]])
+    everywhere = select_neurons(z, threshold=3.0)
+    top = select_neurons(z, threshold=3.0, from_layer=1)
+    assert list(zip(everywhere.layer.tolist(), everywhere.neuron.tolist())) == [(0, 0), (0, 2), (1, 1), (2, 0), (2, 2)]
+    assert list(zip(top.layer.tolist(), top.neuron.tolist())) == [(1, 1), (2, 0), (2, 2)]
+    assert select_neurons(z, threshold=3.0, max_neurons=2, from_layer=1).neuron.tolist() == [1, 2]
 
 
 def test_eval_and_cli_accept_a_delta_folder_as_expert(tmp_path):
@@ -271,7 +288,8 @@ def test_eval_and_cli_accept_a_delta_folder_as_expert(tmp_path):
         check_expert(str(tmp_path / "empty"))
 
 
-def test_train_nest_end_to_end_on_a_tiny_model(tmp_path):
+@pytest.mark.parametrize("top_layers", [None, 1])
+def test_train_nest_end_to_end_on_a_tiny_model(top_layers, tmp_path):
     """The whole run (selection on the training prompts, clustering, a few training steps on the expert
     recipe's examples, delta + folded checkpoint) on a tiny Llama that shares the default tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -288,7 +306,7 @@ def test_train_nest_end_to_end_on_a_tiny_model(tmp_path):
     model = tiny_model("llama", vocab_size=len(tokenizer), max_positions=512, init=0.02)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     cfg = NestConfig(probe_prompts=12, z_threshold=2.0, k_max=3, max_examples=6, delta_out=str(tmp_path / "delta"),
-                     out=str(tmp_path / "ckpt"), max_length=96)
+                     out=str(tmp_path / "ckpt"), max_length=96, top_layers=top_layers)
     result = train_nest(cfg, model=model, tokenizer=tokenizer, log=lambda _: None)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # the caller's model is untouched
     report = result.report
@@ -300,6 +318,13 @@ def test_train_nest_end_to_end_on_a_tiny_model(tmp_path):
         expected = logits(model, ids)
     torch.testing.assert_close(logits(reloaded, ids), expected, atol=1e-5, rtol=1e-5)
     assert NestUpdate.load(tmp_path / "delta").num_clusters == result.update.num_clusters
+    if top_layers is not None:  # only the top layer changes, so guarded decoding shares the layers below
+        from ngsd.decoding.shared_trunk import shared_trunk_unsupported
+        from ngsd.nest.as_lora import nest_lora_adapter
+
+        last = model.config.num_hidden_layers - 1
+        assert set(result.selection.layer.tolist()) == {last} and report["selection"]["from_layer"] == last
+        assert shared_trunk_unsupported(model, nest_lora_adapter(result.update)) is None
 
 
 def top_layer_update(model, seed: int = 6) -> NestUpdate:

@@ -13,6 +13,7 @@ DESCRIPTION = ("Train a NeST safety update (neuron-selective safety tuning, spec
 
 _FLAGS = {"model": "--model", "data_dir": "--data-dir", "out": "--out", "delta_out": "--delta-out",
           "probe_prompts": "--probe-prompts", "z_threshold": "--z-threshold", "max_neurons": "--max-neurons",
+          "top_layers": "--top-layers",
           "cluster_scope": "--cluster-scope", "k_min": "--k-min", "k_max": "--k-max", "epochs": "--epochs", "lr": "--lr", "max_examples": "--max-examples",
           "examples": "--examples", "threads": "--threads", "train_batch_size": "--batch-size"}
 
@@ -28,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--probe-prompts", type=int, default=d.probe_prompts, help="harmful and benign prompts each for selection")
     parser.add_argument("--z-threshold", type=float, default=d.z_threshold, help="keep neurons whose |probe weight| z-score reaches this")
     parser.add_argument("--max-neurons", type=int, default=d.max_neurons, help="keep at most this many neurons (highest z)")
+    parser.add_argument("--top-layers", type=int, default=d.top_layers,
+                        help="select neurons in the top n decoder layers only: guarded decoding then runs the layers "
+                             "below once for base and expert rows (a shared trunk)")
     parser.add_argument("--cluster-scope", default=d.cluster_scope, choices=("layer", "global"),
                         help="k-means within each decoder layer, or over all selected neurons at once")
     parser.add_argument("--k-min", type=int, default=d.k_min, help="fewest clusters tried")
@@ -49,7 +53,8 @@ def config_from_args(args: argparse.Namespace) -> NestConfig:
         delta_out = str(shipped_nest_path())
     return NestConfig(model=args.model, data_dir=args.data_dir, out=args.out, delta_out=delta_out, seed=args.seed,
                       probe_prompts=args.probe_prompts, z_threshold=args.z_threshold, max_neurons=args.max_neurons,
-                      cluster_scope=args.cluster_scope, k_min=args.k_min, k_max=args.k_max, epochs=args.epochs, lr=args.lr, train_batch_size=args.batch_size,
+                      top_layers=args.top_layers, cluster_scope=args.cluster_scope, k_min=args.k_min, k_max=args.k_max,
+                      epochs=args.epochs, lr=args.lr, train_batch_size=args.batch_size,
                       max_examples=args.max_examples, examples=args.examples, threads=args.threads)
 
 

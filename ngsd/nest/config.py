@@ -11,7 +11,8 @@ class NestConfig:
 
     Selection: `probe_prompts` harmful and as many benign training prompts; a neuron is kept when
     the z-score of |probe weight| within its layer is at least `z_threshold` (`max_neurons` keeps
-    the highest z overall). Clustering: k-means with k in [k_min, k_max] chosen by silhouette, within
+    the highest z overall); with `top_layers=n` only neurons of the top n decoder layers are candidates,
+    so the update leaves the layers below unchanged and guarded decoding can share them. Clustering: k-means with k in [k_min, k_max] chosen by silhouette, within
     each decoder layer (`cluster_scope="layer"`: a shared row update then acts on one layer's input
     space) or over all selected neurons at once ("global").
     Training: the expert recipe's examples (training splits only), AdamW, linear schedule.
@@ -26,6 +27,7 @@ class NestConfig:
     probe_l2: float = 1e-2
     z_threshold: float = 3.0
     max_neurons: int | None = None
+    top_layers: int | None = None  # select neurons in the top n decoder layers only (a shared trunk then runs below them)
     cluster_scope: str = "layer"  # "layer": k-means within each decoder layer; "global": over all selected neurons
     k_min: int = 2
     k_max: int = 12
@@ -46,6 +48,8 @@ class NestConfig:
             raise ValueError(f"probe_prompts must be >= 2 (prompts per class for the probe), got {self.probe_prompts}")
         if not self.probe_l2 > 0:
             raise ValueError(f"probe_l2 must be > 0, got {self.probe_l2}")
+        if self.top_layers is not None and self.top_layers < 1:
+            raise ValueError(f"top_layers must be >= 1 (or None for every layer), got {self.top_layers}")
         if self.cluster_scope not in ("layer", "global"):
             raise ValueError(f"cluster_scope must be 'layer' or 'global', got {self.cluster_scope!r}")
         if self.max_neurons is not None and self.max_neurons < 1:

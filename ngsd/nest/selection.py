@@ -101,15 +101,23 @@ def neuron_z_scores(harmful: torch.Tensor, benign: torch.Tensor, *, l2: float = 
     return z
 
 
-def select_neurons(z: torch.Tensor, *, threshold: float, max_neurons: int | None = None) -> NeuronSelection:
-    """Neurons with z >= threshold; with `max_neurons`, only that many with the highest z."""
-    layer, neuron = (z >= threshold).nonzero(as_tuple=True)
+def select_neurons(z: torch.Tensor, *, threshold: float, max_neurons: int | None = None,
+                   from_layer: int = 0) -> NeuronSelection:
+    """Neurons with z >= threshold in layers `from_layer` and above; with `max_neurons`, only that many
+    with the highest z."""
+    if not 0 <= from_layer < z.shape[0]:
+        raise ValueError(f"from_layer must be in [0, {z.shape[0] - 1}] (the z-scores cover {z.shape[0]} layers), got {from_layer}")
+    candidates = z >= threshold
+    candidates[:from_layer] = False
+    layer, neuron = candidates.nonzero(as_tuple=True)
     scores = z[layer, neuron]
     if max_neurons is not None and len(scores) > max_neurons:
         keep = scores.topk(max_neurons).indices
         layer, neuron, scores = layer[keep], neuron[keep], scores[keep]
     if len(scores) == 0:
-        raise ValueError(f"no neuron has a z-score >= {threshold} (highest {float(z.max()):.2f}); lower the threshold")
+        where = f" in layers {from_layer}.." if from_layer else ""
+        raise ValueError(f"no neuron{where} has a z-score >= {threshold} (highest {float(z[from_layer:].max()):.2f}); "
+                         "lower the threshold")
     order = (layer * z.shape[1] + neuron).argsort()
     return NeuronSelection(layer[order], neuron[order], scores[order])
 

@@ -77,7 +77,8 @@ def find_neurons(model: Any, tokenizer: Any, harmful: Sequence[str], benign: Seq
     """Steps 1 and 2: selected neurons, their cluster labels, what the clustering chose, the per-layer z-scores."""
     pooled = max_pooled_activations(model, tokenizer, list(harmful) + list(benign), batch_size=cfg.probe_batch_size)
     z = neuron_z_scores(pooled[: len(harmful)], pooled[len(harmful):], l2=cfg.probe_l2)
-    selection = select_neurons(z, threshold=cfg.z_threshold, max_neurons=cfg.max_neurons)
+    selection = select_neurons(z, threshold=cfg.z_threshold, max_neurons=cfg.max_neurons,
+                               from_layer=first_selectable_layer(cfg, z.shape[0]))
     profiles = activation_profiles(pooled, selection)
     options = dict(k_min=cfg.k_min, k_max=cfg.k_max, seed=cfg.seed, restarts=cfg.kmeans_restarts)
     if cfg.cluster_scope == "global":
@@ -89,6 +90,16 @@ def find_neurons(model: Any, tokenizer: Any, harmful: Sequence[str], benign: Seq
         summary = {"scope": "layer", "k_by_layer": {str(l): (c.k if c else 1) for l, c in by_layer.items()},
                    "silhouette_by_layer": {str(l): round(c.silhouettes[c.k], 4) for l, c in by_layer.items() if c}}
     return selection, labels, summary, z
+
+
+def first_selectable_layer(cfg: NestConfig, num_layers: int) -> int:
+    """The lowest decoder layer whose neurons may be selected (0 unless `cfg.top_layers` is set)."""
+    if cfg.top_layers is None:
+        return 0
+    if cfg.top_layers > num_layers:
+        raise ValueError(f"top_layers={cfg.top_layers} but the model has {num_layers} decoder layers; "
+                         f"pass --top-layers between 1 and {num_layers}")
+    return num_layers - cfg.top_layers
 
 
 def _rounded(scores: dict[int, float]) -> dict[str, float]:
@@ -213,6 +224,7 @@ def _train_nest(cfg: NestConfig, *, model: Any, tokenizer: Any, command: str | N
         log(f"loading model {cfg.model or 'smollm2 (default)'}")
         model, tokenizer = load_model(cfg.model)
     shape = model_shape(model)  # refuses unsupported architectures before any work
+    first_selectable_layer(cfg, shape["num_layers"])  # a --top-layers larger than the model fails before the prefill
     model.eval()
 
     t0 = time.perf_counter()
@@ -239,6 +251,7 @@ def _train_nest(cfg: NestConfig, *, model: Any, tokenizer: Any, command: str | N
         "config": asdict(cfg),
         "shape": shape,
         "selection": {"probe_prompts_per_class": [len(harmful), len(benign)], "neurons": len(selection),
+                      "from_layer": first_selectable_layer(cfg, shape["num_layers"]),
                       "per_layer": selection.per_layer(), "z_min_selected": round(float(selection.z.min()), 3),
                       "z_max": round(float(z.max()), 3)},
         "clustering": {**clusters, "clusters": update.num_clusters, "cluster_sizes": torch.bincount(update.cluster).tolist()},
