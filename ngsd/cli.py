@@ -174,6 +174,16 @@ def check_model(value: str | None) -> None:
         raise UsageError(f"--model: {error}") from error
 
 
+def check_probe(value: str) -> None:
+    """--probe: a risk-probe folder written by `ngsd train-probe` (nothing is loaded)."""
+    from .risk.probe import PROBE_FILE, WEIGHTS_FILE
+
+    path = Path(value).expanduser()
+    if not ((path / PROBE_FILE).is_file() and (path / WEIGHTS_FILE).is_file()):
+        raise UsageError(f"--probe: {value!r} is not a risk-probe folder (needs {PROBE_FILE} and {WEIGHTS_FILE}); "
+                         "pass a folder written by `ngsd train-probe --out DIR`, or leave --probe out for the shipped one")
+
+
 def check_expert(value: str) -> None:
     """--expert: 'shipped', a peft adapter folder, a model folder, or a hub id (nothing is loaded)."""
     fix = "pass a peft LoRA adapter folder, a model folder with the base's vocabulary, 'shipped' or 'nest'"

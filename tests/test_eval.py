@@ -80,6 +80,25 @@ def test_config_errors_name_the_problem(tmp_path):
     assert parse_methods(" off, ngsd ,off,") == ("off", "ngsd")
 
 
+def test_a_config_probe_replaces_the_shipped_probe_only_where_a_method_reads_one(tmp_path, capsys):
+    from dataclasses import replace
+
+    config = config_from_dict({"suites": {"advbench": 2}, "methods": ["off", "ngsd", "ngsd_a0.9", "ngsd_prefill"],
+                               "probe": "/probes/mine"})
+    off, ngsd, fixed, prefill = config.resolved_methods()
+    assert ngsd.config.reflection.probe == "/probes/mine" and config.to_dict()["probe"] == "/probes/mine"
+    assert off.config.reflection.probe is None and fixed.config.reflection.probe is None
+    assert prefill.config.reflection.probe is None  # generative reflection reads no probe
+    named = get_method("ngsd")
+    named = replace(named, name="ngsd_own", config=replace(named.config, reflection=replace(
+        named.config.reflection, probe="/probes/own")))
+    own = config.with_(custom_methods={"ngsd_own": named}, methods=("ngsd_own",)).resolved_methods()[0]
+    assert own.config.reflection.probe == "/probes/own"  # a method's own probe wins over the config's
+    assert load_config("smoke").with_(methods=("ngsd",)).resolved_methods()[0].config.reflection.probe is None
+    code = eval_cli.main(["--config", "smoke", "--probe", str(tmp_path), "--out", str(tmp_path), "--no-progress"])
+    assert code == 2 and "not a risk-probe folder" in capsys.readouterr().err
+
+
 def test_methods_registry_and_expert_alone_trick():
     expert = get_method("expert")
     config = expert.resolved_config(vocab_size=123)

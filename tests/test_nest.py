@@ -263,6 +263,8 @@ def test_cli_rejects_bad_arguments_before_loading(capsys):
     assert "--model" in capsys.readouterr().err
     assert main(["train-nest", "--top-layers", "0"]) == 2
     assert "top_layers" in capsys.readouterr().err
+    assert main(["train-nest", "--top-layers", "4"]) == 2  # never overwrites the shipped (full-depth) delta
+    assert "--delta-out" in capsys.readouterr().err
 
 
 def test_selection_from_a_layer_keeps_only_that_layer_and_above():

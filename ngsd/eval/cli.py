@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..cli import (
-    CommandParser, UsageError, add_common_options, check_expert, check_model, check_range, run_command, wants_progress,
+    CommandParser, UsageError, add_common_options, check_expert, check_model, check_probe, check_range, run_command,
+    wants_progress,
 )
 from .configs import CONFIG_DIR, config_names
 
@@ -59,6 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "SmolLM2-135M-Instruct)")
     parser.add_argument("--expert", default=None,
                         help="expert: 'shipped', a peft adapter folder, a model folder, or 'none' (default: the config's)")
+    parser.add_argument("--probe", default=None,
+                        help="risk probe folder (`ngsd train-probe`) for the methods that read one, e.g. one whose "
+                        "divergence check was fitted for --expert (default: the config's, else the model's shipped probe)")
     parser.add_argument("--batch-size", type=int, default=None, help="prompts per generate call (default: the config's)")
     parser.add_argument("--limit", type=int, default=None, help="at most this many prompts per suite")
     parser.add_argument("--methods", default=None,
@@ -85,6 +89,8 @@ def check_arguments(args: argparse.Namespace) -> None:
         check_model(args.model)
     if args.expert is not None and args.expert.lower() != "none":
         check_expert(args.expert)
+    if args.probe is not None:
+        check_probe(args.probe)
 
 
 def _evaluate(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
@@ -99,6 +105,8 @@ def _evaluate(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         changes["model"] = args.model
     if args.expert is not None:
         changes["expert"] = args.expert
+    if args.probe is not None:
+        changes["probe"] = args.probe
     if args.batch_size is not None:
         changes["batch_size"] = args.batch_size
     if args.methods is not None:

@@ -42,6 +42,7 @@ class EvalConfig:
     custom_methods: Mapping[str, Method] = field(default_factory=dict, hash=False)
     model: str | None = None
     expert: str | None = "shipped"
+    probe: str | None = None  # risk probe folder for methods that read one; None: the probe shipped for the model
     max_new_tokens: int = 64
     batch_size: int = 16
     fidelity_tokens: int = 32
@@ -66,9 +67,12 @@ class EvalConfig:
             raise ValueError(f"threads must be >= 1 (or null for torch's default), got {self.threads}")
 
     def method(self, name: str) -> Method:
-        if name in self.custom_methods:
-            return self.custom_methods[name]
-        return get_method(name)
+        method = self.custom_methods[name] if name in self.custom_methods else get_method(name)
+        reflection = method.config.reflection
+        # a method that names its own probe keeps it; the config's probe replaces only the shipped default
+        if self.probe is None or not method.uses_reflection or reflection.mode not in ("auto", "probe") or reflection.probe:
+            return method
+        return replace(method, config=replace(method.config, reflection=replace(reflection, probe=self.probe)))
 
     def resolved_methods(self) -> list[Method]:
         return [self.method(name) for name in self.methods]
@@ -82,6 +86,7 @@ class EvalConfig:
             "description": self.description,
             "model": self.model,
             "expert": self.expert,
+            "probe": self.probe,
             "max_new_tokens": self.max_new_tokens,
             "batch_size": self.batch_size,
             "fidelity_tokens": self.fidelity_tokens,
@@ -98,7 +103,7 @@ class EvalConfig:
 
 
 _FIELDS = {
-    "name", "description", "model", "expert", "max_new_tokens", "batch_size", "fidelity_tokens", "reference",
+    "name", "description", "model", "expert", "probe", "max_new_tokens", "batch_size", "fidelity_tokens", "reference",
     "methods", "custom_methods", "suites", "targets", "trace_examples", "examples", "threads", "sizing",
 }
 
@@ -120,6 +125,7 @@ def config_from_dict(data: Mapping[str, Any], default_name: str = "custom") -> E
         custom_methods=custom,
         model=data.get("model"),
         expert=data.get("expert", "shipped"),
+        probe=data.get("probe"),
         max_new_tokens=int(data.get("max_new_tokens", 64)),
         batch_size=int(data.get("batch_size", 16)),
         fidelity_tokens=int(data.get("fidelity_tokens", 32)),

@@ -49,8 +49,8 @@ def config_from_args(args: argparse.Namespace) -> NestConfig:
     from ..loading import is_default_model
 
     delta_out = args.delta_out
-    if delta_out is None and is_default_model(args.model) and args.out is None:
-        delta_out = str(shipped_nest_path())
+    if delta_out is None and is_default_model(args.model) and args.out is None and args.top_layers is None:
+        delta_out = str(shipped_nest_path())  # the shipped delta is full depth: a top-layers run never overwrites it
     return NestConfig(model=args.model, data_dir=args.data_dir, out=args.out, delta_out=delta_out, seed=args.seed,
                       probe_prompts=args.probe_prompts, z_threshold=args.z_threshold, max_neurons=args.max_neurons,
                       top_layers=args.top_layers, cluster_scope=args.cluster_scope, k_min=args.k_min, k_max=args.k_max,
@@ -79,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise UsageError(str(error)) from error
     if cfg.out is None and cfg.delta_out is None:
-        raise UsageError("give --out (folded checkpoint) and/or --delta-out (delta file) for a model other than the default")
+        raise UsageError("give --out (folded checkpoint) and/or --delta-out (delta file): only a full-depth run on the "
+                         "default model writes the shipped delta by default")
     train_nest(cfg, command="ngsd train-nest " + " ".join(shlex.quote(a) for a in cli_args(cfg)))
     return 0
 
