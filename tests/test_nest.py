@@ -248,6 +248,11 @@ def test_bad_inputs_give_clear_errors(tmp_path):
         NestConfig(cluster_scope="all")
     with pytest.raises(ValueError, match="top_layers must be >= 1"):
         NestConfig(top_layers=0)
+    from ngsd.nest.training import first_selectable_layer
+
+    assert first_selectable_layer(NestConfig(top_layers=4), 30) == 26 and first_selectable_layer(NestConfig(), 30) == 0
+    with pytest.raises(ValueError, match="between 1 and 2"):
+        first_selectable_layer(NestConfig(top_layers=3), 2)
     with pytest.raises(ValueError, match="from_layer"):
         select_neurons(torch.ones(2, 8), threshold=1.0, from_layer=2)
     with pytest.raises(ValueError, match="in layers 1.. has a z-score"):

@@ -12,9 +12,10 @@ class NestConfig:
     Selection: `probe_prompts` harmful and as many benign training prompts; a neuron is kept when
     the z-score of |probe weight| within its layer is at least `z_threshold` (`max_neurons` keeps
     the highest z overall); with `top_layers=n` only neurons of the top n decoder layers are candidates,
-    so the update leaves the layers below unchanged and guarded decoding can share them. Clustering: k-means with k in [k_min, k_max] chosen by silhouette, within
-    each decoder layer (`cluster_scope="layer"`: a shared row update then acts on one layer's input
-    space) or over all selected neurons at once ("global").
+    so the update leaves the layers below unchanged and guarded decoding can share them.
+    Clustering: k-means with k in [k_min, k_max] chosen by silhouette, within each decoder layer
+    (`cluster_scope="layer"`: a shared row update then acts on one layer's input space) or over all
+    selected neurons at once ("global").
     Training: the expert recipe's examples (training splits only), AdamW, linear schedule.
     """
 
