@@ -181,7 +181,8 @@ def check_probe(value: str) -> None:
     path = Path(value).expanduser()
     if not ((path / PROBE_FILE).is_file() and (path / WEIGHTS_FILE).is_file()):
         raise UsageError(f"--probe: {value!r} is not a risk-probe folder (needs {PROBE_FILE} and {WEIGHTS_FILE}); "
-                         "pass a folder written by `ngsd train-probe --out DIR`, or leave --probe out for the shipped one")
+                         "pass a folder written by `ngsd train-probe --out DIR`, or leave --probe out for the "
+                         "shipped one")
 
 
 def check_expert(value: str) -> None:

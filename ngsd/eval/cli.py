@@ -61,8 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--expert", default=None,
                         help="expert: 'shipped', a peft adapter folder, a model folder, or 'none' (default: the config's)")
     parser.add_argument("--probe", default=None,
-                        help="risk probe folder (`ngsd train-probe`) for the methods that read one, e.g. one whose "
-                        "divergence check was fitted for --expert (default: the config's, else the model's shipped probe)")
+                        help="risk probe folder (`ngsd train-probe`) for the methods that read one, e.g. one "
+                        "whose divergence check was fitted for --expert (default: the config's, else the model's "
+                        "shipped probe)")
     parser.add_argument("--batch-size", type=int, default=None, help="prompts per generate call (default: the config's)")
     parser.add_argument("--limit", type=int, default=None, help="at most this many prompts per suite")
     parser.add_argument("--methods", default=None,

@@ -69,8 +69,9 @@ class EvalConfig:
     def method(self, name: str) -> Method:
         method = self.custom_methods[name] if name in self.custom_methods else get_method(name)
         reflection = method.config.reflection
+        reads_probe = method.uses_reflection and reflection.mode in ("auto", "probe")
         # a method that names its own probe keeps it; the config's probe replaces only the shipped default
-        if self.probe is None or not method.uses_reflection or reflection.mode not in ("auto", "probe") or reflection.probe:
+        if self.probe is None or not reads_probe or reflection.probe:
             return method
         return replace(method, config=replace(method.config, reflection=replace(reflection, probe=self.probe)))
 
