@@ -176,10 +176,9 @@ def check_model(value: str | None) -> None:
 
 def check_probe(value: str) -> None:
     """--probe: a risk-probe folder written by `ngsd train-probe` (nothing is loaded)."""
-    from .risk.probe import PROBE_FILE, WEIGHTS_FILE
+    from .risk.probe import PROBE_FILE, WEIGHTS_FILE, is_probe_folder
 
-    path = Path(value).expanduser()
-    if not ((path / PROBE_FILE).is_file() and (path / WEIGHTS_FILE).is_file()):
+    if not is_probe_folder(Path(value).expanduser()):
         raise UsageError(f"--probe: {value!r} is not a risk-probe folder (needs {PROBE_FILE} and {WEIGHTS_FILE}); "
                          "pass a folder written by `ngsd train-probe --out DIR`, or leave --probe out for the "
                          "shipped one")

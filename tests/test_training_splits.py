@@ -20,7 +20,8 @@ from ngsd.experts.training.broad import (
     render_request, third_person, training_requests,
 )
 from ngsd.experts.training.splits import (
-    alpaca_training_prompts, evaluation_prompts, leaks, near_duplicates, normalize,
+    alpaca_training_prompts, evaluation_prompts, example_lines_without_evaluation_prompts, leaks, near_duplicates,
+    normalize,
 )
 
 needs_data = pytest.mark.skipif(not data_available(), reason="shared data folder (../shared/data or $NGSD_DATA_DIR) absent")
@@ -73,6 +74,20 @@ def test_shipped_training_examples_hold_no_evaluation_prompt(evaluation):
     if not path.is_file():
         pytest.skip(f"no shipped training examples at {path}")
     assert leaks(_examples_prompts(path), evaluation=evaluation) == []
+
+
+@needs_data
+def test_the_clean_copy_of_the_shipped_examples_drops_exactly_the_leaked_rows(evaluation):
+    path = shipped_expert_path() / "training_examples.jsonl"
+    if not path.is_file():
+        pytest.skip(f"no shipped training examples at {path}")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    clean = example_lines_without_evaluation_prompts(lines)
+    prompt = lambda line: json.loads(line)["prompt"]  # noqa: E731
+    assert clean == [line for line in lines if line in clean]  # order kept
+    assert leaks([prompt(line) for line in clean], evaluation=evaluation) == []
+    dropped = [line for line in lines if line not in clean]
+    assert all(leaks([prompt(line)], evaluation=evaluation) for line in dropped)
 
 
 @needs_data

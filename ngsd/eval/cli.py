@@ -107,7 +107,7 @@ def _evaluate(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     if args.expert is not None:
         changes["expert"] = args.expert
     if args.probe is not None:
-        changes["probe"] = args.probe
+        changes["probe"] = str(Path(args.probe).expanduser())  # the folder check_probe accepted
     if args.batch_size is not None:
         changes["batch_size"] = args.batch_size
     if args.methods is not None:

@@ -94,12 +94,10 @@ def find_neurons(model: Any, tokenizer: Any, harmful: Sequence[str], benign: Seq
 
 def first_selectable_layer(cfg: NestConfig, num_layers: int) -> int:
     """The lowest decoder layer whose neurons may be selected (0 unless `cfg.top_layers` is set)."""
-    if cfg.top_layers is None:
-        return 0
-    if cfg.top_layers > num_layers:
-        raise ValueError(f"top_layers={cfg.top_layers} but the model has {num_layers} decoder layers; "
-                         f"pass --top-layers between 1 and {num_layers}")
-    return num_layers - cfg.top_layers
+    from ..experts.training.config import top_layer_indices
+
+    layers = top_layer_indices(num_layers, cfg.top_layers)  # the same layers `train-expert --top-layers` adapts
+    return layers[0] if layers else 0
 
 
 def _rounded(scores: dict[int, float]) -> dict[str, float]:
@@ -224,7 +222,7 @@ def _train_nest(cfg: NestConfig, *, model: Any, tokenizer: Any, command: str | N
         log(f"loading model {cfg.model or 'smollm2 (default)'}")
         model, tokenizer = load_model(cfg.model)
     shape = model_shape(model)  # refuses unsupported architectures before any work
-    first_selectable_layer(cfg, shape["num_layers"])  # a --top-layers larger than the model fails before the prefill
+    from_layer = first_selectable_layer(cfg, shape["num_layers"])  # a --top-layers too large fails before the prefill
     model.eval()
 
     t0 = time.perf_counter()
@@ -251,7 +249,7 @@ def _train_nest(cfg: NestConfig, *, model: Any, tokenizer: Any, command: str | N
         "config": asdict(cfg),
         "shape": shape,
         "selection": {"probe_prompts_per_class": [len(harmful), len(benign)], "neurons": len(selection),
-                      "from_layer": first_selectable_layer(cfg, shape["num_layers"]),
+                      "from_layer": from_layer,
                       "per_layer": selection.per_layer(), "z_min_selected": round(float(selection.z.min()), 3),
                       "z_max": round(float(z.max()), 3)},
         "clustering": {**clusters, "clusters": update.num_clusters, "cluster_sizes": torch.bincount(update.cluster).tolist()},

@@ -58,6 +58,12 @@ FINGERPRINT_FIELDS = ("model_type", "vocab_size", "hidden_size", "num_hidden_lay
 RISK_SCALE = 10.0
 
 
+
+def is_probe_folder(folder: str | Path) -> bool:
+    """True when `folder` holds what `RiskProbe.save` writes and `RiskProbe.load` reads."""
+    folder = Path(folder)
+    return (folder / PROBE_FILE).is_file() and (folder / WEIGHTS_FILE).is_file()
+
 @dataclass(frozen=True)
 class ProbeSpec:
     """What a probe reads and how its score is calibrated (saved as probe.json).
@@ -257,7 +263,7 @@ class RiskProbe:
         from safetensors.torch import load_file
 
         folder = Path(path)
-        if not (folder / PROBE_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
+        if not is_probe_folder(folder):
             raise FileNotFoundError(
                 f"{folder} is not a risk-probe folder (needs {PROBE_FILE} and {WEIGHTS_FILE}); train one with "
                 f"`ngsd train-probe --out {folder}`"

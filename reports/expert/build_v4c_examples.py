@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 from pathlib import Path
 
 from ngsd.experts.shipped import shipped_expert_path
-from ngsd.experts.training.splits import leaks
+from ngsd.experts.training.splits import example_lines_without_evaluation_prompts
 
 
 def main() -> None:
@@ -26,13 +25,11 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     lines = Path(args.examples).read_text(encoding="utf-8").splitlines()
-    prompts = [json.loads(line)["prompt"] for line in lines]
-    leaked = {text for text, _, _ in leaks(prompts, args.data_dir)}
-    kept = [line for line, prompt in zip(lines, prompts) if prompt not in leaked]
+    kept = example_lines_without_evaluation_prompts(lines, args.data_dir)
     Path(args.out).write_text("".join(line + "\n" for line in kept), encoding="utf-8")
     digest = hashlib.sha256(Path(args.out).read_bytes()).hexdigest()[:16]
-    print(f"kept {len(kept)} of {len(lines)} examples ({len(lines) - len(kept)} on {len(leaked)} evaluation prompts "
-          f"dropped); wrote {args.out} (sha256 {digest})")
+    print(f"kept {len(kept)} of {len(lines)} examples ({len(lines) - len(kept)} with an evaluation prompt dropped); "
+          f"wrote {args.out} (sha256 {digest})")
 
 
 if __name__ == "__main__":

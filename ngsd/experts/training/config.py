@@ -134,3 +134,13 @@ def target_modules(targets: str) -> list[str]:
     if not names:
         raise ValueError(f"targets must be one of {sorted(TARGET_PRESETS)} or a comma-separated list, got {targets!r}")
     return names
+
+
+def top_layer_indices(num_layers: int, top_layers: int | None) -> list[int] | None:
+    """The top `top_layers` of `num_layers` decoder layers (what `--top-layers n` adapts); None: every layer."""
+    if top_layers is None:
+        return None
+    if top_layers > num_layers:
+        raise ValueError(f"--top-layers {top_layers} exceeds the model's {num_layers} decoder layers; "
+                         f"pass --top-layers between 1 and {num_layers}")
+    return list(range(num_layers - top_layers, num_layers))

@@ -80,6 +80,17 @@ def leaks(
     return found
 
 
+def example_lines_without_evaluation_prompts(
+    lines: Iterable[str], data_dir: str | os.PathLike[str] | None = None,
+) -> list[str]:
+    """The lines of a training_examples.jsonl whose "prompt" `leaks` finds no evaluation prompt in, in order
+    (blank lines dropped): how a clean copy of an expert's data is made."""
+    lines = [line for line in lines if line.strip()]
+    prompts = [json.loads(line)["prompt"] for line in lines]
+    leaked = {text for text, _, _ in leaks(prompts, data_dir)}
+    return [line for line, prompt in zip(lines, prompts) if prompt not in leaked]
+
+
 _FUNCTION_WORDS = frozenset(
     "a an the to of and or for in on with that this is are be how by from as it its his her their my me i your you "
     "what can".split())

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from ...data import load_suite, resolve_data_dir
 from ..shipped import shipped_expert_path
 from .cli import cli_args
-from .config import TrainExpertConfig, target_modules
+from .config import TrainExpertConfig, target_modules, top_layer_indices
 from .distill import kl_from, load_teacher, teacher_examples
 from .broad_examples import Validator, build_broad_examples
 from .examples import Example, batches, build_examples, count_by, encode_example, load_examples, turn_end_ids
@@ -45,12 +45,7 @@ def make_lora_model(model: Any, cfg: TrainExpertConfig) -> Any:
 
 def top_layers(model: Any, cfg: TrainExpertConfig) -> list[int] | None:
     """The decoder layers `--top-layers n` adapts (peft's layers_to_transform); None: every layer."""
-    if cfg.top_layers is None:
-        return None
-    layers = model.config.num_hidden_layers
-    if cfg.top_layers > layers:
-        raise ValueError(f"--top-layers {cfg.top_layers} exceeds the model's {layers} decoder layers")
-    return list(range(layers - cfg.top_layers, layers))
+    return top_layer_indices(model.config.num_hidden_layers, cfg.top_layers)
 
 
 @contextmanager

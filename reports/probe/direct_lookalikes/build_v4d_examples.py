@@ -18,7 +18,7 @@ import torch
 from ngsd.experts.shipped import shipped_expert_path
 from ngsd.experts.training.examples import Example, chat_prompt_ids, generate_ids
 from ngsd.experts.training.prompts import DIRECT_LOOKALIKE_TRAIN_PROMPTS
-from ngsd.experts.training.splits import leaks
+from ngsd.experts.training.splits import example_lines_without_evaluation_prompts
 from ngsd.loading import load_model
 
 
@@ -32,9 +32,7 @@ def main() -> None:
     shipped = shipped_expert_path()
     max_new_tokens = json.loads((shipped / "training_report.json").read_text(encoding="utf-8"))["config"]["benign_max_new_tokens"]
     lines = [line for line in (shipped / "training_examples.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
-    prompts_of_lines = [json.loads(line)["prompt"] for line in lines]
-    leaked = {text for text, _, _ in leaks(prompts_of_lines, args.data_dir)}
-    clean = [line for line, prompt in zip(lines, prompts_of_lines) if prompt not in leaked]
+    clean = example_lines_without_evaluation_prompts(lines, args.data_dir)
     model, tokenizer = load_model(None)
     prompts = list(DIRECT_LOOKALIKE_TRAIN_PROMPTS)
     answers = generate_ids(model, tokenizer, [chat_prompt_ids(tokenizer, p) for p in prompts],
