@@ -31,7 +31,6 @@ from .metrics import Targets
 from .suites import SuiteSpec
 
 
-
 @dataclass(frozen=True)
 class EvalConfig:
     """One evaluation: suites x methods under one decoding setting. See the module docstring for the JSON form."""

@@ -58,11 +58,11 @@ FINGERPRINT_FIELDS = ("model_type", "vocab_size", "hidden_size", "num_hidden_lay
 RISK_SCALE = 10.0
 
 
-
 def is_probe_folder(folder: str | Path) -> bool:
     """True when `folder` holds what `RiskProbe.save` writes and `RiskProbe.load` reads."""
     folder = Path(folder)
     return (folder / PROBE_FILE).is_file() and (folder / WEIGHTS_FILE).is_file()
+
 
 @dataclass(frozen=True)
 class ProbeSpec:

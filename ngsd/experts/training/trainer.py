@@ -98,7 +98,6 @@ def example_loss(peft_model: Any, ids: torch.Tensor, labels: torch.Tensor, attn:
     return per_example.mean()
 
 
-
 def _fingerprint(cfg: TrainExpertConfig) -> dict[str, Any]:
     """The settings a checkpoint must share with the run that resumes it."""
     skip = {"evaluate", "threads", "out", "examples", "eval_max_new_tokens", "eval_batch_size", "save_dtype"}
