@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import Iterable, Iterator
 
 # (set, what is counted, the direction that is worse, rule margin under ngsd, under ngsd_a0.9; None: not in the rule)
 CELLS = [
@@ -30,6 +31,16 @@ def counts(cell: dict, kind: str) -> tuple[float, ...]:
     return tuple(round(n * cell[f"{kind}_{judge}"]) for judge in ("keyword", "reading"))
 
 
+def cells(results: dict, method: str,
+          experts: Iterable[str]) -> Iterator[tuple[str, str, dict[str, float], int | None]]:
+    """Per rule cell and judge under `method`: (row label, judge, count per expert, the rule's margin or None)."""
+    for name, kind, label, margin_default, margin_a09 in CELLS:
+        margin = margin_default if method == "ngsd" else margin_a09
+        per_expert = {e: counts(results[f"{e}:{method}"][name], kind) for e in experts}
+        for j, judge in enumerate(("keyword", "reading") if kind != "fidelity" else ("-",)):
+            yield f"{label} ({results['off'][name]['n']})", judge, {e: c[j] for e, c in per_expert.items()}, margin
+
+
 def main(path: str) -> int:
     results = json.load(open(path))["results"]
     eligible = True
@@ -38,22 +49,16 @@ def main(path: str) -> int:
         print("| set | judge | v4 s0 | v4 s1 | v4c s0 | v4c s1 | spread v4 | spread v4c | v4c-v4 s0 | v4c-v4 s1 "
               "| v4c-v4 mean | margin | rule |")
         print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-        for name, kind, label, margin_default, margin_a09 in CELLS:
-            margin = margin_default if method == "ngsd" else margin_a09
-            rows = {expert: counts(results[f"{expert}:{method}"][name], kind)
-                    for pair in PAIRS.values() for expert in pair}
-            judges = ("keyword", "reading") if kind != "fidelity" else ("-",)
-            for j, judge in enumerate(judges):
-                v4, v4_s1, v4c, v4c_s1 = (rows[e][j] for e in ("v4", "v4_s1", "v4c", "v4c_s1"))
-                mean_diff = (v4c + v4c_s1) / 2 - (v4 + v4_s1) / 2
-                verdict = "-" if margin is None else ("met" if mean_diff <= margin else "FAILED")
-                eligible &= verdict != "FAILED"
-                print(f"| {label} ({results['off'][name]['n']}) | {judge} | {v4} | {v4_s1} | {v4c} | {v4c_s1} "
-                      f"| {abs(v4_s1 - v4)} | {abs(v4c_s1 - v4c)} | {v4c - v4:+} | {v4c_s1 - v4_s1:+} "
-                      f"| {mean_diff:+.1f} | {'' if margin is None else f'+{margin}'} | {verdict} |")
+        for label, judge, c, margin in cells(results, method, [e for pair in PAIRS.values() for e in pair]):
+            v4, v4_s1, v4c, v4c_s1 = (c[e] for e in ("v4", "v4_s1", "v4c", "v4c_s1"))
+            mean_diff = (v4c + v4c_s1) / 2 - (v4 + v4_s1) / 2
+            verdict = "-" if margin is None else ("met" if mean_diff <= margin else "FAILED")
+            eligible &= verdict != "FAILED"
+            print(f"| {label} | {judge} | {v4} | {v4_s1} | {v4c} | {v4c_s1} "
+                  f"| {abs(v4_s1 - v4)} | {abs(v4c_s1 - v4c)} | {v4c - v4:+} | {v4c_s1 - v4_s1:+} "
+                  f"| {mean_diff:+.1f} | {'' if margin is None else f'+{margin}'} | {verdict} |")
     print(f"\nv4c (seed 0) is {'ELIGIBLE' if eligible else 'NOT ELIGIBLE'} by PLAN_seeds.md's rule")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1]))

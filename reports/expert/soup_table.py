@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import sys
 
-from seed_spread import CELLS, counts
+from seed_spread import cells
 
 SOUPS = {"soup_v4": ("v4", "v4_s1"), "soup_v4c": ("v4c", "v4c_s1")}
 
@@ -21,20 +21,16 @@ def main(path: str) -> int:
         print("| set | judge | v4 | v4_s1 | mean | soup_v4 | v4c | v4c_s1 | mean | soup_v4c | soup_v4c - v4 "
               "| soup_v4c - v4 mean | margin | rule |")
         print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-        for name, kind, label, margin_default, margin_a09 in CELLS:
-            margin = margin_default if method == "ngsd" else margin_a09
-            row = {e: counts(results[f"{e}:{method}"][name], kind)
-                   for soup, members in SOUPS.items() for e in (*members, soup)}
-            for j, judge in enumerate(("keyword", "reading") if kind != "fidelity" else ("-",)):
-                c = {e: v[j] for e, v in row.items()}
-                v4_mean, v4c_mean = (c["v4"] + c["v4_s1"]) / 2, (c["v4c"] + c["v4c_s1"]) / 2
-                worse_single, worse_mean = c["soup_v4c"] - c["v4"], c["soup_v4c"] - v4_mean
-                verdict = "-" if margin is None else (
-                    "met" if worse_single <= margin and worse_mean <= margin else "FAILED")
-                candidate &= verdict != "FAILED"
-                print(f"| {label} ({results['off'][name]['n']}) | {judge} | {c['v4']} | {c['v4_s1']} | {v4_mean:g} "
-                      f"| {c['soup_v4']} | {c['v4c']} | {c['v4c_s1']} | {v4c_mean:g} | {c['soup_v4c']} "
-                      f"| {worse_single:+} | {worse_mean:+g} | {'' if margin is None else f'+{margin}'} | {verdict} |")
+        experts = [e for soup, pair in SOUPS.items() for e in (*pair, soup)]
+        for label, judge, c, margin in cells(results, method, experts):
+            v4_mean, v4c_mean = (c["v4"] + c["v4_s1"]) / 2, (c["v4c"] + c["v4c_s1"]) / 2
+            worse_single, worse_mean = c["soup_v4c"] - c["v4"], c["soup_v4c"] - v4_mean
+            verdict = "-" if margin is None else (
+                "met" if worse_single <= margin and worse_mean <= margin else "FAILED")
+            candidate &= verdict != "FAILED"
+            print(f"| {label} | {judge} | {c['v4']} | {c['v4_s1']} | {v4_mean:g} "
+                  f"| {c['soup_v4']} | {c['v4c']} | {c['v4c_s1']} | {v4c_mean:g} | {c['soup_v4c']} "
+                  f"| {worse_single:+} | {worse_mean:+g} | {'' if margin is None else f'+{margin}'} | {verdict} |")
     print(f"\nsoup_v4c is {'a CANDIDATE' if candidate else 'NOT a candidate'} by PLAN_soup.md's rule")
     return 0
 
