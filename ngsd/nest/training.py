@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+from ..experts.training.config import top_layer_indices
 from .architecture import model_shape
 from .clustering import cluster_by_silhouette, cluster_within_groups
 from .config import NestConfig
@@ -94,8 +95,6 @@ def find_neurons(model: Any, tokenizer: Any, harmful: Sequence[str], benign: Seq
 
 def first_selectable_layer(cfg: NestConfig, num_layers: int) -> int:
     """The lowest decoder layer whose neurons may be selected (0 unless `cfg.top_layers` is set)."""
-    from ..experts.training.config import top_layer_indices
-
     layers = top_layer_indices(num_layers, cfg.top_layers)  # the same layers `train-expert --top-layers` adapts
     return layers[0] if layers else 0
 

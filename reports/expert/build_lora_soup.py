@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+EXAMPLES = "training_examples.jsonl"
 SAME_FIELDS = ("r", "lora_alpha", "target_modules", "layers_to_transform", "base_model_name_or_path", "use_rslora",
                "use_dora")
 
@@ -33,7 +34,7 @@ def build_soup(members: list[Path], out: Path) -> dict:
                   for c in configs}  # target_modules is a set that peft saves in any order
         if len(values) != 1:
             raise SystemExit(f"members differ in {field!r}: {sorted(values)}; a soup needs identical adapter shapes")
-    data = {hashlib.sha256((m / "training_examples.jsonl").read_bytes()).hexdigest() for m in members}
+    data = {hashlib.sha256((m / EXAMPLES).read_bytes()).hexdigest() for m in members}
     if len(data) != 1:
         raise SystemExit("members were trained on different training_examples.jsonl; this soup averages seeds of one "
                          "data file only")
@@ -52,7 +53,7 @@ def build_soup(members: list[Path], out: Path) -> dict:
     save_file(soup, str(out / ADAPTER_WEIGHTS))
     config = dict(configs[0], r=configs[0]["r"] * k, lora_alpha=configs[0]["lora_alpha"] * k)
     (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    shutil.copyfile(members[0] / "training_examples.jsonl", out / "training_examples.jsonl")
+    shutil.copyfile(members[0] / EXAMPLES, out / EXAMPLES)
     report = {"soup_of": [str(m) for m in members], "rank": config["r"], "lora_alpha": config["lora_alpha"],
               "method": "mean of the members' LoRA updates, exact (stacked A, B / k)"}
     (out / "soup.json").write_text(json.dumps(report, indent=2) + "\n")
