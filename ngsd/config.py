@@ -248,6 +248,9 @@ class NGSDConfig:
                                  "carry over a step, so where it starts cannot matter")
         if self.score_floor < 0:
             raise ValueError(f"score_floor must be >= 0 (a probability floor), got {self.score_floor}")
+        if self.safedecoding_alpha < 0:
+            raise ValueError(f"safedecoding_alpha must be >= 0 (it scales the expert-minus-base difference; a "
+                             f"negative value pushes away from the expert), got {self.safedecoding_alpha}")
         if not self.tau >= 1.0:
             raise ValueError(f"tau must be >= 1 (the leak factor is 1 - 1/tau), got {self.tau}")
         if not self.v_th > 0.0:

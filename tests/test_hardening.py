@@ -182,6 +182,7 @@ def test_valid_alphas_still_work(lora_folder):
         (dict(tau=float("inf")), ValueError, "tau"),
         (dict(v_th=float("inf")), ValueError, "v_th"),
         (dict(safedecoding_alpha=float("nan")), ValueError, "safedecoding_alpha"),
+        (dict(safedecoding_alpha=-1.0), ValueError, "safedecoding_alpha"),
         (dict(candidate_k=2.5), TypeError, "candidate_k"),
         (dict(candidate_k=True), TypeError, "candidate_k"),
         (dict(safedecoding_steps=2.0), TypeError, "safedecoding_steps"),
