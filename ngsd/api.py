@@ -41,7 +41,8 @@ def encode_prompts(tokenizer, prompts: str | Sequence[str], *, chat: bool = True
         turn = tokenizer.apply_chat_template([{"role": "user", "content": SLOT}], tokenize=False, add_generation_prompt=True)
         rows = [template_ids(tokenizer, turn, [p]) for p in prompts]
     else:
-        rows = [encode_plain(tokenizer, p, add_special_tokens=not chat) for p in prompts]
+        # no chat template (or chat=False): encoded as `tokenizer(prompt)` would, with its own BOS/EOS
+        rows = [encode_plain(tokenizer, p, add_special_tokens=True) for p in prompts]
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return left_pad(rows, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0, device)

@@ -405,3 +405,19 @@ def test_plain_text_prompts_cannot_forge_chat_turns(smol_tokenizer):
     expected = smol_tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
                                                   tokenize=True, return_dict=True)["input_ids"]
     assert plain[0].tolist() == list(expected)
+
+
+def test_without_a_chat_template_prompts_get_the_tokenizers_bos_as_with_chat_false(smol_tokenizer):
+    import copy
+
+    from tokenizers.processors import TemplateProcessing
+
+    tokenizer = copy.deepcopy(smol_tokenizer)
+    tokenizer.chat_template = None
+    bos = tokenizer.convert_ids_to_tokens(0)
+    tokenizer._tokenizer.post_processor = TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, 0)])
+    expected = tokenizer("hi there")["input_ids"]
+    assert expected[0] == 0  # this tokenizer adds a BOS
+    for chat in (True, False):  # chat=True falls back to plain text when there is no template
+        ids, _ = ngsd.encode_prompts(tokenizer, ["hi there"], chat=chat)
+        assert ids[0].tolist() == expected
