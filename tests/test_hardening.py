@@ -163,6 +163,22 @@ def test_valid_alphas_still_work(lora_folder):
     assert sd.traces[0].alpha == 3.0  # SafeDecoding's alpha is a scale, not a weight
 
 
+@pytest.mark.parametrize("seed, error", [(1.5, TypeError), ("7", TypeError), (True, TypeError), (2**70, ValueError)])
+def test_a_bad_seed_is_refused_by_name(lora_folder, seed, error):
+    model = tiny_model("llama")
+    ids = torch.tensor([[5, 6, 7]])
+    with pytest.raises(error, match="seed"):
+        guarded_generate(model, ids, expert=lora_folder, alpha=0.5, max_new_tokens=2, do_sample=True, seed=seed)
+    ngsd.apply(model, expert=lora_folder)
+    try:
+        with pytest.raises(error, match="seed"):
+            model.generate(ids, max_new_tokens=2, do_sample=True, pad_token_id=0, ngsd_alpha=0.5, ngsd_seed=seed)
+        for seed in (0, -1, 2**63 - 1):  # any int64 still works
+            model.generate(ids, max_new_tokens=2, do_sample=True, pad_token_id=0, ngsd_alpha=0.5, ngsd_seed=seed)
+    finally:
+        ngsd.remove(model)
+
+
 @pytest.mark.parametrize(
     "changes, error, name",
     [

@@ -81,6 +81,17 @@ def check_sampling(do_sample: Any, temperature: Any, top_k: Any, top_p: Any) -> 
     return dict(temperature=float(temperature) if do_sample else 0.0, top_k=int(top_k), top_p=float(top_p))
 
 
+def check_seed(seed: Any) -> int | None:
+    """The sampling seed: None (drawn from torch's generator) or a whole number that fits an int64."""
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, Integral):
+        raise TypeError(f"seed must be an int or None, got {seed!r} ({type(seed).__name__})")
+    if not -(2**63) <= seed < 2**63:
+        raise ValueError(f"seed must fit a 64-bit signed integer, got {seed}")
+    return int(seed)
+
+
 def check_prompt_texts(prompts: Any, name: str = "prompts") -> list[str]:
     """A list of non-empty strings (one string is a batch of one); anything else is refused by name."""
     if isinstance(prompts, str):
