@@ -179,6 +179,23 @@ def test_a_bad_seed_is_refused_by_name(lora_folder, seed, error):
         ngsd.remove(model)
 
 
+@pytest.mark.parametrize("requests, error", [(["only one"], ValueError), (["a", "b", "c"], ValueError),
+                                             ("one string for two rows", ValueError), ([1, 2], TypeError)])
+def test_request_texts_must_be_one_string_per_row(lora_folder, requests, error):
+    model = tiny_model("llama")
+    ids = torch.tensor([[5, 6, 7], [8, 9, 10]])
+    config = NGSDConfig(reflection=dict(mode="none"))
+    with pytest.raises(error, match="requests"):
+        guarded_generate(model, ids, expert=lora_folder, config=config, max_new_tokens=2, requests=requests)
+    ngsd.apply(model, expert=lora_folder, config=config)
+    try:
+        with pytest.raises(error, match="requests"):
+            model.generate(ids, max_new_tokens=2, pad_token_id=0, ngsd_requests=requests)
+        model.generate(ids, max_new_tokens=2, pad_token_id=0, ngsd_requests=["first", "second"])
+    finally:
+        ngsd.remove(model)
+
+
 @pytest.mark.parametrize(
     "changes, error, name",
     [

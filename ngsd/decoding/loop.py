@@ -21,7 +21,7 @@ from ..config import NGSDConfig
 from ..experts.lora import LoraAdapter
 from ..experts.resolve import ExpertLike, resolve_expert
 from ..risk.estimate import plan_risk, warn_if_check_fitted_for_another_expert
-from .arguments import check_sampling, check_seed, per_row_ints
+from .arguments import check_prompt_texts, check_sampling, check_seed, per_row_ints
 from .early_stop import EarlyStop
 from .heads import HeadSplit, split_head
 from .pair import AdapterPair, BaseOnly, ForwardPair, ModelPair
@@ -203,6 +203,10 @@ def guarded_generate(
     check_prompts(input_ids, attention_mask, max_new, model)
     sampling = check_sampling(do_sample, temperature, top_k, top_p)
     seed = check_seed(seed)
+    if requests is not None:  # one request text per row, whether or not this call's risk estimate reads them
+        requests = check_prompt_texts(requests, "requests")
+        if len(requests) != batch:
+            raise ValueError(f"requests has {len(requests)} texts for a batch of {batch}; give one per row")
     if cuda_graph and (device.type != "cuda" or config.backend == "torch"):
         raise ValueError(f"cuda_graph=True captures the Triton step op in a CUDA graph: it needs the model and inputs "
                          f"on a CUDA device (got {device}) and backend 'auto' or 'triton' (got {config.backend!r}); "
