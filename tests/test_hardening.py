@@ -196,6 +196,22 @@ def test_request_texts_must_be_one_string_per_row(lora_folder, requests, error):
         ngsd.remove(model)
 
 
+def test_a_config_that_is_not_an_ngsd_config_is_a_type_error(lora_folder):
+    model = tiny_model("llama")
+    ids = torch.tensor([[5, 6, 7]])
+    with pytest.raises(TypeError, match="config must be an NGSDConfig"):
+        ngsd.apply(model, expert=lora_folder, config="open")
+    assert not ngsd.is_applied(model)
+    with pytest.raises(TypeError, match="config must be an NGSDConfig"):
+        ngsd.decoding_method(lora_folder, {"mode": "open"})
+    ngsd.apply(model, expert=lora_folder)
+    try:
+        with pytest.raises(TypeError, match="ngsd_config must be an NGSDConfig"):
+            model.generate(ids, max_new_tokens=2, pad_token_id=0, ngsd_alpha=0.5, ngsd_config="open")
+    finally:
+        ngsd.remove(model)
+
+
 @pytest.mark.parametrize(
     "changes, error, name",
     [

@@ -101,6 +101,12 @@ def step_processors(logits_processor, generation_config):
     return LogitsProcessorList(kept) if kept else None
 
 
+def _check_config(config: Any, name: str) -> NGSDConfig:
+    if not isinstance(config, NGSDConfig):
+        raise TypeError(f"{name} must be an NGSDConfig, got {config!r} ({type(config).__name__})")
+    return config
+
+
 def decoding_method(expert: ExpertLike, config: NGSDConfig | None = None, tokenizer=None) -> Callable[..., Any]:
     """A `custom_generate` callable running guarded decoding with this expert and config.
 
@@ -108,7 +114,7 @@ def decoding_method(expert: ExpertLike, config: NGSDConfig | None = None, tokeni
     (the request texts self-reflection judges; default: the decoded prompts), ``ngsd_seed``,
     ``ngsd_streamer``, ``ngsd_tokenizer``, ``ngsd_stop_strings`` and ``ngsd_config``.
     """
-    config = config or NGSDConfig()
+    config = _check_config(config or NGSDConfig(), "config")
 
     def ngsd_decoding(
         model: nn.Module,
@@ -125,7 +131,7 @@ def decoding_method(expert: ExpertLike, config: NGSDConfig | None = None, tokeni
         ngsd_config: NGSDConfig | None = None,
         **model_kwargs: Any,
     ):
-        call_config = ngsd_config or config
+        call_config = config if ngsd_config is None else _check_config(ngsd_config, "ngsd_config")
         gc = generation_config
         check_generation_config(gc)
         resolved = resolve_expert(expert, model, required=call_config.mode != "off")
@@ -174,6 +180,8 @@ def apply(
     The usual `generate` arguments and `GenerationConfig` keep working; `streamer`, `tokenizer`
     and `stop_strings` are forwarded to the guarded loop. ``ngsd_alpha=...`` sets alpha per call.
     """
+    if config is not None:
+        _check_config(config, "config")  # before anything is attached
     if is_applied(model):
         remove(model)
     resolved = resolve_expert(expert, model)
