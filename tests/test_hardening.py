@@ -415,6 +415,17 @@ def test_settings_that_cannot_be_honoured_are_refused_by_name(lora_folder, setti
         ngsd.remove(model)
 
 
+def test_inputs_embeds_is_refused_by_name(lora_folder):
+    model = tiny_model("llama")
+    embeds = model.get_input_embeddings()(torch.tensor([[5, 6, 7]]))
+    ngsd.apply(model, expert=lora_folder, config=OPEN)
+    try:
+        with pytest.raises(ValueError, match="inputs_embeds"):
+            model.generate(inputs_embeds=embeds, max_new_tokens=3, pad_token_id=0, ngsd_alpha=0.5)
+    finally:
+        ngsd.remove(model)
+
+
 def test_sampling_with_temperature_matches_plain_sampling_settings(lora_folder):
     """HF's temperature/top-k/top-p warpers are not applied twice: the guarded op does them."""
     model = tiny_model("llama")

@@ -134,6 +134,9 @@ def decoding_method(expert: ExpertLike, config: NGSDConfig | None = None, tokeni
         call_config = config if ngsd_config is None else _check_config(ngsd_config, "ngsd_config")
         gc = generation_config
         check_generation_config(gc)
+        if model_kwargs.get("inputs_embeds") is not None:
+            raise ValueError("guarded decoding does not support inputs_embeds (the expert rows need the token ids); "
+                             "pass input_ids, or call ngsd.remove(model) for plain generate")
         resolved = resolve_expert(expert, model, required=call_config.mode != "off")
         max_new = gc.max_length - input_ids.shape[1] if gc.max_length is not None else 20
         pad = getattr(gc, "_pad_token_tensor", None)
