@@ -481,3 +481,28 @@ def test_without_a_chat_template_prompts_get_the_tokenizers_bos_as_with_chat_fal
     for chat in (True, False):  # chat=True falls back to plain text when there is no template
         ids, _ = ngsd.encode_prompts(tokenizer, ["hi there"], chat=chat)
         assert ids[0].tolist() == expected
+
+
+def test_stop_strings_in_a_generation_config_work_after_apply(smol_tokenizer):
+    from transformers import GenerationConfig
+
+    model = tiny_model("llama", vocab_size=len(smol_tokenizer), max_positions=256)
+    ids = torch.tensor([smol_tokenizer("hello there")["input_ids"]])
+    common = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=EOS)
+    free = model.generate(ids, **common)
+    new = free[0, ids.shape[1]:].tolist()
+    stop = next(smol_tokenizer.decode([t]).strip() for t in new[2:] if smol_tokenizer.decode([t]).strip())
+    config = GenerationConfig(**common, stop_strings=[stop])
+    plain = model.generate(ids, generation_config=config, tokenizer=smol_tokenizer)
+    assert plain.shape[1] < free.shape[1]  # the stop string ends this answer early
+    ngsd.apply(model, expert=tiny_model("llama", vocab_size=len(smol_tokenizer), max_positions=256, seed=1),
+               config=OFF)
+    try:
+        assert torch.equal(model.generate(ids, generation_config=config, tokenizer=smol_tokenizer), plain)
+        model.generation_config.stop_strings = [stop]  # e.g. from the checkpoint's generation_config.json
+        assert torch.equal(model.generate(ids, **common, tokenizer=smol_tokenizer), plain)
+        assert torch.equal(model.generate(ids, **common, stop_strings=None), free)  # switched off per call
+    finally:
+        model.generation_config.stop_strings = None
+        ngsd.remove(model)
+    assert config.stop_strings == [stop]  # the caller's config is left as it was

@@ -16,6 +16,7 @@ that existing ``model.generate(...)`` calls become guarded, and `remove` undoes 
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -202,12 +203,35 @@ def apply(
         for name in ("streamer", "tokenizer", "stop_strings"):
             if kwargs.get(name) is not None:
                 kwargs[f"ngsd_{name}"] = kwargs.pop(name)
+        _move_configured_stop_strings(model, kwargs)
         return unguarded_generate(model, *args, custom_generate=method, **kwargs)
 
     generate.__doc__ = f"Guarded by ngsd. {unguarded_generate.__doc__ or ''}"
     model.generate = generate
     setattr(model, _STATE_ATTR, _Guard(resolved, method))
     return model
+
+
+def _move_configured_stop_strings(model: nn.Module, kwargs: dict[str, Any]) -> None:
+    """Stop strings set in a GenerationConfig (the call's or the model's) go to the guarded loop too.
+
+    HF builds their stopping criterion only with a tokenizer, and it never hands `tokenizer=` on to a
+    `custom_generate` callable, so left in the config they fail with "could not locate a tokenizer".
+    """
+    given = kwargs.get("generation_config")
+    configured = getattr(given, "stop_strings", None)
+    if configured is None:
+        configured = getattr(model.generation_config, "stop_strings", None)
+    if configured is None:
+        return
+    if "ngsd_stop_strings" not in kwargs and "stop_strings" not in kwargs:  # stop_strings=None: the caller's "none"
+        kwargs["ngsd_stop_strings"] = configured
+    if getattr(given, "stop_strings", None) is not None:
+        given = copy.deepcopy(given)
+        given.stop_strings = None
+        kwargs["generation_config"] = given
+    if getattr(model.generation_config, "stop_strings", None) is not None:
+        kwargs["stop_strings"] = None  # else HF fills the model's back in
 
 
 def is_applied(model: nn.Module) -> bool:
