@@ -313,6 +313,20 @@ def test_max_new_tokens_must_be_whole(lora_folder, max_new_tokens, error):
                          max_new_tokens=max_new_tokens)
 
 
+def test_a_right_padded_batch_is_refused(lora_folder):
+    model = tiny_model("llama")
+    ids = torch.tensor([[5, 6, 7], [8, 9, 0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    with pytest.raises(ValueError, match="right-padded rows \\[1\\]"):
+        guarded_generate(model, ids, mask, expert=lora_folder, alpha=0.5, max_new_tokens=2)
+    ngsd.apply(model, expert=lora_folder)
+    try:
+        with pytest.raises(ValueError, match="left-padded"):
+            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, pad_token_id=0, ngsd_alpha=0.5)
+    finally:
+        ngsd.remove(model)
+
+
 def test_cuda_graph_off_a_cuda_device_or_on_the_torch_backend_is_a_value_error(lora_folder):
     # the step's CUDA graph (ngsd_kernels.StepGraph) holds Triton launches on a CUDA device only
     model = tiny_model("llama")

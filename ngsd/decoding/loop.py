@@ -141,6 +141,10 @@ def check_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
     empty = (lengths == 0).nonzero().flatten().tolist()
     if empty:
         raise ValueError(f"empty prompt in rows {empty}: every row needs at least one token (check the padding)")
+    right_padded = (attention_mask[:, -1] == 0).nonzero().flatten().tolist()
+    if right_padded:  # the next token would be read from a pad position
+        raise ValueError(f"right-padded rows {right_padded}: guarded decoding needs a left-padded batch (the last "
+                         "column real tokens); set tokenizer.padding_side = 'left'")
     if any(m < 1 for m in max_new):
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new}")
     window = getattr(model.config, "max_position_embeddings", None)
