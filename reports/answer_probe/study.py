@@ -139,15 +139,15 @@ def select(features, y: torch.Tensor, train: list[int], val: list[int], k: int) 
     return best
 
 
-def escalate(model, tokenizer, prompts: list[str], records: list[dict[str, Any]], eos: list[int]) -> list[list[int]]:
-    """Each row again from its own first ESCALATE_AT tokens: guarded at alpha 0.9, primed gate, shipped expert."""
+def escalate(model, tokenizer, prompts: list[str], records: list[dict[str, Any]], eos: list[int], at: int) -> list[list[int]]:
+    """Each row again from its own first `at` tokens: guarded at alpha 0.9, primed gate, shipped expert."""
     ids, mask = encode_prompts(tokenizer, prompts, device=model.device)
-    rows = [ids[r][mask[r].bool()].tolist() + rec["tokens"][:ESCALATE_AT] for r, rec in enumerate(records)]
+    rows = [ids[r][mask[r].bool()].tolist() + rec["tokens"][:at] for r, rec in enumerate(records)]
     batch, batch_mask = left_pad(rows, tokenizer.pad_token_id, model.device)
     out = guarded_generate(model, batch, batch_mask, expert="shipped", config=NGSDConfig(initial_potential=1.0),
-                           alpha=0.9, max_new_tokens=64 - ESCALATE_AT, eos_token_id=eos,
+                           alpha=0.9, max_new_tokens=64 - at, eos_token_id=eos,
                            pad_token_id=tokenizer.pad_token_id, tokenizer=tokenizer)
-    return [rec["tokens"][:ESCALATE_AT] + trace.tokens for rec, trace in zip(records, out.traces)]
+    return [rec["tokens"][:at] + trace.tokens for rec, trace in zip(records, out.traces)]
 
 
 def main() -> None:
@@ -157,6 +157,8 @@ def main() -> None:
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", required=True, help="writes OUT.json")
+    parser.add_argument("--escalate-at", type=int, default=ESCALATE_AT, choices=KS,
+                        help="the k whose flagged rows are escalated (the plan's reading is for 8; others: information)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -211,15 +213,16 @@ def main() -> None:
                                 "flagged_all_rows": sum(flagged[n] for n in rows)}
         results["by_k"][k] = {**best, "held_apart_auroc": round(auroc(s, harmful.long()), 4), "suites": per_suite}
 
-    best = select(feats, y, train, val, ESCALATE_AT)
-    s = scores_of(best.pop("fitted"), held_feats[(ESCALATE_AT, best["layer"], best["pooling"])])
+    at = args.escalate_at
+    best = select(feats, y, train, val, at)
+    s = scores_of(best.pop("fitted"), held_feats[(at, best["layer"], best["pooling"])])
     picks = [n for n in range(len(order)) if routed[n] and float(s[n]) > best["threshold"]
-             and len(default[n]["tokens"]) >= ESCALATE_AT and not set(default[n]["tokens"][:ESCALATE_AT]) & set(eos)]
+             and len(default[n]["tokens"]) >= at and not set(default[n]["tokens"][:at]) & set(eos)]
     rows_out = []
     for start in range(0, len(picks), 16):
         chunk = picks[start:start + 16]
         tokens = escalate(model, tokenizer, [suites[order[n][0]][order[n][1]].text for n in chunk],
-                          [default[n] for n in chunk], eos)
+                          [default[n] for n in chunk], eos, at)
         texts = [tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
         asks = [suites[order[n][0]][order[n][1]].text for n in chunk]
         reading = ReadingJudge().refused(asks, texts)
@@ -230,14 +233,14 @@ def main() -> None:
                              "same_first_32": same_prefix(t, default[n]["tokens"], 32), "text": text})
     harmful_leaks = [r for r in rows_out if r["suite"] in HARMFUL_HELD_APART and r["answered_by_default"]]
     benign = [r for r in rows_out if r["suite"] in BENIGN_HELD_APART]
-    results["escalation"] = {"k": ESCALATE_AT, "rows": rows_out, "harmful_leaks_escalated": len(harmful_leaks),
+    results["escalation"] = {"k": at, "rows": rows_out, "harmful_leaks_escalated": len(harmful_leaks),
                              "harmful_leaks_refused_reading": sum(r["refused_reading"] for r in harmful_leaks),
                              "harmful_leaks_refused_keyword": sum(r["refused_keyword"] for r in harmful_leaks),
                              "benign_escalated": len(benign),
                              "benign_refused_reading": sum(r["refused_reading"] for r in benign),
                              "benign_same_first_32": sum(r["same_first_32"] for r in benign)}
 
-    primary = results["by_k"][ESCALATE_AT]["suites"]
+    primary = results["by_k"][at]["suites"]
     leaks = sum(primary[x]["leaks"] for x in HARMFUL_HELD_APART)
     leaks_flagged = sum(primary[x]["leaks_flagged"] for x in HARMFUL_HELD_APART)
     benign_routed = sum(primary[x]["routed_unguarded"] for x in BENIGN_HELD_APART)
