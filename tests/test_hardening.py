@@ -520,3 +520,12 @@ def test_stop_strings_in_a_generation_config_work_after_apply(smol_tokenizer):
         model.generation_config.stop_strings = None
         ngsd.remove(model)
     assert config.stop_strings == [stop]  # the caller's config is left as it was
+
+
+def test_an_adapter_that_does_not_fit_names_the_model_it_was_trained_for():
+    """The shipped expert on another model: the error says which model it fits and how to get one for this model."""
+    from ngsd.experts.shipped import shipped_expert_path
+
+    adapter = LoraAdapter.load(shipped_expert_path())
+    with pytest.raises(ValueError, match=r"does not fit .*trained for HuggingFaceTB/SmolLM2-135M-Instruct.*ngsd train-expert"):
+        adapter.attach(tiny_model("llama"))

@@ -46,6 +46,7 @@ class LoraAdapter:
     pairs: dict[str, _LoraPair]
     scale: float
     source: str = ""
+    base_model: str | None = None  # adapter_config.json's base_model_name_or_path: named when it does not fit
     _local: threading.local = field(default_factory=threading.local, repr=False)
 
     @classmethod
@@ -85,7 +86,7 @@ class LoraAdapter:
         if not downs or downs.keys() != ups.keys():
             raise ValueError(f"{path}: adapter weights hold no matching lora_A/lora_B pairs")
         pairs = {name: _LoraPair(downs[name], ups[name]) for name in downs}
-        return cls(pairs=pairs, scale=scale, source=str(path))
+        return cls(pairs=pairs, scale=scale, source=str(path), base_model=config.get("base_model_name_or_path"))
 
     def attach(self, model: nn.Module) -> None:
         """Add the hooks to `model` (idempotent). Raises if the adapter does not fit the model."""
@@ -93,18 +94,20 @@ class LoraAdapter:
             return
         self.detach(model)  # hooks someone removed behind our back: start clean
         modules = dict(model.named_modules())
+        trained_for = (f" (it was trained for {self.base_model}; train one for this model with `ngsd train-expert`)"
+                       if self.base_model else "")
         handles = []
         for name, pair in self.pairs.items():
             module = _find_module(modules, name)
             if module is None or not isinstance(module, nn.Linear):
                 raise ValueError(
                     f"LoRA adapter {self.source} targets {name!r}, which is not a Linear layer of this model: "
-                    "the adapter was trained for another architecture"
+                    f"the adapter was trained for another architecture{trained_for}"
                 )
             if pair.down.shape[1] != module.in_features or pair.up.shape[0] != module.out_features:
                 raise ValueError(
                     f"LoRA adapter {self.source} does not fit {name}: adapter {tuple(pair.up.shape)}x"
-                    f"{tuple(pair.down.shape)} vs layer {module.out_features}x{module.in_features}"
+                    f"{tuple(pair.down.shape)} vs layer {module.out_features}x{module.in_features}{trained_for}"
                 )
             pair.down = pair.down.to(module.weight.device, module.weight.dtype)
             pair.up = pair.up.to(module.weight.device, module.weight.dtype)
