@@ -208,7 +208,7 @@ def test_vocabulary_mismatch_is_refused():
     model = tiny_model("llama", vocab_size=96)
     other = tiny_model("llama", vocab_size=100)
     ids = torch.tensor([[5, 6, 7]])
-    with pytest.raises(ValueError, match="vocabulary mismatch"):
+    with pytest.raises(ValueError, match="vocabulary mismatch: the base model scores 96 tokens, the expert 100.*LoRA"):
         guarded_generate(model, ids, expert=other, alpha=0.5, max_new_tokens=2)
 
 

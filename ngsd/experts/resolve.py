@@ -89,8 +89,10 @@ def check_same_vocabulary(base: nn.Module, expert: nn.Module) -> None:
     if base_size != expert_size:
         raise ValueError(
             f"vocabulary mismatch: the base model scores {base_size} tokens, the expert {expert_size}. "
-            "The expert must share the base model's tokenizer (pick the smallest model of the same family, "
-            "or a LoRA adapter trained on the base)"
+            "The two distributions are mixed id by id, so both LM heads need the same number of rows: an expert "
+            "of the same family with the same head size, or a LoRA adapter trained on the base (`ngsd "
+            "train-expert`). Families that pad the head to a different size per model (Qwen2.5: 151936 rows at "
+            "0.5B, 152064 at 7B) are not supported as separate-model pairs yet"
         )
 
 
