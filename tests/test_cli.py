@@ -140,6 +140,20 @@ def test_parse_errors_are_one_line_with_status_2(argv, words, capsys):
         assert word in err, (word, err)
 
 
+@pytest.mark.parametrize("device, words", [
+    ("bogus", ["--device", "'bogus'", "not a torch device"]),
+    pytest.param("cuda", ["--device cuda", "no CUDA device"],
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")),
+])
+def test_reflect_refuses_an_unusable_device_in_one_line(device, words, capsys):
+    # was a raw RuntimeError / AssertionError traceback with exit status 1, after the model was read
+    assert cli.main(["reflect", "hi", "--device", device]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("ngsd reflect: error: "), err
+    for word in words:
+        assert word in err, (word, err)
+
+
 def test_debug_shows_the_traceback_instead():
     with pytest.raises(cli.UsageError, match="--alpha"):
         cli.main(["generate", "hi", "--alpha", "2", "--debug"])

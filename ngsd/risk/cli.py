@@ -31,6 +31,24 @@ def format_reflection(request: str, r: Any) -> str:
     return "\n".join(lines)
 
 
+def check_device(value: str) -> None:
+    """--device: a torch device string whose device torch can use (UsageError otherwise; imports torch)."""
+    import torch
+
+    from ..cli import UsageError
+
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError) as error:
+        raise UsageError(f"--device: {value!r} is not a torch device; use cpu, cuda or cuda:N") from error
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UsageError(f"--device {value}: torch sees no CUDA device here; use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise UsageError(f"--device {value}: torch sees {count} CUDA device(s), numbered from 0")
+
+
 def run(args: argparse.Namespace) -> int:
     """Load the model, reflect on every prompt in one batch, print the result (text or JSON)."""
     import torch
@@ -40,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
     from ..loading import load_model
     from .reflection import reflect
 
+    check_device(args.device)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     given = {"max_new_tokens": args.max_new_tokens, "all_zero": args.all_zero}
     config = ReflectionConfig(mode=args.mode, **{k: v for k, v in given.items() if v is not None})
