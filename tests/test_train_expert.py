@@ -495,3 +495,47 @@ def test_a_teachers_examples_are_not_trained_without_the_teacher(tiny, data_dir,
     with pytest.raises(ValueError, match="pass --distill-from"):
         trainer.train_expert(small_config(data_dir, tmp_path / "e", examples=str(saved)), model=model, tokenizer=tok,
                              log=lambda s: None)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--threads", "-1"], ["--threads", ">= 1"]),  # was a raw RuntimeError traceback from torch
+    (["--threads", "0"], ["--threads", ">= 1"]),  # was silently ignored
+    (["--lr", "inf"], ["--lr", "finite"]),  # was accepted: a whole run towards NaN weights
+    (["--lora-alpha", "0"], ["--lora-alpha", "> 0"]),  # was accepted: an adapter that changes nothing
+    (["--distill-from", "/nope"], ["--distill-from", "/nope", "does not exist"]),  # failed after the data step
+    (["--examples", "/nope.jsonl"], ["--examples", "/nope.jsonl", "not a file"]),  # failed after loading the model
+    (["--out", "README"], ["--out", "is a file"]),  # failed when saving, after the whole training
+])
+def test_cli_refuses_bad_arguments_before_any_work(argv, words, tmp_path, capsys):
+    from ngsd import cli as top
+
+    (tmp_path / "README").write_text("not a folder")
+    argv = [str(tmp_path / a) if a == "README" else a for a in argv]
+    if "--out" not in argv:
+        argv += ["--out", str(tmp_path / "expert")]
+    # a missing data folder as well: a check that does not fire ends at once, never in a training run
+    assert top.main(["train-expert", *argv, "--data-dir", str(tmp_path / "no-data")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("ngsd train-expert: error: "), err
+    for word in words:
+        assert word in err, (word, err)
+
+
+def test_unknown_lora_targets_and_too_many_top_layers_fail_before_the_data_step(tiny, tmp_path):
+    model, tok = tiny
+    missing_data = tmp_path / "no-data"  # never read: the checks come first
+    missing_data.mkdir()
+    with pytest.raises(ValueError, match="no module named foo_proj"):
+        trainer.train_expert(small_config(missing_data, tmp_path / "e", targets="foo_proj,q_proj"), model=model,
+                             tokenizer=tok, log=lambda s: None)
+    with pytest.raises(ValueError, match="--top-layers 3 exceeds the model's 2 decoder layers"):
+        trainer.train_expert(small_config(missing_data, tmp_path / "e", top_layers=3), model=model, tokenizer=tok,
+                             log=lambda s: None)
+    trainer.check_lora_targets(model, small_config(missing_data, tmp_path / "e", targets="self_attn.q_proj"))
+
+
+def test_a_file_that_is_not_training_examples_is_named(tmp_path):
+    bad = tmp_path / "notes.jsonl"
+    bad.write_text('{"kind": "refusal"}\n')
+    with pytest.raises(ValueError, match="notes.jsonl: line 1 is not a training example"):
+        examples.load_examples(bad)

@@ -7,7 +7,9 @@ building the `ngsd` parser and `--help` stay fast.
 from __future__ import annotations
 
 import argparse
+import math
 import shlex
+from pathlib import Path
 from typing import Any, Sequence
 
 from ..shipped import EXPERT_NAME
@@ -125,10 +127,33 @@ def cli_args(cfg: TrainExpertConfig) -> list[str]:
     return args
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """The checks that need no model, so a wrong value fails at once, not after minutes of data building."""
+    from ...cli import UsageError, check_expert, check_model, check_range
+
+    check_range("--threads", args.threads, 1)
+    for flag, value in (("--lr", args.lr), ("--lora-alpha", args.lora_alpha)):
+        if not (math.isfinite(value) and value > 0):
+            raise UsageError(f"{flag} must be a finite number > 0, got {value:g}")
+    if args.model is not None:
+        check_model(args.model)
+    if args.distill_from is not None:
+        try:
+            check_expert(args.distill_from)
+        except UsageError as error:
+            raise UsageError(str(error).replace("--expert", "--distill-from", 1)) from error
+    if args.examples is not None and not Path(args.examples).expanduser().is_file():
+        raise UsageError(f"--examples: {args.examples!r} is not a file; pass the training_examples.jsonl an earlier "
+                         "run wrote into its --out folder")
+    if args.out is not None and Path(args.out).expanduser().exists() and not Path(args.out).expanduser().is_dir():
+        raise UsageError(f"--out: {args.out!r} is a file; pass a folder for the adapter")
+
+
 def run(args: argparse.Namespace) -> int:
     """Train with the parsed arguments; the report records the command that reproduces the run."""
     from .trainer import train_expert
 
+    check_arguments(args)
     cfg = config_from_args(args)
     train_expert(cfg, command="ngsd train-expert " + " ".join(shlex.quote(a) for a in cli_args(cfg)))
     return 0

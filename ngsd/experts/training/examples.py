@@ -59,11 +59,15 @@ def load_examples(path: str | os.PathLike[str]) -> list[Example]:
     """Examples saved by a previous run (training_examples.jsonl), to retrain on exactly the same data."""
     examples = []
     with open(path, encoding="utf-8") as f:
-        for line in f:
+        for number, line in enumerate(f, start=1):
             if line.strip():
-                r = json.loads(line)
-                examples.append(Example(r["kind"], r["source"], r["prompt"], r["response_ids"], r["prefix_ids"],
-                                        r["loss"], r["complete"]))
+                try:
+                    r = json.loads(line)
+                    examples.append(Example(r["kind"], r["source"], r["prompt"], r["response_ids"], r["prefix_ids"],
+                                            r["loss"], r["complete"]))
+                except (json.JSONDecodeError, KeyError, TypeError) as error:
+                    raise ValueError(f"{path}: line {number} is not a training example ({type(error).__name__}: "
+                                     f"{error}); pass a training_examples.jsonl written by ngsd train-expert") from error
     return examples
 
 

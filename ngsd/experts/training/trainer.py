@@ -43,6 +43,17 @@ def make_lora_model(model: Any, cfg: TrainExpertConfig) -> Any:
         return get_peft_model(model, lora)
 
 
+def check_lora_targets(model: Any, cfg: TrainExpertConfig) -> None:
+    """ValueError unless every LoRA target module exists in `model` and --top-layers fits its depth."""
+    top_layers(model, cfg)
+    names = [name for name, _ in model.named_modules()]
+    missing = [t for t in target_modules(cfg.targets) if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise ValueError(f"--targets: the model has no module named {', '.join(missing)}; its linear layers are "
+                         f"{', '.join(leaves)}")
+
+
 def top_layers(model: Any, cfg: TrainExpertConfig) -> list[int] | None:
     """The decoder layers `--top-layers n` adapts (peft's layers_to_transform); None: every layer."""
     return top_layer_indices(model.config.num_hidden_layers, cfg.top_layers)
@@ -257,6 +268,7 @@ def _train_expert(cfg: TrainExpertConfig, *, model: Any, tokenizer: Any, command
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
+    check_lora_targets(model, cfg)  # before the (slow) data step, not after it
 
     t0 = time.perf_counter()
     if cfg.examples:
