@@ -272,6 +272,27 @@ def test_cli_rejects_bad_arguments_before_loading(capsys):
     assert "--delta-out" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, words", [
+    (["--threads", "-1"], ["--threads", ">= 1"]),  # was a raw RuntimeError traceback from torch
+    (["--threads", "0"], ["--threads", ">= 1"]),  # was silently ignored
+    (["--lr", "inf"], ["--lr", "finite"]),  # was accepted and trained with
+    (["--z-threshold", "nan"], ["--z-threshold", "finite"]),  # was accepted: no neuron can reach nan
+    (["--examples", "/nope.jsonl"], ["--examples", "/nope.jsonl", "not a file"]),  # was found after the probe step
+    (["--out", "FILE"], ["--out", "is a file"]),  # failed when saving, after the training
+])
+def test_cli_rejects_bad_numbers_and_paths_before_loading(argv, words, tmp_path, capsys):
+    from ngsd.cli import main
+
+    (tmp_path / "FILE").write_text("not a folder")
+    argv = [str(tmp_path / a) if a == "FILE" else a for a in argv]
+    # --delta-out in tmp and a missing data folder: a check that does not fire never trains nor overwrites
+    assert main(["train-nest", *argv, "--delta-out", str(tmp_path / "d"), "--data-dir", str(tmp_path / "no")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("ngsd train-nest: error: "), err
+    for word in words:
+        assert word in err, (word, err)
+
+
 def test_selection_from_a_layer_keeps_only_that_layer_and_above():
     z = torch.tensor([[4.0, 0.0, 3.5], [0.0, 3.2, 0.0], [3.1, 0.0, 5.0]])
     everywhere = select_neurons(z, threshold=3.0)

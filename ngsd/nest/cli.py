@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import math
 import shlex
+from pathlib import Path
 from typing import Any
 
 from .config import NestConfig
@@ -69,11 +71,21 @@ def cli_args(cfg: NestConfig) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..cli import UsageError, check_model
+    from ..cli import UsageError, check_model, check_range
     from .training import train_nest
 
     if args.model is not None:
         check_model(args.model)
+    check_range("--threads", args.threads, 1)
+    for flag, value in (("--lr", args.lr), ("--z-threshold", args.z_threshold)):
+        if not math.isfinite(value) or (flag == "--lr" and value <= 0):
+            raise UsageError(f"{flag} must be a finite number{' > 0' if flag == '--lr' else ''}, got {value:g}")
+    if args.examples is not None and not Path(args.examples).expanduser().is_file():
+        raise UsageError(f"--examples: {args.examples!r} is not a file; pass a training_examples.jsonl of the expert "
+                         "recipe (an expert's --out folder holds one)")
+    for flag, value in (("--out", args.out), ("--delta-out", args.delta_out)):
+        if value is not None and Path(value).expanduser().is_file():
+            raise UsageError(f"{flag}: {value!r} is a file; pass a folder")
     try:
         cfg = config_from_args(args)
     except ValueError as error:
