@@ -435,3 +435,21 @@ def test_divergence_threshold_is_set_on_the_requests_named_and_keeps_their_recal
     assert single["validation"]["benign_in_band_guarded"] < every["validation"]["benign_in_band_guarded"]
     with pytest.raises(ValueError, match="one entry per validation request"):
         fit_divergence_check(risks, divergences, labels, route_below=3.0, sets_threshold=[True])
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--check-only", "--no-check"], ["--check-only and --no-check"]),  # was exit status 1 without 'ngsd train-probe'
+    (["--threads", "-1"], ["--threads", ">= 1"]),  # was a raw RuntimeError traceback after loading the model
+    (["--threads", "0"], ["--threads", ">= 1"]),
+    (["--expert", "/nope"], ["--expert", "/nope", "does not exist"]),  # was found only after training the probe
+    (["--model", "/nope"], ["--model", "/nope", "does not exist"]),
+])
+def test_train_probe_cli_refuses_bad_arguments_before_any_work(argv, words, tmp_path, capsys):
+    from ngsd import cli
+
+    # a missing data folder as well: a check that does not fire ends soon, never in a training run
+    assert cli.main(["train-probe", "--out", str(tmp_path / "probe"), *argv, "--data-dir", str(tmp_path / "no")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("ngsd train-probe: error: "), err
+    for word in words:
+        assert word in err, (word, err)

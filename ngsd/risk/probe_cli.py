@@ -98,11 +98,27 @@ def config_from_args(args: argparse.Namespace) -> Any:
     )
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """The checks that need no model, so a wrong value fails at once, not after the probe is trained."""
+    from ..cli import UsageError, check_expert, check_model, check_range
+
+    if args.check_only and args.no_check:
+        raise UsageError("--check-only and --no-check contradict each other: give one of them")
+    check_range("--threads", args.threads, 1)
+    if args.model is not None:
+        check_model(args.model)
+    if args.expert is not None and not args.no_check:
+        from ..loading import is_default_model
+
+        if args.expert == "shipped" and not is_default_model(args.model):
+            raise UsageError("--expert shipped: no expert ships for this model; pass --expert <adapter folder or model>")
+        check_expert(args.expert)
+
+
 def run_cli(args: argparse.Namespace) -> int:
     from .probe_training import train_probe
 
-    if args.check_only and args.no_check:
-        raise SystemExit("--check-only and --no-check contradict each other")
+    check_arguments(args)
     cfg = config_from_args(args)
     command = "ngsd " + " ".join(shlex.quote(a) for a in getattr(args, "argv", None) or sys.argv[1:])
     model = tokenizer = None
@@ -130,7 +146,9 @@ def _fit_check(args: argparse.Namespace, cfg: Any, model: Any, tokenizer: Any, c
         print("no expert ships for this model and none was given (--expert): no divergence check fitted")
         return
     if name == "shipped" and not default:
-        raise SystemExit("no expert ships for this model: pass --expert <adapter folder or model>")
+        from ..cli import UsageError
+
+        raise UsageError("--expert shipped: no expert ships for this model; pass --expert <adapter folder or model>")
     if model is None:
         torch.set_num_threads(cfg.threads)
         model, tokenizer = load_model(cfg.model)
