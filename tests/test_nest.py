@@ -293,6 +293,23 @@ def test_cli_rejects_bad_numbers_and_paths_before_loading(argv, words, tmp_path,
         assert word in err, (word, err)
 
 
+@pytest.mark.parametrize("out, words", [
+    ("", ["--out is empty"]),  # was: the adapter written into the current folder
+    ("FILE", ["--out", "is a file"]),  # was: '[Errno 17] File exists'
+])
+def test_nest_to_lora_refuses_an_empty_or_file_out(out, words, tmp_path, monkeypatch, capsys):
+    from ngsd.cli import main
+
+    (tmp_path / "FILE").write_text("not a folder")
+    monkeypatch.chdir(tmp_path)
+    assert main(["nest-to-lora", "nest", "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("ngsd nest-to-lora: error: "), err
+    for word in words:
+        assert word in err, (word, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["FILE"]
+
+
 def test_selection_from_a_layer_keeps_only_that_layer_and_above():
     z = torch.tensor([[4.0, 0.0, 3.5], [0.0, 3.2, 0.0], [3.1, 0.0, 5.0]])
     everywhere = select_neurons(z, threshold=3.0)

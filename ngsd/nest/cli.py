@@ -102,6 +102,10 @@ def run_to_lora(args: argparse.Namespace) -> int:
     from .as_lora import save_peft_folder
     from .shipped import is_nest_delta, shipped_nest_path
 
+    if not args.out.strip():
+        raise UsageError("--out is empty: give the folder to write the adapter into")
+    if Path(args.out).expanduser().is_file():
+        raise UsageError(f"--out: {args.out!r} is a file; pass a folder for the adapter")
     delta = shipped_nest_path() if args.delta == "nest" else args.delta
     if not is_nest_delta(delta):
         raise UsageError(f"{args.delta!r} is not a NeST delta folder (nest_delta.safetensors, no config.json); "
