@@ -73,6 +73,11 @@ def test_config_errors_name_the_problem(tmp_path):
         load_config("no_such_config")
     with pytest.raises(ValueError, match="unknown fields"):
         config_from_dict({"suites": {"advbench": 2}, "max_tokens": 3})
+    # were 'unknown fields [1, 2]' and "unknown method 'o'" (a string read letter by letter)
+    with pytest.raises(ValueError, match="must be a JSON object of fields, got a list"):
+        config_from_dict([1, 2])
+    with pytest.raises(ValueError, match="'methods' must be a list of method names"):
+        config_from_dict({"suites": {"advbench": 2}, "methods": "off"})
     with pytest.raises(ValueError, match="unknown suite"):
         config_from_dict({"suites": {"advbnch": 2}})
     with pytest.raises(KeyError, match="unknown method"):

@@ -109,6 +109,8 @@ _FIELDS = {
 
 
 def config_from_dict(data: Mapping[str, Any], default_name: str = "custom") -> EvalConfig:
+    if not isinstance(data, Mapping):
+        raise ValueError(f"evaluation config must be a JSON object of fields, got a {type(data).__name__}")
     unknown = set(data) - _FIELDS
     if unknown:
         raise ValueError(f"evaluation config: unknown fields {sorted(unknown)}; known: {sorted(_FIELDS)}")
@@ -117,11 +119,15 @@ def config_from_dict(data: Mapping[str, Any], default_name: str = "custom") -> E
         raise ValueError("evaluation config needs 'suites': an object of suite name -> prompt count or settings")
     custom = {name: method_from_json(name, value) for name, value in dict(data.get("custom_methods", {})).items()}
     sizing = data.get("sizing", "")
+    methods = data.get("methods", DEFAULT_METHODS)
+    if not isinstance(methods, (list, tuple)):
+        raise ValueError(f"evaluation config: 'methods' must be a list of method names, e.g. [\"off\", \"ngsd\"], "
+                         f"got {methods!r}")
     return EvalConfig(
         name=data.get("name", default_name),
         description=data.get("description", ""),
         suites=tuple(SuiteSpec.from_json(name, value) for name, value in suites_data.items()),
-        methods=tuple(data.get("methods", DEFAULT_METHODS)),
+        methods=tuple(methods),
         custom_methods=custom,
         model=data.get("model"),
         expert=data.get("expert", "shipped"),
