@@ -74,6 +74,7 @@ def test_opt_out_in_a_guarded_batch_decodes_like_plain_vllm(guarded_llm, plain_l
     ({"ngsd_guard": "no"}, "ngsd_guard"),
     ({"ngsd_guard": 2}, "ngsd_guard"),
     ({"ngsd_guard": False, "ngsd_alpha": 0.5}, "unguarded request has no alpha"),
+    ({"ngsd_alhpa": 1.0}, "unknown ngsd arguments"),  # misspelled: was decoded at the engine's alpha, silently
 ])
 def test_bad_extra_args_are_refused_at_admission(guarded_llm, prompt_ids, extra_args, message):
     from vllm.exceptions import VLLMValidationError
