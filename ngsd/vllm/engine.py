@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any, Mapping
 
-from .settings import CONFIG_KEY, GuardSettings
+from .settings import CONFIG_KEY, GuardSettings, expert_folder
 
 ARCHITECTURE = "NGSDGuardedLlamaForCausalLM"
 MODEL_CLASS = "ngsd.vllm.model:NGSDGuardedLlamaForCausalLM"
@@ -22,6 +22,7 @@ def guard_overrides(expert: str = "shipped", alpha: float = 0.9, allow_opt_out: 
                     gate: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The ``hf_overrides`` of a guarded engine (validated here, before any engine starts)."""
     settings = GuardSettings(expert=str(expert), alpha=alpha, allow_opt_out=allow_opt_out, gate=dict(gate or {}))
+    expert_folder(settings.expert)  # here, not only in the engine's worker, whose failure reads "initialization failed"
     return {"architectures": [ARCHITECTURE], CONFIG_KEY: settings.to_dict()}
 
 

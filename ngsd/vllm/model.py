@@ -13,7 +13,6 @@ expert's logits of the same rows for `NGSDLogitsProcessor` (`channel.py`).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Iterable
 
 import torch
@@ -24,10 +23,9 @@ from vllm.model_executor.models.utils import AutoWeightsLoader
 from vllm.sequence import IntermediateTensors
 
 from ..experts.lora import LoraAdapter
-from ..experts.shipped import shipped_expert_path
 from .channel import CHANNEL, ExpertRows
 from .engine import ARCHITECTURE, PROCESSOR
-from .settings import CONFIG_KEY, GuardSettings
+from .settings import CONFIG_KEY, GuardSettings, expert_folder
 
 
 class NGSDGuardedLlamaForCausalLM(nn.Module):
@@ -39,7 +37,7 @@ class NGSDGuardedLlamaForCausalLM(nn.Module):
         self.hidden_size = config.hidden_size
         self.base = LlamaForCausalLM(vllm_config=vllm_config, prefix=_join(prefix, "base"))
         self.expert = LlamaForCausalLM(vllm_config=vllm_config, prefix=_join(prefix, "expert"))
-        self.adapter = LoraAdapter.load(_expert_path(self.settings.expert))
+        self.adapter = LoraAdapter.load(expert_folder(self.settings.expert))
         if self.adapter.targets_lm_head() or any(name.split(".")[-1] == "embed_tokens" for name in self.adapter.pairs):
             raise ValueError(f"ngsd: the expert {self.adapter.source} changes the LM head or the embeddings (tied to the "
                              "head); only decoder-layer LoRA adapters are supported in vLLM")
@@ -92,13 +90,6 @@ def _merged(name: str, weight: torch.Tensor, up: torch.Tensor, down: torch.Tenso
                          f"{tuple(weight.shape)}; it was trained for another model")
     delta = scale * (up.to(torch.float32) @ down.to(torch.float32))
     return (weight.to(torch.float32) + delta).to(weight.dtype)
-
-
-def _expert_path(expert: str) -> Path:
-    path = shipped_expert_path() if expert == "shipped" else Path(expert).expanduser()
-    if not (path / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"ngsd expert {expert!r}: {path} is not a peft LoRA adapter folder")
-    return path
 
 
 def _check_engine(vllm_config: VllmConfig) -> None:

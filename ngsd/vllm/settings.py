@@ -29,9 +29,11 @@ import logging
 import math
 from dataclasses import asdict, dataclass, field, fields
 from numbers import Real
+from pathlib import Path
 from typing import Any, Mapping
 
 from ..config import NGSDConfig
+from ..experts.shipped import shipped_expert_path
 
 logger = logging.getLogger(__name__)
 CONFIG_KEY = "ngsd"  # the model-config attribute (hf_overrides key) that holds the settings
@@ -135,6 +137,14 @@ class GuardSettings:
         except (TypeError, ValueError) as refusal:
             logger.warning("ngsd: %s; the request is guarded at alpha %s instead", refusal, self.alpha)
             return RequestPolicy(guarded=True, alpha=self.alpha)
+
+
+def expert_folder(expert: str) -> Path:
+    """The peft LoRA folder `expert` names ("shipped": the default model's); FileNotFoundError if it is not one."""
+    path = shipped_expert_path() if expert == "shipped" else Path(expert).expanduser()
+    if not (path / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"ngsd expert {expert!r}: {path} is not a peft LoRA adapter folder")
+    return path
 
 
 def parse_request(extra_args: Mapping[str, Any] | None) -> tuple[bool, float | None]:
