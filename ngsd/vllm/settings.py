@@ -10,9 +10,11 @@ A request asks through ``SamplingParams.extra_args``:
 - ``"ngsd_guard": False``: decode unguarded, exactly as plain vLLM would.
 
 Nothing a request says may weaken its own guard unless the operator allowed it: with
-``allow_opt_out=False`` (the default) an alpha below the engine's ``alpha`` and ``ngsd_guard=False``
-are refused with a ValueError (the server answers 400), never silently ignored, so a client
-learns at once that its request would not be served as asked.
+``allow_opt_out=False`` (the default) `request_policy` refuses an alpha below the engine's
+``alpha`` and ``ngsd_guard=False`` with a ValueError. Admission (the front end, HTTP 400) checks
+only the form of the arguments (`parse_request`: it cannot see the engine's settings); inside the
+engine such a request is guarded at the engine's alpha and a warning is logged
+(`policy_or_guarded`), never served unguarded or weaker.
 
 >>> settings = GuardSettings.from_mapping({"alpha": 0.9})
 >>> settings.request_policy({"ngsd_alpha": 1.0})
