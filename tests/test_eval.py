@@ -83,6 +83,9 @@ def test_config_errors_name_the_problem(tmp_path):
     with pytest.raises(KeyError, match="unknown method"):
         config_from_dict({"suites": {"advbench": 2}, "methods": ["off", "ngsdd"]})
     assert parse_methods(" off, ngsd ,off,") == ("off", "ngsd")
+    for name in ("../../x", "a/b", "..", " "):  # the default output folder is eval_runs/<name>
+        with pytest.raises(ValueError, match="config name must be a plain name"):
+            config_from_dict({"name": name, "suites": {"advbench": 2}})
 
 
 def test_a_config_probe_replaces_the_shipped_probe_only_where_a_method_reads_one(tmp_path, capsys):
@@ -299,10 +302,12 @@ def test_register_cli_adds_eval_subcommand(capsys):
 
 @needs_data
 def test_cli_refuses_expert_methods_without_an_expert(tmp_path, capsys):
+    out = tmp_path / "run"
     code = eval_cli.main(["--config", "smoke", "--expert", "none", "--methods", "off,ngsd_a0.9", "--limit", "1",
-                          "--out", str(tmp_path), "--no-progress", "--data-dir", str(DATA_DIR)])
+                          "--out", str(out), "--no-progress", "--data-dir", str(DATA_DIR)])
     assert code == 2
     assert "need an expert" in capsys.readouterr().err
+    assert not out.exists()  # a run refused on its inputs leaves no empty output folder
 
 
 # ----------------------------------------------------------------------------------------------

@@ -54,6 +54,10 @@ class EvalConfig:
     sizing: str = ""
 
     def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name.strip() or self.name in (".", "..") or any(
+                sep in self.name for sep in ("/", "\\")):
+            raise ValueError(f"config name must be a plain name (the default output folder is eval_runs/<name>), "
+                             f"got {self.name!r}")
         if not self.suites:
             raise ValueError(f"config {self.name!r} lists no suites")
         if not self.methods:

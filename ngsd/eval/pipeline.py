@@ -196,7 +196,6 @@ def _run(config: EvalConfig, *, out_dir, data_dir, limit, model, tokenizer, mode
     started = time.time()
     load_before = _load_average()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     suites = load_suites(config.suites, data_dir, limit)
     methods = config.resolved_methods()
     # Find the expert before loading the model, so a missing one fails fast.
@@ -219,6 +218,7 @@ def _run(config: EvalConfig, *, out_dir, data_dir, limit, model, tokenizer, mode
 
     expert_obj = resolve_expert(expert_source, model) if expert_source is not None else None
 
+    out.mkdir(parents=True, exist_ok=True)  # only now: a run that fails on its inputs leaves no empty folder
     cache = GenerationCache(cache_path if cache_path is not None else out / CACHE_NAME)
     runner = Runner(
         model,
