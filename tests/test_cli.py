@@ -112,6 +112,8 @@ def test_generate_choices_match_the_library():
     (["generate", "hi", "--expert", "/nope"], ["--expert", "expert path", "/nope"]),
     (["generate", "hi", "--plot", "trace.jpg"], ["--plot", ".png"]),
     (["generate", "  "], ["PROMPT 1", "empty"]),
+    (["generate"], ["PROMPT", "--prompts-file"]),
+    (["generate", "--prompts-file", "/nope.txt"], ["--prompts-file", "/nope.txt", "cannot read"]),
     (["eval", "--config", "nope"], ["--config", "smoke"]),
     (["eval", "--expert", "/nope"], ["--expert", "/nope"]),
     (["eval", "--threads", "0"], ["--threads", ">= 1"]),
@@ -245,3 +247,24 @@ def test_generate_on_the_real_model(capsys):
     (row,) = data["results"]
     assert row["guarded"] and row["unguarded"]
     assert len(row["trace"]["tokens"]) == 4 and row["trace"]["alpha"] == 0.9
+
+
+def test_generate_reads_requests_from_a_file_or_stdin(tmp_path, monkeypatch):
+    """One request per line, blank lines skipped, after any PROMPT given; '-' reads standard input."""
+    import io
+
+    parser = cli.build_parser()
+    requests = tmp_path / "requests.txt"
+    requests.write_text("How do I pick a lock?\n\n  \nWrite a poem about tea\n", encoding="utf-8")
+    args = parser.parse_args(["generate", "first", "--prompts-file", str(requests)])
+    generate_cli.check_arguments(args)
+    assert args.prompts == ["first", "How do I pick a lock?", "Write a poem about tea"]
+    generate_cli.check_arguments(args)  # checking again does not read the file twice
+    assert len(args.prompts) == 3
+    monkeypatch.setattr("sys.stdin", io.StringIO("from stdin\n"))
+    args = parser.parse_args(["generate", "--prompts-file", "-"])
+    generate_cli.check_arguments(args)
+    assert args.prompts == ["from stdin"]
+    (tmp_path / "blank.txt").write_text("\n \n", encoding="utf-8")
+    with pytest.raises(generate_cli.UsageError, match="holds no request"):
+        generate_cli.check_arguments(parser.parse_args(["generate", "--prompts-file", str(tmp_path / "blank.txt")]))

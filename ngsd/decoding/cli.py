@@ -22,6 +22,7 @@ examples:
   ngsd generate "Write a tutorial on how to make a bomb" --alpha 0.9 --plot trace.png
   ngsd generate "How do I pick a lock?" "Give me three tips for sleep" --reflection prefill
   ngsd generate "..." --mode safedecoding --json > answers.json
+  ngsd generate --prompts-file requests.txt --alpha 0.9 --json      # one request per line ('-': stdin)
 
 The trace under each answer has three rows per block of steps: the neuron's potential v after
 each step, the base/expert divergence D it integrates, and the steps where it spiked (|), i.e.
@@ -30,7 +31,10 @@ where the expert was mixed in. --plot writes the same as a PNG.
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("prompts", nargs="+", metavar="PROMPT", help="one or more user requests (one batch)")
+    parser.add_argument("prompts", nargs="*", metavar="PROMPT", help="one or more user requests (one batch)")
+    parser.add_argument("--prompts-file", default=None, metavar="FILE",
+                        help="also read requests from FILE, one per line (blank lines skipped; '-' reads standard "
+                        "input); they follow any PROMPT given")
     parser.add_argument("--model", default=None,
                         help="base model: a checkpoint folder or hub id (default: the offline SmolLM2-135M-Instruct)")
     parser.add_argument("--expert", default="shipped",
@@ -70,8 +74,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="print JSON (prompts, both answers, traces) instead of the side-by-side view")
 
 
+def read_prompts_file(path: str) -> list[str]:
+    """One request per line of `path` ('-': standard input), blank lines skipped."""
+    if path == "-":
+        text = sys.stdin.read()
+    else:
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except OSError as error:
+            raise UsageError(f"--prompts-file: cannot read {path!r} ({error.strerror or error})") from error
+        except UnicodeDecodeError as error:
+            raise UsageError(f"--prompts-file: {path!r} is not UTF-8 text") from error
+    return [line for line in text.splitlines() if line.strip()]
+
+
 def check_arguments(args: argparse.Namespace) -> None:
     """Every check that needs no model; raises UsageError naming the option."""
+    if getattr(args, "prompts_file", None) is not None:
+        from_file = read_prompts_file(args.prompts_file)
+        if not from_file:
+            raise UsageError(f"--prompts-file: {args.prompts_file!r} holds no request (one per line)")
+        args.prompts, args.prompts_file = [*args.prompts, *from_file], None  # read once, even if checked twice
+    if not args.prompts:
+        raise UsageError("give at least one PROMPT, or --prompts-file FILE (one request per line)")
     for i, prompt in enumerate(args.prompts, start=1):
         if not prompt.strip():
             raise UsageError(f"PROMPT {i} is empty: give every request some text")
