@@ -212,6 +212,12 @@ def check_expert(value: str) -> None:
         raise UsageError(f"--expert: expert path {value!r} does not exist; {fix}")
 
 
+def check_output_folder(flag: str, value: str | None, what: str = "") -> None:
+    """An output folder option: UsageError when the path exists and is not a folder (None passes)."""
+    if value is not None and Path(value).expanduser().exists() and not Path(value).expanduser().is_dir():
+        raise UsageError(f"{flag}: {value!r} is a file; pass a folder{what}")
+
+
 def check_plot_file(value: str | None) -> None:
     """--plot: a .png file name, and matplotlib installed."""
     if value is None:

@@ -246,6 +246,10 @@ def test_bad_inputs_give_clear_errors(tmp_path):
         NestConfig(k_min=1)
     with pytest.raises(ValueError, match="cluster_scope"):
         NestConfig(cluster_scope="all")
+    with pytest.raises(ValueError, match="lr .*finite"):
+        NestConfig(lr=float("inf"))
+    with pytest.raises(ValueError, match="z_threshold .*finite"):
+        NestConfig(z_threshold=float("nan"))
     with pytest.raises(ValueError, match="top_layers must be >= 1"):
         NestConfig(top_layers=0)
     from ngsd.nest.training import first_selectable_layer

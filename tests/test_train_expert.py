@@ -181,6 +181,10 @@ def test_config_validation_and_targets():
         config.TrainExpertConfig(benign_loss="mse")
     with pytest.raises(ValueError, match="lr"):
         config.TrainExpertConfig(lr=0)
+    with pytest.raises(ValueError, match="lr .*finite"):  # the Python API as well as --lr
+        config.TrainExpertConfig(lr=float("inf"))
+    with pytest.raises(ValueError, match="lora_alpha .*finite number > 0"):
+        config.TrainExpertConfig(lora_alpha=0)
     with pytest.raises(ValueError, match="targets"):
         config.TrainExpertConfig(targets=" , ")
     for bad in (0, -0.5, float("nan"), float("inf"), True, "0.5"):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import shlex
 from pathlib import Path
 from typing import Any
@@ -71,21 +70,17 @@ def cli_args(cfg: NestConfig) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..cli import UsageError, check_model, check_range
+    from ..cli import UsageError, check_model, check_output_folder, check_range
     from .training import train_nest
 
     if args.model is not None:
         check_model(args.model)
     check_range("--threads", args.threads, 1)
-    for flag, value in (("--lr", args.lr), ("--z-threshold", args.z_threshold)):
-        if not math.isfinite(value) or (flag == "--lr" and value <= 0):
-            raise UsageError(f"{flag} must be a finite number{' > 0' if flag == '--lr' else ''}, got {value:g}")
     if args.examples is not None and not Path(args.examples).expanduser().is_file():
         raise UsageError(f"--examples: {args.examples!r} is not a file; pass a training_examples.jsonl of the expert "
                          "recipe (an expert's --out folder holds one)")
-    for flag, value in (("--out", args.out), ("--delta-out", args.delta_out)):
-        if value is not None and Path(value).expanduser().is_file():
-            raise UsageError(f"{flag}: {value!r} is a file; pass a folder")
+    check_output_folder("--out", args.out)
+    check_output_folder("--delta-out", args.delta_out)
     try:
         cfg = config_from_args(args)
     except ValueError as error:
@@ -98,14 +93,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_to_lora(args: argparse.Namespace) -> int:
-    from ..cli import UsageError
+    from ..cli import UsageError, check_output_folder
     from .as_lora import save_peft_folder
     from .shipped import is_nest_delta, shipped_nest_path
 
     if not args.out.strip():
         raise UsageError("--out is empty: give the folder to write the adapter into")
-    if Path(args.out).expanduser().is_file():
-        raise UsageError(f"--out: {args.out!r} is a file; pass a folder for the adapter")
+    check_output_folder("--out", args.out, " for the adapter")
     delta = shipped_nest_path() if args.delta == "nest" else args.delta
     if not is_nest_delta(delta):
         raise UsageError(f"{args.delta!r} is not a NeST delta folder (nest_delta.safetensors, no config.json); "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -60,7 +61,9 @@ class NestConfig:
         for name in ("kmeans_restarts", "epochs", "max_length", "probe_batch_size", "train_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr (--lr) must be a finite number > 0, got {self.lr}")
+        if not math.isfinite(self.z_threshold):
+            raise ValueError(f"z_threshold (--z-threshold) must be a finite number, got {self.z_threshold}")
         if self.max_examples is not None and self.max_examples < 1:
             raise ValueError(f"max_examples must be >= 1 (or None for all), got {self.max_examples}")

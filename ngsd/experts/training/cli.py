@@ -7,7 +7,6 @@ building the `ngsd` parser and `--help` stay fast.
 from __future__ import annotations
 
 import argparse
-import math
 import shlex
 from pathlib import Path
 from typing import Any, Sequence
@@ -129,12 +128,9 @@ def cli_args(cfg: TrainExpertConfig) -> list[str]:
 
 def check_arguments(args: argparse.Namespace) -> None:
     """The checks that need no model, so a wrong value fails at once, not after minutes of data building."""
-    from ...cli import UsageError, check_expert, check_model, check_range
+    from ...cli import UsageError, check_expert, check_model, check_output_folder, check_range
 
     check_range("--threads", args.threads, 1)
-    for flag, value in (("--lr", args.lr), ("--lora-alpha", args.lora_alpha)):
-        if not (math.isfinite(value) and value > 0):
-            raise UsageError(f"{flag} must be a finite number > 0, got {value:g}")
     if args.model is not None:
         check_model(args.model)
     if args.distill_from is not None:
@@ -145,8 +141,7 @@ def check_arguments(args: argparse.Namespace) -> None:
     if args.examples is not None and not Path(args.examples).expanduser().is_file():
         raise UsageError(f"--examples: {args.examples!r} is not a file; pass the training_examples.jsonl an earlier "
                          "run wrote into its --out folder")
-    if args.out is not None and Path(args.out).expanduser().exists() and not Path(args.out).expanduser().is_dir():
-        raise UsageError(f"--out: {args.out!r} is a file; pass a folder for the adapter")
+    check_output_folder("--out", args.out, " for the adapter")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -104,8 +104,9 @@ class TrainExpertConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.teacher_prompts and not self.distill_from:
             raise ValueError("teacher_prompts needs a teacher: pass distill_from (--distill-from EXPERT_DIR) as well")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        for name, flag in (("lr", "--lr"), ("lora_alpha", "--lora-alpha")):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise ValueError(f"{name} ({flag}) must be a finite number > 0, got {getattr(self, name)}")
         if (isinstance(self.kl_weight, bool) or not isinstance(self.kl_weight, (int, float))
                 or not math.isfinite(self.kl_weight) or self.kl_weight <= 0):
             raise ValueError(f"kl_weight must be a finite number > 0, got {self.kl_weight!r}")
