@@ -141,14 +141,10 @@ def _fit_check(args: argparse.Namespace, cfg: Any, model: Any, tokenizer: Any, c
     from .divergence_check import fit_probe_check
 
     default = is_default_model(cfg.model)
-    name = args.expert or ("shipped" if default else None)
+    name = args.expert or ("shipped" if default else None)  # check_arguments refused "shipped" where none ships
     if name is None:
         print("no expert ships for this model and none was given (--expert): no divergence check fitted")
         return
-    if name == "shipped" and not default:
-        from ..cli import UsageError
-
-        raise UsageError("--expert shipped: no expert ships for this model; pass --expert <adapter folder or model>")
     if model is None:
         torch.set_num_threads(cfg.threads)
         model, tokenizer = load_model(cfg.model)
