@@ -195,12 +195,14 @@ def main() -> None:
     harmful = torch.tensor([s in HARMFUL_HELD_APART for s, _ in order])
     answered = [not KeywordJudge().is_refusal(r["text"]) for r in default]
 
+    flagged_by_k: dict[int, list[bool]] = {}
     results: dict[str, Any] = {"fit": {"requests": len(fit), "harmful": int(y.sum()), "train": len(train), "val": len(val)},
                                "by_k": {}}
     for k in KS:
         best = select(feats, y, train, val, k)
         s = scores_of(best.pop("fitted"), held_feats[(k, best["layer"], best["pooling"])])
         flagged = (s > best["threshold"]).tolist()
+        flagged_by_k[k] = flagged
         per_suite = {}
         for suite in HARMFUL_HELD_APART + BENIGN_HELD_APART:
             rows = [n for n, (name, _) in enumerate(order) if name == suite]
@@ -214,9 +216,7 @@ def main() -> None:
         results["by_k"][k] = {**best, "held_apart_auroc": round(auroc(s, harmful.long()), 4), "suites": per_suite}
 
     at = args.escalate_at
-    best = select(feats, y, train, val, at)
-    s = scores_of(best.pop("fitted"), held_feats[(at, best["layer"], best["pooling"])])
-    picks = [n for n in range(len(order)) if routed[n] and float(s[n]) > best["threshold"]
+    picks = [n for n in range(len(order)) if routed[n] and flagged_by_k[at][n]
              and len(default[n]["tokens"]) >= at and not set(default[n]["tokens"][:at]) & set(eos)]
     rows_out = []
     for start in range(0, len(picks), 16):
