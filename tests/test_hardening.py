@@ -109,6 +109,23 @@ def test_an_expert_equal_to_the_base_is_warned_about():
                          eos_token_id=None)
 
 
+def test_the_warning_points_at_the_callers_line_from_every_entry_point():
+    """Reached through guarded_generate or a patched model.generate (transformers, torch's no_grad), the
+    warning names this file, not a frame inside ngsd, transformers or torch."""
+    model = tiny_model("llama")
+    with pytest.warns(RuntimeWarning, match="most likely not applied") as direct:
+        guarded_generate(model, torch.tensor([[5, 6, 7]]), expert=model, alpha=0.5, max_new_tokens=10,
+                         eos_token_id=None)
+    ngsd.apply(model, expert=model)
+    try:
+        with pytest.warns(RuntimeWarning, match="most likely not applied") as patched:
+            model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=10, eos_token_id=None, ngsd_alpha=0.5)
+    finally:
+        ngsd.remove(model)
+    for caught in (direct, patched):
+        assert [w.filename for w in caught if "not applied" in str(w.message)] == [__file__]
+
+
 def test_a_real_expert_or_a_short_run_is_not_warned_about(lora_folder):
     import warnings
 

@@ -351,6 +351,7 @@ def test_a_check_fitted_for_another_expert_warns_and_names_the_fix(tmp_path):
         return [w for w in caught if issubclass(w.category, CheckFittedForAnotherExpert)]
 
     (other,) = run("some-expert")
+    assert other.filename == __file__  # the caller's line, not a frame inside ngsd or torch
     assert "'some-expert'" in str(other.message) and "'lora'" in str(other.message)
     assert "ngsd train-probe --check-only --expert" in str(other.message)
     assert run("lora") == []  # fitted for this expert

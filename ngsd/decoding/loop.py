@@ -9,7 +9,6 @@ so concurrent calls on one model never share gate state.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -17,6 +16,7 @@ import torch
 from torch import nn
 from torch.profiler import record_function
 
+from ..caller_warning import warn_at_caller
 from ..config import NGSDConfig
 from ..experts.lora import LoraAdapter
 from ..experts.resolve import ExpertLike, resolve_expert
@@ -361,12 +361,11 @@ class _IdenticalOutputsWatch:
 
     def warn_if_stuck(self) -> None:
         if self.enabled and int(self.longest) >= IDENTICAL_LOGITS_STEPS:
-            warnings.warn(
+            warn_at_caller(
                 f"the expert's outputs equalled the base model's on every guarded row for {int(self.longest)} "
                 "consecutive steps: the expert is most likely not applied (LoRA hooks missing or detached, or the "
                 "expert is the base model itself), so guarded decoding cannot differ from plain decoding",
                 RuntimeWarning,
-                stacklevel=3,
             )
 
 

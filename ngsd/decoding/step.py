@@ -15,7 +15,6 @@ With ``cuda_graph``, a step with every row guarded runs as a CUDA graph of the p
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, Callable
 
 import torch
@@ -25,6 +24,7 @@ from ngsd_kernels import GuardedSelector, StepGraph, StepParams
 from ngsd_kernels.reference import lif_step
 from ngsd_kernels.ops.hidden_torch import hidden_logits, pair_logits
 
+from ..caller_warning import warn_at_caller
 from .heads import HeadSplit
 
 Outputs = tuple[Tensor, Tensor, Tensor, Tensor]
@@ -122,9 +122,9 @@ class GuardedStep:
         if not selector.hidden_step_reads_host:
             return False
         self._warned_eager.add(id(selector))
-        warnings.warn("cuda_graph: the hidden-state step of the intersection mode reads undecided rows back to "
+        warn_at_caller("cuda_graph: the hidden-state step of the intersection mode reads undecided rows back to "
                       "the host, which a CUDA graph cannot hold; this setting's steps run without the graph",
-                      RuntimeWarning, stacklevel=4)
+                      RuntimeWarning)
         return True
 
     def _replay(self, selector: GuardedSelector, inputs: tuple[Tensor, ...], capture: Callable[[], StepGraph]

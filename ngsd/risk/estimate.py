@@ -14,7 +14,6 @@ guards.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -22,6 +21,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from ..caller_warning import warn_at_caller
 from ..config import NGSDConfig, ReflectionConfig
 from ..decoding.arguments import per_row_alphas
 from .divergence_check import total_variation
@@ -207,12 +207,12 @@ def warn_if_check_fitted_for_another_expert(plan: "RiskPlan", expert: Any) -> No
     fitted_for, running = Path(plan.probe.spec.check_expert).name, expert_name(expert)
     if plan.reflection.check_divergence is not None or not fitted_for or not running or fitted_for == running:
         return
-    warnings.warn(
+    warn_at_caller(
         f"the risk probe's divergence check (check_divergence {plan.check_divergence:.4f}) was fitted for the expert "
         f"{fitted_for!r}, but this call decodes with {running!r}: it may guard more or fewer rows than intended. Fit "
         f"one for this expert with `ngsd train-probe --check-only --expert <its folder> --out <a copy of the probe>` "
         f"and pass ReflectionConfig(probe=<that copy>), or set ReflectionConfig(check_divergence=...)",
-        CheckFittedForAnotherExpert, stacklevel=3)
+        CheckFittedForAnotherExpert)
 
 
 def load_probe(model: nn.Module, reflection: ReflectionConfig):
