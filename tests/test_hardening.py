@@ -546,3 +546,21 @@ def test_an_adapter_that_does_not_fit_names_the_model_it_was_trained_for():
     adapter = LoraAdapter.load(shipped_expert_path())
     with pytest.raises(ValueError, match=r"does not fit .*trained for HuggingFaceTB/SmolLM2-135M-Instruct.*ngsd train-expert"):
         adapter.attach(tiny_model("llama"))
+
+
+def test_apply_without_an_expert_in_off_mode_decodes_as_the_base_and_refuses_a_guarded_call():
+    """`apply(expert=None, config=mode "off")` is accepted, as `ngsd.generate` accepts it; a call that asks for a
+    guard through ngsd_config still needs an expert and says so."""
+    model = tiny_model("llama")
+    prompt = torch.tensor([[5, 6, 7]])
+    plain = model.generate(prompt, max_new_tokens=6, do_sample=False, eos_token_id=None)
+    ngsd.apply(model, expert=None, config=OFF)
+    try:
+        assert torch.equal(model.generate(prompt, max_new_tokens=6, do_sample=False, eos_token_id=None), plain)
+        with pytest.raises(ValueError, match="guarded decoding needs an expert"):
+            model.generate(prompt, max_new_tokens=6, do_sample=False, eos_token_id=None, ngsd_config=NGSDConfig())
+    finally:
+        ngsd.remove(model)
+    assert not ngsd.is_applied(model)
+    with pytest.raises(ValueError, match="guarded decoding needs an expert"):
+        ngsd.apply(model, expert=None)

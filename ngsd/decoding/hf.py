@@ -172,7 +172,7 @@ def decoding_method(expert: ExpertLike, config: NGSDConfig | None = None, tokeni
 
 @dataclass(frozen=True)
 class _Guard:
-    expert: LoraAdapter | nn.Module
+    expert: LoraAdapter | nn.Module | None  # None: applied with mode="off", the base alone
     method: Callable[..., Any]
 
 
@@ -188,7 +188,7 @@ def apply(
         _check_config(config, "config")  # before anything is attached
     if is_applied(model):
         remove(model)
-    resolved = resolve_expert(expert, model)
+    resolved = resolve_expert(expert, model, required=(config or NGSDConfig()).mode != "off")
     if isinstance(resolved, LoraAdapter):
         resolved.attach(model)
     method = decoding_method(resolved, config, tokenizer)
