@@ -117,6 +117,8 @@ def test_generate_choices_match_the_library():
     (["eval", "--config", "nope"], ["--config", "smoke"]),
     (["eval", "--expert", "/nope"], ["--expert", "/nope"]),
     (["eval", "--threads", "0"], ["--threads", ">= 1"]),
+    (["reflect", "hi", "--threads", "0"], ["--threads", ">= 1"]),
+    (["reflect", "hi", "--model", "/nope"], ["--model", "/nope", "does not exist"]),
 ])
 def test_user_errors_are_one_line_with_status_2(argv, words, capsys):
     assert cli.main(argv) == 2

@@ -58,7 +58,13 @@ def run(args: argparse.Namespace) -> int:
     from ..loading import load_model
     from .reflection import reflect
 
+    from ..cli import check_model, check_range
+
+    check_range("--threads", args.threads, 1)
+    check_model(args.model)
     check_device(args.device)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     given = {"max_new_tokens": args.max_new_tokens, "all_zero": args.all_zero}
     config = ReflectionConfig(mode=args.mode, **{k: v for k, v in given.items() if v is not None})
@@ -93,5 +99,8 @@ def register_cli(subparsers: Any) -> None:
     parser.add_argument("--device", default="cpu", help="torch device of the model, e.g. cpu or cuda")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                         help="weight dtype of the model")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice; on a CPU shared with other jobs 1 thread "
+                        "is much faster)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.set_defaults(func=run)
