@@ -13,13 +13,13 @@ DATA_DIR = Path(os.environ.get("NGSD_DATA_DIR", REPO.parent / "shared" / "data")
 
 
 def tiny_model(family: str = "llama", vocab_size: int = 96, seed: int = 0, init: float = 0.3, max_positions: int = 128,
-               layers: int = 2):
+               layers: int = 2, hidden_size: int = 32):
     """A 2-layer random model whose next-token distributions are peaked enough to avoid near-ties."""
     from transformers import AutoModelForCausalLM, GemmaConfig, LlamaConfig, Qwen2Config
 
     common = dict(
         vocab_size=vocab_size,
-        hidden_size=32,
+        hidden_size=hidden_size,
         intermediate_size=64,
         num_hidden_layers=layers,
         num_attention_heads=4,

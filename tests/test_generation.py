@@ -61,6 +61,21 @@ def test_separate_expert_model_matches_naive_decoder():
         assert out.traces[row].spikes == spikes
 
 
+def test_a_narrower_separate_expert_runs_on_hidden_states():
+    """A small model of the family beside a large one (Qwen2.5-0.5B's 896-wide hidden states beside 7B's 3584)."""
+    model = tiny_model("qwen2", seed=0)
+    expert = tiny_model("qwen2", seed=5, hidden_size=64)
+    input_ids, mask, prompts = mixed_length_batch([4, 8, 6], model.config.vocab_size, seed=3)
+    out = guarded_generate(model, input_ids, mask, expert=expert, config=NGSDConfig(**GATE), alpha=0.9, max_new_tokens=10)
+    assert out.traces[0].step_path == "hidden states"
+    for row, prompt in enumerate(prompts):
+        expected, spikes = naive_decode(
+            last_logits(model), last_logits(expert), prompt, alpha=0.9, max_new_tokens=10, tau=4.0, v_th=0.6, rho=0.5, k=8
+        )
+        assert out.traces[row].tokens == expected
+        assert out.traces[row].spikes == spikes
+
+
 def test_gate_off_equals_plain_greedy_generate(llama_pair):
     model, folder = llama_pair
     input_ids, mask, _ = mixed_length_batch([6, 3, 8], model.config.vocab_size, seed=7)

@@ -346,7 +346,9 @@ class _IdenticalOutputsWatch:
         self.longest = torch.zeros((), dtype=torch.long, device=device)
 
     def observe(self, base: torch.Tensor, expert: torch.Tensor | None, rows: torch.Tensor, active: torch.Tensor) -> None:
-        if not self.enabled or expert is None:
+        # hidden states of another width (a smaller model of the family as the expert) come from another
+        # model: they cannot be the base's outputs, and cannot be subtracted from them
+        if not self.enabled or expert is None or expert.shape[-1] != base.shape[-1]:
             return
         base = base[rows].float()
         # Equal up to float noise (base and expert rows of one batched forward can differ in the last
