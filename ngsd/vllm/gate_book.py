@@ -3,11 +3,18 @@
 vLLM tells a logits processor how its batch changed (``BatchUpdate``: rows removed, added, moved,
 in that order) but never names the request. Two facts make the state safe anyway:
 
-- The state lives on the request's own ``SamplingParams`` object (one per request inside the
-  engine; vLLM keeps it for the request's whole life). A request removed from the batch
-  (preempted, or simply not scheduled this step) and added back later brings the same object, so
-  its potential continues where it was; when the request finishes vLLM drops the object and the
-  state goes with it. Nothing here holds a request beyond its life.
+- The state lives on the request's ``SamplingParams`` object (vLLM keeps it for the request's
+  whole life), in a list with one gate per request that brings that object, found by the
+  request's own output token list. Usually each request has its own params object, but the n
+  children of a request with ``n > 1`` and no seed share their parent's in a single-process
+  engine (``VLLM_ENABLE_V1_MULTIPROCESSING=0``; across processes each child is deserialised into
+  its own), and each child's output list is its own. A request removed from the batch
+  (preempted, or simply not scheduled this step) and added back later brings the same params and
+  the same output list, so its potential continues where it was (with async scheduling vLLM may
+  hand a resumed request a new list: then the gate no row holds whose committed steps match the
+  list's length is taken). When the request finishes vLLM drops the params object and the state
+  goes with it (with shared params, when its last sibling finishes). Nothing here holds a request
+  beyond its life.
 - A selection is committed only once the token is really in the request's output. vLLM computes
   logits for a partly prefilled request too and throws that sample away; the chosen token is
   kept pending and committed when the request's (live) output list has grown by it, dropped
@@ -25,7 +32,7 @@ from typing import Any, Iterable, Sequence
 from .settings import GuardSettings, RequestPolicy
 
 logger = logging.getLogger(__name__)
-STATE_ATTRIBUTE = "_ngsd_gate"  # set on the request's SamplingParams (a msgspec Struct with a __dict__)
+GATES_ATTRIBUTE = "_ngsd_gates"  # on the request's SamplingParams (a msgspec Struct with a __dict__): its requests' gates
 
 
 @dataclass
@@ -88,18 +95,40 @@ class GateBook:
                 self.rows[second] = a
 
     def _state_of(self, params: Any, output: Sequence[int]) -> GateState:
-        state = getattr(params, STATE_ATTRIBUTE, None)
+        gates = gates_of(params)
+        state = self._returning(gates, output)
         if state is None:  # a new request (the policy was validated at admission)
-            policy = self.settings.policy_or_guarded(getattr(params, "extra_args", None))
-            state = GateState(policy=policy, potential=self.settings.config().start_potential,
-                              seed=getattr(params, "seed", None), seeded=getattr(params, "seed", None) is not None,
-                              sampling=sampling_of(params),
-                              constrained=is_constrained(params))
-            setattr(params, STATE_ATTRIBUTE, state)
-        else:  # back after a preemption or an unscheduled step: same potential, same step
-            state.settle()
-        state.output = output  # vLLM may hand over a new list on resumption
+            state = self._new_state(params)
+            gates.append(state)
+        state.output = output  # async scheduling may hand a resumed request a new list
         return state
+
+    def _returning(self, gates: list[GateState], output: Sequence[int]) -> GateState | None:
+        """The gate of a request back after a preemption or an unscheduled step (settled), or None: a new request.
+
+        Its own output list finds it; failing that (a list replaced on resumption), a gate of the same
+        params that no row holds and whose committed steps are the list's length. A new request's list
+        is empty, so a new sibling never takes over a preempted one's gate.
+        """
+        for state in gates:
+            if state.output is output:
+                state.settle()
+                return state
+        if not output:
+            return None
+        held = {id(state) for state in self.rows.values()}
+        for state in gates:
+            if id(state) not in held:
+                state.settle()
+                if state.step == len(output):
+                    return state
+        return None
+
+    def _new_state(self, params: Any) -> GateState:
+        policy = self.settings.policy_or_guarded(getattr(params, "extra_args", None))
+        seed = getattr(params, "seed", None)
+        return GateState(policy=policy, potential=self.settings.config().start_potential, seed=seed,
+                         seeded=seed is not None, sampling=sampling_of(params), constrained=is_constrained(params))
 
     def guarded(self, batch_size: int) -> list[tuple[int, GateState]]:
         """The guarded rows among the first `batch_size`, each settled, in index order."""
@@ -110,6 +139,15 @@ class GateBook:
                 state.settle()
                 rows.append((index, state))
         return rows
+
+
+def gates_of(params: Any) -> list[GateState]:
+    """The gates of the requests that share `params` (one, unless vLLM gave n > 1 children one object)."""
+    gates = getattr(params, GATES_ATTRIBUTE, None)
+    if gates is None:
+        gates = []
+        setattr(params, GATES_ATTRIBUTE, gates)
+    return gates
 
 
 GREEDY_BELOW = 1e-5  # vLLM treats a smaller temperature as greedy

@@ -80,7 +80,7 @@ class NGSDLogitsProcessor(LogitsProcessor):
             self._select(group, rows, base, expert_logits, tokens, potentials, seeds=[0], offsets=[0])
         vocab = base.shape[1]
         step_params = lambda state: launch_setting(self.config, state, vocab)  # noqa: E731
-        for group in sampled_launches(sampled, rows, step_params, lambda: random.getrandbits(62)):
+        for group in sampled_launches(sampled, rows, step_params, draw_seed):
             states = [rows[k][1] for k in group]
             self._select(group, rows, base, expert_logits, tokens, potentials, seeds=[s.seed for s in states],
                          offsets=[s.step for s in states], per_row=[_own_sampling(s, vocab) for s in states])
@@ -128,6 +128,11 @@ class NGSDLogitsProcessor(LogitsProcessor):
         tokens[at] = chosen
         for k, value in zip(group, new_potential.tolist()):
             potentials[k] = value
+
+
+def draw_seed() -> int:
+    """The Philox key of a sampled request without a seed, drawn once per request."""
+    return random.getrandbits(62)
 
 
 def _temperature(state: GateState) -> float:

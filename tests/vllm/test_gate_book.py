@@ -12,7 +12,7 @@ pytest.importorskip("vllm", reason="vLLM is not installed here; run with .venv-v
 from vllm import SamplingParams  # noqa: E402
 from vllm.v1.sample.logits_processor import MoveDirectionality  # noqa: E402
 
-from ngsd.vllm.gate_book import STATE_ATTRIBUTE, GateBook, sampled_launches  # noqa: E402
+from ngsd.vllm.gate_book import GateBook, gates_of, sampled_launches  # noqa: E402
 from ngsd.vllm.processor import launch_setting  # noqa: E402
 from ngsd.vllm.settings import GuardSettings  # noqa: E402
 
@@ -38,6 +38,38 @@ def test_a_request_removed_and_added_back_continues_its_potential():
     book.update([], [(3, params, [1, 2], output)], [])  # resumed at another index
     state = book.rows[3]
     assert (state.potential, state.step) == (0.8, 1)
+
+
+def test_children_sharing_one_params_object_keep_a_gate_each():
+    """vLLM's single-process engine gives the n children of a request without a seed one SamplingParams."""
+    book = GateBook(GuardSettings())
+    params = SamplingParams(temperature=0.8, n=1)
+    first, second = [], []
+    book.update([], [(0, params, [1, 2], first), (1, params, [1, 2], second)], [])
+    assert book.rows[0] is not book.rows[1]
+    _select(book, 0, token=7, potential=0.8)
+    _select(book, 1, token=9, potential=0.3)
+    first.append(7)
+    second.append(9)
+    book.update([0, 1], [], [])  # both preempted
+    later = []
+    book.update([], [(0, params, [1, 2], second), (1, params, [1, 2], later)], [])  # one resumes, a third child comes
+    assert (book.rows[0].potential, book.rows[0].step) == (0.3, 1)
+    assert (book.rows[1].potential, book.rows[1].step) == (0.0, 0)  # new: not the preempted sibling's gate
+    book.update([], [(2, params, [1, 2], first)], [])
+    assert (book.rows[2].potential, book.rows[2].step) == (0.8, 1)
+
+
+def test_a_request_resumed_with_a_new_output_list_continues_its_potential():
+    """With async scheduling vLLM hands a resumed request a new list holding the same tokens."""
+    book = GateBook(GuardSettings())
+    params, output = _request()
+    book.update([], [(0, params, [1, 2], output)], [])
+    _select(book, 0, token=7, potential=0.8)
+    output.append(7)
+    book.update([0], [], [])
+    book.update([], [(0, params, [1, 2], [7])], [])
+    assert (book.rows[0].potential, book.rows[0].step) == (0.8, 1)
 
 
 def test_a_new_request_starts_at_the_configured_potential():
@@ -66,9 +98,9 @@ def test_moves_and_swaps_keep_each_state_with_its_request():
     (a, out_a), (b, out_b), (c, out_c) = _request(), _request(ngsd_alpha=1.0), _request()
     book.update([], [(0, a, [], out_a), (1, b, [], out_b), (2, c, [], out_c)], [])
     book.update([], [], [(0, 1, MoveDirectionality.SWAP)])
-    assert book.rows[0].policy.alpha == 1.0 and book.rows[1] is getattr(a, STATE_ATTRIBUTE)
+    assert book.rows[0].policy.alpha == 1.0 and book.rows[1] is gates_of(a)[0]
     book.update([1], [], [(2, 1, MoveDirectionality.UNIDIRECTIONAL)])  # a finishes, c moves into its row
-    assert book.rows[1] is getattr(c, STATE_ATTRIBUTE) and 2 not in book.rows
+    assert book.rows[1] is gates_of(c)[0] and 2 not in book.rows
 
 
 def test_a_finished_request_leaves_nothing_behind():
