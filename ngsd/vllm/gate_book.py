@@ -48,6 +48,8 @@ class GateState:
     seeded: bool = False  # the request gave its seed (its draws must not depend on its batch neighbours)
     sampling: tuple[float, int, float] = (0.0, 0, 1.0)  # temperature (0: greedy), top_k (0: off), top_p
     constrained: bool = False  # vLLM may mask tokens of this request (allowed ids, bad words, min tokens, grammar)
+    penalties: tuple[float, float, float] | None = None  # (repetition, presence, frequency); None: all off
+    prompt: Sequence[int] = ()  # the request's prompt token ids (the repetition penalty reads them)
 
     def settle(self) -> None:
         """Commit the pending selection if its token reached the output, else drop it (sample discarded)."""
@@ -82,8 +84,9 @@ class GateBook:
             state = self.rows.pop(index, None)
             if state is not None:
                 state.settle()  # its last token is in the output by now, or never will be
-        for index, params, _prompt, output in added:
+        for index, params, prompt, output in added:
             self.rows[index] = self._state_of(params, output)
+            self.rows[index].prompt = prompt or ()  # None: a prompt given as embeddings
         for first, second, direction in moved:
             a, b = self.rows.pop(first, None), self.rows.pop(second, None)
             if getattr(direction, "name", str(direction)) == "SWAP":
@@ -128,7 +131,8 @@ class GateBook:
         policy = self.settings.policy_or_guarded(getattr(params, "extra_args", None))
         seed = getattr(params, "seed", None)
         return GateState(policy=policy, potential=self.settings.config().start_potential, seed=seed,
-                         seeded=seed is not None, sampling=sampling_of(params), constrained=is_constrained(params))
+                         seeded=seed is not None, sampling=sampling_of(params), constrained=is_constrained(params),
+                         penalties=penalties_of(params))
 
     def guarded(self, batch_size: int) -> list[tuple[int, GateState]]:
         """The guarded rows among the first `batch_size`, each settled, in index order."""
@@ -186,6 +190,13 @@ def sampling_of(params: Any) -> tuple[float, int, float]:
         return 0.0, 0, 1.0
     top_k = int(getattr(params, "top_k", 0) or 0)
     return temperature, max(top_k, 0), float(getattr(params, "top_p", 1.0) or 1.0)
+
+
+def penalties_of(params: Any) -> tuple[float, float, float] | None:
+    """(repetition, presence, frequency) penalties of a request, or None when all are off (vLLM's defaults)."""
+    penalties = (float(getattr(params, "repetition_penalty", 1.0)), float(getattr(params, "presence_penalty", 0.0)),
+                 float(getattr(params, "frequency_penalty", 0.0)))
+    return None if penalties == (1.0, 0.0, 0.0) else penalties
 
 
 def is_constrained(params: Any) -> bool:

@@ -6,7 +6,9 @@ guarded rows `torch.ops.ngsd.guarded_select` computes divergence, the LIF update
 where the neuron fires and the choice -- the CPU step on a CPU, the Triton kernels on CUDA.
 The chosen token is forced (every other logit -inf), so vLLM's greedy or sampling step takes it.
 Opted-out rows are left untouched: they decode exactly as plain vLLM. A token vLLM masked in the
-base logits (-inf) is masked in the expert's too, so constraints hold for the guarded choice.
+base logits (-inf) is masked in the expert's too, so constraints hold for the guarded choice. The
+repetition, presence and frequency penalties, which vLLM applies only after the processors, are
+applied here to both rows before the op (``logit_rules``).
 
 Greedy requests of one step go to the op together. A sampled request (temperature > 0) that gave a
 seed runs on its own, keyed by its seed and its step, so its draws do not depend on its batch
@@ -29,6 +31,7 @@ import ngsd_kernels  # noqa: F401  (registers torch.ops.ngsd)
 
 from .channel import CHANNEL
 from .gate_book import GateBook, GateState, sampled_launches
+from .logit_rules import apply_request_rules
 from .settings import CONFIG_KEY, GuardSettings, parse_request
 
 if TYPE_CHECKING:
@@ -68,10 +71,7 @@ class NGSDLogitsProcessor(LogitsProcessor):
         index = torch.tensor([i for i, _ in rows], dtype=torch.long, device=logits.device)
         base = logits if every_row else logits[index]  # the op does not write its inputs
         expert_logits = expert.logits(index).to(base.dtype)
-        constrained = [k for k, (_, state) in enumerate(rows) if state.constrained]
-        if constrained:  # tokens vLLM masked for a request (-inf) are masked in its expert row too
-            at = torch.tensor(constrained, dtype=torch.long, device=logits.device)
-            expert_logits[at] = expert_logits[at].masked_fill(torch.isneginf(base[at]), float("-inf"))
+        apply_request_rules([state for _, state in rows], base, expert_logits)
         greedy = [k for k, (_, state) in enumerate(rows) if _temperature(state) == 0.0]
         sampled = [k for k, (_, state) in enumerate(rows) if _temperature(state) > 0.0]
         tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)

@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("vllm", reason="vLLM is not installed here; run with .venv-vllm/bin/python (scripts/vllm_env.sh)")
 
-from .conftest import greedy  # noqa: E402
+from .conftest import ALPHA, greedy  # noqa: E402
 
 
 def _tokens(output) -> list[int]:
@@ -65,6 +65,52 @@ def test_opt_out_in_a_guarded_batch_decodes_like_plain_vllm(guarded_llm, plain_l
     assert not _mismatches(got, want), _mismatches(got, want)
     # the guard changed something: on the harmful prompts opting out gives another answer
     assert _tokens(mixed[0]) != reference[0]
+
+
+class OutputCountPenalty:
+    """OpenAI's presence and frequency penalties over the generated tokens, as a Hugging Face logits processor
+    for the project's loop (transformers has none): logit - frequency * count - presence * (count > 0)."""
+
+    def __init__(self, prompt_width: int, presence: float, frequency: float) -> None:
+        self.prompt_width, self.presence, self.frequency = prompt_width, presence, frequency
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        generated = input_ids[:, self.prompt_width:]
+        counts = torch.zeros_like(scores).scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
+        return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
+
+
+@pytest.mark.parametrize("penalties", [{"repetition_penalty": 2.0}, {"presence_penalty": 0.5, "frequency_penalty": 0.5}],
+                         ids=["repetition", "presence+frequency"])
+def test_penalties_reach_both_rows_like_the_project_loop(guarded_llm, hf_model, prompt_texts, prompt_ids, reference,
+                                                         penalties):
+    """vLLM applies penalties after the logits processors, to the forced row, where they did nothing; the processor
+    applies them to the base and the expert row before the op, as the project's loop applies Hugging Face's
+    processors to both (here RepetitionPenaltyLogitsProcessor, or OutputCountPenalty)."""
+    import ngsd
+    from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
+    from vllm import SamplingParams
+
+    from .conftest import NEW_TOKENS
+
+    model, tokenizer = hf_model
+    chosen = range(4)
+    # the loop's batch is left-padded with <|im_end|>, which every chat prompt holds already: the padding
+    # adds nothing to the repetition penalty's token set
+    assert all(tokenizer.pad_token_id in prompt_ids[i] for i in chosen)
+    width = max(len(prompt_ids[i]) for i in chosen)
+    processor = (RepetitionPenaltyLogitsProcessor(penalties["repetition_penalty"]) if "repetition_penalty" in penalties
+                 else OutputCountPenalty(width, penalties["presence_penalty"], penalties["frequency_penalty"]))
+    result = ngsd.generate(model, tokenizer, [prompt_texts[i] for i in chosen], expert="shipped", alpha=ALPHA,
+                           max_new_tokens=NEW_TOKENS, logits_processor=LogitsProcessorList([processor]))
+    want = [trace.tokens for trace in result.traces]
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, **penalties)
+    outputs = guarded_llm.generate([{"prompt_token_ids": prompt_ids[i]} for i in chosen], params, use_tqdm=False)
+    got = [_tokens(o) for o in outputs]
+    assert not _mismatches(got, want), _mismatches(got, want)
+    assert any(g != reference[i] for g, i in zip(got, chosen)), "the penalties changed no answer: the test lost its point"
 
 
 @pytest.mark.parametrize("extra_args, message", [
