@@ -30,6 +30,14 @@ class HeadSplit:
     weight: torch.Tensor
     bias: torch.Tensor | None
 
+    def first_rows(self, rows: int) -> "HeadSplit":
+        """The head scoring only the ids below `rows`: a separate expert's head padded to another size is cut
+        to the rows both heads share. A slice of leading rows keeps the weight contiguous (no copy)."""
+        if rows == self.weight.shape[0]:
+            return self
+        bias = None if self.bias is None else self.bias[:rows]
+        return HeadSplit(trunk=self.trunk, weight=self.weight[:rows], bias=bias)
+
 
 def split_head(model: nn.Module) -> HeadSplit | str:
     """The trunk and LM head of `model`, or a one-line reason why its logits must come from its own forward."""

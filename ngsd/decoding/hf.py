@@ -138,7 +138,8 @@ def decoding_method(expert: ExpertLike, config: NGSDConfig | None = None, tokeni
         if model_kwargs.get("inputs_embeds") is not None:
             raise ValueError("guarded decoding does not support inputs_embeds (the expert rows need the token ids); "
                              "pass input_ids, or call ngsd.remove(model) for plain generate")
-        resolved = resolve_expert(expert, model, required=call_config.mode != "off")
+        call_tokenizer = ngsd_tokenizer or tokenizer
+        resolved = resolve_expert(expert, model, required=call_config.mode != "off", tokenizer=call_tokenizer)
         max_new = gc.max_length - input_ids.shape[1] if gc.max_length is not None else 20
         pad = getattr(gc, "_pad_token_tensor", None)
         output = guarded_generate(
@@ -158,7 +159,7 @@ def decoding_method(expert: ExpertLike, config: NGSDConfig | None = None, tokeni
             eos_token_id=_generation_eos_ids(gc),
             pad_token_id=int(pad) if pad is not None else gc.pad_token_id,
             stop_strings=ngsd_stop_strings,
-            tokenizer=ngsd_tokenizer or tokenizer,
+            tokenizer=call_tokenizer,
             streamer=ngsd_streamer,
             stopping_criteria=stopping_criteria,
             requests=ngsd_requests,
@@ -188,7 +189,7 @@ def apply(
         _check_config(config, "config")  # before anything is attached
     if is_applied(model):
         remove(model)
-    resolved = resolve_expert(expert, model, required=(config or NGSDConfig()).mode != "off")
+    resolved = resolve_expert(expert, model, required=(config or NGSDConfig()).mode != "off", tokenizer=tokenizer)
     if isinstance(resolved, LoraAdapter):
         resolved.attach(model)
     method = decoding_method(resolved, config, tokenizer)

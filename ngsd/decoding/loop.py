@@ -9,7 +9,7 @@ so concurrent calls on one model never share gate state.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 import torch
@@ -19,7 +19,7 @@ from torch.profiler import record_function
 from ..caller_warning import warn_at_caller
 from ..config import NGSDConfig
 from ..experts.lora import LoraAdapter
-from ..experts.resolve import ExpertLike, resolve_expert
+from ..experts.resolve import ExpertLike, common_vocabulary_size, resolve_expert
 from ..risk.estimate import plan_risk, warn_if_check_fitted_for_another_expert
 from .arguments import check_prompt_texts, check_sampling, check_seed, per_row_ints
 from .early_stop import EarlyStop
@@ -97,8 +97,9 @@ def pair_for(model: nn.Module, expert: LoraAdapter | nn.Module | None, mode: str
             return SharedTrunkPair(model, expert, heads.base), heads
         return AdapterPair(model, expert, heads.base), heads
     expert_head = split_head(expert) if on_logits is None else on_logits
-    heads = GuardedStepHeads.of(base_head, expert_head, shared=False)
-    return ModelPair(model, expert, heads.base, heads.expert), heads
+    vocab = common_vocabulary_size(model, expert)
+    heads = GuardedStepHeads.of(base_head, expert_head, shared=False).first_rows(vocab)
+    return ModelPair(model, expert, heads.base, heads.expert, vocab=vocab), heads
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,12 @@ class GuardedStepHeads:
             if isinstance(split, str):
                 return cls(None, None, shared, split)
         return cls(base, expert, shared, None)
+
+    def first_rows(self, rows: int) -> "GuardedStepHeads":
+        """Both heads scoring only the ids below `rows` (`HeadSplit.first_rows`)."""
+        if self.base is None:
+            return self
+        return replace(self, base=self.base.first_rows(rows), expert=self.expert.first_rows(rows))
 
     @property
     def path(self) -> str:
@@ -215,7 +222,7 @@ def guarded_generate(
         raise ValueError(f"cuda_graph=True captures the Triton step op in a CUDA graph: it needs the model and inputs "
                          f"on a CUDA device (got {device}) and backend 'auto' or 'triton' (got {config.backend!r}); "
                          "drop cuda_graph elsewhere")
-    resolved = resolve_expert(expert, model, required=config.mode != "off")
+    resolved = resolve_expert(expert, model, required=config.mode != "off", tokenizer=tokenizer)
     risk = plan_risk(model, config, alpha, batch, tokenizer, requests, input_ids, progress)
     warn_if_check_fitted_for_another_expert(risk, resolved)
 

@@ -4,7 +4,8 @@ Three shapes of expert, one interface:
 
 - `AdapterPair`: the expert is a LoRA adapter on the base; base rows and expert rows run as
   one batch through one forward and one cache.
-- `ModelPair`: the expert is a separate model with the same vocabulary; two forwards.
+- `ModelPair`: the expert is a separate model with the same tokenizer; two forwards. Its LM head may
+  be padded to another row count than the base's: both then score only the ids the heads share.
 - `BaseOnly`: no expert (gate off).
 
 A call runs `prefill` (the base rows, and the expert rows when the guarded rows are known
@@ -137,12 +138,14 @@ class Prefill:
 class _CachedModel:
     """One causal LM with its cache, attention mask and next positions, fed token by token.
 
-    With a `HeadSplit` it runs the trunk only and returns the final hidden states; else logits.
+    With a `HeadSplit` it runs the trunk only and returns the final hidden states; else logits, of the
+    first `vocab` ids only when given (the rows past them are head padding the other model lacks).
     """
 
-    def __init__(self, model: nn.Module, head: HeadSplit | None = None) -> None:
+    def __init__(self, model: nn.Module, head: HeadSplit | None = None, vocab: int | None = None) -> None:
         self.model = model
         self._forward_module = head.trunk if head is not None else model
+        self._vocab = vocab
         self.cache = None
         self.attention_mask: torch.Tensor | None = None
         self.next_position: torch.Tensor | None = None
@@ -202,7 +205,7 @@ class _CachedModel:
             **extra,
         )
         self.cache = returned_cache(out)
-        last = out.logits if module is self.model else out.last_hidden_state
+        last = out.logits[..., : self._vocab] if module is self.model else out.last_hidden_state
         return last[:, -1, :]
 
     def close(self) -> None:
@@ -290,11 +293,14 @@ class BaseOnly(_PairBase):
 
 
 class ModelPair(_PairBase):
+    """vocab: the ids both models score (`common_vocabulary_size`); on the hidden-state path the heads are
+    cut to it already (`HeadSplit.first_rows`)."""
+
     def __init__(self, model: nn.Module, expert: nn.Module, base_head: HeadSplit | None = None,
-                 expert_head: HeadSplit | None = None) -> None:
+                 expert_head: HeadSplit | None = None, vocab: int | None = None) -> None:
         super().__init__()
-        self._base = _CachedModel(model, base_head)
-        self._expert = _CachedModel(expert, expert_head)
+        self._base = _CachedModel(model, base_head, vocab)
+        self._expert = _CachedModel(expert, expert_head, vocab)
         self._expert_device = next(expert.parameters()).device
 
     def prefill(self, input_ids, attention_mask, *, guard_rows=None, capture=()) -> Prefill:

@@ -216,7 +216,7 @@ def _run(config: EvalConfig, *, out_dir, data_dir, limit, model, tokenizer, mode
         raise ValueError("pass the tokenizer together with the model")
     model_id = model_id or getattr(model.config, "_name_or_path", None) or type(model).__name__
 
-    expert_obj = resolve_expert(expert_source, model) if expert_source is not None else None
+    expert_obj = resolve_expert(expert_source, model, tokenizer=tokenizer) if expert_source is not None else None
 
     out.mkdir(parents=True, exist_ok=True)  # only now: a run that fails on its inputs leaves no empty folder
     cache = GenerationCache(cache_path if cache_path is not None else out / CACHE_NAME)

@@ -16,12 +16,16 @@ ExpertLike = Union[str, Path, LoraAdapter, nn.Module, None]
 _ADAPTER_CACHE: dict[str, LoraAdapter] = {}
 
 
-def resolve_expert(expert: ExpertLike, base: nn.Module, *, required: bool = True) -> LoraAdapter | nn.Module | None:
+def resolve_expert(expert: ExpertLike, base: nn.Module, *, required: bool = True,
+                   tokenizer=None) -> LoraAdapter | nn.Module | None:
     """A peft adapter folder or LoraAdapter -> LoraAdapter; a model, model folder or hub id -> model.
 
     "shipped" names the LoRA expert shipped for the default model; "nest" the NeST delta shipped for
     it, and a folder holding only a NeST delta (nest_delta.safetensors) becomes its exact LoRA form
     (`ngsd.nest.as_lora`): expert rows in the base's own forward, no folded copy of the base.
+    tokenizer: the base's, when known. A model folder's own tokenizer must then map tokens as it does, and
+    a separate expert whose LM head is padded to another row count than the base's is accepted when both
+    heads cover it (`check_same_vocabulary`).
     """
     if expert is None:
         if required:
@@ -33,13 +37,13 @@ def resolve_expert(expert: ExpertLike, base: nn.Module, *, required: bool = True
     if isinstance(expert, (LoraAdapter, nn.Module)):
         resolved = expert
     else:
-        resolved = _load(str(expert), base)
+        resolved = _load(str(expert), base, tokenizer)
     if isinstance(resolved, nn.Module):
-        check_same_vocabulary(base, resolved)
+        check_same_vocabulary(base, resolved, tokenizer)
     return resolved
 
 
-def _load(name: str, base: nn.Module) -> LoraAdapter | nn.Module:
+def _load(name: str, base: nn.Module, tokenizer) -> LoraAdapter | nn.Module:
     from ..nest.shipped import is_nest_delta, shipped_nest_path
 
     if name == "nest":
@@ -56,7 +60,8 @@ def _load(name: str, base: nn.Module) -> LoraAdapter | nn.Module:
         return _ADAPTER_CACHE[name]
     from ..loading import load_model
 
-    model, _ = load_model(name)
+    model, expert_tokenizer = load_model(name)
+    check_same_tokenizer(tokenizer, expert_tokenizer)
     return model
 
 
@@ -84,15 +89,41 @@ def vocabulary_size(model: nn.Module) -> int:
     return int(head.weight.shape[0])
 
 
-def check_same_vocabulary(base: nn.Module, expert: nn.Module) -> None:
-    base_size, expert_size = vocabulary_size(base), vocabulary_size(expert)
-    if base_size != expert_size:
+def common_vocabulary_size(base: nn.Module, expert: ExpertLike) -> int:
+    """How many token ids the base and expert distributions are taken over: the base's LM head rows, or
+    fewer where a separate expert's head is padded to fewer rows (`check_same_vocabulary` made sure that
+    every row past the smaller head is padding, which no text maps to)."""
+    if isinstance(expert, nn.Module):
+        return min(vocabulary_size(base), vocabulary_size(expert))
+    return vocabulary_size(base)
+
+
+def check_same_vocabulary(base: nn.Module, expert: nn.Module, tokenizer=None) -> None:
+    """Refuse a separate expert whose next-token distribution is not over the base's token ids.
+
+    The two distributions are mixed id by id. Heads with different row counts can still pair: families
+    pad the head past the tokenizer's vocabulary to a size that varies per model (Qwen2.5: 151936 rows at
+    0.5B, 152064 at 7B, for 151665 tokens), and when both heads cover every id the tokenizer can produce,
+    the rows past the smaller head are padding, dropped from both distributions (`common_vocabulary_size`).
+    """
+    base_rows, expert_rows = vocabulary_size(base), vocabulary_size(expert)
+    if base_rows == expert_rows:
+        return
+    sizes = f"vocabulary mismatch: the base model scores {base_rows} tokens, the expert {expert_rows}"
+    if tokenizer is None:
         raise ValueError(
-            f"vocabulary mismatch: the base model scores {base_size} tokens, the expert {expert_size}. "
-            "The two distributions are mixed id by id, so both LM heads need the same number of rows: an expert "
-            "of the same family with the same head size, or a LoRA adapter trained on the base (`ngsd "
-            "train-expert`). Families that pad the head to a different size per model (Qwen2.5: 151936 rows at "
-            "0.5B, 152064 at 7B) are not supported as separate-model pairs yet"
+            f"{sizes}. Heads padded to different sizes pair only when both cover the tokenizer's vocabulary, and "
+            "no tokenizer was given: pass the base's tokenizer (tokenizer= to ngsd.apply, ngsd.decoding_method or "
+            "guarded_generate; ngsd_tokenizer= to generate with custom_generate), or use an expert of the same "
+            "family with the same head size, or a LoRA adapter trained on the base (`ngsd train-expert`)"
+        )
+    tokens = len(tokenizer)
+    short = [name for name, rows in (("base", base_rows), ("expert", expert_rows)) if rows < tokens]
+    if short:
+        raise ValueError(
+            f"{sizes}, and the tokenizer has {tokens}: the {short[0]}'s head leaves tokens out, so the two models do "
+            "not share the tokenizer's ids. Use an expert of the base's family (same tokenizer) or a LoRA adapter "
+            "trained on the base (`ngsd train-expert`)"
         )
 
 

@@ -114,8 +114,10 @@ def first_step_divergence(model: Any, tokenizer: Any, texts: Sequence[str], expe
     from ..api import encode_prompts
     from ..decoding.pair import positions_from_mask
     from ..experts.lora import LoraAdapter
+    from ..experts.resolve import common_vocabulary_size
 
     adapter = expert if isinstance(expert, LoraAdapter) else None
+    vocab = common_vocabulary_size(model, expert)  # as the loop's check sees them: head padding dropped
     attached = adapter is not None and not adapter.is_attached(model)
     if attached:
         adapter.attach(model)
@@ -137,7 +139,7 @@ def first_step_divergence(model: Any, tokenizer: Any, texts: Sequence[str], expe
                 device = next(expert.parameters()).device
                 other = expert(input_ids=ids.to(device), attention_mask=mask.to(device),
                                position_ids=positions.to(device)).logits[:, -1]
-            out += total_variation(base, other).tolist()
+            out += total_variation(base[:, :vocab], other[:, :vocab]).tolist()
     finally:
         if attached:
             adapter.detach(model)

@@ -148,7 +148,7 @@ def _fit_check(args: argparse.Namespace, cfg: Any, model: Any, tokenizer: Any, c
     if model is None:
         torch.set_num_threads(cfg.threads)
         model, tokenizer = load_model(cfg.model)
-    expert = resolve_expert(name, model)
+    expert = resolve_expert(name, model, tokenizer=tokenizer)
     if name == "shipped":
         name = shipped_expert_path().name
     fit_probe_check(cfg.out, model=model, tokenizer=tokenizer, expert=expert, expert_name=str(name),
