@@ -49,6 +49,7 @@ class GateState:
     sampling: tuple[float, int, float] = (0.0, 0, 1.0)  # temperature (0: greedy), top_k (0: off), top_p
     constrained: bool = False  # vLLM may mask tokens of this request (allowed ids, bad words, min tokens, grammar)
     penalties: tuple[float, float, float] | None = None  # (repetition, presence, frequency); None: all off
+    logit_bias: dict[int, float] | None = None  # token id -> bias, as vLLM added it to the base row
     prompt: Sequence[int] = ()  # the request's prompt token ids (the repetition penalty reads them)
 
     def settle(self) -> None:
@@ -132,7 +133,7 @@ class GateBook:
         seed = getattr(params, "seed", None)
         return GateState(policy=policy, potential=self.settings.config().start_potential, seed=seed,
                          seeded=seed is not None, sampling=sampling_of(params), constrained=is_constrained(params),
-                         penalties=penalties_of(params))
+                         penalties=penalties_of(params), logit_bias=getattr(params, "logit_bias", None) or None)
 
     def guarded(self, batch_size: int) -> list[tuple[int, GateState]]:
         """The guarded rows among the first `batch_size`, each settled, in index order."""

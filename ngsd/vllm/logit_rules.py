@@ -1,8 +1,8 @@
 """A guarded request's own logit rules on both of its rows, before the guarded choice reads them.
 
 vLLM applies a request's rules to the one row it samples from, the base row here: its masks
-(allowed tokens, bad words, min tokens, grammar) before the logits processors, so the base row
-arrives with them and `apply_request_rules` copies them to the expert row; its repetition,
+(allowed tokens, bad words, min tokens, grammar) and its ``logit_bias`` before this processor, so
+the base row arrives with them and `apply_request_rules` gives them to the expert row; its repetition,
 presence and frequency penalties only after the processors, on the row the processor has already
 forced (one finite logit), where they would change nothing, so they are applied here to the base
 and the expert row, with vLLM's own function, as the project's loop applies Hugging Face's
@@ -26,6 +26,7 @@ def apply_request_rules(states: Sequence[GateState], base: torch.Tensor, expert:
     constrained = _positions(states, lambda state: state.constrained, base.device)
     if constrained is not None:  # tokens vLLM masked for a request (-inf) are masked in its expert row too
         expert[constrained] = expert[constrained].masked_fill(torch.isneginf(base[constrained]), float("-inf"))
+    add_logit_bias(expert, states)
     penalized = _positions(states, lambda state: state.penalties is not None, base.device)
     if penalized is not None:
         chosen = [states[k] for k in penalized.tolist()]
@@ -38,6 +39,15 @@ def _positions(states: Sequence[GateState], wanted: Callable[[GateState], bool],
     """The positions of the states `wanted` picks, as an index tensor; None when it picks none."""
     positions = [k for k, state in enumerate(states) if wanted(state)]
     return torch.tensor(positions, dtype=torch.long, device=device) if positions else None
+
+
+def add_logit_bias(logits: torch.Tensor, states: Sequence[GateState]) -> None:
+    """Each state's request's ``logit_bias`` added to its row of `logits`, in place, as vLLM's own logit-bias
+    processor adds it to the base row (which has it already when this processor runs)."""
+    biased = [(k, token, bias) for k, state in enumerate(states) for token, bias in (state.logit_bias or {}).items()]
+    if biased:
+        rows, tokens, biases = zip(*biased)
+        logits[list(rows), list(tokens)] += torch.tensor(biases, dtype=logits.dtype, device=logits.device)
 
 
 def penalize(logits: torch.Tensor, states: Sequence[GateState]) -> torch.Tensor:

@@ -113,6 +113,33 @@ def test_penalties_reach_both_rows_like_the_project_loop(guarded_llm, hf_model, 
     assert any(g != reference[i] for g, i in zip(got, chosen)), "the penalties changed no answer: the test lost its point"
 
 
+def test_logit_bias_reaches_both_rows_like_the_project_loop(guarded_llm, hf_model, prompt_texts, prompt_ids, reference):
+    """vLLM adds a request's logit_bias to the base row only; the processor adds it to the expert row too, so
+    'I' and ' I' at -100 are not chosen where the expert would insist on them ("I'm sorry"). Reference: the
+    project's loop with Hugging Face's SequenceBiasLogitsProcessor on both rows."""
+    import ngsd
+    from transformers import LogitsProcessorList, SequenceBiasLogitsProcessor
+    from vllm import SamplingParams
+
+    from .conftest import NEW_TOKENS
+
+    model, tokenizer = hf_model
+    chosen = range(4)
+    bias = {tokenizer.convert_tokens_to_ids("I"): -100.0, tokenizer.convert_tokens_to_ids("ĠI"): -100.0,
+            tokenizer.convert_tokens_to_ids("Ġthe"): 1.5}
+    processor = SequenceBiasLogitsProcessor([[[token], value] for token, value in bias.items()])
+    result = ngsd.generate(model, tokenizer, [prompt_texts[i] for i in chosen], expert="shipped", alpha=ALPHA,
+                           max_new_tokens=NEW_TOKENS, logits_processor=LogitsProcessorList([processor]))
+    want = [trace.tokens for trace in result.traces]
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, logit_bias=bias)
+    outputs = guarded_llm.generate([{"prompt_token_ids": prompt_ids[i]} for i in chosen], params, use_tqdm=False)
+    got = [_tokens(o) for o in outputs]
+    assert not _mismatches(got, want), _mismatches(got, want)
+    banned = [token for token, value in bias.items() if value < 0]
+    assert not any(token in tokens for tokens in got for token in banned)
+    assert any(g != reference[i] for g, i in zip(got, chosen)), "the bias changed no answer: the test lost its point"
+
+
 @pytest.mark.parametrize("extra_args, message", [
     ({"ngsd_alpha": 1.5}, "ngsd_alpha"),
     ({"ngsd_alpha": math.nan}, "ngsd_alpha"),
