@@ -32,7 +32,7 @@ import ngsd_kernels  # noqa: F401  (registers torch.ops.ngsd)
 from .channel import CHANNEL
 from .gate_book import GateBook, GateState, sampled_launches
 from .logit_rules import apply_request_rules
-from .settings import CONFIG_KEY, GuardSettings, parse_request
+from .settings import CONFIG_KEY, GuardSettings, check_admission
 
 if TYPE_CHECKING:
     from vllm import SamplingParams
@@ -42,8 +42,8 @@ if TYPE_CHECKING:
 class NGSDLogitsProcessor(LogitsProcessor):
     @classmethod
     def validate_params(cls, sampling_params: "SamplingParams") -> None:
-        """At admission: malformed ``ngsd_alpha`` / ``ngsd_guard`` fail the request (HTTP 400)."""
-        parse_request(sampling_params.extra_args)
+        """At admission: malformed ``ngsd_alpha`` / ``ngsd_guard``, or min_p on a guarded request, fail it (HTTP 400)."""
+        check_admission(sampling_params)
 
     def __init__(self, vllm_config: "VllmConfig", device: torch.device, is_pin_memory: bool) -> None:
         raw = getattr(vllm_config.model_config.hf_config, CONFIG_KEY, None)

@@ -12,9 +12,9 @@ A request asks through ``SamplingParams.extra_args``:
 Nothing a request says may weaken its own guard unless the operator allowed it: with
 ``allow_opt_out=False`` (the default) `request_policy` refuses an alpha below the engine's
 ``alpha`` and ``ngsd_guard=False`` with a ValueError. Admission (the front end, HTTP 400) checks
-only the form of the arguments (`parse_request`: it cannot see the engine's settings); inside the
-engine such a request is guarded at the engine's alpha and a warning is logged
-(`policy_or_guarded`), never served unguarded or weaker.
+only the form of the arguments (`check_admission`: it cannot see the engine's settings), and refuses
+``min_p`` on a guarded request; inside the engine such a request is guarded at the engine's alpha
+and a warning is logged (`policy_or_guarded`), never served unguarded or weaker.
 
 >>> settings = GuardSettings.from_mapping({"alpha": 0.9})
 >>> settings.request_policy({"ngsd_alpha": 1.0})
@@ -131,7 +131,7 @@ class GuardSettings:
         """`request_policy`, but a refused request is guarded at the engine's alpha (logged), never unguarded.
 
         Inside the engine an exception would fail the whole batch; requests are checked at
-        admission (`parse_request` via the processor's validate_params), so this is the fallback
+        admission (`check_admission` via the processor's validate_params), so this is the fallback
         for what admission could not know (the engine's own settings).
         """
         try:
@@ -147,6 +147,25 @@ def expert_folder(expert: str) -> Path:
     if not (path / "adapter_config.json").is_file():
         raise FileNotFoundError(f"ngsd expert {expert!r}: {path} is not a peft LoRA adapter folder")
     return path
+
+
+def check_admission(params: Any) -> None:
+    """What the front end refuses of a request (HTTP 400 on the server): malformed ``extra_args``, and on a
+    guarded request ``min_p``, which vLLM applies after the guard has forced the token, where it does nothing.
+
+    >>> from types import SimpleNamespace
+    >>> check_admission(SimpleNamespace(extra_args={"ngsd_guard": False}, min_p=0.5))  # unguarded: plain vLLM
+    >>> check_admission(SimpleNamespace(extra_args=None, min_p=0.5))
+    Traceback (most recent call last):
+    ...
+    ValueError: min_p=0.5 has no effect on a guarded request (vLLM applies it after the guard has chosen the token); use top_k / top_p instead, or extra_args['ngsd_guard']=False where the engine allows opting out
+    """
+    guard, _ = parse_request(getattr(params, "extra_args", None))
+    min_p = float(getattr(params, "min_p", 0.0) or 0.0)
+    if guard and min_p > 0.0:
+        raise ValueError(f"min_p={min_p} has no effect on a guarded request (vLLM applies it after the guard has chosen "
+                         f"the token); use top_k / top_p instead, or extra_args['{GUARD_ARG}']=False where the engine "
+                         "allows opting out")
 
 
 def parse_request(extra_args: Mapping[str, Any] | None) -> tuple[bool, float | None]:

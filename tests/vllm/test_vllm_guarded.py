@@ -156,6 +156,21 @@ def test_bad_extra_args_are_refused_at_admission(guarded_llm, prompt_ids, extra_
         guarded_llm.llm_engine.add_request("bad", {"prompt_token_ids": prompt_ids[0]}, greedy(**extra_args))
 
 
+def test_min_p_on_a_guarded_request_is_refused_at_admission(guarded_llm, prompt_ids):
+    """vLLM applies min_p after the processor has forced the token, so on a guarded request it did nothing."""
+    from vllm import SamplingParams
+    from vllm.exceptions import VLLMValidationError
+
+    sampled = dict(max_tokens=2, temperature=0.8)
+    with pytest.raises((VLLMValidationError, ValueError), match=r"min_p=0.5 .*use top_k / top_p"):
+        guarded_llm.llm_engine.add_request("min-p", {"prompt_token_ids": prompt_ids[0]},
+                                           SamplingParams(min_p=0.5, **sampled))
+    # min_p 0 (vLLM's default: off) passes, and so does min_p on a request that opted out (plain vLLM decodes it)
+    allowed = [SamplingParams(min_p=0.0, **sampled), SamplingParams(min_p=0.5, extra_args={"ngsd_guard": False}, **sampled)]
+    outputs = guarded_llm.generate([{"prompt_token_ids": prompt_ids[0]}] * 2, allowed, use_tqdm=False)
+    assert [len(_tokens(o)) for o in outputs] == [2, 2]
+
+
 def test_a_seeded_sampled_request_does_not_depend_on_its_sampled_neighbours(guarded_llm, prompt_ids):
     """Top-p sampling: a request with a seed decodes the same alone and among sampled requests without one,
     which share one op launch a step (``gate_book.sampled_launches``), each at its own temperature and
