@@ -564,3 +564,18 @@ def test_apply_without_an_expert_in_off_mode_decodes_as_the_base_and_refuses_a_g
     assert not ngsd.is_applied(model)
     with pytest.raises(ValueError, match="guarded decoding needs an expert"):
         ngsd.apply(model, expert=None)
+
+
+@pytest.mark.parametrize("name, value", [("max_new_tokens", "3"), ("max_new_tokens", 2.5), ("min_new_tokens", "1"),
+                                         ("max_length", [8])])
+def test_apply_refuses_a_length_that_is_not_an_int_by_name(lora_folder, name, value):
+    """Through a patched model.generate, HF compared the string with 0 and failed with a bare "'<=' not
+    supported between instances of 'str' and 'int'", naming no argument."""
+    model = tiny_model("llama")
+    ngsd.apply(model, expert=lora_folder)
+    try:
+        with pytest.raises(TypeError, match=f"{name} must be an int"):
+            model.generate(torch.tensor([[5, 6, 7]]), ngsd_alpha=0.5, **{name: value})
+        assert model.generate(torch.tensor([[5, 6, 7]]), ngsd_alpha=0.5, max_new_tokens=2).shape == (1, 5)
+    finally:
+        ngsd.remove(model)

@@ -204,6 +204,7 @@ def apply(
         for name in ("streamer", "tokenizer", "stop_strings"):
             if kwargs.get(name) is not None:
                 kwargs[f"ngsd_{name}"] = kwargs.pop(name)
+        _check_lengths(kwargs)
         _move_configured_stop_strings(model, kwargs)
         return unguarded_generate(model, *args, custom_generate=method, **kwargs)
 
@@ -211,6 +212,15 @@ def apply(
     model.generate = generate
     setattr(model, _STATE_ATTR, _Guard(resolved, method))
     return model
+
+
+def _check_lengths(kwargs: dict[str, Any]) -> None:
+    """Length arguments that are not whole numbers, refused by name: HF's own check compares them with 0
+    first and fails with a bare "'<=' not supported between instances of 'str' and 'int'"."""
+    for name in ("max_new_tokens", "min_new_tokens", "max_length", "min_length"):
+        value = kwargs.get(name)
+        if value is not None and not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
 
 
 def _move_configured_stop_strings(model: nn.Module, kwargs: dict[str, Any]) -> None:
