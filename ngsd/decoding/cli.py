@@ -39,7 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="base model: a checkpoint folder or hub id (default: the offline SmolLM2-135M-Instruct)")
     parser.add_argument("--expert", default="shipped",
                         help="'shipped' (the LoRA expert shipped for the default model), a peft LoRA adapter "
-                        "folder, or a model folder with the base's tokenizer (its LM head may be padded to another size)")
+                        "folder, or a model folder with the base's tokenizer (its LM head may be padded to another "
+                        "size)")
     parser.add_argument("--mode", default="ngsd", choices=MODES,
                         help="guarded decoding method: ngsd (LIF gate decides when to mix the expert in), "
                         "safedecoding (SafeDecoding: mix on the first 2 tokens), open (always mix), "
