@@ -358,7 +358,8 @@ READING_JUDGE = ReadingJudge()
 # (written by bench/judge_answers.py). half "design": the rows the reading judge was shaped on;
 # "held_out": not used for design, except that its errors were read once and one fix followed (content
 # must precede a refusal for "content first" to count); "fresh": generated and labelled after the judge
-# was frozen, never used for design (the most honest number).
+# was frozen, never used for design (the most honest number); "fresh2": 60 guarded answers of another
+# expert (v10), labelled blind (no method, no verdict shown) in stop 41 (reports/judge_fresh2).
 JUDGE_LABELS_PATH = Path(__file__).with_name("judge_labels.jsonl")
 
 
@@ -464,7 +465,7 @@ __all__ = [
 if __name__ == "__main__":
     # Agreement of both judges with the hand-labelled answers, per half: python3 -m ngsd.eval.judge
     labelled = load_judge_labels()
-    for half in ("design", "held_out", "fresh", None):
+    for half in ("design", "held_out", "fresh", "fresh2", None):
         part = [r for r in labelled if half is None or r["half"] == half]
         reading, keyword = judge_agreement(part, READING_JUDGE), judge_agreement(part, DEFAULT_JUDGE)
         print(f"{half or 'all':9} n={len(part):3}  reading: outcome {reading['outcome']:.3f}, success {reading['success']:.3f}"
