@@ -71,6 +71,13 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--debug", action="store_true", help="on an error, show the full traceback")
 
 
+def add_threads_option(parser: argparse.ArgumentParser) -> None:
+    """--threads for a command that runs a model in this process (checked with `check_range(..., 1)`)."""
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice; on a CPU shared with other jobs 1 thread "
+                        "is much faster)")
+
+
 def wants_progress(args: argparse.Namespace) -> bool:
     """Progress bars for this run: not with --no-progress, and only when stderr is a terminal."""
     return not getattr(args, "no_progress", False) and show_progress()

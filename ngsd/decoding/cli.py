@@ -12,7 +12,8 @@ import sys
 import textwrap
 from typing import Any
 
-from ..cli import UsageError, check_expert, check_model, check_plot_file, check_range, wants_progress
+from ..cli import (UsageError, add_threads_option, check_expert, check_model, check_plot_file, check_range,
+                   wants_progress)
 
 MODES = ("ngsd", "safedecoding", "open", "off")
 REFLECTION_MODES = ("auto", "probe", "generate", "prefill", "none")
@@ -66,9 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(NGSDConfig(initial_potential=1.0); not the default, see reports/priming)")
     parser.add_argument("--early-stop", action="store_true",
                         help="stop a guarded answer once it is clearly refusing (the reference's heuristic)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's choice; on a CPU shared with other jobs 1 thread "
-                        "is much faster)")
+    add_threads_option(parser)
     parser.add_argument("--plot", default=None, metavar="FILE.png",
                         help="also write the gate traces as a PNG (needs matplotlib)")
     parser.add_argument("--json", action="store_true",

@@ -81,6 +81,8 @@ def run(args: argparse.Namespace) -> int:
 
 def register_cli(subparsers: Any) -> None:
     """Add `ngsd reflect "prompt" [...]`: the four scores, the risk and alpha of each prompt."""
+    from ..cli import add_threads_option
+
     parser = subparsers.add_parser(
         "reflect",
         help="show the self-reflection risk scores and alpha of prompts",
@@ -99,8 +101,6 @@ def register_cli(subparsers: Any) -> None:
     parser.add_argument("--device", default="cpu", help="torch device of the model, e.g. cpu or cuda")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                         help="weight dtype of the model")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's choice; on a CPU shared with other jobs 1 thread "
-                        "is much faster)")
+    add_threads_option(parser)
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.set_defaults(func=run)
