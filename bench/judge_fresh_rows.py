@@ -16,6 +16,7 @@ import random
 from collections import defaultdict
 from pathlib import Path
 
+from judge_answers import spread  # the earlier halves' row picker (bench/ is on the path when run as a script)
 from ngsd.data import load_suite, resolve_data_dir
 
 # Rows per (suite, method): the harmful and jailbreak suites carry most of them (the judge's hard cases are
@@ -23,15 +24,6 @@ from ngsd.data import load_suite, resolve_data_dir
 PER_SUITE_AND_METHOD = {"advbench": 4, "harmbench": 4, "gcg": 4, "autodan": 4, "deepinception": 4,
                         "xstest_safe": 5, "alpaca_eval": 2, "mt_bench": 3}
 SEED = 41
-
-
-def spread(items: list, n: int) -> list:
-    """`n` items evenly spaced over `items` (all of them when there are fewer)."""
-    if n >= len(items):
-        return list(items)
-    if n == 1:
-        return [items[len(items) // 2]]
-    return [items[round(i * (len(items) - 1) / (n - 1))] for i in range(n)]
 
 
 def read_cache(path: Path) -> list[dict]:
