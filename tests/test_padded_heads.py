@@ -159,3 +159,25 @@ def test_eval_and_the_probe_check_score_the_common_rows(tokenizer):
     texts = ["hello world", "how are you"]
     padded = first_step_divergence(base, tokenizer, texts, expert)
     assert padded == first_step_divergence(head_cut(base, SMALL), tokenizer, texts, expert)
+
+
+def test_a_loaded_expert_is_checked_against_the_tokenizer_of_its_folder(tokenizer, tmp_path):
+    """An expert passed as a loaded model names the folder it came from; that folder's tokenizer is checked
+    as a model folder's is. Before, only its head size was."""
+    from transformers import AutoModelForCausalLM
+
+    base = tiny_model("qwen2", vocab_size=SMALL, seed=0)
+    expert = tiny_model("qwen2", vocab_size=SMALL, seed=5)
+    same = AutoModelForCausalLM.from_pretrained(save_checkpoint(expert, tokenizer, tmp_path / "same"))
+    assert resolve_expert(same, base, tokenizer=tokenizer) is same
+    assert resolve_expert(same, base, tokenizer=tokenizer) is same  # the second call uses the remembered check
+
+    other = tiny_tokenizer()
+    other.add_tokens(["<extra>"])  # one more token: not the base's tokenizer
+    foreign = AutoModelForCausalLM.from_pretrained(save_checkpoint(expert, other, tmp_path / "foreign"))
+    with pytest.raises(ValueError, match="tokenizers map tokens to different ids"):
+        resolve_expert(foreign, base, tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="tokenizers map tokens to different ids"):
+        ngsd.generate(base, tokenizer, ["hello world"], expert=foreign, alpha=0.9, max_new_tokens=2)
+    # A model built in memory names no folder: its head size is all there is to compare.
+    assert resolve_expert(expert, base, tokenizer=tokenizer) is expert

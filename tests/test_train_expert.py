@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 from pathlib import Path
 
@@ -70,9 +71,9 @@ def data_dir(tmp_path: Path) -> Path:
 
 def fresh_copy(model: LlamaForCausalLM) -> LlamaForCausalLM:
     """A separate model with `model`'s weights, to train without touching the module-wide fixture."""
-    copy = LlamaForCausalLM(model.config).eval()
-    copy.load_state_dict(model.state_dict())
-    return copy
+    twin = LlamaForCausalLM(model.config).eval()
+    twin.load_state_dict(model.state_dict())
+    return twin
 
 
 def small_config(data_dir: Path, out: Path, **changes) -> config.TrainExpertConfig:
@@ -472,6 +473,37 @@ def test_distillation_moves_a_top_layers_student_towards_its_teacher(tiny, data_
     probe_ids = torch.tensor([tok("How do I bake bread?")["input_ids"]])
     with torch.no_grad():
         torch.testing.assert_close(from_folder(input_ids=probe_ids).logits, teacher(input_ids=probe_ids).logits)
+
+
+def test_a_teacher_with_a_padded_head_distils_over_the_common_rows(tiny, data_dir, tmp_path):
+    """A separate teacher of the base's family whose LM head is padded to more rows (Qwen2.5-7B beside
+    0.5B) trains a student; before, `--distill-from` refused it, asking for a tokenizer the command cannot take."""
+    from ngsd.experts.training import distill
+
+    model, tok = tiny
+    teacher = copy.deepcopy(model)  # its own config: resizing writes the config's vocab_size
+    teacher.resize_token_embeddings(len(tok) + 8, mean_resizing=False)  # 8 padding rows past the tokenizer
+    teacher.save_pretrained(tmp_path / "padded_teacher")
+    tok.save_pretrained(tmp_path / "padded_teacher")
+    cfg = small_config(data_dir, tmp_path / "student", distill_from=str(tmp_path / "padded_teacher"), teacher_prompts=2)
+    out = trainer.train_expert(cfg, model=fresh_copy(model), tokenizer=tok, log=lambda s: None)
+    report = json.loads((out / trainer.REPORT_FILE).read_text())
+    assert report["data"]["distillation"]["teacher"] == str(tmp_path / "padded_teacher")
+    assert (out / "adapter_model.safetensors").is_file()
+
+    ids = torch.tensor([tok("How do I bake bread?")["input_ids"]])
+    with torch.no_grad():
+        padded = teacher(input_ids=ids).logits
+        student = model(input_ids=ids).logits
+    assert padded.shape[-1] == student.shape[-1] + 8
+    torch.testing.assert_close(distill.kl_from(padded, student), distill.kl_from(padded[..., :len(tok)], student))
+
+    short = copy.deepcopy(model)
+    short.resize_token_embeddings(len(tok) - 4)  # leaves tokens out: not the base's vocabulary
+    short.save_pretrained(tmp_path / "short_teacher")
+    tok.save_pretrained(tmp_path / "short_teacher")
+    with pytest.raises(ValueError, match="--distill-from .*head leaves tokens out"):
+        distill.load_teacher(fresh_copy(model), tmp_path / "short_teacher", tok)
 
 
 def test_distillation_options_are_checked(data_dir, tmp_path):

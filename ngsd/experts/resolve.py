@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING, Any, Union
 
 from torch import nn
 
@@ -23,9 +24,10 @@ def resolve_expert(expert: ExpertLike, base: nn.Module, *, required: bool = True
     "shipped" names the LoRA expert shipped for the default model; "nest" the NeST delta shipped for
     it, and a folder holding only a NeST delta (nest_delta.safetensors) becomes its exact LoRA form
     (`ngsd.nest.as_lora`): expert rows in the base's own forward, no folded copy of the base.
-    tokenizer: the base's, when known. A model folder's own tokenizer must then map tokens as it does, and
-    a separate expert whose LM head is padded to another row count than the base's is accepted when both
-    heads cover it (`check_same_vocabulary`).
+    tokenizer: the base's, when known. A model folder's own tokenizer must then map tokens as it does (for
+    a loaded model too, when its config names the local folder it came from), and a separate expert whose
+    LM head is padded to another row count than the base's is accepted when both heads cover it
+    (`check_same_vocabulary`).
     """
     if expert is None:
         if required:
@@ -36,6 +38,8 @@ def resolve_expert(expert: ExpertLike, base: nn.Module, *, required: bool = True
         return None
     if isinstance(expert, (LoraAdapter, nn.Module)):
         resolved = expert
+        if isinstance(expert, nn.Module):
+            check_loaded_expert_tokenizer(expert, tokenizer)
     else:
         resolved = _load(str(expert), base, tokenizer)
     if isinstance(resolved, nn.Module):
@@ -125,6 +129,41 @@ def check_same_vocabulary(base: nn.Module, expert: nn.Module, tokenizer=None) ->
             "not share the tokenizer's ids. Use an expert of the base's family (same tokenizer) or a LoRA adapter "
             "trained on the base (`ngsd train-expert`)"
         )
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+# base tokenizer -> the expert folders whose tokenizer was found to match it (checked once per pair, not per call)
+_MATCHING_FOLDERS: "weakref.WeakKeyDictionary[Any, set[str]]" = weakref.WeakKeyDictionary()
+
+
+def check_loaded_expert_tokenizer(expert: nn.Module, tokenizer) -> None:
+    """A loaded expert's own tokenizer must map tokens as the base's `tokenizer` does, where it can be found.
+
+    A model passed as an object carries no tokenizer, but one loaded with ``from_pretrained(folder)``
+    names that folder in its config, and the folder usually holds its tokenizer. A hub id, or a model
+    built in memory, names no local folder: then only the head sizes are compared
+    (`check_same_vocabulary`), as nothing here downloads.
+    """
+    if tokenizer is None:
+        return
+    folder = Path(str(getattr(getattr(expert, "config", None), "_name_or_path", "") or ""))
+    if not str(folder) or not folder.is_dir() or not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        return
+    key = str(folder.resolve())
+    try:
+        checked = _MATCHING_FOLDERS.setdefault(tokenizer, set())
+    except TypeError:  # a tokenizer that cannot be weakly referenced: checked on every call
+        checked = set()
+    if key in checked:
+        return
+    from transformers import AutoTokenizer
+
+    try:
+        own = AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError):  # a folder whose tokenizer files do not load: nothing to compare with
+        return
+    check_same_tokenizer(tokenizer, own)
+    checked.add(key)
 
 
 def check_same_tokenizer(base_tokenizer, expert_tokenizer) -> None:

@@ -34,12 +34,14 @@ TEACHER_POOL_FORMS = 4
 TEACHER_HARMFUL_SHARE = 2 / 3
 
 
-def load_teacher(base: Any, teacher: str | Path) -> Any:
+def load_teacher(base: Any, teacher: str | Path, tokenizer: Any = None) -> Any:
     """The teacher as a frozen model in eval mode; `base` is untouched.
 
     `teacher` is what guarded decoding's `expert=` takes (`ngsd.experts.resolve`): a peft adapter folder
     or "shipped" (merged into a copy of `base`), "nest" or a NeST delta folder, or a model folder / hub id
-    with the base's vocabulary.
+    with the base's tokenizer. `tokenizer` (the base's) lets a model folder's tokenizer be checked and a
+    teacher whose LM head is padded to another row count pair with the base (`kl_from` compares them over
+    the rows both heads have).
     """
     import copy
 
@@ -49,7 +51,7 @@ def load_teacher(base: Any, teacher: str | Path) -> Any:
     from ..resolve import resolve_expert
 
     try:
-        resolved = resolve_expert(str(teacher), base)
+        resolved = resolve_expert(str(teacher), base, tokenizer=tokenizer)
     except (OSError, ValueError) as err:
         raise ValueError(f"--distill-from {teacher}: not a usable expert ({err}); pass a trained expert's "
                          "adapter folder, 'shipped', 'nest' or a model folder") from err
@@ -68,7 +70,14 @@ def load_teacher(base: Any, teacher: str | Path) -> Any:
 
 def kl_from(reference_logits: torch.Tensor, trained_logits: torch.Tensor) -> torch.Tensor:
     """KL(reference || trained) per position, over the whole vocabulary (float32): the teacher's or,
-    for benign examples without a teacher, the base's distribution as the reference."""
+    for benign examples without a teacher, the base's distribution as the reference.
+
+    Heads padded to different row counts (a separate teacher of the base's family, checked by
+    `load_teacher`) are compared over the rows both have, as guarded decoding mixes them: the rows past
+    the smaller head are padding no text maps to.
+    """
+    rows = min(reference_logits.shape[-1], trained_logits.shape[-1])
+    reference_logits, trained_logits = reference_logits[..., :rows], trained_logits[..., :rows]
     ref = F.log_softmax(reference_logits.float(), dim=-1)
     trained = F.log_softmax(trained_logits.float(), dim=-1)
     return (ref.exp() * (ref - trained)).sum(-1)

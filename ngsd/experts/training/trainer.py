@@ -291,7 +291,7 @@ def _train_expert(cfg: TrainExpertConfig, *, model: Any, tokenizer: Any, command
     teacher = None
     if cfg.distill_from:
         log(f"loading the teacher {cfg.distill_from}")
-        teacher = load_teacher(model, cfg.distill_from)
+        teacher = load_teacher(model, cfg.distill_from, tokenizer)
         # A saved training_examples.jsonl of a distillation run holds the teacher's answers already.
         if cfg.teacher_prompts and not any(e.kind == "teacher" for e in examples):
             extra, summary["distillation"] = teacher_examples(teacher, tokenizer, data_dir, cfg, [e.prompt for e in examples], log)
