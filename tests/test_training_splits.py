@@ -68,7 +68,6 @@ def test_evaluation_prompts_cover_every_evaluation_split(evaluation):
 
 
 @needs_data
-@pytest.mark.xfail(reason="the shipped v4 expert's examples hold 7 AdvBench prompts with ids 50..129 (issue 15)", strict=True)
 def test_shipped_training_examples_hold_no_evaluation_prompt(evaluation):
     path = shipped_expert_path() / "training_examples.jsonl"
     if not path.is_file():

@@ -20,7 +20,9 @@ from ngsd.experts.training.splits import example_lines_without_evaluation_prompt
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", default=str(shipped_expert_path() / "training_examples.jsonl"),
-                        help="the examples to clean (default: the shipped expert's)")
+                        help="the examples to clean (default: the shipped expert's; v4's until stop 42, git show "
+                             "36e46fc:ngsd/assets/experts/smollm2-135m-safety-lora/training_examples.jsonl; since then "
+                             "v4c's own, which this leaves unchanged)")
     parser.add_argument("--data-dir", default=None, help="benchmark data folder (default: $NGSD_DATA_DIR)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
