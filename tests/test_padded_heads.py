@@ -161,7 +161,7 @@ def test_eval_and_the_probe_check_score_the_common_rows(tokenizer):
     assert padded == first_step_divergence(head_cut(base, SMALL), tokenizer, texts, expert)
 
 
-def test_a_loaded_expert_is_checked_against_the_tokenizer_of_its_folder(tokenizer, tmp_path):
+def test_a_loaded_expert_is_checked_against_the_tokenizer_of_its_folder(tokenizer, tmp_path, monkeypatch):
     """An expert passed as a loaded model names the folder it came from; that folder's tokenizer is checked
     as a model folder's is. Before, only its head size was."""
     from transformers import AutoModelForCausalLM
@@ -179,5 +179,6 @@ def test_a_loaded_expert_is_checked_against_the_tokenizer_of_its_folder(tokenize
         resolve_expert(foreign, base, tokenizer=tokenizer)
     with pytest.raises(ValueError, match="tokenizers map tokens to different ids"):
         ngsd.generate(base, tokenizer, ["hello world"], expert=foreign, alpha=0.9, max_new_tokens=2)
-    # A model built in memory names no folder: its head size is all there is to compare.
+    # A model built in memory names no folder: its head size is all there is to compare, wherever the caller runs.
+    monkeypatch.chdir(tmp_path / "foreign")
     assert resolve_expert(expert, base, tokenizer=tokenizer) is expert

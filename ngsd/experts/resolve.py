@@ -146,9 +146,10 @@ def check_loaded_expert_tokenizer(expert: nn.Module, tokenizer) -> None:
     """
     if tokenizer is None:
         return
-    folder = Path(str(getattr(getattr(expert, "config", None), "_name_or_path", "") or ""))
-    if not str(folder) or not folder.is_dir() or not any((folder / name).is_file() for name in _TOKENIZER_FILES):
-        return
+    name = str(getattr(getattr(expert, "config", None), "_name_or_path", "") or "")
+    folder = Path(name)
+    if not name or not folder.is_dir() or not any((folder / file).is_file() for file in _TOKENIZER_FILES):
+        return  # Path("") is the working directory: a model built in memory must not be checked against it
     key = str(folder.resolve())
     try:
         checked = _MATCHING_FOLDERS.setdefault(tokenizer, set())
