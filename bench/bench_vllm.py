@@ -49,7 +49,7 @@ def build_engines(model_path: str, kv_bytes: int, max_num_seqs: int):
     before = descendant_pids()
     plain = LLM(model=model_path, **common)
     plain.ngsd_bench_pids = descendant_pids() - before  # its engine core and worker
-    guarded = LLM(**engine_kwargs(model_path, expert="shipped", alpha=ALPHA, **common))
+    guarded = LLM(**engine_kwargs(model_path, expert="shipped", alpha=ALPHA, risk="off", **common))  # no routing
     guarded.ngsd_bench_pids = descendant_pids() - before - plain.ngsd_bench_pids
     return {"plain_vllm": plain, "guarded_vllm": guarded}
 

@@ -84,20 +84,31 @@ class RiskPlan:
         risks = self.probe.risk(self.probe.features(states, attention_mask)).tolist()
         alphas, verdicts, guarded, self.to_check = [], [], [], []
         for row, risk in enumerate(risks):
-            routed = self.route_below is not None and risk < self.route_below
-            if routed:
-                alpha = 0.0
-                if self.check_above is not None and risk >= self.check_above:
-                    self.to_check.append(row)
-            else:
-                alpha = self.guarded_alpha(risk)
-            alphas.append(alpha)
-            verdicts.append(ProbeVerdict(risk=float(risk), alpha=alpha, routed=routed, route_below=self.route_below,
-                                         check_above=self.check_above))
-            if not routed:
+            verdict, check = self.verdict_for(risk)
+            if check:
+                self.to_check.append(row)
+            alphas.append(verdict.alpha)
+            verdicts.append(verdict)
+            if not verdict.routed:
                 guarded.append(row)
         self.alphas, self.verdicts = alphas, verdicts
         return sorted(guarded + self.to_check)
+
+    def verdict_for(self, risk: float) -> tuple[ProbeVerdict, bool]:
+        """One request's verdict from its risk, and whether the divergence check must confirm it (`checked`)."""
+        routed = self.route_below is not None and risk < self.route_below
+        check = routed and self.check_above is not None and risk >= self.check_above
+        alpha = 0.0 if routed else self.guarded_alpha(risk)
+        return ProbeVerdict(risk=float(risk), alpha=alpha, routed=routed, route_below=self.route_below,
+                            check_above=self.check_above), check
+
+    def checked(self, verdict: ProbeVerdict, divergence: float) -> ProbeVerdict:
+        """A checked request's verdict given its first-step total variation: guarded (at the guarded alpha of
+        a risky row) when the divergence reaches check_divergence, else routed as the probe said."""
+        guard = not divergence < self.check_divergence  # NaN fails closed: guarded, and the step then reports it
+        high = self.reflection.guarded_alpha if self.reflection.guarded_alpha is not None else self.reflection.alpha_high
+        return replace(verdict, alpha=high if guard else verdict.alpha, routed=not guard, divergence=float(divergence),
+                       check_divergence=self.check_divergence)
 
     def guarded_alpha(self, risk: float) -> float:
         if self.route_below is not None and self.reflection.guarded_alpha is not None:
@@ -115,14 +126,11 @@ class RiskPlan:
         base = base_logits[torch.tensor(self.to_check, device=base_logits.device)]
         divergence = total_variation(base, expert_logits[checked]).tolist()
         keep = set(rows.tolist()) - set(self.to_check)
-        high = self.reflection.guarded_alpha if self.reflection.guarded_alpha is not None else self.reflection.alpha_high
         for row, value in zip(self.to_check, divergence):
-            guard = not value < self.check_divergence  # NaN fails closed: guarded, and the step then reports it
-            if guard:
+            self.verdicts[row] = self.checked(self.verdicts[row], value)
+            self.alphas[row] = self.verdicts[row].alpha
+            if not self.verdicts[row].routed:
                 keep.add(row)
-                self.alphas[row] = high
-            self.verdicts[row] = replace(self.verdicts[row], alpha=self.alphas[row], routed=not guard,
-                                         divergence=float(value), check_divergence=self.check_divergence)
         return sorted(keep)
 
 
@@ -151,11 +159,7 @@ def plan_risk(
     if reflection.mode in ("auto", "probe"):
         probe = load_probe(model, reflection)
         if probe is not None:
-            route_below = (probe.route_below if reflection.route_below is None else reflection.route_below) \
-                if reflection.route else None
-            check_above, check_divergence = divergence_check(probe, reflection, route_below)
-            return RiskPlan(None, [None] * batch, probe=probe, route_below=route_below, reflection=reflection,
-                            check_above=check_above, check_divergence=check_divergence)
+            return probe_plan(probe, reflection, batch)
     if tokenizer is None:
         raise ValueError(
             "self-reflection needs the tokenizer (pass tokenizer=...), or pass alpha=... per request, "
@@ -168,6 +172,16 @@ def plan_risk(
     generative = reflection if reflection.mode != "auto" else _as_generate(reflection)
     reflections = reflect(model, tokenizer, list(requests), generative, progress=progress)
     return RiskPlan([r.alpha for r in reflections], reflections)
+
+
+def probe_plan(probe, reflection: ReflectionConfig, batch: int = 0) -> RiskPlan:
+    """The plan of a call the probe decides: its routing threshold and divergence check from `reflection`,
+    else the probe's own (also what a vLLM engine decides each request by, `ngsd.vllm.risk`)."""
+    route_below = (probe.route_below if reflection.route_below is None else reflection.route_below) \
+        if reflection.route else None
+    check_above, check_divergence = divergence_check(probe, reflection, route_below)
+    return RiskPlan(None, [None] * batch, probe=probe, route_below=route_below, reflection=reflection,
+                    check_above=check_above, check_divergence=check_divergence)
 
 
 def divergence_check(probe, reflection: ReflectionConfig, route_below: float | None

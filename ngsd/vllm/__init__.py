@@ -1,4 +1,6 @@
-"""NGSD inside vLLM: every request an engine serves is guarded, the selection done by ngsd's step op.
+"""NGSD inside vLLM: each request guarded or routed as `ngsd.generate` decides by default, the selection done
+by ngsd's step op. The risk probe's part (which requests are routed, at what alpha the rest are
+guarded) is `risk.py`; with ``risk="off"`` (or another model or expert) every request is guarded.
 
 One request per prompt. The engine's model is a wrapper (`NGSDGuardedLlamaForCausalLM`,
 registered by this package's vLLM plugin) that runs the base and the expert (the base with the

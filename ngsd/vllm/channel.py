@@ -7,18 +7,27 @@ on the base and expert rows stacked (one GEMM streams the head's weight once, wh
 stream it twice: at 128 rows and V = 49,152 on one CPU core, 358 ms instead of 404) and leaves
 the expert's logits of those rows here for the processor. A take that finds nothing, or another
 row count, is an error: never a silent unguarded step.
+
+With the risk probe on (`risk.py`) two more things travel: the probe's scores of every token of the
+step (`ProbeTokens`, from the model's forward), and the first-step total variation of the rows the
+processor names in `check_rows` (undecided requests), computed on the raw logits in `compute_logits`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from .risk import ProbeTokens
 
 
 @dataclass
 class ExpertRows:
     all_logits: torch.Tensor  # [rows, vocab] the expert's logits, in the sampler's row order
+    divergence: dict[int, float] = field(default_factory=dict)  # row -> first-step TV (the rows in check_rows)
 
     def logits(self, rows: torch.Tensor) -> torch.Tensor:
         """The expert logits of `rows` (sorted, unique), which the caller may write: after `take` it owns them."""
@@ -30,6 +39,18 @@ class ExpertRows:
 class ExpertChannel:
     def __init__(self) -> None:
         self._pending: ExpertRows | None = None
+        self._probe: "ProbeTokens | None" = None
+        self.check_rows: list[int] = []  # set by the processor each step: rows whose divergence check may be due
+
+    def put_probe(self, tokens: "ProbeTokens | None") -> None:
+        self._probe = tokens
+
+    def take_probe(self) -> "ProbeTokens":
+        tokens, self._probe = self._probe, None
+        if tokens is None:
+            raise RuntimeError("ngsd: no risk-probe scores for this step: the guarded model's forward did not score "
+                               "the step's tokens (no attention metadata in vLLM's forward context?)")
+        return tokens
 
     def put(self, rows: ExpertRows) -> None:
         self._pending = rows

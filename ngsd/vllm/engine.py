@@ -4,6 +4,12 @@ Two things make an engine guarded, and both are needed: the wrapper architecture
 ``hf_overrides``, which also carries the operator's settings to the worker) and the logits
 processor (``logits_processors``). The wrapper refuses to load without the processor, so a
 half-configured engine fails at start instead of serving unguarded.
+
+The settings are checked here, in the front-end process, before any engine starts (the worker's
+own failure reads only "Engine core initialization failed"): the expert folder, and whether the
+risk probe runs (`ngsd.vllm.risk.probe_folder`). With the probe on, prefix caching is switched off
+(the probe must see every prompt token's forward; an explicit ``enable_prefix_caching=True`` is
+refused).
 """
 
 from __future__ import annotations
@@ -18,34 +24,63 @@ MODEL_CLASS = "ngsd.vllm.model:NGSDGuardedLlamaForCausalLM"
 PROCESSOR = "ngsd.vllm.processor:NGSDLogitsProcessor"
 
 
-def guard_overrides(expert: str = "shipped", alpha: float = 0.9, allow_opt_out: bool = False,
-                    gate: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The ``hf_overrides`` of a guarded engine (validated here, before any engine starts)."""
-    settings = GuardSettings(expert=str(expert), alpha=alpha, allow_opt_out=allow_opt_out, gate=dict(gate or {}))
+def guard_settings(expert: str = "shipped", alpha: float = 0.9, allow_opt_out: bool = False,
+                   gate: Mapping[str, Any] | None = None, risk: str = "auto", probe: str | None = None,
+                   reflection: Mapping[str, Any] | None = None, verdict_log: str | None = None) -> GuardSettings:
+    return GuardSettings(expert=str(expert), alpha=alpha, allow_opt_out=allow_opt_out, gate=dict(gate or {}),
+                         risk=risk, probe=None if probe is None else str(probe), reflection=dict(reflection or {}),
+                         verdict_log=None if verdict_log is None else str(verdict_log))
+
+
+def guard_overrides(model: str, settings: GuardSettings) -> tuple[dict[str, Any], bool]:
+    """The ``hf_overrides`` of a guarded engine of `model`, and whether its risk probe runs (validated here,
+    before any engine starts)."""
+    from .risk import EngineRisk, model_config_of, probe_folder
+
     expert_folder(settings.expert)  # here, not only in the engine's worker, whose failure reads "initialization failed"
-    return {"architectures": [ARCHITECTURE], CONFIG_KEY: settings.to_dict()}
+    folder = probe_folder(settings, model_config_of(model))
+    if folder is not None:
+        EngineRisk(folder, settings)  # a probe that loads, and a prime_divergence="check" it can serve
+    elif settings.config().prime_divergence == "check":
+        raise ValueError(f"ngsd gate prime_divergence='check' takes the risk probe's divergence check, and no probe "
+                         f"runs for {model!r} with expert {settings.expert!r} (risk='auto' runs the shipped probe for "
+                         "the default model with the shipped expert only); give prime_divergence a number, or "
+                         "risk='probe' with a probe folder")
+    return {"architectures": [ARCHITECTURE], CONFIG_KEY: settings.to_dict()}, folder is not None
 
 
 def engine_kwargs(model: str, *, expert: str = "shipped", alpha: float = 0.9, allow_opt_out: bool = False,
-                  gate: Mapping[str, Any] | None = None, **engine_args: Any) -> dict[str, Any]:
+                  gate: Mapping[str, Any] | None = None, risk: str = "auto", probe: str | None = None,
+                  reflection: Mapping[str, Any] | None = None, verdict_log: str | None = None,
+                  **engine_args: Any) -> dict[str, Any]:
     """Keyword arguments for ``vllm.LLM`` / ``EngineArgs``: `model` guarded by `expert` (see `GuardSettings`).
 
     Other vLLM arguments pass through (``dtype``, ``max_num_seqs``...). Speculative decoding is
     refused by vLLM itself for engines with custom logits processors.
     """
+    settings = guard_settings(expert, alpha, allow_opt_out, gate, risk, probe, reflection, verdict_log)
+    guard, probe_on = guard_overrides(model, settings)
+    if probe_on:
+        if engine_args.get("enable_prefix_caching"):
+            raise ValueError("enable_prefix_caching=True: the risk probe reads every prompt token's hidden state, "
+                             "and prefix caching skips cached ones; leave it unset (off), or set risk='off'")
+        engine_args["enable_prefix_caching"] = False
     overrides = dict(engine_args.pop("hf_overrides", None) or {})
-    overrides.update(guard_overrides(expert, alpha, allow_opt_out, gate))
+    overrides.update(guard)
     processors = list(engine_args.pop("logits_processors", None) or [])
     return {"model": str(model), "hf_overrides": overrides, "logits_processors": [PROCESSOR, *processors],
             **engine_args}
 
 
 def serve_args(model: str, *, expert: str = "shipped", alpha: float = 0.9, allow_opt_out: bool = False,
-               gate: Mapping[str, Any] | None = None) -> list[str]:
+               gate: Mapping[str, Any] | None = None, risk: str = "auto", probe: str | None = None,
+               reflection: Mapping[str, Any] | None = None, verdict_log: str | None = None) -> list[str]:
     """The ``vllm serve`` arguments of the same guarded engine (the OpenAI-compatible server).
 
     >>> serve_args("m", alpha=0.5)[:3]
     ['serve', 'm', '--hf-overrides']
     """
-    overrides = guard_overrides(expert, alpha, allow_opt_out, gate)
-    return ["serve", str(model), "--hf-overrides", json.dumps(overrides), "--logits-processors", PROCESSOR]
+    settings = guard_settings(expert, alpha, allow_opt_out, gate, risk, probe, reflection, verdict_log)
+    overrides, probe_on = guard_overrides(model, settings)
+    args = ["serve", str(model), "--hf-overrides", json.dumps(overrides), "--logits-processors", PROCESSOR]
+    return args + (["--no-enable-prefix-caching"] if probe_on else [])

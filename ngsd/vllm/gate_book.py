@@ -19,6 +19,9 @@ in that order) but never names the request. Two facts make the state safe anyway
   logits for a partly prefilled request too and throws that sample away; the chosen token is
   kept pending and committed when the request's (live) output list has grown by it, dropped
   when it has not.
+- With the risk probe on, a request that asked for nothing starts undecided (`GateState.awaiting`):
+  it is not guarded until the processor has decided it (`ngsd.vllm.risk`), and the decision is
+  kept on the same state, so a preempted request keeps it.
 
 Plain Python, no vLLM import: the main test suite checks it on simulated batch updates.
 """
@@ -27,9 +30,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from .settings import GuardSettings, RequestPolicy
+
+if TYPE_CHECKING:
+    from .risk import EngineRisk
 
 logger = logging.getLogger(__name__)
 GATES_ATTRIBUTE = "_ngsd_gates"  # on the request's SamplingParams (a msgspec Struct with a __dict__): its requests' gates
@@ -51,6 +57,10 @@ class GateState:
     penalties: tuple[float, float, float] | None = None  # (repetition, presence, frequency); None: all off
     logit_bias: dict[int, float] | None = None  # token id -> bias, as vLLM added it to the base row
     prompt: Sequence[int] = ()  # the request's prompt token ids (the repetition penalty reads them)
+    awaiting: bool = False  # the risk probe has yet to decide this request (not guarded meanwhile)
+    probe_max: float = float("-inf")  # the probe's largest token logit over the prompt positions seen so far
+    prompt_steps: int = 0  # engine steps whose forward held some of its prompt tokens
+    verdict: Any = None  # the probe's ProbeVerdict, once decided
 
     def settle(self) -> None:
         """Commit the pending selection if its token reached the output, else drop it (sample discarded)."""
@@ -69,8 +79,11 @@ class GateState:
 class GateBook:
     """Batch index -> `GateState` for the requests the processor currently sees."""
 
-    def __init__(self, settings: GuardSettings) -> None:
+    def __init__(self, settings: GuardSettings, risk: "EngineRisk | None" = None) -> None:
         self.settings = settings
+        self.risk = risk
+        # with prime_divergence="check" the start depends on the probe's check (EngineRisk validated it)
+        self.start_potential = risk.start_potential if risk is not None else settings.config().start_potential
         self.rows: dict[int, GateState] = {}
 
     def update(self, removed: Iterable[int], added: Iterable[tuple[int, Any, Any, Sequence[int]]],
@@ -131,19 +144,25 @@ class GateBook:
     def _new_state(self, params: Any) -> GateState:
         policy = self.settings.policy_or_guarded(getattr(params, "extra_args", None))
         seed = getattr(params, "seed", None)
-        return GateState(policy=policy, potential=self.settings.config().start_potential, seed=seed,
+        return GateState(policy=policy, potential=self.start_potential, seed=seed,
                          seeded=seed is not None, sampling=sampling_of(params), constrained=is_constrained(params),
-                         penalties=penalties_of(params), logit_bias=getattr(params, "logit_bias", None) or None)
+                         penalties=penalties_of(params), logit_bias=getattr(params, "logit_bias", None) or None,
+                         awaiting=self.risk is not None and policy.default)
 
     def guarded(self, batch_size: int) -> list[tuple[int, GateState]]:
         """The guarded rows among the first `batch_size`, each settled, in index order."""
         rows = []
         for index in sorted(self.rows):
             state = self.rows[index]
-            if index < batch_size and state.policy.guarded:
+            if index < batch_size and state.policy.guarded and not state.awaiting:
                 state.settle()
                 rows.append((index, state))
         return rows
+
+    def awaiting(self, batch_size: int) -> list[tuple[int, GateState]]:
+        """The rows among the first `batch_size` that the risk probe has yet to decide, in index order."""
+        return [(index, self.rows[index]) for index in sorted(self.rows)
+                if index < batch_size and self.rows[index].awaiting]
 
 
 def gates_of(params: Any) -> list[GateState]:

@@ -9,6 +9,12 @@ context. `forward` returns both final hidden states side by side ([tokens, 2 * h
 `compute_logits` runs the (shared) LM head once on both stacks' rows, returns the base logits
 (what vLLM's sampler, its built-in processors and opted-out requests see) and leaves the
 expert's logits of the same rows for `NGSDLogitsProcessor` (`channel.py`).
+
+With the risk probe on (`risk.py`) the base stack also returns the residual stream at the probe's
+layer, and `forward` scores every token of the step with the probe (one dot product a token);
+`compute_logits` adds the first-step divergence of the rows the processor is about to decide. Both
+stacks still run for every request: a routed request saves the guarded step, not the expert's
+forward (the two share one vLLM request and one schedule).
 """
 
 from __future__ import annotations
@@ -23,8 +29,10 @@ from vllm.model_executor.models.utils import AutoWeightsLoader
 from vllm.sequence import IntermediateTensors
 
 from ..experts.lora import LoraAdapter
+from ..risk.divergence_check import total_variation
 from .channel import CHANNEL, ExpertRows
 from .engine import ARCHITECTURE, PROCESSOR
+from .risk import EngineRisk, ProbeTokens
 from .settings import CONFIG_KEY, GuardSettings, expert_folder
 
 
@@ -38,6 +46,11 @@ class NGSDGuardedLlamaForCausalLM(nn.Module):
         self.base = LlamaForCausalLM(vllm_config=vllm_config, prefix=_join(prefix, "base"))
         self.expert = LlamaForCausalLM(vllm_config=vllm_config, prefix=_join(prefix, "expert"))
         self.adapter = LoraAdapter.load(expert_folder(self.settings.expert))
+        self.risk = EngineRisk.for_engine(self.settings, config)
+        if self.risk is not None:
+            _check_probe_engine(vllm_config, self.risk)
+            # the residual stream entering decoder layer `layer` (hidden + residual): HF's hidden_states[layer]
+            self.base.model._set_aux_hidden_state_layers((self.risk.layer,))
         if self.adapter.targets_lm_head() or any(name.split(".")[-1] == "embed_tokens" for name in self.adapter.pairs):
             raise ValueError(f"ngsd: the expert {self.adapter.source} changes the LM head or the embeddings (tied to the "
                              "head); only decoder-layer LoRA adapters are supported in vLLM")
@@ -49,8 +62,27 @@ class NGSDGuardedLlamaForCausalLM(nn.Module):
                 intermediate_tensors: IntermediateTensors | None = None,
                 inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         base = self.base.model(input_ids, positions, intermediate_tensors, inputs_embeds)
+        if self.risk is not None:
+            base, (probe_hidden,) = base
+            CHANNEL.put_probe(self._probe_tokens(probe_hidden, positions))
         expert = self.expert.model(input_ids, positions, intermediate_tensors, inputs_embeds)
         return torch.cat([base, expert], dim=-1)
+
+    def _probe_tokens(self, hidden: torch.Tensor, positions: torch.Tensor) -> ProbeTokens | None:
+        """The probe's score of every real token of this step, with positions and each request's range."""
+        from vllm.forward_context import get_forward_context, is_forward_context_available
+
+        metadata = get_forward_context().attn_metadata if is_forward_context_available() else None
+        if isinstance(metadata, list):
+            raise ValueError("ngsd: the risk probe cannot split micro-batched steps (ubatching); turn it off")
+        starts = next((m.query_start_loc for m in (metadata or {}).values()
+                       if getattr(m, "query_start_loc", None) is not None), None)
+        if starts is None:  # a profiling or warm-up run: no requests
+            return None
+        starts = starts.to("cpu", torch.long)
+        tokens = int(starts[-1])
+        return ProbeTokens(logits=self.risk.token_logits(hidden[:tokens]).cpu(),
+                           positions=positions[:tokens].to("cpu", torch.long), starts=starts)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         base, expert = hidden_states.split(self.hidden_size, dim=-1)
@@ -60,7 +92,12 @@ class NGSDGuardedLlamaForCausalLM(nn.Module):
         logits = self.base.compute_logits(torch.cat([base, expert], dim=0))
         if logits is None:  # a tensor-parallel rank the head gathers away from: it does not sample
             return None
-        CHANNEL.put(ExpertRows(logits[rows:]))
+        divergence: dict[int, float] = {}
+        check = [row for row in CHANNEL.check_rows if row < rows] if self.risk is not None else []
+        if check:  # the raw logits, before vLLM's masks and biases touch the base rows
+            index = torch.tensor(check, dtype=torch.long, device=logits.device)
+            divergence = dict(zip(check, total_variation(logits[index], logits[index + rows]).tolist()))
+        CHANNEL.put(ExpertRows(logits[rows:], divergence))
         return logits[:rows]
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
@@ -103,6 +140,18 @@ def _check_engine(vllm_config: VllmConfig) -> None:
     if vllm_config.use_v2_model_runner:
         raise ValueError("ngsd: the guarded model runs on vLLM's V1 model runner (its logits-processor interface); "
                          "set VLLM_USE_V2_MODEL_RUNNER=0")
+
+
+def _check_probe_engine(vllm_config: VllmConfig, risk: EngineRisk) -> None:
+    """Refuse engines in which the probe would not see every prompt token (see `risk.py`)."""
+    if vllm_config.cache_config.enable_prefix_caching:
+        raise ValueError(f"ngsd: the risk probe ({risk.folder}) reads every prompt token's hidden state, and prefix "
+                         "caching skips the forward of cached ones: start the engine with enable_prefix_caching=False "
+                         "(ngsd.vllm.engine_kwargs does; vllm serve: --no-enable-prefix-caching), or with the settings' "
+                         "risk='off' (every request guarded at alpha)")
+    if vllm_config.parallel_config.pipeline_parallel_size > 1:
+        raise ValueError("ngsd: the risk probe runs without pipeline parallelism only; set risk='off' or "
+                         "pipeline_parallel_size=1")
 
 
 def _join(prefix: str, name: str) -> str:

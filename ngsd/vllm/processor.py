@@ -17,6 +17,10 @@ or not), each with its own drawn seed, step, temperature, top-k and top-p (``gat
 the op's ``row_temperature`` / ``row_top_k`` / ``row_top_p``).
 Logprobs a request asks for are the base model's
 (vLLM computes them before any processor).
+
+With the risk probe on (`risk.py`), a request that asked for nothing is decided first, at the step
+that reaches its last prompt token: routed (its row left untouched: plain vLLM) or guarded at the
+alpha the library's rules give, from that first token on.
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ import ngsd_kernels  # noqa: F401  (registers torch.ops.ngsd)
 from .channel import CHANNEL
 from .gate_book import GateBook, GateState, sampled_launches
 from .logit_rules import apply_request_rules
-from .settings import CONFIG_KEY, GuardSettings, check_admission
+from .risk import EngineRisk, observe
+from .settings import CONFIG_KEY, GuardSettings, RequestPolicy, check_admission
 
 if TYPE_CHECKING:
     from vllm import SamplingParams
@@ -52,7 +57,8 @@ class NGSDLogitsProcessor(LogitsProcessor):
                              "build the engine with ngsd.vllm.engine_kwargs (or serve_args)")
         self.settings = GuardSettings.from_mapping(raw)
         self.config = self.settings.config()
-        self.book = GateBook(self.settings)
+        self.risk = EngineRisk.for_engine(self.settings, vllm_config.model_config.hf_config)
+        self.book = GateBook(self.settings, self.risk)
         self.device = device
 
     def is_argmax_invariant(self) -> bool:
@@ -61,9 +67,13 @@ class NGSDLogitsProcessor(LogitsProcessor):
     def update_state(self, batch_update: BatchUpdate | None) -> None:
         if batch_update is not None:
             self.book.update(batch_update.removed, batch_update.added, batch_update.moved)
+        if self.risk is not None and self.risk.checks:  # before this step's forward: compute_logits reads it
+            CHANNEL.check_rows = sorted(index for index, state in self.book.rows.items() if state.awaiting)
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         expert = CHANNEL.take(logits.shape[0])
+        if self.risk is not None:
+            self._decide(expert, logits.shape[0])
         rows = self.book.guarded(logits.shape[0])
         if not rows:
             return logits
@@ -92,6 +102,25 @@ class NGSDLogitsProcessor(LogitsProcessor):
         for (_, state), token, potential in zip(rows, tokens.tolist(), potentials):
             state.pending = (len(state.output), token, potential)
         return logits
+
+    def _decide(self, expert, batch_size: int) -> None:
+        """Decide the undecided requests whose last prompt token this step's forward reached."""
+        awaiting = self.book.awaiting(batch_size)
+        if not awaiting:
+            CHANNEL.put_probe(None)
+            return
+        tokens = CHANNEL.take_probe()
+        for index, state in awaiting:
+            if not state.prompt:  # a prompt given as embeddings: no token ids to tell its end by
+                state.awaiting = False
+                continue  # guarded at the engine's alpha (its policy as it stands)
+            start, end = int(tokens.starts[index]), int(tokens.starts[index + 1])
+            if not observe(state, tokens.logits[start:end], tokens.positions[start:end]):
+                continue  # a partial prefill: vLLM discards this step's sample, and the row stays untouched
+            verdict = self.risk.decide(state.probe_max, expert.divergence.get(index))
+            state.verdict, state.awaiting = verdict, False
+            state.policy = RequestPolicy(guarded=not verdict.routed, alpha=verdict.alpha)
+            self.risk.record(state.prompt, verdict, state.prompt_steps)
 
     def _select(self, group: list[int], rows: list[tuple[int, GateState]], base: torch.Tensor, expert: torch.Tensor,
                 tokens: torch.Tensor, potentials: list[float], seeds: list[int], offsets: list[int],

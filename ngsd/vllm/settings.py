@@ -16,9 +16,16 @@ only the form of the arguments (`check_admission`: it cannot see the engine's se
 ``min_p`` on a guarded request; inside the engine such a request is guarded at the engine's alpha
 and a warning is logged (`policy_or_guarded`), never served unguarded or weaker.
 
+Which requests the engine guards, and at what alpha, is the library's default (`ngsd.generate`):
+with ``risk="auto"`` (the default) an engine of the default model with the shipped expert runs
+the shipped risk probe on every request that asks for nothing, routes the ones it calls harmless
+(unguarded, as plain vLLM) and guards the rest, with the divergence check in between (see
+`ngsd.vllm.risk`). A request that sets ``ngsd_alpha`` is guarded at that alpha, never routed.
+Any other model or expert (or ``risk="off"``): every request guarded at ``alpha``.
+
 >>> settings = GuardSettings.from_mapping({"alpha": 0.9})
 >>> settings.request_policy({"ngsd_alpha": 1.0})
-RequestPolicy(guarded=True, alpha=1.0)
+RequestPolicy(guarded=True, alpha=1.0, default=False)
 >>> settings.request_policy({"ngsd_guard": False})
 Traceback (most recent call last):
 ...
@@ -34,7 +41,7 @@ from numbers import Real
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..config import NGSDConfig
+from ..config import NGSDConfig, ReflectionConfig
 from ..experts.shipped import shipped_expert_path
 
 logger = logging.getLogger(__name__)
@@ -45,14 +52,23 @@ REQUEST_ARGS = (ALPHA_ARG, GUARD_ARG)
 GATE_FIELDS = ("mode", "tau", "v_th", "v_reset", "rho", "initial_potential", "prime_divergence", "candidate_k",
                "divergence", "safedecoding_alpha", "safedecoding_steps", "safedecoding_k", "safedecoding_min_candidates",
                "score_floor")
+RISK_MODES = ("auto", "probe", "off")
+# ReflectionConfig fields that shape the probe's decision (the rest are self-reflection's)
+REFLECTION_FIELDS = ("route", "route_below", "guarded_alpha", "check", "check_above", "check_divergence",
+                     "high_risk_above", "low_risk_below", "alpha_high", "alpha_mid", "alpha_low")
 
 
 @dataclass(frozen=True)
 class RequestPolicy:
-    """How one request is decoded: guarded at `alpha`, or (opt-out) not guarded at all."""
+    """How one request is decoded: guarded at `alpha`, or (opt-out) not guarded at all.
+
+    default: the request asked for nothing (no ``ngsd_alpha``, no ``ngsd_guard``): with the risk probe
+    on, the probe decides its route and alpha (`alpha` is then only the fallback).
+    """
 
     guarded: bool
     alpha: float
+    default: bool = False
 
 
 @dataclass(frozen=True)
@@ -62,14 +78,30 @@ class GuardSettings:
     expert: a peft LoRA adapter folder for the base model, or "shipped" (the default model's
     expert); it is merged into a full copy of the base when the engine loads.
     alpha: the mixing strength of every request that does not set its own.
+    alpha: the mixing strength of every request that does not set its own, where the risk probe is
+    off; with it on, of the requests the probe cannot decide (a prompt given as embeddings). Also the
+    floor of a request's own ``ngsd_alpha`` (unless allow_opt_out).
     allow_opt_out: let requests decode unguarded (``ngsd_guard=False``) or below `alpha`.
     gate: NGSDConfig gate fields (mode, tau, v_th, v_reset, rho, candidate_k, divergence, ...).
+    risk: "auto" (the default): the risk probe when one applies (the default model with the shipped
+    expert and its shipped probe, or the folder `probe` names), else every request at `alpha`;
+    "probe": the probe, and an error where none applies; "off": every request at `alpha`.
+    probe: a risk-probe folder (`ngsd train-probe`; token_max probes only); None: the shipped one.
+    reflection: ReflectionConfig fields of the probe's decision (REFLECTION_FIELDS: route, route_below,
+    guarded_alpha, check, check_above, check_divergence and the risk-to-alpha thresholds); the
+    library's defaults otherwise, so the engine decides as `ngsd.generate` does.
+    verdict_log: a file the worker appends one JSON line to per request the probe decides
+    (`ngsd.vllm.risk.verdict_record`); None: none (the verdict is logged at INFO level either way).
     """
 
     expert: str = "shipped"
     alpha: float = 0.9
     allow_opt_out: bool = False
     gate: dict[str, Any] = field(default_factory=dict)
+    risk: str = "auto"
+    probe: str | None = None
+    reflection: dict[str, Any] = field(default_factory=dict)
+    verdict_log: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.expert, str) or not self.expert:
@@ -82,11 +114,30 @@ class GuardSettings:
         unknown = sorted(set(self.gate) - set(GATE_FIELDS))
         if unknown:
             raise ValueError(f"ngsd gate has unknown fields {unknown}; known: {list(GATE_FIELDS)}")
-        if self.gate.get("prime_divergence") == "check":
-            raise ValueError("ngsd gate prime_divergence='check' needs a risk probe's divergence check, which the vLLM "
-                             "engine does not run; give prime_divergence a number (the first-step divergence that fires "
-                             "the gate at once)")
-        self.config()  # validates the gate fields now, at engine start, not at the first request
+        if self.risk not in RISK_MODES:
+            raise ValueError(f"ngsd risk must be one of {RISK_MODES}, got {self.risk!r}")
+        if self.probe is not None and (not isinstance(self.probe, str) or not self.probe):
+            raise TypeError(f"ngsd probe must be a risk-probe folder or None, got {self.probe!r}")
+        if self.probe is not None and self.risk == "off":
+            raise ValueError(f"ngsd probe={self.probe!r} with risk='off': the probe would never run; "
+                             "drop one of them")
+        if not isinstance(self.reflection, Mapping):
+            raise TypeError(f"ngsd reflection must be a dict of ReflectionConfig fields, got "
+                            f"{type(self.reflection).__name__}")
+        unknown = sorted(set(self.reflection) - set(REFLECTION_FIELDS))
+        if unknown:
+            raise ValueError(f"ngsd reflection has unknown fields {unknown}; known: {list(REFLECTION_FIELDS)}")
+        if self.reflection and self.risk == "off":
+            raise ValueError("ngsd reflection shapes the risk probe's decision, and risk='off' runs no probe; "
+                             "drop one of them")
+        if self.verdict_log is not None and (not isinstance(self.verdict_log, str) or not self.verdict_log):
+            raise TypeError(f"ngsd verdict_log must be a file path or None, got {self.verdict_log!r}")
+        self.reflection_config()
+        config = self.config()  # validates the gate fields now, at engine start, not at the first request
+        if config.prime_divergence == "check" and self.risk == "off":
+            raise ValueError("ngsd gate prime_divergence='check' takes the risk probe's divergence check, and "
+                             "risk='off' runs no probe; give prime_divergence a number (the first-step divergence "
+                             "that fires the gate at once), or leave risk 'auto' on an engine the probe applies to")
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any] | None) -> "GuardSettings":
@@ -108,6 +159,10 @@ class GuardSettings:
         """The gate as the project's own loop runs it (`NGSDConfig`), so both read the same parameters."""
         return NGSDConfig(**dict(self.gate))
 
+    def reflection_config(self) -> ReflectionConfig:
+        """The probe's decision rules as the library's `ReflectionConfig` (its defaults, changed by `reflection`)."""
+        return ReflectionConfig(mode="probe", **dict(self.reflection))
+
     def request_policy(self, extra_args: Mapping[str, Any] | None) -> RequestPolicy:
         """The policy of one request from its ``extra_args``; ValueError/TypeError names the bad argument."""
         guard, alpha = parse_request(extra_args)
@@ -119,7 +174,7 @@ class GuardSettings:
                 )
             return RequestPolicy(guarded=False, alpha=0.0)
         if alpha is None:
-            return RequestPolicy(guarded=True, alpha=self.alpha)
+            return RequestPolicy(guarded=True, alpha=self.alpha, default=True)
         if alpha < self.alpha and not self.allow_opt_out:
             raise ValueError(
                 f"extra_args['{ALPHA_ARG}']={alpha} is below this engine's alpha {self.alpha}: a request may not weaken "

@@ -1,7 +1,10 @@
 """Engines and reference answers shared by the vLLM tests (run in the vLLM environment: scripts/vllm_env.sh).
 
-One guarded engine with a KV cache small enough that a batch of 16 must be preempted, one plain
-engine for the opt-out comparison, and the project's own loop (`ngsd.generate`) as the reference.
+One guarded engine with the default settings (the risk probe decides each request) whose KV cache
+is small enough that a batch of 16 must be preempted and whose token budget a step splits prompts
+over several steps (chunked prefill), one plain engine for the opt-out comparison, and the
+project's own loop (`ngsd.generate`) as the reference: its default (probe, routing, check) and
+alpha 0.9 fixed (what a request that sets ``ngsd_alpha`` gets).
 vLLM's CPU engine runs in its own process (multiprocessing): in one process its OpenMP binding
 makes CPU steps about 30x slower.
 """
@@ -23,6 +26,11 @@ ENGINE = dict(dtype="float32", max_model_len=256, enforce_eager=True, seed=0, bl
 # 12 blocks of 32 tokens for both stacks (60 attention layers x K,V x 3 heads x 64 x fp32): 16 requests of
 # ~90 tokens need 48 blocks, so the scheduler admits a few and preempts while they grow
 GUARDED_KV_BYTES = 12 * 32 * 60 * 2 * 3 * 64 * 4
+# a step's token budget below most prompts' length: prompts are prefilled over several steps
+CHUNKED = dict(max_num_batched_tokens=48, max_num_seqs=16)
+# AlpacaEval even ids (its training split) whose risk lies in the divergence check's band
+# [check_above, route_below) of the shipped probe: the check decides them
+BAND_IDS = (56, 154)
 
 
 def _need_data() -> None:
@@ -38,6 +46,14 @@ def prompt_texts() -> list[str]:
     rows = json.loads((resolve_data_dir() / "alpaca_eval_805.json").read_text())
     benign = [row["instruction"] for row in rows if int(row["id"]) % 2 == 1][:8]
     return [text for pair in zip(harmful, benign) for text in pair]
+
+
+@pytest.fixture(scope="session")
+def band_texts() -> list[str]:
+    _need_data()
+    records = json.loads((resolve_data_dir() / "alpaca_eval_805.json").read_text())
+    rows = {int(row["id"]): row["instruction"] for row in records}
+    return [rows[i] for i in BAND_IDS]
 
 
 @pytest.fixture(scope="session")
@@ -58,6 +74,30 @@ def prompt_ids(hf_model, prompt_texts) -> list[list[int]]:
 
 
 @pytest.fixture(scope="session")
+def band_ids(hf_model, band_texts) -> list[list[int]]:
+    import ngsd
+
+    _, tokenizer = hf_model
+    ids, mask = ngsd.encode_prompts(tokenizer, band_texts)
+    return [row[m.bool()].tolist() for row, m in zip(ids, mask)]
+
+
+@pytest.fixture(scope="session")
+def default_result(hf_model, prompt_texts, band_texts):
+    """The project's own loop with its default configuration (risk probe, routing, divergence check), greedy,
+    on the 16 prompts and the band prompts: its tokens and traces (route, alpha, verdict) per row."""
+    import ngsd
+
+    model, tokenizer = hf_model
+    return ngsd.generate(model, tokenizer, prompt_texts + band_texts, expert="shipped", max_new_tokens=NEW_TOKENS)
+
+
+@pytest.fixture(scope="session")
+def default_reference(default_result) -> list[list[int]]:
+    return [trace.tokens for trace in default_result.traces]
+
+
+@pytest.fixture(scope="session")
 def reference(hf_model, prompt_texts) -> list[list[int]]:
     """The project's own loop: shipped expert, alpha 0.9 fixed (no risk estimation), greedy."""
     import ngsd
@@ -75,14 +115,20 @@ def model_path(hf_model) -> str:
 
 
 @pytest.fixture(scope="session")
-def guarded_llm(model_path):
+def verdict_log(tmp_path_factory):
+    return tmp_path_factory.mktemp("verdicts") / "verdicts.jsonl"
+
+
+@pytest.fixture(scope="session")
+def guarded_llm(model_path, verdict_log):
+    """Default risk setting ("auto": the shipped probe decides each request), chunked prefill, preemption."""
     from vllm import LLM
 
     from ngsd.vllm import engine_kwargs
 
     os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)  # it would override the small KV cache that makes it preempt
-    llm = LLM(**engine_kwargs(model_path, expert="shipped", alpha=ALPHA, allow_opt_out=True,
-                              kv_cache_memory_bytes=GUARDED_KV_BYTES, disable_log_stats=False, **ENGINE))
+    llm = LLM(**engine_kwargs(model_path, expert="shipped", alpha=ALPHA, allow_opt_out=True, verdict_log=str(verdict_log),
+                              kv_cache_memory_bytes=GUARDED_KV_BYTES, disable_log_stats=False, **CHUNKED, **ENGINE))
     yield llm
     llm.llm_engine.engine_core.shutdown()
 
@@ -100,3 +146,18 @@ def greedy(**extra_args):
     from vllm import SamplingParams
 
     return SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, extra_args=extra_args or None)
+
+
+class VerdictLog:
+    """The lines the guarded engine's worker appends to its verdict log from now on."""
+
+    def __init__(self, path) -> None:
+        self.path = path
+        self.offset = path.stat().st_size if path.exists() else 0
+
+    def new_lines(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        with open(self.path) as log:
+            log.seek(self.offset)
+            return [json.loads(line) for line in log if line.strip()]

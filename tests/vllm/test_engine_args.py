@@ -17,3 +17,117 @@ def test_an_expert_folder_that_is_not_there_is_refused_before_the_engine_starts(
         with pytest.raises(FileNotFoundError, match="no-such-adapter.*not a peft LoRA adapter folder"):
             build("some/model", expert=str(missing))
     assert engine_kwargs("some/model", expert="shipped")["hf_overrides"]["ngsd"]["expert"] == "shipped"
+
+
+# ---- the risk probe's settings (GuardSettings risk / probe / reflection / verdict_log), checked in the front end
+
+
+def _default_model() -> str:
+    from ngsd.loading import default_cache_dir
+
+    folder = default_cache_dir()
+    if not (folder / "config.json").is_file():
+        pytest.skip("the converted default model is absent (ngsd.load_model() converts it)")
+    return str(folder)
+
+
+def test_the_default_model_with_the_shipped_expert_runs_the_probe_and_switches_prefix_caching_off():
+    kwargs = engine_kwargs(_default_model())
+    assert kwargs["enable_prefix_caching"] is False
+    assert kwargs["hf_overrides"]["ngsd"]["risk"] == "auto"
+    assert serve_args(_default_model())[-1] == "--no-enable-prefix-caching"
+    with pytest.raises(ValueError, match="enable_prefix_caching=True.*risk='off'"):
+        engine_kwargs(_default_model(), enable_prefix_caching=True)
+    # risk off, another model or another expert: every request at alpha, prefix caching left to vLLM
+    assert "enable_prefix_caching" not in engine_kwargs(_default_model(), risk="off")
+    assert "enable_prefix_caching" not in engine_kwargs("some/model")
+    assert "--no-enable-prefix-caching" not in serve_args("some/model")
+
+
+def test_probe_folder_follows_the_library_rules(tmp_path):
+    from types import SimpleNamespace
+
+    from ngsd.risk.probe import shipped_probe_path
+    from ngsd.vllm.risk import model_config_of, probe_folder
+    from ngsd.vllm.settings import GuardSettings
+
+    default = model_config_of(_default_model())
+    assert probe_folder(GuardSettings(), default) == shipped_probe_path()
+    assert probe_folder(GuardSettings(risk="off"), default) is None
+    assert probe_folder(GuardSettings(expert=str(tmp_path)), default) is None  # auto: another expert, no probe
+    from ngsd.experts.shipped import shipped_expert_path
+
+    assert probe_folder(GuardSettings(expert=str(shipped_expert_path())), default) == shipped_probe_path()
+    assert probe_folder(GuardSettings(gate={"mode": "safedecoding"}), default) is None  # the library runs none there
+    assert probe_folder(GuardSettings(), "some/model") is None
+    with pytest.raises(ValueError, match="risk='probe' needs a risk probe for this model"):
+        probe_folder(GuardSettings(risk="probe"), "some/model")
+    with pytest.raises(ValueError, match="gate modes"):
+        probe_folder(GuardSettings(risk="probe", gate={"mode": "safedecoding"}), default)
+    with pytest.raises(FileNotFoundError, match="not a risk-probe folder"):
+        probe_folder(GuardSettings(probe=str(tmp_path / "nothing")), default)
+    other = SimpleNamespace(**{**vars(default), "hidden_size": 64})
+    with pytest.raises(ValueError, match="trained on another model"):
+        probe_folder(GuardSettings(probe=str(shipped_probe_path())), other)
+
+
+def test_a_pooled_probe_is_refused(tmp_path):
+    import torch
+
+    from ngsd.risk.probe import ProbeSpec, RiskProbe
+    from ngsd.vllm.risk import model_config_of, probe_folder
+    from ngsd.vllm.settings import GuardSettings
+
+    spec = ProbeSpec(layer=3, pooling=("mean",), model={"hidden_size": 576})
+    RiskProbe(spec, torch.zeros(4), torch.ones(4), torch.ones(4), 0.0).save(tmp_path / "pooled")
+    with pytest.raises(ValueError, match="token_max probes only"):
+        probe_folder(GuardSettings(probe=str(tmp_path / "pooled")), model_config_of(_default_model()))
+
+
+@pytest.mark.parametrize("fields, error, message", [
+    ({"risk": "always"}, ValueError, "risk must be one of"),
+    ({"risk": "off", "probe": "somewhere"}, ValueError, "probe would never run"),
+    ({"reflection": {"route_above": 3.0}}, ValueError, "unknown fields"),
+    ({"reflection": {"guarded_alpha": 1.5}}, ValueError, "guarded_alpha"),
+    ({"reflection": {"route": True}, "risk": "off"}, ValueError, "risk='off' runs no probe"),
+    ({"reflection": [("route", False)]}, TypeError, "dict of ReflectionConfig fields"),
+    ({"verdict_log": 3}, TypeError, "verdict_log"),
+    ({"gate": {"prime_divergence": "check"}, "risk": "off"}, ValueError, "prime_divergence='check'"),
+])
+def test_bad_risk_settings_are_refused(fields, error, message):
+    from ngsd.vllm.settings import GuardSettings
+
+    with pytest.raises(error, match=message):
+        GuardSettings(**fields)
+
+
+def test_prime_divergence_check_needs_a_probe_with_a_check():
+    """Refused before: the engine had no check. Now allowed where the probe runs with its check."""
+    kwargs = engine_kwargs(_default_model(), gate={"prime_divergence": "check"})
+    assert kwargs["hf_overrides"]["ngsd"]["gate"] == {"prime_divergence": "check"}
+    with pytest.raises(ValueError, match="no probe runs for 'some/model'"):
+        engine_kwargs("some/model", gate={"prime_divergence": "check"})
+    with pytest.raises(ValueError, match="has none"):
+        engine_kwargs(_default_model(), gate={"prime_divergence": "check"}, reflection={"check": False})
+
+
+def test_start_potential_with_prime_divergence_check_is_the_librarys():
+    from ngsd.config import NGSDConfig
+    from ngsd.risk.probe import RiskProbe, shipped_probe_path
+    from ngsd.vllm.risk import EngineRisk
+    from ngsd.vllm.settings import GuardSettings
+
+    risk = EngineRisk(shipped_probe_path(), GuardSettings(gate={"prime_divergence": "check"}))
+    check = RiskProbe.load(shipped_probe_path()).spec.check_divergence
+    assert risk.start_potential == NGSDConfig(prime_divergence="check").start_potential_for(check)
+
+
+def test_a_request_that_asks_for_nothing_is_the_probes_to_decide():
+    from ngsd.vllm.settings import GuardSettings
+
+    settings = GuardSettings(allow_opt_out=True)
+    assert settings.request_policy(None).default
+    assert not settings.request_policy({"ngsd_alpha": 0.9}).default
+    assert not settings.request_policy({"ngsd_guard": False}).default
+    # a refused request falls back to the engine's alpha, and is not the probe's to route
+    assert not GuardSettings().policy_or_guarded({"ngsd_alpha": 0.1}).default

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import weakref
+from types import SimpleNamespace
 
 import pytest
 
@@ -79,8 +80,13 @@ def test_a_new_request_starts_at_the_configured_potential():
         params, output = _request()
         book.update([], [(0, params, [1, 2], output)], [])
         assert book.rows[0].potential == pytest.approx(start), gate
-    with pytest.raises(ValueError, match="prime_divergence='check' needs a risk probe"):
-        GuardSettings(gate={"prime_divergence": "check"})
+    # "check" starts where the engine's probe check says (EngineRisk.start_potential); without a probe it is refused
+    with pytest.raises(ValueError, match="prime_divergence='check' takes the risk probe's divergence check"):
+        GuardSettings(gate={"prime_divergence": "check"}, risk="off")
+    book = GateBook(GuardSettings(gate={"prime_divergence": "check"}), SimpleNamespace(start_potential=0.75))
+    params, output = _request()
+    book.update([], [(0, params, [1, 2], output)], [])
+    assert book.rows[0].potential == 0.75
 
 
 def test_a_discarded_sample_is_not_committed():
@@ -179,3 +185,28 @@ def test_sampled_requests_without_a_seed_share_a_launch_and_seeded_ones_run_alon
     by_all = lambda state: config.step_params(state.step, *state.sampling)  # noqa: E731
     assert sorted(map(sorted, sampled_launches(range(len(rows)), rows, by_all, lambda: next(drawn)))) == \
         [[0], [1, 2], [3], [4], [5], [6], [7]]
+
+def test_the_probe_sees_prompt_positions_only_across_chunks_and_its_decision_survives_preemption():
+    """A request that asks for nothing waits for the probe (not guarded meanwhile); its running maximum spans the
+    steps its prompt is prefilled over and ignores generated positions; once decided, a preemption and a
+    recompute of the prompt do not reopen the decision. An explicit ngsd_alpha never waits."""
+    import torch
+
+    from ngsd.vllm.risk import observe
+    from ngsd.vllm.settings import RequestPolicy
+
+    book = GateBook(GuardSettings(), SimpleNamespace(start_potential=0.0))
+    params, output = _request()
+    explicit, explicit_output = _request(ngsd_alpha=0.95)
+    book.update([], [(0, params, [5, 6, 7, 8, 9], output), (1, explicit, [5, 6], explicit_output)], [])
+    state = book.rows[0]
+    assert state.awaiting and [i for i, _ in book.guarded(2)] == [1] and [i for i, _ in book.awaiting(2)] == [0]
+    assert not observe(state, torch.tensor([0.5, 2.0, -1.0]), torch.tensor([0, 1, 2]))  # first chunk
+    assert observe(state, torch.tensor([1.0, 0.0, 9.0]), torch.tensor([3, 4, 5]))  # last prompt token; 5 generated
+    assert (state.probe_max, state.prompt_steps) == (2.0, 2)
+    state.awaiting, state.policy = False, RequestPolicy(guarded=False, alpha=0.0)  # what the processor does: routed
+    output.append(11)
+    book.update([0], [], [])  # preempted
+    book.update([], [(2, params, [5, 6, 7, 8, 9], output)], [])  # resumed: its prompt is recomputed
+    assert book.rows[2] is state and not state.awaiting and book.awaiting(3) == []
+    assert [i for i, _ in book.guarded(3)] == [1]

@@ -1,7 +1,9 @@
 """Guarded vLLM against the project's own loop, on the default model with the shipped expert.
 
-Greedy, alpha 0.9 fixed (the reference skips risk estimation), 48 new tokens, 16 prompts (8
-AdvBench ids < 130, 8 AlpacaEval odd ids). Skipped where vLLM is not installed.
+Greedy, 48 new tokens, 16 prompts (8 AdvBench ids < 130, 8 AlpacaEval odd ids) plus two AlpacaEval
+even ids whose risk the divergence check decides. Requests that ask for nothing are decided by the
+risk probe as the library's default decides them; requests that set ``ngsd_alpha`` are compared with
+the library at alpha 0.9 fixed. Skipped where vLLM is not installed.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import pytest
 
 pytest.importorskip("vllm", reason="vLLM is not installed here; run with .venv-vllm/bin/python (scripts/vllm_env.sh)")
 
-from .conftest import ALPHA, greedy  # noqa: E402
+from .conftest import ALPHA, VerdictLog, greedy  # noqa: E402
 
 
 def _tokens(output) -> list[int]:
@@ -24,16 +26,36 @@ def _mismatches(got: list[list[int]], want: list[list[int]]) -> list[str]:
             for i, (g, w) in enumerate(zip(got, want)) if g != w]
 
 
-def test_batch_with_preemption_equals_project_loop(guarded_llm, prompt_ids, reference):
-    """All 16 at once into a KV cache that holds a few: vLLM preempts and recomputes, the gates carry on."""
-    outputs = guarded_llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], greedy(), use_tqdm=False)
+def test_batch_with_preemption_equals_project_loop(guarded_llm, prompt_ids, band_ids, default_result,
+                                                   default_reference, verdict_log):
+    """All 18 at once into a KV cache that holds a few, prompts prefilled over several steps: vLLM preempts
+    and recomputes, and each request is routed or guarded (at the same alpha) as the library's default
+    decides it (risk probe, routing, divergence check), once, with the same tokens."""
+    from ngsd.vllm.risk import prompt_key
+
+    log = VerdictLog(verdict_log)
+    ids = prompt_ids + band_ids
+    outputs = guarded_llm.generate([{"prompt_token_ids": row} for row in ids], greedy(), use_tqdm=False)
     preempted = sum(o.metrics.num_preemptions for o in outputs)
     assert preempted > 0, "the KV cache was meant to force preemption; the test lost its point"
     got = [_tokens(o) for o in outputs]
-    assert not _mismatches(got, reference), _mismatches(got, reference)
+    assert not _mismatches(got, default_reference), _mismatches(got, default_reference)
+    lines = log.new_lines()
+    assert len(lines) == len(ids), "one verdict per request, whatever preemption recomputed"
+    by_key = {line["prompt_key"]: line for line in lines}
+    for i, (row, trace) in enumerate(zip(ids, default_result.traces)):
+        line, want = by_key[prompt_key(row)], trace.reflection
+        assert (line["routed"], line["alpha"]) == (want.routed, want.alpha) == (not trace.guarded, trace.alpha), i
+        assert line["risk"] == pytest.approx(want.risk, abs=1e-3), i
+        assert (line["divergence"] is None) == (want.divergence is None), i
+        if want.divergence is not None:
+            assert line["divergence"] == pytest.approx(want.divergence, abs=1e-3), i
+    assert any(line["divergence"] is not None for line in lines), "no request in the check's band"
+    assert {line["routed"] for line in lines} == {True, False}, "the probe should route some requests and guard others"
+    assert max(line["prompt_steps"] for line in lines) > 1, "no prompt was prefilled over several steps"
 
 
-def test_requests_arriving_at_different_times_equal_project_loop(guarded_llm, prompt_ids, reference):
+def test_requests_arriving_at_different_times_equal_project_loop(guarded_llm, prompt_ids, default_reference):
     """Requests join a running batch across steps (rows added, removed and moved under the gates)."""
     engine = guarded_llm.llm_engine
     order = [3, 0, 9, 14, 5, 1, 12, 7]
@@ -49,11 +71,11 @@ def test_requests_arriving_at_different_times_equal_project_loop(guarded_llm, pr
         step += 1
         assert step < 2000, "the engine stopped making progress"
     got = [done[i] for i in order]
-    want = [reference[i] for i in order]
+    want = [default_reference[i] for i in order]
     assert not _mismatches(got, want), _mismatches(got, want)
 
 
-def test_opt_out_in_a_guarded_batch_decodes_like_plain_vllm(guarded_llm, plain_llm, prompt_ids, reference):
+def test_opt_out_in_a_guarded_batch_decodes_like_plain_vllm(guarded_llm, plain_llm, prompt_ids, default_reference):
     """Opted-out and guarded requests share a batch: the first equal plain vLLM, the second the project's loop."""
     opted_out = [0, 2, 5, 6]  # harmful and benign
     params = [greedy(ngsd_guard=False) if i in opted_out else greedy() for i in range(8)]
@@ -61,10 +83,10 @@ def test_opt_out_in_a_guarded_batch_decodes_like_plain_vllm(guarded_llm, plain_l
     plain = plain_llm.generate([{"prompt_token_ids": prompt_ids[i]} for i in opted_out], greedy(), use_tqdm=False)
     assert [_tokens(mixed[i]) for i in opted_out] == [_tokens(o) for o in plain]
     guarded = [i for i in range(8) if i not in opted_out]
-    got, want = [_tokens(mixed[i]) for i in guarded], [reference[i] for i in guarded]
+    got, want = [_tokens(mixed[i]) for i in guarded], [default_reference[i] for i in guarded]
     assert not _mismatches(got, want), _mismatches(got, want)
     # the guard changed something: on the harmful prompts opting out gives another answer
-    assert _tokens(mixed[0]) != reference[0]
+    assert _tokens(mixed[0]) != default_reference[0]
 
 
 class OutputCountPenalty:
@@ -106,14 +128,16 @@ def test_penalties_reach_both_rows_like_the_project_loop(guarded_llm, hf_model, 
     result = ngsd.generate(model, tokenizer, [prompt_texts[i] for i in chosen], expert="shipped", alpha=ALPHA,
                            max_new_tokens=NEW_TOKENS, logits_processor=LogitsProcessorList([processor]))
     want = [trace.tokens for trace in result.traces]
-    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, **penalties)
+    # ngsd_alpha set: guarded at it, never routed (the reference is the loop at that alpha)
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, extra_args={"ngsd_alpha": ALPHA}, **penalties)
     outputs = guarded_llm.generate([{"prompt_token_ids": prompt_ids[i]} for i in chosen], params, use_tqdm=False)
     got = [_tokens(o) for o in outputs]
     assert not _mismatches(got, want), _mismatches(got, want)
     assert any(g != reference[i] for g, i in zip(got, chosen)), "the penalties changed no answer: the test lost its point"
 
 
-def test_logit_bias_reaches_both_rows_like_the_project_loop(guarded_llm, hf_model, prompt_texts, prompt_ids, reference):
+def test_logit_bias_reaches_both_rows_like_the_project_loop(guarded_llm, hf_model, prompt_texts, prompt_ids, reference,
+                                                            verdict_log):
     """vLLM adds a request's logit_bias to the base row only; the processor adds it to the expert row too, so
     'I' and ' I' at -100 are not chosen where the expert would insist on them ("I'm sorry"). Reference: the
     project's loop with Hugging Face's SequenceBiasLogitsProcessor on both rows."""
@@ -131,8 +155,10 @@ def test_logit_bias_reaches_both_rows_like_the_project_loop(guarded_llm, hf_mode
     result = ngsd.generate(model, tokenizer, [prompt_texts[i] for i in chosen], expert="shipped", alpha=ALPHA,
                            max_new_tokens=NEW_TOKENS, logits_processor=LogitsProcessorList([processor]))
     want = [trace.tokens for trace in result.traces]
-    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, logit_bias=bias)
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, logit_bias=bias, extra_args={"ngsd_alpha": ALPHA})
+    log = VerdictLog(verdict_log)
     outputs = guarded_llm.generate([{"prompt_token_ids": prompt_ids[i]} for i in chosen], params, use_tqdm=False)
+    assert log.new_lines() == [], "a request that sets ngsd_alpha is guarded at it: the probe does not decide it"
     got = [_tokens(o) for o in outputs]
     assert not _mismatches(got, want), _mismatches(got, want)
     banned = [token for token, value in bias.items() if value < 0]
@@ -180,7 +206,8 @@ def test_a_seeded_sampled_request_does_not_depend_on_its_sampled_neighbours(guar
     from .conftest import NEW_TOKENS
 
     def sampled(temperature: float = 0.8, top_p: float = 0.9, **seed):
-        return SamplingParams(max_tokens=NEW_TOKENS, temperature=temperature, top_p=top_p, ignore_eos=True, **seed)
+        return SamplingParams(max_tokens=NEW_TOKENS, temperature=temperature, top_p=top_p, ignore_eos=True,
+                              extra_args={"ngsd_alpha": ALPHA}, **seed)  # guarded, whatever the probe would say
 
     alone = guarded_llm.generate([{"prompt_token_ids": prompt_ids[1]}], sampled(seed=1234), use_tqdm=False)
     params = [sampled(1.3), sampled(seed=1234), sampled(0.4, 0.5), sampled(), sampled(2.0, 0.7)]
