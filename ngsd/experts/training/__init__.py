@@ -27,7 +27,7 @@ file holds an evaluation prompt.
 `broad.training_requests(data_dir, split=..., seed=...)` gives the harmful and harmless requests of
 a split: the same data can train other components (the risk probe).
 
-**seed** (default; v4, the shipped expert; `examples.build_examples`):
+**seed** (default; the recipe of v4 and of v4c, the shipped expert; `examples.build_examples`):
 
 1. refusal: for each of SafeDecoding's 36 seed prompts (seed_reject.json) the model itself, under a
    safety system prompt, samples answers (T 0.8, top-p 0.9, `max_trials` rounds, 48 new tokens);
@@ -58,10 +58,14 @@ gives SafeDecoding's q/v), AdamW lr 2e-3, linear schedule with 3% warm-up, gradi
 (SafeDecoding's trainer settings), batch 1, 2 epochs (seed) or 1 (broad), seeded example order; loss only on answer
 tokens. The adapter is saved in float16 (about 10 MB) and measured after reloading it.
 
-Reproduce the shipped adapter (CPU; the data step samples, so use the same thread count; the seed
-recipe now draws AdvBench ids >= 130, so the data differs from v4's in those prompts):
+The shipped adapter, v4c, is v4 retrained on v4's examples without the 14 rows whose prompts are AdvBench
+evaluation prompts; its exact training file ships beside it, so it is reproduced from that file:
 
-    ngsd train-expert --seed 0 --threads 1     # or: python -m ngsd.experts.training --seed 0 --threads 1
+    ngsd train-expert --seed 0 --threads 1 --no-eval \\
+        --examples ngsd/assets/experts/smollm2-135m-safety-lora/training_examples.jsonl
+
+A fresh run of the recipe (`ngsd train-expert --seed 0 --threads 1`) samples its own data and now draws
+AdvBench ids >= 130, so its data differs from v4c's in those prompts.
 
 The broad expert of reports/expert: `ngsd train-expert --recipe broad --epochs 1 --seed 0 --threads 1 --no-eval --out DIR`.
 
