@@ -52,7 +52,7 @@ def workload_prompts(kind: str, n: int) -> list[str]:
     return mixed[:n]
 
 
-def runners(setup: Setup) -> dict[str, Callable]:
+def runners(setup: Setup, probe: str | None = None) -> dict[str, Callable]:
     model, pad = setup.model, setup.pad_id
 
     def unguarded(ids, mask, new_tokens, streamer, **cache):
@@ -78,16 +78,18 @@ def runners(setup: Setup) -> dict[str, Callable]:
     return {
         "unguarded": unguarded,
         "unguarded_static": unguarded_static,
-        "default": guarded(),  # probe + routing (+ its divergence check): risk estimation inside the timing
-        "default_nocheck": guarded(config=NGSDConfig(reflection=ReflectionConfig(check=False))),
+        # probe + routing (+ its divergence check): risk estimation inside the timing
+        "default": guarded(config=NGSDConfig(reflection=ReflectionConfig(probe=probe))),
+        "default_nocheck": guarded(config=NGSDConfig(reflection=ReflectionConfig(probe=probe, check=False))),
         "alpha_0.9": guarded(0.9),  # every row guarded, hidden-state step
         "alpha_0.9_logits": guarded(0.9, logits_processor=lambda seq, scores: scores),
     }
 
 
-def measure(setup: Setup, prompts: list[str], methods: list[str], new_tokens: int, rounds: int, seed: int) -> dict:
+def measure(setup: Setup, prompts: list[str], methods: list[str], new_tokens: int, rounds: int, seed: int,
+            probe: str | None = None) -> dict:
     ids, mask = setup.encode(prompts)
-    run = runners(setup)
+    run = runners(setup, probe)
     timings: dict[str, list] = {m: [] for m in methods}
     order = list(methods)
     rng = random.Random(seed)
@@ -132,12 +134,12 @@ def measure(setup: Setup, prompts: list[str], methods: list[str], new_tokens: in
     return result
 
 
-def ttft_sweep(setup: Setup, prompts: list[str], rounds: int, seed: int) -> dict:
+def ttft_sweep(setup: Setup, prompts: list[str], rounds: int, seed: int, probe: str | None = None) -> dict:
     """Time to first token at batch 1 over several benign prompts, default against `generate`: one prompt
     cannot tell, because the check adds an expert prefill to the prompts whose risk falls in its band."""
     rows = []
     for prompt in prompts:
-        result = measure(setup, [prompt], ["unguarded", "default"], 2, rounds, seed)
+        result = measure(setup, [prompt], ["unguarded", "default"], 2, rounds, seed, probe)
         rows.append({"ttft_ms_unguarded": round(1000 * result["unguarded"]["ttft_s"], 1),
                      "ttft_ms_default": round(1000 * result["default"]["ttft_s"], 1),
                      "ratio": round(result["default"]["ttft_ratio_vs_unguarded"], 3),
@@ -157,6 +159,9 @@ def main() -> None:
     parser.add_argument("--model", default=None)
     parser.add_argument("--device", default=None)
     parser.add_argument("--expert", default=None, help="LoRA adapter folder (default: the shipped expert)")
+    parser.add_argument("--probe", default=None,
+                        help="risk-probe folder of the default rows, e.g. one whose check was fitted for --expert "
+                             "(default: the shipped probe)")
     parser.add_argument("--ttft-prompts", type=int, default=20,
                         help="benign prompts (AlpacaEval odd ids) timed one by one at batch 1 for the time to first "
                              "token")
@@ -172,18 +177,19 @@ def main() -> None:
     report["meta"]["command"] = "python bench/bench_default.py " + " ".join(sys.argv[1:])
     quick = ["unguarded", "unguarded_static", "default", "default_nocheck"]
     all_methods = quick if args.quick_ratio else [*quick, "alpha_0.9", "alpha_0.9_logits"]
+    report["meta"]["probe"] = args.probe or "shipped"
     report["workloads"]["benign"] = measure(setup, workload_prompts("benign", args.batch), all_methods,
-                                            args.new_tokens, args.rounds, args.seed)
+                                            args.new_tokens, args.rounds, args.seed, args.probe)
     report["workloads"]["half_harmful"] = measure(setup, workload_prompts("mixed", args.batch),
                                                   quick if args.quick_ratio else [*quick, "alpha_0.9"],
-                                                  args.new_tokens, args.rounds, args.seed)
+                                                  args.new_tokens, args.rounds, args.seed, args.probe)
     if not args.quick_ratio:
         report["workloads"]["ttft_batch1_benign"] = measure(setup, workload_prompts("benign", 1),
                                                             all_methods,
-                                                            args.new_tokens, args.rounds, args.seed)
+                                                            args.new_tokens, args.rounds, args.seed, args.probe)
         if args.ttft_prompts:
             report["workloads"]["ttft_batch1_sweep"] = ttft_sweep(setup, workload_prompts("benign", args.ttft_prompts),
-                                                                  args.rounds, args.seed)
+                                                                  args.rounds, args.seed, args.probe)
     report["wall_seconds"] = time.time() - start
     write_json(args.out, report, RESULTS_DIR)
     for name, workload in report["workloads"].items():
