@@ -134,6 +134,21 @@ def guarded_llm(model_path, verdict_log):
 
 
 @pytest.fixture(scope="session")
+def sampling_llm(model_path):
+    """A guarded engine without the small step budget, for seeded sampling: vLLM's CPU runner fails when it
+    discards a seeded request's sample after a partial prefill ("CPU Generator does not use offset", its
+    `_bookkeeping_sync` rewinds the generator), which the 48-token budget of `guarded_llm` makes likely."""
+    from vllm import LLM
+
+    from ngsd.vllm import engine_kwargs
+
+    llm = LLM(**engine_kwargs(model_path, expert="shipped", alpha=ALPHA, kv_cache_memory_bytes=GUARDED_KV_BYTES,
+                              **ENGINE))
+    yield llm
+    llm.llm_engine.engine_core.shutdown()
+
+
+@pytest.fixture(scope="session")
 def plain_llm(model_path):
     from vllm import LLM
 

@@ -197,7 +197,7 @@ def test_min_p_on_a_guarded_request_is_refused_at_admission(guarded_llm, prompt_
     assert [len(_tokens(o)) for o in outputs] == [2, 2]
 
 
-def test_a_seeded_sampled_request_does_not_depend_on_its_sampled_neighbours(guarded_llm, prompt_ids):
+def test_a_seeded_sampled_request_does_not_depend_on_its_sampled_neighbours(sampling_llm, prompt_ids):
     """Top-p sampling: a request with a seed decodes the same alone and among sampled requests without one,
     which share one op launch a step (``gate_book.sampled_launches``), each at its own temperature and
     top-p (the op's ``row_temperature`` / ``row_top_p``); theirs are full answers as well."""
@@ -209,12 +209,12 @@ def test_a_seeded_sampled_request_does_not_depend_on_its_sampled_neighbours(guar
         return SamplingParams(max_tokens=NEW_TOKENS, temperature=temperature, top_p=top_p, ignore_eos=True,
                               extra_args={"ngsd_alpha": ALPHA}, **seed)  # guarded, whatever the probe would say
 
-    alone = guarded_llm.generate([{"prompt_token_ids": prompt_ids[1]}], sampled(seed=1234), use_tqdm=False)
+    alone = sampling_llm.generate([{"prompt_token_ids": prompt_ids[1]}], sampled(seed=1234), use_tqdm=False)
     params = [sampled(1.3), sampled(seed=1234), sampled(0.4, 0.5), sampled(), sampled(2.0, 0.7)]
-    batch = guarded_llm.generate([{"prompt_token_ids": prompt_ids[i]} for i in (0, 1, 2, 1, 3)], params,
+    batch = sampling_llm.generate([{"prompt_token_ids": prompt_ids[i]} for i in (0, 1, 2, 1, 3)], params,
                                  use_tqdm=False)
     assert _tokens(batch[1]) == _tokens(alone[0])
-    vocab = guarded_llm.llm_engine.model_config.get_vocab_size()
+    vocab = sampling_llm.llm_engine.model_config.get_vocab_size()
     for output in (batch[0], *batch[2:]):
         tokens = _tokens(output)
         assert len(tokens) == NEW_TOKENS and all(0 <= t < vocab for t in tokens)
