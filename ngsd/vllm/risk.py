@@ -138,12 +138,11 @@ class EngineRisk:
         return self.plan.check_divergence is not None
 
     def token_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[tokens, H] hidden states at the probe's layer -> [tokens] logits, as `RiskProbe.token_logits`."""
-        probe = self.probe
-        if probe.mean.device != hidden.device:
-            probe.to(hidden.device)
-        z = (hidden.float() - probe.mean) / probe.std
-        return z @ probe.weight + probe.bias
+        """[tokens, H] hidden states at the probe's layer -> [tokens]: `RiskProbe.token_logits` of every token."""
+        if self.probe.mean.device != hidden.device:
+            self.probe.to(hidden.device)
+        every_token = torch.ones(1, hidden.shape[0], dtype=torch.long, device=hidden.device)
+        return self.probe.token_logits(hidden[None], every_token)[0]
 
     def risk(self, max_logit: float) -> float:
         """A request's calibrated risk from its maximum token logit (`RiskProbe.risk` on the feature)."""
