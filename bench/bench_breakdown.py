@@ -3,6 +3,7 @@
 Run through ``bench_decode.py`` (shared options and model loading):
 
     python bench/bench_decode.py breakdown      # -> bench/results/breakdown.json
+    python bench/bench_decode.py rows           # -> bench/results/guarded_rows.json
     python bench/bench_decode.py reflection     # -> bench/results/reflection.json
 
 Breakdown, per batch size (default 1 and 32), all greedy with the LoRA expert in one batched forward:
@@ -18,6 +19,10 @@ Breakdown, per batch size (default 1 and 32), all greedy with the LoRA expert in
    the expert rows and of the LoRA hooks is visible, and the best ratio this expert design allows.
 3. The selection op alone on the step's real logits, and a torch.profiler table of its operators.
 4. One step of plain `model.generate` at the same batch, for scale.
+
+Rows: (2) for R of B rows guarded (default B 32, R 1, 4, 16, 32), which is how the default configuration
+runs a batch (the probe routes most benign rows): what R expert rows cost one decode forward, split into
+their rows and the LoRA hooks.
 
 Reflection: `ngsd.risk.reflection.reflect` in "generate" (JSON answer, the reference) and "prefill"
 modes, interleaved, for one batch of requests and for a single request; seconds per request.
@@ -143,10 +148,13 @@ def summarise_loop(rounds: list[dict[str, Any]]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
-def forward_variants(setup: Setup, ids: torch.Tensor, mask: torch.Tensor, context: int, calls: int) -> dict[str, Any]:
-    """One-token forwards at a fixed context: B base rows; 2B rows without LoRA; 2B rows with LoRA."""
+def forward_variants(setup: Setup, ids: torch.Tensor, mask: torch.Tensor, context: int, calls: int,
+                     expert_rows: int | None = None) -> dict[str, Any]:
+    """One-token forwards at a fixed context: B base rows; B + R rows without LoRA; B + R rows with LoRA
+    (R expert rows, copies of the first R base rows; R = B unless given: every row guarded)."""
     model, adapter = setup.model, setup.adapter
     batch = ids.shape[0]
+    expert_rows = batch if expert_rows is None else expert_rows
     extra = max(0, context - ids.shape[1])
     # Grow the prompt to the requested context with repeats of its own last token (timing only).
     if extra:
@@ -154,8 +162,8 @@ def forward_variants(setup: Setup, ids: torch.Tensor, mask: torch.Tensor, contex
         mask = torch.cat([mask, mask.new_ones(batch, extra)], dim=1)
 
     def prepared(rows: int):
-        input_ids = ids if rows == batch else torch.cat([ids, ids])
-        attention = mask if rows == batch else torch.cat([mask, mask])
+        input_ids = ids if rows == batch else torch.cat([ids, ids[: rows - batch]])
+        attention = mask if rows == batch else torch.cat([mask, mask[: rows - batch]])
         positions = positions_from_mask(attention)
         with torch.no_grad(), adapter.rows_from(batch if rows > batch else rows):
             cache = returned_cache(model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
@@ -181,7 +189,7 @@ def forward_variants(setup: Setup, ids: torch.Tensor, mask: torch.Tensor, contex
         return elapsed, cpu_elapsed
 
     adapter.attach(model)
-    single, double = prepared(batch), prepared(2 * batch)
+    single, double = prepared(batch), prepared(batch + expert_rows)
     # base_rows is the plain forward `generate` runs; the 2B-row variants run as the guarded loop does.
     variants = {"base_rows": (single, False), "base_and_expert_rows_no_lora": (double, False),
                 "base_and_expert_rows_lora": (double, True)}
@@ -192,7 +200,7 @@ def forward_variants(setup: Setup, ids: torch.Tensor, mask: torch.Tensor, contex
         for name, (state, lora) in variants.items():
             times[name].append(one(state, lora))
     adapter.detach(model)  # the model as it was given
-    out: dict[str, Any] = {"context_tokens": int(ids.shape[1]), "calls": calls}
+    out: dict[str, Any] = {"context_tokens": int(ids.shape[1]), "calls": calls, "expert_rows": expert_rows}
     for prefix, index in (("", 0), ("cpu_", 1)):
         for name, values in times.items():
             out[prefix + name] = median([v[index] for v in values])
@@ -324,6 +332,35 @@ def run_breakdown(setup: Setup, batch_sizes: list[int], steps: int, repeats: int
             f"{forward_alone['base_and_expert_rows_lora'] * 1e3:.1f} ms"
         )
     return out
+
+
+def run_guarded_rows(setup: Setup, batch: int, guarded: list[int], context: int, calls: int, log=print
+                     ) -> dict[str, Any]:
+    """What R guarded rows add to one decode forward of a batch of B: their rows, and the LoRA hooks.
+
+    The default configuration guards few rows of a benign batch (the probe routes the rest), so the cost of
+    one guarded row decides its all-benign throughput; every row guarded is the other end.
+    """
+    ids, mask = setup.encode(benchmark_prompts(batch))
+    out: dict[str, Any] = {"batch": batch, "context_tokens": context, "calls": calls, "guarded_rows": {}}
+    for rows in guarded:
+        variants = forward_variants(setup, ids, mask, context, calls, expert_rows=rows)
+        out["guarded_rows"][str(rows)] = variants
+        log(f"batch {batch}, {rows} guarded: base {variants['base_rows'] * 1e3:.1f} ms; + their rows "
+            f"{variants['expert_rows_s'] * 1e3:+.1f} ms; + LoRA hooks {variants['lora_hooks_s'] * 1e3:+.1f} ms "
+            f"(CPU time {variants['cpu_expert_rows_s'] * 1e3:+.1f} / {variants['cpu_lora_hooks_s'] * 1e3:+.1f} ms)")
+    return out
+
+
+def cmd_guarded_rows(args: argparse.Namespace, setup: Setup) -> int:
+    guarded = [1, 2] if args.quick else args.guarded_rows
+    batch = 2 if args.quick else args.rows_batch
+    calls = 3 if args.quick else max(5, args.repeats * 3)
+    results = run_guarded_rows(setup, batch, guarded, context=96, calls=calls)
+    meta = common_meta(setup, args)
+    meta["environment"]["load_average_at_end"] = list(os.getloadavg())
+    write_json(args.out_prefix + "guarded_rows.json", {**meta, **results}, args.out_dir)
+    return 0
 
 
 def cmd_breakdown(args: argparse.Namespace, setup: Setup) -> int:

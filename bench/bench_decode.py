@@ -14,7 +14,7 @@ Subcommands (each writes one JSON file under ``bench/results/``):
 - ``naive``: the same guarded decoding against ``naive_reference.py`` (one sequence at a time, no
   KV cache, both models recompute the whole sequence every step: the way the reference code runs), at equal greedy
   output (checked on every timed prompt and reported).
-- ``breakdown`` and ``reflection``: see ``bench_breakdown.py``.
+- ``breakdown``, ``rows`` and ``reflection``: see ``bench_breakdown.py``.
 - ``report``: plots and ``RESULTS.md`` from the JSON files (``plots.py``).
 - ``all``: everything above in one go, then the report.
 
@@ -328,6 +328,12 @@ def cmd_breakdown(args: argparse.Namespace, setup: Setup | None = None) -> int:
     return bench_breakdown.cmd_breakdown(args, setup or load_setup(args.model, args.device, args.dtype, args.expert))
 
 
+def cmd_guarded_rows(args: argparse.Namespace, setup: Setup | None = None) -> int:
+    import bench_breakdown
+
+    return bench_breakdown.cmd_guarded_rows(args, setup or load_setup(args.model, args.device, args.dtype, args.expert))
+
+
 def cmd_reflection(args: argparse.Namespace, setup: Setup | None = None) -> int:
     import bench_breakdown
 
@@ -361,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
         "e2e": (cmd_e2e, "throughput and latency of every method at several batch sizes"),
         "naive": (cmd_naive, "speed-up over the per-sequence no-cache decoder at equal output"),
         "breakdown": (cmd_breakdown, "one decode step: forward vs selection op vs loop overhead"),
+        "rows": (cmd_guarded_rows, "one decode forward with R of B rows guarded: their rows vs the LoRA hooks"),
         "reflection": (cmd_reflection, "self-reflection cost per request: generate vs prefill"),
         "report": (cmd_report, "plots and RESULTS.md from the JSON files"),
         "all": (cmd_all, "everything, then the report"),
@@ -380,6 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--naive-batch", type=int, default=32, help="batch for the throughput comparison")
         p.add_argument("--breakdown-batch", type=int, nargs="+", default=[1, 32])
         p.add_argument("--breakdown-steps", type=int, default=32)
+        p.add_argument("--rows-batch", type=int, default=32, help="batch of the `rows` command")
+        p.add_argument("--guarded-rows", type=int, nargs="+", default=[1, 4, 16, 32],
+                       help="guarded rows the `rows` command times (each against the batch's plain forward)")
         p.add_argument("--reflection-requests", type=int, default=8)
         p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
         p.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, one round")

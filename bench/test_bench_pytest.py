@@ -151,6 +151,23 @@ def test_loop_profiler_ranges_count_every_step(llama_pair):
     assert loop["forward_s"] == pytest.approx(0.08) and loop["overhead_share"] == pytest.approx(0.15)
 
 
+def test_forward_variants_time_some_rows_guarded(llama_pair):
+    """The `rows` command: R of B rows guarded, each variant timed, and the adapter taken off afterwards."""
+    from bench_breakdown import forward_variants
+    from harness import Setup
+
+    model, folder = llama_pair
+    adapter = LoraAdapter.load(folder)
+    setup = Setup(model, None, "cpu", folder, adapter, "test")
+    input_ids, mask, _ = mixed_length_batch([3, 6, 5, 4], model.config.vocab_size, seed=5)
+    for rows in (1, 4):
+        out = forward_variants(setup, input_ids, mask, context=9, calls=2, expert_rows=rows)
+        assert out["expert_rows"] == rows and out["context_tokens"] == 9
+        assert all(out[name] > 0 for name in ("base_rows", "base_and_expert_rows_no_lora", "base_and_expert_rows_lora"))
+        assert out["lora_hooks_s"] == pytest.approx(out["base_and_expert_rows_lora"] - out["base_and_expert_rows_no_lora"])
+    assert not adapter.is_attached(model)
+
+
 def test_peak_memory_sees_an_allocation():
     with PeakMemory("cpu") as memory:
         block = torch.ones(64, 2**20 // 4)  # 64 MiB, touched
