@@ -299,3 +299,23 @@ def test_lora_up_projection_of_one_row_equals_the_plain_product():
         out = _up_project(low_rank, up)
         assert out.shape == (*shape[:-1], 96)
         torch.testing.assert_close(out, low_rank @ up.T)
+
+
+@pytest.mark.parametrize("rows, length", [(1, 1), (3, 1), (2, 6)])  # one decode row, several, a prefill
+def test_in_place_lora_rows_equal_the_autograd_form(llama_pair, rows, length):
+    """Without grad the hooks add the expert rows' update into the layer output in place (one guarded row
+    through a two-row product); with grad they build a new output. Both must give the same expert rows."""
+    model, folder = llama_pair
+    adapter = LoraAdapter.load(folder)
+    torch.manual_seed(rows)
+    ids = torch.randint(3, model.config.vocab_size, (2 + rows, length))
+    adapter.attach(model)
+    try:
+        with adapter.rows_from(2):
+            with torch.no_grad():
+                in_place = model(ids).logits
+            with torch.enable_grad():
+                autograd = model(ids).logits.detach()
+    finally:
+        adapter.detach(model)
+    torch.testing.assert_close(in_place, autograd, rtol=1e-5, atol=1e-5)
