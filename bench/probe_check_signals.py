@@ -3,12 +3,14 @@
 On the shipped probe's validation split (`training_split_of` its training report; no evaluation set),
 decode K tokens with the base alone (greedy), then run base and shipped expert over the prompt plus
 those tokens and record, per request: the TV at each of steps 1..K along the base's path, KL both
-ways and the drop in the expert's log-probability of the base's first choice at step 1. Each signal's
+ways and the expert's and the base's step-1 probability of a refusal opener (`refusal_openers`: the tokens that
+open the expert's own refusal examples and not its benign ones). Each signal's
 threshold is set the way `fit_divergence_check` sets it (the value that keeps `recall` of the single
 harmful requests at or above it); the summary counts the benign requests in the check's band that
 it would still guard, and the harmful ones in the band it keeps.
 
     python bench/probe_check_signals.py --threads 2       # ~17 min on 2 threads; writes bench/results/probe_check_signals.json
+    python bench/probe_check_signals.py --steps 1 --out bench/results/probe_check_signals_step1.json  # step 1 only
 """
 
 from __future__ import annotations
@@ -23,17 +25,40 @@ import torch
 
 from ngsd.risk.divergence_check import threshold_keeping
 
+def _first_steps(o: dict, steps: int) -> list[float]:
+    """The TV of the first `steps` steps; IndexError when the run decoded fewer (the signal is then skipped)."""
+    if len(o["tv"]) < steps:
+        raise IndexError(f"{steps} steps asked, {len(o['tv'])} decoded")
+    return o["tv"][:steps]
+
+
 SIGNALS = {
     "tv_step1 (shipped)": lambda o: o["tv"][0],
     "tv_step2": lambda o: o["tv"][1],
     "tv_step3": lambda o: o["tv"][2],
     "tv_step4": lambda o: o["tv"][3],
-    "tv_mean_steps1-2": lambda o: sum(o["tv"][:2]) / 2,
-    "tv_max_steps1-4": lambda o: max(o["tv"]),
-    "tv_mean_steps1-4": lambda o: sum(o["tv"]) / 4,
+    "tv_mean_steps1-2": lambda o: sum(_first_steps(o, 2)) / 2,
+    "tv_max_steps1-4": lambda o: max(_first_steps(o, 4)),
+    "tv_mean_steps1-4": lambda o: sum(_first_steps(o, 4)) / 4,
     "kl_expert_base": lambda o: o["kl_eb"],
     "kl_base_expert": lambda o: o["kl_be"],
+    # refusal openers: the first answer tokens of the expert's own refusal examples (see `refusal_openers`)
+    "expert_opener_mass": lambda o: o["opener_e"],
+    "opener_mass_gain": lambda o: o["opener_e"] - o["opener_b"],
 }
+
+
+def refusal_openers(examples_file: Path, min_share: float = 0.05) -> list[int]:
+    """Token ids that open at least `min_share` of the expert's refusal examples (those without a prefix) and
+    open fewer of its benign examples than that: what the expert says first when it refuses."""
+    from collections import Counter
+
+    rows = [json.loads(line) for line in examples_file.read_text().splitlines() if line.strip()]
+    firsts = {kind: Counter(r["response_ids"][0] for r in rows if r["kind"] == kind and not r["prefix_ids"]
+                            and r["response_ids"]) for kind in ("refusal", "benign")}
+    refusals, benign = sum(firsts["refusal"].values()), max(1, sum(firsts["benign"].values()))
+    return sorted(t for t, n in firsts["refusal"].items()
+                  if n >= min_share * refusals and firsts["benign"][t] < min_share * benign)
 
 
 def summarise(rows: list[dict], route_below: float, check_above: float, recalls=(0.98, 0.95)) -> dict:
@@ -43,7 +68,10 @@ def summarise(rows: list[dict], route_below: float, check_above: float, recalls=
     out = {"single_harmful": len(single_harmful), "band_benign": len(band_benign), "band_harmful": len(band_harmful),
            "signals": {}}
     for name, signal in SIGNALS.items():
-        values = sorted(signal(o) for o in single_harmful)
+        try:
+            values = sorted(signal(o) for o in single_harmful)
+        except (IndexError, KeyError):  # a run with fewer steps, or raw signals from before this signal existed
+            continue
         for recall in recalls:
             threshold = threshold_keeping(values, recall)
             out["signals"][f"{name} @ recall {recall}"] = {
@@ -54,7 +82,8 @@ def summarise(rows: list[dict], route_below: float, check_above: float, recalls=
 
 
 @torch.no_grad()
-def signals(model, tokenizer, adapter, texts: list[str], steps: int, batch_size: int = 16) -> list[dict]:
+def signals(model, tokenizer, adapter, texts: list[str], steps: int, openers: list[int],
+            batch_size: int = 16) -> list[dict]:
     from ngsd.api import encode_prompts
     from ngsd.decoding.pair import positions_from_mask
     from ngsd_kernels import Divergence
@@ -82,7 +111,9 @@ def signals(model, tokenizer, adapter, texts: list[str], steps: int, batch_size:
         log_b, log_e = base[:, 0].log_softmax(-1), expert[:, 0].log_softmax(-1)
         kl_eb = divergence_between(log_e, log_b, log_e.exp(), log_b.exp(), Divergence.KL)
         kl_be = divergence_between(log_b, log_e, log_b.exp(), log_e.exp(), Divergence.KL)
-        out += [{"tv": tv[r].tolist(), "kl_eb": float(kl_eb[r]), "kl_be": float(kl_be[r])} for r in range(rows)]
+        opener_b, opener_e = (log[:, openers].exp().sum(-1) for log in (log_b, log_e))
+        out += [{"tv": tv[r].tolist(), "kl_eb": float(kl_eb[r]), "kl_be": float(kl_be[r]),
+                 "opener_b": float(opener_b[r]), "opener_e": float(opener_e[r])} for r in range(rows)]
     return out
 
 
@@ -114,7 +145,9 @@ def main(argv: list[str] | None = None) -> int:
         texts = [e.text for e in held]
         model, tokenizer = load_model(None)
         risks = estimate_risk(model, tokenizer, texts, probe)
-        rows = signals(model, tokenizer, LoraAdapter.load(shipped_expert_path()), texts, args.steps)
+        openers = refusal_openers(shipped_expert_path() / "training_examples.jsonl")
+        print(f"refusal openers {openers}: {[tokenizer.decode([t]) for t in openers]}", flush=True)
+        rows = signals(model, tokenizer, LoraAdapter.load(shipped_expert_path()), texts, args.steps, openers)
         for row, example, risk in zip(rows, held, risks):
             row.update(label=example.label, wrapper=example.wrapper, chars=len(example.text), risk=risk)
         if args.raw:
@@ -122,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     report = summarise(rows, probe.route_below, probe.spec.check_above)
     report.update(requests=len(rows), seconds=round(time.time() - started, 1),
                   loadavg={"start": list(load_before), "end": list(os.getloadavg())},
-                  command=f"python bench/probe_check_signals.py --threads {args.threads}"
+                  command=f"python bench/probe_check_signals.py --threads {args.threads} --steps {args.steps}"
                   + (f" --raw {args.raw}" if args.raw else ""))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
