@@ -25,6 +25,7 @@ import torch
 
 from ngsd.risk.divergence_check import threshold_keeping
 
+
 def _first_steps(o: dict, steps: int) -> list[float]:
     """The TV of the first `steps` steps; IndexError when the run decoded fewer (the signal is then skipped)."""
     if len(o["tv"]) < steps:
