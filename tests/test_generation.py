@@ -289,16 +289,17 @@ def test_kernel_backend_gives_the_same_greedy_outputs_as_pytorch(llama_pair):
     assert [t.spikes for t in outs["torch"].traces] == [t.spikes for t in outs["triton"].traces]
 
 
-def test_lora_up_projection_of_one_row_equals_the_plain_product():
-    from ngsd.experts.lora import _up_project
+def test_lora_update_of_one_row_equals_the_plain_product():
+    from ngsd.experts.lora import _lora_update
 
     torch.manual_seed(0)
-    up = torch.randn(96, 8)
-    for shape in [(1, 1, 8), (1, 8), (3, 1, 8), (1, 5, 8)]:  # one decode row, one row, several rows, a prefill
-        low_rank = torch.randn(*shape)
-        out = _up_project(low_rank, up)
-        assert out.shape == (*shape[:-1], 96)
-        torch.testing.assert_close(out, low_rank @ up.T)
+    down_t, up_t = torch.randn(48, 8), torch.randn(8, 96)
+    for shape in [(2, 1, 48), (2, 48), (4, 1, 48), (2, 5, 48), (1, 1, 48)]:  # one decode row, one row, several
+        x = torch.randn(*shape)                                           # rows, a prefill, a batch of one
+        out = _lora_update(x, 1 if shape[0] > 1 else 0, down_t, up_t)
+        rows = x[1 if shape[0] > 1 else 0:].reshape(-1, 48)
+        assert out.shape == (rows.shape[0], 96)
+        torch.testing.assert_close(out, rows @ down_t @ up_t)
 
 
 @pytest.mark.parametrize("rows, length", [(1, 1), (3, 1), (2, 6)])  # one decode row, several, a prefill

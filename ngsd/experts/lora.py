@@ -153,48 +153,28 @@ class LoraAdapter:
             first = getattr(self._local, "first_row", None)
             if first is None:
                 return None
+            delta = _lora_update(inputs[0], first, pair.down_t, pair.up_t).view(output[first:].shape)
             if torch.is_grad_enabled():
-                delta = _up_project(inputs[0][first:] @ pair.down.T, pair.up)
-                return torch.cat([output[:first], output[first:] + self.scale * delta], dim=0)
-            if output.is_contiguous():
-                _add_lora_rows(inputs[0], output, first, pair.down_t, pair.up_t)
-            else:  # no flat view of its rows to add into
-                output[first:].add_(_up_project(inputs[0][first:] @ pair.down.T, pair.up), alpha=self.scale)
+                return torch.cat([output[:first], output[first:] + delta], dim=0)
+            output[first:].add_(delta)
             return output
 
         return add_lora
 
 
-def _add_lora_rows(x: torch.Tensor, output: torch.Tensor, first: int, down_t: torch.Tensor, up_t: torch.Tensor
-                   ) -> None:
-    """`output[first:] += (x[first:] @ down_t) @ up_t`, in place, in as few operations as the shapes allow.
+def _lora_update(x: torch.Tensor, first: int, down_t: torch.Tensor, up_t: torch.Tensor) -> torch.Tensor:
+    """`(x[first:] @ down_t) @ up_t` as [rows, out], in as few operations as the shapes allow.
 
-    Each guarded row adds these to every adapted layer (210 calls a step for the default model), and at a few
-    rows their cost is the calls, not the arithmetic. One row is computed as the two-row product of the row
-    before it and itself (see `_up_project`: one row would wake every BLAS thread), from views, no copies.
+    Each guarded row adds this to every adapted layer (210 calls a step for the default model), and at a few
+    rows its cost is the calls, not the arithmetic. One row makes both products matrix-vector products, which
+    BLAS splits over every thread: with passive OpenMP waiting that costs ~80-180 us a call on this 2-core CPU,
+    against a few us for the same products on two rows, which stay on one thread. So one row is computed as
+    the two-row product of the row before it and itself, from a view (row 1 of it: equal up to float rounding).
     """
-    width = x.shape[-1]
-    rows_in = x.reshape(-1, width)
-    rows_out = output.view(-1, output.shape[-1])
-    start = first * (rows_in.shape[0] // x.shape[0])  # positions per row: 1 in a decode step, the prompt in a prefill
-    if rows_in.shape[0] - start == 1 and start >= 1:
-        rows_out[start:].add_(((rows_in[start - 1:] @ down_t) @ up_t)[1:])
-    else:
-        rows_out[start:].add_((rows_in[start:] @ down_t) @ up_t)
-
-
-def _up_project(low_rank: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """`low_rank @ up.T`; a single row goes through a two-row product.
-
-    One guarded row in a decode step makes this a [1, r] x [r, out] product, which BLAS runs as a
-    matrix-vector product split over every thread: waking them costs ~90 us per call with passive
-    OpenMP waiting (2 threads, this CPU), 210 calls a step for the default model, against ~8 us for
-    the same product on two rows, which stays on one thread (row 0 of it: equal up to float rounding).
-    """
-    rows = low_rank.reshape(-1, low_rank.shape[-1])
-    if rows.shape[0] != 1:
-        return low_rank @ up.T
-    return (rows.expand(2, -1) @ up.T)[:1].reshape(*low_rank.shape[:-1], up.shape[0])
+    rows = x[first:].reshape(-1, x.shape[-1])
+    if rows.shape[0] == 1 and first >= 1:
+        return ((x[first - 1:].reshape(2, -1) @ down_t) @ up_t)[1:]
+    return (rows @ down_t) @ up_t
 
 
 def _hook_alive(handle) -> bool:
