@@ -190,7 +190,7 @@ def forward_variants(setup: Setup, ids: torch.Tensor, mask: torch.Tensor, contex
 
     adapter.attach(model)
     single, double = prepared(batch), prepared(batch + expert_rows)
-    # base_rows is the plain forward `generate` runs; the 2B-row variants run as the guarded loop does.
+    # base_rows is the plain forward `generate` runs; the B + R-row variants run as the guarded loop does.
     variants = {"base_rows": (single, False), "base_and_expert_rows_no_lora": (double, False),
                 "base_and_expert_rows_lora": (double, True)}
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
