@@ -216,6 +216,37 @@ def test_lora_hooks_match_peft_forward(llama_pair):
     torch.testing.assert_close(both[:2], base, rtol=1e-5, atol=1e-5)
 
 
+def test_one_adapter_serves_models_of_two_dtypes_and_detach_frees_its_copies(llama_pair):
+    """attach once converted the adapter's own tensors to the model's dtype: attaching it to a second model of
+    another dtype changed the first model's expert under it, and the converted copies outlived detach."""
+    import copy
+    import gc
+    import weakref
+
+    model, folder = llama_pair
+    wide = copy.deepcopy(model).double()
+    ids = torch.randint(3, model.config.vocab_size, (1, 6))
+    adapter = LoraAdapter.load(folder)
+    adapter.attach(model)
+    adapter.attach(wide)
+    try:
+        with torch.no_grad(), adapter.rows_from(1):
+            narrow_out = model(torch.cat([ids, ids])).logits
+            wide_out = wide(torch.cat([ids, ids])).logits
+        made = [weakref.ref(cell.cell_contents) for m in [*model.modules(), *wide.modules()]
+                for hook in m._forward_hooks.values() for cell in hook.__closure__ or ()
+                if isinstance(cell.cell_contents, torch.Tensor)]
+    finally:
+        adapter.detach(wide)
+    assert wide_out.dtype == torch.float64 and narrow_out.dtype == torch.float32
+    torch.testing.assert_close(narrow_out.double(), wide_out, rtol=1e-4, atol=1e-4)
+    with torch.no_grad(), adapter.rows_from(1):  # the fp32 model's expert is unchanged by the other attachment
+        torch.testing.assert_close(model(torch.cat([ids, ids])).logits, narrow_out)
+    adapter.detach(model)
+    gc.collect()
+    assert made and all(ref() is None for ref in made)
+
+
 # ---- errors -------------------------------------------------------------------------------------
 
 

@@ -37,8 +37,6 @@ _ATTACHED = "_ngsd_lora_hooks"
 class _LoraPair:
     down: torch.Tensor  # lora_A.weight [r, in]
     up: torch.Tensor  # lora_B.weight [out, r]
-    down_t: torch.Tensor | None = None  # down.T and scale * up.T, contiguous: set by attach for the hooks
-    up_t: torch.Tensor | None = None
 
 
 @dataclass(eq=False)
@@ -111,11 +109,12 @@ class LoraAdapter:
                     f"LoRA adapter {self.source} does not fit {name}: adapter {tuple(pair.up.shape)}x"
                     f"{tuple(pair.down.shape)} vs layer {module.out_features}x{module.in_features}{trained_for}"
                 )
-            pair.down = pair.down.to(module.weight.device, module.weight.dtype)
-            pair.up = pair.up.to(module.weight.device, module.weight.dtype)
-            pair.down_t = pair.down.T.contiguous()
-            pair.up_t = (pair.up.T * self.scale).contiguous()
-            handles.append(module.register_forward_hook(self._hook(pair)))
+            # Each attachment gets its own copies in the layer's device and dtype, owned by the hook alone: one
+            # adapter can serve models of different dtypes, and detach frees them with the hook.
+            weight = module.weight
+            down_t = pair.down.to(weight.device, weight.dtype).T.contiguous()
+            up_t = (pair.up.to(weight.device, weight.dtype).T * self.scale).contiguous()
+            handles.append(module.register_forward_hook(self._hook(down_t, up_t)))
         model.__dict__.setdefault(_ATTACHED, {})[self] = handles
 
     def detach(self, model: nn.Module) -> None:
@@ -148,12 +147,12 @@ class LoraAdapter:
         finally:
             self._local.first_row = previous
 
-    def _hook(self, pair: _LoraPair):
+    def _hook(self, down_t: torch.Tensor, up_t: torch.Tensor):
         def add_lora(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
             first = getattr(self._local, "first_row", None)
             if first is None:
                 return None
-            delta = _lora_update(inputs[0], first, pair.down_t, pair.up_t).view(output[first:].shape)
+            delta = _lora_update(inputs[0], first, down_t, up_t).view(output[first:].shape)
             if torch.is_grad_enabled():
                 return torch.cat([output[:first], output[first:] + delta], dim=0)
             output[first:].add_(delta)
