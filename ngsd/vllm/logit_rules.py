@@ -30,8 +30,9 @@ def apply_request_rules(states: Sequence[GateState], base: torch.Tensor, expert:
     penalized = _positions(states, lambda state: state.penalties is not None, base.device)
     if penalized is not None:
         chosen = [states[k] for k in penalized.tolist()]
-        base[penalized] = penalize(base[penalized], chosen)
-        expert[penalized] = penalize(expert[penalized], chosen)
+        # one call for both rows of each request: the padded prompt tensor is built once a step
+        both = penalize(torch.cat([base[penalized], expert[penalized]]), chosen + chosen)
+        base[penalized], expert[penalized] = both[: len(chosen)], both[len(chosen):]
 
 
 def _positions(states: Sequence[GateState], wanted: Callable[[GateState], bool],
