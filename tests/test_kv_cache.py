@@ -96,6 +96,25 @@ def test_growable_cache_follows_rows_selected_and_appended_from_outside(monkeypa
         _decode_both(plain, grown, 3)
 
 
+def test_growable_cache_drops_finished_rows_inside_its_buffers(monkeypatch):
+    """Rows kept in increasing order (finished rows leaving mid-call) move down in place: no new buffer."""
+    model = tiny_model("llama")
+    input_ids, mask, _ = mixed_length_batch([6, 4, 7, 5], model.config.vocab_size, seed=4)
+    with torch.no_grad():
+        plain = _Decoder(model, input_ids, mask, growable=False, monkeypatch=monkeypatch)
+        grown = _Decoder(model, input_ids, mask, growable=True, monkeypatch=monkeypatch)
+        _decode_both(plain, grown, 2)
+        buffer = grown.cache.layers[0]._key_buffer.data_ptr()
+        for rows in (torch.tensor([0, 2, 3]), torch.tensor([1, 2]), torch.tensor([0, 1])):
+            plain.keep(rows)
+            grown.keep(rows)
+            _decode_both(plain, grown, 2)
+            assert grown.cache.layers[0]._key_buffer.data_ptr() == buffer
+        plain.keep(torch.tensor([], dtype=torch.long))
+        grown.keep(torch.tensor([], dtype=torch.long))
+        assert grown.cache.layers[0].keys.shape[0] == 0
+
+
 def test_make_growable_is_idempotent_and_leaves_an_empty_cache_alone():
     from transformers import DynamicCache
 

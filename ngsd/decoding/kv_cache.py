@@ -89,6 +89,9 @@ def select_cache_rows(cache: Any, rows: torch.Tensor, layers: Sequence[int] | No
         keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
         if not isinstance(keys, torch.Tensor) or not isinstance(values, torch.Tensor):
             raise TypeError(f"cannot select the rows of a {type(layer).__name__} cache layer")
+        if hasattr(layer, "keep_rows"):
+            layer.keep_rows(rows.to(keys.device))
+            continue
         layer.keys = keys.index_select(0, rows.to(keys.device))
         layer.values = values.index_select(0, rows.to(values.device))
     return cache
@@ -159,6 +162,26 @@ def growable_layer_class() -> type:
             self.keys = self._key_buffer[..., :filled, :]
             self.values = self._value_buffer[..., :filled, :]
             self._exposed = (self.keys, self.values)
+
+        def keep_rows(self, rows: torch.Tensor) -> None:
+            """Keep the batch rows `rows`. Increasing rows (dropping finished rows mid-call) are moved down
+            inside the buffers: only the rows after the first dropped one are copied, no buffer is allocated.
+            Any other order is a gather into new buffers."""
+            if self.keys is not self._exposed[0] or self.values is not self._exposed[1]:
+                self._rebuffer(self.keys, self.values, self.keys.shape[-2] + GROW_MIN_TOKENS)
+            kept = rows.numel()
+            steps = rows.diff() if kept > 1 else rows.new_ones(1)
+            if kept and bool((steps > 0).all()) and int(rows[0]) >= 0:
+                moved = rows != torch.arange(kept, device=rows.device)
+                first = int(moved.nonzero()[0]) if bool(moved.any()) else kept
+                if first < kept:
+                    for buffer in (self._key_buffer, self._value_buffer):
+                        buffer[first:kept] = buffer.index_select(0, rows[first:])
+                self._key_buffer, self._value_buffer = self._key_buffer[:kept], self._value_buffer[:kept]
+            else:
+                self._key_buffer = self._key_buffer.index_select(0, rows)
+                self._value_buffer = self._value_buffer.index_select(0, rows)
+            self._expose(self._filled)
 
         def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
                    ) -> tuple[torch.Tensor, torch.Tensor]:

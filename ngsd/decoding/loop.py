@@ -267,6 +267,8 @@ def guarded_generate(
                     kept = pair.keep(risk.confirm(pair.rows, *selection.guarded_row_logits(prefill.base, prefill.expert)))
                     prefill.expert = prefill.expert[kept] if kept.numel() else None
         selection.set_rows(pair.rows, batch)
+        guarding = pair.rows.tolist()  # kept on the host: read every step, changed only when rows retire
+        guarded_rows = set(guarding)
         base_out, expert_out = prefill.base, prefill.expert
         alphas, verdicts = risk.alphas, risk.verdicts
         alpha_t = torch.tensor(alphas, dtype=torch.float32, device=device)
@@ -322,6 +324,12 @@ def guarded_generate(
                 streamer.put(tokens.cpu())
             if len(finished_rows) == batch:
                 break
+            steps_left = max(max_new[row] for row in range(batch) if row not in finished_rows) - step - 1
+            retired = _rows_to_retire(guarding, finished_rows, steps_left)
+            if retired:  # finished guarded rows stop costing an expert forward
+                guarding = [row for row in guarding if row not in retired]
+                pair.keep(guarding)
+                selection.set_rows(pair.rows, batch)
             with record_function("ngsd.forward"):
                 base_out, expert_out = pair.step(tokens)
     finally:
@@ -330,10 +338,23 @@ def guarded_generate(
     if streamer is not None:
         streamer.end()
     identical.warn_if_stuck()
-    guarded_rows = set(pair.rows.tolist())
     traces = _collect_traces(history, alphas, verdicts, stop_reasons, guarded_rows,
                              heads.path + getattr(pair, "note", ""))
     return GuardedOutput(sequences=sequences, traces=traces, prompt_width=input_ids.shape[1])
+
+
+def _rows_to_retire(guarded: list[int], finished: set[int], steps_left: int) -> set[int]:
+    """The finished guarded rows whose expert copies to drop before the next forward (none: keep them all).
+
+    A finished row's expert copy is computed for nothing until the call ends. Dropping it moves the
+    cache rows of the guarded rows after it, each about one row's forward on a CPU; so they go when the
+    row-steps saved are at least the rows moved (at once when nothing moves, the last rows finishing).
+    """
+    done = [j for j, row in enumerate(guarded) if row in finished]
+    if not done or steps_left < 1:
+        return set()
+    moved = len(guarded) - done[0] - len(done)
+    return {guarded[j] for j in done} if len(done) * steps_left >= moved else set()
 
 
 IDENTICAL_LOGITS_STEPS = 8

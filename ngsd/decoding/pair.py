@@ -379,6 +379,8 @@ class AdapterPair(_PairBase):
     def _drop_expert_rows(self, index):
         batch = torch.arange(self._batch, device=index.device)
         self._both.keep_rows(torch.cat([batch, self._batch + index]))
+        if index.numel() == 0:  # no expert row left: the layers run without the hooks
+            self._hooks.release()
 
     def step(self, tokens):
         batch = self._batch

@@ -180,6 +180,8 @@ class SharedTrunkPair(_PairBase):
     def _drop_expert_rows(self, index):
         batch = torch.arange(self._batch, device=index.device)
         select_cache_rows(self._net.cache, torch.cat([batch, self._batch + index]), self._net.upper)
+        if index.numel() == 0:  # no expert row left: the layers run without the hooks
+            self._hooks.release()
 
     def step(self, tokens):
         batch = self._batch
