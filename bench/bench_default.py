@@ -22,8 +22,12 @@ over rounds, ratios as the median of per-round ratios):
 
     python bench/bench_default.py --batch 32 --new-tokens 64 --rounds 3   # writes bench/results/default.json
     python bench/bench_default.py --quick-ratio --out default_quick.json    # the unguarded baselines vs the default only
+    python bench/bench_default.py --quick-ratio --stop-at-eos --out default_eos.json   # rows stop at EOS, as in use
 
-The default model and the shipped expert; greedy; exactly `--new-tokens` tokens per row (no EOS stop).
+The default model and the shipped expert; greedy; exactly `--new-tokens` tokens per row (no EOS stop), unless
+`--stop-at-eos`: then a row stops at the model's end-of-turn token, as users run it (a guarded refusal ends
+early, and the loop drops its expert rows). tok/s then counts the tokens asked for (batch x new tokens) over the
+wall time, and the ratios are ratios of wall time for the same requests.
 """
 
 from __future__ import annotations
@@ -52,12 +56,13 @@ def workload_prompts(kind: str, n: int) -> list[str]:
     return mixed[:n]
 
 
-def runners(setup: Setup, probe: str | None = None) -> dict[str, Callable]:
+def runners(setup: Setup, probe: str | None = None, stop_at_eos: bool = False) -> dict[str, Callable]:
     model, pad = setup.model, setup.pad_id
+    eos = setup.tokenizer.eos_token_id if stop_at_eos else None
 
     def unguarded(ids, mask, new_tokens, streamer, **cache):
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
-                             eos_token_id=None, pad_token_id=pad, streamer=streamer, **cache)
+                             eos_token_id=eos, pad_token_id=pad, streamer=streamer, **cache)
         return out[:, ids.shape[1]:]
 
     def unguarded_static(ids, mask, new_tokens, streamer):
@@ -68,7 +73,7 @@ def runners(setup: Setup, probe: str | None = None) -> dict[str, Callable]:
     def guarded(alpha=None, config=None, **extra):
         def run(ids, mask, new_tokens, streamer):
             out = guarded_generate(model, ids, mask, expert=setup.adapter, config=config or NGSDConfig(), alpha=alpha,
-                                   max_new_tokens=new_tokens, eos_token_id=None, pad_token_id=pad,
+                                   max_new_tokens=new_tokens, eos_token_id=eos, pad_token_id=pad,
                                    streamer=streamer, **extra)
             run.traces = out.traces
             return out.sequences[:, ids.shape[1]:]
@@ -87,9 +92,9 @@ def runners(setup: Setup, probe: str | None = None) -> dict[str, Callable]:
 
 
 def measure(setup: Setup, prompts: list[str], methods: list[str], new_tokens: int, rounds: int, seed: int,
-            probe: str | None = None) -> dict:
+            probe: str | None = None, stop_at_eos: bool = False) -> dict:
     ids, mask = setup.encode(prompts)
-    run = runners(setup, probe)
+    run = runners(setup, probe, stop_at_eos)
     timings: dict[str, list] = {m: [] for m in methods}
     order = list(methods)
     rng = random.Random(seed)
@@ -166,6 +171,8 @@ def main() -> None:
                         help="benign prompts (AlpacaEval odd ids) timed one by one at batch 1 for the time to first "
                              "token")
     parser.add_argument("--out", default="default.json")
+    parser.add_argument("--stop-at-eos", action="store_true",
+                        help="rows stop at the model's end-of-turn token (default: exactly --new-tokens per row)")
     parser.add_argument("--quick-ratio", action="store_true",
                         help="only the two unguarded baselines vs the default (with and without the probe's divergence "
                              "check) on the two batch workloads (no fixed-alpha rows, no TTFT)")
@@ -178,11 +185,12 @@ def main() -> None:
     quick = ["unguarded", "unguarded_static", "default", "default_nocheck"]
     all_methods = quick if args.quick_ratio else [*quick, "alpha_0.9", "alpha_0.9_logits"]
     report["meta"]["probe"] = args.probe or "shipped"
+    report["meta"]["stop_at_eos"] = args.stop_at_eos
     report["workloads"]["benign"] = measure(setup, workload_prompts("benign", args.batch), all_methods,
-                                            args.new_tokens, args.rounds, args.seed, args.probe)
+                                            args.new_tokens, args.rounds, args.seed, args.probe, args.stop_at_eos)
     report["workloads"]["half_harmful"] = measure(setup, workload_prompts("mixed", args.batch),
                                                   quick if args.quick_ratio else [*quick, "alpha_0.9"],
-                                                  args.new_tokens, args.rounds, args.seed, args.probe)
+                                                  args.new_tokens, args.rounds, args.seed, args.probe, args.stop_at_eos)
     if not args.quick_ratio:
         report["workloads"]["ttft_batch1_benign"] = measure(setup, workload_prompts("benign", 1),
                                                             all_methods,
