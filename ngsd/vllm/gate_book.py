@@ -18,7 +18,9 @@ in that order) but never names the request. Two facts make the state safe anyway
 - A selection is committed only once the token is really in the request's output. vLLM computes
   logits for a partly prefilled request too and throws that sample away; the chosen token is
   kept pending and committed when the request's (live) output list has grown by it, dropped
-  when it has not.
+  when it has not. With async scheduling (vLLM's default on GPUs; its CPU build switches it off,
+  so this path has run only in simulated updates) the list grows by a -1 placeholder first, which
+  counts as the token.
 - With the risk probe on, a request that asked for nothing starts undecided (`GateState.awaiting`):
   it is not guarded until the processor has decided it (`ngsd.vllm.risk`), and the decision is
   kept on the same state, so a preempted request keeps it.
@@ -38,6 +40,7 @@ if TYPE_CHECKING:
     from .risk import EngineRisk
 
 logger = logging.getLogger(__name__)
+ASYNC_PLACEHOLDER = -1  # vLLM's output id for a token its async scheduling has not copied to the host yet
 GATES_ATTRIBUTE = "_ngsd_gates"  # on the request's SamplingParams (a msgspec Struct with a __dict__): its requests' gates
 
 
@@ -68,7 +71,9 @@ class GateState:
             return
         length, token, potential = self.pending
         if len(self.output) > length:
-            if self.output[length] != token:
+            # -1: async scheduling's placeholder for a token sampled but not yet copied back to the host (vLLM
+            # fills it in before the request's next sampling; a request leaving the batch keeps it)
+            if self.output[length] not in (token, ASYNC_PLACEHOLDER):
                 # vLLM replaced the token we forced (e.g. a stop rule); the gate followed the token we chose
                 logger.warning("ngsd: output token %d differs from the guarded choice %d at step %d",
                                self.output[length], token, self.step)

@@ -73,6 +73,28 @@ def test_a_request_resumed_with_a_new_output_list_continues_its_potential():
     assert (book.rows[0].potential, book.rows[0].step) == (0.8, 1)
 
 
+def test_async_schedulings_placeholder_commits_the_choice_without_a_warning(caplog):
+    """With async scheduling (vLLM's default on GPUs) the worker appends -1 for a sampled token and fills it in
+    before the request's next sampling; a request that leaves the batch first (it finished) keeps the -1. The
+    choice is committed, and only a real replacement of the forced token is worth a warning."""
+    book = GateBook(GuardSettings())
+    params, output = _request()
+    book.update([], [(0, params, [1, 2], output)], [])
+    _select(book, 0, token=7, potential=0.8)
+    output.append(-1)  # sampled; not copied back yet
+    with caplog.at_level("WARNING", logger="ngsd.vllm.gate_book"):
+        book.update([0], [], [])
+    assert not caplog.records
+    assert (gates_of(params)[0].potential, gates_of(params)[0].step) == (0.8, 1)
+    other, replaced = _request()
+    book.update([], [(0, other, [1, 2], replaced)], [])
+    _select(book, 0, token=7, potential=0.5)
+    replaced.append(9)  # vLLM put another token there (a stop rule)
+    with caplog.at_level("WARNING", logger="ngsd.vllm.gate_book"):
+        book.update([0], [], [])
+    assert "output token 9 differs from the guarded choice 7" in caplog.text
+
+
 def test_a_new_request_starts_at_the_configured_potential():
     for gate, start in (({}, 0.0), ({"v_reset": -0.25}, -0.25), ({"initial_potential": 1.0}, 1.0),
                         ({"prime_divergence": 0.5}, 0.5 / 0.875)):
