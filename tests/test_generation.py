@@ -333,7 +333,7 @@ def test_lora_update_of_one_row_equals_the_plain_product():
         torch.testing.assert_close(out, rows @ down_t @ up_t)
 
 
-@pytest.mark.parametrize("rows, length", [(1, 1), (3, 1), (2, 6)])  # one decode row, several, a prefill
+@pytest.mark.parametrize("rows, length", [(1, 1), (3, 1), (2, 6), (1, 6)])  # one decode row, several, prefills
 def test_in_place_lora_rows_equal_the_autograd_form(llama_pair, rows, length):
     """Without grad the hooks add the expert rows' update into the layer output in place (one guarded row
     through a two-row product); with grad they build a new output. Both must give the same expert rows."""

@@ -165,13 +165,13 @@ def growable_layer_class() -> type:
 
         def keep_rows(self, rows: torch.Tensor) -> None:
             """Keep the batch rows `rows`. Increasing rows (dropping finished rows mid-call) are moved down
-            inside the buffers: only the rows after the first dropped one are copied, no buffer is allocated.
-            Any other order is a gather into new buffers."""
+            inside the buffers: only the rows after the first dropped one are copied (through a temporary of
+            their size), and the buffers stay. Any other order is a gather into new buffers."""
             if self.keys is not self._exposed[0] or self.values is not self._exposed[1]:
                 self._rebuffer(self.keys, self.values, self.keys.shape[-2] + GROW_MIN_TOKENS)
             kept = rows.numel()
-            steps = rows.diff() if kept > 1 else rows.new_ones(1)
-            if kept and bool((steps > 0).all()) and int(rows[0]) >= 0:
+            gaps = rows.diff() if kept > 1 else rows.new_ones(1)
+            if kept and bool((gaps > 0).all()) and int(rows[0]) >= 0:
                 moved = rows != torch.arange(kept, device=rows.device)
                 first = int(moved.nonzero()[0]) if bool(moved.any()) else kept
                 if first < kept:

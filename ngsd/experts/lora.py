@@ -152,10 +152,17 @@ class LoraAdapter:
             first = getattr(self._local, "first_row", None)
             if first is None:
                 return None
-            delta = _lora_update(inputs[0], first, down_t, up_t).view(output[first:].shape)
+            x = inputs[0]
             if torch.is_grad_enabled():
+                delta = _lora_update(x, first, down_t, up_t).view(output[first:].shape)
                 return torch.cat([output[:first], output[first:] + delta], dim=0)
-            output[first:].add_(delta)
+            rows = output[first:]
+            if rows[..., :1].numel() > 1 and output.is_contiguous():
+                # several rows: the up-projection adds into the output in one op (3-4% of a half-guarded batch's
+                # decode on the 2-core CPU against a product, then an add)
+                rows.view(-1, output.shape[-1]).addmm_(x[first:].reshape(-1, x.shape[-1]) @ down_t, up_t)
+            else:
+                rows.add_(_lora_update(x, first, down_t, up_t).view(rows.shape))
             return output
 
         return add_lora
