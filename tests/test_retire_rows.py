@@ -50,12 +50,15 @@ def _assert_same(retired, kept):
         torch.testing.assert_close(torch.tensor(a.divergence), torch.tensor(b.divergence), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["adapter", "shared_trunk", "model"])
-def test_finished_guarded_rows_leave_the_forward_and_the_others_decode_as_before(kind, tmp_path, monkeypatch):
+@pytest.mark.parametrize("kind, sampling", [("adapter", {}), ("shared_trunk", {}), ("model", {}),
+                                            ("adapter", {"do_sample": True, "temperature": 0.8, "top_k": 20, "seed": 5}),
+                                            ("adapter", {"logits_processor": lambda seq, scores: scores})])
+def test_finished_guarded_rows_leave_the_forward_and_the_others_decode_as_before(kind, sampling, tmp_path,
+                                                                                monkeypatch):
     model = tiny_model("llama", layers=LAYERS)
     expert, watched, adapter = _expert_and_watched_layer(kind, model, tmp_path)
     ids, mask, _ = mixed_length_batch([6, 4, 7], model.config.vocab_size, seed=3)
-    kwargs = dict(max_new_tokens=[3, 12, 6])  # rows 0 and 2 finish early, row 1 decodes on
+    kwargs = dict(max_new_tokens=[3, 12, 6], **sampling)  # rows 0 and 2 finish early, row 1 decodes on
     retired, seen = _run(model, expert, watched, adapter, ids, mask, **kwargs)
     assert all(t.guarded for t in retired.traces) and any(any(t.spikes) for t in retired.traces)
     if kind == "shared_trunk":
