@@ -65,7 +65,7 @@ def test_finished_guarded_rows_leave_the_forward_and_the_others_decode_as_before
         assert "shared trunk" in retired.traces[0].step_path
     rows = [r for r, _ in seen]
     expert_rows = [r - 3 for r in rows] if kind != "model" else rows
-    # prefill, then steps 1-2 with 3 expert rows, 3-5 with 2, 6-11 with 1
+    # the prefill, then the forwards after tokens 1-2 with 3 expert rows, after 3-5 with 2, after 6-11 with 1
     assert expert_rows == [3, 3, 3, 2, 2, 2, 1, 1, 1, 1, 1, 1]
     with monkeypatch.context() as patch:
         patch.setattr(loop, "_rows_to_retire", lambda guarded, finished, steps_left: set())
