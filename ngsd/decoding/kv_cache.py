@@ -84,17 +84,27 @@ def select_cache_rows(cache: Any, rows: torch.Tensor, layers: Sequence[int] | No
     all_layers = getattr(cache, "layers", None)
     if all_layers is None:
         raise TypeError(f"cannot select the rows of a {type(cache).__name__}")
+    first_moved = _first_moved(rows)  # the same for every layer: read once
     for index in range(len(all_layers)) if layers is None else layers:
         layer = all_layers[index]
         keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
         if not isinstance(keys, torch.Tensor) or not isinstance(values, torch.Tensor):
             raise TypeError(f"cannot select the rows of a {type(layer).__name__} cache layer")
         if hasattr(layer, "keep_rows"):
-            layer.keep_rows(rows.to(keys.device))
+            layer.keep_rows(rows.to(keys.device), first_moved)
             continue
         layer.keys = keys.index_select(0, rows.to(keys.device))
         layer.values = values.index_select(0, rows.to(values.device))
     return cache
+
+
+def _first_moved(rows: torch.Tensor) -> int | None:
+    """For strictly increasing rows (finished rows dropped), the position of the first row that changes place
+    (`len(rows)` when none does); None for any other order. One read of `rows` on the host."""
+    order = rows.tolist()
+    if any(b <= a for a, b in zip(order, order[1:])) or (order and order[0] < 0):
+        return None
+    return next((position for position, row in enumerate(order) if row != position), len(order))
 
 
 GROW_MIN_TOKENS = 64  # a full buffer grows by at least this many positions (or half its length)
@@ -163,20 +173,18 @@ def growable_layer_class() -> type:
             self.values = self._value_buffer[..., :filled, :]
             self._exposed = (self.keys, self.values)
 
-        def keep_rows(self, rows: torch.Tensor) -> None:
-            """Keep the batch rows `rows`. Increasing rows (dropping finished rows mid-call) are moved down
-            inside the buffers: only the rows after the first dropped one are copied (through a temporary of
-            their size), and the buffers stay. Any other order is a gather into new buffers."""
+        def keep_rows(self, rows: torch.Tensor, first_moved: int | None) -> None:
+            """Keep the batch rows `rows`. Increasing rows (dropping finished rows mid-call; `first_moved`:
+            the position of the first that changes place, `_first_moved`) are moved down inside the buffers:
+            only the rows from there on are copied (through a temporary of their size), and the buffers stay.
+            Any other order (None) is a gather into new buffers."""
             if self.keys is not self._exposed[0] or self.values is not self._exposed[1]:
                 self._rebuffer(self.keys, self.values, self.keys.shape[-2] + GROW_MIN_TOKENS)
-            kept = rows.numel()
-            gaps = rows.diff() if kept > 1 else rows.new_ones(1)
-            if kept and bool((gaps > 0).all()) and int(rows[0]) >= 0:
-                moved = rows != torch.arange(kept, device=rows.device)
-                first = int(moved.nonzero()[0]) if bool(moved.any()) else kept
-                if first < kept:
+            if first_moved is not None:
+                kept = rows.numel()
+                if first_moved < kept:
                     for buffer in (self._key_buffer, self._value_buffer):
-                        buffer[first:kept] = buffer.index_select(0, rows[first:])
+                        buffer[first_moved:kept] = buffer.index_select(0, rows[first_moved:])
                 self._key_buffer, self._value_buffer = self._key_buffer[:kept], self._value_buffer[:kept]
             else:
                 self._key_buffer = self._key_buffer.index_select(0, rows)
