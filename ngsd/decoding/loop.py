@@ -324,14 +324,15 @@ def guarded_generate(
                 streamer.put(tokens.cpu())
             if len(finished_rows) == batch:
                 break
-            steps_left = max(max_new[row] for row in range(batch) if row not in finished_rows) - step - 1
-            # not under cuda_graph: its graph is captured with every row guarded, and a replay is worth more on
-            # a GPU than the rows a finished one would save
-            retired = set() if cuda_graph else _rows_to_retire(guarding, finished_rows, steps_left)
-            if retired:  # finished guarded rows stop costing an expert forward
-                guarding = [row for row in guarding if row not in retired]
-                pair.keep(guarding)
-                selection.set_rows(pair.rows, batch)
+            # Finished guarded rows stop costing an expert forward. Not under cuda_graph: its graph is captured
+            # with every row guarded, and a replay is worth more on a GPU than the rows a finished one would save.
+            if not cuda_graph and not finished_rows.isdisjoint(guarding):
+                steps_left = max(max_new[row] for row in range(batch) if row not in finished_rows) - step - 1
+                retired = _rows_to_retire(guarding, finished_rows, steps_left)
+                if retired:
+                    guarding = [row for row in guarding if row not in retired]
+                    pair.keep(guarding)
+                    selection.set_rows(pair.rows, batch)
             with record_function("ngsd.forward"):
                 base_out, expert_out = pair.step(tokens)
     finally:
