@@ -211,8 +211,8 @@ def warn_if_check_fitted_for_another_expert(plan: "RiskPlan", expert: Any) -> No
     """Warn when the probe's own check_divergence was fitted for an expert other than `expert`.
 
     The threshold is a total variation of one expert's first step: another expert diverges more or
-    less, so the check guards more or fewer rows than it was fitted to (measured: 0.47 for the
-    shipped expert, 0.71 for a broader one, reports/expert/REPORT_v10_default.md). Silent only when the
+    less, so the check guards more or fewer rows than it was fitted to (measured: 0.41 for the
+    shipped expert v4c, 0.71 for a broader one, reports/expert/REPORT_v10_default.md). Silent only when the
     names match, when either is unknown, or when the call sets check_divergence itself.
     """
     if plan.probe is None or plan.check_divergence is None or plan.reflection is None:
