@@ -61,6 +61,23 @@ def test_invalid_rows_and_masked_tokens():
     assert torch.isnan(fast[3][1:3]).all()
 
 
+def test_divergence_at_a_large_vocabulary_is_the_references_and_fires_the_same_spike():
+    """fp32 sums over 152k tokens drift: the op must reduce as the reference does (vector_norm drifted by 2e-4)."""
+    generator = torch.Generator().manual_seed(3)
+    lb = torch.randn(2, 151936, generator=generator) * 3
+    le = torch.randn(2, 151936, generator=generator) * 3
+    exact = 0.5 * (torch.softmax(lb.double(), -1) - torch.softmax(le.double(), -1)).abs().sum(-1)
+    reference_d = both(lb, le, torch.zeros(2), torch.ones(2), candidate_k=8)[1][3]
+    # potentials from which the reference's current just crosses v_th = 1 (tau = 8): row 0 fires, row 1 does not
+    margin = torch.tensor([2e-5, -2e-5])
+    potential = (1.0 - reference_d.double() + margin) / (1 - 1 / 8)
+    fast, ref = both(lb, le, potential.float(), torch.ones(2), candidate_k=8)
+    assert torch.equal(fast[3], ref[3])
+    torch.testing.assert_close(fast[3].double(), exact, rtol=0, atol=1e-5)  # fp32 softmaxes: ~5e-6
+    assert fast[2].tolist() == ref[2].tolist() == [True, False]
+    assert torch.equal(fast[0], ref[0])
+
+
 @pytest.mark.parametrize("changes", [dict(temperature=0.7), dict(candidate_mode=1), dict(divergence=2)])
 def test_other_settings_fall_back_to_the_reference(changes):
     lb, le = torch.randn(3, 40), torch.randn(3, 40)
