@@ -79,7 +79,9 @@ def lif_step(
     """One leaky integrate-and-fire update; returns (new potential, fired)."""
     v = (1.0 - 1.0 / tau) * potential + current
     fired = v >= v_th
-    return torch.where(fired, v_reset + rho * (v - v_reset), v), fired
+    # rho = 0 is a hard reset, also after an infinite current (KL): 0 * inf would make the potential NaN for good
+    kept = rho * (v - v_reset) if rho else torch.zeros_like(v)
+    return torch.where(fired, v_reset + kept, v), fired
 
 
 def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:

@@ -56,6 +56,20 @@ def test_spike_timing_and_soft_reset_under_constant_input():
     assert v < 1.0
 
 
+@pytest.mark.parametrize("backend", ["torch", "auto", "triton"])
+def test_an_infinite_kl_current_with_rho_0_resets_the_potential_instead_of_poisoning_it(backend):
+    """The expert rules out a token the base allows: KL is inf. A hard reset (rho = 0) must give v_reset,
+    not v_reset + 0 * inf = NaN, after which the neuron would never fire again."""
+    params = StepParams(divergence=Divergence.KL, rho=0.0)
+    lb = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    le = torch.tensor([[2.0, 1.0, 0.0, -float("inf")]])
+    _, v, spike, d = guarded_select(lb, le, torch.zeros(1), torch.full((1,), 0.9), params=params, backend=backend)
+    assert math.isinf(float(d[0])) and bool(spike[0]) and float(v[0]) == 0.0
+    far_b, far_e = logits_of([0.97, 0.01, 0.01, 0.01]), logits_of([0.01, 0.01, 0.01, 0.97])
+    _, v, spike, _ = guarded_select(far_b[None], far_e[None], v, torch.full((1,), 0.9), params=params, backend=backend)
+    assert bool(spike[0]) and float(v[0]) == 0.0  # still firing on a large finite current
+
+
 def test_steady_state_fires_only_above_one_over_tau():
     """Constant D settles near tau * D: D = 0.12 < 1/8 never fires, D = 0.13 does."""
     for tv, fires in ((0.12, False), (0.13, True)):

@@ -295,7 +295,8 @@ def _gate_step(rowinfo_ptr, div_ptr, potential_ptr, alpha_ptr, rows, rmask, cm, 
     potential = tl.load(potential_ptr + rows, mask=rmask, other=0.0)
     v = decay * potential + current
     fired = v >= v_th
-    new_v = tl.where(fired, v_reset + rho * (v - v_reset), v)
+    # rho = 0 is a hard reset, also after an infinite current (KL): 0 * inf would leave a NaN potential
+    new_v = tl.where(fired, v_reset + rho * tl.where(rho == 0.0, 0.0, v - v_reset), v)
     if GATE == 0:
         spike = fired
     elif GATE == 1:
