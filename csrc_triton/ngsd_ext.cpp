@@ -121,8 +121,9 @@ Choice select_variant(const char* source, at::ScalarType dtype, const Params& p,
   TORCH_CHECK(p.gate >= 0 && p.gate <= 2, "ngsd_aot: gate must be 0 (LIF), 1 (open) or 2 (closed), got ", p.gate);
   TORCH_CHECK(p.divergence >= 0 && p.divergence <= 2,
               "ngsd_aot: divergence must be 0 (total variation), 1 (KL) or 2 (Jensen-Shannon), got ", p.divergence);
-  TORCH_CHECK(std::isfinite(p.temperature) && p.temperature >= 0.0,
-              "ngsd_aot: temperature must be finite and >= 0 (0: greedy), got ", p.temperature);
+  // as ngsd_kernels.params.MIN_SAMPLING_TEMPERATURE: below it log(q) / T overflows fp32 for every token
+  TORCH_CHECK(std::isfinite(p.temperature) && (p.temperature == 0.0 || p.temperature >= 1e-5),
+              "ngsd_aot: temperature must be finite and 0 (greedy) or >= 1e-5, got ", p.temperature);
   TORCH_CHECK(p.top_k >= 0, "ngsd_aot: top_k must be >= 0 (0: off), got ", p.top_k);
   TORCH_CHECK(p.top_p > 0.0 && p.top_p <= 1.0, "ngsd_aot: top_p must be in (0, 1], got ", p.top_p);
   TORCH_CHECK(p.candidate_mode == 0 || p.candidate_mode == 1,

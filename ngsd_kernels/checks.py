@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .params import MIN_SAMPLING_TEMPERATURE
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -34,7 +36,7 @@ def check_row_sampling(row_temperature: Tensor | None, row_top_k: Tensor | None,
                        batch: int, vocab: int, device: torch.device, temperature: float, top_k: int,
                        top_p: float) -> None:
     """Per-row sampling settings of a sampled step (``temperature`` > 0), each [B] and replacing the
-    step's own value: temperatures (float, finite and >= 0, 0: that row decodes greedily); top-k
+    step's own value: temperatures (float, finite, 0: that row decodes greedily, else >= MIN_SAMPLING_TEMPERATURE); top-k
     (integers in [1, top_k]) in a top-k step (0 < ``top_k`` < vocab: the launch's buffer holds the
     largest); top-p (float, in (0, 1)) in a top-p step (``top_p`` < 1). Values are read only from CPU
     tensors: device tensors are not synchronised on."""
@@ -62,7 +64,8 @@ def check_row_sampling(row_temperature: Tensor | None, row_top_k: Tensor | None,
         if tensor.device.type != "cpu":
             continue
         if name == "row_temperature":
-            bad, rule = ~((tensor >= 0) & tensor.isfinite()), "finite and >= 0 (0 means greedy)"
+            bad = ~(((tensor == 0) | (tensor >= MIN_SAMPLING_TEMPERATURE)) & tensor.isfinite())
+            rule = f"finite and 0 (greedy) or >= {MIN_SAMPLING_TEMPERATURE:g}"
         elif name == "row_top_k":
             bad, rule = (tensor < 1) | (tensor > top_k), f"in [1, {top_k}] (the step's top_k)"
         else:

@@ -51,6 +51,11 @@ def _code(name: str, value: object) -> IntEnum:
     return enum(int(value))
 
 
+# The smallest sampling temperature (vLLM's greedy cut-off too): below it log(q) / T overflows fp32 to -inf for
+# every token, and sampling is greedy decoding anyway. 0 means greedy.
+MIN_SAMPLING_TEMPERATURE = 1e-5
+
+
 @dataclass(frozen=True)
 class StepParams:
     """Everything about one guarded decode step that is not a tensor (NGSD_SPEC.md sections 3 and 7).
@@ -99,7 +104,9 @@ class StepParams:
             (0.0 <= self.rho < 1.0, f"rho (soft-reset factor) must be in [0, 1), got {self.rho}"),
             (self.candidate_k >= 1, f"candidate_k must be >= 1, got {self.candidate_k}"),
             (self.min_candidates >= 1, f"min_candidates must be >= 1, got {self.min_candidates}"),
-            (self.temperature >= 0.0, f"temperature must be >= 0 (0 means greedy), got {self.temperature}"),
+            (self.temperature == 0.0 or self.temperature >= MIN_SAMPLING_TEMPERATURE,
+             f"temperature must be 0 (greedy) or >= {MIN_SAMPLING_TEMPERATURE:g}, got {self.temperature}: a smaller "
+             "one is greedy decoding up to float overflow, so pass 0"),
             (self.top_k >= 0, f"top_k must be >= 0 (0 disables it), got {self.top_k}"),
             (0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}"),
             (self.score_floor >= 0.0, f"score_floor must be >= 0, got {self.score_floor}"),

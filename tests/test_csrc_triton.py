@@ -317,7 +317,7 @@ def test_extension_meta_shapes_and_argument_checks(extension):
     assert "variant logits_topk_tv_fp32_k64 was not compiled" in errors["hidden_top_k"]
     assert "temperature sampling needs `seed`" in errors["no_seed"]
     assert "offset must hold 1 or 5 values" in errors["seed_rows"]
-    assert "temperature must be finite and >= 0" in errors["temperature"]
+    assert "temperature must be finite and 0 (greedy) or >= 1e-5" in errors["temperature"]
 
 
 def test_variant_table_lists_exactly_the_compiled_variants(generated):

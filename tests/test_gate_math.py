@@ -148,6 +148,7 @@ def test_invalid_rows_are_flagged_not_decoded():
         (dict(rho=-0.1), "rho"),
         (dict(top_p=0.0), "top_p"),
         (dict(temperature=-1.0), "temperature"),
+        (dict(temperature=1e-40), "temperature must be 0 \\(greedy\\) or >= 1e-05"),  # log(q) / T: all -inf
         (dict(candidate_k=0), "candidate_k"),
     ],
 )

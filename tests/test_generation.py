@@ -299,6 +299,8 @@ def test_missing_expert_and_bad_sampling_settings(llama_pair):
         guarded_generate(model, torch.tensor([[4, 5]]), alpha=0.5)
     with pytest.raises(ValueError, match="temperature"):
         guarded_generate(model, torch.tensor([[4, 5]]), expert=folder, alpha=0.5, do_sample=True, temperature=0.0)
+    with pytest.raises(ValueError, match="use do_sample=False for greedy"):  # it once drew token 0 (the pad) each step
+        guarded_generate(model, torch.tensor([[4, 5]]), expert=folder, alpha=0.5, do_sample=True, temperature=1e-40)
 
 
 @pytest.mark.skipif(

@@ -19,6 +19,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ngsd_kernels.params import MIN_SAMPLING_TEMPERATURE
+
 
 def _rows(value: Any, batch: int, name: str, check: Callable[[int, Any], None]) -> list[Any]:
     """A scalar repeated per row, or exactly one value per row; `check(row, value)` runs on each
@@ -76,8 +78,9 @@ def check_sampling(do_sample: Any, temperature: Any, top_k: Any, top_p: Any) -> 
         raise ValueError(f"top_k must be >= 0 (0 disables it), got {top_k}")
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if do_sample and not temperature > 0:
-        raise ValueError(f"sampling needs temperature > 0, got {temperature}; use do_sample=False for greedy")
+    if do_sample and not temperature >= MIN_SAMPLING_TEMPERATURE:
+        raise ValueError(f"sampling needs temperature >= {MIN_SAMPLING_TEMPERATURE:g}, got {temperature} (a smaller one "
+                         "is greedy decoding); use do_sample=False for greedy")
     return dict(temperature=float(temperature) if do_sample else 0.0, top_k=int(top_k), top_p=float(top_p))
 
 

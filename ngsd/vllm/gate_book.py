@@ -34,6 +34,8 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
+from ngsd_kernels.params import MIN_SAMPLING_TEMPERATURE
+
 from .settings import GuardSettings, RequestPolicy
 
 if TYPE_CHECKING:
@@ -179,7 +181,7 @@ def gates_of(params: Any) -> list[GateState]:
     return gates
 
 
-GREEDY_BELOW = 1e-5  # vLLM treats a smaller temperature as greedy
+GREEDY_BELOW = MIN_SAMPLING_TEMPERATURE  # vLLM treats a smaller temperature as greedy (its _SAMPLING_EPS, 1e-5)
 
 
 def sampled_launches(members: Sequence[int], rows: Sequence[tuple[int, GateState]], step_params: Any,

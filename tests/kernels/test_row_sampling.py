@@ -119,12 +119,13 @@ def test_custom_op_takes_row_temperature_and_passes_opcheck():
     "params, rows, message",
     [
         (StepParams(), torch.tensor([0.5, 1.0]), r"temperature=...\) above 0"),
-        (StepParams(temperature=1.0), torch.tensor([0.5, -1.0]), "finite and >= 0"),
-        (StepParams(temperature=1.0), torch.tensor([0.5, float("nan")]), "finite and >= 0"),
+        (StepParams(temperature=1.0), torch.tensor([0.5, -1.0]), "finite and 0"),
+        (StepParams(temperature=1.0), torch.tensor([0.5, float("nan")]), "finite and 0"),
+        (StepParams(temperature=1.0), torch.tensor([0.5, 1e-40]), "0 \\(greedy\\) or >= 1e-05"),
         (StepParams(temperature=1.0), torch.tensor([0.5, 1.0, 2.0]), "shape \\[2\\]"),
         (StepParams(temperature=1.0), torch.tensor([1, 2]), "a float tensor"),
     ],
-    ids=["greedy-step", "negative", "nan", "wrong-shape", "integer"],
+    ids=["greedy-step", "negative", "nan", "tiny", "wrong-shape", "integer"],
 )
 def test_bad_row_temperatures_raise_clear_errors(params, rows, message):
     args = step_inputs(batch=2, vocab=20)
