@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import PrefixConstrainedLogitsProcessor
 
 from ngsd import NGSDConfig, guarded_generate
 from ngsd.decoding import loop
@@ -119,3 +120,20 @@ def test_retiring_waits_until_the_rows_saved_pay_for_the_rows_moved():
     assert _rows_to_retire(guarded, {0, 3, 7}, 2) == {0, 3}  # 4 saved, 4 moved; 7 is not guarded
     assert _rows_to_retire(guarded, set(guarded), 1) == set(guarded)
     assert _rows_to_retire(guarded, {2}, 0) == set()  # the call ends after this step
+
+
+def test_logits_processors_see_each_guarded_row_at_its_own_batch_index_after_a_row_retires(tmp_path):
+    """prefix_allowed_tokens_fn reads the batch index: once row 0 retires, the others' expert logits must still be
+    processed as rows 1..3 (they were renumbered 0..2 and took their neighbours' constraints)."""
+    model = tiny_model("llama", layers=2)
+    adapter = LoraAdapter.load(tiny_lora_expert(model, tmp_path / "lora"))
+    ids, mask, _ = mixed_length_batch([6, 4, 7, 5], model.config.vocab_size, seed=2)
+    eos, vocab = 2, model.config.vocab_size
+    allowed = {0: [eos], **{row: [t for t in range(3, vocab) if t % 4 == row] for row in (1, 2, 3)}}
+    out = guarded_generate(model, ids, mask, expert=adapter, config=NGSDConfig(tau=2.0, v_th=0.3), alpha=0.9,
+                           max_new_tokens=10, pad_token_id=0, eos_token_id=eos,
+                           logits_processor=PrefixConstrainedLogitsProcessor(lambda row, sent: allowed[row], 1))
+    assert out.traces[0].tokens == [eos]
+    for row in (1, 2, 3):
+        tokens = out.traces[row].tokens
+        assert len(tokens) == 10 and all(t % 4 == row for t in tokens), (row, tokens)

@@ -149,9 +149,11 @@ class GuardedStep:
         rows = self.rows
         base, expert = self.guarded_row_logits(base, expert)
         if self._processors is not None:
+            if expert is not None:  # each row at its own batch index: processors may read it (prefix_allowed_tokens_fn)
+                batch_expert = base.clone()
+                batch_expert[rows] = expert.to(base.dtype)
+                expert = self._processors(sequences, batch_expert)[rows]
             base = self._processors(sequences, base)
-            if expert is not None:
-                expert = self._processors(sequences[rows], expert)
         best = base.max(dim=-1)  # NaN and +inf propagate into the max, as does a row of only -inf
         tokens = torch.where(torch.isfinite(best.values), best.indices, torch.full_like(best.indices, -1))
         new_potential, _ = lif_step(potential.float(), torch.zeros_like(potential, dtype=torch.float32),
