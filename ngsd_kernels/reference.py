@@ -134,6 +134,25 @@ def sampling_mask(q: torch.Tensor, top_k: int | torch.Tensor, top_p: float | tor
     return keep
 
 
+def tempered_weights(positive: torch.Tensor, log_q: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
+    """q ∝ positive^(1/T) as weights in [0, 1] (the row's largest is 1, so no T overflows them); rows at T = 1
+    keep ``positive`` itself, bit for bit (the fused kernels' top-p reads it: ``tempered_top_p``)."""
+    top = log_q.amax(dim=-1, keepdim=True)
+    tempered = torch.exp(log_q - torch.where(torch.isfinite(top), top, torch.zeros_like(top)))
+    if not isinstance(t, torch.Tensor):
+        return positive if t == 1.0 else tempered
+    return torch.where(t == 1.0, positive, tempered)
+
+
+def tempered_top_p(params_temperature: float, params_top_p: float, row_temperature: torch.Tensor | None,
+                   row_top_p: torch.Tensor | None) -> bool:
+    """A sampled step whose top-p reads q at a temperature other than 1 (or rows with their own temperature):
+    the fused kernels' top-p reads the scores at T = 1, so such steps run this reference (``launcher.select_exact``)."""
+    sampled = params_temperature > 0.0
+    top_p_on = row_top_p is not None or params_top_p < 1.0
+    return sampled and top_p_on and (row_temperature is not None or params_temperature != 1.0)
+
+
 def choose_tokens(
     scores: torch.Tensor,
     seed: torch.Tensor,
@@ -146,7 +165,8 @@ def choose_tokens(
     row_top_k: torch.Tensor | None = None,
     row_top_p: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Greedy (temperature <= 0) or Gumbel-max sampling from q ∝ max(s, 0)^(1/T).
+    """Greedy (temperature <= 0) or Gumbel-max sampling from q ∝ max(s, 0)^(1/T), top-k / top-p applied to q
+    (spec section 3.5, and transformers' order: temperature, then top-k, then top-p).
 
     ``row_temperature`` [B]: each row's own T instead of ``temperature`` (a row at T <= 0 takes the
     greedy arg-max of its scores, the others sample; top-k / top-p apply to every sampled row).
@@ -154,14 +174,17 @@ def choose_tokens(
     if row_temperature is None and temperature <= 0.0:
         return torch.argmax(scores, dim=-1)
     positive = scores.clamp_min(0.0)
-    keep = sampling_mask(positive, top_k if row_top_k is None else row_top_k,
-                         top_p if row_top_p is None else row_top_p)
     if row_temperature is None:
         t: float | torch.Tensor = temperature
     else:
         sampled_rows = row_temperature.float() > 0.0
         t = torch.where(sampled_rows, row_temperature.float(), torch.ones_like(row_temperature.float()))[:, None]
     log_q = torch.log(positive) / t
+    top_p_rows = top_p if row_top_p is None else row_top_p
+    weights = positive  # top-k keeps the same tokens under any temperature; top-p does not
+    if isinstance(top_p_rows, torch.Tensor) or top_p_rows < 1.0:
+        weights = tempered_weights(positive, log_q, t)
+    keep = sampling_mask(weights, top_k if row_top_k is None else row_top_k, top_p_rows)
     rows = torch.arange(scores.shape[0], device=scores.device) if row_ids is None else row_ids
     u = philox_uniform(seed, offset, scores.shape[-1], rows)
     gumbel = -torch.log(-torch.log(u))

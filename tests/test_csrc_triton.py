@@ -220,7 +220,9 @@ calls = {
     "divergence": lambda: torch.ops.ngsd_aot.hidden_select(hb, hb, w, pot, alpha, divergence=3),
     "not_compiled": lambda: torch.ops.ngsd_aot.hidden_select(hb, hb, w, pot, alpha, divergence=2),
     "top_p": lambda: torch.ops.ngsd_aot.logits_select(lb16, lb16, pot, alpha, seed, offset, divergence=2, candidate_k=10,
-                                                      temperature=0.7, top_p=0.9),
+                                                      temperature=1.0, top_p=0.9),
+    "tempered_top_p": lambda: torch.ops.ngsd_aot.logits_select(lb16, lb16, pot, alpha, seed, offset, divergence=2,
+                                                               candidate_k=10, temperature=0.7, top_p=0.9),
     "top_k": lambda: torch.ops.ngsd_aot.logits_select(lb16, lb16, pot, alpha, seed, offset, divergence=2, candidate_k=10,
                                                       temperature=0.7, top_k=40),
     "intersection": lambda: torch.ops.ngsd_aot.hidden_select(hb, hb, w, pot, alpha, candidate_mode=1),
@@ -312,6 +314,7 @@ def test_extension_meta_shapes_and_argument_checks(extension):
     # themselves; top-p alone takes a buffer of at least 256 entries (the plan's floor), top-k its k's
     assert "variant logits_topp_js_bf16_k256 was not compiled" in errors["top_p"]
     assert "variant logits_topk_js_bf16_k64 was not compiled" in errors["top_k"]
+    assert "top-p at a temperature other than 1 is not compiled" in errors["tempered_top_p"]
     assert "top_k must be at most 1024" in errors["top_k_cap"]
     # from hidden states, top-k sampling runs the logits kernels on fp32 logits (as the JIT's HiddenLaunch)
     assert "variant logits_topk_tv_fp32_k64 was not compiled" in errors["hidden_top_k"]

@@ -164,3 +164,29 @@ def test_op_rejects_mismatched_vocabularies_and_dtypes():
     with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
         guarded_select(torch.zeros(1, 4, dtype=torch.int64), torch.zeros(1, 4, dtype=torch.int64), torch.zeros(1),
                        torch.zeros(1))
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the Triton interpreter's numpy on masked lanes (log 0)
+@pytest.mark.parametrize("backend", ["torch", "auto", "triton"])
+def test_top_p_is_applied_to_the_tempered_distribution(backend):
+    """Spec 3.5 (and transformers' order): top-p reads q ∝ s^(1/T). s = [.5, .3, .2]: at T = 0.5, q = [.66, .24, .11]
+    and a top-p of 0.6 keeps token 0 alone (read at T = 1 it kept tokens 0 and 1); at T = 1.5 a top-p of 0.5 keeps
+    tokens 0 and 1. Per-row temperatures and top-p values follow the same rule."""
+    rows = 400
+    base = logits_of([0.5, 0.3, 0.2])[None].expand(rows, -1).contiguous()
+    seed, offset = torch.tensor([7]), torch.tensor([0])
+    potential, alpha = torch.zeros(rows), torch.zeros(rows)
+
+    def drawn(params, **per_row):
+        tokens = guarded_select(base, base, potential, alpha, seed, offset, params=params, backend=backend, **per_row)[0]
+        return set(tokens.tolist())
+
+    closed = dict(gate=GateMode.CLOSED)
+    assert drawn(StepParams(temperature=0.5, top_p=0.6, **closed)) == {0}
+    assert drawn(StepParams(temperature=1.5, top_p=0.5, **closed)) == {0, 1}
+    assert drawn(StepParams(temperature=1.0, top_p=0.6, **closed)) == {0, 1}
+    half = torch.tensor([0.5, 1.5]).repeat_interleave(rows // 2)
+    tokens = guarded_select(base, base, potential, alpha, seed, offset, backend=backend,
+                            params=StepParams(temperature=1.0, top_p=0.99, **closed), row_temperature=half,
+                            row_top_p=torch.tensor([0.6, 0.5]).repeat_interleave(rows // 2))[0]
+    assert set(tokens[: rows // 2].tolist()) == {0} and set(tokens[rows // 2:].tolist()) == {0, 1}

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from ..checks import check_row_sampling, check_step_inputs
 from ..params import StepParams
+from ..reference import tempered_top_p
 from .launcher import (
     INTERPRETED,
     last_of_row_block,
@@ -446,6 +447,9 @@ def fused_guarded_select_with_overflow(
     not decide; their token is the buffer's answer and may differ from the reference
     (``fused_guarded_select`` decides them on the GPU).
     """
+    if tempered_top_p(params.temperature, params.top_p, None, None):
+        raise ValueError(f"the kernels' top-p reads the scores at temperature 1, not {params.temperature}: "
+                         "fused_guarded_select runs such steps on the reference")
     plan, scratch = _prepare(base_logits, expert_logits, potential, alpha, seed, offset, params,
                              buffer_size=buffer_size, block_v=block_v, block_b=block_b)
     if plan is None:

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from ..params import CandidateMode, Divergence, GateMode, StepParams
-from ..reference import Outputs, guarded_select_reference
+from ..reference import Outputs, guarded_select_reference, tempered_top_p
 from .select_tiles import (
     INDEX_NONE,
     KEY_NONE,
@@ -839,6 +839,12 @@ def select_exact(
     ``row_temperature`` / ``row_top_k`` / ``row_top_p``: [B], each row's own (``RowVectors``; the launch
     must use what they replace).
     """
+    if tempered_top_p(params.temperature, params.top_p, row_temperature, row_top_p):
+        # top-p over q = s^(1/T): the kernels' top-p masses read s (T = 1), so this step runs the reference on
+        # the device (unfused; never run on a GPU). Greedy, plain temperature and top-k steps stay fused.
+        base_rows, expert_rows = source.row_logits(torch.arange(potential.shape[0], device=potential.device))
+        return guarded_select_reference(base_rows, expert_rows, potential, alpha, seed, offset, params,
+                                        row_temperature=row_temperature, row_top_k=row_top_k, row_top_p=row_top_p)
     rows = RowVectors.of(potential, alpha, seed, offset, row_temperature, row_top_k, row_top_p)
     *outputs, overflow = launch_select(source, plan, scratch, rows, params)
     if overflow is not None and exact_fallback:

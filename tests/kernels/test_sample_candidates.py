@@ -51,8 +51,10 @@ def _case(trial: int, gen: torch.Generator):
     top_p = (1.0, 0.9, 0.5, 0.95)[trial % 4]
     if top_k == 0 and top_p == 1.0:
         top_p = 0.8
+    # the kernels' top-p runs at temperature 1 only (top-p at another one runs the reference: tempered_top_p)
+    temperature = (0.7, 1.0, 1.5)[trial % 3] if top_p == 1.0 else 1.0
     params = StepParams(candidate_k=8, gate=(GateMode.CLOSED, GateMode.OPEN, GateMode.LIF)[trial % 3],
-                        temperature=(0.7, 1.0, 1.5)[trial % 3], top_k=top_k, top_p=top_p, v_th=0.3)
+                        temperature=temperature, top_k=top_k, top_p=top_p, v_th=0.3)
     args = (base, expert, torch.zeros(batch), torch.full((batch,), 0.7), torch.arange(batch) + trial,
             torch.tensor([trial]))
     return args, params, (64, 128, None)[trial % 3]
