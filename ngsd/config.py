@@ -152,6 +152,21 @@ class ReflectionConfig:
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1] (a mixing weight), got {value}")
+        # scores and risks are 0..10: a rule outside that range, or one that guards a riskier request less, would
+        # turn the worst requests into the least guarded ones
+        for name, low, high in (("high_risk_above", 0, 10), ("low_risk_below", 0, 10), ("strong_dimension", 1, 10),
+                                ("strong_dimension_min_severity", 0, 10), ("long_request_bonus", 0, 10),
+                                ("long_request_chars", 1, None)):
+            value = getattr(self, name)
+            if value < low or (high is not None and value > high):
+                bounds = f"in {low}..{high}" if high is not None else f">= {low}"
+                raise ValueError(f"{name} must be {bounds}, got {value}")
+        if not self.alpha_low <= self.alpha_mid <= self.alpha_high:
+            raise ValueError(f"alphas must rise with risk: alpha_low <= alpha_mid <= alpha_high, got {self.alpha_low}, "
+                             f"{self.alpha_mid}, {self.alpha_high}")
+        if self.check_above is not None and self.route_below is not None and self.check_above > self.route_below:
+            raise ValueError(f"check_above ({self.check_above}) must not exceed route_below ({self.route_below}): "
+                             "the check covers risks in [check_above, route_below)")
 
     def alpha_for_risk(self, risk: float) -> float:
         if risk > self.high_risk_above:

@@ -258,6 +258,13 @@ def test_a_config_that_is_not_an_ngsd_config_is_a_type_error(lora_folder):
         (dict(reflection=0.5), TypeError, "reflection"),
         (dict(reflection=dict(max_new_tokens=32.5)), TypeError, "max_new_tokens"),
         (dict(reflection=dict(alpha_high=float("nan"))), ValueError, "alpha_high"),
+        # risk rules that would give the worst requests the least guard (S = 10, A = E = T = 0 was risk 0)
+        (dict(reflection=dict(strong_dimension=0)), ValueError, "strong_dimension must be in 1..10"),
+        (dict(reflection=dict(long_request_bonus=-10)), ValueError, "long_request_bonus"),
+        (dict(reflection=dict(strong_dimension_min_severity=11)), ValueError, "strong_dimension_min_severity"),
+        (dict(reflection=dict(high_risk_above=50.0)), ValueError, "high_risk_above"),
+        (dict(reflection=dict(alpha_high=0.1, alpha_low=0.9)), ValueError, "alphas must rise with risk"),
+        (dict(reflection=dict(check_above=5.0, route_below=4.0)), ValueError, "check_above"),
     ],
 )
 def test_config_rejects_each_bad_field_by_name(changes, error, name):
