@@ -40,7 +40,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .checks import check_row_sampling
+from .checks import check_hidden_inputs, check_row_sampling, check_step_inputs
 from .params import StepParams, step_schema
 from .ops.cpu_select import cpu_guarded_select
 from .ops.hidden_torch import torch_select_from_hidden
@@ -77,6 +77,7 @@ def _split(args: tuple, n_tensors: int) -> tuple[tuple, StepParams, dict]:
 
 def _logits_torch(*args) -> Outputs:
     tensors, params, per_row = _split(args, _LOGITS_TENSORS)
+    check_step_inputs(*tensors)  # as the Triton twin does: a direct call of the op gets the same errors
     return cpu_guarded_select(*tensors, params, **per_row)
 
 
@@ -89,6 +90,7 @@ def _logits_triton(*args) -> Outputs:
 
 def _hidden_torch(*args) -> Outputs:
     tensors, params, per_row = _split(args, _HIDDEN_TENSORS)
+    check_hidden_inputs(*tensors)
     potential, alpha, seed, offset = tensors[6:]
     return torch_select_from_hidden(*tensors[:6], potential=potential, alpha=alpha, seed=seed, offset=offset,
                                     params=params, **per_row)

@@ -140,6 +140,19 @@ def test_dispatch_rules_on_cpu():
         guarded_select(base, expert, potential, alpha, backend="cuda")
 
 
+@pytest.mark.parametrize("op", ["guarded_select", "guarded_select_triton"])
+def test_a_direct_call_of_either_logits_op_checks_its_inputs(op):
+    """The CPU op once broadcast a one-element alpha over the batch and failed on a wider expert with an
+    aliasing error; it now checks its inputs as the Triton twin does."""
+    base, expert, potential, alpha, seeds, offset = inputs(seed=1)
+    call = getattr(torch.ops.ngsd, op)
+    with pytest.raises(ValueError, match="potential and alpha must have shape"):
+        call(base, expert, potential, alpha[:1], seeds, offset, *PARAMS.flat())
+    wider = torch.cat([expert, expert[:, :2]], dim=1)
+    with pytest.raises(ValueError, match="must share the base model's vocabulary"):
+        call(base, wider, potential, alpha, seeds, offset, *PARAMS.flat())
+
+
 def test_auto_on_cpu_is_the_reference_bit_for_bit():
     base, expert, potential, alpha, seeds, offset = inputs(seed=2)
     params = PARAMS.with_(temperature=0.9, top_k=7)
