@@ -267,6 +267,24 @@ def test_nan_logits_raise_a_clear_error(llama_pair):
         guarded_generate(model, torch.tensor([[5, 6, 7]]), expert=expert, alpha=0.5, max_new_tokens=3)
 
 
+def test_the_invalid_logits_error_names_each_model_with_a_bad_row():
+    """A base row masked everywhere and an expert row with a NaN: both models are named (the base was missed when
+    another row of it had finite entries)."""
+    from ngsd.decoding.loop import _raise_invalid
+
+    base, expert = torch.randn(2, 8), torch.randn(2, 8)
+    base[0] = -float("inf")
+    expert[1, 3] = float("nan")
+    with pytest.raises(FloatingPointError, match="from the base and expert model"):
+        _raise_invalid([0, 1], 0, base, expert)
+
+
+def test_a_pad_token_outside_the_vocabulary_is_refused_by_name(llama_pair):
+    model, folder = llama_pair
+    with pytest.raises(ValueError, match="pad_token_id 1000 is not a token id of this model \\(0..95\\)"):
+        guarded_generate(model, torch.tensor([[4, 5]]), expert=folder, alpha=0.5, pad_token_id=1000, max_new_tokens=2)
+
+
 def test_empty_and_too_long_prompts(llama_pair):
     model, folder = llama_pair
     with pytest.raises(ValueError, match="empty prompt"):

@@ -232,6 +232,11 @@ def guarded_generate(
         device=device,
     )
     pad = pad_token_id if pad_token_id is not None else (int(eos_ids[0]) if eos_ids.numel() else 0)
+    embeddings = model.get_input_embeddings()
+    vocab = getattr(embeddings, "num_embeddings", None)
+    if vocab is not None and not 0 <= int(pad) < vocab:  # a finished row's filler goes back into the model
+        raise ValueError(f"pad_token_id {pad} is not a token id of this model (0..{vocab - 1}); pass the "
+                         "tokenizer's pad_token_id (or eos_token_id)")
     if stop_strings:
         from transformers import StopStringCriteria
 
@@ -411,7 +416,7 @@ def _sync(invalid, active, new_done, hit_eos, finished) -> tuple[list[int], list
 def _raise_invalid(rows: list[int], step: int, base_logits: torch.Tensor, expert_logits: torch.Tensor) -> None:
     def bad(logits: torch.Tensor) -> bool:
         row = logits[rows].float()
-        return bool((torch.isnan(row) | (row == float("inf"))).any() or ~torch.isfinite(row).any(-1).any())
+        return bool((torch.isnan(row) | (row == float("inf"))).any() or (~torch.isfinite(row).any(-1)).any())
 
     which = [name for name, logits in (("base", base_logits), ("expert", expert_logits)) if bad(logits)]
     raise FloatingPointError(
