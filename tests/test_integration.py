@@ -82,6 +82,30 @@ def test_stop_strings_end_a_row(with_tokenizer):
     assert len(stopped.traces[0].tokens) < len(free.traces[0].tokens)
 
 
+def test_stop_reason_names_what_ended_the_row_also_on_its_last_allowed_step(with_tokenizer):
+    """A stop string completed by the row's last allowed token was reported as "length"; a caller's stopping
+    criteria as "stop_string"."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    model, tokenizer, folder = with_tokenizer
+    batch = tokenizer(["tell me a story"], return_tensors="pt")
+    run = dict(expert=folder, config=GATE, alpha=0.5, max_new_tokens=6)
+    free = ngsd.guarded_generate(model, batch["input_ids"], batch["attention_mask"], **run)
+    last_piece = tokenizer.decode(free.traces[0].tokens[-1:])
+    assert last_piece.strip()
+    stopped = ngsd.guarded_generate(model, batch["input_ids"], batch["attention_mask"], stop_strings=[last_piece],
+                                    tokenizer=tokenizer, **run)
+    assert stopped.traces[0].stop_reason == "stop_string"
+
+    class AfterTwo(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), input_ids.shape[1] >= batch["input_ids"].shape[1] + 2)
+
+    ended = ngsd.guarded_generate(model, batch["input_ids"], batch["attention_mask"],
+                                  stopping_criteria=StoppingCriteriaList([AfterTwo()]), **run)
+    assert (ended.traces[0].stop_reason, len(ended.traces[0].tokens)) == ("stopping_criteria", 2)
+
+
 def test_text_api_with_reflection_prefill_mode(with_tokenizer):
     model, tokenizer, folder = with_tokenizer
     config = NGSDConfig(reflection=ReflectionConfig(mode="prefill"))

@@ -38,7 +38,7 @@ class RowTrace:
     potential: list[float] = field(default_factory=list)
     spikes: list[bool] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
-    stop_reason: str = "length"
+    stop_reason: str = "length"  # "eos", "stop_string", "stopping_criteria" (the caller's), "early_stop" or "length"
     reflection: Any = None
     guarded: bool = True  # False: routed unguarded (no expert rows, gate closed) or mode "off"
     step_path: str = ""  # how the step ran: "hidden states" (LM head in the op) or "logits (<why>)"
@@ -305,19 +305,23 @@ def guarded_generate(
             sequences = torch.cat([sequences, tokens[:, None]], dim=-1)
 
             hit_eos = torch.isin(tokens, eos_ids) & active
+            hit_string = torch.zeros_like(hit_eos)
             done = hit_eos | (max_new_t <= step + 1)
             if stopping_criteria is not None:
                 done |= stopping_criteria(sequences, None).to(device)
             if stop_criterion is not None:
-                done |= stop_criterion(sequences, None).to(device)
+                hit_string = stop_criterion(sequences, None).to(device) & active
+                done |= hit_string
             new_done = done & active
             finished |= done
-            # one host round-trip per step: invalid logits, newly finished rows, all done
-            invalid_rows, done_rows, eos_rows, finished_rows = _sync(tokens < 0, active, new_done, hit_eos, finished)
+            # one host round-trip per step: invalid logits, newly finished rows (and why), all done
+            invalid_rows, done_rows, eos_rows, string_rows, finished_rows = _sync(
+                tokens < 0, active, new_done, hit_eos, hit_string, finished)
             if invalid_rows:
                 _raise_invalid(invalid_rows, step, *selection.logits(base_out, expert_out))
-            for row in done_rows:
-                stop_reasons[row] = "eos" if row in eos_rows else ("length" if step + 1 >= max_new[row] else "stop_string")
+            for row in done_rows:  # what ended the row, also when it was its last allowed step
+                stop_reasons[row] = ("eos" if row in eos_rows else "stop_string" if row in string_rows
+                                     else "length" if step + 1 >= max_new[row] else "stopping_criteria")
             if early_stop is not None:
                 generated = sequences[:, input_ids.shape[1] :].tolist()
                 for row in set(range(batch)) - finished_rows:
@@ -407,10 +411,11 @@ class _IdenticalOutputsWatch:
             )
 
 
-def _sync(invalid, active, new_done, hit_eos, finished) -> tuple[list[int], list[int], set[int], set[int]]:
-    packed = torch.stack([invalid & active, new_done, hit_eos, finished]).cpu()
+def _sync(invalid, active, new_done, hit_eos, hit_string, finished
+          ) -> tuple[list[int], list[int], set[int], set[int], set[int]]:
+    packed = torch.stack([invalid & active, new_done, hit_eos, hit_string, finished]).cpu()
     rows = [mask.nonzero().flatten().tolist() for mask in packed]
-    return rows[0], rows[1], set(rows[2]), set(rows[3])
+    return rows[0], rows[1], set(rows[2]), set(rows[3]), set(rows[4])
 
 
 def _raise_invalid(rows: list[int], step: int, base_logits: torch.Tensor, expert_logits: torch.Tensor) -> None:
