@@ -196,6 +196,27 @@ def test_apply_makes_hf_generate_guarded_and_remove_restores(llama_pair):
     assert not ngsd.is_applied(model)
 
 
+@pytest.mark.parametrize("expert_kind", ["lora", "model"])
+def test_a_guarded_model_refuses_copy_and_pickle_by_name_until_removed(llama_pair, expert_kind):
+    """copy.deepcopy gave "cannot pickle '_thread._local' object" with a LoRA expert, and with a separate expert a
+    copy whose generate still decoded with the original model."""
+    import copy
+    import io
+
+    model, folder = llama_pair
+    model = copy.deepcopy(model)
+    ngsd.apply(model, expert=folder if expert_kind == "lora" else tiny_model("llama", seed=1), config=NGSDConfig())
+    try:
+        with pytest.raises(TypeError, match="call ngsd.remove\\(model\\) first"):
+            copy.deepcopy(model)
+        with pytest.raises(TypeError, match="call ngsd.remove\\(model\\) first"):
+            torch.save(model, io.BytesIO())
+    finally:
+        ngsd.remove(model)
+    copy.deepcopy(model)
+    torch.save(model, io.BytesIO())
+
+
 def test_lora_hooks_match_peft_forward(llama_pair):
     model, folder = llama_pair
     ids = torch.randint(3, model.config.vocab_size, (2, 7))

@@ -176,6 +176,17 @@ class _Guard:
     expert: LoraAdapter | nn.Module | None  # None: applied with mode="off", the base alone
     method: Callable[..., Any]
 
+    # a copy of the model would keep a `generate` bound to the original (it would decode with the original model)
+    def __deepcopy__(self, memo: dict) -> "_Guard":
+        raise TypeError(_NOT_COPYABLE)
+
+    def __reduce_ex__(self, protocol: int):
+        raise TypeError(_NOT_COPYABLE)
+
+
+_NOT_COPYABLE = ("a model guarded by ngsd.apply cannot be copied or pickled (its generate is bound to this object): "
+                 "call ngsd.remove(model) first, copy or save the model, then ngsd.apply each copy")
+
 
 def apply(
     model: nn.Module, expert: ExpertLike = "shipped", config: NGSDConfig | None = None, tokenizer=None
@@ -209,8 +220,8 @@ def apply(
         return unguarded_generate(model, *args, custom_generate=method, **kwargs)
 
     generate.__doc__ = f"Guarded by ngsd. {unguarded_generate.__doc__ or ''}"
+    setattr(model, _STATE_ATTR, _Guard(resolved, method))  # first: a copy or pickle meets its clear error first
     model.generate = generate
-    setattr(model, _STATE_ATTR, _Guard(resolved, method))
     return model
 
 

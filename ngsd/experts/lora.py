@@ -39,6 +39,13 @@ class _LoraPair:
     up: torch.Tensor  # lora_B.weight [out, r]
 
 
+# copy.deepcopy / pickle of an adapter, or of a model its hooks are attached to (threading.local gave a bare
+# "cannot pickle '_thread._local' object"); the copy's hooks would also share this adapter's row state
+_NOT_COPYABLE = ("an ngsd LoraAdapter cannot be copied or pickled, nor can a model it is attached to (ngsd.apply): "
+                 "call ngsd.remove(model) first, copy or save the model, then ngsd.apply each copy; a second adapter "
+                 "comes from LoraAdapter.load(path)")
+
+
 @dataclass(eq=False)
 class LoraAdapter:
     """LoRA weights by module name plus their scale, read from a peft adapter folder."""
@@ -48,6 +55,12 @@ class LoraAdapter:
     source: str = ""
     base_model: str | None = None  # adapter_config.json's base_model_name_or_path: named when it does not fit
     _local: threading.local = field(default_factory=threading.local, repr=False)
+
+    def __deepcopy__(self, memo: dict) -> "LoraAdapter":
+        raise TypeError(_NOT_COPYABLE)
+
+    def __reduce_ex__(self, protocol: int):
+        raise TypeError(_NOT_COPYABLE)
 
     @classmethod
     def load(cls, path: str | Path) -> "LoraAdapter":
@@ -147,25 +160,39 @@ class LoraAdapter:
         finally:
             self._local.first_row = previous
 
-    def _hook(self, down_t: torch.Tensor, up_t: torch.Tensor):
-        def add_lora(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
-            first = getattr(self._local, "first_row", None)
-            if first is None:
-                return None
-            x = inputs[0]
-            if torch.is_grad_enabled():
-                delta = _lora_update(x, first, down_t, up_t).view(output[first:].shape)
-                return torch.cat([output[:first], output[first:] + delta], dim=0)
-            rows = output[first:]
-            if rows.numel() > rows.shape[-1] and output.is_contiguous():
-                # several rows (or positions): the up-projection adds into the output in one op (about 4% of a
-                # half-guarded batch's decode on the 2-core CPU, against a product, then an add)
-                rows.view(-1, output.shape[-1]).addmm_(x[first:].reshape(-1, x.shape[-1]) @ down_t, up_t)
-            else:
-                rows.add_(_lora_update(x, first, down_t, up_t).view(rows.shape))
-            return output
+    def _hook(self, down_t: torch.Tensor, up_t: torch.Tensor) -> "_LoraHook":
+        return _LoraHook(self._local, down_t, up_t)
 
-        return add_lora
+
+class _LoraHook:
+    """The forward hook of one adapted layer: adds the LoRA update to the rows from ``first_row`` on (set by
+    ``LoraAdapter.rows_from``). An object, not a closure, so that copying or pickling the model it is attached to
+    fails with ``_NOT_COPYABLE``, not with a bare "Can't pickle local object"."""
+
+    __slots__ = ("local", "down_t", "up_t")
+
+    def __init__(self, local: threading.local, down_t: torch.Tensor, up_t: torch.Tensor) -> None:
+        self.local, self.down_t, self.up_t = local, down_t, up_t
+
+    def __reduce_ex__(self, protocol: int):
+        raise TypeError(_NOT_COPYABLE)
+
+    def __call__(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        first = getattr(self.local, "first_row", None)
+        if first is None:
+            return None
+        x, down_t, up_t = inputs[0], self.down_t, self.up_t
+        if torch.is_grad_enabled():
+            delta = _lora_update(x, first, down_t, up_t).view(output[first:].shape)
+            return torch.cat([output[:first], output[first:] + delta], dim=0)
+        rows = output[first:]
+        if rows.numel() > rows.shape[-1] and output.is_contiguous():
+            # several rows (or positions): the up-projection adds into the output in one op (about 4% of a
+            # half-guarded batch's decode on the 2-core CPU, against a product, then an add)
+            rows.view(-1, output.shape[-1]).addmm_(x[first:].reshape(-1, x.shape[-1]) @ down_t, up_t)
+        else:
+            rows.add_(_lora_update(x, first, down_t, up_t).view(rows.shape))
+        return output
 
 
 def _lora_update(x: torch.Tensor, first: int, down_t: torch.Tensor, up_t: torch.Tensor) -> torch.Tensor:
