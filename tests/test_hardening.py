@@ -441,6 +441,7 @@ def test_guarded_generate_takes_logits_processors(lora_folder):
         (dict(do_sample=True, min_p=0.1), "min_p"),
         (dict(do_sample=True, typical_p=0.5), "typical_p"),
         (dict(penalty_alpha=0.6, top_k=4), "penalty_alpha"),
+        (dict(dola_layers="high"), "dola_layers"),  # was silently decoded without DoLa
     ],
 )
 def test_settings_that_cannot_be_honoured_are_refused_by_name(lora_folder, settings, name):

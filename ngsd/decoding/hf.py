@@ -66,6 +66,7 @@ _UNSUPPORTED = (
     ("eta_cutoff", lambda v: v is not None and v > 0.0, "use top_k / top_p"),
     ("top_h", lambda v: v is not None, "use top_k / top_p"),
     ("watermarking_config", lambda v: v is not None, "watermarking"),
+    ("dola_layers", lambda v: v is not None, "DoLa contrasts the model's own layers, not an expert"),
     ("output_scores", lambda v: bool(v), "the trace in ngsd_traces has the gate's per-step values"),
     ("output_logits", lambda v: bool(v), "the trace in ngsd_traces has the gate's per-step values"),
     ("output_attentions", lambda v: bool(v), "not collected by guarded decoding"),
