@@ -254,9 +254,8 @@ def test_one_adapter_serves_models_of_two_dtypes_and_detach_frees_its_copies(lla
         with torch.no_grad(), adapter.rows_from(1):
             narrow_out = model(torch.cat([ids, ids])).logits
             wide_out = wide(torch.cat([ids, ids])).logits
-        made = [weakref.ref(cell.cell_contents) for m in [*model.modules(), *wide.modules()]
-                for hook in m._forward_hooks.values() for cell in hook.__closure__ or ()
-                if isinstance(cell.cell_contents, torch.Tensor)]
+        made = [weakref.ref(tensor) for m in [*model.modules(), *wide.modules()]
+                for hook in m._forward_hooks.values() for tensor in (hook.down_t, hook.up_t)]
     finally:
         adapter.detach(wide)
     assert wide_out.dtype == torch.float64 and narrow_out.dtype == torch.float32
