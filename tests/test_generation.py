@@ -299,6 +299,17 @@ def test_the_invalid_logits_error_names_each_model_with_a_bad_row():
         _raise_invalid([0, 1], 0, base, expert)
 
 
+def test_model_dtypes_the_step_cannot_read_are_refused_before_any_forward(llama_pair):
+    """Named by model and fix (the op's own errors named its inputs: "base_hidden is torch.float32 ...")."""
+    import copy
+
+    model, folder = llama_pair
+    with pytest.raises(ValueError, match="the base model is torch.float64; .* torch_dtype=torch.float32"):
+        guarded_generate(copy.deepcopy(model).double(), torch.tensor([[4, 5]]), expert=folder, alpha=0.5)
+    with pytest.raises(ValueError, match="the base model is torch.float32 and the expert torch.float16"):
+        guarded_generate(model, torch.tensor([[4, 5]]), expert=tiny_model("llama", seed=3).half(), alpha=0.5)
+
+
 def test_a_pad_token_outside_the_vocabulary_is_refused_by_name(llama_pair):
     model, folder = llama_pair
     with pytest.raises(ValueError, match="pad_token_id 1000 is not a token id of this model \\(0..95\\)"):

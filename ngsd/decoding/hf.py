@@ -25,7 +25,7 @@ from torch import nn
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from ..config import NGSDConfig
-from ..experts.resolve import ExpertLike, resolve_expert
+from ..experts.resolve import ExpertLike, check_step_dtypes, resolve_expert
 from .loop import RowTrace, guarded_generate
 from ..experts.lora import LoraAdapter
 
@@ -202,6 +202,7 @@ def apply(
     if is_applied(model):
         remove(model)
     resolved = resolve_expert(expert, model, required=(config or NGSDConfig()).mode != "off", tokenizer=tokenizer)
+    check_step_dtypes(model, resolved)
     if isinstance(resolved, LoraAdapter):
         resolved.attach(model)
     method = decoding_method(resolved, config, tokenizer)

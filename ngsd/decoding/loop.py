@@ -19,7 +19,7 @@ from torch.profiler import record_function
 from ..caller_warning import warn_at_caller
 from ..config import NGSDConfig
 from ..experts.lora import LoraAdapter
-from ..experts.resolve import ExpertLike, common_vocabulary_size, resolve_expert
+from ..experts.resolve import ExpertLike, check_step_dtypes, common_vocabulary_size, resolve_expert
 from ..risk.estimate import plan_risk, warn_if_check_fitted_for_another_expert
 from .arguments import check_prompt_texts, check_sampling, check_seed, per_row_ints
 from .early_stop import EarlyStop
@@ -223,6 +223,7 @@ def guarded_generate(
                          f"on a CUDA device (got {device}) and backend 'auto' or 'triton' (got {config.backend!r}); "
                          "drop cuda_graph elsewhere")
     resolved = resolve_expert(expert, model, required=config.mode != "off", tokenizer=tokenizer)
+    check_step_dtypes(model, resolved)
     risk = plan_risk(model, config, alpha, batch, tokenizer, requests, input_ids, progress)
     warn_if_check_fitted_for_another_expert(risk, resolved)
 

@@ -6,6 +6,7 @@ import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
+import torch
 from torch import nn
 
 from .lora import LoraAdapter
@@ -45,6 +46,26 @@ def resolve_expert(expert: ExpertLike, base: nn.Module, *, required: bool = True
     if isinstance(resolved, nn.Module):
         check_same_vocabulary(base, resolved, tokenizer)
     return resolved
+
+
+STEP_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_step_dtypes(base: nn.Module, expert: "LoraAdapter | nn.Module | None") -> None:
+    """The step op reads float32, float16 or bfloat16 logits (or hidden states), one dtype for base and expert:
+    refuse any other before a forward runs, naming the model and the fix (the op's own error names its inputs)."""
+
+    def head_dtype(model: nn.Module) -> torch.dtype | None:
+        return getattr(getattr(model.get_output_embeddings(), "weight", None), "dtype", None)
+
+    dtype = head_dtype(base)
+    if dtype is not None and dtype not in STEP_DTYPES:
+        raise ValueError(f"the base model is {dtype}; guarded decoding runs float32, float16 or bfloat16 models: load "
+                         "it with torch_dtype=torch.float32 (or call .float() on it)")
+    other = head_dtype(expert) if isinstance(expert, nn.Module) else None
+    if dtype is not None and other is not None and other != dtype:
+        raise ValueError(f"the base model is {dtype} and the expert {other}: load both in one dtype "
+                         f"(e.g. expert.to({dtype}))")
 
 
 def _load(name: str, base: nn.Module, tokenizer) -> LoraAdapter | nn.Module:
