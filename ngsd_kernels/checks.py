@@ -36,10 +36,10 @@ def check_row_sampling(row_temperature: Tensor | None, row_top_k: Tensor | None,
                        batch: int, vocab: int, device: torch.device, temperature: float, top_k: int,
                        top_p: float) -> None:
     """Per-row sampling settings of a sampled step (``temperature`` > 0), each [B] and replacing the
-    step's own value: temperatures (float, finite, 0: that row decodes greedily, else >= MIN_SAMPLING_TEMPERATURE); top-k
-    (integers in [1, top_k]) in a top-k step (0 < ``top_k`` < vocab: the launch's buffer holds the
-    largest); top-p (float, in (0, 1)) in a top-p step (``top_p`` < 1). Values are read only from CPU
-    tensors: device tensors are not synchronised on."""
+    step's own value: temperatures (float, finite, 0: that row decodes greedily, else at least
+    MIN_SAMPLING_TEMPERATURE); top-k (integers in [1, top_k]) in a top-k step (0 < ``top_k`` < vocab:
+    the launch's buffer holds the largest); top-p (float, in (0, 1)) in a top-p step (``top_p`` < 1).
+    Values are read only from CPU tensors: device tensors are not synchronised on."""
     sampled = temperature > 0.0
     for name, tensor, on, floating, step_needs in (
         ("row_temperature", row_temperature, sampled, True, "StepParams(temperature=...) above 0"),

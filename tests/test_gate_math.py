@@ -178,8 +178,8 @@ def test_top_p_is_applied_to_the_tempered_distribution(backend):
     potential, alpha = torch.zeros(rows), torch.zeros(rows)
 
     def drawn(params, **per_row):
-        tokens = guarded_select(base, base, potential, alpha, seed, offset, params=params, backend=backend, **per_row)[0]
-        return set(tokens.tolist())
+        return set(guarded_select(base, base, potential, alpha, seed, offset, params=params, backend=backend,
+                                  **per_row)[0].tolist())
 
     closed = dict(gate=GateMode.CLOSED)
     assert drawn(StepParams(temperature=0.5, top_p=0.6, **closed)) == {0}

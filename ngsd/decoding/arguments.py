@@ -79,8 +79,8 @@ def check_sampling(do_sample: Any, temperature: Any, top_k: Any, top_p: Any) -> 
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if do_sample and not temperature >= MIN_SAMPLING_TEMPERATURE:
-        raise ValueError(f"sampling needs temperature >= {MIN_SAMPLING_TEMPERATURE:g}, got {temperature} (a smaller one "
-                         "is greedy decoding); use do_sample=False for greedy")
+        raise ValueError(f"sampling needs temperature >= {MIN_SAMPLING_TEMPERATURE:g}, got {temperature} (a "
+                         "smaller one is greedy decoding); use do_sample=False for greedy")
     return dict(temperature=float(temperature) if do_sample else 0.0, top_k=int(top_k), top_p=float(top_p))
 
 
