@@ -22,6 +22,7 @@ from .settings import CONFIG_KEY, GuardSettings, expert_folder
 ARCHITECTURE = "NGSDGuardedLlamaForCausalLM"
 MODEL_CLASS = "ngsd.vllm.model:NGSDGuardedLlamaForCausalLM"
 PROCESSOR = "ngsd.vllm.processor:NGSDLogitsProcessor"
+PROCESSED_LOGPROBS_MODES = ("processed_logits", "processed_logprobs")  # vLLM's names for logprobs after the processors
 
 
 def guard_settings(expert: str = "shipped", alpha: float = 0.9, allow_opt_out: bool = False,
@@ -65,11 +66,23 @@ def engine_kwargs(model: str, *, expert: str = "shipped", alpha: float = 0.9, al
             raise ValueError("enable_prefix_caching=True: the risk probe reads every prompt token's hidden state, "
                              "and prefix caching skips cached ones; leave it unset (off), or set risk='off'")
         engine_args["enable_prefix_caching"] = False
+    if engine_args.get("logprobs_mode") in PROCESSED_LOGPROBS_MODES:
+        raise ValueError(f"logprobs_mode={engine_args['logprobs_mode']!r}: vLLM takes such logprobs after the logits "
+                         "processors, where the guard has forced the chosen token (0 for it, -inf for the rest); leave "
+                         "the default 'raw_logprobs' (the base model's) or use 'raw_logits'")
     overrides = dict(engine_args.pop("hf_overrides", None) or {})
     overrides.update(guard)
-    processors = list(engine_args.pop("logits_processors", None) or [])
+    # the guard's processor once: named again, its second instance found the step's expert rows taken and the engine died
+    processors = [p for p in engine_args.pop("logits_processors", None) or [] if not is_guard_processor(p)]
     return {"model": str(model), "hf_overrides": overrides, "logits_processors": [PROCESSOR, *processors],
             **engine_args}
+
+
+def is_guard_processor(processor: Any) -> bool:
+    """`processor` (a "module:Class" name or the class) is ngsd's logits processor."""
+    name = processor if isinstance(processor, str) else f"{getattr(processor, '__module__', '')}:" \
+        f"{getattr(processor, '__qualname__', '')}"
+    return name == PROCESSOR
 
 
 def serve_args(model: str, *, expert: str = "shipped", alpha: float = 0.9, allow_opt_out: bool = False,

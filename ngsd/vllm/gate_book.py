@@ -21,7 +21,8 @@ in that order) but never names the request. Two facts make the state safe anyway
   when it has not. With async scheduling (vLLM's default on GPUs; its CPU build switches it off,
   so this path has run only in simulated updates) the list grows by a -1 placeholder first, which
   counts as the token.
-- With the risk probe on, a request that asked for nothing starts undecided (`GateState.awaiting`):
+- With the risk probe on, a request that asked for nothing, or for at least some guard, starts undecided
+  (`GateState.awaiting`):
   it is not guarded until the processor has decided it (`ngsd.vllm.risk`), and the decision is
   kept on the same state, so a preempted request keeps it.
 
@@ -154,7 +155,7 @@ class GateBook:
         return GateState(policy=policy, potential=self.start_potential, seed=seed,
                          seeded=seed is not None, sampling=sampling_of(params), constrained=is_constrained(params),
                          penalties=penalties_of(params), logit_bias=getattr(params, "logit_bias", None) or None,
-                         awaiting=self.risk is not None and policy.default)
+                         awaiting=self.risk is not None and (policy.default or policy.at_least))
 
     def guarded(self, batch_size: int) -> list[tuple[int, GateState]]:
         """The guarded rows among the first `batch_size`, each settled, in index order."""

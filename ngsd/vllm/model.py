@@ -31,7 +31,7 @@ from vllm.sequence import IntermediateTensors
 from ..experts.lora import LoraAdapter
 from ..risk.divergence_check import total_variation
 from .channel import CHANNEL, ExpertRows
-from .engine import ARCHITECTURE, PROCESSOR
+from .engine import ARCHITECTURE, PROCESSED_LOGPROBS_MODES, PROCESSOR, is_guard_processor
 from .risk import EngineRisk, ProbeTokens
 from .settings import CONFIG_KEY, GuardSettings, expert_folder
 
@@ -134,9 +134,14 @@ def _check_engine(vllm_config: VllmConfig) -> None:
     from .processor import NGSDLogitsProcessor
 
     processors = vllm_config.model_config.logits_processors or []
-    if not any(p is NGSDLogitsProcessor or p == PROCESSOR for p in processors):
-        raise ValueError(f"ngsd: {ARCHITECTURE} needs its logits processor: logits_processors=['{PROCESSOR}'] "
-                         "(ngsd.vllm.engine_kwargs and serve_args add it)")
+    guards = sum(p is NGSDLogitsProcessor or is_guard_processor(p) for p in processors)
+    if guards != 1:
+        raise ValueError(f"ngsd: {ARCHITECTURE} needs its logits processor exactly once (found {guards}): "
+                         f"logits_processors=['{PROCESSOR}'] (ngsd.vllm.engine_kwargs and serve_args add it)")
+    mode = getattr(vllm_config.model_config, "logprobs_mode", "raw_logprobs")
+    if mode in PROCESSED_LOGPROBS_MODES:
+        raise ValueError(f"ngsd: logprobs_mode={mode!r} takes logprobs after the guard has forced each guarded token "
+                         "(0 for it, -inf for the rest); use the default 'raw_logprobs' (the base model's)")
     if vllm_config.use_v2_model_runner:
         raise ValueError("ngsd: the guarded model runs on vLLM's V1 model runner (its logits-processor interface); "
                          "set VLLM_USE_V2_MODEL_RUNNER=0")

@@ -20,7 +20,8 @@ Logprobs a request asks for are the base model's
 
 With the risk probe on (`risk.py`), a request that asked for nothing is decided first, at the step
 that reaches its last prompt token: routed (its row left untouched: plain vLLM) or guarded at the
-alpha the library's rules give, from that first token on.
+alpha the library's rules give, from that first token on. One that asked for at least an alpha
+(`RequestPolicy.at_least`) is decided then too, and guarded at the larger of the two.
 """
 
 from __future__ import annotations
@@ -119,8 +120,12 @@ class NGSDLogitsProcessor(LogitsProcessor):
                 continue  # a partial prefill: vLLM discards this step's sample, and the row stays untouched
             verdict = self.risk.decide(state.probe_max, expert.divergence.get(index))
             state.verdict, state.awaiting = verdict, False
-            state.policy = RequestPolicy(guarded=not verdict.routed, alpha=verdict.alpha)
-            self.risk.record(state.prompt, verdict, state.prompt_steps)
+            floor = state.policy.alpha if state.policy.at_least else None
+            if floor is None:
+                state.policy = RequestPolicy(guarded=not verdict.routed, alpha=verdict.alpha)
+            else:  # it asked for at least `floor`: never routed, and the probe may only raise it
+                state.policy = RequestPolicy(guarded=True, alpha=max(floor, 0.0 if verdict.routed else verdict.alpha))
+            self.risk.record(state.prompt, verdict, state.prompt_steps, floor=floor, alpha=state.policy.alpha)
 
     def _select(self, group: list[int], rows: list[tuple[int, GateState]], base: torch.Tensor, expert: torch.Tensor,
                 tokens: torch.Tensor, potentials: list[float], seeds: list[int], offsets: list[int],

@@ -158,10 +158,15 @@ class EngineRisk:
             verdict = self.plan.checked(verdict, divergence)
         return verdict
 
-    def record(self, prompt: Sequence[int], verdict: ProbeVerdict, prompt_steps: int) -> None:
+    def record(self, prompt: Sequence[int], verdict: ProbeVerdict, prompt_steps: int, floor: float | None = None,
+               alpha: float | None = None) -> None:
+        """Log the probe's verdict; `floor`: the alpha the request asked for at least, `alpha`: the one it got."""
         line = verdict_record(prompt, verdict, prompt_steps)
         logger.info("ngsd: request with %d prompt tokens (key %s): %s, alpha %s (%s)", line["prompt_tokens"],
                     line["prompt_key"], "routed" if verdict.routed else "guarded", verdict.alpha, verdict.reason)
+        if floor is not None:
+            line.update(request_floor=floor, guarded_alpha=alpha)
+            logger.info("ngsd: the request asked for alpha %s at least: guarded at %s", floor, alpha)
         if self.verdict_log:
             with open(self.verdict_log, "a") as out:
                 out.write(json.dumps(line) + "\n")

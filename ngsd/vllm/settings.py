@@ -20,12 +20,15 @@ Which requests the engine guards, and at what alpha, is the library's default (`
 with ``risk="auto"`` (the default) an engine of the default model with the shipped expert runs
 the shipped risk probe on every request that asks for nothing, routes the ones it calls harmless
 (unguarded, as plain vLLM) and guards the rest, with the divergence check in between (see
-`ngsd.vllm.risk`). A request that sets ``ngsd_alpha`` is guarded at that alpha, never routed.
+`ngsd.vllm.risk`). A request that sets ``ngsd_alpha`` or ``ngsd_guard=True`` is never routed; it is
+guarded at its alpha (the engine's for ``ngsd_guard=True``), and where the engine does not allow opting
+out, at the probe's alpha when that is higher (`RequestPolicy.at_least`): asking for a guard never gives
+a request less of one than asking for nothing.
 Any other model or expert (or ``risk="off"``): every request guarded at ``alpha``.
 
 >>> settings = GuardSettings.from_mapping({"alpha": 0.9})
 >>> settings.request_policy({"ngsd_alpha": 1.0})
-RequestPolicy(guarded=True, alpha=1.0, default=False)
+RequestPolicy(guarded=True, alpha=1.0, default=False, at_least=True)
 >>> settings.request_policy({"ngsd_guard": False})
 Traceback (most recent call last):
 ...
@@ -64,11 +67,15 @@ class RequestPolicy:
 
     default: the request asked for nothing (no ``ngsd_alpha``, no ``ngsd_guard``): with the risk probe
     on, the probe decides its route and alpha (`alpha` is then only the fallback).
+    at_least: the request asked for its guard (``ngsd_guard=True``, or its own ``ngsd_alpha`` on an engine
+    that does not allow opting out): it is never routed, and with the risk probe on it gets the larger
+    of `alpha` and the probe's alpha, so asking never guards a request less than asking for nothing.
     """
 
     guarded: bool
     alpha: float
     default: bool = False
+    at_least: bool = False
 
 
 @dataclass(frozen=True)
@@ -174,13 +181,15 @@ class GuardSettings:
                 )
             return RequestPolicy(guarded=False, alpha=0.0)
         if alpha is None:
-            return RequestPolicy(guarded=True, alpha=self.alpha, default=True)
+            # ngsd_guard=True asks for the guard: never routed (it was routed like a request that asked nothing)
+            asked = GUARD_ARG in (extra_args or {})
+            return RequestPolicy(guarded=True, alpha=self.alpha, default=not asked, at_least=asked)
         if alpha < self.alpha and not self.allow_opt_out:
             raise ValueError(
                 f"extra_args['{ALPHA_ARG}']={alpha} is below this engine's alpha {self.alpha}: a request may not weaken "
                 "its own guard (start the engine with allow_opt_out=True, or a lower alpha)"
             )
-        return RequestPolicy(guarded=True, alpha=alpha)
+        return RequestPolicy(guarded=True, alpha=alpha, at_least=not self.allow_opt_out)
 
     def policy_or_guarded(self, extra_args: Mapping[str, Any] | None) -> RequestPolicy:
         """`request_policy`, but a refused request is guarded at the engine's alpha (logged), never unguarded.
@@ -192,8 +201,9 @@ class GuardSettings:
         try:
             return self.request_policy(extra_args)
         except (TypeError, ValueError) as refusal:
-            logger.warning("ngsd: %s; the request is guarded at alpha %s instead", refusal, self.alpha)
-            return RequestPolicy(guarded=True, alpha=self.alpha)
+            logger.warning("ngsd: %s; the request is guarded at alpha %s (or the risk probe's, if higher) instead",
+                           refusal, self.alpha)
+            return RequestPolicy(guarded=True, alpha=self.alpha, at_least=True)
 
 
 def expert_folder(expert: str) -> Path:

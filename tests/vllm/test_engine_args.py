@@ -19,6 +19,32 @@ def test_an_expert_folder_that_is_not_there_is_refused_before_the_engine_starts(
     assert engine_kwargs("some/model", expert="shipped")["hf_overrides"]["ngsd"]["expert"] == "shipped"
 
 
+def test_the_guard_processor_is_passed_once_and_processed_logprobs_are_refused():
+    """Named again in logits_processors, a second instance found each step's expert rows taken and the engine died
+    on its first request; processed logprobs are read after the guard forced the token (0, then -inf for all)."""
+    from types import SimpleNamespace
+
+    from ngsd.vllm.engine import PROCESSOR
+    from ngsd.vllm.model import _check_engine
+    from ngsd.vllm.processor import NGSDLogitsProcessor
+
+    kwargs = engine_kwargs("some/model", logits_processors=[PROCESSOR, NGSDLogitsProcessor, "other.module:Rule"])
+    assert kwargs["logits_processors"] == [PROCESSOR, "other.module:Rule"]
+    for mode in ("processed_logprobs", "processed_logits"):
+        with pytest.raises(ValueError, match=f"logprobs_mode='{mode}'"):
+            engine_kwargs("some/model", logprobs_mode=mode)
+
+    def engine(processors, mode="raw_logprobs"):
+        return SimpleNamespace(model_config=SimpleNamespace(logits_processors=processors, logprobs_mode=mode),
+                               use_v2_model_runner=False)
+
+    _check_engine(engine([PROCESSOR]))
+    with pytest.raises(ValueError, match="exactly once \\(found 2\\)"):
+        _check_engine(engine([PROCESSOR, NGSDLogitsProcessor]))
+    with pytest.raises(ValueError, match="processed_logprobs"):
+        _check_engine(engine([NGSDLogitsProcessor], "processed_logprobs"))
+
+
 # ---- the risk probe's settings (GuardSettings risk / probe / reflection / verdict_log), checked in the front end
 
 
@@ -131,3 +157,16 @@ def test_a_request_that_asks_for_nothing_is_the_probes_to_decide():
     assert not settings.request_policy({"ngsd_guard": False}).default
     # a refused request falls back to the engine's alpha, and is not the probe's to route
     assert not GuardSettings().policy_or_guarded({"ngsd_alpha": 0.1}).default
+    assert GuardSettings().policy_or_guarded({"ngsd_alpha": 0.1}).at_least
+
+
+def test_a_request_that_asks_for_a_guard_gets_at_least_what_asking_for_nothing_gives():
+    """ngsd_guard=True was routed like a request that asked for nothing; on an engine that does not allow opting
+    out, a request's own alpha above the engine's could still be below the probe's."""
+    from ngsd.vllm.settings import GuardSettings, RequestPolicy
+
+    lenient, strict = GuardSettings(allow_opt_out=True), GuardSettings(alpha=0.5)
+    for settings in (lenient, strict):
+        assert settings.request_policy({"ngsd_guard": True}) == RequestPolicy(True, settings.alpha, at_least=True)
+    assert strict.request_policy({"ngsd_alpha": 0.6}) == RequestPolicy(True, 0.6, at_least=True)
+    assert lenient.request_policy({"ngsd_alpha": 0.6}) == RequestPolicy(True, 0.6)  # the operator allows lowering

@@ -211,13 +211,17 @@ def test_sampled_requests_without_a_seed_share_a_launch_and_seeded_ones_run_alon
 def test_the_probe_sees_prompt_positions_only_across_chunks_and_its_decision_survives_preemption():
     """A request that asks for nothing waits for the probe (not guarded meanwhile); its running maximum spans the
     steps its prompt is prefilled over and ignores generated positions; once decided, a preemption and a
-    recompute of the prompt do not reopen the decision. An explicit ngsd_alpha never waits."""
+    recompute of the prompt do not reopen the decision. An explicit ngsd_alpha never waits where the engine lets a
+    request set its own (allow_opt_out); elsewhere it waits too, as the probe may raise it (`at_least`)."""
     import torch
 
     from ngsd.vllm.risk import observe
     from ngsd.vllm.settings import RequestPolicy
 
-    book = GateBook(GuardSettings(), SimpleNamespace(start_potential=0.0))
+    strict = GateBook(GuardSettings(), SimpleNamespace(start_potential=0.0))
+    strict.update([], [(0, _request(ngsd_alpha=0.95)[0], [5, 6], []), (1, _request(ngsd_guard=True)[0], [5], [])], [])
+    assert [i for i, _ in strict.awaiting(2)] == [0, 1] and strict.guarded(2) == []
+    book = GateBook(GuardSettings(allow_opt_out=True), SimpleNamespace(start_potential=0.0))
     params, output = _request()
     explicit, explicit_output = _request(ngsd_alpha=0.95)
     book.update([], [(0, params, [5, 6, 7, 8, 9], output), (1, explicit, [5, 6], explicit_output)], [])

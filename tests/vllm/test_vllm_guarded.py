@@ -89,6 +89,21 @@ def test_opt_out_in_a_guarded_batch_decodes_like_plain_vllm(guarded_llm, plain_l
     assert _tokens(mixed[0]) != default_reference[0]
 
 
+def test_a_request_that_asks_for_the_guard_is_never_routed(guarded_llm, prompt_ids, reference, default_result,
+                                                           verdict_log):
+    """ngsd_guard=True on prompts the probe routes: guarded at the engine's alpha, as the library at alpha 0.9 (it
+    was routed like a request that asked for nothing)."""
+    routed = [i for i in range(len(prompt_ids)) if not default_result.traces[i].guarded]
+    assert routed, "the probe routes none of these prompts; the test lost its point"
+    log = VerdictLog(verdict_log)
+    outputs = guarded_llm.generate([{"prompt_token_ids": prompt_ids[i]} for i in routed], greedy(ngsd_guard=True),
+                                   use_tqdm=False)
+    got, want = [_tokens(o) for o in outputs], [reference[i] for i in routed]
+    assert not _mismatches(got, want), _mismatches(got, want)
+    lines = log.new_lines()
+    assert len(lines) == len(routed) and all(line["request_floor"] == ALPHA == line["guarded_alpha"] for line in lines)
+
+
 class OutputCountPenalty:
     """OpenAI's presence and frequency penalties over the generated tokens, as a Hugging Face logits processor
     for the project's loop (transformers has none): logit - frequency * count - presence * (count > 0)."""
