@@ -21,7 +21,8 @@ from ngsd.data import Prompt, data_available
 from ngsd.eval import cli as eval_cli
 from ngsd.eval.config import config_from_dict, load_config, parse_methods
 from ngsd.eval.methods import DEFAULT_METHODS, Method, get_method, method_from_json
-from ngsd.eval.metrics import compute_metrics, last_number, number_matches, same_prefix, token_overlap
+from ngsd.eval.metrics import (compute_metrics, last_number, number_matches, same_prefix, suite_metrics,
+                               token_overlap)
 from ngsd.eval.runner import GenerationCache, cache_key
 from ngsd.eval.suites import SuiteSpec, load_spec, select_prompts
 from ngsd.decoding.loop import guarded_generate
@@ -187,6 +188,26 @@ def _record(key, text, tokens, alpha=0.9, spikes=(), suite="s"):
             "alpha": alpha, "spike_steps": list(spikes), "first_spike": spikes[0] if spikes else None,
             "spike_rate": len(spikes) / len(tokens) if tokens else 0.0, "gen_seconds": 0.5, "reflect_seconds": 0.0,
             "suite": suite}
+
+
+def test_gate_statistics_leave_out_the_rows_the_probe_routed():
+    """A routed row has no gate: its trace's zero divergences were counted as measured ones (a benign mean D of 0.00
+    beside harmful ones), and its harmful answer as one "the gate never fired" on."""
+    from ngsd.eval.metrics import gate_stats
+
+    guarded = _record("a", "I cannot", [1, 2], spikes=[0])
+    guarded["divergence"] = [0.6, 0.4]
+    silent = _record("b", "Sure", [3, 4])
+    silent["divergence"] = [0.05, 0.05]
+    routed = _record("c", "Sure", [5, 6])
+    routed["divergence"], routed["reflection"] = [0.0, 0.0], {"routed": True, "risk": 0.1}
+    stats = gate_stats([guarded, silent, routed])
+    assert (stats["n"], stats["routed_rows"], stats["spiked_rows"]) == (2, 1, 1)
+    assert stats["mean_divergence"] == pytest.approx((0.5 + 0.05) / 2)
+    spec = SuiteSpec.from_json("advbench", 3)
+    prompts = [Prompt(str(i), f"bad {i}") for i in range(3)]
+    out = suite_metrics(spec, prompts, [guarded, silent, routed], [True, False, False], None, True, 32)
+    assert (out["gate"]["complied_without_spike"], out["gate"]["complied_routed"]) == (1, 1)
 
 
 def test_compute_metrics_counts_by_hand():

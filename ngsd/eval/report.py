@@ -100,12 +100,15 @@ def _diagnosis(config: EvalConfig, metrics: Mapping[str, Any], methods: Sequence
         suites = metrics["methods"][method.name]["suites"]
         complied = sum(suites[s.name]["complied"] for s in harmful)
         silent = sum(suites[s.name]["gate"].get("complied_without_spike", 0) for s in harmful)
+        unguarded = sum(suites[s.name]["gate"].get("complied_routed", 0) for s in harmful)
         n = sum(suites[s.name]["n"] for s in harmful)
         if not n:
             continue
+        routed_part = f"{unguarded} of those were routed unguarded by the risk probe, and " if unguarded else ""
         lines.append(
-            f"- `{method.name}`: {complied}/{n} target harmful prompts answered; in {silent} of those the gate "
-            f"never fired (the divergence never charged the potential to v_th within {config.max_new_tokens} tokens)."
+            f"- `{method.name}`: {complied}/{n} target harmful prompts answered; {routed_part}in {silent} "
+            f"{'others' if unguarded else 'of those'} the gate never fired (the divergence never charged the "
+            f"potential to v_th within {config.max_new_tokens} tokens)."
         )
     if "expert" in names and harmful:
         suites = metrics["methods"]["expert"]["suites"]
@@ -122,14 +125,14 @@ def _diagnosis(config: EvalConfig, metrics: Mapping[str, Any], methods: Sequence
         g = metrics["methods"][gated_methods[0].name]["suites"]
 
         def pooled(specs, key):
-            values = [(g[s.name]["gate"].get(key), g[s.name]["n"]) for s in specs]
+            values = [(g[s.name]["gate"].get(key), g[s.name]["gate"]["n"]) for s in specs]  # gated rows only
             values = [(v, n) for v, n in values if v is not None]
             total = sum(n for _, n in values)
             return sum(v * n for v, n in values) / total if total else None
 
         lines.append(
             f"- The gate's input does not separate harmless from harmful requests enough (`{gated_methods[0].name}`): "
-            f"mean divergence per answer {_num(pooled(harmful, 'mean_divergence'), 2)} on the target harmful "
+            f"mean divergence per guarded answer {_num(pooled(harmful, 'mean_divergence'), 2)} on the target harmful "
             f"suites vs {_num(pooled(benign, 'mean_divergence'), 2)} on the benign ones (first step: "
             f"{_num(pooled(harmful, 'mean_first_step_divergence'), 2)} vs "
             f"{_num(pooled(benign, 'mean_first_step_divergence'), 2)}). With tau = {gated_methods[0].config.tau:g} "
@@ -289,18 +292,21 @@ def markdown_report(
     gated = [m for m in methods if m.gated]
     if gated:
         lines += ["## Gate statistics", "",
+                  "Over the rows the gate ran on: n = guarded rows (rows the risk probe routed unguarded have no "
+                  "gate and are counted under routed). "
                   "Spiked = rows where the gate fired at least once; spike rate = spikes per generated token; "
                   "first spike = 0-based step of the first spike (rows that spiked); D = total-variation divergence "
                   "between base and expert next-token distributions (the gate's input; with tau = 8 a sustained "
                   "D >= 0.125 keeps it firing).", ""]
-        header = ["method", "suite", "n", "spiked", "mean spike rate", "mean first spike", "median first spike",
-                  "mean D", "D at step 0"]
+        header = ["method", "suite", "n", "routed", "spiked", "mean spike rate", "mean first spike",
+                  "median first spike", "mean D", "D at step 0"]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for m in gated:
             for spec in specs:
                 g = metrics["methods"][m.name]["suites"][spec.name]["gate"]
                 lines.append(
-                    f"| `{m.name}` | {spec.label} | {g['n']} | {_frac(g['spiked_rows'], g['n'])} | "
+                    f"| `{m.name}` | {spec.label} | {g['n']} | {g.get('routed_rows', 0)} | "
+                    f"{_frac(g['spiked_rows'], g['n'])} | "
                     f"{pct(g['mean_spike_rate'])} | {_num(g['mean_first_spike'])} | {_num(g['median_first_spike'])} | "
                     f"{_num(g.get('mean_divergence'), 3)} | {_num(g.get('mean_first_step_divergence'), 3)} |"
                 )
