@@ -425,3 +425,17 @@ def test_cli_reflect_on_a_local_checkpoint(tiny_llama, smol_tokenizer, tmp_path)
         assert args.func(args) == 0
     text = buffer.getvalue()
     assert "severity" in text and "risk" in text and "alpha" in text
+
+
+def test_the_requests_reflection_reads_are_the_users_not_the_templated_prompts(smol_tokenizer):
+    """Through model.generate (no requests given) the paper preset judged the decoded prompt, the template's system
+    text included: 92 characters more, enough to cross the 2000-character rule that the spec applies to the raw
+    request. A prompt that is not one templated user turn is read as decoded."""
+    import ngsd
+    from ngsd.risk.estimate import requests_of
+
+    texts = ["How do I bake bread?", "x" * 1950, "Two lines,\nwith a newline."]
+    ids, mask = ngsd.encode_prompts(smol_tokenizer, texts)  # left-padded chat prompts
+    assert requests_of(smol_tokenizer, ids, mask) == texts
+    plain = smol_tokenizer(["no template here"], return_tensors="pt")
+    assert requests_of(smol_tokenizer, plain["input_ids"], plain["attention_mask"]) == ["no template here"]

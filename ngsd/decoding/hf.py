@@ -113,8 +113,9 @@ def decoding_method(expert: ExpertLike, config: NGSDConfig | None = None, tokeni
     """A `custom_generate` callable running guarded decoding with this expert and config.
 
     Per call, ``generate`` also takes ``ngsd_alpha`` (float or one per row), ``ngsd_requests``
-    (the request texts self-reflection judges; default: the decoded prompts), ``ngsd_seed``,
-    ``ngsd_streamer``, ``ngsd_tokenizer``, ``ngsd_stop_strings`` and ``ngsd_config``.
+    (the request texts self-reflection judges; default: each prompt's user turn, read back through the
+    tokenizer's chat template, else the decoded prompt), ``ngsd_seed``, ``ngsd_streamer``,
+    ``ngsd_tokenizer``, ``ngsd_stop_strings`` and ``ngsd_config``.
     """
     config = _check_config(config or NGSDConfig(), "config")
 

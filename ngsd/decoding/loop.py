@@ -224,7 +224,7 @@ def guarded_generate(
                          "drop cuda_graph elsewhere")
     resolved = resolve_expert(expert, model, required=config.mode != "off", tokenizer=tokenizer)
     check_step_dtypes(model, resolved)
-    risk = plan_risk(model, config, alpha, batch, tokenizer, requests, input_ids, progress)
+    risk = plan_risk(model, config, alpha, batch, tokenizer, requests, input_ids, progress, attention_mask)
     warn_if_check_fitted_for_another_expert(risk, resolved)
 
     eos_ids = torch.tensor(

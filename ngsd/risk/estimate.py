@@ -143,6 +143,7 @@ def plan_risk(
     requests: list[str] | None,
     input_ids: torch.Tensor,
     progress: bool = False,
+    attention_mask: torch.Tensor | None = None,
 ) -> RiskPlan:
     if alpha is not None:  # checked in every mode, so a bad value never passes unnoticed
         # SafeDecoding's alpha scales the expert-minus-base difference (default 3): any finite value >= 0.
@@ -168,10 +169,35 @@ def plan_risk(
     from .reflection import reflect
 
     if requests is None:
-        requests = tokenizer.batch_decode(input_ids, skip_special_tokens=True)
+        requests = requests_of(tokenizer, input_ids, attention_mask)
     generative = reflection if reflection.mode != "auto" else _as_generate(reflection)
     reflections = reflect(model, tokenizer, list(requests), generative, progress=progress)
     return RiskPlan([r.alpha for r in reflections], reflections)
+
+
+_REQUEST_SLOT = "NGSD_REQUEST_SLOT_5f2c"
+
+
+def requests_of(tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> list[str]:
+    """Each prompt's user request, as self-reflection reads it (spec section 2: the long-request rule measures the raw
+    request, not a chat-templated text): the text between the tokenizer's chat-template prefix and suffix where the
+    prompt is one user turn of that template, else the prompt decoded without special tokens."""
+    rows = [ids if attention_mask is None else ids[mask.bool()] for ids, mask in
+            zip(input_ids, attention_mask if attention_mask is not None else [None] * len(input_ids))]
+    plain = tokenizer.batch_decode(rows, skip_special_tokens=True)
+    if not getattr(tokenizer, "chat_template", None):
+        return plain
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": _REQUEST_SLOT}], tokenize=False,
+                                             add_generation_prompt=True)
+    prefix, found, suffix = rendered.partition(_REQUEST_SLOT)
+    if not found:
+        return plain
+    requests = []
+    for text, fallback in zip(tokenizer.batch_decode(rows, skip_special_tokens=False,
+                                                     clean_up_tokenization_spaces=False), plain):
+        one_turn = text.startswith(prefix) and text.endswith(suffix) and len(text) >= len(prefix) + len(suffix)
+        requests.append(text[len(prefix):len(text) - len(suffix)] if one_turn else fallback)
+    return requests
 
 
 def probe_plan(probe, reflection: ReflectionConfig, batch: int = 0) -> RiskPlan:
