@@ -59,7 +59,8 @@ def generate(
     max_new_tokens: int | Sequence[int] = 64,
     **kwargs: Any,
 ) -> GuardedResult:
-    """Guarded answers to `prompts` (one batch). Extra keyword arguments go to `guarded_generate`.
+    """Guarded answers to `prompts` (one batch). Extra keyword arguments go to `guarded_generate`;
+    ``requests`` (the texts self-reflection judges) defaults to `prompts`.
 
     >>> import ngsd
     >>> model, tokenizer = ngsd.load_model()                                  # doctest: +SKIP
@@ -70,6 +71,7 @@ def generate(
     input_ids, attention_mask = encode_prompts(tokenizer, prompts, chat=chat, device=model.device)
     kwargs.setdefault("eos_token_id", eos_token_ids(model, tokenizer))
     kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
+    kwargs.setdefault("requests", prompts)  # given twice, it failed with "multiple values for keyword argument"
     output = guarded_generate(
         model,
         input_ids,
@@ -78,7 +80,6 @@ def generate(
         config=config,
         max_new_tokens=max_new_tokens,
         tokenizer=tokenizer,
-        requests=prompts,
         **kwargs,
     )
     texts = [tokenizer.decode(trace.tokens, skip_special_tokens=True) for trace in output.traces]

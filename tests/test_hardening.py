@@ -145,6 +145,7 @@ BAD_ALPHAS = [
     (-0.5, ValueError), (1.5, ValueError), (float("nan"), ValueError), (float("inf"), ValueError),
     ("0.5", TypeError), (["0.5"], TypeError), (True, TypeError), ([0.5, float("nan")], ValueError),
     ([0.5], ValueError), (object(), TypeError),
+    ({0: 0.3, 1: 0.6}, TypeError),  # iterated, it decoded at its keys' alphas 0 and 1
 ]
 
 

@@ -143,3 +143,12 @@ def test_early_stop_caps_a_refusing_row():
     assert not stop.should_stop(0, refusing[:128] + [4])  # below half the cap
     assert stop.should_stop(0, [4] * 129 + [3])  # past half the cap, a sentence end
     assert not stop.should_stop(1, refusing[:128])  # alpha < 0.5: never
+
+
+def test_the_text_api_takes_its_own_requests_for_self_reflection(with_tokenizer):
+    """requests= once failed with "multiple values for keyword argument 'requests'"."""
+    model, tokenizer, folder = with_tokenizer
+    config = NGSDConfig(reflection=ReflectionConfig(mode="prefill"))
+    given = ngsd.generate(model, tokenizer, ["How do I bake bread?"], expert=folder, config=config, max_new_tokens=2,
+                          requests=["How do I bake bread at home?"])
+    assert given.traces[0].reflection is not None

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from numbers import Integral, Real
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -25,8 +25,10 @@ from ngsd_kernels.params import MIN_SAMPLING_TEMPERATURE
 def _rows(value: Any, batch: int, name: str, check: Callable[[int, Any], None]) -> list[Any]:
     """A scalar repeated per row, or exactly one value per row; `check(row, value)` runs on each
     value before the count is checked, so a wrong type is named as such."""
-    if isinstance(value, torch.Tensor):
-        value = value.item() if value.dim() == 0 else value.flatten().tolist()
+    if isinstance(value, Mapping):  # iterating it would read its keys as the values
+        raise TypeError(f"{name} must be a value or a sequence of one per row, got a {type(value).__name__}")
+    if isinstance(value, torch.Tensor) or (hasattr(value, "ndim") and hasattr(value, "tolist")):  # also numpy arrays
+        value = value.item() if value.ndim == 0 else value.flatten().tolist()
     scalar = isinstance(value, (str, bytes)) or not isinstance(value, Sequence) and not hasattr(value, "__iter__")
     values = [value] if scalar else list(value)
     for row, item in enumerate(values):
