@@ -260,6 +260,17 @@ def test_compute_metrics_counts_by_hand():
 # ----------------------------------------------------------------------------------------------
 
 
+def test_an_unwritable_cache_path_is_refused_before_anything_is_generated(tmp_path):
+    """It once failed after the model loaded and a batch was generated, with a bare "[Errno 17] File exists"."""
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ValueError, match="a_file is not a writable folder"):
+        GenerationCache.check_path(tmp_path / "a_file" / "gen.jsonl")
+    with pytest.raises(ValueError, match="not a writable file"):
+        GenerationCache.check_path(tmp_path)
+    GenerationCache.check_path(tmp_path / "new" / "deeper" / "gen.jsonl")
+    assert not (tmp_path / "new").exists()  # checked, not created
+
+
 def test_cache_survives_a_torn_last_line(tmp_path):
     path = tmp_path / "gen.jsonl"
     cache = GenerationCache(path)

@@ -207,6 +207,7 @@ def _run(config: EvalConfig, *, out_dir, data_dir, limit, model, tokenizer, mode
                 f"methods {[m.name for m in methods if m.uses_expert]} need an expert; pass --expert or drop them"
             )
 
+    GenerationCache.check_path(cache_path if cache_path is not None else out / CACHE_NAME)  # before the model loads
     if model is None:
         from ..loading import load_model
 

@@ -109,6 +109,22 @@ class GenerationCache:
                     except (json.JSONDecodeError, KeyError, TypeError):
                         self.skipped_lines += 1
 
+    @staticmethod
+    def check_path(path: str | os.PathLike[str]) -> None:
+        """Refuse a cache file that could not be written, before any answer is generated, without creating
+        anything: the path is a writable file or absent, and its nearest existing folder is a writable folder."""
+        path = Path(path)
+        if path.exists():
+            if not path.is_file() or not os.access(path, os.W_OK):
+                raise ValueError(f"answer cache {path}: not a writable file; pass a file path")
+            return
+        ancestor = path.parent
+        while not ancestor.exists():
+            ancestor = ancestor.parent
+        if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+            raise ValueError(f"answer cache {path}: {ancestor} is not a writable folder, so the file cannot be made "
+                             "there; pass another path")
+
     def __len__(self) -> int:
         return len(self._records)
 
