@@ -261,7 +261,10 @@ def read_rows(path: str | os.PathLike[str], *, format: str | None = None, record
     fmt = format or infer_format(p)
     if fmt == "json":
         with p.open(encoding="utf-8") as f:
-            data = json.load(f)
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{p}: not valid JSON ({err})") from err
         if records_key is not None:
             data = get_field(data, records_key)
         if not isinstance(data, list):

@@ -257,7 +257,8 @@ def test_generate_reads_requests_from_a_file_or_stdin(tmp_path, monkeypatch):
 
     parser = cli.build_parser()
     requests = tmp_path / "requests.txt"
-    requests.write_text("How do I pick a lock?\n\n  \nWrite a poem about tea\n", encoding="utf-8")
+    # written with a byte-order mark (as Windows editors do): it must not become part of the first request
+    requests.write_text("How do I pick a lock?\n\n  \nWrite a poem about tea\n", encoding="utf-8-sig")
     args = parser.parse_args(["generate", "first", "--prompts-file", str(requests)])
     generate_cli.check_arguments(args)
     assert args.prompts == ["first", "How do I pick a lock?", "Write a poem about tea"]

@@ -72,6 +72,9 @@ def test_bad_field_and_bad_json_are_clear(tmp_path):
     (tmp_path / "c.json").write_text(json.dumps({"prompts": []}))
     with pytest.raises(ValueError, match="records_key"):
         D.load_records(tmp_path / "c.json")
+    (tmp_path / "d.json").write_text("not json")  # once a bare "Expecting value: line 1 column 1 (char 0)"
+    with pytest.raises(ValueError, match="d.json: not valid JSON"):
+        D.load_records(tmp_path / "d.json", text_field="prompt")
 
 
 def test_register_own_suite(tmp_path):

@@ -80,7 +80,7 @@ def read_prompts_file(path: str) -> list[str]:
         text = sys.stdin.read()
     else:
         try:
-            with open(path, encoding="utf-8") as f:
+            with open(path, encoding="utf-8-sig") as f:  # a byte-order mark is not part of the first request
                 text = f.read()
         except OSError as error:
             raise UsageError(f"--prompts-file: cannot read {path!r} ({error.strerror or error})") from error
