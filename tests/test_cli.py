@@ -271,3 +271,17 @@ def test_generate_reads_requests_from_a_file_or_stdin(tmp_path, monkeypatch):
     (tmp_path / "blank.txt").write_text("\n \n", encoding="utf-8")
     with pytest.raises(generate_cli.UsageError, match="holds no request"):
         generate_cli.check_arguments(parser.parse_args(["generate", "--prompts-file", str(tmp_path / "blank.txt")]))
+
+
+def test_the_text_view_says_how_each_row_was_routed():
+    """A routed row showed "scores=None risk=0.017 alpha=0.0" and a divergence plot of zeros no gate measured."""
+    from ngsd.decoding.cli import describe_verdict
+    from ngsd.decoding.loop import RowTrace
+    from ngsd.risk.estimate import ProbeVerdict
+
+    routed = RowTrace(alpha=0.0, guarded=False, reflection=ProbeVerdict(risk=0.017, alpha=0.0, routed=True,
+                                                                         route_below=4.5, check_above=0.24))
+    assert describe_verdict(routed) == "route: routed unguarded (risk 0.02 < check_above 0.24)"
+    guarded = RowTrace(alpha=0.9, reflection=ProbeVerdict(risk=8.1, alpha=0.9, routed=False, route_below=4.5))
+    assert describe_verdict(guarded) == "route: guarded at alpha 0.9 (risk 8.10 >= route_below 4.50)"
+    assert describe_verdict(RowTrace(alpha=0.5)) is None

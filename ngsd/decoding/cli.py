@@ -158,14 +158,25 @@ def run(args: argparse.Namespace) -> int:
     for prompt, g, u, trace in zip(args.prompts, guarded.texts, plain.texts, guarded.traces):
         print("=" * 100)
         print(f"PROMPT: {prompt}")
-        if trace.reflection is not None:
-            r = trace.reflection
-            print(f"reflection: scores={getattr(r, 'scores', None)} risk={getattr(r, 'risk', None)} alpha={trace.alpha}")
+        verdict = describe_verdict(trace)
+        if verdict:
+            print(verdict)
         print(side_by_side("UNGUARDED", u, f"GUARDED ({args.mode})", g))
-        print(plot_trace(trace, config.v_th))
+        # a routed row has no gate: its trace's zeros were never measured
+        print(plot_trace(trace, config.v_th) if trace.guarded else "gate: not run (no expert rows for this row)")
     if args.plot:
         print(f"wrote the gate-trace plot to {args.plot}")
     return 0
+
+
+def describe_verdict(trace: Any) -> str | None:
+    """One line on how a row's alpha was decided: the risk probe's route and why, or self-reflection's scores."""
+    r = trace.reflection
+    if r is None:
+        return None
+    if hasattr(r, "reason"):  # the risk probe's verdict
+        return f"route: {f'guarded at alpha {trace.alpha:g}' if trace.guarded else 'routed unguarded'} ({r.reason})"
+    return f"reflection: scores={getattr(r, 'scores', None)} risk={getattr(r, 'risk', None)} alpha={trace.alpha}"
 
 
 def side_by_side(left_title: str, left: str, right_title: str, right: str, width: int = 48) -> str:
@@ -189,4 +200,4 @@ def register_cli(subparsers: Any) -> None:
     parser.set_defaults(func=run)
 
 
-__all__ = ["add_arguments", "check_arguments", "register_cli", "run", "side_by_side"]
+__all__ = ["add_arguments", "check_arguments", "describe_verdict", "register_cli", "run", "side_by_side"]
