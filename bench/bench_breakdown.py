@@ -342,7 +342,9 @@ def run_guarded_rows(setup: Setup, batch: int, guarded: list[int], context: int,
     one guarded row decides its all-benign throughput; every row guarded is the other end.
     """
     ids, mask = setup.encode(benchmark_prompts(batch))
-    out: dict[str, Any] = {"batch": batch, "context_tokens": context, "calls": calls, "guarded_rows": {}}
+    # the forwards run at the context asked for or at the batch's longest prompt, whichever is longer
+    out: dict[str, Any] = {"batch": batch, "context_tokens": max(context, ids.shape[1]), "calls": calls,
+                           "guarded_rows": {}}
     for rows in guarded:
         variants = forward_variants(setup, ids, mask, context, calls, expert_rows=rows)
         out["guarded_rows"][str(rows)] = variants
@@ -356,8 +358,8 @@ def cmd_guarded_rows(args: argparse.Namespace, setup: Setup) -> int:
     guarded = [1, 2] if args.quick else args.guarded_rows
     batch = 2 if args.quick else args.rows_batch
     calls = 3 if args.quick else max(5, args.repeats * 3)
+    meta = common_meta(setup, args)  # first: its date and load average are the run's start
     results = run_guarded_rows(setup, batch, guarded, context=96, calls=calls)
-    meta = common_meta(setup, args)
     meta["environment"]["load_average_at_end"] = list(os.getloadavg())
     write_json(args.out_prefix + "guarded_rows.json", {**meta, **results}, args.out_dir)
     return 0
@@ -367,8 +369,8 @@ def cmd_breakdown(args: argparse.Namespace, setup: Setup) -> int:
     batches = [1, 2] if args.quick else args.breakdown_batch
     steps = 4 if args.quick else args.breakdown_steps
     repeats = 1 if args.quick else args.repeats
+    meta = common_meta(setup, args)  # first: its date and load average are the run's start
     results = run_breakdown(setup, batches, steps, repeats)
-    meta = common_meta(setup, args)
     meta["environment"]["load_average_at_end"] = list(os.getloadavg())
     write_json(args.out_prefix + "breakdown.json", {**meta, **results}, args.out_dir)
     return 0
@@ -424,8 +426,8 @@ def run_reflection(setup: Setup, n_requests: int, repeats: int, log=print) -> di
 def cmd_reflection(args: argparse.Namespace, setup: Setup) -> int:
     n_requests = 2 if args.quick else args.reflection_requests
     repeats = 1 if args.quick else min(args.repeats, 2)  # a generated JSON answer per request is slow
+    meta = common_meta(setup, args)  # first: its date and load average are the run's start
     results = run_reflection(setup, n_requests, repeats)
-    meta = common_meta(setup, args)
     meta["environment"]["load_average_at_end"] = list(os.getloadavg())
     write_json(args.out_prefix + "reflection.json", {**meta, **results}, args.out_dir)
     return 0

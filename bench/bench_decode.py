@@ -315,8 +315,8 @@ def cmd_naive(args: argparse.Namespace, setup: Setup | None = None) -> int:
     tokens = 8 if args.quick else args.new_tokens
     batch = 2 if args.quick else args.naive_batch
     repeats = 1 if args.quick else min(args.repeats, 3)
+    meta = common_meta(setup, args)  # first: its date and load average are the run's start
     results = run_naive(setup, n_prompts, tokens, repeats, batch, alpha=args.alpha)
-    meta = common_meta(setup, args)
     meta["environment"]["load_average_at_end"] = list(os.getloadavg())
     write_json(args.out_prefix + "naive.json", {**meta, **results}, args.out_dir)
     return 0
