@@ -804,6 +804,8 @@ def main(argv: list[str] | None = None) -> int:
 
     chosen = [j for j in jobs if (args.full or j.key() in cover) and only(j.key())
               and not (args.exclude and args.exclude in j.key())]
+    if args.only and not any(only(j.key()) for j in jobs):  # a typo once wrote a report of 0 compiled rows
+        raise SystemExit(f"--only {args.only!r} matches no specialisation; see --list")
     if args.list:
         for j in jobs:
             print(("*" if j in chosen else " "), j.key(), f"({len(j.modes)} modes)")

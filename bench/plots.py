@@ -327,4 +327,8 @@ def write_report(folder: Path = RESULTS_DIR, prefix: str = "") -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(write_report(Path(sys.argv[1]) if len(sys.argv) > 1 else RESULTS_DIR))
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", nargs="?", type=Path, default=RESULTS_DIR, help="results folder (default: %(default)s)")
+    sys.exit(write_report(parser.parse_args().results))

@@ -817,6 +817,23 @@ def write_glue(out_dir: Path, variants: list[Variant], built: dict[tuple[str, in
     (out_dir / "ngsd_aot_ctx.h").write_text(_ctx_header())
 
 
+OWN_FILES = ("manifest.json", "ngsd_aot_glue.h", "ngsd_aot_glue.c", "ngsd_aot_ctx.h", "_aot_kernels.py")
+
+
+def remove_previous_build(out_dir: Path) -> None:
+    """Delete the files an earlier build wrote in `out_dir` (those its manifest lists, and the glue), and nothing
+    else: other files in the folder stay (a glob over ``sm*/*`` once deleted anything that matched)."""
+    manifest = out_dir / "manifest.json"
+    names: list[str] = []
+    if manifest.is_file():
+        for kernel in json.loads(manifest.read_text()).get("kernels", []):
+            names += [kernel["cubin"], *kernel.get("files", [])]
+            if "aligned" in kernel:
+                names.append(kernel["aligned"]["cubin"])
+    for name in [*names, *OWN_FILES]:
+        (out_dir / name).unlink(missing_ok=True)
+
+
 def build(archs: list[int], variant_names: list[str], out_dir: Path, source_root: Path, log=print,
           jobs: int = 1) -> dict:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
@@ -834,9 +851,10 @@ def build(archs: list[int], variant_names: list[str], out_dir: Path, source_root
     variants = [variants_by_name[v] for v in variant_names]
     for variant in variants:
         check_against_jit_plan(variant)
+    if not variants:
+        raise SystemExit("no variants selected; name some with --variants (see --list), or 'all'")
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in list(out_dir.glob("sm*/*")) + list(out_dir.glob("ngsd_aot_*")):
-        stale.unlink()
+    remove_previous_build(out_dir)
     shim = _shim_module(out_dir, source_root)
     todo: dict[tuple[str, int], KernelSpec] = {}
     for arch in archs:
@@ -875,7 +893,8 @@ def build(archs: list[int], variant_names: list[str], out_dir: Path, source_root
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", type=int, nargs="+", default=list(DEFAULT_ARCHS), help="SM versions, e.g. 80 90")
+    parser.add_argument("--arch", type=int, nargs="+", default=list(DEFAULT_ARCHS), choices=DEFAULT_ARCHS,
+                        help="SM versions: 80 (A100 and other 8.x GPUs), 90 (H100); the extension runs no other")
     parser.add_argument("--variants", default="all",
                         help="comma-separated variant names or fnmatch patterns (e.g. 'hidden_*_tv_bf16'), or 'all'")
     parser.add_argument("--jobs", "-j", type=int, default=1, help="kernels compiled in parallel (processes)")
