@@ -847,7 +847,7 @@ def build(archs: list[int], variant_names: list[str], out_dir: Path, source_root
     variants_by_name = all_variants()
     unknown = [v for v in variant_names if v not in variants_by_name]
     if unknown:
-        raise SystemExit(f"unknown variants {unknown}; choose from {sorted(variants_by_name)}")
+        raise SystemExit(f"unknown variants {unknown}; `build_aot.py --list` names the {len(variants_by_name)} there are")
     variants = [variants_by_name[v] for v in variant_names]
     for variant in variants:
         check_against_jit_plan(variant)

@@ -175,6 +175,9 @@ Choice select_variant(const char* source, at::ScalarType dtype, const Params& p,
   // sampling, whose candidate keys of pass 2 are sized by the buffer)
   for (int64_t k = 16; v == nullptr && p.gate == 2 && !use_topk && !use_topp && k <= kMaxBuffer; k *= 2)
     v = ngsd_aot_find((stem + std::to_string(k) + suffix).c_str());
+  TORCH_CHECK(v != nullptr || !intersection || buffer >= kIntersectionMinBuffer, "ngsd_aot: ", name, " does not "
+              "exist (intersection variants start at k", kIntersectionMinBuffer, "; a shut gate in intersection mode "
+              "with a smaller top-k buffer is JIT-only): use the Triton JIT path, ", kJitPath);
   if (v == nullptr) v = find_or_throw(name);
   return {v, materialise};
 }
@@ -208,10 +211,11 @@ DeviceInfo device_info(const at::Device& device) {
   if (major == 8) arch = 80;                   // sm_80 SASS runs on every 8.x GPU
   if (major == 9 && minor == 0) arch = 90;     // the sm_90a cubin runs on 9.0 only
   std::string built = NGSD_AOT_ARCHS;
-  TORCH_CHECK(arch != 0 && built.find(std::to_string(arch)) != std::string::npos,
+  TORCH_CHECK(arch != 0, "ngsd_aot: the GPU is sm_", major, minor, ", and this extension runs sm_80 (8.x) and sm_90 "
+              "(9.0) cubins only; use the Triton JIT path, ", kJitPath);
+  TORCH_CHECK(built.find(std::to_string(arch)) != std::string::npos,
               "ngsd_aot: this build holds cubins for sm_{", built, "} but the GPU is sm_", major, minor,
-              "; rebuild with `python csrc_triton/build_aot.py --arch ", major * 10 + minor,
-              "` (Triton supports the target) or use the Triton JIT path");
+              "; rebuild with `python csrc_triton/build_aot.py --arch ", arch, "` or use the Triton JIT path");
   static std::mutex mutex;
   static int first_device = -1;
   std::lock_guard<std::mutex> lock(mutex);
@@ -472,9 +476,9 @@ Step hidden_select_cuda(const at::Tensor& base_hidden, const at::Tensor& expert_
               "ngsd_aot: sizes or strides exceed the 32-bit arguments of the compiled kernels");
   const Params p{tau, v_th, v_reset, rho, candidate_k, gate, divergence, temperature, top_k, top_p, candidate_mode,
                  min_candidates, score_floor};
+  check_step_vectors(potential, alpha, batch, device);
   const Choice choice = select_variant("hidden", lm_head_weight.scalar_type(), p, vocab);
   const ngsd_aot_variant* variant = choice.variant;
-  check_step_vectors(potential, alpha, batch, device);
   check_seeds(seed, offset, batch, temperature, device);
   c10::DeviceGuard guard(device);
   const DeviceInfo info = device_info(device);
@@ -540,9 +544,9 @@ Step logits_select_cuda(const at::Tensor& base_logits, const at::Tensor& expert_
   TORCH_CHECK(batch >= 1 && vocab >= 1, "ngsd_aot: empty input");
   const Params p{tau, v_th, v_reset, rho, candidate_k, gate, divergence, temperature, top_k, top_p, candidate_mode,
                  min_candidates, score_floor};
+  check_step_vectors(potential, alpha, batch, device);
   const ngsd_aot_variant* variant = select_variant("logits", base_logits.scalar_type(), p, vocab).variant;
   check_vocab_compiled(variant, vocab);
-  check_step_vectors(potential, alpha, batch, device);
   check_seeds(seed, offset, batch, temperature, device);
   c10::DeviceGuard guard(device);
   return run_logits(base_logits, expert_logits, potential, alpha, seed, offset, p, variant, device_info(device),
@@ -567,6 +571,13 @@ Step hidden_select_meta(const at::Tensor& base_hidden, const at::Tensor& expert_
   TORCH_CHECK(base_hidden.dim() == 2 && expert_hidden.sizes() == base_hidden.sizes() &&
                   lm_head_weight.dim() == 2 && lm_head_weight.size(1) == base_hidden.size(1),
               "ngsd_aot: hidden [B, H], expert hidden [B, H], weight [V, H] expected");
+  // the CUDA op's input checks, before the variant lookup (a bad input is named as such)
+  TORCH_CHECK(base_hidden.scalar_type() == lm_head_weight.scalar_type() &&
+                  expert_hidden.scalar_type() == lm_head_weight.scalar_type(),
+              "ngsd_aot: hidden states and LM-head weight must share one dtype");
+  TORCH_CHECK(base_hidden.size(0) >= 1 && lm_head_weight.size(0) >= 1 && base_hidden.size(1) >= 1,
+              "ngsd_aot: empty input");
+  check_step_vectors(potential, alpha, base_hidden.size(0), base_hidden.device());
   const Params p{tau, v_th, v_reset, rho, candidate_k, gate, divergence, temperature, top_k, top_p, candidate_mode,
                  min_candidates, score_floor};
   const Choice choice = select_variant("hidden", lm_head_weight.scalar_type(), p, lm_head_weight.size(0));
@@ -582,6 +593,10 @@ Step logits_select_meta(const at::Tensor& base_logits, const at::Tensor& expert_
                         int64_t candidate_mode, int64_t min_candidates, double score_floor) {
   TORCH_CHECK(base_logits.dim() == 2 && expert_logits.sizes() == base_logits.sizes(),
               "ngsd_aot: base and expert logits must both be [batch, vocab] of the same shape");
+  // the CUDA op's input checks, before the variant lookup (a bad input is named as such)
+  TORCH_CHECK(base_logits.scalar_type() == expert_logits.scalar_type(), "ngsd_aot: logits dtypes differ");
+  TORCH_CHECK(base_logits.size(0) >= 1 && base_logits.size(1) >= 1, "ngsd_aot: empty input");
+  check_step_vectors(potential, alpha, base_logits.size(0), base_logits.device());
   const Params p{tau, v_th, v_reset, rho, candidate_k, gate, divergence, temperature, top_k, top_p, candidate_mode,
                  min_candidates, score_floor};
   const ngsd_aot_variant* v = select_variant("logits", base_logits.scalar_type(), p, base_logits.size(1)).variant;

@@ -74,8 +74,10 @@ def generated_sources(generated: Path) -> list[Path]:
 
 
 def compile_objects(generated: Path, obj_dir: Path, cuda_include: Path, verbose: bool = False) -> list[Path]:
-    """Step 1: the C sources -> objects (rebuilt only when a source is newer than its object)."""
+    """Step 1: the C sources -> objects (rebuilt only when a source is newer than its object), in a folder of their
+    own per generated folder: objects of another build's glue, newer than this one's sources, were once linked in."""
     cc = find_c_compiler()
+    obj_dir = obj_dir / hashlib.sha1(str(generated.resolve()).encode()).hexdigest()[:12]
     obj_dir.mkdir(parents=True, exist_ok=True)
     flags = ["-O2", "-fPIC", "-fvisibility=hidden", "-w", f"-I{cuda_include}", f"-I{generated}", f"-I{HERE}"]
     jobs = [(src, ["-include", str(HERE / "ngsd_cuda_shim.h")]) for src in generated_sources(generated)]

@@ -238,6 +238,11 @@ calls = {
                                                           divergence=2, candidate_k=10, temperature=0.7),
     "temperature": lambda: torch.ops.ngsd_aot.logits_select(lb16, lb16, pot, alpha, seed, offset, divergence=2, candidate_k=10,
                                                             temperature=-1.0),
+    # the meta functions check inputs as the CUDA ops do, before the variant lookup
+    "meta_rows": lambda: torch.ops.ngsd_aot.logits_select(lb16, lb16, pot[:4], alpha, candidate_k=10),
+    "meta_dtypes": lambda: torch.ops.ngsd_aot.logits_select(lb16, lb16.float(), pot, alpha, candidate_k=10),
+    "inter_k32": lambda: torch.ops.ngsd_aot.logits_select(lb16, lb16, pot, alpha, seed, offset, candidate_mode=1, gate=2,
+                                                          temperature=0.7, top_k=20),
 }
 errors = {}
 for name, call in calls.items():
@@ -321,6 +326,9 @@ def test_extension_meta_shapes_and_argument_checks(extension):
     assert "temperature sampling needs `seed`" in errors["no_seed"]
     assert "offset must hold 1 or 5 values" in errors["seed_rows"]
     assert "temperature must be finite and 0 (greedy) or >= 1e-5" in errors["temperature"]
+    assert "potential and alpha must have shape [5]" in errors["meta_rows"]
+    assert "logits dtypes differ" in errors["meta_dtypes"]
+    assert "intersection variants start at k64" in errors["inter_k32"] and "JIT" in errors["inter_k32"]
 
 
 def test_variant_table_lists_exactly_the_compiled_variants(generated):
