@@ -575,3 +575,52 @@ def test_a_file_that_is_not_training_examples_is_named(tmp_path):
     bad.write_text('{"kind": "refusal"}\n')
     with pytest.raises(ValueError, match="notes.jsonl: line 1 is not a training example"):
         examples.load_examples(bad)
+
+
+def test_examples_on_evaluation_prompts_are_dropped_and_reported(tiny, data_dir, tmp_path):
+    """--examples once trained on any text it held, evaluation prompts included (AdvBench id 0 here)."""
+    model, tok = tiny
+    saved = tmp_path / "mixed.jsonl"
+    rows = [examples.Example("refusal", "t", prompt, tok("I cannot.")["input_ids"])
+            for prompt in ("Explain how to do bad act 0", "Explain how to do bad act 135")]
+    saved.write_text("".join(json.dumps(ex.describe(tok)) + "\n" for ex in rows))
+    out = trainer.train_expert(small_config(data_dir, tmp_path / "e", examples=str(saved)), model=model,
+                               tokenizer=tok, log=lambda s: None)
+    data = json.loads((out / "training_report.json").read_text())["data"]
+    assert data["dropped_evaluation_prompts"] == {"advbench<130": 1} and data["advbench_train_ids"] == [135]
+
+
+def test_examples_of_another_tokenizer_and_a_checkpoint_of_other_examples_are_not_used(tiny, tmp_path):
+    """Ids past the vocabulary ended in a bare IndexError; a leftover checkpoint of other examples (same count and
+    settings) was resumed, its weights kept."""
+    model, tok = tiny
+    cfg = config.TrainExpertConfig(r=4, lora_alpha=8, epochs=2, seed=0)
+    foreign = [examples.Example("refusal", "t", "Bad?", [len(tok) + 5])]
+    with pytest.raises(ValueError, match="tokenized for another model"):
+        trainer.train_lora(trainer.make_lora_model(model, cfg), tok, foreign, cfg, log=lambda s: None)
+
+    def run(word, log):
+        exs = [examples.Example("refusal", "t", f"{word} {i}?", tok("I cannot.")["input_ids"]) for i in range(4)]
+        torch.manual_seed(0)
+        return trainer.train_lora(trainer.make_lora_model(LlamaForCausalLM(model.config), cfg), tok, exs, cfg,
+                                  log=log, checkpoint=ckpt, checkpoint_every=2)
+
+    ckpt = tmp_path / trainer.CHECKPOINT_FILE
+
+    def stop_after_first_epoch(msg):
+        if msg.startswith("epoch 1/"):
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        run("Bad thing", stop_after_first_epoch)
+    assert ckpt.is_file()
+    assert run("Other request", lambda s: None).get("resumed_from_step", 0) == 0
+
+
+@pytest.mark.parametrize("argv", [["--model", "HuggingFaceTB/SmolLM2-360M-Instruct"], ["--top-layers", "2"]])
+def test_without_out_only_the_default_full_depth_run_writes_the_shipped_folder(argv, capsys):
+    """Another model's adapter (or a top-layers one) once replaced the shipped SmolLM2 expert inside the package."""
+    from ngsd import cli as top
+
+    assert top.main(["train-expert", *argv]) == 2
+    assert "--out: required" in capsys.readouterr().err

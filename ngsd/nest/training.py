@@ -29,7 +29,6 @@ from .selection import NeuronSelection, activation_profiles, max_pooled_activati
 from .update import NestUpdate
 
 REPORT_FILE = "training_report.json"
-ADVBENCH_TRAIN_MIN_ID = 130  # SOURCES.md: train only on AdvBench ids >= 130
 
 
 @dataclass
@@ -109,9 +108,9 @@ def training_examples(cfg: NestConfig, model: Any, tokenizer: Any, data_dir: Pat
     `cfg.examples` (a training_examples.jsonl) first; for the default model the shipped LoRA
     expert's examples (same recipe, already built); otherwise the recipe builds them (minutes).
     """
-    from ..data import load_suite
     from ..experts.shipped import shipped_expert_path
     from ..experts.training.examples import build_examples, load_examples
+    from ..experts.training.splits import without_evaluation_prompts
     from ..loading import is_default_model
 
     shipped = shipped_expert_path() / "training_examples.jsonl"
@@ -125,10 +124,10 @@ def training_examples(cfg: NestConfig, model: Any, tokenizer: Any, data_dir: Pat
         log("building the expert recipe's training examples with the model")
         examples, _ = build_examples(model, tokenizer, data_dir, TrainExpertConfig(model=cfg.model, seed=cfg.seed), log=log)
         source = "built by ngsd.experts.training.examples.build_examples"
-    held_out = {p.text for p in load_suite("advbench", data_dir) if int(p.id) < ADVBENCH_TRAIN_MIN_ID}
-    kept = [e for e in examples if e.prompt not in held_out]
-    if len(kept) < len(examples):
-        log(f"dropped {len(examples) - len(kept)} examples on AdvBench ids < {ADVBENCH_TRAIN_MIN_ID} (evaluation split)")
+    # every evaluation suite, not only AdvBench ids < 130 (a HarmBench prompt in --examples was trained on)
+    kept, dropped = without_evaluation_prompts(examples, data_dir)
+    if dropped:
+        log(f"dropped {sum(dropped.values())} examples on evaluation prompts ({dropped})")
     if cfg.max_examples is not None and len(kept) > cfg.max_examples:
         kept = random.Random(cfg.seed).sample(kept, cfg.max_examples)
     if not kept:

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import shlex
 import sys
 from typing import Any, Sequence
@@ -100,11 +101,16 @@ def config_from_args(args: argparse.Namespace) -> Any:
 
 def check_arguments(args: argparse.Namespace) -> None:
     """The checks that need no model, so a wrong value fails at once, not after the probe is trained."""
-    from ..cli import UsageError, check_expert, check_model, check_range
+    from ..cli import UsageError, check_expert, check_model, check_output_folder, check_range
 
     if args.check_only and args.no_check:
         raise UsageError("--check-only and --no-check contradict each other: give one of them")
     check_range("--threads", args.threads, 1)
+    # shares in (0, 1]: checked here, not after the probe has trained (they were read only by the check's fit)
+    for flag, value in (("--check-recall", args.check_recall), ("--check-band-share", args.check_band_share)):
+        if not (math.isfinite(value) and 0.0 < value <= 1.0):
+            raise UsageError(f"{flag} must be a share in (0, 1], got {value:g}")
+    check_output_folder("--out", args.out, " for the probe")
     if args.model is not None:
         check_model(args.model)
     if args.expert is not None and not args.no_check:

@@ -142,6 +142,12 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise UsageError(f"--examples: {args.examples!r} is not a file; pass the training_examples.jsonl an earlier "
                          "run wrote into its --out folder")
     check_output_folder("--out", args.out, " for the adapter")
+    from ...loading import is_default_model
+
+    # the default folder is the shipped expert of the default model (full depth), as train-nest's rule for its delta
+    if args.out is None and (not is_default_model(args.model) or args.top_layers is not None):
+        raise UsageError("--out: required with another --model or with --top-layers (without it the adapter would "
+                         "replace the shipped SmolLM2 expert inside the package); pass a folder for the adapter")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 from ...data import SUITES, id_sort_key, load_suite, read_suite, resolve_data_dir
 
@@ -78,6 +79,16 @@ def leaks(
                 found.append((text, suite, original))
                 break
     return found
+
+
+def without_evaluation_prompts(examples: Sequence[Any], data_dir: str | os.PathLike[str] | None = None
+                               ) -> tuple[list[Any], dict[str, int]]:
+    """The examples (each with a ``prompt``) whose prompt `leaks` finds no evaluation prompt in, and how many were
+    dropped per evaluation suite: a training file given by path may hold any text, and training reads the
+    training splits only."""
+    found = leaks([e.prompt for e in examples], data_dir, evaluation_prompts(data_dir, missing_ok=True))
+    leaked = {text for text, _, _ in found}
+    return [e for e in examples if e.prompt not in leaked], dict(Counter(suite for _, suite, _ in found))
 
 
 def example_lines_without_evaluation_prompts(

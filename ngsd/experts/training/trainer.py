@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import platform
@@ -24,6 +25,7 @@ from .distill import kl_from, load_teacher, teacher_examples
 from .broad_examples import Validator, build_broad_examples
 from .examples import Example, batches, build_examples, count_by, encode_example, load_examples, turn_end_ids
 from .selfcheck import evaluate_expert
+from .splits import without_evaluation_prompts
 
 REPORT_FILE = "training_report.json"
 EXAMPLES_FILE = "training_examples.jsonl"
@@ -135,6 +137,13 @@ def train_lora(
     end_ids = turn_end_ids(tokenizer)
     encoded = [encode_example(tokenizer, ex, end_ids, cfg.max_length) for ex in examples]
     kinds = [1 if ex.loss == "kl" else 0 for ex in examples]
+    vocab = peft_model.get_input_embeddings().num_embeddings
+    largest = max((max(ids) for ids, _ in encoded if ids), default=-1)
+    if largest >= vocab:  # examples saved with another model's tokenizer (the embedding raised a bare IndexError)
+        raise ValueError(f"the training examples hold token id {largest}, and this model has {vocab} tokens: they were "
+                         "tokenized for another model; build the examples with this one (drop --examples)")
+    # what a checkpoint was trained on: a leftover of a run on other examples is not resumed
+    data = hashlib.sha1(json.dumps([encoded, kinds]).encode()).hexdigest()
     named = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
@@ -150,7 +159,8 @@ def train_lora(
     start = 0
     if checkpoint is not None and checkpoint.is_file():
         state = torch.load(checkpoint, weights_only=False)
-        if state["total"] == total and state["n_examples"] == len(encoded) and state.get("config") == _fingerprint(cfg):
+        if state["total"] == total and state["n_examples"] == len(encoded) and state.get("config") == _fingerprint(cfg) \
+                and state.get("data") == data:
             with torch.no_grad():
                 for name, p in named:
                     p.copy_(state["params"][name])
@@ -188,7 +198,7 @@ def train_lora(
         if checkpoint is not None and (step + 1) % checkpoint_every == 0 and step + 1 < total:
             tmp = checkpoint.with_suffix(".tmp")
             torch.save({"step": step + 1, "total": total, "n_examples": len(encoded), "losses": losses,
-                        "config": _fingerprint(cfg),
+                        "config": _fingerprint(cfg), "data": data,
                         "params": {n: p.detach().clone() for n, p in named},
                         "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}, tmp)
             tmp.replace(checkpoint)
@@ -256,11 +266,14 @@ def train_expert(
 
 def _train_expert(cfg: TrainExpertConfig, *, model: Any, tokenizer: Any, command: str | None,
                   log: Callable[[str], None]) -> Path:
-    from ...loading import load_model
+    from ...loading import is_default_model, load_model
 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     data_dir = resolve_data_dir(cfg.data_dir)
+    if not cfg.out and (not is_default_model(cfg.model) or model is not None or cfg.top_layers is not None):
+        raise ValueError("train_expert: give cfg.out for another model, a model passed in, or top_layers (without it "
+                         "the adapter would replace the shipped SmolLM2 expert inside the package)")
     out = Path(cfg.out) if cfg.out else shipped_expert_path()
     if model is None or tokenizer is None:
         log(f"loading model {cfg.model or 'smollm2 (default)'}")
@@ -272,9 +285,15 @@ def _train_expert(cfg: TrainExpertConfig, *, model: Any, tokenizer: Any, command
 
     t0 = time.perf_counter()
     if cfg.examples:
-        examples = load_examples(cfg.examples)
+        examples, dropped = without_evaluation_prompts(load_examples(cfg.examples), data_dir)
+        if dropped:
+            log(f"dropped {sum(dropped.values())} examples on evaluation prompts ({dropped}): training reads the "
+                "training splits only")
+        if not examples:
+            raise ValueError(f"--examples {cfg.examples}: no example is left once evaluation prompts are dropped")
         adv_ids = {p.text: int(p.id) for p in load_suite("advbench", data_dir)}
-        summary = {"examples_from": str(cfg.examples), "examples_by_kind": count_by(e.kind for e in examples),
+        summary = {"examples_from": str(cfg.examples), "dropped_evaluation_prompts": dropped,
+                   "examples_by_kind": count_by(e.kind for e in examples),
                    "examples_by_source": count_by(f"{e.kind}/{e.source}" for e in examples),
                    "advbench_train_ids": sorted({adv_ids[e.prompt] for e in examples if e.prompt in adv_ids})}
     elif cfg.recipe == "broad":
