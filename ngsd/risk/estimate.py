@@ -182,8 +182,7 @@ def requests_of(tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor
     """Each prompt's user request, as self-reflection reads it (spec section 2: the long-request rule measures the raw
     request, not a chat-templated text): the text between the tokenizer's chat-template prefix and suffix where the
     prompt is one user turn of that template, else the prompt decoded without special tokens."""
-    rows = [ids if attention_mask is None else ids[mask.bool()] for ids, mask in
-            zip(input_ids, attention_mask if attention_mask is not None else [None] * len(input_ids))]
+    rows = list(input_ids) if attention_mask is None else [ids[m.bool()] for ids, m in zip(input_ids, attention_mask)]
     plain = tokenizer.batch_decode(rows, skip_special_tokens=True)
     if not getattr(tokenizer, "chat_template", None):
         return plain

@@ -80,9 +80,9 @@ def engine_kwargs(model: str, *, expert: str = "shipped", alpha: float = 0.9, al
 
 def is_guard_processor(processor: Any) -> bool:
     """`processor` (a "module:Class" name or the class) is ngsd's logits processor."""
-    name = processor if isinstance(processor, str) else f"{getattr(processor, '__module__', '')}:" \
-        f"{getattr(processor, '__qualname__', '')}"
-    return name == PROCESSOR
+    if not isinstance(processor, str):
+        processor = f"{getattr(processor, '__module__', '')}:{getattr(processor, '__qualname__', '')}"
+    return processor == PROCESSOR
 
 
 def serve_args(model: str, *, expert: str = "shipped", alpha: float = 0.9, allow_opt_out: bool = False,

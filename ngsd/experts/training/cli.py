@@ -129,6 +129,7 @@ def cli_args(cfg: TrainExpertConfig) -> list[str]:
 def check_arguments(args: argparse.Namespace) -> None:
     """The checks that need no model, so a wrong value fails at once, not after minutes of data building."""
     from ...cli import UsageError, check_expert, check_model, check_output_folder, check_range
+    from ...loading import is_default_model
 
     check_range("--threads", args.threads, 1)
     if args.model is not None:
@@ -142,8 +143,6 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise UsageError(f"--examples: {args.examples!r} is not a file; pass the training_examples.jsonl an earlier "
                          "run wrote into its --out folder")
     check_output_folder("--out", args.out, " for the adapter")
-    from ...loading import is_default_model
-
     # the default folder is the shipped expert of the default model (full depth), as train-nest's rule for its delta
     if args.out is None and (not is_default_model(args.model) or args.top_layers is not None):
         raise UsageError("--out: required with another --model or with --top-layers (without it the adapter would "
