@@ -255,6 +255,7 @@ def guarded_generate(
     start_potential = config.start_potential_for(risk.check_divergence)
     potential = torch.full((batch,), start_potential, dtype=torch.float32, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    no_row = torch.zeros_like(finished)  # the stop-string hits of a call without stop strings
 
     pair, heads = pair_for(model, resolved, config.mode,
                            on_logits="logits processors need the logits" if logits_processor is not None else None)
@@ -306,13 +307,10 @@ def guarded_generate(
             sequences = torch.cat([sequences, tokens[:, None]], dim=-1)
 
             hit_eos = torch.isin(tokens, eos_ids) & active
-            hit_string = torch.zeros_like(hit_eos)
-            done = hit_eos | (max_new_t <= step + 1)
+            hit_string = no_row if stop_criterion is None else stop_criterion(sequences, None).to(device) & active
+            done = hit_eos | hit_string | (max_new_t <= step + 1)
             if stopping_criteria is not None:
                 done |= stopping_criteria(sequences, None).to(device)
-            if stop_criterion is not None:
-                hit_string = stop_criterion(sequences, None).to(device) & active
-                done |= hit_string
             new_done = done & active
             finished |= done
             # one host round-trip per step: invalid logits, newly finished rows (and why), all done

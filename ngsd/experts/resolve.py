@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any, Union
 import torch
 from torch import nn
 
+from ngsd_kernels.checks import FLOAT_DTYPES
+
 from .lora import LoraAdapter
 
 if TYPE_CHECKING:
@@ -48,9 +50,6 @@ def resolve_expert(expert: ExpertLike, base: nn.Module, *, required: bool = True
     return resolved
 
 
-STEP_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
 def check_step_dtypes(base: nn.Module, expert: "LoraAdapter | nn.Module | None") -> None:
     """The step op reads float32, float16 or bfloat16 logits (or hidden states), one dtype for base and expert:
     refuse any other before a forward runs, naming the model and the fix (the op's own error names its inputs)."""
@@ -59,7 +58,7 @@ def check_step_dtypes(base: nn.Module, expert: "LoraAdapter | nn.Module | None")
         return getattr(getattr(model.get_output_embeddings(), "weight", None), "dtype", None)
 
     dtype = head_dtype(base)
-    if dtype is not None and dtype not in STEP_DTYPES:
+    if dtype is not None and dtype not in FLOAT_DTYPES:
         raise ValueError(f"the base model is {dtype}; guarded decoding runs float32, float16 or bfloat16 models: load "
                          "it with torch_dtype=torch.float32 (or call .float() on it)")
     other = head_dtype(expert) if isinstance(expert, nn.Module) else None
