@@ -221,7 +221,13 @@ def logits_jobs(label: str, fields: dict, dtype: str, batch: int = 256, vocab: i
     for job in jobs:
         job.modes.append(f"logits {dtype} {label}")
     dense = {"bf16": 1, "fp16": 2}.get(dtype, 0) if plan.key_kind == 1 else 0
-    return jobs + _row_kernel_jobs(plan, "logits", f"logits {label}", dense, folded=plan.fold_reduce)
+    jobs += _row_kernel_jobs(plan, "logits", f"logits {label}", dense, folded=plan.fold_reduce)
+    if plan.use_topp and fields.get("temperature", 1.0) != 1.0:
+        # top-p at T != 1 reads q^(1/T): the launch passes TEMPERED = 1 to every kernel that measures top-p
+        for job in jobs:
+            if job.name in TEMPERED_KERNELS:
+                job.constants["TEMPERED"] = 1
+    return jobs
 
 
 def hidden_jobs(label: str, fields: dict, dtype: str, batch: int, hidden: int, vocab: int = 131072) -> list[KernelJob]:
@@ -299,6 +305,8 @@ def enumerate_jobs(hidden: int) -> tuple[list[KernelJob], set[str]]:
     return list(everything.values()), cover
 
 
+TEMPERED_KERNELS = ("_pass2_kernel", "_intersection_kernel", "_finalize_kernel", "_sample_fallback_kernel",
+                    "_intersection_fallback_kernel")
 ROW_T_KERNELS = ("_pass2_kernel", "_hs_pass2_kernel", "_intersection_kernel", "_finalize_kernel",
                  "_sample_fallback_kernel", "_intersection_fallback_kernel")
 
@@ -362,7 +370,7 @@ def _signature(job: KernelJob, arg_names: list[str]) -> tuple[dict, dict, dict]:
             signature[arg], constants[arg] = "constexpr", job.constants[arg]
         elif arg == "THREADS":  # the layout hint of the logits passes: the launch's thread count
             signature[arg], constants[arg] = "constexpr", 32 * job.num_warps
-        elif arg in ("ROW_T", "ROW_K", "ROW_P"):  # per-row sampling settings off (jobs with them carry 1)
+        elif arg in ("ROW_T", "ROW_K", "ROW_P", "TEMPERED"):  # per-row settings / tempered top-p (jobs with them carry 1)
             signature[arg], constants[arg] = "constexpr", 0
         elif arg in _UNIT_STRIDES:
             signature[arg], constants[arg] = "constexpr", 1
@@ -616,7 +624,8 @@ def compile_all(work: list[tuple[KernelJob, int]], jobs: int, per_variant: float
 
 def _short(constants: dict) -> str:
     keep = ("BB", "BV", "BT", "BLOCK_B", "BLOCK_V", "K", "KEYS", "SLOTS", "SB", "DIVERGENCE", "SAMPLE", "NEED_V1", "RB", "NCP", "CG",
-            "MODE", "GATE", "STORE_TOP", "VALUE_KEYS", "USE_TOPK", "USE_TOPP", "ROW_T", "ROW_K", "ROW_P")
+            "MODE", "GATE", "STORE_TOP", "VALUE_KEYS", "USE_TOPK", "USE_TOPP", "ROW_T", "ROW_K", "ROW_P",
+            "TEMPERED")
     return " ".join(f"{k}={constants[k]}" for k in keep if k in constants)
 
 

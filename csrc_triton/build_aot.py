@@ -118,7 +118,8 @@ CTX_FIELDS: dict[str, tuple[str, str]] = {
     "top_p": ("float", "sampling top-p"),
     "score_floor": ("float", "intersection-mode score floor"),
 }
-# per-row sampling pointers: compiled with ROW_T / ROW_K / ROW_P = 0 (one setting for the launch), so never read
+# per-row sampling pointers: compiled with ROW_T / ROW_K / ROW_P = 0 (one setting for the launch), so never read;
+# top-p compiled with TEMPERED = 0: it reads q at T = 1 (the extension refuses top-p at another temperature)
 ALIASES = {"n_rows": "B", "n_vocab": "V", "row_temperature_ptr": "alpha_ptr", "row_top_k_ptr": "alpha_ptr",
            "row_top_p_ptr": "alpha_ptr", "k_min": "kth"}
 _C_TYPES = {"i32": "int32_t", "i64": "int64_t", "fp32": "float"}
@@ -249,7 +250,7 @@ def _finalize_spec(gate: int, divergence: int = 0, sample: int = 0, rb: int = RB
         row_top_k_ptr="*i32", row_top_p_ptr="*fp32",
         RB=str(rb), NCP=str(NCP), DIVERGENCE=str(divergence), GATE=str(gate), MODE=str(mode), SAMPLE=str(sample),
         USE_TOPK=str(use_topk), USE_TOPP=str(use_topp), NEED_V0="1" if gate != 1 else "0", SLOTS=str(slots),
-        SB=str(sb), ROW_T="0", ROW_K="0", ROW_P="0",
+        SB=str(sb), ROW_T="0", ROW_K="0", ROW_P="0", TEMPERED="0",
     )
     return KernelSpec("ngsd_kernels.ops.launcher", "_finalize_kernel", args, f"(n_rows + {rb - 1}) / {rb}, 1, 1")
 
@@ -263,14 +264,14 @@ def _pass2_spec(module: str, name: str, tile: dict[str, str], grid: str, sample:
                 aligned: tuple[str, ...], num_warps: int = 4) -> KernelSpec:
     # both gate outcomes' arg-max (NEED_V0 / NEED_V1): one pass 2 serves every gate (the JIT drops the
     # outcome a gate cannot have; the other one's partials are the same)
-    return KernelSpec(
-        module, name,
-        dict(tile, rowinfo_ptr="*fp32:16", alpha_ptr="*fp32", seed_ptr="*i64", seed_stride="i32",
-             offset_ptr="*i64", offset_stride="i32", temperature="fp32", row_temperature_ptr="*fp32",
-             div_ptr="*fp32:16", best_ptr="*fp32:16", besti_ptr="*i32:16", keys2_ptr="*i64:16", mass_ptr="*fp32:16",
-             DIVERGENCE=str(divergence), SAMPLE=str(sample), NEED_V0="1", NEED_V1="1", ROW_T="0"),
-        grid, aligned=aligned, num_warps=num_warps,
-    )
+    args = dict(tile, rowinfo_ptr="*fp32:16", alpha_ptr="*fp32", seed_ptr="*i64", seed_stride="i32",
+                offset_ptr="*i64", offset_stride="i32", temperature="fp32", row_temperature_ptr="*fp32",
+                div_ptr="*fp32:16", best_ptr="*fp32:16", besti_ptr="*i32:16", keys2_ptr="*i64:16",
+                mass_ptr="*fp32:16", DIVERGENCE=str(divergence), SAMPLE=str(sample), NEED_V0="1", NEED_V1="1",
+                ROW_T="0")
+    if name == "_pass2_kernel":  # the logits pass 2's top-p masses (TEMPERED: see ALIASES)
+        args["TEMPERED"] = "0"
+    return KernelSpec(module, name, args, grid, aligned=aligned, num_warps=num_warps)
 
 
 def hidden_variant(dtype: str, sample: int = 0, divergence: int = 0) -> Variant:
@@ -407,7 +408,7 @@ def _intersection_spec(rb: int, k: int, eb: int, sample: int, use_topk: int, use
         n_rows="i32", n_vocab="i32", k_min="i32", need="i32", score_floor="fp32", temperature="fp32",
         row_temperature_ptr="*fp32", top_k="i32", top_p="fp32", row_top_k_ptr="*i32", row_top_p_ptr="*fp32",
         RB=str(rb), K=str(k), EB=str(eb), SAMPLE=str(sample), USE_TOPK=str(use_topk), USE_TOPP=str(use_topp),
-        ROW_T="0", ROW_K="0", ROW_P="0",
+        ROW_T="0", ROW_K="0", ROW_P="0", TEMPERED="0",
     )
     return KernelSpec("ngsd_kernels.ops.launcher", "_intersection_kernel", args, f"(n_rows + {rb - 1}) / {rb}, 1, 1")
 
@@ -422,7 +423,7 @@ def _intersection_fallback_spec(dtype: str, sample: int, use_topk: int, use_topp
         score_floor="fp32", temperature="fp32", row_temperature_ptr="*fp32", top_k="i32", top_p="fp32",
         outer_rounds="i32", id_rounds="i32", row_top_k_ptr="*i32", row_top_p_ptr="*fp32",
         BT=str(max(256, 4096 >> RADIX_BITS)), R=str(RADIX_BITS), SAMPLE=str(sample), USE_TOPK=str(use_topk),
-        USE_TOPP=str(use_topp), ROW_T="0", ROW_K="0", ROW_P="0",
+        USE_TOPP=str(use_topp), ROW_T="0", ROW_K="0", ROW_P="0", TEMPERED="0",
     )
     return KernelSpec("ngsd_kernels.ops.intersection_fallback", "_intersection_fallback_kernel", args,
                       "n_rows, 1, 1")
@@ -437,6 +438,7 @@ def _sample_fallback_spec(dtype: str, use_topk: int, use_topp: int, mode: int = 
         seed_ptr="*i64", seed_stride="i32", offset_ptr="*i64", offset_stride="i32", temperature="fp32",
         row_temperature_ptr="*fp32", top_k="i32", top_p="fp32", row_top_k_ptr="*i32", row_top_p_ptr="*fp32",
         BT="2048", MODE=str(mode), USE_TOPK=str(use_topk), USE_TOPP=str(use_topp), ROW_T="0", ROW_K="0", ROW_P="0",
+        TEMPERED="0",
     )
     return KernelSpec("ngsd_kernels.ops.fused_select", "_sample_fallback_kernel", args, "n_rows, 1, 1")
 

@@ -126,7 +126,8 @@ Choice select_variant(const char* source, at::ScalarType dtype, const Params& p,
               "ngsd_aot: temperature must be finite and 0 (greedy) or >= 1e-5, got ", p.temperature);
   TORCH_CHECK(p.top_k >= 0, "ngsd_aot: top_k must be >= 0 (0: off), got ", p.top_k);
   TORCH_CHECK(p.top_p > 0.0 && p.top_p <= 1.0, "ngsd_aot: top_p must be in (0, 1], got ", p.top_p);
-  // the compiled top-p reads the scores at T = 1; the spec applies it to q = s^(1/T) (reference.tempered_top_p)
+  // the compiled top-p reads the scores at T = 1 (TEMPERED = 0); the spec applies it to q = s^(1/T)
+  // (reference.tempered_top_p), which only the JIT kernels compile
   TORCH_CHECK(p.top_p >= 1.0 || p.temperature <= 0.0 || p.temperature == 1.0,
               "ngsd_aot: top-p at a temperature other than 1 is not compiled (got temperature ", p.temperature,
               "); torch.ops.ngsd.guarded_select runs it");

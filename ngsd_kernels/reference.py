@@ -136,7 +136,7 @@ def sampling_mask(q: torch.Tensor, top_k: int | torch.Tensor, top_p: float | tor
 
 def tempered_weights(positive: torch.Tensor, log_q: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
     """q ∝ positive^(1/T) as weights in [0, 1] (the row's largest is 1, so no T overflows them); rows at T = 1
-    keep ``positive`` itself, bit for bit (the fused kernels' top-p reads it: ``tempered_top_p``)."""
+    keep ``positive`` itself, bit for bit (as the kernels' untempered top-p does: ``tempered_top_p``)."""
     top = log_q.amax(dim=-1, keepdim=True)
     tempered = torch.exp(log_q - torch.where(torch.isfinite(top), top, torch.zeros_like(top)))
     if not isinstance(t, torch.Tensor):
@@ -146,8 +146,10 @@ def tempered_weights(positive: torch.Tensor, log_q: torch.Tensor, t: float | tor
 
 def tempered_top_p(params_temperature: float, params_top_p: float, row_temperature: torch.Tensor | None,
                    row_top_p: torch.Tensor | None) -> bool:
-    """A sampled step whose top-p reads q at a temperature other than 1 (or rows with their own temperature):
-    the fused kernels' top-p reads the scores at T = 1, so such steps run this reference (``launcher.select_exact``)."""
+    """A sampled step whose top-p reads q at a temperature other than 1 (or rows with their own temperature).
+    The Triton kernels then measure top-p on q^(1/T) (``TEMPERED``: each chunk's mass is a log-sum,
+    ``select_tiles.log_tempered_mass``, the weights ``select_tiles.tempered_weights``); the AOT extension
+    compiles only the untempered top-p and refuses such steps."""
     sampled = params_temperature > 0.0
     top_p_on = row_top_p is not None or params_top_p < 1.0
     return sampled and top_p_on and (row_temperature is not None or params_temperature != 1.0)

@@ -29,7 +29,6 @@ from torch import Tensor
 
 from ..checks import check_row_sampling, check_step_inputs
 from ..params import StepParams
-from ..reference import tempered_top_p
 from .launcher import (
     INTERPRETED,
     last_of_row_block,
@@ -52,10 +51,12 @@ from .select_tiles import (
     fold_gumbel_max,
     pass1_store_tile,
     pass2_store_tile,
+    positive_temperature,
     rows_temperature,
     rows_value,
     tile_log_probs,
     tile_union_scores,
+    top_p_weights,
     value_key,
     value_of,
 )
@@ -155,6 +156,7 @@ def _pass2_kernel(
     div_ptr, best_ptr, besti_ptr, keys2_ptr, mass_ptr,
     BB: tl.constexpr, BV: tl.constexpr, K: tl.constexpr, DIVERGENCE: tl.constexpr, SAMPLE: tl.constexpr,
     NEED_V0: tl.constexpr, NEED_V1: tl.constexpr, THREADS: tl.constexpr = 128, ROW_T: tl.constexpr = 0,
+    TEMPERED: tl.constexpr = False,
 ):
     # top-k / top-p: one element per thread, for the candidates' compaction (as union pass 1)
     lb, le, rows, row_mask, cols, col_mask, chunk = _load_tile(lb_ptr, le_ptr, stride_b, stride_e, n_rows, n_vocab,
@@ -163,7 +165,7 @@ def _pass2_kernel(
         lb, le, rows, row_mask, cols, col_mask, chunk, n_chunks,
         rowinfo_ptr, alpha_ptr, seed_ptr, seed_stride, offset_ptr, offset_stride, temperature,
         div_ptr, best_ptr, besti_ptr, keys2_ptr, mass_ptr,
-        DIVERGENCE, SAMPLE, K, NEED_V0, NEED_V1, THREADS, row_temperature_ptr, ROW_T,
+        DIVERGENCE, SAMPLE, K, NEED_V0, NEED_V1, THREADS, row_temperature_ptr, ROW_T, TEMPERED,
     )
 
 
@@ -189,7 +191,7 @@ def _sample_fallback_kernel(
     seed_ptr, seed_stride, offset_ptr, offset_stride, temperature, row_temperature_ptr, top_k, top_p,
     row_top_k_ptr, row_top_p_ptr,
     BT: tl.constexpr, MODE: tl.constexpr, USE_TOPK: tl.constexpr, USE_TOPP: tl.constexpr, ROW_T: tl.constexpr = 0,
-    ROW_K: tl.constexpr = 0, ROW_P: tl.constexpr = 0,
+    ROW_K: tl.constexpr = 0, ROW_P: tl.constexpr = 0, TEMPERED: tl.constexpr = False,
 ):
     """The exact token of one row whose top-K sampling buffer could not decide (the finalize's
     overflow flag), on the GPU: no host read. Programs of rows without the flag return at once.
@@ -199,7 +201,8 @@ def _sample_fallback_kernel(
     rules of reference.sampling_mask by bisection over value keys, one pass over the row per round
     (a rare path: ~64 passes): the top-k threshold (the k-th largest q, 31 rounds), the top-p one
     (the smallest probability whose mass strictly above it is < top_p, 31 rounds over
-    probabilities q / sum of the kept q), and the Gumbel-max draw with the reference's Philox noise.
+    probabilities q / sum of the kept q; TEMPERED: of q^(1/T), ``select_tiles.tempered_weights``, after one
+    more pass for the row's largest log(q) / T), and the Gumbel-max draw with the reference's Philox noise.
     One program per row (``n_rows``: the grid of csrc_triton's AOT launcher, whose grid is computed from
     the kernel's arguments).
     """
@@ -240,12 +243,25 @@ def _sample_fallback_kernel(
         # top-p: probabilities of the kept q; kept iff their mass strictly above is < top_p (or the max)
         floor_p = tl.zeros([1], tl.float32)
         norm = tl.full([1], 1.0, tl.float32)
+        # a new name: a runtime branch cannot turn the scalar argument into a tensor
+        row_t = rows_temperature(temperature, row_temperature_ptr, row + one, flagged, ROW_T)
+        temper = positive_temperature(row_t, ROW_T)
+        top = tl.zeros([1], tl.float32)
         if USE_TOPP:
+            if TEMPERED:  # the row's largest log(q) / T: the tempered weights' scale
+                top = tl.full([1], float("-inf"), tl.float32)
+                for start in range(0, n_vocab, BT):
+                    q, _ = _row_q_tile(lb_ptr, le_ptr, row, stride_b, stride_e, start, n_vocab, m_b, ls_b, m_e, ls_e,
+                                       alpha, thr_b, thr_e, mixed, BT)
+                    kept = (q > 0.0) & (q >= kth_q[:, None])
+                    top = tl.maximum(top, tl.max(tl.where(kept, tl.log(tl.where(kept, q, 1.0)) / temper,
+                                                          float("-inf")), axis=1))
+                top = tl.where(top > float("-inf"), top, 0.0)
             total = tl.zeros([1], tl.float32)
             for start in range(0, n_vocab, BT):
                 q, _ = _row_q_tile(lb_ptr, le_ptr, row, stride_b, stride_e, start, n_vocab, m_b, ls_b, m_e, ls_e, alpha,
                                     thr_b, thr_e, mixed, BT)
-                total += tl.sum(tl.where((q > 0.0) & (q >= kth_q[:, None]), q, 0.0), axis=1)
+                total += tl.sum(top_p_weights(q, kth_q, temper, top, TEMPERED), axis=1)
             norm = tl.maximum(total, 1e-30)
             t = tl.zeros([1], tl.int32)
             p_max = tl.zeros([1], tl.float32)
@@ -255,7 +271,7 @@ def _sample_fallback_kernel(
                 for start in range(0, n_vocab, BT):
                     q, _ = _row_q_tile(lb_ptr, le_ptr, row, stride_b, stride_e, start, n_vocab, m_b, ls_b, m_e, ls_e, alpha,
                                     thr_b, thr_e, mixed, BT)
-                    prob = tl.where((q > 0.0) & (q >= kth_q[:, None]), q, 0.0) / norm[:, None]
+                    prob = top_p_weights(q, kth_q, temper, top, TEMPERED) / norm[:, None]
                     mass += tl.sum(tl.where(prob > value_of(cand)[:, None], prob, 0.0), axis=1)
                     p_max = tl.maximum(p_max, tl.max(prob, axis=1))
                 t = tl.where(mass >= row_p, cand, t)
@@ -263,7 +279,7 @@ def _sample_fallback_kernel(
             for start in range(0, n_vocab, BT):
                 q, _ = _row_q_tile(lb_ptr, le_ptr, row, stride_b, stride_e, start, n_vocab, m_b, ls_b, m_e, ls_e, alpha,
                                     thr_b, thr_e, mixed, BT)
-                prob = tl.where((q > 0.0) & (q >= kth_q[:, None]), q, 0.0) / norm[:, None]
+                prob = top_p_weights(q, kth_q, temper, top, TEMPERED) / norm[:, None]
                 mass0 += tl.sum(tl.where(prob > 0.0, prob, 0.0), axis=1)
             # first key past the largest one with mass >= top_p: its value is the smallest kept probability
             floor_p = tl.where(mass0 >= row_p, tl.minimum(value_of(t + 1), p_max), 0.0)
@@ -272,14 +288,12 @@ def _sample_fallback_kernel(
         offset = tl.load(offset_ptr + row * offset_stride + one)
         best = tl.full([1], float("-inf"), tl.float32)
         best_id = tl.full([1], INDEX_NONE, tl.int32)
-        # a new name: a runtime branch cannot turn the scalar argument into a tensor
-        row_t = rows_temperature(temperature, row_temperature_ptr, row + one, flagged, ROW_T)
         for start in range(0, n_vocab, BT):
             q, cols = _row_q_tile(lb_ptr, le_ptr, row, stride_b, stride_e, start, n_vocab, m_b, ls_b, m_e, ls_e, alpha,
                                     thr_b, thr_e, mixed, BT)
             keep = (q > 0.0) & (q >= kth_q[:, None])
             if USE_TOPP:
-                keep = keep & (q / norm[:, None] >= floor_p[:, None])
+                keep = keep & (top_p_weights(q, kth_q, temper, top, TEMPERED) / norm[:, None] >= floor_p[:, None])
             best, best_id = fold_gumbel_max(q, keep, cols[None, :], seed, offset, row + one, row_t, best, best_id,
                                             ROW_T)
         token = tl.where(best == float("-inf"), 0, best_id)  # nothing kept: torch.argmax of all -inf is 0
@@ -329,7 +343,7 @@ class LogitsPasses:
                                    **constants)
         return True
 
-    def pass2(self, plan: SelectPlan, s: Scratch, rows: RowVectors, temperature: float) -> None:
+    def pass2(self, plan: SelectPlan, s: Scratch, rows: RowVectors, temperature: float, tempered: bool = False) -> None:
         lb, le = self.base_logits, self.expert_logits
         _pass2_kernel[self._grid(plan)](
             lb, le, lb.stride(0), le.stride(0), plan.batch, plan.vocab, plan.n_chunks,
@@ -338,11 +352,12 @@ class LogitsPasses:
             mass_ptr=s.mass, **rows.temperature_arg,
             BB=plan.block_b, BV=plan.block_v, K=plan.buffer, DIVERGENCE=plan.divergence, SAMPLE=plan.sample,
             NEED_V0=plan.need_v0, NEED_V1=plan.need_v1, THREADS=32 * plan.pass2_warps, num_warps=plan.pass2_warps,
-            **LAUNCH_OPTIONS,
+            TEMPERED=tempered, **LAUNCH_OPTIONS,
         )
 
     def sample_fallback(self, plan: SelectPlan, s: Scratch, rows: RowVectors, params: StepParams,
-                        temperature: float, tokens: torch.Tensor, spike: torch.Tensor, over: torch.Tensor) -> None:
+                        temperature: float, tokens: torch.Tensor, spike: torch.Tensor, over: torch.Tensor,
+                        tempered: bool = False) -> None:
         """Decide the rows whose top-K sampling buffer overflowed on the GPU (``_sample_fallback_kernel``):
         one program per row, which returns at once unless the row is flagged; clears their flags."""
         lb, le = self.base_logits, self.expert_logits
@@ -351,17 +366,19 @@ class LogitsPasses:
             lb, le, lb.stride(0), le.stride(0), plan.batch, plan.vocab, s.rowinfo, rows.alpha, spike, over, tokens,
             rows.seed, rows.seed_stride, rows.offset, rows.offset_stride, temperature=temperature, top_k=params.top_k,
             top_p=params.top_p, **rows.temperature_arg, **rows.top_k_p_arg,
-            BT=bt, MODE=plan.mode, USE_TOPK=plan.use_topk, USE_TOPP=plan.use_topp, **LAUNCH_OPTIONS,
+            BT=bt, MODE=plan.mode, USE_TOPK=plan.use_topk, USE_TOPP=plan.use_topp, TEMPERED=tempered,
+            **LAUNCH_OPTIONS,
         )
 
     def intersection_fallback(self, plan: SelectPlan, s: Scratch, rows: RowVectors, params: StepParams,
-                              temperature: float, tokens: torch.Tensor, spike: torch.Tensor, over: torch.Tensor) -> None:
+                              temperature: float, tokens: torch.Tensor, spike: torch.Tensor, over: torch.Tensor,
+                              tempered: bool = False) -> None:
         """Decide the spiked rows whose grown intersection overflowed the top-K buffers on the GPU
         (``intersection_fallback.decide_intersection_overflow``): no host read; clears their flags."""
         from .intersection_fallback import decide_intersection_overflow
 
         decide_intersection_overflow(self.base_logits, self.expert_logits, plan, s, rows, params, temperature,
-                                     tokens, spike, over)
+                                     tokens, spike, over, tempered=tempered)
 
     def row_logits(self, row_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.base_logits[row_ids], self.expert_logits[row_ids]
@@ -447,9 +464,6 @@ def fused_guarded_select_with_overflow(
     not decide; their token is the buffer's answer and may differ from the reference
     (``fused_guarded_select`` decides them on the GPU).
     """
-    if tempered_top_p(params.temperature, params.top_p, None, None):
-        raise ValueError(f"the kernels' top-p reads the scores at temperature 1, not {params.temperature}: "
-                         "fused_guarded_select runs such steps on the reference")
     plan, scratch = _prepare(base_logits, expert_logits, potential, alpha, seed, offset, params,
                              buffer_size=buffer_size, block_v=block_v, block_b=block_b)
     if plan is None:

@@ -519,7 +519,8 @@ class HiddenPasses:
                      kth=plan.kth, KEYS=plan.key_kind, NCP=plan.ncp, CG=plan.chunk_group, num_warps=warps)
         return True
 
-    def pass2(self, plan: SelectPlan, s: Scratch, rows: RowVectors, temperature: float) -> None:
+    def pass2(self, plan: SelectPlan, s: Scratch, rows: RowVectors, temperature: float, tempered: bool = False) -> None:
+        # tempered top-p is top-p sampling, which runs on materialised logits (HiddenLaunch): never here
         self._launch(
             _hs_pass2_kernel, plan,
             s.rowinfo, rows.alpha, rows.seed, rows.seed_stride, rows.offset, rows.offset_stride, temperature,

@@ -39,8 +39,8 @@ import triton.language as tl
 
 from ..params import StepParams
 from .launcher import INTERPRETED, LAUNCH_OPTIONS, TILE_ELEMENTS, RowVectors, Scratch, SelectPlan, next_pow2
-from .select_tiles import (INDEX_NONE, KEY_NONE, fold_gumbel_max, order_key, rows_temperature, rows_value,
-                           tile_log_probs, value_key, value_of)
+from .select_tiles import (INDEX_NONE, KEY_NONE, fold_gumbel_max, order_key, positive_temperature, rows_temperature,
+                           rows_value, tile_log_probs, top_p_weights, value_key, value_of)
 
 __all__ = ["RADIX_BITS", "decide_intersection_overflow"]
 
@@ -132,10 +132,11 @@ def _intersection_fallback_kernel(
     seed_ptr, seed_stride, offset_ptr, offset_stride, k_min, need, score_floor, temperature, row_temperature_ptr,
     top_k, top_p, outer_rounds, id_rounds, row_top_k_ptr, row_top_p_ptr,
     BT: tl.constexpr, R: tl.constexpr, SAMPLE: tl.constexpr, USE_TOPK: tl.constexpr, USE_TOPP: tl.constexpr,
-    ROW_T: tl.constexpr = 0, ROW_K: tl.constexpr = 0, ROW_P: tl.constexpr = 0,
+    ROW_T: tl.constexpr = 0, ROW_K: tl.constexpr = 0, ROW_P: tl.constexpr = 0, TEMPERED: tl.constexpr = False,
 ):
     """The exact token of one spiked, flagged intersection row (see the module docstring); other
-    programs return at once. SAMPLE: 0 greedy, else Gumbel-max sampling (with USE_TOPK / USE_TOPP).
+    programs return at once. SAMPLE: 0 greedy, else Gumbel-max sampling (with USE_TOPK / USE_TOPP;
+    TEMPERED: top-p over q^(1/T), ``select_tiles.tempered_weights``).
     One program per row (``n_rows``: the grid of csrc_triton's AOT launcher comes from the arguments)."""
     row = tl.program_id(0).to(tl.int64)
     one = tl.zeros([1], tl.int32)
@@ -215,13 +216,27 @@ def _intersection_fallback_kernel(
             # top-p over the probabilities of the kept q: kept iff their mass strictly above is < top_p
             floor_p = tl.zeros([1], tl.float32)
             norm = tl.full([1], 1.0, tl.float32)
+            # a new name: a runtime branch cannot turn the scalar argument into a tensor
+            row_t = rows_temperature(temperature, row_temperature_ptr, row + one, flagged, ROW_T)
+            temper = positive_temperature(row_t, ROW_T)
+            top = tl.zeros([1], tl.float32)
             if USE_TOPP:
+                if TEMPERED:  # the row's largest log(q) / T: the tempered weights' scale
+                    top = tl.full([1], float("-inf"), tl.float32)
+                    for start in range(0, n_vocab, BT):
+                        s, cols, cm = _guarded_tile(lb_ptr, le_ptr, row, stride_b, stride_e, start, n_vocab, m_b, ls_b,
+                                                    m_e, ls_e, alpha, tb, te, score_floor, total, BT)
+                        q = tl.maximum(s, 0.0)
+                        live = (q > 0.0) & (q >= kth_q[:, None])
+                        top = tl.maximum(top, tl.max(tl.where(live, tl.log(tl.where(live, q, 1.0)) / temper,
+                                                              float("-inf")), axis=1))
+                    top = tl.where(top > float("-inf"), top, 0.0)
                 kept = tl.zeros([1], tl.float32)
                 for start in range(0, n_vocab, BT):
                     s, cols, cm = _guarded_tile(lb_ptr, le_ptr, row, stride_b, stride_e, start, n_vocab, m_b, ls_b, m_e,
                                              ls_e, alpha, tb, te, score_floor, total, BT)
                     q = tl.maximum(s, 0.0)
-                    kept += tl.sum(tl.where((q > 0.0) & (q >= kth_q[:, None]), q, 0.0), axis=1)
+                    kept += tl.sum(top_p_weights(q, kth_q, temper, top, TEMPERED), axis=1)
                 norm = tl.maximum(kept, 1e-30)
                 # the largest key t whose mass strictly above value(t) is >= top_p (t = 0 if none)
                 t = tl.zeros([1], tl.int64)
@@ -235,7 +250,7 @@ def _intersection_fallback_kernel(
                         s, cols, cm = _guarded_tile(lb_ptr, le_ptr, row, stride_b, stride_e, start, n_vocab, m_b, ls_b,
                                                  m_e, ls_e, alpha, tb, te, score_floor, total, BT)
                         q = tl.maximum(s, 0.0)
-                        prob = tl.where((q > 0.0) & (q >= kth_q[:, None]), q, 0.0) / norm[:, None]
+                        prob = top_p_weights(q, kth_q, temper, top, TEMPERED) / norm[:, None]
                         pkey = value_key(prob).to(tl.int64)
                         mass += tl.sum(tl.where(pkey > cand[:, None], prob, 0.0), axis=1)
                         p_max = tl.maximum(p_max, tl.max(prob, axis=1))
@@ -247,8 +262,6 @@ def _intersection_fallback_kernel(
             # Gumbel-max over the kept tokens with the reference's noise (lowest id among equal maxima)
             seed = tl.load(seed_ptr + row * seed_stride + one)
             offset = tl.load(offset_ptr + row * offset_stride + one)
-            # a new name: a runtime branch cannot turn the scalar argument into a tensor
-            row_t = rows_temperature(temperature, row_temperature_ptr, row + one, flagged, ROW_T)
             for start in range(0, n_vocab, BT):
                 s, cols, cm = _guarded_tile(lb_ptr, le_ptr, row, stride_b, stride_e, start, n_vocab, m_b, ls_b, m_e,
                                             ls_e, alpha, tb, te, score_floor, total, BT)
@@ -257,7 +270,7 @@ def _intersection_fallback_kernel(
                 if USE_TOPK:
                     keep = keep & (q >= kth_q[:, None])
                 if USE_TOPP:
-                    keep = keep & (q / norm[:, None] >= floor_p[:, None])
+                    keep = keep & (top_p_weights(q, kth_q, temper, top, TEMPERED) / norm[:, None] >= floor_p[:, None])
                 best, best_id = fold_gumbel_max(q, keep, cols[None, :], seed, offset, row + one, row_t, best,
                                                 best_id, ROW_T)
             token = tl.where(best == float("-inf"), 0, best_id)  # nothing kept: torch.argmax of all -inf is 0
@@ -268,7 +281,7 @@ def _intersection_fallback_kernel(
 def decide_intersection_overflow(
     base_logits: torch.Tensor, expert_logits: torch.Tensor, plan: SelectPlan, scratch: Scratch, rows: RowVectors,
     params: StepParams, temperature: float, tokens: torch.Tensor, spike: torch.Tensor, over: torch.Tensor,
-    *, radix_bits: int | None = None,
+    *, radix_bits: int | None = None, tempered: bool = False,
 ) -> None:
     """Decide on the GPU the rows that spiked in intersection mode and whose grown intersection did
     not fit in the top-K buffers (``over`` set by the finalize kernel): writes their ``tokens`` and
@@ -276,7 +289,7 @@ def decide_intersection_overflow(
 
     base_logits / expert_logits: [B, V] with unit stride along the vocabulary (``LogitsPasses``);
     scratch.rowinfo must hold the reduce kernel's row statistics; ``temperature`` as the finalize
-    kernel got it (1.0 when greedy). ``radix_bits`` (tests): bits per search round, default RADIX_BITS.
+    kernel got it (1.0 when greedy); ``tempered``: top-p over q^(1/T), as the finalize's. ``radix_bits`` (tests): bits per search round, default RADIX_BITS.
     """
     r = RADIX_BITS if radix_bits is None else radix_bits
     if r < 1 or 32 % r:
@@ -292,5 +305,6 @@ def decide_intersection_overflow(
         spike, over, tokens, rows.seed, rows.seed_stride, rows.offset, rows.offset_stride,
         plan.kth, plan.need, params.score_floor, temperature=temperature, top_k=params.top_k, top_p=params.top_p,
         outer_rounds=outer_rounds, id_rounds=id_rounds, **rows.temperature_arg, **rows.top_k_p_arg,
-        BT=bt, R=r, SAMPLE=plan.sample, USE_TOPK=plan.use_topk, USE_TOPP=plan.use_topp, **LAUNCH_OPTIONS,
+        BT=bt, R=r, SAMPLE=plan.sample, USE_TOPK=plan.use_topk, USE_TOPP=plan.use_topp, TEMPERED=tempered,
+        **LAUNCH_OPTIONS,
     )

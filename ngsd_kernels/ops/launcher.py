@@ -13,7 +13,7 @@ loads logits tiles, the hidden-state path (``hidden_select.py``) computes them f
 states and the LM head. Both write the same per-chunk partials, so the per-row kernels below, the
 plan, the scratch, the launch order and the exact fallback for rows a bounded top-K buffer could
 not decide are written once, here. A source is any object with ``pass1(plan, scratch) -> bool``,
-``pass2(plan, scratch, rows, temperature)`` and ``row_logits(row_ids)`` (``PassKernels``).
+``pass2(plan, scratch, rows, temperature, tempered)`` and ``row_logits(row_ids)`` (``PassKernels``).
 
 On CPU the kernels run only under ``TRITON_INTERPRET=1`` (set before Triton is imported).
 """
@@ -33,12 +33,15 @@ from ..reference import Outputs, guarded_select_reference, tempered_top_p
 from .select_tiles import (
     INDEX_NONE,
     KEY_NONE,
+    combine_log_masses,
     compact_top_keys,
     ilog2,
     key_index,
     key_value,
     keys_sample,
+    log_tempered_mass,
     order_key,
+    positive_temperature,
     raw_to_order_keys,
     rows_temperature,
     rows_value,
@@ -197,7 +200,7 @@ def _intersection_kernel(
     row_top_k_ptr, row_top_p_ptr,
     RB: tl.constexpr, K: tl.constexpr, EB: tl.constexpr, SAMPLE: tl.constexpr,
     USE_TOPK: tl.constexpr, USE_TOPP: tl.constexpr, ROW_T: tl.constexpr = 0, ROW_K: tl.constexpr = 0,
-    ROW_P: tl.constexpr = 0,
+    ROW_P: tl.constexpr = 0, TEMPERED: tl.constexpr = False,
 ):
     """Per row: SafeDecoding's grown intersection and the token of the row *if it spikes*.
 
@@ -256,12 +259,15 @@ def _intersection_kernel(
     else:
         seed = tl.load(seed_ptr + rows * seed_stride, mask=rmask, other=0)
         offset = tl.load(offset_ptr + rows * offset_stride, mask=rmask, other=0)
-        total = tl.sum(tl.where(in_set, scores, 0.0), axis=1)
+        row_t = rows_temperature(temperature, row_temperature_ptr, rows, rmask, ROW_T)
+        if TEMPERED:
+            total = log_tempered_mass(tl.where(in_set, scores, 0.0), positive_temperature(row_t, ROW_T))
+        else:
+            total = tl.sum(tl.where(in_set, scores, 0.0), axis=1)
         # every token outside C has q = 0 and is never kept: the candidates are certain (no floor)
-        token = keys_sample(tl.where(in_set, order_key(scores, ids_b), KEY_NONE), total, seed, offset, rows,
-                            rows_temperature(temperature, row_temperature_ptr, rows, rmask, ROW_T),
+        token = keys_sample(tl.where(in_set, order_key(scores, ids_b), KEY_NONE), total, seed, offset, rows, row_t,
                             rows_value(top_k, row_top_k_ptr, rows, rmask, ROW_K),
-                            rows_value(top_p, row_top_p_ptr, rows, rmask, ROW_P), USE_TOPK, USE_TOPP, ROW_T)
+                            rows_value(top_p, row_top_p_ptr, rows, rmask, ROW_P), USE_TOPK, USE_TOPP, ROW_T, TEMPERED)
     tl.store(choice_ptr + rows, token, mask=rmask)
     tl.store(iover_ptr + rows, overflow.to(tl.int32), mask=rmask)
 
@@ -323,12 +329,13 @@ def _finalize_kernel(
     RB: tl.constexpr, NCP: tl.constexpr, DIVERGENCE: tl.constexpr,
     GATE: tl.constexpr, MODE: tl.constexpr, SAMPLE: tl.constexpr, USE_TOPK: tl.constexpr,
     USE_TOPP: tl.constexpr, NEED_V0: tl.constexpr, SLOTS: tl.constexpr = 1, SB: tl.constexpr = 1,
-    ROW_T: tl.constexpr = 0, ROW_K: tl.constexpr = 0, ROW_P: tl.constexpr = 0,
+    ROW_T: tl.constexpr = 0, ROW_K: tl.constexpr = 0, ROW_P: tl.constexpr = 0, TEMPERED: tl.constexpr = False,
 ):
     """Per row: divergence, LIF update, spike, and the token of the gate outcome that happened.
 
     Top-k / top-p (SAMPLE 2): ``slots_sample`` over the chunks' SLOTS candidate keys each, SB keys per
-    load; a row whose thresholds fell below its certainty floor is flagged (``over``)."""
+    load; a row whose thresholds fell below its certainty floor is flagged (``over``). TEMPERED: top-p
+    reads q^(1/T), the chunks' masses are logs (``select_tiles.log_tempered_mass``)."""
     rows = (tl.program_id(0) * RB + tl.arange(0, RB)).to(tl.int64)
     rmask = rows < n_rows
     c = tl.arange(0, NCP)
@@ -353,7 +360,10 @@ def _finalize_kernel(
         if SAMPLE == 2:
             # per chunk: (sum of q, certainty floor) -> the row's mass and the largest floor
             mslot = (oslot[:, None] + c[None, :]) * 2
-            total = tl.sum(tl.load(mass_ptr + mslot, mask=cm, other=0.0), axis=1)
+            if TEMPERED:
+                total = combine_log_masses(tl.load(mass_ptr + mslot, mask=cm, other=float("-inf")))
+            else:
+                total = tl.sum(tl.load(mass_ptr + mslot, mask=cm, other=0.0), axis=1)
             floor = tl.max(tl.load(mass_ptr + mslot + 1, mask=cm, other=0.0), axis=1)
             seed = tl.load(seed_ptr + rows * seed_stride, mask=rmask, other=0)
             offset = tl.load(offset_ptr + rows * offset_stride, mask=rmask, other=0)
@@ -362,6 +372,7 @@ def _finalize_kernel(
                 rows_temperature(temperature, row_temperature_ptr, rows, rmask, ROW_T),
                 rows_value(top_k, row_top_k_ptr, rows, rmask, ROW_K),
                 rows_value(top_p, row_top_p_ptr, rows, rmask, ROW_P), USE_TOPK, USE_TOPP, SB, NCP * SLOTS > SB, ROW_T,
+                TEMPERED,
             )
         else:
             vals = tl.load(best_ptr + oslot[:, None] + c[None, :], mask=cm, other=float("-inf"))
@@ -748,7 +759,8 @@ class PassKernels(Protocol):
 
     def pass1(self, plan: SelectPlan, scratch: Scratch) -> bool: ...
 
-    def pass2(self, plan: SelectPlan, scratch: Scratch, rows: RowVectors, temperature: float) -> None: ...
+    def pass2(self, plan: SelectPlan, scratch: Scratch, rows: RowVectors, temperature: float,
+              tempered: bool = False) -> None: ...
 
     def row_logits(self, row_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
@@ -777,6 +789,8 @@ def launch_select(
     over = torch.empty(batch, dtype=torch.bool, device=device)
     s = scratch
     temperature = params.temperature if params.temperature > 0 else 1.0
+    # top-p over q^(1/T) (spec 3.5): T != 1, or the rows' own temperatures
+    tempered = plan.use_topp and tempered_top_p(params.temperature, params.top_p, rows.temperature, rows.top_p)
 
     grid_rows = (triton.cdiv(batch, plan.row_block),)
     if not source.pass1(plan, s):
@@ -792,9 +806,9 @@ def launch_select(
             s.choice, s.iover, batch, vocab, plan.kth, plan.need, params.score_floor, temperature=temperature,
             top_k=params.top_k, top_p=params.top_p, **rows.temperature_arg, **rows.top_k_p_arg,
             RB=plan.row_block, K=k, EB=plan.inter_block, SAMPLE=plan.sample, USE_TOPK=plan.use_topk,
-            USE_TOPP=plan.use_topp, **LAUNCH_OPTIONS,
+            USE_TOPP=plan.use_topp, TEMPERED=tempered, **LAUNCH_OPTIONS,
         )
-    source.pass2(plan, s, rows, temperature)
+    source.pass2(plan, s, rows, temperature, tempered)
     _finalize_kernel[grid_rows](
         s.rowinfo, s.div, s.best, s.besti, s.keys2, s.mass, s.choice, s.iover,
         rows.potential, rows.alpha, rows.seed, rows.seed_stride, rows.offset, rows.offset_stride,
@@ -803,15 +817,15 @@ def launch_select(
         top_k=params.top_k, top_p=params.top_p, **rows.temperature_arg, **rows.top_k_p_arg,
         RB=plan.row_block, NCP=plan.ncp, DIVERGENCE=plan.divergence,
         GATE=int(params.gate), MODE=plan.mode, SAMPLE=plan.sample, USE_TOPK=plan.use_topk, USE_TOPP=plan.use_topp,
-        NEED_V0=plan.need_v0, SLOTS=plan.sample_slots, SB=plan.sample_block, **LAUNCH_OPTIONS,
+        NEED_V0=plan.need_v0, SLOTS=plan.sample_slots, SB=plan.sample_block, TEMPERED=tempered, **LAUNCH_OPTIONS,
     )
     flags_left = plan.may_overflow
     if fallback and plan.may_overflow and plan.sample == 2 and hasattr(source, "sample_fallback"):
-        source.sample_fallback(plan, s, rows, params, temperature, tokens, spike, over)
+        source.sample_fallback(plan, s, rows, params, temperature, tokens, spike, over, tempered)
         flags_left = s.intersect  # spiked intersection rows stay with the caller
     if fallback and flags_left and s.intersect and hasattr(source, "intersection_fallback"):
         # spiked rows whose grown intersection overflowed the buffers: decided on the GPU as well
-        source.intersection_fallback(plan, s, rows, params, temperature, tokens, spike, over)
+        source.intersection_fallback(plan, s, rows, params, temperature, tokens, spike, over, tempered)
         flags_left = plan.sample == 2 and not hasattr(source, "sample_fallback")
     return tokens, new_potential, spike, current, (over if flags_left else None)
 
@@ -839,12 +853,6 @@ def select_exact(
     ``row_temperature`` / ``row_top_k`` / ``row_top_p``: [B], each row's own (``RowVectors``; the launch
     must use what they replace).
     """
-    if tempered_top_p(params.temperature, params.top_p, row_temperature, row_top_p):
-        # top-p over q = s^(1/T): the kernels' top-p masses read s (T = 1), so this step runs the reference on
-        # the device (unfused; never run on a GPU). Greedy, plain temperature and top-k steps stay fused.
-        base_rows, expert_rows = source.row_logits(torch.arange(potential.shape[0], device=potential.device))
-        return guarded_select_reference(base_rows, expert_rows, potential, alpha, seed, offset, params,
-                                        row_temperature=row_temperature, row_top_k=row_top_k, row_top_p=row_top_p)
     rows = RowVectors.of(potential, alpha, seed, offset, row_temperature, row_top_k, row_top_p)
     *outputs, overflow = launch_select(source, plan, scratch, rows, params)
     if overflow is not None and exact_fallback:

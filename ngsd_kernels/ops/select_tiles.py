@@ -43,7 +43,8 @@ Scratch buffers (all contiguous, written by one pass and read by the next, never
   besti   int32 [B, 2, NC]     its token id
   keys2   int64 [B, 2, NC, S]  chunk candidates of q per outcome, unsorted order keys (top-k / top-p
                                sampling only; S = min(2K, BV), ``store_sample_candidates``)
-  mass    fp32  [B, 2, NC, 2]  per outcome: partial sum of q, certainty floor of the candidates
+  mass    fp32  [B, 2, NC, 2]  per outcome: partial sum of q (top-p at T != 1: the log of the partial sum of
+                               q^(1/T), ``log_tempered_mass``), certainty floor of the candidates
 
 A *value key* is the int32 whose signed order is the float order (``value_key``); an *order key*
 packs a value key and the token id into one int64 whose signed order is "larger float first, then
@@ -883,37 +884,100 @@ def _load_slot_keys(ptr, row_base, row_mask, n_slots, start, N: tl.constexpr):
 
 
 @triton.jit
-def _slot_stat(keys, kth_q, norm, at, WHAT: tl.constexpr):
-    """Per-row statistic of a [R, N] block of candidate order keys; w = q where q > 0 and q >= kth_q,
-    else 0. WHAT 0: #{w >= at}; 1: sum w; 2: sum of p = w / norm over p > at; 3: max p."""
+def tempered_weights(q, t, m):
+    """q^(1/T) relative to the row's largest, as ``reference.tempered_weights`` computes it: exp(log(q) / t - m)
+    where q > 0, else 0. q: [R, N] >= 0; t: a scalar or [R, 1] (> 0); m: [R], the row's largest log(q) / t."""
+    positive = q > 0.0
+    return tl.where(positive, tl.exp(tl.log(tl.where(positive, q, 1.0)) / t - m[:, None]), 0.0)
+
+
+@triton.jit
+def top_p_weights(q, kth_q, temperature, top, TEMPERED: tl.constexpr):
+    """What top-p measures of the q kept by top-k (q > 0 and q >= kth_q; the others 0): q itself, or TEMPERED
+    q^(1/T) relative to the row's largest (``tempered_weights``; top: its largest log(q) / T)."""
+    kept = (q > 0.0) & (q >= kth_q[:, None])
+    if TEMPERED:
+        out = tl.where(kept, tempered_weights(q, temperature, top), 0.0)
+    else:
+        out = tl.where(kept, q, 0.0)
+    return out
+
+
+@triton.jit
+def log_tempered_mass(q, t):
+    """Per row of a [R, N] tile of q >= 0: log(sum of q^(1/t) over q > 0), -inf when no q is positive. A sum
+    of logs, so no temperature overflows it and chunks combine without knowing the row's largest q
+    (``combine_log_masses``); t: a scalar or [R, 1] (> 0)."""
+    positive = q > 0.0
+    scaled = tl.where(positive, tl.log(tl.where(positive, q, 1.0)) / t, float("-inf"))
+    top = tl.max(scaled, axis=1)
+    shift = tl.where(top > float("-inf"), top, 0.0)
+    return shift + tl.log(tl.sum(tl.exp(scaled - shift[:, None]), axis=1))
+
+
+@triton.jit
+def combine_log_masses(logs):
+    """log(sum(exp(logs))) along the last axis of [R, C] (-inf entries: empty chunks)."""
+    top = tl.max(logs, axis=1)
+    shift = tl.where(top > float("-inf"), top, 0.0)
+    return shift + tl.log(tl.sum(tl.exp(logs - shift[:, None]), axis=1))
+
+
+@triton.jit
+def positive_temperature(temperature, PER_ROW: tl.constexpr):
+    """The temperature top-p tempers q with: a per-row [R, 1] temperature of a greedy row (T <= 0) read as 1
+    (such a row takes its arg-max, ``by_temperature``, which top-k and top-p always keep)."""
+    if PER_ROW:
+        out = tl.where(temperature > 0.0, temperature, 1.0)
+    else:
+        out = temperature
+    return out
+
+
+@triton.jit
+def _slot_stat(keys, kth_q, norm, at, WHAT: tl.constexpr, TEMPERED: tl.constexpr = False, t=1.0, m=0.0):
+    """Per-row statistic of a [R, N] block of candidate order keys; kept: q > 0 and q >= kth_q; w = q where
+    kept (TEMPERED: q^(1/t) relative to the row's largest, ``tempered_weights`` with m), else 0.
+    WHAT 0: #{kept q >= at}; 1: sum w; 2: sum of p = w / norm over p > at; 3: max p; 4: max log(q) / t
+    over the kept q (-inf: none)."""
     q = tl.where(keys != KEY_NONE, key_value(keys), 0.0)
-    w = tl.where((q > 0.0) & (q >= kth_q[:, None]), q, 0.0)
+    kept = (q > 0.0) & (q >= kth_q[:, None])
+    w = tl.where(kept, q, 0.0)
     if WHAT == 0:
         out = tl.sum((w >= at[:, None]).to(tl.float32), axis=1)
-    elif WHAT == 1:
-        out = tl.sum(w, axis=1)
-    elif WHAT == 2:
-        p = w / norm[:, None]
-        out = tl.sum(tl.where(p > at[:, None], p, 0.0), axis=1)
+    elif WHAT == 4:
+        out = tl.max(tl.where(kept, tl.log(tl.where(kept, q, 1.0)) / t, float("-inf")), axis=1)
     else:
-        out = tl.max(w / norm[:, None], axis=1)
+        if TEMPERED:
+            w = tl.where(kept, tempered_weights(q, t, m), 0.0)
+        if WHAT == 1:
+            out = tl.sum(w, axis=1)
+        elif WHAT == 2:
+            p = w / norm[:, None]
+            out = tl.sum(tl.where(p > at[:, None], p, 0.0), axis=1)
+        else:
+            out = tl.max(w / norm[:, None], axis=1)
     return out
 
 
 @triton.jit
 def _slots_stat(ptr, row_base, row_mask, n_slots, keys, kth_q, norm, at, WHAT: tl.constexpr, N: tl.constexpr,
-                LOOP: tl.constexpr):
+                LOOP: tl.constexpr, TEMPERED: tl.constexpr = False, t=1.0, m=0.0):
     """``_slot_stat`` over all of a row's slots: the preloaded ``keys`` block, or (LOOP) N at a time."""
     if LOOP:
-        out = tl.zeros_like(norm)
+        if WHAT == 4:
+            out = tl.full(norm.shape, float("-inf"), tl.float32)
+        else:
+            out = tl.zeros_like(norm)
         for start in range(0, n_slots, N):
-            part = _slot_stat(_load_slot_keys(ptr, row_base, row_mask, n_slots, start, N), kth_q, norm, at, WHAT)
-            if WHAT == 3:
+            part = _slot_stat(_load_slot_keys(ptr, row_base, row_mask, n_slots, start, N), kth_q, norm, at, WHAT,
+                              TEMPERED, t, m)
+            if WHAT >= 3:
                 out = tl.maximum(out, part)
             else:
                 out += part
     else:
-        out = _slot_stat(keys, kth_q, norm, at, WHAT)
+        out = _slot_stat(keys, kth_q, norm, at, WHAT, TEMPERED, t, m)
     return out
 
 
@@ -938,14 +1002,17 @@ def fold_gumbel_max(q, keep, ids, seed, offset, rows, temperature, best, best_id
 def slots_sample(
     ptr, row_base, row_mask, n_slots, total_mass, floor, seed, offset, rows, temperature, top_k, top_p,
     USE_TOPK: tl.constexpr, USE_TOPP: tl.constexpr, N: tl.constexpr, LOOP: tl.constexpr, PER_ROW: tl.constexpr = False,
+    TEMPERED: tl.constexpr = False,
 ):
     """Top-k / top-p filtering and the Gumbel-max draw over a row's unsorted candidate order keys
     (``store_sample_candidates``), with no sorting: the rules of reference.sampling_mask by MSB-first
     bisection on value keys, as ``fused_select._sample_fallback_kernel`` does over a whole row.
 
     ptr + row_base: each row's ``n_slots`` keys (KEY_NONE: absent), read N at a time (LOOP) or at once;
-    total_mass: [R] sum of q over the whole row (the top-p normaliser without top-k); floor: [R] the
-    largest certainty floor of the row's chunks (every token with q >= floor is a candidate).
+    total_mass: [R] sum of q over the whole row (the top-p normaliser without top-k; TEMPERED: the log of
+    the sum of q^(1/T), ``log_tempered_mass``); floor: [R] the largest certainty floor of the row's chunks
+    (every token with q >= floor is a candidate). TEMPERED: top-p reads q^(1/T), as the reference does
+    (``reference.tempered_weights``); else q itself (T = 1).
     Returns (token [R] int32, overflow [R] bool): overflow when a threshold fell below the floor, where
     tokens that are not candidates could change the answer (the caller decides such rows another way).
     """
@@ -954,17 +1021,18 @@ def slots_sample(
     else:
         keys = _load_slot_keys(ptr, row_base, row_mask, n_slots, 0, N)
     return _candidates_sample(ptr, row_base, row_mask, n_slots, keys, total_mass, floor, seed, offset, rows,
-                              temperature, top_k, top_p, USE_TOPK, USE_TOPP, N, LOOP, PER_ROW)
+                              temperature, top_k, top_p, USE_TOPK, USE_TOPP, N, LOOP, PER_ROW, TEMPERED)
 
 
 @triton.jit
 def keys_sample(keys, total_mass, seed, offset, rows, temperature, top_k, top_p,
-                USE_TOPK: tl.constexpr, USE_TOPP: tl.constexpr, PER_ROW: tl.constexpr = False):
+                USE_TOPK: tl.constexpr, USE_TOPP: tl.constexpr, PER_ROW: tl.constexpr = False,
+                TEMPERED: tl.constexpr = False):
     """``slots_sample`` over a [R, N] register tile of candidate order keys of q that holds every
     token with q > 0 (so nothing can overflow). Returns token [R] int32."""
     N: tl.constexpr = keys.shape[1]
     token, _ = _candidates_sample(0, 0, rows >= 0, N, keys, total_mass, tl.zeros_like(total_mass), seed, offset,
-                                  rows, temperature, top_k, top_p, USE_TOPK, USE_TOPP, N, False, PER_ROW)
+                                  rows, temperature, top_k, top_p, USE_TOPK, USE_TOPP, N, False, PER_ROW, TEMPERED)
     return token
 
 
@@ -972,6 +1040,7 @@ def keys_sample(keys, total_mass, seed, offset, rows, temperature, top_k, top_p,
 def _candidates_sample(
     ptr, row_base, row_mask, n_slots, keys, total_mass, floor, seed, offset, rows, temperature, top_k, top_p,
     USE_TOPK: tl.constexpr, USE_TOPP: tl.constexpr, N: tl.constexpr, LOOP: tl.constexpr, PER_ROW: tl.constexpr = False,
+    TEMPERED: tl.constexpr = False,
 ):
     """``slots_sample`` with the keys already loaded when not LOOP (``keys_sample`` passes a register tile)."""
     zero = tl.zeros_like(total_mass)
@@ -990,9 +1059,18 @@ def _candidates_sample(
         overflow = zero != zero
     floor_p = zero
     norm = one
+    temper = positive_temperature(temperature, PER_ROW)
+    top = zero
     if USE_TOPP:
+        if TEMPERED:
+            # the row's largest log(q) / T (its largest q is always a candidate): the weights' scale
+            top = _slots_stat(ptr, row_base, row_mask, n_slots, keys, kth_q, one, zero, 4, N, LOOP, False, temper)
+            top = tl.where(top > float("-inf"), top, 0.0)
         if USE_TOPK:
-            norm = _slots_stat(ptr, row_base, row_mask, n_slots, keys, kth_q, one, zero, 1, N, LOOP)
+            norm = _slots_stat(ptr, row_base, row_mask, n_slots, keys, kth_q, one, zero, 1, N, LOOP, TEMPERED,
+                               temper, top)
+        elif TEMPERED:
+            norm = tl.exp(total_mass - top)
         else:
             norm = total_mass
         norm = tl.maximum(norm, 1e-30)
@@ -1000,14 +1078,21 @@ def _candidates_sample(
         t = tl.zeros(total_mass.shape, tl.int32)
         for i in range(31):  # a runtime loop: one copy of the round's code
             cand = t | (1 << (30 - i))
-            mass = _slots_stat(ptr, row_base, row_mask, n_slots, keys, kth_q, norm, value_of(cand), 2, N, LOOP)
+            mass = _slots_stat(ptr, row_base, row_mask, n_slots, keys, kth_q, norm, value_of(cand), 2, N, LOOP,
+                               TEMPERED, temper, top)
             t = tl.where(mass >= top_p, cand, t)
-        mass0 = _slots_stat(ptr, row_base, row_mask, n_slots, keys, kth_q, norm, zero, 2, N, LOOP)
-        p_max = _slots_stat(ptr, row_base, row_mask, n_slots, keys, kth_q, norm, zero, 3, N, LOOP)
+        mass0 = _slots_stat(ptr, row_base, row_mask, n_slots, keys, kth_q, norm, zero, 2, N, LOOP, TEMPERED, temper,
+                            top)
+        p_max = _slots_stat(ptr, row_base, row_mask, n_slots, keys, kth_q, norm, zero, 3, N, LOOP, TEMPERED, temper,
+                            top)
         # first key past it: its value is the smallest kept probability
         floor_p = tl.where(mass0 >= top_p, tl.minimum(value_of(t + 1), p_max), 0.0)
         if not USE_TOPK:  # with top-k every kept token is >= kth_q >= floor already
-            overflow = value_of(t) < floor / norm
+            if TEMPERED:
+                floor_w = tl.max(tempered_weights(floor[:, None], temper, top), axis=1)
+            else:
+                floor_w = floor
+            overflow = value_of(t) < floor_w / norm
     # Gumbel-max over the kept candidates, the reference's noise; equal maxima: the lowest id
     best = tl.full(total_mass.shape, float("-inf"), tl.float32)
     best_id = tl.full(total_mass.shape, INDEX_NONE, tl.int32)
@@ -1017,7 +1102,11 @@ def _candidates_sample(
         else:
             block = keys
         q = tl.where(block != KEY_NONE, key_value(block), 0.0)
-        keep = (q > 0.0) & (q >= kth_q[:, None]) & (q / norm[:, None] >= floor_p[:, None])
+        if TEMPERED:
+            w = tempered_weights(q, temper, top)
+        else:
+            w = q
+        keep = (q > 0.0) & (q >= kth_q[:, None]) & (w / norm[:, None] >= floor_p[:, None])
         best, best_id = fold_gumbel_max(q, keep, key_index(block), seed, offset, rows, temperature, best, best_id,
                                         PER_ROW)
     token = tl.where(best == float("-inf"), 0, best_id)  # nothing kept: torch.argmax of all -inf is 0
@@ -1133,7 +1222,7 @@ def pass2_store_tile(
     div_ptr, best_ptr, besti_ptr, keys2_ptr, mass_ptr,
     DIVERGENCE: tl.constexpr, SAMPLE: tl.constexpr, K: tl.constexpr,
     NEED_V0: tl.constexpr, NEED_V1: tl.constexpr, THREADS: tl.constexpr = 128, row_temperature_ptr=0,
-    ROW_T: tl.constexpr = 0,
+    ROW_T: tl.constexpr = 0, TEMPERED: tl.constexpr = False,
 ):
     """Pass 2 on a [BB, BV] tile pair: partial divergence and partial choices of both gate outcomes.
 
@@ -1142,6 +1231,8 @@ def pass2_store_tile(
     nothing is sorted). NEED_V0 / NEED_V1: compute the no-spike outcome (s = p_b) / the spiked
     union outcome. Masked entries (``row_mask``, ``col_mask``) must hold -inf.
     ROW_T: the rows' own temperatures at ``row_temperature_ptr`` instead of ``temperature``.
+    TEMPERED (top-p at T != 1, or per-row temperatures): each chunk's mass is the log of its sum of q^(1/T)
+    (``log_tempered_mass``), what the finalize's tempered top-p normalises by.
     """
     mask = row_mask[:, None] & col_mask[None, :]  # masked entries hold -inf already (the loads' `other`)
     if SAMPLE == 2:
@@ -1169,7 +1260,11 @@ def pass2_store_tile(
         row_t = rows_temperature(temperature, row_temperature_ptr, rows, row_mask, ROW_T)
     else:
         gumbel = 0.0
-        row_t = temperature
+        if TEMPERED:
+            row_t = positive_temperature(rows_temperature(temperature, row_temperature_ptr, rows, row_mask, ROW_T),
+                                         ROW_T)
+        else:
+            row_t = temperature
     # outcome slots: [row, outcome, chunk]
     oslot = rows.to(tl.int64) * 2 * n_chunks + chunk
     if SAMPLE == 2:
@@ -1186,10 +1281,10 @@ def pass2_store_tile(
         S: tl.constexpr = sample_slots(lb.shape[1], K)
         if NEED_V0:
             store_sample_candidates(keys2_ptr, mass_ptr, oslot, row_mask, q0, cols, tl.maximum(bound0, 0.0), S,
-                                    THREADS)
+                                    THREADS, TEMPERED, row_t)
         if NEED_V1:
             store_sample_candidates(keys2_ptr, mass_ptr, oslot + n_chunks, row_mask, q1, cols,
-                                    tl.maximum(bound1, 0.0), S, THREADS)
+                                    tl.maximum(bound1, 0.0), S, THREADS, TEMPERED, row_t)
     else:
         # the no-spike outcome first: the mixture's tile is computed after pb's arg-max (fewer live registers)
         if NEED_V0:
@@ -1227,11 +1322,11 @@ def sample_slots(block_v, k):
 
 @triton.jit
 def store_sample_candidates(keys2_ptr, mass_ptr, slot, row_mask, q, cols, bound, SLOTS: tl.constexpr,
-                            THREADS: tl.constexpr = 128):
+                            THREADS: tl.constexpr = 128, TEMPERED: tl.constexpr = False, temperature=1.0):
     """One chunk's sampling candidates of one gate outcome, unsorted: the (q, id) order keys of the
     entries >= bound (or, when those do not fit in SLOTS slots or bound <= 0, of the entries > bound),
     compacted (``compaction_slots``), the rest KEY_NONE; plus mass_ptr[2 slot] = the chunk's sum of q
-    and mass_ptr[2 slot + 1] = its *certainty floor*: every entry with q >= it is among the stored
+    (TEMPERED: ``log_tempered_mass`` at ``temperature``, a scalar or [R, 1]) and mass_ptr[2 slot + 1] = its *certainty floor*: every entry with q >= it is among the stored
     ones (bound, the next float above bound, or +inf when even the entries > bound do not fit: then
     the first SLOTS of them are stored). ``slots_sample`` is exact wherever its thresholds stay at or
     above the largest floor of the row, and flags the row otherwise.
@@ -1250,5 +1345,9 @@ def store_sample_candidates(keys2_ptr, mass_ptr, slot, row_mask, q, cols, bound,
              mask=row_mask[:, None] & (free >= n_taken[:, None]))
     next_up = value_of(value_key(bound) + 1)  # q > bound is q >= the next float (bound >= 0)
     floor = tl.where(with_ties, bound, tl.where(n_gt <= SLOTS, next_up, float("inf")))
-    tl.store(mass_ptr + 2 * slot, tl.sum(q, axis=1), mask=row_mask)
+    if TEMPERED:
+        mass = log_tempered_mass(q, temperature)
+    else:
+        mass = tl.sum(q, axis=1)
+    tl.store(mass_ptr + 2 * slot, mass, mask=row_mask)
     tl.store(mass_ptr + 2 * slot + 1, floor, mask=row_mask)

@@ -51,8 +51,9 @@ def _case(trial: int, gen: torch.Generator):
     top_p = (1.0, 0.9, 0.5, 0.95)[trial % 4]
     if top_k == 0 and top_p == 1.0:
         top_p = 0.8
-    # the kernels' top-p runs at temperature 1 only (top-p at another one runs the reference: tempered_top_p)
-    temperature = (0.7, 1.0, 1.5)[trial % 3] if top_p == 1.0 else 1.0
+    # top-p at T != 1 reads q^(1/T) (select_tiles.log_tempered_mass, tempered_weights); T 0.05 sharpens q past
+    # any fp32 sum of q itself
+    temperature = (0.7, 1.0, 1.5, 0.05)[(trial // 3) % 4] if trial % 7 else 1.0
     params = StepParams(candidate_k=8, gate=(GateMode.CLOSED, GateMode.OPEN, GateMode.LIF)[trial % 3],
                         temperature=temperature, top_k=top_k, top_p=top_p, v_th=0.3)
     args = (base, expert, torch.zeros(batch), torch.full((batch,), 0.7), torch.arange(batch) + trial,
@@ -100,3 +101,25 @@ def test_plan_sizes_the_candidate_slots_and_the_finalize_blocks():
     assert plan_select(8, 5000, params, block_v=64, buffer_size=64).sample_slots == 64
     greedy = plan_select(8, 5000, StepParams())
     assert (greedy.sample_slots, greedy.sample_block) == (1, 1)
+
+
+@pytest.mark.parametrize("temperature", [0.3, 0.7, 1.5, 4.0])
+def test_top_p_reads_the_tempered_distribution_in_the_kernels(temperature, no_host_read):
+    """Top-p at T != 1 keeps the nucleus of q^(1/T) (spec 3.5), inside the kernels: the chunks' masses are
+    logs of sums of q^(1/T), the finalize's bisection reads the tempered weights, and the rows the
+    candidates cannot decide are decided on the device with the same weights."""
+    gen = torch.Generator().manual_seed(int(temperature * 10))
+    for trial, top_p in enumerate((0.5, 0.8, 0.95)):
+        batch, vocab = 6, 900 + 97 * trial
+        base = torch.randn(batch, vocab, generator=gen) * (1.0, 3.0, 6.0)[trial]
+        expert = torch.randn(batch, vocab, generator=gen) * 2.0
+        params = StepParams(candidate_k=8, gate=(GateMode.OPEN, GateMode.LIF, GateMode.CLOSED)[trial],
+                            temperature=temperature, top_p=top_p, v_th=0.3)
+        args = (base, expert, torch.zeros(batch), torch.full((batch,), 0.6), torch.arange(batch) + 5 * trial,
+                torch.tensor([trial]))
+        want = guarded_select_reference(*args, params=params)
+        sure = ~near_tie_rows(*args, params) if approximate_exp(args[0]) else torch.ones_like(want[2])
+        tokens, _, _, _, overflow = fused_guarded_select_with_overflow(*args, params=params, block_v=128)
+        assert torch.equal(tokens[~overflow & sure], want[0][~overflow & sure]), (temperature, top_p)
+        decided = fused_guarded_select(*args, params=params, block_v=128)[0]
+        assert torch.equal(decided[sure], want[0][sure]), (temperature, top_p)
