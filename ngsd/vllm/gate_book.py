@@ -12,7 +12,8 @@ in that order) but never names the request. Two facts make the state safe anyway
   (preempted, or simply not scheduled this step) and added back later brings the same params and
   the same output list, so its potential continues where it was (with async scheduling vLLM may
   hand a resumed request a new list: then the gate no row holds whose committed steps match the
-  list's length is taken). When the request finishes vLLM drops the params object and the state
+  list's length is taken, or, for a request whose steps are never committed (routed, opted out),
+  a free gate of that kind: a routed request keeps its route and is not decided again). When the request finishes vLLM drops the params object and the state
   goes with it (with shared params, when its last sibling finishes). Nothing here holds a request
   beyond its life.
 - A selection is committed only once the token is really in the request's output. vLLM computes
@@ -131,9 +132,11 @@ class GateBook:
     def _returning(self, gates: list[GateState], output: Sequence[int]) -> GateState | None:
         """The gate of a request back after a preemption or an unscheduled step (settled), or None: a new request.
 
-        Its own output list finds it; failing that (a list replaced on resumption), a gate of the same
-        params that no row holds and whose committed steps are the list's length. A new request's list
-        is empty, so a new sibling never takes over a preempted one's gate.
+        Its own output list finds it; failing that (a list replaced on resumption, as async scheduling does),
+        a gate of the same params that no row holds: a guarded one whose committed steps are the list's
+        length, else one that commits no steps (routed by the risk probe, or opted out: its step stays 0
+        however long its output; siblings sharing params share the prompt, hence the route). A new
+        request's list is empty, so a new sibling never takes over a preempted one's gate.
         """
         for state in gates:
             if state.output is output:
@@ -142,12 +145,14 @@ class GateBook:
         if not output:
             return None
         held = {id(state) for state in self.rows.values()}
-        for state in gates:
-            if id(state) not in held:
-                state.settle()
-                if state.step == len(output):
-                    return state
-        return None
+        free = [state for state in gates if id(state) not in held]
+        for state in free:
+            state.settle()
+        committing = [state for state in free if state.policy.guarded and not state.awaiting]
+        match = next((state for state in committing if state.step == len(output)), None)
+        if match is None:
+            match = next((state for state in free if state not in committing and not state.awaiting), None)
+        return match
 
     def _new_state(self, params: Any) -> GateState:
         policy = self.settings.policy_or_guarded(getattr(params, "extra_args", None))

@@ -367,12 +367,16 @@ def _finalize_kernel(
             floor = tl.max(tl.load(mass_ptr + mslot + 1, mask=cm, other=0.0), axis=1)
             seed = tl.load(seed_ptr + rows * seed_stride, mask=rmask, other=0)
             offset = tl.load(offset_ptr + rows * offset_stride, mask=rmask, other=0)
+            # top-p: the candidates' weights, computed once, go to the other outcome's candidate slots (its
+            # n_chunks * SLOTS int64 slots hold twice the fp32 weights needed; nothing reads them after pass 2)
+            weights_ptr = keys2_ptr.to(tl.pointer_type(tl.float32))
+            weights_base = (rows * 2 + 1 - outcome) * n_chunks * SLOTS * 2
             token, overflow = slots_sample(
                 keys2_ptr, oslot * SLOTS, rmask, n_chunks * SLOTS, total, floor, seed, offset, rows,
                 rows_temperature(temperature, row_temperature_ptr, rows, rmask, ROW_T),
                 rows_value(top_k, row_top_k_ptr, rows, rmask, ROW_K),
                 rows_value(top_p, row_top_p_ptr, rows, rmask, ROW_P), USE_TOPK, USE_TOPP, SB, NCP * SLOTS > SB, ROW_T,
-                TEMPERED,
+                TEMPERED, weights_ptr, weights_base,
             )
         else:
             vals = tl.load(best_ptr + oslot[:, None] + c[None, :], mask=cm, other=float("-inf"))

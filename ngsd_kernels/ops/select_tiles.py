@@ -916,6 +916,14 @@ def log_tempered_mass(q, t):
 
 
 @triton.jit
+def log_tempered_mass_below(log_q, log_top, t):
+    """``log_tempered_mass`` from log(q) [R, N] (-inf: q = 0) and the row's largest log(q), log_top [R] (known
+    beforehand: no maximum to find, and the terms are at most 1, so none overflows); t a scalar or [R, 1]."""
+    shift = log_top[:, None] / t
+    return tl.log(tl.sum(tl.exp(log_q / t - shift), axis=1)) + tl.max(shift, axis=1)
+
+
+@triton.jit
 def combine_log_masses(logs):
     """log(sum(exp(logs))) along the last axis of [R, C] (-inf entries: empty chunks)."""
     top = tl.max(logs, axis=1)
@@ -935,49 +943,35 @@ def positive_temperature(temperature, PER_ROW: tl.constexpr):
 
 
 @triton.jit
-def _slot_stat(keys, kth_q, norm, at, WHAT: tl.constexpr, TEMPERED: tl.constexpr = False, t=1.0, m=0.0):
-    """Per-row statistic of a [R, N] block of candidate order keys; kept: q > 0 and q >= kth_q; w = q where
-    kept (TEMPERED: q^(1/t) relative to the row's largest, ``tempered_weights`` with m), else 0.
-    WHAT 0: #{kept q >= at}; 1: sum w; 2: sum of p = w / norm over p > at; 3: max p; 4: max log(q) / t
-    over the kept q (-inf: none)."""
+def _slot_stat(keys, kth_q, at, WHAT: tl.constexpr, t=1.0):
+    """Per-row statistic of a [R, N] block of candidate order keys; kept: q > 0 and q >= kth_q.
+    WHAT 0: #{kept q >= at}; 1: max log(q) / t over the kept q (-inf: none)."""
     q = tl.where(keys != KEY_NONE, key_value(keys), 0.0)
     kept = (q > 0.0) & (q >= kth_q[:, None])
-    w = tl.where(kept, q, 0.0)
     if WHAT == 0:
-        out = tl.sum((w >= at[:, None]).to(tl.float32), axis=1)
-    elif WHAT == 4:
-        out = tl.max(tl.where(kept, tl.log(tl.where(kept, q, 1.0)) / t, float("-inf")), axis=1)
+        out = tl.sum((tl.where(kept, q, 0.0) >= at[:, None]).to(tl.float32), axis=1)
     else:
-        if TEMPERED:
-            w = tl.where(kept, tempered_weights(q, t, m), 0.0)
-        if WHAT == 1:
-            out = tl.sum(w, axis=1)
-        elif WHAT == 2:
-            p = w / norm[:, None]
-            out = tl.sum(tl.where(p > at[:, None], p, 0.0), axis=1)
-        else:
-            out = tl.max(w / norm[:, None], axis=1)
+        out = tl.max(tl.where(kept, tl.log(tl.where(kept, q, 1.0)) / t, float("-inf")), axis=1)
     return out
 
 
 @triton.jit
-def _slots_stat(ptr, row_base, row_mask, n_slots, keys, kth_q, norm, at, WHAT: tl.constexpr, N: tl.constexpr,
-                LOOP: tl.constexpr, TEMPERED: tl.constexpr = False, t=1.0, m=0.0):
+def _slots_stat(ptr, row_base, row_mask, n_slots, keys, kth_q, at, WHAT: tl.constexpr, N: tl.constexpr,
+                LOOP: tl.constexpr, t=1.0):
     """``_slot_stat`` over all of a row's slots: the preloaded ``keys`` block, or (LOOP) N at a time."""
     if LOOP:
-        if WHAT == 4:
-            out = tl.full(norm.shape, float("-inf"), tl.float32)
+        if WHAT == 0:
+            out = tl.zeros_like(at)
         else:
-            out = tl.zeros_like(norm)
+            out = tl.full(at.shape, float("-inf"), tl.float32)
         for start in range(0, n_slots, N):
-            part = _slot_stat(_load_slot_keys(ptr, row_base, row_mask, n_slots, start, N), kth_q, norm, at, WHAT,
-                              TEMPERED, t, m)
-            if WHAT >= 3:
-                out = tl.maximum(out, part)
-            else:
+            part = _slot_stat(_load_slot_keys(ptr, row_base, row_mask, n_slots, start, N), kth_q, at, WHAT, t)
+            if WHAT == 0:
                 out += part
+            else:
+                out = tl.maximum(out, part)
     else:
-        out = _slot_stat(keys, kth_q, norm, at, WHAT, TEMPERED, t, m)
+        out = _slot_stat(keys, kth_q, at, WHAT, t)
     return out
 
 
@@ -1002,7 +996,7 @@ def fold_gumbel_max(q, keep, ids, seed, offset, rows, temperature, best, best_id
 def slots_sample(
     ptr, row_base, row_mask, n_slots, total_mass, floor, seed, offset, rows, temperature, top_k, top_p,
     USE_TOPK: tl.constexpr, USE_TOPP: tl.constexpr, N: tl.constexpr, LOOP: tl.constexpr, PER_ROW: tl.constexpr = False,
-    TEMPERED: tl.constexpr = False,
+    TEMPERED: tl.constexpr = False, weights_ptr=0, weights_base=0,
 ):
     """Top-k / top-p filtering and the Gumbel-max draw over a row's unsorted candidate order keys
     (``store_sample_candidates``), with no sorting: the rules of reference.sampling_mask by MSB-first
@@ -1012,7 +1006,9 @@ def slots_sample(
     total_mass: [R] sum of q over the whole row (the top-p normaliser without top-k; TEMPERED: the log of
     the sum of q^(1/T), ``log_tempered_mass``); floor: [R] the largest certainty floor of the row's chunks
     (every token with q >= floor is a candidate). TEMPERED: top-p reads q^(1/T), as the reference does
-    (``reference.tempered_weights``); else q itself (T = 1).
+    (``reference.tempered_weights``), else q itself (T = 1). With top-p and LOOP the candidates' weights are
+    computed once and kept as fp32 at weights_ptr + weights_base ([R]; n_slots each), which the bisection
+    rounds read instead of the keys.
     Returns (token [R] int32, overflow [R] bool): overflow when a threshold fell below the floor, where
     tokens that are not candidates could change the answer (the caller decides such rows another way).
     """
@@ -1021,7 +1017,8 @@ def slots_sample(
     else:
         keys = _load_slot_keys(ptr, row_base, row_mask, n_slots, 0, N)
     return _candidates_sample(ptr, row_base, row_mask, n_slots, keys, total_mass, floor, seed, offset, rows,
-                              temperature, top_k, top_p, USE_TOPK, USE_TOPP, N, LOOP, PER_ROW, TEMPERED)
+                              temperature, top_k, top_p, USE_TOPK, USE_TOPP, N, LOOP, PER_ROW, TEMPERED, weights_ptr,
+                              weights_base)
 
 
 @triton.jit
@@ -1037,10 +1034,55 @@ def keys_sample(keys, total_mass, seed, offset, rows, temperature, top_k, top_p,
 
 
 @triton.jit
+def _kept_weights(keys, kth_q, temperature, top, TEMPERED: tl.constexpr):
+    """``top_p_weights`` of a [R, N] block of candidate keys (absent slots: 0)."""
+    return top_p_weights(tl.where(keys != KEY_NONE, key_value(keys), 0.0), kth_q, temperature, top, TEMPERED)
+
+
+@triton.jit
+def _weight_stat(w, norm, at, WHAT: tl.constexpr):
+    """Per-row statistic of a [R, N] block of kept weights (0: not kept): WHAT 1 sum w; 2 sum of p = w / norm
+    over p > at; 3 max p."""
+    if WHAT == 1:
+        out = tl.sum(w, axis=1)
+    elif WHAT == 2:
+        p = w / norm[:, None]
+        out = tl.sum(tl.where(p > at[:, None], p, 0.0), axis=1)
+    else:
+        out = tl.max(w / norm[:, None], axis=1)
+    return out
+
+
+@triton.jit
+def _load_weights(weights_ptr, weights_base, row_mask, n_slots, start, N: tl.constexpr):
+    idx = start + tl.arange(0, N)
+    return tl.load(weights_ptr + weights_base[:, None] + idx[None, :],
+                   mask=row_mask[:, None] & (idx < n_slots)[None, :], other=0.0)
+
+
+@triton.jit
+def _top_p_stat(row_mask, n_slots, norm, at, WHAT: tl.constexpr, N: tl.constexpr, LOOP: tl.constexpr, weights,
+                weights_ptr, weights_base):
+    """A top-p statistic (``_weight_stat``) of a row's candidates' weights (``_kept_weights``): a register tile
+    (``weights``) or, LOOP, kept at weights_ptr + weights_base."""
+    if LOOP:
+        out = tl.zeros_like(norm)
+        for start in range(0, n_slots, N):
+            part = _weight_stat(_load_weights(weights_ptr, weights_base, row_mask, n_slots, start, N), norm, at, WHAT)
+            if WHAT == 3:
+                out = tl.maximum(out, part)
+            else:
+                out += part
+    else:
+        out = _weight_stat(weights, norm, at, WHAT)
+    return out
+
+
+@triton.jit
 def _candidates_sample(
     ptr, row_base, row_mask, n_slots, keys, total_mass, floor, seed, offset, rows, temperature, top_k, top_p,
     USE_TOPK: tl.constexpr, USE_TOPP: tl.constexpr, N: tl.constexpr, LOOP: tl.constexpr, PER_ROW: tl.constexpr = False,
-    TEMPERED: tl.constexpr = False,
+    TEMPERED: tl.constexpr = False, weights_ptr=0, weights_base=0,
 ):
     """``slots_sample`` with the keys already loaded when not LOOP (``keys_sample`` passes a register tile)."""
     zero = tl.zeros_like(total_mass)
@@ -1051,7 +1093,7 @@ def _candidates_sample(
         t = tl.zeros(total_mass.shape, tl.int32)
         for i in range(31):  # a runtime loop: one copy of the round's code
             cand = t | (1 << (30 - i))
-            cnt = _slots_stat(ptr, row_base, row_mask, n_slots, keys, zero, one, value_of(cand), 0, N, LOOP)
+            cnt = _slots_stat(ptr, row_base, row_mask, n_slots, keys, zero, value_of(cand), 0, N, LOOP)
             t = tl.where(cnt >= top_k, cand, t)
         kth_q = value_of(t)
         overflow = kth_q < floor  # tokens outside the candidates could reach the k-th largest
@@ -1061,14 +1103,24 @@ def _candidates_sample(
     norm = one
     temper = positive_temperature(temperature, PER_ROW)
     top = zero
+    weights = 0
     if USE_TOPP:
-        if TEMPERED:
-            # the row's largest log(q) / T (its largest q is always a candidate): the weights' scale
-            top = _slots_stat(ptr, row_base, row_mask, n_slots, keys, kth_q, one, zero, 4, N, LOOP, False, temper)
+        if TEMPERED:  # the row's largest log(q) / T (its largest q is always a candidate): the weights' scale
+            top = _slots_stat(ptr, row_base, row_mask, n_slots, keys, kth_q, zero, 1, N, LOOP, temper)
             top = tl.where(top > float("-inf"), top, 0.0)
+        # the candidates' weights once, not once a bisection round: fp32 reads instead of int64 keys to decode
+        # (and, TEMPERED, no exp and log per candidate and round)
+        if LOOP:
+            for start in range(0, n_slots, N):
+                idx = start + tl.arange(0, N)
+                block = _load_slot_keys(ptr, row_base, row_mask, n_slots, start, N)
+                tl.store(weights_ptr + weights_base[:, None] + idx[None, :],
+                         _kept_weights(block, kth_q, temper, top, TEMPERED), mask=row_mask[:, None] & (idx < n_slots)[None, :])
+            tl.debug_barrier()  # the rounds below read what other threads of the program stored
+        else:
+            weights = _kept_weights(keys, kth_q, temper, top, TEMPERED)
         if USE_TOPK:
-            norm = _slots_stat(ptr, row_base, row_mask, n_slots, keys, kth_q, one, zero, 1, N, LOOP, TEMPERED,
-                               temper, top)
+            norm = _top_p_stat(row_mask, n_slots, one, zero, 1, N, LOOP, weights, weights_ptr, weights_base)
         elif TEMPERED:
             norm = tl.exp(total_mass - top)
         else:
@@ -1078,13 +1130,10 @@ def _candidates_sample(
         t = tl.zeros(total_mass.shape, tl.int32)
         for i in range(31):  # a runtime loop: one copy of the round's code
             cand = t | (1 << (30 - i))
-            mass = _slots_stat(ptr, row_base, row_mask, n_slots, keys, kth_q, norm, value_of(cand), 2, N, LOOP,
-                               TEMPERED, temper, top)
+            mass = _top_p_stat(row_mask, n_slots, norm, value_of(cand), 2, N, LOOP, weights, weights_ptr, weights_base)
             t = tl.where(mass >= top_p, cand, t)
-        mass0 = _slots_stat(ptr, row_base, row_mask, n_slots, keys, kth_q, norm, zero, 2, N, LOOP, TEMPERED, temper,
-                            top)
-        p_max = _slots_stat(ptr, row_base, row_mask, n_slots, keys, kth_q, norm, zero, 3, N, LOOP, TEMPERED, temper,
-                            top)
+        mass0 = _top_p_stat(row_mask, n_slots, norm, zero, 2, N, LOOP, weights, weights_ptr, weights_base)
+        p_max = _top_p_stat(row_mask, n_slots, norm, zero, 3, N, LOOP, weights, weights_ptr, weights_base)
         # first key past it: its value is the smallest kept probability
         floor_p = tl.where(mass0 >= top_p, tl.minimum(value_of(t + 1), p_max), 0.0)
         if not USE_TOPK:  # with top-k every kept token is >= kth_q >= floor already
@@ -1102,11 +1151,13 @@ def _candidates_sample(
         else:
             block = keys
         q = tl.where(block != KEY_NONE, key_value(block), 0.0)
-        if TEMPERED:
-            w = tempered_weights(q, temper, top)
-        else:
-            w = q
-        keep = (q > 0.0) & (q >= kth_q[:, None]) & (w / norm[:, None] >= floor_p[:, None])
+        keep = (q > 0.0) & (q >= kth_q[:, None])
+        if USE_TOPP:
+            if LOOP:
+                w = _load_weights(weights_ptr, weights_base, row_mask, n_slots, start, N)
+            else:
+                w = weights
+            keep = keep & (w / norm[:, None] >= floor_p[:, None])
         best, best_id = fold_gumbel_max(q, keep, key_index(block), seed, offset, rows, temperature, best, best_id,
                                         PER_ROW)
     token = tl.where(best == float("-inf"), 0, best_id)  # nothing kept: torch.argmax of all -inf is 0
@@ -1280,11 +1331,19 @@ def pass2_store_tile(
         bound0, bound1 = pair_group_bound(tile_group_max(q0, G), tile_group_max(q1, G), K, 32, 0)
         S: tl.constexpr = sample_slots(lb.shape[1], K)
         if NEED_V0:
-            store_sample_candidates(keys2_ptr, mass_ptr, oslot, row_mask, q0, cols, tl.maximum(bound0, 0.0), S,
-                                    THREADS, TEMPERED, row_t)
+            if TEMPERED:  # p_b's largest log is -log(sum exp) (the reduce's): no log of q, no maximum to find
+                mass0 = log_tempered_mass_below(tl.where(mask, log_pb, float("-inf")), -ls_b, row_t)
+            else:
+                mass0 = tl.sum(q0, axis=1)
+            store_sample_candidates(keys2_ptr, mass_ptr, oslot, row_mask, q0, cols, tl.maximum(bound0, 0.0), mass0,
+                                    S, THREADS)
         if NEED_V1:
+            if TEMPERED:
+                mass1 = log_tempered_mass(q1, row_t)
+            else:
+                mass1 = tl.sum(q1, axis=1)
             store_sample_candidates(keys2_ptr, mass_ptr, oslot + n_chunks, row_mask, q1, cols,
-                                    tl.maximum(bound1, 0.0), S, THREADS, TEMPERED, row_t)
+                                    tl.maximum(bound1, 0.0), mass1, S, THREADS)
     else:
         # the no-spike outcome first: the mixture's tile is computed after pb's arg-max (fewer live registers)
         if NEED_V0:
@@ -1321,12 +1380,12 @@ def sample_slots(block_v, k):
 
 
 @triton.jit
-def store_sample_candidates(keys2_ptr, mass_ptr, slot, row_mask, q, cols, bound, SLOTS: tl.constexpr,
-                            THREADS: tl.constexpr = 128, TEMPERED: tl.constexpr = False, temperature=1.0):
+def store_sample_candidates(keys2_ptr, mass_ptr, slot, row_mask, q, cols, bound, mass, SLOTS: tl.constexpr,
+                            THREADS: tl.constexpr = 128):
     """One chunk's sampling candidates of one gate outcome, unsorted: the (q, id) order keys of the
     entries >= bound (or, when those do not fit in SLOTS slots or bound <= 0, of the entries > bound),
-    compacted (``compaction_slots``), the rest KEY_NONE; plus mass_ptr[2 slot] = the chunk's sum of q
-    (TEMPERED: ``log_tempered_mass`` at ``temperature``, a scalar or [R, 1]) and mass_ptr[2 slot + 1] = its *certainty floor*: every entry with q >= it is among the stored
+    compacted (``compaction_slots``), the rest KEY_NONE; plus mass_ptr[2 slot] = ``mass`` [R], the chunk's
+    sum of q (top-p at T != 1: the log of its sum of q^(1/T), ``log_tempered_mass``) and mass_ptr[2 slot + 1] = its *certainty floor*: every entry with q >= it is among the stored
     ones (bound, the next float above bound, or +inf when even the entries > bound do not fit: then
     the first SLOTS of them are stored). ``slots_sample`` is exact wherever its thresholds stay at or
     above the largest floor of the row, and flags the row otherwise.
@@ -1345,9 +1404,5 @@ def store_sample_candidates(keys2_ptr, mass_ptr, slot, row_mask, q, cols, bound,
              mask=row_mask[:, None] & (free >= n_taken[:, None]))
     next_up = value_of(value_key(bound) + 1)  # q > bound is q >= the next float (bound >= 0)
     floor = tl.where(with_ties, bound, tl.where(n_gt <= SLOTS, next_up, float("inf")))
-    if TEMPERED:
-        mass = log_tempered_mass(q, temperature)
-    else:
-        mass = tl.sum(q, axis=1)
     tl.store(mass_ptr + 2 * slot, mass, mask=row_mask)
     tl.store(mass_ptr + 2 * slot + 1, floor, mask=row_mask)

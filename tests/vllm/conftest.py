@@ -134,6 +134,40 @@ def guarded_llm(model_path, verdict_log):
 
 
 @pytest.fixture(scope="session")
+def async_verdict_log(tmp_path_factory):
+    return tmp_path_factory.mktemp("async_verdicts") / "verdicts.jsonl"
+
+
+@pytest.fixture(scope="session")
+def async_guarded_llm(model_path, async_verdict_log):
+    """`guarded_llm`'s settings under vLLM's async scheduling (its default on GPUs): a resumed request gets a new
+    output list, and a sampled token shows up as -1 until the host has it. vLLM's CPU platform switches async
+    scheduling off in `check_and_update_config`; the engine's config is built here, in the driver, and sent to
+    the engine process, so keeping the flag on while this engine is built is enough (vLLM 0.32's CPU model runner
+    supports it: a plain engine decodes the same tokens with and without)."""
+    from vllm import LLM
+    from vllm.platforms.cpu import CpuPlatform
+
+    from ngsd.vllm import engine_kwargs
+
+    cpu_config = CpuPlatform.__dict__["check_and_update_config"]
+
+    def keep_async_scheduling(cls, vllm_config) -> None:
+        cpu_config.__func__(cls, vllm_config)
+        vllm_config.scheduler_config.async_scheduling = True
+
+    os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
+    CpuPlatform.check_and_update_config = classmethod(keep_async_scheduling)
+    try:
+        llm = LLM(**engine_kwargs(model_path, expert="shipped", alpha=ALPHA, verdict_log=str(async_verdict_log),
+                                  kv_cache_memory_bytes=GUARDED_KV_BYTES, disable_log_stats=False, **CHUNKED, **ENGINE))
+    finally:
+        CpuPlatform.check_and_update_config = cpu_config
+    yield llm
+    llm.llm_engine.engine_core.shutdown()
+
+
+@pytest.fixture(scope="session")
 def sampling_llm(model_path):
     """A guarded engine without the small step budget, for seeded sampling: vLLM's CPU runner fails when it
     discards a seeded request's sample after a partial prefill ("CPU Generator does not use offset", its

@@ -73,6 +73,36 @@ def test_a_request_resumed_with_a_new_output_list_continues_its_potential():
     assert (book.rows[0].potential, book.rows[0].step) == (0.8, 1)
 
 
+@pytest.mark.parametrize("route", ["routed", "opted out"])
+def test_an_unguarded_request_resumed_with_a_new_output_list_keeps_its_gate(route):
+    """Async scheduling hands a resumed request a new list. A request routed by the risk probe (or opted out)
+    commits no steps, so its step (0) never matches the list's length: it must still find its gate, and the
+    probe must not decide it a second time (found with vLLM 0.32's CPU engine forced to async scheduling:
+    the verdict log got a line per resumption, read at a recompute step)."""
+    from ngsd.vllm.settings import RequestPolicy
+
+    book = GateBook(GuardSettings(allow_opt_out=True), SimpleNamespace(start_potential=0.0))
+    params, output = _request(**({"ngsd_guard": False} if route == "opted out" else {}))
+    sibling_output: list[int] = []
+    book.update([], [(0, params, [1, 2, 3], output), (1, params, [1, 2, 3], sibling_output)], [])
+    state, sibling = book.rows[0], book.rows[1]
+    for gate in (state, sibling):
+        if route == "routed":
+            assert gate.awaiting
+            gate.awaiting, gate.policy = False, RequestPolicy(guarded=False, alpha=0.0)  # the processor's verdict
+        assert not gate.policy.guarded
+    output.extend([7, 8, 9])
+    sibling_output.extend([5, 6])
+    book.update([0, 1], [], [])  # both preempted
+    book.update([], [(2, params, [1, 2, 3], [7, 8, 9]), (0, params, [1, 2, 3], [5, 6])], [])  # resumed, new lists
+    assert {id(book.rows[2]), id(book.rows[0])} == {id(state), id(sibling)}
+    assert book.awaiting(3) == [] and book.guarded(3) == []
+    assert len(gates_of(params)) == 2  # no gate added per resumption
+    fresh: list[int] = []
+    book.update([], [(1, params, [1, 2, 3], fresh)], [])  # a new child: a new gate, not a preempted one's
+    assert book.rows[1] not in (state, sibling) and len(gates_of(params)) == 3
+
+
 def test_async_schedulings_placeholder_commits_the_choice_without_a_warning(caplog):
     """With async scheduling (vLLM's default on GPUs) the worker appends -1 for a sampled token and fills it in
     before the request's next sampling; a request that leaves the batch first (it finished) keeps the -1. The

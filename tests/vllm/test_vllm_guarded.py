@@ -31,11 +31,24 @@ def test_batch_with_preemption_equals_project_loop(guarded_llm, prompt_ids, band
     """All 18 at once into a KV cache that holds a few, prompts prefilled over several steps: vLLM preempts
     and recomputes, and each request is routed or guarded (at the same alpha) as the library's default
     decides it (risk probe, routing, divergence check), once, with the same tokens."""
+    _check_preempted_batch(guarded_llm, prompt_ids + band_ids, default_result, default_reference, verdict_log)
+
+
+def test_async_scheduling_gives_the_same_tokens_and_one_verdict_per_request(async_guarded_llm, prompt_ids, band_ids,
+                                                                             default_result, default_reference,
+                                                                             async_verdict_log):
+    """The same batch under async scheduling (vLLM's default on GPUs): a resumed request comes back with a new
+    output list, and a routed request must keep its route rather than be decided again at a recompute step."""
+    assert async_guarded_llm.llm_engine.vllm_config.scheduler_config.async_scheduling
+    _check_preempted_batch(async_guarded_llm, prompt_ids + band_ids, default_result, default_reference,
+                           async_verdict_log)
+
+
+def _check_preempted_batch(llm, ids, default_result, default_reference, verdict_log) -> None:
     from ngsd.vllm.risk import prompt_key
 
     log = VerdictLog(verdict_log)
-    ids = prompt_ids + band_ids
-    outputs = guarded_llm.generate([{"prompt_token_ids": row} for row in ids], greedy(), use_tqdm=False)
+    outputs = llm.generate([{"prompt_token_ids": row} for row in ids], greedy(), use_tqdm=False)
     preempted = sum(o.metrics.num_preemptions for o in outputs)
     assert preempted > 0, "the KV cache was meant to force preemption; the test lost its point"
     got = [_tokens(o) for o in outputs]
