@@ -1114,8 +1114,8 @@ def _candidates_sample(
             for start in range(0, n_slots, N):
                 idx = start + tl.arange(0, N)
                 block = _load_slot_keys(ptr, row_base, row_mask, n_slots, start, N)
-                tl.store(weights_ptr + weights_base[:, None] + idx[None, :],
-                         _kept_weights(block, kth_q, temper, top, TEMPERED), mask=row_mask[:, None] & (idx < n_slots)[None, :])
+                tl.store(weights_ptr + weights_base[:, None] + idx[None, :], _kept_weights(block, kth_q, temper, top, TEMPERED),
+                         mask=row_mask[:, None] & (idx < n_slots)[None, :])
             tl.debug_barrier()  # the rounds below read what other threads of the program stored
         else:
             weights = _kept_weights(keys, kth_q, temper, top, TEMPERED)
@@ -1385,9 +1385,10 @@ def store_sample_candidates(keys2_ptr, mass_ptr, slot, row_mask, q, cols, bound,
     """One chunk's sampling candidates of one gate outcome, unsorted: the (q, id) order keys of the
     entries >= bound (or, when those do not fit in SLOTS slots or bound <= 0, of the entries > bound),
     compacted (``compaction_slots``), the rest KEY_NONE; plus mass_ptr[2 slot] = ``mass`` [R], the chunk's
-    sum of q (top-p at T != 1: the log of its sum of q^(1/T), ``log_tempered_mass``) and mass_ptr[2 slot + 1] = its *certainty floor*: every entry with q >= it is among the stored
-    ones (bound, the next float above bound, or +inf when even the entries > bound do not fit: then
-    the first SLOTS of them are stored). ``slots_sample`` is exact wherever its thresholds stay at or
+    sum of q (top-p at T != 1: the log of its sum of q^(1/T), ``log_tempered_mass``) and
+    mass_ptr[2 slot + 1] = its *certainty floor*: every entry with q >= it is among the stored ones (bound,
+    the next float above bound, or +inf when even the entries > bound do not fit: then the first SLOTS of
+    them are stored). ``slots_sample`` is exact wherever its thresholds stay at or
     above the largest floor of the row, and flags the row otherwise.
 
     q: [R, N] fp32 >= 0, masked entries 0; slot: [R] int64 index of (row, outcome, chunk).
