@@ -13,9 +13,9 @@ in that order) but never names the request. Two facts make the state safe anyway
   the same output list, so its potential continues where it was (with async scheduling vLLM may
   hand a resumed request a new list: then the gate no row holds whose committed steps match the
   list's length is taken, or, for a request whose steps are never committed (routed, opted out),
-  a free gate of that kind: a routed request keeps its route and is not decided again). When the request finishes vLLM drops the params object and the state
-  goes with it (with shared params, when its last sibling finishes). Nothing here holds a request
-  beyond its life.
+  a free gate of that kind: a routed request keeps its route and is not decided again). When the
+  request finishes vLLM drops the params object and the state goes with it (with shared params,
+  when its last sibling finishes). Nothing here holds a request beyond its life.
 - A selection is committed only once the token is really in the request's output. vLLM computes
   logits for a partly prefilled request too and throws that sample away; the chosen token is
   kept pending and committed when the request's (live) output list has grown by it, dropped
@@ -148,10 +148,10 @@ class GateBook:
         free = [state for state in gates if id(state) not in held]
         for state in free:
             state.settle()
-        committing = [state for state in free if state.policy.guarded and not state.awaiting]
-        match = next((state for state in committing if state.step == len(output)), None)
+        decided = [state for state in free if not state.awaiting]
+        match = next((state for state in decided if state.policy.guarded and state.step == len(output)), None)
         if match is None:
-            match = next((state for state in free if state not in committing and not state.awaiting), None)
+            match = next((state for state in decided if not state.policy.guarded), None)
         return match
 
     def _new_state(self, params: Any) -> GateState:

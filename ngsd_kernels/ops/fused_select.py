@@ -49,6 +49,7 @@ from .launcher import (
 from .select_tiles import (
     INDEX_NONE,
     fold_gumbel_max,
+    kept_log_max,
     pass1_store_tile,
     pass2_store_tile,
     positive_temperature,
@@ -253,9 +254,7 @@ def _sample_fallback_kernel(
                 for start in range(0, n_vocab, BT):
                     q, _ = _row_q_tile(lb_ptr, le_ptr, row, stride_b, stride_e, start, n_vocab, m_b, ls_b, m_e, ls_e,
                                        alpha, thr_b, thr_e, mixed, BT)
-                    kept = (q > 0.0) & (q >= kth_q[:, None])
-                    top = tl.maximum(top, tl.max(tl.where(kept, tl.log(tl.where(kept, q, 1.0)) / temper,
-                                                          float("-inf")), axis=1))
+                    top = tl.maximum(top, kept_log_max(q, kth_q, temper))
                 top = tl.where(top > float("-inf"), top, 0.0)
             total = tl.zeros([1], tl.float32)
             for start in range(0, n_vocab, BT):

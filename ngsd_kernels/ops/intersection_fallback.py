@@ -39,8 +39,8 @@ import triton.language as tl
 
 from ..params import StepParams
 from .launcher import INTERPRETED, LAUNCH_OPTIONS, TILE_ELEMENTS, RowVectors, Scratch, SelectPlan, next_pow2
-from .select_tiles import (INDEX_NONE, KEY_NONE, fold_gumbel_max, order_key, positive_temperature, rows_temperature,
-                           rows_value, tile_log_probs, top_p_weights, value_key, value_of)
+from .select_tiles import (INDEX_NONE, KEY_NONE, fold_gumbel_max, kept_log_max, order_key, positive_temperature,
+                           rows_temperature, rows_value, tile_log_probs, top_p_weights, value_key, value_of)
 
 __all__ = ["RADIX_BITS", "decide_intersection_overflow"]
 
@@ -226,10 +226,7 @@ def _intersection_fallback_kernel(
                     for start in range(0, n_vocab, BT):
                         s, cols, cm = _guarded_tile(lb_ptr, le_ptr, row, stride_b, stride_e, start, n_vocab, m_b, ls_b,
                                                     m_e, ls_e, alpha, tb, te, score_floor, total, BT)
-                        q = tl.maximum(s, 0.0)
-                        live = (q > 0.0) & (q >= kth_q[:, None])
-                        top = tl.maximum(top, tl.max(tl.where(live, tl.log(tl.where(live, q, 1.0)) / temper,
-                                                              float("-inf")), axis=1))
+                        top = tl.maximum(top, kept_log_max(tl.maximum(s, 0.0), kth_q, temper))
                     top = tl.where(top > float("-inf"), top, 0.0)
                 kept = tl.zeros([1], tl.float32)
                 for start in range(0, n_vocab, BT):
@@ -289,7 +286,8 @@ def decide_intersection_overflow(
 
     base_logits / expert_logits: [B, V] with unit stride along the vocabulary (``LogitsPasses``);
     scratch.rowinfo must hold the reduce kernel's row statistics; ``temperature`` as the finalize
-    kernel got it (1.0 when greedy); ``tempered``: top-p over q^(1/T), as the finalize's. ``radix_bits`` (tests): bits per search round, default RADIX_BITS.
+    kernel got it (1.0 when greedy); ``tempered``: top-p over q^(1/T), as the finalize's. ``radix_bits``
+    (tests): bits per search round, default RADIX_BITS.
     """
     r = RADIX_BITS if radix_bits is None else radix_bits
     if r < 1 or 32 % r:

@@ -904,6 +904,14 @@ def top_p_weights(q, kth_q, temperature, top, TEMPERED: tl.constexpr):
 
 
 @triton.jit
+def kept_log_max(q, kth_q, t):
+    """Per row of a [R, N] tile of q >= 0: the largest log(q) / t over the q that top-k keeps (q > 0 and
+    q >= kth_q), -inf where it keeps none: the scale of ``tempered_weights``; t a scalar or [R, 1] (> 0)."""
+    kept = (q > 0.0) & (q >= kth_q[:, None])
+    return tl.max(tl.where(kept, tl.log(tl.where(kept, q, 1.0)) / t, float("-inf")), axis=1)
+
+
+@triton.jit
 def log_tempered_mass(q, t):
     """Per row of a [R, N] tile of q >= 0: log(sum of q^(1/t) over q > 0), -inf when no q is positive. A sum
     of logs, so no temperature overflows it and chunks combine without knowing the row's largest q
@@ -947,11 +955,10 @@ def _slot_stat(keys, kth_q, at, WHAT: tl.constexpr, t=1.0):
     """Per-row statistic of a [R, N] block of candidate order keys; kept: q > 0 and q >= kth_q.
     WHAT 0: #{kept q >= at}; 1: max log(q) / t over the kept q (-inf: none)."""
     q = tl.where(keys != KEY_NONE, key_value(keys), 0.0)
-    kept = (q > 0.0) & (q >= kth_q[:, None])
     if WHAT == 0:
-        out = tl.sum((tl.where(kept, q, 0.0) >= at[:, None]).to(tl.float32), axis=1)
+        out = tl.sum((tl.where((q > 0.0) & (q >= kth_q[:, None]), q, 0.0) >= at[:, None]).to(tl.float32), axis=1)
     else:
-        out = tl.max(tl.where(kept, tl.log(tl.where(kept, q, 1.0)) / t, float("-inf")), axis=1)
+        out = kept_log_max(q, kth_q, t)
     return out
 
 
