@@ -171,6 +171,15 @@ def check_range(flag: str, value: float | None, low: float, high: float = math.i
         raise UsageError(f"{flag} must be {bound}{what}, got {value:g}")
 
 
+def check_prompt_texts(prompts: Sequence[str]) -> None:
+    """PROMPT arguments: at least one, none blank (numbered from 1, as a user counts them)."""
+    if not prompts:
+        raise UsageError("give at least one PROMPT, or --prompts-file FILE (one request per line)")
+    for i, prompt in enumerate(prompts, start=1):
+        if not prompt.strip():
+            raise UsageError(f"PROMPT {i} is empty: give every request some text")
+
+
 def check_model(value: str | None) -> None:
     """--model: the offline default, an existing checkpoint folder or a hub id (nothing is loaded)."""
     from .loading import check_model_path

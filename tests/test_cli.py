@@ -119,6 +119,7 @@ def test_generate_choices_match_the_library():
     (["eval", "--threads", "0"], ["--threads", ">= 1"]),
     (["reflect", "hi", "--threads", "0"], ["--threads", ">= 1"]),
     (["reflect", "hi", "--model", "/nope"], ["--model", "/nope", "does not exist"]),
+    (["reflect", "hi", " "], ["PROMPT 2 is empty"]),  # counted as the user counts, before any model loads
     (["train-probe", "--out", "p", "--check-recall", "5"], ["--check-recall", "(0, 1]"]),  # read after training
 ])
 def test_user_errors_are_one_line_with_status_2(argv, words, capsys):

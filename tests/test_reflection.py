@@ -193,7 +193,7 @@ def test_mode_none_skips_the_model():
 
 
 def test_bad_requests_are_refused_clearly():
-    with pytest.raises(ValueError, match="request 1 is empty"):
+    with pytest.raises(ValueError, match=r"requests\[1\] is empty"):
         reflect(None, None, ["ok", "  "], CFG)
     with pytest.raises(TypeError, match="list of requests"):
         reflect(None, None, "a single string", CFG)

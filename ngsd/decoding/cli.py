@@ -12,8 +12,8 @@ import sys
 import textwrap
 from typing import Any
 
-from ..cli import (UsageError, add_threads_option, check_expert, check_model, check_plot_file, check_range,
-                   wants_progress)
+from ..cli import (UsageError, add_threads_option, check_expert, check_model, check_plot_file, check_prompt_texts,
+                   check_range, wants_progress)
 
 MODES = ("ngsd", "safedecoding", "open", "off")
 REFLECTION_MODES = ("auto", "probe", "generate", "prefill", "none")
@@ -96,11 +96,7 @@ def check_arguments(args: argparse.Namespace) -> None:
         if not from_file:
             raise UsageError(f"--prompts-file: {args.prompts_file!r} holds no request (one per line)")
         args.prompts, args.prompts_file = [*args.prompts, *from_file], None  # read once, even if checked twice
-    if not args.prompts:
-        raise UsageError("give at least one PROMPT, or --prompts-file FILE (one request per line)")
-    for i, prompt in enumerate(args.prompts, start=1):
-        if not prompt.strip():
-            raise UsageError(f"PROMPT {i} is empty: give every request some text")
+    check_prompt_texts(args.prompts)
     if args.mode == "safedecoding":
         check_range("--alpha", args.alpha, 0.0, what=" with --mode safedecoding")
     else:

@@ -398,9 +398,9 @@ def _check_requests(requests: Sequence[str]) -> list[str]:
     out = list(requests)
     for i, request in enumerate(out):
         if not isinstance(request, str):
-            raise TypeError(f"request {i} is a {type(request).__name__}, expected str")
+            raise TypeError(f"requests[{i}] is a {type(request).__name__}, expected str")
         if not request.strip():
-            raise ValueError(f"request {i} is empty; there is nothing to evaluate")
+            raise ValueError(f"requests[{i}] is empty; there is nothing to evaluate")
     return out
 
 
