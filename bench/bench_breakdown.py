@@ -89,6 +89,33 @@ def range_times(prof: Any, names: tuple[str, ...] = LOOP_RANGES) -> dict[str, di
     return out
 
 
+LM_HEAD_OPS = ("aten::linear", "aten::matmul")  # how the step op runs the LM heads (ngsd_kernels.ops.hidden_torch)
+
+
+def nested_seconds(prof: Any, inside: str, names: tuple[str, ...] = LM_HEAD_OPS) -> float:
+    """Mean host seconds per `inside` range spent in the outermost operators named `names` within it.
+
+    The step from final hidden states runs the LM heads inside the step op's range: this is their share,
+    so that the selection itself is still told apart from the head's matrix product.
+    """
+    events = prof.events()
+    calls = sum(1 for e in events if e.name == inside)
+    total = 0.0
+    for event in events:
+        if event.name not in names:
+            continue
+        parent, within, outermost = event.cpu_parent, False, True
+        while parent is not None:
+            if parent.name in names:
+                outermost = False
+            if parent.name == inside:
+                within = True
+            parent = parent.cpu_parent
+        if within and outermost:
+            total += event.cpu_time_total
+    return total / 1e6 / calls if calls else 0.0
+
+
 def _step_gaps(streamer: TimingStreamer) -> tuple[list[float], list[float]]:
     """(wall, CPU) seconds between consecutive token puts (the first put is the prompt)."""
     wall = [b - a for a, b in zip(streamer.times[1:], streamer.times[2:])]
@@ -117,12 +144,15 @@ def loop_breakdown(setup: Setup, ids: torch.Tensor, mask: torch.Tensor, steps: i
         profiled_wall, _ = _step_gaps(profiled)
         ranges = range_times(prof)
         profiled_step = sum(profiled_wall) / len(profiled_wall)
+        head = nested_seconds(prof, "ngsd.select")
         per_round.append({
             "step_s": sum(wall) / len(wall),
             "cpu_step_s": sum(cpu) / len(cpu),
             "profiled_step_s": profiled_step,
             "forward_share": ranges["ngsd.forward"]["host_s"] / profiled_step,
-            "select_share": ranges["ngsd.select"]["host_s"] / profiled_step,
+            # the step op's range holds the LM heads when the step runs from final hidden states
+            "lm_head_share": head / profiled_step,
+            "select_share": (ranges["ngsd.select"]["host_s"] - head) / profiled_step,
             "ranges": ranges,
         })
     return {"rounds": per_round}
@@ -133,13 +163,15 @@ def summarise_loop(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     to the unprofiled step; the loop's own overhead is what they leave of it."""
     step = median([r["step_s"] for r in rounds])
     forward_share = median([r["forward_share"] for r in rounds])
+    head_share = median([r.get("lm_head_share", 0.0) for r in rounds])
     select_share = median([r["select_share"] for r in rounds])
-    overhead_share = max(0.0, 1.0 - forward_share - select_share)
+    overhead_share = max(0.0, 1.0 - forward_share - head_share - select_share)
     return {
         "rounds": rounds, "step_s": step, "cpu_step_s": median([r["cpu_step_s"] for r in rounds]),
         "profiled_step_s": median([r["profiled_step_s"] for r in rounds]),
-        "forward_s": forward_share * step, "select_s": select_share * step, "overhead_s": overhead_share * step,
-        "forward_share": forward_share, "select_share": select_share, "overhead_share": overhead_share,
+        "forward_s": forward_share * step, "lm_head_s": head_share * step, "select_s": select_share * step,
+        "overhead_s": overhead_share * step, "forward_share": forward_share, "lm_head_share": head_share,
+        "select_share": select_share, "overhead_share": overhead_share,
     }
 
 
@@ -324,7 +356,8 @@ def run_breakdown(setup: Setup, batch_sizes: list[int], steps: int, repeats: int
         }
         log(
             f"breakdown batch {batch}: step {loop['step_s'] * 1e3:.1f} ms = forward {forward * 1e3:.1f} "
-            f"({loop['forward_share']:.1%}) + select {select * 1e3:.2f} ({loop['select_share']:.1%}) + overhead "
+            f"({loop['forward_share']:.1%}) + LM head in the step op {loop['lm_head_s'] * 1e3:.1f} "
+            f"({loop['lm_head_share']:.1%}) + select {select * 1e3:.2f} ({loop['select_share']:.1%}) + overhead "
             f"{overhead * 1e3:.2f} ({loop['overhead_share']:.1%}); profiled step {loop['profiled_step_s'] * 1e3:.1f} ms; "
             f"plain generate step {plain * 1e3:.1f} ms; "
             f"forward alone: base {forward_alone['base_rows'] * 1e3:.1f} / 2B no-LoRA "

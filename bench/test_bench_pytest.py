@@ -136,19 +136,25 @@ def test_timing_streamer_sees_one_put_per_step_in_both_loops(llama_pair):
 
 def test_loop_profiler_ranges_count_every_step(llama_pair):
     """The breakdown reads the loop's record_function ranges: one select per token, one forward between tokens."""
-    from bench_breakdown import range_times, summarise_loop
+    from bench_breakdown import nested_seconds, range_times, summarise_loop
     from torch.profiler import ProfilerActivity, profile
 
     model, folder = llama_pair
     input_ids, mask, _ = mixed_length_batch([3, 6, 5], model.config.vocab_size, seed=4)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        guarded_generate(model, input_ids, mask, expert=folder, alpha=0.5, max_new_tokens=5)
+        out = guarded_generate(model, input_ids, mask, expert=folder, alpha=0.5, max_new_tokens=5)
     ranges = range_times(prof)
     assert ranges["ngsd.select"]["calls"] == 5 and ranges["ngsd.forward"]["calls"] == 4  # no forward after the last
     assert all(r["host_s"] > 0 for r in ranges.values())
-    rounds = [{"step_s": 0.1, "cpu_step_s": 0.2, "profiled_step_s": 0.12, "forward_share": 0.8, "select_share": 0.05}]
+    # every row guarded: the step runs from final hidden states, its LM heads inside the step op's range
+    assert out.traces[0].step_path == "hidden states"
+    head = nested_seconds(prof, "ngsd.select")
+    assert 0 < head < ranges["ngsd.select"]["host_s"]
+    rounds = [{"step_s": 0.1, "cpu_step_s": 0.2, "profiled_step_s": 0.12, "forward_share": 0.7, "lm_head_share": 0.1,
+               "select_share": 0.05}]
     loop = summarise_loop(rounds)
-    assert loop["forward_s"] == pytest.approx(0.08) and loop["overhead_share"] == pytest.approx(0.15)
+    assert loop["forward_s"] == pytest.approx(0.07) and loop["lm_head_s"] == pytest.approx(0.01)
+    assert loop["overhead_share"] == pytest.approx(0.15)
 
 
 def test_forward_variants_time_some_rows_guarded(llama_pair):
@@ -203,6 +209,7 @@ def test_report_from_synthetic_results(tmp_path):
     assert "| NGSD + LoRA throughput / unguarded, batch 1 | >= 0.60 | 0.65 | met | 0.75 | met |" in text
     assert "| NGSD + LoRA throughput / unguarded, batch 32 | >= 0.50 | 0.45 | missed | 0.55 | met |" in text
     assert "| selection op share of a decode step, batch 32 | <= 3% | 2.5% | met | - | not measured |" in text
+    assert "| 32 | 200.0 | 180.0 (90%) | - (not measured apart) | 5.0 (2.5%) |" in text  # written before the split
     assert "not measured" in text  # no naive.json
     assert (tmp_path / "throughput.png").stat().st_size > 0 and (tmp_path / "breakdown.png").stat().st_size > 0
 
