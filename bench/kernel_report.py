@@ -80,12 +80,13 @@ _POINTER_TYPES = {
     "divergence_ptr": "fp32", "over_ptr": "i1", "biasb_ptr": "fp32", "biase_ptr": "fp32",
     "row_temperature_ptr": "fp32", "row_top_k_ptr": "i32", "row_top_p_ptr": "fp32", "tickets_ptr": "i32",
 }
-_FLOAT_SCALARS = {"temperature", "decay", "v_th", "v_reset", "rho", "top_p", "score_floor"}
+_FLOAT_SCALARS = {"temperature", "decay", "v_th", "v_reset", "rho", "top_p", "score_floor", "beta",
+                  "log_plausibility"}
 _UNIT_STRIDES = {"s_hb1", "s_he1", "s_wb1", "s_we1"}  # contiguous rows: the JIT specialises them to 1
 # integers the JIT sees as multiples of 16 in the planned shapes (V = 32768, 131072, 151936 and their
 # row strides are all multiples of 16): Triton specialises such arguments, which lets it vectorise
 # the row loads; a vocabulary that is not a multiple of 16 gets scalar loads instead
-_DIVISIBLE_16 = {"stride_b", "stride_e", "n_vocab"}
+_DIVISIBLE_16 = {"stride_b", "stride_e", "n_vocab", "vocab", "strong_stride", "weak_stride"}
 
 
 @dataclass
@@ -302,7 +303,20 @@ def enumerate_jobs(hidden: int) -> tuple[list[KernelJob], set[str]]:
             add(with_row_sampling(logits_jobs(f"{label}/per-row", fields, "bf16")), True)
             for batch in (1, 256):
                 add(with_row_sampling(hidden_jobs(f"{label}/per-row", fields, "bf16", batch, hidden)), True)
+    # contrastive decoding's kernel (``ngsd_kernels/ops/contrastive_select.py``): greedy and sampled, each dtype
+    add(contrastive_jobs(), True)
     return list(everything.values()), cover
+
+
+def contrastive_jobs() -> list[KernelJob]:
+    """``_contrastive_select_kernel`` at its CUDA block (one row per program, two passes over [1, BLOCK])."""
+    from ngsd_kernels.ops.contrastive_select import BLOCK
+
+    return [KernelJob("ngsd_kernels.ops.contrastive_select", "_contrastive_select_kernel", dtype,
+                      dict(SEED_PER_ROW=1, OFFSET_PER_ROW=0, SAMPLE=sample, BETA_ZERO=0, BLOCK=BLOCK),
+                      role="contrastive", path="contrastive", logits_per_tile=2 * BLOCK,
+                      modes=["contrastive/" + ("sampled" if sample else "greedy")])
+            for dtype in ("bf16", "fp16", "fp32") for sample in (0, 1)]
 
 
 TEMPERED_KERNELS = ("_pass2_kernel", "_intersection_kernel", "_finalize_kernel", "_sample_fallback_kernel",
@@ -410,7 +424,7 @@ def parse_sass(text: str) -> dict:
 
 
 def per_tile_instructions(sass: dict, inner_trips: int, per_row: bool = False,
-                          outer_trips: int = 1) -> tuple[int, str]:
+                          outer_trips: int = 1, both_passes: bool = False) -> tuple[int, str]:
     """Instructions one thread executes per tile (per row block for the per-row kernels), and how that
     number was obtained."""
     loops = sass["loops"]
@@ -438,6 +452,8 @@ def per_tile_instructions(sass: dict, inner_trips: int, per_row: bool = False,
                           f"holding loops")
     outer = [lp for lp in loops if not lp["nested"]]
     inner = [lp for lp in loops if lp["nested"]]
+    if both_passes:  # a kernel whose loops each read every tile once (the contrastive kernel's two passes)
+        return sum(lp["size"] for lp in outer), f"tile loop bodies {[lp['size'] for lp in outer]}, one trip each"
     tile_loop = max(outer, key=lambda lp: lp["size"])
     executed = tile_loop["size"] + sum(lp["size"] * (inner_trips - 1) for lp in inner)
     how = (f"tile loop body {tile_loop['size']} + inner loops {[lp['size'] for lp in inner]} x "
@@ -507,7 +523,7 @@ def compile_job(job: KernelJob, arch: int) -> dict:
         # the reduce's own job (_reduce_kernel, RB = 1) gives its instructions per row
         counted = _fast_path_sass(job, arch, signature, constants, attrs, target, options, dict(REDUCE=0))
     executed, how = per_tile_instructions(counted, job.inner_trips, per_row=not job.logits_per_tile or logits_pass1,
-                                          outer_trips=job.outer_trips)
+                                          outer_trips=job.outer_trips, both_passes=job.path == "contrastive")
     row.update(
         status="ok", compile_s=round(time.time() - start, 1), registers=usage.get("REG"), stack_bytes=usage.get("STACK"),
         local_bytes=usage.get("LOCAL"), shared_bytes=total_shared, shared_limit=SHARED_LIMIT[arch],
@@ -623,7 +639,7 @@ def compile_all(work: list[tuple[KernelJob, int]], jobs: int, per_variant: float
 
 
 def _short(constants: dict) -> str:
-    keep = ("BB", "BV", "BT", "BLOCK_B", "BLOCK_V", "K", "KEYS", "SLOTS", "SB", "DIVERGENCE", "SAMPLE", "NEED_V1", "RB", "NCP", "CG",
+    keep = ("BB", "BV", "BT", "BLOCK_B", "BLOCK_V", "BLOCK", "K", "KEYS", "SLOTS", "SB", "DIVERGENCE", "SAMPLE", "NEED_V1", "RB", "NCP", "CG",
             "MODE", "GATE", "STORE_TOP", "VALUE_KEYS", "USE_TOPK", "USE_TOPP", "ROW_T", "ROW_K", "ROW_P",
             "TEMPERED")
     return " ".join(f"{k}={constants[k]}" for k in keep if k in constants)

@@ -3,6 +3,7 @@
 Standalone: depends on torch (and Triton for the fused kernels), never on ``ngsd``.
 """
 
+from .contrastive import ContrastiveParams, contrastive_select, contrastive_select_reference
 from .params import CandidateMode, Divergence, GateMode, StepParams
 from .philox import philox_uniform
 from .reference import guarded_select_reference
@@ -12,11 +13,14 @@ from .step_graph import StepGraph
 
 __all__ = [
     "CandidateMode",
+    "ContrastiveParams",
     "Divergence",
     "GateMode",
     "GuardedSelector",
     "StepGraph",
     "StepParams",
+    "contrastive_select",
+    "contrastive_select_reference",
     "guarded_select",
     "guarded_select_from_hidden",
     "guarded_select_reference",

@@ -1,0 +1,169 @@
+"""Contrastive decoding's token choice: the strong model's logits against a weak (amateur) model's.
+
+For each row, with ``l_s``, ``l_w`` the two models' logits (fp32 math whatever the input dtype):
+
+1. plausible tokens: ``p_s(i) >= plausibility * max p_s``, i.e. ``l_s(i) >= max l_s + log(plausibility)``
+   (Li et al.'s adaptive plausibility constraint, their alpha);
+2. score ``c(i) = l_s(i) - beta * l_w(i)`` on them (``l_s`` alone when beta is 0). Per row this is
+   ``log p_s - beta log p_w`` up to a constant, so ``beta = 1`` is Li et al. 2023 (arXiv 2210.15097) and
+   O'Brien & Lewis' ``(1 + b) l_s - b l_w`` (arXiv 2309.09117) is ``beta = b / (1 + b)`` at temperature
+   ``T / (1 + b)`` (the same greedy tokens);
+3. choice: greedy ``argmax c`` (ties: lowest id) at ``temperature`` 0, else a draw from
+   ``q ∝ exp(c / T)`` on the plausible tokens, by the Gumbel-max trick with the Philox stream the guarded
+   step uses (``philox.py``): the same ``(seed, row, offset)`` names the same uniforms.
+
+A plausible token the weak model rules out (``l_w = -inf``) scores ``+inf`` when beta > 0. Rows whose
+logits hold NaN or +inf, or whose strong or weak row is all -inf, are invalid and get token -1.
+
+Backends: ``torch.ops.ngsd.contrastive_select`` (the Triton kernel on CUDA, the PyTorch reference
+elsewhere) and ``torch.ops.ngsd.contrastive_select_triton`` (always the kernel: CUDA, or CPU under
+``TRITON_INTERPRET=1``); both have a fake for ``torch.compile``.
+
+>>> import torch
+>>> from ngsd_kernels import ContrastiveParams, contrastive_select
+>>> strong = torch.tensor([[4.0, 3.9, 0.0, -1.0]])
+>>> weak = torch.tensor([[4.0, 1.0, 0.0, -1.0]])   # the amateur is as sure of token 0: token 1 wins
+>>> contrastive_select(strong, weak, params=ContrastiveParams(beta=1.0, plausibility=0.1)).tolist()
+[1]
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .checks import FLOAT_DTYPES
+from .params import MIN_SAMPLING_TEMPERATURE
+from .philox import philox_uniform
+from .reference import row_is_valid
+
+
+@dataclass(frozen=True)
+class ContrastiveParams:
+    """beta >= 0 weighs the weak model; plausibility in (0, 1] cuts tokens far below the strong model's best;
+    temperature 0 is greedy, else at least 1e-5."""
+
+    beta: float = 1.0
+    plausibility: float = 0.1
+    temperature: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("beta", "plausibility", "temperature"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"ContrastiveParams.{name} must be a finite number, got {value!r}")
+        if self.beta < 0:
+            raise ValueError(f"ContrastiveParams.beta must be >= 0 (0: the strong model alone), got {self.beta}")
+        if not 0 < self.plausibility <= 1:
+            raise ValueError(f"ContrastiveParams.plausibility must be in (0, 1] (Li et al. use 0.1), got "
+                             f"{self.plausibility}")
+        if not (self.temperature == 0 or self.temperature >= MIN_SAMPLING_TEMPERATURE):
+            raise ValueError(f"ContrastiveParams.temperature must be 0 (greedy) or >= {MIN_SAMPLING_TEMPERATURE:g}, "
+                             f"got {self.temperature}")
+
+
+def contrastive_scores(strong_logits: Tensor, weak_logits: Tensor, params: ContrastiveParams) -> Tensor:
+    """[B, V] fp32 contrastive scores ``l_s - beta l_w`` on the plausible tokens, -inf elsewhere."""
+    strong, weak = strong_logits.float(), weak_logits.float()
+    score = strong if params.beta == 0 else strong - params.beta * weak
+    floor = strong.amax(-1, keepdim=True) + math.log(params.plausibility)
+    return torch.where(strong >= floor, score, torch.full_like(score, float("-inf")))
+
+
+def contrastive_select_reference(strong_logits: Tensor, weak_logits: Tensor, seed: Tensor, offset: Tensor,
+                                 params: ContrastiveParams) -> Tensor:
+    """The definition (module docstring): tokens int64 [B], -1 for invalid rows."""
+    valid = row_is_valid(strong_logits.float()) & row_is_valid(weak_logits.float())
+    scores = contrastive_scores(strong_logits, weak_logits, params)
+    if params.temperature > 0:
+        u = philox_uniform(seed, offset, scores.shape[-1], torch.arange(scores.shape[0], device=scores.device))
+        scores = scores / params.temperature + -torch.log(-torch.log(u))
+    tokens = torch.argmax(scores, dim=-1)  # the first (lowest) id among equal maxima
+    return torch.where(valid, tokens, torch.full_like(tokens, -1))
+
+
+def check_contrastive_inputs(strong_logits: Tensor, weak_logits: Tensor, seed: Tensor, offset: Tensor) -> None:
+    """ValueError naming the argument: [B, V] logits of one float dtype and shape, int64 seed / offset of 1 or B."""
+    if strong_logits.dim() != 2:
+        raise ValueError(f"strong_logits must be [batch, vocab], got shape {tuple(strong_logits.shape)}")
+    if weak_logits.shape != strong_logits.shape:
+        raise ValueError(
+            f"strong and weak logits differ in shape: {tuple(strong_logits.shape)} vs {tuple(weak_logits.shape)}; "
+            "both models must share one vocabulary (slice a padded LM head to the tokenizer's size first)"
+        )
+    if strong_logits.dtype not in FLOAT_DTYPES or weak_logits.dtype != strong_logits.dtype:
+        raise ValueError(
+            f"logits must both be float32, float16 or bfloat16, got {strong_logits.dtype} and {weak_logits.dtype}"
+        )
+    batch = strong_logits.shape[0]
+    for name, tensor in (("seed", seed), ("offset", offset)):
+        if tensor.dtype != torch.int64 or tensor.numel() not in (1, batch):
+            raise ValueError(f"{name} must be an int64 tensor of 1 or {batch} values, got {tensor.dtype} "
+                             f"{tuple(tensor.shape)}")
+    devices = {t.device for t in (strong_logits, weak_logits, seed, offset)}
+    if len(devices) != 1:
+        raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
+
+
+_SCHEMA = ("(Tensor strong_logits, Tensor weak_logits, Tensor seed, Tensor offset, float beta, float plausibility, "
+           "float temperature) -> Tensor")
+
+
+def _torch_op(strong_logits: Tensor, weak_logits: Tensor, seed: Tensor, offset: Tensor, beta: float,
+              plausibility: float, temperature: float) -> Tensor:
+    params = ContrastiveParams(beta, plausibility, temperature)
+    check_contrastive_inputs(strong_logits, weak_logits, seed, offset)
+    return contrastive_select_reference(strong_logits, weak_logits, seed, offset, params)
+
+
+def _triton_op(strong_logits: Tensor, weak_logits: Tensor, seed: Tensor, offset: Tensor, beta: float,
+               plausibility: float, temperature: float) -> Tensor:
+    from .ops.contrastive_select import triton_contrastive_select  # lazy: Triton is optional on CPU
+
+    ContrastiveParams(beta, plausibility, temperature)
+    check_contrastive_inputs(strong_logits, weak_logits, seed, offset)
+    return triton_contrastive_select(strong_logits, weak_logits, seed, offset, beta, plausibility, temperature)
+
+
+def _fake(strong_logits: Tensor, *rest) -> Tensor:
+    return strong_logits.new_empty((strong_logits.shape[0],), dtype=torch.int64)
+
+
+def _define(name: str, default, cuda) -> None:
+    op = torch.library.custom_op(f"ngsd::{name}", default, mutates_args=(), schema=_SCHEMA)
+    if cuda is not None:
+        op.register_kernel("cuda")(cuda)
+    op.register_fake(_fake)
+
+
+_define("contrastive_select", _torch_op, _triton_op)
+_define("contrastive_select_triton", _triton_op, None)
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def contrastive_select(strong_logits: Tensor, weak_logits: Tensor, seed: Tensor | None = None,
+                       offset: Tensor | None = None, params: ContrastiveParams = ContrastiveParams(),
+                       backend: str = "auto") -> Tensor:
+    """Next tokens int64 [B] (-1: invalid row) of contrastive decoding (module docstring).
+
+    ``seed`` / ``offset`` (int64, 1 or B values; default 0) name the sampling stream as in ``guarded_select``.
+    ``backend``: ``"auto"`` (the op: Triton on CUDA, PyTorch elsewhere), ``"triton"`` (always the kernel),
+    ``"torch"`` (the reference called directly).
+    """
+    if not isinstance(params, ContrastiveParams):
+        raise TypeError(f"params must be an ngsd_kernels.ContrastiveParams, got {type(params).__name__}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    zero = torch.zeros(1, dtype=torch.int64, device=strong_logits.device)
+    seed = zero if seed is None else seed
+    offset = zero if offset is None else offset
+    check_contrastive_inputs(strong_logits, weak_logits, seed, offset)
+    if backend == "torch":
+        return contrastive_select_reference(strong_logits, weak_logits, seed, offset, params)
+    op = torch.ops.ngsd.contrastive_select if backend == "auto" else torch.ops.ngsd.contrastive_select_triton
+    return op(strong_logits, weak_logits, seed, offset, float(params.beta), float(params.plausibility),
+              float(params.temperature))

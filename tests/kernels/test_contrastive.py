@@ -1,0 +1,199 @@
+"""Contrastive decoding's token choice (`ngsd_kernels.contrastive`): the reference against the papers'
+definitions, the Triton kernel (interpreted here) against the reference, token for token, and the ops.
+
+The Triton kernel runs interpreted (TRITON_INTERPRET=1 is set here before triton is imported).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from ngsd_kernels import ContrastiveParams, contrastive_select, contrastive_select_reference  # noqa: E402
+
+pytestmark = [
+    # numpy warnings of Triton's CPU interpreter on the -inf/NaN rows these tests feed on purpose
+    pytest.mark.filterwarnings("ignore::RuntimeWarning"),
+    pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"),
+]
+
+
+def triton_available() -> bool:
+    try:
+        from ngsd_kernels.ops import contrastive_select as kernel
+    except ImportError:
+        return False
+    return kernel.INTERPRETED or torch.cuda.is_available()
+
+
+needs_triton = pytest.mark.skipif(not triton_available(), reason="needs triton (CUDA, or TRITON_INTERPRET=1)")
+
+
+def model_logits(batch: int, vocab: int, seed: int = 0, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """A strong model's logits and a weak model's that agree with it in part, as an amateur does."""
+    gen = torch.Generator().manual_seed(seed)
+    strong = torch.randn(batch, vocab, generator=gen) * 3
+    weak = 0.6 * strong + torch.randn(batch, vocab, generator=gen) * 2
+    return strong.to(dtype), weak.to(dtype)
+
+
+def zero() -> torch.Tensor:
+    return torch.zeros(1, dtype=torch.int64)
+
+
+def test_greedy_is_li_et_al_contrastive_decoding():
+    """beta 1: argmax of log p_s - log p_w over the tokens with p_s >= plausibility * max p_s (the paper's
+    own terms, from probabilities)."""
+    strong, weak = model_logits(16, 500, seed=1)
+    log_ps, log_pw = strong.log_softmax(-1), weak.log_softmax(-1)
+    ps = log_ps.exp()
+    for plausibility in (0.1, 0.5):
+        plausible = ps >= plausibility * ps.amax(-1, keepdim=True)
+        expected = torch.where(plausible, log_ps - log_pw, torch.tensor(float("-inf"))).argmax(-1)
+        got = contrastive_select(strong, weak, params=ContrastiveParams(beta=1.0, plausibility=plausibility))
+        assert torch.equal(got, expected)
+        assert not torch.equal(got, strong.argmax(-1))  # the contrast does change tokens here
+
+
+def test_obrien_and_lewis_form_maps_to_beta_over_one_plus_beta():
+    """(1 + b) log p_s - b log p_w (arXiv 2309.09117) picks what beta = b / (1 + b) picks."""
+    strong, weak = model_logits(16, 500, seed=2)
+    log_ps, log_pw = strong.log_softmax(-1), weak.log_softmax(-1)
+    plausible = strong >= strong.amax(-1, keepdim=True) + torch.log(torch.tensor(0.1))
+    for b in (0.5, 1.0):
+        expected = torch.where(plausible, (1 + b) * log_ps - b * log_pw, torch.tensor(float("-inf"))).argmax(-1)
+        got = contrastive_select(strong, weak, params=ContrastiveParams(beta=b / (1 + b)))
+        assert torch.equal(got, expected)
+
+
+def test_beta_zero_is_the_strong_models_greedy_choice():
+    strong, weak = model_logits(8, 300, seed=3)
+    weak[0, strong[0].argmax()] = float("-inf")  # 0 * -inf must not turn into NaN
+    got = contrastive_select(strong, weak, params=ContrastiveParams(beta=0.0, plausibility=0.5))
+    assert torch.equal(got, strong.argmax(-1))
+
+
+def test_sampling_draws_from_the_tempered_contrast_on_the_plausible_tokens():
+    strong = torch.tensor([[2.0, 1.8, 1.5, 0.9, -3.0, -4.0]])
+    weak = torch.tensor([[2.0, 0.5, 1.0, 0.0, -9.0, -9.0]])
+    params = ContrastiveParams(beta=0.7, plausibility=0.2, temperature=0.8)
+    draws = torch.stack([contrastive_select(strong, weak, zero() + 5, torch.tensor([i]), params)
+                         for i in range(4000)]).flatten()
+    counts = torch.bincount(draws, minlength=6).float() / draws.numel()
+    plausible = strong[0] >= strong[0].max() + torch.log(torch.tensor(0.2))
+    q = torch.where(plausible, (strong[0] - 0.7 * weak[0]) / 0.8, torch.tensor(float("-inf"))).softmax(-1)
+    assert counts[~plausible].sum() == 0  # tokens 4 and 5 contrast best but are implausible
+    assert (counts - q).abs().max() < 0.03, (counts, q)
+
+
+def test_invalid_rows_get_minus_one_and_a_ruled_out_token_wins():
+    strong, weak = model_logits(6, 50, seed=4)
+    strong[0, 3] = float("nan")
+    weak[1, 7] = float("inf")
+    strong[2] = float("-inf")
+    weak[3] = float("-inf")
+    best = int(strong[4].argmax())
+    weak[4, best] = float("-inf")  # the weak model rules out the strong model's best token: +inf contrast
+    got = contrastive_select(strong, weak)
+    assert got[:4].tolist() == [-1, -1, -1, -1]
+    assert int(got[4]) == best and int(got[5]) >= 0
+
+
+@needs_triton
+@pytest.mark.parametrize("vocab", [5, 37, 1000, 20000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_kernel_equals_reference_greedy(vocab, dtype):
+    strong, weak = model_logits(5, vocab, seed=vocab, dtype=dtype)
+    for beta, plausibility in ((1.0, 0.1), (0.0, 0.3), (0.5, 1.0), (2.5, 0.01)):
+        params = ContrastiveParams(beta=beta, plausibility=plausibility)
+        expected = contrastive_select_reference(strong, weak, zero(), zero(), params)
+        assert torch.equal(contrastive_select(strong, weak, params=params, backend="triton"), expected), params
+
+
+@needs_triton
+@pytest.mark.parametrize("vocab", [37, 20000])
+def test_kernel_equals_reference_sampled(vocab):
+    strong, weak = model_logits(6, vocab, seed=7)
+    seeds = torch.arange(6, dtype=torch.int64) * 1000003 + (1 << 40)
+    for temperature, plausibility, seed, offset in ((1.0, 0.1, seeds, torch.tensor([3])),
+                                                    (0.3, 0.01, torch.tensor([9]), torch.arange(6) + 11),
+                                                    (2.0, 0.001, seeds, torch.arange(6) * 7)):
+        params = ContrastiveParams(beta=0.8, plausibility=plausibility, temperature=temperature)
+        expected = contrastive_select_reference(strong, weak, seed, offset, params)
+        got = contrastive_select(strong, weak, seed, offset, params, backend="triton")
+        assert torch.equal(got, expected), params
+    assert len(set(expected.tolist())) > 1
+
+
+@needs_triton
+def test_kernel_edge_rows_and_ties_across_chunks():
+    from ngsd_kernels.ops.contrastive_select import BLOCK
+
+    vocab = BLOCK + 300
+    strong, weak = model_logits(6, vocab, seed=8)
+    strong[0, 2] = float("nan")
+    weak[1] = float("-inf")
+    strong[2, :] = 0.0  # every token plausible and tied: lowest id
+    weak[2, :] = 0.0
+    strong[3, :] = -5.0  # the same best contrast in the first and the second chunk: the first wins
+    strong[3, [100, BLOCK + 7]] = 5.0
+    weak[3, [100, BLOCK + 7]] = 1.0
+    weak[4, int(strong[4].argmax())] = float("-inf")
+    for params in (ContrastiveParams(), ContrastiveParams(temperature=0.5)):
+        expected = contrastive_select_reference(strong, weak, zero(), zero(), params)
+        got = contrastive_select(strong, weak, params=params, backend="triton")
+        assert torch.equal(got, expected), params
+    assert got[:2].tolist() == [-1, -1] and int(expected[3]) in (100, BLOCK + 7)
+    greedy = contrastive_select(strong, weak, backend="triton")
+    assert greedy[2:5].tolist() == [0, 100, int(strong[4].argmax())]
+
+
+def test_ops_pass_opcheck_and_compile():
+    strong, weak = model_logits(3, 40, seed=9)
+    args = (strong, weak, torch.arange(3, dtype=torch.int64), torch.tensor([4]), 0.9, 0.1, 0.7)
+    torch.library.opcheck(torch.ops.ngsd.contrastive_select.default, args)
+    if triton_available():
+        torch.library.opcheck(torch.ops.ngsd.contrastive_select_triton.default,
+                              (strong.bfloat16(), weak.bfloat16(), *args[2:]))
+
+    def step(s, w):
+        return contrastive_select(s, w, params=ContrastiveParams(beta=0.5))
+
+    compiled = torch.compile(step, fullgraph=True)
+    assert torch.equal(compiled(strong, weak), step(strong, weak))
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(beta=-0.1), "beta must be >= 0"),
+    (dict(beta=float("nan")), "finite number"),
+    (dict(plausibility=0.0), "plausibility must be in (0, 1]"),
+    (dict(plausibility=1.5), "plausibility must be in (0, 1]"),
+    (dict(temperature=1e-7), "temperature must be 0 (greedy)"),
+    (dict(temperature=True), "finite number"),
+])
+def test_bad_params_are_refused_by_name(kwargs, words):
+    with pytest.raises(ValueError) as error:
+        ContrastiveParams(**kwargs)
+    assert words in str(error.value)
+
+
+def test_bad_inputs_are_refused_by_name():
+    strong, weak = model_logits(2, 10)
+    with pytest.raises(ValueError, match="differ in shape"):
+        contrastive_select(strong, weak[:, :9])
+    with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
+        contrastive_select(strong, weak.half())
+    with pytest.raises(ValueError, match="seed must be an int64 tensor of 1 or 2"):
+        contrastive_select(strong, weak, seed=torch.zeros(3, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"\[batch, vocab\]"):
+        contrastive_select(strong[0], weak[0])
+    with pytest.raises(ValueError, match="backend must be one of"):
+        contrastive_select(strong, weak, backend="cuda")
+    with pytest.raises(TypeError, match="ContrastiveParams"):
+        contrastive_select(strong, weak, params={"beta": 1.0})
+    with pytest.raises(ValueError, match="beta must be >= 0"):  # the op checks what a direct call passes
+        torch.ops.ngsd.contrastive_select(strong, weak, zero(), zero(), -1.0, 0.1, 0.0)
