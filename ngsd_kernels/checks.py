@@ -77,20 +77,23 @@ def check_row_sampling(row_temperature: Tensor | None, row_top_k: Tensor | None,
             )
 
 
+def check_logits_pair(first: Tensor, second: Tensor, names: tuple[str, str], same_vocabulary: str) -> None:
+    """Two models' logits [B, V] of one shape and one float dtype; ``names`` as the caller calls them
+    (("base", "expert")), ``same_vocabulary`` the fix when the shapes differ."""
+    if first.dim() != 2:
+        raise ValueError(f"{names[0]}_logits must be [batch, vocab], got shape {tuple(first.shape)}")
+    if second.shape != first.shape:
+        raise ValueError(f"{names[0]} and {names[1]} logits differ in shape: {tuple(first.shape)} vs "
+                         f"{tuple(second.shape)}; {same_vocabulary}")
+    if first.dtype not in FLOAT_DTYPES or second.dtype != first.dtype:
+        raise ValueError(f"logits must both be float32, float16 or bfloat16, got {first.dtype} and {second.dtype}")
+
+
 def check_step_inputs(base_logits: torch.Tensor, expert_logits: torch.Tensor, potential: torch.Tensor,
                       alpha: torch.Tensor, seed: torch.Tensor, offset: torch.Tensor) -> None:
     """Inputs of the logits step: base and expert logits [B, V] of one float dtype, and the row vectors."""
-    if base_logits.dim() != 2:
-        raise ValueError(f"base_logits must be [batch, vocab], got shape {tuple(base_logits.shape)}")
-    if expert_logits.shape != base_logits.shape:
-        raise ValueError(
-            f"base and expert logits differ in shape: {tuple(base_logits.shape)} vs {tuple(expert_logits.shape)}; "
-            "the expert must share the base model's vocabulary (same tokenizer, same LM-head size)"
-        )
-    if base_logits.dtype not in FLOAT_DTYPES or expert_logits.dtype != base_logits.dtype:
-        raise ValueError(
-            f"logits must both be float32, float16 or bfloat16, got {base_logits.dtype} and {expert_logits.dtype}"
-        )
+    check_logits_pair(base_logits, expert_logits, ("base", "expert"),
+                      "the expert must share the base model's vocabulary (same tokenizer, same LM-head size)")
     check_row_vectors(base_logits.shape[0], potential, alpha, seed, offset, base_logits, expert_logits)
 
 

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .checks import FLOAT_DTYPES
+from .checks import check_logits_pair
 from .params import MIN_SAMPLING_TEMPERATURE
 from .philox import philox_uniform
 from .reference import row_is_valid
@@ -87,17 +87,8 @@ def contrastive_select_reference(strong_logits: Tensor, weak_logits: Tensor, see
 
 def check_contrastive_inputs(strong_logits: Tensor, weak_logits: Tensor, seed: Tensor, offset: Tensor) -> None:
     """ValueError naming the argument: [B, V] logits of one float dtype and shape, int64 seed / offset of 1 or B."""
-    if strong_logits.dim() != 2:
-        raise ValueError(f"strong_logits must be [batch, vocab], got shape {tuple(strong_logits.shape)}")
-    if weak_logits.shape != strong_logits.shape:
-        raise ValueError(
-            f"strong and weak logits differ in shape: {tuple(strong_logits.shape)} vs {tuple(weak_logits.shape)}; "
-            "both models must share one vocabulary (slice a padded LM head to the tokenizer's size first)"
-        )
-    if strong_logits.dtype not in FLOAT_DTYPES or weak_logits.dtype != strong_logits.dtype:
-        raise ValueError(
-            f"logits must both be float32, float16 or bfloat16, got {strong_logits.dtype} and {weak_logits.dtype}"
-        )
+    check_logits_pair(strong_logits, weak_logits, ("strong", "weak"),
+                      "both models must share one vocabulary (slice a padded LM head to the tokenizer's size first)")
     batch = strong_logits.shape[0]
     for name, tensor in (("seed", seed), ("offset", offset)):
         if tensor.dtype != torch.int64 or tensor.numel() not in (1, batch):

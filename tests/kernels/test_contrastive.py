@@ -14,6 +14,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from ngsd_kernels import ContrastiveParams, contrastive_select, contrastive_select_reference  # noqa: E402
+from ngsd_kernels.contrastive import contrastive_scores  # noqa: E402
+from ngsd_kernels.philox import philox_uniform  # noqa: E402
+from tests.kernels.steps import NEAR_TIE_RTOL  # noqa: E402
 
 pytestmark = [
     # numpy warnings of Triton's CPU interpreter on the -inf/NaN rows these tests feed on purpose
@@ -125,8 +128,20 @@ def test_kernel_equals_reference_sampled(vocab):
         params = ContrastiveParams(beta=0.8, plausibility=plausibility, temperature=temperature)
         expected = contrastive_select_reference(strong, weak, seed, offset, params)
         got = contrastive_select(strong, weak, seed, offset, params, backend="triton")
-        assert torch.equal(got, expected), params
+        near = gumbel_near_ties(strong, weak, seed, offset, params)
+        assert int(near.sum()) <= 1  # rare, or the test would say little on a GPU
+        compared = ~near if strong.is_cuda else slice(None)
+        assert torch.equal(got[compared], expected[compared]), params
     assert len(set(expected.tolist())) > 1
+
+
+def gumbel_near_ties(strong, weak, seed, offset, params: ContrastiveParams) -> torch.Tensor:
+    """[B] rows whose two best perturbed scores are within a GPU's approximate log of a tie (``steps.py``):
+    there the compiled kernel may draw the other token."""
+    scores = contrastive_scores(strong, weak, params)
+    u = philox_uniform(seed, offset, scores.shape[1], torch.arange(scores.shape[0], device=scores.device))
+    top2 = (scores / params.temperature - torch.log(-torch.log(u))).topk(2, dim=-1).values
+    return top2[:, 0] - top2[:, 1] <= NEAR_TIE_RTOL * top2[:, 0].abs().clamp_min(1.0)
 
 
 @needs_triton
