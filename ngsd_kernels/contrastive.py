@@ -12,8 +12,11 @@ For each row, with ``l_s``, ``l_w`` the two models' logits (fp32 math whatever t
    ``q ∝ exp(c / T)`` on the plausible tokens, by the Gumbel-max trick with the Philox stream the guarded
    step uses (``philox.py``): the same ``(seed, row, offset)`` names the same uniforms.
 
-A plausible token the weak model rules out (``l_w = -inf``) scores ``+inf`` when beta > 0. Rows whose
-logits hold NaN or +inf, or whose strong or weak row is all -inf, are invalid and get token -1.
+A plausible token the weak model rules out (``l_w = -inf``) scores ``+inf`` when beta > 0; several such
+tokens go to the lowest id, sampled or not (noise cannot tell infinite scores apart). A plausible
+token's score never falls below the lowest finite fp32 (-3.4e38), so an overflowing ``beta * l_w``
+cannot make it implausible. Rows whose logits hold NaN or +inf, or whose strong or weak row is all
+-inf (or empty), are invalid and get token -1.
 
 Backends: ``torch.ops.ngsd.contrastive_select`` (the Triton kernel on CUDA, the PyTorch reference
 elsewhere) and ``torch.ops.ngsd.contrastive_select_triton`` (always the kernel: CUDA, or CPU under
@@ -36,9 +39,13 @@ import torch
 from torch import Tensor
 
 from .checks import check_logits_pair
-from .params import MIN_SAMPLING_TEMPERATURE
+from .params import MIN_SAMPLING_TEMPERATURE, _real
 from .philox import philox_uniform
 from .reference import row_is_valid
+
+
+FP32_MAX = float(torch.finfo(torch.float32).max)
+FP32_TINY = float(torch.finfo(torch.float32).tiny)  # the smallest normal fp32: a smaller beta would be 0 there
 
 
 @dataclass(frozen=True)
@@ -52,11 +59,13 @@ class ContrastiveParams:
 
     def __post_init__(self) -> None:
         for name in ("beta", "plausibility", "temperature"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"ContrastiveParams.{name} must be a finite number, got {value!r}")
-        if self.beta < 0:
-            raise ValueError(f"ContrastiveParams.beta must be >= 0 (0: the strong model alone), got {self.beta}")
+            value = _real(f"ContrastiveParams.{name}", getattr(self, name))
+            if abs(value) > FP32_MAX:
+                raise ValueError(f"ContrastiveParams.{name} must fit fp32 (the kernels' arithmetic), got {value}")
+            object.__setattr__(self, name, value)
+        if self.beta < 0 or 0 < self.beta < FP32_TINY:
+            raise ValueError(f"ContrastiveParams.beta must be 0 (the strong model alone) or in [{FP32_TINY:g}, "
+                             f"{FP32_MAX:g}] (fp32), got {self.beta}")
         if not 0 < self.plausibility <= 1:
             raise ValueError(f"ContrastiveParams.plausibility must be in (0, 1] (Li et al. use 0.1), got "
                              f"{self.plausibility}")
@@ -70,17 +79,21 @@ def contrastive_scores(strong_logits: Tensor, weak_logits: Tensor, params: Contr
     strong, weak = strong_logits.float(), weak_logits.float()
     score = strong if params.beta == 0 else strong - params.beta * weak
     floor = strong.amax(-1, keepdim=True) + math.log(params.plausibility)
-    return torch.where(strong >= floor, score, torch.full_like(score, float("-inf")))
+    return torch.where(strong >= floor, score.clamp_min(-FP32_MAX), torch.full_like(score, float("-inf")))
 
 
 def contrastive_select_reference(strong_logits: Tensor, weak_logits: Tensor, seed: Tensor, offset: Tensor,
                                  params: ContrastiveParams) -> Tensor:
     """The definition (module docstring): tokens int64 [B], -1 for invalid rows."""
     valid = row_is_valid(strong_logits.float()) & row_is_valid(weak_logits.float())
+    if strong_logits.shape[1] == 0:  # no token at all: every row invalid, as in the guarded step
+        return torch.full(valid.shape, -1, dtype=torch.int64, device=valid.device)
     scores = contrastive_scores(strong_logits, weak_logits, params)
     if params.temperature > 0:
         u = philox_uniform(seed, offset, scores.shape[-1], torch.arange(scores.shape[0], device=scores.device))
-        scores = scores / params.temperature + -torch.log(-torch.log(u))
+        plausible = scores > float("-inf")
+        perturbed = (scores / params.temperature + -torch.log(-torch.log(u))).clamp_min(-FP32_MAX)
+        scores = torch.where(plausible, perturbed, scores)
     tokens = torch.argmax(scores, dim=-1)  # the first (lowest) id among equal maxima
     return torch.where(valid, tokens, torch.full_like(tokens, -1))
 

@@ -66,5 +66,5 @@ def philox_uniform(
         seed & _MASK32, (seed >> 32) & _MASK32, groups, offset & _MASK32, (offset >> 32) & _MASK32, rows & _MASK32
     )
     x = torch.stack(torch.broadcast_tensors(*words), dim=-1)  # [R, groups, 4]: token 4g + w is word w
-    x = x.reshape(x.shape[0], -1)[:, :vocab_size]
+    x = x.reshape(x.shape[0], x.shape[1] * 4)[:, :vocab_size]  # (not -1: 0 rows leave it undetermined)
     return ((x >> 9).to(torch.float32) + 0.5) * (2.0**-23)

@@ -16,8 +16,11 @@ import triton.language as tl
 from .launcher import INTERPRETED, LAUNCH_OPTIONS, check_triton_device
 from .select_tiles import philox_gumbel_span
 
+FP32_MAX = tl.constexpr(3.4028234663852886e38)
+
 # Elements per program and pass. Untuned for GPUs; the interpreter pays per operation, not per element.
 BLOCK = 16384 if INTERPRETED else 2048
+MAX_VOCAB = 2**31 - 1 - 16384  # token ids (start + column, int32) stay below 2**31 for every block size
 
 
 @triton.jit
@@ -66,8 +69,9 @@ def _contrastive_select_kernel(strong_ptr, weak_ptr, tokens_ptr, seed_ptr, offse
         else:
             lw = tl.load(weak_row + ids, mask=inside, other=0.0).to(tl.float32)
             score = ls - beta * lw
+        score = tl.maximum(score, -FP32_MAX)  # a plausible token never ties with the implausible ones
         if SAMPLE:
-            score = score / temperature + philox_gumbel_span(start, seed, offset, rows, BLOCK)
+            score = tl.maximum(score / temperature + philox_gumbel_span(start, seed, offset, rows, BLOCK), -FP32_MAX)
         plausible = inside & (ls >= floor[:, None])
         score = tl.where(plausible, score, float("-inf"))
         chunk_best = tl.max(score, axis=1)
@@ -86,7 +90,12 @@ def triton_contrastive_select(strong_logits: torch.Tensor, weak_logits: torch.Te
 
     check_triton_device(strong_logits, weak_logits, seed, offset)
     batch, vocab = strong_logits.shape
-    strong, weak = strong_logits.contiguous(), weak_logits.contiguous()
+    if vocab > MAX_VOCAB:
+        raise ValueError(f"the contrastive kernel indexes tokens in int32: at most {MAX_VOCAB} tokens, got {vocab}; "
+                         "use backend='torch'")
+    # rows may be strided (logits[:, -1, :]): only a strided vocabulary axis is copied
+    strong = strong_logits if strong_logits.stride(-1) == 1 else strong_logits.contiguous()
+    weak = weak_logits if weak_logits.stride(-1) == 1 else weak_logits.contiguous()
     tokens = torch.empty(batch, dtype=torch.int64, device=strong.device)
     if batch == 0:
         return tokens

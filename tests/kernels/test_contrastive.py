@@ -182,18 +182,30 @@ def test_ops_pass_opcheck_and_compile():
     assert torch.equal(compiled(strong, weak), step(strong, weak))
 
 
-@pytest.mark.parametrize("kwargs, words", [
-    (dict(beta=-0.1), "beta must be >= 0"),
-    (dict(beta=float("nan")), "finite number"),
-    (dict(plausibility=0.0), "plausibility must be in (0, 1]"),
-    (dict(plausibility=1.5), "plausibility must be in (0, 1]"),
-    (dict(temperature=1e-7), "temperature must be 0 (greedy)"),
-    (dict(temperature=True), "finite number"),
+@pytest.mark.parametrize("kwargs, error, words", [
+    (dict(beta=-0.1), ValueError, "beta must be 0 (the strong model alone) or in"),
+    (dict(beta=1e-46), ValueError, "beta must be 0 (the strong model alone) or in"),  # 0 in fp32: 0 * -inf
+    (dict(beta=1e39), ValueError, "beta must fit fp32"),
+    (dict(beta=float("nan")), ValueError, "beta must be finite"),
+    (dict(plausibility=0.0), ValueError, "plausibility must be in (0, 1]"),
+    (dict(plausibility=1.5), ValueError, "plausibility must be in (0, 1]"),
+    (dict(temperature=1e-7), ValueError, "temperature must be 0 (greedy)"),
+    (dict(temperature=1e39), ValueError, "temperature must fit fp32"),
+    (dict(temperature=True), TypeError, "temperature must be a real number"),
+    (dict(beta="1"), TypeError, "beta must be a real number"),
 ])
-def test_bad_params_are_refused_by_name(kwargs, words):
-    with pytest.raises(ValueError) as error:
+def test_bad_params_are_refused_by_name(kwargs, error, words):
+    with pytest.raises(error) as raised:
         ContrastiveParams(**kwargs)
-    assert words in str(error.value)
+    assert words in str(raised.value)
+
+
+def test_params_take_any_real_number_as_a_float():
+    import numpy as np
+
+    params = ContrastiveParams(beta=np.float32(0.5), plausibility=1, temperature=np.float64(0.7))
+    assert params == ContrastiveParams(beta=0.5, plausibility=1.0, temperature=0.7)
+    assert all(type(v) is float for v in (params.beta, params.plausibility, params.temperature))
 
 
 def test_bad_inputs_are_refused_by_name():
@@ -210,5 +222,42 @@ def test_bad_inputs_are_refused_by_name():
         contrastive_select(strong, weak, backend="cuda")
     with pytest.raises(TypeError, match="ContrastiveParams"):
         contrastive_select(strong, weak, params={"beta": 1.0})
-    with pytest.raises(ValueError, match="beta must be >= 0"):  # the op checks what a direct call passes
+    with pytest.raises(ValueError, match="beta must be 0"):  # the op checks what a direct call passes
         torch.ops.ngsd.contrastive_select(strong, weak, zero(), zero(), -1.0, 0.1, 0.0)
+
+
+@needs_triton
+def test_kernel_refuses_a_vocabulary_its_int32_ids_cannot_index():
+    huge = torch.zeros(1, 1).expand(1, 2**31)  # nothing allocated: the check comes before any copy
+    with pytest.raises(ValueError, match="int32.*backend='torch'"):
+        contrastive_select(huge, huge, backend="triton")
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto", pytest.param("triton", marks=needs_triton)])
+def test_empty_batch_and_vocabulary_greedy_and_sampled(backend):
+    """As the guarded step: no rows, no tokens; rows over no token are invalid (-1)."""
+    for params in (ContrastiveParams(), ContrastiveParams(temperature=0.5)):
+        empty = torch.zeros(0, 7)
+        assert contrastive_select(empty, empty, params=params, backend=backend).shape == (0,)
+        no_tokens = torch.zeros(2, 0)
+        assert contrastive_select(no_tokens, no_tokens, params=params, backend=backend).tolist() == [-1, -1]
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_an_overflowing_contrast_keeps_plausible_tokens_above_the_implausible(backend):
+    """beta * l_w overflowing fp32 turns a plausible token's score to -inf: it is held at the lowest finite
+    float, so the row still takes its lowest plausible id (not an implausible token, not a sentinel)."""
+    strong = torch.tensor([[-50.0, -1.0, 0.0], [0.0, -1.0, -50.0]])
+    weak = torch.tensor([[0.0, 3e38, 3e38], [3e38, 3e38, 0.0]])
+    for temperature in (0.0, 0.5):
+        params = ContrastiveParams(beta=2.0, temperature=temperature)
+        assert contrastive_select(strong, weak, params=params, backend=backend).tolist() == [1, 0]
+
+
+@needs_triton
+def test_kernel_reads_strided_rows_as_the_reference_does():
+    strong, weak = (x.reshape(3, 4, 500)[:, -1, :] for x in model_logits(12, 500, seed=11))  # rows 2000 apart
+    assert not strong.is_contiguous() and strong.stride(-1) == 1
+    for params in (ContrastiveParams(), ContrastiveParams(temperature=0.9)):
+        expected = contrastive_select_reference(strong, weak, zero(), zero(), params)
+        assert torch.equal(contrastive_select(strong, weak, params=params, backend="triton"), expected)

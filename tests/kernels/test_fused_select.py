@@ -603,6 +603,11 @@ def test_empty_batch_and_vocabulary():
     zero = torch.zeros(1, dtype=torch.int64)
     out = fused_guarded_select(torch.zeros(0, 5), torch.zeros(0, 5), torch.zeros(0), torch.zeros(0), zero, zero)
     assert [t.shape[0] for t in out] == [0, 0, 0, 0]
+    sampled = StepParams(temperature=0.5)  # philox_uniform over 0 rows: a reshape once failed on it
+    for backend in ("torch", "triton"):
+        out = guarded_select(torch.zeros(0, 5), torch.zeros(0, 5), torch.zeros(0), torch.zeros(0), zero, zero,
+                             sampled, backend=backend)
+        assert [t.shape[0] for t in out] == [0, 0, 0, 0]
     tokens, new_v, spike, div = fused_guarded_select(
         torch.zeros(2, 0), torch.zeros(2, 0), torch.ones(2), torch.zeros(2), zero, zero
     )
