@@ -42,6 +42,7 @@ from .checks import check_logits_pair
 from .params import MIN_SAMPLING_TEMPERATURE, _real
 from .philox import philox_uniform
 from .reference import row_is_valid
+from .select import default_seed_offset
 
 
 FP32_MAX = float(torch.finfo(torch.float32).max)
@@ -149,12 +150,13 @@ _define("contrastive_select_triton", _triton_op, None)
 BACKENDS = ("auto", "torch", "triton")
 
 
-def contrastive_select(strong_logits: Tensor, weak_logits: Tensor, seed: Tensor | None = None,
-                       offset: Tensor | None = None, params: ContrastiveParams = ContrastiveParams(),
+def contrastive_select(strong_logits: Tensor, weak_logits: Tensor, seed: Tensor | int | None = None,
+                       offset: Tensor | int | None = None, params: ContrastiveParams = ContrastiveParams(),
                        backend: str = "auto") -> Tensor:
     """Next tokens int64 [B] (-1: invalid row) of contrastive decoding (module docstring).
 
-    ``seed`` / ``offset`` (int64, 1 or B values; default 0) name the sampling stream as in ``guarded_select``.
+    ``seed`` / ``offset`` (int64 tensors of 1 or B values, or Python ints; default 0) name the sampling stream
+    as in ``guarded_select``.
     ``backend``: ``"auto"`` (the op: Triton on CUDA, PyTorch elsewhere), ``"triton"`` (always the kernel),
     ``"torch"`` (the reference called directly).
     """
@@ -162,9 +164,7 @@ def contrastive_select(strong_logits: Tensor, weak_logits: Tensor, seed: Tensor 
         raise TypeError(f"params must be an ngsd_kernels.ContrastiveParams, got {type(params).__name__}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    zero = torch.zeros(1, dtype=torch.int64, device=strong_logits.device)
-    seed = zero if seed is None else seed
-    offset = zero if offset is None else offset
+    seed, offset = default_seed_offset(seed, offset, strong_logits.device)
     check_contrastive_inputs(strong_logits, weak_logits, seed, offset)
     if backend == "torch":
         return contrastive_select_reference(strong_logits, weak_logits, seed, offset, params)

@@ -24,9 +24,23 @@ def _check_params(params: StepParams) -> None:
         raise TypeError(f"params must be an ngsd_kernels.StepParams, got {type(params).__name__}")
 
 
-def default_seed_offset(seed: Tensor | None, offset: Tensor | None, device: torch.device) -> tuple[Tensor, Tensor]:
-    zero = None if seed is not None and offset is not None else torch.zeros(1, dtype=torch.int64, device=device)
-    return (zero if seed is None else seed), (zero if offset is None else offset)
+def default_seed_offset(seed: Tensor | int | None, offset: Tensor | int | None,
+                        device: torch.device) -> tuple[Tensor, Tensor]:
+    """The step's seed and offset as int64 tensors on ``device``: None is 0, a Python int one value for every row."""
+
+    def as_tensor(name: str, value: Tensor | int | None) -> Tensor:
+        if value is None:
+            return torch.zeros(1, dtype=torch.int64, device=device)
+        if isinstance(value, Tensor):
+            return value
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int64 tensor (1 or one value per row) or a Python int, got "
+                            f"{type(value).__name__} {value!r}")
+        if not -(2**63) <= value < 2**63:
+            raise ValueError(f"{name} must fit int64, got {value}")
+        return torch.tensor([value], dtype=torch.int64, device=device)
+
+    return as_tensor("seed", seed), as_tensor("offset", offset)
 
 
 def expert_bias(expert_head_weight: Tensor | None, base_head_bias: Tensor | None,
@@ -38,15 +52,16 @@ def expert_bias(expert_head_weight: Tensor | None, base_head_bias: Tensor | None
 
 
 def guarded_select(
-    base_logits: Tensor, expert_logits: Tensor, potential: Tensor, alpha: Tensor, seed: Tensor | None = None,
-    offset: Tensor | None = None, params: StepParams = StepParams(), backend: str = "auto",
+    base_logits: Tensor, expert_logits: Tensor, potential: Tensor, alpha: Tensor, seed: Tensor | int | None = None,
+    offset: Tensor | int | None = None, params: StepParams = StepParams(), backend: str = "auto",
     row_temperature: Tensor | None = None, row_top_k: Tensor | None = None, row_top_p: Tensor | None = None,
 ) -> Outputs:
     """Choose the next token of every row from base and expert logits.
 
     Returns ``(tokens, new_potential, spike, divergence)``; see ``reference.py`` for the exact
-    definition. ``seed`` and ``offset`` (int64, 1 or B values) name the sampling stream: row ``i``
-    draws from Philox keyed by its seed with ``i`` in the counter, so one seed serves a whole batch.
+    definition. ``seed`` and ``offset`` (int64 tensors of 1 or B values, or Python ints) name the sampling
+    stream: row ``i`` draws from Philox keyed by its seed with ``i`` in the counter, so one seed serves a
+    whole batch.
     ``row_temperature`` (float [B]): each row's own temperature in a sampled step (``params.temperature``
     above 0, the value it replaces; a row at 0 decodes greedily), so requests sampling at different
     temperatures share one launch; ``row_top_k`` (int [B], each in [1, params.top_k]) and ``row_top_p``
@@ -85,7 +100,7 @@ def guarded_select(
 
 def guarded_select_from_hidden(
     base_hidden: Tensor, expert_hidden: Tensor, base_head_weight: Tensor, expert_head_weight: Tensor | None,
-    potential: Tensor, alpha: Tensor, seed: Tensor | None = None, offset: Tensor | None = None,
+    potential: Tensor, alpha: Tensor, seed: Tensor | int | None = None, offset: Tensor | int | None = None,
     params: StepParams = StepParams(), base_head_bias: Tensor | None = None, expert_head_bias: Tensor | None = None,
     backend: str = "auto", row_temperature: Tensor | None = None, row_top_k: Tensor | None = None,
     row_top_p: Tensor | None = None,

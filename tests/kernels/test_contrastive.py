@@ -261,3 +261,21 @@ def test_kernel_reads_strided_rows_as_the_reference_does():
     for params in (ContrastiveParams(), ContrastiveParams(temperature=0.9)):
         expected = contrastive_select_reference(strong, weak, zero(), zero(), params)
         assert torch.equal(contrastive_select(strong, weak, params=params, backend="triton"), expected)
+
+
+def test_seed_and_offset_may_be_python_ints_in_both_ops():
+    from ngsd_kernels import StepParams, guarded_select
+
+    strong, weak = model_logits(3, 40, seed=12)
+    params = ContrastiveParams(temperature=0.8)
+    as_tensors = contrastive_select(strong, weak, torch.tensor([5]), torch.tensor([2]), params)
+    assert torch.equal(contrastive_select(strong, weak, 5, 2, params), as_tensors)
+    step = (strong, weak, torch.zeros(3), torch.full((3,), 0.9))
+    sampled = StepParams(temperature=0.8)
+    assert torch.equal(guarded_select(*step, 5, 2, sampled)[0],
+                       guarded_select(*step, torch.tensor([5]), torch.tensor([2]), sampled)[0])
+    with pytest.raises(TypeError, match="seed must be an int64 tensor .* or a Python int, got float"):
+        contrastive_select(strong, weak, seed=5.0)
+    with pytest.raises(ValueError, match="offset must fit int64"):
+        guarded_select(*step, offset=2**63)
+
