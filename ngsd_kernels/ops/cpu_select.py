@@ -12,7 +12,8 @@ candidates (the NGSD default) the choice only ever involves a handful of tokens 
   scores; the two top-k searches (the op's most expensive passes after the softmaxes) run only
   on those F rows.
 
-Passes over [B, V]: log-softmax and exp x2 (the reference's rounding), |p_b - p_e| and its sum, the base argmax;
+Passes over [B, V]: log-softmax and exp x2 (the reference's rounding), |p_b - p_e| and its sum, the base argmax
+(skipped when every row fires);
 over [F, V]: top-(2k+1) of the base, top-(k+1) of the expert. The [B, V] work buffers are kept
 between calls (`_Scratch`); the inputs are never written. Results equal the reference's; where a fired row has tokens tied
 across a top-k boundary, or the settings are not greedy/TV/union, the reference runs instead.
@@ -91,10 +92,12 @@ def cpu_guarded_select(base_logits: Tensor, expert_logits: Tensor, potential: Te
     gate = params.gate
     spike = fired if gate == GateMode.LIF else torch.full_like(fired, gate == GateMode.OPEN)
 
-    tokens = pb.argmax(dim=-1)  # first (lowest) id among equal maxima, as the reference's greedy choice
     mixing = (spike & valid).nonzero().squeeze(1)
+    every_row = mixing.numel() == lb.shape[0]
+    # the base's greedy choice, for the rows that do not mix: first (lowest) id among equal maxima, as the reference
+    tokens = None if every_row else pb.argmax(dim=-1)
     if mixing.numel():
-        if mixing.numel() == lb.shape[0]:
+        if every_row:
             fired_lb, fired_le = lb, le
         else:  # the fired rows' logits into work buffers (fresh [F, V] tensors would cost page faults);
             # `gap` is free once the divergence is summed
@@ -103,7 +106,10 @@ def cpu_guarded_select(base_logits: Tensor, expert_logits: Tensor, potential: Te
         chosen = _mixed_choice(fired_lb, fired_le, pb, pe, mixing, mix_alpha[mixing], k)
         if chosen is None:
             return guarded_select_reference(base_logits, expert_logits, potential, alpha, seed, offset, params)
-        tokens[mixing] = chosen
+        if every_row:
+            tokens = chosen
+        else:
+            tokens[mixing] = chosen
 
     tokens = torch.where(valid, tokens, torch.full_like(tokens, -1))
     new_potential = torch.where(valid, new_potential, old_potential)
