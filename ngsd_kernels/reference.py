@@ -112,15 +112,19 @@ def intersection_candidates(lb: torch.Tensor, le: torch.Tensor, k: int, min_cand
     return worst_rank < k_eff
 
 
-def sampling_mask(q: torch.Tensor, top_k: int | torch.Tensor, top_p: float | torch.Tensor) -> torch.Tensor:
+def sampling_mask(q: torch.Tensor, top_k: int | torch.Tensor, top_p: float | torch.Tensor,
+                  rank: torch.Tensor | None = None) -> torch.Tensor:
     """Tokens kept by top-k then top-p over unnormalised non-negative weights `q` [B, V]; ``top_k`` /
-    ``top_p`` one value, or [B] tensors (each row's own: k >= 1, p in (0, 1))."""
+    ``top_p`` one value, or [B] tensors (each row's own: k >= 1, p in (0, 1)). ``rank`` [B, V]: what top-k
+    ranks by when it is not ``q`` itself (the untempered q when ``q`` holds tempered weights: a temperature
+    does not reorder q, but rounding q^(1/T) can merge neighbours and so widen top-k)."""
     keep = q > 0
+    rank = q if rank is None else rank
     if isinstance(top_k, torch.Tensor):
         k = top_k.to(torch.int64).clamp(1, q.shape[-1])[:, None]
-        keep &= q >= torch.gather(torch.sort(q, dim=-1, descending=True).values, -1, k - 1)
+        keep &= rank >= torch.gather(torch.sort(rank, dim=-1, descending=True).values, -1, k - 1)
     elif top_k > 0:
-        keep &= q >= kth_largest(q, top_k)
+        keep &= rank >= kth_largest(rank, top_k)
     per_row_p = isinstance(top_p, torch.Tensor)
     if per_row_p or top_p < 1.0:
         p = top_p.float()[:, None] if per_row_p else top_p
@@ -186,7 +190,7 @@ def choose_tokens(
     weights = positive  # top-k keeps the same tokens under any temperature; top-p does not
     if isinstance(top_p_rows, torch.Tensor) or top_p_rows < 1.0:
         weights = tempered_weights(positive, log_q, t)
-    keep = sampling_mask(weights, top_k if row_top_k is None else row_top_k, top_p_rows)
+    keep = sampling_mask(weights, top_k if row_top_k is None else row_top_k, top_p_rows, rank=positive)
     rows = torch.arange(scores.shape[0], device=scores.device) if row_ids is None else row_ids
     u = philox_uniform(seed, offset, scores.shape[-1], rows)
     gumbel = -torch.log(-torch.log(u))

@@ -1148,7 +1148,9 @@ def _candidates_sample(
                 floor_w = tl.max(tempered_weights(floor[:, None], temper, top), axis=1)
             else:
                 floor_w = floor
-            overflow = value_of(t) < floor_w / norm
+            # p_max == 0: no candidate at all (a chunk tied past its slots stores none), which the floor test
+            # misses once the floor's weight underflows against an empty row's scale (top = 0)
+            overflow = (value_of(t) < floor_w / norm) | (p_max == 0.0)
     # Gumbel-max over the kept candidates, the reference's noise; equal maxima: the lowest id
     best = tl.full(total_mass.shape, float("-inf"), tl.float32)
     best_id = tl.full(total_mass.shape, INDEX_NONE, tl.int32)
@@ -1339,7 +1341,8 @@ def pass2_store_tile(
         S: tl.constexpr = sample_slots(lb.shape[1], K)
         if NEED_V0:
             if TEMPERED:  # p_b's largest log is -log(sum exp) (the reduce's): no log of q, no maximum to find
-                mass0 = log_tempered_mass_below(tl.where(mask, log_pb, float("-inf")), -ls_b, row_t)
+                # (only where p_b itself is > 0: an underflowed p_b is no candidate and weighs 0 in the reference)
+                mass0 = log_tempered_mass_below(tl.where(mask & (q0 > 0.0), log_pb, float("-inf")), -ls_b, row_t)
             else:
                 mass0 = tl.sum(q0, axis=1)
             store_sample_candidates(keys2_ptr, mass_ptr, oslot, row_mask, q0, cols, tl.maximum(bound0, 0.0), mass0,

@@ -123,3 +123,57 @@ def test_top_p_reads_the_tempered_distribution_in_the_kernels(temperature, no_ho
         assert torch.equal(tokens[~overflow & sure], want[0][~overflow & sure]), (temperature, top_p)
         decided = fused_guarded_select(*args, params=params, block_v=128)[0]
         assert torch.equal(decided[sure], want[0][sure]), (temperature, top_p)
+
+
+def test_a_row_with_no_candidate_is_flagged_at_any_temperature(no_host_read):
+    """A flat row: more tokens tie at its largest q than a chunk has slots, so no chunk stores a candidate.
+    At T 0.05 the overflow test's floor weight underflowed against an empty row's scale, the row went
+    unflagged and drew token 0 (here at logit -inf); an empty candidate set is now flagged itself."""
+    base = torch.zeros(2, 1000)
+    base[:, 0] = float("-inf")
+    base[1, 1] = float("-inf")
+    expert = torch.randn(2, 1000, generator=torch.Generator().manual_seed(0))
+    args = (base, expert, torch.zeros(2), torch.full((2,), 0.5), torch.tensor([3, 4]), torch.tensor([0]))
+    for temperature in (0.05, 1.0):
+        params = StepParams(candidate_k=8, gate=GateMode.CLOSED, temperature=temperature, top_p=0.9)
+        _, _, _, _, overflow = fused_guarded_select_with_overflow(*args, params=params)
+        assert overflow.tolist() == [True, True], temperature
+        decided = fused_guarded_select(*args, params=params)[0]
+        assert torch.equal(decided, guarded_select_reference(*args, params=params)[0]), temperature
+        assert bool((base.gather(1, decided[:, None]) > float("-inf")).all())
+
+
+def test_tokens_whose_probability_underflows_weigh_nothing_in_the_tempered_mass(no_host_read):
+    """T 50, top-p 0.1, and 3900 tokens far below the rest (p_b = 0 in fp32): their exp(log p_b / T) is not
+    small at T 50, and it used to enter the unmixed outcome's mass though the reference gives them weight 0,
+    so the kernels kept a wider nucleus."""
+    gen = torch.Generator().manual_seed(0)
+    base = torch.full((4, 4000), -110.0)
+    base[:, :100] = torch.randn(4, 100, generator=gen) * 3.0
+    base = torch.gather(base, 1, torch.stack([torch.randperm(4000, generator=gen) for _ in range(4)]))
+    expert = torch.randn(4, 4000, generator=gen)
+    args = (base, expert, torch.zeros(4), torch.full((4,), 0.5), torch.arange(4) + 1, torch.tensor([0]))
+    for mode, gate in ((0, GateMode.CLOSED), (1, GateMode.LIF), (0, GateMode.OPEN)):
+        params = StepParams(candidate_k=8, candidate_mode=mode, gate=gate, temperature=50.0, top_p=0.1, v_th=10.0)
+        want = guarded_select_reference(*args, params=params)
+        sure = ~near_tie_rows(*args, params) if approximate_exp(args[0]) else torch.ones_like(want[2])
+        decided = fused_guarded_select(*args, params=params)[0]
+        assert torch.equal(decided[sure], want[0][sure]), (mode, gate)
+
+
+def test_top_k_with_top_p_ranks_q_itself_at_a_large_temperature():
+    """At T 1000, q values 2e-5 apart round to one tempered weight. top-k ranks q (a temperature does not
+    reorder it), in the reference as in the kernels; the reference used to rank the rounded weights and
+    keep all four tied tokens for top-1."""
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(4, 512, generator=gen)
+    for row in range(4):
+        base[row, 10 * row:10 * row + 4] = 6.0 - 2e-5 * torch.arange(4, dtype=torch.float32)
+    expert = torch.randn(4, 512, generator=gen)
+    params = StepParams(candidate_k=8, gate=GateMode.CLOSED, temperature=1000.0, top_k=1, top_p=0.99)
+    for seed in range(3):
+        args = (base, expert, torch.zeros(4), torch.full((4,), 0.5), torch.arange(4) + 5 + 10 * seed,
+                torch.tensor([1]))
+        want = guarded_select_reference(*args, params=params)[0]
+        assert want.tolist() == [10 * row for row in range(4)]  # top-1: the largest q, whatever the noise
+        assert torch.equal(fused_guarded_select(*args, params=params)[0], want)
