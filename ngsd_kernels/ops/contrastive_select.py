@@ -9,6 +9,8 @@ definition is ``contrastive.contrastive_select_reference``.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -86,8 +88,6 @@ def triton_contrastive_select(strong_logits: torch.Tensor, weak_logits: torch.Te
                               offset: torch.Tensor, beta: float, plausibility: float,
                               temperature: float) -> torch.Tensor:
     """Tokens int64 [B] (-1: invalid row) of ``contrastive_select_reference``, from the kernel above."""
-    import math
-
     check_triton_device(strong_logits, weak_logits, seed, offset)
     batch, vocab = strong_logits.shape
     if vocab > MAX_VOCAB:
