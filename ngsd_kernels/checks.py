@@ -10,26 +10,34 @@ from .params import MIN_SAMPLING_TEMPERATURE
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def check_seed_offset(batch: int, seed: torch.Tensor, offset: torch.Tensor) -> None:
+    """The sampling stream's ``seed`` and ``offset``: int64, 1 or ``batch`` values each."""
+    for name, tensor in (("seed", seed), ("offset", offset)):
+        if tensor.dtype != torch.int64:
+            raise ValueError(f"{name} must be {torch.int64}, got {tensor.dtype}")
+    if seed.numel() not in (1, batch) or offset.numel() not in (1, batch):
+        raise ValueError(f"seed and offset must hold 1 or {batch} values")
+
+
+def check_one_device(*tensors: torch.Tensor | None) -> None:
+    """Every given tensor (None: absent) on one device."""
+    devices = {t.device for t in tensors if t is not None}
+    if len(devices) != 1:
+        raise ValueError(f"all step inputs must be on one device, got {sorted(map(str, devices))}")
+
+
 def check_row_vectors(batch: int, potential: torch.Tensor, alpha: torch.Tensor, seed: torch.Tensor,
                       offset: torch.Tensor, *others: torch.Tensor | None) -> None:
     """The per-row state of a step (and that every tensor, `others` included, is on one device)."""
-    for name, tensor, want in (
-        ("potential", potential, torch.float32),
-        ("alpha", alpha, torch.float32),
-        ("seed", seed, torch.int64),
-        ("offset", offset, torch.int64),
-    ):
-        if tensor.dtype != want:
-            raise ValueError(f"{name} must be {want}, got {tensor.dtype}")
+    for name, tensor in (("potential", potential), ("alpha", alpha)):
+        if tensor.dtype != torch.float32:
+            raise ValueError(f"{name} must be {torch.float32}, got {tensor.dtype}")
+    check_seed_offset(batch, seed, offset)
     if potential.shape != (batch,) or alpha.shape != (batch,):
         raise ValueError(
             f"potential and alpha must have shape [{batch}], got {tuple(potential.shape)} and {tuple(alpha.shape)}"
         )
-    if seed.numel() not in (1, batch) or offset.numel() not in (1, batch):
-        raise ValueError(f"seed and offset must hold 1 or {batch} values")
-    devices = {t.device for t in (potential, alpha, seed, offset, *others) if t is not None}
-    if len(devices) != 1:
-        raise ValueError(f"all step inputs must be on one device, got {sorted(map(str, devices))}")
+    check_one_device(potential, alpha, seed, offset, *others)
 
 
 def check_row_sampling(row_temperature: Tensor | None, row_top_k: Tensor | None, row_top_p: Tensor | None,

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .checks import check_logits_pair
+from .checks import check_logits_pair, check_one_device, check_seed_offset
 from .params import MIN_SAMPLING_TEMPERATURE, _real
 from .philox import philox_uniform
 from .reference import row_is_valid
@@ -100,17 +100,12 @@ def contrastive_select_reference(strong_logits: Tensor, weak_logits: Tensor, see
 
 
 def check_contrastive_inputs(strong_logits: Tensor, weak_logits: Tensor, seed: Tensor, offset: Tensor) -> None:
-    """ValueError naming the argument: [B, V] logits of one float dtype and shape, int64 seed / offset of 1 or B."""
+    """ValueError naming the argument: [B, V] logits of one float dtype and shape, int64 seed / offset of 1 or B,
+    one device."""
     check_logits_pair(strong_logits, weak_logits, ("strong", "weak"),
                       "both models must share one vocabulary (slice a padded LM head to the tokenizer's size first)")
-    batch = strong_logits.shape[0]
-    for name, tensor in (("seed", seed), ("offset", offset)):
-        if tensor.dtype != torch.int64 or tensor.numel() not in (1, batch):
-            raise ValueError(f"{name} must be an int64 tensor of 1 or {batch} values, got {tensor.dtype} "
-                             f"{tuple(tensor.shape)}")
-    devices = {t.device for t in (strong_logits, weak_logits, seed, offset)}
-    if len(devices) != 1:
-        raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
+    check_seed_offset(strong_logits.shape[0], seed, offset)
+    check_one_device(strong_logits, weak_logits, seed, offset)
 
 
 _SCHEMA = ("(Tensor strong_logits, Tensor weak_logits, Tensor seed, Tensor offset, float beta, float plausibility, "

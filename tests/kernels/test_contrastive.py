@@ -214,8 +214,12 @@ def test_bad_inputs_are_refused_by_name():
         contrastive_select(strong, weak[:, :9])
     with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
         contrastive_select(strong, weak.half())
-    with pytest.raises(ValueError, match="seed must be an int64 tensor of 1 or 2"):
+    with pytest.raises(ValueError, match="seed and offset must hold 1 or 2 values"):
         contrastive_select(strong, weak, seed=torch.zeros(3, dtype=torch.int64))
+    with pytest.raises(ValueError, match="offset must be torch.int64"):
+        contrastive_select(strong, weak, offset=torch.zeros(1, dtype=torch.int32))
+    with pytest.raises(ValueError, match="one device"):
+        contrastive_select(strong, weak, seed=torch.zeros(1, dtype=torch.int64, device="meta"))
     with pytest.raises(ValueError, match=r"\[batch, vocab\]"):
         contrastive_select(strong[0], weak[0])
     with pytest.raises(ValueError, match="backend must be one of"):
