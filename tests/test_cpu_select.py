@@ -8,7 +8,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from ngsd_kernels import GateMode, StepParams, guarded_select_reference
-from ngsd_kernels.ops.cpu_select import cpu_guarded_select
+from ngsd_kernels.ops.cpu_select import cpu_guarded_select, top_values
 
 PARAMS = dict(tau=8.0, v_th=1.0, v_reset=0.0, rho=0.6, candidate_mode=0, min_candidates=5, divergence=0,
               temperature=0.0, top_k=0, top_p=1.0, score_floor=1e-8)
@@ -84,3 +84,54 @@ def test_other_settings_fall_back_to_the_reference(changes):
     fast, ref = both(lb, le, torch.ones(3), torch.full((3,), 0.5), candidate_k=4, **changes)
     for a, b in zip(fast, ref):
         assert torch.equal(a, b) or torch.allclose(a.float(), b.float(), equal_nan=True)
+
+
+@pytest.mark.parametrize("vocab", [8192, 20011, 49152, 151936])
+@pytest.mark.parametrize("count", [1, 9, 65, 129])
+@pytest.mark.parametrize("kind", ["normal", "quantised", "mostly_masked", "three_finite"])
+def test_two_level_top_values_equal_topk(vocab, count, kind):
+    generator = torch.Generator().manual_seed(vocab + count)
+    x = torch.randn(3, vocab, generator=generator) * 3
+    if kind == "quantised":  # ties everywhere, across the count boundary too
+        x = x.round()
+    elif kind == "mostly_masked":
+        x[torch.rand(3, vocab, generator=generator) < 0.9] = float("-inf")
+    elif kind == "three_finite":
+        x = torch.full((3, vocab), float("-inf"))
+        x[:, [5, vocab // 2, vocab - 1]] = 1.0
+    got, ref = top_values(x, count), torch.topk(x, count, dim=-1)
+    assert torch.equal(got.values, ref.values)
+    assert torch.equal(x.gather(1, got.indices), got.values)
+    assert all(len(set(row)) == count for row in got.indices.tolist())
+
+
+@settings(max_examples=12, deadline=None)
+@given(vocab=st.integers(8192, 40000), k=st.integers(1, 80), quantise=st.booleans(), seed=st.integers(0, 2**16))
+def test_matches_reference_at_a_large_vocabulary(vocab, k, quantise, seed):
+    """The two-level top-k path (vocabularies of 8192 and more), every row mixing."""
+    generator = torch.Generator().manual_seed(seed)
+    lb = torch.randn(4, vocab, generator=generator) * 4
+    le = lb + torch.randn(4, vocab, generator=generator) * 2
+    if quantise:
+        lb, le = lb.round(), le.round()
+    alpha = torch.rand(4, generator=generator)
+    fast, ref = both(lb, le, torch.zeros(4), alpha, candidate_k=k, gate=int(GateMode.OPEN))
+    assert torch.equal(fast[0], ref[0])
+    assert torch.equal(fast[3], ref[3])
+
+
+@pytest.mark.parametrize("vocab", [64, 300, 20000, 49152])
+def test_an_outside_winner_tied_past_the_base_list_takes_the_lowest_id(vocab):
+    """The best token outside the candidate set wins (alpha 1, an almost flat expert) and ties with more tokens than
+    the base list holds: the reference takes the lowest id among all of them; topk listed arbitrary ones (137 of
+    200 such steps chose another token before the fallback)."""
+    generator = torch.Generator().manual_seed(vocab)
+    for _ in range(10):
+        lb = torch.full((1, vocab), -20.0)
+        le = torch.zeros(1, vocab)
+        lb[0, vocab - 1], lb[0, vocab - 2] = 5.0, 4.0
+        tied = torch.randperm(vocab - 40, generator=generator)[: int(torch.randint(3, 30, (1,), generator=generator))]
+        lb[0, tied + 20] = 3.0
+        le[0, 0], le[0, 1] = 0.5, 0.4
+        fast, ref = both(lb, le, torch.zeros(1), torch.ones(1), candidate_k=2, gate=int(GateMode.OPEN))
+        assert fast[0].item() == ref[0].item() == int(tied.min()) + 20

@@ -14,13 +14,16 @@ candidates (the NGSD default) the choice only ever involves a handful of tokens 
 
 Passes over [B, V]: log-softmax and exp x2 (the reference's rounding), |p_b - p_e| and its sum, the base argmax
 (skipped when every row fires);
-over [F, V]: top-(2k+1) of the base, top-(k+1) of the expert. The [B, V] work buffers are kept
+over [F, V]: top-(2k+1) of the base, top-(k+1) of the expert, each a column maximum then a top-k over the best
+columns' values (`top_values`: half the cost of one topk over the row). The [B, V] work buffers are kept
 between calls (`_Scratch`); the inputs are never written. Results equal the reference's; where a fired row has tokens tied
-across a top-k boundary, or the settings are not greedy/TV/union, the reference runs instead.
+across a top-k boundary, or its winner is a non-candidate tied with the base list's last token, or the settings
+are not greedy/TV/union, the reference runs instead.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 
 import torch
@@ -95,7 +98,8 @@ def cpu_guarded_select(base_logits: Tensor, expert_logits: Tensor, potential: Te
     mixing = (spike & valid).nonzero().squeeze(1)
     every_row = mixing.numel() == lb.shape[0]
     # the base's greedy choice, for the rows that do not mix: first (lowest) id among equal maxima, as the reference
-    tokens = None if every_row else pb.argmax(dim=-1)
+    # (max(dim) documents the same tie rule as argmax and is 3x faster on CPU: 0.75 against 2.2 ms at [32, 49152])
+    tokens = None if every_row else pb.max(dim=-1).indices
     if mixing.numel():
         if every_row:
             fired_lb, fired_le = lb, le
@@ -122,8 +126,8 @@ def _mixed_choice(lb: Tensor, le: Tensor, pb: Tensor, pe: Tensor, rows: Tensor, 
     vocab = lb.shape[1]
     base_list = min(2 * k + 1, vocab)
     expert_list = min(k + 1, vocab)
-    top_b = torch.topk(lb, base_list, dim=-1)
-    top_e = torch.topk(le, expert_list, dim=-1)
+    top_b = top_values(lb, base_list)
+    top_e = top_values(le, expert_list)
     threshold_b = top_b.values[:, k - 1 : k]
     threshold_e = top_e.values[:, k - 1 : k]
     # A tie across a top-k boundary widens the candidate set past k tokens, and then the base list
@@ -139,4 +143,42 @@ def _mixed_choice(lb: Tensor, le: Tensor, pb: Tensor, pe: Tensor, rows: Tensor, 
     in_set = (lb.gather(1, ids) >= threshold_b) | (le.gather(1, ids) >= threshold_e)
     mixed = pb_listed + alpha[:, None] * (pe_listed - pb_listed)
     scores = torch.where(in_set, mixed, pb_listed)
-    return _lowest_id_argmax(scores, ids, vocab)
+    chosen = _lowest_id_argmax(scores, ids, vocab)
+    if base_list < vocab:
+        # A winner outside the candidate set whose p_b equals the last listed base token's may tie with an
+        # unlisted token of lower id (p_b is monotone in the logit, so no unlisted token can beat it): exact
+        # only in the reference.
+        winner = (ids == chosen[:, None]).int().argmax(dim=-1, keepdim=True)
+        outside = ~in_set.gather(1, winner)
+        last_listed = pb_listed[:, base_list - 1 : base_list]
+        if bool((outside & (scores.gather(1, winner) <= last_listed)).any()):
+            return None
+    return chosen
+
+
+def top_values(x: Tensor, count: int) -> torch.return_types.topk:
+    """`torch.topk(x, count, dim=-1)` for [R, V] rows: equal values (sorted, largest first), indices equal up to
+    the order of tied values (which topk leaves unspecified too).
+
+    On a long row it selects in two levels, because topk's cost on CPU grows with the row and the count
+    together: the row is viewed as `c` (about sqrt(V / count)) strips of `n` = V // c tokens, column j being
+    tokens j, n + j, 2n + j, ...; the `count` columns with the largest maxima are kept, and the top-`count` is
+    taken among their `c * count` values (and the < c tokens past the last strip). A value above the count-th
+    largest lies in a kept column, or else `count` kept columns would each hold a larger one: the values are
+    exact. At [32, 49152] on one CPU thread: 1.8 against 3.5 ms (count 129), 1.4 against 2.6 ms (count 65).
+    """
+    rows, vocab = x.shape
+    strips = max(2, round(math.sqrt(vocab / max(count, 1))))
+    columns = vocab // strips
+    if vocab < 8192 or columns < 4 * count:
+        return torch.topk(x, count, dim=-1)
+    grid = x[:, : strips * columns].view(rows, strips, columns)
+    kept = torch.topk(grid.amax(dim=1), count, dim=-1, sorted=False).indices  # [R, count] column ids
+    candidates = grid.gather(2, kept[:, None, :].expand(rows, strips, count)).reshape(rows, strips * count)
+    ids = (torch.arange(strips, device=x.device)[:, None] * columns + kept[:, None, :]).reshape(rows, strips * count)
+    tail = strips * columns
+    if tail < vocab:
+        candidates = torch.cat([candidates, x[:, tail:]], dim=-1)
+        ids = torch.cat([ids, torch.arange(tail, vocab, device=x.device).expand(rows, -1)], dim=-1)
+    values, where = torch.topk(candidates, count, dim=-1)
+    return torch.return_types.topk((values, ids.gather(1, where)))
