@@ -15,7 +15,7 @@ import torch
 
 from ngsd_kernels.params import GateMode, StepParams
 from ngsd_kernels.philox import philox_uniform
-from ngsd_kernels.reference import sampling_mask, step_scores
+from ngsd_kernels.reference import sampling_mask, step_scores, tempered_weights
 
 NEAR_TIE_RTOL = 2.0**-16
 
@@ -38,7 +38,8 @@ def near_tie_rows(base: torch.Tensor, expert: torch.Tensor, potential: torch.Ten
     - sampling: the two best ``log(q) / T + gumbel`` within rtol (1/T + |best| + 1) (errors of
       log q, of the Gumbel noise's two logs, and of the score);
     - top-k: the k-th and (k+1)-th largest q within rtol; top-p: some token's probability mass
-      before it within rtol of top_p (the nucleus boundary moves).
+      before it, in the tempered distribution q^(1/T) that top-p reads, within rtol of top_p (rtol x 2/T x
+      the smaller of the mass and its complement, when that is larger: the tempering multiplies errors by 1/T).
     """
     step = step_scores(base, expert, potential, alpha, params)
     near = torch.zeros_like(step.valid)
@@ -50,11 +51,13 @@ def near_tie_rows(base: torch.Tensor, expert: torch.Tensor, potential: torch.Ten
         near |= gap <= rtol * best.abs()
         return near & step.valid
     positive = scores.clamp_min(0.0)
-    keep = sampling_mask(positive, params.top_k, params.top_p)
+    log_q = torch.log(positive) / params.temperature
+    # top-p reads the tempered weights, top-k ranks the untempered q (as `choose_tokens` does)
+    weights = tempered_weights(positive, log_q, params.temperature) if params.top_p < 1.0 else positive
+    keep = sampling_mask(weights, params.top_k, params.top_p, rank=positive)
     rows = torch.arange(scores.shape[0], device=scores.device)
     u = philox_uniform(seed.to(scores.device), offset.to(scores.device), scores.shape[-1], rows)
-    values = torch.where(keep, torch.log(positive) / params.temperature - torch.log(-torch.log(u)),
-                         torch.full_like(positive, float("-inf")))
+    values = torch.where(keep, log_q - torch.log(-torch.log(u)), torch.full_like(positive, float("-inf")))
     best, gap = _top2_gap(values)
     near |= gap <= rtol * (1.0 / params.temperature + best.abs() + 1.0)
     vocab = scores.shape[-1]
@@ -62,10 +65,13 @@ def near_tie_rows(base: torch.Tensor, expert: torch.Tensor, potential: torch.Ten
         kth = positive.topk(params.top_k + 1, dim=-1).values
         near |= (kth[:, -2] - kth[:, -1]) <= rtol * kth[:, -2]
     if params.top_p < 1.0:
-        kept = torch.where(keep, positive, torch.zeros_like(positive))
+        kept = torch.where(keep, weights, torch.zeros_like(weights))
         probs = torch.sort(kept / kept.sum(-1, keepdim=True).clamp_min(1e-30), dim=-1, descending=True).values
         before = torch.cumsum(probs, dim=-1) - probs
-        near |= ((before - params.top_p).abs() <= rtol).any(-1)
+        # an error e in q is e / T in q^(1/T): a mass moves by up to 2 e / T times its smaller side
+        # (the largest weight is 1 exactly; the weights past a clear winner are ~0 with ~0 error)
+        spread = 2.0 / params.temperature * torch.minimum(before, 1.0 - before)
+        near |= ((before - params.top_p).abs() <= rtol * spread.clamp_min(1.0)).any(-1)
     return near & step.valid
 
 
