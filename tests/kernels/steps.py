@@ -11,6 +11,10 @@ perturbed exp changes only such rows, and such rows exist).
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
+import pytest
 import torch
 
 from ngsd_kernels.params import GateMode, StepParams
@@ -18,6 +22,17 @@ from ngsd_kernels.philox import philox_uniform
 from ngsd_kernels.reference import sampling_mask, step_scores, tempered_weights
 
 NEAR_TIE_RTOL = 2.0**-16
+
+
+def triton_available() -> bool:
+    """The Triton kernels can run here: interpreted (TRITON_INTERPRET=1) or on a CUDA device. Imports nothing:
+    a module that imports this one before setting TRITON_INTERPRET must not have triton imported without it."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    return os.environ.get("TRITON_INTERPRET", "0") == "1" or torch.cuda.is_available()
+
+
+needs_triton = pytest.mark.skipif(not triton_available(), reason="needs triton (CUDA, or TRITON_INTERPRET=1)")
 
 
 def _top2_gap(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

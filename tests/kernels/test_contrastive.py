@@ -16,24 +16,13 @@ import torch  # noqa: E402
 from ngsd_kernels import ContrastiveParams, contrastive_select, contrastive_select_reference  # noqa: E402
 from ngsd_kernels.contrastive import contrastive_scores  # noqa: E402
 from ngsd_kernels.philox import philox_uniform  # noqa: E402
-from tests.kernels.steps import NEAR_TIE_RTOL  # noqa: E402
+from tests.kernels.steps import NEAR_TIE_RTOL, needs_triton, triton_available  # noqa: E402
 
 pytestmark = [
     # numpy warnings of Triton's CPU interpreter on the -inf/NaN rows these tests feed on purpose
     pytest.mark.filterwarnings("ignore::RuntimeWarning"),
     pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"),
 ]
-
-
-def triton_available() -> bool:
-    try:
-        from ngsd_kernels.ops import contrastive_select as kernel
-    except ImportError:
-        return False
-    return kernel.INTERPRETED or torch.cuda.is_available()
-
-
-needs_triton = pytest.mark.skipif(not triton_available(), reason="needs triton (CUDA, or TRITON_INTERPRET=1)")
 
 
 def model_logits(batch: int, vocab: int, seed: int = 0, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:

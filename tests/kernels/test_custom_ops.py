@@ -13,6 +13,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from ngsd_kernels import CandidateMode, GateMode, StepParams, guarded_select, guarded_select_reference  # noqa: E402
+from tests.kernels.steps import needs_triton, triton_available  # noqa: E402
 
 pytestmark = [
     # numpy warnings of Triton's CPU interpreter on the -inf/NaN rows these tests feed on purpose
@@ -37,17 +38,6 @@ def inputs(batch: int = 3, vocab: int = 40, dtype=torch.float32, seed: int = 0):
     seeds = torch.arange(batch, dtype=torch.int64)
     offset = torch.tensor([17], dtype=torch.int64)
     return base, expert, potential, alpha, seeds, offset
-
-
-def triton_available() -> bool:
-    try:
-        from ngsd_kernels.ops import fused_select
-    except ImportError:
-        return False
-    return fused_select.INTERPRETED or torch.cuda.is_available()
-
-
-needs_triton = pytest.mark.skipif(not triton_available(), reason="needs triton (CUDA, or TRITON_INTERPRET=1)")
 
 
 def test_ops_are_registered_and_functional():

@@ -23,10 +23,9 @@ from ngsd_kernels.ops.fused_select import fused_guarded_select, fused_guarded_se
 from ngsd_kernels.ops.launcher import plan_select  # noqa: E402
 from ngsd_kernels.params import GateMode, StepParams  # noqa: E402
 from ngsd_kernels.reference import guarded_select_reference  # noqa: E402
-from tests.kernels.steps import approximate_exp, near_tie_rows  # noqa: E402
+from tests.kernels.steps import approximate_exp, near_tie_rows, needs_triton  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not launcher.INTERPRETED and not torch.cuda.is_available(),
-                                reason="needs TRITON_INTERPRET=1 (CPU) or a CUDA device (bench/gpu_check.sh)")
+pytestmark = needs_triton
 
 
 @pytest.fixture
