@@ -8,7 +8,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from ngsd_kernels import GateMode, StepParams, guarded_select_reference
-from ngsd_kernels.ops.cpu_select import cpu_guarded_select, top_values
+from ngsd_kernels.ops.cpu_select import ROW_BLOCK, cpu_guarded_select, top_values
 
 PARAMS = dict(tau=8.0, v_th=1.0, v_reset=0.0, rho=0.6, candidate_mode=0, min_candidates=5, divergence=0,
               temperature=0.0, top_k=0, top_p=1.0, score_floor=1e-8)
@@ -135,3 +135,19 @@ def test_an_outside_winner_tied_past_the_base_list_takes_the_lowest_id(vocab):
         le[0, 0], le[0, 1] = 0.5, 0.4
         fast, ref = both(lb, le, torch.zeros(1), torch.ones(1), candidate_k=2, gate=int(GateMode.OPEN))
         assert fast[0].item() == ref[0].item() == int(tied.min()) + 20
+
+
+def test_a_batch_past_one_block_equals_the_reference():
+    """Batches over ROW_BLOCK rows run block by block (for the cache): same results, invalid rows included."""
+    generator = torch.Generator().manual_seed(7)
+    lb = torch.randn(ROW_BLOCK * 2 + 5, 300, generator=generator) * 3
+    le = lb + torch.randn(lb.shape, generator=generator)
+    lb[40, 3] = float("nan")
+    potential = torch.rand(lb.shape[0], generator=generator) * 1.5
+    alpha = torch.rand(lb.shape[0], generator=generator)
+    fast, ref = both(lb, le, potential, alpha, candidate_k=8)
+    assert bool(fast[2].any()) and not bool(fast[2].all())
+    assert fast[0][40].item() == -1
+    assert torch.equal(fast[0], ref[0]) and torch.equal(fast[2], ref[2])
+    torch.testing.assert_close(fast[1], ref[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fast[3], ref[3], rtol=1e-5, atol=1e-6, equal_nan=True)

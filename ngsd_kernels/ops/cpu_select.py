@@ -15,7 +15,8 @@ candidates (the NGSD default) the choice only ever involves a handful of tokens 
 Passes over [B, V]: log-softmax and exp x2 (the reference's rounding), |p_b - p_e| and its sum, the base argmax
 (skipped when every row fires);
 over [F, V]: top-(2k+1) of the base, top-(k+1) of the expert, each a column maximum then a top-k over the best
-columns' values (`top_values`: half the cost of one topk over the row). The [B, V] work buffers are kept
+columns' values (`top_values`: half the cost of one topk over the row). A batch runs in blocks of ROW_BLOCK
+rows, so that these passes stay in cache (at B = 128: 47 -> 33 ms a step). The [B, V] work buffers are kept
 between calls (`_Scratch`); the inputs are never written. Results equal the reference's; where a fired row has tokens tied
 across a top-k boundary, or its winner is a non-candidate tied with the base list's last token, or the settings
 are not greedy/TV/union, the reference runs instead.
@@ -53,6 +54,7 @@ class _Scratch(threading.local):
 
 
 _SCRATCH = _Scratch()
+ROW_BLOCK = 32  # rows per pass over the logits (`cpu_guarded_select`)
 
 
 def fast_path_applies(params: StepParams) -> bool:
@@ -73,6 +75,14 @@ def cpu_guarded_select(base_logits: Tensor, expert_logits: Tensor, potential: Te
     if row_temperature is not None or not fast_path_applies(params):  # (per-row top-k / top-p need a sampled step)
         return guarded_select_reference(base_logits, expert_logits, potential, alpha, seed, offset, params,
                                         row_temperature=row_temperature, row_top_k=row_top_k, row_top_p=row_top_p)
+    if base_logits.shape[0] > ROW_BLOCK:
+        # rows are independent (and greedy rows draw no random numbers): blocks keep the op's ten passes over
+        # [rows, V] in cache; at [128, 49152] one block took 49 ms, four took 38 (one thread)
+        blocks = [cpu_guarded_select(base_logits[start : start + ROW_BLOCK], expert_logits[start : start + ROW_BLOCK],
+                                     potential[start : start + ROW_BLOCK], alpha[start : start + ROW_BLOCK], seed,
+                                     offset, params)
+                  for start in range(0, base_logits.shape[0], ROW_BLOCK)]
+        return tuple(torch.cat(parts) for parts in zip(*blocks))
     lb = base_logits.float()
     le = expert_logits.float()
     k = max(1, min(params.candidate_k, lb.shape[1]))
