@@ -511,8 +511,6 @@ def reflect_generate(
     Runs the model class's own `generate` (`type(model).generate`), so a guarded `generate` patched
     onto the instance is bypassed: reflection always judges with the plain base model.
     """
-    from transformers import GenerationConfig
-
     requests = _check_requests(requests)
     if not requests:
         return []
@@ -520,13 +518,11 @@ def reflect_generate(
     _check_length(model, [len(r) for r in rows], config.max_new_tokens, "new tokens")
     input_ids, attention_mask = left_pad(rows, _pad_id(tokenizer), _model_device(model))
     eos = eos_token_ids(model, tokenizer)
-    generation_config = GenerationConfig(
-        max_new_tokens=config.max_new_tokens,
-        do_sample=False,
-        num_beams=1,
-        eos_token_id=eos or None,
-        pad_token_id=_pad_id(tokenizer),
-    )
+    # as keywords, not a GenerationConfig: HF fills a config's unset fields from the model's own defaults
+    settings = dict(_evaluator_plain_settings(model.generation_config), max_new_tokens=config.max_new_tokens,
+                    do_sample=False, num_beams=1, pad_token_id=_pad_id(tokenizer))
+    if eos:
+        settings["eos_token_id"] = eos
     closes = _closing_tokens(tokenizer, _vocab_rows(model, tokenizer)).to(input_ids.device)
     if config.parser == "published":
         # The published code stops at EOS or the token limit only: a first '}' may close a nested object.
@@ -540,8 +536,8 @@ def reflect_generate(
         model,
         input_ids=input_ids,
         attention_mask=attention_mask,
-        generation_config=generation_config,
         stopping_criteria=_stopping_criteria(closes, input_ids.shape[1], bar),
+        **settings,
     )
     if bar is not None:
         bar.close()
@@ -563,6 +559,25 @@ def reflect_generate(
             )
         )
     return out
+
+
+# `generate` starts from the model's own generation_config, so a model configured for its answers (stop strings,
+# penalties, banned words, several sequences) would bend the evaluator's greedy JSON too; a call's keyword
+# arguments are applied last, so these hold whatever the model's defaults say.
+_EVALUATOR_PLAIN_SETTINGS = dict(
+    stop_strings=None, repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0,
+    encoder_no_repeat_ngram_size=0, bad_words_ids=None, min_length=0, min_new_tokens=None, suppress_tokens=None,
+    begin_suppress_tokens=None, forced_bos_token_id=None, forced_eos_token_id=None, sequence_bias=None,
+    exponential_decay_length_penalty=None, renormalize_logits=False, remove_invalid_values=False,
+    num_return_sequences=1, return_dict_in_generate=False, output_scores=False, output_logits=False,
+    token_healing=False, guidance_scale=None, watermarking_config=None, temperature=1.0, top_k=50, top_p=1.0,
+    min_p=None, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0,
+)
+
+
+def _evaluator_plain_settings(generation_config) -> dict[str, Any]:
+    """`_EVALUATOR_PLAIN_SETTINGS` this transformers version knows (an unknown keyword would reach the model)."""
+    return {name: value for name, value in _EVALUATOR_PLAIN_SETTINGS.items() if hasattr(generation_config, name)}
 
 
 # ---------------------------------------------------------------------------------------------
