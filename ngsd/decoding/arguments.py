@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from numbers import Integral, Real
+from collections.abc import Set as AbstractSet
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -25,7 +26,7 @@ from ngsd_kernels.params import MIN_SAMPLING_TEMPERATURE
 def _rows(value: Any, batch: int, name: str, check: Callable[[int, Any], None]) -> list[Any]:
     """A scalar repeated per row, or exactly one value per row; `check(row, value)` runs on each
     value before the count is checked, so a wrong type is named as such."""
-    if isinstance(value, Mapping):  # iterating it would read its keys as the values
+    if isinstance(value, (Mapping, AbstractSet)):  # a dict's keys as the values, or a set's own order as the rows'
         raise TypeError(f"{name} must be a value or a sequence of one per row, got a {type(value).__name__}")
     if isinstance(value, torch.Tensor) or (hasattr(value, "ndim") and hasattr(value, "tolist")):  # also numpy arrays
         value = value.item() if value.ndim == 0 else value.flatten().tolist()
@@ -62,6 +63,26 @@ def per_row_ints(value: Any, batch: int, name: str, minimum: int = 1) -> list[in
             raise ValueError(f"{name} must be >= {minimum}, got {item} in row {row}")
 
     return [int(item) for item in _rows(value, batch, name, check)]
+
+
+def token_ids(value: Any, name: str) -> list[int]:
+    """Token ids given as None (none), one id, or a list / tensor / array of them; anything else refused by name.
+
+    >>> token_ids(2, "eos_token_id"), token_ids(torch.tensor([2, 7]), "eos_token_id"), token_ids(None, "eos_token_id")
+    ([2], [2, 7], [])
+    """
+    if value is None:
+        return []
+    if isinstance(value, torch.Tensor) or (hasattr(value, "ndim") and hasattr(value, "tolist")):  # numpy too
+        value = value.flatten().tolist() if value.ndim else [value.item()]
+    elif isinstance(value, Integral) or not isinstance(value, (Sequence, AbstractSet)) or isinstance(value, str):
+        value = [value]
+    for item in value:
+        if isinstance(item, bool) or not isinstance(item, Integral):
+            raise TypeError(f"{name} must be a token id (an int) or a list of them, got {item!r} ({type(item).__name__})")
+        if item < 0:
+            raise ValueError(f"{name} must hold token ids >= 0, got {item}")
+    return [int(item) for item in value]
 
 
 def check_sampling(do_sample: Any, temperature: Any, top_k: Any, top_p: Any) -> dict[str, float | int]:

@@ -21,7 +21,7 @@ from ..config import NGSDConfig
 from ..experts.lora import LoraAdapter
 from ..experts.resolve import ExpertLike, check_step_dtypes, common_vocabulary_size, resolve_expert
 from ..risk.estimate import plan_risk, warn_if_check_fitted_for_another_expert
-from .arguments import check_prompt_texts, check_sampling, check_seed, per_row_ints
+from .arguments import check_prompt_texts, check_sampling, check_seed, per_row_ints, token_ids
 from .early_stop import EarlyStop
 from .heads import HeadSplit, split_head
 from .pair import AdapterPair, BaseOnly, ForwardPair, ModelPair
@@ -195,6 +195,8 @@ def guarded_generate(
     tokens...; what `generate` builds from a GenerationConfig), applied each step to the base and
     the expert logits alike before the gate and the mixture, so their constraints hold for the
     guarded output too.
+    pad_token_id: what fills a row's positions after it stopped (default: the first eos id, else 0; a row
+    ended early by stop strings or stopping criteria needs one of them).
     cuda_graph: run the selection step (every row guarded) as a CUDA graph of the planned Triton op,
     captured at the first token (``ngsd_kernels.StepGraph``): one replay a token instead of the op's
     launches and checks. Needs the model on a CUDA device and the Triton backend; the model's forward
@@ -227,11 +229,9 @@ def guarded_generate(
     risk = plan_risk(model, config, alpha, batch, tokenizer, requests, input_ids, progress, attention_mask)
     warn_if_check_fitted_for_another_expert(risk, resolved)
 
-    eos_ids = torch.tensor(
-        [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)),
-        dtype=torch.long,
-        device=device,
-    )
+    eos_ids = torch.tensor(token_ids(eos_token_id, "eos_token_id"), dtype=torch.long, device=device)
+    # A row that stops before the others is filled with the pad (else eos, else 0) id; see the stop check below.
+    pad_given = pad_token_id is not None or eos_ids.numel() > 0
     pad = pad_token_id if pad_token_id is not None else (int(eos_ids[0]) if eos_ids.numel() else 0)
     embeddings = model.get_input_embeddings()
     vocab = getattr(embeddings, "num_embeddings", None)
@@ -328,6 +328,15 @@ def guarded_generate(
                         finished[row] = True
                         finished_rows.add(row)
                         stop_reasons[row] = "early_stop"
+            if not pad_given and len(finished_rows) < batch:
+                # Plain generate keeps decoding a row its stopping criteria or stop strings ended when there is
+                # no pad id; token 0 as the filler would be a silent difference. (Per-row lengths are ngsd's own.)
+                stopped = [row for row in done_rows if stop_reasons[row] in ("stop_string", "stopping_criteria")]
+                if stopped:
+                    raise ValueError(f"row {stopped[0]} was stopped (stop string or stopping criteria) at new token "
+                                     f"{step + 1}, before the others, and its later positions need a filler: this "
+                                     "model has neither a pad_token_id nor an eos_token_id; pass pad_token_id=... "
+                                     "(the tokenizer's pad or eos id)")
             if streamer is not None:
                 streamer.put(tokens.cpu())
             if len(finished_rows) == batch:
