@@ -146,6 +146,7 @@ BAD_ALPHAS = [
     ("0.5", TypeError), (["0.5"], TypeError), (True, TypeError), ([0.5, float("nan")], ValueError),
     ([0.5], ValueError), (object(), TypeError),
     ({0: 0.3, 1: 0.6}, TypeError),  # iterated, it decoded at its keys' alphas 0 and 1
+    ({1.0, 0.0}, TypeError),  # iterated in the set's own order: row 0 decoded at 0.0
 ]
 
 
@@ -576,7 +577,7 @@ def test_apply_without_an_expert_in_off_mode_decodes_as_the_base_and_refuses_a_g
 
 
 @pytest.mark.parametrize("name, value", [("max_new_tokens", "3"), ("max_new_tokens", 2.5), ("min_new_tokens", "1"),
-                                         ("max_length", [8])])
+                                         ("max_length", [8]), ("max_new_tokens", True)])
 def test_apply_refuses_a_length_that_is_not_an_int_by_name(lora_folder, name, value):
     """Through a patched model.generate, HF compared the string with 0 and failed with a bare "'<=' not
     supported between instances of 'str' and 'int'", naming no argument."""
@@ -588,3 +589,161 @@ def test_apply_refuses_a_length_that_is_not_an_int_by_name(lora_folder, name, va
         assert model.generate(torch.tensor([[5, 6, 7]]), ngsd_alpha=0.5, max_new_tokens=2).shape == (1, 5)
     finally:
         ngsd.remove(model)
+
+
+# ---------------------------------------------------------------------------------------------
+# The one-line switch: nothing a call passes may run it without the guard (a helper's hunt, stop 48)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_apply_accepts_a_numpy_int_length_as_plain_generate_does(lora_folder):
+    import numpy as np
+
+    model = tiny_model("llama")
+    ngsd.apply(model, expert=lora_folder)
+    try:
+        assert model.generate(torch.tensor([[5, 6, 7]]), ngsd_alpha=0.5, max_new_tokens=np.int64(2)).shape == (1, 5)
+    finally:
+        ngsd.remove(model)
+
+
+def test_paged_cache_and_continuous_batching_are_refused_on_a_guarded_model(lora_folder):
+    """HF runs continuous batching for cache_implementation="paged" before it looks at custom_generate, and
+    generate_batch decodes outside generate: both answered unguarded, without a word."""
+    model = tiny_model("llama")
+    ngsd.apply(model, expert=lora_folder)
+    try:
+        with pytest.raises(ValueError, match="cache_implementation='paged'"):
+            model.generate(torch.tensor([[5, 6, 7]]), ngsd_alpha=1.0, max_new_tokens=2, cache_implementation="paged")
+        with pytest.raises(ValueError, match="generate_batch runs HF's continuous batching"):
+            model.generate_batch([[5, 6, 7]])
+    finally:
+        ngsd.remove(model)
+    assert "generate_batch" not in vars(model) and callable(model.generate_batch)
+
+
+def test_a_failed_reapply_leaves_the_earlier_guard_in_place(lora_folder, tmp_path):
+    model = tiny_model("llama")
+    ids = torch.tensor([[5, 6, 7]])
+    ngsd.apply(model, expert=lora_folder, config=OPEN)
+    try:
+        guarded = model.generate(ids, ngsd_alpha=1.0, max_new_tokens=6, do_sample=False, eos_token_id=None)
+        with pytest.raises(Exception):
+            ngsd.apply(model, expert=str(tmp_path / "no_such_expert"), config=OPEN)
+        with pytest.raises(ValueError, match="vocabulary"):
+            ngsd.apply(model, expert=tiny_model("llama", vocab_size=50), config=OPEN)
+        assert ngsd.is_applied(model)
+        again = model.generate(ids, ngsd_alpha=1.0, max_new_tokens=6, do_sample=False, eos_token_id=None)
+        assert torch.equal(again, guarded)
+    finally:
+        ngsd.remove(model)
+    plain = model.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=None)
+    assert not torch.equal(plain, guarded)  # the check above compared guarded outputs
+
+
+def test_apply_refuses_a_model_whose_instance_has_its_own_generate(lora_folder):
+    """A hub custom_generate is set on the instance; the guard wraps the class's generate and would bypass it."""
+    model = tiny_model("llama")
+    model.generate = lambda *args, **kwargs: None
+    with pytest.raises(ValueError, match="generate of its own"):
+        ngsd.apply(model, expert=lora_folder)
+    assert not ngsd.is_applied(model)
+
+
+def test_positional_generate_arguments_meet_the_same_checks(lora_folder, smol_tokenizer):
+    """A GenerationConfig by position with stop strings failed ("could not locate a tokenizer"); an assistant
+    model by position would have slipped past the refusal."""
+    from transformers import GenerationConfig
+
+    model = tiny_model("llama", vocab_size=len(smol_tokenizer), max_positions=256)
+    ids = torch.tensor([smol_tokenizer("hello there")["input_ids"]])
+    common = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=EOS)
+    free = model.generate(ids, **common)
+    stop = next(smol_tokenizer.decode([t]).strip() for t in free[0, ids.shape[1] + 2:].tolist()
+                if smol_tokenizer.decode([t]).strip())
+    config = GenerationConfig(**common, stop_strings=[stop])
+    plain = model.generate(ids, config, tokenizer=smol_tokenizer)
+    ngsd.apply(model, expert=tiny_model("llama", vocab_size=len(smol_tokenizer), max_positions=256, seed=1),
+               config=OFF)
+    try:
+        assert torch.equal(model.generate(ids, config, tokenizer=smol_tokenizer), plain)
+        with pytest.raises(ValueError, match="assistant_model"):
+            model.generate(ids, config, None, None, None, None, model)
+        with pytest.raises(TypeError, match="both by position and by name"):
+            model.generate(ids, config, generation_config=config)
+    finally:
+        ngsd.remove(model)
+
+
+def test_token_healing_is_refused_by_name(lora_folder, smol_tokenizer):
+    """HF drops the tokenizer before a custom_generate callable, so healing failed asking for the tokenizer."""
+    model = tiny_model("llama", vocab_size=len(smol_tokenizer), max_positions=256)
+    ids = torch.tensor([smol_tokenizer("The capital of France is Par")["input_ids"]])
+    ngsd.apply(model, expert=tiny_model("llama", vocab_size=len(smol_tokenizer), max_positions=256, seed=1))
+    try:
+        with pytest.raises(ValueError, match="does not support token_healing"):
+            model.generate(ids, max_new_tokens=2, token_healing=True, tokenizer=smol_tokenizer)
+        model.generation_config.token_healing = True
+        with pytest.raises(ValueError, match="does not support token_healing"):
+            model.generate(ids, max_new_tokens=2, tokenizer=smol_tokenizer)
+    finally:
+        model.generation_config.token_healing = None
+        ngsd.remove(model)
+
+
+def test_self_reflection_ignores_the_models_answer_settings(smol_tokenizer):
+    """`generate` starts from the model's generation_config: its stop strings failed the reflection ("could not
+    locate a tokenizer"), its penalties and banned words bent the evaluator's JSON."""
+    from ngsd import ReflectionConfig
+    from ngsd.risk.reflection import reflect
+
+    model = tiny_model("llama", vocab_size=len(smol_tokenizer), max_positions=512)
+    config = ReflectionConfig(mode="generate", max_new_tokens=12)
+    requests = ["How do I bake bread?", "Tell me a joke"]
+    plain = [r.raw for r in reflect(model, smol_tokenizer, requests, config)]
+    answer = smol_tokenizer(plain[0], add_special_tokens=False)["input_ids"]
+    settings = dict(stop_strings=["\n\n"], repetition_penalty=3.0, no_repeat_ngram_size=1,
+                    bad_words_ids=[[t] for t in answer[:3]])
+    for name, value in settings.items():
+        setattr(model.generation_config, name, value)
+    try:
+        assert [r.raw for r in reflect(model, smol_tokenizer, requests, config)] == plain
+    finally:
+        for name in settings:
+            setattr(model.generation_config, name, None)
+
+
+@pytest.mark.parametrize("eos", [torch.tensor(EOS), torch.tensor([EOS, 3]), "np"])
+def test_eos_ids_as_a_tensor_or_numpy_value_are_accepted(lora_folder, eos):
+    import numpy as np
+
+    eos = np.int64(EOS) if isinstance(eos, str) else eos
+    model = tiny_model("llama")
+    ids = torch.tensor([[5, 6, 7]])
+    want = guarded_generate(model, ids, expert=lora_folder, alpha=0.5, max_new_tokens=3, eos_token_id=EOS)
+    got = guarded_generate(model, ids, expert=lora_folder, alpha=0.5, max_new_tokens=3, eos_token_id=eos)
+    if not (isinstance(eos, torch.Tensor) and eos.numel() == 2):
+        assert torch.equal(got.sequences, want.sequences)
+    with pytest.raises(TypeError, match="eos_token_id must be a token id"):
+        guarded_generate(model, ids, expert=lora_folder, alpha=0.5, max_new_tokens=3, eos_token_id=[2.0])
+
+
+def test_a_row_that_stops_early_without_pad_or_eos_is_an_error_not_token_zero(lora_folder):
+    """With neither a pad nor an eos id, a row stopped by the caller's criterion was filled with token 0 (a real
+    token); plain generate keeps decoding such a row. The loop now says what it needs."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class StopRowOne(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            done = torch.zeros(input_ids.shape[0], dtype=torch.bool)
+            done[1] = True
+            return done
+
+    model = tiny_model("llama")
+    ids = torch.tensor([[5, 6, 7], [8, 9, 10]])
+    with pytest.raises(ValueError, match="neither a pad_token_id nor an eos_token_id"):
+        guarded_generate(model, ids, expert=lora_folder, alpha=0.5, max_new_tokens=4,
+                         stopping_criteria=StoppingCriteriaList([StopRowOne()]))
+    out = guarded_generate(model, ids, expert=lora_folder, alpha=0.5, max_new_tokens=4, pad_token_id=0,
+                           stopping_criteria=StoppingCriteriaList([StopRowOne()]))
+    assert out.sequences[1, 4:].tolist() == [0, 0, 0]

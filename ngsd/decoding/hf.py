@@ -17,7 +17,9 @@ that existing ``model.generate(...)`` calls become guarded, and `remove` undoes 
 from __future__ import annotations
 
 import copy
+import inspect
 from dataclasses import dataclass
+from numbers import Integral
 from typing import Any, Callable
 
 import torch
@@ -200,32 +202,94 @@ def apply(
     """
     if config is not None:
         _check_config(config, "config")  # before anything is attached
-    if is_applied(model):
-        remove(model)
+    if "generate" in vars(model) and not is_applied(model):
+        raise ValueError("this model object has a generate of its own (a hub custom_generate, or a patch), which "
+                         "ngsd.apply would bypass; load the model without it, or call ngsd.guarded_generate directly")
+    # the new expert is resolved and checked before an earlier guard is removed: a failure leaves the model as it was
     resolved = resolve_expert(expert, model, required=(config or NGSDConfig()).mode != "off", tokenizer=tokenizer)
     check_step_dtypes(model, resolved)
+    if is_applied(model):
+        remove(model)
     if isinstance(resolved, LoraAdapter):
         resolved.attach(model)
     method = decoding_method(resolved, config, tokenizer)
     unguarded_generate = type(model).generate
+    parameters = _positional_names(unguarded_generate)
 
     def generate(*args: Any, **kwargs: Any):
+        kwargs = _as_keywords(parameters, args, kwargs)
         if kwargs.get("custom_generate") is not None:
             raise ValueError("this model's generate is guarded by ngsd; call ngsd.remove(model) to use custom_generate")
         for name in ("assistant_model", "negative_prompt_ids"):
             if kwargs.get(name) is not None:
                 raise ValueError(f"guarded decoding does not support {name}; call ngsd.remove(model) for plain generate")
+        _refuse_continuous_batching(kwargs)
+        _refuse_token_healing(model, kwargs)
         for name in ("streamer", "tokenizer", "stop_strings"):
             if kwargs.get(name) is not None:
                 kwargs[f"ngsd_{name}"] = kwargs.pop(name)
         _check_lengths(kwargs)
         _move_configured_stop_strings(model, kwargs)
-        return unguarded_generate(model, *args, custom_generate=method, **kwargs)
+        return unguarded_generate(model, custom_generate=method, **kwargs)
 
     generate.__doc__ = f"Guarded by ngsd. {unguarded_generate.__doc__ or ''}"
     setattr(model, _STATE_ATTR, _Guard(resolved, method))  # first: a copy or pickle meets its clear error first
     model.generate = generate
+    for name in _UNGUARDED_ENTRY_POINTS:
+        if hasattr(type(model), name):
+            setattr(model, name, _refused(name))
     return model
+
+
+# HF's continuous batching decodes outside `generate`: on a guarded model it would answer unguarded
+_UNGUARDED_ENTRY_POINTS = ("generate_batch", "init_continuous_batching", "continuous_batching_context_manager")
+
+
+def _refused(name: str) -> Callable[..., Any]:
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise ValueError(f"{name} runs HF's continuous batching, which decodes without the guard; use the guarded "
+                         "model.generate (or ngsd.vllm to serve), or call ngsd.remove(model) first")
+
+    return refuse
+
+
+def _positional_names(unguarded_generate: Callable[..., Any]) -> list[str]:
+    """The names of `generate`'s positional parameters after `self`, in order."""
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return [p.name for p in inspect.signature(unguarded_generate).parameters.values() if p.kind in kinds][1:]
+
+
+def _as_keywords(parameters: list[str], args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """`generate`'s positional arguments by name, so that every check below sees them (a generation_config or
+    a streamer passed by position, as plain `generate` allows)."""
+    if len(args) > len(parameters):
+        raise TypeError(f"generate takes at most {len(parameters)} positional arguments, got {len(args)}")
+    named = dict(zip(parameters, args))
+    twice = sorted(set(named) & set(kwargs))
+    if twice:
+        raise TypeError(f"generate got {twice} both by position and by name")
+    return {**named, **kwargs}
+
+
+def _refuse_continuous_batching(kwargs: dict[str, Any]) -> None:
+    """cache_implementation="paged" makes HF's `generate` run continuous batching before it looks at
+    `custom_generate`: the guard would be skipped without a word."""
+    if kwargs.get("cache_implementation") == "paged":
+        raise ValueError("guarded decoding does not support cache_implementation='paged' (HF's continuous batching "
+                         "runs without the guard); use the default cache, or ngsd.vllm for continuous batching")
+
+
+def _refuse_token_healing(model: nn.Module, kwargs: dict[str, Any]) -> None:
+    """HF heals the prompt with the call's tokenizer, which it does not keep for a `custom_generate` callable
+    (transformers 5.x): token healing would fail with "you must pass the model's tokenizer" although it was."""
+    healing = kwargs.get("token_healing")
+    for config in (kwargs.get("generation_config"), model.generation_config):  # HF fills a None from the next
+        if healing is None:
+            healing = getattr(config, "token_healing", None)
+    if healing:
+        raise ValueError("guarded decoding does not support token_healing (HF drops the tokenizer it needs before "
+                         "the guarded loop); heal the prompt first (model.heal_tokens(input_ids, tokenizer)), then "
+                         "generate without it")
 
 
 def _check_lengths(kwargs: dict[str, Any]) -> None:
@@ -233,8 +297,10 @@ def _check_lengths(kwargs: dict[str, Any]) -> None:
     first and fails with a bare "'<=' not supported between instances of 'str' and 'int'"."""
     for name in ("max_new_tokens", "min_new_tokens", "max_length", "min_length"):
         value = kwargs.get(name)
-        if value is not None and not isinstance(value, int):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, Integral)):
             raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+        if value is not None:
+            kwargs[name] = int(value)  # HF's own checks want a Python int (numpy's int64 is one in value only)
 
 
 def _move_configured_stop_strings(model: nn.Module, kwargs: dict[str, Any]) -> None:
@@ -270,7 +336,8 @@ def remove(model: nn.Module) -> nn.Module:
         return model
     if isinstance(guard.expert, LoraAdapter):
         guard.expert.detach(model)
-    if "generate" in vars(model):
-        del model.generate
+    for name in ("generate", *_UNGUARDED_ENTRY_POINTS):
+        if name in vars(model):
+            delattr(model, name)
     delattr(model, _STATE_ATTR)
     return model
