@@ -15,6 +15,7 @@ next load. Local folders and hub ids go straight to `from_pretrained`.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import importlib.util
 import io
 import json
@@ -226,15 +227,26 @@ def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
     return ids
 
 
-def check_model_path(name_or_path: str | os.PathLike[str] | None) -> str | None:
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def check_model_path(name_or_path: str | os.PathLike[str] | None, known: tuple[str, ...] = ()) -> str | None:
     """Check a model argument without loading or converting anything; return the folder or hub id.
 
     None for the default model. Raises FileNotFoundError / ValueError with the fix for a missing
-    path, a file instead of a folder, or a folder that is not a Hugging Face checkpoint.
+    path, a file instead of a folder, a folder that is not a Hugging Face checkpoint or has no
+    tokenizer, and a name that is no folder but close to one of the default model's aliases or to
+    `known` (other names the caller accepts): a typo would otherwise go to the hub, which takes
+    about 50 s of retries to fail on a machine without internet.
     """
+    if name_or_path is not None and not isinstance(name_or_path, (str, os.PathLike)):
+        raise TypeError(f"a model must be named by a folder path or a hub id (str), got {type(name_or_path).__name__}")
     if is_default_model(name_or_path):
         return None
     text = str(name_or_path)
+    if not text.strip():
+        raise ValueError("the model name is empty; pass a checkpoint folder, a hub id, or nothing for the offline "
+                         "default model")
     path = Path(text).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -247,12 +259,21 @@ def check_model_path(name_or_path: str | os.PathLike[str] | None) -> str | None:
                 f"{text!r} has no config.json, so it is not a Hugging Face checkpoint folder; pass the folder "
                 "that save_pretrained wrote"
             )
+        if not any((path / name).is_file() for name in TOKENIZER_FILES):
+            raise FileNotFoundError(
+                f"{text!r} has no tokenizer ({', '.join(TOKENIZER_FILES)}); save the model's tokenizer there too "
+                "(tokenizer.save_pretrained(folder))"
+            )
         return str(path)
+    missing = f"model path {text!r} does not exist; pass a checkpoint folder with config.json, a hub id, " \
+              "or nothing for the offline default model"
     if text.startswith((".", "/", "~")) or text.count("/") > 1:
-        raise FileNotFoundError(
-            f"model path {text!r} does not exist; pass a checkpoint folder with config.json, a hub id, "
-            "or nothing for the offline default model"
-        )
+        raise FileNotFoundError(missing)
+    if "/" in text and Path(text.split("/")[0]).expanduser().is_dir():  # 'runs/expert' under an existing ./runs
+        raise FileNotFoundError(missing)
+    close = difflib.get_close_matches(text.lower(), [*sorted(DEFAULT_MODEL_ALIASES), *known], n=1, cutoff=0.75)
+    if "/" not in text and close:
+        raise FileNotFoundError(f"no folder {text!r}; did you mean {close[0]!r}?")
     return text  # a hub id; from_pretrained fetches it (online users only)
 
 
@@ -289,12 +310,22 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dtype = torch.float32 if dtype is None else dtype
+    device = torch.device(device)  # a misspelled device fails here, before the load
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r}: this machine has no CUDA device (or torch is a CPU build); "
+                         "pass device='cpu'")
     source = resolve_model_path(name_or_path, cache_dir=cache_dir, progress=progress)
     attn = attn_implementation or pick_attn_implementation(device, dtype)
-    tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(source))
-    with warnings.catch_warnings(), transformers_progress(show_progress(progress)):
-        warnings.filterwarnings("ignore", message=".*generation flags are not valid.*")
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn)
+    try:
+        tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(source))
+        with warnings.catch_warnings(), transformers_progress(show_progress(progress)):
+            warnings.filterwarnings("ignore", message=".*generation flags are not valid.*")
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn)
+    except OSError as error:
+        if Path(source).is_dir():
+            raise
+        raise OSError(f"{source!r} is not a local folder, and loading it as a hub id failed (a typo, no internet, or "
+                      f"a private model?): {error}") from error
     model.to(device)
     model.eval()
     if model.generation_config.pad_token_id is None:

@@ -72,7 +72,14 @@ class LoraAdapter:
                 f"{path} is not a peft LoRA adapter folder: it needs adapter_config.json and "
                 "adapter_model.safetensors (save one with PeftModel.save_pretrained)"
             )
-        config = json.loads(config_file.read_text())
+        try:
+            config = json.loads(config_file.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(f"{config_file} is not valid JSON ({error}); save the adapter again with "
+                             "PeftModel.save_pretrained") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"{config_file} holds a {type(config).__name__}, not a JSON object; save the adapter "
+                             "again with PeftModel.save_pretrained")
         if config.get("peft_type", "LORA") != "LORA":
             raise ValueError(f"{path}: only LoRA adapters are supported, got peft_type={config.get('peft_type')}")
         for unsupported in ("use_dora", "fan_in_fan_out"):
@@ -83,6 +90,9 @@ class LoraAdapter:
                 f"{path}: adapters with modules_to_save change whole modules; load base+adapter merged as a "
                 "separate expert model instead"
             )
+        if isinstance(config.get("r"), bool) or not isinstance(config.get("r"), int) or config["r"] < 1:
+            raise ValueError(f"{config_file}: 'r' (the LoRA rank) must be an int >= 1, got {config.get('r')!r}; "
+                             "save the adapter again with PeftModel.save_pretrained")
         rank = int(config["r"])
         lora_alpha = float(config.get("lora_alpha", rank))
         scale = lora_alpha / (rank**0.5) if config.get("use_rslora") else lora_alpha / rank

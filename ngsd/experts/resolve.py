@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from ..nest.update import NestUpdate
 
 ExpertLike = Union[str, Path, LoraAdapter, nn.Module, None]
-_ADAPTER_CACHE: dict[str, LoraAdapter] = {}
+_ADAPTER_CACHE: dict[tuple, LoraAdapter] = {}  # `_folder_key` -> adapter
 
 
 def resolve_expert(expert: ExpertLike, base: nn.Module, *, required: bool = True,
@@ -79,17 +79,31 @@ def _load(name: str, base: nn.Module, tokenizer) -> LoraAdapter | nn.Module:
 
         name = str(shipped_expert_path())
     if (Path(name) / "adapter_config.json").is_file():
-        if name not in _ADAPTER_CACHE:
-            _ADAPTER_CACHE[name] = LoraAdapter.load(name)
-        return _ADAPTER_CACHE[name]
-    from ..loading import load_model
+        key = _folder_key(name)
+        if key not in _ADAPTER_CACHE:
+            _ADAPTER_CACHE[key] = LoraAdapter.load(name)
+        return _ADAPTER_CACHE[key]
+    from ..loading import is_default_model, load_model
+
+    if is_default_model(name):
+        raise ValueError(f"expert {name!r} names the default base model itself, which would guard nothing; pass "
+                         "'shipped' for the expert shipped for it, or an adapter / model folder")
 
     model, expert_tokenizer = load_model(name)
     check_same_tokenizer(tokenizer, expert_tokenizer)
     return model
 
 
-_NEST_CACHE: dict[str, tuple["NestUpdate", LoraAdapter]] = {}  # resolved folder -> (its delta, its adapter)
+_NEST_CACHE: dict[tuple, tuple["NestUpdate", LoraAdapter]] = {}  # `_folder_key` -> (its delta, its adapter)
+
+
+def _folder_key(folder: str) -> tuple:
+    """A cache key that changes with the folder: its resolved path (a relative path names another folder from
+    another working directory) and each file's size and modification time (a retrained adapter is another)."""
+    path = Path(folder).resolve()
+    files = sorted((item.name, item.stat().st_size, item.stat().st_mtime_ns) for item in path.iterdir()
+                   if item.is_file())
+    return (str(path), tuple(files))
 
 
 def _nest_adapter(folder: str, base: nn.Module) -> LoraAdapter:
@@ -97,7 +111,7 @@ def _nest_adapter(folder: str, base: nn.Module) -> LoraAdapter:
     from ..nest.as_lora import nest_lora_adapter
     from ..nest.update import NestUpdate
 
-    key = str(Path(folder).resolve())
+    key = _folder_key(folder)
     if key not in _NEST_CACHE:
         update = NestUpdate.load(folder)
         _NEST_CACHE[key] = (update, nest_lora_adapter(update, source=folder))
