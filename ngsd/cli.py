@@ -72,7 +72,7 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_threads_option(parser: argparse.ArgumentParser) -> None:
-    """--threads for a command that runs a model in this process (checked with `check_range(..., 1)`)."""
+    """--threads for a command that runs a model in this process (checked with `check_threads`)."""
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice; on a CPU shared with other jobs 1 thread "
                         "is much faster)")
@@ -171,23 +171,35 @@ def check_range(flag: str, value: float | None, low: float, high: float = math.i
         raise UsageError(f"{flag} must be {bound}{what}, got {value:g}")
 
 
+MAX_THREADS = 1024  # torch takes an int32; far past any machine's cores
+
+
+def check_threads(value: int | None) -> None:
+    """--threads: 1..MAX_THREADS (None: torch's choice)."""
+    check_range("--threads", value, 1, MAX_THREADS, what=" (torch CPU threads)")
+
+
 def check_prompt_texts(prompts: Sequence[str]) -> None:
     """PROMPT arguments: at least one, none blank (numbered from 1, as a user counts them)."""
     if not prompts:
         raise UsageError("give at least one PROMPT, or --prompts-file FILE (one request per line)")
+    from .decoding.prompt_text import check_prompt_text
+
     for i, prompt in enumerate(prompts, start=1):
-        if not prompt.strip():
-            raise UsageError(f"PROMPT {i} is empty: give every request some text")
+        try:
+            check_prompt_text(prompt, f"PROMPT {i}")
+        except (TypeError, ValueError) as error:
+            raise UsageError(str(error)) from None
 
 
-def check_model(value: str | None) -> None:
+def check_model(value: str | None, flag: str = "--model") -> None:
     """--model: the offline default, an existing checkpoint folder or a hub id (nothing is loaded)."""
     from .loading import check_model_path
 
     try:
         check_model_path(value)
     except (OSError, ValueError) as error:
-        raise UsageError(f"--model: {error}") from error
+        raise UsageError(f"{flag}: {error}") from error
 
 
 def check_probe(value: str) -> None:
@@ -221,17 +233,44 @@ def check_expert(value: str) -> None:
     if path.is_dir():
         if not any((path / name).is_file() for name in ("adapter_config.json", "config.json", "nest_delta.safetensors")):
             raise UsageError(f"--expert: {value!r} has no adapter_config.json, config.json or nest_delta.safetensors; {fix}")
+        if not any((path / name).is_file() for name in ("adapter_config.json", "nest_delta.safetensors")):
+            check_model(value, "--expert")  # a model folder: with its tokenizer
         return
     if path.exists():
         raise UsageError(f"--expert: {value!r} is a file, not a folder; {fix}")
     if value.startswith((".", "/", "~")) or value.count("/") > 1:
         raise UsageError(f"--expert: expert path {value!r} does not exist; {fix}")
+    from .loading import check_model_path, is_default_model
+
+    if is_default_model(value):
+        raise UsageError(f"--expert: {value!r} names the default base model itself, which would guard nothing; {fix}")
+    try:  # a missing path or a typo (of 'shipped' too) is refused here, not sent to the hub
+        check_model_path(value, known=("shipped", "nest"))
+    except (OSError, ValueError) as error:
+        raise UsageError(f"--expert: {error}" + ("" if "did you mean" in str(error) else f"; {fix}")) from None
 
 
 def check_output_folder(flag: str, value: str | None, what: str = "") -> None:
-    """An output folder option: UsageError when the path exists and is not a folder (None passes)."""
-    if value is not None and Path(value).expanduser().exists() and not Path(value).expanduser().is_dir():
+    """An output folder option: UsageError when the path exists and is not a folder, or cannot be created
+    (None passes)."""
+    if value is None:
+        return
+    path = Path(value).expanduser()
+    if path.exists() and not path.is_dir():
         raise UsageError(f"{flag}: {value!r} is a file; pass a folder{what}")
+    _check_creatable(flag, path)
+
+
+def _check_creatable(flag: str, path: Path) -> None:
+    """The first existing folder on the way to `path` is a writable folder, so the run's output can be written
+    (found before the model loads, not after the answers are computed)."""
+    ancestor = path if path.exists() else path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UsageError(f"{flag}: cannot write {str(path)!r}: {str(ancestor)!r} is a file, not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag}: cannot write {str(path)!r}: no write permission in {str(ancestor)!r}")
 
 
 def check_plot_file(value: str | None) -> None:
@@ -240,6 +279,9 @@ def check_plot_file(value: str | None) -> None:
         return
     if Path(value).suffix.lower() != ".png":
         raise UsageError(f"--plot writes a PNG: give a file name ending in .png, got {value!r}")
+    if Path(value).expanduser().is_dir():
+        raise UsageError(f"--plot: {value!r} is a folder; give a file name ending in .png")
+    _check_creatable("--plot", Path(value).expanduser())
     from .textplot import require_matplotlib
 
     try:

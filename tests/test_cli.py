@@ -116,11 +116,26 @@ def test_generate_choices_match_the_library():
     (["generate", "--prompts-file", "/nope.txt"], ["--prompts-file", "/nope.txt", "cannot read"]),
     (["eval", "--config", "nope"], ["--config", "smoke"]),
     (["eval", "--expert", "/nope"], ["--expert", "/nope"]),
-    (["eval", "--threads", "0"], ["--threads", ">= 1"]),
-    (["reflect", "hi", "--threads", "0"], ["--threads", ">= 1"]),
+    (["eval", "--threads", "0"], ["--threads", "[1, 1024]"]),
+    (["reflect", "hi", "--threads", "0"], ["--threads", "[1, 1024]"]),
     (["reflect", "hi", "--model", "/nope"], ["--model", "/nope", "does not exist"]),
     (["reflect", "hi", " "], ["PROMPT 2 is empty"]),  # counted as the user counts, before any model loads
     (["train-probe", "--out", "p", "--check-recall", "5"], ["--check-recall", "(0, 1]"]),  # read after training
+    # a helper's hunt (stop 48): each of these loaded the model first, went to the hub (~50 s offline) or
+    # ran silently with an option switched off
+    (["generate", "caf\udce9"], ["PROMPT 1", "not valid text", "UTF-8"]),
+    (["reflect", "caf\udce9"], ["PROMPT 1", "not valid text"]),
+    (["generate", "hi", "--expert", "shiped"], ["--expert", "did you mean 'shipped'"]),
+    (["generate", "hi", "--model", "smolm2"], ["--model", "did you mean 'smollm2'"]),
+    (["generate", "hi", "--expert", "default"], ["--expert", "base model itself"]),
+    (["generate", "hi", "--temperature", "nan"], ["--temperature", "--sample"]),
+    (["generate", "hi", "--top-k", "5"], ["--top-k", "--sample"]),
+    (["generate", "hi", "--mode", "off", "--alpha", "0.5"], ["--mode off", "--alpha"]),
+    (["generate", "hi", "--mode", "off", "--primed"], ["--mode off", "--primed"]),
+    (["generate", "hi", "--alpha", "0.5", "--reflection", "paper"], ["--alpha", "--reflection"]),
+    (["generate", "hi", "--seed", str(2**70)], ["--seed", "64-bit"]),
+    (["generate", "hi", "--threads", "2147483648"], ["--threads", "1024"]),
+    (["generate", "hi", "--plot", "README.md/trace.png"], ["--plot", "is a file, not a folder"]),
 ])
 def test_user_errors_are_one_line_with_status_2(argv, words, capsys):
     assert cli.main(argv) == 2
@@ -270,6 +285,11 @@ def test_generate_reads_requests_from_a_file_or_stdin(tmp_path, monkeypatch):
     args = parser.parse_args(["generate", "--prompts-file", "-"])
     generate_cli.check_arguments(args)
     assert args.prompts == ["from stdin"]
+    # lines end at \n only (U+2028 is text inside a request); a byte-order mark on stdin is dropped too
+    monkeypatch.setattr("sys.stdin", io.StringIO("\ufeffone\u2028request\r\nnext\n"))
+    args = parser.parse_args(["generate", "--prompts-file", "-"])
+    generate_cli.check_arguments(args)
+    assert args.prompts == ["one\u2028request", "next"]
     (tmp_path / "blank.txt").write_text("\n \n", encoding="utf-8")
     with pytest.raises(generate_cli.UsageError, match="holds no request"):
         generate_cli.check_arguments(parser.parse_args(["generate", "--prompts-file", str(tmp_path / "blank.txt")]))

@@ -747,3 +747,73 @@ def test_a_row_that_stops_early_without_pad_or_eos_is_an_error_not_token_zero(lo
     out = guarded_generate(model, ids, expert=lora_folder, alpha=0.5, max_new_tokens=4, pad_token_id=0,
                            stopping_criteria=StoppingCriteriaList([StopRowOne()]))
     assert out.sequences[1, 4:].tolist() == [0, 0, 0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Experts and requests named badly (a helper's hunt of the text API, stop 48)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_relative_adapter_path_is_the_folder_it_names_now(tmp_path, monkeypatch):
+    """The adapter cache was keyed by the path as typed: after a chdir, "exp" decoded with the other folder's
+    adapter; an adapter rewritten in place (retrained) kept its old weights."""
+    model = tiny_model("llama")
+    ids = torch.tensor([[5, 9, 11, 20, 33]])
+    for name, seed in (("A", 1), ("B", 7)):
+        (tmp_path / name).mkdir()
+        tiny_lora_expert(model, tmp_path / name / "exp", seed=seed, strength=0.8)
+
+    def tokens(expert):
+        return guarded_generate(model, ids, expert=expert, config=OPEN, alpha=1.0, max_new_tokens=8).traces[0].tokens
+
+    monkeypatch.chdir(tmp_path / "A")
+    a = tokens("exp")
+    monkeypatch.chdir(tmp_path / "B")
+    assert tokens("exp") == tokens(str(tmp_path / "B" / "exp")) != a
+    import os
+    import time
+
+    time.sleep(0.01)
+    tiny_lora_expert(model, tmp_path / "A" / "exp", seed=7, strength=0.8)  # A retrained as B
+    later = time.time() + 1
+    for item in (tmp_path / "A" / "exp").iterdir():
+        os.utime(item, (later, later))
+    assert tokens(str(tmp_path / "A" / "exp")) == tokens("exp")
+
+
+@pytest.mark.parametrize("text, words", [("{'r': 8,}", "not valid JSON"), ('{"lora_alpha": 8}', "the LoRA rank"),
+                                         ("[1, 2]", "not a JSON object")])
+def test_a_corrupt_adapter_config_names_the_file(lora_folder, tmp_path, text, words):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(lora_folder, broken)
+    (broken / "adapter_config.json").write_text(text)
+    with pytest.raises(ValueError, match=words) as error:
+        LoraAdapter.load(broken)
+    assert "adapter_config.json" in str(error.value)
+
+
+def test_the_default_model_is_refused_as_its_own_expert():
+    with pytest.raises(ValueError, match="base model itself"):
+        guarded_generate(tiny_model("llama"), torch.tensor([[5, 6, 7]]), expert="default", alpha=0.5,
+                         max_new_tokens=2)
+
+
+@pytest.mark.parametrize("requests, error, words", [
+    (b"bytes", TypeError, "list of strings"), ({"a": 1}, TypeError, "list of strings"),
+    (None, TypeError, "list of strings"), (["caf\udce9"], ValueError, "not valid text"),
+])
+def test_reflect_refuses_requests_that_are_not_texts(requests, error, words):
+    """bytes were judged as numbers ("requests[0] is a int"), a dict by its keys; a lone surrogate failed inside
+    the tokenizer."""
+    from ngsd import ReflectionConfig
+    from ngsd.risk.reflection import reflect
+
+    with pytest.raises(error, match=words):
+        reflect(None, None, requests, ReflectionConfig(mode="none"))
+
+
+def test_a_prompt_that_is_not_utf8_is_refused_by_name(smol_tokenizer):
+    with pytest.raises(ValueError, match=r"prompts\[1\] is not valid text at character 3"):
+        ngsd.encode_prompts(smol_tokenizer, ["fine", "caf\udce9"])

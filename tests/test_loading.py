@@ -185,3 +185,44 @@ def test_default_model_answers_sensibly():
     answers = tok.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
     assert "Paris" in answers[0]
     assert "4" in answers[1]
+
+
+# ----------------------------------------------------------------------------------------------
+# bad model arguments, refused before anything loads (a helper's hunt, stop 48)
+# ----------------------------------------------------------------------------------------------
+
+
+def test_a_checkpoint_without_a_tokenizer_says_so(tiny_checkpoint, tmp_path):
+    """It failed inside transformers with "Couldn't instantiate the backend tokenizer ... install sentencepiece"."""
+    path, model = tiny_checkpoint
+    bare = tmp_path / "bare"
+    model.save_pretrained(bare)
+    with pytest.raises(FileNotFoundError, match="has no tokenizer"):
+        L.load_model(str(bare))
+    assert L.check_model_path(str(path)) == str(path)
+
+
+@pytest.mark.parametrize("name, error, words", [
+    ("smolm2", FileNotFoundError, "did you mean 'smollm2'"),  # a typo went to the hub: ~50 s of retries offline
+    ("", ValueError, "empty"),
+    (123, TypeError, "folder path or a hub id"),
+])
+def test_model_names_that_are_no_folder_are_refused_at_once(name, error, words):
+    with pytest.raises(error, match=words):
+        L.check_model_path(name)
+    with pytest.raises(error, match=words):
+        L.load_model(name)
+
+
+def test_a_missing_path_under_an_existing_folder_is_not_a_hub_id(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        L.check_model_path("runs/expert")
+    assert L.check_model_path("Someone/some-model") == "Someone/some-model"  # a hub id, for users online
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_cuda_device_without_cuda_is_refused_before_the_load():
+    with pytest.raises(ValueError, match="no CUDA device"):
+        L.load_model("/nowhere/at/all", device="cuda")

@@ -22,6 +22,8 @@ import torch
 
 from ngsd_kernels.params import MIN_SAMPLING_TEMPERATURE
 
+from .prompt_text import check_prompt_text
+
 
 def _rows(value: Any, batch: int, name: str, check: Callable[[int, Any], None]) -> list[Any]:
     """A scalar repeated per row, or exactly one value per row; `check(row, value)` runs on each
@@ -128,11 +130,5 @@ def check_prompt_texts(prompts: Any, name: str = "prompts") -> list[str]:
     if not out:
         raise ValueError(f"{name} is empty: give at least one prompt")
     for i, prompt in enumerate(out):
-        if not isinstance(prompt, str):
-            raise TypeError(
-                f"{name}[{i}] must be a string, got {type(prompt).__name__}"
-                + (" (decode bytes to str first)" if isinstance(prompt, (bytes, bytearray)) else "")
-            )
-        if not prompt.strip():
-            raise ValueError(f"{name}[{i}] is empty: give every request some text")
+        check_prompt_text(prompt, f"{name}[{i}]")
     return out

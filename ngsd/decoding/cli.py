@@ -13,7 +13,7 @@ import textwrap
 from typing import Any
 
 from ..cli import (UsageError, add_threads_option, check_expert, check_model, check_plot_file, check_prompt_texts,
-                   check_range, wants_progress)
+                   check_range, check_threads, wants_progress)
 
 MODES = ("ngsd", "safedecoding", "open", "off")
 REFLECTION_MODES = ("auto", "probe", "generate", "prefill", "none")
@@ -77,7 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def read_prompts_file(path: str) -> list[str]:
     """One request per line of `path` ('-': standard input), blank lines skipped."""
     if path == "-":
-        text = sys.stdin.read()
+        text = sys.stdin.read().removeprefix("\ufeff")  # a byte-order mark is not part of the first request
     else:
         try:
             with open(path, encoding="utf-8-sig") as f:  # a byte-order mark is not part of the first request
@@ -86,7 +86,29 @@ def read_prompts_file(path: str) -> list[str]:
             raise UsageError(f"--prompts-file: cannot read {path!r} ({error.strerror or error})") from error
         except UnicodeDecodeError as error:
             raise UsageError(f"--prompts-file: {path!r} is not UTF-8 text") from error
-    return [line for line in text.splitlines() if line.strip()]
+    # lines end at \n (and \r\n) only: splitlines() also splits at U+2028, form feeds and other separators a
+    # request's own text may hold
+    return [line.removesuffix("\r") for line in text.split("\n") if line.strip()]
+
+
+def check_contradictions(args: argparse.Namespace) -> None:
+    """Options another one switches off: a usage error, not a silently ignored value."""
+    if not args.sample:
+        ignored = [flag for flag, value, default in (("--temperature", args.temperature, 1.0), ("--top-k", args.top_k, 0),
+                                                     ("--top-p", args.top_p, 1.0)) if value != default]
+        if ignored:
+            raise UsageError(f"{', '.join(ignored)} only apply to sampling: add --sample, or leave them out for "
+                             "greedy decoding")
+    if args.mode == "off":
+        given = [flag for flag, on in (("--alpha", args.alpha is not None), ("--primed", args.primed),
+                                       ("--reflection", args.reflection is not None),
+                                       ("--early-stop", args.early_stop)) if on]
+        if given:
+            raise UsageError(f"--mode off decodes without a guard, so {', '.join(given)} would do nothing; leave "
+                             "them out, or pick another --mode")
+    if args.alpha is not None and args.reflection is not None:
+        raise UsageError("--alpha sets every prompt's alpha, so no risk is estimated and --reflection would do "
+                         "nothing; give one of them")
 
 
 def check_arguments(args: argparse.Namespace) -> None:
@@ -102,11 +124,13 @@ def check_arguments(args: argparse.Namespace) -> None:
     else:
         check_range("--alpha", args.alpha, 0.0, 1.0, what=" (a mixing weight)")
     check_range("--max-new-tokens", args.max_new_tokens, 1)
+    check_contradictions(args)
     if args.sample:
         check_range("--temperature", args.temperature, 1e-6, what=" (use greedy decoding: leave out --sample)")
     check_range("--top-k", args.top_k, 0)
     check_range("--top-p", args.top_p, 1e-6, 1.0)
-    check_range("--threads", args.threads, 1)
+    check_range("--seed", args.seed, -(2**63), 2**63 - 1, what=" (a 64-bit integer)")
+    check_threads(args.threads)
     check_plot_file(args.plot)
     check_model(args.model)
     if args.mode != "off":

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..cli import (
-    CommandParser, UsageError, add_common_options, check_expert, check_model, check_probe, check_range, run_command,
-    wants_progress,
+    CommandParser, UsageError, add_common_options, check_expert, check_model, check_probe, check_range, check_threads,
+    run_command, wants_progress,
 )
 from .configs import CONFIG_DIR, config_names
 
@@ -84,8 +84,9 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise UsageError(f"--config: no configuration named {args.config!r}; use one of "
                          f"{', '.join(config_names())} or the path of a JSON file")
     for flag, value in (("--batch-size", args.batch_size), ("--limit", args.limit),
-                        ("--max-new-tokens", args.max_new_tokens), ("--threads", args.threads)):
+                        ("--max-new-tokens", args.max_new_tokens)):
         check_range(flag, value, 1)
+    check_threads(args.threads)
     if args.model is not None:
         check_model(args.model)
     if args.expert is not None and args.expert.lower() != "none":

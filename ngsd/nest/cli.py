@@ -70,12 +70,12 @@ def cli_args(cfg: NestConfig) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..cli import UsageError, check_model, check_output_folder, check_range
+    from ..cli import UsageError, check_model, check_output_folder, check_threads
     from .training import train_nest
 
     if args.model is not None:
         check_model(args.model)
-    check_range("--threads", args.threads, 1)
+    check_threads(args.threads)
     if args.examples is not None and not Path(args.examples).expanduser().is_file():
         raise UsageError(f"--examples: {args.examples!r} is not a file; pass a training_examples.jsonl of the expert "
                          "recipe (an expert's --out folder holds one)")

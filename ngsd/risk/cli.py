@@ -58,10 +58,10 @@ def run(args: argparse.Namespace) -> int:
     from ..loading import load_model
     from .reflection import reflect
 
-    from ..cli import check_model, check_prompt_texts, check_range
+    from ..cli import check_model, check_prompt_texts, check_threads
 
     check_prompt_texts(args.prompt)
-    check_range("--threads", args.threads, 1)
+    check_threads(args.threads)
     check_model(args.model)
     check_device(args.device)
     if args.threads is not None:

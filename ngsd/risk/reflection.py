@@ -393,14 +393,16 @@ def evaluator_prompt_ids(tokenizer, request: str, answer_prefix: str = "") -> li
 
 
 def _check_requests(requests: Sequence[str]) -> list[str]:
+    """A list of request texts (none is fine: nothing to evaluate); anything else refused by name."""
+    from ..decoding.prompt_text import check_prompt_text
+
     if isinstance(requests, str):
         raise TypeError("reflect takes a list of requests; wrap a single request as [request]")
+    if isinstance(requests, (bytes, bytearray, Mapping)) or not isinstance(requests, Sequence):
+        raise TypeError(f"requests must be a list of strings, got {type(requests).__name__}")
     out = list(requests)
     for i, request in enumerate(out):
-        if not isinstance(request, str):
-            raise TypeError(f"requests[{i}] is a {type(request).__name__}, expected str")
-        if not request.strip():
-            raise ValueError(f"requests[{i}] is empty; there is nothing to evaluate")
+        check_prompt_text(request, f"requests[{i}]")
     return out
 
 
