@@ -453,3 +453,83 @@ def test_train_probe_cli_refuses_bad_arguments_before_any_work(argv, words, tmp_
     assert err.count("\n") == 1 and err.startswith("ngsd train-probe: error: "), err
     for word in words:
         assert word in err, (word, err)
+
+
+@pytest.mark.parametrize("argv, words", [
+    # ended in an IndexError traceback after the model load and the data split
+    (["--layers", "-1"], ["--layers", ">= 0", "-1"]),
+    # a mixed list ran the whole feature extraction before ProbeSpec refused it
+    (["--layers=4,-1"], ["--layers", ">= 0", "-1"]),
+    (["--layers", ","], ["--layers", "at least one"]),
+    # NaN passed `v < 0`: features were read, then the fit gave NaN weights
+    (["--l2", "nan"], ["--l2", "finite", "nan"]),
+    (["--l2", "0.01,inf"], ["--l2", "finite", "inf"]),
+    # both failed only after the model load
+    (["--data-dir", "/nonexistent-ngsd-data"], ["--data-dir", "/nonexistent-ngsd-data", "not found"]),
+    (["--check-only"], ["--check-only", "not a risk-probe folder", "probe.json"]),
+])
+def test_train_probe_cli_refuses_layers_l2_data_dir_and_check_only_before_the_model_load(argv, words, tmp_path,
+                                                                                          capsys, monkeypatch):
+    import ngsd.loading
+    from ngsd import cli
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the argument check")
+
+    monkeypatch.setattr(ngsd.loading, "load_model", no_load)
+    (tmp_path / "data").mkdir()
+    if not any(a.startswith("--data-dir") for a in argv):
+        argv = [*argv, "--data-dir", str(tmp_path / "data")]
+    assert cli.main(["train-probe", "--out", str(tmp_path / "probe"), "--no-progress", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("ngsd train-probe: error: "), err
+    for word in words:
+        assert word in err, (word, err)
+
+
+def test_layers_past_the_depth_are_refused_right_after_the_model_load(tmp_path, capsys, monkeypatch):
+    """The depth check came after the data split; now it comes before it (and before any feature), naming the
+    model's layer count, on the command line (exit 2) and in `train_probe`."""
+    import ngsd.loading
+    import ngsd.risk.probe_training as probe_training
+    from ngsd import cli
+    from ngsd.risk.probe_training import check_layers_fit, train_probe
+
+    model = tiny_model("llama")  # 2 decoder layers: hidden states 0..2
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("the data were read before the layer check")
+
+    monkeypatch.setattr(ngsd.loading, "load_model", lambda *a, **k: (model, object()))
+    monkeypatch.setattr(probe_training, "training_split", no_data)
+    (tmp_path / "data").mkdir()
+    assert cli.main(["train-probe", "--out", str(tmp_path / "probe"), "--layers", "1,3", "--no-check",
+                     "--data-dir", str(tmp_path / "data")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ngsd train-probe: error: --layers: index 3 is past the model's depth: it has 2 decoder "
+                          "layers"), err
+    with pytest.raises(ValueError, match=r"layers: indices 3, 5 are past the model's depth: it has 2 decoder layers, "
+                                         r"so its hidden-state indices are 0\.\.2"):
+        train_probe(TrainProbeConfig(layers=(3, 5), data_dir=str(tmp_path / "data")), model=model,
+                    tokenizer=object(), log=lambda s: None)
+    check_layers_fit([0, 2], 2)  # the embeddings and the last layer fit
+
+
+def test_probe_config_and_fits_refuse_negative_layers_and_non_finite_l2():
+    from ngsd.risk.probe_training import fit_logistic, fit_token_max
+
+    for layers in ((-1,), (4, -1)):
+        with pytest.raises(ValueError, match=r"layers must be integer hidden-state indices >= 0 .*got -1; count from "
+                                             r"the bottom"):
+            TrainProbeConfig(layers=layers)
+    with pytest.raises(ValueError, match="layers must be integer"):
+        TrainProbeConfig(layers=(1.5,))
+    for l2 in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ValueError, match="l2 must be a non-empty list of finite, non-negative strengths"):
+            TrainProbeConfig(l2=(0.01, l2))
+        # the fits themselves: a NaN strength gave NaN weights (and a NaN route_below) without a word
+        with pytest.raises(ValueError, match="l2 must be a finite strength >= 0"):
+            fit_logistic(torch.randn(6, 3), torch.tensor([0, 1] * 3), l2)
+        with pytest.raises(ValueError, match="l2 must be a finite strength >= 0"):
+            fit_token_max([torch.randn(2, 3) for _ in range(6)], torch.tensor([0, 1] * 3), l2, steps=1)
+    assert TrainProbeConfig(l2=(0.0, 0.1), layers=(0, 3)).l2 == (0.0, 0.1)

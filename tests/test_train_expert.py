@@ -624,3 +624,43 @@ def test_without_out_only_the_default_full_depth_run_writes_the_shipped_folder(a
 
     assert top.main(["train-expert", *argv]) == 2
     assert "--out: required" in capsys.readouterr().err
+
+
+def test_a_teacher_that_does_not_fit_the_base_is_refused_before_the_data_step(tiny, tmp_path):
+    """An adapter of another base (peft's RuntimeError, a traceback) or a model of another vocabulary was found only
+    after the data step, where the teacher was loaded; now it is loaded right after the base, with guarded
+    decoding's own messages (`ngsd generate --expert` gives the same)."""
+    from tests.conftest import tiny_lora_expert, tiny_model
+
+    model, tok = LlamaForCausalLM(tiny[0].config).eval(), tiny[1]  # the module's model may hold an earlier test's LoRA
+    missing_data = tmp_path / "no-data"  # never read: the teacher is checked first
+    missing_data.mkdir()
+    other_base = tiny_lora_expert(tiny_model("llama", hidden_size=48), tmp_path / "other_base_lora")
+    with pytest.raises(ValueError, match=r"--distill-from .*other_base_lora: not a usable expert \(LoRA adapter .* "
+                                         r"does not fit .*vs layer"):
+        trainer.train_expert(small_config(missing_data, tmp_path / "e", distill_from=str(other_base)),
+                             model=model, tokenizer=tok, log=lambda s: None)
+    assert not any(m._forward_hooks for m in model.modules())  # the fit check left the base as it was
+    other_vocab = tiny_model("llama", vocab_size=96)  # the tokenizer has more tokens than its head
+    other_vocab.save_pretrained(tmp_path / "other_vocab")
+    tok.save_pretrained(tmp_path / "other_vocab")
+    with pytest.raises(ValueError, match="--distill-from .*other_vocab: not a usable expert .*vocabulary mismatch"):
+        trainer.train_expert(small_config(missing_data, tmp_path / "e", distill_from=str(tmp_path / "other_vocab")),
+                             model=model, tokenizer=tok, log=lambda s: None)
+
+
+def test_module_entry_point_is_ngsd_train_expert(tmp_path, capsys):
+    """`python -m ngsd.experts.training` used a plain parser without the runner: a user error was a traceback (exit
+    1) and option prefixes were taken (`--epo 0` for --epochs)."""
+    out = str(tmp_path / "expert")
+    assert cli.main(["--out", out, "--threads", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ngsd train-expert: error: ") and err.count("\n") == 1, err
+    assert "--threads" in err and ">= 1" in err
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--out", out, "--epo", "0"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --epo 0" in err and "--epochs" in err and err.count("\n") == 1, err
+    main_file = Path(cli.__file__).with_name("__main__.py").read_text()
+    assert "from .cli import main" in main_file and "sys.exit(main())" in main_file

@@ -13,6 +13,7 @@ import argparse
 import math
 import shlex
 import sys
+from pathlib import Path
 from typing import Any, Sequence
 
 
@@ -101,16 +102,17 @@ def config_from_args(args: argparse.Namespace) -> Any:
 
 def check_arguments(args: argparse.Namespace) -> None:
     """The checks that need no model, so a wrong value fails at once, not after the probe is trained."""
-    from ..cli import UsageError, check_expert, check_model, check_output_folder, check_range
+    from ..cli import UsageError, check_expert, check_model, check_output_folder, check_threads
 
     if args.check_only and args.no_check:
         raise UsageError("--check-only and --no-check contradict each other: give one of them")
-    check_range("--threads", args.threads, 1)
+    check_threads(args.threads)
     # shares in (0, 1]: checked here, not after the probe has trained (they were read only by the check's fit)
     for flag, value in (("--check-recall", args.check_recall), ("--check-band-share", args.check_band_share)):
         if not (math.isfinite(value) and 0.0 < value <= 1.0):
             raise UsageError(f"{flag} must be a share in (0, 1], got {value:g}")
     check_output_folder("--out", args.out, " for the probe")
+    _check_layers_and_l2(args)
     if args.model is not None:
         check_model(args.model)
     if args.expert is not None and not args.no_check:
@@ -119,6 +121,68 @@ def check_arguments(args: argparse.Namespace) -> None:
         if args.expert == "shipped" and not is_default_model(args.model):
             raise UsageError("--expert shipped: no expert ships for this model; pass --expert <adapter folder or model>")
         check_expert(args.expert)
+    if args.check_only:
+        from .probe import PROBE_FILE, WEIGHTS_FILE, is_probe_folder
+
+        if not is_probe_folder(Path(args.out).expanduser()):
+            raise UsageError(f"--check-only fits the divergence check of the probe already in --out, and {args.out!r} "
+                             f"is not a risk-probe folder (needs {PROBE_FILE} and {WEIGHTS_FILE}): pass the folder of "
+                             f"a probe `ngsd train-probe --out DIR` wrote, or leave --check-only out to train one")
+    _check_data_dir(args.data_dir)  # the probe's and the check's training split read it
+
+
+def _check_layers_and_l2(args: argparse.Namespace) -> None:
+    """--layers: integers >= 0 (their upper bound, the model's depth, is checked right after the model load);
+    --l2: finite strengths >= 0 (NaN passed, then fitted NaN weights)."""
+    from ..cli import UsageError
+
+    try:
+        layers = _ints(args.layers, "layers")
+    except ValueError as error:
+        raise UsageError(str(error)) from error
+    if layers is not None:
+        if not layers:
+            raise UsageError(f"--layers: give at least one hidden-state index (0 = the embeddings), got {args.layers!r}; "
+                             "or leave --layers out for the default ones")
+        negative = [v for v in layers if v < 0]
+        if negative:
+            raise UsageError(f"--layers must be hidden-state indices >= 0 (0 = the embeddings, n = the last of the "
+                             f"model's n decoder layers), got {', '.join(map(str, negative))}; count from the bottom, "
+                             "not from the end")
+    parts = [v.strip() for v in args.l2.split(",") if v.strip()]
+    if not parts:
+        raise UsageError(f"--l2: give at least one L2 strength >= 0, got {args.l2!r}")
+    for part in parts:
+        try:
+            value = float(part)
+        except ValueError as error:
+            raise UsageError(f"--l2 must be comma-separated numbers, got {args.l2!r}") from error
+        if not (math.isfinite(value) and value >= 0):
+            raise UsageError(f"--l2 strengths must be finite numbers >= 0, got {part!r}; e.g. --l2 0.001,0.01,0.1")
+
+
+def _check_data_dir(data_dir: str | None) -> None:
+    """The data folder (read by the probe's and the check's training split) must exist before the model loads."""
+    from ..cli import UsageError
+    from ..data import DataNotFoundError, resolve_data_dir
+
+    try:
+        resolve_data_dir(data_dir)
+    except DataNotFoundError as error:
+        raise UsageError(f"--data-dir: {error}" if data_dir is not None else str(error)) from error
+
+
+def check_layers_fit(args: argparse.Namespace, model: Any) -> None:
+    """--layers past the depth of the loaded model: a usage error right after the load, before any feature."""
+    from ..cli import UsageError
+    from .probe_training import check_layers_fit as check
+
+    layers = _ints(args.layers, "layers")
+    if layers:
+        try:
+            check(layers, model.config.num_hidden_layers, "--layers")
+        except ValueError as error:
+            raise UsageError(str(error)) from error
 
 
 def run_cli(args: argparse.Namespace) -> int:
@@ -132,6 +196,7 @@ def run_cli(args: argparse.Namespace) -> int:
         from ..loading import load_model
 
         model, tokenizer = load_model(cfg.model)
+        check_layers_fit(args, model)
         train_probe(cfg, model=model, tokenizer=tokenizer, command=command)
     if not args.no_check:
         _fit_check(args, cfg, model, tokenizer, command)

@@ -47,6 +47,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import numbers
 import os
 import platform
 import random
@@ -252,8 +253,10 @@ class TrainProbeConfig:
             raise ValueError(f"route_recall must be in [0.5, 1], got {self.route_recall}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if not self.l2 or any(v < 0 for v in self.l2):
-            raise ValueError(f"l2 must be a non-empty list of non-negative strengths, got {self.l2}")
+        if not self.l2 or any(not _is_strength(v) for v in self.l2):
+            raise ValueError(f"l2 must be a non-empty list of finite, non-negative strengths, got {self.l2}")
+        if self.layers is not None:
+            check_layer_indices(self.layers, "layers")
         if self.broad not in BROAD_CHOICES:
             raise ValueError(f"broad must be one of {BROAD_CHOICES}, got {self.broad!r}")
         if self.aggregate not in AGGREGATES:
@@ -264,6 +267,41 @@ class TrainProbeConfig:
         for combo in self.poolings:
             if not combo or any(p not in POOLINGS for p in combo):
                 raise ValueError(f"each pooling combination must draw from {POOLINGS}, got {combo}")
+
+
+def _is_strength(value: Any) -> bool:
+    """An L2 strength: a finite real number >= 0 (NaN passed `v < 0`, then gave NaN weights)."""
+    try:
+        return not isinstance(value, bool) and math.isfinite(value) and value >= 0
+    except TypeError:
+        return False
+
+
+def check_l2(l2: Any, name: str = "l2") -> None:
+    """ValueError unless `l2` is one finite strength >= 0 (a NaN or infinite strength fits NaN weights)."""
+    if not _is_strength(l2):
+        raise ValueError(f"{name} must be a finite strength >= 0, got {l2!r}")
+
+
+def check_layer_indices(layers: Sequence[Any], name: str = "layers") -> None:
+    """ValueError unless every entry is a hidden-state index >= 0 (0 = the embeddings); a negative index once
+    ended in an IndexError after the model load, or (mixed with valid ones) after the whole feature extraction."""
+    bad = [v for v in layers if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0]
+    if bad:
+        hint = "; count from the bottom, not from the end" if any(isinstance(v, (int, float)) and v < 0 for v in bad) else ""
+        raise ValueError(f"{name} must be integer hidden-state indices >= 0 (0 = the embeddings, n = the last of n "
+                         f"decoder layers), got {', '.join(map(repr, bad))}{hint}")
+
+
+def check_layers_fit(layers: Sequence[int], num_hidden_layers: int, name: str = "layers") -> None:
+    """ValueError unless every index is a hidden state of a model with `num_hidden_layers` decoder layers (checked
+    right after the model load, before any feature is read)."""
+    check_layer_indices(layers, name)
+    past = [v for v in layers if v > num_hidden_layers]
+    if past:
+        which = f"index {past[0]} is" if len(past) == 1 else f"indices {', '.join(map(str, past))} are"
+        raise ValueError(f"{name}: {which} past the model's depth: it has {num_hidden_layers} "
+                         f"decoder layers, so its hidden-state indices are 0..{num_hidden_layers} (0 = the embeddings)")
 
 
 def harmful_training_requests(data_dir: str | None = None) -> list[tuple[str, str]]:
@@ -547,6 +585,7 @@ def _balanced_weights(y: torch.Tensor) -> torch.Tensor:
 def fit_logistic(x: torch.Tensor, y: torch.Tensor, l2: float, *, max_iter: int = 200
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Standardised, class-balanced, L2-regularised logistic regression: (mean, std, weight, bias)."""
+    check_l2(l2)
     x = x.double()
     y = y.double()
     mean = x.mean(0)
@@ -588,6 +627,7 @@ def fit_token_max(states: Sequence[torch.Tensor], y: torch.Tensor, l2: float, *,
     standardisation over all training tokens, class-balanced BCE on the maxima, L2 on the weights,
     full-batch Adam. Returns (mean, std, weight, bias) as `RiskProbe` stores them.
     """
+    check_l2(l2)
     flat, index = _flatten_tokens(states)
     mean = flat.mean(0)
     std = flat.std(0)
@@ -842,12 +882,11 @@ def train_probe(cfg: TrainProbeConfig, *, model: Any = None, tokenizer: Any = No
     elif tokenizer is None:
         raise ValueError("pass tokenizer= together with model=")
     model.eval()
+    layers = list(cfg.layers) if cfg.layers else default_layers(model.config.num_hidden_layers)
+    check_layers_fit(layers, model.config.num_hidden_layers)  # before the data and features, not after
     torch.manual_seed(cfg.seed)
     examples, train, val = training_split(cfg.data_dir, cfg.seed, cfg.wrap_rate, cfg.broad, cfg.val_fraction,
                                           cfg.compose_rate, cfg.direct_lookalikes)
-    layers = list(cfg.layers) if cfg.layers else default_layers(model.config.num_hidden_layers)
-    if max(layers) > model.config.num_hidden_layers:
-        raise ValueError(f"layers must be hidden-state indices <= {model.config.num_hidden_layers}, got {layers}")
     log(f"{len(examples)} requests ({sum(e.label for e in examples)} harmful), {len(train)} train / {len(val)} "
         f"validation; layers {layers}")
     t0 = time.time()
@@ -921,6 +960,9 @@ __all__ = [
     "broad_training_requests",
     "benign_risk_by_length",
     "build_dataset",
+    "check_l2",
+    "check_layer_indices",
+    "check_layers_fit",
     "compose_requests",
     "extract_features",
     "fit_logistic",

@@ -128,10 +128,10 @@ def cli_args(cfg: TrainExpertConfig) -> list[str]:
 
 def check_arguments(args: argparse.Namespace) -> None:
     """The checks that need no model, so a wrong value fails at once, not after minutes of data building."""
-    from ...cli import UsageError, check_expert, check_model, check_output_folder, check_range
+    from ...cli import UsageError, check_expert, check_model, check_output_folder, check_threads
     from ...loading import is_default_model
 
-    check_range("--threads", args.threads, 1)
+    check_threads(args.threads)
     if args.model is not None:
         check_model(args.model)
     if args.distill_from is not None:
@@ -170,6 +170,10 @@ def register_cli(subparsers: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ngsd.experts.training", description=DESCRIPTION)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    """`python -m ngsd.experts.training ARGS`: exactly `ngsd train-expert ARGS` (the same parser, with no prefix
+    matching of options, and the same runner: a user error is one line and exit status 2, not a traceback)."""
+    import sys
+
+    from ...cli import main as ngsd_main
+
+    return ngsd_main(["train-expert", *(sys.argv[1:] if argv is None else argv)])

@@ -52,6 +52,8 @@ def load_teacher(base: Any, teacher: str | Path, tokenizer: Any = None) -> Any:
 
     try:
         resolved = resolve_expert(str(teacher), base, tokenizer=tokenizer)
+        if isinstance(resolved, LoraAdapter):
+            check_adapter_fits(resolved, base)
     except (OSError, ValueError) as err:
         raise ValueError(f"--distill-from {teacher}: not a usable expert ({err}); pass a trained expert's "
                          "adapter folder, 'shipped', 'nest' or a model folder") from err
@@ -66,6 +68,18 @@ def load_teacher(base: Any, teacher: str | Path, tokenizer: Any = None) -> Any:
     for p in resolved.parameters():
         p.requires_grad_(False)
     return resolved
+
+
+def check_adapter_fits(adapter: Any, base: Any) -> None:
+    """ValueError (guarded decoding's own, naming the layer and the base the adapter was trained for) unless the LoRA
+    `adapter` fits `base`: attached for the check and detached again, so `base` is left as it was. An adapter of
+    another base otherwise failed inside peft with a RuntimeError (size mismatch), after the whole data step."""
+    if adapter.is_attached(base):
+        return
+    try:
+        adapter.attach(base)
+    finally:
+        adapter.detach(base)
 
 
 def kl_from(reference_logits: torch.Tensor, trained_logits: torch.Tensor) -> torch.Tensor:
@@ -109,4 +123,4 @@ def teacher_examples(
     return examples, summary
 
 
-__all__ = ["TEACHER_POOL_FORMS", "kl_from", "load_teacher", "teacher_examples"]
+__all__ = ["TEACHER_POOL_FORMS", "check_adapter_fits", "kl_from", "load_teacher", "teacher_examples"]

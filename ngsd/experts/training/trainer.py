@@ -282,6 +282,14 @@ def _train_expert(cfg: TrainExpertConfig, *, model: Any, tokenizer: Any, command
     for p in model.parameters():
         p.requires_grad_(False)
     check_lora_targets(model, cfg)  # before the (slow) data step, not after it
+    teacher = None
+    if cfg.distill_from:
+        # also before the data step: a teacher that does not fit the base (an adapter of another base, a model of
+        # another vocabulary) is refused at once, with guarded decoding's messages (load_teacher). Its loading draws
+        # no random numbers the data step would otherwise have drawn (peft initialises the LoRA layers it loads).
+        log(f"loading the teacher {cfg.distill_from}")
+        with torch.random.fork_rng():
+            teacher = load_teacher(model, cfg.distill_from, tokenizer)
 
     t0 = time.perf_counter()
     if cfg.examples:
@@ -307,10 +315,7 @@ def _train_expert(cfg: TrainExpertConfig, *, model: Any, tokenizer: Any, command
                    "examples_by_source": count_by(f"{e.kind}/{e.source.split('/')[0]}" for e in examples)}
     else:
         examples, summary = build_examples(model, tokenizer, data_dir, cfg, log=log)
-    teacher = None
-    if cfg.distill_from:
-        log(f"loading the teacher {cfg.distill_from}")
-        teacher = load_teacher(model, cfg.distill_from, tokenizer)
+    if teacher is not None:
         # A saved training_examples.jsonl of a distillation run holds the teacher's answers already.
         if cfg.teacher_prompts and not any(e.kind == "teacher" for e in examples):
             extra, summary["distillation"] = teacher_examples(teacher, tokenizer, data_dir, cfg, [e.prompt for e in examples], log)
