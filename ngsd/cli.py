@@ -176,7 +176,8 @@ MAX_THREADS = 1024  # torch takes an int32; far past any machine's cores
 
 def check_threads(value: int | None) -> None:
     """--threads: 1..MAX_THREADS (None: torch's choice)."""
-    check_range("--threads", value, 1, MAX_THREADS, what=" (torch CPU threads)")
+    if value is not None and not 1 <= value <= MAX_THREADS:
+        raise UsageError(f"--threads must be >= 1 and at most {MAX_THREADS} (torch CPU threads), got {value}")
 
 
 def check_prompt_texts(prompts: Sequence[str]) -> None:

@@ -116,8 +116,8 @@ def test_generate_choices_match_the_library():
     (["generate", "--prompts-file", "/nope.txt"], ["--prompts-file", "/nope.txt", "cannot read"]),
     (["eval", "--config", "nope"], ["--config", "smoke"]),
     (["eval", "--expert", "/nope"], ["--expert", "/nope"]),
-    (["eval", "--threads", "0"], ["--threads", "[1, 1024]"]),
-    (["reflect", "hi", "--threads", "0"], ["--threads", "[1, 1024]"]),
+    (["eval", "--threads", "0"], ["--threads", ">= 1"]),
+    (["reflect", "hi", "--threads", "0"], ["--threads", ">= 1"]),
     (["reflect", "hi", "--model", "/nope"], ["--model", "/nope", "does not exist"]),
     (["reflect", "hi", " "], ["PROMPT 2 is empty"]),  # counted as the user counts, before any model loads
     (["train-probe", "--out", "p", "--check-recall", "5"], ["--check-recall", "(0, 1]"]),  # read after training
@@ -134,7 +134,7 @@ def test_generate_choices_match_the_library():
     (["generate", "hi", "--mode", "off", "--primed"], ["--mode off", "--primed"]),
     (["generate", "hi", "--alpha", "0.5", "--reflection", "paper"], ["--alpha", "--reflection"]),
     (["generate", "hi", "--seed", str(2**70)], ["--seed", "64-bit"]),
-    (["generate", "hi", "--threads", "2147483648"], ["--threads", "1024"]),
+    (["generate", "hi", "--threads", "2147483648"], ["--threads", "at most 1024"]),
     (["generate", "hi", "--plot", "README.md/trace.png"], ["--plot", "is a file, not a folder"]),
 ])
 def test_user_errors_are_one_line_with_status_2(argv, words, capsys):
