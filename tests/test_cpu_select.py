@@ -105,17 +105,21 @@ def test_two_level_top_values_equal_topk(vocab, count, kind):
     assert all(len(set(row)) == count for row in got.indices.tolist())
 
 
-@settings(max_examples=12, deadline=None)
-@given(vocab=st.integers(8192, 40000), k=st.integers(1, 80), quantise=st.booleans(), seed=st.integers(0, 2**16))
-def test_matches_reference_at_a_large_vocabulary(vocab, k, quantise, seed):
-    """The two-level top-k path (vocabularies of 8192 and more), every row mixing."""
+
+@settings(max_examples=16, deadline=None)
+@given(vocab=st.integers(8192, 40000), k=st.integers(1, 80), quantise=st.booleans(), seed=st.integers(0, 2**16),
+       fired=st.sampled_from([1, 3, 7, 8]))
+def test_matches_reference_at_a_large_vocabulary(vocab, k, quantise, seed, fired):
+    """The two-level top-k path (vocabularies of 8192 and more), `fired` of 8 rows mixing."""
     generator = torch.Generator().manual_seed(seed)
-    lb = torch.randn(4, vocab, generator=generator) * 4
-    le = lb + torch.randn(4, vocab, generator=generator) * 2
+    lb = torch.randn(8, vocab, generator=generator) * 4
+    le = lb + torch.randn(8, vocab, generator=generator) * 2
     if quantise:
         lb, le = lb.round(), le.round()
-    alpha = torch.rand(4, generator=generator)
-    fast, ref = both(lb, le, torch.zeros(4), alpha, candidate_k=k, gate=int(GateMode.OPEN))
+    alpha = torch.rand(8, generator=generator)
+    potential = torch.tensor([5.0] * fired + [-5.0] * (8 - fired))[torch.randperm(8, generator=generator)]
+    fast, ref = both(lb, le, potential, alpha, candidate_k=k, gate=int(GateMode.LIF))
+    assert int(fast[2].sum()) == fired
     assert torch.equal(fast[0], ref[0])
     assert torch.equal(fast[3], ref[3])
 

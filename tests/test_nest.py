@@ -430,3 +430,18 @@ def test_guarded_decoding_with_the_nest_lora_matches_the_folded_expert_model(tmp
             assert a.spikes == b.spikes
             assert a.divergence == pytest.approx(b.divergence, abs=1e-5)
         assert any(any(t.spikes) for t in as_model.traces), "the gate must fire for the comparison to mean something"
+
+
+def test_a_nest_delta_distils_as_a_teacher(tmp_path):
+    """`train-expert --distill-from` a NeST delta folder: its adapter form has no peft folder, so the teacher is the
+    delta folded into a copy of the base (load_teacher called PeftModel.from_pretrained on the delta's folder)."""
+    from ngsd.experts.training import distill
+
+    model = tiny_model("llama")
+    random_update(model, seed=3).save(tmp_path / "delta")
+    teacher = distill.load_teacher(model, tmp_path / "delta")
+    folded = apply_delta(copy.deepcopy(model), tmp_path / "delta")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    torch.testing.assert_close(logits(teacher, ids), logits(folded, ids))
+    assert not torch.equal(logits(teacher, ids), logits(model, ids))  # the base itself is left as it was
+    assert not any(p.requires_grad for p in teacher.parameters())

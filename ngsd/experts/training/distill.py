@@ -57,7 +57,12 @@ def load_teacher(base: Any, teacher: str | Path, tokenizer: Any = None) -> Any:
     except (OSError, ValueError) as err:
         raise ValueError(f"--distill-from {teacher}: not a usable expert ({err}); pass a trained expert's "
                          "adapter folder, 'shipped', 'nest' or a model folder") from err
-    if isinstance(resolved, LoraAdapter):
+    nest_folder = _nest_delta_folder(teacher)
+    if nest_folder is not None:  # its adapter form has no peft folder to merge: fold the delta into a copy instead
+        from ...nest.update import apply_delta
+
+        resolved = apply_delta(copy.deepcopy(base), nest_folder)
+    elif isinstance(resolved, LoraAdapter):
         from peft import PeftModel
 
         with warnings.catch_warnings():  # peft reads transformers' deprecated is_gradient_checkpointing
@@ -68,6 +73,14 @@ def load_teacher(base: Any, teacher: str | Path, tokenizer: Any = None) -> Any:
     for p in resolved.parameters():
         p.requires_grad_(False)
     return resolved
+
+
+def _nest_delta_folder(teacher: str | Path) -> Path | None:
+    """The NeST delta folder `teacher` names ("nest" or a folder holding a delta), else None."""
+    from ...nest.shipped import is_nest_delta, shipped_nest_path
+
+    folder = shipped_nest_path() if str(teacher) == "nest" else Path(teacher)
+    return folder if is_nest_delta(folder) else None
 
 
 def check_adapter_fits(adapter: Any, base: Any) -> None:
