@@ -13,7 +13,11 @@ Breakdown, per batch size (default 1 and 32), all greedy with the LoRA expert in
    "ngsd.select": the selection op). A step is the gap between two streamer puts; what the two
    ranges leave of it is the loop's own bookkeeping (masks, concatenation, stop checks, the one
    host sync). The profiler adds its own cost to every operator it records, so the step time is
-   also taken from an unprofiled run of the same call, and the shares are applied to that.
+   also taken from an unprofiled run of the same call, and the shares are applied to that. The
+   selection op issues many small operators, which the profiler slows most (15 ms profiled against
+   8 ms timed at batch 32): the unprofiled run also times the step op itself with a clock around
+   `GuardedStep.run`, less the LM heads inside it (`selector.pair_logits`); that is the target's
+   figure (`select_timed_s`).
 2. The forward alone at the same context length, with the cache cropped back after each call:
    base rows only, base + expert rows without the adapter, and with it; so the cost of running
    the expert rows and of the LoRA hooks is visible, and the best ratio this expert design allows.
@@ -130,12 +134,48 @@ def _guarded(setup: Setup, ids: torch.Tensor, mask: torch.Tensor, steps: int, st
     )
 
 
+@contextlib.contextmanager
+def step_op_clock(device: str):
+    """Wall seconds of every step op call (`GuardedStep.run`) less the LM heads inside it, without the profiler:
+    yields the list the calls append to."""
+    import ngsd.decoding.step as step_module
+    import ngsd_kernels.selector as selector_module
+
+    run, heads = step_module.GuardedStep.run, selector_module.pair_logits
+    inside: list[float] = []
+    selection: list[float] = []
+
+    def timed_heads(*args, **kwargs):
+        start = time.perf_counter()
+        out = heads(*args, **kwargs)
+        synchronize(device)
+        inside.append(time.perf_counter() - start)
+        return out
+
+    def timed_run(self, *args, **kwargs):
+        synchronize(device)
+        inside.clear()
+        start = time.perf_counter()
+        out = run(self, *args, **kwargs)
+        synchronize(device)
+        selection.append(time.perf_counter() - start - sum(inside))
+        return out
+
+    step_module.GuardedStep.run, selector_module.pair_logits = timed_run, timed_heads
+    try:
+        yield selection
+    finally:
+        step_module.GuardedStep.run, selector_module.pair_logits = run, heads
+
+
 def loop_breakdown(setup: Setup, ids: torch.Tensor, mask: torch.Tensor, steps: int, repeats: int) -> dict[str, Any]:
-    """Per round: the step time of an unprofiled call, and the forward/select shares of a profiled one."""
+    """Per round: the step time of an unprofiled call (and its step op, clocked), and the forward/select shares
+    of a profiled one."""
     per_round = []
     for _ in range(repeats):
         plain = TimingStreamer(setup.device)
-        _guarded(setup, ids, mask, steps, plain)
+        with step_op_clock(setup.device) as selection:
+            _guarded(setup, ids, mask, steps, plain)
         wall, cpu = _step_gaps(plain)
         profiled = TimingStreamer(setup.device)
         with profile(activities=_activities(setup.device)) as prof:
@@ -153,6 +193,7 @@ def loop_breakdown(setup: Setup, ids: torch.Tensor, mask: torch.Tensor, steps: i
             # the step op's range holds the LM heads when the step runs from final hidden states
             "lm_head_share": head / profiled_step,
             "select_share": (ranges["ngsd.select"]["host_s"] - head) / profiled_step,
+            "select_timed_s": median(selection[1:] or selection),  # the first step plans the selector
             "ranges": ranges,
         })
     return {"rounds": per_round}
@@ -166,7 +207,10 @@ def summarise_loop(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     head_share = median([r.get("lm_head_share", 0.0) for r in rounds])
     select_share = median([r["select_share"] for r in rounds])
     overhead_share = max(0.0, 1.0 - forward_share - head_share - select_share)
+    timed = [r["select_timed_s"] for r in rounds if "select_timed_s" in r]
+    clocked = {"select_timed_s": median(timed), "select_timed_share": median(timed) / step} if timed else {}
     return {
+        **clocked,
         "rounds": rounds, "step_s": step, "cpu_step_s": median([r["cpu_step_s"] for r in rounds]),
         "profiled_step_s": median([r["profiled_step_s"] for r in rounds]),
         "forward_s": forward_share * step, "lm_head_s": head_share * step, "select_s": select_share * step,

@@ -155,6 +155,25 @@ def test_loop_profiler_ranges_count_every_step(llama_pair):
     loop = summarise_loop(rounds)
     assert loop["forward_s"] == pytest.approx(0.07) and loop["lm_head_s"] == pytest.approx(0.01)
     assert loop["overhead_share"] == pytest.approx(0.15)
+    assert "select_timed_share" not in loop  # a round from before the clock
+
+
+def test_step_op_clock_times_every_step_less_its_lm_heads(llama_pair):
+    """The unprofiled clock of the breakdown's target: one time per step, each below the step op's whole call."""
+    import ngsd.decoding.step as step_module
+    import ngsd_kernels.selector as selector_module
+    from bench_breakdown import step_op_clock, summarise_loop
+
+    model, folder = llama_pair
+    input_ids, mask, _ = mixed_length_batch([3, 6, 5], model.config.vocab_size, seed=4)
+    run, heads = step_module.GuardedStep.run, selector_module.pair_logits
+    with step_op_clock("cpu") as selection:
+        guarded_generate(model, input_ids, mask, expert=folder, alpha=0.5, max_new_tokens=5)
+    assert (step_module.GuardedStep.run, selector_module.pair_logits) == (run, heads)  # put back
+    assert len(selection) == 5 and all(s > 0 for s in selection)
+    rounds = [{"step_s": 0.1, "cpu_step_s": 0.2, "profiled_step_s": 0.12, "forward_share": 0.7, "lm_head_share": 0.1,
+               "select_share": 0.05, "select_timed_s": 0.002}]
+    assert summarise_loop(rounds)["select_timed_share"] == pytest.approx(0.02)
 
 
 def test_forward_variants_time_some_rows_guarded(llama_pair):
@@ -209,6 +228,12 @@ def test_report_from_synthetic_results(tmp_path):
     assert "| NGSD + LoRA throughput / unguarded, batch 1 | >= 0.60 | 0.65 | met | 0.75 | met |" in text
     assert "| NGSD + LoRA throughput / unguarded, batch 32 | >= 0.50 | 0.45 | missed | 0.55 | met |" in text
     assert "| selection op share of a decode step, batch 32 | <= 3% | 2.5% | met | - | not measured |" in text
+    loop.update(select_timed_s=0.007, select_timed_share=0.035)  # the clocked figure, when measured, is the target's
+    (tmp_path / "breakdown.json").write_text(json.dumps(breakdown))
+    assert plots.write_report(tmp_path) == 0
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "| selection op share of a decode step, batch 32 | <= 3% | 3.5% | missed | - | not measured |" in text
+    assert "| 7.0 (3.5%) |" in text
     assert "| 32 | 200.0 | 180.0 (90%) | - (not measured apart) | 5.0 (2.5%) |" in text  # written before the split
     assert "not measured" in text  # no naive.json
     assert (tmp_path / "throughput.png").stat().st_size > 0 and (tmp_path / "breakdown.png").stat().st_size > 0
