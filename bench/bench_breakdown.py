@@ -17,7 +17,9 @@ Breakdown, per batch size (default 1 and 32), all greedy with the LoRA expert in
    selection op issues many small operators, which the profiler slows most (15 ms profiled against
    8 ms timed at batch 32): the unprofiled run also times the step op itself with a clock around
    `GuardedStep.run`, less the LM heads inside it (`selector.pair_logits`); that is the target's
-   figure (`select_timed_s`).
+   figure (`select_timed_s`). Like every benchmark here it runs with OMP_WAIT_POLICY=PASSIVE (`harness.py`),
+   which the op's many parallel passes pay for in thread wake-ups (about 12 ms against 8 ms with OpenMP's
+   default waiting, batch 32, 2 threads).
 2. The forward alone at the same context length, with the cache cropped back after each call:
    base rows only, base + expert rows without the adapter, and with it; so the cost of running
    the expert rows and of the LoRA hooks is visible, and the best ratio this expert design allows.
