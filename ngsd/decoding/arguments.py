@@ -14,8 +14,8 @@ TypeError: alpha must be a number or one number per row, got '0.5' (str) in row 
 from __future__ import annotations
 
 import math
-from numbers import Integral, Real
 from collections.abc import Set as AbstractSet
+from numbers import Integral, Real
 from typing import Any, Callable, Mapping, Sequence
 
 import torch

@@ -297,10 +297,11 @@ def _check_lengths(kwargs: dict[str, Any]) -> None:
     first and fails with a bare "'<=' not supported between instances of 'str' and 'int'"."""
     for name in ("max_new_tokens", "min_new_tokens", "max_length", "min_length"):
         value = kwargs.get(name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, Integral)):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, Integral):
             raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
-        if value is not None:
-            kwargs[name] = int(value)  # HF's own checks want a Python int (numpy's int64 is one in value only)
+        kwargs[name] = int(value)  # HF's own checks want a Python int (numpy's int64 is one in value only)
 
 
 def _move_configured_stop_strings(model: nn.Module, kwargs: dict[str, Any]) -> None:

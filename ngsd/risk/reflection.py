@@ -543,8 +543,6 @@ def reflect_generate(
     )
     if bar is not None:
         bar.close()
-    if not isinstance(sequences, torch.Tensor):  # return_dict_in_generate set in the model's defaults
-        sequences = sequences.sequences
     answers = tokenizer.batch_decode(sequences[:, input_ids.shape[1] :], skip_special_tokens=True)
     out = []
     for request, answer in zip(requests, answers):
