@@ -79,13 +79,17 @@ def _ints(text: str | None, name: str) -> tuple[int, ...] | None:
         raise ValueError(f"--{name} must be comma-separated integers, got {text!r}") from err
 
 
+def _floats(text: str, name: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError as err:
+        raise ValueError(f"--{name} must be comma-separated numbers, got {text!r}") from err
+
+
 def config_from_args(args: argparse.Namespace) -> Any:
     from .probe_training import TrainProbeConfig
 
-    try:
-        l2 = tuple(float(v) for v in args.l2.split(",") if v.strip())
-    except ValueError as err:
-        raise ValueError(f"--l2 must be comma-separated numbers, got {args.l2!r}") from err
+    l2 = _floats(args.l2, "l2")
     extra = {}
     if args.held_out_wrappers is not None:
         extra["held_out_wrappers"] = tuple(w.strip() for w in args.held_out_wrappers.split(",") if w.strip())
@@ -133,32 +137,24 @@ def check_arguments(args: argparse.Namespace) -> None:
 
 def _check_layers_and_l2(args: argparse.Namespace) -> None:
     """--layers: integers >= 0 (their upper bound, the model's depth, is checked right after the model load);
-    --l2: finite strengths >= 0 (NaN passed, then fitted NaN weights)."""
+    --l2: finite strengths >= 0 (NaN passed, then fitted NaN weights). The library's own checks, without torch."""
     from ..cli import UsageError
+    from .probe_arguments import check_l2, check_layer_indices
 
     try:
         layers = _ints(args.layers, "layers")
+        if layers is not None:
+            if not layers:
+                raise ValueError(f"--layers: give at least one hidden-state index (0 = the embeddings), got "
+                                 f"{args.layers!r}; or leave --layers out for the default ones")
+            check_layer_indices(layers, "--layers")
+        l2 = _floats(args.l2, "l2")
+        if not l2:
+            raise ValueError(f"--l2: give at least one L2 strength >= 0, got {args.l2!r}")
+        for value in l2:
+            check_l2(value, "--l2")
     except ValueError as error:
         raise UsageError(str(error)) from error
-    if layers is not None:
-        if not layers:
-            raise UsageError(f"--layers: give at least one hidden-state index (0 = the embeddings), got {args.layers!r}; "
-                             "or leave --layers out for the default ones")
-        negative = [v for v in layers if v < 0]
-        if negative:
-            raise UsageError(f"--layers must be hidden-state indices >= 0 (0 = the embeddings, n = the last of the "
-                             f"model's n decoder layers), got {', '.join(map(str, negative))}; count from the bottom, "
-                             "not from the end")
-    parts = [v.strip() for v in args.l2.split(",") if v.strip()]
-    if not parts:
-        raise UsageError(f"--l2: give at least one L2 strength >= 0, got {args.l2!r}")
-    for part in parts:
-        try:
-            value = float(part)
-        except ValueError as error:
-            raise UsageError(f"--l2 must be comma-separated numbers, got {args.l2!r}") from error
-        if not (math.isfinite(value) and value >= 0):
-            raise UsageError(f"--l2 strengths must be finite numbers >= 0, got {part!r}; e.g. --l2 0.001,0.01,0.1")
 
 
 def _check_data_dir(data_dir: str | None) -> None:

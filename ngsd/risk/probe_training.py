@@ -47,7 +47,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import numbers
 import os
 import platform
 import random
@@ -60,6 +59,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .probe import AGGREGATES, POOLINGS, RISK_SCALE, ProbeSpec, RiskProbe, model_fingerprint, pool, prompt_hidden_states
+from .probe_arguments import check_l2, check_layer_indices, is_l2_strength
 
 # Harmless requests that share words, topics or framings with harmful ones, written for this module
 # (on top of the expert recipe's contrast set); checked by tests/test_probe.py to share no prompt
@@ -253,7 +253,7 @@ class TrainProbeConfig:
             raise ValueError(f"route_recall must be in [0.5, 1], got {self.route_recall}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if not self.l2 or any(not _is_strength(v) for v in self.l2):
+        if not self.l2 or any(not is_l2_strength(v) for v in self.l2):
             raise ValueError(f"l2 must be a non-empty list of finite, non-negative strengths, got {self.l2}")
         if self.layers is not None:
             check_layer_indices(self.layers, "layers")
@@ -267,30 +267,6 @@ class TrainProbeConfig:
         for combo in self.poolings:
             if not combo or any(p not in POOLINGS for p in combo):
                 raise ValueError(f"each pooling combination must draw from {POOLINGS}, got {combo}")
-
-
-def _is_strength(value: Any) -> bool:
-    """An L2 strength: a finite real number >= 0 (NaN passed `v < 0`, then gave NaN weights)."""
-    try:
-        return not isinstance(value, bool) and math.isfinite(value) and value >= 0
-    except TypeError:
-        return False
-
-
-def check_l2(l2: Any, name: str = "l2") -> None:
-    """ValueError unless `l2` is one finite strength >= 0 (a NaN or infinite strength fits NaN weights)."""
-    if not _is_strength(l2):
-        raise ValueError(f"{name} must be a finite strength >= 0, got {l2!r}")
-
-
-def check_layer_indices(layers: Sequence[Any], name: str = "layers") -> None:
-    """ValueError unless every entry is a hidden-state index >= 0 (0 = the embeddings); a negative index once
-    ended in an IndexError after the model load, or (mixed with valid ones) after the whole feature extraction."""
-    bad = [v for v in layers if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0]
-    if bad:
-        hint = "; count from the bottom, not from the end" if any(isinstance(v, (int, float)) and v < 0 for v in bad) else ""
-        raise ValueError(f"{name} must be integer hidden-state indices >= 0 (0 = the embeddings, n = the last of n "
-                         f"decoder layers), got {', '.join(map(repr, bad))}{hint}")
 
 
 def check_layers_fit(layers: Sequence[int], num_hidden_layers: int, name: str = "layers") -> None:
