@@ -749,6 +749,35 @@ def test_a_row_that_stops_early_without_pad_or_eos_is_an_error_not_token_zero(lo
     assert out.sequences[1, 4:].tolist() == [0, 0, 0]
 
 
+def test_the_callers_stopping_criteria_see_the_scores_plain_generate_gives_them(lora_folder):
+    """Plain generate calls stopping criteria with ``scores=None`` unless output_scores is set, which a guarded
+    generate refuses (its trace holds the gate's values); the guarded loop passes the same None, so a criterion
+    behaves alike under both."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class RecordScores(StoppingCriteria):
+        def __init__(self):
+            self.seen = []
+
+        def __call__(self, input_ids, scores, **kwargs):
+            self.seen.append(scores)
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    model = tiny_model("llama")
+    ids = torch.tensor([[5, 6, 7], [8, 9, 10]])
+    plain, guarded = RecordScores(), RecordScores()
+    model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0, stopping_criteria=StoppingCriteriaList([plain]))
+    ngsd.apply(model, lora_folder)
+    try:
+        model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0, ngsd_alpha=0.5,
+                       stopping_criteria=StoppingCriteriaList([guarded]))
+        with pytest.raises(ValueError, match="output_scores"):
+            model.generate(ids, max_new_tokens=3, output_scores=True, return_dict_in_generate=True, pad_token_id=0)
+    finally:
+        ngsd.remove(model)
+    assert plain.seen == [None] * 3 and guarded.seen == [None] * 3
+
+
 # ---------------------------------------------------------------------------------------------
 # Experts and requests named badly (a helper's hunt of the text API, stop 48)
 # ---------------------------------------------------------------------------------------------

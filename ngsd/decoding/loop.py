@@ -195,6 +195,8 @@ def guarded_generate(
     tokens...; what `generate` builds from a GenerationConfig), applied each step to the base and
     the expert logits alike before the gate and the mixture, so their constraints hold for the
     guarded output too.
+    stopping_criteria: Hugging Face stopping criteria, called each step as `generate` calls them when no
+    scores are kept: ``criteria(sequences, None)`` (a guarded `generate` refuses output_scores).
     pad_token_id: what fills a row's positions after it stopped (default: the first eos id, else 0; a row
     ended early by stop strings or stopping criteria needs one of them).
     cuda_graph: run the selection step (every row guarded) as a CUDA graph of the planned Triton op,
