@@ -846,3 +846,60 @@ def test_reflect_refuses_requests_that_are_not_texts(requests, error, words):
 def test_a_prompt_that_is_not_utf8_is_refused_by_name(smol_tokenizer):
     with pytest.raises(ValueError, match=r"prompts\[1\] is not valid text at character 3"):
         ngsd.encode_prompts(smol_tokenizer, ["fine", "caf\udce9"])
+
+
+# ---------------------------------------------------------------------------------------------
+# peft adapter features (a helper's hunt of the text API, stop 49)
+# ---------------------------------------------------------------------------------------------
+
+
+def _peft_adapter(model, folder, **options):
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, **options))
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name or "trainable_tokens_delta" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+    peft_model.save_pretrained(str(folder))
+    return folder
+
+
+LINEAR_TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+@pytest.mark.parametrize("options", [
+    {},
+    {"rank_pattern": {"down_proj": 8}},
+    {"alpha_pattern": {"down_proj": 32}},
+    {"alpha_pattern": {"layers.1.self_attn.v_proj": 2}, "rank_pattern": {"q_proj": 2}, "use_rslora": True},
+], ids=["plain", "rank_pattern", "alpha_pattern", "rslora_patterns"])
+def test_an_adapter_with_per_module_rank_or_alpha_decodes_as_peft_does(tmp_path, options):
+    """LoraAdapter.load used one scale, lora_alpha / r, for every module: an adapter saved with alpha_pattern or
+    rank_pattern ran as another expert, without a word. Decoding from the expert alone must give peft's tokens."""
+    from peft import PeftModel
+
+    model = tiny_model("llama")
+    folder = _peft_adapter(model, tmp_path / "adapter", target_modules=LINEAR_TARGETS, **options)
+    ids = torch.tensor([[5, 9, 13, 22, 40]])
+    peft_model = PeftModel.from_pretrained(tiny_model("llama"), str(folder)).eval()
+    with torch.no_grad():
+        want = peft_model.generate(ids, max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0)
+    expert_alone = NGSDConfig(mode="open", candidate_k=model.config.vocab_size)
+    got = guarded_generate(model, ids, expert=str(folder), config=expert_alone, alpha=1.0, max_new_tokens=10)
+    assert got.traces[0].tokens == want[0, 5:].tolist()
+
+
+@pytest.mark.parametrize("options, named", [
+    ({"target_modules": ["q_proj", "embed_tokens"]}, "embed_tokens"),
+    ({"target_modules": LINEAR_TARGETS, "lora_bias": True}, "lora_bias"),
+    ({"target_modules": ["q_proj"], "trainable_token_indices": [5, 9]}, "trainable_token_indices"),
+], ids=["embedding_lora", "lora_bias", "trainable_tokens"])
+def test_adapter_parts_the_hooks_cannot_apply_are_refused_by_name(tmp_path, options, named):
+    """These tensors were dropped silently (the expert that ran was not the one trained)."""
+    folder = _peft_adapter(tiny_model("llama"), tmp_path / "adapter", **options)
+    with pytest.raises(ValueError, match=named):
+        LoraAdapter.load(folder)

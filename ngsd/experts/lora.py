@@ -17,6 +17,7 @@ see the base model.
 from __future__ import annotations
 
 import json
+import re
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -31,6 +32,34 @@ _PEFT_PREFIX = "base_model.model."
 # Attachment state lives on the model object (never keyed by id(model), which a later model can reuse):
 # model.__dict__[_ATTACHED] = {adapter: [hook handles]}, removed with the last adapter.
 _ATTACHED = "_ngsd_lora_hooks"
+
+
+# adapter_config.json options whose tensors or arithmetic the hooks (x @ A.T @ B.T * scale on Linear layers) lack
+_UNSUPPORTED_OPTIONS = (
+    ("lora_bias", "a bias on lora_B"),
+    ("trainable_token_indices", "trained embedding rows"),
+)
+
+
+def _lora_scale(alpha: float, rank: int, rslora: bool) -> float:
+    return alpha / (rank**0.5) if rslora else alpha / rank
+
+
+def _pattern(config: dict, field_name: str, path: Path) -> dict:
+    patterns = config.get(field_name) or {}
+    if not isinstance(patterns, dict) or not all(
+            isinstance(value, (int, float)) and not isinstance(value, bool) for value in patterns.values()):
+        raise ValueError(f"{path}: {field_name} must map module-name patterns to numbers, got {patterns!r}; save the "
+                         "adapter again with PeftModel.save_pretrained")
+    return patterns
+
+
+def _pattern_key(patterns: dict, module: str) -> str:
+    """The first pattern matching the module's name, as peft's `get_pattern_key` picks it (else the name)."""
+    for pattern in patterns:
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return pattern
+    return module
 
 
 @dataclass
@@ -93,9 +122,14 @@ class LoraAdapter:
         if isinstance(config.get("r"), bool) or not isinstance(config.get("r"), int) or config["r"] < 1:
             raise ValueError(f"{config_file}: 'r' (the LoRA rank) must be an int >= 1, got {config.get('r')!r}; "
                              "save the adapter again with PeftModel.save_pretrained")
+        for option, what in _UNSUPPORTED_OPTIONS:
+            if config.get(option):
+                raise ValueError(f"{path}: {option}={config[option]!r} adapters are not supported ({what}); merge the "
+                                 "adapter into a copy of the base model and pass that as a separate expert model")
         rank = int(config["r"])
         lora_alpha = float(config.get("lora_alpha", rank))
-        scale = lora_alpha / (rank**0.5) if config.get("use_rslora") else lora_alpha / rank
+        rslora = bool(config.get("use_rslora"))
+        scale = _lora_scale(lora_alpha, rank, rslora)
 
         tensors = load_file(str(weights_file))
         downs: dict[str, torch.Tensor] = {}
@@ -106,9 +140,19 @@ class LoraAdapter:
                 downs[name[: -len(".lora_A.weight")]] = tensor
             elif name.endswith(".lora_B.weight"):
                 ups[name[: -len(".lora_B.weight")]] = tensor
+            else:  # a LoRA bias, an embedding LoRA, trainable tokens...: ignoring it would run another expert
+                raise ValueError(f"{path}: the adapter holds {key!r}, which ngsd's LoRA hooks cannot apply (they "
+                                 "add lora_B @ lora_A to Linear layers only); merge the adapter into a copy of the "
+                                 "base model and pass that as a separate expert model")
         if not downs or downs.keys() != ups.keys():
             raise ValueError(f"{path}: adapter weights hold no matching lora_A/lora_B pairs")
-        pairs = {name: _LoraPair(downs[name], ups[name]) for name in downs}
+        alphas = _pattern(config, "alpha_pattern", path)
+        pairs = {}
+        for name in downs:
+            # peft scales each module by its own alpha (alpha_pattern) and rank (rank_pattern, which sized lora_A)
+            module_alpha = float(alphas.get(_pattern_key(alphas, name), lora_alpha))
+            ratio = _lora_scale(module_alpha, downs[name].shape[0], rslora) / scale
+            pairs[name] = _LoraPair(downs[name], ups[name] if ratio == 1.0 else ups[name] * ratio)
         return cls(pairs=pairs, scale=scale, source=str(path), base_model=config.get("base_model_name_or_path"))
 
     def attach(self, model: nn.Module) -> None:
