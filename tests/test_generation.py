@@ -402,3 +402,29 @@ def test_in_place_lora_rows_equal_the_autograd_form(llama_pair, rows, length):
     finally:
         adapter.detach(model)
     torch.testing.assert_close(in_place, autograd, rtol=1e-5, atol=1e-5)
+
+
+def test_the_context_window_is_checked_row_by_row(llama_pair):
+    """A long prompt with few new tokens beside a short one with many was refused, though each row fits the
+    window; a finished row is still fed, and its positions now stop at the window's last (a model with learned
+    absolute positions would index past its table)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model, folder = llama_pair
+    ids, mask, _ = mixed_length_batch([110, 8], 96)
+    together = guarded_generate(model, ids, mask, expert=folder, alpha=0.5, max_new_tokens=[10, 100])
+    for row, new in ((0, 10), (1, 100)):
+        alone = guarded_generate(model, ids[row:row + 1], mask[row:row + 1], expert=folder, alpha=0.5,
+                                 max_new_tokens=new)
+        assert together.traces[row].tokens == alone.traces[0].tokens
+    with pytest.raises(ValueError, match="row 1 has 8 prompt tokens \\+ 121 new tokens"):
+        guarded_generate(model, ids, mask, expert=folder, alpha=0.5, max_new_tokens=[10, 121])
+
+    def gpt2(seed):
+        torch.manual_seed(seed)
+        return GPT2LMHeadModel(GPT2Config(vocab_size=96, n_positions=128, n_embd=32, n_layer=2, n_head=2)).eval()
+
+    base, expert = gpt2(0), gpt2(1)
+    together = guarded_generate(base, ids, mask, expert=expert, alpha=0.5, max_new_tokens=[10, 100])
+    alone = guarded_generate(base, ids[1:], mask[1:], expert=expert, alpha=0.5, max_new_tokens=100)
+    assert together.traces[1].tokens == alone.traces[0].tokens

@@ -155,12 +155,14 @@ def check_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
     if any(m < 1 for m in max_new):
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new}")
     window = getattr(model.config, "max_position_embeddings", None)
-    longest = int(lengths.max())
-    if window is not None and longest + max(max_new) > window:
-        raise ValueError(
-            f"prompt too long: {longest} prompt tokens + {max(max_new)} new tokens exceed the model's context "
-            f"window of {window}; shorten the prompt or lower max_new_tokens"
-        )
+    if window is not None:  # each row against its own length: a finished row's positions stop at the window
+        needed = [int(length) + new for length, new in zip(lengths.tolist(), max_new)]
+        row = max(range(len(needed)), key=needed.__getitem__)
+        if needed[row] > window:
+            raise ValueError(
+                f"prompt too long: row {row} has {int(lengths[row])} prompt tokens + {max_new[row]} new tokens, "
+                f"more than the model's context window of {window}; shorten the prompt or lower max_new_tokens"
+            )
 
 
 @torch.no_grad()

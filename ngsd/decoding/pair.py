@@ -146,6 +146,9 @@ class _CachedModel:
         self.model = model
         self._forward_module = head.trunk if head is not None else model
         self._vocab = vocab
+        # a row that finished is still fed (its output unused) and may pass the window it was checked against
+        window = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        self._last_position = window - 1 if isinstance(window, int) and window > 0 else None
         self.cache = None
         self.attention_mask: torch.Tensor | None = None
         self.next_position: torch.Tensor | None = None
@@ -187,7 +190,8 @@ class _CachedModel:
         ones = self.attention_mask.new_ones((self.attention_mask.shape[0], 1))
         self.attention_mask = torch.cat([self.attention_mask, ones], dim=-1)
         positions = self.next_position
-        self.next_position = positions + 1
+        self.next_position = positions + 1 if self._last_position is None else (positions + 1).clamp_max(
+            self._last_position)
         # decode steps write into spare room instead of concatenating; converted here, not after the prefill,
         # so a prefill whose rows are then padded or appended into another cache is not copied for nothing
         self.cache = make_growable(self.cache)
