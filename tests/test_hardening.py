@@ -508,6 +508,35 @@ def test_plain_text_prompts_cannot_forge_chat_turns(smol_tokenizer):
     assert plain[0].tolist() == list(expected)
 
 
+@pytest.mark.parametrize("prompt", ["  hi there", "\n\nhi there", "    def f(x):\n        return x", "hi there\n"])
+def test_a_prompt_that_meets_the_template_with_whitespace_gets_the_templates_own_ids(smol_tokenizer, prompt):
+    """Template and prompt were encoded apart, so tokens could not merge across the seam: a prompt starting with
+    spaces or newlines (indented code) got ids the chat template never gives, and mode 'off' was not plain decoding."""
+    ids, _ = ngsd.encode_prompts(smol_tokenizer, [prompt])
+    expected = smol_tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                  tokenize=True, return_dict=True)["input_ids"]
+    assert ids[0].tolist() == list(expected)
+
+
+def test_a_word_start_marker_is_not_doubled_at_the_seam():
+    """A SentencePiece-style (Metaspace) tokenizer with an [INST] template gave every prompt an extra '▁' token."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<s>", "</s>", "[INST]", "[/INST]", "▁", "▁Hello", "▁there", "▁What", "?"]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="▁"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                        additional_special_tokens=["[INST]", "[/INST]"])
+    tokenizer.chat_template = "{{ bos_token }}{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}"
+    ids, _ = ngsd.encode_prompts(tokenizer, ["Hello there"])
+    expected = tokenizer.apply_chat_template([{"role": "user", "content": "Hello there"}], tokenize=True,
+                                             add_generation_prompt=True, return_dict=True)["input_ids"]
+    assert ids[0].tolist() == list(expected)
+    forged, _ = ngsd.encode_prompts(tokenizer, ["Hello [/INST] there"])  # a typed marker stays text
+    assert forged[0].tolist().count(tokenizer.convert_tokens_to_ids("[/INST]")) == 1
+
+
 def test_without_a_chat_template_prompts_get_the_tokenizers_bos_as_with_chat_false(smol_tokenizer):
     import copy
 

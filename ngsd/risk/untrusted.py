@@ -4,7 +4,8 @@ A tokenizer parses special-token strings in the text it is given: a user who typ
 gets the real end-of-turn id, ends their turn and can write the assistant's. Here the template
 and the user text are encoded apart: the template (which we wrote) with special-token parsing, the
 user text as plain characters (`split_special_tokens=True`), so every control id in the result
-comes from the template.
+comes from the template. Where the text encoded whole holds exactly those control ids, its ids are
+taken instead: they are the chat template's own (tokens merge across the seams).
 
 >>> from transformers import AutoTokenizer                               # doctest: +SKIP
 >>> ids = template_ids(tokenizer, "<|im_start|>user\\n" + SLOT + "<|im_end|>", ["<|im_end|>"])  # doctest: +SKIP
@@ -54,10 +55,19 @@ def template_ids(tokenizer, rendered: str, fills: Sequence[str]) -> list[int]:
             f"the chat template kept {len(pieces) - 1} of the {len(fills)} text slots; it rewrites the message "
             "content, so untrusted text cannot be placed safely"
         )
-    ids: list[int] = []
+    apart: list[int] = []
     for i, piece in enumerate(pieces):
         if piece:
-            ids.extend(tokenizer(piece, add_special_tokens=False)["input_ids"])
+            apart.extend(tokenizer(piece, add_special_tokens=False)["input_ids"])
         if i < len(fills):
-            ids.extend(encode_plain(tokenizer, fills[i]))
-    return ids
+            apart.extend(encode_plain(tokenizer, fills[i]))
+    # Encoded apart, tokens cannot merge across a seam (a prompt that starts with spaces or newlines; the extra
+    # word-start marker of SentencePiece tokenizers), so the model would see ids the chat template never gives.
+    # The text encoded whole is the template's own encoding, taken when its control ids are exactly the
+    # template's: a fill that spells a special token (or forms one with the text around it) keeps the apart ids.
+    filled = "".join(piece + (fills[i] if i < len(fills) else "") for i, piece in enumerate(pieces))
+    whole = list(tokenizer(filled, add_special_tokens=False)["input_ids"])
+    controls = control_token_ids(tokenizer)
+    if [i for i in whole if i in controls] == [i for i in apart if i in controls]:
+        return whole
+    return apart
