@@ -43,9 +43,9 @@ def encode_prompts(tokenizer, prompts: str | Sequence[str], *, chat: bool = True
     else:
         # no chat template (or chat=False): encoded as `tokenizer(prompt)` would, with its own BOS/EOS
         rows = [encode_plain(tokenizer, p, add_special_tokens=True) for p in prompts]
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return left_pad(rows, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0, device)
+    # the filler of the padding columns (masked out); the caller's tokenizer is not changed to get one
+    pad = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if isinstance(i, int)), 0)
+    return left_pad(rows, pad, device)
 
 
 def generate(

@@ -297,6 +297,8 @@ def test_the_invalid_logits_error_names_each_model_with_a_bad_row():
     expert[1, 3] = float("nan")
     with pytest.raises(FloatingPointError, match="from the base and expert model"):
         _raise_invalid([0, 1], 0, base, expert)
+    with pytest.raises(FloatingPointError, match="from the base model"):  # no expert rows: only the base ran
+        _raise_invalid([0], 0, base, base)
 
 
 def test_model_dtypes_the_step_cannot_read_are_refused_before_any_forward(llama_pair):

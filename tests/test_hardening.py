@@ -537,6 +537,17 @@ def test_a_word_start_marker_is_not_doubled_at_the_seam():
     assert forged[0].tolist().count(tokenizer.convert_tokens_to_ids("[/INST]")) == 1
 
 
+def test_encoding_prompts_leaves_the_callers_tokenizer_as_it_was(smol_tokenizer):
+    """A tokenizer without a pad token got the eos token as its pad token, behind the caller's back."""
+    import copy
+
+    tokenizer = copy.deepcopy(smol_tokenizer)
+    tokenizer.pad_token = None
+    ids, mask = ngsd.encode_prompts(tokenizer, ["hi", "a longer prompt than that"])
+    assert tokenizer.pad_token is None
+    assert ids[0, 0].item() == tokenizer.eos_token_id and mask[0, 0].item() == 0
+
+
 def test_without_a_chat_template_prompts_get_the_tokenizers_bos_as_with_chat_false(smol_tokenizer):
     import copy
 
