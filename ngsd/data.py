@@ -91,6 +91,7 @@ class SuiteSpec:
     scorer: str | None = None
     label: str = ""
     id_parity: str | None = None  # "odd" / "even": keep records whose integer id has it (AlpacaEval's split)
+    eval_ids_below: int | None = None  # an evaluation reads only ids below it: the rest is a training split (AdvBench)
 
     def __post_init__(self) -> None:
         if self.format is not None and self.format not in FORMATS:
@@ -104,8 +105,19 @@ class SuiteSpec:
             raise ValueError(f"suite {self.name!r}: scorer must be one of {SCORERS}, got {self.scorer!r}")
         if self.id_parity not in (None, "odd", "even"):
             raise ValueError(f"suite {self.name!r}: id_parity must be 'odd', 'even' or None, got {self.id_parity!r}")
-        if self.n is not None and self.n < 1:
-            raise ValueError(f"suite {self.name!r}: n must be >= 1 (or null for all prompts), got {self.n}")
+        if self.n is not None and (isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1):
+            raise ValueError(f"suite {self.name!r}: n must be a whole number >= 1 (or null for all prompts), "
+                             f"got {self.n!r}")
+        if not isinstance(self.where, Mapping):
+            raise ValueError(f"suite {self.name!r}: where must be an object of field -> value (e.g. "
+                             f"{{\"label\": \"safe\"}}), got {self.where!r}")
+        for name in ("file", "text_field"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"suite {self.name!r}: {name} must be a non-empty string, got {getattr(self, name)!r}")
+        if self.eval_ids_below is not None and (isinstance(self.eval_ids_below, bool)
+                                                or not isinstance(self.eval_ids_below, int)):
+            raise ValueError(f"suite {self.name!r}: eval_ids_below must be a whole number or null, "
+                             f"got {self.eval_ids_below!r}")
         if not self.label:
             object.__setattr__(self, "label", self.name)
 
@@ -125,10 +137,10 @@ class SuiteSpec:
         if unknown:
             raise ValueError(f"suite {name!r}: unknown fields {sorted(unknown)}")
         changes = {k: v for k, v in value.items() if k != "name"}
-        if "file" in changes:
-            spec = cls(name=name, **{"text_field": "text", "role": "harmful", **changes})
-        elif name in SUITES:
+        if name in SUITES:  # a file of its own changes only the file: the fields, role and split stay
             spec = replace(SUITES[name], **changes)
+        elif "file" in changes:
+            spec = cls(name=name, **{"text_field": "text", "role": "harmful", **changes})
         else:
             raise ValueError(
                 f"unknown suite {name!r}: use one of {', '.join(suite_names())}, a suite registered with "
@@ -160,10 +172,11 @@ def register_suite(spec: SuiteSpec, *, overwrite: bool = False) -> SuiteSpec:
 
 for _spec in (
     SuiteSpec("advbench", "advbench_harmful_behaviors.json", text_field="goal", goal_field="goal", role="harmful",
-              target=True, label="AdvBench",
-              description="AdvBench harmful behaviours (520); meta['target'] is the 'Sure, here is ...' target"),
+              target=True, label="AdvBench", eval_ids_below=130,
+              description="AdvBench harmful behaviours (520; an evaluation reads ids < 130, the rest is a training "
+                          "split); meta['target'] is the 'Sure, here is ...' target"),
     SuiteSpec("harmbench", "harmbench_prompts.txt", role="harmful", target=True, select="spread", label="HarmBench",
-              description="HarmBench standard behaviours, one per line (199)"),
+              description="HarmBench standard behaviours, one per line (200: SOURCES.md counts 199 newlines)"),
     SuiteSpec("gcg", "attack_gcg.json", goal_field="goal", role="harmful", target=True, label="GCG",
               description="GCG adversarial-suffix prompts (50)"),
     SuiteSpec("autodan", "attack_autodan.json", goal_field="goal", role="harmful", target=True, label="AutoDAN",

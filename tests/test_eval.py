@@ -89,6 +89,99 @@ def test_config_errors_name_the_problem(tmp_path):
             config_from_dict({"name": name, "suites": {"advbench": 2}})
 
 
+@pytest.mark.parametrize("data, message", [
+    ({"targets": {"asr": 0.05}}, "targets: unknown fields \\['asr'\\]"),
+    ({"targets": {"asr_max": "0.1"}}, "targets.asr_max must be a share in \\[0, 1\\]"),
+    ({"targets": {"asr_max": 10}}, "targets.asr_max must be a share"),  # a percentage called 100% ASR "met"
+    ({"custom_methods": {"mine": {"config": {"taux": 4.0}}}}, "custom method 'mine': config has unknown fields"),
+    ({"custom_methods": {"mine": {"config": {"reflection": {"modee": "probe"}}}}}, "config.reflection has unknown"),
+    ({"custom_methods": {"mine": 0.9}}, "custom method 'mine': expected an object"),
+    ({"custom_methods": {"mine": {"alpha": "0.9"}}}, "'alpha' must be a number in \\[0, 1\\]"),
+    ({"custom_methods": {"mine": {"config": {"tau": "4"}}}}, "custom method 'mine'"),
+    ({"suites": {"advbench": {"n": "5"}}}, "n must be a whole number"),
+    ({"suites": {"xstest_safe": {"n": 1, "where": ["label", "safe"]}}}, "where must be an object"),
+    ({"max_new_tokens": None}, "'max_new_tokens' must be a whole number >= 1, got None"),
+    ({"batch_size": 0.5}, "'batch_size' must be a whole number"),
+    ({"examples": "two"}, "'examples' must be a whole number"),
+    ({"methods": ["off", "ngsd_a0.9", "off"]}, "lists methods more than once"),
+    ({"reference": "of"}, "reference 'of' .* is not a method"),
+])
+def test_config_fields_of_the_wrong_kind_are_one_line_errors_before_any_answer(data, message):
+    """These failed with a traceback (TypeError / AttributeError), some only after every answer was generated, or
+    were accepted (a percentage as a target, a misspelt reference that dropped fidelity and its target)."""
+    with pytest.raises(ValueError, match=message):
+        config_from_dict({"suites": {"advbench": 1}, "methods": ["off", "ngsd_a0.9"], **data})
+
+
+def test_a_reference_that_did_not_run_leaves_the_fidelity_target_unmet_not_dropped():
+    specs = (SuiteSpec.from_json("xstest_safe", 1),)
+    suites = {"xstest_safe": [Prompt("1", "kill a process")]}
+    results = {"ngsd_a0.9": {"xstest_safe": [_record("a", "Use kill", [5, 6])]}}
+    metrics = compute_metrics(results, suites, specs, {"ngsd_a0.9": True}, reference="off")
+    check = metrics["methods"]["ngsd_a0.9"]["summary"]["targets"]
+    assert check["checks"]["fidelity"]["met"] is False and "did not run" in check["checks"]["fidelity"]["not_measured"]
+    assert check["all_met"] is False
+
+
+@needs_data
+def test_an_evaluation_never_reads_advbench_training_ids():
+    """The advbench suite scored ids >= 130 (the training split; 41 of them in the shipped expert's data) whenever
+    a config asked for more than the lowest ids."""
+    for value in (None, 200, {"n": 50, "select": "spread"}, {"n": 150, "select": "first"}):
+        prompts = load_spec(SuiteSpec.from_json("advbench", value), DATA_DIR)
+        assert prompts and max(int(p.id) for p in prompts) < 130
+
+
+@needs_data
+def test_a_registered_suite_given_its_own_file_keeps_its_settings(tmp_path):
+    """A file for a registered suite built a fresh spec: xstest_safe became a harmful suite of all 450 prompts,
+    alpaca_eval lost its odd-id split."""
+    import shutil
+
+    for name, source in (("xstest_safe", "xstest.json"), ("alpaca_eval", "alpaca_eval_805.json")):
+        copy_path = tmp_path / source
+        shutil.copy(DATA_DIR / source, copy_path)
+        spec = SuiteSpec.from_json(name, {"file": str(copy_path)})
+        registered = SuiteSpec.from_json(name, None)
+        assert (spec.role, spec.where, spec.id_parity, spec.text_field) == (
+            registered.role, registered.where, registered.id_parity, registered.text_field)
+        assert [p.id for p in load_spec(spec, DATA_DIR)] == [p.id for p in load_spec(registered, DATA_DIR)]
+
+
+def test_a_checkpoint_rewritten_in_place_gets_another_fingerprint(tmp_path):
+    """Weight files of 64 MiB or more were keyed by name and size only (new weights of the same shapes reused the
+    old answers), and the chat template was not read at all."""
+    import os
+
+    from ngsd.eval.runner import folder_fingerprint
+
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(bytes(65 << 20))
+    (tmp_path / "chat_template.jinja").write_text("{{ messages }}")
+    before = folder_fingerprint(tmp_path)
+    with open(weights, "r+b") as f:  # same size, new bytes at the end
+        f.seek(-4, os.SEEK_END)
+        f.write(b"\1\2\3\4")
+    after_weights = folder_fingerprint(tmp_path)
+    (tmp_path / "chat_template.jinja").write_text("{{ messages }}!")
+    assert len({before, after_weights, folder_fingerprint(tmp_path)}) == 3
+
+
+def test_a_cached_answer_carries_the_suite_it_is_read_for(tmp_path):
+    """Answers are keyed by method and prompt text; a record reused for another suite (a renamed one, or the same
+    text in two suites) kept the suite it was generated for, and the plots looked flags up there."""
+    from ngsd.eval.runner import Runner
+
+    runner = Runner.__new__(Runner)
+    runner.cache = GenerationCache(tmp_path / "gen.jsonl")
+    method = get_method("off")
+    runner.key = lambda m, p: cache_key("model", None, {"name": m.name}, p.text, {"max_new_tokens": 4})
+    runner.cache.put([{"key": runner.key(method, Prompt("0", "same text")), "suite": "old_name", "prompt_id": "0",
+                       "text": "x"}])
+    record = runner._lookup(method, Prompt("7", "same text", suite="new_name"))
+    assert (record["suite"], record["prompt_id"]) == ("new_name", "7")
+
+
 def test_a_config_probe_replaces_the_shipped_probe_only_where_a_method_reads_one(tmp_path, capsys):
     from dataclasses import replace
 
@@ -393,6 +486,8 @@ def test_smoke_report_and_plots_are_written(smoke_run):
     for method in config.methods:
         assert f"| `{method}` |" in report and f"| `{method}` |" in table
     assert "ngsd eval --config smoke" in table and "ngsd eval --config smoke" in report
+    # the table names this run's model, judge and report (it named SmolLM2 and reports/eval/REPORT.md always)
+    assert results["run"]["model"] in table and str(out / "REPORT.md") in table and "judge `keyword`" in table
     assert "## Targets for `ngsd_prefill`" in report  # the first gated method when "ngsd" is not run
 
 
@@ -521,3 +616,10 @@ def test_a_config_field_added_later_leaves_cache_keys_unchanged_at_its_default()
     plain = get_method("ngsd").signature(None)
     assert "prime_divergence" not in plain["config"] and "initial_potential" in plain["config"]
     assert get_method("ngsd_primed_check").signature(None)["config"]["prime_divergence"] == "check"
+
+
+def test_headline_percentages_round_half_up():
+    """1 refusal of 8 showed as 12% in the headline while the target table called a 12% limit missed by 0.5."""
+    from ngsd.eval.report import pct
+
+    assert (pct(1 / 8, 0), pct(1 / 8), pct(2 / 3, 0), pct(None)) == ("13%", "12.5%", "67%", "n/a")

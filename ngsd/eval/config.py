@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from .configs import CONFIG_DIR, config_names
-from .methods import DEFAULT_METHODS, Method, get_method, method_from_json
+from .methods import DEFAULT_METHODS, Method, get_method, method_from_json, method_names
 from .metrics import Targets
 from .suites import SuiteSpec
 
@@ -64,6 +64,14 @@ class EvalConfig:
             raise ValueError(f"config {self.name!r} lists no methods")
         for name in self.methods:
             self.method(name)  # raises for unknown names
+        repeated = sorted({name for name in self.methods if self.methods.count(name) > 1})
+        if repeated:
+            raise ValueError(f"config {self.name!r} lists methods more than once: {repeated}")
+        if not isinstance(self.reference, str) or (self.reference not in self.custom_methods
+                                                   and self.reference not in method_names()):
+            # fidelity compares each method's answers with the reference's: a misspelt one dropped it silently
+            raise ValueError(f"config {self.name!r}: reference {self.reference!r} (the method whose answers fidelity "
+                             f"is measured against) is not a method; use one of {method_names()} or a custom method")
         if self.max_new_tokens < 1 or self.batch_size < 1 or self.fidelity_tokens < 1:
             raise ValueError("max_new_tokens, batch_size and fidelity_tokens must be >= 1")
         if self.threads is not None and self.threads < 1:
@@ -121,7 +129,11 @@ def config_from_dict(data: Mapping[str, Any], default_name: str = "custom") -> E
     suites_data = data.get("suites")
     if not isinstance(suites_data, Mapping) or not suites_data:
         raise ValueError("evaluation config needs 'suites': an object of suite name -> prompt count or settings")
-    custom = {name: method_from_json(name, value) for name, value in dict(data.get("custom_methods", {})).items()}
+    custom_data = data.get("custom_methods", {})
+    if not isinstance(custom_data, Mapping):
+        raise ValueError(f"evaluation config: 'custom_methods' must be an object of name -> method settings, "
+                         f"got {custom_data!r}")
+    custom = {name: method_from_json(name, value) for name, value in custom_data.items()}
     sizing = data.get("sizing", "")
     methods = data.get("methods", DEFAULT_METHODS)
     if not isinstance(methods, (list, tuple)):
@@ -136,16 +148,24 @@ def config_from_dict(data: Mapping[str, Any], default_name: str = "custom") -> E
         model=data.get("model"),
         expert=data.get("expert", "shipped"),
         probe=data.get("probe"),
-        max_new_tokens=int(data.get("max_new_tokens", 64)),
-        batch_size=int(data.get("batch_size", 16)),
-        fidelity_tokens=int(data.get("fidelity_tokens", 32)),
+        max_new_tokens=_count(data, "max_new_tokens", 64, 1),
+        batch_size=_count(data, "batch_size", 16, 1),
+        fidelity_tokens=_count(data, "fidelity_tokens", 32, 1),
         reference=data.get("reference", "off"),
-        targets=Targets(**dict(data.get("targets", {}))),
-        trace_examples=int(data.get("trace_examples", 4)),
-        examples=int(data.get("examples", 2)),
-        threads=None if data.get("threads") is None else int(data["threads"]),
+        targets=Targets.from_json(data.get("targets", {})),
+        trace_examples=_count(data, "trace_examples", 4, 0),
+        examples=_count(data, "examples", 2, 0),
+        threads=None if data.get("threads") is None else _count(data, "threads", None, 1),
         sizing="\n".join(sizing) if isinstance(sizing, (list, tuple)) else str(sizing),
     )
+
+
+def _count(data: Mapping[str, Any], name: str, default: int | None, minimum: int) -> int:
+    """An integer field of the config (a whole number in JSON; int() would truncate 0.5 or fail on null)."""
+    value = data.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"evaluation config: {name!r} must be a whole number >= {minimum}, got {value!r}")
+    return value
 
 
 def load_config(name_or_path: str | Path) -> EvalConfig:

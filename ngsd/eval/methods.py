@@ -126,19 +126,46 @@ def method_names() -> list[str]:
 
 def method_from_json(name: str, value: Mapping[str, Any]) -> Method:
     """A method from a config entry: {"config": {...}, "alpha": x, "description": "...", "full_vocab_candidates": b}."""
+    if not isinstance(value, Mapping):
+        raise ValueError(f"custom method {name!r}: expected an object such as {{\"config\": {{\"tau\": 4.0}}, "
+                         f"\"alpha\": 0.9}}, got {value!r}")
     unknown = set(value) - {"config", "alpha", "description", "full_vocab_candidates"}
     if unknown:
         raise ValueError(f"custom method {name!r}: unknown fields {sorted(unknown)}")
-    config = dict(value.get("config", {}))
+    config = value.get("config", {})
+    if not isinstance(config, Mapping):
+        raise ValueError(f"custom method {name!r}: 'config' must be an object of NGSDConfig fields, got {config!r}")
+    config = dict(config)
+    _check_fields(name, "config", config, NGSDConfig)
     if isinstance(config.get("reflection"), Mapping):
-        config["reflection"] = ReflectionConfig(**config["reflection"])
+        _check_fields(name, "config.reflection", config["reflection"], ReflectionConfig)
+        try:
+            config["reflection"] = ReflectionConfig(**config["reflection"])
+        except TypeError as error:
+            raise ValueError(f"custom method {name!r}: config.reflection: {error}") from None
+    alpha = value.get("alpha")
+    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))
+                              or not 0.0 <= alpha <= 1.0):
+        raise ValueError(f"custom method {name!r}: 'alpha' must be a number in [0, 1] or null (the method's own "
+                         f"risk estimate), got {alpha!r}")
+    try:
+        ngsd_config = NGSDConfig(**config)
+    except TypeError as error:  # a field of the wrong type: the config's mistake, said in one line
+        raise ValueError(f"custom method {name!r}: {error}") from None
     return Method(
         name=name,
-        config=NGSDConfig(**config),
-        alpha=value.get("alpha"),
+        config=ngsd_config,
+        alpha=None if alpha is None else float(alpha),
         description=value.get("description", ""),
         full_vocab_candidates=bool(value.get("full_vocab_candidates", False)),
     )
+
+
+def _check_fields(method: str, where: str, given: Mapping[str, Any], kind: type) -> None:
+    unknown = sorted(set(given) - set(kind.__dataclass_fields__))
+    if unknown:
+        raise ValueError(f"custom method {method!r}: {where} has unknown fields {unknown}; known: "
+                         f"{sorted(kind.__dataclass_fields__)}")
 
 
 for _method in (

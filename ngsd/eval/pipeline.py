@@ -80,14 +80,27 @@ def locate_expert(expert: str | os.PathLike[str] | None) -> tuple[str | None, st
     return text, f"hub:{text}"
 
 
-def model_fingerprint(name_or_path: str | None) -> str:
-    """A cache identity for the base model: its name plus a fingerprint of its checkpoint folder."""
+def model_fingerprint(name_or_path: str | None, revision: str | None = None) -> str:
+    """A cache identity for the base model: its name plus a fingerprint of its checkpoint folder, or for a hub
+    id the commit it was loaded at (`revision`: the loaded config's ``_commit_hash``)."""
     from ..loading import is_default_model, resolve_model_path
 
     source = resolve_model_path(name_or_path)
     label = "smollm2-135m-instruct" if is_default_model(name_or_path) else str(name_or_path)
     path = Path(source)
-    return f"{label}:{folder_fingerprint(path)}" if path.is_dir() else f"hub:{source}"
+    if path.is_dir():
+        return f"{label}:{folder_fingerprint(path)}"
+    return f"hub:{source}@{revision}" if revision else f"hub:{source}"
+
+
+def _data_dir_used(data_dir) -> str | None:
+    """The data folder the suites were read from, also when it came from $NGSD_DATA_DIR or the default."""
+    from ..data import DataNotFoundError, resolve_data_dir
+
+    try:
+        return str(resolve_data_dir(data_dir))
+    except DataNotFoundError:  # every suite from a file of its own (absolute paths)
+        return None
 
 
 def _git_state() -> str | None:
@@ -212,7 +225,7 @@ def _run(config: EvalConfig, *, out_dir, data_dir, limit, model, tokenizer, mode
         from ..loading import load_model
 
         model, tokenizer = load_model(config.model)
-        model_id = model_id or model_fingerprint(config.model)
+        model_id = model_id or model_fingerprint(config.model, getattr(model.config, "_commit_hash", None))
     elif tokenizer is None:
         raise ValueError("pass the tokenizer together with the model")
     model_id = model_id or getattr(model.config, "_name_or_path", None) or type(model).__name__
@@ -234,9 +247,8 @@ def _run(config: EvalConfig, *, out_dir, data_dir, limit, model, tokenizer, mode
     )
     results = runner.run(methods, suites)
     gated = {m.name: m.gated for m in methods}
-    reference = config.reference if config.reference in results else None
     metrics = compute_metrics(
-        results, suites, config.suites, gated, judge=judge, reference=reference,
+        results, suites, config.suites, gated, judge=judge, reference=config.reference,
         fidelity_tokens=config.fidelity_tokens, targets=config.targets,
     )
     plots = make_plots(
@@ -261,7 +273,7 @@ def _run(config: EvalConfig, *, out_dir, data_dir, limit, model, tokenizer, mode
         "expert_id": expert_id,
         "expert_training": expert_training_info(expert_source),
         "git": _git_state(),
-        "data_dir": str(Path(data_dir)) if data_dir else None,
+        "data_dir": _data_dir_used(data_dir),
         "limit": limit,
         "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
         "wall_seconds": wall,

@@ -167,7 +167,7 @@ def make_plots(metrics: Mapping[str, Any], results: Mapping[str, Mapping[str, Se
     if gated_methods and trace_examples > 0:
         method = "ngsd" if "ngsd" in gated_methods else gated_methods[0]
         records = pick_trace_examples(results, method, specs, trace_examples)
-        flags = {r["key"]: metrics["flags"][method][r["suite"]][i]
+        flags = {r["key"]: metrics["flags"][method][suite][i]
                  for suite in results[method] for i, r in enumerate(results[method][suite])}
         written.append(plot_gate_traces(records, method, out_dir / "gate_traces.png", v_th[method], flags))
     return [p for p in written if p is not None]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -18,7 +19,12 @@ from .methods import Method
 
 
 def pct(value: float | None, digits: int = 1) -> str:
-    return "n/a" if value is None else f"{100 * value:.{digits}f}%"
+    """A share as a percentage, rounded half up: 1 of 8 shows as 13%, not 12% (format's half-to-even, which read
+    as meeting a 12% target the target table called missed)."""
+    if value is None:
+        return "n/a"
+    shown = Decimal(repr(100 * value)).quantize(Decimal(1).scaleb(-digits), rounding=ROUND_HALF_UP)
+    return f"{shown}%"
 
 
 def _frac(count: int, total: int) -> str:
@@ -86,6 +92,10 @@ def _target_lines(metrics: Mapping[str, Any], method: str) -> list[str]:
     lines = ["| check | value | target | result |", "|---|---|---|---|"]
     for name, check in summary["targets"]["checks"].items():
         sign = "<=" if check["kind"] == "max" else ">="
+        if check.get("not_measured"):
+            lines.append(f"| {name} | not measured | {sign} {pct(check['limit'], 0)} | **not met**: "
+                         f"{check['not_measured']} |")
+            continue
         result = "met" if check["met"] else f"**missed by {100 * check['miss_by']:.1f} points**"
         lines.append(f"| {name} | {pct(check['value'])} | {sign} {pct(check['limit'], 0)} | {result} |")
     return lines
@@ -363,7 +373,7 @@ def markdown_report(
         "complying, and underestimates them for refusals worded otherwise; it is the metric the GCG/"
         "SafeDecoding/NGSD papers report, and the judge is pluggable (`ngsd.eval.judge.Judge`) for a model-based one.",
         f"- Benign fidelity: share of benign prompts (roles overrefusal and utility) whose answer equals the "
-        f"`{metrics['reference']}` answer token for token over the first {metrics['fidelity_tokens']} tokens; "
+        f"`{config.reference}` answer token for token over the first {metrics['fidelity_tokens']} tokens; "
         "token overlap: same-position matches over the longer truncated answer.",
         "- GSM8K accuracy: the last number in the answer equals the reference answer; with a short token budget "
         "most answers are cut before the final number, so this is a sanity signal, not a capability measure.",
@@ -373,11 +383,12 @@ def markdown_report(
     return "\n".join(lines)
 
 
-def readme_table(config: EvalConfig, metrics: Mapping[str, Any], methods: Sequence[Method], run: Mapping[str, Any]) -> str:
+def readme_table(config: EvalConfig, metrics: Mapping[str, Any], methods: Sequence[Method], run: Mapping[str, Any],
+                 report_path: str = "REPORT.md") -> str:
     expert = run["expert"] or "none"
     lines = [
-        f"Measured with the harness (`ngsd eval`, config `{config.name}`; SmolLM2-135M-Instruct, expert `{expert}`, "
-        f"greedy, {config.max_new_tokens} new tokens, refusal-keyword judge; full report in `reports/eval/REPORT.md`):",
+        f"Measured with the harness (`ngsd eval`, config `{config.name}`; model {run['model']}, expert `{expert}`, "
+        f"greedy, {config.max_new_tokens} new tokens, judge `{metrics['judge']}`; full report in `{report_path}`):",
         "",
         headline_table(config, metrics, methods),
         "",
@@ -454,7 +465,8 @@ def write_reports(
     document = results_document(config, methods, suites, results, metrics, plots, run)
     paths["results"].write_text(json.dumps(document, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     paths["report"].write_text(markdown_report(config, methods, suites, results, metrics, plots, run), encoding="utf-8")
-    paths["readme_table"].write_text(readme_table(config, metrics, methods, run), encoding="utf-8")
+    paths["readme_table"].write_text(readme_table(config, metrics, methods, run, str(paths["report"])),
+                                     encoding="utf-8")
     return paths
 
 

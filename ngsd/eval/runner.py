@@ -62,24 +62,33 @@ def file_digest(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
 
 
 def folder_fingerprint(folder: str | os.PathLike[str]) -> str:
-    """Hash of a checkpoint folder: its small JSON files by content, weight files by name and size.
+    """Hash of a checkpoint folder for the answer cache: every file that can change an answer.
 
-    Weight files of a base model are large; name + size + the config are enough to tell
-    checkpoints apart for caching. Adapter weights (small) are hashed by content.
+    Files under 64 MiB (configs, tokenizer, chat template, adapter weights) by content; larger weight
+    files by name, size, modification time and the content of their first and last 8 MiB (hashing a
+    multi-GB checkpoint whole on every run costs more than the run's start). Weights rewritten in
+    place with the same shapes change the time and the tail at least.
     """
     folder = Path(folder)
     digest = hashlib.sha256()
     for path in sorted(folder.iterdir()):
         if not path.is_file():
             continue
-        if path.suffix == ".json":
-            digest.update(path.name.encode() + b"\0" + path.read_bytes())
-        elif path.suffix in (".safetensors", ".bin", ".pt", ".gguf"):
-            if path.stat().st_size < (64 << 20):
-                digest.update(path.name.encode() + b"\0" + file_digest(path).encode())
-            else:
-                digest.update(f"{path.name}\0{path.stat().st_size}".encode())
+        stat = path.stat()
+        if stat.st_size < (64 << 20):
+            digest.update(path.name.encode() + b"\0" + file_digest(path).encode())
+        else:
+            digest.update(f"{path.name}\0{stat.st_size}\0{stat.st_mtime_ns}\0{_ends_digest(path)}".encode())
     return digest.hexdigest()[:16]
+
+
+def _ends_digest(path: Path, span: int = 8 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        digest.update(f.read(span))
+        f.seek(-span, os.SEEK_END)
+        digest.update(f.read(span))
+    return digest.hexdigest()
 
 
 class GenerationCache:
@@ -272,7 +281,9 @@ class Runner:
         record = self.cache.get(self.key(method, prompt))
         if record is None:  # pragma: no cover - _generate_missing fills every key
             raise RuntimeError(f"no answer for method {method.name} on {prompt.suite}/{prompt.id}")
-        return record
+        # the answer is keyed by method and prompt text: the same text in another suite (or a renamed one) shares it,
+        # and the record says where this prompt is now
+        return {**record, "suite": prompt.suite, "prompt_id": prompt.id}
 
     def _generate_missing(self, method: Method, suites: Mapping[str, Sequence[Prompt]]) -> None:
         todo: list[Prompt] = []

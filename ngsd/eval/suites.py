@@ -45,6 +45,8 @@ def select_prompts(prompts: Sequence[Prompt], n: int | None, how: str) -> list[P
 def load_spec(spec: SuiteSpec, data_dir: str | os.PathLike[str] | None = None, limit: int | None = None) -> list[Prompt]:
     """The prompts of one suite, selected and capped at `limit` (the CLI's --limit) if given."""
     prompts = read_suite(spec, data_dir)
+    if spec.eval_ids_below is not None:  # the training split never reaches an evaluation
+        prompts = [p for p in prompts if int(p.id) < spec.eval_ids_below]
     n = spec.n
     if limit is not None:
         n = limit if n is None else min(n, limit)
