@@ -806,7 +806,8 @@ def test_the_callers_stopping_criteria_see_the_scores_plain_generate_gives_them(
     model = tiny_model("llama")
     ids = torch.tensor([[5, 6, 7], [8, 9, 10]])
     plain, guarded = RecordScores(), RecordScores()
-    model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0, stopping_criteria=StoppingCriteriaList([plain]))
+    model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0,
+                   stopping_criteria=StoppingCriteriaList([plain]))
     ngsd.apply(model, lora_folder)
     try:
         model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0, ngsd_alpha=0.5,

@@ -435,8 +435,10 @@ def _raise_invalid(rows: list[int], step: int, base_logits: torch.Tensor, expert
         row = logits[rows].float()
         return bool((torch.isnan(row) | (row == float("inf"))).any() or (~torch.isfinite(row).any(-1)).any())
 
-    models = (("base", base_logits),) if expert_logits is base_logits else (("base", base_logits), ("expert", expert_logits))
-    which = [name for name, logits in models if bad(logits)]  # (no expert rows: its logits are the base's)
+    models = [("base", base_logits)]
+    if expert_logits is not base_logits:  # (without expert rows the expert's logits are the base's)
+        models.append(("expert", expert_logits))
+    which = [name for name, logits in models if bad(logits)]
     raise FloatingPointError(
         f"non-finite logits from the {' and '.join(which) or 'base/expert'} model at step {step} in rows {rows} "
         "(NaN, +inf, or every token -inf). Common causes: fp16 overflow (load the model in bf16 or fp32), "
