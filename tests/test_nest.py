@@ -97,6 +97,20 @@ def test_clustering_picks_planted_k_by_silhouette_and_is_deterministic():
     assert len(pairs) == 3
 
 
+def test_a_layer_with_no_more_neurons_than_k_min_is_one_cluster():
+    """A layer of 4 distinct neurons with --k-min 6 failed the run with "the profiles are identical": no k in
+    [k_min, n - 1] was tried. It is one cluster now; a whole set too small for k_min says so by name."""
+    x, _ = blobs()
+    small = torch.tensor([[0.0] * 8, [17.0] * 8, [0.0] * 4 + [17.0] * 4, [9.0] * 8])
+    points = torch.cat([x, small])
+    groups = torch.tensor([0] * len(x) + [1] * len(small))
+    labels, by_group = cluster_within_groups(points, groups, k_min=4, k_max=6, seed=7)
+    assert by_group[1] is None and len(labels[len(x):].unique()) == 1
+    assert by_group[0] is not None and by_group[0].k >= 4
+    with pytest.raises(ValueError, match="k_min = 6 clusters need at least 7 points"):
+        cluster_by_silhouette(small, k_min=6, k_max=8)
+
+
 def test_silhouette_matches_a_hand_computed_case():
     x = torch.tensor([[0.0], [1.0], [10.0], [12.0]])
     labels = torch.tensor([0, 0, 1, 1])

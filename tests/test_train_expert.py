@@ -617,6 +617,20 @@ def test_examples_of_another_tokenizer_and_a_checkpoint_of_other_examples_are_no
     assert run("Other request", lambda s: None).get("resumed_from_step", 0) == 0
 
 
+def test_nest_refuses_examples_of_another_tokenizer_before_selecting_neurons(tiny, data_dir, tmp_path):
+    """train-nest ended in a bare IndexError traceback, after the neuron selection had run."""
+    from ngsd.nest.config import NestConfig
+    from ngsd.nest.training import training_examples
+
+    model, tok = tiny
+    saved = tmp_path / "foreign.jsonl"
+    row = {"kind": "refusal", "source": "t", "prompt": "Bad?", "response_ids": [len(tok) + 5], "prefix_ids": [],
+           "loss": "ce", "complete": True}
+    saved.write_text(json.dumps(row) + "\n")
+    with pytest.raises(ValueError, match="tokenized for another model"):
+        training_examples(NestConfig(examples=str(saved)), model, tok, data_dir, log=lambda s: None)
+
+
 @pytest.mark.parametrize("argv", [["--model", "HuggingFaceTB/SmolLM2-360M-Instruct"], ["--top-layers", "2"]])
 def test_without_out_only_the_default_full_depth_run_writes_the_shipped_folder(argv, capsys):
     """Another model's adapter (or a top-layers one) once replaced the shipped SmolLM2 expert inside the package."""

@@ -80,6 +80,9 @@ def cluster_by_silhouette(x: torch.Tensor, *, k_min: int = 2, k_max: int = 12, s
         raise ValueError(f"need 2 <= k_min <= k_max, got {k_min}, {k_max}")
     if len(x) < 3:
         raise ValueError(f"clustering by silhouette needs at least 3 points, got {len(x)}")
+    if k_min > len(x) - 1:  # no k to try (the silhouette needs a point more than clusters)
+        raise ValueError(f"k_min = {k_min} clusters need at least {k_min + 1} points, got {len(x)}; lower k_min "
+                         "(--k-min)")
     best: tuple[float, int, torch.Tensor, torch.Tensor] | None = None
     scores: dict[int, float] = {}
     for k in range(k_min, min(k_max, len(x) - 1) + 1):
@@ -97,7 +100,8 @@ def cluster_by_silhouette(x: torch.Tensor, *, k_min: int = 2, k_max: int = 12, s
 def cluster_within_groups(x: torch.Tensor, groups: torch.Tensor, *, k_min: int = 2, k_max: int = 12, seed: int = 0,
                           restarts: int = 4) -> tuple[torch.Tensor, dict[int, Clustering | None]]:
     """`cluster_by_silhouette` separately within each group (e.g. each decoder layer); cluster ids are
-    numbered across groups. A group of fewer than 4 points is one cluster (None in the result)."""
+    numbered across groups. A group of fewer than 4 points, or of no more than k_min, is one cluster (None in
+    the result)."""
     if len(groups) != len(x):
         raise ValueError(f"groups must give one group per point: {len(groups)} groups for {len(x)} points")
     labels = torch.empty(len(x), dtype=torch.long)
@@ -105,7 +109,8 @@ def cluster_within_groups(x: torch.Tensor, groups: torch.Tensor, *, k_min: int =
     next_id = 0
     for group in groups.unique().tolist():
         where = (groups == group).nonzero(as_tuple=True)[0]
-        result = cluster_by_silhouette(x[where], k_min=k_min, k_max=k_max, seed=seed, restarts=restarts) if len(where) >= 4 else None
+        splits = len(where) >= 4 and len(where) > k_min
+        result = cluster_by_silhouette(x[where], k_min=k_min, k_max=k_max, seed=seed, restarts=restarts) if splits else None
         local = result.labels.unique(return_inverse=True)[1] if result is not None else torch.zeros(len(where), dtype=torch.long)
         labels[where] = local + next_id
         next_id += int(local.max()) + 1

@@ -109,7 +109,7 @@ def training_examples(cfg: NestConfig, model: Any, tokenizer: Any, data_dir: Pat
     expert's examples (same recipe, already built); otherwise the recipe builds them (minutes).
     """
     from ..experts.shipped import shipped_expert_path
-    from ..experts.training.examples import build_examples, load_examples
+    from ..experts.training.examples import build_examples, check_example_token_ids, load_examples
     from ..experts.training.splits import without_evaluation_prompts
     from ..loading import is_default_model
 
@@ -132,6 +132,7 @@ def training_examples(cfg: NestConfig, model: Any, tokenizer: Any, data_dir: Pat
         kept = random.Random(cfg.seed).sample(kept, cfg.max_examples)
     if not kept:
         raise ValueError(f"no training examples left from {source}")
+    check_example_token_ids(kept, model.get_input_embeddings().num_embeddings)
     return kept, source
 
 
@@ -223,6 +224,10 @@ def _train_nest(cfg: NestConfig, *, model: Any, tokenizer: Any, command: str | N
     from_layer = first_selectable_layer(cfg, shape["num_layers"])  # a --top-layers too large fails before the prefill
     model.eval()
 
+    # the examples first: a file of them that does not fit this model fails before the selection's prefills
+    examples, source = training_examples(cfg, model, tokenizer, data_dir, log)
+    log(f"{len(examples)} training examples from {source}")
+
     t0 = time.perf_counter()
     harmful, benign = probe_prompts(cfg, data_dir)
     selection, labels, clusters, z = find_neurons(model, tokenizer, harmful, benign, cfg)
@@ -230,9 +235,6 @@ def _train_nest(cfg: NestConfig, *, model: Any, tokenizer: Any, command: str | N
     update = NestUpdate(selection.layer, selection.neuron, labels, shape)
     log(f"selected {len(selection)} neurons (z >= {cfg.z_threshold}) in {len(selection.per_layer())} layers; "
         f"{update.num_clusters} clusters by silhouette ({t_select:.0f} s)")
-
-    examples, source = training_examples(cfg, model, tokenizer, data_dir, log)
-    log(f"{len(examples)} training examples from {source}")
     t1 = time.perf_counter()
     stats = train_update(model, tokenizer, update, examples, cfg, log=log)
     t_train = time.perf_counter() - t1

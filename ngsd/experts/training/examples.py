@@ -102,6 +102,15 @@ def encode_example(tokenizer: Any, ex: Example, end_ids: Sequence[int], max_leng
     return ids[:max_length], labels[:max_length]
 
 
+def check_example_token_ids(examples: Sequence[Example], vocab: int) -> None:
+    """Examples saved with another model's tokenizer hold ids this model lacks (the embedding raised a bare
+    IndexError, after minutes of work)."""
+    largest = max((max(ids) for ex in examples for ids in (ex.response_ids, ex.prefix_ids) if ids), default=-1)
+    if largest >= vocab:
+        raise ValueError(f"the training examples hold token id {largest}, and this model has {vocab} tokens: they were "
+                         "tokenized for another model; build the examples with this one (drop --examples)")
+
+
 def join_ids(tokenizer: Any, prefix_ids: Sequence[int], text: str) -> list[int]:
     """Token ids of `text` continuing after `prefix_ids` (a space in between unless one is there)."""
     if prefix_ids:

@@ -23,7 +23,8 @@ from .cli import cli_args
 from .config import TrainExpertConfig, target_modules, top_layer_indices
 from .distill import kl_from, load_teacher, teacher_examples
 from .broad_examples import Validator, build_broad_examples
-from .examples import Example, batches, build_examples, count_by, encode_example, load_examples, turn_end_ids
+from .examples import (Example, batches, build_examples, check_example_token_ids, count_by, encode_example, load_examples,
+                       turn_end_ids)
 from .selfcheck import evaluate_expert
 from .splits import without_evaluation_prompts
 
@@ -137,11 +138,7 @@ def train_lora(
     end_ids = turn_end_ids(tokenizer)
     encoded = [encode_example(tokenizer, ex, end_ids, cfg.max_length) for ex in examples]
     kinds = [1 if ex.loss == "kl" else 0 for ex in examples]
-    vocab = peft_model.get_input_embeddings().num_embeddings
-    largest = max((max(ids) for ids, _ in encoded if ids), default=-1)
-    if largest >= vocab:  # examples saved with another model's tokenizer (the embedding raised a bare IndexError)
-        raise ValueError(f"the training examples hold token id {largest}, and this model has {vocab} tokens: they were "
-                         "tokenized for another model; build the examples with this one (drop --examples)")
+    check_example_token_ids(examples, peft_model.get_input_embeddings().num_embeddings)
     # what a checkpoint was trained on: a leftover of a run on other examples is not resumed
     data = hashlib.sha1(json.dumps([encoded, kinds]).encode()).hexdigest()
     named = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
