@@ -617,6 +617,35 @@ def test_examples_of_another_tokenizer_and_a_checkpoint_of_other_examples_are_no
     assert run("Other request", lambda s: None).get("resumed_from_step", 0) == 0
 
 
+def test_a_run_that_stops_leaves_an_adapter_folder_with_the_examples_it_was_trained_on(tiny, data_dir, tmp_path):
+    """A run into an existing adapter folder wrote its examples there before training: stopped (or failed), it left
+    the old adapter and report beside the new examples (which train-nest reads by default for the shipped one)."""
+    model, tok = tiny
+    out = tmp_path / "expert"
+    trainer.train_expert(small_config(data_dir, out), model=model, tokenizer=tok, log=lambda s: None)
+    trained_on = (out / trainer.EXAMPLES_FILE).read_text()
+
+    def stop_in_training(message):
+        if message.startswith("epoch 1/"):
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        trainer.train_expert(small_config(data_dir, out, seed=3, advbench_prompts=2), model=model, tokenizer=tok,
+                             log=stop_in_training)
+    assert (out / trainer.EXAMPLES_FILE).read_text() == trained_on
+    pending = (out / trainer.PENDING_EXAMPLES_FILE).read_text()  # the stopped run's data, for --examples
+    assert pending and pending != trained_on
+
+
+def test_loss_options_a_run_would_ignore_are_refused():
+    """--benign-loss with --examples (the file's rows keep their own loss) and --kl-weight with --benign-loss ce
+    (no KL example is built) were accepted, ignored, and recorded in the report as if applied."""
+    with pytest.raises(ValueError, match="benign_loss shapes the benign examples"):
+        config.TrainExpertConfig(examples="x.jsonl", benign_loss="ce")
+    with pytest.raises(ValueError, match="benign_loss='ce' builds none"):
+        config.TrainExpertConfig(benign_loss="ce", kl_weight=0.25)
+
+
 def test_nest_refuses_examples_of_another_tokenizer_before_selecting_neurons(tiny, data_dir, tmp_path):
     """train-nest ended in a bare IndexError traceback, after the neuron selection had run."""
     from ngsd.nest.config import NestConfig

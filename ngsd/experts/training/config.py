@@ -110,6 +110,11 @@ class TrainExpertConfig:
         if (isinstance(self.kl_weight, bool) or not isinstance(self.kl_weight, (int, float))
                 or not math.isfinite(self.kl_weight) or self.kl_weight <= 0):
             raise ValueError(f"kl_weight must be a finite number > 0, got {self.kl_weight!r}")
+        if self.examples and self.benign_loss != "kl":
+            raise ValueError("benign_loss shapes the benign examples the recipe builds; examples trains on the file's "
+                             "own (each row's loss): drop one of them")
+        if self.kl_weight != 1.0 and self.benign_loss == "ce" and not self.examples:
+            raise ValueError("kl_weight weighs the KL examples, and benign_loss='ce' builds none: drop one of them")
         if self.kl_weight != 1.0 and self.distill_from:
             raise ValueError("kl_weight weighs KL examples against the base; with distill_from every answer position "
                              "is trained towards the teacher instead: leave kl_weight at 1")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import platform
 import random
 import time
@@ -30,6 +31,7 @@ from .splits import without_evaluation_prompts
 
 REPORT_FILE = "training_report.json"
 EXAMPLES_FILE = "training_examples.jsonl"
+PENDING_EXAMPLES_FILE = "training_examples.pending.jsonl"  # a run's examples until its adapter is saved
 CHECKPOINT_FILE = "checkpoint.pt"
 
 
@@ -325,12 +327,16 @@ def _train_expert(cfg: TrainExpertConfig, *, model: Any, tokenizer: Any, command
         raise ValueError(f"{cfg.examples} holds a teacher's answers (loss 'teacher'): pass --distill-from with the "
                          "teacher expert's folder to train on it")
     t_data = time.perf_counter() - t0
+    check_example_token_ids(examples, model.get_input_embeddings().num_embeddings)  # before anything is written
     out.mkdir(parents=True, exist_ok=True)
-    # Written before training, so the (slow) data step can be reused with --examples.
-    with (out / EXAMPLES_FILE).open("w", encoding="utf-8") as f:
+    # Written before training, so that the (slow) data step of a run that stops can be reused with --examples; under
+    # another name until the adapter is saved: a folder holding an adapter keeps the examples it was trained on.
+    pending = out / PENDING_EXAMPLES_FILE
+    with pending.open("w", encoding="utf-8") as f:
         for ex in examples:
             f.write(json.dumps(ex.describe(tokenizer), ensure_ascii=False) + "\n")
-    log(f"{len(examples)} examples: {summary['examples_by_source']} ({t_data:.0f} s)")
+    log(f"{len(examples)} examples: {summary['examples_by_source']} ({t_data:.0f} s); saved to {pending} (reusable "
+        "with --examples if this run stops)")
 
     torch.manual_seed(cfg.seed)
     peft_model = make_lora_model(model, cfg)
@@ -381,6 +387,9 @@ def _train_expert(cfg: TrainExpertConfig, *, model: Any, tokenizer: Any, command
         "torch_threads": torch.get_num_threads(),
         "library_versions": _library_versions(),
     }
+    # the adapter, its examples and its report now describe one run (a report without the evaluation until it ends)
+    os.replace(pending, out / EXAMPLES_FILE)
+    (out / REPORT_FILE).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     # Take the LoRA layers out again (no merge): the caller's model is left as it was given.
     base = peft_model.unload()
     if cfg.evaluate:
