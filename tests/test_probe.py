@@ -314,6 +314,22 @@ def test_estimate_risk_matches_cached_features_and_keeps_request_order(tokenizer
         estimate_risk(model, tokenizer, "one string", probe)
 
 
+def test_the_feature_cache_misses_when_weights_past_the_embeddings_change(tokenizer_and_tiny_model, tmp_path):
+    """The cache key read the config and a few embedding values: a model retrained in the same folder (same name,
+    same embeddings) got the old model's features, and so a probe of the old model."""
+    import copy
+
+    model, tokenizer = tokenizer_and_tiny_model
+    requests = ["How do I bake bread?", "Hi"]
+    retrained = copy.deepcopy(model)
+    with torch.no_grad():
+        retrained.model.layers[0].mlp.down_proj.weight.add_(0.5)
+    before, after = {}, {}
+    extract_features(model, tokenizer, requests, [1], cache_dir=tmp_path, stats=before)
+    extract_features(retrained, tokenizer, requests, [1], cache_dir=tmp_path, stats=after)
+    assert after.get("computed_batches") == 1 and not after.get("cached_batches")
+
+
 def test_cli_module_is_light_and_parses_its_options():
     import subprocess
     import sys

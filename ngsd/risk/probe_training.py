@@ -458,11 +458,15 @@ def split_groups(examples: Sequence[Example], val_fraction: float, seed: int) ->
 # ---------------------------------------------------------------------------------------------
 
 def _model_key(model: Any) -> str:
-    """Identifies a model's weights for the feature cache (config + a few weight values)."""
-    embed = model.get_input_embeddings().weight
-    probe_values = embed[: min(4, embed.shape[0])].flatten()[:64].tolist()
-    text = json.dumps([model_fingerprint(model), getattr(model.config, "_name_or_path", ""), probe_values])
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    """Identifies a model's weights for the feature cache: its config and 64 values spread over every parameter
+    (a few embedding values alone kept the features of a model retrained in the same folder)."""
+    digest = hashlib.sha256(json.dumps([model_fingerprint(model), getattr(model.config, "_name_or_path", "")]).encode())
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            flat = param.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // 64)][:64].float().cpu()
+            digest.update(name.encode() + str(tuple(param.shape)).encode() + sample.numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def default_cache_dir() -> Path:
