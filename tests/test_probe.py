@@ -357,6 +357,15 @@ def test_broad_requests_join_the_probe_data_with_every_form_of_an_act_in_one_spl
     for e in broad:
         by_group.setdefault(e.group, set()).add(e.source.split(":")[2])
     assert any(len(forms) > 1 for forms in by_group.values()), "an act's surface forms must share a group"
+    # a broad form of a plain training goal shares the goal's group (263 rewordings sat in the other split)
+    from ngsd.risk.probe_training import broad_training_requests
+
+    group_of_plain = {e.text.strip().lower(): e.group for e in examples if not e.wrapper and
+                      not e.source.startswith("broad:")}
+    unit_of = {text.strip(): unit for text, _, unit in broad_training_requests(str(DATA_DIR), 0)[1]}
+    linked = [(group_of_plain[unit_of[e.text].strip().lower()], e.group) for e in broad
+              if e.label == 1 and unit_of[e.text].strip().lower() in group_of_plain]
+    assert linked and all(plain_group == group for plain_group, group in linked)
     train, val = split_groups(examples, 0.2, seed=0)
     assert not {examples[i].group for i in train} & {examples[i].group for i in val}
     evaluation = {t.strip().lower() for _, t in evaluation_prompts(str(DATA_DIR))}

@@ -335,11 +335,11 @@ def broad_training_requests(data_dir: str | None = None, seed: int = 0) -> dict[
     look-alikes in the same forms), the recipe's training split only: its held-apart topics
     (`ngsd.experts.training.broad_examples.validation_requests`) stay unseen by expert and probe alike,
     so they can validate both. `unit` is the act or request the prompt was made from: all its forms
-    share one probe group."""
+    share one probe group (with the request itself, where it is a plain training request too)."""
     from ..experts.training.broad import training_requests
 
     requests = training_requests(split="train", seed=seed, data_dir=data_dir)
-    return {label: [(r.text, f"broad:{r.category}:{r.form}", f"{label}:{r.unit}") for r in rows]
+    return {label: [(r.text, f"broad:{r.category}:{r.form}", r.unit) for r in rows]
             for label, rows in ((1, requests.harmful), (0, requests.benign))}
 
 
@@ -372,6 +372,9 @@ def build_dataset(data_dir: str | None = None, seed: int = 0, wrap_rate: float =
             if key in seen:
                 continue
             seen.add(key)
+            # a form of a plain request (a seed or AdvBench goal, or its act) joins that request's group: else the
+            # validation split that picks the probe held rewordings of goals it trained on
+            unit = unit.strip().lower()
             if unit not in units:
                 units[unit] = group
                 group += 1
