@@ -584,10 +584,14 @@ def test_examples_on_evaluation_prompts_are_dropped_and_reported(tiny, data_dir,
     rows = [examples.Example("refusal", "t", prompt, tok("I cannot.")["input_ids"])
             for prompt in ("Explain how to do bad act 0", "Explain how to do bad act 135")]
     saved.write_text("".join(json.dumps(ex.describe(tok)) + "\n" for ex in rows))
+    said = []
     out = trainer.train_expert(small_config(data_dir, tmp_path / "e", examples=str(saved)), model=model,
-                               tokenizer=tok, log=lambda s: None)
+                               tokenizer=tok, log=said.append)
     data = json.loads((out / "training_report.json").read_text())["data"]
     assert data["dropped_evaluation_prompts"] == {"advbench<130": 1} and data["advbench_train_ids"] == [135]
+    # this folder holds the training files only: the other suites could not be checked, which was not said
+    assert "harmbench" in data["evaluation_suites_not_checked"] and "alpaca_eval" in data["evaluation_suites_not_checked"]
+    assert any(line.startswith("warning: the data folder lacks") for line in said)
 
 
 def test_examples_of_another_tokenizer_and_a_checkpoint_of_other_examples_are_not_used(tiny, tmp_path):

@@ -125,7 +125,7 @@ def training_examples(cfg: NestConfig, model: Any, tokenizer: Any, data_dir: Pat
         examples, _ = build_examples(model, tokenizer, data_dir, TrainExpertConfig(model=cfg.model, seed=cfg.seed), log=log)
         source = "built by ngsd.experts.training.examples.build_examples"
     # every evaluation suite, not only AdvBench ids < 130 (a HarmBench prompt in --examples was trained on)
-    kept, dropped = without_evaluation_prompts(examples, data_dir)
+    kept, dropped = without_evaluation_prompts(examples, data_dir, log=log)
     if dropped:
         log(f"dropped {sum(dropped.values())} examples on evaluation prompts ({dropped})")
     if cfg.max_examples is not None and len(kept) > cfg.max_examples:

@@ -14,7 +14,7 @@ import re
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from ...data import SUITES, id_sort_key, load_suite, read_suite, resolve_data_dir
 
@@ -81,11 +81,26 @@ def leaks(
     return found
 
 
-def without_evaluation_prompts(examples: Sequence[Any], data_dir: str | os.PathLike[str] | None = None
-                               ) -> tuple[list[Any], dict[str, int]]:
+_CHECKED_SUITES = ("harmbench", "gcg", "autodan", "deepinception", "xstest_safe", "xstest_unsafe", "gsm8k", "mt_bench",
+                   "alpaca_eval")
+
+
+def unchecked_evaluation_suites(data_dir: str | os.PathLike[str] | None = None) -> list[str]:
+    """The evaluation suites whose files the data folder lacks: `without_evaluation_prompts` cannot check a
+    training file against them (a folder of the training files only checks AdvBench ids < 130 alone)."""
+    folder = Path(resolve_data_dir(data_dir))
+    return [suite for suite in _CHECKED_SUITES if not (folder / SUITES[suite].file).is_file()]
+
+
+def without_evaluation_prompts(examples: Sequence[Any], data_dir: str | os.PathLike[str] | None = None,
+                               log: Callable[[str], None] | None = None) -> tuple[list[Any], dict[str, int]]:
     """The examples (each with a ``prompt``) whose prompt `leaks` finds no evaluation prompt in, and how many were
     dropped per evaluation suite: a training file given by path may hold any text, and training reads the
-    training splits only."""
+    training splits only. `log` is told which suites could not be checked (files missing from the folder)."""
+    unchecked = unchecked_evaluation_suites(data_dir)
+    if unchecked and log is not None:
+        log(f"warning: the data folder lacks the files of {unchecked}: training examples cannot be checked against "
+            "those evaluation prompts; point --data-dir at the full data folder (SOURCES.md) to check them")
     found = leaks([e.prompt for e in examples], data_dir, evaluation_prompts(data_dir, missing_ok=True))
     leaked = {text for text, _, _ in found}
     return [e for e in examples if e.prompt not in leaked], dict(Counter(suite for _, suite, _ in found))

@@ -27,7 +27,7 @@ from .broad_examples import Validator, build_broad_examples
 from .examples import (Example, batches, build_examples, check_example_token_ids, count_by, encode_example, load_examples,
                        turn_end_ids)
 from .selfcheck import evaluate_expert
-from .splits import without_evaluation_prompts
+from .splits import unchecked_evaluation_suites, without_evaluation_prompts
 
 REPORT_FILE = "training_report.json"
 EXAMPLES_FILE = "training_examples.jsonl"
@@ -292,7 +292,7 @@ def _train_expert(cfg: TrainExpertConfig, *, model: Any, tokenizer: Any, command
 
     t0 = time.perf_counter()
     if cfg.examples:
-        examples, dropped = without_evaluation_prompts(load_examples(cfg.examples), data_dir)
+        examples, dropped = without_evaluation_prompts(load_examples(cfg.examples), data_dir, log=log)
         if dropped:
             log(f"dropped {sum(dropped.values())} examples on evaluation prompts ({dropped}): training reads the "
                 "training splits only")
@@ -300,6 +300,7 @@ def _train_expert(cfg: TrainExpertConfig, *, model: Any, tokenizer: Any, command
             raise ValueError(f"--examples {cfg.examples}: no example is left once evaluation prompts are dropped")
         adv_ids = {p.text: int(p.id) for p in load_suite("advbench", data_dir)}
         summary = {"examples_from": str(cfg.examples), "dropped_evaluation_prompts": dropped,
+                   "evaluation_suites_not_checked": unchecked_evaluation_suites(data_dir),
                    "examples_by_kind": count_by(e.kind for e in examples),
                    "examples_by_source": count_by(f"{e.kind}/{e.source}" for e in examples),
                    "advbench_train_ids": sorted({adv_ids[e.prompt] for e in examples if e.prompt in adv_ids})}
