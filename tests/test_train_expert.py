@@ -423,6 +423,25 @@ def test_seed_plus_broad_recipe_holds_both_sets_and_alpaca_even_ids(tiny, data_d
     assert "validation" in report
 
 
+def test_validation_leaves_out_held_apart_forms_of_prompts_the_run_trains_on():
+    """seed+broad: the seed half trains on seed and AdvBench goals, and the broad split held forms of some of those
+    goals apart to pick the snapshot (2-3 of 24 validation requests)."""
+    from ngsd.data import data_available, load_suite
+    from ngsd.experts.training.broad_examples import validation_requests
+
+    from .conftest import DATA_DIR
+
+    if not data_available(DATA_DIR, "seed_reject.json", "advbench_harmful_behaviors.json"):
+        pytest.skip(f"benchmark data not found in {DATA_DIR}")
+    cfg = config.TrainExpertConfig(recipe="seed+broad", seed=0)
+    goals = {p.text.strip().lower() for p in load_suite("seed_reject", DATA_DIR)}
+    goals |= {p.text.strip().lower() for p in load_suite("advbench", DATA_DIR) if int(p.id) >= 130}
+    held, _ = validation_requests(DATA_DIR, cfg)
+    assert any(r.unit.strip().lower() in goals for r in held)  # the broad split alone holds some apart
+    kept, _ = validation_requests(DATA_DIR, cfg, trained=goals)
+    assert len(kept) == len(held) and not any(r.unit.strip().lower() in goals for r in kept)
+
+
 def test_distillation_moves_a_top_layers_student_towards_its_teacher(tiny, data_dir, tmp_path):
     from ngsd.experts.training import distill
     from ngsd.experts.training.broad_examples import validation_requests

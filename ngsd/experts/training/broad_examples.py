@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Collection, Sequence
 
 from ...eval.judge import KeywordJudge, ReadingJudge
 from .broad import TrainingRequest, balanced_sample, categories, training_requests
@@ -103,21 +103,27 @@ def build_broad_examples(
     return examples, summary
 
 
-def validation_requests(data_dir: Path, cfg: TrainExpertConfig) -> tuple[list[TrainingRequest], list[TrainingRequest]]:
-    """The held-apart harmful and harmless look-alike requests validation reads (`validation_prompts` each)."""
+def validation_requests(data_dir: Path, cfg: TrainExpertConfig, trained: Collection[str] = ()
+                        ) -> tuple[list[TrainingRequest], list[TrainingRequest]]:
+    """The held-apart harmful and harmless look-alike requests validation reads (`validation_prompts` each).
+
+    trained: prompts (lower-cased) another part of the run trains on (the seed half of "seed+broad"): a held-apart
+    request made from one of them is not held apart, and is left out."""
     val = training_requests(data_dir, split="validation", seed=cfg.seed, validation_share=cfg.validation_share,
                             forms_per_unit=cfg.forms_per_unit)
-    return (balanced_sample(val.harmful, cfg.validation_prompts, cfg.seed + 1),
-            balanced_sample(val.benign, cfg.validation_prompts, cfg.seed + 1))
+    harmful = [r for r in val.harmful if r.unit.strip().lower() not in trained]
+    benign = [r for r in val.benign if r.unit.strip().lower() not in trained]
+    return (balanced_sample(harmful, cfg.validation_prompts, cfg.seed + 1),
+            balanced_sample(benign, cfg.validation_prompts, cfg.seed + 1))
 
 
 class Validator:
     """Scores expert variants on the validation split; the base's answers are generated once."""
 
     def __init__(self, peft_model: Any, tokenizer: Any, data_dir: Path, cfg: TrainExpertConfig,
-                 max_new_tokens: int = 32) -> None:
+                 max_new_tokens: int = 32, trained: Collection[str] = ()) -> None:
         self.model, self.tokenizer, self.cfg, self.max_new_tokens = peft_model, tokenizer, cfg, max_new_tokens
-        self.harmful, self.benign = validation_requests(data_dir, cfg)
+        self.harmful, self.benign = validation_requests(data_dir, cfg, trained)
         self.judge = ReadingJudge()
         self.harmful_ids = [chat_prompt_ids(tokenizer, r.text) for r in self.harmful]
         self.benign_ids = [chat_prompt_ids(tokenizer, r.text) for r in self.benign]

@@ -13,7 +13,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Collection, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -213,14 +213,15 @@ def train_lora(
 
 def select_snapshot(
     peft_model: Any, tokenizer: Any, data_dir: Path, cfg: TrainExpertConfig,
-    snapshots: dict[int, dict[str, torch.Tensor]], log: Callable[[str], None] = print,
+    snapshots: dict[int, dict[str, torch.Tensor]], log: Callable[[str], None] = print, trained: Collection[str] = (),
 ) -> dict[str, Any]:
     """Score the weights kept after each step in `snapshots` (the `validate_at` fractions of the
     training) on the validation split, load the best (lowest score; the earlier on a tie) into
-    `peft_model`, and return the scores. Snapshots due before a resumed checkpoint are missing."""
+    `peft_model`, and return the scores. Snapshots due before a resumed checkpoint are missing.
+    `trained`: prompts (lower-cased) the run trained on outside the broad recipe's split, kept out of validation."""
     t0 = time.perf_counter()
     peft_model.eval()
-    validator = Validator(peft_model, tokenizer, data_dir, cfg)
+    validator = Validator(peft_model, tokenizer, data_dir, cfg, trained=trained)
     named = dict(peft_model.named_parameters())
     scores: dict[str, Any] = {}
     for step in sorted(snapshots):
@@ -353,7 +354,10 @@ def _train_expert(cfg: TrainExpertConfig, *, model: Any, tokenizer: Any, command
                        on_step_end=keep_snapshot if selecting else None, teacher=teacher)
     del teacher
     t_train = time.perf_counter() - t1
-    validation = select_snapshot(peft_model, tokenizer, data_dir, cfg, snapshots, log) if selecting and snapshots else None
+    # the seed half of "seed+broad" trains on goals the broad split may hold apart: they do not validate
+    trained = {e.prompt.strip().lower() for e in examples}
+    validation = (select_snapshot(peft_model, tokenizer, data_dir, cfg, snapshots, log, trained=trained)
+                  if selecting and snapshots else None)
 
     out.mkdir(parents=True, exist_ok=True)
     dtype = getattr(torch, cfg.save_dtype)
