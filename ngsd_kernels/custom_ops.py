@@ -101,6 +101,7 @@ def _hidden_triton(*args) -> Outputs:
     from .ops.launcher import check_triton_device, unsupported_reason
 
     tensors, params, per_row = _split(args, _HIDDEN_TENSORS)
+    check_hidden_inputs(*tensors)  # a direct call of this op (or the CUDA body) is checked as the others are
     check_triton_device(*tensors)
     reason = unsupported_reason(args[0].shape[0], args[2].shape[0], params)
     if reason is not None:

@@ -29,12 +29,17 @@ class GateMode(IntEnum):
 _ENUMS = {"candidate_mode": CandidateMode, "divergence": Divergence, "gate": GateMode}
 
 
+_FP32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max, without importing torch here
+
+
 def _real(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
     value = float(value)
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
+    if abs(value) > _FP32_MAX:  # every backend computes in fp32: such a value overflows to inf there
+        raise ValueError(f"{name} must fit fp32 (the kernels' arithmetic, |x| <= {_FP32_MAX:.4g}), got {value}")
     return value
 
 
@@ -109,7 +114,8 @@ class StepParams:
              "one is greedy decoding up to float overflow, so pass 0"),
             (self.top_k >= 0, f"top_k must be >= 0 (0 disables it), got {self.top_k}"),
             (0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}"),
-            (self.score_floor >= 0.0, f"score_floor must be >= 0, got {self.score_floor}"),
+            # a share of probability; 0 let a row whose candidates all score below 0 renormalise 0 / 0 (NaN)
+            (0.0 < self.score_floor <= 1.0, f"score_floor must be > 0 and <= 1, got {self.score_floor}"),
         )
         for ok, message in checks:
             if not ok:

@@ -73,11 +73,19 @@ def divergence_between(
     raise ValueError(f"unknown divergence kind {kind}; use one of {list(Divergence)}")
 
 
+def leaky_sum(potential: torch.Tensor, current: torch.Tensor, tau: float) -> torch.Tensor:
+    """(1 - 1/tau) v + D. At tau = 1 the old potential is forgotten, also an infinite one (a spike on an infinite KL
+    with rho > 0 keeps it): 0 * inf would make the potential NaN for good."""
+    if tau == 1.0:
+        return current + torch.zeros_like(potential)
+    return (1.0 - 1.0 / tau) * potential + current
+
+
 def lif_step(
     potential: torch.Tensor, current: torch.Tensor, tau: float, v_th: float, v_reset: float, rho: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One leaky integrate-and-fire update; returns (new potential, fired)."""
-    v = (1.0 - 1.0 / tau) * potential + current
+    v = leaky_sum(potential, current, tau)
     fired = v >= v_th
     # rho = 0 is a hard reset, also after an infinite current (KL): 0 * inf would make the potential NaN for good
     kept = rho * (v - v_reset) if rho else torch.zeros_like(v)
@@ -237,7 +245,7 @@ def step_scores(base_logits: Tensor, expert_logits: Tensor, potential: Tensor, a
     current = divergence_between(log_pb, log_pe, pb, pe, params.divergence)
 
     potential = potential.float()
-    pre_reset = (1.0 - 1.0 / params.tau) * potential + current
+    pre_reset = leaky_sum(potential, current, params.tau)
     new_potential, fired = lif_step(potential, current, params.tau, params.v_th, params.v_reset, params.rho)
     if params.gate == GateMode.LIF:
         spike = fired
@@ -258,6 +266,18 @@ def step_scores(base_logits: Tensor, expert_logits: Tensor, potential: Tensor, a
     return StepScores(scores, spike, valid, pre_reset, new_potential, current)
 
 
+def empty_outputs(batch: int, potential: Tensor) -> Outputs:
+    """The step's outputs where no row can hold a finite logit (V = 0), or there is no row (B = 0): every row
+    invalid (token -1, divergence NaN, potential kept, no spike)."""
+    device = potential.device
+    return (
+        torch.full((batch,), -1, dtype=torch.int64, device=device),
+        potential.float().clone(),
+        torch.zeros(batch, dtype=torch.bool, device=device),
+        torch.full((batch,), float("nan"), dtype=torch.float32, device=device),
+    )
+
+
 def guarded_select_reference(base_logits: Tensor, expert_logits: Tensor, potential: Tensor, alpha: Tensor, seed: Tensor,
                              offset: Tensor, params: StepParams = StepParams(), *,
                              row_ids: Tensor | None = None, exp_error: tuple[Tensor, Tensor] | None = None,
@@ -270,6 +290,8 @@ def guarded_select_reference(base_logits: Tensor, expert_logits: Tensor, potenti
     ``row_temperature`` / ``row_top_k`` / ``row_top_p`` [B]: each row's own temperature, top-k and top-p
     (``choose_tokens``), instead of the ``params`` ones. ``exp_error``: see ``step_scores`` (tests only).
     """
+    if base_logits.shape[0] == 0 or base_logits.shape[-1] == 0:
+        return empty_outputs(base_logits.shape[0], potential)
     step = step_scores(base_logits, expert_logits, potential, alpha, params, exp_error=exp_error)
     valid = step.valid
     tokens = choose_tokens(step.scores, seed, offset, params.temperature, params.top_k, params.top_p, row_ids,

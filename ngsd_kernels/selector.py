@@ -30,7 +30,7 @@ from .ops.cpu_select import cpu_guarded_select
 from .ops.hidden_torch import pair_logits
 from .params import CandidateMode, StepParams
 from .reference import guarded_select_reference
-from .select import BACKENDS, Outputs, expert_bias
+from .select import BACKENDS, Outputs, default_seed_offset, expert_bias
 
 
 class GuardedSelector:
@@ -117,11 +117,14 @@ class GuardedSelector:
             self.run_from_hidden(states, states, head, None if shared_head else head, potential, alpha)
         return self
 
-    def _seed_offset(self, seed: Tensor | None, offset: Tensor | None) -> tuple[Tensor, Tensor]:
-        return (self._zero if seed is None else seed), (self._zero if offset is None else offset)
+    def _seed_offset(self, seed: Tensor | int | None, offset: Tensor | int | None) -> tuple[Tensor, Tensor]:
+        """None: the planned zero (no allocation a step); a Python int as `guarded_select` takes it."""
+        if (seed is None or isinstance(seed, Tensor)) and (offset is None or isinstance(offset, Tensor)):
+            return (self._zero if seed is None else seed), (self._zero if offset is None else offset)
+        return default_seed_offset(seed, offset, self._zero.device)
 
     def run(self, base_logits: Tensor, expert_logits: Tensor, potential: Tensor, alpha: Tensor,
-            seed: Tensor | None = None, offset: Tensor | None = None,
+            seed: Tensor | int | None = None, offset: Tensor | int | None = None,
             row_temperature: Tensor | None = None, row_top_k: Tensor | None = None,
             row_top_p: Tensor | None = None) -> Outputs:
         """One step on the planned shapes; returns ``(tokens, new_potential, spike, divergence)``.
@@ -158,7 +161,7 @@ class GuardedSelector:
 
     def run_from_hidden(
         self, base_hidden: Tensor, expert_hidden: Tensor, base_head_weight: Tensor, expert_head_weight: Tensor | None,
-        potential: Tensor, alpha: Tensor, seed: Tensor | None = None, offset: Tensor | None = None,
+        potential: Tensor, alpha: Tensor, seed: Tensor | int | None = None, offset: Tensor | int | None = None,
         base_head_bias: Tensor | None = None, expert_head_bias: Tensor | None = None,
         row_temperature: Tensor | None = None, row_top_k: Tensor | None = None, row_top_p: Tensor | None = None,
     ) -> Outputs:

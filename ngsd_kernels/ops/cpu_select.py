@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from ..params import CandidateMode, Divergence, GateMode, StepParams
-from ..reference import Outputs, alpha_is_valid, guarded_select_reference, lif_step
+from ..reference import Outputs, alpha_is_valid, empty_outputs, guarded_select_reference, lif_step
 
 
 class _Scratch(threading.local):
@@ -72,6 +72,8 @@ def cpu_guarded_select(base_logits: Tensor, expert_logits: Tensor, potential: Te
                        offset: Tensor, params: StepParams, row_temperature: Tensor | None = None,
                        row_top_k: Tensor | None = None, row_top_p: Tensor | None = None) -> Outputs:
     """Same signature and results as `guarded_select_reference` (per-row sampling settings: its sampling path)."""
+    if base_logits.shape[0] == 0 or base_logits.shape[-1] == 0:  # no row, or no token a row could hold
+        return empty_outputs(base_logits.shape[0], potential)
     if row_temperature is not None or not fast_path_applies(params):  # (per-row top-k / top-p need a sampled step)
         return guarded_select_reference(base_logits, expert_logits, potential, alpha, seed, offset, params,
                                         row_temperature=row_temperature, row_top_k=row_top_k, row_top_p=row_top_p)
@@ -155,13 +157,12 @@ def _mixed_choice(lb: Tensor, le: Tensor, pb: Tensor, pe: Tensor, rows: Tensor, 
     scores = torch.where(in_set, mixed, pb_listed)
     chosen = _lowest_id_argmax(scores, ids, vocab)
     if base_list < vocab:
-        # A winner outside the candidate set whose p_b equals the last listed base token's may tie with an
-        # unlisted token of lower id (p_b is monotone in the logit, so no unlisted token can beat it): exact
-        # only in the reference.
+        # A winner whose score equals the last listed base token's p_b may tie with an unlisted token of lower id
+        # (a listed non-candidate scores at least that p_b, so no unlisted token can beat the winner, only tie):
+        # exact only in the reference. The winner may be a candidate too (its mixed score hitting that p_b).
         winner = (ids == chosen[:, None]).int().argmax(dim=-1, keepdim=True)
-        outside = ~in_set.gather(1, winner)
         last_listed = pb_listed[:, base_list - 1 : base_list]
-        if bool((outside & (scores.gather(1, winner) <= last_listed)).any()):
+        if bool((scores.gather(1, winner) <= last_listed).any()):
             return None
     return chosen
 

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from ..checks import check_row_sampling, check_step_inputs
 from ..params import StepParams
+from ..reference import empty_outputs
 from .launcher import (
     INTERPRETED,
     last_of_row_block,
@@ -383,17 +384,6 @@ class LogitsPasses:
         return self.base_logits[row_ids], self.expert_logits[row_ids]
 
 
-def _empty_batch_outputs(batch: int, potential: torch.Tensor):
-    """Outputs when no row can hold a finite logit (V = 0, or B = 0): every row is invalid."""
-    device = potential.device
-    return (
-        torch.full((batch,), -1, dtype=torch.int64, device=device),
-        potential.float().clone(),
-        torch.zeros(batch, dtype=torch.bool, device=device),
-        torch.full((batch,), float("nan"), dtype=torch.float32, device=device),
-    )
-
-
 def _prepare(base_logits, expert_logits, potential, alpha, seed, offset, params, **plan_overrides):
     check_step_inputs(base_logits, expert_logits, potential, alpha, seed, offset)
     if not params.score_floor > 0.0:
@@ -446,7 +436,7 @@ def fused_guarded_select(
     check_row_sampling(row_temperature, row_top_k, row_top_p, *base_logits.shape, potential.device,
                        params.temperature, params.top_k, params.top_p)
     if plan is None:
-        return _empty_batch_outputs(base_logits.shape[0], potential)
+        return empty_outputs(base_logits.shape[0], potential)
     source = LogitsPasses.of(base_logits, expert_logits)
     return select_exact(source, plan, scratch, potential, alpha, seed, offset, params, row_temperature=row_temperature,
                         row_top_k=row_top_k, row_top_p=row_top_p)
@@ -466,6 +456,6 @@ def fused_guarded_select_with_overflow(
     plan, scratch = _prepare(base_logits, expert_logits, potential, alpha, seed, offset, params,
                              buffer_size=buffer_size, block_v=block_v, block_b=block_b)
     if plan is None:
-        return (*_empty_batch_outputs(base_logits.shape[0], potential), None)
+        return (*empty_outputs(base_logits.shape[0], potential), None)
     source = LogitsPasses.of(base_logits, expert_logits)
     return launch_select(source, plan, scratch, RowVectors.of(potential, alpha, seed, offset), params, fallback=False)

@@ -599,6 +599,9 @@ class HiddenLaunch:
             potential: Tensor, alpha: Tensor, seed: Tensor, offset: Tensor, params: StepParams,
             exact_fallback: bool = True, row_temperature: Tensor | None = None, row_top_k: Tensor | None = None,
             row_top_p: Tensor | None = None) -> Outputs:
+        # the kernels read a bias at unit stride (a view such as packed[:, 0] was read as if contiguous)
+        base_head_bias, expert_head_bias = (None if b is None else b.contiguous() for b in (base_head_bias,
+                                                                                             expert_head_bias))
         heads = (base_head_weight, expert_head_weight, base_head_bias, expert_head_bias)
         if self.materialise:
             from .fused_select import LogitsPasses

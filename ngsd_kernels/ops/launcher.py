@@ -299,7 +299,8 @@ def _gate_step(rowinfo_ptr, div_ptr, potential_ptr, alpha_ptr, rows, rmask, cm, 
         current = 0.5 * (first + second)
     valid = _row_valid(rowinfo_ptr, alpha_ptr, rows, rmask, MODE)
     potential = tl.load(potential_ptr + rows, mask=rmask, other=0.0)
-    v = decay * potential + current
+    # decay 0 (tau = 1) forgets the old potential, also an infinite one: 0 * inf would leave it NaN for good
+    v = tl.where(decay == 0.0, current, decay * potential + current)
     fired = v >= v_th
     # rho = 0 is a hard reset, also after an infinite current (KL): 0 * inf would leave a NaN potential
     new_v = tl.where(fired, v_reset + rho * tl.where(rho == 0.0, 0.0, v - v_reset), v)
