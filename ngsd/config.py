@@ -261,8 +261,8 @@ class NGSDConfig:
             if not self.tau > 1.0:
                 raise ValueError(f"prime_divergence needs tau > 1: with tau = {self.tau} the potential does not "
                                  "carry over a step, so where it starts cannot matter")
-        if self.score_floor < 0:
-            raise ValueError(f"score_floor must be >= 0 (a probability floor), got {self.score_floor}")
+        if not 0.0 < self.score_floor <= 1.0:  # as the step op's StepParams: 0 renormalises 0 / 0 on some rows
+            raise ValueError(f"score_floor must be > 0 and <= 1 (a probability floor), got {self.score_floor}")
         if self.safedecoding_alpha < 0:
             raise ValueError(f"safedecoding_alpha must be >= 0 (it scales the expert-minus-base difference; a "
                              f"negative value pushes away from the expert), got {self.safedecoding_alpha}")
