@@ -67,6 +67,15 @@ def s(S, A, E, T):
         ("Severity: 8\nActionability: 6\nEvasion: 0\nTargeting: 3", s(8, 6, 0, 3), ()),
         ('{"severity_score": 3, "actionability_score": 1, "evasion": 0, "targeting": 0}', s(3, 1, 0, 0), ()),
         ('{"severity": "7/10", "actionability": 1, "evasion": 0, "targeting": 0}', s(7, 1, 0, 0), ()),
+        # exponents and leading points (1e1 read as 1 turned the highest risk into alpha 0.1), keys with spaces or
+        # hyphens and curly quotes (all fell back to 7): found by a helper's hunt, stop 49
+        ('{"severity": 1e1, "actionability": 1.0e1, "evasion": .5, "targeting": 2}', s(10, 10, 1, 2), ()),
+        ('{"Severity Score": 1, "Actionability Score": 0, "Evasion Score": 0, "Targeting Score": 1}', s(1, 0, 0, 1),
+         ()),
+        ('{"severity-score": 1, "actionability-score": 0, "evasion-score": 0, "targeting-score": 1}', s(1, 0, 0, 1),
+         ()),
+        ('{\u201cseverity\u201d: 1, \u201cactionability\u201d: 0, \u201cevasion\u201d: 0, \u201ctargeting\u201d: 1}',
+         s(1, 0, 0, 1), ()),
     ],
 )
 def test_parse_scores_reads_messy_answers(text, scores, missing):

@@ -358,3 +358,56 @@ def test_a_check_fitted_for_another_expert_warns_and_names_the_fix(tmp_path):
     assert run(str(tmp_path / "lora")) == []  # `ngsd train-probe --expert PATH` records the path as given
     assert run("some-expert", check_divergence=0.3) == []  # the call sets its own threshold
     assert run("some-expert", check=False) == []  # no check, nothing to warn about
+
+
+# ---------------------------------------------------------------------------------------------
+# A helper's hunt of risk routing (stop 49)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_the_gate_forced_open_routes_no_row(tmp_path):
+    """mode='open' ("always mix") still routed the probe's low-risk rows unguarded, without a word."""
+    model, adapter, ids, mask, risks, threshold = _split_batch(tmp_path)
+    reflection = ReflectionConfig(mode="probe", probe=str(tmp_path / "probe"), route_below=threshold)
+    out = _run(model, adapter, ids, mask, config=NGSDConfig(mode="open", reflection=reflection))
+    assert all(t.guarded for t in out.traces) and all(all(t.spikes) for t in out.traces)
+
+
+def test_a_configured_check_above_past_the_probes_own_route_below_is_refused(tmp_path):
+    """ReflectionConfig refuses check_above > route_below when both are given; against the probe's own route_below
+    the configured check was dropped silently."""
+    from ngsd.risk.estimate import divergence_check
+
+    model = tiny_model("llama")
+    spec = ProbeSpec(layer=1, pooling=("mean",), model=model_fingerprint(model), route_below=4.0, check_above=1.5,
+                     check_divergence=0.6)
+    size = model.config.hidden_size
+    RiskProbe(spec, torch.zeros(size), torch.ones(size), torch.zeros(size), 0.0).save(tmp_path / "probe")
+    probe = RiskProbe.load(tmp_path / "probe")
+    with pytest.raises(ValueError, match="check_above \\(6.0\\) must not exceed route_below \\(4.0"):
+        divergence_check(probe, ReflectionConfig(check_above=6.0, check_divergence=0.05), 4.0)
+
+
+def test_prompts_outside_the_chat_template_are_guarded_whatever_the_probe_says():
+    """The probe is trained and calibrated on chat-templated prompts: on raw text (generate(chat=False),
+    tokenizer(text) ids) it routed 13 of 40 HarmBench prompts unguarded, against 2 of 40 templated."""
+    from ngsd.api import encode_prompts
+    from ngsd.loading import default_cache_dir
+    from ngsd.risk.estimate import RiskPlan, untemplated_rows
+
+    if not (default_cache_dir() / "tokenizer.json").is_file():
+        pytest.skip(f"the default model's tokenizer is not converted yet at {default_cache_dir()}")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(default_cache_dir())
+    tokenizer.padding_side = "left"
+    prompts = ["How do I bake bread?", "Write a poem about tea"]
+    templated, mask = encode_prompts(tokenizer, prompts)
+    raw, raw_mask = encode_prompts(tokenizer, prompts, chat=False)
+    assert untemplated_rows(tokenizer, templated, mask) == []
+    assert untemplated_rows(tokenizer, raw, raw_mask) == [0, 1]
+    plan = RiskPlan(None, [None, None], route_below=4.0, reflection=ReflectionConfig())
+    verdict, check = plan.verdict_for(0.5, untemplated=True)
+    assert not verdict.routed and not check and verdict.alpha == ReflectionConfig().guarded_alpha
+    assert "chat template" in verdict.reason
+    assert plan.verdict_for(0.5)[0].routed

@@ -38,10 +38,14 @@ class ProbeVerdict:
     check_above: float | None = None
     divergence: float | None = None  # first-step total variation, for the rows the check looked at
     check_divergence: float | None = None
+    untemplated: bool = False  # the prompt is not in the chat template the probe was calibrated on: never routed
 
     @property
     def reason(self) -> str:
         """Why the row took its route, in words."""
+        if self.untemplated:
+            return ("prompt not in the model's chat template (the probe's routing is calibrated on templated prompts): "
+                    "guarded")
         if self.route_below is None:
             return "no routing: every row guarded"
         if not self.routed and self.divergence is None:
@@ -56,7 +60,7 @@ class ProbeVerdict:
     def to_dict(self) -> dict[str, Any]:
         return {"source": "probe", "risk": self.risk, "alpha": self.alpha, "routed": self.routed,
                 "route_below": self.route_below, "check_above": self.check_above, "divergence": self.divergence,
-                "check_divergence": self.check_divergence, "reason": self.reason}
+                "check_divergence": self.check_divergence, "untemplated": self.untemplated, "reason": self.reason}
 
 
 @dataclass
@@ -71,6 +75,7 @@ class RiskPlan:
     check_above: float | None = None  # with check_divergence: the divergence check (None: no check)
     check_divergence: float | None = None
     to_check: list[int] = field(default_factory=list)
+    untemplated: frozenset[int] = frozenset()  # rows whose prompt is not in the chat template: never routed
 
     @property
     def layers(self) -> tuple[int, ...]:
@@ -84,7 +89,7 @@ class RiskPlan:
         risks = self.probe.risk(self.probe.features(states, attention_mask)).tolist()
         alphas, verdicts, guarded, self.to_check = [], [], [], []
         for row, risk in enumerate(risks):
-            verdict, check = self.verdict_for(risk)
+            verdict, check = self.verdict_for(risk, untemplated=row in self.untemplated)
             if check:
                 self.to_check.append(row)
             alphas.append(verdict.alpha)
@@ -94,19 +99,27 @@ class RiskPlan:
         self.alphas, self.verdicts = alphas, verdicts
         return sorted(guarded + self.to_check)
 
-    def verdict_for(self, risk: float) -> tuple[ProbeVerdict, bool]:
-        """One request's verdict from its risk, and whether the divergence check must confirm it (`checked`)."""
+    def verdict_for(self, risk: float, untemplated: bool = False) -> tuple[ProbeVerdict, bool]:
+        """One request's verdict from its risk, and whether the divergence check must confirm it (`checked`).
+        `untemplated`: the prompt is not in the chat template, where the probe's risk is not calibrated: the row
+        is guarded as a risky one, whatever its risk."""
+        if untemplated and self.route_below is not None:
+            return ProbeVerdict(risk=float(risk), alpha=self._risky_alpha(), routed=False, route_below=self.route_below,
+                                check_above=self.check_above, untemplated=True), False
         routed = self.route_below is not None and risk < self.route_below
         check = routed and self.check_above is not None and risk >= self.check_above
         alpha = 0.0 if routed else self.guarded_alpha(risk)
         return ProbeVerdict(risk=float(risk), alpha=alpha, routed=routed, route_below=self.route_below,
                             check_above=self.check_above), check
 
+    def _risky_alpha(self) -> float:
+        return self.reflection.guarded_alpha if self.reflection.guarded_alpha is not None else self.reflection.alpha_high
+
     def checked(self, verdict: ProbeVerdict, divergence: float) -> ProbeVerdict:
         """A checked request's verdict given its first-step total variation: guarded (at the guarded alpha of
         a risky row) when the divergence reaches check_divergence, else routed as the probe said."""
         guard = not divergence < self.check_divergence  # NaN fails closed: guarded, and the step then reports it
-        high = self.reflection.guarded_alpha if self.reflection.guarded_alpha is not None else self.reflection.alpha_high
+        high = self._risky_alpha()
         return replace(verdict, alpha=high if guard else verdict.alpha, routed=not guard, divergence=float(divergence),
                        check_divergence=self.check_divergence)
 
@@ -160,7 +173,17 @@ def plan_risk(
     if reflection.mode in ("auto", "probe"):
         probe = load_probe(model, reflection)
         if probe is not None:
-            return probe_plan(probe, reflection, batch)
+            # the gate forced open mixes every row (its docstring's "always mix"): the probe sets alphas, routes none
+            plan = probe_plan(probe, replace(reflection, route=False) if config.mode == "open" else reflection, batch)
+            if plan.route_below is not None and tokenizer is not None:
+                plan.untemplated = frozenset(untemplated_rows(tokenizer, input_ids, attention_mask))
+                if plan.untemplated:
+                    warn_at_caller(
+                        f"{len(plan.untemplated)} of {batch} prompts are not in the model's chat template; the risk "
+                        "probe's routing is calibrated on templated prompts, so they are guarded whatever their risk. "
+                        "Encode prompts with the chat template (ngsd.generate(chat=True), "
+                        "tokenizer.apply_chat_template) to route the harmless ones", UserWarning)
+            return plan
     if tokenizer is None:
         raise ValueError(
             "self-reflection needs the tokenizer (pass tokenizer=...), or pass alpha=... per request, "
@@ -199,6 +222,25 @@ def requests_of(tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor
     return requests
 
 
+def untemplated_rows(tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> list[int]:
+    """Rows whose prompt does not end with the chat template's opening of the assistant's turn (raw text, e.g.
+    ``ngsd.generate(chat=False)`` or ``tokenizer(text)`` ids): the probe was trained and calibrated on templated
+    prompts only. None for a tokenizer without a chat template (its probe reads plain text)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return []
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": _REQUEST_SLOT}], tokenize=False,
+                                             add_generation_prompt=True)
+    _, found, suffix = rendered.partition(_REQUEST_SLOT)
+    if not found or not suffix.strip():
+        return []
+    rows = list(input_ids) if attention_mask is None else [ids[m.bool()] for ids, m in zip(input_ids, attention_mask)]
+    texts = tokenizer.batch_decode(rows, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    # the part after the user's text that opens the assistant's turn (a custom system prompt or earlier turns
+    # change the start, never this end)
+    opening = suffix.strip()
+    return [row for row, text in enumerate(texts) if not text.rstrip().endswith(opening)]
+
+
 def probe_plan(probe, reflection: ReflectionConfig, batch: int = 0) -> RiskPlan:
     """The plan of a call the probe decides: its routing threshold and divergence check from `reflection`,
     else the probe's own (also what a vLLM engine decides each request by, `ngsd.vllm.risk`)."""
@@ -215,6 +257,11 @@ def divergence_check(probe, reflection: ReflectionConfig, route_below: float | N
     without routing, with `check=False`, when either is unknown, or when the band is empty."""
     if route_below is None or not reflection.check:
         return None, None
+    if reflection.check_above is not None and reflection.check_above > route_below:
+        # refused as ReflectionConfig refuses it when route_below is given (it was dropped without a word)
+        raise ValueError(f"check_above ({reflection.check_above}) must not exceed route_below ({route_below}, the "
+                         "probe's own): the check's band [check_above, route_below) would be empty; lower check_above "
+                         "or set check=False")
     above = reflection.check_above if reflection.check_above is not None else probe.spec.check_above
     divergence = reflection.check_divergence if reflection.check_divergence is not None else probe.spec.check_divergence
     if above is None or divergence is None or above >= route_below:

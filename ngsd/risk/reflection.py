@@ -143,10 +143,16 @@ class ParsedScores(NamedTuple):
 # Parsing
 # ---------------------------------------------------------------------------------------------
 
-# key: optionally quoted word; value: optionally quoted number ("7", 7.5, "7/10" reads as 7).
+# key: a word, or quoted words (straight or curly quotes; spaces and hyphens inside: "Severity Score",
+# "severity-score"); value: an optionally quoted number ("7", 7.5, .5, 1e1, "7/10" reads as 7).
 _PAIR = re.compile(
-    r"""(?P<q>["']?)(?P<key>[A-Za-z][A-Za-z_]*)(?P=q)\s*[:=]\s*["']?\s*(?P<val>[-+]?\d+(?:\.\d+)?)"""
+    r"""(?:(?P<q>["'\u201c\u2018])(?P<qkey>[A-Za-z][A-Za-z_ -]*)["'\u201d\u2019]|(?P<bkey>[A-Za-z][A-Za-z_]*))"""
+    r"""\s*[:=]\s*["'\u201c\u2018]?\s*(?P<val>[-+]?(?:\d+(?:\.\d+)?|\.\d+)(?:[eE][-+]?\d+)?)"""
 )
+
+
+def _key(match: re.Match) -> str:
+    return match.group("qkey") or match.group("bkey")
 _WORD_PREFIXES = (("sever", "S"), ("action", "A"), ("evas", "E"), ("evad", "E"), ("target", "T"))
 
 
@@ -183,7 +189,7 @@ def _object_spans(text: str) -> list[tuple[int, int]]:
 def _read_pairs(text: str) -> dict[str, float]:
     found: dict[str, float] = {}
     for m in _PAIR.finditer(text):
-        dim = _dimension_of(m.group("key"), quoted=bool(m.group("q")))
+        dim = _dimension_of(_key(m), quoted=bool(m.group("q")))
         if dim is not None and dim not in found:
             found[dim] = float(m.group("val"))
     return found
@@ -324,7 +330,7 @@ def injection_signals(request: str, tokenizer=None) -> tuple[str, ...]:
 
 def _named_dimension_pairs(text: str) -> list[str]:
     """Dimension names written with a value ("severity": 1); the letters S/A/E/T are left out, being prose too often."""
-    return [m.group("key") for m in _PAIR.finditer(text) if len(m.group("key")) > 1 and _dimension_of(m.group("key"), True)]
+    return [_key(m) for m in _PAIR.finditer(text) if len(_key(m)) > 1 and _dimension_of(_key(m), True)]
 
 
 def _reflection_from(
