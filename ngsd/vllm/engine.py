@@ -40,6 +40,12 @@ def guard_overrides(model: str, settings: GuardSettings) -> tuple[dict[str, Any]
 
     expert_folder(settings.expert)  # here, not only in the engine's worker, whose failure reads "initialization failed"
     folder = probe_folder(settings, model_config_of(model))
+    if folder is None and (settings.reflection or settings.verdict_log):
+        # both shape or record the probe's decisions: without a probe they were accepted and ignored
+        raise ValueError(f"ngsd reflection / verdict_log apply to the risk probe, and no probe runs for {model!r} with "
+                         f"expert {settings.expert!r} and gate mode {settings.config().mode!r} (risk='auto' runs the "
+                         "shipped probe for the default model with the shipped expert only); drop them, or give "
+                         "risk='probe' with a probe folder")
     if folder is not None:
         EngineRisk(folder, settings)  # a probe that loads, and a prime_divergence="check" it can serve
     elif settings.config().prime_divergence == "check":

@@ -156,7 +156,7 @@ class GateBook:
 
     def _new_state(self, params: Any) -> GateState:
         policy = self.settings.policy_or_guarded(getattr(params, "extra_args", None))
-        seed = getattr(params, "seed", None)
+        seed = as_int64_seed(getattr(params, "seed", None))
         return GateState(policy=policy, potential=self.start_potential, seed=seed,
                          seeded=seed is not None, sampling=sampling_of(params), constrained=is_constrained(params),
                          penalties=penalties_of(params), logit_bias=getattr(params, "logit_bias", None) or None,
@@ -176,6 +176,16 @@ class GateBook:
         """The rows among the first `batch_size` that the risk probe has yet to decide, in index order."""
         return [(index, self.rows[index]) for index in sorted(self.rows)
                 if index < batch_size and self.rows[index].awaiting]
+
+
+def as_int64_seed(seed: int | None) -> int | None:
+    """vLLM takes any seed torch.Generator does (up to 2**64 - 1; child i of an n > 1 request gets seed + i, so the
+    server's cap of 2**63 - 1 gives 2**63): the same 64 bits as the signed int64 the op reads. Philox keys on the
+    two 32-bit halves, so the stream is the one those bits name (a larger seed killed the engine)."""
+    if seed is None:
+        return None
+    seed = int(seed) & (2**64 - 1)
+    return seed - 2**64 if seed >= 2**63 else seed
 
 
 def gates_of(params: Any) -> list[GateState]:

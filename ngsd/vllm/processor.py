@@ -153,7 +153,10 @@ class NGSDLogitsProcessor(LogitsProcessor):
         whole = len(group) == base.shape[0]
         at = torch.tensor(group, dtype=torch.long, device=base.device)
         potential = torch.tensor([s.potential for s in states], dtype=torch.float32, device=base.device)
-        alpha = torch.tensor([s.policy.alpha for s in states], dtype=torch.float32, device=base.device)
+        # SafeDecoding amplifies at the engine's safedecoding_alpha (3 by default, as ngsd.generate), not a weight
+        alphas = ([self.config.safedecoding_alpha] * len(states) if self.config.mode == "safedecoding"
+                  else [s.policy.alpha for s in states])
+        alpha = torch.tensor(alphas, dtype=torch.float32, device=base.device)
         seed_t = torch.tensor(seeds, dtype=torch.int64, device=base.device)
         offset_t = torch.tensor(offsets, dtype=torch.int64, device=base.device)
         chosen, new_potential, _spike, _divergence = torch.ops.ngsd.guarded_select(

@@ -139,6 +139,9 @@ class GuardSettings:
                              "drop one of them")
         if self.verdict_log is not None and (not isinstance(self.verdict_log, str) or not self.verdict_log):
             raise TypeError(f"ngsd verdict_log must be a file path or None, got {self.verdict_log!r}")
+        if self.verdict_log is not None and self.risk == "off":
+            raise ValueError("ngsd verdict_log records the risk probe's verdicts, and risk='off' runs no probe; drop "
+                             "one of them")
         self.reflection_config()
         config = self.config()  # validates the gate fields now, at engine start, not at the first request
         if config.prime_divergence == "check" and self.risk == "off":
@@ -184,6 +187,9 @@ class GuardSettings:
             # ngsd_guard=True asks for the guard: never routed (it was routed like a request that asked nothing)
             asked = GUARD_ARG in (extra_args or {})
             return RequestPolicy(guarded=True, alpha=self.alpha, default=not asked, at_least=asked)
+        if self.gate.get("mode") == "safedecoding":
+            raise ValueError(f"extra_args['{ALPHA_ARG}']: this engine runs SafeDecoding, which amplifies at its "
+                             "safedecoding_alpha for every guarded request; drop ngsd_alpha")
         if alpha < self.alpha and not self.allow_opt_out:
             raise ValueError(
                 f"extra_args['{ALPHA_ARG}']={alpha} is below this engine's alpha {self.alpha}: a request may not weaken "

@@ -119,6 +119,7 @@ def test_a_pooled_probe_is_refused(tmp_path):
     ({"reflection": [("route", False)]}, TypeError, "dict of ReflectionConfig fields"),
     ({"verdict_log": 3}, TypeError, "verdict_log"),
     ({"gate": {"prime_divergence": "check"}, "risk": "off"}, ValueError, "prime_divergence='check'"),
+    ({"verdict_log": "/tmp/v.jsonl", "risk": "off"}, ValueError, "risk='off' runs no probe"),
 ])
 def test_bad_risk_settings_are_refused(fields, error, message):
     from ngsd.vllm.settings import GuardSettings
@@ -170,3 +171,33 @@ def test_a_request_that_asks_for_a_guard_gets_at_least_what_asking_for_nothing_g
         assert settings.request_policy({"ngsd_guard": True}) == RequestPolicy(True, settings.alpha, at_least=True)
     assert strict.request_policy({"ngsd_alpha": 0.6}) == RequestPolicy(True, 0.6, at_least=True)
     assert lenient.request_policy({"ngsd_alpha": 0.6}) == RequestPolicy(True, 0.6)  # the operator allows lowering
+
+
+@pytest.mark.parametrize("fields", [
+    {"expert": "OWN", "reflection": {"guarded_alpha": 1.0}},
+    {"expert": "OWN", "verdict_log": "/tmp/verdicts.jsonl"},
+    {"gate": {"mode": "safedecoding"}, "reflection": {"guarded_alpha": 1.0}},
+])
+def test_probe_settings_of_an_engine_that_runs_no_probe_are_refused(fields, tmp_path):
+    """reflection / verdict_log were accepted and ignored where risk='auto' ends up running no probe (another expert,
+    or a gate mode the library runs no probe for)."""
+    from ngsd.experts.shipped import shipped_expert_path
+    from ngsd.vllm.engine import guard_overrides
+    from ngsd.vllm.settings import GuardSettings
+
+    if fields.get("expert") == "OWN":
+        import shutil
+
+        shutil.copytree(shipped_expert_path(), tmp_path / "own")
+        fields = {**fields, "expert": str(tmp_path / "own")}
+    with pytest.raises(ValueError, match="no probe runs"):
+        guard_overrides(_default_model(), GuardSettings(**fields))
+
+
+def test_a_safedecoding_engine_refuses_a_request_alpha():
+    """SafeDecoding amplifies at the engine's safedecoding_alpha (3 by default), as ngsd.generate; the engine
+    mixed at its 0.9 or the request's alpha (the setting was read by nothing)."""
+    from ngsd.vllm.settings import GuardSettings
+
+    with pytest.raises(ValueError, match="runs SafeDecoding"):
+        GuardSettings(gate={"mode": "safedecoding"}).request_policy({"ngsd_alpha": 1.0})

@@ -13,7 +13,7 @@ pytest.importorskip("vllm", reason="vLLM is not installed here; run with .venv-v
 from vllm import SamplingParams  # noqa: E402
 from vllm.v1.sample.logits_processor import MoveDirectionality  # noqa: E402
 
-from ngsd.vllm.gate_book import GateBook, gates_of, sampled_launches  # noqa: E402
+from ngsd.vllm.gate_book import GateBook, as_int64_seed, gates_of, sampled_launches  # noqa: E402
 from ngsd.vllm.processor import launch_setting  # noqa: E402
 from ngsd.vllm.settings import GuardSettings  # noqa: E402
 
@@ -266,3 +266,18 @@ def test_the_probe_sees_prompt_positions_only_across_chunks_and_its_decision_sur
     book.update([], [(2, params, [5, 6, 7, 8, 9], output)], [])  # resumed: its prompt is recomputed
     assert book.rows[2] is state and not state.awaiting and book.awaiting(3) == []
     assert [i for i, _ in book.guarded(3)] == [1]
+
+
+def test_seeds_vllm_accepts_past_int64_keep_their_bits():
+    """vLLM takes seeds up to 2**64 - 1 (child i of an n > 1 request gets seed + i: 2**63 from the server's cap);
+    the op's int64 seed tensor overflowed and killed the engine."""
+    import torch
+
+    assert as_int64_seed(None) is None and as_int64_seed(5) == 5
+    assert as_int64_seed(2**63) == -(2**63) and as_int64_seed(2**64 - 1) == -1
+    assert torch.tensor([as_int64_seed(2**63 + 7)], dtype=torch.int64).item() & (2**64 - 1) == 2**63 + 7
+    book = GateBook(GuardSettings())
+    params, output = _request()
+    params.seed = 2**63
+    book.update([], [(0, params, [], output)], [])
+    assert book.rows[0].seed == -(2**63)
