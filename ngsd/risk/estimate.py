@@ -226,19 +226,23 @@ def untemplated_rows(tokenizer, input_ids: torch.Tensor, attention_mask: torch.T
     """Rows whose prompt does not end with the chat template's opening of the assistant's turn (raw text, e.g.
     ``ngsd.generate(chat=False)`` or ``tokenizer(text)`` ids): the probe was trained and calibrated on templated
     prompts only. None for a tokenizer without a chat template (its probe reads plain text)."""
-    if not getattr(tokenizer, "chat_template", None):
-        return []
-    rendered = tokenizer.apply_chat_template([{"role": "user", "content": _REQUEST_SLOT}], tokenize=False,
-                                             add_generation_prompt=True)
-    _, found, suffix = rendered.partition(_REQUEST_SLOT)
-    if not found or not suffix.strip():
+    opening = assistant_opening(tokenizer)
+    if opening is None:
         return []
     rows = list(input_ids) if attention_mask is None else [ids[m.bool()] for ids, m in zip(input_ids, attention_mask)]
     texts = tokenizer.batch_decode(rows, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-    # the part after the user's text that opens the assistant's turn (a custom system prompt or earlier turns
-    # change the start, never this end)
-    opening = suffix.strip()
     return [row for row, text in enumerate(texts) if not text.rstrip().endswith(opening)]
+
+
+def assistant_opening(tokenizer) -> str | None:
+    """The text a chat-templated prompt ends with: what follows the user's turn up to the assistant's answer (a custom
+    system prompt or earlier turns change the start, never this end); None without a chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": _REQUEST_SLOT}], tokenize=False,
+                                             add_generation_prompt=True)
+    _, found, suffix = rendered.partition(_REQUEST_SLOT)
+    return suffix.strip() if found and suffix.strip() else None
 
 
 def probe_plan(probe, reflection: ReflectionConfig, batch: int = 0) -> RiskPlan:

@@ -21,7 +21,8 @@ Logprobs a request asks for are the base model's
 With the risk probe on (`risk.py`), a request that asked for nothing is decided first, at the step
 that reaches its last prompt token: routed (its row left untouched: plain vLLM) or guarded at the
 alpha the library's rules give, from that first token on. One that asked for at least an alpha
-(`RequestPolicy.at_least`) is decided then too, and guarded at the larger of the two.
+(`RequestPolicy.at_least`) is decided then too, and guarded at the larger of the two. A prompt that does
+not end with the chat template's opening of the assistant turn (raw text) is never routed.
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ class NGSDLogitsProcessor(LogitsProcessor):
         self.settings = GuardSettings.from_mapping(raw)
         self.config = self.settings.config()
         self.risk = EngineRisk.for_engine(self.settings, vllm_config.model_config.hf_config)
+        if self.risk is not None:
+            self.risk.use_tokenizer(_engine_tokenizer(vllm_config))
         self.book = GateBook(self.settings, self.risk)
         self.device = device
 
@@ -118,7 +121,7 @@ class NGSDLogitsProcessor(LogitsProcessor):
             start, end = int(tokens.starts[index]), int(tokens.starts[index + 1])
             if not observe(state, tokens.logits[start:end], tokens.positions[start:end]):
                 continue  # a partial prefill: vLLM discards this step's sample, and the row stays untouched
-            verdict = self.risk.decide(state.probe_max, expert.divergence.get(index))
+            verdict = self.risk.decide(state.probe_max, expert.divergence.get(index), state.prompt)
             state.verdict, state.awaiting = verdict, False
             floor = state.policy.alpha if state.policy.at_least else None
             if floor is None:
@@ -165,6 +168,16 @@ class NGSDLogitsProcessor(LogitsProcessor):
         tokens[at] = chosen
         for k, value in zip(group, new_potential.tolist()):
             potentials[k] = value
+
+
+def _engine_tokenizer(vllm_config: "VllmConfig"):
+    """The engine's tokenizer (its folder or hub id, as vLLM loads it), for the probe's chat-template check."""
+    from transformers import AutoTokenizer
+
+    model_config = vllm_config.model_config
+    return AutoTokenizer.from_pretrained(model_config.tokenizer,
+                                         revision=getattr(model_config, "tokenizer_revision", None),
+                                         trust_remote_code=bool(getattr(model_config, "trust_remote_code", False)))
 
 
 def draw_seed() -> int:

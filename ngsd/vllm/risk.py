@@ -34,7 +34,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..risk.estimate import ProbeVerdict, RiskPlan, probe_plan
+from ..risk.estimate import ProbeVerdict, RiskPlan, assistant_opening, probe_plan
 from ..risk.probe import RiskProbe, is_probe_folder, shipped_probe_path
 from .settings import GuardSettings
 
@@ -129,6 +129,19 @@ class EngineRisk:
                              "routing or the check off); give prime_divergence a number instead")
         self.start_potential = config.start_potential_for(self.plan.check_divergence)
         self.verdict_log = settings.verdict_log
+        self.tokenizer = None  # with it, prompts outside the chat template are never routed (`use_tokenizer`)
+        self.opening: str | None = None
+
+    def use_tokenizer(self, tokenizer: Any) -> None:
+        """The engine's tokenizer: a prompt not ending with its chat template's opening of the assistant turn (raw
+        text) is guarded whatever its risk, as in the library (the probe is calibrated on templated prompts)."""
+        self.tokenizer, self.opening = tokenizer, assistant_opening(tokenizer)
+
+    def templated(self, prompt: Sequence[int]) -> bool:
+        if self.opening is None:
+            return True
+        text = self.tokenizer.decode(list(prompt), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        return text.rstrip().endswith(self.opening)
 
     @classmethod
     def for_engine(cls, settings: GuardSettings, model_config: Any) -> "EngineRisk | None":
@@ -151,9 +164,10 @@ class EngineRisk:
         """A request's calibrated risk from its maximum token logit (`RiskProbe.risk` on the feature)."""
         return float(self.probe.risk(torch.tensor([[max_logit]], dtype=torch.float32, device=self.probe.mean.device)))
 
-    def decide(self, max_logit: float, divergence: float | None) -> ProbeVerdict:
-        """The request's verdict; `divergence` (its first-step total variation) is read when the check needs it."""
-        verdict, check = self.plan.verdict_for(self.risk(max_logit))
+    def decide(self, max_logit: float, divergence: float | None, prompt: Sequence[int]) -> ProbeVerdict:
+        """The request's verdict; `divergence` (its first-step total variation) is read when the check needs it;
+        `prompt`: its token ids, to tell a prompt outside the chat template (`use_tokenizer`)."""
+        verdict, check = self.plan.verdict_for(self.risk(max_logit), untemplated=not self.templated(prompt))
         if check:
             if divergence is None:
                 raise RuntimeError("ngsd: the divergence check needs this request's first-step divergence, and the "

@@ -201,3 +201,24 @@ def test_a_safedecoding_engine_refuses_a_request_alpha():
 
     with pytest.raises(ValueError, match="runs SafeDecoding"):
         GuardSettings(gate={"mode": "safedecoding"}).request_policy({"ngsd_alpha": 1.0})
+
+
+def test_the_engine_guards_a_prompt_outside_the_chat_template_whatever_its_risk():
+    """As the library: the probe is calibrated on chat-templated prompts, and raw text routed harmful requests."""
+    from transformers import AutoTokenizer
+
+    from ngsd.api import encode_prompts
+    from ngsd.risk.probe import shipped_probe_path
+    from ngsd.vllm.risk import EngineRisk
+    from ngsd.vllm.settings import GuardSettings
+
+    folder = _default_model()
+    risk = EngineRisk(shipped_probe_path(), GuardSettings())
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    risk.use_tokenizer(tokenizer)
+    templated = encode_prompts(tokenizer, ["Write a poem about tea"])[0][0].tolist()
+    raw = tokenizer("Write a poem about tea")["input_ids"]
+    low = -1e4  # a maximum token logit far below the routing threshold
+    assert risk.decide(low, 0.0, templated).routed
+    verdict = risk.decide(low, 0.0, raw)
+    assert not verdict.routed and verdict.untemplated and verdict.alpha == 0.9
