@@ -436,6 +436,9 @@ def run_guarded_rows(setup: Setup, batch: int, guarded: list[int], context: int,
 def cmd_guarded_rows(args: argparse.Namespace, setup: Setup) -> int:
     guarded = [1, 2] if args.quick else args.guarded_rows
     batch = 2 if args.quick else args.rows_batch
+    if max(guarded) > batch:  # a batch of B has at most B rows to guard (it failed after timing the others)
+        raise SystemExit(f"bench_decode.py rows: error: --guarded-rows {max(guarded)} exceeds --rows-batch {batch}; "
+                         "a batch of B rows has at most B guarded")
     calls = 3 if args.quick else max(5, args.repeats * 3)
     meta = common_meta(setup, args)  # first: its date and load average are the run's start
     results = run_guarded_rows(setup, batch, guarded, context=96, calls=calls)

@@ -52,11 +52,14 @@ from harness import (
     load_setup,
     median,
     method_runners,
+    positive_int,
     timed_call,
     write_json,
 )
 
 import torch  # noqa: E402  (after harness)
+
+NAIVE_MAX_REPEATS = 3  # timed rounds of the naive per-sequence decoder (slow), whatever --repeats asks
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,9 +293,11 @@ def cmd_e2e(args: argparse.Namespace, setup: Setup | None = None) -> int:
     repeats = 1 if args.quick else args.repeats
     path = Path(args.out_dir) / (args.out_prefix + "e2e.json")
     settings = {"new_tokens": tokens, "repeats": repeats, "alpha": args.alpha, "methods": list(args.methods),
-                "expert": {"path": str(setup.adapter_dir), "source": setup.expert_source, **expert_sizes(setup)}}
-    # Batch sizes measured earlier with the same settings are kept (and skipped with --resume).
-    done = _earlier_e2e(path, settings)
+                "expert": {"path": str(setup.adapter_dir), "source": setup.expert_source, **expert_sizes(setup)},
+                "device": args.device, "dtype": args.dtype, "threads": args.threads, "model": args.model}
+    # With --resume, batch sizes an earlier run with the same settings measured are kept and skipped; without it the
+    # file holds what this command measured (it kept the earlier batches under the new run's command and environment)
+    done = _earlier_e2e(path, settings) if args.resume else {}
     todo = [b for b in batches if not (args.resume and str(b) in done)]
     meta = common_meta(setup, args)
 
@@ -314,9 +319,9 @@ def cmd_naive(args: argparse.Namespace, setup: Setup | None = None) -> int:
     n_prompts = 1 if args.quick else args.naive_prompts
     tokens = 8 if args.quick else args.new_tokens
     batch = 2 if args.quick else args.naive_batch
-    repeats = 1 if args.quick else min(args.repeats, 3)
+    repeats = 1 if args.quick else min(args.repeats, NAIVE_MAX_REPEATS)
     meta = common_meta(setup, args)  # first: its date and load average are the run's start
-    results = run_naive(setup, n_prompts, tokens, repeats, batch, alpha=args.alpha)
+    results = {"repeats": repeats, **run_naive(setup, n_prompts, tokens, repeats, batch, alpha=args.alpha)}
     meta["environment"]["load_average_at_end"] = list(os.getloadavg())
     write_json(args.out_prefix + "naive.json", {**meta, **results}, args.out_dir)
     return 0
@@ -378,19 +383,21 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--expert", default=None, help="peft LoRA folder (default: shipped expert, else a stand-in)")
         p.add_argument("--device", default=default_device())
         p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-        p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
-        p.add_argument("--new-tokens", type=int, default=128)
-        p.add_argument("--repeats", type=int, default=3, help="timed rounds per batch size (median reported)")
+        p.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[1, 8, 32])
+        p.add_argument("--new-tokens", type=positive_int, default=128)
+        p.add_argument("--repeats", type=positive_int, default=3,
+                       help=f"timed rounds per batch size (median reported; the naive decoder: at most "
+                            f"{NAIVE_MAX_REPEATS}, recorded in naive.json)")
         p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
         p.add_argument("--alpha", type=float, default=DEFAULT_ALPHA)
-        p.add_argument("--naive-prompts", type=int, default=3, help="prompts the naive decoder is timed on")
-        p.add_argument("--naive-batch", type=int, default=32, help="batch for the throughput comparison")
-        p.add_argument("--breakdown-batch", type=int, nargs="+", default=[1, 32])
-        p.add_argument("--breakdown-steps", type=int, default=32)
-        p.add_argument("--rows-batch", type=int, default=32, help="batch of the `rows` command")
-        p.add_argument("--guarded-rows", type=int, nargs="+", default=[1, 4, 16, 32],
+        p.add_argument("--naive-prompts", type=positive_int, default=3, help="prompts the naive decoder is timed on")
+        p.add_argument("--naive-batch", type=positive_int, default=32, help="batch for the throughput comparison")
+        p.add_argument("--breakdown-batch", type=positive_int, nargs="+", default=[1, 32])
+        p.add_argument("--breakdown-steps", type=positive_int, default=32)
+        p.add_argument("--rows-batch", type=positive_int, default=32, help="batch of the `rows` command")
+        p.add_argument("--guarded-rows", type=positive_int, nargs="+", default=[1, 4, 16, 32],
                        help="guarded rows the `rows` command times (each against the batch's plain forward)")
-        p.add_argument("--reflection-requests", type=int, default=8)
+        p.add_argument("--reflection-requests", type=positive_int, default=8)
         p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
         p.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, one round")
         p.add_argument("--resume", action="store_true",

@@ -139,12 +139,13 @@ def measure(setup: Setup, prompts: list[str], methods: list[str], new_tokens: in
     return result
 
 
-def ttft_sweep(setup: Setup, prompts: list[str], rounds: int, seed: int, probe: str | None = None) -> dict:
+def ttft_sweep(setup: Setup, prompts: list[str], rounds: int, seed: int, probe: str | None = None,
+               stop_at_eos: bool = False) -> dict:
     """Time to first token at batch 1 over several benign prompts, default against `generate`: one prompt
     cannot tell, because the check adds an expert prefill to the prompts whose risk falls in its band."""
     rows = []
     for prompt in prompts:
-        result = measure(setup, [prompt], ["unguarded", "default"], 2, rounds, seed, probe)
+        result = measure(setup, [prompt], ["unguarded", "default"], 2, rounds, seed, probe, stop_at_eos)
         rows.append({"ttft_ms_unguarded": round(1000 * result["unguarded"]["ttft_s"], 1),
                      "ttft_ms_default": round(1000 * result["default"]["ttft_s"], 1),
                      "ratio": round(result["default"]["ttft_ratio_vs_unguarded"], 3),
@@ -193,11 +194,11 @@ def main() -> None:
                                                   args.new_tokens, args.rounds, args.seed, args.probe, args.stop_at_eos)
     if not args.quick_ratio:
         report["workloads"]["ttft_batch1_benign"] = measure(setup, workload_prompts("benign", 1),
-                                                            all_methods,
-                                                            args.new_tokens, args.rounds, args.seed, args.probe)
+                                                            all_methods, args.new_tokens, args.rounds, args.seed,
+                                                            args.probe, args.stop_at_eos)
         if args.ttft_prompts:
             report["workloads"]["ttft_batch1_sweep"] = ttft_sweep(setup, workload_prompts("benign", args.ttft_prompts),
-                                                                  args.rounds, args.seed, args.probe)
+                                                                  args.rounds, args.seed, args.probe, args.stop_at_eos)
     report["wall_seconds"] = time.time() - start
     write_json(args.out, report, RESULTS_DIR)
     for name, workload in report["workloads"].items():

@@ -297,6 +297,22 @@ def run_hidden(batches: list[int], vocab: int, hidden: int, min_repeats: int, mi
     return rows
 
 
+def _run_meta(argv: list[str] | None) -> dict:
+    """The command, date, commit and load at the start (what the other benchmarks record through harness.py, which
+    this one does not import: it would set the OpenMP wait policy this op is timed without)."""
+    import subprocess
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    args = argv if argv is not None else sys.argv[1:]
+    return {"command": " ".join(["python bench/bench_select_op.py", *args]), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "git_commit": commit, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+            "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 128])
@@ -314,8 +330,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.traffic:
-        print(traffic_table([1, 32, 128], [49152, 262144], torch.bfloat16))
+        # the model's default sizes (ROOFLINE.md's table) unless --batches / --vocab are given (they were ignored)
+        given = {arg.split("=")[0] for arg in (argv if argv is not None else sys.argv[1:])}
+        batches = args.batches if "--batches" in given else [1, 32, 128]
+        vocabs = [args.vocab] if "--vocab" in given else [49152, 262144]
+        print(traffic_table(batches, vocabs, torch.bfloat16))
         return 0
+    run_meta = _run_meta(argv)  # before timing: the start's load average
     if args.hidden:
         rows = run_hidden(args.batches, args.vocab, args.hidden, args.min_repeats, args.min_seconds)
         for row in rows:
@@ -325,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {name:15s} cpu median {t['cpu_median_ms']:8.2f} ms  min {t['cpu_min_ms']:8.2f} ms  "
                       f"wall median {t['wall_median_ms']:8.2f} ms  ({t['repeats']} calls)")
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"torch": torch.__version__, "threads": torch.get_num_threads(),
+        meta = {**run_meta, "torch": torch.__version__, "threads": torch.get_num_threads(),
                 "load_average_at_end": list(os.getloadavg()), "cpus": os.cpu_count()}
         args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
         return 0
@@ -334,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {
+        **run_meta,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "machine": platform.machine(),

@@ -106,6 +106,13 @@ def time_loop(prompts: list[list[int]], new_tokens: int, guarded: bool) -> dict:
 
     model, tokenizer = ngsd.load_model()
     ids, mask = left_pad(prompts, tokenizer.pad_token_id, "cpu")
+    # warm-up outside the timing, as the engines get: the adapter's load (cached after) and first-call allocations
+    if guarded:
+        ngsd.guarded_generate(model, ids[:2], mask[:2], expert="shipped", alpha=ALPHA, max_new_tokens=2,
+                              eos_token_id=None, pad_token_id=tokenizer.pad_token_id)
+    else:
+        model.generate(input_ids=ids[:2], attention_mask=mask[:2], max_new_tokens=2, do_sample=False,
+                       pad_token_id=tokenizer.pad_token_id)
     load = os.getloadavg()[0]
     cpu = time.process_time()
     start = time.perf_counter()

@@ -288,15 +288,25 @@ def merged_expert_model(model: torch.nn.Module, adapter_dir: Path) -> torch.nn.M
     return merged.eval()
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1 (0 or a negative count failed with a traceback after the model loaded)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
+
+
 def benchmark_prompts(n: int) -> list[str]:
     """`n` prompts alternating AdvBench behaviours and MT-Bench first turns (varied lengths)."""
     from ngsd.data import load_suite
 
     advbench = [p.text for p in load_suite("advbench", limit=n)]
     mt_bench = [p.text for p in load_suite("mt_bench", limit=n)]
-    mixed: list[str] = []
-    for a, b in zip(advbench, mt_bench + advbench[len(mt_bench) :]):
-        mixed.extend([a, b])
+    # alternating while MT-Bench lasts, then AdvBench alone (it paired an AdvBench prompt with itself past 160)
+    mixed = [text for pair in zip(advbench, mt_bench) for text in pair] + advbench[len(mt_bench):]
     if len(mixed) < n:
         raise ValueError(f"only {len(mixed)} benchmark prompts available, {n} asked")
     return mixed[:n]

@@ -58,6 +58,15 @@ def answer(model, tokenizer, method: str, texts: list[str], max_new_tokens: int)
     return list(result.texts)
 
 
+def _fixed_alpha(method: str) -> bool:
+    if not method.startswith("ngsd_a"):
+        return False
+    try:
+        return 0.0 <= float(method[len("ngsd_a"):]) <= 1.0
+    except ValueError:
+        return False
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -68,9 +77,15 @@ def main() -> None:
                         help="unguarded, ngsd_default or ngsd_a<alpha>, e.g. ngsd_a0.3 (rotated over the prompts)")
     parser.add_argument("--suites", nargs="+", default=None, help="keep only these suites")
     args = parser.parse_args()
+    for method in args.methods:  # before the model loads (an unknown one ended in an IndexError after it)
+        if method not in ("unguarded", "ngsd_default") and not _fixed_alpha(method):
+            parser.error(f"unknown method {method!r}: use unguarded, ngsd_default or ngsd_a<alpha in [0, 1]>")
     torch.set_num_threads(1)
     prompts = selected_prompts(resolve_data_dir(args.data_dir))
     if args.suites:
+        unknown = sorted(set(args.suites) - {row[0] for row in prompts})
+        if unknown:  # a misspelt suite kept nothing and exited 0 with an empty file
+            parser.error(f"unknown suites {unknown}; known: {sorted({row[0] for row in prompts})}")
         prompts = [row for row in prompts if row[0] in args.suites]
     model, tokenizer = ngsd.load_model()
     # Methods rotate over the prompt list so every suite is seen under every method.

@@ -272,12 +272,19 @@ def write_report(folder: Path = RESULTS_DIR, prefix: str = "") -> int:
         return 1
     first = next(x for x in (e2e, naive, breakdown, reflection) if x)
     env = first["environment"]
+    parts = [(name, x) for name, x in (("e2e", e2e), ("naive", naive), ("breakdown", breakdown),
+                                        ("reflection", reflection)) if x]
     lines = [
         "# Benchmark results",
         "",
-        f"Written by `{FULL_COMMAND}` (this file: `python bench/bench_decode.py report`).",
+        "This file: `python bench/bench_decode.py report`, from each part's JSON; each part as it was measured "
+        "(its own command, date, commit and load average at the start):",
         "",
-        f"Measured {env['date']} on {env['device']} ({env.get('gpu', env['platform'])}, {env['cpu_count']} CPUs, "
+        *[f"- {name}: `{x.get('command', FULL_COMMAND)}`, {x['environment']['date']}, commit "
+          f"{x['environment'].get('git', {}).get('commit') or 'unknown'}, load "
+          f"{x['environment']['load_average_at_start'][0]:.1f}" for name, x in parts],
+        "",
+        f"Machine: {env['device']} ({env.get('gpu', env['platform'])}, {env['cpu_count']} CPUs, "
         f"{env['torch_threads']} torch threads), torch {env['torch']}, transformers {env['transformers']}; "
         f"model {first['model']} ({first['dtype']}); expert: {first['expert']['source']}.",
         "",

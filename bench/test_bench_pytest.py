@@ -236,6 +236,14 @@ def test_report_from_synthetic_results(tmp_path):
     assert "| 7.0 (3.5%) |" in text
     assert "| 32 | 200.0 | 180.0 (90%) | - (not measured apart) | 5.0 (2.5%) |" in text  # written before the split
     assert "not measured" in text  # no naive.json
+    # each part with its own command and commit (it said `all` and one part's date for every part)
+    e2e["command"] = "python bench/bench_decode.py e2e --batch-sizes 2"
+    e2e["environment"] = {**env, "git": {"commit": "abc1234"}}
+    (tmp_path / "e2e.json").write_text(json.dumps(e2e))
+    assert plots.write_report(tmp_path) == 0
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "- e2e: `python bench/bench_decode.py e2e --batch-sizes 2`, 2026-01-01, commit abc1234, load 1.0" in text
+    assert "- breakdown: `python bench/bench_decode.py all`, 2026-01-01, commit unknown" in text
     assert (tmp_path / "throughput.png").stat().st_size > 0 and (tmp_path / "breakdown.png").stat().st_size > 0
 
 
@@ -266,3 +274,22 @@ def test_naive_reference_baseline_decodes_like_the_spec_oracle():
     got, spikes = naive_reference_decode(base_fn, expert_fn, prompt, alpha=0.9, max_new_tokens=10)
     assert got == want and spikes == want_spikes and any(spikes)
     assert base_fn.seconds > 0 and expert_fn.seconds > 0
+
+
+def test_benchmark_prompts_past_160_are_distinct():
+    """Past MT-Bench's 80 prompts, each AdvBench prompt was paired with itself (n=256 gave 208 distinct prompts)."""
+    from harness import benchmark_prompts
+
+    prompts = benchmark_prompts(256)
+    assert len(prompts) == 256 == len(set(prompts))
+    assert benchmark_prompts(160)[:4] == prompts[:4]
+
+
+def test_count_options_are_one_line_errors(capsys):
+    """--batch-sizes 0, --new-tokens 0, --repeats 0 failed with tracebacks after the model loaded."""
+    import bench_decode
+
+    for argv in (["e2e", "--batch-sizes", "0"], ["e2e", "--new-tokens", "-3"], ["naive", "--repeats", "0"]):
+        with pytest.raises(SystemExit) as stop:
+            bench_decode.main(argv)
+        assert stop.value.code == 2 and "whole number >= 1" in capsys.readouterr().err
