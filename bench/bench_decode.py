@@ -294,7 +294,7 @@ def cmd_e2e(args: argparse.Namespace, setup: Setup | None = None) -> int:
     path = Path(args.out_dir) / (args.out_prefix + "e2e.json")
     settings = {"new_tokens": tokens, "repeats": repeats, "alpha": args.alpha, "methods": list(args.methods),
                 "expert": {"path": str(setup.adapter_dir), "source": setup.expert_source, **expert_sizes(setup)},
-                "device": args.device, "dtype": args.dtype, "threads": args.threads, "model": args.model}
+                "run": {"model": args.model, "device": args.device, "dtype": args.dtype, "threads": args.threads}}
     # With --resume, batch sizes an earlier run with the same settings measured are kept and skipped; without it the
     # file holds what this command measured (it kept the earlier batches under the new run's command and environment)
     done = _earlier_e2e(path, settings) if args.resume else {}
