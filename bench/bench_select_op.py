@@ -315,8 +315,10 @@ def _run_meta(argv: list[str] | None) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 128])
-    parser.add_argument("--vocab", type=int, default=49152)
+    parser.add_argument("--batches", type=int, nargs="+", default=None,
+                        help="batch sizes (default 1 8 32 128; with --traffic 1 32 128)")
+    parser.add_argument("--vocab", type=int, default=None, help="vocabulary size (default 49152; with --traffic also "
+                        "262144)")
     parser.add_argument("--min-repeats", type=int, default=5)
     parser.add_argument("--min-seconds", type=float, default=1.0)
     parser.add_argument(
@@ -331,11 +333,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if args.traffic:
         # the model's default sizes (ROOFLINE.md's table) unless --batches / --vocab are given (they were ignored)
-        given = {arg.split("=")[0] for arg in (argv if argv is not None else sys.argv[1:])}
-        batches = args.batches if "--batches" in given else [1, 32, 128]
-        vocabs = [args.vocab] if "--vocab" in given else [49152, 262144]
-        print(traffic_table(batches, vocabs, torch.bfloat16))
+        print(traffic_table(args.batches or [1, 32, 128], [args.vocab] if args.vocab else [49152, 262144],
+                            torch.bfloat16))
         return 0
+    args.batches, args.vocab = args.batches or [1, 8, 32, 128], args.vocab or 49152
     run_meta = _run_meta(argv)  # before timing: the start's load average
     if args.hidden:
         rows = run_hidden(args.batches, args.vocab, args.hidden, args.min_repeats, args.min_seconds)

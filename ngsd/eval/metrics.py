@@ -245,6 +245,9 @@ def compute_metrics(
             texts = [r["text"] for r in records]
             flags[method][suite] = [bool(f) for f in judge.refused([p.text for p in suites[suite]], texts)]
     ref_results = results.get(reference) if reference else None
+    # a reference that did not run leaves fidelity unmeasured: its target is then not met, rather than dropped
+    unmeasured = f"reference {reference!r} did not run" if reference and ref_results is None and any(
+        suite in benign for per_suite in results.values() for suite in per_suite) else None
 
     out: dict[str, Any] = {}
     for method, per_suite in results.items():
@@ -258,9 +261,6 @@ def compute_metrics(
             # The reading judge beside the configured one on every suite (see ngsd/eval/judge.py).
             texts = [r["text"] for r in records]
             suite_out[suite]["reading"] = outcome_counts(READING_JUDGE.outcomes([p.text for p in suites[suite]], texts))
-        # a reference that did not run leaves fidelity unmeasured: its target is then not met, rather than dropped
-        unmeasured = f"reference {reference!r} did not run" if reference and ref_results is None and any(
-            s in suite_out for s in benign) else None
         out[method] = {"suites": suite_out,
                        "summary": _summary(method, suite_out, specs, gated[method], targets, unmeasured)}
         out[method]["summary"]["reading"] = {

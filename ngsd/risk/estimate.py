@@ -173,8 +173,7 @@ def plan_risk(
     if reflection.mode in ("auto", "probe"):
         probe = load_probe(model, reflection)
         if probe is not None:
-            # the gate forced open mixes every row (its docstring's "always mix"): the probe sets alphas, routes none
-            plan = probe_plan(probe, replace(reflection, route=False) if config.mode == "open" else reflection, batch)
+            plan = probe_plan(probe, reflection, batch, config.mode)
             if plan.route_below is not None and tokenizer is not None:
                 plan.untemplated = frozenset(untemplated_rows(tokenizer, input_ids, attention_mask))
                 if plan.untemplated:
@@ -207,13 +206,10 @@ def requests_of(tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor
     prompt is one user turn of that template, else the prompt decoded without special tokens."""
     rows = list(input_ids) if attention_mask is None else [ids[m.bool()] for ids, m in zip(input_ids, attention_mask)]
     plain = tokenizer.batch_decode(rows, skip_special_tokens=True)
-    if not getattr(tokenizer, "chat_template", None):
+    around = _template_around_request(tokenizer)
+    if around is None:
         return plain
-    rendered = tokenizer.apply_chat_template([{"role": "user", "content": _REQUEST_SLOT}], tokenize=False,
-                                             add_generation_prompt=True)
-    prefix, found, suffix = rendered.partition(_REQUEST_SLOT)
-    if not found:
-        return plain
+    prefix, suffix = around
     requests = []
     for text, fallback in zip(tokenizer.batch_decode(rows, skip_special_tokens=False,
                                                      clean_up_tokenization_spaces=False), plain):
@@ -225,7 +221,7 @@ def requests_of(tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor
 def untemplated_rows(tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> list[int]:
     """Rows whose prompt does not end with the chat template's opening of the assistant's turn (raw text, e.g.
     ``ngsd.generate(chat=False)`` or ``tokenizer(text)`` ids): the probe was trained and calibrated on templated
-    prompts only. None for a tokenizer without a chat template (its probe reads plain text)."""
+    prompts only. None of them for a tokenizer without a chat template (its probe reads plain text)."""
     opening = assistant_opening(tokenizer)
     if opening is None:
         return []
@@ -237,17 +233,28 @@ def untemplated_rows(tokenizer, input_ids: torch.Tensor, attention_mask: torch.T
 def assistant_opening(tokenizer) -> str | None:
     """The text a chat-templated prompt ends with: what follows the user's turn up to the assistant's answer (a custom
     system prompt or earlier turns change the start, never this end); None without a chat template."""
+    around = _template_around_request(tokenizer)
+    if around is None:
+        return None
+    return around[1].strip() or None
+
+
+def _template_around_request(tokenizer) -> tuple[str, str] | None:
+    """The chat template's text before and after one user request (None without a template, or one that drops it)."""
     if not getattr(tokenizer, "chat_template", None):
         return None
     rendered = tokenizer.apply_chat_template([{"role": "user", "content": _REQUEST_SLOT}], tokenize=False,
                                              add_generation_prompt=True)
-    _, found, suffix = rendered.partition(_REQUEST_SLOT)
-    return suffix.strip() if found and suffix.strip() else None
+    prefix, found, suffix = rendered.partition(_REQUEST_SLOT)
+    return (prefix, suffix) if found else None
 
 
-def probe_plan(probe, reflection: ReflectionConfig, batch: int = 0) -> RiskPlan:
+def probe_plan(probe, reflection: ReflectionConfig, batch: int = 0, mode: str = "ngsd") -> RiskPlan:
     """The plan of a call the probe decides: its routing threshold and divergence check from `reflection`,
-    else the probe's own (also what a vLLM engine decides each request by, `ngsd.vllm.risk`)."""
+    else the probe's own (also what a vLLM engine decides each request by, `ngsd.vllm.risk`). `mode`: the
+    gate's; forced open ("always mix"), the probe sets the alphas and routes no row."""
+    if mode == "open":
+        reflection = replace(reflection, route=False)
     route_below = (probe.route_below if reflection.route_below is None else reflection.route_below) \
         if reflection.route else None
     check_above, check_divergence = divergence_check(probe, reflection, route_below)

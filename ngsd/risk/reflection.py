@@ -153,6 +153,8 @@ _PAIR = re.compile(
 
 def _key(match: re.Match) -> str:
     return match.group("qkey") or match.group("bkey")
+
+
 _WORD_PREFIXES = (("sever", "S"), ("action", "A"), ("evas", "E"), ("evad", "E"), ("target", "T"))
 
 

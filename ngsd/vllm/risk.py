@@ -28,7 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -119,10 +119,7 @@ class EngineRisk:
             raise ValueError(f"ngsd: the vLLM engine runs token_max probes only; {folder} pools its features")
         self.layer = self.probe.spec.layers[0]
         config = settings.config()
-        reflection = settings.reflection_config()
-        # the gate forced open mixes every request, as the library's plan_risk: the probe sets alphas, routes none
-        self.plan: RiskPlan = probe_plan(self.probe, replace(reflection, route=False) if config.mode == "open"
-                                         else reflection)
+        self.plan: RiskPlan = probe_plan(self.probe, settings.reflection_config(), mode=config.mode)
         if config.prime_divergence == "check" and self.plan.check_divergence is None:
             raise ValueError("ngsd gate prime_divergence='check' takes the risk probe's divergence check, and this "
                              f"engine has none (the probe at {folder} has no fitted check, or reflection switched "

@@ -386,10 +386,6 @@ class LogitsPasses:
 
 def _prepare(base_logits, expert_logits, potential, alpha, seed, offset, params, **plan_overrides):
     check_step_inputs(base_logits, expert_logits, potential, alpha, seed, offset)
-    if not params.score_floor > 0.0:
-        raise ValueError(
-            f"score_floor must be > 0 for the Triton backend, got {params.score_floor}; use backend='torch'"
-        )
     check_triton_device(base_logits, expert_logits, potential, alpha, seed, offset)
     batch, vocab = base_logits.shape
     if batch == 0 or vocab == 0:

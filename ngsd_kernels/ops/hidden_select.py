@@ -73,6 +73,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..params import CandidateMode, StepParams
+from ..reference import empty_outputs
 from .hidden_torch import hidden_logits, pair_logits
 from .launcher import (
     LAUNCH_OPTIONS, Outputs, RowVectors, Scratch, SelectPlan, last_of_row_block, next_pow2, plan_select, reduce_block,
@@ -553,8 +554,7 @@ def fused_select_from_hidden(
     batch = base_hidden.shape[0]
     device = base_hidden.device
     if batch == 0:
-        return (torch.empty(0, dtype=torch.int64, device=device), potential.float().clone(),
-                torch.empty(0, dtype=torch.bool, device=device), torch.empty(0, dtype=torch.float32, device=device))
+        return empty_outputs(0, potential)
     launch = HiddenLaunch.build(batch, base_head_weight.shape[0], params, device,
                                 shared=expert_head_weight is None, num_splits=num_splits)
     return launch.run(base_hidden, expert_hidden, base_head_weight, expert_head_weight, base_head_bias,

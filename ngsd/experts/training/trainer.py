@@ -354,10 +354,11 @@ def _train_expert(cfg: TrainExpertConfig, *, model: Any, tokenizer: Any, command
                        on_step_end=keep_snapshot if selecting else None, teacher=teacher)
     del teacher
     t_train = time.perf_counter() - t1
-    # the seed half of "seed+broad" trains on goals the broad split may hold apart: they do not validate
-    trained = {e.prompt.strip().lower() for e in examples}
-    validation = (select_snapshot(peft_model, tokenizer, data_dir, cfg, snapshots, log, trained=trained)
-                  if selecting and snapshots else None)
+    validation = None
+    if selecting and snapshots:
+        # the seed half of "seed+broad" trains on goals the broad split may hold apart: they do not validate
+        trained = {e.prompt.strip().lower() for e in examples}
+        validation = select_snapshot(peft_model, tokenizer, data_dir, cfg, snapshots, log, trained=trained)
 
     out.mkdir(parents=True, exist_ok=True)
     dtype = getattr(torch, cfg.save_dtype)
