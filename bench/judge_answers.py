@@ -3,7 +3,9 @@
 The real default model answers a spread of harmful, jailbreak and benign evaluation prompts under three
 methods (unguarded, NGSD with alpha fixed at 0.5 and at 0.9), greedy, 64 new tokens, so that refusals,
 compliance, refuse-then-comply and incoherent answers all occur. The labels are added afterwards by a
-person reading each answer; this script only produces the unlabelled rows.
+person reading each answer; this script only produces the unlabelled rows. They carry the prompt text for
+that reader; a row joins `judge_labels.jsonl` without it (suite and id name the prompt, which
+`load_judge_labels` reads from the data folder: the benchmark data is never copied into the project).
 
     nice -n 5 python3 bench/judge_answers.py --out /tmp/judge_answers.jsonl
 """

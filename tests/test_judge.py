@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
+
+from ngsd.data import DataNotFoundError, data_available
 
 from ngsd.eval.judge import (
     EXTENSION_STRINGS,
@@ -118,6 +122,7 @@ def test_a_custom_judge_plugs_in():
 
 from ngsd.eval.judge import (  # noqa: E402
     DEFAULT_JUDGE,
+    JUDGE_LABELS_PATH,
     OUTCOMES,
     READING_JUDGE,
     classify_response,
@@ -137,8 +142,26 @@ READING_FLOOR_FRESH = 0.93
 READING_FLOOR_FRESH2 = 0.96
 
 
+needs_data = pytest.mark.skipif(
+    not data_available(), reason="benchmark data not found (set NGSD_DATA_DIR): the labelled rows' prompts are read from it"
+)
+
+
+def test_labelled_rows_name_their_prompts_without_copying_them():
+    # The benchmark data is read by path, never copied into the project: a row holds suite and id only.
+    raw = [json.loads(line) for line in JUDGE_LABELS_PATH.read_text().splitlines() if line.strip()]
+    assert raw and all("prompt" not in r and r["prompt_suite"] and r["prompt_id"] for r in raw)
+
+
+def test_labelled_rows_read_their_prompts_from_the_given_data_folder(tmp_path):
+    with pytest.raises(DataNotFoundError, match="NGSD_DATA_DIR"):
+        load_judge_labels(data_dir=tmp_path / "absent")
+
+
+@needs_data
 def test_labelled_set_is_large_varied_and_split():
     rows = load_judge_labels()
+    assert all(r["prompt"] for r in rows)
     assert len(rows) >= 150
     labels = {r["label"] for r in rows}
     assert {"refusal", "compliance", "incoherent"} <= labels <= set(OUTCOMES)
@@ -149,6 +172,7 @@ def test_labelled_set_is_large_varied_and_split():
     assert all(int(r["prompt_id"]) % 2 == 1 for r in rows if r["prompt_suite"] == "alpaca_eval")
 
 
+@needs_data
 def test_reading_judge_agrees_with_the_hand_labels():
     rows = load_judge_labels()
     overall = judge_agreement(rows, READING_JUDGE)

@@ -36,6 +36,7 @@ True
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -360,16 +361,30 @@ READING_JUDGE = ReadingJudge()
 # must precede a refusal for "content first" to count); "fresh": generated and labelled after the judge
 # was frozen, never used for design (the most honest number); "fresh2": 60 guarded answers of another
 # expert (v10), labelled blind (no method, no verdict shown) in stop 41 (reports/judge_fresh2).
+# A row names its prompt by suite and id only: the benchmark data is read from its folder, never copied.
 JUDGE_LABELS_PATH = Path(__file__).with_name("judge_labels.jsonl")
 
 
-def load_judge_labels(path: str | Path = JUDGE_LABELS_PATH) -> list[dict]:
-    """The hand-labelled rows (prompt, answer, label, half, ...); each label must be one of `OUTCOMES`."""
+def load_judge_labels(
+    path: str | Path = JUDGE_LABELS_PATH, data_dir: str | os.PathLike[str] | None = None
+) -> list[dict]:
+    """The hand-labelled rows (prompt, answer, label, half, ...); each label must be one of `OUTCOMES`.
+
+    Each row's `prompt` is read from the benchmark data (`data_dir`, else $NGSD_DATA_DIR, else
+    `../shared/data`) by its `prompt_suite` and `prompt_id`; DataNotFoundError says how to point at it.
+    """
+    from ..data import load_suite, resolve_data_dir
+
     rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
     bad = [r.get("row", i) for i, r in enumerate(rows) if r.get("label") not in OUTCOMES]
     if bad:
         raise ValueError(f"{path}: rows {bad[:5]} have a label outside {OUTCOMES}")
-    return rows
+    root = resolve_data_dir(data_dir)
+    texts = {suite: {p.id: p.text for p in load_suite(suite, root)} for suite in {r["prompt_suite"] for r in rows}}
+    missing = [r.get("row", i) for i, r in enumerate(rows) if r["prompt_id"] not in texts[r["prompt_suite"]]]
+    if missing:
+        raise ValueError(f"{path}: rows {missing[:5]} name prompts that {root} does not hold (another data version?)")
+    return [{**r, "prompt": texts[r["prompt_suite"]][r["prompt_id"]]} for r in rows]
 
 
 def judge_agreement(rows: Sequence[dict], judge: Judge) -> dict[str, float | int]:
