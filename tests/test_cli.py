@@ -115,6 +115,7 @@ def test_generate_choices_match_the_library():
     (["generate"], ["PROMPT", "--prompts-file"]),
     (["generate", "--prompts-file", "/nope.txt"], ["--prompts-file", "/nope.txt", "cannot read"]),
     (["eval", "--config", "nope"], ["--config", "smoke"]),
+    (["eval", "--config", "my_run.json"], ["--config", "no such file", "my_run.json"]),  # not "no configuration named"
     (["eval", "--expert", "/nope"], ["--expert", "/nope"]),
     (["eval", "--threads", "0"], ["--threads", ">= 1"]),
     (["reflect", "hi", "--threads", "0"], ["--threads", ">= 1"]),

@@ -81,6 +81,9 @@ def check_arguments(args: argparse.Namespace) -> None:
     """Every check that needs no model (UsageError naming the option)."""
     config = Path(args.config).expanduser()
     if not (CONFIG_DIR / f"{args.config}.json").is_file() and not config.is_file():
+        if config.suffix.lower() == ".json" or len(config.parts) > 1:
+            raise UsageError(f"--config: no such file {str(config)!r}; pass an existing JSON file or one of the "
+                             f"named configurations {', '.join(config_names())}")
         raise UsageError(f"--config: no configuration named {args.config!r}; use one of "
                          f"{', '.join(config_names())} or the path of a JSON file")
     for flag, value in (("--batch-size", args.batch_size), ("--limit", args.limit),
