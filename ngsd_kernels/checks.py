@@ -9,6 +9,21 @@ from .params import MIN_SAMPLING_TEMPERATURE
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
+# what each step argument is, for the error that a non-tensor (a Python float alpha, None, a numpy array) gets
+_TENSOR_HINTS = {
+    "potential": "the gate's potential, float32 [B] (torch.zeros(B) at the first step, then the step's new_potential)",
+    "alpha": "each row's mixing weight, float32 [B] (e.g. torch.full((B,), 0.9))",
+}
+
+
+def check_tensor_arguments(**arguments: object) -> None:
+    """Each named argument is a torch.Tensor: a TypeError naming the first that is not, and what it should be."""
+    for name, value in arguments.items():
+        if not isinstance(value, Tensor):
+            what = _TENSOR_HINTS.get(name, "a torch.Tensor")
+            raise TypeError(f"{name} must be {what}, got {type(value).__name__}"
+                            + ("" if name in _TENSOR_HINTS else " (convert it with torch.as_tensor)"))
+
 
 def check_seed_offset(batch: int, seed: torch.Tensor, offset: torch.Tensor) -> None:
     """The sampling stream's ``seed`` and ``offset``: int64, 1 or ``batch`` values each."""
@@ -29,6 +44,7 @@ def check_one_device(*tensors: torch.Tensor | None) -> None:
 def check_row_vectors(batch: int, potential: torch.Tensor, alpha: torch.Tensor, seed: torch.Tensor,
                       offset: torch.Tensor, *others: torch.Tensor | None) -> None:
     """The per-row state of a step (and that every tensor, `others` included, is on one device)."""
+    check_tensor_arguments(potential=potential, alpha=alpha)
     for name, tensor in (("potential", potential), ("alpha", alpha)):
         if tensor.dtype != torch.float32:
             raise ValueError(f"{name} must be {torch.float32}, got {tensor.dtype}")

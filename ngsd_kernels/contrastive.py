@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .checks import check_logits_pair, check_one_device, check_seed_offset
+from .checks import check_logits_pair, check_one_device, check_seed_offset, check_tensor_arguments
 from .params import MIN_SAMPLING_TEMPERATURE, _real
 from .philox import philox_uniform
 from .reference import row_is_valid
@@ -159,6 +159,7 @@ def contrastive_select(strong_logits: Tensor, weak_logits: Tensor, seed: Tensor 
         raise TypeError(f"params must be an ngsd_kernels.ContrastiveParams, got {type(params).__name__}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_tensor_arguments(strong_logits=strong_logits, weak_logits=weak_logits)
     seed, offset = default_seed_offset(seed, offset, strong_logits.device)
     check_contrastive_inputs(strong_logits, weak_logits, seed, offset)
     if backend == "torch":

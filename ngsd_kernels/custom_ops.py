@@ -130,11 +130,22 @@ def _fake(rows_like: Tensor, *rest) -> Outputs:
     )
 
 
+def _outputs_without_gradient(ctx, inputs, output) -> None:
+    # A token choice has no gradient; without this, inputs that require grad (an lm_head's weight, logits
+    # computed outside no_grad) made the float outputs require grad and torch.compile fail for want of a formula.
+    ctx.mark_non_differentiable(*output)
+
+
+def _no_backward(ctx, *grads):
+    raise RuntimeError("the guarded decode step is not differentiable (its outputs are marked so)")
+
+
 def _define(name: str, schema: str, default, cuda) -> None:
     op = torch.library.custom_op(f"ngsd::{name}", default, mutates_args=(), schema=schema)
     if cuda is not None:
         op.register_kernel("cuda")(cuda)
     op.register_fake(_fake)
+    op.register_autograd(_no_backward, setup_context=_outputs_without_gradient)
 
 
 _define("guarded_select", LOGITS_SCHEMA, _logits_torch, _logits_triton)

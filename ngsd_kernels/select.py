@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from . import custom_ops  # registers torch.ops.ngsd.*
-from .checks import check_hidden_inputs, check_row_sampling, check_step_inputs
+from .checks import check_hidden_inputs, check_row_sampling, check_step_inputs, check_tensor_arguments
 from .ops.hidden_torch import pair_logits
 from .params import StepParams
 from .reference import Outputs, guarded_select_reference
@@ -85,6 +85,7 @@ def guarded_select(
     """
     _check_params(params)
     _check_backend(backend)
+    check_tensor_arguments(base_logits=base_logits, expert_logits=expert_logits, potential=potential, alpha=alpha)
     seed, offset = default_seed_offset(seed, offset, base_logits.device)
     check_step_inputs(base_logits, expert_logits, potential, alpha, seed, offset)
     if backend == "torch":  # (the ops check the per-row settings themselves)
@@ -134,6 +135,8 @@ def guarded_select_from_hidden(
     """
     _check_params(params)
     _check_backend(backend)
+    check_tensor_arguments(base_hidden=base_hidden, expert_hidden=expert_hidden, base_head_weight=base_head_weight,
+                           potential=potential, alpha=alpha)
     seed, offset = default_seed_offset(seed, offset, base_hidden.device)
     check_hidden_inputs(base_hidden, expert_hidden, base_head_weight, expert_head_weight, base_head_bias,
                         expert_head_bias, potential, alpha, seed, offset)

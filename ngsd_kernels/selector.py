@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .checks import FLOAT_DTYPES, check_hidden_inputs, check_row_sampling, check_row_vectors
+from .checks import FLOAT_DTYPES, check_hidden_inputs, check_row_sampling, check_row_vectors, check_tensor_arguments
 from .ops.cpu_select import cpu_guarded_select
 from .ops.hidden_torch import pair_logits
 from .params import CandidateMode, StepParams
@@ -132,6 +132,7 @@ class GuardedSelector:
         if self._shape is None:
             raise RuntimeError("call plan(batch, vocab, dtype, device) before run()")
         batch, vocab, dtype, device = self._shape
+        check_tensor_arguments(base_logits=base_logits, expert_logits=expert_logits, potential=potential, alpha=alpha)
         if base_logits.shape != (batch, vocab) or expert_logits.shape != (batch, vocab) or (
             base_logits.dtype != dtype or expert_logits.dtype != dtype or base_logits.device != device
         ):
@@ -173,6 +174,8 @@ class GuardedSelector:
         if self._shape is None:
             raise RuntimeError("call plan(batch, vocab, dtype, device) before run_from_hidden()")
         batch, vocab, dtype, device = self._shape
+        check_tensor_arguments(base_hidden=base_hidden, expert_hidden=expert_hidden, base_head_weight=base_head_weight,
+                               potential=potential, alpha=alpha)
         if base_hidden.shape[0] != batch or base_head_weight.shape[0] != vocab or base_hidden.dtype != dtype or (
             base_hidden.device != device
         ):

@@ -147,3 +147,48 @@ def test_a_direct_call_of_the_hidden_state_triton_op_checks_its_inputs():
         op(hidden, hidden, head, None, None, None, torch.zeros(3), torch.zeros(2), seed, seed, *flat)
     with pytest.raises(ValueError, match="base_head_weight"):
         op(hidden, hidden, torch.randn(64, 19), None, None, None, torch.zeros(3), torch.zeros(3), seed, seed, *flat)
+
+
+# --- A second hunt of the backend as other decoders use it (stop 50). ---
+
+
+def test_inputs_that_require_grad_compile_and_pass_opcheck():
+    """An lm_head's weight (an nn.Parameter) or logits computed outside no_grad made the float outputs require
+    grad; torch.compile then failed ("no autograd formula"), and so did opcheck. The outputs are now marked
+    non-differentiable: a token choice has no gradient."""
+    from ngsd_kernels import contrastive_select  # noqa: F401  (registers the contrastive op too)
+
+    torch._dynamo.reset()
+    head = torch.nn.Linear(8, 24, bias=False)
+    gen = torch.Generator().manual_seed(0)
+    hb, he = torch.randn(2, 8, generator=gen), torch.randn(2, 8, generator=gen)
+    potential, alpha = torch.zeros(2), torch.full((2,), 0.5)
+
+    def step(hb, he):
+        from_hidden = guarded_select_from_hidden(hb, he, head.weight, None, potential, alpha)
+        from_logits = guarded_select(head(hb), head(he), potential, alpha)
+        return from_hidden, from_logits
+
+    eager = step(hb, he)
+    assert not any(t.requires_grad for pair in eager for t in pair)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(hb, he)
+    for want, got in zip(eager, compiled):
+        assert torch.equal(want[0], got[0]) and torch.equal(want[2], got[2])
+    zero = torch.zeros(1, dtype=torch.int64)
+    logits = torch.randn(2, 24, requires_grad=True), torch.randn(2, 24, requires_grad=True)
+    torch.library.opcheck(torch.ops.ngsd.guarded_select, (*logits, potential, alpha, zero, zero, *StepParams().flat()))
+
+
+@pytest.mark.parametrize("call, name", [
+    (lambda b, e, v, a: guarded_select(b, e, v, 0.9), "alpha"),  # SafeDecoding's alpha is one number
+    (lambda b, e, v, a: guarded_select(b, e, None, a), "potential"),  # a decoder without a gate has none
+    (lambda b, e, v, a: guarded_select(b.numpy(), e.numpy(), v, a), "base_logits"),
+    (lambda b, e, v, a: GuardedSelector(StepParams()).plan(2, 10, torch.float32, "cpu").run(b, e, v, 0.5), "alpha"),
+    (lambda b, e, v, a: guarded_select_from_hidden(b, e, torch.randn(7, 10), None, v, 0.5), "alpha"),
+    (lambda b, e, v, a: __import__("ngsd_kernels").contrastive_select(b.tolist(), e.tolist()), "strong_logits"),
+])
+def test_arguments_that_are_not_tensors_are_named(call, name):
+    """They raised AttributeError: 'float' object has no attribute 'dtype' (or 'device')."""
+    b, e = torch.randn(2, 10), torch.randn(2, 10)
+    with pytest.raises(TypeError, match=f"^{name} must be"):
+        call(b, e, torch.zeros(2), torch.full((2,), 0.5))
