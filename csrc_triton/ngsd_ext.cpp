@@ -626,7 +626,7 @@ Step logits_select_greedy(const at::Tensor& base_logits, const at::Tensor& exper
 
 [[noreturn]] void cpu_error() {
   TORCH_CHECK(false, "ngsd_aot ops run the AOT-compiled CUDA kernels and take CUDA tensors only; on CPU use "
-              "ngsd_kernels.guarded_select or ngsd_kernels.ops.hidden_select.guarded_select_from_hidden");
+              "ngsd_kernels.guarded_select or ngsd_kernels.guarded_select_from_hidden");
 }
 
 Step hidden_select_cpu(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,

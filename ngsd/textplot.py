@@ -49,13 +49,13 @@ class MatplotlibMissingError(ModuleNotFoundError):
     """The PNG plot needs matplotlib, which is an optional extra."""
 
 
-def require_matplotlib() -> None:
-    """Raise MatplotlibMissingError with the install command when matplotlib is absent."""
+def require_matplotlib(what: str = "the trace plot") -> None:
+    """Raise MatplotlibMissingError with the install command when matplotlib is absent (`what` needs it)."""
     import importlib.util
 
     if importlib.util.find_spec("matplotlib") is None:
         raise MatplotlibMissingError(
-            "the trace plot needs matplotlib, which is not installed: pip install matplotlib "
+            f"{what} needs matplotlib, which is not installed: pip install matplotlib "
             "(or pip install 'ngsd[eval]')",
             name="matplotlib",
         )

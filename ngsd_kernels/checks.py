@@ -16,6 +16,21 @@ _TENSOR_HINTS = {
 }
 
 
+def require_triton() -> None:
+    """Before the lazy import of the Triton kernels: Triton is an optional extra, and its absence was a bare
+    "No module named 'triton'"."""
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise ModuleNotFoundError(
+            "the Triton kernels need Triton, which is not installed: pip install 'ngsd[kernels]' (or triton); "
+            "or use backend='torch' (PyTorch, any device)", name="triton")
+
+
 def check_tensor_arguments(**arguments: object) -> None:
     """Each named argument is a torch.Tensor: a TypeError naming the first that is not, and what it should be."""
     for name, value in arguments.items():

@@ -38,7 +38,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .checks import check_logits_pair, check_one_device, check_seed_offset, check_tensor_arguments
+from .checks import (check_logits_pair, check_one_device, check_seed_offset, check_tensor_arguments,
+                     require_triton)
 from .params import MIN_SAMPLING_TEMPERATURE, _real
 from .philox import philox_uniform
 from .reference import row_is_valid
@@ -121,6 +122,7 @@ def _torch_op(strong_logits: Tensor, weak_logits: Tensor, seed: Tensor, offset: 
 
 def _triton_op(strong_logits: Tensor, weak_logits: Tensor, seed: Tensor, offset: Tensor, beta: float,
                plausibility: float, temperature: float) -> Tensor:
+    require_triton()
     from .ops.contrastive_select import triton_contrastive_select  # lazy: Triton is optional on CPU
 
     ContrastiveParams(beta, plausibility, temperature)

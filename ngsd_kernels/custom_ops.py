@@ -40,7 +40,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .checks import check_hidden_inputs, check_row_sampling, check_step_inputs
+from .checks import check_hidden_inputs, check_row_sampling, check_step_inputs, require_triton
 from .params import StepParams, step_schema
 from .ops.cpu_select import cpu_guarded_select
 from .ops.hidden_torch import torch_select_from_hidden
@@ -82,6 +82,7 @@ def _logits_torch(*args) -> Outputs:
 
 
 def _logits_triton(*args) -> Outputs:
+    require_triton()
     from .ops.fused_select import fused_guarded_select  # lazy: Triton is optional on CPU
 
     tensors, params, per_row = _split(args, _LOGITS_TENSORS)
@@ -97,6 +98,7 @@ def _hidden_torch(*args) -> Outputs:
 
 
 def _hidden_triton(*args) -> Outputs:
+    require_triton()
     from .ops.hidden_select import fused_select_from_hidden  # lazy: Triton is optional on CPU
     from .ops.launcher import check_triton_device, unsupported_reason
 
@@ -111,6 +113,7 @@ def _hidden_triton(*args) -> Outputs:
 
 def _hidden_cuda(*args) -> Outputs:
     """CUDA: the hidden-state kernels, or -- for settings they cannot run -- logits and the logits op."""
+    require_triton()
     from .ops.launcher import unsupported_reason
 
     _, params, _ = _split(args, _HIDDEN_TENSORS)

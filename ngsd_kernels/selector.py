@@ -25,7 +25,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .checks import FLOAT_DTYPES, check_hidden_inputs, check_row_sampling, check_row_vectors, check_tensor_arguments
+from .checks import (FLOAT_DTYPES, check_hidden_inputs, check_row_sampling, check_row_vectors, check_tensor_arguments,
+                     require_triton)
 from .ops.cpu_select import cpu_guarded_select
 from .ops.hidden_torch import pair_logits
 from .params import CandidateMode, StepParams
@@ -63,6 +64,7 @@ class GuardedSelector:
         self._launch = None
         self._hidden_launches = {}
         if self.backend == "triton" or (self.backend == "auto" and device.type == "cuda"):
+            require_triton()
             from .ops.launcher import Scratch, check_triton_device, plan_select
 
             if not self.params.score_floor > 0.0:

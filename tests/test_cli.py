@@ -146,6 +146,25 @@ def test_user_errors_are_one_line_with_status_2(argv, words, capsys):
         assert word in err, (word, err)
 
 
+@pytest.mark.parametrize("argv, missing, words", [
+    # a packaging hunt (stop 50): eval generated every answer (minutes to an hour), then failed at its plots;
+    # train-expert built its data, then said only "No module named 'peft'"
+    (["eval", "--config", "demo"], "matplotlib", ["ngsd eval", "matplotlib", "ngsd[eval]"]),
+    (["train-expert", "--out", "adapter"], "peft", ["train-expert needs peft", "ngsd[train]"]),
+])
+def test_a_missing_optional_package_is_named_before_any_work(argv, missing, words, monkeypatch, capsys, tmp_path):
+    import importlib.util
+
+    monkeypatch.chdir(tmp_path)
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == missing else find_spec(name, *a))
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    for word in words:
+        assert word in err, (word, err)
+
+
 @pytest.mark.parametrize("argv, words", [
     (["generate", "hi", "--max-new-token", "4"], ["unrecognized arguments: --max-new-token", "--max-new-tokens?"]),
     (["generate", "hi", "--mode", "fast"], ["--mode", "invalid choice"]),

@@ -1,6 +1,6 @@
 """Guarded decoding behind Hugging Face's own `generate`, through its `custom_generate` hook.
 
-transformers (>= 4.56) accepts a callable as ``custom_generate``: ``generate`` prepares inputs,
+transformers (5.x; tested from 5.19) accepts a callable as ``custom_generate``: ``generate`` prepares inputs,
 generation config and stopping criteria as usual, then hands the decoding loop to the callable.
 `decoding_method` builds such a callable; `apply` makes it the default for one model object so
 that existing ``model.generate(...)`` calls become guarded, and `remove` undoes it.

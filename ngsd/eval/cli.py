@@ -96,6 +96,12 @@ def check_arguments(args: argparse.Namespace) -> None:
         check_expert(args.expert)
     if args.probe is not None:
         check_probe(args.probe)
+    from ..textplot import require_matplotlib
+
+    try:  # before any answer is generated: the plots come last, after the whole run
+        require_matplotlib("ngsd eval (its report's plots)")
+    except ImportError as error:
+        raise UsageError(str(error)) from error
 
 
 def _evaluate(args: argparse.Namespace, argv: Sequence[str] | None) -> int:

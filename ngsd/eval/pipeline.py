@@ -103,11 +103,23 @@ def _data_dir_used(data_dir) -> str | None:
         return None
 
 
+def _installed_version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
 def _git_state() -> str | None:
-    """`<short commit>` plus "+uncommitted changes" when the checkout differs from it (best effort)."""
+    """`<short commit>` plus "+uncommitted changes" when the checkout differs from it (best effort); None when
+    ngsd is not run from its own checkout (an installed ngsd inside a user's repository read the user's commit)."""
     import subprocess
 
     root = Path(__file__).resolve().parents[2]
+    if not ((root / "setup.py").is_file() and (root / ".git").exists()):
+        return None
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
                               timeout=10).stdout.strip()
@@ -256,6 +268,8 @@ def _run(config: EvalConfig, *, out_dir, data_dir, limit, model, tokenizer, mode
     )
     wall = time.time() - started
     environment = {
+        "ngsd": _installed_version("ngsd"),
+        "transformers": _installed_version("transformers"),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "cpus": os.cpu_count(),

@@ -192,3 +192,18 @@ def test_arguments_that_are_not_tensors_are_named(call, name):
     b, e = torch.randn(2, 10), torch.randn(2, 10)
     with pytest.raises(TypeError, match=f"^{name} must be"):
         call(b, e, torch.zeros(2), torch.full((2,), 0.5))
+
+
+def test_the_triton_backend_without_triton_names_the_extra(monkeypatch):
+    """Triton is an optional extra; backend='triton' without it was a bare "No module named 'triton'"."""
+    import sys
+
+    from ngsd_kernels import contrastive_select
+
+    monkeypatch.setitem(sys.modules, "triton", None)  # as if not installed (find_spec then finds nothing)
+    b, e = torch.randn(2, 10), torch.randn(2, 10)
+    for call in (lambda: guarded_select(b, e, torch.zeros(2), torch.ones(2), backend="triton"),
+                 lambda: contrastive_select(b, e, backend="triton"),
+                 lambda: GuardedSelector(StepParams(), backend="triton").plan(2, 10, torch.float32, "cpu")):
+        with pytest.raises(ModuleNotFoundError, match=r"ngsd\[kernels\].*backend='torch'"):
+            call()

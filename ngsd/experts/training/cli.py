@@ -132,6 +132,10 @@ def check_arguments(args: argparse.Namespace) -> None:
     from ...loading import is_default_model
 
     check_threads(args.threads)
+    import importlib.util
+
+    if importlib.util.find_spec("peft") is None:  # the LoRA training itself; found only after the data was built
+        raise UsageError("train-expert needs peft, which is not installed: pip install 'ngsd[train]' (peft, accelerate)")
     if args.model is not None:
         check_model(args.model)
     if args.distill_from is not None:
