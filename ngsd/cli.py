@@ -216,6 +216,12 @@ def check_probe(value: str) -> None:
 def check_expert(value: str) -> None:
     """--expert: 'shipped', a peft adapter folder, a model folder, or a hub id (nothing is loaded)."""
     fix = "pass a peft LoRA adapter folder, a model folder with the base's vocabulary, 'shipped' or 'nest'"
+    from .experts.shipped import check_keyword_not_shadowing
+
+    try:
+        check_keyword_not_shadowing(value, "--expert")
+    except ValueError as error:
+        raise UsageError(str(error)) from error
     if value == "nest":
         from .nest.shipped import is_nest_delta, shipped_nest_path
 

@@ -944,3 +944,31 @@ def test_adapter_parts_the_hooks_cannot_apply_are_refused_by_name(tmp_path, opti
     folder = _peft_adapter(tiny_model("llama"), tmp_path / "adapter", **options)
     with pytest.raises(ValueError, match=named):
         LoraAdapter.load(folder)
+
+
+# --- The one-line switch (a helper's hunt of ngsd.apply, stop 50). ---
+
+
+def test_apply_refuses_a_tokenizer_name_or_a_non_tokenizer(tmp_path):
+    """tokenizer="gpt2" was accepted: it switched the chat-template check off and failed later (AttributeError)."""
+    model = tiny_model("llama")
+    with pytest.raises(TypeError, match="tokenizer object"):
+        ngsd.apply(model, expert=None, config=NGSDConfig(mode="off"), tokenizer="gpt2")
+    with pytest.raises(TypeError, match="batch_decode"):
+        ngsd.apply(model, expert=None, config=NGSDConfig(mode="off"), tokenizer=object())
+    assert not ngsd.is_applied(model)
+
+
+def test_an_expert_that_is_not_a_path_or_model_is_a_type_error():
+    """expert=123 became the hub id '123', looked up with network retries."""
+    with pytest.raises(TypeError, match="expert must be a folder or hub id"):
+        ngsd.apply(tiny_model("llama"), expert=123)
+
+
+@pytest.mark.parametrize("keyword", ["nest", "shipped"])
+def test_a_folder_named_like_a_shipped_expert_is_not_silently_passed_over(keyword, tmp_path, monkeypatch):
+    """The README's `train-nest --delta-out DIR` with DIR = nest: expert="nest" loaded the shipped delta instead."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / keyword).mkdir()
+    with pytest.raises(ValueError, match=f"'./{keyword}'"):
+        ngsd.apply(tiny_model("llama"), expert=keyword)

@@ -411,3 +411,26 @@ def test_prompts_outside_the_chat_template_are_guarded_whatever_the_probe_says()
     assert not verdict.routed and not check and verdict.alpha == ReflectionConfig().guarded_alpha
     assert "chat template" in verdict.reason
     assert plan.verdict_for(0.5)[0].routed
+
+
+def test_without_the_tokenizer_a_probe_calibrated_on_templated_prompts_routes_no_row(tmp_path):
+    """ngsd.apply(model, expert) without tokenizer= skipped the chat-template check: raw `tokenizer(text)` ids
+    were routed as if templated (4 of 100 AdvBench goals decoded unguarded on the default model, no warning)."""
+    import json
+
+    model, adapter, ids, mask, risks, threshold = _split_batch(tmp_path)
+    reflection = ReflectionConfig(mode="probe", probe=str(tmp_path / "probe"), route_below=threshold)
+    config = NGSDConfig(tau=2.0, v_th=0.3, reflection=reflection)
+    assert sum(not t.guarded for t in _run(model, adapter, ids, mask, config=config).traces) == 2
+    spec_file = tmp_path / "probe" / "probe.json"
+    spec_file.write_text(json.dumps({**json.loads(spec_file.read_text()), "chat_template": True}))
+    with pytest.warns(UserWarning, match="without the tokenizer.*every row is guarded"):
+        out = _run(model, adapter, ids, mask, config=config)
+    assert all(t.guarded for t in out.traces)
+    assert all("chat template" in t.reflection.reason for t in out.traces)
+
+
+def test_the_shipped_probe_says_it_was_calibrated_on_templated_prompts():
+    from ngsd.risk.probe import RiskProbe, shipped_probe_path
+
+    assert RiskProbe.load(shipped_probe_path()).spec.chat_template

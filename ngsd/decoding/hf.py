@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import os
 from dataclasses import dataclass
 from numbers import Integral
 from typing import Any, Callable
@@ -111,6 +112,18 @@ def _check_config(config: Any, name: str) -> NGSDConfig:
     return config
 
 
+def _check_tokenizer(tokenizer: Any, name: str) -> None:
+    """None, or a tokenizer object: a name ("gpt2") passed where the object belongs switched the chat-template
+    check off without a word and failed later with an AttributeError."""
+    if tokenizer is None:
+        return
+    if isinstance(tokenizer, (str, os.PathLike)):
+        raise TypeError(f"{name} must be the tokenizer object (e.g. AutoTokenizer.from_pretrained({str(tokenizer)!r}) "
+                        "or the one ngsd.load_model returns), not its name")
+    if not callable(getattr(tokenizer, "batch_decode", None)):
+        raise TypeError(f"{name} must be a Hugging Face tokenizer (with batch_decode), got {type(tokenizer).__name__}")
+
+
 def decoding_method(expert: ExpertLike, config: NGSDConfig | None = None, tokenizer=None) -> Callable[..., Any]:
     """A `custom_generate` callable running guarded decoding with this expert and config.
 
@@ -120,6 +133,7 @@ def decoding_method(expert: ExpertLike, config: NGSDConfig | None = None, tokeni
     ``ngsd_tokenizer``, ``ngsd_stop_strings`` and ``ngsd_config``.
     """
     config = _check_config(config or NGSDConfig(), "config")
+    _check_tokenizer(tokenizer, "tokenizer")
 
     def ngsd_decoding(
         model: nn.Module,
@@ -143,6 +157,7 @@ def decoding_method(expert: ExpertLike, config: NGSDConfig | None = None, tokeni
             raise ValueError("guarded decoding does not support inputs_embeds (the expert rows need the token ids); "
                              "pass input_ids, or call ngsd.remove(model) for plain generate")
         call_tokenizer = ngsd_tokenizer or tokenizer
+        _check_tokenizer(call_tokenizer, "tokenizer")
         resolved = resolve_expert(expert, model, required=call_config.mode != "off", tokenizer=call_tokenizer)
         max_new = gc.max_length - input_ids.shape[1] if gc.max_length is not None else 20
         pad = getattr(gc, "_pad_token_tensor", None)
@@ -202,6 +217,7 @@ def apply(
     """
     if config is not None:
         _check_config(config, "config")  # before anything is attached
+    _check_tokenizer(tokenizer, "tokenizer")
     if "generate" in vars(model) and not is_applied(model):
         raise ValueError("this model object has a generate of its own (a hub custom_generate, or a patch), which "
                          "ngsd.apply would bypass; load the model without it, or call ngsd.guarded_generate directly")

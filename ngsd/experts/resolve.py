@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
@@ -43,8 +44,11 @@ def resolve_expert(expert: ExpertLike, base: nn.Module, *, required: bool = True
         resolved = expert
         if isinstance(expert, nn.Module):
             check_loaded_expert_tokenizer(expert, tokenizer)
-    else:
-        resolved = _load(str(expert), base, tokenizer)
+    elif isinstance(expert, (str, os.PathLike)):
+        resolved = _load(os.fspath(expert), base, tokenizer)
+    else:  # str() of anything else became a hub id ('123'), looked up with network retries
+        raise TypeError(f"expert must be a folder or hub id (str or path), a LoraAdapter, a model, 'shipped' or "
+                        f"'nest', got {type(expert).__name__}")
     if isinstance(resolved, nn.Module):
         check_same_vocabulary(base, resolved, tokenizer)
     return resolved
@@ -69,7 +73,9 @@ def check_step_dtypes(base: nn.Module, expert: "LoraAdapter | nn.Module | None")
 
 def _load(name: str, base: nn.Module, tokenizer) -> LoraAdapter | nn.Module:
     from ..nest.shipped import is_nest_delta, shipped_nest_path
+    from .shipped import check_keyword_not_shadowing
 
+    check_keyword_not_shadowing(name, "expert")
     if name == "nest":
         name = str(shipped_nest_path())
     if is_nest_delta(name):

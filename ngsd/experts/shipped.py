@@ -15,3 +15,15 @@ def shipped_expert_path() -> Path:
     'smollm2-135m-safety-lora'
     """
     return SHIPPED_EXPERTS / EXPERT_NAME
+
+
+SHIPPED_KEYWORDS = ("shipped", "nest")
+
+
+def check_keyword_not_shadowing(name: str, what: str) -> None:
+    """'shipped' and 'nest' name what ships with ngsd; a folder of that name in the working directory (the README's
+    `train-nest --delta-out nest`) was silently passed over for them. Refuse the ambiguity, naming both readings."""
+    if name in SHIPPED_KEYWORDS and Path(name).exists():
+        raise ValueError(f"{what} {name!r} names the {'NeST delta' if name == 'nest' else 'expert'} shipped with "
+                         f"ngsd, but a folder {name!r} exists in the working directory too: pass './{name}' (or its "
+                         "full path) for that folder, or run from another directory for the shipped one")

@@ -100,6 +100,12 @@ def run_to_lora(args: argparse.Namespace) -> int:
     if not args.out.strip():
         raise UsageError("--out is empty: give the folder to write the adapter into")
     check_output_folder("--out", args.out, " for the adapter")
+    from ..experts.shipped import check_keyword_not_shadowing
+
+    try:
+        check_keyword_not_shadowing(args.delta, "DELTA")
+    except ValueError as error:
+        raise UsageError(str(error)) from error
     delta = shipped_nest_path() if args.delta == "nest" else args.delta
     if not is_nest_delta(delta):
         raise UsageError(f"{args.delta!r} is not a NeST delta folder (nest_delta.safetensors, no config.json); "

@@ -174,7 +174,15 @@ def plan_risk(
         probe = load_probe(model, reflection)
         if probe is not None:
             plan = probe_plan(probe, reflection, batch, config.mode)
-            if plan.route_below is not None and tokenizer is not None:
+            if plan.route_below is not None and tokenizer is None and probe.spec.chat_template:
+                # raw text (tokenizer(text) ids) cannot be told from templated prompts without the tokenizer, and the
+                # probe routes raw harmful text unguarded far more often: no row is routed
+                plan.untemplated = frozenset(range(batch))
+                warn_at_caller(
+                    "the risk probe routes only chat-templated prompts, and without the tokenizer ngsd cannot check "
+                    "the template, so every row is guarded; pass tokenizer= (ngsd.apply(model, ..., tokenizer=...), "
+                    "or generate(..., tokenizer=...)) to route the harmless ones unguarded", UserWarning)
+            elif plan.route_below is not None:
                 plan.untemplated = frozenset(untemplated_rows(tokenizer, input_ids, attention_mask))
                 if plan.untemplated:
                     warn_at_caller(

@@ -77,6 +77,9 @@ class ProbeSpec:
     next-token distribution stays within total variation check_divergence of the base's; else it
     is guarded. None: no check. Fitted for one expert, named in check_expert (another expert that
     diverges more from the base guards more rows, one that diverges less fewer).
+    chat_template: trained on chat-templated prompts (train-probe's prompts are, where the tokenizer has a
+    template): its routing is then calibrated on templated prompts only, so rows that are not templated, or that
+    cannot be checked for want of the tokenizer, are never routed.
     """
 
     layer: int | tuple[int, ...]
@@ -88,6 +91,7 @@ class ProbeSpec:
     check_above: float | None = None
     check_divergence: float | None = None
     check_expert: str = ""
+    chat_template: bool = False
 
     def __post_init__(self) -> None:
         layers = self.layers
@@ -126,6 +130,7 @@ class ProbeSpec:
             check_above=_optional_float(data.get("check_above")),
             check_divergence=_optional_float(data.get("check_divergence")),
             check_expert=str(data.get("check_expert", "")),
+            chat_template=data.get("chat_template", False) is True,
         )
 
 

@@ -52,7 +52,7 @@ import platform
 import random
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -893,6 +893,8 @@ def train_probe(cfg: TrainProbeConfig, *, model: Any = None, tokenizer: Any = No
     t_fit = time.time()
     probe, selection = select_and_fit(build(feats, y, layers, cfg), y, train, val, cfg, model_info, wrappers,
                                       [len(e.text) for e in examples])
+    # extract_features wraps every prompt in the chat template where the tokenizer has one
+    probe.spec = replace(probe.spec, chat_template=bool(getattr(tokenizer, "chat_template", None)))
     fit_seconds = time.time() - t_fit
     counts: dict[str, int] = {}
     for e in examples:
