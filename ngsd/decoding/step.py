@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ngsd_kernels import GuardedSelector, StepGraph, StepParams
@@ -69,9 +70,24 @@ class GuardedStep:
         if self._base_head is None:
             return base, expert
         if expert is None:
-            return hidden_logits(base, self._base_head.weight, self._base_head.bias), None
+            return self._unguarded_logits(base), None
         weight_e, bias_e = self._expert_weight_and_bias()
-        return pair_logits(base, expert, self._base_head.weight, weight_e, self._base_head.bias, bias_e)
+        base_logits, expert_logits = pair_logits(base, expert, self._base_head.weight, weight_e, self._base_head.bias,
+                                                 bias_e)
+        if not self._all_rows and self._base_head.weight.dtype != torch.float32:
+            unguarded = torch.ones(base.shape[0], dtype=torch.bool, device=base.device)
+            unguarded[self.rows] = False
+            base_logits[unguarded] = self._unguarded_logits(base[unguarded])
+        return base_logits, expert_logits
+
+    def _unguarded_logits(self, hidden: Tensor) -> Tensor:
+        """fp32 logits of rows that decode unguarded (routed, or mode "off"), computed as the model computes
+        them, in its head's dtype and then upcast (as `generate` reads them): the step's fp32 matmul of a bf16
+        head broke near-ties otherwise, and a routed row's answer differed from plain `generate`'s."""
+        head = self._base_head
+        if head.weight.dtype == torch.float32:
+            return hidden_logits(hidden, head.weight, head.bias)
+        return F.linear(hidden.to(head.weight.dtype), head.weight, head.bias).float()
 
     def logits(self, base: Tensor, expert: Tensor | None) -> tuple[Tensor, Tensor]:
         """[B, V] base and expert logits; an unguarded row's expert logits are its base logits."""
