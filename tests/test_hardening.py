@@ -972,3 +972,47 @@ def test_a_folder_named_like_a_shipped_expert_is_not_silently_passed_over(keywor
     (tmp_path / keyword).mkdir()
     with pytest.raises(ValueError, match=f"'./{keyword}'"):
         ngsd.apply(tiny_model("llama"), expert=keyword)
+
+
+def test_casting_the_model_after_apply_recasts_the_experts_copies(tmp_path):
+    """model.to(torch.bfloat16) after ngsd.apply failed at the next generate ("expected m1 and m2 to have the same
+    dtype", from the LoRA hook's fp32 copies); the copies now follow the layers, made again from the adapter."""
+    model = tiny_model("llama")
+    folder = tiny_lora_expert(model, tmp_path / "lora")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, ngsd_alpha=0.9)
+    ngsd.apply(model, expert=str(folder))
+    model.to(torch.bfloat16)
+    cast_after = model.generate(ids, **kwargs)
+    ngsd.remove(model)
+    ngsd.apply(model, expert=str(folder))
+    applied_after = model.generate(ids, **kwargs)
+    ngsd.remove(model)
+    assert torch.equal(cast_after, applied_after)
+
+
+def test_a_peft_wrapped_base_is_refused_with_the_merge_to_do(tmp_path):
+    """The error said the expert 'was trained for another architecture' (its hooks met peft's wrapper layers)."""
+    peft = pytest.importorskip("peft")
+    model = tiny_model("llama")
+    folder = tiny_lora_expert(model, tmp_path / "lora")
+    wrapped = peft.PeftModel.from_pretrained(tiny_model("llama"), str(tiny_lora_expert(model, tmp_path / "user", seed=7)))
+    with pytest.raises(ValueError, match="merge_and_unload"):
+        ngsd.apply(wrapped, expert=str(folder))
+    merged = wrapped.merge_and_unload()
+    ngsd.apply(merged, expert=str(folder))
+    out = merged.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=2, pad_token_id=0, ngsd_alpha=0.9)
+    assert out.shape == (1, 5)
+    ngsd.remove(merged)
+
+
+def test_min_p_zero_is_a_no_op_not_a_refusal(lora_folder):
+    """min_p=0.0 keeps every token (as typical_p=1.0 does, which was accepted) but was refused."""
+    model = tiny_model("llama")
+    ngsd.apply(model, expert=lora_folder, config=OPEN)
+    try:
+        kwargs = dict(max_new_tokens=4, pad_token_id=0, ngsd_alpha=0.5, do_sample=True, ngsd_seed=3)
+        with_min_p = model.generate(torch.tensor([[5, 6, 7]]), min_p=0.0, **kwargs)
+        assert torch.equal(with_min_p, model.generate(torch.tensor([[5, 6, 7]]), **kwargs))
+    finally:
+        ngsd.remove(model)

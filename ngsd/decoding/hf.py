@@ -63,7 +63,7 @@ _UNSUPPORTED = (
     ("constraints", lambda v: bool(v), "constrained beam search"),
     ("force_words_ids", lambda v: bool(v), "constrained beam search"),
     ("guidance_scale", lambda v: v is not None and v != 1, "classifier-free guidance needs its own forward"),
-    ("min_p", lambda v: v is not None, "use top_k / top_p"),
+    ("min_p", lambda v: v is not None and v > 0.0, "use top_k / top_p"),
     ("typical_p", lambda v: v is not None and v < 1.0, "use top_k / top_p"),
     ("epsilon_cutoff", lambda v: v is not None and v > 0.0, "use top_k / top_p"),
     ("eta_cutoff", lambda v: v is not None and v > 0.0, "use top_k / top_p"),

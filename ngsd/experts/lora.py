@@ -178,10 +178,7 @@ class LoraAdapter:
                 )
             # Each attachment gets its own copies in the layer's device and dtype, owned by the hook alone: one
             # adapter can serve models of different dtypes, and detach frees them with the hook.
-            weight = module.weight
-            down_t = pair.down.to(weight.device, weight.dtype).T.contiguous()
-            up_t = (pair.up.to(weight.device, weight.dtype).T * self.scale).contiguous()
-            handles.append(module.register_forward_hook(self._hook(down_t, up_t)))
+            handles.append(module.register_forward_hook(_LoraHook(self._local, pair, self.scale, module.weight)))
         model.__dict__.setdefault(_ATTACHED, {})[self] = handles
 
     def detach(self, model: nn.Module) -> None:
@@ -214,19 +211,24 @@ class LoraAdapter:
         finally:
             self._local.first_row = previous
 
-    def _hook(self, down_t: torch.Tensor, up_t: torch.Tensor) -> "_LoraHook":
-        return _LoraHook(self._local, down_t, up_t)
-
 
 class _LoraHook:
     """The forward hook of one adapted layer: adds the LoRA update to the rows from ``first_row`` on (set by
     ``LoraAdapter.rows_from``). An object, not a closure, so that copying or pickling the model it is attached to
     fails with ``_NOT_COPYABLE``, not with a bare "Can't pickle local object"."""
 
-    __slots__ = ("local", "down_t", "up_t")
+    __slots__ = ("local", "pair", "scale", "down_t", "up_t")
 
-    def __init__(self, local: threading.local, down_t: torch.Tensor, up_t: torch.Tensor) -> None:
-        self.local, self.down_t, self.up_t = local, down_t, up_t
+    def __init__(self, local: threading.local, pair: "_LoraPair", scale: float, weight: torch.Tensor) -> None:
+        self.local, self.pair, self.scale = local, pair, scale
+        self._cast_like(weight)
+
+    def _cast_like(self, weight: torch.Tensor) -> None:
+        """Copies of the pair in the layer's device and dtype: each attachment owns its own (one adapter can serve
+        models of different dtypes), made again from the adapter's own tensors when the model moves or is cast
+        (`model.to(torch.bfloat16)` after `ngsd.apply` failed with "expected m1 and m2 to have the same dtype")."""
+        self.down_t = self.pair.down.to(weight.device, weight.dtype).T.contiguous()
+        self.up_t = (self.pair.up.to(weight.device, weight.dtype).T * self.scale).contiguous()
 
     def __reduce_ex__(self, protocol: int):
         raise TypeError(_NOT_COPYABLE)
@@ -235,6 +237,8 @@ class _LoraHook:
         first = getattr(self.local, "first_row", None)
         if first is None:
             return None
+        if module.weight.dtype != self.down_t.dtype or module.weight.device != self.down_t.device:
+            self._cast_like(module.weight)
         x, down_t, up_t = inputs[0], self.down_t, self.up_t
         if torch.is_grad_enabled():
             delta = _lora_update(x, first, down_t, up_t).view(output[first:].shape)

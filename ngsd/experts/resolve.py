@@ -33,6 +33,12 @@ def resolve_expert(expert: ExpertLike, base: nn.Module, *, required: bool = True
     LM head is padded to another row count than the base's is accepted when both heads cover it
     (`check_same_vocabulary`).
     """
+    if hasattr(base, "peft_config") and callable(getattr(base, "get_base_model", None)):
+        # its layers are peft's wrappers: the expert's hooks found no Linear of the adapter's names ("trained for
+        # another architecture"), and its own adapter would run on the base rows too
+        raise ValueError("the base model is wrapped by peft (a PeftModel): merge its adapter into the weights "
+                         "first (model = model.merge_and_unload()), then guard the merged model; a safety adapter "
+                         "goes in expert=")
     if expert is None:
         if required:
             raise ValueError(
