@@ -351,8 +351,9 @@ def test_eval_and_cli_accept_a_delta_folder_as_expert(tmp_path):
         check_expert(str(tmp_path / "empty"))
 
 
-@pytest.mark.parametrize("top_layers", [None, 1])
-def test_train_nest_end_to_end_on_a_tiny_model(top_layers, tmp_path):
+@pytest.mark.parametrize("top_layers, scope, max_neurons", [(None, "layer", None), (1, "layer", None),
+                                                          (None, "global", 2)])
+def test_train_nest_end_to_end_on_a_tiny_model(top_layers, scope, max_neurons, tmp_path):
     """The whole run (selection on the training prompts, clustering, a few training steps on the expert
     recipe's examples, delta + folded checkpoint) on a tiny Llama that shares the default tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -368,10 +369,16 @@ def test_train_nest_end_to_end_on_a_tiny_model(top_layers, tmp_path):
     tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(default_cache_dir()))
     model = tiny_model("llama", vocab_size=len(tokenizer), max_positions=512, init=0.02)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model.train()
     cfg = NestConfig(probe_prompts=12, z_threshold=2.0, k_max=3, max_examples=6, delta_out=str(tmp_path / "delta"),
-                     out=str(tmp_path / "ckpt"), max_length=96, top_layers=top_layers)
+                     out=str(tmp_path / "ckpt"), max_length=96, top_layers=top_layers, cluster_scope=scope,
+                     max_neurons=max_neurons)
     result = train_nest(cfg, model=model, tokenizer=tokenizer, log=lambda _: None)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # the caller's model is untouched
+    # ... and comes back trainable, in train mode (it came back frozen, in eval mode: a helper's hunt, stop 50)
+    assert model.training and all(p.requires_grad for p in model.parameters())
+    if max_neurons == 2:  # global clustering of fewer than k_min + 1 neurons failed after the selection's prefill
+        assert result.update.num_clusters == 1 and result.report["clustering"]["k"] == 1
     report = result.report
     assert report["parameters"]["nest"] == result.update.num_trainable() == result.update.num_clusters * 3 * 32
     assert report["training"]["steps"] == 6 and report["data"]["examples_by_kind"]
@@ -459,3 +466,78 @@ def test_a_nest_delta_distils_as_a_teacher(tmp_path):
     torch.testing.assert_close(logits(teacher, ids), logits(folded, ids))
     assert not torch.equal(logits(teacher, ids), logits(model, ids))  # the base itself is left as it was
     assert not any(p.requires_grad for p in teacher.parameters())
+
+
+# --- A helper's hunt of NeST (stop 50). ---
+
+
+def test_folding_a_delta_twice_is_refused_and_a_folded_base_refuses_it_as_expert(tmp_path):
+    """A second apply_delta doubled the change silently (W2 - W0 == 2 (W1 - W0)); load_nest_model() then
+    expert='nest' guarded with base + 2 delta."""
+    from ngsd.experts.resolve import resolve_expert
+
+    model = tiny_model("llama")
+    update = random_update(model, seed=4)
+    update.save(tmp_path / "delta")
+    folded = apply_delta(copy.deepcopy(model), tmp_path / "delta")
+    once = [p.detach().clone() for p in folded.parameters()]
+    with pytest.raises(ValueError, match="already folded"):
+        apply_delta(folded, tmp_path / "delta")
+    assert all(torch.equal(a, b) for a, b in zip(once, folded.parameters()))
+    with pytest.raises(ValueError, match="add it twice"):
+        resolve_expert(str(tmp_path / "delta"), folded)
+    update.fold_into(folded, sign=-1)  # taken out, it may go in again
+    apply_delta(folded, tmp_path / "delta")
+    resolve_expert(str(tmp_path / "delta"), model)  # the unmodified base takes it as its expert
+
+
+@pytest.mark.parametrize("damage", ["truncated", "wrong width", "missing down", "nan"])
+def test_a_damaged_delta_file_is_a_one_line_error(damage, tmp_path):
+    """Each gave a raw traceback from the CLI (SafetensorError, a size mismatch) or printed only 'error: down'."""
+    from safetensors.torch import load_file, save_file
+
+    from ngsd.cli import main
+
+    model = tiny_model("llama")
+    path = random_update(model).save(tmp_path / "delta")
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:200])
+    else:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+        tensors = load_file(str(path))
+        if damage == "wrong width":
+            tensors["up"] = tensors["up"][:, :-1].contiguous()
+        elif damage == "missing down":
+            del tensors["down"]
+        else:
+            tensors["gate"][0, 0] = float("nan")
+        save_file(tensors, str(path), metadata=meta)
+    with pytest.raises(ValueError, match="not a valid NeST delta"):
+        NestUpdate.load(tmp_path / "delta")
+    assert main(["nest-to-lora", str(tmp_path / "delta"), "--out", str(tmp_path / "lora")]) == 2
+
+
+def test_a_damaged_lora_weights_file_is_a_one_line_error(tmp_path):
+    from ngsd.experts.lora import LoraAdapter
+
+    from .conftest import tiny_lora_expert
+
+    folder = tiny_lora_expert(tiny_model("llama"), tmp_path / "lora")
+    weights = folder / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ValueError, match="not a valid safetensors file"):
+        LoraAdapter.load(folder)
+
+
+def test_nest_to_lora_takes_a_train_nest_checkpoint_folder(tmp_path):
+    """train-nest --out writes the delta beside the folded weights; nest-to-lora refused the folder (config.json)."""
+    from ngsd.cli import main
+
+    model = tiny_model("llama")
+    model.save_pretrained(tmp_path / "ckpt")
+    random_update(model).save(tmp_path / "ckpt")
+    assert main(["nest-to-lora", str(tmp_path / "ckpt"), "--out", str(tmp_path / "lora")]) == 0
+    assert (tmp_path / "lora" / "adapter_model.safetensors").is_file()

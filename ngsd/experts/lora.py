@@ -131,7 +131,11 @@ class LoraAdapter:
         rslora = bool(config.get("use_rslora"))
         scale = _lora_scale(lora_alpha, rank, rslora)
 
-        tensors = load_file(str(weights_file))
+        try:
+            tensors = load_file(str(weights_file))
+        except Exception as error:  # a truncated or rewritten file: safetensors' own error (a raw traceback in the CLI)
+            raise ValueError(f"{weights_file} is not a valid safetensors file ({type(error).__name__}: {error}); save "
+                             "the adapter again (PeftModel.save_pretrained, ngsd train-expert) or restore the file") from error
         downs: dict[str, torch.Tensor] = {}
         ups: dict[str, torch.Tensor] = {}
         for key, tensor in tensors.items():

@@ -106,7 +106,7 @@ def _load(name: str, base: nn.Module, tokenizer) -> LoraAdapter | nn.Module:
     return model
 
 
-_NEST_CACHE: dict[tuple, tuple["NestUpdate", LoraAdapter]] = {}  # `_folder_key` -> (its delta, its adapter)
+_NEST_CACHE: dict[tuple, tuple["NestUpdate", LoraAdapter, str]] = {}  # `_folder_key` -> (delta, adapter, fingerprint)
 
 
 def _folder_key(folder: str) -> tuple:
@@ -121,14 +121,18 @@ def _folder_key(folder: str) -> tuple:
 def _nest_adapter(folder: str, base: nn.Module) -> LoraAdapter:
     """A NeST delta folder as its LoRA adapter, converted once per folder and checked against `base` each time."""
     from ..nest.as_lora import nest_lora_adapter
-    from ..nest.update import NestUpdate
+    from ..nest.update import FOLDED_ATTR, NestUpdate
 
     key = _folder_key(folder)
     if key not in _NEST_CACHE:
         update = NestUpdate.load(folder)
-        _NEST_CACHE[key] = (update, nest_lora_adapter(update, source=folder))
-    update, adapter = _NEST_CACHE[key]
+        _NEST_CACHE[key] = (update, nest_lora_adapter(update, source=folder), update.fingerprint())
+    update, adapter, fingerprint = _NEST_CACHE[key]
     update.check_model(base)  # a delta made for another model: a clear error before any hook is attached
+    if fingerprint in base.__dict__.get(FOLDED_ATTR, ()):
+        raise ValueError(f"the base model already has the NeST delta {folder} folded into its weights "
+                         "(ngsd.nest.load_nest_model, apply_delta): as the expert it would add it twice; guard the "
+                         "unmodified base model with it, or use this model as a separate expert")
     return adapter
 
 

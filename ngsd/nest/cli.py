@@ -106,10 +106,13 @@ def run_to_lora(args: argparse.Namespace) -> int:
         check_keyword_not_shadowing(args.delta, "DELTA")
     except ValueError as error:
         raise UsageError(str(error)) from error
+    from .update import DELTA_FILE
+
     delta = shipped_nest_path() if args.delta == "nest" else args.delta
-    if not is_nest_delta(delta):
-        raise UsageError(f"{args.delta!r} is not a NeST delta folder (nest_delta.safetensors, no config.json); "
-                         "pass one written by `ngsd train-nest --delta-out`, or 'nest' for the shipped delta")
+    # a train-nest --out checkpoint holds its delta beside the folded weights: the delta is what converts
+    if not (is_nest_delta(delta) or (Path(delta) / DELTA_FILE).is_file()):
+        raise UsageError(f"{args.delta!r} holds no NeST delta ({DELTA_FILE}); pass a folder written by "
+                         "`ngsd train-nest --delta-out` or --out, or 'nest' for the shipped delta")
     folder = save_peft_folder(delta, args.out, base_model_name_or_path=args.base)
     print(f"wrote a peft LoRA adapter (exact, scale 1) to {folder}: use it as --expert {folder}, in peft or in vLLM")
     return 0

@@ -81,7 +81,13 @@ def find_neurons(model: Any, tokenizer: Any, harmful: Sequence[str], benign: Seq
                                from_layer=first_selectable_layer(cfg, z.shape[0]))
     profiles = activation_profiles(pooled, selection)
     options = dict(k_min=cfg.k_min, k_max=cfg.k_max, seed=cfg.seed, restarts=cfg.kmeans_restarts)
-    if cfg.cluster_scope == "global":
+    if cfg.cluster_scope == "global" and len(profiles) < max(3, cfg.k_min + 1):
+        # too few neurons for the silhouette to choose k among k_min.. clusters: one cluster, as the layer scope
+        # does for a small layer (this failed after the selection's prefill, naming neither option)
+        labels = torch.zeros(len(profiles), dtype=torch.long)
+        summary = {"scope": "global", "k": 1, "silhouette_by_k": {},
+                   "one_cluster_because": f"{len(profiles)} selected neurons, fewer than k_min + 1 = {cfg.k_min + 1}"}
+    elif cfg.cluster_scope == "global":
         clustering = cluster_by_silhouette(profiles, **options)
         labels = clustering.labels
         summary: dict[str, Any] = {"scope": "global", "k": clustering.k, "silhouette_by_k": _rounded(clustering.silhouettes)}
@@ -206,8 +212,18 @@ def train_nest(cfg: NestConfig, *, model: Any = None, tokenizer: Any = None, com
     """
     from ..experts.training.trainer import torch_threads
 
-    with torch_threads(cfg.threads):
-        return _train_nest(cfg, model=model, tokenizer=tokenizer, command=command, log=log)
+    # a passed-in model comes back as it came: training freezes its parameters and sets eval mode (a fine-tuning
+    # step on it afterwards failed with "element 0 of tensors does not require grad")
+    trainable = None if model is None else [(p, p.requires_grad) for p in model.parameters()]
+    was_training = None if model is None else model.training
+    try:
+        with torch_threads(cfg.threads):
+            return _train_nest(cfg, model=model, tokenizer=tokenizer, command=command, log=log)
+    finally:
+        for parameter, requires_grad in trainable or ():
+            parameter.requires_grad_(requires_grad)
+        if was_training is not None:
+            model.train(was_training)
 
 
 def _train_nest(cfg: NestConfig, *, model: Any, tokenizer: Any, command: str | None, log: Callable[[str], None]) -> NestResult:
@@ -233,6 +249,7 @@ def _train_nest(cfg: NestConfig, *, model: Any, tokenizer: Any, command: str | N
     selection, labels, clusters, z = find_neurons(model, tokenizer, harmful, benign, cfg)
     t_select = time.perf_counter() - t0
     update = NestUpdate(selection.layer, selection.neuron, labels, shape)
+    update.to(next(model.parameters()).device)  # its vectors meet the model's activations in the hooks (CUDA: not run)
     log(f"selected {len(selection)} neurons (z >= {cfg.z_threshold}) in {len(selection.per_layer())} layers; "
         f"{update.num_clusters} clusters by silhouette ({t_select:.0f} s)")
     t1 = time.perf_counter()

@@ -9,6 +9,7 @@ hidden-size vector). Everything else stays as it is. `attached(model)` applies i
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from contextlib import contextmanager
@@ -21,6 +22,7 @@ from torch import nn
 from .architecture import ffn_layers, model_shape
 
 DELTA_FILE = "nest_delta.safetensors"
+FOLDED_ATTR = "_ngsd_nest_folded"  # model.__dict__[FOLDED_ATTR]: fingerprints of the deltas folded into its weights
 PROJECTIONS = ("gate", "up", "down")
 
 
@@ -104,10 +106,27 @@ class NestUpdate(nn.Module):
             return output + h @ self.down[clusters].to(output.dtype)
         return hook
 
+    def fingerprint(self) -> str:
+        """A short hash of the update's index and vectors: the same delta, wherever it was loaded from."""
+        digest = hashlib.sha256()
+        for name in ("layer", "neuron", "cluster", *PROJECTIONS):
+            digest.update(getattr(self, name).detach().float().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
     @torch.no_grad()
     def fold_into(self, model: Any, *, sign: float = 1.0) -> Any:
-        """Add the update to the weights in place (`sign=-1` takes it out again); returns the model."""
-        for index, ffn in enumerate(self.check_model(model)):
+        """Add the update to the weights in place (`sign=-1` takes it out again); returns the model.
+
+        The model object records the deltas folded into it: folding one again (it would double silently) is
+        refused. A model saved with a folded delta and loaded again carries no record."""
+        folded = model.__dict__.setdefault(FOLDED_ATTR, set())
+        key = self.fingerprint()
+        if sign > 0 and key in folded:
+            raise ValueError("this NeST delta is already folded into the model's weights; folding it again would "
+                             "double it (fold_into(model, sign=-1) takes it out)")
+        ffns = self.check_model(model)
+        folded.add(key) if sign > 0 else folded.discard(key)
+        for index, ffn in enumerate(ffns):
             neurons, clusters = self._rows(index)
             if len(neurons) == 0:
                 continue
@@ -141,16 +160,34 @@ class NestUpdate(nn.Module):
             path = path / DELTA_FILE
         if not path.is_file():
             raise FileNotFoundError(f"no NeST delta at {path}; train one with `ngsd train-nest` (it writes {DELTA_FILE})")
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != "ngsd-nest-delta/1":
-                raise ValueError(f"{path} is not an ngsd NeST delta (format {meta.get('format')!r})")
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
-        update = cls(tensors["layer"], tensors["neuron"], tensors["cluster"], json.loads(meta["shape"]))
+        damaged = (f"{path} is not a valid NeST delta ({{}}); write it again with `ngsd train-nest --delta-out` "
+                   "or restore the file")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("format") != "ngsd-nest-delta/1":
+                    raise ValueError(f"{path} is not an ngsd NeST delta (format {meta.get('format')!r})")
+                tensors = {name: f.get_tensor(name) for name in f.keys()}
+            shape = json.loads(meta["shape"])
+            info = json.loads(meta.get("info", "{}"))
+        except ValueError:
+            raise
+        except Exception as error:  # a truncated or rewritten file: safetensors' own error, a JSON error, a KeyError
+            raise ValueError(damaged.format(f"{type(error).__name__}: {error}")) from error
+        missing = [name for name in (*PROJECTIONS, "layer", "neuron", "cluster") if name not in tensors]
+        if missing:
+            raise ValueError(damaged.format(f"it lacks the tensors {missing}"))
+        update = cls(tensors["layer"], tensors["neuron"], tensors["cluster"], shape)
+        for name in PROJECTIONS:
+            want = tuple(getattr(update, name).shape)
+            if tuple(tensors[name].shape) != want:
+                raise ValueError(damaged.format(f"{name} is {tuple(tensors[name].shape)}, its index and shape say {want}"))
+            if not bool(torch.isfinite(tensors[name]).all()):
+                raise ValueError(damaged.format(f"{name} holds NaN or infinite values"))
         with torch.no_grad():
             for name in PROJECTIONS:
                 getattr(update, name).copy_(tensors[name])
-        update.info = json.loads(meta.get("info", "{}"))
+        update.info = info
         return update
 
 
