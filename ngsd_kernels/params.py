@@ -80,7 +80,7 @@ class StepParams:
     v_th: float = 1.0  # firing threshold
     v_reset: float = 0.0  # soft-reset target
     rho: float = 0.6  # soft-reset factor: v <- v_reset + rho (v - v_reset) on a spike
-    candidate_k: int = 64
+    candidate_k: int = 64  # union: top-k of each model; intersection: the k the grown intersection starts from
     candidate_mode: CandidateMode = CandidateMode.UNION
     min_candidates: int = 5  # intersection mode: grow k until the set holds this many tokens
     divergence: Divergence = Divergence.TV
