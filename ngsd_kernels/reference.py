@@ -8,7 +8,8 @@ One call decides the next token of every row of a batch (NGSD_SPEC.md sections 3
    ``v = v_reset + rho (v - v_reset)`` on a spike;
 4. scores ``s``: ``p_b`` where the gate is shut; where it is open, on the candidate set ``C``
    ``s = p_b + alpha (p_e - p_b)`` and elsewhere ``p_b`` (union mode), or, SafeDecoding's
-   intersection mode, ``max(p_b + alpha (p_e - p_b), floor)`` on ``C`` and 0 elsewhere;
+   intersection mode, ``max(p_b + alpha (p_e - p_b), floor)`` on ``C`` and 0 elsewhere (and 0 on a
+   token of ``C`` that is -inf in both models, unless every token of ``C`` is; ``scored_intersection``);
 5. choice: greedy ``argmax s`` (ties: lowest id), or a draw from ``q ∝ max(s, 0)^(1/T)`` after
    top-k / top-p on ``q``, by the Gumbel-max trick with counter-based uniforms (``philox.py``).
 
@@ -118,6 +119,15 @@ def intersection_candidates(lb: torch.Tensor, le: torch.Tensor, k: int, min_cand
     grown = torch.kthvalue(worst_rank, need, dim=-1, keepdim=True).values + 1
     k_eff = torch.clamp(grown, min=min(k, vocab))
     return worst_rank < k_eff
+
+
+def scored_intersection(in_set: torch.Tensor, lb: torch.Tensor, le: torch.Tensor) -> torch.Tensor:
+    """The candidates that get a score (at least the floor): those either model allows (a finite logit). A token
+    both models mask (-inf, e.g. after a top-k warper) enters a grown intersection by its id among the ties, and at
+    the floor it tied the real candidates and won as the lowest id; it scores 0 now, unless no candidate is allowed
+    by either model (then every candidate keeps the floor, as before)."""
+    allowed = in_set & (torch.isfinite(lb) | torch.isfinite(le))
+    return torch.where(allowed.any(-1, keepdim=True), allowed, in_set)
 
 
 def sampling_mask(q: torch.Tensor, top_k: int | torch.Tensor, top_p: float | torch.Tensor,
@@ -259,7 +269,7 @@ def step_scores(base_logits: Tensor, expert_logits: Tensor, potential: Tensor, a
         in_set = union_candidates(lb, le, params.candidate_k)
         guarded = torch.where(in_set, mixed, pb)
     else:
-        in_set = intersection_candidates(lb, le, params.candidate_k, params.min_candidates)
+        in_set = scored_intersection(intersection_candidates(lb, le, params.candidate_k, params.min_candidates), lb, le)
         guarded = torch.where(in_set, mixed.clamp_min(params.score_floor), torch.zeros_like(mixed))
         guarded = guarded / guarded.sum(-1, keepdim=True)
     scores = torch.where(spike[:, None], guarded, pb)

@@ -19,7 +19,8 @@ over its two logits rows (a rare path):
    the id bits; R bits per round (2^R candidate thresholds counted per pass), one pass over the row
    per round, base and expert in the same passes. Then one pass counts ``|C_k|``.
 2. The guarded scores on C exactly as ``reference.step_scores`` computes them:
-   ``g = max(p_b + alpha (p_e - p_b), score_floor)`` on C, 0 elsewhere, ``s = g / sum(g)``
+   ``g = max(p_b + alpha (p_e - p_b), score_floor)`` on C (without the tokens -inf in both models, where
+   C holds another: ``reference.scored_intersection``), 0 elsewhere, ``s = g / sum(g)``
    (``p = exp((l - max) - log_sum)``, the order of operations of the other kernels).
 3. The token: greedy arg-max of s (lowest id on ties), or ``reference.choose_tokens`` on
    ``q = max(s, 0)``: the rules of ``reference.sampling_mask`` (top-k threshold, then the top-p one,
@@ -113,12 +114,15 @@ def _kth_order_keys(lb_ptr, le_ptr, row, stride_b, stride_e, n_vocab, kth, id_ro
 
 @triton.jit
 def _guarded_tile(lb_ptr, le_ptr, row, stride_b, stride_e, start, n_vocab, m_b, ls_b, m_e, ls_e, alpha,
-                  tb, te, score_floor, norm, BT: tl.constexpr):
+                  tb, te, score_floor, only_allowed, norm, BT: tl.constexpr):
     """s = g / norm of columns start .. start + BT - 1 ([1, BT]; 0 outside C and past the vocabulary),
-    g = max(p_b + alpha (p_e - p_b), floor) on C = {order_key_b >= tb and order_key_e >= te}; the
-    arithmetic of ``launcher._intersection_kernel``. Also returns the [BT] ids and [1, BT] mask."""
+    g = max(p_b + alpha (p_e - p_b), floor) on C = {order_key_b >= tb and order_key_e >= te}, where
+    ``only_allowed`` ([1] bool) leaves out the tokens -inf in both models (``reference.scored_intersection``);
+    the arithmetic of ``launcher._intersection_kernel``. Also returns the [BT] ids and [1, BT] mask."""
     lb, le, cols, cm = _load_pair(lb_ptr, le_ptr, row, stride_b, stride_e, start, n_vocab, BT)
     in_set = cm & (order_key(lb, cols[None, :]) >= tb[:, None]) & (order_key(le, cols[None, :]) >= te[:, None])
+    allowed = (lb > float("-inf")) | (le > float("-inf"))
+    in_set = in_set & (allowed | ~only_allowed[:, None])
     _, pb = tile_log_probs(lb, m_b, ls_b)
     _, pe = tile_log_probs(le, m_e, ls_e)
     mixed = pb + alpha[:, None] * (pe - pb)
@@ -175,18 +179,26 @@ def _intersection_fallback_kernel(
         ls_e = tl.load(info + 3)
         alpha = tl.load(alpha_ptr + row + one)
         unit = tl.full([1], 1.0, tl.float32)
-        total = tl.zeros([1], tl.float32)  # sum of g over C: the scores' normaliser
+        yes = tl.full([1], 1, tl.int1)
+        total_allowed = tl.zeros([1], tl.float32)  # sums of g over C's allowed tokens and over all of C
+        total_all = tl.zeros([1], tl.float32)
         for start in range(0, n_vocab, BT):
             g, cols, cm = _guarded_tile(lb_ptr, le_ptr, row, stride_b, stride_e, start, n_vocab, m_b, ls_b, m_e, ls_e,
-                                    alpha, tb, te, score_floor, unit, BT)
-            total += tl.sum(g, axis=1)
+                                        alpha, tb, te, score_floor, yes, unit, BT)
+            total_allowed += tl.sum(g, axis=1)
+            g, cols, cm = _guarded_tile(lb_ptr, le_ptr, row, stride_b, stride_e, start, n_vocab, m_b, ls_b, m_e, ls_e,
+                                        alpha, tb, te, score_floor, ~yes, unit, BT)
+            total_all += tl.sum(g, axis=1)
+        # g >= score_floor > 0 on C: a positive sum means C holds a token either model allows
+        only_allowed = total_allowed > 0.0
+        total = tl.where(only_allowed, total_allowed, total_all)  # the scores' normaliser
 
         best = tl.full([1], float("-inf"), tl.float32)
         best_id = tl.full([1], INDEX_NONE, tl.int32)
         if SAMPLE == 0:
             for start in range(0, n_vocab, BT):
                 s, cols, cm = _guarded_tile(lb_ptr, le_ptr, row, stride_b, stride_e, start, n_vocab, m_b, ls_b, m_e,
-                                            ls_e, alpha, tb, te, score_floor, total, BT)
+                                            ls_e, alpha, tb, te, score_floor, only_allowed, total, BT)
                 v = tl.where(cm, s, float("-inf"))
                 tile_best = tl.max(v, axis=1)
                 tile_id = tl.min(tl.where(cm & (v == tile_best[:, None]), cols[None, :], INDEX_NONE), axis=1)
@@ -208,7 +220,7 @@ def _intersection_fallback_kernel(
                     cnt = tl.zeros([NJ], tl.int32)
                     for start in range(0, n_vocab, BT):
                         s, cols, cm = _guarded_tile(lb_ptr, le_ptr, row, stride_b, stride_e, start, n_vocab, m_b, ls_b,
-                                                 m_e, ls_e, alpha, tb, te, score_floor, total, BT)
+                                                 m_e, ls_e, alpha, tb, te, score_floor, only_allowed, total, BT)
                         q = tl.maximum(s, 0.0)
                         cnt += tl.sum((cm & (value_key(q).to(tl.int64) >= cand[:, None])).to(tl.int32), axis=1)
                     kth_key += (tl.sum((cnt >= k).to(tl.int64), axis=0) - 1) << shift
@@ -225,13 +237,13 @@ def _intersection_fallback_kernel(
                     top = tl.full([1], float("-inf"), tl.float32)
                     for start in range(0, n_vocab, BT):
                         s, cols, cm = _guarded_tile(lb_ptr, le_ptr, row, stride_b, stride_e, start, n_vocab, m_b, ls_b,
-                                                    m_e, ls_e, alpha, tb, te, score_floor, total, BT)
+                                                    m_e, ls_e, alpha, tb, te, score_floor, only_allowed, total, BT)
                         top = tl.maximum(top, kept_log_max(tl.maximum(s, 0.0), kth_q, temper))
                     top = tl.where(top > float("-inf"), top, 0.0)
                 kept = tl.zeros([1], tl.float32)
                 for start in range(0, n_vocab, BT):
                     s, cols, cm = _guarded_tile(lb_ptr, le_ptr, row, stride_b, stride_e, start, n_vocab, m_b, ls_b, m_e,
-                                             ls_e, alpha, tb, te, score_floor, total, BT)
+                                             ls_e, alpha, tb, te, score_floor, only_allowed, total, BT)
                     q = tl.maximum(s, 0.0)
                     kept += tl.sum(top_p_weights(q, kth_q, temper, top, TEMPERED), axis=1)
                 norm = tl.maximum(kept, 1e-30)
@@ -245,7 +257,7 @@ def _intersection_fallback_kernel(
                     mass = tl.zeros([NJ], tl.float32)
                     for start in range(0, n_vocab, BT):
                         s, cols, cm = _guarded_tile(lb_ptr, le_ptr, row, stride_b, stride_e, start, n_vocab, m_b, ls_b,
-                                                 m_e, ls_e, alpha, tb, te, score_floor, total, BT)
+                                                 m_e, ls_e, alpha, tb, te, score_floor, only_allowed, total, BT)
                         q = tl.maximum(s, 0.0)
                         prob = top_p_weights(q, kth_q, temper, top, TEMPERED) / norm[:, None]
                         pkey = value_key(prob).to(tl.int64)
@@ -261,7 +273,7 @@ def _intersection_fallback_kernel(
             offset = tl.load(offset_ptr + row * offset_stride + one)
             for start in range(0, n_vocab, BT):
                 s, cols, cm = _guarded_tile(lb_ptr, le_ptr, row, stride_b, stride_e, start, n_vocab, m_b, ls_b, m_e,
-                                            ls_e, alpha, tb, te, score_floor, total, BT)
+                                            ls_e, alpha, tb, te, score_floor, only_allowed, total, BT)
                 q = tl.maximum(s, 0.0)
                 keep = cm & (q > 0.0)
                 if USE_TOPK:

@@ -241,6 +241,9 @@ def _intersection_kernel(
         need_th = tl.where(tl.sum((worst < cand[:, None]).to(tl.int32), axis=1) < need, cand, need_th)
     k_eff = tl.maximum(tl.where(overflow, 0, need_th) + 1, k_min)
     in_set = worst < k_eff[:, None]
+    # reference.scored_intersection: a token -inf in both models scores 0 unless every candidate is one
+    allowed = in_set & ((key_value(kb) > float("-inf")) | (tl.where(matched, key_value(key_e), float("-inf")) > float("-inf")))
+    in_set = tl.where((tl.max(allowed.to(tl.int32), axis=1) > 0)[:, None], allowed, in_set)
 
     info = rowinfo_ptr + rows * 8
     alpha = tl.load(alpha_ptr + rows, mask=rmask, other=0.0)

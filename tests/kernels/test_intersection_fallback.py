@@ -242,3 +242,34 @@ def test_logits_path_returns_no_flags_and_other_sources_keep_the_host_fallback()
         got = select_exact(_HostFallbackSource(LogitsPasses.of(base, expert)), plan,
                            Scratch.allocate(plan, torch.device("cpu")), *args[2:], params)
         assert_same_step(got, guarded_select_reference(*args, params))
+
+
+def masked_rows(vocab: int, gen: torch.Generator, rows: int = 4, allowed: int = 6, shared: int = 2):
+    """Top-k filtered logits (everything else -inf), each model allowing `allowed` tokens, `shared` of them both;
+    the shared ones the expert finds unlikely, so SafeDecoding's amplified mixture floors them."""
+    base = torch.full((rows, vocab), float("-inf"))
+    expert = torch.full((rows, vocab), float("-inf"))
+    for row in range(rows):
+        ids = torch.randperm(vocab, generator=gen)[: 2 * allowed - shared]
+        base_ids, expert_ids = ids[:allowed], ids[allowed - shared:]
+        base[row, base_ids] = torch.randn(allowed, generator=gen) + 3.0
+        expert[row, expert_ids] = torch.randn(allowed, generator=gen)
+        expert[row, base_ids[allowed - shared:]] -= 4.0
+    return base, expert
+
+
+@pytest.mark.parametrize("sampling", [dict(), dict(temperature=1.0)])
+def test_tokens_both_models_mask_are_never_chosen_in_the_kernel_or_its_fallback(no_host_read, sampling):
+    """A grown intersection took tokens -inf in both models (by id among the ties); at the floor they tied the real
+    candidates and the lowest id won (a helper's hunt, stop 50): greedy picked token 0, sampling drew such tokens
+    half the time. They now score 0, on every backend, in the intersection kernel and its fallback alike."""
+    gen = torch.Generator().manual_seed(11)
+    params = inter(candidate_k=4, min_candidates=5, **sampling)
+    overflowed = 0
+    for _ in range(3):
+        base, expert = masked_rows(256, gen)
+        args, got, want = run_step(base, expert, params, buffer=8, alpha=3.0)
+        chosen = want[0]
+        assert bool((base.gather(1, chosen[:, None]).isfinite() | expert.gather(1, chosen[:, None]).isfinite()).all())
+        overflowed += int(spiked_overflow(base, expert, 5, 8).sum())
+    assert overflowed > 0, "the fallback kernel must decide some of these rows"
