@@ -120,7 +120,8 @@ class ReflectionConfig:
         for name in ("high_risk_above", "low_risk_below", "alpha_high", "alpha_mid", "alpha_low", "default_alpha"):
             _check_finite(name, getattr(self, name))
         if self.mode not in REFLECTION_MODES:
-            raise ValueError(f"reflection mode must be one of {REFLECTION_MODES}, got {self.mode!r}")
+            hint = "; the paper's preset is ReflectionConfig.paper()" if self.mode == "paper" else ""
+            raise ValueError(f"reflection mode must be one of {REFLECTION_MODES}, got {self.mode!r}{hint}")
         if self.parser not in REFLECTION_PARSERS:
             raise ValueError(f"reflection parser must be one of {REFLECTION_PARSERS}, got {self.parser!r}")
         if self.all_zero not in ALL_ZERO_POLICIES:

@@ -116,6 +116,8 @@ def test_generate_choices_match_the_library():
     (["generate", "--prompts-file", "/nope.txt"], ["--prompts-file", "/nope.txt", "cannot read"]),
     (["eval", "--config", "nope"], ["--config", "smoke"]),
     (["eval", "--config", "my_run.json"], ["--config", "no such file", "my_run.json"]),  # not "no configuration named"
+    (["generate", "hi", "--probe", "/nope"], ["--probe", "/nope", "not a risk-probe folder"]),  # a --probe (stop 50)
+    (["generate", "hi", "--probe", "/nope", "--alpha", "0.5"], ["--probe", "--alpha"]),
     (["eval", "--expert", "/nope"], ["--expert", "/nope"]),
     (["eval", "--threads", "0"], ["--threads", ">= 1"]),
     (["reflect", "hi", "--threads", "0"], ["--threads", ">= 1"]),

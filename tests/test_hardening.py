@@ -1016,3 +1016,15 @@ def test_min_p_zero_is_a_no_op_not_a_refusal(lora_folder):
         assert torch.equal(with_min_p, model.generate(torch.tensor([[5, 6, 7]]), **kwargs))
     finally:
         ngsd.remove(model)
+
+
+def test_apply_checks_the_probe_it_is_given(tmp_path):
+    """A missing, foreign or damaged probe folder was accepted and failed only at the first model.generate."""
+    from ngsd import ReflectionConfig
+
+    model = tiny_model("llama")
+    expert = str(tiny_lora_expert(model, tmp_path / "lora"))
+    config = NGSDConfig(reflection=ReflectionConfig(mode="probe", probe=str(tmp_path / "missing")))
+    with pytest.raises(FileNotFoundError, match="not a risk-probe folder"):
+        ngsd.apply(model, expert=expert, config=config)
+    assert not ngsd.is_applied(model)

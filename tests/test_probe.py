@@ -429,7 +429,10 @@ def test_fit_probe_check_writes_the_operating_point_from_the_validation_split(to
 
     model, tokenizer = tokenizer_and_tiny_model
     probe = random_probe(model.config.hidden_size, layer=1, pooling=("mean",))
-    probe.spec = ProbeSpec(layer=1, pooling=("mean",), route_below=10.0)  # (nearly) everything routed
+    from ngsd.risk.probe import model_fingerprint
+
+    # (nearly) everything routed; trained (as if) on this model: a check is fitted only with the probe's own model
+    probe.spec = ProbeSpec(layer=1, pooling=("mean",), route_below=10.0, model=model_fingerprint(model))
     probe.save(tmp_path / "probe", {"config": {"seed": 0, "wrap_rate": 0.6, "val_fraction": 0.2}})
     adapter = LoraAdapter.load(tiny_lora_expert(model, tmp_path / "lora"))
     fitted = fit_probe_check(tmp_path / "probe", model=model, tokenizer=tokenizer, expert=adapter, expert_name="tiny",
@@ -531,13 +534,16 @@ def test_layers_past_the_depth_are_refused_right_after_the_model_load(tmp_path, 
     assert cli.main(["train-probe", "--out", str(tmp_path / "probe"), "--layers", "1,3", "--no-check",
                      "--data-dir", str(tmp_path / "data")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("ngsd train-probe: error: --layers: index 3 is past the model's depth: it has 2 decoder "
-                          "layers"), err
-    with pytest.raises(ValueError, match=r"layers: indices 3, 5 are past the model's depth: it has 2 decoder layers, "
-                                         r"so its hidden-state indices are 0\.\.2"):
+    assert err.startswith("ngsd train-probe: error: --layers: index 3 is past what a probe can read: the model has 2 "
+                          "decoder layers"), err
+    with pytest.raises(ValueError, match=r"layers: indices 3, 5 are past what a probe can read: the model has 2 decoder "
+                                         r"layers, so its probe reads hidden-state indices 0\.\.1"):
         train_probe(TrainProbeConfig(layers=(3, 5), data_dir=str(tmp_path / "data")), model=model,
                     tokenizer=object(), log=lambda s: None)
-    check_layers_fit([0, 2], 2)  # the embeddings and the last layer fit
+    check_layers_fit([0, 1], 2)  # the embeddings and the last decoder block's output fit
+    # index n is after the final norm: training read it there, decoding before it (a helper's hunt, stop 50)
+    with pytest.raises(ValueError, match="after the final norm"):
+        check_layers_fit([2], 2)
 
 
 def test_probe_config_and_fits_refuse_negative_layers_and_non_finite_l2():
@@ -558,3 +564,55 @@ def test_probe_config_and_fits_refuse_negative_layers_and_non_finite_l2():
         with pytest.raises(ValueError, match="l2 must be a finite strength >= 0"):
             fit_token_max([torch.randn(2, 3) for _ in range(6)], torch.tensor([0, 1] * 3), l2, steps=1)
     assert TrainProbeConfig(l2=(0.0, 0.1), layers=(0, 3)).l2 == (0.0, 0.1)
+
+
+def test_a_probe_on_the_normed_last_hidden_state_is_refused_and_never_chosen():
+    """Index n (n decoder layers) is the output after the final norm in `output_hidden_states`, which training read,
+    but the decoding loop hooks block n-1's output, before the norm: the loop's risks were garbage (10.00 for every
+    prompt of a tiny Llama where estimate_risk gave 1.7-8.0). Such a probe is refused; training never picks it."""
+    from ngsd.risk.probe_training import default_layers
+
+    with pytest.raises(ValueError, match="after its final norm"):
+        ProbeSpec(layer=2, model={"num_hidden_layers": 2})
+    ProbeSpec(layer=1, model={"num_hidden_layers": 2})
+    assert default_layers(1) == [0] and max(default_layers(2)) == 1 and max(default_layers(30)) < 30
+
+
+def test_a_damaged_or_non_finite_probe_is_one_error_naming_its_folder(tmp_path):
+    """NaN weights gave 'risk nan >= route_below' and the middle alpha, a -inf bias routed every request unguarded
+    (risk 0); truncated files, a short weight vector or a JSON list gave raw tracebacks (a helper's hunt, stop 50)."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from ngsd.risk.divergence_check import fit_probe_check
+    from ngsd.risk.probe import model_fingerprint
+
+    model = tiny_model("llama")
+    hidden = model.config.hidden_size
+    spec = ProbeSpec(layer=1, pooling=("mean",), model=model_fingerprint(model))
+    good = RiskProbe(spec, torch.zeros(hidden), torch.ones(hidden), torch.randn(hidden), torch.tensor(0.0))
+    for damage in ("weight nan", "bias -inf", "short weight", "truncated weights", "json list", "scale nan"):
+        folder = good.save(tmp_path / damage.replace(" ", "_"))
+        weights, spec_file = folder / "probe.safetensors", folder / "probe.json"
+        tensors = load_file(str(weights))
+        if damage == "weight nan":
+            tensors["weight"][3] = float("nan")
+        elif damage == "bias -inf":
+            tensors["bias"][0] = float("-inf")
+        elif damage == "short weight":
+            tensors = {name: t[: hidden // 2] if t.numel() == hidden else t for name, t in tensors.items()}
+        save_file(tensors, str(weights))
+        if damage == "truncated weights":
+            weights.write_bytes(weights.read_bytes()[:40])
+        elif damage == "json list":
+            spec_file.write_text("[1, 2]")
+        elif damage == "scale nan":
+            spec_file.write_text(spec_file.read_text().replace('"scale": 1.0', '"scale": NaN'))
+        with pytest.raises(ValueError, match=f"{folder} is not a usable risk probe"):
+            RiskProbe.load(folder)
+    # a check is fitted only with the model the probe was trained on (it was fitted on a Qwen2 for a Llama probe)
+    folder = good.save(tmp_path / "llama_probe")
+    with pytest.raises(ValueError, match="not on this model"):
+        fit_probe_check(folder, model=tiny_model("qwen2"), tokenizer=None, expert=None, expert_name="x")
+    assert json.loads((folder / "probe.json").read_text())["check_divergence"] is None

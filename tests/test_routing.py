@@ -464,3 +464,33 @@ def test_unguarded_rows_of_a_half_precision_model_decode_as_plain_generate(dtype
     assert len(routed) == 2
     for row in routed:
         assert torch.equal(routed_run.sequences[row], plain[row])
+
+
+def test_trace_reasons_tell_a_risk_from_its_threshold():
+    """Two decimals read 'risk 4.53 < route_below 4.53' beside the shipped probe's 4.5327 (a helper's hunt)."""
+    from ngsd.risk.estimate import ProbeVerdict
+
+    assert ProbeVerdict(risk=4.5326, alpha=0.0, routed=True, route_below=4.5327).reason == \
+        "risk 4.5326 < route_below 4.5327"
+    assert ProbeVerdict(risk=8.1, alpha=0.9, routed=False, route_below=4.5).reason == "risk 8.10 >= route_below 4.50"
+
+
+def test_a_tokenizer_without_chat_template_routes_no_row_of_a_probe_calibrated_on_templated_prompts(tmp_path):
+    """Such a tokenizer made every prompt count as templated (nothing to check against): a raw 'hi' was routed."""
+    import json
+
+    from ngsd.loading import default_cache_dir
+
+    if not (default_cache_dir() / "tokenizer.json").is_file():
+        pytest.skip(f"the default model's tokenizer is not converted yet at {default_cache_dir()}")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(default_cache_dir())
+    tokenizer.chat_template = None
+    model, adapter, ids, mask, risks, threshold = _split_batch(tmp_path)
+    spec_file = tmp_path / "probe" / "probe.json"
+    spec_file.write_text(json.dumps({**json.loads(spec_file.read_text()), "chat_template": True}))
+    reflection = ReflectionConfig(mode="probe", probe=str(tmp_path / "probe"), route_below=threshold)
+    with pytest.warns(UserWarning, match="no chat template"):
+        out = _run(model, adapter, ids, mask, config=NGSDConfig(reflection=reflection), tokenizer=tokenizer)
+    assert all(t.guarded for t in out.traces)

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 import sys
 import textwrap
 from typing import Any
 
-from ..cli import (UsageError, add_threads_option, check_expert, check_model, check_plot_file, check_prompt_texts,
-                   check_range, check_threads, wants_progress)
+from ..cli import (UsageError, add_threads_option, check_expert, check_model, check_plot_file, check_probe,
+                   check_prompt_texts, check_range, check_threads, wants_progress)
 
 MODES = ("ngsd", "safedecoding", "open", "off")
 REFLECTION_MODES = ("auto", "probe", "generate", "prefill", "none")
@@ -56,6 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "tokens: slow), prefill (one forward reads the rating's digits), none (alpha 0.5), paper (generate "
                         "read by the published parser, as in the paper's code) "
                         "(default: ReflectionConfig's mode)")
+    parser.add_argument("--probe", default=None,
+                        help="risk probe folder (`ngsd train-probe`) for a model without a shipped probe, or in place "
+                        "of the shipped one (default: the model's shipped probe, if any)")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit in tokens")
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --sample)")
@@ -109,6 +113,10 @@ def check_contradictions(args: argparse.Namespace) -> None:
     if args.alpha is not None and args.reflection is not None:
         raise UsageError("--alpha sets every prompt's alpha, so no risk is estimated and --reflection would do "
                          "nothing; give one of them")
+    if args.probe is not None and (args.alpha is not None or args.mode in ("off", "safedecoding")
+                                   or args.reflection not in (None, "auto", "probe")):
+        raise UsageError("--probe is read only where the risk probe sets alpha: leave out --alpha, and use --mode "
+                         "ngsd or open with --reflection auto or probe (or none at all)")
 
 
 def check_arguments(args: argparse.Namespace) -> None:
@@ -135,6 +143,8 @@ def check_arguments(args: argparse.Namespace) -> None:
     check_model(args.model)
     if args.mode != "off":
         check_expert(args.expert)
+    if args.probe is not None:
+        check_probe(args.probe)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -155,6 +165,8 @@ def run(args: argparse.Namespace) -> int:
         reflection = ReflectionConfig.paper()
     else:
         reflection = ReflectionConfig() if args.reflection is None else ReflectionConfig(mode=args.reflection)
+    if args.probe is not None:
+        reflection = replace(reflection, probe=args.probe)
     config = NGSDConfig(mode=args.mode, early_stop=args.early_stop, reflection=reflection,
                         initial_potential=1.0 if args.primed else None)
     common: dict[str, Any] = dict(

@@ -224,6 +224,11 @@ def apply(
     # the new expert is resolved and checked before an earlier guard is removed: a failure leaves the model as it was
     resolved = resolve_expert(expert, model, required=(config or NGSDConfig()).mode != "off", tokenizer=tokenizer)
     check_step_dtypes(model, resolved)
+    reflection = (config or NGSDConfig()).reflection
+    if reflection.probe is not None and reflection.mode in ("auto", "probe"):
+        from ..risk.estimate import load_probe
+
+        load_probe(model, reflection)  # a missing, damaged or foreign probe fails here, not at the first generate
     if is_applied(model):
         remove(model)
     if isinstance(resolved, LoraAdapter):

@@ -158,6 +158,10 @@ def fit_probe_check(probe_dir: str | Path, *, model: Any, tokenizer: Any, expert
 
     probe_dir = Path(probe_dir)
     probe = RiskProbe.load(probe_dir)
+    if not probe.matches(model):  # its check would be fitted, and written into it, on another model's risks
+        raise ValueError(f"the risk probe at {probe_dir} was trained on {probe.spec.model.get('name') or 'another model'} "
+                         f"({probe.spec.model}), not on this model; fit its check with the model it was trained on "
+                         "(--model), or train a probe for this one")
     report_file = probe_dir / REPORT_FILE
     report = json.loads(report_file.read_text()) if report_file.is_file() else {}
     examples, _, val = training_split_of(report.get("config", {}), data_dir)

@@ -27,6 +27,16 @@ from ..decoding.arguments import per_row_alphas
 from .divergence_check import total_variation
 
 
+def _apart(value: float, threshold: float, digits: int = 2) -> tuple[str, str]:
+    """Both numbers at `digits` decimals, or at as many more (up to 6) as tell them apart: a risk of 4.5326 read
+    "risk 4.53 < route_below 4.53" next to the shipped probe's 4.5327."""
+    for places in range(digits, 7):
+        shown = f"{value:.{places}f}", f"{threshold:.{places}f}"
+        if shown[0] != shown[1] or value == threshold:
+            return shown
+    return shown
+
+
 @dataclass(frozen=True)
 class ProbeVerdict:
     """The probe's verdict on one request, kept in the row's trace."""
@@ -49,13 +59,17 @@ class ProbeVerdict:
         if self.route_below is None:
             return "no routing: every row guarded"
         if not self.routed and self.divergence is None:
-            return f"risk {self.risk:.2f} >= route_below {self.route_below:.2f}"
+            risk, limit = _apart(self.risk, self.route_below)
+            return f"risk {risk} >= route_below {limit}"
         if self.divergence is None:
-            return f"risk {self.risk:.2f} < " + (f"check_above {self.check_above:.2f}" if self.check_above is not None
-                                                  else f"route_below {self.route_below:.2f}")
+            name, threshold = (("check_above", self.check_above) if self.check_above is not None
+                               else ("route_below", self.route_below))
+            risk, limit = _apart(self.risk, threshold)
+            return f"risk {risk} < {name} {limit}"
         relation = ">=" if not self.routed else "<"
+        divergence, limit = _apart(self.divergence, self.check_divergence, digits=3)
         return (f"risk {self.risk:.2f} in [check_above, route_below): first-step divergence "
-                f"{self.divergence:.3f} {relation} check_divergence {self.check_divergence:.3f}")
+                f"{divergence} {relation} check_divergence {limit}")
 
     def to_dict(self) -> dict[str, Any]:
         return {"source": "probe", "risk": self.risk, "alpha": self.alpha, "routed": self.routed,
@@ -182,6 +196,11 @@ def plan_risk(
                     "the risk probe routes only chat-templated prompts, and without the tokenizer ngsd cannot check "
                     "the template, so every row is guarded; pass tokenizer= (ngsd.apply(model, ..., tokenizer=...), "
                     "or generate(..., tokenizer=...)) to route the harmless ones unguarded", UserWarning)
+            elif plan.route_below is not None and probe.spec.chat_template and not getattr(tokenizer, "chat_template", None):
+                plan.untemplated = frozenset(range(batch))  # no template to check the prompts against
+                warn_at_caller(
+                    "the risk probe was calibrated on chat-templated prompts and this tokenizer has no chat template, "
+                    "so every row is guarded; pass the tokenizer the probe was trained with", UserWarning)
             elif plan.route_below is not None:
                 plan.untemplated = frozenset(untemplated_rows(tokenizer, input_ids, attention_mask))
                 if plan.untemplated:

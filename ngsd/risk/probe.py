@@ -34,6 +34,7 @@ be routed unguarded (see `training_report.json` of a probe for the recall it was
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -103,6 +104,17 @@ class ProbeSpec:
             raise ValueError(f"layer must be a non-negative int or a list of them (hidden-state indices), got {self.layer!r}")
         if not self.pooling or any(p not in POOLINGS for p in self.pooling):
             raise ValueError(f"pooling must be a non-empty list drawn from {POOLINGS}, got {self.pooling!r}")
+        if not isinstance(self.calibration, dict) or not all(
+                isinstance(self.calibration.get(key), (int, float)) and not isinstance(self.calibration.get(key), bool)
+                and math.isfinite(self.calibration[key]) for key in ("scale", "shift")):
+            raise ValueError(f"calibration must hold finite numbers 'scale' and 'shift', got {self.calibration!r}")
+        if not isinstance(self.model, dict):
+            raise ValueError(f"model must be the fingerprint of the model trained on (an object), got {self.model!r}")
+        depth = self.model.get("num_hidden_layers")
+        if isinstance(depth, int) and any(i >= depth for i in layers):
+            raise ValueError(f"hidden-state index {max(layers)} of a {depth}-layer model is the output after its final "
+                             f"norm, which the decoding paths do not read (they hook decoder blocks: it read other "
+                             f"numbers there than in training); retrain the probe with --layers below {depth}")
         if not 0.0 <= self.route_below <= RISK_SCALE:
             raise ValueError(f"route_below is a risk in [0, {RISK_SCALE}], got {self.route_below}")
         check_divergence_operating_point(self.check_above, self.check_divergence, "the probe's ")
@@ -185,11 +197,25 @@ class RiskProbe:
             raise ValueError(f"mean, std and weight must be equal-length vectors, got shapes {sorted(shapes)}")
         if bool((std <= 0).any()):
             raise ValueError("std must be positive everywhere (standardisation divides by it)")
+        bias = torch.as_tensor(bias, dtype=torch.float32)
+        if bias.numel() != 1:
+            raise ValueError(f"bias must be one number, got shape {tuple(bias.shape)}")
+        # NaN risks read as "risk nan >= route_below" and guarded at the middle alpha; a -inf bias routed every
+        # request unguarded (risk 0)
+        for name, tensor in (("mean", mean), ("std", std), ("weight", weight), ("bias", bias)):
+            if not bool(torch.isfinite(tensor).all()):
+                raise ValueError(f"the probe's {name} holds NaN or infinite values")
+        hidden = spec.model.get("hidden_size")
+        if isinstance(hidden, int):
+            features = hidden if spec.aggregate == "token_max" else hidden * len(spec.layers) * len(spec.pooling)
+            if mean.shape[0] != features:
+                raise ValueError(f"the probe's vectors hold {mean.shape[0]} features, but its layers and poolings read "
+                                 f"{features} of a hidden size-{hidden} model")
         self.spec = spec
         self.mean = mean.float()
         self.std = std.float()
         self.weight = weight.float()
-        self.bias = torch.as_tensor(bias, dtype=torch.float32).reshape(())
+        self.bias = bias.reshape(())
 
     @property
     def layer(self) -> int | tuple[int, ...]:
@@ -273,9 +299,19 @@ class RiskProbe:
                 f"{folder} is not a risk-probe folder (needs {PROBE_FILE} and {WEIGHTS_FILE}); train one with "
                 f"`ngsd train-probe --out {folder}`"
             )
-        spec = ProbeSpec.from_dict(json.loads((folder / PROBE_FILE).read_text()))
-        tensors = load_file(str(folder / WEIGHTS_FILE))
-        return cls(spec, tensors["mean"], tensors["std"], tensors["weight"], tensors["bias"][0])
+        try:
+            data = json.loads((folder / PROBE_FILE).read_text())
+            if not isinstance(data, dict):
+                raise ValueError(f"{PROBE_FILE} holds a {type(data).__name__}, not an object")
+            spec = ProbeSpec.from_dict(data)
+            tensors = load_file(str(folder / WEIGHTS_FILE))
+            missing = [name for name in ("mean", "std", "weight", "bias") if name not in tensors]
+            if missing:
+                raise ValueError(f"{WEIGHTS_FILE} lacks {missing}")
+            return cls(spec, tensors["mean"], tensors["std"], tensors["weight"], tensors["bias"].flatten()[:1])
+        except Exception as error:  # a damaged folder: JSON, safetensors, shape or type errors, as one line
+            raise ValueError(f"{folder} is not a usable risk probe ({type(error).__name__}: {error}); train it again "
+                             f"with `ngsd train-probe --out {folder}` or restore its files") from error
 
     def matches(self, model: Any) -> bool:
         """True when `model` has the architecture and size this probe was trained on."""

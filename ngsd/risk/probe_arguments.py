@@ -28,5 +28,5 @@ def check_layer_indices(layers: Sequence[Any], name: str = "layers") -> None:
     bad = [v for v in layers if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0]
     if bad:
         hint = "; count from the bottom, not from the end" if any(isinstance(v, (int, float)) and v < 0 for v in bad) else ""
-        raise ValueError(f"{name} must be integer hidden-state indices >= 0 (0 = the embeddings, n = the last of n "
-                         f"decoder layers), got {', '.join(map(repr, bad))}{hint}")
+        raise ValueError(f"{name} must be integer hidden-state indices >= 0 (0 = the embeddings, i = the output of "
+                         f"decoder layer i), got {', '.join(map(repr, bad))}{hint}")

@@ -273,11 +273,12 @@ def check_layers_fit(layers: Sequence[int], num_hidden_layers: int, name: str = 
     """ValueError unless every index is a hidden state of a model with `num_hidden_layers` decoder layers (checked
     right after the model load, before any feature is read)."""
     check_layer_indices(layers, name)
-    past = [v for v in layers if v > num_hidden_layers]
+    past = [v for v in layers if v >= num_hidden_layers]
     if past:
         which = f"index {past[0]} is" if len(past) == 1 else f"indices {', '.join(map(str, past))} are"
-        raise ValueError(f"{name}: {which} past the model's depth: it has {num_hidden_layers} "
-                         f"decoder layers, so its hidden-state indices are 0..{num_hidden_layers} (0 = the embeddings)")
+        raise ValueError(f"{name}: {which} past what a probe can read: the model has {num_hidden_layers} decoder "
+                         f"layers, so its probe reads hidden-state indices 0..{num_hidden_layers - 1} (0 = the "
+                         f"embeddings; {num_hidden_layers}, after the final norm, is not read while decoding)")
 
 
 def harmful_training_requests(data_dir: str | None = None) -> list[tuple[str, str]]:
@@ -702,7 +703,8 @@ def share_below(risks: torch.Tensor, threshold: float) -> float:
 def default_layers(num_hidden_layers: int) -> list[int]:
     """Candidate hidden-state indices: five evenly spread over the first ~60% of the depth."""
     top = max(1, round(0.6 * num_hidden_layers))
-    return sorted({max(1, round(top * k / 5)) for k in range(1, 6)})
+    # never index n (after the final norm: `check_layers_fit`); a 1-layer model has the embeddings only
+    return sorted({min(num_hidden_layers - 1, max(1, round(top * k / 5))) for k in range(1, 6)})
 
 
 def _library_versions() -> dict[str, str]:
