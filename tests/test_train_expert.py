@@ -640,6 +640,8 @@ def test_examples_of_another_tokenizer_and_a_checkpoint_of_other_examples_are_no
     assert run("Other request", lambda s: None).get("resumed_from_step", 0) == 0
 
 
+@pytest.mark.filterwarnings("ignore:You are trying to modify a model with PEFT:UserWarning",
+                            "ignore:Already found a `peft_config`:UserWarning")  # peft's, on the resumed run's rewrap
 def test_a_run_that_stops_leaves_an_adapter_folder_with_the_examples_it_was_trained_on(tiny, data_dir, tmp_path):
     """A run into an existing adapter folder wrote its examples there before training: stopped (or failed), it left
     the old adapter and report beside the new examples (which train-nest reads by default for the shipped one)."""

@@ -25,7 +25,7 @@ from ngsd_kernels.params import GateMode, StepParams  # noqa: E402
 from ngsd_kernels.reference import guarded_select_reference  # noqa: E402
 from tests.kernels.steps import approximate_exp, near_tie_rows, needs_triton  # noqa: E402
 
-pytestmark = needs_triton
+pytestmark = [needs_triton, pytest.mark.filterwarnings("ignore::RuntimeWarning")]  # the interpreter's numpy on -inf
 
 
 @pytest.fixture
