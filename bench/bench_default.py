@@ -72,9 +72,10 @@ def runners(setup: Setup, probe: str | None = None, stop_at_eos: bool = False) -
 
     def guarded(alpha=None, config=None, **extra):
         def run(ids, mask, new_tokens, streamer):
+            # the tokenizer lets the probe's routing check the chat template (without it no row is routed)
             out = guarded_generate(model, ids, mask, expert=setup.adapter, config=config or NGSDConfig(), alpha=alpha,
                                    max_new_tokens=new_tokens, eos_token_id=eos, pad_token_id=pad,
-                                   streamer=streamer, **extra)
+                                   streamer=streamer, tokenizer=setup.tokenizer, **extra)
             run.traces = out.traces
             return out.sequences[:, ids.shape[1]:]
 

@@ -197,6 +197,8 @@ def guarded_generate(
     tokens...; what `generate` builds from a GenerationConfig), applied each step to the base and
     the expert logits alike before the gate and the mixture, so their constraints hold for the
     guarded output too.
+    tokenizer: the base's. Self-reflection, stop strings and early stop need it; the shipped risk probe routes a
+    row only when the tokenizer shows the prompt is chat-templated, so without it every row is guarded (warning).
     stopping_criteria: Hugging Face stopping criteria, called each step as `generate` calls them when no
     scores are kept: ``criteria(sequences, None)`` (a guarded `generate` refuses output_scores).
     pad_token_id: what fills a row's positions after it stopped (default: the first eos id, else 0; a row
