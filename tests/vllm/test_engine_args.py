@@ -105,7 +105,7 @@ def test_a_pooled_probe_is_refused(tmp_path):
     from ngsd.vllm.settings import GuardSettings
 
     spec = ProbeSpec(layer=3, pooling=("mean",), model={"hidden_size": 576})
-    RiskProbe(spec, torch.zeros(4), torch.ones(4), torch.ones(4), 0.0).save(tmp_path / "pooled")
+    RiskProbe(spec, torch.zeros(576), torch.ones(576), torch.ones(576), 0.0).save(tmp_path / "pooled")
     with pytest.raises(ValueError, match="token_max probes only"):
         probe_folder(GuardSettings(probe=str(tmp_path / "pooled")), model_config_of(_default_model()))
 
