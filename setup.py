@@ -19,7 +19,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["ngsd", "ngsd.*", "ngsd_kernels", "ngsd_kernels.*"]),
-    package_data={"ngsd": ["assets/**/*", "eval/configs/*.json", "eval/judge_labels.jsonl"], "ngsd_kernels": ["README.md"]},
+    package_data={"ngsd": ["assets/**/*", "eval/configs/*.json"], "ngsd_kernels": ["README.md"]},
     include_package_data=True,
     install_requires=[
         "torch>=2.4",

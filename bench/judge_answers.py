@@ -1,4 +1,4 @@
-"""Answers for the hand-labelled judge set (`ngsd/eval/judge_labels.jsonl`), from evaluation prompts only.
+"""Answers for the hand-labelled judge set (`reports/judge/judge_labels.jsonl`), from evaluation prompts only.
 
 The real default model answers a spread of harmful, jailbreak and benign evaluation prompts under three
 methods (unguarded, NGSD with alpha fixed at 0.5 and at 0.9), greedy, 64 new tokens, so that refusals,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -156,6 +157,16 @@ def test_labelled_rows_name_their_prompts_without_copying_them():
 def test_labelled_rows_read_their_prompts_from_the_given_data_folder(tmp_path):
     with pytest.raises(DataNotFoundError, match="NGSD_DATA_DIR"):
         load_judge_labels(data_dir=tmp_path / "absent")
+
+
+def test_the_labelled_set_is_kept_out_of_the_package(tmp_path):
+    """Model answers quote some of the evaluation prompts they answer: the set stays in the repository."""
+    import ngsd.eval
+
+    assert JUDGE_LABELS_PATH.is_file() and JUDGE_LABELS_PATH.parent.parent.name == "reports"
+    assert not list(Path(ngsd.eval.__file__).parent.glob("*.jsonl"))
+    with pytest.raises(FileNotFoundError, match="not in the installed package"):
+        load_judge_labels(tmp_path / "judge_labels.jsonl")
 
 
 @needs_data
