@@ -72,12 +72,13 @@ class GuardedStep:
         if expert is None:
             return self._unguarded_logits(base), None
         weight_e, bias_e = self._expert_weight_and_bias()
-        base_logits, expert_logits = pair_logits(base, expert, self._base_head.weight, weight_e, self._base_head.bias,
-                                                 bias_e)
-        if not self._all_rows and self._base_head.weight.dtype != torch.float32:
-            unguarded = torch.ones(base.shape[0], dtype=torch.bool, device=base.device)
-            unguarded[self.rows] = False
-            base_logits[unguarded] = self._unguarded_logits(base[unguarded])
+        head = self._base_head
+        if self._all_rows or head.weight.dtype == torch.float32:
+            return pair_logits(base, expert, head.weight, weight_e, head.bias, bias_e)
+        # a half-precision head: every row as the model computes it, the guarded rows again in fp32 for the step
+        base_logits = self._unguarded_logits(base)
+        guarded_base, expert_logits = pair_logits(base[self.rows], expert, head.weight, weight_e, head.bias, bias_e)
+        base_logits[self.rows] = guarded_base
         return base_logits, expert_logits
 
     def _unguarded_logits(self, hidden: Tensor) -> Tensor:
