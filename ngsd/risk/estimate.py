@@ -188,20 +188,14 @@ def plan_risk(
         probe = load_probe(model, reflection)
         if probe is not None:
             plan = probe_plan(probe, reflection, batch, config.mode)
-            if plan.route_below is not None and tokenizer is None and probe.spec.chat_template:
-                # raw text (tokenizer(text) ids) cannot be told from templated prompts without the tokenizer, and the
-                # probe routes raw harmful text unguarded far more often: no row is routed
+            unchecked = template_unchecked(probe, tokenizer) if plan.route_below is not None else None
+            if unchecked is not None:
                 plan.untemplated = frozenset(range(batch))
                 warn_at_caller(
-                    "the risk probe routes only chat-templated prompts, and without the tokenizer ngsd cannot check "
-                    "the template, so every row is guarded; pass tokenizer= (ngsd.apply(model, ..., tokenizer=...), "
-                    "or generate(..., tokenizer=...)) to route the harmless ones unguarded", UserWarning)
-            elif plan.route_below is not None and probe.spec.chat_template and not getattr(tokenizer, "chat_template", None):
-                plan.untemplated = frozenset(range(batch))  # no template to check the prompts against
-                warn_at_caller(
-                    "the risk probe was calibrated on chat-templated prompts and this tokenizer has no chat template, "
-                    "so every row is guarded; pass the tokenizer the probe was trained with", UserWarning)
-            elif plan.route_below is not None:
+                    f"the risk probe routes only chat-templated prompts, and {unchecked}, so every row is guarded; pass "
+                    "the model's tokenizer (tokenizer= to ngsd.apply or generate) to route the harmless ones unguarded",
+                    UserWarning)
+            elif plan.route_below is not None and tokenizer is not None:
                 plan.untemplated = frozenset(untemplated_rows(tokenizer, input_ids, attention_mask))
                 if plan.untemplated:
                     warn_at_caller(
@@ -255,6 +249,20 @@ def untemplated_rows(tokenizer, input_ids: torch.Tensor, attention_mask: torch.T
     rows = list(input_ids) if attention_mask is None else [ids[m.bool()] for ids, m in zip(input_ids, attention_mask)]
     texts = tokenizer.batch_decode(rows, skip_special_tokens=False, clean_up_tokenization_spaces=False)
     return [row for row, text in enumerate(texts) if not text.rstrip().endswith(opening)]
+
+
+def template_unchecked(probe, tokenizer) -> str | None:
+    """Why no prompt can be shown to be chat-templated, for a probe calibrated on templated prompts only
+    (`ProbeSpec.chat_template`): no tokenizer, or one without a chat template (raw `tokenizer(text)` ids would be
+    routed as if templated, and the probe routes raw harmful text far more often). None: each row can be checked
+    (`untemplated_rows`), or the probe reads plain text. The library and the vLLM engine (`EngineRisk`) share it."""
+    if not probe.spec.chat_template:
+        return None
+    if tokenizer is None:
+        return "without the tokenizer ngsd cannot check the template"
+    if not getattr(tokenizer, "chat_template", None):
+        return "this tokenizer has no chat template"
+    return None
 
 
 def assistant_opening(tokenizer) -> str | None:

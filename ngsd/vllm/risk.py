@@ -34,7 +34,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..risk.estimate import ProbeVerdict, RiskPlan, assistant_opening, probe_plan
+from ..risk.estimate import ProbeVerdict, RiskPlan, assistant_opening, probe_plan, template_unchecked
 from ..risk.probe import RiskProbe, is_probe_folder, shipped_probe_path
 from .settings import GuardSettings
 
@@ -128,13 +128,17 @@ class EngineRisk:
         self.verdict_log = settings.verdict_log
         self.tokenizer = None  # with it, prompts outside the chat template are never routed (`use_tokenizer`)
         self.opening: str | None = None
+        self.unchecked = template_unchecked(self.probe, None)
 
     def use_tokenizer(self, tokenizer: Any) -> None:
         """The engine's tokenizer: a prompt not ending with its chat template's opening of the assistant turn (raw
         text) is guarded whatever its risk, as in the library (the probe is calibrated on templated prompts)."""
         self.tokenizer, self.opening = tokenizer, assistant_opening(tokenizer)
+        self.unchecked = template_unchecked(self.probe, tokenizer)
 
     def templated(self, prompt: Sequence[int]) -> bool:
+        if self.unchecked is not None:  # as the library: no prompt can be shown templated, none is routed
+            return False
         if self.opening is None:
             return True
         text = self.tokenizer.decode(list(prompt), skip_special_tokens=False, clean_up_tokenization_spaces=False)

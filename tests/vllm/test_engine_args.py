@@ -222,3 +222,22 @@ def test_the_engine_guards_a_prompt_outside_the_chat_template_whatever_its_risk(
     assert risk.decide(low, 0.0, templated).routed
     verdict = risk.decide(low, 0.0, raw)
     assert not verdict.routed and verdict.untemplated and verdict.alpha == 0.9
+
+
+def test_the_engine_routes_nothing_when_its_tokenizer_cannot_show_a_prompt_templated():
+    """The library's rule (`template_unchecked`): the shipped probe is calibrated on chat-templated prompts, so with a
+    tokenizer that has no chat template (or none at all) no request is routed; the engine routed them all."""
+    from transformers import AutoTokenizer
+
+    from ngsd.risk.probe import shipped_probe_path
+    from ngsd.vllm.risk import EngineRisk
+    from ngsd.vllm.settings import GuardSettings
+
+    tokenizer = AutoTokenizer.from_pretrained(_default_model())
+    prompt = tokenizer("Write a poem about tea")["input_ids"]
+    risk = EngineRisk(shipped_probe_path(), GuardSettings())
+    assert not risk.decide(-1e4, 0.0, prompt).routed  # no tokenizer given yet
+    tokenizer.chat_template = None
+    risk.use_tokenizer(tokenizer)
+    verdict = risk.decide(-1e4, 0.0, prompt)
+    assert not verdict.routed and verdict.untemplated
