@@ -58,7 +58,8 @@ def check_one_device(*tensors: torch.Tensor | None) -> None:
 
 def check_row_vectors(batch: int, potential: torch.Tensor, alpha: torch.Tensor, seed: torch.Tensor,
                       offset: torch.Tensor, *others: torch.Tensor | None) -> None:
-    """The per-row state of a step (and that every tensor, `others` included, is on one device)."""
+    """The per-row state of a step (and that every tensor, `others` included, is on one device). The entry points
+    check the tensors they read before this (`check_tensor_arguments`); potential and alpha are checked here."""
     check_tensor_arguments(potential=potential, alpha=alpha)
     for name, tensor in (("potential", potential), ("alpha", alpha)):
         if tensor.dtype != torch.float32:

@@ -85,7 +85,7 @@ def guarded_select(
     """
     _check_params(params)
     _check_backend(backend)
-    check_tensor_arguments(base_logits=base_logits, expert_logits=expert_logits, potential=potential, alpha=alpha)
+    check_tensor_arguments(base_logits=base_logits, expert_logits=expert_logits)
     seed, offset = default_seed_offset(seed, offset, base_logits.device)
     check_step_inputs(base_logits, expert_logits, potential, alpha, seed, offset)
     if backend == "torch":  # (the ops check the per-row settings themselves)
@@ -135,8 +135,7 @@ def guarded_select_from_hidden(
     """
     _check_params(params)
     _check_backend(backend)
-    check_tensor_arguments(base_hidden=base_hidden, expert_hidden=expert_hidden, base_head_weight=base_head_weight,
-                           potential=potential, alpha=alpha)
+    check_tensor_arguments(base_hidden=base_hidden, expert_hidden=expert_hidden, base_head_weight=base_head_weight)
     seed, offset = default_seed_offset(seed, offset, base_hidden.device)
     check_hidden_inputs(base_hidden, expert_hidden, base_head_weight, expert_head_weight, base_head_bias,
                         expert_head_bias, potential, alpha, seed, offset)

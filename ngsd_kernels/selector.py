@@ -134,7 +134,7 @@ class GuardedSelector:
         if self._shape is None:
             raise RuntimeError("call plan(batch, vocab, dtype, device) before run()")
         batch, vocab, dtype, device = self._shape
-        check_tensor_arguments(base_logits=base_logits, expert_logits=expert_logits, potential=potential, alpha=alpha)
+        check_tensor_arguments(base_logits=base_logits, expert_logits=expert_logits)
         if base_logits.shape != (batch, vocab) or expert_logits.shape != (batch, vocab) or (
             base_logits.dtype != dtype or expert_logits.dtype != dtype or base_logits.device != device
         ):
@@ -176,8 +176,8 @@ class GuardedSelector:
         if self._shape is None:
             raise RuntimeError("call plan(batch, vocab, dtype, device) before run_from_hidden()")
         batch, vocab, dtype, device = self._shape
-        check_tensor_arguments(base_hidden=base_hidden, expert_hidden=expert_hidden, base_head_weight=base_head_weight,
-                               potential=potential, alpha=alpha)
+        check_tensor_arguments(base_hidden=base_hidden, expert_hidden=expert_hidden,
+                               base_head_weight=base_head_weight)
         if base_hidden.shape[0] != batch or base_head_weight.shape[0] != vocab or base_hidden.dtype != dtype or (
             base_hidden.device != device
         ):
