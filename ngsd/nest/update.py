@@ -125,7 +125,10 @@ class NestUpdate(nn.Module):
             raise ValueError("this NeST delta is already folded into the model's weights; folding it again would "
                              "double it (fold_into(model, sign=-1) takes it out)")
         ffns = self.check_model(model)
-        folded.add(key) if sign > 0 else folded.discard(key)
+        if sign > 0:
+            folded.add(key)
+        else:
+            folded.discard(key)
         for index, ffn in enumerate(ffns):
             neurons, clusters = self._rows(index)
             if len(neurons) == 0:
