@@ -416,6 +416,12 @@ def expert_sizes(setup: Setup) -> dict[str, int]:
 
 
 def write_json(name: str, payload: dict[str, Any], out_dir: Path = RESULTS_DIR) -> Path:
+    from ngsd.experts.row_products import measured_plans, pinned_plan
+
+    environment_record = payload.get("environment") or payload.get("meta", {}).get("environment")
+    if isinstance(environment_record, dict):
+        # which form the LoRA hooks used for a few guarded rows on this CPU (it can move a guarded row's cost 3x)
+        environment_record["lora_row_plan"] = pinned_plan() or measured_plans() or "not used"
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / name
     path.write_text(json.dumps(payload, indent=2) + "\n")

@@ -373,23 +373,27 @@ def test_kernel_backend_gives_the_same_greedy_outputs_as_pytorch(llama_pair):
     assert [t.spikes for t in outs["torch"].traces] == [t.spikes for t in outs["triton"].traces]
 
 
-def test_lora_update_of_one_row_equals_the_plain_product():
+@pytest.mark.parametrize("plan", ["paired", "alone", "one-by-one"])
+def test_lora_update_of_few_rows_equals_the_plain_product(plan):
     from ngsd.experts.lora import _lora_update
 
     torch.manual_seed(0)
     down_t, up_t = torch.randn(48, 8), torch.randn(8, 96)
-    for shape in [(2, 1, 48), (2, 48), (4, 1, 48), (2, 5, 48), (1, 1, 48)]:  # one decode row, one row, several
-        x = torch.randn(*shape)                                           # rows, a prefill, a batch of one
-        out = _lora_update(x, 1 if shape[0] > 1 else 0, down_t, up_t)
+    # one decode row, one row, several rows, a prefill, a batch of one, more rows than one-by-one takes
+    for shape in [(2, 1, 48), (2, 48), (4, 1, 48), (2, 5, 48), (1, 1, 48), (12, 1, 48)]:
+        x = torch.randn(*shape)
+        out = _lora_update(x, 1 if shape[0] > 1 else 0, down_t, up_t, plan)
         rows = x[1 if shape[0] > 1 else 0:].reshape(-1, 48)
         assert out.shape == (rows.shape[0], 96)
         torch.testing.assert_close(out, rows @ down_t @ up_t)
 
 
-@pytest.mark.parametrize("rows, length", [(1, 1), (3, 1), (2, 6), (1, 6)])  # one decode row, several, prefills
-def test_in_place_lora_rows_equal_the_autograd_form(llama_pair, rows, length):
-    """Without grad the hooks add the expert rows' update into the layer output in place (one guarded row
-    through a two-row product); with grad they build a new output. Both must give the same expert rows."""
+@pytest.mark.parametrize("plan", ["paired", "alone", "one-by-one"])
+@pytest.mark.parametrize("rows, length", [(1, 1), (3, 1), (2, 6), (1, 6), (10, 1)])  # decode rows, prefills
+def test_in_place_lora_rows_equal_the_autograd_form(llama_pair, monkeypatch, plan, rows, length):
+    """Without grad the hooks add the expert rows' update into the layer output in place; with grad they build
+    a new output. Both must give the same expert rows, in every row plan the machine may pick."""
+    monkeypatch.setenv("NGSD_LORA_ROW_PLAN", plan)
     model, folder = llama_pair
     adapter = LoraAdapter.load(folder)
     torch.manual_seed(rows)
@@ -403,7 +407,11 @@ def test_in_place_lora_rows_equal_the_autograd_form(llama_pair, rows, length):
                 autograd = model(ids).logits.detach()
     finally:
         adapter.detach(model)
+    with torch.no_grad():
+        plain = model(ids).logits
     torch.testing.assert_close(in_place, autograd, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(in_place[:2], plain[:2], rtol=0, atol=0)  # base rows untouched
+    assert not torch.allclose(in_place[2:], plain[2:])  # the expert rows did get the adapter
 
 
 def test_the_context_window_is_checked_row_by_row(llama_pair):

@@ -28,6 +28,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from ngsd.experts.row_products import ONE_BY_ONE_MAX, pinned_plan, plan_for
+
 _PEFT_PREFIX = "base_model.model."
 # Attachment state lives on the model object (never keyed by id(model), which a later model can reuse):
 # model.__dict__[_ATTACHED] = {adapter: [hook handles]}, removed with the last adapter.
@@ -163,6 +165,7 @@ class LoraAdapter:
         """Add the hooks to `model` (idempotent). Raises if the adapter does not fit the model."""
         if self.is_attached(model):
             return
+        pinned_plan()  # a mistyped NGSD_LORA_ROW_PLAN fails here, not inside a forward
         self.detach(model)  # hooks someone removed behind our back: start clean
         modules = dict(model.named_modules())
         trained_for = (f" (it was trained for {self.base_model}; train one for this model with `ngsd train-expert`)"
@@ -221,10 +224,11 @@ class _LoraHook:
     ``LoraAdapter.rows_from``). An object, not a closure, so that copying or pickling the model it is attached to
     fails with ``_NOT_COPYABLE``, not with a bare "Can't pickle local object"."""
 
-    __slots__ = ("local", "pair", "scale", "down_t", "up_t")
+    __slots__ = ("local", "pair", "scale", "down_t", "up_t", "plan")
 
     def __init__(self, local: threading.local, pair: "_LoraPair", scale: float, weight: torch.Tensor) -> None:
         self.local, self.pair, self.scale = local, pair, scale
+        self.plan: str | None = None  # row_products' plan, resolved at the first call with few rows
         self._cast_like(weight)
 
     def _cast_like(self, weight: torch.Tensor) -> None:
@@ -244,31 +248,33 @@ class _LoraHook:
         if module.weight.dtype != self.down_t.dtype or module.weight.device != self.down_t.device:
             self._cast_like(module.weight)
         x, down_t, up_t = inputs[0], self.down_t, self.up_t
-        if torch.is_grad_enabled():
-            delta = _lora_update(x, first, down_t, up_t).view(output[first:].shape)
-            return torch.cat([output[:first], output[first:] + delta], dim=0)
         rows = output[first:]
-        if rows.numel() > rows.shape[-1] and output.is_contiguous():
+        count = rows.numel() // rows.shape[-1]  # rows times positions
+        if self.plan is None and count <= ONE_BY_ONE_MAX:
+            self.plan = plan_for(x, down_t, up_t)
+        plan = self.plan if count <= ONE_BY_ONE_MAX else "alone"
+        if torch.is_grad_enabled():
+            delta = _lora_update(x, first, down_t, up_t, plan).view(rows.shape)
+            return torch.cat([output[:first], rows + delta], dim=0)
+        if count > 1 and plan != "one-by-one" and output.is_contiguous():
             # several rows (or positions): the up-projection adds into the output in one op (about 4% of a
             # half-guarded batch's decode on the 2-core CPU, against a product, then an add)
             rows.view(-1, output.shape[-1]).addmm_(x[first:].reshape(-1, x.shape[-1]) @ down_t, up_t)
         else:
-            rows.add_(_lora_update(x, first, down_t, up_t).view(rows.shape))
+            rows.add_(_lora_update(x, first, down_t, up_t, plan).view(rows.shape))
         return output
 
 
-def _lora_update(x: torch.Tensor, first: int, down_t: torch.Tensor, up_t: torch.Tensor) -> torch.Tensor:
-    """`(x[first:] @ down_t) @ up_t` as [rows, out], in as few operations as the shapes allow.
-
-    Each guarded row adds this to every adapted layer (210 calls a step for the default model), and at a few
-    rows its cost is the calls, not the arithmetic. One row makes both products matrix-vector products, which
-    BLAS splits over every thread: with passive OpenMP waiting that costs ~80-180 us a call on this 2-core CPU,
-    against a few us for the same products on two rows, which stay on one thread. So one row is computed as
-    the two-row product of the row before it and itself, from a view (row 1 of it: equal up to float rounding).
-    """
+def _lora_update(x: torch.Tensor, first: int, down_t: torch.Tensor, up_t: torch.Tensor, plan: str = "alone"
+                 ) -> torch.Tensor:
+    """`(x[first:] @ down_t) @ up_t` as [rows, out], in the form `plan` names (`row_products`: which products
+    this CPU runs without waiting for a sleeping OpenMP thread; the forms are equal up to float rounding)."""
     rows = x[first:].reshape(-1, x.shape[-1])
-    if rows.shape[0] == 1 and first >= 1:
+    count = rows.shape[0]
+    if count == 1 and plan == "paired" and first >= 1:
         return ((x[first - 1:].reshape(2, -1) @ down_t) @ up_t)[1:]
+    if 1 < count <= ONE_BY_ONE_MAX and plan == "one-by-one":
+        return torch.cat([(rows[i:i + 1] @ down_t) @ up_t for i in range(count)])
     return (rows @ down_t) @ up_t
 
 
