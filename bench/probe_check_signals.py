@@ -20,6 +20,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -49,14 +50,16 @@ SIGNALS = {
 }
 
 
-def refusal_openers(examples_file: Path, min_share: float = 0.05) -> list[int]:
+def refusal_openers(examples_file: Path, tokenizer: Any, min_share: float = 0.05) -> list[int]:
     """Token ids that open at least `min_share` of the expert's refusal examples (those without a prefix) and
     open fewer of its benign examples than that: what the expert says first when it refuses."""
     from collections import Counter
 
-    rows = [json.loads(line) for line in examples_file.read_text().splitlines() if line.strip()]
-    firsts = {kind: Counter(r["response_ids"][0] for r in rows if r["kind"] == kind and not r["prefix_ids"]
-                            and r["response_ids"]) for kind in ("refusal", "benign")}
+    from ngsd.experts.training.examples import load_examples
+
+    rows = load_examples(examples_file, tokenizer=tokenizer)  # data texts saved by name come back from NGSD_DATA_DIR
+    firsts = {kind: Counter(r.response_ids[0] for r in rows if r.kind == kind and not r.prefix_ids
+                            and r.response_ids) for kind in ("refusal", "benign")}
     refusals, benign = sum(firsts["refusal"].values()), max(1, sum(firsts["benign"].values()))
     return sorted(t for t, n in firsts["refusal"].items()
                   if n >= min_share * refusals and firsts["benign"][t] < min_share * benign)
@@ -146,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         texts = [e.text for e in held]
         model, tokenizer = load_model(None)
         risks = estimate_risk(model, tokenizer, texts, probe)
-        openers = refusal_openers(shipped_expert_path() / "training_examples.jsonl")
+        openers = refusal_openers(shipped_expert_path() / "training_examples.jsonl", tokenizer)
         print(f"refusal openers {openers}: {[tokenizer.decode([t]) for t in openers]}", flush=True)
         rows = signals(model, tokenizer, LoraAdapter.load(shipped_expert_path()), texts, args.steps, openers)
         for row, example, risk in zip(rows, held, risks):

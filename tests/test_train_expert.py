@@ -110,6 +110,13 @@ def test_train_writes_a_peft_adapter_that_loads_back(tiny, data_dir, tmp_path):
     assert min(report["data"]["advbench_train_ids"]) >= 130
     lines = (out / trainer.EXAMPLES_FILE).read_text().splitlines()
     assert len(lines) == sum(kinds.values())
+    # The data folder's texts are saved by name, never copied (SOURCES.md), and read back as the same examples.
+    from ngsd.experts.training.data_refs import data_texts
+
+    saved = "\n".join(lines)
+    assert '"prompt_ref": "seed_reject/' in saved and '"response_ref": {"ref": "expert_sft/' in saved
+    assert not [text for text in data_texts(data_dir).values() if json.dumps(text)[1:-1] in saved]
+    assert len(examples.load_examples(out / trainer.EXAMPLES_FILE, data_dir, tok)) == len(lines)
 
     # Loading the adapter back onto fresh base weights changes the logits (it is not a no-op)...
     fresh = LlamaForCausalLM(model.config).eval()
@@ -393,7 +400,7 @@ def test_broad_recipe_builds_every_kind_and_picks_weights_on_validation(tiny, da
     # The examples file holds no validation request: the split keeps whole topics apart.
     from ngsd.experts.training.broad_examples import validation_requests
 
-    trained = {json.loads(line)["prompt"] for line in (out / trainer.EXAMPLES_FILE).read_text().splitlines()}
+    trained = {ex.prompt for ex in examples.load_examples(out / trainer.EXAMPLES_FILE, data_dir, tok)}
     harmful_val, benign_val = validation_requests(data_dir, cfg)
     assert not trained & {r.text for r in harmful_val + benign_val}
     assert "weights after step" in (out / "README.md").read_text()
@@ -413,13 +420,15 @@ def test_seed_plus_broad_recipe_holds_both_sets_and_alpaca_even_ids(tiny, data_d
     assert data["broad"]["examples_by_kind"]["refusal"] == 4 and data["broad"]["examples_by_kind"]["benign"] == 3
     assert data["seed"]["alpaca_benign_prompts"] == 2
     assert data["examples_by_kind"]["benign"] == len(prompts.benign_train_prompts()) + 2 + 3
-    trained = [json.loads(line)["prompt"] for line in (out / trainer.EXAMPLES_FILE).read_text().splitlines()]
+    rows = examples.load_examples(out / trainer.EXAMPLES_FILE, data_dir, tok)
+    trained = [r.prompt for r in rows]
     assert trained.count("Write a short note about topic 0.") == 1 and trained.count("Write a short note about topic 2.") == 1
     assert not {f"Write a short note about topic {i}." for i in (1, 3, 4, 5, 6, 7)} & set(trained)  # odd ids; even ids past 2
-    rows = [json.loads(line) for line in (out / trainer.EXAMPLES_FILE).read_text().splitlines()]
-    alpaca_rows = [r for r in rows if r["prompt"].startswith("Write a short note about topic")]
-    assert all(len(r["response_ids"]) <= 1 for r in alpaca_rows)  # --alpaca-benign-tokens 1: the first token only
-    assert any(len(r["response_ids"]) > 1 for r in rows if r["kind"] == "benign" and r not in alpaca_rows)
+    alpaca_rows = [r for r in rows if r.prompt.startswith("Write a short note about topic")]
+    assert all(len(r.response_ids) <= 1 for r in alpaca_rows)  # --alpaca-benign-tokens 1: the first token only
+    assert any(len(r.response_ids) > 1 for r in rows if r.kind == "benign" and r not in alpaca_rows)
+    saved = (out / trainer.EXAMPLES_FILE).read_text()
+    assert "topic 0" not in saved and saved.count('"prompt_ref": "alpaca_eval/') == 2  # named, not copied
     assert "validation" in report
 
 
@@ -458,21 +467,21 @@ def test_distillation_moves_a_top_layers_student_towards_its_teacher(tiny, data_
     assert report["data"]["distillation"]["teacher_prompts_by_kind"] == {"harmful": 4, "lookalike": 2}
     assert report["data"]["examples_by_kind"]["teacher"] == 6
     assert sum(n for source, n in report["data"]["examples_by_source"].items() if source.startswith("teacher/")) == 6
-    rows = [json.loads(line) for line in (out / trainer.EXAMPLES_FILE).read_text().splitlines()]
-    taught = [r for r in rows if r["kind"] == "teacher"]
-    assert len(taught) == 6 and all(r["loss"] == "teacher" for r in taught)
+    rows = examples.load_examples(out / trainer.EXAMPLES_FILE, data_dir, tok)
+    taught = [r for r in rows if r.kind == "teacher"]
+    assert len(taught) == 6 and all(r.loss == "teacher" for r in taught)
     # The teacher's requests are training-split requests the recipe did not use: no validation topic.
-    recipe_prompts = {r["prompt"] for r in rows if r["kind"] != "teacher"}
-    assert not recipe_prompts & {r["prompt"] for r in taught}
+    recipe_prompts = {r.prompt for r in rows if r.kind != "teacher"}
+    assert not recipe_prompts & {r.prompt for r in taught}
     harmful_val, benign_val = validation_requests(data_dir, cfg)
-    assert not {r["prompt"] for r in rows} & {r.text for r in harmful_val + benign_val}
+    assert not {r.prompt for r in rows} & {r.text for r in harmful_val + benign_val}
 
     # The student is closer to the teacher than the base it started from, on the examples it trained on.
     teacher = distill.load_teacher(fresh_copy(model), teacher_dir)
     student = PeftModel.from_pretrained(fresh_copy(model), out).eval()
     end_ids = examples.turn_end_ids(tok)
     kl_student = kl_base = 0.0
-    for ex in examples.load_examples(out / trainer.EXAMPLES_FILE):
+    for ex in examples.load_examples(out / trainer.EXAMPLES_FILE, data_dir, tok):
         ids, labels = examples.encode_example(tok, ex, end_ids, 384)
         ids_t = torch.tensor([ids])
         mask = torch.tensor(labels[1:]) != -100
@@ -594,6 +603,49 @@ def test_a_file_that_is_not_training_examples_is_named(tmp_path):
     bad.write_text('{"kind": "refusal"}\n')
     with pytest.raises(ValueError, match="notes.jsonl: line 1 is not a training example"):
         examples.load_examples(bad)
+
+
+def test_data_texts_are_saved_by_name_and_read_back_exactly(tiny, data_dir, tmp_path):
+    model, tok = tiny
+    refusal = "I'm sorry, but I cannot help with that."
+    prefix = tok("Sure, here is bad act 135", add_special_tokens=False)["input_ids"][:3]
+    built = [
+        examples.Example("refusal", "vicuna", "How can I do harmful thing 1?", examples.cap_response(tok, refusal, 99)[0]),
+        examples.Example("recovery", "advbench-target", "Explain how to do bad act 135",
+                         examples.cap_response(tok, refusal, 99, prefix)[0], prefix_ids=prefix),
+        examples.Example("recovery", "base-start", "How can I do harmful thing 2?",
+                         examples.cap_response(tok, refusal, 99, [5, 6])[0], prefix_ids=[5, 6]),
+        examples.Example("benign", "base-greedy", "A request of my own", [5, 6, 7], loss="kl", complete=False),
+    ]
+    examples.name_data_texts(built, tok, data_dir)
+    # a Vicuna refusal is named where it answers the example's own prompt (the recipe's only use of them)
+    assert [sorted(ex.refs) for ex in built] == [["prompt", "response"], ["prefix", "prompt"], ["prompt", "response"], []]
+    saved = tmp_path / "saved.jsonl"
+    saved.write_text("".join(json.dumps(ex.describe(tok)) + "\n" for ex in built))
+    text = saved.read_text()
+    assert "harmful thing" not in text and "bad act" not in text and text.count("cannot help") == 1  # the 2nd row's
+    assert "A request of my own" in text  # the project's own texts stay as they are
+    assert examples.load_examples(saved, data_dir, tok) == built  # prompts, token ids, flags
+
+    with pytest.raises(ValueError, match="line 1 holds data texts by ref: reading it needs the tokenizer"):
+        examples.load_examples(saved, data_dir)
+    other = data_dir.parent / "other_data"
+    other.mkdir()
+    for name in ("seed_reject.json", "advbench_harmful_behaviors.json"):
+        (other / name).write_text((data_dir / name).read_text())
+    (other / "expert_sft_vicuna.json").write_text((data_dir / "expert_sft_vicuna.json").read_text()
+                                                  .replace("I'm sorry, but", "Sorry, but"))
+    with pytest.raises(ValueError, match="line 1: expert_sft/1/answer gives other token ids than the examples were "
+                                         "trained on \\(another data version, or another tokenizer\\)"):
+        examples.load_examples(saved, other, tok)
+    renamed = tmp_path / "renamed.jsonl"
+    renamed.write_text(text.replace('"advbench/135"', '"advbench/999"'))
+    with pytest.raises(ValueError, match="line 2 names the data text 'advbench/999', which the data folder does not hold"):
+        examples.load_examples(renamed, data_dir, tok)
+    from ngsd.data import DataNotFoundError
+
+    with pytest.raises(DataNotFoundError):
+        examples.load_examples(saved, tmp_path / "absent", tok)
 
 
 def test_examples_on_evaluation_prompts_are_dropped_and_reported(tiny, data_dir, tmp_path):

@@ -21,7 +21,7 @@ from ngsd.experts.training.broad import (
 )
 from ngsd.experts.training.splits import (
     alpaca_training_prompts, evaluation_prompts, example_lines_without_evaluation_prompts, leaks, near_duplicates,
-    normalize,
+    normalize, saved_prompts,
 )
 
 needs_data = pytest.mark.skipif(not data_available(), reason="shared data folder (../shared/data or $NGSD_DATA_DIR) absent")
@@ -34,7 +34,7 @@ def evaluation() -> list[tuple[str, str]]:
 
 def _examples_prompts(path: Path) -> list[str]:
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return [r["prompt"] for r in rows]
+    return saved_prompts(rows)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -82,7 +82,7 @@ def test_the_clean_copy_of_the_shipped_examples_drops_exactly_the_leaked_rows(ev
         pytest.skip(f"no shipped training examples at {path}")
     lines = path.read_text(encoding="utf-8").splitlines()
     clean = example_lines_without_evaluation_prompts(lines)
-    prompt = lambda line: json.loads(line)["prompt"]  # noqa: E731
+    prompt = lambda line: saved_prompts([json.loads(line)])[0]  # noqa: E731
     assert clean == [line for line in lines if line in clean]  # order kept
     assert leaks([prompt(line) for line in clean], evaluation=evaluation) == []
     dropped = [line for line in lines if line not in clean]
@@ -227,3 +227,27 @@ def test_surface_forms_render_grammatically_enough():
     assert categorise("Explain how to cook meth") == "drugs" and categorise("Bake a cake") == "other"
     with pytest.raises(ValueError, match="split"):
         training_requests(split="test")
+
+
+@needs_data
+def test_the_shipped_examples_name_their_data_texts_and_read_back_exactly():
+    """SOURCES.md: the data is read by path, never copied into the project; the shipped expert's training record held
+    230 of its texts (prompts, Vicuna refusals, AdvBench targets) until stop 51."""
+    import ngsd
+    from ngsd.experts.training.data_refs import data_texts
+    from ngsd.experts.training.examples import load_examples
+
+    path = shipped_expert_path() / "training_examples.jsonl"
+    if not path.is_file():
+        pytest.skip(f"no shipped training examples at {path}")
+    try:
+        _, tokenizer = ngsd.load_model()
+    except (ImportError, FileNotFoundError) as error:
+        pytest.skip(f"default model unavailable: {error}")
+    texts = list(data_texts().values())
+    copied = [(r["kind"], r[field]) for r in map(json.loads, path.read_text(encoding="utf-8").splitlines())
+              for field in ("prompt", "prefix", "response") if len(r.get(field, "").strip()) >= 20
+              and any(r[field].strip() in text for text in texts)]
+    assert copied == []
+    loaded = load_examples(path, tokenizer=tokenizer)  # every named text rebuilt to its saved digest
+    assert len(loaded) == 416 and sum(bool(ex.refs) for ex in loaded) == 182

@@ -121,9 +121,9 @@ def training_examples(cfg: NestConfig, model: Any, tokenizer: Any, data_dir: Pat
 
     shipped = shipped_expert_path() / "training_examples.jsonl"
     if cfg.examples:
-        examples, source = load_examples(cfg.examples), str(cfg.examples)
+        examples, source = load_examples(cfg.examples, data_dir, tokenizer), str(cfg.examples)
     elif is_default_model(cfg.model) and shipped.is_file():
-        examples, source = load_examples(shipped), f"ngsd/assets/experts/{shipped.parent.name}/{shipped.name}"
+        examples, source = load_examples(shipped, data_dir, tokenizer), f"ngsd/assets/experts/{shipped.parent.name}/{shipped.name}"
     else:
         from ..experts.training.config import TrainExpertConfig
 

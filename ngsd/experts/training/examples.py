@@ -17,9 +17,10 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from ...data import Prompt, id_sort_key, load_suite, split_user_assistant
+from ...data import Prompt, id_sort_key, load_suite
 from ...eval.judge import KeywordJudge
 from .config import TrainExpertConfig
+from .data_refs import data_texts, ids_digest, prompt_refs, vicuna_answer
 from .prompts import FALLBACK_REFUSAL, REFUSAL_OPENING, SAFETY_SYSTEM_PROMPT, TURN_MARKERS, benign_train_prompts
 from .splits import ADVBENCH_EVAL_BELOW, alpaca_training_prompts
 
@@ -30,7 +31,7 @@ class Example:
 
     kind: "refusal", "recovery" or "benign"; loss: "ce" (cross-entropy on `response_ids`) or "kl"
     (match the base's distribution at every answer position); complete: the answer ended, so the
-    end-of-turn token is trained too.
+    end-of-turn token is trained too; refs: which parts are data texts, saved by name (`data_refs`).
     """
 
     kind: str
@@ -40,35 +41,129 @@ class Example:
     prefix_ids: list[int] = field(default_factory=list)
     loss: str = "ce"
     complete: bool = True
+    refs: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def describe(self, tokenizer: Any) -> dict[str, Any]:
-        return {
-            "kind": self.kind,
-            "source": self.source,
-            "loss": self.loss,
-            "prompt": self.prompt,
-            "prefix": tokenizer.decode(self.prefix_ids),
-            "response": tokenizer.decode(self.response_ids),
-            "prefix_ids": list(self.prefix_ids),
-            "response_ids": list(self.response_ids),
-            "complete": self.complete,
-        }
+        """The saved form: data texts by ref (`name_data_texts` finds them), everything else as it is."""
+        record: dict[str, Any] = {"kind": self.kind, "source": self.source, "loss": self.loss}
+        if "prompt" in self.refs:
+            record["prompt_ref"] = self.refs["prompt"]
+        else:
+            record["prompt"] = self.prompt
+        for part, ids in (("prefix", self.prefix_ids), ("response", self.response_ids)):
+            if part in self.refs:
+                record[f"{part}_ref"] = {**self.refs[part], "digest": ids_digest(list(ids))}
+            else:
+                record[part] = tokenizer.decode(ids)
+        for part, ids in (("prefix", self.prefix_ids), ("response", self.response_ids)):
+            if part not in self.refs:
+                record[f"{part}_ids"] = list(ids)
+        record["complete"] = self.complete
+        return record
 
 
-def load_examples(path: str | os.PathLike[str]) -> list[Example]:
-    """Examples saved by a previous run (training_examples.jsonl), to retrain on exactly the same data."""
-    examples = []
+def load_examples(path: str | os.PathLike[str], data_dir: str | os.PathLike[str] | None = None,
+                  tokenizer: Any = None) -> list[Example]:
+    """Examples saved by a previous run (training_examples.jsonl), to retrain on exactly the same data.
+
+    Data texts saved by ref are read from the data folder (`data_dir`, else $NGSD_DATA_DIR) and their token
+    ids rebuilt with `tokenizer`, then checked against the saved digest."""
+    examples, texts = [], None
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
-            if line.strip():
-                try:
-                    r = json.loads(line)
-                    examples.append(Example(r["kind"], r["source"], r["prompt"], r["response_ids"], r["prefix_ids"],
-                                            r["loss"], r["complete"]))
-                except (json.JSONDecodeError, KeyError, TypeError) as error:
-                    raise ValueError(f"{path}: line {number} is not a training example ({type(error).__name__}: "
-                                     f"{error}); pass a training_examples.jsonl written by ngsd train-expert") from error
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+                refs = {part: r[f"{part}_ref"] for part in ("prompt", "prefix", "response") if f"{part}_ref" in r}
+                if refs and texts is None:
+                    texts = data_texts(data_dir)
+                ex = Example(r["kind"], r["source"], r.get("prompt", ""), r.get("response_ids", []),
+                             r.get("prefix_ids", []), r["loss"], r["complete"], refs)
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
+                raise ValueError(f"{path}: line {number} is not a training example ({type(error).__name__}: "
+                                 f"{error}); pass a training_examples.jsonl written by ngsd train-expert") from error
+            if refs:
+                _resolve_refs(ex, texts, tokenizer, f"{path}: line {number}")
+            examples.append(ex)
     return examples
+
+
+def _resolve_refs(ex: Example, texts: dict[str, str], tokenizer: Any, where: str) -> None:
+    def text(ref: Any) -> str:
+        if not isinstance(ref, str) or ref not in texts:
+            raise ValueError(f"{where} names the data text {ref!r}, which the data folder does not hold (another "
+                             "data version?); point --data-dir / NGSD_DATA_DIR at the data of SOURCES.md")
+        return texts[ref]
+
+    if "prompt" in ex.refs:
+        ex.prompt = text(ex.refs["prompt"])
+    if ("prefix" in ex.refs or "response" in ex.refs) and tokenizer is None:
+        raise ValueError(f"{where} holds data texts by ref: reading it needs the tokenizer that built it")
+    for part in ("prefix", "response"):
+        spec = ex.refs.get(part)
+        if spec is None:
+            continue
+        if not isinstance(spec, dict) or not ({"sentences", "tokens"} & spec.keys()):
+            raise ValueError(f"{where}: {part}_ref {spec!r} is not a data-text ref; pass a training_examples.jsonl "
+                             "written by ngsd train-expert")
+        source = text(spec.get("ref"))
+        if part == "prefix":
+            ids = tokenizer(source, add_special_tokens=False)["input_ids"][: spec["tokens"]]
+            ex.prefix_ids = ids
+        elif "sentences" in spec:
+            ex.response_ids = join_ids(tokenizer, ex.prefix_ids, first_sentences(source, spec["sentences"]))
+        else:
+            ex.response_ids = join_ids(tokenizer, ex.prefix_ids, source)[: spec["tokens"]]
+        ids = ex.prefix_ids if part == "prefix" else ex.response_ids
+        if ids_digest(list(ids)) != spec.get("digest"):
+            raise ValueError(f"{where}: {spec['ref']} gives other token ids than the examples were trained on (another "
+                             "data version, or another tokenizer); retrain without --examples to build the data again")
+
+
+def name_data_texts(examples: Sequence[Example], tokenizer: Any, data_dir: str | os.PathLike[str] | None) -> None:
+    """Set `refs` on each example for the parts that are data texts, so that saving names them (`data_refs`):
+    its prompt; a forced start cut from its AdvBench goal's target; a response cut from a Vicuna refusal of
+    its prompt, as `cap_response` cuts one (whole sentences, or tokens when the first sentence was too long)."""
+    try:
+        texts = data_texts(data_dir)
+    except FileNotFoundError:
+        return  # nothing here came from a data folder that is not there
+    by_prompt = prompt_refs(texts)
+    answers: dict[str, list[tuple[str, str]]] = {}
+    for ref, user in texts.items():
+        if ref.startswith("expert_sft/") and ref.endswith("/user"):
+            answer_ref = ref[: -len("user")] + "answer"
+            answers.setdefault(user, []).append((answer_ref, texts[answer_ref]))
+    for ex in examples:
+        prompt_ref = ex.refs.get("prompt") or by_prompt.get(ex.prompt)
+        if prompt_ref is not None:
+            ex.refs["prompt"] = prompt_ref
+        target = f"{prompt_ref}/target"
+        if "prefix" not in ex.refs and ex.prefix_ids and target in texts:
+            if tokenizer(texts[target], add_special_tokens=False)["input_ids"][: len(ex.prefix_ids)] == list(ex.prefix_ids):
+                ex.refs["prefix"] = {"ref": target, "tokens": len(ex.prefix_ids)}
+        if "response" not in ex.refs:
+            for answer_ref, answer in answers.get(ex.prompt, []):
+                span = _response_span(tokenizer, answer, ex)
+                if span is not None:
+                    ex.refs["response"] = {"ref": answer_ref, **span}
+                    break
+
+
+def _response_span(tokenizer: Any, text: str, ex: Example) -> dict[str, int] | None:
+    """How `cap_response` cut `text` into this example's response ids, if it did."""
+    target, previous = list(ex.response_ids), None
+    for n in range(1, len(text) + 2):
+        part = first_sentences(text, n)
+        if part == previous:
+            break
+        if join_ids(tokenizer, ex.prefix_ids, part) == target:
+            return {"sentences": n}
+        previous = part
+    if not ex.complete and join_ids(tokenizer, ex.prefix_ids, text)[: len(target)] == target:
+        return {"tokens": len(target)}
+    return None
 
 
 def chat_prompt_ids(tokenizer: Any, prompt: str, system: str | None = None) -> list[int]:
@@ -185,8 +280,7 @@ def vicuna_refusals(data_dir: Path, judge: KeywordJudge | None = None) -> dict[s
     judge = judge or KeywordJudge()
     grouped: dict[str, list[str]] = {}
     for rec in load_suite("expert_sft", data_dir):
-        user, answer = split_user_assistant(rec.text)
-        answer = answer.replace("</s>", "").strip()
+        user, answer = vicuna_answer(rec.text)
         if len(answer) >= 20 and judge.is_refusal(answer):
             grouped.setdefault(user, []).append(answer)
     return grouped

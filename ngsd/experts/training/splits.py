@@ -106,13 +106,21 @@ def without_evaluation_prompts(examples: Sequence[Any], data_dir: str | os.PathL
     return [e for e in examples if e.prompt not in leaked], dict(Counter(suite for _, suite, _ in found))
 
 
+def saved_prompts(records: Sequence[dict], data_dir: str | os.PathLike[str] | None = None) -> list[str]:
+    """The prompt of each saved training example: its text, or the data text its "prompt_ref" names (`data_refs`)."""
+    from .data_refs import data_texts
+
+    texts = data_texts(data_dir) if any("prompt_ref" in r for r in records) else {}
+    return [r["prompt"] if "prompt" in r else texts[r["prompt_ref"]] for r in records]
+
+
 def example_lines_without_evaluation_prompts(
     lines: Iterable[str], data_dir: str | os.PathLike[str] | None = None,
 ) -> list[str]:
     """The lines of a training_examples.jsonl whose "prompt" `leaks` finds no evaluation prompt in, in order
     (blank lines dropped): how a clean copy of an expert's data is made."""
     lines = [line for line in lines if line.strip()]
-    prompts = [json.loads(line)["prompt"] for line in lines]
+    prompts = saved_prompts([json.loads(line) for line in lines], data_dir)
     leaked = {text for text, _, _ in leaks(prompts, data_dir)}
     return [line for line, prompt in zip(lines, prompts) if prompt not in leaked]
 
@@ -157,4 +165,5 @@ def alpaca_training_prompts(data_dir: str | os.PathLike[str] | None = None) -> l
     return [t for t in even if t not in leaked]
 
 
-__all__ = ["ADVBENCH_EVAL_BELOW", "alpaca_even_prompts", "alpaca_training_prompts", "evaluation_prompts", "leaks", "normalize"]
+__all__ = ["ADVBENCH_EVAL_BELOW", "alpaca_even_prompts", "alpaca_training_prompts", "evaluation_prompts", "leaks", "normalize",
+           "saved_prompts"]

@@ -25,7 +25,7 @@ from .config import TrainExpertConfig, target_modules, top_layer_indices
 from .distill import kl_from, load_teacher, teacher_examples
 from .broad_examples import Validator, build_broad_examples
 from .examples import (Example, batches, build_examples, check_example_token_ids, count_by, encode_example, load_examples,
-                       turn_end_ids)
+                       name_data_texts, turn_end_ids)
 from .selfcheck import evaluate_expert
 from .splits import unchecked_evaluation_suites, without_evaluation_prompts
 
@@ -293,7 +293,8 @@ def _train_expert(cfg: TrainExpertConfig, *, model: Any, tokenizer: Any, command
 
     t0 = time.perf_counter()
     if cfg.examples:
-        examples, dropped = without_evaluation_prompts(load_examples(cfg.examples), data_dir, log=log)
+        examples, dropped = without_evaluation_prompts(load_examples(cfg.examples, data_dir, tokenizer), data_dir,
+                                                        log=log)
         if dropped:
             log(f"dropped {sum(dropped.values())} examples on evaluation prompts ({dropped}): training reads the "
                 "training splits only")
@@ -334,6 +335,7 @@ def _train_expert(cfg: TrainExpertConfig, *, model: Any, tokenizer: Any, command
     # Written before training, so that the (slow) data step of a run that stops can be reused with --examples; under
     # another name until the adapter is saved: a folder holding an adapter keeps the examples it was trained on.
     pending = out / PENDING_EXAMPLES_FILE
+    name_data_texts(examples, tokenizer, data_dir)  # the data folder's texts are saved by name, never copied
     with pending.open("w", encoding="utf-8") as f:
         for ex in examples:
             f.write(json.dumps(ex.describe(tokenizer), ensure_ascii=False) + "\n")
