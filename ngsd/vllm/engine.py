@@ -15,6 +15,8 @@ refused).
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 from typing import Any, Mapping
 
 from .settings import CONFIG_KEY, GuardSettings, expert_folder
@@ -38,7 +40,13 @@ def guard_overrides(model: str, settings: GuardSettings) -> tuple[dict[str, Any]
     before any engine starts)."""
     from .risk import EngineRisk, model_config_of, probe_folder
 
-    expert_folder(settings.expert)  # here, not only in the engine's worker, whose failure reads "initialization failed"
+    # here, not only in the engine's worker, whose failure reads "Engine core initialization failed"
+    check_expert_fits(model, expert_folder(settings.expert))
+    if settings.verdict_log is not None:
+        log_dir = Path(settings.verdict_log).expanduser().resolve().parent
+        if not log_dir.is_dir() or not os.access(log_dir, os.W_OK):
+            raise ValueError(f"ngsd verdict_log {settings.verdict_log!r}: its folder {log_dir} does not exist or cannot "
+                             "be written; create it, or give another path")
     folder = probe_folder(settings, model_config_of(model))
     if folder is None and (settings.reflection or settings.verdict_log):
         # both shape or record the probe's decisions: without a probe they were accepted and ignored
@@ -54,6 +62,29 @@ def guard_overrides(model: str, settings: GuardSettings) -> tuple[dict[str, Any]
                          "the default model with the shipped expert only); give prime_divergence a number, or "
                          "risk='probe' with a probe folder")
     return {"architectures": [ARCHITECTURE], CONFIG_KEY: settings.to_dict()}, folder is not None
+
+
+def check_expert_fits(model: str, expert: Path) -> None:
+    """The expert loads and fits `model` (a local folder: checked on a weightless copy of its architecture; a hub id
+    is checked by the worker)."""
+    from ..experts.lora import LoraAdapter
+
+    adapter = LoraAdapter.load(expert)
+    config_file = Path(str(model)).expanduser() / "config.json"
+    if not config_file.is_file():
+        return
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(config_file.parent)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    try:
+        adapter.attach(skeleton)  # raises naming the layer that does not fit, and the model it was trained for
+    except ValueError as error:
+        raise ValueError(f"ngsd expert {str(expert)!r} does not fit {model!r}: {error}") from None
+    finally:
+        adapter.detach(skeleton)
 
 
 def engine_kwargs(model: str, *, expert: str = "shipped", alpha: float = 0.9, allow_opt_out: bool = False,
@@ -76,10 +107,16 @@ def engine_kwargs(model: str, *, expert: str = "shipped", alpha: float = 0.9, al
         raise ValueError(f"logprobs_mode={engine_args['logprobs_mode']!r}: vLLM takes such logprobs after the logits "
                          "processors, where the guard has forced the chosen token (0 for it, -inf for the rest); leave "
                          "the default 'raw_logprobs' (the base model's) or use 'raw_logits'")
-    overrides = dict(engine_args.pop("hf_overrides", None) or {})
-    overrides.update(guard)
+    user_overrides = engine_args.pop("hf_overrides", None) or {}
+    if not isinstance(user_overrides, Mapping):
+        raise TypeError(f"hf_overrides must be a dict with a guarded engine (ngsd adds its own keys to it), got "
+                        f"{type(user_overrides).__name__}; give the config changes as a dict")
+    overrides = {**user_overrides, **guard}
+    user_processors = engine_args.pop("logits_processors", None) or []
+    if isinstance(user_processors, (str, type)):
+        user_processors = [user_processors]  # one processor given alone (a string was split into characters)
     # the guard's processor once: named again, its second instance found the step's expert rows taken and the engine died
-    processors = [p for p in engine_args.pop("logits_processors", None) or [] if not is_guard_processor(p)]
+    processors = [p for p in user_processors if not is_guard_processor(p)]
     return {"model": str(model), "hf_overrides": overrides, "logits_processors": [PROCESSOR, *processors],
             **engine_args}
 

@@ -56,7 +56,7 @@ class GateState:
     potential: float
     step: int = 0
     output: Sequence[int] | None = None  # the request's live output token list (vLLM's own)
-    pending: tuple[int, int, float] | None = None  # (output length when chosen, token, new potential)
+    pending: tuple[int, int | None, float] | None = None  # (output length when chosen, token or None, new potential)
     seed: int | None = None  # sampled requests: the Philox key of this request
     seeded: bool = False  # the request gave its seed (its draws must not depend on its batch neighbours)
     sampling: tuple[float, int, float] = (0.0, 0, 1.0)  # temperature (0: greedy), top_k (0: off), top_p
@@ -77,7 +77,7 @@ class GateState:
         if len(self.output) > length:
             # -1: async scheduling's placeholder for a token sampled but not yet copied back to the host (vLLM
             # fills it in before the request's next sampling; a request leaving the batch keeps it)
-            if self.output[length] not in (token, ASYNC_PLACEHOLDER):
+            if token is not None and self.output[length] not in (token, ASYNC_PLACEHOLDER):
                 # vLLM replaced the token we forced (e.g. a stop rule); the gate followed the token we chose
                 logger.warning("ngsd: output token %d differs from the guarded choice %d at step %d",
                                self.output[length], token, self.step)

@@ -27,6 +27,7 @@ not end with the chat template's opening of the assistant turn (raw text) is nev
 
 from __future__ import annotations
 
+import logging
 import random
 from typing import TYPE_CHECKING
 
@@ -40,6 +41,8 @@ from .gate_book import GateBook, GateState, sampled_launches
 from .logit_rules import apply_request_rules
 from .risk import EngineRisk, observe
 from .settings import CONFIG_KEY, GuardSettings, RequestPolicy, check_admission
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from vllm import SamplingParams
@@ -98,13 +101,22 @@ class NGSDLogitsProcessor(LogitsProcessor):
             states = [rows[k][1] for k in group]
             self._select(group, rows, base, expert_logits, tokens, potentials, seeds=[s.seed for s in states],
                          offsets=[s.step for s in states], per_row=[_own_sampling(s, vocab) for s in states])
-        if every_row:
+        chosen = tokens >= 0  # -1: the step found no valid token (non-finite logits, or every token masked)
+        all_chosen = bool(chosen.all())
+        if not all_chosen:
+            # never index with -1 (it wrapped to the vocabulary's last token): vLLM's own logits decide those rows
+            logger.warning("ngsd: %d guarded row(s) had no valid token this step (non-finite logits, or the request's "
+                           "own masks leave none); vLLM samples them from its own logits", int((~chosen).sum()))
+        for (_, state), token, potential in zip(rows, tokens.tolist(), potentials):
+            # a row without a token keeps its potential (no step of the neuron ran on it)
+            state.pending = (len(state.output), token, potential) if token >= 0 else (len(state.output), None,
+                                                                                       state.potential)
+        if all_chosen and every_row:
             logits.fill_(float("-inf"))
         else:
+            index, tokens = index[chosen], tokens[chosen]
             logits[index] = float("-inf")
         logits[index, tokens] = 0.0
-        for (_, state), token, potential in zip(rows, tokens.tolist(), potentials):
-            state.pending = (len(state.output), token, potential)
         return logits
 
     def _decide(self, expert, batch_size: int) -> None:

@@ -186,8 +186,12 @@ class EngineRisk:
             line.update(request_floor=floor, guarded_alpha=alpha)
             logger.info("ngsd: the request asked for alpha %s at least: guarded at %s", floor, alpha)
         if self.verdict_log:
-            with open(self.verdict_log, "a") as out:
-                out.write(json.dumps(line) + "\n")
+            try:
+                with open(self.verdict_log, "a") as out:
+                    out.write(json.dumps(line) + "\n")
+            except OSError as error:  # a log that cannot be written must not take the engine (and every request) down
+                logger.error("ngsd: cannot append to verdict_log %s (%s); serving goes on without it", self.verdict_log,
+                             error)
 
 
 def prompt_key(prompt: Sequence[int]) -> str:

@@ -241,3 +241,67 @@ def test_the_engine_routes_nothing_when_its_tokenizer_cannot_show_a_prompt_templ
     risk.use_tokenizer(tokenizer)
     verdict = risk.decide(-1e4, 0.0, prompt)
     assert not verdict.routed and verdict.untemplated
+
+
+# ---- found by stop 51's hunt: refused in the front end, where the worker's failure read "initialization failed"
+
+
+def test_an_expert_that_does_not_fit_or_lacks_its_weights_is_refused_before_the_engine_starts(tmp_path):
+    import json
+    import shutil
+
+    from transformers import LlamaConfig
+
+    from ngsd.experts.shipped import shipped_expert_path
+
+    tiny = tmp_path / "tiny-llama"
+    LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2).save_pretrained(tiny)
+    for build in (engine_kwargs, serve_args):
+        with pytest.raises(ValueError, match="ngsd expert '.*safety-lora' does not fit '.*tiny-llama': .*it was trained for"):
+            build(str(tiny), expert="shipped", risk="off")
+    half = tmp_path / "half-adapter"
+    half.mkdir()
+    shutil.copy(shipped_expert_path() / "adapter_config.json", half)
+    with pytest.raises(FileNotFoundError, match="needs adapter_config.json and adapter_model.safetensors"):
+        engine_kwargs(str(tiny), expert=str(half), risk="off")
+    assert json.loads((half / "adapter_config.json").read_text())  # nothing written into the user's folder
+
+
+def test_a_verdict_log_in_a_folder_that_is_not_there_is_refused(tmp_path):
+    """Accepted, it killed the engine at the first request (FileNotFoundError in the worker), and every request
+    after it failed with EngineDeadError."""
+    for build in (engine_kwargs, serve_args):
+        with pytest.raises(ValueError, match="verdict_log .*no-such-dir.* does not exist or cannot be written"):
+            build(_default_model(), verdict_log=str(tmp_path / "no-such-dir" / "verdicts.jsonl"))
+    engine_kwargs(_default_model(), verdict_log=str(tmp_path / "verdicts.jsonl"))
+
+
+def test_hf_overrides_must_be_a_dict_and_one_processor_may_be_given_alone():
+    with pytest.raises(TypeError, match="hf_overrides must be a dict with a guarded engine .* got function"):
+        engine_kwargs("some/model", hf_overrides=lambda config: config)
+    assert engine_kwargs("some/model", hf_overrides={"rope_theta": 1.0})["hf_overrides"]["rope_theta"] == 1.0
+    assert engine_kwargs("some/model", logits_processors="pkg:Rule")["logits_processors"][1:] == ["pkg:Rule"]
+
+
+def test_beam_search_steps_and_non_finite_logit_bias_are_refused_at_admission():
+    """vLLM's beam search ranks beams by logprobs taken before the guard (its beams decoded unguarded, also on an
+    engine that allows no opt-out); an infinite or NaN bias left the guard's step without a valid token (-1, which
+    forced the vocabulary's last token)."""
+    import math
+
+    from vllm import SamplingParams
+
+    from ngsd.vllm.settings import check_admission
+
+    beam_step = SamplingParams(logprobs=2, max_tokens=1, temperature=0.0, detokenize=False)  # as BeamSearch builds it
+    for extra_args in (None, {"ngsd_alpha": 1.0}, {"ngsd_guard": False}):
+        beam_step.extra_args = extra_args
+        with pytest.raises(ValueError, match="beam search is not supported on a guarded engine"):
+            check_admission(beam_step)
+    check_admission(SamplingParams(logprobs=2, max_tokens=1, temperature=0.0))  # a client's own one-token request
+    check_admission(SamplingParams(logprobs=5, max_tokens=16, detokenize=False))
+    for value in (math.inf, -math.inf, math.nan):
+        with pytest.raises(ValueError, match="logit_bias .* is not finite"):
+            check_admission(SamplingParams(max_tokens=4, logit_bias={7: value}))
+    check_admission(SamplingParams(max_tokens=4, logit_bias={7: 100.0}))

@@ -225,6 +225,24 @@ def test_min_p_on_a_guarded_request_is_refused_at_admission(guarded_llm, prompt_
     assert [len(_tokens(o)) for o in outputs] == [2, 2]
 
 
+def test_beam_search_is_refused_and_a_row_left_without_a_token_is_not_forced_to_the_last_id(guarded_llm, prompt_ids):
+    """Beam search decoded unguarded (beams ranked by the base's logprobs, before the guard); a guarded row whose own
+    masks leave no valid token (allowed ids = [eos], which min_tokens masks) was forced to id -1, the vocabulary's
+    last token, every step."""
+    from vllm import SamplingParams
+    from vllm.exceptions import VLLMValidationError
+    from vllm.sampling_params import BeamSearchParams
+
+    with pytest.raises((VLLMValidationError, ValueError), match="beam search is not supported on a guarded engine"):
+        guarded_llm.beam_search([{"prompt_token_ids": prompt_ids[0]}], BeamSearchParams(beam_width=1, max_tokens=4))
+    eos = guarded_llm.get_tokenizer().eos_token_id
+    last = guarded_llm.llm_engine.model_config.get_vocab_size() - 1
+    masked = SamplingParams(max_tokens=4, temperature=0.0, allowed_token_ids=[eos], min_tokens=3,
+                            extra_args={"ngsd_alpha": 1.0})
+    tokens = _tokens(guarded_llm.generate([{"prompt_token_ids": prompt_ids[0]}], masked, use_tqdm=False)[0])
+    assert last not in tokens
+
+
 def test_a_seeded_sampled_request_does_not_depend_on_its_sampled_neighbours(sampling_llm, prompt_ids):
     """Top-p sampling: a request with a seed decodes the same alone and among sampled requests without one,
     which share one op launch a step (``gate_book.sampled_launches``), each at its own temperature and
