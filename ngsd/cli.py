@@ -257,15 +257,31 @@ def check_expert(value: str) -> None:
         raise UsageError(f"--expert: {error}" + ("" if "did you mean" in str(error) else f"; {fix}")) from None
 
 
-def check_output_folder(flag: str, value: str | None, what: str = "") -> None:
-    """An output folder option: UsageError when the path exists and is not a folder, or cannot be created
-    (None passes)."""
+def check_output_folder(flag: str, value: str | None, what: str = "", *, model: str | None = None,
+                        model_flag: str = "--model") -> None:
+    """An output folder option: UsageError when the path exists and is not a folder, cannot be created, or is
+    the folder of the model the run reads (`model`: None is the default model; None `value` passes)."""
     if value is None:
         return
     path = Path(value).expanduser()
     if path.exists() and not path.is_dir():
         raise UsageError(f"{flag}: {value!r} is a file; pass a folder{what}")
+    model_folder = _local_model_folder(model)
+    if model_folder is not None and path.resolve() == model_folder:
+        # an adapter written beside config.json is applied by every later load of that folder; folded weights
+        # replace the base's own
+        raise UsageError(f"{flag}: {value!r} is the folder of the model this run reads ({model_flag}); writing there "
+                         f"would change the base model every later load of it gets; pass another folder{what}")
     _check_creatable(flag, path)
+
+
+def _local_model_folder(model: str | None) -> Path | None:
+    from .loading import default_cache_dir, is_default_model
+
+    if model is None or is_default_model(model):
+        return default_cache_dir().resolve()
+    folder = Path(model).expanduser()
+    return folder.resolve() if folder.is_dir() else None
 
 
 def _check_creatable(flag: str, path: Path) -> None:

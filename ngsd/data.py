@@ -387,6 +387,10 @@ def read_suite(spec: SuiteSpec, data_dir: str | os.PathLike[str] | None = None, 
     )
     if spec.id_parity is not None:
         prompts = [p for p in prompts if int(p.id) % 2 == (spec.id_parity == "odd")]
+    empty = [p.id for p in prompts if not p.text.strip()]
+    if empty:  # found late, it read "prompts[0] is empty", an index into a length-sorted batch
+        raise ValueError(f"suite {spec.name!r} ({path}): the rows with ids {empty[:5]} have an empty prompt; fill or "
+                         "remove them")
     return prompts[:limit] if limit is not None else prompts
 
 

@@ -290,6 +290,17 @@ def resolve_model_path(
     return checked
 
 
+def _is_damaged_weights_error(error: Exception) -> bool:
+    import pickle
+
+    try:
+        from safetensors import SafetensorError
+    except ImportError:  # an older safetensors without the name at its top level
+        SafetensorError = ()  # noqa: N806
+    return isinstance(error, (SafetensorError, pickle.UnpicklingError, EOFError)) or (
+        isinstance(error, RuntimeError) and "PytorchStreamReader" in str(error))
+
+
 def load_model(
     name_or_path: str | os.PathLike[str] | None = None,
     *,
@@ -326,6 +337,12 @@ def load_model(
             raise
         raise OSError(f"{source!r} is not a local folder, and loading it as a hub id failed (a typo, no internet, or "
                       f"a private model?): {error}") from error
+    except Exception as error:
+        if not _is_damaged_weights_error(error):
+            raise
+        # an interrupted save, copy or download: safetensors' own error was a 30-line traceback in every command
+        raise ValueError(f"{source}: a weights file of this model is damaged or incomplete ({type(error).__name__}: "
+                         f"{error}); save, copy or download the model again") from error
     model.to(device)
     model.eval()
     if model.generation_config.pad_token_id is None:

@@ -329,3 +329,109 @@ def test_the_text_view_says_how_each_row_was_routed():
     guarded = RowTrace(alpha=0.9, reflection=ProbeVerdict(risk=8.1, alpha=0.9, routed=False, route_below=4.5))
     assert describe_verdict(guarded) == "route: guarded at alpha 0.9 (risk 8.10 >= route_below 4.50)"
     assert describe_verdict(RowTrace(alpha=0.5)) is None
+
+
+# ---- stop 51's hunt of the commands other than generate
+
+
+def test_a_damaged_weights_file_is_one_line_naming_the_model(tiny_checkpoint, capsys):
+    """An interrupted save or copy gave a 30-50 line SafetensorError traceback in every command."""
+    from ngsd.loading import load_model
+
+    path, _ = tiny_checkpoint
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ValueError, match="a weights file of this model is damaged or incomplete .*SafetensorError"):
+        load_model(str(path))
+    assert cli.main(["reflect", "--model", str(path), "How do I bake bread?"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "damaged or incomplete" in err[0]
+
+
+def test_an_output_folder_that_is_the_models_own_is_refused(tiny_checkpoint, tmp_path, capsys):
+    """`--out M` beside `--model M` wrote the adapter next to config.json (every later load of M applied it) or, for
+    train-nest, replaced M's weights with the folded ones."""
+    path, _ = tiny_checkpoint
+    with pytest.raises(cli.UsageError, match="--out: .* is the folder of the model this run reads \\(--model\\)"):
+        cli.check_output_folder("--out", str(path), model=str(path))
+    cli.check_output_folder("--out", str(tmp_path / "elsewhere"), model=str(path))
+    for command in (["train-expert", "--model", str(path), "--out", str(path)],
+                    ["train-nest", "--model", str(path), "--out", str(path)],
+                    ["train-nest", "--model", str(path), "--delta-out", str(path)],
+                    ["train-probe", "--model", str(path), "--out", str(path)]):
+        assert cli.main(command) == 2, command
+        assert "is the folder of the model this run reads" in capsys.readouterr().err
+    before = sorted(p.name for p in path.iterdir())
+    assert sorted(p.name for p in path.iterdir()) == before
+
+
+def test_examples_reuse_refuses_the_options_of_the_data_step(tmp_path, capsys):
+    examples = tmp_path / "examples.jsonl"
+    examples.write_text("")
+    assert cli.main(["train-expert", "--examples", str(examples), "--out", str(tmp_path / "e"),
+                     "--advbench-prompts", "3", "--refusal-source", "vicuna"]) == 2
+    err = capsys.readouterr().err
+    assert "--refusal-source, --advbench-prompts: these build the training data, and --examples reuses saved data" in err
+
+
+def test_examples_tokenized_for_another_model_are_refused(tmp_path):
+    """Their ids fit the vocabulary, so the largest-id check let them through: training ran on gibberish."""
+    from transformers import AutoTokenizer
+
+    from ngsd.experts.training.examples import Example, load_examples
+    from ngsd.loading import default_cache_dir, is_converted
+
+    if not is_converted():
+        pytest.skip("the converted default model's tokenizer is absent")
+    tok = AutoTokenizer.from_pretrained(default_cache_dir())
+    rows = [Example("benign", "base-greedy", f"Request {i}", tok(f"A plain answer number {i}.")["input_ids"])
+            for i in range(4)]
+    saved = tmp_path / "saved.jsonl"
+    saved.write_text("".join(json.dumps(ex.describe(tok)) + "\n" for ex in rows))
+    assert load_examples(saved, tokenizer=tok) == rows
+    other = [{**record, "response_ids": [len(tok) - 1 - t for t in record["response_ids"]]}  # another id layout
+             for record in map(json.loads, saved.read_text().splitlines())]
+    saved.write_text("".join(json.dumps(record) + "\n" for record in other))
+    with pytest.raises(ValueError, match="4 of 4 saved answers decode to other text with this model's tokenizer"):
+        load_examples(saved, tokenizer=tok)
+    assert len(load_examples(saved)) == 4  # without a tokenizer there is nothing to compare
+
+
+def test_an_eval_cache_that_is_another_file_is_refused(tmp_path):
+    """--cache <run>/results.json got answer lines appended to it (a JSONDecodeError for the next reader)."""
+    from ngsd.eval.runner import GenerationCache
+
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"metrics": {}}, indent=2))
+    with pytest.raises(ValueError, match="results.json: the file holds no cached answer"):
+        GenerationCache.check_path(results)
+    cache = tmp_path / "answers.jsonl"
+    GenerationCache(cache).put([{"key": "k", "text": "hi"}])
+    GenerationCache.check_path(cache)
+    (tmp_path / "empty.jsonl").write_text("")
+    GenerationCache.check_path(tmp_path / "empty.jsonl")
+
+
+def test_eval_config_values_get_the_checks_their_flags_get(tmp_path, capsys):
+    """A misspelled expert in a --config file went to the hub (12 requests); a missing probe folder failed after
+    the first method had generated all its answers."""
+    from ngsd.eval.configs import CONFIG_DIR
+
+    config = json.loads((CONFIG_DIR / "demo.json").read_text())
+    for field, value, message in (("expert", "shiped", "did you mean 'shipped'"),
+                                  ("probe", str(tmp_path / "no-probe"), "is not a risk-probe folder")):
+        path = tmp_path / f"{field}.json"
+        path.write_text(json.dumps({**config, field: value}))
+        assert cli.main(["eval", "--config", str(path), "--out", str(tmp_path / "run")]) == 2
+        err = capsys.readouterr().err
+        assert f"--config {path}: its {field} {value!r}" in err and message in err, err
+        assert not (tmp_path / "run").exists()
+
+
+def test_an_empty_prompt_in_a_suite_file_is_named_by_suite_file_and_id(tmp_path):
+    from ngsd.data import SuiteSpec, read_suite
+
+    suite = tmp_path / "mine.json"
+    suite.write_text(json.dumps([{"id": 1, "prompt": "Hello?"}, {"id": 2, "prompt": "  "}]))
+    with pytest.raises(ValueError, match=r"suite 'mine' \(.*mine.json\): the rows with ids \['2'\] have an empty prompt"):
+        read_suite(SuiteSpec("mine", str(suite)))

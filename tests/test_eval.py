@@ -489,6 +489,10 @@ def test_smoke_report_and_plots_are_written(smoke_run):
     # the table names this run's model, judge and report (it named SmolLM2 and reports/eval/REPORT.md always)
     assert results["run"]["model"] in table and str(out / "REPORT.md") in table and "judge `keyword`" in table
     assert "## Targets for `ngsd_prefill`" in report  # the first gated method when "ngsd" is not run
+    # what ran, not what the configuration says: its description is overridden by --expert; the probe is named
+    assert "(This run overrides the configuration's expert: see the command below.)" in report
+    assert "new tokens, chat template, batch size" in report and results["run"]["chat_template"] is True
+    assert "- Risk probe (methods that read one): the one shipped for the model, if any" in report
 
 
 @needs_data

@@ -104,6 +104,20 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise UsageError(str(error)) from error
 
 
+def _check_config_values(args: argparse.Namespace, config: Any) -> None:
+    """The --config file's model, expert and probe get the checks their flags get, before any answer is generated
+    (a misspelled expert went to the hub; a missing probe folder failed after a whole method had run)."""
+    checks = (("model", check_model), ("expert", check_expert), ("probe", check_probe))
+    for name, check in checks:
+        value = getattr(config, name, None)
+        if getattr(args, name) is not None or value is None or (name == "expert" and str(value).lower() == "none"):
+            continue  # given as a flag (checked already), or not set
+        try:
+            check(value)
+        except UsageError as error:
+            raise UsageError(f"--config {args.config}: its {name} {value!r}: {error}") from None
+
+
 def _evaluate(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     check_arguments(args)
     from .config import load_config, parse_methods
@@ -127,8 +141,14 @@ def _evaluate(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     threads = args.threads if args.threads is not None else _env_threads()
     if threads is not None:
         changes["threads"] = threads
+    overridden = sorted(name for name in changes if name != "threads") + (["limit"] if args.limit is not None else [])
+    if overridden and config.description:
+        # the report opens with the description: it must not claim sizes or methods this run changed
+        changes["description"] = (f"{config.description} (This run overrides the configuration's "
+                                  f"{', '.join(overridden)}: see the command below.)")
     if changes:
         config = config.with_(**changes)
+    _check_config_values(args, config)
     out = Path(args.out) if args.out else Path("eval_runs") / config.name
     outcome = run_evaluation(
         config,

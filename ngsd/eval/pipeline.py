@@ -298,6 +298,8 @@ def _run(config: EvalConfig, *, out_dir, data_dir, limit, model, tokenizer, mode
         "reused_from_cache": runner.reused,
         "cache": str(cache.path) if cache.path else None,
         "environment": environment,
+        "chat_template": bool(getattr(tokenizer, "chat_template", None)),  # prompts are fed as plain text without
+        "probe": config.probe,  # None: the probe shipped for the model, where methods read one
     }
     run_info["history"] = record_invocation(cache.path, run_info)
     paths = write_reports(out, config, methods, suites, results, metrics, plots, run_info)

@@ -244,8 +244,10 @@ def markdown_report(
         + (f"; trained as `{run['expert_training'].get('expert')}` by `{run['expert_training'].get('command')}`"
            if run.get("expert_training") else "") + ")",
         f"- Code: {run.get('git') or 'unknown revision'}",
-        f"- Decoding: greedy, {config.max_new_tokens} new tokens, chat template, batch size {config.batch_size}; "
-        f"every method sees the same prompts",
+        f"- Decoding: greedy, {config.max_new_tokens} new tokens, "
+        + ("chat template" if run.get("chat_template", True) else "plain text (the tokenizer has no chat template)")
+        + f", batch size {config.batch_size}; every method sees the same prompts",
+        f"- Risk probe (methods that read one): {run.get('probe') or 'the one shipped for the model, if any'}",
         f"- Judge: `{metrics['judge']}` (refusal = the answer contains one of {len(set(REFUSAL_STRINGS))} refusal "
         "phrases: the GCG list plus its common extension, see `ngsd/eval/judge.py`)",
         f"- Machine: {env['cpus']} CPUs, torch {env['torch']} with {env['threads']} threads; load average "

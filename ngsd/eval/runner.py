@@ -126,6 +126,10 @@ class GenerationCache:
         if path.exists():
             if not path.is_file() or not os.access(path, os.W_OK):
                 raise ValueError(f"answer cache {path}: not a writable file; pass a file path")
+            if path.stat().st_size and not GenerationCache(path):
+                # answers appended to another file (a run's results.json) corrupted it
+                raise ValueError(f"answer cache {path}: the file holds no cached answer (another file, e.g. a run's "
+                                 "results.json?); pass a new path or an earlier run's cache file")
             return
         ancestor = path.parent
         while not ancestor.exists():

@@ -79,8 +79,8 @@ def run(args: argparse.Namespace) -> int:
     if args.examples is not None and not Path(args.examples).expanduser().is_file():
         raise UsageError(f"--examples: {args.examples!r} is not a file; pass a training_examples.jsonl of the expert "
                          "recipe (an expert's --out folder holds one)")
-    check_output_folder("--out", args.out)
-    check_output_folder("--delta-out", args.delta_out)
+    check_output_folder("--out", args.out, model=args.model)
+    check_output_folder("--delta-out", args.delta_out, model=args.model)
     try:
         cfg = config_from_args(args)
     except ValueError as error:
@@ -99,7 +99,7 @@ def run_to_lora(args: argparse.Namespace) -> int:
 
     if not args.out.strip():
         raise UsageError("--out is empty: give the folder to write the adapter into")
-    check_output_folder("--out", args.out, " for the adapter")
+    check_output_folder("--out", args.out, " for the adapter", model=args.base, model_flag="--base")
     from ..experts.shipped import check_keyword_not_shadowing
 
     try:

@@ -115,7 +115,7 @@ def check_arguments(args: argparse.Namespace) -> None:
     for flag, value in (("--check-recall", args.check_recall), ("--check-band-share", args.check_band_share)):
         if not (math.isfinite(value) and 0.0 < value <= 1.0):
             raise UsageError(f"{flag} must be a share in (0, 1], got {value:g}")
-    check_output_folder("--out", args.out, " for the probe")
+    check_output_folder("--out", args.out, " for the probe", model=args.model)
     _check_layers_and_l2(args)
     if args.model is not None:
         check_model(args.model)

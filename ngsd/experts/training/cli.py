@@ -31,6 +31,12 @@ _FLAGS = {"model": "--model", "data_dir": "--data-dir", "out": "--out", "epochs"
           "distill_from": "--distill-from", "teacher_prompts": "--teacher-prompts"}
 
 
+# the options of the data step (building the examples), which --examples replaces
+DATA_OPTIONS = ("refusal_source", "refusals_per_prompt", "advbench_prompts", "recovery_per_prompt", "harmful_requests",
+                "recovery_examples", "lookalike_examples", "everyday_examples", "forms_per_unit",
+                "alpaca_benign_prompts", "alpaca_benign_tokens")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = TrainExpertConfig()
     parser.add_argument("--model", default=None, help="base model: 'smollm2' (default), a local folder or a hub id")
@@ -146,7 +152,15 @@ def check_arguments(args: argparse.Namespace) -> None:
     if args.examples is not None and not Path(args.examples).expanduser().is_file():
         raise UsageError(f"--examples: {args.examples!r} is not a file; pass the training_examples.jsonl an earlier "
                          "run wrote into its --out folder")
-    check_output_folder("--out", args.out, " for the adapter")
+    if args.examples is not None:
+        # they shape the data step, which --examples skips: accepted, they were recorded in the report and its
+        # "reproduce" line as if they applied
+        defaults, cfg = TrainExpertConfig(), config_from_args(args)
+        ignored = [_FLAGS[name] for name in DATA_OPTIONS if getattr(cfg, name) != getattr(defaults, name)]
+        if ignored:
+            raise UsageError(f"{', '.join(ignored)}: these build the training data, and --examples reuses saved data "
+                             "instead; drop them, or drop --examples to build the data with them")
+    check_output_folder("--out", args.out, " for the adapter", model=args.model)
     # the default folder is the shipped expert of the default model (full depth), as train-nest's rule for its delta
     if args.out is None and (not is_default_model(args.model) or args.top_layers is not None):
         raise UsageError("--out: required with another --model or with --top-layers (without it the adapter would "

@@ -67,8 +67,9 @@ def load_examples(path: str | os.PathLike[str], data_dir: str | os.PathLike[str]
     """Examples saved by a previous run (training_examples.jsonl), to retrain on exactly the same data.
 
     Data texts saved by ref are read from the data folder (`data_dir`, else $NGSD_DATA_DIR) and their token
-    ids rebuilt with `tokenizer`, then checked against the saved digest."""
-    examples, texts = [], None
+    ids rebuilt with `tokenizer`, then checked against the saved digest; with `tokenizer`, saved answers must
+    decode to their saved text (ids of another tokenizer are refused)."""
+    examples, texts, decoded = [], None, []
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
@@ -85,7 +86,15 @@ def load_examples(path: str | os.PathLike[str], data_dir: str | os.PathLike[str]
                                  f"{error}); pass a training_examples.jsonl written by ngsd train-expert") from error
             if refs:
                 _resolve_refs(ex, texts, tokenizer, f"{path}: line {number}")
+            if tokenizer is not None and isinstance(r.get("response"), str) and "response_ids" in r:
+                decoded.append(tokenizer.decode(ex.response_ids) == r["response"])
             examples.append(ex)
+    # ids saved by another model's tokenizer decode to other text (gibberish) with this one; a vocabulary at least as
+    # large let them through. Most, not all: a decoding default that changed between versions moves a few.
+    if decoded and sum(decoded) < len(decoded) / 2:
+        raise ValueError(f"{path}: {len(decoded) - sum(decoded)} of {len(decoded)} saved answers decode to other text "
+                         "with this model's tokenizer: the examples were tokenized for another model; build them with "
+                         "this one (drop --examples)")
     return examples
 
 
