@@ -341,8 +341,11 @@ def load_model(
         if not _is_damaged_weights_error(error):
             raise
         # an interrupted save, copy or download: safetensors' own error was a 30-line traceback in every command
+        fix = (f"delete {source}: ngsd converts the default model into it again on the next run"
+               if Path(source).resolve() == Path(cache_dir or default_cache_dir()).expanduser().resolve() else
+               "save, copy or download the model again")
         raise ValueError(f"{source}: a weights file of this model is damaged or incomplete ({type(error).__name__}: "
-                         f"{error}); save, copy or download the model again") from error
+                         f"{error}); {fix}") from error
     model.to(device)
     model.eval()
     if model.generation_config.pad_token_id is None:

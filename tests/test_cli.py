@@ -346,6 +346,12 @@ def test_a_damaged_weights_file_is_one_line_naming_the_model(tiny_checkpoint, ca
     assert cli.main(["reflect", "--model", str(path), "How do I bake bread?"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "damaged or incomplete" in err[0]
+    # the converted default model: the user saved nothing, ngsd did; deleting the folder makes ngsd convert again
+    from ngsd.loading import _MARKER
+
+    (path / _MARKER).write_text("{}")  # as a finished conversion leaves it
+    with pytest.raises(ValueError, match="damaged or incomplete .*; delete .*: ngsd converts the default model into it"):
+        load_model(None, cache_dir=str(path))
 
 
 def test_an_output_folder_that_is_the_models_own_is_refused(tiny_checkpoint, tmp_path, capsys):
@@ -410,6 +416,12 @@ def test_an_eval_cache_that_is_another_file_is_refused(tmp_path):
     GenerationCache.check_path(cache)
     (tmp_path / "empty.jsonl").write_text("")
     GenerationCache.check_path(tmp_path / "empty.jsonl")
+    # a first run killed while writing its first answer leaves one torn line: its rerun goes on (stop 51's review)
+    (tmp_path / "torn.jsonl").write_text('{"key": "k", "text": "an answer cut sh')
+    GenerationCache.check_path(tmp_path / "torn.jsonl")
+    (tmp_path / "notes.jsonl").write_text('{"note": "not an answer"}\n')
+    with pytest.raises(ValueError, match="notes.jsonl: the file holds no cached answer but other content"):
+        GenerationCache.check_path(tmp_path / "notes.jsonl")
 
 
 def test_eval_config_values_get_the_checks_their_flags_get(tmp_path, capsys):

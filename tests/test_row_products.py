@@ -9,17 +9,37 @@ from ngsd.experts.row_products import PLAN_ENV, choose_plan, measured_plans, pla
 
 
 @pytest.mark.parametrize("one_row_us, two_rows_us, plan", [
-    (4.3, 240.0, "one-by-one"),  # stop 51's AVX-512 machine, passive OpenMP waiting: multi-row products wait
-    (4.2, 15.5, "alone"),        # the same machine with spinning threads: no wait, one row alone is cheaper
+    (4.3, 240.0, "one-by-one"),  # stop 51's AVX-512 machine, passive waiting, idle: multi-row products wait
+    (5.8, 38.3, "one-by-one"),   # the same, while another job kept the second core busy
+    (5.8, 9.8, "alone"),         # the same machine with spinning threads: no wait
+    (4.2, 15.5, "alone"),
     (120.0, 5.0, "paired"),      # stop 43's machine: one-row products were split over the threads
     (5.0, 5.0, "alone"),
+    (5.6, 5.9, "alone"),         # one thread: the two forms tie (and flipped when chosen by the faster)
 ])
 def test_the_plan_follows_what_waits_for_a_thread(one_row_us, two_rows_us, plan):
     assert choose_plan(one_row_us * 1e-6, two_rows_us * 1e-6) == plan
 
 
-def test_a_plan_is_measured_once_per_dtype_and_thread_count(monkeypatch):
+@pytest.fixture
+def two_threads():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_without_passive_waiting_the_plan_is_alone_and_unmeasured(monkeypatch, two_threads):
     monkeypatch.delenv(PLAN_ENV, raising=False)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.setattr(row_products, "_plans", {})
+    assert plan_for(torch.randn(3, 64), torch.randn(64, 4), torch.randn(4, 64)) == "alone"
+    assert measured_plans() == {}
+
+
+def test_a_plan_is_measured_once_per_dtype_and_thread_count(monkeypatch, two_threads):
+    monkeypatch.delenv(PLAN_ENV, raising=False)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
     monkeypatch.setattr(row_products, "_plans", {})
     x, down_t, up_t = torch.randn(3, 64), torch.randn(64, 4), torch.randn(4, 64)
     generator_state = torch.get_rng_state()
@@ -27,7 +47,7 @@ def test_a_plan_is_measured_once_per_dtype_and_thread_count(monkeypatch):
     assert torch.equal(torch.get_rng_state(), generator_state)  # seeded sampling after it draws the same
     assert plan in row_products.PLANS
     assert plan_for(x, down_t, up_t) == plan
-    assert measured_plans() == {f"float32 x {torch.get_num_threads()} threads": plan}
+    assert measured_plans() == {"float32 x 2 threads": plan}
 
 
 def test_a_pinned_plan_wins_and_a_mistyped_one_is_refused_at_attach(monkeypatch, llama_pair):

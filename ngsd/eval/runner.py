@@ -91,6 +91,22 @@ def _ends_digest(path: Path, span: int = 8 << 20) -> str:
     return digest.hexdigest()
 
 
+def _another_file(path: Path) -> bool:
+    """A file with no cached answer in it, and more than a first line cut short by an interruption (which a rerun
+    overwrites): a JSON document, a JSON line that is no answer, or several lines."""
+    if GenerationCache(path):
+        return False
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = [line for line in text.splitlines() if line.strip()]
+    if len(lines) > 1:
+        return True
+    try:
+        json.loads(text)
+    except json.JSONDecodeError:
+        return False  # empty, or one torn line
+    return True
+
+
 class GenerationCache:
     """Append-only JSONL store of generated answers, one object per line, looked up by key.
 
@@ -126,10 +142,10 @@ class GenerationCache:
         if path.exists():
             if not path.is_file() or not os.access(path, os.W_OK):
                 raise ValueError(f"answer cache {path}: not a writable file; pass a file path")
-            if path.stat().st_size and not GenerationCache(path):
+            if _another_file(path):
                 # answers appended to another file (a run's results.json) corrupted it
-                raise ValueError(f"answer cache {path}: the file holds no cached answer (another file, e.g. a run's "
-                                 "results.json?); pass a new path or an earlier run's cache file")
+                raise ValueError(f"answer cache {path}: the file holds no cached answer but other content (a run's "
+                                 "results.json?); pass another --cache path, or move that file away")
             return
         ancestor = path.parent
         while not ancestor.exists():

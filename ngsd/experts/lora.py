@@ -166,11 +166,21 @@ class LoraAdapter:
         if self.is_attached(model):
             return
         pinned_plan()  # a mistyped NGSD_LORA_ROW_PLAN fails here, not inside a forward
+        layers = self.fitting_layers(model)
         self.detach(model)  # hooks someone removed behind our back: start clean
+        # Each attachment gets its own copies in the layer's device and dtype, owned by the hook alone: one adapter
+        # can serve models of different dtypes, and detach frees them with the hook.
+        model.__dict__.setdefault(_ATTACHED, {})[self] = [
+            module.register_forward_hook(_LoraHook(self._local, pair, self.scale, module.weight))
+            for pair, module in layers]
+
+    def fitting_layers(self, model: nn.Module) -> list[tuple[_LoraPair, nn.Linear]]:
+        """Each LoRA pair with the Linear layer of `model` it adapts; ValueError naming the first that does not fit
+        (a weightless copy of a model, on the meta device, is enough)."""
         modules = dict(model.named_modules())
         trained_for = (f" (it was trained for {self.base_model}; train one for this model with `ngsd train-expert`)"
                        if self.base_model else "")
-        handles = []
+        layers = []
         for name, pair in self.pairs.items():
             module = _find_module(modules, name)
             if module is None or not isinstance(module, nn.Linear):
@@ -183,10 +193,8 @@ class LoraAdapter:
                     f"LoRA adapter {self.source} does not fit {name}: adapter {tuple(pair.up.shape)}x"
                     f"{tuple(pair.down.shape)} vs layer {module.out_features}x{module.in_features}{trained_for}"
                 )
-            # Each attachment gets its own copies in the layer's device and dtype, owned by the hook alone: one
-            # adapter can serve models of different dtypes, and detach frees them with the hook.
-            handles.append(module.register_forward_hook(_LoraHook(self._local, pair, self.scale, module.weight)))
-        model.__dict__.setdefault(_ATTACHED, {})[self] = handles
+            layers.append((pair, module))
+        return layers
 
     def detach(self, model: nn.Module) -> None:
         attached = model.__dict__.get(_ATTACHED, {})

@@ -2,8 +2,8 @@
 
 A guarded row adds ``(x @ down_t) @ up_t`` (rank 16) to each of the default model's 210 adapted layers every
 step. Alone these products take a few microseconds, unless BLAS splits one over its OpenMP threads: then each
-call waits for a sleeping thread (``OMP_WAIT_POLICY=PASSIVE``, which the benchmarks set, or any busy machine),
-~100-250 us on the 2-core CPUs measured here. Which shapes get split depends on the CPU and the BLAS build:
+call waits for a sleeping thread (``OMP_WAIT_POLICY=PASSIVE``, which the benchmarks set because spinning threads
+slow a busy machine 10-20x), 40-250 us on the 2-core CPUs measured here. Which shapes get split depends on the CPU and the BLAS build:
 on stop 43's machine one-row products were split and two-row ones were not; on stop 51's (AVX-512) the reverse,
 and there the form chosen for the other machine cost a quarter of a decode step with one guarded row in 32
 (+46 ms on a 190 ms forward). So the form is not assumed but measured, on the first adapted layer's shapes:
@@ -14,10 +14,12 @@ and there the form chosen for the other machine cost a quarter of a decode step 
 - ``one-by-one``: up to ``ONE_BY_ONE_MAX`` rows each as a one-row product (more rows in one product), for
   machines where every multi-row product waits for a thread and one-row products do not.
 
-The three give equal results up to float rounding. A measured choice can differ between machines; on one
-machine the margins are 4-50x, so it does not flip from run to run. ``NGSD_LORA_ROW_PLAN=<plan>`` pins it
-(e.g. to compare runs across machines bit for bit). Only CPU tensors are measured; elsewhere one product
-serves every row count.
+The three give equal results up to float rounding (so a guarded row's divergence can differ in its last bits
+between plans; tokens only at a near-tie). Only passive waiting makes a thread wait (``threads_sleep``): without
+it (libgomp's default, one thread, a GPU) the plan is ``alone``, unmeasured; with it the plan is measured and a
+form other than ``alone`` taken only on an unmistakable wait (3x and 10 us; 7-40x seen), so the choice does not
+flip from run to run on one machine. ``NGSD_LORA_ROW_PLAN=<plan>`` pins it (to compare runs bit for bit across
+machines or wait policies).
 """
 
 from __future__ import annotations
@@ -32,20 +34,30 @@ import torch
 PLANS = ("paired", "alone", "one-by-one")
 PLAN_ENV = "NGSD_LORA_ROW_PLAN"
 ONE_BY_ONE_MAX = 8
-# a multi-row product "waits for a thread" when it costs this many one-row products plus this many microseconds:
-# a wake-up costs ~100+ us; without one, two rows cost 1-4 one-row products (measured 3.7x with spinning threads)
-_WAIT_FACTOR, _WAIT_MARGIN_S = 4.0, 20e-6
-_REPEATS = 15
+# Threads wait between parallel regions only under passive waiting (OMP_WAIT_POLICY=PASSIVE; libgomp's default
+# spins first): there a split product costs a wake-up, 40-240 us against ~5 us for the product itself, whatever the
+# load; with spinning threads two rows cost 1-3 one-row products. A form other than "alone" is chosen only on
+# such a wait, with a margin; everywhere else "alone", unmeasured (a plain measurement flipped between runs on a busy
+# machine: stop 51's review).
+_WAIT_FACTOR, _WAIT_MARGIN_S = 3.0, 10e-6
+_REPEATS = 21
 
 _plans: dict[tuple, str] = {}
 _lock = threading.Lock()
 
 
 def choose_plan(one_row_s: float, two_rows_s: float) -> str:
-    """The plan for measured median times of one one-row and one two-row update (seconds)."""
+    """The plan for the measured (median) times of one one-row and one two-row update, in seconds."""
     if two_rows_s > _WAIT_FACTOR * one_row_s + _WAIT_MARGIN_S:
-        return "one-by-one"
-    return "alone" if one_row_s <= two_rows_s else "paired"
+        return "one-by-one"  # multi-row products wait for a thread, one-row ones do not
+    if one_row_s > _WAIT_FACTOR * two_rows_s + _WAIT_MARGIN_S:
+        return "paired"  # one-row products wait (stop 43's machine), two-row ones do not
+    return "alone"
+
+
+def threads_sleep() -> bool:
+    """Several torch threads under passive waiting: the only setting in which a split product waits."""
+    return torch.get_num_threads() > 1 and os.environ.get("OMP_WAIT_POLICY", "").strip().lower() == "passive"
 
 
 def pinned_plan() -> str | None:
@@ -73,7 +85,7 @@ def plan_for(x: torch.Tensor, down_t: torch.Tensor, up_t: torch.Tensor) -> str:
     pinned = pinned_plan()
     if pinned is not None:
         return pinned
-    if x.device.type != "cpu":
+    if x.device.type != "cpu" or not threads_sleep():
         return "alone"  # no OpenMP wake-ups to dodge: one product for every row count
     key = (x.dtype, torch.get_num_threads())
     plan = _plans.get(key)

@@ -80,11 +80,9 @@ def check_expert_fits(model: str, expert: Path) -> None:
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
     try:
-        adapter.attach(skeleton)  # raises naming the layer that does not fit, and the model it was trained for
+        adapter.fitting_layers(skeleton)  # raises naming the layer that does not fit, and the model it was trained for
     except ValueError as error:
         raise ValueError(f"ngsd expert {str(expert)!r} does not fit {model!r}: {error}") from None
-    finally:
-        adapter.detach(skeleton)
 
 
 def engine_kwargs(model: str, *, expert: str = "shipped", alpha: float = 0.9, allow_opt_out: bool = False,

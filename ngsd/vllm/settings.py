@@ -222,8 +222,8 @@ def expert_folder(expert: str) -> Path:
 
 def check_admission(params: Any) -> None:
     """What the front end refuses of a request (HTTP 400 on the server): malformed ``extra_args``; vLLM's beam search,
-    which ranks beams by logprobs from before the guard; a non-finite ``logit_bias``, which leaves the guard's step no
-    valid token; and on a guarded request ``min_p``, which vLLM applies after the guard has forced the token, where it
+    which ranks beams by logprobs from before the guard; a ``logit_bias`` of +inf or NaN, which leaves the guard's
+    step no valid token; and on a guarded request ``min_p``, which vLLM applies after the guard has forced the token, where it
     does nothing.
 
     >>> from types import SimpleNamespace
@@ -234,15 +234,18 @@ def check_admission(params: Any) -> None:
     ValueError: min_p=0.5 has no effect on a guarded request (vLLM applies it after the guard has chosen the token); use top_k / top_p instead, or extra_args['ngsd_guard']=False where the engine allows opting out
     """
     guard, _ = parse_request(getattr(params, "extra_args", None))
+    # also with ngsd_guard=False: this check cannot see whether the engine allows opting out, and on one that does not
+    # the request is guarded, so beam search would bypass the guard there
     if _is_beam_search_step(params):
         raise ValueError("beam search is not supported on a guarded engine: vLLM's beam search sends one-token requests "
                          "(max_tokens=1, logprobs=2*beam_width, detokenize=False) and ranks beams by the base model's "
                          "logprobs, taken before the guard, so its beams decode unguarded; use greedy or sampled "
                          "requests (ngsd's model.generate refuses num_beams > 1 alike)")
     bias = getattr(params, "logit_bias", None) or {}
-    bad_bias = {token: value for token, value in bias.items() if not math.isfinite(float(value))}
-    if bad_bias:  # an infinite or NaN bias leaves no valid row for the guard's step (it chose no token)
-        raise ValueError(f"logit_bias {bad_bias} is not finite; give finite values (vLLM's server clamps them to "
+    # +inf or NaN leaves the guard's step no valid row (it chose no token); -inf is a mask, which the guard applies
+    bad_bias = {token: value for token, value in bias.items() if math.isnan(float(value)) or float(value) == math.inf}
+    if bad_bias:
+        raise ValueError(f"logit_bias {bad_bias} is +inf or NaN; give finite values (vLLM's server clamps them to "
                          "+-100), or allowed_token_ids to force tokens")
     min_p = float(getattr(params, "min_p", 0.0) or 0.0)
     if guard and min_p > 0.0:

@@ -35,7 +35,7 @@ from ngsd.experts.training.prompts import VALIDATION_BEHAVIOUR_LOOKALIKES, VALID
 from ngsd.experts.training.broad_examples import validation_requests
 from ngsd.experts.training.config import TrainExpertConfig
 from ngsd.experts.lora import LoraAdapter
-from ngsd.experts.training.splits import alpaca_training_prompts, leaks
+from ngsd.experts.training.splits import alpaca_training_prompts, leaks, saved_prompts
 from ngsd.risk.divergence_check import first_step_divergence
 from ngsd.loading import load_model
 
@@ -71,7 +71,8 @@ def unused_advbench_goals(data_dir: Path, expert_folders: list[str], n: int) -> 
         path = Path(folder) / "training_examples.jsonl"
         if not path.is_file():
             raise FileNotFoundError(f"--advbench-unused needs {path} to know which goals an expert trained on")
-        trained += [json.loads(line)["prompt"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        trained += saved_prompts(records, data_dir)  # data texts are saved by name since stop 51
     goals = sorted((p for p in load_suite("advbench", data_dir) if int(p.id) >= ADVBENCH_TRAIN_MIN_ID), key=id_sort_key)
     markers = [(p.id, p.text) for p in goals] + [(p.id, act) for p in goals if (act := act_of(p.text))]
     used = {goal_id for _, goal_id, _ in leaks(trained, evaluation=markers)}

@@ -277,6 +277,12 @@ def test_a_verdict_log_in_a_folder_that_is_not_there_is_refused(tmp_path):
     engine_kwargs(_default_model(), verdict_log=str(tmp_path / "verdicts.jsonl"))
 
 
+def test_a_mistyped_row_plan_does_not_read_as_an_expert_that_does_not_fit(monkeypatch):
+    """The vLLM path merges the adapter and never reads NGSD_LORA_ROW_PLAN (a CPU benchmark's setting)."""
+    monkeypatch.setenv("NGSD_LORA_ROW_PLAN", "pair")
+    engine_kwargs(_default_model())
+
+
 def test_hf_overrides_must_be_a_dict_and_one_processor_may_be_given_alone():
     with pytest.raises(TypeError, match="hf_overrides must be a dict with a guarded engine .* got function"):
         engine_kwargs("some/model", hf_overrides=lambda config: config)
@@ -301,7 +307,7 @@ def test_beam_search_steps_and_non_finite_logit_bias_are_refused_at_admission():
             check_admission(beam_step)
     check_admission(SamplingParams(logprobs=2, max_tokens=1, temperature=0.0))  # a client's own one-token request
     check_admission(SamplingParams(logprobs=5, max_tokens=16, detokenize=False))
-    for value in (math.inf, -math.inf, math.nan):
-        with pytest.raises(ValueError, match="logit_bias .* is not finite"):
+    for value in (math.inf, math.nan):
+        with pytest.raises(ValueError, match="logit_bias .* is \\+inf or NaN"):
             check_admission(SamplingParams(max_tokens=4, logit_bias={7: value}))
-    check_admission(SamplingParams(max_tokens=4, logit_bias={7: 100.0}))
+    check_admission(SamplingParams(max_tokens=4, logit_bias={7: 100.0, 8: -math.inf}))  # -inf: a mask

@@ -25,7 +25,7 @@ from ngsd.experts.training.broad import ADVBENCH_TRAIN_MIN_ID, training_requests
 from ngsd.experts.training.config import TrainExpertConfig
 from ngsd.experts.training.examples import Example, cap_response, chat_prompt_ids, generate_ids, opening_refusals
 from ngsd.experts.training.prompts import DIRECT_LOOKALIKE_TRAIN_PROMPTS
-from ngsd.experts.training.splits import leaks
+from ngsd.experts.training.splits import leaks, saved_prompts
 from ngsd.eval.judge import KeywordJudge
 from ngsd.loading import load_model
 
@@ -54,7 +54,7 @@ def main() -> None:
                             refusal_max_new_tokens=shipped["refusal_max_new_tokens"],
                             max_response_tokens=shipped["max_response_tokens"])
     lines = [line for line in open(args.v4d, encoding="utf-8").read().splitlines() if line.strip()]
-    trained = {json.loads(line)["prompt"] for line in lines}
+    trained = set(saved_prompts([json.loads(line) for line in lines], args.data_dir))  # by name since stop 51
     goals = paired_goals(args.data_dir, trained, len(DIRECT_LOOKALIKE_TRAIN_PROMPTS), args.seed)
     model, tokenizer = load_model(None)
     refusals = opening_refusals(model, tokenizer, goals, cfg)
