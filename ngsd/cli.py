@@ -257,6 +257,16 @@ def check_expert(value: str) -> None:
         raise UsageError(f"--expert: {error}" + ("" if "did you mean" in str(error) else f"; {fix}")) from None
 
 
+def check_data_dir(data_dir: str | None) -> None:
+    """The data folder a training command reads must exist before the model loads."""
+    from .data import DataNotFoundError, resolve_data_dir
+
+    try:
+        resolve_data_dir(data_dir)
+    except DataNotFoundError as error:
+        raise UsageError(f"--data-dir: {error}" if data_dir is not None else str(error)) from error
+
+
 def check_output_folder(flag: str, value: str | None, what: str = "", *, model: str | None = None,
                         model_flag: str = "--model") -> None:
     """An output folder option: UsageError when the path exists and is not a folder, cannot be created, or is

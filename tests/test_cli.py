@@ -447,3 +447,13 @@ def test_an_empty_prompt_in_a_suite_file_is_named_by_suite_file_and_id(tmp_path)
     suite.write_text(json.dumps([{"id": 1, "prompt": "Hello?"}, {"id": 2, "prompt": "  "}]))
     with pytest.raises(ValueError, match=r"suite 'mine' \(.*mine.json\): the rows with ids \['2'\] have an empty prompt"):
         read_suite(SuiteSpec("mine", str(suite)))
+
+
+def test_training_commands_check_their_data_and_cache_folders_before_the_model_loads(tmp_path, capsys):
+    """train-nest found a missing data folder only after loading the model; train-probe's --cache-dir that is a file
+    failed late with an Errno message not naming the option."""
+    assert cli.main(["train-nest", "--data-dir", str(tmp_path / "no-data"), "--out", str(tmp_path / "n")]) == 2
+    assert "--data-dir: data folder not found" in capsys.readouterr().err
+    (tmp_path / "a_file").write_text("")
+    assert cli.main(["train-probe", "--cache-dir", str(tmp_path / "a_file"), "--out", str(tmp_path / "p")]) == 2
+    assert "--cache-dir: " in capsys.readouterr().err

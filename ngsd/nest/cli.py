@@ -70,7 +70,7 @@ def cli_args(cfg: NestConfig) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..cli import UsageError, check_model, check_output_folder, check_threads
+    from ..cli import UsageError, check_data_dir, check_model, check_output_folder, check_threads
     from .training import train_nest
 
     if args.model is not None:
@@ -88,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
     if cfg.out is None and cfg.delta_out is None:
         raise UsageError("give --out (folded checkpoint) and/or --delta-out (delta file): only a full-depth run on the "
                          "default model writes the shipped delta by default")
+    check_data_dir(args.data_dir)  # the clustering and the updates read the training splits (it failed after the load)
     train_nest(cfg, command="ngsd train-nest " + " ".join(shlex.quote(a) for a in cli_args(cfg)))
     return 0
 

@@ -106,7 +106,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
 
 def check_arguments(args: argparse.Namespace) -> None:
     """The checks that need no model, so a wrong value fails at once, not after the probe is trained."""
-    from ..cli import UsageError, check_expert, check_model, check_output_folder, check_threads
+    from ..cli import UsageError, check_data_dir, check_expert, check_model, check_output_folder, check_threads
 
     if args.check_only and args.no_check:
         raise UsageError("--check-only and --no-check contradict each other: give one of them")
@@ -132,7 +132,8 @@ def check_arguments(args: argparse.Namespace) -> None:
             raise UsageError(f"--check-only fits the divergence check of the probe already in --out, and {args.out!r} "
                              f"is not a risk-probe folder (needs {PROBE_FILE} and {WEIGHTS_FILE}): pass the folder of "
                              f"a probe `ngsd train-probe --out DIR` wrote, or leave --check-only out to train one")
-    _check_data_dir(args.data_dir)  # the probe's and the check's training split read it
+    check_data_dir(args.data_dir)  # the probe's and the check's training split read it
+    check_output_folder("--cache-dir", args.cache_dir, " for the feature cache", model=args.model)
 
 
 def _check_layers_and_l2(args: argparse.Namespace) -> None:
@@ -157,15 +158,7 @@ def _check_layers_and_l2(args: argparse.Namespace) -> None:
         raise UsageError(str(error)) from error
 
 
-def _check_data_dir(data_dir: str | None) -> None:
-    """The data folder (read by the probe's and the check's training split) must exist before the model loads."""
-    from ..cli import UsageError
-    from ..data import DataNotFoundError, resolve_data_dir
 
-    try:
-        resolve_data_dir(data_dir)
-    except DataNotFoundError as error:
-        raise UsageError(f"--data-dir: {error}" if data_dir is not None else str(error)) from error
 
 
 def check_layers_fit(args: argparse.Namespace, model: Any) -> None:
