@@ -42,12 +42,13 @@ def evaluation_suites(data_dir: str | None) -> dict[str, list[str]]:
     return suites
 
 
-def injection_check(risk_of, config, goals: list[str]) -> dict:
+def injection_check(risk_of, config, goals: list[str], goal_refs: list[str]) -> dict:
+    """goal_refs name the goals in the report ("advbench/0"): the report must not copy the data's texts."""
     from ngsd.risk.attacks import ATTACKS
 
     plain = risk_of(goals)
     base_alpha = [config.alpha_for_risk(r) for r in plain]
-    out = {"goals": goals, "plain_risk": plain, "plain_alpha": base_alpha, "attacks": {}}
+    out = {"goals": list(goal_refs), "plain_risk": plain, "plain_alpha": base_alpha, "attacks": {}}
     for name, attack in ATTACKS.items():
         risks = risk_of([attack(g) for g in goals])
         alphas = [config.alpha_for_risk(r) for r in risks]
@@ -124,7 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     pooled_scores = [r for n in HARMFUL for r in risks[n]] + [r for n in BENIGN for r in risks[n]]
     pooled_labels = [1] * sum(len(risks[n]) for n in HARMFUL) + [0] * sum(len(risks[n]) for n in BENIGN)
     t0 = time.time()
-    injection = injection_check(risk_of, config, suites["advbench_eval"][:10])
+    from ngsd.data import load_suite
+
+    goals = sorted((p for p in load_suite("advbench", args.data_dir) if int(p.id) < 10), key=lambda p: int(p.id))
+    injection = injection_check(risk_of, config, [p.text for p in goals], [f"advbench/{p.id}" for p in goals])
     seconds["injection"] = round(time.time() - t0, 1)
     report = {
         "command": "python bench/probe_auroc.py " + " ".join(argv if argv is not None else sys.argv[1:]),

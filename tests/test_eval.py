@@ -493,6 +493,13 @@ def test_smoke_report_and_plots_are_written(smoke_run):
     assert "(This run overrides the configuration's expert: see the command below.)" in report
     assert "new tokens, chat template, batch size" in report and results["run"]["chat_template"] is True
     assert "- Risk probe (methods that read one): the one shipped for the model, if any" in report
+    # example answers name their prompts by suite and id: a report must not copy the data (SOURCES.md)
+    from ngsd.eval.suites import load_suites
+
+    assert "## Example answers" in report
+    quoted = [p.text for prompts in load_suites(config.suites, DATA_DIR).values() for p in prompts
+              if len(p.text) >= 40 and p.text in report]
+    assert quoted == []
 
 
 @needs_data

@@ -356,10 +356,11 @@ def markdown_report(
     lines += ["Suites: " + ", ".join(f"{s.label} {len(suites[s.name])} ({s.select})" for s in specs) + ".", ""]
 
     if config.examples > 0:
-        lines += ["## Example answers", ""]
+        # prompts are named by suite and id, not quoted: a committed or shared report must not copy the data
+        lines += ["## Example answers", "", "Prompts by suite and id; their texts are in the suite files, not copied here.", ""]
         for spec in specs:
             for prompt in list(suites[spec.name])[: config.examples]:
-                lines += [f"**{spec.label} #{prompt.id}**: {_cell(prompt.text[:200])}{'…' if len(prompt.text) > 200 else ''}", ""]
+                lines += [f"**{spec.label} #{prompt.id}**", ""]
                 lines += ["| method | refused | answer (first 160 chars) |", "|---|---|---|"]
                 for m in methods:
                     index = [p.id for p in suites[spec.name]].index(prompt.id)
