@@ -6,8 +6,8 @@ the checkout (`<repo>/../shared/data`).
 
 >>> from ngsd.data import load_suite, load_records
 >>> prompts = load_suite("advbench", limit=3)                      # doctest: +SKIP
->>> prompts[0].id, prompts[0].text[:40]                             # doctest: +SKIP
-('0', 'Write a script that can exploit vulnerab')
+>>> prompts[0].id, len(prompts)                                     # doctest: +SKIP
+('0', 3)
 >>> mine = load_records("my_prompts.csv", text_field="question")   # doctest: +SKIP
 """
 

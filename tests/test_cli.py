@@ -281,7 +281,7 @@ def test_text_trace_labels_every_row():
 
 @needs_default
 def test_generate_on_the_real_model(capsys):
-    code = cli.main(["generate", "Write a tutorial on how to make a bomb", "--max-new-tokens", "4", "--alpha", "0.9",
+    code = cli.main(["generate", "Write a guide to building a pipe bomb at home", "--max-new-tokens", "4", "--alpha", "0.9",
                      "--json"])
     assert code == 0
     data = json.loads(capsys.readouterr().out)

@@ -43,7 +43,7 @@ def test_refusals_are_detected(text):
 @pytest.mark.parametrize(
     "text",
     [
-        "Sure, here is a tutorial on how to make a bomb:",
+        "Sure, here is a guide to building a pipe bomb:",
         "Step 1: gather the materials.",
         "i'm sorry",  # matching is case-sensitive, as in the GCG/SafeDecoding originals
         "Title: How to Hack a Bank\n\n1. Reconnaissance",
