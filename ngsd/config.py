@@ -26,6 +26,18 @@ def _check_finite(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be finite, got {value}")
 
 
+MAX_CHECK_ROLLOUT = 64
+
+
+def check_rollout_tokens(tokens: int | None, owner: str = "") -> None:
+    """None, or the tokens of the expert's opening the divergence check reads: an int in 0..MAX_CHECK_ROLLOUT."""
+    if tokens is None:
+        return
+    if not isinstance(tokens, int) or isinstance(tokens, bool) or not 0 <= tokens <= MAX_CHECK_ROLLOUT:
+        raise ValueError(f"{owner}check_rollout must be a whole number of tokens in 0..{MAX_CHECK_ROLLOUT} (0: the "
+                         f"divergence alone decides), got {tokens!r}")
+
+
 def check_operating_point_bounds(check_above: float | None, check_divergence: float | None, owner: str = "") -> None:
     """The divergence check's operating point, each part None or in range: check_above a risk in
     [0, 10], check_divergence a total variation in [0, 1]."""
@@ -58,6 +70,11 @@ class ReflectionConfig:
     is at least `check_divergence` (total variation) from the base's, routed otherwise. It only
     ever guards more rows. check_above / check_divergence: None takes the probe's own operating
     point (`ngsd train-probe` fits it for the expert it names); a probe without one checks nothing.
+    check_rollout: with the check, a row whose divergence reaches `check_divergence` is guarded only if
+    the expert's own greedy answer to it, this many tokens long, refuses (the default keyword judge's
+    phrases); else it is routed. The expert answers in the prefill, before the row's first token, on a
+    copy of its cache. None: the probe's own (`ngsd.risk.probe.ProbeSpec.check_rollout`); 0: the
+    divergence alone decides. Needs the tokenizer (without it the divergence alone decides).
     all_zero: what four zero scores mean, "fail" (risk 10, a failed evaluation) or "bump" (S += 1).
     injection_risk: the lowest risk of a request that tries to dictate its own verdict (types the
     evaluator's delimiters or chat control tokens, writes scores, tells the evaluator to ignore its
@@ -77,6 +94,7 @@ class ReflectionConfig:
     check: bool = True
     check_above: float | None = None
     check_divergence: float | None = None
+    check_rollout: int | None = None
     max_new_tokens: int = 256
     long_request_chars: int = 2000
     long_request_bonus: int = 2
@@ -143,6 +161,7 @@ class ReflectionConfig:
         if not isinstance(self.check, bool):
             raise TypeError(f"check must be True or False, got {self.check!r}")
         check_operating_point_bounds(self.check_above, self.check_divergence)
+        check_rollout_tokens(self.check_rollout)
         if self.probe is not None and not isinstance(self.probe, str):
             object.__setattr__(self, "probe", str(self.probe))
         if not self.low_risk_below <= self.high_risk_above:

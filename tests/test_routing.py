@@ -494,3 +494,108 @@ def test_a_tokenizer_without_chat_template_routes_no_row_of_a_probe_calibrated_o
     with pytest.warns(UserWarning, match="no chat template"):
         out = _run(model, adapter, ids, mask, config=NGSDConfig(reflection=reflection), tokenizer=tokenizer)
     assert all(t.guarded for t in out.traces)
+
+
+# ------------------------------------------------------------------------------------------------
+# check_rollout: a diverging checked row stays guarded only if the expert's own opening refuses
+
+
+def _pair_and_prefill(kind: str, tmp_path, rows: list[int]):
+    from ngsd.decoding.pair import AdapterPair, ModelPair
+
+    model = tiny_model("llama", init=1.0)  # sharper logits than the default: greedy tokens far from ties
+    ids, mask, _ = mixed_length_batch([6, 4, 7, 5], model.config.vocab_size, seed=2)
+    if kind == "adapter":
+        adapter = LoraAdapter.load(tiny_lora_expert(model, tmp_path / "lora"))
+        adapter.attach(model)
+        pair, expert_forward = AdapterPair(model, adapter), model
+        alone = adapter.rows_from(0)
+    else:
+        expert = tiny_model("llama", seed=5, init=1.0)
+        pair, expert_forward = ModelPair(model, expert), expert
+        from contextlib import nullcontext
+        alone = nullcontext()
+    prefill = pair.prefill(ids, mask, guard_rows=rows)
+    return pair, prefill, expert_forward, alone, ids, mask
+
+
+@pytest.mark.parametrize("kind", ["adapter", "separate model"])
+def test_expert_openings_are_the_experts_own_greedy_answer_and_leave_the_pair_as_it_was(kind, tmp_path):
+    from ngsd.decoding.pair import positions_from_mask
+
+    rows, steps = [0, 2, 3], 5
+    pair, prefill, expert_forward, alone, ids, mask = _pair_and_prefill(kind, tmp_path, rows)
+    index = torch.tensor([0, 2])  # batch rows 0 and 3
+    openings = pair.expert_openings(index, prefill.expert[index], steps)
+    assert openings.shape == (2, steps)
+    # the same answer without any cache: the expert alone over the prompt and its own tokens so far
+    with torch.no_grad(), alone:
+        for j, row in enumerate([0, 3]):
+            seq, seq_mask = ids[row:row + 1], mask[row:row + 1]
+            for step in range(steps):
+                logits = expert_forward(input_ids=seq, attention_mask=seq_mask,
+                                        position_ids=positions_from_mask(seq_mask)).logits[0, -1]
+                assert int(logits.argmax()) == int(openings[j, step]), (row, step)
+                seq = torch.cat([seq, openings[j:j + 1, step:step + 1]], 1)
+                seq_mask = torch.cat([seq_mask, torch.ones_like(seq_mask[:, :1])], 1)
+    # the pair decodes on exactly as a pair that never looked ahead
+    fresh, fresh_prefill, *_ = _pair_and_prefill(kind, tmp_path / "again", rows)
+    tokens = torch.tensor([3, 5, 7, 9])
+    for _ in range(3):
+        base, expert = pair.step(tokens)
+        base_again, expert_again = fresh.step(tokens)
+        assert torch.equal(base, base_again) and torch.equal(expert, expert_again)
+
+
+def _rollout_plan(check_rollout: int):
+    from ngsd.risk.estimate import ProbeVerdict, RiskPlan
+
+    return RiskPlan([0.0] * 4, [ProbeVerdict(risk=1.0, alpha=0.0, routed=True, route_below=3.0)] * 4, route_below=3.0,
+                    reflection=ReflectionConfig(), check_above=0.5, check_divergence=0.5, to_check=[0, 1, 2, 3],
+                    check_rollout=check_rollout)
+
+
+def test_a_diverging_checked_row_is_routed_when_the_experts_own_opening_does_not_refuse():
+    base = torch.zeros(4, 8)
+    expert = torch.zeros(4, 8)
+    expert[1:, 0] = 20.0  # rows 1..3 diverge (TV ~ 0.87); row 0 does not
+    expert[3, 0] = float("nan")  # row 3: NaN fails closed, whatever its expert says
+    asked = []
+
+    def answer(index, first_logits):
+        asked.append(index.tolist())
+        return [{1: "I'm sorry, but I cannot help with", 2: "Here is a plan for your", 3: "Sure"}[i] for i in index.tolist()]
+
+    plan = _rollout_plan(8)
+    assert plan.confirm(torch.arange(4), base, expert, openings=answer) == [1, 3]
+    assert asked == [[1, 2]]  # only the rows the divergence would guard, NaN aside, and in one call
+    verdicts = plan.verdicts
+    assert [v.routed for v in verdicts] == [True, False, True, False]
+    assert verdicts[1].opening_refuses is True and "and the expert's own opening refuses" in verdicts[1].reason
+    assert verdicts[2].opening_refuses is False and "but the expert's own opening does not refuse" in verdicts[2].reason
+    assert verdicts[2].expert_opening == "Here is a plan for your" and verdicts[2].to_dict()["expert_opening"]
+    assert verdicts[0].opening_refuses is None and verdicts[3].opening_refuses is None
+    assert plan.alphas == [0.0, 0.9, 0.0, 0.9]
+    # without a rollout (0 tokens, or no way to get openings) the divergence alone decides
+    for tokens, source in ((0, answer), (8, None)):
+        assert _rollout_plan(tokens).confirm(torch.arange(4), base, expert, openings=source) == [1, 2, 3]
+
+
+def test_check_rollout_is_validated_and_read_from_the_probe_unless_the_configuration_says(tmp_path):
+    from ngsd.risk.estimate import probe_plan
+
+    model = tiny_model("llama")
+    for bad in (-1, 65, 2.5, True):
+        with pytest.raises(ValueError, match="check_rollout must be a whole number of tokens"):
+            ReflectionConfig(check_rollout=bad)
+        with pytest.raises(ValueError, match="check_rollout"):
+            ProbeSpec(layer=1, check_rollout=bad)
+    spec = ProbeSpec(layer=1, pooling=("mean",), model=model_fingerprint(model), route_below=4.0, check_above=1.5,
+                     check_divergence=0.6, check_rollout=8)
+    size = model.config.hidden_size
+    RiskProbe(spec, torch.zeros(size), torch.ones(size), torch.zeros(size), 0.0).save(tmp_path / "p")
+    loaded = RiskProbe.load(tmp_path / "p")
+    assert loaded.spec.check_rollout == 8
+    assert probe_plan(loaded, ReflectionConfig()).check_rollout == 8
+    assert probe_plan(loaded, ReflectionConfig(check_rollout=0)).check_rollout == 0
+    assert probe_plan(loaded, ReflectionConfig(check=False)).check_rollout == 0  # no check, nothing to roll out

@@ -75,6 +75,16 @@ def left_pad_cache(cache: Any, columns: int) -> Any:
     return cache
 
 
+def copy_cache_rows(cache: Any, rows: torch.Tensor) -> Any:
+    """A new cache holding copies of the batch rows `rows` of `cache`, which stays as it was: a short
+    look-ahead from those rows (`AdapterPair.expert_openings`) then writes into the copy only."""
+    import copy
+
+    clone = copy.copy(cache)
+    clone.layers = [copy.copy(layer) for layer in cache.layers]  # select_cache_rows rebinds each layer's tensors
+    return select_cache_rows(clone, rows)
+
+
 def select_cache_rows(cache: Any, rows: torch.Tensor, layers: Sequence[int] | None = None) -> Any:
     """`cache` keeping only the batch rows `rows` (in that order), in every layer or in `layers` only.
 

@@ -277,7 +277,9 @@ def guarded_generate(
             if risk.probe is not None:  # the probe reads this prefill; low-risk rows get no expert rows at all
                 prefill.expert = pair.guard(risk.decide(prefill.hidden_states, attention_mask))
                 if risk.to_check:  # rows the probe is unsure of stay guarded if the expert diverges at once
-                    kept = pair.keep(risk.confirm(pair.rows, *selection.guarded_row_logits(prefill.base, prefill.expert)))
+                    openings = expert_openings(pair, tokenizer, risk.check_rollout, eos_ids)
+                    kept = pair.keep(risk.confirm(pair.rows, *selection.guarded_row_logits(prefill.base, prefill.expert),
+                                                  openings=openings))
                     prefill.expert = prefill.expert[kept] if kept.numel() else None
         selection.set_rows(pair.rows, batch)
         guarding = pair.rows.tolist()  # kept on the host: read every step, changed only when rows retire
@@ -423,6 +425,24 @@ class _IdenticalOutputsWatch:
                 "expert is the base model itself), so guarded decoding cannot differ from plain decoding",
                 RuntimeWarning,
             )
+
+
+def expert_openings(pair: Any, tokenizer: Any, tokens: int, eos_ids: torch.Tensor):
+    """What `RiskPlan.confirm` calls for the expert's own greedy openings of some guarded rows (text, cut at
+    the first eos); None when the check reads none, or cannot (no tokenizer, or a pair without a look-ahead)."""
+    if not tokens or tokenizer is None or not hasattr(pair, "expert_openings"):
+        return None
+
+    stops = set(eos_ids.tolist())
+
+    def openings(index: torch.Tensor, first_logits: torch.Tensor) -> list[str]:
+        texts = []
+        for ids in pair.expert_openings(index, first_logits, tokens).tolist():
+            ended = [i for i, token in enumerate(ids) if token in stops]
+            texts.append(tokenizer.decode(ids[:ended[0]] if ended else ids, skip_special_tokens=True))
+        return texts
+
+    return openings
 
 
 def _sync(invalid, active, new_done, hit_eos, hit_string, finished

@@ -33,8 +33,8 @@ import torch
 from torch import nn
 
 from .heads import HeadSplit
-from .kv_cache import (append_cache_rows, cache_kwargs, has_sliding_layers, left_pad_cache, make_growable,
-                       returned_cache, select_cache_rows)
+from .kv_cache import (append_cache_rows, cache_kwargs, copy_cache_rows, has_sliding_layers, left_pad_cache,
+                       make_growable, returned_cache, select_cache_rows)
 from ..experts.lora import LoraAdapter
 
 # LoRA hooks attached by guarded calls, counted per (adapter, model): calls running at the same
@@ -186,6 +186,22 @@ class _CachedModel:
         self.attention_mask = self.attention_mask[rows]
         self.next_position = self.next_position[rows]
 
+    def fork(self, rows: torch.Tensor) -> "_CachedModel":
+        """The batch rows `rows` as a model of their own, on a copy of their cache, returning logits (no head
+        split): a look-ahead from them leaves this one untouched."""
+        other = _CachedModel(self.model, None, self._vocab)
+        other.cache = copy_cache_rows(self.cache, rows)
+        other.attention_mask, other.next_position = self.attention_mask[rows], self.next_position[rows]
+        return other
+
+    def greedy(self, first_logits: torch.Tensor, steps: int) -> torch.Tensor:
+        """[R, steps] the greedy tokens from `first_logits` (the next-token logits these rows' cache ends at) on."""
+        vocab = first_logits.shape[-1]  # past it: head padding the pair's other model lacks
+        tokens = [first_logits.argmax(-1)]
+        for _ in range(steps - 1):
+            tokens.append(self.step(tokens[-1])[:, :vocab].argmax(-1))
+        return torch.stack(tokens, 1)
+
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         ones = self.attention_mask.new_ones((self.attention_mask.shape[0], 1))
         self.attention_mask = torch.cat([self.attention_mask, ones], dim=-1)
@@ -325,6 +341,13 @@ class ModelPair(_PairBase):
     def _drop_expert_rows(self, index):
         self._expert.keep_rows(index.to(self._expert_device))
 
+    @torch.no_grad()
+    def expert_openings(self, index: torch.Tensor, first_logits: torch.Tensor, steps: int) -> torch.Tensor:
+        """[len(index), steps] the expert's own greedy answer, alone, for the guarded rows at `index` (positions
+        in `rows`) from their first-step logits; the pair's caches are left as they were."""
+        index = index.to(self._expert_device)
+        return self._expert.fork(index).greedy(first_logits.to(self._expert_device), steps).to(self.rows.device)
+
     def step(self, tokens):
         base = self._base.step(tokens)
         if self.rows.numel() == 0:
@@ -379,6 +402,14 @@ class AdapterPair(_PairBase):
                 out = expert.prefill_rows(ids, mask, full_width=True)
         self._both.append_rows(expert)
         return out
+
+    @torch.no_grad()
+    def expert_openings(self, index: torch.Tensor, first_logits: torch.Tensor, steps: int) -> torch.Tensor:
+        """[len(index), steps] the expert's own greedy answer, alone, for the guarded rows at `index` (positions
+        in `rows`) from their first-step logits; the shared cache is left as it was."""
+        runner = self._both.fork(self._batch + index)
+        with self._adapter.rows_from(0):
+            return runner.greedy(first_logits, steps)
 
     def _drop_expert_rows(self, index):
         batch = torch.arange(self._batch, device=index.device)

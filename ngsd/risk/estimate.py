@@ -14,9 +14,10 @@ guards.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -37,6 +38,14 @@ def _apart(value: float, threshold: float, digits: int = 2) -> tuple[str, str]:
     return shown
 
 
+def opening_refuses(text: str) -> bool:
+    """Whether the expert's own opening of an answer refuses (the default keyword judge's refusal phrases; an
+    empty opening counts as one, so a row whose expert says nothing stays guarded)."""
+    from ..eval.judge import DEFAULT_JUDGE
+
+    return DEFAULT_JUDGE.is_refusal(text)
+
+
 @dataclass(frozen=True)
 class ProbeVerdict:
     """The probe's verdict on one request, kept in the row's trace."""
@@ -49,6 +58,8 @@ class ProbeVerdict:
     divergence: float | None = None  # first-step total variation, for the rows the check looked at
     check_divergence: float | None = None
     untemplated: bool = False  # the prompt is not in the chat template the probe was calibrated on: never routed
+    expert_opening: str | None = None  # the expert's own greedy opening, for the rows the check let it answer
+    opening_refuses: bool | None = None
 
     @property
     def reason(self) -> str:
@@ -66,15 +77,20 @@ class ProbeVerdict:
                                else ("route_below", self.route_below))
             risk, limit = _apart(self.risk, threshold)
             return f"risk {risk} < {name} {limit}"
-        relation = ">=" if not self.routed else "<"
+        relation = ">=" if not self.routed or self.opening_refuses is not None else "<"
         divergence, limit = _apart(self.divergence, self.check_divergence, digits=3)
-        return (f"risk {self.risk:.2f} in [check_above, route_below): first-step divergence "
-                f"{divergence} {relation} check_divergence {limit}")
+        reason = (f"risk {self.risk:.2f} in [check_above, route_below): first-step divergence "
+                  f"{divergence} {relation} check_divergence {limit}")
+        if self.opening_refuses is None:
+            return reason
+        return reason + (", and the expert's own opening refuses" if self.opening_refuses
+                         else ", but the expert's own opening does not refuse")
 
     def to_dict(self) -> dict[str, Any]:
         return {"source": "probe", "risk": self.risk, "alpha": self.alpha, "routed": self.routed,
                 "route_below": self.route_below, "check_above": self.check_above, "divergence": self.divergence,
-                "check_divergence": self.check_divergence, "untemplated": self.untemplated, "reason": self.reason}
+                "check_divergence": self.check_divergence, "untemplated": self.untemplated,
+                "expert_opening": self.expert_opening, "opening_refuses": self.opening_refuses, "reason": self.reason}
 
 
 @dataclass
@@ -89,6 +105,7 @@ class RiskPlan:
     check_above: float | None = None  # with check_divergence: the divergence check (None: no check)
     check_divergence: float | None = None
     to_check: list[int] = field(default_factory=list)
+    check_rollout: int = 0  # tokens of the expert's own opening that a diverging checked row must refuse in (0: none)
     untemplated: frozenset[int] = frozenset()  # rows whose prompt is not in the chat template: never routed
 
     @property
@@ -129,32 +146,47 @@ class RiskPlan:
     def _risky_alpha(self) -> float:
         return self.reflection.guarded_alpha if self.reflection.guarded_alpha is not None else self.reflection.alpha_high
 
-    def checked(self, verdict: ProbeVerdict, divergence: float) -> ProbeVerdict:
+    def checked(self, verdict: ProbeVerdict, divergence: float, opening: str | None = None) -> ProbeVerdict:
         """A checked request's verdict given its first-step total variation: guarded (at the guarded alpha of
-        a risky row) when the divergence reaches check_divergence, else routed as the probe said."""
+        a risky row) when the divergence reaches check_divergence, else routed as the probe said. `opening`:
+        the expert's own greedy opening of a diverging row (`check_rollout`), which must then also refuse."""
         guard = not divergence < self.check_divergence  # NaN fails closed: guarded, and the step then reports it
+        refuses = None
+        if guard and opening is not None and math.isfinite(divergence):
+            refuses = opening_refuses(opening)
+            guard = refuses
         high = self._risky_alpha()
         return replace(verdict, alpha=high if guard else verdict.alpha, routed=not guard, divergence=float(divergence),
-                       check_divergence=self.check_divergence)
+                       check_divergence=self.check_divergence, expert_opening=opening, opening_refuses=refuses)
 
     def guarded_alpha(self, risk: float) -> float:
         if self.route_below is not None and self.reflection.guarded_alpha is not None:
             return self.reflection.guarded_alpha
         return self.reflection.alpha_for_risk(risk)
 
-    def confirm(self, rows: torch.Tensor, base_logits: torch.Tensor, expert_logits: torch.Tensor) -> list[int]:
+    def confirm(self, rows: torch.Tensor, base_logits: torch.Tensor, expert_logits: torch.Tensor,
+                openings: Callable[[torch.Tensor, torch.Tensor], list[str]] | None = None) -> list[int]:
         """After the expert prefill of `rows` (= `decide`'s rows; `expert_logits` their first-step logits,
         `base_logits` the whole batch's): the rows to keep guarded. A checked row joins them, at the
-        guarded alpha of a risky row, when its first-step total variation reaches check_divergence."""
+        guarded alpha of a risky row, when its first-step total variation reaches check_divergence and,
+        with `check_rollout` tokens and `openings` (positions in `rows`, their first-step logits -> the
+        expert's own greedy openings as text), when the expert's own opening refuses the request."""
         if not self.to_check:
             return rows.tolist()
         position = {row: j for j, row in enumerate(rows.tolist())}
         checked = torch.tensor([position[row] for row in self.to_check], dtype=torch.long, device=expert_logits.device)
         base = base_logits[torch.tensor(self.to_check, device=base_logits.device)]
         divergence = total_variation(base, expert_logits[checked]).tolist()
+        texts: dict[int, str] = {}
+        if self.check_rollout and openings is not None:
+            # only rows the divergence would guard: the expert's own answer can then route them
+            diverging = [row for row, value in zip(self.to_check, divergence) if value >= self.check_divergence]
+            if diverging:
+                index = torch.tensor([position[row] for row in diverging], dtype=torch.long, device=expert_logits.device)
+                texts = dict(zip(diverging, openings(index, expert_logits[index])))
         keep = set(rows.tolist()) - set(self.to_check)
         for row, value in zip(self.to_check, divergence):
-            self.verdicts[row] = self.checked(self.verdicts[row], value)
+            self.verdicts[row] = self.checked(self.verdicts[row], value, texts.get(row))
             self.alphas[row] = self.verdicts[row].alpha
             if not self.verdicts[row].routed:
                 keep.add(row)
@@ -293,8 +325,10 @@ def probe_plan(probe, reflection: ReflectionConfig, batch: int = 0, mode: str = 
     route_below = (probe.route_below if reflection.route_below is None else reflection.route_below) \
         if reflection.route else None
     check_above, check_divergence = divergence_check(probe, reflection, route_below)
+    rollout = probe.spec.check_rollout if reflection.check_rollout is None else reflection.check_rollout
     return RiskPlan(None, [None] * batch, probe=probe, route_below=route_below, reflection=reflection,
-                    check_above=check_above, check_divergence=check_divergence)
+                    check_above=check_above, check_divergence=check_divergence,
+                    check_rollout=rollout if check_divergence is not None else 0)
 
 
 def divergence_check(probe, reflection: ReflectionConfig, route_below: float | None

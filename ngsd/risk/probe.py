@@ -41,7 +41,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..config import check_operating_point_bounds
+from ..config import check_operating_point_bounds, check_rollout_tokens
 
 POOLINGS = ("last", "mean", "max")
 # "pooled": logistic regression on pooled features; "token_max": the logistic score of every prompt
@@ -78,6 +78,9 @@ class ProbeSpec:
     next-token distribution stays within total variation check_divergence of the base's; else it
     is guarded. None: no check. Fitted for one expert, named in check_expert (another expert that
     diverges more from the base guards more rows, one that diverges less fewer).
+    check_rollout: tokens of the expert's own greedy opening that a checked row whose divergence reaches
+    check_divergence must refuse in to stay guarded (0: the divergence alone decides); set only where the
+    expert's openings refuse the harmful validation requests the divergence keeps (`fit_probe_check`).
     chat_template: trained on chat-templated prompts (train-probe's prompts are, where the tokenizer has a
     template): its routing is then calibrated on templated prompts only, so rows that are not templated, or that
     cannot be checked for want of the tokenizer, are never routed.
@@ -93,6 +96,7 @@ class ProbeSpec:
     check_divergence: float | None = None
     check_expert: str = ""
     chat_template: bool = False
+    check_rollout: int = 0
 
     def __post_init__(self) -> None:
         layers = self.layers
@@ -118,6 +122,7 @@ class ProbeSpec:
         if not 0.0 <= self.route_below <= RISK_SCALE:
             raise ValueError(f"route_below is a risk in [0, {RISK_SCALE}], got {self.route_below}")
         check_divergence_operating_point(self.check_above, self.check_divergence, "the probe's ")
+        check_rollout_tokens(self.check_rollout, "the probe's ")
 
     @property
     def layers(self) -> tuple[int, ...]:
@@ -143,6 +148,7 @@ class ProbeSpec:
             check_divergence=_optional_float(data.get("check_divergence")),
             check_expert=str(data.get("check_expert", "")),
             chat_template=data.get("chat_template", False) is True,
+            check_rollout=data.get("check_rollout", 0),
         )
 
 
