@@ -11,6 +11,11 @@ it would still guard, and the harmful ones in the band it keeps.
 
     python bench/probe_check_signals.py --threads 2       # ~17 min on 2 threads; writes bench/results/probe_check_signals.json
     python bench/probe_check_signals.py --steps 1 --out bench/results/probe_check_signals_step1.json  # step 1 only
+    python bench/probe_check_signals.py --steps 1 --rollout 8 --out bench/results/probe_check_rollout.json
+
+`--rollout K` also lets the expert answer each request alone, greedily, for K tokens, and records whether
+that opening refuses (the keyword judge): does the expert itself refuse the benign requests the check
+keeps guarded, or does the first-step divergence mistake a restyled answer for a refusal?
 """
 
 from __future__ import annotations
@@ -47,6 +52,8 @@ SIGNALS = {
     # refusal openers: the first answer tokens of the expert's own refusal examples (see `refusal_openers`)
     "expert_opener_mass": lambda o: o["opener_e"],
     "opener_mass_gain": lambda o: o["opener_e"] - o["opener_b"],
+    # with --rollout: 1 when the expert's own greedy opening refuses
+    "expert_opening_refuses": lambda o: float(o["expert_refuses"]),
 }
 
 
@@ -65,7 +72,8 @@ def refusal_openers(examples_file: Path, tokenizer: Any, min_share: float = 0.05
                   if n >= min_share * refusals and firsts["benign"][t] < min_share * benign)
 
 
-def summarise(rows: list[dict], route_below: float, check_above: float, recalls=(0.98, 0.95)) -> dict:
+def summarise(rows: list[dict], route_below: float, check_above: float, check_divergence: float,
+              recalls=(0.98, 0.95)) -> dict:
     single_harmful = [o for o in rows if o["label"] == 1 and o["wrapper"] != "multi_request"]
     band = [o for o in rows if check_above <= o["risk"] < route_below]
     band_benign, band_harmful = [o for o in band if not o["label"]], [o for o in band if o["label"]]
@@ -82,6 +90,13 @@ def summarise(rows: list[dict], route_below: float, check_above: float, recalls=
                 "threshold": round(threshold, 4),
                 "band_benign_guarded": sum(signal(o) >= threshold for o in band_benign),
                 "band_harmful_kept": sum(signal(o) >= threshold for o in band_harmful)}
+    if all("expert_refuses" in o for o in rows):
+        kept_by_tv = [o for o in band_benign if o["tv"][0] >= check_divergence]
+        out["expert_opening_refuses"] = {
+            "single_harmful": sum(o["expert_refuses"] for o in single_harmful),
+            "band_benign": sum(o["expert_refuses"] for o in band_benign),
+            "band_benign_kept_by_the_shipped_check": len(kept_by_tv),
+            "of_those_the_expert_refuses": sum(o["expert_refuses"] for o in kept_by_tv)}
     return out
 
 
@@ -121,10 +136,31 @@ def signals(model, tokenizer, adapter, texts: list[str], steps: int, openers: li
     return out
 
 
+@torch.no_grad()
+def expert_openings(model, tokenizer, adapter, texts: list[str], tokens: int, batch_size: int = 16) -> list[str]:
+    """The expert's own greedy answer to each request, `tokens` long (the adapter on every row)."""
+    from ngsd.api import encode_prompts
+
+    out = []
+    adapter.attach(model)
+    try:
+        with adapter.rows_from(0):
+            for start in range(0, len(texts), batch_size):
+                ids, mask = encode_prompts(tokenizer, texts[start:start + batch_size])
+                answer = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=tokens, do_sample=False,
+                                        pad_token_id=tokenizer.pad_token_id)
+                out += tokenizer.batch_decode(answer[:, ids.shape[1]:], skip_special_tokens=True)
+    finally:
+        adapter.detach(model)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--rollout", type=int, default=0,
+                        help="also let the expert answer K tokens alone and record whether it refuses (0: no)")
     parser.add_argument("--raw", default=None, help="per-request signals: read them from here if it exists, else write")
     parser.add_argument("--out", default="bench/results/probe_check_signals.json")
     args = parser.parse_args(argv)
@@ -151,15 +187,22 @@ def main(argv: list[str] | None = None) -> int:
         risks = estimate_risk(model, tokenizer, texts, probe)
         openers = refusal_openers(shipped_expert_path() / "training_examples.jsonl", tokenizer)
         print(f"refusal openers {openers}: {[tokenizer.decode([t]) for t in openers]}", flush=True)
-        rows = signals(model, tokenizer, LoraAdapter.load(shipped_expert_path()), texts, args.steps, openers)
+        adapter = LoraAdapter.load(shipped_expert_path())
+        rows = signals(model, tokenizer, adapter, texts, args.steps, openers)
         for row, example, risk in zip(rows, held, risks):
             row.update(label=example.label, wrapper=example.wrapper, chars=len(example.text), risk=risk)
+        if args.rollout:
+            from ngsd.eval.judge import DEFAULT_JUDGE
+
+            for row, opening in zip(rows, expert_openings(model, tokenizer, adapter, texts, args.rollout)):
+                row.update(expert_opening=opening, expert_refuses=DEFAULT_JUDGE.is_refusal(opening))
         if args.raw:
             Path(args.raw).write_text(json.dumps(rows))
-    report = summarise(rows, probe.route_below, probe.spec.check_above)
+    report = summarise(rows, probe.route_below, probe.spec.check_above, probe.spec.check_divergence)
     report.update(requests=len(rows), seconds=round(time.time() - started, 1),
                   loadavg={"start": list(load_before), "end": list(os.getloadavg())},
                   command=f"python bench/probe_check_signals.py --threads {args.threads} --steps {args.steps}"
+                  + (f" --rollout {args.rollout}" if args.rollout else "")
                   + (f" --raw {args.raw}" if args.raw else ""))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
