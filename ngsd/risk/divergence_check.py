@@ -162,6 +162,8 @@ def fit_probe_check(probe_dir: str | Path, *, model: Any, tokenizer: Any, expert
         raise ValueError(f"the risk probe at {probe_dir} was trained on {probe.spec.model.get('name') or 'another model'} "
                          f"({probe.spec.model}), not on this model; fit its check with the model it was trained on "
                          "(--model), or train a probe for this one")
+    # same architecture, other weights: warns (ProbeTrainedOnOtherWeights), the check is fitted on this model's risks
+    probe.check_model(model, f"the risk probe at {probe_dir}")
     report_file = probe_dir / REPORT_FILE
     report = json.loads(report_file.read_text()) if report_file.is_file() else {}
     examples, _, val = training_split_of(report.get("config", {}), data_dir)

@@ -387,11 +387,8 @@ def load_probe(model: nn.Module, reflection: ReflectionConfig):
 
     if reflection.probe is not None:
         probe = RiskProbe.load(reflection.probe)
-        if not probe.matches(model):
-            raise ValueError(
-                f"the risk probe at {reflection.probe} was trained on another model "
-                f"({probe.spec.model}); train one for this model with `ngsd train-probe`"
-            )
+        # another architecture: ValueError; same architecture, other weights (a fine-tune): ProbeTrainedOnOtherWeights
+        probe.check_model(model, f"the risk probe at {reflection.probe}")
     else:
         probe = _cached_probe_for(model)
     if probe is None and reflection.mode == "probe":
@@ -416,7 +413,20 @@ def _cached_probe_for(model: nn.Module):
         return None
     if str(path) not in _PROBES:
         _PROBES[str(path)] = RiskProbe.load(path)
-    return _PROBES[str(path)]
+    probe = _PROBES[str(path)]
+    if not _named_as_hub_checkpoint(model):
+        # named like the default model, but its weights may have been changed in memory (a merged fine-tune)
+        probe.check_model(model, f"the risk probe shipped for {probe.spec.model.get('name') or 'the default model'}")
+    return probe
+
+
+def _named_as_hub_checkpoint(model: nn.Module) -> bool:
+    """A model loaded from the hub checkpoint of the default model: the original weights, which the shipped probe's
+    GGUF (Q4_1) weights were quantised from, so they differ from its fingerprint by design."""
+    from ..loading import DEFAULT_HUB_ID
+
+    name = str(getattr(getattr(model, "config", None), "_name_or_path", "") or "")
+    return name.strip().lower() == DEFAULT_HUB_ID.lower()
 
 
 def _as_generate(reflection: ReflectionConfig) -> ReflectionConfig:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import math
+import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -72,7 +73,8 @@ class ProbeSpec:
     layer: hidden-state index (or indices) read; pooling: poolings concatenated per layer, each in
     POOLINGS; calibration: Platt `scale` and `shift` on the logistic logit; route_below: risk
     threshold under which a request may be routed unguarded; model: config fingerprint of the
-    model trained on (FINGERPRINT_FIELDS) plus its name.
+    model trained on (FINGERPRINT_FIELDS) plus its name, and (probes trained since it was recorded) its
+    `weight_fingerprint` under "weights", which tells it from other models of the same shape.
     check_above / check_divergence: the divergence check's operating point (`RiskPlan.confirm`):
     a request with check_above <= risk < route_below is routed only if the expert's first-step
     next-token distribution stays within total variation check_divergence of the base's; else it
@@ -191,6 +193,189 @@ def model_fingerprint(model_or_config: Any) -> dict[str, Any]:
     """The FINGERPRINT_FIELDS of a model (or its config) that exist on it."""
     config = getattr(model_or_config, "config", model_or_config)
     return {name: getattr(config, name) for name in FINGERPRINT_FIELDS if getattr(config, name, None) is not None}
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight fingerprint: tells two models of the same architecture apart (a base model from its
+# instruct version, a model from its fine-tune), recorded by `ngsd train-probe` in
+# probe.json's model["weights"].
+# ---------------------------------------------------------------------------------------------
+
+WEIGHTS_KEY = "weights"
+WEIGHT_FINGERPRINT_VERSION = 1
+WEIGHT_SAMPLES = 16  # values read from each weight matrix
+# the precisions a fingerprint is recorded at: a model loaded in any of them compares exactly
+_FINGERPRINT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ProbeTrainedOnOtherWeights(UserWarning):
+    """A risk probe runs on a model of its architecture whose weights are not the ones it was trained on."""
+
+
+def _sampled_matrices(named: Any) -> list[tuple[str, torch.Tensor]]:
+    """The weight matrices a fingerprint reads, sorted by name: every 2-D parameter but the LM head (often tied to
+    the embedding, stored or not) and adapter weights (PEFT's lora_A / lora_B)."""
+    out = [(name, tensor) for name, tensor in named
+           if tensor.dim() == 2 and not name.endswith("lm_head.weight") and "lora_" not in name]
+    return sorted(out, key=lambda item: item[0])
+
+
+def _sample_positions(numel: int, count: int = WEIGHT_SAMPLES) -> torch.Tensor:
+    """`count` fixed flat positions spread over a tensor of `numel` values (columns vary, not only rows)."""
+    block = max(1, numel // count)
+    return torch.tensor([min(numel - 1, i * block + (i * 7919) % block) for i in range(count)], dtype=torch.long)
+
+
+@dataclass(frozen=True)
+class WeightSamples:
+    """What a weight fingerprint reads: the shapes of the weight matrices, WEIGHT_SAMPLES values of each (in
+    float32, which holds every bfloat16 and float16 value exactly) and the dtypes they are stored in."""
+
+    shapes: tuple[tuple[int, ...], ...]
+    values: torch.Tensor
+    dtypes: frozenset[str]
+
+    @property
+    def dtype(self) -> str | None:
+        """The coarsest precision of the matrices ("float32", "bfloat16", "float16"); None for a mix of the two half
+        precisions, or another dtype."""
+        if not self.dtypes <= set(_FINGERPRINT_DTYPES) or {"bfloat16", "float16"} <= self.dtypes:
+            return None
+        return next((n for n in ("bfloat16", "float16") if n in self.dtypes), "float32")
+
+    def digest(self, dtype: str) -> str:
+        """Hash of the shapes and of the values rounded to `dtype` (to nearest, as a cast of the weights does)."""
+        import hashlib
+
+        digest = hashlib.sha256(f"v{WEIGHT_FINGERPRINT_VERSION}:{self.shapes}".encode())
+        digest.update(self.values.to(_FINGERPRINT_DTYPES[dtype]).float().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+
+def weight_samples(model: Any) -> WeightSamples | None:
+    """The sampled weights of `model` (see `weight_fingerprint`); None when it has no weight matrix, or when one is
+    not a floating-point tensor (a quantised model: nothing to compare)."""
+    named = getattr(model, "named_parameters", None)
+    if named is None:
+        return None
+    matrices = _sampled_matrices(named())
+    # the same tensors, not changed since (an in-place step or merge bumps _version, `.to` moves data): the last samples
+    key = tuple((id(param), param._version, param.data_ptr(), param.dtype) for _name, param in matrices)
+    cached = _SAMPLES.get(model) if _weakly_referable(model) else None
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    samples = _read_samples(matrices)
+    if _weakly_referable(model):
+        _SAMPLES[model] = (key, samples)
+    return samples
+
+
+_SAMPLES: "weakref.WeakKeyDictionary[Any, tuple[tuple, WeightSamples | None]]" = weakref.WeakKeyDictionary()
+
+
+def _weakly_referable(model: Any) -> bool:
+    try:
+        weakref.ref(model)
+    except TypeError:
+        return False
+    return True
+
+
+def _read_samples(matrices: list[tuple[str, torch.Tensor]]) -> WeightSamples | None:
+    shapes, dtypes, parts = [], set(), []
+    with torch.no_grad():
+        for _name, param in matrices:
+            if not param.is_floating_point() or param.device.type == "meta":
+                return None
+            flat = param.detach().reshape(-1)
+            part = flat[_sample_positions(flat.numel()).to(flat.device)].float()
+            parts.append(part.to(parts[0].device) if parts else part)  # one transfer to the CPU for all
+            shapes.append(tuple(param.shape))
+            dtypes.add(str(param.dtype).removeprefix("torch."))
+    if not parts:
+        return None
+    return WeightSamples(tuple(shapes), torch.cat(parts).cpu(), frozenset(dtypes))
+
+
+_SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+
+def folder_weight_samples(folder: str | Path) -> WeightSamples | None:
+    """`weight_samples` of the model saved in `folder` (its *.safetensors files), read without loading it: only
+    the rows that hold the sampled values. None when the folder holds no safetensors weights, or others than
+    float32 / bfloat16 / float16 matrices."""
+    from safetensors import safe_open
+
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        return None
+    found: list[tuple[str, tuple[int, ...], str, Any]] = []
+    handles = []  # kept open while their slices are read
+    try:
+        for file in files:
+            handle = safe_open(str(file), framework="pt")
+            handles.append(handle)
+            for name in handle.keys():
+                view = handle.get_slice(name)
+                shape = tuple(view.get_shape())
+                if len(shape) == 2 and not name.endswith("lm_head.weight") and "lora_" not in name:
+                    found.append((name, shape, str(view.get_dtype()), view))
+        if not found or any(dtype not in _SAFETENSORS_DTYPES for _n, _s, dtype, _v in found):
+            return None
+        parts = []
+        for _name, (rows, cols), _dtype, view in sorted(found, key=lambda item: item[0]):
+            positions = _sample_positions(rows * cols).tolist()
+            parts.append(torch.stack([view[p // cols: p // cols + 1][0, p % cols].float() for p in positions]))
+    except Exception:  # a damaged or unreadable file: the loader reports it, not this check
+        return None
+    return WeightSamples(tuple(shape for _n, shape, _d, _v in sorted(found, key=lambda item: item[0])),
+                         torch.cat(parts), frozenset(_SAFETENSORS_DTYPES[d] for _n, _s, d, _v in found))
+
+
+def weight_fingerprint(model: Any) -> dict[str, Any] | None:
+    """A cheap fingerprint of `model`'s weights, recorded with a probe (probe.json, model["weights"]).
+
+    WEIGHT_SAMPLES values at fixed positions of every weight matrix (embedding and each decoder layer's
+    projections; sorted by name), hashed with the matrices' shapes after rounding to each of float32, bfloat16 and
+    float16. The same weights loaded in any of these dtypes, on any device, or read from the GGUF file rather than
+    its safetensors conversion, give the same value at the precision they share (rounding to nearest is
+    deterministic); a fine-tune changes the sampled values, whichever matrices it touched. "dtype": the precision
+    the model was read at. None for a model without floating-point weight matrices.
+    """
+    samples = weight_samples(model)
+    if samples is None or samples.dtype is None:
+        return None
+    return {"version": WEIGHT_FINGERPRINT_VERSION, "dtype": samples.dtype, "matrices": len(samples.shapes),
+            **{name: samples.digest(name) for name in _FINGERPRINT_DTYPES}}
+
+
+def compare_weights(recorded: Any, model: Any) -> bool | None:
+    """Whether `model` (or its `WeightSamples`) has the weights `recorded` (a `weight_fingerprint`) was taken of.
+
+    Compared at the coarser precision of the two: exact for the same weights whenever one side is float32 or both
+    share a dtype. None when it cannot tell: no record (probes trained before fingerprints), another fingerprint
+    version, a quantised model, or one side in bfloat16 and the other in float16 (rounding twice differs).
+    """
+    if not isinstance(recorded, dict) or recorded.get("version") != WEIGHT_FINGERPRINT_VERSION:
+        return None
+    trained = recorded.get("dtype")
+    samples = model if isinstance(model, WeightSamples) else weight_samples(model)
+    running = None if samples is None else samples.dtype
+    if running is None or trained not in _FINGERPRINT_DTYPES:
+        return None
+    if "float32" in (trained, running) or trained == running:
+        at = running if trained == "float32" else trained
+    else:
+        return None
+    if not isinstance(recorded.get(at), str):
+        return None
+    return recorded.get("matrices") == len(samples.shapes) and recorded[at] == samples.digest(at)
+
+
+def model_label(model: Any) -> str:
+    """How to name `model` in a message: its config's name or path, else its class."""
+    config = getattr(model, "config", model)
+    return str(getattr(config, "_name_or_path", "") or getattr(config, "name_or_path", "") or type(model).__name__)
 
 
 class RiskProbe:
@@ -320,9 +505,39 @@ class RiskProbe:
                              f"with `ngsd train-probe --out {folder}` or restore its files") from error
 
     def matches(self, model: Any) -> bool:
-        """True when `model` has the architecture and size this probe was trained on."""
+        """True when `model` has the architecture and size this probe was trained on (its config: a model of the
+        same shape with other weights matches too; `same_weights` tells those apart)."""
         trained = {k: v for k, v in self.spec.model.items() if k in FINGERPRINT_FIELDS}
         return bool(trained) and all(model_fingerprint(model).get(k) == v for k, v in trained.items())
+
+    def same_weights(self, model: Any) -> bool | None:
+        """Whether `model` has the weights this probe was trained on (`compare_weights`); None when that cannot be
+        told (a probe trained before weight fingerprints were recorded, a config rather than a model, ...)."""
+        return compare_weights(self.spec.model.get(WEIGHTS_KEY), model)
+
+    def check_model(self, model: Any, where: str = "the risk probe", weights: WeightSamples | None = None) -> None:
+        """Refuse a `model` of another architecture (ValueError); warn (`ProbeTrainedOnOtherWeights`) when it has
+        this probe's architecture but other weights: the probe's risks, and so which requests it routes unguarded,
+        are calibrated on the hidden states of the model it was trained on. `model` may be a config, with its
+        weights' samples in `weights` (`folder_weight_samples`); a config alone is checked for its architecture."""
+        trained_on = self.spec.model.get("name") or "another model"
+        if not self.matches(model):
+            shape = {k: v for k, v in self.spec.model.items() if k in FINGERPRINT_FIELDS}
+            raise ValueError(f"{where} was trained on another model ({trained_on}: {shape}) than "
+                             f"{model_label(model)} ({model_fingerprint(model)}); train one for this model with "
+                             f"`ngsd train-probe --model <this model> --out <folder>`")
+        if compare_weights(self.spec.model.get(WEIGHTS_KEY), model if weights is None else weights) is False:
+            from ..caller_warning import warn_at_caller
+
+            warn_at_caller(
+                f"{where} was trained on {trained_on}, but runs on {model_label(model)}: same architecture, "
+                f"other weights (a fine-tune, or the base/instruct sibling). The probe reads this model's hidden "
+                f"states, so its risks - and which requests it routes unguarded - are not calibrated for it, and "
+                f"harmful requests may be routed unguarded. Train a probe for this model with `ngsd train-probe "
+                f"--model <this model> --out <folder>` and pass ReflectionConfig(probe=<folder>); if you reuse this "
+                f"probe knowingly, silence this with "
+                f"warnings.filterwarnings('ignore', category=ngsd.risk.probe.ProbeTrainedOnOtherWeights)",
+                ProbeTrainedOnOtherWeights)
 
 
 def shipped_probe_path(model_name_or_config: Any = None) -> Path | None:
@@ -452,11 +667,15 @@ __all__ = [
     "DEFAULT_PROBE_NAME",
     "POOLINGS",
     "ProbeSpec",
+    "ProbeTrainedOnOtherWeights",
     "RiskProbe",
+    "compare_weights",
     "estimate_risk",
+    "folder_weight_samples",
     "model_fingerprint",
     "pool",
     "probe_for",
     "prompt_hidden_states",
     "shipped_probe_path",
+    "weight_fingerprint",
 ]

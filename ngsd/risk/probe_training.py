@@ -58,7 +58,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .probe import AGGREGATES, POOLINGS, RISK_SCALE, ProbeSpec, RiskProbe, model_fingerprint, pool, prompt_hidden_states
+from .probe import (AGGREGATES, POOLINGS, RISK_SCALE, WEIGHTS_KEY, ProbeSpec, RiskProbe, model_fingerprint, pool,
+                    prompt_hidden_states, weight_fingerprint)
 from .probe_arguments import check_l2, check_layer_indices, is_l2_strength
 
 # Harmless requests that share words, topics or framings with harmful ones, written for this module
@@ -889,6 +890,9 @@ def train_probe(cfg: TrainProbeConfig, *, model: Any = None, tokenizer: Any = No
 
     name = "SmolLM2-135M-Instruct" if is_default_model(cfg.model) else str(cfg.model)
     model_info = {**model_fingerprint(model), "name": name}
+    weights = weight_fingerprint(model)  # tells this model from others of its shape (a fine-tune, base vs instruct)
+    if weights is not None:
+        model_info[WEIGHTS_KEY] = weights
     if is_default_model(cfg.model):
         model_info["hub_id"] = DEFAULT_HUB_ID
     build = token_max_candidates if cfg.aggregate == "token_max" else pooled_candidates

@@ -92,8 +92,11 @@ def probe_folder(settings: GuardSettings, model_config: Any) -> Path | None:
         if not isinstance(model_config, str) and not probe.matches(model_config):
             raise ValueError(f"ngsd probe {settings.probe!r} was trained on another model ({probe.spec.model}); "
                              "train one for this model with `ngsd train-probe`")
+        _check_weights(probe, model_config, f"ngsd probe {settings.probe!r}")
         return folder
     shipped = shipped_probe_path(model_config)
+    if shipped is not None:
+        _check_weights(RiskProbe.load(shipped), model_config, "the ngsd risk probe shipped for the default model")
     if settings.risk == "auto":
         # the shipped probe's check was fitted for the shipped expert: another expert keeps a fixed alpha
         return shipped if shipped is not None and _is_shipped_expert(settings.expert) else None
@@ -101,6 +104,19 @@ def probe_folder(settings: GuardSettings, model_config: Any) -> Path | None:
         raise ValueError("ngsd risk='probe' needs a risk probe for this model, and none ships for it: train one with "
                          "`ngsd train-probe` and give probe=<folder>, or set risk='off' (every request at alpha)")
     return shipped
+
+
+def _check_weights(probe: RiskProbe, model_config: Any, where: str) -> None:
+    """Warn (`ProbeTrainedOnOtherWeights`) when the local model folder's weights are not the ones the probe was
+    trained on (a fine-tune of its model); a hub id, or a folder without safetensors files, is not checked."""
+    from ..risk.probe import folder_weight_samples
+
+    if isinstance(model_config, str):
+        return
+    folder = Path(str(getattr(model_config, "_name_or_path", "") or ""))
+    samples = folder_weight_samples(folder) if folder.is_dir() else None
+    if samples is not None:
+        probe.check_model(model_config, where, weights=samples)
 
 
 def _is_shipped_expert(expert: str) -> bool:

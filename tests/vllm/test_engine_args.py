@@ -311,3 +311,26 @@ def test_beam_search_steps_and_non_finite_logit_bias_are_refused_at_admission():
         with pytest.raises(ValueError, match="logit_bias .* is \\+inf or NaN"):
             check_admission(SamplingParams(max_tokens=4, logit_bias={7: value}))
     check_admission(SamplingParams(max_tokens=4, logit_bias={7: 100.0, 8: -math.inf}))  # -inf: a mask
+
+
+def test_the_vllm_front_end_warns_for_a_local_folder_with_other_weights(tmp_path):
+    """The front end reads the local model folder's safetensors (a few rows of each matrix, no model load) and warns
+    when the probe was trained on other weights of the same architecture (a fine-tune of its model)."""
+    import json
+
+    from ngsd.vllm.risk import model_config_of, probe_folder
+    from ngsd.vllm.settings import GuardSettings
+    from tests.conftest import tiny_model
+    from tests.test_probe_weights import _caught, _lightly_fine_tuned, _probe_for
+
+    trained_on = tiny_model("llama", seed=0)
+    folder = _probe_for(trained_on, tmp_path / "probe")
+    spec = json.loads((folder / "probe.json").read_text())
+    spec["aggregate"], spec["pooling"] = "token_max", ["max"]  # the engine runs token_max probes only
+    (folder / "probe.json").write_text(json.dumps(spec))
+    trained_on.save_pretrained(tmp_path / "same")
+    _lightly_fine_tuned(trained_on, "lora").save_pretrained(tmp_path / "tuned")
+    settings = GuardSettings(risk="probe", probe=str(folder))
+    assert not _caught(lambda: probe_folder(settings, model_config_of(str(tmp_path / "same"))))
+    caught = _caught(lambda: probe_folder(settings, model_config_of(str(tmp_path / "tuned"))))
+    assert len(caught) == 1 and str(tmp_path / "tuned") in str(caught[0].message)
