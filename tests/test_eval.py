@@ -303,6 +303,24 @@ def test_gate_statistics_leave_out_the_rows_the_probe_routed():
     assert (out["gate"]["complied_without_spike"], out["gate"]["complied_routed"]) == (1, 1)
 
 
+def test_a_rerun_removes_the_plots_it_owns_and_did_not_draw_this_time(tmp_path):
+    """A rerun into the same --out whose methods draw no gate trace (e.g. --methods off) left the previous run's
+    gate_traces.png beside the new REPORT.md; files that are not the evaluation's plots stay."""
+    from ngsd.eval.plots import make_plots
+
+    for name in ("tradeoff.png", "suites.png", "gate_traces.png", "my_notes.png"):
+        (tmp_path / name).write_bytes(b"an earlier run's plot")
+    no_plot = {"methods": {}, "targets": {"asr_max": 0.1, "overrefusal_max": 0.1}}
+    assert make_plots(no_plot, {}, [], {}, {}, tmp_path) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["my_notes.png"]
+    from ngsd.eval.plots import remove_stale_plots
+
+    (tmp_path / "suites.png").write_bytes(b"this run's plot")
+    (tmp_path / "gate_traces.png").write_bytes(b"an earlier run's plot")
+    assert remove_stale_plots(tmp_path, [tmp_path / "suites.png"]) == [tmp_path / "gate_traces.png"]
+    assert (tmp_path / "suites.png").is_file()
+
+
 def test_compute_metrics_counts_by_hand():
     specs = (SuiteSpec.from_json("advbench", 3), SuiteSpec.from_json("xstest_safe", 2),
              SuiteSpec.from_json("gsm8k", 2))

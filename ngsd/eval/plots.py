@@ -17,6 +17,8 @@ from typing import Any, Mapping, Sequence
 from .suites import SuiteSpec
 
 SWEEP = (("off", 0.0), ("ngsd_a0.1", 0.1), ("ngsd_a0.5", 0.5), ("ngsd_a0.9", 0.9))
+# Every file name make_plots may write: the plots an evaluation owns in its output folder.
+PLOT_NAMES = ("tradeoff.png", "suites.png", "gate_traces.png")
 
 
 def _pyplot():
@@ -170,7 +172,24 @@ def make_plots(metrics: Mapping[str, Any], results: Mapping[str, Mapping[str, Se
         flags = {r["key"]: metrics["flags"][method][suite][i]
                  for suite in results[method] for i, r in enumerate(results[method][suite])}
         written.append(plot_gate_traces(records, method, out_dir / "gate_traces.png", v_th[method], flags))
-    return [p for p in written if p is not None]
+    written = [p for p in written if p is not None]
+    remove_stale_plots(out_dir, written)
+    return written
 
 
-__all__ = ["make_plots", "pick_trace_examples", "plot_gate_traces", "plot_suites", "plot_tradeoff"]
+def remove_stale_plots(out_dir: Path, written: Sequence[Path]) -> list[Path]:
+    """Delete the plots of PLOT_NAMES this run did not write: a rerun into the same folder whose methods draw no
+    gate trace left the previous run's gate_traces.png beside a report that no longer describes it. Other files
+    in the folder are never touched. Returns the paths removed."""
+    kept = {Path(p).name for p in written}
+    removed = []
+    for name in PLOT_NAMES:
+        path = out_dir / name
+        if name not in kept and path.is_file():
+            path.unlink()
+            removed.append(path)
+    return removed
+
+
+__all__ = ["PLOT_NAMES", "make_plots", "pick_trace_examples", "plot_gate_traces", "plot_suites", "plot_tradeoff",
+           "remove_stale_plots"]
