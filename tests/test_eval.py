@@ -321,6 +321,39 @@ def test_a_rerun_removes_the_plots_it_owns_and_did_not_draw_this_time(tmp_path):
     assert (tmp_path / "suites.png").is_file()
 
 
+def _tiny_evaluation(root, name: str, out, cache=None, **fields):
+    """Run `ngsd eval`'s pipeline (config `name`, method off) on a tiny random model over a two-prompt file suite."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ngsd.eval.pipeline import run_evaluation
+    from tests.test_loading import tiny_tokenizer
+
+    (root / "prompts.csv").write_text("id,text\n1,hello world\n2,how are you\n")
+    tokenizer = tiny_tokenizer(pad=True)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                         eos_token_id=tokenizer.eos_token_id)).eval()
+    config = config_from_dict({"name": name, "suites": {"mine": {"file": str(root / "prompts.csv"), "role": "harmful"}},
+                               "methods": ["off"], "max_new_tokens": 2, **fields})
+    return run_evaluation(config, out_dir=out, model=model, tokenizer=tokenizer, cache_path=cache, progress=False,
+                          command=f"ngsd eval --config {name} --out {out}")
+
+
+def test_the_run_history_lists_only_this_configurations_runs_into_this_folder(tmp_path):
+    """Reports sharing one --cache file listed each other's invocations as "invocations that built this report's
+    cache"; the others are now counted, not listed. Reruns into the same folder stay listed."""
+    shared = tmp_path / "shared" / "generations.jsonl"
+    _tiny_evaluation(tmp_path, "full_like", tmp_path / "a", shared)
+    _tiny_evaluation(tmp_path, "smoke_like", tmp_path / "b", shared)
+    _tiny_evaluation(tmp_path, "smoke_like", tmp_path / "b", shared)
+    report = (tmp_path / "b" / "REPORT.md").read_text()
+    assert "--config full_like" not in report and report.count("| `ngsd eval --config smoke_like") == 2
+    assert "1 other invocation(s) (other configurations or output folders) used the same answer cache" in report
+    alone = _tiny_evaluation(tmp_path, "smoke_like", tmp_path / "c")  # default cache inside its folder
+    assert "other invocation" not in alone.report_md.read_text()
+
+
 def test_compute_metrics_counts_by_hand():
     specs = (SuiteSpec.from_json("advbench", 3), SuiteSpec.from_json("xstest_safe", 2),
              SuiteSpec.from_json("gsm8k", 2))

@@ -146,15 +146,19 @@ def expert_training_info(path: str | None) -> dict[str, Any] | None:
     return {k: data.get(k) for k in ("expert", "command", "seed", "train_seconds", "adapter_size_bytes") if k in data}
 
 
-def record_invocation(cache_path: Path | None, run: dict[str, Any]) -> list[dict[str, Any]]:
+def record_invocation(cache_path: Path | None, run: dict[str, Any], *, out_dir: Path | None = None,
+                      config_name: str | None = None) -> list[dict[str, Any]]:
     """Append this invocation to `runs.jsonl` beside the cache and return all invocations so far.
 
     A resumed or re-rendered report thereby still shows how long the runs that generated its
-    answers took.
+    answers took. Each entry names its output folder and configuration, because one cache file
+    (--cache) may serve several reports: see `invocations_of_this_report`.
     """
     entry = {k: run.get(k) for k in ("started", "wall_seconds", "generated", "reused_from_cache", "command")}
     entry["load_average_end"] = run["environment"].get("load_average_end")
     entry["threads"] = run["environment"].get("threads")
+    entry["out_dir"] = str(Path(out_dir).resolve()) if out_dir is not None else None
+    entry["config"] = config_name
     if cache_path is None:
         return [entry]
     import json
@@ -171,6 +175,20 @@ def record_invocation(cache_path: Path | None, run: dict[str, Any]) -> list[dict
     with log.open("a", encoding="utf-8") as f:
         f.write(json.dumps(entry) + "\n")
     return history + [entry]
+
+
+def invocations_of_this_report(history: list[dict[str, Any]], out_dir: Path, config_name: str,
+                               cache_path: Path | None) -> tuple[list[dict[str, Any]], int]:
+    """(the invocations of `history` that wrote this report: same output folder and configuration, the number of
+    the others). A cache shared through --cache logged every report's runs in one runs.jsonl, and each report
+    listed all of them as its own. An entry from before entries named their folder counts as this report's only
+    where the cache lies inside the output folder (the default layout, where only this folder's runs wrote it)."""
+    folder = Path(out_dir).resolve()
+    legacy_is_ours = cache_path is not None and folder in Path(cache_path).resolve().parents
+    ours = [entry for entry in history
+            if (entry["out_dir"] == str(folder) and entry.get("config") == config_name if "out_dir" in entry
+                else legacy_is_ours)]
+    return ours, len(history) - len(ours)
 
 
 def _load_average() -> list[float] | None:
@@ -301,7 +319,9 @@ def _run(config: EvalConfig, *, out_dir, data_dir, limit, model, tokenizer, mode
         "chat_template": bool(getattr(tokenizer, "chat_template", None)),  # prompts are fed as plain text without
         "probe": config.probe,  # None: the probe shipped for the model, where methods read one
     }
-    run_info["history"] = record_invocation(cache.path, run_info)
+    history = record_invocation(cache.path, run_info, out_dir=out, config_name=config.name)
+    run_info["history"], run_info["other_invocations_of_cache"] = invocations_of_this_report(
+        history, out, config.name, cache.path)
     paths = write_reports(out, config, methods, suites, results, metrics, plots, run_info)
     return EvalOutcome(
         out_dir=out,
