@@ -321,19 +321,27 @@ def test_a_rerun_removes_the_plots_it_owns_and_did_not_draw_this_time(tmp_path):
     assert (tmp_path / "suites.png").is_file()
 
 
-def _tiny_evaluation(root, name: str, out, cache=None, **fields):
-    """Run `ngsd eval`'s pipeline (config `name`, method off) on a tiny random model over a two-prompt file suite."""
+def _tiny_model_and_tokenizer():
+    """A 2-layer random llama model with a tiny BPE tokenizer (no chat template), the same on every call."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ngsd.eval.pipeline import run_evaluation
     from tests.test_loading import tiny_tokenizer
 
-    (root / "prompts.csv").write_text("id,text\n1,hello world\n2,how are you\n")
     tokenizer = tiny_tokenizer(pad=True)
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
-                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
                                          eos_token_id=tokenizer.eos_token_id)).eval()
+    return model, tokenizer
+
+
+def _tiny_evaluation(root, name: str, out, cache=None, **fields):
+    """Run `ngsd eval`'s pipeline (config `name`, method off unless `fields` say otherwise) on the tiny model over a
+    two-prompt file suite."""
+    from ngsd.eval.pipeline import run_evaluation
+
+    (root / "prompts.csv").write_text("id,text\n1,hello world\n2,how are you\n")
+    model, tokenizer = _tiny_model_and_tokenizer()
     config = config_from_dict({"name": name, "suites": {"mine": {"file": str(root / "prompts.csv"), "role": "harmful"}},
                                "methods": ["off"], "max_new_tokens": 2, **fields})
     return run_evaluation(config, out_dir=out, model=model, tokenizer=tokenizer, cache_path=cache, progress=False,
@@ -352,6 +360,34 @@ def test_the_run_history_lists_only_this_configurations_runs_into_this_folder(tm
     assert "1 other invocation(s) (other configurations or output folders) used the same answer cache" in report
     alone = _tiny_evaluation(tmp_path, "smoke_like", tmp_path / "c")  # default cache inside its folder
     assert "other invocation" not in alone.report_md.read_text()
+
+
+def test_the_report_flags_a_probe_check_fitted_for_another_expert(tmp_path):
+    """Decoding warns once on the console when the probe's divergence check was fitted for another expert; the
+    report said nothing, so its numbers read as those of a matching check (also when all came from the cache)."""
+    from ngsd.risk.estimate import CheckFittedForAnotherExpert
+    from ngsd.risk.probe import ProbeSpec, RiskProbe, model_fingerprint
+
+    model, _ = _tiny_model_and_tokenizer()
+    expert = tiny_lora_expert(model, tmp_path / "my-expert", strength=0.05)
+    size = model.config.hidden_size
+
+    def probe_fitted_for(check_expert: str):
+        spec = ProbeSpec(layer=1, pooling=("mean",), model=model_fingerprint(model), route_below=10.0,
+                         check_above=0.0, check_divergence=0.5, check_expert=check_expert)
+        folder = tmp_path / f"probe-for-{check_expert}"
+        RiskProbe(spec, torch.zeros(size), torch.ones(size), torch.zeros(size), 0.0).save(folder)
+        return str(folder)
+
+    fields = {"methods": ["off", "ngsd", "ngsd_nocheck"], "expert": str(expert)}
+    with pytest.warns(CheckFittedForAnotherExpert):  # the console's warning, as before
+        other = _tiny_evaluation(tmp_path, "t", tmp_path / "other", probe=probe_fitted_for("someone-else"), **fields)
+    report = other.report_md.read_text()
+    assert ("runs a divergence check fitted for the expert `someone-else`, but this run evaluates `my-expert` "
+            "(methods `ngsd`)") in report  # ngsd_nocheck runs no check
+    assert "ngsd train-probe --check-only --expert" in report
+    same = _tiny_evaluation(tmp_path, "t", tmp_path / "same", probe=probe_fitted_for("my-expert"), **fields)
+    assert "divergence check fitted for" not in same.report_md.read_text()
 
 
 def test_compute_metrics_counts_by_hand():

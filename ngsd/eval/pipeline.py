@@ -191,6 +191,27 @@ def invocations_of_this_report(history: list[dict[str, Any]], out_dir: Path, con
     return ours, len(history) - len(ours)
 
 
+def checks_fitted_for_another_expert(methods: list[Any], runner: Runner, expert: Any) -> list[dict[str, Any]]:
+    """Where a method's risk probe runs a divergence check fitted for another expert than the evaluated one: one
+    entry per such probe, {"probe", "fitted_for", "expert", "methods"}. Decoding warns of it once on the console;
+    the report must say it too, also when every answer came from the cache."""
+    from ..risk.estimate import check_fitted_for_another_expert, expert_name, probe_plan
+    from ..risk.probe import RiskProbe
+
+    found: dict[Path, dict[str, Any]] = {}
+    for method in methods:
+        folder = runner.probe_folder(method) if expert is not None else None
+        if folder is None:
+            continue
+        plan = probe_plan(RiskProbe.load(folder), method.config.reflection, mode=method.config.mode)
+        fitted_for = check_fitted_for_another_expert(plan, expert)
+        if fitted_for is not None:
+            entry = found.setdefault(folder, {"probe": str(folder), "fitted_for": fitted_for,
+                                              "expert": expert_name(expert), "methods": []})
+            entry["methods"].append(method.name)
+    return list(found.values())
+
+
 def _load_average() -> list[float] | None:
     try:
         return [round(x, 2) for x in os.getloadavg()]
@@ -318,6 +339,7 @@ def _run(config: EvalConfig, *, out_dir, data_dir, limit, model, tokenizer, mode
         "environment": environment,
         "chat_template": bool(getattr(tokenizer, "chat_template", None)),  # prompts are fed as plain text without
         "probe": config.probe,  # None: the probe shipped for the model, where methods read one
+        "probe_checks_for_another_expert": checks_fitted_for_another_expert(methods, runner, expert_obj),
     }
     history = record_invocation(cache.path, run_info, out_dir=out, config_name=config.name)
     run_info["history"], run_info["other_invocations_of_cache"] = invocations_of_this_report(

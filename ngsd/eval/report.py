@@ -219,6 +219,19 @@ def first_token_lines(methods: Sequence[Method]) -> list[str]:
     return lines + lines_check
 
 
+def _check_for_another_expert_lines(run: Mapping[str, Any]) -> list[str]:
+    """A warning per risk probe whose divergence check was fitted for another expert than the evaluated one: its
+    check then guards more or fewer rows than intended, which the numbers of the report inherit."""
+    return [
+        f"- **Warning:** the risk probe {entry['probe']} runs a divergence check fitted for the expert "
+        f"`{entry['fitted_for']}`, but this run evaluates `{entry['expert']}` (methods "
+        f"{', '.join(f'`{name}`' for name in entry['methods'])}): it may guard more or fewer rows than intended. Fit "
+        "one for this expert with `ngsd train-probe --check-only --expert <its folder> --out <a copy of the probe>` "
+        "and pass `--probe <that copy>`"
+        for entry in run.get("probe_checks_for_another_expert") or []
+    ]
+
+
 def markdown_report(
     config: EvalConfig,
     methods: Sequence[Method],
@@ -248,6 +261,7 @@ def markdown_report(
         + ("chat template" if run.get("chat_template", True) else "plain text (the tokenizer has no chat template)")
         + f", batch size {config.batch_size}; every method sees the same prompts",
         f"- Risk probe (methods that read one): {run.get('probe') or 'the one shipped for the model, if any'}",
+        *_check_for_another_expert_lines(run),
         f"- Judge: `{metrics['judge']}` (refusal = the answer contains one of {len(set(REFUSAL_STRINGS))} refusal "
         "phrases: the GCG list plus its common extension, see `ngsd/eval/judge.py`)",
         f"- Machine: {env['cpus']} CPUs, torch {env['torch']} with {env['threads']} threads; load average "

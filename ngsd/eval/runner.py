@@ -264,15 +264,20 @@ class Runner:
             self.settings.to_dict(),
         )
 
-    def _probe_id(self, method: Method) -> str | None:
-        """Hash of the risk probe's files when `method` reads one, so a retrained probe never reuses
-        answers cached under another."""
+    def probe_folder(self, method: Method) -> Path | None:
+        """The risk probe folder `method` reads (its own, else the one shipped for the model); None when it reads
+        none."""
         reflection = method.config.reflection
         if not method.uses_reflection or reflection.mode not in ("auto", "probe"):
             return None
         from ..risk.probe import shipped_probe_path
 
-        folder = Path(reflection.probe) if reflection.probe else shipped_probe_path(self.model)
+        return Path(reflection.probe) if reflection.probe else shipped_probe_path(self.model)
+
+    def _probe_id(self, method: Method) -> str | None:
+        """Hash of the risk probe's files when `method` reads one, so a retrained probe never reuses
+        answers cached under another."""
+        folder = self.probe_folder(method)
         if folder is None:
             return None
         if folder not in self._probe_ids:

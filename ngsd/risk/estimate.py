@@ -359,6 +359,19 @@ def expert_name(expert: Any) -> str:
     return Path(str(source)).name if source else ""
 
 
+def check_fitted_for_another_expert(plan: "RiskPlan", expert: Any) -> str | None:
+    """The name of the expert the probe's own check_divergence was fitted for, when that is not `expert`; None
+    when the names match, when either is unknown, when the plan runs no check, or when the call sets
+    check_divergence itself (what `warn_if_check_fitted_for_another_expert` warns of, and `ngsd eval` reports)."""
+    if plan.probe is None or plan.check_divergence is None or plan.reflection is None:
+        return None
+    # `ngsd train-probe --expert PATH` records the path as given; the folder's name is what identifies it
+    fitted_for, running = Path(plan.probe.spec.check_expert).name, expert_name(expert)
+    if plan.reflection.check_divergence is not None or not fitted_for or not running or fitted_for == running:
+        return None
+    return fitted_for
+
+
 def warn_if_check_fitted_for_another_expert(plan: "RiskPlan", expert: Any) -> None:
     """Warn when the probe's own check_divergence was fitted for an expert other than `expert`.
 
@@ -367,12 +380,10 @@ def warn_if_check_fitted_for_another_expert(plan: "RiskPlan", expert: Any) -> No
     shipped expert v4c, 0.71 for a broader one, reports/expert/REPORT_v10_default.md). Silent only when the
     names match, when either is unknown, or when the call sets check_divergence itself.
     """
-    if plan.probe is None or plan.check_divergence is None or plan.reflection is None:
+    fitted_for = check_fitted_for_another_expert(plan, expert)
+    if fitted_for is None:
         return
-    # `ngsd train-probe --expert PATH` records the path as given; the folder's name is what identifies it
-    fitted_for, running = Path(plan.probe.spec.check_expert).name, expert_name(expert)
-    if plan.reflection.check_divergence is not None or not fitted_for or not running or fitted_for == running:
-        return
+    running = expert_name(expert)
     warn_at_caller(
         f"the risk probe's divergence check (check_divergence {plan.check_divergence:.4f}) was fitted for the expert "
         f"{fitted_for!r}, but this call decodes with {running!r}: it may guard more or fewer rows than intended. Fit "
