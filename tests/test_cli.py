@@ -380,6 +380,23 @@ def test_examples_reuse_refuses_the_options_of_the_data_step(tmp_path, capsys):
     assert "--refusal-source, --advbench-prompts: these build the training data, and --examples reuses saved data" in err
 
 
+def test_an_examples_file_without_examples_is_named_before_the_model_loads(tmp_path, capsys):
+    """An empty --examples file loaded the model, then said "no example is left once evaluation prompts are dropped"
+    (none had been there to drop)."""
+    from ngsd.experts.training.examples import load_examples
+
+    for text in ("", "\n  \n"):
+        examples = tmp_path / "examples.jsonl"
+        examples.write_text(text)
+        for command in ("train-expert", "train-nest"):
+            assert cli.main([command, "--examples", str(examples), "--out", str(tmp_path / "out")]) == 2
+            err = capsys.readouterr().err
+            assert "the file holds no training examples" in err and "ngsd train-expert` writes into its --out" in err
+            assert "loading model" not in err and not (tmp_path / "out").exists()
+        with pytest.raises(ValueError, match="the file holds no training examples"):  # the API says it too
+            load_examples(examples)
+
+
 def test_examples_tokenized_for_another_model_are_refused(tmp_path):
     """Their ids fit the vocabulary, so the largest-id check let them through: training ran on gibberish."""
     from transformers import AutoTokenizer

@@ -79,6 +79,11 @@ def run(args: argparse.Namespace) -> int:
     if args.examples is not None and not Path(args.examples).expanduser().is_file():
         raise UsageError(f"--examples: {args.examples!r} is not a file; pass a training_examples.jsonl of the expert "
                          "recipe (an expert's --out folder holds one)")
+    if args.examples is not None:
+        from ..experts.training.examples import holds_no_examples, no_examples_message
+
+        if holds_no_examples(Path(args.examples).expanduser()):  # before the model loads
+            raise UsageError(no_examples_message(args.examples))
     check_output_folder("--out", args.out, model=args.model)
     check_output_folder("--delta-out", args.delta_out, model=args.model)
     try:

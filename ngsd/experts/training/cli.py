@@ -160,6 +160,10 @@ def check_arguments(args: argparse.Namespace) -> None:
         if ignored:
             raise UsageError(f"{', '.join(ignored)}: these build the training data, and --examples reuses saved data "
                              "instead; drop them, or drop --examples to build the data with them")
+        from .examples import holds_no_examples, no_examples_message
+
+        if holds_no_examples(Path(args.examples).expanduser()):  # before the model loads
+            raise UsageError(no_examples_message(args.examples))
     check_output_folder("--out", args.out, " for the adapter", model=args.model)
     # the default folder is the shipped expert of the default model (full depth), as train-nest's rule for its delta
     if args.out is None and (not is_default_model(args.model) or args.top_layers is not None):

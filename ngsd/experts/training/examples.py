@@ -62,6 +62,19 @@ class Example:
         return record
 
 
+def holds_no_examples(path: str | os.PathLike[str]) -> bool:
+    """True for a file with no line but blank ones: no training example to load (read up to the first line)."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return not any(line.strip() for line in f)
+
+
+def no_examples_message(path: str | os.PathLike[str]) -> str:
+    """The error for an --examples file without examples: what it is, and where a file with examples comes from."""
+    return (f"--examples {path}: the file holds no training examples (it is empty or blank); pass the training_examples.jsonl "
+            "that `ngsd train-expert` writes into its --out folder (training_examples.pending.jsonl while that run "
+            "trains or after it stopped), or drop --examples to build the examples")
+
+
 def load_examples(path: str | os.PathLike[str], data_dir: str | os.PathLike[str] | None = None,
                   tokenizer: Any = None) -> list[Example]:
     """Examples saved by a previous run (training_examples.jsonl), to retrain on exactly the same data.
@@ -95,6 +108,8 @@ def load_examples(path: str | os.PathLike[str], data_dir: str | os.PathLike[str]
         raise ValueError(f"{path}: {len(decoded) - sum(decoded)} of {len(decoded)} saved answers decode to other text "
                          "with this model's tokenizer: the examples were tokenized for another model; build them with "
                          "this one (drop --examples)")
+    if not examples:  # else read later as "none left once evaluation prompts are dropped", after the model loaded
+        raise ValueError(no_examples_message(path))
     return examples
 
 
