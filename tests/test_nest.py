@@ -388,6 +388,8 @@ def test_train_nest_end_to_end_on_a_tiny_model(top_layers, scope, max_neurons, t
         expected = logits(model, ids)
     torch.testing.assert_close(logits(reloaded, ids), expected, atol=1e-5, rtol=1e-5)
     assert NestUpdate.load(tmp_path / "delta").num_clusters == result.update.num_clusters
+    for folder in ("delta", "ckpt"):  # a model passed in, built in memory: its base is unknown, not the default's
+        assert NestUpdate.load(tmp_path / folder).info["base_model_name_or_path"] == ""
     if top_layers is not None:  # only the top layer changes, so guarded decoding shares the layers below
         from ngsd.decoding.shared_trunk import shared_trunk_unsupported
         from ngsd.nest.as_lora import nest_lora_adapter
@@ -539,5 +541,34 @@ def test_nest_to_lora_takes_a_train_nest_checkpoint_folder(tmp_path):
     model = tiny_model("llama")
     model.save_pretrained(tmp_path / "ckpt")
     random_update(model).save(tmp_path / "ckpt")
-    assert main(["nest-to-lora", str(tmp_path / "ckpt"), "--out", str(tmp_path / "lora")]) == 0
+    assert main(["nest-to-lora", str(tmp_path / "ckpt"), "--out", str(tmp_path / "lora"), "--base", "my/base"]) == 0
     assert (tmp_path / "lora" / "adapter_model.safetensors").is_file()
+
+
+def test_nest_to_lora_records_the_base_model_the_delta_was_trained_on(tmp_path, capsys):
+    """Without --base, adapter_config.json said base_model_name_or_path: null (peft and vLLM cannot load the base
+    from it): now the base train-nest recorded, the default model's hub id for the shipped delta, or an error."""
+    import json
+
+    from ngsd.cli import main
+    from ngsd.loading import DEFAULT_HUB_ID
+
+    def converted(delta: str, *extra: str) -> str:
+        out = tmp_path / f"lora{len(list(tmp_path.glob('lora*')))}"
+        assert main(["nest-to-lora", delta, "--out", str(out), *extra]) == 0
+        return json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
+
+    assert converted("nest") == DEFAULT_HUB_ID  # its report: trained on the default model (config model null)
+    update = random_update(tiny_model("llama"))
+    update.save(tmp_path / "recorded", {"base_model_name_or_path": "/models/my-base"})  # as train-nest now writes
+    assert converted(str(tmp_path / "recorded")) == "/models/my-base"
+    assert converted(str(tmp_path / "recorded"), "--base", "other/base") == "other/base"  # --base wins
+    update.save(tmp_path / "older")  # a delta saved before train-nest recorded it, with its report beside it
+    (tmp_path / "older" / "training_report.json").write_text(json.dumps({"config": {"model": "org/base-7b"}}))
+    assert converted(str(tmp_path / "older")) == "org/base-7b"
+    update.save(tmp_path / "unknown")  # nothing says
+    capsys.readouterr()
+    assert main(["nest-to-lora", str(tmp_path / "unknown"), "--out", str(tmp_path / "lora_unknown")]) == 2
+    err = capsys.readouterr().err
+    assert "does not record the base model" in err and "pass --base" in err
+    assert not (tmp_path / "lora_unknown").exists()

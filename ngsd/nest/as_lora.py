@@ -62,12 +62,46 @@ def nest_lora_adapter(update: NestUpdate | str | os.PathLike[str], source: str |
     return LoraAdapter(pairs=pairs, scale=1.0, source=source)
 
 
+def loadable_base_name(model: str | None) -> str:
+    """A base model as adapter_config.json records it: the offline default (None or an alias) by its hub id, as
+    `ngsd train-expert` records it; any other by the name or path it was loaded from."""
+    from ..loading import DEFAULT_HUB_ID, is_default_model
+
+    return DEFAULT_HUB_ID if is_default_model(model) else str(model)
+
+
+def recorded_base_model(delta: str | os.PathLike[str]) -> str | None:
+    """The base model a saved NeST delta (its file or folder) was trained on, as peft and vLLM load it: what
+    `ngsd train-nest` recorded in the delta ("" there: a model passed in without a name), else, for a delta
+    saved before it recorded that, in the training_report.json beside it (its config's model). None when neither
+    says."""
+    from .training import REPORT_FILE
+
+    path = Path(delta)
+    info = NestUpdate.load(path).info
+    if "base_model_name_or_path" in info:
+        recorded = info["base_model_name_or_path"]
+        return recorded if isinstance(recorded, str) and recorded else None
+    report = (path if path.is_dir() else path.parent) / REPORT_FILE
+    try:
+        config = json.loads(report.read_text(encoding="utf-8")).get("config")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(config, dict) or "model" not in config:
+        return None
+    return loadable_base_name(config["model"])
+
+
 def save_peft_folder(update: NestUpdate | str | os.PathLike[str], folder: str | os.PathLike[str],
                      base_model_name_or_path: str | None = None) -> Path:
     """Write the delta as a peft LoRA adapter folder (adapter_config.json + adapter_model.safetensors, lora_alpha
-    = r so the scale is 1, only the layers with selected neurons), loadable by peft, vLLM and `LoraAdapter.load`."""
+    = r so the scale is 1, only the layers with selected neurons), loadable by peft, vLLM and `LoraAdapter.load`.
+    `base_model_name_or_path`: recorded in adapter_config.json; default: the base the saved delta records
+    (`recorded_base_model`), else none."""
     from safetensors.torch import save_file
 
+    if base_model_name_or_path is None and not isinstance(update, NestUpdate):
+        base_model_name_or_path = recorded_base_model(update)
     update = update if isinstance(update, NestUpdate) else NestUpdate.load(update)
     pairs, rank = nest_lora_pairs(update)
     folder = Path(folder)

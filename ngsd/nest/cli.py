@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
 
 def run_to_lora(args: argparse.Namespace) -> int:
     from ..cli import UsageError, check_output_folder
-    from .as_lora import save_peft_folder
+    from .as_lora import recorded_base_model, save_peft_folder
     from .shipped import is_nest_delta, shipped_nest_path
 
     if not args.out.strip():
@@ -119,7 +119,11 @@ def run_to_lora(args: argparse.Namespace) -> int:
     if not (is_nest_delta(delta) or (Path(delta) / DELTA_FILE).is_file()):
         raise UsageError(f"{args.delta!r} holds no NeST delta ({DELTA_FILE}); pass a folder written by "
                          "`ngsd train-nest --delta-out` or --out, or 'nest' for the shipped delta")
-    folder = save_peft_folder(delta, args.out, base_model_name_or_path=args.base)
+    base = args.base if args.base is not None else recorded_base_model(delta)
+    if base is None:  # adapter_config.json would say base_model_name_or_path: null, which peft and vLLM cannot load
+        raise UsageError(f"{args.delta!r} does not record the base model its delta was trained on (no training "
+                         "report beside it); pass --base with that model's hub id or path, for adapter_config.json")
+    folder = save_peft_folder(delta, args.out, base_model_name_or_path=base)
     print(f"wrote a peft LoRA adapter (exact, scale 1) to {folder}: use it as --expert {folder}, in peft or in vLLM")
     return 0
 
@@ -136,5 +140,7 @@ def register_cli(subparsers: Any) -> None:
                     "The adapter runs beside the base in one batched forward instead of a folded copy of the base.")
     to_lora.add_argument("delta", help="a NeST delta folder, or 'nest' for the shipped one")
     to_lora.add_argument("--out", required=True, help="the adapter folder to write")
-    to_lora.add_argument("--base", default=None, help="base_model_name_or_path to record in adapter_config.json")
+    to_lora.add_argument("--base", default=None,
+                         help="base_model_name_or_path to record in adapter_config.json (default: the base model the "
+                         "delta's train-nest run recorded; the default model's hub id for the shipped delta)")
     to_lora.set_defaults(func=run_to_lora)

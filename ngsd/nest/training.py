@@ -233,9 +233,16 @@ def _train_nest(cfg: NestConfig, *, model: Any, tokenizer: Any, command: str | N
 
     torch.manual_seed(cfg.seed)
     data_dir = resolve_data_dir(cfg.data_dir)
+    from .as_lora import loadable_base_name
+
     if model is None or tokenizer is None:
         log(f"loading model {cfg.model or 'smollm2 (default)'}")
         model, tokenizer = load_model(cfg.model)
+        base_name = loadable_base_name(cfg.model)
+    else:  # a model passed in is not cfg.model: its own name, "" (unknown) for one built in memory
+        base_name = getattr(model.config, "_name_or_path", "") or ""
+    # what nest-to-lora records as the adapter's base_model_name_or_path, also for a delta file moved alone
+    delta_info = {"base_model_name_or_path": base_name}
     shape = model_shape(model)  # refuses unsupported architectures before any work
     from_layer = first_selectable_layer(cfg, shape["num_layers"])  # a --top-layers too large fails before the prefill
     model.eval()
@@ -280,24 +287,25 @@ def _train_nest(cfg: NestConfig, *, model: Any, tokenizer: Any, command: str | N
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
     }
     if cfg.delta_out:
-        path = update.save(cfg.delta_out, {"base_model": report["base_model"], "command": command})
+        path = update.save(cfg.delta_out, {"base_model": report["base_model"], "command": command, **delta_info})
         (Path(cfg.delta_out) / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         log(f"saved the delta ({path.stat().st_size} bytes) and its report to {cfg.delta_out}")
     if cfg.out:
-        save_folded(model, tokenizer, update, cfg.out, report)
+        save_folded(model, tokenizer, update, cfg.out, report, delta_info)
         log(f"saved the folded checkpoint to {cfg.out}")
     return NestResult(update, selection, labels, report)
 
 
-def save_folded(model: Any, tokenizer: Any, update: NestUpdate, out: str | Path, report: dict[str, Any] | None = None) -> Path:
+def save_folded(model: Any, tokenizer: Any, update: NestUpdate, out: str | Path, report: dict[str, Any] | None = None,
+                delta_info: dict[str, Any] | None = None) -> Path:
     """Step 4: a copy of `model` with the update folded into its weights, saved as a normal HF checkpoint
-    (plus the delta and report); `model` itself is left unchanged."""
+    (plus the delta, with `delta_info` as its metadata, and report); `model` itself is left unchanged."""
     out = Path(out)
     folded = update.fold_into(copy.deepcopy(model))
     folded.save_pretrained(out, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
-    update.save(out)
+    update.save(out, delta_info)
     if report is not None:
         (out / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return out
