@@ -598,6 +598,54 @@ def test_unknown_lora_targets_and_too_many_top_layers_fail_before_the_data_step(
     trainer.check_lora_targets(model, small_config(missing_data, tmp_path / "e", targets="self_attn.q_proj"))
 
 
+def test_broad_epoch_picking_on_saved_examples_needs_the_split_they_were_built_on(tiny, data_dir, tmp_path,
+                                                                                   monkeypatch, capsys):
+    """--recipe broad --examples FILE picked the epoch on the split of this run's --seed/--validation-share, whatever
+    split built the file: for a file of --seed 3 and a run of --seed 0, 33 of the 48 validation requests came from
+    units the file trains on. Now the split must match the one the report beside the file records."""
+    model, tok = tiny
+
+    class TrainingStarted(Exception):
+        pass
+
+    def no_training(*args, **kwargs):
+        raise TrainingStarted
+
+    monkeypatch.setattr(trainer, "train_lora", no_training)
+    built = tmp_path / "built"
+    built.mkdir()
+    saved = built / trainer.EXAMPLES_FILE
+    saved.write_text(json.dumps({"kind": "benign", "source": "everyday", "loss": "kl", "prompt": "How do I bake bread?",
+                                 "prefix_ids": [], "response_ids": [5, 6, 7], "complete": False}) + "\n")
+
+    def run(report_config, **changes):
+        if report_config is not None:
+            (built / trainer.REPORT_FILE).write_text(json.dumps({"config": report_config}))
+        cfg = small_config(data_dir, tmp_path / "e", recipe="broad", examples=str(saved), **changes)
+        trainer.train_expert(cfg, model=fresh_copy(model), tokenizer=tok, log=lambda s: None)
+
+    broad_seed_3 = {"recipe": "broad", "seed": 3, "validation_share": 0.15, "examples": None}
+    with pytest.raises(ValueError, match="built by --recipe broad on the split of --seed 3 --validation-share 0.15"):
+        run(broad_seed_3, seed=0)
+    for accepted in (dict(seed=3), dict(seed=0, validation_share=0.0)):  # the same split, or no pick
+        with pytest.raises(TrainingStarted):
+            run(broad_seed_3, **accepted)
+    with pytest.raises(TrainingStarted):  # seed-recipe examples are built on no split
+        run({"recipe": "seed", "seed": 7, "validation_share": 0.15, "examples": None})
+    origin = tmp_path / "origin"  # the file is a copy another run reused: the split is the one that built the first
+    origin.mkdir()
+    (origin / trainer.EXAMPLES_FILE).write_text(saved.read_text())
+    (origin / trainer.REPORT_FILE).write_text(json.dumps({"config": broad_seed_3}))
+    reused = {"recipe": "seed", "seed": 0, "validation_share": 0.15, "examples": str(origin / trainer.EXAMPLES_FILE)}
+    with pytest.raises(ValueError, match="holds the examples of .*origin.* on the split of --seed 3"):
+        run(reused, seed=0)
+    (built / trainer.REPORT_FILE).unlink()
+    with pytest.raises(ValueError, match="does not say which split built its examples"):
+        run(None)
+    assert cli.main(["--recipe", "broad", "--examples", str(saved), "--out", str(tmp_path / "cli")]) == 2
+    assert "--validation-share 0 to keep the last epoch" in capsys.readouterr().err
+
+
 def test_a_file_that_is_not_training_examples_is_named(tmp_path):
     bad = tmp_path / "notes.jsonl"
     bad.write_text('{"kind": "refusal"}\n')

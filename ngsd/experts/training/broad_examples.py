@@ -21,6 +21,7 @@ of harmless look-alikes beside the base's own. `validation_score` ranks variants
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Collection, Sequence
 
@@ -117,6 +118,53 @@ def validation_requests(data_dir: Path, cfg: TrainExpertConfig, trained: Collect
             balanced_sample(benign, cfg.validation_prompts, cfg.seed + 1))
 
 
+def picks_epoch_on_validation(cfg: TrainExpertConfig) -> bool:
+    """Whether the run picks its weights on the broad recipe's held-apart validation split."""
+    return cfg.recipe in ("broad", "seed+broad") and cfg.validation_share > 0 and cfg.validation_prompts > 0
+
+
+_NO_PICK = "or --validation-share 0 to keep the last epoch's weights without picking one"
+
+
+def examples_split_mismatch(cfg: TrainExpertConfig, _depth: int = 0) -> str | None:
+    """Why the validation split of `cfg` cannot pick the epoch of a run on the saved examples `cfg.examples`
+    (None: it can, or the run picks none).
+
+    The split is held apart only from the examples built on it: those of a broad data step with the same seed and
+    validation_share (forms_per_unit does not move it). A file built on another split trains on many of the
+    requests this one validates on (33 of 48 for --seed 3 against --seed 0), and the pick then reads training data.
+    Examples of the seed recipe are built on no split; their prompts are kept out of validation as the seed half
+    of "seed+broad" is. How a file was built is read from the training_report.json beside it."""
+    if not cfg.examples or not picks_epoch_on_validation(cfg):
+        return None
+    import json
+
+    path = Path(cfg.examples).expanduser()
+    try:
+        built = json.loads((path.parent / "training_report.json").read_text(encoding="utf-8"))["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        built = None
+    if not isinstance(built, dict):
+        return (f"--recipe {cfg.recipe} picks the epoch on its held-apart validation split, which is held apart only "
+                f"from examples built on that split; {path} does not say which split built its examples (no "
+                "training_report.json beside it), so the pick may read requests they train on. Pass the "
+                "training_examples.jsonl of a finished `ngsd train-expert` run (its report records the split), "
+                + _NO_PICK)
+    if built.get("examples"):  # that run reused a file too: the split is the one that built that file
+        if _depth >= 3:
+            return f"{path}: its report's chain of reused --examples files is too long to follow; " + _NO_PICK
+        reason = examples_split_mismatch(replace(cfg, examples=built["examples"]), _depth + 1)
+        return None if reason is None else f"{path} holds the examples of {built['examples']} (its report says so): {reason}"
+    recipe = built.get("recipe", "seed")
+    seed, share = built.get("seed"), built.get("validation_share")
+    if recipe == "seed" or (seed, share) == (cfg.seed, cfg.validation_share):
+        return None
+    return (f"{path}'s examples were built by --recipe {recipe} on the split of --seed {seed} --validation-share "
+            f"{share}, and this run validates on the split of --seed {cfg.seed} --validation-share "
+            f"{cfg.validation_share}, which holds requests those examples train on: the epoch would be picked on "
+            f"training data. Pass --seed {seed} --validation-share {share}, " + _NO_PICK)
+
+
 class Validator:
     """Scores expert variants on the validation split; the base's answers are generated once."""
 
@@ -177,4 +225,5 @@ def validation_score(metrics: dict[str, Any]) -> float:
     return round(missed + 2 * over, 4)
 
 
-__all__ = ["Validator", "build_broad_examples", "validation_requests", "validation_score"]
+__all__ = ["Validator", "build_broad_examples", "examples_split_mismatch", "picks_epoch_on_validation",
+           "validation_requests", "validation_score"]

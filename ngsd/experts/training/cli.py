@@ -164,6 +164,11 @@ def check_arguments(args: argparse.Namespace) -> None:
 
         if holds_no_examples(Path(args.examples).expanduser()):  # before the model loads
             raise UsageError(no_examples_message(args.examples))
+        from .broad_examples import examples_split_mismatch
+
+        mismatch = examples_split_mismatch(cfg)
+        if mismatch is not None:
+            raise UsageError(mismatch)
     check_output_folder("--out", args.out, " for the adapter", model=args.model)
     # the default folder is the shipped expert of the default model (full depth), as train-nest's rule for its delta
     if args.out is None and (not is_default_model(args.model) or args.top_layers is not None):

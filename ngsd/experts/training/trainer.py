@@ -23,7 +23,7 @@ from ..shipped import shipped_expert_path
 from .cli import cli_args
 from .config import TrainExpertConfig, target_modules, top_layer_indices
 from .distill import kl_from, load_teacher, teacher_examples
-from .broad_examples import Validator, build_broad_examples
+from .broad_examples import Validator, build_broad_examples, examples_split_mismatch, picks_epoch_on_validation
 from .examples import (Example, batches, build_examples, check_example_token_ids, count_by, encode_example, load_examples,
                        name_data_texts, turn_end_ids)
 from .selfcheck import evaluate_expert
@@ -275,6 +275,9 @@ def _train_expert(cfg: TrainExpertConfig, *, model: Any, tokenizer: Any, command
         raise ValueError("train_expert: give cfg.out for another model, a model passed in, or top_layers (without it "
                          "the adapter would replace the shipped SmolLM2 expert inside the package)")
     out = Path(cfg.out) if cfg.out else shipped_expert_path()
+    mismatch = examples_split_mismatch(cfg)  # before the model loads
+    if mismatch is not None:
+        raise ValueError(mismatch)
     if model is None or tokenizer is None:
         log(f"loading model {cfg.model or 'smollm2 (default)'}")
         model, tokenizer = load_model(cfg.model)
@@ -350,7 +353,7 @@ def _train_expert(cfg: TrainExpertConfig, *, model: Any, tokenizer: Any, command
         if done in {max(1, round(f * total)) for f in cfg.validate_at}:
             snapshots[done] = {n: p.detach().clone() for n, p in peft_model.named_parameters() if p.requires_grad}
 
-    selecting = cfg.recipe in ("broad", "seed+broad") and cfg.validation_share > 0 and cfg.validation_prompts > 0
+    selecting = picks_epoch_on_validation(cfg)
     t1 = time.perf_counter()
     stats = train_lora(peft_model, tokenizer, examples, cfg, log=log, checkpoint=out / CHECKPOINT_FILE,
                        on_step_end=keep_snapshot if selecting else None, teacher=teacher)
