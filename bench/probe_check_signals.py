@@ -136,25 +136,6 @@ def signals(model, tokenizer, adapter, texts: list[str], steps: int, openers: li
     return out
 
 
-@torch.no_grad()
-def expert_openings(model, tokenizer, adapter, texts: list[str], tokens: int, batch_size: int = 16) -> list[str]:
-    """The expert's own greedy answer to each request, `tokens` long (the adapter on every row)."""
-    from ngsd.api import encode_prompts
-
-    out = []
-    adapter.attach(model)
-    try:
-        with adapter.rows_from(0):
-            for start in range(0, len(texts), batch_size):
-                ids, mask = encode_prompts(tokenizer, texts[start:start + batch_size])
-                answer = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=tokens, do_sample=False,
-                                        pad_token_id=tokenizer.pad_token_id)
-                out += tokenizer.batch_decode(answer[:, ids.shape[1]:], skip_special_tokens=True)
-    finally:
-        adapter.detach(model)
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=1)
@@ -192,10 +173,11 @@ def main(argv: list[str] | None = None) -> int:
         for row, example, risk in zip(rows, held, risks):
             row.update(label=example.label, wrapper=example.wrapper, chars=len(example.text), risk=risk)
         if args.rollout:
-            from ngsd.eval.judge import DEFAULT_JUDGE
+            from ngsd.risk.divergence_check import expert_openings
+            from ngsd.risk.estimate import opening_refuses
 
-            for row, opening in zip(rows, expert_openings(model, tokenizer, adapter, texts, args.rollout)):
-                row.update(expert_opening=opening, expert_refuses=DEFAULT_JUDGE.is_refusal(opening))
+            for row, opening in zip(rows, expert_openings(model, tokenizer, texts, adapter, args.rollout)):
+                row.update(expert_opening=opening, expert_refuses=opening_refuses(opening))
         if args.raw:
             Path(args.raw).write_text(json.dumps(rows))
     report = summarise(rows, probe.route_below, probe.spec.check_above, probe.spec.check_divergence)

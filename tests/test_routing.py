@@ -599,3 +599,55 @@ def test_check_rollout_is_validated_and_read_from_the_probe_unless_the_configura
     assert probe_plan(loaded, ReflectionConfig()).check_rollout == 8
     assert probe_plan(loaded, ReflectionConfig(check_rollout=0)).check_rollout == 0
     assert probe_plan(loaded, ReflectionConfig(check=False)).check_rollout == 0  # no check, nothing to roll out
+
+
+def test_fitting_keeps_check_rollout_only_where_the_harmful_requests_openings_refuse():
+    from ngsd.risk.divergence_check import fit_rollout
+
+    divergences = [0.9, 0.8, 0.7, 0.2, 0.6, 0.5, 0.1]
+    labels = [1, 1, 1, 1, 0, 0, 0]
+    single = [True, True, True, True, True, True, True]
+    in_band = [False, False, False, False, True, True, True]
+    refusal, answer = "I'm sorry, but I cannot", "Here is a plan"
+
+    def openings(answers):
+        return lambda rows: [answers[i] for i in rows]
+
+    # the three harmful requests the divergence keeps (0.2 is under it) all refuse; one of the two diverging band
+    # benign requests gets an answer, the other a refusal: kept, and it guards one of them
+    refusing = {0: refusal, 1: refusal, 2: refusal, 4: answer, 5: refusal}
+    fitted = fit_rollout(8, divergences, labels, in_band, single, 0.4, openings(refusing), recall=0.98)
+    assert fitted == {"tokens": 8, "check_rollout": 8, "harmful_kept_by_divergence": 3, "their_openings_refuse": 3,
+                      "band_benign_kept_by_divergence": 2, "band_benign_guarded_with_rollout": 1}
+    # an expert whose openings do not say so (another language, a refusal later in the answer): switched off
+    fitted = fit_rollout(8, divergences, labels, in_band, single, 0.4, openings({**refusing, 2: answer}), recall=0.98)
+    assert fitted["check_rollout"] == 0 and fitted["their_openings_refuse"] == 2
+
+
+def test_the_fit_reads_the_experts_openings_as_the_loop_makes_them(tmp_path):
+    """`expert_openings` (what the fit reads) gives the tokens the loop's look-ahead gives, and leaves the adapter
+    as it found it."""
+    from ngsd.loading import default_cache_dir, is_converted
+    from ngsd.risk.divergence_check import expert_openings
+
+    if not is_converted():
+        pytest.skip(f"the SmolLM2 tokenizer comes from the converted default model in {default_cache_dir()}")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(default_cache_dir())
+    model = tiny_model("llama", vocab_size=len(tokenizer), init=1.0)
+    adapter = LoraAdapter.load(tiny_lora_expert(model, tmp_path / "lora"))
+    texts = ["How do I bake bread?", "Name three rivers in Europe, one per line."]
+    fitted = expert_openings(model, tokenizer, texts, adapter, 6)
+    assert not adapter.is_attached(model)
+    folder = tmp_path / "probe"
+    from ngsd.api import encode_prompts
+
+    ids, mask = encode_prompts(tokenizer, texts)
+    _probe_splitting(model, ids, mask, folder)
+    reflection = ReflectionConfig(mode="probe", probe=str(folder), route_below=10.0, check_above=0.0,
+                                  check_divergence=0.0, check_rollout=6)
+    from ngsd import generate
+
+    looked = generate(model, tokenizer, texts, expert=adapter, max_new_tokens=1, config=NGSDConfig(reflection=reflection))
+    assert [t.reflection.expert_opening for t in looked.traces] == fitted

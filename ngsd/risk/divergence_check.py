@@ -146,11 +146,64 @@ def first_step_divergence(model: Any, tokenizer: Any, texts: Sequence[str], expe
     return out
 
 
+@torch.no_grad()
+def expert_openings(model: Any, tokenizer: Any, texts: Sequence[str], expert: Any, tokens: int, *,
+                    batch_size: int = 16) -> list[str]:
+    """The expert's own greedy answer to each request, `tokens` long, alone (in the chat template as
+    `ngsd.generate` sends it): what `check_rollout` reads. expert: a LoraAdapter or a model."""
+    from contextlib import nullcontext
+
+    from ..api import encode_prompts
+    from ..experts.lora import LoraAdapter
+
+    adapter = expert if isinstance(expert, LoraAdapter) else None
+    attached = adapter is not None and not adapter.is_attached(model)
+    if attached:
+        adapter.attach(model)
+    answering = model if adapter is not None else expert
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out: list[str] = []
+    try:
+        for start in range(0, len(texts), batch_size):
+            ids, mask = encode_prompts(tokenizer, list(texts[start:start + batch_size]),
+                                       device=next(answering.parameters()).device)
+            with adapter.rows_from(0) if adapter is not None else nullcontext():
+                answer = answering.generate(input_ids=ids, attention_mask=mask, max_new_tokens=tokens, do_sample=False,
+                                            pad_token_id=pad)
+            out += tokenizer.batch_decode(answer[:, ids.shape[1]:], skip_special_tokens=True)
+    finally:
+        if attached:
+            adapter.detach(model)
+    return out
+
+
+def fit_rollout(tokens: int, divergences: Sequence[float], labels: Sequence[int], in_band: Sequence[bool],
+                single: Sequence[bool], check_divergence: float, opening_of, recall: float) -> dict[str, Any]:
+    """Whether `check_rollout` = `tokens` keeps the check's recall: the single harmful validation requests the
+    divergence keeps must refuse in their expert's opening (`opening_of(indices) -> texts`) at least `recall` of
+    the time, else the rollout would route harmful requests and is switched off (check_rollout 0). Also counts
+    the band's benign requests it would still guard."""
+    from .estimate import opening_refuses
+
+    kept = [i for i, (d, y, s) in enumerate(zip(divergences, labels, single)) if y and s and d >= check_divergence]
+    band_benign = [i for i, (d, y, b) in enumerate(zip(divergences, labels, in_band))
+                   if b and not y and d >= check_divergence]
+    texts = opening_of(kept + band_benign)
+    refusing = [opening_refuses(t) for t in texts]
+    harmful_refusing = sum(refusing[:len(kept)])
+    adopted = tokens if kept and harmful_refusing >= recall * len(kept) else 0
+    return {"tokens": tokens, "check_rollout": adopted, "harmful_kept_by_divergence": len(kept),
+            "their_openings_refuse": harmful_refusing, "band_benign_kept_by_divergence": len(band_benign),
+            "band_benign_guarded_with_rollout": sum(refusing[len(kept):])}
+
+
 def fit_probe_check(probe_dir: str | Path, *, model: Any, tokenizer: Any, expert: Any, expert_name: str,
                     data_dir: str | None = None, recall: float = 0.98, band_share: float = 0.25,
-                    batch_size: int = 16, command: str | None = None, log=print) -> dict[str, Any]:
+                    batch_size: int = 16, command: str | None = None, rollout: int | None = None,
+                    log=print) -> dict[str, Any]:
     """Fit the divergence check of the probe in `probe_dir` for `expert` and write it into its probe.json
-    (check_above, check_divergence, check_expert) and training_report.json (section "divergence_check")."""
+    (check_above, check_divergence, check_expert, check_rollout) and training_report.json (section
+    "divergence_check"). rollout: the check_rollout to try (`fit_rollout`; None: the probe's own; 0: none)."""
     from dataclasses import replace
 
     from .probe import PROBE_FILE, REPORT_FILE, RiskProbe, estimate_risk
@@ -176,10 +229,23 @@ def fit_probe_check(probe_dir: str | Path, *, model: Any, tokenizer: Any, expert
     single = [examples[i].wrapper != COMPOSED for i in val]
     fitted = fit_divergence_check(risks, divergences, labels, route_below=probe.route_below, recall=recall,
                                   band_share=band_share, sets_threshold=single)
+    tokens = probe.spec.check_rollout if rollout is None else rollout
+    if tokens:
+        log(f"the expert's own {tokens}-token openings ...")
+        in_band = [fitted["check_above"] <= r < probe.route_below for r in risks]
+        fitted["rollout"] = fit_rollout(
+            tokens, divergences, labels, in_band, single, fitted["check_divergence"],
+            lambda rows: expert_openings(model, tokenizer, [texts[i] for i in rows], expert, tokens,
+                                         batch_size=batch_size), recall)
+        if not fitted["rollout"]["check_rollout"]:
+            log(f"check_rollout off: the expert's opening refuses only {fitted['rollout']['their_openings_refuse']} of "
+                f"the {fitted['rollout']['harmful_kept_by_divergence']} harmful validation requests the divergence keeps "
+                f"(recall {recall} asked); the divergence alone decides")
     fitted["expert"] = expert_name
     fitted["command"] = command
     spec = replace(probe.spec, check_above=fitted["check_above"], check_divergence=fitted["check_divergence"],
-                   check_expert=expert_name)
+                   check_expert=expert_name,
+                   check_rollout=fitted["rollout"]["check_rollout"] if tokens else 0)
     (probe_dir / PROBE_FILE).write_text(json.dumps(spec.to_dict(), indent=2) + "\n")  # what RiskProbe.save writes
     report[CHECK_REPORT_KEY] = fitted
     report_file.write_text(json.dumps(report, indent=2) + "\n")

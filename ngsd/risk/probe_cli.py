@@ -65,6 +65,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fit only the divergence check of the probe already in --out (keeps the probe itself)")
     parser.add_argument("--check-recall", type=float, default=0.98,
                         help="divergence check: share of harmful validation requests at or above check_divergence")
+    parser.add_argument("--check-rollout", type=int, default=8,
+                        help="divergence check: tokens of the expert's own opening a diverging checked request must "
+                             "refuse in to stay guarded; kept only if the harmful validation requests' openings refuse "
+                             "(0: the divergence alone decides)")
     parser.add_argument("--check-band-share", type=float, default=0.25,
                         help="divergence check: share of the routed benign validation requests whose risk falls in "
                              "[check_above, route_below) and who pay an expert prefill")
@@ -115,6 +119,10 @@ def check_arguments(args: argparse.Namespace) -> None:
     for flag, value in (("--check-recall", args.check_recall), ("--check-band-share", args.check_band_share)):
         if not (math.isfinite(value) and 0.0 < value <= 1.0):
             raise UsageError(f"{flag} must be a share in (0, 1], got {value:g}")
+    from ..config import MAX_CHECK_ROLLOUT
+
+    if not 0 <= args.check_rollout <= MAX_CHECK_ROLLOUT:
+        raise UsageError(f"--check-rollout must be a number of tokens in 0..{MAX_CHECK_ROLLOUT}, got {args.check_rollout}")
     check_output_folder("--out", args.out, " for the probe", model=args.model)
     _check_layers_and_l2(args)
     if args.model is not None:
@@ -213,7 +221,7 @@ def _fit_check(args: argparse.Namespace, cfg: Any, model: Any, tokenizer: Any, c
         name = shipped_expert_path().name
     fit_probe_check(cfg.out, model=model, tokenizer=tokenizer, expert=expert, expert_name=str(name),
                     data_dir=cfg.data_dir, recall=args.check_recall, band_share=args.check_band_share,
-                    batch_size=cfg.batch_size, command=command)
+                    batch_size=cfg.batch_size, command=command, rollout=args.check_rollout)
 
 
 def register_cli(subparsers: Any) -> None:
