@@ -23,6 +23,7 @@ over rounds, ratios as the median of per-round ratios):
     python bench/bench_default.py --batch 32 --new-tokens 64 --rounds 3   # writes bench/results/default.json
     python bench/bench_default.py --quick-ratio --out default_quick.json    # the unguarded baselines vs the default only
     python bench/bench_default.py --quick-ratio --stop-at-eos --out default_eos.json   # rows stop at EOS, as in use
+    python bench/bench_default.py --ttft-sweep-only --out ttft_sweep.json     # batch-1 time to first token, 20 prompts
 
 The default model and the shipped expert; greedy; exactly `--new-tokens` tokens per row (no EOS stop), unless
 `--stop-at-eos`: then a row stops at the model's end-of-turn token, as users run it (a guarded refusal ends
@@ -33,6 +34,7 @@ wall time, and the ratios are ratios of wall time for the same requests.
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import sys
 import time
@@ -178,6 +180,8 @@ def main() -> None:
     parser.add_argument("--quick-ratio", action="store_true",
                         help="only the two unguarded baselines vs the default (with and without the probe's divergence "
                              "check) on the two batch workloads (no fixed-alpha rows, no TTFT)")
+    parser.add_argument("--ttft-sweep-only", action="store_true",
+                        help="only the batch-1 time-to-first-token sweep over --ttft-prompts benign prompts")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     setup = load_setup(args.model, args.device, expert=args.expert)
@@ -188,6 +192,13 @@ def main() -> None:
     all_methods = quick if args.quick_ratio else [*quick, "alpha_0.9", "alpha_0.9_logits"]
     report["meta"]["probe"] = args.probe or "shipped"
     report["meta"]["stop_at_eos"] = args.stop_at_eos
+    if args.ttft_sweep_only:
+        report["workloads"]["ttft_batch1_sweep"] = ttft_sweep(setup, workload_prompts("benign", args.ttft_prompts),
+                                                              args.rounds, args.seed, args.probe, args.stop_at_eos)
+        report["wall_seconds"] = time.time() - start
+        write_json(args.out, report, RESULTS_DIR)
+        print(json.dumps({k: v for k, v in report["workloads"]["ttft_batch1_sweep"].items() if k != "per_prompt"}))
+        return
     report["workloads"]["benign"] = measure(setup, workload_prompts("benign", args.batch), all_methods,
                                             args.new_tokens, args.rounds, args.seed, args.probe, args.stop_at_eos)
     report["workloads"]["half_harmful"] = measure(setup, workload_prompts("mixed", args.batch),

@@ -88,8 +88,13 @@ def default_result(hf_model, prompt_texts, band_texts):
     on the 16 prompts and the band prompts: its tokens and traces (route, alpha, verdict) per row."""
     import ngsd
 
+    from ngsd import NGSDConfig, ReflectionConfig
+
     model, tokenizer = hf_model
-    return ngsd.generate(model, tokenizer, prompt_texts + band_texts, expert="shipped", max_new_tokens=NEW_TOKENS)
+    # the engine's divergence check reads the divergence alone (no look-ahead of the expert's own opening)
+    config = NGSDConfig(reflection=ReflectionConfig(check_rollout=0))
+    return ngsd.generate(model, tokenizer, prompt_texts + band_texts, expert="shipped", max_new_tokens=NEW_TOKENS,
+                         config=config)
 
 
 @pytest.fixture(scope="session")
