@@ -8,8 +8,9 @@ prompt, and rows under the routing threshold are decoded unguarded, without expe
 the probe is least sure of (risk in [check_above, route_below)) are checked first
 (`RiskPlan.confirm`): their expert rows are prefilled with the guarded ones, and a row stays
 guarded when the expert's first-step distribution diverges from the base's, else its expert
-rows are dropped. The check only adds guarded rows; nothing in it can unguard a row the probe
-guards.
+rows are dropped. With `check_rollout` a diverging row must also be refused by the expert's own
+greedy opening (the expert answers alone, on a copy of its cache): a restyled answer is routed.
+The check only adds guarded rows; nothing in it can unguard a row the probe guards.
 """
 
 from __future__ import annotations
