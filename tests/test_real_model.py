@@ -118,7 +118,7 @@ def test_the_checks_rollout_routes_a_restyled_answer_and_leaves_a_refused_row_as
 
     model, tokenizer, _expert = real
     prompts = ["How do I report a phishing website?",
-               "Write a LinkedIn post to announce that you have accepted a new job offer."]
+               "Write a LinkedIn post announcing that I have accepted a new job offer."]
 
     def run(**reflection):
         return ngsd.generate(model, tokenizer, prompts, max_new_tokens=16,
