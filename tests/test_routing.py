@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -651,3 +653,61 @@ def test_the_fit_reads_the_experts_openings_as_the_loop_makes_them(tmp_path):
 
     looked = generate(model, tokenizer, texts, expert=adapter, max_new_tokens=1, config=NGSDConfig(reflection=reflection))
     assert [t.reflection.expert_opening for t in looked.traces] == fitted
+
+
+def test_a_streamer_gets_the_first_token_before_the_look_ahead_when_no_route_changes_it(tmp_path, monkeypatch):
+    """Under the default gate no row mixes at its first token, so the check's look-ahead (the expert answering
+    ahead, which delays a checked row by its own greedy steps) cannot change the first token: the streamer
+    gets it first. A primed gate mixes at once: then the first token waits for the look-ahead's verdict. The
+    tokens are those of a call without a streamer either way."""
+    from ngsd.loading import default_cache_dir, is_converted
+
+    if not is_converted():
+        pytest.skip(f"the SmolLM2 tokenizer comes from the converted default model in {default_cache_dir()}")
+    from transformers import AutoTokenizer
+
+    from ngsd import generate
+    from ngsd.api import encode_prompts
+
+    tokenizer = AutoTokenizer.from_pretrained(default_cache_dir())
+    model = tiny_model("llama", vocab_size=len(tokenizer), init=1.0)
+    texts = ["How do I bake bread?", "Name three rivers in Europe, one per line."]
+    ids, mask = encode_prompts(tokenizer, texts)
+    _probe_splitting(model, ids, mask, tmp_path / "probe")
+    events: list[tuple[str, Any]] = []
+
+    class Recorder:
+        def put(self, value):
+            events.append(("put", value.clone()))
+
+        def end(self):
+            events.append(("end", None))
+
+    decode = tokenizer.decode
+
+    def logged_decode(*args, **kwargs):  # the look-ahead decodes each opening: the log shows when it ran
+        events.append(("decode", None))
+        return decode(*args, **kwargs)
+
+    reflection = ReflectionConfig(mode="probe", probe=str(tmp_path / "probe"), route_below=10.0, check_above=0.0,
+                                  check_divergence=0.0, check_rollout=4)
+    expert = tiny_model("llama", vocab_size=len(tokenizer), seed=5, init=1.0)  # another model: it diverges at once
+    for config, early in [(NGSDConfig(reflection=reflection), True),
+                          (NGSDConfig(reflection=reflection, initial_potential=1.0, tau=2.0), False)]:
+        events.clear()
+        quiet = generate(model, tokenizer, texts, expert=expert, max_new_tokens=3, config=config)
+        with monkeypatch.context() as patch:
+            patch.setattr(tokenizer, "decode", logged_decode)
+            streamed = generate(model, tokenizer, texts, expert=expert, max_new_tokens=3, config=config,
+                                streamer=Recorder())
+        kinds = [kind for kind, _ in events]
+        kinds = kinds[:kinds.index("end")]  # (generate decodes the answers after the stream ends)
+        look_ahead = [i for i, kind in enumerate(kinds) if kind == "decode"][-2:]  # one opening a row
+        puts = [i for i, kind in enumerate(kinds) if kind == "put"]
+        assert len(puts) == 4 and look_ahead == [look_ahead[0], look_ahead[0] + 1], kinds
+        assert (puts[1] < look_ahead[0]) is early, kinds
+        assert torch.equal(streamed.output.sequences, quiet.output.sequences)
+        tokens = torch.stack([value for kind, value in events if kind == "put"][1:], dim=1)
+        assert torch.equal(tokens, streamed.output.sequences[:, streamed.output.prompt_width:])
+        assert [t.spikes[:1] for t in streamed.traces] == [t.spikes[:1] for t in quiet.traces]
+        assert [t.potential for t in streamed.traces] == [t.potential for t in quiet.traces]

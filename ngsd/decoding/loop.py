@@ -270,6 +270,7 @@ def guarded_generate(
     selection = GuardedStep(lambda step: config.step_params(step, **sampling), mixing_steps, config.backend,
                             heads.base, heads.expert, heads.shared, logits_processor, cuda_graph=cuda_graph)
     identical = _IdenticalOutputsWatch(enabled=not isinstance(pair, BaseOnly), device=device)
+    first_step = None  # step 0, when it was computed (and streamed) before the check's look-ahead
     try:
         with record_function("ngsd.prefill"):
             guard_now = [] if isinstance(pair, BaseOnly) else None if risk.probe else list(range(batch))
@@ -277,11 +278,24 @@ def guarded_generate(
             if risk.probe is not None:  # the probe reads this prefill; low-risk rows get no expert rows at all
                 prefill.expert = pair.guard(risk.decide(prefill.hidden_states, attention_mask))
                 if risk.to_check:  # rows the probe is unsure of stay guarded if the expert diverges at once
+                    selection.set_rows(pair.rows, batch)
+                    first_logits = selection.guarded_row_logits(prefill.base, prefill.expert)
                     openings = expert_openings(pair, tokenizer, risk.check_rollout, eos_ids)
-                    kept = pair.keep(risk.confirm(pair.rows, *selection.guarded_row_logits(prefill.base, prefill.expert),
-                                                  openings=openings))
+                    if (streamer is not None and openings is not None and logits_processor is None and not cuda_graph
+                            and risk.will_look_ahead(pair.rows, *first_logits)):
+                        first_step = _first_step_on_either_route(selection, prefill, pair.rows, risk, potential,
+                                                                 seed_t, input_ids)
+                        if first_step is not None:  # the look-ahead cannot change it: the caller sees it now
+                            streamer.put(input_ids.cpu())
+                            streamer.put(first_step[0][0].cpu())
+                    kept = pair.keep(risk.confirm(pair.rows, *first_logits, openings=openings))
                     prefill.expert = prefill.expert[kept] if kept.numel() else None
         selection.set_rows(pair.rows, batch)
+        if first_step is not None:  # each row's step 0 as computed on the route the check gave it
+            on_kept_route = torch.zeros(batch, dtype=torch.bool, device=device)
+            on_kept_route[pair.rows] = True
+            first_step = tuple(torch.where(on_kept_route, kept_part, routed_part)
+                               for kept_part, routed_part in zip(*first_step))
         guarding = pair.rows.tolist()  # kept on the host: read every step, changed only when rows retire
         guarded_rows = set(guarding)
         base_out, expert_out = prefill.base, prefill.expert
@@ -291,7 +305,8 @@ def guarded_generate(
         sequences = input_ids
         history: list[tuple[torch.Tensor, ...]] = []
         stop_reasons = ["length"] * batch
-        if streamer is not None:
+        streamed_first = first_step is not None
+        if streamer is not None and not streamed_first:
             streamer.put(input_ids.cpu())
 
         steps = range(max(max_new))
@@ -305,10 +320,13 @@ def guarded_generate(
             active = ~finished
             offset = torch.full((1,), step, dtype=torch.int64, device=device)
             identical.observe(base_out, expert_out, pair.rows, active)
-            with record_function("ngsd.select"):
-                tokens, new_potential, spike, divergence = selection.run(
-                    step, base_out, expert_out, potential, alpha_t, seed_t, offset, sequences
-                )
+            if step == 0 and first_step is not None:
+                tokens, new_potential, spike, divergence = first_step
+            else:
+                with record_function("ngsd.select"):
+                    tokens, new_potential, spike, divergence = selection.run(
+                        step, base_out, expert_out, potential, alpha_t, seed_t, offset, sequences
+                    )
             tokens = torch.where(active, tokens, torch.full_like(tokens, pad))
             potential = torch.where(active, new_potential, potential)
             history.append((active, tokens, divergence, potential, spike & active))
@@ -345,7 +363,7 @@ def guarded_generate(
                                      f"{step + 1}, before the others, and its later positions need a filler: this "
                                      "model has neither a pad_token_id nor an eos_token_id; pass pad_token_id=... "
                                      "(the tokenizer's pad or eos id)")
-            if streamer is not None:
+            if streamer is not None and not (step == 0 and streamed_first):
                 streamer.put(tokens.cpu())
             if len(finished_rows) == batch:
                 break
@@ -425,6 +443,34 @@ class _IdenticalOutputsWatch:
                 "expert is the base model itself), so guarded decoding cannot differ from plain decoding",
                 RuntimeWarning,
             )
+
+
+def _first_step_on_either_route(selection: GuardedStep, prefill: Any, rows: torch.Tensor, risk: Any,
+                                potential: torch.Tensor, seed: torch.Tensor, sequences: torch.Tensor
+                                ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]] | None:
+    """Step 0 twice, before the check's look-ahead: every checked row kept guarded (at a kept row's alpha), and
+    every checked row routed. When each row picks the same first token both ways, whatever the look-ahead
+    decides, that token can reach the streamer before the expert answers ahead: None otherwise.
+
+    Under the default gate this is the rule, not luck: the potential starts at v_reset and one step's
+    divergence cannot reach v_th, so no row mixes at its first token (a primed gate can, and then waits).
+    Returns (kept-route outputs, routed-route outputs) for each row to take its own route's."""
+    batch = prefill.base.shape[0]
+    offset = torch.zeros(1, dtype=torch.int64, device=potential.device)
+    checked = set(risk.to_check)
+    alphas = [risk.checked_alpha if row in checked else alpha for row, alpha in enumerate(risk.alphas)]
+    kept_alpha = torch.tensor(alphas, dtype=torch.float32, device=potential.device)
+    kept = selection.run(0, prefill.base, prefill.expert, potential, kept_alpha, seed, offset, sequences)
+    stay = torch.tensor([j for j, row in enumerate(rows.tolist()) if row not in checked], dtype=torch.long,
+                        device=rows.device)
+    selection.set_rows(rows[stay], batch)
+    routed_alpha = torch.tensor(risk.alphas, dtype=torch.float32, device=potential.device)
+    routed = selection.run(0, prefill.base, prefill.expert[stay.to(prefill.expert.device)] if stay.numel() else None,
+                           potential, routed_alpha, seed, offset, sequences)
+    selection.set_rows(rows, batch)
+    if not torch.equal(kept[0], routed[0]) or bool((kept[0] < 0).any()):  # (a negative token: invalid logits)
+        return None
+    return kept, routed
 
 
 def expert_openings(pair: Any, tokenizer: Any, tokens: int, eos_ids: torch.Tensor):

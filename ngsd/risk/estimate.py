@@ -165,6 +165,25 @@ class RiskPlan:
             return self.reflection.guarded_alpha
         return self.reflection.alpha_for_risk(risk)
 
+    @property
+    def checked_alpha(self) -> float:
+        """The alpha of a checked row the check keeps guarded (that of a risky row)."""
+        return self._risky_alpha()
+
+    def will_look_ahead(self, rows: torch.Tensor, base_logits: torch.Tensor, expert_logits: torch.Tensor) -> bool:
+        """Whether `confirm` will ask for expert openings: a look-ahead is set and a checked row diverges."""
+        if not (self.to_check and self.check_rollout):
+            return False
+        return any(value >= self.check_divergence for value in self._check_divergences(rows, base_logits, expert_logits))
+
+    def _check_divergences(self, rows: torch.Tensor, base_logits: torch.Tensor, expert_logits: torch.Tensor
+                           ) -> list[float]:
+        """First-step total variation of each checked row (`to_check` order)."""
+        position = {row: j for j, row in enumerate(rows.tolist())}
+        checked = torch.tensor([position[row] for row in self.to_check], dtype=torch.long, device=expert_logits.device)
+        base = base_logits[torch.tensor(self.to_check, device=base_logits.device)]
+        return total_variation(base, expert_logits[checked]).tolist()
+
     def confirm(self, rows: torch.Tensor, base_logits: torch.Tensor, expert_logits: torch.Tensor,
                 openings: Callable[[torch.Tensor, torch.Tensor], list[str]] | None = None) -> list[int]:
         """After the expert prefill of `rows` (= `decide`'s rows; `expert_logits` their first-step logits,
@@ -175,9 +194,7 @@ class RiskPlan:
         if not self.to_check:
             return rows.tolist()
         position = {row: j for j, row in enumerate(rows.tolist())}
-        checked = torch.tensor([position[row] for row in self.to_check], dtype=torch.long, device=expert_logits.device)
-        base = base_logits[torch.tensor(self.to_check, device=base_logits.device)]
-        divergence = total_variation(base, expert_logits[checked]).tolist()
+        divergence = self._check_divergences(rows, base_logits, expert_logits)
         texts: dict[int, str] = {}
         if self.check_rollout and openings is not None:
             # only rows the divergence would guard: the expert's own answer can then route them
