@@ -243,3 +243,22 @@ def test_sliding_window_layers_keep_their_own_cache_and_guarded_rows_are_not_tri
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         kinds = [type(layer).__name__ for layer in later._both.cache.layers]  # growable from the first step on
         assert kinds == ["GrowableLayer", "DynamicSlidingWindowLayer"]
+
+
+def test_a_fork_of_a_cache_that_has_decoded_leaves_it_as_it_was(monkeypatch):
+    """`_CachedModel.fork` (the check's look-ahead) on a cache whose layers are already growable: the fork
+    decodes on fresh buffers, and the original then decodes exactly as an untouched twin."""
+    model = tiny_model("llama")
+    input_ids, mask, _ = mixed_length_batch([6, 4, 7, 5], model.config.vocab_size, seed=4)
+    tokens = torch.tensor([3, 5, 7, 9])
+    with torch.no_grad():
+        forked = _Decoder(model, input_ids, mask, growable=True, monkeypatch=monkeypatch)
+        twin = _Decoder(model, input_ids, mask, growable=True, monkeypatch=monkeypatch)
+        _decode_both(forked, twin, 2)  # both caches growable now
+        for rows in (torch.tensor([2]), torch.tensor([1, 3]), torch.tensor([3, 0])):
+            fork = forked.cached.fork(rows)
+            for _ in range(3):
+                fork.step(tokens[rows])
+            forked.step(tokens)
+            twin.step(tokens)
+            assert torch.equal(forked.logits, twin.logits), rows

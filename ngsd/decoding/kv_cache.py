@@ -81,8 +81,16 @@ def copy_cache_rows(cache: Any, rows: torch.Tensor) -> Any:
     import copy
 
     clone = copy.copy(cache)
-    clone.layers = [copy.copy(layer) for layer in cache.layers]  # select_cache_rows rebinds each layer's tensors
-    return select_cache_rows(clone, rows)
+    clone.layers, shared = [], []
+    for index, layer in enumerate(cache.layers):
+        if hasattr(layer, "keep_rows"):  # a growable layer moves rows inside its buffers: the copy gets its own
+            picked = rows.to(layer.keys.device)
+            clone.layers.append(type(layer).holding(layer.keys.index_select(0, picked),
+                                                    layer.values.index_select(0, picked)))
+        else:  # select_cache_rows rebinds these layers' tensors to new ones
+            clone.layers.append(copy.copy(layer))
+            shared.append(index)
+    return select_cache_rows(clone, rows, layers=shared) if shared else clone
 
 
 def select_cache_rows(cache: Any, rows: torch.Tensor, layers: Sequence[int] | None = None) -> Any:
