@@ -109,7 +109,7 @@ def test_advbench50_guarded_refuses_far_more_than_unguarded(real, tmp_path):
     assert asr["ngsd"] <= asr["off"] / 4
 
 
-def test_the_checks_rollout_routes_a_restyled_answer_and_leaves_a_refused_row_as_it_was(real):
+def test_the_checks_rollout_routes_a_restyled_answer_and_leaves_a_refused_row_as_it_was(real, monkeypatch):
     """Two requests in the shipped probe's check band whose expert diverges at once: the expert restyles the first
     (its own opening answers) and refuses the second. With check_rollout the first is routed and decodes as
     unguarded decoding does; the second stays guarded with the same tokens, spikes and alpha as without it (the
@@ -134,3 +134,31 @@ def test_the_checks_rollout_routes_a_restyled_answer_and_leaves_a_refused_row_as
     assert after[0].tokens == off.traces[0].tokens
     assert (after[1].tokens, after[1].spikes, after[1].alpha) == (before[1].tokens, before[1].spikes, before[1].alpha)
     assert any(after[1].spikes), "the gate must fire for the comparison to mean something"
+
+    # streamed, the first tokens do not wait for the look-ahead: no route changes them under the default gate
+    from ngsd.decoding import loop
+
+    events: list[str] = []
+    make_openings = loop.expert_openings
+
+    def logged_openings(*args, **kwargs):
+        openings = make_openings(*args, **kwargs)
+
+        def logged(*call_args):
+            events.append("look-ahead")
+            return openings(*call_args)
+
+        return None if openings is None else logged
+
+    class Recorder:
+        def put(self, value):
+            events.append("put")
+
+        def end(self):
+            events.append("end")
+
+    monkeypatch.setattr(loop, "expert_openings", logged_openings)
+    streamed = ngsd.generate(model, tokenizer, prompts, max_new_tokens=16, streamer=Recorder(),
+                             config=NGSDConfig(reflection=ReflectionConfig(check_rollout=8)))
+    assert events[:3] == ["put", "put", "look-ahead"] and events.count("put") == 17
+    assert [t.tokens for t in streamed.traces] == [t.tokens for t in after]
