@@ -466,6 +466,16 @@ def test_unguarded_rows_of_a_half_precision_model_decode_as_plain_generate(dtype
     assert len(routed) == 2
     for row in routed:
         assert torch.equal(routed_run.sequences[row], plain[row])
+    # with the divergence check (the default's), which read a half-precision head's logits before the step knew its
+    # rows and failed ("Tensors must have same number of dimensions") on every such model
+    checked = ReflectionConfig(mode="probe", probe=str(tmp_path / "probe"), route_below=threshold,
+                               check_above=float(risks.min()) - 1, check_divergence=1.0)  # not reached: all routed
+    checked_run = guarded_generate(model, ids, mask, expert=adapter, max_new_tokens=16, pad_token_id=0,
+                                   config=NGSDConfig(tau=2.0, v_th=0.3, reflection=checked))
+    assert [t.guarded for t in checked_run.traces] == [t.guarded for t in routed_run.traces]
+    assert all(t.reflection.divergence is not None for t in checked_run.traces if not t.guarded)
+    for row in routed:
+        assert torch.equal(checked_run.sequences[row], plain[row])
 
 
 def test_trace_reasons_tell_a_risk_from_its_threshold():
