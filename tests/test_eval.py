@@ -721,3 +721,18 @@ def test_headline_percentages_round_half_up():
     from ngsd.eval.report import pct
 
     assert (pct(1 / 8, 0), pct(1 / 8), pct(2 / 3, 0), pct(None)) == ("13%", "12.5%", "67%", "n/a")
+
+
+def test_a_model_in_another_dtype_gets_cache_keys_of_its_own_and_the_dtype_is_configurable():
+    from ngsd.eval.config import config_from_dict
+    from ngsd.eval.pipeline import with_dtype
+
+    model = tiny_model("llama")
+    assert with_dtype("m", model) == "m"  # float32: the keys of every answer cached before the option existed
+    assert with_dtype("m", model.to(torch.bfloat16)) == "m@bfloat16"
+    suites = {"advbench": 2}
+    assert config_from_dict({"suites": suites}).dtype == "float32"
+    config = config_from_dict({"suites": suites, "dtype": "float16"})
+    assert config.dtype == "float16" and config.to_dict()["dtype"] == "float16"
+    with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16, float16"):
+        config_from_dict({"suites": suites, "dtype": "fp8"})

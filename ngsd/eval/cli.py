@@ -74,6 +74,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"torch CPU threads for the run (default: ${THREADS_ENV} if set, else the config's, else "
                         "torch's own choice; on a CPU shared with other jobs 1 thread is much faster than 2)")
     parser.add_argument("--cache", default=None, help="generation cache file (default: <out>/cache/generations.jsonl)")
+    parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                        help="load the model in this dtype (default: the config's, else float32); answers are cached "
+                             "per dtype")
     add_common_options(parser)
 
 
@@ -138,6 +141,8 @@ def _evaluate(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         changes["methods"] = parse_methods(args.methods)
     if args.max_new_tokens is not None:
         changes["max_new_tokens"] = args.max_new_tokens
+    if args.dtype is not None:
+        changes["dtype"] = args.dtype
     threads = args.threads if args.threads is not None else _env_threads()
     if threads is not None:
         changes["threads"] = threads

@@ -50,6 +50,7 @@ class EvalConfig:
     trace_examples: int = 4
     examples: int = 2
     threads: int | None = None
+    dtype: str = "float32"  # the dtype the model is loaded in (a bf16 deployment evaluated as it runs)
     description: str = ""
     sizing: str = ""
 
@@ -76,6 +77,8 @@ class EvalConfig:
             raise ValueError("max_new_tokens, batch_size and fidelity_tokens must be >= 1")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1 (or null for torch's default), got {self.threads}")
+        if self.dtype not in EVAL_DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(EVAL_DTYPES)}, got {self.dtype!r}")
 
     def method(self, name: str) -> Method:
         method = self.custom_methods[name] if name in self.custom_methods else get_method(name)
@@ -110,14 +113,16 @@ class EvalConfig:
             "trace_examples": self.trace_examples,
             "examples": self.examples,
             "threads": self.threads,
+            "dtype": self.dtype,
             "sizing": self.sizing,
         }
 
 
 _FIELDS = {
     "name", "description", "model", "expert", "probe", "max_new_tokens", "batch_size", "fidelity_tokens", "reference",
-    "methods", "custom_methods", "suites", "targets", "trace_examples", "examples", "threads", "sizing",
+    "methods", "custom_methods", "suites", "targets", "trace_examples", "examples", "threads", "dtype", "sizing",
 }
+EVAL_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def config_from_dict(data: Mapping[str, Any], default_name: str = "custom") -> EvalConfig:
@@ -156,6 +161,7 @@ def config_from_dict(data: Mapping[str, Any], default_name: str = "custom") -> E
         trace_examples=_count(data, "trace_examples", 4, 0),
         examples=_count(data, "examples", 2, 0),
         threads=None if data.get("threads") is None else _count(data, "threads", None, 1),
+        dtype=data.get("dtype", "float32"),
         sizing="\n".join(sizing) if isinstance(sizing, (list, tuple)) else str(sizing),
     )
 

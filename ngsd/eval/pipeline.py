@@ -219,6 +219,15 @@ def _load_average() -> list[float] | None:
         return None
 
 
+def with_dtype(model_id: str, model: Any) -> str:
+    """The model's cache id with its dtype, when not float32: another dtype decodes other answers, so they get cache
+    entries of their own (float32's keys stay as they were)."""
+    import torch
+
+    dtype = next(model.parameters()).dtype
+    return model_id if dtype == torch.float32 else f"{model_id}@{str(dtype).removeprefix('torch.')}"
+
+
 def run_evaluation(
     config: EvalConfig,
     *,
@@ -275,11 +284,12 @@ def _run(config: EvalConfig, *, out_dir, data_dir, limit, model, tokenizer, mode
     if model is None:
         from ..loading import load_model
 
-        model, tokenizer = load_model(config.model)
+        model, tokenizer = load_model(config.model, dtype=getattr(torch, config.dtype))
         model_id = model_id or model_fingerprint(config.model, getattr(model.config, "_commit_hash", None))
     elif tokenizer is None:
         raise ValueError("pass the tokenizer together with the model")
     model_id = model_id or getattr(model.config, "_name_or_path", None) or type(model).__name__
+    model_id = with_dtype(model_id, model)
 
     expert_obj = resolve_expert(expert_source, model, tokenizer=tokenizer) if expert_source is not None else None
 
