@@ -251,6 +251,16 @@ def test_generate_primed_starts_the_neuron_at_v_th(tiny_model_and_expert, capsys
         assert trace["potential"][0] == pytest.approx(0.6 * v if v >= 1.0 else v, abs=1e-5)
 
 
+def test_generate_loads_the_model_in_the_dtype_asked_for(tiny_model_and_expert, capsys):
+    model, expert = tiny_model_and_expert
+    argv = ["generate", "hello world", "--model", str(model), "--expert", str(expert), "--max-new-tokens", "2",
+            "--json", "--no-progress"]
+    for extra, dtype in (([], "float32"), (["--dtype", "bfloat16"], "bfloat16")):
+        assert cli.main(argv + extra) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["dtype"] == dtype and len(out["results"][0]["trace"]["tokens"]) == 2
+
+
 def test_progress_labels_say_what_runs(llama_pair, capsys):
     from ngsd import NGSDConfig, guarded_generate
 

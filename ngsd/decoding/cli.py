@@ -61,6 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="risk probe folder (`ngsd train-probe`) for a model without a shipped probe, or in place "
                         "of the shipped one (default: the model's shipped probe, if any)")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit in tokens")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                        help="weight dtype of the model")
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --sample)")
     parser.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens; 0: all")
@@ -160,7 +162,9 @@ def run(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     progress = wants_progress(args)
-    model, tokenizer = ngsd.load_model(args.model, progress=progress)
+    import torch
+
+    model, tokenizer = ngsd.load_model(args.model, dtype=getattr(torch, args.dtype), progress=progress)
     if args.reflection == "paper":
         reflection = ReflectionConfig.paper()
     else:
@@ -184,7 +188,8 @@ def run(args: argparse.Namespace) -> int:
             {"prompt": p, "guarded": g, "unguarded": u, "trace": t.to_dict()}
             for p, g, u, t in zip(args.prompts, guarded.texts, plain.texts, guarded.traces)
         ]
-        json.dump({"config": config.to_dict(), "results": rows}, sys.stdout, indent=2)
+        json.dump({"config": config.to_dict(), "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+                   "results": rows}, sys.stdout, indent=2)
         print()
         return 0
     for prompt, g, u, trace in zip(args.prompts, guarded.texts, plain.texts, guarded.traces):
