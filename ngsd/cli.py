@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .loading import NO_PROGRESS_ENV, show_progress
+from .loading import MODEL_DTYPES, NO_PROGRESS_ENV, show_progress
 
 # Modules that add a subcommand through `register_cli(subparsers)`; each must be light at import.
 SUBCOMMAND_MODULES = (
@@ -76,6 +76,12 @@ def add_threads_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice; on a CPU shared with other jobs 1 thread "
                         "is much faster)")
+
+
+def add_dtype_option(parser: argparse.ArgumentParser, default: str | None = "float32",
+                     help: str = "weight dtype of the model") -> None:
+    """--dtype for a command that loads a model (one of `MODEL_DTYPES`)."""
+    parser.add_argument("--dtype", choices=MODEL_DTYPES, default=default, help=help)
 
 
 def wants_progress(args: argparse.Namespace) -> bool:

@@ -42,6 +42,7 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_ENV = "NGSD_CACHE_DIR"
 # Set to 1 to hide every progress bar that is left on automatic (`progress=None`); `--no-progress` sets it.
 NO_PROGRESS_ENV = "NGSD_NO_PROGRESS"
+MODEL_DTYPES = ("float32", "bfloat16", "float16")  # what `load_model(dtype=...)` is offered by name
 # Written last into a converted checkpoint folder: a folder without it is an interrupted conversion.
 _MARKER = "ngsd_conversion.json"
 

@@ -13,7 +13,7 @@ import sys
 import textwrap
 from typing import Any
 
-from ..cli import (UsageError, add_threads_option, check_expert, check_model, check_plot_file, check_probe,
+from ..cli import (UsageError, add_dtype_option, add_threads_option, check_expert, check_model, check_plot_file, check_probe,
                    check_prompt_texts, check_range, check_threads, wants_progress)
 
 MODES = ("ngsd", "safedecoding", "open", "off")
@@ -61,8 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="risk probe folder (`ngsd train-probe`) for a model without a shipped probe, or in place "
                         "of the shipped one (default: the model's shipped probe, if any)")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit in tokens")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
-                        help="weight dtype of the model")
+    add_dtype_option(parser)
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --sample)")
     parser.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens; 0: all")
@@ -151,6 +150,8 @@ def check_arguments(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_arguments(args)
+    import torch
+
     import ngsd
     from ngsd import NGSDConfig, ReflectionConfig
 
@@ -158,12 +159,8 @@ def run(args: argparse.Namespace) -> int:
     from ..textplot import plot_trace, save_trace_plot
 
     if args.threads is not None:
-        import torch
-
         torch.set_num_threads(args.threads)
     progress = wants_progress(args)
-    import torch
-
     model, tokenizer = ngsd.load_model(args.model, dtype=getattr(torch, args.dtype), progress=progress)
     if args.reflection == "paper":
         reflection = ReflectionConfig.paper()

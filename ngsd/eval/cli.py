@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..cli import (
-    CommandParser, UsageError, add_common_options, check_expert, check_model, check_probe, check_range, check_threads,
+    CommandParser, UsageError, add_common_options, add_dtype_option, check_expert, check_model, check_probe, check_range, check_threads,
     run_command, wants_progress,
 )
 from .configs import CONFIG_DIR, config_names
@@ -74,9 +74,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"torch CPU threads for the run (default: ${THREADS_ENV} if set, else the config's, else "
                         "torch's own choice; on a CPU shared with other jobs 1 thread is much faster than 2)")
     parser.add_argument("--cache", default=None, help="generation cache file (default: <out>/cache/generations.jsonl)")
-    parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
-                        help="load the model in this dtype (default: the config's, else float32); answers are cached "
-                             "per dtype")
+    add_dtype_option(parser, default=None, help="load the model in this dtype (default: the config's, else float32); "
+                     "answers are cached per dtype")
     add_common_options(parser)
 
 

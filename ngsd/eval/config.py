@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from ..loading import MODEL_DTYPES
 from .configs import CONFIG_DIR, config_names
 from .methods import DEFAULT_METHODS, Method, get_method, method_from_json, method_names
 from .metrics import Targets
@@ -77,8 +78,8 @@ class EvalConfig:
             raise ValueError("max_new_tokens, batch_size and fidelity_tokens must be >= 1")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1 (or null for torch's default), got {self.threads}")
-        if self.dtype not in EVAL_DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(EVAL_DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in MODEL_DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(MODEL_DTYPES)}, got {self.dtype!r}")
 
     def method(self, name: str) -> Method:
         method = self.custom_methods[name] if name in self.custom_methods else get_method(name)
@@ -122,7 +123,6 @@ _FIELDS = {
     "name", "description", "model", "expert", "probe", "max_new_tokens", "batch_size", "fidelity_tokens", "reference",
     "methods", "custom_methods", "suites", "targets", "trace_examples", "examples", "threads", "dtype", "sizing",
 }
-EVAL_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def config_from_dict(data: Mapping[str, Any], default_name: str = "custom") -> EvalConfig:

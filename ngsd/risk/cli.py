@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
 
 def register_cli(subparsers: Any) -> None:
     """Add `ngsd reflect "prompt" [...]`: the four scores, the risk and alpha of each prompt."""
-    from ..cli import add_threads_option
+    from ..cli import add_dtype_option, add_threads_option
 
     parser = subparsers.add_parser(
         "reflect",
@@ -100,8 +100,7 @@ def register_cli(subparsers: Any) -> None:
     parser.add_argument("--all-zero", choices=("fail", "bump"), default=None,
                         help="what four zero scores mean: fail (risk 10, the default) or bump (severity + 1)")
     parser.add_argument("--device", default="cpu", help="torch device of the model, e.g. cpu or cuda")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
-                        help="weight dtype of the model")
+    add_dtype_option(parser)
     add_threads_option(parser)
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.set_defaults(func=run)
