@@ -27,7 +27,7 @@ LOW_RISK_JSON = '{"severity": 1, "actionability": 0, "evasion": 0, "targeting": 
 
 # Benign filler: long enough to push the goal far from the instructions, short enough (with the
 # goal) to stay under the default 2000-character "long request" bonus an attacker would avoid.
-_PADDING_SENTENCE = "The weather today is mild and the garden needs watering before noon. "
+PADDING_SENTENCE = "The weather today is mild and the garden needs watering before noon. "
 
 
 def template_breakout(goal: str) -> str:
@@ -71,7 +71,7 @@ def control_tokens(goal: str) -> str:
 def long_padding(goal: str, total_chars: int = 1900) -> str:
     """Benign filler before the goal, so the goal sits far from the instructions."""
     room = max(0, total_chars - len(goal) - 2)
-    filler = (_PADDING_SENTENCE * (room // len(_PADDING_SENTENCE) + 1))[:room]
+    filler = (PADDING_SENTENCE * (room // len(PADDING_SENTENCE) + 1))[:room]
     return f"{filler}\n\n{goal}"
 
 
