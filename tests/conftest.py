@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -87,3 +89,33 @@ def mixed_length_batch(lengths: list[int], vocab_size: int, seed: int = 0, pad: 
         mask[row, width - length :] = 1
         prompts.append(ids.tolist())
     return input_ids, mask, prompts
+
+
+@contextmanager
+def forward_from_another_thread(model, module, input_ids, mask):
+    """While the block runs, the first forward through `module` (in any thread) stops until another thread has
+    run `model` on `input_ids` from start to end: a concurrent call's forward, deterministically placed. Yields
+    a list that holds that forward's exception, if it raised one."""
+    errors: list[BaseException] = []
+    fired = []
+
+    def other_forward() -> None:
+        try:
+            with torch.no_grad():
+                model(input_ids=input_ids, attention_mask=mask)
+        except BaseException as error:  # noqa: BLE001 - handed to the test
+            errors.append(error)
+
+    def interleave(*_args) -> None:
+        if not fired:
+            fired.append(True)
+            thread = threading.Thread(target=other_forward)
+            thread.start()
+            thread.join()
+
+    handle = module.register_forward_hook(interleave)
+    try:
+        yield errors
+    finally:
+        handle.remove()
+    assert fired, "the interleaved forward never ran"

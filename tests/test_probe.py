@@ -12,6 +12,7 @@ from ngsd.risk.probe import (
     DEFAULT_PROBE_NAME,
     ProbeSpec,
     RiskProbe,
+    decoder_layers,
     estimate_risk,
     pool,
     probe_for,
@@ -31,7 +32,7 @@ from ngsd.risk.probe_training import (
     training_split_of,
 )
 
-from .conftest import DATA_DIR, mixed_length_batch, tiny_model
+from .conftest import DATA_DIR, forward_from_another_thread, mixed_length_batch, tiny_model
 
 needs_data = pytest.mark.skipif(not (DATA_DIR / "SOURCES.md").is_file(),
                                 reason=f"shared data folder absent at {DATA_DIR}")
@@ -73,6 +74,21 @@ def test_truncated_prefill_gives_the_full_forwards_hidden_states():
         assert len(truncated) == upto + 1
         for a, b in zip(truncated, full):
             torch.testing.assert_close(a, b)
+
+
+def test_a_forward_in_another_thread_neither_enters_nor_stops_at_the_prompts_hidden_states():
+    """Calls on one model from several threads: the hooks that read the prompt's states sit on shared layers.
+    Another thread's forward went into this call's states, and this call's early exit stopped it half way."""
+    model = tiny_model("llama")
+    ids, mask, _ = mixed_length_batch([4, 9], model.config.vocab_size, seed=1)
+    other_ids, other_mask, _ = mixed_length_batch([3, 6, 5], model.config.vocab_size, seed=2)
+    expected = prompt_hidden_states(model, ids, mask, upto=1)
+    with forward_from_another_thread(model, decoder_layers(model)[0], other_ids, other_mask) as errors:
+        states = prompt_hidden_states(model, ids, mask, upto=1)
+    assert not errors, errors
+    assert len(states) == len(expected)
+    for got, want in zip(states, expected):
+        torch.testing.assert_close(got, want)
 
 
 def test_pool_rejects_mismatched_mask_and_empty_rows():

@@ -10,8 +10,8 @@ import torch
 from ngsd import NGSDConfig, ReflectionConfig, guarded_generate
 from ngsd.decoding.heads import HeadSplit, split_head
 from ngsd.experts.lora import LoraAdapter
-from ngsd.risk.probe import ProbeSpec, RiskProbe, model_fingerprint
-from tests.conftest import mixed_length_batch, tiny_lora_expert, tiny_model
+from ngsd.risk.probe import ProbeSpec, RiskProbe, decoder_layers, model_fingerprint
+from tests.conftest import forward_from_another_thread, mixed_length_batch, tiny_lora_expert, tiny_model
 
 FAMILIES = ["llama", "qwen2", "gemma"]
 
@@ -125,6 +125,22 @@ def test_routed_rows_decode_like_unguarded_and_guarded_rows_like_a_fixed_alpha(t
         assert routed_run.traces[row].guarded
         assert routed_run.traces[row].tokens == fixed.traces[row].tokens
         assert routed_run.traces[row].spikes == fixed.traces[row].spikes
+
+
+def test_a_forward_in_another_thread_during_the_prefill_leaves_every_rows_risk_and_route(tmp_path):
+    """Two calls on one model: the prefill's hidden-state hooks recorded the other call's forward, so a harmful
+    request could take a benign one's risk and decode unguarded (or the shapes clashed and the call failed)."""
+    model, adapter, ids, mask, risks, threshold = _split_batch(tmp_path)
+    reflection = ReflectionConfig(mode="probe", probe=str(tmp_path / "probe"), route_below=threshold)
+    config = NGSDConfig(tau=2.0, v_th=0.3, reflection=reflection)
+    alone = _run(model, adapter, ids, mask, config=config)
+    other_ids, other_mask, _ = mixed_length_batch([3, 8, 5], model.config.vocab_size, seed=9)
+    with forward_from_another_thread(model, decoder_layers(model)[-1], other_ids, other_mask) as errors:
+        concurrent = _run(model, adapter, ids, mask, config=config)
+    assert not errors, errors
+    assert [t.reflection.risk for t in concurrent.traces] == [t.reflection.risk for t in alone.traces]
+    assert [t.guarded for t in concurrent.traces] == [t.guarded for t in alone.traces]
+    assert torch.equal(concurrent.sequences, alone.sequences)
 
 
 def test_probe_without_routing_guards_every_row(tmp_path):

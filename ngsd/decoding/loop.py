@@ -4,7 +4,8 @@ Per call: risk per row (an alpha given, self-reflection, or the risk probe readi
 prefill), the guarded rows (the probe routes low-risk rows unguarded: no expert rows at all),
 then per token one forward of base + guarded expert rows and one selection op (`step.py`).
 Everything a call needs (caches, potential, alpha, stop state) lives in this function's locals,
-so concurrent calls on one model never share gate state.
+so concurrent calls on one model never share gate state; the hooks that read the prompt's hidden states
+for the probe, and the LoRA hooks, act only for the thread that runs the call.
 """
 
 from __future__ import annotations

@@ -98,16 +98,21 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 def capture_hidden_states(model: nn.Module, indices: Sequence[int]) -> Iterator[dict[int, torch.Tensor]]:
     """Record `hidden_states[i]` (as `output_hidden_states=True` numbers them) for `i` in `indices`
     during the forwards inside the block: index 0 is the input of decoder block 0, index i the
-    output of block i - 1. Hooks, not `output_hidden_states`, so only the asked layers are kept."""
+    output of block i - 1. Hooks, not `output_hidden_states`, so only the asked layers are kept.
+
+    Only this thread's forwards are recorded: the hooks sit on layers that a concurrent call on the same
+    model runs through too, and its states would become this call's risk."""
     from ..risk.probe import decoder_layers
 
     captured: dict[int, torch.Tensor] = {}
     layers = decoder_layers(model)
     if layers is None:
         raise ValueError(f"{type(model).__name__} exposes no list of decoder blocks; the risk probe cannot read it")
+    owner = threading.get_ident()
 
     def keep(index: int, value) -> None:
-        captured[index] = value[0] if isinstance(value, (tuple, list)) else value
+        if threading.get_ident() == owner:
+            captured[index] = value[0] if isinstance(value, (tuple, list)) else value
 
     handles = []
     for index in sorted(set(indices)):

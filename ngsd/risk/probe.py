@@ -36,6 +36,7 @@ from __future__ import annotations
 import json
 import math
 import weakref
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -611,14 +612,21 @@ def prompt_hidden_states(model: Any, input_ids: torch.Tensor, attention_mask: to
                     output_hidden_states=True, use_cache=False, logits_to_keep=1)
         return tuple(out.hidden_states)
     states: list[torch.Tensor] = []
+    # the hooks sit on layers a concurrent forward on the same model runs through too: only this thread's
+    # forward is read (and stopped)
+    owner = threading.get_ident()
 
     def before_first(_module, args, kwargs):
+        if threading.get_ident() != owner:
+            return
         states.append(args[0] if args else kwargs["hidden_states"])
         if upto == 0:
             raise _StopForward
 
     def after(index):
         def hook(_module, _args, output):
+            if threading.get_ident() != owner:
+                return
             states.append(output[0] if isinstance(output, (tuple, list)) else output)
             if index + 1 == upto:
                 raise _StopForward
