@@ -92,24 +92,24 @@ def mixed_length_batch(lengths: list[int], vocab_size: int, seed: int = 0, pad: 
 
 
 @contextmanager
-def forward_from_another_thread(model, module, input_ids, mask):
-    """While the block runs, the first forward through `module` (in any thread) stops until another thread has
-    run `model` on `input_ids` from start to end: a concurrent call's forward, deterministically placed. Yields
-    a list that holds that forward's exception, if it raised one."""
+def in_another_thread_at(module, action, forward: int = 1):
+    """While the block runs, the `forward`-th forward through `module` (counted in any thread) waits until
+    `action` has run to its end in another thread: a concurrent caller, deterministically placed. Yields a list
+    that holds the action's exception, if it raised one."""
     errors: list[BaseException] = []
-    fired = []
+    seen = []
 
-    def other_forward() -> None:
+    def run_action() -> None:
         try:
             with torch.no_grad():
-                model(input_ids=input_ids, attention_mask=mask)
+                action()
         except BaseException as error:  # noqa: BLE001 - handed to the test
             errors.append(error)
 
     def interleave(*_args) -> None:
-        if not fired:
-            fired.append(True)
-            thread = threading.Thread(target=other_forward)
+        seen.append(True)
+        if len(seen) == forward:
+            thread = threading.Thread(target=run_action)
             thread.start()
             thread.join()
 
@@ -118,4 +118,9 @@ def forward_from_another_thread(model, module, input_ids, mask):
         yield errors
     finally:
         handle.remove()
-    assert fired, "the interleaved forward never ran"
+    assert len(seen) >= forward, f"only {len(seen)} forwards passed the module; the action never ran"
+
+
+def forward_from_another_thread(model, module, input_ids, mask):
+    """`in_another_thread_at` with a whole forward of `model` on another batch as the concurrent caller."""
+    return in_another_thread_at(module, lambda: model(input_ids=input_ids, attention_mask=mask))

@@ -12,7 +12,7 @@ import ngsd
 from ngsd import NGSDConfig, guarded_generate
 from ngsd.experts.lora import LoraAdapter
 
-from .conftest import mixed_length_batch, tiny_lora_expert, tiny_model
+from .conftest import in_another_thread_at, mixed_length_batch, tiny_lora_expert, tiny_model
 from .naive_ngsd import last_logits, naive_decode
 
 # A low threshold makes the gate fire on random tiny models, so both branches are exercised.
@@ -173,6 +173,68 @@ def test_two_threads_do_not_share_gate_state(llama_pair):
     assert torch.equal(results[0.1], expected[0.1].sequences)
     assert torch.equal(results[0.9], expected[0.9].sequences)
     assert torch.equal(results["plain"], plain), "the LoRA hooks leaked into a plain generate call"
+
+
+def _hooks_left(model) -> bool:
+    return bool(model.__dict__.get("_ngsd_lora_hooks"))
+
+
+@pytest.mark.parametrize("other_thread", ["remove", "apply_again", "apply_and_remove"])
+def test_apply_or_remove_in_another_thread_leaves_a_call_in_flight_its_expert(llama_pair, other_thread):
+    """ngsd.remove (and a re-apply, which removes first) took the LoRA hooks off while a guarded call in another
+    thread was still decoding: it finished with the base alone, no error, a harmful answer unguarded."""
+    model, folder = llama_pair
+    adapter = LoraAdapter.load(folder)
+    input_ids, mask, _ = mixed_length_batch([5, 8], model.config.vocab_size, seed=7)
+    config = NGSDConfig(**GATE)
+    alone = guarded_generate(model, input_ids, mask, expert=adapter, config=config, alpha=0.9, max_new_tokens=10)
+    base_alone = guarded_generate(model, input_ids, mask, config=NGSDConfig(mode="off"), max_new_tokens=10)
+    assert not torch.equal(alone.sequences, base_alone.sequences), "the expert must change the tokens for the test"
+    if other_thread == "remove":
+        ngsd.apply(model, expert=adapter, config=config)
+    actions = {"remove": lambda: ngsd.remove(model),
+               "apply_again": lambda: ngsd.apply(model, expert=adapter, config=config),
+               "apply_and_remove": lambda: ngsd.remove(ngsd.apply(model, expert=adapter, config=config))}
+    # forwards through the last block: the base prefill, the expert prefill (the call holds the hooks), then steps
+    try:
+        with in_another_thread_at(model.model.layers[-1], actions[other_thread], forward=3) as errors:
+            in_flight = guarded_generate(model, input_ids, mask, expert=adapter, config=config, alpha=0.9,
+                                         max_new_tokens=10)
+        assert not errors, errors
+        assert torch.equal(in_flight.sequences, alone.sequences)
+        assert [t.spikes for t in in_flight.traces] == [t.spikes for t in alone.traces]
+        assert _hooks_left(model) == ngsd.is_applied(model)  # apply still holds them, or nobody does
+    finally:
+        ngsd.remove(model)
+    assert not _hooks_left(model)
+
+
+def test_a_call_that_starts_while_another_holds_the_hooks_runs_its_expert(llama_pair):
+    """A call that started while another call held the hooks, after a remove had taken them off, found them
+    counted as held and decoded without its expert."""
+    model, folder = llama_pair
+    adapter = LoraAdapter.load(folder)
+    input_ids, mask, _ = mixed_length_batch([6, 4], model.config.vocab_size, seed=8)
+    config = NGSDConfig(**GATE)
+    alone = guarded_generate(model, input_ids, mask, expert=adapter, config=config, alpha=0.9, max_new_tokens=8)
+    results = []
+
+    def remove_then_start_another() -> None:
+        ngsd.remove(model)
+        results.append(guarded_generate(model, input_ids, mask, expert=adapter, config=config, alpha=0.9,
+                                        max_new_tokens=8))
+
+    ngsd.apply(model, expert=adapter, config=config)
+    try:
+        with in_another_thread_at(model.model.layers[-1], remove_then_start_another, forward=3) as errors:
+            first = guarded_generate(model, input_ids, mask, expert=adapter, config=config, alpha=0.9,
+                                     max_new_tokens=8)
+        assert not errors, errors
+        assert torch.equal(first.sequences, alone.sequences)
+        assert torch.equal(results[0].sequences, alone.sequences)
+    finally:
+        ngsd.remove(model)
+    assert not _hooks_left(model)
 
 
 def test_apply_makes_hf_generate_guarded_and_remove_restores(llama_pair):

@@ -194,6 +194,7 @@ def decoding_method(expert: ExpertLike, config: NGSDConfig | None = None, tokeni
 class _Guard:
     expert: LoraAdapter | nn.Module | None  # None: applied with mode="off", the base alone
     method: Callable[..., Any]
+    holds_hooks: bool  # apply holds the LoRA expert's hooks (`LoraAdapter.hold`) until `remove`
 
     # a copy of the model would keep a `generate` bound to the original (it would decode with the original model)
     def __deepcopy__(self, memo: dict) -> "_Guard":
@@ -231,9 +232,8 @@ def apply(
         load_probe(model, reflection)  # a missing, damaged or foreign probe fails here, not at the first generate
     if is_applied(model):
         remove(model)
-    if isinstance(resolved, LoraAdapter):
-        resolved.attach(model)
     method = decoding_method(resolved, config, tokenizer)
+    holds_hooks = isinstance(resolved, LoraAdapter) and resolved.hold(model)
     unguarded_generate = type(model).generate
     parameters = _positional_names(unguarded_generate)
 
@@ -254,7 +254,7 @@ def apply(
         return unguarded_generate(model, custom_generate=method, **kwargs)
 
     generate.__doc__ = f"Guarded by ngsd. {unguarded_generate.__doc__ or ''}"
-    setattr(model, _STATE_ATTR, _Guard(resolved, method))  # first: a copy or pickle meets its clear error first
+    setattr(model, _STATE_ATTR, _Guard(resolved, method, holds_hooks))  # first: a copy or pickle meets its clear error first
     model.generate = generate
     for name in _UNGUARDED_ENTRY_POINTS:
         if hasattr(type(model), name):
@@ -356,8 +356,8 @@ def remove(model: nn.Module) -> nn.Module:
     guard = getattr(model, _STATE_ATTR, None)
     if guard is None:
         return model
-    if isinstance(guard.expert, LoraAdapter):
-        guard.expert.detach(model)
+    if guard.holds_hooks:  # calls still decoding in other threads keep them until they finish
+        guard.expert.release(model)
     for name in ("generate", *_UNGUARDED_ENTRY_POINTS):
         if name in vars(model):
             delattr(model, name)

@@ -37,33 +37,6 @@ from .kv_cache import (append_cache_rows, cache_kwargs, copy_cache_rows, has_sli
                        make_growable, returned_cache, select_cache_rows)
 from ..experts.lora import LoraAdapter
 
-# LoRA hooks attached by guarded calls, counted per (adapter, model): calls running at the same
-# time share them, and the last one to finish takes them off.
-_hooks_lock = threading.Lock()
-_hook_users: dict[tuple[int, int], int] = {}
-
-
-def _hold_lora_hooks(adapter: LoraAdapter, model: nn.Module) -> bool:
-    """Attach the adapter's hooks for one call; False when someone else (`ngsd.apply`) keeps them on."""
-    key = (id(adapter), id(model))
-    with _hooks_lock:
-        if key not in _hook_users:
-            if adapter.is_attached(model):
-                return False
-            adapter.attach(model)
-            _hook_users[key] = 0
-        _hook_users[key] += 1
-    return True
-
-
-def _release_lora_hooks(adapter: LoraAdapter, model: nn.Module) -> None:
-    key = (id(adapter), id(model))
-    with _hooks_lock:
-        _hook_users[key] -= 1
-        if _hook_users[key] == 0:
-            del _hook_users[key]
-            adapter.detach(model)
-
 
 class LazyLoraHooks:
     """One call's hold on an adapter's hooks, taken at its first expert row: a call whose rows are all
@@ -75,11 +48,11 @@ class LazyLoraHooks:
 
     def hold(self) -> None:
         if not self._held:
-            self._held = _hold_lora_hooks(self._adapter, self._model)
+            self._held = self._adapter.hold(self._model)
 
     def release(self) -> None:
         if self._held:
-            _release_lora_hooks(self._adapter, self._model)
+            self._adapter.release(self._model)
             self._held = False
 
 

@@ -34,6 +34,11 @@ _PEFT_PREFIX = "base_model.model."
 # Attachment state lives on the model object (never keyed by id(model), which a later model can reuse):
 # model.__dict__[_ATTACHED] = {adapter: [hook handles]}, removed with the last adapter.
 _ATTACHED = "_ngsd_lora_hooks"
+# Holders of an adapter's hooks on a model, per (adapter, model): guarded calls, `ngsd.apply` and the divergence
+# check's helpers, in any thread, share one set of hooks; the first holder attaches them and the last takes them off,
+# so no holder can pull them from under another one still decoding.
+_holders_lock = threading.Lock()
+_holders: dict[tuple[int, int], int] = {}
 
 
 # adapter_config.json options whose tensors or arithmetic the hooks (x @ A.T @ B.T * scale on Linear layers) lack
@@ -196,7 +201,39 @@ class LoraAdapter:
             layers.append((pair, module))
         return layers
 
+    def hold(self, model: nn.Module) -> bool:
+        """Attach the hooks for one more holder (a guarded call, `ngsd.apply`); pair with `release`. False, and
+        nothing counted, when `attach` put them on outside the count: that attachment keeps them on."""
+        key = (id(self), id(model))
+        with _holders_lock:
+            if key not in _holders and self.is_attached(model):
+                return False
+            if not self.is_attached(model):  # also hooks someone removed behind the holders' backs
+                self.attach(model)
+            _holders[key] = _holders.get(key, 0) + 1
+        return True
+
+    def release(self, model: nn.Module) -> None:
+        """One holder is done; the last one takes the hooks off."""
+        key = (id(self), id(model))
+        with _holders_lock:
+            _holders[key] -= 1
+            if not _holders[key]:
+                del _holders[key]
+                self.detach(model)
+
+    @contextmanager
+    def held(self, model: nn.Module) -> Iterator[None]:
+        """The hooks on `model` within the block, shared with every other holder (`hold` / `release`)."""
+        holding = self.hold(model)
+        try:
+            yield
+        finally:
+            if holding:
+                self.release(model)
+
     def detach(self, model: nn.Module) -> None:
+        """Take the hooks off now, whoever holds them (`release` waits for the last holder)."""
         attached = model.__dict__.get(_ATTACHED, {})
         for handle in attached.pop(self, []):
             handle.remove()

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -118,11 +119,8 @@ def first_step_divergence(model: Any, tokenizer: Any, texts: Sequence[str], expe
 
     adapter = expert if isinstance(expert, LoraAdapter) else None
     vocab = common_vocabulary_size(model, expert)  # as the loop's check sees them: head padding dropped
-    attached = adapter is not None and not adapter.is_attached(model)
-    if attached:
-        adapter.attach(model)
     out: list[float] = []
-    try:
+    with adapter.held(model) if adapter is not None else nullcontext():
         for start in range(0, len(texts), batch_size):
             ids, mask = encode_prompts(tokenizer, list(texts[start:start + batch_size]),
                                        device=next(model.parameters()).device)
@@ -140,9 +138,6 @@ def first_step_divergence(model: Any, tokenizer: Any, texts: Sequence[str], expe
                 other = expert(input_ids=ids.to(device), attention_mask=mask.to(device),
                                position_ids=positions.to(device)).logits[:, -1]
             out += total_variation(base[:, :vocab], other[:, :vocab]).tolist()
-    finally:
-        if attached:
-            adapter.detach(model)
     return out
 
 
@@ -151,19 +146,14 @@ def expert_openings(model: Any, tokenizer: Any, texts: Sequence[str], expert: An
                     batch_size: int = 16) -> list[str]:
     """The expert's own greedy answer to each request, `tokens` long, alone (in the chat template as
     `ngsd.generate` sends it): what `check_rollout` reads. expert: a LoraAdapter or a model."""
-    from contextlib import nullcontext
-
     from ..api import encode_prompts
     from ..experts.lora import LoraAdapter
 
     adapter = expert if isinstance(expert, LoraAdapter) else None
-    attached = adapter is not None and not adapter.is_attached(model)
-    if attached:
-        adapter.attach(model)
     answering = model if adapter is not None else expert
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out: list[str] = []
-    try:
+    with adapter.held(model) if adapter is not None else nullcontext():
         for start in range(0, len(texts), batch_size):
             ids, mask = encode_prompts(tokenizer, list(texts[start:start + batch_size]),
                                        device=next(answering.parameters()).device)
@@ -171,9 +161,6 @@ def expert_openings(model: Any, tokenizer: Any, texts: Sequence[str], expert: An
                 answer = answering.generate(input_ids=ids, attention_mask=mask, max_new_tokens=tokens, do_sample=False,
                                             pad_token_id=pad)
             out += tokenizer.batch_decode(answer[:, ids.shape[1]:], skip_special_tokens=True)
-    finally:
-        if attached:
-            adapter.detach(model)
     return out
 
 

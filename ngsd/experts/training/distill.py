@@ -85,14 +85,9 @@ def _nest_delta_folder(teacher: str | Path) -> Path | None:
 
 def check_adapter_fits(adapter: Any, base: Any) -> None:
     """ValueError (guarded decoding's own, naming the layer and the base the adapter was trained for) unless the LoRA
-    `adapter` fits `base`: attached for the check and detached again, so `base` is left as it was. An adapter of
+    `adapter` fits `base` (checked on the layers, nothing attached, so `base` is left as it was). An adapter of
     another base otherwise failed inside peft with a RuntimeError (size mismatch), after the whole data step."""
-    if adapter.is_attached(base):
-        return
-    try:
-        adapter.attach(base)
-    finally:
-        adapter.detach(base)
+    adapter.fitting_layers(base)
 
 
 def kl_from(reference_logits: torch.Tensor, trained_logits: torch.Tensor) -> torch.Tensor:
