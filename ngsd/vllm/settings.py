@@ -275,8 +275,9 @@ def parse_request(extra_args: Mapping[str, Any] | None) -> tuple[bool, float | N
     extra_args = extra_args or {}
     if not isinstance(extra_args, Mapping):
         raise TypeError(f"extra_args must be a dict, got {type(extra_args).__name__}")
-    unknown = sorted(str(key) for key in extra_args if str(key).startswith("ngsd") and key not in REQUEST_ARGS)
-    if unknown:  # a misspelled ngsd_alpha would otherwise be decoded at the engine's alpha without a word
+    unknown = sorted(str(key) for key in extra_args
+                     if str(key).strip().lower().startswith("ngsd") and key not in REQUEST_ARGS)
+    if unknown:  # a misspelled ngsd_alpha (NGSD_ALPHA, " ngsd_alpha") would be decoded at the engine's alpha silently
         raise ValueError(f"extra_args has unknown ngsd arguments {unknown}; known: {list(REQUEST_ARGS)}")
     guard = extra_args.get(GUARD_ARG, True)
     # the OpenAI server's vllm_xargs turns JSON false into 0, so 0 and 1 count as false and true

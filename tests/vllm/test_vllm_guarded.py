@@ -202,6 +202,8 @@ def test_logit_bias_reaches_both_rows_like_the_project_loop(guarded_llm, hf_mode
     ({"ngsd_guard": 2}, "ngsd_guard"),
     ({"ngsd_guard": False, "ngsd_alpha": 0.5}, "unguarded request has no alpha"),
     ({"ngsd_alhpa": 1.0}, "unknown ngsd arguments"),  # misspelled: was decoded at the engine's alpha, silently
+    ({"NGSD_ALPHA": 1.0}, "unknown ngsd arguments"),  # other case or a stray space: silently ignored until stop 54
+    ({" ngsd_alpha": 1.0}, "unknown ngsd arguments"),
 ])
 def test_bad_extra_args_are_refused_at_admission(guarded_llm, prompt_ids, extra_args, message):
     from vllm.exceptions import VLLMValidationError
