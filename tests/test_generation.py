@@ -176,7 +176,8 @@ def test_two_threads_do_not_share_gate_state(llama_pair):
 
 
 def _hooks_left(model) -> bool:
-    return bool(model.__dict__.get("_ngsd_lora_hooks"))
+    """The adapter's hooks, or their holders' count, still on the model."""
+    return any(name.startswith("_ngsd_lora") for name in model.__dict__)
 
 
 @pytest.mark.parametrize("other_thread", ["remove", "apply_again", "apply_and_remove"])

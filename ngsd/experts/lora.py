@@ -34,11 +34,11 @@ _PEFT_PREFIX = "base_model.model."
 # Attachment state lives on the model object (never keyed by id(model), which a later model can reuse):
 # model.__dict__[_ATTACHED] = {adapter: [hook handles]}, removed with the last adapter.
 _ATTACHED = "_ngsd_lora_hooks"
-# Holders of an adapter's hooks on a model, per (adapter, model): guarded calls, `ngsd.apply` and the divergence
-# check's helpers, in any thread, share one set of hooks; the first holder attaches them and the last takes them off,
-# so no holder can pull them from under another one still decoding.
+# How many holders each adapter's hooks have on a model, kept on the model (so the count dies with it): guarded
+# calls, `ngsd.apply` and the divergence check's helpers, in any thread, share one set of hooks; the first holder
+# attaches them and the last takes them off, so no holder can pull them from under another one still decoding.
+_HOLDERS = "_ngsd_lora_holders"
 _holders_lock = threading.Lock()
-_holders: dict[tuple[int, int], int] = {}
 
 
 # adapter_config.json options whose tensors or arithmetic the hooks (x @ A.T @ B.T * scale on Linear layers) lack
@@ -204,23 +204,27 @@ class LoraAdapter:
     def hold(self, model: nn.Module) -> bool:
         """Attach the hooks for one more holder (a guarded call, `ngsd.apply`); pair with `release`. False, and
         nothing counted, when `attach` put them on outside the count: that attachment keeps them on."""
-        key = (id(self), id(model))
         with _holders_lock:
-            if key not in _holders and self.is_attached(model):
+            holders = model.__dict__.get(_HOLDERS, {})
+            if self not in holders and self.is_attached(model):
                 return False
             if not self.is_attached(model):  # also hooks someone removed behind the holders' backs
                 self.attach(model)
-            _holders[key] = _holders.get(key, 0) + 1
+            model.__dict__[_HOLDERS] = {**holders, self: holders.get(self, 0) + 1}
         return True
 
     def release(self, model: nn.Module) -> None:
         """One holder is done; the last one takes the hooks off."""
-        key = (id(self), id(model))
         with _holders_lock:
-            _holders[key] -= 1
-            if not _holders[key]:
-                del _holders[key]
+            holders = dict(model.__dict__[_HOLDERS])
+            holders[self] -= 1
+            if not holders[self]:
+                del holders[self]
                 self.detach(model)
+            if holders:
+                model.__dict__[_HOLDERS] = holders
+            else:
+                model.__dict__.pop(_HOLDERS)  # leave no trace on the model
 
     @contextmanager
     def held(self, model: nn.Module) -> Iterator[None]:
