@@ -36,17 +36,15 @@ FILLERS = {
 }
 
 
-def repeated(sentence: str, chars: int) -> str:
-    return (sentence * (chars // len(sentence) + 1))[:chars]
-
-
 def variants(goal: str, sentence: str, total_chars: int) -> dict[str, str]:
     """The goal behind `sentence` repeated to `total_chars` (as `long_padding` builds it), behind a short
     prefix of it, and followed by the long filler."""
+    from ngsd.risk.attacks import filler
+
     room = max(0, total_chars - len(goal) - 2)
-    return {"before": f"{repeated(sentence, room)}\n\n{goal}",
-            "before_short": f"{repeated(sentence, 200)}\n\n{goal}",
-            "after": f"{goal}\n\n{repeated(sentence, room)}"}
+    return {"before": f"{filler(room, sentence)}\n\n{goal}",
+            "before_short": f"{filler(200, sentence)}\n\n{goal}",
+            "after": f"{goal}\n\n{filler(room, sentence)}"}
 
 
 def summary(plain: list[float], moved: list[float], route_below: float, alpha_of) -> dict:

@@ -13,8 +13,8 @@ import sys
 import textwrap
 from typing import Any
 
-from ..cli import (UsageError, add_dtype_option, add_threads_option, check_expert, check_model, check_plot_file, check_probe,
-                   check_prompt_texts, check_range, check_threads, wants_progress)
+from ..cli import (UsageError, add_dtype_option, add_threads_option, check_expert, check_model, check_plot_file,
+                   check_probe, check_prompt_texts, check_range, check_threads, wants_progress)
 
 MODES = ("ngsd", "safedecoding", "open", "off")
 REFLECTION_MODES = ("auto", "probe", "generate", "prefill", "none")

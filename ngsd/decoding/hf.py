@@ -254,7 +254,8 @@ def apply(
         return unguarded_generate(model, custom_generate=method, **kwargs)
 
     generate.__doc__ = f"Guarded by ngsd. {unguarded_generate.__doc__ or ''}"
-    setattr(model, _STATE_ATTR, _Guard(resolved, method, holds_hooks))  # first: a copy or pickle meets its clear error first
+    # first: a copy or pickle meets its clear error first
+    setattr(model, _STATE_ATTR, _Guard(resolved, method, holds_hooks))
     model.generate = generate
     for name in _UNGUARDED_ENTRY_POINTS:
         if hasattr(type(model), name):

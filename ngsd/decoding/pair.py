@@ -24,7 +24,6 @@ models are left as they were found.
 
 from __future__ import annotations
 
-import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator, Protocol, Sequence
@@ -75,17 +74,16 @@ def capture_hidden_states(model: nn.Module, indices: Sequence[int]) -> Iterator[
 
     Only this thread's forwards are recorded: the hooks sit on layers that a concurrent call on the same
     model runs through too, and its states would become this call's risk."""
-    from ..risk.probe import decoder_layers
+    from ..risk.probe import decoder_layers, this_thread_only
 
     captured: dict[int, torch.Tensor] = {}
     layers = decoder_layers(model)
     if layers is None:
         raise ValueError(f"{type(model).__name__} exposes no list of decoder blocks; the risk probe cannot read it")
-    owner = threading.get_ident()
 
+    @this_thread_only
     def keep(index: int, value) -> None:
-        if threading.get_ident() == owner:
-            captured[index] = value[0] if isinstance(value, (tuple, list)) else value
+        captured[index] = value[0] if isinstance(value, (tuple, list)) else value
 
     handles = []
     for index in sorted(set(indices)):

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..cli import (
-    CommandParser, UsageError, add_common_options, add_dtype_option, check_expert, check_model, check_probe, check_range, check_threads,
-    run_command, wants_progress,
+    CommandParser, UsageError, add_common_options, add_dtype_option, check_expert, check_model, check_probe, check_range,
+    check_threads, run_command, wants_progress,
 )
 from .configs import CONFIG_DIR, config_names
 

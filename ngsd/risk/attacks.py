@@ -68,11 +68,14 @@ def control_tokens(goal: str) -> str:
     )
 
 
+def filler(chars: int, sentence: str = PADDING_SENTENCE) -> str:
+    """`sentence` repeated and cut to exactly `chars` characters."""
+    return (sentence * (chars // len(sentence) + 1))[:chars]
+
+
 def long_padding(goal: str, total_chars: int = 1900) -> str:
     """Benign filler before the goal, so the goal sits far from the instructions."""
-    room = max(0, total_chars - len(goal) - 2)
-    filler = (PADDING_SENTENCE * (room // len(PADDING_SENTENCE) + 1))[:room]
-    return f"{filler}\n\n{goal}"
+    return f"{filler(max(0, total_chars - len(goal) - 2))}\n\n{goal}"
 
 
 ATTACKS: dict[str, Callable[[str], str]] = {

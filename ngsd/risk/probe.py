@@ -35,11 +35,11 @@ from __future__ import annotations
 
 import json
 import math
-import weakref
 import threading
+import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -582,6 +582,18 @@ def probe_for(model: Any) -> RiskProbe | None:
     return RiskProbe.load(path) if path is not None else None
 
 
+def this_thread_only(hook: Callable[..., Any]) -> Callable[..., Any]:
+    """`hook` acting only on the forwards of the thread that wrapped it (elsewhere it returns None: no change).
+    A hook on a model's layers also sees the forwards of concurrent calls on the same model, whose hidden states
+    would otherwise become this call's."""
+    owner = threading.get_ident()
+
+    def in_owner_thread(*args: Any, **kwargs: Any) -> Any:
+        return hook(*args, **kwargs) if threading.get_ident() == owner else None
+
+    return in_owner_thread
+
+
 def decoder_layers(model: Any) -> Sequence[torch.nn.Module] | None:
     """The list of decoder blocks of a HF causal LM (Llama, Qwen2, Gemma, ...), or None when not found."""
     base = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
@@ -612,29 +624,23 @@ def prompt_hidden_states(model: Any, input_ids: torch.Tensor, attention_mask: to
                     output_hidden_states=True, use_cache=False, logits_to_keep=1)
         return tuple(out.hidden_states)
     states: list[torch.Tensor] = []
-    # the hooks sit on layers a concurrent forward on the same model runs through too: only this thread's
-    # forward is read (and stopped)
-    owner = threading.get_ident()
 
     def before_first(_module, args, kwargs):
-        if threading.get_ident() != owner:
-            return
         states.append(args[0] if args else kwargs["hidden_states"])
         if upto == 0:
             raise _StopForward
 
     def after(index):
         def hook(_module, _args, output):
-            if threading.get_ident() != owner:
-                return
             states.append(output[0] if isinstance(output, (tuple, list)) else output)
             if index + 1 == upto:
                 raise _StopForward
 
         return hook
 
-    handles = [layers[0].register_forward_pre_hook(before_first, with_kwargs=True)]
-    handles += [layers[i].register_forward_hook(after(i)) for i in range(upto)]
+    # only this thread's forward is read (and stopped): see this_thread_only
+    handles = [layers[0].register_forward_pre_hook(this_thread_only(before_first), with_kwargs=True)]
+    handles += [layers[i].register_forward_hook(this_thread_only(after(i))) for i in range(upto)]
     try:
         model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False)
     except _StopForward:
@@ -685,5 +691,6 @@ __all__ = [
     "probe_for",
     "prompt_hidden_states",
     "shipped_probe_path",
+    "this_thread_only",
     "weight_fingerprint",
 ]
