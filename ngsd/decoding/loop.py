@@ -26,6 +26,7 @@ from .arguments import check_prompt_texts, check_sampling, check_seed, per_row_i
 from .early_stop import EarlyStop
 from .heads import HeadSplit, split_head
 from .pair import AdapterPair, BaseOnly, ForwardPair, ModelPair
+from .request_rules import STOP_REASON
 from .shared_trunk import SharedTrunkPair, shared_trunk_unsupported
 from .step import GuardedStep
 
@@ -39,7 +40,9 @@ class RowTrace:
     potential: list[float] = field(default_factory=list)
     spikes: list[bool] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
-    stop_reason: str = "length"  # "eos", "stop_string", "stopping_criteria" (the caller's), "early_stop" or "length"
+    # "eos", "stop_string", "stopping_criteria" (the caller's), "early_stop", "length", or "rules_removed_guard" (the
+    # call's logits processors took the guard's answer away: `request_rules`)
+    stop_reason: str = "length"
     reflection: Any = None
     guarded: bool = True  # False: routed unguarded (no expert rows, gate closed) or mode "off"
     step_path: str = ""  # how the step ran: "hidden states" (LM head in the op) or "logits (<why>)"
@@ -262,7 +265,7 @@ def guarded_generate(
     start_potential = config.start_potential_for(risk.check_divergence)
     potential = torch.full((batch,), start_potential, dtype=torch.float32, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    no_row = torch.zeros_like(finished)  # the stop-string hits of a call without stop strings
+    no_row = torch.zeros_like(finished)  # no row: e.g. the stop-string hits of a call without stop strings
 
     pair, heads = pair_for(model, resolved, config.mode,
                            on_logits="logits processors need the logits" if logits_processor is not None else None)
@@ -328,6 +331,10 @@ def guarded_generate(
                     tokens, new_potential, spike, divergence = selection.run(
                         step, base_out, expert_out, potential, alpha_t, seed_t, offset, sequences
                     )
+            # a guarded row whose logits processors removed the guard's answer ends before this step's token
+            removed_guard = no_row if selection.removed_guard is None else selection.removed_guard & active
+            active = active & ~removed_guard
+            finished |= removed_guard
             tokens = torch.where(active, tokens, torch.full_like(tokens, pad))
             potential = torch.where(active, new_potential, potential)
             history.append((active, tokens, divergence, potential, spike & active))
@@ -341,10 +348,12 @@ def guarded_generate(
             new_done = done & active
             finished |= done
             # one host round-trip per step: invalid logits, newly finished rows (and why), all done
-            invalid_rows, done_rows, eos_rows, string_rows, finished_rows = _sync(
-                tokens < 0, active, new_done, hit_eos, hit_string, finished)
+            invalid_rows, done_rows, eos_rows, string_rows, finished_rows, removed_rows = _sync(
+                tokens < 0, active, new_done, hit_eos, hit_string, finished, removed_guard)
             if invalid_rows:
                 _raise_invalid(invalid_rows, step, *selection.logits(base_out, expert_out))
+            for row in removed_rows:
+                stop_reasons[row] = STOP_REASON
             for row in done_rows:  # what ended the row, also when it was its last allowed step
                 stop_reasons[row] = ("eos" if row in eos_rows else "stop_string" if row in string_rows
                                      else "length" if step + 1 >= max_new[row] else "stopping_criteria")
@@ -492,11 +501,11 @@ def expert_openings(pair: Any, tokenizer: Any, tokens: int, eos_ids: torch.Tenso
     return openings
 
 
-def _sync(invalid, active, new_done, hit_eos, hit_string, finished
-          ) -> tuple[list[int], list[int], set[int], set[int], set[int]]:
-    packed = torch.stack([invalid & active, new_done, hit_eos, hit_string, finished]).cpu()
+def _sync(invalid, active, new_done, hit_eos, hit_string, finished, removed_guard
+          ) -> tuple[list[int], list[int], set[int], set[int], set[int], list[int]]:
+    packed = torch.stack([invalid & active, new_done, hit_eos, hit_string, finished, removed_guard]).cpu()
     rows = [mask.nonzero().flatten().tolist() for mask in packed]
-    return rows[0], rows[1], set(rows[2]), set(rows[3]), set(rows[4])
+    return rows[0], rows[1], set(rows[2]), set(rows[3]), set(rows[4]), rows[5]
 
 
 def _raise_invalid(rows: list[int], step: int, base_logits: torch.Tensor, expert_logits: torch.Tensor) -> None:

@@ -8,7 +8,10 @@ fused kernels never write the logits). Otherwise the logits of both models
 go to a `GuardedSelector` planned once per call; an unguarded row's expert distribution is its
 base distribution, so its divergence is 0 and its gate never opens (alpha is 0 there as well).
 Greedy decoding with unguarded rows runs the op on the guarded rows only and takes the base
-argmax for the rest (what the op would pick for them, without its softmaxes). Hugging Face logits processors need logits, so a call with processors runs on logits.
+argmax for the rest (what the op would pick for them, without its softmaxes). Hugging Face logits
+processors need logits, so a call with processors runs on logits: all of them on the base, the
+request's rules but not its penalties on the expert; a guarded row whose rules take the guard's
+answer away is named in `removed_guard` (`request_rules`).
 With ``cuda_graph``, a step with every row guarded runs as a CUDA graph of the planned op
 (``ngsd_kernels.StepGraph``: captured at its first step, then one replay a token).
 """
@@ -27,6 +30,7 @@ from ngsd_kernels.ops.hidden_torch import hidden_logits, pair_logits
 
 from ..caller_warning import warn_at_caller
 from .heads import HeadSplit
+from .request_rules import rules_of, rules_remove_guard
 
 Outputs = tuple[Tensor, Tensor, Tensor, Tensor]
 
@@ -49,12 +53,17 @@ class GuardedStep:
         self._expert_head = expert_head
         self._shared_head = shared_head
         self._processors = logits_processor
+        self._rules = rules_of(logits_processor)  # the processors that bind the expert too (not the penalties)
         self._selectors: dict[tuple[bool, torch.dtype], GuardedSelector] = {}
         self._cuda_graph = cuda_graph
         self._graphs: dict[int, StepGraph] = {}  # id of the selector -> its captured step
         self._warned_eager: set[int] = set()  # selectors whose step cannot be captured (warned once)
         self.rows: Tensor | None = None  # guarded rows
+        self._batch = 0
         self._all_rows = False
+        # after `run`: [B] bool, the guarded rows whose request's logits processors removed the guard's answer
+        # this step (None: the step ran no processors on guarded rows)
+        self.removed_guard: Tensor | None = None
 
     @property
     def on_hidden_states(self) -> bool:
@@ -62,6 +71,7 @@ class GuardedStep:
 
     def set_rows(self, rows: Tensor, batch: int) -> None:
         self.rows = rows
+        self._batch = batch
         self._all_rows = rows.numel() == batch
 
     def guarded_row_logits(self, base: Tensor, expert: Tensor | None) -> tuple[Tensor, Tensor | None]:
@@ -104,6 +114,7 @@ class GuardedStep:
     def run(self, step: int, base: Tensor, expert: Tensor | None, potential: Tensor, alpha: Tensor, seed: Tensor,
             offset: Tensor, sequences: Tensor) -> Outputs:
         params = self._params_for(step)
+        self.removed_guard = None
         if self._base_head is not None and self._all_rows and expert is not None and self._processors is None:
             weight_e, bias_e = self._expert_weight_and_bias()
             selector = self._selector(step, params, base.shape[0], self._base_head.weight.shape[0], base.dtype,
@@ -119,14 +130,38 @@ class GuardedStep:
             return self._run_greedy_partly_guarded(step, params, base, expert, potential, alpha, seed, offset, sequences)
         base_logits, expert_logits = self.logits(base, expert)
         if self._processors is not None:
-            processed = self._processors(sequences, base_logits)
-            expert_logits = processed if expert_logits is base_logits else self._processors(sequences, expert_logits)
-            base_logits = processed
+            if expert_logits is base_logits:  # no guarded row: the expert's distribution is the base's
+                base_logits = expert_logits = self._processors(sequences, base_logits)
+            else:
+                base_logits, ruled_expert = self._processed(sequences, alpha, base_logits, expert_logits)
+                if self._all_rows:
+                    expert_logits = ruled_expert
+                else:  # an unguarded row's expert distribution is its (processed) base distribution
+                    expert_logits = base_logits.clone()
+                    expert_logits[self.rows] = ruled_expert[self.rows]
         selector = self._selector(step, params, *base_logits.shape, base_logits.dtype, base_logits.device)
         if self._cuda_graph:
             inputs = (base_logits, expert_logits, potential, alpha, seed, offset)
             return self._replay(selector, inputs, lambda: StepGraph.from_logits(selector, *inputs))
         return selector.run(base_logits, expert_logits, potential, alpha, seed, offset)
+
+    def _processed(self, sequences: Tensor, alpha: Tensor, base: Tensor, expert: Tensor) -> tuple[Tensor, Tensor]:
+        """[B, V] base and expert logits (each row at its own batch index: processors may read it, as
+        prefix_allowed_tokens_fn does) through the call's processors: all of them on the base, its rules (not its
+        penalties: `request_rules`) on the expert, so a penalty cannot talk the guard out of its answer. Sets
+        `removed_guard`: the guarded rows (at alpha > 0: a row at alpha 0 mixes nothing of the expert) whose rules
+        took the guard's answer away this step, which the loop ends."""
+        rules, rows = self._rules, self.rows
+        if rules is None:  # penalties at most: they shape the base's answer, the expert keeps its own
+            return self._processors(sequences, base), expert
+        base_raw, expert_raw = base.clone(), expert[rows]  # copies: processors may write their input
+        base = self._processors(sequences, base)
+        ruled_base = base if rules is self._processors else rules(sequences, base_raw.clone())
+        expert = rules(sequences, expert)
+        removed = rules_remove_guard(base_raw[rows], ruled_base[rows], expert_raw, expert[rows])
+        self.removed_guard = torch.zeros(self._batch, dtype=torch.bool, device=base.device)
+        self.removed_guard[rows] = removed.to(base.device) & (alpha[rows] > 0).to(base.device)
+        return base, expert
 
     def _reads_host(self, selector: GuardedSelector) -> bool:
         """The hidden-state intersection step (SafeDecoding) reads undecided rows back to the host: it stays
@@ -166,11 +201,13 @@ class GuardedStep:
         rows = self.rows
         base, expert = self.guarded_row_logits(base, expert)
         if self._processors is not None:
-            if expert is not None:  # each row at its own batch index: processors may read it (prefix_allowed_tokens_fn)
+            if expert is None:
+                base = self._processors(sequences, base)
+            else:
                 batch_expert = base.clone()
                 batch_expert[rows] = expert.to(base.dtype)
-                expert = self._processors(sequences, batch_expert)[rows]
-            base = self._processors(sequences, base)
+                base, batch_expert = self._processed(sequences, alpha, base, batch_expert)
+                expert = batch_expert[rows]
         best = base.max(dim=-1)  # NaN and +inf propagate into the max, as does a row of only -inf
         tokens = torch.where(torch.isfinite(best.values), best.indices, torch.full_like(best.indices, -1))
         new_potential, _ = lif_step(potential.float(), torch.zeros_like(potential, dtype=torch.float32),

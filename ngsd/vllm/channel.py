@@ -11,6 +11,8 @@ row count, is an error: never a silent unguarded step.
 With the risk probe on (`risk.py`) two more things travel: the probe's scores of every token of the
 step (`ProbeTokens`, from the model's forward), and the first-step total variation of the rows the
 processor names in `check_rows` (undecided requests), computed on the raw logits in `compute_logits`.
+For the guarded rows whose requests have token rules of their own (`ruled_rows`), the base logits from
+before vLLM applies those rules travel too (`ngsd.decoding.request_rules` compares them with after).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ if TYPE_CHECKING:
 class ExpertRows:
     all_logits: torch.Tensor  # [rows, vocab] the expert's logits, in the sampler's row order
     divergence: dict[int, float] = field(default_factory=dict)  # row -> first-step TV (the rows in check_rows)
+    base_before_rules: dict[int, torch.Tensor] = field(default_factory=dict)  # row -> raw base logits (ruled_rows)
 
     def logits(self, rows: torch.Tensor) -> torch.Tensor:
         """The expert logits of `rows` (sorted, unique), which the caller may write: after `take` it owns them."""
@@ -41,6 +44,7 @@ class ExpertChannel:
         self._pending: ExpertRows | None = None
         self._probe: "ProbeTokens | None" = None
         self.check_rows: list[int] = []  # set by the processor each step: rows whose divergence check may be due
+        self.ruled_rows: list[int] = []  # set by the processor each step: guarded rows whose requests have token rules
 
     def put_probe(self, tokens: "ProbeTokens | None") -> None:
         self._probe = tokens

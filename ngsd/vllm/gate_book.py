@@ -68,6 +68,14 @@ class GateState:
     probe_max: float = float("-inf")  # the probe's largest token logit over the prompt positions seen so far
     prompt_steps: int = 0  # engine steps whose forward held some of its prompt tokens
     verdict: Any = None  # the probe's ProbeVerdict, once decided
+    # the request's own rules removed the guard's answer (`ngsd.decoding.request_rules`): eos from then on
+    ended_by_rules: bool = False
+
+    @property
+    def has_rules(self) -> bool:
+        """Whether the request has token rules that can remove a token: masks or a logit bias (penalties only lower
+        one; `ngsd.decoding.request_rules`)."""
+        return self.constrained or bool(self.logit_bias)
 
     def settle(self) -> None:
         """Commit the pending selection if its token reached the output, else drop it (sample discarded)."""
@@ -171,6 +179,12 @@ class GateBook:
                 state.settle()
                 rows.append((index, state))
         return rows
+
+    def ruled(self) -> list[int]:
+        """The rows whose request has token rules and is guarded or may be (undecided), in index order: the model
+        keeps their base logits from before vLLM's rules for `request_rules`."""
+        return sorted(index for index, state in self.rows.items()
+                      if state.has_rules and (state.policy.guarded or state.awaiting))
 
     def awaiting(self, batch_size: int) -> list[tuple[int, GateState]]:
         """The rows among the first `batch_size` that the risk probe has yet to decide, in index order."""

@@ -1,13 +1,13 @@
-"""A guarded request's own logit rules on both of its rows, before the guarded choice reads them.
+"""A guarded request's own logit rules on its rows, before the guarded choice reads them.
 
 vLLM applies a request's rules to the one row it samples from, the base row here: its masks
 (allowed tokens, bad words, min tokens, grammar) and its ``logit_bias`` before this processor, so
-the base row arrives with them and `apply_request_rules` gives them to the expert row; its repetition,
+the base row arrives with them and `apply_masks_and_bias` gives them to the expert row; its repetition,
 presence and frequency penalties only after the processors, on the row the processor has already
-forced (one finite logit), where they would change nothing, so they are applied here to the base
-and the expert row, with vLLM's own function, as the project's loop applies Hugging Face's
-processors to both rows (`ngsd.decoding.step`). vLLM applying them again to the forced row keeps
-its token: the chosen logit stays finite and every other one stays -inf.
+forced (one finite logit), where they would change nothing, so `apply_penalties` applies them here to
+the base row, with vLLM's own function, as the project's loop applies Hugging Face's penalties to the
+base alone (`ngsd.decoding.request_rules`). vLLM applying them again to the forced row keeps its
+token: the chosen logit stays finite and every other one stays -inf.
 """
 
 from __future__ import annotations
@@ -22,17 +22,27 @@ from .gate_book import GateState
 
 
 def apply_request_rules(states: Sequence[GateState], base: torch.Tensor, expert: torch.Tensor) -> None:
-    """Row i of `base` and `expert` [len(states), V] (written in place) gets the rules of request `states[i]`."""
+    """Row i of `base` and `expert` [len(states), V] (written in place) gets the rules of request `states[i]`: its
+    masks and bias on both rows, its penalties on the base row."""
+    apply_masks_and_bias(states, base, expert)
+    apply_penalties(states, base)
+
+
+def apply_masks_and_bias(states: Sequence[GateState], base: torch.Tensor, expert: torch.Tensor) -> None:
+    """The masks and the logit bias vLLM gave row i of `base`, given to row i of `expert` (in place)."""
     constrained = _positions(states, lambda state: state.constrained, base.device)
     if constrained is not None:  # tokens vLLM masked for a request (-inf) are masked in its expert row too
         expert[constrained] = expert[constrained].masked_fill(torch.isneginf(base[constrained]), float("-inf"))
     add_logit_bias(expert, states)
+
+
+def apply_penalties(states: Sequence[GateState], base: torch.Tensor) -> None:
+    """Each request's repetition, presence and frequency penalties on its base row (in place), which vLLM applies
+    only after the processors. Not on the expert row: a penalty would lower the guard's own answer (the refusal's
+    tokens are often in the prompt or already said; `ngsd.decoding.request_rules`)."""
     penalized = _positions(states, lambda state: state.penalties is not None, base.device)
     if penalized is not None:
-        chosen = [states[k] for k in penalized.tolist()]
-        # one call for both rows of each request: the padded prompt tensor is built once a step
-        both = penalize(torch.cat([base[penalized], expert[penalized]]), chosen + chosen)
-        base[penalized], expert[penalized] = both[: len(chosen)], both[len(chosen):]
+        base[penalized] = penalize(base[penalized], [states[k] for k in penalized.tolist()])
 
 
 def _positions(states: Sequence[GateState], wanted: Callable[[GateState], bool],

@@ -97,7 +97,9 @@ class NGSDGuardedLlamaForCausalLM(nn.Module):
         if check:  # the raw logits, before vLLM's masks and biases touch the base rows
             index = torch.tensor(check, dtype=torch.long, device=logits.device)
             divergence = dict(zip(check, total_variation(logits[index], logits[index + rows]).tolist()))
-        CHANNEL.put(ExpertRows(logits[rows:], divergence))
+        # copies: vLLM's rules write the base rows in place
+        before_rules = {row: logits[row].clone() for row in CHANNEL.ruled_rows if row < rows}
+        CHANNEL.put(ExpertRows(logits[rows:], divergence, before_rules))
         return logits[:rows]
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:

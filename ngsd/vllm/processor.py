@@ -8,7 +8,9 @@ The chosen token is forced (every other logit -inf), so vLLM's greedy or samplin
 Opted-out rows are left untouched: they decode exactly as plain vLLM. A token vLLM masked in the
 base logits (-inf) is masked in the expert's too, so constraints hold for the guarded choice. The
 repetition, presence and frequency penalties, which vLLM applies only after the processors, are
-applied here to both rows before the op (``logit_rules``).
+applied here to the base row before the op (``logit_rules``; not to the expert's, whose answer a
+penalty would lower). Where a request's masks or bias remove the guard's answer
+(``ngsd.decoding.request_rules``) its answer ends: eos from that step on.
 
 Greedy requests of one step go to the op together. A sampled request (temperature > 0) that gave a
 seed runs on its own, keyed by its seed and its step, so its draws do not depend on its batch
@@ -36,9 +38,10 @@ from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 
 import ngsd_kernels  # noqa: F401  (registers torch.ops.ngsd)
 
+from ..decoding.request_rules import rules_remove_guard
 from .channel import CHANNEL
 from .gate_book import GateBook, GateState, sampled_launches
-from .logit_rules import apply_request_rules
+from .logit_rules import apply_masks_and_bias, apply_penalties
 from .risk import EngineRisk, observe
 from .settings import CONFIG_KEY, GuardSettings, RequestPolicy, check_admission
 
@@ -63,10 +66,12 @@ class NGSDLogitsProcessor(LogitsProcessor):
         self.settings = GuardSettings.from_mapping(raw)
         self.config = self.settings.config()
         self.risk = EngineRisk.for_engine(self.settings, vllm_config.model_config.hf_config)
+        tokenizer = _engine_tokenizer(vllm_config)
         if self.risk is not None:
-            self.risk.use_tokenizer(_engine_tokenizer(vllm_config))
+            self.risk.use_tokenizer(tokenizer)
         self.book = GateBook(self.settings, self.risk)
         self.device = device
+        self.eos_token_id = _eos_token_id(tokenizer, vllm_config)
 
     def is_argmax_invariant(self) -> bool:
         return False  # it decides the token
@@ -76,6 +81,7 @@ class NGSDLogitsProcessor(LogitsProcessor):
             self.book.update(batch_update.removed, batch_update.added, batch_update.moved)
         if self.risk is not None and self.risk.checks:  # before this step's forward: compute_logits reads it
             CHANNEL.check_rows = sorted(index for index, state in self.book.rows.items() if state.awaiting)
+        CHANNEL.ruled_rows = self.book.ruled()
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         expert = CHANNEL.take(logits.shape[0])
@@ -88,7 +94,15 @@ class NGSDLogitsProcessor(LogitsProcessor):
         index = torch.tensor([i for i, _ in rows], dtype=torch.long, device=logits.device)
         base = logits if every_row else logits[index]  # the op does not write its inputs
         expert_logits = expert.logits(index).to(base.dtype)
-        apply_request_rules([state for _, state in rows], base, expert_logits)
+        # (a row at alpha 0 mixes nothing of the expert: no answer of the guard to take away)
+        ruled = [k for k, (i, state) in enumerate(rows) if state.has_rules and not state.ended_by_rules
+                 and (state.policy.alpha > 0 or self.config.mode == "safedecoding") and i in expert.base_before_rules]
+        expert_before_rules = expert_logits[ruled] if ruled else None  # a copy: the rules write expert_logits
+        states = [state for _, state in rows]
+        apply_masks_and_bias(states, base, expert_logits)
+        if ruled:  # before the penalties, which do not count
+            self._end_where_rules_remove_guard(rows, ruled, expert, expert_before_rules, base, expert_logits)
+        apply_penalties(states, base)
         greedy = [k for k, (_, state) in enumerate(rows) if _temperature(state) == 0.0]
         sampled = [k for k, (_, state) in enumerate(rows) if _temperature(state) > 0.0]
         tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)
@@ -107,6 +121,11 @@ class NGSDLogitsProcessor(LogitsProcessor):
             # never index with -1 (it wrapped to the vocabulary's last token): vLLM's own logits decide those rows
             logger.warning("ngsd: %d guarded row(s) had no valid token this step (non-finite logits, or the request's "
                            "own masks leave none); vLLM samples them from its own logits", int((~chosen).sum()))
+        ended = [k for k, (_, state) in enumerate(rows) if state.ended_by_rules]
+        if ended:  # its answer has ended: eos, whatever the op chose (vLLM stops it, or fills with eos)
+            tokens[ended] = self.eos_token_id
+            for k in ended:
+                potentials[k] = rows[k][1].potential
         for (_, state), token, potential in zip(rows, tokens.tolist(), potentials):
             # a row without a token keeps its potential (no step of the neuron ran on it)
             state.pending = (len(state.output), token, potential) if token >= 0 else (len(state.output), None,
@@ -118,6 +137,21 @@ class NGSDLogitsProcessor(LogitsProcessor):
             logits[index] = float("-inf")
         logits[index, tokens] = 0.0
         return logits
+
+    def _end_where_rules_remove_guard(self, rows: list[tuple[int, GateState]], ruled: list[int], expert,
+                                      expert_before_rules: torch.Tensor, base: torch.Tensor,
+                                      expert_logits: torch.Tensor) -> None:
+        """Mark the rows (positions ``ruled`` in ``rows``) whose request's rules take the guard's answer away
+        (`ngsd.decoding.request_rules`): their answer ends with this step's token, an eos."""
+        base_before = torch.stack([expert.base_before_rules[rows[k][0]] for k in ruled]).to(base.device, base.dtype)
+        removed = rules_remove_guard(base_before, base[ruled], expert_before_rules, expert_logits[ruled]).tolist()
+        for k, gone in zip(ruled, removed):
+            state = rows[k][1]
+            if gone:
+                state.ended_by_rules = True
+                logger.warning("ngsd: a guarded request's own token rules (allowed tokens, bad words, min tokens, "
+                               "logit bias or structured output) removed the guard's answer at its output token %d: "
+                               "its answer ends there (eos)", len(state.output or ()))
 
     def _decide(self, expert, batch_size: int) -> None:
         """Decide the undecided requests whose last prompt token this step's forward reached."""
@@ -190,6 +224,18 @@ def _engine_tokenizer(vllm_config: "VllmConfig"):
     return AutoTokenizer.from_pretrained(model_config.tokenizer,
                                          revision=getattr(model_config, "tokenizer_revision", None),
                                          trust_remote_code=bool(getattr(model_config, "trust_remote_code", False)))
+
+
+def _eos_token_id(tokenizer, vllm_config: "VllmConfig") -> int:
+    """The token that ends a request (vLLM stops at its tokenizer's eos): the tokenizer's, else the config's first."""
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        eos = getattr(vllm_config.model_config.hf_config, "eos_token_id", None)
+        eos = eos[0] if isinstance(eos, (list, tuple)) else eos
+    if eos is None:
+        raise ValueError("ngsd: the engine's tokenizer and config name no eos token, which a guarded answer needs to "
+                         "end on; set eos_token_id in the model's config")
+    return int(eos)
 
 
 def draw_seed() -> int:

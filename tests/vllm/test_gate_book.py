@@ -209,6 +209,20 @@ def test_requests_whose_logits_vllm_masks_are_marked():
     assert [book.rows[0].constrained, book.rows[1].constrained] == [False, True]
 
 
+def test_guarded_requests_with_masks_or_a_bias_have_their_raw_base_logits_kept_and_penalties_alone_do_not():
+    """The rows `request_rules` reads (the model keeps their base logits from before vLLM's rules): masks or a logit
+    bias on a request that is or may be guarded; not a request with penalties alone, nor one that opted out."""
+    book = GateBook(GuardSettings.from_mapping({"allow_opt_out": True}))
+    plain, _ = _request()
+    opted_out = SamplingParams(temperature=0.0, bad_words=["I"], extra_args={"ngsd_guard": False})
+    added = [plain, SamplingParams(temperature=0.0, bad_words=["I"]), SamplingParams(temperature=0.0, logit_bias={7: -9.0}),
+             SamplingParams(temperature=0.0, repetition_penalty=1.3), SamplingParams(temperature=0.0, min_tokens=4),
+             opted_out]
+    book.update([], [(i, params, [], []) for i, params in enumerate(added)], [])
+    assert book.ruled() == [1, 2, 4]
+    assert [book.rows[i].has_rules for i in range(6)] == [False, True, True, False, True, True]
+
+
 def test_sampled_requests_without_a_seed_share_a_launch_and_seeded_ones_run_alone():
     book = GateBook(GuardSettings())
     config = GuardSettings().config()

@@ -21,7 +21,8 @@ def _state(**fields) -> GateState:
 
 def test_each_row_pair_gets_its_own_requests_rules():
     """Row 0: vLLM masked token 1 in the base row, and a logit bias; row 1: repetition penalty 2 (prompt token 0, output token 2) and
-    frequency penalty 0.5; row 2: no rules. Masks and the bias reach the expert row, penalties both rows."""
+    frequency penalty 0.5; row 2: no rules. Masks and the bias reach the expert row, penalties the base row only (on
+    the expert's they lowered the guard's own answer until stop 55)."""
     base = torch.tensor([[1.0, float("-inf"), 3.0], [4.0, 5.0, -6.0], [1.0, 2.0, 3.0]])
     expert = torch.tensor([[7.0, 8.0, 9.0], [4.0, 5.0, -6.0], [3.0, 2.0, 1.0]])
     states = [_state(constrained=True, logit_bias={0: -1.5, 2: 100.0}, output=[]),
@@ -29,7 +30,8 @@ def test_each_row_pair_gets_its_own_requests_rules():
     apply_request_rules(states, base, expert)
     assert expert[0].tolist() == [5.5, float("-inf"), 109.0]
     assert base[0].tolist() == [1.0, float("-inf"), 3.0]  # vLLM biased the base row before the processor
-    assert base[1].tolist() == expert[1].tolist() == [2.0, 5.0, -13.0]  # -6 x 2 - 0.5 x 2
+    assert base[1].tolist() == [2.0, 5.0, -13.0]  # -6 x 2 - 0.5 x 2
+    assert expert[1].tolist() == [4.0, 5.0, -6.0]
     assert base[2].tolist() == [1.0, 2.0, 3.0] and expert[2].tolist() == [3.0, 2.0, 1.0]
 
 
