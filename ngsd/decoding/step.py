@@ -61,8 +61,8 @@ class GuardedStep:
         self.rows: Tensor | None = None  # guarded rows
         self._batch = 0
         self._all_rows = False
-        # after `run`: [B] bool, the guarded rows whose request's logits processors removed the guard's answer
-        # this step (None: the step ran no processors on guarded rows)
+        # after `run`: [B] bool, the guarded rows whose request's rules (logits processors other than penalties)
+        # removed the guard's answer this step (None: no rules ran on guarded rows)
         self.removed_guard: Tensor | None = None
 
     @property

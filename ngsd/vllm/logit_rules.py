@@ -21,13 +21,6 @@ from vllm.v1.sample.ops.penalties import apply_all_penalties
 from .gate_book import GateState
 
 
-def apply_request_rules(states: Sequence[GateState], base: torch.Tensor, expert: torch.Tensor) -> None:
-    """Row i of `base` and `expert` [len(states), V] (written in place) gets the rules of request `states[i]`: its
-    masks and bias on both rows, its penalties on the base row."""
-    apply_masks_and_bias(states, base, expert)
-    apply_penalties(states, base)
-
-
 def apply_masks_and_bias(states: Sequence[GateState], base: torch.Tensor, expert: torch.Tensor) -> None:
     """The masks and the logit bias vLLM gave row i of `base`, given to row i of `expert` (in place)."""
     constrained = _positions(states, lambda state: state.constrained, base.device)

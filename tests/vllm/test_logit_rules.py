@@ -11,7 +11,7 @@ from vllm import SamplingParams  # noqa: E402
 from vllm.v1.sample.ops.penalties import apply_all_penalties  # noqa: E402
 
 from ngsd.vllm.gate_book import GateState, penalties_of  # noqa: E402
-from ngsd.vllm.logit_rules import apply_request_rules  # noqa: E402
+from ngsd.vllm.logit_rules import apply_masks_and_bias, apply_penalties  # noqa: E402
 from ngsd.vllm.settings import RequestPolicy  # noqa: E402
 
 
@@ -27,7 +27,8 @@ def test_each_row_pair_gets_its_own_requests_rules():
     expert = torch.tensor([[7.0, 8.0, 9.0], [4.0, 5.0, -6.0], [3.0, 2.0, 1.0]])
     states = [_state(constrained=True, logit_bias={0: -1.5, 2: 100.0}, output=[]),
               _state(penalties=(2.0, 0.0, 0.5), prompt=[0], output=[2, 2]), _state(output=[0])]
-    apply_request_rules(states, base, expert)
+    apply_masks_and_bias(states, base, expert)
+    apply_penalties(states, base)
     assert expert[0].tolist() == [5.5, float("-inf"), 109.0]
     assert base[0].tolist() == [1.0, float("-inf"), 3.0]  # vLLM biased the base row before the processor
     assert base[1].tolist() == [2.0, 5.0, -13.0]  # -6 x 2 - 0.5 x 2
