@@ -331,10 +331,11 @@ def guarded_generate(
                     tokens, new_potential, spike, divergence = selection.run(
                         step, base_out, expert_out, potential, alpha_t, seed_t, offset, sequences
                     )
-            # a guarded row whose logits processors removed the guard's answer ends before this step's token
-            removed_guard = no_row if selection.removed_guard is None else selection.removed_guard & active
-            active = active & ~removed_guard
-            finished |= removed_guard
+            removed_guard = no_row
+            if selection.removed_guard is not None:  # a row whose rules removed the guard's answer ends before its token
+                removed_guard = selection.removed_guard & active
+                active = active & ~removed_guard
+                finished |= removed_guard
             tokens = torch.where(active, tokens, torch.full_like(tokens, pad))
             potential = torch.where(active, new_potential, potential)
             history.append((active, tokens, divergence, potential, spike & active))
