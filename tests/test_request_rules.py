@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import ngsd
 from ngsd import NGSDConfig
 from ngsd.decoding.request_rules import GUARD_REMOVED_AT, removed_share, rules_of, rules_remove_guard
 from ngsd.decoding.step import GuardedStep
@@ -135,3 +136,35 @@ def test_a_penalty_shapes_the_base_and_leaves_the_experts_answer_its_own(rows):
                       torch.tensor([7]), torch.tensor([0]), torch.tensor([[1], [1]]))[0]
     assert tokens.tolist() == ([1, 1] if len(rows) == 2 else [1, 3])
     assert step.removed_guard is None  # a penalty is not a rule: nothing to end
+
+
+def test_sampling_warpers_among_the_processors_are_refused_by_name(lora_folder):
+    """A temperature warper as a processor ran before the gate: at 5 it flattened both distributions until the guarded
+    answers were the unguarded ones. The op applies temperature / top-k / top-p itself, after the gate."""
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper
+
+    from ngsd import guarded_generate
+
+    from .conftest import tiny_model
+
+    model = tiny_model("llama")
+    for processors in (LogitsProcessorList([TemperatureLogitsWarper(5.0)]), TopKLogitsWarper(4)):
+        with pytest.raises(ValueError, match="sampling warpers .*(TemperatureLogitsWarper|TopKLogitsWarper)"):
+            guarded_generate(model, torch.tensor([[5, 6, 7]]), expert=lora_folder, alpha=0.9, max_new_tokens=2,
+                             logits_processor=processors)
+    ngsd.apply(model, expert=lora_folder)
+    try:  # sampling settings of generate itself are the op's, not processors: accepted
+        model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=2, do_sample=True, temperature=0.7, top_k=5,
+                       pad_token_id=0, ngsd_alpha=0.9)
+        with pytest.raises(ValueError, match="TemperatureLogitsWarper"):
+            model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=2, pad_token_id=0, ngsd_alpha=0.9,
+                           logits_processor=LogitsProcessorList([TemperatureLogitsWarper(5.0)]))
+    finally:
+        ngsd.remove(model)
+
+
+@pytest.fixture(scope="module")
+def lora_folder(tmp_path_factory):
+    from .conftest import tiny_lora_expert, tiny_model
+
+    return tiny_lora_expert(tiny_model("llama"), tmp_path_factory.mktemp("lora"))

@@ -88,8 +88,10 @@ def check_generation_config(generation_config) -> None:
 
 def step_processors(logits_processor, generation_config):
     """The processors HF built for this call minus the sampling warpers the step op applies itself
-    (temperature, top-k, top-p from the same generation config); None when nothing is left."""
-    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+    (temperature, top-k, top-p from the same generation config) and min_p 0 (a no-op, which HF builds
+    anyway); None when nothing is left. Any other warper left is refused by the loop."""
+    from transformers import (LogitsProcessorList, MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper,
+                              TopPLogitsWarper)
 
     gc = generation_config
 
@@ -100,6 +102,7 @@ def step_processors(logits_processor, generation_config):
             isinstance(processor, TemperatureLogitsWarper) and processor.temperature == gc.temperature
             or isinstance(processor, TopKLogitsWarper) and processor.top_k == max(gc.top_k or 0, 1)
             or isinstance(processor, TopPLogitsWarper) and processor.top_p == gc.top_p
+            or isinstance(processor, MinPLogitsWarper) and processor.min_p == 0.0 == gc.min_p
         )
 
     kept = [processor for processor in (logits_processor or []) if not native(processor)]

@@ -22,7 +22,7 @@ from ..config import NGSDConfig
 from ..experts.lora import LoraAdapter
 from ..experts.resolve import ExpertLike, check_step_dtypes, common_vocabulary_size, resolve_expert
 from ..risk.estimate import plan_risk, warn_if_check_fitted_for_another_expert
-from .arguments import check_prompt_texts, check_sampling, check_seed, per_row_ints, token_ids
+from .arguments import check_processors, check_prompt_texts, check_sampling, check_seed, per_row_ints, token_ids
 from .early_stop import EarlyStop
 from .heads import HeadSplit, split_head
 from .pair import AdapterPair, BaseOnly, ForwardPair, ModelPair
@@ -225,6 +225,7 @@ def guarded_generate(
     max_new = per_row_ints(max_new_tokens, batch, "max_new_tokens")
     check_prompts(input_ids, attention_mask, max_new, model)
     sampling = check_sampling(do_sample, temperature, top_k, top_p)
+    check_processors(logits_processor)
     seed = check_seed(seed)
     if requests is not None:  # one request text per row, whether or not this call's risk estimate reads them
         requests = check_prompt_texts(requests, "requests")
@@ -332,7 +333,7 @@ def guarded_generate(
                         step, base_out, expert_out, potential, alpha_t, seed_t, offset, sequences
                     )
             removed_guard = no_row
-            if selection.removed_guard is not None:  # a row whose rules removed the guard's answer ends before its token
+            if selection.removed_guard is not None:  # rows whose rules removed the guard's answer end before its token
                 removed_guard = selection.removed_guard & active
                 active = active & ~removed_guard
                 finished |= removed_guard

@@ -95,8 +95,15 @@ class NGSDLogitsProcessor(LogitsProcessor):
         base = logits if every_row else logits[index]  # the op does not write its inputs
         expert_logits = expert.logits(index).to(base.dtype)
         # (a row at alpha 0 mixes nothing of the expert: no answer of the guard to take away)
-        ruled = [k for k, (i, state) in enumerate(rows) if state.has_rules and not state.ended_by_rules
-                 and (state.policy.alpha > 0 or self.config.mode == "safedecoding") and i in expert.base_before_rules]
+        ruled = [k for k, (_, state) in enumerate(rows) if state.has_rules and not state.ended_by_rules
+                 and (state.policy.alpha > 0 or self.config.mode == "safedecoding")]
+        for k in [k for k in ruled if rows[k][0] not in expert.base_before_rules]:
+            # cannot happen (update_state named the row before this step's forward); unchecked, the rules could
+            # take the guard's answer away unseen, so the answer ends
+            logger.error("ngsd: no raw base logits for guarded row %d with token rules; its answer ends (eos)",
+                         rows[k][0])
+            rows[k][1].ended_by_rules = True
+        ruled = [k for k in ruled if not rows[k][1].ended_by_rules]
         expert_before_rules = expert_logits[ruled] if ruled else None  # a copy: the rules write expert_logits
         states = [state for _, state in rows]
         apply_masks_and_bias(states, base, expert_logits)
