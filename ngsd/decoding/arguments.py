@@ -109,22 +109,6 @@ def check_sampling(do_sample: Any, temperature: Any, top_k: Any, top_p: Any) -> 
     return dict(temperature=float(temperature) if do_sample else 0.0, top_k=int(top_k), top_p=float(top_p))
 
 
-def check_processors(logits_processor: Any) -> None:
-    """Sampling warpers (Hugging Face's ``*LogitsWarper``) are refused among a guarded call's logits processors: the
-    processors run before the gate, and a warper there reshapes the two distributions it compares (a temperature of
-    5 flattened both until the guarded answers were the unguarded ones). The step op applies temperature, top-k and
-    top-p itself, after the gate."""
-    if logits_processor is None:
-        return
-    listed = list(logits_processor) if isinstance(logits_processor, list) else [logits_processor]
-    warpers = [type(processor).__name__ for processor in listed if type(processor).__name__.endswith("LogitsWarper")]
-    if warpers:
-        raise ValueError(f"guarded decoding does not take sampling warpers as logits processors "
-                         f"({', '.join(warpers)}): they would reshape both distributions before the gate compares "
-                         "them; pass do_sample=True with temperature= / top_k= / top_p=, which the step applies after "
-                         "the gate")
-
-
 def check_seed(seed: Any) -> int | None:
     """The sampling seed: None (drawn from torch's generator) or a whole number that fits an int64."""
     if seed is None:

@@ -22,11 +22,11 @@ from ..config import NGSDConfig
 from ..experts.lora import LoraAdapter
 from ..experts.resolve import ExpertLike, check_step_dtypes, common_vocabulary_size, resolve_expert
 from ..risk.estimate import plan_risk, warn_if_check_fitted_for_another_expert
-from .arguments import check_processors, check_prompt_texts, check_sampling, check_seed, per_row_ints, token_ids
+from .arguments import check_prompt_texts, check_sampling, check_seed, per_row_ints, token_ids
 from .early_stop import EarlyStop
 from .heads import HeadSplit, split_head
 from .pair import AdapterPair, BaseOnly, ForwardPair, ModelPair
-from .request_rules import STOP_REASON
+from .request_rules import STOP_REASON, check_processors
 from .shared_trunk import SharedTrunkPair, shared_trunk_unsupported
 from .step import GuardedStep
 

@@ -30,8 +30,7 @@ from typing import Any
 
 import torch
 
-from ngsd_kernels import Divergence
-from ngsd_kernels.reference import divergence_between
+from ..risk.divergence_check import total_variation
 
 GUARD_REMOVED_AT = 0.5
 """The share of the expert's distribution (beyond the base's) whose removal by the request's rules ends a guarded
@@ -42,9 +41,7 @@ STOP_REASON = "rules_removed_guard"
 
 def removed_share(raw_logits: torch.Tensor, ruled_logits: torch.Tensor) -> torch.Tensor:
     """[R] total variation between each row's distribution before and after the rules (1 where they leave no token)."""
-    raw = raw_logits.float().log_softmax(-1)
-    ruled = ruled_logits.float().to(raw.device).log_softmax(-1)
-    share = divergence_between(raw, ruled, raw.exp(), ruled.exp(), Divergence.TV)
+    share = total_variation(raw_logits, ruled_logits)
     return torch.where(torch.isfinite(ruled_logits).any(-1).to(share.device), share, torch.ones_like(share))
 
 
@@ -75,12 +72,32 @@ def is_penalty(processor: Any) -> bool:
             or getattr(processor, "ngsd_penalty", False) is True)
 
 
+def _listed(processors: Any) -> list[Any]:
+    """The processors of a call, as a list (a LogitsProcessorList, or one processor; none for None)."""
+    if processors is None:
+        return []
+    return list(processors) if isinstance(processors, list) else [processors]
+
+
+def check_processors(logits_processor: Any) -> None:
+    """Sampling warpers (Hugging Face's ``*LogitsWarper``) are refused among a guarded call's logits processors: the
+    processors run before the gate, and a warper there reshapes the two distributions it compares (a temperature of
+    5 flattened both until the guarded answers were the unguarded ones). The step op applies temperature, top-k and
+    top-p itself, after the gate."""
+    warpers = [type(p).__name__ for p in _listed(logits_processor) if type(p).__name__.endswith("LogitsWarper")]
+    if warpers:
+        raise ValueError(f"guarded decoding does not take sampling warpers as logits processors "
+                         f"({', '.join(warpers)}): they would reshape both distributions before the gate compares "
+                         "them; pass do_sample=True with temperature= / top_k= / top_p=, which the step applies after "
+                         "the gate")
+
+
 def rules_of(processors: Any) -> Any:
     """The processors that are a request's rules (they bind the expert too): `processors` itself when none is a
     penalty, a list without the penalties when some are, None when all are (or there are none)."""
-    if processors is None:
+    listed = _listed(processors)
+    if not listed:
         return None
-    listed = list(processors) if isinstance(processors, list) else [processors]
     rules = [processor for processor in listed if not is_penalty(processor)]
     if len(rules) == len(listed):
         return processors
