@@ -170,11 +170,16 @@ class RiskPlan:
         """The alpha of a checked row the check keeps guarded (that of a risky row)."""
         return self._risky_alpha()
 
+    def looks_ahead(self, divergence: float) -> bool:
+        """Whether a checked row of this first-step divergence needs the expert's own opening: a look-ahead is set
+        and the divergence alone would keep the row guarded (the opening can then route it)."""
+        return bool(self.check_rollout) and divergence >= self.check_divergence
+
     def will_look_ahead(self, rows: torch.Tensor, base_logits: torch.Tensor, expert_logits: torch.Tensor) -> bool:
         """Whether `confirm` will ask for expert openings: a look-ahead is set and a checked row diverges."""
         if not (self.to_check and self.check_rollout):
             return False
-        return any(value >= self.check_divergence for value in self._check_divergences(rows, base_logits, expert_logits))
+        return any(self.looks_ahead(value) for value in self._check_divergences(rows, base_logits, expert_logits))
 
     def _check_divergences(self, rows: torch.Tensor, base_logits: torch.Tensor, expert_logits: torch.Tensor
                            ) -> list[float]:
@@ -198,7 +203,7 @@ class RiskPlan:
         texts: dict[int, str] = {}
         if self.check_rollout and openings is not None:
             # only rows the divergence would guard: the expert's own answer can then route them
-            diverging = [row for row, value in zip(self.to_check, divergence) if value >= self.check_divergence]
+            diverging = [row for row, value in zip(self.to_check, divergence) if self.looks_ahead(value)]
             if diverging:
                 index = torch.tensor([position[row] for row in diverging], dtype=torch.long, device=expert_logits.device)
                 texts = dict(zip(diverging, openings(index, expert_logits[index])))

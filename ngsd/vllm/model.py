@@ -12,13 +12,15 @@ expert's logits of the same rows for `NGSDLogitsProcessor` (`channel.py`).
 
 With the risk probe on (`risk.py`) the base stack also returns the residual stream at the probe's
 layer, and `forward` scores every token of the step with the probe (one dot product a token);
-`compute_logits` adds the first-step divergence of the rows the processor is about to decide. Both
+`compute_logits` adds the first-step divergence of the rows the processor is about to decide, and the
+expert stack decodes the check's look-ahead (`look_ahead.py`) when the processor asks for one. Both
 stacks still run for every request: a routed request saves the guarded step, not the expert's
 forward (the two share one vLLM request and one schedule).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Iterable
 
 import torch
@@ -32,8 +34,11 @@ from ..experts.lora import LoraAdapter
 from ..risk.divergence_check import total_variation
 from .channel import CHANNEL, ExpertRows
 from .engine import ARCHITECTURE, PROCESSED_LOGPROBS_MODES, PROCESSOR, is_guard_processor
+from .look_ahead import ExpertOpening, look_ahead_unsupported
 from .risk import EngineRisk, ProbeTokens
 from .settings import CONFIG_KEY, GuardSettings, expert_folder
+
+logger = logging.getLogger(__name__)
 
 
 class NGSDGuardedLlamaForCausalLM(nn.Module):
@@ -51,6 +56,14 @@ class NGSDGuardedLlamaForCausalLM(nn.Module):
             _check_probe_engine(vllm_config, self.risk)
             # the residual stream entering decoder layer `layer` (hidden + residual): HF's hidden_states[layer]
             self.base.model._set_aux_hidden_state_layers((self.risk.layer,))
+            CHANNEL.look_ahead = None
+            if self.risk.plan.check_rollout:
+                why_not = look_ahead_unsupported(vllm_config, self.expert)
+                if why_not is None:
+                    CHANNEL.look_ahead = ExpertOpening(self.expert)
+                else:  # the divergence alone decides: it guards every request the look-ahead would have routed
+                    logger.warning("ngsd: the divergence check's look-ahead (check_rollout %d) is off on this engine "
+                                   "(%s); a diverging request stays guarded", self.risk.plan.check_rollout, why_not)
         if self.adapter.targets_lm_head() or any(name.split(".")[-1] == "embed_tokens" for name in self.adapter.pairs):
             raise ValueError(f"ngsd: the expert {self.adapter.source} changes the LM head or the embeddings (tied to the "
                              "head); only decoder-layer LoRA adapters are supported in vLLM")

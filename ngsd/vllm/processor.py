@@ -72,6 +72,7 @@ class NGSDLogitsProcessor(LogitsProcessor):
         self.book = GateBook(self.settings, self.risk)
         self.device = device
         self.eos_token_id = _eos_token_id(tokenizer, vllm_config)
+        self.eos_token_ids = {self.eos_token_id, *_config_eos_ids(vllm_config)}  # where an expert opening ends
 
     def is_argmax_invariant(self) -> bool:
         return False  # it decides the token
@@ -174,7 +175,8 @@ class NGSDLogitsProcessor(LogitsProcessor):
             start, end = int(tokens.starts[index]), int(tokens.starts[index + 1])
             if not observe(state, tokens.logits[start:end], tokens.positions[start:end]):
                 continue  # a partial prefill: vLLM discards this step's sample, and the row stays untouched
-            verdict = self.risk.decide(state.probe_max, expert.divergence.get(index), state.prompt)
+            verdict = self.risk.decide(state.probe_max, expert.divergence.get(index), state.prompt,
+                                       opening=lambda: self._expert_opening(state.prompt, expert.all_logits[index]))
             state.verdict, state.awaiting = verdict, False
             floor = state.policy.alpha if state.policy.at_least else None
             if floor is None:
@@ -182,6 +184,15 @@ class NGSDLogitsProcessor(LogitsProcessor):
             else:  # it asked for at least `floor`: never routed, and the probe may only raise it
                 state.policy = RequestPolicy(guarded=True, alpha=max(floor, 0.0 if verdict.routed else verdict.alpha))
             self.risk.record(state.prompt, verdict, state.prompt_steps, floor=floor, alpha=state.policy.alpha)
+
+    def _expert_opening(self, prompt: list[int], first_logits: torch.Tensor) -> str | None:
+        """The expert's own greedy opening of a request (`check_rollout` tokens from its raw first-step logits, cut
+        at the first eos) as the library's `expert_openings` decodes it; None where the engine has no look-ahead."""
+        if CHANNEL.look_ahead is None:
+            return None
+        ids = CHANNEL.look_ahead(prompt, int(first_logits.argmax()), self.risk.plan.check_rollout)
+        ended = [i for i, token in enumerate(ids) if token in self.eos_token_ids]
+        return self.risk.tokenizer.decode(ids[:ended[0]] if ended else ids, skip_special_tokens=True)
 
     def _select(self, group: list[int], rows: list[tuple[int, GateState]], base: torch.Tensor, expert: torch.Tensor,
                 tokens: torch.Tensor, potentials: list[float], seeds: list[int], offsets: list[int],
@@ -237,12 +248,16 @@ def _eos_token_id(tokenizer, vllm_config: "VllmConfig") -> int:
     """The token that ends a request (vLLM stops at its tokenizer's eos): the tokenizer's, else the config's first."""
     eos = getattr(tokenizer, "eos_token_id", None)
     if eos is None:
-        eos = getattr(vllm_config.model_config.hf_config, "eos_token_id", None)
-        eos = eos[0] if isinstance(eos, (list, tuple)) else eos
+        eos = next(iter(_config_eos_ids(vllm_config)), None)
     if eos is None:
         raise ValueError("ngsd: the engine's tokenizer and config name no eos token, which a guarded answer needs to "
                          "end on; set eos_token_id in the model's config")
     return int(eos)
+
+
+def _config_eos_ids(vllm_config: "VllmConfig") -> list[int]:
+    eos = getattr(vllm_config.model_config.hf_config, "eos_token_id", None)
+    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None]
 
 
 def draw_seed() -> int:

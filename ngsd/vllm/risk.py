@@ -17,7 +17,9 @@ of the base's (else guarded), and the rest are guarded at the guarded alpha. Her
   (`observe`, `decide`); a decision is final (a preempted request recomputed later keeps it);
 - the divergence check reads the raw base and expert logits of that step (before vLLM's own masks
   and biases, as the library reads them before its logits processors), computed in the wrapper's
-  `compute_logits` for the undecided rows the processor names (`ExpertChannel.check_rows`).
+  `compute_logits` for the undecided rows the processor names (`ExpertChannel.check_rows`);
+- where the probe's look-ahead (`check_rollout`) must confirm a diverging request, the expert's own greedy
+  opening is decoded then, beside the scheduler (`look_ahead.py`), and the request is routed unless it refuses.
 
 Prefix caching would skip the forward of a cached prompt prefix, and with it those tokens' scores:
 an engine with the probe on refuses it (`engine_kwargs` / `serve_args` switch it off).
@@ -30,7 +32,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -181,15 +183,19 @@ class EngineRisk:
         """A request's calibrated risk from its maximum token logit (`RiskProbe.risk` on the feature)."""
         return float(self.probe.risk(torch.tensor([[max_logit]], dtype=torch.float32, device=self.probe.mean.device)))
 
-    def decide(self, max_logit: float, divergence: float | None, prompt: Sequence[int]) -> ProbeVerdict:
+    def decide(self, max_logit: float, divergence: float | None, prompt: Sequence[int],
+               opening: Callable[[], str | None] | None = None) -> ProbeVerdict:
         """The request's verdict; `divergence` (its first-step total variation) is read when the check needs it;
-        `prompt`: its token ids, to tell a prompt outside the chat template (`use_tokenizer`)."""
+        `prompt`: its token ids, to tell a prompt outside the chat template (`use_tokenizer`); `opening`: the
+        expert's own greedy opening as text (`look_ahead.py`), asked for only where the plan's look-ahead
+        (`check_rollout`) must confirm a diverging request (None: the divergence alone decides)."""
         verdict, check = self.plan.verdict_for(self.risk(max_logit), untemplated=not self.templated(prompt))
         if check:
             if divergence is None:
                 raise RuntimeError("ngsd: the divergence check needs this request's first-step divergence, and the "
                                    "model did not compute it (is compute_logits NGSDGuardedLlamaForCausalLM's?)")
-            verdict = self.plan.checked(verdict, divergence)
+            text = opening() if opening is not None and self.plan.looks_ahead(divergence) else None
+            verdict = self.plan.checked(verdict, divergence, text)
         return verdict
 
     def record(self, prompt: Sequence[int], verdict: ProbeVerdict, prompt_steps: int, floor: float | None = None,

@@ -29,8 +29,10 @@ GUARDED_KV_BYTES = 12 * 32 * 60 * 2 * 3 * 64 * 4
 # a step's token budget below most prompts' length: prompts are prefilled over several steps
 CHUNKED = dict(max_num_batched_tokens=48, max_num_seqs=16)
 # AlpacaEval even ids (its training split) whose risk lies in the divergence check's band
-# [check_above, route_below) of the shipped probe: the check decides them
-BAND_IDS = (56, 154)
+# [check_above, route_below) of the shipped probe: the check decides them. 56 diverges less than the check's
+# threshold (routed); 154 and 254 diverge more, so the look-ahead reads the expert's own opening: 154's refuses
+# (guarded), 254's answers (routed)
+BAND_IDS = (56, 154, 254)
 
 
 def _need_data() -> None:
@@ -84,17 +86,13 @@ def band_ids(hf_model, band_texts) -> list[list[int]]:
 
 @pytest.fixture(scope="session")
 def default_result(hf_model, prompt_texts, band_texts):
-    """The project's own loop with its default configuration (risk probe, routing, divergence check), greedy,
-    on the 16 prompts and the band prompts: its tokens and traces (route, alpha, verdict) per row."""
+    """The project's own loop with its default configuration (risk probe, routing, divergence check and its
+    look-ahead), greedy, on the 16 prompts and the band prompts: its tokens and traces (route, alpha, verdict) per
+    row."""
     import ngsd
 
-    from ngsd import NGSDConfig, ReflectionConfig
-
     model, tokenizer = hf_model
-    # the engine's divergence check reads the divergence alone (no look-ahead of the expert's own opening)
-    config = NGSDConfig(reflection=ReflectionConfig(check_rollout=0))
-    return ngsd.generate(model, tokenizer, prompt_texts + band_texts, expert="shipped", max_new_tokens=NEW_TOKENS,
-                         config=config)
+    return ngsd.generate(model, tokenizer, prompt_texts + band_texts, expert="shipped", max_new_tokens=NEW_TOKENS)
 
 
 @pytest.fixture(scope="session")

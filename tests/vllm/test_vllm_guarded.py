@@ -69,7 +69,10 @@ def _check_preempted_batch(llm, ids, default_result, default_reference, verdict_
         assert (line["divergence"] is None) == (want.divergence is None), i
         if want.divergence is not None:
             assert line["divergence"] == pytest.approx(want.divergence, abs=1e-3), i
+        assert (line["expert_opening"], line["opening_refuses"]) == (want.expert_opening, want.opening_refuses), i
     assert any(line["divergence"] is not None for line in lines), "no request in the check's band"
+    openings = {line["opening_refuses"] for line in lines if line["expert_opening"] is not None}
+    assert openings == {True, False}, "the look-ahead should keep one band request guarded and route another"
     assert {line["routed"] for line in lines} == {True, False}, "the probe should route some requests and guard others"
     assert max(line["prompt_steps"] for line in lines) > 1, "no prompt was prefilled over several steps"
 
@@ -215,7 +218,6 @@ def test_a_bias_against_the_refusal_cannot_take_the_guard_away_at_the_default(gu
     bias removes the expert's answer: no answer goes past where the guard's begins, and each equals the library's
     default with the same bias (probe, routing; decided as without the bias)."""
     import ngsd
-    from ngsd import NGSDConfig, ReflectionConfig
     from transformers import LogitsProcessorList, SequenceBiasLogitsProcessor
     from vllm import SamplingParams
 
@@ -227,8 +229,7 @@ def test_a_bias_against_the_refusal_cannot_take_the_guard_away_at_the_default(gu
     assert guarded, "the probe guarded none of the harmful requests: the test lost its point"
     bias = {tokenizer.convert_tokens_to_ids("I"): -100.0, tokenizer.convert_tokens_to_ids("ĠI"): -100.0}
     processor = SequenceBiasLogitsProcessor([[[token], value] for token, value in bias.items()])
-    config = NGSDConfig(reflection=ReflectionConfig(check_rollout=0))  # as the engine's check (see default_result)
-    result = ngsd.generate(model, tokenizer, [prompt_texts[i] for i in guarded], expert="shipped", config=config,
+    result = ngsd.generate(model, tokenizer, [prompt_texts[i] for i in guarded], expert="shipped",
                            max_new_tokens=NEW_TOKENS, logits_processor=LogitsProcessorList([processor]))
     assert all(trace.stop_reason == "rules_removed_guard" for trace in result.traces), \
         [trace.stop_reason for trace in result.traces]
