@@ -58,7 +58,7 @@ GATE_FIELDS = ("mode", "tau", "v_th", "v_reset", "rho", "initial_potential", "pr
 RISK_MODES = ("auto", "probe", "off")
 # ReflectionConfig fields that shape the probe's decision (the rest are self-reflection's)
 REFLECTION_FIELDS = ("route", "route_below", "guarded_alpha", "check", "check_above", "check_divergence",
-                     "high_risk_above", "low_risk_below", "alpha_high", "alpha_mid", "alpha_low")
+                     "check_rollout", "high_risk_above", "low_risk_below", "alpha_high", "alpha_mid", "alpha_low")
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,7 @@ class GuardSettings:
     "probe": the probe, and an error where none applies; "off": every request at `alpha`.
     probe: a risk-probe folder (`ngsd train-probe`; token_max probes only); None: the shipped one.
     reflection: ReflectionConfig fields of the probe's decision (REFLECTION_FIELDS: route, route_below,
-    guarded_alpha, check, check_above, check_divergence and the risk-to-alpha thresholds); the
+    guarded_alpha, check, check_above, check_divergence, check_rollout and the risk-to-alpha thresholds); the
     library's defaults otherwise, so the engine decides as `ngsd.generate` does.
     verdict_log: a file the worker appends one JSON line to per request the probe decides
     (`ngsd.vllm.risk.verdict_record`); None: none (the verdict is logged at INFO level either way).

@@ -115,6 +115,7 @@ def test_a_pooled_probe_is_refused(tmp_path):
     ({"risk": "off", "probe": "somewhere"}, ValueError, "probe would never run"),
     ({"reflection": {"route_above": 3.0}}, ValueError, "unknown fields"),
     ({"reflection": {"guarded_alpha": 1.5}}, ValueError, "guarded_alpha"),
+    ({"reflection": {"check_rollout": -1}}, ValueError, "check_rollout"),
     ({"reflection": {"route": True}, "risk": "off"}, ValueError, "risk='off' runs no probe"),
     ({"reflection": [("route", False)]}, TypeError, "dict of ReflectionConfig fields"),
     ({"verdict_log": 3}, TypeError, "verdict_log"),
@@ -126,6 +127,15 @@ def test_bad_risk_settings_are_refused(fields, error, message):
 
     with pytest.raises(error, match=message):
         GuardSettings(**fields)
+
+
+def test_the_look_ahead_is_an_engine_setting_as_in_the_library():
+    """check_rollout was refused as an unknown field: an operator could not switch the look-ahead off (or lengthen
+    it) as ReflectionConfig(check_rollout=...) does in the library."""
+    from ngsd.vllm.settings import GuardSettings
+
+    assert GuardSettings(reflection={"check_rollout": 0}).reflection_config().check_rollout == 0
+    assert GuardSettings(reflection={"check_rollout": 4}).reflection_config().check_rollout == 4
 
 
 def test_prime_divergence_check_needs_a_probe_with_a_check():
