@@ -18,7 +18,7 @@ Subcommands (each writes one JSON file under ``bench/results/``):
 - ``report``: plots and ``RESULTS.md`` from the JSON files (``plots.py``).
 - ``all``: everything above in one go, then the report.
 
-    python bench/bench_decode.py all                 # full run (about an hour on a 2-core CPU)
+    python bench/bench_decode.py all                 # full run (about 40 minutes on a 2-core CPU)
     python bench/bench_decode.py e2e --quick         # a smoke run: 2 batch sizes, 8 tokens
 
 Runs on CUDA when available (``--device``); nothing here assumes a CPU.

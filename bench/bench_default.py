@@ -21,9 +21,9 @@ over rounds, ratios as the median of per-round ratios):
    (forced by an identity logits processor, which the loop must apply to logits).
 
     python bench/bench_default.py --batch 32 --new-tokens 64 --rounds 3   # writes bench/results/default.json
-    python bench/bench_default.py --quick-ratio --out default_quick.json    # the unguarded baselines vs the default only
-    python bench/bench_default.py --quick-ratio --stop-at-eos --out default_eos.json   # rows stop at EOS, as in use
-    python bench/bench_default.py --ttft-sweep-only --out ttft_sweep.json     # batch-1 time to first token, 20 prompts
+    python bench/bench_default.py --quick-ratio                # the unguarded baselines vs the default only: default_quick.json
+    python bench/bench_default.py --quick-ratio --stop-at-eos  # rows stop at EOS, as in use: default_quick_eos.json
+    python bench/bench_default.py --ttft-sweep-only            # batch-1 time to first token, 20 prompts: ttft_sweep.json
 
 The default model and the shipped expert; greedy; exactly `--new-tokens` tokens per row (no EOS stop), unless
 `--stop-at-eos`: then a row stops at the model's end-of-turn token, as users run it (a guarded refusal ends
@@ -165,6 +165,15 @@ def ttft_sweep(setup: Setup, prompts: list[str], rounds: int, seed: int, probe: 
             "per_prompt": rows}
 
 
+def default_out(quick_ratio: bool, stop_at_eos: bool, ttft_sweep_only: bool) -> str:
+    """The results file of a run given no --out: the full run's is default.json, which the README's Speed table reads."""
+    if ttft_sweep_only:
+        return "ttft_sweep.json"
+    if quick_ratio:
+        return "default_quick_eos.json" if stop_at_eos else "default_quick.json"
+    return "default_eos.json" if stop_at_eos else "default.json"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=32)
@@ -181,7 +190,10 @@ def main() -> None:
     parser.add_argument("--ttft-prompts", type=int, default=20,
                         help="benign prompts (AlpacaEval odd ids) timed one by one at batch 1 for the time to first "
                              "token")
-    parser.add_argument("--out", default="default.json")
+    parser.add_argument("--out", default=None,
+                        help="JSON file (a bare name goes to bench/results/); default: default.json for the full run, "
+                             "default_quick.json / default_quick_eos.json for --quick-ratio (with --stop-at-eos), "
+                             "ttft_sweep.json for --ttft-sweep-only, so a quick run never replaces the full run's file")
     parser.add_argument("--stop-at-eos", action="store_true",
                         help="rows stop at the model's end-of-turn token (default: exactly --new-tokens per row)")
     parser.add_argument("--quick-ratio", action="store_true",
@@ -190,6 +202,8 @@ def main() -> None:
     parser.add_argument("--ttft-sweep-only", action="store_true",
                         help="only the batch-1 time-to-first-token sweep over --ttft-prompts benign prompts")
     args = parser.parse_args()
+    if args.out is None:
+        args.out = default_out(args.quick_ratio, args.stop_at_eos, args.ttft_sweep_only)
     torch.set_num_threads(args.threads)
     setup = load_setup(args.model, args.device, expert=args.expert)
     start = time.time()

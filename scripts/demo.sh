@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set-up plus the main job, in about 5 minutes on a 2-core CPU after the install:
+# Set-up plus the main job: about 7 minutes on a fresh 2-core CPU, 2-4 once installed and the model converted:
 #   1. guarded and unguarded answers side by side under the default configuration (the risk probe
 #      routes the harmless request unguarded and guards the harmful one), with the gate trace (text, and a PNG);
 #   2. a small evaluation, unguarded vs the default vs every request guarded at alpha 0.9: 8 harmful

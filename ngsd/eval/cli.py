@@ -1,6 +1,6 @@
 """`ngsd eval`: run an evaluation configuration, write the report and print a summary table.
 
-    ngsd eval --config demo                       # 2 methods x 2 small suites, a few minutes on a CPU
+    ngsd eval --config demo                       # 3 methods x 3 small suites, a few minutes on a CPU
     ngsd eval --config advbench50                 # guarded vs unguarded on the 50 lowest-id AdvBench prompts
     ngsd eval --config smoke --out eval_runs/smoke
     ngsd eval --config full --out reports/eval

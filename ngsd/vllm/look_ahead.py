@@ -44,21 +44,28 @@ class ExpertOpening:
         self.stack = stack
         model = stack.model
         self.layers = list(islice(model.layers, model.start_layer, model.end_layer))
+        # an opening that runs past the model's window repeats its last position, as the library's does
+        # (`_CachedModel.step`): the rotary table has no row beyond it
+        window = getattr(self.layers[0].self_attn.rotary_emb, "max_position_embeddings", None) if self.layers else None
+        self.last_position = window - 1 if isinstance(window, int) and window > 0 else None
 
     @torch.inference_mode()
     def __call__(self, prompt: Sequence[int], first: int, steps: int) -> list[int]:
         device = self.stack.model.embed_tokens.weight.device
         tokens = [int(first)]
         ids = torch.tensor([*prompt, first], dtype=torch.long, device=device)
-        positions = torch.arange(ids.numel(), device=device)
+        positions = self._in_window(torch.arange(ids.numel(), device=device))
         cache: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(self.layers)
         for _ in range(steps - 1):
             hidden = self._forward(ids, positions, cache)
             logits = self.stack.compute_logits(hidden[-1:])
             tokens.append(int(logits[0].argmax()))
             ids = torch.tensor([tokens[-1]], dtype=torch.long, device=device)
-            positions = positions[-1:] + 1
+            positions = self._in_window(positions[-1:] + 1)
         return tokens
+
+    def _in_window(self, positions: torch.Tensor) -> torch.Tensor:
+        return positions if self.last_position is None else positions.clamp_max(self.last_position)
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor,
                  cache: list[tuple[torch.Tensor, torch.Tensor] | None]) -> torch.Tensor:
