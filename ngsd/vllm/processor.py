@@ -187,10 +187,16 @@ class NGSDLogitsProcessor(LogitsProcessor):
 
     def _expert_opening(self, prompt: list[int], first_logits: torch.Tensor) -> str | None:
         """The expert's own greedy opening of a request (`check_rollout` tokens from its raw first-step logits, cut
-        at the first eos) as the library's `expert_openings` decodes it; None where the engine has no look-ahead."""
+        at the first eos) as the library's `expert_openings` decodes it; None where the engine has no look-ahead, or
+        where it failed (the request then stays guarded: a failed look-ahead must not take the engine down)."""
         if CHANNEL.look_ahead is None:
             return None
-        ids = CHANNEL.look_ahead(prompt, int(first_logits.argmax()), self.risk.plan.check_rollout)
+        try:
+            ids = CHANNEL.look_ahead(prompt, int(first_logits.argmax()), self.risk.plan.check_rollout)
+        except Exception:  # noqa: BLE001 - every request of the engine would fail with it
+            logger.exception("ngsd: the divergence check's look-ahead failed for a request with %d prompt tokens; it "
+                             "stays guarded (the divergence alone decides)", len(prompt))
+            return None
         ended = [i for i, token in enumerate(ids) if token in self.eos_token_ids]
         return self.risk.tokenizer.decode(ids[:ended[0]] if ended else ids, skip_special_tokens=True)
 
