@@ -72,7 +72,9 @@ class NGSDLogitsProcessor(LogitsProcessor):
         self.book = GateBook(self.settings, self.risk)
         self.device = device
         self.eos_token_id = _eos_token_id(tokenizer, vllm_config)
-        self.eos_token_ids = {self.eos_token_id, *_config_eos_ids(vllm_config)}  # where an expert opening ends
+        # where an expert opening ends, as in the library (`ngsd.loading.eos_token_ids`): the tokenizer's eos and the
+        # generation config's (a chat model's end-of-turn token is often listed there only)
+        self.eos_token_ids = {self.eos_token_id, *_generation_eos_ids(vllm_config)}
 
     def is_argmax_invariant(self) -> bool:
         return False  # it decides the token
@@ -168,6 +170,7 @@ class NGSDLogitsProcessor(LogitsProcessor):
             CHANNEL.put_probe(None)
             return
         tokens = CHANNEL.take_probe()
+        openings: dict[tuple[tuple[int, ...], int], str | None] = {}  # the children of an n > 1 request share one
         for index, state in awaiting:
             if not state.prompt:  # a prompt given as embeddings: no token ids to tell its end by
                 state.awaiting = False
@@ -175,24 +178,38 @@ class NGSDLogitsProcessor(LogitsProcessor):
             start, end = int(tokens.starts[index]), int(tokens.starts[index + 1])
             if not observe(state, tokens.logits[start:end], tokens.positions[start:end]):
                 continue  # a partial prefill: vLLM discards this step's sample, and the row stays untouched
-            verdict = self.risk.decide(state.probe_max, expert.divergence.get(index), state.prompt,
-                                       opening=lambda: self._expert_opening(state.prompt, expert.all_logits[index]))
-            state.verdict, state.awaiting = verdict, False
             floor = state.policy.alpha if state.policy.at_least else None
+            # a request that asked for at least the alpha the check would keep it at cannot be routed by an opening
+            wants_opening = floor is None or floor < self.risk.plan.checked_alpha
+            opening = (lambda: self._expert_opening(state.prompt, expert.all_logits[index], openings)) \
+                if wants_opening else None
+            verdict = self.risk.decide(state.probe_max, expert.divergence.get(index), state.prompt, opening=opening)
+            state.verdict, state.awaiting = verdict, False
             if floor is None:
                 state.policy = RequestPolicy(guarded=not verdict.routed, alpha=verdict.alpha)
             else:  # it asked for at least `floor`: never routed, and the probe may only raise it
                 state.policy = RequestPolicy(guarded=True, alpha=max(floor, 0.0 if verdict.routed else verdict.alpha))
             self.risk.record(state.prompt, verdict, state.prompt_steps, floor=floor, alpha=state.policy.alpha)
 
-    def _expert_opening(self, prompt: list[int], first_logits: torch.Tensor) -> str | None:
+    def _expert_opening(self, prompt: list[int], first_logits: torch.Tensor,
+                        known: dict[tuple[tuple[int, ...], int], str | None] | None = None) -> str | None:
         """The expert's own greedy opening of a request (`check_rollout` tokens from its raw first-step logits, cut
         at the first eos) as the library's `expert_openings` decodes it; None where the engine has no look-ahead, or
-        where it failed (the request then stays guarded: a failed look-ahead must not take the engine down)."""
+        where it failed (the request then stays guarded: a failed look-ahead must not take the engine down).
+        `known`: this step's openings by prompt and first token, which the same prompt (n > 1) reuses."""
         if CHANNEL.look_ahead is None:
             return None
+        key = (tuple(prompt), int(first_logits.argmax()))
+        if known is not None and key in known:
+            return known[key]
+        opening = self._decode_opening(prompt, key[1])
+        if known is not None:
+            known[key] = opening
+        return opening
+
+    def _decode_opening(self, prompt: list[int], first: int) -> str | None:
         try:
-            ids = CHANNEL.look_ahead(prompt, int(first_logits.argmax()), self.risk.plan.check_rollout)
+            ids = CHANNEL.look_ahead(prompt, first, self.risk.plan.check_rollout)
         except Exception:  # noqa: BLE001 - every request of the engine would fail with it
             logger.exception("ngsd: the divergence check's look-ahead failed for a request with %d prompt tokens; it "
                              "stays guarded (the divergence alone decides)", len(prompt))
@@ -262,7 +279,14 @@ def _eos_token_id(tokenizer, vllm_config: "VllmConfig") -> int:
 
 
 def _config_eos_ids(vllm_config: "VllmConfig") -> list[int]:
-    eos = getattr(vllm_config.model_config.hf_config, "eos_token_id", None)
+    return _ids(getattr(vllm_config.model_config.hf_config, "eos_token_id", None))
+
+
+def _generation_eos_ids(vllm_config: "VllmConfig") -> list[int]:
+    return _ids(vllm_config.model_config.try_get_generation_config().get("eos_token_id"))
+
+
+def _ids(eos) -> list[int]:
     return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None]
 
 
