@@ -80,8 +80,8 @@ def run_engine(engine: str, out: Path) -> None:
 
 
 def library_guarded() -> dict[str, list[bool]]:
-    per_prompt = json.loads(LIBRARY_RUN.read_text())["per_prompt"]["ngsd"]
-    alpha = json.loads(LIBRARY_RUN.read_text())["per_prompt_fields"].index("alpha")
+    run = json.loads(LIBRARY_RUN.read_text())
+    per_prompt, alpha = run["per_prompt"]["ngsd"], run["per_prompt_fields"].index("alpha")
     return {suite: [row[alpha] > 0 for row in per_prompt[suite][:limit]] for suite, limit in SUITES}
 
 

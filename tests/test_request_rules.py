@@ -138,16 +138,14 @@ def test_a_penalty_shapes_the_base_and_leaves_the_experts_answer_its_own(rows):
     assert step.removed_guard is None  # a penalty is not a rule: nothing to end
 
 
-def test_sampling_warpers_among_the_processors_are_refused_by_name(lora_folder):
+def test_sampling_warpers_among_the_processors_are_refused_by_name(llama_pair):
     """A temperature warper as a processor ran before the gate: at 5 it flattened both distributions until the guarded
     answers were the unguarded ones. The op applies temperature / top-k / top-p itself, after the gate."""
     from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper
 
     from ngsd import guarded_generate
 
-    from .conftest import tiny_model
-
-    model = tiny_model("llama")
+    model, lora_folder = llama_pair
     for processors in (LogitsProcessorList([TemperatureLogitsWarper(5.0)]), TopKLogitsWarper(4)):
         with pytest.raises(ValueError, match="sampling warpers .*(TemperatureLogitsWarper|TopKLogitsWarper)"):
             guarded_generate(model, torch.tensor([[5, 6, 7]]), expert=lora_folder, alpha=0.9, max_new_tokens=2,
@@ -161,10 +159,3 @@ def test_sampling_warpers_among_the_processors_are_refused_by_name(lora_folder):
                            logits_processor=LogitsProcessorList([TemperatureLogitsWarper(5.0)]))
     finally:
         ngsd.remove(model)
-
-
-@pytest.fixture(scope="module")
-def lora_folder(tmp_path_factory):
-    from .conftest import tiny_lora_expert, tiny_model
-
-    return tiny_lora_expert(tiny_model("llama"), tmp_path_factory.mktemp("lora"))

@@ -72,12 +72,15 @@ class ExpertOpening:
         """`LlamaModel.forward` and `LlamaDecoderLayer.forward`, step for step, but attention over `cache`."""
         model = self.stack.model
         hidden, residual = model.embed_tokens(ids), None
+        past = 0 if cache[0] is None else cache[0][0].shape[1]
+        # causal over the whole context: new position j sees the `past` cached ones and the new ones up to itself
+        allowed = torch.ones(ids.numel(), past + ids.numel(), dtype=torch.bool, device=ids.device).tril(past)
         for i, layer in enumerate(self.layers):
             if residual is None:
                 residual, hidden = hidden, layer.input_layernorm(hidden)
             else:
                 hidden, residual = layer.input_layernorm(hidden, residual)
-            hidden = self._attention(layer.self_attn, positions, hidden, cache, i)
+            hidden = self._attention(layer.self_attn, positions, hidden, cache, i, allowed)
             hidden, residual = layer.post_attention_layernorm(hidden, residual)
             hidden = layer.mlp(hidden)
         hidden, _ = model.norm(hidden, residual)
@@ -85,7 +88,7 @@ class ExpertOpening:
 
     @staticmethod
     def _attention(attention: Any, positions: torch.Tensor, hidden: torch.Tensor,
-                   cache: list[tuple[torch.Tensor, torch.Tensor] | None], i: int) -> torch.Tensor:
+                   cache: list[tuple[torch.Tensor, torch.Tensor] | None], i: int, allowed: torch.Tensor) -> torch.Tensor:
         qkv, _ = attention.qkv_proj(hidden)
         q, k, v = qkv.split([attention.q_size, attention.kv_size, attention.kv_size], dim=-1)
         q, k = attention.rotary_emb(positions, q, k)
@@ -96,9 +99,7 @@ class ExpertOpening:
             k, v = torch.cat([cache[i][0], k], dim=1), torch.cat([cache[i][1], v], dim=1)
         cache[i] = (k, v)
         q = q.reshape(-1, heads, size).transpose(0, 1)
-        new, seen = q.shape[1], k.shape[1]
-        # causal over the whole context: query j (of the `new` last positions) sees keys up to seen - new + j
-        allowed = torch.ones(new, seen, dtype=torch.bool, device=q.device).tril(seen - new)
+        new = q.shape[1]
         groups = heads // kv_heads
         out = F.scaled_dot_product_attention(q, k.repeat_interleave(groups, 0), v.repeat_interleave(groups, 0),
                                              attn_mask=allowed, scale=attention.scaling)

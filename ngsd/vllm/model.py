@@ -52,11 +52,11 @@ class NGSDGuardedLlamaForCausalLM(nn.Module):
         self.expert = LlamaForCausalLM(vllm_config=vllm_config, prefix=_join(prefix, "expert"))
         self.adapter = LoraAdapter.load(expert_folder(self.settings.expert))
         self.risk = EngineRisk.for_engine(self.settings, config)
+        CHANNEL.look_ahead = None
         if self.risk is not None:
             _check_probe_engine(vllm_config, self.risk)
             # the residual stream entering decoder layer `layer` (hidden + residual): HF's hidden_states[layer]
             self.base.model._set_aux_hidden_state_layers((self.risk.layer,))
-            CHANNEL.look_ahead = None
             if self.risk.plan.check_rollout:
                 why_not = look_ahead_unsupported(vllm_config, self.expert)
                 if why_not is None:

@@ -192,7 +192,7 @@ class NGSDLogitsProcessor(LogitsProcessor):
             self.risk.record(state.prompt, verdict, state.prompt_steps, floor=floor, alpha=state.policy.alpha)
 
     def _expert_opening(self, prompt: list[int], first_logits: torch.Tensor,
-                        known: dict[tuple[tuple[int, ...], int], str | None] | None = None) -> str | None:
+                        known: dict[tuple[tuple[int, ...], int], str | None]) -> str | None:
         """The expert's own greedy opening of a request (`check_rollout` tokens from its raw first-step logits, cut
         at the first eos) as the library's `expert_openings` decodes it; None where the engine has no look-ahead, or
         where it failed (the request then stays guarded: a failed look-ahead must not take the engine down).
@@ -200,12 +200,9 @@ class NGSDLogitsProcessor(LogitsProcessor):
         if CHANNEL.look_ahead is None:
             return None
         key = (tuple(prompt), int(first_logits.argmax()))
-        if known is not None and key in known:
-            return known[key]
-        opening = self._decode_opening(prompt, key[1])
-        if known is not None:
-            known[key] = opening
-        return opening
+        if key not in known:
+            known[key] = self._decode_opening(prompt, key[1])
+        return known[key]
 
     def _decode_opening(self, prompt: list[int], first: int) -> str | None:
         try:

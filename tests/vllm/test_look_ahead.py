@@ -68,7 +68,7 @@ def test_the_opening_starts_at_the_first_step_argmax_and_ends_at_eos(monkeypatch
 
     monkeypatch.setattr(CHANNEL, "look_ahead", look_ahead)
     first_logits = torch.tensor([0.0, 1.0, 0.5, 3.0, -1.0])
-    assert NGSDLogitsProcessor._expert_opening(_processor(), [5, 6], first_logits) == "3 7"
+    assert NGSDLogitsProcessor._expert_opening(_processor(), [5, 6], first_logits, {}) == "3 7"
     assert asked == [([5, 6], 3, 4)]
 
 
@@ -84,7 +84,7 @@ def test_a_failing_look_ahead_keeps_the_request_guarded_and_the_engine_up(monkey
         raise IndexError("index out of range in self")
 
     monkeypatch.setattr(CHANNEL, "look_ahead", look_ahead)
-    assert NGSDLogitsProcessor._expert_opening(_processor(), [5, 6], torch.zeros(5)) is None
+    assert NGSDLogitsProcessor._expert_opening(_processor(), [5, 6], torch.zeros(5), {}) is None
     assert "look-ahead failed" in caplog.text
 
 
