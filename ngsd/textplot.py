@@ -56,7 +56,7 @@ def require_matplotlib(what: str = "the trace plot") -> None:
     if importlib.util.find_spec("matplotlib") is None:
         raise MatplotlibMissingError(
             f"{what} needs matplotlib, which is not installed: pip install matplotlib "
-            "(or pip install 'ngsd[eval]')",
+            "(or, in the ngsd checkout, pip install -e '.[eval]')",
             name="matplotlib",
         )
 

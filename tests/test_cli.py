@@ -151,8 +151,8 @@ def test_user_errors_are_one_line_with_status_2(argv, words, capsys):
 @pytest.mark.parametrize("argv, missing, words", [
     # a packaging hunt (stop 50): eval generated every answer (minutes to an hour), then failed at its plots;
     # train-expert built its data, then said only "No module named 'peft'"
-    (["eval", "--config", "demo"], "matplotlib", ["ngsd eval", "matplotlib", "ngsd[eval]"]),
-    (["train-expert", "--out", "adapter"], "peft", ["train-expert needs peft", "ngsd[train]"]),
+    (["eval", "--config", "demo"], "matplotlib", ["ngsd eval", "matplotlib", "pip install -e '.[eval]'"]),
+    (["train-expert", "--out", "adapter"], "peft", ["train-expert needs peft", "pip install peft", "pip install -e '.[train]'"]),
 ])
 def test_a_missing_optional_package_is_named_before_any_work(argv, missing, words, monkeypatch, capsys, tmp_path):
     import importlib.util

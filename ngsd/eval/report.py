@@ -406,11 +406,12 @@ def markdown_report(
 
 
 def readme_table(config: EvalConfig, metrics: Mapping[str, Any], methods: Sequence[Method], run: Mapping[str, Any],
-                 report_path: str = "REPORT.md") -> str:
+                 report_name: str = "REPORT.md") -> str:
+    # the report is named relative to this table, so a run folder copied into the repository still points right
     expert = run["expert"] or "none"
     lines = [
         f"Measured with the harness (`ngsd eval`, config `{config.name}`; model {run['model']}, expert `{expert}`, "
-        f"greedy, {config.max_new_tokens} new tokens, judge `{metrics['judge']}`; full report in `{report_path}`):",
+        f"greedy, {config.max_new_tokens} new tokens, judge `{metrics['judge']}`; full report: `{report_name}` beside this table):",
         "",
         headline_table(config, metrics, methods),
         "",
@@ -487,7 +488,7 @@ def write_reports(
     document = results_document(config, methods, suites, results, metrics, plots, run)
     paths["results"].write_text(json.dumps(document, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     paths["report"].write_text(markdown_report(config, methods, suites, results, metrics, plots, run), encoding="utf-8")
-    paths["readme_table"].write_text(readme_table(config, metrics, methods, run, str(paths["report"])),
+    paths["readme_table"].write_text(readme_table(config, metrics, methods, run, paths["report"].name),
                                      encoding="utf-8")
     return paths
 

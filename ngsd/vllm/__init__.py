@@ -18,7 +18,7 @@ chosen token. `engine_kwargs()` builds the arguments for `vllm.LLM(...)`; `serve
 >>> llm = LLM(**engine_kwargs("path/to/model", expert="shipped", alpha=0.9))  # doctest: +SKIP
 >>> llm.generate(["..."], SamplingParams(max_tokens=64, extra_args={"ngsd_alpha": 1.0}))  # doctest: +SKIP
 
-Importing this package needs vLLM (`pip install "ngsd[vllm]"`, or `bash scripts/vllm_env.sh` for
+Importing this package needs vLLM (`pip install -e ".[vllm]"` in the checkout, or `bash scripts/vllm_env.sh` for
 a separate environment); `import ngsd` never imports it.
 """
 
@@ -28,7 +28,8 @@ try:
     import vllm  # noqa: F401
 except ImportError as missing:  # pragma: no cover - depends on the environment
     raise ImportError(
-        "ngsd.vllm needs vLLM: pip install 'ngsd[vllm]' (CPU: bash scripts/vllm_env.sh builds .venv-vllm/)"
+        "ngsd.vllm needs vLLM: in the ngsd checkout, pip install -e '.[vllm]' "
+        "(CPU: bash scripts/vllm_env.sh builds .venv-vllm/)"
     ) from missing
 
 from .engine import ARCHITECTURE, PROCESSOR, engine_kwargs, serve_args  # noqa: E402

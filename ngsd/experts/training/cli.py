@@ -141,7 +141,8 @@ def check_arguments(args: argparse.Namespace) -> None:
     import importlib.util
 
     if importlib.util.find_spec("peft") is None:  # the LoRA training itself; found only after the data was built
-        raise UsageError("train-expert needs peft, which is not installed: pip install 'ngsd[train]' (peft, accelerate)")
+        raise UsageError("train-expert needs peft, which is not installed: pip install peft accelerate "
+                         "(or, in the ngsd checkout, pip install -e '.[train]')")
     if args.model is not None:
         check_model(args.model)
     if args.distill_from is not None:
