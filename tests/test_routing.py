@@ -679,6 +679,12 @@ def test_the_fit_reads_the_experts_openings_as_the_loop_makes_them(tmp_path):
 
     looked = generate(model, tokenizer, texts, expert=adapter, max_new_tokens=1, config=NGSDConfig(reflection=reflection))
     assert [t.reflection.expert_opening for t in looked.traces] == fitted
+    # a request's own eos_token_id does not cut the openings the check reads: naming the openings' own tokens ends
+    # (as "'m" cut the refusal "I'm sorry, but..." to "I", a hunting helper found) routed refused requests unguarded
+    own_tokens = sorted({t for text in fitted for t in tokenizer(text, add_special_tokens=False).input_ids})
+    asked = generate(model, tokenizer, texts, expert=adapter, max_new_tokens=1, eos_token_id=own_tokens,
+                     config=NGSDConfig(reflection=reflection))
+    assert [t.reflection.expert_opening for t in asked.traces] == fitted
 
 
 def test_a_streamer_gets_the_first_token_before_the_look_ahead_when_no_route_changes_it(tmp_path, monkeypatch):

@@ -285,7 +285,7 @@ def guarded_generate(
                 if risk.to_check:  # rows the probe is unsure of stay guarded if the expert diverges at once
                     selection.set_rows(pair.rows, batch)
                     first_logits = selection.guarded_row_logits(prefill.base, prefill.expert)
-                    openings = expert_openings(pair, tokenizer, risk.check_rollout, eos_ids)
+                    openings = expert_openings(pair, tokenizer, risk.check_rollout, model)
                     if (streamer is not None and openings is not None and logits_processor is None and not cuda_graph
                             and risk.will_look_ahead(pair.rows, *first_logits)):
                         first_step = _first_step_on_either_route(selection, prefill, pair.rows, risk, potential,
@@ -485,13 +485,18 @@ def _first_step_on_either_route(selection: GuardedStep, prefill: Any, rows: torc
     return kept, routed
 
 
-def expert_openings(pair: Any, tokenizer: Any, tokens: int, eos_ids: torch.Tensor):
+def expert_openings(pair: Any, tokenizer: Any, tokens: int, model: Any):
     """What `RiskPlan.confirm` calls for the expert's own greedy openings of some guarded rows (text, cut at
-    the first eos); None when the check reads none, or cannot (no tokenizer, or a pair without a look-ahead)."""
+    the model's first end-of-answer token); None when the check reads none, or cannot (no tokenizer, or a pair
+    without a look-ahead). The model's own ends (`eos_token_ids`: the tokenizer's and the generation config's, as
+    the fit that chose the check read them), not the call's `eos_token_id`: a request that named "'m" an eos cut
+    the refusal "I'm sorry, but I cannot..." to "I" and was routed unguarded (nothing a request says may lower
+    its guard)."""
     if not tokens or tokenizer is None or not hasattr(pair, "expert_openings"):
         return None
+    from ..loading import eos_token_ids
 
-    stops = set(eos_ids.tolist())
+    stops = set(eos_token_ids(model, tokenizer))
 
     def openings(index: torch.Tensor, first_logits: torch.Tensor) -> list[str]:
         texts = []
