@@ -14,17 +14,19 @@ processor names in `check_rows` (undecided requests), computed on the raw logits
 For the guarded rows whose requests have token rules of their own (`ruled_rows`), the base logits from
 before vLLM applies those rules travel too (`ngsd.decoding.request_rules` compares them with after).
 The model also leaves the divergence check's look-ahead here (`look_ahead.py`: the expert's own greedy
-opening of a request), which the processor calls when it decides a diverging request.
+openings of requests), which the processor calls when it decides diverging requests, and gives it each
+deciding step's block table (where those prompts' expert keys and values lie).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 if TYPE_CHECKING:
+    from .look_ahead import ExpertOpening
     from .risk import ProbeTokens
 
 
@@ -47,9 +49,10 @@ class ExpertChannel:
         self._probe: "ProbeTokens | None" = None
         self.check_rows: list[int] = []  # set by the processor each step: rows whose divergence check may be due
         self.ruled_rows: list[int] = []  # set by the processor each step: guarded rows whose requests have token rules
-        # set by the model at load: (prompt ids, first token, tokens) -> the expert's own greedy opening; None: the
-        # engine cannot decode one (tensor parallelism...) or its probe has no look-ahead
-        self.look_ahead: Callable[[Sequence[int], int, int], list[int]] | None = None
+        # set by the model at load (`look_ahead.ExpertOpening`): (prompts' ids, the expert's first-step logits of
+        # each, tokens, rows=their rows in the step's batch) -> the expert's own greedy openings; None: the engine
+        # cannot decode one (tensor parallelism...) or its probe has no look-ahead
+        self.look_ahead: "ExpertOpening | None" = None
 
     def put_probe(self, tokens: "ProbeTokens | None") -> None:
         self._probe = tokens

@@ -78,6 +78,8 @@ class NGSDGuardedLlamaForCausalLM(nn.Module):
         if self.risk is not None:
             base, (probe_hidden,) = base
             CHANNEL.put_probe(self._probe_tokens(probe_hidden, positions))
+            if CHANNEL.look_ahead is not None:  # where this step's look-ahead finds the prompts' expert keys, values
+                CHANNEL.look_ahead.step_blocks = self._expert_blocks() if CHANNEL.check_rows else None
         expert = self.expert.model(input_ids, positions, intermediate_tensors, inputs_embeds)
         return torch.cat([base, expert], dim=-1)
 
@@ -96,6 +98,15 @@ class NGSDGuardedLlamaForCausalLM(nn.Module):
         tokens = int(starts[-1])
         return ProbeTokens(logits=self.risk.token_logits(hidden[:tokens]).cpu(),
                            positions=positions[:tokens].to("cpu", torch.long), starts=starts)
+
+    def _expert_blocks(self) -> torch.Tensor | None:
+        """This step's block table of the expert stack's attention (a row per request), None without one."""
+        from vllm.forward_context import get_forward_context, is_forward_context_available
+
+        metadata = get_forward_context().attn_metadata if is_forward_context_available() else None
+        first = self.expert.model.layers[self.expert.model.start_layer].self_attn.attn.layer_name
+        table = getattr((metadata or {}).get(first) if isinstance(metadata, dict) else None, "block_table", None)
+        return table.clone() if isinstance(table, torch.Tensor) else None
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         base, expert = hidden_states.split(self.hidden_size, dim=-1)

@@ -170,7 +170,7 @@ class NGSDLogitsProcessor(LogitsProcessor):
             CHANNEL.put_probe(None)
             return
         tokens = CHANNEL.take_probe()
-        openings: dict[tuple[tuple[int, ...], int], str | None] = {}  # the children of an n > 1 request share one
+        due: list[tuple[int, GateState, float | None, tuple[tuple[int, ...], int] | None]] = []
         for index, state in awaiting:
             if not state.prompt:  # a prompt given as embeddings: no token ids to tell its end by
                 state.awaiting = False
@@ -180,37 +180,48 @@ class NGSDLogitsProcessor(LogitsProcessor):
                 continue  # a partial prefill: vLLM discards this step's sample, and the row stays untouched
             floor = state.policy.alpha if state.policy.at_least else None
             # a request that asked for at least the alpha the check would keep it at cannot be routed by an opening
-            wants_opening = floor is None or floor < self.risk.plan.checked_alpha
-            opening = (lambda: self._expert_opening(state.prompt, expert.all_logits[index], openings)) \
-                if wants_opening else None
+            wants_opening = (floor is None or floor < self.risk.plan.checked_alpha) and CHANNEL.look_ahead is not None \
+                and self.risk.wants_opening(state.probe_max, expert.divergence.get(index), state.prompt)
+            key = (tuple(state.prompt), int(expert.all_logits[index].argmax())) if wants_opening else None
+            due.append((index, state, floor, key))
+        # the step's openings decoded together; the children of an n > 1 request share one
+        asked: dict[tuple[tuple[int, ...], int], int] = {}  # each prompt's (and first token's) first row
+        for index, _, _, key in due:
+            if key is not None:
+                asked.setdefault(key, index)
+        openings, source = self._expert_openings(list(asked), expert, [asked[key] for key in asked])
+        for index, state, floor, key in due:
+            opening = None if key is None else (lambda key=key: openings[key])
             verdict = self.risk.decide(state.probe_max, expert.divergence.get(index), state.prompt, opening=opening)
             state.verdict, state.awaiting = verdict, False
             if floor is None:
                 state.policy = RequestPolicy(guarded=not verdict.routed, alpha=verdict.alpha)
             else:  # it asked for at least `floor`: never routed, and the probe may only raise it
                 state.policy = RequestPolicy(guarded=True, alpha=max(floor, 0.0 if verdict.routed else verdict.alpha))
-            self.risk.record(state.prompt, verdict, state.prompt_steps, floor=floor, alpha=state.policy.alpha)
+            self.risk.record(state.prompt, verdict, state.prompt_steps, floor=floor, alpha=state.policy.alpha,
+                             opening_prompt=None if key is None else source)
 
-    def _expert_opening(self, prompt: list[int], first_logits: torch.Tensor,
-                        known: dict[tuple[tuple[int, ...], int], str | None]) -> str | None:
-        """The expert's own greedy opening of a request (`check_rollout` tokens from its raw first-step logits, cut
-        at the first eos) as the library's `expert_openings` decodes it; None where the engine has no look-ahead, or
-        where it failed (the request then stays guarded: a failed look-ahead must not take the engine down).
-        `known`: this step's openings by prompt and first token, which the same prompt (n > 1) reuses."""
-        if CHANNEL.look_ahead is None:
-            return None
-        key = (tuple(prompt), int(first_logits.argmax()))
-        if key not in known:
-            known[key] = self._decode_opening(prompt, key[1])
-        return known[key]
-
-    def _decode_opening(self, prompt: list[int], first: int) -> str | None:
+    def _expert_openings(self, keys: list[tuple[tuple[int, ...], int]], expert, rows: list[int]
+                         ) -> tuple[dict[tuple[tuple[int, ...], int], str | None], str | None]:
+        """The expert's own greedy openings of requests given as (prompt, argmax of the expert's raw first-step
+        logits), at `rows` of this step's batch: `check_rollout` tokens each, cut at the first eos, as the library's
+        `expert_openings` decodes them. None for each where the look-ahead failed: those requests stay guarded (a
+        failed look-ahead must not take the engine down, and the divergence alone then decides). And where the
+        look-ahead found their prompts (`ExpertOpening.last_source`), None where it failed."""
+        if not keys:
+            return {}, None
         try:
-            ids = CHANNEL.look_ahead(prompt, first, self.risk.plan.check_rollout)
+            decoded = CHANNEL.look_ahead([prompt for prompt, _ in keys], expert.all_logits[rows],
+                                         self.risk.plan.check_rollout, rows=rows)
         except Exception:  # noqa: BLE001 - every request of the engine would fail with it
-            logger.exception("ngsd: the divergence check's look-ahead failed for a request with %d prompt tokens; it "
-                             "stays guarded (the divergence alone decides)", len(prompt))
-            return None
+            logger.exception("ngsd: the divergence check's look-ahead failed for %d request(s) of %s prompt tokens; "
+                             "they stay guarded (the divergence alone decides)", len(keys),
+                             "/".join(str(len(prompt)) for prompt, _ in keys))
+            return dict.fromkeys(keys), None
+        return ({key: self._opening_text(ids) for key, ids in zip(keys, decoded)},
+                getattr(CHANNEL.look_ahead, "last_source", None))
+
+    def _opening_text(self, ids: list[int]) -> str:
         ended = [i for i, token in enumerate(ids) if token in self.eos_token_ids]
         return self.risk.tokenizer.decode(ids[:ended[0]] if ended else ids, skip_special_tokens=True)
 

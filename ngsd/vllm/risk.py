@@ -183,6 +183,12 @@ class EngineRisk:
         """A request's calibrated risk from its maximum token logit (`RiskProbe.risk` on the feature)."""
         return float(self.probe.risk(torch.tensor([[max_logit]], dtype=torch.float32, device=self.probe.mean.device)))
 
+    def wants_opening(self, max_logit: float, divergence: float | None, prompt: Sequence[int]) -> bool:
+        """Whether `decide` will ask this request for the expert's opening: the check reads it, and its divergence
+        would keep it guarded (`RiskPlan.looks_ahead`). The engine decodes those openings together first."""
+        _, check = self.plan.verdict_for(self.risk(max_logit), untemplated=not self.templated(prompt))
+        return check and divergence is not None and self.plan.looks_ahead(divergence)
+
     def decide(self, max_logit: float, divergence: float | None, prompt: Sequence[int],
                opening: Callable[[], str | None] | None = None) -> ProbeVerdict:
         """The request's verdict; `divergence` (its first-step total variation) is read when the check needs it;
@@ -199,9 +205,13 @@ class EngineRisk:
         return verdict
 
     def record(self, prompt: Sequence[int], verdict: ProbeVerdict, prompt_steps: int, floor: float | None = None,
-               alpha: float | None = None) -> None:
-        """Log the probe's verdict; `floor`: the alpha the request asked for at least, `alpha`: the one it got."""
+               alpha: float | None = None, opening_prompt: str | None = None) -> None:
+        """Log the probe's verdict; `floor`: the alpha the request asked for at least, `alpha`: the one it got;
+        `opening_prompt`: where the look-ahead found the prompt of the request's expert opening ("paged cache":
+        read from the expert's KV blocks; "run again": through the expert again, a longer stall)."""
         line = verdict_record(prompt, verdict, prompt_steps)
+        if opening_prompt is not None:
+            line["opening_prompt"] = opening_prompt
         logger.info("ngsd: request with %d prompt tokens (key %s): %s, alpha %s (%s)", line["prompt_tokens"],
                     line["prompt_key"], "routed" if verdict.routed else "guarded", verdict.alpha, verdict.reason)
         if floor is not None:

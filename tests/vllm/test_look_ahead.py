@@ -44,48 +44,31 @@ def test_an_engine_the_dense_opening_would_get_wrong_says_why(config, stack, rea
     assert reason in look_ahead_unsupported(config, stack)
 
 
-def _processor(rollout: int = 4) -> SimpleNamespace:
-    from ngsd.vllm.processor import NGSDLogitsProcessor
-
-    tokenizer = SimpleNamespace(decode=lambda ids, skip_special_tokens: " ".join(map(str, ids)))
-    fake = SimpleNamespace(eos_token_ids={2}, risk=SimpleNamespace(plan=SimpleNamespace(check_rollout=rollout),
-                                                                   tokenizer=tokenizer))
-    fake._decode_opening = NGSDLogitsProcessor._decode_opening.__get__(fake)
-    return fake
-
-
 def test_the_opening_starts_at_the_first_step_argmax_and_ends_at_eos(monkeypatch) -> None:
     import torch
 
-    from ngsd.vllm.channel import CHANNEL
-    from ngsd.vllm.processor import NGSDLogitsProcessor
-
     asked = []
 
-    def look_ahead(prompt, first, steps):
-        asked.append((list(prompt), first, steps))
-        return [first, 7, 2, 9]
+    def look_ahead(prompts, first_logits, steps, rows):
+        asked.append(([list(p) for p in prompts], first_logits.argmax(-1).tolist(), steps, rows))
+        return [[first, 7, 2, 9] for first in first_logits.argmax(-1).tolist()]
 
-    monkeypatch.setattr(CHANNEL, "look_ahead", look_ahead)
-    first_logits = torch.tensor([0.0, 1.0, 0.5, 3.0, -1.0])
-    assert NGSDLogitsProcessor._expert_opening(_processor(), [5, 6], first_logits, {}) == "3 7"
-    assert asked == [([5, 6], 3, 4)]
+    decider = _Decider([_state([5, 6])], rollout=4, first_logits=torch.tensor([[0.0, 1.0, 0.5, 3.0, -1.0]]))
+    _run_decide(decider, monkeypatch, look_ahead, decode=lambda ids, skip_special_tokens: " ".join(map(str, ids)))
+    assert decider.openings == ["3 7"]
+    assert asked == [([[5, 6]], [3], 4, [0])]
 
 
 def test_a_failing_look_ahead_keeps_the_request_guarded_and_the_engine_up(monkeypatch, caplog) -> None:
     """An exception in the processor ends every request of the engine; the look-ahead's fails closed instead:
     no opening, so the divergence alone decides and the request stays guarded."""
-    import torch
-
-    from ngsd.vllm.channel import CHANNEL
-    from ngsd.vllm.processor import NGSDLogitsProcessor
-
-    def look_ahead(prompt, first, steps):
+    def look_ahead(prompts, first_logits, steps, rows):
         raise IndexError("index out of range in self")
 
-    monkeypatch.setattr(CHANNEL, "look_ahead", look_ahead)
-    assert NGSDLogitsProcessor._expert_opening(_processor(), [5, 6], torch.zeros(5), {}) is None
-    assert "look-ahead failed" in caplog.text
+    decider = _Decider([_state([5, 6]), _state([7, 8, 9])])
+    _run_decide(decider, monkeypatch, look_ahead)
+    assert decider.openings == [None, None]
+    assert "look-ahead failed for 2 request(s) of 2/3 prompt tokens" in caplog.text
 
 
 def test_the_end_of_an_opening_is_read_where_the_library_reads_it() -> None:
@@ -102,7 +85,7 @@ def test_the_end_of_an_opening_is_read_where_the_library_reads_it() -> None:
 class _Decider:
     """What `NGSDLogitsProcessor._decide` reads: the book's undecided requests, the probe's scores, the risk rules."""
 
-    def __init__(self, states, divergence: float = 0.6) -> None:
+    def __init__(self, states, divergence: float = 0.6, rollout: int = 8, first_logits=None) -> None:
         import torch
 
         from ngsd.vllm.channel import ExpertRows
@@ -112,9 +95,11 @@ class _Decider:
         self.book = SimpleNamespace(awaiting=lambda batch_size: list(enumerate(states)))
         self.probe = ProbeTokens(logits=torch.zeros(n), positions=torch.tensor([len(s.prompt) - 1 for s in states]),
                                  starts=torch.arange(n + 1))
-        self.expert = ExpertRows(torch.zeros(n, 5), divergence={i: divergence for i in range(n)})
-        self.risk = SimpleNamespace(plan=SimpleNamespace(checked_alpha=0.9, check_rollout=8), tokenizer=None,
-                                    decide=self._decide, record=lambda *args, **kwargs: None)
+        self.expert = ExpertRows(torch.zeros(n, 5) if first_logits is None else first_logits,
+                                 divergence={i: divergence for i in range(n)})
+        self.risk = SimpleNamespace(plan=SimpleNamespace(checked_alpha=0.9, check_rollout=rollout), tokenizer=None,
+                                    decide=self._decide, record=lambda *args, **kwargs: None,
+                                    wants_opening=lambda max_logit, divergence, prompt: True)
         self.eos_token_ids = {2}
         self.openings: list[str | None] = []
 
@@ -127,15 +112,15 @@ class _Decider:
         return ProbeVerdict(risk=1.0, alpha=0.9 if guarded else 0.0, routed=not guarded, route_below=4.5)
 
 
-def _run_decide(decider: _Decider, monkeypatch, look_ahead) -> None:
+def _run_decide(decider: _Decider, monkeypatch, look_ahead, decode=None) -> None:
     from ngsd.vllm.channel import CHANNEL
     from ngsd.vllm.processor import NGSDLogitsProcessor
 
     monkeypatch.setattr(CHANNEL, "look_ahead", look_ahead)
     monkeypatch.setattr(CHANNEL, "_probe", decider.probe)
-    decider.risk.tokenizer = SimpleNamespace(decode=lambda ids, skip_special_tokens: "Sure, here")
-    decider._expert_opening = NGSDLogitsProcessor._expert_opening.__get__(decider)
-    decider._decode_opening = NGSDLogitsProcessor._decode_opening.__get__(decider)
+    decider.risk.tokenizer = SimpleNamespace(decode=decode or (lambda ids, skip_special_tokens: "Sure, here"))
+    for name in ("_expert_openings", "_opening_text"):
+        setattr(decider, name, getattr(NGSDLogitsProcessor, name).__get__(decider))
     NGSDLogitsProcessor._decide(decider, decider.expert, len(decider.openings) or 8)
 
 
@@ -150,9 +135,14 @@ def _state(prompt, alpha=0.9, at_least=False):
 def test_the_children_of_one_prompt_share_one_opening(monkeypatch) -> None:
     """n > 1: each child decoded the same opening again, each blocking the engine's step (~0.5 s here)."""
     calls = []
+
+    def look_ahead(prompts, first_logits, steps, rows):
+        calls.append(([list(p) for p in prompts], rows))
+        return [[first, 3] for first in first_logits.argmax(-1).tolist()]
+
     decider = _Decider([_state([5, 6, 7]), _state([5, 6, 7]), _state([5, 6, 7]), _state([8, 9])])
-    _run_decide(decider, monkeypatch, lambda prompt, first, steps: calls.append(list(prompt)) or [first, 3])
-    assert calls == [[5, 6, 7], [8, 9]]
+    _run_decide(decider, monkeypatch, look_ahead)
+    assert calls == [([[5, 6, 7], [8, 9]], [0, 3])]  # one look-ahead for the step, one opening per prompt
     assert decider.openings == ["Sure, here"] * 4
 
 
@@ -160,7 +150,46 @@ def test_a_request_that_asked_for_the_guard_skips_the_opening_it_cannot_use(monk
     """At least alpha 0.9 asked (ngsd_guard=True, or its own ngsd_alpha): guarded at 0.9 whatever the opening says,
     so no look-ahead blocks the step for it; one asking for less still gets it (the probe may raise its alpha)."""
     calls = []
+
+    def look_ahead(prompts, first_logits, steps, rows):
+        calls.append([list(p) for p in prompts])
+        return [[first] for first in first_logits.argmax(-1).tolist()]
+
     decider = _Decider([_state([5, 6], alpha=0.9, at_least=True), _state([7, 8], alpha=0.5, at_least=True)])
-    _run_decide(decider, monkeypatch, lambda prompt, first, steps: calls.append(list(prompt)) or [first])
-    assert calls == [[7, 8]]
+    _run_decide(decider, monkeypatch, look_ahead)
+    assert calls == [[[7, 8]]]
     assert decider.openings == [None, "Sure, here"]
+
+
+def test_a_step_without_a_diverging_request_runs_no_look_ahead(monkeypatch) -> None:
+    """Only requests whose divergence would keep them guarded need an opening (`EngineRisk.wants_opening`)."""
+    calls = []
+    decider = _Decider([_state([5, 6]), _state([7, 8])])
+    decider.risk.wants_opening = lambda max_logit, divergence, prompt: False
+    _run_decide(decider, monkeypatch, lambda prompts, first_logits, steps, rows: calls.append(prompts) or [])
+    assert calls == [] and decider.openings == [None, None]
+
+
+def test_a_prompt_is_read_from_the_cpu_backends_paged_blocks_in_its_layout() -> None:
+    """vLLM's CPU kernels (isa "vec") keep per block and head the keys transposed, then the values: a read in the
+    values' layout gave other keys (the look-ahead's check caught it: total variation 0.99 from the engine's)."""
+    import torch
+
+    from ngsd.vllm.look_ahead import PagedPrompt
+
+    blocks, heads, size, head = 5, 3, 4, 2
+    keys, values = torch.randn(heads, 10, head), torch.randn(heads, 10, head)
+    cache = torch.zeros(blocks, heads, size, 2 * head)
+    table = torch.tensor([3, 0, 4])  # the request's tokens 0-3 in block 3, 4-7 in block 0, 8-9 in block 4
+    region = cache.view(blocks, heads, 2 * size, head)
+    for token in range(10):
+        block, slot = int(table[token // size]), token % size
+        region[block, :, :size].reshape(heads, head, size)[:, :, slot] = keys[:, token]  # a view: writes the cache
+        region[block, :, size + slot] = values[:, token]
+    layer = SimpleNamespace(kv_cache=cache, isa="vec", kv_cache_dtype="auto",
+                            attn_backend=SimpleNamespace(get_name=lambda: "CPU_ATTN"))
+    reader = PagedPrompt.for_layer(SimpleNamespace(attn=layer))
+    k, v = reader.read(torch.tensor([3, 0, 4, 1]), 9)
+    assert torch.equal(k, keys[:, :9]) and torch.equal(v, values[:, :9])
+    for other in (dict(isa="amx"), dict(kv_cache_dtype="fp8"), dict(attn_backend=SimpleNamespace(get_name=lambda: "X"))):
+        assert PagedPrompt.for_layer(SimpleNamespace(attn=SimpleNamespace(**{**vars(layer), **other}))) is None

@@ -73,6 +73,9 @@ def _check_preempted_batch(llm, ids, default_result, default_reference, verdict_
     assert any(line["divergence"] is not None for line in lines), "no request in the check's band"
     openings = {line["opening_refuses"] for line in lines if line["expert_opening"] is not None}
     assert openings == {True, False}, "the look-ahead should keep one band request guarded and route another"
+    # read from the expert's paged KV cache (each read checked against the engine's own logits), through chunked
+    # prefill and preemption, not the prompt run through the expert again
+    assert {line.get("opening_prompt") for line in lines if line["expert_opening"] is not None} == {"paged cache"}
     assert {line["routed"] for line in lines} == {True, False}, "the probe should route some requests and guard others"
     assert max(line["prompt_steps"] for line in lines) > 1, "no prompt was prefilled over several steps"
 
