@@ -444,6 +444,8 @@ def test_guarded_generate_takes_logits_processors(lora_folder):
         (dict(do_sample=True, typical_p=0.5), "typical_p"),
         (dict(penalty_alpha=0.6, top_k=4), "penalty_alpha"),
         (dict(dola_layers="high"), "dola_layers"),  # was silently decoded without DoLa
+        (dict(prompt_lookup_num_tokens=3), "prompt_lookup_num_tokens"),  # was silently dropped (a hunting helper)
+        (dict(assistant_early_exit=1), "assistant_early_exit"),
     ],
 )
 def test_settings_that_cannot_be_honoured_are_refused_by_name(lora_folder, settings, name):

@@ -70,6 +70,10 @@ _UNSUPPORTED = (
     ("top_h", lambda v: v is not None, "use top_k / top_p"),
     ("watermarking_config", lambda v: v is not None, "watermarking"),
     ("dola_layers", lambda v: v is not None, "DoLa contrasts the model's own layers, not an expert"),
+    ("prompt_lookup_num_tokens", lambda v: v is not None, "prompt-lookup (assisted) decoding drafts tokens the guard "
+     "did not choose"),
+    ("assistant_early_exit", lambda v: v is not None, "self-speculative decoding drafts tokens the guard did not "
+     "choose"),
     ("output_scores", lambda v: bool(v), "the trace in ngsd_traces has the gate's per-step values"),
     ("output_logits", lambda v: bool(v), "the trace in ngsd_traces has the gate's per-step values"),
     ("output_attentions", lambda v: bool(v), "not collected by guarded decoding"),
