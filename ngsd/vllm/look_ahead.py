@@ -94,9 +94,9 @@ class PagedPrompt:
 
 
 class ExpertOpening:
-    """`opening(prompts, firsts, steps)`: the expert stack's greedy tokens after each prompt, `firsts[i]` being the
-    argmax of its first-step logits (which the engine already has), `steps` tokens each, as `_CachedModel.greedy`
-    gives them in the library. The openings a step needs are decoded together: every projection and MLP runs once
+    """`opening(prompts, first_logits, steps, rows=...)`: the expert stack's greedy tokens after each prompt, the
+    first being the argmax of its first-step logits (which the engine already has), `steps` tokens each, as
+    `_CachedModel.greedy` gives them in the library. The openings a step needs are decoded together: every projection and MLP runs once
     on all their tokens (one weight read a step for all of them, where one request after another read the weights
     once each), and each request attends over its own prompt only, so a long prompt does not pad the short ones."""
 
