@@ -73,7 +73,9 @@ def test_divergence_at_a_large_vocabulary_is_the_references_and_fires_the_same_s
     potential = (1.0 - reference_d.double() + margin) / (1 - 1 / 8)
     fast, ref = both(lb, le, potential.float(), torch.ones(2), candidate_k=8)
     assert torch.equal(fast[3], ref[3])
-    torch.testing.assert_close(fast[3].double(), exact, rtol=0, atol=1e-5)  # fp32 softmaxes: ~5e-6
+    # fp32 softmaxes and sums: ~5e-6 on the machines this ran on before, 1.26e-5 on an AMD EPYC (another reduction
+    # order); the drift this test was written for (vector_norm) was 2e-4
+    torch.testing.assert_close(fast[3].double(), exact, rtol=0, atol=3e-5)
     assert fast[2].tolist() == ref[2].tolist() == [True, False]
     assert torch.equal(fast[0], ref[0])
 
