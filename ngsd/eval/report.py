@@ -411,7 +411,8 @@ def readme_table(config: EvalConfig, metrics: Mapping[str, Any], methods: Sequen
     expert = run["expert"] or "none"
     lines = [
         f"Measured with the harness (`ngsd eval`, config `{config.name}`; model {run['model']}, expert `{expert}`, "
-        f"greedy, {config.max_new_tokens} new tokens, judge `{metrics['judge']}`; full report: `{report_name}` beside this table):",
+        f"greedy, {config.max_new_tokens} new tokens, judge `{metrics['judge']}`; full report: `{report_name}` "
+        "beside this table):",
         "",
         headline_table(config, metrics, methods),
         "",

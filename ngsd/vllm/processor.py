@@ -51,6 +51,8 @@ if TYPE_CHECKING:
     from vllm import SamplingParams
     from vllm.config import VllmConfig
 
+    from ..risk.estimate import ProbeVerdict
+
 
 class NGSDLogitsProcessor(LogitsProcessor):
     @classmethod
@@ -170,7 +172,8 @@ class NGSDLogitsProcessor(LogitsProcessor):
             CHANNEL.put_probe(None)
             return
         tokens = CHANNEL.take_probe()
-        due: list[tuple[int, GateState, float | None, tuple[tuple[int, ...], int] | None]] = []
+        due: list[tuple[int, GateState, float | None, tuple["ProbeVerdict", bool],
+                        tuple[tuple[int, ...], int] | None]] = []
         for index, state in awaiting:
             if not state.prompt:  # a prompt given as embeddings: no token ids to tell its end by
                 state.awaiting = False
@@ -179,20 +182,20 @@ class NGSDLogitsProcessor(LogitsProcessor):
             if not observe(state, tokens.logits[start:end], tokens.positions[start:end]):
                 continue  # a partial prefill: vLLM discards this step's sample, and the row stays untouched
             floor = state.policy.alpha if state.policy.at_least else None
+            first = self.risk.first_verdict(state.probe_max, state.prompt)
             # a request that asked for at least the alpha the check would keep it at cannot be routed by an opening
             wants_opening = (floor is None or floor < self.risk.plan.checked_alpha) and CHANNEL.look_ahead is not None \
-                and self.risk.wants_opening(state.probe_max, expert.divergence.get(index), state.prompt)
+                and self.risk.wants_opening(first, expert.divergence.get(index))
             key = (tuple(state.prompt), int(expert.all_logits[index].argmax())) if wants_opening else None
-            due.append((index, state, floor, key))
+            due.append((index, state, floor, first, key))
         # the step's openings decoded together; the children of an n > 1 request share one
         asked: dict[tuple[tuple[int, ...], int], int] = {}  # each prompt's (and first token's) first row
-        for index, _, _, key in due:
+        for index, *_, key in due:
             if key is not None:
                 asked.setdefault(key, index)
         openings, source = self._expert_openings(list(asked), expert, [asked[key] for key in asked])
-        for index, state, floor, key in due:
-            opening = None if key is None else (lambda key=key: openings[key])
-            verdict = self.risk.decide(state.probe_max, expert.divergence.get(index), state.prompt, opening=opening)
+        for index, state, floor, first, key in due:
+            verdict = self.risk.checked(first, expert.divergence.get(index), None if key is None else openings[key])
             state.verdict, state.awaiting = verdict, False
             if floor is None:
                 state.policy = RequestPolicy(guarded=not verdict.routed, alpha=verdict.alpha)

@@ -14,7 +14,7 @@ of the base's (else guarded), and the rest are guarded at the guarded alpha. Her
 - the processor keeps each undecided request's running maximum over its prompt positions only
   (chunked prefill spreads a prompt over steps; generated tokens do not count) and decides at the
   step that reaches the last prompt token, whose sample is the request's first real token
-  (`observe`, `decide`); a decision is final (a preempted request recomputed later keeps it);
+  (`observe`, `first_verdict`, `checked`); a decision is final (a preempted request recomputed later keeps it);
 - the divergence check reads the raw base and expert logits of that step (before vLLM's own masks
   and biases, as the library reads them before its logits processors), computed in the wrapper's
   `compute_logits` for the undecided rows the processor names (`ExpertChannel.check_rows`);
@@ -32,7 +32,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -183,24 +183,28 @@ class EngineRisk:
         """A request's calibrated risk from its maximum token logit (`RiskProbe.risk` on the feature)."""
         return float(self.probe.risk(torch.tensor([[max_logit]], dtype=torch.float32, device=self.probe.mean.device)))
 
-    def wants_opening(self, max_logit: float, divergence: float | None, prompt: Sequence[int]) -> bool:
-        """Whether `decide` will ask this request for the expert's opening: the check reads it, and its divergence
-        would keep it guarded (`RiskPlan.looks_ahead`). The engine decodes those openings together first."""
-        _, check = self.plan.verdict_for(self.risk(max_logit), untemplated=not self.templated(prompt))
-        return check and divergence is not None and self.plan.looks_ahead(divergence)
+    def first_verdict(self, max_logit: float, prompt: Sequence[int]) -> tuple[ProbeVerdict, bool]:
+        """The probe's verdict of a request and whether the divergence check must confirm it; `prompt`: its token
+        ids, to tell a prompt outside the chat template (`use_tokenizer`, which decodes it)."""
+        return self.plan.verdict_for(self.risk(max_logit), untemplated=not self.templated(prompt))
 
-    def decide(self, max_logit: float, divergence: float | None, prompt: Sequence[int],
-               opening: Callable[[], str | None] | None = None) -> ProbeVerdict:
-        """The request's verdict; `divergence` (its first-step total variation) is read when the check needs it;
-        `prompt`: its token ids, to tell a prompt outside the chat template (`use_tokenizer`); `opening`: the
-        expert's own greedy opening as text (`look_ahead.py`), asked for only where the plan's look-ahead
-        (`check_rollout`) must confirm a diverging request (None: the divergence alone decides)."""
-        verdict, check = self.plan.verdict_for(self.risk(max_logit), untemplated=not self.templated(prompt))
+    def wants_opening(self, first: tuple[ProbeVerdict, bool], divergence: float | None) -> bool:
+        """Whether `checked` reads this request's expert opening: the check confirms it, and its divergence would
+        keep it guarded (`RiskPlan.looks_ahead`). The engine decodes those openings together first."""
+        return first[1] and divergence is not None and self.plan.looks_ahead(divergence)
+
+    def checked(self, first: tuple[ProbeVerdict, bool], divergence: float | None,
+                opening: str | None = None) -> ProbeVerdict:
+        """The request's verdict from its `first_verdict`; `divergence` (its first-step total variation) is read
+        when the check needs it; `opening`: the expert's own greedy opening as text (`look_ahead.py`), read only
+        where the plan's look-ahead (`check_rollout`) must confirm a diverging request (None: the divergence alone
+        decides)."""
+        verdict, check = first
         if check:
             if divergence is None:
                 raise RuntimeError("ngsd: the divergence check needs this request's first-step divergence, and the "
                                    "model did not compute it (is compute_logits NGSDGuardedLlamaForCausalLM's?)")
-            text = opening() if opening is not None and self.plan.looks_ahead(divergence) else None
+            text = opening if self.plan.looks_ahead(divergence) else None
             verdict = self.plan.checked(verdict, divergence, text)
         return verdict
 

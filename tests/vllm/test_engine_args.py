@@ -229,8 +229,8 @@ def test_the_engine_guards_a_prompt_outside_the_chat_template_whatever_its_risk(
     templated = encode_prompts(tokenizer, ["Write a poem about tea"])[0][0].tolist()
     raw = tokenizer("Write a poem about tea")["input_ids"]
     low = -1e4  # a maximum token logit far below the routing threshold
-    assert risk.decide(low, 0.0, templated).routed
-    verdict = risk.decide(low, 0.0, raw)
+    assert risk.checked(risk.first_verdict(low, templated), 0.0).routed
+    verdict = risk.checked(risk.first_verdict(low, raw), 0.0)
     assert not verdict.routed and verdict.untemplated and verdict.alpha == 0.9
 
 
@@ -246,10 +246,10 @@ def test_the_engine_routes_nothing_when_its_tokenizer_cannot_show_a_prompt_templ
     tokenizer = AutoTokenizer.from_pretrained(_default_model())
     prompt = tokenizer("Write a poem about tea")["input_ids"]
     risk = EngineRisk(shipped_probe_path(), GuardSettings())
-    assert not risk.decide(-1e4, 0.0, prompt).routed  # no tokenizer given yet
+    assert not risk.checked(risk.first_verdict(-1e4, prompt), 0.0).routed  # no tokenizer given yet
     tokenizer.chat_template = None
     risk.use_tokenizer(tokenizer)
-    verdict = risk.decide(-1e4, 0.0, prompt)
+    verdict = risk.checked(risk.first_verdict(-1e4, prompt), 0.0)
     assert not verdict.routed and verdict.untemplated
 
 

@@ -98,17 +98,17 @@ class _Decider:
         self.expert = ExpertRows(torch.zeros(n, 5) if first_logits is None else first_logits,
                                  divergence={i: divergence for i in range(n)})
         self.risk = SimpleNamespace(plan=SimpleNamespace(checked_alpha=0.9, check_rollout=rollout), tokenizer=None,
-                                    decide=self._decide, record=lambda *args, **kwargs: None,
-                                    wants_opening=lambda max_logit, divergence, prompt: True)
+                                    first_verdict=lambda max_logit, prompt: None, checked=self._checked,
+                                    record=lambda *args, **kwargs: None,
+                                    wants_opening=lambda first, divergence: True)
         self.eos_token_ids = {2}
         self.openings: list[str | None] = []
 
-    def _decide(self, max_logit, divergence, prompt, opening=None):
+    def _checked(self, first, divergence, opening=None):
         from ngsd.risk.estimate import ProbeVerdict
 
-        text = opening() if opening is not None else None
-        self.openings.append(text)
-        guarded = text is None or text.startswith("I'm sorry")
+        self.openings.append(opening)
+        guarded = opening is None or opening.startswith("I'm sorry")
         return ProbeVerdict(risk=1.0, alpha=0.9 if guarded else 0.0, routed=not guarded, route_below=4.5)
 
 
@@ -165,7 +165,7 @@ def test_a_step_without_a_diverging_request_runs_no_look_ahead(monkeypatch) -> N
     """Only requests whose divergence would keep them guarded need an opening (`EngineRisk.wants_opening`)."""
     calls = []
     decider = _Decider([_state([5, 6]), _state([7, 8])])
-    decider.risk.wants_opening = lambda max_logit, divergence, prompt: False
+    decider.risk.wants_opening = lambda first, divergence: False
     _run_decide(decider, monkeypatch, lambda prompts, first_logits, steps, rows: calls.append(prompts) or [])
     assert calls == [] and decider.openings == [None, None]
 
@@ -191,5 +191,6 @@ def test_a_prompt_is_read_from_the_cpu_backends_paged_blocks_in_its_layout() -> 
     reader = PagedPrompt.for_layer(SimpleNamespace(attn=layer))
     k, v = reader.read(torch.tensor([3, 0, 4, 1]), 9)
     assert torch.equal(k, keys[:, :9]) and torch.equal(v, values[:, :9])
-    for other in (dict(isa="amx"), dict(kv_cache_dtype="fp8"), dict(attn_backend=SimpleNamespace(get_name=lambda: "X"))):
+    unknown_backend = SimpleNamespace(get_name=lambda: "X")
+    for other in (dict(isa="amx"), dict(kv_cache_dtype="fp8"), dict(attn_backend=unknown_backend)):
         assert PagedPrompt.for_layer(SimpleNamespace(attn=SimpleNamespace(**{**vars(layer), **other}))) is None
