@@ -151,13 +151,15 @@ def test_rows_guarded_after_the_prefill_skip_their_common_left_padding_with_the_
         finally:
             handle.remove()
         assert widths == [(2, 4)], "the two guarded rows share 5 padding columns: prefilled 4 wide"
-        torch.testing.assert_close(expert, at_once.expert, rtol=1e-5, atol=1e-5)
+        # (the prefill at once runs 18 expert positions, whose q / k / v and gate / up LoRA products are fused; the
+        # later one 8, each layer's own: equal up to float rounding, ~2e-5 here)
+        torch.testing.assert_close(expert, at_once.expert, rtol=1e-4, atol=1e-4)
         for step in range(4):
             tokens = torch.full((4,), 3 + step)
             base_a, expert_a = whole.step(tokens)
             base_b, expert_b = later.step(tokens)
             torch.testing.assert_close(base_b, base_a, rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(expert_b, expert_a, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(expert_b, expert_a, rtol=1e-4, atol=1e-4)
         whole.close()
         later.close()
 

@@ -234,7 +234,10 @@ def test_priming_at_the_check_fires_every_kept_row_at_its_first_token(tmp_path):
     ids, mask, _ = mixed_length_batch([6, 4, 7, 5], model.config.vocab_size, seed=2)
     _probe_splitting(model, ids, mask, tmp_path / "probe")
     every = _checked_run(model, adapter, ids, mask, tmp_path / "probe", 0.0)
-    threshold = sorted(t.reflection.divergence for t in every.traces)[2]
+    divergences = sorted(t.reflection.divergence for t in every.traces)
+    # between the second and third: a threshold equal to a row's own divergence would fire it or not by the last
+    # bit of a LoRA product, which the batch's make-up can move (fused products over more rows)
+    threshold = (divergences[1] + divergences[2]) / 2
     reflection = ReflectionConfig(mode="probe", probe=str(tmp_path / "probe"), route_below=10.0, check_above=0.0,
                                   check_divergence=threshold)
     plain = _run(model, adapter, ids, mask, config=NGSDConfig(reflection=reflection))

@@ -175,9 +175,11 @@ class LoraAdapter:
         self.detach(model)  # hooks someone removed behind our back: start clean
         # Each attachment gets its own copies in the layer's device and dtype, owned by the hook alone: one adapter
         # can serve models of different dtypes, and detach frees them with the hook.
+        hooks = {module: _LoraHook(self._local, pair, self.scale, module.weight) for pair, module in layers}
+        for siblings in _input_sharing_groups(model, hooks):
+            _SiblingProducts(self._local, siblings)
         model.__dict__.setdefault(_ATTACHED, {})[self] = [
-            module.register_forward_hook(_LoraHook(self._local, pair, self.scale, module.weight))
-            for pair, module in layers]
+            module.register_forward_hook(hook) for module, hook in hooks.items()]
 
     def fitting_layers(self, model: nn.Module) -> list[tuple[_LoraPair, nn.Linear]]:
         """Each LoRA pair with the Linear layer of `model` it adapts; ValueError naming the first that does not fit
@@ -273,11 +275,12 @@ class _LoraHook:
     ``LoraAdapter.rows_from``). An object, not a closure, so that copying or pickling the model it is attached to
     fails with ``_NOT_COPYABLE``, not with a bare "Can't pickle local object"."""
 
-    __slots__ = ("local", "pair", "scale", "down_t", "up_t", "plan")
+    __slots__ = ("local", "pair", "scale", "down_t", "up_t", "plan", "siblings")
 
     def __init__(self, local: threading.local, pair: "_LoraPair", scale: float, weight: torch.Tensor) -> None:
         self.local, self.pair, self.scale = local, pair, scale
         self.plan: str | None = None  # row_products' plan, resolved at the first call with few rows
+        self.siblings: _SiblingProducts | None = None  # layers fed the same input (q / k / v, gate / up)
         self._cast_like(weight)
 
     def _cast_like(self, weight: torch.Tensor) -> None:
@@ -305,13 +308,83 @@ class _LoraHook:
         if torch.is_grad_enabled():
             delta = _lora_update(x, first, down_t, up_t, plan).view(rows.shape)
             return torch.cat([output[:first], rows + delta], dim=0)
-        if count > 1 and plan != "one-by-one" and output.is_contiguous():
+        if self.siblings is not None and count > ONE_BY_ONE_MAX:
+            rows.add_(self.siblings.update_of(self, x, first).view(rows.shape))
+        elif count > 1 and plan != "one-by-one" and output.is_contiguous():
             # several rows (or positions): the up-projection adds into the output in one op (about 4% of a
             # half-guarded batch's decode on the 2-core CPU, against a product, then an add)
             rows.view(-1, output.shape[-1]).addmm_(x[first:].reshape(-1, x.shape[-1]) @ down_t, up_t)
         else:
             rows.add_(_lora_update(x, first, down_t, up_t, plan).view(rows.shape))
         return output
+
+
+# Layers that read one input tensor in the decoder families the project patches (Llama, Qwen2, Gemma, Mistral):
+# their updates run as one down product and one up product. Only names in one group are fused, and only while
+# the input is the very tensor the group's first layer saw (`_SiblingProducts.update_of`), so a model that feeds
+# them different inputs gets each layer's own update.
+INPUT_SHARING_NAMES: tuple[frozenset[str], ...] = (frozenset({"q_proj", "k_proj", "v_proj"}),
+                                                  frozenset({"gate_proj", "up_proj"}))
+
+
+def _input_sharing_groups(model: nn.Module, hooks: dict[nn.Module, "_LoraHook"]) -> list[list["_LoraHook"]]:
+    """The adapted layers of `model` that share a parent and a name group, two or more, in module order."""
+    groups: dict[tuple[str, int], list[_LoraHook]] = {}
+    for name, module in model.named_modules():
+        hook = hooks.get(module)
+        parent, _, leaf = name.rpartition(".")
+        for index, names in enumerate(INPUT_SHARING_NAMES):
+            if hook is not None and leaf in names:
+                groups.setdefault((parent, index), []).append(hook)
+    return [siblings for siblings in groups.values()
+            if len(siblings) > 1 and len({h.down_t.shape[0] for h in siblings}) == 1]
+
+
+class _SiblingProducts:
+    """The LoRA updates of layers that read one input (q / k / v, gate / up), for more rows (times positions)
+    than `ONE_BY_ONE_MAX`: the first of them to run computes all their updates in two products,
+    `x @ [down_q | down_k | down_v]` and that times the block-diagonal ups, and each layer adds its own columns.
+    Products over that many rows are split over the OpenMP threads, and where the threads sleep between parallel
+    regions (`row_products`) each one waits for a wake-up: a half-guarded batch-32 decode step of the default
+    model ran 420 small LoRA products; fused, 240. Fewer rows keep each layer's own products in the row plan the
+    CPU was measured for (stacked, they were split over the threads and got slower: docs/SPEED.md). The update
+    equals each layer's own product up to float rounding."""
+
+    __slots__ = ("local", "hooks", "columns", "down_t", "up_t")
+
+    def __init__(self, local: threading.local, hooks: list["_LoraHook"]) -> None:
+        self.local, self.hooks = local, hooks
+        self.columns: dict[_LoraHook, slice] = {}
+        start = 0
+        for hook in hooks:
+            hook.siblings = self
+            width = hook.up_t.shape[1]
+            self.columns[hook] = slice(start, start + width)
+            start += width
+        self.down_t = self.up_t = None  # built from the hooks' copies (their dtype and device) at the first use
+
+    def _products(self) -> tuple[torch.Tensor, torch.Tensor]:
+        first = self.hooks[0].down_t
+        if self.down_t is None or (self.down_t.dtype, self.down_t.device) != (first.dtype, first.device):
+            self.down_t = torch.cat([h.down_t for h in self.hooks], dim=1)
+            self.up_t = torch.block_diag(*[h.up_t for h in self.hooks])
+        return self.down_t, self.up_t
+
+    def update_of(self, hook: "_LoraHook", x: torch.Tensor, first: int) -> torch.Tensor:
+        """[rows, out] `hook`'s layer's update for input `x` from row `first` on, computed with its siblings'
+        at the first of them that reads this `x` (per thread: concurrent calls each have their own)."""
+        done = getattr(self.local, "sibling_updates", None)
+        if done is None or done[0] is not self or done[1] is not x or done[2] != first or hook in done[4]:
+            if any((h.down_t.dtype, h.down_t.device) != (x.dtype, x.device) for h in self.hooks):
+                # a sibling not yet cast to the model's new dtype or device (each casts at its own first call)
+                return _lora_update(x, first, hook.down_t, hook.up_t)
+            down_t, up_t = self._products()
+            done = (self, x, first, _lora_update(x, first, down_t, up_t), set())
+            self.local.sibling_updates = done
+        done[4].add(hook)
+        if len(done[4]) == len(self.hooks):  # every sibling has its update: do not keep the input alive
+            self.local.sibling_updates = None
+        return done[3][:, self.columns[hook]]
 
 
 def _lora_update(x: torch.Tensor, first: int, down_t: torch.Tensor, up_t: torch.Tensor, plan: str = "alone"
