@@ -374,17 +374,27 @@ class _SiblingProducts:
         """[rows, out] `hook`'s layer's update for input `x` from row `first` on, computed with its siblings'
         at the first of them that reads this `x` (per thread: concurrent calls each have their own)."""
         done = getattr(self.local, "sibling_updates", None)
-        if done is None or done[0] is not self or done[1] is not x or done[2] != first or hook in done[4]:
+        if done is None or done.group is not self or done.x is not x or done.first != first or hook in done.taken:
             if any((h.down_t.dtype, h.down_t.device) != (x.dtype, x.device) for h in self.hooks):
                 # a sibling not yet cast to the model's new dtype or device (each casts at its own first call)
                 return _lora_update(x, first, hook.down_t, hook.up_t)
             down_t, up_t = self._products()
-            done = (self, x, first, _lora_update(x, first, down_t, up_t), set())
-            self.local.sibling_updates = done
-        done[4].add(hook)
-        if len(done[4]) == len(self.hooks):  # every sibling has its update: do not keep the input alive
+            done = self.local.sibling_updates = _SiblingUpdates(self, x, first, _lora_update(x, first, down_t, up_t))
+        done.taken.add(hook)
+        if len(done.taken) == len(self.hooks):  # every sibling has its update: do not keep the input alive
             self.local.sibling_updates = None
-        return done[3][:, self.columns[hook]]
+        return done.update[:, self.columns[hook]]
+
+
+@dataclass
+class _SiblingUpdates:
+    """One group's updates for one input, until each of its layers has taken its columns."""
+
+    group: _SiblingProducts
+    x: torch.Tensor
+    first: int
+    update: torch.Tensor
+    taken: set = field(default_factory=set)
 
 
 def _lora_update(x: torch.Tensor, first: int, down_t: torch.Tensor, up_t: torch.Tensor, plan: str = "alone"
