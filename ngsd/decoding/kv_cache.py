@@ -62,6 +62,21 @@ def has_sliding_layers(cache: Any) -> bool:
     return any(getattr(layer, "is_sliding", False) for layer in getattr(cache, "layers", ()))
 
 
+def has_sliding_window(config: Any) -> bool:
+    """True when a model config may give some layer a window (or chunk) narrower than the prompt; also for an
+    unknown config (None), to be safe: such a cache is not as wide as the prompt."""
+    if config is None:
+        return True
+    text_config = getattr(config, "get_text_config", None)
+    config = text_config() if callable(text_config) else config
+    if getattr(config, "attention_chunk_size", None):
+        return True
+    types = getattr(config, "layer_types", None)
+    if types:
+        return any(kind != "full_attention" for kind in types)
+    return bool(getattr(config, "sliding_window", None)) and getattr(config, "use_sliding_window", True) is not False
+
+
 def left_pad_cache(cache: Any, columns: int) -> Any:
     """`cache` with `columns` zero positions before the first in every layer: rows prefilled without their
     common left padding, made as wide as the batch whose cache they join (the attention mask is 0
@@ -73,6 +88,28 @@ def left_pad_cache(cache: Any, columns: int) -> Any:
             layer.keys = torch.nn.functional.pad(layer.keys, (0, 0, columns, 0))
             layer.values = torch.nn.functional.pad(layer.values, (0, 0, columns, 0))
     return cache
+
+
+def merge_cache_row_groups(caches: Sequence[Any], groups: Sequence[Any], batch: int, width: int) -> Any:
+    """One cache of `batch` rows and `width` positions from the caches of a batch's row groups
+    (`row_groups.RowGroup`: each group's rows, prefilled from column `start` on): each group's keys and values
+    at its rows and its last columns, zeros before them (padding: the attention mask is 0 there). Rebinds the
+    first cache's layers and returns it. Full-attention layers only."""
+    merged = caches[0]
+    if any(has_sliding_layers(cache) for cache in caches):
+        raise TypeError("cannot merge caches with sliding-window layers: their width is not the prompt's")
+    for index, layer in enumerate(merged.layers):
+        keys, values = layer.keys, layer.values
+        if not isinstance(keys, torch.Tensor) or keys.dim() != 4:
+            raise TypeError(f"cannot merge the rows of a {type(layer).__name__} cache layer")
+        shape = (batch, keys.shape[1], width, keys.shape[3])
+        all_keys, all_values = keys.new_zeros(shape), values.new_zeros((*shape[:3], values.shape[3]))
+        for cache, group in zip(caches, groups):
+            part = cache.layers[index]
+            all_keys[group.rows, :, group.start:] = part.keys
+            all_values[group.rows, :, group.start:] = part.values
+        layer.keys, layer.values = all_keys, all_values
+    return merged
 
 
 def copy_cache_rows(cache: Any, rows: torch.Tensor) -> Any:

@@ -13,6 +13,9 @@ already), then, when they were not, `guard(rows)` once the risk of each row is k
 probe reads the base prefill), then `step(tokens)` per token. Only the guarded rows have expert
 rows: a row routed unguarded costs no expert compute and no expert KV cache.
 
+On a CPU a prefill runs in groups of rows of similar length, each only as wide as its longest prompt, when the
+padding saved pays for the extra forwards (`row_groups`); the groups' caches are merged into the batch's.
+
 Each call returns the last position's outputs of the base rows [B, ...] and of the guarded
 expert rows [R, ...] (None without expert rows): the model's logits, or, with `output="hidden"`,
 the final hidden states for the step op to run the LM head itself (`heads.split_head`).
@@ -32,8 +35,9 @@ import torch
 from torch import nn
 
 from .heads import HeadSplit
-from .kv_cache import (append_cache_rows, cache_kwargs, copy_cache_rows, has_sliding_layers, left_pad_cache,
-                       make_growable, returned_cache, select_cache_rows)
+from .kv_cache import (append_cache_rows, cache_kwargs, copy_cache_rows, has_sliding_layers, has_sliding_window,
+                       left_pad_cache, make_growable, merge_cache_row_groups, returned_cache, select_cache_rows)
+from .row_groups import merge_row_groups, plan_row_groups
 from ..experts.lora import LoraAdapter
 
 
@@ -129,11 +133,40 @@ class _CachedModel:
         self.attention_mask: torch.Tensor | None = None
         self.next_position: torch.Tensor | None = None
 
-    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                states: dict[int, torch.Tensor] | None = None, *, grouped: bool = True) -> torch.Tensor:
+        """The prompt's forward; on a CPU in groups of rows of similar length when that skips enough padding
+        (`row_groups`). states: the dict `capture_hidden_states` fills during this prefill, given back holding
+        the whole batch's hidden states. grouped=False: one forward (rows whose index means something to a
+        hook, as the LoRA hooks' expert rows)."""
         positions = positions_from_mask(attention_mask)
         self.attention_mask = attention_mask
         self.next_position = positions[:, -1:] + 1
-        return self._forward(input_ids, positions)
+        groups = plan_row_groups(attention_mask) if grouped and self._may_group(input_ids) else None
+        if groups is None:
+            return self._forward(input_ids, positions)
+        outs, caches, captured = [], [], []
+        for group in groups:
+            self.cache = None
+            columns = slice(group.start, None)
+            outs.append(self._forward(input_ids[group.rows, columns], positions[group.rows, columns],
+                                      attention_mask[group.rows, columns]))
+            caches.append(self.cache)
+            if states is not None:  # each forward refills it
+                captured.append(dict(states))
+        batch, width = input_ids.shape
+        if any(has_sliding_layers(cache) for cache in caches):  # a model whose config did not say: one forward
+            self.cache = None
+            return self._forward(input_ids, positions)
+        self.cache = merge_cache_row_groups(caches, groups, batch, width)
+        if states is not None:
+            for index in list(states):
+                states[index] = merge_row_groups([part[index] for part in captured], groups, batch, width)
+        return merge_row_groups(outs, groups, batch)
+
+    def _may_group(self, input_ids: torch.Tensor) -> bool:
+        # a sliding window's cache is not as wide as the prompt, so groups of other widths cannot be merged
+        return input_ids.device.type == "cpu" and not has_sliding_window(getattr(self.model, "config", None))
 
     def prefill_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, full_width: bool) -> torch.Tensor:
         """`prefill` of a few rows of a batch without the padding columns they all share.
@@ -189,12 +222,13 @@ class _CachedModel:
         self.cache = make_growable(self.cache)
         return self._forward(tokens[:, None], positions)
 
-    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         module = self._forward_module
         extra = {} if module is not self.model else {"logits_to_keep": 1}
         out = module(
             input_ids=input_ids,
-            attention_mask=self.attention_mask,
+            attention_mask=self.attention_mask if attention_mask is None else attention_mask,
             position_ids=positions,
             **cache_kwargs(module, self.cache),
             use_cache=True,
@@ -270,7 +304,7 @@ class BaseOnly(_PairBase):
     def prefill(self, input_ids, attention_mask, *, guard_rows=None, capture=()) -> Prefill:
         self._remember(input_ids, attention_mask)
         with capture_hidden_states(self._base.model, capture) if capture else _nothing() as states:
-            base = self._base.prefill(input_ids, attention_mask)
+            base = self._base.prefill(input_ids, attention_mask, states)
         if guard_rows is not None:
             self.guard(guard_rows)
         return Prefill(base, None, dict(states or {}))
@@ -302,7 +336,7 @@ class ModelPair(_PairBase):
     def prefill(self, input_ids, attention_mask, *, guard_rows=None, capture=()) -> Prefill:
         self._remember(input_ids, attention_mask)
         with capture_hidden_states(self._base.model, capture) if capture else _nothing() as states:
-            base = self._base.prefill(input_ids, attention_mask)
+            base = self._base.prefill(input_ids, attention_mask, states)
         expert = self.guard(guard_rows) if guard_rows is not None else None
         return Prefill(base, expert, dict(states or {}))
 
@@ -351,7 +385,7 @@ class AdapterPair(_PairBase):
         self._batch = batch = input_ids.shape[0]
         if guard_rows is None:  # the guarded rows are decided after this prefill: base rows alone for now
             with capture_hidden_states(self._both.model, capture) if capture else _nothing() as states:
-                base = self._both.prefill(input_ids, attention_mask)
+                base = self._both.prefill(input_ids, attention_mask, states)
             return Prefill(base, None, dict(states or {}))
         rows = self._set_rows(guard_rows)
         if rows.numel():
@@ -359,7 +393,7 @@ class AdapterPair(_PairBase):
         with capture_hidden_states(self._both.model, capture) if capture else _nothing() as states:
             with self._adapter.rows_from(batch):
                 out = self._both.prefill(torch.cat([input_ids, input_ids[rows]]),
-                                         torch.cat([attention_mask, attention_mask[rows]]))
+                                         torch.cat([attention_mask, attention_mask[rows]]), grouped=False)
         base_states = {i: h[:batch] for i, h in (states or {}).items()}
         return Prefill(out[:batch], out[batch:] if rows.numel() else None, base_states)
 
