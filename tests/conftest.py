@@ -43,6 +43,19 @@ def tiny_model(family: str = "llama", vocab_size: int = 96, seed: int = 0, init:
     return AutoModelForCausalLM.from_config(config).eval()
 
 
+def tiny_sliding_model():
+    """A 2-layer Qwen2 whose second layer attends over a sliding window of 5 positions."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    config = Qwen2Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0,
+                         bos_token_id=1, eos_token_id=2, tie_word_embeddings=False, use_sliding_window=True,
+                         sliding_window=5, layer_types=["full_attention", "sliding_attention"])
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
 def tiny_lora_expert(model, folder: Path, seed: int = 1, strength: float = 0.5, layers: list[int] | None = None) -> Path:
     """A real peft LoRA adapter for `model` with random (non-zero) weights, saved to `folder`.
 

@@ -213,21 +213,13 @@ def test_a_pair_attaches_the_lora_hooks_only_once_a_row_is_guarded(pair_kind, tm
 def test_sliding_window_layers_keep_their_own_cache_and_guarded_rows_are_not_trimmed(tmp_path):
     """A model mixing full and sliding-window layers: only the full ones grow in place; rows guarded
     after the prefill are prefilled at full width (a window's width is not the prompt's)."""
-    from transformers import AutoModelForCausalLM, Qwen2Config
-
     from ngsd import NGSDConfig, guarded_generate
     from ngsd.decoding.pair import AdapterPair
     from ngsd.experts.lora import LoraAdapter
 
-    from .conftest import tiny_lora_expert
+    from .conftest import tiny_lora_expert, tiny_sliding_model
 
-    config = Qwen2Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0,
-                         bos_token_id=1, eos_token_id=2, tie_word_embeddings=False, use_sliding_window=True,
-                         sliding_window=5, layer_types=["full_attention", "sliding_attention"])
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config).eval()
+    model = tiny_sliding_model()
     input_ids, mask, _ = mixed_length_batch([9, 3, 12], 96, seed=1)
     plain = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=20, do_sample=False,
                            pad_token_id=0, eos_token_id=None)

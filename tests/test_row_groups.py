@@ -12,8 +12,8 @@ from ngsd.decoding.kv_cache import has_sliding_window
 from ngsd.decoding.pair import _CachedModel, capture_hidden_states
 from ngsd.decoding.row_groups import merge_row_groups, plan_row_groups
 from ngsd.experts.lora import LoraAdapter
-from tests.conftest import mixed_length_batch, tiny_lora_expert, tiny_model
-from tests.test_routing import _probe_splitting
+from tests.conftest import mixed_length_batch, tiny_lora_expert, tiny_model, tiny_sliding_model
+from tests.test_routing import _probe_splitting, _rows_per_embedding_call
 
 LENGTHS = [3, 20, 5, 19, 4, 12]  # three short rows, two long ones, one between
 
@@ -94,12 +94,10 @@ def test_guarded_decoding_with_the_probe_routes_and_decodes_alike_with_the_prefi
 
     def run(overhead: int):
         monkeypatch.setattr(row_groups, "GROUP_OVERHEAD_POSITIONS", overhead)
-        calls: list[int] = []
-        handle = model.get_input_embeddings().register_forward_hook(lambda m, a, out: calls.append(out.shape[0]))
-        try:
-            return guarded_generate(model, ids, mask, expert=adapter, config=config, max_new_tokens=10), calls
-        finally:
-            handle.remove()
+        outputs = []
+        calls = _rows_per_embedding_call(model, lambda: outputs.append(
+            guarded_generate(model, ids, mask, expert=adapter, config=config, max_new_tokens=10)))
+        return outputs[0], calls
 
     (padded, padded_calls), (grouped, grouped_calls) = run(10**9), run(0)
     assert len(grouped_calls) > len(padded_calls)  # the base prefill (and the guarded rows') ran in groups
@@ -112,44 +110,22 @@ def test_guarded_decoding_with_the_probe_routes_and_decodes_alike_with_the_prefi
     assert any(any(t.spikes) for t in padded.traces), "the gate must fire for this comparison to mean something"
 
 
-def _sliding_model():
-    from transformers import AutoModelForCausalLM, Qwen2Config
-
-    config = Qwen2Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0,
-                         bos_token_id=1, eos_token_id=2, tie_word_embeddings=False, use_sliding_window=True,
-                         sliding_window=5, layer_types=["full_attention", "sliding_attention"])
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config).eval()
-
-
-def _embedding_calls(model, run) -> list[int]:
-    calls: list[int] = []
-    handle = model.get_input_embeddings().register_forward_hook(lambda m, a, out: calls.append(out.shape[0]))
-    try:
-        run()
-    finally:
-        handle.remove()
-    return calls
-
-
 def test_models_with_a_sliding_window_are_prefilled_in_one_forward(monkeypatch):
     from transformers import Gemma2Config, LlamaConfig, MistralConfig, Qwen2Config
 
     assert not has_sliding_window(LlamaConfig()) and not has_sliding_window(Qwen2Config())
     assert has_sliding_window(MistralConfig()) and has_sliding_window(Gemma2Config())
     assert has_sliding_window(None)  # an unknown model: one forward, to be safe
-    model = _sliding_model()
+    model = tiny_sliding_model()
     assert has_sliding_window(model.config)
     ids, mask, _ = mixed_length_batch(LENGTHS, model.config.vocab_size, seed=4)
     monkeypatch.setattr(row_groups, "GROUP_OVERHEAD_POSITIONS", 0)
     with torch.no_grad():
         expected = _CachedModel(model).prefill(ids, mask)
-        assert _embedding_calls(model, lambda: _CachedModel(model).prefill(ids, mask)) == [len(LENGTHS)]
+        assert _rows_per_embedding_call(model, lambda: _CachedModel(model).prefill(ids, mask)) == [len(LENGTHS)]
         # a config that does not say so: the groups' caches show it, and the batch runs as one forward after all
         monkeypatch.setattr("ngsd.decoding.pair.has_sliding_window", lambda config: False)
         cached = _CachedModel(model)
-        calls = _embedding_calls(model, lambda: cached.prefill(ids, mask))
+        calls = _rows_per_embedding_call(model, lambda: cached.prefill(ids, mask))
         assert calls[-1] == len(LENGTHS) and len(calls) > 2
         torch.testing.assert_close(cached.prefill(ids, mask), expected, rtol=1e-5, atol=1e-5)
