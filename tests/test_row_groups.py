@@ -123,9 +123,32 @@ def test_models_with_a_sliding_window_are_prefilled_in_one_forward(monkeypatch):
     with torch.no_grad():
         expected = _CachedModel(model).prefill(ids, mask)
         assert _rows_per_embedding_call(model, lambda: _CachedModel(model).prefill(ids, mask)) == [len(LENGTHS)]
-        # a config that does not say so: the groups' caches show it, and the batch runs as one forward after all
+        # a config that does not say so: the first group's cache shows it, and the batch runs as one forward
         monkeypatch.setattr("ngsd.decoding.pair.has_sliding_window", lambda config: False)
         cached = _CachedModel(model)
         calls = _rows_per_embedding_call(model, lambda: cached.prefill(ids, mask))
-        assert calls[-1] == len(LENGTHS) and len(calls) > 2
+        assert calls == [len(plan_row_groups(mask, overhead=0)[0].rows), len(LENGTHS)]
         torch.testing.assert_close(cached.prefill(ids, mask), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_fixed_alpha_prefills_the_base_rows_and_their_expert_copies_in_row_groups_with_the_same_tokens(
+        llama_pair, monkeypatch):
+    model, folder = llama_pair
+    adapter = LoraAdapter.load(folder)
+    ids, mask, _ = mixed_length_batch(LENGTHS, model.config.vocab_size, seed=2)
+    config = NGSDConfig(tau=2.0, v_th=0.3)
+
+    def run(overhead: int):
+        monkeypatch.setattr(row_groups, "GROUP_OVERHEAD_POSITIONS", overhead)
+        outputs = []
+        calls = _rows_per_embedding_call(model, lambda: outputs.append(
+            guarded_generate(model, ids, mask, expert=adapter, config=config, alpha=0.9, max_new_tokens=10)))
+        return outputs[0], calls
+
+    (padded, padded_calls), (grouped, grouped_calls) = run(10**9), run(0)
+    assert padded_calls[0] == 2 * len(LENGTHS)  # one forward of the base rows and their expert copies
+    groups = len(plan_row_groups(mask, overhead=0))
+    assert grouped_calls[:2 * groups] == [len(g.rows) for g in plan_row_groups(mask, overhead=0)] * 2
+    assert torch.equal(grouped.sequences, padded.sequences)
+    assert [t.spikes for t in grouped.traces] == [t.spikes for t in padded.traces]
+    assert any(any(t.spikes) for t in padded.traces), "the gate must fire for this comparison to mean something"

@@ -90,26 +90,27 @@ def left_pad_cache(cache: Any, columns: int) -> Any:
     return cache
 
 
-def merge_cache_row_groups(caches: Sequence[Any], groups: Sequence[Any], batch: int, width: int) -> Any:
-    """One cache of `batch` rows and `width` positions from the caches of a batch's row groups
-    (`row_groups.RowGroup`: each group's rows, prefilled from column `start` on): each group's keys and values
-    at its rows and its last columns, zeros before them (padding: the attention mask is 0 there). Rebinds the
-    first cache's layers and returns it. Full-attention layers only."""
-    merged = caches[0]
-    if any(has_sliding_layers(cache) for cache in caches):
+def place_cache_rows(merged: Any, cache: Any, rows: torch.Tensor, start: int, batch: int, width: int) -> Any:
+    """Put a row group's prefilled cache (`row_groups.RowGroup`: its rows, prefilled from column `start` on) into
+    the batch's cache of `batch` rows and `width` positions, zeros where no group wrote (padding: the attention
+    mask is 0 there). `merged` None: the batch's cache is made from this one (its layers rebound); returns it.
+    One group at a time, so a prefill in groups holds at most the batch's cache and one group's. Full-attention
+    layers only."""
+    if has_sliding_layers(cache):
         raise TypeError("cannot merge caches with sliding-window layers: their width is not the prompt's")
-    for index, layer in enumerate(merged.layers):
+    for index, layer in enumerate(cache.layers):
         keys, values = layer.keys, layer.values
         if not isinstance(keys, torch.Tensor) or keys.dim() != 4:
             raise TypeError(f"cannot merge the rows of a {type(layer).__name__} cache layer")
-        shape = (batch, keys.shape[1], width, keys.shape[3])
-        all_keys, all_values = keys.new_zeros(shape), values.new_zeros((*shape[:3], values.shape[3]))
-        for cache, group in zip(caches, groups):
-            part = cache.layers[index]
-            all_keys[group.rows, :, group.start:] = part.keys
-            all_values[group.rows, :, group.start:] = part.values
-        layer.keys, layer.values = all_keys, all_values
-    return merged
+        if merged is None:
+            layer.keys = keys.new_zeros((batch, keys.shape[1], width, keys.shape[3]))
+            layer.values = values.new_zeros((batch, values.shape[1], width, values.shape[3]))
+            target = layer
+        else:
+            target = merged.layers[index]
+        target.keys[rows, :, start:] = keys
+        target.values[rows, :, start:] = values
+    return cache if merged is None else merged
 
 
 def copy_cache_rows(cache: Any, rows: torch.Tensor) -> Any:

@@ -36,7 +36,7 @@ from torch import nn
 
 from .heads import HeadSplit
 from .kv_cache import (append_cache_rows, cache_kwargs, copy_cache_rows, has_sliding_layers, has_sliding_window,
-                       left_pad_cache, make_growable, merge_cache_row_groups, returned_cache, select_cache_rows)
+                       left_pad_cache, make_growable, place_cache_rows, returned_cache, select_cache_rows)
 from .row_groups import merge_row_groups, plan_row_groups
 from ..experts.lora import LoraAdapter
 
@@ -145,20 +145,20 @@ class _CachedModel:
         groups = plan_row_groups(attention_mask) if grouped and self._may_group(input_ids) else None
         if groups is None:
             return self._forward(input_ids, positions)
-        outs, caches, captured = [], [], []
+        batch, width = input_ids.shape
+        outs, captured, merged = [], [], None
         for group in groups:
             self.cache = None
             columns = slice(group.start, None)
             outs.append(self._forward(input_ids[group.rows, columns], positions[group.rows, columns],
                                       attention_mask[group.rows, columns]))
-            caches.append(self.cache)
+            if has_sliding_layers(self.cache):  # a model whose config did not say so: one forward after all
+                self.cache = None
+                return self._forward(input_ids, positions)
+            merged = place_cache_rows(merged, self.cache, group.rows, group.start, batch, width)
             if states is not None:  # each forward refills it
                 captured.append(dict(states))
-        batch, width = input_ids.shape
-        if any(has_sliding_layers(cache) for cache in caches):  # a model whose config did not say: one forward
-            self.cache = None
-            return self._forward(input_ids, positions)
-        self.cache = merge_cache_row_groups(caches, groups, batch, width)
+        self.cache = merged
         if states is not None:
             for index in list(states):
                 states[index] = merge_row_groups([part[index] for part in captured], groups, batch, width)
@@ -390,6 +390,12 @@ class AdapterPair(_PairBase):
         rows = self._set_rows(guard_rows)
         if rows.numel():
             self._hooks.hold()
+        if rows.numel() and self._both._may_group(input_ids) and plan_row_groups(attention_mask) is not None:
+            # one forward of base and expert rows would compute the batch's padding in both: the base rows in
+            # row groups, then the expert copies in theirs
+            with capture_hidden_states(self._both.model, capture) if capture else _nothing() as states:
+                base = self._both.prefill(input_ids, attention_mask, states)
+            return Prefill(base, self._prefill_expert_rows(rows), dict(states or {}))
         with capture_hidden_states(self._both.model, capture) if capture else _nothing() as states:
             with self._adapter.rows_from(batch):
                 out = self._both.prefill(torch.cat([input_ids, input_ids[rows]]),
@@ -402,6 +408,10 @@ class AdapterPair(_PairBase):
         if rows.numel() == 0:
             return None
         self._hooks.hold()
+        return self._prefill_expert_rows(rows)
+
+    def _prefill_expert_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """The expert copies of `rows` prefilled on their own and appended to the base rows' cache."""
         input_ids, attention_mask = self._prompt
         expert = _CachedModel(self._both.model, self._head)
         ids, mask = input_ids[rows], attention_mask[rows]

@@ -5,7 +5,8 @@ and on a CPU a prefill costs about the same per position, padding or not: the pr
 first token and about a quarter of a 64-token answer's time. `plan_row_groups` sorts the rows by length and splits
 them into contiguous groups, each prefilled only as wide as its longest prompt, when the positions saved pay for
 the extra forwards; `merge_row_groups` puts the groups' outputs (last-position outputs, hidden states) back into
-the batch's rows and columns, and `kv_cache.merge_cache_row_groups` their caches.
+the batch's rows and columns, and `kv_cache.place_cache_rows` their caches, one group at a time (a prefill in
+groups holds at most the batch's cache and one group's).
 
 Positions come from the mask, and the columns a group leaves out are padding in all its rows, so each row sees the
 same positions, the same mask over its own tokens and the same cache as in one padded forward (zeros under a 0
