@@ -37,7 +37,7 @@ from torch import nn
 from .heads import HeadSplit
 from .kv_cache import (append_cache_rows, cache_kwargs, copy_cache_rows, has_sliding_layers, has_sliding_window,
                        left_pad_cache, make_growable, place_cache_rows, returned_cache, select_cache_rows)
-from .row_groups import merge_row_groups, plan_row_groups
+from .row_groups import RowGroup, merge_row_groups, plan_row_groups
 from ..experts.lora import LoraAdapter
 
 
@@ -142,7 +142,7 @@ class _CachedModel:
         positions = positions_from_mask(attention_mask)
         self.attention_mask = attention_mask
         self.next_position = positions[:, -1:] + 1
-        groups = plan_row_groups(attention_mask) if grouped and self._may_group(input_ids) else None
+        groups = self.row_groups(input_ids, attention_mask) if grouped else None
         if groups is None:
             return self._forward(input_ids, positions)
         batch, width = input_ids.shape
@@ -164,6 +164,10 @@ class _CachedModel:
                 states[index] = merge_row_groups([part[index] for part in captured], groups, batch, width)
         return merge_row_groups(outs, groups, batch)
 
+    def row_groups(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[RowGroup] | None:
+        """The row groups `prefill` runs this batch in; None: one forward."""
+        return plan_row_groups(attention_mask) if self._may_group(input_ids) else None
+
     def _may_group(self, input_ids: torch.Tensor) -> bool:
         # a sliding window's cache is not as wide as the prompt, so groups of other widths cannot be merged
         return input_ids.device.type == "cpu" and not has_sliding_window(getattr(self.model, "config", None))
@@ -174,8 +178,11 @@ class _CachedModel:
         The rows a call guards are often much shorter than its widest prompt (a short harmful request
         beside long benign ones); their expert prefill then skips those columns. Positions come from
         the mask, so they are unchanged. full_width: pad the cache back on the left (zeros under a 0
-        mask) so the rows can join the batch's cache.
+        mask) so the rows can join the batch's cache; where `prefill` runs in row groups they leave those
+        columns out themselves and their cache is placed at full width, so no second copy pads it.
         """
+        if full_width and self._may_group(input_ids):
+            return self.prefill(input_ids, attention_mask)
         start = common_left_padding(attention_mask)
         last = self.prefill(input_ids[:, start:], attention_mask[:, start:])
         if start and full_width:
@@ -390,7 +397,7 @@ class AdapterPair(_PairBase):
         rows = self._set_rows(guard_rows)
         if rows.numel():
             self._hooks.hold()
-        if rows.numel() and self._both._may_group(input_ids) and plan_row_groups(attention_mask) is not None:
+        if rows.numel() and self._both.row_groups(input_ids, attention_mask) is not None:
             # one forward of base and expert rows would compute the batch's padding in both: the base rows in
             # row groups, then the expert copies in theirs
             with capture_hidden_states(self._both.model, capture) if capture else _nothing() as states:
