@@ -25,6 +25,7 @@ import copy
 import statistics
 import sys
 import time
+from typing import Any, Callable
 
 from harness import common_meta, load_setup, write_json
 
@@ -49,29 +50,35 @@ def _attached_hooks(setup) -> dict:
             if isinstance(hook, lora._LoraHook)}
 
 
-def _set_form(groups: dict, form: str) -> None:
-    for hook, siblings in groups.items():
-        hook.siblings = siblings if form == "fused" else None
+def hooks_form(groups: dict) -> Callable[[str], None]:
+    """Sets the attached hooks' form: their sibling groups ("fused") or none ("unfused")."""
+    def set_form(form: str) -> None:
+        for hook, siblings in groups.items():
+            hook.siblings = siblings if form == "fused" else None
+    return set_form
 
 
-def _alternating(groups: dict, run, rounds: int) -> dict:
-    seconds: dict[str, list[float]] = {form: [] for form in FORMS}
-    for form in FORMS:  # warm-up
-        _set_form(groups, form)
+def _alternating(set_form: Callable[[str], None], run, rounds: int, forms: tuple[str, str] = FORMS) -> dict:
+    """`run` timed under each of two forms in turns (order alternating); ratios of the second's time to the first's."""
+    first, second = forms
+    seconds: dict[str, list[float]] = {form: [] for form in forms}
+    for form in forms:  # warm-up
+        set_form(form)
         run()
     for index in range(rounds):
-        for form in FORMS if index % 2 == 0 else FORMS[::-1]:
-            _set_form(groups, form)
+        for form in forms if index % 2 == 0 else forms[::-1]:
+            set_form(form)
             seconds[form].append(run())
-    _set_form(groups, "fused")
-    ratios = [u / f for f, u in zip(seconds["fused"], seconds["unfused"])]
-    return {"ms": {form: [round(s * 1e3, 1) for s in seconds[form]] for form in FORMS},
-            "median_ms": {form: round(statistics.median(seconds[form]) * 1e3, 2) for form in FORMS},
-            "speed_fused_over_unfused_median": round(statistics.median(ratios), 3),
-            "rounds_fused_faster": sum(r > 1 for r in ratios), "rounds": rounds}
+    set_form(first)
+    ratios = [b / a for a, b in zip(seconds[first], seconds[second])]
+    return {"ms": {form: [round(s * 1e3, 1) for s in seconds[form]] for form in forms},
+            "median_ms": {form: round(statistics.median(seconds[form]) * 1e3, 2) for form in forms},
+            f"speed_{first}_over_{second}_median": round(statistics.median(ratios), 3),
+            f"rounds_{first}_faster": sum(r > 1 for r in ratios), "rounds": rounds}
 
 
-def prefill_seconds(setup, groups: dict, rounds: int, positions: int = 50) -> dict:
+def prefill_seconds(setup, set_form: Callable[[str], None], rounds: int, positions: int = 50,
+                    forms: tuple[str, str] = FORMS) -> dict:
     """The expert's prefill of one prompt alone: what a batch-1 request in the divergence check's band pays before
     its first token."""
     model, adapter = setup.model, setup.adapter
@@ -83,11 +90,11 @@ def prefill_seconds(setup, groups: dict, rounds: int, positions: int = 50) -> di
             model(ids, use_cache=True, logits_to_keep=1)
             return time.perf_counter() - start
 
-    return {"shape": {"expert_rows": 1, "positions": positions}, **_alternating(groups, prefill, rounds)}
+    return {"shape": {"expert_rows": 1, "positions": positions}, **_alternating(set_form, prefill, rounds, forms)}
 
 
-def step_seconds(setup, groups: dict, rounds: int, base_rows: int = 32, expert_rows: int = 16,
-                 positions: int = 80) -> dict:
+def step_seconds(setup, set_form: Callable[[str], None], rounds: int, base_rows: int = 32, expert_rows: int = 16,
+                 positions: int = 80, forms: tuple[str, str] = FORMS) -> dict:
     model, adapter = setup.model, setup.adapter
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(100, model.config.vocab_size, (base_rows + expert_rows, positions), generator=generator)
@@ -104,63 +111,76 @@ def step_seconds(setup, groups: dict, rounds: int, base_rows: int = 32, expert_r
             return (time.perf_counter() - start) / 3
 
     return {"shape": {"base_rows": base_rows, "expert_rows": expert_rows, "cache_positions": positions},
-            **_alternating(groups, forward, rounds)}
+            **_alternating(set_form, forward, rounds, forms)}
 
 
-def half_harmful(setup, rounds: int, new_tokens: int) -> dict:
+def half_harmful(setup, rounds: int, new_tokens: int, use_form: Callable[[str], None] = None,
+                 forms: tuple[str, str] = FORMS) -> dict:
+    """The half-harmful workload end to end under each form, unguarded `generate` in every round."""
+    use_form = use_form or use
+    first, second = forms
     ids, mask = setup.encode(workload_prompts("mixed", 32))
     run = runners(setup)
 
     def timed(method: str, form: str) -> tuple[float, torch.Tensor]:
-        use(form)
+        use_form(form)
         start = time.perf_counter()
         out = run[method](ids, mask, new_tokens, None)
         return time.perf_counter() - start, out
 
-    tokens = {form: timed("default", form)[1] for form in FORMS}  # also the warm-up
-    timed("unguarded", "fused")
-    seconds: dict[str, list[float]] = {"unguarded": [], **{form: [] for form in FORMS}}
+    tokens = {form: timed("default", form)[1] for form in forms}  # also the warm-up
+    timed("unguarded", first)
+    seconds: dict[str, list[float]] = {"unguarded": [], **{form: [] for form in forms}}
     for index in range(rounds):
-        order = [("unguarded", "fused"), ("default", "fused"), ("default", "unfused")]
+        order = [("unguarded", first), ("default", first), ("default", second)]
         if index % 2:
             order = [order[0], order[2], order[1]]
         for method, form in order:
             seconds["unguarded" if method == "unguarded" else form].append(timed(method, form)[0])
-    ratio = {form: [u / s for u, s in zip(seconds["unguarded"], seconds[form])] for form in FORMS}
+    use_form(first)
+    ratio = {form: [u / s for u, s in zip(seconds["unguarded"], seconds[form])] for form in forms}
     return {"batch": 32, "new_tokens": new_tokens,
-            "tokens_equal_fused_unfused": bool(torch.equal(tokens["fused"], tokens["unfused"])),
+            f"tokens_equal_{first}_{second}": bool(torch.equal(tokens[first], tokens[second])),
             "seconds": {key: [round(s, 2) for s in values] for key, values in seconds.items()},
-            "ratio_to_unguarded_per_round": {form: [round(r, 3) for r in ratio[form]] for form in FORMS},
-            "ratio_to_unguarded_median": {form: round(statistics.median(ratio[form]), 3) for form in FORMS},
-            "speed_fused_over_unfused_per_round": [round(u / f, 3) for f, u in
-                                                   zip(seconds["fused"], seconds["unfused"])]}
+            "ratio_to_unguarded_per_round": {form: [round(r, 3) for r in ratio[form]] for form in forms},
+            "ratio_to_unguarded_median": {form: round(statistics.median(ratio[form]), 3) for form in forms},
+            f"speed_{first}_over_{second}_per_round": [round(b / a, 3) for a, b in
+                                                       zip(seconds[first], seconds[second])]}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def compare(doc: str, script: str, forms: tuple[str, str], set_form_of: Callable[[Any], Callable[[str], None]],
+            use_form: Callable[[str], None], meta: dict | None = None) -> None:
+    """The command line of a two-form comparison: the decode forward and the batch-1 expert prefill with the
+    adapter attached, each form set by `set_form_of(setup)`'s setter, then the half-harmful workload end to end,
+    each form set by `use_form` for the calls' own hooks; the first form stays set. Writes the report
+    (`meta` added to its meta)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--step-rounds", type=int, default=40)
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default="lora_siblings.json", help="JSON file (a bare name goes to bench/results/)")
+    parser.add_argument("--out", default=f"{script}.json", help="JSON file (a bare name goes to bench/results/)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     setup = load_setup()
     report = {"meta": common_meta(setup, args)}
-    report["meta"]["command"] = "python bench/lora_siblings.py " + " ".join(sys.argv[1:])
-    groups = _attached_hooks(setup)
-    report["decode_forward"] = step_seconds(setup, groups, args.step_rounds)
-    print("decode forward:", report["decode_forward"]["median_ms"],
-          "fused speed-up", report["decode_forward"]["speed_fused_over_unfused_median"], flush=True)
-    report["expert_prefill_batch1"] = prefill_seconds(setup, groups, 2 * args.step_rounds)
-    print("expert prefill, batch 1:", report["expert_prefill_batch1"]["median_ms"],
-          "fused speed-up", report["expert_prefill_batch1"]["speed_fused_over_unfused_median"], flush=True)
+    report["meta"]["command"] = f"python bench/{script}.py " + " ".join(sys.argv[1:])
+    report["meta"].update(meta or {})
+    set_form = set_form_of(setup)
+    report["decode_forward"] = step_seconds(setup, set_form, args.step_rounds, forms=forms)
+    print("decode forward:", report["decode_forward"]["median_ms"], flush=True)
+    report["expert_prefill_batch1"] = prefill_seconds(setup, set_form, 2 * args.step_rounds, forms=forms)
+    print("expert prefill, batch 1:", report["expert_prefill_batch1"]["median_ms"], flush=True)
     setup.adapter.detach(setup.model)
     if args.rounds:
-        report["half_harmful"] = half_harmful(setup, args.rounds, args.new_tokens)
+        report["half_harmful"] = half_harmful(setup, args.rounds, args.new_tokens, use_form, forms)
         print("half harmful:", report["half_harmful"]["ratio_to_unguarded_median"], flush=True)
-    use("fused")
+    use_form(forms[0])
     write_json(args.out, report)
+
+
+def main() -> None:
+    compare(__doc__, "lora_siblings", FORMS, lambda setup: hooks_form(_attached_hooks(setup)), use)
 
 
 if __name__ == "__main__":

@@ -61,3 +61,67 @@ def test_a_pinned_plan_wins_and_a_mistyped_one_is_refused_at_attach(monkeypatch,
                                          "alone, one-by-one or auto"):
         adapter.attach(model)
     assert not adapter.is_attached(model)
+
+
+@pytest.mark.parametrize("count, device, sleeping, one", [
+    (8, "cpu", True, False),      # the row plans' range
+    (9, "cpu", True, True),
+    (row_products.ONE_THREAD_MAX, "cpu", True, True),
+    (row_products.ONE_THREAD_MAX + 1, "cpu", True, False),  # a prefill's many positions: both threads pay
+    (16, "meta", True, False),    # not a CPU
+    (16, "cpu", False, False),    # threads that spin (or one thread): nothing to wake
+])
+def test_which_updates_run_on_one_thread(monkeypatch, count, device, sleeping, one):
+    monkeypatch.setattr(row_products, "threads_sleep", lambda: sleeping)
+    assert row_products.runs_on_one_thread(torch.empty(1, 4, device=device), count) is one
+
+
+def test_one_thread_gives_the_thread_its_count_back_also_after_an_error(two_threads):
+    with row_products.one_thread():
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == 2
+    with pytest.raises(RuntimeError, match="inside"):
+        with row_products.one_thread():
+            raise RuntimeError("inside")
+    assert torch.get_num_threads() == 2
+
+
+@pytest.mark.parametrize("rows, positions", [(10, 1), (2, 7), (1, 40), (1, 200)])
+def test_where_threads_sleep_small_updates_run_on_one_thread_and_match_peft(llama_pair, monkeypatch, two_threads,
+                                                                            rows, positions):
+    """Under passive waiting the expert rows' updates of 9..ONE_THREAD_MAX rows (times positions) run on the
+    calling thread alone (a decode step's 16 expert rows, a short prompt's prefill); more run on both threads. The
+    expert rows are peft's expert either way, and the thread keeps its count."""
+    import copy
+
+    from peft import PeftModel
+
+    from ngsd.experts import lora
+
+    monkeypatch.delenv(PLAN_ENV, raising=False)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    threads_seen = []
+    update = lora._lora_update
+
+    def spying_update(*args, **kwargs):
+        threads_seen.append(torch.get_num_threads())
+        return update(*args, **kwargs)
+
+    monkeypatch.setattr(lora, "_lora_update", spying_update)
+    model, folder = llama_pair
+    ids = torch.randint(3, model.config.vocab_size, (rows, positions))
+    adapter = LoraAdapter.load(folder)
+    adapter.attach(model)
+    try:
+        with torch.no_grad(), adapter.rows_from(rows):
+            both = model(torch.cat([ids, ids])).logits
+    finally:
+        adapter.detach(model)
+    assert torch.get_num_threads() == 2
+    expected_threads = 1 if rows * positions <= row_products.ONE_THREAD_MAX else 2
+    assert threads_seen and set(threads_seen) == {expected_threads}
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(model), str(folder)).eval()
+    with torch.no_grad():
+        expected = peft_model(ids).logits
+    torch.testing.assert_close(both[rows:], expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(both[:rows], model(ids).logits.detach(), rtol=1e-5, atol=1e-5)

@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from ngsd.experts.row_products import ONE_BY_ONE_MAX, pinned_plan, plan_for
+from ngsd.experts.row_products import ONE_BY_ONE_MAX, one_thread, pinned_plan, plan_for, runs_on_one_thread
 
 _PEFT_PREFIX = "base_model.model."
 # Attachment state lives on the model object (never keyed by id(model), which a later model can reuse):
@@ -308,6 +308,16 @@ class _LoraHook:
         if torch.is_grad_enabled():
             delta = _lora_update(x, first, down_t, up_t, plan).view(rows.shape)
             return torch.cat([output[:first], rows + delta], dim=0)
+        if runs_on_one_thread(x, count):  # a second thread would cost more to wake than it saves
+            with one_thread():
+                self._add_update(output, rows, x, first, count, plan)
+        else:
+            self._add_update(output, rows, x, first, count, plan)
+        return output
+
+    def _add_update(self, output: torch.Tensor, rows: torch.Tensor, x: torch.Tensor, first: int, count: int,
+                    plan: str) -> None:
+        down_t, up_t = self.down_t, self.up_t
         if self.siblings is not None and count > ONE_BY_ONE_MAX:
             rows.add_(self.siblings.update_of(self, x, first).view(rows.shape))
         elif count > 1 and plan != "one-by-one" and output.is_contiguous():
@@ -316,7 +326,6 @@ class _LoraHook:
             rows.view(-1, output.shape[-1]).addmm_(x[first:].reshape(-1, x.shape[-1]) @ down_t, up_t)
         else:
             rows.add_(_lora_update(x, first, down_t, up_t, plan).view(rows.shape))
-        return output
 
 
 # Layers that read one input tensor in the decoder families the project patches (Llama, Qwen2, Gemma, Mistral):
@@ -350,7 +359,7 @@ class _SiblingProducts:
     CPU was measured for (stacked, they were split over the threads and got slower: docs/SPEED.md). The update
     equals each layer's own product up to float rounding."""
 
-    __slots__ = ("local", "hooks", "columns", "down_t", "up_t")
+    __slots__ = ("local", "hooks", "columns", "stacked")
 
     def __init__(self, local: threading.local, hooks: list["_LoraHook"]) -> None:
         self.local, self.hooks = local, hooks
@@ -361,14 +370,17 @@ class _SiblingProducts:
             width = hook.up_t.shape[1]
             self.columns[hook] = slice(start, start + width)
             start += width
-        self.down_t = self.up_t = None  # built from the hooks' copies (their dtype and device) at the first use
+        # (stacked downs, block-diagonal ups), built from the hooks' copies (their dtype and device) at the first use
+        self.stacked: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _products(self) -> tuple[torch.Tensor, torch.Tensor]:
-        first = self.hooks[0].down_t
-        if self.down_t is None or (self.down_t.dtype, self.down_t.device) != (first.dtype, first.device):
-            self.down_t = torch.cat([h.down_t for h in self.hooks], dim=1)
-            self.up_t = torch.block_diag(*[h.up_t for h in self.hooks])
-        return self.down_t, self.up_t
+        first, stacked = self.hooks[0].down_t, self.stacked
+        if stacked is None or (stacked[0].dtype, stacked[0].device) != (first.dtype, first.device):
+            # one assignment of both: a concurrent call in another thread read the new downs beside no ups yet
+            # ("unsupported operand type(s) for @: 'Tensor' and 'NoneType'")
+            stacked = self.stacked = (torch.cat([h.down_t for h in self.hooks], dim=1),
+                                      torch.block_diag(*[h.up_t for h in self.hooks]))
+        return stacked
 
     def update_of(self, hook: "_LoraHook", x: torch.Tensor, first: int) -> torch.Tensor:
         """[rows, out] `hook`'s layer's update for input `x` from row `first` on, computed with its siblings'

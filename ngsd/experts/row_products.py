@@ -27,13 +27,19 @@ from __future__ import annotations
 import os
 import threading
 import time
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import torch
 
 PLANS = ("paired", "alone", "one-by-one")
 PLAN_ENV = "NGSD_LORA_ROW_PLAN"
 ONE_BY_ONE_MAX = 8
+# More rows (times positions) than that, up to ONE_THREAD_MAX, run their update on the calling thread alone where
+# threads sleep (`one_thread`): a half-guarded batch-32 decode step (16 expert rows) and a one-prompt expert prefill
+# (~50 positions) were 10-15% faster so (docs/SPEED.md, stop 60). Past a few hundred rows the second thread pays
+# for its wake-up again (a 16-prompt prefill of 800 positions was 13% slower on one thread).
+ONE_THREAD_MAX = 128
 # Threads wait between parallel regions only under passive waiting (OMP_WAIT_POLICY=PASSIVE; libgomp's default
 # spins first): there a split product costs a wake-up, 40-240 us against ~5 us for the product itself, whatever the
 # load; with spinning threads two rows cost 1-3 one-row products. A form other than "alone" is chosen only on
@@ -58,6 +64,25 @@ def choose_plan(one_row_s: float, two_rows_s: float) -> str:
 def threads_sleep() -> bool:
     """Several torch threads under passive waiting: the only setting in which a split product waits."""
     return torch.get_num_threads() > 1 and os.environ.get("OMP_WAIT_POLICY", "").strip().lower() == "passive"
+
+
+def runs_on_one_thread(x: torch.Tensor, count: int) -> bool:
+    """Whether an update of `count` rows (times positions) of `x` runs on one thread (`one_thread`): more than
+    the row plans cover, at most ONE_THREAD_MAX, on a CPU whose threads sleep between parallel regions."""
+    return ONE_BY_ONE_MAX < count <= ONE_THREAD_MAX and x.device.type == "cpu" and threads_sleep()
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """The calling thread's torch ops on one OpenMP / MKL thread within the block, then its own count again.
+    `torch.set_num_threads` sets the calling thread's OpenMP and MKL counts (a thread already running keeps its
+    own); only a thread that starts its first parallel op inside the block would take 1 as its default."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def pinned_plan() -> str | None:
