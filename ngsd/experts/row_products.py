@@ -20,6 +20,9 @@ it (libgomp's default, one thread, a GPU) the plan is ``alone``, unmeasured; wit
 form other than ``alone`` taken only on an unmistakable wait (3x and 10 us; 7-40x seen), so the choice does not
 flip from run to run on one machine. ``NGSD_LORA_ROW_PLAN=<plan>`` pins it (to compare runs bit for bit across
 machines or wait policies).
+
+More rows than the plans cover, up to ``ONE_THREAD_MAX`` (a decode step's guarded rows, a short prompt's prefill),
+run their update on the calling thread alone where threads sleep (``one_thread``): no product waits then.
 """
 
 from __future__ import annotations
@@ -36,9 +39,10 @@ PLANS = ("paired", "alone", "one-by-one")
 PLAN_ENV = "NGSD_LORA_ROW_PLAN"
 ONE_BY_ONE_MAX = 8
 # More rows (times positions) than that, up to ONE_THREAD_MAX, run their update on the calling thread alone where
-# threads sleep (`one_thread`): a half-guarded batch-32 decode step (16 expert rows) and a one-prompt expert prefill
-# (~50 positions) were 10-15% faster so (docs/SPEED.md, stop 60). Past a few hundred rows the second thread pays
-# for its wake-up again (a 16-prompt prefill of 800 positions was 13% slower on one thread).
+# threads sleep (`one_thread`): a half-guarded batch-32 decode forward (16 expert rows) was 8% faster so, a one-prompt
+# expert prefill (~50 positions) 12%, the half-harmful workload end to end 11-15% (docs/SPEED.md, stop 60). Past a
+# few hundred rows the second thread pays for its wake-up again (the expert prefill of 16 prompts of 50 tokens, 800
+# positions, was 7-13% slower on one thread; of one 256-512-token prompt 4-10%).
 ONE_THREAD_MAX = 128
 # Threads wait between parallel regions only under passive waiting (OMP_WAIT_POLICY=PASSIVE; libgomp's default
 # spins first): there a split product costs a wake-up, 40-240 us against ~5 us for the product itself, whatever the
