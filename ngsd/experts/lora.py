@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import re
 import threading
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -308,24 +308,17 @@ class _LoraHook:
         if torch.is_grad_enabled():
             delta = _lora_update(x, first, down_t, up_t, plan).view(rows.shape)
             return torch.cat([output[:first], rows + delta], dim=0)
-        if runs_on_one_thread(x, count):  # a second thread would cost more to wake than it saves
-            with one_thread():
-                self._add_update(output, rows, x, first, count, plan)
-        else:
-            self._add_update(output, rows, x, first, count, plan)
+        # a second thread would cost more to wake than it saves
+        with one_thread() if runs_on_one_thread(x, count) else nullcontext():
+            if self.siblings is not None and count > ONE_BY_ONE_MAX:
+                rows.add_(self.siblings.update_of(self, x, first).view(rows.shape))
+            elif count > 1 and plan != "one-by-one" and output.is_contiguous():
+                # several rows (or positions): the up-projection adds into the output in one op (about 4% of a
+                # half-guarded batch's decode on the 2-core CPU, against a product, then an add)
+                rows.view(-1, output.shape[-1]).addmm_(x[first:].reshape(-1, x.shape[-1]) @ down_t, up_t)
+            else:
+                rows.add_(_lora_update(x, first, down_t, up_t, plan).view(rows.shape))
         return output
-
-    def _add_update(self, output: torch.Tensor, rows: torch.Tensor, x: torch.Tensor, first: int, count: int,
-                    plan: str) -> None:
-        down_t, up_t = self.down_t, self.up_t
-        if self.siblings is not None and count > ONE_BY_ONE_MAX:
-            rows.add_(self.siblings.update_of(self, x, first).view(rows.shape))
-        elif count > 1 and plan != "one-by-one" and output.is_contiguous():
-            # several rows (or positions): the up-projection adds into the output in one op (about 4% of a
-            # half-guarded batch's decode on the 2-core CPU, against a product, then an add)
-            rows.view(-1, output.shape[-1]).addmm_(x[first:].reshape(-1, x.shape[-1]) @ down_t, up_t)
-        else:
-            rows.add_(_lora_update(x, first, down_t, up_t, plan).view(rows.shape))
 
 
 # Layers that read one input tensor in the decoder families the project patches (Llama, Qwen2, Gemma, Mistral):
